@@ -1,0 +1,203 @@
+//! The agent role's wiring: configuration, kernel-log watcher, collectors,
+//! HTTP server, systemd notification and shutdown. No collection logic here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::cli::{AgentArgs, CheckConfigArgs, CollectArgs, HostArgs};
+use crate::collector::{self, kmsg, Context, KernelEvents, Runner};
+use crate::config::agent::GpuBackendChoice;
+use crate::config::{AgentConfig, BotConfig, Secret};
+use crate::exporter::{self, AgentState};
+use crate::telemetry::{self, HttpMetrics};
+
+/// Builds the configuration: the file (if any), then command-line overrides.
+pub fn load_config(host: &HostArgs) -> anyhow::Result<AgentConfig> {
+    let mut cfg = match &host.config {
+        Some(path) => AgentConfig::from_file(path)?,
+        None => AgentConfig::default(),
+    };
+    let roots = &mut cfg.roots;
+    for (flag, slot) in [
+        (&host.procfs, &mut roots.procfs),
+        (&host.sysfs, &mut roots.sysfs),
+        (&host.rootfs, &mut roots.rootfs),
+        (&host.kmsg, &mut roots.kmsg),
+    ] {
+        if let Some(p) = flag {
+            *slot = p.clone();
+        }
+    }
+    if let Some(f) = &host.gpu_fake {
+        cfg.gpu.backend = GpuBackendChoice::Fake(f.clone());
+    }
+    Ok(cfg)
+}
+
+/// `gpuops agent`.
+pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = load_config(&args.host)?;
+    if let Some(l) = args.listen {
+        cfg.listen = l;
+    }
+    if let Some(f) = &args.log_format {
+        cfg.log.json = f == "json";
+    }
+    if let Some(s) = args.exec_secret.as_deref().filter(|s| !s.is_empty()) {
+        cfg.exec.secret = Some(Secret::new(s));
+    }
+    if let Some(f) = &args.exec_secret_file {
+        let s = crate::config::load_secret_file(f)
+            .map_err(|e| anyhow::anyhow!("--exec-secret-file: {e}"))?;
+        cfg.exec.secret = Some(s);
+    }
+    if let Some(d) = &args.runbooks {
+        cfg.exec.runbooks_dir = d.clone();
+    }
+    telemetry::init("gpuops-agent", cfg.log.json, &cfg.log.level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(32)
+        .thread_name("gpuops-agent")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(Arc::new(cfg)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
+    let events = Arc::new(KernelEvents::new());
+    kmsg::spawn_watcher(cfg.roots.clone(), events.clone());
+    let ctx = Arc::new(Context::new(cfg.clone(), events.clone(), true));
+    let collectors = collector::all(&ctx);
+    let runner = Arc::new(Runner::new(ctx, collectors));
+    let state = Arc::new(AgentState {
+        runner: runner.clone(),
+        events,
+        http: Arc::new(HttpMetrics::new()),
+    });
+    let app = exporter::router(state.clone());
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let local = listener.local_addr().unwrap_or(cfg.listen);
+    tracing::info!(
+        listen = %local,
+        exec = cfg.exec.secret.is_some(),
+        procfs = %cfg.roots.procfs.display(),
+        sysfs = %cfg.roots.sysfs.display(),
+        "agent listening"
+    );
+
+    // First collection in the background: /readyz turns 200 when it is done.
+    let first = runner.clone();
+    tokio::task::spawn_blocking(move || {
+        first.collect();
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        tracing::info!("first collection done, ready");
+    });
+    spawn_watchdog(runner);
+
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("http server failed")?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// Pings systemd's watchdog at half its interval while the runtime and the
+/// collector runner respond.
+fn spawn_watchdog(runner: Arc<Runner>) {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let period = Duration::from_micros(usec / 2);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            if runner.is_ready() {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    });
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received, draining");
+}
+
+/// `gpuops collect --once`: one exposition on stdout, exit 0 even if collectors fail.
+pub fn collect_once(args: CollectArgs) -> anyhow::Result<ExitCode> {
+    let cfg = Arc::new(load_config(&args.host)?);
+    telemetry::init("gpuops-agent", cfg.log.json, "warn");
+    let events = Arc::new(KernelEvents::new());
+    kmsg::read_once(&cfg.roots, &events);
+    let ctx = Arc::new(Context::new(cfg, events, false));
+    let collectors = collector::all(&ctx);
+    let runner = Runner::new(ctx, collectors);
+    let collected = runner.collect();
+    let text = exporter::render_with_self_metrics(&runner, &collected, None);
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .context("cannot write to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `gpuops check-config --agent FILE --bot FILE`.
+pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
+    let mut ok = true;
+    let mut report = |kind: &str,
+                      path: &PathBuf,
+                      result: Result<(), crate::config::ConfigErrors>| {
+        match result {
+            Ok(()) => println!("{}: ok ({kind} configuration)", path.display()),
+            Err(e) => {
+                ok = false;
+                let n = e.0.len();
+                eprintln!("{e}");
+                eprintln!(
+                    "{}: {n} error{}",
+                    path.display(),
+                    if n == 1 { "" } else { "s" }
+                );
+            }
+        }
+    };
+    if let Some(p) = &args.agent {
+        report("agent", p, AgentConfig::from_file(p).map(|_| ()));
+    }
+    if let Some(p) = &args.bot {
+        report("bot", p, BotConfig::from_file(p).map(|_| ()));
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

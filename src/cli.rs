@@ -1,0 +1,162 @@
+//! The command line: clap definitions only. Dispatch lives in `main.rs`,
+//! behaviour in the role modules.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gpuops",
+    version,
+    about = "GPU cluster operations: a node agent exporting USE metrics for Prometheus, and a chat-ops bot for AlertManager"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: serve /metrics, /healthz, /readyz, /v1/events and (when enabled) /v1/exec.
+    Agent(AgentArgs),
+    /// Print one full exposition to stdout and exit (0 even if some collectors fail).
+    Collect(CollectArgs),
+    /// Validate a configuration file, reporting every error at once.
+    CheckConfig(CheckConfigArgs),
+    /// Run the chat-ops bot: AlertManager webhooks in, Slack and Discord out.
+    Bot(BotArgs),
+    /// Validate, list, or run codified runbooks.
+    #[command(subcommand)]
+    Runbook(RunbookCommand),
+    /// Print the bot's audit records.
+    Audit(AuditArgs),
+}
+
+/// Where the host's pseudo filesystems are (for containers and fixture trees).
+#[derive(Debug, Clone, Default, Args)]
+pub struct HostArgs {
+    /// procfs mount point [default: /proc]
+    #[arg(long, value_name = "DIR")]
+    pub procfs: Option<PathBuf>,
+    /// sysfs mount point [default: /sys]
+    #[arg(long, value_name = "DIR")]
+    pub sysfs: Option<PathBuf>,
+    /// Root of the host filesystem, for mount statistics [default: /]
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: Option<PathBuf>,
+    /// Kernel log: the /dev/kmsg device, or a regular file of records [default: /dev/kmsg]
+    #[arg(long, value_name = "PATH")]
+    pub kmsg: Option<PathBuf>,
+    /// Replay GPU readings from a JSON fixture instead of NVML (tests and demos; labelled fake)
+    #[arg(long, value_name = "FILE")]
+    pub gpu_fake: Option<PathBuf>,
+    /// Agent configuration file (TOML)
+    #[arg(long, short = 'c', value_name = "FILE", env = "GPUOPS_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// Address to listen on [default: 0.0.0.0:9949]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Enable POST /v1/exec with this HMAC secret (prefer --exec-secret-file or the env variable)
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "GPUOPS_EXEC_SECRET",
+        hide_env_values = true
+    )]
+    pub exec_secret: Option<String>,
+    /// Read the exec secret from a file (relative names are looked up in $CREDENTIALS_DIRECTORY)
+    #[arg(long, value_name = "FILE", conflicts_with = "exec_secret")]
+    pub exec_secret_file: Option<PathBuf>,
+    /// This node's own runbook directory (steps run by /v1/exec come only from here)
+    #[arg(long, value_name = "DIR")]
+    pub runbooks: Option<PathBuf>,
+    /// Log format [default: text, or the config's log.format]
+    #[arg(long, value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CollectArgs {
+    /// Collect once and exit (the only mode; required for clarity)
+    #[arg(long, required = true)]
+    pub once: bool,
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = true)]
+pub struct CheckConfigArgs {
+    /// An agent configuration file
+    #[arg(long, value_name = "FILE")]
+    pub agent: Option<PathBuf>,
+    /// A bot configuration file
+    #[arg(long, value_name = "FILE")]
+    pub bot: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BotArgs {
+    /// Bot configuration file (TOML); without one the bot logs alerts to the console
+    #[arg(long, short = 'c', value_name = "FILE", env = "GPUOPS_BOT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (overrides server.listen)
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Log format [default: text, or the config's log.format]
+    #[arg(long, value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunbookCommand {
+    /// Validate every runbook in DIR, reporting every error at once
+    Check {
+        /// Runbook directory
+        dir: PathBuf,
+    },
+    /// One line per runbook: id, title, triggers
+    List {
+        /// Runbook directory [default: ./runbooks, then /usr/share/gpuops/runbooks]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Run a runbook's steps on this machine
+    Run(RunbookRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunbookRunArgs {
+    /// Runbook id
+    pub id: String,
+    /// Runbook directory [default: ./runbooks, then /usr/share/gpuops/runbooks]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// A parameter, name=value (repeatable)
+    #[arg(long = "param", short = 'p', value_name = "K=V")]
+    pub params: Vec<String>,
+    /// Print each step with its rendered argv; run nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run steps that need approval without asking
+    #[arg(long)]
+    pub yes: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Bot configuration file (for the store path)
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Only records newer than this (e.g. 1h, 7d)
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<std::time::Duration>,
+}

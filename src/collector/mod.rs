@@ -1,0 +1,359 @@
+//! Collectors: one file per source, registered in [`all`], run by [`Runner`].
+//!
+//! A collector is synchronous code that reads the host (through
+//! [`crate::host`]) or a GPU backend and writes samples into a [`Sink`]. The
+//! runner runs every collector on its own thread with a deadline and single
+//! flight (see [`crate::deadline`]): a hung collector is reported as failed and
+//! never blocks the scrape or the other collectors. It emits
+//! `gpuops_collector_success{collector}` and
+//! `gpuops_collector_duration_seconds{collector}` for each one.
+//! Collectors must not start HTTP servers, spawn processes or panic on input.
+
+pub mod cpu;
+pub mod gpu;
+pub mod kmsg;
+pub mod memory;
+pub mod oom;
+pub mod storage;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+
+use crate::config::AgentConfig;
+use crate::deadline::{Outcome, SingleFlight};
+use crate::host::{HostRoots, ReadError};
+
+pub use kmsg::KernelEvents;
+
+/// What every collector can see.
+pub struct Context {
+    pub roots: HostRoots,
+    pub config: Arc<AgentConfig>,
+    pub events: Arc<KernelEvents>,
+    /// False for `gpuops collect --once`: no background samplers are started.
+    pub background: bool,
+    /// `nvml`, `fake` or `none`; set by the GPU collector when it starts.
+    pub gpu_backend: std::sync::OnceLock<&'static str>,
+}
+
+impl Context {
+    pub fn new(config: Arc<AgentConfig>, events: Arc<KernelEvents>, background: bool) -> Context {
+        Context {
+            roots: config.roots.clone(),
+            config,
+            events,
+            background,
+            gpu_backend: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+/// Why a collector failed as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One source of metrics.
+pub trait Collector: Send + Sync {
+    /// The `collector` label value, e.g. `cpu`.
+    fn name(&self) -> &'static str;
+    /// Reads the source and writes samples. Samples written before an error are kept.
+    fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error>;
+}
+
+/// The registry: every collector enabled in `ctx.config`, in exposition order.
+pub fn all(ctx: &Arc<Context>) -> Vec<Arc<dyn Collector>> {
+    let c = &ctx.config.collectors;
+    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+    if c.cpu {
+        out.push(Arc::new(cpu::CpuCollector::new(ctx)));
+    }
+    if c.memory {
+        out.push(Arc::new(memory::MemoryCollector::new(ctx)));
+    }
+    if c.oom {
+        out.push(Arc::new(oom::OomCollector::new(ctx)));
+    }
+    if c.storage {
+        out.push(Arc::new(storage::StorageCollector::new(ctx)));
+    }
+    if c.gpu {
+        if let Some(g) = gpu::GpuCollector::new(ctx) {
+            out.push(Arc::new(g));
+        }
+    }
+    out.push(Arc::new(kmsg::KmsgCollector));
+    out
+}
+
+/// Collects samples, grouped into metric families by name.
+#[derive(Default)]
+pub struct Sink {
+    families: Vec<MetricFamily>,
+    index: HashMap<String, usize>,
+    failures: Vec<String>,
+}
+
+impl Sink {
+    pub fn new() -> Sink {
+        Sink::default()
+    }
+
+    fn push(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        labels: &[(&str, &str)],
+        m: Metric,
+    ) {
+        let i = match self.index.get(name) {
+            Some(i) => *i,
+            None => {
+                let mut f = MetricFamily::default();
+                f.set_name(name.to_string());
+                f.set_help(help.to_string());
+                f.set_field_type(kind);
+                self.families.push(f);
+                self.index.insert(name.to_string(), self.families.len() - 1);
+                self.families.len() - 1
+            }
+        };
+        let mut m = m;
+        m.set_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut l = LabelPair::default();
+                    l.set_name(k.to_string());
+                    l.set_value(v.to_string());
+                    l
+                })
+                .collect(),
+        );
+        self.families[i].mut_metric().push(m);
+    }
+
+    /// A gauge sample. `help` names the source (file, NVML call).
+    pub fn gauge(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        let mut g = Gauge::default();
+        g.set_value(value);
+        let mut m = Metric::default();
+        m.set_gauge(g);
+        self.push(name, help, MetricType::GAUGE, labels, m);
+    }
+
+    /// A counter sample; `name` must end in `_total`.
+    pub fn counter(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        debug_assert!(name.ends_with("_total"), "{name}");
+        let mut c = Counter::default();
+        c.set_value(value);
+        let mut m = Metric::default();
+        m.set_counter(c);
+        self.push(name, help, MetricType::COUNTER, labels, m);
+    }
+
+    /// Unwraps a host read: a missing file is logged at debug and skipped, any
+    /// other error is logged as a warning and fails the collector (its other
+    /// series are still exported).
+    pub fn read<T>(&mut self, collector: &str, r: Result<T, ReadError>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) if e.is_missing() => {
+                tracing::debug!(collector, error = %e, "source not present, series left out");
+                None
+            }
+            Err(e) => {
+                self.fail(collector, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Records a non-fatal failure: logged, and the collector reports success 0.
+    pub fn fail(&mut self, collector: &str, message: String) {
+        tracing::warn!(collector, error = %message, "collector read failed, series left out");
+        self.failures.push(message);
+    }
+
+    /// The failures recorded so far.
+    pub fn failures(&self) -> &[String] {
+        &self.failures
+    }
+
+    /// The families, sorted by name.
+    pub fn into_families(mut self) -> Vec<MetricFamily> {
+        self.families.sort_by(|a, b| a.name().cmp(b.name()));
+        self.families
+    }
+}
+
+/// One collector's part of a scrape.
+#[derive(Clone)]
+pub struct Collected {
+    pub name: &'static str,
+    pub success: bool,
+    pub duration: Duration,
+    pub families: Arc<Vec<MetricFamily>>,
+}
+
+/// Runs the registry with deadlines; shared by all scrapes.
+pub struct Runner {
+    ctx: Arc<Context>,
+    collectors: Vec<Arc<dyn Collector>>,
+    flight: SingleFlight<&'static str, Collected>,
+    ready: AtomicBool,
+}
+
+impl Runner {
+    pub fn new(ctx: Arc<Context>, collectors: Vec<Arc<dyn Collector>>) -> Runner {
+        Runner {
+            ctx,
+            collectors,
+            flight: SingleFlight::new("gpuops-collect"),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// True once a full collection has completed.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Runs every collector (joining runs already in flight), waiting at most
+    /// the configured deadline. Blocks the calling thread: call it from
+    /// `spawn_blocking` in async code.
+    pub fn collect(&self) -> Vec<Collected> {
+        let deadline = self.ctx.config.collectors.deadline;
+        let started = Instant::now();
+        let until = started + deadline;
+        let pending: Vec<_> = self
+            .collectors
+            .iter()
+            .map(|c| {
+                let c = c.clone();
+                let ctx = self.ctx.clone();
+                (
+                    c.name(),
+                    self.flight
+                        .start(c.name(), deadline, move || run_one(&*c, &ctx)),
+                )
+            })
+            .collect();
+        let out = pending
+            .into_iter()
+            .map(|(name, p)| match p.wait_until(until) {
+                Outcome::Done(c) => c,
+                Outcome::TimedOut => {
+                    tracing::warn!(collector = name, deadline = ?deadline, "collector missed its deadline");
+                    failed(name, started.elapsed())
+                }
+                Outcome::StillRunning { since } => {
+                    tracing::warn!(collector = name, running_for = ?since, "collector still stuck in an earlier run");
+                    failed(name, Duration::ZERO)
+                }
+            })
+            .collect();
+        self.ready.store(true, Ordering::Relaxed);
+        out
+    }
+}
+
+fn failed(name: &'static str, duration: Duration) -> Collected {
+    Collected {
+        name,
+        success: false,
+        duration,
+        families: Arc::new(Vec::new()),
+    }
+}
+
+fn run_one(c: &dyn Collector, ctx: &Context) -> Collected {
+    let started = Instant::now();
+    let mut sink = Sink::new();
+    let result = c.collect(ctx, &mut sink);
+    if let Err(e) = &result {
+        tracing::warn!(collector = c.name(), error = %e, "collector failed");
+    }
+    let success = result.is_ok() && sink.failures().is_empty();
+    Collected {
+        name: c.name(),
+        success,
+        duration: started.elapsed(),
+        families: Arc::new(sink.into_families()),
+    }
+}
+
+/// Renders one scrape: each collector's families, then the self-metrics.
+pub fn render(collected: &[Collected], self_families: &[MetricFamily]) -> String {
+    let encoder = prometheus::TextEncoder::new();
+    let mut out = String::with_capacity(64 * 1024);
+    for c in collected {
+        if let Err(e) = encoder.encode_utf8(&c.families, &mut out) {
+            tracing::warn!(collector = c.name, error = %e, "cannot encode families");
+        }
+    }
+    let mut sink = Sink::new();
+    for c in collected {
+        sink.gauge(
+            "gpuops_collector_success",
+            "Whether the collector's last run read every source it found (1) or failed (0).",
+            &[("collector", c.name)],
+            if c.success { 1.0 } else { 0.0 },
+        );
+        sink.gauge(
+            "gpuops_collector_duration_seconds",
+            "How long the collector's last run took.",
+            &[("collector", c.name)],
+            c.duration.as_secs_f64(),
+        );
+    }
+    let mut fams = sink.into_families();
+    fams.extend(self_families.iter().cloned());
+    if let Err(e) = encoder.encode_utf8(&fams, &mut out) {
+        tracing::warn!(error = %e, "cannot encode self-metrics");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sink_groups_samples_by_name_and_sorts() {
+        let mut s = Sink::new();
+        s.gauge("b_bytes", "b", &[("x", "1")], 1.0);
+        s.counter("a_total", "a", &[], 2.0);
+        s.gauge("b_bytes", "b", &[("x", "2")], 3.0);
+        let fams = s.into_families();
+        assert_eq!(fams.len(), 2);
+        assert_eq!(fams[0].name(), "a_total");
+        assert_eq!(fams[1].get_metric().len(), 2);
+    }
+
+    #[test]
+    fn missing_source_is_not_a_failure_but_parse_error_is() {
+        let mut s = Sink::new();
+        let missing: Result<u64, ReadError> = Err(ReadError::Missing("/x".into()));
+        assert_eq!(s.read("t", missing), None);
+        assert!(s.failures().is_empty());
+        let bad: Result<u64, ReadError> = Err(ReadError::parse("/y", "nope"));
+        assert_eq!(s.read("t", bad), None);
+        assert_eq!(s.failures().len(), 1);
+    }
+}

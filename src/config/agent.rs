@@ -1,0 +1,432 @@
+//! The agent's configuration (`/etc/gpuops/agent.toml`), every option with its
+//! default. `config/agent.example.toml` documents the same options; a test
+//! parses it so the two cannot drift.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use regex::Regex;
+
+use crate::config::{
+    anchored_regex, positive_secs, read_file, read_secret, ConfigErrors, Reader, Secret,
+};
+use crate::host::HostRoots;
+
+/// Default agent port: not used by node_exporter (9100), dcgm-exporter (9400)
+/// or nvidia_gpu_exporter (9835).
+pub const DEFAULT_AGENT_PORT: u16 = 9949;
+
+/// Which GPU backend the agent reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuBackendChoice {
+    /// NVML if it loads, else no GPU metrics (and a log line saying why).
+    Auto,
+    /// NVML; same as `Auto` but the intent is logged as a warning when missing.
+    Nvml,
+    /// Replay a JSON fixture (tests and demos); labelled fake everywhere.
+    Fake(PathBuf),
+    /// No GPU collector.
+    Disabled,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub roots: HostRoots,
+    pub log: LogConfig,
+    pub collectors: CollectorsConfig,
+    pub cpu: CpuConfig,
+    pub storage: StorageConfig,
+    pub gpu: GpuConfig,
+    pub exec: ExecConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub json: bool,
+    /// A tracing `EnvFilter` directive, e.g. `info` or `gpuops=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            json: false,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CollectorsConfig {
+    pub cpu: bool,
+    pub memory: bool,
+    pub oom: bool,
+    pub storage: bool,
+    pub gpu: bool,
+    /// The deadline of one collector's run within a scrape.
+    pub deadline: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CpuConfig {
+    /// How often /proc/stat is sampled in the background.
+    pub sample_interval: Duration,
+    /// The window `cpu_utilization_percent` is computed over.
+    pub utilization_window: Duration,
+    /// Extra cgroup v2 directories (relative to `<sysfs>/fs/cgroup`) whose
+    /// `cpu.stat` is exported besides the first-level ones.
+    pub throttle_cgroups: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// Mount points exported (anchored regex); default all.
+    pub mount_include: Option<Regex>,
+    /// Mount points skipped (anchored regex).
+    pub mount_exclude: Regex,
+    /// Filesystem types skipped (pseudo filesystems).
+    pub fs_type_exclude: Vec<String>,
+    /// How long one `statvfs` may take before the mount is reported stuck.
+    pub statvfs_deadline: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct GpuConfig {
+    pub backend: GpuBackendChoice,
+    /// Add `DCGM_FI_DEV_*` names for the common fields.
+    pub dcgm_compat: bool,
+    /// The deadline of one NVML pass over all GPUs.
+    pub deadline: Duration,
+    /// Export per-process GPU memory.
+    pub process_metrics: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecConfig {
+    /// HMAC secret shared with the bot; `None` keeps `POST /v1/exec` off.
+    pub secret: Option<Secret>,
+    /// This node's own runbook directory.
+    pub runbooks_dir: PathBuf,
+    /// Cap on the stdout and stderr returned per step.
+    pub output_cap_bytes: usize,
+}
+
+pub const DEFAULT_MOUNT_EXCLUDE: &str =
+    "/(dev|proc|sys|run/credentials|run/user/\\d+/.+|var/lib/docker/.+|var/lib/kubelet/.+|snap/.+)(/.*)?";
+
+pub const DEFAULT_FS_TYPE_EXCLUDE: &[&str] = &[
+    "autofs",
+    "binfmt_misc",
+    "bpf",
+    "cgroup",
+    "cgroup2",
+    "configfs",
+    "debugfs",
+    "devpts",
+    "devtmpfs",
+    "efivarfs",
+    "fusectl",
+    "hugetlbfs",
+    "iso9660",
+    "mqueue",
+    "nsfs",
+    "overlay",
+    "proc",
+    "procfs",
+    "pstore",
+    "ramfs",
+    "rpc_pipefs",
+    "securityfs",
+    "selinuxfs",
+    "squashfs",
+    "sysfs",
+    "tracefs",
+    "tmpfs",
+    "fuse.lxcfs",
+    "fuse.portal",
+    "fuse.gvfsd-fuse",
+    "nfsd",
+];
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_AGENT_PORT)),
+            roots: HostRoots::default(),
+            log: LogConfig::default(),
+            collectors: CollectorsConfig {
+                cpu: true,
+                memory: true,
+                oom: true,
+                storage: true,
+                gpu: true,
+                deadline: Duration::from_secs(4),
+            },
+            cpu: CpuConfig {
+                sample_interval: Duration::from_secs(1),
+                utilization_window: Duration::from_secs(10),
+                throttle_cgroups: Vec::new(),
+            },
+            storage: StorageConfig {
+                mount_include: None,
+                mount_exclude: anchored_regex(DEFAULT_MOUNT_EXCLUDE.into())
+                    .unwrap_or_else(|_| Regex::new("^$").unwrap_or_else(|_| unreachable!())),
+                fs_type_exclude: DEFAULT_FS_TYPE_EXCLUDE
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                statvfs_deadline: Duration::from_secs(2),
+            },
+            gpu: GpuConfig {
+                backend: GpuBackendChoice::Auto,
+                dcgm_compat: false,
+                deadline: Duration::from_secs(2),
+                process_metrics: true,
+            },
+            exec: ExecConfig {
+                secret: None,
+                runbooks_dir: PathBuf::from("/usr/share/gpuops/runbooks"),
+                output_cap_bytes: 64 * 1024,
+            },
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads and validates `path`, reporting every error in it at once.
+    pub fn from_file(path: &Path) -> Result<AgentConfig, ConfigErrors> {
+        let text = read_file(path)?;
+        AgentConfig::from_str(path, &text)
+    }
+
+    /// Validates `text`, which came from `path` (used in error messages).
+    pub fn from_str(path: &Path, text: &str) -> Result<AgentConfig, ConfigErrors> {
+        let (mut r, mut root) = Reader::parse(path, text)?;
+        let mut c = AgentConfig::default();
+
+        if let Some(v) = r.get_with(&mut root, "listen", |s: String| {
+            s.parse::<SocketAddr>()
+                .map_err(|e| format!("{s:?} is not an address:port ({e})"))
+        }) {
+            c.listen = v;
+        }
+
+        if let Some(mut s) = r.table(&mut root, "log") {
+            if let Some(v) = r.get_with(&mut s, "format", |f: String| match f.as_str() {
+                "text" => Ok(false),
+                "json" => Ok(true),
+                _ => Err(format!("must be \"text\" or \"json\", got {f:?}")),
+            }) {
+                c.log.json = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "level", |l: String| {
+                tracing_subscriber::EnvFilter::try_new(&l)
+                    .map(|_| l.clone())
+                    .map_err(|e| format!("invalid level {l:?}: {e}"))
+            }) {
+                c.log.level = v;
+            }
+            r.finish(s);
+        }
+
+        if let Some(mut s) = r.table(&mut root, "paths") {
+            for (key, slot) in [
+                ("procfs", &mut c.roots.procfs),
+                ("sysfs", &mut c.roots.sysfs),
+                ("rootfs", &mut c.roots.rootfs),
+                ("kmsg", &mut c.roots.kmsg),
+            ] {
+                if let Some(v) = r.get_with(&mut s, key, non_empty_path) {
+                    *slot = v;
+                }
+            }
+            r.finish(s);
+        }
+
+        if let Some(mut s) = r.table(&mut root, "collectors") {
+            let cs = &mut c.collectors;
+            for (key, slot) in [
+                ("cpu", &mut cs.cpu),
+                ("memory", &mut cs.memory),
+                ("oom", &mut cs.oom),
+                ("storage", &mut cs.storage),
+                ("gpu", &mut cs.gpu),
+            ] {
+                if let Some(v) = r.get(&mut s, key) {
+                    *slot = v;
+                }
+            }
+            if let Some(v) = r.get_with(&mut s, "deadline_secs", positive_secs) {
+                cs.deadline = v;
+            }
+            r.finish(s);
+        }
+
+        if let Some(mut s) = r.table(&mut root, "cpu") {
+            if let Some(v) = r.get_with(&mut s, "sample_interval_secs", positive_secs) {
+                c.cpu.sample_interval = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "utilization_window_secs", positive_secs) {
+                c.cpu.utilization_window = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "throttle_cgroups", |v: Vec<String>| {
+                match v.iter().find(|p| p.contains("..") || p.is_empty()) {
+                    Some(bad) => Err(format!("{bad:?} is not a cgroup path")),
+                    None => Ok(v),
+                }
+            }) {
+                c.cpu.throttle_cgroups = v;
+            }
+            if c.cpu.utilization_window < c.cpu.sample_interval * 2 {
+                r.error(
+                    &s,
+                    "utilization_window_secs",
+                    "must be at least twice sample_interval_secs",
+                );
+            }
+            r.finish(s);
+        }
+
+        if let Some(mut s) = r.table(&mut root, "storage") {
+            if let Some(v) = r.get_with(&mut s, "mount_include", anchored_regex) {
+                c.storage.mount_include = Some(v);
+            }
+            if let Some(v) = r.get_with(&mut s, "mount_exclude", anchored_regex) {
+                c.storage.mount_exclude = v;
+            }
+            if let Some(v) = r.get(&mut s, "fs_type_exclude") {
+                c.storage.fs_type_exclude = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "statvfs_deadline_secs", positive_secs) {
+                c.storage.statvfs_deadline = v;
+            }
+            r.finish(s);
+        }
+
+        if let Some(mut s) = r.table(&mut root, "gpu") {
+            let backend: Option<String> = r.get(&mut s, "backend");
+            let fixture: Option<PathBuf> = r.get_with(&mut s, "fake_fixture", non_empty_path);
+            match (backend.as_deref(), fixture) {
+                (None | Some("auto"), None) => {}
+                (Some("nvml"), None) => c.gpu.backend = GpuBackendChoice::Nvml,
+                (Some("none"), None) => c.gpu.backend = GpuBackendChoice::Disabled,
+                (None | Some("fake"), Some(f)) => c.gpu.backend = GpuBackendChoice::Fake(f),
+                (Some("fake"), None) => r.error(&s, "backend", "\"fake\" needs fake_fixture"),
+                (Some(b @ ("auto" | "nvml" | "none")), Some(_)) => r.error(
+                    &s,
+                    "fake_fixture",
+                    format!("only used with backend = \"fake\", not {b:?}"),
+                ),
+                (Some(b), _) => r.error(
+                    &s,
+                    "backend",
+                    format!("must be \"auto\", \"nvml\", \"fake\" or \"none\", got {b:?}"),
+                ),
+            }
+            if let Some(v) = r.get(&mut s, "dcgm_compat") {
+                c.gpu.dcgm_compat = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "deadline_secs", positive_secs) {
+                c.gpu.deadline = v;
+            }
+            if let Some(v) = r.get(&mut s, "process_metrics") {
+                c.gpu.process_metrics = v;
+            }
+            r.finish(s);
+        }
+
+        if let Some(mut s) = r.table(&mut root, "exec") {
+            c.exec.secret = read_secret(&mut r, &mut s, "secret", "secret_file");
+            if let Some(v) = r.get_with(&mut s, "runbooks_dir", non_empty_path) {
+                c.exec.runbooks_dir = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "output_cap_bytes", |n: i64| {
+                if (1024..=16 * 1024 * 1024).contains(&n) {
+                    Ok(n as usize)
+                } else {
+                    Err(format!("must be between 1024 and 16777216, got {n}"))
+                }
+            }) {
+                c.exec.output_cap_bytes = v;
+            }
+            r.finish(s);
+        }
+
+        r.finish(root);
+        r.into_result().map(|()| c)
+    }
+}
+
+fn non_empty_path(p: PathBuf) -> Result<PathBuf, String> {
+    if p.as_os_str().is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        match AgentConfig::from_str(Path::new("agent.toml"), text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        let c = AgentConfig::from_str(Path::new("a.toml"), "").unwrap();
+        assert_eq!(c.listen.port(), DEFAULT_AGENT_PORT);
+        assert!(c.exec.secret.is_none());
+        assert_eq!(c.gpu.backend, GpuBackendChoice::Auto);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let text = "listen = \"nowhere\"\nbogus = 1\n\n[cpu]\nsample_interval_secs = -1\n\n[storage]\nmount_exclude = \"(\"\n[gpu]\nbackend = \"cuda\"\ndcgm_compat = \"yes\"\n";
+        expect_test::expect![[r#"
+            [
+                "agent.toml:1: listen: \"nowhere\" is not an address:port (invalid socket address syntax)",
+                "agent.toml:2: bogus: unknown key",
+                "agent.toml:5: cpu.sample_interval_secs: must be a positive number of seconds, got -1",
+                "agent.toml:8: storage.mount_exclude: invalid regex \"(\": unclosed group",
+                "agent.toml:10: gpu.backend: must be \"auto\", \"nvml\", \"fake\" or \"none\", got \"cuda\"",
+                "agent.toml:11: gpu.dcgm_compat: invalid type: string \"yes\", expected a boolean",
+            ]
+        "#]]
+        .assert_debug_eq(&errors(text));
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let e = errors("listen = \"0.0.0.0:1\"\n[cpu\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("agent.toml:2:"), "{e:?}");
+    }
+
+    #[test]
+    fn secret_from_file_is_read_and_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("exec.secret");
+        std::fs::write(&p, "s3cr3t-value\n").unwrap();
+        let text = format!("[exec]\nsecret_file = {:?}\n", p.display().to_string());
+        let c = AgentConfig::from_str(Path::new("a.toml"), &text).unwrap();
+        let secret = c.exec.secret.clone().unwrap();
+        assert_eq!(secret.expose(), "s3cr3t-value");
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/agent.example.toml");
+        if let Err(e) = AgentConfig::from_file(&path) {
+            panic!("{e}");
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Calls that may never return (statvfs on a dead NFS server, NVML on a GPU
+//! that fell off the bus, a collector stuck in the kernel) run here: on their
+//! own thread, waited for only until a deadline, and at most one per key.
+//!
+//! A call that misses its deadline keeps its slot until it returns, so later
+//! callers with the same key are told `StillRunning` at once instead of
+//! stacking a new thread per scrape. Callers arriving while a call is in flight
+//! (several Prometheus servers scraping at once) share its result.
+//! This module must not know about metrics or HTTP.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// What a bounded call came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome<T> {
+    /// The call returned in time (possibly one started by another caller).
+    Done(T),
+    /// The call was started (or joined) but did not return before the deadline.
+    TimedOut,
+    /// An earlier call with this key has been running longer than the deadline;
+    /// no new call was started.
+    StillRunning { since: Duration },
+}
+
+struct Cell<T> {
+    /// `None` while running; `Some(None)` if the call panicked.
+    value: Mutex<Option<Option<T>>>,
+    ready: Condvar,
+}
+
+struct Slot<T> {
+    started: Instant,
+    cell: Arc<Cell<T>>,
+}
+
+/// Single-flight, deadline-bounded calls keyed by `K`.
+pub struct SingleFlight<K, T> {
+    slots: Arc<Mutex<HashMap<K, Slot<T>>>>,
+    thread_name: &'static str,
+}
+
+/// A call started (or joined) by [`SingleFlight::start`].
+pub struct Pending<T> {
+    started: Instant,
+    cell: Option<Arc<Cell<T>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<K, T> SingleFlight<K, T>
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    T: Clone + Send + 'static,
+{
+    pub fn new(thread_name: &'static str) -> Self {
+        SingleFlight {
+            slots: Arc::new(Mutex::new(HashMap::new())),
+            thread_name,
+        }
+    }
+
+    /// Starts `f` on its own thread unless a call with `key` is already in
+    /// flight, in which case that call is joined. `deadline` is only used to
+    /// refuse joining a call that is already older than it.
+    pub fn start<F>(&self, key: K, deadline: Duration, f: F) -> Pending<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let mut slots = lock(&self.slots);
+        if let Some(slot) = slots.get(&key) {
+            let age = slot.started.elapsed();
+            if age >= deadline {
+                return Pending {
+                    started: slot.started,
+                    cell: None,
+                };
+            }
+            return Pending {
+                started: slot.started,
+                cell: Some(slot.cell.clone()),
+            };
+        }
+        let cell = Arc::new(Cell {
+            value: Mutex::new(None),
+            ready: Condvar::new(),
+        });
+        let started = Instant::now();
+        let spawned = {
+            let cell = cell.clone();
+            let slots = self.slots.clone();
+            let key = key.clone();
+            std::thread::Builder::new()
+                .name(self.thread_name.to_string())
+                .spawn(move || {
+                    // Catch a panic so the slot is always freed.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+                    *lock(&cell.value) = Some(result.ok());
+                    lock(&slots).remove(&key);
+                    cell.ready.notify_all();
+                })
+        };
+        if spawned.is_err() {
+            // No thread: report as timed out rather than running inline.
+            return Pending {
+                started,
+                cell: None,
+            };
+        }
+        slots.insert(
+            key,
+            Slot {
+                started,
+                cell: cell.clone(),
+            },
+        );
+        Pending {
+            started,
+            cell: Some(cell),
+        }
+    }
+
+    /// `start` then `wait`.
+    pub fn call<F>(&self, key: K, deadline: Duration, f: F) -> Outcome<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.start(key, deadline, f)
+            .wait_until(Instant::now() + deadline)
+    }
+
+    /// Number of calls in flight (stuck ones included).
+    pub fn in_flight(&self) -> usize {
+        lock(&self.slots).len()
+    }
+}
+
+impl<T: Clone> Pending<T> {
+    /// Waits until the call returns or `until` passes.
+    pub fn wait_until(self, until: Instant) -> Outcome<T> {
+        let Some(cell) = self.cell else {
+            return Outcome::StillRunning {
+                since: self.started.elapsed(),
+            };
+        };
+        let mut value = lock(&cell.value);
+        loop {
+            match value.as_ref() {
+                Some(Some(v)) => return Outcome::Done(v.clone()),
+                // The call panicked.
+                Some(None) => return Outcome::TimedOut,
+                None => {}
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Outcome::TimedOut;
+            }
+            let (guard, _) = cell
+                .ready
+                .wait_timeout(value, until - now)
+                .unwrap_or_else(PoisonError::into_inner);
+            value = guard;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn returns_value_in_time() {
+        let sf: SingleFlight<&str, u32> = SingleFlight::new("t");
+        assert_eq!(sf.call("a", Duration::from_secs(1), || 7), Outcome::Done(7));
+    }
+
+    #[test]
+    fn stuck_call_is_not_restarted() {
+        let sf: SingleFlight<&str, u32> = SingleFlight::new("t");
+        let started = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let s = started.clone();
+        let out = sf.call("nfs", Duration::from_millis(50), move || {
+            s.fetch_add(1, Ordering::SeqCst);
+            let _ = rx.recv();
+            1
+        });
+        assert_eq!(out, Outcome::TimedOut);
+        for _ in 0..5 {
+            let s = started.clone();
+            let out = sf.call("nfs", Duration::from_millis(50), move || {
+                s.fetch_add(1, Ordering::SeqCst);
+                2
+            });
+            assert!(matches!(out, Outcome::StillRunning { .. }), "{out:?}");
+        }
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            1,
+            "one thread, not one per call"
+        );
+        assert_eq!(sf.in_flight(), 1);
+        tx.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while sf.in_flight() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            sf.call("nfs", Duration::from_secs(1), || 3),
+            Outcome::Done(3)
+        );
+    }
+
+    #[test]
+    fn panicking_call_frees_its_slot() {
+        let sf: SingleFlight<&str, u32> = SingleFlight::new("t");
+        let out = sf.call("p", Duration::from_secs(1), || panic!("boom"));
+        assert_eq!(out, Outcome::TimedOut);
+        assert_eq!(sf.in_flight(), 0);
+    }
+}

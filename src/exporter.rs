@@ -1,0 +1,136 @@
+//! The agent's HTTP surface: `/metrics`, `/healthz`, `/readyz`, `/v1/events`
+//! (and `/v1/exec`, merged in by the agent role when enabled).
+//!
+//! Handlers never read the host themselves: `/metrics` runs the collector
+//! [`Runner`] on the blocking pool, whose deadlines bound the scrape.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::collector::{self, KernelEvents, Runner};
+use crate::telemetry::{self, HttpMetrics};
+
+/// Everything the agent's handlers share.
+pub struct AgentState {
+    pub runner: Arc<Runner>,
+    pub events: Arc<KernelEvents>,
+    pub http: Arc<HttpMetrics>,
+}
+
+impl AgentState {
+    /// One full exposition: collectors, then self-metrics.
+    pub fn scrape_blocking(&self) -> String {
+        let collected = self.runner.collect();
+        render_with_self_metrics(&self.runner, &collected, Some(&self.http))
+    }
+}
+
+/// Renders collected families plus `gpuops_build_info`, process and (for a
+/// server) HTTP metrics.
+pub fn render_with_self_metrics(
+    runner: &Runner,
+    collected: &[collector::Collected],
+    http: Option<&HttpMetrics>,
+) -> String {
+    let backend = runner
+        .context()
+        .gpu_backend
+        .get()
+        .copied()
+        .unwrap_or("none");
+    let mut own = vec![telemetry::build_info("agent", backend)];
+    own.extend(telemetry::process_families());
+    if let Some(h) = http {
+        own.extend(h.gather());
+    }
+    collector::render(collected, &own)
+}
+
+/// The agent's router (without `/v1/exec`).
+pub fn router(state: Arc<AgentState>) -> Router {
+    let http = state.http.clone();
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/events", get(events))
+        .route("/", get(index))
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            http,
+            telemetry::track_http,
+        ))
+}
+
+async fn metrics(State(state): State<Arc<AgentState>>) -> Response {
+    let s = state.clone();
+    match tokio::task::spawn_blocking(move || s.scrape_blocking()).await {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "scrape task failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "scrape failed\n").into_response()
+        }
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<Arc<AgentState>>) -> Response {
+    if state.runner.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: first collection has not finished\n",
+        )
+            .into_response()
+    }
+}
+
+async fn index() -> &'static str {
+    "gpuops agent\n/metrics  Prometheus metrics\n/healthz  liveness\n/readyz   readiness\n/v1/events?since=SECONDS  recent kernel events (JSON)\n"
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    since: Option<String>,
+}
+
+/// `since` is a number of seconds back from now (default 3600); a value
+/// above 10^9 is read as a Unix timestamp.
+async fn events(State(state): State<Arc<AgentState>>, Query(q): Query<EventsQuery>) -> Response {
+    let since =
+        match q.since.as_deref().map(str::parse::<f64>) {
+            None => 3600.0,
+            Some(Ok(v)) if v.is_finite() && v >= 0.0 => v,
+            Some(_) => return (
+                StatusCode::BAD_REQUEST,
+                Json(
+                    serde_json::json!({"error": "since must be a non-negative number of seconds"}),
+                ),
+            )
+                .into_response(),
+        };
+    let cutoff = if since > 1e9 {
+        since
+    } else {
+        collector::kmsg::unix_now() - since
+    };
+    let events = state.events.since(cutoff);
+    Json(serde_json::json!({ "since": cutoff, "events": events })).into_response()
+}

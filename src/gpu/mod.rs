@@ -1,0 +1,3 @@
+//! GPU backends (to be written): the `GpuBackend` trait and its readings.
+
+pub mod xid;

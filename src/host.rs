@@ -1,0 +1,238 @@
+//! The only door to the host's /proc, /sys, root filesystem and kernel log.
+//!
+//! Every path the agent reads is built from a [`HostRoots`], so tests point the
+//! roots at fixture trees under `tests/fixtures/<scenario>/` (node_exporter's
+//! `--path.procfs` habit). Nothing outside this module opens a file under /proc
+//! or /sys; collectors ask for text or a parsed procfs type and get a
+//! [`ReadError`] that tells a missing file (debug log, series left out) from a
+//! file that could not be parsed (warning, collector failure).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the host's pseudo filesystems are mounted. Defaults are the real ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRoots {
+    pub procfs: PathBuf,
+    pub sysfs: PathBuf,
+    pub rootfs: PathBuf,
+    pub kmsg: PathBuf,
+}
+
+impl Default for HostRoots {
+    fn default() -> Self {
+        HostRoots {
+            procfs: PathBuf::from("/proc"),
+            sysfs: PathBuf::from("/sys"),
+            rootfs: PathBuf::from("/"),
+            kmsg: PathBuf::from("/dev/kmsg"),
+        }
+    }
+}
+
+/// Why a host file could not be turned into a value.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The file does not exist: the kernel or hardware does not provide it.
+    #[error("{}: not present", .0.display())]
+    Missing(PathBuf),
+    /// The file exists but could not be read (permissions, I/O error).
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    /// The file was read but its contents were not what we expect.
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+}
+
+impl ReadError {
+    pub fn is_missing(&self) -> bool {
+        matches!(self, ReadError::Missing(_))
+    }
+
+    pub fn parse(path: impl Into<PathBuf>, message: impl Into<String>) -> ReadError {
+        ReadError::Parse {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    fn from_io(path: &Path, source: io::Error) -> ReadError {
+        if source.kind() == io::ErrorKind::NotFound {
+            ReadError::Missing(path.to_path_buf())
+        } else {
+            ReadError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+impl HostRoots {
+    /// `<procfs>/<rel>`.
+    pub fn proc_path(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.procfs.join(rel)
+    }
+
+    /// `<sysfs>/<rel>`.
+    pub fn sys_path(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.sysfs.join(rel)
+    }
+
+    /// A mount point as seen from the host (`/` + mountpoint under `rootfs`).
+    pub fn rootfs_path(&self, mount_point: &str) -> PathBuf {
+        self.rootfs.join(mount_point.trim_start_matches('/'))
+    }
+
+    /// Reads a whole file under /proc or /sys (or anything built by the helpers above).
+    pub fn read_text(&self, path: &Path) -> Result<String, ReadError> {
+        std::fs::read_to_string(path).map_err(|e| ReadError::from_io(path, e))
+    }
+
+    /// `read_text(<procfs>/<rel>)`.
+    pub fn read_proc(&self, rel: &str) -> Result<String, ReadError> {
+        self.read_text(&self.proc_path(rel))
+    }
+
+    /// `read_text(<sysfs>/<rel>)`.
+    pub fn read_sys(&self, rel: &str) -> Result<String, ReadError> {
+        self.read_text(&self.sys_path(rel))
+    }
+
+    /// Reads a file holding one unsigned integer (decimal, or hexadecimal with `0x`).
+    pub fn read_u64(&self, path: &Path) -> Result<u64, ReadError> {
+        let text = self.read_text(path)?;
+        parse_u64(text.trim()).ok_or_else(|| {
+            ReadError::parse(
+                path,
+                format!("expected an unsigned integer, found {:?}", text.trim()),
+            )
+        })
+    }
+
+    /// Parses a procfs file with one of the `procfs` crate's readers.
+    pub fn parse_proc<T: procfs::FromRead>(&self, rel: &str) -> Result<T, ReadError> {
+        let path = self.proc_path(rel);
+        let text = self.read_text(&path)?;
+        T::from_read(text.as_bytes()).map_err(|e| ReadError::parse(&path, e.to_string()))
+    }
+
+    /// Lists the entries of a directory (names only), sorted; missing directory is `Missing`.
+    pub fn list_dir(&self, path: &Path) -> Result<Vec<String>, ReadError> {
+        let entries = std::fs::read_dir(path).map_err(|e| ReadError::from_io(path, e))?;
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The resolved target of a symbolic link (for example `/proc/<pid>/exe`).
+    pub fn read_link(&self, path: &Path) -> Result<PathBuf, ReadError> {
+        std::fs::read_link(path).map_err(|e| ReadError::from_io(path, e))
+    }
+
+    /// `statvfs(2)` of a mount point under `rootfs`. May block forever on a dead
+    /// network mount: call it only through [`crate::deadline::SingleFlight`].
+    pub fn statvfs(&self, mount_point: &str) -> Result<FsStats, ReadError> {
+        let path = self.rootfs_path(mount_point);
+        let st = rustix::fs::statvfs(&path).map_err(|e| ReadError::from_io(&path, e.into()))?;
+        let frsize = if st.f_frsize > 0 {
+            st.f_frsize
+        } else {
+            st.f_bsize
+        };
+        Ok(FsStats {
+            total_bytes: st.f_blocks.saturating_mul(frsize),
+            free_bytes: st.f_bfree.saturating_mul(frsize),
+            available_bytes: st.f_bavail.saturating_mul(frsize),
+            files: st.f_files,
+            files_free: st.f_ffree,
+            readonly: st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY),
+        })
+    }
+}
+
+/// What `statvfs(2)` says about one filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsStats {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub available_bytes: u64,
+    pub files: u64,
+    pub files_free: u64,
+    pub readonly: bool,
+}
+
+/// Parses `123` or `0x7b` (sysfs uses both).
+pub fn parse_u64(s: &str) -> Option<u64> {
+    let s = s.trim();
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Totals of one pressure-stall-information file (`/proc/pressure/{cpu,memory,io}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PsiTotals {
+    /// `some ... total=` in microseconds.
+    pub some_us: u64,
+    /// `full ... total=` in microseconds; absent for cpu on older kernels.
+    pub full_us: Option<u64>,
+}
+
+/// Parses a PSI file: `some avg10=0.00 avg60=0.00 avg300=0.00 total=123`.
+pub fn parse_psi(text: &str) -> Result<PsiTotals, String> {
+    let mut some = None;
+    let mut full = None;
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let kind = fields.next();
+        let total = fields
+            .find_map(|f| f.strip_prefix("total="))
+            .map(|t| t.parse::<u64>().map_err(|_| format!("bad total {t:?}")));
+        match (kind, total) {
+            (Some("some"), Some(t)) => some = Some(t?),
+            (Some("full"), Some(t)) => full = Some(t?),
+            (None, _) => {}
+            _ => return Err(format!("unexpected line {line:?}")),
+        }
+    }
+    let some_us = some.ok_or("no \"some\" line")?;
+    Ok(PsiTotals {
+        some_us,
+        full_us: full,
+    })
+}
+
+/// A deadline used for one-off host reads that may block (statvfs, NVML).
+pub const DEFAULT_CALL_DEADLINE: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_decimal_and_hex() {
+        assert_eq!(parse_u64("42\n"), Some(42));
+        assert_eq!(parse_u64("0x1f"), Some(31));
+        assert_eq!(parse_u64("zz"), None);
+    }
+
+    #[test]
+    fn parses_psi() {
+        let t = "some avg10=0.00 avg60=0.00 avg300=0.00 total=1500\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=700\n";
+        assert_eq!(
+            parse_psi(t),
+            Ok(PsiTotals {
+                some_us: 1500,
+                full_us: Some(700)
+            })
+        );
+        assert!(parse_psi("garbage here\n").is_err());
+        assert!(parse_psi("some avg10=0.00 total=x\n").is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! gpuops: one binary, two roles. The agent exports GPU and host USE metrics
+//! for Prometheus and runs signed runbook steps on its node; the bot turns
+//! AlertManager webhooks into Slack and Discord messages and runs runbooks.
+//! See ARCHITECTURE.md for the map.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod bot;
+pub mod cli;
+pub mod collector;
+pub mod config;
+pub mod deadline;
+pub mod exporter;
+pub mod gpu;
+pub mod host;
+pub mod runbook;
+pub mod telemetry;

@@ -1,0 +1,27 @@
+//! Thin entry point: parse the command line, dispatch a role, map the result
+//! to an exit code.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use gpuops::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent(args) => gpuops::agent::run(args),
+        Command::Collect(args) => gpuops::agent::collect_once(args),
+        Command::CheckConfig(args) => gpuops::agent::check_config(args),
+        Command::Bot(args) => gpuops::bot::run(args),
+        Command::Runbook(cmd) => gpuops::runbook::cli(cmd),
+        Command::Audit(args) => gpuops::bot::audit(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gpuops: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
