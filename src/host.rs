@@ -119,7 +119,7 @@ impl HostRoots {
     pub fn parse_proc<T: procfs::FromRead>(&self, rel: &str) -> Result<T, ReadError> {
         let path = self.proc_path(rel);
         let text = self.read_text(&path)?;
-        T::from_read(text.as_bytes()).map_err(|e| ReadError::parse(&path, e.to_string()))
+        T::from_read(text.as_bytes()).map_err(|e| ReadError::parse(&path, proc_error_message(e)))
     }
 
     /// Parses a procfs file with a reader that needs system facts (`/proc/stat`
@@ -131,7 +131,8 @@ impl HostRoots {
     ) -> Result<T, ReadError> {
         let path = self.proc_path(rel);
         let text = self.read_text(&path)?;
-        T::from_read(text.as_bytes(), info).map_err(|e| ReadError::parse(&path, e.to_string()))
+        T::from_read(text.as_bytes(), info)
+            .map_err(|e| ReadError::parse(&path, proc_error_message(e)))
     }
 
     /// Whether `path` exists (without following it into a read).
@@ -189,6 +190,22 @@ impl HostRoots {
             files_free: st.f_ffree,
             readonly: st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY),
         })
+    }
+}
+
+/// The procfs crate calls every unexpected content an "internal error" with
+/// its own source location; say what was wrong with the file instead.
+fn proc_error_message(e: procfs::ProcError) -> String {
+    match e {
+        procfs::ProcError::InternalError(i) => {
+            let msg = i.msg.trim_start_matches("Internal Unwrap Error: ");
+            if msg == "NoneError" {
+                "unexpected contents: a field is missing".to_string()
+            } else {
+                format!("unexpected contents: {msg}")
+            }
+        }
+        other => other.to_string(),
     }
 }
 

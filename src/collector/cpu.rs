@@ -64,15 +64,16 @@ impl Collector for CpuCollector {
                 sink.read(NAME, read_stat(roots))
             }
             None => {
+                // A missing or broken file stays so: no point waiting for a second look.
                 let first = sink.read(NAME, read_stat(roots));
-                std::thread::sleep(ONE_SHOT_SAMPLE_GAP);
-                let second = sink.read(NAME, read_stat(roots));
-                if let (Some(a), Some(b)) = (&first, &second) {
-                    if let Some(u) = utilization_between(&Sample::of(a), &Sample::of(b)) {
+                first.and_then(|a| {
+                    std::thread::sleep(ONE_SHOT_SAMPLE_GAP);
+                    let b = sink.read(NAME, read_stat(roots))?;
+                    if let Some(u) = utilization_between(&Sample::of(&a), &Sample::of(&b)) {
                         export_utilization(sink, u);
                     }
-                }
-                second
+                    Some(b)
+                })
             }
         };
         if let Some(stat) = stat {
@@ -461,6 +462,109 @@ fn spawn_sampler(roots: HostRoots, ring: Weak<Ring>, interval: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collector::testutil::{context, scrape};
+    use expect_test::{expect, Expect};
+
+    fn check(scenario: &str, ring: Option<Arc<Ring>>, expect: Expect) {
+        let ctx = context(scenario, |c| {
+            c.cpu.throttle_cgroups = vec!["kubepods.slice/kubepods-burstable.slice".into()];
+        });
+        let c = match ring {
+            Some(r) => CpuCollector::with_ring(r),
+            None => CpuCollector::new(&ctx),
+        };
+        expect.assert_eq(&scrape(&c, &ctx));
+    }
+
+    #[test]
+    fn full_fixture() {
+        let t0 = Instant::now();
+        let ring = Arc::new(Ring::new(Duration::from_secs(10)));
+        ring.push(sample(t0, 1000, 4000));
+        ring.push(sample(t0 + Duration::from_secs(1), 1300, 4800));
+        check(
+            "full",
+            Some(ring),
+            expect![[r#"
+                cpu_count 4
+                cpu_errors_total{type="machine_check"} 3
+                cpu_load_average{window="1m"} 1.25
+                cpu_load_average{window="5m"} 0.75
+                cpu_load_average{window="15m"} 0.5
+                cpu_pressure_stall_seconds_total{kind="some"} 31.002406
+                cpu_pressure_stall_seconds_total{kind="full"} 0
+                cpu_seconds_total{mode="user"} 400
+                cpu_seconds_total{mode="nice"} 10
+                cpu_seconds_total{mode="system"} 120
+                cpu_seconds_total{mode="idle"} 3200
+                cpu_seconds_total{mode="iowait"} 40
+                cpu_seconds_total{mode="irq"} 5
+                cpu_seconds_total{mode="softirq"} 8
+                cpu_seconds_total{mode="steal"} 3
+                cpu_thermal_throttle_events_total{type="core"} 12
+                cpu_thermal_throttle_events_total{type="package"} 11
+                cpu_throttle_seconds_total{cgroup="/init.scope"} 0
+                cpu_throttle_seconds_total{cgroup="/kubepods.slice"} 123.456789
+                cpu_throttle_seconds_total{cgroup="/kubepods.slice/kubepods-burstable.slice"} 0.5
+                cpu_throttle_seconds_total{cgroup="/system.slice"} 2.5
+                cpu_utilization_percent 37.5
+            "#]],
+        );
+    }
+
+    #[test]
+    fn one_shot_with_unchanged_counters_leaves_utilization_out() {
+        // Both samples read the same fixture file: no time passed for the kernel.
+        check(
+            "full",
+            None,
+            expect![[r#"
+            cpu_count 4
+            cpu_errors_total{type="machine_check"} 3
+            cpu_load_average{window="1m"} 1.25
+            cpu_load_average{window="5m"} 0.75
+            cpu_load_average{window="15m"} 0.5
+            cpu_pressure_stall_seconds_total{kind="some"} 31.002406
+            cpu_pressure_stall_seconds_total{kind="full"} 0
+            cpu_seconds_total{mode="user"} 400
+            cpu_seconds_total{mode="nice"} 10
+            cpu_seconds_total{mode="system"} 120
+            cpu_seconds_total{mode="idle"} 3200
+            cpu_seconds_total{mode="iowait"} 40
+            cpu_seconds_total{mode="irq"} 5
+            cpu_seconds_total{mode="softirq"} 8
+            cpu_seconds_total{mode="steal"} 3
+            cpu_thermal_throttle_events_total{type="core"} 12
+            cpu_thermal_throttle_events_total{type="package"} 11
+            cpu_throttle_seconds_total{cgroup="/init.scope"} 0
+            cpu_throttle_seconds_total{cgroup="/kubepods.slice"} 123.456789
+            cpu_throttle_seconds_total{cgroup="/kubepods.slice/kubepods-burstable.slice"} 0.5
+            cpu_throttle_seconds_total{cgroup="/system.slice"} 2.5
+        "#]],
+        );
+    }
+
+    #[test]
+    fn missing_files_leave_series_out_without_failing() {
+        check("missing", None, expect![[r#""#]]);
+    }
+
+    #[test]
+    fn malformed_files_fail_and_leave_series_out() {
+        check(
+            "malformed",
+            None,
+            expect![[r#"
+                FAILED F/malformed/proc/stat: unexpected contents: Failed to parse expect!(s.next()) ("abc") as a u64: invalid digit found in string
+                FAILED F/malformed/proc/loadavg: unexpected contents: invalid float literal
+                FAILED F/malformed/proc/pressure/cpu: unexpected line "garbage in here"
+                FAILED F/malformed/sys/fs/cgroup/system.slice/cpu.stat: throttled_usec: expected an unsigned integer, found "-5"
+                FAILED F/malformed/sys/devices/system/cpu/cpu0/thermal_throttle/core_throttle_count: expected an unsigned integer, found "hot"
+                FAILED F/malformed/sys/devices/system/cpu/cpu0/thermal_throttle/package_throttle_count: expected an unsigned integer, found ""
+                FAILED F/malformed/proc/interrupts: MCE row has no counts: "   lots   Machine check exceptions"
+            "#]],
+        );
+    }
 
     fn sample(at: Instant, busy: u64, total: u64) -> Sample {
         Sample { at, busy, total }

@@ -127,3 +127,88 @@ fn export_edac(sink: &mut Sink, roots: &HostRoots) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collector::testutil::{context, scrape};
+    use expect_test::{expect, Expect};
+
+    fn check(scenario: &str, expect: Expect) {
+        let ctx = context(scenario, |_| {});
+        expect.assert_eq(&scrape(&MemoryCollector::new(&ctx), &ctx));
+    }
+
+    #[test]
+    fn full_fixture() {
+        check(
+            "full",
+            expect![[r#"
+            memory_available_bytes 41943040000
+            memory_errors_total{type="correctable",controller="mc0"} 4
+            memory_errors_total{type="uncorrectable",controller="mc0"} 0
+            memory_errors_total{type="correctable",controller="mc1"} 1
+            memory_errors_total{type="uncorrectable",controller="mc1"} 2
+            memory_pressure_events_total 50
+            memory_pressure_stall_seconds_total{kind="some"} 2.5
+            memory_pressure_stall_seconds_total{kind="full"} 1.25
+            memory_swap_total_bytes 8589934592
+            memory_swap_used_bytes 1073741824
+            memory_total_bytes 67108864000
+            memory_used_bytes 25165824000
+        "#]],
+        );
+    }
+
+    #[test]
+    fn missing_files_leave_series_out_without_failing() {
+        check("missing", expect![[r#""#]]);
+    }
+
+    #[test]
+    fn malformed_files_fail_and_leave_series_out() {
+        check(
+            "malformed",
+            expect![[r#"
+            FAILED F/malformed/proc/meminfo: unexpected contents: Failed to parse value ("lots") as a u64: invalid digit found in string
+            FAILED F/malformed/proc/vmstat: unexpected contents: Failed to parse expect!(split.next()) ("many") as a i64: invalid digit found in string
+            FAILED F/malformed/proc/pressure/memory: bad total "notanumber"
+            FAILED F/malformed/sys/devices/system/edac/mc/mc0/ce_count: expected an unsigned integer, found "x"
+            FAILED F/malformed/sys/devices/system/edac/mc/mc0/ue_count: expected an unsigned integer, found "-1"
+        "#]],
+        );
+    }
+
+    #[test]
+    fn meminfo_without_mem_available_leaves_used_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = crate::collector::testutil::fixture("full/proc/meminfo");
+        let text: String = std::fs::read_to_string(full)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("MemAvailable:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(dir.path().join("meminfo"), text).unwrap();
+        let roots = HostRoots {
+            procfs: dir.path().to_path_buf(),
+            ..HostRoots::default()
+        };
+        let m: procfs::Meminfo = roots.parse_proc("meminfo").unwrap();
+        let mut sink = Sink::new();
+        export_meminfo(&mut sink, &m);
+        let names: Vec<_> = sink
+            .into_families()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "memory_swap_total_bytes",
+                "memory_swap_used_bytes",
+                "memory_total_bytes"
+            ]
+        );
+    }
+}

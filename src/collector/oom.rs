@@ -161,3 +161,89 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fixture_tests {
+    use super::*;
+    use crate::collector::testutil::{context, scrape};
+    use expect_test::{expect, Expect};
+
+    fn check(scenario: &str, expect: Expect) {
+        let ctx = context(scenario, |_| {});
+        expect.assert_eq(&scrape(&OomCollector::new(&ctx), &ctx));
+    }
+
+    #[test]
+    fn full_fixture() {
+        // btime 1700000000 + the last kill's record at 3600.5 s after boot.
+        check(
+            "full",
+            expect![[r#"
+            oom_kill_last_timestamp_seconds 1700003600.5
+            oom_kills_total 5
+        "#]],
+        );
+    }
+
+    #[test]
+    fn missing_files_leave_series_out_without_failing() {
+        check("missing", expect![[r#""#]]);
+    }
+
+    #[test]
+    fn malformed_files_fail_and_leave_series_out() {
+        check(
+            "malformed",
+            expect![[r#"
+            FAILED F/malformed/proc/vmstat: unexpected contents: Failed to parse expect!(split.next()) ("many") as a i64: invalid digit found in string
+        "#]],
+        );
+    }
+
+    #[test]
+    fn kernel_log_victims_are_one_event_per_kill() {
+        let ctx = context("full", |_| {});
+        let victims: Vec<_> = ctx
+            .events
+            .since(0.0)
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                EventKind::OomKill {
+                    pid,
+                    process,
+                    cgroup,
+                } => Some((e.timestamp, pid, process, cgroup)),
+                _ => None,
+            })
+            .collect();
+        expect![[r#"
+            [
+                (
+                    1700001800.0001,
+                    Some(
+                        4242,
+                    ),
+                    Some(
+                        "python3",
+                    ),
+                    Some(
+                        "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod5f0c.slice/cri-containerd-9f8e.scope",
+                    ),
+                ),
+                (
+                    1700003600.4,
+                    Some(
+                        5151,
+                    ),
+                    Some(
+                        "trainer",
+                    ),
+                    Some(
+                        "/system.slice/trainer.service",
+                    ),
+                ),
+            ]
+        "#]]
+        .assert_debug_eq(&victims);
+    }
+}

@@ -417,8 +417,231 @@ pub fn parse_kmsg(message: &str) -> Option<EventKind> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collector::testutil::{context, scrape};
+    use expect_test::{expect, Expect};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
 
-    fn check(message: &str, expect: Option<&str>) {
+    /// A statvfs with pinned values: `/mnt/nfs` hangs until `release` is set.
+    struct FakeStatvfs {
+        release: Arc<AtomicBool>,
+        nfs_calls: Arc<AtomicUsize>,
+    }
+
+    impl FakeStatvfs {
+        fn new() -> FakeStatvfs {
+            FakeStatvfs {
+                release: Arc::new(AtomicBool::new(false)),
+                nfs_calls: Arc::new(AtomicUsize::new(0)),
+            }
+        }
+
+        fn func(&self) -> StatvfsFn {
+            let release = self.release.clone();
+            let calls = self.nfs_calls.clone();
+            Arc::new(move |_roots: &HostRoots, point: &str| {
+                let gib = 1u64 << 30;
+                let stats = |total: u64, free: u64, avail: u64| FsStats {
+                    total_bytes: total * gib,
+                    free_bytes: free * gib,
+                    available_bytes: avail * gib,
+                    files: total * 1000,
+                    files_free: free * 1000,
+                    readonly: false,
+                };
+                match point {
+                    "/" => Ok(stats(100, 40, 35)),
+                    "/boot/efi" => Ok(stats(1, 1, 1)),
+                    "/data" => Ok(stats(4000, 1000, 1000)),
+                    "/home" => Ok(stats(100, 40, 35)),
+                    "/mnt/my archive" => Err(ReadError::Io {
+                        path: "/mnt/my archive".into(),
+                        source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+                    }),
+                    "/mnt/nfs" => {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        while !release.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Ok(stats(10, 5, 5))
+                    }
+                    other => Err(ReadError::Missing(other.into())),
+                }
+            })
+        }
+    }
+
+    impl Drop for FakeStatvfs {
+        fn drop(&mut self) {
+            self.release.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn check(scenario: &str, expect: Expect) {
+        let fake = FakeStatvfs::new();
+        let ctx = context(scenario, |c| {
+            c.storage.statvfs_deadline = Duration::from_millis(100);
+        });
+        let c = StorageCollector::with_statvfs(fake.func());
+        expect.assert_eq(&scrape(&c, &ctx));
+    }
+
+    #[test]
+    fn full_fixture() {
+        check(
+            "full",
+            expect![[r#"
+            storage_available_bytes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 37580963840
+            storage_available_bytes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1073741824
+            storage_available_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 1073741824000
+            storage_available_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 37580963840
+            storage_errors_total{device="sda",source="scsi"} 31
+            storage_errors_total{device="dm-0",source="kmsg"} 0
+            storage_errors_total{device="md0",source="kmsg"} 0
+            storage_errors_total{device="nvme0n1",source="kmsg"} 1
+            storage_errors_total{device="sda",source="kmsg"} 2
+            storage_inodes_free{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 40000
+            storage_inodes_free{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1000
+            storage_inodes_free{mountpoint="/data",device="/dev/md0",fstype="xfs"} 1000000
+            storage_inodes_free{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 40000
+            storage_inodes_total{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 100000
+            storage_inodes_total{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1000
+            storage_inodes_total{mountpoint="/data",device="/dev/md0",fstype="xfs"} 4000000
+            storage_inodes_total{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 100000
+            storage_io_in_progress{device="nvme0n1"} 2
+            storage_io_in_progress{device="sda"} 0
+            storage_io_in_progress{device="md0"} 1
+            storage_io_in_progress{device="dm-0"} 0
+            storage_io_pressure_stall_seconds_total{kind="some"} 10.321193
+            storage_io_pressure_stall_seconds_total{kind="full"} 7.393002
+            storage_io_time_seconds_total{device="nvme0n1"} 3
+            storage_io_time_seconds_total{device="sda"} 0.4
+            storage_io_time_seconds_total{device="md0"} 0
+            storage_io_time_seconds_total{device="dm-0"} 0.045
+            storage_io_weighted_time_seconds_total{device="nvme0n1"} 4
+            storage_io_weighted_time_seconds_total{device="sda"} 0.3
+            storage_io_weighted_time_seconds_total{device="md0"} 0
+            storage_io_weighted_time_seconds_total{device="dm-0"} 0.05
+            storage_mount_stuck{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 0
+            storage_mount_stuck{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 0
+            storage_mount_stuck{mountpoint="/data",device="/dev/md0",fstype="xfs"} 0
+            storage_mount_stuck{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 0
+            storage_mount_stuck{mountpoint="/mnt/my archive",device="/dev/mapper/archive",fstype="ext4"} 0
+            storage_mount_stuck{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 1
+            storage_read_bytes_total{device="nvme0n1"} 104857600
+            storage_read_bytes_total{device="sda"} 52428800
+            storage_read_bytes_total{device="md0"} 716800
+            storage_read_bytes_total{device="dm-0"} 614400
+            storage_readonly{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 0
+            storage_readonly{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 0
+            storage_readonly{mountpoint="/data",device="/dev/md0",fstype="xfs"} 0
+            storage_readonly{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 0
+            storage_readonly{mountpoint="/mnt/my archive",device="/dev/mapper/archive",fstype="ext4"} 1
+            storage_readonly{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 0
+            storage_reads_total{device="nvme0n1"} 1000
+            storage_reads_total{device="sda"} 500
+            storage_reads_total{device="md0"} 70
+            storage_reads_total{device="dm-0"} 60
+            storage_total_bytes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 107374182400
+            storage_total_bytes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1073741824
+            storage_total_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 4294967296000
+            storage_total_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 107374182400
+            storage_used_bytes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 64424509440
+            storage_used_bytes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 0
+            storage_used_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 3221225472000
+            storage_used_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 64424509440
+            storage_writes_total{device="nvme0n1"} 2000
+            storage_writes_total{device="sda"} 100
+            storage_writes_total{device="md0"} 30
+            storage_writes_total{device="dm-0"} 20
+            storage_written_bytes_total{device="nvme0n1"} 209715200
+            storage_written_bytes_total{device="sda"} 4194304
+            storage_written_bytes_total{device="md0"} 307200
+            storage_written_bytes_total{device="dm-0"} 204800
+        "#]],
+        );
+    }
+
+    #[test]
+    fn missing_files_leave_series_out_without_failing() {
+        check("missing", expect![[r#""#]]);
+    }
+
+    #[test]
+    fn malformed_files_fail_and_leave_series_out() {
+        check(
+            "malformed",
+            expect![[r#"
+            FAILED F/malformed/proc/1/mountinfo: unexpected contents: a field is missing
+            FAILED F/malformed/proc/diskstats: unexpected contents: Failed to parse expect!(s.next()) ("five") as a u64: invalid digit found in string
+            FAILED F/malformed/proc/pressure/io: no "some" line
+            FAILED F/malformed/sys/block/sda/device/ioerr_cnt: expected an unsigned integer, found "0xzz"
+        "#]],
+        );
+    }
+
+    #[test]
+    fn hung_mount_holds_one_thread_and_never_delays_the_scrape() {
+        let fake = FakeStatvfs::new();
+        let deadline = Duration::from_millis(100);
+        let ctx = context("full", |c| c.storage.statvfs_deadline = deadline);
+        let c = StorageCollector::with_statvfs(fake.func());
+        for _ in 0..5 {
+            let started = Instant::now();
+            let out = scrape(&c, &ctx);
+            let took = started.elapsed();
+            assert!(
+                took < deadline + Duration::from_millis(400),
+                "scrape took {took:?}"
+            );
+            assert!(out.contains(r#"storage_mount_stuck{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 1"#), "{out}");
+            assert!(
+                out.contains(
+                    r#"storage_mount_stuck{mountpoint="/data",device="/dev/md0",fstype="xfs"} 0"#
+                ),
+                "{out}"
+            );
+            assert!(
+                !out.contains(r#"storage_total_bytes{mountpoint="/mnt/nfs""#),
+                "{out}"
+            );
+        }
+        assert_eq!(
+            fake.nfs_calls.load(Ordering::SeqCst),
+            1,
+            "one thread, not one per scrape"
+        );
+        assert_eq!(c.statvfs_in_flight(), 1);
+        // When the server comes back the mount is no longer stuck.
+        fake.release.store(true, Ordering::SeqCst);
+        let until = Instant::now() + Duration::from_secs(2);
+        while c.statvfs_in_flight() > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let out = scrape(&c, &ctx);
+        assert!(out.contains(r#"storage_mount_stuck{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 0"#), "{out}");
+        assert!(out.contains(r#"storage_total_bytes{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 10737418240"#), "{out}");
+    }
+
+    #[test]
+    fn real_statvfs_reads_the_fixture_root() {
+        let ctx = context("full", |_| {});
+        let c = StorageCollector::new(&ctx);
+        let out = scrape(&c, &ctx);
+        assert!(
+            out.contains(
+                r#"storage_mount_stuck{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 0"#
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"storage_total_bytes{mountpoint="/mnt/my archive""#),
+            "{out}"
+        );
+        assert!(!out.contains("FAILED"), "{out}");
+    }
+
+    fn check_kmsg(message: &str, expect: Option<&str>) {
         let want = expect.map(|d| EventKind::IoError {
             device: d.to_string(),
         });
@@ -427,17 +650,17 @@ mod tests {
 
     #[test]
     fn parses_io_error_messages() {
-        check("blk_update_request: I/O error, dev sda, sector 2048 op 0x0:(READ) flags 0x80700 phys_seg 1 prio class 0", Some("sda"));
-        check("I/O error, dev nvme0n1, sector 1234 op 0x1:(WRITE) flags 0x800 phys_seg 1 prio class 2", Some("nvme0n1"));
-        check("critical medium error, dev sdb, sector 99 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 0", Some("sdb"));
-        check("end_request: I/O error, dev sdc, sector 12", Some("sdc"));
-        check(
+        check_kmsg("blk_update_request: I/O error, dev sda, sector 2048 op 0x0:(READ) flags 0x80700 phys_seg 1 prio class 0", Some("sda"));
+        check_kmsg("I/O error, dev nvme0n1, sector 1234 op 0x1:(WRITE) flags 0x800 phys_seg 1 prio class 2", Some("nvme0n1"));
+        check_kmsg("critical medium error, dev sdb, sector 99 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 0", Some("sdb"));
+        check_kmsg("end_request: I/O error, dev sdc, sector 12", Some("sdc"));
+        check_kmsg(
             "Buffer I/O error on dev sda1, logical block 0, async page read",
             None,
         );
-        check("EXT4-fs error (device sda1): ext4_find_entry:1455: inode #2: comm ls: reading directory lblock 0", None);
-        check("I/O error, dev , sector 1", None);
-        check("Out of memory: Killed process 1 (x) total-vm:1kB", None);
+        check_kmsg("EXT4-fs error (device sda1): ext4_find_entry:1455: inode #2: comm ls: reading directory lblock 0", None);
+        check_kmsg("I/O error, dev , sector 1", None);
+        check_kmsg("Out of memory: Killed process 1 (x) total-vm:1kB", None);
     }
 
     #[test]
