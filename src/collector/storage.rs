@@ -275,8 +275,9 @@ fn export_fs_stats(sink: &mut Sink, labels: &[(&str, &str)], s: &FsStats) {
         labels,
         s.available_bytes as f64,
     );
+    // Not `storage_inodes_total`: promtool reserves _total for counters.
     sink.gauge(
-        "storage_inodes_total",
+        "storage_inodes",
         "Filesystem inodes (statvfs f_files).",
         labels,
         s.files as f64,
@@ -491,74 +492,74 @@ mod tests {
         check(
             "full",
             expect![[r#"
-            storage_available_bytes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 37580963840
-            storage_available_bytes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1073741824
-            storage_available_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 1073741824000
-            storage_available_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 37580963840
-            storage_errors_total{device="sda",source="scsi"} 31
-            storage_errors_total{device="dm-0",source="kmsg"} 0
-            storage_errors_total{device="md0",source="kmsg"} 0
-            storage_errors_total{device="nvme0n1",source="kmsg"} 1
-            storage_errors_total{device="sda",source="kmsg"} 2
-            storage_inodes_free{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 40000
-            storage_inodes_free{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1000
-            storage_inodes_free{mountpoint="/data",device="/dev/md0",fstype="xfs"} 1000000
-            storage_inodes_free{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 40000
-            storage_inodes_total{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 100000
-            storage_inodes_total{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1000
-            storage_inodes_total{mountpoint="/data",device="/dev/md0",fstype="xfs"} 4000000
-            storage_inodes_total{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 100000
-            storage_io_in_progress{device="nvme0n1"} 2
-            storage_io_in_progress{device="sda"} 0
-            storage_io_in_progress{device="md0"} 1
-            storage_io_in_progress{device="dm-0"} 0
-            storage_io_pressure_stall_seconds_total{kind="some"} 10.321193
-            storage_io_pressure_stall_seconds_total{kind="full"} 7.393002
-            storage_io_time_seconds_total{device="nvme0n1"} 3
-            storage_io_time_seconds_total{device="sda"} 0.4
-            storage_io_time_seconds_total{device="md0"} 0
-            storage_io_time_seconds_total{device="dm-0"} 0.045
-            storage_io_weighted_time_seconds_total{device="nvme0n1"} 4
-            storage_io_weighted_time_seconds_total{device="sda"} 0.3
-            storage_io_weighted_time_seconds_total{device="md0"} 0
-            storage_io_weighted_time_seconds_total{device="dm-0"} 0.05
-            storage_mount_stuck{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 0
-            storage_mount_stuck{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 0
-            storage_mount_stuck{mountpoint="/data",device="/dev/md0",fstype="xfs"} 0
-            storage_mount_stuck{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 0
-            storage_mount_stuck{mountpoint="/mnt/my archive",device="/dev/mapper/archive",fstype="ext4"} 0
-            storage_mount_stuck{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 1
-            storage_read_bytes_total{device="nvme0n1"} 104857600
-            storage_read_bytes_total{device="sda"} 52428800
-            storage_read_bytes_total{device="md0"} 716800
-            storage_read_bytes_total{device="dm-0"} 614400
-            storage_readonly{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 0
-            storage_readonly{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 0
-            storage_readonly{mountpoint="/data",device="/dev/md0",fstype="xfs"} 0
-            storage_readonly{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 0
-            storage_readonly{mountpoint="/mnt/my archive",device="/dev/mapper/archive",fstype="ext4"} 1
-            storage_readonly{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 0
-            storage_reads_total{device="nvme0n1"} 1000
-            storage_reads_total{device="sda"} 500
-            storage_reads_total{device="md0"} 70
-            storage_reads_total{device="dm-0"} 60
-            storage_total_bytes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 107374182400
-            storage_total_bytes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1073741824
-            storage_total_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 4294967296000
-            storage_total_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 107374182400
-            storage_used_bytes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 64424509440
-            storage_used_bytes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 0
-            storage_used_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 3221225472000
-            storage_used_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 64424509440
-            storage_writes_total{device="nvme0n1"} 2000
-            storage_writes_total{device="sda"} 100
-            storage_writes_total{device="md0"} 30
-            storage_writes_total{device="dm-0"} 20
-            storage_written_bytes_total{device="nvme0n1"} 209715200
-            storage_written_bytes_total{device="sda"} 4194304
-            storage_written_bytes_total{device="md0"} 307200
-            storage_written_bytes_total{device="dm-0"} 204800
-        "#]],
+                storage_available_bytes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 37580963840
+                storage_available_bytes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1073741824
+                storage_available_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 1073741824000
+                storage_available_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 37580963840
+                storage_errors_total{device="sda",source="scsi"} 31
+                storage_errors_total{device="dm-0",source="kmsg"} 0
+                storage_errors_total{device="md0",source="kmsg"} 0
+                storage_errors_total{device="nvme0n1",source="kmsg"} 1
+                storage_errors_total{device="sda",source="kmsg"} 2
+                storage_inodes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 100000
+                storage_inodes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1000
+                storage_inodes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 4000000
+                storage_inodes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 100000
+                storage_inodes_free{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 40000
+                storage_inodes_free{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1000
+                storage_inodes_free{mountpoint="/data",device="/dev/md0",fstype="xfs"} 1000000
+                storage_inodes_free{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 40000
+                storage_io_in_progress{device="nvme0n1"} 2
+                storage_io_in_progress{device="sda"} 0
+                storage_io_in_progress{device="md0"} 1
+                storage_io_in_progress{device="dm-0"} 0
+                storage_io_pressure_stall_seconds_total{kind="some"} 10.321193
+                storage_io_pressure_stall_seconds_total{kind="full"} 7.393002
+                storage_io_time_seconds_total{device="nvme0n1"} 3
+                storage_io_time_seconds_total{device="sda"} 0.4
+                storage_io_time_seconds_total{device="md0"} 0
+                storage_io_time_seconds_total{device="dm-0"} 0.045
+                storage_io_weighted_time_seconds_total{device="nvme0n1"} 4
+                storage_io_weighted_time_seconds_total{device="sda"} 0.3
+                storage_io_weighted_time_seconds_total{device="md0"} 0
+                storage_io_weighted_time_seconds_total{device="dm-0"} 0.05
+                storage_mount_stuck{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 0
+                storage_mount_stuck{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 0
+                storage_mount_stuck{mountpoint="/data",device="/dev/md0",fstype="xfs"} 0
+                storage_mount_stuck{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 0
+                storage_mount_stuck{mountpoint="/mnt/my archive",device="/dev/mapper/archive",fstype="ext4"} 0
+                storage_mount_stuck{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 1
+                storage_read_bytes_total{device="nvme0n1"} 104857600
+                storage_read_bytes_total{device="sda"} 52428800
+                storage_read_bytes_total{device="md0"} 716800
+                storage_read_bytes_total{device="dm-0"} 614400
+                storage_readonly{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 0
+                storage_readonly{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 0
+                storage_readonly{mountpoint="/data",device="/dev/md0",fstype="xfs"} 0
+                storage_readonly{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 0
+                storage_readonly{mountpoint="/mnt/my archive",device="/dev/mapper/archive",fstype="ext4"} 1
+                storage_readonly{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 0
+                storage_reads_total{device="nvme0n1"} 1000
+                storage_reads_total{device="sda"} 500
+                storage_reads_total{device="md0"} 70
+                storage_reads_total{device="dm-0"} 60
+                storage_total_bytes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 107374182400
+                storage_total_bytes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1073741824
+                storage_total_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 4294967296000
+                storage_total_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 107374182400
+                storage_used_bytes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 64424509440
+                storage_used_bytes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 0
+                storage_used_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 3221225472000
+                storage_used_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 64424509440
+                storage_writes_total{device="nvme0n1"} 2000
+                storage_writes_total{device="sda"} 100
+                storage_writes_total{device="md0"} 30
+                storage_writes_total{device="dm-0"} 20
+                storage_written_bytes_total{device="nvme0n1"} 209715200
+                storage_written_bytes_total{device="sda"} 4194304
+                storage_written_bytes_total{device="md0"} 307200
+                storage_written_bytes_total{device="dm-0"} 204800
+            "#]],
         );
     }
 
@@ -611,7 +612,16 @@ mod tests {
             1,
             "one thread, not one per scrape"
         );
-        assert_eq!(c.statvfs_in_flight(), 1);
+        // The other mounts' threads free their slots just after answering.
+        let until = Instant::now() + Duration::from_secs(2);
+        while c.statvfs_in_flight() > 1 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            c.statvfs_in_flight(),
+            1,
+            "only the hung mount holds a thread"
+        );
         // When the server comes back the mount is no longer stuck.
         fake.release.store(true, Ordering::SeqCst);
         let until = Instant::now() + Duration::from_secs(2);
