@@ -266,14 +266,14 @@ fn export_cgroup_throttling(sink: &mut Sink, roots: &HostRoots, extra: &[String]
             base,
             "throttled_usec",
             1e-6,
-            "Time tasks of the cgroup were throttled by its CPU limit (cgroup v2 <cgroup>/cpu.stat throttled_usec).",
+            "Time tasks of the cgroup were throttled by its CPU limit (cgroup v2 /sys/fs/cgroup/*/cpu.stat throttled_usec).",
         )
     } else if roots.exists(&base.join("cpu/cpu.stat")) {
         (
             base.join("cpu"),
             "throttled_time",
             1e-9,
-            "Time tasks of the cgroup were throttled by its CPU limit (cgroup v1 cpu/<cgroup>/cpu.stat throttled_time).",
+            "Time tasks of the cgroup were throttled by its CPU limit (cgroup v1 /sys/fs/cgroup/cpu/*/cpu.stat throttled_time).",
         )
     } else {
         tracing::debug!(
