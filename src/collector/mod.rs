@@ -15,6 +15,8 @@ pub mod kmsg;
 pub mod memory;
 pub mod oom;
 pub mod storage;
+#[cfg(test)]
+mod testutil;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
