@@ -55,15 +55,19 @@ pub enum EventKind {
     },
     /// A block-layer I/O error on a device.
     IoError { device: String },
-    /// An NVIDIA XID error.
+    /// An NVIDIA XID error (build it with `crate::gpu::xid::event`, which
+    /// attaches the catalogue entry shown by `GET /v1/events`).
     Xid {
         pci_bus_id: String,
         xid: u32,
         pid: Option<u32>,
         process: Option<String>,
         source: XidSource,
+        /// What the code means and what to do (`None` for codes not in the catalogue).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        info: Option<&'static crate::gpu::xid::XidInfo>,
     },
-    /// A GPU stopped answering NVML.
+    /// A GPU stopped answering NVML (lost, fell off the bus, or timed out).
     GpuLost {
         pci_bus_id: String,
         uuid: Option<String>,
@@ -548,13 +552,7 @@ mod tests {
         KernelEvent {
             timestamp: t,
             counted: true,
-            kind: EventKind::Xid {
-                pci_bus_id: "00000000:3B:00.0".into(),
-                xid: 79,
-                pid: None,
-                process: None,
-                source,
-            },
+            kind: crate::gpu::xid::event("00000000:3B:00.0".into(), 79, None, None, source),
             message: String::new(),
         }
     }
