@@ -14,4 +14,5 @@ pub mod exporter;
 pub mod gpu;
 pub mod host;
 pub mod runbook;
+pub mod signing;
 pub mod telemetry;
