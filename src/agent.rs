@@ -81,7 +81,14 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
         events,
         http: Arc::new(HttpMetrics::new()),
     });
-    let app = exporter::router(state.clone());
+    let mut app = exporter::router(state.clone());
+    if let Some(exec) = crate::runbook::agent_exec::router(&cfg.exec) {
+        tracing::info!(runbooks = %cfg.exec.runbooks_dir.display(), "exec endpoint enabled");
+        app = app.merge(exec.layer(axum::middleware::from_fn_with_state(
+            state.http.clone(),
+            telemetry::track_http,
+        )));
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;

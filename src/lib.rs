@@ -17,5 +17,6 @@ pub mod host;
 pub mod notify;
 pub mod routing;
 pub mod runbook;
+pub mod signing;
 pub mod store;
 pub mod telemetry;

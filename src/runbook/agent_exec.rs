@@ -1,0 +1,210 @@
+//! The agent's `POST /v1/exec`: runs one command step of one runbook from
+//! the node's own runbook directory, on a signed, fresh, never-seen request.
+//!
+//! Order of checks: signature headers present (else 401 before the body is
+//! read), body read with a size limit (413), signature, window and nonce
+//! (401), JSON shape (400), runbook file (404), step (404), step kind and
+//! target (400), parameters re-validated against this node's patterns (400).
+//! The command runs through a [`CommandRunner`] with the step's timeout and
+//! the configured output cap. Every request is logged with its runbook, step,
+//! parameters and outcome; the secret never is. No route is added unless a
+//! secret is configured (see [`router`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+
+use crate::config::agent::ExecConfig;
+use crate::runbook::engine::{self, ExecRequest, ExecResponse, Rendered};
+use crate::runbook::exec::{CommandRunner, CommandSpec, ProcessRunner};
+use crate::runbook::{is_runbook_id, load_file, Kind, Target};
+use crate::signing::{Clock, ExecVerifier, SystemClock};
+
+/// Largest request body read.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Steps running at once; more get 429.
+pub const MAX_CONCURRENT: usize = 4;
+
+/// Everything `/v1/exec` needs.
+pub struct ExecState<C: Clock = SystemClock> {
+    pub verifier: ExecVerifier<C>,
+    pub runbooks_dir: PathBuf,
+    pub output_cap: usize,
+    pub runner: Arc<dyn CommandRunner>,
+    slots: tokio::sync::Semaphore,
+}
+
+impl<C: Clock> ExecState<C> {
+    pub fn new(
+        verifier: ExecVerifier<C>,
+        runbooks_dir: PathBuf,
+        output_cap: usize,
+        runner: Arc<dyn CommandRunner>,
+    ) -> ExecState<C> {
+        ExecState {
+            verifier,
+            runbooks_dir,
+            output_cap,
+            runner,
+            slots: tokio::sync::Semaphore::new(MAX_CONCURRENT),
+        }
+    }
+}
+
+/// The `/v1/exec` router for the agent's config, or `None` when no exec
+/// secret is set (the route then does not exist: 404).
+pub fn router(cfg: &ExecConfig) -> Option<Router> {
+    let secret = cfg.secret.as_ref()?;
+    let state = ExecState::new(
+        ExecVerifier::new(secret.expose().as_bytes()),
+        cfg.runbooks_dir.clone(),
+        cfg.output_cap_bytes,
+        Arc::new(ProcessRunner),
+    );
+    Some(router_with(Arc::new(state)))
+}
+
+/// The router over explicit state (tests inject a clock and a runner).
+pub fn router_with<C: Clock + 'static>(state: Arc<ExecState<C>>) -> Router {
+    Router::new()
+        .route("/v1/exec", post(handle::<C>))
+        .with_state(state)
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+async fn handle<C: Clock + 'static>(
+    State(state): State<Arc<ExecState<C>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(e) = state.verifier.precheck(&headers) {
+        tracing::warn!(reason = %e, "exec request refused");
+        return refuse(StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    let bytes = match to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            tracing::warn!(
+                limit = MAX_BODY_BYTES,
+                "exec request body too large or unreadable"
+            );
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body larger than {MAX_BODY_BYTES} bytes"),
+            );
+        }
+    };
+    if let Err(e) = state.verifier.verify(&headers, &bytes) {
+        tracing::warn!(reason = %e, "exec request refused");
+        return refuse(StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    let req: ExecRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("body must be {{\"runbook\", \"step\", \"params\"}}: {e}"),
+            )
+        }
+    };
+    if !is_runbook_id(&req.runbook) {
+        return refuse(StatusCode::NOT_FOUND, "no such runbook");
+    }
+    let path = state.runbooks_dir.join(format!("{}.yaml", req.runbook));
+    if !path.is_file() {
+        tracing::warn!(runbook = %req.runbook, "exec of an unknown runbook");
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("no runbook {} on this node", req.runbook),
+        );
+    }
+    let runbook = match load_file(&path) {
+        Ok(rb) => rb,
+        Err(e) => {
+            tracing::error!(runbook = %req.runbook, errors = %e, "runbook on this node is invalid");
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("runbook {} on this node is invalid", req.runbook),
+            );
+        }
+    };
+    let Some(step) = runbook.step(&req.step) else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("runbook {} has no step {}", req.runbook, req.step),
+        );
+    };
+    if step.kind() != Kind::Command || step.target != Target::Node {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "step {} is a {} step for the {}: the agent runs only node commands",
+                step.name,
+                step.kind().as_str(),
+                step.target.as_str()
+            ),
+        );
+    }
+    let labels = Default::default();
+    let params = match runbook.resolve_params(&req.params, &labels) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(runbook = %req.runbook, step = %req.step, error = %e, "exec parameters refused");
+            return refuse(StatusCode::BAD_REQUEST, e.to_string());
+        }
+    };
+    let argv = match engine::render(step, &params) {
+        Ok(Rendered::Command { argv }) => argv,
+        Ok(_) => return refuse(StatusCode::BAD_REQUEST, "not a command step"),
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let Ok(_permit) = state.slots.try_acquire() else {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{MAX_CONCURRENT} steps are already running"),
+        );
+    };
+    let spec = CommandSpec {
+        argv,
+        timeout: step.timeout,
+        output_cap: state.output_cap,
+    };
+    let start = Instant::now();
+    let params_text = format!("{:?}", params.as_map());
+    match state.runner.run(&spec).await {
+        Ok(out) => {
+            tracing::info!(
+                runbook = %runbook.id,
+                step = %step.name,
+                params = %params_text,
+                exit_code = ?out.exit_code,
+                timed_out = out.timed_out,
+                truncated = out.truncated,
+                duration_seconds = out.duration.as_secs_f64(),
+                "exec step finished"
+            );
+            Json(ExecResponse::from_output(&out)).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(
+                runbook = %runbook.id,
+                step = %step.name,
+                params = %params_text,
+                error = %e,
+                duration_seconds = start.elapsed().as_secs_f64(),
+                "exec step could not start"
+            );
+            Json(ExecResponse::from_error(&e)).into_response()
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! `gpuops runbook check | list | run`: the command-line face of the runbook
+//! engine. Printing and prompting live here; validation and execution do not.
+//!
+//! `run` executes on this machine: node and bot command steps alike go
+//! through the real [`ProcessRunner`]; promql steps need
+//! `GPUOPS_PROMETHEUS_URL` and are skipped with a note without it.
+//! Steps with `needs_approval` are confirmed on a terminal; without a
+//! terminal they are refused unless `--yes` is given (the other steps still
+//! run). A mitigation that ran and failed (or timed out) skips the later
+//! mitigations, so a GPU is never reset on a node whose drain failed; a
+//! mitigation declined at the prompt or whose program is not installed does
+//! not (runbooks offer alternatives such as Slurm and Kubernetes drains).
+//! Escalation steps always run. The exit status is non-zero when any step
+//! did not succeed.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use crate::cli::{RunbookCommand, RunbookRunArgs};
+use crate::runbook::engine::{self, Executor, NodeSteps, StepExecutor as _, StepStatus};
+use crate::runbook::exec::ProcessRunner;
+use crate::runbook::{Phase, RunbookSet};
+
+/// Environment variable naming Prometheus for promql steps run from the CLI.
+pub const PROMETHEUS_URL_ENV: &str = "GPUOPS_PROMETHEUS_URL";
+
+/// Dispatches `gpuops runbook ...`.
+pub fn cli(cmd: RunbookCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        RunbookCommand::Check { dir } => check(&dir),
+        RunbookCommand::List { dir } => list(&default_dir(dir)),
+        RunbookCommand::Run(args) => run(args),
+    }
+}
+
+/// `--dir`, else `./runbooks` if it exists, else the packaged directory.
+pub fn default_dir(dir: Option<PathBuf>) -> PathBuf {
+    dir.unwrap_or_else(|| {
+        let local = PathBuf::from("runbooks");
+        if local.is_dir() {
+            local
+        } else {
+            PathBuf::from("/usr/share/gpuops/runbooks")
+        }
+    })
+}
+
+fn check(dir: &Path) -> anyhow::Result<ExitCode> {
+    let (set, errors) = RunbookSet::load_dir(dir);
+    for e in &errors.0 {
+        eprintln!("{e}");
+    }
+    if errors.0.is_empty() {
+        if set.runbooks.is_empty() {
+            eprintln!("{}: no runbooks (*.yaml) found", dir.display());
+            return Ok(ExitCode::FAILURE);
+        }
+        println!(
+            "{}: {} runbooks ok, {} steps",
+            dir.display(),
+            set.runbooks.len(),
+            set.runbooks.iter().map(|r| r.steps.len()).sum::<usize>()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let n = errors.0.len();
+        eprintln!(
+            "{}: {n} error{}",
+            dir.display(),
+            if n == 1 { "" } else { "s" }
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn list(dir: &Path) -> anyhow::Result<ExitCode> {
+    let (set, errors) = RunbookSet::load_dir(dir);
+    for e in &errors.0 {
+        eprintln!("warning: {e}");
+    }
+    let width = set.runbooks.iter().map(|r| r.id.len()).max().unwrap_or(0);
+    for r in &set.runbooks {
+        let triggers = r
+            .triggers
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(" or ");
+        println!("{:width$}  {}  [{}]", r.id, r.title, triggers);
+    }
+    Ok(if errors.0.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Parses `k=v` arguments.
+pub fn parse_param_args(args: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for a in args {
+        let (k, v) = a
+            .split_once('=')
+            .with_context(|| format!("--param {a:?}: expected name=value"))?;
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            anyhow::bail!("--param {k} given twice");
+        }
+    }
+    Ok(out)
+}
+
+fn run(args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
+    let dir = default_dir(args.dir.clone());
+    let (set, errors) = RunbookSet::load_dir(&dir);
+    let Some(runbook) = set.get(&args.id) else {
+        for e in &errors.0 {
+            eprintln!("{e}");
+        }
+        anyhow::bail!("no valid runbook {:?} in {}", args.id, dir.display());
+    };
+    let given = parse_param_args(&args.params)?;
+    let plan = engine::plan(runbook, &given, &BTreeMap::new())
+        .map_err(|e| anyhow::anyhow!("runbook {}: refused: {e}", runbook.id))?;
+    let total = plan.steps.len();
+    println!("runbook {}: {}", runbook.id, runbook.title);
+    for (k, v) in plan.params.iter() {
+        println!("  {k}={v}");
+    }
+    if args.dry_run {
+        for s in &plan.steps {
+            println!("{}", s.header(total));
+            println!("    {}", s.rendered.display());
+        }
+        println!("dry run: nothing was run");
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let prometheus = std::env::var(PROMETHEUS_URL_ENV)
+        .ok()
+        .filter(|s| !s.trim().is_empty());
+    let executor = Executor::new(Arc::new(ProcessRunner), NodeSteps::Local, prometheus);
+    let interactive = std::io::stdin().is_terminal();
+    let mut failures = 0usize;
+    let mut mitigation_blocked: Option<String> = None;
+    for s in &plan.steps {
+        println!("{}", s.header(total));
+        println!("    $ {}", s.rendered.display());
+        if s.step.phase == Phase::Mitigate {
+            if let Some(why) = &mitigation_blocked {
+                println!("    skipped: {why}");
+                failures += 1;
+                continue;
+            }
+        }
+        if s.step.needs_approval && !args.yes {
+            let approved = if interactive {
+                confirm(&format!("    run step {}? [y/N] ", s.step.name))?
+            } else {
+                println!("    refused: needs approval; not a terminal and --yes not given");
+                false
+            };
+            if !approved {
+                println!("    not run");
+                failures += 1;
+                continue;
+            }
+        }
+        let outcome = rt.block_on(executor.execute(&plan, s));
+        for line in outcome.output.lines() {
+            println!("    | {line}");
+        }
+        println!(
+            "    -> {} (exit {}, {:.2}s{})",
+            match outcome.status {
+                StepStatus::Succeeded => "ok",
+                StepStatus::Failed => "failed",
+                StepStatus::TimedOut => "timed out",
+                StepStatus::Skipped => "skipped",
+                StepStatus::Error => "error",
+            },
+            outcome
+                .exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            outcome.duration.as_secs_f64(),
+            if outcome.truncated {
+                ", output truncated"
+            } else {
+                ""
+            }
+        );
+        if outcome.status != StepStatus::Succeeded {
+            failures += 1;
+            if s.step.phase == Phase::Mitigate
+                && matches!(outcome.status, StepStatus::Failed | StepStatus::TimedOut)
+            {
+                mitigation_blocked = Some(format!("mitigation {} did not succeed", s.step.name));
+            }
+        }
+    }
+    println!(
+        "runbook {}: {} of {total} steps succeeded",
+        runbook.id,
+        total - failures
+    );
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn confirm(prompt: &str) -> anyhow::Result<bool> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(prompt.as_bytes())?;
+    out.flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}

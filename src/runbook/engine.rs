@@ -1,0 +1,888 @@
+//! The runbook engine: turns a [`Runbook`] plus parameters and alert labels
+//! into a [`RunPlan`] of rendered steps, runs one step at a time through a
+//! [`StepExecutor`], and decides who may do what ([`authorize`],
+//! [`authorize_approval`]).
+//!
+//! The engine does not iterate a whole run by itself, ask for approvals or
+//! post anything: callers (the CLI, the chat commands) walk the plan, enforce
+//! `needs_approval` and roles with the functions here, and show each
+//! [`StepOutcome`]. Processes are spawned only through a
+//! [`CommandRunner`]; node steps for the bot go to the node's agent as
+//! signed `POST /v1/exec` requests ([`AgentClient`]).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Secret;
+use crate::runbook::exec::{BoxFuture, CommandOutput, CommandRunner, CommandSpec, RunError};
+use crate::runbook::{
+    Action, Escape, HttpMethod, ParamErrors, Params, Phase, Role, Runbook, Step, Target,
+};
+use crate::signing::{self, Clock as _};
+
+/// Added to a step's timeout for the HTTP round trip to an agent.
+pub const AGENT_MARGIN: Duration = Duration::from_secs(10);
+/// Default cap on the output kept per step (each of stdout and stderr).
+pub const DEFAULT_OUTPUT_CAP: usize = 64 * 1024;
+
+/// A runbook with its parameters resolved and every step rendered.
+#[derive(Debug, Clone)]
+pub struct RunPlan {
+    pub runbook: Runbook,
+    pub params: Params,
+    /// The alert's labels (empty for a run started by hand).
+    pub labels: BTreeMap<String, String>,
+    pub steps: Vec<PlannedStep>,
+}
+
+/// One step and what it will do, with parameters substituted.
+#[derive(Debug, Clone)]
+pub struct PlannedStep {
+    pub index: usize,
+    pub step: Step,
+    pub rendered: Rendered,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rendered {
+    Command {
+        argv: Vec<String>,
+    },
+    Http {
+        method: HttpMethod,
+        url: String,
+        body: Option<String>,
+    },
+    Promql {
+        query: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Exit code 0, HTTP 2xx, or a PromQL answer.
+    Succeeded,
+    /// Ran and failed (non-zero exit, HTTP error status, PromQL error).
+    Failed,
+    TimedOut,
+    /// Not run (no Prometheus URL, refused approval…); `output` says why.
+    Skipped,
+    /// Could not be run (spawn failure, agent unreachable, agent refused).
+    Error,
+}
+
+/// What one step came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepOutcome {
+    pub status: StepStatus,
+    pub exit_code: Option<i32>,
+    /// Stdout, then stderr under a `--- stderr ---` line; or the HTTP body,
+    /// the PromQL result, or the reason for a skip or an error.
+    pub output: String,
+    pub duration: Duration,
+    pub truncated: bool,
+}
+
+/// Runs one planned step.
+pub trait StepExecutor: Send + Sync {
+    fn execute<'a>(
+        &'a self,
+        plan: &'a RunPlan,
+        step: &'a PlannedStep,
+    ) -> BoxFuture<'a, StepOutcome>;
+}
+
+/// Where `target: node` command steps go.
+pub enum NodeSteps {
+    /// Run here through the command runner (`gpuops runbook run` on the node).
+    Local,
+    /// Send to the node's agent (the bot).
+    Agent(AgentClient),
+}
+
+/// The real executor.
+pub struct Executor {
+    pub runner: Arc<dyn CommandRunner>,
+    pub node: NodeSteps,
+    /// Prometheus base URL for promql steps; `None` skips them.
+    pub prometheus_url: Option<String>,
+    pub output_cap: usize,
+    http: reqwest::Client,
+}
+
+/// Signs and sends node steps to agents.
+pub struct AgentClient {
+    /// e.g. `http://{instance}`; `{label}` is replaced by that alert label.
+    pub url_template: String,
+    secret: Secret,
+    http: reqwest::Client,
+}
+
+/// The `/v1/exec` request body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub runbook: String,
+    pub step: String,
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+}
+
+/// The `/v1/exec` response body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecResponse {
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub duration_seconds: f64,
+    pub timed_out: bool,
+    pub truncated: bool,
+    /// Set when the command could not be started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What someone asks to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatAction {
+    Help,
+    Status,
+    Alerts,
+    Runbooks,
+    Ack,
+    Silence,
+    Unsilence,
+    /// Run (or, for a `needs_approval` step, request) one step.
+    RunStep,
+    Approve,
+    Deny,
+}
+
+/// A refusal, with a message fit to show the user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(pub String);
+
+/// Someone acting in chat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// Slack or Discord user id.
+    pub id: String,
+    pub role: Role,
+}
+
+/// Builds a run plan: resolves parameters (given, then `from_label` alert
+/// labels, then defaults; each against its pattern) and renders every step.
+pub fn plan(
+    runbook: &Runbook,
+    given: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> Result<RunPlan, ParamErrors> {
+    let params = runbook.resolve_params(given, labels)?;
+    let mut steps = Vec::new();
+    for (index, step) in runbook.steps.iter().enumerate() {
+        steps.push(PlannedStep {
+            index,
+            step: step.clone(),
+            rendered: render(step, &params)?,
+        });
+    }
+    Ok(RunPlan {
+        runbook: runbook.clone(),
+        params,
+        labels: labels.clone(),
+        steps,
+    })
+}
+
+/// Renders one step with validated parameters.
+pub fn render(step: &Step, params: &Params) -> Result<Rendered, ParamErrors> {
+    Ok(match &step.action {
+        Action::Command { argv } => Rendered::Command {
+            argv: argv
+                .iter()
+                .map(|t| t.render(params, Escape::None))
+                .collect::<Result<_, _>>()?,
+        },
+        Action::Http { method, url, body } => Rendered::Http {
+            method: *method,
+            url: url.render(params, Escape::Url)?,
+            body: body
+                .as_ref()
+                .map(|b| b.render(params, Escape::Json))
+                .transpose()?,
+        },
+        Action::Promql { query } => Rendered::Promql {
+            query: query.render(params, Escape::Promql)?,
+        },
+    })
+}
+
+impl Rendered {
+    /// One line for a dry run or a chat message: the argv shell-quoted (for
+    /// reading only; it is never given to a shell), the request or the query.
+    pub fn display(&self) -> String {
+        match self {
+            Rendered::Command { argv } => argv
+                .iter()
+                .map(|a| quote_for_display(a))
+                .collect::<Vec<_>>()
+                .join(" "),
+            Rendered::Http { method, url, body } => match body {
+                Some(b) => format!("{} {url} {b}", method.as_str()),
+                None => format!("{} {url}", method.as_str()),
+            },
+            Rendered::Promql { query } => format!("promql: {query}"),
+        }
+    }
+}
+
+impl PlannedStep {
+    /// A header line: `[2/7] mitigate drain-slurm (node command, 30s, needs approval)`.
+    pub fn header(&self, total: usize) -> String {
+        let s = &self.step;
+        format!(
+            "[{}/{}] {} {} ({} {}, {}{})",
+            self.index + 1,
+            total,
+            s.phase.as_str(),
+            s.name,
+            s.target.as_str(),
+            s.kind().as_str(),
+            humantime::format_duration(s.timeout),
+            if s.needs_approval {
+                ", needs approval"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+impl StepOutcome {
+    pub fn skipped(why: impl Into<String>) -> StepOutcome {
+        StepOutcome {
+            status: StepStatus::Skipped,
+            exit_code: None,
+            output: why.into(),
+            duration: Duration::ZERO,
+            truncated: false,
+        }
+    }
+
+    pub fn error(why: impl Into<String>, duration: Duration) -> StepOutcome {
+        StepOutcome {
+            status: StepStatus::Error,
+            exit_code: None,
+            output: why.into(),
+            duration,
+            truncated: false,
+        }
+    }
+
+    fn from_command(out: CommandOutput) -> StepOutcome {
+        let status = if out.timed_out {
+            StepStatus::TimedOut
+        } else if out.exit_code == Some(0) {
+            StepStatus::Succeeded
+        } else {
+            StepStatus::Failed
+        };
+        let mut output = out.stdout;
+        if !out.stderr.is_empty() {
+            if !output.is_empty() && !output.ends_with('\n') {
+                output.push('\n');
+            }
+            output.push_str("--- stderr ---\n");
+            output.push_str(&out.stderr);
+        }
+        if out.timed_out {
+            let _ = write!(
+                output,
+                "\n[killed after {}]",
+                humantime::format_duration(out.duration)
+            );
+        }
+        StepOutcome {
+            status,
+            exit_code: out.exit_code,
+            output,
+            duration: out.duration,
+            truncated: out.truncated,
+        }
+    }
+}
+
+impl Executor {
+    pub fn new(
+        runner: Arc<dyn CommandRunner>,
+        node: NodeSteps,
+        prometheus_url: Option<String>,
+    ) -> Executor {
+        Executor {
+            runner,
+            node,
+            prometheus_url: prometheus_url.map(|u| u.trim_end_matches('/').to_string()),
+            output_cap: DEFAULT_OUTPUT_CAP,
+            http: http_client(),
+        }
+    }
+
+    async fn command(&self, step: &Step, argv: &[String]) -> StepOutcome {
+        let spec = CommandSpec {
+            argv: argv.to_vec(),
+            timeout: step.timeout,
+            output_cap: self.output_cap,
+        };
+        let start = Instant::now();
+        match self.runner.run(&spec).await {
+            Ok(out) => StepOutcome::from_command(out),
+            Err(e) => StepOutcome::error(e.to_string(), start.elapsed()),
+        }
+    }
+
+    async fn http_step(
+        &self,
+        step: &Step,
+        method: HttpMethod,
+        url: &str,
+        body: Option<&str>,
+    ) -> StepOutcome {
+        let start = Instant::now();
+        let m = match method {
+            HttpMethod::Get => reqwest::Method::GET,
+            HttpMethod::Post => reqwest::Method::POST,
+            HttpMethod::Put => reqwest::Method::PUT,
+        };
+        let mut req = self.http.request(m, url).timeout(step.timeout);
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_string());
+        }
+        match req.send().await {
+            Ok(resp) => {
+                let status = resp.status();
+                let text = read_text_capped(resp, self.output_cap).await;
+                StepOutcome {
+                    status: if status.is_success() {
+                        StepStatus::Succeeded
+                    } else {
+                        StepStatus::Failed
+                    },
+                    exit_code: None,
+                    output: format!("HTTP {}\n{}", status.as_u16(), text.0),
+                    duration: start.elapsed(),
+                    truncated: text.1,
+                }
+            }
+            Err(e) if e.is_timeout() => StepOutcome {
+                status: StepStatus::TimedOut,
+                exit_code: None,
+                output: format!(
+                    "no answer within {}",
+                    humantime::format_duration(step.timeout)
+                ),
+                duration: start.elapsed(),
+                truncated: false,
+            },
+            Err(e) => StepOutcome::error(
+                crate::telemetry::redact(&format!("request failed: {e}")),
+                start.elapsed(),
+            ),
+        }
+    }
+
+    async fn promql(&self, step: &Step, query: &str) -> StepOutcome {
+        let Some(base) = &self.prometheus_url else {
+            return StepOutcome::skipped(
+                "skipped: no Prometheus URL (set GPUOPS_PROMETHEUS_URL, or run it from the bot)",
+            );
+        };
+        let start = Instant::now();
+        let url = format!("{base}/api/v1/query");
+        let timeout_param = format!("{}s", step.timeout.as_secs().max(1));
+        let resp = self
+            .http
+            .get(&url)
+            .query(&[("query", query), ("timeout", timeout_param.as_str())])
+            .timeout(step.timeout)
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return StepOutcome {
+                    status: StepStatus::TimedOut,
+                    exit_code: None,
+                    output: format!(
+                        "Prometheus did not answer within {}",
+                        humantime::format_duration(step.timeout)
+                    ),
+                    duration: start.elapsed(),
+                    truncated: false,
+                }
+            }
+            Err(e) => {
+                return StepOutcome::error(
+                    crate::telemetry::redact(&format!("query failed: {e}")),
+                    start.elapsed(),
+                )
+            }
+        };
+        let status = resp.status();
+        let (text, _) = read_text_capped(resp, 4 * 1024 * 1024).await;
+        let (ok, output) = format_promql_response(&text);
+        let (output, truncated) = cap_text(output, self.output_cap);
+        StepOutcome {
+            status: if ok && status.is_success() {
+                StepStatus::Succeeded
+            } else {
+                StepStatus::Failed
+            },
+            exit_code: None,
+            output,
+            duration: start.elapsed(),
+            truncated,
+        }
+    }
+}
+
+impl StepExecutor for Executor {
+    fn execute<'a>(
+        &'a self,
+        plan: &'a RunPlan,
+        step: &'a PlannedStep,
+    ) -> BoxFuture<'a, StepOutcome> {
+        Box::pin(async move {
+            match (&step.rendered, step.step.target) {
+                (Rendered::Command { argv }, Target::Bot) => self.command(&step.step, argv).await,
+                (Rendered::Command { argv }, Target::Node) => match &self.node {
+                    NodeSteps::Local => self.command(&step.step, argv).await,
+                    NodeSteps::Agent(agent) => agent.execute(plan, step).await,
+                },
+                (Rendered::Http { method, url, body }, _) => {
+                    self.http_step(&step.step, *method, url, body.as_deref())
+                        .await
+                }
+                (Rendered::Promql { query }, _) => self.promql(&step.step, query).await,
+            }
+        })
+    }
+}
+
+impl AgentClient {
+    /// `url_template` like `http://{instance}`; `secret` shared with the agents.
+    pub fn new(url_template: impl Into<String>, secret: Secret) -> AgentClient {
+        AgentClient {
+            url_template: url_template.into(),
+            secret,
+            http: http_client(),
+        }
+    }
+
+    /// The agent's base URL for an alert: each `{label}` replaced by that
+    /// label's value, which must look like a host or host:port.
+    pub fn agent_url(&self, labels: &BTreeMap<String, String>) -> Result<String, String> {
+        let mut out = String::new();
+        let mut rest = self.url_template.as_str();
+        while let Some(start) = rest.find('{') {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 1..];
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("unclosed {{ in url_template {:?}", self.url_template))?;
+            let label = &after[..end];
+            let value = labels
+                .get(label)
+                .ok_or_else(|| format!("the alert has no {label} label to find its agent"))?;
+            let hostish = !value.is_empty()
+                && value.len() <= 255
+                && value.bytes().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
+                });
+            if !hostish {
+                return Err(format!(
+                    "label {label}={value:?} is not a host or host:port"
+                ));
+            }
+            out.push_str(value);
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out.trim_end_matches('/').to_string())
+    }
+
+    /// Sends one node step to the alert's agent, signed, with a deadline of
+    /// the step timeout plus [`AGENT_MARGIN`].
+    pub async fn execute(&self, plan: &RunPlan, step: &PlannedStep) -> StepOutcome {
+        let start = Instant::now();
+        let base = match self.agent_url(&plan.labels) {
+            Ok(u) => u,
+            Err(e) => return StepOutcome::error(e, start.elapsed()),
+        };
+        let req = ExecRequest {
+            runbook: plan.runbook.id.clone(),
+            step: step.step.name.clone(),
+            params: plan.params.as_map().clone(),
+        };
+        let body = match serde_json::to_vec(&req) {
+            Ok(b) => b,
+            Err(e) => return StepOutcome::error(format!("cannot encode: {e}"), start.elapsed()),
+        };
+        let now = signing::SystemClock.now_unix();
+        let mut builder = self
+            .http
+            .post(format!("{base}/v1/exec"))
+            .timeout(step.step.timeout + AGENT_MARGIN)
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        for (k, v) in signing::exec_headers(self.secret.expose().as_bytes(), now, &body) {
+            builder = builder.header(k, v);
+        }
+        let resp = match builder.body(body).send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return StepOutcome {
+                    status: StepStatus::TimedOut,
+                    exit_code: None,
+                    output: format!("agent at {base} did not answer in time"),
+                    duration: start.elapsed(),
+                    truncated: false,
+                }
+            }
+            Err(e) => {
+                return StepOutcome::error(
+                    crate::telemetry::redact(&format!("cannot reach agent at {base}: {e}")),
+                    start.elapsed(),
+                )
+            }
+        };
+        let status = resp.status();
+        let (text, _) = read_text_capped(resp, 8 * 1024 * 1024).await;
+        if !status.is_success() {
+            let (text, _) = cap_text(text, 2048);
+            return StepOutcome::error(
+                format!(
+                    "agent at {base} refused: HTTP {}: {}",
+                    status.as_u16(),
+                    text.trim()
+                ),
+                start.elapsed(),
+            );
+        }
+        match serde_json::from_str::<ExecResponse>(&text) {
+            Ok(r) => {
+                if let Some(e) = r.error {
+                    return StepOutcome::error(
+                        e,
+                        Duration::from_secs_f64(r.duration_seconds.max(0.0)),
+                    );
+                }
+                StepOutcome::from_command(CommandOutput {
+                    exit_code: r.exit_code,
+                    stdout: r.stdout,
+                    stderr: r.stderr,
+                    duration: Duration::try_from_secs_f64(r.duration_seconds)
+                        .unwrap_or(start.elapsed()),
+                    timed_out: r.timed_out,
+                    truncated: r.truncated,
+                })
+            }
+            Err(e) => StepOutcome::error(
+                format!("agent at {base} sent an unreadable answer: {e}"),
+                start.elapsed(),
+            ),
+        }
+    }
+}
+
+impl ExecResponse {
+    pub fn from_output(out: &CommandOutput) -> ExecResponse {
+        ExecResponse {
+            exit_code: out.exit_code,
+            stdout: out.stdout.clone(),
+            stderr: out.stderr.clone(),
+            duration_seconds: out.duration.as_secs_f64(),
+            timed_out: out.timed_out,
+            truncated: out.truncated,
+            error: None,
+        }
+    }
+
+    pub fn from_error(e: &RunError) -> ExecResponse {
+        ExecResponse {
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            duration_seconds: 0.0,
+            timed_out: false,
+            truncated: false,
+            error: Some(e.to_string()),
+        }
+    }
+}
+
+/// The role matrix. Viewers: help, status, alerts, runbooks. Operators: also
+/// ack, silence, unsilence, run investigate and escalate steps, and request
+/// mitigations (a mitigate step must have `needs_approval`, or be run by an
+/// admin). Admins: everything, including approve and deny. A step's own
+/// `roles` list narrows who may run it. Approval itself is checked by
+/// [`authorize_approval`] (two-person rule).
+pub fn authorize(role: Role, action: ChatAction, step: Option<&Step>) -> Result<(), Denied> {
+    use ChatAction::*;
+    match action {
+        Help | Status | Alerts | Runbooks => Ok(()),
+        Ack | Silence | Unsilence => {
+            if role >= Role::Operator {
+                Ok(())
+            } else {
+                Err(Denied(format!(
+                    "{} needs the operator or admin role",
+                    action_name(action)
+                )))
+            }
+        }
+        Approve | Deny => {
+            if role == Role::Admin {
+                Ok(())
+            } else {
+                Err(Denied(format!(
+                    "{} needs the admin role",
+                    action_name(action)
+                )))
+            }
+        }
+        RunStep => {
+            let Some(step) = step else {
+                return Err(Denied("no step named".into()));
+            };
+            if role == Role::Viewer {
+                return Err(Denied(format!(
+                    "running step {} needs the operator or admin role",
+                    step.name
+                )));
+            }
+            if !step.roles.contains(&role) {
+                return Err(Denied(format!(
+                    "step {} may be run by {} only",
+                    step.name,
+                    step.roles
+                        .iter()
+                        .map(|r| r.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            if role == Role::Operator && step.phase == Phase::Mitigate && !step.needs_approval {
+                return Err(Denied(format!(
+                    "mitigation {} does not go through approval, so only an admin may run it",
+                    step.name
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The two-person rule for a `needs_approval` step: the approver must be an
+/// admin and not the person who requested the step.
+pub fn authorize_approval(approver: &Actor, requester: &Actor, step: &Step) -> Result<(), Denied> {
+    authorize(approver.role, ChatAction::Approve, Some(step))?;
+    if approver.id == requester.id {
+        return Err(Denied(format!(
+            "step {} needs approval by someone other than the person who asked for it",
+            step.name
+        )));
+    }
+    Ok(())
+}
+
+fn action_name(a: ChatAction) -> &'static str {
+    match a {
+        ChatAction::Help => "help",
+        ChatAction::Status => "status",
+        ChatAction::Alerts => "alerts",
+        ChatAction::Runbooks => "runbooks",
+        ChatAction::Ack => "ack",
+        ChatAction::Silence => "silence",
+        ChatAction::Unsilence => "unsilence",
+        ChatAction::RunStep => "run",
+        ChatAction::Approve => "approve",
+        ChatAction::Deny => "deny",
+    }
+}
+
+/// Quotes an argument for human reading (POSIX single quotes when needed).
+pub fn quote_for_display(a: &str) -> String {
+    if !a.is_empty()
+        && a.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'_' | b'.' | b'/' | b'=' | b':' | b',' | b'@' | b'%' | b'+'
+                )
+        })
+    {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+async fn read_text_capped(mut resp: reqwest::Response, cap: usize) -> (String, bool) {
+    let mut kept = Vec::new();
+    let mut cut = false;
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let room = cap.saturating_sub(kept.len());
+        if chunk.len() > room {
+            cut = true;
+            kept.extend_from_slice(&chunk[..room]);
+            break;
+        }
+        kept.extend_from_slice(&chunk);
+    }
+    let mut s = String::from_utf8_lossy(&kept).into_owned();
+    if cut {
+        s.push_str(crate::runbook::exec::TRUNCATION_MARKER);
+    }
+    (s, cut)
+}
+
+fn cap_text(mut s: String, cap: usize) -> (String, bool) {
+    if s.len() <= cap {
+        return (s, false);
+    }
+    let mut end = cap;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(crate::runbook::exec::TRUNCATION_MARKER);
+    (s, true)
+}
+
+/// Formats a Prometheus `/api/v1/query` answer as text, one series a line.
+pub fn format_promql_response(text: &str) -> (bool, String) {
+    let v: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(_) => return (false, format!("not a Prometheus answer: {}", text.trim())),
+    };
+    if v["status"] != "success" {
+        return (
+            false,
+            format!(
+                "query failed: {} {}",
+                v["errorType"].as_str().unwrap_or(""),
+                v["error"].as_str().unwrap_or("")
+            ),
+        );
+    }
+    let data = &v["data"];
+    let mut out = String::new();
+    let series_name = |m: &serde_json::Value| -> String {
+        let Some(obj) = m.as_object() else {
+            return "{}".into();
+        };
+        let name = obj.get("__name__").and_then(|n| n.as_str()).unwrap_or("");
+        let labels: Vec<String> = obj
+            .iter()
+            .filter(|(k, _)| k.as_str() != "__name__")
+            .map(|(k, v)| format!("{k}={:?}", v.as_str().unwrap_or("")))
+            .collect();
+        format!("{name}{{{}}}", labels.join(", "))
+    };
+    match data["resultType"].as_str() {
+        Some("vector") => {
+            let r = data["result"].as_array().cloned().unwrap_or_default();
+            if r.is_empty() {
+                out.push_str("(no series)\n");
+            }
+            for s in r {
+                let _ = writeln!(
+                    out,
+                    "{} {}",
+                    series_name(&s["metric"]),
+                    s["value"][1].as_str().unwrap_or("?")
+                );
+            }
+        }
+        Some("matrix") => {
+            for s in data["result"].as_array().cloned().unwrap_or_default() {
+                let n = s["values"].as_array().map(|a| a.len()).unwrap_or(0);
+                let last = s["values"]
+                    .as_array()
+                    .and_then(|a| a.last())
+                    .and_then(|p| p[1].as_str())
+                    .unwrap_or("?");
+                let _ = writeln!(
+                    out,
+                    "{} last={last} ({n} samples)",
+                    series_name(&s["metric"])
+                );
+            }
+        }
+        Some("scalar") | Some("string") => {
+            let _ = writeln!(out, "{}", data["result"][1].as_str().unwrap_or("?"));
+        }
+        _ => out.push_str("(unrecognised result)\n"),
+    }
+    (true, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn promql_vector_formats_one_series_a_line() {
+        let (ok, text) = format_promql_response(
+            r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"__name__":"up","instance":"n1:9949"},"value":[1,"1"]}]}}"#,
+        );
+        assert!(ok);
+        assert_eq!(text, "up{instance=\"n1:9949\"} 1\n");
+        let (ok, text) = format_promql_response(
+            r#"{"status":"error","errorType":"bad_data","error":"parse error"}"#,
+        );
+        assert!(!ok);
+        assert_eq!(text, "query failed: bad_data parse error");
+    }
+
+    #[test]
+    fn agent_url_from_labels() {
+        let c = AgentClient::new("http://{instance}", Secret::new("s"));
+        let labels = |v: &str| -> BTreeMap<String, String> {
+            [("instance".to_string(), v.to_string())]
+                .into_iter()
+                .collect()
+        };
+        assert_eq!(c.agent_url(&labels("n1:9949")).unwrap(), "http://n1:9949");
+        assert!(c.agent_url(&labels("evil.com/x?")).is_err());
+        assert!(c.agent_url(&labels("a@b")).is_err());
+        assert!(c.agent_url(&BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn display_quotes_only_for_reading() {
+        assert_eq!(
+            Rendered::Command {
+                argv: vec!["echo".into(), "a b".into(), "it's".into(), "x=1".into()]
+            }
+            .display(),
+            "echo 'a b' 'it'\\''s' x=1"
+        );
+    }
+}
