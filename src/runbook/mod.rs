@@ -430,6 +430,9 @@ impl Param {
         if value.chars().any(char::is_control) {
             return Err("contains a control character (newline, tab, NUL…)".into());
         }
+        if value.chars().any(is_invisible_format_char) {
+            return Err("contains an invisible or bidirectional-override character".into());
+        }
         let Some(caps) = self.pattern.captures(value) else {
             return Err(format!(
                 "{value:?} does not match pattern {}",
@@ -664,6 +667,7 @@ pub fn parse_runbook(file: &Path, text: &str) -> Result<Runbook, CheckErrors> {
     let mut w = Walker {
         file: file.to_path_buf(),
         errors: Vec::new(),
+        declared: BTreeSet::new(),
     };
     let rb = w.runbook(&doc);
     if w.errors.is_empty() {
@@ -671,6 +675,12 @@ pub fn parse_runbook(file: &Path, text: &str) -> Result<Runbook, CheckErrors> {
     } else {
         Err(CheckErrors(w.errors))
     }
+}
+
+/// Zero-width and bidirectional formatting characters: they make a value
+/// read differently from what runs (Trojan Source), so no value may hold one.
+fn is_invisible_format_char(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}' | '\u{00AD}')
 }
 
 fn is_param_name(s: &str) -> bool {
@@ -718,12 +728,27 @@ fn escape_into(out: &mut String, v: &str, escape: Escape) {
 
 /// Compiles `pattern` anchored at both ends, as Prometheus does.
 fn anchored(pattern: &str) -> Result<Regex, String> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("invalid regex: {e}"))
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+        // The regex crate's message spans lines (pattern, caret, error): keep the error.
+        let text = e.to_string();
+        let why = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .trim_start_matches("error: ")
+            .to_string();
+        format!("invalid regex {pattern:?}: {why}")
+    })
 }
 
 struct Walker {
     file: PathBuf,
     errors: Vec<CheckError>,
+    /// Parameter names declared (valid or not), so one bad declaration does
+    /// not also make every use of it "unknown".
+    declared: BTreeSet<String>,
 }
 
 const TOP_KEYS: &[&str] = &["id", "title", "description", "triggers", "params", "steps"];
@@ -870,11 +895,12 @@ impl Walker {
             Some(Value::Null) | None => Vec::new(),
             Some(v) => self.params(v),
         };
+        let steps_before = self.errors.len();
         let steps = match get("steps") {
             Some(Value::Sequence(seq)) if !seq.is_empty() => {
                 let mut steps = Vec::new();
                 for (i, s) in seq.iter().enumerate() {
-                    if let Some(step) = self.step(i, s, &params) {
+                    if let Some(step) = self.step(i, s) {
                         steps.push(step);
                     }
                 }
@@ -907,9 +933,12 @@ impl Walker {
                 );
             }
         }
+        // Unused parameters are reported only when every step is valid (a
+        // broken step would make its parameters look unused).
+        let steps_ok = self.errors.len() == steps_before;
         let used: BTreeSet<&str> = steps.iter().flat_map(|s| s.params_used()).collect();
         for p in &params {
-            if !used.contains(p.name.as_str()) {
+            if steps_ok && !used.contains(p.name.as_str()) {
                 self.err(
                     &format!("params.{}", p.name),
                     "",
@@ -977,6 +1006,7 @@ impl Walker {
         let mut out = Vec::new();
         for (name, pv) in entries {
             let loc = format!("params.{name}");
+            self.declared.insert(name.clone());
             if !is_param_name(&name) {
                 self.err(
                     &loc,
@@ -1044,7 +1074,7 @@ impl Walker {
         out
     }
 
-    fn step(&mut self, i: usize, v: &Value, params: &[Param]) -> Option<Step> {
+    fn step(&mut self, i: usize, v: &Value) -> Option<Step> {
         let name_hint = match v {
             Value::Mapping(m) => m
                 .get("name")
@@ -1240,7 +1270,7 @@ impl Walker {
             match Template::parse(&s) {
                 Ok(t) => {
                     for p in t.params() {
-                        if !params.iter().any(|d| d.name == p) {
+                        if !w.declared.contains(p) {
                             w.err(
                                 &loc,
                                 key,
