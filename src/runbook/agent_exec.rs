@@ -78,8 +78,21 @@ pub fn router_with<C: Clock + 'static>(state: Arc<ExecState<C>>) -> Router {
         .with_state(state)
 }
 
+/// A refusal, logged with its status and message (which never hold the secret).
 fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+    let message = message.into();
+    tracing::warn!(status = status.as_u16(), error = %message, "exec request refused");
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// 401 with a generic body; the reason goes to the log only.
+fn unauthorized(reason: &crate::signing::SigError) -> Response {
+    tracing::warn!(status = 401, reason = %reason, "exec request refused");
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(serde_json::json!({ "error": "unauthorized" })),
+    )
+        .into_response()
 }
 
 async fn handle<C: Clock + 'static>(
@@ -88,16 +101,11 @@ async fn handle<C: Clock + 'static>(
     body: Body,
 ) -> Response {
     if let Err(e) = state.verifier.precheck(&headers) {
-        tracing::warn!(reason = %e, "exec request refused");
-        return refuse(StatusCode::UNAUTHORIZED, "unauthorized");
+        return unauthorized(&e);
     }
     let bytes = match to_bytes(body, MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {
-            tracing::warn!(
-                limit = MAX_BODY_BYTES,
-                "exec request body too large or unreadable"
-            );
             return refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body larger than {MAX_BODY_BYTES} bytes"),
@@ -105,8 +113,7 @@ async fn handle<C: Clock + 'static>(
         }
     };
     if let Err(e) = state.verifier.verify(&headers, &bytes) {
-        tracing::warn!(reason = %e, "exec request refused");
-        return refuse(StatusCode::UNAUTHORIZED, "unauthorized");
+        return unauthorized(&e);
     }
     let req: ExecRequest = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
@@ -122,7 +129,6 @@ async fn handle<C: Clock + 'static>(
     }
     let path = state.runbooks_dir.join(format!("{}.yaml", req.runbook));
     if !path.is_file() {
-        tracing::warn!(runbook = %req.runbook, "exec of an unknown runbook");
         return refuse(
             StatusCode::NOT_FOUND,
             format!("no runbook {} on this node", req.runbook),
@@ -159,8 +165,10 @@ async fn handle<C: Clock + 'static>(
     let params = match runbook.resolve_params(&req.params, &labels) {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!(runbook = %req.runbook, step = %req.step, error = %e, "exec parameters refused");
-            return refuse(StatusCode::BAD_REQUEST, e.to_string());
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("runbook {} step {}: {e}", req.runbook, req.step),
+            );
         }
     };
     let argv = match engine::render(step, &params) {
