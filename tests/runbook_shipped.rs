@@ -300,7 +300,7 @@ fn run_refuses_a_parameter_failing_its_pattern() {
     assert!(!out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "gpuops: runbook storage: refused: parameter mountpoint: \"/scratch; rm -rf /\" does not match pattern /[A-Za-z0-9._/@+-]{0,200} (given)\n"
+        "gpuops: runbook storage: refused: parameter mountpoint: \"/scratch; rm -rf /\" does not match pattern /[A-Za-z0-9._/@+:~=-]{0,200} (given)\n"
     );
     assert!(
         out.stdout.is_empty(),

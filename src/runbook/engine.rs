@@ -9,6 +9,20 @@
 //! [`StepOutcome`]. Processes are spawned only through a
 //! [`CommandRunner`]; node steps for the bot go to the node's agent as
 //! signed `POST /v1/exec` requests ([`AgentClient`]).
+//!
+//! For an alert, the chat side does:
+//! ```text
+//! let (set, errors) = RunbookSet::load_dir(dir);           // log errors, keep the valid ones
+//! let rb = set.suggest(&alert_labels)[0];                   // or set.get(id) for `/gpuops run`
+//! let plan = engine::plan(rb, &given_k_v, &alert_labels)?;  // ParamErrors: show to the user
+//! let exec = Executor::new(Arc::new(ProcessRunner),
+//!     NodeSteps::Agent(AgentClient::new(url_template, secret)), Some(prometheus_url));
+//! for s in plan.steps_in(Phase::Investigate) {
+//!     authorize(role, ChatAction::RunStep, Some(&s.step))?;
+//!     // s.step.needs_approval: wait for authorize_approval(approver, requester, &s.step)
+//!     let outcome = exec.execute(&plan, s).await;             // post s.header(n) + outcome.output
+//! }
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -221,6 +235,18 @@ pub fn render(step: &Step, params: &Params) -> Result<Rendered, ParamErrors> {
             query: query.render(params, Escape::Promql)?,
         },
     })
+}
+
+impl RunPlan {
+    /// The planned step called `name`.
+    pub fn step(&self, name: &str) -> Option<&PlannedStep> {
+        self.steps.iter().find(|s| s.step.name == name)
+    }
+
+    /// The planned steps of one phase, in file order.
+    pub fn steps_in(&self, phase: Phase) -> impl Iterator<Item = &PlannedStep> {
+        self.steps.iter().filter(move |s| s.step.phase == phase)
+    }
 }
 
 impl Rendered {
