@@ -205,7 +205,9 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
     assert_eq!(text.lines().count(), IDS.len());
     assert!(text.contains("gpu-xid            GPU XID error  [{alertname=~"));
 
+    let set = shipped();
     for id in IDS {
+        let rb = set.get(id).unwrap();
         let mut cmd = Command::new(bin);
         cmd.args(["runbook", "run", id, "--dir", "runbooks", "--dry-run"]);
         for (k, v) in [
@@ -214,8 +216,7 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
             ("xid", "48"),
             ("mountpoint", "/scratch"),
         ] {
-            let rb = shipped();
-            if rb.get(id).unwrap().param(k).is_some() {
+            if rb.param(k).is_some() {
                 cmd.args(["--param", &format!("{k}={v}")]);
             }
         }
@@ -227,7 +228,7 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(stdout.ends_with("dry run: nothing was run\n"), "{stdout}");
-        let steps = shipped().get(id).unwrap().steps.len();
+        let steps = rb.steps.len();
         assert!(stdout.contains(&format!("[{steps}/{steps}] ")), "{stdout}");
     }
 }
