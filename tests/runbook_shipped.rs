@@ -271,7 +271,7 @@ fn dry_run_shows_rendered_argv() {
         [6/9] mitigate drain-slurm (node command, 30s, needs approval)
             sudo -n scontrol update nodename=gpu-node-07 state=drain 'reason=gpuops: manual'
         [7/9] mitigate cordon-kubernetes (bot command, 30s, needs approval)
-            kubectl cordon gpu-node-07
+            kubectl --kubeconfig /etc/gpuops/kubeconfig cordon gpu-node-07
         [8/9] mitigate gpu-reset (node command, 2m, needs approval)
             sudo -n nvidia-smi -r -i 5
         [9/9] escalate escalate (bot command, 5s)
@@ -363,4 +363,25 @@ steps:
     let out = run(true);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("    | mitigated\n"), "{stdout}");
+}
+
+#[tokio::test]
+async fn every_shipped_runbook_dry_runs_through_the_engine() {
+    use gpuops::runbook::engine::{DryRunExecutor, StepExecutor as _, StepStatus};
+    for rb in &shipped().runbooks {
+        let plan = engine::plan(rb, &BTreeMap::new(), &sample_labels()).unwrap();
+        let dry = DryRunExecutor::new();
+        for s in &plan.steps {
+            let out = dry.execute(&plan, s).await;
+            assert_eq!(out.status, StepStatus::Skipped);
+            assert!(
+                out.output.starts_with("dry run: would run "),
+                "{}",
+                out.output
+            );
+        }
+        let names: Vec<String> = dry.seen().into_iter().map(|(n, _)| n).collect();
+        let want: Vec<String> = rb.steps.iter().map(|s| s.name.clone()).collect();
+        assert_eq!(names, want, "{}", rb.id);
+    }
 }

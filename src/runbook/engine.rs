@@ -502,6 +502,42 @@ impl StepExecutor for Executor {
     }
 }
 
+/// Runs nothing: every step comes back `Skipped` with what it would have
+/// done, and is recorded (for a dry run from chat, and for tests).
+#[derive(Debug, Default)]
+pub struct DryRunExecutor {
+    seen: std::sync::Mutex<Vec<(String, Rendered)>>,
+}
+
+impl DryRunExecutor {
+    pub fn new() -> DryRunExecutor {
+        DryRunExecutor::default()
+    }
+
+    /// (step name, rendered step) in the order asked.
+    pub fn seen(&self) -> Vec<(String, Rendered)> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl StepExecutor for DryRunExecutor {
+    fn execute<'a>(
+        &'a self,
+        _plan: &'a RunPlan,
+        step: &'a PlannedStep,
+    ) -> BoxFuture<'a, StepOutcome> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((step.step.name.clone(), step.rendered.clone()));
+        let text = format!("dry run: would run {}", step.rendered.display());
+        Box::pin(async move { StepOutcome::skipped(text) })
+    }
+}
+
 impl AgentClient {
     /// `url_template` like `http://{instance}`; `secret` shared with the agents.
     pub fn new(url_template: impl Into<String>, secret: Secret) -> AgentClient {
