@@ -176,10 +176,15 @@ async fn run_process(cmd: &CommandSpec) -> Result<CommandOutput, RunError> {
     // that left the group is abandoned with what was read so far.
     kill_group(pgid);
     let grace = Duration::from_secs(2);
-    for task in [out_task, err_task] {
-        if tokio::time::timeout(grace, task).await.is_err() {
-            tracing::warn!(program = %program, "command output still open after it ended, abandoned");
-        }
+    let (out_abort, err_abort) = (out_task.abort_handle(), err_task.abort_handle());
+    let both = async {
+        let _ = out_task.await;
+        let _ = err_task.await;
+    };
+    if tokio::time::timeout(grace, both).await.is_err() {
+        out_abort.abort();
+        err_abort.abort();
+        tracing::warn!(program = %program, "command output still open after it ended, abandoned");
     }
     let (stdout, out_cut) = take_captured(&out_buf);
     let (stderr, err_cut) = take_captured(&err_buf);
