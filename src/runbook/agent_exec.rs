@@ -31,6 +31,8 @@ use crate::signing::{Clock, ExecVerifier, SystemClock};
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Steps running at once; more get 429.
 pub const MAX_CONCURRENT: usize = 4;
+/// Deadline for reading a runbook file.
+pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Everything `/v1/exec` needs.
 pub struct ExecState<C: Clock = SystemClock> {
@@ -127,16 +129,34 @@ async fn handle<C: Clock + 'static>(
     if !is_runbook_id(&req.runbook) {
         return refuse(StatusCode::NOT_FOUND, "no such runbook");
     }
+    // Read off the async threads, with a deadline (the directory could be on
+    // a slow disk); the file is read at each request so edits apply at once.
     let path = state.runbooks_dir.join(format!("{}.yaml", req.runbook));
-    if !path.is_file() {
-        return refuse(
-            StatusCode::NOT_FOUND,
-            format!("no runbook {} on this node", req.runbook),
-        );
-    }
-    let runbook = match load_file(&path) {
-        Ok(rb) => rb,
-        Err(e) => {
+    let read = tokio::task::spawn_blocking(move || {
+        if path.is_file() {
+            Some(load_file(&path))
+        } else {
+            None
+        }
+    });
+    let loaded = match tokio::time::timeout(READ_DEADLINE, read).await {
+        Ok(Ok(loaded)) => loaded,
+        _ => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot read the runbook directory in time",
+            )
+        }
+    };
+    let runbook = match loaded {
+        None => {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!("no runbook {} on this node", req.runbook),
+            )
+        }
+        Some(Ok(rb)) => rb,
+        Some(Err(e)) => {
             tracing::error!(runbook = %req.runbook, errors = %e, "runbook on this node is invalid");
             return refuse(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -189,6 +209,13 @@ async fn handle<C: Clock + 'static>(
     };
     let start = Instant::now();
     let params_text = format!("{:?}", params.as_map());
+    tracing::info!(
+        runbook = %runbook.id,
+        step = %step.name,
+        params = %params_text,
+        timeout_seconds = step.timeout.as_secs(),
+        "exec step started"
+    );
     match state.runner.run(&spec).await {
         Ok(out) => {
             tracing::info!(
