@@ -1,13 +1,382 @@
-//! The bot role's wiring (to be written).
+//! The bot role's wiring: configuration, store, notifiers, outbox worker,
+//! HTTP router, start-up self test, shutdown; and `gpuops audit`.
+//!
+//! The shared state ([`BotState`]) and the router builder ([`router_with`])
+//! are public so the chat role can mount `/slack/*` and `/discord/*` beside
+//! `/alertmanager`. No message formatting or SQL here.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context as _;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tracing::Instrument as _;
+
+use crate::agent::shutdown_signal;
+use crate::alert;
 use crate::cli::{AuditArgs, BotArgs};
+use crate::config::BotConfig;
+use crate::notify::console::ConsoleNotifier;
+use crate::notify::outbox::{Notifiers, Worker};
+use crate::notify::Outbox;
+use crate::store::Store;
+use crate::telemetry::{self, HttpMetrics};
 
-pub fn run(_args: BotArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("the bot role is not written yet")
+/// Everything the bot's handlers share (the chat role uses it too).
+pub struct BotState {
+    pub config: Arc<BotConfig>,
+    pub store: Store,
+    /// Enqueue thread replies, acks and refreshes (durable, then delivered).
+    pub outbox: Outbox,
+    pub metrics: Arc<BotMetrics>,
+    pub http: Arc<HttpMetrics>,
 }
 
-pub fn audit(_args: AuditArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("audit is not written yet")
+/// The bot's own counters (besides the HTTP RED metrics).
+pub struct BotMetrics {
+    registry: prometheus::Registry,
+    /// `gpuops_alerts_received_total{status,tier}`, per alert in a webhook.
+    pub alerts_received: prometheus::IntCounterVec,
+    /// `gpuops_notifications_total{platform,outcome}`; outcome is `sent`,
+    /// `rate_limited`, `retry` or `dead_letter`.
+    pub notifications: prometheus::IntCounterVec,
+    /// `gpuops_outbox_pending`.
+    pub outbox_pending: prometheus::IntGauge,
+}
+
+impl BotMetrics {
+    pub fn new() -> BotMetrics {
+        use prometheus::{IntCounterVec, IntGauge, Opts};
+        let registry = prometheus::Registry::new();
+        let alerts_received = IntCounterVec::new(
+            Opts::new(
+                "gpuops_alerts_received_total",
+                "Alerts received in AlertManager webhooks (duplicates included), by alert status and tier.",
+            ),
+            &["status", "tier"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let notifications = IntCounterVec::new(
+            Opts::new(
+                "gpuops_notifications_total",
+                "Chat platform calls by platform and outcome (sent, rate_limited, retry, dead_letter).",
+            ),
+            &["platform", "outcome"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let outbox_pending = IntGauge::new(
+            "gpuops_outbox_pending",
+            "Deliveries waiting in the outbox (posts, edits, thread replies).",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        for c in [
+            Box::new(alerts_received.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(notifications.clone()),
+            Box::new(outbox_pending.clone()),
+        ] {
+            let _ = registry.register(c);
+        }
+        BotMetrics {
+            registry,
+            alerts_received,
+            notifications,
+            outbox_pending,
+        }
+    }
+
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+}
+
+impl Default for BotMetrics {
+    fn default() -> Self {
+        BotMetrics::new()
+    }
+}
+
+impl BotState {
+    /// Builds the state and the outbox worker that goes with it (run the
+    /// worker with [`Worker::run`]). Notifiers are built from the config.
+    pub fn new(config: Arc<BotConfig>, store: Store) -> anyhow::Result<(Arc<BotState>, Worker)> {
+        let notifiers = build_notifiers(&config)?;
+        Ok(BotState::with_notifiers(config, store, notifiers))
+    }
+
+    /// As [`BotState::new`] with given notifiers (tests).
+    pub fn with_notifiers(
+        config: Arc<BotConfig>,
+        store: Store,
+        notifiers: Notifiers,
+    ) -> (Arc<BotState>, Worker) {
+        let outbox = Outbox::new(store.clone());
+        let metrics = Arc::new(BotMetrics::new());
+        let worker = Worker {
+            store: store.clone(),
+            outbox: outbox.clone(),
+            notifiers,
+            config: config.clone(),
+            metrics: metrics.clone(),
+        };
+        let state = Arc::new(BotState {
+            config,
+            store,
+            outbox,
+            metrics,
+            http: Arc::new(HttpMetrics::new()),
+        });
+        (state, worker)
+    }
+}
+
+/// The notifiers the config asks for.
+pub fn build_notifiers(_cfg: &BotConfig) -> anyhow::Result<Notifiers> {
+    Ok(Notifiers {
+        slack: None,
+        discord: None,
+        webhook: None,
+        console: Arc::new(ConsoleNotifier::new()),
+    })
+}
+
+/// The bot's router: `/alertmanager`, `/healthz`, `/metrics`, `/`.
+pub fn router(state: Arc<BotState>) -> Router {
+    router_with(state, Router::new())
+}
+
+/// The bot's router with `extra` routes (e.g. the chat role's `/slack/*`,
+/// `/discord/*`) merged in, all under the same RED metrics and request-id
+/// middleware.
+pub fn router_with(state: Arc<BotState>, extra: Router) -> Router {
+    let http = state.http.clone();
+    let max = state.config.server.max_body_bytes;
+    Router::new()
+        .route(
+            "/alertmanager",
+            post(alert::receive).layer(DefaultBodyLimit::max(max)),
+        )
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/", get(index))
+        .with_state(state)
+        .merge(extra)
+        .layer(axum::middleware::from_fn(trace_request))
+        .layer(axum::middleware::from_fn_with_state(
+            http,
+            telemetry::track_http,
+        ))
+}
+
+/// Gives every request a span with a `trace_id` (from `X-Request-Id` or new).
+async fn trace_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+    let span = tracing::info_span!("request", trace_id = %id);
+    next.run(req).instrument(span).await
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn index() -> &'static str {
+    "gpuops bot\nPOST /alertmanager  AlertManager webhook (version 4)\n/metrics  Prometheus metrics\n/healthz  liveness\n"
+}
+
+async fn metrics(State(state): State<Arc<BotState>>) -> Response {
+    if let Ok(n) = state.store.pending().await {
+        state.metrics.outbox_pending.set(n);
+    }
+    let mut families = vec![telemetry::build_info("bot", "none")];
+    families.extend(telemetry::process_families());
+    families.extend(state.http.gather());
+    families.extend(state.metrics.gather());
+    families.sort_by(|a, b| a.name().cmp(b.name()));
+    let mut buf = Vec::new();
+    let encoder = prometheus::TextEncoder::new();
+    use prometheus::Encoder as _;
+    match encoder.encode(&families, &mut buf) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            buf,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response()
+        }
+    }
+}
+
+/// `gpuops bot`.
+pub fn run(args: BotArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = match &args.config {
+        Some(path) => BotConfig::from_file(path)?,
+        None => BotConfig::default(),
+    };
+    if let Some(l) = args.listen {
+        cfg.server.listen = l;
+    }
+    if let Some(f) = &args.log_format {
+        cfg.log.json = f == "json";
+    }
+    telemetry::init("gpuops-bot", cfg.log.json, &cfg.log.level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .thread_name("gpuops-bot")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(Arc::new(cfg)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the bot until SIGINT/SIGTERM.
+pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
+    let path = cfg.store.path.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&path))
+        .await
+        .context("store task failed")??;
+    let (state, worker) = BotState::new(cfg.clone(), store.clone())?;
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
+    let local = listener.local_addr().unwrap_or(cfg.server.listen);
+    let destinations: Vec<String> = cfg
+        .routing
+        .destinations
+        .iter()
+        .flat_map(|d| d.targets())
+        .map(|t| t.key())
+        .collect();
+    tracing::info!(
+        listen = %local,
+        store = %store.path().display(),
+        config = %cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+        destinations = %destinations.join(","),
+        webhook_auth = cfg.server.webhook_token.is_some(),
+        "listening for AlertManager webhooks at POST /alertmanager"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut worker_stop = stop_rx.clone();
+    let worker_task = tokio::spawn(async move {
+        worker
+            .run(async move {
+                let _ = worker_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    spawn_pruner(state.clone(), stop_rx.clone());
+
+    if cfg.source.is_none() {
+        tracing::info!(
+            "no configuration given (--config): alerts are printed to this log; posting a test alert through the whole pipeline"
+        );
+        let hook = alert::test_webhook();
+        let raw = serde_json::to_string(&hook).unwrap_or_default();
+        if let Err(e) = alert::ingest(&state, raw, &hook).await {
+            tracing::error!(error = %e, "cannot store the test alert");
+        }
+    }
+
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let app = router(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("http server failed")?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), worker_task).await;
+    tracing::info!("bot stopped");
+    Ok(())
+}
+
+fn spawn_pruner(state: Arc<BotState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match state
+                .store
+                .prune_webhooks(state.config.store.webhook_retention)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "pruned old raw webhooks"),
+                Err(e) => tracing::warn!(error = %e, "cannot prune old webhooks"),
+            }
+        }
+    });
+}
+
+/// `gpuops audit --config FILE [--since DURATION]`.
+pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match &args.config {
+        Some(path) => BotConfig::from_file(path)?,
+        None => BotConfig::default(),
+    };
+    let path = &cfg.store.path;
+    if !path.exists() {
+        anyhow::bail!(
+            "no bot store at {} (set [store] path in the config)",
+            path.display()
+        );
+    }
+    let store = Store::open(path)?;
+    let since = args
+        .since
+        .map(|d| crate::store::now() - d.as_secs_f64())
+        .unwrap_or(0.0);
+    let records = store.audit_since_blocking(since)?;
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    for r in &records {
+        let at = chrono::DateTime::from_timestamp(r.at as i64, 0)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_else(|| r.at.to_string());
+        writeln!(
+            out,
+            "{at}  {:<20} {:<16} {:<10} target={} params={}",
+            r.who,
+            r.action,
+            r.outcome,
+            r.target.as_deref().unwrap_or("-"),
+            r.params
+        )
+        .context("cannot write to stdout")?;
+    }
+    if records.is_empty() {
+        eprintln!(
+            "no audit records{}",
+            if args.since.is_some() {
+                " in that window"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -58,7 +58,11 @@ impl ReadError {
     }
 
     fn from_io(path: &Path, source: io::Error) -> ReadError {
-        if source.kind() == io::ErrorKind::NotFound {
+        // EOPNOTSUPP: /proc/pressure/* on a kernel booted with psi=0.
+        if matches!(
+            source.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::Unsupported
+        ) {
             ReadError::Missing(path.to_path_buf())
         } else {
             ReadError::Io {
@@ -115,7 +119,41 @@ impl HostRoots {
     pub fn parse_proc<T: procfs::FromRead>(&self, rel: &str) -> Result<T, ReadError> {
         let path = self.proc_path(rel);
         let text = self.read_text(&path)?;
-        T::from_read(text.as_bytes()).map_err(|e| ReadError::parse(&path, e.to_string()))
+        T::from_read(text.as_bytes()).map_err(|e| ReadError::parse(&path, proc_error_message(e)))
+    }
+
+    /// Parses a procfs file with a reader that needs system facts (`/proc/stat`
+    /// needs the clock tick rate).
+    pub fn parse_proc_si<T: procfs::FromReadSI>(
+        &self,
+        rel: &str,
+        info: &procfs::SystemInfo,
+    ) -> Result<T, ReadError> {
+        let path = self.proc_path(rel);
+        let text = self.read_text(&path)?;
+        T::from_read(text.as_bytes(), info)
+            .map_err(|e| ReadError::parse(&path, proc_error_message(e)))
+    }
+
+    /// Whether `path` exists (without following it into a read).
+    pub fn exists(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok()
+    }
+
+    /// Lists the subdirectories of a directory (names only, symbolic links to
+    /// directories included), sorted; missing directory is `Missing`.
+    pub fn list_subdirs(&self, path: &Path) -> Result<Vec<String>, ReadError> {
+        let entries = std::fs::read_dir(path).map_err(|e| ReadError::from_io(path, e))?;
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_type().is_ok_and(|t| t.is_dir())
+                    || (e.file_type().is_ok_and(|t| t.is_symlink()) && e.path().is_dir())
+            })
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        Ok(names)
     }
 
     /// Lists the entries of a directory (names only), sorted; missing directory is `Missing`.
@@ -152,6 +190,22 @@ impl HostRoots {
             files_free: st.f_ffree,
             readonly: st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY),
         })
+    }
+}
+
+/// The procfs crate calls every unexpected content an "internal error" with
+/// its own source location; say what was wrong with the file instead.
+fn proc_error_message(e: procfs::ProcError) -> String {
+    match e {
+        procfs::ProcError::InternalError(i) => {
+            let msg = i.msg.trim_start_matches("Internal Unwrap Error: ");
+            if msg == "NoneError" {
+                "unexpected contents: a field is missing".to_string()
+            } else {
+                format!("unexpected contents: {msg}")
+            }
+        }
+        other => other.to_string(),
     }
 }
 
@@ -208,6 +262,49 @@ pub fn parse_psi(text: &str) -> Result<PsiTotals, String> {
     })
 }
 
+/// The system facts procfs parsers need. `/proc/stat` counts in USER_HZ, which
+/// is 100 on every architecture Linux exposes to user space.
+pub const PROC_SYSTEM_INFO: procfs::ExplicitSystemInfo = procfs::ExplicitSystemInfo {
+    boot_time_secs: 0,
+    ticks_per_second: USER_HZ,
+    page_size: 4096,
+    is_little_endian: cfg!(target_endian = "little"),
+};
+
+/// Clock ticks per second in `/proc/stat` and `/proc/<pid>/stat`.
+pub const USER_HZ: u64 = 100;
+
+/// Undoes the octal escapes mountinfo uses for blanks and backslashes in
+/// paths (`\040` is a space).
+pub fn unescape_mount_path(s: &str) -> String {
+    if !s.contains('\\') {
+        return s.to_string();
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') as u32 * 64
+                + (bytes[i + 2] - b'0') as u32 * 8
+                + (bytes[i + 3] - b'0') as u32;
+            if let Ok(b) = u8::try_from(v) {
+                out.push(b);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A deadline used for one-off host reads that may block (statvfs, NVML).
 pub const DEFAULT_CALL_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -220,6 +317,14 @@ mod tests {
         assert_eq!(parse_u64("42\n"), Some(42));
         assert_eq!(parse_u64("0x1f"), Some(31));
         assert_eq!(parse_u64("zz"), None);
+    }
+
+    #[test]
+    fn unescapes_mount_paths() {
+        assert_eq!(unescape_mount_path("/mnt/my\\040disk"), "/mnt/my disk");
+        assert_eq!(unescape_mount_path("/a\\134b"), "/a\\b");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
+        assert_eq!(unescape_mount_path("/trail\\04"), "/trail\\04");
     }
 
     #[test]

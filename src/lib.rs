@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod alert;
 pub mod bot;
 pub mod cli;
 pub mod collector;
@@ -13,6 +14,9 @@ pub mod deadline;
 pub mod exporter;
 pub mod gpu;
 pub mod host;
+pub mod notify;
+pub mod routing;
 pub mod runbook;
 pub mod signing;
+pub mod store;
 pub mod telemetry;

@@ -1,23 +1,630 @@
-//! The cpu collector (to be written).
+//! The cpu collector: utilization, per-mode time, cgroup and thermal
+//! throttling, machine checks, pressure stall and load.
+//!
+//! `cpu_utilization_percent` comes from a background sampler of
+//! `<procfs>/stat` (one thread per agent, not per scrape) that keeps a ring of
+//! samples covering `cpu.utilization_window`; every scrape reads the same
+//! window, so several Prometheus servers scraping at once see the same number.
+//! `gpuops collect --once` has no sampler and takes two samples 250 ms apart.
+//! Everything else is read at scrape time. This collector reads only through
+//! [`crate::host`] and never exports a value it could not read.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use crate::collector::{Collector, Context, Error, Sink};
+use crate::host::{parse_psi, HostRoots, ReadError, PROC_SYSTEM_INFO};
 
-pub struct CpuCollector;
+const NAME: &str = "cpu";
+
+/// How far apart the two samples of `collect --once` are.
+pub const ONE_SHOT_SAMPLE_GAP: Duration = Duration::from_millis(250);
+
+pub struct CpuCollector {
+    /// Present when a background sampler runs (the agent); absent for `collect --once`.
+    ring: Option<Arc<Ring>>,
+}
 
 impl CpuCollector {
-    pub fn new(_ctx: &Arc<Context>) -> CpuCollector {
-        CpuCollector
+    /// Starts the background sampler when `ctx.background` is set. The
+    /// sampler thread stops when the collector is dropped.
+    pub fn new(ctx: &Arc<Context>) -> CpuCollector {
+        if !ctx.background {
+            return CpuCollector { ring: None };
+        }
+        let ring = Arc::new(Ring::new(ctx.config.cpu.utilization_window));
+        spawn_sampler(
+            ctx.roots.clone(),
+            Arc::downgrade(&ring),
+            ctx.config.cpu.sample_interval,
+        );
+        CpuCollector { ring: Some(ring) }
+    }
+
+    /// A collector whose utilization comes from `ring` (tests feed it by hand).
+    pub fn with_ring(ring: Arc<Ring>) -> CpuCollector {
+        CpuCollector { ring: Some(ring) }
     }
 }
 
 impl Collector for CpuCollector {
     fn name(&self) -> &'static str {
-        "cpu"
+        NAME
     }
 
-    fn collect(&self, _ctx: &Context, _sink: &mut Sink) -> Result<(), Error> {
+    fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
+        let roots = &ctx.roots;
+        let stat = match &self.ring {
+            Some(ring) => {
+                if let Some(u) = ring.utilization_percent() {
+                    export_utilization(sink, u);
+                }
+                sink.read(NAME, read_stat(roots))
+            }
+            None => {
+                // A missing or broken file stays so: no point waiting for a second look.
+                let first = sink.read(NAME, read_stat(roots));
+                first.and_then(|a| {
+                    std::thread::sleep(ONE_SHOT_SAMPLE_GAP);
+                    let b = sink.read(NAME, read_stat(roots))?;
+                    if let Some(u) = utilization_between(&Sample::of(&a), &Sample::of(&b)) {
+                        export_utilization(sink, u);
+                    }
+                    Some(b)
+                })
+            }
+        };
+        if let Some(stat) = stat {
+            export_stat(sink, &stat);
+        }
+        if let Some(load) = sink.read(NAME, roots.parse_proc::<procfs::LoadAverage>("loadavg")) {
+            for (window, v) in [("1m", load.one), ("5m", load.five), ("15m", load.fifteen)] {
+                sink.gauge(
+                    "cpu_load_average",
+                    "Run-queue load average over the window (/proc/loadavg).",
+                    &[("window", window)],
+                    // The file has two decimals; f32 would print 0.3199999928474426.
+                    (f64::from(v) * 100.0).round() / 100.0,
+                );
+            }
+        }
+        export_psi(
+            sink,
+            NAME,
+            roots,
+            "pressure/cpu",
+            "cpu_pressure_stall_seconds_total",
+            "Time some (or all) runnable tasks waited for a CPU (/proc/pressure/cpu total).",
+        );
+        export_cgroup_throttling(sink, roots, &ctx.config.cpu.throttle_cgroups);
+        export_thermal_throttling(sink, roots);
+        export_machine_checks(sink, roots);
         Ok(())
+    }
+}
+
+/// Samples of node-wide busy and total CPU time, covering a window.
+pub struct Ring {
+    window: Duration,
+    samples: Mutex<VecDeque<Sample>>,
+}
+
+/// One reading of the `cpu ` line of `/proc/stat`, in clock ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub at: Instant,
+    pub busy: u64,
+    pub total: u64,
+}
+
+impl Sample {
+    fn of(stat: &procfs::KernelStats) -> Sample {
+        let t = &stat.total;
+        let idle = t.idle + t.iowait.unwrap_or(0);
+        let total = t.user
+            + t.nice
+            + t.system
+            + t.idle
+            + t.iowait.unwrap_or(0)
+            + t.irq.unwrap_or(0)
+            + t.softirq.unwrap_or(0)
+            + t.steal.unwrap_or(0);
+        Sample {
+            at: Instant::now(),
+            busy: total.saturating_sub(idle),
+            total,
+        }
+    }
+}
+
+impl Ring {
+    pub fn new(window: Duration) -> Ring {
+        Ring {
+            window,
+            samples: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Adds a sample and drops those no longer needed to cover the window:
+    /// the oldest kept one is the newest that is at least `window` old.
+    pub fn push(&self, s: Sample) {
+        let mut q = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        q.push_back(s);
+        while q.len() >= 2 && s.at.saturating_duration_since(q[1].at) >= self.window {
+            q.pop_front();
+        }
+    }
+
+    /// Busy share (0-100) between the oldest and newest sample; `None` with
+    /// fewer than two samples or no time elapsed between them.
+    pub fn utilization_percent(&self) -> Option<f64> {
+        let q = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        utilization_between(q.front()?, q.back()?)
+    }
+
+    /// Number of samples held.
+    pub fn len(&self) -> usize {
+        self.samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `100 * Δbusy / Δtotal`, clamped to 0-100; `None` when Δtotal is not positive.
+pub fn utilization_between(old: &Sample, new: &Sample) -> Option<f64> {
+    if new.total <= old.total {
+        return None;
+    }
+    let total = (new.total - old.total) as f64;
+    let busy = new.busy as f64 - old.busy as f64;
+    Some((100.0 * busy / total).clamp(0.0, 100.0))
+}
+
+/// Exports `<metric>{kind="some"|"full"}` from a PSI file under procfs.
+pub(crate) fn export_psi(
+    sink: &mut Sink,
+    collector: &str,
+    roots: &HostRoots,
+    rel: &str,
+    metric: &str,
+    help: &str,
+) {
+    let path = roots.proc_path(rel);
+    let Some(text) = sink.read(collector, roots.read_text(&path)) else {
+        return;
+    };
+    match parse_psi(&text) {
+        Ok(psi) => {
+            sink.counter(metric, help, &[("kind", "some")], psi.some_us as f64 / 1e6);
+            if let Some(full) = psi.full_us {
+                sink.counter(metric, help, &[("kind", "full")], full as f64 / 1e6);
+            }
+        }
+        Err(e) => sink.fail(collector, format!("{}: {e}", path.display())),
+    }
+}
+
+fn read_stat(roots: &HostRoots) -> Result<procfs::KernelStats, ReadError> {
+    roots.parse_proc_si("stat", &PROC_SYSTEM_INFO)
+}
+
+fn export_utilization(sink: &mut Sink, percent: f64) {
+    sink.gauge(
+        "cpu_utilization_percent",
+        "Node-wide busy share of CPU time over the sampling window (/proc/stat, all modes but idle and iowait).",
+        &[],
+        percent,
+    );
+}
+
+fn export_stat(sink: &mut Sink, stat: &procfs::KernelStats) {
+    let t = &stat.total;
+    let hz = PROC_SYSTEM_INFO.ticks_per_second as f64;
+    let modes = [
+        ("user", Some(t.user)),
+        ("nice", Some(t.nice)),
+        ("system", Some(t.system)),
+        ("idle", Some(t.idle)),
+        ("iowait", t.iowait),
+        ("irq", t.irq),
+        ("softirq", t.softirq),
+        ("steal", t.steal),
+    ];
+    for (mode, ticks) in modes {
+        if let Some(ticks) = ticks {
+            sink.counter(
+                "cpu_seconds_total",
+                "CPU time spent in each mode, summed over CPUs (/proc/stat cpu line).",
+                &[("mode", mode)],
+                ticks as f64 / hz,
+            );
+        }
+    }
+    // Not `cpu_count`: promtool check metrics rejects a gauge ending in _count.
+    sink.gauge(
+        "cpu_cores",
+        "Online logical CPUs (cpuN lines of /proc/stat).",
+        &[],
+        stat.cpu_time.len() as f64,
+    );
+}
+
+/// `cpu_throttle_seconds_total{cgroup}` from cgroup v2 `cpu.stat`
+/// `throttled_usec` of every first-level cgroup plus the configured ones
+/// (cgroup v1: `cpu/<cgroup>/cpu.stat` `throttled_time`, in nanoseconds).
+fn export_cgroup_throttling(sink: &mut Sink, roots: &HostRoots, extra: &[String]) {
+    let base = roots.sys_path("fs/cgroup");
+    let (dir, key, scale, help) = if roots.exists(&base.join("cgroup.controllers")) {
+        (
+            base,
+            "throttled_usec",
+            1e-6,
+            "Time tasks of the cgroup were throttled by its CPU limit (cgroup v2 /sys/fs/cgroup/*/cpu.stat throttled_usec).",
+        )
+    } else if roots.exists(&base.join("cpu/cpu.stat")) {
+        (
+            base.join("cpu"),
+            "throttled_time",
+            1e-9,
+            "Time tasks of the cgroup were throttled by its CPU limit (cgroup v1 /sys/fs/cgroup/cpu/*/cpu.stat throttled_time).",
+        )
+    } else {
+        tracing::debug!(
+            collector = NAME,
+            "no cgroup cpu controller found, throttling left out"
+        );
+        return;
+    };
+    let Some(first_level) = sink.read(NAME, roots.list_subdirs(&dir)) else {
+        return;
+    };
+    let mut cgroups: BTreeSet<String> = first_level.into_iter().collect();
+    cgroups.extend(
+        extra
+            .iter()
+            .map(|c| c.trim_matches('/').to_string())
+            .filter(|c| !c.is_empty()),
+    );
+    for cg in cgroups {
+        let path = dir.join(&cg).join("cpu.stat");
+        let Some(text) = sink.read(NAME, roots.read_text(&path)) else {
+            continue;
+        };
+        match keyed_u64(&text, key) {
+            Ok(Some(v)) => {
+                let label = format!("/{cg}");
+                sink.counter(
+                    "cpu_throttle_seconds_total",
+                    help,
+                    &[("cgroup", &label)],
+                    v as f64 * scale,
+                );
+            }
+            // The cpu controller is not enabled for this cgroup.
+            Ok(None) => {}
+            Err(e) => sink.fail(NAME, format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+/// The value of `key` in a `key value` per line file.
+fn keyed_u64(text: &str, key: &str) -> Result<Option<u64>, String> {
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        if f.next() == Some(key) {
+            let v = f.next().unwrap_or("");
+            return v
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{key}: expected an unsigned integer, found {v:?}"));
+        }
+    }
+    Ok(None)
+}
+
+/// `cpu_thermal_throttle_events_total{type}` from
+/// `cpu*/thermal_throttle/{core,package}_throttle_count`. Every CPU of a core
+/// (or package) shows that core's (package's) count, so each core and package
+/// is counted once, by `topology/{physical_package_id,core_id}`.
+fn export_thermal_throttling(sink: &mut Sink, roots: &HostRoots) {
+    let dir = roots.sys_path("devices/system/cpu");
+    let Some(names) = sink.read(NAME, roots.list_dir(&dir)) else {
+        return;
+    };
+    let mut cores: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut packages: BTreeMap<String, u64> = BTreeMap::new();
+    for name in names.iter().filter(|n| is_cpu_dir(n)) {
+        let cpu = dir.join(name);
+        let tt = cpu.join("thermal_throttle");
+        let core_count = read_optional(sink, roots, &tt.join("core_throttle_count"));
+        let package_count = read_optional(sink, roots, &tt.join("package_throttle_count"));
+        if core_count.is_none() && package_count.is_none() {
+            continue;
+        }
+        let package = topology_id(roots, &cpu, "physical_package_id").unwrap_or(name.clone());
+        let core = topology_id(roots, &cpu, "core_id").unwrap_or(name.clone());
+        if let Some(c) = core_count {
+            cores.insert((package.clone(), core), c);
+        }
+        if let Some(p) = package_count {
+            packages.insert(package, p);
+        }
+    }
+    let help = "Thermal throttling events, each core and package counted once (/sys/devices/system/cpu/cpu*/thermal_throttle/*_throttle_count).";
+    if !cores.is_empty() {
+        let sum: u64 = cores.values().sum();
+        sink.counter(
+            "cpu_thermal_throttle_events_total",
+            help,
+            &[("type", "core")],
+            sum as f64,
+        );
+    }
+    if !packages.is_empty() {
+        let sum: u64 = packages.values().sum();
+        sink.counter(
+            "cpu_thermal_throttle_events_total",
+            help,
+            &[("type", "package")],
+            sum as f64,
+        );
+    }
+}
+
+fn is_cpu_dir(name: &str) -> bool {
+    name.strip_prefix("cpu")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn read_optional(sink: &mut Sink, roots: &HostRoots, path: &Path) -> Option<u64> {
+    sink.read(NAME, roots.read_u64(path))
+}
+
+fn topology_id(roots: &HostRoots, cpu: &Path, file: &str) -> Option<String> {
+    roots
+        .read_text(&cpu.join("topology").join(file))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// `cpu_errors_total{type="machine_check"}` from the `MCE:` row of
+/// `/proc/interrupts`, summed over CPUs.
+fn export_machine_checks(sink: &mut Sink, roots: &HostRoots) {
+    let path = roots.proc_path("interrupts");
+    let Some(text) = sink.read(NAME, roots.read_text(&path)) else {
+        return;
+    };
+    match parse_mce_row(&text) {
+        Ok(Some(n)) => sink.counter(
+            "cpu_errors_total",
+            "Machine check exceptions, summed over CPUs (/proc/interrupts MCE row).",
+            &[("type", "machine_check")],
+            n as f64,
+        ),
+        Ok(None) => {
+            tracing::debug!(collector = NAME, "no MCE row in /proc/interrupts, left out");
+        }
+        Err(e) => sink.fail(NAME, format!("{}: {e}", path.display())),
+    }
+}
+
+/// Sums the per-CPU counts of the `MCE:` row; `None` when there is no such row.
+pub fn parse_mce_row(text: &str) -> Result<Option<u64>, String> {
+    let Some(row) = text
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("MCE:"))
+    else {
+        return Ok(None);
+    };
+    let mut sum = 0u64;
+    let mut n = 0;
+    for field in row.split_whitespace() {
+        match field.parse::<u64>() {
+            Ok(v) => {
+                sum = sum.saturating_add(v);
+                n += 1;
+            }
+            // The description ("Machine check exceptions") follows the counts.
+            Err(_) => break,
+        }
+    }
+    if n == 0 {
+        return Err(format!("MCE row has no counts: {row:?}"));
+    }
+    Ok(Some(sum))
+}
+
+fn spawn_sampler(roots: HostRoots, ring: Weak<Ring>, interval: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("gpuops-cpu-sampler".into())
+        .spawn(move || loop {
+            let Some(r) = ring.upgrade() else {
+                return;
+            };
+            match read_stat(&roots) {
+                Ok(stat) => r.push(Sample::of(&stat)),
+                Err(e) => tracing::debug!(collector = NAME, error = %e, "cpu sample failed"),
+            }
+            drop(r);
+            std::thread::sleep(interval);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(collector = NAME, error = %e, "cannot start the cpu sampler, cpu_utilization_percent left out");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collector::testutil::{context, scrape};
+    use expect_test::{expect, Expect};
+
+    fn check(scenario: &str, ring: Option<Arc<Ring>>, expect: Expect) {
+        let ctx = context(scenario, |c| {
+            c.cpu.throttle_cgroups = vec!["kubepods.slice/kubepods-burstable.slice".into()];
+        });
+        let c = match ring {
+            Some(r) => CpuCollector::with_ring(r),
+            None => CpuCollector::new(&ctx),
+        };
+        expect.assert_eq(&scrape(&c, &ctx));
+    }
+
+    #[test]
+    fn full_fixture() {
+        let t0 = Instant::now();
+        let ring = Arc::new(Ring::new(Duration::from_secs(10)));
+        ring.push(sample(t0, 1000, 4000));
+        ring.push(sample(t0 + Duration::from_secs(1), 1300, 4800));
+        check(
+            "full",
+            Some(ring),
+            expect![[r#"
+                cpu_cores 4
+                cpu_errors_total{type="machine_check"} 3
+                cpu_load_average{window="1m"} 1.25
+                cpu_load_average{window="5m"} 0.75
+                cpu_load_average{window="15m"} 0.5
+                cpu_pressure_stall_seconds_total{kind="some"} 31.002406
+                cpu_pressure_stall_seconds_total{kind="full"} 0
+                cpu_seconds_total{mode="user"} 400
+                cpu_seconds_total{mode="nice"} 10
+                cpu_seconds_total{mode="system"} 120
+                cpu_seconds_total{mode="idle"} 3200
+                cpu_seconds_total{mode="iowait"} 40
+                cpu_seconds_total{mode="irq"} 5
+                cpu_seconds_total{mode="softirq"} 8
+                cpu_seconds_total{mode="steal"} 3
+                cpu_thermal_throttle_events_total{type="core"} 12
+                cpu_thermal_throttle_events_total{type="package"} 11
+                cpu_throttle_seconds_total{cgroup="/init.scope"} 0
+                cpu_throttle_seconds_total{cgroup="/kubepods.slice"} 123.456789
+                cpu_throttle_seconds_total{cgroup="/kubepods.slice/kubepods-burstable.slice"} 0.5
+                cpu_throttle_seconds_total{cgroup="/system.slice"} 2.5
+                cpu_utilization_percent 37.5
+            "#]],
+        );
+    }
+
+    #[test]
+    fn one_shot_with_unchanged_counters_leaves_utilization_out() {
+        // Both samples read the same fixture file: no time passed for the kernel.
+        check(
+            "full",
+            None,
+            expect![[r#"
+            cpu_cores 4
+            cpu_errors_total{type="machine_check"} 3
+            cpu_load_average{window="1m"} 1.25
+            cpu_load_average{window="5m"} 0.75
+            cpu_load_average{window="15m"} 0.5
+            cpu_pressure_stall_seconds_total{kind="some"} 31.002406
+            cpu_pressure_stall_seconds_total{kind="full"} 0
+            cpu_seconds_total{mode="user"} 400
+            cpu_seconds_total{mode="nice"} 10
+            cpu_seconds_total{mode="system"} 120
+            cpu_seconds_total{mode="idle"} 3200
+            cpu_seconds_total{mode="iowait"} 40
+            cpu_seconds_total{mode="irq"} 5
+            cpu_seconds_total{mode="softirq"} 8
+            cpu_seconds_total{mode="steal"} 3
+            cpu_thermal_throttle_events_total{type="core"} 12
+            cpu_thermal_throttle_events_total{type="package"} 11
+            cpu_throttle_seconds_total{cgroup="/init.scope"} 0
+            cpu_throttle_seconds_total{cgroup="/kubepods.slice"} 123.456789
+            cpu_throttle_seconds_total{cgroup="/kubepods.slice/kubepods-burstable.slice"} 0.5
+            cpu_throttle_seconds_total{cgroup="/system.slice"} 2.5
+        "#]],
+        );
+    }
+
+    #[test]
+    fn missing_files_leave_series_out_without_failing() {
+        check("missing", None, expect![[r#""#]]);
+    }
+
+    #[test]
+    fn malformed_files_fail_and_leave_series_out() {
+        check(
+            "malformed",
+            None,
+            expect![[r#"
+                FAILED F/malformed/proc/stat: unexpected contents: Failed to parse expect!(s.next()) ("abc") as a u64: invalid digit found in string
+                FAILED F/malformed/proc/loadavg: unexpected contents: invalid float literal
+                FAILED F/malformed/proc/pressure/cpu: unexpected line "garbage in here"
+                FAILED F/malformed/sys/fs/cgroup/system.slice/cpu.stat: throttled_usec: expected an unsigned integer, found "-5"
+                FAILED F/malformed/sys/devices/system/cpu/cpu0/thermal_throttle/core_throttle_count: expected an unsigned integer, found "hot"
+                FAILED F/malformed/sys/devices/system/cpu/cpu0/thermal_throttle/package_throttle_count: expected an unsigned integer, found ""
+                FAILED F/malformed/proc/interrupts: MCE row has no counts: "   lots   Machine check exceptions"
+            "#]],
+        );
+    }
+
+    fn sample(at: Instant, busy: u64, total: u64) -> Sample {
+        Sample { at, busy, total }
+    }
+
+    #[test]
+    fn utilization_is_busy_share_of_the_window() {
+        let t0 = Instant::now();
+        let ring = Ring::new(Duration::from_secs(10));
+        assert_eq!(ring.utilization_percent(), None);
+        ring.push(sample(t0, 100, 1000));
+        assert_eq!(ring.utilization_percent(), None, "one sample is not a rate");
+        ring.push(sample(t0 + Duration::from_secs(1), 150, 1200));
+        assert_eq!(ring.utilization_percent(), Some(25.0));
+        for i in 2..=30u64 {
+            ring.push(sample(
+                t0 + Duration::from_secs(i),
+                150 + 10 * (i - 1),
+                1000 + 200 * i,
+            ));
+        }
+        // The ring covers the window (10 s), not the whole history.
+        assert_eq!(ring.len(), 11);
+        assert_eq!(ring.utilization_percent(), Some(5.0));
+        // Reading does not change it: every scraper sees the same value.
+        assert_eq!(ring.utilization_percent(), Some(5.0));
+    }
+
+    #[test]
+    fn no_elapsed_time_leaves_utilization_out() {
+        let t0 = Instant::now();
+        assert_eq!(
+            utilization_between(&sample(t0, 5, 10), &sample(t0, 5, 10)),
+            None
+        );
+        // Counters going backwards (CPU hot-unplug) give no value rather than nonsense.
+        assert_eq!(
+            utilization_between(&sample(t0, 5, 10), &sample(t0, 5, 8)),
+            None
+        );
+        assert_eq!(
+            utilization_between(&sample(t0, 10, 10), &sample(t0, 5, 20)),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn mce_row() {
+        let text = "           CPU0       CPU1\n  0:         22          0   IO-APIC   2-edge      timer\n MCE:          3          4   Machine check exceptions\n MCP:        125        125   Machine check polls\n";
+        assert_eq!(parse_mce_row(text), Ok(Some(7)));
+        assert_eq!(parse_mce_row("  0: 1 2 timer\n"), Ok(None));
+        assert!(parse_mce_row(" MCE: x y\n").is_err());
+    }
+
+    #[test]
+    fn keyed_values() {
+        let text = "usage_usec 10\nthrottled_usec 2500000\n";
+        assert_eq!(keyed_u64(text, "throttled_usec"), Ok(Some(2_500_000)));
+        assert_eq!(keyed_u64(text, "nr_periods"), Ok(None));
+        assert!(keyed_u64("throttled_usec x\n", "throttled_usec").is_err());
     }
 }

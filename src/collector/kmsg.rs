@@ -25,6 +25,8 @@ use crate::host::HostRoots;
 
 /// How many events `GET /v1/events` can return.
 const EVENT_CAPACITY: usize = 2048;
+/// The two kernel lines of one OOM kill are this close together.
+const OOM_MERGE_WINDOW_SECS: f64 = 5.0;
 /// NVML and the kernel log report the same XID within this window.
 const XID_DEDUPE_WINDOW_SECS: f64 = 10.0;
 
@@ -53,15 +55,19 @@ pub enum EventKind {
     },
     /// A block-layer I/O error on a device.
     IoError { device: String },
-    /// An NVIDIA XID error.
+    /// An NVIDIA XID error (build it with `crate::gpu::xid::event`, which
+    /// attaches the catalogue entry shown by `GET /v1/events`).
     Xid {
         pci_bus_id: String,
         xid: u32,
         pid: Option<u32>,
         process: Option<String>,
         source: XidSource,
+        /// What the code means and what to do (`None` for codes not in the catalogue).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        info: Option<&'static crate::gpu::xid::XidInfo>,
     },
-    /// A GPU stopped answering NVML.
+    /// A GPU stopped answering NVML (lost, fell off the bus, or timed out).
     GpuLost {
         pci_bus_id: String,
         uuid: Option<String>,
@@ -124,6 +130,9 @@ impl KernelEvents {
                         .oom_last
                         .map_or(event.timestamp, |t| t.max(event.timestamp)),
                 );
+                if inner.merge_oom_kill(&event) {
+                    return;
+                }
             }
             EventKind::IoError { device } if event.counted => {
                 *inner.io_errors.entry(device.clone()).or_insert(0) += 1;
@@ -218,6 +227,47 @@ impl KernelEvents {
 }
 
 impl Inner {
+    /// The kernel reports one OOM kill in two lines (`oom-kill:` with the
+    /// cgroup, `Killed process` with the usage): when `event` is the second
+    /// line of a kill already recorded (same pid, within a few seconds), fill
+    /// in what the first lacked and report the event as merged.
+    fn merge_oom_kill(&mut self, event: &KernelEvent) -> bool {
+        let EventKind::OomKill {
+            pid: Some(pid),
+            process,
+            cgroup,
+        } = &event.kind
+        else {
+            return false;
+        };
+        let found = self.events.iter_mut().rev().take(16).find(|e| {
+            matches!(&e.kind, EventKind::OomKill { pid: Some(p), .. } if p == pid)
+                && (e.timestamp - event.timestamp).abs() <= OOM_MERGE_WINDOW_SECS
+        });
+        let Some(old) = found else {
+            return false;
+        };
+        if let EventKind::OomKill {
+            process: old_process,
+            cgroup: old_cgroup,
+            ..
+        } = &mut old.kind
+        {
+            if old_process.is_none() {
+                old_process.clone_from(process);
+            }
+            if old_cgroup.is_none() {
+                old_cgroup.clone_from(cgroup);
+            }
+        }
+        // The "Killed process" line names the kill best.
+        if event.message.contains("Killed process") {
+            old.message.clone_from(&event.message);
+        }
+        old.counted |= event.counted;
+        true
+    }
+
     fn take_matching_xid(&mut self, key: &(String, u32), t: f64, source: XidSource) -> bool {
         let now_cut = t - 60.0;
         self.recent_xids.retain(|r| r.2 >= now_cut);
@@ -502,13 +552,7 @@ mod tests {
         KernelEvent {
             timestamp: t,
             counted: true,
-            kind: EventKind::Xid {
-                pci_bus_id: "00000000:3B:00.0".into(),
-                xid: 79,
-                pid: None,
-                process: None,
-                source,
-            },
+            kind: crate::gpu::xid::event("00000000:3B:00.0".into(), 79, None, None, source),
             message: String::new(),
         }
     }
@@ -525,6 +569,47 @@ mod tests {
         // Repeats from one source are separate events.
         ev.record(xid(XidSource::Kmsg, 200.5));
         assert_eq!(ev.xids().values().sum::<u64>(), 3);
+    }
+
+    fn oom(t: f64, message: &str) -> KernelEvent {
+        KernelEvent {
+            timestamp: t,
+            counted: true,
+            kind: crate::collector::oom::parse_kmsg(message).unwrap(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn one_oom_kill_reported_in_two_lines_is_one_event() {
+        let ev = KernelEvents::new();
+        ev.record(oom(
+            10.0,
+            "oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,oom_memcg=/kubepods/pod1,task_memcg=/kubepods/pod1/c1,task=python,pid=1234,uid=0",
+        ));
+        ev.record(oom(
+            10.001,
+            "Memory cgroup out of memory: Killed process 1234 (python) total-vm:10kB, anon-rss:5kB, file-rss:0kB, shmem-rss:0kB, UID:0 pgtables:1kB oom_score_adj:0",
+        ));
+        // A different victim a moment later is its own event.
+        ev.record(oom(
+            10.5,
+            "Out of memory: Killed process 99 (java) total-vm:10kB, anon-rss:5kB, file-rss:0kB",
+        ));
+        let events = ev.since(0.0);
+        assert_eq!(events.len(), 2, "{events:#?}");
+        assert_eq!(
+            events[0].kind,
+            EventKind::OomKill {
+                pid: Some(1234),
+                process: Some("python".into()),
+                cgroup: Some("/kubepods/pod1/c1".into()),
+            }
+        );
+        assert!(events[0]
+            .message
+            .starts_with("Memory cgroup out of memory: Killed process 1234"));
+        assert_eq!(ev.oom_last_timestamp(), Some(10.5));
     }
 
     #[test]

@@ -1,8 +1,17 @@
-//! The memory collector (to be written).
+//! The memory collector: usage and swap (/proc/meminfo), allocation stalls
+//! (/proc/vmstat), pressure stall (/proc/pressure/memory) and EDAC memory
+//! controller error counts.
+//!
+//! Reads only through [`crate::host`]; a value that cannot be read is left
+//! out, never exported as 0.
 
 use std::sync::Arc;
 
+use crate::collector::cpu::export_psi;
 use crate::collector::{Collector, Context, Error, Sink};
+use crate::host::HostRoots;
+
+const NAME: &str = "memory";
 
 pub struct MemoryCollector;
 
@@ -14,10 +23,192 @@ impl MemoryCollector {
 
 impl Collector for MemoryCollector {
     fn name(&self) -> &'static str {
-        "memory"
+        NAME
     }
 
-    fn collect(&self, _ctx: &Context, _sink: &mut Sink) -> Result<(), Error> {
+    fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
+        let roots = &ctx.roots;
+        if let Some(m) = sink.read(NAME, roots.parse_proc::<procfs::Meminfo>("meminfo")) {
+            export_meminfo(sink, &m);
+        }
+        if let Some(vm) = sink.read(NAME, roots.parse_proc::<procfs::VmStat>("vmstat")) {
+            export_allocation_stalls(sink, &vm);
+        }
+        export_psi(
+            sink,
+            NAME,
+            roots,
+            "pressure/memory",
+            "memory_pressure_stall_seconds_total",
+            "Time some (or all) non-idle tasks stalled waiting for memory (/proc/pressure/memory total).",
+        );
+        export_edac(sink, roots);
         Ok(())
+    }
+}
+
+fn export_meminfo(sink: &mut Sink, m: &procfs::Meminfo) {
+    sink.gauge(
+        "memory_total_bytes",
+        "Usable RAM (/proc/meminfo MemTotal).",
+        &[],
+        m.mem_total as f64,
+    );
+    if let Some(avail) = m.mem_available {
+        sink.gauge(
+            "memory_available_bytes",
+            "Memory available for new work without swapping (/proc/meminfo MemAvailable).",
+            &[],
+            avail as f64,
+        );
+        sink.gauge(
+            "memory_used_bytes",
+            "Memory in use (/proc/meminfo MemTotal - MemAvailable).",
+            &[],
+            m.mem_total.saturating_sub(avail) as f64,
+        );
+    }
+    sink.gauge(
+        "memory_swap_total_bytes",
+        "Swap space (/proc/meminfo SwapTotal).",
+        &[],
+        m.swap_total as f64,
+    );
+    sink.gauge(
+        "memory_swap_used_bytes",
+        "Swap in use (/proc/meminfo SwapTotal - SwapFree).",
+        &[],
+        m.swap_total.saturating_sub(m.swap_free) as f64,
+    );
+}
+
+/// `memory_pressure_events_total`: the sum of the `allocstall_*` counters
+/// (one per memory zone; `allocstall` on kernels before 4.10).
+fn export_allocation_stalls(sink: &mut Sink, vm: &procfs::VmStat) {
+    let mut found = false;
+    let mut sum = 0i64;
+    for (k, v) in &vm.0 {
+        if k == "allocstall" || k.starts_with("allocstall_") {
+            found = true;
+            sum = sum.saturating_add((*v).max(0));
+        }
+    }
+    if found {
+        sink.counter(
+            "memory_pressure_events_total",
+            "Direct-reclaim allocation stalls, summed over zones (/proc/vmstat allocstall_*).",
+            &[],
+            sum as f64,
+        );
+    }
+}
+
+/// `memory_errors_total{type,controller}` from
+/// `<sysfs>/devices/system/edac/mc/mc*/{ce_count,ue_count}`.
+fn export_edac(sink: &mut Sink, roots: &HostRoots) {
+    let dir = roots.sys_path("devices/system/edac/mc");
+    let Some(names) = sink.read(NAME, roots.list_dir(&dir)) else {
+        return;
+    };
+    let help = "Memory errors reported by the EDAC memory controller (/sys/devices/system/edac/mc/mc*/ce_count, ue_count).";
+    for mc in names.iter().filter(|n| {
+        n.strip_prefix("mc")
+            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+    }) {
+        for (file, kind) in [("ce_count", "correctable"), ("ue_count", "uncorrectable")] {
+            if let Some(v) = sink.read(NAME, roots.read_u64(&dir.join(mc).join(file))) {
+                sink.counter(
+                    "memory_errors_total",
+                    help,
+                    &[("type", kind), ("controller", mc)],
+                    v as f64,
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collector::testutil::{context, scrape};
+    use expect_test::{expect, Expect};
+
+    fn check(scenario: &str, expect: Expect) {
+        let ctx = context(scenario, |_| {});
+        expect.assert_eq(&scrape(&MemoryCollector::new(&ctx), &ctx));
+    }
+
+    #[test]
+    fn full_fixture() {
+        check(
+            "full",
+            expect![[r#"
+            memory_available_bytes 41943040000
+            memory_errors_total{type="correctable",controller="mc0"} 4
+            memory_errors_total{type="uncorrectable",controller="mc0"} 0
+            memory_errors_total{type="correctable",controller="mc1"} 1
+            memory_errors_total{type="uncorrectable",controller="mc1"} 2
+            memory_pressure_events_total 50
+            memory_pressure_stall_seconds_total{kind="some"} 2.5
+            memory_pressure_stall_seconds_total{kind="full"} 1.25
+            memory_swap_total_bytes 8589934592
+            memory_swap_used_bytes 1073741824
+            memory_total_bytes 67108864000
+            memory_used_bytes 25165824000
+        "#]],
+        );
+    }
+
+    #[test]
+    fn missing_files_leave_series_out_without_failing() {
+        check("missing", expect![[r#""#]]);
+    }
+
+    #[test]
+    fn malformed_files_fail_and_leave_series_out() {
+        check(
+            "malformed",
+            expect![[r#"
+            FAILED F/malformed/proc/meminfo: unexpected contents: Failed to parse value ("lots") as a u64: invalid digit found in string
+            FAILED F/malformed/proc/vmstat: unexpected contents: Failed to parse expect!(split.next()) ("many") as a i64: invalid digit found in string
+            FAILED F/malformed/proc/pressure/memory: bad total "notanumber"
+            FAILED F/malformed/sys/devices/system/edac/mc/mc0/ce_count: expected an unsigned integer, found "x"
+            FAILED F/malformed/sys/devices/system/edac/mc/mc0/ue_count: expected an unsigned integer, found "-1"
+        "#]],
+        );
+    }
+
+    #[test]
+    fn meminfo_without_mem_available_leaves_used_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = crate::collector::testutil::fixture("full/proc/meminfo");
+        let text: String = std::fs::read_to_string(full)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("MemAvailable:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(dir.path().join("meminfo"), text).unwrap();
+        let roots = HostRoots {
+            procfs: dir.path().to_path_buf(),
+            ..HostRoots::default()
+        };
+        let m: procfs::Meminfo = roots.parse_proc("meminfo").unwrap();
+        let mut sink = Sink::new();
+        export_meminfo(&mut sink, &m);
+        let names: Vec<_> = sink
+            .into_families()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "memory_swap_total_bytes",
+                "memory_swap_used_bytes",
+                "memory_total_bytes"
+            ]
+        );
     }
 }

@@ -1,28 +1,735 @@
-//! The storage collector (to be written).
+//! The storage collector: filesystem size, inodes, read-only and stuck state
+//! per real mount (mountinfo + statvfs), per block device I/O counters
+//! (/proc/diskstats), I/O pressure stall (/proc/pressure/io) and device errors
+//! (SCSI `ioerr_cnt`, kernel-log "I/O error, dev X" lines); plus the parser of
+//! those kernel-log lines for the kernel-log watcher.
+//!
+//! `statvfs` can block forever on a dead network mount, so each runs through
+//! a [`SingleFlight`] keyed by mount point with `storage.statvfs_deadline`: a
+//! stuck mount is reported as `storage_mount_stuck 1` (its size series left
+//! out), holds at most one thread however many scrapes come, and never delays
+//! the scrape past the deadline. Reads only through [`crate::host`].
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
+use regex::Regex;
+
+use crate::collector::cpu::export_psi;
+use crate::collector::kmsg::EventKind;
 use crate::collector::{Collector, Context, Error, Sink};
+use crate::config::agent::StorageConfig;
+use crate::deadline::{Outcome, SingleFlight};
+use crate::host::{unescape_mount_path, FsStats, HostRoots, ReadError};
 
-pub struct StorageCollector;
+const NAME: &str = "storage";
+
+/// How a mount point's filesystem statistics are read; tests inject their own.
+pub type StatvfsFn = Arc<dyn Fn(&HostRoots, &str) -> Result<FsStats, ReadError> + Send + Sync>;
+
+pub struct StorageCollector {
+    statvfs: StatvfsFn,
+    flight: SingleFlight<String, Statvfs>,
+}
+
+/// What one bounded statvfs came to (cloneable, unlike [`ReadError`]).
+#[derive(Debug, Clone)]
+enum Statvfs {
+    Stats(FsStats),
+    /// Not there under rootfs, or not ours to see: debug log, size left out.
+    Skipped(String),
+    Failed(String),
+}
 
 impl StorageCollector {
     pub fn new(_ctx: &Arc<Context>) -> StorageCollector {
-        StorageCollector
+        StorageCollector::with_statvfs(Arc::new(|roots: &HostRoots, mount_point: &str| {
+            roots.statvfs(mount_point)
+        }))
+    }
+
+    /// A collector that reads filesystem statistics with `statvfs` (tests pin
+    /// values and simulate hung mounts with it).
+    pub fn with_statvfs(statvfs: StatvfsFn) -> StorageCollector {
+        StorageCollector {
+            statvfs,
+            flight: SingleFlight::new("gpuops-statvfs"),
+        }
+    }
+
+    /// statvfs calls in flight, stuck ones included.
+    pub fn statvfs_in_flight(&self) -> usize {
+        self.flight.in_flight()
     }
 }
 
 impl Collector for StorageCollector {
     fn name(&self) -> &'static str {
-        "storage"
+        NAME
     }
 
-    fn collect(&self, _ctx: &Context, _sink: &mut Sink) -> Result<(), Error> {
+    fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
+        let roots = &ctx.roots;
+        if let Some(mounts) = read_mounts(sink, roots) {
+            let selected = select_mounts(mounts, &ctx.config.storage);
+            self.export_mounts(sink, roots, &selected, &ctx.config.storage);
+        }
+        let devices = export_diskstats(sink, roots);
+        export_psi(
+            sink,
+            NAME,
+            roots,
+            "pressure/io",
+            "storage_io_pressure_stall_seconds_total",
+            "Time some (or all) non-idle tasks stalled waiting for I/O (/proc/pressure/io total).",
+        );
+        export_scsi_errors(sink, roots);
+        export_kmsg_errors(sink, ctx, &devices);
         Ok(())
     }
 }
 
-/// Recognises a block-layer "I/O error, dev X" kernel message.
-pub fn parse_kmsg(_message: &str) -> Option<crate::collector::kmsg::EventKind> {
-    None
+/// One mount from mountinfo, with the escapes in its path undone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub mount_point: String,
+    pub device: String,
+    pub fs_type: String,
+    /// `major:minor` of the filesystem.
+    pub majmin: String,
+    /// The directory of the filesystem mounted here (not `/` for bind mounts).
+    pub root: String,
+    pub readonly: bool,
+}
+
+/// Keeps real mounts: skips excluded filesystem types and mount points, the
+/// lower of two mounts on one mount point, and bind mounts that show the
+/// same directory of the same filesystem again (the shortest mount point is
+/// kept). Order: by mount point.
+pub fn select_mounts(mounts: Vec<Mount>, cfg: &StorageConfig) -> Vec<Mount> {
+    // A later mount on the same mount point hides the earlier one.
+    let mut by_point: BTreeMap<String, Mount> = BTreeMap::new();
+    for m in mounts {
+        if cfg.fs_type_exclude.iter().any(|t| t == &m.fs_type) {
+            by_point.remove(&m.mount_point);
+            continue;
+        }
+        by_point.insert(m.mount_point.clone(), m);
+    }
+    let mut seen: HashMap<(String, String), String> = HashMap::new();
+    let mut keep: Vec<Mount> = Vec::new();
+    for m in by_point.into_values() {
+        if cfg.mount_exclude.is_match(&m.mount_point)
+            || cfg
+                .mount_include
+                .as_ref()
+                .is_some_and(|r| !r.is_match(&m.mount_point))
+        {
+            continue;
+        }
+        let key = (m.majmin.clone(), m.root.clone());
+        match seen.get(&key) {
+            Some(first) if shorter(first, &m.mount_point) => continue,
+            Some(first) => {
+                let first = first.clone();
+                keep.retain(|k| k.mount_point != first);
+            }
+            None => {}
+        }
+        seen.insert(key, m.mount_point.clone());
+        keep.push(m);
+    }
+    keep.sort_by(|a, b| a.mount_point.cmp(&b.mount_point));
+    keep
+}
+
+fn shorter(a: &str, b: &str) -> bool {
+    (a.len(), a) <= (b.len(), b)
+}
+
+fn read_mounts(sink: &mut Sink, roots: &HostRoots) -> Option<Vec<Mount>> {
+    use procfs::process::MountInfos;
+    // The host's mount namespace (pid 1) when we can see it, else our own.
+    let infos = match roots.parse_proc::<MountInfos>("1/mountinfo") {
+        Ok(m) => m,
+        Err(e @ ReadError::Parse { .. }) => {
+            sink.fail(NAME, e.to_string());
+            return None;
+        }
+        Err(e) => {
+            tracing::debug!(collector = NAME, error = %e, "using self/mountinfo");
+            sink.read(NAME, roots.parse_proc::<MountInfos>("self/mountinfo"))?
+        }
+    };
+    Some(
+        infos
+            .0
+            .into_iter()
+            .map(|m| {
+                let readonly =
+                    m.mount_options.contains_key("ro") || m.super_options.contains_key("ro");
+                Mount {
+                    mount_point: unescape_mount_path(&m.mount_point.to_string_lossy()),
+                    device: m
+                        .mount_source
+                        .as_deref()
+                        .map_or_else(|| "none".to_string(), unescape_mount_path),
+                    fs_type: m.fs_type,
+                    majmin: m.majmin,
+                    root: unescape_mount_path(&m.root),
+                    readonly,
+                }
+            })
+            .collect(),
+    )
+}
+
+impl StorageCollector {
+    fn export_mounts(
+        &self,
+        sink: &mut Sink,
+        roots: &HostRoots,
+        mounts: &[Mount],
+        cfg: &StorageConfig,
+    ) {
+        let deadline = cfg.statvfs_deadline;
+        let started = Instant::now();
+        let pending: Vec<_> = mounts
+            .iter()
+            .map(|m| {
+                let f = self.statvfs.clone();
+                let r = roots.clone();
+                let point = m.mount_point.clone();
+                self.flight.start(m.mount_point.clone(), deadline, move || {
+                    match f(&r, &point) {
+                        Ok(s) => Statvfs::Stats(s),
+                        Err(e) if skippable(&e) => Statvfs::Skipped(e.to_string()),
+                        Err(e) => Statvfs::Failed(e.to_string()),
+                    }
+                })
+            })
+            .collect();
+        let until = started + deadline;
+        for (m, p) in mounts.iter().zip(pending) {
+            let labels = [
+                ("mountpoint", m.mount_point.as_str()),
+                ("device", m.device.as_str()),
+                ("fstype", m.fs_type.as_str()),
+            ];
+            sink.gauge(
+                "storage_readonly",
+                "Whether the filesystem is mounted read-only (/proc/1/mountinfo mount options).",
+                &labels,
+                if m.readonly { 1.0 } else { 0.0 },
+            );
+            let outcome = p.wait_until(until);
+            let stuck = !matches!(outcome, Outcome::Done(_));
+            sink.gauge(
+                "storage_mount_stuck",
+                "Whether statvfs on the mount point missed its deadline (storage.statvfs_deadline_secs); a stuck mount has no size series.",
+                &labels,
+                if stuck { 1.0 } else { 0.0 },
+            );
+            match outcome {
+                Outcome::Done(Statvfs::Stats(s)) => export_fs_stats(sink, &labels, &s),
+                Outcome::Done(Statvfs::Skipped(e)) => {
+                    tracing::debug!(collector = NAME, mountpoint = %m.mount_point, error = %e, "statvfs not possible, size left out");
+                }
+                Outcome::Done(Statvfs::Failed(e)) => sink.fail(NAME, e),
+                Outcome::TimedOut => {
+                    tracing::warn!(collector = NAME, mountpoint = %m.mount_point, deadline = ?deadline, "statvfs missed its deadline, mount reported stuck");
+                }
+                Outcome::StillRunning { since } => {
+                    tracing::warn!(collector = NAME, mountpoint = %m.mount_point, stuck_for = ?since, "statvfs still stuck from an earlier scrape");
+                }
+            }
+        }
+    }
+}
+
+fn skippable(e: &ReadError) -> bool {
+    match e {
+        ReadError::Missing(_) => true,
+        ReadError::Io { source, .. } => source.kind() == std::io::ErrorKind::PermissionDenied,
+        ReadError::Parse { .. } => false,
+    }
+}
+
+fn export_fs_stats(sink: &mut Sink, labels: &[(&str, &str)], s: &FsStats) {
+    sink.gauge(
+        "storage_total_bytes",
+        "Filesystem size (statvfs f_blocks * f_frsize).",
+        labels,
+        s.total_bytes as f64,
+    );
+    sink.gauge(
+        "storage_used_bytes",
+        "Filesystem space in use (statvfs (f_blocks - f_bfree) * f_frsize).",
+        labels,
+        s.total_bytes.saturating_sub(s.free_bytes) as f64,
+    );
+    sink.gauge(
+        "storage_available_bytes",
+        "Filesystem space available to unprivileged users (statvfs f_bavail * f_frsize).",
+        labels,
+        s.available_bytes as f64,
+    );
+    // Not `storage_inodes_total`: promtool reserves _total for counters.
+    sink.gauge(
+        "storage_inodes",
+        "Filesystem inodes (statvfs f_files).",
+        labels,
+        s.files as f64,
+    );
+    sink.gauge(
+        "storage_inodes_free",
+        "Free filesystem inodes (statvfs f_ffree).",
+        labels,
+        s.files_free as f64,
+    );
+}
+
+/// Whole block devices worth exporting: not partitions, RAM or loop devices.
+pub fn is_exported_block_device(name: &str) -> bool {
+    static SKIP: OnceLock<Option<Regex>> = OnceLock::new();
+    SKIP.get_or_init(|| {
+        Regex::new(r"^(z?ram|loop|fd|(h|s|v|xv)d[a-z]+|nvme\d+n\d+p|mmcblk\d+p)\d+$").ok()
+    })
+    .as_ref()
+    .is_none_or(|r| !r.is_match(name))
+}
+
+/// Per device counters from /proc/diskstats; returns the devices exported.
+fn export_diskstats(sink: &mut Sink, roots: &HostRoots) -> BTreeSet<String> {
+    let mut devices = BTreeSet::new();
+    let Some(stats) = sink.read(NAME, roots.parse_proc::<procfs::DiskStats>("diskstats")) else {
+        return devices;
+    };
+    const SECTOR: f64 = 512.0;
+    for d in stats.0.iter().filter(|d| is_exported_block_device(&d.name)) {
+        let l = [("device", d.name.as_str())];
+        sink.counter(
+            "storage_reads_total",
+            "Reads completed (/proc/diskstats field 4).",
+            &l,
+            d.reads as f64,
+        );
+        sink.counter(
+            "storage_writes_total",
+            "Writes completed (/proc/diskstats field 8).",
+            &l,
+            d.writes as f64,
+        );
+        sink.counter(
+            "storage_read_bytes_total",
+            "Bytes read (/proc/diskstats sectors read * 512).",
+            &l,
+            d.sectors_read as f64 * SECTOR,
+        );
+        sink.counter(
+            "storage_written_bytes_total",
+            "Bytes written (/proc/diskstats sectors written * 512).",
+            &l,
+            d.sectors_written as f64 * SECTOR,
+        );
+        sink.counter(
+            "storage_io_time_seconds_total",
+            "Time the device had I/O in flight (/proc/diskstats field 13).",
+            &l,
+            d.time_in_progress as f64 / 1e3,
+        );
+        sink.counter(
+            "storage_io_weighted_time_seconds_total",
+            "I/O time weighted by the number of I/Os in flight (/proc/diskstats field 14).",
+            &l,
+            d.weighted_time_in_progress as f64 / 1e3,
+        );
+        sink.gauge(
+            "storage_io_in_progress",
+            "I/Os in flight (/proc/diskstats field 12).",
+            &l,
+            d.in_progress as f64,
+        );
+        devices.insert(d.name.clone());
+    }
+    devices
+}
+
+/// `storage_errors_total{source="scsi"}` from `<sysfs>/block/*/device/ioerr_cnt` (hexadecimal).
+fn export_scsi_errors(sink: &mut Sink, roots: &HostRoots) {
+    let dir = roots.sys_path("block");
+    let Some(names) = sink.read(NAME, roots.list_dir(&dir)) else {
+        return;
+    };
+    for name in names {
+        let path = dir.join(&name).join("device/ioerr_cnt");
+        if let Some(v) = sink.read(NAME, roots.read_u64(&path)) {
+            sink.counter(
+                "storage_errors_total",
+                STORAGE_ERRORS_HELP,
+                &[("device", &name), ("source", "scsi")],
+                v as f64,
+            );
+        }
+    }
+}
+
+const STORAGE_ERRORS_HELP: &str = "Device I/O errors: source=\"scsi\" from /sys/block/*/device/ioerr_cnt, source=\"kmsg\" from kernel-log \"I/O error, dev X\" lines since the agent started.";
+
+/// `storage_errors_total{source="kmsg"}`: errors the kernel-log watcher
+/// counted since the agent started; 0 for every exported device while the log
+/// is readable (a true count), nothing when it is not.
+fn export_kmsg_errors(sink: &mut Sink, ctx: &Context, devices: &BTreeSet<String>) {
+    if ctx.events.readable() != Some(true) {
+        return;
+    }
+    let mut counts: BTreeMap<String, u64> = devices.iter().map(|d| (d.clone(), 0)).collect();
+    counts.extend(ctx.events.io_errors());
+    for (device, n) in counts {
+        sink.counter(
+            "storage_errors_total",
+            STORAGE_ERRORS_HELP,
+            &[("device", &device), ("source", "kmsg")],
+            n as f64,
+        );
+    }
+}
+
+/// Recognises a block-layer request error:
+/// `blk_update_request: I/O error, dev sda, sector 2048 op 0x0:(READ) ...`,
+/// `I/O error, dev nvme0n1, sector 1234 op 0x1:(WRITE) ...` and the other
+/// kinds the block layer prints the same way (`critical medium error, dev sdb, ...`).
+/// "Buffer I/O error on dev sda1" lines are not counted: they repeat the
+/// block-layer error once per buffer.
+pub fn parse_kmsg(message: &str) -> Option<EventKind> {
+    let at = message.find(" error, dev ")? + " error, dev ".len();
+    let device: String = message[at..]
+        .chars()
+        .take_while(|c| !matches!(c, ',' | ' '))
+        .collect();
+    let valid = !device.is_empty()
+        && device
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '!'));
+    valid.then_some(EventKind::IoError { device })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collector::testutil::{context, scrape};
+    use expect_test::{expect, Expect};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// A statvfs with pinned values: `/mnt/nfs` hangs until `release` is set.
+    struct FakeStatvfs {
+        release: Arc<AtomicBool>,
+        nfs_calls: Arc<AtomicUsize>,
+    }
+
+    impl FakeStatvfs {
+        fn new() -> FakeStatvfs {
+            FakeStatvfs {
+                release: Arc::new(AtomicBool::new(false)),
+                nfs_calls: Arc::new(AtomicUsize::new(0)),
+            }
+        }
+
+        fn func(&self) -> StatvfsFn {
+            let release = self.release.clone();
+            let calls = self.nfs_calls.clone();
+            Arc::new(move |_roots: &HostRoots, point: &str| {
+                let gib = 1u64 << 30;
+                let stats = |total: u64, free: u64, avail: u64| FsStats {
+                    total_bytes: total * gib,
+                    free_bytes: free * gib,
+                    available_bytes: avail * gib,
+                    files: total * 1000,
+                    files_free: free * 1000,
+                    readonly: false,
+                };
+                match point {
+                    "/" => Ok(stats(100, 40, 35)),
+                    "/boot/efi" => Ok(stats(1, 1, 1)),
+                    "/data" => Ok(stats(4000, 1000, 1000)),
+                    "/home" => Ok(stats(100, 40, 35)),
+                    "/mnt/my archive" => Err(ReadError::Io {
+                        path: "/mnt/my archive".into(),
+                        source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+                    }),
+                    "/mnt/nfs" => {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        while !release.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Ok(stats(10, 5, 5))
+                    }
+                    other => Err(ReadError::Missing(other.into())),
+                }
+            })
+        }
+    }
+
+    impl Drop for FakeStatvfs {
+        fn drop(&mut self) {
+            self.release.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn check(scenario: &str, expect: Expect) {
+        let fake = FakeStatvfs::new();
+        let ctx = context(scenario, |c| {
+            c.storage.statvfs_deadline = Duration::from_millis(100);
+        });
+        let c = StorageCollector::with_statvfs(fake.func());
+        expect.assert_eq(&scrape(&c, &ctx));
+    }
+
+    #[test]
+    fn full_fixture() {
+        check(
+            "full",
+            expect![[r#"
+                storage_available_bytes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 37580963840
+                storage_available_bytes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1073741824
+                storage_available_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 1073741824000
+                storage_available_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 37580963840
+                storage_errors_total{device="sda",source="scsi"} 31
+                storage_errors_total{device="dm-0",source="kmsg"} 0
+                storage_errors_total{device="md0",source="kmsg"} 0
+                storage_errors_total{device="nvme0n1",source="kmsg"} 1
+                storage_errors_total{device="sda",source="kmsg"} 2
+                storage_inodes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 100000
+                storage_inodes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1000
+                storage_inodes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 4000000
+                storage_inodes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 100000
+                storage_inodes_free{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 40000
+                storage_inodes_free{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1000
+                storage_inodes_free{mountpoint="/data",device="/dev/md0",fstype="xfs"} 1000000
+                storage_inodes_free{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 40000
+                storage_io_in_progress{device="nvme0n1"} 2
+                storage_io_in_progress{device="sda"} 0
+                storage_io_in_progress{device="md0"} 1
+                storage_io_in_progress{device="dm-0"} 0
+                storage_io_pressure_stall_seconds_total{kind="some"} 10.321193
+                storage_io_pressure_stall_seconds_total{kind="full"} 7.393002
+                storage_io_time_seconds_total{device="nvme0n1"} 3
+                storage_io_time_seconds_total{device="sda"} 0.4
+                storage_io_time_seconds_total{device="md0"} 0
+                storage_io_time_seconds_total{device="dm-0"} 0.045
+                storage_io_weighted_time_seconds_total{device="nvme0n1"} 4
+                storage_io_weighted_time_seconds_total{device="sda"} 0.3
+                storage_io_weighted_time_seconds_total{device="md0"} 0
+                storage_io_weighted_time_seconds_total{device="dm-0"} 0.05
+                storage_mount_stuck{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 0
+                storage_mount_stuck{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 0
+                storage_mount_stuck{mountpoint="/data",device="/dev/md0",fstype="xfs"} 0
+                storage_mount_stuck{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 0
+                storage_mount_stuck{mountpoint="/mnt/my archive",device="/dev/mapper/archive",fstype="ext4"} 0
+                storage_mount_stuck{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 1
+                storage_read_bytes_total{device="nvme0n1"} 104857600
+                storage_read_bytes_total{device="sda"} 52428800
+                storage_read_bytes_total{device="md0"} 716800
+                storage_read_bytes_total{device="dm-0"} 614400
+                storage_readonly{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 0
+                storage_readonly{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 0
+                storage_readonly{mountpoint="/data",device="/dev/md0",fstype="xfs"} 0
+                storage_readonly{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 0
+                storage_readonly{mountpoint="/mnt/my archive",device="/dev/mapper/archive",fstype="ext4"} 1
+                storage_readonly{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 0
+                storage_reads_total{device="nvme0n1"} 1000
+                storage_reads_total{device="sda"} 500
+                storage_reads_total{device="md0"} 70
+                storage_reads_total{device="dm-0"} 60
+                storage_total_bytes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 107374182400
+                storage_total_bytes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 1073741824
+                storage_total_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 4294967296000
+                storage_total_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 107374182400
+                storage_used_bytes{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 64424509440
+                storage_used_bytes{mountpoint="/boot/efi",device="/dev/nvme0n1p1",fstype="vfat"} 0
+                storage_used_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 3221225472000
+                storage_used_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 64424509440
+                storage_writes_total{device="nvme0n1"} 2000
+                storage_writes_total{device="sda"} 100
+                storage_writes_total{device="md0"} 30
+                storage_writes_total{device="dm-0"} 20
+                storage_written_bytes_total{device="nvme0n1"} 209715200
+                storage_written_bytes_total{device="sda"} 4194304
+                storage_written_bytes_total{device="md0"} 307200
+                storage_written_bytes_total{device="dm-0"} 204800
+            "#]],
+        );
+    }
+
+    #[test]
+    fn missing_files_leave_series_out_without_failing() {
+        check("missing", expect![[r#""#]]);
+    }
+
+    #[test]
+    fn malformed_files_fail_and_leave_series_out() {
+        check(
+            "malformed",
+            expect![[r#"
+            FAILED F/malformed/proc/1/mountinfo: unexpected contents: a field is missing
+            FAILED F/malformed/proc/diskstats: unexpected contents: Failed to parse expect!(s.next()) ("five") as a u64: invalid digit found in string
+            FAILED F/malformed/proc/pressure/io: no "some" line
+            FAILED F/malformed/sys/block/sda/device/ioerr_cnt: expected an unsigned integer, found "0xzz"
+        "#]],
+        );
+    }
+
+    #[test]
+    fn hung_mount_holds_one_thread_and_never_delays_the_scrape() {
+        let fake = FakeStatvfs::new();
+        let deadline = Duration::from_millis(100);
+        let ctx = context("full", |c| c.storage.statvfs_deadline = deadline);
+        let c = StorageCollector::with_statvfs(fake.func());
+        for _ in 0..5 {
+            let started = Instant::now();
+            let out = scrape(&c, &ctx);
+            let took = started.elapsed();
+            assert!(
+                took < deadline + Duration::from_millis(400),
+                "scrape took {took:?}"
+            );
+            assert!(out.contains(r#"storage_mount_stuck{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 1"#), "{out}");
+            assert!(
+                out.contains(
+                    r#"storage_mount_stuck{mountpoint="/data",device="/dev/md0",fstype="xfs"} 0"#
+                ),
+                "{out}"
+            );
+            assert!(
+                !out.contains(r#"storage_total_bytes{mountpoint="/mnt/nfs""#),
+                "{out}"
+            );
+        }
+        assert_eq!(
+            fake.nfs_calls.load(Ordering::SeqCst),
+            1,
+            "one thread, not one per scrape"
+        );
+        // The other mounts' threads free their slots just after answering.
+        let until = Instant::now() + Duration::from_secs(2);
+        while c.statvfs_in_flight() > 1 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            c.statvfs_in_flight(),
+            1,
+            "only the hung mount holds a thread"
+        );
+        // When the server comes back the mount is no longer stuck.
+        fake.release.store(true, Ordering::SeqCst);
+        let until = Instant::now() + Duration::from_secs(2);
+        while c.statvfs_in_flight() > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let out = scrape(&c, &ctx);
+        assert!(out.contains(r#"storage_mount_stuck{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 0"#), "{out}");
+        assert!(out.contains(r#"storage_total_bytes{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 10737418240"#), "{out}");
+    }
+
+    #[test]
+    fn real_statvfs_reads_the_fixture_root() {
+        let ctx = context("full", |_| {});
+        let c = StorageCollector::new(&ctx);
+        let out = scrape(&c, &ctx);
+        assert!(
+            out.contains(
+                r#"storage_mount_stuck{mountpoint="/",device="/dev/nvme0n1p2",fstype="ext4"} 0"#
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"storage_total_bytes{mountpoint="/mnt/my archive""#),
+            "{out}"
+        );
+        assert!(!out.contains("FAILED"), "{out}");
+    }
+
+    fn check_kmsg(message: &str, expect: Option<&str>) {
+        let want = expect.map(|d| EventKind::IoError {
+            device: d.to_string(),
+        });
+        assert_eq!(parse_kmsg(message), want, "{message}");
+    }
+
+    #[test]
+    fn parses_io_error_messages() {
+        check_kmsg("blk_update_request: I/O error, dev sda, sector 2048 op 0x0:(READ) flags 0x80700 phys_seg 1 prio class 0", Some("sda"));
+        check_kmsg("I/O error, dev nvme0n1, sector 1234 op 0x1:(WRITE) flags 0x800 phys_seg 1 prio class 2", Some("nvme0n1"));
+        check_kmsg("critical medium error, dev sdb, sector 99 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 0", Some("sdb"));
+        check_kmsg("end_request: I/O error, dev sdc, sector 12", Some("sdc"));
+        check_kmsg(
+            "Buffer I/O error on dev sda1, logical block 0, async page read",
+            None,
+        );
+        check_kmsg("EXT4-fs error (device sda1): ext4_find_entry:1455: inode #2: comm ls: reading directory lblock 0", None);
+        check_kmsg("I/O error, dev , sector 1", None);
+        check_kmsg("Out of memory: Killed process 1 (x) total-vm:1kB", None);
+    }
+
+    #[test]
+    fn block_device_filter() {
+        for d in ["sda", "nvme0n1", "vda", "dm-0", "md0", "xvdb", "mmcblk0"] {
+            assert!(is_exported_block_device(d), "{d}");
+        }
+        for d in [
+            "sda1",
+            "nvme0n1p2",
+            "loop0",
+            "ram1",
+            "zram0",
+            "vda3",
+            "mmcblk0p1",
+        ] {
+            assert!(!is_exported_block_device(d), "{d}");
+        }
+    }
+
+    fn mount(point: &str, fs: &str, majmin: &str, root: &str) -> Mount {
+        Mount {
+            mount_point: point.into(),
+            device: "/dev/x".into(),
+            fs_type: fs.into(),
+            majmin: majmin.into(),
+            root: root.into(),
+            readonly: false,
+        }
+    }
+
+    #[test]
+    fn selects_real_mounts_once() {
+        let cfg = crate::config::AgentConfig::default().storage;
+        let mounts = vec![
+            mount("/", "ext4", "259:2", "/"),
+            mount("/proc", "proc", "0:21", "/"),
+            mount("/run", "tmpfs", "0:25", "/"),
+            mount("/srv/data", "xfs", "9:0", "/"),
+            mount("/data", "xfs", "9:0", "/"),
+            mount("/home", "ext4", "259:2", "/home"),
+            mount("/var/lib/docker/overlay2/x/merged", "ext4", "259:2", "/"),
+            mount("/mnt/nfs", "nfs4", "0:50", "/"),
+            // Mounted over: the later mount on /mnt/nfs hides the first.
+            mount("/mnt/nfs", "nfs4", "0:51", "/"),
+        ];
+        let got: Vec<(String, String)> = select_mounts(mounts, &cfg)
+            .into_iter()
+            .map(|m| (m.mount_point, m.majmin))
+            .collect();
+        let want: Vec<(String, String)> = [
+            ("/", "259:2"),
+            ("/data", "9:0"),
+            ("/home", "259:2"),
+            ("/mnt/nfs", "0:51"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        assert_eq!(got, want);
+    }
 }

@@ -1,3 +1,308 @@
-//! GPU backends (to be written): the `GpuBackend` trait and its readings.
+//! GPU backends: the [`GpuBackend`] seam and the readings it returns.
+//!
+//! A backend returns a [`Snapshot`]: driver-wide facts and one
+//! [`DeviceReading`] per GPU. Every reading is an `Option` (or an empty list):
+//! a value that could not be read is `None` and its series is left out, never
+//! exported as 0. The readings deserialize from the fake backend's JSON
+//! fixture format (see docs/gpu.md), so the fixture and the NVML backend fill
+//! the same structure.
+//! Only `nvml.rs` touches NVML; this module must not read the host or render
+//! metrics (that is `crate::collector::gpu`).
 
+pub mod fake;
+pub mod nvml;
 pub mod xid;
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+/// A source of GPU readings. Calls may block (NVML on a sick GPU): the
+/// collector only calls `snapshot` through a deadline-bounded single flight.
+pub trait GpuBackend: Send + Sync {
+    /// `nvml` or `fake`; feeds `gpuops_build_info{gpu_backend}`.
+    fn kind(&self) -> &'static str;
+    /// Reads every GPU once. An error means no GPU could be read at all; a
+    /// single GPU that stops answering is a reading with `lost` set.
+    fn snapshot(&self) -> Result<Arc<Snapshot>, String>;
+}
+
+/// One pass over all GPUs.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Snapshot {
+    /// The kernel driver's version, e.g. `550.54.15`.
+    pub driver_version: Option<String>,
+    /// The CUDA version the driver supports, e.g. `12.4`.
+    pub cuda_version: Option<String>,
+    pub devices: Vec<DeviceReading>,
+}
+
+/// Everything read from one GPU. Field names are the fake fixture's JSON keys.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceReading {
+    /// NVML's index (the `gpu` label).
+    pub index: u32,
+    /// `GPU-xxxxxxxx-...`; empty when it could not be read.
+    pub uuid: String,
+    /// Product name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// Normalised with [`normalize_pci_bus_id`]: `00000000:3B:00.0`.
+    pub pci_bus_id: String,
+    /// The `/dev/nvidiaN` minor number (dcgm-exporter's `device` label).
+    pub minor_number: Option<u32>,
+    pub vbios_version: Option<String>,
+    /// Set when the GPU stopped answering (lost, fell off the bus, timed out):
+    /// the reason. Such a GPU exports `gpu_up 0` and nothing else.
+    pub lost: Option<String>,
+    pub utilization_percent: Option<f64>,
+    pub memory_utilization_percent: Option<f64>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub temperature_celsius: Option<f64>,
+    pub memory_temperature_celsius: Option<f64>,
+    pub power_watts: Option<f64>,
+    pub power_limit_watts: Option<f64>,
+    /// Energy used since the driver was loaded.
+    pub energy_joules: Option<f64>,
+    pub sm_clock_mhz: Option<f64>,
+    pub memory_clock_mhz: Option<f64>,
+    /// Clock-event (throttle) reasons; `None` when NVML cannot tell.
+    pub clock_events: Option<ClockEvents>,
+    /// Fan speed per fan, in percent of the maximum (empty: no fans, e.g. SXM).
+    pub fan_speed_percent: Vec<f64>,
+    pub pcie_replay_total: Option<u64>,
+    pub pcie_link_generation: Option<u32>,
+    pub pcie_link_width: Option<u32>,
+    pub ecc: EccCounts,
+    pub retired_pages: RetiredPages,
+    pub remapped_rows: RemappedRows,
+    pub nvlinks: Vec<NvLinkReading>,
+    pub mig: Vec<MigReading>,
+    pub processes: Vec<ProcessReading>,
+    /// How long the backend took to read this GPU (NVML only; not in fixtures).
+    #[serde(skip)]
+    pub read_seconds: Option<f64>,
+}
+
+/// Which clock-event reasons the GPU supports and which are active now.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClockEvents {
+    /// Reasons the GPU can report; exported as 0 or 1 each.
+    #[serde(default = "ClockEventReason::all")]
+    pub supported: Vec<ClockEventReason>,
+    /// Reasons holding the clocks down now.
+    #[serde(default)]
+    pub active: Vec<ClockEventReason>,
+}
+
+/// Every clock-event ("throttle") reason NVML defines.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockEventReason {
+    /// Nothing runs; clocks are idle.
+    GpuIdle,
+    /// Application clocks (or user-defined clocks) set below the maximum.
+    ApplicationsClocksSetting,
+    /// Software power capping (the power limit).
+    SwPowerCap,
+    /// Hardware slowdown: thermal, power brake or external signal.
+    HwSlowdown,
+    /// Held in step with other GPUs of a sync-boost group.
+    SyncBoost,
+    /// Software thermal slowdown (GPU or memory above its target temperature).
+    SwThermalSlowdown,
+    /// Hardware thermal slowdown (too hot).
+    HwThermalSlowdown,
+    /// Hardware power brake (external power brake signal).
+    HwPowerBrakeSlowdown,
+    /// Display clock setting.
+    DisplayClockSetting,
+}
+
+impl ClockEventReason {
+    pub const ALL: [ClockEventReason; 9] = [
+        ClockEventReason::GpuIdle,
+        ClockEventReason::ApplicationsClocksSetting,
+        ClockEventReason::SwPowerCap,
+        ClockEventReason::HwSlowdown,
+        ClockEventReason::SyncBoost,
+        ClockEventReason::SwThermalSlowdown,
+        ClockEventReason::HwThermalSlowdown,
+        ClockEventReason::HwPowerBrakeSlowdown,
+        ClockEventReason::DisplayClockSetting,
+    ];
+
+    pub fn all() -> Vec<ClockEventReason> {
+        ClockEventReason::ALL.to_vec()
+    }
+
+    /// NVML's bit for the reason (`nvmlClocksEventReason*`), as in
+    /// dcgm-exporter's `DCGM_FI_DEV_CLOCK_THROTTLE_REASONS` bitmask.
+    pub fn bit(self) -> u64 {
+        match self {
+            ClockEventReason::GpuIdle => 0x1,
+            ClockEventReason::ApplicationsClocksSetting => 0x2,
+            ClockEventReason::SwPowerCap => 0x4,
+            ClockEventReason::HwSlowdown => 0x8,
+            ClockEventReason::SyncBoost => 0x10,
+            ClockEventReason::SwThermalSlowdown => 0x20,
+            ClockEventReason::HwThermalSlowdown => 0x40,
+            ClockEventReason::HwPowerBrakeSlowdown => 0x80,
+            ClockEventReason::DisplayClockSetting => 0x100,
+        }
+    }
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClockEventReason::GpuIdle => "gpu_idle",
+            ClockEventReason::ApplicationsClocksSetting => "applications_clocks_setting",
+            ClockEventReason::SwPowerCap => "sw_power_cap",
+            ClockEventReason::HwSlowdown => "hw_slowdown",
+            ClockEventReason::SyncBoost => "sync_boost",
+            ClockEventReason::SwThermalSlowdown => "sw_thermal_slowdown",
+            ClockEventReason::HwThermalSlowdown => "hw_thermal_slowdown",
+            ClockEventReason::HwPowerBrakeSlowdown => "hw_power_brake_slowdown",
+            ClockEventReason::DisplayClockSetting => "display_clock_setting",
+        }
+    }
+}
+
+/// ECC error counts (corrected = single-bit, uncorrected = double-bit).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EccCounts {
+    /// Since the driver was loaded.
+    pub corrected_volatile: Option<u64>,
+    pub uncorrected_volatile: Option<u64>,
+    /// Over the GPU's lifetime (infoROM).
+    pub corrected_aggregate: Option<u64>,
+    pub uncorrected_aggregate: Option<u64>,
+}
+
+/// Pages retired by the driver (pre-Ampere GPUs; Ampere and later remap rows).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetiredPages {
+    pub single_bit_ecc: Option<u64>,
+    pub double_bit_ecc: Option<u64>,
+}
+
+/// HBM row remapping (Ampere and later).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemappedRows {
+    /// Rows remapped because of correctable errors.
+    pub correctable: Option<u64>,
+    /// Rows remapped because of uncorrectable errors.
+    pub uncorrectable: Option<u64>,
+    /// 1 when a remap is pending (takes effect at the next GPU reset).
+    pub pending: Option<u64>,
+    /// 1 when a remap failed (no spare rows left: replace the GPU).
+    pub failure: Option<u64>,
+}
+
+/// Error counters of one NVLink link.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NvLinkReading {
+    pub link: u32,
+    /// Data-link transmit replays.
+    pub replay: Option<u64>,
+    /// Data-link recoveries.
+    pub recovery: Option<u64>,
+    /// Flow-control digit CRC errors.
+    pub crc_flit: Option<u64>,
+    /// Data CRC errors.
+    pub crc_data: Option<u64>,
+}
+
+/// One MIG instance of a GPU with MIG mode on.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MigReading {
+    pub gpu_instance_id: Option<u32>,
+    pub compute_instance_id: Option<u32>,
+    /// e.g. `1g.10gb`.
+    pub profile: String,
+    /// `MIG-xxxxxxxx-...`.
+    pub uuid: String,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+}
+
+/// A process using the GPU.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcessReading {
+    pub pid: u32,
+    pub memory_used_bytes: Option<u64>,
+}
+
+/// Normalises a PCI bus id to NVML's form `00000000:3B:00.0` (8-hex-digit
+/// domain, upper-case hex, function). Accepts the kernel log's `0000:3b:00`,
+/// NVML's `00000000:3B:00.0` and sysfs's `0000:3b:00.0`. `None` if it is not
+/// a bus id.
+pub fn normalize_pci_bus_id(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    let raw = raw.strip_prefix("PCI:").unwrap_or(raw);
+    let (rest, function) = match raw.rsplit_once('.') {
+        Some((r, f)) => (r, f),
+        None => (raw, "0"),
+    };
+    let mut parts = rest.split(':');
+    let (domain, bus, device) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(d), Some(b), Some(dev), None) => (d, b, dev),
+        (Some(b), Some(dev), None, None) => ("0", b, dev),
+        _ => return None,
+    };
+    let hex = |s: &str, max_len: usize| -> Option<u32> {
+        if s.is_empty() || s.len() > max_len {
+            return None;
+        }
+        u32::from_str_radix(s, 16).ok()
+    };
+    let domain = hex(domain, 8)?;
+    let bus = hex(bus, 2)?;
+    let device = hex(device, 2)?;
+    let function = hex(function, 1)?;
+    Some(format!("{domain:08X}:{bus:02X}:{device:02X}.{function:X}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expect: Option<&str>) {
+        assert_eq!(
+            normalize_pci_bus_id(input).as_deref(),
+            expect,
+            "input {input:?}"
+        );
+    }
+
+    #[test]
+    fn normalizes_bus_ids() {
+        check("0000:3b:00", Some("00000000:3B:00.0"));
+        check("PCI:0000:3b:00", Some("00000000:3B:00.0"));
+        check("00000000:3B:00.0", Some("00000000:3B:00.0"));
+        check("0000:c1:00.1", Some("00000000:C1:00.1"));
+        check("0001:1a:00", Some("00000001:1A:00.0"));
+        check("3b:00", Some("00000000:3B:00.0"));
+        check("", None);
+        check("zz:00:00", None);
+        check("0000:3b:00:00", None);
+        check("0000:3b:00.12", None);
+    }
+
+    #[test]
+    fn every_clock_event_reason_has_a_distinct_label() {
+        let mut names: Vec<_> = ClockEventReason::ALL.iter().map(|r| r.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), ClockEventReason::ALL.len());
+    }
+}

@@ -1,0 +1,589 @@
+//! AlertManager's webhook payload (version 4), its receiver route
+//! `POST /alertmanager`, and the alert-group → [`AlertMessage`] rendering.
+//!
+//! Parsing is tolerant (unknown fields are ignored; new ones keep arriving)
+//! but the fields we rely on are checked, and a bad payload is answered 400
+//! with what is wrong. The route answers 200 only after the payload is
+//! committed to the store. This module talks to no chat platform.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use crate::bot::BotState;
+use crate::notify::{AlertLine, AlertMessage, Button, GroupStatus, Message};
+use crate::routing::{Routing, Tier};
+use crate::store::{GroupRecord, GroupUpdate, IngestResult};
+
+/// One AlertManager notification: one alert group's current state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Webhook {
+    #[serde(default)]
+    pub version: String,
+    pub group_key: String,
+    #[serde(default)]
+    pub truncated_alerts: u64,
+    pub status: String,
+    #[serde(default)]
+    pub receiver: String,
+    #[serde(default)]
+    pub group_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub common_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub common_annotations: BTreeMap<String, String>,
+    #[serde(rename = "externalURL", default)]
+    pub external_url: String,
+    pub alerts: Vec<Alert>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Alert {
+    pub status: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub starts_at: String,
+    #[serde(default)]
+    pub ends_at: String,
+    #[serde(rename = "generatorURL", default)]
+    pub generator_url: String,
+    #[serde(default)]
+    pub fingerprint: String,
+}
+
+/// Why a payload was refused (the 400 body).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PayloadError(pub String);
+
+impl Webhook {
+    /// Parses and checks a webhook body.
+    pub fn parse(body: &[u8]) -> Result<Webhook, PayloadError> {
+        let w: Webhook = serde_json::from_slice(body)
+            .map_err(|e| PayloadError(format!("invalid AlertManager webhook JSON: {e}")))?;
+        w.check()?;
+        Ok(w)
+    }
+
+    fn check(&self) -> Result<(), PayloadError> {
+        if !self.version.is_empty() && self.version != "4" {
+            tracing::debug!(version = %self.version, "webhook version is not 4; parsing anyway");
+        }
+        if self.group_key.trim().is_empty() {
+            return Err(PayloadError("groupKey must not be empty".into()));
+        }
+        if !matches!(self.status.as_str(), "firing" | "resolved") {
+            return Err(PayloadError(format!(
+                "status must be \"firing\" or \"resolved\", got {:?}",
+                self.status
+            )));
+        }
+        if self.alerts.is_empty() {
+            return Err(PayloadError("alerts must not be empty".into()));
+        }
+        for (i, a) in self.alerts.iter().enumerate() {
+            if !matches!(a.status.as_str(), "firing" | "resolved") {
+                return Err(PayloadError(format!(
+                    "alerts[{i}].status must be \"firing\" or \"resolved\", got {:?}",
+                    a.status
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A hash of what a responder sees: group status and, per alert, its
+    /// identity, status, start and annotations. Two AlertManager replicas
+    /// sending the same state give the same hash; `endsAt` (which differs
+    /// between replicas for firing alerts) is left out.
+    pub fn state_hash(&self) -> String {
+        let mut alerts: Vec<String> = self
+            .alerts
+            .iter()
+            .map(|a| {
+                let id = if a.fingerprint.is_empty() {
+                    serde_json::to_string(&a.labels).unwrap_or_default()
+                } else {
+                    a.fingerprint.clone()
+                };
+                let ann = serde_json::to_string(&a.annotations).unwrap_or_default();
+                format!("{id}\u{1f}{}\u{1f}{}\u{1f}{ann}", a.status, a.starts_at)
+            })
+            .collect();
+        alerts.sort();
+        let mut h = sha2::Sha256::new();
+        h.update(self.status.as_bytes());
+        h.update(self.truncated_alerts.to_le_bytes());
+        for a in &alerts {
+            h.update([0x1e]);
+            h.update(a.as_bytes());
+        }
+        hex::encode(&h.finalize()[..16])
+    }
+
+    /// Labels shared by the group (common ∪ group labels).
+    pub fn shared_labels(&self) -> BTreeMap<String, String> {
+        let mut l = self.common_labels.clone();
+        for (k, v) in &self.group_labels {
+            l.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        l
+    }
+
+    pub fn firing(&self) -> usize {
+        self.alerts.iter().filter(|a| a.status == "firing").count()
+    }
+}
+
+/// Ingests one parsed webhook: classify, route, store (one transaction).
+/// Shared by the HTTP route and the start-up test alert.
+pub async fn ingest(
+    state: &BotState,
+    raw: String,
+    hook: &Webhook,
+) -> Result<IngestResult, crate::store::Error> {
+    let routing = &state.config.routing;
+    let class = routing.classify_group(
+        hook.alerts
+            .iter()
+            .map(|a| a.labels.get("severity").map(String::as_str)),
+    );
+    let targets = routing.targets(class.tier, &hook.shared_labels());
+    if targets.is_empty() {
+        tracing::warn!(
+            group_key = %hook.group_key,
+            tier = %class.tier,
+            "no destination is configured for this tier; the alert is stored but not posted"
+        );
+    }
+    let update = GroupUpdate {
+        group_key: hook.group_key.clone(),
+        receiver: hook.receiver.clone(),
+        status: hook.status.clone(),
+        tier: class.tier.as_str().to_string(),
+        state_hash: hook.state_hash(),
+        state: serde_json::to_string(hook).unwrap_or_default(),
+        destinations: targets.iter().map(|t| t.key()).collect(),
+        resolved_reply: resolved_reply_text(hook),
+    };
+    let result = state.store.ingest(raw, update).await?;
+    for a in &hook.alerts {
+        let tier = routing
+            .classify(a.labels.get("severity").map(String::as_str))
+            .tier;
+        state
+            .metrics
+            .alerts_received
+            .with_label_values(&[a.status.as_str(), tier.as_str()])
+            .inc();
+    }
+    if result.enqueued > 0 {
+        state.outbox.wake();
+    }
+    Ok(result)
+}
+
+fn resolved_reply_text(hook: &Webhook) -> String {
+    let n = hook.alerts.len();
+    format!(
+        "✅ Resolved: {} — all {n} alert{} of this group resolved.",
+        group_title(hook),
+        if n == 1 { "" } else { "s" }
+    )
+}
+
+/// `POST /alertmanager`.
+pub async fn receive(
+    State(state): State<Arc<BotState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(token) = &state.config.server.webhook_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .unwrap_or("");
+        if !constant_time_eq(given.trim().as_bytes(), token.expose().as_bytes()) {
+            tracing::warn!("webhook refused: missing or wrong bearer token");
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        }
+    }
+    let hook = match Webhook::parse(&body) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, bytes = body.len(), "webhook refused");
+            return error(StatusCode::BAD_REQUEST, &e.0);
+        }
+    };
+    let raw = String::from_utf8_lossy(&body).into_owned();
+    match ingest(&state, raw, &hook).await {
+        Ok(r) => {
+            tracing::debug!(
+                group_key = %hook.group_key,
+                group_id = r.group_id,
+                duplicate = r.duplicate,
+                enqueued = r.enqueued,
+                "webhook stored"
+            );
+            (
+                StatusCode::OK,
+                Json(serde_json::json!({
+                    "status": "stored",
+                    "group_id": r.group_id,
+                    "duplicate": r.duplicate,
+                    "deliveries": r.enqueued,
+                })),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot store webhook; AlertManager will retry");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot store the webhook; retry later",
+            )
+        }
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// Compares secrets without an early exit.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Links the renderer can add (from `[alertmanager]` / `[prometheus]`).
+#[derive(Debug, Clone, Default)]
+pub struct Links {
+    pub alertmanager: Option<String>,
+}
+
+fn group_title(hook: &Webhook) -> String {
+    let shared = hook.shared_labels();
+    let name = shared
+        .get("alertname")
+        .cloned()
+        .or_else(|| {
+            hook.alerts
+                .first()
+                .and_then(|a| a.labels.get("alertname").cloned())
+        })
+        .unwrap_or_else(|| "alert".to_string());
+    let mut extra: Vec<String> = hook
+        .group_labels
+        .iter()
+        .filter(|(k, _)| k.as_str() != "alertname")
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    extra.truncate(3);
+    if extra.is_empty() {
+        name
+    } else {
+        format!("{name} ({})", extra.join(", "))
+    }
+}
+
+/// Label names shown in their own place (not repeated in an alert's line).
+const SHOWN_ELSEWHERE: &[&str] = &["alertname", "severity", "instance", "gpu", "job"];
+
+/// A runbook id (not a URL) named by `runbook`/`runbook_id` annotation or label.
+pub fn suggested_runbook(hook: &Webhook) -> Option<String> {
+    let looks_like_id = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    };
+    let from = |m: &BTreeMap<String, String>| {
+        ["runbook_id", "runbook"]
+            .iter()
+            .filter_map(|k| m.get(*k))
+            .find(|v| looks_like_id(v))
+            .cloned()
+    };
+    from(&hook.common_annotations)
+        .or_else(|| from(&hook.common_labels))
+        .or_else(|| {
+            hook.alerts
+                .iter()
+                .find_map(|a| from(&a.annotations).or_else(|| from(&a.labels)))
+        })
+}
+
+/// Builds the platform-neutral message for a stored group.
+pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Message {
+    let hook: Webhook = match serde_json::from_str(&group.state) {
+        Ok(h) => h,
+        Err(e) => {
+            return Message::Text(crate::notify::TextMessage {
+                text: format!(
+                    "gpuops could not render alert group {} (stored state unreadable: {e})",
+                    group.id
+                ),
+                code: None,
+            })
+        }
+    };
+    let class = routing.classify_group(
+        hook.alerts
+            .iter()
+            .map(|a| a.labels.get("severity").map(String::as_str)),
+    );
+    let shared = hook.shared_labels();
+    let severity = shared
+        .get("severity")
+        .cloned()
+        .or_else(|| {
+            let mut s: Vec<&str> = hook
+                .alerts
+                .iter()
+                .filter_map(|a| a.labels.get("severity").map(String::as_str))
+                .collect();
+            s.sort();
+            s.dedup();
+            (!s.is_empty()).then(|| s.join(", "))
+        })
+        .unwrap_or_else(|| "none".to_string());
+    let firing = hook.firing();
+    let status = if hook.status == "resolved" {
+        GroupStatus::Resolved
+    } else {
+        GroupStatus::Firing {
+            firing,
+            resolved: hook.alerts.len() - firing,
+        }
+    };
+    let mut alerts: Vec<&Alert> = hook.alerts.iter().collect();
+    // Firing first, then by start time: the newest trouble is at the top.
+    alerts.sort_by(|a, b| {
+        (a.status != "firing", &a.starts_at).cmp(&(b.status != "firing", &b.starts_at))
+    });
+    let lines = alerts
+        .iter()
+        .map(|a| {
+            let labels = a
+                .labels
+                .iter()
+                .filter(|(k, _)| !SHOWN_ELSEWHERE.contains(&k.as_str()) && !shared.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            AlertLine {
+                firing: a.status == "firing",
+                name: a.labels.get("alertname").cloned().unwrap_or_default(),
+                instance: a.labels.get("instance").cloned(),
+                gpu: a
+                    .labels
+                    .get("gpu")
+                    .or_else(|| a.labels.get("pci_bus_id"))
+                    .or_else(|| a.labels.get("uuid"))
+                    .cloned(),
+                labels,
+                summary: a.annotations.get("summary").cloned(),
+                generator_url: (!a.generator_url.is_empty()).then(|| a.generator_url.clone()),
+            }
+        })
+        .collect();
+    let first = |key: &str| {
+        hook.common_annotations.get(key).cloned().or_else(|| {
+            hook.alerts
+                .iter()
+                .find_map(|a| a.annotations.get(key).cloned())
+        })
+    };
+    let runbook_id = suggested_runbook(&hook);
+    let runbook_url = first("runbook_url").or_else(|| {
+        first("runbook").filter(|r| r.starts_with("http://") || r.starts_with("https://"))
+    });
+    let generator_url = hook
+        .alerts
+        .iter()
+        .find(|a| !a.generator_url.is_empty())
+        .map(|a| a.generator_url.clone());
+    let alertmanager_url = links
+        .alertmanager
+        .clone()
+        .or_else(|| (!hook.external_url.is_empty()).then(|| hook.external_url.clone()));
+    let mut buttons = Vec::new();
+    if status != GroupStatus::Resolved {
+        if group.ack.is_none() {
+            buttons.push(Button::Acknowledge);
+        }
+        buttons.push(Button::Silence1h);
+        if let Some(id) = &runbook_id {
+            buttons.push(Button::RunRunbook(id.clone()));
+        }
+    }
+    let is_test = shared.get("gpuops_test").is_some_and(|v| v == "true");
+    Message::Alert(Box::new(AlertMessage {
+        group_id: group.id,
+        tier: class.tier,
+        title: group_title(&hook),
+        summary: first("summary"),
+        description: first("description"),
+        severity,
+        severity_unknown: class.unknown,
+        status,
+        acknowledged: group.ack.clone(),
+        alerts: lines,
+        truncated_alerts: hook.truncated_alerts,
+        runbook_url,
+        runbook_id,
+        generator_url,
+        alertmanager_url,
+        buttons,
+        is_test,
+    }))
+}
+
+/// The clearly-labelled alert posted on start without a configuration.
+pub fn test_webhook() -> Webhook {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let labels = BTreeMap::from([
+        ("alertname".to_string(), "GpuopsTestAlert".to_string()),
+        ("severity".to_string(), "info".to_string()),
+        ("gpuops_test".to_string(), "true".to_string()),
+        ("instance".to_string(), "localhost".to_string()),
+    ]);
+    let annotations = BTreeMap::from([
+        (
+            "summary".to_string(),
+            "TEST ALERT from gpuops: the webhook → store → outbox → notifier pipeline works".to_string(),
+        ),
+        (
+            "description".to_string(),
+            "No configuration was given, so alerts are printed to this log. Point AlertManager at POST /alertmanager and write a bot.toml (see config/bot.example.toml) to post to Slack or Discord.".to_string(),
+        ),
+    ]);
+    Webhook {
+        version: "4".into(),
+        group_key: format!("gpuops-test-alert/{now}"),
+        truncated_alerts: 0,
+        status: "firing".into(),
+        receiver: "gpuops-self-test".into(),
+        group_labels: BTreeMap::from([("alertname".to_string(), "GpuopsTestAlert".to_string())]),
+        common_labels: labels.clone(),
+        common_annotations: annotations.clone(),
+        external_url: String::new(),
+        alerts: vec![Alert {
+            status: "firing".into(),
+            labels,
+            annotations,
+            starts_at: now,
+            ends_at: String::new(),
+            generator_url: String::new(),
+            fingerprint: "gpuops-test".into(),
+        }],
+    }
+}
+
+/// Tier of a stored group (for callers that only have the record).
+pub fn stored_tier(group: &GroupRecord) -> Option<Tier> {
+    Tier::parse(&group.tier)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(status: &str, alerts: &[(&str, &str)]) -> String {
+        let alerts: Vec<serde_json::Value> = alerts
+            .iter()
+            .map(|(instance, st)| {
+                serde_json::json!({
+                    "status": st,
+                    "labels": {"alertname": "GpuXid", "severity": "critical", "instance": instance},
+                    "annotations": {"summary": "xid"},
+                    "startsAt": "2026-01-01T00:00:00Z",
+                    "endsAt": "0001-01-01T00:00:00Z",
+                    "generatorURL": "http://prom/graph",
+                    "fingerprint": format!("fp-{instance}"),
+                    "newFieldFromTheFuture": 1
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "version": "4", "groupKey": "{}:{alertname=\"GpuXid\"}", "status": status,
+            "receiver": "gpuops", "groupLabels": {"alertname": "GpuXid"},
+            "commonLabels": {"alertname": "GpuXid", "severity": "critical"},
+            "commonAnnotations": {}, "externalURL": "http://am:9093", "alerts": alerts
+        })
+        .to_string()
+    }
+
+    fn check_refused(body: &str, expect: &str) {
+        let e = Webhook::parse(body.as_bytes()).unwrap_err();
+        assert!(e.0.contains(expect), "{e} does not contain {expect}");
+    }
+
+    #[test]
+    fn tolerant_parse_and_clear_refusals() {
+        let w = Webhook::parse(payload("firing", &[("n1", "firing")]).as_bytes()).unwrap();
+        assert_eq!(w.alerts.len(), 1);
+        check_refused("{", "invalid AlertManager webhook JSON");
+        check_refused(
+            r#"{"groupKey":"g","status":"firing"}"#,
+            "missing field `alerts`",
+        );
+        check_refused(
+            r#"{"groupKey":"g","status":"on fire","alerts":[{"status":"firing"}]}"#,
+            "status must be",
+        );
+        check_refused(
+            r#"{"groupKey":"g","status":"firing","alerts":[]}"#,
+            "alerts must not be empty",
+        );
+        check_refused(
+            r#"{"groupKey":"","status":"firing","alerts":[{"status":"firing"}]}"#,
+            "groupKey",
+        );
+    }
+
+    #[test]
+    fn state_hash_ignores_ends_at_and_order_but_not_status() {
+        let a = Webhook::parse(payload("firing", &[("n1", "firing"), ("n2", "firing")]).as_bytes())
+            .unwrap();
+        let mut b = a.clone();
+        b.alerts.reverse();
+        b.alerts[0].ends_at = "2026-01-01T00:05:00Z".into();
+        assert_eq!(a.state_hash(), b.state_hash());
+        let c =
+            Webhook::parse(payload("firing", &[("n1", "firing"), ("n2", "resolved")]).as_bytes())
+                .unwrap();
+        assert_ne!(a.state_hash(), c.state_hash());
+    }
+
+    #[test]
+    fn runbook_id_comes_from_an_annotation_that_names_one() {
+        let mut w = Webhook::parse(payload("firing", &[("n1", "firing")]).as_bytes()).unwrap();
+        assert_eq!(suggested_runbook(&w), None);
+        w.alerts[0]
+            .annotations
+            .insert("runbook".into(), "https://wiki/x".into());
+        assert_eq!(suggested_runbook(&w), None);
+        w.common_annotations
+            .insert("runbook_id".into(), "gpu-xid".into());
+        assert_eq!(suggested_runbook(&w).as_deref(), Some("gpu-xid"));
+    }
+}

@@ -1,0 +1,511 @@
+//! The NVML backend: the only file that touches NVML (through nvml-wrapper,
+//! which loads `libnvidia-ml.so.1` at run time).
+//!
+//! NVML calls can hang on a sick GPU, so every GPU is read on its own thread
+//! through a [`SingleFlight`] keyed by its index: a GPU that does not answer
+//! within the per-device deadline is reported `lost` (and keeps its one stuck
+//! thread; no new thread is started for it until that call returns), while the
+//! other GPUs are still read. The critical-XID event thread records NVML XIDs
+//! in the shared [`KernelEvents`]. This module must not render metrics or read
+//! /proc and /sys.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use nvml_wrapper::bitmasks::device::ThrottleReasons;
+use nvml_wrapper::bitmasks::event::EventTypes;
+use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, TemperatureSensor};
+use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
+use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
+use nvml_wrapper::enums::event::XidError;
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::struct_wrappers::device::ProcessInfo;
+use nvml_wrapper::structs::device::FieldId;
+use nvml_wrapper::sys_exports::field_id;
+use nvml_wrapper::{Device, Nvml};
+
+use crate::collector::kmsg::{unix_now, KernelEvent, XidSource};
+use crate::collector::KernelEvents;
+use crate::deadline::{Outcome, SingleFlight};
+use crate::gpu::{
+    normalize_pci_bus_id, ClockEventReason, ClockEvents, DeviceReading, GpuBackend, MigReading,
+    NvLinkReading, ProcessReading, Snapshot,
+};
+
+/// Reads GPUs through NVML.
+pub struct NvmlBackend {
+    nvml: Arc<Nvml>,
+    flight: SingleFlight<u32, DeviceReading>,
+    /// Last good identity per index, to label a GPU that stopped answering.
+    identities: Mutex<HashMap<u32, DeviceReading>>,
+    device_deadline: Duration,
+    process_metrics: bool,
+    driver_version: Option<String>,
+    cuda_version: Option<String>,
+}
+
+impl NvmlBackend {
+    /// Loads and initialises NVML. The error says why NVML is not available
+    /// (library missing, driver not loaded, no GPU). May block: call it off
+    /// the request path.
+    pub fn init(device_deadline: Duration, process_metrics: bool) -> Result<NvmlBackend, String> {
+        let nvml = Nvml::init().map_err(|e| match e {
+            NvmlError::LibloadingError(e) => {
+                format!("cannot load libnvidia-ml.so.1 (is the NVIDIA driver installed?): {e}")
+            }
+            NvmlError::DriverNotLoaded => "the NVIDIA kernel driver is not loaded".to_string(),
+            NvmlError::LibRmVersionMismatch => {
+                "NVML library and kernel driver versions differ (reboot or reload the driver after an upgrade)".to_string()
+            }
+            other => format!("nvml init failed: {other}"),
+        })?;
+        let count = nvml
+            .device_count()
+            .map_err(|e| format!("cannot count GPUs: {e}"))?;
+        if count == 0 {
+            return Err("NVML loaded but found no NVIDIA GPU".into());
+        }
+        let driver_version = nvml.sys_driver_version().ok();
+        let cuda_version = nvml.sys_cuda_driver_version().ok().map(|v| {
+            let (major, minor) = (v / 1000, (v % 1000) / 10);
+            format!("{major}.{minor}")
+        });
+        tracing::info!(
+            gpus = count,
+            driver_version = driver_version.as_deref().unwrap_or("unknown"),
+            cuda_version = cuda_version.as_deref().unwrap_or("unknown"),
+            "nvml loaded"
+        );
+        Ok(NvmlBackend {
+            nvml: Arc::new(nvml),
+            flight: SingleFlight::new("gpuops-nvml"),
+            identities: Mutex::new(HashMap::new()),
+            device_deadline,
+            process_metrics,
+            driver_version,
+            cuda_version,
+        })
+    }
+
+    /// Starts the thread that records NVML's critical-XID events.
+    pub fn spawn_xid_watcher(&self, events: Arc<KernelEvents>) {
+        let nvml = self.nvml.clone();
+        let spawned = std::thread::Builder::new()
+            .name("gpuops-nvml-xid".into())
+            .spawn(move || watch_xids(&nvml, &events));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the nvml xid watcher");
+        }
+    }
+}
+
+impl GpuBackend for NvmlBackend {
+    fn kind(&self) -> &'static str {
+        "nvml"
+    }
+
+    fn snapshot(&self) -> Result<Arc<Snapshot>, String> {
+        let count = self
+            .nvml
+            .device_count()
+            .map_err(|e| format!("nvml: cannot count GPUs: {e}"))?;
+        let until = Instant::now() + self.device_deadline;
+        let pending: Vec<_> = (0..count)
+            .map(|i| {
+                let nvml = self.nvml.clone();
+                let processes = self.process_metrics;
+                let started = Instant::now();
+                let p = self.flight.start(i, self.device_deadline, move || {
+                    let mut r = read_device(&nvml, i, processes);
+                    r.read_seconds = Some(started.elapsed().as_secs_f64());
+                    r
+                });
+                (i, p)
+            })
+            .collect();
+        let mut devices = Vec::with_capacity(count as usize);
+        let mut ids = self
+            .identities
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (i, p) in pending {
+            let reading = match p.wait_until(until) {
+                Outcome::Done(r) => r,
+                Outcome::TimedOut => lost(&ids, i, "nvml did not answer within the deadline"),
+                Outcome::StillRunning { since } => lost(
+                    &ids,
+                    i,
+                    &format!("an nvml call has been stuck for {}s", since.as_secs()),
+                ),
+            };
+            if reading.lost.is_none() && !reading.uuid.is_empty() {
+                ids.insert(i, identity(&reading));
+            }
+            devices.push(reading);
+        }
+        Ok(Arc::new(Snapshot {
+            driver_version: self.driver_version.clone(),
+            cuda_version: self.cuda_version.clone(),
+            devices,
+        }))
+    }
+}
+
+fn identity(r: &DeviceReading) -> DeviceReading {
+    DeviceReading {
+        index: r.index,
+        uuid: r.uuid.clone(),
+        name: r.name.clone(),
+        pci_bus_id: r.pci_bus_id.clone(),
+        minor_number: r.minor_number,
+        ..DeviceReading::default()
+    }
+}
+
+fn lost(ids: &HashMap<u32, DeviceReading>, index: u32, why: &str) -> DeviceReading {
+    let mut r = ids.get(&index).cloned().unwrap_or_else(|| DeviceReading {
+        index,
+        ..DeviceReading::default()
+    });
+    r.lost = Some(why.to_string());
+    r
+}
+
+/// Whether an error means the GPU itself is gone rather than one unsupported call.
+fn is_lost(e: &NvmlError) -> bool {
+    matches!(
+        e,
+        NvmlError::GpuLost | NvmlError::ResetRequired | NvmlError::Timeout
+    )
+}
+
+/// Reads one GPU. Unsupported values stay `None`; a lost GPU returns early.
+fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
+    let mut r = DeviceReading {
+        index,
+        ..DeviceReading::default()
+    };
+    let dev = match nvml.device_by_index(index) {
+        Ok(d) => d,
+        Err(e) => {
+            r.lost = Some(format!("nvml cannot open the gpu: {e}"));
+            return r;
+        }
+    };
+    // Identity first: an Unknown error here also means the GPU is gone.
+    match dev.uuid() {
+        Ok(u) => r.uuid = u,
+        Err(e) => {
+            r.lost = Some(format!("nvml cannot read the gpu's uuid: {e}"));
+            return r;
+        }
+    }
+    r.name = dev.name().unwrap_or_default();
+    r.pci_bus_id = dev
+        .pci_info()
+        .ok()
+        .and_then(|p| normalize_pci_bus_id(&p.bus_id))
+        .unwrap_or_default();
+    r.minor_number = dev.minor_number().ok();
+    let mut gone: Option<String> = None;
+    macro_rules! get {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    if gone.is_none() && is_lost(&e) {
+                        gone = Some(format!("gpu stopped answering nvml: {e}"));
+                    }
+                    None
+                }
+            }
+        };
+    }
+    r.vbios_version = get!(dev.vbios_version());
+    if let Some(u) = get!(dev.utilization_rates()) {
+        r.utilization_percent = Some(f64::from(u.gpu));
+        r.memory_utilization_percent = Some(f64::from(u.memory));
+    }
+    if gone.is_some() {
+        r.lost = gone;
+        return r;
+    }
+    if let Some(m) = get!(dev.memory_info()) {
+        r.memory_used_bytes = Some(m.used);
+        r.memory_total_bytes = Some(m.total);
+    }
+    r.temperature_celsius = get!(dev.temperature(TemperatureSensor::Gpu)).map(f64::from);
+    r.power_watts = get!(dev.power_usage()).map(|mw| f64::from(mw) / 1000.0);
+    r.power_limit_watts = get!(dev.enforced_power_limit()).map(|mw| f64::from(mw) / 1000.0);
+    r.energy_joules = get!(dev.total_energy_consumption()).map(|mj| mj as f64 / 1000.0);
+    r.sm_clock_mhz = get!(dev.clock_info(Clock::SM)).map(f64::from);
+    r.memory_clock_mhz = get!(dev.clock_info(Clock::Memory)).map(f64::from);
+    if let (Some(supported), Some(active)) = (
+        get!(dev.supported_throttle_reasons()),
+        get!(dev.current_throttle_reasons()),
+    ) {
+        r.clock_events = Some(ClockEvents {
+            supported: reasons(supported),
+            active: reasons(active),
+        });
+    }
+    if let Some(n) = get!(dev.num_fans()) {
+        r.fan_speed_percent = (0..n)
+            .filter_map(|f| dev.fan_speed(f).ok().map(f64::from))
+            .collect();
+    }
+    r.pcie_link_generation = get!(dev.current_pcie_link_gen());
+    r.pcie_link_width = get!(dev.current_pcie_link_width());
+    r.pcie_replay_total = get!(dev.pcie_replay_counter()).map(u64::from);
+    r.ecc.corrected_volatile =
+        get!(dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile));
+    r.ecc.uncorrected_volatile =
+        get!(dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile));
+    r.ecc.corrected_aggregate =
+        get!(dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Aggregate));
+    r.ecc.uncorrected_aggregate =
+        get!(dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate));
+    read_fields(&dev, &mut r);
+    read_nvlinks(&dev, &mut r);
+    read_mig(&dev, &mut r);
+    if processes {
+        let mut procs: Vec<ProcessInfo> = Vec::new();
+        if let Some(p) = get!(dev.running_compute_processes()) {
+            procs.extend(p);
+        }
+        if let Some(p) = get!(dev.running_graphics_processes()) {
+            for g in p {
+                if !procs.iter().any(|c| c.pid == g.pid) {
+                    procs.push(g);
+                }
+            }
+        }
+        r.processes = procs
+            .into_iter()
+            .map(|p| ProcessReading {
+                pid: p.pid,
+                memory_used_bytes: match p.used_gpu_memory {
+                    UsedGpuMemory::Used(b) => Some(b),
+                    UsedGpuMemory::Unavailable => None,
+                },
+            })
+            .collect();
+    }
+    r.lost = gone;
+    r
+}
+
+/// Maps NVML's throttle-reason bits to our reasons.
+fn reasons(bits: ThrottleReasons) -> Vec<ClockEventReason> {
+    let table = [
+        (ThrottleReasons::GPU_IDLE, ClockEventReason::GpuIdle),
+        (
+            ThrottleReasons::APPLICATIONS_CLOCKS_SETTING,
+            ClockEventReason::ApplicationsClocksSetting,
+        ),
+        (ThrottleReasons::SW_POWER_CAP, ClockEventReason::SwPowerCap),
+        (ThrottleReasons::HW_SLOWDOWN, ClockEventReason::HwSlowdown),
+        (ThrottleReasons::SYNC_BOOST, ClockEventReason::SyncBoost),
+        (
+            ThrottleReasons::SW_THERMAL_SLOWDOWN,
+            ClockEventReason::SwThermalSlowdown,
+        ),
+        (
+            ThrottleReasons::HW_THERMAL_SLOWDOWN,
+            ClockEventReason::HwThermalSlowdown,
+        ),
+        (
+            ThrottleReasons::HW_POWER_BRAKE_SLOWDOWN,
+            ClockEventReason::HwPowerBrakeSlowdown,
+        ),
+        (
+            ThrottleReasons::DISPLAY_CLOCK_SETTING,
+            ClockEventReason::DisplayClockSetting,
+        ),
+    ];
+    table
+        .iter()
+        .filter(|(bit, _)| bits.contains(*bit))
+        .map(|(_, r)| *r)
+        .collect()
+}
+
+fn sample_u64(v: &SampleValue) -> Option<u64> {
+    match *v {
+        SampleValue::U32(x) => Some(u64::from(x)),
+        SampleValue::U64(x) => Some(x),
+        SampleValue::I64(x) => u64::try_from(x).ok(),
+        SampleValue::F64(x) if x >= 0.0 && x.is_finite() => Some(x as u64),
+        SampleValue::F64(_) => None,
+    }
+}
+
+/// Values only available as NVML field values: memory temperature, row
+/// remapping, retired pages.
+fn read_fields(dev: &Device<'_>, r: &mut DeviceReading) {
+    let ids = [
+        field_id::NVML_FI_DEV_MEMORY_TEMP,
+        field_id::NVML_FI_DEV_REMAPPED_COR,
+        field_id::NVML_FI_DEV_REMAPPED_UNC,
+        field_id::NVML_FI_DEV_REMAPPED_PENDING,
+        field_id::NVML_FI_DEV_REMAPPED_FAILURE,
+        field_id::NVML_FI_DEV_RETIRED_SBE,
+        field_id::NVML_FI_DEV_RETIRED_DBE,
+    ];
+    let request: Vec<FieldId> = ids.iter().map(|i| FieldId(*i)).collect();
+    let Ok(samples) = dev.field_values_for(&request) else {
+        return;
+    };
+    for (id, sample) in ids.iter().zip(samples) {
+        let Some(v) = sample
+            .ok()
+            .and_then(|s| s.value.ok())
+            .and_then(|v| sample_u64(&v))
+        else {
+            continue;
+        };
+        match *id {
+            field_id::NVML_FI_DEV_MEMORY_TEMP if v > 0 => {
+                r.memory_temperature_celsius = Some(v as f64)
+            }
+            field_id::NVML_FI_DEV_REMAPPED_COR => r.remapped_rows.correctable = Some(v),
+            field_id::NVML_FI_DEV_REMAPPED_UNC => r.remapped_rows.uncorrectable = Some(v),
+            field_id::NVML_FI_DEV_REMAPPED_PENDING => r.remapped_rows.pending = Some(v),
+            field_id::NVML_FI_DEV_REMAPPED_FAILURE => r.remapped_rows.failure = Some(v),
+            field_id::NVML_FI_DEV_RETIRED_SBE => r.retired_pages.single_bit_ecc = Some(v),
+            field_id::NVML_FI_DEV_RETIRED_DBE => r.retired_pages.double_bit_ecc = Some(v),
+            _ => {}
+        }
+    }
+}
+
+/// Error counters of every active NVLink link.
+fn read_nvlinks(dev: &Device<'_>, r: &mut DeviceReading) {
+    let links = dev
+        .field_values_for(&[FieldId(field_id::NVML_FI_DEV_NVLINK_LINK_COUNT)])
+        .ok()
+        .and_then(|mut v| v.pop())
+        .and_then(|s| s.ok())
+        .and_then(|s| s.value.ok())
+        .and_then(|v| sample_u64(&v))
+        .unwrap_or(0)
+        .min(64) as u32;
+    for link in 0..links {
+        let l = dev.link_wrapper_for(link);
+        if !matches!(l.is_active(), Ok(true)) {
+            continue;
+        }
+        r.nvlinks.push(NvLinkReading {
+            link,
+            replay: l.error_counter(ErrorCounter::DlReplay).ok(),
+            recovery: l.error_counter(ErrorCounter::DlRecovery).ok(),
+            crc_flit: l.error_counter(ErrorCounter::DlCrcFlit).ok(),
+            crc_data: l.error_counter(ErrorCounter::DlCrcData).ok(),
+        });
+    }
+}
+
+/// MIG instances of a GPU in MIG mode. nvml-wrapper has no safe call for a MIG
+/// device's GPU/compute instance ids, so they stay `None` (their labels are
+/// left out) and the profile comes from the MIG device's name.
+fn read_mig(dev: &Device<'_>, r: &mut DeviceReading) {
+    if !matches!(dev.mig_mode(), Ok(m) if m.current == 1) {
+        return;
+    }
+    let Ok(count) = dev.mig_device_count() else {
+        return;
+    };
+    for k in 0..count {
+        let Ok(m) = dev.mig_device_by_index(k) else {
+            continue;
+        };
+        let name = m.name().unwrap_or_default();
+        let profile = name
+            .rsplit_once(" MIG ")
+            .map(|(_, p)| p.to_string())
+            .unwrap_or_default();
+        let mem = m.memory_info().ok();
+        r.mig.push(MigReading {
+            gpu_instance_id: None,
+            compute_instance_id: None,
+            profile,
+            uuid: m.uuid().unwrap_or_default(),
+            memory_used_bytes: mem.as_ref().map(|x| x.used),
+            memory_total_bytes: mem.as_ref().map(|x| x.total),
+        });
+    }
+}
+
+/// Follows NVML's critical-XID events until NVML goes away.
+fn watch_xids(nvml: &Nvml, events: &KernelEvents) {
+    let mut set = match nvml.create_event_set() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "nvml xid events unavailable, relying on the kernel log");
+            return;
+        }
+    };
+    let count = nvml.device_count().unwrap_or(0);
+    let mut registered = 0;
+    for i in 0..count {
+        let Ok(dev) = nvml.device_by_index(i) else {
+            continue;
+        };
+        let supported = dev
+            .supported_event_types()
+            .map(|t| t.contains(EventTypes::CRITICAL_XID_ERROR))
+            .unwrap_or(false);
+        if !supported {
+            continue;
+        }
+        match dev.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+            Ok(s) => {
+                set = s;
+                registered += 1;
+            }
+            Err(e) => {
+                tracing::warn!(gpu = i, error = %e.error, "cannot register nvml xid events, relying on the kernel log");
+                return;
+            }
+        }
+    }
+    if registered == 0 {
+        tracing::info!("no gpu supports nvml xid events, relying on the kernel log");
+        return;
+    }
+    tracing::debug!(gpus = registered, "watching nvml xid events");
+    loop {
+        match set.wait(5000) {
+            Ok(data) => {
+                if !data.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
+                    continue;
+                }
+                let Some(XidError::Value(code)) = data.event_data else {
+                    continue;
+                };
+                let Ok(code) = u32::try_from(code) else {
+                    continue;
+                };
+                let bus = data
+                    .device
+                    .pci_info()
+                    .ok()
+                    .and_then(|p| normalize_pci_bus_id(&p.bus_id))
+                    .unwrap_or_else(|| "unknown".to_string());
+                tracing::warn!(pci_bus_id = %bus, xid = code, "nvml reported an xid");
+                events.record(KernelEvent {
+                    timestamp: unix_now(),
+                    counted: true,
+                    message: format!("NVML critical XID event: Xid {code} on {bus}"),
+                    kind: crate::gpu::xid::event(bus, code, None, None, XidSource::Nvml),
+                });
+            }
+            Err(NvmlError::Timeout) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "nvml event wait failed");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! discord notifier (being written).

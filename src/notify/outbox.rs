@@ -1,0 +1,459 @@
+//! The outbox: durable pending deliveries in the store, and the worker that
+//! drains them through the notifiers.
+//!
+//! Rows are taken oldest first, one at a time per (group, destination), so a
+//! post precedes its edits and thread replies. An alert row always renders
+//! the group's latest state; a newer state arriving while a row is in flight
+//! keeps the row for another run. 429s honour the platform's delay (and pause
+//! that platform), 5xx and network errors back off exponentially with jitter,
+//! permanent errors become dead letters. Rows survive restarts and `kill -9`:
+//! they are only removed after the platform answered. This module does not
+//! parse AlertManager payloads (see `alert.rs`) or speak any wire format.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng as _;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::alert::{self, Links};
+use crate::bot::BotMetrics;
+use crate::config::BotConfig;
+use crate::notify::{Delivery, Error, Message, Notifier, Op, Outgoing, PlatformRef};
+use crate::routing::Target;
+use crate::store::{self, OutboxRow, Store, KIND_ALERT};
+
+/// The handle other modules use to enqueue work. Cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    store: Store,
+    wake: Arc<Notify>,
+}
+
+impl Outbox {
+    pub fn new(store: Store) -> Outbox {
+        Outbox {
+            store,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Tells the worker there is new work.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Posts `message` as a thread reply under the group's message at every
+    /// destination the group was (or is about to be) posted to. Durable:
+    /// returns after the rows are committed. Returns how many were enqueued.
+    pub async fn reply(&self, group_id: i64, message: &Message) -> store::Result<usize> {
+        let body = serde_json::to_string(message).unwrap_or_default();
+        let n = self.store.enqueue_reply(group_id, body).await?;
+        self.wake();
+        Ok(n)
+    }
+
+    /// Records who acknowledged the group and edits its messages to say so.
+    /// `false` when the group does not exist.
+    pub async fn acknowledge(&self, group_id: i64, who: &str) -> store::Result<bool> {
+        let found = self.store.acknowledge(group_id, who.to_string()).await?;
+        self.wake();
+        Ok(found)
+    }
+
+    /// Re-renders the group's messages in place.
+    pub async fn refresh(&self, group_id: i64) -> store::Result<usize> {
+        let n = self.store.refresh(group_id).await?;
+        self.wake();
+        Ok(n)
+    }
+}
+
+/// The notifiers by platform; a platform absent from the config is `None`.
+#[derive(Clone)]
+pub struct Notifiers {
+    pub slack: Option<Arc<dyn Notifier>>,
+    pub discord: Option<Arc<dyn Notifier>>,
+    pub webhook: Option<Arc<dyn Notifier>>,
+    pub console: Arc<dyn Notifier>,
+}
+
+impl Notifiers {
+    /// The notifier and channel for a target, if it is still configured.
+    fn resolve(&self, target: &Target, cfg: &BotConfig) -> Option<(Arc<dyn Notifier>, String)> {
+        match target {
+            Target::Slack(c) => self.slack.clone().map(|n| (n, c.clone())),
+            Target::Discord(c) => self.discord.clone().map(|n| (n, c.to_string())),
+            Target::Webhook(id) => {
+                cfg.routing.webhook_url(id)?;
+                self.webhook.clone().map(|n| (n, id.clone()))
+            }
+            Target::Console => Some((self.console.clone(), String::new())),
+        }
+    }
+}
+
+/// Drains the outbox until shut down.
+pub struct Worker {
+    pub store: Store,
+    pub outbox: Outbox,
+    pub notifiers: Notifiers,
+    pub config: Arc<BotConfig>,
+    pub metrics: Arc<BotMetrics>,
+}
+
+/// What one delivery attempt ended in (for the worker's bookkeeping).
+struct Done {
+    key: (i64, String),
+    platform: &'static str,
+    pause_until: Option<Instant>,
+}
+
+impl Worker {
+    /// Runs until `shutdown` resolves, then waits (bounded) for deliveries
+    /// in flight; anything unfinished stays in the outbox for the next start.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let this = Arc::new(self);
+        let concurrency = this.config.delivery.concurrency;
+        let mut inflight: HashSet<(i64, String)> = HashSet::new();
+        let mut paused: HashMap<&'static str, Instant> = HashMap::new();
+        let mut tasks: JoinSet<Done> = JoinSet::new();
+        tokio::pin!(shutdown);
+        match this.store.pending().await {
+            Ok(n) if n > 0 => tracing::info!(pending = n, "resuming pending deliveries"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
+        }
+        loop {
+            let mut wait = Duration::from_secs(5);
+            if inflight.len() < concurrency {
+                let now_wall = store::now();
+                match this
+                    .store
+                    .due(now_wall, concurrency * 4 + inflight.len())
+                    .await
+                {
+                    Ok(rows) => {
+                        for row in rows {
+                            if inflight.len() >= concurrency {
+                                break;
+                            }
+                            let key = (row.group_id, row.destination.clone());
+                            if inflight.contains(&key) {
+                                continue;
+                            }
+                            let platform = Target::parse_key(&row.destination)
+                                .map(|t| t.platform())
+                                .unwrap_or("unknown");
+                            if let Some(until) = paused.get(platform) {
+                                let now = Instant::now();
+                                if *until > now {
+                                    wait = wait.min(*until - now);
+                                    continue;
+                                }
+                            }
+                            inflight.insert(key);
+                            let w = this.clone();
+                            tasks.spawn(async move { w.deliver(row).await });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read due deliveries");
+                        wait = Duration::from_secs(1);
+                    }
+                }
+                match this.store.next_due().await {
+                    Ok(Some(at)) => {
+                        let secs = (at - store::now()).clamp(0.0, 5.0);
+                        wait = wait.min(Duration::from_secs_f64(secs));
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
+                }
+                // Rows that are due but blocked (in flight, paused) need no busy loop.
+                wait = wait.max(Duration::from_millis(if tasks.is_empty() { 0 } else { 20 }));
+            }
+            self::update_pending(&this).await;
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = this.outbox.wake.notified() => {}
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Ok(done) = done {
+                        inflight.remove(&done.key);
+                        if let Some(until) = done.pause_until {
+                            paused.insert(done.platform, until);
+                        }
+                    } else {
+                        // A panicked delivery: its row stays in the outbox.
+                        inflight.clear();
+                    }
+                    while let Some(done) = tasks.try_join_next() {
+                        if let Ok(done) = done {
+                            inflight.remove(&done.key);
+                            if let Some(until) = done.pause_until {
+                                paused.insert(done.platform, until);
+                            }
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(5), drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "deliveries still in flight at shutdown; they will resume on the next start"
+            );
+        }
+    }
+
+    async fn deliver(self: Arc<Self>, row: OutboxRow) -> Done {
+        let key = (row.group_id, row.destination.clone());
+        let target = Target::parse_key(&row.destination);
+        let platform = target.as_ref().map(Target::platform).unwrap_or("unknown");
+        let mut done = Done {
+            key,
+            platform,
+            pause_until: None,
+        };
+        let Some(target) = target else {
+            self.fail_permanently(row, "unknown destination key".into(), platform)
+                .await;
+            return done;
+        };
+        let Some((notifier, channel)) = self.notifiers.resolve(&target, &self.config) else {
+            let reason = format!("destination {} is no longer configured", row.destination);
+            self.fail_permanently(row, reason, platform).await;
+            return done;
+        };
+        let age = store::now() - row.created_at;
+        if row.attempts > 0 && age > self.config.delivery.give_up_after.as_secs_f64() {
+            let reason = format!("gave up after {} attempts over {:.0}s", row.attempts, age);
+            self.fail_permanently(row, reason, platform).await;
+            return done;
+        }
+        let parent = match self
+            .store
+            .message(row.group_id, row.destination.clone())
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                self.retry(&row, None, format!("store: {e}"), platform)
+                    .await;
+                return done;
+            }
+        };
+        let (message, rendered_rev) = if row.kind == KIND_ALERT {
+            match self.store.group(row.group_id).await {
+                Ok(Some(g)) => {
+                    let links = Links {
+                        alertmanager: self.config.alertmanager.as_ref().map(|a| a.url.clone()),
+                    };
+                    (alert::render_group(&g, &self.config.routing, &links), g.rev)
+                }
+                Ok(None) => {
+                    // The group is gone (should not happen): nothing to show.
+                    let _ = self.store.delivered(row.id).await;
+                    return done;
+                }
+                Err(e) => {
+                    self.retry(&row, None, format!("store: {e}"), platform)
+                        .await;
+                    return done;
+                }
+            }
+        } else {
+            match row.body.as_deref().map(serde_json::from_str::<Message>) {
+                Some(Ok(m)) => (m, row.rev),
+                _ => {
+                    self.fail_permanently(row, "unreadable reply body".into(), platform)
+                        .await;
+                    return done;
+                }
+            }
+        };
+        let existing = parent.map(|m| PlatformRef {
+            channel: m.channel,
+            message_id: m.message_id,
+        });
+        let op = match (row.kind == KIND_ALERT, existing) {
+            (true, Some(p)) => Op::Edit(p),
+            (true, None) => Op::Post,
+            (false, Some(p)) => Op::Reply(p),
+            // The parent was never posted (dead-lettered): post unthreaded.
+            (false, None) => Op::Post,
+        };
+        let out = Outgoing {
+            channel: &channel,
+            op: op.clone(),
+            message: &message,
+        };
+        let timeout = self.config.delivery.timeout;
+        let result = match tokio::time::timeout(timeout, notifier.send(&out)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::retryable(format!("no answer within {timeout:?}"))),
+        };
+        match result {
+            Ok(Delivery { message: r }) => {
+                self.count(platform, "sent");
+                let stored = if row.kind == KIND_ALERT {
+                    self.store
+                        .alert_delivered(row.clone(), rendered_rev, r.channel, r.message_id)
+                        .await
+                } else {
+                    self.store.delivered(row.id).await
+                };
+                if let Err(e) = stored {
+                    // The platform has it; the row will be sent again (an edit
+                    // for alert rows, so at worst a repeated reply).
+                    tracing::error!(error = %e, outbox_id = row.id, "delivered but cannot record it");
+                }
+                tracing::debug!(
+                    platform,
+                    destination = %row.destination,
+                    group_id = row.group_id,
+                    op = op_name(&op),
+                    "delivered"
+                );
+            }
+            Err(Error::Retryable {
+                retry_after: Some(delay),
+                reason,
+            }) => {
+                self.count(platform, "rate_limited");
+                let until = Instant::now() + delay;
+                done.pause_until = Some(until);
+                tracing::warn!(
+                    platform,
+                    destination = %row.destination,
+                    retry_after_secs = delay.as_secs_f64(),
+                    error = %reason,
+                    "rate limited; retrying after the platform's delay"
+                );
+                self.schedule(&row, delay, reason).await;
+            }
+            Err(Error::Retryable {
+                retry_after: None,
+                reason,
+            }) => {
+                self.retry(&row, None, reason, platform).await;
+            }
+            Err(Error::Permanent { reason }) => {
+                self.fail_permanently(row, reason, platform).await;
+            }
+        }
+        done
+    }
+
+    async fn retry(
+        &self,
+        row: &OutboxRow,
+        delay: Option<Duration>,
+        reason: String,
+        platform: &'static str,
+    ) {
+        self.count(platform, "retry");
+        let delay = delay.unwrap_or_else(|| {
+            backoff(
+                row.attempts,
+                self.config.delivery.backoff_initial,
+                self.config.delivery.backoff_max,
+            )
+        });
+        tracing::warn!(
+            platform,
+            destination = %row.destination,
+            attempt = row.attempts + 1,
+            retry_in_secs = delay.as_secs_f64(),
+            error = %reason,
+            "delivery failed; will retry"
+        );
+        self.schedule(row, delay, reason).await;
+    }
+
+    async fn schedule(&self, row: &OutboxRow, delay: Duration, reason: String) {
+        let at = store::now() + delay.as_secs_f64();
+        if let Err(e) = self.store.retry_at(row.id, at, reason).await {
+            tracing::error!(error = %e, outbox_id = row.id, "cannot schedule a retry; the row stays due");
+        }
+    }
+
+    async fn fail_permanently(&self, row: OutboxRow, reason: String, platform: &'static str) {
+        self.count(platform, "dead_letter");
+        tracing::error!(
+            platform,
+            destination = %row.destination,
+            group_id = row.group_id,
+            kind = %row.kind,
+            error = %reason,
+            "delivery failed permanently; moved to dead letters"
+        );
+        if let Err(e) = self.store.dead_letter(row, reason).await {
+            tracing::error!(error = %e, "cannot record the dead letter");
+        }
+    }
+
+    fn count(&self, platform: &str, outcome: &str) {
+        self.metrics
+            .notifications
+            .with_label_values(&[platform, outcome])
+            .inc();
+    }
+}
+
+async fn update_pending(w: &Worker) {
+    if let Ok(n) = w.store.pending().await {
+        w.metrics.outbox_pending.set(n);
+    }
+}
+
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Post => "post",
+        Op::Edit(_) => "edit",
+        Op::Reply(_) => "reply",
+    }
+}
+
+/// Exponential backoff with jitter: `initial * 2^attempts`, capped at `max`,
+/// then a random value in its upper half (so retries spread out).
+pub fn backoff(attempts: i64, initial: Duration, max: Duration) -> Duration {
+    let exp = attempts.clamp(0, 30) as u32;
+    let base = initial
+        .checked_mul(2u32.saturating_pow(exp))
+        .unwrap_or(max)
+        .min(max);
+    let half = base / 2;
+    let jitter = rand::rng().random_range(0.0..=1.0);
+    half + half.mul_f64(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let i = Duration::from_secs(1);
+        let m = Duration::from_secs(60);
+        for (attempts, lo, hi) in [
+            (0, 0.5, 1.0),
+            (1, 1.0, 2.0),
+            (3, 4.0, 8.0),
+            (10, 30.0, 60.0),
+            (1000, 30.0, 60.0),
+        ] {
+            for _ in 0..20 {
+                let d = backoff(attempts, i, m).as_secs_f64();
+                assert!((lo..=hi).contains(&d), "attempts {attempts}: {d}");
+            }
+        }
+    }
+}

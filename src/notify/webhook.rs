@@ -1,0 +1,1 @@
+//! webhook notifier (being written).

@@ -1,0 +1,380 @@
+//! Severity → tier → destinations.
+//!
+//! An alert's `severity` label becomes a [`Tier`] through a case-insensitive
+//! map (defaults from DESIGN.md, overridable in `[routing.severity]`); an
+//! unknown or missing severity goes to `routing.default_tier` and is flagged,
+//! never dropped. A group's tier is its most severe alert's. Destinations are
+//! chosen by tier and optional label regexes. This module is pure: no I/O,
+//! no network, no store.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use sha2::Digest as _;
+
+use crate::config::Secret;
+
+/// Response tiers, most severe first (`P1 < P2` in ordering).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum Tier {
+    P1,
+    P2,
+    P3,
+    P4,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 4] = [Tier::P1, Tier::P2, Tier::P3, Tier::P4];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::P1 => "P1",
+            Tier::P2 => "P2",
+            Tier::P3 => "P3",
+            Tier::P4 => "P4",
+        }
+    }
+
+    /// Parses `P1`..`P4` (case-insensitive).
+    pub fn parse(s: &str) -> Option<Tier> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "P1" => Some(Tier::P1),
+            "P2" => Some(Tier::P2),
+            "P3" => Some(Tier::P3),
+            "P4" => Some(Tier::P4),
+            _ => None,
+        }
+    }
+
+    /// What the tier means to a responder (shown in messages).
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Tier::P1 => "page, 5 min response",
+            Tier::P2 => "page + chat",
+            Tier::P3 => "chat",
+            Tier::P4 => "digest",
+        }
+    }
+
+    /// RGB colour for the message's side bar.
+    pub fn colour(self) -> u32 {
+        match self {
+            Tier::P1 => 0xD0_00_00,
+            Tier::P2 => 0xF0_6A_00,
+            Tier::P3 => 0xE8_B4_00,
+            Tier::P4 => 0x3A_7B_D5,
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The built-in severity label values (lower case) and their tiers.
+pub const DEFAULT_SEVERITIES: &[(&str, Tier)] = &[
+    ("critical", Tier::P1),
+    ("p1", Tier::P1),
+    ("sev-1", Tier::P1),
+    ("sev1", Tier::P1),
+    ("high", Tier::P2),
+    ("error", Tier::P2),
+    ("p2", Tier::P2),
+    ("sev-2", Tier::P2),
+    ("sev2", Tier::P2),
+    ("warning", Tier::P3),
+    ("warn", Tier::P3),
+    ("p3", Tier::P3),
+    ("sev-3", Tier::P3),
+    ("sev3", Tier::P3),
+    ("info", Tier::P4),
+    ("low", Tier::P4),
+    ("p4", Tier::P4),
+    ("sev-4", Tier::P4),
+    ("sev4", Tier::P4),
+];
+
+/// How one severity value was classified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classified {
+    pub tier: Tier,
+    /// The label was missing or not in the map; `tier` is the default tier.
+    pub unknown: bool,
+}
+
+/// A place messages go. The key (see [`Target::key`]) is what the store
+/// remembers, so it never contains a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Slack(String),
+    Discord(u64),
+    /// A generic JSON webhook, known by a hash of its URL.
+    Webhook(String),
+    Console,
+}
+
+impl Target {
+    /// `slack:C0123`, `discord:123`, `webhook:<12 hex>`, `console`.
+    pub fn key(&self) -> String {
+        match self {
+            Target::Slack(c) => format!("slack:{c}"),
+            Target::Discord(c) => format!("discord:{c}"),
+            Target::Webhook(h) => format!("webhook:{h}"),
+            Target::Console => "console".into(),
+        }
+    }
+
+    pub fn parse_key(key: &str) -> Option<Target> {
+        match key.split_once(':') {
+            Some(("slack", c)) if !c.is_empty() => Some(Target::Slack(c.into())),
+            Some(("discord", c)) => c.parse().ok().map(Target::Discord),
+            Some(("webhook", h)) if !h.is_empty() => Some(Target::Webhook(h.into())),
+            None if key == "console" => Some(Target::Console),
+            _ => None,
+        }
+    }
+
+    /// The platform name used in metrics and logs.
+    pub fn platform(&self) -> &'static str {
+        match self {
+            Target::Slack(_) => "slack",
+            Target::Discord(_) => "discord",
+            Target::Webhook(_) => "webhook",
+            Target::Console => "console",
+        }
+    }
+}
+
+/// The stable, secret-free id of a webhook URL.
+pub fn webhook_id(url: &Secret) -> String {
+    let digest = sha2::Sha256::digest(url.expose().as_bytes());
+    hex::encode(&digest[..6])
+}
+
+/// One `[[routing.destinations]]` entry, validated.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub tiers: Vec<Tier>,
+    /// Label name → anchored regex; all must match the group's common labels.
+    pub matchers: Vec<(String, regex::Regex)>,
+    pub slack_channel: Option<String>,
+    pub discord_channel: Option<u64>,
+    pub webhook_url: Option<Secret>,
+    pub console: bool,
+}
+
+impl Destination {
+    pub fn targets(&self) -> Vec<Target> {
+        let mut out = Vec::new();
+        if let Some(c) = &self.slack_channel {
+            out.push(Target::Slack(c.clone()));
+        }
+        if let Some(c) = self.discord_channel {
+            out.push(Target::Discord(c));
+        }
+        if let Some(u) = &self.webhook_url {
+            out.push(Target::Webhook(webhook_id(u)));
+        }
+        if self.console {
+            out.push(Target::Console);
+        }
+        out
+    }
+
+    fn matches(&self, tier: Tier, labels: &BTreeMap<String, String>) -> bool {
+        self.tiers.contains(&tier)
+            && self
+                .matchers
+                .iter()
+                .all(|(name, re)| re.is_match(labels.get(name).map(String::as_str).unwrap_or("")))
+    }
+}
+
+/// The validated `[routing]` section.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    pub default_tier: Tier,
+    /// Lower-case severity value → tier (defaults plus overrides).
+    pub severity: BTreeMap<String, Tier>,
+    pub destinations: Vec<Destination>,
+}
+
+impl Default for Routing {
+    /// Everything to the console: the no-configuration mode.
+    fn default() -> Self {
+        Routing {
+            default_tier: Tier::P3,
+            severity: default_severity_map(),
+            destinations: vec![Destination {
+                tiers: Tier::ALL.to_vec(),
+                matchers: Vec::new(),
+                slack_channel: None,
+                discord_channel: None,
+                webhook_url: None,
+                console: true,
+            }],
+        }
+    }
+}
+
+pub fn default_severity_map() -> BTreeMap<String, Tier> {
+    DEFAULT_SEVERITIES
+        .iter()
+        .map(|(k, t)| (k.to_string(), *t))
+        .collect()
+}
+
+impl Routing {
+    /// Maps one `severity` label value (absent → unknown).
+    pub fn classify(&self, severity: Option<&str>) -> Classified {
+        match severity
+            .map(|s| s.trim().to_ascii_lowercase())
+            .and_then(|s| self.severity.get(&s).copied())
+        {
+            Some(tier) => Classified {
+                tier,
+                unknown: false,
+            },
+            None => Classified {
+                tier: self.default_tier,
+                unknown: true,
+            },
+        }
+    }
+
+    /// A group's tier: its most severe alert's; unknown if any alert's
+    /// severity was unknown. An empty group gets the default tier.
+    pub fn classify_group<'a>(
+        &self,
+        severities: impl IntoIterator<Item = Option<&'a str>>,
+    ) -> Classified {
+        let mut best: Option<Tier> = None;
+        let mut unknown = false;
+        for s in severities {
+            let c = self.classify(s);
+            unknown |= c.unknown;
+            best = Some(best.map_or(c.tier, |b| b.min(c.tier)));
+        }
+        Classified {
+            tier: best.unwrap_or(self.default_tier),
+            unknown,
+        }
+    }
+
+    /// Every target for a group of this tier and these (common) labels,
+    /// de-duplicated, in config order.
+    pub fn targets(&self, tier: Tier, labels: &BTreeMap<String, String>) -> Vec<Target> {
+        let mut out: Vec<Target> = Vec::new();
+        for d in &self.destinations {
+            if d.matches(tier, labels) {
+                for t in d.targets() {
+                    if !out.contains(&t) {
+                        out.push(t);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The webhook URL behind a `webhook:<id>` target, if still configured.
+    pub fn webhook_url(&self, id: &str) -> Option<&Secret> {
+        self.destinations
+            .iter()
+            .filter_map(|d| d.webhook_url.as_ref())
+            .find(|u| webhook_id(u) == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(tiers: &[Tier], slack: &str) -> Destination {
+        Destination {
+            tiers: tiers.to_vec(),
+            matchers: Vec::new(),
+            slack_channel: Some(slack.into()),
+            discord_channel: None,
+            webhook_url: None,
+            console: false,
+        }
+    }
+
+    #[test]
+    fn severities_map_to_tiers_case_insensitively() {
+        let r = Routing::default();
+        let check = |s: Option<&str>, tier: Tier, unknown: bool| {
+            assert_eq!(r.classify(s), Classified { tier, unknown }, "{s:?}");
+        };
+        check(Some("critical"), Tier::P1, false);
+        check(Some("SEV-1"), Tier::P1, false);
+        check(Some("P2"), Tier::P2, false);
+        check(Some("high"), Tier::P2, false);
+        check(Some("Warning"), Tier::P3, false);
+        check(Some("info"), Tier::P4, false);
+        check(Some("low"), Tier::P4, false);
+        check(Some("catastrophic"), Tier::P3, true);
+        check(None, Tier::P3, true);
+    }
+
+    #[test]
+    fn group_takes_the_most_severe_tier_and_flags_unknowns() {
+        let r = Routing::default();
+        let c = r.classify_group([Some("warning"), Some("critical"), Some("bogus")]);
+        assert_eq!(
+            c,
+            Classified {
+                tier: Tier::P1,
+                unknown: true
+            }
+        );
+    }
+
+    #[test]
+    fn targets_by_tier_and_matchers() {
+        let mut ml = dest(&[Tier::P1], "CML");
+        ml.matchers = vec![(
+            "team".into(),
+            crate::config::anchored_regex("ml-.*".into()).unwrap(),
+        )];
+        let r = Routing {
+            destinations: vec![
+                dest(&[Tier::P1, Tier::P2], "CP1"),
+                dest(&[Tier::P3], "CP3"),
+                ml,
+            ],
+            ..Routing::default()
+        };
+        let labels = |team: &str| BTreeMap::from([("team".to_string(), team.to_string())]);
+        let keys = |tier, team| {
+            r.targets(tier, &labels(team))
+                .iter()
+                .map(Target::key)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(Tier::P1, "ml-infra"), ["slack:CP1", "slack:CML"]);
+        assert_eq!(keys(Tier::P1, "storage"), ["slack:CP1"]);
+        assert_eq!(keys(Tier::P3, "ml-infra"), ["slack:CP3"]);
+        assert!(keys(Tier::P4, "x").is_empty());
+    }
+
+    #[test]
+    fn target_keys_round_trip_and_hide_webhook_urls() {
+        let url = Secret::new("https://hooks.example.com/secret-token");
+        let id = webhook_id(&url);
+        for t in [
+            Target::Slack("C1".into()),
+            Target::Discord(42),
+            Target::Webhook(id.clone()),
+            Target::Console,
+        ] {
+            assert_eq!(Target::parse_key(&t.key()), Some(t.clone()));
+        }
+        assert!(!Target::Webhook(id).key().contains("secret"));
+    }
+}

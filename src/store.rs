@@ -1,0 +1,1021 @@
+//! The bot's durable state in SQLite: raw webhooks, alert groups (with the
+//! state hashes that collapse AlertManager HA duplicates), posted messages
+//! (platform ids for edits and thread replies), the delivery outbox, dead
+//! letters, acknowledgements and the audit log.
+//!
+//! Durability: WAL journal with `synchronous=FULL`, so a commit returns only
+//! after the WAL is fsynced; `POST /alertmanager` answers 200 after that
+//! commit, hence an acknowledged webhook survives `kill -9` and power loss.
+//! (NORMAL would be safe against a process crash but could lose the last
+//! commits on power loss: not good enough for "nothing lost".)
+//!
+//! All SQLite calls are blocking: async callers go through [`Store::call`],
+//! which runs them on the blocking pool with a deadline. This module knows
+//! nothing about chat platforms or AlertManager's JSON.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::{Deserialize, Serialize};
+
+use crate::notify::Ack;
+
+/// Deadline of one store call from async code.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
+/// How many recent state hashes a group remembers (HA duplicates, reordering).
+const RECENT_HASHES: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot open store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("store call exceeded its {0:?} deadline")]
+    Deadline(Duration),
+    #[error("store task failed: {0}")]
+    Task(String),
+    #[error("store lock poisoned")]
+    Poisoned,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+/// What ingesting one webhook should record.
+#[derive(Debug, Clone)]
+pub struct GroupUpdate {
+    pub group_key: String,
+    pub receiver: String,
+    /// `firing` or `resolved`.
+    pub status: String,
+    pub tier: String,
+    pub state_hash: String,
+    /// The group's current state (the webhook, re-serialised).
+    pub state: String,
+    /// Destination keys for the current tier (see `routing::Target::key`).
+    pub destinations: Vec<String>,
+    /// Thread reply to post when the group goes from firing to resolved.
+    pub resolved_reply: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestResult {
+    pub webhook_id: i64,
+    pub group_id: i64,
+    pub rev: i64,
+    /// The same group state was seen before: nothing was enqueued.
+    pub duplicate: bool,
+    /// Outbox rows added or refreshed.
+    pub enqueued: usize,
+}
+
+/// A stored alert group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupRecord {
+    pub id: i64,
+    pub group_key: String,
+    pub status: String,
+    pub tier: String,
+    pub rev: i64,
+    pub state: String,
+    pub ack: Option<Ack>,
+    pub updated_at: f64,
+}
+
+/// A message posted for a group at a destination.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageRecord {
+    pub group_id: i64,
+    pub destination: String,
+    pub channel: String,
+    pub message_id: String,
+    pub rev: i64,
+}
+
+/// Kinds of outbox rows.
+pub const KIND_ALERT: &str = "alert";
+pub const KIND_REPLY: &str = "reply";
+
+/// One pending delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub group_id: i64,
+    pub destination: String,
+    /// [`KIND_ALERT`]: post or edit the group's message with its latest
+    /// state; [`KIND_REPLY`]: a thread reply whose body is a JSON message.
+    pub kind: String,
+    pub rev: i64,
+    pub body: Option<String>,
+    pub attempts: i64,
+    pub created_at: f64,
+    pub next_attempt_at: f64,
+}
+
+/// A delivery that will not be retried.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub group_id: i64,
+    pub destination: String,
+    pub kind: String,
+    pub attempts: i64,
+    pub error: String,
+    pub at: f64,
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub id: i64,
+    /// Unix seconds.
+    pub at: f64,
+    /// A platform user id (`slack:U0123`, `discord:1234`) or `cli:<user>`.
+    pub who: String,
+    pub action: String,
+    pub params: serde_json::Value,
+    pub target: Option<String>,
+    pub outcome: String,
+}
+
+/// Unix time in seconds (fractional).
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS webhooks (
+    id INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL,
+    group_id INTEGER,
+    duplicate INTEGER NOT NULL DEFAULT 0,
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhooks_received ON webhooks(received_at);
+CREATE TABLE IF NOT EXISTS alert_groups (
+    id INTEGER PRIMARY KEY,
+    group_key TEXT NOT NULL UNIQUE,
+    receiver TEXT NOT NULL,
+    status TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    rev INTEGER NOT NULL,
+    state_hash TEXT NOT NULL,
+    recent_hashes TEXT NOT NULL,
+    state TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    group_id INTEGER NOT NULL,
+    destination TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    rev INTEGER NOT NULL,
+    posted_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (group_id, destination)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    group_id INTEGER NOT NULL,
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    rev INTEGER NOT NULL,
+    body TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_key ON outbox(group_id, destination, id);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_attempt_at);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    outbox_id INTEGER NOT NULL,
+    group_id INTEGER NOT NULL,
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    body TEXT,
+    attempts INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS acks (
+    group_id INTEGER PRIMARY KEY,
+    who TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    who TEXT NOT NULL,
+    action TEXT NOT NULL,
+    params TEXT NOT NULL,
+    target TEXT,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
+"#;
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, in WAL mode with
+    /// full fsync, and applies the schema. Blocking.
+    pub fn open(path: &Path) -> Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let conn = Connection::open(path).map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let wrap = |source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(wrap)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(mode = %mode, "sqlite did not switch to WAL; commits will be slower");
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(wrap)?;
+        conn.execute_batch(SCHEMA).map_err(wrap)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the connection on this thread (blocking).
+    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let mut guard = self.conn.lock().map_err(|_| Error::Poisoned)?;
+        f(&mut guard)
+    }
+
+    /// Runs `f` with the connection on the blocking pool, within
+    /// [`CALL_DEADLINE`]. Other modules use this for their own tables
+    /// (create them with `CREATE TABLE IF NOT EXISTS` on first use).
+    pub async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let store = self.clone();
+        let task = tokio::task::spawn_blocking(move || store.with_conn(f));
+        match tokio::time::timeout(CALL_DEADLINE, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(Error::Task(e.to_string())),
+            Err(_) => Err(Error::Deadline(CALL_DEADLINE)),
+        }
+    }
+
+    /// Stores one webhook and its group's new state, and enqueues deliveries,
+    /// in one transaction. A state seen before for this group changes nothing
+    /// but the raw webhook log.
+    pub async fn ingest(&self, raw: String, update: GroupUpdate) -> Result<IngestResult> {
+        self.call(move |c| ingest_tx(c, &raw, &update, now())).await
+    }
+
+    /// Records an acknowledgement and refreshes the group's messages.
+    pub async fn acknowledge(&self, group_id: i64, who: String) -> Result<bool> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let exists: bool = tx
+                .query_row("SELECT 1 FROM alert_groups WHERE id=?1", [group_id], |_| {
+                    Ok(())
+                })
+                .optional()?
+                .is_some();
+            if !exists {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO acks(group_id, who, at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(group_id) DO UPDATE SET who=excluded.who, at=excluded.at",
+                params![group_id, who, now()],
+            )?;
+            refresh_tx(&tx, group_id, now())?;
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Re-renders every message of a group (after an ack or any change that
+    /// is not a webhook). Returns the outbox rows touched.
+    pub async fn refresh(&self, group_id: i64) -> Result<usize> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let n = refresh_tx(&tx, group_id, now())?;
+            tx.commit()?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Enqueues a thread reply (a JSON-serialised `notify::Message`) under the
+    /// group's message at every destination it was (or will be) posted to.
+    pub async fn enqueue_reply(&self, group_id: i64, body: String) -> Result<usize> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let dests = group_destinations(&tx, group_id)?;
+            let t = now();
+            for d in &dests {
+                tx.execute(
+                    "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+                     VALUES (?1, ?2, 'reply', 0, ?3, ?4, ?4)",
+                    params![group_id, d, body, t],
+                )?;
+            }
+            tx.commit()?;
+            Ok(dests.len())
+        })
+        .await
+    }
+
+    pub async fn group(&self, group_id: i64) -> Result<Option<GroupRecord>> {
+        self.call(move |c| group_by(c, "id", &group_id)).await
+    }
+
+    pub async fn group_by_key(&self, key: String) -> Result<Option<GroupRecord>> {
+        self.call(move |c| group_by(c, "group_key", &key)).await
+    }
+
+    /// Groups currently firing, newest first.
+    pub async fn firing_groups(&self, limit: usize) -> Result<Vec<GroupRecord>> {
+        self.call(move |c| {
+            let mut st = c.prepare(
+                "SELECT id FROM alert_groups WHERE status='firing' ORDER BY updated_at DESC LIMIT ?1",
+            )?;
+            let ids: Vec<i64> = st
+                .query_map([limit as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some(g) = group_by(c, "id", &id)? {
+                    out.push(g);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn message(
+        &self,
+        group_id: i64,
+        destination: String,
+    ) -> Result<Option<MessageRecord>> {
+        self.call(move |c| message_tx(c, group_id, &destination))
+            .await
+    }
+
+    /// Every message posted for a group.
+    pub async fn messages(&self, group_id: i64) -> Result<Vec<MessageRecord>> {
+        self.call(move |c| {
+            let mut st = c.prepare(
+                "SELECT group_id, destination, channel, message_id, rev FROM messages WHERE group_id=?1 ORDER BY destination",
+            )?;
+            let rows = st
+                .query_map([group_id], message_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Rows due at `at`, oldest first, at most one per (group, destination)
+    /// and only the first of each (so edits and replies keep their order).
+    pub async fn due(&self, at: f64, limit: usize) -> Result<Vec<OutboxRow>> {
+        self.call(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, group_id, destination, kind, rev, body, attempts, created_at, next_attempt_at
+                 FROM outbox o
+                 WHERE next_attempt_at <= ?1
+                   AND NOT EXISTS (SELECT 1 FROM outbox p
+                                   WHERE p.group_id=o.group_id AND p.destination=o.destination AND p.id<o.id)
+                 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = st
+                .query_map(params![at, limit as i64], outbox_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// When the earliest pending row becomes due (None: outbox empty).
+    pub async fn next_due(&self) -> Result<Option<f64>> {
+        self.call(|c| Ok(c.query_row("SELECT MIN(next_attempt_at) FROM outbox", [], |r| r.get(0))?))
+            .await
+    }
+
+    pub async fn pending(&self) -> Result<i64> {
+        self.call(|c| Ok(c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
+            .await
+    }
+
+    /// An alert row was delivered as `rev`: remember the message, and finish
+    /// the row unless a newer state arrived meanwhile (then it runs again).
+    pub async fn alert_delivered(
+        &self,
+        row: OutboxRow,
+        rendered_rev: i64,
+        channel: String,
+        message_id: String,
+    ) -> Result<()> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let t = now();
+            tx.execute(
+                "INSERT INTO messages(group_id, destination, channel, message_id, rev, posted_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                 ON CONFLICT(group_id, destination) DO UPDATE SET
+                   channel=excluded.channel, message_id=excluded.message_id,
+                   rev=excluded.rev, updated_at=excluded.updated_at",
+                params![row.group_id, row.destination, channel, message_id, rendered_rev, t],
+            )?;
+            let deleted = tx.execute(
+                "DELETE FROM outbox WHERE id=?1 AND rev<=?2",
+                params![row.id, rendered_rev],
+            )?;
+            if deleted == 0 {
+                tx.execute(
+                    "UPDATE outbox SET attempts=0, next_attempt_at=?2, last_error=NULL WHERE id=?1",
+                    params![row.id, t],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A reply (or any non-alert row) was delivered.
+    pub async fn delivered(&self, id: i64) -> Result<()> {
+        self.call(move |c| {
+            c.execute("DELETE FROM outbox WHERE id=?1", [id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Schedules another attempt.
+    pub async fn retry_at(&self, id: i64, at: f64, error: String) -> Result<()> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?2, last_error=?3 WHERE id=?1",
+                params![id, at, error],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Moves a row to the dead letters with the platform's error.
+    pub async fn dead_letter(&self, row: OutboxRow, error: String) -> Result<()> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO dead_letters(outbox_id, group_id, destination, kind, body, attempts, error, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    row.id,
+                    row.group_id,
+                    row.destination,
+                    row.kind,
+                    row.body,
+                    row.attempts + 1,
+                    error,
+                    now()
+                ],
+            )?;
+            tx.execute("DELETE FROM outbox WHERE id=?1", [row.id])?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        self.call(|c| {
+            let mut st = c.prepare(
+                "SELECT id, group_id, destination, kind, attempts, error, at FROM dead_letters ORDER BY id",
+            )?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok(DeadLetter {
+                        id: r.get(0)?,
+                        group_id: r.get(1)?,
+                        destination: r.get(2)?,
+                        kind: r.get(3)?,
+                        attempts: r.get(4)?,
+                        error: r.get(5)?,
+                        at: r.get(6)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Deletes raw webhooks older than `age`.
+    pub async fn prune_webhooks(&self, age: Duration) -> Result<usize> {
+        let cutoff = now() - age.as_secs_f64();
+        self.call(move |c| Ok(c.execute("DELETE FROM webhooks WHERE received_at < ?1", [cutoff])?))
+            .await
+    }
+
+    /// Appends an audit record (blocking; see [`Store::audit`] for async).
+    pub fn audit_blocking(
+        &self,
+        who: &str,
+        action: &str,
+        params_json: &serde_json::Value,
+        target: Option<&str>,
+        outcome: &str,
+    ) -> Result<i64> {
+        self.with_conn(|c| {
+            c.execute(
+                "INSERT INTO audit(at, who, action, params, target, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![now(), who, action, params_json.to_string(), target, outcome],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    /// Appends an audit record: who did what, with which parameters, to
+    /// what, and how it ended. Also logged.
+    pub async fn audit(
+        &self,
+        who: String,
+        action: String,
+        params_json: serde_json::Value,
+        target: Option<String>,
+        outcome: String,
+    ) -> Result<i64> {
+        tracing::info!(
+            who = %who,
+            action = %action,
+            params = %params_json,
+            target = target.as_deref().unwrap_or(""),
+            outcome = %outcome,
+            "audit"
+        );
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO audit(at, who, action, params, target, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![now(), who, action, params_json.to_string(), target, outcome],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    /// Audit records at or after `since` (Unix seconds), oldest first.
+    pub fn audit_since_blocking(&self, since: f64) -> Result<Vec<AuditRecord>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare(
+                "SELECT id, at, who, action, params, target, outcome FROM audit WHERE at >= ?1 ORDER BY at, id",
+            )?;
+            let rows = st
+                .query_map([since], |r| {
+                    let params: String = r.get(4)?;
+                    Ok(AuditRecord {
+                        id: r.get(0)?,
+                        at: r.get(1)?,
+                        who: r.get(2)?,
+                        action: r.get(3)?,
+                        params: serde_json::from_str(&params)
+                            .unwrap_or(serde_json::Value::String(params)),
+                        target: r.get(5)?,
+                        outcome: r.get(6)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+
+    pub async fn audit_since(&self, since: f64) -> Result<Vec<AuditRecord>> {
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || s.audit_since_blocking(since))
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
+    }
+}
+
+fn ingest_tx(c: &mut Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<IngestResult> {
+    let tx = c.transaction()?;
+    let existing: Option<(i64, i64, String, String)> = tx
+        .query_row(
+            "SELECT id, rev, status, recent_hashes FROM alert_groups WHERE group_key=?1",
+            [&u.group_key],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let (group_id, rev, was_firing) = match existing {
+        Some((id, rev, status, recent)) => {
+            let mut hashes: Vec<String> = serde_json::from_str(&recent).unwrap_or_default();
+            if hashes.iter().any(|h| h == &u.state_hash) {
+                tx.execute(
+                    "INSERT INTO webhooks(received_at, group_id, duplicate, payload) VALUES (?1, ?2, 1, ?3)",
+                    params![t, id, raw],
+                )?;
+                let webhook_id = tx.last_insert_rowid();
+                tx.commit()?;
+                return Ok(IngestResult {
+                    webhook_id,
+                    group_id: id,
+                    rev,
+                    duplicate: true,
+                    enqueued: 0,
+                });
+            }
+            hashes.push(u.state_hash.clone());
+            if hashes.len() > RECENT_HASHES {
+                let cut = hashes.len() - RECENT_HASHES;
+                hashes.drain(..cut);
+            }
+            let rev = rev + 1;
+            tx.execute(
+                "UPDATE alert_groups SET receiver=?2, status=?3, tier=?4, rev=?5, state_hash=?6,
+                   recent_hashes=?7, state=?8, updated_at=?9 WHERE id=?1",
+                params![
+                    id,
+                    u.receiver,
+                    u.status,
+                    u.tier,
+                    rev,
+                    u.state_hash,
+                    serde_json::to_string(&hashes).unwrap_or_default(),
+                    u.state,
+                    t
+                ],
+            )?;
+            (id, rev, status == "firing")
+        }
+        None => {
+            tx.execute(
+                "INSERT INTO alert_groups(group_key, receiver, status, tier, rev, state_hash, recent_hashes,
+                   state, first_seen, updated_at) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?8)",
+                params![
+                    u.group_key,
+                    u.receiver,
+                    u.status,
+                    u.tier,
+                    u.state_hash,
+                    serde_json::to_string(&[&u.state_hash]).unwrap_or_default(),
+                    u.state,
+                    t
+                ],
+            )?;
+            (tx.last_insert_rowid(), 1, false)
+        }
+    };
+    let mut dests = group_destinations(&tx, group_id)?;
+    for d in &u.destinations {
+        if !dests.contains(d) {
+            dests.push(d.clone());
+        }
+    }
+    let mut enqueued = 0;
+    for d in &dests {
+        enqueued += upsert_alert_row(&tx, group_id, d, rev, t)?;
+    }
+    if was_firing && u.status == "resolved" {
+        let body =
+            serde_json::to_string(&crate::notify::Message::Text(crate::notify::TextMessage {
+                text: u.resolved_reply.clone(),
+                code: None,
+            }))
+            .unwrap_or_default();
+        for d in &dests {
+            tx.execute(
+                "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+                 VALUES (?1, ?2, 'reply', ?3, ?4, ?5, ?5)",
+                params![group_id, d, rev, body, t],
+            )?;
+            enqueued += 1;
+        }
+    }
+    tx.execute(
+        "INSERT INTO webhooks(received_at, group_id, duplicate, payload) VALUES (?1, ?2, 0, ?3)",
+        params![t, group_id, raw],
+    )?;
+    let webhook_id = tx.last_insert_rowid();
+    tx.commit()?;
+    Ok(IngestResult {
+        webhook_id,
+        group_id,
+        rev,
+        duplicate: false,
+        enqueued,
+    })
+}
+
+/// Points the pending alert row of (group, destination) at `rev`, or adds one.
+fn upsert_alert_row(
+    tx: &Transaction<'_>,
+    group_id: i64,
+    dest: &str,
+    rev: i64,
+    t: f64,
+) -> Result<usize> {
+    let n = tx.execute(
+        "UPDATE outbox SET rev=?3 WHERE group_id=?1 AND destination=?2 AND kind='alert'",
+        params![group_id, dest, rev],
+    )?;
+    if n == 0 {
+        tx.execute(
+            "INSERT INTO outbox(group_id, destination, kind, rev, created_at, next_attempt_at)
+             VALUES (?1, ?2, 'alert', ?3, ?4, ?4)",
+            params![group_id, dest, rev, t],
+        )?;
+    }
+    Ok(1)
+}
+
+fn refresh_tx(tx: &Transaction<'_>, group_id: i64, t: f64) -> Result<usize> {
+    let rev: Option<i64> = tx
+        .query_row(
+            "SELECT rev FROM alert_groups WHERE id=?1",
+            [group_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(rev) = rev else { return Ok(0) };
+    let rev = rev + 1;
+    tx.execute(
+        "UPDATE alert_groups SET rev=?2, updated_at=?3 WHERE id=?1",
+        params![group_id, rev, t],
+    )?;
+    let dests = group_destinations(tx, group_id)?;
+    for d in &dests {
+        upsert_alert_row(tx, group_id, d, rev, t)?;
+    }
+    Ok(dests.len())
+}
+
+/// Destinations a group was posted to or has pending alert rows for.
+fn group_destinations(c: &Connection, group_id: i64) -> Result<Vec<String>> {
+    let mut st = c.prepare_cached(
+        "SELECT destination FROM messages WHERE group_id=?1
+         UNION SELECT destination FROM outbox WHERE group_id=?1 AND kind='alert'
+         ORDER BY 1",
+    )?;
+    let rows = st
+        .query_map([group_id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+fn group_by(
+    c: &Connection,
+    column: &str,
+    value: &dyn rusqlite::ToSql,
+) -> Result<Option<GroupRecord>> {
+    let sql = format!(
+        "SELECT g.id, g.group_key, g.status, g.tier, g.rev, g.state, g.updated_at, a.who, a.at
+         FROM alert_groups g LEFT JOIN acks a ON a.group_id = g.id WHERE g.{column} = ?1"
+    );
+    Ok(c.query_row(&sql, [value], |r| {
+        let who: Option<String> = r.get(7)?;
+        let at: Option<f64> = r.get(8)?;
+        Ok(GroupRecord {
+            id: r.get(0)?,
+            group_key: r.get(1)?,
+            status: r.get(2)?,
+            tier: r.get(3)?,
+            rev: r.get(4)?,
+            state: r.get(5)?,
+            updated_at: r.get(6)?,
+            ack: who.map(|by| Ack {
+                by,
+                at: at.unwrap_or(0.0),
+            }),
+        })
+    })
+    .optional()?)
+}
+
+fn message_tx(c: &Connection, group_id: i64, dest: &str) -> Result<Option<MessageRecord>> {
+    Ok(c.query_row(
+        "SELECT group_id, destination, channel, message_id, rev FROM messages WHERE group_id=?1 AND destination=?2",
+        params![group_id, dest],
+        message_row,
+    )
+    .optional()?)
+}
+
+fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRecord> {
+    Ok(MessageRecord {
+        group_id: r.get(0)?,
+        destination: r.get(1)?,
+        channel: r.get(2)?,
+        message_id: r.get(3)?,
+        rev: r.get(4)?,
+    })
+}
+
+fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
+    Ok(OutboxRow {
+        id: r.get(0)?,
+        group_id: r.get(1)?,
+        destination: r.get(2)?,
+        kind: r.get(3)?,
+        rev: r.get(4)?,
+        body: r.get(5)?,
+        attempts: r.get(6)?,
+        created_at: r.get(7)?,
+        next_attempt_at: r.get(8)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(key: &str, status: &str, hash: &str, dests: &[&str]) -> GroupUpdate {
+        GroupUpdate {
+            group_key: key.into(),
+            receiver: "r".into(),
+            status: status.into(),
+            tier: "P1".into(),
+            state_hash: hash.into(),
+            state: "{}".into(),
+            destinations: dests.iter().map(|s| s.to_string()).collect(),
+            resolved_reply: "resolved".into(),
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("bot.db")).unwrap();
+        (dir, s)
+    }
+
+    #[tokio::test]
+    async fn duplicates_change_nothing_and_updates_coalesce() {
+        let (_d, s) = open();
+        let a = s
+            .ingest(
+                "{}".into(),
+                update("g", "firing", "h1", &["slack:C1", "discord:2"]),
+            )
+            .await
+            .unwrap();
+        assert_eq!((a.duplicate, a.enqueued, a.rev), (false, 2, 1));
+        let dup = s
+            .ingest("{}".into(), update("g", "firing", "h1", &["slack:C1"]))
+            .await
+            .unwrap();
+        assert!(dup.duplicate);
+        assert_eq!(s.pending().await.unwrap(), 2);
+        // A new state while the first is still pending updates the same rows.
+        let b = s
+            .ingest("{}".into(), update("g", "firing", "h2", &["slack:C1"]))
+            .await
+            .unwrap();
+        assert_eq!((b.duplicate, b.rev), (false, 2));
+        let due = s.due(now() + 1.0, 10).await.unwrap();
+        assert_eq!(due.len(), 2);
+        assert!(due.iter().all(|r| r.rev == 2 && r.kind == KIND_ALERT));
+        // An older state arriving late (HA reordering) is also a duplicate.
+        assert!(
+            s.ingest("{}".into(), update("g", "firing", "h1", &[]))
+                .await
+                .unwrap()
+                .duplicate
+        );
+    }
+
+    #[tokio::test]
+    async fn delivery_keeps_a_row_that_got_newer_state_meanwhile() {
+        let (_d, s) = open();
+        s.ingest("{}".into(), update("g", "firing", "h1", &["slack:C1"]))
+            .await
+            .unwrap();
+        let row = s.due(now() + 1.0, 10).await.unwrap().remove(0);
+        // New state lands while the worker is posting rev 1.
+        s.ingest("{}".into(), update("g", "firing", "h2", &["slack:C1"]))
+            .await
+            .unwrap();
+        s.alert_delivered(row.clone(), 1, "C1".into(), "111.1".into())
+            .await
+            .unwrap();
+        let again = s.due(now() + 1.0, 10).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].rev, 2);
+        s.alert_delivered(again[0].clone(), 2, "C1".into(), "111.1".into())
+            .await
+            .unwrap();
+        assert_eq!(s.pending().await.unwrap(), 0);
+        let m = s
+            .message(row.group_id, "slack:C1".into())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((m.message_id.as_str(), m.rev), ("111.1", 2));
+    }
+
+    #[tokio::test]
+    async fn resolve_enqueues_an_edit_then_a_reply_in_order() {
+        let (_d, s) = open();
+        s.ingest("{}".into(), update("g", "firing", "h1", &["slack:C1"]))
+            .await
+            .unwrap();
+        let row = s.due(now() + 1.0, 10).await.unwrap().remove(0);
+        s.alert_delivered(row, 1, "C1".into(), "1.1".into())
+            .await
+            .unwrap();
+        s.ingest("{}".into(), update("g", "resolved", "h2", &["slack:C1"]))
+            .await
+            .unwrap();
+        let due = s.due(now() + 1.0, 10).await.unwrap();
+        assert_eq!(due.len(), 1, "the reply waits behind the edit");
+        assert_eq!(due[0].kind, KIND_ALERT);
+        s.alert_delivered(due[0].clone(), 2, "C1".into(), "1.1".into())
+            .await
+            .unwrap();
+        let due = s.due(now() + 1.0, 10).await.unwrap();
+        assert_eq!(due[0].kind, KIND_REPLY);
+    }
+
+    #[tokio::test]
+    async fn retries_wait_and_dead_letters_keep_the_error() {
+        let (_d, s) = open();
+        s.ingest("{}".into(), update("g", "firing", "h1", &["slack:C1"]))
+            .await
+            .unwrap();
+        let row = s.due(now() + 1.0, 10).await.unwrap().remove(0);
+        s.retry_at(row.id, now() + 60.0, "HTTP 503".into())
+            .await
+            .unwrap();
+        assert!(s.due(now() + 1.0, 10).await.unwrap().is_empty());
+        s.dead_letter(row, "channel_not_found".into())
+            .await
+            .unwrap();
+        assert_eq!(s.pending().await.unwrap(), 0);
+        let dl = s.dead_letters().await.unwrap();
+        assert_eq!(dl[0].error, "channel_not_found");
+    }
+
+    #[tokio::test]
+    async fn audit_round_trips_and_filters_by_time() {
+        let (_d, s) = open();
+        s.audit(
+            "slack:U1".into(),
+            "silence".into(),
+            serde_json::json!({"d": "1h"}),
+            Some("GpuXid".into()),
+            "ok".into(),
+        )
+        .await
+        .unwrap();
+        let all = s.audit_since(0.0).await.unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].params["d"], "1h");
+        assert!(s.audit_since(now() + 10.0).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn ack_is_stored_and_refreshes_messages() {
+        let (_d, s) = open();
+        let r = s
+            .ingest("{}".into(), update("g", "firing", "h1", &["slack:C1"]))
+            .await
+            .unwrap();
+        let row = s.due(now() + 1.0, 10).await.unwrap().remove(0);
+        s.alert_delivered(row, 1, "C1".into(), "1.1".into())
+            .await
+            .unwrap();
+        assert!(s.acknowledge(r.group_id, "slack:U1".into()).await.unwrap());
+        assert!(!s.acknowledge(999, "x".into()).await.unwrap());
+        let g = s.group(r.group_id).await.unwrap().unwrap();
+        assert_eq!(g.ack.unwrap().by, "slack:U1");
+        assert_eq!(s.due(now() + 1.0, 10).await.unwrap().len(), 1);
+    }
+}

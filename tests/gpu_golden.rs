@@ -1,0 +1,226 @@
+//! End-to-end exposition of the fake GPU backend: `gpuops collect --once
+//! --gpu-fake <fixture>` against checked-in golden files, and promtool lint.
+//! Regenerate the golden files with `GPUOPS_UPDATE_GOLDEN=1 cargo test --test gpu_golden`.
+#![allow(clippy::disallowed_methods)] // integration tests spawn the real binary and external tools
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `gpuops collect --once` with only the GPU collector (and kmsg) on.
+fn collect(fixture: &str, extra_config: &str) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!("[collectors]\ncpu = false\nmemory = false\noom = false\nstorage = false\n{extra_config}"),
+    )
+    .unwrap();
+    let fx = root().join("tests/fixtures/gpu");
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .arg("collect")
+        .arg("--once")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--gpu-fake")
+        .arg(fx.join(fixture))
+        .arg("--procfs")
+        .arg(fx.join("proc"))
+        .arg("--kmsg")
+        .arg(fx.join("kmsg-xid.txt"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// The stable part of an exposition: GPU families, DCGM families and the
+/// collectors' success (durations, process and build metrics vary).
+fn stable(text: &str) -> String {
+    let keep = |name: &str| {
+        name.starts_with("gpu_")
+            || name.starts_with("DCGM_")
+            || name.starts_with("gpuops_collector_success")
+            || name.starts_with("gpuops_build_info")
+    };
+    text.lines()
+        .filter(|l| {
+            let name = l
+                .strip_prefix("# HELP ")
+                .or_else(|| l.strip_prefix("# TYPE "))
+                .unwrap_or(l);
+            keep(name)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn check_golden(name: &str, actual: &str) {
+    let path = root().join("tests/golden").join(name);
+    if std::env::var_os("GPUOPS_UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with GPUOPS_UPDATE_GOLDEN=1 to create it)",
+            path.display()
+        )
+    });
+    if expected != actual {
+        let diff: Vec<String> = expected
+            .lines()
+            .zip(actual.lines())
+            .filter(|(a, b)| a != b)
+            .take(10)
+            .map(|(a, b)| format!("-{a}\n+{b}"))
+            .collect();
+        panic!(
+            "{} differs from the output ({} vs {} lines); first differences:\n{}\n(run with GPUOPS_UPDATE_GOLDEN=1 to accept)",
+            path.display(),
+            expected.lines().count(),
+            actual.lines().count(),
+            diff.join("\n")
+        );
+    }
+}
+
+#[test]
+fn h100x8_fixture_matches_golden_exposition() {
+    let (out, err) = collect("h100x8.json", "");
+    assert!(err.contains("gpu readings are FAKE"), "{err}");
+    assert!(
+        out.contains("gpuops_build_info{version=\"0.1.0\",role=\"agent\",gpu_backend=\"fake\"} 1")
+    );
+    assert!(out.contains("gpuops_collector_success{collector=\"gpu\"} 1"));
+    // All 8 GPUs have their USE series.
+    for i in 0..8 {
+        for name in [
+            "gpu_up",
+            "gpu_utilization_percent",
+            "gpu_memory_used_bytes",
+            "gpu_memory_total_bytes",
+            "gpu_memory_used_percent",
+            "gpu_temperature_celsius",
+            "gpu_power_watts",
+            "gpu_throttle_reason",
+            "gpu_errors_total",
+        ] {
+            let prefix = format!("{name}{{gpu=\"{i}\"");
+            assert!(out.contains(&prefix), "{prefix} missing");
+        }
+    }
+    check_golden("gpu-h100x8.prom", &stable(&out));
+}
+
+#[test]
+fn mig_fixture_exports_instance_labels() {
+    let (out, _) = collect("mig.json", "");
+    check_golden("gpu-mig.prom", &stable(&out));
+    assert!(out.contains(
+        "gpu_instance_id=\"13\",compute_instance_id=\"0\",mig_profile=\"1g.10gb\"} 536870912"
+    ));
+    // No utilization for GPU 0 in the fixture: left out, not 0.
+    assert!(!out.contains("gpu_utilization_percent{gpu=\"0\""));
+}
+
+#[test]
+fn lost_gpu_is_down_and_counted_once() {
+    let (out, err) = collect("lost.json", "");
+    assert!(err.contains("gpu stopped answering"), "{err}");
+    let gpu5: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("gpu_") && l.contains("gpu=\"5\""))
+        .collect();
+    assert!(
+        gpu5.iter()
+            .any(|l| l.starts_with("gpu_up{") && l.ends_with(" 0")),
+        "{gpu5:#?}"
+    );
+    assert!(
+        gpu5.iter()
+            .any(|l| l.contains("type=\"fell_off_bus\"") && l.ends_with(" 1")),
+        "{gpu5:#?}"
+    );
+    // Nothing else about a lost GPU: no stale or zero readings.
+    assert!(
+        gpu5.iter()
+            .all(|l| l.starts_with("gpu_up{") || l.starts_with("gpu_errors_total{")),
+        "{gpu5:#?}"
+    );
+    assert!(out.contains("gpu_up{gpu=\"4\""));
+}
+
+#[test]
+fn dcgm_compat_adds_dcgm_exporter_names() {
+    let (out, _) = collect("h100x8.json", "[gpu]\ndcgm_compat = true\n");
+    let dcgm: String = stable(&out)
+        .lines()
+        .filter(|l| l.contains("DCGM_"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    check_golden("gpu-h100x8-dcgm.prom", &dcgm);
+    assert!(out.contains("DCGM_FI_DEV_FB_USED{gpu=\"3\",UUID=\"GPU-9d4f3b6e-4c5a-4e8d-8fab-3a4b5c6d7e83\",device=\"nvidia3\",modelName=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:5D:00.0\"} 50000"));
+    assert!(out.contains("DCGM_FI_DEV_XID_ERRORS{gpu=\"3\""));
+}
+
+/// promtool's findings on an exposition, minus those we knowingly accept:
+/// `gpu_count` (a contract name) has a `_count` suffix, and the `DCGM_*`
+/// compatibility series use dcgm-exporter's names and label names (`UUID`,
+/// `modelName`, `..._COUNTER`), which is their whole point.
+fn promtool_findings(text: &str) -> Vec<String> {
+    use std::io::Write as _;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool not found");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    all.lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter(|l| {
+            !l.starts_with(
+                "gpu_count non-histogram and non-summary metrics should not have \"_count\" suffix",
+            )
+        })
+        // dcgm-exporter's own names and labels break Prometheus naming advice.
+        .filter(|l| !(l.starts_with("DCGM_FI_DEV_") && l.contains(" should ")))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+#[ignore = "needs promtool; run by .ci/run"]
+fn fake_expositions_are_promtool_clean() {
+    for (fixture, extra) in [
+        ("h100x8.json", ""),
+        ("h100x8.json", "[gpu]\ndcgm_compat = true\n"),
+        ("mig.json", ""),
+        ("lost.json", ""),
+    ] {
+        let (out, _) = collect(fixture, extra);
+        let findings = promtool_findings(&out);
+        assert!(findings.is_empty(), "{fixture} {extra}: {findings:#?}");
+    }
+}

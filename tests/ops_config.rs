@@ -1,0 +1,460 @@
+//! Checks the shipped operations files (Prometheus rules, AlertManager config)
+//! against the agent's metric contract, and runs the tools operators trust on
+//! them (promtool, amtool). Reads files only; never changes them.
+#![allow(clippy::disallowed_methods)] // integration tests spawn the real binary and external tools
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_norway::Value;
+
+/// Runbook ids of the common contract; `runbook` annotations must name one.
+const RUNBOOK_IDS: &[&str] = &[
+    "gpu-xid",
+    "gpu-fell-off-bus",
+    "gpu-ecc-remap",
+    "gpu-throttle",
+    "gpu-nvlink",
+    "oom-kill",
+    "storage",
+    "memory-pressure",
+    "cpu-saturation",
+    "agent-down",
+    "gpu-underutilized",
+];
+
+const SEVERITIES: &[&str] = &["critical", "high", "warning", "info"];
+const COMPONENTS: &[&str] = &["gpu", "cpu", "memory", "storage", "agent"];
+
+/// Every series name the agent exports (the metric contract), plus Prometheus' `up`.
+const CONTRACT_METRICS: &[&str] = &[
+    "up",
+    "cpu_utilization_percent",
+    "cpu_seconds_total",
+    "cpu_throttle_seconds_total",
+    "cpu_thermal_throttle_events_total",
+    "cpu_errors_total",
+    "cpu_pressure_stall_seconds_total",
+    "cpu_load_average",
+    "cpu_count",
+    "memory_total_bytes",
+    "memory_available_bytes",
+    "memory_used_bytes",
+    "memory_pressure_events_total",
+    "memory_pressure_stall_seconds_total",
+    "memory_errors_total",
+    "memory_swap_total_bytes",
+    "memory_swap_used_bytes",
+    "oom_kills_total",
+    "oom_kill_last_timestamp_seconds",
+    "storage_total_bytes",
+    "storage_used_bytes",
+    "storage_available_bytes",
+    "storage_inodes_total",
+    "storage_inodes_free",
+    "storage_readonly",
+    "storage_mount_stuck",
+    "storage_reads_total",
+    "storage_writes_total",
+    "storage_read_bytes_total",
+    "storage_written_bytes_total",
+    "storage_io_time_seconds_total",
+    "storage_io_weighted_time_seconds_total",
+    "storage_io_in_progress",
+    "storage_io_pressure_stall_seconds_total",
+    "storage_errors_total",
+    "gpu_up",
+    "gpu_utilization_percent",
+    "gpu_memory_utilization_percent",
+    "gpu_memory_used_bytes",
+    "gpu_memory_total_bytes",
+    "gpu_memory_used_percent",
+    "gpu_temperature_celsius",
+    "gpu_memory_temperature_celsius",
+    "gpu_power_watts",
+    "gpu_power_limit_watts",
+    "gpu_energy_joules_total",
+    "gpu_sm_clock_hertz",
+    "gpu_memory_clock_hertz",
+    "gpu_throttle_reason",
+    "gpu_fan_speed_percent",
+    "gpu_pcie_replay_total",
+    "gpu_pcie_link_generation",
+    "gpu_pcie_link_width",
+    "gpu_ecc_errors_total",
+    "gpu_retired_pages",
+    "gpu_remapped_rows",
+    "gpu_nvlink_errors_total",
+    "gpu_xid_errors_total",
+    "gpu_errors_total",
+    "gpu_process_memory_used_bytes",
+    "gpu_info",
+    "gpu_count",
+    "gpuops_collector_success",
+    "gpuops_collector_duration_seconds",
+    "gpuops_build_info",
+    "gpuops_kernel_log_readable",
+    "api_requests_total",
+    "api_request_duration_seconds_bucket",
+    "api_request_duration_seconds_sum",
+    "api_request_duration_seconds_count",
+    "process_resident_memory_bytes",
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_start_time_seconds",
+];
+
+/// PromQL words that are not series names.
+const PROMQL_WORDS: &[&str] = &[
+    "sum",
+    "avg",
+    "max",
+    "min",
+    "count",
+    "topk",
+    "bottomk",
+    "quantile",
+    "stddev",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "rate",
+    "irate",
+    "increase",
+    "delta",
+    "idelta",
+    "changes",
+    "resets",
+    "max_over_time",
+    "min_over_time",
+    "avg_over_time",
+    "last_over_time",
+    "sum_over_time",
+    "count_over_time",
+    "histogram_quantile",
+    "label_replace",
+    "clamp_min",
+    "clamp_max",
+    "abs",
+    "absent",
+    "time",
+    "timestamp",
+    "vector",
+    "scalar",
+    "sort",
+    "sort_desc",
+];
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Series names an expression reads: identifiers left once strings, label
+/// matchers, grouping clauses, ranges and PromQL words are removed.
+pub fn series_names(expr: &str) -> BTreeSet<String> {
+    let strings = regex::Regex::new(r#""[^"]*""#).unwrap();
+    let matchers = regex::Regex::new(r"\{[^}]*\}").unwrap();
+    let grouping =
+        regex::Regex::new(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+            .unwrap();
+    let ranges = regex::Regex::new(r"\[[^\]]*\]").unwrap();
+    let durations = regex::Regex::new(r"\boffset\s+\d+[smhdwy]").unwrap();
+    let ident = regex::Regex::new(r"[A-Za-z_:][A-Za-z0-9_:]*").unwrap();
+    let e = strings.replace_all(expr, "");
+    let e = matchers.replace_all(&e, " ");
+    let e = grouping.replace_all(&e, " ");
+    let e = ranges.replace_all(&e, " ");
+    let e = durations.replace_all(&e, " ");
+    ident
+        .find_iter(&e)
+        .map(|m| m.as_str().to_string())
+        .filter(|w| !PROMQL_WORDS.contains(&w.as_str()))
+        .filter(|w| !w.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .collect()
+}
+
+fn load_yaml(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// (group, rule) for every rule of a rule file.
+fn rules(path: &Path) -> Vec<Value> {
+    let doc = load_yaml(path);
+    let mut out = Vec::new();
+    for g in doc["groups"].as_sequence().expect("groups") {
+        for r in g["rules"].as_sequence().expect("rules") {
+            out.push(r.clone());
+        }
+    }
+    out
+}
+
+fn s<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(|x| x.as_str())
+}
+
+fn alert_rules() -> Vec<Value> {
+    rules(&repo().join("config/prometheus/rules/gpuops-alerts.yml"))
+}
+
+fn recording_rules() -> Vec<Value> {
+    rules(&repo().join("config/prometheus/rules/gpuops-recording.yml"))
+}
+
+#[test]
+fn alerts_carry_severity_component_and_a_known_runbook() {
+    let mut problems = Vec::new();
+    let alerts = alert_rules();
+    for r in &alerts {
+        let name = s(r, "alert").expect("alert name");
+        let labels = &r["labels"];
+        let ann = &r["annotations"];
+        match s(labels, "severity") {
+            Some(sev) if SEVERITIES.contains(&sev) => {}
+            other => problems.push(format!("{name}: severity {other:?}")),
+        }
+        match s(labels, "component") {
+            Some(c) if COMPONENTS.contains(&c) => {}
+            other => problems.push(format!("{name}: component {other:?}")),
+        }
+        for key in ["summary", "description"] {
+            if s(ann, key).is_none_or(|t| t.trim().is_empty()) {
+                problems.push(format!("{name}: no {key} annotation"));
+            }
+        }
+        match s(ann, "runbook") {
+            Some(id) if RUNBOOK_IDS.contains(&id) => {
+                let file = repo().join("runbooks").join(format!("{id}.yaml"));
+                if repo().join("runbooks").is_dir() && !file.is_file() {
+                    problems.push(format!("{name}: runbook file {} missing", file.display()));
+                }
+            }
+            other => problems.push(format!("{name}: runbook {other:?} is not a runbook id")),
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    let names: BTreeSet<&str> = alerts.iter().filter_map(|r| s(r, "alert")).collect();
+    assert!(names.len() >= 12, "only {} alerts", names.len());
+    for required in [
+        "GPUUtilizationLow",
+        "StorageApproachingLimit",
+        "GPUFellOffBus",
+        "GPUDown",
+        "GPUCriticalXID",
+        "GPUUncorrectableECC",
+        "GPURowRemapPending",
+        "GPURowRemapFailure",
+        "GPUThermalThrottling",
+        "GPUTemperatureHigh",
+        "GPUNVLinkErrors",
+        "OOMKill",
+        "MemoryPressure",
+        "MemoryUtilizationHigh",
+        "CPUUtilizationHigh",
+        "StorageErrors",
+        "StorageReadOnly",
+        "StorageMountStuck",
+        "AgentDown",
+        "CollectorFailing",
+    ] {
+        assert!(names.contains(required), "{required} missing");
+    }
+}
+
+#[test]
+fn platform_rules_keep_their_thresholds() {
+    let alerts = alert_rules();
+    let find = |name: &str| {
+        alerts
+            .iter()
+            .find(|r| s(r, "alert") == Some(name))
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .clone()
+    };
+    let low = find("GPUUtilizationLow");
+    assert_eq!(
+        s(&low, "expr"),
+        Some("avg by (instance, job) (gpu_utilization_percent) < 30")
+    );
+    assert_eq!(s(&low, "for"), Some("30m"));
+    assert_eq!(s(&low["labels"], "severity"), Some("high"));
+    let storage = find("StorageApproachingLimit");
+    assert_eq!(
+        s(&storage, "expr"),
+        Some("storage_used_bytes / storage_total_bytes > 0.8")
+    );
+    assert_eq!(s(&storage, "for"), Some("1h"));
+    assert_eq!(s(&storage["labels"], "severity"), Some("warning"));
+}
+
+#[test]
+fn rules_read_only_contract_series() {
+    let recorded: BTreeSet<String> = recording_rules()
+        .iter()
+        .filter_map(|r| s(r, "record").map(str::to_string))
+        .collect();
+    let mut unknown = Vec::new();
+    for r in alert_rules().iter().chain(recording_rules().iter()) {
+        let name = s(r, "alert").or(s(r, "record")).unwrap_or("?");
+        let expr = s(r, "expr").expect("expr");
+        for series in series_names(expr) {
+            if !CONTRACT_METRICS.contains(&series.as_str()) && !recorded.contains(&series) {
+                unknown.push(format!("{name}: {series}"));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "series outside the contract: {unknown:#?}"
+    );
+}
+
+#[test]
+fn series_names_ignores_labels_grouping_and_functions() {
+    let check = |expr: &str, expect: &[&str]| {
+        let got: Vec<String> = series_names(expr).into_iter().collect();
+        assert_eq!(got, expect, "{expr}");
+    };
+    check(
+        r#"sum by (instance, gpu) (increase(gpu_errors_total{type="xid_critical"}[15m])) > 0"#,
+        &["gpu_errors_total"],
+    );
+    check(
+        r#"(x_total unless x_total offset 15m) > 0 or up{job="a"} == 0"#,
+        &["up", "x_total"],
+    );
+    check(
+        "1 - memory_available_bytes / memory_total_bytes",
+        &["memory_available_bytes", "memory_total_bytes"],
+    );
+}
+
+// ---- the tools operators trust -------------------------------------------
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd} {args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+#[ignore = "needs promtool; run by .ci/run"]
+fn promtool_checks_and_unit_tests_pass() {
+    run(
+        "promtool",
+        &[
+            "check",
+            "rules",
+            "config/prometheus/rules/gpuops-alerts.yml",
+            "config/prometheus/rules/gpuops-recording.yml",
+        ],
+    );
+    run(
+        "promtool",
+        &[
+            "test",
+            "rules",
+            "config/prometheus/tests/gpuops-alerts.test.yml",
+            "config/prometheus/tests/gpuops-recording.test.yml",
+        ],
+    );
+    run(
+        "promtool",
+        &["check", "config", "config/prometheus/prometheus.yml"],
+    );
+}
+
+#[test]
+fn promtool_tests_cover_every_alert_firing_and_quiet() {
+    let doc = load_yaml(&repo().join("config/prometheus/tests/gpuops-alerts.test.yml"));
+    let mut fired = BTreeSet::new();
+    let mut quiet = BTreeSet::new();
+    for t in doc["tests"].as_sequence().expect("tests") {
+        for c in t["alert_rule_test"].as_sequence().into_iter().flatten() {
+            let name = s(c, "alertname").expect("alertname").to_string();
+            let empty = c["exp_alerts"].as_sequence().is_none_or(|a| a.is_empty());
+            if empty {
+                quiet.insert(name);
+            } else {
+                fired.insert(name);
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    for r in alert_rules() {
+        let name = s(&r, "alert").expect("alert").to_string();
+        if !fired.contains(&name) {
+            missing.push(format!("{name}: no firing case"));
+        }
+        if !quiet.contains(&name) {
+            missing.push(format!("{name}: no quiet case"));
+        }
+    }
+    assert!(missing.is_empty(), "{missing:#?}");
+}
+
+#[test]
+#[ignore = "needs amtool; run by .ci/run"]
+fn amtool_accepts_config_and_routes_every_severity_to_the_bot() {
+    let cfg = "config/alertmanager/alertmanager.yml";
+    let out = run("amtool", &["check-config", cfg]);
+    assert!(out.contains("SUCCESS"), "{out}");
+    for sev in ["critical", "high", "warning", "info", "P1", ""] {
+        let label = format!("severity={sev}");
+        let out = run(
+            "amtool",
+            &[
+                "config",
+                "routes",
+                "test",
+                "--config.file",
+                cfg,
+                "--verify.receivers=gpuops-bot",
+                &label,
+                "alertname=GPUDown",
+            ],
+        );
+        assert!(out.contains("gpuops-bot"), "{sev}: {out}");
+    }
+}
+
+#[test]
+fn alertmanager_config_sends_resolved_with_bearer_to_the_bot() {
+    let doc = load_yaml(&repo().join("config/alertmanager/alertmanager.yml"));
+    let hooks = doc["receivers"][0]["webhook_configs"]
+        .as_sequence()
+        .expect("webhook_configs");
+    assert_eq!(hooks.len(), 1);
+    let hook = &hooks[0];
+    assert_eq!(s(hook, "url"), Some("http://127.0.0.1:9950/alertmanager"));
+    assert_eq!(hook["send_resolved"].as_bool(), Some(true));
+    let auth = &hook["http_config"]["authorization"];
+    assert_eq!(s(auth, "type"), Some("Bearer"));
+    assert!(s(auth, "credentials_file").is_some());
+    let group_by: Vec<&str> = doc["route"]["group_by"]
+        .as_sequence()
+        .expect("group_by")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(group_by, ["alertname", "instance"]);
+}
