@@ -385,3 +385,76 @@ async fn every_shipped_runbook_dry_runs_through_the_engine() {
         assert_eq!(names, want, "{}", rb.id);
     }
 }
+
+/// Every alert in the shipped Prometheus rules is answered by the runbook its
+/// `runbook` annotation names (the triggers match its name and labels), and
+/// that runbook plans from the labels such an alert carries.
+#[test]
+fn shipped_alert_rules_suggest_their_annotated_runbook() {
+    let text = std::fs::read_to_string("config/prometheus/rules/gpuops-alerts.yml")
+        .expect("config/prometheus/rules/gpuops-alerts.yml");
+    let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+    let set = shipped();
+    let mut checked = 0;
+    for group in doc["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let Some(alert) = rule["alert"].as_str() else {
+                continue;
+            };
+            let Some(want) = rule["annotations"]["runbook"].as_str() else {
+                continue;
+            };
+            let expr = rule["expr"].as_str().unwrap_or("");
+            // The labels the alert's series carry, roughly read from its expression.
+            let mut labels: BTreeMap<String, String> = [
+                ("alertname", alert),
+                ("job", "gpuops-agent"),
+                ("instance", "gpu-node-07:9949"),
+                (
+                    "severity",
+                    rule["labels"]["severity"].as_str().unwrap_or(""),
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            let mut add = |pairs: &[(&str, &str)]| {
+                for (k, v) in pairs {
+                    labels.insert(k.to_string(), v.to_string());
+                }
+            };
+            let per_gpu =
+                expr.contains("gpu_") && !expr.contains("avg by") && !expr.contains("gpu_count");
+            if per_gpu {
+                add(&[
+                    ("gpu", "2"),
+                    ("uuid", "GPU-1234"),
+                    ("pci_bus_id", "00000000:3B:00.0"),
+                ]);
+            }
+            if expr.contains("gpu_xid_errors_total") {
+                add(&[("xid", "48")]);
+            }
+            if expr.contains("storage_") && !expr.contains("storage_errors_total") {
+                add(&[
+                    ("mountpoint", "/scratch"),
+                    ("device", "nvme0n1"),
+                    ("fstype", "xfs"),
+                ]);
+            }
+            if expr.contains("storage_errors_total") {
+                add(&[("device", "sda"), ("source", "kmsg")]);
+            }
+            let suggested: Vec<&str> = set.suggest(&labels).iter().map(|r| r.id.as_str()).collect();
+            assert!(
+                suggested.contains(&want),
+                "alert {alert} names runbook {want}, but its triggers do not match {labels:?} (suggested {suggested:?})"
+            );
+            let rb = set.get(want).unwrap();
+            engine::plan(rb, &BTreeMap::new(), &labels)
+                .unwrap_or_else(|e| panic!("alert {alert} -> runbook {want}: {e}"));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} alerts checked");
+}
