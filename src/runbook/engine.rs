@@ -117,6 +117,8 @@ pub enum NodeSteps {
     Local,
     /// Send to the node's agent (the bot).
     Agent(AgentClient),
+    /// Node steps cannot run here; the string says why (shown as the outcome).
+    Unavailable(String),
 }
 
 /// The real executor.
@@ -345,6 +347,32 @@ impl StepOutcome {
 }
 
 impl Executor {
+    /// The bot's executor from its configuration: node steps to the agents
+    /// (`[agents] url_template` and `secret`), PromQL to `[prometheus] url`,
+    /// bot-side commands through the real process runner.
+    pub fn for_bot(cfg: &crate::config::BotConfig) -> Executor {
+        let node = match &cfg.agents {
+            Some(a) => match &a.secret {
+                Some(secret) => {
+                    NodeSteps::Agent(AgentClient::new(a.url_template.clone(), secret.clone()))
+                }
+                None => NodeSteps::Unavailable(
+                    "node steps need [agents] secret (shared with the agents' --exec-secret)"
+                        .into(),
+                ),
+            },
+            None => NodeSteps::Unavailable(
+                "node steps need an [agents] section (url_template, secret) in the bot configuration"
+                    .into(),
+            ),
+        };
+        Executor::new(
+            Arc::new(crate::runbook::exec::ProcessRunner),
+            node,
+            cfg.prometheus.as_ref().map(|p| p.url.clone()),
+        )
+    }
+
     pub fn new(
         runner: Arc<dyn CommandRunner>,
         node: NodeSteps,
@@ -491,6 +519,7 @@ impl StepExecutor for Executor {
                 (Rendered::Command { argv }, Target::Node) => match &self.node {
                     NodeSteps::Local => self.command(&step.step, argv).await,
                     NodeSteps::Agent(agent) => agent.execute(plan, step).await,
+                    NodeSteps::Unavailable(why) => StepOutcome::error(why.clone(), Duration::ZERO),
                 },
                 (Rendered::Http { method, url, body }, _) => {
                     self.http_step(&step.step, *method, url, body.as_deref())
@@ -752,6 +781,18 @@ pub fn authorize(role: Role, action: ChatAction, step: Option<&Step>) -> Result<
     }
 }
 
+/// A chat user's role: admin if listed in `[rbac] admins`, operator if in
+/// `operators`, else viewer.
+pub fn role_of(user_id: &str, rbac: &crate::config::bot::RbacConfig) -> Role {
+    if rbac.admins.iter().any(|a| a == user_id) {
+        Role::Admin
+    } else if rbac.operators.iter().any(|o| o == user_id) {
+        Role::Operator
+    } else {
+        Role::Viewer
+    }
+}
+
 /// The two-person rule for a `needs_approval` step: the approver must be an
 /// admin and not the person who requested the step.
 pub fn authorize_approval(approver: &Actor, requester: &Actor, step: &Step) -> Result<(), Denied> {
@@ -921,6 +962,33 @@ mod tests {
         );
         assert!(!ok);
         assert_eq!(text, "query failed: bad_data parse error");
+    }
+
+    #[test]
+    fn roles_from_rbac_lists() {
+        let rbac = crate::config::bot::RbacConfig {
+            admins: vec!["U0ADMIN".into()],
+            operators: vec!["U0OPER".into(), "U0ADMIN".into()],
+        };
+        assert_eq!(role_of("U0ADMIN", &rbac), Role::Admin);
+        assert_eq!(role_of("U0OPER", &rbac), Role::Operator);
+        assert_eq!(role_of("U0SOMEONE", &rbac), Role::Viewer);
+        assert_eq!(role_of("", &rbac), Role::Viewer);
+    }
+
+    #[tokio::test]
+    async fn bot_without_agents_reports_node_steps_unavailable() {
+        let cfg = crate::config::BotConfig::default();
+        let exec = Executor::for_bot(&cfg);
+        let rb = crate::runbook::parse_runbook(
+            std::path::Path::new("t.yaml"),
+            "id: t\ntitle: T\nsteps:\n- {name: a, phase: investigate, kind: command, target: node, run: [uptime]}\n",
+        )
+        .unwrap();
+        let plan = plan(&rb, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        let out = exec.execute(&plan, &plan.steps[0]).await;
+        assert_eq!(out.status, StepStatus::Error);
+        assert!(out.output.contains("[agents]"), "{}", out.output);
     }
 
     #[test]
