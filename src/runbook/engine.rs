@@ -655,7 +655,7 @@ impl AgentClient {
             }
         };
         let status = resp.status();
-        let (text, _) = read_text_capped(resp, 8 * 1024 * 1024).await;
+        let (text, _) = read_text_capped(resp, 64 * 1024 * 1024).await;
         if !status.is_success() {
             let (text, _) = cap_text(text, 2048);
             return StepOutcome::error(
