@@ -222,7 +222,9 @@ async fn handle<C: Clock + 'static>(
                 runbook = %runbook.id,
                 step = %step.name,
                 params = %params_text,
-                exit_code = ?out.exit_code,
+                exit_code = %out
+                    .exit_code
+                    .map_or_else(|| "none".to_string(), |c| c.to_string()),
                 timed_out = out.timed_out,
                 truncated = out.truncated,
                 duration_seconds = out.duration.as_secs_f64(),
