@@ -127,26 +127,28 @@ impl Collector for GpuCollector {
             let _ = ctx.gpu_backend.set(k);
         }
         let xids = ctx.events.xids();
+        // A backend that is absent (no NVML) logged that itself, once; a
+        // stuck one is worth a warning when it starts.
         let failure = match outcome {
             Outcome::Done(Ok(snap)) => {
                 *lock(&self.inner.last) = Some(snap.clone());
                 self.render(ctx, &snap, &xids, sink);
                 return Ok(());
             }
-            Outcome::Done(Err(e)) => e,
-            Outcome::TimedOut => format!(
+            Outcome::Done(Err(e)) => Error::Unavailable(e),
+            Outcome::TimedOut => Error::Other(format!(
                 "gpu backend did not answer within {}s",
                 self.inner.deadline.as_secs_f64()
-            ),
-            Outcome::StillRunning { since } => format!(
+            )),
+            Outcome::StillRunning { since } => Error::Other(format!(
                 "gpu backend still stuck in an earlier call ({}s)",
                 since.as_secs()
-            ),
+            )),
         };
         // The kernel log's XIDs are real even when the backend is not.
         let last = lock(&self.inner.last).clone().unwrap_or_default();
         render_xids(&last, &xids, sink);
-        Err(Error::Unavailable(failure))
+        Err(failure)
     }
 }
 
