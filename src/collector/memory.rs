@@ -31,8 +31,11 @@ impl Collector for MemoryCollector {
         if let Some(m) = sink.read(NAME, roots.parse_proc::<procfs::Meminfo>("meminfo")) {
             export_meminfo(sink, &m);
         }
-        if let Some(vm) = sink.read(NAME, roots.parse_proc::<procfs::VmStat>("vmstat")) {
-            export_allocation_stalls(sink, &vm);
+        let stalls = roots.read_proc_keyed("vmstat", |k| {
+            k == "allocstall" || k.starts_with("allocstall_")
+        });
+        if let Some(stalls) = sink.read(NAME, stalls) {
+            export_allocation_stalls(sink, &stalls);
         }
         export_psi(
             sink,
@@ -84,23 +87,21 @@ fn export_meminfo(sink: &mut Sink, m: &procfs::Meminfo) {
 
 /// `memory_pressure_events_total`: the sum of the `allocstall_*` counters
 /// (one per memory zone; `allocstall` on kernels before 4.10).
-fn export_allocation_stalls(sink: &mut Sink, vm: &procfs::VmStat) {
-    let mut found = false;
-    let mut sum = 0i64;
-    for (k, v) in &vm.0 {
-        if k == "allocstall" || k.starts_with("allocstall_") {
-            found = true;
-            sum = sum.saturating_add((*v).max(0));
-        }
-    }
-    if found {
-        sink.counter(
-            "memory_pressure_events_total",
-            "Direct-reclaim allocation stalls, summed over zones (/proc/vmstat allocstall_*).",
-            &[],
-            sum as f64,
+fn export_allocation_stalls(sink: &mut Sink, stalls: &[(String, u64)]) {
+    if stalls.is_empty() {
+        tracing::debug!(
+            collector = NAME,
+            "no allocstall counters in /proc/vmstat, left out"
         );
+        return;
     }
+    let sum = stalls.iter().fold(0u64, |a, (_, v)| a.saturating_add(*v));
+    sink.counter(
+        "memory_pressure_events_total",
+        "Direct-reclaim allocation stalls, summed over zones (/proc/vmstat allocstall_*).",
+        &[],
+        sum as f64,
+    );
 }
 
 /// `memory_errors_total{type,controller}` from
@@ -170,12 +171,12 @@ mod tests {
         check(
             "malformed",
             expect![[r#"
-            FAILED F/malformed/proc/meminfo: unexpected contents: Failed to parse value ("lots") as a u64: invalid digit found in string
-            FAILED F/malformed/proc/vmstat: unexpected contents: Failed to parse expect!(split.next()) ("many") as a i64: invalid digit found in string
-            FAILED F/malformed/proc/pressure/memory: bad total "notanumber"
-            FAILED F/malformed/sys/devices/system/edac/mc/mc0/ce_count: expected an unsigned integer, found "x"
-            FAILED F/malformed/sys/devices/system/edac/mc/mc0/ue_count: expected an unsigned integer, found "-1"
-        "#]],
+                FAILED F/malformed/proc/meminfo: unexpected contents: Failed to parse value ("lots") as a u64: invalid digit found in string
+                FAILED F/malformed/proc/vmstat: line 2: allocstall_normal: expected an unsigned integer, found "many"
+                FAILED F/malformed/proc/pressure/memory: bad total "notanumber"
+                FAILED F/malformed/sys/devices/system/edac/mc/mc0/ce_count: expected an unsigned integer, found "x"
+                FAILED F/malformed/sys/devices/system/edac/mc/mc0/ue_count: expected an unsigned integer, found "-1"
+            "#]],
         );
     }
 

@@ -29,22 +29,21 @@ impl Collector for OomCollector {
     }
 
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
-        if let Some(vm) = sink.read(NAME, ctx.roots.parse_proc::<procfs::VmStat>("vmstat")) {
-            match vm.0.get("oom_kill") {
-                Some(n) if *n >= 0 => sink.counter(
-                    "oom_kills_total",
-                    "Processes killed by the kernel OOM killer since boot (/proc/vmstat oom_kill).",
-                    &[],
-                    *n as f64,
-                ),
-                Some(n) => sink.fail(NAME, format!("/proc/vmstat: oom_kill is negative ({n})")),
-                None => {
-                    tracing::debug!(
-                        collector = NAME,
-                        "no oom_kill in /proc/vmstat (kernel before 4.13), left out"
-                    );
-                }
+        let kills = ctx.roots.read_proc_keyed("vmstat", |k| k == "oom_kill");
+        match sink.read(NAME, kills).as_deref() {
+            Some([(_, n), ..]) => sink.counter(
+                "oom_kills_total",
+                "Processes killed by the kernel OOM killer since boot (/proc/vmstat oom_kill).",
+                &[],
+                *n as f64,
+            ),
+            Some([]) => {
+                tracing::debug!(
+                    collector = NAME,
+                    "no oom_kill in /proc/vmstat (kernel before 4.13), left out"
+                );
             }
+            None => {}
         }
         if let Some(t) = ctx.events.oom_last_timestamp() {
             sink.gauge(
@@ -195,8 +194,8 @@ mod fixture_tests {
         check(
             "malformed",
             expect![[r#"
-            FAILED F/malformed/proc/vmstat: unexpected contents: Failed to parse expect!(split.next()) ("many") as a i64: invalid digit found in string
-        "#]],
+                FAILED F/malformed/proc/vmstat: line 3: oom_kill: expected an unsigned integer, found "three"
+            "#]],
         );
     }
 

@@ -1,0 +1,79 @@
+//! Criterion benches of one scrape: every host collector run through the
+//! runner (threads, deadlines) and rendered as Prometheus text, on the fixture
+//! tree and on this machine's own /proc and /sys.
+//! Run with `cargo bench --bench collect`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use gpuops::collector::{self, kmsg, Context, KernelEvents, Runner, Sink};
+use gpuops::config::AgentConfig;
+use gpuops::exporter;
+
+fn runner(cfg: AgentConfig) -> Runner {
+    let cfg = Arc::new(cfg);
+    let events = Arc::new(KernelEvents::new());
+    kmsg::read_once(&cfg.roots, &events);
+    // background: the CPU sampler thread runs, as in the agent.
+    let ctx = Arc::new(Context::new(cfg, events, true));
+    let collectors = collector::all(&ctx);
+    Runner::new(ctx, collectors)
+}
+
+fn fixture_config() -> AgentConfig {
+    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/host/full");
+    let mut cfg = AgentConfig::default();
+    cfg.roots.procfs = f.join("proc");
+    cfg.roots.sysfs = f.join("sys");
+    cfg.roots.rootfs = f.join("root");
+    cfg.roots.kmsg = f.join("kmsg");
+    cfg.collectors.gpu = false;
+    cfg
+}
+
+fn bench(c: &mut Criterion) {
+    let fixture = runner(fixture_config());
+    c.bench_function("collect_render_fixture", |b| {
+        b.iter(|| {
+            let collected = fixture.collect();
+            exporter::render_with_self_metrics(&fixture, &collected, None)
+        })
+    });
+
+    let mut host_cfg = AgentConfig::default();
+    host_cfg.collectors.gpu = false;
+    // The kernel log is not needed for the scrape itself.
+    host_cfg.roots.kmsg = "/nonexistent".into();
+    let host = runner(host_cfg);
+    c.bench_function("collect_render_this_host", |b| {
+        b.iter(|| {
+            let collected = host.collect();
+            exporter::render_with_self_metrics(&host, &collected, None)
+        })
+    });
+}
+
+/// Each collector alone, called directly (no runner thread), on this machine.
+fn bench_each(c: &mut Criterion) {
+    let mut cfg = AgentConfig::default();
+    cfg.collectors.gpu = false;
+    cfg.roots.kmsg = "/nonexistent".into();
+    let cfg = Arc::new(cfg);
+    let ctx = Arc::new(Context::new(cfg, Arc::new(KernelEvents::new()), true));
+    for col in collector::all(&ctx) {
+        c.bench_function(&format!("collector_{}", col.name()), |b| {
+            b.iter(|| {
+                let mut sink = Sink::new();
+                let _ = col.collect(&ctx, &mut sink);
+                sink
+            })
+        });
+    }
+    c.bench_function("process_families", |b| {
+        b.iter(gpuops::telemetry::process_families)
+    });
+}
+
+criterion_group!(benches, bench, bench_each);
+criterion_main!(benches);
