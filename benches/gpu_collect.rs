@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use gpuops::collector::{self, kmsg, Context, KernelEvents, Runner};
@@ -27,6 +28,14 @@ fn runner() -> Runner {
     Runner::new(ctx, collectors)
 }
 
+/// Nanoseconds this thread has spent on a CPU.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn bench(c: &mut Criterion) {
     let r = runner();
     let first = r.collect();
@@ -38,6 +47,77 @@ fn bench(c: &mut Criterion) {
             assert!(text.len() > 100_000);
             text
         })
+    });
+    // Every collector called directly (no runner threads, no result sharing
+    // between back-to-back runs), then rendered: the work itself.
+    let ctx = r.context().clone();
+    let direct = collector::all(&ctx);
+    let once = || {
+        let collected: Vec<collector::Collected> = direct
+            .iter()
+            .map(|col| {
+                let mut sink = collector::Sink::new();
+                let ok = col.collect(&ctx, &mut sink).is_ok();
+                collector::Collected {
+                    name: col.name(),
+                    success: ok,
+                    duration: Duration::ZERO,
+                    families: Arc::new(sink.into_families()),
+                }
+            })
+            .collect();
+        gpuops::exporter::render_with_self_metrics(&r, &collected, None)
+    };
+    c.bench_function("gpu_collect_render_direct_h100x8", |b| b.iter(once));
+    // The same, timed by this thread's on-CPU time (/proc/thread-self/schedstat):
+    // the work itself, not the time spent waiting for a CPU on a busy machine.
+    c.bench_function("gpu_collect_render_direct_h100x8_cpu", |b| {
+        b.iter_custom(|iters| {
+            let start = thread_cpu_ns();
+            for _ in 0..iters {
+                criterion::black_box(once());
+            }
+            Duration::from_nanos(thread_cpu_ns().saturating_sub(start))
+        })
+    });
+    let pre = {
+        let mut sink = collector::Sink::new();
+        let _ = direct[0].collect(&ctx, &mut sink);
+        vec![collector::Collected {
+            name: "gpu",
+            success: true,
+            duration: Duration::ZERO,
+            families: Arc::new(sink.into_families()),
+        }]
+    };
+    c.bench_function("gpu_render_only_h100x8_cpu", |b| {
+        b.iter_custom(|iters| {
+            let start = thread_cpu_ns();
+            for _ in 0..iters {
+                criterion::black_box(collector::render(&pre, &[]));
+            }
+            Duration::from_nanos(thread_cpu_ns().saturating_sub(start))
+        })
+    });
+    c.bench_function("gpu_collect_only_direct_h100x8_cpu", |b| {
+        b.iter_custom(|iters| {
+            let start = thread_cpu_ns();
+            for _ in 0..iters {
+                let mut sink = collector::Sink::new();
+                let _ = direct[0].collect(&ctx, &mut sink);
+                criterion::black_box(sink.into_families());
+            }
+            Duration::from_nanos(thread_cpu_ns().saturating_sub(start))
+        })
+    });
+    c.bench_function("self_metrics_only", |b| {
+        b.iter(|| gpuops::exporter::render_with_self_metrics(&r, &[], None))
+    });
+    // The parts, to see where the time goes.
+    c.bench_function("gpu_collect_only_h100x8", |b| b.iter(|| r.collect()));
+    let collected = r.collect();
+    c.bench_function("gpu_render_only_h100x8", |b| {
+        b.iter(|| gpuops::exporter::render_with_self_metrics(&r, &collected, None))
     });
 }
 

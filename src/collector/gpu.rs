@@ -45,6 +45,10 @@ struct Inner {
     last: Mutex<Option<Arc<Snapshot>>>,
     /// Per GPU (uuid, else bus id): what `gpu_errors_total` has counted.
     books: Mutex<HashMap<String, ErrorBook>>,
+    /// `(process, unit)` per pid seen on a GPU in the last collection, so a
+    /// long-running job's /proc files are read once, not on every scrape.
+    /// Pids no longer on any GPU are dropped at each collection.
+    processes: Mutex<HashMap<u32, (String, String)>>,
 }
 
 enum BackendState {
@@ -101,6 +105,7 @@ impl GpuCollector {
                 flight: SingleFlight::new("gpuops-gpu"),
                 last: Mutex::new(None),
                 books: Mutex::new(HashMap::new()),
+                processes: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -249,6 +254,8 @@ impl GpuCollector {
             snap.devices.len() as f64,
         );
         let mut books = lock(&self.inner.books);
+        let mut known = std::mem::take(&mut *lock(&self.inner.processes));
+        let mut seen = HashMap::new();
         for d in &snap.devices {
             let idx = d.index.to_string();
             let base: [(&str, &str); 4] = [
@@ -300,7 +307,7 @@ impl GpuCollector {
                 );
                 render_device(ctx, snap, d, &base, sink);
                 if self.inner.process_metrics {
-                    render_processes(ctx, d, &base, sink);
+                    render_processes(ctx, d, &base, &mut known, &mut seen, sink);
                 }
                 if self.inner.dcgm_compat {
                     render_dcgm(ctx, d, xids, sink);
@@ -332,15 +339,35 @@ impl GpuCollector {
             }
         }
         drop(books);
+        *lock(&self.inner.processes) = seen;
         render_xids(snap, xids, sink);
     }
 }
 
-fn with<'a>(base: &[(&'a str, &'a str)], extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    let mut v = Vec::with_capacity(base.len() + extra.len());
-    v.extend_from_slice(base);
-    v.extend_from_slice(extra);
-    v
+/// `base` plus `extra` labels, on the stack (a scrape builds hundreds of label
+/// sets; at most 8 labels, more are dropped).
+struct Labels<'a> {
+    pairs: [(&'a str, &'a str); 8],
+    len: usize,
+}
+
+impl<'a> std::ops::Deref for Labels<'a> {
+    type Target = [(&'a str, &'a str)];
+    fn deref(&self) -> &Self::Target {
+        &self.pairs[..self.len]
+    }
+}
+
+fn with<'a>(base: &[(&'a str, &'a str)], extra: &[(&'a str, &'a str)]) -> Labels<'a> {
+    let mut l = Labels {
+        pairs: [("", ""); 8],
+        len: 0,
+    };
+    for p in base.iter().chain(extra).take(8) {
+        l.pairs[l.len] = *p;
+        l.len += 1;
+    }
+    l
 }
 
 fn render_device(
@@ -588,29 +615,43 @@ fn render_device(
     }
 }
 
-fn render_processes(ctx: &Context, d: &DeviceReading, base: &[(&str, &str)], sink: &mut Sink) {
+fn render_processes(
+    ctx: &Context,
+    d: &DeviceReading,
+    base: &[(&str, &str)],
+    known: &mut HashMap<u32, (String, String)>,
+    seen: &mut HashMap<u32, (String, String)>,
+    sink: &mut Sink,
+) {
     for p in &d.processes {
         let Some(bytes) = p.memory_used_bytes else {
             continue;
         };
+        let (comm, unit) = match known.remove(&p.pid).or_else(|| seen.get(&p.pid).cloned()) {
+            Some(v) => v,
+            None => {
+                let comm = ctx
+                    .roots
+                    .read_proc(&format!("{}/comm", p.pid))
+                    .map(|c| c.trim().to_string())
+                    .unwrap_or_default();
+                let unit = ctx
+                    .roots
+                    .read_proc(&format!("{}/cgroup", p.pid))
+                    .ok()
+                    .and_then(|c| unit_from_cgroup(&c))
+                    .unwrap_or_default();
+                (comm, unit)
+            }
+        };
         let pid = p.pid.to_string();
-        let comm = ctx
-            .roots
-            .read_proc(&format!("{pid}/comm"))
-            .map(|c| c.trim().to_string())
-            .unwrap_or_default();
-        let unit = ctx
-            .roots
-            .read_proc(&format!("{pid}/cgroup"))
-            .ok()
-            .and_then(|c| unit_from_cgroup(&c))
-            .unwrap_or_default();
         sink.gauge(
             "gpu_process_memory_used_bytes",
             "Device memory used by a process (NVML nvmlDeviceGetComputeRunningProcesses); process from /proc/<pid>/comm, unit (systemd unit or container) from /proc/<pid>/cgroup.",
             &with(base, &[("pid", &pid), ("process", &comm), ("unit", &unit)]),
             bytes as f64,
         );
+        seen.insert(p.pid, (comm, unit));
     }
 }
 

@@ -153,8 +153,19 @@ impl KernelEvents {
                         inner.recent_xids.pop_front();
                     }
                 } else {
-                    // Already counted from the other source: keep the richer kmsg text.
+                    // Already counted from the other source: keep the richer
+                    // kmsg record (pid, process, text) in place of NVML's.
                     tracing::debug!(pci_bus_id = %key.0, xid = key.1, "xid seen by both nvml and kmsg, counted once");
+                    if *source == XidSource::Kmsg {
+                        let t = event.timestamp;
+                        if let Some(slot) = inner.events.iter_mut().rev().find(|e| {
+                            matches!(&e.kind, EventKind::Xid { pci_bus_id: b, xid: x, source: XidSource::Nvml, .. }
+                                if *b == key.0 && *x == key.1)
+                                && (e.timestamp - t).abs() <= XID_DEDUPE_WINDOW_SECS
+                        }) {
+                            *slot = event;
+                        }
+                    }
                     return;
                 }
             }
@@ -610,6 +621,19 @@ mod tests {
             .message
             .starts_with("Memory cgroup out of memory: Killed process 1234"));
         assert_eq!(ev.oom_last_timestamp(), Some(10.5));
+    }
+
+    #[test]
+    fn kmsg_record_replaces_the_nvml_one_it_duplicates() {
+        let ev = KernelEvents::new();
+        ev.record(xid(XidSource::Nvml, 100.0));
+        let mut k = xid(XidSource::Kmsg, 100.5);
+        k.message =
+            "NVRM: Xid (PCI:0000:3b:00): 79, pid=7, name=python, GPU has fallen off the bus."
+                .into();
+        ev.record(k.clone());
+        assert_eq!(ev.since(0.0), vec![k]);
+        assert_eq!(ev.xids().values().sum::<u64>(), 1);
     }
 
     #[test]
