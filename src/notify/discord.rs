@@ -146,9 +146,11 @@ impl Notifier for DiscordNotifier {
                     )
                 }
             };
+            let token = self.http.token().trim_start_matches("Bot ").to_string();
             let text = self
                 .execute(Request::new(route, method).body(Some(body)))
-                .await?;
+                .await
+                .map_err(|e| e.scrubbed(&[&token]))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
             let id = v["id"]

@@ -216,6 +216,37 @@ impl Error {
     }
 }
 
+/// Replaces every occurrence of each secret (of 4+ characters) in `text`
+/// with `<redacted>`. Notifiers pass their own credentials, so a platform
+/// that echoes a token back cannot leak it through an error or a log line.
+pub fn scrub(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        if s.len() >= 4 && out.contains(s) {
+            out = out.replace(s, "<redacted>");
+        }
+    }
+    out
+}
+
+impl Error {
+    /// The same error with `secrets` scrubbed from its reason.
+    pub fn scrubbed(self, secrets: &[&str]) -> Error {
+        match self {
+            Error::Retryable {
+                retry_after,
+                reason,
+            } => Error::Retryable {
+                retry_after,
+                reason: scrub(&reason, secrets),
+            },
+            Error::Permanent { reason } => Error::Permanent {
+                reason: scrub(&reason, secrets),
+            },
+        }
+    }
+}
+
 /// A boxed future (the trait is used as `dyn Notifier`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -37,6 +37,7 @@ type Connector = SlackClientHyperConnector<HttpsConnector<HttpConnector>>;
 pub struct SlackNotifier {
     client: Arc<SlackClient<Connector>>,
     token: SlackApiToken,
+    secret: String,
 }
 
 impl SlackNotifier {
@@ -51,6 +52,7 @@ impl SlackNotifier {
         Ok(SlackNotifier {
             client: Arc::new(SlackClient::new(connector)),
             token: SlackApiToken::new(SlackApiTokenValue::new(cfg.bot_token.expose().to_string())),
+            secret: cfg.bot_token.expose().to_string(),
         })
     }
 }
@@ -62,6 +64,16 @@ impl Notifier for SlackNotifier {
 
     fn send<'a>(&'a self, out: &'a Outgoing<'a>) -> BoxFuture<'a, Result<Delivery, Error>> {
         Box::pin(async move {
+            self.call(out)
+                .await
+                .map_err(|e| e.scrubbed(&[&self.secret]))
+        })
+    }
+}
+
+impl SlackNotifier {
+    async fn call(&self, out: &Outgoing<'_>) -> Result<Delivery, Error> {
+        {
             let content = render(out.message);
             let session = self.client.open_session(&self.token);
             match &out.op {
@@ -99,7 +111,7 @@ impl Notifier for SlackNotifier {
                     })
                 }
             }
-        })
+        }
     }
 }
 

@@ -63,6 +63,46 @@ impl Notifier for WebhookNotifier {
 
     fn send<'a>(&'a self, out: &'a Outgoing<'a>) -> BoxFuture<'a, Result<Delivery, Error>> {
         Box::pin(async move {
+            let result = self.call(out).await;
+            match self.urls.get(out.channel) {
+                Some(url) => {
+                    let parts = url_secrets(url.expose());
+                    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+                    result.map_err(|e| e.scrubbed(&parts))
+                }
+                None => result,
+            }
+        })
+    }
+}
+
+/// The URL and every part of it that may be a credential: userinfo, path
+/// segments, query values.
+fn url_secrets(url: &str) -> Vec<String> {
+    let mut out = vec![url.to_string()];
+    if let Ok(u) = reqwest::Url::parse(url) {
+        if !u.username().is_empty() {
+            out.push(u.username().to_string());
+        }
+        if let Some(p) = u.password() {
+            out.push(p.to_string());
+        }
+        for seg in u.path_segments().into_iter().flatten() {
+            if seg.len() >= 6 {
+                out.push(seg.to_string());
+            }
+        }
+        for (_, v) in u.query_pairs() {
+            out.push(v.into_owned());
+        }
+    }
+    out.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    out
+}
+
+impl WebhookNotifier {
+    async fn call(&self, out: &Outgoing<'_>) -> Result<Delivery, Error> {
+        {
             let Some(url) = self.urls.get(out.channel) else {
                 return Err(Error::permanent(format!(
                     "webhook {} is no longer configured",
@@ -117,7 +157,7 @@ impl Notifier for WebhookNotifier {
                 retry_after,
                 &format!("webhook: {}", truncate_chars(&text, 200)),
             ))
-        })
+        }
     }
 }
 
