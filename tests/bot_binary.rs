@@ -185,7 +185,16 @@ async fn kill_9_loses_nothing() {
     slack.set_down(false);
     discord.set_down(false);
     let bot = Proc::spawn(dir.path(), Some(&cfg), "second");
-    let s = slack.wait_for(tried + 1, Duration::from_secs(20)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slack.requests().len() <= tried {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered after restart; log:\n{}",
+            bot.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = slack.requests();
     let delivered = &s[tried];
     assert!(delivered.path.ends_with("chat.postMessage"));
     assert_eq!(delivered.body["channel"], "CP1");
