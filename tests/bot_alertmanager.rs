@@ -29,7 +29,11 @@ fn amtool(am: &str, args: &[&str]) {
         .arg(format!("--alertmanager.url={am}"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "amtool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "amtool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool, log: &Path) {
@@ -64,7 +68,11 @@ async fn a_real_alertmanager_alert_reaches_slack_and_its_resolve_edits_it() {
             .spawn()
             .unwrap(),
     );
-    wait_http_ok(&format!("http://127.0.0.1:{bot_port}/healthz"), Duration::from_secs(20)).await;
+    wait_http_ok(
+        &format!("http://127.0.0.1:{bot_port}/healthz"),
+        Duration::from_secs(20),
+    )
+    .await;
 
     let am_port = free_port();
     let am_yml = dir.path().join("alertmanager.yml");
@@ -93,7 +101,10 @@ receivers:
     let _am = Killed(
         Command::new(ALERTMANAGER)
             .arg(format!("--config.file={}", am_yml.display()))
-            .arg(format!("--storage.path={}", dir.path().join("am-data").display()))
+            .arg(format!(
+                "--storage.path={}",
+                dir.path().join("am-data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{am_port}"))
             .arg("--cluster.listen-address=")
             .stderr(File::create(&am_log).unwrap())
@@ -127,12 +138,21 @@ receivers:
         &bot_log,
     )
     .await;
-    let post = slack.requests().into_iter().find(|r| r.path.ends_with("chat.postMessage")).unwrap();
-    assert!(post.raw.contains("GpuFellOffBus") && post.raw.contains("gpu-node-7:9949"), "{}", post.raw);
+    let post = slack
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("chat.postMessage"))
+        .unwrap();
+    assert!(
+        post.raw.contains("GpuFellOffBus") && post.raw.contains("gpu-node-7:9949"),
+        "{}",
+        post.raw
+    );
     assert!(post.raw.contains("gpuops_ack"));
 
     // Resolve it: AlertManager sends "resolved", the bot edits the message.
-    let ended = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let ended = (chrono::Utc::now() - chrono::Duration::seconds(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     amtool(
         &am,
         &[
