@@ -560,6 +560,19 @@ impl Store {
         .await
     }
 
+    /// The platform says the group's message at `destination` is gone:
+    /// forget it, so the next attempt posts a new one.
+    pub async fn forget_message(&self, group_id: i64, destination: String) -> Result<()> {
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM messages WHERE group_id=?1 AND destination=?2",
+                params![group_id, destination],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// A reply (or any non-alert row) was delivered.
     pub async fn delivered(&self, id: i64) -> Result<()> {
         self.write(move |c| {

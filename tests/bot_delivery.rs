@@ -449,3 +449,40 @@ async fn outbox_replies_and_acks_reach_the_alert_thread() {
         .iter()
         .any(|r| r.body["message_reference"]["message_id"] == "900000000000000001"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_message_is_posted_again_instead_of_lost() {
+    let bot = Bot::start("").await;
+    bot.post(&am_payload(
+        "GpuXid",
+        "firing",
+        &[("n1", "critical", "firing")],
+    ))
+    .await;
+    bot.slack.wait_for(1, WAIT).await;
+    bot.discord.wait_for(1, WAIT).await;
+    bot.slack.script([Scripted::new(
+        200,
+        json!({"ok": false, "error": "message_not_found"}),
+    )]);
+    bot.discord.script([Scripted::new(
+        404,
+        json!({"message": "Unknown Message", "code": 10008}),
+    )]);
+    bot.post(&am_payload(
+        "GpuXid",
+        "firing",
+        &[("n1", "critical", "firing"), ("n2", "critical", "firing")],
+    ))
+    .await;
+    let s = bot.slack.wait_for(3, WAIT).await;
+    assert!(s[1].path.ends_with("chat.update"));
+    assert!(s[2].path.ends_with("chat.postMessage"), "{s:#?}");
+    assert!(s[2].raw.contains("FIRING 2"));
+    let d = bot.discord.wait_for(3, WAIT).await;
+    assert_eq!(
+        (d[1].method.as_str(), d[2].method.as_str()),
+        ("PATCH", "POST")
+    );
+    assert!(bot.state.store.dead_letters().await.unwrap().is_empty());
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serenity::all::{
     ButtonStyle, ChannelId, CreateActionRow, CreateButton, CreateEmbed, CreateEmbedFooter,
-    CreateMessage, EditMessage, MessageId,
+    CreateMessage, EditMessage, MessageId, MessageReference,
 };
 use serenity::http::{Http, HttpBuilder, LightMethod, Request, Route};
 
@@ -86,6 +86,9 @@ impl DiscordNotifier {
                 truncate_chars(if message.is_empty() { &body } else { &message }, 200)
             ),
         };
+        if status == 404 && code == Some(10008) {
+            return Err(Error::MessageGone { reason: detail });
+        }
         if status == 429 {
             // The JSON body's retry_after (seconds, fractional) is authoritative.
             let secs = json["retry_after"].as_f64().or(header_retry);
@@ -121,7 +124,10 @@ impl Notifier for DiscordNotifier {
                     let mut msg = create_message(out.message);
                     if let Op::Reply(p) = &out.op {
                         let parent = MessageId::new(parse_id(&p.message_id, "message")?);
-                        msg = msg.reference_message((channel_id, parent));
+                        let mut reference = MessageReference::from((channel_id, parent));
+                        // A deleted parent still gets the reply, unthreaded.
+                        reference.fail_if_not_exists = Some(false);
+                        msg = msg.reference_message(reference);
                     }
                     let body = serde_json::to_vec(&msg)
                         .map_err(|e| Error::permanent(format!("cannot encode message: {e}")))?;

@@ -183,6 +183,10 @@ pub enum Error {
     /// Retrying will not help: the platform's error (e.g. `channel_not_found`).
     #[error("permanent: {reason}")]
     Permanent { reason: String },
+    /// The message to edit or reply to no longer exists on the platform
+    /// (deleted by someone): post a new one instead.
+    #[error("message gone: {reason}")]
+    MessageGone { reason: String },
 }
 
 impl Error {
@@ -241,6 +245,9 @@ impl Error {
                 reason: scrub(&reason, secrets),
             },
             Error::Permanent { reason } => Error::Permanent {
+                reason: scrub(&reason, secrets),
+            },
+            Error::MessageGone { reason } => Error::MessageGone {
                 reason: scrub(&reason, secrets),
             },
         }

@@ -135,6 +135,9 @@ fn map_error(e: SlackClientError) -> Error {
                 r.code.map(|c| format!(": {c}")).unwrap_or_default()
             ),
         ),
+        SlackClientError::ApiError(a) if a.code == "message_not_found" => Error::MessageGone {
+            reason: "slack error: message_not_found".into(),
+        },
         SlackClientError::ApiError(a) if TRANSIENT_CODES.contains(&a.code.as_str()) => {
             Error::retryable(format!("slack error: {}", a.code))
         }
