@@ -341,11 +341,13 @@ fn spawn_pruner(state: Arc<BotState>, mut stop: tokio::sync::watch::Receiver<boo
             }
             match state
                 .store
-                .prune_webhooks(state.config.store.webhook_retention)
+                .prune(state.config.store.webhook_retention)
                 .await
             {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(deleted = n, "pruned old raw webhooks"),
+                Ok(n) => {
+                    tracing::info!(deleted = n, "pruned old webhooks and long-resolved groups")
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot prune old webhooks"),
             }
         }

@@ -641,11 +641,30 @@ impl Store {
         .await
     }
 
-    /// Deletes raw webhooks older than `age`.
-    pub async fn prune_webhooks(&self, age: Duration) -> Result<usize> {
+    /// Deletes raw webhooks older than `age`, and groups resolved for longer
+    /// than `age` (with their messages and acks) that have nothing pending.
+    /// Returns the rows deleted.
+    pub async fn prune(&self, age: Duration) -> Result<usize> {
         let cutoff = now() - age.as_secs_f64();
-        self.write(move |c| Ok(c.execute("DELETE FROM webhooks WHERE received_at < ?1", [cutoff])?))
-            .await
+        self.write(move |c| {
+            let mut n = c.execute("DELETE FROM webhooks WHERE received_at < ?1", [cutoff])?;
+            let old = "SELECT id FROM alert_groups g WHERE status='resolved' AND updated_at < ?1
+                       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.group_id = g.id)";
+            n += c.execute(
+                &format!("DELETE FROM messages WHERE group_id IN ({old})"),
+                [cutoff],
+            )?;
+            n += c.execute(
+                &format!("DELETE FROM acks WHERE group_id IN ({old})"),
+                [cutoff],
+            )?;
+            n += c.execute(
+                &format!("DELETE FROM alert_groups WHERE id IN ({old})"),
+                [cutoff],
+            )?;
+            Ok(n)
+        })
+        .await
     }
 
     /// Appends an audit record (blocking; see [`Store::audit`] for async).
@@ -1160,5 +1179,33 @@ mod tests {
         let g = s.group(r.group_id).await.unwrap().unwrap();
         assert_eq!(g.ack.unwrap().by, "slack:U1");
         assert_eq!(s.due(now() + 1.0, 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn prune_forgets_long_resolved_groups_only() {
+        let (_d, s) = open();
+        let a = s
+            .ingest("{}".into(), update("old", "resolved", "h1", &[]))
+            .await
+            .unwrap();
+        let b = s
+            .ingest("{}".into(), update("firing", "firing", "h2", &[]))
+            .await
+            .unwrap();
+        let c = s
+            .ingest(
+                "{}".into(),
+                update("pending", "resolved", "h3", &["slack:C1"]),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(s.prune(Duration::from_millis(10)).await.unwrap() > 0);
+        assert!(s.group(a.group_id).await.unwrap().is_none());
+        assert!(s.group(b.group_id).await.unwrap().is_some());
+        assert!(
+            s.group(c.group_id).await.unwrap().is_some(),
+            "has a pending delivery"
+        );
     }
 }
