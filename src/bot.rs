@@ -125,6 +125,7 @@ impl BotState {
             notifiers,
             config: config.clone(),
             metrics: metrics.clone(),
+            suggest_runbook: None,
         };
         let state = Arc::new(BotState {
             config,
