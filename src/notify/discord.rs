@@ -14,8 +14,8 @@
 use std::time::Duration;
 
 use serenity::all::{
-    ButtonStyle, ChannelId, CreateActionRow, CreateButton, CreateEmbed, CreateEmbedFooter,
-    CreateMessage, EditMessage, MessageId, MessageReference,
+    ButtonStyle, ChannelId, CreateActionRow, CreateAllowedMentions, CreateButton, CreateEmbed,
+    CreateEmbedFooter, CreateMessage, EditMessage, MessageId, MessageReference,
 };
 use serenity::http::{Http, HttpBuilder, LightMethod, Request, Route};
 
