@@ -116,6 +116,8 @@ fn maintainer_scripts_are_executable_posix_sh() {
         "packaging/debian/postrm",
         "packaging/build-deb",
         "packaging/build-rpm",
+        "packaging/check-deb-install",
+        "packaging/privileged/check-sudoers",
     ] {
         let path = repo().join(name);
         let mode = std::fs::metadata(&path)
