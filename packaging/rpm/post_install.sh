@@ -1,6 +1,9 @@
 # gpuops %post: system user, credential store, agent enabled and started; the
 # bot stays disabled until /etc/gpuops/bot.toml is configured.
 systemd-sysusers gpuops.conf || :
+if getent group video >/dev/null; then
+	usermod -a -G video gpuops || :
+fi
 systemd-tmpfiles --create gpuops.conf || :
 if [ -d /run/systemd/system ]; then
 	systemctl daemon-reload || :
