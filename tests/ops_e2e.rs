@@ -1,0 +1,325 @@
+//! End to end, with real parts only: the gpuops agent is scraped by a real
+//! Prometheus that loads the shipped rules (plus one always-firing test rule);
+//! every dashboard query evaluates; Prometheus sends the alert to a real
+//! AlertManager running the shipped configuration (only the webhook URL and
+//! the token file rewritten to the test's bot); AlertManager delivers it to
+//! the gpuops bot, which posts it to a fake Slack Web API.
+
+mod ops_support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ops_support::*;
+
+const WEBHOOK_TOKEN: &str = "e2e-webhook-token";
+const MARKER: &str = "e2e-marker-7f3a";
+
+/// Requests the fake Slack API received: (path, body).
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<(String, String)>>>);
+
+impl Seen {
+    fn all(&self) -> Vec<(String, String)> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+async fn fake_slack_handler(
+    axum::extract::State(seen): axum::extract::State<Seen>,
+    uri: axum::http::Uri,
+    body: String,
+) -> axum::Json<serde_json::Value> {
+    if let Ok(mut v) = seen.0.lock() {
+        v.push((uri.path().to_string(), body));
+    }
+    axum::Json(serde_json::json!({"ok": true, "channel": "C1", "ts": "1.1"}))
+}
+
+/// A tiny Slack Web API: every method answers `ok`, `chat.postMessage` with a
+/// channel and a timestamp.
+async fn start_fake_slack() -> (SocketAddr, Seen) {
+    let seen = Seen::default();
+    let app = axum::Router::new()
+        .fallback(fake_slack_handler)
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind fake slack");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, seen)
+}
+
+/// The shipped AlertManager configuration with only the bot URL and the token
+/// file changed.
+fn alertmanager_config(dir: &std::path::Path, bot: SocketAddr) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(repo().join("config/alertmanager/alertmanager.yml"))
+        .expect("read alertmanager.yml");
+    let token_file = dir.join("webhook-token");
+    std::fs::write(&token_file, format!("{WEBHOOK_TOKEN}\n")).expect("write token");
+    let shipped_url = "http://127.0.0.1:9950/alertmanager";
+    let shipped_token = "/etc/prometheus/gpuops-webhook-token";
+    assert!(text.contains(shipped_url) && text.contains(shipped_token));
+    let text = text
+        .replace(shipped_url, &format!("http://{bot}/alertmanager"))
+        .replace(shipped_token, &token_file.display().to_string());
+    let path = dir.join("alertmanager.yml");
+    std::fs::write(&path, text).expect("write alertmanager.yml");
+    path
+}
+
+/// A rule that fires at once on any scraped agent, so the chain can be
+/// observed without waiting for a real fault.
+fn firing_rule(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("e2e.yml");
+    let text = format!(
+        "groups:\n  - name: e2e\n    interval: 1s\n    rules:\n      - alert: GpuopsE2E\n        \
+         expr: gpuops_build_info == 1\n        labels:\n          severity: critical\n          \
+         component: agent\n        annotations:\n          summary: \"{MARKER} on {{{{ $labels.instance }}}}\"\n          \
+         description: \"end-to-end test alert\"\n          runbook: agent-down\n"
+    );
+    std::fs::write(&path, text).expect("write e2e rule");
+    path
+}
+
+fn bot_config(dir: &std::path::Path, listen: SocketAddr, slack: SocketAddr) -> std::path::PathBuf {
+    let text = format!(
+        "[server]\nlisten = \"{listen}\"\nwebhook_token = \"{WEBHOOK_TOKEN}\"\n\n\
+         [store]\npath = \"{}\"\n\n\
+         [slack]\nbot_token = \"xoxb-e2e-test\"\nsigning_secret = \"e2e-signing-secret\"\napi_url = \"http://{slack}/api\"\n\n\
+         [[routing.destinations]]\ntiers = [\"P1\", \"P2\", \"P3\", \"P4\"]\nslack_channel = \"C0E2E\"\n",
+        dir.join("bot.db").display()
+    );
+    let path = dir.join("bot.toml");
+    std::fs::write(&path, text).expect("write bot.toml");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs prometheus and alertmanager; run by .ci/run"]
+async fn alert_flows_from_agent_through_prometheus_alertmanager_and_bot_to_slack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = http();
+
+    // Fake Slack, then the bot.
+    let (slack, seen) = start_fake_slack().await;
+    let bot_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let bot_toml = bot_config(dir.path(), bot_addr, slack);
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args(["check-config", "--bot"])
+        .arg(&bot_toml)
+        .output()
+        .expect("run check-config");
+    assert!(
+        out.status.success(),
+        "the test's bot.toml is rejected: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut bot_cmd = Command::new(env!("CARGO_BIN_EXE_gpuops"));
+    bot_cmd.args(["bot", "--config"]).arg(&bot_toml);
+    let mut bot = Proc::start("bot", &mut bot_cmd, dir.path());
+    wait_for_port(&mut bot, bot_addr, Duration::from_secs(30));
+
+    // AlertManager with the shipped configuration.
+    let am_port = free_port();
+    let am_addr: SocketAddr = format!("127.0.0.1:{am_port}").parse().expect("addr");
+    let am_cfg = alertmanager_config(dir.path(), bot_addr);
+    let mut am_cmd = Command::new("prometheus-alertmanager");
+    am_cmd
+        .arg(format!("--config.file={}", am_cfg.display()))
+        .arg(format!(
+            "--storage.path={}",
+            dir.path().join("am").display()
+        ))
+        .arg(format!("--web.listen-address={am_addr}"))
+        .arg("--cluster.listen-address=")
+        .arg("--log.level=info");
+    let mut am = Proc::start("alertmanager", &mut am_cmd, dir.path());
+    wait_http_ok(
+        &client,
+        &mut am,
+        &format!("http://{am_addr}/-/ready"),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    // Agent and Prometheus with the shipped rules and the firing test rule.
+    let agent = start_agent(dir.path()).await;
+    let mut rules = copy_rules_fast(dir.path());
+    rules.push(firing_rule(dir.path()));
+    let mut prom = start_prometheus(dir.path(), agent.addr, &rules, Some(am_addr)).await;
+    wait_scraped(&client, &mut prom).await;
+    let groups = wait_rules_evaluated(&client, &prom).await;
+    let unhealthy: Vec<String> = groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .filter(|r| r["health"] != "ok")
+        .map(|r| format!("{}: {}", r["name"], r["lastError"]))
+        .collect();
+    assert!(unhealthy.is_empty(), "rules not healthy: {unhealthy:#?}");
+
+    // Every dashboard query evaluates.
+    let (total, empty) = check_dashboard_queries(&client, &prom.url, &agent.addr.to_string()).await;
+    eprintln!("{total} dashboard queries ok, {} without data", empty.len());
+
+    // The alert reaches Slack: critical route, group_wait 10s.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let posted = loop {
+        let hit = seen
+            .all()
+            .into_iter()
+            .find(|(path, body)| path.ends_with("chat.postMessage") && body.contains(MARKER));
+        if let Some(hit) = hit {
+            break hit;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "no chat.postMessage with the alert reached the fake Slack within 90s; it saw {:#?}\n{}\n{}",
+                seen.all(),
+                am.tail(),
+                prom.proc.tail()
+            );
+        }
+        if let Some(status) = bot.exited() {
+            panic!("bot exited ({status})\n{}", bot.tail());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let (_, body) = posted;
+    assert!(body.contains("C0E2E"), "posted to another channel: {body}");
+    assert!(
+        body.contains("GpuopsE2E") || body.contains(MARKER),
+        "the message names neither the alert nor its summary: {body}"
+    );
+    drop(prom);
+    drop(am);
+    drop(bot);
+    drop(agent);
+}
+
+/// Requests the stand-in webhook receiver got: (path, authorization, body).
+#[derive(Clone, Default)]
+struct Hooks(Arc<Mutex<Vec<(String, String, String)>>>);
+
+async fn hook_handler(
+    axum::extract::State(hooks): axum::extract::State<Hooks>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> &'static str {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    if let Ok(mut v) = hooks.0.lock() {
+        v.push((uri.path().to_string(), auth, body));
+    }
+    "ok"
+}
+
+/// The same chain up to the webhook, with a stand-in receiver in place of the
+/// bot: proves the shipped AlertManager configuration (route, bearer token,
+/// payload) independently of the bot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs prometheus and alertmanager; run by .ci/run"]
+async fn shipped_alertmanager_config_delivers_prometheus_alerts_with_the_bearer_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = http();
+    let hooks = Hooks::default();
+    let app = axum::Router::new()
+        .fallback(hook_handler)
+        .with_state(hooks.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind receiver");
+    let receiver = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let am_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let am_cfg = alertmanager_config(dir.path(), receiver);
+    let mut am_cmd = Command::new("prometheus-alertmanager");
+    am_cmd
+        .arg(format!("--config.file={}", am_cfg.display()))
+        .arg(format!(
+            "--storage.path={}",
+            dir.path().join("am").display()
+        ))
+        .arg(format!("--web.listen-address={am_addr}"))
+        .arg("--cluster.listen-address=");
+    let mut am = Proc::start("alertmanager", &mut am_cmd, dir.path());
+    wait_http_ok(
+        &client,
+        &mut am,
+        &format!("http://{am_addr}/-/ready"),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let agent = start_agent(dir.path()).await;
+    let mut rules = copy_rules_fast(dir.path());
+    rules.push(firing_rule(dir.path()));
+    let mut prom = start_prometheus(dir.path(), agent.addr, &rules, Some(am_addr)).await;
+    wait_scraped(&client, &mut prom).await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (path, auth, body) = loop {
+        if let Some(hit) = hooks.0.lock().ok().and_then(|v| v.first().cloned()) {
+            break hit;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "AlertManager delivered nothing within 60s\n{}\n{}",
+                am.tail(),
+                prom.proc.tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(path, "/alertmanager");
+    assert_eq!(auth, format!("Bearer {WEBHOOK_TOKEN}"));
+    let payload: serde_json::Value = serde_json::from_str(&body).expect("webhook JSON");
+    assert_eq!(payload["version"], "4");
+    assert_eq!(payload["status"], "firing");
+    assert_eq!(payload["receiver"], "gpuops-bot");
+    assert_eq!(payload["groupLabels"]["alertname"], "GpuopsE2E");
+    assert_eq!(
+        payload["groupLabels"]["instance"],
+        agent.addr.to_string(),
+        "grouped by alertname and instance"
+    );
+    let alert = &payload["alerts"][0];
+    assert_eq!(alert["labels"]["severity"], "critical");
+    assert_eq!(alert["labels"]["job"], "gpuops-agent");
+    assert_eq!(alert["annotations"]["runbook"], "agent-down");
+    assert!(alert["annotations"]["summary"]
+        .as_str()
+        .is_some_and(|s| s.contains(MARKER)));
+}
+
+/// The bot configuration the package installs as /etc/gpuops/bot.toml is
+/// accepted as it is (secrets commented out, so no credential is needed).
+#[test]
+#[ignore = "needs the bot's configuration reader (bot branch); run by .ci/run, un-ignore once merged"]
+fn packaged_bot_config_is_accepted() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args(["check-config", "--agent"])
+        .arg(repo().join("packaging/agent.toml"))
+        .arg("--bot")
+        .arg(repo().join("packaging/bot.toml"))
+        .output()
+        .expect("run check-config");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,247 @@
+//! The package definitions: every file the Debian and RPM metadata name
+//! exists, the maintainer scripts are valid POSIX sh, and (once
+//! `packaging/build-deb` has run) the built .deb holds what the install guide
+//! promises. Reads files only.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn manifest() -> toml::Table {
+    let text = std::fs::read_to_string(repo().join("Cargo.toml")).expect("Cargo.toml");
+    text.parse::<toml::Table>().expect("Cargo.toml parses")
+}
+
+fn metadata<'a>(m: &'a toml::Table, tool: &str) -> &'a toml::Table {
+    m["package"]["metadata"][tool]
+        .as_table()
+        .unwrap_or_else(|| panic!("no [package.metadata.{tool}]"))
+}
+
+/// (source, dest) of every deb asset.
+fn deb_assets() -> Vec<(String, String)> {
+    let m = manifest();
+    metadata(&m, "deb")["assets"]
+        .as_array()
+        .expect("deb assets")
+        .iter()
+        .map(|a| {
+            let a = a.as_array().expect("asset triple");
+            (
+                a[0].as_str().expect("source").to_string(),
+                a[1].as_str().expect("dest").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// (source, dest) of every rpm asset.
+fn rpm_assets() -> Vec<(String, String)> {
+    let m = manifest();
+    metadata(&m, "generate-rpm")["assets"]
+        .as_array()
+        .expect("rpm assets")
+        .iter()
+        .map(|a| {
+            (
+                a["source"].as_str().expect("source").to_string(),
+                a["dest"].as_str().expect("dest").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_packaged_source_file_exists() {
+    let mut missing = Vec::new();
+    for (src, _) in deb_assets().into_iter().chain(rpm_assets()) {
+        // Built by cargo, and the runbooks (another part of the tree) are
+        // checked by build-deb itself.
+        if src.starts_with("target/") || src.contains('*') {
+            continue;
+        }
+        if !repo().join(&src).is_file() {
+            missing.push(src);
+        }
+    }
+    assert!(missing.is_empty(), "packaged files missing: {missing:?}");
+}
+
+#[test]
+fn deb_and_rpm_install_the_same_files() {
+    // Destinations normalised to full paths (a deb dest ending in / keeps the file name).
+    let norm = |(src, dest): (String, String)| {
+        let dest = dest.trim_start_matches('/').to_string();
+        if dest.ends_with('/') && !src.contains('*') {
+            let name = src.rsplit('/').next().unwrap_or_default();
+            format!("/{dest}{name}")
+        } else {
+            format!("/{dest}")
+        }
+    };
+    let deb: BTreeSet<String> = deb_assets().into_iter().map(norm).collect();
+    let rpm: BTreeSet<String> = rpm_assets().into_iter().map(norm).collect();
+    assert_eq!(deb, rpm);
+}
+
+#[test]
+fn deb_installs_the_promised_paths() {
+    let dests: BTreeSet<String> = deb_assets().into_iter().map(|(_, d)| d).collect();
+    for wanted in [
+        "usr/bin/",
+        "usr/lib/systemd/system/",
+        "usr/lib/sysusers.d/gpuops.conf",
+        "usr/lib/tmpfiles.d/gpuops.conf",
+        "etc/gpuops/agent.toml",
+        "etc/gpuops/bot.toml",
+        "usr/share/gpuops/runbooks/",
+        "usr/share/gpuops/prometheus/rules/",
+        "usr/share/gpuops/alertmanager/",
+        "usr/share/gpuops/grafana/",
+    ] {
+        assert!(dests.contains(wanted), "no asset installs to {wanted}");
+    }
+}
+
+#[test]
+fn maintainer_scripts_are_executable_posix_sh() {
+    use std::os::unix::fs::PermissionsExt as _;
+    for name in [
+        "packaging/debian/postinst",
+        "packaging/debian/prerm",
+        "packaging/debian/postrm",
+        "packaging/build-deb",
+        "packaging/build-rpm",
+        "packaging/check-deb-install",
+        "packaging/privileged/check-sudoers",
+    ] {
+        let path = repo().join(name);
+        let mode = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .permissions()
+            .mode();
+        assert!(mode & 0o111 != 0, "{name} is not executable");
+        let shell = if name.starts_with("packaging/build") {
+            "bash"
+        } else {
+            "sh"
+        };
+        let out = Command::new(shell)
+            .arg("-n")
+            .arg(&path)
+            .output()
+            .expect("run sh -n");
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for name in [
+        "packaging/rpm/post_install.sh",
+        "packaging/rpm/pre_uninstall.sh",
+        "packaging/rpm/post_uninstall.sh",
+    ] {
+        let out = Command::new("sh")
+            .arg("-n")
+            .arg(repo().join(name))
+            .output()
+            .expect("run sh -n");
+        assert!(out.status.success(), "{name}");
+    }
+}
+
+#[test]
+fn postinst_enables_the_agent_but_not_the_bot() {
+    let text = std::fs::read_to_string(repo().join("packaging/debian/postinst")).expect("postinst");
+    assert!(text.contains("deb-systemd-helper enable 'gpuops-agent.service'"));
+    assert!(text.contains("deb-systemd-invoke start 'gpuops-agent.service'"));
+    for line in text.lines().filter(|l| l.contains("gpuops-bot")) {
+        let l = line.trim();
+        assert!(
+            l.starts_with('#')
+                || l.contains("update-state")
+                || l.contains("deb-systemd-invoke try-restart"),
+            "postinst touches the bot beyond remembering it: {l}"
+        );
+    }
+    assert!(text.contains("systemd-sysusers gpuops.conf"));
+}
+
+/// The newest .deb `packaging/build-deb` wrote.
+fn built_deb() -> PathBuf {
+    let dir = repo().join("target/debian");
+    let mut debs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}; run packaging/build-deb first", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .collect();
+    debs.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    debs.pop().unwrap_or_else(|| {
+        panic!(
+            "no .deb in {}; run packaging/build-deb first",
+            dir.display()
+        )
+    })
+}
+
+#[test]
+#[ignore = "needs target/debian/*.deb from packaging/build-deb; run by .ci/run"]
+fn built_deb_holds_binary_units_conffiles_and_ops_files() {
+    let deb = built_deb();
+    let contents = Command::new("dpkg-deb")
+        .arg("--contents")
+        .arg(&deb)
+        .output()
+        .expect("dpkg-deb --contents");
+    let listing = String::from_utf8_lossy(&contents.stdout);
+    for path in [
+        "./usr/bin/gpuops",
+        "./usr/lib/systemd/system/gpuops-agent.service",
+        "./usr/lib/systemd/system/gpuops-bot.service",
+        "./usr/lib/sysusers.d/gpuops.conf",
+        "./usr/lib/tmpfiles.d/gpuops.conf",
+        "./etc/gpuops/agent.toml",
+        "./etc/gpuops/bot.toml",
+        "./usr/share/gpuops/runbooks/gpu-xid.yaml",
+        "./usr/share/gpuops/runbooks/gpu-fell-off-bus.yaml",
+        "./usr/share/gpuops/prometheus/rules/gpuops-alerts.yml",
+        "./usr/share/gpuops/prometheus/rules/gpuops-recording.yml",
+        "./usr/share/gpuops/alertmanager/alertmanager.yml",
+        "./usr/share/gpuops/grafana/gpuops-node.json",
+        "./usr/share/gpuops/privileged/sudoers",
+        "./usr/share/doc/gpuops/ops.md",
+    ] {
+        assert!(
+            listing.lines().any(|l| l.ends_with(path)),
+            "{path} not in {}:\n{listing}",
+            deb.display()
+        );
+    }
+    let conffiles = Command::new("dpkg-deb")
+        .arg("--info")
+        .arg(&deb)
+        .arg("conffiles")
+        .output()
+        .expect("dpkg-deb --info conffiles");
+    let conffiles = String::from_utf8_lossy(&conffiles.stdout);
+    for c in ["/etc/gpuops/agent.toml", "/etc/gpuops/bot.toml"] {
+        assert!(
+            conffiles.lines().any(|l| l.trim() == c),
+            "{c} is not a conffile: {conffiles}"
+        );
+    }
+    let info = Command::new("dpkg-deb")
+        .arg("--info")
+        .arg(&deb)
+        .output()
+        .expect("dpkg-deb --info");
+    let info = String::from_utf8_lossy(&info.stdout);
+    for script in ["postinst", "prerm", "postrm"] {
+        assert!(info.contains(script), "no {script} in {info}");
+    }
+}
