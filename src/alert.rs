@@ -278,6 +278,9 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct Links {
     pub alertmanager: Option<String>,
+    /// Runbooks whose triggers suggest one for a group without a
+    /// `runbook_id` annotation (the Run button).
+    pub runbooks: Option<Arc<crate::runbook::RunbookSet>>,
 }
 
 fn group_title(hook: &Webhook) -> String {
@@ -412,7 +415,12 @@ pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Me
                 .find_map(|a| a.annotations.get(key).cloned())
         })
     };
-    let runbook_id = suggested_runbook(&hook);
+    let runbook_id = suggested_runbook(&hook).or_else(|| {
+        let set = links.runbooks.as_ref()?;
+        alerts
+            .iter()
+            .find_map(|a| set.suggest(&a.labels).first().map(|r| r.id.clone()))
+    });
     let runbook_url = first("runbook_url").or_else(|| {
         first("runbook").filter(|r| r.starts_with("http://") || r.starts_with("https://"))
     });

@@ -103,6 +103,8 @@ pub struct Worker {
     pub notifiers: Notifiers,
     pub config: Arc<BotConfig>,
     pub metrics: Arc<BotMetrics>,
+    /// Suggests a runbook (by trigger) for alert messages' Run button.
+    pub runbooks: Option<Arc<crate::runbook::RunbookSet>>,
 }
 
 /// What one delivery attempt ended in (for the worker's bookkeeping).
@@ -255,6 +257,7 @@ impl Worker {
                 Ok(Some(g)) => {
                     let links = Links {
                         alertmanager: self.config.alertmanager.as_ref().map(|a| a.url.clone()),
+                        runbooks: self.runbooks.clone(),
                     };
                     (alert::render_group(&g, &self.config.routing, &links), g.rev)
                 }
