@@ -120,12 +120,13 @@ pub async fn start_run(
     macro_rules! refuse {
         ($outcome:expr, $msg:expr) => {{
             let msg: String = $msg;
+            let outcome: String = $outcome.into();
             chat.audit(
                 &who,
                 "run",
                 audit_params.clone(),
                 Some(req.runbook.clone()),
-                &$outcome,
+                &outcome,
             )
             .await;
             return Outcome::Now(Reply::private(msg));
@@ -133,14 +134,14 @@ pub async fn start_run(
     }
     if role == Role::Viewer {
         refuse!(
-            "denied: viewer".to_string(),
+            "denied: viewer",
             "⛔ running runbooks needs the operator or admin role (you are a viewer).".to_string()
         );
     }
     let set = chat.runbooks().await;
     let Some(rb) = set.get(&req.runbook) else {
         refuse!(
-            "error: no such runbook".to_string(),
+            "error: no such runbook",
             format!("no runbook `{}` (see `/gpuops runbooks`)", req.runbook)
         );
     };
@@ -148,7 +149,7 @@ pub async fn start_run(
         let unknown: Vec<&String> = only.iter().filter(|s| rb.step(s).is_none()).collect();
         if !unknown.is_empty() {
             refuse!(
-                "error: unknown step".to_string(),
+                "error: unknown step",
                 format!(
                     "runbook `{}` has no step {}; its steps: {}",
                     rb.id,
@@ -184,7 +185,7 @@ pub async fn start_run(
     let plan = match engine::plan(rb, &req.params, &labels) {
         Ok(p) => p,
         Err(e) => refuse!(
-            "refused: invalid parameters".to_string(),
+            "refused: invalid parameters",
             format!("⛔ runbook `{}` not started: {e}", rb.id)
         ),
     };
@@ -263,6 +264,17 @@ pub async fn approve(
     let who = user.key();
     let role = chat.role_of(user);
     let params = serde_json::json!({ "run": id });
+    if let Err(denied) = authorize(role, ChatAction::Approve, None) {
+        chat.audit(
+            &who,
+            "approve",
+            params,
+            Some(id.into()),
+            &format!("denied: {denied}"),
+        )
+        .await;
+        return Outcome::Now(Reply::private(format!("⛔ {denied}")));
+    }
     let row = match waiting_run(chat, id).await {
         Ok(r) => r,
         Err(msg) => {

@@ -32,8 +32,8 @@ pub async fn commands(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = verify(&chat, &headers, &body) {
-        return r;
+    if let Some(refusal) = verify(&chat, &headers, &body) {
+        return refusal;
     }
     let form = parse_form(&body);
     let user_id = form.get("user_id").cloned().unwrap_or_default();
@@ -70,8 +70,8 @@ pub async fn interactions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = verify(&chat, &headers, &body) {
-        return r;
+    if let Some(refusal) = verify(&chat, &headers, &body) {
+        return refusal;
     }
     let form = parse_form(&body);
     let Some(payload) = form.get("payload") else {
@@ -174,7 +174,8 @@ pub struct Action {
     pub value: Option<String>,
 }
 
-fn verify(chat: &ChatState, headers: &HeaderMap, body: &[u8]) -> Result<(), Response> {
+/// `None` when the request is signed, fresh and new; else the 401 to send.
+fn verify(chat: &ChatState, headers: &HeaderMap, body: &[u8]) -> Option<Response> {
     let Some(secret) = chat
         .bot
         .config
@@ -183,11 +184,11 @@ fn verify(chat: &ChatState, headers: &HeaderMap, body: &[u8]) -> Result<(), Resp
         .and_then(|s| s.signing_secret.as_ref())
     else {
         tracing::warn!("slack request refused: no [slack] signing_secret configured");
-        return Err(unauthorized());
+        return Some(unauthorized());
     };
     if let Err(e) = signing::verify_slack(secret.expose().as_bytes(), headers, body, chat.now()) {
         tracing::warn!(reason = %e, "slack request refused");
-        return Err(unauthorized());
+        return Some(unauthorized());
     }
     let sig = headers
         .get(SLACK_SIGNATURE)
@@ -195,9 +196,9 @@ fn verify(chat: &ChatState, headers: &HeaderMap, body: &[u8]) -> Result<(), Resp
         .unwrap_or("");
     if !chat.first_use(sig) {
         tracing::warn!(reason = "replayed", "slack request refused");
-        return Err(unauthorized());
+        return Some(unauthorized());
     }
-    Ok(())
+    None
 }
 
 fn unauthorized() -> Response {
