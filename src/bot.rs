@@ -22,8 +22,11 @@ use crate::alert;
 use crate::cli::{AuditArgs, BotArgs};
 use crate::config::BotConfig;
 use crate::notify::console::ConsoleNotifier;
+use crate::notify::discord::DiscordNotifier;
 use crate::notify::outbox::{Notifiers, Worker};
-use crate::notify::Outbox;
+use crate::notify::slack::SlackNotifier;
+use crate::notify::webhook::WebhookNotifier;
+use crate::notify::{Notifier, Outbox};
 use crate::store::Store;
 use crate::telemetry::{self, HttpMetrics};
 
@@ -136,11 +139,28 @@ impl BotState {
 }
 
 /// The notifiers the config asks for.
-pub fn build_notifiers(_cfg: &BotConfig) -> anyhow::Result<Notifiers> {
+pub fn build_notifiers(cfg: &BotConfig) -> anyhow::Result<Notifiers> {
+    let timeout = cfg.delivery.timeout;
+    let slack = match &cfg.slack {
+        Some(s) => Some(
+            Arc::new(SlackNotifier::new(s).context("cannot set up the Slack client")?)
+                as Arc<dyn Notifier>,
+        ),
+        None => None,
+    };
+    let discord = match &cfg.discord {
+        Some(d) => Some(Arc::new(
+            DiscordNotifier::new(d, timeout).context("cannot set up the Discord client")?,
+        ) as Arc<dyn Notifier>),
+        None => None,
+    };
+    let webhook = WebhookNotifier::new(&cfg.routing, timeout)
+        .context("cannot set up the webhook client")?
+        .map(|w| Arc::new(w) as Arc<dyn Notifier>);
     Ok(Notifiers {
-        slack: None,
-        discord: None,
-        webhook: None,
+        slack,
+        discord,
+        webhook,
         console: Arc::new(ConsoleNotifier::new()),
     })
 }
@@ -326,11 +346,13 @@ fn spawn_pruner(state: Arc<BotState>, mut stop: tokio::sync::watch::Receiver<boo
             }
             match state
                 .store
-                .prune_webhooks(state.config.store.webhook_retention)
+                .prune(state.config.store.webhook_retention)
                 .await
             {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(deleted = n, "pruned old raw webhooks"),
+                Ok(n) => {
+                    tracing::info!(deleted = n, "pruned old webhooks and long-resolved groups")
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot prune old webhooks"),
             }
         }

@@ -9,15 +9,17 @@
 //! (NORMAL would be safe against a process crash but could lose the last
 //! commits on power loss: not good enough for "nothing lost".)
 //!
-//! All SQLite calls are blocking: async callers go through [`Store::call`],
-//! which runs them on the blocking pool with a deadline. This module knows
-//! nothing about chat platforms or AlertManager's JSON.
+//! Writes are group-committed by one writer thread: webhooks arriving while
+//! a commit is syncing share the next commit (one fsync for many). Reads use
+//! a second connection on the blocking pool. Async callers go through
+//! [`Store::read`] and [`Store::write`], both with a deadline. This module
+//! knows nothing about chat platforms or AlertManager's JSON.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::notify::Ack;
@@ -47,11 +49,26 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// A handle to the database; cheap to clone.
+///
+/// Writes go to one writer thread that commits whatever queued up while the
+/// previous commit was syncing in a single transaction (group commit: one
+/// fsync for many webhooks), each job inside its own savepoint so one
+/// failing job does not undo the others. Reads use a separate connection
+/// (WAL readers do not block the writer).
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    writer: std::sync::mpsc::Sender<Job>,
+    reader: Arc<Mutex<Connection>>,
     path: PathBuf,
 }
+
+/// Called after the batch's COMMIT with its error, if any.
+type Done = Box<dyn FnOnce(Option<&str>) + Send>;
+/// Runs on the writer thread inside the batch transaction (or is told why not).
+type Job = Box<dyn FnOnce(std::result::Result<&Connection, &str>) -> Done + Send>;
+
+/// Most jobs in one transaction.
+const MAX_BATCH: usize = 512;
 
 /// What ingesting one webhook should record.
 #[derive(Debug, Clone)]
@@ -234,31 +251,44 @@ CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
 
 impl Store {
     /// Opens (creating if needed) the database at `path`, in WAL mode with
-    /// full fsync, and applies the schema. Blocking.
+    /// full fsync, applies the schema and starts the writer thread. Blocking.
     pub fn open(path: &Path) -> Result<Store> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             let _ = std::fs::create_dir_all(dir);
         }
-        let conn = Connection::open(path).map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let wrap = |source| Error::Open {
-            path: path.to_path_buf(),
-            source,
+        let open = |path: &Path| -> Result<Connection> {
+            let wrap = |source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            };
+            let conn = Connection::open(path).map_err(wrap)?;
+            conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+                .map_err(wrap)?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                tracing::warn!(mode = %mode, "sqlite did not switch to WAL; commits will be slower");
+            }
+            conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+                .map_err(wrap)?;
+            Ok(conn)
         };
-        conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(wrap)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            tracing::warn!(mode = %mode, "sqlite did not switch to WAL; commits will be slower");
-        }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
-            .map_err(wrap)?;
-        conn.execute_batch(SCHEMA).map_err(wrap)?;
+        let writer_conn = open(path)?;
+        writer_conn
+            .execute_batch(SCHEMA)
+            .map_err(|source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let reader = open(path)?;
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("gpuops-store".into())
+            .spawn(move || writer_loop(writer_conn, rx))
+            .map_err(|e| Error::Task(format!("cannot start the store writer: {e}")))?;
         Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
+            writer: tx,
+            reader: Arc::new(Mutex::new(reader)),
             path: path.to_path_buf(),
         })
     }
@@ -267,25 +297,86 @@ impl Store {
         &self.path
     }
 
-    /// Runs `f` with the connection on this thread (blocking).
-    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        let mut guard = self.conn.lock().map_err(|_| Error::Poisoned)?;
-        f(&mut guard)
+    /// Runs a read-only `f` on the reader connection on this thread (blocking).
+    pub fn read_blocking<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let guard = self.reader.lock().map_err(|_| Error::Poisoned)?;
+        f(&guard)
     }
 
-    /// Runs `f` with the connection on the blocking pool, within
-    /// [`CALL_DEADLINE`]. Other modules use this for their own tables
-    /// (create them with `CREATE TABLE IF NOT EXISTS` on first use).
-    pub async fn call<T, F>(&self, f: F) -> Result<T>
+    /// Runs a read-only `f` on the blocking pool, within [`CALL_DEADLINE`].
+    pub async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let store = self.clone();
-        let task = tokio::task::spawn_blocking(move || store.with_conn(f));
+        let task = tokio::task::spawn_blocking(move || store.read_blocking(f));
         match tokio::time::timeout(CALL_DEADLINE, task).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => Err(Error::Task(e.to_string())),
+            Err(_) => Err(Error::Deadline(CALL_DEADLINE)),
+        }
+    }
+
+    fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+        reply: impl FnOnce(Result<T>) + Send + 'static,
+    ) -> Result<()> {
+        let job: Job = Box::new(move |conn| match conn {
+            Err(why) => {
+                let why = why.to_string();
+                Box::new(move |_| reply(Err(Error::Task(why))))
+            }
+            Ok(c) => {
+                let r = in_savepoint(c, f);
+                Box::new(move |commit_error: Option<&str>| {
+                    reply(match (r, commit_error) {
+                        (Ok(v), None) => Ok(v),
+                        (Ok(_), Some(e)) => Err(Error::Task(format!("commit failed: {e}"))),
+                        (Err(e), _) => Err(e),
+                    })
+                })
+            }
+        });
+        self.writer
+            .send(job)
+            .map_err(|_| Error::Task("the store writer has stopped".into()))
+    }
+
+    /// Runs `f` on the writer thread; returns after its batch is committed
+    /// (durable). `f` runs inside a savepoint of a larger transaction: it
+    /// must not BEGIN or COMMIT itself; an `Err` undoes only its own changes.
+    /// Other modules use this for their own tables (create them with
+    /// `CREATE TABLE IF NOT EXISTS` on first use).
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(f, move |r| {
+            let _ = tx.send(r);
+        })?;
+        match tokio::time::timeout(CALL_DEADLINE, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Task("the store writer dropped a job".into())),
+            Err(_) => Err(Error::Deadline(CALL_DEADLINE)),
+        }
+    }
+
+    /// [`Store::write`] for blocking callers (CLI, tests).
+    pub fn write_blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.submit(f, move |r| {
+            let _ = tx.send(r);
+        })?;
+        match rx.recv_timeout(CALL_DEADLINE) {
+            Ok(r) => r,
             Err(_) => Err(Error::Deadline(CALL_DEADLINE)),
         }
     }
@@ -294,13 +385,14 @@ impl Store {
     /// in one transaction. A state seen before for this group changes nothing
     /// but the raw webhook log.
     pub async fn ingest(&self, raw: String, update: GroupUpdate) -> Result<IngestResult> {
-        self.call(move |c| ingest_tx(c, &raw, &update, now())).await
+        self.write(move |c| ingest_tx(c, &raw, &update, now()))
+            .await
     }
 
     /// Records an acknowledgement and refreshes the group's messages.
     pub async fn acknowledge(&self, group_id: i64, who: String) -> Result<bool> {
-        self.call(move |c| {
-            let tx = c.transaction()?;
+        self.write(move |c| {
+            let tx = c;
             let exists: bool = tx
                 .query_row("SELECT 1 FROM alert_groups WHERE id=?1", [group_id], |_| {
                     Ok(())
@@ -315,8 +407,7 @@ impl Store {
                  ON CONFLICT(group_id) DO UPDATE SET who=excluded.who, at=excluded.at",
                 params![group_id, who, now()],
             )?;
-            refresh_tx(&tx, group_id, now())?;
-            tx.commit()?;
+            refresh_tx(tx, group_id, now())?;
             Ok(true)
         })
         .await
@@ -325,10 +416,9 @@ impl Store {
     /// Re-renders every message of a group (after an ack or any change that
     /// is not a webhook). Returns the outbox rows touched.
     pub async fn refresh(&self, group_id: i64) -> Result<usize> {
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            let n = refresh_tx(&tx, group_id, now())?;
-            tx.commit()?;
+        self.write(move |c| {
+            let tx = c;
+            let n = refresh_tx(tx, group_id, now())?;
             Ok(n)
         })
         .await
@@ -337,9 +427,9 @@ impl Store {
     /// Enqueues a thread reply (a JSON-serialised `notify::Message`) under the
     /// group's message at every destination it was (or will be) posted to.
     pub async fn enqueue_reply(&self, group_id: i64, body: String) -> Result<usize> {
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            let dests = group_destinations(&tx, group_id)?;
+        self.write(move |c| {
+            let tx = c;
+            let dests = group_destinations(tx, group_id)?;
             let t = now();
             for d in &dests {
                 tx.execute(
@@ -348,23 +438,22 @@ impl Store {
                     params![group_id, d, body, t],
                 )?;
             }
-            tx.commit()?;
             Ok(dests.len())
         })
         .await
     }
 
     pub async fn group(&self, group_id: i64) -> Result<Option<GroupRecord>> {
-        self.call(move |c| group_by(c, "id", &group_id)).await
+        self.read(move |c| group_by(c, "id", &group_id)).await
     }
 
     pub async fn group_by_key(&self, key: String) -> Result<Option<GroupRecord>> {
-        self.call(move |c| group_by(c, "group_key", &key)).await
+        self.read(move |c| group_by(c, "group_key", &key)).await
     }
 
     /// Groups currently firing, newest first.
     pub async fn firing_groups(&self, limit: usize) -> Result<Vec<GroupRecord>> {
-        self.call(move |c| {
+        self.read(move |c| {
             let mut st = c.prepare(
                 "SELECT id FROM alert_groups WHERE status='firing' ORDER BY updated_at DESC LIMIT ?1",
             )?;
@@ -387,13 +476,13 @@ impl Store {
         group_id: i64,
         destination: String,
     ) -> Result<Option<MessageRecord>> {
-        self.call(move |c| message_tx(c, group_id, &destination))
+        self.read(move |c| message_tx(c, group_id, &destination))
             .await
     }
 
     /// Every message posted for a group.
     pub async fn messages(&self, group_id: i64) -> Result<Vec<MessageRecord>> {
-        self.call(move |c| {
+        self.read(move |c| {
             let mut st = c.prepare(
                 "SELECT group_id, destination, channel, message_id, rev FROM messages WHERE group_id=?1 ORDER BY destination",
             )?;
@@ -408,7 +497,7 @@ impl Store {
     /// Rows due at `at`, oldest first, at most one per (group, destination)
     /// and only the first of each (so edits and replies keep their order).
     pub async fn due(&self, at: f64, limit: usize) -> Result<Vec<OutboxRow>> {
-        self.call(move |c| {
+        self.read(move |c| {
             let mut st = c.prepare_cached(
                 "SELECT id, group_id, destination, kind, rev, body, attempts, created_at, next_attempt_at
                  FROM outbox o
@@ -427,12 +516,12 @@ impl Store {
 
     /// When the earliest pending row becomes due (None: outbox empty).
     pub async fn next_due(&self) -> Result<Option<f64>> {
-        self.call(|c| Ok(c.query_row("SELECT MIN(next_attempt_at) FROM outbox", [], |r| r.get(0))?))
+        self.read(|c| Ok(c.query_row("SELECT MIN(next_attempt_at) FROM outbox", [], |r| r.get(0))?))
             .await
     }
 
     pub async fn pending(&self) -> Result<i64> {
-        self.call(|c| Ok(c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
+        self.read(|c| Ok(c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
             .await
     }
 
@@ -445,8 +534,8 @@ impl Store {
         channel: String,
         message_id: String,
     ) -> Result<()> {
-        self.call(move |c| {
-            let tx = c.transaction()?;
+        self.write(move |c| {
+            let tx = c;
             let t = now();
             tx.execute(
                 "INSERT INTO messages(group_id, destination, channel, message_id, rev, posted_at, updated_at)
@@ -466,7 +555,19 @@ impl Store {
                     params![row.id, t],
                 )?;
             }
-            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The platform says the group's message at `destination` is gone:
+    /// forget it, so the next attempt posts a new one.
+    pub async fn forget_message(&self, group_id: i64, destination: String) -> Result<()> {
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM messages WHERE group_id=?1 AND destination=?2",
+                params![group_id, destination],
+            )?;
             Ok(())
         })
         .await
@@ -474,7 +575,7 @@ impl Store {
 
     /// A reply (or any non-alert row) was delivered.
     pub async fn delivered(&self, id: i64) -> Result<()> {
-        self.call(move |c| {
+        self.write(move |c| {
             c.execute("DELETE FROM outbox WHERE id=?1", [id])?;
             Ok(())
         })
@@ -483,7 +584,7 @@ impl Store {
 
     /// Schedules another attempt.
     pub async fn retry_at(&self, id: i64, at: f64, error: String) -> Result<()> {
-        self.call(move |c| {
+        self.write(move |c| {
             c.execute(
                 "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?2, last_error=?3 WHERE id=?1",
                 params![id, at, error],
@@ -495,8 +596,8 @@ impl Store {
 
     /// Moves a row to the dead letters with the platform's error.
     pub async fn dead_letter(&self, row: OutboxRow, error: String) -> Result<()> {
-        self.call(move |c| {
-            let tx = c.transaction()?;
+        self.write(move |c| {
+            let tx = c;
             tx.execute(
                 "INSERT INTO dead_letters(outbox_id, group_id, destination, kind, body, attempts, error, at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -512,14 +613,13 @@ impl Store {
                 ],
             )?;
             tx.execute("DELETE FROM outbox WHERE id=?1", [row.id])?;
-            tx.commit()?;
             Ok(())
         })
         .await
     }
 
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
-        self.call(|c| {
+        self.read(|c| {
             let mut st = c.prepare(
                 "SELECT id, group_id, destination, kind, attempts, error, at FROM dead_letters ORDER BY id",
             )?;
@@ -541,11 +641,30 @@ impl Store {
         .await
     }
 
-    /// Deletes raw webhooks older than `age`.
-    pub async fn prune_webhooks(&self, age: Duration) -> Result<usize> {
+    /// Deletes raw webhooks older than `age`, and groups resolved for longer
+    /// than `age` (with their messages and acks) that have nothing pending.
+    /// Returns the rows deleted.
+    pub async fn prune(&self, age: Duration) -> Result<usize> {
         let cutoff = now() - age.as_secs_f64();
-        self.call(move |c| Ok(c.execute("DELETE FROM webhooks WHERE received_at < ?1", [cutoff])?))
-            .await
+        self.write(move |c| {
+            let mut n = c.execute("DELETE FROM webhooks WHERE received_at < ?1", [cutoff])?;
+            let old = "SELECT id FROM alert_groups g WHERE status='resolved' AND updated_at < ?1
+                       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.group_id = g.id)";
+            n += c.execute(
+                &format!("DELETE FROM messages WHERE group_id IN ({old})"),
+                [cutoff],
+            )?;
+            n += c.execute(
+                &format!("DELETE FROM acks WHERE group_id IN ({old})"),
+                [cutoff],
+            )?;
+            n += c.execute(
+                &format!("DELETE FROM alert_groups WHERE id IN ({old})"),
+                [cutoff],
+            )?;
+            Ok(n)
+        })
+        .await
     }
 
     /// Appends an audit record (blocking; see [`Store::audit`] for async).
@@ -557,10 +676,13 @@ impl Store {
         target: Option<&str>,
         outcome: &str,
     ) -> Result<i64> {
-        self.with_conn(|c| {
+        let (who, action, params_json) =
+            (who.to_string(), action.to_string(), params_json.to_string());
+        let (target, outcome) = (target.map(str::to_string), outcome.to_string());
+        self.write_blocking(move |c| {
             c.execute(
                 "INSERT INTO audit(at, who, action, params, target, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![now(), who, action, params_json.to_string(), target, outcome],
+                params![now(), who, action, params_json, target, outcome],
             )?;
             Ok(c.last_insert_rowid())
         })
@@ -584,7 +706,7 @@ impl Store {
             outcome = %outcome,
             "audit"
         );
-        self.call(move |c| {
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO audit(at, who, action, params, target, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![now(), who, action, params_json.to_string(), target, outcome],
@@ -596,7 +718,7 @@ impl Store {
 
     /// Audit records at or after `since` (Unix seconds), oldest first.
     pub fn audit_since_blocking(&self, since: f64) -> Result<Vec<AuditRecord>> {
-        self.with_conn(|c| {
+        self.read_blocking(|c| {
             let mut st = c.prepare(
                 "SELECT id, at, who, action, params, target, outcome FROM audit WHERE at >= ?1 ORDER BY at, id",
             )?;
@@ -627,8 +749,8 @@ impl Store {
     }
 }
 
-fn ingest_tx(c: &mut Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<IngestResult> {
-    let tx = c.transaction()?;
+fn ingest_tx(c: &Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<IngestResult> {
+    let tx = c;
     let existing: Option<(i64, i64, String, String)> = tx
         .query_row(
             "SELECT id, rev, status, recent_hashes FROM alert_groups WHERE group_key=?1",
@@ -645,7 +767,6 @@ fn ingest_tx(c: &mut Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<I
                     params![t, id, raw],
                 )?;
                 let webhook_id = tx.last_insert_rowid();
-                tx.commit()?;
                 return Ok(IngestResult {
                     webhook_id,
                     group_id: id,
@@ -695,7 +816,7 @@ fn ingest_tx(c: &mut Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<I
             (tx.last_insert_rowid(), 1, false)
         }
     };
-    let mut dests = group_destinations(&tx, group_id)?;
+    let mut dests = group_destinations(tx, group_id)?;
     for d in &u.destinations {
         if !dests.contains(d) {
             dests.push(d.clone());
@@ -703,7 +824,7 @@ fn ingest_tx(c: &mut Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<I
     }
     let mut enqueued = 0;
     for d in &dests {
-        enqueued += upsert_alert_row(&tx, group_id, d, rev, t)?;
+        enqueued += upsert_alert_row(tx, group_id, d, rev, t)?;
     }
     if was_firing && u.status == "resolved" {
         let body =
@@ -726,7 +847,6 @@ fn ingest_tx(c: &mut Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<I
         params![t, group_id, raw],
     )?;
     let webhook_id = tx.last_insert_rowid();
-    tx.commit()?;
     Ok(IngestResult {
         webhook_id,
         group_id,
@@ -737,13 +857,7 @@ fn ingest_tx(c: &mut Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<I
 }
 
 /// Points the pending alert row of (group, destination) at `rev`, or adds one.
-fn upsert_alert_row(
-    tx: &Transaction<'_>,
-    group_id: i64,
-    dest: &str,
-    rev: i64,
-    t: f64,
-) -> Result<usize> {
+fn upsert_alert_row(tx: &Connection, group_id: i64, dest: &str, rev: i64, t: f64) -> Result<usize> {
     let n = tx.execute(
         "UPDATE outbox SET rev=?3 WHERE group_id=?1 AND destination=?2 AND kind='alert'",
         params![group_id, dest, rev],
@@ -758,7 +872,7 @@ fn upsert_alert_row(
     Ok(1)
 }
 
-fn refresh_tx(tx: &Transaction<'_>, group_id: i64, t: f64) -> Result<usize> {
+fn refresh_tx(tx: &Connection, group_id: i64, t: f64) -> Result<usize> {
     let rev: Option<i64> = tx
         .query_row(
             "SELECT rev FROM alert_groups WHERE id=?1",
@@ -852,6 +966,54 @@ fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
         created_at: r.get(7)?,
         next_attempt_at: r.get(8)?,
     })
+}
+
+/// Runs `f` inside a savepoint: its changes are kept only if it succeeds.
+fn in_savepoint<T>(c: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    c.execute_batch("SAVEPOINT job")?;
+    match f(c) {
+        Ok(v) => {
+            c.execute_batch("RELEASE job")?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = c.execute_batch("ROLLBACK TO job; RELEASE job");
+            Err(e)
+        }
+    }
+}
+
+/// The writer thread: takes every queued job, runs them in one
+/// transaction, commits once (one fsync), then answers them all.
+fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let why = format!("cannot begin a transaction: {e}");
+            for job in batch {
+                job(Err(&why))(Some(&why));
+            }
+            continue;
+        }
+        let done: Vec<Done> = batch.into_iter().map(|job| job(Ok(&conn))).collect();
+        let commit_error = match conn.execute_batch("COMMIT") {
+            Ok(()) => None,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                tracing::error!(error = %e, "store commit failed");
+                Some(e.to_string())
+            }
+        };
+        for d in done {
+            d(commit_error.as_deref());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1017,5 +1179,33 @@ mod tests {
         let g = s.group(r.group_id).await.unwrap().unwrap();
         assert_eq!(g.ack.unwrap().by, "slack:U1");
         assert_eq!(s.due(now() + 1.0, 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn prune_forgets_long_resolved_groups_only() {
+        let (_d, s) = open();
+        let a = s
+            .ingest("{}".into(), update("old", "resolved", "h1", &[]))
+            .await
+            .unwrap();
+        let b = s
+            .ingest("{}".into(), update("firing", "firing", "h2", &[]))
+            .await
+            .unwrap();
+        let c = s
+            .ingest(
+                "{}".into(),
+                update("pending", "resolved", "h3", &["slack:C1"]),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(s.prune(Duration::from_millis(10)).await.unwrap() > 0);
+        assert!(s.group(a.group_id).await.unwrap().is_none());
+        assert!(s.group(b.group_id).await.unwrap().is_some());
+        assert!(
+            s.group(c.group_id).await.unwrap().is_some(),
+            "has a pending delivery"
+        );
     }
 }

@@ -84,7 +84,7 @@ fn text(v: &serde_json::Value) -> String {
 async fn run_count(b: &Bot) -> i64 {
     b.state
         .store
-        .call(|c| {
+        .read(|c| {
             Ok(
                 c.query_row("SELECT COUNT(*) FROM chat_runs", [], |r| r.get(0))
                     .unwrap_or(0),
@@ -579,7 +579,7 @@ async fn a_waiting_approval_survives_a_restart() {
     let run: String = a
         .state
         .store
-        .call(|c| {
+        .read(|c| {
             Ok(c.query_row("SELECT id FROM chat_runs", [], |r| r.get(0))
                 .unwrap())
         })

@@ -72,13 +72,17 @@ pub fn is_run_id(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Creates the `chat_runs` table if it is missing (blocking; at start).
+pub fn create_table(store: &store::Store) -> store::Result<()> {
+    store.write_blocking(ensure_schema)
+}
+
 /// A run by id.
 pub async fn load(chat: &ChatState, id: &str) -> store::Result<Option<RunRecord>> {
     let id = id.to_string();
     chat.bot
         .store
-        .call(move |c| {
-            ensure_schema(c)?;
+        .read(move |c| {
             Ok(c.query_row(
                 &format!("SELECT {COLUMNS} FROM chat_runs WHERE id=?1"),
                 [&id],
@@ -93,8 +97,7 @@ pub async fn load(chat: &ChatState, id: &str) -> store::Result<Option<RunRecord>
 pub async fn waiting_count(chat: &ChatState) -> store::Result<i64> {
     chat.bot
         .store
-        .call(|c| {
-            ensure_schema(c)?;
+        .read(|c| {
             Ok(c.query_row(
                 "SELECT COUNT(*) FROM chat_runs WHERE status='waiting'",
                 [],
@@ -571,7 +574,7 @@ pub async fn recover(chat: &Arc<ChatState>) {
     let cut: store::Result<Vec<(String, String, Option<i64>)>> = chat
         .bot
         .store
-        .call(move |c| {
+        .write(move |c| {
             ensure_schema(c)?;
             let mut st =
                 c.prepare("SELECT id, runbook, group_id FROM chat_runs WHERE status='running'")?;
@@ -627,8 +630,7 @@ pub async fn expire_due(chat: &Arc<ChatState>) -> Vec<String> {
     let due: store::Result<Vec<RunRecord>> = chat
         .bot
         .store
-        .call(move |c| {
-            ensure_schema(c)?;
+        .read(move |c| {
             let mut st = c.prepare(&format!(
                 "SELECT {COLUMNS} FROM chat_runs WHERE status='waiting' AND expires_at <= ?1"
             ))?;
@@ -856,7 +858,7 @@ async fn insert(chat: &ChatState, rec: RunRecord) -> store::Result<String> {
     let now = chat.now() as f64;
     chat.bot
         .store
-        .call(move |c| {
+        .write(move |c| {
             ensure_schema(c)?;
             for _ in 0..8 {
                 let id = format!("r{:06x}", rand::random::<u32>() & 0xff_ffff);
@@ -899,7 +901,7 @@ async fn progress(
     let now = chat.now() as f64;
     chat.bot
         .store
-        .call(move |c| {
+        .write(move |c| {
             c.execute(
                 "UPDATE chat_runs SET next_step=?2, results=?3, updated_at=?4 WHERE id=?1",
                 params![id, next as i64, results, now],
@@ -921,7 +923,7 @@ async fn wait_for_approval(
     let now = chat.now() as f64;
     chat.bot
         .store
-        .call(move |c| {
+        .write(move |c| {
             c.execute(
                 "UPDATE chat_runs SET status='waiting', next_step=?2, results=?3, expires_at=?4, updated_at=?5
                  WHERE id=?1",
@@ -943,7 +945,7 @@ async fn decide(
     let (id, status, who) = (id.to_string(), status.to_string(), who.to_string());
     chat.bot
         .store
-        .call(move |c| {
+        .write(move |c| {
             let n = c.execute(
                 "UPDATE chat_runs SET status=?2, decided_by=?3, updated_at=?4 WHERE id=?1 AND status='waiting'",
                 params![id, status, who, now],
@@ -964,7 +966,7 @@ async fn finish(
     let now = chat.now() as f64;
     chat.bot
         .store
-        .call(move |c| {
+        .write(move |c| {
             c.execute(
                 "UPDATE chat_runs SET status=?2, results=?3, updated_at=?4 WHERE id=?1",
                 params![id, status, results, now],

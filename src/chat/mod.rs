@@ -440,6 +440,9 @@ impl ChatState {
             .as_ref()
             .map(|a| alertmanager::Client::new(&a.url));
         let runbooks_dir = bot.config.runbooks.dir.clone();
+        if let Err(e) = approvals::create_table(&bot.store) {
+            tracing::error!(error = %e, "cannot create the chat_runs table; runs will fail");
+        }
         Arc::new(ChatState {
             bot,
             clock,

@@ -54,7 +54,7 @@ pub struct ServerConfig {
 pub struct StoreConfig {
     /// The SQLite database file.
     pub path: PathBuf,
-    /// How long raw webhook payloads are kept.
+    /// How long raw webhook payloads, and groups resolved since, are kept.
     pub webhook_retention: Duration,
 }
 

@@ -183,6 +183,10 @@ pub enum Error {
     /// Retrying will not help: the platform's error (e.g. `channel_not_found`).
     #[error("permanent: {reason}")]
     Permanent { reason: String },
+    /// The message to edit or reply to no longer exists on the platform
+    /// (deleted by someone): post a new one instead.
+    #[error("message gone: {reason}")]
+    MessageGone { reason: String },
 }
 
 impl Error {
@@ -212,6 +216,40 @@ impl Error {
             429 => Error::rate_limited(retry_after, format!("HTTP 429: {detail}")),
             408 | 425 | 500..=599 => Error::retryable(format!("HTTP {status}: {detail}")),
             _ => Error::permanent(format!("HTTP {status}: {detail}")),
+        }
+    }
+}
+
+/// Replaces every occurrence of each secret (of 4+ characters) in `text`
+/// with `<redacted>`. Notifiers pass their own credentials, so a platform
+/// that echoes a token back cannot leak it through an error or a log line.
+pub fn scrub(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        if s.len() >= 4 && out.contains(s) {
+            out = out.replace(s, "<redacted>");
+        }
+    }
+    out
+}
+
+impl Error {
+    /// The same error with `secrets` scrubbed from its reason.
+    pub fn scrubbed(self, secrets: &[&str]) -> Error {
+        match self {
+            Error::Retryable {
+                retry_after,
+                reason,
+            } => Error::Retryable {
+                retry_after,
+                reason: scrub(&reason, secrets),
+            },
+            Error::Permanent { reason } => Error::Permanent {
+                reason: scrub(&reason, secrets),
+            },
+            Error::MessageGone { reason } => Error::MessageGone {
+                reason: scrub(&reason, secrets),
+            },
         }
     }
 }

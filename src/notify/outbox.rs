@@ -123,6 +123,7 @@ impl Worker {
         let mut inflight: HashSet<(i64, String)> = HashSet::new();
         let mut paused: HashMap<&'static str, Instant> = HashMap::new();
         let mut tasks: JoinSet<Done> = JoinSet::new();
+        let mut last_gauge = Instant::now() - Duration::from_secs(2);
         tokio::pin!(shutdown);
         match this.store.pending().await {
             Ok(n) if n > 0 => tracing::info!(pending = n, "resuming pending deliveries"),
@@ -131,6 +132,9 @@ impl Worker {
         }
         loop {
             let mut wait = Duration::from_secs(5);
+            // Due rows left waiting (their key in flight, their platform
+            // paused) wake us through a finished task or the pause timer.
+            let mut skipped = false;
             if inflight.len() < concurrency {
                 let now_wall = store::now();
                 match this
@@ -145,6 +149,7 @@ impl Worker {
                             }
                             let key = (row.group_id, row.destination.clone());
                             if inflight.contains(&key) {
+                                skipped = true;
                                 continue;
                             }
                             let platform = Target::parse_key(&row.destination)
@@ -154,6 +159,7 @@ impl Worker {
                                 let now = Instant::now();
                                 if *until > now {
                                     wait = wait.min(*until - now);
+                                    skipped = true;
                                     continue;
                                 }
                             }
@@ -167,18 +173,22 @@ impl Worker {
                         wait = Duration::from_secs(1);
                     }
                 }
-                match this.store.next_due().await {
-                    Ok(Some(at)) => {
-                        let secs = (at - store::now()).clamp(0.0, 5.0);
-                        wait = wait.min(Duration::from_secs_f64(secs));
+                if !skipped {
+                    match this.store.next_due().await {
+                        Ok(Some(at)) => {
+                            let secs = (at - store::now()).clamp(0.0, 5.0);
+                            wait = wait.min(Duration::from_secs_f64(secs));
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
                     }
-                    Ok(None) => {}
-                    Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
                 }
-                // Rows that are due but blocked (in flight, paused) need no busy loop.
-                wait = wait.max(Duration::from_millis(if tasks.is_empty() { 0 } else { 20 }));
+                wait = wait.max(Duration::from_millis(1));
             }
-            self::update_pending(&this).await;
+            if last_gauge.elapsed() >= Duration::from_secs(1) {
+                update_pending(&this).await;
+                last_gauge = Instant::now();
+            }
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = this.outbox.wake.notified() => {}
@@ -348,7 +358,19 @@ impl Worker {
             }) => {
                 self.retry(&row, None, reason, platform).await;
             }
-            Err(Error::Permanent { reason }) => {
+            Err(Error::MessageGone { reason }) if row.kind == KIND_ALERT && row.attempts < 3 => {
+                // Someone deleted the alert message: post it anew.
+                tracing::warn!(platform, destination = %row.destination, error = %reason, "alert message is gone; posting a new one");
+                if let Err(e) = self
+                    .store
+                    .forget_message(row.group_id, row.destination.clone())
+                    .await
+                {
+                    tracing::error!(error = %e, "cannot forget the message");
+                }
+                self.schedule(&row, Duration::ZERO, reason).await;
+            }
+            Err(Error::MessageGone { reason }) | Err(Error::Permanent { reason }) => {
                 self.fail_permanently(row, reason, platform).await;
             }
         }

@@ -1,0 +1,334 @@
+//! Test support: local fake Slack and Discord Web APIs (axum servers) that
+//! record every request and answer either like the platform would or with
+//! scripted responses (429 with Retry-After, 5xx, permanent errors), plus
+//! helpers to run the real `gpuops` binary. Reusable by any test:
+//! `mod support;` then `support::FakeApi::slack().await`.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+
+/// One request the fake received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub at: Instant,
+    pub method: String,
+    pub path: String,
+    pub authorization: String,
+    pub body: serde_json::Value,
+    pub raw: String,
+}
+
+/// A canned answer for the next matching request.
+#[derive(Debug, Clone)]
+pub struct Scripted {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: serde_json::Value,
+}
+
+impl Scripted {
+    pub fn new(status: u16, body: serde_json::Value) -> Scripted {
+        Scripted {
+            status,
+            headers: Vec::new(),
+            body,
+        }
+    }
+
+    pub fn header(mut self, k: &str, v: &str) -> Scripted {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Slack,
+    Discord,
+}
+
+struct Inner {
+    kind: Kind,
+    requests: Vec<Recorded>,
+    script: VecDeque<Scripted>,
+    /// Answer every request with 503 while set.
+    down: bool,
+    next_id: u64,
+}
+
+/// A fake platform API on 127.0.0.1.
+#[derive(Clone)]
+pub struct FakeApi {
+    pub addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl FakeApi {
+    /// Slack Web API at `url()` (use as `[slack] api_url`).
+    pub async fn slack() -> FakeApi {
+        FakeApi::start(Kind::Slack, "127.0.0.1:0").await
+    }
+
+    /// Discord API at `url()` (use as `[discord] api_url`).
+    pub async fn discord() -> FakeApi {
+        FakeApi::start(Kind::Discord, "127.0.0.1:0").await
+    }
+
+    /// Starts on a given address (e.g. to come back on the same port).
+    pub async fn start(kind: Kind, addr: &str) -> FakeApi {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let inner = Arc::new(Mutex::new(Inner {
+            kind,
+            requests: Vec::new(),
+            script: VecDeque::new(),
+            down: false,
+            next_id: 1,
+        }));
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(inner.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeApi { addr, inner }
+    }
+
+    pub fn url(&self) -> String {
+        match self.inner.lock().unwrap().kind {
+            Kind::Slack => format!("http://{}/api", self.addr),
+            Kind::Discord => format!("http://{}", self.addr),
+        }
+    }
+
+    /// Queues answers for the next requests (first in, first out).
+    pub fn script(&self, responses: impl IntoIterator<Item = Scripted>) {
+        self.inner.lock().unwrap().script.extend(responses);
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.inner.lock().unwrap().down = down;
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.lock().unwrap().requests.clone()
+    }
+
+    /// Waits until at least `n` requests arrived (panics after `timeout`).
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Recorded> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.requests();
+            if r.len() >= n {
+                return r;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "expected {n} requests within {timeout:?}, got {}: {r:#?}",
+                    r.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Asserts that no more than `n` requests arrive within `quiet`.
+    pub async fn expect_no_more(&self, n: usize, quiet: Duration) {
+        tokio::time::sleep(quiet).await;
+        let r = self.requests();
+        assert_eq!(r.len(), n, "unexpected requests: {r:#?}");
+    }
+}
+
+async fn handle(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let raw = String::from_utf8_lossy(&body).into_owned();
+    let json: serde_json::Value = serde_json::from_str(&raw).unwrap_or(serde_json::Value::Null);
+    let mut g = inner.lock().unwrap();
+    g.requests.push(Recorded {
+        at: Instant::now(),
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+        body: json.clone(),
+        raw,
+    });
+    if g.down {
+        return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    if let Some(s) = g.script.pop_front() {
+        let mut resp =
+            (StatusCode::from_u16(s.status).unwrap(), axum::Json(s.body)).into_response();
+        for (k, v) in s.headers {
+            resp.headers_mut().insert(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        return resp;
+    }
+    let id = g.next_id;
+    g.next_id += 1;
+    match g.kind {
+        Kind::Slack => {
+            let channel = json["channel"].as_str().unwrap_or("").to_string();
+            let ts = if uri.path().ends_with("chat.update") {
+                json["ts"].as_str().unwrap_or("").to_string()
+            } else {
+                format!("1700000000.{id:06}")
+            };
+            axum::Json(serde_json::json!({
+                "ok": true, "channel": channel, "ts": ts,
+                "message": {"ts": ts, "text": json["text"]}
+            }))
+            .into_response()
+        }
+        Kind::Discord => {
+            let parts: Vec<&str> = uri.path().split('/').collect();
+            // /api/v10/channels/{c}/messages[/{m}]
+            let channel = parts.get(4).copied().unwrap_or("").to_string();
+            let message_id = match parts.get(6) {
+                Some(m) => m.to_string(),
+                None => (900_000_000_000_000_000u64 + id).to_string(),
+            };
+            axum::Json(serde_json::json!({
+                "id": message_id, "channel_id": channel, "content": json["content"]
+            }))
+            .into_response()
+        }
+    }
+}
+
+/// A standard AlertManager v4 payload for one group.
+pub fn am_payload(group: &str, status: &str, alerts: &[(&str, &str, &str)]) -> String {
+    // alerts: (instance, severity, status)
+    let list: Vec<serde_json::Value> = alerts
+        .iter()
+        .map(|(instance, severity, st)| {
+            serde_json::json!({
+                "status": st,
+                "labels": {"alertname": group, "severity": severity, "instance": instance, "gpu": "0"},
+                "annotations": {"summary": format!("{group} on {instance}"), "description": "details"},
+                "startsAt": "2026-01-01T00:00:00Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://prometheus:9090/graph?g0.expr=up",
+                "fingerprint": format!("{group}-{instance}")
+            })
+        })
+        .collect();
+    let common_severity = alerts.first().map(|a| a.1).unwrap_or("");
+    let same = alerts.iter().all(|a| a.1 == common_severity);
+    let mut common = serde_json::json!({"alertname": group});
+    if same {
+        common["severity"] = common_severity.into();
+    }
+    serde_json::json!({
+        "version": "4",
+        "groupKey": format!("{{}}:{{alertname=\"{group}\"}}"),
+        "truncatedAlerts": 0,
+        "status": status,
+        "receiver": "gpuops",
+        "groupLabels": {"alertname": group},
+        "commonLabels": common,
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": list
+    })
+    .to_string()
+}
+
+/// A bot configuration pointing at the fakes: P1/P2 → `CP1` / `1001`,
+/// P3 → `CP3` / `3003`, P4 → console. Fast retries for tests.
+pub fn bot_config(dir: &Path, slack: &FakeApi, discord: &FakeApi, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+webhook_token = "hook-token-s3cret"
+[store]
+path = "{db}"
+[log]
+format = "json"
+level = "info"
+[slack]
+bot_token = "xoxb-test-token-s3cret"
+signing_secret = "slack-signing-s3cret"
+api_url = "{slack}"
+[discord]
+bot_token = "discord-token-s3cret"
+application_id = "42"
+api_url = "{discord}"
+[routing]
+default_tier = "P3"
+[[routing.destinations]]
+tiers = ["P1", "P2"]
+slack_channel = "CP1"
+discord_channel = "1001"
+[[routing.destinations]]
+tiers = ["P3"]
+slack_channel = "CP3"
+discord_channel = "3003"
+[[routing.destinations]]
+tiers = ["P4"]
+console = true
+[delivery]
+timeout_secs = 2.0
+backoff_initial_secs = 0.2
+backoff_max_secs = 1.0
+{extra}
+"#,
+        db = dir.join("bot.db").display(),
+        slack = slack.url(),
+        discord = discord.url(),
+    )
+}
+
+/// The `gpuops` binary built for this test run.
+pub fn gpuops() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_gpuops"))
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `GET url` answers 200.
+pub async fn wait_http_ok(url: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let client = reqwest::Client::new();
+    loop {
+        if let Ok(r) = client.get(url).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} did not come up within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
