@@ -4,6 +4,7 @@
 //! rewrites the golden file. Only values that cannot be pinned are masked:
 //! durations, process metrics and the statvfs figures of the fixture's root
 //! directory (a real filesystem; the unit tests pin those with a fake statvfs).
+#![allow(clippy::disallowed_methods)] // integration tests spawn the real binary and external tools
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,6 +1,7 @@
 //! The agent's HTTP surface: the router in-process (`/metrics`, `/healthz`,
 //! `/readyz`, `/v1/events`), and the real `gpuops agent` binary on loopback
 //! following a kernel-log file that the test appends to.
+#![allow(clippy::disallowed_methods)] // integration tests spawn the real binary and external tools
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;

@@ -1,6 +1,7 @@
 //! `scripts/gpu-check` against canned `nvidia-smi` output and a fake-backend
 //! exposition (no GPU needed): agreement passes, each kind of disagreement is
 //! named and fails.
+#![allow(clippy::disallowed_methods)] // integration tests spawn the real binary and external tools
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

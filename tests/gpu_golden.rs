@@ -1,6 +1,7 @@
 //! End-to-end exposition of the fake GPU backend: `gpuops collect --once
 //! --gpu-fake <fixture>` against checked-in golden files, and promtool lint.
 //! Regenerate the golden files with `GPUOPS_UPDATE_GOLDEN=1 cargo test --test gpu_golden`.
+#![allow(clippy::disallowed_methods)] // integration tests spawn the real binary and external tools
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

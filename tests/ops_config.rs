@@ -1,6 +1,7 @@
 //! Checks the shipped operations files (Prometheus rules, AlertManager config)
 //! against the agent's metric contract, and runs the tools operators trust on
 //! them (promtool, amtool). Reads files only; never changes them.
+#![allow(clippy::disallowed_methods)] // integration tests spawn the real binary and external tools
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

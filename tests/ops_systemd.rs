@@ -2,6 +2,7 @@
 //! (`systemd-analyze security --offline=true`) and keep the settings the
 //! binary relies on (notify + watchdog, credentials, state directory).
 //! Reads the unit files only; starts nothing.
+#![allow(clippy::disallowed_methods)] // integration tests spawn the real binary and external tools
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -205,7 +205,9 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
     assert_eq!(text.lines().count(), IDS.len());
     assert!(text.contains("gpu-xid            GPU XID error  [{alertname=~"));
 
+    let set = shipped();
     for id in IDS {
+        let rb = set.get(id).unwrap();
         let mut cmd = Command::new(bin);
         cmd.args(["runbook", "run", id, "--dir", "runbooks", "--dry-run"]);
         for (k, v) in [
@@ -214,8 +216,7 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
             ("xid", "48"),
             ("mountpoint", "/scratch"),
         ] {
-            let rb = shipped();
-            if rb.get(id).unwrap().param(k).is_some() {
+            if rb.param(k).is_some() {
                 cmd.args(["--param", &format!("{k}={v}")]);
             }
         }
@@ -227,7 +228,7 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(stdout.ends_with("dry run: nothing was run\n"), "{stdout}");
-        let steps = shipped().get(id).unwrap().steps.len();
+        let steps = rb.steps.len();
         assert!(stdout.contains(&format!("[{steps}/{steps}] ")), "{stdout}");
     }
 }
@@ -270,7 +271,7 @@ fn dry_run_shows_rendered_argv() {
         [6/9] mitigate drain-slurm (node command, 30s, needs approval)
             sudo -n scontrol update nodename=gpu-node-07 state=drain 'reason=gpuops: manual'
         [7/9] mitigate cordon-kubernetes (bot command, 30s, needs approval)
-            kubectl cordon gpu-node-07
+            kubectl --kubeconfig /etc/gpuops/kubeconfig cordon gpu-node-07
         [8/9] mitigate gpu-reset (node command, 2m, needs approval)
             sudo -n nvidia-smi -r -i 5
         [9/9] escalate escalate (bot command, 5s)
@@ -300,7 +301,7 @@ fn run_refuses_a_parameter_failing_its_pattern() {
     assert!(!out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "gpuops: runbook storage: refused: parameter mountpoint: \"/scratch; rm -rf /\" does not match pattern /[A-Za-z0-9._/@+-]{0,200} (given)\n"
+        "gpuops: runbook storage: refused: parameter mountpoint: \"/scratch; rm -rf /\" does not match pattern /[A-Za-z0-9._/@+:~=-]{0,200} (given)\n"
     );
     assert!(
         out.stdout.is_empty(),
@@ -362,4 +363,98 @@ steps:
     let out = run(true);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("    | mitigated\n"), "{stdout}");
+}
+
+#[tokio::test]
+async fn every_shipped_runbook_dry_runs_through_the_engine() {
+    use gpuops::runbook::engine::{DryRunExecutor, StepExecutor as _, StepStatus};
+    for rb in &shipped().runbooks {
+        let plan = engine::plan(rb, &BTreeMap::new(), &sample_labels()).unwrap();
+        let dry = DryRunExecutor::new();
+        for s in &plan.steps {
+            let out = dry.execute(&plan, s).await;
+            assert_eq!(out.status, StepStatus::Skipped);
+            assert!(
+                out.output.starts_with("dry run: would run "),
+                "{}",
+                out.output
+            );
+        }
+        let names: Vec<String> = dry.seen().into_iter().map(|(n, _)| n).collect();
+        let want: Vec<String> = rb.steps.iter().map(|s| s.name.clone()).collect();
+        assert_eq!(names, want, "{}", rb.id);
+    }
+}
+
+/// Every alert in the shipped Prometheus rules is answered by the runbook its
+/// `runbook` annotation names (the triggers match its name and labels), and
+/// that runbook plans from the labels such an alert carries.
+#[test]
+fn shipped_alert_rules_suggest_their_annotated_runbook() {
+    let text = std::fs::read_to_string("config/prometheus/rules/gpuops-alerts.yml")
+        .expect("config/prometheus/rules/gpuops-alerts.yml");
+    let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+    let set = shipped();
+    let mut checked = 0;
+    for group in doc["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let Some(alert) = rule["alert"].as_str() else {
+                continue;
+            };
+            let Some(want) = rule["annotations"]["runbook"].as_str() else {
+                continue;
+            };
+            let expr = rule["expr"].as_str().unwrap_or("");
+            // The labels the alert's series carry, roughly read from its expression.
+            let mut labels: BTreeMap<String, String> = [
+                ("alertname", alert),
+                ("job", "gpuops-agent"),
+                ("instance", "gpu-node-07:9949"),
+                (
+                    "severity",
+                    rule["labels"]["severity"].as_str().unwrap_or(""),
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            let mut add = |pairs: &[(&str, &str)]| {
+                for (k, v) in pairs {
+                    labels.insert(k.to_string(), v.to_string());
+                }
+            };
+            let per_gpu =
+                expr.contains("gpu_") && !expr.contains("avg by") && !expr.contains("gpu_count");
+            if per_gpu {
+                add(&[
+                    ("gpu", "2"),
+                    ("uuid", "GPU-1234"),
+                    ("pci_bus_id", "00000000:3B:00.0"),
+                ]);
+            }
+            if expr.contains("gpu_xid_errors_total") {
+                add(&[("xid", "48")]);
+            }
+            if expr.contains("storage_") && !expr.contains("storage_errors_total") {
+                add(&[
+                    ("mountpoint", "/scratch"),
+                    ("device", "nvme0n1"),
+                    ("fstype", "xfs"),
+                ]);
+            }
+            if expr.contains("storage_errors_total") {
+                add(&[("device", "sda"), ("source", "kmsg")]);
+            }
+            let suggested: Vec<&str> = set.suggest(&labels).iter().map(|r| r.id.as_str()).collect();
+            assert!(
+                suggested.contains(&want),
+                "alert {alert} names runbook {want}, but its triggers do not match {labels:?} (suggested {suggested:?})"
+            );
+            let rb = set.get(want).unwrap();
+            engine::plan(rb, &BTreeMap::new(), &labels)
+                .unwrap_or_else(|e| panic!("alert {alert} -> runbook {want}: {e}"));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} alerts checked");
 }

@@ -184,7 +184,7 @@ impl Sink {
 
     /// Records a non-fatal failure: logged, and the collector reports success 0.
     pub fn fail(&mut self, collector: &str, message: String) {
-        tracing::warn!(collector, error = %message, "collector read failed, series left out");
+        tracing::debug!(collector, error = %message, "collector read failed, series left out");
         self.failures.push(message);
     }
 
@@ -205,6 +205,10 @@ impl Sink {
 pub struct Collected {
     pub name: &'static str,
     pub success: bool,
+    /// Why it failed (empty on success).
+    pub errors: Arc<Vec<String>>,
+    /// The source is absent (e.g. no NVML) and said so itself: no warning.
+    pub unavailable: bool,
     pub duration: Duration,
     pub families: Arc<Vec<MetricFamily>>,
 }
@@ -215,6 +219,9 @@ pub struct Runner {
     collectors: Vec<Arc<dyn Collector>>,
     flight: SingleFlight<&'static str, Collected>,
     ready: AtomicBool,
+    /// Last known success per collector, so failures are logged when they
+    /// start and stop, not on every scrape.
+    last_success: std::sync::Mutex<HashMap<&'static str, bool>>,
 }
 
 impl Runner {
@@ -224,6 +231,7 @@ impl Runner {
             collectors,
             flight: SingleFlight::new("gpuops-collect"),
             ready: AtomicBool::new(false),
+            last_success: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -256,29 +264,59 @@ impl Runner {
                 )
             })
             .collect();
-        let out = pending
+        let out: Vec<Collected> = pending
             .into_iter()
             .map(|(name, p)| match p.wait_until(until) {
                 Outcome::Done(c) => c,
-                Outcome::TimedOut => {
-                    tracing::warn!(collector = name, deadline = ?deadline, "collector missed its deadline");
-                    failed(name, started.elapsed())
-                }
-                Outcome::StillRunning { since } => {
-                    tracing::warn!(collector = name, running_for = ?since, "collector still stuck in an earlier run");
-                    failed(name, Duration::ZERO)
-                }
+                Outcome::TimedOut => failed(
+                    name,
+                    started.elapsed(),
+                    format!("missed its deadline of {deadline:?}"),
+                ),
+                Outcome::StillRunning { since } => failed(
+                    name,
+                    Duration::ZERO,
+                    format!("still stuck in a run started {since:?} ago"),
+                ),
             })
             .collect();
+        self.log_transitions(&out);
         self.ready.store(true, Ordering::Relaxed);
         out
     }
+
+    /// Logs a warning when a collector starts failing and an info line when it
+    /// recovers; repeated failures are only logged at debug level.
+    fn log_transitions(&self, collected: &[Collected]) {
+        let mut last = self
+            .last_success
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for c in collected {
+            let before = last.insert(c.name, c.success);
+            match (before, c.success) {
+                (Some(true) | None, false) if c.unavailable => {
+                    tracing::debug!(collector = c.name, errors = ?c.errors, "collector source unavailable")
+                }
+                (Some(true) | None, false) => {
+                    tracing::warn!(collector = c.name, errors = ?c.errors, "collector failing, its series are incomplete")
+                }
+                (Some(false), true) => tracing::info!(collector = c.name, "collector recovered"),
+                (Some(false), false) => {
+                    tracing::debug!(collector = c.name, errors = ?c.errors, "collector still failing")
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
-fn failed(name: &'static str, duration: Duration) -> Collected {
+fn failed(name: &'static str, duration: Duration, error: String) -> Collected {
     Collected {
         name,
         success: false,
+        errors: Arc::new(vec![error]),
+        unavailable: false,
         duration,
         families: Arc::new(Vec::new()),
     }
@@ -288,13 +326,17 @@ fn run_one(c: &dyn Collector, ctx: &Context) -> Collected {
     let started = Instant::now();
     let mut sink = Sink::new();
     let result = c.collect(ctx, &mut sink);
+    let mut errors = sink.failures().to_vec();
     if let Err(e) = &result {
-        tracing::warn!(collector = c.name(), error = %e, "collector failed");
+        errors.push(e.to_string());
     }
-    let success = result.is_ok() && sink.failures().is_empty();
+    let success = errors.is_empty();
+    let unavailable = matches!(result, Err(Error::Unavailable(_))) && sink.failures().is_empty();
     Collected {
         name: c.name(),
         success,
+        unavailable,
+        errors: Arc::new(errors),
         duration: started.elapsed(),
         families: Arc::new(sink.into_families()),
     }

@@ -31,6 +31,8 @@ use crate::signing::{Clock, ExecVerifier, SystemClock};
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Steps running at once; more get 429.
 pub const MAX_CONCURRENT: usize = 4;
+/// Deadline for reading a runbook file.
+pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Everything `/v1/exec` needs.
 pub struct ExecState<C: Clock = SystemClock> {
@@ -78,8 +80,21 @@ pub fn router_with<C: Clock + 'static>(state: Arc<ExecState<C>>) -> Router {
         .with_state(state)
 }
 
+/// A refusal, logged with its status and message (which never hold the secret).
 fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+    let message = message.into();
+    tracing::warn!(status = status.as_u16(), error = %message, "exec request refused");
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// 401 with a generic body; the reason goes to the log only.
+fn unauthorized(reason: &crate::signing::SigError) -> Response {
+    tracing::warn!(status = 401, reason = %reason, "exec request refused");
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(serde_json::json!({ "error": "unauthorized" })),
+    )
+        .into_response()
 }
 
 async fn handle<C: Clock + 'static>(
@@ -88,16 +103,11 @@ async fn handle<C: Clock + 'static>(
     body: Body,
 ) -> Response {
     if let Err(e) = state.verifier.precheck(&headers) {
-        tracing::warn!(reason = %e, "exec request refused");
-        return refuse(StatusCode::UNAUTHORIZED, "unauthorized");
+        return unauthorized(&e);
     }
     let bytes = match to_bytes(body, MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {
-            tracing::warn!(
-                limit = MAX_BODY_BYTES,
-                "exec request body too large or unreadable"
-            );
             return refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body larger than {MAX_BODY_BYTES} bytes"),
@@ -105,8 +115,7 @@ async fn handle<C: Clock + 'static>(
         }
     };
     if let Err(e) = state.verifier.verify(&headers, &bytes) {
-        tracing::warn!(reason = %e, "exec request refused");
-        return refuse(StatusCode::UNAUTHORIZED, "unauthorized");
+        return unauthorized(&e);
     }
     let req: ExecRequest = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
@@ -120,17 +129,34 @@ async fn handle<C: Clock + 'static>(
     if !is_runbook_id(&req.runbook) {
         return refuse(StatusCode::NOT_FOUND, "no such runbook");
     }
+    // Read off the async threads, with a deadline (the directory could be on
+    // a slow disk); the file is read at each request so edits apply at once.
     let path = state.runbooks_dir.join(format!("{}.yaml", req.runbook));
-    if !path.is_file() {
-        tracing::warn!(runbook = %req.runbook, "exec of an unknown runbook");
-        return refuse(
-            StatusCode::NOT_FOUND,
-            format!("no runbook {} on this node", req.runbook),
-        );
-    }
-    let runbook = match load_file(&path) {
-        Ok(rb) => rb,
-        Err(e) => {
+    let read = tokio::task::spawn_blocking(move || {
+        if path.is_file() {
+            Some(load_file(&path))
+        } else {
+            None
+        }
+    });
+    let loaded = match tokio::time::timeout(READ_DEADLINE, read).await {
+        Ok(Ok(loaded)) => loaded,
+        _ => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot read the runbook directory in time",
+            )
+        }
+    };
+    let runbook = match loaded {
+        None => {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!("no runbook {} on this node", req.runbook),
+            )
+        }
+        Some(Ok(rb)) => rb,
+        Some(Err(e)) => {
             tracing::error!(runbook = %req.runbook, errors = %e, "runbook on this node is invalid");
             return refuse(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -159,8 +185,10 @@ async fn handle<C: Clock + 'static>(
     let params = match runbook.resolve_params(&req.params, &labels) {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!(runbook = %req.runbook, step = %req.step, error = %e, "exec parameters refused");
-            return refuse(StatusCode::BAD_REQUEST, e.to_string());
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("runbook {} step {}: {e}", req.runbook, req.step),
+            );
         }
     };
     let argv = match engine::render(step, &params) {
@@ -181,13 +209,22 @@ async fn handle<C: Clock + 'static>(
     };
     let start = Instant::now();
     let params_text = format!("{:?}", params.as_map());
+    tracing::info!(
+        runbook = %runbook.id,
+        step = %step.name,
+        params = %params_text,
+        timeout_seconds = step.timeout.as_secs(),
+        "exec step started"
+    );
     match state.runner.run(&spec).await {
         Ok(out) => {
             tracing::info!(
                 runbook = %runbook.id,
                 step = %step.name,
                 params = %params_text,
-                exit_code = ?out.exit_code,
+                exit_code = %out
+                    .exit_code
+                    .map_or_else(|| "none".to_string(), |c| c.to_string()),
                 timed_out = out.timed_out,
                 truncated = out.truncated,
                 duration_seconds = out.duration.as_secs_f64(),

@@ -14,7 +14,7 @@
 //! did not succeed.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::io::{BufRead as _, IsTerminal as _, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -31,10 +31,22 @@ pub const PROMETHEUS_URL_ENV: &str = "GPUOPS_PROMETHEUS_URL";
 
 /// Dispatches `gpuops runbook ...`.
 pub fn cli(cmd: RunbookCommand) -> anyhow::Result<ExitCode> {
-    match cmd {
-        RunbookCommand::Check { dir } => check(&dir),
-        RunbookCommand::List { dir } => list(&default_dir(dir)),
-        RunbookCommand::Run(args) => run(args),
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let result = match cmd {
+        RunbookCommand::Check { dir } => check(&mut out, &dir),
+        RunbookCommand::List { dir } => list(&mut out, &default_dir(dir)),
+        RunbookCommand::Run(args) => run(&mut out, args),
+    };
+    // A closed pipe (`| head`) ends the output quietly.
+    match result {
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(ExitCode::FAILURE)
+        }
+        other => other,
     }
 }
 
@@ -50,7 +62,7 @@ pub fn default_dir(dir: Option<PathBuf>) -> PathBuf {
     })
 }
 
-fn check(dir: &Path) -> anyhow::Result<ExitCode> {
+fn check(out: &mut impl Write, dir: &Path) -> anyhow::Result<ExitCode> {
     let (set, errors) = RunbookSet::load_dir(dir);
     for e in &errors.0 {
         eprintln!("{e}");
@@ -60,12 +72,13 @@ fn check(dir: &Path) -> anyhow::Result<ExitCode> {
             eprintln!("{}: no runbooks (*.yaml) found", dir.display());
             return Ok(ExitCode::FAILURE);
         }
-        println!(
+        writeln!(
+            out,
             "{}: {} runbooks ok, {} steps",
             dir.display(),
             set.runbooks.len(),
             set.runbooks.iter().map(|r| r.steps.len()).sum::<usize>()
-        );
+        )?;
         Ok(ExitCode::SUCCESS)
     } else {
         let n = errors.0.len();
@@ -78,7 +91,7 @@ fn check(dir: &Path) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn list(dir: &Path) -> anyhow::Result<ExitCode> {
+fn list(out: &mut impl Write, dir: &Path) -> anyhow::Result<ExitCode> {
     let (set, errors) = RunbookSet::load_dir(dir);
     for e in &errors.0 {
         eprintln!("warning: {e}");
@@ -91,7 +104,7 @@ fn list(dir: &Path) -> anyhow::Result<ExitCode> {
             .map(|t| t.to_string())
             .collect::<Vec<_>>()
             .join(" or ");
-        println!("{:width$}  {}  [{}]", r.id, r.title, triggers);
+        writeln!(out, "{:width$}  {}  [{}]", r.id, r.title, triggers)?;
     }
     Ok(if errors.0.is_empty() {
         ExitCode::SUCCESS
@@ -114,7 +127,7 @@ pub fn parse_param_args(args: &[String]) -> anyhow::Result<BTreeMap<String, Stri
     Ok(out)
 }
 
-fn run(args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
+fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
     let dir = default_dir(args.dir.clone());
     let (set, errors) = RunbookSet::load_dir(&dir);
     let Some(runbook) = set.get(&args.id) else {
@@ -127,16 +140,16 @@ fn run(args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
     let plan = engine::plan(runbook, &given, &BTreeMap::new())
         .map_err(|e| anyhow::anyhow!("runbook {}: refused: {e}", runbook.id))?;
     let total = plan.steps.len();
-    println!("runbook {}: {}", runbook.id, runbook.title);
+    writeln!(out, "runbook {}: {}", runbook.id, runbook.title)?;
     for (k, v) in plan.params.iter() {
-        println!("  {k}={v}");
+        writeln!(out, "  {k}={v}")?;
     }
     if args.dry_run {
         for s in &plan.steps {
-            println!("{}", s.header(total));
-            println!("    {}", s.rendered.display());
+            writeln!(out, "{}", s.header(total))?;
+            writeln!(out, "    {}", s.rendered.display())?;
         }
-        println!("dry run: nothing was run");
+        writeln!(out, "dry run: nothing was run")?;
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -152,33 +165,37 @@ fn run(args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
     let mut failures = 0usize;
     let mut mitigation_blocked: Option<String> = None;
     for s in &plan.steps {
-        println!("{}", s.header(total));
-        println!("    $ {}", s.rendered.display());
+        writeln!(out, "{}", s.header(total))?;
+        writeln!(out, "    $ {}", s.rendered.display())?;
         if s.step.phase == Phase::Mitigate {
             if let Some(why) = &mitigation_blocked {
-                println!("    skipped: {why}");
+                writeln!(out, "    skipped: {why}")?;
                 failures += 1;
                 continue;
             }
         }
         if s.step.needs_approval && !args.yes {
             let approved = if interactive {
-                confirm(&format!("    run step {}? [y/N] ", s.step.name))?
+                confirm(out, &format!("    run step {}? [y/N] ", s.step.name))?
             } else {
-                println!("    refused: needs approval; not a terminal and --yes not given");
+                writeln!(
+                    out,
+                    "    refused: needs approval; not a terminal and --yes not given"
+                )?;
                 false
             };
             if !approved {
-                println!("    not run");
+                writeln!(out, "    not run")?;
                 failures += 1;
                 continue;
             }
         }
         let outcome = rt.block_on(executor.execute(&plan, s));
         for line in outcome.output.lines() {
-            println!("    | {line}");
+            writeln!(out, "    | {line}")?;
         }
-        println!(
+        writeln!(
+            out,
             "    -> {} (exit {}, {:.2}s{})",
             match outcome.status {
                 StepStatus::Succeeded => "ok",
@@ -197,7 +214,7 @@ fn run(args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
             } else {
                 ""
             }
-        );
+        )?;
         if outcome.status != StepStatus::Succeeded {
             failures += 1;
             if s.step.phase == Phase::Mitigate
@@ -207,11 +224,12 @@ fn run(args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    println!(
+    writeln!(
+        out,
         "runbook {}: {} of {total} steps succeeded",
         runbook.id,
         total - failures
-    );
+    )?;
     Ok(if failures == 0 {
         ExitCode::SUCCESS
     } else {
@@ -219,8 +237,7 @@ fn run(args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn confirm(prompt: &str) -> anyhow::Result<bool> {
-    let mut out = std::io::stdout().lock();
+fn confirm(out: &mut impl Write, prompt: &str) -> anyhow::Result<bool> {
     out.write_all(prompt.as_bytes())?;
     out.flush()?;
     let mut line = String::new();

@@ -9,6 +9,20 @@
 //! [`StepOutcome`]. Processes are spawned only through a
 //! [`CommandRunner`]; node steps for the bot go to the node's agent as
 //! signed `POST /v1/exec` requests ([`AgentClient`]).
+//!
+//! For an alert, the chat side does:
+//! ```text
+//! let (set, errors) = RunbookSet::load_dir(dir);           // log errors, keep the valid ones
+//! let rb = set.suggest(&alert_labels)[0];                   // or set.get(id) for `/gpuops run`
+//! let plan = engine::plan(rb, &given_k_v, &alert_labels)?;  // ParamErrors: show to the user
+//! let exec = Executor::new(Arc::new(ProcessRunner),
+//!     NodeSteps::Agent(AgentClient::new(url_template, secret)), Some(prometheus_url));
+//! for s in plan.steps_in(Phase::Investigate) {
+//!     authorize(role, ChatAction::RunStep, Some(&s.step))?;
+//!     // s.step.needs_approval: wait for authorize_approval(approver, requester, &s.step)
+//!     let outcome = exec.execute(&plan, s).await;             // post s.header(n) + outcome.output
+//! }
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -103,6 +117,8 @@ pub enum NodeSteps {
     Local,
     /// Send to the node's agent (the bot).
     Agent(AgentClient),
+    /// Node steps cannot run here; the string says why (shown as the outcome).
+    Unavailable(String),
 }
 
 /// The real executor.
@@ -223,6 +239,18 @@ pub fn render(step: &Step, params: &Params) -> Result<Rendered, ParamErrors> {
     })
 }
 
+impl RunPlan {
+    /// The planned step called `name`.
+    pub fn step(&self, name: &str) -> Option<&PlannedStep> {
+        self.steps.iter().find(|s| s.step.name == name)
+    }
+
+    /// The planned steps of one phase, in file order.
+    pub fn steps_in(&self, phase: Phase) -> impl Iterator<Item = &PlannedStep> {
+        self.steps.iter().filter(move |s| s.step.phase == phase)
+    }
+}
+
 impl Rendered {
     /// One line for a dry run or a chat message: the argv shell-quoted (for
     /// reading only; it is never given to a shell), the request or the query.
@@ -319,6 +347,32 @@ impl StepOutcome {
 }
 
 impl Executor {
+    /// The bot's executor from its configuration: node steps to the agents
+    /// (`[agents] url_template` and `secret`), PromQL to `[prometheus] url`,
+    /// bot-side commands through the real process runner.
+    pub fn for_bot(cfg: &crate::config::BotConfig) -> Executor {
+        let node = match &cfg.agents {
+            Some(a) => match &a.secret {
+                Some(secret) => {
+                    NodeSteps::Agent(AgentClient::new(a.url_template.clone(), secret.clone()))
+                }
+                None => NodeSteps::Unavailable(
+                    "node steps need [agents] secret (shared with the agents' --exec-secret)"
+                        .into(),
+                ),
+            },
+            None => NodeSteps::Unavailable(
+                "node steps need an [agents] section (url_template, secret) in the bot configuration"
+                    .into(),
+            ),
+        };
+        Executor::new(
+            Arc::new(crate::runbook::exec::ProcessRunner),
+            node,
+            cfg.prometheus.as_ref().map(|p| p.url.clone()),
+        )
+    }
+
     pub fn new(
         runner: Arc<dyn CommandRunner>,
         node: NodeSteps,
@@ -465,6 +519,7 @@ impl StepExecutor for Executor {
                 (Rendered::Command { argv }, Target::Node) => match &self.node {
                     NodeSteps::Local => self.command(&step.step, argv).await,
                     NodeSteps::Agent(agent) => agent.execute(plan, step).await,
+                    NodeSteps::Unavailable(why) => StepOutcome::error(why.clone(), Duration::ZERO),
                 },
                 (Rendered::Http { method, url, body }, _) => {
                     self.http_step(&step.step, *method, url, body.as_deref())
@@ -473,6 +528,42 @@ impl StepExecutor for Executor {
                 (Rendered::Promql { query }, _) => self.promql(&step.step, query).await,
             }
         })
+    }
+}
+
+/// Runs nothing: every step comes back `Skipped` with what it would have
+/// done, and is recorded (for a dry run from chat, and for tests).
+#[derive(Debug, Default)]
+pub struct DryRunExecutor {
+    seen: std::sync::Mutex<Vec<(String, Rendered)>>,
+}
+
+impl DryRunExecutor {
+    pub fn new() -> DryRunExecutor {
+        DryRunExecutor::default()
+    }
+
+    /// (step name, rendered step) in the order asked.
+    pub fn seen(&self) -> Vec<(String, Rendered)> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl StepExecutor for DryRunExecutor {
+    fn execute<'a>(
+        &'a self,
+        _plan: &'a RunPlan,
+        step: &'a PlannedStep,
+    ) -> BoxFuture<'a, StepOutcome> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((step.step.name.clone(), step.rendered.clone()));
+        let text = format!("dry run: would run {}", step.rendered.display());
+        Box::pin(async move { StepOutcome::skipped(text) })
     }
 }
 
@@ -564,7 +655,7 @@ impl AgentClient {
             }
         };
         let status = resp.status();
-        let (text, _) = read_text_capped(resp, 8 * 1024 * 1024).await;
+        let (text, _) = read_text_capped(resp, 64 * 1024 * 1024).await;
         if !status.is_success() {
             let (text, _) = cap_text(text, 2048);
             return StepOutcome::error(
@@ -687,6 +778,18 @@ pub fn authorize(role: Role, action: ChatAction, step: Option<&Step>) -> Result<
             }
             Ok(())
         }
+    }
+}
+
+/// A chat user's role: admin if listed in `[rbac] admins`, operator if in
+/// `operators`, else viewer.
+pub fn role_of(user_id: &str, rbac: &crate::config::bot::RbacConfig) -> Role {
+    if rbac.admins.iter().any(|a| a == user_id) {
+        Role::Admin
+    } else if rbac.operators.iter().any(|o| o == user_id) {
+        Role::Operator
+    } else {
+        Role::Viewer
     }
 }
 
@@ -859,6 +962,33 @@ mod tests {
         );
         assert!(!ok);
         assert_eq!(text, "query failed: bad_data parse error");
+    }
+
+    #[test]
+    fn roles_from_rbac_lists() {
+        let rbac = crate::config::bot::RbacConfig {
+            admins: vec!["U0ADMIN".into()],
+            operators: vec!["U0OPER".into(), "U0ADMIN".into()],
+        };
+        assert_eq!(role_of("U0ADMIN", &rbac), Role::Admin);
+        assert_eq!(role_of("U0OPER", &rbac), Role::Operator);
+        assert_eq!(role_of("U0SOMEONE", &rbac), Role::Viewer);
+        assert_eq!(role_of("", &rbac), Role::Viewer);
+    }
+
+    #[tokio::test]
+    async fn bot_without_agents_reports_node_steps_unavailable() {
+        let cfg = crate::config::BotConfig::default();
+        let exec = Executor::for_bot(&cfg);
+        let rb = crate::runbook::parse_runbook(
+            std::path::Path::new("t.yaml"),
+            "id: t\ntitle: T\nsteps:\n- {name: a, phase: investigate, kind: command, target: node, run: [uptime]}\n",
+        )
+        .unwrap();
+        let plan = plan(&rb, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        let out = exec.execute(&plan, &plan.steps[0]).await;
+        assert_eq!(out.status, StepStatus::Error);
+        assert!(out.output.contains("[agents]"), "{}", out.output);
     }
 
     #[test]

@@ -153,8 +153,10 @@ async fn run_process(cmd: &CommandSpec) -> Result<CommandOutput, RunError> {
     let cap = cmd.output_cap;
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
-    let out_task = tokio::spawn(read_capped(stdout, cap));
-    let err_task = tokio::spawn(read_capped(stderr, cap));
+    let out_buf = Arc::new(Mutex::new(Captured::default()));
+    let err_buf = Arc::new(Mutex::new(Captured::default()));
+    let out_task = tokio::spawn(read_capped(stdout, cap, out_buf.clone()));
+    let err_task = tokio::spawn(read_capped(stderr, cap, err_buf.clone()));
 
     let (exit_code, timed_out) = match tokio::time::timeout(cmd.timeout, child.wait()).await {
         Ok(Ok(status)) => (status.code(), false),
@@ -170,19 +172,22 @@ async fn run_process(cmd: &CommandSpec) -> Result<CommandOutput, RunError> {
         }
     };
     // The group may still hold the pipes open (a daemonised grandchild):
-    // kill it, then wait briefly for the readers.
+    // kill it, then wait briefly for the readers; a pipe held by a process
+    // that left the group is abandoned with what was read so far.
     kill_group(pgid);
     let grace = Duration::from_secs(2);
-    let (stdout, out_cut) = tokio::time::timeout(grace, out_task)
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
-    let (stderr, err_cut) = tokio::time::timeout(grace, err_task)
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
+    let (out_abort, err_abort) = (out_task.abort_handle(), err_task.abort_handle());
+    let both = async {
+        let _ = out_task.await;
+        let _ = err_task.await;
+    };
+    if tokio::time::timeout(grace, both).await.is_err() {
+        out_abort.abort();
+        err_abort.abort();
+        tracing::warn!(program = %program, "command output still open after it ended, abandoned");
+    }
+    let (stdout, out_cut) = take_captured(&out_buf);
+    let (stderr, err_cut) = take_captured(&err_buf);
     Ok(CommandOutput {
         exit_code,
         stdout,
@@ -204,32 +209,46 @@ fn kill_group(pgid: Option<u32>) {
     let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
 }
 
-/// Reads a stream to its end, keeping at most `cap` bytes (lossy UTF-8);
-/// the rest is drained and discarded so the writer never blocks.
-async fn read_capped<R: AsyncRead + Unpin>(stream: Option<R>, cap: usize) -> (String, bool) {
+#[derive(Default)]
+struct Captured {
+    kept: Vec<u8>,
+    cut: bool,
+}
+
+/// Reads a stream to its end into `into`, keeping at most `cap` bytes; the
+/// rest is drained and discarded so the writer never blocks.
+async fn read_capped<R: AsyncRead + Unpin>(
+    stream: Option<R>,
+    cap: usize,
+    into: Arc<Mutex<Captured>>,
+) {
     let Some(mut stream) = stream else {
-        return (String::new(), false);
+        return;
     };
-    let mut kept = Vec::new();
-    let mut cut = false;
     let mut buf = vec![0u8; 8192];
     loop {
         match stream.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                let room = cap.saturating_sub(kept.len());
+                let mut c = into.lock().unwrap_or_else(PoisonError::into_inner);
+                let room = cap.saturating_sub(c.kept.len());
                 if n > room {
-                    cut = true;
+                    c.cut = true;
                 }
-                kept.extend_from_slice(&buf[..n.min(room)]);
+                c.kept.extend_from_slice(&buf[..n.min(room)]);
             }
         }
     }
-    let mut text = String::from_utf8_lossy(&kept).into_owned();
-    if cut {
+}
+
+/// The captured text (lossy UTF-8, with the marker when cut) and whether it was cut.
+fn take_captured(c: &Mutex<Captured>) -> (String, bool) {
+    let c = c.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut text = String::from_utf8_lossy(&c.kept).into_owned();
+    if c.cut {
         text.push_str(TRUNCATION_MARKER);
     }
-    (text, cut)
+    (text, c.cut)
 }
 
 #[cfg(test)]
@@ -283,6 +302,35 @@ mod tests {
         assert!(out.stdout.starts_with("1\n2\n3\n"));
         assert_eq!(out.stdout.len(), 100 + TRUNCATION_MARKER.len());
         assert!(out.stdout.ends_with(TRUNCATION_MARKER));
+    }
+
+    #[tokio::test]
+    async fn endless_output_is_capped_and_timed_out() {
+        let out = ProcessRunner
+            .run(&spec(&["yes", "gpuops"], 300, 100))
+            .await
+            .unwrap();
+        assert!(out.timed_out);
+        assert!(out.truncated);
+        assert!(out.stdout.starts_with("gpuops\ngpuops\n"));
+        assert_eq!(out.stdout.len(), 100 + TRUNCATION_MARKER.len());
+    }
+
+    #[tokio::test]
+    async fn a_process_escaping_the_group_cannot_hold_the_step_open() {
+        // setsid -f: the child leaves our process group and keeps stdout open.
+        let start = Instant::now();
+        let out = ProcessRunner
+            .run(&spec(&["setsid", "-f", "sleep", "10"], 5000, 100))
+            .await
+            .unwrap();
+        assert_eq!(out.exit_code, Some(0));
+        assert!(!out.timed_out);
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test]

@@ -179,6 +179,9 @@ pub struct Params(BTreeMap<String, String>);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckError {
     pub file: PathBuf,
+    /// 1-based line the error points at, or 0 when unknown. Found from the
+    /// text by the error's location and key (YAML values carry no spans).
+    pub line: usize,
     /// `""`, `"params.gpu"`, `"steps[2] drain"`…
     pub location: String,
     pub key: String,
@@ -209,6 +212,9 @@ pub struct RunbookSet {
 impl fmt::Display for CheckError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:", self.file.display())?;
+        if self.line > 0 {
+            write!(f, "{}:", self.line)?;
+        }
         if !self.location.is_empty() {
             write!(f, " {}:", self.location)?;
         }
@@ -430,6 +436,9 @@ impl Param {
         if value.chars().any(char::is_control) {
             return Err("contains a control character (newline, tab, NUL…)".into());
         }
+        if value.chars().any(is_invisible_format_char) {
+            return Err("contains an invisible or bidirectional-override character".into());
+        }
         let Some(caps) = self.pattern.captures(value) else {
             return Err(format!(
                 "{value:?} does not match pattern {}",
@@ -567,6 +576,7 @@ impl RunbookSet {
             Err(e) => {
                 errors.push(CheckError {
                     file: dir.to_path_buf(),
+                    line: 0,
                     location: String::new(),
                     key: String::new(),
                     message: format!("cannot read runbook directory: {e}"),
@@ -582,6 +592,9 @@ impl RunbookSet {
                     if let Some(first) = runbooks.iter().find(|r| r.id == rb.id) {
                         errors.push(CheckError {
                             file: f.clone(),
+                            line: std::fs::read_to_string(&f)
+                                .map(|t| locate(&t, "", "id"))
+                                .unwrap_or(0),
                             location: String::new(),
                             key: "id".into(),
                             message: format!(
@@ -616,6 +629,7 @@ pub fn load_file(path: &Path) -> Result<Runbook, CheckErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         CheckErrors(vec![CheckError {
             file: path.to_path_buf(),
+            line: 0,
             location: String::new(),
             key: String::new(),
             message: format!("cannot read: {e}"),
@@ -626,6 +640,7 @@ pub fn load_file(path: &Path) -> Result<Runbook, CheckErrors> {
     if rb.id != stem {
         return Err(CheckErrors(vec![CheckError {
             file: path.to_path_buf(),
+            line: locate(&text, "", "id"),
             location: String::new(),
             key: "id".into(),
             message: format!("id {:?} must equal the file name ({stem:?})", rb.id),
@@ -649,13 +664,10 @@ pub fn parse_runbook(file: &Path, text: &str) -> Result<Runbook, CheckErrors> {
     let doc: Value = match serde_norway::from_str(text) {
         Ok(v) => v,
         Err(e) => {
-            let at = e
-                .location()
-                .map(|l| format!("line {}", l.line()))
-                .unwrap_or_default();
             return Err(CheckErrors(vec![CheckError {
                 file: file.to_path_buf(),
-                location: at,
+                line: e.location().map(|l| l.line()).unwrap_or(0),
+                location: String::new(),
                 key: String::new(),
                 message: format!("invalid YAML: {e}"),
             }]));
@@ -664,13 +676,105 @@ pub fn parse_runbook(file: &Path, text: &str) -> Result<Runbook, CheckErrors> {
     let mut w = Walker {
         file: file.to_path_buf(),
         errors: Vec::new(),
+        declared: BTreeSet::new(),
     };
     let rb = w.runbook(&doc);
     if w.errors.is_empty() {
         rb.ok_or_else(|| CheckErrors(Vec::new()))
     } else {
-        Err(CheckErrors(w.errors))
+        let mut errors = w.errors;
+        for e in &mut errors {
+            e.line = locate(text, &e.location, &e.key);
+        }
+        errors.sort_by_key(|e| e.line);
+        Err(CheckErrors(errors))
     }
+}
+
+/// Finds the line an error points at: the key's line inside its section
+/// (`params.x`, `steps[i]`, `triggers[i]`), else the section's line, else 0.
+/// Block and flow style both work as long as keys start their own line or
+/// appear on the item's line.
+fn locate(text: &str, location: &str, key: &str) -> usize {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let is_content = |l: &str| {
+        let t = l.trim_start();
+        !t.is_empty() && !t.starts_with('#')
+    };
+    let key_at = |l: &str, k: &str| {
+        let t = l
+            .trim_start()
+            .trim_start_matches("- ")
+            .trim_start_matches('{')
+            .trim_start();
+        t.strip_prefix(k)
+            .is_some_and(|r| r.trim_start().starts_with(':'))
+    };
+    let top = |k: &str| lines.iter().position(|l| indent(l) == 0 && key_at(l, k));
+    // The block of lines belonging to the item or key starting at `start`.
+    let block_end = |start: usize| {
+        let base = indent(lines[start]);
+        (start + 1..lines.len())
+            .find(|&j| is_content(lines[j]) && indent(lines[j]) <= base)
+            .unwrap_or(lines.len())
+    };
+    // The i-th item of a top-level sequence.
+    let item = |section: &str, i: usize| -> Option<usize> {
+        let s = top(section)?;
+        let items: Vec<usize> = (s + 1..lines.len())
+            .take_while(|&j| {
+                !is_content(lines[j]) || indent(lines[j]) > 0 || lines[j].starts_with('-')
+            })
+            .filter(|&j| {
+                let t = lines[j].trim_start();
+                t.starts_with("- ") || t == "-"
+            })
+            .collect();
+        let first_indent = items.first().map(|&j| indent(lines[j]))?;
+        items
+            .into_iter()
+            .filter(|&j| indent(lines[j]) == first_indent)
+            .nth(i)
+    };
+    let key_name = key.split('[').next().unwrap_or("");
+    let find_key_in = |start: usize, end: usize| -> Option<usize> {
+        if key_name.is_empty() {
+            return Some(start);
+        }
+        if lines[start].contains(&format!("{key_name}:")) {
+            return Some(start);
+        }
+        (start + 1..end).find(|&j| key_at(lines[j], key_name))
+    };
+    let found = if location.is_empty() {
+        top(key_name)
+    } else if let Some(name) = location.strip_prefix("params.") {
+        top("params").and_then(|p| {
+            let start = (p + 1..lines.len()).find(|&j| key_at(lines[j], name))?;
+            find_key_in(start, block_end(start)).or(Some(start))
+        })
+    } else if let Some(rest) = location
+        .strip_prefix("steps[")
+        .map(|r| ("steps", r))
+        .or_else(|| location.strip_prefix("triggers[").map(|r| ("triggers", r)))
+    {
+        let (section, r) = rest;
+        let i: Option<usize> = r.split(']').next().and_then(|n| n.parse().ok());
+        i.and_then(|i| item(section, i)).map(|start| {
+            let end = block_end(start);
+            find_key_in(start, end).unwrap_or(start)
+        })
+    } else {
+        None
+    };
+    found.map(|j| j + 1).unwrap_or(0)
+}
+
+/// Zero-width and bidirectional formatting characters: they make a value
+/// read differently from what runs (Trojan Source), so no value may hold one.
+fn is_invisible_format_char(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}' | '\u{00AD}')
 }
 
 fn is_param_name(s: &str) -> bool {
@@ -718,12 +822,27 @@ fn escape_into(out: &mut String, v: &str, escape: Escape) {
 
 /// Compiles `pattern` anchored at both ends, as Prometheus does.
 fn anchored(pattern: &str) -> Result<Regex, String> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("invalid regex: {e}"))
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+        // The regex crate's message spans lines (pattern, caret, error): keep the error.
+        let text = e.to_string();
+        let why = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .trim_start_matches("error: ")
+            .to_string();
+        format!("invalid regex {pattern:?}: {why}")
+    })
 }
 
 struct Walker {
     file: PathBuf,
     errors: Vec<CheckError>,
+    /// Parameter names declared (valid or not), so one bad declaration does
+    /// not also make every use of it "unknown".
+    declared: BTreeSet<String>,
 }
 
 const TOP_KEYS: &[&str] = &["id", "title", "description", "triggers", "params", "steps"];
@@ -772,6 +891,7 @@ impl Walker {
     fn err(&mut self, location: &str, key: &str, message: impl Into<String>) {
         self.errors.push(CheckError {
             file: self.file.clone(),
+            line: 0,
             location: location.to_string(),
             key: key.to_string(),
             message: message.into(),
@@ -870,11 +990,12 @@ impl Walker {
             Some(Value::Null) | None => Vec::new(),
             Some(v) => self.params(v),
         };
+        let steps_before = self.errors.len();
         let steps = match get("steps") {
             Some(Value::Sequence(seq)) if !seq.is_empty() => {
                 let mut steps = Vec::new();
                 for (i, s) in seq.iter().enumerate() {
-                    if let Some(step) = self.step(i, s, &params) {
+                    if let Some(step) = self.step(i, s) {
                         steps.push(step);
                     }
                 }
@@ -907,9 +1028,12 @@ impl Walker {
                 );
             }
         }
+        // Unused parameters are reported only when every step is valid (a
+        // broken step would make its parameters look unused).
+        let steps_ok = self.errors.len() == steps_before;
         let used: BTreeSet<&str> = steps.iter().flat_map(|s| s.params_used()).collect();
         for p in &params {
-            if !used.contains(p.name.as_str()) {
+            if steps_ok && !used.contains(p.name.as_str()) {
                 self.err(
                     &format!("params.{}", p.name),
                     "",
@@ -977,6 +1101,7 @@ impl Walker {
         let mut out = Vec::new();
         for (name, pv) in entries {
             let loc = format!("params.{name}");
+            self.declared.insert(name.clone());
             if !is_param_name(&name) {
                 self.err(
                     &loc,
@@ -1044,7 +1169,7 @@ impl Walker {
         out
     }
 
-    fn step(&mut self, i: usize, v: &Value, params: &[Param]) -> Option<Step> {
+    fn step(&mut self, i: usize, v: &Value) -> Option<Step> {
         let name_hint = match v {
             Value::Mapping(m) => m
                 .get("name")
@@ -1240,7 +1365,7 @@ impl Walker {
             match Template::parse(&s) {
                 Ok(t) => {
                     for p in t.params() {
-                        if !params.iter().any(|d| d.name == p) {
+                        if !w.declared.contains(p) {
                             w.err(
                                 &loc,
                                 key,
@@ -1492,11 +1617,22 @@ steps:
     run: ["echo", "{{nope}}"]
 "#,
             &[
-                "t.yaml: steps[0] a: run: must be an argv array, not a shell string (write [\"nvidia-smi\", \"-q;\", \"rm\", \"-rf\", \"/\"] as separate elements)",
-                "t.yaml: steps[1] b: phase: unknown phase \"fix\" (expected investigate, mitigate or escalate)",
-                "t.yaml: steps[1] b: kind: unknown kind \"shell\" (expected command, http or promql)",
-                "t.yaml: steps[1] b: target: unknown target \"nowhere\" (expected node or bot)",
-                "t.yaml: steps[1] b: timeout: \"soon\" is not a duration like 30s or 2m: expected number at 0",
+                "t.yaml:9: steps[0] a: run: must be an argv array, not a shell string (write [\"nvidia-smi\", \"-q;\", \"rm\", \"-rf\", \"/\"] as separate elements)",
+                "t.yaml:11: steps[1] b: phase: unknown phase \"fix\" (expected investigate, mitigate or escalate)",
+                "t.yaml:12: steps[1] b: kind: unknown kind \"shell\" (expected command, http or promql)",
+                "t.yaml:13: steps[1] b: target: unknown target \"nowhere\" (expected node or bot)",
+                "t.yaml:14: steps[1] b: timeout: \"soon\" is not a duration like 30s or 2m: expected number at 0",
+            ],
+        );
+    }
+
+    #[test]
+    fn errors_point_at_lines_in_block_and_flow_style() {
+        check_errors(
+            "id: t\ntitle: T\nsteps:\n- {name: a, phase: now, kind: command, target: bot, run: [x]}\n- name: b\n  phase: investigate\n  kind: command\n  target: bot\n  # a comment\n  run: x\n",
+            &[
+                "t.yaml:4: steps[0] a: phase: unknown phase \"now\" (expected investigate, mitigate or escalate)",
+                "t.yaml:10: steps[1] b: run: must be an argv array, not a shell string (write [\"x\"] as separate elements)",
             ],
         );
     }

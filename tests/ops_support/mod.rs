@@ -2,7 +2,7 @@
 //! real Prometheus loading the shipped rules, and extracts the dashboard's
 //! queries. Every process it starts is killed when its guard drops; every wait
 //! has a deadline. Test-only code.
-
+#![allow(clippy::disallowed_methods)] // test support spawns the real binary and external tools
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
