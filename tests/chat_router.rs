@@ -410,7 +410,7 @@ async fn parameter_injection_through_run_is_refused_and_runs_nothing() {
         ),
         (
             "run test-gpu instance=node1\u{202e}",
-            "does not match pattern",
+            "bidirectional",
         ),
     ] {
         let (s, v) = b.slack_command(OPERATOR, cmd).await;
