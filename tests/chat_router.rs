@@ -408,10 +408,7 @@ async fn parameter_injection_through_run_is_refused_and_runs_nothing() {
             &*format!("run test-gpu instance={}", "a".repeat(300)),
             "longer than",
         ),
-        (
-            "run test-gpu instance=node1\u{202e}",
-            "bidirectional",
-        ),
+        ("run test-gpu instance=node1\u{202e}", "bidirectional"),
     ] {
         let (s, v) = b.slack_command(OPERATOR, cmd).await;
         assert_eq!(s, 200);
@@ -611,4 +608,99 @@ async fn a_waiting_approval_survives_a_restart() {
 
 async fn approvals_waiting(b: &Bot) -> i64 {
     approvals::waiting_count(&b.chat).await.unwrap_or(0)
+}
+
+fn discord_interaction(kind: u8, user: &str, token: &str, data: serde_json::Value) -> String {
+    serde_json::json!({
+        "type": kind, "id": "5", "application_id": "223456789012345678", "token": token,
+        "channel_id": "1111111111111111",
+        "member": { "user": { "id": user, "username": format!("u{user}") } },
+        "data": data,
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn discord_commands_defer_and_follow_up_and_buttons_answer_inline() {
+    let capture = Capture::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rb = dir.path().join("runbooks");
+    std::fs::create_dir_all(&rb).unwrap();
+    std::fs::write(rb.join("test-gpu.yaml"), RUNBOOK).unwrap();
+    let runner = Arc::new(RecordingRunner::new());
+    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
+    let b = Bot::start_full(dir, &extra, Some(exec), Some(&capture.url)).await;
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    let now = b.clock.now_unix();
+    const OPER: &str = "423456789012345678";
+
+    // A run is deferred (type 5), then the original response and follow-ups
+    // arrive through the interaction webhook.
+    let body = discord_interaction(
+        2,
+        OPER,
+        "tok-run",
+        serde_json::json!({ "name": "gpuops", "options": [{ "name": "command", "type": 3, "value": "run test-gpu instance=node1:9949" }] }),
+    );
+    let (s, out) = b.send(discord_request(&b.discord_key, &body, now)).await;
+    assert_eq!((s, out.as_str()), (200, r#"{"type":5}"#));
+    capture.wait_for(10, "/gpuops approve r").await;
+    let reqs = capture.requests.lock().unwrap().clone();
+    let hook = "/api/v10/webhooks/223456789012345678/tok-run";
+    assert_eq!(reqs[0].0, "PATCH");
+    assert_eq!(reqs[0].1, format!("{hook}/messages/@original"));
+    assert!(reqs[0].2.contains("started run"), "{reqs:#?}");
+    assert!(
+        reqs[1..].iter().all(|r| r.0 == "POST" && r.1 == hook),
+        "{reqs:#?}"
+    );
+    assert!(
+        reqs.iter().any(|r| r.2.contains("investigate look")),
+        "{reqs:#?}"
+    );
+    assert_eq!(runner.calls().len(), 2);
+
+    // Buttons answer inline (type 4); a viewer's is refused, ephemerally.
+    let press = |user: &str, custom_id: String, token: &str| {
+        discord_interaction(
+            3,
+            user,
+            token,
+            serde_json::json!({ "custom_id": custom_id, "component_type": 2 }),
+        )
+    };
+    let (s, out) = b
+        .send(discord_request(
+            &b.discord_key,
+            &press("999999999999999999", format!("gpuops:silence:{g}:1h"), "t1"),
+            now,
+        ))
+        .await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["type"].as_u64(), v["data"]["flags"].as_u64()),
+        (Some(4), Some(64))
+    );
+    assert!(v["data"]["content"].as_str().unwrap().contains('⛔'), "{v}");
+    let (_, out) = b
+        .send(discord_request(
+            &b.discord_key,
+            &press(OPER, format!("gpuops:ack:{g}"), "t2"),
+            now,
+        ))
+        .await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["type"], 4);
+    assert!(
+        v["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("acknowledged"),
+        "{v}"
+    );
+    let ack = b.state.store.group(g).await.unwrap().unwrap().ack.unwrap();
+    assert!(ack.by.contains("discord:423456789012345678"), "{ack:?}");
+    b.stop();
 }

@@ -1431,7 +1431,10 @@ mod tests {
             "approve r1a2b3c",
             expect![[r#"Approve { run: "r1a2b3c" }"#]],
         );
-        check("approve; rm", expect![[r#"error: unknown command "approve;""#]]);
+        check(
+            "approve; rm",
+            expect![[r#"error: unknown command "approve;""#]],
+        );
         check("reboot", expect![[r#"error: unknown command "reboot""#]]);
         check(
             "run x a=\u{0}",

@@ -154,7 +154,29 @@ impl Bot {
         extra: &str,
         executor: Option<Arc<dyn StepExecutor>>,
     ) -> Bot {
-        let text = config_text(dir.path(), extra);
+        Bot::start_full(dir, extra, executor, None).await
+    }
+
+    /// As [`Bot::start_in`], with Discord's API (interaction follow-ups) at
+    /// `discord_api`.
+    pub async fn start_full(
+        dir: tempfile::TempDir,
+        extra: &str,
+        executor: Option<Arc<dyn StepExecutor>>,
+        discord_api: Option<&str>,
+    ) -> Bot {
+        let mut text = config_text(dir.path(), extra);
+        if let Some(api) = discord_api {
+            text = text.replace(
+                "public_key =",
+                &format!("api_url = \"{api}\"\npublic_key ="),
+            );
+            text = text.replacen(
+                "api_url = \"http://127.0.0.1:9\"\n[[routing",
+                "\n[[routing",
+                1,
+            );
+        }
         let cfg = Arc::new(BotConfig::from_str(&dir.path().join("bot.toml"), &text).unwrap());
         let store = Store::open(&cfg.store.path).unwrap();
         let slack = Arc::new(Recorder::default());
