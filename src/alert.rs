@@ -274,13 +274,16 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Links the renderer can add (from `[alertmanager]` / `[prometheus]`).
-#[derive(Debug, Clone, Default)]
+/// Picks a runbook id for a group (the chat role matches runbook triggers).
+pub type RunbookSuggester = Arc<dyn Fn(&Webhook) -> Option<String> + Send + Sync>;
+
+/// What the renderer may add beyond the payload.
+#[derive(Clone, Default)]
 pub struct Links {
+    /// Base URL of AlertManager (`[alertmanager] url`) for the link.
     pub alertmanager: Option<String>,
-    /// Runbooks whose triggers suggest one for a group without a
-    /// `runbook_id` annotation (the Run button).
-    pub runbooks: Option<Arc<crate::runbook::RunbookSet>>,
+    /// Consulted when no annotation or label names a runbook id.
+    pub suggest_runbook: Option<RunbookSuggester>,
 }
 
 fn group_title(hook: &Webhook) -> String {
@@ -415,12 +418,8 @@ pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Me
                 .find_map(|a| a.annotations.get(key).cloned())
         })
     };
-    let runbook_id = suggested_runbook(&hook).or_else(|| {
-        let set = links.runbooks.as_ref()?;
-        alerts
-            .iter()
-            .find_map(|a| set.suggest(&a.labels).first().map(|r| r.id.clone()))
-    });
+    let runbook_id =
+        suggested_runbook(&hook).or_else(|| links.suggest_runbook.as_ref().and_then(|f| f(&hook)));
     let runbook_url = first("runbook_url").or_else(|| {
         first("runbook").filter(|r| r.starts_with("http://") || r.starts_with("https://"))
     });
@@ -593,5 +592,73 @@ mod tests {
         w.common_annotations
             .insert("runbook_id".into(), "gpu-xid".into());
         assert_eq!(suggested_runbook(&w).as_deref(), Some("gpu-xid"));
+    }
+
+    fn record(hook: &Webhook, ack: Option<crate::notify::Ack>) -> GroupRecord {
+        GroupRecord {
+            id: 9,
+            group_key: hook.group_key.clone(),
+            status: hook.status.clone(),
+            tier: "P1".into(),
+            rev: 1,
+            state: serde_json::to_string(hook).unwrap(),
+            ack,
+            updated_at: 0.0,
+        }
+    }
+
+    #[test]
+    fn rendering_flags_tiers_buttons_and_suggestions() {
+        let mut w =
+            Webhook::parse(payload("firing", &[("n1", "firing"), ("n2", "resolved")]).as_bytes())
+                .unwrap();
+        let routing = Routing::default();
+        let suggest: RunbookSuggester = Arc::new(|h: &Webhook| {
+            (h.shared_labels().get("alertname").map(String::as_str) == Some("GpuXid"))
+                .then(|| "gpu-xid".to_string())
+        });
+        let links = Links {
+            alertmanager: None,
+            suggest_runbook: Some(suggest),
+        };
+        let Message::Alert(m) = render_group(&record(&w, None), &routing, &links) else {
+            panic!("not an alert")
+        };
+        expect_test::expect![[r#"
+            (
+                "[P1] [FIRING 1 (1 resolved)] GpuXid",
+                "P1 (page, 5 min response) · severity critical",
+                [
+                    Acknowledge,
+                    Silence1h,
+                    RunRunbook(
+                        "gpu-xid",
+                    ),
+                ],
+                "🔥 n1 — xid",
+            )
+        "#]]
+        .assert_debug_eq(&(
+            crate::notify::headline(&m),
+            crate::notify::tier_text(&m),
+            m.buttons.clone(),
+            crate::notify::alert_line_text(&m.alerts[0]),
+        ));
+        // Unknown severity: default tier, flagged; acked: no Ack button.
+        for a in &mut w.alerts {
+            a.labels.insert("severity".into(), "meltdown".into());
+        }
+        w.common_labels.insert("severity".into(), "meltdown".into());
+        let ack = Some(crate::notify::Ack {
+            by: "U1".into(),
+            at: 0.0,
+        });
+        let Message::Alert(m) = render_group(&record(&w, ack), &routing, &Links::default()) else {
+            panic!("not an alert")
+        };
+        assert!(m.severity_unknown);
+        assert_eq!(m.tier, Tier::P3);
+        assert_eq!(m.buttons, vec![Button::Silence1h]);
+        assert!(crate::notify::status_text(&m).contains("acknowledged by U1"));
     }
 }

@@ -125,7 +125,7 @@ impl BotState {
             notifiers,
             config: config.clone(),
             metrics: metrics.clone(),
-            runbooks: crate::chat::load_runbooks_for_messages(&config),
+            suggest_runbook: crate::chat::runbook_suggester(&config),
         };
         let state = Arc::new(BotState {
             config,

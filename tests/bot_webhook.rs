@@ -177,7 +177,15 @@ async fn generic_webhook_gets_documented_json_and_no_secret_in_keys() {
         .await
         .unwrap()
         .unwrap();
-    let msgs = st.store.messages(g.id).await.unwrap();
+    // The platform answered; the bot records the message right after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let msgs = loop {
+        let m = st.store.messages(g.id).await.unwrap();
+        if !m.is_empty() || std::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(msgs.len(), 1);
     assert!(msgs[0].destination.starts_with("webhook:"));
     assert!(!msgs[0].destination.contains("s3cret"));

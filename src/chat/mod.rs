@@ -542,6 +542,19 @@ pub fn load_runbooks_for_messages(cfg: &crate::config::BotConfig) -> Option<Arc<
     Some(Arc::new(set))
 }
 
+/// The bot renderer's hook for the Run button: the first runbook whose
+/// triggers match a firing alert of the group (`[runbooks] dir`, loaded once).
+pub fn runbook_suggester(cfg: &crate::config::BotConfig) -> Option<alert::RunbookSuggester> {
+    let set = load_runbooks_for_messages(cfg)?;
+    Some(Arc::new(move |hook: &Webhook| {
+        let mut alerts: Vec<&alert::Alert> = hook.alerts.iter().collect();
+        alerts.sort_by_key(|a| a.status != "firing");
+        alerts
+            .iter()
+            .find_map(|a| set.suggest(&a.labels).first().map(|r| r.id.clone()))
+    }))
+}
+
 /// The chat routes, to merge into the bot's router
 /// (`bot::router_with(state, chat::routes(chat))`).
 pub fn routes(chat: Arc<ChatState>) -> Router {

@@ -14,8 +14,8 @@
 use std::time::Duration;
 
 use serenity::all::{
-    ButtonStyle, ChannelId, CreateActionRow, CreateButton, CreateEmbed, CreateEmbedFooter,
-    CreateMessage, EditMessage, MessageId, MessageReference,
+    ButtonStyle, ChannelId, CreateActionRow, CreateAllowedMentions, CreateButton, CreateEmbed,
+    CreateEmbedFooter, CreateMessage, EditMessage, MessageId, MessageReference,
 };
 use serenity::http::{Http, HttpBuilder, LightMethod, Request, Route};
 
@@ -196,9 +196,11 @@ pub struct Rendered {
 
 pub fn create_message(m: &Message) -> CreateMessage {
     let r = render(m);
+    // Alert text must never ping @everyone or a role.
     let mut msg = CreateMessage::new()
         .content(r.content)
-        .components(r.components);
+        .components(r.components)
+        .allowed_mentions(CreateAllowedMentions::new());
     if let Some(e) = r.embed {
         msg = msg.embed(e);
     }
@@ -208,9 +210,11 @@ pub fn create_message(m: &Message) -> CreateMessage {
 pub fn edit_message(m: &Message) -> EditMessage {
     let r = render(m);
     // Always send components, so a resolved group's buttons disappear.
+    // Alert text must never ping @everyone or a role.
     let mut msg = EditMessage::new()
         .content(r.content)
-        .components(r.components);
+        .components(r.components)
+        .allowed_mentions(CreateAllowedMentions::new());
     if let Some(e) = r.embed {
         msg = msg.embed(e);
     }
@@ -427,6 +431,7 @@ mod tests {
                 "gpuops:run:7:gpu-xid"
             ]
         );
+        assert_eq!(v["allowed_mentions"]["parse"], serde_json::json!([]), "{v}");
     }
 
     #[test]

@@ -103,8 +103,9 @@ pub struct Worker {
     pub notifiers: Notifiers,
     pub config: Arc<BotConfig>,
     pub metrics: Arc<BotMetrics>,
-    /// Suggests a runbook (by trigger) for alert messages' Run button.
-    pub runbooks: Option<Arc<crate::runbook::RunbookSet>>,
+    /// Suggests a runbook for the "Run runbook" button when the alert does
+    /// not name one (set by the chat role before [`Worker::run`]).
+    pub suggest_runbook: Option<crate::alert::RunbookSuggester>,
 }
 
 /// What one delivery attempt ended in (for the worker's bookkeeping).
@@ -267,7 +268,7 @@ impl Worker {
                 Ok(Some(g)) => {
                     let links = Links {
                         alertmanager: self.config.alertmanager.as_ref().map(|a| a.url.clone()),
-                        runbooks: self.runbooks.clone(),
+                        suggest_runbook: self.suggest_runbook.clone(),
                     };
                     (alert::render_group(&g, &self.config.routing, &links), g.rev)
                 }
