@@ -125,7 +125,7 @@ impl BotState {
             notifiers,
             config: config.clone(),
             metrics: metrics.clone(),
-            suggest_runbook: None,
+            suggest_runbook: crate::chat::runbook_suggester(&config),
         };
         let state = Arc::new(BotState {
             config,
@@ -320,7 +320,11 @@ pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
     }
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let app = router(state.clone());
+    let chat = crate::chat::ChatState::new(state.clone());
+    let app = router_with(
+        state.clone(),
+        crate::chat::start(chat, stop_rx.clone()).await,
+    );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await

@@ -6,7 +6,9 @@
 
 pub mod agent;
 pub mod alert;
+pub mod alertmanager;
 pub mod bot;
+pub mod chat;
 pub mod cli;
 pub mod collector;
 pub mod config;

@@ -1,0 +1,1001 @@
+//! Runbook runs started from chat, and their approvals.
+//!
+//! A run walks its runbook's steps in file order. Steps the requester's role
+//! may not run are skipped (and say why); a `needs_approval` step stops the
+//! run in `waiting` until an admin other than the requester approves it
+//! (two-person rule), someone denies it, or `[approvals] expiry_secs` pass.
+//! Each step's status and output go to the alert's thread (through the bot's
+//! outbox) or, for a run not tied to an alert, to the requester's chat; then
+//! a summary. Every request, decision and step is audited.
+//!
+//! Runs are persisted in the bot's store, in the table `chat_runs`, created
+//! by this module (`CREATE TABLE IF NOT EXISTS`) on first use: a waiting
+//! approval survives a restart. A run that was executing when the bot
+//! stopped is marked `interrupted` on the next start (its step may or may
+//! not have run; it is not repeated). This module spawns no process: steps
+//! run through the [`StepExecutor`](crate::runbook::engine::StepExecutor).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::alert::Webhook;
+use crate::chat::{respond, step_message, ChatState, Outcome, Reply, Responder, User};
+use crate::notify::{self, Message, TextMessage};
+use crate::runbook::engine::{
+    self, authorize, authorize_approval, Actor, ChatAction, RunPlan, StepStatus,
+};
+use crate::runbook::Role;
+use crate::store;
+
+/// How often waiting approvals are checked for expiry.
+pub const EXPIRY_TICK: Duration = Duration::from_millis(500);
+
+/// What someone asked to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRequest {
+    pub runbook: String,
+    pub steps: Option<Vec<String>>,
+    pub group: Option<i64>,
+    pub params: BTreeMap<String, String>,
+}
+
+/// A persisted run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    pub id: String,
+    pub runbook: String,
+    pub only_steps: Option<Vec<String>>,
+    pub given: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub group_id: Option<i64>,
+    pub requester: String,
+    pub requester_name: String,
+    pub requester_role: String,
+    /// `running`, `waiting`, `finished`, `denied`, `expired`, `interrupted`, `failed`.
+    pub status: String,
+    pub next_step: usize,
+    /// `(step, status)` of every step run or skipped so far.
+    pub results: Vec<(String, String)>,
+    pub expires_at: Option<f64>,
+    pub decided_by: Option<String>,
+}
+
+/// `r` and six hex digits.
+pub fn is_run_id(s: &str) -> bool {
+    s.len() == 7
+        && s.starts_with('r')
+        && s[1..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Creates the `chat_runs` table if it is missing (blocking; at start).
+pub fn create_table(store: &store::Store) -> store::Result<()> {
+    store.write_blocking(ensure_schema)
+}
+
+/// A run by id.
+pub async fn load(chat: &ChatState, id: &str) -> store::Result<Option<RunRecord>> {
+    let id = id.to_string();
+    chat.bot
+        .store
+        .read(move |c| {
+            Ok(c.query_row(
+                &format!("SELECT {COLUMNS} FROM chat_runs WHERE id=?1"),
+                [&id],
+                run_row,
+            )
+            .optional()?)
+        })
+        .await
+}
+
+/// How many runs wait for an approval.
+pub async fn waiting_count(chat: &ChatState) -> store::Result<i64> {
+    chat.bot
+        .store
+        .read(|c| {
+            Ok(c.query_row(
+                "SELECT COUNT(*) FROM chat_runs WHERE status='waiting'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+}
+
+/// Starts a run: checks the runbook, steps, parameters and role, stores the
+/// run, and walks it in a task.
+pub async fn start_run(
+    chat: &Arc<ChatState>,
+    user: &User,
+    req: RunRequest,
+    responder: Responder,
+) -> Outcome {
+    let who = user.key();
+    let role = chat.role_of(user);
+    let audit_params = serde_json::json!({
+        "runbook": req.runbook, "steps": req.steps, "alert": req.group, "params": req.params,
+    });
+    macro_rules! refuse {
+        ($outcome:expr, $msg:expr) => {{
+            let msg: String = $msg;
+            let outcome: String = $outcome.into();
+            chat.audit(
+                &who,
+                "run",
+                audit_params.clone(),
+                Some(req.runbook.clone()),
+                &outcome,
+            )
+            .await;
+            return Outcome::Now(Reply::private(msg));
+        }};
+    }
+    if role == Role::Viewer {
+        refuse!(
+            "denied: viewer",
+            "⛔ running runbooks needs the operator or admin role (you are a viewer).".to_string()
+        );
+    }
+    let set = chat.runbooks().await;
+    let Some(rb) = set.get(&req.runbook) else {
+        refuse!(
+            "error: no such runbook",
+            format!("no runbook `{}` (see `/gpuops runbooks`)", req.runbook)
+        );
+    };
+    if let Some(only) = &req.steps {
+        let unknown: Vec<&String> = only.iter().filter(|s| rb.step(s).is_none()).collect();
+        if !unknown.is_empty() {
+            refuse!(
+                "error: unknown step",
+                format!(
+                    "runbook `{}` has no step {}; its steps: {}",
+                    rb.id,
+                    unknown
+                        .iter()
+                        .map(|s| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    rb.steps
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            );
+        }
+    }
+    let labels = match req.group {
+        Some(g) => match group_labels(chat, g).await {
+            Ok(l) => l,
+            Err(msg) => refuse!(format!("error: {msg}"), msg.clone()),
+        },
+        None => {
+            // Without an alert, given values named like a parameter's
+            // from_label double as labels (instance=node1:9949 finds the agent).
+            rb.params
+                .iter()
+                .filter_map(|p| p.from_label.as_ref())
+                .filter_map(|l| req.params.get(l).map(|v| (l.clone(), v.clone())))
+                .collect()
+        }
+    };
+    let plan = match engine::plan(rb, &req.params, &labels) {
+        Ok(p) => p,
+        Err(e) => refuse!(
+            "refused: invalid parameters",
+            format!("⛔ runbook `{}` not started: {e}", rb.id)
+        ),
+    };
+    let selected: Vec<&engine::PlannedStep> = plan
+        .steps
+        .iter()
+        .filter(|s| selected(&req.steps, &s.step.name))
+        .collect();
+    if !selected
+        .iter()
+        .any(|s| authorize(role, ChatAction::RunStep, Some(&s.step)).is_ok())
+    {
+        let why = selected
+            .first()
+            .and_then(|s| authorize(role, ChatAction::RunStep, Some(&s.step)).err())
+            .map(|d| d.0)
+            .unwrap_or_else(|| "no steps".into());
+        refuse!(
+            format!("denied: {why}"),
+            format!("⛔ you may run none of these steps: {why}")
+        );
+    }
+    let record = RunRecord {
+        id: String::new(),
+        runbook: rb.id.clone(),
+        only_steps: req.steps.clone(),
+        given: req.params.clone(),
+        labels: labels.clone(),
+        group_id: req.group,
+        requester: who.clone(),
+        requester_name: user.display(),
+        requester_role: role.as_str().to_string(),
+        status: "running".into(),
+        next_step: 0,
+        results: Vec::new(),
+        expires_at: None,
+        decided_by: None,
+    };
+    let id = match insert(chat, record).await {
+        Ok(id) => id,
+        Err(e) => refuse!(format!("error: {e}"), format!("cannot store the run: {e}")),
+    };
+    chat.audit(
+        &who,
+        "run",
+        audit_params.clone(),
+        Some(format!("{}/{}", rb.id, id)),
+        &format!("started: {id}"),
+    )
+    .await;
+    let where_ = match req.group {
+        Some(g) => format!("; output goes to the thread of alert group #{g}"),
+        None => String::new(),
+    };
+    let ack = Reply::public(format!(
+        "▶ {} started run `{id}` of runbook `{}` ({} step{}){where_}",
+        user.display(),
+        rb.id,
+        selected.len(),
+        if selected.len() == 1 { "" } else { "s" }
+    ));
+    let chat2 = chat.clone();
+    Outcome::Later {
+        ack,
+        work: Box::pin(async move { drive(chat2, id, None, responder).await }),
+    }
+}
+
+/// Approves the step a run waits on (two-person rule), then resumes the run.
+pub async fn approve(
+    chat: &Arc<ChatState>,
+    user: &User,
+    id: &str,
+    responder: Responder,
+) -> Outcome {
+    let who = user.key();
+    let role = chat.role_of(user);
+    let params = serde_json::json!({ "run": id });
+    if let Err(denied) = authorize(role, ChatAction::Approve, None) {
+        chat.audit(
+            &who,
+            "approve",
+            params,
+            Some(id.into()),
+            &format!("denied: {denied}"),
+        )
+        .await;
+        return Outcome::Now(Reply::private(format!("⛔ {denied}")));
+    }
+    let row = match waiting_run(chat, id).await {
+        Ok(r) => r,
+        Err(msg) => {
+            chat.audit(
+                &who,
+                "approve",
+                params,
+                Some(id.into()),
+                &format!("refused: {msg}"),
+            )
+            .await;
+            return Outcome::Now(Reply::private(msg));
+        }
+    };
+    let (plan, index) = match plan_of(chat, &row).await {
+        Ok(p) => (p, row.next_step),
+        Err(msg) => {
+            chat.audit(
+                &who,
+                "approve",
+                params,
+                Some(id.into()),
+                &format!("error: {msg}"),
+            )
+            .await;
+            return Outcome::Now(Reply::private(msg));
+        }
+    };
+    let Some(ps) = plan.steps.get(index) else {
+        return Outcome::Now(Reply::private(format!("run {id} has no step {index}")));
+    };
+    let requester = Actor {
+        id: row.requester.clone(),
+        role: parse_role(&row.requester_role),
+    };
+    let approver = Actor {
+        id: who.clone(),
+        role,
+    };
+    let step_params = serde_json::json!({
+        "run": id, "runbook": row.runbook, "step": ps.step.name,
+        "requested_by": row.requester, "command": ps.rendered.display(),
+    });
+    if let Err(denied) = authorize_approval(&approver, &requester, &ps.step) {
+        chat.audit(
+            &who,
+            "approve",
+            step_params,
+            Some(format!("{}/{id}", row.runbook)),
+            &format!("denied: {denied}"),
+        )
+        .await;
+        return Outcome::Now(Reply::private(format!("⛔ {denied}")));
+    }
+    let now = chat.now() as f64;
+    let changed = decide(chat, id, "running", &who, now).await;
+    if !matches!(changed, Ok(true)) {
+        return Outcome::Now(Reply::private(format!(
+            "run {id} was decided or expired meanwhile"
+        )));
+    }
+    chat.audit(
+        &who,
+        "approve",
+        step_params,
+        Some(format!("{}/{id}", row.runbook)),
+        "approved",
+    )
+    .await;
+    let note = format!(
+        "✅ {} approved step `{}` of run `{id}` (requested by {})",
+        user.display(),
+        ps.step.name,
+        row.requester_name
+    );
+    let chat2 = chat.clone();
+    let id2 = id.to_string();
+    let group = row.group_id;
+    let note2 = note.clone();
+    Outcome::Later {
+        ack: Reply::public(note),
+        work: Box::pin(async move {
+            if let Some(g) = group {
+                post_thread(&chat2, g, note2, None).await;
+            }
+            drive(chat2, id2, Some(index), responder).await
+        }),
+    }
+}
+
+/// Denies the step a run waits on: the run stops. Admins, or the requester
+/// (withdrawing their own request), may deny.
+pub async fn deny(chat: &Arc<ChatState>, user: &User, id: &str) -> Outcome {
+    let who = user.key();
+    let role = chat.role_of(user);
+    let params = serde_json::json!({ "run": id });
+    let row = match waiting_run(chat, id).await {
+        Ok(r) => r,
+        Err(msg) => {
+            chat.audit(
+                &who,
+                "deny",
+                params,
+                Some(id.into()),
+                &format!("refused: {msg}"),
+            )
+            .await;
+            return Outcome::Now(Reply::private(msg));
+        }
+    };
+    if row.requester != who {
+        if let Err(denied) = authorize(role, ChatAction::Deny, None) {
+            chat.audit(
+                &who,
+                "deny",
+                params,
+                Some(id.into()),
+                &format!("denied: {denied}"),
+            )
+            .await;
+            return Outcome::Now(Reply::private(format!("⛔ {denied}")));
+        }
+    }
+    let now = chat.now() as f64;
+    if !matches!(decide(chat, id, "denied", &who, now).await, Ok(true)) {
+        return Outcome::Now(Reply::private(format!(
+            "run {id} was decided or expired meanwhile"
+        )));
+    }
+    let step = plan_of(chat, &row)
+        .await
+        .ok()
+        .and_then(|p| p.steps.get(row.next_step).map(|s| s.step.name.clone()))
+        .unwrap_or_default();
+    chat.audit(
+        &who,
+        "deny",
+        serde_json::json!({ "run": id, "runbook": row.runbook, "step": step, "requested_by": row.requester }),
+        Some(format!("{}/{id}", row.runbook)),
+        "denied",
+    )
+    .await;
+    let note = format!(
+        "🚫 {} denied step `{step}` of run `{id}`; the run stopped ({})",
+        user.display(),
+        summary_counts(&row.results)
+    );
+    if let Some(g) = row.group_id {
+        post_thread(chat, g, note.clone(), None).await;
+    }
+    Outcome::Now(Reply::public(note))
+}
+
+/// Walks a run from its next step. `approved` is the index of a step an
+/// approver just allowed.
+pub async fn drive(
+    chat: Arc<ChatState>,
+    id: String,
+    approved: Option<usize>,
+    responder: Responder,
+) {
+    let row = match load(&chat, &id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(error = %e, run = %id, "cannot read the run");
+            return;
+        }
+    };
+    let sink = Sink {
+        group: row.group_id,
+        responder,
+    };
+    let plan = match plan_of(&chat, &row).await {
+        Ok(p) => p,
+        Err(msg) => {
+            let _ = finish(&chat, &id, "failed", &row.results).await;
+            sink.post(&chat, format!("⚠️ run `{id}` cannot continue: {msg}"), None)
+                .await;
+            chat.audit(
+                "gpuops",
+                "run",
+                serde_json::json!({ "run": id }),
+                Some(row.runbook),
+                &format!("failed: {msg}"),
+            )
+            .await;
+            return;
+        }
+    };
+    let role = parse_role(&row.requester_role);
+    let mut results = row.results.clone();
+    let total = plan.steps.len();
+    for i in row.next_step..total {
+        let ps = &plan.steps[i];
+        if !selected(&row.only_steps, &ps.step.name) {
+            continue;
+        }
+        let step_params = serde_json::json!({
+            "run": id, "runbook": plan.runbook.id, "step": ps.step.name,
+            "phase": ps.step.phase.as_str(), "target": ps.step.target.as_str(),
+            "command": ps.rendered.display(), "requested_by": row.requester,
+        });
+        let target = Some(format!("{}/{id}", plan.runbook.id));
+        if let Err(denied) = authorize(role, ChatAction::RunStep, Some(&ps.step)) {
+            let out = engine::StepOutcome::skipped(format!("skipped: {denied}"));
+            let (head, _) = step_message(&plan, ps, &out);
+            sink.post(&chat, format!("{head}: {denied}"), None).await;
+            chat.audit(
+                &row.requester,
+                "step",
+                step_params,
+                target,
+                "skipped: not allowed",
+            )
+            .await;
+            results.push((ps.step.name.clone(), "skipped".into()));
+            let _ = progress(&chat, &id, i + 1, &results).await;
+            continue;
+        }
+        if ps.step.needs_approval && approved != Some(i) {
+            let expiry = chat.bot.config.approvals.expiry;
+            let expires = chat.now() as f64 + expiry.as_secs_f64();
+            if let Err(e) = wait_for_approval(&chat, &id, i, &results, expires).await {
+                tracing::error!(error = %e, run = %id, "cannot record the approval request");
+                return;
+            }
+            chat.audit(
+                &row.requester,
+                "approval_requested",
+                step_params,
+                target,
+                "waiting",
+            )
+            .await;
+            sink.post(
+                &chat,
+                format!(
+                    "⏸ {} needs approval by an admin other than {}: `/gpuops approve {id}` or `/gpuops deny {id}` (expires in {})",
+                    ps.header(total),
+                    row.requester_name,
+                    humantime::format_duration(expiry)
+                ),
+                Some(ps.rendered.display()),
+            )
+            .await;
+            return;
+        }
+        let out = chat.executor.execute(&plan, ps).await;
+        let status = status_name(out.status);
+        let (head, body) = step_message(&plan, ps, &out);
+        sink.post(&chat, head, Some(body)).await;
+        chat.audit(
+            &row.requester,
+            "step",
+            step_params,
+            target,
+            &match out.exit_code {
+                Some(c) => format!("{status} (exit {c})"),
+                None => status.to_string(),
+            },
+        )
+        .await;
+        results.push((ps.step.name.clone(), status.to_string()));
+        if let Err(e) = progress(&chat, &id, i + 1, &results).await {
+            tracing::error!(error = %e, run = %id, "cannot record run progress");
+        }
+    }
+    let _ = finish(&chat, &id, "finished", &results).await;
+    let counts = summary_counts(&results);
+    chat.audit(
+        &row.requester,
+        "run",
+        serde_json::json!({ "run": id, "runbook": plan.runbook.id }),
+        Some(format!("{}/{id}", plan.runbook.id)),
+        &format!("finished: {counts}"),
+    )
+    .await;
+    let lines: Vec<String> = results
+        .iter()
+        .map(|(s, st)| format!("{st:<10} {s}"))
+        .collect();
+    sink.post(
+        &chat,
+        format!("🏁 run `{id}` of `{}` finished: {counts}", plan.runbook.id),
+        Some(lines.join("\n")),
+    )
+    .await;
+}
+
+/// On start: runs cut off mid-step by a restart are marked `interrupted`.
+pub async fn recover(chat: &Arc<ChatState>) {
+    let now = chat.now() as f64;
+    let cut: store::Result<Vec<(String, String, Option<i64>)>> = chat
+        .bot
+        .store
+        .write(move |c| {
+            ensure_schema(c)?;
+            let mut st =
+                c.prepare("SELECT id, runbook, group_id FROM chat_runs WHERE status='running'")?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            c.execute(
+                "UPDATE chat_runs SET status='interrupted', updated_at=?1 WHERE status='running'",
+                [now],
+            )?;
+            Ok(rows)
+        })
+        .await;
+    match cut {
+        Ok(rows) => {
+            for (id, runbook, group) in rows {
+                tracing::warn!(run = %id, runbook = %runbook, "run interrupted by a restart");
+                chat.audit(
+                    "gpuops",
+                    "run",
+                    serde_json::json!({ "run": id }),
+                    Some(format!("{runbook}/{id}")),
+                    "interrupted: bot restarted",
+                )
+                .await;
+                if let Some(g) = group {
+                    post_thread(chat, g, format!("⚠️ run `{id}` of `{runbook}` was interrupted by a bot restart; start it again if needed"), None).await;
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read runs at start"),
+    }
+}
+
+/// Expires waiting approvals past their deadline, every [`EXPIRY_TICK`].
+pub fn spawn_expiry(chat: Arc<ChatState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EXPIRY_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            expire_due(&chat).await;
+        }
+    });
+}
+
+/// Expires every waiting run whose deadline passed; returns their ids.
+pub async fn expire_due(chat: &Arc<ChatState>) -> Vec<String> {
+    let now = chat.now() as f64;
+    let due: store::Result<Vec<RunRecord>> = chat
+        .bot
+        .store
+        .read(move |c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM chat_runs WHERE status='waiting' AND expires_at <= ?1"
+            ))?;
+            let rows = st
+                .query_map([now], run_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await;
+    let mut expired = Vec::new();
+    for row in due.unwrap_or_default() {
+        if !matches!(
+            decide(chat, &row.id, "expired", "gpuops", now).await,
+            Ok(true)
+        ) {
+            continue;
+        }
+        let step = plan_of(chat, &row)
+            .await
+            .ok()
+            .and_then(|p| p.steps.get(row.next_step).map(|s| s.step.name.clone()))
+            .unwrap_or_default();
+        chat.audit(
+            "gpuops",
+            "approval_expired",
+            serde_json::json!({ "run": row.id, "runbook": row.runbook, "step": step, "requested_by": row.requester }),
+            Some(format!("{}/{}", row.runbook, row.id)),
+            "expired",
+        )
+        .await;
+        tracing::info!(run = %row.id, step = %step, "approval expired; run stopped");
+        if let Some(g) = row.group_id {
+            post_thread(
+                chat,
+                g,
+                format!(
+                    "⌛ nobody approved step `{step}` of run `{}` in time; the run stopped ({})",
+                    row.id,
+                    summary_counts(&row.results)
+                ),
+                None,
+            )
+            .await;
+        }
+        expired.push(row.id);
+    }
+    expired
+}
+
+struct Sink {
+    group: Option<i64>,
+    responder: Responder,
+}
+
+impl Sink {
+    /// Into the alert's thread when the run belongs to one, else to whoever
+    /// asked (response_url / follow-up).
+    async fn post(&self, chat: &ChatState, text: String, code: Option<String>) {
+        match self.group {
+            Some(g) => post_thread(chat, g, text, code).await,
+            None => {
+                let mut t = text;
+                if let Some(c) = code {
+                    t.push_str("\n```\n");
+                    t.push_str(&c);
+                    t.push_str("\n```");
+                }
+                respond(chat, &self.responder, &Reply::public(t)).await;
+            }
+        }
+    }
+}
+
+async fn post_thread(chat: &ChatState, group: i64, text: String, code: Option<String>) {
+    let code = code.map(|c| notify::truncate_chars(&c, crate::chat::OUTPUT_CHARS + 200));
+    let msg = Message::Text(TextMessage { text, code });
+    if let Err(e) = chat.bot.outbox.reply(group, &msg).await {
+        tracing::error!(error = %e, group_id = group, "cannot enqueue the thread reply");
+    }
+}
+
+async fn group_labels(chat: &ChatState, group: i64) -> Result<BTreeMap<String, String>, String> {
+    let g = match chat.bot.store.group(group).await {
+        Ok(Some(g)) => g,
+        Ok(None) => return Err(format!("no alert group {group} (see `/gpuops alerts`)")),
+        Err(e) => return Err(format!("store error: {e}")),
+    };
+    let hook: Webhook = serde_json::from_str(&g.state)
+        .map_err(|e| format!("alert group {group} is unreadable: {e}"))?;
+    // The first firing alert names the node; the group's shared labels fill in.
+    let mut labels = hook
+        .alerts
+        .iter()
+        .find(|a| a.status == "firing")
+        .or_else(|| hook.alerts.first())
+        .map(|a| a.labels.clone())
+        .unwrap_or_default();
+    for (k, v) in hook.shared_labels() {
+        labels.entry(k).or_insert(v);
+    }
+    Ok(labels)
+}
+
+async fn plan_of(chat: &ChatState, row: &RunRecord) -> Result<RunPlan, String> {
+    let set = chat.runbooks().await;
+    let rb = set.get(&row.runbook).ok_or_else(|| {
+        format!(
+            "runbook {} is no longer in the runbook directory",
+            row.runbook
+        )
+    })?;
+    engine::plan(rb, &row.given, &row.labels).map_err(|e| e.to_string())
+}
+
+async fn waiting_run(chat: &ChatState, id: &str) -> Result<RunRecord, String> {
+    let row = match load(chat, id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err(format!("no run {id}")),
+        Err(e) => return Err(format!("store error: {e}")),
+    };
+    if row.status != "waiting" {
+        return Err(format!(
+            "run {id} is {}, not waiting for approval",
+            row.status
+        ));
+    }
+    if row.expires_at.is_some_and(|t| (chat.now() as f64) >= t) {
+        let _ = decide(chat, id, "expired", "gpuops", chat.now() as f64).await;
+        return Err(format!("the approval request of run {id} expired"));
+    }
+    Ok(row)
+}
+
+fn selected(only: &Option<Vec<String>>, name: &str) -> bool {
+    only.as_ref().is_none_or(|o| o.iter().any(|s| s == name))
+}
+
+fn parse_role(s: &str) -> Role {
+    match s {
+        "admin" => Role::Admin,
+        "operator" => Role::Operator,
+        _ => Role::Viewer,
+    }
+}
+
+fn status_name(s: StepStatus) -> &'static str {
+    match s {
+        StepStatus::Succeeded => "succeeded",
+        StepStatus::Failed => "failed",
+        StepStatus::TimedOut => "timed_out",
+        StepStatus::Skipped => "skipped",
+        StepStatus::Error => "error",
+    }
+}
+
+fn summary_counts(results: &[(String, String)]) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, s) in results {
+        *counts.entry(s.as_str()).or_default() += 1;
+    }
+    if counts.is_empty() {
+        return "no steps run".into();
+    }
+    counts
+        .iter()
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS chat_runs (
+    id TEXT PRIMARY KEY,
+    runbook TEXT NOT NULL,
+    only_steps TEXT,
+    given TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    group_id INTEGER,
+    requester TEXT NOT NULL,
+    requester_name TEXT NOT NULL,
+    requester_role TEXT NOT NULL,
+    status TEXT NOT NULL,
+    next_step INTEGER NOT NULL,
+    results TEXT NOT NULL,
+    expires_at REAL,
+    decided_by TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chat_runs_status ON chat_runs(status, expires_at);
+";
+
+const COLUMNS: &str = "id, runbook, only_steps, given, labels, group_id, requester, requester_name, requester_role, status, next_step, results, expires_at, decided_by";
+
+fn ensure_schema(c: &Connection) -> store::Result<()> {
+    c.execute_batch(SCHEMA)?;
+    Ok(())
+}
+
+fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    let only: Option<String> = r.get(2)?;
+    let given: String = r.get(3)?;
+    let labels: String = r.get(4)?;
+    let results: String = r.get(11)?;
+    let next: i64 = r.get(10)?;
+    Ok(RunRecord {
+        id: r.get(0)?,
+        runbook: r.get(1)?,
+        only_steps: only.and_then(|s| serde_json::from_str(&s).ok()),
+        given: serde_json::from_str(&given).unwrap_or_default(),
+        labels: serde_json::from_str(&labels).unwrap_or_default(),
+        group_id: r.get(5)?,
+        requester: r.get(6)?,
+        requester_name: r.get(7)?,
+        requester_role: r.get(8)?,
+        status: r.get(9)?,
+        next_step: usize::try_from(next).unwrap_or(0),
+        results: serde_json::from_str(&results).unwrap_or_default(),
+        expires_at: r.get(12)?,
+        decided_by: r.get(13)?,
+    })
+}
+
+async fn insert(chat: &ChatState, rec: RunRecord) -> store::Result<String> {
+    let now = chat.now() as f64;
+    chat.bot
+        .store
+        .write(move |c| {
+            ensure_schema(c)?;
+            for _ in 0..8 {
+                let id = format!("r{:06x}", rand::random::<u32>() & 0xff_ffff);
+                let n = c.execute(
+                    "INSERT OR IGNORE INTO chat_runs(id, runbook, only_steps, given, labels, group_id, requester,
+                       requester_name, requester_role, status, next_step, results, expires_at, decided_by,
+                       created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0, '[]', NULL, NULL, ?11, ?11)",
+                    params![
+                        id,
+                        rec.runbook,
+                        rec.only_steps.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default()),
+                        serde_json::to_string(&rec.given).unwrap_or_default(),
+                        serde_json::to_string(&rec.labels).unwrap_or_default(),
+                        rec.group_id,
+                        rec.requester,
+                        rec.requester_name,
+                        rec.requester_role,
+                        rec.status,
+                        now
+                    ],
+                )?;
+                if n == 1 {
+                    return Ok(id);
+                }
+            }
+            Err(store::Error::Task("cannot find a free run id".into()))
+        })
+        .await
+}
+
+async fn progress(
+    chat: &ChatState,
+    id: &str,
+    next: usize,
+    results: &[(String, String)],
+) -> store::Result<()> {
+    let id = id.to_string();
+    let results = serde_json::to_string(results).unwrap_or_default();
+    let now = chat.now() as f64;
+    chat.bot
+        .store
+        .write(move |c| {
+            c.execute(
+                "UPDATE chat_runs SET next_step=?2, results=?3, updated_at=?4 WHERE id=?1",
+                params![id, next as i64, results, now],
+            )?;
+            Ok(())
+        })
+        .await
+}
+
+async fn wait_for_approval(
+    chat: &ChatState,
+    id: &str,
+    step: usize,
+    results: &[(String, String)],
+    expires_at: f64,
+) -> store::Result<()> {
+    let id = id.to_string();
+    let results = serde_json::to_string(results).unwrap_or_default();
+    let now = chat.now() as f64;
+    chat.bot
+        .store
+        .write(move |c| {
+            c.execute(
+                "UPDATE chat_runs SET status='waiting', next_step=?2, results=?3, expires_at=?4, updated_at=?5
+                 WHERE id=?1",
+                params![id, step as i64, results, expires_at, now],
+            )?;
+            Ok(())
+        })
+        .await
+}
+
+/// Moves a waiting run to `status` (once: false when someone else did).
+async fn decide(
+    chat: &ChatState,
+    id: &str,
+    status: &str,
+    who: &str,
+    now: f64,
+) -> store::Result<bool> {
+    let (id, status, who) = (id.to_string(), status.to_string(), who.to_string());
+    chat.bot
+        .store
+        .write(move |c| {
+            let n = c.execute(
+                "UPDATE chat_runs SET status=?2, decided_by=?3, updated_at=?4 WHERE id=?1 AND status='waiting'",
+                params![id, status, who, now],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+}
+
+async fn finish(
+    chat: &ChatState,
+    id: &str,
+    status: &str,
+    results: &[(String, String)],
+) -> store::Result<()> {
+    let (id, status) = (id.to_string(), status.to_string());
+    let results = serde_json::to_string(results).unwrap_or_default();
+    let now = chat.now() as f64;
+    chat.bot
+        .store
+        .write(move |c| {
+            c.execute(
+                "UPDATE chat_runs SET status=?2, results=?3, updated_at=?4 WHERE id=?1",
+                params![id, status, results, now],
+            )?;
+            Ok(())
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids() {
+        assert!(is_run_id("r0a1b2c"));
+        assert!(!is_run_id("r0A1b2c"));
+        assert!(!is_run_id("x0a1b2c"));
+        assert!(!is_run_id("r0a1b2"));
+    }
+
+    #[test]
+    fn summaries_count_by_status() {
+        let r = vec![
+            ("a".to_string(), "succeeded".to_string()),
+            ("b".to_string(), "failed".to_string()),
+            ("c".to_string(), "succeeded".to_string()),
+        ];
+        assert_eq!(summary_counts(&r), "1 failed, 2 succeeded");
+        assert_eq!(summary_counts(&[]), "no steps run");
+    }
+}

@@ -1,0 +1,1474 @@
+//! Chat commands and buttons: the `/gpuops` command language, its parser,
+//! who may do what, and the dispatch shared by Slack (`slack.rs`) and Discord
+//! (`discord.rs`); runbook runs and their approvals live in `approvals.rs`.
+//!
+//! Every request is verified by the platform module before anything here
+//! runs. Quick commands are answered inline; work that may take longer
+//! (AlertManager calls, runbook runs) is acknowledged at once and continues
+//! in a task that answers through a [`Responder`] (Slack `response_url`,
+//! Discord follow-ups) or the alert's thread (the bot's outbox). Every
+//! command, approval, denial and step is written to the audit log. This
+//! module speaks no platform wire format and runs no process itself.
+
+pub mod approvals;
+pub mod discord;
+pub mod slack;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+
+use crate::alert::{self, Links, Webhook};
+use crate::alertmanager::{self, Matcher};
+use crate::bot::BotState;
+use crate::notify::{self, Message};
+use crate::runbook::engine::{
+    authorize, ChatAction, Executor, NodeSteps, PlannedStep, RunPlan, StepExecutor, StepOutcome,
+};
+use crate::runbook::exec::{BoxFuture, ProcessRunner};
+use crate::runbook::{Role, RunbookSet, Target};
+use crate::signing::{Clock, SystemClock, WINDOW_SECS};
+use crate::store::GroupRecord;
+
+/// Most characters of step output shown in a chat message (both platforms'
+/// limits leave room for the header around it).
+pub const OUTPUT_CHARS: usize = 1500;
+/// Largest chat request body read.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Longest an inline answer may wait on AlertManager (the platforms give 3 s).
+pub const INLINE_DEADLINE: Duration = Duration::from_millis(1500);
+/// Longest a deferred answer (response_url, follow-up) may take.
+pub const RESPOND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which chat platform a request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Platform {
+    Slack,
+    Discord,
+}
+
+impl Platform {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Slack => "slack",
+            Platform::Discord => "discord",
+        }
+    }
+
+    /// Longest text one answer may carry.
+    pub fn text_limit(self) -> usize {
+        match self {
+            Platform::Slack => 3000,
+            Platform::Discord => 2000,
+        }
+    }
+}
+
+/// Someone in chat, as the verified request names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub platform: Platform,
+    /// The platform's user id (`U0123`, a Discord snowflake).
+    pub id: String,
+    /// Their handle, for messages (may be empty).
+    pub name: String,
+}
+
+impl User {
+    /// `slack:U0123`: what the audit log and approvals store.
+    pub fn key(&self) -> String {
+        format!("{}:{}", self.platform.as_str(), self.id)
+    }
+
+    /// `alice (slack:U0123)` or the key alone.
+    pub fn display(&self) -> String {
+        if self.name.is_empty() {
+            self.key()
+        } else {
+            format!("{} ({})", self.name, self.key())
+        }
+    }
+}
+
+/// Who may see an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// Only the person who asked.
+    Ephemeral,
+    /// Everyone in the channel.
+    InChannel,
+}
+
+/// A text answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub text: String,
+    pub visibility: Visibility,
+}
+
+impl Reply {
+    pub fn private(text: impl Into<String>) -> Reply {
+        Reply {
+            text: text.into(),
+            visibility: Visibility::Ephemeral,
+        }
+    }
+
+    pub fn public(text: impl Into<String>) -> Reply {
+        Reply {
+            text: text.into(),
+            visibility: Visibility::InChannel,
+        }
+    }
+}
+
+/// What a request comes to: an answer now, or an acknowledgement now and
+/// work that continues (and answers through the [`Responder`]).
+pub enum Outcome {
+    Now(Reply),
+    Later {
+        ack: Reply,
+        work: Pin<Box<dyn Future<Output = ()> + Send + 'static>>,
+    },
+}
+
+/// Where answers sent after the first go: Slack's `response_url`, Discord's
+/// interaction webhook. Holds short-lived tokens: never logged or stored.
+#[derive(Clone)]
+pub enum Responder {
+    Slack {
+        response_url: String,
+    },
+    Discord {
+        api_url: String,
+        application_id: String,
+        token: String,
+        /// The first follow-up replaces the deferred "thinking…" message.
+        original_pending: Arc<std::sync::atomic::AtomicBool>,
+    },
+    /// Nowhere (tests, runs resumed by the expiry task).
+    None,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Responder::Slack { .. } => "Responder::Slack(<redacted>)",
+            Responder::Discord { .. } => "Responder::Discord(<redacted>)",
+            Responder::None => "Responder::None",
+        })
+    }
+}
+
+/// A `/gpuops` command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Help,
+    Status {
+        node: Option<String>,
+    },
+    Alerts,
+    Ack {
+        target: String,
+    },
+    Silence {
+        matchers: Vec<Matcher>,
+        duration: Duration,
+        comment: Option<String>,
+    },
+    Unsilence {
+        id: String,
+    },
+    Runbooks {
+        alertname: Option<String>,
+    },
+    Run {
+        runbook: String,
+        /// Only these steps (`run gpu-xid:kernel-log,gpu-reset`); all when `None`.
+        steps: Option<Vec<String>>,
+        /// The alert group whose labels fill parameters and whose thread
+        /// gets the output (`alert=<id>`).
+        alert: Option<i64>,
+        params: BTreeMap<String, String>,
+    },
+    Approve {
+        run: String,
+    },
+    Deny {
+        run: String,
+    },
+}
+
+/// A button press on an alert message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ButtonAction {
+    Ack { group: i64 },
+    Silence1h { group: i64 },
+    Run { group: i64, runbook: String },
+}
+
+pub const USAGE: &str = "\
+*gpuops commands*
+`help` this text
+`status [node]` open alert groups by tier, or the alerts of one node
+`alerts` open alert groups with their ids
+`ack <group-id|alertname>` acknowledge (operators)
+`silence <alertname|matchers> <duration> [comment]` silence in AlertManager, e.g. `silence alertname=GpuXid,instance=~\"node1.*\" 2h reboot planned` (operators)
+`unsilence <silence-id>` expire a silence (operators)
+`runbooks [alertname]` list runbooks, or those answering an alert
+`run <runbook>[:step,step] [alert=<group-id>] [param=value ...]` run a runbook (operators; mitigations wait for a second person's approval)
+`approve <run-id>` / `deny <run-id>` decide a step that waits for approval (admins; not your own request)";
+
+/// Parses the text after `/gpuops`. Errors are the message to show,
+/// including the usage text.
+pub fn parse_command(text: &str) -> Result<Command, String> {
+    let text = unescape_slack(text);
+    let tokens = tokenize(&text)?;
+    let Some((first, rest)) = tokens.split_first() else {
+        return Ok(Command::Help);
+    };
+    let usage = |line: &str| Err(format!("usage: `{line}`\n\n{USAGE}"));
+    match first.to_ascii_lowercase().as_str() {
+        "help" | "-h" | "--help" => Ok(Command::Help),
+        "status" => match rest {
+            [] => Ok(Command::Status { node: None }),
+            [n] if is_hostish(n) => Ok(Command::Status {
+                node: Some(n.clone()),
+            }),
+            _ => usage("status [node]"),
+        },
+        "alerts" if rest.is_empty() => Ok(Command::Alerts),
+        "alerts" => usage("alerts"),
+        "ack" => match rest {
+            [t] if t.len() <= 128 && !t.chars().any(char::is_control) => {
+                Ok(Command::Ack { target: t.clone() })
+            }
+            _ => usage("ack <group-id|alertname>"),
+        },
+        "silence" => {
+            // The first token that reads as a duration ends the matchers (so
+            // `a=b, c=d 1h` works); the rest is the comment.
+            let Some(k) = rest
+                .iter()
+                .enumerate()
+                .skip(1)
+                .find(|(_, t)| humantime::parse_duration(t).is_ok())
+                .map(|(i, _)| i)
+            else {
+                return usage("silence <alertname|matchers> <duration> [comment]");
+            };
+            let matchers = alertmanager::parse_matchers(&rest[..k].join(" "))
+                .map_err(|e| format!("silence: {e}\n\n{USAGE}"))?;
+            let duration = alertmanager::parse_silence_duration(&rest[k])
+                .map_err(|e| format!("silence: {e}"))?;
+            let comment = rest[k + 1..].join(" ");
+            if comment.chars().count() > 500 || comment.chars().any(char::is_control) {
+                return Err(
+                    "silence: the comment must be one line of at most 500 characters".into(),
+                );
+            }
+            Ok(Command::Silence {
+                matchers,
+                duration,
+                comment: (!comment.is_empty()).then_some(comment),
+            })
+        }
+        "unsilence" => match rest {
+            [id] if alertmanager::is_silence_id(id) => Ok(Command::Unsilence { id: id.clone() }),
+            [id] => Err(format!("unsilence: {id:?} is not a silence id")),
+            _ => usage("unsilence <silence-id>"),
+        },
+        "runbooks" => match rest {
+            [] => Ok(Command::Runbooks { alertname: None }),
+            [a] if is_label_value(a) => Ok(Command::Runbooks {
+                alertname: Some(a.clone()),
+            }),
+            _ => usage("runbooks [alertname]"),
+        },
+        "run" => {
+            let Some((target, args)) = rest.split_first() else {
+                return usage("run <runbook>[:step,step] [alert=<group-id>] [param=value ...]");
+            };
+            let (runbook, steps) = match target.split_once(':') {
+                Some((r, s)) => {
+                    let steps: Vec<String> = s.split(',').map(str::to_string).collect();
+                    if steps.iter().any(|s| !is_step_name(s)) {
+                        return Err(format!("run: {s:?} is not a list of step names"));
+                    }
+                    (r.to_string(), Some(steps))
+                }
+                None => (target.clone(), None),
+            };
+            if !crate::runbook::is_runbook_id(&runbook) {
+                return Err(format!("run: {runbook:?} is not a runbook id\n\n{USAGE}"));
+            }
+            let mut params = BTreeMap::new();
+            let mut alert = None;
+            for a in args {
+                let Some((k, v)) = a.split_once('=') else {
+                    return Err(format!(
+                        "run: {a:?} is not a parameter (write name=value)\n\n{USAGE}"
+                    ));
+                };
+                if k == "alert" {
+                    alert = Some(
+                        v.trim_start_matches('#')
+                            .parse::<i64>()
+                            .map_err(|_| format!("run: alert={v:?} is not a group id"))?,
+                    );
+                    continue;
+                }
+                if !is_param_key(k) {
+                    return Err(format!("run: {k:?} is not a parameter name"));
+                }
+                if params.insert(k.to_string(), v.to_string()).is_some() {
+                    return Err(format!("run: parameter {k} given twice"));
+                }
+            }
+            Ok(Command::Run {
+                runbook,
+                steps,
+                alert,
+                params,
+            })
+        }
+        "approve" => match rest {
+            [r] if approvals::is_run_id(r) => Ok(Command::Approve { run: r.clone() }),
+            _ => usage("approve <run-id>"),
+        },
+        "deny" => match rest {
+            [r] if approvals::is_run_id(r) => Ok(Command::Deny { run: r.clone() }),
+            _ => usage("deny <run-id>"),
+        },
+        other => Err(format!(
+            "unknown command {:?}\n\n{USAGE}",
+            notify::truncate_chars(other, 40)
+        )),
+    }
+}
+
+impl Command {
+    /// The audit action name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Help => "help",
+            Command::Status { .. } => "status",
+            Command::Alerts => "alerts",
+            Command::Ack { .. } => "ack",
+            Command::Silence { .. } => "silence",
+            Command::Unsilence { .. } => "unsilence",
+            Command::Runbooks { .. } => "runbooks",
+            Command::Run { .. } => "run",
+            Command::Approve { .. } => "approve",
+            Command::Deny { .. } => "deny",
+        }
+    }
+}
+
+/// Everything the chat handlers share.
+pub struct ChatState {
+    pub bot: Arc<BotState>,
+    pub clock: Arc<dyn Clock>,
+    pub executor: Arc<dyn StepExecutor>,
+    pub alertmanager: Option<alertmanager::Client>,
+    pub http: reqwest::Client,
+    pub runbooks_dir: Option<PathBuf>,
+    replay: ReplayCache,
+}
+
+impl ChatState {
+    /// The production state: steps run through the real executor (bot steps
+    /// here, node steps on the alert's agent), AlertManager from the config.
+    pub fn new(bot: Arc<BotState>) -> Arc<ChatState> {
+        let cfg = &bot.config;
+        let node = match &cfg.agents {
+            Some(a) => match &a.secret {
+                Some(s) => NodeSteps::Agent(crate::runbook::engine::AgentClient::new(
+                    a.url_template.clone(),
+                    s.clone(),
+                )),
+                None => {
+                    tracing::warn!("[agents] has no secret: node steps cannot run from chat");
+                    return ChatState::with_executor(
+                        bot.clone(),
+                        Arc::new(SystemClock),
+                        Arc::new(NoAgents(Executor::new(
+                            Arc::new(ProcessRunner),
+                            NodeSteps::Local,
+                            cfg.prometheus.as_ref().map(|p| p.url.clone()),
+                        ))),
+                    );
+                }
+            },
+            None => {
+                return ChatState::with_executor(
+                    bot.clone(),
+                    Arc::new(SystemClock),
+                    Arc::new(NoAgents(Executor::new(
+                        Arc::new(ProcessRunner),
+                        NodeSteps::Local,
+                        cfg.prometheus.as_ref().map(|p| p.url.clone()),
+                    ))),
+                )
+            }
+        };
+        let exec = Executor::new(
+            Arc::new(ProcessRunner),
+            node,
+            cfg.prometheus.as_ref().map(|p| p.url.clone()),
+        );
+        ChatState::with_executor(bot.clone(), Arc::new(SystemClock), Arc::new(exec))
+    }
+
+    /// With an explicit clock and executor (tests).
+    pub fn with_executor(
+        bot: Arc<BotState>,
+        clock: Arc<dyn Clock>,
+        executor: Arc<dyn StepExecutor>,
+    ) -> Arc<ChatState> {
+        let alertmanager = bot
+            .config
+            .alertmanager
+            .as_ref()
+            .map(|a| alertmanager::Client::new(&a.url));
+        let runbooks_dir = bot.config.runbooks.dir.clone();
+        if let Err(e) = approvals::create_table(&bot.store) {
+            tracing::error!(error = %e, "cannot create the chat_runs table; runs will fail");
+        }
+        Arc::new(ChatState {
+            bot,
+            clock,
+            executor,
+            alertmanager,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(RESPOND_TIMEOUT)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_else(|_| reqwest::Client::new()),
+            runbooks_dir,
+            replay: ReplayCache::default(),
+        })
+    }
+
+    /// Unix seconds from the state's clock.
+    pub fn now(&self) -> i64 {
+        self.clock.now_unix()
+    }
+
+    /// The role of a user under `[rbac]` (ids with or without the
+    /// `slack:`/`discord:` prefix).
+    pub fn role_of(&self, user: &User) -> Role {
+        let rbac = &self.bot.config.rbac;
+        let key = user.key();
+        let listed = |ids: &[String]| ids.iter().any(|i| *i == user.id || *i == key);
+        if listed(&rbac.admins) {
+            Role::Admin
+        } else if listed(&rbac.operators) {
+            Role::Operator
+        } else {
+            Role::Viewer
+        }
+    }
+
+    /// Loads the runbook directory (off the async threads). Invalid files
+    /// are logged and left out.
+    pub async fn runbooks(&self) -> Arc<RunbookSet> {
+        let Some(dir) = self.runbooks_dir.clone() else {
+            return Arc::new(RunbookSet::default());
+        };
+        let loaded = tokio::task::spawn_blocking(move || RunbookSet::load_dir(&dir)).await;
+        match loaded {
+            Ok((set, errors)) => {
+                for e in &errors.0 {
+                    tracing::warn!(error = %e, "runbook left out");
+                }
+                Arc::new(set)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load runbooks");
+                Arc::new(RunbookSet::default())
+            }
+        }
+    }
+
+    /// Records an audit entry (also logged by the store); failures are logged.
+    pub async fn audit(
+        &self,
+        who: &str,
+        action: &str,
+        params: serde_json::Value,
+        target: Option<String>,
+        outcome: &str,
+    ) {
+        if let Err(e) = self
+            .bot
+            .store
+            .audit(
+                who.to_string(),
+                action.to_string(),
+                params,
+                target,
+                outcome.to_string(),
+            )
+            .await
+        {
+            tracing::error!(error = %e, action, who, "cannot write the audit record");
+        }
+    }
+
+    /// Refuses a signature seen before within the window (replays).
+    pub fn first_use(&self, signature: &str) -> bool {
+        self.replay.first_use(signature, self.now())
+    }
+}
+
+/// The runbook set the alert renderer suggests from (`[runbooks] dir`,
+/// loaded once at start; invalid files are logged and left out).
+pub fn load_runbooks_for_messages(cfg: &crate::config::BotConfig) -> Option<Arc<RunbookSet>> {
+    let dir = cfg.runbooks.dir.as_ref()?;
+    let (set, errors) = RunbookSet::load_dir(dir);
+    for e in &errors.0 {
+        tracing::warn!(error = %e, "runbook left out");
+    }
+    Some(Arc::new(set))
+}
+
+/// The bot renderer's hook for the Run button: the first runbook whose
+/// triggers match a firing alert of the group (`[runbooks] dir`, loaded once).
+pub fn runbook_suggester(cfg: &crate::config::BotConfig) -> Option<alert::RunbookSuggester> {
+    let set = load_runbooks_for_messages(cfg)?;
+    Some(Arc::new(move |hook: &Webhook| {
+        let mut alerts: Vec<&alert::Alert> = hook.alerts.iter().collect();
+        alerts.sort_by_key(|a| a.status != "firing");
+        alerts
+            .iter()
+            .find_map(|a| set.suggest(&a.labels).first().map(|r| r.id.clone()))
+    }))
+}
+
+/// The chat routes, to merge into the bot's router
+/// (`bot::router_with(state, chat::routes(chat))`).
+pub fn routes(chat: Arc<ChatState>) -> Router {
+    use axum::extract::DefaultBodyLimit;
+    Router::new()
+        .route("/slack/commands", post(slack::commands))
+        .route("/slack/interactions", post(slack::interactions))
+        .route("/discord/interactions", post(discord::interactions))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(chat)
+}
+
+/// Starts the chat role beside the bot: marks runs cut off by a restart,
+/// starts the approval-expiry task, and returns the routes.
+pub async fn start(chat: Arc<ChatState>, stop: tokio::sync::watch::Receiver<bool>) -> Router {
+    approvals::recover(&chat).await;
+    approvals::spawn_expiry(chat.clone(), stop);
+    routes(chat)
+}
+
+/// Handles one verified command.
+pub async fn handle_command(
+    chat: &Arc<ChatState>,
+    user: &User,
+    text: &str,
+    responder: Responder,
+) -> Outcome {
+    let who = user.key();
+    let role = chat.role_of(user);
+    let cmd = match parse_command(text) {
+        Ok(c) => c,
+        Err(msg) => {
+            chat.audit(
+                &who,
+                "command",
+                serde_json::json!({ "text": notify::truncate_chars(text, 300) }),
+                None,
+                "refused: unparsable",
+            )
+            .await;
+            return Outcome::Now(Reply::private(msg));
+        }
+    };
+    let action = match &cmd {
+        Command::Help => ChatAction::Help,
+        Command::Status { .. } => ChatAction::Status,
+        Command::Alerts => ChatAction::Alerts,
+        Command::Ack { .. } => ChatAction::Ack,
+        Command::Silence { .. } => ChatAction::Silence,
+        Command::Unsilence { .. } => ChatAction::Unsilence,
+        Command::Runbooks { .. } => ChatAction::Runbooks,
+        // Checked per step (and per approver) further on.
+        Command::Run { .. } | Command::Approve { .. } | Command::Deny { .. } => ChatAction::Help,
+    };
+    if let Err(denied) = authorize(role, action, None) {
+        chat.audit(
+            &who,
+            cmd.name(),
+            command_params(&cmd),
+            None,
+            &format!("denied: {denied}"),
+        )
+        .await;
+        return Outcome::Now(Reply::private(format!(
+            "⛔ {denied} (you are a {}).",
+            role.as_str()
+        )));
+    }
+    match cmd {
+        Command::Help => {
+            chat.audit(&who, "help", serde_json::json!({}), None, "ok")
+                .await;
+            Outcome::Now(Reply::private(USAGE))
+        }
+        Command::Status { node } => {
+            let text = status_text(chat, node.as_deref()).await;
+            chat.audit(
+                &who,
+                "status",
+                serde_json::json!({ "node": node }),
+                None,
+                "ok",
+            )
+            .await;
+            Outcome::Now(Reply::private(text))
+        }
+        Command::Alerts => {
+            let text = alerts_text(chat, None).await;
+            chat.audit(&who, "alerts", serde_json::json!({}), None, "ok")
+                .await;
+            Outcome::Now(Reply::private(text))
+        }
+        Command::Runbooks { alertname } => {
+            let set = chat.runbooks().await;
+            let text = runbooks_text(&set, alertname.as_deref(), chat.runbooks_dir.is_some());
+            chat.audit(
+                &who,
+                "runbooks",
+                serde_json::json!({ "alertname": alertname }),
+                None,
+                "ok",
+            )
+            .await;
+            Outcome::Now(Reply::private(text))
+        }
+        Command::Ack { target } => ack(chat, user, &target).await,
+        Command::Silence {
+            matchers,
+            duration,
+            comment,
+        } => {
+            let comment =
+                comment.unwrap_or_else(|| format!("silenced from chat by {}", user.display()));
+            silence(chat, user, matchers, duration, comment, responder, None).await
+        }
+        Command::Unsilence { id } => unsilence(chat, user, id, responder).await,
+        Command::Run {
+            runbook,
+            steps,
+            alert,
+            params,
+        } => {
+            approvals::start_run(
+                chat,
+                user,
+                approvals::RunRequest {
+                    runbook,
+                    steps,
+                    group: alert,
+                    params,
+                },
+                responder,
+            )
+            .await
+        }
+        Command::Approve { run } => approvals::approve(chat, user, &run, responder).await,
+        Command::Deny { run } => approvals::deny(chat, user, &run).await,
+    }
+}
+
+/// Handles one verified button press.
+pub async fn handle_button(
+    chat: &Arc<ChatState>,
+    user: &User,
+    action: ButtonAction,
+    responder: Responder,
+) -> Outcome {
+    let who = user.key();
+    let role = chat.role_of(user);
+    let (chat_action, name, group) = match &action {
+        ButtonAction::Ack { group } => (ChatAction::Ack, "button_ack", *group),
+        ButtonAction::Silence1h { group } => (ChatAction::Silence, "button_silence", *group),
+        ButtonAction::Run { group, .. } => (ChatAction::Help, "button_run", *group),
+    };
+    if let Err(denied) = authorize(role, chat_action, None) {
+        chat.audit(
+            &who,
+            name,
+            serde_json::json!({ "group": group }),
+            Some(format!("group:{group}")),
+            &format!("denied: {denied}"),
+        )
+        .await;
+        return Outcome::Now(Reply::private(format!(
+            "⛔ {denied} (you are a {}).",
+            role.as_str()
+        )));
+    }
+    match action {
+        ButtonAction::Ack { group } => ack(chat, user, &group.to_string()).await,
+        ButtonAction::Silence1h { group } => {
+            let g = match chat.bot.store.group(group).await {
+                Ok(Some(g)) => g,
+                Ok(None) => return Outcome::Now(Reply::private(format!("no alert group {group}"))),
+                Err(e) => return Outcome::Now(Reply::private(format!("store error: {e}"))),
+            };
+            let labels = match serde_json::from_str::<Webhook>(&g.state) {
+                Ok(h) => h.shared_labels(),
+                Err(_) => BTreeMap::new(),
+            };
+            if labels.is_empty() {
+                return Outcome::Now(Reply::private(
+                    "this group has no common labels to silence on; use `/gpuops silence`",
+                ));
+            }
+            silence(
+                chat,
+                user,
+                alertmanager::matchers_for_labels(&labels),
+                Duration::from_secs(3600),
+                format!(
+                    "silenced for 1h from the alert message by {}",
+                    user.display()
+                ),
+                responder,
+                Some(group),
+            )
+            .await
+        }
+        ButtonAction::Run { group, runbook } => {
+            approvals::start_run(
+                chat,
+                user,
+                approvals::RunRequest {
+                    runbook,
+                    steps: None,
+                    group: Some(group),
+                    params: BTreeMap::new(),
+                },
+                responder,
+            )
+            .await
+        }
+    }
+}
+
+async fn ack(chat: &Arc<ChatState>, user: &User, target: &str) -> Outcome {
+    let who = user.key();
+    let groups = match resolve_groups(chat, target).await {
+        Ok(g) => g,
+        Err(msg) => {
+            chat.audit(
+                &who,
+                "ack",
+                serde_json::json!({ "target": target }),
+                Some(target.to_string()),
+                &format!("error: {msg}"),
+            )
+            .await;
+            return Outcome::Now(Reply::private(msg));
+        }
+    };
+    let mut done = Vec::new();
+    for g in &groups {
+        match chat.bot.outbox.acknowledge(g.id, &user.display()).await {
+            Ok(true) => done.push(g.id),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, group_id = g.id, "cannot record the acknowledgement");
+            }
+        }
+    }
+    let ids: Vec<String> = done.iter().map(|i| format!("#{i}")).collect();
+    let outcome = if done.is_empty() {
+        "error: nothing acknowledged".to_string()
+    } else {
+        format!("ok: {}", ids.join(","))
+    };
+    chat.audit(
+        &who,
+        "ack",
+        serde_json::json!({ "target": target, "groups": done }),
+        Some(target.to_string()),
+        &outcome,
+    )
+    .await;
+    if done.is_empty() {
+        Outcome::Now(Reply::private(format!("could not acknowledge {target}")))
+    } else {
+        Outcome::Now(Reply::public(format!(
+            "👀 {} acknowledged alert group {}",
+            user.display(),
+            ids.join(", ")
+        )))
+    }
+}
+
+/// Group ids (`12`, `#12`) or alert names / fingerprints among firing groups.
+async fn resolve_groups(chat: &Arc<ChatState>, target: &str) -> Result<Vec<GroupRecord>, String> {
+    if let Ok(id) = target.trim_start_matches('#').parse::<i64>() {
+        return match chat.bot.store.group(id).await {
+            Ok(Some(g)) => Ok(vec![g]),
+            Ok(None) => Err(format!("no alert group {id} (see `/gpuops alerts`)")),
+            Err(e) => Err(format!("store error: {e}")),
+        };
+    }
+    let firing = chat
+        .bot
+        .store
+        .firing_groups(500)
+        .await
+        .map_err(|e| format!("store error: {e}"))?;
+    let hits: Vec<GroupRecord> = firing
+        .into_iter()
+        .filter(|g| {
+            serde_json::from_str::<Webhook>(&g.state).is_ok_and(|h| {
+                h.shared_labels().get("alertname").map(String::as_str) == Some(target)
+                    || h.alerts.iter().any(|a| {
+                        a.fingerprint == target
+                            || a.labels.get("alertname").map(String::as_str) == Some(target)
+                    })
+            })
+        })
+        .take(20)
+        .collect();
+    if hits.is_empty() {
+        Err(format!(
+            "no firing alert group matches {target:?} (see `/gpuops alerts`)"
+        ))
+    } else {
+        Ok(hits)
+    }
+}
+
+async fn silence(
+    chat: &Arc<ChatState>,
+    user: &User,
+    matchers: Vec<Matcher>,
+    duration: Duration,
+    comment: String,
+    responder: Responder,
+    group: Option<i64>,
+) -> Outcome {
+    let who = user.key();
+    let params = serde_json::json!({
+        "matchers": alertmanager::format_matchers(&matchers),
+        "duration": humantime::format_duration(duration).to_string(),
+        "comment": comment,
+        "group": group,
+    });
+    let Some(am) = chat.alertmanager.clone() else {
+        chat.audit(
+            &who,
+            "silence",
+            params,
+            None,
+            "error: no [alertmanager] url",
+        )
+        .await;
+        return Outcome::Now(Reply::private(
+            "silences need `[alertmanager] url` in the bot's configuration",
+        ));
+    };
+    let shown = alertmanager::format_matchers(&matchers);
+    let chat2 = chat.clone();
+    let user2 = user.clone();
+    let created_by = user.display();
+    let work = async move {
+        let s = alertmanager::new_silence(matchers, duration, &created_by, &comment);
+        let (outcome, text) = match am.create_silence(&s).await {
+            Ok(id) => (
+                format!("ok: {id}"),
+                Reply::public(format!(
+                    "🔕 {} silenced `{{{shown}}}` for {} (silence `{id}`; `/gpuops unsilence {id}` to lift it)",
+                    user2.display(),
+                    humantime::format_duration(duration)
+                )),
+            ),
+            Err(e) => (
+                format!("error: {e}"),
+                Reply::private(format!("could not create the silence: {e}")),
+            ),
+        };
+        chat2
+            .audit(
+                &user2.key(),
+                "silence",
+                params,
+                Some(shown.clone()),
+                &outcome,
+            )
+            .await;
+        if let Some(g) = group {
+            if outcome.starts_with("ok") {
+                let _ = chat2
+                    .bot
+                    .outbox
+                    .reply(
+                        g,
+                        &Message::Text(notify::TextMessage {
+                            text: text.text.clone(),
+                            code: None,
+                        }),
+                    )
+                    .await;
+            }
+        }
+        respond(&chat2, &responder, &text).await;
+    };
+    Outcome::Later {
+        ack: Reply::private("creating the silence…"),
+        work: Box::pin(work),
+    }
+}
+
+async fn unsilence(
+    chat: &Arc<ChatState>,
+    user: &User,
+    id: String,
+    responder: Responder,
+) -> Outcome {
+    let who = user.key();
+    let Some(am) = chat.alertmanager.clone() else {
+        chat.audit(
+            &who,
+            "unsilence",
+            serde_json::json!({ "id": id }),
+            None,
+            "error: no [alertmanager] url",
+        )
+        .await;
+        return Outcome::Now(Reply::private(
+            "silences need `[alertmanager] url` in the bot's configuration",
+        ));
+    };
+    let chat2 = chat.clone();
+    let user2 = user.clone();
+    let work = async move {
+        let (outcome, reply) = match am.delete_silence(&id).await {
+            Ok(()) => (
+                "ok".to_string(),
+                Reply::public(format!("🔔 {} lifted silence `{id}`", user2.display())),
+            ),
+            Err(e) => (
+                format!("error: {e}"),
+                Reply::private(format!("could not lift silence {id}: {e}")),
+            ),
+        };
+        chat2
+            .audit(
+                &user2.key(),
+                "unsilence",
+                serde_json::json!({ "id": id }),
+                Some(id.clone()),
+                &outcome,
+            )
+            .await;
+        respond(&chat2, &responder, &reply).await;
+    };
+    Outcome::Later {
+        ack: Reply::private("lifting the silence…"),
+        work: Box::pin(work),
+    }
+}
+
+async fn status_text(chat: &Arc<ChatState>, node: Option<&str>) -> String {
+    let groups = match chat.bot.store.firing_groups(500).await {
+        Ok(g) => g,
+        Err(e) => return format!("cannot read alert groups: {e}"),
+    };
+    if let Some(node) = node {
+        return alerts_text_of(chat, groups, Some(node));
+    }
+    let mut by_tier: BTreeMap<String, usize> = BTreeMap::new();
+    let mut acked = 0;
+    for g in &groups {
+        *by_tier.entry(g.tier.clone()).or_default() += 1;
+        acked += usize::from(g.ack.is_some());
+    }
+    let mut s = if groups.is_empty() {
+        "✅ no open alert groups".to_string()
+    } else {
+        format!(
+            "*{} open alert group{}* ({acked} acknowledged): {}",
+            groups.len(),
+            if groups.len() == 1 { "" } else { "s" },
+            by_tier
+                .iter()
+                .map(|(t, n)| format!("{t} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    if let Ok(n) = approvals::waiting_count(chat).await {
+        if n > 0 {
+            let _ = write!(s, "\n⏸ {n} runbook step(s) waiting for approval");
+        }
+    }
+    if let Some(am) = &chat.alertmanager {
+        if let Ok(Ok(alerts)) = tokio::time::timeout(INLINE_DEADLINE, am.alerts()).await {
+            let silenced = alerts
+                .iter()
+                .filter(|a| a.status.state == "suppressed")
+                .count();
+            let _ = write!(
+                s,
+                "\nAlertManager: {} alert(s), {silenced} silenced or inhibited",
+                alerts.len()
+            );
+        } else {
+            s.push_str("\nAlertManager: not reachable");
+        }
+    }
+    if !groups.is_empty() {
+        s.push_str("\n\n");
+        s.push_str(&alerts_text_of(chat, groups, None));
+    }
+    s
+}
+
+async fn alerts_text(chat: &Arc<ChatState>, node: Option<&str>) -> String {
+    match chat.bot.store.firing_groups(500).await {
+        Ok(g) => alerts_text_of(chat, g, node),
+        Err(e) => format!("cannot read alert groups: {e}"),
+    }
+}
+
+fn alerts_text_of(chat: &Arc<ChatState>, groups: Vec<GroupRecord>, node: Option<&str>) -> String {
+    let mut lines = Vec::new();
+    for g in groups {
+        let hook: Option<Webhook> = serde_json::from_str(&g.state).ok();
+        if let (Some(node), Some(h)) = (node, &hook) {
+            let on_node = h.alerts.iter().any(|a| {
+                a.labels.get("instance").is_some_and(|i| {
+                    i == node
+                        || i.strip_prefix(node)
+                            .is_some_and(|r| r.starts_with(':') || r.starts_with('.'))
+                })
+            });
+            if !on_node {
+                continue;
+            }
+        }
+        let Message::Alert(m) =
+            alert::render_group(&g, &chat.bot.config.routing, &Links::default())
+        else {
+            continue;
+        };
+        let mut line = format!(
+            "`#{}` {} {} · {}",
+            g.id,
+            m.tier,
+            m.title,
+            notify::status_text(&m)
+        );
+        if let Some(s) = &m.summary {
+            let _ = write!(line, " — {}", notify::truncate_chars(s, 120));
+        }
+        lines.push(line);
+    }
+    if lines.is_empty() {
+        return match node {
+            Some(n) => format!("✅ no open alerts on {n}"),
+            None => "✅ no open alert groups".into(),
+        };
+    }
+    notify::fit_lines(&lines, 2800, 0)
+}
+
+fn runbooks_text(set: &RunbookSet, alertname: Option<&str>, configured: bool) -> String {
+    if !configured {
+        return "no runbook directory is configured (`[runbooks] dir`)".into();
+    }
+    let list: Vec<&crate::runbook::Runbook> = match alertname {
+        Some(a) => set.suggest(&BTreeMap::from([("alertname".to_string(), a.to_string())])),
+        None => set.runbooks.iter().collect(),
+    };
+    if list.is_empty() {
+        return match alertname {
+            Some(a) => format!("no runbook answers {a}"),
+            None => "no runbooks found".into(),
+        };
+    }
+    let lines: Vec<String> = list
+        .iter()
+        .map(|r| {
+            let steps = r.steps.len();
+            let approvals = r.steps.iter().filter(|s| s.needs_approval).count();
+            format!(
+                "`{}` {} ({steps} steps, {approvals} need approval)",
+                r.id, r.title
+            )
+        })
+        .collect();
+    notify::fit_lines(&lines, 2800, 0)
+}
+
+/// Sends a later answer through the responder (errors are logged, redacted).
+pub async fn respond(chat: &ChatState, responder: &Responder, reply: &Reply) {
+    let result = match responder {
+        Responder::None => return,
+        Responder::Slack { response_url } => {
+            let body = serde_json::json!({
+                "response_type": match reply.visibility {
+                    Visibility::Ephemeral => "ephemeral",
+                    Visibility::InChannel => "in_channel",
+                },
+                "replace_original": false,
+                "text": notify::truncate_chars(&reply.text, Platform::Slack.text_limit()),
+            });
+            chat.http.post(response_url).json(&body).send().await
+        }
+        Responder::Discord {
+            api_url,
+            application_id,
+            token,
+            original_pending,
+        } => {
+            let content = notify::truncate_chars(&reply.text, Platform::Discord.text_limit());
+            let base = format!("{api_url}/api/v10/webhooks/{application_id}/{token}");
+            if original_pending.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                chat.http
+                    .patch(format!("{base}/messages/@original"))
+                    .json(&serde_json::json!({ "content": content }))
+                    .send()
+                    .await
+            } else {
+                let mut body = serde_json::json!({ "content": content });
+                if reply.visibility == Visibility::Ephemeral {
+                    body["flags"] = serde_json::json!(64);
+                }
+                chat.http.post(base).json(&body).send().await
+            }
+        }
+    };
+    match result {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => tracing::warn!(status = r.status().as_u16(), "chat follow-up refused"),
+        Err(e) => {
+            let mut msg = e.to_string();
+            if let Some(u) = e.url() {
+                msg = msg.replace(u.as_str(), "<url>");
+            }
+            tracing::warn!(error = %crate::telemetry::redact(&msg), "chat follow-up failed");
+        }
+    }
+}
+
+/// A step's result as chat text: a status line and the output in a code block.
+pub fn step_message(plan: &RunPlan, step: &PlannedStep, out: &StepOutcome) -> (String, String) {
+    use crate::runbook::engine::StepStatus::*;
+    let icon = match out.status {
+        Succeeded => "✅",
+        Failed => "❌",
+        TimedOut => "⏱",
+        Skipped => "⏭",
+        Error => "⚠️",
+    };
+    let mut head = format!(
+        "{icon} {} `{}` — {}",
+        step.header(plan.steps.len()),
+        plan.runbook.id,
+        serde_json::to_value(out.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    );
+    if let Some(code) = out.exit_code {
+        let _ = write!(head, " (exit {code})");
+    }
+    if out.duration > Duration::ZERO {
+        let _ = write!(head, " in {:.1}s", out.duration.as_secs_f64());
+    }
+    let mut body = out.output.trim_end().to_string();
+    if body.chars().count() > OUTPUT_CHARS {
+        let total = body.chars().count();
+        body = body.chars().take(OUTPUT_CHARS).collect();
+        let _ = write!(
+            body,
+            "\n… {} more characters (see the audit log or run the step on the node)",
+            total - OUTPUT_CHARS
+        );
+    }
+    if body.is_empty() {
+        body = "(no output)".into();
+    }
+    (head, body.replace("```", "`\u{200b}``"))
+}
+
+fn command_params(cmd: &Command) -> serde_json::Value {
+    match cmd {
+        Command::Help | Command::Alerts => serde_json::json!({}),
+        Command::Status { node } => serde_json::json!({ "node": node }),
+        Command::Ack { target } => serde_json::json!({ "target": target }),
+        Command::Silence {
+            matchers,
+            duration,
+            comment,
+        } => serde_json::json!({
+            "matchers": alertmanager::format_matchers(matchers),
+            "duration": humantime::format_duration(*duration).to_string(),
+            "comment": comment,
+        }),
+        Command::Unsilence { id } => serde_json::json!({ "id": id }),
+        Command::Runbooks { alertname } => serde_json::json!({ "alertname": alertname }),
+        Command::Run {
+            runbook,
+            steps,
+            alert,
+            params,
+        } => {
+            serde_json::json!({ "runbook": runbook, "steps": steps, "alert": alert, "params": params })
+        }
+        Command::Approve { run } | Command::Deny { run } => serde_json::json!({ "run": run }),
+    }
+}
+
+/// Node steps refused with a clear reason when `[agents]` is not set up.
+struct NoAgents(Executor);
+
+impl StepExecutor for NoAgents {
+    fn execute<'a>(
+        &'a self,
+        plan: &'a RunPlan,
+        step: &'a PlannedStep,
+    ) -> BoxFuture<'a, StepOutcome> {
+        Box::pin(async move {
+            if step.step.target == Target::Node {
+                return StepOutcome::error(
+                    "node steps need `[agents] url_template` and `secret` in the bot's configuration",
+                    Duration::ZERO,
+                );
+            }
+            self.0.execute(plan, step).await
+        })
+    }
+}
+
+/// Signatures seen within the signing window (replays are refused).
+#[derive(Default)]
+struct ReplayCache {
+    seen: Mutex<HashMap<String, i64>>,
+}
+
+impl ReplayCache {
+    const MAX: usize = 100_000;
+
+    fn first_use(&self, signature: &str, now: i64) -> bool {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.len() >= Self::MAX / 2 {
+            seen.retain(|_, t| *t >= now - 2 * WINDOW_SECS);
+        }
+        if seen.len() >= Self::MAX || seen.contains_key(signature) {
+            return false;
+        }
+        seen.insert(signature.to_string(), now);
+        true
+    }
+}
+
+/// Slack escapes `&`, `<` and `>` in command text.
+fn unescape_slack(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
+/// Splits on whitespace, keeping double-quoted spans (quotes kept, so
+/// matcher values stay quoted) together. Control characters are refused.
+fn tokenize(s: &str) -> Result<Vec<String>, String> {
+    if s.chars()
+        .any(|c| c.is_control() && c != '\t' && c != '\n' && c != '\r')
+    {
+        return Err("the command contains a control character".into());
+    }
+    if s.len() > 4000 {
+        return Err("the command is too long".into());
+    }
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => {
+                cur.push(c);
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            '"' => {
+                quoted = !quoted;
+                cur.push(c);
+            }
+            c if c.is_whitespace() && !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err("unclosed quote".into());
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+fn is_hostish(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
+}
+
+fn is_label_value(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+}
+
+fn is_param_key(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn is_step_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expect: expect_test::Expect) {
+        let got = match parse_command(input) {
+            Ok(c) => format!("{c:?}"),
+            Err(e) => format!("error: {}", e.lines().next().unwrap_or("")),
+        };
+        expect.assert_eq(&got);
+    }
+
+    #[test]
+    fn commands_parse() {
+        use expect_test::expect;
+        check("", expect!["Help"]);
+        check(
+            "status node1",
+            expect![[r#"Status { node: Some("node1") }"#]],
+        );
+        check("status a b", expect!["error: usage: `status [node]`"]);
+        check("ack 12", expect![[r#"Ack { target: "12" }"#]]);
+        check(
+            "silence GpuDown 2h maintenance window",
+            expect![[
+                r#"Silence { matchers: [Matcher { name: "alertname", value: "GpuDown", is_regex: false, is_equal: true }], duration: 7200s, comment: Some("maintenance window") }"#
+            ]],
+        );
+        check(
+            r#"silence alertname=GpuDown, instance=~"node1.*" 30m"#,
+            expect![[
+                r#"Silence { matchers: [Matcher { name: "alertname", value: "GpuDown", is_regex: false, is_equal: true }, Matcher { name: "instance", value: "node1.*", is_regex: true, is_equal: true }], duration: 1800s, comment: None }"#
+            ]],
+        );
+        check(
+            "silence GpuDown",
+            expect!["error: usage: `silence <alertname|matchers> <duration> [comment]`"],
+        );
+        check(
+            "silence GpuDown 5s",
+            expect!["error: silence: a silence lasts between 1m and 90d, got 5s"],
+        );
+        check(
+            "silence &lt;x 1h",
+            expect![[r#"error: silence: expected a label name at position 1 of "<x""#]],
+        );
+        check(
+            "unsilence ../etc",
+            expect![[r#"error: unsilence: "../etc" is not a silence id"#]],
+        );
+        check(
+            "run gpu-xid:kernel-log,gpu-reset alert=#7 gpu=0",
+            expect![[
+                r#"Run { runbook: "gpu-xid", steps: Some(["kernel-log", "gpu-reset"]), alert: Some(7), params: {"gpu": "0"} }"#
+            ]],
+        );
+        check(
+            "run ../x",
+            expect![[r#"error: run: "../x" is not a runbook id"#]],
+        );
+        check(
+            "run gpu-xid --help",
+            expect![[r#"error: run: "--help" is not a parameter (write name=value)"#]],
+        );
+        check(
+            "run gpu-xid gpu=0 gpu=1",
+            expect!["error: run: parameter gpu given twice"],
+        );
+        check(
+            "run gpu-xid GPU=0",
+            expect![[r#"error: run: "GPU" is not a parameter name"#]],
+        );
+        check(
+            "approve r1a2b3c",
+            expect![[r#"Approve { run: "r1a2b3c" }"#]],
+        );
+        check(
+            "approve; rm",
+            expect![[r#"error: unknown command "approve;""#]],
+        );
+        check("reboot", expect![[r#"error: unknown command "reboot""#]]);
+        check(
+            "run x a=\u{0}",
+            expect!["error: the command contains a control character"],
+        );
+    }
+
+    #[test]
+    fn quoted_values_stay_one_token() {
+        assert_eq!(
+            tokenize(r#"run x node="a b" c=d"#).unwrap(),
+            ["run", "x", "node=\"a b\"", "c=d"]
+        );
+        assert!(tokenize(r#"a "b"#).is_err());
+    }
+
+    #[test]
+    fn replays_are_refused_within_the_window() {
+        let c = ReplayCache::default();
+        assert!(c.first_use("v0=abc", 100));
+        assert!(!c.first_use("v0=abc", 101));
+        assert!(c.first_use("v0=abd", 101));
+    }
+}

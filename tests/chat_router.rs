@@ -1,0 +1,706 @@
+//! The chat endpoints through the bot's router: signature checks (forged,
+//! stale, replayed → 401, nothing changes), Discord Ed25519 with a generated
+//! key, the role matrix, parameter injection through `/gpuops run`, and the
+//! approval flow (two-person rule, self-approval, expiry, restart).
+
+mod chat_support;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::Request;
+use chat_support::*;
+use gpuops::chat::approvals;
+use gpuops::runbook::engine::{Executor, NodeSteps};
+use gpuops::runbook::exec::RecordingRunner;
+use gpuops::signing::Clock as _;
+
+const RUNBOOK: &str = r#"
+id: test-gpu
+title: Test GPU runbook
+description: steps for the chat tests
+triggers:
+  - alertname: 'TestGpu.*'
+params:
+  node:
+    pattern: '(?P<value>[A-Za-z0-9][A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9.-]+)?(?::[0-9]{1,5})?'
+    from_label: instance
+  instance:
+    pattern: '[A-Za-z0-9.:_-]{1,255}'
+    from_label: instance
+steps:
+  - name: look
+    phase: investigate
+    kind: command
+    target: node
+    timeout: 10s
+    run: ["uname", "-a"]
+  - name: echo-node
+    phase: investigate
+    kind: command
+    target: node
+    timeout: 10s
+    run: ["echo", "node={{node}}", "instance={{instance}}"]
+  - name: quick-fix
+    phase: mitigate
+    kind: command
+    target: node
+    timeout: 10s
+    run: ["echo", "quick fix"]
+  - name: drain
+    phase: mitigate
+    kind: command
+    target: node
+    timeout: 10s
+    needs_approval: true
+    run: ["echo", "drained {{node}}"]
+  - name: page
+    phase: escalate
+    kind: command
+    target: bot
+    timeout: 5s
+    run: ["echo", "page the on-call"]
+"#;
+
+async fn bot() -> (Bot, Arc<RecordingRunner>) {
+    let dir = tempfile::tempdir().unwrap();
+    bot_in(dir).await
+}
+
+async fn bot_in(dir: tempfile::TempDir) -> (Bot, Arc<RecordingRunner>) {
+    let rb = dir.path().join("runbooks");
+    std::fs::create_dir_all(&rb).unwrap();
+    std::fs::write(rb.join("test-gpu.yaml"), RUNBOOK).unwrap();
+    let runner = Arc::new(RecordingRunner::new());
+    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
+    (Bot::start_in(dir, &extra, Some(exec)).await, runner)
+}
+
+fn text(v: &serde_json::Value) -> String {
+    v["text"].as_str().unwrap_or_default().to_string()
+}
+
+async fn run_count(b: &Bot) -> i64 {
+    b.state
+        .store
+        .read(|c| {
+            Ok(
+                c.query_row("SELECT COUNT(*) FROM chat_runs", [], |r| r.get(0))
+                    .unwrap_or(0),
+            )
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn slack_forged_stale_replayed_and_unsigned_requests_get_401_and_change_nothing() {
+    let (b, runner) = bot().await;
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    let audit_before = b.audit().await.len();
+    let now = b.clock.now_unix();
+    let ack = slack_command_body(OPERATOR, &format!("ack {g}"), "http://127.0.0.1:9/x");
+    let run = slack_command_body(
+        OPERATOR,
+        "run test-gpu instance=node1:9949",
+        "http://127.0.0.1:9/x",
+    );
+    let button = slack_button_body(
+        OPERATOR,
+        "gpuops_ack",
+        &g.to_string(),
+        "http://127.0.0.1:9/x",
+    );
+    let cases: Vec<(&str, Request<Body>)> = vec![
+        (
+            "forged",
+            slack_request("/slack/commands", &ack, now, "not-the-secret"),
+        ),
+        (
+            "stale",
+            slack_request("/slack/commands", &ack, now - 301, SLACK_SECRET),
+        ),
+        (
+            "future",
+            slack_request("/slack/commands", &run, now + 301, SLACK_SECRET),
+        ),
+        (
+            "forged button",
+            slack_request("/slack/interactions", &button, now, "wrong"),
+        ),
+        (
+            "stale button",
+            slack_request("/slack/interactions", &button, now - 600, SLACK_SECRET),
+        ),
+        (
+            "unsigned",
+            Request::post("/slack/commands")
+                .body(Body::from(ack.clone()))
+                .unwrap(),
+        ),
+        ("tampered", {
+            let mut r = slack_request("/slack/commands", &ack, now, SLACK_SECRET);
+            *r.body_mut() = Body::from(run.clone());
+            r
+        }),
+        ("bad signature format", {
+            let mut r = slack_request("/slack/commands", &ack, now, SLACK_SECRET);
+            r.headers_mut()
+                .insert("x-slack-signature", "v1=00".parse().unwrap());
+            r
+        }),
+    ];
+    for (name, req) in cases {
+        let (status, body) = b.send(req).await;
+        assert_eq!(status, 401, "{name}: {body}");
+    }
+    // A valid request is accepted once; the same bytes again are a replay.
+    let (s, _) = b
+        .send(slack_request("/slack/commands", &ack, now, SLACK_SECRET))
+        .await;
+    assert_eq!(s, 200);
+    let acked = b.state.store.group(g).await.unwrap().unwrap().ack;
+    assert!(acked.is_some());
+    let audit_after_valid = b.audit().await.len();
+    assert_eq!(
+        audit_after_valid,
+        audit_before + 1,
+        "only the valid request is audited"
+    );
+    let (s, _) = b
+        .send(slack_request("/slack/commands", &ack, now, SLACK_SECRET))
+        .await;
+    assert_eq!(s, 401, "replay");
+    assert_eq!(b.audit().await.len(), audit_after_valid);
+    assert_eq!(run_count(&b).await, 0);
+    assert!(runner.calls().is_empty());
+    b.stop();
+}
+
+#[tokio::test]
+async fn slack_documented_example_passes_the_router_only_at_its_time() {
+    let (b, _) = bot().await;
+    // https://api.slack.com/authentication/verifying-requests-from-slack
+    let body = "token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c";
+    let req = || {
+        Request::post("/slack/commands")
+            .header("x-slack-request-timestamp", "1531420618")
+            .header(
+                "x-slack-signature",
+                "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503",
+            )
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (s, _) = b.send(req()).await;
+    assert_eq!(s, 401, "stale at the real time");
+    b.clock.set(1531420618 + 10);
+    let (s, out) = b.send(req()).await;
+    assert_eq!(s, 200, "{out}");
+    assert!(out.contains("gpuops commands"), "{out}");
+    b.stop();
+}
+
+#[tokio::test]
+async fn discord_ed25519_ping_command_forged_stale_and_replayed() {
+    let (b, _) = bot().await;
+    let now = b.clock.now_unix();
+    let ping = r#"{"type":1,"id":"1","application_id":"223456789012345678","token":"tok"}"#;
+    let (s, out) = b.send(discord_request(&b.discord_key, ping, now)).await;
+    assert_eq!((s, out.as_str()), (200, r#"{"type":1}"#));
+    let audit_before = b.audit().await.len();
+
+    let other = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
+    let cmd = serde_json::json!({
+        "type": 2, "id": "2", "application_id": "223456789012345678", "token": "tok2",
+        "member": { "user": { "id": "323456789012345678", "username": "root" } },
+        "data": { "name": "gpuops", "options": [{ "name": "command", "type": 3, "value": "help" }] }
+    })
+    .to_string();
+    let forged = discord_request(&other, &cmd, now);
+    let stale = discord_request(&b.discord_key, &cmd, now - 400);
+    let tampered = {
+        let mut r = discord_request(&b.discord_key, &cmd, now);
+        *r.body_mut() = Body::from(cmd.replace("help", "alerts"));
+        r
+    };
+    let replayed = discord_request(&b.discord_key, ping, now);
+    for (name, req) in [
+        ("forged", forged),
+        ("stale", stale),
+        ("tampered", tampered),
+        ("replayed ping", replayed),
+        (
+            "unsigned",
+            Request::post("/discord/interactions")
+                .body(Body::from(cmd.clone()))
+                .unwrap(),
+        ),
+    ] {
+        let (s, body) = b.send(req).await;
+        assert_eq!(s, 401, "{name}: {body}");
+    }
+    assert_eq!(
+        b.audit().await.len(),
+        audit_before,
+        "refusals change nothing"
+    );
+
+    let (s, out) = b.send(discord_request(&b.discord_key, &cmd, now)).await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["type"], 4);
+    assert_eq!(v["data"]["flags"], 64);
+    assert!(v["data"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("gpuops commands"));
+    let last = b.audit().await.pop().unwrap();
+    assert_eq!(
+        (last.who.as_str(), last.action.as_str()),
+        ("discord:323456789012345678", "help")
+    );
+    b.stop();
+}
+
+#[tokio::test]
+async fn role_matrix_through_the_router() {
+    let (b, runner) = bot().await;
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    let capture = Capture::start().await;
+
+    // Viewers (anyone not listed) read, and are refused everything else.
+    for (cmd, allowed) in [
+        ("help", true),
+        ("status", true),
+        ("status node1", true),
+        ("alerts", true),
+        ("runbooks", true),
+        ("runbooks TestGpuDown", true),
+        (&*format!("ack {g}"), false),
+        ("silence TestGpuDown 1h", false),
+        ("unsilence 0f3c2d1e-aaaa-bbbb-cccc-0123456789ab", false),
+        (&*format!("run test-gpu alert={g}"), false),
+        ("approve r000000", false),
+    ] {
+        let (s, v) = b.slack_command(STRANGER, cmd).await;
+        assert_eq!(s, 200);
+        let t = text(&v);
+        assert_eq!(!t.contains('⛔'), allowed, "{cmd}: {t}");
+    }
+    let (_, v) = b.slack_command(STRANGER, "alerts").await;
+    assert!(text(&v).contains(&format!("#{g}")), "{v}");
+    let (_, v) = b.slack_command(STRANGER, "runbooks TestGpuDown").await;
+    assert!(text(&v).contains("test-gpu"), "{v}");
+    // A stranger's button press is refused too (answered via response_url).
+    let body = slack_button_body(
+        STRANGER,
+        "gpuops_run_runbook",
+        &format!("{g}|test-gpu"),
+        &format!("{}/resp", capture.url),
+    );
+    let (s, _) = b
+        .send(slack_request(
+            "/slack/interactions",
+            &body,
+            b.clock.now_unix(),
+            SLACK_SECRET,
+        ))
+        .await;
+    assert_eq!(s, 200);
+    capture.wait_for(5, "\u{26d4}").await;
+    assert!(b.state.store.group(g).await.unwrap().unwrap().ack.is_none());
+    assert!(runner.calls().is_empty(), "a viewer ran nothing");
+    let denied: Vec<String> = b
+        .audit()
+        .await
+        .into_iter()
+        .filter(|r| r.who == format!("slack:{STRANGER}") && r.outcome.starts_with("denied"))
+        .map(|r| r.action)
+        .collect();
+    assert_eq!(
+        denied,
+        ["ack", "silence", "unsilence", "run", "approve", "run"],
+        "{denied:?}"
+    );
+
+    // Operators ack and run investigate steps; a mitigation without approval
+    // is skipped, one with approval waits.
+    let (_, v) = b.slack_command(OPERATOR, &format!("ack {g}")).await;
+    assert!(text(&v).contains("acknowledged"), "{v}");
+    assert_eq!(v["response_type"], "in_channel");
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run test-gpu alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    b.wait_for(10, "approval request", |b| {
+        b.slack
+            .replies()
+            .iter()
+            .any(|r| r.contains("needs approval"))
+    })
+    .await;
+    let argv: Vec<Vec<String>> = runner.calls().into_iter().map(|c| c.argv).collect();
+    assert_eq!(
+        argv,
+        [
+            vec!["uname".to_string(), "-a".into()],
+            vec![
+                "echo".into(),
+                "node=node1".into(),
+                "instance=node1:9949".into()
+            ]
+        ]
+    );
+    let replies = b.slack.replies().join("\n---\n");
+    assert!(
+        replies.contains("quick-fix") && replies.contains("only an admin"),
+        "{replies}"
+    );
+    // The ack edited the alert message.
+    b.wait_for(10, "the ack edit", |b| {
+        b.slack.calls().iter().any(|c| {
+            c.op == "edit"
+                && matches!(&c.message, gpuops::notify::Message::Alert(m)
+                    if m.acknowledged.as_ref().is_some_and(|a| a.by.contains("slack:U0OPER")))
+        })
+    })
+    .await;
+    b.stop();
+}
+
+#[tokio::test]
+async fn parameter_injection_through_run_is_refused_and_runs_nothing() {
+    let (b, runner) = bot().await;
+    for (cmd, expect) in [
+        (
+            "run test-gpu instance=node1;reboot",
+            "does not match pattern",
+        ),
+        ("run test-gpu instance=$(reboot)", "does not match pattern"),
+        ("run test-gpu instance=`id`", "does not match pattern"),
+        (
+            r#"run test-gpu instance="node1 --help""#,
+            "does not match pattern",
+        ),
+        ("run test-gpu instance=node1 --help", "is not a parameter"),
+        (
+            "run test-gpu instance=node1 extra=1",
+            "has no such parameter",
+        ),
+        ("run test-gpu instance=node1 instance=node2", "given twice"),
+        ("run test-gpu instance=node1\nreboot", "is not a parameter"),
+        (
+            "run test-gpu instance=node1&amp;&amp;reboot",
+            "does not match pattern",
+        ),
+        ("run ../../etc/passwd", "is not a runbook id"),
+        (
+            "run test-gpu:look;uname instance=n1",
+            "is not a list of step names",
+        ),
+        ("run test-gpu:nope instance=n1", "has no step"),
+        ("run test-gpu alert=1;2", "is not a group id"),
+        ("run test-gpu alert=999", "no alert group 999"),
+        ("run test-gpu", "no value given"),
+        (
+            &*format!("run test-gpu instance={}", "a".repeat(300)),
+            "longer than",
+        ),
+        ("run test-gpu instance=node1\u{202e}", "bidirectional"),
+    ] {
+        let (s, v) = b.slack_command(OPERATOR, cmd).await;
+        assert_eq!(s, 200);
+        let t = text(&v);
+        assert!(t.contains(expect), "{cmd:?}: {t}");
+        assert!(!t.contains("started run"), "{cmd:?}: {t}");
+    }
+    assert!(runner.calls().is_empty());
+    assert_eq!(run_count(&b).await, 0);
+    let refusals = b
+        .audit()
+        .await
+        .into_iter()
+        .filter(|r| r.outcome.starts_with("refused") || r.outcome.starts_with("error"))
+        .count();
+    assert_eq!(refusals, 17, "every attempt is audited");
+    b.stop();
+}
+
+/// The run id in a "needs approval" reply.
+fn waiting_run_id(replies: &[String]) -> String {
+    let r = replies
+        .iter()
+        .rev()
+        .find(|r| r.contains("/gpuops approve r"))
+        .expect("an approval request");
+    let at = r.find("approve r").unwrap() + "approve ".len();
+    r[at..at + 7].to_string()
+}
+
+#[tokio::test]
+async fn approval_needs_a_second_admin_and_expires() {
+    let (b, runner) = bot().await;
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run test-gpu alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    b.wait_for(10, "approval request", |b| {
+        b.slack
+            .replies()
+            .iter()
+            .any(|r| r.contains("needs approval"))
+    })
+    .await;
+    let run = waiting_run_id(&b.slack.replies());
+
+    // The requester cannot approve; another operator is not an approver.
+    let (_, v) = b.slack_command(OPERATOR, &format!("approve {run}")).await;
+    assert!(text(&v).contains("needs the admin role"), "{v}");
+    let (_, v) = b.slack_command("U0OPER2", &format!("approve {run}")).await;
+    assert!(text(&v).contains("needs the admin role"), "{v}");
+    let (_, v) = b.slack_command(STRANGER, &format!("deny {run}")).await;
+    assert!(text(&v).contains('⛔'), "{v}");
+    assert_eq!(runner.calls().len(), 2, "the mitigation has not run");
+
+    let (_, v) = b.slack_command(ADMIN, &format!("approve {run}")).await;
+    assert!(text(&v).contains("approved step `drain`"), "{v}");
+    b.wait_for(10, "the run's summary", |b| {
+        b.slack.replies().iter().any(|r| r.contains("finished"))
+    })
+    .await;
+    let argv: Vec<String> = runner
+        .calls()
+        .into_iter()
+        .map(|c| c.argv.join(" "))
+        .collect();
+    assert_eq!(
+        argv,
+        [
+            "uname -a",
+            "echo node=node1 instance=node1:9949",
+            "echo drained node1",
+            "echo page the on-call"
+        ]
+    );
+    let (_, v) = b.slack_command(ADMIN2, &format!("approve {run}")).await;
+    assert!(text(&v).contains("finished, not waiting"), "{v}");
+
+    // Self-approval is refused for admins too; a second admin may approve.
+    let (_, v) = b
+        .slack_command(ADMIN, &format!("run test-gpu:drain alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    b.wait_for(10, "second approval request", |b| {
+        b.slack
+            .replies()
+            .iter()
+            .filter(|r| r.contains("/gpuops approve r"))
+            .count()
+            == 2
+    })
+    .await;
+    let run2 = waiting_run_id(&b.slack.replies());
+    let (_, v) = b.slack_command(ADMIN, &format!("approve {run2}")).await;
+    assert!(
+        text(&v).contains("someone other than the person who asked"),
+        "{v}"
+    );
+
+    // Nobody approves: it expires.
+    b.clock.set(b.clock.now_unix() + 601);
+    let expired = approvals::expire_due(&b.chat).await;
+    assert_eq!(expired, std::slice::from_ref(&run2));
+    b.wait_for(10, "the expiry note", |b| {
+        b.slack
+            .replies()
+            .iter()
+            .any(|r| r.contains("nobody approved"))
+    })
+    .await;
+    let (_, v) = b.slack_command(ADMIN2, &format!("approve {run2}")).await;
+    assert!(text(&v).contains("expired, not waiting"), "{v}");
+    assert_eq!(runner.calls().len(), 4, "the expired step never ran");
+
+    let audit: Vec<(String, String, String)> = b
+        .audit()
+        .await
+        .into_iter()
+        .filter(|r| {
+            matches!(
+                r.action.as_str(),
+                "approve" | "deny" | "approval_requested" | "approval_expired" | "step"
+            )
+        })
+        .map(|r| (r.who, r.action, r.outcome))
+        .collect();
+    let show: Vec<String> = audit
+        .iter()
+        .map(|(w, a, o)| format!("{w} {a} {o}"))
+        .collect();
+    expect_test::expect![[r#"
+        slack:U0OPER step succeeded (exit 0)
+        slack:U0OPER step succeeded (exit 0)
+        slack:U0OPER step skipped: not allowed
+        slack:U0OPER approval_requested waiting
+        slack:U0OPER approve denied: approve needs the admin role
+        slack:U0OPER2 approve denied: approve needs the admin role
+        slack:U0STRANGER deny denied: deny needs the admin role
+        slack:U0ADMIN approve approved
+        slack:U0OPER step succeeded (exit 0)
+        slack:U0OPER step succeeded (exit 0)
+        slack:U0ADMIN2 approve refused: run RUN is finished, not waiting for approval
+        slack:U0ADMIN approval_requested waiting
+        slack:U0ADMIN approve denied: step drain needs approval by someone other than the person who asked for it
+        gpuops approval_expired expired
+        slack:U0ADMIN2 approve refused: run RUN2 is expired, not waiting for approval"#]]
+    .assert_eq(&show.join("\n").replace(&run2, "RUN2").replace(&run, "RUN"));
+    b.stop();
+}
+
+#[tokio::test]
+async fn a_waiting_approval_survives_a_restart() {
+    let (a, runner_a) = bot().await;
+    let (_, v) = a
+        .slack_command(OPERATOR, "run test-gpu:drain instance=node7:9949")
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    // Without an alert the approval request goes to the requester's chat.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while approvals_waiting(&a).await == 0 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let run: String = a
+        .state
+        .store
+        .read(|c| {
+            Ok(c.query_row("SELECT id FROM chat_runs", [], |r| r.get(0))
+                .unwrap())
+        })
+        .await
+        .unwrap();
+    a.stop();
+    let dir = a.dir;
+    drop(a.router);
+    let (b, runner_b) = bot_in(dir).await;
+    let capture = Capture::start().await;
+    let (_, v) = b
+        .slack_command_with_url(
+            ADMIN,
+            &format!("approve {run}"),
+            &format!("{}/r", capture.url),
+        )
+        .await;
+    assert!(text(&v).contains("approved step `drain`"), "{v}");
+    capture.wait_for(10, "finished").await;
+    assert!(runner_a.calls().is_empty());
+    let argv: Vec<String> = runner_b
+        .calls()
+        .into_iter()
+        .map(|c| c.argv.join(" "))
+        .collect();
+    assert_eq!(argv, ["echo drained node7"]);
+    b.stop();
+}
+
+async fn approvals_waiting(b: &Bot) -> i64 {
+    approvals::waiting_count(&b.chat).await.unwrap_or(0)
+}
+
+fn discord_interaction(kind: u8, user: &str, token: &str, data: serde_json::Value) -> String {
+    serde_json::json!({
+        "type": kind, "id": "5", "application_id": "223456789012345678", "token": token,
+        "channel_id": "1111111111111111",
+        "member": { "user": { "id": user, "username": format!("u{user}") } },
+        "data": data,
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn discord_commands_defer_and_follow_up_and_buttons_answer_inline() {
+    let capture = Capture::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rb = dir.path().join("runbooks");
+    std::fs::create_dir_all(&rb).unwrap();
+    std::fs::write(rb.join("test-gpu.yaml"), RUNBOOK).unwrap();
+    let runner = Arc::new(RecordingRunner::new());
+    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
+    let b = Bot::start_full(dir, &extra, Some(exec), Some(&capture.url)).await;
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    let now = b.clock.now_unix();
+    const OPER: &str = "423456789012345678";
+
+    // A run is deferred (type 5), then the original response and follow-ups
+    // arrive through the interaction webhook.
+    let body = discord_interaction(
+        2,
+        OPER,
+        "tok-run",
+        serde_json::json!({ "name": "gpuops", "options": [{ "name": "command", "type": 3, "value": "run test-gpu instance=node1:9949" }] }),
+    );
+    let (s, out) = b.send(discord_request(&b.discord_key, &body, now)).await;
+    assert_eq!((s, out.as_str()), (200, r#"{"type":5}"#));
+    capture.wait_for(10, "/gpuops approve r").await;
+    let reqs = capture.requests.lock().unwrap().clone();
+    let hook = "/api/v10/webhooks/223456789012345678/tok-run";
+    assert_eq!(reqs[0].0, "PATCH");
+    assert_eq!(reqs[0].1, format!("{hook}/messages/@original"));
+    assert!(reqs[0].2.contains("started run"), "{reqs:#?}");
+    assert!(
+        reqs[1..].iter().all(|r| r.0 == "POST" && r.1 == hook),
+        "{reqs:#?}"
+    );
+    assert!(
+        reqs.iter().any(|r| r.2.contains("investigate look")),
+        "{reqs:#?}"
+    );
+    assert_eq!(runner.calls().len(), 2);
+
+    // Buttons answer inline (type 4); a viewer's is refused, ephemerally.
+    let press = |user: &str, custom_id: String, token: &str| {
+        discord_interaction(
+            3,
+            user,
+            token,
+            serde_json::json!({ "custom_id": custom_id, "component_type": 2 }),
+        )
+    };
+    let (s, out) = b
+        .send(discord_request(
+            &b.discord_key,
+            &press("999999999999999999", format!("gpuops:silence:{g}:1h"), "t1"),
+            now,
+        ))
+        .await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["type"].as_u64(), v["data"]["flags"].as_u64()),
+        (Some(4), Some(64))
+    );
+    assert!(v["data"]["content"].as_str().unwrap().contains('⛔'), "{v}");
+    let (_, out) = b
+        .send(discord_request(
+            &b.discord_key,
+            &press(OPER, format!("gpuops:ack:{g}"), "t2"),
+            now,
+        ))
+        .await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["type"], 4);
+    assert!(
+        v["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("acknowledged"),
+        "{v}"
+    );
+    let ack = b.state.store.group(g).await.unwrap().unwrap().ack.unwrap();
+    assert!(ack.by.contains("discord:423456789012345678"), "{ack:?}");
+    b.stop();
+}
