@@ -61,6 +61,8 @@ fn bench(c: &mut Criterion) {
                 collector::Collected {
                     name: col.name(),
                     success: ok,
+                    errors: Arc::new(Vec::new()),
+                    unavailable: false,
                     duration: Duration::ZERO,
                     families: Arc::new(sink.into_families()),
                 }
@@ -86,6 +88,8 @@ fn bench(c: &mut Criterion) {
         vec![collector::Collected {
             name: "gpu",
             success: true,
+            errors: Arc::new(Vec::new()),
+            unavailable: false,
             duration: Duration::ZERO,
             families: Arc::new(sink.into_families()),
         }]

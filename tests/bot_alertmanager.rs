@@ -1,6 +1,7 @@
 //! End to end with a real AlertManager: `amtool alert add` fires an alert,
 //! AlertManager posts its webhook (with the bearer token) to the real bot
 //! binary, which posts to the fake Slack; resolving edits the message.
+#![allow(clippy::disallowed_methods)] // tests spawn the real binary and external tools
 
 mod support;
 

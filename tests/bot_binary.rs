@@ -1,6 +1,7 @@
 //! The real `gpuops` binary in a temp dir: the no-config test alert, every
 //! config error at once, `kill -9` losing nothing, secrets never in logs or
 //! error messages, `gpuops audit`.
+#![allow(clippy::disallowed_methods)] // tests spawn the real binary and external tools
 
 mod support;
 

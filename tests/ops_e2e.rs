@@ -4,6 +4,7 @@
 //! AlertManager running the shipped configuration (only the webhook URL and
 //! the token file rewritten to the test's bot); AlertManager delivers it to
 //! the gpuops bot, which posts it to a fake Slack Web API.
+#![allow(clippy::disallowed_methods)] // tests spawn the real binary and external tools
 
 mod ops_support;
 

@@ -2,6 +2,7 @@
 //! exists, the maintainer scripts are valid POSIX sh, and (once
 //! `packaging/build-deb` has run) the built .deb holds what the install guide
 //! promises. Reads files only.
+#![allow(clippy::disallowed_methods)] // tests spawn the real binary and external tools
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
