@@ -18,7 +18,10 @@ fn runner() -> Runner {
     cfg.collectors.memory = false;
     cfg.collectors.oom = false;
     cfg.collectors.storage = false;
-    cfg.gpu.backend = GpuBackendChoice::Fake(fx.join("h100x8.json"));
+    // GPUOPS_BENCH_FIXTURE overrides the fixture (to compare shapes).
+    let fixture = std::env::var_os("GPUOPS_BENCH_FIXTURE")
+        .map_or_else(|| fx.join("h100x8.json"), std::path::PathBuf::from);
+    cfg.gpu.backend = GpuBackendChoice::Fake(fixture);
     cfg.roots.procfs = fx.join("proc");
     cfg.roots.kmsg = fx.join("kmsg-xid.txt");
     let events = Arc::new(KernelEvents::new());
@@ -44,7 +47,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let collected = r.collect();
             let text = gpuops::exporter::render_with_self_metrics(&r, &collected, None);
-            assert!(text.len() > 100_000);
+            assert!(text.len() > 10_000);
             text
         })
     });

@@ -305,7 +305,7 @@ impl GpuCollector {
                     &mut book.remap_last,
                     d.remapped_rows.failure,
                 );
-                render_device(ctx, snap, d, &base, sink);
+                render_device(snap, d, &base, sink);
                 if self.inner.process_metrics {
                     render_processes(ctx, d, &base, &mut known, &mut seen, sink);
                 }
@@ -370,13 +370,7 @@ fn with<'a>(base: &[(&'a str, &'a str)], extra: &[(&'a str, &'a str)]) -> Labels
     l
 }
 
-fn render_device(
-    _ctx: &Context,
-    snap: &Snapshot,
-    d: &DeviceReading,
-    base: &[(&str, &str)],
-    sink: &mut Sink,
-) {
+fn render_device(snap: &Snapshot, d: &DeviceReading, base: &[(&str, &str)], sink: &mut Sink) {
     let g = |sink: &mut Sink, name: &str, help: &str, v: Option<f64>| {
         if let Some(v) = v {
             sink.gauge(name, help, base, v);

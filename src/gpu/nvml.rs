@@ -509,3 +509,48 @@ fn watch_xids(nvml: &Nvml, events: &KernelEvents) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_nvml_clock_event_reason_maps_to_ours_and_back() {
+        for r in ClockEventReason::ALL {
+            let bits = ThrottleReasons::from_bits_truncate(r.bit());
+            assert_eq!(reasons(bits), vec![r], "{r:?}");
+        }
+        let both = ThrottleReasons::SW_POWER_CAP | ThrottleReasons::HW_THERMAL_SLOWDOWN;
+        assert_eq!(
+            reasons(both),
+            vec![
+                ClockEventReason::SwPowerCap,
+                ClockEventReason::HwThermalSlowdown
+            ]
+        );
+        assert!(reasons(ThrottleReasons::NONE).is_empty());
+    }
+
+    #[test]
+    fn a_gpu_that_stops_answering_keeps_its_last_labels() {
+        let mut ids = HashMap::new();
+        ids.insert(
+            3,
+            DeviceReading {
+                index: 3,
+                uuid: "GPU-3".into(),
+                name: "NVIDIA H100 80GB HBM3".into(),
+                pci_bus_id: "00000000:5D:00.0".into(),
+                ..DeviceReading::default()
+            },
+        );
+        let r = lost(&ids, 3, "timed out");
+        assert_eq!(
+            (r.uuid.as_str(), r.lost.as_deref()),
+            ("GPU-3", Some("timed out"))
+        );
+        let unknown = lost(&ids, 4, "gone");
+        assert_eq!((unknown.index, unknown.uuid.as_str()), (4, ""));
+        assert!(is_lost(&NvmlError::GpuLost) && !is_lost(&NvmlError::NotSupported));
+    }
+}
