@@ -1,6 +1,6 @@
 //! docs/gpu.md stays true: its XID table is the one `src/gpu/xid.rs` renders,
 //! and every GPU metric family the golden expositions contain is documented.
-//! `GPUOPS_UPDATE_GOLDEN=1 cargo test --test gpu_docs` rewrites the table.
+//! `GPUOPS_BLESS=1 cargo test --test gpu_docs` rewrites the table.
 
 use std::path::PathBuf;
 
@@ -18,13 +18,13 @@ fn xid_table_matches_the_catalogue() {
     let (head, rest) = doc.split_once(START).expect("start marker");
     let (table, tail) = rest.split_once(END).expect("end marker");
     let want = gpuops::gpu::xid::catalogue_markdown();
-    if std::env::var_os("GPUOPS_UPDATE_GOLDEN").is_some() {
+    if std::env::var_os("GPUOPS_BLESS").is_some() {
         std::fs::write(&path, format!("{head}{START}{want}{END}{tail}")).unwrap();
         return;
     }
     assert_eq!(
         table, want,
-        "docs/gpu.md's XID table is stale: run GPUOPS_UPDATE_GOLDEN=1 cargo test --test gpu_docs"
+        "docs/gpu.md's XID table is stale: run GPUOPS_BLESS=1 cargo test --test gpu_docs"
     );
 }
 

@@ -1,6 +1,6 @@
 //! End-to-end exposition of the fake GPU backend: `gpuops collect --once
 //! --gpu-fake <fixture>` against checked-in golden files, and promtool lint.
-//! Regenerate the golden files with `GPUOPS_UPDATE_GOLDEN=1 cargo test --test gpu_golden`.
+//! Regenerate the golden files with `GPUOPS_BLESS=1 cargo test --test gpu_golden`.
 #![allow(clippy::disallowed_methods)] // integration tests spawn the real binary and external tools
 
 use std::path::PathBuf;
@@ -64,14 +64,14 @@ fn stable(text: &str) -> String {
 
 fn check_golden(name: &str, actual: &str) {
     let path = root().join("tests/golden").join(name);
-    if std::env::var_os("GPUOPS_UPDATE_GOLDEN").is_some() {
+    if std::env::var_os("GPUOPS_BLESS").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, actual).unwrap();
         return;
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "{}: {e} (run with GPUOPS_UPDATE_GOLDEN=1 to create it)",
+            "{}: {e} (run with GPUOPS_BLESS=1 to create it)",
             path.display()
         )
     });
@@ -84,7 +84,7 @@ fn check_golden(name: &str, actual: &str) {
             .map(|(a, b)| format!("-{a}\n+{b}"))
             .collect();
         panic!(
-            "{} differs from the output ({} vs {} lines); first differences:\n{}\n(run with GPUOPS_UPDATE_GOLDEN=1 to accept)",
+            "{} differs from the output ({} vs {} lines); first differences:\n{}\n(run with GPUOPS_BLESS=1 to accept)",
             path.display(),
             expected.lines().count(),
             actual.lines().count(),
@@ -172,10 +172,9 @@ fn dcgm_compat_adds_dcgm_exporter_names() {
     assert!(out.contains("DCGM_FI_DEV_XID_ERRORS{gpu=\"3\""));
 }
 
-/// promtool's findings on an exposition, minus those we knowingly accept:
-/// `gpu_count` (a contract name) has a `_count` suffix, and the `DCGM_*`
-/// compatibility series use dcgm-exporter's names and label names (`UUID`,
-/// `modelName`, `..._COUNTER`), which is their whole point.
+/// promtool's findings on an exposition, minus those we knowingly accept: the
+/// `DCGM_*` compatibility series use dcgm-exporter's names and label names
+/// (`UUID`, `modelName`, `..._COUNTER`), which is their whole point.
 fn promtool_findings(text: &str) -> Vec<String> {
     use std::io::Write as _;
     let mut child = Command::new("promtool")
@@ -199,11 +198,6 @@ fn promtool_findings(text: &str) -> Vec<String> {
     );
     all.lines()
         .filter(|l| !l.trim().is_empty())
-        .filter(|l| {
-            !l.starts_with(
-                "gpu_count non-histogram and non-summary metrics should not have \"_count\" suffix",
-            )
-        })
         // dcgm-exporter's own names and labels break Prometheus naming advice.
         .filter(|l| !(l.starts_with("DCGM_FI_DEV_") && l.contains(" should ")))
         .map(str::to_string)

@@ -424,7 +424,7 @@ fn shipped_alert_rules_suggest_their_annotated_runbook() {
                 }
             };
             let per_gpu =
-                expr.contains("gpu_") && !expr.contains("avg by") && !expr.contains("gpu_count");
+                expr.contains("gpu_") && !expr.contains("avg by") && !expr.contains("gpu_devices");
             if per_gpu {
                 add(&[
                     ("gpu", "2"),

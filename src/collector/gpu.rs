@@ -248,7 +248,7 @@ impl GpuCollector {
         sink: &mut Sink,
     ) {
         sink.gauge(
-            "gpu_count",
+            "gpu_devices",
             "Number of GPUs the backend reports (NVML nvmlDeviceGetCount, or the fake fixture).",
             &[],
             snap.devices.len() as f64,
