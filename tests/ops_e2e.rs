@@ -308,7 +308,6 @@ async fn shipped_alertmanager_config_delivers_prometheus_alerts_with_the_bearer_
 /// The bot configuration the package installs as /etc/gpuops/bot.toml is
 /// accepted as it is (secrets commented out, so no credential is needed).
 #[test]
-#[ignore = "needs the bot's configuration reader (bot branch); run by .ci/run, un-ignore once merged"]
 fn packaged_bot_config_is_accepted() {
     let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
         .args(["check-config", "--agent"])
