@@ -688,6 +688,30 @@ mod tests {
     }
 
     #[test]
+    fn cgroup_v1_throttling_is_read_from_the_cpu_hierarchy() {
+        let dir = tempfile::tempdir().unwrap();
+        let cpu = dir.path().join("fs/cgroup/cpu");
+        std::fs::create_dir_all(cpu.join("kubepods")).unwrap();
+        std::fs::write(cpu.join("cpu.stat"), "nr_periods 0\nthrottled_time 0\n").unwrap();
+        std::fs::write(
+            cpu.join("kubepods/cpu.stat"),
+            "nr_periods 10\nnr_throttled 2\nthrottled_time 1500000000\n",
+        )
+        .unwrap();
+        let roots = HostRoots {
+            sysfs: dir.path().to_path_buf(),
+            ..HostRoots::default()
+        };
+        let mut sink = Sink::new();
+        export_cgroup_throttling(&mut sink, &roots, &[]);
+        let fams = sink.into_families();
+        assert_eq!(fams.len(), 1);
+        let m = &fams[0].get_metric()[0];
+        assert_eq!(m.get_label()[0].value(), "/kubepods");
+        assert_eq!(m.get_counter().get_value(), 1.5);
+    }
+
+    #[test]
     fn mce_row_is_reused_for_a_while() {
         let dir = tempfile::tempdir().unwrap();
         let interrupts = dir.path().join("interrupts");
