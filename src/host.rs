@@ -119,7 +119,7 @@ impl HostRoots {
     pub fn parse_proc<T: procfs::FromRead>(&self, rel: &str) -> Result<T, ReadError> {
         let path = self.proc_path(rel);
         let text = self.read_text(&path)?;
-        T::from_read(text.as_bytes()).map_err(|e| ReadError::parse(&path, proc_error_message(e)))
+        parse_proc_text(&path, &text)
     }
 
     /// Parses a procfs file with a reader that needs system facts (`/proc/stat`
@@ -223,6 +223,11 @@ impl HostRoots {
             readonly: st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY),
         })
     }
+}
+
+/// Parses text already read from `path` with one of the `procfs` crate's readers.
+pub fn parse_proc_text<T: procfs::FromRead>(path: &Path, text: &str) -> Result<T, ReadError> {
+    T::from_read(text.as_bytes()).map_err(|e| ReadError::parse(path, proc_error_message(e)))
 }
 
 /// The procfs crate calls every unexpected content an "internal error" with

@@ -9,8 +9,8 @@
 //! Everything else is read at scrape time. This collector reads only through
 //! [`crate::host`] and never exports a value it could not read.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::Path;
+use std::collections::{BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,31 @@ pub const ONE_SHOT_SAMPLE_GAP: Duration = Duration::from_millis(250);
 pub struct CpuCollector {
     /// Present when a background sampler runs (the agent); absent for `collect --once`.
     ring: Option<Arc<Ring>>,
+    /// Which thermal_throttle files to read (one CPU per core and per
+    /// package), found from the CPU topology and refreshed every [`PLAN_TTL`].
+    thermal: Mutex<Option<(Instant, Arc<ThermalPlan>)>>,
+    /// The last reading of the MCE row, reused for [`MCE_TTL`]: /proc/interrupts
+    /// has a line per IRQ and a column per CPU, so it is large on big machines.
+    mce: Mutex<Option<(Instant, MceReading)>>,
+}
+
+/// How long the CPU topology behind the thermal counters is trusted (hotplug).
+const PLAN_TTL: Duration = Duration::from_secs(300);
+/// How long one read of the MCE row of /proc/interrupts is reused.
+pub const MCE_TTL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+struct ThermalPlan {
+    core_counts: Vec<PathBuf>,
+    package_counts: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+enum MceReading {
+    Count(u64),
+    NoRow,
+    Missing,
+    Failed(String),
 }
 
 impl CpuCollector {
@@ -32,7 +57,7 @@ impl CpuCollector {
     /// sampler thread stops when the collector is dropped.
     pub fn new(ctx: &Arc<Context>) -> CpuCollector {
         if !ctx.background {
-            return CpuCollector { ring: None };
+            return CpuCollector::with(None);
         }
         let ring = Arc::new(Ring::new(ctx.config.cpu.utilization_window));
         spawn_sampler(
@@ -40,12 +65,20 @@ impl CpuCollector {
             Arc::downgrade(&ring),
             ctx.config.cpu.sample_interval,
         );
-        CpuCollector { ring: Some(ring) }
+        CpuCollector::with(Some(ring))
     }
 
     /// A collector whose utilization comes from `ring` (tests feed it by hand).
     pub fn with_ring(ring: Arc<Ring>) -> CpuCollector {
-        CpuCollector { ring: Some(ring) }
+        CpuCollector::with(Some(ring))
+    }
+
+    fn with(ring: Option<Arc<Ring>>) -> CpuCollector {
+        CpuCollector {
+            ring,
+            thermal: Mutex::new(None),
+            mce: Mutex::new(None),
+        }
     }
 }
 
@@ -99,8 +132,9 @@ impl Collector for CpuCollector {
             "Time some (or all) runnable tasks waited for a CPU (/proc/pressure/cpu total).",
         );
         export_cgroup_throttling(sink, roots, &ctx.config.cpu.throttle_cgroups);
-        export_thermal_throttling(sink, roots);
-        export_machine_checks(sink, roots);
+        let plan = self.thermal_plan(roots);
+        export_thermal_throttling(sink, roots, &plan);
+        self.export_machine_checks(sink, roots);
         Ok(())
     }
 }
@@ -332,55 +366,117 @@ fn keyed_u64(text: &str, key: &str) -> Result<Option<u64>, String> {
 /// `cpu_thermal_throttle_events_total{type}` from
 /// `cpu*/thermal_throttle/{core,package}_throttle_count`. Every CPU of a core
 /// (or package) shows that core's (package's) count, so each core and package
-/// is counted once, by `topology/{physical_package_id,core_id}`.
-fn export_thermal_throttling(sink: &mut Sink, roots: &HostRoots) {
+/// is counted once, by `topology/{physical_package_id,core_id}` (as
+/// node_exporter does).
+fn export_thermal_throttling(sink: &mut Sink, roots: &HostRoots, plan: &ThermalPlan) {
+    let help = "Thermal throttling events, each core and package counted once (/sys/devices/system/cpu/cpu*/thermal_throttle/*_throttle_count).";
+    for (kind, files) in [
+        ("core", &plan.core_counts),
+        ("package", &plan.package_counts),
+    ] {
+        let mut sum = None;
+        for f in files {
+            if let Some(v) = read_optional(sink, roots, f) {
+                sum = Some(sum.unwrap_or(0u64).saturating_add(v));
+            }
+        }
+        if let Some(sum) = sum {
+            sink.counter(
+                "cpu_thermal_throttle_events_total",
+                help,
+                &[("type", kind)],
+                sum as f64,
+            );
+        }
+    }
+}
+
+impl CpuCollector {
+    fn thermal_plan(&self, roots: &HostRoots) -> Arc<ThermalPlan> {
+        let mut cached = self.thermal.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, plan)) = cached.as_ref() {
+            if at.elapsed() < PLAN_TTL {
+                return plan.clone();
+            }
+        }
+        let plan = Arc::new(thermal_plan(roots));
+        *cached = Some((Instant::now(), plan.clone()));
+        plan
+    }
+
+    /// `cpu_errors_total{type="machine_check"}` from the `MCE:` row of
+    /// `/proc/interrupts`, summed over CPUs, read at most every [`MCE_TTL`].
+    fn export_machine_checks(&self, sink: &mut Sink, roots: &HostRoots) {
+        let path = roots.proc_path("interrupts");
+        let reading = {
+            let mut cached = self.mce.lock().unwrap_or_else(PoisonError::into_inner);
+            match cached.as_ref() {
+                Some((at, r)) if at.elapsed() < MCE_TTL => r.clone(),
+                _ => {
+                    let r = match roots.read_text(&path) {
+                        Ok(text) => match parse_mce_row(&text) {
+                            Ok(Some(n)) => MceReading::Count(n),
+                            Ok(None) => MceReading::NoRow,
+                            Err(e) => MceReading::Failed(format!("{}: {e}", path.display())),
+                        },
+                        Err(e) if e.is_missing() => MceReading::Missing,
+                        Err(e) => MceReading::Failed(e.to_string()),
+                    };
+                    *cached = Some((Instant::now(), r.clone()));
+                    r
+                }
+            }
+        };
+        match reading {
+            MceReading::Count(n) => sink.counter(
+                "cpu_errors_total",
+                "Machine check exceptions, summed over CPUs (/proc/interrupts MCE row, read at most every 30 s).",
+                &[("type", "machine_check")],
+                n as f64,
+            ),
+            MceReading::NoRow => {
+                tracing::debug!(collector = NAME, "no MCE row in /proc/interrupts, left out");
+            }
+            MceReading::Missing => {
+                tracing::debug!(collector = NAME, "no /proc/interrupts, machine checks left out");
+            }
+            MceReading::Failed(e) => sink.fail(NAME, e),
+        }
+    }
+}
+
+/// The thermal_throttle files to read: for each core and each package, those
+/// of its first CPU. Empty when the kernel exposes no thermal_throttle
+/// directory (virtual machines, non-Intel CPUs).
+fn thermal_plan(roots: &HostRoots) -> ThermalPlan {
     let dir = roots.sys_path("devices/system/cpu");
-    let Some(names) = sink.read(NAME, roots.list_dir(&dir)) else {
-        return;
+    let Ok(names) = roots.list_dir(&dir) else {
+        return ThermalPlan::default();
     };
-    let mut cores: BTreeMap<(String, String), u64> = BTreeMap::new();
-    let mut packages: BTreeMap<String, u64> = BTreeMap::new();
-    for name in names.iter().filter(|n| is_cpu_dir(n)) {
+    let mut cpus: Vec<(u32, &String)> = names
+        .iter()
+        .filter_map(|n| Some((n.strip_prefix("cpu")?.parse::<u32>().ok()?, n)))
+        .collect();
+    cpus.sort();
+    let mut cores = BTreeSet::new();
+    let mut packages = BTreeSet::new();
+    let mut plan = ThermalPlan::default();
+    for (_, name) in cpus {
         let cpu = dir.join(name);
         let tt = cpu.join("thermal_throttle");
-        let core_count = read_optional(sink, roots, &tt.join("core_throttle_count"));
-        let package_count = read_optional(sink, roots, &tt.join("package_throttle_count"));
-        if core_count.is_none() && package_count.is_none() {
+        if !roots.exists(&tt) {
             continue;
         }
         let package = topology_id(roots, &cpu, "physical_package_id").unwrap_or(name.clone());
         let core = topology_id(roots, &cpu, "core_id").unwrap_or(name.clone());
-        if let Some(c) = core_count {
-            cores.insert((package.clone(), core), c);
+        if cores.insert((package.clone(), core)) {
+            plan.core_counts.push(tt.join("core_throttle_count"));
         }
-        if let Some(p) = package_count {
-            packages.insert(package, p);
+        if packages.insert(package) {
+            plan.package_counts.push(tt.join("package_throttle_count"));
         }
     }
-    let help = "Thermal throttling events, each core and package counted once (/sys/devices/system/cpu/cpu*/thermal_throttle/*_throttle_count).";
-    if !cores.is_empty() {
-        let sum: u64 = cores.values().sum();
-        sink.counter(
-            "cpu_thermal_throttle_events_total",
-            help,
-            &[("type", "core")],
-            sum as f64,
-        );
-    }
-    if !packages.is_empty() {
-        let sum: u64 = packages.values().sum();
-        sink.counter(
-            "cpu_thermal_throttle_events_total",
-            help,
-            &[("type", "package")],
-            sum as f64,
-        );
-    }
-}
-
-fn is_cpu_dir(name: &str) -> bool {
-    name.strip_prefix("cpu")
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    plan
 }
 
 fn read_optional(sink: &mut Sink, roots: &HostRoots, path: &Path) -> Option<u64> {
@@ -392,27 +488,6 @@ fn topology_id(roots: &HostRoots, cpu: &Path, file: &str) -> Option<String> {
         .read_text(&cpu.join("topology").join(file))
         .ok()
         .map(|s| s.trim().to_string())
-}
-
-/// `cpu_errors_total{type="machine_check"}` from the `MCE:` row of
-/// `/proc/interrupts`, summed over CPUs.
-fn export_machine_checks(sink: &mut Sink, roots: &HostRoots) {
-    let path = roots.proc_path("interrupts");
-    let Some(text) = sink.read(NAME, roots.read_text(&path)) else {
-        return;
-    };
-    match parse_mce_row(&text) {
-        Ok(Some(n)) => sink.counter(
-            "cpu_errors_total",
-            "Machine check exceptions, summed over CPUs (/proc/interrupts MCE row).",
-            &[("type", "machine_check")],
-            n as f64,
-        ),
-        Ok(None) => {
-            tracing::debug!(collector = NAME, "no MCE row in /proc/interrupts, left out");
-        }
-        Err(e) => sink.fail(NAME, format!("{}: {e}", path.display())),
-    }
 }
 
 /// Sums the per-CPU counts of the `MCE:` row; `None` when there is no such row.
@@ -610,6 +685,54 @@ mod tests {
             utilization_between(&sample(t0, 10, 10), &sample(t0, 5, 20)),
             Some(0.0)
         );
+    }
+
+    #[test]
+    fn cgroup_v1_throttling_is_read_from_the_cpu_hierarchy() {
+        let dir = tempfile::tempdir().unwrap();
+        let cpu = dir.path().join("fs/cgroup/cpu");
+        std::fs::create_dir_all(cpu.join("kubepods")).unwrap();
+        std::fs::write(cpu.join("cpu.stat"), "nr_periods 0\nthrottled_time 0\n").unwrap();
+        std::fs::write(
+            cpu.join("kubepods/cpu.stat"),
+            "nr_periods 10\nnr_throttled 2\nthrottled_time 1500000000\n",
+        )
+        .unwrap();
+        let roots = HostRoots {
+            sysfs: dir.path().to_path_buf(),
+            ..HostRoots::default()
+        };
+        let mut sink = Sink::new();
+        export_cgroup_throttling(&mut sink, &roots, &[]);
+        let fams = sink.into_families();
+        assert_eq!(fams.len(), 1);
+        let m = &fams[0].get_metric()[0];
+        assert_eq!(m.get_label()[0].value(), "/kubepods");
+        assert_eq!(m.get_counter().get_value(), 1.5);
+    }
+
+    #[test]
+    fn mce_row_is_reused_for_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let interrupts = dir.path().join("interrupts");
+        std::fs::write(&interrupts, " MCE: 1 2 Machine check exceptions\n").unwrap();
+        let roots = HostRoots {
+            procfs: dir.path().to_path_buf(),
+            ..HostRoots::default()
+        };
+        let c = CpuCollector::with(None);
+        let read = |c: &CpuCollector| {
+            let mut sink = Sink::new();
+            c.export_machine_checks(&mut sink, &roots);
+            sink.into_families()[0].get_metric()[0]
+                .get_counter()
+                .get_value()
+        };
+        assert_eq!(read(&c), 3.0);
+        std::fs::write(&interrupts, " MCE: 4 2 Machine check exceptions\n").unwrap();
+        assert_eq!(read(&c), 3.0, "read again within MCE_TTL");
+        *c.mce.lock().unwrap() = None;
+        assert_eq!(read(&c), 6.0);
     }
 
     #[test]
