@@ -704,3 +704,40 @@ async fn discord_commands_defer_and_follow_up_and_buttons_answer_inline() {
     assert!(ack.by.contains("discord:423456789012345678"), "{ack:?}");
     b.stop();
 }
+
+#[tokio::test]
+async fn a_long_run_without_an_alert_stays_within_slacks_response_url_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let rb = dir.path().join("runbooks");
+    std::fs::create_dir_all(&rb).unwrap();
+    let mut many = String::from("id: many\ntitle: Many steps\ndescription: eight steps\nsteps:\n");
+    for i in 1..=8 {
+        many.push_str(&format!(
+            "  - {{ name: step-{i}, phase: investigate, kind: command, target: bot, run: [echo, \"output of step {i}\"] }}\n"
+        ));
+    }
+    std::fs::write(rb.join("many.yaml"), many).unwrap();
+    let exec = Arc::new(Executor::new(
+        Arc::new(gpuops::runbook::exec::ProcessRunner),
+        NodeSteps::Local,
+        None,
+    ));
+    let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
+    let b = Bot::start_in(dir, &extra, Some(exec)).await;
+    let capture = Capture::start().await;
+    let (_, v) = b
+        .slack_command_with_url(OPERATOR, "run many", &format!("{}/once", capture.url))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    let last = capture.wait_for(10, "finished: 8 succeeded").await;
+    let posts = capture.bodies();
+    assert_eq!(
+        posts.len(),
+        4,
+        "three step messages, then one with the rest: {posts:#?}"
+    );
+    for i in 4..=8 {
+        assert!(last.contains(&format!("output of step {i}")), "{last}");
+    }
+    b.stop();
+}
