@@ -389,43 +389,30 @@ impl ChatState {
     /// here, node steps on the alert's agent), AlertManager from the config.
     pub fn new(bot: Arc<BotState>) -> Arc<ChatState> {
         let cfg = &bot.config;
-        let node = match &cfg.agents {
-            Some(a) => match &a.secret {
-                Some(s) => NodeSteps::Agent(crate::runbook::engine::AgentClient::new(
-                    a.url_template.clone(),
-                    s.clone(),
-                )),
-                None => {
-                    tracing::warn!("[agents] has no secret: node steps cannot run from chat");
-                    return ChatState::with_executor(
-                        bot.clone(),
-                        Arc::new(SystemClock),
-                        Arc::new(NoAgents(Executor::new(
-                            Arc::new(ProcessRunner),
-                            NodeSteps::Local,
-                            cfg.prometheus.as_ref().map(|p| p.url.clone()),
-                        ))),
-                    );
-                }
-            },
+        let prometheus = cfg.prometheus.as_ref().map(|p| p.url.clone());
+        let agents = cfg.agents.as_ref().and_then(|a| {
+            a.secret
+                .as_ref()
+                .map(|s| (a.url_template.clone(), s.clone()))
+        });
+        let executor: Arc<dyn StepExecutor> = match agents {
+            Some((template, secret)) => Arc::new(Executor::new(
+                Arc::new(ProcessRunner),
+                NodeSteps::Agent(crate::runbook::engine::AgentClient::new(template, secret)),
+                prometheus,
+            )),
             None => {
-                return ChatState::with_executor(
-                    bot.clone(),
-                    Arc::new(SystemClock),
-                    Arc::new(NoAgents(Executor::new(
-                        Arc::new(ProcessRunner),
-                        NodeSteps::Local,
-                        cfg.prometheus.as_ref().map(|p| p.url.clone()),
-                    ))),
-                )
+                if cfg.agents.is_some() {
+                    tracing::warn!("[agents] has no secret: node steps cannot run from chat");
+                }
+                Arc::new(NoAgents(Executor::new(
+                    Arc::new(ProcessRunner),
+                    NodeSteps::Local,
+                    prometheus,
+                )))
             }
         };
-        let exec = Executor::new(
-            Arc::new(ProcessRunner),
-            node,
-            cfg.prometheus.as_ref().map(|p| p.url.clone()),
-        );
-        ChatState::with_executor(bot.clone(), Arc::new(SystemClock), Arc::new(exec))
+        ChatState::with_executor(bot.clone(), Arc::new(SystemClock), executor)
     }
 
     /// With an explicit clock and executor (tests).
