@@ -741,3 +741,84 @@ async fn a_long_run_without_an_alert_stays_within_slacks_response_url_budget() {
     }
     b.stop();
 }
+
+#[tokio::test]
+async fn shipped_gpu_xid_runbook_from_its_alert_investigates_then_waits_and_deny_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let runner = Arc::new(RecordingRunner::new());
+    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks");
+    let extra = format!("[runbooks]\ndir = \"{}\"\n", shipped.display());
+    let b = Bot::start_in(dir, &extra, Some(exec)).await;
+    let g = b
+        .alert(webhook(
+            "GPUCriticalXID",
+            "node1:9949",
+            &[("gpu", "0"), ("xid", "13")],
+        ))
+        .await;
+    // The alert message suggests the runbook by its triggers.
+    b.wait_for(10, "the alert message", |b| {
+        b.slack.calls().iter().any(|c| {
+            matches!(&c.message, gpuops::notify::Message::Alert(m)
+                if m.buttons.contains(&gpuops::notify::Button::RunRunbook("gpu-xid".into())))
+        })
+    })
+    .await;
+    let body = slack_button_body(
+        OPERATOR,
+        "gpuops_run_runbook",
+        &format!("{g}|gpu-xid"),
+        "http://127.0.0.1:9/x",
+    );
+    let (s, _) = b
+        .send(slack_request(
+            "/slack/interactions",
+            &body,
+            b.clock.now_unix(),
+            SLACK_SECRET,
+        ))
+        .await;
+    assert_eq!(s, 200);
+    b.wait_for(10, "the approval request", |b| {
+        b.slack
+            .replies()
+            .iter()
+            .any(|r| r.contains("/gpuops approve r"))
+    })
+    .await;
+    let calls = runner.calls();
+    let programs: Vec<&str> = calls.iter().map(|c| c.argv[0].as_str()).collect();
+    assert_eq!(programs, ["echo", "journalctl", "nvidia-smi", "nvidia-smi"]);
+    assert!(
+        calls[0].argv[1].starts_with("XID 13 on node1 GPU 0"),
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls[2].argv.last().unwrap(),
+        "0",
+        "gpu from the alert label"
+    );
+    let replies = b.slack.replies();
+    assert!(
+        replies
+            .iter()
+            .any(|r| r.contains("xid-rate") && r.contains("skipped")),
+        "{replies:#?}"
+    );
+    let run = waiting_run_id(&replies);
+    assert!(
+        replies.last().unwrap().contains("drain-slurm"),
+        "{replies:#?}"
+    );
+    let (_, v) = b.slack_command(ADMIN, &format!("deny {run}")).await;
+    assert!(text(&v).contains("denied step `drain-slurm`"), "{v}");
+    b.wait_for(10, "the denial in the thread", |b| {
+        b.slack.replies().iter().any(|r| r.contains("denied step"))
+    })
+    .await;
+    assert_eq!(runner.calls().len(), 4, "no mitigation ran");
+    let (_, v) = b.slack_command(ADMIN2, &format!("approve {run}")).await;
+    assert!(text(&v).contains("denied, not waiting"), "{v}");
+    b.stop();
+}
