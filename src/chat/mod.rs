@@ -557,6 +557,21 @@ pub fn routes(chat: Arc<ChatState>) -> Router {
 /// Starts the chat role beside the bot: marks runs cut off by a restart,
 /// starts the approval-expiry task, and returns the routes.
 pub async fn start(chat: Arc<ChatState>, stop: tokio::sync::watch::Receiver<bool>) -> Router {
+    let cfg = &chat.bot.config;
+    let runbooks = chat.runbooks().await.runbooks.len();
+    tracing::info!(
+        slack = cfg
+            .slack
+            .as_ref()
+            .is_some_and(|s| s.signing_secret.is_some()),
+        discord = cfg.discord.as_ref().is_some_and(|d| d.public_key.is_some()),
+        alertmanager = cfg.alertmanager.is_some(),
+        agents = cfg.agents.as_ref().is_some_and(|a| a.secret.is_some()),
+        runbooks,
+        admins = cfg.rbac.admins.len(),
+        operators = cfg.rbac.operators.len(),
+        "chat endpoints at POST /slack/commands, /slack/interactions, /discord/interactions"
+    );
     approvals::recover(&chat).await;
     approvals::spawn_expiry(chat.clone(), stop);
     routes(chat)
@@ -1120,7 +1135,7 @@ pub async fn respond(chat: &ChatState, responder: &Responder, reply: &Reply) {
                     Visibility::InChannel => "in_channel",
                 },
                 "replace_original": false,
-                "text": notify::truncate_chars(&reply.text, Platform::Slack.text_limit()),
+                "text": slack_escape(&notify::truncate_chars(&reply.text, Platform::Slack.text_limit())),
             });
             chat.http.post(response_url).json(&body).send().await
         }
@@ -1135,11 +1150,17 @@ pub async fn respond(chat: &ChatState, responder: &Responder, reply: &Reply) {
             if original_pending.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 chat.http
                     .patch(format!("{base}/messages/@original"))
-                    .json(&serde_json::json!({ "content": content }))
+                    .json(&serde_json::json!({
+                        "content": content,
+                        "allowed_mentions": { "parse": [] },
+                    }))
                     .send()
                     .await
             } else {
-                let mut body = serde_json::json!({ "content": content });
+                let mut body = serde_json::json!({
+                    "content": content,
+                    "allowed_mentions": { "parse": [] },
+                });
                 if reply.visibility == Visibility::Ephemeral {
                     body["flags"] = serde_json::json!(64);
                 }
@@ -1273,6 +1294,14 @@ impl ReplayCache {
         seen.insert(signature.to_string(), now);
         true
     }
+}
+
+/// Escapes what Slack's text format treats as markup (`<!channel>`,
+/// `<@U…>`, links): answers never ping or link on a user's behalf.
+pub fn slack_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Slack escapes `&`, `<` and `>` in command text.
