@@ -90,6 +90,7 @@ fn form(pairs: &[(&str, &str)]) -> String {
 
 async fn signed_post(base: &str, path: &str, body: &str, secret: &str) -> (u16, String) {
     let ts = chrono::Utc::now().timestamp();
+    let started = Instant::now();
     let r = reqwest::Client::new()
         .post(format!("{base}{path}"))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -103,7 +104,11 @@ async fn signed_post(base: &str, path: &str, body: &str, secret: &str) -> (u16, 
         .await
         .unwrap();
     let status = r.status().as_u16();
-    (status, r.text().await.unwrap_or_default())
+    let text = r.text().await.unwrap_or_default();
+    let took = started.elapsed();
+    eprintln!("chat request {path}: HTTP {status} in {took:?}");
+    assert!(took < Duration::from_secs(3), "{path} answered in {took:?}");
+    (status, text)
 }
 
 async fn command(base: &str, user: &str, text: &str) -> serde_json::Value {
