@@ -998,7 +998,18 @@ async fn status_text(chat: &Arc<ChatState>, node: Option<&str>) -> String {
         Err(e) => return format!("cannot read alert groups: {e}"),
     };
     if let Some(node) = node {
-        return alerts_text_of(chat, groups, Some(node));
+        // Only instances named by stored alerts are asked (no probing of
+        // arbitrary hosts from chat).
+        let instance = node_instance(&groups, node);
+        let mut text = alerts_text_of(chat, groups, Some(node));
+        if let Some(events) = match instance {
+            Some(i) => node_events(chat, &i).await,
+            None => None,
+        } {
+            text.push('\n');
+            text.push_str(&events);
+        }
+        return text;
     }
     let mut by_tier: BTreeMap<String, usize> = BTreeMap::new();
     let mut acked = 0;
@@ -1045,6 +1056,77 @@ async fn status_text(chat: &Arc<ChatState>, node: Option<&str>) -> String {
         s.push_str(&alerts_text_of(chat, groups, None));
     }
     s
+}
+
+/// The `instance` label of an open alert on `node`.
+fn node_instance(groups: &[GroupRecord], node: &str) -> Option<String> {
+    for g in groups {
+        if let Ok(h) = serde_json::from_str::<Webhook>(&g.state) {
+            for a in &h.alerts {
+                if let Some(i) = a.labels.get("instance") {
+                    if i == node
+                        || i.strip_prefix(node)
+                            .is_some_and(|r| r.starts_with([':', '.']))
+                    {
+                        return Some(i.clone());
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A line about the node's recent kernel events from its agent's
+/// `/v1/events` (`[agents] url_template`), within the inline deadline.
+async fn node_events(chat: &ChatState, instance: &str) -> Option<String> {
+    let template = &chat.bot.config.agents.as_ref()?.url_template;
+    if !is_hostish(instance) {
+        return None;
+    }
+    let url = format!(
+        "{}/v1/events?since=3600",
+        template
+            .replace("{instance}", instance)
+            .trim_end_matches('/')
+    );
+    let got = tokio::time::timeout(INLINE_DEADLINE, async {
+        let r = chat.http.get(&url).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json::<serde_json::Value>().await.ok()
+    })
+    .await;
+    let Ok(Some(v)) = got else {
+        return Some(format!("agent at {instance}: not reachable"));
+    };
+    let events = v["events"].as_array().cloned().unwrap_or_default();
+    if events.is_empty() {
+        return Some(format!(
+            "agent at {instance}: no kernel events in the last hour"
+        ));
+    }
+    let mut by_type: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &events {
+        *by_type
+            .entry(e["type"].as_str().unwrap_or("other").to_string())
+            .or_default() += 1;
+    }
+    let latest = events
+        .last()
+        .and_then(|e| e["message"].as_str())
+        .map(|m| notify::truncate_chars(m, 200))
+        .unwrap_or_default();
+    Some(format!(
+        "agent at {instance}: {} kernel event(s) in the last hour ({}); latest: `{latest}`",
+        events.len(),
+        by_type
+            .iter()
+            .map(|(t, n)| format!("{t} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }
 
 async fn alerts_text(chat: &Arc<ChatState>, node: Option<&str>) -> String {
