@@ -829,7 +829,7 @@ async fn waiting_run(chat: &ChatState, id: &str) -> Result<RunRecord, String> {
         ));
     }
     if row.expires_at.is_some_and(|t| (chat.now() as f64) >= t) {
-        let _ = decide(chat, id, "expired", "gpuops", chat.now() as f64).await;
+        // The expiry task records and announces it (within a tick).
         return Err(format!("the approval request of run {id} expired"));
     }
     Ok(row)
