@@ -323,6 +323,22 @@ async fn slack_button_runs_a_runbook_on_the_agent_into_the_thread_with_the_real_
         "{discord_replies:#?}"
     );
 
+    // The bot's log names refusals and steps, never a secret.
+    let log = std::fs::read_to_string(dir.path().join("bot.log")).unwrap();
+    assert!(log.contains("slack request refused"), "{log}");
+    assert!(
+        log.contains("chat endpoints at POST /slack/commands"),
+        "{log}"
+    );
+    for secret in [
+        SIGNING_SECRET,
+        AGENT_SECRET,
+        "xoxb-test-token-s3cret",
+        "discord-token-s3cret",
+    ] {
+        assert!(!log.contains(secret), "{secret} leaked into the log");
+    }
+
     // The audit log, as `gpuops audit` prints it.
     let out = Command::new(gpuops())
         .args(["audit", "--config"])
