@@ -90,6 +90,7 @@ fn form(pairs: &[(&str, &str)]) -> String {
 
 async fn signed_post(base: &str, path: &str, body: &str, secret: &str) -> (u16, String) {
     let ts = chrono::Utc::now().timestamp();
+    let started = Instant::now();
     let r = reqwest::Client::new()
         .post(format!("{base}{path}"))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -103,7 +104,11 @@ async fn signed_post(base: &str, path: &str, body: &str, secret: &str) -> (u16, 
         .await
         .unwrap();
     let status = r.status().as_u16();
-    (status, r.text().await.unwrap_or_default())
+    let text = r.text().await.unwrap_or_default();
+    let took = started.elapsed();
+    eprintln!("chat request {path}: HTTP {status} in {took:?}");
+    assert!(took < Duration::from_secs(3), "{path} answered in {took:?}");
+    (status, text)
 }
 
 async fn command(base: &str, user: &str, text: &str) -> serde_json::Value {
@@ -317,6 +322,22 @@ async fn slack_button_runs_a_runbook_on_the_agent_into_the_thread_with_the_real_
             .any(|r| r.contains("investigated 127")),
         "{discord_replies:#?}"
     );
+
+    // The bot's log names refusals and steps, never a secret.
+    let log = std::fs::read_to_string(dir.path().join("bot.log")).unwrap();
+    assert!(log.contains("slack request refused"), "{log}");
+    assert!(
+        log.contains("chat endpoints at POST /slack/commands"),
+        "{log}"
+    );
+    for secret in [
+        SIGNING_SECRET,
+        AGENT_SECRET,
+        "xoxb-test-token-s3cret",
+        "discord-token-s3cret",
+    ] {
+        assert!(!log.contains(secret), "{secret} leaked into the log");
+    }
 
     // The audit log, as `gpuops audit` prints it.
     let out = Command::new(gpuops())

@@ -128,6 +128,15 @@ async fn button_runs_investigate_steps_on_the_agent_into_the_thread_and_mitigati
     );
     let (action, value) = Button::RunRunbook("test-node".into()).slack_action(g);
 
+    // `status <node>` shows the node's alerts and asks its agent for events.
+    let (_, v) = b
+        .slack_command(STRANGER, &format!("status {agent_addr}"))
+        .await;
+    let t = v["text"].as_str().unwrap();
+    assert!(t.contains("TestNodeDown"), "{t}");
+    assert!(t.contains(&format!("agent at {agent_addr}: ")), "{t}");
+    assert!(!t.contains("not reachable"), "{t}");
+
     // An operator presses it.
     let capture = Capture::start().await;
     let body = slack_button_body(OPERATOR, action, &value, &format!("{}/resp", capture.url));

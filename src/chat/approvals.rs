@@ -447,15 +447,12 @@ pub async fn drive(
             return;
         }
     };
-    let sink = Sink {
-        group: row.group_id,
-        responder,
-    };
+    let sink = Sink::new(row.group_id, responder);
     let plan = match plan_of(&chat, &row).await {
         Ok(p) => p,
         Err(msg) => {
             let _ = finish(&chat, &id, "failed", &row.results).await;
-            sink.post(&chat, format!("⚠️ run `{id}` cannot continue: {msg}"), None)
+            sink.finish(&chat, format!("⚠️ run `{id}` cannot continue: {msg}"), None)
                 .await;
             chat.audit(
                 "gpuops",
@@ -513,7 +510,7 @@ pub async fn drive(
                 "waiting",
             )
             .await;
-            sink.post(
+            sink.finish(
                 &chat,
                 format!(
                     "⏸ {} needs approval by an admin other than {}: `/gpuops approve {id}` or `/gpuops deny {id}` (expires in {})",
@@ -560,7 +557,7 @@ pub async fn drive(
         .iter()
         .map(|(s, st)| format!("{st:<10} {s}"))
         .collect();
-    sink.post(
+    sink.finish(
         &chat,
         format!("🏁 run `{id}` of `{}` finished: {counts}", plan.runbook.id),
         Some(lines.join("\n")),
@@ -683,24 +680,98 @@ pub async fn expire_due(chat: &Arc<ChatState>) -> Vec<String> {
 struct Sink {
     group: Option<i64>,
     responder: Responder,
+    /// Messages sent through a Slack `response_url` (Slack allows five).
+    sent: std::sync::atomic::AtomicUsize,
+    /// Held back once the `response_url` budget is nearly spent.
+    held: std::sync::Mutex<Vec<String>>,
 }
 
+/// Step messages sent one by one through a Slack `response_url` before the
+/// rest are held for the final message (Slack accepts five uses).
+const SLACK_RESPONSES_PER_RUN: usize = 3;
+
 impl Sink {
-    /// Into the alert's thread when the run belongs to one, else to whoever
-    /// asked (response_url / follow-up).
-    async fn post(&self, chat: &ChatState, text: String, code: Option<String>) {
-        match self.group {
-            Some(g) => post_thread(chat, g, text, code).await,
-            None => {
-                let mut t = text;
-                if let Some(c) = code {
-                    t.push_str("\n```\n");
-                    t.push_str(&c);
-                    t.push_str("\n```");
-                }
-                respond(chat, &self.responder, &Reply::public(t)).await;
-            }
+    fn new(group: Option<i64>, responder: Responder) -> Sink {
+        Sink {
+            group,
+            responder,
+            sent: Default::default(),
+            held: Default::default(),
         }
+    }
+
+    /// A step's message: into the alert's thread when the run belongs to
+    /// one, else to whoever asked (response_url / follow-up).
+    async fn post(&self, chat: &ChatState, text: String, code: Option<String>) {
+        self.send(chat, text, code, false).await
+    }
+
+    /// The run's last message (summary, approval request, failure): also
+    /// flushes anything held back.
+    async fn finish(&self, chat: &ChatState, text: String, code: Option<String>) {
+        self.send(chat, text, code, true).await
+    }
+
+    async fn send(&self, chat: &ChatState, text: String, code: Option<String>, last: bool) {
+        use std::sync::atomic::Ordering;
+        if let Some(g) = self.group {
+            return post_thread(chat, g, text, code).await;
+        }
+        let mut t = text;
+        if let Some(c) = code {
+            t.push_str("\n```\n");
+            t.push_str(&c);
+            t.push_str("\n```");
+        }
+        if !matches!(self.responder, Responder::Slack { .. }) {
+            return respond(chat, &self.responder, &Reply::public(t)).await;
+        }
+        // Decide without holding the lock across an await.
+        let earlier = {
+            let mut held = self
+                .held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !last && self.sent.load(Ordering::SeqCst) >= SLACK_RESPONSES_PER_RUN {
+                held.push(t);
+                return;
+            }
+            if last {
+                Some(std::mem::take(&mut *held))
+            } else {
+                None
+            }
+        };
+        let Some(earlier) = earlier else {
+            self.sent.fetch_add(1, Ordering::SeqCst);
+            return respond(chat, &self.responder, &Reply::public(t)).await;
+        };
+        let limit = crate::chat::Platform::Slack.text_limit() - 100;
+        let mut kept: Vec<String> = Vec::new();
+        let mut used = t.chars().count();
+        for m in earlier.iter().rev() {
+            let n = m.chars().count() + 2;
+            if used + n > limit {
+                break;
+            }
+            used += n;
+            kept.push(m.clone());
+        }
+        kept.reverse();
+        let omitted = earlier.len() - kept.len();
+        let mut out = String::new();
+        if omitted > 0 {
+            out.push_str(&format!(
+                "({omitted} earlier step message(s) left out: see `gpuops audit`)\n\n"
+            ));
+        }
+        for m in kept {
+            out.push_str(&m);
+            out.push_str("\n\n");
+        }
+        out.push_str(&t);
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        respond(chat, &self.responder, &Reply::public(out)).await;
     }
 }
 
@@ -758,7 +829,7 @@ async fn waiting_run(chat: &ChatState, id: &str) -> Result<RunRecord, String> {
         ));
     }
     if row.expires_at.is_some_and(|t| (chat.now() as f64) >= t) {
-        let _ = decide(chat, id, "expired", "gpuops", chat.now() as f64).await;
+        // The expiry task records and announces it (within a tick).
         return Err(format!("the approval request of run {id} expired"));
     }
     Ok(row)

@@ -389,43 +389,30 @@ impl ChatState {
     /// here, node steps on the alert's agent), AlertManager from the config.
     pub fn new(bot: Arc<BotState>) -> Arc<ChatState> {
         let cfg = &bot.config;
-        let node = match &cfg.agents {
-            Some(a) => match &a.secret {
-                Some(s) => NodeSteps::Agent(crate::runbook::engine::AgentClient::new(
-                    a.url_template.clone(),
-                    s.clone(),
-                )),
-                None => {
-                    tracing::warn!("[agents] has no secret: node steps cannot run from chat");
-                    return ChatState::with_executor(
-                        bot.clone(),
-                        Arc::new(SystemClock),
-                        Arc::new(NoAgents(Executor::new(
-                            Arc::new(ProcessRunner),
-                            NodeSteps::Local,
-                            cfg.prometheus.as_ref().map(|p| p.url.clone()),
-                        ))),
-                    );
-                }
-            },
+        let prometheus = cfg.prometheus.as_ref().map(|p| p.url.clone());
+        let agents = cfg.agents.as_ref().and_then(|a| {
+            a.secret
+                .as_ref()
+                .map(|s| (a.url_template.clone(), s.clone()))
+        });
+        let executor: Arc<dyn StepExecutor> = match agents {
+            Some((template, secret)) => Arc::new(Executor::new(
+                Arc::new(ProcessRunner),
+                NodeSteps::Agent(crate::runbook::engine::AgentClient::new(template, secret)),
+                prometheus,
+            )),
             None => {
-                return ChatState::with_executor(
-                    bot.clone(),
-                    Arc::new(SystemClock),
-                    Arc::new(NoAgents(Executor::new(
-                        Arc::new(ProcessRunner),
-                        NodeSteps::Local,
-                        cfg.prometheus.as_ref().map(|p| p.url.clone()),
-                    ))),
-                )
+                if cfg.agents.is_some() {
+                    tracing::warn!("[agents] has no secret: node steps cannot run from chat");
+                }
+                Arc::new(NoAgents(Executor::new(
+                    Arc::new(ProcessRunner),
+                    NodeSteps::Local,
+                    prometheus,
+                )))
             }
         };
-        let exec = Executor::new(
-            Arc::new(ProcessRunner),
-            node,
-            cfg.prometheus.as_ref().map(|p| p.url.clone()),
-        );
-        ChatState::with_executor(bot.clone(), Arc::new(SystemClock), Arc::new(exec))
+        ChatState::with_executor(bot.clone(), Arc::new(SystemClock), executor)
     }
 
     /// With an explicit clock and executor (tests).
@@ -570,6 +557,21 @@ pub fn routes(chat: Arc<ChatState>) -> Router {
 /// Starts the chat role beside the bot: marks runs cut off by a restart,
 /// starts the approval-expiry task, and returns the routes.
 pub async fn start(chat: Arc<ChatState>, stop: tokio::sync::watch::Receiver<bool>) -> Router {
+    let cfg = &chat.bot.config;
+    let runbooks = chat.runbooks().await.runbooks.len();
+    tracing::info!(
+        slack = cfg
+            .slack
+            .as_ref()
+            .is_some_and(|s| s.signing_secret.is_some()),
+        discord = cfg.discord.as_ref().is_some_and(|d| d.public_key.is_some()),
+        alertmanager = cfg.alertmanager.is_some(),
+        agents = cfg.agents.as_ref().is_some_and(|a| a.secret.is_some()),
+        runbooks,
+        admins = cfg.rbac.admins.len(),
+        operators = cfg.rbac.operators.len(),
+        "chat endpoints at POST /slack/commands, /slack/interactions, /discord/interactions"
+    );
     approvals::recover(&chat).await;
     approvals::spawn_expiry(chat.clone(), stop);
     routes(chat)
@@ -996,7 +998,18 @@ async fn status_text(chat: &Arc<ChatState>, node: Option<&str>) -> String {
         Err(e) => return format!("cannot read alert groups: {e}"),
     };
     if let Some(node) = node {
-        return alerts_text_of(chat, groups, Some(node));
+        // Only instances named by stored alerts are asked (no probing of
+        // arbitrary hosts from chat).
+        let instance = node_instance(&groups, node);
+        let mut text = alerts_text_of(chat, groups, Some(node));
+        if let Some(events) = match instance {
+            Some(i) => node_events(chat, &i).await,
+            None => None,
+        } {
+            text.push('\n');
+            text.push_str(&events);
+        }
+        return text;
     }
     let mut by_tier: BTreeMap<String, usize> = BTreeMap::new();
     let mut acked = 0;
@@ -1043,6 +1056,77 @@ async fn status_text(chat: &Arc<ChatState>, node: Option<&str>) -> String {
         s.push_str(&alerts_text_of(chat, groups, None));
     }
     s
+}
+
+/// The `instance` label of an open alert on `node`.
+fn node_instance(groups: &[GroupRecord], node: &str) -> Option<String> {
+    for g in groups {
+        if let Ok(h) = serde_json::from_str::<Webhook>(&g.state) {
+            for a in &h.alerts {
+                if let Some(i) = a.labels.get("instance") {
+                    if i == node
+                        || i.strip_prefix(node)
+                            .is_some_and(|r| r.starts_with([':', '.']))
+                    {
+                        return Some(i.clone());
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A line about the node's recent kernel events from its agent's
+/// `/v1/events` (`[agents] url_template`), within the inline deadline.
+async fn node_events(chat: &ChatState, instance: &str) -> Option<String> {
+    let template = &chat.bot.config.agents.as_ref()?.url_template;
+    if !is_hostish(instance) {
+        return None;
+    }
+    let url = format!(
+        "{}/v1/events?since=3600",
+        template
+            .replace("{instance}", instance)
+            .trim_end_matches('/')
+    );
+    let got = tokio::time::timeout(INLINE_DEADLINE, async {
+        let r = chat.http.get(&url).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json::<serde_json::Value>().await.ok()
+    })
+    .await;
+    let Ok(Some(v)) = got else {
+        return Some(format!("agent at {instance}: not reachable"));
+    };
+    let events = v["events"].as_array().cloned().unwrap_or_default();
+    if events.is_empty() {
+        return Some(format!(
+            "agent at {instance}: no kernel events in the last hour"
+        ));
+    }
+    let mut by_type: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &events {
+        *by_type
+            .entry(e["type"].as_str().unwrap_or("other").to_string())
+            .or_default() += 1;
+    }
+    let latest = events
+        .last()
+        .and_then(|e| e["message"].as_str())
+        .map(|m| notify::truncate_chars(m, 200))
+        .unwrap_or_default();
+    Some(format!(
+        "agent at {instance}: {} kernel event(s) in the last hour ({}); latest: `{latest}`",
+        events.len(),
+        by_type
+            .iter()
+            .map(|(t, n)| format!("{t} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }
 
 async fn alerts_text(chat: &Arc<ChatState>, node: Option<&str>) -> String {
@@ -1133,7 +1217,7 @@ pub async fn respond(chat: &ChatState, responder: &Responder, reply: &Reply) {
                     Visibility::InChannel => "in_channel",
                 },
                 "replace_original": false,
-                "text": notify::truncate_chars(&reply.text, Platform::Slack.text_limit()),
+                "text": slack_escape(&notify::truncate_chars(&reply.text, Platform::Slack.text_limit())),
             });
             chat.http.post(response_url).json(&body).send().await
         }
@@ -1148,11 +1232,17 @@ pub async fn respond(chat: &ChatState, responder: &Responder, reply: &Reply) {
             if original_pending.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 chat.http
                     .patch(format!("{base}/messages/@original"))
-                    .json(&serde_json::json!({ "content": content }))
+                    .json(&serde_json::json!({
+                        "content": content,
+                        "allowed_mentions": { "parse": [] },
+                    }))
                     .send()
                     .await
             } else {
-                let mut body = serde_json::json!({ "content": content });
+                let mut body = serde_json::json!({
+                    "content": content,
+                    "allowed_mentions": { "parse": [] },
+                });
                 if reply.visibility == Visibility::Ephemeral {
                     body["flags"] = serde_json::json!(64);
                 }
@@ -1286,6 +1376,14 @@ impl ReplayCache {
         seen.insert(signature.to_string(), now);
         true
     }
+}
+
+/// Escapes what Slack's text format treats as markup (`<!channel>`,
+/// `<@U…>`, links): answers never ping or link on a user's behalf.
+pub fn slack_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Slack escapes `&`, `<` and `>` in command text.

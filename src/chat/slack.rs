@@ -223,7 +223,7 @@ fn answer(reply: &Reply) -> Response {
             Visibility::Ephemeral => "ephemeral",
             Visibility::InChannel => "in_channel",
         },
-        "text": crate::notify::truncate_chars(&reply.text, Platform::Slack.text_limit()),
+        "text": crate::chat::slack_escape(&crate::notify::truncate_chars(&reply.text, Platform::Slack.text_limit())),
     }))
     .into_response()
 }
