@@ -38,7 +38,7 @@ pub const DEFERRED_CHANNEL_MESSAGE: u8 = 5;
 /// Message flag: only the user who asked sees it.
 pub const EPHEMERAL: u64 = 64;
 
-/// The command registered with Discord (see README-chat.md).
+/// The command registered with Discord (see README.md, "Set up Slack and Discord").
 pub fn command_definition() -> serde_json::Value {
     serde_json::json!({
         "name": "gpuops",
