@@ -9,7 +9,8 @@ use std::time::Duration;
 use regex::Regex;
 
 use crate::config::{
-    anchored_regex, positive_secs, read_file, read_secret, ConfigErrors, Reader, Secret,
+    anchored_regex, positive_secs, read_file, read_log_section, read_secret, ConfigErrors, Reader,
+    Secret,
 };
 use crate::host::HostRoots;
 
@@ -214,22 +215,8 @@ impl AgentConfig {
             c.listen = v;
         }
 
-        if let Some(mut s) = r.table(&mut root, "log") {
-            if let Some(v) = r.get_with(&mut s, "format", |f: String| match f.as_str() {
-                "text" => Ok(false),
-                "json" => Ok(true),
-                _ => Err(format!("must be \"text\" or \"json\", got {f:?}")),
-            }) {
-                c.log.json = v;
-            }
-            if let Some(v) = r.get_with(&mut s, "level", |l: String| {
-                tracing_subscriber::EnvFilter::try_new(&l)
-                    .map(|_| l.clone())
-                    .map_err(|e| format!("invalid level {l:?}: {e}"))
-            }) {
-                c.log.level = v;
-            }
-            r.finish(s);
+        if let Some(s) = r.table(&mut root, "log") {
+            c.log = read_log_section(&mut r, s);
         }
 
         if let Some(mut s) = r.table(&mut root, "paths") {

@@ -392,6 +392,28 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Reads a `[log]` section (`format = "text"|"json"`, `level` = a tracing filter);
+/// shared by both roles.
+pub fn read_log_section<'i>(r: &mut Reader<'i>, mut s: Section<'i>) -> agent::LogConfig {
+    let mut log = agent::LogConfig::default();
+    if let Some(v) = r.get_with(&mut s, "format", |f: String| match f.as_str() {
+        "text" => Ok(false),
+        "json" => Ok(true),
+        _ => Err(format!("must be \"text\" or \"json\", got {f:?}")),
+    }) {
+        log.json = v;
+    }
+    if let Some(v) = r.get_with(&mut s, "level", |l: String| {
+        tracing_subscriber::EnvFilter::try_new(&l)
+            .map(|_| l.clone())
+            .map_err(|e| format!("invalid level {l:?}: {e}"))
+    }) {
+        log.level = v;
+    }
+    r.finish(s);
+    log
+}
+
 /// Parses a positive number of seconds into a `Duration`.
 pub fn positive_secs(v: f64) -> Result<std::time::Duration, String> {
     if v.is_finite() && v > 0.0 && v < 86_400.0 * 365.0 {
