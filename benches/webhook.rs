@@ -84,6 +84,11 @@ async fn post(client: &reqwest::Client, url: &str, body: String) -> f64 {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench binaries without `--bench`: skip.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("webhook benchmark: run it with `cargo bench --bench webhook`");
+        return;
+    }
     gpuops::telemetry::init("gpuops-bench", false, "warn");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
