@@ -6,7 +6,8 @@
 //! the acknowledgement latency (request sent → 200, i.e. durably stored) and
 //! of alert-to-chat-call latency (request sent → the fake Slack receives the
 //! post). Phase 2 (closed loop, `BENCH_CONCURRENCY` clients): the sustained
-//! maximum in alerts/s. Run: `cargo bench --bench webhook`.
+//! maximum in alerts/s. Run: `cargo bench --bench webhook`
+//! (`BENCH_SYNC=normal` for `[store] sync = "normal"`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -83,6 +84,12 @@ async fn post(client: &reqwest::Client, url: &str, body: String) -> f64 {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench binaries without `--bench`: skip.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("webhook benchmark: run it with `cargo bench --bench webhook`");
+        return;
+    }
+    gpuops::telemetry::init("gpuops-bench", false, "warn");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -105,9 +112,16 @@ async fn run() {
     let text = support::bot_config(dir.path(), &slack, &discord, "")
         .replace("discord_channel = \"1001\"\n", "")
         .replace("discord_channel = \"3003\"\n", "")
-        .replace("level = \"info\"", "level = \"warn\"");
+        .replace("level = \"info\"", "level = \"warn\"")
+        .replace(
+            "[store]\n",
+            &format!(
+                "[store]\nsync = \"{}\"\n",
+                std::env::var("BENCH_SYNC").unwrap_or_else(|_| "full".into())
+            ),
+        );
     let cfg = BotConfig::from_str(Path::new("bench.toml"), &text).unwrap();
-    let store = Store::open(&cfg.store.path).unwrap();
+    let store = Store::open_with(&cfg.store.path, cfg.store.sync).unwrap();
     let (state, worker) = BotState::new(Arc::new(cfg), store).unwrap();
     tokio::spawn(worker.run(std::future::pending()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -272,8 +272,8 @@ pub fn run(args: BotArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs the bot until SIGINT/SIGTERM.
 pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
-    let path = cfg.store.path.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&path))
+    let (path, sync) = (cfg.store.path.clone(), cfg.store.sync);
+    let store = tokio::task::spawn_blocking(move || Store::open_with(&path, sync))
         .await
         .context("store task failed")??;
     let (state, worker) = BotState::new(cfg.clone(), store.clone())?;

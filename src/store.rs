@@ -3,11 +3,13 @@
 //! (platform ids for edits and thread replies), the delivery outbox, dead
 //! letters, acknowledgements and the audit log.
 //!
-//! Durability: WAL journal with `synchronous=FULL`, so a commit returns only
-//! after the WAL is fsynced; `POST /alertmanager` answers 200 after that
-//! commit, hence an acknowledged webhook survives `kill -9` and power loss.
-//! (NORMAL would be safe against a process crash but could lose the last
-//! commits on power loss: not good enough for "nothing lost".)
+//! Durability: WAL journal with `synchronous=FULL` by default, so a commit
+//! returns only after the WAL is fsynced; `POST /alertmanager` answers 200
+//! after that commit, hence an acknowledged webhook survives `kill -9` and
+//! power loss. [`Sync::Normal`] (`[store] sync = "normal"`) skips that fsync:
+//! still safe against a process crash or `kill -9` (the WAL is in the OS page
+//! cache), but the last commits can be lost if the machine itself dies; it
+//! trades that for commit latency on disks with slow syncs.
 //!
 //! Writes are group-committed by one writer thread: webhooks arriving while
 //! a commit is syncing share the next commit (one fsync for many). Reads use
@@ -66,6 +68,9 @@ pub struct Store {
 type Done = Box<dyn FnOnce(Option<&str>) + Send>;
 /// Runs on the writer thread inside the batch transaction (or is told why not).
 type Job = Box<dyn FnOnce(std::result::Result<&Connection, &str>) -> Done + Send>;
+
+/// A batch taking longer than this is logged.
+const SLOW_COMMIT: Duration = Duration::from_millis(100);
 
 /// Most jobs in one transaction.
 const MAX_BATCH: usize = 512;
@@ -249,10 +254,25 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
 "#;
 
+/// How hard a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sync {
+    /// fsync the WAL on every commit (survives power loss).
+    #[default]
+    Full,
+    /// fsync only at checkpoints (survives process crashes, not power loss).
+    Normal,
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`, in WAL mode with
     /// full fsync, applies the schema and starts the writer thread. Blocking.
     pub fn open(path: &Path) -> Result<Store> {
+        Store::open_with(path, Sync::Full)
+    }
+
+    /// [`Store::open`] with a chosen [`Sync`] mode.
+    pub fn open_with(path: &Path, sync: Sync) -> Result<Store> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -269,8 +289,11 @@ impl Store {
             if !mode.eq_ignore_ascii_case("wal") {
                 tracing::warn!(mode = %mode, "sqlite did not switch to WAL; commits will be slower");
             }
-            conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
-                .map_err(wrap)?;
+            let pragma = match sync {
+                Sync::Full => "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;",
+                Sync::Normal => "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
+            };
+            conn.execute_batch(pragma).map_err(wrap)?;
             Ok(conn)
         };
         let writer_conn = open(path)?;
@@ -1001,7 +1024,10 @@ fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
             }
             continue;
         }
+        let jobs = batch.len();
+        let started = std::time::Instant::now();
         let done: Vec<Done> = batch.into_iter().map(|job| job(Ok(&conn))).collect();
+        let ran = started.elapsed();
         let commit_error = match conn.execute_batch("COMMIT") {
             Ok(()) => None,
             Err(e) => {
@@ -1010,6 +1036,15 @@ fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
                 Some(e.to_string())
             }
         };
+        let total = started.elapsed();
+        if total > SLOW_COMMIT {
+            tracing::warn!(
+                jobs,
+                run_ms = ran.as_secs_f64() * 1000.0,
+                commit_ms = (total - ran).as_secs_f64() * 1000.0,
+                "slow store commit (disk sync or contention)"
+            );
+        }
         for d in done {
             d(commit_error.as_deref());
         }

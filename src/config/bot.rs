@@ -57,6 +57,9 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// How long raw webhook payloads, and groups resolved since, are kept.
     pub webhook_retention: Duration,
+    /// `full` (default): every commit is fsynced, survives power loss;
+    /// `normal`: survives process crashes only, faster on slow disks.
+    pub sync: crate::store::Sync,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +155,7 @@ impl Default for BotConfig {
             store: StoreConfig {
                 path: default_store_path(),
                 webhook_retention: Duration::from_secs(7 * 86_400),
+                sync: crate::store::Sync::Full,
             },
             log: LogConfig::default(),
             slack: None,
@@ -224,6 +228,13 @@ impl BotConfig {
             }
             if let Some(v) = r.get_with(&mut s, "webhook_retention_secs", positive_secs) {
                 c.store.webhook_retention = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "sync", |v: String| match v.as_str() {
+                "full" => Ok(crate::store::Sync::Full),
+                "normal" => Ok(crate::store::Sync::Normal),
+                _ => Err(format!("must be \"full\" or \"normal\", got {v:?}")),
+            }) {
+                c.store.sync = v;
             }
             r.finish(s);
         }
