@@ -87,6 +87,11 @@ impl Collector for CpuCollector {
         NAME
     }
 
+    /// Reads only in-kernel /proc and /sys text: shares the scrape's procfs thread.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
         let roots = &ctx.roots;
         let stat = match &self.ring {

@@ -509,6 +509,11 @@ impl Collector for KmsgCollector {
         "kmsg"
     }
 
+    /// Reads only in-kernel /proc and /sys text: shares the scrape's procfs thread.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
         if let Some(readable) = ctx.events.readable() {
             sink.gauge(

@@ -26,6 +26,11 @@ impl Collector for MemoryCollector {
         NAME
     }
 
+    /// Reads only in-kernel /proc and /sys text: shares the scrape's procfs thread.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
         let roots = &ctx.roots;
         if let Some(m) = sink.read(NAME, roots.parse_proc::<procfs::Meminfo>("meminfo")) {

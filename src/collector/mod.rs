@@ -71,6 +71,14 @@ pub trait Collector: Send + Sync {
     fn name(&self) -> &'static str;
     /// Reads the source and writes samples. Samples written before an error are kept.
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error>;
+    /// Whether a run can block indefinitely (network filesystems, drivers).
+    /// Collectors that only read in-kernel /proc and /sys text say `false`:
+    /// they share one thread per scrape, run one after the other, which costs
+    /// fewer thread switches than a thread each. A hang among them (not
+    /// expected: those reads never wait on a device) fails that group only.
+    fn may_block(&self) -> bool {
+        true
+    }
 }
 
 /// The registry: every collector enabled in `ctx.config`, in exposition order.
@@ -217,7 +225,7 @@ pub struct Collected {
 pub struct Runner {
     ctx: Arc<Context>,
     collectors: Vec<Arc<dyn Collector>>,
-    flight: SingleFlight<&'static str, Collected>,
+    flight: SingleFlight<&'static str, Vec<Collected>>,
     ready: AtomicBool,
     /// Last known success per collector, so failures are logged when they
     /// start and stop, not on every scrape.
@@ -251,34 +259,49 @@ impl Runner {
         let deadline = self.ctx.config.collectors.deadline;
         let started = Instant::now();
         let until = started + deadline;
-        let pending: Vec<_> = self
-            .collectors
-            .iter()
-            .map(|c| {
-                let c = c.clone();
+        // One flight for the collectors that cannot block, one per other collector.
+        let (shared, own): (Vec<_>, Vec<_>) = self.collectors.iter().partition(|c| !c.may_block());
+        let mut groups: Vec<(&'static str, Vec<Arc<dyn Collector>>)> = Vec::new();
+        if !shared.is_empty() {
+            groups.push(("procfs", shared.into_iter().cloned().collect()));
+        }
+        groups.extend(own.into_iter().map(|c| (c.name(), vec![c.clone()])));
+        let pending: Vec<_> = groups
+            .into_iter()
+            .map(|(key, members)| {
+                let names: Vec<&'static str> = members.iter().map(|c| c.name()).collect();
                 let ctx = self.ctx.clone();
-                (
-                    c.name(),
-                    self.flight
-                        .start(c.name(), deadline, move || run_one(&*c, &ctx)),
-                )
+                let job = move || members.iter().map(|c| run_one(&**c, &ctx)).collect();
+                (names, self.flight.start(key, deadline, job))
             })
             .collect();
-        let out: Vec<Collected> = pending
-            .into_iter()
-            .map(|(name, p)| match p.wait_until(until) {
-                Outcome::Done(c) => c,
-                Outcome::TimedOut => failed(
-                    name,
-                    started.elapsed(),
-                    format!("missed its deadline of {deadline:?}"),
-                ),
-                Outcome::StillRunning { since } => failed(
-                    name,
-                    Duration::ZERO,
-                    format!("still stuck in a run started {since:?} ago"),
-                ),
-            })
+        let mut by_name: HashMap<&'static str, Collected> = HashMap::new();
+        for (names, p) in pending {
+            match p.wait_until(until) {
+                Outcome::Done(done) => by_name.extend(done.into_iter().map(|c| (c.name, c))),
+                Outcome::TimedOut => by_name.extend(names.into_iter().map(|n| {
+                    let f = failed(
+                        n,
+                        started.elapsed(),
+                        format!("missed its deadline of {deadline:?}"),
+                    );
+                    (n, f)
+                })),
+                Outcome::StillRunning { since } => by_name.extend(names.into_iter().map(|n| {
+                    let f = failed(
+                        n,
+                        Duration::ZERO,
+                        format!("still stuck in a run started {since:?} ago"),
+                    );
+                    (n, f)
+                })),
+            }
+        }
+        // Registry order, whatever the grouping.
+        let out: Vec<Collected> = self
+            .collectors
+            .iter()
+            .filter_map(|c| by_name.remove(c.name()))
             .collect();
         self.log_transitions(&out);
         self.ready.store(true, Ordering::Relaxed);
@@ -399,5 +422,67 @@ mod tests {
         let bad: Result<u64, ReadError> = Err(ReadError::parse("/y", "nope"));
         assert_eq!(s.read("t", bad), None);
         assert_eq!(s.failures().len(), 1);
+    }
+
+    struct Probe {
+        name: &'static str,
+        blocks: bool,
+        sleep: Duration,
+    }
+
+    impl Collector for Probe {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+
+        fn collect(&self, _ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
+            std::thread::sleep(self.sleep);
+            sink.gauge("probe_value", "test", &[("probe", self.name)], 1.0);
+            Ok(())
+        }
+
+        fn may_block(&self) -> bool {
+            self.blocks
+        }
+    }
+
+    #[test]
+    fn a_stuck_collector_fails_alone_and_in_registry_order() {
+        let mut cfg = AgentConfig::default();
+        cfg.collectors.deadline = Duration::from_millis(200);
+        let ctx = Arc::new(Context::new(
+            Arc::new(cfg),
+            Arc::new(KernelEvents::new()),
+            false,
+        ));
+        let probe = |name, blocks, ms| -> Arc<dyn Collector> {
+            Arc::new(Probe {
+                name,
+                blocks,
+                sleep: Duration::from_millis(ms),
+            })
+        };
+        let runner = Runner::new(
+            ctx,
+            vec![
+                probe("a", false, 0),
+                probe("nfs", true, 3_000),
+                probe("b", false, 0),
+            ],
+        );
+        for round in 0..2 {
+            let started = Instant::now();
+            let out = runner.collect();
+            assert!(
+                started.elapsed() < Duration::from_millis(1_000),
+                "round {round}"
+            );
+            let summary: Vec<(&str, bool)> = out.iter().map(|c| (c.name, c.success)).collect();
+            assert_eq!(
+                summary,
+                vec![("a", true), ("nfs", false), ("b", true)],
+                "round {round}"
+            );
+        }
     }
 }

@@ -28,6 +28,11 @@ impl Collector for OomCollector {
         NAME
     }
 
+    /// Reads only in-kernel /proc and /sys text: shares the scrape's procfs thread.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
         let kills = ctx.roots.read_proc_keyed("vmstat", |k| k == "oom_kill");
         match sink.read(NAME, kills).as_deref() {
