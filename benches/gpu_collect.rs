@@ -67,7 +67,7 @@ fn bench(c: &mut Criterion) {
                     errors: Arc::new(Vec::new()),
                     unavailable: false,
                     duration: Duration::ZERO,
-                    families: Arc::new(sink.into_families()),
+                    text: Arc::new(sink.into_text()),
                 }
             })
             .collect();
@@ -94,7 +94,7 @@ fn bench(c: &mut Criterion) {
             errors: Arc::new(Vec::new()),
             unavailable: false,
             duration: Duration::ZERO,
-            families: Arc::new(sink.into_families()),
+            text: Arc::new(sink.into_text()),
         }]
     };
     c.bench_function("gpu_render_only_h100x8_cpu", |b| {
@@ -112,7 +112,7 @@ fn bench(c: &mut Criterion) {
             for _ in 0..iters {
                 let mut sink = collector::Sink::new();
                 let _ = direct[0].collect(&ctx, &mut sink);
-                criterion::black_box(sink.into_families());
+                criterion::black_box(sink.into_text());
             }
             Duration::from_nanos(thread_cpu_ns().saturating_sub(start))
         })

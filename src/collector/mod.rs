@@ -19,6 +19,7 @@ pub mod storage;
 mod testutil;
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,12 +107,26 @@ pub fn all(ctx: &Arc<Context>) -> Vec<Arc<dyn Collector>> {
     out
 }
 
-/// Collects samples, grouped into metric families by name.
+/// Collects samples, grouped into metric families by name, written straight
+/// into Prometheus text format (one buffer per family, no allocation per
+/// label): a scrape of eight GPUs is about a thousand series, and building the
+/// `prometheus::proto` model for each cost more than reading NVML.
 #[derive(Default)]
 pub struct Sink {
-    families: Vec<MetricFamily>,
+    families: Vec<TextFamily>,
     index: HashMap<String, usize>,
+    /// The family of the previous sample: consecutive samples usually share it.
+    last: Option<usize>,
     failures: Vec<String>,
+}
+
+/// One metric family in text format: `# HELP`/`# TYPE` come at render time.
+#[derive(Debug, Clone)]
+struct TextFamily {
+    name: String,
+    help: String,
+    kind: MetricType,
+    body: String,
 }
 
 impl Sink {
@@ -125,52 +140,54 @@ impl Sink {
         help: &str,
         kind: MetricType,
         labels: &[(&str, &str)],
-        m: Metric,
+        value: f64,
     ) {
-        let i = match self.index.get(name) {
-            Some(i) => *i,
-            None => {
-                let mut f = MetricFamily::default();
-                f.set_name(name.to_string());
-                f.set_help(help.to_string());
-                f.set_field_type(kind);
-                self.families.push(f);
-                self.index.insert(name.to_string(), self.families.len() - 1);
-                self.families.len() - 1
-            }
+        let i = match self.last {
+            Some(i) if self.families[i].name == name => i,
+            _ => match self.index.get(name) {
+                Some(i) => *i,
+                None => {
+                    self.families.push(TextFamily {
+                        name: name.to_string(),
+                        help: help.to_string(),
+                        kind,
+                        body: String::new(),
+                    });
+                    self.index.insert(name.to_string(), self.families.len() - 1);
+                    self.families.len() - 1
+                }
+            },
         };
-        let mut m = m;
-        m.set_label(
-            labels
-                .iter()
-                .map(|(k, v)| {
-                    let mut l = LabelPair::default();
-                    l.set_name(k.to_string());
-                    l.set_value(v.to_string());
-                    l
-                })
-                .collect(),
-        );
-        self.families[i].mut_metric().push(m);
+        self.last = Some(i);
+        let body = &mut self.families[i].body;
+        body.push_str(name);
+        if !labels.is_empty() {
+            body.push('{');
+            for (j, (k, v)) in labels.iter().enumerate() {
+                if j > 0 {
+                    body.push(',');
+                }
+                body.push_str(k);
+                body.push_str("=\"");
+                escape_into(body, v, true);
+                body.push('"');
+            }
+            body.push('}');
+        }
+        body.push(' ');
+        let _ = write!(body, "{value}");
+        body.push('\n');
     }
 
     /// A gauge sample. `help` names the source (file, NVML call).
     pub fn gauge(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
-        let mut g = Gauge::default();
-        g.set_value(value);
-        let mut m = Metric::default();
-        m.set_gauge(g);
-        self.push(name, help, MetricType::GAUGE, labels, m);
+        self.push(name, help, MetricType::GAUGE, labels, value);
     }
 
     /// A counter sample; `name` must end in `_total`.
     pub fn counter(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
         debug_assert!(name.ends_with("_total"), "{name}");
-        let mut c = Counter::default();
-        c.set_value(value);
-        let mut m = Metric::default();
-        m.set_counter(c);
-        self.push(name, help, MetricType::COUNTER, labels, m);
+        self.push(name, help, MetricType::COUNTER, labels, value);
     }
 
     /// Unwraps a host read: a missing file is logged at debug and skipped, any
@@ -201,11 +218,122 @@ impl Sink {
         &self.failures
     }
 
-    /// The families, sorted by name.
-    pub fn into_families(mut self) -> Vec<MetricFamily> {
-        self.families.sort_by(|a, b| a.name().cmp(b.name()));
-        self.families
+    /// The exposition text of everything written, families sorted by name.
+    pub fn into_text(mut self) -> String {
+        self.families.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = String::with_capacity(self.families.iter().map(|f| f.body.len() + 128).sum());
+        for f in &self.families {
+            out.push_str("# HELP ");
+            out.push_str(&f.name);
+            out.push(' ');
+            escape_into(&mut out, &f.help, false);
+            out.push_str("\n# TYPE ");
+            out.push_str(&f.name);
+            out.push_str(if f.kind == MetricType::COUNTER {
+                " counter\n"
+            } else {
+                " gauge\n"
+            });
+            out.push_str(&f.body);
+        }
+        out
     }
+
+    /// The families as `prometheus` protos, sorted by name (for tests and for
+    /// code that inspects values; the scrape path uses [`Sink::into_text`]).
+    pub fn into_families(mut self) -> Vec<MetricFamily> {
+        self.families.sort_by(|a, b| a.name.cmp(&b.name));
+        self.families.iter().map(to_proto).collect()
+    }
+}
+
+/// Escapes per the text format: `\\` and newline always, `"` in label values.
+fn escape_into(out: &mut String, s: &str, label_value: bool) {
+    if !s.contains(['\\', '\n', '"']) {
+        out.push_str(s);
+        return;
+    }
+    for ch in s.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if label_value => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Reads a family's text body back into a proto family.
+fn to_proto(f: &TextFamily) -> MetricFamily {
+    let mut fam = MetricFamily::default();
+    fam.set_name(f.name.clone());
+    fam.set_help(f.help.clone());
+    fam.set_field_type(f.kind);
+    for line in f.body.lines() {
+        let (labels, value) = parse_sample(&line[f.name.len()..]);
+        let mut m = Metric::default();
+        m.set_label(
+            labels
+                .into_iter()
+                .map(|(k, v)| {
+                    let mut l = LabelPair::default();
+                    l.set_name(k);
+                    l.set_value(v);
+                    l
+                })
+                .collect(),
+        );
+        if f.kind == MetricType::COUNTER {
+            let mut c = Counter::default();
+            c.set_value(value);
+            m.set_counter(c);
+        } else {
+            let mut g = Gauge::default();
+            g.set_value(value);
+            m.set_gauge(g);
+        }
+        fam.mut_metric().push(m);
+    }
+    fam
+}
+
+/// `{k="v",...} value` (what [`Sink::push`] wrote) into labels and value.
+fn parse_sample(rest: &str) -> (Vec<(String, String)>, f64) {
+    let mut labels = Vec::new();
+    let mut chars = rest.char_indices().peekable();
+    let mut value_at = 0;
+    if rest.starts_with('{') {
+        chars.next();
+        let mut key = String::new();
+        while let Some((_, c)) = chars.next() {
+            match c {
+                '}' => break,
+                ',' => {}
+                '=' => {
+                    chars.next(); // opening quote
+                    let mut v = String::new();
+                    while let Some((_, c)) = chars.next() {
+                        match c {
+                            '\\' => match chars.next() {
+                                Some((_, 'n')) => v.push('\n'),
+                                Some((_, other)) => v.push(other),
+                                None => {}
+                            },
+                            '"' => break,
+                            c => v.push(c),
+                        }
+                    }
+                    labels.push((std::mem::take(&mut key), v));
+                }
+                c => key.push(c),
+            }
+        }
+    }
+    if let Some((i, _)) = chars.peek() {
+        value_at = *i;
+    }
+    let value = rest[value_at..].trim().parse().unwrap_or(f64::NAN);
+    (labels, value)
 }
 
 /// One collector's part of a scrape.
@@ -218,7 +346,8 @@ pub struct Collected {
     /// The source is absent (e.g. no NVML) and said so itself: no warning.
     pub unavailable: bool,
     pub duration: Duration,
-    pub families: Arc<Vec<MetricFamily>>,
+    /// The collector's samples in text format, families sorted by name.
+    pub text: Arc<String>,
 }
 
 /// Runs the registry with deadlines; shared by all scrapes.
@@ -341,7 +470,7 @@ fn failed(name: &'static str, duration: Duration, error: String) -> Collected {
         errors: Arc::new(vec![error]),
         unavailable: false,
         duration,
-        families: Arc::new(Vec::new()),
+        text: Arc::new(String::new()),
     }
 }
 
@@ -361,7 +490,7 @@ fn run_one(c: &dyn Collector, ctx: &Context) -> Collected {
         unavailable,
         errors: Arc::new(errors),
         duration: started.elapsed(),
-        families: Arc::new(sink.into_families()),
+        text: Arc::new(sink.into_text()),
     }
 }
 
@@ -370,9 +499,7 @@ pub fn render(collected: &[Collected], self_families: &[MetricFamily]) -> String
     let encoder = prometheus::TextEncoder::new();
     let mut out = String::with_capacity(64 * 1024);
     for c in collected {
-        if let Err(e) = encoder.encode_utf8(&c.families, &mut out) {
-            tracing::warn!(collector = c.name, error = %e, "cannot encode families");
-        }
+        out.push_str(&c.text);
     }
     let mut sink = Sink::new();
     for c in collected {
@@ -389,9 +516,8 @@ pub fn render(collected: &[Collected], self_families: &[MetricFamily]) -> String
             c.duration.as_secs_f64(),
         );
     }
-    let mut fams = sink.into_families();
-    fams.extend(self_families.iter().cloned());
-    if let Err(e) = encoder.encode_utf8(&fams, &mut out) {
+    out.push_str(&sink.into_text());
+    if let Err(e) = encoder.encode_utf8(self_families, &mut out) {
         tracing::warn!(error = %e, "cannot encode self-metrics");
     }
     out
@@ -484,5 +610,43 @@ mod tests {
                 "round {round}"
             );
         }
+    }
+
+    #[test]
+    fn text_is_escaped_like_the_exposition_format_and_reads_back() {
+        let mut s = Sink::new();
+        s.gauge(
+            "x_bytes",
+            "help with \\ and\nnewline",
+            &[("p", "a\"b\\c\nd"), ("q", "")],
+            1.5,
+        );
+        s.counter("x_total", "c", &[], 3.0);
+        let text = {
+            let mut t = Sink::new();
+            t.gauge(
+                "x_bytes",
+                "help with \\ and\nnewline",
+                &[("p", "a\"b\\c\nd"), ("q", "")],
+                1.5,
+            );
+            t.counter("x_total", "c", &[], 3.0);
+            t.into_text()
+        };
+        expect_test::expect![[r#"
+            # HELP x_bytes help with \\ and\nnewline
+            # TYPE x_bytes gauge
+            x_bytes{p="a\"b\\c\nd",q=""} 1.5
+            # HELP x_total c
+            # TYPE x_total counter
+            x_total 3
+        "#]]
+        .assert_eq(&text);
+        let fams = s.into_families();
+        let m = &fams[0].get_metric()[0];
+        assert_eq!(m.get_label()[0].value(), "a\"b\\c\nd");
+        assert_eq!(m.get_label()[1].value(), "");
+        assert_eq!(m.get_gauge().get_value(), 1.5);
+        assert_eq!(fams[1].get_metric()[0].get_counter().get_value(), 3.0);
     }
 }
