@@ -9,105 +9,39 @@ use std::process::Command;
 
 use serde_norway::Value;
 
-/// Runbook ids of the common contract; `runbook` annotations must name one.
-const RUNBOOK_IDS: &[&str] = &[
-    "gpu-xid",
-    "gpu-fell-off-bus",
-    "gpu-ecc-remap",
-    "gpu-throttle",
-    "gpu-nvlink",
-    "oom-kill",
-    "storage",
-    "memory-pressure",
-    "cpu-saturation",
-    "agent-down",
-    "gpu-underutilized",
-];
-
 const SEVERITIES: &[&str] = &["critical", "high", "warning", "info"];
 const COMPONENTS: &[&str] = &["gpu", "cpu", "memory", "storage", "agent"];
 
-/// Every series name the agent exports (the metric contract), plus Prometheus' `up`.
-/// Two gauges differ from the first contract text so that `promtool check
-/// metrics` stays clean (`_count` and `_total` are reserved suffixes), as the
-/// host collectors export them: `cpu_cores` (was `cpu_count`) and
-/// `storage_inodes` (was `storage_inodes_total`).
-const CONTRACT_METRICS: &[&str] = &[
-    "up",
-    "cpu_utilization_percent",
-    "cpu_seconds_total",
-    "cpu_throttle_seconds_total",
-    "cpu_thermal_throttle_events_total",
-    "cpu_errors_total",
-    "cpu_pressure_stall_seconds_total",
-    "cpu_load_average",
-    "cpu_cores",
-    "memory_total_bytes",
-    "memory_available_bytes",
-    "memory_used_bytes",
-    "memory_pressure_events_total",
-    "memory_pressure_stall_seconds_total",
-    "memory_errors_total",
-    "memory_swap_total_bytes",
-    "memory_swap_used_bytes",
-    "oom_kills_total",
-    "oom_kill_last_timestamp_seconds",
-    "storage_total_bytes",
-    "storage_used_bytes",
-    "storage_available_bytes",
-    "storage_inodes",
-    "storage_inodes_free",
-    "storage_readonly",
-    "storage_mount_stuck",
-    "storage_reads_total",
-    "storage_writes_total",
-    "storage_read_bytes_total",
-    "storage_written_bytes_total",
-    "storage_io_time_seconds_total",
-    "storage_io_weighted_time_seconds_total",
-    "storage_io_in_progress",
-    "storage_io_pressure_stall_seconds_total",
-    "storage_errors_total",
-    "gpu_up",
-    "gpu_utilization_percent",
-    "gpu_memory_utilization_percent",
-    "gpu_memory_used_bytes",
-    "gpu_memory_total_bytes",
-    "gpu_memory_used_percent",
-    "gpu_temperature_celsius",
-    "gpu_memory_temperature_celsius",
-    "gpu_power_watts",
-    "gpu_power_limit_watts",
-    "gpu_energy_joules_total",
-    "gpu_sm_clock_hertz",
-    "gpu_memory_clock_hertz",
-    "gpu_throttle_reason",
-    "gpu_fan_speed_percent",
-    "gpu_pcie_replay_total",
-    "gpu_pcie_link_generation",
-    "gpu_pcie_link_width",
-    "gpu_ecc_errors_total",
-    "gpu_retired_pages",
-    "gpu_remapped_rows",
-    "gpu_nvlink_errors_total",
-    "gpu_xid_errors_total",
-    "gpu_errors_total",
-    "gpu_process_memory_used_bytes",
-    "gpu_info",
-    "gpu_devices",
-    "gpuops_collector_success",
-    "gpuops_collector_duration_seconds",
-    "gpuops_build_info",
-    "gpuops_kernel_log_readable",
-    "api_requests_total",
-    "api_request_duration_seconds_bucket",
-    "api_request_duration_seconds_sum",
-    "api_request_duration_seconds_count",
-    "process_resident_memory_bytes",
-    "process_cpu_seconds_total",
-    "process_open_fds",
-    "process_start_time_seconds",
-];
+/// Runbook ids: the file stems of `runbooks/*.yaml`.
+fn runbook_ids() -> BTreeSet<String> {
+    std::fs::read_dir(repo().join("runbooks"))
+        .expect("runbooks/")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".yaml").map(str::to_string))
+        .collect()
+}
+
+/// Every series name the agent exports, read from the generated metric
+/// reference (`docs/metrics.md`, kept in sync with the agent by
+/// `tests/metric_reference.rs`), with histogram series suffixes, plus
+/// Prometheus' `up`.
+fn contract_metrics() -> BTreeSet<String> {
+    let doc = std::fs::read_to_string(repo().join("docs/metrics.md")).expect("docs/metrics.md");
+    let mut out = BTreeSet::from(["up".to_string()]);
+    for row in doc.lines().filter_map(|l| l.strip_prefix("| `")) {
+        let mut cells = row.split('|');
+        let name = cells.next().unwrap_or("").trim().trim_end_matches('`');
+        let kind = cells.next().unwrap_or("").trim();
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                out.insert(format!("{name}{suffix}"));
+            }
+        } else {
+            out.insert(name.to_string());
+        }
+    }
+    out
+}
 
 /// PromQL words that are not series names.
 const PROMQL_WORDS: &[&str] = &[
@@ -218,6 +152,7 @@ fn recording_rules() -> Vec<Value> {
 #[test]
 fn alerts_carry_severity_component_and_a_known_runbook() {
     let mut problems = Vec::new();
+    let runbook_ids = runbook_ids();
     let alerts = alert_rules();
     for r in &alerts {
         let name = s(r, "alert").expect("alert name");
@@ -237,13 +172,10 @@ fn alerts_carry_severity_component_and_a_known_runbook() {
             }
         }
         match s(ann, "runbook") {
-            Some(id) if RUNBOOK_IDS.contains(&id) => {
-                let file = repo().join("runbooks").join(format!("{id}.yaml"));
-                if repo().join("runbooks").is_dir() && !file.is_file() {
-                    problems.push(format!("{name}: runbook file {} missing", file.display()));
-                }
-            }
-            other => problems.push(format!("{name}: runbook {other:?} is not a runbook id")),
+            Some(id) if runbook_ids.contains(id) => {}
+            other => problems.push(format!(
+                "{name}: runbook {other:?} is not a file in runbooks/"
+            )),
         }
     }
     assert!(problems.is_empty(), "{problems:#?}");
@@ -307,12 +239,13 @@ fn rules_read_only_contract_series() {
         .iter()
         .filter_map(|r| s(r, "record").map(str::to_string))
         .collect();
+    let contract = contract_metrics();
     let mut unknown = Vec::new();
     for r in alert_rules().iter().chain(recording_rules().iter()) {
         let name = s(r, "alert").or(s(r, "record")).unwrap_or("?");
         let expr = s(r, "expr").expect("expr");
         for series in series_names(expr) {
-            if !CONTRACT_METRICS.contains(&series.as_str()) && !recorded.contains(&series) {
+            if !contract.contains(&series) && !recorded.contains(&series) {
                 unknown.push(format!("{name}: {series}"));
             }
         }
