@@ -101,7 +101,7 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let start = thread_cpu_ns();
             for _ in 0..iters {
-                criterion::black_box(collector::render(&pre, &[]));
+                criterion::black_box(collector::render(&pre, "", &[]));
             }
             Duration::from_nanos(thread_cpu_ns().saturating_sub(start))
         })

@@ -222,15 +222,12 @@ async fn metrics(State(state): State<Arc<BotState>>) -> Response {
     if let Ok(n) = state.store.pending().await {
         state.metrics.outbox_pending.set(n);
     }
-    let mut families = vec![telemetry::build_info("bot", "none")];
-    families.extend(telemetry::process_families());
+    let mut families = telemetry::process_families();
     families.extend(state.http.gather());
     families.extend(state.metrics.gather());
     families.sort_by(|a, b| a.name().cmp(b.name()));
-    let mut buf = Vec::new();
-    let encoder = prometheus::TextEncoder::new();
-    use prometheus::Encoder as _;
-    match encoder.encode(&families, &mut buf) {
+    let mut buf = telemetry::build_info("bot", "none");
+    match prometheus::TextEncoder::new().encode_utf8(&families, &mut buf) {
         Ok(()) => (
             [(
                 header::CONTENT_TYPE,

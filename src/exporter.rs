@@ -44,12 +44,11 @@ pub fn render_with_self_metrics(
         .get()
         .copied()
         .unwrap_or("none");
-    let mut own = vec![telemetry::build_info("agent", backend)];
-    own.extend(telemetry::process_families());
+    let mut own = telemetry::process_families();
     if let Some(h) = http {
         own.extend(h.gather());
     }
-    collector::render(collected, &own)
+    collector::render(collected, &telemetry::build_info("agent", backend), &own)
 }
 
 /// The agent's router (without `/v1/exec`).

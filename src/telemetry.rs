@@ -253,8 +253,8 @@ pub fn redact(text: &str) -> String {
     out.into_owned()
 }
 
-/// `gpuops_build_info{version, role, gpu_backend} 1`.
-pub fn build_info(role: &str, gpu_backend: &str) -> prometheus::proto::MetricFamily {
+/// `gpuops_build_info{version, role, gpu_backend} 1`, in text format.
+pub fn build_info(role: &str, gpu_backend: &str) -> String {
     let mut sink = crate::collector::Sink::new();
     sink.gauge(
         "gpuops_build_info",
@@ -266,7 +266,7 @@ pub fn build_info(role: &str, gpu_backend: &str) -> prometheus::proto::MetricFam
         ],
         1.0,
     );
-    sink.into_families().remove(0)
+    sink.into_text()
 }
 
 /// Process metrics (`process_resident_memory_bytes`, CPU seconds, fds...).

@@ -494,8 +494,9 @@ fn run_one(c: &dyn Collector, ctx: &Context) -> Collected {
     }
 }
 
-/// Renders one scrape: each collector's families, then the self-metrics.
-pub fn render(collected: &[Collected], self_families: &[MetricFamily]) -> String {
+/// Renders one scrape: each collector's families, their success and duration,
+/// `own_text` (already in text format, e.g. build info), then `self_families`.
+pub fn render(collected: &[Collected], own_text: &str, self_families: &[MetricFamily]) -> String {
     let encoder = prometheus::TextEncoder::new();
     let mut out = String::with_capacity(64 * 1024);
     for c in collected {
@@ -517,6 +518,7 @@ pub fn render(collected: &[Collected], self_families: &[MetricFamily]) -> String
         );
     }
     out.push_str(&sink.into_text());
+    out.push_str(own_text);
     if let Err(e) = encoder.encode_utf8(self_families, &mut out) {
         tracing::warn!(error = %e, "cannot encode self-metrics");
     }
