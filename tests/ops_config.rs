@@ -4,10 +4,13 @@
 #![allow(clippy::disallowed_methods)] // integration tests spawn the real binary and external tools
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_norway::Value;
+
+mod ops_support;
+use ops_support::{contract_metrics, repo, series_names};
 
 const SEVERITIES: &[&str] = &["critical", "high", "warning", "info"];
 const COMPONENTS: &[&str] = &["gpu", "cpu", "memory", "storage", "agent"];
@@ -18,105 +21,6 @@ fn runbook_ids() -> BTreeSet<String> {
         .expect("runbooks/")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter_map(|n| n.strip_suffix(".yaml").map(str::to_string))
-        .collect()
-}
-
-/// Every series name the agent exports, read from the generated metric
-/// reference (`docs/metrics.md`, kept in sync with the agent by
-/// `tests/metric_reference.rs`), with histogram series suffixes, plus
-/// Prometheus' `up`.
-fn contract_metrics() -> BTreeSet<String> {
-    let doc = std::fs::read_to_string(repo().join("docs/metrics.md")).expect("docs/metrics.md");
-    let mut out = BTreeSet::from(["up".to_string()]);
-    for row in doc.lines().filter_map(|l| l.strip_prefix("| `")) {
-        let mut cells = row.split('|');
-        let name = cells.next().unwrap_or("").trim().trim_end_matches('`');
-        let kind = cells.next().unwrap_or("").trim();
-        if kind == "histogram" {
-            for suffix in ["_bucket", "_sum", "_count"] {
-                out.insert(format!("{name}{suffix}"));
-            }
-        } else {
-            out.insert(name.to_string());
-        }
-    }
-    out
-}
-
-/// PromQL words that are not series names.
-const PROMQL_WORDS: &[&str] = &[
-    "sum",
-    "avg",
-    "max",
-    "min",
-    "count",
-    "topk",
-    "bottomk",
-    "quantile",
-    "stddev",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "and",
-    "or",
-    "unless",
-    "bool",
-    "offset",
-    "rate",
-    "irate",
-    "increase",
-    "delta",
-    "idelta",
-    "changes",
-    "resets",
-    "max_over_time",
-    "min_over_time",
-    "avg_over_time",
-    "last_over_time",
-    "sum_over_time",
-    "count_over_time",
-    "histogram_quantile",
-    "label_replace",
-    "clamp_min",
-    "clamp_max",
-    "abs",
-    "absent",
-    "time",
-    "timestamp",
-    "vector",
-    "scalar",
-    "sort",
-    "sort_desc",
-];
-
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Series names an expression reads: identifiers left once strings, label
-/// matchers, grouping clauses, ranges and PromQL words are removed.
-pub fn series_names(expr: &str) -> BTreeSet<String> {
-    let strings = regex::Regex::new(r#""[^"]*""#).unwrap();
-    let matchers = regex::Regex::new(r"\{[^}]*\}").unwrap();
-    let grouping =
-        regex::Regex::new(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-            .unwrap();
-    let ranges = regex::Regex::new(r"\[[^\]]*\]").unwrap();
-    let durations = regex::Regex::new(r"\boffset\s+\d+[smhdwy]").unwrap();
-    let ident = regex::Regex::new(r"[A-Za-z_:][A-Za-z0-9_:]*").unwrap();
-    let e = strings.replace_all(expr, "");
-    let e = matchers.replace_all(&e, " ");
-    let e = grouping.replace_all(&e, " ");
-    let e = ranges.replace_all(&e, " ");
-    let e = durations.replace_all(&e, " ");
-    ident
-        .find_iter(&e)
-        .map(|m| m.as_str().to_string())
-        .filter(|w| !PROMQL_WORDS.contains(&w.as_str()))
-        .filter(|w| !w.chars().next().is_some_and(|c| c.is_ascii_digit()))
         .collect()
 }
 

@@ -374,48 +374,99 @@ pub fn load_dashboard() -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Series names of a PromQL expression (strings, matchers, grouping clauses
-/// and PromQL words removed); used to tell why a query is empty.
+/// Every series name the agent exports, read from the generated metric
+/// reference (`docs/metrics.md`, kept in sync with the agent by
+/// `tests/metric_reference.rs`), with histogram series suffixes, plus
+/// Prometheus' `up`.
+pub fn contract_metrics() -> BTreeSet<String> {
+    let doc = std::fs::read_to_string(repo().join("docs/metrics.md")).expect("docs/metrics.md");
+    let mut out = BTreeSet::from(["up".to_string()]);
+    for row in doc.lines().filter_map(|l| l.strip_prefix("| `")) {
+        let mut cells = row.split('|');
+        let name = cells.next().unwrap_or("").trim().trim_end_matches('`');
+        let kind = cells.next().unwrap_or("").trim();
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                out.insert(format!("{name}{suffix}"));
+            }
+        } else {
+            out.insert(name.to_string());
+        }
+    }
+    out
+}
+
+/// PromQL words that are not series names.
+const PROMQL_WORDS: &[&str] = &[
+    "sum",
+    "avg",
+    "max",
+    "min",
+    "count",
+    "topk",
+    "bottomk",
+    "quantile",
+    "stddev",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "rate",
+    "irate",
+    "increase",
+    "delta",
+    "idelta",
+    "changes",
+    "resets",
+    "max_over_time",
+    "min_over_time",
+    "avg_over_time",
+    "last_over_time",
+    "sum_over_time",
+    "count_over_time",
+    "histogram_quantile",
+    "label_replace",
+    "clamp_min",
+    "clamp_max",
+    "abs",
+    "absent",
+    "time",
+    "timestamp",
+    "vector",
+    "scalar",
+    "sort",
+    "sort_desc",
+    "label_values",
+];
+
+/// Series names an expression reads: identifiers left once strings, label
+/// matchers, grouping clauses, ranges and PromQL words are removed.
 pub fn series_names(expr: &str) -> BTreeSet<String> {
-    const WORDS: &[&str] = &[
-        "sum",
-        "avg",
-        "max",
-        "min",
-        "count",
-        "topk",
-        "by",
-        "without",
-        "on",
-        "ignoring",
-        "group_left",
-        "group_right",
-        "and",
-        "or",
-        "unless",
-        "offset",
-        "rate",
-        "irate",
-        "increase",
-        "max_over_time",
-        "min_over_time",
-        "label_values",
-    ];
-    let strings = regex::Regex::new(r#""[^"]*""#).expect("regex");
-    let matchers = regex::Regex::new(r"\{[^}]*\}").expect("regex");
+    let strings = regex::Regex::new(r#""[^"]*""#).unwrap();
+    let matchers = regex::Regex::new(r"\{[^}]*\}").unwrap();
     let grouping =
         regex::Regex::new(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-            .expect("regex");
-    let ranges = regex::Regex::new(r"\[[^\]]*\]").expect("regex");
-    let ident = regex::Regex::new(r"[A-Za-z_:][A-Za-z0-9_:]*").expect("regex");
+            .unwrap();
+    let ranges = regex::Regex::new(r"\[[^\]]*\]").unwrap();
+    let durations = regex::Regex::new(r"\boffset\s+\d+[smhdwy]").unwrap();
+    let ident = regex::Regex::new(r"[A-Za-z_:][A-Za-z0-9_:]*").unwrap();
     let e = strings.replace_all(expr, "");
     let e = matchers.replace_all(&e, " ");
     let e = grouping.replace_all(&e, " ");
     let e = ranges.replace_all(&e, " ");
+    let e = durations.replace_all(&e, " ");
     ident
         .find_iter(&e)
         .map(|m| m.as_str().to_string())
-        .filter(|w| !WORDS.contains(&w.as_str()))
+        .filter(|w| !PROMQL_WORDS.contains(&w.as_str()))
+        .filter(|w| !w.chars().next().is_some_and(|c| c.is_ascii_digit()))
         .collect()
 }
 
