@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use crate::cli::{AgentArgs, CheckConfigArgs, CollectArgs, HostArgs};
 use crate::collector::{self, kmsg, Context, KernelEvents, Runner};
 use crate::config::agent::GpuBackendChoice;
-use crate::config::{AgentConfig, BotConfig, Secret};
+use crate::config::{AgentConfig, BotConfig};
 use crate::exporter::{self, AgentState};
 use crate::telemetry::{self, HttpMetrics};
 
@@ -47,13 +47,17 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if let Some(f) = &args.log_format {
         cfg.log.json = f == "json";
     }
-    if let Some(s) = args.exec_secret.as_deref().filter(|s| !s.is_empty()) {
-        cfg.exec.secret = Some(Secret::new(s));
+    for f in &args.exec_public_keys {
+        let key = crate::exec_auth::ExecPublicKey::from_file(f)
+            .map_err(|e| anyhow::anyhow!("--exec-public-key: {e}"))?;
+        cfg.exec.public_keys.push(key);
+        cfg.exec.public_key_files.push(f.clone());
     }
-    if let Some(f) = &args.exec_secret_file {
-        let s = crate::config::load_secret_file(f)
-            .map_err(|e| anyhow::anyhow!("--exec-secret-file: {e}"))?;
-        cfg.exec.secret = Some(s);
+    if let Some(n) = &args.node_name {
+        if !crate::exec_auth::is_node_name(n) {
+            anyhow::bail!("--node-name: {n:?} is not a host name");
+        }
+        cfg.node_name = n.clone();
     }
     if let Some(d) = &args.runbooks {
         cfg.exec.runbooks_dir = d.clone();
@@ -82,8 +86,19 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
         http: Arc::new(HttpMetrics::new()),
     });
     let mut app = exporter::router(state.clone());
-    if let Some(exec) = crate::runbook::agent_exec::router(&cfg.exec) {
-        tracing::info!(runbooks = %cfg.exec.runbooks_dir.display(), "exec endpoint enabled");
+    if let Some(exec) = crate::runbook::agent_exec::router(&cfg.exec, &cfg.node_name) {
+        tracing::info!(
+            runbooks = %cfg.exec.runbooks_dir.display(),
+            node = %cfg.node_name,
+            keys = %cfg
+                .exec
+                .public_keys
+                .iter()
+                .map(|k| k.id())
+                .collect::<Vec<_>>()
+                .join(","),
+            "exec endpoint enabled"
+        );
         app = app.merge(exec.layer(axum::middleware::from_fn_with_state(
             state.http.clone(),
             telemetry::track_http,
@@ -95,7 +110,8 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
     let local = listener.local_addr().unwrap_or(cfg.listen);
     tracing::info!(
         listen = %local,
-        exec = cfg.exec.secret.is_some(),
+        exec = !cfg.exec.public_keys.is_empty(),
+        node = %cfg.node_name,
         procfs = %cfg.roots.procfs.display(),
         sysfs = %cfg.roots.sysfs.display(),
         "agent listening"

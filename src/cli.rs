@@ -32,6 +32,22 @@ pub enum Command {
     Runbook(RunbookCommand),
     /// Print the bot's audit records.
     Audit(AuditArgs),
+    /// Write a new Ed25519 key pair for signing agent exec requests.
+    Keygen(KeygenArgs),
+}
+
+/// `gpuops keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Directory to write NAME.key (private, 0600, for the bot) and NAME.pub (for the agents)
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub out: PathBuf,
+    /// File name stem
+    #[arg(long, default_value = "exec")]
+    pub name: String,
+    /// Replace existing files
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Where the host's pseudo filesystems are (for containers and fixture trees).
@@ -64,17 +80,12 @@ pub struct AgentArgs {
     /// Address to listen on [default: 0.0.0.0:9949]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// Enable POST /v1/exec with this HMAC secret (prefer --exec-secret-file or the env variable)
-    #[arg(
-        long,
-        value_name = "SECRET",
-        env = "GPUOPS_EXEC_SECRET",
-        hide_env_values = true
-    )]
-    pub exec_secret: Option<String>,
-    /// Read the exec secret from a file (relative names are looked up in $CREDENTIALS_DIRECTORY)
-    #[arg(long, value_name = "FILE", conflicts_with = "exec_secret")]
-    pub exec_secret_file: Option<PathBuf>,
+    /// Enable POST /v1/exec for requests signed by this public key (PEM; repeat for a key rotation)
+    #[arg(long = "exec-public-key", value_name = "FILE")]
+    pub exec_public_keys: Vec<PathBuf>,
+    /// This node's name, which signed exec requests must name [default: the host name up to the first dot]
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
     /// This node's own runbook directory (steps run by /v1/exec come only from here)
     #[arg(long, value_name = "DIR")]
     pub runbooks: Option<PathBuf>,

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Bot(args) => gpuops::bot::run(args),
         Command::Runbook(cmd) => gpuops::runbook::cli(cmd),
         Command::Audit(args) => gpuops::bot::audit(args),
+        Command::Keygen(args) => gpuops::exec_auth::keygen(args),
     };
     match result {
         Ok(code) => code,

@@ -1,15 +1,13 @@
-//! Request signatures: the agent's `/v1/exec` HMAC scheme (sign and verify,
-//! with a replay cache), Slack's v0 request signatures and Discord's Ed25519
-//! interaction signatures.
+//! Request signatures: Slack's v0 request signatures, Discord's Ed25519
+//! interaction signatures, and the clock and time window they share with
+//! the agents' exec requests (`exec_auth`).
 //!
 //! Every check is time-bound against an injectable [`Clock`] and compares in
 //! constant time (through `hmac`'s `verify_slice` and `ed25519-dalek`). This
 //! module never logs, never sees a secret outside [`Secret`]-like byte slices
 //! handed in by the caller, and does no I/O.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Mutex;
 
 use axum::http::HeaderMap;
 use hmac::{Hmac, Mac};
@@ -20,16 +18,10 @@ type HmacSha256 = Hmac<Sha256>;
 /// How far a signed timestamp may be from now, either way (seconds).
 pub const WINDOW_SECS: i64 = 300;
 
-pub const EXEC_TIMESTAMP: &str = "x-gpuops-timestamp";
-pub const EXEC_NONCE: &str = "x-gpuops-nonce";
-pub const EXEC_SIGNATURE: &str = "x-gpuops-signature";
 pub const SLACK_TIMESTAMP: &str = "x-slack-request-timestamp";
 pub const SLACK_SIGNATURE: &str = "x-slack-signature";
 pub const DISCORD_SIGNATURE: &str = "x-signature-ed25519";
 pub const DISCORD_TIMESTAMP: &str = "x-signature-timestamp";
-
-/// Most nonces remembered; past this, requests are refused until old ones expire.
-pub const NONCE_CACHE_MAX: usize = 100_000;
 
 /// Why a request was refused. Callers answer 401 for all of them; the kind is
 /// for logs and tests.
@@ -90,144 +82,10 @@ impl<C: Clock + ?Sized> Clock for std::sync::Arc<C> {
     }
 }
 
-/// The exec signature of `body`: `v1=<hex HMAC-SHA256(secret, "v1:{ts}:{nonce}:{body}")>`.
-pub fn sign_exec(secret: &[u8], timestamp: i64, nonce: &str, body: &[u8]) -> String {
-    let mac = exec_mac(secret, timestamp, nonce, body);
-    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-/// The three headers for a signed exec request, with a fresh random nonce.
-pub fn exec_headers(secret: &[u8], now: i64, body: &[u8]) -> [(&'static str, String); 3] {
-    let nonce = hex::encode(rand::random::<[u8; 16]>());
-    let sig = sign_exec(secret, now, &nonce, body);
-    [
-        (EXEC_TIMESTAMP, now.to_string()),
-        (EXEC_NONCE, nonce),
-        (EXEC_SIGNATURE, sig),
-    ]
-}
-
-fn exec_mac(secret: &[u8], timestamp: i64, nonce: &str, body: &[u8]) -> HmacSha256 {
-    // HMAC accepts keys of any length; new_from_slice cannot fail.
-    let mut mac = match HmacSha256::new_from_slice(secret) {
-        Ok(m) => m,
-        Err(_) => unreachable_hmac(),
-    };
-    mac.update(format!("v1:{timestamp}:{nonce}:").as_bytes());
-    mac.update(body);
-    mac
-}
-
+/// HMAC-SHA256 accepts keys of any length; `new_from_slice` cannot fail.
 #[cold]
 fn unreachable_hmac() -> ! {
     unreachable!("HMAC-SHA256 takes keys of any length")
-}
-
-/// Verifies exec requests: signature, time window and nonce reuse.
-pub struct ExecVerifier<C: Clock = SystemClock> {
-    secret: Vec<u8>,
-    clock: C,
-    nonces: Mutex<NonceCache>,
-}
-
-#[derive(Default)]
-struct NonceCache {
-    seen: HashMap<String, i64>,
-    order: VecDeque<(i64, String)>,
-}
-
-impl NonceCache {
-    /// Forgets nonces whose timestamp left the window.
-    fn expire(&mut self, now: i64) {
-        while let Some((t, _)) = self.order.front() {
-            if *t >= now - WINDOW_SECS {
-                break;
-            }
-            if let Some((_, n)) = self.order.pop_front() {
-                self.seen.remove(&n);
-            }
-        }
-    }
-}
-
-impl ExecVerifier<SystemClock> {
-    pub fn new(secret: &[u8]) -> ExecVerifier<SystemClock> {
-        ExecVerifier::with_clock(secret, SystemClock)
-    }
-}
-
-impl<C: Clock> ExecVerifier<C> {
-    pub fn with_clock(secret: &[u8], clock: C) -> ExecVerifier<C> {
-        ExecVerifier {
-            secret: secret.to_vec(),
-            clock,
-            nonces: Mutex::new(NonceCache::default()),
-        }
-    }
-
-    /// Checks the headers that must be present before the body is read.
-    pub fn precheck(&self, headers: &HeaderMap) -> Result<(), SigError> {
-        header(headers, EXEC_TIMESTAMP)?;
-        header(headers, EXEC_NONCE)?;
-        header(headers, EXEC_SIGNATURE)?;
-        Ok(())
-    }
-
-    /// Verifies a request; on success its nonce is remembered for the window.
-    pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), SigError> {
-        let ts = header(headers, EXEC_TIMESTAMP)?;
-        let nonce = header(headers, EXEC_NONCE)?;
-        let sig = header(headers, EXEC_SIGNATURE)?;
-        let ts: i64 = ts
-            .parse()
-            .map_err(|_| SigError::Malformed(EXEC_TIMESTAMP))?;
-        if nonce.len() < 8
-            || nonce.len() > 64
-            || !nonce
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(SigError::Malformed(EXEC_NONCE));
-        }
-        let now = self.clock.now_unix();
-        if (now - ts).abs() > WINDOW_SECS {
-            return Err(SigError::Stale);
-        }
-        let hex_sig = sig
-            .strip_prefix("v1=")
-            .ok_or(SigError::Malformed(EXEC_SIGNATURE))?;
-        let raw = hex::decode(hex_sig).map_err(|_| SigError::Malformed(EXEC_SIGNATURE))?;
-        exec_mac(&self.secret, ts, nonce, body)
-            .verify_slice(&raw)
-            .map_err(|_| SigError::BadSignature)?;
-        let mut cache = self
-            .nonces
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache.expire(now);
-        if cache.seen.contains_key(nonce) {
-            return Err(SigError::Replayed);
-        }
-        if cache.seen.len() >= NONCE_CACHE_MAX {
-            return Err(SigError::CacheFull);
-        }
-        // Expire by the later of the signed time and now, so a nonce signed in
-        // the past cannot be forgotten early and replayed.
-        let keep_from = ts.max(now);
-        cache.seen.insert(nonce.to_string(), keep_from);
-        // Keep `order` sorted by insertion (now is monotonic enough; ts ≤ now+window).
-        cache.order.push_back((keep_from, nonce.to_string()));
-        Ok(())
-    }
-
-    /// Nonces currently remembered.
-    pub fn nonces_remembered(&self) -> usize {
-        self.nonces
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .seen
-            .len()
-    }
 }
 
 /// Slack's v0 signature: `v0=<hex HMAC-SHA256(signing_secret, "v0:{ts}:{body}")>`
@@ -451,33 +309,5 @@ mod tests {
             Err(SigError::Stale)
         );
         assert!(DiscordKey::from_hex("abcd").is_err());
-    }
-
-    #[test]
-    fn exec_signature_valid_stale_replayed_mis_signed() {
-        let clock = std::sync::Arc::new(FixedClock::new(1_000_000));
-        let v = ExecVerifier::with_clock(b"s3cret", clock.clone());
-        let body = br#"{"runbook":"storage","step":"df","params":{}}"#;
-        let good = headers(&exec_headers(b"s3cret", 1_000_000, body));
-        assert_eq!(v.verify(&good, body), Ok(()));
-        assert_eq!(v.verify(&good, body), Err(SigError::Replayed));
-        let other = headers(&exec_headers(b"other", 1_000_000, body));
-        assert_eq!(v.verify(&other, body), Err(SigError::BadSignature));
-        let stale = headers(&exec_headers(b"s3cret", 1_000_000 - 301, body));
-        assert_eq!(v.verify(&stale, body), Err(SigError::Stale));
-        let future = headers(&exec_headers(b"s3cret", 1_000_000 + 301, body));
-        assert_eq!(v.verify(&future, body), Err(SigError::Stale));
-        let fresh = headers(&exec_headers(b"s3cret", 1_000_000, body));
-        assert_eq!(v.verify(&fresh, b"{}"), Err(SigError::BadSignature));
-        assert_eq!(
-            v.verify(&HeaderMap::new(), body),
-            Err(SigError::Missing(EXEC_TIMESTAMP))
-        );
-        // Nonces expire after the window.
-        assert_eq!(v.nonces_remembered(), 1);
-        clock.set(1_000_000 + WINDOW_SECS + 1);
-        let later = headers(&exec_headers(b"s3cret", clock.now_unix(), body));
-        assert_eq!(v.verify(&later, body), Ok(()));
-        assert_eq!(v.nonces_remembered(), 1);
     }
 }

@@ -1,7 +1,9 @@
-//! The agent's `POST /v1/exec`: signatures (valid, stale, replayed,
-//! mis-signed, unsigned → 401), lookups (404/400), and the step timeout and
-//! output cap enforced on real processes. Then the bot side end to end: the
-//! engine's AgentClient signs a node step, a real agent router runs it.
+//! The agent's `POST /v1/exec`: Ed25519 signatures bound to one node
+//! (valid, stale, replayed, other key, other node, unsigned), the argv
+//! digest and the approval a mitigation must carry, lookups (404/400), and
+//! the step timeout and output cap enforced on real processes. Then the bot
+//! side end to end: the engine's AgentClient signs a node step for the node
+//! its inventory names, a real agent router runs it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,17 +16,18 @@ use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 
 use gpuops::config::agent::ExecConfig;
-use gpuops::config::Secret;
+use gpuops::exec_auth::{ExecSigner, ExecVerifier, SignedApproval, SignedExec};
+use gpuops::inventory::Inventory;
 use gpuops::runbook::agent_exec::{self, ExecState};
 use gpuops::runbook::engine::{
-    self, AgentClient, Executor, NodeSteps, StepExecutor as _, StepStatus,
+    self, AgentAddr, AgentClient, Executor, NodeSteps, StepExecutor as _, StepStatus,
 };
 use gpuops::runbook::exec::{ProcessRunner, RecordingRunner, TRUNCATION_MARKER};
-use gpuops::signing::{self, ExecVerifier, FixedClock, SystemClock};
+use gpuops::signing::{FixedClock, SystemClock};
 
-const SECRET: &[u8] = b"test-exec-secret-0123456789";
 const NOW: i64 = 1_800_000_000;
 const CAP: usize = 1024;
+const NODE: &str = "node-a";
 
 const RUNBOOK: &str = r#"
 id: node-test
@@ -32,6 +35,7 @@ title: Node test
 params:
   word: { pattern: '[a-z]{1,10}', default: hello }
   instance: { pattern: '[A-Za-z0-9.:_-]{1,255}', from_label: instance, default: none }
+  node: { pattern: '[A-Za-z0-9-]{1,63}', from_label: node, default: none }
 steps:
   - { name: hello, phase: investigate, kind: command, target: node, timeout: 5s, run: [echo, "{{word}}"] }
   - { name: slow, phase: investigate, kind: command, target: node, timeout: 1s, run: [sleep, "30"] }
@@ -39,6 +43,7 @@ steps:
   - { name: fails, phase: investigate, kind: command, target: node, timeout: 5s, run: [ls, /gpuops-no-such-dir] }
   - { name: on-bot, phase: investigate, kind: command, target: bot, run: [echo, bot] }
   - { name: q, phase: investigate, kind: promql, query: 'up{instance="{{instance}}"}' }
+  - { name: drain, phase: mitigate, kind: command, target: node, timeout: 5s, needs_approval: true, run: [echo, "drained {{node}}"] }
 "#;
 
 fn runbook_dir() -> tempfile::TempDir {
@@ -48,9 +53,14 @@ fn runbook_dir() -> tempfile::TempDir {
     dir
 }
 
-fn router(dir: &Path, clock: Arc<FixedClock>) -> axum::Router {
+fn bot_key() -> &'static ExecSigner {
+    static KEY: std::sync::OnceLock<ExecSigner> = std::sync::OnceLock::new();
+    KEY.get_or_init(ExecSigner::generate)
+}
+
+fn router_for(dir: &Path, node: &str, clock: Arc<FixedClock>) -> axum::Router {
     let state = ExecState::new(
-        ExecVerifier::with_clock(SECRET, clock),
+        ExecVerifier::with_clock(vec![bot_key().public_key()], node, clock),
         dir.to_path_buf(),
         CAP,
         Arc::new(ProcessRunner),
@@ -58,12 +68,42 @@ fn router(dir: &Path, clock: Arc<FixedClock>) -> axum::Router {
     agent_exec::router_with(Arc::new(state))
 }
 
-fn signed(body: &str, secret: &[u8], ts: i64) -> Request<Body> {
+fn router(dir: &Path, clock: Arc<FixedClock>) -> axum::Router {
+    router_for(dir, NODE, clock)
+}
+
+/// The exec request the bot would sign for `step` with `params`.
+fn exec_req(node: &str, step: &str, params: &[(&str, &str)], ts: i64) -> SignedExec {
+    let rb = gpuops::runbook::parse_runbook(Path::new("node-test.yaml"), RUNBOOK).unwrap();
+    let given: BTreeMap<String, String> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let argv = match engine::plan(&rb, &given, &BTreeMap::new()) {
+        Ok(plan) => match plan.step(step).map(|s| &s.rendered) {
+            Some(engine::Rendered::Command { argv }) => argv.clone(),
+            _ => vec![],
+        },
+        Err(_) => vec![],
+    };
+    ExecSigner::request(node, "node-test", step, given, &argv, None, ts)
+}
+
+fn signed_req(req: &SignedExec, key: &ExecSigner) -> Request<Body> {
+    let (body, headers) = key.sign(req);
+    raw(body, &headers)
+}
+
+fn raw(body: Vec<u8>, headers: &[(&'static str, String)]) -> Request<Body> {
     let mut b = Request::post("/v1/exec").header("content-type", "application/json");
-    for (k, v) in signing::exec_headers(secret, ts, body.as_bytes()) {
-        b = b.header(k, v);
+    for (k, v) in headers {
+        b = b.header(*k, v);
     }
-    b.body(Body::from(body.to_string())).unwrap()
+    b.body(Body::from(body)).unwrap()
+}
+
+fn signed(step: &str, params: &[(&str, &str)], ts: i64) -> Request<Body> {
+    signed_req(&exec_req(NODE, step, params, ts), bot_key())
 }
 
 async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, serde_json::Value) {
@@ -75,121 +115,254 @@ async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, serde_json
     (status, json)
 }
 
-fn body(step: &str, params: &[(&str, &str)]) -> String {
-    let params: BTreeMap<&str, &str> = params.iter().copied().collect();
-    serde_json::json!({"runbook": "node-test", "step": step, "params": params}).to_string()
-}
-
 #[tokio::test]
 async fn signatures_unsigned_stale_replayed_mis_signed_get_401() {
     let dir = runbook_dir();
     let app = router(dir.path(), Arc::new(FixedClock::new(NOW)));
-    let b = body("hello", &[]);
 
     let unsigned = Request::post("/v1/exec")
-        .body(Body::from(b.clone()))
+        .body(Body::from(
+            serde_json::to_vec(&exec_req(NODE, "hello", &[], NOW)).unwrap(),
+        ))
         .unwrap();
     assert_eq!(send(&app, unsigned).await.0, StatusCode::UNAUTHORIZED);
 
-    let stale = signed(&b, SECRET, NOW - 301);
-    assert_eq!(send(&app, stale).await.0, StatusCode::UNAUTHORIZED);
-    let future = signed(&b, SECRET, NOW + 301);
-    assert_eq!(send(&app, future).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(&app, signed("hello", &[], NOW - 301)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&app, signed("hello", &[], NOW + 301)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
 
-    let wrong_key = signed(&b, b"another-secret", NOW);
+    // Signed by another key (an agent has none that the others accept).
+    let other = ExecSigner::generate();
+    let wrong_key = signed_req(&exec_req(NODE, "hello", &[], NOW), &other);
     assert_eq!(send(&app, wrong_key).await.0, StatusCode::UNAUTHORIZED);
 
     // Signed for one body, sent with another.
-    let mut tampered = signed(&b, SECRET, NOW);
-    *tampered.body_mut() = Body::from(body("hello", &[("word", "evil")]));
-    assert_eq!(send(&app, tampered).await.0, StatusCode::UNAUTHORIZED);
+    let (_, headers) = bot_key().sign(&exec_req(NODE, "hello", &[], NOW));
+    let (evil, _) = bot_key().sign(&exec_req(NODE, "hello", &[("word", "evil")], NOW));
+    assert_eq!(
+        send(&app, raw(evil, &headers)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
 
-    // Valid once; the very same request again is a replay.
-    let mut builder = Request::post("/v1/exec");
-    let headers = signing::exec_headers(SECRET, NOW - 200, b.as_bytes());
-    for (k, v) in &headers {
-        builder = builder.header(*k, v);
-    }
-    let first = builder.body(Body::from(b.clone())).unwrap();
-    let (status, json) = send(&app, first).await;
+    // Valid once; the very same request again is a replay, in any hex case.
+    let (body, headers) = bot_key().sign(&exec_req(NODE, "hello", &[], NOW - 200));
+    let (status, json) = send(&app, raw(body.clone(), &headers)).await;
     assert_eq!(status, StatusCode::OK, "{json}");
     assert_eq!(json["stdout"], "hello\n");
     assert_eq!(json["exit_code"], 0);
-    let mut builder = Request::post("/v1/exec");
-    for (k, v) in &headers {
-        builder = builder.header(*k, v);
-    }
-    let replay = builder.body(Body::from(b.clone())).unwrap();
-    assert_eq!(send(&app, replay).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(&app, raw(body.clone(), &headers)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let upper = [
+        (headers[0].0, headers[0].1.to_ascii_uppercase()),
+        headers[1].clone(),
+    ];
+    assert_eq!(
+        send(&app, raw(body, &upper)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn exec_request_for_node_a_refused_on_node_b() {
+    // Finding 1: a request captured for agent A ran on agent B (same fleet
+    // secret). Now the signed content names the node and B refuses it.
+    let dir = runbook_dir();
+    let clock = Arc::new(FixedClock::new(NOW));
+    let runner = Arc::new(RecordingRunner::new());
+    let b = agent_exec::router_with(Arc::new(ExecState::new(
+        ExecVerifier::with_clock(vec![bot_key().public_key()], "node-b", clock.clone()),
+        dir.path().to_path_buf(),
+        CAP,
+        runner.clone(),
+    )));
+    let a = router_for(dir.path(), "node-a", clock);
+    let (body, headers) = bot_key().sign(&exec_req("node-a", "hello", &[], NOW));
+    let (status, json) = send(&b, raw(body.clone(), &headers)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("for node \"node-a\""),
+        "{json}"
+    );
+    assert!(runner.calls().is_empty(), "node-b ran {:?}", runner.calls());
+    // Rewriting the node breaks the signature.
+    let forged = String::from_utf8(body.clone())
+        .unwrap()
+        .replace("\"node-a\"", "\"node-b\"");
+    assert_eq!(
+        send(&b, raw(forged.into_bytes(), &headers)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(runner.calls().is_empty());
+    // It still runs, once, where it was meant to.
+    assert_eq!(send(&a, raw(body, &headers)).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn exec_argv_digest_mismatch_is_refused() {
+    // The bot rendered another command than this node's runbook file gives.
+    let dir = runbook_dir();
+    let app = router(dir.path(), Arc::new(FixedClock::new(NOW)));
+    let mut req = exec_req(NODE, "hello", &[], NOW);
+    req.argv_sha256 = gpuops::exec_auth::argv_digest(&["sudo".into(), "reboot".into()]);
+    let (status, json) = send(&app, signed_req(&req, bot_key())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("differs from this node's runbook"),
+        "{json}"
+    );
+}
+
+#[tokio::test]
+async fn exec_mitigation_without_signed_approval_is_refused() {
+    // The agent itself checks that an approval-gated step carries one.
+    let dir = runbook_dir();
+    let app = router(dir.path(), Arc::new(FixedClock::new(NOW)));
+    let req = exec_req(NODE, "drain", &[("node", NODE)], NOW);
+    let (status, json) = send(&app, signed_req(&req, bot_key())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
+    assert!(
+        json["error"].as_str().unwrap().contains("needs approval"),
+        "{json}"
+    );
+    let mut req = exec_req(NODE, "drain", &[("node", NODE)], NOW);
+    req.approval = Some(SignedApproval {
+        run: "r0001".into(),
+        requested_by: "slack:U1".into(),
+        approved_by: "slack:U2".into(),
+        approved_at: NOW,
+    });
+    let (status, json) = send(&app, signed_req(&req, bot_key())).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["stdout"], "drained node-a\n");
+}
+
+#[tokio::test]
+async fn exec_node_parameter_naming_another_node_is_refused() {
+    let dir = runbook_dir();
+    let app = router(dir.path(), Arc::new(FixedClock::new(NOW)));
+    let mut req = exec_req(NODE, "drain", &[("node", "node-b")], NOW);
+    req.approval = Some(SignedApproval {
+        run: "r0001".into(),
+        requested_by: "slack:U1".into(),
+        approved_by: "slack:U2".into(),
+        approved_at: NOW,
+    });
+    let (status, json) = send(&app, signed_req(&req, bot_key())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("names another node"),
+        "{json}"
+    );
 }
 
 #[tokio::test]
 async fn lookups_and_validation() {
     let dir = runbook_dir();
     let app = router(dir.path(), Arc::new(FixedClock::new(NOW)));
-    let check = |body: String, status: StatusCode, error_contains: &'static str| {
+    let check = |body: Vec<u8>, status: StatusCode, error_contains: &'static str| {
         let app = app.clone();
         async move {
-            let (got, json) = send(&app, signed(&body, SECRET, NOW)).await;
+            let headers = bot_key().sign_bytes(&body);
+            let (got, json) = send(&app, raw(body.clone(), &headers)).await;
+            let body = String::from_utf8_lossy(&body[..body.len().min(200)]).to_string();
             assert_eq!(got, status, "{body}: {json}");
             let err = json["error"].as_str().unwrap_or("");
             assert!(err.contains(error_contains), "{body}: {json}");
         }
     };
+    let with = |f: &dyn Fn(&mut SignedExec)| {
+        let mut r = exec_req(NODE, "hello", &[], NOW);
+        f(&mut r);
+        serde_json::to_vec(&r).unwrap()
+    };
     check(
-        r#"{"runbook":"nope","step":"hello"}"#.into(),
+        with(&|r| r.runbook = "nope".into()),
         StatusCode::NOT_FOUND,
         "no runbook nope on this node",
     )
     .await;
     check(
-        r#"{"runbook":"../../etc/passwd","step":"hello"}"#.into(),
+        with(&|r| r.runbook = "../../etc/passwd".into()),
         StatusCode::NOT_FOUND,
         "no such runbook",
     )
     .await;
-    check(body("nope", &[]), StatusCode::NOT_FOUND, "has no step nope").await;
     check(
-        body("on-bot", &[]),
+        with(&|r| r.step = "nope".into()),
+        StatusCode::NOT_FOUND,
+        "has no step nope",
+    )
+    .await;
+    check(
+        with(&|r| r.step = "on-bot".into()),
         StatusCode::BAD_REQUEST,
         "the agent runs only node commands",
     )
     .await;
     check(
-        body("q", &[]),
+        with(&|r| r.step = "q".into()),
         StatusCode::BAD_REQUEST,
         "the agent runs only node commands",
     )
     .await;
     check(
-        body("hello", &[("word", "$(reboot)")]),
+        with(&|r| {
+            r.params.insert("word".into(), "$(reboot)".into());
+        }),
         StatusCode::BAD_REQUEST,
         "parameter word: \"$(reboot)\" does not match pattern [a-z]{1,10}",
     )
     .await;
     check(
-        body("hello", &[("extra", "x")]),
+        with(&|r| {
+            r.params.insert("extra".into(), "x".into());
+        }),
         StatusCode::BAD_REQUEST,
         "runbook node-test has no such parameter",
     )
     .await;
+    let mut v: serde_json::Value = serde_json::from_slice(&with(&|_| {})).unwrap();
+    v["argv"] = serde_json::json!(["sh"]);
     check(
-        r#"{"runbook":"node-test","step":"hello","argv":["sh"]}"#.into(),
+        serde_json::to_vec(&v).unwrap(),
         StatusCode::BAD_REQUEST,
         "unknown field",
     )
     .await;
-    check("not json".into(), StatusCode::BAD_REQUEST, "body must be").await;
     check(
-        r#"{"runbook":"broken","step":"x"}"#.into(),
+        b"not json".to_vec(),
+        StatusCode::BAD_REQUEST,
+        "not an exec request",
+    )
+    .await;
+    check(
+        with(&|r| {
+            r.runbook = "broken".into();
+            r.step = "x".into();
+        }),
         StatusCode::INTERNAL_SERVER_ERROR,
         "runbook broken on this node is invalid",
     )
     .await;
-    let huge = format!(
-        r#"{{"runbook":"node-test","step":"hello","params":{{"word":"{}"}}}}"#,
-        "a".repeat(70_000)
-    );
+    let huge = with(&|r| {
+        r.params.insert("word".into(), "a".repeat(70_000));
+    });
     check(huge, StatusCode::PAYLOAD_TOO_LARGE, "body larger than").await;
 }
 
@@ -199,7 +372,7 @@ async fn step_timeout_and_output_cap_are_enforced() {
     let app = router(dir.path(), Arc::new(FixedClock::new(NOW)));
 
     let started = std::time::Instant::now();
-    let (status, json) = send(&app, signed(&body("slow", &[]), SECRET, NOW)).await;
+    let (status, json) = send(&app, signed("slow", &[], NOW)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json["timed_out"], true, "{json}");
     assert_eq!(json["exit_code"], serde_json::Value::Null);
@@ -211,7 +384,7 @@ async fn step_timeout_and_output_cap_are_enforced() {
     let d = json["duration_seconds"].as_f64().unwrap();
     assert!((0.9..4.0).contains(&d), "{d}");
 
-    let (status, json) = send(&app, signed(&body("flood", &[]), SECRET, NOW)).await;
+    let (status, json) = send(&app, signed("flood", &[], NOW)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json["truncated"], true);
     assert_eq!(json["exit_code"], 0);
@@ -219,7 +392,7 @@ async fn step_timeout_and_output_cap_are_enforced() {
     assert_eq!(stdout.len(), CAP + TRUNCATION_MARKER.len());
     assert!(stdout.starts_with("1\n2\n3\n") && stdout.ends_with(TRUNCATION_MARKER));
 
-    let (_, json) = send(&app, signed(&body("fails", &[]), SECRET, NOW)).await;
+    let (_, json) = send(&app, signed("fails", &[], NOW)).await;
     assert_eq!(json["exit_code"], 2, "{json}");
     assert!(
         json["stderr"].as_str().unwrap().contains("No such file"),
@@ -228,18 +401,19 @@ async fn step_timeout_and_output_cap_are_enforced() {
 }
 
 #[test]
-fn exec_is_off_without_a_secret() {
+fn exec_is_off_without_a_public_key() {
     let cfg = ExecConfig {
-        secret: None,
+        public_keys: vec![],
+        public_key_files: vec![],
         runbooks_dir: "/nonexistent".into(),
         output_cap_bytes: CAP,
     };
-    assert!(agent_exec::router(&cfg).is_none());
+    assert!(agent_exec::router(&cfg, NODE).is_none());
     let cfg = ExecConfig {
-        secret: Some(Secret::new("s")),
+        public_keys: vec![bot_key().public_key()],
         ..cfg
     };
-    assert!(agent_exec::router(&cfg).is_some());
+    assert!(agent_exec::router(&cfg, NODE).is_some());
 }
 
 /// Serves `app` on a free local port; returns its address.
@@ -256,7 +430,7 @@ async fn serve(app: axum::Router) -> std::net::SocketAddr {
 async fn bot_runs_node_steps_on_the_agent_end_to_end() {
     let dir = runbook_dir();
     let state = ExecState::new(
-        ExecVerifier::with_clock(SECRET, SystemClock),
+        ExecVerifier::with_clock(vec![bot_key().public_key()], NODE, SystemClock),
         dir.path().to_path_buf(),
         CAP,
         Arc::new(ProcessRunner),
@@ -281,6 +455,7 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
     let labels: BTreeMap<String, String> = [
         ("alertname".to_string(), "Test".to_string()),
         ("instance".to_string(), agent.to_string()),
+        ("node".to_string(), NODE.to_string()),
     ]
     .into_iter()
     .collect();
@@ -289,12 +464,15 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
         .collect();
     let plan = engine::plan(&rb, &given, &labels).unwrap();
     let bot_runner = Arc::new(RecordingRunner::new());
+    let inventory = Arc::new(Inventory::fixed(vec![AgentAddr {
+        instance: agent.to_string(),
+        node: NODE.into(),
+        url: format!("http://{agent}"),
+    }]));
+    let signer = Arc::new(ExecSigner::from_pem(bot_key().private_pem().unwrap().expose()).unwrap());
     let exec = Executor::new(
         bot_runner.clone(),
-        NodeSteps::Agent(AgentClient::new(
-            "http://{instance}",
-            Secret::new(String::from_utf8(SECRET.to_vec()).unwrap()),
-        )),
+        NodeSteps::Agent(AgentClient::new(inventory.clone(), signer)),
         Some(format!("http://{prom}/")),
     );
     let step = |n: &str| plan.steps.iter().find(|s| s.step.name == n).unwrap();
@@ -328,15 +506,27 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
         format!("up{{instance=\"up{{instance=\\\"{agent}\\\"}}\"}} 1\n")
     );
 
-    // A wrong shared secret: the agent refuses, the outcome says so.
+    // A key the agent does not hold: the agent refuses, the outcome says so.
     let bad = Executor::new(
         bot_runner.clone(),
-        NodeSteps::Agent(AgentClient::new("http://{instance}", Secret::new("wrong"))),
+        NodeSteps::Agent(AgentClient::new(
+            inventory.clone(),
+            Arc::new(ExecSigner::generate()),
+        )),
         None,
     );
     let out = bad.execute(&plan, step("hello")).await;
     assert_eq!(out.status, StepStatus::Error);
     assert!(out.output.contains("refused: HTTP 401"), "{}", out.output);
+
+    // An instance the inventory does not know: no request leaves the bot.
+    let mut elsewhere = plan.clone();
+    elsewhere
+        .labels
+        .insert("instance".into(), "127.0.0.1:1".into());
+    let out = exec.execute(&elsewhere, step("hello")).await;
+    assert_eq!(out.status, StepStatus::Error);
+    assert!(out.output.contains("not a known agent"), "{}", out.output);
 
     // No Prometheus URL: promql steps are skipped with a note.
     let out = bad.execute(&plan, step("q")).await;

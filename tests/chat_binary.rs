@@ -1,7 +1,7 @@
 //! The whole path with the real binaries, as a new user would wire it: a
 //! `gpuops bot` (config pointing at the fake Slack and Discord APIs, a
-//! runbook directory, an agent secret) and a `gpuops agent` with
-//! `--exec-secret` and `--runbooks`. AlertManager's webhook posts the alert
+//! runbook directory, the bot's signing key, the agent in its inventory) and a
+//! `gpuops agent` with `--exec-public-key`, `--node-name` and `--runbooks`. AlertManager's webhook posts the alert
 //! with a Run button; a signed Slack button press runs the investigate steps
 //! on the agent and their output lands in the alert's thread on the fake
 //! Slack (and Discord); the mitigation waits for a second person; forged
@@ -19,7 +19,8 @@ use gpuops::signing;
 use support::{bot_config, free_port, gpuops, wait_http_ok, FakeApi};
 
 const SIGNING_SECRET: &str = "slack-signing-s3cret";
-const AGENT_SECRET: &str = "chat-binary-exec-secret-9f8e7d";
+/// The agent's node name, as the bot's inventory gives it.
+const NODE: &str = "test-node-a";
 
 const RUNBOOK: &str = r#"
 id: test-node
@@ -29,8 +30,8 @@ triggers:
   - alertname: 'TestNode.*'
 params:
   node:
-    pattern: '(?P<value>[A-Za-z0-9][A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9.-]+)?(?::[0-9]{1,5})?'
-    from_label: instance
+    pattern: '[A-Za-z0-9][A-Za-z0-9-]{0,62}'
+    from_label: node
 steps:
   - name: kernel
     phase: investigate
@@ -52,6 +53,19 @@ steps:
     needs_approval: true
     run: ["echo", "drained {{node}}"]
 "#;
+
+/// A bot key pair in `dir`: (private key file, public key file, private PEM).
+fn exec_keys(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let signer = gpuops::exec_auth::ExecSigner::generate();
+    let key = dir.join("exec.key");
+    let pem = signer.private_pem().unwrap().expose().to_string();
+    std::fs::write(&key, &pem).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let public = dir.join("exec.pub");
+    std::fs::write(&public, signer.public_key().to_pem().unwrap()).unwrap();
+    (key, public, pem)
+}
 
 struct Proc(Child);
 
@@ -171,6 +185,7 @@ async fn slack_button_runs_a_runbook_on_the_agent_into_the_thread_with_the_real_
     std::fs::create_dir_all(&rb).unwrap();
     std::fs::write(rb.join("test-node.yaml"), RUNBOOK).unwrap();
 
+    let (key, public, pem) = exec_keys(dir.path());
     let agent_addr = format!("127.0.0.1:{}", free_port());
     let _agent = Proc(
         Command::new(gpuops())
@@ -178,13 +193,14 @@ async fn slack_button_runs_a_runbook_on_the_agent_into_the_thread_with_the_real_
                 "agent",
                 "--listen",
                 &agent_addr,
-                "--exec-secret",
-                AGENT_SECRET,
-                "--runbooks",
+                "--node-name",
+                NODE,
+                "--exec-public-key",
             ])
+            .arg(&public)
+            .arg("--runbooks")
             .arg(&rb)
             .env_remove("GPUOPS_AGENT_CONFIG")
-            .env_remove("GPUOPS_EXEC_SECRET")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -195,8 +211,9 @@ async fn slack_button_runs_a_runbook_on_the_agent_into_the_thread_with_the_real_
     let slack = FakeApi::slack().await;
     let discord = FakeApi::discord().await;
     let extra = format!(
-        "[runbooks]\ndir = \"{}\"\n[agents]\nurl_template = \"http://{{instance}}\"\nsecret = \"{AGENT_SECRET}\"\n[rbac]\nadmins = [\"U0ADMIN\"]\noperators = [\"U0OPER\"]\n",
-        rb.display()
+        "[runbooks]\ndir = \"{}\"\n[agents]\nsigning_key_file = \"{}\"\n[[agents.nodes]]\ninstance = \"{agent_addr}\"\nnode = \"{NODE}\"\n[rbac]\nadmins = [\"U0ADMIN\"]\noperators = [\"U0OPER\"]\n",
+        rb.display(),
+        key.display()
     );
     let cfg = dir.path().join("bot.toml");
     std::fs::write(&cfg, bot_config(dir.path(), &slack, &discord, &extra)).unwrap();
@@ -290,7 +307,7 @@ async fn slack_button_runs_a_runbook_on_the_agent_into_the_thread_with_the_real_
     .to_string();
     assert!(texts.iter().any(|t| t.contains(&uname)), "{texts:#?}");
     assert!(
-        texts.iter().any(|t| t.contains("investigated 127")),
+        texts.iter().any(|t| t.contains("investigated test-node-a")),
         "{texts:#?}"
     );
 
@@ -306,7 +323,8 @@ async fn slack_button_runs_a_runbook_on_the_agent_into_the_thread_with_the_real_
     let v = command(&base, "U0ADMIN", &format!("approve {run}")).await;
     assert!(v["text"].as_str().unwrap().contains("approved"), "{v}");
     wait_slack(&slack, "the mitigation and the summary", |t| {
-        t.iter().any(|r| r.contains("drained 127")) && t.iter().any(|r| r.contains("finished"))
+        t.iter().any(|r| r.contains("drained test-node-a"))
+            && t.iter().any(|r| r.contains("finished"))
     })
     .await;
     // Discord's copy of the alert got the same thread.
@@ -319,7 +337,7 @@ async fn slack_button_runs_a_runbook_on_the_agent_into_the_thread_with_the_real_
     assert!(
         discord_replies
             .iter()
-            .any(|r| r.contains("investigated 127")),
+            .any(|r| r.contains("investigated test-node-a")),
         "{discord_replies:#?}"
     );
 
@@ -332,7 +350,7 @@ async fn slack_button_runs_a_runbook_on_the_agent_into_the_thread_with_the_real_
     );
     for secret in [
         SIGNING_SECRET,
-        AGENT_SECRET,
+        pem.lines().nth(1).unwrap(),
         "xoxb-test-token-s3cret",
         "discord-token-s3cret",
     ] {

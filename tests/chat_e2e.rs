@@ -18,7 +18,8 @@ use chat_support::*;
 use gpuops::notify::{Button, Message};
 use gpuops::signing::Clock as _;
 
-const AGENT_SECRET: &str = "chat-e2e-exec-secret-0a1b2c3d";
+/// The agent's node name, as the bot's inventory gives it.
+const NODE: &str = "test-node-a";
 
 const RUNBOOK: &str = r#"
 id: test-node
@@ -28,8 +29,8 @@ triggers:
   - alertname: 'TestNode.*'
 params:
   node:
-    pattern: '(?P<value>[A-Za-z0-9][A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9.-]+)?(?::[0-9]{1,5})?'
-    from_label: instance
+    pattern: '[A-Za-z0-9][A-Za-z0-9-]{0,62}'
+    from_label: node
 steps:
   - name: kernel
     phase: investigate
@@ -52,6 +53,19 @@ steps:
     run: ["echo", "drained {{node}}"]
 "#;
 
+/// A bot key pair in `dir`: (private key file, public key file, private PEM).
+fn exec_keys(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let signer = gpuops::exec_auth::ExecSigner::generate();
+    let key = dir.join("exec.key");
+    let pem = signer.private_pem().unwrap().expose().to_string();
+    std::fs::write(&key, &pem).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let public = dir.join("exec.pub");
+    std::fs::write(&public, signer.public_key().to_pem().unwrap()).unwrap();
+    (key, public, pem)
+}
+
 /// A child process killed on drop.
 struct Proc(Child);
 
@@ -70,20 +84,21 @@ fn wait_listening(addr: &str, what: &str) {
     }
 }
 
-fn start_agent(runbooks: &Path) -> (Proc, String) {
+fn start_agent(runbooks: &Path, public_key: &Path) -> (Proc, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_gpuops"))
         .args([
             "agent",
             "--listen",
             &addr,
-            "--exec-secret",
-            AGENT_SECRET,
+            "--node-name",
+            NODE,
             "--runbooks",
         ])
         .arg(runbooks)
+        .arg("--exec-public-key")
+        .arg(public_key)
         .env_remove("GPUOPS_AGENT_CONFIG")
-        .env_remove("GPUOPS_EXEC_SECRET")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -99,10 +114,12 @@ async fn button_runs_investigate_steps_on_the_agent_into_the_thread_and_mitigati
     let rb = dir.path().join("runbooks");
     std::fs::create_dir_all(&rb).unwrap();
     std::fs::write(rb.join("test-node.yaml"), RUNBOOK).unwrap();
-    let (_agent, agent_addr) = start_agent(&rb);
+    let (key, public, _) = exec_keys(dir.path());
+    let (_agent, agent_addr) = start_agent(&rb, &public);
     let extra = format!(
-        "[runbooks]\ndir = \"{}\"\n[agents]\nurl_template = \"http://{{instance}}\"\nsecret = \"{AGENT_SECRET}\"\n",
-        rb.display()
+        "[runbooks]\ndir = \"{}\"\n[agents]\nsigning_key_file = \"{}\"\n[[agents.nodes]]\ninstance = \"{agent_addr}\"\nnode = \"{NODE}\"\n",
+        rb.display(),
+        key.display()
     );
     let b = Bot::start_in(dir, &extra, None).await;
     let g = b.alert(webhook("TestNodeDown", &agent_addr, &[])).await;
@@ -168,7 +185,9 @@ async fn button_runs_investigate_steps_on_the_agent_into_the_thread_and_mitigati
         "{replies:#?}"
     );
     assert!(
-        replies.iter().any(|r| r.contains("investigated 127")),
+        replies
+            .iter()
+            .any(|r| r.contains("investigated test-node-a")),
         "{replies:#?}"
     );
     assert!(
@@ -194,10 +213,9 @@ async fn button_runs_investigate_steps_on_the_agent_into_the_thread_and_mitigati
     let (_, v) = b.slack_command(ADMIN, &format!("approve {run}")).await;
     assert!(v["text"].as_str().unwrap().contains("approved"), "{v}");
     b.wait_for(20, "the mitigation's output", |b| {
-        b.slack
-            .replies()
-            .iter()
-            .any(|r| r.contains("drain (") && r.contains("succeeded") && r.contains("drained 127"))
+        b.slack.replies().iter().any(|r| {
+            r.contains("drain (") && r.contains("succeeded") && r.contains("drained test-node-a")
+        })
     })
     .await;
     b.wait_for(10, "the summary", |b| {

@@ -94,7 +94,6 @@ fn agent_unit_keeps_what_the_binary_relies_on() {
         "NoNewPrivileges=yes",
         "ProtectHome=read-only",
         "ProtectProc=default",
-        "LoadCredential=exec-secret:gpuops.exec-secret",
         "DeviceAllow=/dev/kmsg r",
         "DeviceAllow=char-nvidia-frontend rw",
         "ExecStart=/usr/bin/gpuops agent --config /etc/gpuops/agent.toml",
@@ -118,7 +117,7 @@ fn bot_unit_uses_a_dynamic_user_and_credentials() {
         "LoadCredential=slack-bot-token:gpuops.slack-bot-token",
         "LoadCredential=slack-signing-secret:gpuops.slack-signing-secret",
         "LoadCredential=discord-bot-token:gpuops.discord-bot-token",
-        "LoadCredential=agents-secret:gpuops.agents-secret",
+        "LoadCredential=exec-key:gpuops.exec-key",
     ] {
         assert!(has_line(&unit, line), "bot unit lacks {line:?}");
     }
@@ -128,14 +127,16 @@ fn bot_unit_uses_a_dynamic_user_and_credentials() {
 fn shipped_configs_name_the_credentials_the_units_load() {
     // The default configs refer to credentials by the ids the units give them.
     let agent = read(&repo().join("packaging/agent.toml"));
-    assert!(agent.contains("secret_file = \"exec-secret\""));
+    // The agent holds only the bot's public key: no credential at all.
+    assert!(agent.contains("public_key_files = [\"/etc/gpuops/exec.pub\"]"));
+    assert!(!read(&repo().join("systemd/gpuops-agent.service")).contains("LoadCredential="));
     let bot = read(&repo().join("packaging/bot.toml"));
     for id in [
         "webhook-token",
         "slack-bot-token",
         "slack-signing-secret",
         "discord-bot-token",
-        "agents-secret",
+        "exec-key",
     ] {
         assert!(
             bot.contains(&format!("\"{id}\"")),

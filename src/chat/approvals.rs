@@ -23,11 +23,12 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::alert::Webhook;
 use crate::chat::{respond, step_message, ChatState, Outcome, Reply, Responder, User};
+use crate::exec_auth::SignedApproval;
 use crate::notify::{self, Message, TextMessage};
 use crate::runbook::engine::{
     self, authorize, authorize_approval, Actor, ChatAction, RunPlan, StepStatus,
 };
-use crate::runbook::Role;
+use crate::runbook::{Role, Target};
 use crate::store;
 
 /// How often waiting approvals are checked for expiry.
@@ -185,6 +186,35 @@ pub async fn start_run(
                 .collect()
         }
     };
+    let mut labels = labels;
+    let node_steps = rb
+        .steps
+        .iter()
+        .any(|s| s.target == Target::Node && selected(&req.steps, &s.name));
+    if let Some(dir) = &chat.agents {
+        // The inventory, never the instance label, says which node this is;
+        // an address the bot does not know gets no request at all.
+        match labels.get("instance").cloned() {
+            Some(instance) => match dir.agent(&instance).await {
+                Ok(agent) => {
+                    labels.insert("node".into(), agent.node);
+                }
+                Err(why) if node_steps => refuse!(
+                    "refused: unknown agent",
+                    format!("⛔ runbook `{}` not started: {why}", rb.id)
+                ),
+                Err(_) => {}
+            },
+            None if node_steps => refuse!(
+                "refused: no instance",
+                format!(
+                    "⛔ runbook `{}` not started: it has node steps and the alert names no instance (the agent to run them on)",
+                    rb.id
+                )
+            ),
+            None => {}
+        }
+    }
     let plan = match engine::plan(rb, &req.params, &labels) {
         Ok(p) => p,
         Err(e) => refuse!(
@@ -523,6 +553,16 @@ pub async fn drive(
             .await;
             return;
         }
+        let mut ps = ps.clone();
+        if ps.step.needs_approval {
+            ps.approval = Some(SignedApproval {
+                run: id.clone(),
+                requested_by: row.requester.clone(),
+                approved_by: row.decided_by.clone().unwrap_or_default(),
+                approved_at: chat.now(),
+            });
+        }
+        let ps = &ps;
         let out = chat.executor.execute(&plan, ps).await;
         let status = status_name(out.status);
         let (head, body) = step_message(&plan, ps, &out);

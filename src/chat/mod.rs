@@ -31,7 +31,8 @@ use crate::alertmanager::{self, Matcher};
 use crate::bot::BotState;
 use crate::notify::{self, Message};
 use crate::runbook::engine::{
-    authorize, ChatAction, Executor, NodeSteps, PlannedStep, RunPlan, StepExecutor, StepOutcome,
+    authorize, AgentDirectory, ChatAction, Executor, NodeSteps, PlannedStep, RunPlan, StepExecutor,
+    StepOutcome,
 };
 use crate::runbook::exec::{BoxFuture, ProcessRunner};
 use crate::runbook::{Role, RunbookSet, Target};
@@ -381,6 +382,9 @@ pub struct ChatState {
     pub alertmanager: Option<alertmanager::Client>,
     pub http: reqwest::Client,
     pub runbooks_dir: Option<PathBuf>,
+    /// The bot's agent inventory: node steps only for alerts whose instance
+    /// it knows, and the node's real name for `{{node}}`.
+    pub agents: Option<Arc<dyn AgentDirectory>>,
     replay: ReplayCache,
 }
 
@@ -390,20 +394,20 @@ impl ChatState {
     pub fn new(bot: Arc<BotState>) -> Arc<ChatState> {
         let cfg = &bot.config;
         let prometheus = cfg.prometheus.as_ref().map(|p| p.url.clone());
-        let agents = cfg.agents.as_ref().and_then(|a| {
-            a.secret
-                .as_ref()
-                .map(|s| (a.url_template.clone(), s.clone()))
-        });
-        let executor: Arc<dyn StepExecutor> = match agents {
-            Some((template, secret)) => Arc::new(Executor::new(
+        let inventory: Option<Arc<dyn AgentDirectory>> =
+            crate::inventory::Inventory::from_config(cfg).map(crate::inventory::directory);
+        let key = cfg.agents.as_ref().and_then(|a| a.signing_key.clone());
+        let executor: Arc<dyn StepExecutor> = match (&inventory, key) {
+            (Some(inv), Some(key)) => Arc::new(Executor::new(
                 Arc::new(ProcessRunner),
-                NodeSteps::Agent(crate::runbook::engine::AgentClient::new(template, secret)),
+                NodeSteps::Agent(crate::runbook::engine::AgentClient::new(inv.clone(), key)),
                 prometheus,
             )),
-            None => {
+            _ => {
                 if cfg.agents.is_some() {
-                    tracing::warn!("[agents] has no secret: node steps cannot run from chat");
+                    tracing::warn!(
+                        "[agents] has no signing_key_file: node steps cannot run from chat"
+                    );
                 }
                 Arc::new(NoAgents(Executor::new(
                     Arc::new(ProcessRunner),
@@ -412,7 +416,22 @@ impl ChatState {
                 )))
             }
         };
-        ChatState::with_executor(bot.clone(), Arc::new(SystemClock), executor)
+        let chat = ChatState::with_executor(bot.clone(), Arc::new(SystemClock), executor);
+        chat.with_agents(inventory)
+    }
+
+    /// Sets the agent inventory (the production state does; tests may).
+    pub fn with_agents(self: Arc<Self>, agents: Option<Arc<dyn AgentDirectory>>) -> Arc<ChatState> {
+        match Arc::try_unwrap(self) {
+            Ok(mut c) => {
+                c.agents = agents;
+                Arc::new(c)
+            }
+            Err(shared) => {
+                tracing::error!("chat state already shared; agent inventory not set");
+                shared
+            }
+        }
     }
 
     /// With an explicit clock and executor (tests).
@@ -442,6 +461,7 @@ impl ChatState {
                 .build()
                 .unwrap_or_else(|_| reqwest::Client::new()),
             runbooks_dir,
+            agents: None,
             replay: ReplayCache::default(),
         })
     }
@@ -566,7 +586,13 @@ pub async fn start(chat: Arc<ChatState>, stop: tokio::sync::watch::Receiver<bool
             .is_some_and(|s| s.signing_secret.is_some()),
         discord = cfg.discord.as_ref().is_some_and(|d| d.public_key.is_some()),
         alertmanager = cfg.alertmanager.is_some(),
-        agents = cfg.agents.as_ref().is_some_and(|a| a.secret.is_some()),
+        agents = chat.agents.is_some(),
+        signing_key = %cfg
+            .agents
+            .as_ref()
+            .and_then(|a| a.signing_key.as_ref())
+            .map(|k| k.key_id().to_string())
+            .unwrap_or_else(|| "none".into()),
         runbooks,
         admins = cfg.rbac.admins.len(),
         operators = cfg.rbac.operators.len(),
@@ -1078,18 +1104,22 @@ fn node_instance(groups: &[GroupRecord], node: &str) -> Option<String> {
 }
 
 /// A line about the node's recent kernel events from its agent's
-/// `/v1/events` (`[agents] url_template`), within the inline deadline.
+/// `/v1/events` (agents of the inventory only), within the inline deadline.
 async fn node_events(chat: &ChatState, instance: &str) -> Option<String> {
-    let template = &chat.bot.config.agents.as_ref()?.url_template;
+    let dir = chat.agents.as_ref()?;
     if !is_hostish(instance) {
         return None;
     }
-    let url = format!(
-        "{}/v1/events?since=3600",
-        template
-            .replace("{instance}", instance)
-            .trim_end_matches('/')
-    );
+    let agent = match tokio::time::timeout(INLINE_DEADLINE, dir.agent(instance)).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(why)) => return Some(format!("agent at {instance}: not asked ({why})")),
+        Err(_) => {
+            return Some(format!(
+                "agent at {instance}: inventory did not answer in time"
+            ))
+        }
+    };
+    let url = format!("{}/v1/events?since=3600", agent.url.trim_end_matches('/'));
     let got = tokio::time::timeout(INLINE_DEADLINE, async {
         let r = chat.http.get(&url).send().await.ok()?;
         if !r.status().is_success() {

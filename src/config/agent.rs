@@ -9,9 +9,9 @@ use std::time::Duration;
 use regex::Regex;
 
 use crate::config::{
-    anchored_regex, positive_secs, read_file, read_log_section, read_secret, ConfigErrors, Reader,
-    Secret,
+    anchored_regex, positive_secs, read_file, read_log_section, ConfigErrors, Reader,
 };
+use crate::exec_auth::ExecPublicKey;
 use crate::host::HostRoots;
 
 /// Default agent port: not used by node_exporter (9100), dcgm-exporter (9400)
@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub storage: StorageConfig,
     pub gpu: GpuConfig,
     pub exec: ExecConfig,
+    /// This node's identity: signed exec requests must name it. Defaults to
+    /// the host name up to the first dot.
+    pub node_name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,8 +110,11 @@ pub struct GpuConfig {
 
 #[derive(Debug, Clone)]
 pub struct ExecConfig {
-    /// HMAC secret shared with the bot; `None` keeps `POST /v1/exec` off.
-    pub secret: Option<Secret>,
+    /// The bot's Ed25519 public keys (several during a rotation); none keeps
+    /// `POST /v1/exec` off.
+    pub public_keys: Vec<ExecPublicKey>,
+    /// Where the public keys came from (for the log line).
+    pub public_key_files: Vec<PathBuf>,
     /// This node's own runbook directory.
     pub runbooks_dir: PathBuf,
     /// Cap on the stdout and stderr returned per step.
@@ -187,8 +193,10 @@ impl Default for AgentConfig {
                 deadline: Duration::from_secs(2),
                 process_metrics: true,
             },
+            node_name: crate::exec_auth::local_node_name(),
             exec: ExecConfig {
-                secret: None,
+                public_keys: Vec::new(),
+                public_key_files: Vec::new(),
                 runbooks_dir: PathBuf::from("/usr/share/gpuops/runbooks"),
                 output_cap_bytes: 64 * 1024,
             },
@@ -325,8 +333,36 @@ impl AgentConfig {
             r.finish(s);
         }
 
+        if let Some(v) = r.get_with(&mut root, "node_name", |n: String| {
+            if crate::exec_auth::is_node_name(&n) {
+                Ok(n)
+            } else {
+                Err(format!("{n:?} is not a host name"))
+            }
+        }) {
+            c.node_name = v;
+        }
+
         if let Some(mut s) = r.table(&mut root, "exec") {
-            c.exec.secret = read_secret(&mut r, &mut s, "secret", "secret_file");
+            for old in ["secret", "secret_file"] {
+                if s.keys().iter().any(|k| k == old) {
+                    let _: Option<toml::Value> = r.get(&mut s, old);
+                    r.error(
+                        &s,
+                        old,
+                        "shared exec secrets were replaced by the bot's Ed25519 key: run `gpuops keygen`, give the bot the private key ([agents] signing_key_file) and the agents the public key (public_key_files)",
+                    );
+                }
+            }
+            if let Some(files) = r.get::<Vec<PathBuf>>(&mut s, "public_key_files") {
+                for f in files {
+                    match ExecPublicKey::from_file(&f) {
+                        Ok(k) => c.exec.public_keys.push(k),
+                        Err(e) => r.error(&s, "public_key_files", e),
+                    }
+                    c.exec.public_key_files.push(f);
+                }
+            }
             if let Some(v) = r.get_with(&mut s, "runbooks_dir", non_empty_path) {
                 c.exec.runbooks_dir = v;
             }
@@ -370,7 +406,7 @@ mod tests {
     fn empty_file_is_the_default() {
         let c = AgentConfig::from_str(Path::new("a.toml"), "").unwrap();
         assert_eq!(c.listen.port(), DEFAULT_AGENT_PORT);
-        assert!(c.exec.secret.is_none());
+        assert!(c.exec.public_keys.is_empty());
         assert_eq!(c.gpu.backend, GpuBackendChoice::Auto);
     }
 
@@ -398,15 +434,32 @@ mod tests {
     }
 
     #[test]
-    fn secret_from_file_is_read_and_redacted() {
+    fn public_keys_are_read_and_old_secrets_explained() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("exec.secret");
-        std::fs::write(&p, "s3cr3t-value\n").unwrap();
-        let text = format!("[exec]\nsecret_file = {:?}\n", p.display().to_string());
+        let signer = crate::exec_auth::ExecSigner::generate();
+        let p = dir.path().join("exec.pub");
+        std::fs::write(&p, signer.public_key().to_pem().unwrap()).unwrap();
+        let text = format!(
+            "node_name = \"gpu-node-17\"\n[exec]\npublic_key_files = [{:?}]\n",
+            p.display().to_string()
+        );
         let c = AgentConfig::from_str(Path::new("a.toml"), &text).unwrap();
-        let secret = c.exec.secret.clone().unwrap();
-        assert_eq!(secret.expose(), "s3cr3t-value");
-        assert!(!format!("{c:?}").contains("s3cr3t"));
+        assert_eq!(c.exec.public_keys, vec![signer.public_key()]);
+        assert_eq!(c.node_name, "gpu-node-17");
+        let e = errors("node_name = \"10.0.0.1:9949\"\n[exec]\nsecret = \"x\"\npublic_key_files = [\"/nonexistent.pub\"]\n");
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e[0].contains("node_name") && e[0].contains("not a host name"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].contains("exec.secret") && e[1].contains("gpuops keygen"),
+            "{e:?}"
+        );
+        assert!(
+            e[2].contains("exec.public_key_files") && e[2].contains("/nonexistent.pub"),
+            "{e:?}"
+        );
     }
 
     #[test]

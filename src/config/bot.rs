@@ -112,12 +112,31 @@ pub struct RunbooksConfig {
     pub dir: Option<PathBuf>,
 }
 
+/// The agents the bot may send node steps to, and the key it signs with.
 #[derive(Debug, Clone)]
 pub struct AgentsConfig {
-    /// E.g. `http://{instance}`; `{instance}` is the alert's instance label.
-    pub url_template: String,
-    /// HMAC secret shared with the agents' `--exec-secret`.
-    pub secret: Option<Secret>,
+    /// The bot's Ed25519 private key (`signing_key_file`); `None` leaves
+    /// node steps unavailable.
+    pub signing_key: Option<std::sync::Arc<crate::exec_auth::ExecSigner>>,
+    /// Agents listed in the config (`[[agents.nodes]]`).
+    pub nodes: Vec<StaticAgent>,
+    /// Discover agents from this Prometheus job's targets (`[prometheus] url`).
+    pub prometheus_job: Option<String>,
+    /// The target label holding a discovered agent's node name.
+    pub node_label: String,
+    /// How often discovered targets are re-read.
+    pub refresh: Duration,
+}
+
+/// One `[[agents.nodes]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticAgent {
+    /// The `instance` label alerts carry for this agent (`host:port`).
+    pub instance: String,
+    /// The node's real name (what `{{node}}` becomes; what the agent's `node_name` is).
+    pub node: String,
+    /// The agent's base URL; default `http://{instance}`.
+    pub url: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -449,27 +468,95 @@ impl BotConfig {
         }
 
         if let Some(mut s) = r.table(&mut root, "agents") {
-            let template = r.get_with(&mut s, "url_template", |t: String| {
-                if !t.contains("{instance}") {
-                    return Err(format!("{t:?} must contain {{instance}}"));
+            for old in ["url_template", "secret", "secret_file"] {
+                if s.keys().iter().any(|k| k == old) {
+                    let _: Option<toml::Value> = r.get(&mut s, old);
+                    r.error(
+                        &s,
+                        old,
+                        "replaced: agents are now listed ([[agents.nodes]] or prometheus_job) and requests are signed with an Ed25519 key (signing_key_file; `gpuops keygen`); see docs/ops.md \"Security model\"",
+                    );
                 }
-                http_url(t.replace("{instance}", "node-1.example:9949"))
-                    .map(|_| t.clone())
-                    .map_err(|e| format!("{t:?}: {e}"))
-            });
-            let secret = read_secret(&mut r, &mut s, "secret", "secret_file");
-            match template {
-                Some(url_template) => {
-                    c.agents = Some(AgentsConfig {
-                        url_template,
-                        secret,
-                    })
-                }
-                None if s.keys().iter().all(|k| k != "url_template") => {
-                    r.error(&s, "", "needs url_template")
-                }
-                None => {}
             }
+            let mut a = AgentsConfig {
+                signing_key: None,
+                nodes: Vec::new(),
+                prometheus_job: None,
+                node_label: "node".into(),
+                refresh: Duration::from_secs(60),
+            };
+            if let Some(path) = r.get::<PathBuf>(&mut s, "signing_key_file") {
+                match crate::exec_auth::ExecSigner::from_file(&path) {
+                    Ok(k) => a.signing_key = Some(std::sync::Arc::new(k)),
+                    Err(e) => r.error(&s, "signing_key_file", e),
+                }
+            }
+            a.prometheus_job = r.get_with(&mut s, "prometheus_job", |j: String| {
+                if j.trim().is_empty() {
+                    Err("must not be empty".to_string())
+                } else {
+                    Ok(j)
+                }
+            });
+            if let Some(v) = r.get_with(&mut s, "node_label", |l: String| {
+                if !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    Ok(l)
+                } else {
+                    Err(format!("{l:?} is not a Prometheus label name"))
+                }
+            }) {
+                a.node_label = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "refresh_secs", positive_secs) {
+                a.refresh = v;
+            }
+            for mut n in r.tables(&mut s, "nodes") {
+                let instance = r.get_with(&mut n, "instance", |i: String| {
+                    if crate::runbook::engine::is_hostport(&i) {
+                        Ok(i)
+                    } else {
+                        Err(format!("{i:?} is not host:port"))
+                    }
+                });
+                let node = r.get_with(&mut n, "node", |v: String| {
+                    if crate::exec_auth::is_node_name(&v) {
+                        Ok(v)
+                    } else {
+                        Err(format!("{v:?} is not a host name"))
+                    }
+                });
+                let url = r.get_with(&mut n, "url", http_url);
+                match (instance, node) {
+                    (Some(instance), Some(node)) => {
+                        if a.nodes.iter().any(|x| x.instance == instance) {
+                            r.error(&n, "instance", format!("{instance} is listed twice"));
+                        }
+                        let url = url.unwrap_or_else(|| format!("http://{instance}"));
+                        a.nodes.push(StaticAgent {
+                            instance,
+                            node,
+                            url,
+                        });
+                    }
+                    (i, nd) => {
+                        if i.is_none() && n.keys().iter().all(|k| k != "instance") {
+                            r.error(&n, "", "needs instance");
+                        }
+                        if nd.is_none() && n.keys().iter().all(|k| k != "node") {
+                            r.error(&n, "", "needs node");
+                        }
+                    }
+                }
+                r.finish(n);
+            }
+            if a.prometheus_job.is_some() && c.prometheus.is_none() {
+                r.error(
+                    &s,
+                    "prometheus_job",
+                    "needs [prometheus] url to read the job's targets from",
+                );
+            }
+            c.agents = Some(a);
             r.finish(s);
         }
 
@@ -572,7 +659,7 @@ slack_channel = "C0123"
 tiers = ["P3"]
 
 [agents]
-url_template = "http://node"
+node_label = "bad-label"
 
 [approvals]
 expiry_secs = 0
@@ -589,7 +676,7 @@ expiry_secs = 0
                 "bot.toml:17: routing.destinations[0].matchers: team: invalid regex \"(\": unclosed group",
                 "bot.toml:18: routing.destinations[0].slack_channel: needs a [slack] section with bot_token",
                 "bot.toml:20: routing.destinations[1]: names no target: set slack_channel, discord_channel, webhook_url or console = true",
-                "bot.toml:24: agents.url_template: \"http://node\" must contain {instance}",
+                "bot.toml:24: agents.node_label: \"bad-label\" is not a Prometheus label name",
                 "bot.toml:27: approvals.expiry_secs: must be a positive number of seconds, got 0",
             ]
         "#]]
@@ -636,8 +723,15 @@ url = "http://127.0.0.1:9090"
 [runbooks]
 dir = "runbooks"
 [agents]
-url_template = "http://{instance}"
-secret = "s"
+prometheus_job = "gpuops"
+refresh_secs = 30
+[[agents.nodes]]
+instance = "10.0.0.17:9949"
+node = "gpu-node-17"
+[[agents.nodes]]
+instance = "gpu-node-18.example.com:9949"
+node = "gpu-node-18"
+url = "https://gpu-node-18.example.com:9949"
 [rbac]
 admins = ["U0ADMIN"]
 operators = ["U0OPER", "123"]
@@ -648,10 +742,75 @@ expiry_secs = 60
         let d = c.discord.unwrap();
         assert_eq!(d.application_id, Some(123456789012345678));
         assert_eq!(d.api_url, "http://127.0.0.1:1");
-        assert_eq!(c.agents.unwrap().url_template, "http://{instance}");
+        let a = c.agents.unwrap();
+        assert_eq!(a.prometheus_job.as_deref(), Some("gpuops"));
+        assert_eq!(a.refresh, Duration::from_secs(30));
+        assert_eq!(a.node_label, "node");
+        assert!(a.signing_key.is_none());
+        assert_eq!(
+            a.nodes,
+            [
+                StaticAgent {
+                    instance: "10.0.0.17:9949".into(),
+                    node: "gpu-node-17".into(),
+                    url: "http://10.0.0.17:9949".into()
+                },
+                StaticAgent {
+                    instance: "gpu-node-18.example.com:9949".into(),
+                    node: "gpu-node-18".into(),
+                    url: "https://gpu-node-18.example.com:9949".into()
+                }
+            ]
+        );
         assert_eq!(c.rbac.operators, ["U0OPER", "123"]);
         assert_eq!(c.approvals.expiry, Duration::from_secs(60));
         assert_eq!(c.runbooks.dir, Some(PathBuf::from("runbooks")));
+    }
+
+    #[test]
+    fn agents_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("exec.key");
+        let signer = crate::exec_auth::ExecSigner::generate();
+        std::fs::write(&key, signer.private_pem().unwrap().expose()).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = format!(
+            "[agents]\nurl_template = \"http://{{instance}}\"\nsecret = \"s\"\nsigning_key_file = {:?}\nprometheus_job = \"gpuops\"\n[[agents.nodes]]\ninstance = \"10.0.0.1\"\nnode = \"10.0.0.1:9949\"\n",
+            key.display().to_string()
+        );
+        let e = errors(&text);
+        assert_eq!(e.len(), 6, "{e:?}");
+        assert!(
+            e[0].contains("agents.url_template") && e[0].contains("replaced"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].contains("agents.secret") && e[1].contains("gpuops keygen"),
+            "{e:?}"
+        );
+        assert!(
+            e[2].contains("signing_key_file") && e[2].contains("chmod 600"),
+            "{e:?}"
+        );
+        assert!(
+            e[3].contains("prometheus_job") && e[3].contains("[prometheus]"),
+            "{e:?}"
+        );
+        assert!(
+            e[4].contains("instance") && e[4].contains("host:port"),
+            "{e:?}"
+        );
+        assert!(e[5].contains("node") && e[5].contains("host name"), "{e:?}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let ok = format!(
+            "[agents]\nsigning_key_file = {:?}\n",
+            key.display().to_string()
+        );
+        let c = BotConfig::from_str(Path::new("b.toml"), &ok).unwrap();
+        let k = c.agents.unwrap().signing_key.unwrap();
+        assert_eq!(k.key_id(), signer.key_id());
+        assert!(!format!("{k:?}").contains("PRIVATE"));
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! The agent's `POST /v1/exec`: runs one command step of one runbook from
-//! the node's own runbook directory, on a signed, fresh, never-seen request.
+//! the node's own runbook directory, on a request signed by the bot's
+//! Ed25519 key for this node, fresh and never seen (see `exec_auth`).
 //!
-//! Order of checks: signature headers present (else 401 before the body is
+//! Order of checks: signature header present (else 401 before the body is
 //! read), body read with a size limit (413), signature, window and nonce
-//! (401), JSON shape (400), runbook file (404), step (404), step kind and
-//! target (400), parameters re-validated against this node's patterns (400).
-//! The command runs through a [`CommandRunner`] with the step's timeout and
-//! the configured output cap. Every request is logged with its runbook, step,
-//! parameters and outcome; the secret never is. No route is added unless a
-//! secret is configured (see [`router`]).
+//! (401), the node it names (403), JSON shape (400), runbook file (404), step
+//! (404), step kind and target (400), parameters re-validated against this
+//! node's patterns (400), a `node` parameter naming another node (403), the
+//! argv rendered here against the signed digest (403), and the approval a
+//! `needs_approval` step must carry (403). The command runs through a
+//! [`CommandRunner`] with the step's timeout and the configured output cap.
+//! Every request is logged with its runbook, step, parameters, approval and
+//! outcome. No route is added unless a public key is configured (see
+//! [`router`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,10 +26,11 @@ use axum::routing::post;
 use axum::{Json, Router};
 
 use crate::config::agent::ExecConfig;
-use crate::runbook::engine::{self, ExecRequest, ExecResponse, Rendered};
+use crate::exec_auth::{argv_digest, ExecAuthError, ExecVerifier};
+use crate::runbook::engine::{self, ExecResponse, Rendered};
 use crate::runbook::exec::{CommandRunner, CommandSpec, ProcessRunner};
 use crate::runbook::{is_runbook_id, load_file, Kind, Target};
-use crate::signing::{Clock, ExecVerifier, SystemClock};
+use crate::signing::{Clock, SystemClock};
 
 /// Largest request body read.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -60,12 +65,14 @@ impl<C: Clock> ExecState<C> {
     }
 }
 
-/// The `/v1/exec` router for the agent's config, or `None` when no exec
-/// secret is set (the route then does not exist: 404).
-pub fn router(cfg: &ExecConfig) -> Option<Router> {
-    let secret = cfg.secret.as_ref()?;
+/// The `/v1/exec` router for the agent's config and node name, or `None`
+/// when no public key is configured (the route then does not exist: 404).
+pub fn router(cfg: &ExecConfig, node: &str) -> Option<Router> {
+    if cfg.public_keys.is_empty() {
+        return None;
+    }
     let state = ExecState::new(
-        ExecVerifier::new(secret.expose().as_bytes()),
+        ExecVerifier::new(cfg.public_keys.clone(), node),
         cfg.runbooks_dir.clone(),
         cfg.output_cap_bytes,
         Arc::new(ProcessRunner),
@@ -87,8 +94,17 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-/// 401 with a generic body; the reason goes to the log only.
-fn unauthorized(reason: &crate::signing::SigError) -> Response {
+/// 401 with a generic body for an unauthenticated request (the reason goes
+/// to the log only); 403 or 400 with the reason for an authentic request
+/// that is not for this agent or is malformed.
+fn unauthorized(reason: &ExecAuthError) -> Response {
+    match reason {
+        ExecAuthError::WrongNode { .. } => {
+            return refuse(StatusCode::FORBIDDEN, reason.to_string());
+        }
+        ExecAuthError::BadBody(_) => return refuse(StatusCode::BAD_REQUEST, reason.to_string()),
+        _ => {}
+    }
     tracing::warn!(status = 401, reason = %reason, "exec request refused");
     (
         StatusCode::UNAUTHORIZED,
@@ -114,17 +130,9 @@ async fn handle<C: Clock + 'static>(
             );
         }
     };
-    if let Err(e) = state.verifier.verify(&headers, &bytes) {
-        return unauthorized(&e);
-    }
-    let req: ExecRequest = match serde_json::from_slice(&bytes) {
+    let req = match state.verifier.verify(&headers, &bytes) {
         Ok(r) => r,
-        Err(e) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                format!("body must be {{\"runbook\", \"step\", \"params\"}}: {e}"),
-            )
-        }
+        Err(e) => return unauthorized(&e),
     };
     if !is_runbook_id(&req.runbook) {
         return refuse(StatusCode::NOT_FOUND, "no such runbook");
@@ -191,11 +199,50 @@ async fn handle<C: Clock + 'static>(
             );
         }
     };
+    if let Some(n) = req.params.get("node") {
+        if n != state.verifier.node() {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "parameter node={n:?} names another node; this is {:?}",
+                    state.verifier.node()
+                ),
+            );
+        }
+    }
     let argv = match engine::render(step, &params) {
         Ok(Rendered::Command { argv }) => argv,
         Ok(_) => return refuse(StatusCode::BAD_REQUEST, "not a command step"),
         Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    if argv_digest(&argv) != req.argv_sha256.to_ascii_lowercase() {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "runbook {} step {}: the signed command differs from this node's runbook file (the bot and this node run different runbook versions?)",
+                req.runbook, req.step
+            ),
+        );
+    }
+    if step.needs_approval && req.approval.is_none() {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "runbook {} step {} needs approval and the request carries none",
+                req.runbook, req.step
+            ),
+        );
+    }
+    let approval_text = req
+        .approval
+        .as_ref()
+        .map(|a| {
+            format!(
+                "run {} requested by {} approved by {} at {}",
+                a.run, a.requested_by, a.approved_by, a.approved_at
+            )
+        })
+        .unwrap_or_else(|| "none".into());
     let Ok(_permit) = state.slots.try_acquire() else {
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,
@@ -213,6 +260,8 @@ async fn handle<C: Clock + 'static>(
         runbook = %runbook.id,
         step = %step.name,
         params = %params_text,
+        approval = %approval_text,
+        nonce = %req.nonce,
         timeout_seconds = step.timeout.as_secs(),
         "exec step started"
     );

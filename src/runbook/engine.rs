@@ -8,7 +8,8 @@
 //! `needs_approval` and roles with the functions here, and show each
 //! [`StepOutcome`]. Processes are spawned only through a
 //! [`CommandRunner`]; node steps for the bot go to the node's agent as
-//! signed `POST /v1/exec` requests ([`AgentClient`]).
+//! `POST /v1/exec` requests signed for that one agent ([`AgentClient`]),
+//! only to agents an [`AgentDirectory`] (the bot's inventory) knows.
 //!
 //! For an alert, the chat side does:
 //! ```text
@@ -16,7 +17,7 @@
 //! let rb = set.suggest(&alert_labels)[0];                   // or set.get(id) for `/gpuops run`
 //! let plan = engine::plan(rb, &given_k_v, &alert_labels)?;  // ParamErrors: show to the user
 //! let exec = Executor::new(Arc::new(ProcessRunner),
-//!     NodeSteps::Agent(AgentClient::new(url_template, secret)), Some(prometheus_url));
+//!     NodeSteps::Agent(AgentClient::new(inventory, signer)), Some(prometheus_url));
 //! for s in plan.steps_in(Phase::Investigate) {
 //!     authorize(role, ChatAction::RunStep, Some(&s.step))?;
 //!     // s.step.needs_approval: wait for authorize_approval(approver, requester, &s.step)
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Secret;
+use crate::exec_auth::{ExecSigner, SignedApproval};
 use crate::runbook::exec::{BoxFuture, CommandOutput, CommandRunner, CommandSpec, RunError};
 use crate::runbook::{
     Action, Escape, HttpMethod, ParamErrors, Params, Phase, Role, Runbook, Step, Target,
@@ -59,6 +60,9 @@ pub struct PlannedStep {
     pub index: usize,
     pub step: Step,
     pub rendered: Rendered,
+    /// Set by the caller once a `needs_approval` step is approved; a node
+    /// step carries it to the agent inside the signed request.
+    pub approval: Option<SignedApproval>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,22 +135,41 @@ pub struct Executor {
     http: reqwest::Client,
 }
 
-/// Signs and sends node steps to agents.
+/// Signs and sends node steps to the agents a directory knows.
 pub struct AgentClient {
-    /// e.g. `http://{instance}`; `{label}` is replaced by that alert label.
-    pub url_template: String,
-    secret: Secret,
+    directory: Arc<dyn AgentDirectory>,
+    signer: Arc<ExecSigner>,
     http: reqwest::Client,
 }
 
-/// The `/v1/exec` request body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExecRequest {
-    pub runbook: String,
-    pub step: String,
-    #[serde(default)]
-    pub params: BTreeMap<String, String>,
+/// One agent the bot may send node steps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAddr {
+    /// The `instance` label alerts carry for it.
+    pub instance: String,
+    /// The node's real name: `{{node}}`, and the node a request is signed for.
+    pub node: String,
+    /// Base URL, e.g. `http://10.0.0.17:9949`.
+    pub url: String,
+}
+
+/// Where agents are: the bot's inventory (`crate::inventory`).
+pub trait AgentDirectory: Send + Sync {
+    /// The agent behind an `instance` label, or why the bot will not talk to it.
+    fn agent<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<AgentAddr, String>>;
+}
+
+/// Whether `s` looks like `host:port` (or `[v6]:port`).
+pub fn is_hostport(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    !host.is_empty()
+        && s.len() <= 255
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
+        && host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
+        })
 }
 
 /// The `/v1/exec` response body.
@@ -206,6 +229,7 @@ pub fn plan(
             index,
             step: step.clone(),
             rendered: render(step, &params)?,
+            approval: None,
         });
     }
     Ok(RunPlan {
@@ -348,21 +372,20 @@ impl StepOutcome {
 
 impl Executor {
     /// The bot's executor from its configuration: node steps to the agents
-    /// (`[agents] url_template` and `secret`), PromQL to `[prometheus] url`,
-    /// bot-side commands through the real process runner.
+    /// of its inventory (`[agents]`), signed with `signing_key_file`; PromQL
+    /// to `[prometheus] url`; bot-side commands through the real process runner.
     pub fn for_bot(cfg: &crate::config::BotConfig) -> Executor {
-        let node = match &cfg.agents {
-            Some(a) => match &a.secret {
-                Some(secret) => {
-                    NodeSteps::Agent(AgentClient::new(a.url_template.clone(), secret.clone()))
-                }
-                None => NodeSteps::Unavailable(
-                    "node steps need [agents] secret (shared with the agents' --exec-secret)"
-                        .into(),
-                ),
-            },
-            None => NodeSteps::Unavailable(
-                "node steps need an [agents] section (url_template, secret) in the bot configuration"
+        let node = match (
+            crate::inventory::Inventory::from_config(cfg),
+            cfg.agents.as_ref().and_then(|a| a.signing_key.clone()),
+        ) {
+            (Some(inv), Some(key)) => NodeSteps::Agent(AgentClient::new(Arc::new(inv), key)),
+            (Some(_), None) => NodeSteps::Unavailable(
+                "node steps need [agents] signing_key_file (the private key from `gpuops keygen`)"
+                    .into(),
+            ),
+            (None, _) => NodeSteps::Unavailable(
+                "node steps need an [agents] section (signing_key_file, and [[agents.nodes]] or prometheus_job) in the bot configuration"
                     .into(),
             ),
         };
@@ -568,72 +591,65 @@ impl StepExecutor for DryRunExecutor {
 }
 
 impl AgentClient {
-    /// `url_template` like `http://{instance}`; `secret` shared with the agents.
-    pub fn new(url_template: impl Into<String>, secret: Secret) -> AgentClient {
+    pub fn new(directory: Arc<dyn AgentDirectory>, signer: Arc<ExecSigner>) -> AgentClient {
         AgentClient {
-            url_template: url_template.into(),
-            secret,
+            directory,
+            signer,
             http: http_client(),
         }
     }
 
-    /// The agent's base URL for an alert: each `{label}` replaced by that
-    /// label's value, which must look like a host or host:port.
-    pub fn agent_url(&self, labels: &BTreeMap<String, String>) -> Result<String, String> {
-        let mut out = String::new();
-        let mut rest = self.url_template.as_str();
-        while let Some(start) = rest.find('{') {
-            out.push_str(&rest[..start]);
-            let after = &rest[start + 1..];
-            let end = after
-                .find('}')
-                .ok_or_else(|| format!("unclosed {{ in url_template {:?}", self.url_template))?;
-            let label = &after[..end];
-            let value = labels
-                .get(label)
-                .ok_or_else(|| format!("the alert has no {label} label to find its agent"))?;
-            let hostish = !value.is_empty()
-                && value.len() <= 255
-                && value.bytes().all(|b| {
-                    b.is_ascii_alphanumeric()
-                        || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
-                });
-            if !hostish {
-                return Err(format!(
-                    "label {label}={value:?} is not a host or host:port"
-                ));
-            }
-            out.push_str(value);
-            rest = &after[end + 1..];
-        }
-        out.push_str(rest);
-        Ok(out.trim_end_matches('/').to_string())
+    /// The directory this client asks (the chat side checks a run's node
+    /// against it before starting).
+    pub fn directory(&self) -> Arc<dyn AgentDirectory> {
+        self.directory.clone()
     }
 
     /// Sends one node step to the alert's agent, signed, with a deadline of
     /// the step timeout plus [`AGENT_MARGIN`].
     pub async fn execute(&self, plan: &RunPlan, step: &PlannedStep) -> StepOutcome {
         let start = Instant::now();
-        let base = match self.agent_url(&plan.labels) {
-            Ok(u) => u,
+        let Some(instance) = plan.labels.get("instance") else {
+            return StepOutcome::error(
+                "the alert has no instance label to find its agent",
+                start.elapsed(),
+            );
+        };
+        let agent = match self.directory.agent(instance).await {
+            Ok(a) => a,
             Err(e) => return StepOutcome::error(e, start.elapsed()),
         };
-        let req = ExecRequest {
-            runbook: plan.runbook.id.clone(),
-            step: step.step.name.clone(),
-            params: plan.params.as_map().clone(),
+        if let Some(n) = plan.params.as_map().get("node") {
+            if *n != agent.node {
+                return StepOutcome::error(
+                    format!(
+                        "the run names node {n:?} but the agent at {instance} is node {:?}: not sent",
+                        agent.node
+                    ),
+                    start.elapsed(),
+                );
+            }
+        }
+        let Rendered::Command { argv } = &step.rendered else {
+            return StepOutcome::error("only command steps run on agents", start.elapsed());
         };
-        let body = match serde_json::to_vec(&req) {
-            Ok(b) => b,
-            Err(e) => return StepOutcome::error(format!("cannot encode: {e}"), start.elapsed()),
-        };
-        let now = signing::SystemClock.now_unix();
+        let base = agent.url.trim_end_matches('/').to_string();
+        let req = ExecSigner::request(
+            &agent.node,
+            &plan.runbook.id,
+            &step.step.name,
+            plan.params.as_map().clone(),
+            argv,
+            step.approval.clone(),
+            signing::SystemClock.now_unix(),
+        );
+        let (body, headers) = self.signer.sign(&req);
         let mut builder = self
             .http
             .post(format!("{base}/v1/exec"))
             .timeout(step.step.timeout + AGENT_MARGIN)
             .header(reqwest::header::CONTENT_TYPE, "application/json");
-        for (k, v) in signing::exec_headers(self.secret.expose().as_bytes(), now, &body) {
+        for (k, v) in headers {
             builder = builder.header(k, v);
         }
         let resp = match builder.body(body).send().await {
@@ -992,17 +1008,14 @@ mod tests {
     }
 
     #[test]
-    fn agent_url_from_labels() {
-        let c = AgentClient::new("http://{instance}", Secret::new("s"));
-        let labels = |v: &str| -> BTreeMap<String, String> {
-            [("instance".to_string(), v.to_string())]
-                .into_iter()
-                .collect()
-        };
-        assert_eq!(c.agent_url(&labels("n1:9949")).unwrap(), "http://n1:9949");
-        assert!(c.agent_url(&labels("evil.com/x?")).is_err());
-        assert!(c.agent_url(&labels("a@b")).is_err());
-        assert!(c.agent_url(&BTreeMap::new()).is_err());
+    fn hostports() {
+        assert!(is_hostport("n1:9949"));
+        assert!(is_hostport("10.0.0.1:9949"));
+        assert!(is_hostport("[::1]:9949"));
+        assert!(!is_hostport("evil.com/x?:1"));
+        assert!(!is_hostport("a@b:1"));
+        assert!(!is_hostport("n1"));
+        assert!(!is_hostport("n1:0"));
     }
 
     #[test]

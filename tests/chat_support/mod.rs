@@ -199,6 +199,7 @@ impl Bot {
                 // The production executor with the test clock.
                 let prod = ChatState::new(state.clone());
                 ChatState::with_executor(state.clone(), clock.clone(), prod.executor.clone())
+                    .with_agents(prod.agents.clone())
             }
         };
         let routes = chat::start(chat.clone(), rx).await;

@@ -1,0 +1,686 @@
+//! Agent exec requests: the bot signs, the agent verifies.
+//!
+//! A request is a JSON body ([`SignedExec`]) that names the one agent it is
+//! for (the agent's node name), the runbook, the step, the parameters, a
+//! SHA-256 digest of the exact argv the agent will run, a timestamp, a nonce
+//! and, for a step that needs approval, the approval (run, requester,
+//! approver, time). The bot signs the raw body with its Ed25519 private key
+//! ([`ExecSigner`]); agents hold only public keys ([`ExecVerifier`], several
+//! at once for rotation), so a compromised agent can verify requests but
+//! never sign one. An agent refuses a request for another node, one outside
+//! the time window, one whose nonce it has seen, and (in
+//! `runbook::agent_exec`) one whose argv digest differs from the argv it
+//! renders from its own runbook file.
+//!
+//! Keys are PEM files in the formats OpenSSL writes (`openssl genpkey
+//! -algorithm ed25519`): PKCS#8 for the private key, SPKI for the public key;
+//! `gpuops keygen` writes both. This module reads key files but does no other
+//! I/O, never logs, and never prints key material (`Debug` is redacted).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Mutex;
+
+use axum::http::HeaderMap;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::signing::{Clock, SystemClock, WINDOW_SECS};
+
+/// Hex Ed25519 signature over [`DOMAIN`] followed by the raw body.
+pub const SIGNATURE_HEADER: &str = "x-gpuops-signature";
+/// Which key signed (a hint; every configured key is tried when absent).
+pub const KEY_ID_HEADER: &str = "x-gpuops-key-id";
+/// Prefixed to the body before signing, so a signature over an exec request
+/// can never be taken for a signature over anything else.
+pub const DOMAIN: &[u8] = b"gpuops-exec-v2\n";
+/// The body's format version.
+pub const VERSION: u8 = 2;
+/// Most nonces remembered; past this, requests are refused until old ones expire.
+pub const NONCE_CACHE_MAX: usize = 100_000;
+
+/// The signed content of one exec request (the whole JSON body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedExec {
+    /// [`VERSION`].
+    pub v: u8,
+    /// The node name of the one agent this request is for.
+    pub node: String,
+    pub runbook: String,
+    pub step: String,
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// [`argv_digest`] of the argv the bot rendered; the agent renders its
+    /// own from its runbook file and refuses on any difference.
+    pub argv_sha256: String,
+    /// Unix seconds when the bot signed.
+    pub timestamp: i64,
+    /// 32 random hex digits; an agent runs a nonce once.
+    pub nonce: String,
+    /// Present for a step that needs approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<SignedApproval>,
+}
+
+/// Who approved a `needs_approval` step, carried inside the signed content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedApproval {
+    /// The chat run id (`r…`).
+    pub run: String,
+    pub requested_by: String,
+    pub approved_by: String,
+    /// Unix seconds of the approval.
+    pub approved_at: i64,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExecAuthError {
+    #[error("missing header {0}")]
+    Missing(&'static str),
+    #[error("malformed header {0}")]
+    Malformed(&'static str),
+    #[error("signature does not match any configured public key")]
+    BadSignature,
+    #[error("signed body is not an exec request: {0}")]
+    BadBody(String),
+    #[error("request is for node {requested:?}, this is {this:?}")]
+    WrongNode { requested: String, this: String },
+    #[error("timestamp outside the {WINDOW_SECS}s window")]
+    Stale,
+    #[error("nonce already used")]
+    Replayed,
+    #[error("too many requests in the replay window")]
+    CacheFull,
+}
+
+impl ExecAuthError {
+    /// Whether the request itself is unauthenticated (401) rather than
+    /// authentic but not for this agent or malformed (403/400).
+    pub fn is_unauthenticated(&self) -> bool {
+        !matches!(
+            self,
+            ExecAuthError::WrongNode { .. } | ExecAuthError::BadBody(_)
+        )
+    }
+}
+
+/// The SHA-256 (hex) of an argv, as JSON: `["a","b"]`.
+pub fn argv_digest(argv: &[String]) -> String {
+    // Serializing a slice of strings cannot fail.
+    let json = serde_json::to_vec(argv).unwrap_or_default();
+    hex::encode(Sha256::digest(&json))
+}
+
+/// A short id for a public key: the first 16 hex digits of its SHA-256.
+fn key_id(key: &VerifyingKey) -> String {
+    hex::encode(&Sha256::digest(key.as_bytes())[..8])
+}
+
+/// The bot's private signing key.
+pub struct ExecSigner {
+    key: SigningKey,
+    id: String,
+}
+
+impl std::fmt::Debug for ExecSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExecSigner(key id {}, <redacted>)", self.id)
+    }
+}
+
+impl ExecSigner {
+    /// A new random key.
+    pub fn generate() -> ExecSigner {
+        ExecSigner::from_signing_key(SigningKey::from_bytes(&rand::random::<[u8; 32]>()))
+    }
+
+    fn from_signing_key(key: SigningKey) -> ExecSigner {
+        let id = key_id(&key.verifying_key());
+        ExecSigner { key, id }
+    }
+
+    /// A PKCS#8 PEM private key (`-----BEGIN PRIVATE KEY-----`).
+    pub fn from_pem(pem: &str) -> Result<ExecSigner, String> {
+        SigningKey::from_pkcs8_pem(pem.trim())
+            .map(ExecSigner::from_signing_key)
+            .map_err(|_| {
+                "not an Ed25519 private key in PKCS#8 PEM (gpuops keygen writes one)".into()
+            })
+    }
+
+    /// Reads a private key file; relative names are looked up in
+    /// `$CREDENTIALS_DIRECTORY` first. A file that others may read is refused.
+    pub fn from_file(path: &Path) -> Result<ExecSigner, String> {
+        let secret = crate::config::load_secret_file(path)?;
+        let resolved = resolve(path);
+        if let Ok(meta) = std::fs::metadata(&resolved) {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(format!(
+                    "{} is readable by others (mode {mode:04o}): chmod 600 it",
+                    resolved.display()
+                ));
+            }
+        }
+        ExecSigner::from_pem(secret.expose()).map_err(|e| format!("{}: {e}", resolved.display()))
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn public_key(&self) -> ExecPublicKey {
+        ExecPublicKey::new(self.key.verifying_key())
+    }
+
+    /// The private key as PKCS#8 PEM (for `gpuops keygen` only).
+    pub fn private_pem(&self) -> Result<crate::config::Secret, String> {
+        self.key
+            .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .map(|pem| crate::config::Secret::new(pem.as_str()))
+            .map_err(|e| format!("cannot encode the private key: {e}"))
+    }
+
+    /// The body and headers of a signed request.
+    pub fn sign(&self, req: &SignedExec) -> (Vec<u8>, [(&'static str, String); 2]) {
+        // Serializing strings, integers and maps of strings cannot fail.
+        let body = serde_json::to_vec(req).unwrap_or_default();
+        let headers = self.sign_bytes(&body);
+        (body, headers)
+    }
+
+    /// The headers signing `body` as it is (tests of malformed bodies).
+    pub fn sign_bytes(&self, body: &[u8]) -> [(&'static str, String); 2] {
+        let mut msg = Vec::with_capacity(DOMAIN.len() + body.len());
+        msg.extend_from_slice(DOMAIN);
+        msg.extend_from_slice(body);
+        let sig = self.key.sign(&msg);
+        [
+            (SIGNATURE_HEADER, hex::encode(sig.to_bytes())),
+            (KEY_ID_HEADER, self.id.clone()),
+        ]
+    }
+
+    /// A request for `node` signed now, with a fresh nonce.
+    pub fn request(
+        node: &str,
+        runbook: &str,
+        step: &str,
+        params: BTreeMap<String, String>,
+        argv: &[String],
+        approval: Option<SignedApproval>,
+        now: i64,
+    ) -> SignedExec {
+        SignedExec {
+            v: VERSION,
+            node: node.to_string(),
+            runbook: runbook.to_string(),
+            step: step.to_string(),
+            params,
+            argv_sha256: argv_digest(argv),
+            timestamp: now,
+            nonce: hex::encode(rand::random::<[u8; 16]>()),
+            approval,
+        }
+    }
+}
+
+fn resolve(path: &Path) -> std::path::PathBuf {
+    if !path.is_absolute() {
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let p = std::path::PathBuf::from(dir).join(path);
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    path.to_path_buf()
+}
+
+/// A public key an agent accepts.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExecPublicKey {
+    key: VerifyingKey,
+    id: String,
+}
+
+impl std::fmt::Debug for ExecPublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExecPublicKey({})", self.id)
+    }
+}
+
+impl ExecPublicKey {
+    fn new(key: VerifyingKey) -> ExecPublicKey {
+        ExecPublicKey {
+            id: key_id(&key),
+            key,
+        }
+    }
+
+    /// An SPKI PEM public key (`-----BEGIN PUBLIC KEY-----`).
+    pub fn from_pem(pem: &str) -> Result<ExecPublicKey, String> {
+        VerifyingKey::from_public_key_pem(pem.trim())
+            .map(ExecPublicKey::new)
+            .map_err(|_| "not an Ed25519 public key in PEM (gpuops keygen writes one)".into())
+    }
+
+    pub fn from_file(path: &Path) -> Result<ExecPublicKey, String> {
+        let resolved = resolve(path);
+        let text = std::fs::read_to_string(&resolved)
+            .map_err(|e| format!("cannot read {}: {e}", resolved.display()))?;
+        ExecPublicKey::from_pem(&text).map_err(|e| format!("{}: {e}", resolved.display()))
+    }
+
+    pub fn to_pem(&self) -> Result<String, String> {
+        self.key
+            .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .map_err(|e| format!("cannot encode the public key: {e}"))
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// Verifies exec requests for one node: signature, node, window, nonce.
+pub struct ExecVerifier<C: Clock = SystemClock> {
+    keys: Vec<ExecPublicKey>,
+    node: String,
+    clock: C,
+    nonces: Mutex<NonceCache>,
+}
+
+#[derive(Default)]
+struct NonceCache {
+    seen: HashMap<String, i64>,
+    order: VecDeque<(i64, String)>,
+}
+
+impl NonceCache {
+    /// Forgets nonces whose timestamp left the window.
+    fn expire(&mut self, now: i64) {
+        while let Some((t, _)) = self.order.front() {
+            if *t >= now - WINDOW_SECS {
+                break;
+            }
+            if let Some((_, n)) = self.order.pop_front() {
+                self.seen.remove(&n);
+            }
+        }
+    }
+}
+
+impl ExecVerifier<SystemClock> {
+    pub fn new(keys: Vec<ExecPublicKey>, node: impl Into<String>) -> ExecVerifier<SystemClock> {
+        ExecVerifier::with_clock(keys, node, SystemClock)
+    }
+}
+
+impl<C: Clock> ExecVerifier<C> {
+    pub fn with_clock(
+        keys: Vec<ExecPublicKey>,
+        node: impl Into<String>,
+        clock: C,
+    ) -> ExecVerifier<C> {
+        ExecVerifier {
+            keys,
+            node: node.into(),
+            clock,
+            nonces: Mutex::new(NonceCache::default()),
+        }
+    }
+
+    /// This agent's node name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The ids of the accepted keys (for the start-up log line).
+    pub fn key_ids(&self) -> Vec<&str> {
+        self.keys.iter().map(|k| k.id()).collect()
+    }
+
+    /// Checks the headers that must be present before the body is read.
+    pub fn precheck(&self, headers: &HeaderMap) -> Result<(), ExecAuthError> {
+        header(headers, SIGNATURE_HEADER).map(|_| ())
+    }
+
+    /// Verifies a request on its raw bytes; on success its nonce is
+    /// remembered for the window and the parsed content returned.
+    pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<SignedExec, ExecAuthError> {
+        let sig = header(headers, SIGNATURE_HEADER)?;
+        let raw = hex::decode(sig).map_err(|_| ExecAuthError::Malformed(SIGNATURE_HEADER))?;
+        let raw: [u8; 64] = raw
+            .try_into()
+            .map_err(|_| ExecAuthError::Malformed(SIGNATURE_HEADER))?;
+        let signature = ed25519_dalek::Signature::from_bytes(&raw);
+        let mut msg = Vec::with_capacity(DOMAIN.len() + body.len());
+        msg.extend_from_slice(DOMAIN);
+        msg.extend_from_slice(body);
+        let hint = headers.get(KEY_ID_HEADER).and_then(|v| v.to_str().ok());
+        let verified = self
+            .keys
+            .iter()
+            .filter(|k| hint.is_none_or(|h| h == k.id))
+            .chain(self.keys.iter())
+            .any(|k| k.key.verify_strict(&msg, &signature).is_ok());
+        if !verified {
+            return Err(ExecAuthError::BadSignature);
+        }
+        let req: SignedExec =
+            serde_json::from_slice(body).map_err(|e| ExecAuthError::BadBody(e.to_string()))?;
+        if req.v != VERSION {
+            return Err(ExecAuthError::BadBody(format!(
+                "version {} (this agent speaks {VERSION})",
+                req.v
+            )));
+        }
+        if req.node != self.node {
+            return Err(ExecAuthError::WrongNode {
+                requested: req.node,
+                this: self.node.clone(),
+            });
+        }
+        let now = self.clock.now_unix();
+        if (now - req.timestamp).abs() > WINDOW_SECS {
+            return Err(ExecAuthError::Stale);
+        }
+        if req.nonce.len() < 16
+            || req.nonce.len() > 64
+            || !req.nonce.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(ExecAuthError::BadBody(
+                "nonce must be 16-64 hex digits".into(),
+            ));
+        }
+        let nonce = req.nonce.to_ascii_lowercase();
+        let mut cache = self
+            .nonces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.expire(now);
+        if cache.seen.contains_key(&nonce) {
+            return Err(ExecAuthError::Replayed);
+        }
+        if cache.seen.len() >= NONCE_CACHE_MAX {
+            return Err(ExecAuthError::CacheFull);
+        }
+        // Expire by the later of the signed time and now, so a nonce signed in
+        // the past cannot be forgotten early and replayed.
+        let keep_from = req.timestamp.max(now);
+        cache.seen.insert(nonce.clone(), keep_from);
+        cache.order.push_back((keep_from, nonce));
+        Ok(req)
+    }
+
+    /// Nonces currently remembered.
+    pub fn nonces_remembered(&self) -> usize {
+        self.nonces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .seen
+            .len()
+    }
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &'static str) -> Result<&'h str, ExecAuthError> {
+    let v = headers.get(name).ok_or(ExecAuthError::Missing(name))?;
+    let s = v
+        .to_str()
+        .map_err(|_| ExecAuthError::Malformed(name))?
+        .trim();
+    if s.is_empty() {
+        return Err(ExecAuthError::Missing(name));
+    }
+    Ok(s)
+}
+
+/// This host's node name: the kernel's nodename up to the first dot.
+pub fn local_node_name() -> String {
+    let uname = rustix::system::uname();
+    let full = uname.nodename().to_string_lossy().to_string();
+    full.split('.').next().unwrap_or("").to_string()
+}
+
+/// Whether `s` can be a node name (a host name: letters, digits, `-`, `_`,
+/// `.`; starting with a letter or digit; at most 253 characters).
+pub fn is_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// `gpuops keygen`: writes `NAME.key` (0600, created new) and `NAME.pub`.
+pub fn keygen(args: crate::cli::KeygenArgs) -> anyhow::Result<std::process::ExitCode> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if args.name.is_empty()
+        || !args
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        anyhow::bail!(
+            "--name {:?}: use letters, digits, '-', '_' or '.'",
+            args.name
+        );
+    }
+    let signer = ExecSigner::generate();
+    let private = signer.private_pem().map_err(anyhow::Error::msg)?;
+    let public = signer.public_key().to_pem().map_err(anyhow::Error::msg)?;
+    let key_path = args.out.join(format!("{}.key", args.name));
+    let pub_path = args.out.join(format!("{}.pub", args.name));
+    let write = |path: &Path, text: &str, mode: u32| -> anyhow::Result<()> {
+        if args.force {
+            // A replaced file is removed first, so the new one gets `mode`.
+            let _ = std::fs::remove_file(path);
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    anyhow::anyhow!("{} exists (use --force to replace it)", path.display())
+                } else {
+                    anyhow::anyhow!("cannot create {}: {e}", path.display())
+                }
+            })?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+    };
+    if !args.force {
+        for p in [&key_path, &pub_path] {
+            if p.exists() {
+                anyhow::bail!("{} exists (use --force to replace it)", p.display());
+            }
+        }
+    }
+    write(&key_path, private.expose(), 0o600)?;
+    write(&pub_path, &public, 0o644)?;
+    println!(
+        "wrote {} (private: the bot's [agents] signing_key_file; keep it 0600) and {} (public: the agents' [exec] public_key_files); key id {}",
+        key_path.display(),
+        pub_path.display(),
+        signer.key_id()
+    );
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signing::FixedClock;
+    use axum::http::HeaderValue;
+    use std::sync::Arc;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn req(node: &str, now: i64) -> SignedExec {
+        ExecSigner::request(
+            node,
+            "storage",
+            "df",
+            BTreeMap::new(),
+            &["df".to_string(), "-h".to_string()],
+            None,
+            now,
+        )
+    }
+
+    fn verifier(
+        signer: &ExecSigner,
+        node: &str,
+    ) -> (ExecVerifier<Arc<FixedClock>>, Arc<FixedClock>) {
+        let clock = Arc::new(FixedClock::new(NOW));
+        (
+            ExecVerifier::with_clock(vec![signer.public_key()], node, clock.clone()),
+            clock,
+        )
+    }
+
+    #[test]
+    fn signed_request_verifies_once() {
+        let s = ExecSigner::generate();
+        let (v, _) = verifier(&s, "node-a");
+        let (body, h) = s.sign(&req("node-a", NOW));
+        let got = v.verify(&headers(&h), &body).unwrap();
+        assert_eq!(got.node, "node-a");
+        assert_eq!(v.verify(&headers(&h), &body), Err(ExecAuthError::Replayed));
+    }
+
+    #[test]
+    fn exec_request_for_node_a_refused_on_node_b() {
+        let s = ExecSigner::generate();
+        let (b, _) = verifier(&s, "node-b");
+        let (body, h) = s.sign(&req("node-a", NOW));
+        assert_eq!(
+            b.verify(&headers(&h), &body),
+            Err(ExecAuthError::WrongNode {
+                requested: "node-a".into(),
+                this: "node-b".into()
+            })
+        );
+        // Rewriting the node in the body breaks the signature.
+        let forged = String::from_utf8(body)
+            .unwrap()
+            .replace("\"node-a\"", "\"node-b\"");
+        assert_eq!(
+            b.verify(&headers(&h), forged.as_bytes()),
+            Err(ExecAuthError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn other_key_stale_and_malformed_are_refused() {
+        let s = ExecSigner::generate();
+        let (v, clock) = verifier(&s, "n");
+        let other = ExecSigner::generate();
+        let (body, h) = other.sign(&req("n", NOW));
+        assert_eq!(
+            v.verify(&headers(&h), &body),
+            Err(ExecAuthError::BadSignature)
+        );
+        let (body, h) = s.sign(&req("n", NOW - WINDOW_SECS - 1));
+        assert_eq!(v.verify(&headers(&h), &body), Err(ExecAuthError::Stale));
+        let (body, h) = s.sign(&req("n", NOW + WINDOW_SECS + 1));
+        assert_eq!(v.verify(&headers(&h), &body), Err(ExecAuthError::Stale));
+        assert_eq!(
+            v.verify(&HeaderMap::new(), b"{}"),
+            Err(ExecAuthError::Missing(SIGNATURE_HEADER))
+        );
+        assert_eq!(
+            v.verify(&headers(&[(SIGNATURE_HEADER, "zz".into())]), b"{}"),
+            Err(ExecAuthError::Malformed(SIGNATURE_HEADER))
+        );
+        // Nonces are forgotten only after the window.
+        let (body, h) = s.sign(&req("n", NOW));
+        assert!(v.verify(&headers(&h), &body).is_ok());
+        assert_eq!(v.nonces_remembered(), 1);
+        clock.set(NOW + WINDOW_SECS + 1);
+        let (body, h) = s.sign(&req("n", NOW + WINDOW_SECS + 1));
+        assert!(v.verify(&headers(&h), &body).is_ok());
+        assert_eq!(v.nonces_remembered(), 1);
+    }
+
+    #[test]
+    fn signature_case_variant_is_a_replay() {
+        let s = ExecSigner::generate();
+        let (v, _) = verifier(&s, "n");
+        let (body, h) = s.sign(&req("n", NOW));
+        assert!(v.verify(&headers(&h), &body).is_ok());
+        let upper = [(h[0].0, h[0].1.to_ascii_uppercase()), h[1].clone()];
+        assert_eq!(
+            v.verify(&headers(&upper), &body),
+            Err(ExecAuthError::Replayed)
+        );
+    }
+
+    #[test]
+    fn several_keys_for_rotation_and_key_id_hint() {
+        let old = ExecSigner::generate();
+        let new = ExecSigner::generate();
+        let clock = Arc::new(FixedClock::new(NOW));
+        let v = ExecVerifier::with_clock(vec![old.public_key(), new.public_key()], "n", clock);
+        for s in [&old, &new] {
+            let (body, h) = s.sign(&req("n", NOW));
+            assert!(v.verify(&headers(&h), &body).is_ok());
+            // A wrong key id hint still finds the key.
+            let (body, h) = s.sign(&req("n", NOW));
+            let wrong = [h[0].clone(), (KEY_ID_HEADER, "0000000000000000".into())];
+            assert!(v.verify(&headers(&wrong), &body).is_ok());
+        }
+    }
+
+    #[test]
+    fn pem_round_trip() {
+        let s = ExecSigner::generate();
+        let pem = s.private_pem().unwrap();
+        assert!(pem.expose().starts_with("-----BEGIN PRIVATE KEY-----"));
+        let back = ExecSigner::from_pem(pem.expose()).unwrap();
+        assert_eq!(back.key_id(), s.key_id());
+        let pubpem = s.public_key().to_pem().unwrap();
+        assert!(pubpem.starts_with("-----BEGIN PUBLIC KEY-----"));
+        assert_eq!(ExecPublicKey::from_pem(&pubpem).unwrap(), s.public_key());
+        assert!(ExecPublicKey::from_pem(pem.expose()).is_err());
+        assert!(ExecSigner::from_pem(&pubpem).is_err());
+        assert!(!format!("{s:?}").contains(pem.expose()));
+    }
+
+    #[test]
+    fn argv_digest_distinguishes_splits() {
+        let a = argv_digest(&["echo".into(), "a b".into()]);
+        let b = argv_digest(&["echo".into(), "a".into(), "b".into()]);
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn node_names() {
+        assert!(is_node_name("gpu-node-17"));
+        assert!(is_node_name("gpu-node-17.example.com"));
+        assert!(!is_node_name(""));
+        assert!(!is_node_name("-x"));
+        assert!(!is_node_name("a b"));
+        assert!(!is_node_name("a:9949"));
+    }
+}

@@ -1,0 +1,388 @@
+//! The bot's inventory of agents: which `instance` labels belong to agents
+//! the bot may send node steps to, and each agent's node name and URL.
+//!
+//! Two sources: the configuration's `[[agents.nodes]]` list, and the targets
+//! of one Prometheus job (`GET /api/v1/targets?state=active` on `[prometheus]
+//! url`, re-read every `refresh_secs`, and at most every 10 s when an
+//! instance is not found). An alert naming any other address gets no request
+//! from the bot: [`Inventory::lookup`] says why, and the caller refuses the
+//! run. A discovered agent's node name comes from a target label
+//! (`node_label`, then `nodename`), else from the target's host name when
+//! it is a DNS name: never from a fragment of an IP address.
+//!
+//! No signing and no runbook logic here; the runbook engine sees this module
+//! only through [`AgentDirectory`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::config::BotConfig;
+use crate::exec_auth::is_node_name;
+use crate::runbook::engine::{AgentAddr, AgentDirectory};
+use crate::runbook::exec::BoxFuture;
+
+/// Deadline of one read of Prometheus's targets.
+pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A miss re-reads the targets at most this often.
+pub const MISS_REFRESH: Duration = Duration::from_secs(10);
+
+/// The agents the bot knows.
+pub struct Inventory {
+    statics: HashMap<String, AgentAddr>,
+    discovery: Option<Discovery>,
+    discovered: tokio::sync::Mutex<Discovered>,
+}
+
+struct Discovery {
+    targets_url: String,
+    job: String,
+    node_label: String,
+    refresh: Duration,
+    http: reqwest::Client,
+}
+
+#[derive(Default)]
+struct Discovered {
+    agents: HashMap<String, AgentAddr>,
+    /// Targets of the job with no usable node name, and why.
+    unnamed: HashMap<String, String>,
+    at: Option<Instant>,
+    error: Option<String>,
+}
+
+impl Inventory {
+    /// The inventory `[agents]` describes (`None` without an `[agents]` section).
+    pub fn from_config(cfg: &BotConfig) -> Option<Inventory> {
+        let a = cfg.agents.as_ref()?;
+        let statics = a
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.instance.clone(),
+                    AgentAddr {
+                        instance: n.instance.clone(),
+                        node: n.node.clone(),
+                        url: n.url.clone(),
+                    },
+                )
+            })
+            .collect();
+        let discovery = match (&a.prometheus_job, &cfg.prometheus) {
+            (Some(job), Some(p)) => Some(Discovery {
+                targets_url: format!(
+                    "{}/api/v1/targets?state=active",
+                    p.url.trim_end_matches('/')
+                ),
+                job: job.clone(),
+                node_label: a.node_label.clone(),
+                refresh: a.refresh,
+                http: reqwest::Client::builder()
+                    .timeout(DISCOVERY_TIMEOUT)
+                    .connect_timeout(Duration::from_secs(3))
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .unwrap_or_else(|_| reqwest::Client::new()),
+            }),
+            _ => None,
+        };
+        Some(Inventory {
+            statics,
+            discovery,
+            discovered: tokio::sync::Mutex::new(Discovered::default()),
+        })
+    }
+
+    /// A fixed inventory (tests).
+    pub fn fixed(agents: Vec<AgentAddr>) -> Inventory {
+        Inventory {
+            statics: agents
+                .into_iter()
+                .map(|a| (a.instance.clone(), a))
+                .collect(),
+            discovery: None,
+            discovered: tokio::sync::Mutex::new(Discovered::default()),
+        }
+    }
+
+    /// The agent behind an alert's `instance` label, or why there is none.
+    pub async fn lookup(&self, instance: &str) -> Result<AgentAddr, String> {
+        if let Some(a) = self.statics.get(instance) {
+            return Ok(a.clone());
+        }
+        let Some(d) = &self.discovery else {
+            return Err(format!(
+                "{instance} is not a known agent (not listed in [[agents.nodes]]); the bot sends node steps only to its own agents"
+            ));
+        };
+        let mut cache = self.discovered.lock().await;
+        let stale = |c: &Discovered, max: Duration| c.at.is_none_or(|t| t.elapsed() >= max);
+        if stale(&cache, d.refresh)
+            || (!cache.agents.contains_key(instance) && stale(&cache, MISS_REFRESH))
+        {
+            refresh(d, &mut cache).await;
+        }
+        if let Some(a) = cache.agents.get(instance) {
+            return Ok(a.clone());
+        }
+        if let Some(why) = cache.unnamed.get(instance) {
+            return Err(format!("agent {instance} has no node name: {why}"));
+        }
+        match &cache.error {
+            Some(e) if cache.agents.is_empty() => Err(format!(
+                "cannot check {instance} against Prometheus job {:?}: {e}",
+                d.job
+            )),
+            _ => Err(format!(
+                "{instance} is not a known agent (not in [[agents.nodes]] nor a target of Prometheus job {:?}); the bot sends node steps only to its own agents",
+                d.job
+            )),
+        }
+    }
+
+    /// Re-reads the targets now (start-up log line); the number of agents known.
+    pub async fn refresh_now(&self) -> Result<usize, String> {
+        let Some(d) = &self.discovery else {
+            return Ok(self.statics.len());
+        };
+        let mut cache = self.discovered.lock().await;
+        refresh(d, &mut cache).await;
+        match &cache.error {
+            Some(e) => Err(e.clone()),
+            None => Ok(self.statics.len() + cache.agents.len()),
+        }
+    }
+}
+
+impl AgentDirectory for Inventory {
+    fn agent<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<AgentAddr, String>> {
+        Box::pin(self.lookup(instance))
+    }
+}
+
+/// Wraps an inventory for the engine.
+pub fn directory(inv: Inventory) -> Arc<dyn AgentDirectory> {
+    Arc::new(inv)
+}
+
+async fn refresh(d: &Discovery, cache: &mut Discovered) {
+    cache.at = Some(Instant::now());
+    match fetch(d).await {
+        Ok((agents, unnamed)) => {
+            tracing::debug!(
+                job = %d.job,
+                agents = agents.len(),
+                unnamed = unnamed.len(),
+                "agent inventory refreshed from Prometheus"
+            );
+            for (instance, why) in &unnamed {
+                tracing::warn!(instance = %instance, reason = %why, "agent target has no node name; node steps to it are refused");
+            }
+            cache.agents = agents;
+            cache.unnamed = unnamed;
+            cache.error = None;
+        }
+        Err(e) => {
+            // Keep the last good list: a Prometheus restart must not stop runbooks.
+            tracing::warn!(job = %d.job, error = %e, "cannot refresh the agent inventory; keeping the last list");
+            cache.error = Some(e);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TargetsResponse {
+    status: String,
+    #[serde(default)]
+    data: Option<TargetsData>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TargetsData {
+    #[serde(default, rename = "activeTargets")]
+    active: Vec<Target>,
+}
+
+#[derive(Deserialize)]
+struct Target {
+    #[serde(default)]
+    labels: HashMap<String, String>,
+    #[serde(default, rename = "scrapeUrl")]
+    scrape_url: String,
+}
+
+type Parsed = (HashMap<String, AgentAddr>, HashMap<String, String>);
+
+async fn fetch(d: &Discovery) -> Result<Parsed, String> {
+    let resp = d
+        .http
+        .get(&d.targets_url)
+        .send()
+        .await
+        .map_err(|e| crate::telemetry::redact(&format!("GET /api/v1/targets: {e}")))?;
+    let status = resp.status();
+    let body = resp
+        .text()
+        .await
+        .map_err(|e| format!("GET /api/v1/targets: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("GET /api/v1/targets: HTTP {}", status.as_u16()));
+    }
+    parse_targets(&body, &d.job, &d.node_label)
+}
+
+/// The agents of `job` in a `/api/v1/targets` answer, and the targets
+/// without a usable node name.
+fn parse_targets(body: &str, job: &str, node_label: &str) -> Result<Parsed, String> {
+    let r: TargetsResponse =
+        serde_json::from_str(body).map_err(|e| format!("unreadable targets answer: {e}"))?;
+    if r.status != "success" {
+        return Err(format!(
+            "Prometheus answered {}: {}",
+            r.status,
+            r.error.unwrap_or_default()
+        ));
+    }
+    let mut agents = HashMap::new();
+    let mut unnamed = HashMap::new();
+    for t in r.data.map(|d| d.active).unwrap_or_default() {
+        if t.labels.get("job").map(String::as_str) != Some(job) {
+            continue;
+        }
+        let Some(instance) = t.labels.get("instance").cloned() else {
+            continue;
+        };
+        let url = match base_url(&t.scrape_url) {
+            Some(u) => u,
+            None => {
+                unnamed.insert(
+                    instance,
+                    format!("scrape URL {:?} is unusable", t.scrape_url),
+                );
+                continue;
+            }
+        };
+        match node_name(&t.labels, node_label, &instance) {
+            Ok(node) => {
+                agents.insert(
+                    instance.clone(),
+                    AgentAddr {
+                        instance,
+                        node,
+                        url,
+                    },
+                );
+            }
+            Err(why) => {
+                unnamed.insert(instance, why);
+            }
+        }
+    }
+    Ok((agents, unnamed))
+}
+
+/// `scheme://host:port` of a scrape URL.
+fn base_url(scrape_url: &str) -> Option<String> {
+    let u = reqwest::Url::parse(scrape_url).ok()?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return None;
+    }
+    let host = u.host_str()?;
+    Some(match u.port() {
+        Some(p) => format!("{}://{host}:{p}", u.scheme()),
+        None => format!("{}://{host}", u.scheme()),
+    })
+}
+
+/// A target's node name: `node_label`, then `nodename`, then the host part
+/// of `instance` when it is a DNS name (up to the first dot).
+fn node_name(
+    labels: &HashMap<String, String>,
+    node_label: &str,
+    instance: &str,
+) -> Result<String, String> {
+    for l in [node_label, "nodename"] {
+        if let Some(v) = labels.get(l) {
+            if is_node_name(v) {
+                return Ok(v.clone());
+            }
+            return Err(format!("label {l}={v:?} is not a host name"));
+        }
+    }
+    let host = host_of(instance);
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!(
+            "the target is an IP address and has no {node_label:?} label: add one in Prometheus's relabel_configs, or list the agent in [[agents.nodes]]"
+        ));
+    }
+    let short = host.split('.').next().unwrap_or("");
+    if is_node_name(short) {
+        Ok(short.to_string())
+    } else {
+        Err(format!("{host:?} is not a host name"))
+    }
+}
+
+/// The host of `host:port`, `[v6]:port` or a bare host.
+fn host_of(instance: &str) -> &str {
+    if let Some(rest) = instance.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match instance.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') => h,
+        _ => instance,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TARGETS: &str = r#"{"status":"success","data":{"activeTargets":[
+      {"labels":{"instance":"gpu-node-17.example.com:9949","job":"gpuops"},"scrapeUrl":"http://gpu-node-17.example.com:9949/metrics","health":"up"},
+      {"labels":{"instance":"10.0.0.18:9949","job":"gpuops","node":"gpu-node-18"},"scrapeUrl":"https://10.0.0.18:9949/metrics","health":"up"},
+      {"labels":{"instance":"10.0.0.19:9949","job":"gpuops"},"scrapeUrl":"http://10.0.0.19:9949/metrics","health":"down"},
+      {"labels":{"instance":"10.0.0.20:9100","job":"node"},"scrapeUrl":"http://10.0.0.20:9100/metrics","health":"up"}
+    ],"droppedTargets":[]}}"#;
+
+    #[test]
+    fn targets_of_the_job_with_node_names_never_from_ip_fragments() {
+        let (agents, unnamed) = parse_targets(TARGETS, "gpuops", "node").unwrap();
+        assert_eq!(agents.len(), 2, "{:?}", agents.keys());
+        let a = &agents["gpu-node-17.example.com:9949"];
+        assert_eq!(a.node, "gpu-node-17");
+        assert_eq!(a.url, "http://gpu-node-17.example.com:9949");
+        let b = &agents["10.0.0.18:9949"];
+        assert_eq!(b.node, "gpu-node-18");
+        assert_eq!(b.url, "https://10.0.0.18:9949");
+        assert!(unnamed["10.0.0.19:9949"].contains("IP address"));
+        assert!(!agents.contains_key("10.0.0.20:9100"));
+        assert!(parse_targets(r#"{"status":"error","error":"boom"}"#, "j", "node").is_err());
+        assert!(parse_targets("nope", "j", "node").is_err());
+    }
+
+    #[test]
+    fn hosts_of_instances() {
+        assert_eq!(host_of("127.0.0.1:9949"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:9949"), "::1");
+        assert_eq!(host_of("node-1"), "node-1");
+        assert_eq!(host_of("::1"), "::1");
+    }
+
+    #[tokio::test]
+    async fn unknown_instance_is_refused_with_a_reason() {
+        let inv = Inventory::fixed(vec![AgentAddr {
+            instance: "127.0.0.1:9949".into(),
+            node: "node-a".into(),
+            url: "http://127.0.0.1:9949".into(),
+        }]);
+        assert_eq!(inv.lookup("127.0.0.1:9949").await.unwrap().node, "node-a");
+        let e = inv.lookup("127.0.0.1:4444").await.unwrap_err();
+        assert!(e.contains("not a known agent"), "{e}");
+    }
+}
