@@ -113,7 +113,7 @@ pub async fn waiting_count(chat: &ChatState) -> store::Result<i64> {
 pub async fn start_run(
     chat: &Arc<ChatState>,
     user: &User,
-    req: RunRequest,
+    mut req: RunRequest,
     responder: Responder,
 ) -> Outcome {
     let who = user.key();
@@ -178,14 +178,21 @@ pub async fn start_run(
         },
         None => {
             // Without an alert, given values named like a parameter's
-            // from_label double as labels (instance=node1:9949 finds the agent).
+            // from_label double as labels, and `instance=host:port` names the
+            // agent (looked up in the inventory like an alert's label).
             rb.params
                 .iter()
                 .filter_map(|p| p.from_label.as_ref())
-                .filter_map(|l| req.params.get(l).map(|v| (l.clone(), v.clone())))
+                .map(String::as_str)
+                .chain(["instance"])
+                .filter_map(|l| req.params.get(l).map(|v| (l.to_string(), v.clone())))
                 .collect()
         }
     };
+    if !rb.params.iter().any(|p| p.name == "instance") {
+        // Consumed as a label above; not a parameter of this runbook.
+        req.params.remove("instance");
+    }
     let mut labels = labels;
     let node_steps = rb
         .steps
@@ -197,6 +204,15 @@ pub async fn start_run(
         match labels.get("instance").cloned() {
             Some(instance) => match dir.agent(&instance).await {
                 Ok(agent) => {
+                    if let Some(given) = req.params.get("node").filter(|n| **n != agent.node) {
+                        refuse!(
+                            "refused: node mismatch",
+                            format!(
+                                "⛔ runbook `{}` not started: node={given} is not the node of {instance} ({})",
+                                rb.id, agent.node
+                            )
+                        );
+                    }
                     labels.insert("node".into(), agent.node);
                 }
                 Err(why) if node_steps => refuse!(
