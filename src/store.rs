@@ -16,6 +16,9 @@
 //! a second connection on the blocking pool. Async callers go through
 //! [`Store::read`] and [`Store::write`], both with a deadline. This module
 //! knows nothing about chat platforms or AlertManager's JSON.
+//!
+//! The files hold alert contents, chat user ids and the audit log: they are
+//! created (or tightened to) 0600 whatever the process umask.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -39,6 +42,11 @@ pub enum Error {
     Open {
         path: PathBuf,
         source: rusqlite::Error,
+    },
+    #[error("cannot make store file {path} owner-only: {source}")]
+    Mode {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("store call exceeded its {0:?} deadline")]
     Deadline(Duration),
@@ -264,9 +272,44 @@ pub enum Sync {
     Normal,
 }
 
+/// Makes the database owner-only before SQLite opens it, whatever the
+/// process umask: creates the file 0600 if it is missing (SQLite then gives
+/// its `-wal` and `-shm` files the database file's mode), and tightens an
+/// existing database, `-wal` or `-shm` readable by others to 0600, with a
+/// warning.
+fn private_files(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %file.display(),
+                mode = %format!("{mode:o}"),
+                "store file was readable by others; setting it to 0600"
+            );
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`, in WAL mode with
-    /// full fsync, applies the schema and starts the writer thread. Blocking.
+    /// full fsync, applies the schema and starts the writer thread. The
+    /// database and its `-wal` and `-shm` files are owner-only (0600).
+    /// Blocking.
     pub fn open(path: &Path) -> Result<Store> {
         Store::open_with(path, Sync::Full)
     }
@@ -274,8 +317,16 @@ impl Store {
     /// [`Store::open`] with a chosen [`Sync`] mode.
     pub fn open_with(path: &Path, sync: Sync) -> Result<Store> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            let _ = std::fs::create_dir_all(dir);
+            use std::os::unix::fs::DirBuilderExt as _;
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
         }
+        private_files(path).map_err(|source| Error::Mode {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let open = |path: &Path| -> Result<Connection> {
             let wrap = |source| Error::Open {
                 path: path.to_path_buf(),

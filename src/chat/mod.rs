@@ -466,6 +466,12 @@ impl ChatState {
         }
     }
 
+    /// The person behind an account key (`slack:U0123`): their
+    /// `[[rbac.people]]` name, or the key itself when not listed.
+    pub fn person_of(&self, account: &str) -> String {
+        self.bot.config.rbac.person_of(account)
+    }
+
     /// Loads the runbook directory (off the async threads). Invalid files
     /// are logged and left out.
     pub async fn runbooks(&self) -> Arc<RunbookSet> {
@@ -512,9 +518,13 @@ impl ChatState {
         }
     }
 
-    /// Refuses a signature seen before within the window (replays).
-    pub fn first_use(&self, signature: &str) -> bool {
-        self.replay.first_use(signature, self.now())
+    /// Refuses a verified request seen before within the window (replays).
+    /// The key is the request itself ([`request_key`]), not the signature
+    /// header's text, so a re-encoded signature (hex case, spacing) of the
+    /// same request is the same request.
+    pub fn first_use(&self, platform: Platform, timestamp: &str, body: &[u8]) -> bool {
+        self.replay
+            .first_use(request_key(platform, timestamp, body), self.now())
     }
 }
 
@@ -1353,16 +1363,32 @@ impl StepExecutor for NoAgents {
     }
 }
 
-/// Signatures seen within the signing window (replays are refused).
+/// The replay-cache key of a verified request: SHA-256 over the platform,
+/// the signed timestamp (trimmed, as the signature covers it) and the raw
+/// body. Both platforms sign exactly `timestamp + body`, so two requests
+/// with the same key are the same request, however the signature was spelt.
+pub fn request_key(platform: Platform, timestamp: &str, body: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(platform.as_str().as_bytes());
+    h.update([0]);
+    h.update(timestamp.trim().as_bytes());
+    h.update([0]);
+    h.update(body);
+    h.finalize().into()
+}
+
+/// Requests seen within the signing window, by [`request_key`] (replays
+/// are refused).
 #[derive(Default)]
 struct ReplayCache {
-    seen: Mutex<HashMap<String, i64>>,
+    seen: Mutex<HashMap<[u8; 32], i64>>,
 }
 
 impl ReplayCache {
     const MAX: usize = 100_000;
 
-    fn first_use(&self, signature: &str, now: i64) -> bool {
+    fn first_use(&self, key: [u8; 32], now: i64) -> bool {
         let mut seen = self
             .seen
             .lock()
@@ -1370,10 +1396,10 @@ impl ReplayCache {
         if seen.len() >= Self::MAX / 2 {
             seen.retain(|_, t| *t >= now - 2 * WINDOW_SECS);
         }
-        if seen.len() >= Self::MAX || seen.contains_key(signature) {
+        if seen.len() >= Self::MAX || seen.contains_key(&key) {
             return false;
         }
-        seen.insert(signature.to_string(), now);
+        seen.insert(key, now);
         true
     }
 }
@@ -1565,8 +1591,15 @@ mod tests {
     #[test]
     fn replays_are_refused_within_the_window() {
         let c = ReplayCache::default();
-        assert!(c.first_use("v0=abc", 100));
-        assert!(!c.first_use("v0=abc", 101));
-        assert!(c.first_use("v0=abd", 101));
+        let k = |ts: &str, body: &str| request_key(Platform::Slack, ts, body.as_bytes());
+        assert!(c.first_use(k("100", "a=1"), 100));
+        assert!(!c.first_use(k("100", "a=1"), 101));
+        assert!(
+            !c.first_use(k(" 100 ", "a=1"), 101),
+            "spacing is not a new request"
+        );
+        assert!(c.first_use(k("100", "a=2"), 101));
+        assert!(c.first_use(k("101", "a=1"), 101));
+        assert!(c.first_use(request_key(Platform::Discord, "100", b"a=1"), 101));
     }
 }
