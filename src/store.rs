@@ -1,7 +1,7 @@
 //! The bot's durable state in SQLite: raw webhooks, alert groups (with the
 //! state hashes that collapse AlertManager HA duplicates), posted messages
 //! (platform ids for edits and thread replies), the delivery outbox, dead
-//! letters, acknowledgements and the audit log.
+//! letters, acknowledgements, the chat replay keys and the audit log.
 //!
 //! Durability: WAL journal with `synchronous=FULL` by default, so a commit
 //! returns only after the WAL is fsynced; `POST /alertmanager` answers 200
@@ -260,6 +260,11 @@ CREATE TABLE IF NOT EXISTS audit (
     outcome TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
+CREATE TABLE IF NOT EXISTS replay_keys (
+    key BLOB PRIMARY KEY,
+    seen_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS replay_keys_seen ON replay_keys(seen_at);
 "#;
 
 /// How hard a commit waits for the disk.
@@ -764,6 +769,25 @@ impl Store {
 
     /// Appends an audit record: who did what, with which parameters, to
     /// what, and how it ended. Also logged.
+    /// Records the replay key of a verified chat request (a digest the
+    /// caller computed); `false` when it is already recorded, i.e. the
+    /// request is a replay. Keys seen more than `keep_secs` before `now` are
+    /// forgotten first. Durable, so a replay is refused across restarts.
+    pub async fn first_use(&self, key: [u8; 32], now: i64, keep_secs: i64) -> Result<bool> {
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM replay_keys WHERE seen_at < ?1",
+                params![now - keep_secs],
+            )?;
+            let added = c.execute(
+                "INSERT OR IGNORE INTO replay_keys(key, seen_at) VALUES (?1, ?2)",
+                params![&key[..], now],
+            )?;
+            Ok(added == 1)
+        })
+        .await
+    }
+
     pub async fn audit(
         &self,
         who: String,
@@ -1123,6 +1147,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("bot.db")).unwrap();
         (dir, s)
+    }
+
+    #[tokio::test]
+    async fn replay_keys_are_refused_until_they_are_forgotten() {
+        let (d, s) = open();
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert!(s.first_use(a, 100, 600).await.unwrap());
+        assert!(!s.first_use(a, 101, 600).await.unwrap());
+        assert!(s.first_use(b, 101, 600).await.unwrap());
+        drop(s);
+        let s = Store::open(&d.path().join("bot.db")).unwrap();
+        assert!(
+            !s.first_use(a, 500, 600).await.unwrap(),
+            "kept across a reopen"
+        );
+        assert!(
+            s.first_use(a, 701, 600).await.unwrap(),
+            "forgotten after keep_secs"
+        );
     }
 
     #[tokio::test]

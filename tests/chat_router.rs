@@ -1029,3 +1029,34 @@ async fn one_person_with_slack_and_discord_cannot_approve_own_request() {
     assert_eq!(approved.params["requested_by_person"], "alice");
     b.stop();
 }
+
+#[tokio::test]
+async fn slack_request_replayed_after_a_restart_is_refused() {
+    let (a, runner_a) = bot().await;
+    let now = a.clock.now_unix();
+    let body = slack_command_body(
+        OPERATOR,
+        "run test-gpu:look instance=node1:9949",
+        "http://127.0.0.1:9/x",
+    );
+    let (s, out) = a
+        .send(slack_request("/slack/commands", &body, now, SLACK_SECRET))
+        .await;
+    assert_eq!(s, 200, "{out}");
+    a.wait_for(10, "the run's step", |_| runner_a.calls().len() == 1)
+        .await;
+    a.stop();
+    let dir = a.dir;
+    drop(a.router);
+    // The same signed bytes, to a restarted bot, well within the window.
+    let (b, runner_b) = bot_in(dir).await;
+    b.clock.set(now + 60);
+    let (s, out) = b
+        .send(slack_request("/slack/commands", &body, now, SLACK_SECRET))
+        .await;
+    assert_eq!(s, 401, "replayed across the restart: {out}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(runner_b.calls().is_empty());
+    assert_eq!(run_count(&b).await, 1);
+    b.stop();
+}

@@ -83,7 +83,7 @@ pub async fn interactions(
         .get(DISCORD_TIMESTAMP)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !chat.first_use(Platform::Discord, ts, &body) {
+    if !chat.first_use(Platform::Discord, ts, &body).await {
         tracing::warn!(reason = "replayed", "discord interaction refused");
         return unauthorized();
     }

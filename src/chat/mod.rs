@@ -14,12 +14,12 @@ pub mod approvals;
 pub mod discord;
 pub mod slack;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::post;
@@ -381,7 +381,6 @@ pub struct ChatState {
     pub alertmanager: Option<alertmanager::Client>,
     pub http: reqwest::Client,
     pub runbooks_dir: Option<PathBuf>,
-    replay: ReplayCache,
 }
 
 impl ChatState {
@@ -442,7 +441,6 @@ impl ChatState {
                 .build()
                 .unwrap_or_else(|_| reqwest::Client::new()),
             runbooks_dir,
-            replay: ReplayCache::default(),
         })
     }
 
@@ -521,10 +519,22 @@ impl ChatState {
     /// Refuses a verified request seen before within the window (replays).
     /// The key is the request itself ([`request_key`]), not the signature
     /// header's text, so a re-encoded signature (hex case, spacing) of the
-    /// same request is the same request.
-    pub fn first_use(&self, platform: Platform, timestamp: &str, body: &[u8]) -> bool {
-        self.replay
-            .first_use(request_key(platform, timestamp, body), self.now())
+    /// same request is the same request. Keys are kept in the store (across
+    /// restarts) for twice the signing window; a store failure refuses.
+    pub async fn first_use(&self, platform: Platform, timestamp: &str, body: &[u8]) -> bool {
+        let key = request_key(platform, timestamp, body);
+        match self
+            .bot
+            .store
+            .first_use(key, self.now(), 2 * WINDOW_SECS)
+            .await
+        {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the request's replay key; refusing it");
+                false
+            }
+        }
     }
 }
 
@@ -1378,32 +1388,6 @@ pub fn request_key(platform: Platform, timestamp: &str, body: &[u8]) -> [u8; 32]
     h.finalize().into()
 }
 
-/// Requests seen within the signing window, by [`request_key`] (replays
-/// are refused).
-#[derive(Default)]
-struct ReplayCache {
-    seen: Mutex<HashMap<[u8; 32], i64>>,
-}
-
-impl ReplayCache {
-    const MAX: usize = 100_000;
-
-    fn first_use(&self, key: [u8; 32], now: i64) -> bool {
-        let mut seen = self
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if seen.len() >= Self::MAX / 2 {
-            seen.retain(|_, t| *t >= now - 2 * WINDOW_SECS);
-        }
-        if seen.len() >= Self::MAX || seen.contains_key(&key) {
-            return false;
-        }
-        seen.insert(key, now);
-        true
-    }
-}
-
 /// Escapes what Slack's text format treats as markup (`<!channel>`,
 /// `<@U…>`, links): answers never ping or link on a user's behalf.
 pub fn slack_escape(s: &str) -> String {
@@ -1589,17 +1573,19 @@ mod tests {
     }
 
     #[test]
-    fn replays_are_refused_within_the_window() {
-        let c = ReplayCache::default();
+    fn replay_keys_name_the_request_not_its_spelling() {
         let k = |ts: &str, body: &str| request_key(Platform::Slack, ts, body.as_bytes());
-        assert!(c.first_use(k("100", "a=1"), 100));
-        assert!(!c.first_use(k("100", "a=1"), 101));
-        assert!(
-            !c.first_use(k(" 100 ", "a=1"), 101),
-            "spacing is not a new request"
+        assert_eq!(k("100", "a=1"), k(" 100 ", "a=1"), "spacing");
+        assert_ne!(k("100", "a=1"), k("100", "a=2"));
+        assert_ne!(k("100", "a=1"), k("101", "a=1"));
+        assert_ne!(
+            k("10", "0a=1"),
+            k("100", "a=1"),
+            "timestamp and body are separated"
         );
-        assert!(c.first_use(k("100", "a=2"), 101));
-        assert!(c.first_use(k("101", "a=1"), 101));
-        assert!(c.first_use(request_key(Platform::Discord, "100", b"a=1"), 101));
+        assert_ne!(
+            k("100", "a=1"),
+            request_key(Platform::Discord, "100", b"a=1")
+        );
     }
 }

@@ -33,7 +33,7 @@ pub async fn commands(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refusal) = verify(&chat, &headers, &body) {
+    if let Some(refusal) = verify(&chat, &headers, &body).await {
         return refusal;
     }
     let form = parse_form(&body);
@@ -71,7 +71,7 @@ pub async fn interactions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refusal) = verify(&chat, &headers, &body) {
+    if let Some(refusal) = verify(&chat, &headers, &body).await {
         return refusal;
     }
     let form = parse_form(&body);
@@ -176,7 +176,7 @@ pub struct Action {
 }
 
 /// `None` when the request is signed, fresh and new; else the 401 to send.
-fn verify(chat: &ChatState, headers: &HeaderMap, body: &[u8]) -> Option<Response> {
+async fn verify(chat: &ChatState, headers: &HeaderMap, body: &[u8]) -> Option<Response> {
     let Some(secret) = chat
         .bot
         .config
@@ -195,7 +195,7 @@ fn verify(chat: &ChatState, headers: &HeaderMap, body: &[u8]) -> Option<Response
         .get(SLACK_TIMESTAMP)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !chat.first_use(Platform::Slack, ts, body) {
+    if !chat.first_use(Platform::Slack, ts, body).await {
         tracing::warn!(reason = "replayed", "slack request refused");
         return Some(unauthorized());
     }
