@@ -281,15 +281,20 @@ pub enum Sync {
 /// process umask: creates the file 0600 if it is missing (SQLite then gives
 /// its `-wal` and `-shm` files the database file's mode), and tightens an
 /// existing database, `-wal` or `-shm` readable by others to 0600, with a
-/// warning.
+/// warning (a reader that does not own them, e.g. `gpuops audit` as another
+/// user, only gets the warning).
 fn private_files(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    std::fs::OpenOptions::new()
+    match std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(false)
+        .create_new(true)
         .mode(0o600)
-        .open(path)?;
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
     for suffix in ["", "-wal", "-shm"] {
         let mut name = path.as_os_str().to_owned();
         name.push(suffix);
@@ -304,7 +309,10 @@ fn private_files(path: &Path) -> std::io::Result<()> {
                 mode = %format!("{mode:o}"),
                 "store file was readable by others; setting it to 0600"
             );
-            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+            if let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+            {
+                tracing::warn!(file = %file.display(), error = %e, "cannot set the store file to 0600");
+            }
         }
     }
     Ok(())
