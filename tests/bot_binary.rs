@@ -181,8 +181,10 @@ async fn kill_9_loses_nothing() {
     )
     .await;
     assert_eq!(r.status(), 200, "accepted while the chat APIs are down");
-    // The bot tried (and got 503) before it died.
+    // The bot tried both (and got 503) before it died; waiting for Discord
+    // too keeps a loaded machine from killing it between the two attempts.
     slack.wait_for(1, Duration::from_secs(10)).await;
+    discord.wait_for(1, Duration::from_secs(10)).await;
     bot.kill9();
     let tried = slack.requests().len();
     slack.set_down(false);
