@@ -73,6 +73,7 @@ async fn post(client: &reqwest::Client, url: &str, body: String) -> f64 {
     let r = client
         .post(url)
         .bearer_auth("hook-token-s3cret")
+        .header("content-type", "application/json")
         .body(body)
         .send()
         .await;

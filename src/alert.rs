@@ -3,7 +3,8 @@
 //!
 //! Parsing is tolerant (unknown fields are ignored; new ones keep arriving)
 //! but the fields we rely on are checked, and a bad payload is answered 400
-//! with what is wrong. The route answers 200 only after the payload is
+//! with what is wrong; a body that is not `application/json` is answered
+//! 415 and not read. The route answers 200 only after the payload is
 //! committed to the store. This module talks to no chat platform.
 
 use std::collections::BTreeMap;
@@ -224,6 +225,19 @@ pub async fn receive(
             return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         }
     }
+    if !is_json_content_type(&headers) {
+        tracing::warn!(
+            content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none"),
+            "webhook refused: not application/json"
+        );
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json (AlertManager's webhook format)",
+        );
+    }
     let hook = match Webhook::parse(&body) {
         Ok(h) => h,
         Err(e) => {
@@ -260,6 +274,27 @@ pub async fn receive(
             )
         }
     }
+}
+
+/// `application/json`, in any case, with optional parameters; a `charset`
+/// parameter must say UTF-8 (the body is read as UTF-8).
+pub fn is_json_content_type(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mut parts = value.split(';');
+    let media = parts.next().unwrap_or("").trim();
+    media.eq_ignore_ascii_case("application/json")
+        && parts.all(|p| match p.split_once('=') {
+            Some((k, v)) if k.trim().eq_ignore_ascii_case("charset") => {
+                let v = v.trim().trim_matches('"');
+                v.eq_ignore_ascii_case("utf-8") || v.eq_ignore_ascii_case("utf8")
+            }
+            _ => true,
+        })
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -537,6 +572,23 @@ mod tests {
             "commonAnnotations": {}, "externalURL": "http://am:9093", "alerts": alerts
         })
         .to_string()
+    }
+
+    #[test]
+    fn only_json_content_types_are_webhooks() {
+        let ok = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, v.parse().unwrap());
+            is_json_content_type(&h)
+        };
+        assert!(ok("application/json"));
+        assert!(ok("Application/JSON; charset=utf-8"));
+        assert!(ok("application/json;charset=\"UTF-8\""));
+        assert!(!ok("application/json; charset=latin1"));
+        assert!(!ok("text/plain"));
+        assert!(!ok("application/x-www-form-urlencoded"));
+        assert!(!ok("application/jsonx"));
+        assert!(!is_json_content_type(&HeaderMap::new()));
     }
 
     fn check_refused(body: &str, expect: &str) {

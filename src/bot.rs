@@ -251,6 +251,13 @@ pub fn run(args: BotArgs) -> anyhow::Result<ExitCode> {
     };
     if let Some(l) = args.listen {
         cfg.server.listen = l;
+        if let Some(why) = cfg.server.unauthenticated_public_listener() {
+            let file = match &cfg.source {
+                Some(p) => p.display().to_string(),
+                None => "no configuration file (--config)".to_string(),
+            };
+            anyhow::bail!("--listen {l} refused ({file}): {why}");
+        }
     }
     if let Some(f) = &args.log_format {
         cfg.log.json = f == "json";

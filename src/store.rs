@@ -1,7 +1,7 @@
 //! The bot's durable state in SQLite: raw webhooks, alert groups (with the
 //! state hashes that collapse AlertManager HA duplicates), posted messages
 //! (platform ids for edits and thread replies), the delivery outbox, dead
-//! letters, acknowledgements and the audit log.
+//! letters, acknowledgements, the chat replay keys and the audit log.
 //!
 //! Durability: WAL journal with `synchronous=FULL` by default, so a commit
 //! returns only after the WAL is fsynced; `POST /alertmanager` answers 200
@@ -16,6 +16,9 @@
 //! a second connection on the blocking pool. Async callers go through
 //! [`Store::read`] and [`Store::write`], both with a deadline. This module
 //! knows nothing about chat platforms or AlertManager's JSON.
+//!
+//! The files hold alert contents, chat user ids and the audit log: they are
+//! created (or tightened to) 0600 whatever the process umask.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -39,6 +42,11 @@ pub enum Error {
     Open {
         path: PathBuf,
         source: rusqlite::Error,
+    },
+    #[error("cannot make store file {path} owner-only: {source}")]
+    Mode {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("store call exceeded its {0:?} deadline")]
     Deadline(Duration),
@@ -252,6 +260,11 @@ CREATE TABLE IF NOT EXISTS audit (
     outcome TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
+CREATE TABLE IF NOT EXISTS replay_keys (
+    key BLOB PRIMARY KEY,
+    seen_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS replay_keys_seen ON replay_keys(seen_at);
 "#;
 
 /// How hard a commit waits for the disk.
@@ -264,9 +277,52 @@ pub enum Sync {
     Normal,
 }
 
+/// Makes the database owner-only before SQLite opens it, whatever the
+/// process umask: creates the file 0600 if it is missing (SQLite then gives
+/// its `-wal` and `-shm` files the database file's mode), and tightens an
+/// existing database, `-wal` or `-shm` readable by others to 0600, with a
+/// warning (a reader that does not own them, e.g. `gpuops audit` as another
+/// user, only gets the warning).
+fn private_files(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %file.display(),
+                mode = %format!("{mode:o}"),
+                "store file was readable by others; setting it to 0600"
+            );
+            if let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+            {
+                tracing::warn!(file = %file.display(), error = %e, "cannot set the store file to 0600");
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`, in WAL mode with
-    /// full fsync, applies the schema and starts the writer thread. Blocking.
+    /// full fsync, applies the schema and starts the writer thread. The
+    /// database and its `-wal` and `-shm` files are owner-only (0600).
+    /// Blocking.
     pub fn open(path: &Path) -> Result<Store> {
         Store::open_with(path, Sync::Full)
     }
@@ -274,8 +330,16 @@ impl Store {
     /// [`Store::open`] with a chosen [`Sync`] mode.
     pub fn open_with(path: &Path, sync: Sync) -> Result<Store> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            let _ = std::fs::create_dir_all(dir);
+            use std::os::unix::fs::DirBuilderExt as _;
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
         }
+        private_files(path).map_err(|source| Error::Mode {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let open = |path: &Path| -> Result<Connection> {
             let wrap = |source| Error::Open {
                 path: path.to_path_buf(),
@@ -713,6 +777,25 @@ impl Store {
 
     /// Appends an audit record: who did what, with which parameters, to
     /// what, and how it ended. Also logged.
+    /// Records the replay key of a verified chat request (a digest the
+    /// caller computed); `false` when it is already recorded, i.e. the
+    /// request is a replay. Keys seen more than `keep_secs` before `now` are
+    /// forgotten first. Durable, so a replay is refused across restarts.
+    pub async fn first_use(&self, key: [u8; 32], now: i64, keep_secs: i64) -> Result<bool> {
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM replay_keys WHERE seen_at < ?1",
+                params![now - keep_secs],
+            )?;
+            let added = c.execute(
+                "INSERT OR IGNORE INTO replay_keys(key, seen_at) VALUES (?1, ?2)",
+                params![&key[..], now],
+            )?;
+            Ok(added == 1)
+        })
+        .await
+    }
+
     pub async fn audit(
         &self,
         who: String,
@@ -1072,6 +1155,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("bot.db")).unwrap();
         (dir, s)
+    }
+
+    #[tokio::test]
+    async fn replay_keys_are_refused_until_they_are_forgotten() {
+        let (d, s) = open();
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert!(s.first_use(a, 100, 600).await.unwrap());
+        assert!(!s.first_use(a, 101, 600).await.unwrap());
+        assert!(s.first_use(b, 101, 600).await.unwrap());
+        drop(s);
+        let s = Store::open(&d.path().join("bot.db")).unwrap();
+        assert!(
+            !s.first_use(a, 500, 600).await.unwrap(),
+            "kept across a reopen"
+        );
+        assert!(
+            s.first_use(a, 701, 600).await.unwrap(),
+            "forgotten after keep_secs"
+        );
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! The real `gpuops` binary in a temp dir: the no-config test alert, every
 //! config error at once, `kill -9` losing nothing, secrets never in logs or
-//! error messages, `gpuops audit`.
+//! error messages, `gpuops audit`; a public listener without a webhook
+//! token is refused, and no bot command takes a secret on its command line.
 #![allow(clippy::disallowed_methods)] // tests spawn the real binary and external tools
 
 mod support;
@@ -96,6 +97,7 @@ async fn post(base: &str, token: &str, body: &str) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("{base}/alertmanager"))
         .bearer_auth(token)
+        .header("content-type", "application/json")
         .body(body.to_string())
         .send()
         .await
@@ -179,8 +181,10 @@ async fn kill_9_loses_nothing() {
     )
     .await;
     assert_eq!(r.status(), 200, "accepted while the chat APIs are down");
-    // The bot tried (and got 503) before it died.
+    // The bot tried both (and got 503) before it died; waiting for Discord
+    // too keeps a loaded machine from killing it between the two attempts.
     slack.wait_for(1, Duration::from_secs(10)).await;
+    discord.wait_for(1, Duration::from_secs(10)).await;
     bot.kill9();
     let tried = slack.requests().len();
     slack.set_down(false);
@@ -354,4 +358,99 @@ fn audit_prints_records_since() {
         "{text}"
     );
     assert!(text.contains("\"duration\":\"1h\""), "{text}");
+}
+
+#[test]
+fn bot_refuses_public_listener_without_webhook_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open.toml");
+    let db = dir.path().join("bot.db");
+    let port = free_port();
+    std::fs::write(
+        &open,
+        format!(
+            "[store]\npath = \"{}\"\n[server]\nlisten = \"0.0.0.0:{port}\"\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str], config: &Path| {
+        let out = Command::new(gpuops())
+            .args(args)
+            .arg(config)
+            .current_dir(dir.path())
+            .env_remove("GPUOPS_BOT_CONFIG")
+            .env_remove("STATE_DIRECTORY")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let named = format!("{}:4: server.listen: 0.0.0.0:{port} is not a loopback address and server.webhook_token is not set", open.display());
+    let (ok, err) = run(&["check-config", "--bot"], &open);
+    assert!(!ok && err.contains(&named), "{err}");
+    assert!(
+        err.contains("allow_unauthenticated_webhooks = true"),
+        "{err}"
+    );
+    // The bot itself refuses to start, with the same words, and serves nothing.
+    let (ok, err) = run(&["bot", "--config"], &open);
+    assert!(!ok && err.contains(&named), "{err}");
+    assert!(!db.exists(), "nothing was opened");
+    // A safe file made public with --listen is refused too.
+    let local = dir.path().join("local.toml");
+    std::fs::write(&local, format!("[store]\npath = \"{}\"\n", db.display())).unwrap();
+    let public = format!("0.0.0.0:{port}");
+    let (ok, err) = run(&["bot", "--listen", &public, "--config"], &local);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("--listen")
+            && err.contains(&local.display().to_string())
+            && err.contains("server.webhook_token"),
+        "{err}"
+    );
+    assert!(!db.exists(), "nothing was opened");
+    // Saying so explicitly is allowed.
+    let allowed = dir.path().join("allowed.toml");
+    std::fs::write(
+        &allowed,
+        format!(
+            "[store]\npath = \"{}\"\n[server]\nlisten = \"0.0.0.0:{port}\"\nallow_unauthenticated_webhooks = true\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let (ok, err) = run(&["check-config", "--bot"], &allowed);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn bot_commands_take_no_secret_on_the_command_line() {
+    use clap::CommandFactory as _;
+    let cli = gpuops::cli::Cli::command();
+    let mut seen = Vec::new();
+    // The agent's flags are reviewed with the agent (exec signing).
+    for sub in cli.get_subcommands().filter(|s| s.get_name() != "agent") {
+        let mut stack = vec![sub];
+        while let Some(cmd) = stack.pop() {
+            stack.extend(cmd.get_subcommands());
+            for arg in cmd.get_arguments() {
+                let name = arg.get_id().as_str().to_ascii_lowercase();
+                seen.push(format!("{} {name}", cmd.get_name()));
+                let takes_value = arg.get_action().takes_values();
+                let secretish = ["secret", "token", "password", "key"]
+                    .iter()
+                    .any(|w| name.contains(w));
+                assert!(
+                    !(takes_value && secretish && !name.ends_with("_file")),
+                    "`gpuops {} --{name}` would put a secret on the command line (use a config *_file key)",
+                    cmd.get_name()
+                );
+            }
+        }
+    }
+    assert!(seen.iter().any(|s| s == "bot config"), "{seen:?}");
 }

@@ -54,6 +54,7 @@ impl Bot {
         let r = reqwest::Client::new()
             .post(format!("{}/alertmanager", self.base))
             .bearer_auth("hook-token-s3cret")
+            .header("content-type", "application/json")
             .body(body.to_string())
             .send()
             .await

@@ -1,6 +1,7 @@
 //! `POST /alertmanager` and the other bot routes through the real router:
 //! 200 only after commit, 400 with a reason, 413 over the size limit, 401 on
-//! a wrong token; plus the generic JSON webhook destination.
+//! a wrong token, 415 for a body that is not JSON; the store's file modes;
+//! plus the generic JSON webhook destination.
 
 mod support;
 
@@ -41,7 +42,19 @@ fn state_and_worker(
 }
 
 async fn call(state: &Arc<BotState>, auth: Option<&str>, body: String) -> (StatusCode, String) {
-    let mut req = Request::post("/alertmanager").header("content-type", "application/json");
+    call_as(state, Some("application/json"), auth, body).await
+}
+
+async fn call_as(
+    state: &Arc<BotState>,
+    content_type: Option<&str>,
+    auth: Option<&str>,
+    body: String,
+) -> (StatusCode, String) {
+    let mut req = Request::post("/alertmanager");
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
     if let Some(a) = auth {
         req = req.header("authorization", a);
     }
@@ -189,4 +202,86 @@ async fn generic_webhook_gets_documented_json_and_no_secret_in_keys() {
     assert_eq!(msgs.len(), 1);
     assert!(msgs[0].destination.starts_with("webhook:"));
     assert!(!msgs[0].destination.contains("s3cret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_with_wrong_content_type_is_415() {
+    let (_d, st) = state("");
+    let good = am_payload("GpuXid", "firing", &[("n1", "critical", "firing")]);
+    let ok = Some("Bearer tok-123");
+    for ct in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("application/json; charset=iso-8859-1"),
+    ] {
+        let (s, text) = call_as(&st, ct, ok, good.clone()).await;
+        assert_eq!(s.as_u16(), 415, "{ct:?}: {text}");
+        assert!(text.contains("application/json"), "{ct:?}: {text}");
+    }
+    // Nothing was stored.
+    let stored: i64 = st
+        .store
+        .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM webhooks", [], |r| r.get(0))?))
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+    assert!(st
+        .store
+        .group_by_key(r#"{}:{alertname="GpuXid"}"#.into())
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(st.store.pending().await.unwrap(), 0);
+    // What AlertManager sends (with or without a charset) is accepted.
+    for ct in ["application/json", "application/json; charset=utf-8"] {
+        let (s, text) = call_as(&st, Some(ct), ok, good.clone()).await;
+        assert_eq!(s.as_u16(), 200, "{ct}: {text}");
+    }
+}
+
+#[test]
+fn store_files_are_created_0600() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    // Run by hand without a umask: everything would be created 0644 or 0666.
+    let old = rustix::process::umask(rustix::fs::Mode::empty());
+    let fresh = dir.path().join("state/bot.db");
+    let store = Store::open(&fresh);
+    // An old store left world-readable is tightened (with a warning).
+    let old_db = dir.path().join("old.db");
+    drop(Store::open(&old_db).unwrap());
+    for suffix in ["", "-wal", "-shm"] {
+        let p = dir.path().join(format!("old.db{suffix}"));
+        if !p.exists() {
+            std::fs::write(&p, b"").unwrap();
+        }
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let reopened = Store::open(&old_db);
+    rustix::process::umask(old);
+    let store = store.unwrap();
+    let reopened = reopened.unwrap();
+    // Write through both so that the WAL and shared-memory files exist.
+    for s in [&store, &reopened] {
+        s.write_blocking(|c| {
+            c.execute_batch("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1);")?;
+            Ok(())
+        })
+        .unwrap();
+    }
+    for db in [&fresh, &old_db] {
+        for suffix in ["", "-wal", "-shm"] {
+            let p = std::path::PathBuf::from(format!("{}{suffix}", db.display()));
+            assert!(p.exists(), "{} missing", p.display());
+            assert_eq!(mode(&p), 0o600, "{} is {:o}", p.display(), mode(&p));
+        }
+    }
+    assert_eq!(
+        mode(&dir.path().join("state")),
+        0o700,
+        "a created directory"
+    );
 }

@@ -833,3 +833,230 @@ async fn shipped_gpu_xid_runbook_from_its_alert_investigates_then_waits_and_deny
     assert!(text(&v).contains("denied, not waiting"), "{v}");
     b.stop();
 }
+
+/// Spellings of one hex signature that decode to the same bytes.
+fn hex_case_variants(sig: &str) -> Vec<String> {
+    let (prefix, hex) = sig.split_at(sig.find('=').map_or(0, |i| i + 1));
+    let mixed: String = hex
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i % 2 == 0 {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            }
+        })
+        .collect();
+    vec![
+        format!("{prefix}{}", hex.to_ascii_uppercase()),
+        format!("{prefix}{mixed}"),
+        format!("{prefix}{hex} "),
+    ]
+}
+
+#[tokio::test]
+async fn slack_signature_case_variant_is_a_replay() {
+    let (b, runner) = bot().await;
+    let now = b.clock.now_unix();
+    let body = slack_command_body(
+        OPERATOR,
+        "run test-gpu:look instance=node1:9949",
+        "http://127.0.0.1:9/x",
+    );
+    let signed = slack_request("/slack/commands", &body, now, SLACK_SECRET);
+    let sig = signed.headers()[gpuops::signing::SLACK_SIGNATURE]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (s, out) = b.send(signed).await;
+    assert_eq!(s, 200, "{out}");
+    assert!(out.contains("started run"), "{out}");
+    b.wait_for(10, "the run's step", |_| runner.calls().len() == 1)
+        .await;
+    for variant in hex_case_variants(&sig) {
+        assert_ne!(variant, sig);
+        let mut again = slack_request("/slack/commands", &body, now, SLACK_SECRET);
+        again
+            .headers_mut()
+            .insert(gpuops::signing::SLACK_SIGNATURE, variant.parse().unwrap());
+        let (s, out) = b.send(again).await;
+        assert_eq!(s, 401, "{variant:?} replayed the request: {out}");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(run_count(&b).await, 1, "one run");
+    assert_eq!(runner.calls().len(), 1, "its step ran once");
+    let runs = b
+        .audit()
+        .await
+        .into_iter()
+        .filter(|r| r.action == "run" && r.outcome.starts_with("started"))
+        .count();
+    assert_eq!(runs, 1, "one run started");
+    b.stop();
+}
+
+#[tokio::test]
+async fn discord_signature_case_variant_is_a_replay() {
+    let am = Capture::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("[alertmanager]\nurl = \"{}\"\n", am.url);
+    let b = Bot::start_in(dir, &extra, None).await;
+    let now = b.clock.now_unix();
+    let body = discord_interaction(
+        2,
+        "423456789012345678",
+        "tok-silence",
+        serde_json::json!({ "name": "gpuops", "options": [{ "name": "command", "type": 3, "value": "silence TestGpuDown 1h" }] }),
+    );
+    let signed = discord_request(&b.discord_key, &body, now);
+    let sig = signed.headers()[gpuops::signing::DISCORD_SIGNATURE]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (s, out) = b.send(signed).await;
+    assert_eq!(s, 200, "{out}");
+    let silences = || {
+        am.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.0 == "POST" && r.1 == "/api/v2/silences")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while silences() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no silence created");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for variant in hex_case_variants(&sig) {
+        assert_ne!(variant, sig);
+        let mut again = discord_request(&b.discord_key, &body, now);
+        again
+            .headers_mut()
+            .insert(gpuops::signing::DISCORD_SIGNATURE, variant.parse().unwrap());
+        let (s, out) = b.send(again).await;
+        assert_eq!(s, 401, "{variant:?} replayed the interaction: {out}");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(silences(), 1, "one silence");
+    let audited = b
+        .audit()
+        .await
+        .into_iter()
+        .filter(|r| r.action == "silence")
+        .count();
+    assert_eq!(audited, 1, "one silence audited");
+    b.stop();
+}
+
+#[tokio::test]
+async fn one_person_with_slack_and_discord_cannot_approve_own_request() {
+    // alice is an operator on Slack and an admin on Discord.
+    const ALICE_DISCORD: &str = "323456789012345678";
+    let dir = tempfile::tempdir().unwrap();
+    let rb = dir.path().join("runbooks");
+    std::fs::create_dir_all(&rb).unwrap();
+    std::fs::write(rb.join("test-gpu.yaml"), RUNBOOK).unwrap();
+    let runner = Arc::new(RecordingRunner::new());
+    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let extra = format!(
+        "[runbooks]\ndir = \"{}\"\n[[rbac.people]]\nname = \"alice\"\naccounts = [\"slack:{OPERATOR}\", \"discord:{ALICE_DISCORD}\"]\n",
+        rb.display()
+    );
+    let b = Bot::start_in(dir, &extra, Some(exec)).await;
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run test-gpu:drain alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    b.wait_for(10, "approval request", |b| {
+        b.slack
+            .replies()
+            .iter()
+            .any(|r| r.contains("/gpuops approve r"))
+    })
+    .await;
+    let run = waiting_run_id(&b.slack.replies());
+
+    // alice, through her Discord admin account, approves her own request.
+    let body = discord_interaction(
+        2,
+        ALICE_DISCORD,
+        "tok-approve",
+        serde_json::json!({ "name": "gpuops", "options": [{ "name": "command", "type": 3, "value": format!("approve {run}") }] }),
+    );
+    let (s, out) = b
+        .send(discord_request(&b.discord_key, &body, b.clock.now_unix()))
+        .await;
+    assert_eq!(s, 200, "{out}");
+    assert!(
+        out.contains("someone other than the person who asked"),
+        "{out}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(runner.calls().is_empty(), "the step did not run");
+    assert_eq!(approvals_waiting(&b).await, 1, "still waiting");
+    let refused = b
+        .audit()
+        .await
+        .into_iter()
+        .rev()
+        .find(|r| r.action == "approve")
+        .unwrap();
+    assert_eq!(refused.who, format!("discord:{ALICE_DISCORD}"));
+    assert!(refused.outcome.starts_with("denied"), "{refused:?}");
+    assert_eq!(refused.params["person"], "alice", "{refused:?}");
+    assert_eq!(
+        refused.params["requested_by_person"], "alice",
+        "{refused:?}"
+    );
+
+    // Another person (an admin not listed in people) may approve.
+    let (_, v) = b.slack_command(ADMIN, &format!("approve {run}")).await;
+    assert!(text(&v).contains("approved step `drain`"), "{v}");
+    b.wait_for(10, "the drain", |_| runner.calls().len() == 1)
+        .await;
+    let approved = b
+        .audit()
+        .await
+        .into_iter()
+        .rev()
+        .find(|r| r.action == "approve")
+        .unwrap();
+    assert_eq!(approved.outcome, "approved");
+    assert_eq!(approved.params["person"], format!("slack:{ADMIN}"));
+    assert_eq!(approved.params["requested_by_person"], "alice");
+    b.stop();
+}
+
+#[tokio::test]
+async fn slack_request_replayed_after_a_restart_is_refused() {
+    let (a, runner_a) = bot().await;
+    let now = a.clock.now_unix();
+    let body = slack_command_body(
+        OPERATOR,
+        "run test-gpu:look instance=node1:9949",
+        "http://127.0.0.1:9/x",
+    );
+    let (s, out) = a
+        .send(slack_request("/slack/commands", &body, now, SLACK_SECRET))
+        .await;
+    assert_eq!(s, 200, "{out}");
+    a.wait_for(10, "the run's step", |_| runner_a.calls().len() == 1)
+        .await;
+    a.stop();
+    let dir = a.dir;
+    drop(a.router);
+    // The same signed bytes, to a restarted bot, well within the window.
+    let (b, runner_b) = bot_in(dir).await;
+    b.clock.set(now + 60);
+    let (s, out) = b
+        .send(slack_request("/slack/commands", &body, now, SLACK_SECRET))
+        .await;
+    assert_eq!(s, 401, "replayed across the restart: {out}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(runner_b.calls().is_empty());
+    assert_eq!(run_count(&b).await, 1);
+    b.stop();
+}

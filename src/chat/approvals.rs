@@ -4,6 +4,9 @@
 //! may not run are skipped (and say why); a `needs_approval` step stops the
 //! run in `waiting` until an admin other than the requester approves it
 //! (two-person rule), someone denies it, or `[approvals] expiry_secs` pass.
+//! The rule compares people, not accounts: `[[rbac.people]]` maps each
+//! person's Slack and Discord accounts to one name (an account not listed is
+//! a person of its own), and approval audit records name both people.
 //! Each step's status and output go to the alert's thread (through the bot's
 //! outbox) or, for a run not tied to an alert, to the requester's chat; then
 //! a summary. Every request, decision and step is audited.
@@ -120,6 +123,7 @@ pub async fn start_run(
     let role = chat.role_of(user);
     let audit_params = serde_json::json!({
         "runbook": req.runbook, "steps": req.steps, "alert": req.group, "params": req.params,
+        "person": chat.person_of(&who),
     });
     macro_rules! refuse {
         ($outcome:expr, $msg:expr) => {{
@@ -355,17 +359,19 @@ pub async fn approve(
     let Some(ps) = plan.steps.get(index) else {
         return Outcome::Now(Reply::private(format!("run {id} has no step {index}")));
     };
+    // The two-person rule compares people ([[rbac.people]]), not accounts.
     let requester = Actor {
-        id: row.requester.clone(),
+        id: chat.person_of(&row.requester),
         role: parse_role(&row.requester_role),
     };
     let approver = Actor {
-        id: who.clone(),
+        id: chat.person_of(&who),
         role,
     };
     let step_params = serde_json::json!({
         "run": id, "runbook": row.runbook, "step": ps.step.name,
         "requested_by": row.requester, "command": ps.rendered.display(),
+        "person": approver.id, "requested_by_person": requester.id,
     });
     if let Err(denied) = authorize_approval(&approver, &requester, &ps.step) {
         chat.audit(
@@ -434,7 +440,8 @@ pub async fn deny(chat: &Arc<ChatState>, user: &User, id: &str) -> Outcome {
             return Outcome::Now(Reply::private(msg));
         }
     };
-    if row.requester != who {
+    let (person, requester_person) = (chat.person_of(&who), chat.person_of(&row.requester));
+    if requester_person != person {
         if let Err(denied) = authorize(role, ChatAction::Deny, None) {
             chat.audit(
                 &who,
@@ -461,7 +468,10 @@ pub async fn deny(chat: &Arc<ChatState>, user: &User, id: &str) -> Outcome {
     chat.audit(
         &who,
         "deny",
-        serde_json::json!({ "run": id, "runbook": row.runbook, "step": step, "requested_by": row.requester }),
+        serde_json::json!({
+            "run": id, "runbook": row.runbook, "step": step, "requested_by": row.requester,
+            "person": person, "requested_by_person": requester_person,
+        }),
         Some(format!("{}/{id}", row.runbook)),
         "denied",
     )
@@ -523,6 +533,7 @@ pub async fn drive(
             "run": id, "runbook": plan.runbook.id, "step": ps.step.name,
             "phase": ps.step.phase.as_str(), "target": ps.step.target.as_str(),
             "command": ps.rendered.display(), "requested_by": row.requester,
+            "requested_by_person": chat.person_of(&row.requester),
         });
         let target = Some(format!("{}/{id}", plan.runbook.id));
         if let Err(denied) = authorize(role, ChatAction::RunStep, Some(&ps.step)) {

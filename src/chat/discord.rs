@@ -2,7 +2,8 @@
 //! interactions endpoint URL).
 //!
 //! The Ed25519 signature (application public key, over timestamp + body,
-//! timestamp within 5 minutes) and the replay cache are checked on the raw
+//! timestamp within 5 minutes) and the replay cache (keyed on the signed
+//! timestamp and body, not the signature's spelling) are checked on the raw
 //! body before anything is parsed; a failure gets 401 and changes nothing.
 //! PING (type 1) is answered `{"type":1}`; APPLICATION_COMMAND (type 2,
 //! `/gpuops command:<text>`) and MESSAGE_COMPONENT (type 3, the alert
@@ -25,7 +26,7 @@ use crate::chat::{
     handle_button, handle_command, respond, ButtonAction, ChatState, Outcome, Platform, Reply,
     Responder, User, Visibility,
 };
-use crate::signing::{self, DiscordKey, DISCORD_SIGNATURE};
+use crate::signing::{self, DiscordKey, DISCORD_TIMESTAMP};
 
 /// Interaction types.
 pub const PING: u8 = 1;
@@ -78,11 +79,11 @@ pub async fn interactions(
         tracing::warn!(reason = %e, "discord interaction refused");
         return unauthorized();
     }
-    let sig = headers
-        .get(DISCORD_SIGNATURE)
+    let ts = headers
+        .get(DISCORD_TIMESTAMP)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !chat.first_use(sig) {
+    if !chat.first_use(Platform::Discord, ts, &body).await {
         tracing::warn!(reason = "replayed", "discord interaction refused");
         return unauthorized();
     }

@@ -14,12 +14,12 @@ pub mod approvals;
 pub mod discord;
 pub mod slack;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::post;
@@ -385,7 +385,6 @@ pub struct ChatState {
     /// The bot's agent inventory: node steps only for alerts whose instance
     /// it knows, and the node's real name for `{{node}}`.
     pub agents: Option<Arc<dyn AgentDirectory>>,
-    replay: ReplayCache,
 }
 
 impl ChatState {
@@ -462,7 +461,6 @@ impl ChatState {
                 .unwrap_or_else(|_| reqwest::Client::new()),
             runbooks_dir,
             agents: None,
-            replay: ReplayCache::default(),
         })
     }
 
@@ -484,6 +482,12 @@ impl ChatState {
         } else {
             Role::Viewer
         }
+    }
+
+    /// The person behind an account key (`slack:U0123`): their
+    /// `[[rbac.people]]` name, or the key itself when not listed.
+    pub fn person_of(&self, account: &str) -> String {
+        self.bot.config.rbac.person_of(account)
     }
 
     /// Loads the runbook directory (off the async threads). Invalid files
@@ -532,9 +536,25 @@ impl ChatState {
         }
     }
 
-    /// Refuses a signature seen before within the window (replays).
-    pub fn first_use(&self, signature: &str) -> bool {
-        self.replay.first_use(signature, self.now())
+    /// Refuses a verified request seen before within the window (replays).
+    /// The key is the request itself ([`request_key`]), not the signature
+    /// header's text, so a re-encoded signature (hex case, spacing) of the
+    /// same request is the same request. Keys are kept in the store (across
+    /// restarts) for twice the signing window; a store failure refuses.
+    pub async fn first_use(&self, platform: Platform, timestamp: &str, body: &[u8]) -> bool {
+        let key = request_key(platform, timestamp, body);
+        match self
+            .bot
+            .store
+            .first_use(key, self.now(), 2 * WINDOW_SECS)
+            .await
+        {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the request's replay key; refusing it");
+                false
+            }
+        }
     }
 }
 
@@ -1383,29 +1403,19 @@ impl StepExecutor for NoAgents {
     }
 }
 
-/// Signatures seen within the signing window (replays are refused).
-#[derive(Default)]
-struct ReplayCache {
-    seen: Mutex<HashMap<String, i64>>,
-}
-
-impl ReplayCache {
-    const MAX: usize = 100_000;
-
-    fn first_use(&self, signature: &str, now: i64) -> bool {
-        let mut seen = self
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if seen.len() >= Self::MAX / 2 {
-            seen.retain(|_, t| *t >= now - 2 * WINDOW_SECS);
-        }
-        if seen.len() >= Self::MAX || seen.contains_key(signature) {
-            return false;
-        }
-        seen.insert(signature.to_string(), now);
-        true
-    }
+/// The replay-cache key of a verified request: SHA-256 over the platform,
+/// the signed timestamp (trimmed, as the signature covers it) and the raw
+/// body. Both platforms sign exactly `timestamp + body`, so two requests
+/// with the same key are the same request, however the signature was spelt.
+pub fn request_key(platform: Platform, timestamp: &str, body: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(platform.as_str().as_bytes());
+    h.update([0]);
+    h.update(timestamp.trim().as_bytes());
+    h.update([0]);
+    h.update(body);
+    h.finalize().into()
 }
 
 /// Escapes what Slack's text format treats as markup (`<!channel>`,
@@ -1593,10 +1603,19 @@ mod tests {
     }
 
     #[test]
-    fn replays_are_refused_within_the_window() {
-        let c = ReplayCache::default();
-        assert!(c.first_use("v0=abc", 100));
-        assert!(!c.first_use("v0=abc", 101));
-        assert!(c.first_use("v0=abd", 101));
+    fn replay_keys_name_the_request_not_its_spelling() {
+        let k = |ts: &str, body: &str| request_key(Platform::Slack, ts, body.as_bytes());
+        assert_eq!(k("100", "a=1"), k(" 100 ", "a=1"), "spacing");
+        assert_ne!(k("100", "a=1"), k("100", "a=2"));
+        assert_ne!(k("100", "a=1"), k("101", "a=1"));
+        assert_ne!(
+            k("10", "0a=1"),
+            k("100", "a=1"),
+            "timestamp and body are separated"
+        );
+        assert_ne!(
+            k("100", "a=1"),
+            request_key(Platform::Discord, "100", b"a=1")
+        );
     }
 }

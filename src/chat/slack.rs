@@ -3,6 +3,7 @@
 //! `payload` holding `block_actions` JSON).
 //!
 //! The v0 signature (signing secret, 5-minute window) and the replay cache
+//! (keyed on the signed timestamp and body, not the signature's spelling)
 //! are checked on the raw body before anything is parsed; a request that
 //! fails gets 401 and changes nothing. Commands are answered in the HTTP
 //! response (ephemeral or in-channel JSON); longer work answers later through
@@ -24,7 +25,7 @@ use crate::chat::{
     Responder, User, Visibility,
 };
 use crate::notify::{SLACK_ACTION_ACK, SLACK_ACTION_RUN_RUNBOOK, SLACK_ACTION_SILENCE_1H};
-use crate::signing::{self, SLACK_SIGNATURE};
+use crate::signing::{self, SLACK_TIMESTAMP};
 
 /// `POST /slack/commands`.
 pub async fn commands(
@@ -32,7 +33,7 @@ pub async fn commands(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refusal) = verify(&chat, &headers, &body) {
+    if let Some(refusal) = verify(&chat, &headers, &body).await {
         return refusal;
     }
     let form = parse_form(&body);
@@ -70,7 +71,7 @@ pub async fn interactions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refusal) = verify(&chat, &headers, &body) {
+    if let Some(refusal) = verify(&chat, &headers, &body).await {
         return refusal;
     }
     let form = parse_form(&body);
@@ -175,7 +176,7 @@ pub struct Action {
 }
 
 /// `None` when the request is signed, fresh and new; else the 401 to send.
-fn verify(chat: &ChatState, headers: &HeaderMap, body: &[u8]) -> Option<Response> {
+async fn verify(chat: &ChatState, headers: &HeaderMap, body: &[u8]) -> Option<Response> {
     let Some(secret) = chat
         .bot
         .config
@@ -190,11 +191,11 @@ fn verify(chat: &ChatState, headers: &HeaderMap, body: &[u8]) -> Option<Response
         tracing::warn!(reason = %e, "slack request refused");
         return Some(unauthorized());
     }
-    let sig = headers
-        .get(SLACK_SIGNATURE)
+    let ts = headers
+        .get(SLACK_TIMESTAMP)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !chat.first_use(sig) {
+    if !chat.first_use(Platform::Slack, ts, body).await {
         tracing::warn!(reason = "replayed", "slack request refused");
         return Some(unauthorized());
     }

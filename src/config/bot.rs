@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::config::agent::LogConfig;
 use crate::config::{
     anchored_regex, positive_secs, read_file, read_log_section, read_secret, ConfigErrors, Reader,
-    Secret,
+    Secret, Section,
 };
 use crate::routing::{default_severity_map, Destination, Routing, Tier};
 
@@ -48,7 +48,28 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Bearer token AlertManager must send (`http_config.authorization`).
     pub webhook_token: Option<Secret>,
+    /// Serve `POST /alertmanager` without a token on a non-loopback address
+    /// (refused by default: anyone who reaches it could post alerts).
+    pub allow_unauthenticated_webhooks: bool,
     pub max_body_bytes: usize,
+}
+
+impl ServerConfig {
+    /// Why the bot must not serve with these settings: a listener other
+    /// than loopback with no `webhook_token`, unless
+    /// `allow_unauthenticated_webhooks` says so. `None` when it may.
+    pub fn unauthenticated_public_listener(&self) -> Option<String> {
+        if self.listen.ip().is_loopback()
+            || self.webhook_token.is_some()
+            || self.allow_unauthenticated_webhooks
+        {
+            return None;
+        }
+        Some(format!(
+            "{} is not a loopback address and server.webhook_token is not set, so anyone who reaches it could post alerts; set webhook_token (or webhook_token_file), listen on 127.0.0.1, or set server.allow_unauthenticated_webhooks = true",
+            self.listen
+        ))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +164,21 @@ pub struct StaticAgent {
 pub struct RbacConfig {
     pub admins: Vec<String>,
     pub operators: Vec<String>,
+    /// `[[rbac.people]]`: account key (`slack:U0123`, `discord:1234`) → the
+    /// person's name. An account belongs to at most one person; an account
+    /// not listed is a person of its own. The two-person rule compares people.
+    pub people: BTreeMap<String, String>,
+}
+
+impl RbacConfig {
+    /// The person behind an account key: their `[[rbac.people]]` name, or
+    /// the account key itself when it is not listed.
+    pub fn person_of(&self, account: &str) -> String {
+        self.people
+            .get(account)
+            .cloned()
+            .unwrap_or_else(|| account.to_string())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -169,6 +205,7 @@ impl Default for BotConfig {
             server: ServerConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_BOT_PORT)),
                 webhook_token: None,
+                allow_unauthenticated_webhooks: false,
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             },
             store: StoreConfig {
@@ -231,6 +268,12 @@ impl BotConfig {
                 }
             }) {
                 c.server.max_body_bytes = v;
+            }
+            c.server.allow_unauthenticated_webhooks = r
+                .get(&mut s, "allow_unauthenticated_webhooks")
+                .unwrap_or(false);
+            if let Some(why) = c.server.unauthenticated_public_listener() {
+                r.error(&s, "listen", why);
             }
             r.finish(s);
         }
@@ -570,6 +613,7 @@ impl BotConfig {
             };
             c.rbac.admins = r.get_with(&mut s, "admins", ids).unwrap_or_default();
             c.rbac.operators = r.get_with(&mut s, "operators", ids).unwrap_or_default();
+            c.rbac.people = read_people(&mut r, &mut s);
             r.finish(s);
         }
 
@@ -582,6 +626,80 @@ impl BotConfig {
 
         r.finish(root);
         r.into_result().map(|()| c)
+    }
+}
+
+/// `[[rbac.people]]`: `name` and the `accounts` that are that person; every
+/// account in at most one person, every name once.
+fn read_people<'i>(r: &mut Reader<'i>, s: &mut Section<'i>) -> BTreeMap<String, String> {
+    let mut people: BTreeMap<String, String> = BTreeMap::new();
+    let mut names: Vec<String> = Vec::new();
+    for mut p in r.tables(s, "people") {
+        let name = r.get_with(&mut p, "name", |n: String| {
+            if !n.is_empty()
+                && n.len() <= 64
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            {
+                Ok(n)
+            } else {
+                Err(format!(
+                    "{n:?} is not a person's name (1 to 64 letters, digits, '.', '_' or '-')"
+                ))
+            }
+        });
+        let accounts = r.get_with(&mut p, "accounts", |v: Vec<String>| {
+            if v.is_empty() {
+                return Err("must list at least one account".to_string());
+            }
+            if let Some(bad) = v.iter().find(|a| !is_account_key(a)) {
+                return Err(format!(
+                    "{bad:?} is not an account: write slack:<user id> or discord:<user id>"
+                ));
+            }
+            Ok(v)
+        });
+        let keys = p.keys();
+        for key in ["name", "accounts"] {
+            if !keys.iter().any(|k| k == key) {
+                r.error(&p, "", format!("needs {key}"));
+            }
+        }
+        if let Some(n) = &name {
+            if names.contains(n) {
+                r.error(&p, "name", format!("person {n:?} is listed twice"));
+            }
+            names.push(n.clone());
+        }
+        if let (Some(name), Some(accounts)) = (name, accounts) {
+            for a in accounts {
+                match people.get(&a) {
+                    Some(other) => r.error(
+                        &p,
+                        "accounts",
+                        format!("{a:?} already belongs to {other:?}; an account belongs to at most one person"),
+                    ),
+                    None => {
+                        people.insert(a, name.clone());
+                    }
+                }
+            }
+        }
+        r.finish(p);
+    }
+    people
+}
+
+/// `slack:<id>` (letters and digits) or `discord:<snowflake>`.
+fn is_account_key(a: &str) -> bool {
+    match a.split_once(':') {
+        Some(("slack", id)) => {
+            !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+        }
+        Some(("discord", id)) => {
+            !id.is_empty() && id.len() <= 24 && id.bytes().all(|b| b.is_ascii_digit())
+        }
+        _ => false,
     }
 }
 
@@ -811,6 +929,74 @@ expiry_secs = 60
         let k = c.agents.unwrap().signing_key.unwrap();
         assert_eq!(k.key_id(), signer.key_id());
         assert!(!format!("{k:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn people_parse_and_an_account_belongs_to_one_person() {
+        let text = r#"
+[rbac]
+admins = ["U0ALICE", "discord:123"]
+[[rbac.people]]
+name = "alice"
+accounts = ["slack:U0ALICE", "discord:123"]
+[[rbac.people]]
+name = "bob"
+accounts = ["slack:U0BOB"]
+"#;
+        let c = BotConfig::from_str(Path::new("b.toml"), text).unwrap();
+        assert_eq!(c.rbac.person_of("slack:U0ALICE"), "alice");
+        assert_eq!(c.rbac.person_of("discord:123"), "alice");
+        assert_eq!(c.rbac.person_of("slack:U0BOB"), "bob");
+        assert_eq!(c.rbac.person_of("slack:U0CAROL"), "slack:U0CAROL");
+        let bad = r#"
+[[rbac.people]]
+name = "alice"
+accounts = ["slack:U0ALICE", "discord:123"]
+[[rbac.people]]
+name = "mallory"
+accounts = ["discord:123"]
+[[rbac.people]]
+name = "alice"
+accounts = ["U0BOB"]
+[[rbac.people]]
+name = "a b"
+accounts = []
+[[rbac.people]]
+accounts = ["slack:U0X"]
+nick = "x"
+"#;
+        expect_test::expect![[r#"
+            [
+                "bot.toml:7: rbac.people[1].accounts: \"discord:123\" already belongs to \"alice\"; an account belongs to at most one person",
+                "bot.toml:9: rbac.people[2].name: person \"alice\" is listed twice",
+                "bot.toml:10: rbac.people[2].accounts: \"U0BOB\" is not an account: write slack:<user id> or discord:<user id>",
+                "bot.toml:12: rbac.people[3].name: \"a b\" is not a person's name (1 to 64 letters, digits, '.', '_' or '-')",
+                "bot.toml:13: rbac.people[3].accounts: must list at least one account",
+                "bot.toml:14: rbac.people[4]: needs name",
+                "bot.toml:16: rbac.people[4].nick: unknown key",
+            ]
+        "#]]
+        .assert_debug_eq(&errors(bad));
+    }
+
+    #[test]
+    fn public_listener_needs_a_webhook_token_or_an_explicit_allow() {
+        let text = "[server]\nlisten = \"0.0.0.0:9950\"\n";
+        expect_test::expect![[r#"
+            [
+                "bot.toml:2: server.listen: 0.0.0.0:9950 is not a loopback address and server.webhook_token is not set, so anyone who reaches it could post alerts; set webhook_token (or webhook_token_file), listen on 127.0.0.1, or set server.allow_unauthenticated_webhooks = true",
+            ]
+        "#]]
+        .assert_debug_eq(&errors(text));
+        assert_eq!(errors("[server]\nlisten = \"[::]:9950\"\n").len(), 1);
+        for ok in [
+            "[server]\nlisten = \"127.0.0.1:9950\"\n",
+            "[server]\nlisten = \"[::1]:9950\"\n",
+            "[server]\nlisten = \"0.0.0.0:9950\"\nwebhook_token = \"t\"\n",
+            "[server]\nlisten = \"0.0.0.0:9950\"\nallow_unauthenticated_webhooks = true\n",
+        ] {
+            assert_eq!(errors(ok), Vec::<String>::new(), "{ok}");
+        }
     }
 
     #[test]

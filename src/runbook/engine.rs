@@ -210,7 +210,9 @@ pub struct Denied(pub String);
 /// Someone acting in chat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor {
-    /// Slack or Discord user id.
+    /// Who acts: the person (a `[[rbac.people]]` name) or, for an account
+    /// not listed there, its key (`slack:U0123`). The two-person rule
+    /// compares these.
     pub id: String,
     pub role: Role,
 }
@@ -985,6 +987,7 @@ mod tests {
         let rbac = crate::config::bot::RbacConfig {
             admins: vec!["U0ADMIN".into()],
             operators: vec!["U0OPER".into(), "U0ADMIN".into()],
+            ..Default::default()
         };
         assert_eq!(role_of("U0ADMIN", &rbac), Role::Admin);
         assert_eq!(role_of("U0OPER", &rbac), Role::Operator);
