@@ -160,6 +160,9 @@ pub struct RunbookRunArgs {
     /// Run steps that need approval without asking
     #[arg(long)]
     pub yes: bool,
+    /// Run only this step (repeatable; like `run ID:step` in chat)
+    #[arg(long, value_name = "NAME")]
+    pub step: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -225,6 +225,12 @@ impl HostRoots {
     }
 }
 
+/// Whether an absolute path exists on this machine (a runbook step's
+/// `only_if_exists`, e.g. `/usr/bin/scontrol`); follows symbolic links.
+pub fn path_exists(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok()
+}
+
 /// Parses text already read from `path` with one of the `procfs` crate's readers.
 pub fn parse_proc_text<T: procfs::FromRead>(path: &Path, text: &str) -> Result<T, ReadError> {
     T::from_read(text.as_bytes()).map_err(|e| ReadError::parse(path, proc_error_message(e)))

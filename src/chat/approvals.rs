@@ -915,13 +915,7 @@ fn parse_role(s: &str) -> Role {
 }
 
 fn status_name(s: StepStatus) -> &'static str {
-    match s {
-        StepStatus::Succeeded => "succeeded",
-        StepStatus::Failed => "failed",
-        StepStatus::TimedOut => "timed_out",
-        StepStatus::Skipped => "skipped",
-        StepStatus::Error => "error",
-    }
+    s.as_str()
 }
 
 fn summary_counts(results: &[(String, String)]) -> String {

@@ -1322,6 +1322,8 @@ pub fn step_message(plan: &RunPlan, step: &PlannedStep, out: &StepOutcome) -> (S
         TimedOut => "⏱",
         Skipped => "⏭",
         Error => "⚠️",
+        Unavailable => "➖",
+        Denied => "🚫",
     };
     let mut head = format!(
         "{icon} {} `{}` — {}",

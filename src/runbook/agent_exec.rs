@@ -8,7 +8,9 @@
 //! (404), step kind and target (400), parameters re-validated against this
 //! node's patterns (400), a `node` parameter naming another node (403), the
 //! argv rendered here against the signed digest (403), and the approval a
-//! `needs_approval` step must carry (403). The command runs through a
+//! `needs_approval` step must carry (403). A step whose `only_if_exists`
+//! path is missing here is answered 200 with `unavailable` set and not run.
+//! The command runs through a
 //! [`CommandRunner`] with the step's timeout and the configured output cap.
 //! Every request is logged with its runbook, step, parameters, approval and
 //! outcome. No route is added unless a public key is configured (see
@@ -243,6 +245,29 @@ async fn handle<C: Clock + 'static>(
             )
         })
         .unwrap_or_else(|| "none".into());
+    // `only_if_exists` is checked here, on the node, so the bot learns
+    // whether this member of an alternative group can run at all.
+    if let Some(path) = &step.flow.only_if_exists {
+        if !crate::host::path_exists(std::path::Path::new(path)) {
+            tracing::info!(
+                runbook = %runbook.id,
+                step = %step.name,
+                path = %path,
+                approval = %approval_text,
+                "exec step not available on this node"
+            );
+            let mut resp = ExecResponse::from_output(&crate::runbook::exec::CommandOutput {
+                exit_code: None,
+                stdout: String::new(),
+                stderr: String::new(),
+                duration: std::time::Duration::ZERO,
+                timed_out: false,
+                truncated: false,
+            });
+            resp.unavailable = Some(path.clone());
+            return (StatusCode::OK, Json(resp)).into_response();
+        }
+    }
     let Ok(_permit) = state.slots.try_acquire() else {
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,

@@ -6,12 +6,12 @@
 //! `GPUOPS_PROMETHEUS_URL` and are skipped with a note without it.
 //! Steps with `needs_approval` are confirmed on a terminal; without a
 //! terminal they are refused unless `--yes` is given (the other steps still
-//! run). A mitigation that ran and failed (or timed out) skips the later
-//! mitigations, so a GPU is never reset on a node whose drain failed; a
-//! mitigation declined at the prompt or whose program is not installed does
-//! not (runbooks offer alternatives such as Slurm and Kubernetes drains).
-//! Escalation steps always run. The exit status is non-zero when any step
-//! did not succeed.
+//! run). Which step runs next is decided by [`engine::next_action`], the
+//! same rule as in chat (`when`, `requires`, alternatives; a failed
+//! mitigation skips later independent mitigations; escalation always runs).
+//! `--step NAME` runs only the named steps. The run ends with the node's
+//! state in plain words ([`engine::node_state`]). The exit status is
+//! non-zero when any step did not succeed.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, IsTerminal as _, Write};
@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use crate::cli::{RunbookCommand, RunbookRunArgs};
 use crate::runbook::engine::{self, Executor, NodeSteps, StepExecutor as _, StepStatus};
 use crate::runbook::exec::ProcessRunner;
-use crate::runbook::{Phase, RunbookSet};
+use crate::runbook::RunbookSet;
 
 /// Environment variable naming Prometheus for promql steps run from the CLI.
 pub const PROMETHEUS_URL_ENV: &str = "GPUOPS_PROMETHEUS_URL";
@@ -139,13 +139,20 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
     let given = parse_param_args(&args.params)?;
     let plan = engine::plan(runbook, &given, &BTreeMap::new())
         .map_err(|e| anyhow::anyhow!("runbook {}: refused: {e}", runbook.id))?;
+    if let Some(bad) = args.step.iter().find(|n| runbook.step(n).is_none()) {
+        anyhow::bail!(
+            "runbook {} has no step {bad:?}; its steps: {}",
+            runbook.id,
+            runbook.steps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
     let total = plan.steps.len();
     writeln!(out, "runbook {}: {}", runbook.id, runbook.title)?;
     for (k, v) in plan.params.iter() {
         writeln!(out, "  {k}={v}")?;
     }
     if args.dry_run {
-        for s in &plan.steps {
+        for s in plan.steps.iter().filter(|s| selected(&args.step, &s.step.name)) {
             writeln!(out, "{}", s.header(total))?;
             writeln!(out, "    {}", s.rendered.display())?;
         }
@@ -163,16 +170,17 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
     let executor = Executor::new(Arc::new(ProcessRunner), NodeSteps::Local, prometheus);
     let interactive = std::io::stdin().is_terminal();
     let mut failures = 0usize;
-    let mut mitigation_blocked: Option<String> = None;
-    for s in &plan.steps {
+    let mut ran = 0usize;
+    let mut done: Vec<(String, StepStatus)> = Vec::new();
+    for s in plan.steps.iter().filter(|s| selected(&args.step, &s.step.name)) {
+        ran += 1;
         writeln!(out, "{}", s.header(total))?;
         writeln!(out, "    $ {}", s.rendered.display())?;
-        if s.step.phase == Phase::Mitigate {
-            if let Some(why) = &mitigation_blocked {
-                writeln!(out, "    skipped: {why}")?;
-                failures += 1;
-                continue;
-            }
+        if let engine::NextAction::Skip(why) = engine::next_action(&plan, s.index, &done) {
+            writeln!(out, "    {why}")?;
+            failures += 1;
+            done.push((s.step.name.clone(), StepStatus::Skipped));
+            continue;
         }
         if s.step.needs_approval && !args.yes {
             let approved = if interactive {
@@ -187,6 +195,7 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
             if !approved {
                 writeln!(out, "    not run")?;
                 failures += 1;
+                done.push((s.step.name.clone(), StepStatus::Denied));
                 continue;
             }
         }
@@ -203,6 +212,8 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
                 StepStatus::TimedOut => "timed out",
                 StepStatus::Skipped => "skipped",
                 StepStatus::Error => "error",
+                StepStatus::Unavailable => "unavailable",
+                StepStatus::Denied => "denied",
             },
             outcome
                 .exit_code
@@ -215,26 +226,36 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
                 ""
             }
         )?;
-        if outcome.status != StepStatus::Succeeded {
+        // An unavailable alternative is not a failure while another member ran.
+        if !matches!(
+            outcome.status,
+            StepStatus::Succeeded | StepStatus::Unavailable
+        ) {
             failures += 1;
-            if s.step.phase == Phase::Mitigate
-                && matches!(outcome.status, StepStatus::Failed | StepStatus::TimedOut)
-            {
-                mitigation_blocked = Some(format!("mitigation {} did not succeed", s.step.name));
-            }
         }
+        done.push((s.step.name.clone(), outcome.status));
+    }
+    for line in engine::node_state(&plan, &done) {
+        writeln!(out, "state: {line}")?;
     }
     writeln!(
         out,
-        "runbook {}: {} of {total} steps succeeded",
+        "runbook {}: {} of {ran} steps succeeded",
         runbook.id,
-        total - failures
+        done.iter()
+            .filter(|(_, st)| *st == StepStatus::Succeeded)
+            .count()
     )?;
     Ok(if failures == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// With `--step`, only the named steps run (dependencies on others are unmet).
+fn selected(only: &[String], name: &str) -> bool {
+    only.is_empty() || only.iter().any(|s| s == name)
 }
 
 fn confirm(out: &mut impl Write, prompt: &str) -> anyhow::Result<bool> {

@@ -92,6 +92,179 @@ pub enum StepStatus {
     Skipped,
     /// Could not be run (spawn failure, agent unreachable, agent refused).
     Error,
+    /// Not run: its `only_if_exists` path is missing where it would run
+    /// (the next member of its alternative group is tried).
+    Unavailable,
+    /// Not run: the approval was denied (or declined at the CLI prompt).
+    Denied,
+}
+
+impl StepStatus {
+    /// The stored name (`succeeded`, `timed_out`…).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+            StepStatus::TimedOut => "timed_out",
+            StepStatus::Skipped => "skipped",
+            StepStatus::Error => "error",
+            StepStatus::Unavailable => "unavailable",
+            StepStatus::Denied => "denied",
+        }
+    }
+
+    /// The inverse of [`StepStatus::as_str`].
+    pub fn parse(s: &str) -> Option<StepStatus> {
+        Some(match s {
+            "succeeded" => StepStatus::Succeeded,
+            "failed" => StepStatus::Failed,
+            "timed_out" => StepStatus::TimedOut,
+            "skipped" => StepStatus::Skipped,
+            "error" => StepStatus::Error,
+            "unavailable" => StepStatus::Unavailable,
+            "denied" => StepStatus::Denied,
+            _ => return None,
+        })
+    }
+
+    /// For reasons: `drain failed`, `drain was denied`.
+    pub fn as_reason(self) -> &'static str {
+        match self {
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+            StepStatus::TimedOut => "timed out",
+            StepStatus::Skipped => "was skipped",
+            StepStatus::Error => "could not be run",
+            StepStatus::Unavailable => "is not available there",
+            StepStatus::Denied => "was denied",
+        }
+    }
+}
+
+/// What the run does with a step next ([`next_action`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextAction {
+    /// Run it (after the caller's role and approval checks).
+    Run,
+    /// Do not run it; the reason starts with `skipped:`.
+    Skip(String),
+}
+
+/// The one rule that decides whether a step runs, given what the earlier
+/// steps of this run came to (`done`: step name and status, in the order
+/// they got them; steps not selected for the run are simply absent). Both
+/// the chat runs and `gpuops runbook run` call it.
+///
+/// - Escalation steps always run (or are offered for approval).
+/// - A member of an alternative group runs only while every earlier member
+///   of the group was `unavailable`; once one got any other outcome, the
+///   group is decided and later members are skipped.
+/// - `when: previous_succeeded`: the last step that got an outcome succeeded.
+/// - `requires`: every named step (or some member of the named alternative
+///   group) succeeded in this run; a name that did not run here is not met.
+/// - A mitigation without `when`/`requires` is skipped once an earlier
+///   mitigation of this run failed or timed out (it may have half-changed
+///   the node); a denied, skipped, unavailable or unrunnable one does not
+///   block it, because it changed nothing.
+pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) -> NextAction {
+    let Some(ps) = plan.steps.get(index) else {
+        return NextAction::Skip("skipped: no such step".into());
+    };
+    let step = &ps.step;
+    if step.phase == Phase::Escalate {
+        return NextAction::Run;
+    }
+    let status_of = |name: &str| done.iter().rev().find(|(n, _)| n == name).map(|(_, s)| *s);
+    let group_of = |name: &str| plan.step(name).and_then(|p| p.step.flow.alternative.clone());
+    if let Some(g) = &step.flow.alternative {
+        if let Some((m, st)) = done.iter().find(|(n, st)| {
+            *st != StepStatus::Unavailable && group_of(n).as_deref() == Some(g.as_str())
+        }) {
+            return NextAction::Skip(match st {
+                StepStatus::Succeeded => format!("skipped: alternative {m} of {g} was used"),
+                other => format!("skipped: {g} was decided by {m}, which {}", other.as_reason()),
+            });
+        }
+    }
+    if step.flow.previous_succeeded {
+        match done.last() {
+            None => return NextAction::Skip("skipped: no earlier step ran in this run".into()),
+            Some((n, st)) if *st != StepStatus::Succeeded => {
+                return NextAction::Skip(format!("skipped: {n} {}", st.as_reason()))
+            }
+            Some(_) => {}
+        }
+    }
+    for r in &step.flow.requires {
+        if plan.step(r).is_some() {
+            match status_of(r) {
+                Some(StepStatus::Succeeded) => {}
+                Some(st) => return NextAction::Skip(format!("skipped: {r} {}", st.as_reason())),
+                None => {
+                    return NextAction::Skip(format!("skipped: {r} did not run in this run"))
+                }
+            }
+        } else {
+            let members: Vec<&(String, StepStatus)> = done
+                .iter()
+                .filter(|(n, _)| group_of(n).as_deref() == Some(r.as_str()))
+                .collect();
+            if !members.iter().any(|(_, st)| *st == StepStatus::Succeeded) {
+                return NextAction::Skip(match members.iter().rev().find(|(_, st)| *st != StepStatus::Unavailable).or(members.last()) {
+                    Some((n, st)) => format!("skipped: {r} did not succeed ({n} {})", st.as_reason()),
+                    None => format!("skipped: {r} did not run in this run"),
+                });
+            }
+        }
+    }
+    if step.phase == Phase::Mitigate && step.flow.requires.is_empty() && !step.flow.previous_succeeded {
+        let failed = done.iter().find(|(n, st)| {
+            matches!(st, StepStatus::Failed | StepStatus::TimedOut)
+                && plan.step(n).is_some_and(|p| p.step.phase == Phase::Mitigate)
+        });
+        if let Some((n, st)) = failed {
+            return NextAction::Skip(format!("skipped: {n} {}", st.as_reason()));
+        }
+    }
+    NextAction::Run
+}
+
+/// The node's state in plain words after a run, from its mitigations'
+/// outcomes: each mitigation that ran says its `state_on_success` or
+/// `state_on_failure` (or, without them, that it succeeded or failed); when
+/// no mitigation ran: "NODE was not changed; it is still serving jobs".
+pub fn node_state(plan: &RunPlan, done: &[(String, StepStatus)]) -> Vec<String> {
+    let node = plan
+        .params
+        .get("node")
+        .or_else(|| plan.labels.get("node").map(String::as_str))
+        .or_else(|| plan.labels.get("instance").map(String::as_str))
+        .unwrap_or("the node")
+        .to_string();
+    let mut lines = Vec::new();
+    for (name, st) in done {
+        let Some(ps) = plan.step(name) else { continue };
+        if ps.step.phase != Phase::Mitigate {
+            continue;
+        }
+        let (template, fallback) = match st {
+            StepStatus::Succeeded => (&ps.step.state_on_success, format!("{name} succeeded on {node}")),
+            StepStatus::Failed | StepStatus::TimedOut => (
+                &ps.step.state_on_failure,
+                format!("{name} {} on {node}: its change may be partly made", st.as_reason()),
+            ),
+            _ => continue,
+        };
+        let text = template
+            .as_ref()
+            .and_then(|t| t.render(&plan.params, Escape::None).ok())
+            .unwrap_or(fallback);
+        lines.push(text);
+    }
+    if lines.is_empty() {
+        lines.push(format!("{node} was not changed; it is still serving jobs"));
+    }
+    lines
 }
 
 /// What one step came to.
@@ -184,6 +357,10 @@ pub struct ExecResponse {
     /// Set when the command could not be started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Set when the step's `only_if_exists` path is missing on the node: the
+    /// command was not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 /// What someone asks to do.
@@ -324,6 +501,17 @@ impl StepOutcome {
             status: StepStatus::Skipped,
             exit_code: None,
             output: why.into(),
+            duration: Duration::ZERO,
+            truncated: false,
+        }
+    }
+
+    /// The step's `only_if_exists` path is missing on the machine `where_`.
+    pub fn unavailable(path: &str, where_: &str) -> StepOutcome {
+        StepOutcome {
+            status: StepStatus::Unavailable,
+            exit_code: None,
+            output: format!("not run: {path} does not exist {where_}"),
             duration: Duration::ZERO,
             truncated: false,
         }
@@ -539,6 +727,12 @@ impl StepExecutor for Executor {
         step: &'a PlannedStep,
     ) -> BoxFuture<'a, StepOutcome> {
         Box::pin(async move {
+            let here = step.step.target == Target::Bot || matches!(self.node, NodeSteps::Local);
+            if let (true, Some(path)) = (here, &step.step.flow.only_if_exists) {
+                if !crate::host::path_exists(std::path::Path::new(path)) {
+                    return StepOutcome::unavailable(path, "here");
+                }
+            }
             match (&step.rendered, step.step.target) {
                 (Rendered::Command { argv }, Target::Bot) => self.command(&step.step, argv).await,
                 (Rendered::Command { argv }, Target::Node) => match &self.node {
@@ -687,6 +881,9 @@ impl AgentClient {
         }
         match serde_json::from_str::<ExecResponse>(&text) {
             Ok(r) => {
+                if let Some(path) = r.unavailable {
+                    return StepOutcome::unavailable(&path, &format!("on node {}", agent.node));
+                }
                 if let Some(e) = r.error {
                     return StepOutcome::error(
                         e,
@@ -721,6 +918,7 @@ impl ExecResponse {
             timed_out: out.timed_out,
             truncated: out.truncated,
             error: None,
+            unavailable: None,
         }
     }
 
@@ -733,6 +931,7 @@ impl ExecResponse {
             timed_out: false,
             truncated: false,
             error: Some(e.to_string()),
+            unavailable: None,
         }
     }
 }
@@ -1008,6 +1207,98 @@ mod tests {
         let out = exec.execute(&plan, &plan.steps[0]).await;
         assert_eq!(out.status, StepStatus::Error);
         assert!(out.output.contains("[agents]"), "{}", out.output);
+    }
+
+    const FLOW: &str = r#"
+id: t
+title: T
+params:
+  node: { pattern: '[a-z0-9]+', default: n1 }
+steps:
+- {name: look, phase: investigate, kind: command, target: node, run: [uptime]}
+- {name: drain-slurm, phase: mitigate, kind: command, target: node, run: [scontrol], alternative: drain, only_if_exists: /usr/bin/scontrol, needs_approval: true, state_on_success: "{{node}} is drained", state_on_failure: "{{node}} is NOT drained: drain failed"}
+- {name: drain-k8s, phase: mitigate, kind: command, target: bot, run: [kubectl], alternative: drain, needs_approval: true, state_on_success: "{{node}} is cordoned"}
+- {name: reset, phase: mitigate, kind: command, target: node, run: [nvidia-smi], requires: [drain], needs_approval: true, state_on_success: "{{node}} has a freshly reset GPU"}
+- {name: check, phase: mitigate, kind: command, target: node, run: [nvidia-smi], when: previous_succeeded}
+- {name: clear, phase: mitigate, kind: command, target: node, run: [echo]}
+- {name: page, phase: escalate, kind: command, target: bot, run: [echo]}
+"#;
+
+    fn flow_check(done: &[(&str, StepStatus)], expect: expect_test::Expect) {
+        let rb = crate::runbook::parse_runbook(std::path::Path::new("t.yaml"), FLOW).unwrap();
+        let plan = plan(&rb, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        let done: Vec<(String, StepStatus)> =
+            done.iter().map(|(n, s)| (n.to_string(), *s)).collect();
+        let mut out = String::new();
+        for s in &plan.steps {
+            if done.iter().any(|(n, _)| *n == s.step.name) {
+                continue;
+            }
+            let _ = writeln!(out, "{}: {:?}", s.step.name, next_action(&plan, s.index, &done));
+        }
+        let _ = write!(out, "state: {}", node_state(&plan, &done).join("; "));
+        expect.assert_eq(&out);
+    }
+
+    #[test]
+    fn next_action_follows_dependencies_alternatives_and_failures() {
+        use expect_test::expect;
+        use StepStatus::*;
+        flow_check(
+            &[("look", Succeeded), ("drain-slurm", Failed)],
+            expect![[r#"
+                drain-k8s: Skip("skipped: drain was decided by drain-slurm, which failed")
+                reset: Skip("skipped: drain did not succeed (drain-slurm failed)")
+                check: Skip("skipped: drain-slurm failed")
+                clear: Skip("skipped: drain-slurm failed")
+                page: Run
+                state: n1 is NOT drained: drain failed"#]],
+        );
+        flow_check(
+            &[("look", Succeeded), ("drain-slurm", Unavailable)],
+            expect![[r#"
+                drain-k8s: Run
+                reset: Skip("skipped: drain did not succeed (drain-slurm is not available there)")
+                check: Skip("skipped: drain-slurm is not available there")
+                clear: Run
+                page: Run
+                state: n1 was not changed; it is still serving jobs"#]],
+        );
+        flow_check(
+            &[("look", Succeeded), ("drain-slurm", Denied)],
+            expect![[r#"
+                drain-k8s: Skip("skipped: drain was decided by drain-slurm, which was denied")
+                reset: Skip("skipped: drain did not succeed (drain-slurm was denied)")
+                check: Skip("skipped: drain-slurm was denied")
+                clear: Run
+                page: Run
+                state: n1 was not changed; it is still serving jobs"#]],
+        );
+        flow_check(
+            &[
+                ("look", Succeeded),
+                ("drain-slurm", Unavailable),
+                ("drain-k8s", Succeeded),
+                ("reset", Succeeded),
+            ],
+            expect![[r#"
+                check: Run
+                clear: Run
+                page: Run
+                state: n1 is cordoned; n1 has a freshly reset GPU"#]],
+        );
+        flow_check(
+            &[],
+            expect![[r#"
+                look: Run
+                drain-slurm: Run
+                drain-k8s: Run
+                reset: Skip("skipped: drain did not run in this run")
+                check: Skip("skipped: no earlier step ran in this run")
+                clear: Run
+                page: Run
+                state: n1 was not changed; it is still serving jobs"#]],
+        );
     }
 
     #[test]

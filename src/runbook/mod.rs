@@ -121,6 +121,36 @@ pub struct Step {
     /// Roles that may run (or, with `needs_approval`, request) this step.
     pub roles: Vec<Role>,
     pub action: Action,
+    /// How this step depends on earlier ones (`when`, `requires`).
+    pub flow: Flow,
+    /// `approval_group`: one approval covers every step of the group in a run.
+    pub approval_group: Option<String>,
+    /// `state_on_success`: the node's state in plain words once this
+    /// mitigation succeeded (a template, e.g. `{{node}} is drained`).
+    pub state_on_success: Option<Template>,
+    /// `state_on_failure`: the node's state when this mitigation ran and failed.
+    pub state_on_failure: Option<Template>,
+}
+
+/// When a step may run, decided by [`engine::next_action`] from the
+/// outcomes of the earlier steps of the same run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// `when: previous_succeeded`: the step just before it in this run (the
+    /// last one that got an outcome) succeeded.
+    pub previous_succeeded: bool,
+    /// `requires: [a, b]`: each named earlier step (or alternative group)
+    /// succeeded in this run.
+    pub requires: Vec<String>,
+    /// `alternative: drain`: this step is one member of the group `drain`;
+    /// the first member (in file order) that is available runs, the others
+    /// are skipped. A member is available unless its `only_if_exists` path
+    /// is missing on the machine that would run it.
+    pub alternative: Option<String>,
+    /// `only_if_exists: /usr/bin/scontrol`: an absolute path that must exist
+    /// on the machine that runs the step (the agent checks node steps on the
+    /// node); otherwise the step is `unavailable` and does not run.
+    pub only_if_exists: Option<String>,
 }
 
 /// What a step does, with `{{param}}` templates still unrendered.
@@ -321,11 +351,16 @@ impl Step {
     }
 
     fn templates(&self) -> Vec<&Template> {
-        match &self.action {
+        let action: Vec<&Template> = match &self.action {
             Action::Command { argv } => argv.iter().collect(),
             Action::Http { url, body, .. } => std::iter::once(url).chain(body.as_ref()).collect(),
             Action::Promql { query } => vec![query],
-        }
+        };
+        action
+            .into_iter()
+        .chain(self.state_on_success.as_ref())
+        .chain(self.state_on_failure.as_ref())
+        .collect()
     }
 }
 
@@ -861,6 +896,13 @@ const STEP_KEYS: &[&str] = &[
     "url",
     "body",
     "query",
+    "when",
+    "requires",
+    "alternative",
+    "only_if_exists",
+    "approval_group",
+    "state_on_success",
+    "state_on_failure",
 ];
 
 fn value_kind(v: &Value) -> &'static str {
@@ -1028,6 +1070,7 @@ impl Walker {
                 );
             }
         }
+        self.check_flow(&steps);
         // Unused parameters are reported only when every step is valid (a
         // broken step would make its parameters look unused).
         let steps_ok = self.errors.len() == steps_before;
@@ -1520,6 +1563,23 @@ impl Walker {
         if self.errors.len() > before {
             return None;
         }
+        let flow = self.flow(&loc, &get, phase);
+        let approval_group = get("approval_group").and_then(|v| self.group_name(v, &loc, "approval_group"));
+        let state_on_success = get("state_on_success").and_then(|v| template(self, v, "state_on_success"));
+        let state_on_failure = get("state_on_failure").and_then(|v| template(self, v, "state_on_failure"));
+        if phase != Some(Phase::Mitigate) {
+            for k in ["state_on_success", "state_on_failure"] {
+                if get(k).is_some() {
+                    self.err(&loc, k, "only mitigations change the node's state");
+                }
+            }
+        }
+        if approval_group.is_some() && !needs_approval {
+            self.err(&loc, "approval_group", "only steps with needs_approval: true have an approval to share");
+        }
+        if self.errors.len() > before {
+            return None;
+        }
         Some(Step {
             name: name?,
             description,
@@ -1529,8 +1589,187 @@ impl Walker {
             needs_approval,
             roles,
             action: action?,
+            flow,
+            approval_group,
+            state_on_success,
+            state_on_failure,
         })
     }
+}
+
+impl Walker {
+    /// `when`, `requires`, `alternative`, `only_if_exists` of one step.
+    fn flow<'v>(
+        &mut self,
+        loc: &str,
+        get: impl Fn(&str) -> Option<&'v Value>,
+        phase: Option<Phase>,
+    ) -> Flow {
+        let mut flow = Flow::default();
+        if let Some(v) = get("when") {
+            match v.as_str() {
+                Some("previous_succeeded") => flow.previous_succeeded = true,
+                _ => self.err(
+                    loc,
+                    "when",
+                    format!(
+                        "unknown condition {} (expected previous_succeeded)",
+                        display_value(v)
+                    ),
+                ),
+            }
+        }
+        match get("requires") {
+            None => {}
+            Some(Value::Sequence(seq)) if !seq.is_empty() => {
+                for n in seq {
+                    match n.as_str() {
+                        Some(n) if is_step_name(n) => flow.requires.push(n.to_string()),
+                        _ => self.err(
+                            loc,
+                            "requires",
+                            format!("{} is not a step name", display_value(n)),
+                        ),
+                    }
+                }
+            }
+            Some(v) => self.err(
+                loc,
+                "requires",
+                format!(
+                    "must be a non-empty list of step names, got {}",
+                    display_value(v)
+                ),
+            ),
+        }
+        flow.alternative = get("alternative").and_then(|v| self.group_name(v, loc, "alternative"));
+        if let Some(v) = get("only_if_exists") {
+            match v.as_str() {
+                Some(p) if is_plain_absolute_path(p) => flow.only_if_exists = Some(p.to_string()),
+                _ => self.err(
+                    loc,
+                    "only_if_exists",
+                    format!(
+                        "{} must be a literal absolute path like /usr/bin/scontrol (no parameters, no ..)",
+                        display_value(v)
+                    ),
+                ),
+            }
+        }
+        if phase == Some(Phase::Escalate) {
+            for k in ["when", "requires"] {
+                if get(k).is_some() {
+                    self.err(
+                        loc,
+                        k,
+                        "escalation steps always run or are offered: they depend on nothing",
+                    );
+                }
+            }
+        }
+        flow
+    }
+
+    fn group_name(&mut self, v: &Value, loc: &str, key: &str) -> Option<String> {
+        match v.as_str() {
+            Some(n) if is_step_name(n) => Some(n.to_string()),
+            _ => {
+                self.err(
+                    loc,
+                    key,
+                    format!(
+                        "{} must be a name: lower-case letters, digits and `-`",
+                        display_value(v)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// Names in `requires` and `when` point only backwards, at steps or
+    /// alternative groups that exist; alternative groups have two or more
+    /// members of one phase and do not reuse a step's name.
+    fn check_flow(&mut self, steps: &[Step]) {
+        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, s) in steps.iter().enumerate() {
+            if let Some(g) = &s.flow.alternative {
+                groups.entry(g.as_str()).or_default().push(i);
+            }
+        }
+        for (g, members) in &groups {
+            let first = &steps[members[0]];
+            let loc = format!("steps[{}] {}", members[0], first.name);
+            if steps.iter().any(|s| s.name == *g) {
+                self.err(
+                    &loc,
+                    "alternative",
+                    format!("group {g:?} has the name of a step: pick another"),
+                );
+            }
+            if members.len() < 2 {
+                self.err(
+                    &loc,
+                    "alternative",
+                    format!("group {g:?} has only this step: alternatives need two or more"),
+                );
+            }
+            if members.iter().any(|&m| steps[m].phase != first.phase) {
+                self.err(
+                    &loc,
+                    "alternative",
+                    format!("the members of group {g:?} must share one phase"),
+                );
+            }
+        }
+        for (i, s) in steps.iter().enumerate() {
+            let loc = format!("steps[{i}] {}", s.name);
+            if s.flow.previous_succeeded && i == 0 {
+                self.err(
+                    &loc,
+                    "when",
+                    "previous_succeeded on the first step: there is no step before it",
+                );
+            }
+            for r in &s.flow.requires {
+                let at: Vec<usize> = match steps.iter().position(|t| t.name == *r) {
+                    Some(j) => vec![j],
+                    None => groups.get(r.as_str()).cloned().unwrap_or_default(),
+                };
+                if at.is_empty() {
+                    self.err(
+                        &loc,
+                        "requires",
+                        format!("unknown step {r:?} (no step or alternative group has that name)"),
+                    );
+                } else if at.contains(&i) {
+                    self.err(
+                        &loc,
+                        "requires",
+                        format!("{r:?} is this step itself: a cycle"),
+                    );
+                } else if at.iter().any(|&j| j > i) {
+                    self.err(
+                        &loc,
+                        "requires",
+                        format!(
+                            "{r:?} comes later in the file: steps run in file order, so a step may require only earlier ones (move it up)"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `/usr/bin/scontrol`: absolute, no `..`, no placeholders, plain characters.
+fn is_plain_absolute_path(p: &str) -> bool {
+    p.starts_with('/')
+        && p.len() <= 255
+        && !p.split('/').any(|c| c == "..")
+        && p
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-' | b'+'))
 }
 
 fn display_value(v: &Value) -> String {
@@ -1633,6 +1872,83 @@ steps:
             &[
                 "t.yaml:4: steps[0] a: phase: unknown phase \"now\" (expected investigate, mitigate or escalate)",
                 "t.yaml:10: steps[1] b: run: must be an argv array, not a shell string (write [\"x\"] as separate elements)",
+            ],
+        );
+    }
+
+    #[test]
+    fn bad_flow_fields_are_reported_together_with_file_and_step() {
+        check_errors(
+            r#"
+id: t
+title: T
+steps:
+  - name: a
+    phase: investigate
+    kind: command
+    target: node
+    when: previous_succeeded
+    run: [uptime]
+  - name: b
+    phase: mitigate
+    kind: command
+    target: node
+    requires: [nope, b, c]
+    when: sometimes
+    run: [uptime]
+  - name: c
+    phase: mitigate
+    kind: command
+    target: node
+    alternative: solo
+    only_if_exists: "/usr/bin/{{x}}"
+    run: [uptime]
+  - name: d
+    phase: escalate
+    kind: command
+    target: bot
+    requires: [a]
+    state_on_success: done
+    run: [echo]
+"#,
+            &[
+                "t.yaml:9: steps[0] a: when: previous_succeeded on the first step: there is no step before it",
+                "t.yaml:16: steps[1] b: when: unknown condition \"sometimes\" (expected previous_succeeded)",
+                "t.yaml:23: steps[2] c: only_if_exists: \"/usr/bin/{{x}}\" must be a literal absolute path like /usr/bin/scontrol (no parameters, no ..)",
+                "t.yaml:29: steps[3] d: requires: escalation steps always run or are offered: they depend on nothing",
+                "t.yaml:30: steps[3] d: state_on_success: only mitigations change the node's state",
+            ],
+        );
+        check_errors(
+            r#"
+id: t
+title: T
+steps:
+  - name: a
+    phase: investigate
+    kind: command
+    target: node
+    when: previous_succeeded
+    run: [uptime]
+  - name: b
+    phase: mitigate
+    kind: command
+    target: node
+    requires: [nope, b, c]
+    run: [uptime]
+  - name: c
+    phase: mitigate
+    kind: command
+    target: node
+    alternative: solo
+    run: [uptime]
+"#,
+            &[
+                "t.yaml:9: steps[0] a: when: previous_succeeded on the first step: there is no step before it",
+                "t.yaml:15: steps[1] b: requires: unknown step \"nope\" (no step or alternative group has that name)",
+                "t.yaml:15: steps[1] b: requires: \"b\" is this step itself: a cycle",
+                "t.yaml:15: steps[1] b: requires: \"c\" comes later in the file: steps run in file order, so a step may require only earlier ones (move it up)",
+                "t.yaml:21: steps[2] c: alternative: group \"solo\" has only this step: alternatives need two or more",
             ],
         );
     }
