@@ -384,6 +384,7 @@ pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Me
                     group.id
                 ),
                 code: None,
+                buttons: Vec::new(),
             })
         }
     };

@@ -363,7 +363,7 @@ fn spawn_pruner(state: Arc<BotState>, mut stop: tokio::sync::watch::Receiver<boo
     });
 }
 
-/// `gpuops audit --config FILE [--since DURATION]`.
+/// `gpuops audit --config FILE [--since DURATION | --run ID | --group ID --markdown]`.
 pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
     let cfg = match &args.config {
         Some(path) => BotConfig::from_file(path)?,
@@ -377,12 +377,32 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let store = Store::open(path)?;
+    use std::io::Write as _;
+    if let Some(run) = &args.run {
+        let Some(text) = crate::chat::timeline::run_report(&store, run)? else {
+            anyhow::bail!("no run {run} in {}", path.display());
+        };
+        std::io::stdout()
+            .lock()
+            .write_all(text.as_bytes())
+            .context("cannot write to stdout")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(group) = args.group {
+        let Some(text) = crate::chat::timeline::group_markdown(&store, group)? else {
+            anyhow::bail!("no alert group {group} in {}", path.display());
+        };
+        std::io::stdout()
+            .lock()
+            .write_all(text.as_bytes())
+            .context("cannot write to stdout")?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let since = args
         .since
         .map(|d| crate::store::now() - d.as_secs_f64())
         .unwrap_or(0.0);
     let records = store.audit_since_blocking(since)?;
-    use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     for r in &records {
         let at = chrono::DateTime::from_timestamp(r.at as i64, 0)

@@ -173,4 +173,13 @@ pub struct AuditArgs {
     /// Only records newer than this (e.g. 1h, 7d)
     #[arg(long, value_parser = humantime::parse_duration)]
     pub since: Option<std::time::Duration>,
+    /// Print one runbook run (e.g. r1a2b3c) with every step's stored output
+    #[arg(long, value_name = "RUN", conflicts_with = "group")]
+    pub run: Option<String>,
+    /// The incident timeline of one alert group (its id, as in `/gpuops alerts`)
+    #[arg(long, value_name = "ID", requires = "markdown")]
+    pub group: Option<i64>,
+    /// With --group: write the timeline as Markdown (for a post-mortem)
+    #[arg(long, requires = "group")]
+    pub markdown: bool,
 }

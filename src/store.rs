@@ -166,6 +166,16 @@ pub struct DeadLetter {
     pub at: f64,
 }
 
+/// A group and what happened to it: webhooks received (time, status) and
+/// messages posted (time, destination, channel).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupHistory {
+    pub group: GroupRecord,
+    pub first_seen: f64,
+    pub webhooks: Vec<(f64, String)>,
+    pub messages: Vec<(f64, String, String)>,
+}
+
 /// One audit record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
@@ -823,6 +833,46 @@ impl Store {
     }
 
     /// Audit records at or after `since` (Unix seconds), oldest first.
+    /// A group with its delivery history, for `gpuops audit --group`
+    /// (blocking; the CLI).
+    pub fn group_history_blocking(&self, group_id: i64) -> Result<Option<GroupHistory>> {
+        self.read_blocking(|c| {
+            let Some(group) = group_by(c, "id", &group_id)? else {
+                return Ok(None);
+            };
+            let first_seen: f64 = c.query_row(
+                "SELECT first_seen FROM alert_groups WHERE id=?1",
+                [group_id],
+                |r| r.get(0),
+            )?;
+            let mut st = c.prepare(
+                "SELECT received_at, payload FROM webhooks WHERE group_id=?1 AND duplicate=0 ORDER BY received_at, id",
+            )?;
+            let webhooks = st
+                .query_map([group_id], |r| {
+                    let payload: String = r.get(1)?;
+                    let status = serde_json::from_str::<serde_json::Value>(&payload)
+                        .ok()
+                        .and_then(|v| v["status"].as_str().map(str::to_string))
+                        .unwrap_or_else(|| "unknown".into());
+                    Ok((r.get(0)?, status))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut st = c.prepare(
+                "SELECT posted_at, destination, channel FROM messages WHERE group_id=?1 ORDER BY posted_at",
+            )?;
+            let messages = st
+                .query_map([group_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(Some(GroupHistory {
+                group,
+                first_seen,
+                webhooks,
+                messages,
+            }))
+        })
+    }
+
     pub fn audit_since_blocking(&self, since: f64) -> Result<Vec<AuditRecord>> {
         self.read_blocking(|c| {
             let mut st = c.prepare(
@@ -937,6 +987,7 @@ fn ingest_tx(c: &Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<Inges
             serde_json::to_string(&crate::notify::Message::Text(crate::notify::TextMessage {
                 text: u.resolved_reply.clone(),
                 code: None,
+                buttons: Vec::new(),
             }))
             .unwrap_or_default();
         for d in &dests {

@@ -435,6 +435,7 @@ async fn outbox_replies_and_acks_reach_the_alert_thread() {
     let text = gpuops::notify::Message::Text(gpuops::notify::TextMessage {
         text: "step 1/3 nvidia-smi: exit 0".into(),
         code: Some("GPU 0: ok".into()),
+        buttons: Vec::new(),
     });
     assert_eq!(bot.state.outbox.reply(group, &text).await.unwrap(), 2);
     assert!(bot.state.outbox.acknowledge(group, "U0OPER").await.unwrap());

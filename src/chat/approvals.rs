@@ -27,7 +27,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::alert::Webhook;
 use crate::chat::{respond, step_message, ChatState, Outcome, Reply, Responder, User};
 use crate::exec_auth::SignedApproval;
-use crate::notify::{self, Message, TextMessage};
+use crate::notify::{self, Button, Message, TextMessage};
 use crate::runbook::engine::{
     self, authorize, authorize_approval, Actor, ChatAction, RunPlan, StepStatus,
 };
@@ -95,6 +95,48 @@ pub async fn load(chat: &ChatState, id: &str) -> store::Result<Option<RunRecord>
             .optional()?)
         })
         .await
+}
+
+/// A run by id, and its stored steps (blocking; `gpuops audit --run`).
+pub fn run_with_steps(
+    c: &Connection,
+    id: &str,
+) -> store::Result<Option<(RunRecord, Vec<StepRecord>)>> {
+    ensure_schema_read(c)?;
+    let Some(run) = c
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM chat_runs WHERE id=?1"),
+            [id],
+            run_row,
+        )
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let steps = steps_of(c, id)?;
+    Ok(Some((run, steps)))
+}
+
+/// The runs of an alert group, oldest first, each with its steps.
+pub fn runs_of_group(
+    c: &Connection,
+    group: i64,
+) -> store::Result<Vec<(RunRecord, f64, Vec<StepRecord>)>> {
+    if ensure_schema_read(c).is_err() {
+        return Ok(Vec::new());
+    }
+    let mut st = c.prepare(&format!(
+        "SELECT {COLUMNS}, created_at FROM chat_runs WHERE group_id=?1 ORDER BY created_at, id"
+    ))?;
+    let runs = st
+        .query_map([group], |r| Ok((run_row(r)?, r.get::<_, f64>(14)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut out = Vec::new();
+    for (run, at) in runs {
+        let steps = steps_of(c, &run.id)?;
+        out.push((run, at, steps));
+    }
+    Ok(out)
 }
 
 /// How many runs wait for an approval.
@@ -300,6 +342,27 @@ pub async fn start_run(
         selected.len(),
         if selected.len() == 1 { "" } else { "s" }
     ));
+    if let Some(g) = req.group {
+        post_thread(
+            chat,
+            g,
+            format!(
+                "▶ {} started run `{id}` of runbook `{}` ({}) on node {} ({} step{})",
+                user.display(),
+                rb.id,
+                rb.title,
+                plan.params
+                    .get("node")
+                    .or_else(|| labels.get("node").map(String::as_str))
+                    .or_else(|| labels.get("instance").map(String::as_str))
+                    .unwrap_or("(none)"),
+                selected.len(),
+                if selected.len() == 1 { "" } else { "s" }
+            ),
+            None,
+        )
+        .await;
+    }
     let chat2 = chat.clone();
     Outcome::Later {
         ack,
@@ -420,7 +483,8 @@ pub async fn approve(
     }
 }
 
-/// Denies the step a run waits on: the run stops. Admins, or the requester
+/// Denies the step a run waits on: that step is skipped and the run goes on
+/// with the steps that do not depend on it. Admins, or the requester
 /// (withdrawing their own request), may deny.
 pub async fn deny(chat: &Arc<ChatState>, user: &User, id: &str) -> Outcome {
     let who = user.key();
@@ -455,7 +519,9 @@ pub async fn deny(chat: &Arc<ChatState>, user: &User, id: &str) -> Outcome {
         }
     }
     let now = chat.now() as f64;
-    if !matches!(decide(chat, id, "denied", &who, now).await, Ok(true)) {
+    // The run goes on: the denied step is skipped, and so is whatever
+    // depends on it (engine::next_action), never anything more dangerous.
+    if !matches!(decide(chat, id, "running", &who, now).await, Ok(true)) {
         return Outcome::Now(Reply::private(format!(
             "run {id} was decided or expired meanwhile"
         )));
@@ -477,18 +543,51 @@ pub async fn deny(chat: &Arc<ChatState>, user: &User, id: &str) -> Outcome {
     )
     .await;
     let note = format!(
-        "🚫 {} denied step `{step}` of run `{id}`; the run stopped ({})",
+        "🚫 {} denied step `{step}` of run `{id}`; the run goes on with the steps that do not depend on it",
         user.display(),
-        summary_counts(&row.results)
     );
+    skip_waiting_step(
+        chat,
+        &row,
+        &step,
+        StepStatus::Denied,
+        &format!("denied by {}", user.display()),
+    )
+    .await;
     if let Some(g) = row.group_id {
         post_thread(chat, g, note.clone(), None).await;
     }
-    Outcome::Now(Reply::public(note))
+    let chat2 = chat.clone();
+    let id2 = id.to_string();
+    Outcome::Later {
+        ack: Reply::public(note),
+        work: Box::pin(async move { drive(chat2, id2, None, Responder::None).await }),
+    }
+}
+
+/// Records the step a run waited on as not run (denied, expired) and moves
+/// the run past it.
+async fn skip_waiting_step(
+    chat: &ChatState,
+    row: &RunRecord,
+    step: &str,
+    status: StepStatus,
+    why: &str,
+) {
+    let mut results = row.results.clone();
+    results.push((step.to_string(), status_name(status).to_string()));
+    let mut out = engine::StepOutcome::skipped(why);
+    out.status = status;
+    record_step(chat, &row.id, step, &out, None).await;
+    if let Err(e) = progress(chat, &row.id, row.next_step + 1, &results).await {
+        tracing::error!(error = %e, run = %row.id, "cannot record run progress");
+    }
 }
 
 /// Walks a run from its next step. `approved` is the index of a step an
-/// approver just allowed.
+/// approver just allowed. What runs next is [`engine::next_action`]'s
+/// decision (the same rule as `gpuops runbook run`); every step's outcome
+/// and output are stored (`chat_run_steps`) and posted.
 pub async fn drive(
     chat: Arc<ChatState>,
     id: String,
@@ -523,6 +622,16 @@ pub async fn drive(
     };
     let role = parse_role(&row.requester_role);
     let mut results = row.results.clone();
+    // Approval groups already approved in this run: group -> approver.
+    let mut approved_groups: BTreeMap<String, String> = BTreeMap::new();
+    for st in load_steps(&chat, &id).await.unwrap_or_default() {
+        if let (Some(by), Some(g)) = (
+            st.approved_by,
+            plan.step(&st.step).and_then(|p| approval_group(&p.step)),
+        ) {
+            approved_groups.entry(g).or_insert(by);
+        }
+    }
     let total = plan.steps.len();
     for i in row.next_step..total {
         let ps = &plan.steps[i];
@@ -536,23 +645,32 @@ pub async fn drive(
             "requested_by_person": chat.person_of(&row.requester),
         });
         let target = Some(format!("{}/{id}", plan.runbook.id));
-        if let Err(denied) = authorize(role, ChatAction::RunStep, Some(&ps.step)) {
-            let out = engine::StepOutcome::skipped(format!("skipped: {denied}"));
-            let (head, _) = step_message(&plan, ps, &out);
-            sink.post(&chat, format!("{head}: {denied}"), None).await;
-            chat.audit(
-                &row.requester,
-                "step",
-                step_params,
-                target,
-                "skipped: not allowed",
-            )
-            .await;
+        let done = flow_results(&results);
+        let skip = match authorize(role, ChatAction::RunStep, Some(&ps.step)) {
+            Err(denied) => Some((format!("skipped: {denied}"), "skipped: not allowed".to_string())),
+            Ok(()) => match engine::next_action(&plan, i, &done) {
+                engine::NextAction::Skip(why) => Some((why.clone(), why)),
+                engine::NextAction::Run => None,
+            },
+        };
+        if let Some((why, audit_outcome)) = skip {
+            let out = engine::StepOutcome::skipped(why.clone());
+            let (head, _) = step_message(&plan, ps, &out, &id);
+            sink.post(&chat, format!("{head}: {why}"), None).await;
+            chat.audit(&row.requester, "step", step_params, target, &audit_outcome)
+                .await;
             results.push((ps.step.name.clone(), "skipped".into()));
+            record_step(&chat, &id, &ps.step.name, &out, None).await;
             let _ = progress(&chat, &id, i + 1, &results).await;
             continue;
         }
-        if ps.step.needs_approval && approved != Some(i) {
+        let group = approval_group(&ps.step);
+        let approver = if approved == Some(i) {
+            row.decided_by.clone()
+        } else {
+            group.as_ref().and_then(|g| approved_groups.get(g).cloned())
+        };
+        if ps.step.needs_approval && approver.is_none() {
             let expiry = chat.bot.config.approvals.expiry;
             let expires = chat.now() as f64 + expiry.as_secs_f64();
             if let Err(e) = wait_for_approval(&chat, &id, i, &results, expires).await {
@@ -567,32 +685,74 @@ pub async fn drive(
                 "waiting",
             )
             .await;
-            sink.finish(
-                &chat,
-                format!(
-                    "⏸ {} needs approval by an admin other than {}: `/gpuops approve {id}` or `/gpuops deny {id}` (expires in {})",
-                    ps.header(total),
-                    row.requester_name,
-                    humantime::format_duration(expiry)
-                ),
-                Some(ps.rendered.display()),
-            )
-            .await;
+            let covers = match &group {
+                Some(g) => {
+                    let others: Vec<&str> = plan
+                        .steps
+                        .iter()
+                        .filter(|o| {
+                            o.index != i
+                                && selected(&row.only_steps, &o.step.name)
+                                && approval_group(&o.step).as_deref() == Some(g.as_str())
+                        })
+                        .map(|o| o.step.name.as_str())
+                        .collect();
+                    if others.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; approving it also approves {} (group `{g}`)",
+                            others
+                                .iter()
+                                .map(|n| format!("`{n}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    }
+                }
+                None => String::new(),
+            };
+            let text = format!(
+                "⏸ {} needs approval by an admin other than {} (admins: {}){covers}: press Approve or Deny, or `/gpuops approve {id}` / `/gpuops deny {id}` (expires in {})",
+                ps.header(total),
+                row.requester_name,
+                admins_text(&chat, &row.requester),
+                humantime::format_duration(expiry)
+            );
+            match row.group_id {
+                Some(g) => {
+                    post_message(
+                        &chat,
+                        g,
+                        TextMessage {
+                            text,
+                            code: Some(ps.rendered.display()),
+                            buttons: vec![Button::Approve(id.clone()), Button::Deny(id.clone())],
+                        },
+                    )
+                    .await
+                }
+                None => sink.finish(&chat, text, Some(ps.rendered.display())).await,
+            }
             return;
         }
         let mut ps = ps.clone();
         if ps.step.needs_approval {
+            let by = approver.clone().unwrap_or_default();
+            if let Some(g) = &group {
+                approved_groups.entry(g.clone()).or_insert(by.clone());
+            }
             ps.approval = Some(SignedApproval {
                 run: id.clone(),
                 requested_by: row.requester.clone(),
-                approved_by: row.decided_by.clone().unwrap_or_default(),
+                approved_by: by,
                 approved_at: chat.now(),
             });
         }
         let ps = &ps;
         let out = chat.executor.execute(&plan, ps).await;
         let status = status_name(out.status);
-        let (head, body) = step_message(&plan, ps, &out);
+        let (head, body) = step_message(&plan, ps, &out, &id);
         sink.post(&chat, head, Some(body)).await;
         chat.audit(
             &row.requester,
@@ -606,30 +766,82 @@ pub async fn drive(
         )
         .await;
         results.push((ps.step.name.clone(), status.to_string()));
+        let by = if ps.step.needs_approval {
+            approver.as_deref()
+        } else {
+            None
+        };
+        record_step(&chat, &id, &ps.step.name, &out, by).await;
         if let Err(e) = progress(&chat, &id, i + 1, &results).await {
             tracing::error!(error = %e, run = %id, "cannot record run progress");
         }
     }
     let _ = finish(&chat, &id, "finished", &results).await;
     let counts = summary_counts(&results);
+    let state = engine::node_state(&plan, &flow_results(&results));
     chat.audit(
         &row.requester,
         "run",
-        serde_json::json!({ "run": id, "runbook": plan.runbook.id }),
+        serde_json::json!({ "run": id, "runbook": plan.runbook.id, "node_state": state }),
         Some(format!("{}/{id}", plan.runbook.id)),
         &format!("finished: {counts}"),
     )
     .await;
     let lines: Vec<String> = results
         .iter()
-        .map(|(s, st)| format!("{st:<10} {s}"))
+        .map(|(s, st)| format!("{st:<11} {s}"))
         .collect();
     sink.finish(
         &chat,
-        format!("🏁 run `{id}` of `{}` finished: {counts}", plan.runbook.id),
+        format!(
+            "🏁 run `{id}` of `{}` finished: {counts}\n*Node state:* {}",
+            plan.runbook.id,
+            state.join("; ")
+        ),
         Some(lines.join("\n")),
     )
     .await;
+}
+
+/// The approval group a step shares its approval with: its
+/// `approval_group`, else its `alternative` group.
+fn approval_group(step: &crate::runbook::Step) -> Option<String> {
+    step.approval_group
+        .clone()
+        .or_else(|| step.flow.alternative.clone())
+}
+
+/// Who may approve a request of `requester`: the admins under `[rbac]`,
+/// by person, less the requester.
+fn admins_text(chat: &ChatState, requester: &str) -> String {
+    let me = chat.person_of(requester);
+    let mut names: Vec<String> = Vec::new();
+    for a in &chat.bot.config.rbac.admins {
+        let key = if a.contains(':') {
+            a.clone()
+        } else if a.bytes().all(|b| b.is_ascii_digit()) {
+            format!("discord:{a}")
+        } else {
+            format!("slack:{a}")
+        };
+        let person = chat.person_of(&key);
+        if person != me && !names.contains(&person) {
+            names.push(person);
+        }
+    }
+    if names.is_empty() {
+        "none configured".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The results as the flow rule reads them.
+fn flow_results(results: &[(String, String)]) -> Vec<(String, StepStatus)> {
+    results
+        .iter()
+        .map(|(n, s)| (n.clone(), StepStatus::parse(s).unwrap_or(StepStatus::Skipped)))
+        .collect()
 }
 
 /// On start: runs cut off mid-step by a restart are marked `interrupted`.
@@ -707,7 +919,7 @@ pub async fn expire_due(chat: &Arc<ChatState>) -> Vec<String> {
     let mut expired = Vec::new();
     for row in due.unwrap_or_default() {
         if !matches!(
-            decide(chat, &row.id, "expired", "gpuops", now).await,
+            decide(chat, &row.id, "running", "gpuops", now).await,
             Ok(true)
         ) {
             continue;
@@ -725,20 +937,28 @@ pub async fn expire_due(chat: &Arc<ChatState>) -> Vec<String> {
             "expired",
         )
         .await;
-        tracing::info!(run = %row.id, step = %step, "approval expired; run stopped");
+        tracing::info!(run = %row.id, step = %step, "approval expired; step skipped");
+        skip_waiting_step(
+            chat,
+            &row,
+            &step,
+            StepStatus::Skipped,
+            "skipped: nobody approved it in time",
+        )
+        .await;
         if let Some(g) = row.group_id {
             post_thread(
                 chat,
                 g,
                 format!(
-                    "⌛ nobody approved step `{step}` of run `{}` in time; the run stopped ({})",
+                    "⌛ nobody approved step `{step}` of run `{}` in time; it is skipped and the run goes on with the steps that do not depend on it",
                     row.id,
-                    summary_counts(&row.results)
                 ),
                 None,
             )
             .await;
         }
+        tokio::spawn(drive(chat.clone(), row.id.clone(), None, Responder::None));
         expired.push(row.id);
     }
     expired
@@ -842,10 +1062,16 @@ impl Sink {
     }
 }
 
-async fn post_thread(chat: &ChatState, group: i64, text: String, code: Option<String>) {
-    let code = code.map(|c| notify::truncate_chars(&c, crate::chat::OUTPUT_CHARS + 200));
-    let msg = Message::Text(TextMessage { text, code });
-    if let Err(e) = chat.bot.outbox.reply(group, &msg).await {
+/// Posts a line into the alert group's thread (the incident timeline).
+pub async fn post_thread(chat: &ChatState, group: i64, text: String, code: Option<String>) {
+    post_message(chat, group, TextMessage::new(text, code)).await
+}
+
+async fn post_message(chat: &ChatState, group: i64, mut msg: TextMessage) {
+    msg.code = msg
+        .code
+        .map(|c| notify::truncate_chars(&c, crate::chat::OUTPUT_CHARS + 200));
+    if let Err(e) = chat.bot.outbox.reply(group, &Message::Text(msg)).await {
         tracing::error!(error = %e, group_id = group, "cannot enqueue the thread reply");
     }
 }
@@ -953,7 +1179,126 @@ CREATE TABLE IF NOT EXISTS chat_runs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chat_runs_status ON chat_runs(status, expires_at);
+CREATE TABLE IF NOT EXISTS chat_run_steps (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    step TEXT NOT NULL,
+    status TEXT NOT NULL,
+    exit_code INTEGER,
+    duration_secs REAL NOT NULL,
+    output TEXT NOT NULL,
+    truncated INTEGER NOT NULL,
+    approved_by TEXT,
+    at REAL NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
 ";
+
+/// Most bytes of one step's output kept with the run (`gpuops audit --run`).
+pub const STORED_OUTPUT_BYTES: usize = 64 * 1024;
+
+/// One step of a run as stored: its outcome and (bounded) output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    pub seq: i64,
+    pub step: String,
+    pub status: String,
+    pub exit_code: Option<i32>,
+    pub duration_secs: f64,
+    /// At most [`STORED_OUTPUT_BYTES`] (then `truncated`).
+    pub output: String,
+    pub truncated: bool,
+    /// The approver, for a step that needed approval.
+    pub approved_by: Option<String>,
+    /// Unix seconds.
+    pub at: f64,
+}
+
+/// Stores one step's outcome with the run.
+async fn record_step(
+    chat: &ChatState,
+    run: &str,
+    step: &str,
+    out: &engine::StepOutcome,
+    approved_by: Option<&str>,
+) {
+    let (run, step) = (run.to_string(), step.to_string());
+    let mut output = out.output.clone();
+    let mut truncated = out.truncated;
+    if output.len() > STORED_OUTPUT_BYTES {
+        let mut end = STORED_OUTPUT_BYTES;
+        while !output.is_char_boundary(end) {
+            end -= 1;
+        }
+        output.truncate(end);
+        truncated = true;
+    }
+    let status = status_name(out.status).to_string();
+    let exit_code = out.exit_code;
+    let duration = out.duration.as_secs_f64();
+    let approved_by = approved_by.map(str::to_string);
+    let now = store::now();
+    let r = chat
+        .bot
+        .store
+        .write(move |c| {
+            c.execute(
+                "INSERT INTO chat_run_steps(run_id, seq, step, status, exit_code, duration_secs, output, truncated, approved_by, at)
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM chat_run_steps WHERE run_id=?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![run, step, status, exit_code, duration, output, truncated, approved_by, now],
+            )?;
+            Ok(())
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "cannot store the step's outcome");
+    }
+}
+
+/// The stored steps of a run, in order.
+pub fn steps_of(c: &Connection, run: &str) -> store::Result<Vec<StepRecord>> {
+    ensure_schema_read(c)?;
+    let mut st = c.prepare(
+        "SELECT seq, step, status, exit_code, duration_secs, output, truncated, approved_by, at
+         FROM chat_run_steps WHERE run_id=?1 ORDER BY seq",
+    )?;
+    let rows = st
+        .query_map([run], |r| {
+            Ok(StepRecord {
+                seq: r.get(0)?,
+                step: r.get(1)?,
+                status: r.get(2)?,
+                exit_code: r.get(3)?,
+                duration_secs: r.get(4)?,
+                output: r.get(5)?,
+                truncated: r.get(6)?,
+                approved_by: r.get(7)?,
+                at: r.get(8)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// True when the chat tables exist (a store that never ran chat has none).
+fn ensure_schema_read(c: &Connection) -> store::Result<()> {
+    let n: i64 = c.query_row(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type='table' AND name='chat_run_steps'",
+        [],
+        |r| r.get(0),
+    )?;
+    if n == 0 {
+        return Err(store::Error::Task(
+            "this store has no runbook runs (the chat role never ran here)".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn load_steps(chat: &ChatState, run: &str) -> store::Result<Vec<StepRecord>> {
+    let run = run.to_string();
+    chat.bot.store.read(move |c| steps_of(c, &run)).await
+}
 
 const COLUMNS: &str = "id, runbook, only_steps, given, labels, group_id, requester, requester_name, requester_role, status, next_step, results, expires_at, decided_by";
 

@@ -13,6 +13,7 @@
 pub mod approvals;
 pub mod discord;
 pub mod slack;
+pub mod timeline;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -208,12 +209,16 @@ pub enum Command {
     },
 }
 
-/// A button press on an alert message.
+/// A button press on an alert message, or on an approval request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ButtonAction {
     Ack { group: i64 },
     Silence1h { group: i64 },
     Run { group: i64, runbook: String },
+    /// Approve the step run `run` waits on (same checks as `/gpuops approve`).
+    Approve { run: String },
+    /// Deny it (same checks as `/gpuops deny`).
+    Deny { run: String },
 }
 
 pub const USAGE: &str = "\
@@ -756,6 +761,9 @@ pub async fn handle_button(
         ButtonAction::Ack { group } => (ChatAction::Ack, "button_ack", *group),
         ButtonAction::Silence1h { group } => (ChatAction::Silence, "button_silence", *group),
         ButtonAction::Run { group, .. } => (ChatAction::Help, "button_run", *group),
+        // Checked as the typed commands are, in approvals.rs.
+        ButtonAction::Approve { .. } => (ChatAction::Help, "button_approve", 0),
+        ButtonAction::Deny { .. } => (ChatAction::Help, "button_deny", 0),
     };
     if let Err(denied) = authorize(role, chat_action, None) {
         chat.audit(
@@ -816,6 +824,8 @@ pub async fn handle_button(
             )
             .await
         }
+        ButtonAction::Approve { run } => approvals::approve(chat, user, &run, responder).await,
+        ButtonAction::Deny { run } => approvals::deny(chat, user, &run).await,
     }
 }
 
@@ -838,7 +848,16 @@ async fn ack(chat: &Arc<ChatState>, user: &User, target: &str) -> Outcome {
     let mut done = Vec::new();
     for g in &groups {
         match chat.bot.outbox.acknowledge(g.id, &user.display()).await {
-            Ok(true) => done.push(g.id),
+            Ok(true) => {
+                done.push(g.id);
+                approvals::post_thread(
+                    chat,
+                    g.id,
+                    format!("👀 {} acknowledged the alert", user.display()),
+                    None,
+                )
+                .await;
+            }
             Ok(false) => {}
             Err(e) => {
                 tracing::error!(error = %e, group_id = g.id, "cannot record the acknowledgement");
@@ -975,6 +994,7 @@ async fn silence(
                         &Message::Text(notify::TextMessage {
                             text: text.text.clone(),
                             code: None,
+                            buttons: Vec::new(),
                         }),
                     )
                     .await;
@@ -1314,7 +1334,12 @@ pub async fn respond(chat: &ChatState, responder: &Responder, reply: &Reply) {
 }
 
 /// A step's result as chat text: a status line and the output in a code block.
-pub fn step_message(plan: &RunPlan, step: &PlannedStep, out: &StepOutcome) -> (String, String) {
+pub fn step_message(
+    plan: &RunPlan,
+    step: &PlannedStep,
+    out: &StepOutcome,
+    run: &str,
+) -> (String, String) {
     use crate::runbook::engine::StepStatus::*;
     let icon = match out.status {
         Succeeded => "✅",
@@ -1346,7 +1371,7 @@ pub fn step_message(plan: &RunPlan, step: &PlannedStep, out: &StepOutcome) -> (S
         body = body.chars().take(OUTPUT_CHARS).collect();
         let _ = write!(
             body,
-            "\n… {} more characters (see the audit log or run the step on the node)",
+            "\n… {} more characters (`gpuops audit --run {run}` prints the output in full)",
             total - OUTPUT_CHARS
         );
     }

@@ -24,7 +24,10 @@ use crate::chat::{
     handle_button, handle_command, respond, ButtonAction, ChatState, Outcome, Platform, Reply,
     Responder, User, Visibility,
 };
-use crate::notify::{SLACK_ACTION_ACK, SLACK_ACTION_RUN_RUNBOOK, SLACK_ACTION_SILENCE_1H};
+use crate::notify::{
+    SLACK_ACTION_ACK, SLACK_ACTION_APPROVE, SLACK_ACTION_DENY, SLACK_ACTION_RUN_RUNBOOK,
+    SLACK_ACTION_SILENCE_1H,
+};
 use crate::signing::{self, SLACK_TIMESTAMP};
 
 /// `POST /slack/commands`.
@@ -143,6 +146,14 @@ pub fn button_action(a: &Action) -> Option<ButtonAction> {
                 runbook: rb.to_string(),
             })
         }
+        SLACK_ACTION_APPROVE => crate::chat::approvals::is_run_id(value).then(|| {
+            ButtonAction::Approve {
+                run: value.to_string(),
+            }
+        }),
+        SLACK_ACTION_DENY => crate::chat::approvals::is_run_id(value).then(|| ButtonAction::Deny {
+            run: value.to_string(),
+        }),
         _ => None,
     }
 }

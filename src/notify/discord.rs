@@ -236,7 +236,7 @@ pub fn render(m: &Message) -> Rendered {
             Rendered {
                 content: truncate_chars(&content, MAX_CONTENT),
                 embed: None,
-                components: Vec::new(),
+                components: buttons_row(&t.buttons, 0),
             }
         }
         Message::Alert(a) => render_alert(a),
@@ -316,29 +316,35 @@ fn render_alert(m: &AlertMessage) -> Rendered {
         .colour(colour)
         .fields(fields.into_iter().map(|(n, v)| (n, v, false)))
         .footer(CreateEmbedFooter::new(truncate_chars(&footer, MAX_FOOTER)));
-    let buttons: Vec<CreateButton> = m
-        .buttons
-        .iter()
-        .take(5)
-        .map(|b| {
-            let style = match b {
-                crate::notify::Button::Acknowledge => ButtonStyle::Primary,
-                _ => ButtonStyle::Secondary,
-            };
-            CreateButton::new(truncate_chars(&b.discord_custom_id(m.group_id), 100))
-                .label(truncate_chars(&b.label(), MAX_BUTTON_LABEL))
-                .style(style)
-        })
-        .collect();
-    let components = if buttons.is_empty() {
-        Vec::new()
-    } else {
-        vec![CreateActionRow::Buttons(buttons)]
-    };
+    let components = buttons_row(&m.buttons, m.group_id);
     Rendered {
         content: truncate_chars(&headline(m), MAX_CONTENT),
         embed: Some(embed),
         components,
+    }
+}
+
+fn buttons_row(buttons: &[crate::notify::Button], group_id: i64) -> Vec<CreateActionRow> {
+    use crate::notify::Button;
+    let buttons: Vec<CreateButton> = buttons
+        .iter()
+        .take(5)
+        .map(|b| {
+            let style = match b {
+                Button::Acknowledge => ButtonStyle::Primary,
+                Button::Approve(_) => ButtonStyle::Success,
+                Button::Deny(_) => ButtonStyle::Danger,
+                _ => ButtonStyle::Secondary,
+            };
+            CreateButton::new(truncate_chars(&b.discord_custom_id(group_id), 100))
+                .label(truncate_chars(&b.label(), MAX_BUTTON_LABEL))
+                .style(style)
+        })
+        .collect();
+    if buttons.is_empty() {
+        Vec::new()
+    } else {
+        vec![CreateActionRow::Buttons(buttons)]
     }
 }
 

@@ -27,6 +27,10 @@ pub use outbox::Outbox;
 pub const SLACK_ACTION_ACK: &str = "gpuops_ack";
 pub const SLACK_ACTION_SILENCE_1H: &str = "gpuops_silence_1h";
 pub const SLACK_ACTION_RUN_RUNBOOK: &str = "gpuops_run_runbook";
+/// Slack block-action ids of the Approve / Deny buttons on an approval
+/// request (value: the run id).
+pub const SLACK_ACTION_APPROVE: &str = "gpuops_approve";
+pub const SLACK_ACTION_DENY: &str = "gpuops_deny";
 
 /// What a message is: an alert group's card, or a text (thread replies,
 /// runbook output).
@@ -36,11 +40,24 @@ pub enum Message {
     Text(TextMessage),
 }
 
-/// A plain message with an optional code block (runbook step output).
+/// A plain message with an optional code block (runbook step output) and
+/// optional buttons (Approve / Deny on an approval request).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TextMessage {
     pub text: String,
     pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buttons: Vec<Button>,
+}
+
+impl TextMessage {
+    pub fn new(text: impl Into<String>, code: Option<String>) -> TextMessage {
+        TextMessage {
+            text: text.into(),
+            code,
+            buttons: Vec::new(),
+        }
+    }
 }
 
 /// One alert group as a responder should see it.
@@ -102,11 +119,18 @@ pub struct AlertLine {
 /// [`SLACK_ACTION_RUN_RUNBOOK`] with `value` `<group_id>` or
 /// `<group_id>|<runbook_id>`; Discord `custom_id`s `gpuops:ack:<group_id>`,
 /// `gpuops:silence:<group_id>:1h`, `gpuops:run:<group_id>:<runbook_id>`.
+/// On an approval request: [`SLACK_ACTION_APPROVE`] / [`SLACK_ACTION_DENY`]
+/// with `value` `<run_id>`; Discord `gpuops:approve:<run_id>`,
+/// `gpuops:deny:<run_id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Button {
     Acknowledge,
     Silence1h,
     RunRunbook(String),
+    /// Approve the step run `.0` waits on.
+    Approve(String),
+    /// Deny the step run `.0` waits on.
+    Deny(String),
 }
 
 impl Button {
@@ -115,6 +139,8 @@ impl Button {
             Button::Acknowledge => "Acknowledge".into(),
             Button::Silence1h => "Silence 1h".into(),
             Button::RunRunbook(id) => format!("Run runbook {id}"),
+            Button::Approve(_) => "Approve".into(),
+            Button::Deny(_) => "Deny".into(),
         }
     }
 
@@ -124,6 +150,8 @@ impl Button {
             Button::Acknowledge => (SLACK_ACTION_ACK, group_id.to_string()),
             Button::Silence1h => (SLACK_ACTION_SILENCE_1H, group_id.to_string()),
             Button::RunRunbook(id) => (SLACK_ACTION_RUN_RUNBOOK, format!("{group_id}|{id}")),
+            Button::Approve(run) => (SLACK_ACTION_APPROVE, run.clone()),
+            Button::Deny(run) => (SLACK_ACTION_DENY, run.clone()),
         }
     }
 
@@ -133,6 +161,8 @@ impl Button {
             Button::Acknowledge => format!("gpuops:ack:{group_id}"),
             Button::Silence1h => format!("gpuops:silence:{group_id}:1h"),
             Button::RunRunbook(id) => format!("gpuops:run:{group_id}:{id}"),
+            Button::Approve(run) => format!("gpuops:approve:{run}"),
+            Button::Deny(run) => format!("gpuops:deny:{run}"),
         }
     }
 }

@@ -232,9 +232,37 @@ fn render_text(t: &TextMessage) -> SlackMessageContent {
         let body = truncate_code(&code, MAX_SECTION_TEXT - 8);
         blocks.push(mrkdwn_section(format!("```{}```", escape(&body))));
     }
+    if !t.buttons.is_empty() {
+        blocks.push(buttons_block(&t.buttons, 0));
+    }
     SlackMessageContent::new()
         .with_text(truncate_chars(&t.text, MAX_FALLBACK_TEXT))
         .with_blocks(blocks)
+}
+
+fn buttons_block(buttons: &[crate::notify::Button], group_id: i64) -> SlackBlock {
+    use crate::notify::Button;
+    let elements = buttons
+        .iter()
+        .take(25)
+        .map(|b| {
+            let (action_id, value) = b.slack_action(group_id);
+            let mut button = SlackBlockButtonElement::new(SlackBlockPlainTextOnly::from(
+                truncate_chars(&b.label(), MAX_BUTTON_TEXT),
+            ))
+            .with_action_id(SlackActionId::new(action_id.to_string()))
+            .with_value(value);
+            match b {
+                Button::Acknowledge | Button::Approve(_) => {
+                    button = button.with_style(SlackBlockButtonStyle::Primary)
+                }
+                Button::Deny(_) => button = button.with_style(SlackBlockButtonStyle::Danger),
+                _ => {}
+            }
+            SlackActionBlockElement::Button(button)
+        })
+        .collect();
+    SlackBlock::Actions(SlackActionsBlock::new(elements))
 }
 
 /// Keeps the head of `code` within `max` characters, saying how much was cut.
@@ -302,24 +330,7 @@ fn render_alert(m: &AlertMessage) -> SlackMessageContent {
         blocks.push(context(vec![links.join(" · ")]));
     }
     if !m.buttons.is_empty() {
-        let elements = m
-            .buttons
-            .iter()
-            .take(25)
-            .map(|b| {
-                let (action_id, value) = b.slack_action(m.group_id);
-                let mut button = SlackBlockButtonElement::new(SlackBlockPlainTextOnly::from(
-                    truncate_chars(&b.label(), MAX_BUTTON_TEXT),
-                ))
-                .with_action_id(SlackActionId::new(action_id.to_string()))
-                .with_value(value);
-                if matches!(b, crate::notify::Button::Acknowledge) {
-                    button = button.with_style(SlackBlockButtonStyle::Primary);
-                }
-                SlackActionBlockElement::Button(button)
-            })
-            .collect();
-        blocks.push(SlackBlock::Actions(SlackActionsBlock::new(elements)));
+        blocks.push(buttons_block(&m.buttons, m.group_id));
     }
     blocks.truncate(MAX_BLOCKS);
     let attachment = SlackMessageAttachment::new()
@@ -453,6 +464,7 @@ mod tests {
     #[test]
     fn long_code_output_is_cut_with_a_note() {
         let t = TextMessage {
+            buttons: Vec::new(),
             text: "step 1: nvidia-smi".into(),
             code: Some("line\n".repeat(2000)),
         };
