@@ -524,8 +524,18 @@ async fn approval_needs_a_second_admin_and_expires() {
             .any(|r| r.contains("nobody approved"))
     })
     .await;
+    // The expired step is skipped and the run goes on (here: to its end).
+    b.wait_for(10, "the second run's summary", |b| {
+        b.slack
+            .replies()
+            .iter()
+            .filter(|r| r.contains("🏁"))
+            .count()
+            == 2
+    })
+    .await;
     let (_, v) = b.slack_command(ADMIN2, &format!("approve {run2}")).await;
-    assert!(text(&v).contains("expired, not waiting"), "{v}");
+    assert!(text(&v).contains("finished, not waiting"), "{v}");
     let notes = b
         .slack
         .replies()
@@ -566,7 +576,7 @@ async fn approval_needs_a_second_admin_and_expires() {
         slack:U0ADMIN approval_requested waiting
         slack:U0ADMIN approve denied: step drain needs approval by someone other than the person who asked for it
         gpuops approval_expired expired
-        slack:U0ADMIN2 approve refused: run RUN2 is expired, not waiting for approval"#]]
+        slack:U0ADMIN2 approve refused: run RUN2 is finished, not waiting for approval"#]]
     .assert_eq(&show.join("\n").replace(&run2, "RUN2").replace(&run, "RUN"));
     b.stop();
 }
@@ -754,7 +764,7 @@ async fn a_long_run_without_an_alert_stays_within_slacks_response_url_budget() {
 }
 
 #[tokio::test]
-async fn shipped_gpu_xid_runbook_from_its_alert_investigates_then_waits_and_deny_stops_it() {
+async fn shipped_gpu_xid_runbook_from_its_alert_investigates_then_waits_and_deny_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let runner = Arc::new(RecordingRunner::new());
     let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
@@ -828,9 +838,19 @@ async fn shipped_gpu_xid_runbook_from_its_alert_investigates_then_waits_and_deny
         b.slack.replies().iter().any(|r| r.contains("denied step"))
     })
     .await;
+    // The run goes on: the next step is offered, the denied one never runs.
+    b.wait_for(10, "the next approval request", |b| {
+        b.slack
+            .replies()
+            .last()
+            .is_some_and(|r| r.contains("/gpuops approve r") && !r.contains("drain-slurm"))
+    })
+    .await;
     assert_eq!(runner.calls().len(), 4, "no mitigation ran");
-    let (_, v) = b.slack_command(ADMIN2, &format!("approve {run}")).await;
-    assert!(text(&v).contains("denied, not waiting"), "{v}");
+    assert!(
+        runner.calls().iter().all(|c| !c.argv.contains(&"scontrol".to_string())),
+        "the denied drain never ran"
+    );
     b.stop();
 }
 

@@ -656,7 +656,8 @@ pub async fn drive(
         if let Some((why, audit_outcome)) = skip {
             let out = engine::StepOutcome::skipped(why.clone());
             let (head, _) = step_message(&plan, ps, &out, &id);
-            sink.post(&chat, format!("{head}: {why}"), None).await;
+            let why_text = why.strip_prefix("skipped: ").unwrap_or(&why);
+            sink.post(&chat, format!("{head}: {why_text}"), None).await;
             chat.audit(&row.requester, "step", step_params, target, &audit_outcome)
                 .await;
             results.push((ps.step.name.clone(), "skipped".into()));

@@ -32,6 +32,8 @@ pub fn run_report(store: &Store, id: &str) -> store::Result<Option<String>> {
     );
     if let Some(node) = run.labels.get("node").or_else(|| run.given.get("node")) {
         let _ = writeln!(out, "node {node}");
+    } else if let Some(instance) = run.labels.get("instance") {
+        let _ = writeln!(out, "instance {instance}");
     }
     for (k, v) in &run.given {
         let _ = writeln!(out, "  {k}={v}");
@@ -73,7 +75,12 @@ pub fn group_markdown(store: &Store, group: i64) -> store::Result<Option<String>
         events.push((*at, what));
     }
     for (at, dest, channel) in &history.messages {
-        events.push((*at, format!("alert message posted to {dest} (channel {channel})")));
+        let place = if dest.ends_with(channel.as_str()) {
+            dest.clone()
+        } else {
+            format!("{dest} (channel {channel})")
+        };
+        events.push((*at, format!("alert message posted to {place}")));
     }
     for r in &audit {
         if let Some(line) = audit_line(r, group, &run_ids) {
@@ -178,17 +185,17 @@ fn audit_line(r: &AuditRecord, group: i64, runs: &[&str]) -> Option<String> {
             run.unwrap_or("?"),
             r.who
         )),
-        "approve" | "deny" if run.is_some() => Some(format!(
-            "{} {} step `{step}` of run `{}`: {}",
-            r.who,
-            if r.action == "approve" {
-                "approval of"
-            } else {
-                "denial of"
-            },
-            run.unwrap_or("?"),
-            r.outcome
-        )),
+        "approve" | "deny" if run.is_some() => {
+            let run = run.unwrap_or("?");
+            Some(match (r.action.as_str(), r.outcome.as_str()) {
+                ("approve", "approved") => format!("{} approved step `{step}` of run `{run}`", r.who),
+                ("deny", "denied") => format!("{} denied step `{step}` of run `{run}`", r.who),
+                (action, outcome) => format!(
+                    "{} tried to {action} step `{step}` of run `{run}`: {outcome}",
+                    r.who
+                ),
+            })
+        }
         "approval_expired" if run.is_some() => Some(format!(
             "nobody approved step `{step}` of run `{}` in time",
             run.unwrap_or("?")

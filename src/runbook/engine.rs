@@ -210,7 +210,7 @@ pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) 
                 .filter(|(n, _)| group_of(n).as_deref() == Some(r.as_str()))
                 .collect();
             if !members.iter().any(|(_, st)| *st == StepStatus::Succeeded) {
-                return NextAction::Skip(match members.iter().rev().find(|(_, st)| *st != StepStatus::Unavailable).or(members.last()) {
+                return NextAction::Skip(match members.iter().find(|(_, st)| *st != StepStatus::Unavailable).or(members.last()) {
                     Some((n, st)) => format!("skipped: {r} did not succeed ({n} {})", st.as_reason()),
                     None => format!("skipped: {r} did not run in this run"),
                 });
