@@ -6,6 +6,8 @@
 //! the node's state, and the stored output comes back through
 //! `gpuops audit --run` and `gpuops audit --group --markdown`.
 
+#![allow(clippy::disallowed_methods)] // the real binary, as a user runs it
+
 mod chat_support;
 
 use std::sync::{Arc, Mutex};
@@ -122,12 +124,12 @@ async fn bot() -> (Bot, Arc<Scripted>, Capture) {
     let runner = Arc::new(Scripted::default());
     let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
     let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
-    std::fs::write(
-        dir.path().join("bot.toml"),
-        config_text(dir.path(), &extra),
+    std::fs::write(dir.path().join("bot.toml"), config_text(dir.path(), &extra)).unwrap();
+    (
+        Bot::start_in(dir, &extra, Some(exec)).await,
+        runner,
+        capture,
     )
-    .unwrap();
-    (Bot::start_in(dir, &extra, Some(exec)).await, runner, capture)
 }
 
 fn text(v: &serde_json::Value) -> String {
@@ -149,8 +151,10 @@ fn waiting_run(b: &Bot) -> String {
 
 async fn wait_reply(b: &Bot, what: &str, needle: &str) {
     let n = needle.to_string();
-    b.wait_for(10, what, move |b| b.slack.replies().iter().any(|r| r.contains(&n)))
-        .await;
+    b.wait_for(10, what, move |b| {
+        b.slack.replies().iter().any(|r| r.contains(&n))
+    })
+    .await;
 }
 
 /// Waits until the latest thread reply is an approval request for `step`.
@@ -189,7 +193,10 @@ async fn drain_fails_so_reset_is_not_offered_and_escalation_runs() {
     assert!(text(&v).contains("started run"), "{v}");
     wait_request(&b, "drain-slurm").await;
     let run = waiting_run(&b);
-    assert_eq!(press(&b, &capture, ADMIN, "gpuops_approve", &run).await, 200);
+    assert_eq!(
+        press(&b, &capture, ADMIN, "gpuops_approve", &run).await,
+        200
+    );
     wait_reply(&b, "the summary", "🏁").await;
 
     // Slurm is not installed: its alternative (cordon, covered by the same
@@ -208,11 +215,15 @@ async fn drain_fails_so_reset_is_not_offered_and_escalation_runs() {
         "{all}"
     );
     assert!(
-        all.contains("reset-check (node command, 30s, needs approval) `flow` — skipped: reset was skipped"),
+        all.contains(
+            "reset-check (node command, 30s, needs approval) `flow` — skipped: reset was skipped"
+        ),
         "{all}"
     );
     assert!(
-        all.contains("drop-caches (node command, 30s, needs approval) `flow` — skipped: cordon failed"),
+        all.contains(
+            "drop-caches (node command, 30s, needs approval) `flow` — skipped: cordon failed"
+        ),
         "{all}"
     );
     assert_eq!(
@@ -323,14 +334,20 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
     );
 
     // The requester's own press is refused, as the typed command would be.
-    assert_eq!(press(&b, &capture, ADMIN, "gpuops_approve", &run).await, 200);
+    assert_eq!(
+        press(&b, &capture, ADMIN, "gpuops_approve", &run).await,
+        200
+    );
     capture
         .wait_for(10, "someone other than the person who asked")
         .await;
     assert_eq!(runner.programs(), ["echo"], "nothing ran");
 
     // Another admin's press runs it (cordon: Slurm is not installed here).
-    assert_eq!(press(&b, &capture, ADMIN2, "gpuops_approve", &run).await, 200);
+    assert_eq!(
+        press(&b, &capture, ADMIN2, "gpuops_approve", &run).await,
+        200
+    );
     wait_request(&b, "reset").await;
     let all = b.slack.replies().join("\n");
     assert!(
@@ -366,7 +383,11 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout).replace(&run, "RUN");
-    assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report = mask(&report);
     expect_test::expect![[r#"
         run RUN of runbook flow: finished
@@ -402,7 +423,11 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
         .args(["--group", &g.to_string(), "--markdown"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let md = mask(&String::from_utf8_lossy(&out.stdout).replace(&run, "RUN"));
     expect_test::expect![[r##"
         # Incident timeline: alert group #G

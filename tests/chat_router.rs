@@ -848,7 +848,10 @@ async fn shipped_gpu_xid_runbook_from_its_alert_investigates_then_waits_and_deny
     .await;
     assert_eq!(runner.calls().len(), 4, "no mitigation ran");
     assert!(
-        runner.calls().iter().all(|c| !c.argv.contains(&"scontrol".to_string())),
+        runner
+            .calls()
+            .iter()
+            .all(|c| !c.argv.contains(&"scontrol".to_string())),
         "the denied drain never ran"
     );
     b.stop();

@@ -3,6 +3,8 @@
 //! never leads to a reset, escalation always runs), the node's state at the
 //! end, and `--step NAME` like `run id:step` in chat.
 
+#![allow(clippy::disallowed_methods)] // the real binary, as a user runs it
+
 use std::process::Command;
 
 const RUNBOOK: &str = r#"

@@ -1,22 +1,34 @@
 //! Runbook runs started from chat, and their approvals.
 //!
-//! A run walks its runbook's steps in file order. Steps the requester's role
-//! may not run are skipped (and say why); a `needs_approval` step stops the
-//! run in `waiting` until an admin other than the requester approves it
-//! (two-person rule), someone denies it, or `[approvals] expiry_secs` pass.
+//! A run walks its runbook's steps in file order; [`engine::next_action`]
+//! (the same rule as `gpuops runbook run`) decides whether each step runs
+//! or is skipped with its reason (`when`, `requires`, alternatives, a failed
+//! mitigation; escalation always runs). Steps the requester's role may not
+//! run are skipped (and say why); a `needs_approval` step stops the run in
+//! `waiting` until an admin other than the requester approves it (two-person
+//! rule; the typed command and the Approve button run the same checks).
+//! Denying it, or nobody approving within `[approvals] expiry_secs`, skips
+//! that step and the run goes on with what does not depend on it. One
+//! approval covers the later steps of the same `approval_group` (or
+//! `alternative` group) in the run.
 //! The rule compares people, not accounts: `[[rbac.people]]` maps each
 //! person's Slack and Discord accounts to one name (an account not listed is
 //! a person of its own), and approval audit records name both people.
-//! Each step's status and output go to the alert's thread (through the bot's
-//! outbox) or, for a run not tied to an alert, to the requester's chat; then
-//! a summary. Every request, decision and step is audited.
+//! The alert's thread (through the bot's outbox) is the incident timeline:
+//! run started (who, runbook, node), each step and its output, approval
+//! requests with Approve / Deny buttons, decisions, and a closing summary
+//! with the node's state in plain words ([`engine::node_state`]). A run not
+//! tied to an alert answers the requester's chat instead. Every request,
+//! decision and step is audited.
 //!
-//! Runs are persisted in the bot's store, in the table `chat_runs`, created
-//! by this module (`CREATE TABLE IF NOT EXISTS`) on first use: a waiting
-//! approval survives a restart. A run that was executing when the bot
-//! stopped is marked `interrupted` on the next start (its step may or may
-//! not have run; it is not repeated). This module spawns no process: steps
-//! run through the [`StepExecutor`](crate::runbook::engine::StepExecutor).
+//! Runs are persisted in the bot's store, in the tables `chat_runs` and
+//! `chat_run_steps` (each step's outcome and output, at most
+//! [`STORED_OUTPUT_BYTES`]), created by this module (`CREATE TABLE IF NOT
+//! EXISTS`) on first use: a waiting approval survives a restart. A run that
+//! was executing when the bot stopped is marked `interrupted` on the next
+//! start (its step may or may not have run; it is not repeated). This module
+//! spawns no process: steps run through the
+//! [`StepExecutor`](crate::runbook::engine::StepExecutor).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -647,7 +659,10 @@ pub async fn drive(
         let target = Some(format!("{}/{id}", plan.runbook.id));
         let done = flow_results(&results);
         let skip = match authorize(role, ChatAction::RunStep, Some(&ps.step)) {
-            Err(denied) => Some((format!("skipped: {denied}"), "skipped: not allowed".to_string())),
+            Err(denied) => Some((
+                format!("skipped: {denied}"),
+                "skipped: not allowed".to_string(),
+            )),
             Ok(()) => match engine::next_action(&plan, i, &done) {
                 engine::NextAction::Skip(why) => Some((why.clone(), why)),
                 engine::NextAction::Run => None,
@@ -841,7 +856,12 @@ fn admins_text(chat: &ChatState, requester: &str) -> String {
 fn flow_results(results: &[(String, String)]) -> Vec<(String, StepStatus)> {
     results
         .iter()
-        .map(|(n, s)| (n.clone(), StepStatus::parse(s).unwrap_or(StepStatus::Skipped)))
+        .map(|(n, s)| {
+            (
+                n.clone(),
+                StepStatus::parse(s).unwrap_or(StepStatus::Skipped),
+            )
+        })
         .collect()
 }
 

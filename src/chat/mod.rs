@@ -212,13 +212,24 @@ pub enum Command {
 /// A button press on an alert message, or on an approval request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ButtonAction {
-    Ack { group: i64 },
-    Silence1h { group: i64 },
-    Run { group: i64, runbook: String },
+    Ack {
+        group: i64,
+    },
+    Silence1h {
+        group: i64,
+    },
+    Run {
+        group: i64,
+        runbook: String,
+    },
     /// Approve the step run `run` waits on (same checks as `/gpuops approve`).
-    Approve { run: String },
+    Approve {
+        run: String,
+    },
     /// Deny it (same checks as `/gpuops deny`).
-    Deny { run: String },
+    Deny {
+        run: String,
+    },
 }
 
 pub const USAGE: &str = "\
@@ -231,7 +242,7 @@ pub const USAGE: &str = "\
 `unsilence <silence-id>` expire a silence (operators)
 `runbooks [alertname]` list runbooks, or those answering an alert
 `run <runbook>[:step,step] [alert=<group-id>] [param=value ...]` run a runbook (operators; mitigations wait for a second person's approval)
-`approve <run-id>` / `deny <run-id>` decide a step that waits for approval (admins; not your own request)";
+`approve <run-id>` / `deny <run-id>` decide a step that waits for approval (admins; not your own request; or press Approve / Deny on the request)";
 
 /// Parses the text after `/gpuops`. Errors are the message to show,
 /// including the usage text.

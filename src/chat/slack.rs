@@ -146,11 +146,11 @@ pub fn button_action(a: &Action) -> Option<ButtonAction> {
                 runbook: rb.to_string(),
             })
         }
-        SLACK_ACTION_APPROVE => crate::chat::approvals::is_run_id(value).then(|| {
-            ButtonAction::Approve {
+        SLACK_ACTION_APPROVE => {
+            crate::chat::approvals::is_run_id(value).then(|| ButtonAction::Approve {
                 run: value.to_string(),
-            }
-        }),
+            })
+        }
         SLACK_ACTION_DENY => crate::chat::approvals::is_run_id(value).then(|| ButtonAction::Deny {
             run: value.to_string(),
         }),

@@ -19,7 +19,11 @@ pub fn run_report(store: &Store, id: &str) -> store::Result<Option<String>> {
         return Ok(None);
     };
     let mut out = String::new();
-    let _ = writeln!(out, "run {} of runbook {}: {}", run.id, run.runbook, run.status);
+    let _ = writeln!(
+        out,
+        "run {} of runbook {}: {}",
+        run.id, run.runbook, run.status
+    );
     let _ = writeln!(
         out,
         "requested by {} ({}){}",
@@ -188,7 +192,9 @@ fn audit_line(r: &AuditRecord, group: i64, runs: &[&str]) -> Option<String> {
         "approve" | "deny" if run.is_some() => {
             let run = run.unwrap_or("?");
             Some(match (r.action.as_str(), r.outcome.as_str()) {
-                ("approve", "approved") => format!("{} approved step `{step}` of run `{run}`", r.who),
+                ("approve", "approved") => {
+                    format!("{} approved step `{step}` of run `{run}`", r.who)
+                }
                 ("deny", "denied") => format!("{} denied step `{step}` of run `{run}`", r.who),
                 (action, outcome) => format!(
                     "{} tried to {action} step `{step}` of run `{run}`: {outcome}",

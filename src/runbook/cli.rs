@@ -143,7 +143,12 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!(
             "runbook {} has no step {bad:?}; its steps: {}",
             runbook.id,
-            runbook.steps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+            runbook
+                .steps
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let total = plan.steps.len();
@@ -152,7 +157,11 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "  {k}={v}")?;
     }
     if args.dry_run {
-        for s in plan.steps.iter().filter(|s| selected(&args.step, &s.step.name)) {
+        for s in plan
+            .steps
+            .iter()
+            .filter(|s| selected(&args.step, &s.step.name))
+        {
             writeln!(out, "{}", s.header(total))?;
             writeln!(out, "    {}", s.rendered.display())?;
         }
@@ -172,7 +181,11 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
     let mut failures = 0usize;
     let mut ran = 0usize;
     let mut done: Vec<(String, StepStatus)> = Vec::new();
-    for s in plan.steps.iter().filter(|s| selected(&args.step, &s.step.name)) {
+    for s in plan
+        .steps
+        .iter()
+        .filter(|s| selected(&args.step, &s.step.name))
+    {
         ran += 1;
         writeln!(out, "{}", s.header(total))?;
         writeln!(out, "    $ {}", s.rendered.display())?;

@@ -4,9 +4,10 @@
 //! [`authorize_approval`]).
 //!
 //! The engine does not iterate a whole run by itself, ask for approvals or
-//! post anything: callers (the CLI, the chat commands) walk the plan, enforce
-//! `needs_approval` and roles with the functions here, and show each
-//! [`StepOutcome`]. Processes are spawned only through a
+//! post anything: callers (the CLI, the chat commands) walk the plan, ask
+//! [`next_action`] whether each step runs (the one step-flow rule), enforce
+//! `needs_approval` and roles with the functions here, show each
+//! [`StepOutcome`], and end with [`node_state`]. Processes are spawned only through a
 //! [`CommandRunner`]; node steps for the bot go to the node's agent as
 //! `POST /v1/exec` requests signed for that one agent ([`AgentClient`]),
 //! only to agents an [`AgentDirectory`] (the bot's inventory) knows.
@@ -175,14 +176,20 @@ pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) 
         return NextAction::Run;
     }
     let status_of = |name: &str| done.iter().rev().find(|(n, _)| n == name).map(|(_, s)| *s);
-    let group_of = |name: &str| plan.step(name).and_then(|p| p.step.flow.alternative.clone());
+    let group_of = |name: &str| {
+        plan.step(name)
+            .and_then(|p| p.step.flow.alternative.clone())
+    };
     if let Some(g) = &step.flow.alternative {
         if let Some((m, st)) = done.iter().find(|(n, st)| {
             *st != StepStatus::Unavailable && group_of(n).as_deref() == Some(g.as_str())
         }) {
             return NextAction::Skip(match st {
                 StepStatus::Succeeded => format!("skipped: alternative {m} of {g} was used"),
-                other => format!("skipped: {g} was decided by {m}, which {}", other.as_reason()),
+                other => format!(
+                    "skipped: {g} was decided by {m}, which {}",
+                    other.as_reason()
+                ),
             });
         }
     }
@@ -200,9 +207,7 @@ pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) 
             match status_of(r) {
                 Some(StepStatus::Succeeded) => {}
                 Some(st) => return NextAction::Skip(format!("skipped: {r} {}", st.as_reason())),
-                None => {
-                    return NextAction::Skip(format!("skipped: {r} did not run in this run"))
-                }
+                None => return NextAction::Skip(format!("skipped: {r} did not run in this run")),
             }
         } else {
             let members: Vec<&(String, StepStatus)> = done
@@ -210,17 +215,30 @@ pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) 
                 .filter(|(n, _)| group_of(n).as_deref() == Some(r.as_str()))
                 .collect();
             if !members.iter().any(|(_, st)| *st == StepStatus::Succeeded) {
-                return NextAction::Skip(match members.iter().find(|(_, st)| *st != StepStatus::Unavailable).or(members.last()) {
-                    Some((n, st)) => format!("skipped: {r} did not succeed ({n} {})", st.as_reason()),
-                    None => format!("skipped: {r} did not run in this run"),
-                });
+                return NextAction::Skip(
+                    match members
+                        .iter()
+                        .find(|(_, st)| *st != StepStatus::Unavailable)
+                        .or(members.last())
+                    {
+                        Some((n, st)) => {
+                            format!("skipped: {r} did not succeed ({n} {})", st.as_reason())
+                        }
+                        None => format!("skipped: {r} did not run in this run"),
+                    },
+                );
             }
         }
     }
-    if step.phase == Phase::Mitigate && step.flow.requires.is_empty() && !step.flow.previous_succeeded {
+    if step.phase == Phase::Mitigate
+        && step.flow.requires.is_empty()
+        && !step.flow.previous_succeeded
+    {
         let failed = done.iter().find(|(n, st)| {
             matches!(st, StepStatus::Failed | StepStatus::TimedOut)
-                && plan.step(n).is_some_and(|p| p.step.phase == Phase::Mitigate)
+                && plan
+                    .step(n)
+                    .is_some_and(|p| p.step.phase == Phase::Mitigate)
         });
         if let Some((n, st)) = failed {
             return NextAction::Skip(format!("skipped: {n} {}", st.as_reason()));
@@ -248,10 +266,16 @@ pub fn node_state(plan: &RunPlan, done: &[(String, StepStatus)]) -> Vec<String> 
             continue;
         }
         let (template, fallback) = match st {
-            StepStatus::Succeeded => (&ps.step.state_on_success, format!("{name} succeeded on {node}")),
+            StepStatus::Succeeded => (
+                &ps.step.state_on_success,
+                format!("{name} succeeded on {node}"),
+            ),
             StepStatus::Failed | StepStatus::TimedOut => (
                 &ps.step.state_on_failure,
-                format!("{name} {} on {node}: its change may be partly made", st.as_reason()),
+                format!(
+                    "{name} {} on {node}: its change may be partly made",
+                    st.as_reason()
+                ),
             ),
             _ => continue,
         };
@@ -1234,7 +1258,12 @@ steps:
             if done.iter().any(|(n, _)| *n == s.step.name) {
                 continue;
             }
-            let _ = writeln!(out, "{}: {:?}", s.step.name, next_action(&plan, s.index, &done));
+            let _ = writeln!(
+                out,
+                "{}: {:?}",
+                s.step.name,
+                next_action(&plan, s.index, &done)
+            );
         }
         let _ = write!(out, "state: {}", node_state(&plan, &done).join("; "));
         expect.assert_eq(&out);

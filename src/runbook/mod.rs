@@ -358,9 +358,9 @@ impl Step {
         };
         action
             .into_iter()
-        .chain(self.state_on_success.as_ref())
-        .chain(self.state_on_failure.as_ref())
-        .collect()
+            .chain(self.state_on_success.as_ref())
+            .chain(self.state_on_failure.as_ref())
+            .collect()
     }
 }
 
@@ -1563,10 +1563,13 @@ impl Walker {
         if self.errors.len() > before {
             return None;
         }
-        let flow = self.flow(&loc, &get, phase);
-        let approval_group = get("approval_group").and_then(|v| self.group_name(v, &loc, "approval_group"));
-        let state_on_success = get("state_on_success").and_then(|v| template(self, v, "state_on_success"));
-        let state_on_failure = get("state_on_failure").and_then(|v| template(self, v, "state_on_failure"));
+        let flow = self.flow(&loc, get, phase);
+        let approval_group =
+            get("approval_group").and_then(|v| self.group_name(v, &loc, "approval_group"));
+        let state_on_success =
+            get("state_on_success").and_then(|v| template(self, v, "state_on_success"));
+        let state_on_failure =
+            get("state_on_failure").and_then(|v| template(self, v, "state_on_failure"));
         if phase != Some(Phase::Mitigate) {
             for k in ["state_on_success", "state_on_failure"] {
                 if get(k).is_some() {
@@ -1575,7 +1578,11 @@ impl Walker {
             }
         }
         if approval_group.is_some() && !needs_approval {
-            self.err(&loc, "approval_group", "only steps with needs_approval: true have an approval to share");
+            self.err(
+                &loc,
+                "approval_group",
+                "only steps with needs_approval: true have an approval to share",
+            );
         }
         if self.errors.len() > before {
             return None;
@@ -1767,8 +1774,7 @@ fn is_plain_absolute_path(p: &str) -> bool {
     p.starts_with('/')
         && p.len() <= 255
         && !p.split('/').any(|c| c == "..")
-        && p
-            .bytes()
+        && p.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-' | b'+'))
 }
 
