@@ -44,6 +44,8 @@ steps:
   - { name: on-bot, phase: investigate, kind: command, target: bot, run: [echo, bot] }
   - { name: q, phase: investigate, kind: promql, query: 'up{instance="{{instance}}"}' }
   - { name: drain, phase: mitigate, kind: command, target: node, timeout: 5s, needs_approval: true, run: [echo, "drained {{node}}"] }
+  - { name: slurm-only, phase: investigate, kind: command, target: node, only_if_exists: /nonexistent/gpuops-test/scontrol, run: [echo, slurm] }
+  - { name: root-only, phase: investigate, kind: command, target: node, only_if_exists: /, run: [echo, root] }
 "#;
 
 fn runbook_dir() -> tempfile::TempDir {
@@ -481,6 +483,18 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
     assert_eq!(out.status, StepStatus::Succeeded, "{out:?}");
     assert_eq!(out.output, "world\n");
     assert_eq!(out.exit_code, Some(0));
+
+    // `only_if_exists` is checked by the agent, on the node: the bot's
+    // executor sends the step, the agent runs nothing and says so.
+    let out = exec.execute(&plan, step("slurm-only")).await;
+    assert_eq!(out.status, StepStatus::Unavailable, "{out:?}");
+    assert_eq!(
+        out.output,
+        "not run: /nonexistent/gpuops-test/scontrol does not exist on node node-a"
+    );
+    let out = exec.execute(&plan, step("root-only")).await;
+    assert_eq!(out.status, StepStatus::Succeeded, "{out:?}");
+    assert_eq!(out.output, "root\n");
 
     let out = exec.execute(&plan, step("slow")).await;
     assert_eq!(out.status, StepStatus::TimedOut, "{out:?}");

@@ -292,6 +292,19 @@ mod tests {
                 runbook: "gpu-xid".into()
             })
         );
+        assert_eq!(
+            button_action("gpuops:approve:r0a1b2c"),
+            Some(ButtonAction::Approve {
+                run: "r0a1b2c".into()
+            })
+        );
+        assert_eq!(
+            button_action("gpuops:deny:r0a1b2c"),
+            Some(ButtonAction::Deny {
+                run: "r0a1b2c".into()
+            })
+        );
+        assert_eq!(button_action("gpuops:approve:r0A1b2c;x"), None);
         assert_eq!(button_action("gpuops:run:7:../x"), None);
         assert_eq!(button_action("gpuops:silence:7:10y"), None);
     }

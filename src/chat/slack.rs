@@ -315,6 +315,19 @@ mod tests {
             button_action(&a("gpuops_silence_1h", "7")),
             Some(ButtonAction::Silence1h { group: 7 })
         );
+        assert_eq!(
+            button_action(&a("gpuops_approve", "r0a1b2c")),
+            Some(ButtonAction::Approve {
+                run: "r0a1b2c".into()
+            })
+        );
+        assert_eq!(
+            button_action(&a("gpuops_deny", "r0a1b2c")),
+            Some(ButtonAction::Deny {
+                run: "r0a1b2c".into()
+            })
+        );
+        assert_eq!(button_action(&a("gpuops_approve", "7|x")), None);
         assert_eq!(button_action(&a("gpuops_run_runbook", "7|../x")), None);
         assert_eq!(button_action(&a("other", "7")), None);
     }

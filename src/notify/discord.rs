@@ -449,4 +449,20 @@ mod tests {
         assert_eq!(v["components"], serde_json::json!([]));
         assert_eq!(v["embeds"][0]["color"], 0x2EB67D);
     }
+
+    #[test]
+    fn approval_request_carries_approve_and_deny_buttons() {
+        let t = crate::notify::TextMessage {
+            text: "drain needs approval".into(),
+            code: None,
+            buttons: vec![
+                crate::notify::Button::Approve("r0a1b2c".into()),
+                crate::notify::Button::Deny("r0a1b2c".into()),
+            ],
+        };
+        let v = serde_json::to_value(edit_message(&Message::Text(t))).unwrap();
+        let c = &v["components"][0]["components"];
+        assert_eq!(c[0]["custom_id"], "gpuops:approve:r0a1b2c", "{v}");
+        assert_eq!(c[1]["custom_id"], "gpuops:deny:r0a1b2c");
+    }
 }

@@ -444,6 +444,14 @@ mod tests {
 
     #[test]
     fn button_ids_follow_the_contract() {
+        assert_eq!(
+            Button::Approve("r0a1b2c".into()).slack_action(7),
+            (SLACK_ACTION_APPROVE, "r0a1b2c".to_string())
+        );
+        assert_eq!(
+            Button::Deny("r0a1b2c".into()).discord_custom_id(7),
+            "gpuops:deny:r0a1b2c"
+        );
         let b = Button::RunRunbook("gpu-xid".into());
         assert_eq!(
             b.slack_action(7),

@@ -473,4 +473,23 @@ mod tests {
         assert!(code.chars().count() <= MAX_SECTION_TEXT);
         assert!(code.contains("more characters)"), "{code}");
     }
+
+    #[test]
+    fn approval_request_carries_approve_and_deny_buttons() {
+        let t = TextMessage {
+            text: "drain needs approval".into(),
+            code: None,
+            buttons: vec![
+                crate::notify::Button::Approve("r0a1b2c".into()),
+                crate::notify::Button::Deny("r0a1b2c".into()),
+            ],
+        };
+        let v = serde_json::to_value(render(&Message::Text(t))).unwrap();
+        let e = &v["blocks"][1]["elements"];
+        assert_eq!(e[0]["action_id"], "gpuops_approve", "{v}");
+        assert_eq!(e[0]["value"], "r0a1b2c");
+        assert_eq!(e[0]["style"], "primary");
+        assert_eq!(e[1]["action_id"], "gpuops_deny");
+        assert_eq!(e[1]["style"], "danger");
+    }
 }
