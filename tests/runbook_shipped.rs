@@ -765,3 +765,57 @@ fn run_on_a_node_takes_node_from_the_host_name() {
     );
     assert!(!stdout.contains("nodename=10"), "{stdout}");
 }
+
+/// `nvidia-smi -q -d TYPES` names only display types nvidia-smi knows
+/// (`nvidia-smi -h`, R470 and later): `-d FABRIC`, say, is an error there.
+#[test]
+fn nvidia_smi_display_types_exist() {
+    const TYPES: &[&str] = &[
+        "MEMORY",
+        "UTILIZATION",
+        "ECC",
+        "TEMPERATURE",
+        "POWER",
+        "CLOCK",
+        "COMPUTE",
+        "PIDS",
+        "PERFORMANCE",
+        "SUPPORTED_CLOCKS",
+        "PAGE_RETIREMENT",
+        "ACCOUNTING",
+        "ENCODER_STATS",
+        "SUPPORTED_GPU_TARGET_TEMP",
+        "VOLTAGE",
+        "FBC_STATS",
+        "ROW_REMAPPER",
+        "RESET_STATUS",
+        "GSP_FIRMWARE_VERSION",
+    ];
+    let mut checked = 0;
+    for rb in &shipped().runbooks {
+        for s in &rb.steps {
+            let Action::Command { argv } = &s.action else {
+                continue;
+            };
+            let words: Vec<String> = argv.iter().map(|t| t.source()).collect();
+            if !words.iter().any(|w| w == "nvidia-smi") {
+                continue;
+            }
+            for (i, w) in words.iter().enumerate() {
+                if w == "-d" || w == "--display" {
+                    let list = words.get(i + 1).expect("-d needs a value");
+                    for t in list.split(',') {
+                        assert!(
+                            TYPES.contains(&t),
+                            "{}/{}: nvidia-smi has no display type {t}",
+                            rb.id,
+                            s.name
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked >= 5, "only {checked} display types");
+}
