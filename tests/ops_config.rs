@@ -318,7 +318,12 @@ fn runbook_queries_read_only_contract_series() {
             queries += 1;
             let expr = query.source().replace("{{", "").replace("}}", "");
             let names = series_names(&expr);
-            assert!(!names.is_empty(), "{}/{}: no series in {expr}", rb.id, s.name);
+            assert!(
+                !names.is_empty(),
+                "{}/{}: no series in {expr}",
+                rb.id,
+                s.name
+            );
             for series in names {
                 if !contract.contains(&series) {
                     unknown.push(format!("{}/{}: {series}", rb.id, s.name));
@@ -338,7 +343,8 @@ fn runbook_queries_read_only_contract_series() {
 #[test]
 fn xid_catalogue_names_only_contract_series() {
     let contract = contract_metrics();
-    let metric = regex::Regex::new(r"\b(?:gpu|gpuops|storage|memory|cpu|oom)_[a-z0-9_]+\b").unwrap();
+    let metric =
+        regex::Regex::new(r"\b(?:gpu|gpuops|storage|memory|cpu|oom)_[a-z0-9_]+\b").unwrap();
     let mut named = 0;
     let mut unknown = Vec::new();
     for x in gpuops::gpu::xid::catalogue() {

@@ -137,9 +137,18 @@ fn alerts_suggest_the_right_runbooks() {
         &["gpu-fell-off-bus"],
     );
     check(&[("alertname", "GPUXIDError"), ("xid", "63")], &["gpu-xid"]);
-    check(&[("alertname", "GPUCriticalXID"), ("xid", "119")], &["gpu-reset"]);
-    check(&[("alertname", "GPUXIDMemoryError"), ("xid", "48")], &["gpu-ecc-remap"]);
-    check(&[("alertname", "GPUXIDNVLinkError"), ("xid", "145")], &["gpu-nvlink"]);
+    check(
+        &[("alertname", "GPUCriticalXID"), ("xid", "119")],
+        &["gpu-reset"],
+    );
+    check(
+        &[("alertname", "GPUXIDMemoryError"), ("xid", "48")],
+        &["gpu-ecc-remap"],
+    );
+    check(
+        &[("alertname", "GPUXIDNVLinkError"), ("xid", "145")],
+        &["gpu-nvlink"],
+    );
     // An XID alert without its code: investigation only.
     check(&[("alertname", "GPUCriticalXID")], &["gpu-xid"]);
     check(&[("alertname", "GpuFellOffBus")], &["gpu-fell-off-bus"]);
@@ -151,7 +160,10 @@ fn alerts_suggest_the_right_runbooks() {
     check(&[("alertname", "TargetDown"), ("job", "node")], &[]);
     check(&[("alertname", "StorageReadOnly")], &["storage"]);
     check(&[("alertname", "StorageFull")], &["storage"]);
-    check(&[("alertname", "StorageMountStuck")], &["storage-mount-stuck"]);
+    check(
+        &[("alertname", "StorageMountStuck")],
+        &["storage-mount-stuck"],
+    );
     check(&[("alertname", "SomethingElse")], &[]);
 }
 
@@ -706,7 +718,9 @@ fn readme_runbook_examples_run() {
         }
     }
     assert!(examples.len() >= 3, "{examples:?}");
-    assert!(examples.iter().any(|e| e.starts_with("gpuops runbook run ")));
+    assert!(examples
+        .iter()
+        .any(|e| e.starts_with("gpuops runbook run ")));
     for example in &examples {
         let args: Vec<&str> = example.split_whitespace().skip(1).collect();
         if args[1] == "run" {

@@ -122,8 +122,7 @@ fn argvs(plan: &RunPlan) -> Vec<(&str, Phase, &Vec<String>)> {
 }
 
 fn is_gpu_reset(argv: &[String]) -> bool {
-    argv.iter().any(|a| a == "nvidia-smi")
-        && argv.iter().any(|a| a == "-r" || a == "--gpu-reset")
+    argv.iter().any(|a| a == "nvidia-smi") && argv.iter().any(|a| a == "-r" || a == "--gpu-reset")
 }
 
 fn has_mitigation(plan: &RunPlan) -> bool {
@@ -184,7 +183,10 @@ fn assert_closed_reset_loop(plan: &RunPlan) {
         assert!(argv.iter().any(|a| a == flag), "{id}: {argv:?}");
     }
     for name in ["resume-slurm", "uncordon-kubernetes", "gpu-reset"] {
-        assert!(plan.steps[pos(plan, name)].step.needs_approval, "{id}: {name}");
+        assert!(
+            plan.steps[pos(plan, name)].step.needs_approval,
+            "{id}: {name}"
+        );
     }
 }
 

@@ -221,10 +221,14 @@ const FELL_OFF_BUS: &str = "gpu-fell-off-bus";
 
 /// The document every entry was checked against.
 const CATALOG: &str = "NVIDIA Xid Catalog (XID Errors, r555+), sheet Xids";
-const CATALOG_48: &str = "NVIDIA Xid Catalog, sheet Xids; Fault Resolution Buckets: WORKFLOW_XID_48";
-const CATALOG_13: &str = "NVIDIA Xid Catalog, sheet Xids; Fault Resolution Buckets: WORKFLOW_XID_13";
-const CATALOG_31: &str = "NVIDIA Xid Catalog, sheet Xids; Fault Resolution Buckets: WORKFLOW_XID_31";
-const CATALOG_45: &str = "NVIDIA Xid Catalog, sheet Xids; Fault Resolution Buckets: WORKFLOW_XID_45";
+const CATALOG_48: &str =
+    "NVIDIA Xid Catalog, sheet Xids; Fault Resolution Buckets: WORKFLOW_XID_48";
+const CATALOG_13: &str =
+    "NVIDIA Xid Catalog, sheet Xids; Fault Resolution Buckets: WORKFLOW_XID_13";
+const CATALOG_31: &str =
+    "NVIDIA Xid Catalog, sheet Xids; Fault Resolution Buckets: WORKFLOW_XID_31";
+const CATALOG_45: &str =
+    "NVIDIA Xid Catalog, sheet Xids; Fault Resolution Buckets: WORKFLOW_XID_45";
 const CATALOG_74: &str = "NVIDIA Xid Catalog, sheet Xids (trigger conditions); Fault Resolution Buckets: WORKFLOW_NVLINK_ERR";
 const CATALOG_NVL5: &str = "NVIDIA Xid Catalog, sheet Xids; sheet XID 144-150 Decode";
 const CATALOG_ECC: &str = "NVIDIA Xid Catalog, sheet Xids (trigger conditions 94/95)";
@@ -722,8 +726,8 @@ mod tests {
     #[test]
     fn catalogue_covers_the_codes_operators_meet() {
         for code in [
-            13, 31, 43, 45, 48, 61, 62, 63, 64, 74, 79, 92, 94, 95, 109, 119, 120, 140, 143,
-            144, 145, 146, 147, 148, 149, 150,
+            13, 31, 43, 45, 48, 61, 62, 63, 64, 74, 79, 92, 94, 95, 109, 119, 120, 140, 143, 144,
+            145, 146, 147, 148, 149, 150,
         ] {
             let x = lookup(code).unwrap_or_else(|| panic!("xid {code} missing"));
             assert!(!x.meaning.is_empty() && !x.action.is_empty());

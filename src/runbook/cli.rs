@@ -163,8 +163,14 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
             node_from_host = true;
         }
     }
-    let plan = engine::plan(runbook, &given, &BTreeMap::new())
-        .map_err(|e| anyhow::anyhow!("runbook {}: refused: {e}", runbook.id))?;
+    let plan = engine::plan(runbook, &given, &BTreeMap::new()).map_err(|e| {
+        let hint = if node_from_host && e.0.iter().any(|p| p.param == NODE_PARAM) {
+            " (node is this host's name unless given: add -p node=NAME)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("runbook {}: refused: {e}{hint}", runbook.id)
+    })?;
     let total = plan.steps.len();
     writeln!(out, "runbook {}: {}", runbook.id, runbook.title)?;
     for (k, v) in plan.params.iter() {
