@@ -147,6 +147,23 @@ pub struct AgentsConfig {
     pub node_label: String,
     /// How often discovered targets are re-read.
     pub refresh: Duration,
+    /// How the bot connects to agents that serve TLS or ask for credentials
+    /// (an agent's `--web.config.file`).
+    pub transport: AgentTransport,
+}
+
+/// TLS trust, client certificate and basic auth for the bot's requests to
+/// agents (`/v1/exec`, `/v1/events`).
+#[derive(Debug, Clone, Default)]
+pub struct AgentTransport {
+    /// PEM CA certificate(s) that sign the agents' server certificates
+    /// (`ca_file`); the system roots otherwise.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key, concatenated (`client_cert_file`,
+    /// `client_key_file`), for agents that require client certificates.
+    pub identity_pem: Option<Secret>,
+    /// `basic_auth_username` and `basic_auth_password(_file)`.
+    pub basic_auth: Option<(String, Secret)>,
 }
 
 /// One `[[agents.nodes]]` entry.
@@ -527,7 +544,76 @@ impl BotConfig {
                 prometheus_job: None,
                 node_label: "node".into(),
                 refresh: Duration::from_secs(60),
+                transport: AgentTransport::default(),
             };
+            if let Some(path) = r.get::<PathBuf>(&mut s, "ca_file") {
+                match std::fs::read(&path) {
+                    Ok(pem)
+                        if reqwest::Certificate::from_pem_bundle(&pem)
+                            .is_ok_and(|c| !c.is_empty()) =>
+                    {
+                        a.transport.ca_pem = Some(pem)
+                    }
+                    Ok(_) => r.error(
+                        &s,
+                        "ca_file",
+                        format!("{} holds no PEM certificate", path.display()),
+                    ),
+                    Err(e) => r.error(
+                        &s,
+                        "ca_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    ),
+                }
+            }
+            let cert: Option<PathBuf> = r.get(&mut s, "client_cert_file");
+            let key: Option<PathBuf> = r.get(&mut s, "client_key_file");
+            match (cert, key) {
+                (Some(cert), Some(key)) => {
+                    let c = std::fs::read_to_string(&cert);
+                    let k = crate::config::load_secret_file(&key);
+                    match (c, k) {
+                        (Ok(c), Ok(k)) => {
+                            let pem = format!("{}\n{}\n", k.expose(), c);
+                            if reqwest::Identity::from_pem(pem.as_bytes()).is_ok() {
+                                a.transport.identity_pem = Some(Secret::new(pem));
+                            } else {
+                                r.error(
+                                    &s,
+                                    "client_cert_file",
+                                    "not a PEM certificate and key pair",
+                                );
+                            }
+                        }
+                        (Err(e), _) => r.error(
+                            &s,
+                            "client_cert_file",
+                            format!("cannot read {}: {e}", cert.display()),
+                        ),
+                        (_, Err(e)) => r.error(&s, "client_key_file", e),
+                    }
+                }
+                (None, None) => {}
+                (Some(_), None) => r.error(&s, "client_cert_file", "needs client_key_file too"),
+                (None, Some(_)) => r.error(&s, "client_key_file", "needs client_cert_file too"),
+            }
+            let user: Option<String> = r.get(&mut s, "basic_auth_username");
+            let password = read_secret(
+                &mut r,
+                &mut s,
+                "basic_auth_password",
+                "basic_auth_password_file",
+            );
+            match (user, password) {
+                (Some(u), Some(p)) => a.transport.basic_auth = Some((u, p)),
+                (None, None) => {}
+                (Some(_), None) => r.error(
+                    &s,
+                    "basic_auth_username",
+                    "needs basic_auth_password or basic_auth_password_file",
+                ),
+                (None, Some(_)) => r.error(&s, "basic_auth_password", "needs basic_auth_username"),
+            }
             if let Some(path) = r.get::<PathBuf>(&mut s, "signing_key_file") {
                 match crate::exec_auth::ExecSigner::from_file(&path) {
                     Ok(k) => a.signing_key = Some(std::sync::Arc::new(k)),
