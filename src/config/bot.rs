@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use crate::config::agent::LogConfig;
 use crate::config::{
-    anchored_regex, positive_secs, read_file, read_log_section, read_secret, ConfigErrors, Reader,
-    Secret,
+    anchored_regex, positive_secs, read_file, read_log_section, read_secret, read_web_limits,
+    ConfigErrors, Reader, Secret, WebLimits,
 };
 use crate::routing::{default_severity_map, Destination, Routing, Tier};
 
@@ -49,6 +49,8 @@ pub struct ServerConfig {
     /// Bearer token AlertManager must send (`http_config.authorization`).
     pub webhook_token: Option<Secret>,
     pub max_body_bytes: usize,
+    /// Connection cap and timeouts of the HTTP server.
+    pub limits: WebLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +153,7 @@ impl Default for BotConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_BOT_PORT)),
                 webhook_token: None,
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+                limits: WebLimits::default(),
             },
             store: StoreConfig {
                 path: default_store_path(),
@@ -213,6 +216,7 @@ impl BotConfig {
             }) {
                 c.server.max_body_bytes = v;
             }
+            read_web_limits(&mut r, &mut s, &mut c.server.limits);
             r.finish(s);
         }
 
