@@ -66,6 +66,8 @@ pub async fn serve(
     tls: Option<TlsSource>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
+    let mut limits = limits;
+    limits.max_connections = fit_open_file_limit(limits.max_connections);
     let shared = Arc::new(Shared {
         app,
         limits,
@@ -177,6 +179,32 @@ pub fn raise_open_file_limit() -> Option<u64> {
             }
         },
     }
+}
+
+/// File descriptors kept free for everything but connections (the store,
+/// /proc and /sys reads, NVML, the kernel log, logging).
+const FD_RESERVE: u64 = 128;
+
+/// `wanted`, lowered so that connections alone can never exhaust the
+/// process's open file limit (accept would fail with EMFILE instead of
+/// refusing cleanly, and the store or collectors could not open files).
+fn fit_open_file_limit(wanted: usize) -> usize {
+    use rustix::process::{getrlimit, Resource};
+    let Some(soft) = getrlimit(Resource::Nofile).current else {
+        return wanted;
+    };
+    let room = usize::try_from(soft.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+    if wanted <= room {
+        return wanted;
+    }
+    let fitted = room.max(16);
+    tracing::warn!(
+        max_connections = wanted,
+        open_file_limit = soft,
+        using = fitted,
+        "max_connections is above what the open file limit allows; raise LimitNOFILE="
+    );
+    fitted
 }
 
 /// What every connection task shares.
