@@ -417,10 +417,6 @@ fn tls_config(
             (None, None) => Ok(None),
         }
     };
-    let cert = pem(t.cert, t.cert_file, "cert", "cert_file")?;
-    let key = pem(t.key, t.key_file, "key", "key_file")?;
-    let ca = pem(t.client_ca, t.client_ca_file, "client_ca", "client_ca_file")?;
-
     let auth = match t.client_auth_type.as_deref().unwrap_or("NoClientCert") {
         "" | "NoClientCert" => ClientAuth::NoClientCert,
         "RequestClientCert" => ClientAuth::RequestClientCert,
@@ -432,6 +428,10 @@ fn tls_config(
             format!("must be NoClientCert, RequestClientCert, RequireAnyClientCert, VerifyClientCertIfGiven or RequireAndVerifyClientCert, got {other:?}"),
         )),
     };
+
+    let cert = pem(t.cert, t.cert_file, "cert", "cert_file")?;
+    let key = pem(t.key, t.key_file, "key", "key_file")?;
+    let ca = pem(t.client_ca, t.client_ca_file, "client_ca", "client_ca_file")?;
 
     let (cert, key) = match (cert, key) {
         (None, None) => {
