@@ -594,6 +594,32 @@ mod tests {
     }
 
     #[test]
+    fn shipped_examples_document_the_default_limits() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let agent = crate::config::AgentConfig::from_file(&root.join("config/agent.example.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(agent.web, WebLimits::default());
+        let bot = crate::config::BotConfig::from_file(&root.join("config/bot.example.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(bot.server.limits, WebLimits::default());
+        let bad = crate::config::AgentConfig::from_str(
+            std::path::Path::new("a.toml"),
+            "[web]\nmax_connections = 3\nheader_timeout_secs = 0\n",
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("a.toml:2: web.max_connections: must be between 16 and 1000000, got 3"),
+            "{bad}"
+        );
+        assert!(
+            bad.contains("a.toml:3: web.header_timeout_secs: must be a positive number of seconds"),
+            "{bad}"
+        );
+    }
+
+    #[test]
     fn deadlines_follow_the_connection() {
         let l = limits();
         let a = Arc::new(Activity::new());
