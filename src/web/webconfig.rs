@@ -155,8 +155,11 @@ impl WebConfigSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fingerprint {
     text: [u8; 32],
-    files: Vec<(PathBuf, Option<(SystemTime, u64, u64)>)>,
+    files: Vec<(PathBuf, Option<FileStamp>)>,
 }
+
+/// Modification time, size and inode of a file.
+type FileStamp = (SystemTime, u64, u64);
 
 fn fingerprint(path: &Path, text: &str) -> Fingerprint {
     let named = serde_norway::from_str::<RawFile>(text)
