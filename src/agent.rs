@@ -201,6 +201,7 @@ pub fn collect_once(args: CollectArgs) -> anyhow::Result<ExitCode> {
 /// `gpuops check-config --agent FILE --bot FILE`.
 pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
     let mut ok = true;
+    let mut web_ok = true;
     let mut report = |kind: &str,
                       path: &PathBuf,
                       result: Result<(), crate::config::ConfigErrors>| {
@@ -219,12 +220,23 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
         }
     };
     if let Some(p) = &args.agent {
-        report("agent", p, AgentConfig::from_file(p).map(|_| ()));
+        let parsed = AgentConfig::from_file(p);
+        let web = parsed.as_ref().ok().and_then(|c| c.web_config_file.clone());
+        report("agent", p, parsed.map(|_| ()));
+        if let Some(w) = web {
+            match crate::web::webconfig::WebConfigSource::open(&w) {
+                Ok(_) => println!("{}: ok (web configuration)", w.display()),
+                Err(e) => {
+                    eprintln!("{e}");
+                    web_ok = false;
+                }
+            }
+        }
     }
     if let Some(p) = &args.bot {
         report("bot", p, BotConfig::from_file(p).map(|_| ()));
     }
-    Ok(if ok {
+    Ok(if ok && web_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

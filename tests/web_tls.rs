@@ -377,3 +377,44 @@ fn bad_web_config_at_start_names_file_and_key() {
         "{err}"
     );
 }
+
+#[test]
+fn check_config_validates_the_web_config_file() {
+    let (_d, dir) = tempdir();
+    let web = dir.join("web.yml");
+    std::fs::write(&web, "basic_auth_users:\n  ops: plain-text\n").unwrap();
+    let toml = dir.join("agent.toml");
+    std::fs::write(
+        &toml,
+        format!("web_config_file = {:?}\n", web.display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args(["check-config", "--agent"])
+        .arg(&toml)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("basic_auth_users.ops: not a bcrypt hash"),
+        "{err}"
+    );
+
+    std::fs::write(
+        &web,
+        format!("basic_auth_users:\n  ops: '{}'\n", hash("pw")),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args(["check-config", "--agent"])
+        .arg(&toml)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (web configuration)"));
+}
