@@ -418,3 +418,32 @@ fn check_config_validates_the_web_config_file() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (web configuration)"));
 }
+
+#[tokio::test]
+async fn certificate_rotation_by_replacing_files() {
+    let (_d, dir) = tempdir();
+    let old = server_pki(&dir);
+    let web = dir.join("web.yml");
+    std::fs::write(
+        &web,
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n",
+    )
+    .unwrap();
+    let agent = start(&dir, &web);
+    let url = format!("https://127.0.0.1:{}/healthz", agent.port);
+    assert!(status(&client(&old.ca_pem, None), &url, None).await.is_ok());
+
+    // A new certificate from a new CA, renamed over the old files.
+    let new = Pki::new("rotated ca");
+    let (cert, key) = new.leaf(&["localhost", "127.0.0.1"]);
+    std::fs::write(dir.join("server.crt.new"), cert).unwrap();
+    std::fs::write(dir.join("server.key.new"), key).unwrap();
+    std::fs::rename(dir.join("server.key.new"), dir.join("server.key")).unwrap();
+    std::fs::rename(dir.join("server.crt.new"), dir.join("server.crt")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Fresh clients: new connections get the new certificate.
+    assert!(status(&client(&new.ca_pem, None), &url, None).await.is_ok());
+    assert!(status(&client(&old.ca_pem, None), &url, None)
+        .await
+        .is_err());
+}
