@@ -8,7 +8,7 @@
 //!   wait, to the end of the request head; TLS handshake included), a body
 //!   timeout (a request body still trickling is cut off and answered 408),
 //!   and an idle timeout for keep-alive connections with nothing moving.
-//! - Accept errors (EMFILE, ENFILE, ENOBUFS) are logged once per streak and
+//! - Accept errors (EMFILE, ENFILE, ENOBUFS) are logged at most once a minute and
 //!   followed by a short, growing pause instead of a hot loop.
 //! - Graceful shutdown: on the shutdown future, stop accepting, let requests
 //!   in flight finish (bounded), close idle connections.
@@ -78,7 +78,8 @@ pub async fn serve(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut accept_errors = 0u64;
     let mut backoff = Duration::from_millis(5);
-    let mut refusing = false;
+    let mut accept_log = LogEvery::new();
+    let mut refusal_log = LogEvery::new();
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
@@ -89,10 +90,10 @@ pub async fn serve(
             Err(e) if is_per_connection_error(&e) => continue,
             Err(e) => {
                 shared.metrics.accept_errors.inc();
-                if accept_errors == 0 {
-                    tracing::warn!(error = %e, "accept failed, pausing before the next accept (logged once until accepting works again)");
-                }
                 accept_errors += 1;
+                if let Some(n) = accept_log.due() {
+                    tracing::warn!(error = %e, errors = n, "accept failed, pausing before the next accept (logged at most once a minute)");
+                }
                 tokio::select! {
                     () = &mut shutdown => break,
                     () = tokio::time::sleep(backoff) => {}
@@ -102,24 +103,23 @@ pub async fn serve(
             }
         };
         if accept_errors > 0 {
-            tracing::info!(errors = accept_errors, "accepting connections again");
+            tracing::debug!(errors = accept_errors, "accepting connections again");
             accept_errors = 0;
             backoff = Duration::from_millis(5);
         }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             shared.metrics.connections_refused.inc();
-            if !refusing {
-                refusing = true;
+            if let Some(n) = refusal_log.due() {
                 tracing::warn!(
                     max_connections = shared.limits.max_connections,
+                    refused = n,
                     peer = %peer,
-                    "connection limit reached: closing new connections until some end (logged once per episode)"
+                    "connection limit reached: closing new connections at once (logged at most once a minute)"
                 );
             }
             drop(stream);
             continue;
         };
-        refusing = false;
         let shared = shared.clone();
         let tls = tls.as_ref().map(|source| source());
         let close = close_rx.clone();
@@ -205,6 +205,34 @@ fn fit_open_file_limit(wanted: usize) -> usize {
         "max_connections is above what the open file limit allows; raise LimitNOFILE="
     );
     fitted
+}
+
+/// Rate-limits a warning that could otherwise flood the log.
+struct LogEvery {
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl LogEvery {
+    fn new() -> LogEvery {
+        LogEvery {
+            last: None,
+            count: 0,
+        }
+    }
+
+    /// Counts one event; `Some(events since the last log line)` when one is due.
+    fn due(&mut self) -> Option<u64> {
+        self.count += 1;
+        let now = Instant::now();
+        match self.last {
+            Some(t) if now - t < Duration::from_secs(60) => None,
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.count))
+            }
+        }
+    }
 }
 
 /// What every connection task shares.
