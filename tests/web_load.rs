@@ -127,6 +127,26 @@ async fn get(port: u16, path: &str) -> Result<Duration, String> {
     Ok(took)
 }
 
+/// The body of one GET (empty on any error).
+async fn get_body(port: u16, path: &str) -> String {
+    let io = async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(5), io)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+}
+
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
@@ -240,4 +260,105 @@ async fn idle_connections_do_not_starve_metrics() {
     let (_bot_dir, b) = dir();
     let server = bot(&b);
     check_not_starved("bot", &server).await;
+}
+
+/// CPU seconds (user + system) the process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_errors_back_off_and_idle_connections_are_reaped() {
+    let (_d, dir) = dir();
+    let host = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/host/full");
+    let toml = dir.join("agent.toml");
+    std::fs::write(
+        &toml,
+        "[collectors]\ngpu = false\n[web]\nheader_timeout_secs = 1.0\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("kmsg"), "").unwrap();
+    let port = free_port();
+    // A hard limit of 24 open files: with the agent's own dozen, the idle
+    // connections below exhaust it before the connection cap (16) is reached.
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 24 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_gpuops"))
+        .arg("agent")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--config")
+        .arg(&toml)
+        .arg("--procfs")
+        .arg(host.join("proc"))
+        .arg("--sysfs")
+        .arg(host.join("sys"))
+        .arg("--rootfs")
+        .arg(host.join("root"))
+        .arg("--kmsg")
+        .arg(dir.join("kmsg"))
+        .current_dir(&dir)
+        .env_remove("GPUOPS_AGENT_CONFIG")
+        .env("GPUOPS_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server { child, port };
+    let pid = server.child.id();
+    wait_up(port).await;
+
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)).await {
+            idle.push(s);
+        }
+    }
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+    // The server answers again once the silent connections are cut off
+    // (header timeout 1 s), while the attacker keeps its sockets open.
+    let mut answered = None;
+    while started.elapsed() < Duration::from_secs(20) {
+        if get(port, "/healthz").await.is_ok() {
+            answered = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(started.elapsed())).await;
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let wall = started.elapsed().as_secs_f64();
+    let metrics = get_body(port, "/metrics").await;
+    let counter = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let accept_errors = counter("gpuops_http_accept_errors_total ");
+    let header_timeouts = counter("gpuops_http_timeouts_total{timeout=\"header\"} ");
+    eprintln!(
+        "fd limit 24, {} idle connections: /healthz answered after {answered:?}; agent used {cpu:.2} s CPU in {wall:.1} s; {} fds open; \
+         accept errors {accept_errors}, header timeouts {header_timeouts}",
+        idle.len(),
+        open_fds(pid)
+    );
+    assert!(accept_errors > 0.0, "the test did not exhaust the fd limit");
+    assert!(header_timeouts > 0.0, "{metrics}");
+    assert!(answered.is_some(), "the agent never answered again");
+    assert!(
+        cpu < 0.5 * wall,
+        "the agent used {cpu:.2} s of CPU in {wall:.1} s: accept errors spin"
+    );
+    assert!(open_fds(pid) <= 24);
+    drop(idle);
 }
