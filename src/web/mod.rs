@@ -332,8 +332,11 @@ async fn drive<IO>(
             }
         })
     };
+    // The header timeout is the watchdog's (hyper's would also cut idle
+    // keep-alive connections at the header timeout).
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        .header_read_timeout(None)
         .serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
