@@ -3,11 +3,13 @@
 //! middleware over every route of the agent.
 //!
 //! bcrypt is slow on purpose (about 70 ms at cost 10), so a successful check
-//! is remembered for [`CACHE_TTL`], keyed on a SHA-256 of the user, the
-//! stored hash and the presented password (a changed hash never matches an
-//! old entry); checks run off the async threads, at most [`BCRYPT_SLOTS`] at
-//! a time, so wrong guesses cannot take more than that many cores. An unknown
-//! user costs the same bcrypt as a known one. Passwords and hashes are never
+//! is remembered for [`CACHE_TTL`] after its last use, keyed on a SHA-256 of
+//! the user, the stored hash and the presented password (a changed hash never
+//! matches an old entry): a scraper that keeps scraping never waits for bcrypt
+//! again. Checks run off the async threads, at most [`BCRYPT_SLOTS`] at a
+//! time, so wrong guesses cannot take more than that many cores; a request
+//! that cannot get a slot within [`BCRYPT_WAIT`] is refused. An unknown user
+//! costs the same bcrypt as a known one. Passwords and hashes are never
 //! logged.
 
 use std::collections::HashMap;
@@ -28,6 +30,8 @@ use crate::web::webconfig::WebConfigSource;
 pub const CACHE_TTL: Duration = Duration::from_secs(60);
 /// bcrypt checks running at once.
 pub const BCRYPT_SLOTS: usize = 2;
+/// How long a request waits for a bcrypt slot before it is refused.
+pub const BCRYPT_WAIT: Duration = Duration::from_secs(2);
 /// Entries kept at most (expired ones are dropped first).
 const CACHE_MAX: usize = 1024;
 /// Checked when the user is unknown, so that its timing does not tell.
@@ -71,7 +75,7 @@ impl BasicAuth {
         if known && self.cached(&key) {
             return true;
         }
-        let Ok(_slot) = self.slots.acquire().await else {
+        let Ok(Ok(_slot)) = tokio::time::timeout(BCRYPT_WAIT, self.slots.acquire()).await else {
             return false;
         };
         let password = password.to_string();
@@ -94,9 +98,17 @@ impl BasicAuth {
         ok
     }
 
+    /// Whether `key` was checked recently; a hit extends its life.
     fn cached(&self, key: &[u8; 32]) -> bool {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.get(key).is_some_and(|until| *until > Instant::now())
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match cache.get_mut(key) {
+            Some(until) if *until > now => {
+                *until = now + CACHE_TTL;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
