@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use crate::config::agent::LogConfig;
 use crate::config::{
-    anchored_regex, positive_secs, read_file, read_log_section, read_secret, ConfigErrors, Reader,
-    Secret, Section,
+    anchored_regex, positive_secs, read_file, read_log_section, read_secret, read_web_limits,
+    ConfigErrors, Reader, Secret, Section, WebLimits,
 };
 use crate::routing::{default_severity_map, Destination, Routing, Tier};
 
@@ -52,6 +52,8 @@ pub struct ServerConfig {
     /// (refused by default: anyone who reaches it could post alerts).
     pub allow_unauthenticated_webhooks: bool,
     pub max_body_bytes: usize,
+    /// Connection cap and timeouts of the HTTP server.
+    pub limits: WebLimits,
 }
 
 impl ServerConfig {
@@ -224,6 +226,7 @@ impl Default for BotConfig {
                 webhook_token: None,
                 allow_unauthenticated_webhooks: false,
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+                limits: WebLimits::default(),
             },
             store: StoreConfig {
                 path: default_store_path(),
@@ -292,6 +295,7 @@ impl BotConfig {
             if let Some(why) = c.server.unauthenticated_public_listener() {
                 r.error(&s, "listen", why);
             }
+            read_web_limits(&mut r, &mut s, &mut c.server.limits);
             r.finish(s);
         }
 
