@@ -447,3 +447,98 @@ async fn certificate_rotation_by_replacing_files() {
         .await
         .is_err());
 }
+
+#[tokio::test]
+async fn bot_runs_a_node_step_on_an_agent_behind_mtls_and_basic_auth() {
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use gpuops::runbook::engine::{self, Executor, StepExecutor as _, StepStatus};
+
+    let (_d, dir) = tempdir();
+    let _pki = server_pki(&dir);
+    let clients = Pki::new("gpuops clients");
+    let (bot_cert, bot_key) = clients.leaf(&["gpuops-bot"]);
+    std::fs::write(dir.join("client-ca.crt"), &clients.ca_pem).unwrap();
+    std::fs::write(dir.join("bot.crt"), bot_cert).unwrap();
+    std::fs::write(dir.join("bot-client.key"), bot_key).unwrap();
+    std::fs::write(dir.join("agents.pass"), "s3cret-bot-pass\n").unwrap();
+    let web = dir.join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  client_ca_file: client-ca.crt\n  client_auth_type: RequireAndVerifyClientCert\nbasic_auth_users:\n  gpuops-bot: {}\n",
+            hash("s3cret-bot-pass")
+        ),
+    )
+    .unwrap();
+    let runbooks = dir.join("runbooks");
+    std::fs::create_dir_all(&runbooks).unwrap();
+    std::fs::write(
+        runbooks.join("tls-test.yaml"),
+        "id: tls-test\ntitle: TLS test\nparams:\n  node: { pattern: '[a-z0-9-]{1,63}', from_label: node }\nsteps:\n  - { name: who, phase: investigate, kind: command, target: node, timeout: 5s, run: [echo, \"hello {{node}}\"] }\n",
+    )
+    .unwrap();
+    let signer = gpuops::exec_auth::ExecSigner::generate();
+    let key = dir.join("exec.key");
+    std::fs::write(&key, signer.private_pem().unwrap().expose()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(dir.join("exec.pub"), signer.public_key().to_pem().unwrap()).unwrap();
+
+    let port = free_port();
+    let child = agent_command(&dir, &web, port)
+        .args(["--node-name", "tls-node", "--exec-public-key"])
+        .arg(dir.join("exec.pub"))
+        .arg("--runbooks")
+        .arg(&runbooks)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _agent = Agent { child, port };
+    let until = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "agent never listened on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let instance = format!("127.0.0.1:{port}");
+    let bot_toml = |auth: &str| {
+        format!(
+            "[agents]\nsigning_key_file = {:?}\nca_file = {:?}\nclient_cert_file = {:?}\nclient_key_file = {:?}\n{auth}[[agents.nodes]]\ninstance = \"{instance}\"\nnode = \"tls-node\"\nurl = \"https://127.0.0.1:{port}\"\n",
+            key.display().to_string(),
+            dir.join("ca.crt").display().to_string(),
+            dir.join("bot.crt").display().to_string(),
+            dir.join("bot-client.key").display().to_string(),
+        )
+    };
+    let rb = gpuops::runbook::load_file(&runbooks.join("tls-test.yaml")).unwrap();
+    let labels: BTreeMap<String, String> = [
+        ("instance".to_string(), instance.clone()),
+        ("node".to_string(), "tls-node".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let plan = engine::plan(&rb, &BTreeMap::new(), &labels).unwrap();
+    let bot_path = dir.join("bot.toml");
+    let run = |text: String| {
+        let plan = plan.clone();
+        let bot_path = bot_path.clone();
+        async move {
+            let cfg = gpuops::config::BotConfig::from_str(&bot_path, &text).unwrap();
+            let exec = Executor::for_bot(&cfg);
+            exec.execute(&plan, &plan.steps[0]).await
+        }
+    };
+    let with_auth = format!(
+        "basic_auth_username = \"gpuops-bot\"\nbasic_auth_password_file = {:?}\n",
+        dir.join("agents.pass").display().to_string()
+    );
+    let out = run(bot_toml(&with_auth)).await;
+    assert_eq!(out.status, StepStatus::Succeeded, "{out:?}");
+    assert_eq!(out.output, "hello tls-node\n");
+    // Without the password the agent refuses before the signature is read.
+    let out = run(bot_toml("")).await;
+    assert_eq!(out.status, StepStatus::Error, "{out:?}");
+    assert!(out.output.contains("HTTP 401"), "{}", out.output);
+}
