@@ -62,7 +62,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = &args.runbooks {
         cfg.exec.runbooks_dir = d.clone();
     }
+    if let Some(f) = &args.web_config_file {
+        cfg.web_config_file = Some(f.clone());
+    }
     telemetry::init("gpuops-agent", cfg.log.json, &cfg.log.level);
+    crate::web::raise_open_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(32)
@@ -75,6 +79,13 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
+    let web_config = match &cfg.web_config_file {
+        Some(f) => Some(
+            crate::web::webconfig::WebConfigSource::open(f)
+                .map_err(|e| anyhow::anyhow!("web configuration: {e}"))?,
+        ),
+        None => None,
+    };
     let events = Arc::new(KernelEvents::new());
     kmsg::spawn_watcher(cfg.roots.clone(), events.clone());
     let ctx = Arc::new(Context::new(cfg.clone(), events.clone(), true));
@@ -104,12 +115,23 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
             telemetry::track_http,
         )));
     }
+    let tls = web_config.as_ref().and_then(|w| w.tls_source());
+    if let Some(w) = &web_config {
+        let auth = crate::web::auth::BasicAuth::new(w.clone(), state.http.clone());
+        app = app.layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::web::auth::require,
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = listener.local_addr().unwrap_or(cfg.listen);
     tracing::info!(
         listen = %local,
+        tls = tls.is_some(),
+        basic_auth = web_config.as_ref().is_some_and(|w| !w.current().users.is_empty()),
+        max_connections = cfg.web.max_connections,
         exec = !cfg.exec.public_keys.is_empty(),
         node = %cfg.node_name,
         procfs = %cfg.roots.procfs.display(),
@@ -126,8 +148,8 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
     });
     spawn_watchdog(runner);
 
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+    let http = state.http.clone();
+    crate::web::serve(listener, app, cfg.web.clone(), http, tls, shutdown_signal())
         .await
         .context("http server failed")?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -195,6 +217,7 @@ pub fn collect_once(args: CollectArgs) -> anyhow::Result<ExitCode> {
 /// `gpuops check-config --agent FILE --bot FILE`.
 pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
     let mut ok = true;
+    let mut web_ok = true;
     let mut report = |kind: &str,
                       path: &PathBuf,
                       result: Result<(), crate::config::ConfigErrors>| {
@@ -213,12 +236,23 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
         }
     };
     if let Some(p) = &args.agent {
-        report("agent", p, AgentConfig::from_file(p).map(|_| ()));
+        let parsed = AgentConfig::from_file(p);
+        let web = parsed.as_ref().ok().and_then(|c| c.web_config_file.clone());
+        report("agent", p, parsed.map(|_| ()));
+        if let Some(w) = web {
+            match crate::web::webconfig::WebConfigSource::open(&w) {
+                Ok(_) => println!("{}: ok (web configuration)", w.display()),
+                Err(e) => {
+                    eprintln!("{e}");
+                    web_ok = false;
+                }
+            }
+        }
     }
     if let Some(p) = &args.bot {
         report("bot", p, BotConfig::from_file(p).map(|_| ()));
     }
-    Ok(if ok {
+    Ok(if ok && web_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

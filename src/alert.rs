@@ -374,6 +374,27 @@ pub fn suggested_runbook(hook: &Webhook) -> Option<String> {
 }
 
 /// Builds the platform-neutral message for a stored group.
+/// An alert's summary with its XID's catalogue entry appended (meaning,
+/// NVIDIA's resolution class, the action and our runbook), so the person
+/// paged at 3 AM reads what the code means without looking it up.
+fn with_xid_note(summary: Option<String>, labels: &BTreeMap<String, String>) -> Option<String> {
+    let Some(info) = labels
+        .get("xid")
+        .and_then(|x| x.trim().parse::<u32>().ok())
+        .and_then(crate::gpu::xid::lookup)
+    else {
+        return summary;
+    };
+    let note = format!(
+        "XID {}: {} ({}). {}",
+        info.code, info.title, info.nvidia_bucket, info.action
+    );
+    Some(match summary {
+        Some(s) if !s.is_empty() => format!("{s} · {note}"),
+        _ => note,
+    })
+}
+
 pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Message {
     let hook: Webhook = match serde_json::from_str(&group.state) {
         Ok(h) => h,
@@ -442,7 +463,7 @@ pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Me
                     .or_else(|| a.labels.get("uuid"))
                     .cloned(),
                 labels,
-                summary: a.annotations.get("summary").cloned(),
+                summary: with_xid_note(a.annotations.get("summary").cloned(), &a.labels),
                 generator_url: (!a.generator_url.is_empty()).then(|| a.generator_url.clone()),
             }
         })
@@ -658,6 +679,27 @@ mod tests {
             ack,
             updated_at: 0.0,
         }
+    }
+
+    #[test]
+    fn xid_alert_lines_carry_the_catalogue_entry() {
+        let mut w = Webhook::parse(payload("firing", &[("n1", "firing")]).as_bytes()).unwrap();
+        w.alerts[0].labels.insert("xid".into(), "79".into());
+        let Message::Alert(m) =
+            render_group(&record(&w, None), &Routing::default(), &Links::default())
+        else {
+            panic!("not an alert")
+        };
+        let s = m.alerts[0].summary.clone().unwrap();
+        assert!(s.starts_with("xid · XID 79: GPU has fallen off the bus (RESTART_BM). Drain the node and reboot it"), "{s}");
+        // An unknown code or none: the summary as sent.
+        w.alerts[0].labels.insert("xid".into(), "9999".into());
+        let Message::Alert(m) =
+            render_group(&record(&w, None), &Routing::default(), &Links::default())
+        else {
+            panic!("not an alert")
+        };
+        assert_eq!(m.alerts[0].summary.as_deref(), Some("xid"));
     }
 
     #[test]

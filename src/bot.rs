@@ -263,6 +263,7 @@ pub fn run(args: BotArgs) -> anyhow::Result<ExitCode> {
         cfg.log.json = f == "json";
     }
     telemetry::init("gpuops-bot", cfg.log.json, &cfg.log.level);
+    crate::web::raise_open_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(16)
@@ -329,10 +330,17 @@ pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
         state.clone(),
         crate::chat::start(chat, stop_rx.clone()).await,
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("http server failed")?;
+    let limits = cfg.server.limits.clone();
+    crate::web::serve(
+        listener,
+        app,
+        limits,
+        state.http.clone(),
+        None,
+        shutdown_signal(),
+    )
+    .await
+    .context("http server failed")?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), worker_task).await;

@@ -89,6 +89,9 @@ pub struct AgentArgs {
     /// This node's own runbook directory (steps run by /v1/exec come only from here)
     #[arg(long, value_name = "DIR")]
     pub runbooks: Option<PathBuf>,
+    /// TLS and basic auth, in Prometheus exporter-toolkit's web config format (YAML; re-read when it changes)
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
     /// Log format [default: text, or the config's log.format]
     #[arg(long, value_parser = ["text", "json"])]
     pub log_format: Option<String>,

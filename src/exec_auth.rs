@@ -94,6 +94,8 @@ pub enum ExecAuthError {
     Stale,
     #[error("nonce already used")]
     Replayed,
+    #[error("signed before this agent started (its nonce cache cannot know it)")]
+    BeforeStart,
     #[error("too many requests in the replay window")]
     CacheFull,
 }
@@ -295,6 +297,10 @@ pub struct ExecVerifier<C: Clock = SystemClock> {
     node: String,
     clock: C,
     nonces: Mutex<NonceCache>,
+    /// When this verifier (the agent) started: a request signed earlier may
+    /// have run before a restart, which emptied the nonce cache, so it is
+    /// refused.
+    started: i64,
 }
 
 #[derive(Default)]
@@ -329,11 +335,13 @@ impl<C: Clock> ExecVerifier<C> {
         node: impl Into<String>,
         clock: C,
     ) -> ExecVerifier<C> {
+        let started = clock.now_unix();
         ExecVerifier {
             keys,
             node: node.into(),
             clock,
             nonces: Mutex::new(NonceCache::default()),
+            started,
         }
     }
 
@@ -391,6 +399,9 @@ impl<C: Clock> ExecVerifier<C> {
         let now = self.clock.now_unix();
         if (now - req.timestamp).abs() > WINDOW_SECS {
             return Err(ExecAuthError::Stale);
+        }
+        if req.timestamp < self.started {
+            return Err(ExecAuthError::BeforeStart);
         }
         if req.nonce.len() < 16
             || req.nonce.len() > 64
@@ -620,6 +631,27 @@ mod tests {
         let (body, h) = s.sign(&req("n", NOW + WINDOW_SECS + 1));
         assert!(v.verify(&headers(&h), &body).is_ok());
         assert_eq!(v.nonces_remembered(), 1);
+    }
+
+    #[test]
+    fn request_signed_before_a_restart_is_refused() {
+        // The nonce cache lives in memory: a request captured before the
+        // agent restarted must not run again after it.
+        let s = ExecSigner::generate();
+        let (before, _) = verifier(&s, "n");
+        let (body, h) = s.sign(&req("n", NOW));
+        assert!(before.verify(&headers(&h), &body).is_ok());
+        let restarted = ExecVerifier::with_clock(
+            vec![s.public_key()],
+            "n",
+            Arc::new(FixedClock::new(NOW + 30)),
+        );
+        assert_eq!(
+            restarted.verify(&headers(&h), &body),
+            Err(ExecAuthError::BeforeStart)
+        );
+        let (body, h) = s.sign(&req("n", NOW + 30));
+        assert!(restarted.verify(&headers(&h), &body).is_ok());
     }
 
     #[test]

@@ -279,7 +279,8 @@ pub fn process_families() -> Vec<prometheus::proto::MetricFamily> {
 
 /// RED metrics for an HTTP server (both roles): `api_requests_total`,
 /// `api_request_duration_seconds`, `api_request_size_bytes`,
-/// `api_response_size_bytes`, `api_errors_total`.
+/// `api_response_size_bytes`, `api_errors_total`; and the connection
+/// metrics of `src/web`.
 pub struct HttpMetrics {
     registry: prometheus::Registry,
     requests: prometheus::IntCounterVec,
@@ -287,6 +288,42 @@ pub struct HttpMetrics {
     request_size: prometheus::HistogramVec,
     response_size: prometheus::HistogramVec,
     errors: prometheus::IntCounterVec,
+    /// `gpuops_http_connections_open`.
+    pub connections_open: prometheus::IntGauge,
+    /// `gpuops_http_connections_refused_total`: accepted and closed at once
+    /// because `max_connections` were open.
+    pub connections_refused: prometheus::IntCounter,
+    /// `gpuops_http_timeouts_total{timeout}`: `header`, `body` or `idle`.
+    pub timeouts: prometheus::IntCounterVec,
+    /// `gpuops_http_accept_errors_total` (e.g. out of file descriptors).
+    pub accept_errors: prometheus::IntCounter,
+}
+
+/// The `method` label: one of the standard methods, else `other`, so that
+/// made-up methods cannot add series.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// The `endpoint` label: the matched route template (a closed set, fixed
+/// when the router is built), else `unmatched`; never the raw path.
+pub fn endpoint_label(req: &axum::extract::Request) -> String {
+    req.extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string())
 }
 
 /// Buckets of `api_request_duration_seconds`.
@@ -336,12 +373,42 @@ impl HttpMetrics {
             "HTTP response body sizes (when known).",
             SIZE_BUCKETS,
         );
+        let connections_open = prometheus::IntGauge::new(
+            "gpuops_http_connections_open",
+            "HTTP connections open now (TLS handshakes included).",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let connections_refused = prometheus::IntCounter::new(
+            "gpuops_http_connections_refused_total",
+            "Connections accepted and closed at once because max_connections were open.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let timeouts = IntCounterVec::new(
+            Opts::new(
+                "gpuops_http_timeouts_total",
+                "Connections closed (header, idle) or requests answered 408 (body) because a peer was too slow, by timeout.",
+            ),
+            &["timeout"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        for t in ["header", "body", "idle"] {
+            timeouts.with_label_values(&[t]);
+        }
+        let accept_errors = prometheus::IntCounter::new(
+            "gpuops_http_accept_errors_total",
+            "Failed accept calls on the listening socket (e.g. out of file descriptors); each is followed by a short pause.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
             Box::new(duration.clone()),
             Box::new(request_size.clone()),
             Box::new(response_size.clone()),
+            Box::new(connections_open.clone()),
+            Box::new(connections_refused.clone()),
+            Box::new(timeouts.clone()),
+            Box::new(accept_errors.clone()),
         ] {
             let _ = registry.register(c);
         }
@@ -352,6 +419,10 @@ impl HttpMetrics {
             request_size,
             response_size,
             errors,
+            connections_open,
+            connections_refused,
+            timeouts,
+            accept_errors,
         }
     }
 
@@ -401,20 +472,17 @@ impl Default for HttpMetrics {
     }
 }
 
-/// Axum middleware recording [`HttpMetrics`] for every request; the route
-/// template (not the raw path) is the `endpoint` label, so cardinality stays bounded.
+/// Axum middleware recording [`HttpMetrics`] for every request; both labels
+/// come from closed sets ([`endpoint_label`], [`method_label`]), so no request
+/// can add series.
 pub async fn track_http(
     axum::extract::State(metrics): axum::extract::State<std::sync::Arc<HttpMetrics>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use http_body::Body as _;
-    let endpoint = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
-    let method = req.method().as_str().to_string();
+    let endpoint = endpoint_label(&req);
+    let method = method_label(req.method());
     let request_bytes = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -424,7 +492,7 @@ pub async fn track_http(
     let response_bytes = resp.body().size_hint().exact();
     metrics.observe(
         &endpoint,
-        &method,
+        method,
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),
         request_bytes,

@@ -152,7 +152,7 @@ async fn signatures_unsigned_stale_replayed_mis_signed_get_401() {
     );
 
     // Valid once; the very same request again is a replay, in any hex case.
-    let (body, headers) = bot_key().sign(&exec_req(NODE, "hello", &[], NOW - 200));
+    let (body, headers) = bot_key().sign(&exec_req(NODE, "hello", &[], NOW + 200));
     let (status, json) = send(&app, raw(body.clone(), &headers)).await;
     assert_eq!(status, StatusCode::OK, "{json}");
     assert_eq!(json["stdout"], "hello\n");

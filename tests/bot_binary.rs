@@ -145,7 +145,8 @@ fn check_config_reports_every_error_at_once() {
         "server.listen",
         "routing.default_tier",
         "needs a [slack] section",
-        "{instance}",
+        "agents.url_template: replaced",
+        "gpuops keygen",
         "4 errors",
     ] {
         assert!(err.contains(needle), "{needle:?} missing:\n{err}");

@@ -299,3 +299,64 @@ fn alertmanager_config_sends_resolved_with_bearer_to_the_bot() {
         .collect();
     assert_eq!(group_by, ["alertname", "instance"]);
 }
+
+/// Every PromQL query in the shipped runbooks names only series the agent
+/// exports (docs/metrics.md) or Prometheus' own `up`.
+#[test]
+fn runbook_queries_read_only_contract_series() {
+    use gpuops::runbook::{Action, RunbookSet};
+    let (set, errors) = RunbookSet::load_dir(&repo().join("runbooks"));
+    assert!(errors.0.is_empty(), "{errors}");
+    let contract = contract_metrics();
+    let mut unknown = Vec::new();
+    let mut queries = 0;
+    for rb in &set.runbooks {
+        for s in &rb.steps {
+            let Action::Promql { query } = &s.action else {
+                continue;
+            };
+            queries += 1;
+            let expr = query.source().replace("{{", "").replace("}}", "");
+            let names = series_names(&expr);
+            assert!(
+                !names.is_empty(),
+                "{}/{}: no series in {expr}",
+                rb.id,
+                s.name
+            );
+            for series in names {
+                if !contract.contains(&series) {
+                    unknown.push(format!("{}/{}: {series}", rb.id, s.name));
+                }
+            }
+        }
+    }
+    assert!(queries >= 15, "only {queries} queries");
+    assert!(
+        unknown.is_empty(),
+        "series the agent does not export: {unknown:#?}"
+    );
+}
+
+/// Every metric the XID catalogue's meanings and actions tell an operator to
+/// look at is one the agent exports.
+#[test]
+fn xid_catalogue_names_only_contract_series() {
+    let contract = contract_metrics();
+    let metric =
+        regex::Regex::new(r"\b(?:gpu|gpuops|storage|memory|cpu|oom)_[a-z0-9_]+\b").unwrap();
+    let mut named = 0;
+    let mut unknown = Vec::new();
+    for x in gpuops::gpu::xid::catalogue() {
+        for text in [x.meaning, x.action] {
+            for m in metric.find_iter(text) {
+                named += 1;
+                if !contract.contains(m.as_str()) {
+                    unknown.push(format!("xid {}: {}", x.code, m.as_str()));
+                }
+            }
+        }
+    }
+    assert!(named >= 5, "only {named} metric names in the catalogue");
+    assert!(unknown.is_empty(), "{unknown:#?}");
+}

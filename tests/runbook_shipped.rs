@@ -18,12 +18,14 @@ const IDS: &[&str] = &[
     "gpu-ecc-remap",
     "gpu-fell-off-bus",
     "gpu-nvlink",
+    "gpu-reset",
     "gpu-throttle",
     "gpu-underutilized",
     "gpu-xid",
     "memory-pressure",
     "oom-kill",
     "storage",
+    "storage-mount-stuck",
 ];
 
 /// Alert labels a real alert would carry, enough to fill every parameter.
@@ -31,6 +33,7 @@ fn sample_labels() -> BTreeMap<String, String> {
     [
         ("alertname", "GpuXidError"),
         ("instance", "gpu-node-07.dc1.example:9949"),
+        ("node", "gpu-node-07"),
         ("job", "gpuops-agent"),
         ("gpu", "3"),
         ("xid", "48"),
@@ -68,7 +71,7 @@ fn every_shipped_runbook_validates_and_plans() {
             rb.id
         );
         for s in &plan.steps {
-            if s.step.phase == Phase::Mitigate {
+            if s.step.phase == Phase::Mitigate && !is_read_only_verification(s) {
                 assert!(
                     s.step.needs_approval,
                     "{}: mitigation {} must need approval",
@@ -95,6 +98,28 @@ fn every_shipped_runbook_validates_and_plans() {
     }
 }
 
+/// A `verify-*` step in the mitigate phase (so that its failure stops the
+/// return to service) that only reads: unprivileged nvidia-smi without a
+/// reset, or DCGM diagnostics. Those need no approval.
+fn is_read_only_verification(s: &engine::PlannedStep) -> bool {
+    let Rendered::Command { argv } = &s.rendered else {
+        return false;
+    };
+    let read_only = match argv[0].as_str() {
+        "nvidia-smi" => !argv.iter().any(|a| {
+            a == "-r"
+                || a.starts_with("--gpu-reset")
+                || a.starts_with("-pm")
+                || a.starts_with("-mig")
+                || a.starts_with("-c")
+                || a.starts_with("-pl")
+        }),
+        "dcgmi" => argv.get(1).map(String::as_str) == Some("diag"),
+        _ => false,
+    };
+    s.step.name.starts_with("verify-") && s.step.target == Target::Node && read_only
+}
+
 #[test]
 fn alerts_suggest_the_right_runbooks() {
     let set = shipped();
@@ -109,8 +134,23 @@ fn alerts_suggest_the_right_runbooks() {
     check(&[("alertname", "GpuXidError"), ("xid", "13")], &["gpu-xid"]);
     check(
         &[("alertname", "GpuXidError"), ("xid", "79")],
-        &["gpu-fell-off-bus", "gpu-xid"],
+        &["gpu-fell-off-bus"],
     );
+    check(&[("alertname", "GPUXIDError"), ("xid", "63")], &["gpu-xid"]);
+    check(
+        &[("alertname", "GPUCriticalXID"), ("xid", "119")],
+        &["gpu-reset"],
+    );
+    check(
+        &[("alertname", "GPUXIDMemoryError"), ("xid", "48")],
+        &["gpu-ecc-remap"],
+    );
+    check(
+        &[("alertname", "GPUXIDNVLinkError"), ("xid", "145")],
+        &["gpu-nvlink"],
+    );
+    // An XID alert without its code: investigation only.
+    check(&[("alertname", "GPUCriticalXID")], &["gpu-xid"]);
     check(&[("alertname", "GpuFellOffBus")], &["gpu-fell-off-bus"]);
     check(&[("alertname", "OomKill")], &["oom-kill"]);
     check(
@@ -119,6 +159,11 @@ fn alerts_suggest_the_right_runbooks() {
     );
     check(&[("alertname", "TargetDown"), ("job", "node")], &[]);
     check(&[("alertname", "StorageReadOnly")], &["storage"]);
+    check(&[("alertname", "StorageFull")], &["storage"]);
+    check(
+        &[("alertname", "StorageMountStuck")],
+        &["storage-mount-stuck"],
+    );
     check(&[("alertname", "SomethingElse")], &[]);
 }
 
@@ -193,7 +238,7 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "runbooks: 11 runbooks ok, 94 steps\n"
+        "runbooks: 13 runbooks ok, 147 steps\n"
     );
 
     let out = Command::new(bin)
@@ -203,7 +248,10 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.lines().count(), IDS.len());
-    assert!(text.contains("gpu-xid            GPU XID error  [{alertname=~"));
+    assert!(
+        text.contains("gpu-xid              GPU XID error, no GPU action (application, informational)  [{alertname=~"),
+        "{text}"
+    );
 
     let set = shipped();
     for id in IDS {
@@ -247,6 +295,8 @@ fn dry_run_shows_rendered_argv() {
             "gpu=5",
             "-p",
             "instance=gpu-node-07.dc1:9949",
+            "-p",
+            "node=gpu-node-07",
         ])
         .output()
         .unwrap();
@@ -258,24 +308,46 @@ fn dry_run_shows_rendered_argv() {
           gpu=5
           instance=gpu-node-07.dc1:9949
           node=gpu-node-07
-        [1/9] investigate ecc-state (node command, 30s)
+        [1/20] investigate ecc-state (node command, 30s)
             nvidia-smi -q -d ECC,PAGE_RETIREMENT,ROW_REMAPPER -i 5
-        [2/9] investigate remap-counters (node command, 30s)
+        [2/20] investigate remap-counters (node command, 30s)
             nvidia-smi --query-remapped-rows=gpu_bus_id,remapped_rows.correctable,remapped_rows.uncorrectable,remapped_rows.pending,remapped_rows.failure --format=csv -i 5
-        [3/9] investigate kernel-log (node command, 30s)
-            journalctl -k --since -24h --no-pager --grep 'NVRM: Xid.*: (48|63|64|92|94|95),'
-        [4/9] investigate ecc-trend (bot promql, 15s)
+        [3/20] investigate kernel-log (node command, 30s)
+            journalctl -k --since -24h --no-pager --grep 'NVRM: Xid.*: (48|63|64|92|94|95|140),'
+        [4/20] investigate ecc-trend (bot promql, 15s)
             promql: gpu_remapped_rows{instance="gpu-node-07.dc1:9949"} > 0 or increase(gpu_ecc_errors_total{instance="gpu-node-07.dc1:9949",type="uncorrected"}[24h]) > 0
-        [5/9] investigate gpu-processes (node command, 30s)
-            nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv -i 5
-        [6/9] mitigate drain-slurm (node command, 30s, needs approval)
+        [5/20] investigate mig-and-persistence (node command, 30s)
+            nvidia-smi --query-gpu=index,pci.bus_id,mig.mode.current,persistence_mode --format=csv -i 5
+        [6/20] investigate fabric-manager (node command, 15s)
+            systemctl is-active nvidia-fabricmanager
+        [7/20] mitigate drain-slurm (node command, 30s, needs approval)
             sudo -n scontrol update nodename=gpu-node-07 state=drain 'reason=gpuops: manual'
-        [7/9] mitigate cordon-kubernetes (bot command, 30s, needs approval)
+        [8/20] mitigate cordon-kubernetes (bot command, 30s, needs approval)
             kubectl --kubeconfig /etc/gpuops/kubeconfig cordon gpu-node-07
-        [8/9] mitigate gpu-reset (node command, 2m, needs approval)
+        [9/20] mitigate drain-kubernetes (bot command, 11m, needs approval)
+            kubectl --kubeconfig /etc/gpuops/kubeconfig drain gpu-node-07 --ignore-daemonsets --delete-emptydir-data --timeout=10m
+        [10/20] investigate gpu-processes (node command, 30s)
+            nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv -i 5
+        [11/20] investigate holders (node command, 30s, needs approval)
+            sudo -n fuser -v /dev/nvidia5 /dev/nvidiactl
+        [12/20] mitigate stop-nvml-monitors (node command, 1m, needs approval)
+            sudo -n systemctl stop 'nvidia-dcgm*' 'dcgm*'
+        [13/20] mitigate gpu-reset (node command, 2m, needs approval)
             sudo -n nvidia-smi -r -i 5
-        [9/9] escalate escalate (bot command, 5s)
-            echo 'If GPU 5 on gpu-node-07 shows remapped_rows.failure > 0, uncorrectable remaps that keep growing after a reset, or XID 48/94/95 again within a week: keep the node drained and file an RMA with the vendor (attach nvidia-bug-report). Page the hardware on-call only if several GPUs or nodes are affected at once; otherwise a ticket within one business day.'
+        [14/20] mitigate verify-gpu (node command, 1m)
+            nvidia-smi -q -d ECC,ROW_REMAPPER -i 5
+        [15/20] mitigate start-nvml-monitors (node command, 1m, needs approval)
+            sudo -n systemctl start 'nvidia-dcgm*' 'dcgm*'
+        [16/20] mitigate verify-dcgm (node command, 15m)
+            dcgmi diag -r 2
+        [17/20] mitigate resume-slurm (node command, 30s, needs approval)
+            sudo -n scontrol update nodename=gpu-node-07 state=resume
+        [18/20] mitigate uncordon-kubernetes (bot command, 30s, needs approval)
+            kubectl --kubeconfig /etc/gpuops/kubeconfig uncordon gpu-node-07
+        [19/20] escalate escalate (bot command, 5s)
+            echo 'If GPU 5 on gpu-node-07 shows remapped_rows.failure > 0, uncorrectable remaps that keep growing after a reset, DCGM diag failing, or XID 48/95 again within a week: keep the node drained and file an RMA with the vendor (attach nvidia-bug-report, step bug-report). Page the hardware on-call only if several GPUs or nodes are affected at once; otherwise a ticket within one business day.'
+        [20/20] escalate bug-report (node command, 10m, needs approval)
+            sudo -n nvidia-bug-report.sh --output-file /var/tmp/gpuops-nvidia-bug-report.log
         dry run: nothing was run
     "#]]
     .assert_eq(&stdout);
@@ -433,8 +505,12 @@ fn shipped_alert_rules_suggest_their_annotated_runbook() {
                 ]);
             }
             if expr.contains("gpu_xid_errors_total") {
-                add(&[("xid", "48")]);
+                // A code the rule selects (its xid matcher, or any for `!~`).
+                let code = xid_code_for(expr);
+                add(&[("xid", code.as_str())]);
             }
+            // The bot adds the node's real name from its agent inventory.
+            add(&[("node", "gpu-node-07")]);
             if expr.contains("storage_") && !expr.contains("storage_errors_total") {
                 add(&[
                     ("mountpoint", "/scratch"),
@@ -457,4 +533,303 @@ fn shipped_alert_rules_suggest_their_annotated_runbook() {
         }
     }
     assert!(checked >= 20, "only {checked} alerts checked");
+}
+
+/// A catalogued XID code that `expr`'s xid matcher selects.
+fn xid_code_for(expr: &str) -> String {
+    let m = regex::Regex::new(r#"xid(=~|!~|=)"([^"]*)""#).unwrap();
+    let c = m.captures(expr).expect("xid matcher");
+    let re = regex::Regex::new(&format!("^(?:{})$", &c[2])).unwrap();
+    let negated = &c[1] == "!~";
+    gpuops::gpu::xid::catalogue()
+        .iter()
+        .map(|x| x.code.to_string())
+        .find(|code| re.is_match(code) != negated)
+        .expect("a catalogued code for the rule")
+}
+
+/// The sudoers allowlist as (program path, anchored regex over the
+/// space-joined arguments), from its `Cmnd_Alias` lines.
+fn sudoers_rules() -> Vec<(String, regex::Regex, String)> {
+    let text = std::fs::read_to_string("packaging/privileged/sudoers").unwrap();
+    // Join continuation lines, drop comments.
+    let mut joined = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || line.is_empty() {
+            joined.push('\n');
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(l) => {
+                joined.push_str(l);
+                joined.push(' ');
+            }
+            None => {
+                joined.push_str(line);
+                joined.push('\n');
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for line in joined.lines().filter(|l| l.starts_with("Cmnd_Alias ")) {
+        let (_, specs) = line.split_once('=').expect("Cmnd_Alias NAME = ...");
+        // Commands are separated by unescaped commas.
+        let mut cmds = Vec::new();
+        let mut cur = String::new();
+        let mut chars = specs.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                if let Some(n) = chars.next() {
+                    cur.push('\\');
+                    cur.push(n);
+                }
+            } else if c == ',' {
+                cmds.push(std::mem::take(&mut cur));
+            } else {
+                cur.push(c);
+            }
+        }
+        cmds.push(cur);
+        for cmd in cmds {
+            let cmd = cmd.trim();
+            let (path, args) = cmd.split_once(' ').unwrap_or((cmd, ""));
+            let args = args
+                .trim()
+                .replace("\\,", ",")
+                .replace("\\=", "=")
+                .replace("\\:", ":");
+            assert!(
+                args.starts_with('^') && args.ends_with('$'),
+                "sudoers: {cmd}: arguments must be an anchored regex"
+            );
+            let re = regex::Regex::new(&args).unwrap_or_else(|e| panic!("{cmd}: {e}"));
+            out.push((path.to_string(), re, cmd.to_string()));
+        }
+    }
+    assert!(out.len() >= 6, "{out:?}");
+    out
+}
+
+/// Sample values for the README's `<param>` placeholders: every value a
+/// parameter's pattern allows where it is a closed set, else typical ones.
+fn sample_values(param: &str) -> Vec<&'static str> {
+    match param {
+        "node" => vec!["gpu-node-07", "n1"],
+        "alertname" => vec!["GPUCriticalXID", "manual"],
+        "mountpoint" => vec!["/scratch", "/"],
+        "gpu" => vec!["0", "3", "12"],
+        "unit" => vec![
+            "nvidia-fabricmanager",
+            "nvidia-persistenced",
+            "nvidia-dcgm",
+            "dcgm",
+        ],
+        other => panic!("no sample values for <{other}>"),
+    }
+}
+
+/// Every instance of a README shape, with its placeholders filled.
+fn instances(shape: &str) -> Vec<String> {
+    let ph = regex::Regex::new(r"<([a-z_]+)>").unwrap();
+    let mut out = vec![shape.to_string()];
+    while let Some(c) = ph.captures(&out[0].clone()) {
+        let (whole, name) = (c[0].to_string(), c[1].to_string());
+        out = out
+            .iter()
+            .flat_map(|s| {
+                sample_values(&name)
+                    .into_iter()
+                    .map(|v| s.replacen(&whole, v, 1))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+    }
+    out
+}
+
+/// The sudoers rules allowing `line` (`sudo -n PROGRAM ARGS...`).
+fn allowing<'a>(
+    rules: &'a [(String, regex::Regex, String)],
+    line: &str,
+) -> Vec<&'a (String, regex::Regex, String)> {
+    let rest = line.strip_prefix("sudo -n ").expect("sudo -n");
+    let (prog, args) = rest.split_once(' ').unwrap_or((rest, ""));
+    rules
+        .iter()
+        .filter(|(path, re, _)| path.rsplit('/').next() == Some(prog) && re.is_match(args))
+        .collect()
+}
+
+#[test]
+fn sudoers_allows_exactly_the_privileged_argv_the_runbooks_use() {
+    let rules = sudoers_rules();
+    let shapes = readme_shapes();
+    let mut used = std::collections::BTreeSet::new();
+    for shape in &shapes {
+        for line in instances(shape) {
+            let ok = allowing(&rules, &line);
+            assert!(
+                !ok.is_empty(),
+                "packaging/privileged/sudoers does not allow `{line}` (runbooks/README.md: {shape})"
+            );
+            used.extend(ok.iter().map(|r| r.2.clone()));
+            // One more argument is never allowed.
+            assert!(
+                allowing(&rules, &format!("{line} --extra")).is_empty(),
+                "sudoers allows `{line} --extra`"
+            );
+        }
+    }
+    for (_, _, cmd) in &rules {
+        assert!(
+            used.contains(cmd),
+            "packaging/privileged/sudoers allows `{cmd}` but no shipped runbook runs it"
+        );
+    }
+    // What the runbooks must never get as root.
+    for line in [
+        "sudo -n nvidia-smi --gpu-reset -i 3",
+        "sudo -n systemctl stop gpuops-agent",
+        "sudo -n systemctl restart ssh",
+        "sudo -n scontrol update nodename=n1 state=down reason=x",
+        "sudo -n fuser -k /dev/nvidia3",
+    ] {
+        assert!(allowing(&rules, line).is_empty(), "sudoers allows `{line}`");
+    }
+}
+
+/// Every `gpuops runbook ...` example in README.md (its ```sh blocks) runs
+/// with the real binary and succeeds; `run` examples are dry runs.
+#[test]
+fn readme_runbook_examples_run() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let mut examples = Vec::new();
+    let mut in_block = false;
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        let line = line.split(" #").next().unwrap_or("").trim();
+        // The command synopsis (`check DIR | list [--dir DIR] | ...`) is not an example.
+        if in_block && line.starts_with("gpuops runbook ") && !line.contains(" | ") {
+            examples.push(line.to_string());
+        }
+    }
+    assert!(examples.len() >= 3, "{examples:?}");
+    assert!(examples
+        .iter()
+        .any(|e| e.starts_with("gpuops runbook run ")));
+    for example in &examples {
+        let args: Vec<&str> = example.split_whitespace().skip(1).collect();
+        if args[1] == "run" {
+            assert!(
+                args.contains(&"--dry-run"),
+                "README example `{example}` runs steps for real; make it a dry run"
+            );
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+            .args(&args)
+            .env_remove("GPUOPS_PROMETHEUS_URL")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "README example `{example}` failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// On a node, `runbook run` without `-p node=` acts on this host.
+#[test]
+fn run_on_a_node_takes_node_from_the_host_name() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args([
+            "runbook",
+            "run",
+            "gpu-reset",
+            "--dir",
+            "runbooks",
+            "--dry-run",
+            "-p",
+            "gpu=1",
+            "-p",
+            "instance=10.0.0.7:9949",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let host = gpuops::runbook::cli::local_node_name().expect("this host has a name");
+    assert!(
+        stdout.contains(&format!("  node={host} (this host)\n")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("scontrol update nodename={host} state=drain")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("nodename=10"), "{stdout}");
+}
+
+/// `nvidia-smi -q -d TYPES` names only display types nvidia-smi knows
+/// (`nvidia-smi -h`, R470 and later): `-d FABRIC`, say, is an error there.
+#[test]
+fn nvidia_smi_display_types_exist() {
+    const TYPES: &[&str] = &[
+        "MEMORY",
+        "UTILIZATION",
+        "ECC",
+        "TEMPERATURE",
+        "POWER",
+        "CLOCK",
+        "COMPUTE",
+        "PIDS",
+        "PERFORMANCE",
+        "SUPPORTED_CLOCKS",
+        "PAGE_RETIREMENT",
+        "ACCOUNTING",
+        "ENCODER_STATS",
+        "SUPPORTED_GPU_TARGET_TEMP",
+        "VOLTAGE",
+        "FBC_STATS",
+        "ROW_REMAPPER",
+        "RESET_STATUS",
+        "GSP_FIRMWARE_VERSION",
+    ];
+    let mut checked = 0;
+    for rb in &shipped().runbooks {
+        for s in &rb.steps {
+            let Action::Command { argv } = &s.action else {
+                continue;
+            };
+            let words: Vec<String> = argv.iter().map(|t| t.source()).collect();
+            if !words.iter().any(|w| w == "nvidia-smi") {
+                continue;
+            }
+            for (i, w) in words.iter().enumerate() {
+                if w == "-d" || w == "--display" {
+                    let list = words.get(i + 1).expect("-d needs a value");
+                    for t in list.split(',') {
+                        assert!(
+                            TYPES.contains(&t),
+                            "{}/{}: nvidia-smi has no display type {t}",
+                            rb.id,
+                            s.name
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked >= 5, "only {checked} display types");
 }

@@ -401,6 +401,10 @@ pub struct ChatState {
     /// The bot's agent inventory: node steps only for alerts whose instance
     /// it knows, and the node's real name for `{{node}}`.
     pub agents: Option<Arc<dyn AgentDirectory>>,
+    /// For `/v1/events` on agents: `[agents]` TLS trust, client certificate
+    /// and basic auth.
+    agents_http: reqwest::Client,
+    agents_auth: Option<(String, crate::config::Secret)>,
 }
 
 impl ChatState {
@@ -413,11 +417,23 @@ impl ChatState {
             crate::inventory::Inventory::from_config(cfg).map(crate::inventory::directory);
         let key = cfg.agents.as_ref().and_then(|a| a.signing_key.clone());
         let executor: Arc<dyn StepExecutor> = match (&inventory, key) {
-            (Some(inv), Some(key)) => Arc::new(Executor::new(
-                Arc::new(ProcessRunner),
-                NodeSteps::Agent(crate::runbook::engine::AgentClient::new(inv.clone(), key)),
-                prometheus,
-            )),
+            (Some(inv), Some(key)) => {
+                let transport = cfg
+                    .agents
+                    .as_ref()
+                    .map(|a| a.transport.clone())
+                    .unwrap_or_default();
+                let node = match crate::runbook::engine::AgentClient::new(inv.clone(), key)
+                    .with_transport(&transport)
+                {
+                    Ok(c) => NodeSteps::Agent(c),
+                    Err(e) => {
+                        tracing::error!(error = %e, "node steps cannot run from chat");
+                        NodeSteps::Unavailable(e)
+                    }
+                };
+                Arc::new(Executor::new(Arc::new(ProcessRunner), node, prometheus))
+            }
             _ => {
                 if cfg.agents.is_some() {
                     tracing::warn!(
@@ -461,6 +477,17 @@ impl ChatState {
             .as_ref()
             .map(|a| alertmanager::Client::new(&a.url));
         let runbooks_dir = bot.config.runbooks.dir.clone();
+        let transport = bot
+            .config
+            .agents
+            .as_ref()
+            .map(|a| a.transport.clone())
+            .unwrap_or_default();
+        let agents_http =
+            crate::runbook::engine::agent_http_client(&transport).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "agents' HTTP client; using the defaults");
+                reqwest::Client::new()
+            });
         if let Err(e) = approvals::create_table(&bot.store) {
             tracing::error!(error = %e, "cannot create the chat_runs table; runs will fail");
         }
@@ -477,6 +504,8 @@ impl ChatState {
                 .unwrap_or_else(|_| reqwest::Client::new()),
             runbooks_dir,
             agents: None,
+            agents_http,
+            agents_auth: transport.basic_auth.clone(),
         })
     }
 
@@ -1172,7 +1201,11 @@ async fn node_events(chat: &ChatState, instance: &str) -> Option<String> {
     };
     let url = format!("{}/v1/events?since=3600", agent.url.trim_end_matches('/'));
     let got = tokio::time::timeout(INLINE_DEADLINE, async {
-        let r = chat.http.get(&url).send().await.ok()?;
+        let mut req = chat.agents_http.get(&url);
+        if let Some((user, password)) = &chat.agents_auth {
+            req = req.basic_auth(user, Some(password.expose()));
+        }
+        let r = req.send().await.ok()?;
         if !r.status().is_success() {
             return None;
         }

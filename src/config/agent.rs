@@ -9,7 +9,8 @@ use std::time::Duration;
 use regex::Regex;
 
 use crate::config::{
-    anchored_regex, positive_secs, read_file, read_log_section, ConfigErrors, Reader,
+    anchored_regex, positive_secs, read_file, read_log_section, read_web_limits, ConfigErrors,
+    Reader, WebLimits,
 };
 use crate::exec_auth::ExecPublicKey;
 use crate::host::HostRoots;
@@ -44,6 +45,10 @@ pub struct AgentConfig {
     /// This node's identity: signed exec requests must name it. Defaults to
     /// the host name up to the first dot.
     pub node_name: String,
+    /// `[web]`: connection cap and timeouts of the HTTP server.
+    pub web: WebLimits,
+    /// TLS and basic auth in exporter-toolkit's format (`--web.config.file`).
+    pub web_config_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +205,8 @@ impl Default for AgentConfig {
                 runbooks_dir: PathBuf::from("/usr/share/gpuops/runbooks"),
                 output_cap_bytes: 64 * 1024,
             },
+            web: WebLimits::default(),
+            web_config_file: None,
         }
     }
 }
@@ -223,8 +230,17 @@ impl AgentConfig {
             c.listen = v;
         }
 
+        if let Some(v) = r.get_with(&mut root, "web_config_file", non_empty_path) {
+            c.web_config_file = Some(v);
+        }
+
         if let Some(s) = r.table(&mut root, "log") {
             c.log = read_log_section(&mut r, s);
+        }
+
+        if let Some(mut s) = r.table(&mut root, "web") {
+            read_web_limits(&mut r, &mut s, &mut c.web);
+            r.finish(s);
         }
 
         if let Some(mut s) = r.table(&mut root, "paths") {

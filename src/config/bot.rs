@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use crate::config::agent::LogConfig;
 use crate::config::{
-    anchored_regex, positive_secs, read_file, read_log_section, read_secret, ConfigErrors, Reader,
-    Secret, Section,
+    anchored_regex, positive_secs, read_file, read_log_section, read_secret, read_web_limits,
+    ConfigErrors, Reader, Secret, Section, WebLimits,
 };
 use crate::routing::{default_severity_map, Destination, Routing, Tier};
 
@@ -52,6 +52,8 @@ pub struct ServerConfig {
     /// (refused by default: anyone who reaches it could post alerts).
     pub allow_unauthenticated_webhooks: bool,
     pub max_body_bytes: usize,
+    /// Connection cap and timeouts of the HTTP server.
+    pub limits: WebLimits,
 }
 
 impl ServerConfig {
@@ -147,6 +149,23 @@ pub struct AgentsConfig {
     pub node_label: String,
     /// How often discovered targets are re-read.
     pub refresh: Duration,
+    /// How the bot connects to agents that serve TLS or ask for credentials
+    /// (an agent's `--web.config.file`).
+    pub transport: AgentTransport,
+}
+
+/// TLS trust, client certificate and basic auth for the bot's requests to
+/// agents (`/v1/exec`, `/v1/events`).
+#[derive(Debug, Clone, Default)]
+pub struct AgentTransport {
+    /// PEM CA certificate(s) that sign the agents' server certificates
+    /// (`ca_file`); the system roots otherwise.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key, concatenated (`client_cert_file`,
+    /// `client_key_file`), for agents that require client certificates.
+    pub identity_pem: Option<Secret>,
+    /// `basic_auth_username` and `basic_auth_password(_file)`.
+    pub basic_auth: Option<(String, Secret)>,
 }
 
 /// One `[[agents.nodes]]` entry.
@@ -207,6 +226,7 @@ impl Default for BotConfig {
                 webhook_token: None,
                 allow_unauthenticated_webhooks: false,
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+                limits: WebLimits::default(),
             },
             store: StoreConfig {
                 path: default_store_path(),
@@ -275,6 +295,7 @@ impl BotConfig {
             if let Some(why) = c.server.unauthenticated_public_listener() {
                 r.error(&s, "listen", why);
             }
+            read_web_limits(&mut r, &mut s, &mut c.server.limits);
             r.finish(s);
         }
 
@@ -527,7 +548,76 @@ impl BotConfig {
                 prometheus_job: None,
                 node_label: "node".into(),
                 refresh: Duration::from_secs(60),
+                transport: AgentTransport::default(),
             };
+            if let Some(path) = r.get::<PathBuf>(&mut s, "ca_file") {
+                match std::fs::read(&path) {
+                    Ok(pem)
+                        if reqwest::Certificate::from_pem_bundle(&pem)
+                            .is_ok_and(|c| !c.is_empty()) =>
+                    {
+                        a.transport.ca_pem = Some(pem)
+                    }
+                    Ok(_) => r.error(
+                        &s,
+                        "ca_file",
+                        format!("{} holds no PEM certificate", path.display()),
+                    ),
+                    Err(e) => r.error(
+                        &s,
+                        "ca_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    ),
+                }
+            }
+            let cert: Option<PathBuf> = r.get(&mut s, "client_cert_file");
+            let key: Option<PathBuf> = r.get(&mut s, "client_key_file");
+            match (cert, key) {
+                (Some(cert), Some(key)) => {
+                    let c = std::fs::read_to_string(&cert);
+                    let k = crate::config::load_secret_file(&key);
+                    match (c, k) {
+                        (Ok(c), Ok(k)) => {
+                            let pem = format!("{}\n{}\n", k.expose(), c);
+                            if reqwest::Identity::from_pem(pem.as_bytes()).is_ok() {
+                                a.transport.identity_pem = Some(Secret::new(pem));
+                            } else {
+                                r.error(
+                                    &s,
+                                    "client_cert_file",
+                                    "not a PEM certificate and key pair",
+                                );
+                            }
+                        }
+                        (Err(e), _) => r.error(
+                            &s,
+                            "client_cert_file",
+                            format!("cannot read {}: {e}", cert.display()),
+                        ),
+                        (_, Err(e)) => r.error(&s, "client_key_file", e),
+                    }
+                }
+                (None, None) => {}
+                (Some(_), None) => r.error(&s, "client_cert_file", "needs client_key_file too"),
+                (None, Some(_)) => r.error(&s, "client_key_file", "needs client_cert_file too"),
+            }
+            let user: Option<String> = r.get(&mut s, "basic_auth_username");
+            let password = read_secret(
+                &mut r,
+                &mut s,
+                "basic_auth_password",
+                "basic_auth_password_file",
+            );
+            match (user, password) {
+                (Some(u), Some(p)) => a.transport.basic_auth = Some((u, p)),
+                (None, None) => {}
+                (Some(_), None) => r.error(
+                    &s,
+                    "basic_auth_username",
+                    "needs basic_auth_password or basic_auth_password_file",
+                ),
+                (None, Some(_)) => r.error(&s, "basic_auth_password", "needs basic_auth_username"),
+            }
             if let Some(path) = r.get::<PathBuf>(&mut s, "signing_key_file") {
                 match crate::exec_auth::ExecSigner::from_file(&path) {
                     Ok(k) => a.signing_key = Some(std::sync::Arc::new(k)),

@@ -435,3 +435,57 @@ pub fn anchored_regex(pattern: String) -> Result<regex::Regex, String> {
         format!("invalid regex {pattern:?}: {reason}")
     })
 }
+
+/// Limits of an HTTP server (both roles; see `src/web`). The defaults keep a
+/// scraper or AlertManager on a slow network well inside them while an idle
+/// or trickling peer is dropped long before it can pile up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebLimits {
+    /// Connections open at once; beyond it a new one is accepted and closed
+    /// at once (`gpuops_http_connections_refused_total`).
+    pub max_connections: usize,
+    /// From accept (or the first byte after an idle keep-alive wait) to the
+    /// end of the request head, TLS handshake included.
+    pub header_timeout: std::time::Duration,
+    /// From the end of the head to the end of the request body; a body still
+    /// trickling then is cut off with 408.
+    pub body_timeout: std::time::Duration,
+    /// A keep-alive connection with no request and no bytes moving is closed
+    /// after this long.
+    pub idle_timeout: std::time::Duration,
+}
+
+impl Default for WebLimits {
+    fn default() -> Self {
+        WebLimits {
+            max_connections: 4096,
+            header_timeout: std::time::Duration::from_secs(10),
+            body_timeout: std::time::Duration::from_secs(30),
+            idle_timeout: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// Reads the server limit keys (`max_connections`, `header_timeout_secs`,
+/// `body_timeout_secs`, `idle_timeout_secs`) of `s` into `limits`; the
+/// caller reads the section's other keys and calls [`Reader::finish`].
+pub fn read_web_limits<'i>(r: &mut Reader<'i>, s: &mut Section<'i>, limits: &mut WebLimits) {
+    if let Some(v) = r.get_with(s, "max_connections", |n: i64| {
+        if (16..=1_000_000).contains(&n) {
+            Ok(n as usize)
+        } else {
+            Err(format!("must be between 16 and 1000000, got {n}"))
+        }
+    }) {
+        limits.max_connections = v;
+    }
+    for (key, slot) in [
+        ("header_timeout_secs", &mut limits.header_timeout),
+        ("body_timeout_secs", &mut limits.body_timeout),
+        ("idle_timeout_secs", &mut limits.idle_timeout),
+    ] {
+        if let Some(v) = r.get_with(s, key, positive_secs) {
+            *slot = v;
+        }
+    }
+}

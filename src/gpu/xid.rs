@@ -1,4 +1,5 @@
-//! NVIDIA XID errors: the catalogue (meaning, severity and recommended action
+//! NVIDIA XID errors: the catalogue (meaning, severity, resolution class after
+//! NVIDIA's Xid Catalog, recommended action
 //! in our own words) and the kernel-log parser for `NVRM: Xid (...)` lines.
 //!
 //! [`lookup`] is what `/v1/events`, the metrics and the runbooks use to
@@ -10,16 +11,18 @@ use serde::Serialize;
 use crate::collector::kmsg::{EventKind, XidSource};
 use crate::gpu::normalize_pci_bus_id;
 
-/// How urgently an XID needs a person.
+/// How urgently an XID needs a person. Follows the resolution class: a GPU
+/// or node that must be reset or rebooted is critical, an application that
+/// must restart is a warning, no action is info (`tests/runbook_xid.rs`).
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum XidSeverity {
-    /// The GPU (or node) needs action now: drain, reset, replace. Counted in
+    /// The GPU (or node) needs action now: drain, reset, reboot. Counted in
     /// `gpu_errors_total{type="xid_critical"}`.
     Critical,
-    /// Usually one job failed or the GPU needs attention soon.
+    /// Usually one job failed; the GPU is fine or needs attention later.
     Warning,
-    /// Informational: a consequence of another error or of a killed process.
+    /// Informational: no action, or a consequence of another XID.
     Info,
 }
 
@@ -33,6 +36,67 @@ impl XidSeverity {
     }
 }
 
+/// What recovers the system, after the "Resolution Bucket (Immediate
+/// Action)" of NVIDIA's Xid Catalog (XID errors document, r555 and later).
+/// The catalogue's own bucket name is kept verbatim in
+/// [`XidInfo::nvidia_bucket`]; workflow buckets (`WORKFLOW_XID_48`,
+/// `WORKFLOW_NVLINK_ERR`, `XID_154`, ...) map to the class their workflow
+/// resolves to for a data-center node.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub enum XidResolution {
+    /// `IGNORE`: no action; the GPU keeps working.
+    #[serde(rename = "IGNORE")]
+    Ignore,
+    /// `RESTART_APP`: the application that hit it restarts; the GPU is fine.
+    #[serde(rename = "RESTART_APP")]
+    RestartApp,
+    /// `CONTACT_SUPPORT`: not expected on current GPUs; collect a bug report.
+    #[serde(rename = "CONTACT_SUPPORT")]
+    ContactSupport,
+    /// `RESET_GPU`: drain, reset the GPU, verify, return it to service.
+    #[serde(rename = "RESET_GPU")]
+    ResetGpu,
+    /// `WORKFLOW_NVLINK_ERR` / `WORKFLOW_NVLINK5_ERR`: decode the NVLink
+    /// error; fatal ones need the GPUs reset (and the fabric checked).
+    #[serde(rename = "CHECK_NVLINK")]
+    CheckNvlink,
+    /// `RESTART_BM`: reboot (power-cycle) the node; a GPU reset cannot
+    /// reach the GPU.
+    #[serde(rename = "RESTART_BM")]
+    RestartBm,
+}
+
+impl XidResolution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XidResolution::Ignore => "IGNORE",
+            XidResolution::RestartApp => "RESTART_APP",
+            XidResolution::ContactSupport => "CONTACT_SUPPORT",
+            XidResolution::ResetGpu => "RESET_GPU",
+            XidResolution::CheckNvlink => "CHECK_NVLINK",
+            XidResolution::RestartBm => "RESTART_BM",
+        }
+    }
+
+    /// The severity this class implies.
+    pub fn severity(self) -> XidSeverity {
+        match self {
+            XidResolution::Ignore => XidSeverity::Info,
+            XidResolution::RestartApp | XidResolution::ContactSupport => XidSeverity::Warning,
+            XidResolution::ResetGpu | XidResolution::CheckNvlink | XidResolution::RestartBm => {
+                XidSeverity::Critical
+            }
+        }
+    }
+
+    /// Whether an operator may act on the GPU or node (drain, reset, reboot)
+    /// for this class. Classes without it are answered by a runbook with no
+    /// mitigation step.
+    pub fn needs_gpu_action(self) -> bool {
+        self.severity() == XidSeverity::Critical
+    }
+}
+
 /// One catalogue entry.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct XidInfo {
@@ -42,10 +106,16 @@ pub struct XidInfo {
     /// What the driver is telling you.
     pub meaning: &'static str,
     pub severity: XidSeverity,
+    /// Our resolution class (from NVIDIA's immediate-action bucket).
+    pub resolution: XidResolution,
+    /// NVIDIA's "Resolution Bucket (Immediate Action)" for the code, verbatim.
+    pub nvidia_bucket: &'static str,
     /// What an operator should do.
     pub action: &'static str,
     /// The runbook id that answers it (`runbooks/<id>.yaml`).
     pub runbook: &'static str,
+    /// Where the entry comes from (document and section).
+    pub source: &'static str,
 }
 
 /// The catalogue entry for `code`, if we have one.
@@ -67,17 +137,24 @@ pub fn catalogue() -> &'static [XidInfo] {
 /// `xid-catalogue` markers; `tests/gpu_docs.rs` checks they match).
 pub fn catalogue_markdown() -> String {
     let mut out = String::from(
-        "| XID | What | Severity | Meaning | Recommended action | Runbook |\n|---|---|---|---|---|---|\n",
+        "| XID | What | Severity | Class (NVIDIA bucket) | Meaning | Recommended action | Runbook | Source |\n|---|---|---|---|---|---|---|---|\n",
     );
     for x in CATALOGUE {
+        let class = if x.nvidia_bucket == x.resolution.as_str() {
+            format!("`{}`", x.nvidia_bucket)
+        } else {
+            format!("`{}` (`{}`)", x.resolution.as_str(), x.nvidia_bucket)
+        };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | `{}` |\n",
+            "| {} | {} | {} | {} | {} | {} | `{}` | {} |\n",
             x.code,
             x.title,
             x.severity.as_str(),
+            class,
             x.meaning,
             x.action,
-            x.runbook
+            x.runbook,
+            x.source
         ));
     }
     out
@@ -137,209 +214,412 @@ pub fn event(
 }
 
 const GPU_XID: &str = "gpu-xid";
+const GPU_RESET: &str = "gpu-reset";
 const ECC: &str = "gpu-ecc-remap";
+const NVLINK: &str = "gpu-nvlink";
+const FELL_OFF_BUS: &str = "gpu-fell-off-bus";
+
+/// The document every entry was checked against.
+const CATALOG: &str = "NVIDIA Xid Catalog (XID Errors, r555+), sheet Xids";
+const CATALOG_48: &str =
+    "NVIDIA Xid Catalog, sheet Xids; Fault Resolution Buckets: WORKFLOW_XID_48";
+const CATALOG_13: &str =
+    "NVIDIA Xid Catalog, sheet Xids; Fault Resolution Buckets: WORKFLOW_XID_13";
+const CATALOG_31: &str =
+    "NVIDIA Xid Catalog, sheet Xids; Fault Resolution Buckets: WORKFLOW_XID_31";
+const CATALOG_45: &str =
+    "NVIDIA Xid Catalog, sheet Xids; Fault Resolution Buckets: WORKFLOW_XID_45";
+const CATALOG_74: &str = "NVIDIA Xid Catalog, sheet Xids (trigger conditions); Fault Resolution Buckets: WORKFLOW_NVLINK_ERR";
+const CATALOG_NVL5: &str = "NVIDIA Xid Catalog, sheet Xids; sheet XID 144-150 Decode";
+const CATALOG_ECC: &str = "NVIDIA Xid Catalog, sheet Xids (trigger conditions 94/95)";
+const CATALOG_REMAP: &str =
+    "NVIDIA Xid Catalog, sheet Xids; NVIDIA GPU Memory Error Management (row remapping)";
+
+/// Builds an entry; the severity follows the class.
+#[allow(clippy::too_many_arguments)]
+const fn entry(
+    code: u32,
+    title: &'static str,
+    meaning: &'static str,
+    resolution: XidResolution,
+    nvidia_bucket: &'static str,
+    action: &'static str,
+    runbook: &'static str,
+    source: &'static str,
+) -> XidInfo {
+    let severity = match resolution {
+        XidResolution::Ignore => XidSeverity::Info,
+        XidResolution::RestartApp | XidResolution::ContactSupport => XidSeverity::Warning,
+        XidResolution::ResetGpu | XidResolution::CheckNvlink | XidResolution::RestartBm => {
+            XidSeverity::Critical
+        }
+    };
+    XidInfo {
+        code,
+        title,
+        meaning,
+        severity,
+        resolution,
+        nvidia_bucket,
+        action,
+        runbook,
+        source,
+    }
+}
+
+use XidResolution::{CheckNvlink, ContactSupport, Ignore, ResetGpu, RestartApp, RestartBm};
 
 static CATALOGUE: &[XidInfo] = &[
-    XidInfo {
-        code: 8,
-        title: "GPU stopped responding to a channel",
-        meaning: "A command stream on the GPU stopped making progress and the driver timed it out; usually the application's kernel hung, occasionally a driver or hardware fault.",
-        severity: XidSeverity::Warning,
-        action: "Check the job that owned the GPU. If it recurs with different jobs on the same GPU, reset the GPU and run diagnostics.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 13,
-        title: "Graphics engine exception",
-        meaning: "A shader or CUDA kernel hit an exception such as an out-of-range address or an illegal instruction. Nearly always an application bug.",
-        severity: XidSeverity::Warning,
-        action: "Tell the job owner (run the job with compute-sanitizer). Only if many different jobs hit it on the same GPU, drain the GPU and run diagnostics.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 31,
-        title: "GPU memory page fault",
-        meaning: "A kernel accessed GPU virtual memory that was not mapped (an MMU fault). Usually an application bug; rarely a driver problem.",
-        severity: XidSeverity::Warning,
-        action: "Tell the job owner; the job usually dies. If the fault repeats across unrelated jobs on the same GPU, drain it and run diagnostics.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 32,
-        title: "Corrupted command stream",
-        meaning: "The driver saw an invalid or corrupted push buffer, from a misbehaving application, memory corruption or PCIe errors.",
-        severity: XidSeverity::Warning,
-        action: "Check PCIe replay counters and other XIDs on the GPU; reset it if the errors continue.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 38,
-        title: "Driver firmware error",
-        meaning: "The driver's firmware on the GPU reported an internal error.",
-        severity: XidSeverity::Critical,
-        action: "Drain the GPU and reset it; if it recurs, update the driver and collect an nvidia-bug-report for the vendor.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 43,
-        title: "GPU stopped processing",
-        meaning: "The driver stopped a channel after a fault in the application (it often follows XID 13 or 31). The GPU itself is fine.",
-        severity: XidSeverity::Warning,
-        action: "No GPU action; the application that owned the channel needs fixing. Watch for it repeating across unrelated jobs.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 44,
-        title: "Graphics engine fault during context switch",
-        meaning: "The GPU faulted while switching between contexts; the GPU may be left in a bad state.",
-        severity: XidSeverity::Critical,
-        action: "Drain the GPU and reset it; if it recurs, run diagnostics.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 45,
-        title: "Preemptive cleanup",
-        meaning: "The driver cleaned up a channel because its process was killed or an earlier error stopped it. A consequence, not a cause.",
-        severity: XidSeverity::Info,
-        action: "Nothing by itself; look at the XIDs just before it on the same GPU.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 48,
-        title: "Double-bit ECC error",
-        meaning: "GPU memory returned an uncorrectable (double-bit) ECC error. Applications using that memory were stopped.",
-        severity: XidSeverity::Critical,
-        action: "Drain the GPU and reset it so the bad memory is retired or remapped. Check gpu_remapped_rows; repeated DBEs mean the GPU should be replaced.",
-        runbook: ECC,
-    },
-    XidInfo {
-        code: 61,
-        title: "Internal micro-controller warning",
-        meaning: "A micro-controller on the GPU hit a breakpoint or warning; the GPU may keep working.",
-        severity: XidSeverity::Warning,
-        action: "Watch the GPU; reset it when idle if XID 62 or hangs follow, and update the driver.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 62,
-        title: "Internal micro-controller halt",
-        meaning: "A micro-controller on the GPU halted. The GPU will not work correctly until it is reset.",
-        severity: XidSeverity::Critical,
-        action: "Drain the GPU and reset it (or reboot the node); if it recurs, collect an nvidia-bug-report and open a vendor case.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 63,
-        title: "Row remap or page retirement recorded",
-        meaning: "The GPU recorded a memory row for remapping (or a page for retirement) after ECC errors. It takes effect at the next GPU reset.",
-        severity: XidSeverity::Warning,
-        action: "Schedule a GPU reset when the GPU is idle so the pending remap is applied (gpu_remapped_rows{state=\"pending\"}).",
-        runbook: ECC,
-    },
-    XidInfo {
-        code: 64,
-        title: "Row remap or page retirement failed",
-        meaning: "The GPU could not record a memory row for remapping (or a page for retirement), for example because no spare rows are left.",
-        severity: XidSeverity::Critical,
-        action: "Drain the GPU and plan its replacement (RMA); it can no longer repair its memory.",
-        runbook: ECC,
-    },
-    XidInfo {
-        code: 69,
-        title: "Graphics engine class error",
-        meaning: "The graphics engine rejected a command; usually an application or driver bug.",
-        severity: XidSeverity::Warning,
-        action: "Check the application; reset the GPU if it keeps happening with different jobs.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 74,
-        title: "NVLink error",
-        meaning: "An NVLink link reported a fatal error (the line names the link). Multi-GPU jobs over that link fail.",
-        severity: XidSeverity::Critical,
-        action: "Drain the node, check gpu_nvlink_errors_total and the fabric manager log, reset the GPUs (or reboot); reseat or replace the hardware if it recurs.",
-        runbook: "gpu-nvlink",
-    },
-    XidInfo {
-        code: 79,
-        title: "GPU has fallen off the bus",
-        meaning: "The GPU stopped answering on PCIe. Nothing can use it until the node is power-cycled; NVML calls on it fail or hang.",
-        severity: XidSeverity::Critical,
-        action: "Drain the node and power-cycle it; check PCIe seating, power and temperatures. Repeated occurrences mean hardware replacement.",
-        runbook: "gpu-fell-off-bus",
-    },
-    XidInfo {
-        code: 92,
-        title: "High single-bit ECC error rate",
-        meaning: "The GPU corrected an unusually high number of single-bit memory errors.",
-        severity: XidSeverity::Warning,
-        action: "Watch gpu_ecc_errors_total{type=\"corrected\"} and remapped rows; schedule a reset and diagnostics.",
-        runbook: ECC,
-    },
-    XidInfo {
-        code: 94,
-        title: "Contained ECC error",
-        meaning: "An uncorrectable memory error was contained: only the application using that memory was stopped, the others keep running.",
-        severity: XidSeverity::Warning,
-        action: "Reset the GPU when it is idle so the affected row is remapped; check gpu_remapped_rows.",
-        runbook: ECC,
-    },
-    XidInfo {
-        code: 95,
-        title: "Uncontained ECC error",
-        meaning: "An uncorrectable memory error could not be contained: every application on the GPU is affected.",
-        severity: XidSeverity::Critical,
-        action: "Drain the GPU and reset it now; replace the GPU if it repeats or remapping fails.",
-        runbook: ECC,
-    },
-    XidInfo {
-        code: 109,
-        title: "Context switch timeout",
-        meaning: "The GPU did not finish switching contexts in time; often an application problem, sometimes a driver or hardware fault.",
-        severity: XidSeverity::Warning,
-        action: "Check the job; if it recurs on this GPU with other jobs, reset the GPU and run diagnostics.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 119,
-        title: "GSP RPC timeout",
-        meaning: "The GPU System Processor (GSP firmware) did not answer the driver in time. The GPU is usually unusable until reset. NVML often misses this one.",
-        severity: XidSeverity::Critical,
-        action: "Drain the GPU and reset it (or reboot); update the driver. If it recurs, collect an nvidia-bug-report for the vendor.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 120,
-        title: "GSP error",
-        meaning: "The GPU System Processor firmware reported an error. The GPU is usually unusable until reset.",
-        severity: XidSeverity::Critical,
-        action: "Drain the GPU and reset it (or reboot); update the driver if it recurs.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 140,
-        title: "Unrecovered ECC error",
-        meaning: "The GPU found uncorrectable memory errors it could not recover from (for example at start-up).",
-        severity: XidSeverity::Critical,
-        action: "Drain the GPU, reset it and check gpu_remapped_rows; replace the GPU if the error persists.",
-        runbook: ECC,
-    },
-    XidInfo {
-        code: 143,
-        title: "GPU initialization failure",
-        meaning: "The GPU failed to initialise (firmware or hardware fault); it cannot be used.",
-        severity: XidSeverity::Critical,
-        action: "Drain the node and reboot it; if the GPU still fails to come up, replace it.",
-        runbook: GPU_XID,
-    },
-    XidInfo {
-        code: 154,
-        title: "GPU recovery action changed",
-        meaning: "The driver states the recovery the GPU now needs (for example a GPU reset or a node reboot) after an earlier error.",
-        severity: XidSeverity::Critical,
-        action: "Do what the message asks: drain, then reset the GPU or reboot the node.",
-        runbook: GPU_XID,
-    },
+    entry(
+        8,
+        "GPU stopped processing (channel idle timeout)",
+        "A command stream on the GPU stopped making progress and the driver timed it out; usually the application's kernel hung.",
+        RestartApp,
+        "RESTART_APP",
+        "Restart the job; no GPU action. If it recurs on this GPU with different jobs, collect an nvidia-bug-report for support.",
+        GPU_XID,
+        CATALOG,
+    ),
+    entry(
+        13,
+        "Graphics engine exception",
+        "A CUDA kernel hit an exception such as an out-of-range address or an illegal instruction. Nearly always an application bug.",
+        RestartApp,
+        "RESTART_APP",
+        "Tell the job owner (run the job under compute-sanitizer or cuda-gdb); no GPU action. Only if the same GPU faults with many unrelated jobs, drain it and run DCGM diagnostics.",
+        GPU_XID,
+        CATALOG_13,
+    ),
+    entry(
+        31,
+        "GPU memory page fault",
+        "A kernel accessed GPU virtual memory that was not mapped (an MMU fault). Usually an application bug; rarely a driver or hardware problem.",
+        RestartApp,
+        "RESTART_APP",
+        "Tell the job owner; no GPU action. If faults repeat on the same GPU across unrelated jobs, drain it and run DCGM diagnostics.",
+        GPU_XID,
+        CATALOG_31,
+    ),
+    entry(
+        32,
+        "Corrupted push buffer stream",
+        "The DMA controller between driver and GPU saw an invalid command stream; mostly PCIe signal quality, rarely the application.",
+        RestartApp,
+        "RESTART_APP",
+        "Restart the job; check gpu_pcie_replay_total on this GPU. Recurring on one GPU: ticket the hardware team (PCIe slot, riser).",
+        GPU_XID,
+        CATALOG,
+    ),
+    entry(
+        38,
+        "Driver firmware error (watchdog timeout)",
+        "Firmware on the GPU reported a watchdog timeout; the GPU keeps working.",
+        Ignore,
+        "IGNORE",
+        "No action. If it repeats, collect an nvidia-bug-report for support.",
+        GPU_XID,
+        CATALOG,
+    ),
+    entry(
+        43,
+        "GPU stopped processing (application fault)",
+        "The driver stopped a channel after a fault in the application (it often follows XID 13 or 31). The GPU stays healthy.",
+        Ignore,
+        "IGNORE",
+        "No GPU action; the application that owned the channel needs fixing. Tell the job owner if it repeats.",
+        GPU_XID,
+        CATALOG,
+    ),
+    entry(
+        44,
+        "Graphics engine fault during context switch",
+        "The graphics engine faulted while switching contexts.",
+        Ignore,
+        "IGNORE",
+        "No action. If it repeats, collect an nvidia-bug-report for support.",
+        GPU_XID,
+        CATALOG,
+    ),
+    entry(
+        45,
+        "Preemptive cleanup",
+        "The driver tore down a channel because its process was killed (Ctrl-C, SIGKILL, a GPU reset) or an earlier error stopped it. A consequence, not a cause.",
+        Ignore,
+        "WORKFLOW_XID_45",
+        "Nothing by itself: follow the XID just before it on the same GPU. Seen alone on an NVSwitch system: restart the Fabric Manager (runbook gpu-nvlink).",
+        GPU_XID,
+        CATALOG_45,
+    ),
+    entry(
+        46,
+        "GPU stopped processing (GPU timeout)",
+        "The GPU itself stopped answering the driver.",
+        ResetGpu,
+        "RESET_GPU",
+        "Drain the node, stop what holds the GPU, reset it, verify (nvidia-smi, DCGM diag) and return it to service; contact support if it recurs.",
+        GPU_RESET,
+        CATALOG,
+    ),
+    entry(
+        48,
+        "Double-bit ECC error",
+        "GPU memory (or SRAM) returned an uncorrectable error; the application using it was told and stopped.",
+        ResetGpu,
+        "WORKFLOW_XID_48",
+        "Drain, reset the GPU (with XID 63/64 the reset applies the row remap), verify with DCGM diag and check gpu_remapped_rows. Repeats or an SRAM threshold exceeded: RMA.",
+        ECC,
+        CATALOG_48,
+    ),
+    entry(
+        61,
+        "Internal micro-controller breakpoint",
+        "A micro-controller on the GPU hit a breakpoint (older GPUs; NVIDIA lists the code as unused on A100 and later).",
+        ContactSupport,
+        "CONTACT_SUPPORT",
+        "No GPU action by itself; collect an nvidia-bug-report and contact support. Follow XID 62 if it follows.",
+        GPU_XID,
+        CATALOG,
+    ),
+    entry(
+        62,
+        "Internal micro-controller halt",
+        "A micro-controller on the GPU halted. The GPU does not work correctly until it is reset.",
+        ResetGpu,
+        "RESET_GPU",
+        "Drain the node, stop what holds the GPU, reset it and verify; if it recurs, collect an nvidia-bug-report and contact support.",
+        GPU_RESET,
+        CATALOG,
+    ),
+    entry(
+        63,
+        "Row remap or page retirement recorded",
+        "ECC handling recorded a memory row for remapping (or a page for retirement). The GPU keeps working; the remap takes effect at the next reset.",
+        Ignore,
+        "IGNORE",
+        "No action. A pending remap is applied by the next GPU reset, whenever convenient (the GPURowRemapPending alert tracks it).",
+        GPU_XID,
+        CATALOG_REMAP,
+    ),
+    entry(
+        64,
+        "Row remap or page retirement failed",
+        "The GPU could not record a memory row for remapping (or a page for retirement), for example because no spare rows are left.",
+        ResetGpu,
+        "RESET_GPU",
+        "Drain and reset the GPU, check gpu_remapped_rows{state=\"failure\"}; if the failure flag stays set, keep it drained and RMA it.",
+        ECC,
+        CATALOG_REMAP,
+    ),
+    entry(
+        69,
+        "Graphics engine class error",
+        "The graphics engine rejected a command; usually an application or driver bug.",
+        RestartApp,
+        "RESTART_APP",
+        "Restart the job and tell its owner; no GPU action.",
+        GPU_XID,
+        CATALOG,
+    ),
+    entry(
+        74,
+        "NVLink error",
+        "An NVLink connection to another GPU or NVSwitch reported an error (the line names the link); a failed peer can cause it too. A GPU reset or node reboot clears it.",
+        CheckNvlink,
+        "WORKFLOW_NVLINK_ERR",
+        "Drain the node, check the link counters and the Fabric Manager, reset the GPUs (or reboot); reseat or replace the hardware if it recurs after a reset.",
+        NVLINK,
+        CATALOG_74,
+    ),
+    entry(
+        79,
+        "GPU has fallen off the bus",
+        "The GPU stopped answering on PCIe. Nothing can use it until the node is rebooted or power-cycled; a GPU reset cannot reach it and NVML calls on it fail or hang.",
+        RestartBm,
+        "RESTART_BM",
+        "Drain the node and reboot it; power-cycle it through the BMC if the GPU is still missing. Check PCIe seating, power and temperatures; a repeat means hardware replacement.",
+        FELL_OFF_BUS,
+        CATALOG,
+    ),
+    entry(
+        92,
+        "High single-bit ECC error rate",
+        "The GPU corrected an unusually high number of single-bit memory errors; nothing was lost.",
+        Ignore,
+        "IGNORE",
+        "No action. Watch gpu_ecc_errors_total{type=\"corrected\"} and gpu_remapped_rows; contact support if it keeps rising.",
+        GPU_XID,
+        CATALOG,
+    ),
+    entry(
+        94,
+        "Contained ECC error",
+        "An uncorrectable memory error was contained: only the application using that memory was stopped; the others keep running.",
+        RestartApp,
+        "RESTART_APP",
+        "Restart the affected application; no drain. Reset the GPU when convenient so the row is remapped (gpu_remapped_rows{state=\"pending\"}).",
+        GPU_XID,
+        CATALOG_ECC,
+    ),
+    entry(
+        95,
+        "Uncontained ECC error",
+        "An uncorrectable memory error could not be contained: every application on the GPU is affected.",
+        ResetGpu,
+        "RESET_GPU",
+        "Drain, reset the GPU before restarting applications, verify with DCGM diag and check gpu_remapped_rows; RMA if it repeats or remapping fails.",
+        ECC,
+        CATALOG_ECC,
+    ),
+    entry(
+        109,
+        "Context switch timeout",
+        "The GPU did not finish switching contexts in time.",
+        ResetGpu,
+        "RESET_GPU",
+        "Drain the node, stop what holds the GPU, reset it and verify; contact support if it recurs.",
+        GPU_RESET,
+        CATALOG,
+    ),
+    entry(
+        119,
+        "GSP RPC timeout",
+        "The GPU System Processor (GSP firmware) did not answer the driver in time. NVML often misses this one.",
+        ResetGpu,
+        "RESET_GPU",
+        "Drain, reset the GPU and verify; a node power cycle if the reset does not clear it. Recurring after a power cycle: update the driver and send an nvidia-bug-report.",
+        GPU_RESET,
+        CATALOG,
+    ),
+    entry(
+        120,
+        "GSP error",
+        "Code running on the GPU System Processor (GSP firmware) reported an error.",
+        ResetGpu,
+        "RESET_GPU",
+        "Drain, reset the GPU and verify; a node power cycle if the reset does not clear it. Recurring after a power cycle: update the driver and send an nvidia-bug-report.",
+        GPU_RESET,
+        CATALOG,
+    ),
+    entry(
+        137,
+        "NVLink privilege error",
+        "The remote MMU refused an NVLink peer-to-peer access; typically an application bug.",
+        Ignore,
+        "IGNORE",
+        "No GPU action; tell the job owner (run it under compute-sanitizer or cuda-gdb).",
+        GPU_XID,
+        CATALOG,
+    ),
+    entry(
+        140,
+        "Unrecovered ECC error",
+        "Uncorrectable memory errors interrupted the driver's ability to mark pages or rows for repair.",
+        ResetGpu,
+        "RESET_GPU",
+        "Drain, reset the GPU, verify and check gpu_remapped_rows; contact the vendor if it persists.",
+        ECC,
+        CATALOG,
+    ),
+    entry(
+        143,
+        "GPU initialization failure",
+        "The GPU failed to initialise (firmware or hardware fault).",
+        ResetGpu,
+        "RESET_GPU",
+        "Drain, reset the GPU and verify; if it still fails to come up, reboot the node and contact support.",
+        GPU_RESET,
+        CATALOG,
+    ),
+    entry(
+        144,
+        "NVLink SAW error",
+        "NVLink5 (GB200/B100): an error in the SAW unit; the message's subcode and error status say whether it is fatal.",
+        CheckNvlink,
+        "WORKFLOW_NVLINK5_ERR",
+        "Decode the message (sheet XID 144-150 Decode): non-fatal statuses need nothing; fatal ones need the node drained and the GPU reset.",
+        NVLINK,
+        CATALOG_NVL5,
+    ),
+    entry(
+        145,
+        "NVLink RLW error",
+        "NVLink5 (GB200/B100): an error in the RLW unit (remap, response, receive pipe, tag state); the subcode and error status say whether it is fatal.",
+        CheckNvlink,
+        "WORKFLOW_NVLINK5_ERR",
+        "Decode the message (sheet XID 144-150 Decode): follow an accompanying XID 154; fatal statuses need the node drained and the GPU reset.",
+        NVLINK,
+        CATALOG_NVL5,
+    ),
+    entry(
+        146,
+        "NVLink TLW error",
+        "NVLink5 (GB200/B100): an error in the TLW unit; the subcode and error status say whether it is fatal.",
+        CheckNvlink,
+        "WORKFLOW_NVLINK5_ERR",
+        "Decode the message (sheet XID 144-150 Decode): fatal statuses need the node drained and the GPU reset.",
+        NVLINK,
+        CATALOG_NVL5,
+    ),
+    entry(
+        147,
+        "NVLink TREX error",
+        "NVLink5 (GB200/B100): an error in the TREX unit; not expected in production.",
+        CheckNvlink,
+        "WORKFLOW_NVLINK5_ERR",
+        "Decode the message (sheet XID 144-150 Decode); report it to support.",
+        NVLINK,
+        CATALOG_NVL5,
+    ),
+    entry(
+        148,
+        "NVLink NVLPW_CTRL error",
+        "NVLink5 (GB200/B100): an error in the NVLPW control unit.",
+        CheckNvlink,
+        "WORKFLOW_NVLINK5_ERR",
+        "Decode the message (sheet XID 144-150 Decode); report it to support if it repeats.",
+        NVLINK,
+        CATALOG_NVL5,
+    ),
+    entry(
+        149,
+        "NVLink NETIR error",
+        "NVLink5 (GB200/B100): a NETIR event such as a link down; the subcode names the cause (peer side down, signal integrity, thermal).",
+        CheckNvlink,
+        "WORKFLOW_NVLINK5_ERR",
+        "Decode the message (sheet XID 144-150 Decode): link-fatal events need the node drained and the GPU reset; check the peer device and the cables.",
+        NVLINK,
+        CATALOG_NVL5,
+    ),
+    entry(
+        150,
+        "NVLink MSE error",
+        "NVLink5 (GB200/B100): the NVLink management firmware (MSE) degraded or its watchdog fired.",
+        CheckNvlink,
+        "WORKFLOW_NVLINK5_ERR",
+        "Drain the node and reset the GPU; contact support if it recurs.",
+        NVLINK,
+        CATALOG_NVL5,
+    ),
+    entry(
+        154,
+        "GPU recovery action changed",
+        "Accompanies another XID and states the recovery it needs: None, Drain P2P, Drain and Reset, GPU Reset Required or Node Reboot Required.",
+        Ignore,
+        "XID_154",
+        "No action for this line itself: do what it states for the XID it accompanies (that XID has its own alert and runbook). Node Reboot Required means reboot, never a GPU reset.",
+        GPU_XID,
+        CATALOG,
+    ),
+    entry(
+        158,
+        "GPU fatal timeout",
+        "The GPU hit a fatal timeout and stopped working.",
+        ResetGpu,
+        "RESET_GPU",
+        "Drain, reset the GPU and verify; contact support if it recurs.",
+        GPU_RESET,
+        CATALOG,
+    ),
 ];
 
 #[cfg(test)]
@@ -446,7 +726,8 @@ mod tests {
     #[test]
     fn catalogue_covers_the_codes_operators_meet() {
         for code in [
-            13, 31, 43, 45, 48, 61, 62, 63, 64, 74, 79, 92, 94, 95, 109, 119, 120, 140, 143,
+            13, 31, 43, 45, 48, 61, 62, 63, 64, 74, 79, 92, 94, 95, 109, 119, 120, 140, 143, 144,
+            145, 146, 147, 148, 149, 150,
         ] {
             let x = lookup(code).unwrap_or_else(|| panic!("xid {code} missing"));
             assert!(!x.meaning.is_empty() && !x.action.is_empty());
@@ -460,5 +741,8 @@ mod tests {
         };
         assert_eq!(codes, sorted, "catalogue sorted by code, no duplicates");
         assert!(is_critical(79) && is_critical(48) && !is_critical(13) && !is_critical(9999));
+        for x in CATALOGUE {
+            assert_eq!(x.severity, x.resolution.severity(), "xid {}", x.code);
+        }
     }
 }

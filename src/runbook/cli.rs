@@ -11,7 +11,8 @@
 //! mitigation skips later independent mitigations; escalation always runs).
 //! `--step NAME` runs only the named steps. The run ends with the node's
 //! state in plain words ([`engine::node_state`]). The exit status is
-//! non-zero when any step did not succeed.
+//! non-zero when any step did not succeed. A runbook's `node` parameter,
+//! when not given, is this host's short name (`uname -n` up to the first dot).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, IsTerminal as _, Write};
@@ -113,6 +114,23 @@ fn list(out: &mut impl Write, dir: &Path) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The parameter that names the node a runbook acts on.
+pub const NODE_PARAM: &str = "node";
+
+/// This host's short name (the kernel's nodename up to the first dot), the
+/// `node` of a runbook run on the node itself. `None` when it cannot be read
+/// or is empty.
+pub fn local_node_name() -> Option<String> {
+    let full = sysinfo::System::host_name().ok()?;
+    short_host_name(&full)
+}
+
+/// `gpu-node-07.dc1.example` -> `gpu-node-07`; `None` for an empty name.
+pub fn short_host_name(full: &str) -> Option<String> {
+    let short = full.trim().split('.').next().unwrap_or("");
+    (!short.is_empty()).then(|| short.to_string())
+}
+
 /// Parses `k=v` arguments.
 pub fn parse_param_args(args: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
@@ -136,9 +154,23 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
         }
         anyhow::bail!("no valid runbook {:?} in {}", args.id, dir.display());
     };
-    let given = parse_param_args(&args.params)?;
-    let plan = engine::plan(runbook, &given, &BTreeMap::new())
-        .map_err(|e| anyhow::anyhow!("runbook {}: refused: {e}", runbook.id))?;
+    let mut given = parse_param_args(&args.params)?;
+    // On a node, `node` is this host unless given (its pattern still applies).
+    let mut node_from_host = false;
+    if runbook.param(NODE_PARAM).is_some() && !given.contains_key(NODE_PARAM) {
+        if let Some(host) = local_node_name() {
+            given.insert(NODE_PARAM.to_string(), host);
+            node_from_host = true;
+        }
+    }
+    let plan = engine::plan(runbook, &given, &BTreeMap::new()).map_err(|e| {
+        let hint = if node_from_host && e.0.iter().any(|p| p.param == NODE_PARAM) {
+            " (node is this host's name unless given: add -p node=NAME)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("runbook {}: refused: {e}{hint}", runbook.id)
+    })?;
     if let Some(bad) = args.step.iter().find(|n| runbook.step(n).is_none()) {
         anyhow::bail!(
             "runbook {} has no step {bad:?}; its steps: {}",
@@ -154,7 +186,11 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
     let total = plan.steps.len();
     writeln!(out, "runbook {}: {}", runbook.id, runbook.title)?;
     for (k, v) in plan.params.iter() {
-        writeln!(out, "  {k}={v}")?;
+        if k == NODE_PARAM && node_from_host {
+            writeln!(out, "  {k}={v} (this host)")?;
+        } else {
+            writeln!(out, "  {k}={v}")?;
+        }
     }
     if args.dry_run {
         for s in plan
@@ -277,4 +313,21 @@ fn confirm(out: &mut impl Write, prompt: &str) -> anyhow::Result<bool> {
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
     Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_host_name_drops_the_domain() {
+        let check = |full: &str, want: Option<&str>| {
+            assert_eq!(short_host_name(full).as_deref(), want, "{full:?}");
+        };
+        check("gpu-node-07.dc1.example", Some("gpu-node-07"));
+        check("gpu-node-07", Some("gpu-node-07"));
+        check(" n1 ", Some("n1"));
+        check("", None);
+        check(".example", None);
+    }
 }

@@ -337,6 +337,29 @@ pub struct AgentClient {
     directory: Arc<dyn AgentDirectory>,
     signer: Arc<ExecSigner>,
     http: reqwest::Client,
+    basic_auth: Option<(String, crate::config::Secret)>,
+}
+
+/// The HTTP client for requests to agents: their CA, the bot's client
+/// certificate, no redirects.
+pub fn agent_http_client(
+    t: &crate::config::bot::AgentTransport,
+) -> Result<reqwest::Client, String> {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(pem) = &t.ca_pem {
+        for c in reqwest::Certificate::from_pem_bundle(pem).map_err(|e| format!("ca_file: {e}"))? {
+            b = b.add_root_certificate(c);
+        }
+    }
+    if let Some(pem) = &t.identity_pem {
+        let id = reqwest::Identity::from_pem(pem.expose().as_bytes())
+            .map_err(|_| "client certificate: not a PEM certificate and key".to_string())?;
+        b = b.identity(id);
+    }
+    b.build()
+        .map_err(|e| format!("cannot build the agents' HTTP client: {e}"))
 }
 
 /// One agent the bot may send node steps to.
@@ -593,7 +616,14 @@ impl Executor {
             crate::inventory::Inventory::from_config(cfg),
             cfg.agents.as_ref().and_then(|a| a.signing_key.clone()),
         ) {
-            (Some(inv), Some(key)) => NodeSteps::Agent(AgentClient::new(Arc::new(inv), key)),
+            (Some(inv), Some(key)) => {
+                match AgentClient::new(Arc::new(inv), key).with_transport(
+                    &cfg.agents.as_ref().map(|a| a.transport.clone()).unwrap_or_default(),
+                ) {
+                    Ok(c) => NodeSteps::Agent(c),
+                    Err(e) => NodeSteps::Unavailable(e),
+                }
+            }
             (Some(_), None) => NodeSteps::Unavailable(
                 "node steps need [agents] signing_key_file (the private key from `gpuops keygen`)"
                     .into(),
@@ -816,7 +846,18 @@ impl AgentClient {
             directory,
             signer,
             http: http_client(),
+            basic_auth: None,
         }
+    }
+
+    /// With the TLS trust, client certificate and basic auth of `[agents]`.
+    pub fn with_transport(
+        mut self,
+        t: &crate::config::bot::AgentTransport,
+    ) -> Result<AgentClient, String> {
+        self.http = agent_http_client(t)?;
+        self.basic_auth = t.basic_auth.clone();
+        Ok(self)
     }
 
     /// The directory this client asks (the chat side checks a run's node
@@ -871,6 +912,9 @@ impl AgentClient {
             .header(reqwest::header::CONTENT_TYPE, "application/json");
         for (k, v) in headers {
             builder = builder.header(k, v);
+        }
+        if let Some((user, password)) = &self.basic_auth {
+            builder = builder.basic_auth(user, Some(password.expose()));
         }
         let resp = match builder.body(body).send().await {
             Ok(r) => r,

@@ -1,0 +1,363 @@
+//! XIDs get the runbook of their resolution class: the XID catalogue
+//! (src/gpu/xid.rs, after NVIDIA's Xid Catalog), the shipped alert rules
+//! (config/prometheus/rules/gpuops-alerts.yml) and the runbooks' triggers
+//! (runbooks/*.yaml) agree code by code, and the steps a suggested runbook
+//! offers fit the class: 79 is never a GPU reset, no-action and application
+//! XIDs offer no mitigation, a reset is drained before and verified after.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use gpuops::gpu::xid::{self, XidInfo, XidResolution, XidSeverity};
+use gpuops::runbook::engine::{self, Rendered, RunPlan};
+use gpuops::runbook::{Phase, RunbookSet};
+
+fn shipped() -> RunbookSet {
+    let (set, errors) = RunbookSet::load_dir(Path::new("runbooks"));
+    assert!(errors.0.is_empty(), "shipped runbooks invalid:\n{errors}");
+    set
+}
+
+/// An XID alert rule: name, how it selects codes, severity, runbook.
+#[derive(Debug)]
+struct XidRule {
+    alert: String,
+    /// `=~` (or `=`) regex, or `!~` regex.
+    negated: bool,
+    regex: regex::Regex,
+    severity: String,
+    runbook: String,
+}
+
+impl XidRule {
+    fn fires_for(&self, code: u32) -> bool {
+        self.regex.is_match(&code.to_string()) != self.negated
+    }
+}
+
+/// The shipped alert rules on `gpu_xid_errors_total`, with their xid matcher.
+fn xid_rules() -> Vec<XidRule> {
+    let text = std::fs::read_to_string("config/prometheus/rules/gpuops-alerts.yml").unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+    let matcher = regex::Regex::new(r#"xid(=~|!~|=)"([^"]*)""#).unwrap();
+    let mut out = Vec::new();
+    for group in doc["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let (Some(alert), Some(expr)) = (rule["alert"].as_str(), rule["expr"].as_str()) else {
+                continue;
+            };
+            if !expr.contains("gpu_xid_errors_total") {
+                continue;
+            }
+            let sels: Vec<(String, String)> = matcher
+                .captures_iter(expr)
+                .map(|c| (c[1].to_string(), c[2].to_string()))
+                .collect();
+            assert!(!sels.is_empty(), "{alert}: no xid matcher in {expr}");
+            assert!(
+                sels.iter().all(|s| s == &sels[0]),
+                "{alert}: every arm selects the same codes: {sels:?}"
+            );
+            let (op, re) = &sels[0];
+            out.push(XidRule {
+                alert: alert.to_string(),
+                negated: op == "!~",
+                regex: regex::Regex::new(&format!("^(?:{re})$")).unwrap(),
+                severity: rule["labels"]["severity"].as_str().unwrap().to_string(),
+                runbook: rule["annotations"]["runbook"].as_str().unwrap().to_string(),
+            });
+        }
+    }
+    assert!(out.len() >= 5, "{out:?}");
+    out
+}
+
+/// The one shipped XID alert that fires for `code`.
+fn rule_for(rules: &[XidRule], code: u32) -> &XidRule {
+    let firing: Vec<&XidRule> = rules.iter().filter(|r| r.fires_for(code)).collect();
+    assert_eq!(
+        firing.len(),
+        1,
+        "xid {code} must fire exactly one XID alert, fires {:?}",
+        firing.iter().map(|r| &r.alert).collect::<Vec<_>>()
+    );
+    firing[0]
+}
+
+/// The labels such an alert carries once the bot has added the node's name.
+fn labels(alert: &str, code: u32) -> BTreeMap<String, String> {
+    [
+        ("alertname", alert.to_string()),
+        ("xid", code.to_string()),
+        ("gpu", "3".into()),
+        ("pci_bus_id", "00000000:3B:00.0".into()),
+        ("instance", "10.0.0.7:9949".into()),
+        ("node", "gpu-node-07".into()),
+        ("job", "gpuops-agent".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The runbook suggested for `code`'s alert (exactly one) and its plan.
+fn suggested_plan(set: &RunbookSet, code: u32) -> RunPlan {
+    let rules = xid_rules();
+    let rule = rule_for(&rules, code);
+    let labels = labels(&rule.alert, code);
+    let suggested: Vec<&str> = set.suggest(&labels).iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(suggested.len(), 1, "xid {code}: suggested {suggested:?}");
+    let rb = set.get(suggested[0]).unwrap();
+    engine::plan(rb, &BTreeMap::new(), &labels).unwrap_or_else(|e| panic!("xid {code}: {e}"))
+}
+
+fn argvs(plan: &RunPlan) -> Vec<(&str, Phase, &Vec<String>)> {
+    plan.steps
+        .iter()
+        .filter_map(|s| match &s.rendered {
+            Rendered::Command { argv } => Some((s.step.name.as_str(), s.step.phase, argv)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn is_gpu_reset(argv: &[String]) -> bool {
+    argv.iter().any(|a| a == "nvidia-smi") && argv.iter().any(|a| a == "-r" || a == "--gpu-reset")
+}
+
+fn has_mitigation(plan: &RunPlan) -> bool {
+    plan.steps.iter().any(|s| s.step.phase == Phase::Mitigate)
+}
+
+fn entry(code: u32) -> &'static XidInfo {
+    xid::lookup(code).unwrap_or_else(|| panic!("xid {code} not in the catalogue"))
+}
+
+/// The position of the first step named `name` (panics if absent).
+fn pos(plan: &RunPlan, name: &str) -> usize {
+    plan.steps
+        .iter()
+        .position(|s| s.step.name == name)
+        .unwrap_or_else(|| panic!("{}: no step {name}", plan.runbook.id))
+}
+
+/// Drain first, then stop what holds the GPU, reset, verify, and only then
+/// return the node to service.
+fn assert_closed_reset_loop(plan: &RunPlan) {
+    let id = &plan.runbook.id;
+    let reset = pos(plan, "gpu-reset");
+    assert!(is_gpu_reset(match &plan.steps[reset].rendered {
+        Rendered::Command { argv } => argv,
+        other => panic!("{id}: gpu-reset is {other:?}"),
+    }));
+    for before in [
+        "drain-slurm",
+        "cordon-kubernetes",
+        "drain-kubernetes",
+        "holders",
+        "stop-nvml-monitors",
+    ] {
+        assert!(pos(plan, before) < reset, "{id}: {before} after the reset");
+    }
+    for after in [
+        "verify-gpu",
+        "verify-dcgm",
+        "resume-slurm",
+        "uncordon-kubernetes",
+    ] {
+        assert!(pos(plan, after) > reset, "{id}: {after} before the reset");
+    }
+    for verify in ["verify-gpu", "verify-dcgm"] {
+        assert!(pos(plan, verify) < pos(plan, "resume-slurm"), "{id}");
+        assert!(pos(plan, verify) < pos(plan, "uncordon-kubernetes"), "{id}");
+        // A verification gates the return to service: mitigate phase (a
+        // failed mitigation stops the later ones), read-only.
+        let s = &plan.steps[pos(plan, verify)];
+        assert_eq!(s.step.phase, Phase::Mitigate, "{id}: {verify}");
+    }
+    let drain_k8s = &plan.steps[pos(plan, "drain-kubernetes")];
+    let Rendered::Command { argv } = &drain_k8s.rendered else {
+        panic!("{id}: drain-kubernetes is not a command");
+    };
+    for flag in ["drain", "--ignore-daemonsets", "--delete-emptydir-data"] {
+        assert!(argv.iter().any(|a| a == flag), "{id}: {argv:?}");
+    }
+    for name in ["resume-slurm", "uncordon-kubernetes", "gpu-reset"] {
+        assert!(
+            plan.steps[pos(plan, name)].step.needs_approval,
+            "{id}: {name}"
+        );
+    }
+}
+
+#[test]
+fn every_catalogued_xid_fires_one_alert_of_its_class() {
+    let rules = xid_rules();
+    for x in xid::catalogue() {
+        let rule = rule_for(&rules, x.code);
+        assert_eq!(
+            rule.runbook, x.runbook,
+            "xid {}: alert {} names runbook {}, the catalogue {}",
+            x.code, rule.alert, rule.runbook, x.runbook
+        );
+        assert_eq!(
+            rule.severity == "critical",
+            x.severity == XidSeverity::Critical,
+            "xid {}: alert {} is {}, the catalogue says {:?}",
+            x.code,
+            rule.alert,
+            rule.severity,
+            x.severity
+        );
+    }
+    // A code the catalogue does not know is a plain, non-critical notice.
+    let unknown = rule_for(&rules, 999);
+    assert_eq!(
+        (unknown.alert.as_str(), unknown.runbook.as_str()),
+        ("GPUXIDError", "gpu-xid")
+    );
+}
+
+#[test]
+fn every_catalogued_xid_suggests_its_runbook_with_steps_that_fit_its_class() {
+    let set = shipped();
+    for x in xid::catalogue() {
+        let plan = suggested_plan(&set, x.code);
+        assert_eq!(plan.runbook.id, x.runbook, "xid {}", x.code);
+        assert_eq!(x.severity, x.resolution.severity(), "xid {}", x.code);
+        match x.resolution {
+            XidResolution::Ignore | XidResolution::RestartApp | XidResolution::ContactSupport => {
+                assert!(
+                    !has_mitigation(&plan),
+                    "xid {} ({}) offers a mitigation in {}",
+                    x.code,
+                    x.resolution.as_str(),
+                    plan.runbook.id
+                );
+            }
+            XidResolution::ResetGpu | XidResolution::CheckNvlink => {
+                assert_closed_reset_loop(&plan);
+            }
+            XidResolution::RestartBm => {
+                for (name, _, argv) in argvs(&plan) {
+                    assert!(!is_gpu_reset(argv), "xid {}: step {name} {argv:?}", x.code);
+                }
+                assert!(plan.step("reboot").is_some(), "xid {}", x.code);
+            }
+        }
+    }
+}
+
+#[test]
+fn xid_79_never_offers_a_gpu_reset_but_a_reboot() {
+    let plan = suggested_plan(&shipped(), 79);
+    assert_eq!(plan.runbook.id, "gpu-fell-off-bus");
+    assert_eq!(entry(79).resolution, XidResolution::RestartBm);
+    for (name, _, argv) in argvs(&plan) {
+        assert!(!is_gpu_reset(argv), "step {name}: {argv:?}");
+    }
+    let reboot = pos(&plan, "reboot");
+    assert!(pos(&plan, "drain-slurm") < reboot);
+    assert!(pos(&plan, "verify-gpus") > reboot);
+    assert!(pos(&plan, "resume-slurm") > pos(&plan, "verify-gpus"));
+    // The GPU-lost alerts from NVML get the same runbook.
+    let set = shipped();
+    for alert in ["GPUFellOffBus", "GPUDown", "GPUMissing"] {
+        let ids: Vec<&str> = set
+            .suggest(&labels(alert, 79))
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect();
+        assert_eq!(ids, ["gpu-fell-off-bus"], "{alert}");
+    }
+}
+
+#[test]
+fn xid_63_and_92_offer_no_mitigation() {
+    let set = shipped();
+    for code in [63, 92] {
+        assert_eq!(entry(code).resolution, XidResolution::Ignore, "xid {code}");
+        let plan = suggested_plan(&set, code);
+        assert!(!has_mitigation(&plan), "xid {code}: {}", plan.runbook.id);
+        for (name, _, argv) in argvs(&plan) {
+            assert!(!is_gpu_reset(argv), "xid {code}: {name}");
+        }
+    }
+}
+
+#[test]
+fn xid_48_takes_the_ecc_path() {
+    let plan = suggested_plan(&shipped(), 48);
+    assert_eq!(plan.runbook.id, "gpu-ecc-remap");
+    assert_eq!(entry(48).nvidia_bucket, "WORKFLOW_XID_48");
+    assert_closed_reset_loop(&plan);
+    assert!(plan.step("remap-counters").is_some());
+}
+
+#[test]
+fn xid_94_restarts_the_application_without_a_drain() {
+    let plan = suggested_plan(&shipped(), 94);
+    assert_eq!(entry(94).resolution, XidResolution::RestartApp);
+    assert_eq!(plan.runbook.id, "gpu-xid");
+    assert!(!has_mitigation(&plan));
+}
+
+#[test]
+fn xid_13_takes_the_application_path() {
+    let set = shipped();
+    for code in [13, 31, 43, 45] {
+        let plan = suggested_plan(&set, code);
+        assert_eq!(plan.runbook.id, "gpu-xid", "xid {code}");
+        assert!(!has_mitigation(&plan), "xid {code}");
+        assert!(
+            plan.steps.iter().any(|s| s.step.name == "gpu-processes"),
+            "xid {code}: shows whose job it was"
+        );
+    }
+}
+
+#[test]
+fn xid_74_and_144_take_the_nvlink_path() {
+    let set = shipped();
+    for code in [74, 144, 149, 150] {
+        let plan = suggested_plan(&set, code);
+        assert_eq!(plan.runbook.id, "gpu-nvlink", "xid {code}");
+        assert_eq!(entry(code).resolution, XidResolution::CheckNvlink);
+        assert_closed_reset_loop(&plan);
+    }
+}
+
+#[test]
+fn reset_class_xids_take_the_gpu_reset_loop() {
+    let set = shipped();
+    for code in [62, 119, 120] {
+        let plan = suggested_plan(&set, code);
+        assert_eq!(plan.runbook.id, "gpu-reset", "xid {code}");
+        assert_closed_reset_loop(&plan);
+        for name in ["mig-and-persistence", "fabric-manager", "holders"] {
+            assert!(plan.step(name).is_some(), "xid {code}: {name}");
+        }
+    }
+}
+
+#[test]
+fn node_comes_from_the_node_label_never_from_instance() {
+    let set = shipped();
+    let mut labels = labels("GPUCriticalXID", 62);
+    let rb = set.get("gpu-reset").unwrap();
+    let plan = engine::plan(rb, &BTreeMap::new(), &labels).unwrap();
+    assert_eq!(plan.params.get("node"), Some("gpu-node-07"));
+    labels.remove("node");
+    let e = engine::plan(rb, &BTreeMap::new(), &labels).unwrap_err();
+    assert!(e.to_string().contains("parameter node:"), "{e}");
+    for rb in &set.runbooks {
+        if let Some(p) = rb.param("node") {
+            assert_eq!(p.from_label.as_deref(), Some("node"), "{}", rb.id);
+            assert!(
+                p.validate("10.0.0.7:9949").is_err() && p.validate("gpu-node-07").is_ok(),
+                "{}: node must be a plain host name",
+                rb.id
+            );
+        }
+    }
+}
