@@ -74,6 +74,7 @@ steps:
     kind: command
     target: node
     needs_approval: true
+    requires: []
     run: ["sysctl", "-w", "vm.drop_caches=3"]
     state_on_success: "{{node}} had its page cache dropped"
   - name: page
@@ -197,6 +198,10 @@ async fn drain_fails_so_reset_is_not_offered_and_escalation_runs() {
         press(&b, &capture, ADMIN, "gpuops_approve", &run).await,
         200
     );
+    // Only the independent drop-caches (`requires: []`) is offered next.
+    wait_request(&b, "drop-caches").await;
+    let (_, v) = b.slack_command(ADMIN, &format!("deny {run}")).await;
+    assert!(text(&v).contains("denied step `drop-caches`"), "{v}");
     wait_reply(&b, "the summary", "🏁").await;
 
     // Slurm is not installed: its alternative (cordon, covered by the same
@@ -220,20 +225,13 @@ async fn drain_fails_so_reset_is_not_offered_and_escalation_runs() {
         ),
         "{all}"
     );
-    assert!(
-        all.contains(
-            "drop-caches (node command, 30s, needs approval) `flow` — skipped: cordon failed"
-        ),
-        "{all}"
-    );
-    assert_eq!(
-        replies
-            .iter()
-            .filter(|r| r.contains("/gpuops approve r"))
-            .count(),
-        1,
-        "only the drain was ever offered: {all}"
-    );
+    let offered: Vec<&String> = replies
+        .iter()
+        .filter(|r| r.contains("/gpuops approve r"))
+        .collect();
+    assert_eq!(offered.len(), 2, "the drain and drop-caches only: {all}");
+    assert!(offered.iter().all(|r| !r.contains(" reset")), "{all}");
+    assert!(all.contains("escalate page"), "{all}");
     let summary = replies.iter().find(|r| r.contains("🏁")).unwrap();
     assert!(
         summary.contains(

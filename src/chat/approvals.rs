@@ -963,8 +963,8 @@ pub async fn expire_due(chat: &Arc<ChatState>) -> Vec<String> {
             chat,
             &row,
             &step,
-            StepStatus::Skipped,
-            "skipped: nobody approved it in time",
+            StepStatus::Expired,
+            "nobody approved it in time",
         )
         .await;
         if let Some(g) = row.group_id {

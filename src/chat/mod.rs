@@ -1393,6 +1393,7 @@ pub fn step_message(
         Error => "⚠️",
         Unavailable => "➖",
         Denied => "🚫",
+        Expired => "⌛",
     };
     let mut head = format!(
         "{icon} {} `{}` — {}",

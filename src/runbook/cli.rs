@@ -7,8 +7,9 @@
 //! Steps with `needs_approval` are confirmed on a terminal; without a
 //! terminal they are refused unless `--yes` is given (the other steps still
 //! run). Which step runs next is decided by [`engine::next_action`], the
-//! same rule as in chat (`when`, `requires`, alternatives; a failed
-//! mitigation skips later independent mitigations; escalation always runs).
+//! same rule as in chat (`when`, `requires`, alternatives; a failed or
+//! declined mitigation holds back the later ones that declare no
+//! dependencies; escalation always runs).
 //! `--step NAME` runs only the named steps. The run ends with the node's
 //! state in plain words ([`engine::node_state`]). The exit status is
 //! non-zero when any step did not succeed. A runbook's `node` parameter,
@@ -263,6 +264,7 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
                 StepStatus::Error => "error",
                 StepStatus::Unavailable => "unavailable",
                 StepStatus::Denied => "denied",
+                StepStatus::Expired => "expired",
             },
             outcome
                 .exit_code

@@ -98,6 +98,8 @@ pub enum StepStatus {
     Unavailable,
     /// Not run: the approval was denied (or declined at the CLI prompt).
     Denied,
+    /// Not run: nobody approved it in time.
+    Expired,
 }
 
 impl StepStatus {
@@ -111,6 +113,7 @@ impl StepStatus {
             StepStatus::Error => "error",
             StepStatus::Unavailable => "unavailable",
             StepStatus::Denied => "denied",
+            StepStatus::Expired => "expired",
         }
     }
 
@@ -124,6 +127,7 @@ impl StepStatus {
             "error" => StepStatus::Error,
             "unavailable" => StepStatus::Unavailable,
             "denied" => StepStatus::Denied,
+            "expired" => StepStatus::Expired,
             _ => return None,
         })
     }
@@ -138,6 +142,7 @@ impl StepStatus {
             StepStatus::Error => "could not be run",
             StepStatus::Unavailable => "is not available there",
             StepStatus::Denied => "was denied",
+            StepStatus::Expired => "was not approved in time",
         }
     }
 }
@@ -163,10 +168,13 @@ pub enum NextAction {
 /// - `when: previous_succeeded`: the last step that got an outcome succeeded.
 /// - `requires`: every named step (or some member of the named alternative
 ///   group) succeeded in this run; a name that did not run here is not met.
-/// - A mitigation without `when`/`requires` is skipped once an earlier
-///   mitigation of this run failed or timed out (it may have half-changed
-///   the node); a denied, skipped, unavailable or unrunnable one does not
-///   block it, because it changed nothing.
+/// - A mitigation without `when`/`requires` is held back by every earlier
+///   mitigation of this run: it is skipped once one of them failed, timed
+///   out, was denied, expired or was skipped (the safe default: a reset
+///   never follows a drain that did not happen). One that was unavailable
+///   (another alternative ran) or could not be run at all (changed nothing)
+///   does not hold it back. `requires: []` declares a mitigation
+///   independent of the earlier ones.
 pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) -> NextAction {
     let Some(ps) = plan.steps.get(index) else {
         return NextAction::Skip("skipped: no such step".into());
@@ -230,15 +238,18 @@ pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) 
             }
         }
     }
-    if step.phase == Phase::Mitigate
-        && step.flow.requires.is_empty()
-        && !step.flow.previous_succeeded
-    {
+    if step.phase == Phase::Mitigate && !step.flow.declared {
         let failed = done.iter().find(|(n, st)| {
-            matches!(st, StepStatus::Failed | StepStatus::TimedOut)
-                && plan
-                    .step(n)
-                    .is_some_and(|p| p.step.phase == Phase::Mitigate)
+            matches!(
+                st,
+                StepStatus::Failed
+                    | StepStatus::TimedOut
+                    | StepStatus::Denied
+                    | StepStatus::Expired
+                    | StepStatus::Skipped
+            ) && plan
+                .step(n)
+                .is_some_and(|p| p.step.phase == Phase::Mitigate)
         });
         if let Some((n, st)) = failed {
             return NextAction::Skip(format!("skipped: {n} {}", st.as_reason()));
@@ -1289,6 +1300,7 @@ steps:
 - {name: reset, phase: mitigate, kind: command, target: node, run: [nvidia-smi], requires: [drain], needs_approval: true, state_on_success: "{{node}} has a freshly reset GPU"}
 - {name: check, phase: mitigate, kind: command, target: node, run: [nvidia-smi], when: previous_succeeded}
 - {name: clear, phase: mitigate, kind: command, target: node, run: [echo]}
+- {name: independent, phase: mitigate, kind: command, target: node, run: [echo], requires: []}
 - {name: page, phase: escalate, kind: command, target: bot, run: [echo]}
 "#;
 
@@ -1324,6 +1336,7 @@ steps:
                 reset: Skip("skipped: drain did not succeed (drain-slurm failed)")
                 check: Skip("skipped: drain-slurm failed")
                 clear: Skip("skipped: drain-slurm failed")
+                independent: Run
                 page: Run
                 state: n1 is NOT drained: drain failed"#]],
         );
@@ -1334,6 +1347,7 @@ steps:
                 reset: Skip("skipped: drain did not succeed (drain-slurm is not available there)")
                 check: Skip("skipped: drain-slurm is not available there")
                 clear: Run
+                independent: Run
                 page: Run
                 state: n1 was not changed; it is still serving jobs"#]],
         );
@@ -1343,7 +1357,8 @@ steps:
                 drain-k8s: Skip("skipped: drain was decided by drain-slurm, which was denied")
                 reset: Skip("skipped: drain did not succeed (drain-slurm was denied)")
                 check: Skip("skipped: drain-slurm was denied")
-                clear: Run
+                clear: Skip("skipped: drain-slurm was denied")
+                independent: Run
                 page: Run
                 state: n1 was not changed; it is still serving jobs"#]],
         );
@@ -1357,6 +1372,7 @@ steps:
             expect![[r#"
                 check: Run
                 clear: Run
+                independent: Run
                 page: Run
                 state: n1 is cordoned; n1 has a freshly reset GPU"#]],
         );
@@ -1369,6 +1385,7 @@ steps:
                 reset: Skip("skipped: drain did not run in this run")
                 check: Skip("skipped: no earlier step ran in this run")
                 clear: Run
+                independent: Run
                 page: Run
                 state: n1 was not changed; it is still serving jobs"#]],
         );

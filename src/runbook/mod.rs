@@ -140,8 +140,13 @@ pub struct Flow {
     /// last one that got an outcome) succeeded.
     pub previous_succeeded: bool,
     /// `requires: [a, b]`: each named earlier step (or alternative group)
-    /// succeeded in this run.
+    /// succeeded in this run. `requires: []` declares that the step depends
+    /// on no earlier step.
     pub requires: Vec<String>,
+    /// `when` or `requires` was given: only they decide. A mitigation
+    /// without either is held back by any earlier mitigation of the run
+    /// that failed, timed out, was denied, expired or was skipped.
+    pub declared: bool,
     /// `alternative: drain`: this step is one member of the group `drain`;
     /// the first member (in file order) that is available runs, the others
     /// are skipped. A member is available unless its `only_if_exists` path
@@ -1615,7 +1620,10 @@ impl Walker {
         let mut flow = Flow::default();
         if let Some(v) = get("when") {
             match v.as_str() {
-                Some("previous_succeeded") => flow.previous_succeeded = true,
+                Some("previous_succeeded") => {
+                    flow.previous_succeeded = true;
+                    flow.declared = true;
+                }
                 _ => self.err(
                     loc,
                     "when",
@@ -1628,7 +1636,8 @@ impl Walker {
         }
         match get("requires") {
             None => {}
-            Some(Value::Sequence(seq)) if !seq.is_empty() => {
+            Some(Value::Sequence(seq)) => {
+                flow.declared = true;
                 for n in seq {
                     match n.as_str() {
                         Some(n) if is_step_name(n) => flow.requires.push(n.to_string()),
@@ -1644,7 +1653,7 @@ impl Walker {
                 loc,
                 "requires",
                 format!(
-                    "must be a non-empty list of step names, got {}",
+                    "must be a list of step names ([] for none), got {}",
                     display_value(v)
                 ),
             ),
