@@ -495,3 +495,56 @@ fn mask(s: &str) -> String {
         .replace_all(s, "TIME")
         .into_owned()
 }
+
+#[tokio::test]
+async fn discord_approve_button_runs_the_same_checks() {
+    let (b, runner, _capture) = bot().await;
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run flow alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    wait_request(&b, "drain-slurm").await;
+    let run = waiting_run(&b);
+    let press = |user: &str, token: &str| {
+        serde_json::json!({
+            "type": 3, "id": "5", "application_id": "223456789012345678", "token": token,
+            "channel_id": "1111111111111111",
+            "member": { "user": { "id": user, "username": format!("u{user}") } },
+            "data": { "custom_id": format!("gpuops:approve:{run}"), "component_type": 2 },
+        })
+        .to_string()
+    };
+    let now = b.clock.now_unix();
+    // A Discord operator is no approver: refused inline, nothing runs.
+    let (s, out) = b
+        .send(discord_request(
+            &b.discord_key,
+            &press("423456789012345678", "t1"),
+            now,
+        ))
+        .await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("needs the admin role"),
+        "{v}"
+    );
+    assert_eq!(runner.programs(), ["echo"]);
+    // A Discord admin's press approves: the drain group runs.
+    let (s, out) = b
+        .send(discord_request(
+            &b.discord_key,
+            &press("323456789012345678", "t2"),
+            now,
+        ))
+        .await;
+    assert_eq!((s, out.as_str()), (200, r#"{"type":5}"#));
+    wait_reply(&b, "the approval note", "approved step `drain-slurm`").await;
+    wait_request(&b, "reset").await;
+    assert_eq!(runner.programs(), ["echo", "kubectl"]);
+    b.stop();
+}

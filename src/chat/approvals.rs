@@ -498,7 +498,7 @@ pub async fn approve(
 /// Denies the step a run waits on: that step is skipped and the run goes on
 /// with the steps that do not depend on it. Admins, or the requester
 /// (withdrawing their own request), may deny.
-pub async fn deny(chat: &Arc<ChatState>, user: &User, id: &str) -> Outcome {
+pub async fn deny(chat: &Arc<ChatState>, user: &User, id: &str, responder: Responder) -> Outcome {
     let who = user.key();
     let role = chat.role_of(user);
     let params = serde_json::json!({ "run": id });
@@ -573,7 +573,7 @@ pub async fn deny(chat: &Arc<ChatState>, user: &User, id: &str) -> Outcome {
     let id2 = id.to_string();
     Outcome::Later {
         ack: Reply::public(note),
-        work: Box::pin(async move { drive(chat2, id2, None, Responder::None).await }),
+        work: Box::pin(async move { drive(chat2, id2, None, responder).await }),
     }
 }
 

@@ -784,7 +784,7 @@ pub async fn handle_command(
             .await
         }
         Command::Approve { run } => approvals::approve(chat, user, &run, responder).await,
-        Command::Deny { run } => approvals::deny(chat, user, &run).await,
+        Command::Deny { run } => approvals::deny(chat, user, &run, responder).await,
     }
 }
 
@@ -865,7 +865,7 @@ pub async fn handle_button(
             .await
         }
         ButtonAction::Approve { run } => approvals::approve(chat, user, &run, responder).await,
-        ButtonAction::Deny { run } => approvals::deny(chat, user, &run).await,
+        ButtonAction::Deny { run } => approvals::deny(chat, user, &run, responder).await,
     }
 }
 
