@@ -1038,6 +1038,20 @@ impl Walker {
             Some(v) => self.params(v),
         };
         let steps_before = self.errors.len();
+        // Every step's name as written, valid step or not: `requires` may
+        // name a step that has errors of its own without being "unknown".
+        let raw_names: Vec<String> = match get("steps") {
+            Some(Value::Sequence(seq)) => seq
+                .iter()
+                .map(|v| {
+                    v.get("name")
+                        .and_then(|n| n.as_str())
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         let steps = match get("steps") {
             Some(Value::Sequence(seq)) if !seq.is_empty() => {
                 let mut steps = Vec::new();
@@ -1075,7 +1089,7 @@ impl Walker {
                 );
             }
         }
-        self.check_flow(&steps);
+        self.check_flow(&steps, &raw_names);
         // Unused parameters are reported only when every step is valid (a
         // broken step would make its parameters look unused).
         let steps_ok = self.errors.len() == steps_before;
@@ -1706,17 +1720,19 @@ impl Walker {
     /// Names in `requires` and `when` point only backwards, at steps or
     /// alternative groups that exist; alternative groups have two or more
     /// members of one phase and do not reuse a step's name.
-    fn check_flow(&mut self, steps: &[Step]) {
+    fn check_flow(&mut self, steps: &[Step], raw_names: &[String]) {
         let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, s) in steps.iter().enumerate() {
             if let Some(g) = &s.flow.alternative {
                 groups.entry(g.as_str()).or_default().push(i);
             }
         }
+        let raw_pos = |name: &str| raw_names.iter().position(|n| n == name);
+        let loc_of = |s: &Step| format!("steps[{}] {}", raw_pos(&s.name).unwrap_or(0), s.name);
         for (g, members) in &groups {
             let first = &steps[members[0]];
-            let loc = format!("steps[{}] {}", members[0], first.name);
-            if steps.iter().any(|s| s.name == *g) {
+            let loc = loc_of(first);
+            if raw_pos(g).is_some() {
                 self.err(
                     &loc,
                     "alternative",
@@ -1738,8 +1754,9 @@ impl Walker {
                 );
             }
         }
-        for (i, s) in steps.iter().enumerate() {
-            let loc = format!("steps[{i}] {}", s.name);
+        for s in steps {
+            let loc = loc_of(s);
+            let i = raw_pos(&s.name).unwrap_or(0);
             if s.flow.previous_succeeded && i == 0 {
                 self.err(
                     &loc,
@@ -1748,9 +1765,12 @@ impl Walker {
                 );
             }
             for r in &s.flow.requires {
-                let at: Vec<usize> = match steps.iter().position(|t| t.name == *r) {
+                let at: Vec<usize> = match raw_pos(r) {
                     Some(j) => vec![j],
-                    None => groups.get(r.as_str()).cloned().unwrap_or_default(),
+                    None => groups
+                        .get(r.as_str())
+                        .map(|m| m.iter().filter_map(|&k| raw_pos(&steps[k].name)).collect())
+                        .unwrap_or_default(),
                 };
                 if at.is_empty() {
                     self.err(
