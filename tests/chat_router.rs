@@ -848,8 +848,8 @@ async fn shipped_gpu_reset_runbook_from_its_alert_investigates_then_waits_and_de
             .is_some_and(|r| r.contains("/gpuops approve r") && !r.contains("drain-slurm"))
     })
     .await;
-    // Only investigations ran: the denied drain holds back every later
-    // mitigation (none declares its own dependencies).
+    // Only investigations ran: the denied drain decides the `drain` group,
+    // and every later mitigation requires it (or a step that does).
     let calls = runner.calls();
     assert!(
         calls.iter().all(|c| !c
@@ -860,7 +860,7 @@ async fn shipped_gpu_reset_runbook_from_its_alert_investigates_then_waits_and_de
     );
     let all = b.slack.replies().join("\n");
     assert!(
-        all.contains("cordon-kubernetes (bot command, 30s, needs approval) `gpu-reset` — skipped: drain-slurm was denied"),
+        all.contains("cordon-kubernetes (bot command, 30s, needs approval) `gpu-reset` — skipped: drain was decided by drain-slurm, which was denied"),
         "{all}"
     );
     b.stop();
