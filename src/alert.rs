@@ -517,6 +517,8 @@ pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Me
         alertmanager_url,
         buttons,
         is_test,
+        common_labels: shared,
+        escalation: None,
     }))
 }
 

@@ -23,7 +23,9 @@ use crate::cli::{AuditArgs, BotArgs};
 use crate::config::BotConfig;
 use crate::notify::console::ConsoleNotifier;
 use crate::notify::discord::DiscordNotifier;
+use crate::notify::email::EmailNotifier;
 use crate::notify::outbox::{Notifiers, Worker};
+use crate::notify::pagerduty::PagerDutyNotifier;
 use crate::notify::slack::SlackNotifier;
 use crate::notify::webhook::WebhookNotifier;
 use crate::notify::{Notifier, Outbox};
@@ -157,11 +159,22 @@ pub fn build_notifiers(cfg: &BotConfig) -> anyhow::Result<Notifiers> {
     let webhook = WebhookNotifier::new(&cfg.routing, timeout)
         .context("cannot set up the webhook client")?
         .map(|w| Arc::new(w) as Arc<dyn Notifier>);
+    let pagerduty = PagerDutyNotifier::new(&cfg.routing, &cfg.pagerduty.api_url, timeout)
+        .context("cannot set up the PagerDuty client")?
+        .map(|n| Arc::new(n) as Arc<dyn Notifier>);
+    let email = match &cfg.email {
+        Some(e) => Some(Arc::new(
+            EmailNotifier::new(e, timeout).context("cannot set up the SMTP client")?,
+        ) as Arc<dyn Notifier>),
+        None => None,
+    };
     Ok(Notifiers {
         slack,
         discord,
         webhook,
         console: Arc::new(ConsoleNotifier::new()),
+        pagerduty,
+        email,
     })
 }
 

@@ -79,6 +79,8 @@ pub struct Notifiers {
     pub discord: Option<Arc<dyn Notifier>>,
     pub webhook: Option<Arc<dyn Notifier>>,
     pub console: Arc<dyn Notifier>,
+    pub pagerduty: Option<Arc<dyn Notifier>>,
+    pub email: Option<Arc<dyn Notifier>>,
 }
 
 impl Notifiers {
@@ -92,6 +94,11 @@ impl Notifiers {
                 self.webhook.clone().map(|n| (n, id.clone()))
             }
             Target::Console => Some((self.console.clone(), String::new())),
+            Target::PagerDuty(id) => {
+                cfg.routing.pagerduty_key(id)?;
+                self.pagerduty.clone().map(|n| (n, id.clone()))
+            }
+            Target::Email(a) => self.email.clone().map(|n| (n, a.clone())),
         }
     }
 }
