@@ -867,7 +867,14 @@ async fn ack(chat: &Arc<ChatState>, user: &User, target: &str) -> Outcome {
     let mut done = Vec::new();
     for g in &groups {
         match chat.bot.outbox.acknowledge(g.id, &user.display()).await {
-            Ok(true) => done.push(g.id),
+            Ok(true) => {
+                done.push(g.id);
+                chat.bot
+                    .metrics
+                    .acknowledgements
+                    .with_label_values(&[user.platform.as_str()])
+                    .inc();
+            }
             Ok(false) => {}
             Err(e) => {
                 tracing::error!(error = %e, group_id = g.id, "cannot record the acknowledgement");

@@ -277,7 +277,13 @@ impl Worker {
                         alertmanager: self.config.alertmanager.as_ref().map(|a| a.url.clone()),
                         suggest_runbook: self.suggest_runbook.clone(),
                     };
-                    (alert::render_group(&g, &self.config.routing, &links), g.rev)
+                    let mut m = alert::render_group(&g, &self.config.routing, &links);
+                    if let Message::Alert(a) = &mut m {
+                        if let Ok(Some((step, of))) = self.store.escalation_step(g.id).await {
+                            a.escalation = Some(crate::notify::EscalationStep { step, of });
+                        }
+                    }
+                    (m, g.rev)
                 }
                 Ok(None) => {
                     // The group is gone (should not happen): nothing to show.
