@@ -561,6 +561,16 @@ digest = true"#,
     for (slot, _, _) in &slots_before {
         assert!(seen.insert(slot.to_bits()), "a slot claimed twice");
     }
+    // Stay down over at least one slot, and come back 1.2-1.8 s after one,
+    // so the slot missed while down is owed (and late).
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    loop {
+        let frac = gpuops::store::now() % 2.0;
+        if (1.2..1.8).contains(&frac) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     bot_restart_and_check(&text, &smtp, &slots_before).await;
 }
 
@@ -575,12 +585,140 @@ async fn bot_restart_and_check(text: &str, smtp: &Smtp, before: &[(f64, bool, i6
         assert!(seen.insert(slot.to_bits()), "slot claimed twice: {slots:?}");
     }
     let sent = slots.iter().filter(|(_, _, g)| *g > 0).count();
-    assert_eq!(
-        smtp.messages().len(),
-        sent,
-        "one mail per non-empty slot: {slots:?}"
-    );
-    assert!(slots.len() > before.len());
+    let mails = smtp.messages();
+    assert_eq!(mails.len(), sent, "one mail per non-empty slot: {slots:?}");
     assert!(n_before <= sent);
+    // The slot missed while down: sent once on start, marked late; only
+    // the latest missed slot is owed.
+    let new: Vec<_> = slots[before.len()..].to_vec();
+    assert!(new.len() >= 2, "{slots:?}");
+    assert!(new[0].1, "the missed slot is marked late: {slots:?}");
+    assert!(!new[1].1, "{slots:?}");
+    assert!(new[0].0 - before.last().unwrap().0 >= 2.0, "{slots:?}");
+    let late_mail = &mails[n_before];
+    assert!(
+        header(late_mail, "Subject").unwrap().contains("[late]"),
+        "{late_mail}"
+    );
+    assert!(!header(&mails[n_before + 1], "Subject")
+        .unwrap()
+        .contains("[late]"));
     bot.stop().await;
+}
+
+/// The real binary, `kill -9`ed between escalation steps twice: every step
+/// fires exactly once, none is lost, and PagerDuty sees one trigger per
+/// routing key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalation_steps_survive_kill_9_of_the_real_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let pd = FakePagerDuty::start().await;
+    let esc = format!(
+        r#"[routing.destinations.escalation]
+after = "1s"
+notify = ["slack:CLEADS", "pagerduty:{}"]
+repeat_every = "1s"
+max_repeats = 4"#,
+        dir.path().join("leads.key").display()
+    );
+    let cfg_path = dir.path().join("bot.toml");
+    std::fs::write(&cfg_path, config(dir.path(), &slack, &pd, &esc, "")).unwrap();
+    let spawn = |name: &str| {
+        let port = support::free_port();
+        let child = std::process::Command::new(support::gpuops())
+            .args(["bot", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+            .arg(&cfg_path)
+            .current_dir(dir.path())
+            .env_remove("STATE_DIRECTORY")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap())
+            .spawn()
+            .unwrap();
+        (child, format!("http://127.0.0.1:{port}"))
+    };
+    let steps = |slack: &FakeApi| -> Vec<String> {
+        slack
+            .requests()
+            .iter()
+            .filter(|r| r.body["channel"] == "CLEADS" && r.raw.contains("Escalation step"))
+            .map(|r| r.body["text"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let wait_steps = |n: usize| {
+        let slack = slack.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while steps(&slack).len() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "expected {n} steps: {:?}",
+                    steps(&slack)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let (mut bot, base) = spawn("first");
+    support::wait_http_ok(&format!("{base}/healthz"), WAIT).await;
+    let r = reqwest::Client::new()
+        .post(format!("{base}/alertmanager"))
+        .bearer_auth("hook-token-s3cret")
+        .header("content-type", "application/json")
+        .body(am_payload(
+            "GpuFellOffBus",
+            "firing",
+            &[("n1:9949", "critical", "firing")],
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    wait_steps(1).await;
+    // Let the delivery be recorded, then SIGKILL; stay down past step 2's due time.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = bot.kill();
+    let _ = bot.wait();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (mut bot, base) = spawn("second");
+    support::wait_http_ok(&format!("{base}/healthz"), WAIT).await;
+    wait_steps(3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = bot.kill();
+    let _ = bot.wait();
+    let (mut bot, base) = spawn("third");
+    support::wait_http_ok(&format!("{base}/healthz"), WAIT).await;
+    wait_steps(5).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let s = steps(&slack);
+    for n in 1..=5 {
+        let count = s
+            .iter()
+            .filter(|t| t.contains(&format!("step {n} of 5")))
+            .count();
+        assert_eq!(count, 1, "step {n} fired {count} times: {s:?}");
+    }
+    assert_eq!(s.len(), 5, "{s:?}");
+    let triggers: Vec<(String, String)> = pd
+        .events()
+        .iter()
+        .filter(|e| e.action() == "trigger")
+        .map(|e| (e.routing_key().to_string(), e.dedup_key().to_string()))
+        .collect();
+    assert_eq!(
+        triggers.len(),
+        2,
+        "one incident per routing key: {triggers:?}"
+    );
+    assert_ne!(triggers[0].0, triggers[1].0);
+    assert!(pd.invalid().is_empty(), "{:?}", pd.invalid());
+    let m = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("gpuops_escalations_total"), "{m}");
+    let _ = bot.kill();
+    let _ = bot.wait();
 }

@@ -195,8 +195,9 @@ pub fn next_slot(d: &DigestConfig, now: f64) -> Option<f64> {
 }
 
 /// One pass of the digest: send the latest slot that is due and not yet
-/// claimed. Returns the slot claimed, if any.
-pub async fn digest_once(state: &BotState, d: &DigestConfig) -> Option<f64> {
+/// claimed; a slot before `started` (missed while the bot was down) is
+/// marked late. Returns the slot claimed, if any.
+pub async fn digest_once(state: &BotState, d: &DigestConfig, started: f64) -> Option<f64> {
     let store: &Store = &state.store;
     let now = store::now();
     let last = match store.last_digest_slot().await {
@@ -213,7 +214,7 @@ pub async fn digest_once(state: &BotState, d: &DigestConfig) -> Option<f64> {
         }
     };
     let slot = due_slot(d, last, now)?;
-    let late = now - slot > 60.0;
+    let late = slot < started - 1.0;
     let groups = match store.digest_groups(last).await {
         Ok(g) => g,
         Err(e) => {
@@ -277,8 +278,9 @@ pub async fn digest_once(state: &BotState, d: &DigestConfig) -> Option<f64> {
 
 async fn digest_loop(state: Arc<BotState>, d: DigestConfig, mut stop: watch::Receiver<bool>) {
     tracing::info!(schedule = %d.schedule_text, timezone = %d.timezone, "digest worker started");
+    let started = store::now();
     loop {
-        digest_once(&state, &d).await;
+        digest_once(&state, &d, started).await;
         let now = store::now();
         let wait = next_slot(&d, now)
             .map(|n| (n - now).clamp(0.05, 60.0))

@@ -95,13 +95,15 @@ impl Store {
                         EXISTS (SELECT 1 FROM escalations e WHERE e.group_id=g.id)
                  FROM alert_groups g
                  WHERE g.status='firing'
+                   AND g.tier IN (SELECT value FROM json_each(?1))
                    AND NOT EXISTS (SELECT 1 FROM acks a WHERE a.group_id=g.id)
                    AND NOT EXISTS (SELECT 1 FROM escalations e
                                    WHERE e.group_id=g.id AND e.state!='resolved')
                  ORDER BY g.id LIMIT 500",
             )?;
+            let tiers = serde_json::to_string(&tiers).unwrap_or_default();
             let rows = st
-                .query_map([], |r| {
+                .query_map([tiers], |r| {
                     Ok(EscalationCandidate {
                         group_id: r.get(0)?,
                         tier: r.get(1)?,
@@ -111,10 +113,7 @@ impl Store {
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows
-                .into_iter()
-                .filter(|r| tiers.contains(&r.tier))
-                .collect())
+            Ok(rows)
         })
         .await
     }
