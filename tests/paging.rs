@@ -722,3 +722,107 @@ max_repeats = 4"#,
     let _ = bot.kill();
     let _ = bot.wait();
 }
+
+/// SMTP 4xx is retried through the outbox, 5xx is a dead letter with the
+/// server's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs python3-aiosmtpd; run by .ci/run"]
+async fn email_4xx_retries_and_5xx_is_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start_picky(dir.path()).expect("python3-aiosmtpd is not installed");
+    let slack = FakeApi::slack().await;
+    let pd = FakePagerDuty::start().await;
+    let extra = format!(
+        r#"[email]
+smtp_url = "smtp://127.0.0.1:{port}"
+from = "gpuops@example.com"
+[[routing.destinations]]
+tiers = ["P3"]
+email = ["temp-oncall@example.com", "perm-gone@example.com"]"#,
+        port = smtp.port
+    );
+    let text = config(dir.path(), &slack, &pd, "", "")
+        .replace("[delivery]", &format!("{extra}\n[delivery]"));
+    let bot = Bot::start(&text).await;
+    bot.post(&am_payload(
+        "GpuHot",
+        "firing",
+        &[("n2:9949", "warning", "firing")],
+    ))
+    .await;
+    let mails = smtp.wait_for(1, WAIT).await;
+    assert_eq!(header(&mails[0], "To").unwrap(), "temp-oncall@example.com");
+    let deadline = Instant::now() + WAIT;
+    let dead = loop {
+        let dl = bot.state.store.dead_letters().await.unwrap();
+        if let Some(d) = dl
+            .into_iter()
+            .find(|d| d.destination == "email:perm-gone@example.com")
+        {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "no dead letter for the 550");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        dead.error.contains("550") || dead.error.contains("no such user"),
+        "{}",
+        dead.error
+    );
+    assert_eq!(dead.attempts, 1, "a 5xx is not retried");
+    let m = bot.metrics().await;
+    assert!(
+        m.contains(r#"gpuops_notifications_total{outcome="retry",platform="email"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"gpuops_notifications_total{outcome="dead_letter",platform="email"} 1"#),
+        "{m}"
+    );
+    assert_eq!(smtp.messages().len(), 1);
+    bot.stop().await;
+}
+
+/// `gpuops check-config --bot` reports every paging error at once, with
+/// file and line, and fails.
+#[test]
+fn check_config_reports_every_paging_error_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bot.toml");
+    std::fs::write(
+        &path,
+        r#"[email]
+smtp_url = "smtp://mail.example.com"
+from = "gpuops@example.com"
+[digest]
+schedule = "every morning"
+timezone = "Europe/Atlantis"
+[[routing.destinations]]
+tiers = ["P1"]
+pagerduty_routing_key = "abc"
+[routing.destinations.escalation]
+after = "10 minutes please"
+notify = ["slack:C0LEADS", "pagerduty:missing.key"]
+"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(support::gpuops())
+        .args(["check-config", "--bot"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let p = path.display().to_string();
+    for want in [
+        format!("{p}:2: email.smtp_url: plain SMTP to mail.example.com"),
+        format!("{p}:5: digest.schedule:"),
+        format!("{p}:6: digest.timezone:"),
+        format!("{p}:9: routing.destinations[0].pagerduty_routing_key:"),
+        format!("{p}:11: routing.destinations[0].escalation.after:"),
+        format!("{p}:12: routing.destinations[0].escalation.notify: \"slack:C0LEADS\" needs a [slack] section"),
+        format!("{p}:12: routing.destinations[0].escalation.notify: \"pagerduty:missing.key\": cannot read"),
+    ] {
+        assert!(err.contains(&want), "missing {want:?} in:\n{err}");
+    }
+}

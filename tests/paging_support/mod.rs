@@ -197,6 +197,34 @@ pub struct Smtp {
 impl Smtp {
     /// `None` when `/usr/bin/python3 -m aiosmtpd` is not installed.
     pub fn start(dir: &Path) -> Option<Smtp> {
+        Smtp::start_with(dir, "aiosmtpd.handlers.Mailbox")
+    }
+
+    /// An SMTP server that answers RCPT TO `perm…` with 550, and the first
+    /// RCPT TO of each `temp…` address with 451; it stores the rest.
+    pub fn start_picky(dir: &Path) -> Option<Smtp> {
+        std::fs::write(
+            dir.join("gpuops_test_smtp.py"),
+            r#"from aiosmtpd.handlers import Mailbox
+
+class Picky(Mailbox):
+    seen = set()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("perm"):
+            return "550 5.1.1 no such user here"
+        if address.startswith("temp") and address not in Picky.seen:
+            Picky.seen.add(address)
+            return "451 4.3.0 try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+"#,
+        )
+        .unwrap();
+        Smtp::start_with(dir, "gpuops_test_smtp.Picky")
+    }
+
+    fn start_with(dir: &Path, class: &str) -> Option<Smtp> {
         let ok = std::process::Command::new("/usr/bin/python3")
             .args(["-c", "import aiosmtpd"])
             .status()
@@ -217,9 +245,10 @@ impl Smtp {
                 "-l",
                 &format!("127.0.0.1:{port}"),
                 "-c",
-                "aiosmtpd.handlers.Mailbox",
+                class,
                 maildir.to_str().unwrap(),
             ])
+            .env("PYTHONPATH", dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
