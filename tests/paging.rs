@@ -826,3 +826,67 @@ notify = ["slack:C0LEADS", "pagerduty:missing.key"]
         assert!(err.contains(&want), "missing {want:?} in:\n{err}");
     }
 }
+
+/// A group that resolves and fires again escalates again; while it is
+/// resolved, a due step does not fire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_firing_again_escalates_again_and_a_resolve_stops_a_due_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let pd = FakePagerDuty::start().await;
+    let esc = r#"[routing.destinations.escalation]
+after = "1s"
+notify = ["slack:CLEADS"]"#;
+    let bot = Bot::start(&config(dir.path(), &slack, &pd, esc, "")).await;
+    let steps = |slack: &FakeApi| {
+        slack
+            .requests()
+            .iter()
+            .filter(|r| r.body["channel"] == "CLEADS" && r.raw.contains("Escalation step 1 of 1"))
+            .count()
+    };
+    // Each time it fires again the alert starts anew (a new startsAt).
+    let at = |n: u32| -> (String, String) {
+        let f = am_payload(
+            "GpuFellOffBus",
+            "firing",
+            &[("n1:9949", "critical", "firing")],
+        );
+        let r = am_payload(
+            "GpuFellOffBus",
+            "resolved",
+            &[("n1:9949", "critical", "resolved")],
+        );
+        let t = format!("2026-01-0{n}T00:00:00Z");
+        (
+            f.replace("2026-01-01T00:00:00Z", &t),
+            r.replace("2026-01-01T00:00:00Z", &t),
+        )
+    };
+    let (firing, resolved) = at(1);
+    bot.post(&firing).await;
+    let deadline = Instant::now() + WAIT;
+    while steps(&slack) < 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bot.post(&resolved).await;
+    tokio::time::sleep(Duration::from_millis(5200)).await; // one sweep at least
+                                                           // Fires again: a new escalation; resolved before it is due: no step.
+    let (firing, resolved) = at(2);
+    bot.post(&firing).await;
+    let deadline = Instant::now() + WAIT;
+    while steps(&slack) < 2 {
+        assert!(Instant::now() < deadline, "no second escalation");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bot.post(&resolved).await;
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+    let (firing, resolved) = at(3);
+    bot.post(&firing).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bot.post(&resolved).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(steps(&slack), 2);
+    bot.stop().await;
+}

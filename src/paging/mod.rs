@@ -121,6 +121,13 @@ pub async fn escalate_once(state: &BotState) -> Duration {
         Err(e) => tracing::error!(error = %e, "cannot read escalation candidates"),
     }
     let now = store::now();
+    // Write only when a step is due, or now and then to end the
+    // escalations of resolved groups.
+    let due = matches!(state.store.next_escalation_due().await, Ok(Some(at)) if at <= now);
+    let sweep = (now as u64) % 5 == 0;
+    if !due && !sweep {
+        return next_wait(state).await;
+    }
     match state
         .store
         .fire_due_escalations(now, plans(routing), Arc::new(step_text))
@@ -148,6 +155,10 @@ pub async fn escalate_once(state: &BotState) -> Duration {
         }
         Err(e) => tracing::error!(error = %e, "cannot fire due escalations"),
     }
+    next_wait(state).await
+}
+
+async fn next_wait(state: &BotState) -> Duration {
     match state.store.next_escalation_due().await {
         Ok(Some(at)) => {
             Duration::from_secs_f64((at - store::now()).clamp(0.0, CANDIDATE_POLL.as_secs_f64()))

@@ -326,6 +326,14 @@ fn fire_due_tx(
     plans: &[EscalationPlan],
     text: &(dyn Fn(i64, u32, u32) -> String + Send + Sync),
 ) -> Result<Vec<FiredStep>> {
+    // Groups that resolved end their escalations, so firing again starts a
+    // new one (an acknowledged group's stays stopped while it fires).
+    c.execute(
+        "UPDATE escalations SET state='resolved', due_at=NULL
+         WHERE state!='resolved'
+           AND group_id IN (SELECT id FROM alert_groups WHERE status='resolved')",
+        [],
+    )?;
     let due: Vec<(i64, i64, u32, u32, f64)> = {
         let mut st = c.prepare_cached(
             "SELECT group_id, dest, step, steps, due_at FROM escalations
