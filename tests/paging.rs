@@ -528,6 +528,7 @@ timezone = "Europe/Berlin"
 [[routing.destinations]]
 tiers = ["P4"]
 email = ["gpu-capacity@example.com"]
+slack_channel = "CCAP"
 digest = true"#,
         port = smtp.port
     );
@@ -571,10 +572,24 @@ digest = true"#,
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    bot_restart_and_check(&text, &smtp, &slots_before).await;
+    bot_restart_and_check(&text, &smtp, &slack, &slots_before).await;
 }
 
-async fn bot_restart_and_check(text: &str, smtp: &Smtp, before: &[(f64, bool, i64)]) {
+fn slack_requests_to(slack: &FakeApi, channel: &str) -> Vec<String> {
+    slack
+        .requests()
+        .iter()
+        .filter(|r| r.body["channel"] == channel)
+        .map(|r| r.raw.clone())
+        .collect()
+}
+
+async fn bot_restart_and_check(
+    text: &str,
+    smtp: &Smtp,
+    slack: &FakeApi,
+    before: &[(f64, bool, i64)],
+) {
     let n_before = smtp.messages().len();
     let bot = Bot::start(text).await;
     tokio::time::sleep(Duration::from_millis(3000)).await;
@@ -595,6 +610,10 @@ async fn bot_restart_and_check(text: &str, smtp: &Smtp, before: &[(f64, bool, i6
     assert!(new[0].1, "the missed slot is marked late: {slots:?}");
     assert!(!new[1].1, "{slots:?}");
     assert!(new[0].0 - before.last().unwrap().0 >= 2.0, "{slots:?}");
+    // The destination's chat channel gets the same digest, once per slot.
+    let chat: Vec<_> = slack_requests_to(slack, "CCAP");
+    assert_eq!(chat.len(), sent, "{chat:?}");
+    assert!(chat.iter().all(|t| t.contains("P4 digest")), "{chat:?}");
     let late_mail = &mails[n_before];
     assert!(
         header(late_mail, "Subject").unwrap().contains("[late]"),
