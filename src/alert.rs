@@ -518,6 +518,8 @@ pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Me
         alertmanager_url,
         buttons,
         is_test,
+        common_labels: shared,
+        escalation: None,
     }))
 }
 

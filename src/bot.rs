@@ -23,7 +23,9 @@ use crate::cli::{AuditArgs, BotArgs};
 use crate::config::BotConfig;
 use crate::notify::console::ConsoleNotifier;
 use crate::notify::discord::DiscordNotifier;
+use crate::notify::email::EmailNotifier;
 use crate::notify::outbox::{Notifiers, Worker};
+use crate::notify::pagerduty::PagerDutyNotifier;
 use crate::notify::slack::SlackNotifier;
 use crate::notify::webhook::WebhookNotifier;
 use crate::notify::{Notifier, Outbox};
@@ -50,6 +52,10 @@ pub struct BotMetrics {
     pub notifications: prometheus::IntCounterVec,
     /// `gpuops_outbox_pending`.
     pub outbox_pending: prometheus::IntGauge,
+    /// `gpuops_escalations_total{step}`: escalation steps fired.
+    pub escalations: prometheus::IntCounterVec,
+    /// `gpuops_acknowledgements_total{source}`: `slack`, `discord`, `pagerduty`.
+    pub acknowledgements: prometheus::IntCounterVec,
 }
 
 impl BotMetrics {
@@ -67,7 +73,7 @@ impl BotMetrics {
         let notifications = IntCounterVec::new(
             Opts::new(
                 "gpuops_notifications_total",
-                "Chat platform calls by platform and outcome (sent, rate_limited, retry, dead_letter).",
+                "Notifier calls (slack, discord, webhook, console, pagerduty, email) by platform and outcome (sent, rate_limited, retry, dead_letter).",
             ),
             &["platform", "outcome"],
         )
@@ -77,10 +83,28 @@ impl BotMetrics {
             "Deliveries waiting in the outbox (posts, edits, thread replies).",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let escalations = IntCounterVec::new(
+            Opts::new(
+                "gpuops_escalations_total",
+                "Escalation steps fired (a group not acknowledged in time), by step number.",
+            ),
+            &["step"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let acknowledgements = IntCounterVec::new(
+            Opts::new(
+                "gpuops_acknowledgements_total",
+                "Alert groups acknowledged, by where (slack, discord, pagerduty).",
+            ),
+            &["source"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         for c in [
             Box::new(alerts_received.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(notifications.clone()),
             Box::new(outbox_pending.clone()),
+            Box::new(escalations.clone()),
+            Box::new(acknowledgements.clone()),
         ] {
             let _ = registry.register(c);
         }
@@ -89,6 +113,8 @@ impl BotMetrics {
             alerts_received,
             notifications,
             outbox_pending,
+            escalations,
+            acknowledgements,
         }
     }
 
@@ -157,11 +183,22 @@ pub fn build_notifiers(cfg: &BotConfig) -> anyhow::Result<Notifiers> {
     let webhook = WebhookNotifier::new(&cfg.routing, timeout)
         .context("cannot set up the webhook client")?
         .map(|w| Arc::new(w) as Arc<dyn Notifier>);
+    let pagerduty = PagerDutyNotifier::new(&cfg.routing, &cfg.pagerduty.api_url, timeout)
+        .context("cannot set up the PagerDuty client")?
+        .map(|n| Arc::new(n) as Arc<dyn Notifier>);
+    let email = match &cfg.email {
+        Some(e) => Some(Arc::new(
+            EmailNotifier::new(e, timeout).context("cannot set up the SMTP client")?,
+        ) as Arc<dyn Notifier>),
+        None => None,
+    };
     Ok(Notifiers {
         slack,
         discord,
         webhook,
         console: Arc::new(ConsoleNotifier::new()),
+        pagerduty,
+        email,
     })
 }
 
@@ -180,6 +217,10 @@ pub fn router_with(state: Arc<BotState>, extra: Router) -> Router {
         .route(
             "/alertmanager",
             post(alert::receive).layer(DefaultBodyLimit::max(max)),
+        )
+        .route(
+            "/pagerduty/webhook",
+            post(crate::paging::webhook::receive).layer(DefaultBodyLimit::max(1024 * 1024)),
         )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -312,6 +353,7 @@ pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
             .await
     });
     spawn_pruner(state.clone(), stop_rx.clone());
+    crate::paging::spawn(state.clone(), stop_rx.clone());
 
     if cfg.source.is_none() {
         tracing::info!(

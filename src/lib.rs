@@ -19,6 +19,7 @@ pub mod gpu;
 pub mod host;
 pub mod inventory;
 pub mod notify;
+pub mod paging;
 pub mod routing;
 pub mod runbook;
 pub mod signing;

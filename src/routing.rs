@@ -115,6 +115,11 @@ pub enum Target {
     /// A generic JSON webhook, known by a hash of its URL.
     Webhook(String),
     Console,
+    /// A PagerDuty Events API v2 integration, known by a hash of its
+    /// routing key (see [`pagerduty_id`]).
+    PagerDuty(String),
+    /// One email address.
+    Email(String),
 }
 
 impl Target {
@@ -125,6 +130,8 @@ impl Target {
             Target::Discord(c) => format!("discord:{c}"),
             Target::Webhook(h) => format!("webhook:{h}"),
             Target::Console => "console".into(),
+            Target::PagerDuty(h) => format!("pagerduty:{h}"),
+            Target::Email(a) => format!("email:{a}"),
         }
     }
 
@@ -133,6 +140,8 @@ impl Target {
             Some(("slack", c)) if !c.is_empty() => Some(Target::Slack(c.into())),
             Some(("discord", c)) => c.parse().ok().map(Target::Discord),
             Some(("webhook", h)) if !h.is_empty() => Some(Target::Webhook(h.into())),
+            Some(("pagerduty", h)) if !h.is_empty() => Some(Target::PagerDuty(h.into())),
+            Some(("email", a)) if !a.is_empty() => Some(Target::Email(a.into())),
             None if key == "console" => Some(Target::Console),
             _ => None,
         }
@@ -145,6 +154,8 @@ impl Target {
             Target::Discord(_) => "discord",
             Target::Webhook(_) => "webhook",
             Target::Console => "console",
+            Target::PagerDuty(_) => "pagerduty",
+            Target::Email(_) => "email",
         }
     }
 }
@@ -153,6 +164,35 @@ impl Target {
 pub fn webhook_id(url: &Secret) -> String {
     let digest = sha2::Sha256::digest(url.expose().as_bytes());
     hex::encode(&digest[..6])
+}
+
+/// The stable, secret-free id of a PagerDuty routing key.
+pub fn pagerduty_id(routing_key: &Secret) -> String {
+    let digest = sha2::Sha256::digest(routing_key.expose().as_bytes());
+    hex::encode(&digest[..6])
+}
+
+/// `[routing.destinations.escalation]`: while a group this destination
+/// received is neither acknowledged nor resolved, `after` its first
+/// notification it goes to `notify`, then again every `repeat_every`, at
+/// most `max_repeats` more times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Escalation {
+    pub after: std::time::Duration,
+    pub notify: Vec<Target>,
+    pub repeat_every: Option<std::time::Duration>,
+    pub max_repeats: u32,
+}
+
+impl Escalation {
+    /// How many steps there are in all (the first plus the repeats).
+    pub fn steps(&self) -> u32 {
+        if self.repeat_every.is_some() {
+            1 + self.max_repeats
+        } else {
+            1
+        }
+    }
 }
 
 /// One `[[routing.destinations]]` entry, validated.
@@ -165,9 +205,33 @@ pub struct Destination {
     pub discord_channel: Option<u64>,
     pub webhook_url: Option<Secret>,
     pub console: bool,
+    /// Events API v2 routing key (`pagerduty_routing_key[_file]`).
+    pub pagerduty_routing_key: Option<Secret>,
+    /// Email addresses (`email`), validated.
+    pub email: Vec<String>,
+    /// P4 groups wait for the `[digest]` instead of one message each.
+    pub digest: bool,
+    pub escalation: Option<Escalation>,
 }
 
 impl Destination {
+    /// A destination with only tiers and a Slack channel (tests, defaults).
+    pub fn new(tiers: Vec<Tier>) -> Destination {
+        Destination {
+            tiers,
+            matchers: Vec::new(),
+            slack_channel: None,
+            discord_channel: None,
+            webhook_url: None,
+            console: false,
+            pagerduty_routing_key: None,
+            email: Vec::new(),
+            digest: false,
+            escalation: None,
+        }
+    }
+
+    /// Every target this destination names.
     pub fn targets(&self) -> Vec<Target> {
         let mut out = Vec::new();
         if let Some(c) = &self.slack_channel {
@@ -182,10 +246,16 @@ impl Destination {
         if self.console {
             out.push(Target::Console);
         }
+        if let Some(k) = &self.pagerduty_routing_key {
+            out.push(Target::PagerDuty(pagerduty_id(k)));
+        }
+        for a in &self.email {
+            out.push(Target::Email(a.clone()));
+        }
         out
     }
 
-    fn matches(&self, tier: Tier, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, tier: Tier, labels: &BTreeMap<String, String>) -> bool {
         self.tiers.contains(&tier)
             && self
                 .matchers
@@ -201,6 +271,9 @@ pub struct Routing {
     /// Lower-case severity value → tier (defaults plus overrides).
     pub severity: BTreeMap<String, Tier>,
     pub destinations: Vec<Destination>,
+    /// `pagerduty_id(key)` → routing key, for every key named by a
+    /// destination or an escalation (`pagerduty:FILE`).
+    pub pagerduty_keys: BTreeMap<String, Secret>,
 }
 
 impl Default for Routing {
@@ -210,13 +283,10 @@ impl Default for Routing {
             default_tier: Tier::P3,
             severity: default_severity_map(),
             destinations: vec![Destination {
-                tiers: Tier::ALL.to_vec(),
-                matchers: Vec::new(),
-                slack_channel: None,
-                discord_channel: None,
-                webhook_url: None,
                 console: true,
+                ..Destination::new(Tier::ALL.to_vec())
             }],
+            pagerduty_keys: BTreeMap::new(),
         }
     }
 }
@@ -266,11 +336,12 @@ impl Routing {
     }
 
     /// Every target for a group of this tier and these (common) labels,
-    /// de-duplicated, in config order.
+    /// de-duplicated, in config order. A `digest = true` destination's P4
+    /// groups wait for the digest: they get no target here.
     pub fn targets(&self, tier: Tier, labels: &BTreeMap<String, String>) -> Vec<Target> {
         let mut out: Vec<Target> = Vec::new();
         for d in &self.destinations {
-            if d.matches(tier, labels) {
+            if d.matches(tier, labels) && !(d.digest && tier == Tier::P4) {
                 for t in d.targets() {
                     if !out.contains(&t) {
                         out.push(t);
@@ -288,6 +359,11 @@ impl Routing {
             .filter_map(|d| d.webhook_url.as_ref())
             .find(|u| webhook_id(u) == id)
     }
+
+    /// The routing key behind a `pagerduty:<id>` target, if still configured.
+    pub fn pagerduty_key(&self, id: &str) -> Option<&Secret> {
+        self.pagerduty_keys.get(id)
+    }
 }
 
 #[cfg(test)]
@@ -296,12 +372,8 @@ mod tests {
 
     fn dest(tiers: &[Tier], slack: &str) -> Destination {
         Destination {
-            tiers: tiers.to_vec(),
-            matchers: Vec::new(),
             slack_channel: Some(slack.into()),
-            discord_channel: None,
-            webhook_url: None,
-            console: false,
+            ..Destination::new(tiers.to_vec())
         }
     }
 
@@ -372,6 +444,8 @@ mod tests {
             Target::Discord(42),
             Target::Webhook(id.clone()),
             Target::Console,
+            Target::PagerDuty("0a1b2c3d4e5f".into()),
+            Target::Email("oncall@example.com".into()),
         ] {
             assert_eq!(Target::parse_key(&t.key()), Some(t.clone()));
         }

@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::notify::Ack;
 
+pub mod paging;
+
 /// Deadline of one store call from async code.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
 /// How many recent state hashes a group remembers (HA duplicates, reordering).
@@ -372,7 +374,7 @@ impl Store {
         };
         let writer_conn = open(path)?;
         writer_conn
-            .execute_batch(SCHEMA)
+            .execute_batch(&format!("{SCHEMA}{}", paging::SCHEMA))
             .map_err(|source| Error::Open {
                 path: path.to_path_buf(),
                 source,

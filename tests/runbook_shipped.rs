@@ -334,11 +334,11 @@ fn dry_run_shows_rendered_argv() {
             sudo -n systemctl stop 'nvidia-dcgm*' 'dcgm*'
         [13/20] mitigate gpu-reset (node command, 2m, needs approval)
             sudo -n nvidia-smi -r -i 5
-        [14/20] mitigate verify-gpu (node command, 1m)
+        [14/20] mitigate verify-gpu (node command, 1m, needs approval)
             nvidia-smi -q -d ECC,ROW_REMAPPER -i 5
         [15/20] mitigate start-nvml-monitors (node command, 1m, needs approval)
             sudo -n systemctl start 'nvidia-dcgm*' 'dcgm*'
-        [16/20] mitigate verify-dcgm (node command, 15m)
+        [16/20] mitigate verify-dcgm (node command, 15m, needs approval)
             dcgmi diag -r 2
         [17/20] mitigate resume-slurm (node command, 30s, needs approval)
             sudo -n scontrol update nodename=gpu-node-07 state=resume

@@ -897,6 +897,11 @@ async fn ack(chat: &Arc<ChatState>, user: &User, target: &str) -> Outcome {
                     None,
                 )
                 .await;
+                chat.bot
+                    .metrics
+                    .acknowledgements
+                    .with_label_values(&[user.platform.as_str()])
+                    .inc();
             }
             Ok(false) => {}
             Err(e) => {

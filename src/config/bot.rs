@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::agent::LogConfig;
+use crate::config::paging::{self, DigestConfig, EmailConfig, PagerDutyConfig};
 use crate::config::{
     anchored_regex, positive_secs, read_file, read_log_section, read_secret, read_web_limits,
     ConfigErrors, Reader, Secret, Section, WebLimits,
@@ -41,6 +42,10 @@ pub struct BotConfig {
     pub agents: Option<AgentsConfig>,
     pub rbac: RbacConfig,
     pub approvals: ApprovalsConfig,
+    /// `[pagerduty]` (defaults apply when only destinations name keys).
+    pub pagerduty: PagerDutyConfig,
+    pub email: Option<EmailConfig>,
+    pub digest: Option<DigestConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -252,6 +257,9 @@ impl Default for BotConfig {
             approvals: ApprovalsConfig {
                 expiry: Duration::from_secs(900),
             },
+            pagerduty: PagerDutyConfig::default(),
+            email: None,
+            digest: None,
         }
     }
 }
@@ -373,6 +381,25 @@ impl BotConfig {
         }
 
         let mut destinations_given = false;
+        if let Some(mut s) = r.table(&mut root, "pagerduty") {
+            c.pagerduty = paging::read_pagerduty(&mut r, &mut s);
+            r.finish(s);
+        }
+        if let Some(mut s) = r.table(&mut root, "email") {
+            c.email = paging::read_email(&mut r, &mut s);
+            r.finish(s);
+        }
+        if let Some(mut s) = r.table(&mut root, "digest") {
+            c.digest = paging::read_digest(&mut r, &mut s);
+            r.finish(s);
+        }
+        let available = paging::Available {
+            slack: c.slack.is_some(),
+            email: c.email.is_some(),
+            digest: c.digest.is_some(),
+        };
+        let mut pagerduty_keys = BTreeMap::new();
+
         if let Some(mut s) = r.table(&mut root, "routing") {
             if let Some(v) = r.get_with(&mut s, "default_tier", tier) {
                 c.routing.default_tier = v;
@@ -426,6 +453,7 @@ impl BotConfig {
                     })
                     .map(Secret::new);
                 let console = r.get::<bool>(&mut d, "console").unwrap_or(false);
+                let pg = paging::read_destination(&mut r, &mut d, available, &mut pagerduty_keys);
                 if slack_channel.is_some() && c.slack.is_none() {
                     r.error(
                         &d,
@@ -447,12 +475,16 @@ impl BotConfig {
                     discord_channel,
                     webhook_url,
                     console,
+                    pagerduty_routing_key: pg.pagerduty_routing_key,
+                    email: pg.email,
+                    digest: pg.digest,
+                    escalation: pg.escalation,
                 };
                 if dest.targets().is_empty() {
                     r.error(
                         &d,
                         "",
-                        "names no target: set slack_channel, discord_channel, webhook_url or console = true",
+                        "names no target: set slack_channel, discord_channel, webhook_url, pagerduty_routing_key, email or console = true",
                     );
                 }
                 parsed.push(dest);
@@ -468,6 +500,7 @@ impl BotConfig {
             // configuration still shows alerts somewhere.
             c.routing.destinations = Routing::default().destinations;
         }
+        c.routing.pagerduty_keys = pagerduty_keys;
 
         if let Some(mut s) = r.table(&mut root, "delivery") {
             let d = &mut c.delivery;
@@ -883,7 +916,7 @@ expiry_secs = 0
                 "bot.toml:16: routing.destinations[0].tiers: \"P7\" is not a tier (P1, P2, P3 or P4)",
                 "bot.toml:17: routing.destinations[0].matchers: team: invalid regex \"(\": unclosed group",
                 "bot.toml:18: routing.destinations[0].slack_channel: needs a [slack] section with bot_token",
-                "bot.toml:20: routing.destinations[1]: names no target: set slack_channel, discord_channel, webhook_url or console = true",
+                "bot.toml:20: routing.destinations[1]: names no target: set slack_channel, discord_channel, webhook_url, pagerduty_routing_key, email or console = true",
                 "bot.toml:24: agents.node_label: \"bad-label\" is not a Prometheus label name",
                 "bot.toml:27: approvals.expiry_secs: must be a positive number of seconds, got 0",
             ]
@@ -1087,6 +1120,115 @@ nick = "x"
         ] {
             assert_eq!(errors(ok), Vec::<String>::new(), "{ok}");
         }
+    }
+
+    #[test]
+    fn paging_errors_are_reported_at_once_with_their_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("leads.key");
+        std::fs::write(&good, "R0123456789abcdef0123456789abcde\n").unwrap();
+        let bad = dir.path().join("bad.key");
+        std::fs::write(&bad, "too-short\n").unwrap();
+        let text = format!(
+            r#"
+[pagerduty]
+api_url = "ftp://x"
+
+[email]
+smtp_url = "smtp://mail.example.com:25"
+from = "not a mailbox"
+username = "gpuops"
+
+[digest]
+schedule = "0 0 25 * * *"
+timezone = "Mars/Olympus"
+
+[[routing.destinations]]
+tiers = ["P1"]
+pagerduty_routing_key = "short"
+[routing.destinations.escalation]
+after = "soon"
+notify = ["slack:C0LEADS", "email:nobody", "pagerduty:{good}", "pagerduty:{bad}", "sms:123"]
+max_repeats = 2
+
+[[routing.destinations]]
+tiers = ["P3"]
+email = ["ops@example.com", "@@"]
+digest = true
+"#,
+            good = good.display(),
+            bad = bad.display()
+        );
+        let errs = errors(&text)
+            .join("\n")
+            .replace(&dir.path().display().to_string(), "DIR");
+        expect_test::expect![[r#"
+            bot.toml:3: pagerduty.api_url: "ftp://x" is not an http(s) URL
+            bot.toml:6: email.smtp_url: plain SMTP to mail.example.com, which is not loopback: use ?tls=required (STARTTLS) or smtps://, or say ?tls=none
+            bot.toml:7: email.from: "not a mailbox" is not a mailbox (Invalid input)
+            bot.toml:8: email.username: needs password or password_file
+            bot.toml:11: digest.schedule: "0 0 25 * * *" is not a cron expression (Hours must be less than 23. ('25' specified.))
+            bot.toml:12: digest.timezone: "Mars/Olympus" is not an IANA time zone name (e.g. "Europe/Berlin")
+            bot.toml:14: routing.destinations[0]: names no target: set slack_channel, discord_channel, webhook_url, pagerduty_routing_key, email or console = true
+            bot.toml:16: routing.destinations[0].pagerduty_routing_key: is not an Events API v2 routing key (32 letters and digits, got 5 characters)
+            bot.toml:18: routing.destinations[0].escalation.after: "soon" is not a duration like "90s", "10m", "1h" (expected number at 0)
+            bot.toml:19: routing.destinations[0].escalation.notify: "slack:C0LEADS" needs a [slack] section with bot_token
+            bot.toml:19: routing.destinations[0].escalation.notify: "email:nobody": "nobody" is not an email address (Missing domain or user)
+            bot.toml:19: routing.destinations[0].escalation.notify: "pagerduty:DIR/bad.key": the key in DIR/bad.key is not an Events API v2 routing key (32 letters and digits, got 9 characters)
+            bot.toml:19: routing.destinations[0].escalation.notify: "sms:123" is not a target: use slack:CHANNEL, email:ADDRESS or pagerduty:ROUTING_KEY_FILE
+            bot.toml:20: routing.destinations[0].escalation.max_repeats: needs repeat_every
+            bot.toml:22: routing.destinations[1]: names no target: set slack_channel, discord_channel, webhook_url, pagerduty_routing_key, email or console = true
+            bot.toml:24: routing.destinations[1].email: "@@" is not an email address (Invalid email user)
+            bot.toml:25: routing.destinations[1].digest: needs a [digest] section with schedule"#]].assert_eq(&errs);
+        let ok = format!(
+            r#"
+[slack]
+bot_token = "xoxb-1"
+[email]
+smtp_url = "smtp://127.0.0.1:2525"
+from = "gpuops <gpuops@example.com>"
+[digest]
+schedule = "0 9 * * 1-5"
+timezone = "Europe/Berlin"
+[[routing.destinations]]
+tiers = ["P1", "P2"]
+slack_channel = "C0PAGE"
+pagerduty_routing_key_file = "{good}"
+[routing.destinations.escalation]
+after = "10m"
+notify = ["slack:C0LEADS", "email:gpu-leads@example.com", "pagerduty:{good}"]
+repeat_every = "30m"
+max_repeats = 3
+[[routing.destinations]]
+tiers = ["P4"]
+email = ["gpu-capacity@example.com"]
+digest = true
+"#,
+            good = good.display()
+        );
+        let c = BotConfig::from_str(Path::new("bot.toml"), &ok).unwrap();
+        let d = &c.routing.destinations[0];
+        let e = d.escalation.as_ref().unwrap();
+        assert_eq!(e.after, Duration::from_secs(600));
+        assert_eq!(e.steps(), 4);
+        assert_eq!(e.notify.len(), 3);
+        assert_eq!(
+            c.routing.pagerduty_keys.len(),
+            1,
+            "the same key twice is one"
+        );
+        assert_eq!(c.digest.as_ref().unwrap().schedule_text, "0 0 9 * * 2-6");
+        let keys = |tier| {
+            c.routing
+                .targets(tier, &BTreeMap::new())
+                .iter()
+                .map(|t| t.key())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(Tier::P1)[0], "slack:C0PAGE");
+        assert!(keys(Tier::P1)[1].starts_with("pagerduty:"));
+        assert!(keys(Tier::P4).is_empty(), "P4 waits for the digest");
+        assert!(!format!("{c:?}").contains("R0123456789abcdef"));
     }
 
     #[test]

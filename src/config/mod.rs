@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod bot;
+pub mod paging;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -2,14 +2,16 @@
 //! its error kinds (retryable with an optional retry-after, or permanent),
 //! truncation helpers for each platform's limits, and the outbox worker.
 //!
-//! Wire formats live only in `slack.rs`, `discord.rs`, `webhook.rs` and
-//! `console.rs`. Errors leaving a notifier are already redacted: no token,
+//! Wire formats live only in `slack.rs`, `discord.rs`, `webhook.rs`,
+//! `pagerduty.rs`, `email.rs` and `console.rs`. Errors leaving a notifier are already redacted: no token,
 //! signing secret or webhook URL may appear in them. Nothing here parses
 //! AlertManager payloads or touches the store directly except `outbox.rs`.
 
 pub mod console;
 pub mod discord;
+pub mod email;
 pub mod outbox;
+pub mod pagerduty;
 pub mod slack;
 pub mod webhook;
 
@@ -87,6 +89,20 @@ pub struct AlertMessage {
     pub buttons: Vec<Button>,
     /// The start-up self test: labelled as such everywhere.
     pub is_test: bool,
+    /// Labels every alert of the group shares (PagerDuty's
+    /// `component`/`group`/`class` and `custom_details`).
+    #[serde(default)]
+    pub common_labels: std::collections::BTreeMap<String, String>,
+    /// How far the group has escalated (none: not escalated).
+    #[serde(default)]
+    pub escalation: Option<EscalationStep>,
+}
+
+/// An escalation step reached: `step` of `of` (1-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EscalationStep {
+    pub step: u32,
+    pub of: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -388,6 +404,12 @@ pub fn status_text(m: &AlertMessage) -> String {
     };
     if let Some(a) = &m.acknowledged {
         s.push_str(&format!(" · acknowledged by {}", a.by));
+        if let Some(t) = chrono::DateTime::from_timestamp(a.at as i64, 0) {
+            s.push_str(&t.format(" at %H:%M UTC").to_string());
+        }
+    }
+    if let Some(e) = &m.escalation {
+        s.push_str(&format!(" · escalated (step {} of {})", e.step, e.of));
     }
     s
 }

@@ -79,6 +79,8 @@ pub struct Notifiers {
     pub discord: Option<Arc<dyn Notifier>>,
     pub webhook: Option<Arc<dyn Notifier>>,
     pub console: Arc<dyn Notifier>,
+    pub pagerduty: Option<Arc<dyn Notifier>>,
+    pub email: Option<Arc<dyn Notifier>>,
 }
 
 impl Notifiers {
@@ -92,6 +94,11 @@ impl Notifiers {
                 self.webhook.clone().map(|n| (n, id.clone()))
             }
             Target::Console => Some((self.console.clone(), String::new())),
+            Target::PagerDuty(id) => {
+                cfg.routing.pagerduty_key(id)?;
+                self.pagerduty.clone().map(|n| (n, id.clone()))
+            }
+            Target::Email(a) => self.email.clone().map(|n| (n, a.clone())),
         }
     }
 }
@@ -270,7 +277,13 @@ impl Worker {
                         alertmanager: self.config.alertmanager.as_ref().map(|a| a.url.clone()),
                         suggest_runbook: self.suggest_runbook.clone(),
                     };
-                    (alert::render_group(&g, &self.config.routing, &links), g.rev)
+                    let mut m = alert::render_group(&g, &self.config.routing, &links);
+                    if let Message::Alert(a) = &mut m {
+                        if let Ok(Some((step, of))) = self.store.escalation_step(g.id).await {
+                            a.escalation = Some(crate::notify::EscalationStep { step, of });
+                        }
+                    }
+                    (m, g.rev)
                 }
                 Ok(None) => {
                     // The group is gone (should not happen): nothing to show.

@@ -382,6 +382,8 @@ mod tests {
                 Button::RunRunbook("gpu-xid".into()),
             ],
             is_test: false,
+            common_labels: Default::default(),
+            escalation: None,
         }
     }
 

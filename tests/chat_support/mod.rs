@@ -185,6 +185,8 @@ impl Bot {
             discord: None,
             webhook: None,
             console: Arc::new(ConsoleNotifier::new()),
+            pagerduty: None,
+            email: None,
         };
         let (state, worker) = BotState::with_notifiers(cfg, store, notifiers);
         let (stop, rx) = tokio::sync::watch::channel(false);

@@ -1,0 +1,429 @@
+//! PagerDuty Events API v2 (`pagerduty_routing_key` in a destination, and
+//! `pagerduty:FILE` escalation targets): one incident per (group,
+//! destination).
+//!
+//! Every call is `POST <api_url>/v2/enqueue` with
+//! `{routing_key, event_action, dedup_key, payload?, client, client_url?, links?}`.
+//! The first post of a firing group sends `trigger` (with `payload`:
+//! `summary` ≤ 1,024 characters, `source`, `severity` from the tier,
+//! `component`/`group`/`class` from labels, `custom_details` with every
+//! alert's labels); later edits send `acknowledge` once the group is
+//! acknowledged and `resolve` once it resolves, and nothing when the
+//! incident's state did not change. The `dedup_key` is ours and
+//! deterministic per (group, destination) (`gpuops/<group>/<destination id>`),
+//! so an event re-sent after a `kill -9` lands on the same incident; it is
+//! stored as the message id (`<dedup_key>|<last action>`), and every later
+//! event carries it with the same routing key. Thread replies are not sent.
+//!
+//! 202 is success; 400 is permanent (PagerDuty's message and errors); 429
+//! and 5xx are retried by the outbox (PagerDuty drops a 429'd event, so
+//! the retry must follow). The routing key never appears in an error.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::notify::{
+    alert_line_text, headline, truncate_chars, AlertMessage, BoxFuture, Delivery, Error,
+    GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
+};
+use crate::routing::{Routing, Tier};
+
+/// PagerDuty's limit on `payload.summary`.
+pub const SUMMARY_MAX: usize = 1024;
+/// PagerDuty's limit on `dedup_key`.
+pub const DEDUP_KEY_MAX: usize = 255;
+
+pub struct PagerDutyNotifier {
+    client: reqwest::Client,
+    enqueue_url: String,
+    /// `pagerduty_id(key)` → routing key.
+    keys: BTreeMap<String, crate::config::Secret>,
+}
+
+/// What an incident needs next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Trigger,
+    Acknowledge,
+    Resolve,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Trigger => "trigger",
+            Action::Acknowledge => "acknowledge",
+            Action::Resolve => "resolve",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Action> {
+        match s {
+            "trigger" => Some(Action::Trigger),
+            "acknowledge" => Some(Action::Acknowledge),
+            "resolve" => Some(Action::Resolve),
+            _ => None,
+        }
+    }
+
+    /// The state a group's incident should be in.
+    pub fn for_group(m: &AlertMessage) -> Action {
+        match (m.status, &m.acknowledged) {
+            (GroupStatus::Resolved, _) => Action::Resolve,
+            (GroupStatus::Firing { .. }, Some(_)) => Action::Acknowledge,
+            (GroupStatus::Firing { .. }, None) => Action::Trigger,
+        }
+    }
+}
+
+/// Our dedup key for (group, destination id).
+pub fn dedup_key(group_id: i64, destination_id: &str) -> String {
+    truncate_chars(
+        &format!("gpuops/{group_id}/{destination_id}"),
+        DEDUP_KEY_MAX,
+    )
+}
+
+/// Events API severity of a tier.
+pub fn severity(tier: Tier) -> &'static str {
+    match tier {
+        Tier::P1 => "critical",
+        Tier::P2 => "error",
+        Tier::P3 => "warning",
+        Tier::P4 => "info",
+    }
+}
+
+impl PagerDutyNotifier {
+    /// `None` when no destination or escalation names a routing key.
+    pub fn new(
+        routing: &Routing,
+        api_url: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Option<PagerDutyNotifier>> {
+        if routing.pagerduty_keys.is_empty() {
+            return Ok(None);
+        }
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("gpuops/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Some(PagerDutyNotifier {
+            client,
+            enqueue_url: format!("{}/v2/enqueue", api_url.trim_end_matches('/')),
+            keys: routing.pagerduty_keys.clone(),
+        }))
+    }
+}
+
+impl Notifier for PagerDutyNotifier {
+    fn platform(&self) -> &'static str {
+        "pagerduty"
+    }
+
+    fn send<'a>(&'a self, out: &'a Outgoing<'a>) -> BoxFuture<'a, Result<Delivery, Error>> {
+        Box::pin(async move {
+            let key = self.keys.get(out.channel);
+            let result = self.call(out).await;
+            match key {
+                Some(k) => result.map_err(|e| e.scrubbed(&[k.expose()])),
+                None => result,
+            }
+        })
+    }
+}
+
+impl PagerDutyNotifier {
+    async fn call(&self, out: &Outgoing<'_>) -> Result<Delivery, Error> {
+        let Some(key) = self.keys.get(out.channel) else {
+            return Err(Error::permanent(format!(
+                "pagerduty routing key {} is no longer configured",
+                out.channel
+            )));
+        };
+        let m = match out.message {
+            Message::Alert(m) => m,
+            // Thread replies (runbook output, escalation notes) are chat's.
+            Message::Text(_) => {
+                let parent = match &out.op {
+                    Op::Reply(p) | Op::Edit(p) => p.message_id.clone(),
+                    Op::Post => "-".to_string(),
+                };
+                return Ok(delivered(out.channel, parent));
+            }
+        };
+        let (dedup, last) = match &out.op {
+            Op::Edit(p) | Op::Reply(p) => match p.message_id.split_once('|') {
+                Some((d, a)) => (d.to_string(), Action::parse(a)),
+                None => (p.message_id.clone(), None),
+            },
+            Op::Post => (dedup_key(m.group_id, out.channel), None),
+        };
+        let want = Action::for_group(m);
+        let mut sends: Vec<Action> = Vec::new();
+        match (last, want) {
+            (Some(l), w) if l == w => {}
+            // Nothing open and nothing to open.
+            (None, Action::Resolve) => {}
+            // Acknowledging what was never triggered: open it first.
+            (None | Some(Action::Resolve), Action::Acknowledge) => {
+                sends.push(Action::Trigger);
+                sends.push(Action::Acknowledge);
+            }
+            (_, w) => sends.push(w),
+        }
+        for action in &sends {
+            let body = event(key.expose(), *action, &dedup, m);
+            self.post(&body).await?;
+        }
+        let state = sends.last().copied().or(last).unwrap_or(want);
+        Ok(delivered(
+            out.channel,
+            format!("{dedup}|{}", state.as_str()),
+        ))
+    }
+
+    async fn post(&self, body: &serde_json::Value) -> Result<(), Error> {
+        let resp = self
+            .client
+            .post(&self.enqueue_url)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| {
+                Error::retryable(format!("pagerduty request failed: {}", e.without_url()))
+            })?;
+        let status = resp.status().as_u16();
+        if status == 202 || status == 200 {
+            return Ok(());
+        }
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::from_secs_f64(s.min(3600.0)));
+        let text = resp.text().await.unwrap_or_default();
+        let detail = match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) => {
+                let msg = v.get("message").and_then(|m| m.as_str()).unwrap_or("");
+                let errors = v
+                    .get("errors")
+                    .and_then(|e| e.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|e| e.as_str())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    })
+                    .unwrap_or_default();
+                format!("{msg}{}{errors}", if errors.is_empty() { "" } else { ": " })
+            }
+            Err(_) => truncate_chars(&text, 200),
+        };
+        Err(Error::from_status(
+            status,
+            retry_after,
+            &format!("pagerduty: {}", truncate_chars(&detail, 300)),
+        ))
+    }
+}
+
+fn delivered(channel: &str, message_id: String) -> Delivery {
+    Delivery {
+        message: PlatformRef {
+            channel: channel.to_string(),
+            message_id,
+        },
+    }
+}
+
+/// One Events API v2 event for a group.
+pub fn event(
+    routing_key: &str,
+    action: Action,
+    dedup: &str,
+    m: &AlertMessage,
+) -> serde_json::Value {
+    let mut ev = json!({
+        "routing_key": routing_key,
+        "event_action": action.as_str(),
+        "dedup_key": dedup,
+    });
+    if action != Action::Trigger {
+        return ev;
+    }
+    let label = |k: &str| m.common_labels.get(k).cloned();
+    let source = label("node")
+        .or_else(|| label("instance"))
+        .or_else(|| m.alerts.iter().find_map(|a| a.instance.clone()))
+        .unwrap_or_else(|| "gpuops".to_string());
+    let alerts: Vec<serde_json::Value> = m
+        .alerts
+        .iter()
+        .map(|a| {
+            let mut labels: BTreeMap<String, String> = m.common_labels.clone();
+            labels.extend(a.labels.iter().cloned());
+            if let Some(i) = &a.instance {
+                labels.insert("instance".into(), i.clone());
+            }
+            if !a.name.is_empty() {
+                labels.insert("alertname".into(), a.name.clone());
+            }
+            json!({
+                "status": if a.firing { "firing" } else { "resolved" },
+                "line": alert_line_text(a),
+                "labels": labels,
+            })
+        })
+        .collect();
+    let mut details = json!({
+        "tier": m.tier.as_str(),
+        "severity": m.severity,
+        "firing": match m.status { GroupStatus::Firing { firing, .. } => firing, GroupStatus::Resolved => 0 },
+        "alerts": alerts,
+        "common_labels": m.common_labels,
+        "group_id": m.group_id,
+    });
+    if let Some(s) = &m.summary {
+        details["summary"] = json!(s);
+    }
+    if let Some(d) = &m.description {
+        details["description"] = json!(truncate_chars(d, 4000));
+    }
+    if m.truncated_alerts > 0 {
+        details["truncated_alerts"] = json!(m.truncated_alerts);
+    }
+    let mut payload = json!({
+        "summary": truncate_chars(&headline(m), SUMMARY_MAX),
+        "source": truncate_chars(&source, 255),
+        "severity": severity(m.tier),
+        "custom_details": details,
+    });
+    for (field, keys) in [
+        ("component", &["component", "job", "gpu"][..]),
+        ("group", &["cluster", "team", "namespace"][..]),
+        ("class", &["alertname"][..]),
+    ] {
+        if let Some(v) = keys.iter().find_map(|k| label(k)) {
+            payload[field] = json!(truncate_chars(&v, 255));
+        }
+    }
+    if payload.get("class").is_none() {
+        if let Some(a) = m.alerts.first().filter(|a| !a.name.is_empty()) {
+            payload["class"] = json!(a.name);
+        }
+    }
+    ev["payload"] = payload;
+    ev["client"] = json!("gpuops");
+    let mut links = Vec::new();
+    for (href, text) in [
+        (&m.runbook_url, "Runbook"),
+        (&m.alertmanager_url, "AlertManager"),
+        (&m.generator_url, "Prometheus graph"),
+    ] {
+        if let Some(h) = href {
+            links.push(json!({"href": h, "text": text}));
+        }
+    }
+    if let Some(am) = &m.alertmanager_url {
+        ev["client_url"] = json!(am);
+    }
+    if !links.is_empty() {
+        ev["links"] = json!(links);
+    }
+    ev
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::notify::{Ack, AlertLine};
+
+    fn message(status: GroupStatus, ack: bool) -> AlertMessage {
+        AlertMessage {
+            group_id: 7,
+            tier: Tier::P1,
+            title: "GpuXidError".into(),
+            summary: Some("x".repeat(3000)),
+            description: None,
+            severity: "critical".into(),
+            severity_unknown: false,
+            status,
+            acknowledged: ack.then(|| Ack {
+                by: "alice".into(),
+                at: 0.0,
+            }),
+            alerts: vec![AlertLine {
+                firing: true,
+                name: "GpuXidError".into(),
+                instance: Some("node-1:9949".into()),
+                gpu: Some("0".into()),
+                labels: vec![("xid".into(), "79".into())],
+                summary: None,
+                generator_url: None,
+            }],
+            truncated_alerts: 0,
+            runbook_url: Some("https://wiki.example/xid".into()),
+            runbook_id: None,
+            generator_url: None,
+            alertmanager_url: Some("http://am:9093".into()),
+            buttons: vec![],
+            is_test: false,
+            common_labels: BTreeMap::from([
+                ("alertname".to_string(), "GpuXidError".to_string()),
+                ("cluster".to_string(), "a100".to_string()),
+            ]),
+            escalation: None,
+        }
+    }
+
+    #[test]
+    fn trigger_carries_a_bounded_summary_severity_and_labels() {
+        let mut m = message(
+            GroupStatus::Firing {
+                firing: 1,
+                resolved: 0,
+            },
+            false,
+        );
+        m.title = "t".repeat(5000);
+        let ev = event("k".repeat(32).as_str(), Action::Trigger, "gpuops/7/abc", &m);
+        assert_eq!(ev["event_action"], "trigger");
+        assert_eq!(ev["payload"]["severity"], "critical");
+        assert_eq!(ev["payload"]["source"], "node-1:9949");
+        assert_eq!(ev["payload"]["group"], "a100");
+        assert_eq!(ev["payload"]["class"], "GpuXidError");
+        let summary = ev["payload"]["summary"].as_str().unwrap();
+        assert_eq!(summary.chars().count(), SUMMARY_MAX);
+        assert_eq!(
+            ev["payload"]["custom_details"]["alerts"][0]["labels"]["xid"],
+            "79"
+        );
+        assert_eq!(ev["links"][0]["href"], "https://wiki.example/xid");
+        let ack = event("k", Action::Acknowledge, "d", &m);
+        assert!(ack.get("payload").is_none());
+    }
+
+    #[test]
+    fn the_incident_follows_the_group() {
+        let firing = GroupStatus::Firing {
+            firing: 1,
+            resolved: 0,
+        };
+        assert_eq!(Action::for_group(&message(firing, false)), Action::Trigger);
+        assert_eq!(
+            Action::for_group(&message(firing, true)),
+            Action::Acknowledge
+        );
+        assert_eq!(
+            Action::for_group(&message(GroupStatus::Resolved, true)),
+            Action::Resolve
+        );
+        assert_eq!(dedup_key(7, "0a1b2c3d4e5f"), "gpuops/7/0a1b2c3d4e5f");
+    }
+}
