@@ -19,8 +19,11 @@ use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, Temper
 use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
 use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
 use nvml_wrapper::enums::event::XidError;
+use nvml_wrapper::enums::gpm::GpmMetricId;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::gpm::{gpm_metrics_get, GpmSample};
 use nvml_wrapper::struct_wrappers::device::ProcessInfo;
+use nvml_wrapper::struct_wrappers::gpm::GpmMetricResult;
 use nvml_wrapper::structs::device::FieldId;
 use nvml_wrapper::sys_exports::field_id;
 use nvml_wrapper::{Device, Nvml};
@@ -29,8 +32,8 @@ use crate::collector::kmsg::{unix_now, KernelEvent, XidSource};
 use crate::collector::KernelEvents;
 use crate::deadline::{Outcome, SingleFlight};
 use crate::gpu::{
-    normalize_pci_bus_id, ClockEventReason, ClockEvents, DeviceReading, GpuBackend, MigReading,
-    NvLinkReading, ProcessReading, Snapshot,
+    normalize_pci_bus_id, ClockEventReason, ClockEvents, DeviceReading, GpmMeasurement, GpmReading,
+    GpuBackend, MigReading, NvLinkReading, ProcessReading, Snapshot,
 };
 
 /// Reads GPUs through NVML.
@@ -149,6 +152,174 @@ impl GpuBackend for NvmlBackend {
             cuda_version: self.cuda_version.clone(),
             devices,
         }))
+    }
+
+    fn gpm_measure(&self, window: Duration) -> Result<Vec<GpmMeasurement>, String> {
+        let nvml = &*self.nvml;
+        let count = nvml
+            .device_count()
+            .map_err(|e| format!("nvml: cannot count GPUs: {e}"))?;
+        let mut out = Vec::with_capacity(count as usize);
+        let mut first: Vec<(u32, Device<'_>, GpmSample<'_>, Instant)> = Vec::new();
+        for i in 0..count {
+            let Ok(dev) = nvml.device_by_index(i) else {
+                continue;
+            };
+            if !matches!(dev.gpm_support(), Ok(true)) {
+                out.push(GpmMeasurement {
+                    index: i,
+                    supported: false,
+                    reading: None,
+                    mig: Vec::new(),
+                });
+                continue;
+            }
+            match dev.gpm_sample() {
+                Ok(s) => first.push((i, dev, s, Instant::now())),
+                Err(e) => {
+                    tracing::debug!(gpu = i, error = %e, "gpm sample failed");
+                    out.push(GpmMeasurement {
+                        index: i,
+                        supported: true,
+                        reading: None,
+                        mig: Vec::new(),
+                    });
+                }
+            }
+        }
+        if !first.is_empty() {
+            std::thread::sleep(window);
+        }
+        for (i, dev, s1, t1) in first {
+            let reading = match dev.gpm_sample() {
+                Ok(s2) => {
+                    let secs = t1.elapsed().as_secs_f64();
+                    match gpm_metrics_get(nvml, &s1, &s2, &GPM_METRICS) {
+                        Ok(results) => Some(gpm_reading(&results, secs)),
+                        Err(e) => {
+                            tracing::debug!(gpu = i, error = %e, "gpm metrics get failed");
+                            None
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(gpu = i, error = %e, "gpm sample failed");
+                    None
+                }
+            };
+            out.push(GpmMeasurement {
+                index: i,
+                supported: true,
+                reading,
+                mig: Vec::new(),
+            });
+        }
+        out.sort_by_key(|m| m.index);
+        Ok(out)
+    }
+}
+
+/// Every GPM metric read per window, in the order [`gpm_reading`] expects.
+const GPM_METRICS: [GpmMetricId; 34] = [
+    GpmMetricId::GraphicsUtil,
+    GpmMetricId::SmUtil,
+    GpmMetricId::SmOccupancy,
+    GpmMetricId::AnyTensorUtil,
+    GpmMetricId::DfmaTensorUtil,
+    GpmMetricId::HmmaTensorUtil,
+    GpmMetricId::ImmaTensorUtil,
+    GpmMetricId::Fp64Util,
+    GpmMetricId::Fp32Util,
+    GpmMetricId::Fp16Util,
+    GpmMetricId::IntegerUtil,
+    GpmMetricId::DramBwUtil,
+    GpmMetricId::PcieTxPerSec,
+    GpmMetricId::PcieRxPerSec,
+    GpmMetricId::NvlinkTotalTxPerSec,
+    GpmMetricId::NvlinkTotalRxPerSec,
+    GpmMetricId::Nvdec0Util,
+    GpmMetricId::Nvdec1Util,
+    GpmMetricId::Nvdec2Util,
+    GpmMetricId::Nvdec3Util,
+    GpmMetricId::Nvdec4Util,
+    GpmMetricId::Nvdec5Util,
+    GpmMetricId::Nvdec6Util,
+    GpmMetricId::Nvdec7Util,
+    GpmMetricId::Nvjpg0Util,
+    GpmMetricId::Nvjpg1Util,
+    GpmMetricId::Nvjpg2Util,
+    GpmMetricId::Nvjpg3Util,
+    GpmMetricId::Nvjpg4Util,
+    GpmMetricId::Nvjpg5Util,
+    GpmMetricId::Nvjpg6Util,
+    GpmMetricId::Nvjpg7Util,
+    GpmMetricId::Nvofa0Util,
+    GpmMetricId::Nvofa1Util,
+];
+
+/// Bytes per unit of a GPM rate, from NVML's unit string (`MiB/sec` in
+/// NVML's headers for PCIe and NVLink; other spellings just in case).
+fn bytes_per_unit(unit: &str) -> f64 {
+    let u = unit.trim().to_ascii_lowercase();
+    if u.starts_with("mib") {
+        1024.0 * 1024.0
+    } else if u.starts_with("kib") {
+        1024.0
+    } else if u.starts_with("gib") {
+        1024.0 * 1024.0 * 1024.0
+    } else if u.starts_with("mb") {
+        1e6
+    } else if u.starts_with("kb") {
+        1e3
+    } else if u.starts_with("gb") {
+        1e9
+    } else if u.starts_with('b') {
+        1.0
+    } else {
+        1024.0 * 1024.0
+    }
+}
+
+/// Turns `nvmlGpmMetricsGet`'s answers (in [`GPM_METRICS`] order) into a
+/// reading; a metric NVML could not compute stays `None`.
+fn gpm_reading(results: &[Result<GpmMetricResult, NvmlError>], window_seconds: f64) -> GpmReading {
+    let pct = |i: usize| -> Option<f64> {
+        match results.get(i) {
+            Some(Ok(r)) if r.value.is_finite() && r.value >= 0.0 => Some(r.value),
+            _ => None,
+        }
+    };
+    let rate = |i: usize| -> Option<f64> {
+        match results.get(i) {
+            Some(Ok(r)) if r.value.is_finite() && r.value >= 0.0 => {
+                Some(r.value * bytes_per_unit(&r.metric_info.unit))
+            }
+            _ => None,
+        }
+    };
+    // Engine instances: as many as answer, in order.
+    let engines = |from: usize, n: usize| -> Vec<f64> { (from..from + n).map_while(pct).collect() };
+    GpmReading {
+        window_seconds: Some(window_seconds),
+        graphics_engine_active_percent: pct(0),
+        sm_active_percent: pct(1),
+        sm_occupancy_percent: pct(2),
+        tensor_active_percent: pct(3),
+        tensor_dfma_active_percent: pct(4),
+        tensor_hmma_active_percent: pct(5),
+        tensor_imma_active_percent: pct(6),
+        fp64_active_percent: pct(7),
+        fp32_active_percent: pct(8),
+        fp16_active_percent: pct(9),
+        integer_active_percent: pct(10),
+        dram_active_percent: pct(11),
+        pcie_tx_bytes_per_second: rate(12),
+        pcie_rx_bytes_per_second: rate(13),
+        nvlink_tx_bytes_per_second: rate(14),
+        nvlink_rx_bytes_per_second: rate(15),
+        nvdec_active_percent: engines(16, 8),
+        nvjpg_active_percent: engines(24, 8),
+        nvofa_active_percent: engines(32, 2),
     }
 }
 
@@ -281,6 +452,16 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
                 }
             }
         }
+        // The latest of the driver's buffered per-process samples, per pid.
+        let mut sm: HashMap<u32, (u64, u32)> = HashMap::new();
+        if !procs.is_empty() {
+            for s in dev.process_utilization_stats(None).unwrap_or_default() {
+                let e = sm.entry(s.pid).or_insert((s.timestamp, s.sm_util));
+                if s.timestamp >= e.0 {
+                    *e = (s.timestamp, s.sm_util);
+                }
+            }
+        }
         r.processes = procs
             .into_iter()
             .map(|p| ProcessReading {
@@ -289,6 +470,7 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
                     UsedGpuMemory::Used(b) => Some(b),
                     UsedGpuMemory::Unavailable => None,
                 },
+                sm_utilization_percent: sm.get(&p.pid).map(|(_, u)| f64::from(*u)),
             })
             .collect();
     }
@@ -433,6 +615,7 @@ fn read_mig(dev: &Device<'_>, r: &mut DeviceReading) {
             uuid: m.uuid().unwrap_or_default(),
             memory_used_bytes: mem.as_ref().map(|x| x.used),
             memory_total_bytes: mem.as_ref().map(|x| x.total),
+            gpm: None,
         });
     }
 }
@@ -552,5 +735,17 @@ mod tests {
         let unknown = lost(&ids, 4, "gone");
         assert_eq!((unknown.index, unknown.uuid.as_str()), (4, ""));
         assert!(is_lost(&NvmlError::GpuLost) && !is_lost(&NvmlError::NotSupported));
+    }
+
+    #[test]
+    fn gpm_rates_follow_nvmls_unit() {
+        assert_eq!(bytes_per_unit("MiB/sec"), 1048576.0);
+        assert_eq!(bytes_per_unit("MB/s"), 1e6);
+        assert_eq!(bytes_per_unit("B/s"), 1.0);
+        assert_eq!(bytes_per_unit(""), 1048576.0);
+        let r = gpm_reading(&[Err(NvmlError::NotSupported)], 1.0);
+        assert_eq!(r.graphics_engine_active_percent, None);
+        assert!(r.nvdec_active_percent.is_empty());
+        assert_eq!(r.window_seconds, Some(1.0));
     }
 }
