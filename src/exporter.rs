@@ -3,6 +3,8 @@
 //!
 //! Handlers never read the host themselves: `/metrics` runs the collector
 //! [`Runner`] on the blocking pool, whose deadlines bound the scrape.
+//! Responses are gzip-compressed when the client asks (`Accept-Encoding:
+//! gzip`, as Prometheus always does): an 8-GPU exposition shrinks about 20×.
 
 use std::sync::Arc;
 
@@ -61,6 +63,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/events", get(events))
         .route("/", get(index))
         .with_state(state)
+        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
         .layer(axum::middleware::from_fn_with_state(
             http,
             telemetry::track_http,
