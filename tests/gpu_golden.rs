@@ -200,6 +200,8 @@ fn training_fixture_exports_gpm_and_workloads() {
     // Workloads: Slurm (v1 path with uid, v2 path with uid from status), Kubernetes, systemd.
     has(&format!("gpu_workload_memory_used_bytes{{{gpu0},workload_type=\"slurm\",workload=\"8123\",user=\"alice\",container=\"\"}} 78383153152\n"));
     has("workload_type=\"slurm\",workload=\"8124\",user=\"bob\",container=\"\"} 13958643712\n");
+    // Slurm without its cgroup plugin: SLURM_JOB_ID from the environment.
+    has("workload_type=\"slurm\",workload=\"8125\",user=\"alice\",container=\"\"} 536870912\n");
     has("workload_type=\"kubernetes\",workload=\"0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\",user=\"\",container=\"containerd:a1b2c3d4e5f6\"} 42949672960\n");
     has("workload_type=\"systemd\",workload=\"jupyterhub.service\",user=\"\",container=\"\"} 22548578304\n");
     has(&format!("gpu_workload_sm_utilization_percent{{{gpu0},workload_type=\"slurm\",workload=\"8123\",user=\"alice\",container=\"\"}} 100\n"));

@@ -8,7 +8,7 @@
 //! lazily on the first collection (and retried every minute while it is
 //! missing); when it is missing one warning says why, the collector reports
 //! failure and no GPU series are exported. Process names, units and
-//! workloads come from `<procfs>/<pid>/{comm,cgroup,status}` (and user names
+//! workloads come from `<procfs>/<pid>/{comm,cgroup,status,environ}` (and user names
 //! from `<rootfs>/etc/passwd`) through [`crate::host::HostRoots`]; GPM
 //! windows from the sampler in [`crate::collector::gpu_gpm`].
 //! This module must not call NVML itself (only `crate::gpu::nvml` does).
@@ -814,10 +814,31 @@ fn read_process(ctx: &Context, pid: u32) -> ProcessInfo {
             .ok()?;
         gpu_workload::user_from_passwd(&passwd, uid)
     };
+    let mut workload = gpu_workload::workload_from_cgroup(&cgroup, status_uid, &user_name);
+    if workload.kind != "slurm" {
+        // Slurm without its cgroup plugin: the job is in the environment
+        // (readable by root or the same user only; otherwise left as is).
+        let slurm = ctx
+            .roots
+            .read_proc_lossy(&format!("{pid}/environ"))
+            .ok()
+            .and_then(|e| gpu_workload::slurm_from_environ(&e));
+        if let Some((job, user)) = slurm {
+            let user = user
+                .or_else(|| status_uid.map(|u| user_name(u).unwrap_or_else(|| u.to_string())))
+                .unwrap_or_default();
+            workload = Workload {
+                kind: "slurm",
+                id: job,
+                user,
+                container: String::new(),
+            };
+        }
+    }
     ProcessInfo {
         comm,
         unit: unit_from_cgroup(&cgroup).unwrap_or_default(),
-        workload: gpu_workload::workload_from_cgroup(&cgroup, status_uid, &user_name),
+        workload,
     }
 }
 

@@ -197,6 +197,26 @@ pub fn unit_from_cgroup(text: &str) -> Option<String> {
         .map(|p| p.to_string())
 }
 
+/// A Slurm job from a process's environment (`/proc/<pid>/environ`,
+/// NUL-separated): `SLURM_JOB_ID` and `SLURM_JOB_USER`, for jobs whose
+/// cgroup does not name them (Slurm without its cgroup plugin).
+pub fn slurm_from_environ(environ: &str) -> Option<(String, Option<String>)> {
+    let mut job = None;
+    let mut user = None;
+    for var in environ.split('\0') {
+        if let Some(v) = var.strip_prefix("SLURM_JOB_ID=") {
+            if !v.is_empty() && v.chars().all(|c| c.is_ascii_digit()) {
+                job = Some(v.to_string());
+            }
+        } else if let Some(v) = var.strip_prefix("SLURM_JOB_USER=") {
+            if !v.is_empty() {
+                user = Some(v.to_string());
+            }
+        }
+    }
+    Some((job?, user))
+}
+
 /// The real uid from `/proc/<pid>/status` text (`Uid:\t1000\t1000\t...`).
 pub fn uid_from_status(status: &str) -> Option<u32> {
     status
@@ -383,6 +403,20 @@ mod tests {
             workload("0::/system.slice/cron.service/job_12\n", None),
             w("systemd", "cron.service", "", "")
         );
+    }
+
+    #[test]
+    fn slurm_jobs_without_cgroups_come_from_the_environment() {
+        assert_eq!(
+            slurm_from_environ("HOME=/home/alice\0SLURM_JOB_ID=8123\0SLURM_JOB_USER=alice\0"),
+            Some(("8123".to_string(), Some("alice".to_string())))
+        );
+        assert_eq!(
+            slurm_from_environ("SLURM_JOB_ID=77"),
+            Some(("77".to_string(), None))
+        );
+        assert_eq!(slurm_from_environ("SLURM_JOB_ID=$(x)\0"), None);
+        assert_eq!(slurm_from_environ(""), None);
     }
 
     #[test]

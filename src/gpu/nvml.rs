@@ -42,6 +42,9 @@ pub struct NvmlBackend {
     flight: SingleFlight<u32, DeviceReading>,
     /// Last good identity per index, to label a GPU that stopped answering.
     identities: Mutex<HashMap<u32, DeviceReading>>,
+    /// What never changes while a GPU keeps its uuid (name, bus id, VBIOS,
+    /// supported throttle reasons, fan count), so a warm read skips those calls.
+    statics: Arc<Mutex<HashMap<u32, StaticInfo>>>,
     device_deadline: Duration,
     process_metrics: bool,
     driver_version: Option<String>,
@@ -84,6 +87,7 @@ impl NvmlBackend {
             nvml: Arc::new(nvml),
             flight: SingleFlight::new("gpuops-nvml"),
             identities: Mutex::new(HashMap::new()),
+            statics: Arc::new(Mutex::new(HashMap::new())),
             device_deadline,
             process_metrics,
             driver_version,
@@ -117,10 +121,11 @@ impl GpuBackend for NvmlBackend {
         let pending: Vec<_> = (0..count)
             .map(|i| {
                 let nvml = self.nvml.clone();
+                let statics = self.statics.clone();
                 let processes = self.process_metrics;
                 let started = Instant::now();
                 let p = self.flight.start(i, self.device_deadline, move || {
-                    let mut r = read_device(&nvml, i, processes);
+                    let mut r = read_device(&nvml, i, processes, &statics);
                     r.read_seconds = Some(started.elapsed().as_secs_f64());
                     r
                 });
@@ -351,8 +356,25 @@ fn is_lost(e: &NvmlError) -> bool {
     )
 }
 
+/// Values of a GPU that do not change while it keeps its uuid.
+#[derive(Clone)]
+struct StaticInfo {
+    uuid: String,
+    name: String,
+    pci_bus_id: String,
+    minor_number: Option<u32>,
+    vbios_version: Option<String>,
+    supported_throttle: Option<ThrottleReasons>,
+    fans: Option<u32>,
+}
+
 /// Reads one GPU. Unsupported values stay `None`; a lost GPU returns early.
-fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
+fn read_device(
+    nvml: &Nvml,
+    index: u32,
+    processes: bool,
+    statics: &Mutex<HashMap<u32, StaticInfo>>,
+) -> DeviceReading {
     let mut r = DeviceReading {
         index,
         ..DeviceReading::default()
@@ -372,13 +394,30 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
             return r;
         }
     }
-    r.name = dev.name().unwrap_or_default();
-    r.pci_bus_id = dev
-        .pci_info()
-        .ok()
-        .and_then(|p| normalize_pci_bus_id(&p.bus_id))
-        .unwrap_or_default();
-    r.minor_number = dev.minor_number().ok();
+    let cached = statics
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&index)
+        .filter(|s| s.uuid == r.uuid)
+        .cloned();
+    let fresh = cached.is_none();
+    let info = cached.unwrap_or_else(|| StaticInfo {
+        uuid: r.uuid.clone(),
+        name: dev.name().unwrap_or_default(),
+        pci_bus_id: dev
+            .pci_info()
+            .ok()
+            .and_then(|p| normalize_pci_bus_id(&p.bus_id))
+            .unwrap_or_default(),
+        minor_number: dev.minor_number().ok(),
+        vbios_version: dev.vbios_version().ok(),
+        supported_throttle: dev.supported_throttle_reasons().ok(),
+        fans: dev.num_fans().ok(),
+    });
+    r.name = info.name.clone();
+    r.pci_bus_id = info.pci_bus_id.clone();
+    r.minor_number = info.minor_number;
+    r.vbios_version = info.vbios_version.clone();
     let mut gone: Option<String> = None;
     macro_rules! get {
         ($e:expr) => {
@@ -393,7 +432,6 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
             }
         };
     }
-    r.vbios_version = get!(dev.vbios_version());
     if let Some(u) = get!(dev.utilization_rates()) {
         r.utilization_percent = Some(f64::from(u.gpu));
         r.memory_utilization_percent = Some(f64::from(u.memory));
@@ -402,6 +440,16 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
         r.lost = gone;
         return r;
     }
+    if fresh && !info.name.is_empty() && !info.pci_bus_id.is_empty() {
+        statics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(index, info.clone());
+    }
+    // One batched field-value call: energy, PCIe replays, ECC totals, memory
+    // temperature, row remapping, retired pages. What it cannot give is read
+    // with its own call below.
+    read_fields(&dev, &mut r);
     if let Some(m) = get!(dev.memory_info()) {
         r.memory_used_bytes = Some(m.used);
         r.memory_total_bytes = Some(m.total);
@@ -409,11 +457,13 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
     r.temperature_celsius = get!(dev.temperature(TemperatureSensor::Gpu)).map(f64::from);
     r.power_watts = get!(dev.power_usage()).map(|mw| f64::from(mw) / 1000.0);
     r.power_limit_watts = get!(dev.enforced_power_limit()).map(|mw| f64::from(mw) / 1000.0);
-    r.energy_joules = get!(dev.total_energy_consumption()).map(|mj| mj as f64 / 1000.0);
+    if r.energy_joules.is_none() {
+        r.energy_joules = get!(dev.total_energy_consumption()).map(|mj| mj as f64 / 1000.0);
+    }
     r.sm_clock_mhz = get!(dev.clock_info(Clock::SM)).map(f64::from);
     r.memory_clock_mhz = get!(dev.clock_info(Clock::Memory)).map(f64::from);
     if let (Some(supported), Some(active)) = (
-        get!(dev.supported_throttle_reasons()),
+        info.supported_throttle,
         get!(dev.current_throttle_reasons()),
     ) {
         r.clock_events = Some(ClockEvents {
@@ -421,23 +471,42 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
             active: reasons(active),
         });
     }
-    if let Some(n) = get!(dev.num_fans()) {
+    if let Some(n) = info.fans {
         r.fan_speed_percent = (0..n)
             .filter_map(|f| dev.fan_speed(f).ok().map(f64::from))
             .collect();
     }
     r.pcie_link_generation = get!(dev.current_pcie_link_gen());
     r.pcie_link_width = get!(dev.current_pcie_link_width());
-    r.pcie_replay_total = get!(dev.pcie_replay_counter()).map(u64::from);
-    r.ecc.corrected_volatile =
-        get!(dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile));
-    r.ecc.uncorrected_volatile =
-        get!(dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile));
-    r.ecc.corrected_aggregate =
-        get!(dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Aggregate));
-    r.ecc.uncorrected_aggregate =
-        get!(dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate));
-    read_fields(&dev, &mut r);
+    if r.pcie_replay_total.is_none() {
+        r.pcie_replay_total = get!(dev.pcie_replay_counter()).map(u64::from);
+    }
+    for (slot, kind, counter) in [
+        (
+            &mut r.ecc.corrected_volatile,
+            MemoryError::Corrected,
+            EccCounter::Volatile,
+        ),
+        (
+            &mut r.ecc.uncorrected_volatile,
+            MemoryError::Uncorrected,
+            EccCounter::Volatile,
+        ),
+        (
+            &mut r.ecc.corrected_aggregate,
+            MemoryError::Corrected,
+            EccCounter::Aggregate,
+        ),
+        (
+            &mut r.ecc.uncorrected_aggregate,
+            MemoryError::Uncorrected,
+            EccCounter::Aggregate,
+        ),
+    ] {
+        if slot.is_none() {
+            *slot = get!(dev.total_ecc_errors(kind, counter));
+        }
+    }
     read_nvlinks(&dev, &mut r);
     read_mig(&dev, &mut r);
     if processes {
@@ -523,10 +592,18 @@ fn sample_u64(v: &SampleValue) -> Option<u64> {
     }
 }
 
-/// Values only available as NVML field values: memory temperature, row
-/// remapping, retired pages.
+/// Values read as NVML field values in one call: those only available so
+/// (memory temperature, row remapping, retired pages) and some that have
+/// their own call but cost a driver round trip each (energy, about 3 ms on
+/// an H200; PCIe replays; the four ECC totals).
 fn read_fields(dev: &Device<'_>, r: &mut DeviceReading) {
     let ids = [
+        field_id::NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
+        field_id::NVML_FI_DEV_PCIE_REPLAY_COUNTER,
+        field_id::NVML_FI_DEV_ECC_SBE_VOL_TOTAL,
+        field_id::NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
+        field_id::NVML_FI_DEV_ECC_SBE_AGG_TOTAL,
+        field_id::NVML_FI_DEV_ECC_DBE_AGG_TOTAL,
         field_id::NVML_FI_DEV_MEMORY_TEMP,
         field_id::NVML_FI_DEV_REMAPPED_COR,
         field_id::NVML_FI_DEV_REMAPPED_UNC,
@@ -548,6 +625,14 @@ fn read_fields(dev: &Device<'_>, r: &mut DeviceReading) {
             continue;
         };
         match *id {
+            field_id::NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION => {
+                r.energy_joules = Some(v as f64 / 1000.0)
+            }
+            field_id::NVML_FI_DEV_PCIE_REPLAY_COUNTER => r.pcie_replay_total = Some(v),
+            field_id::NVML_FI_DEV_ECC_SBE_VOL_TOTAL => r.ecc.corrected_volatile = Some(v),
+            field_id::NVML_FI_DEV_ECC_DBE_VOL_TOTAL => r.ecc.uncorrected_volatile = Some(v),
+            field_id::NVML_FI_DEV_ECC_SBE_AGG_TOTAL => r.ecc.corrected_aggregate = Some(v),
+            field_id::NVML_FI_DEV_ECC_DBE_AGG_TOTAL => r.ecc.uncorrected_aggregate = Some(v),
             field_id::NVML_FI_DEV_MEMORY_TEMP if v > 0 => {
                 r.memory_temperature_celsius = Some(v as f64)
             }
