@@ -272,6 +272,44 @@ fn dcgm_compat_adds_dcgm_profiling_names_for_gpm() {
     check_golden("gpu-h100x8-training-dcgm.prom", &prof);
 }
 
+#[test]
+fn slow_gpu_reads_are_parallel_and_bounded_by_the_deadline() {
+    // 30 calls × 2 ms = 60 ms per GPU: eight in series would be 480 ms.
+    let started = std::time::Instant::now();
+    let (out, _) = collect(
+        "h100x8-training.json",
+        "[gpu]\nfake_call_latency_us = 2000\n",
+    );
+    let fast = started.elapsed();
+    assert_eq!(out.matches("gpu_up{").count(), 8);
+    assert!(out
+        .lines()
+        .filter(|l| l.starts_with("gpu_up{"))
+        .all(|l| l.ends_with(" 1")));
+    assert!(out.contains("gpu_sm_active_percent{gpu=\"7\""));
+    let read: Vec<f64> = out
+        .lines()
+        .filter(|l| l.starts_with("gpuops_gpu_read_duration_seconds{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(read.len(), 8);
+    assert!(read.iter().all(|s| *s >= 0.06), "{read:?}");
+    assert!(fast < std::time::Duration::from_secs(5), "{fast:?}");
+    // 30 × 50 ms = 1.5 s per GPU against a 0.5 s deadline: every GPU is
+    // reported lost (gpu_up 0, nothing else) and the scrape still answers.
+    let started = std::time::Instant::now();
+    let (out, _) = collect(
+        "h100x8-training.json",
+        "[gpu]\ndeadline_secs = 0.5\nfake_call_latency_us = 50000\n",
+    );
+    let slow = started.elapsed();
+    let up: Vec<&str> = out.lines().filter(|l| l.starts_with("gpu_up{")).collect();
+    assert_eq!(up.len(), 8, "{out}");
+    assert!(up.iter().all(|l| l.ends_with(" 0")), "{up:#?}");
+    assert!(!out.contains("gpu_sm_active_percent{"));
+    assert!(slow < std::time::Duration::from_secs(5), "{slow:?}");
+}
+
 /// promtool's findings on an exposition, minus those we knowingly accept: the
 /// `DCGM_*` compatibility series use dcgm-exporter's names and label names
 /// (`UUID`, `modelName`, `..._COUNTER`), which is their whole point.

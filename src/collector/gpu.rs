@@ -199,24 +199,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Inner {
     /// Runs on the flight thread: loads the backend if needed, then reads it.
     fn fetch(&self, events: &Arc<KernelEvents>, background: bool) -> Fetched {
+        let started = Instant::now();
         let backend = self.backend(events, background)?;
+        let Some((interval, window)) = self.gpm else {
+            return backend.snapshot();
+        };
+        if background {
+            if !self.gpm_sampler_started.swap(true, Ordering::SeqCst) {
+                gpu_gpm::spawn_sampler(backend.clone(), self.gpm_latest.clone(), interval, window);
+            }
+            return backend.snapshot();
+        }
+        // One-shot: two samples a short interval apart, taken while the
+        // snapshot is read, waited for within this collection's deadline.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = backend.clone();
+        let spawned = std::thread::Builder::new()
+            .name("gpuops-gpm-once".into())
+            .spawn(move || {
+                let _ = tx.send(b.gpm_measure(gpu_gpm::ONCE_WINDOW.min(window)));
+            });
         let snap = backend.snapshot()?;
-        if let Some((interval, window)) = self.gpm {
-            if background {
-                if !self.gpm_sampler_started.swap(true, Ordering::SeqCst) {
-                    gpu_gpm::spawn_sampler(
-                        backend.clone(),
-                        self.gpm_latest.clone(),
-                        interval,
-                        window,
-                    );
-                }
-            } else {
-                // One-shot: two samples a short interval apart, now.
-                match backend.gpm_measure(gpu_gpm::ONCE_WINDOW.min(window)) {
-                    Ok(m) => self.gpm_latest.store(m),
-                    Err(e) => tracing::warn!(error = %e, "gpm measurement failed"),
-                }
+        if spawned.is_ok() {
+            let left = self.deadline.mul_f64(0.9).saturating_sub(started.elapsed());
+            match rx.recv_timeout(left) {
+                Ok(Ok(m)) => self.gpm_latest.store(m),
+                Ok(Err(e)) => tracing::warn!(error = %e, "gpm measurement failed"),
+                Err(_) => tracing::warn!("gpm measurement did not finish in time, no gpm series"),
             }
         }
         Ok(snap)
