@@ -159,10 +159,16 @@ fn run_gpm(gpm: &str) -> (i32, String) {
 fn gpm_is_compared_with_an_independent_reading() {
     let (code, out) = run_gpm("0,95.80,14.20,93.00,17.50\n");
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("sm_active") && out.contains("all 1 GPUs agree"), "{out}");
+    assert!(
+        out.contains("sm_active") && out.contains("all 1 GPUs agree"),
+        "{out}"
+    );
     let (code, out) = run_gpm("0,40.00,14.20,93.00,17.50\n");
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("sm_active") && out.contains("MISMATCH"), "{out}");
+    assert!(
+        out.contains("sm_active") && out.contains("MISMATCH"),
+        "{out}"
+    );
     // NVML says no GPM while gpuops exported it: a mismatch.
     let (code, out) = run_gpm("0,unsupported\n");
     assert_eq!(code, 1, "{out}");

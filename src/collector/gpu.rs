@@ -384,8 +384,10 @@ impl GpuCollector {
                 let reading = measured
                     .filter(|(_, fresh)| *fresh)
                     .and_then(|(m, _)| Some((m, m.reading.as_ref()?)));
-                if let Some((m, r)) = reading {
+                if let Some((_, r)) = reading {
                     gpu_gpm::render(&base, r, sink);
+                }
+                if let Some((m, true)) = measured {
                     render_mig_gpm(d, m, &base, sink);
                 }
                 let sm_activity = reading
@@ -854,17 +856,19 @@ fn read_process(ctx: &Context, pid: u32) -> ProcessInfo {
 /// GPM of a GPU's MIG instances, with their labels.
 fn render_mig_gpm(d: &DeviceReading, m: &GpmMeasurement, base: &[(&str, &str)], sink: &mut Sink) {
     for (gi, r) in &m.mig {
-        let Some(mig) = d.mig.iter().find(|x| x.gpu_instance_id == Some(*gi)) else {
-            continue;
-        };
+        // NVML's MIG readings lack instance ids: then the GPU instance id
+        // alone labels the series.
+        let mig = d.mig.iter().find(|x| x.gpu_instance_id == Some(*gi));
         let gi = gi.to_string();
-        let ci = mig.compute_instance_id.map(|v| v.to_string());
+        let ci = mig.and_then(|x| x.compute_instance_id.map(|v| v.to_string()));
         let mut labels = base.to_vec();
         labels.push(("gpu_instance_id", &gi));
         if let Some(ci) = &ci {
             labels.push(("compute_instance_id", ci));
         }
-        labels.push(("mig_profile", &mig.profile));
+        if let Some(mig) = mig {
+            labels.push(("mig_profile", &mig.profile));
+        }
         gpu_gpm::render(&labels, r, sink);
     }
 }

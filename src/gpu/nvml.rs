@@ -165,7 +165,7 @@ impl GpuBackend for NvmlBackend {
             .device_count()
             .map_err(|e| format!("nvml: cannot count GPUs: {e}"))?;
         let mut out = Vec::with_capacity(count as usize);
-        let mut first: Vec<(u32, Device<'_>, GpmSample<'_>, Instant)> = Vec::new();
+        let mut first: Vec<GpmFirst<'_>> = Vec::new();
         for i in 0..count {
             let Ok(dev) = nvml.device_by_index(i) else {
                 continue;
@@ -179,49 +179,81 @@ impl GpuBackend for NvmlBackend {
                 });
                 continue;
             }
-            match dev.gpm_sample() {
-                Ok(s) => first.push((i, dev, s, Instant::now())),
-                Err(e) => {
-                    tracing::debug!(gpu = i, error = %e, "gpm sample failed");
-                    out.push(GpmMeasurement {
-                        index: i,
-                        supported: true,
-                        reading: None,
-                        mig: Vec::new(),
-                    });
-                }
-            }
-        }
-        if !first.is_empty() {
-            std::thread::sleep(window);
-        }
-        for (i, dev, s1, t1) in first {
-            let reading = match dev.gpm_sample() {
-                Ok(s2) => {
-                    let secs = t1.elapsed().as_secs_f64();
-                    match gpm_metrics_get(nvml, &s1, &s2, &GPM_METRICS) {
-                        Ok(results) => Some(gpm_reading(&results, secs)),
-                        Err(e) => {
-                            tracing::debug!(gpu = i, error = %e, "gpm metrics get failed");
-                            None
-                        }
-                    }
-                }
+            let whole = match dev.gpm_sample() {
+                Ok(s) => Some((s, Instant::now())),
                 Err(e) => {
                     tracing::debug!(gpu = i, error = %e, "gpm sample failed");
                     None
                 }
             };
-            out.push(GpmMeasurement {
+            // MIG: nvml-wrapper cannot list GPU instance ids, so the possible
+            // ones are tried; those that exist answer.
+            let mut mig = Vec::new();
+            if matches!(dev.mig_mode(), Ok(m) if m.current == 1) {
+                for gi in 0..MAX_GPU_INSTANCE_ID {
+                    if let Ok(s) = dev.gpm_mig_sample(gi) {
+                        mig.push((gi, s, Instant::now()));
+                    }
+                }
+            }
+            first.push(GpmFirst {
                 index: i,
+                dev,
+                whole,
+                mig,
+            });
+        }
+        if !first.is_empty() {
+            std::thread::sleep(window);
+        }
+        let metrics = |s1: &GpmSample<'_>, s2: GpmSample<'_>, t1: Instant, what: &str| {
+            let secs = t1.elapsed().as_secs_f64();
+            match gpm_metrics_get(nvml, s1, &s2, &GPM_METRICS) {
+                Ok(results) => Some(gpm_reading(&results, secs)),
+                Err(e) => {
+                    tracing::debug!(what, error = %e, "gpm metrics get failed");
+                    None
+                }
+            }
+        };
+        for f in first {
+            let reading = f.whole.and_then(|(s1, t1)| match f.dev.gpm_sample() {
+                Ok(s2) => metrics(&s1, s2, t1, "gpu"),
+                Err(e) => {
+                    tracing::debug!(gpu = f.index, error = %e, "gpm sample failed");
+                    None
+                }
+            });
+            let mig = f
+                .mig
+                .into_iter()
+                .filter_map(|(gi, s1, t1)| {
+                    let s2 = f.dev.gpm_mig_sample(gi).ok()?;
+                    Some((gi, metrics(&s1, s2, t1, "mig")?))
+                })
+                .collect();
+            out.push(GpmMeasurement {
+                index: f.index,
                 supported: true,
                 reading,
-                mig: Vec::new(),
+                mig,
             });
         }
         out.sort_by_key(|m| m.index);
         Ok(out)
     }
+}
+
+/// GPU instance ids tried for MIG GPM (NVML's are small: at most 7 instances,
+/// ids up to 14 on current GPUs).
+const MAX_GPU_INSTANCE_ID: u32 = 15;
+
+/// First samples of one GPU's GPM window: the whole GPU and its MIG instances.
+struct GpmFirst<'n> {
+    index: u32,
+    dev: Device<'n>,
+    whole: Option<(GpmSample<'n>, Instant)>,
+    mig: Vec<(u32, GpmSample<'n>, Instant)>,
 }
 
 /// Every GPM metric read per window, in the order [`gpm_reading`] expects.
