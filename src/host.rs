@@ -94,6 +94,14 @@ impl HostRoots {
         std::fs::read_to_string(path).map_err(|e| ReadError::from_io(path, e))
     }
 
+    /// `<procfs>/<rel>` as text, invalid UTF-8 replaced (e.g. `environ`).
+    pub fn read_proc_lossy(&self, rel: &str) -> Result<String, ReadError> {
+        let path = self.proc_path(rel);
+        std::fs::read(&path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .map_err(|e| ReadError::from_io(&path, e))
+    }
+
     /// `read_text(<procfs>/<rel>)`.
     pub fn read_proc(&self, rel: &str) -> Result<String, ReadError> {
         self.read_text(&self.proc_path(rel))

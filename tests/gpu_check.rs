@@ -108,3 +108,69 @@ fn unsupported_power_is_skipped_and_unknown_gpu_fails() {
     assert!(!gpu0.contains("power.draw"), "{out}");
     assert!(out.contains("GPU 8\n  not in gpuops output"), "{out}");
 }
+
+/// Runs the script on the training fixture's exposition with canned GPM.
+fn run_gpm(gpm: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        "[collectors]\ncpu = false\nmemory = false\noom = false\nstorage = false\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args(["collect", "--once", "--config"])
+        .arg(&cfg)
+        .arg("--gpu-fake")
+        .arg(root().join("tests/fixtures/gpu/h100x8-training.json"))
+        .arg("--kmsg")
+        .arg(dir.path().join("no-kmsg"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let m = dir.path().join("metrics.prom");
+    std::fs::write(&m, out.stdout).unwrap();
+    // nvidia-smi's side agreeing with the fixture (GPU 0 only).
+    let smi = dir.path().join("smi.csv");
+    std::fs::write(&smi, "0, 100, 75776, 81559, 58, 668.00, 1980, 2619\n").unwrap();
+    let g = dir.path().join("gpm.csv");
+    std::fs::write(&g, gpm).unwrap();
+    let out = Command::new("bash")
+        .arg(root().join("scripts/gpu-check"))
+        .args(["--smi-csv"])
+        .arg(&smi)
+        .arg("--metrics")
+        .arg(&m)
+        .arg("--gpm-csv")
+        .arg(&g)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn gpm_is_compared_with_an_independent_reading() {
+    let (code, out) = run_gpm("0,95.80,14.20,93.00,17.50\n");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("sm_active") && out.contains("all 1 GPUs agree"),
+        "{out}"
+    );
+    let (code, out) = run_gpm("0,40.00,14.20,93.00,17.50\n");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("sm_active") && out.contains("MISMATCH"),
+        "{out}"
+    );
+    // NVML says no GPM while gpuops exported it: a mismatch.
+    let (code, out) = run_gpm("0,unsupported\n");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("gpu_gpm_supported=1"), "{out}");
+}

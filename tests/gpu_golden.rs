@@ -29,6 +29,8 @@ fn collect(fixture: &str, extra_config: &str) -> (String, String) {
         .arg(fx.join(fixture))
         .arg("--procfs")
         .arg(fx.join("proc"))
+        .arg("--rootfs")
+        .arg(fx.join("root"))
         .arg("--kmsg")
         .arg(fx.join("kmsg-xid.txt"))
         .current_dir(dir.path())
@@ -172,6 +174,142 @@ fn dcgm_compat_adds_dcgm_exporter_names() {
     assert!(out.contains("DCGM_FI_DEV_XID_ERRORS{gpu=\"3\""));
 }
 
+#[test]
+fn training_fixture_exports_gpm_and_workloads() {
+    let (out, _) = collect("h100x8-training.json", "");
+    check_golden("gpu-h100x8-training.prom", &stable(&out));
+    let has = |line: &str| {
+        assert!(out.contains(line), "missing {line:?}");
+    };
+    let gpu0 = "gpu=\"0\",uuid=\"GPU-0b6c1d2e-3f40-4a51-9b62-7c8d9e0fa100\",name=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:18:00.0\"";
+    // GPM: the numbers ML teams tune by, next to "utilization 100".
+    has(&format!("gpu_utilization_percent{{{gpu0}}} 100\n"));
+    has(&format!("gpu_gpm_supported{{{gpu0}}} 1\n"));
+    has(&format!("gpu_sm_active_percent{{{gpu0}}} 96.2\n"));
+    has(&format!("gpu_sm_occupancy_percent{{{gpu0}}} 14.2\n"));
+    has(&format!("gpu_tensor_active_percent{{{gpu0}}} 93.4\n"));
+    has(&format!("gpu_dram_active_percent{{{gpu0}}} 17.4\n"));
+    has(&format!(
+        "gpu_pipe_active_percent{{{gpu0},pipe=\"tensor_hmma\"}} 93.4\n"
+    ));
+    has(&format!(
+        "gpu_nvlink_bytes_per_second{{{gpu0},direction=\"tx\"}} 112000000000\n"
+    ));
+    // collect --once measures its own short window.
+    has(&format!("gpu_gpm_window_seconds{{{gpu0}}} 0.1\n"));
+    // Workloads: Slurm (v1 path with uid, v2 path with uid from status), Kubernetes, systemd.
+    has(&format!("gpu_workload_memory_used_bytes{{{gpu0},workload_type=\"slurm\",workload=\"8123\",user=\"alice\",container=\"\"}} 78383153152\n"));
+    has("workload_type=\"slurm\",workload=\"8124\",user=\"bob\",container=\"\"} 13958643712\n");
+    // Slurm without its cgroup plugin: SLURM_JOB_ID from the environment.
+    has("workload_type=\"slurm\",workload=\"8125\",user=\"alice\",container=\"\"} 536870912\n");
+    has("workload_type=\"kubernetes\",workload=\"0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\",user=\"\",container=\"containerd:a1b2c3d4e5f6\"} 42949672960\n");
+    has("workload_type=\"systemd\",workload=\"jupyterhub.service\",user=\"\",container=\"\"} 22548578304\n");
+    has(&format!("gpu_workload_sm_utilization_percent{{{gpu0},workload_type=\"slurm\",workload=\"8123\",user=\"alice\",container=\"\"}} 100\n"));
+    // Idle allocations: GPU 6 (a service at 0.3 % SM), GPU 7 (memory, no process).
+    for (gpu, idle) in [(0, 0), (4, 0), (6, 1), (7, 1)] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("gpu_allocated_idle{{gpu=\"{gpu}\"")))
+            .unwrap_or_else(|| panic!("no gpu_allocated_idle for gpu {gpu}"));
+        assert!(line.ends_with(&format!(" {idle}")), "{line}");
+    }
+    // Per-pid series are opt-in.
+    assert!(!out.contains("gpu_process_memory_used_bytes{"));
+    let (pids, _) = collect("h100x8-training.json", "[gpu]\nper_pid_metrics = true\n");
+    assert!(pids.contains(&format!("gpu_process_memory_used_bytes{{{gpu0},pid=\"62000\",process=\"python\",unit=\"\"}} 78383153152\n")), "{pids}");
+    assert!(pids.contains(&format!("gpu_process_sm_utilization_percent{{{gpu0},pid=\"62000\",process=\"python\",unit=\"\"}} 100\n")));
+    let per_pid: String = stable(&pids)
+        .lines()
+        .filter(|l| l.contains("gpu_process_"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    check_golden("gpu-h100x8-training-pids.prom", &per_pid);
+    // GPM off: no GPM series at all, not zeros.
+    let (off, _) = collect("h100x8-training.json", "[gpu]\ngpm = false\n");
+    assert!(!off.contains("gpu_gpm_supported{") && !off.contains("gpu_sm_active_percent{"));
+}
+
+#[test]
+fn gpm_is_absent_without_gpm_support_and_per_mig_instance_where_given() {
+    let (out, _) = collect("h100x8.json", "");
+    assert!(out.contains("gpu_gpm_supported{gpu=\"0\""));
+    assert!(out
+        .lines()
+        .filter(|l| l.starts_with("gpu_gpm_supported{"))
+        .all(|l| l.ends_with(" 0")));
+    for name in [
+        "gpu_sm_active_percent{",
+        "gpu_sm_occupancy_percent{",
+        "gpu_tensor_active_percent{",
+        "gpu_gpm_window_seconds{",
+    ] {
+        assert!(!out.contains(name), "{name} without GPM support");
+    }
+    let (mig, _) = collect("mig.json", "");
+    assert!(mig.contains("gpu_sm_active_percent{gpu=\"0\",uuid=\"GPU-6a1c0e3b-1f2d-4b5a-9c7e-0d1e2f3a4b50\",name=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:18:00.0\",gpu_instance_id=\"1\",compute_instance_id=\"0\",mig_profile=\"3g.40gb\"} 88\n"), "{mig}");
+}
+
+#[test]
+fn dcgm_compat_adds_dcgm_profiling_names_for_gpm() {
+    let (out, _) = collect("h100x8-training.json", "[gpu]\ndcgm_compat = true\n");
+    let labels = "gpu=\"0\",UUID=\"GPU-0b6c1d2e-3f40-4a51-9b62-7c8d9e0fa100\",device=\"nvidia0\",modelName=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:18:00.0\"";
+    for (name, v) in [
+        ("DCGM_FI_PROF_SM_ACTIVE", "0.962"),
+        ("DCGM_FI_PROF_SM_OCCUPANCY", "0.142"),
+        ("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "0.934"),
+        ("DCGM_FI_PROF_DRAM_ACTIVE", "0.174"),
+        ("DCGM_FI_PROF_NVLINK_TX_BYTES", "112000000000"),
+    ] {
+        let line = format!("{name}{{{labels}}} {v}\n");
+        assert!(out.contains(&line), "missing {line}");
+    }
+    assert!(out.contains("DCGM_FI_PROF_NVDEC6_ACTIVE{"));
+    let prof: String = stable(&out)
+        .lines()
+        .filter(|l| l.contains("DCGM_FI_PROF_"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    check_golden("gpu-h100x8-training-dcgm.prom", &prof);
+}
+
+#[test]
+fn slow_gpu_reads_are_parallel_and_bounded_by_the_deadline() {
+    // 30 calls × 2 ms = 60 ms per GPU: eight in series would be 480 ms.
+    let started = std::time::Instant::now();
+    let (out, _) = collect(
+        "h100x8-training.json",
+        "[gpu]\nfake_call_latency_us = 2000\n",
+    );
+    let fast = started.elapsed();
+    assert_eq!(out.matches("gpu_up{").count(), 8);
+    assert!(out
+        .lines()
+        .filter(|l| l.starts_with("gpu_up{"))
+        .all(|l| l.ends_with(" 1")));
+    assert!(out.contains("gpu_sm_active_percent{gpu=\"7\""));
+    let read: Vec<f64> = out
+        .lines()
+        .filter(|l| l.starts_with("gpuops_gpu_read_duration_seconds{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(read.len(), 8);
+    assert!(read.iter().all(|s| *s >= 0.06), "{read:?}");
+    assert!(fast < std::time::Duration::from_secs(5), "{fast:?}");
+    // 30 × 50 ms = 1.5 s per GPU against a 0.5 s deadline: every GPU is
+    // reported lost (gpu_up 0, nothing else) and the scrape still answers.
+    let started = std::time::Instant::now();
+    let (out, _) = collect(
+        "h100x8-training.json",
+        "[gpu]\ndeadline_secs = 0.5\nfake_call_latency_us = 50000\n",
+    );
+    let slow = started.elapsed();
+    let up: Vec<&str> = out.lines().filter(|l| l.starts_with("gpu_up{")).collect();
+    assert_eq!(up.len(), 8, "{out}");
+    assert!(up.iter().all(|l| l.ends_with(" 0")), "{up:#?}");
+    assert!(!out.contains("gpu_sm_active_percent{"));
+    assert!(slow < std::time::Duration::from_secs(5), "{slow:?}");
+}
+
 /// promtool's findings on an exposition, minus those we knowingly accept: the
 /// `DCGM_*` compatibility series use dcgm-exporter's names and label names
 /// (`UUID`, `modelName`, `..._COUNTER`), which is their whole point.
@@ -199,7 +337,7 @@ fn promtool_findings(text: &str) -> Vec<String> {
     all.lines()
         .filter(|l| !l.trim().is_empty())
         // dcgm-exporter's own names and labels break Prometheus naming advice.
-        .filter(|l| !(l.starts_with("DCGM_FI_DEV_") && l.contains(" should ")))
+        .filter(|l| !(l.starts_with("DCGM_FI_") && l.contains(" should ")))
         .map(str::to_string)
         .collect()
 }
@@ -212,6 +350,11 @@ fn fake_expositions_are_promtool_clean() {
         ("h100x8.json", "[gpu]\ndcgm_compat = true\n"),
         ("mig.json", ""),
         ("lost.json", ""),
+        ("h100x8-training.json", ""),
+        (
+            "h100x8-training.json",
+            "[gpu]\ndcgm_compat = true\nper_pid_metrics = true\n",
+        ),
     ] {
         let (out, _) = collect(fixture, extra);
         let findings = promtool_findings(&out);

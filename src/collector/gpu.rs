@@ -7,21 +7,28 @@
 //! later scrapes (no thread pile-up) until the call returns. NVML is loaded
 //! lazily on the first collection (and retried every minute while it is
 //! missing); when it is missing one warning says why, the collector reports
-//! failure and no GPU series are exported. Process names and units come from
-//! `<procfs>/<pid>/{comm,cgroup}` through [`crate::host::HostRoots`].
+//! failure and no GPU series are exported. Process names, units and
+//! workloads come from `<procfs>/<pid>/{comm,cgroup,status,environ}` (and user names
+//! from `<rootfs>/etc/passwd`) through [`crate::host::HostRoots`]; GPM
+//! windows from the sampler in [`crate::collector::gpu_gpm`].
 //! This module must not call NVML itself (only `crate::gpu::nvml` does).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::collector::gpu_gpm::{self, GpmLatest};
+use crate::collector::gpu_workload::{self, Workload};
 use crate::collector::kmsg::{unix_now, EventKind, KernelEvent};
 use crate::collector::{Collector, Context, Error, KernelEvents, Sink};
 use crate::config::agent::GpuBackendChoice;
 use crate::deadline::{Outcome, SingleFlight};
 use crate::gpu::fake::FakeBackend;
 use crate::gpu::nvml::NvmlBackend;
-use crate::gpu::{xid, DeviceReading, GpuBackend, Snapshot};
+use crate::gpu::{xid, DeviceReading, GpmMeasurement, GpuBackend, Snapshot};
+
+pub use crate::collector::gpu_workload::unit_from_cgroup;
 
 /// How often a missing NVML is looked for again.
 const NVML_RETRY: Duration = Duration::from_secs(60);
@@ -36,7 +43,12 @@ struct Inner {
     choice: GpuBackendChoice,
     deadline: Duration,
     process_metrics: bool,
+    per_pid_metrics: bool,
     dcgm_compat: bool,
+    /// GPM on, its interval and window.
+    gpm: Option<(Duration, Duration)>,
+    gpm_latest: Arc<GpmLatest>,
+    gpm_sampler_started: AtomicBool,
     backend: Mutex<BackendState>,
     /// `nvml`, `fake` or `none`, once known.
     kind: OnceLock<&'static str>,
@@ -45,10 +57,18 @@ struct Inner {
     last: Mutex<Option<Arc<Snapshot>>>,
     /// Per GPU (uuid, else bus id): what `gpu_errors_total` has counted.
     books: Mutex<HashMap<String, ErrorBook>>,
-    /// `(process, unit)` per pid seen on a GPU in the last collection, so a
+    /// What is known of each pid seen on a GPU in the last collection, so a
     /// long-running job's /proc files are read once, not on every scrape.
     /// Pids no longer on any GPU are dropped at each collection.
-    processes: Mutex<HashMap<u32, (String, String)>>,
+    processes: Mutex<HashMap<u32, ProcessInfo>>,
+}
+
+/// A GPU process's name, unit and workload, read once per pid.
+#[derive(Clone)]
+struct ProcessInfo {
+    comm: String,
+    unit: String,
+    workload: Workload,
 }
 
 enum BackendState {
@@ -76,7 +96,10 @@ impl GpuCollector {
                 let _ = kind.set("fake");
                 let _ = ctx.gpu_backend.set("fake");
                 match FakeBackend::load(path) {
-                    Ok(b) => {
+                    Ok(mut b) => {
+                        if !cfg.fake_call_latency.is_zero() {
+                            b.set_call_latency(cfg.fake_call_latency, cfg.deadline.mul_f64(0.8));
+                        }
                         tracing::warn!(
                             fixture = %path.display(),
                             "gpu readings are FAKE, replayed from a fixture (gpu_backend=\"fake\"); do not use on a real node"
@@ -99,7 +122,11 @@ impl GpuCollector {
                 choice: cfg.backend.clone(),
                 deadline: cfg.deadline,
                 process_metrics: cfg.process_metrics,
+                per_pid_metrics: cfg.per_pid_metrics,
                 dcgm_compat: cfg.dcgm_compat,
+                gpm: cfg.gpm.then_some((cfg.gpm_interval, cfg.gpm_window)),
+                gpm_latest: Arc::new(GpmLatest::default()),
+                gpm_sampler_started: AtomicBool::new(false),
                 backend: Mutex::new(state),
                 kind,
                 flight: SingleFlight::new("gpuops-gpu"),
@@ -137,7 +164,15 @@ impl Collector for GpuCollector {
         let failure = match outcome {
             Outcome::Done(Ok(snap)) => {
                 *lock(&self.inner.last) = Some(snap.clone());
-                self.render(ctx, &snap, &xids, sink);
+                let gpm = self.inner.gpm.and_then(|(interval, window)| {
+                    let max_age = if ctx.background {
+                        gpu_gpm::max_age(interval, window)
+                    } else {
+                        Duration::from_secs(60)
+                    };
+                    self.inner.gpm_latest.get(max_age)
+                });
+                self.render(ctx, &snap, &xids, gpm, sink);
                 return Ok(());
             }
             Outcome::Done(Err(e)) => Error::Unavailable(e),
@@ -164,8 +199,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Inner {
     /// Runs on the flight thread: loads the backend if needed, then reads it.
     fn fetch(&self, events: &Arc<KernelEvents>, background: bool) -> Fetched {
+        let started = Instant::now();
         let backend = self.backend(events, background)?;
-        backend.snapshot()
+        let Some((interval, window)) = self.gpm else {
+            return backend.snapshot();
+        };
+        if background {
+            if !self.gpm_sampler_started.swap(true, Ordering::SeqCst) {
+                gpu_gpm::spawn_sampler(backend.clone(), self.gpm_latest.clone(), interval, window);
+            }
+            return backend.snapshot();
+        }
+        // One-shot: two samples a short interval apart, taken while the
+        // snapshot is read, waited for within this collection's deadline.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = backend.clone();
+        let spawned = std::thread::Builder::new()
+            .name("gpuops-gpm-once".into())
+            .spawn(move || {
+                let _ = tx.send(b.gpm_measure(gpu_gpm::ONCE_WINDOW.min(window)));
+            });
+        let snap = backend.snapshot()?;
+        if spawned.is_ok() {
+            let left = self.deadline.mul_f64(0.9).saturating_sub(started.elapsed());
+            match rx.recv_timeout(left) {
+                Ok(Ok(m)) => self.gpm_latest.store(m),
+                Ok(Err(e)) => tracing::warn!(error = %e, "gpm measurement failed"),
+                Err(_) => tracing::warn!("gpm measurement did not finish in time, no gpm series"),
+            }
+        }
+        Ok(snap)
     }
 
     fn backend(
@@ -245,6 +308,7 @@ impl GpuCollector {
         ctx: &Context,
         snap: &Snapshot,
         xids: &BTreeMap<(String, u32), u64>,
+        gpm: Option<(Arc<Vec<GpmMeasurement>>, bool)>,
         sink: &mut Sink,
     ) {
         sink.gauge(
@@ -306,11 +370,49 @@ impl GpuCollector {
                     d.remapped_rows.failure,
                 );
                 render_device(snap, d, &base, sink);
+                let measured = gpm
+                    .as_ref()
+                    .and_then(|(m, fresh)| Some((m.iter().find(|m| m.index == d.index)?, *fresh)));
+                if let Some((m, _)) = measured {
+                    sink.gauge(
+                        "gpu_gpm_supported",
+                        "Whether the GPU supports GPM (NVML nvmlGpmQueryDeviceSupport; Hopper and newer), 1 or 0: the gpu_sm_*, gpu_*_active_percent and gpu_*_bytes_per_second series exist only where it is 1.",
+                        &base,
+                        if m.supported { 1.0 } else { 0.0 },
+                    );
+                }
+                let reading = measured
+                    .filter(|(_, fresh)| *fresh)
+                    .and_then(|(m, _)| Some((m, m.reading.as_ref()?)));
+                if let Some((_, r)) = reading {
+                    gpu_gpm::render(&base, r, sink);
+                }
+                if let Some((m, true)) = measured {
+                    render_mig_gpm(d, m, &base, sink);
+                }
+                let sm_activity = reading
+                    .and_then(|(_, r)| r.sm_active_percent)
+                    .or(d.utilization_percent);
+                if let Some(idle) = gpu_workload::allocated_idle(
+                    d.memory_used_bytes,
+                    !d.processes.is_empty(),
+                    sm_activity,
+                ) {
+                    sink.gauge(
+                        "gpu_allocated_idle",
+                        "1 when the GPU holds memory (a process has it, or at least 1 GiB is in use) while its SMs are idle (GPM SM activity, else NVML utilization, below 1 %), else 0; min_over_time(gpu_allocated_idle[1h]) == 1 finds GPUs held idle for an hour.",
+                        &base,
+                        if idle { 1.0 } else { 0.0 },
+                    );
+                }
                 if self.inner.process_metrics {
-                    render_processes(ctx, d, &base, &mut known, &mut seen, sink);
+                    self.render_processes(ctx, d, &base, &mut known, &mut seen, sink);
                 }
                 if self.inner.dcgm_compat {
                     render_dcgm(ctx, d, xids, sink);
+                    if let Some((_, r)) = reading {
+                        gpu_gpm::render_dcgm(&dcgm_labels(d).as_pairs(), r, sink);
+                    }
                 }
             }
             let (mut all, mut critical) = (0u64, 0u64);
@@ -609,113 +711,166 @@ fn render_device(snap: &Snapshot, d: &DeviceReading, base: &[(&str, &str)], sink
     }
 }
 
-fn render_processes(
-    ctx: &Context,
-    d: &DeviceReading,
-    base: &[(&str, &str)],
-    known: &mut HashMap<u32, (String, String)>,
-    seen: &mut HashMap<u32, (String, String)>,
-    sink: &mut Sink,
-) {
-    for p in &d.processes {
-        let Some(bytes) = p.memory_used_bytes else {
-            continue;
-        };
-        let (comm, unit) = match known.remove(&p.pid).or_else(|| seen.get(&p.pid).cloned()) {
-            Some(v) => v,
-            None => {
-                let comm = ctx
-                    .roots
-                    .read_proc(&format!("{}/comm", p.pid))
-                    .map(|c| c.trim().to_string())
-                    .unwrap_or_default();
-                let unit = ctx
-                    .roots
-                    .read_proc(&format!("{}/cgroup", p.pid))
-                    .ok()
-                    .and_then(|c| unit_from_cgroup(&c))
-                    .unwrap_or_default();
-                (comm, unit)
+impl GpuCollector {
+    /// Per-workload sums (always, with `process_metrics`) and per-pid series
+    /// (with `per_pid_metrics`) of one GPU's processes.
+    fn render_processes(
+        &self,
+        ctx: &Context,
+        d: &DeviceReading,
+        base: &[(&str, &str)],
+        known: &mut HashMap<u32, ProcessInfo>,
+        seen: &mut HashMap<u32, ProcessInfo>,
+        sink: &mut Sink,
+    ) {
+        for p in &d.processes {
+            if seen.contains_key(&p.pid) {
+                continue;
             }
-        };
-        let pid = p.pid.to_string();
-        sink.gauge(
-            "gpu_process_memory_used_bytes",
-            "Device memory used by a process (NVML nvmlDeviceGetComputeRunningProcesses); process from /proc/<pid>/comm, unit (systemd unit or container) from /proc/<pid>/cgroup.",
-            &with(base, &[("pid", &pid), ("process", &comm), ("unit", &unit)]),
-            bytes as f64,
-        );
-        seen.insert(p.pid, (comm, unit));
+            let info = known
+                .remove(&p.pid)
+                .unwrap_or_else(|| read_process(ctx, p.pid));
+            seen.insert(p.pid, info);
+        }
+        let unknown = Workload::unknown();
+        let sums = gpu_workload::sum_by_workload(d.processes.iter().map(|p| {
+            let w = seen.get(&p.pid).map_or(&unknown, |i| &i.workload);
+            (w, p.memory_used_bytes, p.sm_utilization_percent)
+        }));
+        for (w, u) in &sums {
+            let labels = with(
+                base,
+                &[
+                    ("workload_type", w.kind),
+                    ("workload", &w.id),
+                    ("user", &w.user),
+                    ("container", &w.container),
+                ],
+            );
+            sink.gauge(
+                "gpu_workload_processes",
+                "Processes of a workload on the GPU (NVML nvmlDeviceGetComputeRunningProcesses + graphics processes); workload from /proc/<pid>/cgroup: workload_type slurm (workload = job id, user from the cgroup path or /proc/<pid>/status and <rootfs>/etc/passwd), kubernetes (workload = pod uid, container), container (workload = runtime:id), systemd (workload = unit) or unknown.",
+                &labels,
+                u.processes as f64,
+            );
+            if let Some(v) = u.memory_used_bytes {
+                sink.gauge(
+                    "gpu_workload_memory_used_bytes",
+                    "Device memory used by a workload's processes on the GPU (NVML nvmlDeviceGetComputeRunningProcesses); labels as gpu_workload_processes.",
+                    &labels,
+                    v as f64,
+                );
+            }
+            if let Some(v) = u.sm_utilization_percent {
+                sink.gauge(
+                    "gpu_workload_sm_utilization_percent",
+                    "SM utilization of a workload's processes on the GPU over the driver's last sample period, summed and capped at 100 (NVML nvmlDeviceGetProcessUtilization); labels as gpu_workload_processes.",
+                    &labels,
+                    v,
+                );
+            }
+        }
+        if !self.inner.per_pid_metrics {
+            return;
+        }
+        for p in &d.processes {
+            let Some(info) = seen.get(&p.pid) else {
+                continue;
+            };
+            let pid = p.pid.to_string();
+            let labels = with(
+                base,
+                &[("pid", &pid), ("process", &info.comm), ("unit", &info.unit)],
+            );
+            if let Some(bytes) = p.memory_used_bytes {
+                sink.gauge(
+                    "gpu_process_memory_used_bytes",
+                    "Device memory used by a process (NVML nvmlDeviceGetComputeRunningProcesses); process from /proc/<pid>/comm, unit (systemd unit or container) from /proc/<pid>/cgroup. Only with [gpu] per_pid_metrics = true.",
+                    &labels,
+                    bytes as f64,
+                );
+            }
+            if let Some(v) = p.sm_utilization_percent {
+                sink.gauge(
+                    "gpu_process_sm_utilization_percent",
+                    "SM utilization of a process over the driver's last sample period (NVML nvmlDeviceGetProcessUtilization). Only with [gpu] per_pid_metrics = true.",
+                    &labels,
+                    v,
+                );
+            }
+        }
     }
 }
 
-/// The systemd unit or container a process runs in, from its
-/// `/proc/<pid>/cgroup`: `docker:<id12>`, `containerd:<id12>`, `crio:<id12>`,
-/// `podman:<id12>`, `pod:<uid>` (a Kubernetes pod without a recognisable
-/// container), else the innermost `*.service`/`*.scope` unit
-/// (`slurmstepd.scope`, `ollama.service`). The cgroup v2 line wins over v1 lines.
-pub fn unit_from_cgroup(text: &str) -> Option<String> {
-    let path = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .or_else(|| {
-            text.lines().find_map(|l| {
-                let mut f = l.splitn(3, ':');
-                let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
-                (ctrl
-                    .split(',')
-                    .any(|c| c == "name=systemd" || c == "memory"))
-                .then_some(path)
-            })
-        })?;
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    let is_id = |s: &str| s.len() >= 12 && s.chars().all(|c| c.is_ascii_hexdigit());
-    let short = |s: &str| s[..12].to_string();
-    for (i, part) in parts.iter().enumerate().rev() {
-        let stem = part.strip_suffix(".scope").unwrap_or(part);
-        for (prefix, runtime) in [
-            ("docker-", "docker"),
-            ("cri-containerd-", "containerd"),
-            ("crio-", "crio"),
-            ("libpod-", "podman"),
-        ] {
-            if let Some(id) = stem.strip_prefix(prefix) {
-                if is_id(id) {
-                    return Some(format!("{runtime}:{}", short(id)));
-                }
-            }
-        }
-        // cgroup v1 / cgroupfs driver: /docker/<id>, /kubepods/burstable/pod<uid>/<id>.
-        if is_id(part) && i > 0 {
-            let parent = parts[i - 1];
-            let runtime = if parent == "docker" {
-                "docker"
-            } else if parent.starts_with("pod") || parent.contains("-pod") {
-                "containerd"
-            } else {
-                continue;
+/// A process's name, unit and workload from `<procfs>/<pid>/{comm,cgroup,status}`.
+fn read_process(ctx: &Context, pid: u32) -> ProcessInfo {
+    let comm = ctx
+        .roots
+        .read_proc(&format!("{pid}/comm"))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_default();
+    let cgroup = ctx
+        .roots
+        .read_proc(&format!("{pid}/cgroup"))
+        .unwrap_or_default();
+    let status_uid = ctx
+        .roots
+        .read_proc(&format!("{pid}/status"))
+        .ok()
+        .and_then(|s| gpu_workload::uid_from_status(&s));
+    let user_name = |uid: u32| {
+        let passwd = ctx
+            .roots
+            .read_text(&ctx.roots.rootfs_path("/etc/passwd"))
+            .ok()?;
+        gpu_workload::user_from_passwd(&passwd, uid)
+    };
+    let mut workload = gpu_workload::workload_from_cgroup(&cgroup, status_uid, &user_name);
+    if workload.kind != "slurm" {
+        // Slurm without its cgroup plugin: the job is in the environment
+        // (readable by root or the same user only; otherwise left as is).
+        let slurm = ctx
+            .roots
+            .read_proc_lossy(&format!("{pid}/environ"))
+            .ok()
+            .and_then(|e| gpu_workload::slurm_from_environ(&e));
+        if let Some((job, user)) = slurm {
+            let user = user
+                .or_else(|| status_uid.map(|u| user_name(u).unwrap_or_else(|| u.to_string())))
+                .unwrap_or_default();
+            workload = Workload {
+                kind: "slurm",
+                id: job,
+                user,
+                container: String::new(),
             };
-            return Some(format!("{runtime}:{}", short(part)));
         }
     }
-    for part in parts.iter().rev() {
-        let stem = part.strip_suffix(".slice").unwrap_or(part);
-        if let Some(uid) = stem.rsplit_once("-pod").map(|(_, u)| u) {
-            if !uid.is_empty() {
-                return Some(format!("pod:{}", uid.replace('_', "-")));
-            }
-        }
-        if let Some(uid) = part.strip_prefix("pod") {
-            if !uid.is_empty() {
-                return Some(format!("pod:{uid}"));
-            }
-        }
+    ProcessInfo {
+        comm,
+        unit: unit_from_cgroup(&cgroup).unwrap_or_default(),
+        workload,
     }
-    parts
-        .iter()
-        .rev()
-        .find(|p| p.ends_with(".service") || p.ends_with(".scope"))
-        .map(|p| p.to_string())
+}
+
+/// GPM of a GPU's MIG instances, with their labels.
+fn render_mig_gpm(d: &DeviceReading, m: &GpmMeasurement, base: &[(&str, &str)], sink: &mut Sink) {
+    for (gi, r) in &m.mig {
+        // NVML's MIG readings lack instance ids: then the GPU instance id
+        // alone labels the series.
+        let mig = d.mig.iter().find(|x| x.gpu_instance_id == Some(*gi));
+        let gi = gi.to_string();
+        let ci = mig.and_then(|x| x.compute_instance_id.map(|v| v.to_string()));
+        let mut labels = base.to_vec();
+        labels.push(("gpu_instance_id", &gi));
+        if let Some(ci) = &ci {
+            labels.push(("compute_instance_id", ci));
+        }
+        if let Some(mig) = mig {
+            labels.push(("mig_profile", &mig.profile));
+        }
+        gpu_gpm::render(&labels, r, sink);
+    }
 }
 
 /// `gpu_xid_errors_total{xid}`: with the GPU's labels when a known GPU has the
@@ -750,6 +905,33 @@ fn render_xids(snap: &Snapshot, xids: &BTreeMap<(String, u32), u64>, sink: &mut 
     }
 }
 
+/// dcgm-exporter's label values for a GPU.
+struct DcgmLabels<'a> {
+    idx: String,
+    device: String,
+    d: &'a DeviceReading,
+}
+
+impl<'a> DcgmLabels<'a> {
+    fn as_pairs(&self) -> [(&str, &str); 5] {
+        [
+            ("gpu", &self.idx),
+            ("UUID", &self.d.uuid),
+            ("device", &self.device),
+            ("modelName", &self.d.name),
+            ("pci_bus_id", &self.d.pci_bus_id),
+        ]
+    }
+}
+
+fn dcgm_labels(d: &DeviceReading) -> DcgmLabels<'_> {
+    DcgmLabels {
+        idx: d.index.to_string(),
+        device: format!("nvidia{}", d.minor_number.unwrap_or(d.index)),
+        d,
+    }
+}
+
 /// dcgm-exporter's names, units and labels for the common fields
 /// (`dcgm_compat = true`), so dashboards built for it keep working. All are
 /// gauges: dcgm-exporter's counters lack the `_total` suffix Prometheus wants.
@@ -759,15 +941,8 @@ fn render_dcgm(
     xids: &BTreeMap<(String, u32), u64>,
     sink: &mut Sink,
 ) {
-    let idx = d.index.to_string();
-    let device = format!("nvidia{}", d.minor_number.unwrap_or(d.index));
-    let labels: [(&str, &str); 5] = [
-        ("gpu", &idx),
-        ("UUID", &d.uuid),
-        ("device", &device),
-        ("modelName", &d.name),
-        ("pci_bus_id", &d.pci_bus_id),
-    ];
+    let owned = dcgm_labels(d);
+    let labels = owned.as_pairs();
     const MIB: f64 = 1024.0 * 1024.0;
     let mib = |v: Option<u64>| v.map(|b| (b as f64 / MIB).round());
     let free = match (d.memory_total_bytes, d.memory_used_bytes) {
@@ -914,53 +1089,6 @@ fn render_dcgm(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn check(cgroup: &str, expect: Option<&str>) {
-        assert_eq!(unit_from_cgroup(cgroup).as_deref(), expect, "{cgroup:?}");
-    }
-
-    #[test]
-    fn finds_the_unit_or_container_of_a_process() {
-        check(
-            "0::/system.slice/slurmstepd.scope/job_4242/step_0/user/task_0\n",
-            Some("slurmstepd.scope"),
-        );
-        check("0::/system.slice/ollama.service\n", Some("ollama.service"));
-        check(
-            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/session-3.scope\n",
-            Some("session-3.scope"),
-        );
-        check(
-            "0::/system.slice/docker-3f4e5d6c7b8a9f0e1d2c3b4a59687766554433221100ffeeddccbbaa99887766.scope\n",
-            Some("docker:3f4e5d6c7b8a"),
-        );
-        check(
-            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1c2d3e4f_5a6b_7c8d_9e0f_a1b2c3d4e5f6.slice/cri-containerd-aabbccddeeff00112233445566778899aabbccddeeff00112233445566778899.scope\n",
-            Some("containerd:aabbccddeeff"),
-        );
-        check(
-            "0::/kubepods.slice/kubepods-pod1c2d3e4f_5a6b_7c8d_9e0f_a1b2c3d4e5f6.slice/crio-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\n",
-            Some("crio:0123456789ab"),
-        );
-        check(
-            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1c2d3e4f_5a6b_7c8d_9e0f_a1b2c3d4e5f6.slice\n",
-            Some("pod:1c2d3e4f-5a6b-7c8d-9e0f-a1b2c3d4e5f6"),
-        );
-        check(
-            "12:memory:/docker/3f4e5d6c7b8a9f0e1d2c3b4a59687766554433221100ffeeddccbbaa99887766\n1:name=systemd:/docker/3f4e5d6c7b8a9f0e1d2c3b4a59687766554433221100ffeeddccbbaa99887766\n",
-            Some("docker:3f4e5d6c7b8a"),
-        );
-        check(
-            "11:memory:/kubepods/burstable/pod1c2d3e4f-5a6b-7c8d-9e0f-a1b2c3d4e5f6/aabbccddeeff00112233445566778899aabbccddeeff00112233445566778899\n",
-            Some("containerd:aabbccddeeff"),
-        );
-        check(
-            "0::/machine.slice/libpod-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope/container\n",
-            Some("podman:0123456789ab"),
-        );
-        check("0::/\n", None);
-        check("", None);
-    }
 
     #[test]
     fn device_counters_grow_by_their_increase() {

@@ -11,6 +11,8 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod gpu_gpm;
+pub mod gpu_workload;
 pub mod kmsg;
 pub mod memory;
 pub mod oom;

@@ -109,8 +109,21 @@ pub struct GpuConfig {
     pub dcgm_compat: bool,
     /// The deadline of one NVML pass over all GPUs.
     pub deadline: Duration,
-    /// Export per-process GPU memory.
+    /// Read the GPUs' processes: GPU memory and SM utilization per workload
+    /// (Slurm job, Kubernetes pod, systemd unit, container).
     pub process_metrics: bool,
+    /// Also export the per-pid series (`gpu_process_*`); off by default, as
+    /// pids churn series on a busy cluster.
+    pub per_pid_metrics: bool,
+    /// Measure GPM (SM activity, occupancy, tensor and pipe activity, DRAM,
+    /// PCIe and NVLink bandwidth) on GPUs that support it.
+    pub gpm: bool,
+    /// How often a GPM window is measured in the background.
+    pub gpm_interval: Duration,
+    /// How long one GPM window is (the two samples are this far apart).
+    pub gpm_window: Duration,
+    /// Fake backend only: simulated latency of every NVML call.
+    pub fake_call_latency: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -197,6 +210,11 @@ impl Default for AgentConfig {
                 dcgm_compat: false,
                 deadline: Duration::from_secs(2),
                 process_metrics: true,
+                per_pid_metrics: false,
+                gpm: true,
+                gpm_interval: Duration::from_secs(15),
+                gpm_window: Duration::from_secs(1),
+                fake_call_latency: Duration::ZERO,
             },
             node_name: crate::exec_auth::local_node_name(),
             exec: ExecConfig {
@@ -346,6 +364,36 @@ impl AgentConfig {
             if let Some(v) = r.get(&mut s, "process_metrics") {
                 c.gpu.process_metrics = v;
             }
+            if let Some(v) = r.get(&mut s, "per_pid_metrics") {
+                c.gpu.per_pid_metrics = v;
+            }
+            if let Some(v) = r.get(&mut s, "gpm") {
+                c.gpu.gpm = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "gpm_interval_secs", positive_secs) {
+                c.gpu.gpm_interval = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "gpm_window_secs", positive_secs) {
+                if v > Duration::from_secs(60) {
+                    r.error(&s, "gpm_window_secs", "must be at most 60 seconds");
+                } else {
+                    c.gpu.gpm_window = v;
+                }
+            }
+            if c.gpu.gpm_window > c.gpu.gpm_interval {
+                r.error(
+                    &s,
+                    "gpm_window_secs",
+                    format!(
+                        "must not exceed gpm_interval_secs ({}s)",
+                        c.gpu.gpm_interval.as_secs_f64()
+                    ),
+                );
+            }
+            if let Some(v) = r.get(&mut s, "fake_call_latency_us") {
+                let v: u64 = v;
+                c.gpu.fake_call_latency = Duration::from_micros(v);
+            }
             r.finish(s);
         }
 
@@ -484,5 +532,35 @@ mod tests {
         if let Err(e) = AgentConfig::from_file(&path) {
             panic!("{e}");
         }
+    }
+
+    #[test]
+    fn gpu_gpm_and_workload_options() {
+        let c = AgentConfig::default();
+        assert!(c.gpu.gpm && c.gpu.process_metrics && !c.gpu.per_pid_metrics);
+        assert_eq!(
+            (c.gpu.gpm_interval, c.gpu.gpm_window),
+            (Duration::from_secs(15), Duration::from_secs(1))
+        );
+        let text = "[gpu]\ngpm_interval_secs = 30\ngpm_window_secs = 0.5\nper_pid_metrics = true\nfake_call_latency_us = 200\n";
+        let c = AgentConfig::from_str(Path::new("agent.toml"), text).unwrap();
+        assert_eq!(c.gpu.gpm_interval, Duration::from_secs(30));
+        assert_eq!(c.gpu.gpm_window, Duration::from_millis(500));
+        assert!(c.gpu.per_pid_metrics);
+        assert_eq!(c.gpu.fake_call_latency, Duration::from_micros(200));
+        let e = AgentConfig::from_str(
+            Path::new("agent.toml"),
+            "[gpu]\ngpm_interval_secs = 1\ngpm_window_secs = 2\n",
+        )
+        .err()
+        .unwrap()
+        .0;
+        assert!(
+            e.len() == 1
+                && e[0]
+                    .to_string()
+                    .contains("gpu.gpm_window_secs: must not exceed gpm_interval_secs"),
+            "{e:?}"
+        );
     }
 }

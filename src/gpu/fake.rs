@@ -3,17 +3,30 @@
 //!
 //! Its data is labelled fake: the agent warns at start and
 //! `gpuops_build_info{gpu_backend="fake"}`. A fixture may ask for an injected
-//! delay (`delay_ms`) to simulate a hung NVML. This module reads only the
-//! fixture file and never touches NVML.
+//! delay (`delay_ms`) to simulate a hung NVML, and for a per-call latency
+//! (`call_latency_us`, or [`FakeBackend::set_call_latency`]) to give
+//! benchmarks NVML's timing: then every GPU is read on its own thread with a
+//! per-GPU deadline and single flight, as the NVML backend does. GPM readings
+//! (`devices[].gpm`) are replayed by [`GpuBackend::gpm_measure`]. This module
+//! reads only the fixture file and never touches NVML.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::gpu::{normalize_pci_bus_id, DeviceReading, GpuBackend, Snapshot};
+use crate::deadline::{Outcome, SingleFlight};
+use crate::gpu::{normalize_pci_bus_id, DeviceReading, GpmMeasurement, GpuBackend, Snapshot};
+
+/// About how many NVML calls the NVML backend makes to read one GPU (identity,
+/// utilization, memory, temperature, power, energy, clocks, throttle reasons,
+/// PCIe, ECC, fields, NVLink, processes): what an injected per-call latency
+/// is multiplied by.
+pub const CALLS_PER_DEVICE: u32 = 30;
+/// NVML calls of one GPM window per GPU: two samples and one metrics get.
+pub const CALLS_PER_GPM_WINDOW: u32 = 3;
 
 /// A fixture file's top level.
 #[derive(Debug, Deserialize)]
@@ -26,6 +39,9 @@ struct Fixture {
     /// Every snapshot sleeps this long first (simulates a hung NVML call).
     #[serde(default)]
     delay_ms: u64,
+    /// Simulated latency of every NVML call, in microseconds (0: none).
+    #[serde(default)]
+    call_latency_us: u64,
     #[serde(default)]
     driver_version: Option<String>,
     #[serde(default)]
@@ -37,7 +53,12 @@ struct Fixture {
 pub struct FakeBackend {
     path: PathBuf,
     snapshot: Arc<Snapshot>,
+    /// What a GPM window reads, per GPU (taken out of the fixture's devices).
+    gpm: Vec<GpmMeasurement>,
     delay: Duration,
+    call_latency: Duration,
+    device_deadline: Duration,
+    flight: SingleFlight<u32, DeviceReading>,
 }
 
 impl FakeBackend {
@@ -55,7 +76,20 @@ impl FakeBackend {
         let fixture: Fixture = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         let mut devices = fixture.devices;
         let mut seen = BTreeSet::new();
+        let mut gpm = Vec::new();
         for (i, d) in devices.iter_mut().enumerate() {
+            if d.lost.is_none() {
+                gpm.push(GpmMeasurement {
+                    index: d.index,
+                    supported: d.gpm.is_some(),
+                    reading: d.gpm.take(),
+                    mig: d
+                        .mig
+                        .iter_mut()
+                        .filter_map(|m| Some((m.gpu_instance_id?, m.gpm.take()?)))
+                        .collect(),
+                });
+            }
             if !seen.insert(d.index) {
                 return Err(bad(format!("devices[{i}]: duplicate index {}", d.index)));
             }
@@ -76,8 +110,56 @@ impl FakeBackend {
                 cuda_version: fixture.cuda_version,
                 devices,
             }),
+            gpm,
             delay: Duration::from_millis(fixture.delay_ms),
+            call_latency: Duration::from_micros(fixture.call_latency_us),
+            device_deadline: Duration::from_secs(2),
+            flight: SingleFlight::new("gpuops-fake-gpu"),
         })
+    }
+
+    /// Simulates NVML's latency: every call takes `latency`, GPUs are read in
+    /// parallel, each within `device_deadline` (a GPU that misses it is lost).
+    pub fn set_call_latency(&mut self, latency: Duration, device_deadline: Duration) {
+        self.call_latency = latency;
+        self.device_deadline = device_deadline;
+    }
+
+    /// Reads every GPU on its own thread, as the NVML backend does.
+    fn read_in_parallel(&self) -> Vec<DeviceReading> {
+        let until = Instant::now() + self.device_deadline;
+        let per_device = self.call_latency * CALLS_PER_DEVICE;
+        let pending: Vec<_> = self
+            .snapshot
+            .devices
+            .iter()
+            .map(|d| {
+                let reading = d.clone();
+                let started = Instant::now();
+                let p = self.flight.start(d.index, self.device_deadline, move || {
+                    std::thread::sleep(per_device);
+                    let mut r = reading;
+                    r.read_seconds = Some(started.elapsed().as_secs_f64());
+                    r
+                });
+                (d, p)
+            })
+            .collect();
+        pending
+            .into_iter()
+            .map(|(d, p)| match p.wait_until(until) {
+                Outcome::Done(r) => r,
+                Outcome::TimedOut | Outcome::StillRunning { .. } => DeviceReading {
+                    index: d.index,
+                    uuid: d.uuid.clone(),
+                    name: d.name.clone(),
+                    pci_bus_id: d.pci_bus_id.clone(),
+                    minor_number: d.minor_number,
+                    lost: Some("the fake gpu did not answer within the deadline".into()),
+                    ..DeviceReading::default()
+                },
+            })
+            .collect()
     }
 
     pub fn path(&self) -> &Path {
@@ -94,7 +176,33 @@ impl GpuBackend for FakeBackend {
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }
-        Ok(self.snapshot.clone())
+        if self.call_latency.is_zero() {
+            return Ok(self.snapshot.clone());
+        }
+        Ok(Arc::new(Snapshot {
+            driver_version: self.snapshot.driver_version.clone(),
+            cuda_version: self.snapshot.cuda_version.clone(),
+            devices: self.read_in_parallel(),
+        }))
+    }
+
+    fn gpm_measure(&self, window: Duration) -> Result<Vec<GpmMeasurement>, String> {
+        std::thread::sleep(window + self.call_latency * CALLS_PER_GPM_WINDOW);
+        let secs = Some(window.as_secs_f64());
+        Ok(self
+            .gpm
+            .iter()
+            .map(|m| {
+                let mut m = m.clone();
+                if let Some(r) = &mut m.reading {
+                    r.window_seconds = secs;
+                }
+                for (_, r) in &mut m.mig {
+                    r.window_seconds = secs;
+                }
+                m
+            })
+            .collect())
     }
 }
 
@@ -109,12 +217,57 @@ mod tests {
     #[test]
     fn shipped_fixtures_load() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpu");
-        for name in ["h100x8.json", "mig.json", "slow.json", "lost.json"] {
+        for name in [
+            "h100x8.json",
+            "h100x8-training.json",
+            "mig.json",
+            "slow.json",
+            "lost.json",
+        ] {
             let b = FakeBackend::load(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
             assert!(!b.snapshot.devices.is_empty(), "{name}");
         }
         let h = FakeBackend::load(&dir.join("h100x8.json")).unwrap();
         assert_eq!(h.snapshot.devices.len(), 8);
+    }
+
+    #[test]
+    fn gpm_is_replayed_with_the_window_and_only_where_supported() {
+        let b = load(
+            r#"{"devices": [
+              {"index": 0, "uuid": "GPU-0", "pci_bus_id": "1:0", "gpm": {"sm_active_percent": 96.2}},
+              {"index": 1, "uuid": "GPU-1", "pci_bus_id": "2:0"}]}"#,
+        )
+        .unwrap();
+        assert!(b.snapshot.devices.iter().all(|d| d.gpm.is_none()));
+        let m = b.gpm_measure(Duration::from_millis(5)).unwrap();
+        assert_eq!(m.len(), 2);
+        assert!(m[0].supported && !m[1].supported);
+        let r = m[0].reading.as_ref().unwrap();
+        assert_eq!(r.sm_active_percent, Some(96.2));
+        assert_eq!(r.window_seconds, Some(0.005));
+        assert_eq!(m[1].reading, None);
+    }
+
+    #[test]
+    fn injected_latency_reads_gpus_in_parallel_within_the_deadline() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpu");
+        let mut b = FakeBackend::load(&dir.join("h100x8.json")).unwrap();
+        // 30 calls × 1 ms = 30 ms per GPU; 8 GPUs in series would be 240 ms.
+        b.set_call_latency(Duration::from_millis(1), Duration::from_secs(2));
+        let started = Instant::now();
+        let s = b.snapshot().unwrap();
+        let took = started.elapsed();
+        assert_eq!(s.devices.len(), 8);
+        assert!(s.devices.iter().all(|d| d.lost.is_none()));
+        assert!(s.devices.iter().all(|d| d.read_seconds.unwrap() >= 0.03));
+        assert!(took < Duration::from_millis(200), "{took:?}");
+        // A GPU read slower than the deadline is lost, and the pass returns in time.
+        b.set_call_latency(Duration::from_millis(10), Duration::from_millis(50));
+        let started = Instant::now();
+        let s = b.snapshot().unwrap();
+        assert!(started.elapsed() < Duration::from_millis(200));
+        assert!(s.devices.iter().all(|d| d.lost.is_some()), "{s:?}");
     }
 
     #[test]

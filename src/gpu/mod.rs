@@ -14,6 +14,7 @@ pub mod nvml;
 pub mod xid;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -25,6 +26,79 @@ pub trait GpuBackend: Send + Sync {
     /// Reads every GPU once. An error means no GPU could be read at all; a
     /// single GPU that stops answering is a reading with `lost` set.
     fn snapshot(&self) -> Result<Arc<Snapshot>, String>;
+    /// Measures GPM (GPU Performance Monitoring, Hopper and newer) on every
+    /// GPU: a first sample, `window` later a second, and the metrics between
+    /// them. Blocks for about `window`; like `snapshot`, it may hang on a sick
+    /// GPU, so it runs on a thread of its own. One entry per GPU index; a GPU
+    /// without GPM support says so. The default: no GPU supports GPM.
+    fn gpm_measure(&self, window: Duration) -> Result<Vec<GpmMeasurement>, String> {
+        let _ = window;
+        Ok(Vec::new())
+    }
+}
+
+/// What one GPM window found on one GPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpmMeasurement {
+    /// NVML's index (the `gpu` label).
+    pub index: u32,
+    /// Whether the GPU supports GPM (`nvmlGpmQueryDeviceSupport`).
+    pub supported: bool,
+    /// The averages over the window; `None` when the GPU does not support GPM
+    /// or the samples could not be taken.
+    pub reading: Option<GpmReading>,
+    /// Per MIG GPU instance (by `gpu_instance_id`), where NVML supports it.
+    pub mig: Vec<(u32, GpmReading)>,
+}
+
+/// GPM metrics averaged over one window (`nvmlGpmMetricsGet` between two
+/// samples). Percentages are 0..100 like NVML's; rates are bytes per second.
+/// Every value may be absent (not supported on this GPU or driver). Field
+/// names are the fake fixture's JSON keys (`devices[].gpm`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpmReading {
+    /// How long the window was, in seconds (fixtures leave it out: the
+    /// sampler's window is used).
+    pub window_seconds: Option<f64>,
+    /// `NVML_GPM_METRIC_GRAPHICS_UTIL`: time the graphics/compute engine was busy.
+    pub graphics_engine_active_percent: Option<f64>,
+    /// `NVML_GPM_METRIC_SM_UTIL`: time an SM had at least one warp, averaged over SMs.
+    pub sm_active_percent: Option<f64>,
+    /// `NVML_GPM_METRIC_SM_OCCUPANCY`: resident warps vs the maximum, averaged over SMs.
+    pub sm_occupancy_percent: Option<f64>,
+    /// `NVML_GPM_METRIC_ANY_TENSOR_UTIL`: time any tensor pipe was busy.
+    pub tensor_active_percent: Option<f64>,
+    /// `NVML_GPM_METRIC_DFMA_TENSOR_UTIL` (FP64 tensor).
+    pub tensor_dfma_active_percent: Option<f64>,
+    /// `NVML_GPM_METRIC_HMMA_TENSOR_UTIL` (FP16/BF16/TF32 tensor).
+    pub tensor_hmma_active_percent: Option<f64>,
+    /// `NVML_GPM_METRIC_IMMA_TENSOR_UTIL` (integer tensor).
+    pub tensor_imma_active_percent: Option<f64>,
+    /// `NVML_GPM_METRIC_FP64_UTIL`.
+    pub fp64_active_percent: Option<f64>,
+    /// `NVML_GPM_METRIC_FP32_UTIL`.
+    pub fp32_active_percent: Option<f64>,
+    /// `NVML_GPM_METRIC_FP16_UTIL`.
+    pub fp16_active_percent: Option<f64>,
+    /// `NVML_GPM_METRIC_INTEGER_UTIL`.
+    pub integer_active_percent: Option<f64>,
+    /// `NVML_GPM_METRIC_DRAM_BW_UTIL`: DRAM bandwidth used vs the peak.
+    pub dram_active_percent: Option<f64>,
+    /// `NVML_GPM_METRIC_PCIE_TX_PER_SEC`.
+    pub pcie_tx_bytes_per_second: Option<f64>,
+    /// `NVML_GPM_METRIC_PCIE_RX_PER_SEC`.
+    pub pcie_rx_bytes_per_second: Option<f64>,
+    /// `NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC`.
+    pub nvlink_tx_bytes_per_second: Option<f64>,
+    /// `NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC`.
+    pub nvlink_rx_bytes_per_second: Option<f64>,
+    /// `NVML_GPM_METRIC_NVDEC_<i>_UTIL`, per decoder instance the GPU has.
+    pub nvdec_active_percent: Vec<f64>,
+    /// `NVML_GPM_METRIC_NVJPG_<i>_UTIL`, per JPEG decoder instance.
+    pub nvjpg_active_percent: Vec<f64>,
+    /// `NVML_GPM_METRIC_NVOFA_<i>_UTIL`, per optical-flow accelerator instance.
+    pub nvofa_active_percent: Vec<f64>,
 }
 
 /// One pass over all GPUs.
@@ -81,6 +155,10 @@ pub struct DeviceReading {
     pub nvlinks: Vec<NvLinkReading>,
     pub mig: Vec<MigReading>,
     pub processes: Vec<ProcessReading>,
+    /// Fake fixtures only: what a GPM window on this GPU reads (absent: the
+    /// GPU has no GPM support). The NVML backend measures GPM through
+    /// [`GpuBackend::gpm_measure`] instead and leaves this `None`.
+    pub gpm: Option<GpmReading>,
     /// How long the backend took to read this GPU (NVML only; not in fixtures).
     #[serde(skip)]
     pub read_seconds: Option<f64>,
@@ -232,6 +310,8 @@ pub struct MigReading {
     pub uuid: String,
     pub memory_used_bytes: Option<u64>,
     pub memory_total_bytes: Option<u64>,
+    /// Fake fixtures only: GPM of this GPU instance (see [`DeviceReading::gpm`]).
+    pub gpm: Option<GpmReading>,
 }
 
 /// A process using the GPU.
@@ -240,6 +320,9 @@ pub struct MigReading {
 pub struct ProcessReading {
     pub pid: u32,
     pub memory_used_bytes: Option<u64>,
+    /// SM (3D/compute) utilization of the process over the driver's last
+    /// sample period (`nvmlDeviceGetProcessUtilization`), where NVML gives it.
+    pub sm_utilization_percent: Option<f64>,
 }
 
 /// Normalises a PCI bus id to NVML's form `00000000:3B:00.0` (8-hex-digit

@@ -19,8 +19,11 @@ use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, Temper
 use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
 use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
 use nvml_wrapper::enums::event::XidError;
+use nvml_wrapper::enums::gpm::GpmMetricId;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::gpm::{gpm_metrics_get, GpmSample};
 use nvml_wrapper::struct_wrappers::device::ProcessInfo;
+use nvml_wrapper::struct_wrappers::gpm::GpmMetricResult;
 use nvml_wrapper::structs::device::FieldId;
 use nvml_wrapper::sys_exports::field_id;
 use nvml_wrapper::{Device, Nvml};
@@ -29,8 +32,8 @@ use crate::collector::kmsg::{unix_now, KernelEvent, XidSource};
 use crate::collector::KernelEvents;
 use crate::deadline::{Outcome, SingleFlight};
 use crate::gpu::{
-    normalize_pci_bus_id, ClockEventReason, ClockEvents, DeviceReading, GpuBackend, MigReading,
-    NvLinkReading, ProcessReading, Snapshot,
+    normalize_pci_bus_id, ClockEventReason, ClockEvents, DeviceReading, GpmMeasurement, GpmReading,
+    GpuBackend, MigReading, NvLinkReading, ProcessReading, Snapshot,
 };
 
 /// Reads GPUs through NVML.
@@ -39,6 +42,9 @@ pub struct NvmlBackend {
     flight: SingleFlight<u32, DeviceReading>,
     /// Last good identity per index, to label a GPU that stopped answering.
     identities: Mutex<HashMap<u32, DeviceReading>>,
+    /// What never changes while a GPU keeps its uuid (name, bus id, VBIOS,
+    /// supported throttle reasons, fan count), so a warm read skips those calls.
+    statics: Arc<Mutex<HashMap<u32, StaticInfo>>>,
     device_deadline: Duration,
     process_metrics: bool,
     driver_version: Option<String>,
@@ -81,6 +87,7 @@ impl NvmlBackend {
             nvml: Arc::new(nvml),
             flight: SingleFlight::new("gpuops-nvml"),
             identities: Mutex::new(HashMap::new()),
+            statics: Arc::new(Mutex::new(HashMap::new())),
             device_deadline,
             process_metrics,
             driver_version,
@@ -114,10 +121,11 @@ impl GpuBackend for NvmlBackend {
         let pending: Vec<_> = (0..count)
             .map(|i| {
                 let nvml = self.nvml.clone();
+                let statics = self.statics.clone();
                 let processes = self.process_metrics;
                 let started = Instant::now();
                 let p = self.flight.start(i, self.device_deadline, move || {
-                    let mut r = read_device(&nvml, i, processes);
+                    let mut r = read_device(&nvml, i, processes, &statics);
                     r.read_seconds = Some(started.elapsed().as_secs_f64());
                     r
                 });
@@ -150,6 +158,206 @@ impl GpuBackend for NvmlBackend {
             devices,
         }))
     }
+
+    fn gpm_measure(&self, window: Duration) -> Result<Vec<GpmMeasurement>, String> {
+        let nvml = &*self.nvml;
+        let count = nvml
+            .device_count()
+            .map_err(|e| format!("nvml: cannot count GPUs: {e}"))?;
+        let mut out = Vec::with_capacity(count as usize);
+        let mut first: Vec<GpmFirst<'_>> = Vec::new();
+        for i in 0..count {
+            let Ok(dev) = nvml.device_by_index(i) else {
+                continue;
+            };
+            if !matches!(dev.gpm_support(), Ok(true)) {
+                out.push(GpmMeasurement {
+                    index: i,
+                    supported: false,
+                    reading: None,
+                    mig: Vec::new(),
+                });
+                continue;
+            }
+            let whole = match dev.gpm_sample() {
+                Ok(s) => Some((s, Instant::now())),
+                Err(e) => {
+                    tracing::debug!(gpu = i, error = %e, "gpm sample failed");
+                    None
+                }
+            };
+            // MIG: nvml-wrapper cannot list GPU instance ids, so the possible
+            // ones are tried; those that exist answer.
+            let mut mig = Vec::new();
+            if matches!(dev.mig_mode(), Ok(m) if m.current == 1) {
+                for gi in 0..MAX_GPU_INSTANCE_ID {
+                    if let Ok(s) = dev.gpm_mig_sample(gi) {
+                        mig.push((gi, s, Instant::now()));
+                    }
+                }
+            }
+            first.push(GpmFirst {
+                index: i,
+                dev,
+                whole,
+                mig,
+            });
+        }
+        if !first.is_empty() {
+            std::thread::sleep(window);
+        }
+        let metrics = |s1: &GpmSample<'_>, s2: GpmSample<'_>, t1: Instant, what: &str| {
+            let secs = t1.elapsed().as_secs_f64();
+            match gpm_metrics_get(nvml, s1, &s2, &GPM_METRICS) {
+                Ok(results) => Some(gpm_reading(&results, secs)),
+                Err(e) => {
+                    tracing::debug!(what, error = %e, "gpm metrics get failed");
+                    None
+                }
+            }
+        };
+        for f in first {
+            let reading = f.whole.and_then(|(s1, t1)| match f.dev.gpm_sample() {
+                Ok(s2) => metrics(&s1, s2, t1, "gpu"),
+                Err(e) => {
+                    tracing::debug!(gpu = f.index, error = %e, "gpm sample failed");
+                    None
+                }
+            });
+            let mig = f
+                .mig
+                .into_iter()
+                .filter_map(|(gi, s1, t1)| {
+                    let s2 = f.dev.gpm_mig_sample(gi).ok()?;
+                    Some((gi, metrics(&s1, s2, t1, "mig")?))
+                })
+                .collect();
+            out.push(GpmMeasurement {
+                index: f.index,
+                supported: true,
+                reading,
+                mig,
+            });
+        }
+        out.sort_by_key(|m| m.index);
+        Ok(out)
+    }
+}
+
+/// GPU instance ids tried for MIG GPM (NVML's are small: at most 7 instances,
+/// ids up to 14 on current GPUs).
+const MAX_GPU_INSTANCE_ID: u32 = 15;
+
+/// First samples of one GPU's GPM window: the whole GPU and its MIG instances.
+struct GpmFirst<'n> {
+    index: u32,
+    dev: Device<'n>,
+    whole: Option<(GpmSample<'n>, Instant)>,
+    mig: Vec<(u32, GpmSample<'n>, Instant)>,
+}
+
+/// Every GPM metric read per window, in the order [`gpm_reading`] expects.
+const GPM_METRICS: [GpmMetricId; 34] = [
+    GpmMetricId::GraphicsUtil,
+    GpmMetricId::SmUtil,
+    GpmMetricId::SmOccupancy,
+    GpmMetricId::AnyTensorUtil,
+    GpmMetricId::DfmaTensorUtil,
+    GpmMetricId::HmmaTensorUtil,
+    GpmMetricId::ImmaTensorUtil,
+    GpmMetricId::Fp64Util,
+    GpmMetricId::Fp32Util,
+    GpmMetricId::Fp16Util,
+    GpmMetricId::IntegerUtil,
+    GpmMetricId::DramBwUtil,
+    GpmMetricId::PcieTxPerSec,
+    GpmMetricId::PcieRxPerSec,
+    GpmMetricId::NvlinkTotalTxPerSec,
+    GpmMetricId::NvlinkTotalRxPerSec,
+    GpmMetricId::Nvdec0Util,
+    GpmMetricId::Nvdec1Util,
+    GpmMetricId::Nvdec2Util,
+    GpmMetricId::Nvdec3Util,
+    GpmMetricId::Nvdec4Util,
+    GpmMetricId::Nvdec5Util,
+    GpmMetricId::Nvdec6Util,
+    GpmMetricId::Nvdec7Util,
+    GpmMetricId::Nvjpg0Util,
+    GpmMetricId::Nvjpg1Util,
+    GpmMetricId::Nvjpg2Util,
+    GpmMetricId::Nvjpg3Util,
+    GpmMetricId::Nvjpg4Util,
+    GpmMetricId::Nvjpg5Util,
+    GpmMetricId::Nvjpg6Util,
+    GpmMetricId::Nvjpg7Util,
+    GpmMetricId::Nvofa0Util,
+    GpmMetricId::Nvofa1Util,
+];
+
+/// Bytes per unit of a GPM rate, from NVML's unit string (`MiB/sec` in
+/// NVML's headers for PCIe and NVLink; other spellings just in case).
+fn bytes_per_unit(unit: &str) -> f64 {
+    let u = unit.trim().to_ascii_lowercase();
+    if u.starts_with("mib") {
+        1024.0 * 1024.0
+    } else if u.starts_with("kib") {
+        1024.0
+    } else if u.starts_with("gib") {
+        1024.0 * 1024.0 * 1024.0
+    } else if u.starts_with("mb") {
+        1e6
+    } else if u.starts_with("kb") {
+        1e3
+    } else if u.starts_with("gb") {
+        1e9
+    } else if u.starts_with('b') {
+        1.0
+    } else {
+        1024.0 * 1024.0
+    }
+}
+
+/// Turns `nvmlGpmMetricsGet`'s answers (in [`GPM_METRICS`] order) into a
+/// reading; a metric NVML could not compute stays `None`.
+fn gpm_reading(results: &[Result<GpmMetricResult, NvmlError>], window_seconds: f64) -> GpmReading {
+    let pct = |i: usize| -> Option<f64> {
+        match results.get(i) {
+            Some(Ok(r)) if r.value.is_finite() && r.value >= 0.0 => Some(r.value),
+            _ => None,
+        }
+    };
+    let rate = |i: usize| -> Option<f64> {
+        match results.get(i) {
+            Some(Ok(r)) if r.value.is_finite() && r.value >= 0.0 => {
+                Some(r.value * bytes_per_unit(&r.metric_info.unit))
+            }
+            _ => None,
+        }
+    };
+    // Engine instances: as many as answer, in order.
+    let engines = |from: usize, n: usize| -> Vec<f64> { (from..from + n).map_while(pct).collect() };
+    GpmReading {
+        window_seconds: Some(window_seconds),
+        graphics_engine_active_percent: pct(0),
+        sm_active_percent: pct(1),
+        sm_occupancy_percent: pct(2),
+        tensor_active_percent: pct(3),
+        tensor_dfma_active_percent: pct(4),
+        tensor_hmma_active_percent: pct(5),
+        tensor_imma_active_percent: pct(6),
+        fp64_active_percent: pct(7),
+        fp32_active_percent: pct(8),
+        fp16_active_percent: pct(9),
+        integer_active_percent: pct(10),
+        dram_active_percent: pct(11),
+        pcie_tx_bytes_per_second: rate(12),
+        pcie_rx_bytes_per_second: rate(13),
+        nvlink_tx_bytes_per_second: rate(14),
+        nvlink_rx_bytes_per_second: rate(15),
+        nvdec_active_percent: engines(16, 8),
+        nvjpg_active_percent: engines(24, 8),
+        nvofa_active_percent: engines(32, 2),
+    }
 }
 
 fn identity(r: &DeviceReading) -> DeviceReading {
@@ -180,8 +388,25 @@ fn is_lost(e: &NvmlError) -> bool {
     )
 }
 
+/// Values of a GPU that do not change while it keeps its uuid.
+#[derive(Clone)]
+struct StaticInfo {
+    uuid: String,
+    name: String,
+    pci_bus_id: String,
+    minor_number: Option<u32>,
+    vbios_version: Option<String>,
+    supported_throttle: Option<ThrottleReasons>,
+    fans: Option<u32>,
+}
+
 /// Reads one GPU. Unsupported values stay `None`; a lost GPU returns early.
-fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
+fn read_device(
+    nvml: &Nvml,
+    index: u32,
+    processes: bool,
+    statics: &Mutex<HashMap<u32, StaticInfo>>,
+) -> DeviceReading {
     let mut r = DeviceReading {
         index,
         ..DeviceReading::default()
@@ -201,13 +426,30 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
             return r;
         }
     }
-    r.name = dev.name().unwrap_or_default();
-    r.pci_bus_id = dev
-        .pci_info()
-        .ok()
-        .and_then(|p| normalize_pci_bus_id(&p.bus_id))
-        .unwrap_or_default();
-    r.minor_number = dev.minor_number().ok();
+    let cached = statics
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&index)
+        .filter(|s| s.uuid == r.uuid)
+        .cloned();
+    let fresh = cached.is_none();
+    let info = cached.unwrap_or_else(|| StaticInfo {
+        uuid: r.uuid.clone(),
+        name: dev.name().unwrap_or_default(),
+        pci_bus_id: dev
+            .pci_info()
+            .ok()
+            .and_then(|p| normalize_pci_bus_id(&p.bus_id))
+            .unwrap_or_default(),
+        minor_number: dev.minor_number().ok(),
+        vbios_version: dev.vbios_version().ok(),
+        supported_throttle: dev.supported_throttle_reasons().ok(),
+        fans: dev.num_fans().ok(),
+    });
+    r.name = info.name.clone();
+    r.pci_bus_id = info.pci_bus_id.clone();
+    r.minor_number = info.minor_number;
+    r.vbios_version = info.vbios_version.clone();
     let mut gone: Option<String> = None;
     macro_rules! get {
         ($e:expr) => {
@@ -222,7 +464,6 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
             }
         };
     }
-    r.vbios_version = get!(dev.vbios_version());
     if let Some(u) = get!(dev.utilization_rates()) {
         r.utilization_percent = Some(f64::from(u.gpu));
         r.memory_utilization_percent = Some(f64::from(u.memory));
@@ -231,6 +472,16 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
         r.lost = gone;
         return r;
     }
+    if fresh && !info.name.is_empty() && !info.pci_bus_id.is_empty() {
+        statics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(index, info.clone());
+    }
+    // One batched field-value call: energy, PCIe replays, ECC totals, memory
+    // temperature, row remapping, retired pages. What it cannot give is read
+    // with its own call below.
+    read_fields(&dev, &mut r);
     if let Some(m) = get!(dev.memory_info()) {
         r.memory_used_bytes = Some(m.used);
         r.memory_total_bytes = Some(m.total);
@@ -238,11 +489,13 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
     r.temperature_celsius = get!(dev.temperature(TemperatureSensor::Gpu)).map(f64::from);
     r.power_watts = get!(dev.power_usage()).map(|mw| f64::from(mw) / 1000.0);
     r.power_limit_watts = get!(dev.enforced_power_limit()).map(|mw| f64::from(mw) / 1000.0);
-    r.energy_joules = get!(dev.total_energy_consumption()).map(|mj| mj as f64 / 1000.0);
+    if r.energy_joules.is_none() {
+        r.energy_joules = get!(dev.total_energy_consumption()).map(|mj| mj as f64 / 1000.0);
+    }
     r.sm_clock_mhz = get!(dev.clock_info(Clock::SM)).map(f64::from);
     r.memory_clock_mhz = get!(dev.clock_info(Clock::Memory)).map(f64::from);
     if let (Some(supported), Some(active)) = (
-        get!(dev.supported_throttle_reasons()),
+        info.supported_throttle,
         get!(dev.current_throttle_reasons()),
     ) {
         r.clock_events = Some(ClockEvents {
@@ -250,23 +503,42 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
             active: reasons(active),
         });
     }
-    if let Some(n) = get!(dev.num_fans()) {
+    if let Some(n) = info.fans {
         r.fan_speed_percent = (0..n)
             .filter_map(|f| dev.fan_speed(f).ok().map(f64::from))
             .collect();
     }
     r.pcie_link_generation = get!(dev.current_pcie_link_gen());
     r.pcie_link_width = get!(dev.current_pcie_link_width());
-    r.pcie_replay_total = get!(dev.pcie_replay_counter()).map(u64::from);
-    r.ecc.corrected_volatile =
-        get!(dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile));
-    r.ecc.uncorrected_volatile =
-        get!(dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile));
-    r.ecc.corrected_aggregate =
-        get!(dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Aggregate));
-    r.ecc.uncorrected_aggregate =
-        get!(dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate));
-    read_fields(&dev, &mut r);
+    if r.pcie_replay_total.is_none() {
+        r.pcie_replay_total = get!(dev.pcie_replay_counter()).map(u64::from);
+    }
+    for (slot, kind, counter) in [
+        (
+            &mut r.ecc.corrected_volatile,
+            MemoryError::Corrected,
+            EccCounter::Volatile,
+        ),
+        (
+            &mut r.ecc.uncorrected_volatile,
+            MemoryError::Uncorrected,
+            EccCounter::Volatile,
+        ),
+        (
+            &mut r.ecc.corrected_aggregate,
+            MemoryError::Corrected,
+            EccCounter::Aggregate,
+        ),
+        (
+            &mut r.ecc.uncorrected_aggregate,
+            MemoryError::Uncorrected,
+            EccCounter::Aggregate,
+        ),
+    ] {
+        if slot.is_none() {
+            *slot = get!(dev.total_ecc_errors(kind, counter));
+        }
+    }
     read_nvlinks(&dev, &mut r);
     read_mig(&dev, &mut r);
     if processes {
@@ -281,6 +553,16 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
                 }
             }
         }
+        // The latest of the driver's buffered per-process samples, per pid.
+        let mut sm: HashMap<u32, (u64, u32)> = HashMap::new();
+        if !procs.is_empty() {
+            for s in dev.process_utilization_stats(None).unwrap_or_default() {
+                let e = sm.entry(s.pid).or_insert((s.timestamp, s.sm_util));
+                if s.timestamp >= e.0 {
+                    *e = (s.timestamp, s.sm_util);
+                }
+            }
+        }
         r.processes = procs
             .into_iter()
             .map(|p| ProcessReading {
@@ -289,6 +571,7 @@ fn read_device(nvml: &Nvml, index: u32, processes: bool) -> DeviceReading {
                     UsedGpuMemory::Used(b) => Some(b),
                     UsedGpuMemory::Unavailable => None,
                 },
+                sm_utilization_percent: sm.get(&p.pid).map(|(_, u)| f64::from(*u)),
             })
             .collect();
     }
@@ -341,10 +624,18 @@ fn sample_u64(v: &SampleValue) -> Option<u64> {
     }
 }
 
-/// Values only available as NVML field values: memory temperature, row
-/// remapping, retired pages.
+/// Values read as NVML field values in one call: those only available so
+/// (memory temperature, row remapping, retired pages) and some that have
+/// their own call but cost a driver round trip each (energy, about 3 ms on
+/// an H200; PCIe replays; the four ECC totals).
 fn read_fields(dev: &Device<'_>, r: &mut DeviceReading) {
     let ids = [
+        field_id::NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
+        field_id::NVML_FI_DEV_PCIE_REPLAY_COUNTER,
+        field_id::NVML_FI_DEV_ECC_SBE_VOL_TOTAL,
+        field_id::NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
+        field_id::NVML_FI_DEV_ECC_SBE_AGG_TOTAL,
+        field_id::NVML_FI_DEV_ECC_DBE_AGG_TOTAL,
         field_id::NVML_FI_DEV_MEMORY_TEMP,
         field_id::NVML_FI_DEV_REMAPPED_COR,
         field_id::NVML_FI_DEV_REMAPPED_UNC,
@@ -366,6 +657,14 @@ fn read_fields(dev: &Device<'_>, r: &mut DeviceReading) {
             continue;
         };
         match *id {
+            field_id::NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION => {
+                r.energy_joules = Some(v as f64 / 1000.0)
+            }
+            field_id::NVML_FI_DEV_PCIE_REPLAY_COUNTER => r.pcie_replay_total = Some(v),
+            field_id::NVML_FI_DEV_ECC_SBE_VOL_TOTAL => r.ecc.corrected_volatile = Some(v),
+            field_id::NVML_FI_DEV_ECC_DBE_VOL_TOTAL => r.ecc.uncorrected_volatile = Some(v),
+            field_id::NVML_FI_DEV_ECC_SBE_AGG_TOTAL => r.ecc.corrected_aggregate = Some(v),
+            field_id::NVML_FI_DEV_ECC_DBE_AGG_TOTAL => r.ecc.uncorrected_aggregate = Some(v),
             field_id::NVML_FI_DEV_MEMORY_TEMP if v > 0 => {
                 r.memory_temperature_celsius = Some(v as f64)
             }
@@ -433,6 +732,7 @@ fn read_mig(dev: &Device<'_>, r: &mut DeviceReading) {
             uuid: m.uuid().unwrap_or_default(),
             memory_used_bytes: mem.as_ref().map(|x| x.used),
             memory_total_bytes: mem.as_ref().map(|x| x.total),
+            gpm: None,
         });
     }
 }
@@ -552,5 +852,17 @@ mod tests {
         let unknown = lost(&ids, 4, "gone");
         assert_eq!((unknown.index, unknown.uuid.as_str()), (4, ""));
         assert!(is_lost(&NvmlError::GpuLost) && !is_lost(&NvmlError::NotSupported));
+    }
+
+    #[test]
+    fn gpm_rates_follow_nvmls_unit() {
+        assert_eq!(bytes_per_unit("MiB/sec"), 1048576.0);
+        assert_eq!(bytes_per_unit("MB/s"), 1e6);
+        assert_eq!(bytes_per_unit("B/s"), 1.0);
+        assert_eq!(bytes_per_unit(""), 1048576.0);
+        let r = gpm_reading(&[Err(NvmlError::NotSupported)], 1.0);
+        assert_eq!(r.graphics_engine_active_percent, None);
+        assert!(r.nvdec_active_percent.is_empty());
+        assert_eq!(r.window_seconds, Some(1.0));
     }
 }
