@@ -658,14 +658,16 @@ pub async fn drive(
         });
         let target = Some(format!("{}/{id}", plan.runbook.id));
         let done = flow_results(&results);
-        let skip = match authorize(role, ChatAction::RunStep, Some(&ps.step)) {
-            Err(denied) => Some((
-                format!("skipped: {denied}"),
-                "skipped: not allowed".to_string(),
-            )),
-            Ok(()) => match engine::next_action(&plan, i, &done) {
-                engine::NextAction::Skip(why) => Some((why.clone(), why)),
-                engine::NextAction::Run => None,
+        // The flow first: a step the run's outcomes rule out says why (a
+        // failed drain), not who could have run it.
+        let skip = match engine::next_action(&plan, i, &done) {
+            engine::NextAction::Skip(why) => Some((why.clone(), why)),
+            engine::NextAction::Run => match authorize(role, ChatAction::RunStep, Some(&ps.step)) {
+                Err(denied) => Some((
+                    format!("skipped: {denied}"),
+                    "skipped: not allowed".to_string(),
+                )),
+                Ok(()) => None,
             },
         };
         if let Some((why, audit_outcome)) = skip {
