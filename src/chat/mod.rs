@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::alert::{self, Links, Webhook};
 use crate::alertmanager::{self, Matcher};
-use crate::bot::BotState;
+use crate::bot::state::BotState;
 use crate::notify::{self, Message};
 use crate::runbook::engine::{
     authorize, AgentDirectory, ChatAction, Executor, NodeSteps, PlannedStep, RunPlan, StepExecutor,

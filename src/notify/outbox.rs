@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::alert::{self, Links};
-use crate::bot::BotMetrics;
+use crate::bot::state::BotMetrics;
 use crate::config::BotConfig;
 use crate::notify::{Delivery, Error, Message, Notifier, Op, Outgoing, PlatformRef};
 use crate::routing::Target;
