@@ -27,8 +27,9 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use crate::notify::Ack;
+use crate::message::Ack;
 
+pub mod outbox;
 pub mod paging;
 
 /// Deadline of one store call from async code.
@@ -279,15 +280,7 @@ CREATE TABLE IF NOT EXISTS replay_keys (
 CREATE INDEX IF NOT EXISTS replay_keys_seen ON replay_keys(seen_at);
 "#;
 
-/// How hard a commit waits for the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Sync {
-    /// fsync the WAL on every commit (survives power loss).
-    #[default]
-    Full,
-    /// fsync only at checkpoints (survives process crashes, not power loss).
-    Normal,
-}
+pub use crate::config::bot::StoreSync as Sync;
 
 /// Makes the database owner-only before SQLite opens it, whatever the
 /// process umask: creates the file 0600 if it is missing (SQLite then gives
@@ -985,13 +978,14 @@ fn ingest_tx(c: &Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<Inges
         enqueued += upsert_alert_row(tx, group_id, d, rev, t)?;
     }
     if was_firing && u.status == "resolved" {
-        let body =
-            serde_json::to_string(&crate::notify::Message::Text(crate::notify::TextMessage {
+        let body = serde_json::to_string(&crate::message::Message::Text(
+            crate::message::TextMessage {
                 text: u.resolved_reply.clone(),
                 code: None,
                 buttons: Vec::new(),
-            }))
-            .unwrap_or_default();
+            },
+        ))
+        .unwrap_or_default();
         for d in &dests {
             tx.execute(
                 "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)

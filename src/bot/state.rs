@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::config::BotConfig;
-use crate::notify::Outbox;
+use crate::store::outbox::Outbox;
 use crate::store::Store;
 use crate::telemetry::HttpMetrics;
 

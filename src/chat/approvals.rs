@@ -40,9 +40,8 @@ use crate::alert::Webhook;
 use crate::chat::{respond, step_message, ChatState, Outcome, Reply, Responder, User};
 use crate::exec_auth::SignedApproval;
 use crate::notify::{self, Button, Message, TextMessage};
-use crate::runbook::engine::{
-    self, authorize, authorize_approval, Actor, ChatAction, RunPlan, StepStatus,
-};
+use crate::rbac::{authorize, authorize_approval, Actor, ChatAction};
+use crate::runbook::engine::{self, RunPlan, StepStatus};
 use crate::runbook::{Role, Target};
 use crate::store;
 

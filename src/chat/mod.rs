@@ -31,9 +31,9 @@ use crate::alert::{self, Links, Webhook};
 use crate::alertmanager::{self, Matcher};
 use crate::bot::state::BotState;
 use crate::notify::{self, Message};
+use crate::rbac::{authorize, ChatAction};
 use crate::runbook::engine::{
-    authorize, AgentDirectory, ChatAction, Executor, NodeSteps, PlannedStep, RunPlan, StepExecutor,
-    StepOutcome,
+    AgentDirectory, Executor, NodeSteps, PlannedStep, RunPlan, StepExecutor, StepOutcome,
 };
 use crate::runbook::exec::{BoxFuture, ProcessRunner};
 use crate::runbook::{Role, RunbookSet, Target};
@@ -517,16 +517,7 @@ impl ChatState {
     /// The role of a user under `[rbac]` (ids with or without the
     /// `slack:`/`discord:` prefix).
     pub fn role_of(&self, user: &User) -> Role {
-        let rbac = &self.bot.config.rbac;
-        let key = user.key();
-        let listed = |ids: &[String]| ids.iter().any(|i| *i == user.id || *i == key);
-        if listed(&rbac.admins) {
-            Role::Admin
-        } else if listed(&rbac.operators) {
-            Role::Operator
-        } else {
-            Role::Viewer
-        }
+        crate::rbac::role_of(&self.bot.config.rbac, &[&user.id, &user.key()])
     }
 
     /// The person behind an account key (`slack:U0123`): their

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use crate::collector::gpu_gpm::{self, GpmLatest};
 use crate::collector::gpu_workload::{self, Workload};
-use crate::collector::kmsg::{unix_now, EventKind, KernelEvent};
 use crate::collector::{Collector, Context, Error, KernelEvents, Sink};
 use crate::config::agent::GpuBackendChoice;
 use crate::deadline::{Outcome, SingleFlight};
+use crate::events::{unix_now, EventKind, KernelEvent};
 use crate::gpu::fake::FakeBackend;
 use crate::gpu::nvml::NvmlBackend;
 use crate::gpu::{xid, DeviceReading, GpmMeasurement, GpuBackend, Snapshot};

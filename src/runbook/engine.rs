@@ -1,12 +1,11 @@
 //! The runbook engine: turns a [`Runbook`] plus parameters and alert labels
 //! into a [`RunPlan`] of rendered steps, runs one step at a time through a
-//! [`StepExecutor`], and decides who may do what ([`authorize`],
-//! [`authorize_approval`]).
+//! [`StepExecutor`]. Who may do what is decided in the `rbac` module.
 //!
 //! The engine does not iterate a whole run by itself, ask for approvals or
 //! post anything: callers (the CLI, the chat commands) walk the plan, ask
 //! [`next_action`] whether each step runs (the one step-flow rule), enforce
-//! `needs_approval` and roles with the functions here, show each
+//! `needs_approval` and roles with `rbac`'s functions, show each
 //! [`StepOutcome`], and end with [`node_state`]. Processes are spawned only through a
 //! [`CommandRunner`]; node steps for the bot go to the node's agent as
 //! `POST /v1/exec` requests signed for that one agent ([`AgentClient`]),
@@ -20,8 +19,8 @@
 //! let exec = Executor::new(Arc::new(ProcessRunner),
 //!     NodeSteps::Agent(AgentClient::new(inventory, signer)), Some(prometheus_url));
 //! for s in plan.steps_in(Phase::Investigate) {
-//!     authorize(role, ChatAction::RunStep, Some(&s.step))?;
-//!     // s.step.needs_approval: wait for authorize_approval(approver, requester, &s.step)
+//!     rbac::authorize(role, ChatAction::RunStep, Some(&s.step))?;
+//!     // s.step.needs_approval: wait for rbac::authorize_approval(approver, requester, &s.step)
 //!     let outcome = exec.execute(&plan, s).await;             // post s.header(n) + outcome.output
 //! }
 //! ```
@@ -36,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::exec_auth::{ExecSigner, SignedApproval};
 use crate::runbook::exec::{BoxFuture, CommandOutput, CommandRunner, CommandSpec, RunError};
 use crate::runbook::{
-    Action, Escape, HttpMethod, ParamErrors, Params, Phase, Role, Runbook, Step, Target,
+    Action, Escape, HttpMethod, ParamErrors, Params, Phase, Runbook, Step, Target,
 };
 use crate::signing::{self, Clock as _};
 
@@ -384,24 +383,13 @@ pub struct AgentAddr {
     pub url: String,
 }
 
-/// Where agents are: the bot's inventory (`crate::inventory`).
+/// Where agents are: the bot's inventory (the `inventory` module).
 pub trait AgentDirectory: Send + Sync {
     /// The agent behind an `instance` label, or why the bot will not talk to it.
     fn agent<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<AgentAddr, String>>;
 }
 
-/// Whether `s` looks like `host:port` (or `[v6]:port`).
-pub fn is_hostport(s: &str) -> bool {
-    let Some((host, port)) = s.rsplit_once(':') else {
-        return false;
-    };
-    !host.is_empty()
-        && s.len() <= 255
-        && port.parse::<u16>().is_ok_and(|p| p > 0)
-        && host.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
-        })
-}
+pub use crate::exec_auth::is_hostport;
 
 /// The `/v1/exec` response body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -419,37 +407,6 @@ pub struct ExecResponse {
     /// command was not run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unavailable: Option<String>,
-}
-
-/// What someone asks to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChatAction {
-    Help,
-    Status,
-    Alerts,
-    Runbooks,
-    Ack,
-    Silence,
-    Unsilence,
-    /// Run (or, for a `needs_approval` step, request) one step.
-    RunStep,
-    Approve,
-    Deny,
-}
-
-/// A refusal, with a message fit to show the user.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Denied(pub String);
-
-/// Someone acting in chat.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Actor {
-    /// Who acts: the person (a `[[rbac.people]]` name) or, for an account
-    /// not listed there, its key (`slack:U0123`). The two-person rule
-    /// compares these.
-    pub id: String,
-    pub role: Role,
 }
 
 /// Builds a run plan: resolves parameters (given, then `from_label` alert
@@ -619,38 +576,6 @@ impl StepOutcome {
 }
 
 impl Executor {
-    /// The bot's executor from its configuration: node steps to the agents
-    /// of its inventory (`[agents]`), signed with `signing_key_file`; PromQL
-    /// to `[prometheus] url`; bot-side commands through the real process runner.
-    pub fn for_bot(cfg: &crate::config::BotConfig) -> Executor {
-        let node = match (
-            crate::inventory::Inventory::from_config(cfg),
-            cfg.agents.as_ref().and_then(|a| a.signing_key.clone()),
-        ) {
-            (Some(inv), Some(key)) => {
-                match AgentClient::new(Arc::new(inv), key).with_transport(
-                    &cfg.agents.as_ref().map(|a| a.transport.clone()).unwrap_or_default(),
-                ) {
-                    Ok(c) => NodeSteps::Agent(c),
-                    Err(e) => NodeSteps::Unavailable(e),
-                }
-            }
-            (Some(_), None) => NodeSteps::Unavailable(
-                "node steps need [agents] signing_key_file (the private key from `gpuops keygen`)"
-                    .into(),
-            ),
-            (None, _) => NodeSteps::Unavailable(
-                "node steps need an [agents] section (signing_key_file, and [[agents.nodes]] or prometheus_job) in the bot configuration"
-                    .into(),
-            ),
-        };
-        Executor::new(
-            Arc::new(crate::runbook::exec::ProcessRunner),
-            node,
-            cfg.prometheus.as_ref().map(|p| p.url.clone()),
-        )
-    }
-
     pub fn new(
         runner: Arc<dyn CommandRunner>,
         node: NodeSteps,
@@ -1015,108 +940,6 @@ impl ExecResponse {
     }
 }
 
-/// The role matrix. Viewers: help, status, alerts, runbooks. Operators: also
-/// ack, silence, unsilence, run investigate and escalate steps, and request
-/// mitigations (a mitigate step must have `needs_approval`, or be run by an
-/// admin). Admins: everything, including approve and deny. A step's own
-/// `roles` list narrows who may run it. Approval itself is checked by
-/// [`authorize_approval`] (two-person rule).
-pub fn authorize(role: Role, action: ChatAction, step: Option<&Step>) -> Result<(), Denied> {
-    use ChatAction::*;
-    match action {
-        Help | Status | Alerts | Runbooks => Ok(()),
-        Ack | Silence | Unsilence => {
-            if role >= Role::Operator {
-                Ok(())
-            } else {
-                Err(Denied(format!(
-                    "{} needs the operator or admin role",
-                    action_name(action)
-                )))
-            }
-        }
-        Approve | Deny => {
-            if role == Role::Admin {
-                Ok(())
-            } else {
-                Err(Denied(format!(
-                    "{} needs the admin role",
-                    action_name(action)
-                )))
-            }
-        }
-        RunStep => {
-            let Some(step) = step else {
-                return Err(Denied("no step named".into()));
-            };
-            if role == Role::Viewer {
-                return Err(Denied(format!(
-                    "running step {} needs the operator or admin role",
-                    step.name
-                )));
-            }
-            if !step.roles.contains(&role) {
-                return Err(Denied(format!(
-                    "step {} may be run by {} only",
-                    step.name,
-                    step.roles
-                        .iter()
-                        .map(|r| r.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            if role == Role::Operator && step.phase == Phase::Mitigate && !step.needs_approval {
-                return Err(Denied(format!(
-                    "mitigation {} does not go through approval, so only an admin may run it",
-                    step.name
-                )));
-            }
-            Ok(())
-        }
-    }
-}
-
-/// A chat user's role: admin if listed in `[rbac] admins`, operator if in
-/// `operators`, else viewer.
-pub fn role_of(user_id: &str, rbac: &crate::config::bot::RbacConfig) -> Role {
-    if rbac.admins.iter().any(|a| a == user_id) {
-        Role::Admin
-    } else if rbac.operators.iter().any(|o| o == user_id) {
-        Role::Operator
-    } else {
-        Role::Viewer
-    }
-}
-
-/// The two-person rule for a `needs_approval` step: the approver must be an
-/// admin and not the person who requested the step.
-pub fn authorize_approval(approver: &Actor, requester: &Actor, step: &Step) -> Result<(), Denied> {
-    authorize(approver.role, ChatAction::Approve, Some(step))?;
-    if approver.id == requester.id {
-        return Err(Denied(format!(
-            "step {} needs approval by someone other than the person who asked for it",
-            step.name
-        )));
-    }
-    Ok(())
-}
-
-fn action_name(a: ChatAction) -> &'static str {
-    match a {
-        ChatAction::Help => "help",
-        ChatAction::Status => "status",
-        ChatAction::Alerts => "alerts",
-        ChatAction::Runbooks => "runbooks",
-        ChatAction::Ack => "ack",
-        ChatAction::Silence => "silence",
-        ChatAction::Unsilence => "unsilence",
-        ChatAction::RunStep => "run",
-        ChatAction::Approve => "approve",
-        ChatAction::Deny => "deny",
-    }
-}
-
 /// Quotes an argument for human reading (POSIX single quotes when needed).
 pub fn quote_for_display(a: &str) -> String {
     if !a.is_empty()
@@ -1258,19 +1081,6 @@ mod tests {
         );
         assert!(!ok);
         assert_eq!(text, "query failed: bad_data parse error");
-    }
-
-    #[test]
-    fn roles_from_rbac_lists() {
-        let rbac = crate::config::bot::RbacConfig {
-            admins: vec!["U0ADMIN".into()],
-            operators: vec!["U0OPER".into(), "U0ADMIN".into()],
-            ..Default::default()
-        };
-        assert_eq!(role_of("U0ADMIN", &rbac), Role::Admin);
-        assert_eq!(role_of("U0OPER", &rbac), Role::Operator);
-        assert_eq!(role_of("U0SOMEONE", &rbac), Role::Viewer);
-        assert_eq!(role_of("", &rbac), Role::Viewer);
     }
 
     #[tokio::test]
