@@ -539,7 +539,7 @@ pub async fn drive(
             return;
         }
     };
-    let sink = Sink::new(row.group_id, responder);
+    let sink = RunThread::new(row.group_id, responder);
     let plan = match plan_of(&chat, &row).await {
         Ok(p) => p,
         Err(msg) => {

@@ -151,7 +151,7 @@ pub fn parse_command(text: &str) -> Result<Command, String> {
             let (runbook, steps) = match target.split_once(':') {
                 Some((r, s)) => {
                     let steps: Vec<String> = s.split(',').map(str::to_string).collect();
-                    if steps.iter().any(|s| !is_step_name(s)) {
+                    if steps.iter().any(|s| !is_step_argument(s)) {
                         return Err(format!("run: {s:?} is not a list of step names"));
                     }
                     (r.to_string(), Some(steps))
@@ -297,7 +297,9 @@ pub(super) fn is_param_key(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
-pub(super) fn is_step_name(s: &str) -> bool {
+/// A step name as typed in a command (looser than a runbook's step names,
+/// which `runbook::parse` checks; an unknown name is reported later).
+pub(super) fn is_step_argument(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()

@@ -651,14 +651,13 @@ pub async fn respond(chat: &ChatState, responder: &Responder, reply: &Reply) {
     let result = match responder {
         Responder::None => return,
         Responder::Slack { response_url } => {
-            let body = serde_json::json!({
-                "response_type": match reply.visibility {
-                    Visibility::Ephemeral => "ephemeral",
-                    Visibility::InChannel => "in_channel",
-                },
-                "replace_original": false,
-                "text": slack_escape(&notify::truncate_chars(&reply.text, Platform::Slack.text_limit())),
-            });
+            let body = notify::slack::response_url_body(
+                &slack_escape(&notify::truncate_chars(
+                    &reply.text,
+                    Platform::Slack.text_limit(),
+                )),
+                reply.visibility == Visibility::InChannel,
+            );
             chat.http.post(response_url).json(&body).send().await
         }
         Responder::Discord {
@@ -668,24 +667,18 @@ pub async fn respond(chat: &ChatState, responder: &Responder, reply: &Reply) {
             original_pending,
         } => {
             let content = notify::truncate_chars(&reply.text, Platform::Discord.text_limit());
-            let base = format!("{api_url}/api/v10/webhooks/{application_id}/{token}");
+            let base = notify::discord::followup_url(api_url, application_id, token);
             if original_pending.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 chat.http
                     .patch(format!("{base}/messages/@original"))
-                    .json(&serde_json::json!({
-                        "content": content,
-                        "allowed_mentions": { "parse": [] },
-                    }))
+                    .json(&notify::discord::followup_body(&content, false))
                     .send()
                     .await
             } else {
-                let mut body = serde_json::json!({
-                    "content": content,
-                    "allowed_mentions": { "parse": [] },
-                });
-                if reply.visibility == Visibility::Ephemeral {
-                    body["flags"] = serde_json::json!(64);
-                }
+                let body = notify::discord::followup_body(
+                    &content,
+                    reply.visibility == Visibility::Ephemeral,
+                );
                 chat.http.post(base).json(&body).send().await
             }
         }

@@ -1,10 +1,10 @@
-//! A run's timeline messages: the [`Sink`] that posts step outputs and
+//! A run's timeline messages: the [`RunThread`] that posts step outputs and
 //! summaries to the alert's thread (or answers the requester), and the
 //! thread helpers the chat commands share.
 
 use crate::chat::approvals::*;
 
-pub(super) struct Sink {
+pub(super) struct RunThread {
     group: Option<i64>,
     responder: Responder,
     /// Messages sent through a Slack `response_url` (Slack allows five).
@@ -17,9 +17,9 @@ pub(super) struct Sink {
 /// rest are held for the final message (Slack accepts five uses).
 pub(super) const SLACK_RESPONSES_PER_RUN: usize = 3;
 
-impl Sink {
-    pub(super) fn new(group: Option<i64>, responder: Responder) -> Sink {
-        Sink {
+impl RunThread {
+    pub(super) fn new(group: Option<i64>, responder: Responder) -> RunThread {
+        RunThread {
             group,
             responder,
             sent: Default::default(),
