@@ -149,9 +149,16 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
     spawn_watchdog(runner);
 
     let http = state.http.clone();
-    crate::web::serve(listener, app, cfg.web.clone(), http, tls, shutdown_signal())
-        .await
-        .context("http server failed")?;
+    crate::web::serve(
+        listener,
+        app,
+        cfg.web.clone(),
+        http,
+        tls,
+        crate::web::shutdown_signal(),
+    )
+    .await
+    .context("http server failed")?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("agent stopped");
     Ok(())
@@ -174,26 +181,6 @@ fn spawn_watchdog(runner: Arc<Runner>) {
             }
         }
     });
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutdown signal received, draining");
 }
 
 /// `gpuops collect --once`: one exposition on stdout, exit 0 even if collectors fail.

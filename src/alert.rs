@@ -18,7 +18,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-use crate::bot::BotState;
+use crate::bot::state::BotState;
 use crate::notify::{AlertLine, AlertMessage, Button, GroupStatus, Message};
 use crate::routing::{Routing, Tier};
 use crate::store::{GroupRecord, GroupUpdate, IngestResult};

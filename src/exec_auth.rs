@@ -158,7 +158,7 @@ impl ExecSigner {
     /// Reads a private key file; relative names are looked up in
     /// `$CREDENTIALS_DIRECTORY` first. A file that others may read is refused.
     pub fn from_file(path: &Path) -> Result<ExecSigner, String> {
-        let secret = crate::config::load_secret_file(path)?;
+        let secret = crate::secret::load_secret_file(path)?;
         let resolved = resolve(path);
         if let Ok(meta) = std::fs::metadata(&resolved) {
             use std::os::unix::fs::PermissionsExt as _;
@@ -182,10 +182,10 @@ impl ExecSigner {
     }
 
     /// The private key as PKCS#8 PEM (for `gpuops keygen` only).
-    pub fn private_pem(&self) -> Result<crate::config::Secret, String> {
+    pub fn private_pem(&self) -> Result<crate::secret::Secret, String> {
         self.key
             .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
-            .map(|pem| crate::config::Secret::new(pem.as_str()))
+            .map(|pem| crate::secret::Secret::new(pem.as_str()))
             .map_err(|e| format!("cannot encode the private key: {e}"))
     }
 
@@ -527,6 +527,19 @@ pub fn keygen(args: crate::cli::KeygenArgs) -> anyhow::Result<std::process::Exit
         signer.key_id()
     );
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Whether `s` looks like `host:port` (or `[v6]:port`).
+pub fn is_hostport(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    !host.is_empty()
+        && s.len() <= 255
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
+        && host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
+        })
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 use crate::config::BotConfig;
 use crate::exec_auth::is_node_name;
-use crate::runbook::engine::{AgentAddr, AgentDirectory};
+use crate::runbook::engine::{AgentAddr, AgentClient, AgentDirectory, Executor, NodeSteps};
 use crate::runbook::exec::BoxFuture;
 
 /// Deadline of one read of Prometheus's targets.
@@ -336,6 +336,40 @@ fn host_of(instance: &str) -> &str {
     match instance.rsplit_once(':') {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') => h,
         _ => instance,
+    }
+}
+
+impl Executor {
+    /// The bot's executor from its configuration: node steps to the agents
+    /// of its inventory (`[agents]`), signed with `signing_key_file`; PromQL
+    /// to `[prometheus] url`; bot-side commands through the real process runner.
+    pub fn for_bot(cfg: &crate::config::BotConfig) -> Executor {
+        let node = match (
+            Inventory::from_config(cfg),
+            cfg.agents.as_ref().and_then(|a| a.signing_key.clone()),
+        ) {
+            (Some(inv), Some(key)) => {
+                match AgentClient::new(Arc::new(inv), key).with_transport(
+                    &cfg.agents.as_ref().map(|a| a.transport.clone()).unwrap_or_default(),
+                ) {
+                    Ok(c) => NodeSteps::Agent(c),
+                    Err(e) => NodeSteps::Unavailable(e),
+                }
+            }
+            (Some(_), None) => NodeSteps::Unavailable(
+                "node steps need [agents] signing_key_file (the private key from `gpuops keygen`)"
+                    .into(),
+            ),
+            (None, _) => NodeSteps::Unavailable(
+                "node steps need an [agents] section (signing_key_file, and [[agents.nodes]] or prometheus_job) in the bot configuration"
+                    .into(),
+            ),
+        };
+        Executor::new(
+            Arc::new(crate::runbook::exec::ProcessRunner),
+            node,
+            cfg.prometheus.as_ref().map(|p| p.url.clone()),
+        )
     }
 }
 

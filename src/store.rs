@@ -27,9 +27,12 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use crate::notify::Ack;
+use crate::message::Ack;
 
+mod audit;
+pub mod outbox;
 pub mod paging;
+pub mod runs;
 
 /// Deadline of one store call from async code.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
@@ -279,15 +282,7 @@ CREATE TABLE IF NOT EXISTS replay_keys (
 CREATE INDEX IF NOT EXISTS replay_keys_seen ON replay_keys(seen_at);
 "#;
 
-/// How hard a commit waits for the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Sync {
-    /// fsync the WAL on every commit (survives power loss).
-    #[default]
-    Full,
-    /// fsync only at checkpoints (survives process crashes, not power loss).
-    Normal,
-}
+pub use crate::config::bot::StoreSync as Sync;
 
 /// Makes the database owner-only before SQLite opens it, whatever the
 /// process umask: creates the file 0600 if it is missing (SQLite then gives
@@ -593,153 +588,6 @@ impl Store {
         .await
     }
 
-    /// Rows due at `at`, oldest first, at most one per (group, destination)
-    /// and only the first of each (so edits and replies keep their order).
-    pub async fn due(&self, at: f64, limit: usize) -> Result<Vec<OutboxRow>> {
-        self.read(move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT id, group_id, destination, kind, rev, body, attempts, created_at, next_attempt_at
-                 FROM outbox o
-                 WHERE next_attempt_at <= ?1
-                   AND NOT EXISTS (SELECT 1 FROM outbox p
-                                   WHERE p.group_id=o.group_id AND p.destination=o.destination AND p.id<o.id)
-                 ORDER BY id LIMIT ?2",
-            )?;
-            let rows = st
-                .query_map(params![at, limit as i64], outbox_row)?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(rows)
-        })
-        .await
-    }
-
-    /// When the earliest pending row becomes due (None: outbox empty).
-    pub async fn next_due(&self) -> Result<Option<f64>> {
-        self.read(|c| Ok(c.query_row("SELECT MIN(next_attempt_at) FROM outbox", [], |r| r.get(0))?))
-            .await
-    }
-
-    pub async fn pending(&self) -> Result<i64> {
-        self.read(|c| Ok(c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
-            .await
-    }
-
-    /// An alert row was delivered as `rev`: remember the message, and finish
-    /// the row unless a newer state arrived meanwhile (then it runs again).
-    pub async fn alert_delivered(
-        &self,
-        row: OutboxRow,
-        rendered_rev: i64,
-        channel: String,
-        message_id: String,
-    ) -> Result<()> {
-        self.write(move |c| {
-            let tx = c;
-            let t = now();
-            tx.execute(
-                "INSERT INTO messages(group_id, destination, channel, message_id, rev, posted_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-                 ON CONFLICT(group_id, destination) DO UPDATE SET
-                   channel=excluded.channel, message_id=excluded.message_id,
-                   rev=excluded.rev, updated_at=excluded.updated_at",
-                params![row.group_id, row.destination, channel, message_id, rendered_rev, t],
-            )?;
-            let deleted = tx.execute(
-                "DELETE FROM outbox WHERE id=?1 AND rev<=?2",
-                params![row.id, rendered_rev],
-            )?;
-            if deleted == 0 {
-                tx.execute(
-                    "UPDATE outbox SET attempts=0, next_attempt_at=?2, last_error=NULL WHERE id=?1",
-                    params![row.id, t],
-                )?;
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    /// The platform says the group's message at `destination` is gone:
-    /// forget it, so the next attempt posts a new one.
-    pub async fn forget_message(&self, group_id: i64, destination: String) -> Result<()> {
-        self.write(move |c| {
-            c.execute(
-                "DELETE FROM messages WHERE group_id=?1 AND destination=?2",
-                params![group_id, destination],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// A reply (or any non-alert row) was delivered.
-    pub async fn delivered(&self, id: i64) -> Result<()> {
-        self.write(move |c| {
-            c.execute("DELETE FROM outbox WHERE id=?1", [id])?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Schedules another attempt.
-    pub async fn retry_at(&self, id: i64, at: f64, error: String) -> Result<()> {
-        self.write(move |c| {
-            c.execute(
-                "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?2, last_error=?3 WHERE id=?1",
-                params![id, at, error],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Moves a row to the dead letters with the platform's error.
-    pub async fn dead_letter(&self, row: OutboxRow, error: String) -> Result<()> {
-        self.write(move |c| {
-            let tx = c;
-            tx.execute(
-                "INSERT INTO dead_letters(outbox_id, group_id, destination, kind, body, attempts, error, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    row.id,
-                    row.group_id,
-                    row.destination,
-                    row.kind,
-                    row.body,
-                    row.attempts + 1,
-                    error,
-                    now()
-                ],
-            )?;
-            tx.execute("DELETE FROM outbox WHERE id=?1", [row.id])?;
-            Ok(())
-        })
-        .await
-    }
-
-    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
-        self.read(|c| {
-            let mut st = c.prepare(
-                "SELECT id, group_id, destination, kind, attempts, error, at FROM dead_letters ORDER BY id",
-            )?;
-            let rows = st
-                .query_map([], |r| {
-                    Ok(DeadLetter {
-                        id: r.get(0)?,
-                        group_id: r.get(1)?,
-                        destination: r.get(2)?,
-                        kind: r.get(3)?,
-                        attempts: r.get(4)?,
-                        error: r.get(5)?,
-                        at: r.get(6)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(rows)
-        })
-        .await
-    }
-
     /// Deletes raw webhooks older than `age`, and groups resolved for longer
     /// than `age` (with their messages and acks) that have nothing pending.
     /// Returns the rows deleted.
@@ -764,146 +612,6 @@ impl Store {
             Ok(n)
         })
         .await
-    }
-
-    /// Appends an audit record (blocking; see [`Store::audit`] for async).
-    pub fn audit_blocking(
-        &self,
-        who: &str,
-        action: &str,
-        params_json: &serde_json::Value,
-        target: Option<&str>,
-        outcome: &str,
-    ) -> Result<i64> {
-        let (who, action, params_json) =
-            (who.to_string(), action.to_string(), params_json.to_string());
-        let (target, outcome) = (target.map(str::to_string), outcome.to_string());
-        self.write_blocking(move |c| {
-            c.execute(
-                "INSERT INTO audit(at, who, action, params, target, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![now(), who, action, params_json, target, outcome],
-            )?;
-            Ok(c.last_insert_rowid())
-        })
-    }
-
-    /// Appends an audit record: who did what, with which parameters, to
-    /// what, and how it ended. Also logged.
-    /// Records the replay key of a verified chat request (a digest the
-    /// caller computed); `false` when it is already recorded, i.e. the
-    /// request is a replay. Keys seen more than `keep_secs` before `now` are
-    /// forgotten first. Durable, so a replay is refused across restarts.
-    pub async fn first_use(&self, key: [u8; 32], now: i64, keep_secs: i64) -> Result<bool> {
-        self.write(move |c| {
-            c.execute(
-                "DELETE FROM replay_keys WHERE seen_at < ?1",
-                params![now - keep_secs],
-            )?;
-            let added = c.execute(
-                "INSERT OR IGNORE INTO replay_keys(key, seen_at) VALUES (?1, ?2)",
-                params![&key[..], now],
-            )?;
-            Ok(added == 1)
-        })
-        .await
-    }
-
-    pub async fn audit(
-        &self,
-        who: String,
-        action: String,
-        params_json: serde_json::Value,
-        target: Option<String>,
-        outcome: String,
-    ) -> Result<i64> {
-        tracing::info!(
-            who = %who,
-            action = %action,
-            params = %params_json,
-            target = target.as_deref().unwrap_or(""),
-            outcome = %outcome,
-            "audit"
-        );
-        self.write(move |c| {
-            c.execute(
-                "INSERT INTO audit(at, who, action, params, target, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![now(), who, action, params_json.to_string(), target, outcome],
-            )?;
-            Ok(c.last_insert_rowid())
-        })
-        .await
-    }
-
-    /// Audit records at or after `since` (Unix seconds), oldest first.
-    /// A group with its delivery history, for `gpuops audit --group`
-    /// (blocking; the CLI).
-    pub fn group_history_blocking(&self, group_id: i64) -> Result<Option<GroupHistory>> {
-        self.read_blocking(|c| {
-            let Some(group) = group_by(c, "id", &group_id)? else {
-                return Ok(None);
-            };
-            let first_seen: f64 = c.query_row(
-                "SELECT first_seen FROM alert_groups WHERE id=?1",
-                [group_id],
-                |r| r.get(0),
-            )?;
-            let mut st = c.prepare(
-                "SELECT received_at, payload FROM webhooks WHERE group_id=?1 AND duplicate=0 ORDER BY received_at, id",
-            )?;
-            let webhooks = st
-                .query_map([group_id], |r| {
-                    let payload: String = r.get(1)?;
-                    let status = serde_json::from_str::<serde_json::Value>(&payload)
-                        .ok()
-                        .and_then(|v| v["status"].as_str().map(str::to_string))
-                        .unwrap_or_else(|| "unknown".into());
-                    Ok((r.get(0)?, status))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut st = c.prepare(
-                "SELECT posted_at, destination, channel FROM messages WHERE group_id=?1 ORDER BY posted_at",
-            )?;
-            let messages = st
-                .query_map([group_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(Some(GroupHistory {
-                group,
-                first_seen,
-                webhooks,
-                messages,
-            }))
-        })
-    }
-
-    pub fn audit_since_blocking(&self, since: f64) -> Result<Vec<AuditRecord>> {
-        self.read_blocking(|c| {
-            let mut st = c.prepare(
-                "SELECT id, at, who, action, params, target, outcome FROM audit WHERE at >= ?1 ORDER BY at, id",
-            )?;
-            let rows = st
-                .query_map([since], |r| {
-                    let params: String = r.get(4)?;
-                    Ok(AuditRecord {
-                        id: r.get(0)?,
-                        at: r.get(1)?,
-                        who: r.get(2)?,
-                        action: r.get(3)?,
-                        params: serde_json::from_str(&params)
-                            .unwrap_or(serde_json::Value::String(params)),
-                        target: r.get(5)?,
-                        outcome: r.get(6)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(rows)
-        })
-    }
-
-    pub async fn audit_since(&self, since: f64) -> Result<Vec<AuditRecord>> {
-        let s = self.clone();
-        tokio::task::spawn_blocking(move || s.audit_since_blocking(since))
-            .await
-            .map_err(|e| Error::Task(e.to_string()))?
     }
 }
 
@@ -985,13 +693,14 @@ fn ingest_tx(c: &Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<Inges
         enqueued += upsert_alert_row(tx, group_id, d, rev, t)?;
     }
     if was_firing && u.status == "resolved" {
-        let body =
-            serde_json::to_string(&crate::notify::Message::Text(crate::notify::TextMessage {
+        let body = serde_json::to_string(&crate::message::Message::Text(
+            crate::message::TextMessage {
                 text: u.resolved_reply.clone(),
                 code: None,
                 buttons: Vec::new(),
-            }))
-            .unwrap_or_default();
+            },
+        ))
+        .unwrap_or_default();
         for d in &dests {
             tx.execute(
                 "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
@@ -1110,20 +819,6 @@ fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRecord> {
         channel: r.get(2)?,
         message_id: r.get(3)?,
         rev: r.get(4)?,
-    })
-}
-
-fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
-    Ok(OutboxRow {
-        id: r.get(0)?,
-        group_id: r.get(1)?,
-        destination: r.get(2)?,
-        kind: r.get(3)?,
-        rev: r.get(4)?,
-        body: r.get(5)?,
-        attempts: r.get(6)?,
-        created_at: r.get(7)?,
-        next_attempt_at: r.get(8)?,
     })
 }
 

@@ -255,18 +255,20 @@ pub fn redact(text: &str) -> String {
 
 /// `gpuops_build_info{version, role, gpu_backend} 1`, in text format.
 pub fn build_info(role: &str, gpu_backend: &str) -> String {
-    let mut sink = crate::collector::Sink::new();
-    sink.gauge(
-        "gpuops_build_info",
-        "Build and run-time facts; gpu_backend=\"fake\" means GPU data is replayed from a fixture, not read from hardware.",
-        &[
-            ("version", env!("CARGO_PKG_VERSION")),
-            ("role", role),
-            ("gpu_backend", gpu_backend),
-        ],
-        1.0,
-    );
-    sink.into_text()
+    // Escaped as the text format wants label values (as `collector::Sink` does).
+    let label = |v: &str| {
+        v.replace('\\', "\\\\")
+            .replace('\n', "\\n")
+            .replace('"', "\\\"")
+    };
+    format!(
+        "# HELP gpuops_build_info Build and run-time facts; gpu_backend=\"fake\" means GPU data is replayed from a fixture, not read from hardware.\n\
+         # TYPE gpuops_build_info gauge\n\
+         gpuops_build_info{{version=\"{}\",role=\"{}\",gpu_backend=\"{}\"}} 1\n",
+        label(env!("CARGO_PKG_VERSION")),
+        label(role),
+        label(gpu_backend),
+    )
 }
 
 /// Process metrics (`process_resident_memory_bytes`, CPU seconds, fds...).
@@ -505,6 +507,24 @@ pub async fn track_http(
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn build_info_is_what_the_collector_sink_writes() {
+        for (role, backend) in [("bot", "none"), ("agent", "fake"), ("a\"b", "x\\y\nz")] {
+            let mut sink = crate::collector::Sink::new();
+            sink.gauge(
+                "gpuops_build_info",
+                "Build and run-time facts; gpu_backend=\"fake\" means GPU data is replayed from a fixture, not read from hardware.",
+                &[
+                    ("version", env!("CARGO_PKG_VERSION")),
+                    ("role", role),
+                    ("gpu_backend", backend),
+                ],
+                1.0,
+            );
+            assert_eq!(build_info(role, backend), sink.into_text());
+        }
+    }
 
     #[test]
     fn redacts_tokens_and_webhook_urls() {

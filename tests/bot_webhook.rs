@@ -23,13 +23,7 @@ fn state(extra: &str) -> (tempfile::TempDir, Arc<BotState>) {
     (d, s)
 }
 
-fn state_and_worker(
-    extra: &str,
-) -> (
-    tempfile::TempDir,
-    Arc<BotState>,
-    gpuops::notify::outbox::Worker,
-) {
+fn state_and_worker(extra: &str) -> (tempfile::TempDir, Arc<BotState>, gpuops::outbox::Worker) {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "[server]\nwebhook_token = \"tok-123\"\nmax_body_bytes = 4096\n[store]\npath = \"{}\"\n{extra}",

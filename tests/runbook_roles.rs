@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use gpuops::runbook::engine::{authorize, authorize_approval, Actor, ChatAction};
+use gpuops::rbac::{authorize, authorize_approval, Actor, ChatAction};
 use gpuops::runbook::{parse_runbook, Role, Step};
 
 fn steps() -> Vec<Step> {

@@ -23,8 +23,8 @@
 //!
 //! Runs are persisted in the bot's store, in the tables `chat_runs` and
 //! `chat_run_steps` (each step's outcome and output, at most
-//! [`STORED_OUTPUT_BYTES`]), created by this module (`CREATE TABLE IF NOT
-//! EXISTS`) on first use: a waiting approval survives a restart. A run that
+//! [`STORED_OUTPUT_BYTES`]; the SQL is `store/runs.rs`), created
+//! (`CREATE TABLE IF NOT EXISTS`) on first use: a waiting approval survives a restart. A run that
 //! was executing when the bot stopped is marked `interrupted` on the next
 //! start (its step may or may not have run; it is not repeated). This module
 //! spawns no process: steps run through the
@@ -34,17 +34,25 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
-
 use crate::alert::Webhook;
 use crate::chat::{respond, step_message, ChatState, Outcome, Reply, Responder, User};
 use crate::exec_auth::SignedApproval;
 use crate::notify::{self, Button, Message, TextMessage};
-use crate::runbook::engine::{
-    self, authorize, authorize_approval, Actor, ChatAction, RunPlan, StepStatus,
-};
+use crate::rbac::{authorize, authorize_approval, Actor, ChatAction};
+use crate::runbook::engine::{self, RunPlan, StepStatus};
 use crate::runbook::{Role, Target};
 use crate::store;
+mod expiry;
+mod runs;
+mod thread;
+
+pub use crate::store::runs::{
+    run_with_steps, runs_of_group, steps_of, RunRecord, StepRecord, STORED_OUTPUT_BYTES,
+};
+pub use expiry::{expire_due, recover, spawn_expiry};
+use runs::*;
+pub use thread::post_thread;
+use thread::*;
 
 /// How often waiting approvals are checked for expiry.
 pub const EXPIRY_TICK: Duration = Duration::from_millis(500);
@@ -58,27 +66,6 @@ pub struct RunRequest {
     pub params: BTreeMap<String, String>,
 }
 
-/// A persisted run.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunRecord {
-    pub id: String,
-    pub runbook: String,
-    pub only_steps: Option<Vec<String>>,
-    pub given: BTreeMap<String, String>,
-    pub labels: BTreeMap<String, String>,
-    pub group_id: Option<i64>,
-    pub requester: String,
-    pub requester_name: String,
-    pub requester_role: String,
-    /// `running`, `waiting`, `finished`, `denied`, `expired`, `interrupted`, `failed`.
-    pub status: String,
-    pub next_step: usize,
-    /// `(step, status)` of every step run or skipped so far.
-    pub results: Vec<(String, String)>,
-    pub expires_at: Option<f64>,
-    pub decided_by: Option<String>,
-}
-
 /// `r` and six hex digits.
 pub fn is_run_id(s: &str) -> bool {
     s.len() == 7
@@ -90,79 +77,17 @@ pub fn is_run_id(s: &str) -> bool {
 
 /// Creates the `chat_runs` table if it is missing (blocking; at start).
 pub fn create_table(store: &store::Store) -> store::Result<()> {
-    store.write_blocking(ensure_schema)
+    store.create_runs_table()
 }
 
 /// A run by id.
 pub async fn load(chat: &ChatState, id: &str) -> store::Result<Option<RunRecord>> {
-    let id = id.to_string();
-    chat.bot
-        .store
-        .read(move |c| {
-            Ok(c.query_row(
-                &format!("SELECT {COLUMNS} FROM chat_runs WHERE id=?1"),
-                [&id],
-                run_row,
-            )
-            .optional()?)
-        })
-        .await
-}
-
-/// A run by id, and its stored steps (blocking; `gpuops audit --run`).
-pub fn run_with_steps(
-    c: &Connection,
-    id: &str,
-) -> store::Result<Option<(RunRecord, Vec<StepRecord>)>> {
-    ensure_schema_read(c)?;
-    let Some(run) = c
-        .query_row(
-            &format!("SELECT {COLUMNS} FROM chat_runs WHERE id=?1"),
-            [id],
-            run_row,
-        )
-        .optional()?
-    else {
-        return Ok(None);
-    };
-    let steps = steps_of(c, id)?;
-    Ok(Some((run, steps)))
-}
-
-/// The runs of an alert group, oldest first, each with its steps.
-pub fn runs_of_group(
-    c: &Connection,
-    group: i64,
-) -> store::Result<Vec<(RunRecord, f64, Vec<StepRecord>)>> {
-    if ensure_schema_read(c).is_err() {
-        return Ok(Vec::new());
-    }
-    let mut st = c.prepare(&format!(
-        "SELECT {COLUMNS}, created_at FROM chat_runs WHERE group_id=?1 ORDER BY created_at, id"
-    ))?;
-    let runs = st
-        .query_map([group], |r| Ok((run_row(r)?, r.get::<_, f64>(14)?)))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut out = Vec::new();
-    for (run, at) in runs {
-        let steps = steps_of(c, &run.id)?;
-        out.push((run, at, steps));
-    }
-    Ok(out)
+    chat.bot.store.run(id).await
 }
 
 /// How many runs wait for an approval.
 pub async fn waiting_count(chat: &ChatState) -> store::Result<i64> {
-    chat.bot
-        .store
-        .read(|c| {
-            Ok(c.query_row(
-                "SELECT COUNT(*) FROM chat_runs WHERE status='waiting'",
-                [],
-                |r| r.get(0),
-            )?)
-        })
-        .await
+    chat.bot.store.waiting_runs().await
 }
 
 /// Starts a run: checks the runbook, steps, parameters and role, stores the
@@ -614,7 +539,7 @@ pub async fn drive(
             return;
         }
     };
-    let sink = Sink::new(row.group_id, responder);
+    let sink = RunThread::new(row.group_id, responder);
     let plan = match plan_of(&chat, &row).await {
         Ok(p) => p,
         Err(msg) => {
@@ -867,260 +792,6 @@ fn flow_results(results: &[(String, String)]) -> Vec<(String, StepStatus)> {
         .collect()
 }
 
-/// On start: runs cut off mid-step by a restart are marked `interrupted`.
-pub async fn recover(chat: &Arc<ChatState>) {
-    let now = chat.now() as f64;
-    let cut: store::Result<Vec<(String, String, Option<i64>)>> = chat
-        .bot
-        .store
-        .write(move |c| {
-            ensure_schema(c)?;
-            let mut st =
-                c.prepare("SELECT id, runbook, group_id FROM chat_runs WHERE status='running'")?;
-            let rows = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            c.execute(
-                "UPDATE chat_runs SET status='interrupted', updated_at=?1 WHERE status='running'",
-                [now],
-            )?;
-            Ok(rows)
-        })
-        .await;
-    match cut {
-        Ok(rows) => {
-            for (id, runbook, group) in rows {
-                tracing::warn!(run = %id, runbook = %runbook, "run interrupted by a restart");
-                chat.audit(
-                    "gpuops",
-                    "run",
-                    serde_json::json!({ "run": id }),
-                    Some(format!("{runbook}/{id}")),
-                    "interrupted: bot restarted",
-                )
-                .await;
-                if let Some(g) = group {
-                    post_thread(chat, g, format!("⚠️ run `{id}` of `{runbook}` was interrupted by a bot restart; start it again if needed"), None).await;
-                }
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "cannot read runs at start"),
-    }
-}
-
-/// Expires waiting approvals past their deadline, every [`EXPIRY_TICK`].
-pub fn spawn_expiry(chat: Arc<ChatState>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(EXPIRY_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            expire_due(&chat).await;
-        }
-    });
-}
-
-/// Expires every waiting run whose deadline passed; returns their ids.
-pub async fn expire_due(chat: &Arc<ChatState>) -> Vec<String> {
-    let now = chat.now() as f64;
-    let due: store::Result<Vec<RunRecord>> = chat
-        .bot
-        .store
-        .read(move |c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {COLUMNS} FROM chat_runs WHERE status='waiting' AND expires_at <= ?1"
-            ))?;
-            let rows = st
-                .query_map([now], run_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })
-        .await;
-    let mut expired = Vec::new();
-    for row in due.unwrap_or_default() {
-        if !matches!(
-            decide(chat, &row.id, "running", "gpuops", now).await,
-            Ok(true)
-        ) {
-            continue;
-        }
-        let step = plan_of(chat, &row)
-            .await
-            .ok()
-            .and_then(|p| p.steps.get(row.next_step).map(|s| s.step.name.clone()))
-            .unwrap_or_default();
-        chat.audit(
-            "gpuops",
-            "approval_expired",
-            serde_json::json!({ "run": row.id, "runbook": row.runbook, "step": step, "requested_by": row.requester }),
-            Some(format!("{}/{}", row.runbook, row.id)),
-            "expired",
-        )
-        .await;
-        tracing::info!(run = %row.id, step = %step, "approval expired; step skipped");
-        skip_waiting_step(
-            chat,
-            &row,
-            &step,
-            StepStatus::Expired,
-            "nobody approved it in time",
-        )
-        .await;
-        if let Some(g) = row.group_id {
-            post_thread(
-                chat,
-                g,
-                format!(
-                    "⌛ nobody approved step `{step}` of run `{}` in time; it is skipped and the run goes on with the steps that do not depend on it",
-                    row.id,
-                ),
-                None,
-            )
-            .await;
-        }
-        tokio::spawn(drive(chat.clone(), row.id.clone(), None, Responder::None));
-        expired.push(row.id);
-    }
-    expired
-}
-
-struct Sink {
-    group: Option<i64>,
-    responder: Responder,
-    /// Messages sent through a Slack `response_url` (Slack allows five).
-    sent: std::sync::atomic::AtomicUsize,
-    /// Held back once the `response_url` budget is nearly spent.
-    held: std::sync::Mutex<Vec<String>>,
-}
-
-/// Step messages sent one by one through a Slack `response_url` before the
-/// rest are held for the final message (Slack accepts five uses).
-const SLACK_RESPONSES_PER_RUN: usize = 3;
-
-impl Sink {
-    fn new(group: Option<i64>, responder: Responder) -> Sink {
-        Sink {
-            group,
-            responder,
-            sent: Default::default(),
-            held: Default::default(),
-        }
-    }
-
-    /// A step's message: into the alert's thread when the run belongs to
-    /// one, else to whoever asked (response_url / follow-up).
-    async fn post(&self, chat: &ChatState, text: String, code: Option<String>) {
-        self.send(chat, text, code, false).await
-    }
-
-    /// The run's last message (summary, approval request, failure): also
-    /// flushes anything held back.
-    async fn finish(&self, chat: &ChatState, text: String, code: Option<String>) {
-        self.send(chat, text, code, true).await
-    }
-
-    async fn send(&self, chat: &ChatState, text: String, code: Option<String>, last: bool) {
-        use std::sync::atomic::Ordering;
-        if let Some(g) = self.group {
-            return post_thread(chat, g, text, code).await;
-        }
-        let mut t = text;
-        if let Some(c) = code {
-            t.push_str("\n```\n");
-            t.push_str(&c);
-            t.push_str("\n```");
-        }
-        if !matches!(self.responder, Responder::Slack { .. }) {
-            return respond(chat, &self.responder, &Reply::public(t)).await;
-        }
-        // Decide without holding the lock across an await.
-        let earlier = {
-            let mut held = self
-                .held
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !last && self.sent.load(Ordering::SeqCst) >= SLACK_RESPONSES_PER_RUN {
-                held.push(t);
-                return;
-            }
-            if last {
-                Some(std::mem::take(&mut *held))
-            } else {
-                None
-            }
-        };
-        let Some(earlier) = earlier else {
-            self.sent.fetch_add(1, Ordering::SeqCst);
-            return respond(chat, &self.responder, &Reply::public(t)).await;
-        };
-        let limit = crate::chat::Platform::Slack.text_limit() - 100;
-        let mut kept: Vec<String> = Vec::new();
-        let mut used = t.chars().count();
-        for m in earlier.iter().rev() {
-            let n = m.chars().count() + 2;
-            if used + n > limit {
-                break;
-            }
-            used += n;
-            kept.push(m.clone());
-        }
-        kept.reverse();
-        let omitted = earlier.len() - kept.len();
-        let mut out = String::new();
-        if omitted > 0 {
-            out.push_str(&format!(
-                "({omitted} earlier step message(s) left out: see `gpuops audit`)\n\n"
-            ));
-        }
-        for m in kept {
-            out.push_str(&m);
-            out.push_str("\n\n");
-        }
-        out.push_str(&t);
-        self.sent.fetch_add(1, Ordering::SeqCst);
-        respond(chat, &self.responder, &Reply::public(out)).await;
-    }
-}
-
-/// Posts a line into the alert group's thread (the incident timeline).
-pub async fn post_thread(chat: &ChatState, group: i64, text: String, code: Option<String>) {
-    post_message(chat, group, TextMessage::new(text, code)).await
-}
-
-async fn post_message(chat: &ChatState, group: i64, mut msg: TextMessage) {
-    msg.code = msg
-        .code
-        .map(|c| notify::truncate_chars(&c, crate::chat::OUTPUT_CHARS + 200));
-    if let Err(e) = chat.bot.outbox.reply(group, &Message::Text(msg)).await {
-        tracing::error!(error = %e, group_id = group, "cannot enqueue the thread reply");
-    }
-}
-
-async fn group_labels(chat: &ChatState, group: i64) -> Result<BTreeMap<String, String>, String> {
-    let g = match chat.bot.store.group(group).await {
-        Ok(Some(g)) => g,
-        Ok(None) => return Err(format!("no alert group {group} (see `/gpuops alerts`)")),
-        Err(e) => return Err(format!("store error: {e}")),
-    };
-    let hook: Webhook = serde_json::from_str(&g.state)
-        .map_err(|e| format!("alert group {group} is unreadable: {e}"))?;
-    // The first firing alert names the node; the group's shared labels fill in.
-    let mut labels = hook
-        .alerts
-        .iter()
-        .find(|a| a.status == "firing")
-        .or_else(|| hook.alerts.first())
-        .map(|a| a.labels.clone())
-        .unwrap_or_default();
-    for (k, v) in hook.shared_labels() {
-        labels.entry(k).or_insert(v);
-    }
-    Ok(labels)
-}
-
 async fn plan_of(chat: &ChatState, row: &RunRecord) -> Result<RunPlan, String> {
     let set = chat.runbooks().await;
     let rb = set.get(&row.runbook).ok_or_else(|| {
@@ -1180,300 +851,6 @@ fn summary_counts(results: &[(String, String)]) -> String {
         .map(|(s, n)| format!("{n} {s}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS chat_runs (
-    id TEXT PRIMARY KEY,
-    runbook TEXT NOT NULL,
-    only_steps TEXT,
-    given TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    group_id INTEGER,
-    requester TEXT NOT NULL,
-    requester_name TEXT NOT NULL,
-    requester_role TEXT NOT NULL,
-    status TEXT NOT NULL,
-    next_step INTEGER NOT NULL,
-    results TEXT NOT NULL,
-    expires_at REAL,
-    decided_by TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS chat_runs_status ON chat_runs(status, expires_at);
-CREATE TABLE IF NOT EXISTS chat_run_steps (
-    run_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    step TEXT NOT NULL,
-    status TEXT NOT NULL,
-    exit_code INTEGER,
-    duration_secs REAL NOT NULL,
-    output TEXT NOT NULL,
-    truncated INTEGER NOT NULL,
-    approved_by TEXT,
-    at REAL NOT NULL,
-    PRIMARY KEY (run_id, seq)
-);
-";
-
-/// Most bytes of one step's output kept with the run (`gpuops audit --run`).
-pub const STORED_OUTPUT_BYTES: usize = 64 * 1024;
-
-/// One step of a run as stored: its outcome and (bounded) output.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StepRecord {
-    pub seq: i64,
-    pub step: String,
-    pub status: String,
-    pub exit_code: Option<i32>,
-    pub duration_secs: f64,
-    /// At most [`STORED_OUTPUT_BYTES`] (then `truncated`).
-    pub output: String,
-    pub truncated: bool,
-    /// The approver, for a step that needed approval.
-    pub approved_by: Option<String>,
-    /// Unix seconds.
-    pub at: f64,
-}
-
-/// Stores one step's outcome with the run.
-async fn record_step(
-    chat: &ChatState,
-    run: &str,
-    step: &str,
-    out: &engine::StepOutcome,
-    approved_by: Option<&str>,
-) {
-    let (run, step) = (run.to_string(), step.to_string());
-    let mut output = out.output.clone();
-    let mut truncated = out.truncated;
-    if output.len() > STORED_OUTPUT_BYTES {
-        let mut end = STORED_OUTPUT_BYTES;
-        while !output.is_char_boundary(end) {
-            end -= 1;
-        }
-        output.truncate(end);
-        truncated = true;
-    }
-    let status = status_name(out.status).to_string();
-    let exit_code = out.exit_code;
-    let duration = out.duration.as_secs_f64();
-    let approved_by = approved_by.map(str::to_string);
-    let now = store::now();
-    let r = chat
-        .bot
-        .store
-        .write(move |c| {
-            c.execute(
-                "INSERT INTO chat_run_steps(run_id, seq, step, status, exit_code, duration_secs, output, truncated, approved_by, at)
-                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM chat_run_steps WHERE run_id=?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![run, step, status, exit_code, duration, output, truncated, approved_by, now],
-            )?;
-            Ok(())
-        })
-        .await;
-    if let Err(e) = r {
-        tracing::error!(error = %e, "cannot store the step's outcome");
-    }
-}
-
-/// The stored steps of a run, in order.
-pub fn steps_of(c: &Connection, run: &str) -> store::Result<Vec<StepRecord>> {
-    ensure_schema_read(c)?;
-    let mut st = c.prepare(
-        "SELECT seq, step, status, exit_code, duration_secs, output, truncated, approved_by, at
-         FROM chat_run_steps WHERE run_id=?1 ORDER BY seq",
-    )?;
-    let rows = st
-        .query_map([run], |r| {
-            Ok(StepRecord {
-                seq: r.get(0)?,
-                step: r.get(1)?,
-                status: r.get(2)?,
-                exit_code: r.get(3)?,
-                duration_secs: r.get(4)?,
-                output: r.get(5)?,
-                truncated: r.get(6)?,
-                approved_by: r.get(7)?,
-                at: r.get(8)?,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows)
-}
-
-/// True when the chat tables exist (a store that never ran chat has none).
-fn ensure_schema_read(c: &Connection) -> store::Result<()> {
-    let n: i64 = c.query_row(
-        "SELECT COUNT(*) FROM sqlite_master WHERE type='table' AND name='chat_run_steps'",
-        [],
-        |r| r.get(0),
-    )?;
-    if n == 0 {
-        return Err(store::Error::Task(
-            "this store has no runbook runs (the chat role never ran here)".into(),
-        ));
-    }
-    Ok(())
-}
-
-async fn load_steps(chat: &ChatState, run: &str) -> store::Result<Vec<StepRecord>> {
-    let run = run.to_string();
-    chat.bot.store.read(move |c| steps_of(c, &run)).await
-}
-
-const COLUMNS: &str = "id, runbook, only_steps, given, labels, group_id, requester, requester_name, requester_role, status, next_step, results, expires_at, decided_by";
-
-fn ensure_schema(c: &Connection) -> store::Result<()> {
-    c.execute_batch(SCHEMA)?;
-    Ok(())
-}
-
-fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
-    let only: Option<String> = r.get(2)?;
-    let given: String = r.get(3)?;
-    let labels: String = r.get(4)?;
-    let results: String = r.get(11)?;
-    let next: i64 = r.get(10)?;
-    Ok(RunRecord {
-        id: r.get(0)?,
-        runbook: r.get(1)?,
-        only_steps: only.and_then(|s| serde_json::from_str(&s).ok()),
-        given: serde_json::from_str(&given).unwrap_or_default(),
-        labels: serde_json::from_str(&labels).unwrap_or_default(),
-        group_id: r.get(5)?,
-        requester: r.get(6)?,
-        requester_name: r.get(7)?,
-        requester_role: r.get(8)?,
-        status: r.get(9)?,
-        next_step: usize::try_from(next).unwrap_or(0),
-        results: serde_json::from_str(&results).unwrap_or_default(),
-        expires_at: r.get(12)?,
-        decided_by: r.get(13)?,
-    })
-}
-
-async fn insert(chat: &ChatState, rec: RunRecord) -> store::Result<String> {
-    let now = chat.now() as f64;
-    chat.bot
-        .store
-        .write(move |c| {
-            ensure_schema(c)?;
-            for _ in 0..8 {
-                let id = format!("r{:06x}", rand::random::<u32>() & 0xff_ffff);
-                let n = c.execute(
-                    "INSERT OR IGNORE INTO chat_runs(id, runbook, only_steps, given, labels, group_id, requester,
-                       requester_name, requester_role, status, next_step, results, expires_at, decided_by,
-                       created_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0, '[]', NULL, NULL, ?11, ?11)",
-                    params![
-                        id,
-                        rec.runbook,
-                        rec.only_steps.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default()),
-                        serde_json::to_string(&rec.given).unwrap_or_default(),
-                        serde_json::to_string(&rec.labels).unwrap_or_default(),
-                        rec.group_id,
-                        rec.requester,
-                        rec.requester_name,
-                        rec.requester_role,
-                        rec.status,
-                        now
-                    ],
-                )?;
-                if n == 1 {
-                    return Ok(id);
-                }
-            }
-            Err(store::Error::Task("cannot find a free run id".into()))
-        })
-        .await
-}
-
-async fn progress(
-    chat: &ChatState,
-    id: &str,
-    next: usize,
-    results: &[(String, String)],
-) -> store::Result<()> {
-    let id = id.to_string();
-    let results = serde_json::to_string(results).unwrap_or_default();
-    let now = chat.now() as f64;
-    chat.bot
-        .store
-        .write(move |c| {
-            c.execute(
-                "UPDATE chat_runs SET next_step=?2, results=?3, updated_at=?4 WHERE id=?1",
-                params![id, next as i64, results, now],
-            )?;
-            Ok(())
-        })
-        .await
-}
-
-async fn wait_for_approval(
-    chat: &ChatState,
-    id: &str,
-    step: usize,
-    results: &[(String, String)],
-    expires_at: f64,
-) -> store::Result<()> {
-    let id = id.to_string();
-    let results = serde_json::to_string(results).unwrap_or_default();
-    let now = chat.now() as f64;
-    chat.bot
-        .store
-        .write(move |c| {
-            c.execute(
-                "UPDATE chat_runs SET status='waiting', next_step=?2, results=?3, expires_at=?4, updated_at=?5
-                 WHERE id=?1",
-                params![id, step as i64, results, expires_at, now],
-            )?;
-            Ok(())
-        })
-        .await
-}
-
-/// Moves a waiting run to `status` (once: false when someone else did).
-async fn decide(
-    chat: &ChatState,
-    id: &str,
-    status: &str,
-    who: &str,
-    now: f64,
-) -> store::Result<bool> {
-    let (id, status, who) = (id.to_string(), status.to_string(), who.to_string());
-    chat.bot
-        .store
-        .write(move |c| {
-            let n = c.execute(
-                "UPDATE chat_runs SET status=?2, decided_by=?3, updated_at=?4 WHERE id=?1 AND status='waiting'",
-                params![id, status, who, now],
-            )?;
-            Ok(n == 1)
-        })
-        .await
-}
-
-async fn finish(
-    chat: &ChatState,
-    id: &str,
-    status: &str,
-    results: &[(String, String)],
-) -> store::Result<()> {
-    let (id, status) = (id.to_string(), status.to_string());
-    let results = serde_json::to_string(results).unwrap_or_default();
-    let now = chat.now() as f64;
-    chat.bot
-        .store
-        .write(move |c| {
-            c.execute(
-                "UPDATE chat_runs SET status=?2, results=?3, updated_at=?4 WHERE id=?1",
-                params![id, status, results, now],
-            )?;
-            Ok(())
-        })
-        .await
 }
 
 #[cfg(test)]

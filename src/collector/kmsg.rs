@@ -8,78 +8,19 @@
 //! when `--kmsg` names a regular file every record in it counts (tests feed the
 //! agent that way, and may append to the file while it runs).
 //! This module reads only the kernel log; it exports nothing but its own health.
+//! The events themselves are kept in `crate::events` (re-exported here).
 
-use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
-use serde::Serialize;
+pub use crate::events::{unix_now, EventKind, KernelEvent, KernelEvents, XidSource};
 
 use crate::collector::{Collector, Context, Error, Sink};
 use crate::host::HostRoots;
-
-/// How many events `GET /v1/events` can return.
-const EVENT_CAPACITY: usize = 2048;
-/// The two kernel lines of one OOM kill are this close together.
-const OOM_MERGE_WINDOW_SECS: f64 = 5.0;
-/// NVML and the kernel log report the same XID within this window.
-const XID_DEDUPE_WINDOW_SECS: f64 = 10.0;
-
-/// One kernel event the agent recognised.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct KernelEvent {
-    /// Unix time in seconds.
-    pub timestamp: f64,
-    /// False for records that were already in the ring buffer at start.
-    pub counted: bool,
-    #[serde(flatten)]
-    pub kind: EventKind,
-    /// The log line it came from (or a description for NVML events).
-    pub message: String,
-}
-
-/// What happened.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum EventKind {
-    /// The OOM killer killed a process (globally or in a memory cgroup).
-    OomKill {
-        pid: Option<u32>,
-        process: Option<String>,
-        cgroup: Option<String>,
-    },
-    /// A block-layer I/O error on a device.
-    IoError { device: String },
-    /// An NVIDIA XID error (build it with `crate::gpu::xid::event`, which
-    /// attaches the catalogue entry shown by `GET /v1/events`).
-    Xid {
-        pci_bus_id: String,
-        xid: u32,
-        pid: Option<u32>,
-        process: Option<String>,
-        source: XidSource,
-        /// What the code means and what to do (`None` for codes not in the catalogue).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        info: Option<&'static crate::gpu::xid::XidInfo>,
-    },
-    /// A GPU stopped answering NVML (lost, fell off the bus, or timed out).
-    GpuLost {
-        pci_bus_id: String,
-        uuid: Option<String>,
-    },
-}
-
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum XidSource {
-    Kmsg,
-    Nvml,
-}
 
 /// A message parser: returns the event a kernel message describes, if any.
 type Parser = fn(&str) -> Option<EventKind>;
@@ -91,131 +32,7 @@ const PARSERS: &[Parser] = &[
     crate::gpu::xid::parse_kmsg,
 ];
 
-/// Recent events and the counters derived from them; shared by the watcher,
-/// the collectors and the HTTP API.
-#[derive(Default)]
-pub struct KernelEvents {
-    inner: Mutex<Inner>,
-    records: AtomicU64,
-    /// 0 unknown, 1 readable, 2 not readable.
-    readable: AtomicU8,
-}
-
-#[derive(Default)]
-struct Inner {
-    events: VecDeque<KernelEvent>,
-    io_errors: BTreeMap<String, u64>,
-    xids: BTreeMap<(String, u32), u64>,
-    oom_last: Option<f64>,
-    /// Recent XIDs not yet matched by the other source: (bus, xid, time, source).
-    recent_xids: VecDeque<(String, u32, f64, XidSource)>,
-}
-
 impl KernelEvents {
-    pub fn new() -> KernelEvents {
-        KernelEvents::default()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Records an event; `counted` events also bump the counters.
-    pub fn record(&self, event: KernelEvent) {
-        let mut inner = self.lock();
-        match &event.kind {
-            EventKind::OomKill { .. } => {
-                inner.oom_last = Some(
-                    inner
-                        .oom_last
-                        .map_or(event.timestamp, |t| t.max(event.timestamp)),
-                );
-                if inner.merge_oom_kill(&event) {
-                    return;
-                }
-            }
-            EventKind::IoError { device } if event.counted => {
-                *inner.io_errors.entry(device.clone()).or_insert(0) += 1;
-            }
-            EventKind::Xid {
-                pci_bus_id,
-                xid,
-                source,
-                ..
-            } if event.counted => {
-                let key = (pci_bus_id.clone(), *xid);
-                if !inner.take_matching_xid(&key, event.timestamp, *source) {
-                    *inner.xids.entry(key.clone()).or_insert(0) += 1;
-                    inner
-                        .recent_xids
-                        .push_back((key.0, key.1, event.timestamp, *source));
-                    if inner.recent_xids.len() > 256 {
-                        inner.recent_xids.pop_front();
-                    }
-                } else {
-                    // Already counted from the other source: keep the richer
-                    // kmsg record (pid, process, text) in place of NVML's.
-                    tracing::debug!(pci_bus_id = %key.0, xid = key.1, "xid seen by both nvml and kmsg, counted once");
-                    if *source == XidSource::Kmsg {
-                        let t = event.timestamp;
-                        if let Some(slot) = inner.events.iter_mut().rev().find(|e| {
-                            matches!(&e.kind, EventKind::Xid { pci_bus_id: b, xid: x, source: XidSource::Nvml, .. }
-                                if *b == key.0 && *x == key.1)
-                                && (e.timestamp - t).abs() <= XID_DEDUPE_WINDOW_SECS
-                        }) {
-                            *slot = event;
-                        }
-                    }
-                    return;
-                }
-            }
-            _ => {}
-        }
-        if inner.events.len() >= EVENT_CAPACITY {
-            inner.events.pop_front();
-        }
-        inner.events.push_back(event);
-    }
-
-    /// Events at or after `since` (Unix seconds), oldest first.
-    pub fn since(&self, since: f64) -> Vec<KernelEvent> {
-        self.lock()
-            .events
-            .iter()
-            .filter(|e| e.timestamp >= since)
-            .cloned()
-            .collect()
-    }
-
-    /// Counted block I/O errors per device from the kernel log.
-    pub fn io_errors(&self) -> BTreeMap<String, u64> {
-        self.lock().io_errors.clone()
-    }
-
-    /// Counted XIDs per (PCI bus id, code), NVML and kmsg deduplicated.
-    pub fn xids(&self) -> BTreeMap<(String, u32), u64> {
-        self.lock().xids.clone()
-    }
-
-    /// Time of the latest OOM kill seen in the kernel log.
-    pub fn oom_last_timestamp(&self) -> Option<f64> {
-        self.lock().oom_last
-    }
-
-    /// Kernel-log records read (counted ones).
-    pub fn records_read(&self) -> u64 {
-        self.records.load(Ordering::Relaxed)
-    }
-
-    /// Whether the kernel log could be opened (`None` before the first try).
-    pub fn readable(&self) -> Option<bool> {
-        match self.readable.load(Ordering::Relaxed) {
-            1 => Some(true),
-            2 => Some(false),
-            _ => None,
-        }
-    }
-
     /// Parses one raw record (`prio,seq,usec,flags;message` plus continuation
     /// lines) and records the event it describes, if any.
     pub fn ingest_record(&self, record: &str, boot_time: f64, counted: bool) {
@@ -223,7 +40,7 @@ impl KernelEvents {
             return;
         };
         if counted {
-            self.records.fetch_add(1, Ordering::Relaxed);
+            self.count_record();
         }
         let Some(kind) = PARSERS.iter().find_map(|p| p(rec.message)) else {
             return;
@@ -234,67 +51,6 @@ impl KernelEvents {
             kind,
             message: rec.message.to_string(),
         });
-    }
-}
-
-impl Inner {
-    /// The kernel reports one OOM kill in two lines (`oom-kill:` with the
-    /// cgroup, `Killed process` with the usage): when `event` is the second
-    /// line of a kill already recorded (same pid, within a few seconds), fill
-    /// in what the first lacked and report the event as merged.
-    fn merge_oom_kill(&mut self, event: &KernelEvent) -> bool {
-        let EventKind::OomKill {
-            pid: Some(pid),
-            process,
-            cgroup,
-        } = &event.kind
-        else {
-            return false;
-        };
-        let found = self.events.iter_mut().rev().take(16).find(|e| {
-            matches!(&e.kind, EventKind::OomKill { pid: Some(p), .. } if p == pid)
-                && (e.timestamp - event.timestamp).abs() <= OOM_MERGE_WINDOW_SECS
-        });
-        let Some(old) = found else {
-            return false;
-        };
-        if let EventKind::OomKill {
-            process: old_process,
-            cgroup: old_cgroup,
-            ..
-        } = &mut old.kind
-        {
-            if old_process.is_none() {
-                old_process.clone_from(process);
-            }
-            if old_cgroup.is_none() {
-                old_cgroup.clone_from(cgroup);
-            }
-        }
-        // The "Killed process" line names the kill best.
-        if event.message.contains("Killed process") {
-            old.message.clone_from(&event.message);
-        }
-        old.counted |= event.counted;
-        true
-    }
-
-    fn take_matching_xid(&mut self, key: &(String, u32), t: f64, source: XidSource) -> bool {
-        let now_cut = t - 60.0;
-        self.recent_xids.retain(|r| r.2 >= now_cut);
-        let pos = self.recent_xids.iter().position(|(bus, xid, when, src)| {
-            *src != source
-                && bus == &key.0
-                && *xid == key.1
-                && (when - t).abs() <= XID_DEDUPE_WINDOW_SECS
-        });
-        match pos {
-            Some(i) => {
-                self.recent_xids.remove(i);
-                true
-            }
-            None => false,
-        }
     }
 }
 
@@ -358,13 +114,6 @@ pub fn boot_time(roots: &HostRoots) -> f64 {
         .map_or(now, |up| now - up)
 }
 
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 /// Reads the kernel log once, synchronously: every record of a regular file
 /// (counted), or the records in the ring buffer (kept, not counted).
 /// Used by `gpuops collect --once`.
@@ -372,7 +121,7 @@ pub fn read_once(roots: &HostRoots, events: &KernelEvents) {
     let boot = boot_time(roots);
     match open(&roots.kmsg) {
         Ok(Source::File(mut f)) => {
-            events.readable.store(1, Ordering::Relaxed);
+            events.set_readable(true);
             let mut text = String::new();
             if let Err(e) = f.read_to_string(&mut text) {
                 tracing::warn!(path = %roots.kmsg.display(), error = %e, "cannot read kernel log");
@@ -382,7 +131,7 @@ pub fn read_once(roots: &HostRoots, events: &KernelEvents) {
             }
         }
         Ok(Source::Device(mut f)) => {
-            events.readable.store(1, Ordering::Relaxed);
+            events.set_readable(true);
             drain_device(&mut f, events, boot, false);
         }
         Err(e) => report_unreadable(&roots.kmsg, events, &e),
@@ -419,7 +168,7 @@ fn open(path: &Path) -> io::Result<Source> {
 }
 
 fn report_unreadable(path: &Path, events: &KernelEvents, e: &io::Error) {
-    events.readable.store(2, Ordering::Relaxed);
+    events.set_readable(false);
     tracing::warn!(
         path = %path.display(),
         error = %e,
@@ -431,11 +180,11 @@ fn watch(roots: &HostRoots, events: &KernelEvents) {
     let boot = boot_time(roots);
     match open(&roots.kmsg) {
         Ok(Source::File(f)) => {
-            events.readable.store(1, Ordering::Relaxed);
+            events.set_readable(true);
             follow_file(f, events, boot);
         }
         Ok(Source::Device(mut f)) => {
-            events.readable.store(1, Ordering::Relaxed);
+            events.set_readable(true);
             drain_device(&mut f, events, boot, false);
             loop {
                 std::thread::sleep(Duration::from_millis(500));

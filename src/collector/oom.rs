@@ -10,8 +10,8 @@
 
 use std::sync::Arc;
 
-use crate::collector::kmsg::EventKind;
 use crate::collector::{Collector, Context, Error, Sink};
+use crate::events::EventKind;
 
 const NAME: &str = "oom";
 

@@ -18,10 +18,10 @@ use std::time::Instant;
 use regex::Regex;
 
 use crate::collector::cpu::export_psi;
-use crate::collector::kmsg::EventKind;
 use crate::collector::{Collector, Context, Error, Sink};
 use crate::config::agent::StorageConfig;
 use crate::deadline::{Outcome, SingleFlight};
+use crate::events::EventKind;
 use crate::host::{parse_proc_text, unescape_mount_path, FsStats, HostRoots, ReadError};
 
 const NAME: &str = "storage";

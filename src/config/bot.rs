@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use crate::config::agent::LogConfig;
 use crate::config::paging::{self, DigestConfig, EmailConfig, PagerDutyConfig};
+use crate::config::routing::{default_severity_map, Destination, Routing, Tier};
 use crate::config::{
     anchored_regex, positive_secs, read_file, read_log_section, read_secret, read_web_limits,
     ConfigErrors, Reader, Secret, Section, WebLimits,
 };
-use crate::routing::{default_severity_map, Destination, Routing, Tier};
 
 /// Default bot port (next to the agent's 9949).
 pub const DEFAULT_BOT_PORT: u16 = 9950;
@@ -87,7 +87,7 @@ pub struct StoreConfig {
     pub webhook_retention: Duration,
     /// `full` (default): every commit is fsynced, survives power loss;
     /// `normal`: survives process crashes only, faster on slow disks.
-    pub sync: crate::store::Sync,
+    pub sync: StoreSync,
 }
 
 #[derive(Debug, Clone)]
@@ -194,17 +194,6 @@ pub struct RbacConfig {
     pub people: BTreeMap<String, String>,
 }
 
-impl RbacConfig {
-    /// The person behind an account key: their `[[rbac.people]]` name, or
-    /// the account key itself when it is not listed.
-    pub fn person_of(&self, account: &str) -> String {
-        self.people
-            .get(account)
-            .cloned()
-            .unwrap_or_else(|| account.to_string())
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct ApprovalsConfig {
     pub expiry: Duration,
@@ -236,7 +225,7 @@ impl Default for BotConfig {
             store: StoreConfig {
                 path: default_store_path(),
                 webhook_retention: Duration::from_secs(7 * 86_400),
-                sync: crate::store::Sync::Full,
+                sync: StoreSync::Full,
             },
             log: LogConfig::default(),
             slack: None,
@@ -321,8 +310,8 @@ impl BotConfig {
                 c.store.webhook_retention = v;
             }
             if let Some(v) = r.get_with(&mut s, "sync", |v: String| match v.as_str() {
-                "full" => Ok(crate::store::Sync::Full),
-                "normal" => Ok(crate::store::Sync::Normal),
+                "full" => Ok(StoreSync::Full),
+                "normal" => Ok(StoreSync::Normal),
                 _ => Err(format!("must be \"full\" or \"normal\", got {v:?}")),
             }) {
                 c.store.sync = v;
@@ -678,7 +667,7 @@ impl BotConfig {
             }
             for mut n in r.tables(&mut s, "nodes") {
                 let instance = r.get_with(&mut n, "instance", |i: String| {
-                    if crate::runbook::engine::is_hostport(&i) {
+                    if crate::exec_auth::is_hostport(&i) {
                         Ok(i)
                     } else {
                         Err(format!("{i:?} is not host:port"))
@@ -852,6 +841,16 @@ fn http_url(u: String) -> Result<String, String> {
         Ok(_) => Err("must be an http:// or https:// URL".to_string()),
         Err(e) => Err(format!("not a URL: {e}")),
     }
+}
+
+/// How hard a store commit waits for the disk (`[store] sync`; `store::Sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreSync {
+    /// fsync the WAL on every commit (survives power loss).
+    #[default]
+    Full,
+    /// fsync only at checkpoints (survives process crashes, not power loss).
+    Normal,
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::str::FromStr as _;
 use std::time::Duration;
 
+use crate::config::routing::{pagerduty_id, Escalation, Target};
 use crate::config::{load_secret_file, read_secret, Reader, Secret, Section};
-use crate::routing::{pagerduty_id, Escalation, Target};
 
 /// PagerDuty's Events API base.
 pub const DEFAULT_PAGERDUTY_API_URL: &str = "https://events.pagerduty.com";

@@ -7,7 +7,7 @@
 //! fixture format (see docs/gpu.md), so the fixture and the NVML backend fill
 //! the same structure.
 //! Only `nvml.rs` touches NVML; this module must not read the host or render
-//! metrics (that is `crate::collector::gpu`).
+//! metrics (that is `collector::gpu`).
 
 pub mod fake;
 pub mod nvml;

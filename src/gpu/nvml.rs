@@ -28,9 +28,8 @@ use nvml_wrapper::structs::device::FieldId;
 use nvml_wrapper::sys_exports::field_id;
 use nvml_wrapper::{Device, Nvml};
 
-use crate::collector::kmsg::{unix_now, KernelEvent, XidSource};
-use crate::collector::KernelEvents;
 use crate::deadline::{Outcome, SingleFlight};
+use crate::events::{unix_now, KernelEvent, KernelEvents, XidSource};
 use crate::gpu::{
     normalize_pci_bus_id, ClockEventReason, ClockEvents, DeviceReading, GpmMeasurement, GpmReading,
     GpuBackend, MigReading, NvLinkReading, ProcessReading, Snapshot,

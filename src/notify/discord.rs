@@ -348,6 +348,25 @@ fn buttons_row(buttons: &[crate::notify::Button], group_id: i64) -> Vec<CreateAc
     }
 }
 
+/// The interaction webhook of a deferred Discord answer (follow-ups are
+/// posted here; `/messages/@original` edits the deferred message).
+pub fn followup_url(api_url: &str, application_id: &str, token: &str) -> String {
+    format!("{api_url}/api/v10/webhooks/{application_id}/{token}")
+}
+
+/// The body of a Discord follow-up (or of the edit of the deferred
+/// message): the content with no mentions, flagged ephemeral (64) if asked.
+pub fn followup_body(content: &str, ephemeral: bool) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "content": content,
+        "allowed_mentions": { "parse": [] },
+    });
+    if ephemeral {
+        body["flags"] = serde_json::json!(64);
+    }
+    body
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -341,6 +341,17 @@ fn render_alert(m: &AlertMessage) -> SlackMessageContent {
         .with_attachments(vec![attachment])
 }
 
+/// The body of an answer to a slash command's `response_url` (`text`
+/// already escaped and truncated): ephemeral unless `in_channel`, never
+/// replacing the original message.
+pub fn response_url_body(text: &str, in_channel: bool) -> serde_json::Value {
+    serde_json::json!({
+        "response_type": if in_channel { "in_channel" } else { "ephemeral" },
+        "replace_original": false,
+        "text": text,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use chrono::{DateTime, TimeZone as _, Utc};
 use tokio::sync::watch;
 
 use crate::alert::Webhook;
-use crate::bot::BotState;
+use crate::bot::state::BotState;
 use crate::config::paging::DigestConfig;
 use crate::notify::email::MAILED_REPLY_PREFIX;
 use crate::notify::{Message, TextMessage};

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
-use crate::bot::BotState;
+use crate::bot::state::BotState;
 
 /// Whether `header` carries a valid v1 signature of `body` under `secret`.
 pub fn verify(secret: &[u8], body: &[u8], header: &str) -> bool {

@@ -382,8 +382,8 @@ fn fire_due_tx(
             continue;
         }
         let step = step + 1;
-        let body = serde_json::to_string(&crate::notify::Message::Text(
-            crate::notify::TextMessage::new(text(group, step, steps), None),
+        let body = serde_json::to_string(&crate::message::Message::Text(
+            crate::message::TextMessage::new(text(group, step, steps), None),
         ))
         .unwrap_or_default();
         let t = now();

@@ -145,6 +145,26 @@ pub async fn serve(
     Ok(())
 }
 
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received, draining");
+}
+
 /// Lifts the soft `RLIMIT_NOFILE` to the hard limit (capped at 2^20), as the
 /// Go runtime does for node_exporter, and logs both. Returns the soft limit
 /// now in force.

@@ -1,5 +1,6 @@
-//! The outbox: durable pending deliveries in the store, and the worker that
-//! drains them through the notifiers.
+//! The outbox worker: drains the durable pending deliveries in the store
+//! through the notifiers (the enqueue handle is `store::outbox::Outbox`).
+//! It sits above `notify`, `alert` and `store`; no integration imports it.
 //!
 //! Rows are taken oldest first, one at a time per (group, destination), so a
 //! post precedes its edits and thread replies. An alert row always renders
@@ -16,61 +17,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::alert::{self, Links};
-use crate::bot::BotMetrics;
+use crate::bot::state::BotMetrics;
 use crate::config::BotConfig;
 use crate::notify::{Delivery, Error, Message, Notifier, Op, Outgoing, PlatformRef};
 use crate::routing::Target;
+use crate::store::outbox::Outbox;
 use crate::store::{self, OutboxRow, Store, KIND_ALERT};
-
-/// The handle other modules use to enqueue work. Cheap to clone.
-#[derive(Clone)]
-pub struct Outbox {
-    store: Store,
-    wake: Arc<Notify>,
-}
-
-impl Outbox {
-    pub fn new(store: Store) -> Outbox {
-        Outbox {
-            store,
-            wake: Arc::new(Notify::new()),
-        }
-    }
-
-    /// Tells the worker there is new work.
-    pub fn wake(&self) {
-        self.wake.notify_one();
-    }
-
-    /// Posts `message` as a thread reply under the group's message at every
-    /// destination the group was (or is about to be) posted to. Durable:
-    /// returns after the rows are committed. Returns how many were enqueued.
-    pub async fn reply(&self, group_id: i64, message: &Message) -> store::Result<usize> {
-        let body = serde_json::to_string(message).unwrap_or_default();
-        let n = self.store.enqueue_reply(group_id, body).await?;
-        self.wake();
-        Ok(n)
-    }
-
-    /// Records who acknowledged the group and edits its messages to say so.
-    /// `false` when the group does not exist.
-    pub async fn acknowledge(&self, group_id: i64, who: &str) -> store::Result<bool> {
-        let found = self.store.acknowledge(group_id, who.to_string()).await?;
-        self.wake();
-        Ok(found)
-    }
-
-    /// Re-renders the group's messages in place.
-    pub async fn refresh(&self, group_id: i64) -> store::Result<usize> {
-        let n = self.store.refresh(group_id).await?;
-        self.wake();
-        Ok(n)
-    }
-}
 
 /// The notifiers by platform; a platform absent from the config is `None`.
 #[derive(Clone)]
@@ -199,7 +154,7 @@ impl Worker {
             }
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = this.outbox.wake.notified() => {}
+                _ = this.outbox.woken() => {}
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     if let Ok(done) = done {
                         inflight.remove(&done.key);

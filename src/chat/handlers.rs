@@ -1,0 +1,468 @@
+//! The chat commands that answer from the store and AlertManager: `ack`,
+//! `silence`, `unsilence`, `status`, `alerts`, `runbooks`. Dispatch, roles
+//! and audit are in `chat/mod.rs`; runs and approvals in `approvals.rs`.
+
+use crate::chat::*;
+
+pub(super) async fn ack(chat: &Arc<ChatState>, user: &User, target: &str) -> Outcome {
+    let who = user.key();
+    let groups = match resolve_groups(chat, target).await {
+        Ok(g) => g,
+        Err(msg) => {
+            chat.audit(
+                &who,
+                "ack",
+                serde_json::json!({ "target": target }),
+                Some(target.to_string()),
+                &format!("error: {msg}"),
+            )
+            .await;
+            return Outcome::Now(Reply::private(msg));
+        }
+    };
+    let mut done = Vec::new();
+    for g in &groups {
+        match chat.bot.outbox.acknowledge(g.id, &user.display()).await {
+            Ok(true) => {
+                done.push(g.id);
+                approvals::post_thread(
+                    chat,
+                    g.id,
+                    format!("👀 {} acknowledged the alert", user.display()),
+                    None,
+                )
+                .await;
+                chat.bot
+                    .metrics
+                    .acknowledgements
+                    .with_label_values(&[user.platform.as_str()])
+                    .inc();
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, group_id = g.id, "cannot record the acknowledgement");
+            }
+        }
+    }
+    let ids: Vec<String> = done.iter().map(|i| format!("#{i}")).collect();
+    let outcome = if done.is_empty() {
+        "error: nothing acknowledged".to_string()
+    } else {
+        format!("ok: {}", ids.join(","))
+    };
+    chat.audit(
+        &who,
+        "ack",
+        serde_json::json!({ "target": target, "groups": done }),
+        Some(target.to_string()),
+        &outcome,
+    )
+    .await;
+    if done.is_empty() {
+        Outcome::Now(Reply::private(format!("could not acknowledge {target}")))
+    } else {
+        Outcome::Now(Reply::public(format!(
+            "👀 {} acknowledged alert group {}",
+            user.display(),
+            ids.join(", ")
+        )))
+    }
+}
+
+/// Group ids (`12`, `#12`) or alert names / fingerprints among firing groups.
+pub(super) async fn resolve_groups(
+    chat: &Arc<ChatState>,
+    target: &str,
+) -> Result<Vec<GroupRecord>, String> {
+    if let Ok(id) = target.trim_start_matches('#').parse::<i64>() {
+        return match chat.bot.store.group(id).await {
+            Ok(Some(g)) => Ok(vec![g]),
+            Ok(None) => Err(format!("no alert group {id} (see `/gpuops alerts`)")),
+            Err(e) => Err(format!("store error: {e}")),
+        };
+    }
+    let firing = chat
+        .bot
+        .store
+        .firing_groups(500)
+        .await
+        .map_err(|e| format!("store error: {e}"))?;
+    let hits: Vec<GroupRecord> = firing
+        .into_iter()
+        .filter(|g| {
+            serde_json::from_str::<Webhook>(&g.state).is_ok_and(|h| {
+                h.shared_labels().get("alertname").map(String::as_str) == Some(target)
+                    || h.alerts.iter().any(|a| {
+                        a.fingerprint == target
+                            || a.labels.get("alertname").map(String::as_str) == Some(target)
+                    })
+            })
+        })
+        .take(20)
+        .collect();
+    if hits.is_empty() {
+        Err(format!(
+            "no firing alert group matches {target:?} (see `/gpuops alerts`)"
+        ))
+    } else {
+        Ok(hits)
+    }
+}
+
+pub(super) async fn silence(
+    chat: &Arc<ChatState>,
+    user: &User,
+    matchers: Vec<Matcher>,
+    duration: Duration,
+    comment: String,
+    responder: Responder,
+    group: Option<i64>,
+) -> Outcome {
+    let who = user.key();
+    let params = serde_json::json!({
+        "matchers": alertmanager::format_matchers(&matchers),
+        "duration": humantime::format_duration(duration).to_string(),
+        "comment": comment,
+        "group": group,
+    });
+    let Some(am) = chat.alertmanager.clone() else {
+        chat.audit(
+            &who,
+            "silence",
+            params,
+            None,
+            "error: no [alertmanager] url",
+        )
+        .await;
+        return Outcome::Now(Reply::private(
+            "silences need `[alertmanager] url` in the bot's configuration",
+        ));
+    };
+    let shown = alertmanager::format_matchers(&matchers);
+    let chat2 = chat.clone();
+    let user2 = user.clone();
+    let created_by = user.display();
+    let work = async move {
+        let s = alertmanager::new_silence(matchers, duration, &created_by, &comment);
+        let (outcome, text) = match am.create_silence(&s).await {
+            Ok(id) => (
+                format!("ok: {id}"),
+                Reply::public(format!(
+                    "🔕 {} silenced `{{{shown}}}` for {} (silence `{id}`; `/gpuops unsilence {id}` to lift it)",
+                    user2.display(),
+                    humantime::format_duration(duration)
+                )),
+            ),
+            Err(e) => (
+                format!("error: {e}"),
+                Reply::private(format!("could not create the silence: {e}")),
+            ),
+        };
+        chat2
+            .audit(
+                &user2.key(),
+                "silence",
+                params,
+                Some(shown.clone()),
+                &outcome,
+            )
+            .await;
+        if let Some(g) = group {
+            if outcome.starts_with("ok") {
+                let _ = chat2
+                    .bot
+                    .outbox
+                    .reply(
+                        g,
+                        &Message::Text(notify::TextMessage {
+                            text: text.text.clone(),
+                            code: None,
+                            buttons: Vec::new(),
+                        }),
+                    )
+                    .await;
+            }
+        }
+        respond(&chat2, &responder, &text).await;
+    };
+    Outcome::Later {
+        ack: Reply::private("creating the silence…"),
+        work: Box::pin(work),
+    }
+}
+
+pub(super) async fn unsilence(
+    chat: &Arc<ChatState>,
+    user: &User,
+    id: String,
+    responder: Responder,
+) -> Outcome {
+    let who = user.key();
+    let Some(am) = chat.alertmanager.clone() else {
+        chat.audit(
+            &who,
+            "unsilence",
+            serde_json::json!({ "id": id }),
+            None,
+            "error: no [alertmanager] url",
+        )
+        .await;
+        return Outcome::Now(Reply::private(
+            "silences need `[alertmanager] url` in the bot's configuration",
+        ));
+    };
+    let chat2 = chat.clone();
+    let user2 = user.clone();
+    let work = async move {
+        let (outcome, reply) = match am.delete_silence(&id).await {
+            Ok(()) => (
+                "ok".to_string(),
+                Reply::public(format!("🔔 {} lifted silence `{id}`", user2.display())),
+            ),
+            Err(e) => (
+                format!("error: {e}"),
+                Reply::private(format!("could not lift silence {id}: {e}")),
+            ),
+        };
+        chat2
+            .audit(
+                &user2.key(),
+                "unsilence",
+                serde_json::json!({ "id": id }),
+                Some(id.clone()),
+                &outcome,
+            )
+            .await;
+        respond(&chat2, &responder, &reply).await;
+    };
+    Outcome::Later {
+        ack: Reply::private("lifting the silence…"),
+        work: Box::pin(work),
+    }
+}
+
+pub(super) async fn status_text(chat: &Arc<ChatState>, node: Option<&str>) -> String {
+    let groups = match chat.bot.store.firing_groups(500).await {
+        Ok(g) => g,
+        Err(e) => return format!("cannot read alert groups: {e}"),
+    };
+    if let Some(node) = node {
+        // Only instances named by stored alerts are asked (no probing of
+        // arbitrary hosts from chat).
+        let instance = node_instance(&groups, node);
+        let mut text = alerts_text_of(chat, groups, Some(node));
+        if let Some(events) = match instance {
+            Some(i) => node_events(chat, &i).await,
+            None => None,
+        } {
+            text.push('\n');
+            text.push_str(&events);
+        }
+        return text;
+    }
+    let mut by_tier: BTreeMap<String, usize> = BTreeMap::new();
+    let mut acked = 0;
+    for g in &groups {
+        *by_tier.entry(g.tier.clone()).or_default() += 1;
+        acked += usize::from(g.ack.is_some());
+    }
+    let mut s = if groups.is_empty() {
+        "✅ no open alert groups".to_string()
+    } else {
+        format!(
+            "*{} open alert group{}* ({acked} acknowledged): {}",
+            groups.len(),
+            if groups.len() == 1 { "" } else { "s" },
+            by_tier
+                .iter()
+                .map(|(t, n)| format!("{t} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    if let Ok(n) = approvals::waiting_count(chat).await {
+        if n > 0 {
+            let _ = write!(s, "\n⏸ {n} runbook step(s) waiting for approval");
+        }
+    }
+    if let Some(am) = &chat.alertmanager {
+        if let Ok(Ok(alerts)) = tokio::time::timeout(INLINE_DEADLINE, am.alerts()).await {
+            let silenced = alerts
+                .iter()
+                .filter(|a| a.status.state == "suppressed")
+                .count();
+            let _ = write!(
+                s,
+                "\nAlertManager: {} alert(s), {silenced} silenced or inhibited",
+                alerts.len()
+            );
+        } else {
+            s.push_str("\nAlertManager: not reachable");
+        }
+    }
+    if !groups.is_empty() {
+        s.push_str("\n\n");
+        s.push_str(&alerts_text_of(chat, groups, None));
+    }
+    s
+}
+
+/// The `instance` label of an open alert on `node`.
+pub(super) fn node_instance(groups: &[GroupRecord], node: &str) -> Option<String> {
+    for g in groups {
+        if let Ok(h) = serde_json::from_str::<Webhook>(&g.state) {
+            for a in &h.alerts {
+                if let Some(i) = a.labels.get("instance") {
+                    if i == node
+                        || i.strip_prefix(node)
+                            .is_some_and(|r| r.starts_with([':', '.']))
+                    {
+                        return Some(i.clone());
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A line about the node's recent kernel events from its agent's
+/// `/v1/events` (agents of the inventory only), within the inline deadline.
+pub(super) async fn node_events(chat: &ChatState, instance: &str) -> Option<String> {
+    let dir = chat.agents.as_ref()?;
+    if !is_hostish(instance) {
+        return None;
+    }
+    let agent = match tokio::time::timeout(INLINE_DEADLINE, dir.agent(instance)).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(why)) => return Some(format!("agent at {instance}: not asked ({why})")),
+        Err(_) => {
+            return Some(format!(
+                "agent at {instance}: inventory did not answer in time"
+            ))
+        }
+    };
+    let url = format!("{}/v1/events?since=3600", agent.url.trim_end_matches('/'));
+    let got = tokio::time::timeout(INLINE_DEADLINE, async {
+        let mut req = chat.agents_http.get(&url);
+        if let Some((user, password)) = &chat.agents_auth {
+            req = req.basic_auth(user, Some(password.expose()));
+        }
+        let r = req.send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json::<serde_json::Value>().await.ok()
+    })
+    .await;
+    let Ok(Some(v)) = got else {
+        return Some(format!("agent at {instance}: not reachable"));
+    };
+    let events = v["events"].as_array().cloned().unwrap_or_default();
+    if events.is_empty() {
+        return Some(format!(
+            "agent at {instance}: no kernel events in the last hour"
+        ));
+    }
+    let mut by_type: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &events {
+        *by_type
+            .entry(e["type"].as_str().unwrap_or("other").to_string())
+            .or_default() += 1;
+    }
+    let latest = events
+        .last()
+        .and_then(|e| e["message"].as_str())
+        .map(|m| notify::truncate_chars(m, 200))
+        .unwrap_or_default();
+    Some(format!(
+        "agent at {instance}: {} kernel event(s) in the last hour ({}); latest: `{latest}`",
+        events.len(),
+        by_type
+            .iter()
+            .map(|(t, n)| format!("{t} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+pub(super) async fn alerts_text(chat: &Arc<ChatState>, node: Option<&str>) -> String {
+    match chat.bot.store.firing_groups(500).await {
+        Ok(g) => alerts_text_of(chat, g, node),
+        Err(e) => format!("cannot read alert groups: {e}"),
+    }
+}
+
+pub(super) fn alerts_text_of(
+    chat: &Arc<ChatState>,
+    groups: Vec<GroupRecord>,
+    node: Option<&str>,
+) -> String {
+    let mut lines = Vec::new();
+    for g in groups {
+        let hook: Option<Webhook> = serde_json::from_str(&g.state).ok();
+        if let (Some(node), Some(h)) = (node, &hook) {
+            let on_node = h.alerts.iter().any(|a| {
+                a.labels.get("instance").is_some_and(|i| {
+                    i == node
+                        || i.strip_prefix(node)
+                            .is_some_and(|r| r.starts_with(':') || r.starts_with('.'))
+                })
+            });
+            if !on_node {
+                continue;
+            }
+        }
+        let Message::Alert(m) =
+            alert::render_group(&g, &chat.bot.config.routing, &Links::default())
+        else {
+            continue;
+        };
+        let mut line = format!(
+            "`#{}` {} {} · {}",
+            g.id,
+            m.tier,
+            m.title,
+            notify::status_text(&m)
+        );
+        if let Some(s) = &m.summary {
+            let _ = write!(line, " — {}", notify::truncate_chars(s, 120));
+        }
+        lines.push(line);
+    }
+    if lines.is_empty() {
+        return match node {
+            Some(n) => format!("✅ no open alerts on {n}"),
+            None => "✅ no open alert groups".into(),
+        };
+    }
+    notify::fit_lines(&lines, 2800, 0)
+}
+
+pub(super) fn runbooks_text(set: &RunbookSet, alertname: Option<&str>, configured: bool) -> String {
+    if !configured {
+        return "no runbook directory is configured (`[runbooks] dir`)".into();
+    }
+    let list: Vec<&crate::runbook::Runbook> = match alertname {
+        Some(a) => set.suggest(&BTreeMap::from([("alertname".to_string(), a.to_string())])),
+        None => set.runbooks.iter().collect(),
+    };
+    if list.is_empty() {
+        return match alertname {
+            Some(a) => format!("no runbook answers {a}"),
+            None => "no runbooks found".into(),
+        };
+    }
+    let lines: Vec<String> = list
+        .iter()
+        .map(|r| {
+            let steps = r.steps.len();
+            let approvals = r.steps.iter().filter(|s| s.needs_approval).count();
+            format!(
+                "`{}` {} ({steps} steps, {approvals} need approval)",
+                r.id, r.title
+            )
+        })
+        .collect();
+    notify::fit_lines(&lines, 2800, 0)
+}

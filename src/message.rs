@@ -1,0 +1,166 @@
+//! The platform-neutral message model: what the bot says ([`Message`]: an
+//! alert group's card or a text), its buttons, acknowledgements and the
+//! button ids. A bot-side leaf: the store keeps these (serialized), the
+//! notifiers render them; it imports nothing but `routing::Tier`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::routing::Tier;
+
+/// Slack block-action ids of the alert buttons (the chat role handles them).
+pub const SLACK_ACTION_ACK: &str = "gpuops_ack";
+pub const SLACK_ACTION_SILENCE_1H: &str = "gpuops_silence_1h";
+pub const SLACK_ACTION_RUN_RUNBOOK: &str = "gpuops_run_runbook";
+/// Slack block-action ids of the Approve / Deny buttons on an approval
+/// request (value: the run id).
+pub const SLACK_ACTION_APPROVE: &str = "gpuops_approve";
+pub const SLACK_ACTION_DENY: &str = "gpuops_deny";
+
+/// What a message is: an alert group's card, or a text (thread replies,
+/// runbook output).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    Alert(Box<AlertMessage>),
+    Text(TextMessage),
+}
+
+/// A plain message with an optional code block (runbook step output) and
+/// optional buttons (Approve / Deny on an approval request).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextMessage {
+    pub text: String,
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buttons: Vec<Button>,
+}
+
+impl TextMessage {
+    pub fn new(text: impl Into<String>, code: Option<String>) -> TextMessage {
+        TextMessage {
+            text: text.into(),
+            code,
+            buttons: Vec::new(),
+        }
+    }
+}
+
+/// One alert group as a responder should see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertMessage {
+    /// The store's id of the group (button values carry it).
+    pub group_id: i64,
+    pub tier: Tier,
+    pub title: String,
+    pub summary: Option<String>,
+    pub description: Option<String>,
+    /// The severity label value(s) as sent.
+    pub severity: String,
+    /// The severity was missing or not mapped: `tier` is the default tier.
+    pub severity_unknown: bool,
+    pub status: GroupStatus,
+    pub acknowledged: Option<Ack>,
+    pub alerts: Vec<AlertLine>,
+    /// Alerts AlertManager left out of the payload (`truncatedAlerts`).
+    pub truncated_alerts: u64,
+    pub runbook_url: Option<String>,
+    /// A runbook id (`runbooks/<id>.yaml`) suggested for this group.
+    pub runbook_id: Option<String>,
+    /// Prometheus graph link of the first alert.
+    pub generator_url: Option<String>,
+    pub alertmanager_url: Option<String>,
+    pub buttons: Vec<Button>,
+    /// The start-up self test: labelled as such everywhere.
+    pub is_test: bool,
+    /// Labels every alert of the group shares (PagerDuty's
+    /// `component`/`group`/`class` and `custom_details`).
+    #[serde(default)]
+    pub common_labels: std::collections::BTreeMap<String, String>,
+    /// How far the group has escalated (none: not escalated).
+    #[serde(default)]
+    pub escalation: Option<EscalationStep>,
+}
+
+/// An escalation step reached: `step` of `of` (1-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EscalationStep {
+    pub step: u32,
+    pub of: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupStatus {
+    Firing { firing: usize, resolved: usize },
+    Resolved,
+}
+
+/// Who acknowledged a group and when (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub by: String,
+    pub at: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertLine {
+    pub firing: bool,
+    pub name: String,
+    pub instance: Option<String>,
+    pub gpu: Option<String>,
+    /// Labels that tell this alert apart (not shared by the group).
+    pub labels: Vec<(String, String)>,
+    pub summary: Option<String>,
+    pub generator_url: Option<String>,
+}
+
+/// Buttons on an alert message. Their wire ids are a contract with the chat
+/// role: Slack `action_id`s [`SLACK_ACTION_ACK`], [`SLACK_ACTION_SILENCE_1H`],
+/// [`SLACK_ACTION_RUN_RUNBOOK`] with `value` `<group_id>` or
+/// `<group_id>|<runbook_id>`; Discord `custom_id`s `gpuops:ack:<group_id>`,
+/// `gpuops:silence:<group_id>:1h`, `gpuops:run:<group_id>:<runbook_id>`.
+/// On an approval request: [`SLACK_ACTION_APPROVE`] / [`SLACK_ACTION_DENY`]
+/// with `value` `<run_id>`; Discord `gpuops:approve:<run_id>`,
+/// `gpuops:deny:<run_id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Button {
+    Acknowledge,
+    Silence1h,
+    RunRunbook(String),
+    /// Approve the step run `.0` waits on.
+    Approve(String),
+    /// Deny the step run `.0` waits on.
+    Deny(String),
+}
+
+impl Button {
+    pub fn label(&self) -> String {
+        match self {
+            Button::Acknowledge => "Acknowledge".into(),
+            Button::Silence1h => "Silence 1h".into(),
+            Button::RunRunbook(id) => format!("Run runbook {id}"),
+            Button::Approve(_) => "Approve".into(),
+            Button::Deny(_) => "Deny".into(),
+        }
+    }
+
+    /// Slack `(action_id, value)`.
+    pub fn slack_action(&self, group_id: i64) -> (&'static str, String) {
+        match self {
+            Button::Acknowledge => (SLACK_ACTION_ACK, group_id.to_string()),
+            Button::Silence1h => (SLACK_ACTION_SILENCE_1H, group_id.to_string()),
+            Button::RunRunbook(id) => (SLACK_ACTION_RUN_RUNBOOK, format!("{group_id}|{id}")),
+            Button::Approve(run) => (SLACK_ACTION_APPROVE, run.clone()),
+            Button::Deny(run) => (SLACK_ACTION_DENY, run.clone()),
+        }
+    }
+
+    /// Discord `custom_id`.
+    pub fn discord_custom_id(&self, group_id: i64) -> String {
+        match self {
+            Button::Acknowledge => format!("gpuops:ack:{group_id}"),
+            Button::Silence1h => format!("gpuops:silence:{group_id}:1h"),
+            Button::RunRunbook(id) => format!("gpuops:run:{group_id}:{id}"),
+            Button::Approve(run) => format!("gpuops:approve:{run}"),
+            Button::Deny(run) => format!("gpuops:deny:{run}"),
+        }
+    }
+}

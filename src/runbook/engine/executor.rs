@@ -1,0 +1,678 @@
+//! The step executors: [`StepExecutor`] and its real implementation
+//! [`Executor`] (local commands through the [`CommandRunner`], node steps
+//! signed and sent to the node's agent by [`AgentClient`], PromQL and HTTP
+//! steps), the dry-run recorder, and the `/v1/exec` response. Planning and
+//! the step-flow rule are in `engine.rs`; this file only runs one step.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::exec_auth::ExecSigner;
+use crate::runbook::engine::*;
+use crate::runbook::exec::{BoxFuture, CommandOutput, CommandRunner, CommandSpec, RunError};
+use crate::runbook::*;
+
+/// What one step came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepOutcome {
+    pub status: StepStatus,
+    pub exit_code: Option<i32>,
+    /// Stdout, then stderr under a `--- stderr ---` line; or the HTTP body,
+    /// the PromQL result, or the reason for a skip or an error.
+    pub output: String,
+    pub duration: Duration,
+    pub truncated: bool,
+}
+
+/// Runs one planned step.
+pub trait StepExecutor: Send + Sync {
+    fn execute<'a>(
+        &'a self,
+        plan: &'a RunPlan,
+        step: &'a PlannedStep,
+    ) -> BoxFuture<'a, StepOutcome>;
+}
+
+/// Where `target: node` command steps go.
+pub enum NodeSteps {
+    /// Run here through the command runner (`gpuops runbook run` on the node).
+    Local,
+    /// Send to the node's agent (the bot).
+    Agent(AgentClient),
+    /// Node steps cannot run here; the string says why (shown as the outcome).
+    Unavailable(String),
+}
+
+/// The real executor.
+pub struct Executor {
+    pub runner: Arc<dyn CommandRunner>,
+    pub node: NodeSteps,
+    /// Prometheus base URL for promql steps; `None` skips them.
+    pub prometheus_url: Option<String>,
+    pub output_cap: usize,
+    http: reqwest::Client,
+}
+
+/// Signs and sends node steps to the agents a directory knows.
+pub struct AgentClient {
+    directory: Arc<dyn AgentDirectory>,
+    signer: Arc<ExecSigner>,
+    http: reqwest::Client,
+    basic_auth: Option<(String, crate::config::Secret)>,
+}
+
+/// The HTTP client for requests to agents: their CA, the bot's client
+/// certificate, no redirects.
+pub fn agent_http_client(
+    t: &crate::config::bot::AgentTransport,
+) -> Result<reqwest::Client, String> {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(pem) = &t.ca_pem {
+        for c in reqwest::Certificate::from_pem_bundle(pem).map_err(|e| format!("ca_file: {e}"))? {
+            b = b.add_root_certificate(c);
+        }
+    }
+    if let Some(pem) = &t.identity_pem {
+        let id = reqwest::Identity::from_pem(pem.expose().as_bytes())
+            .map_err(|_| "client certificate: not a PEM certificate and key".to_string())?;
+        b = b.identity(id);
+    }
+    b.build()
+        .map_err(|e| format!("cannot build the agents' HTTP client: {e}"))
+}
+
+/// One agent the bot may send node steps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAddr {
+    /// The `instance` label alerts carry for it.
+    pub instance: String,
+    /// The node's real name: `{{node}}`, and the node a request is signed for.
+    pub node: String,
+    /// Base URL, e.g. `http://10.0.0.17:9949`.
+    pub url: String,
+}
+
+/// Where agents are: the bot's inventory (the `inventory` module).
+pub trait AgentDirectory: Send + Sync {
+    /// The agent behind an `instance` label, or why the bot will not talk to it.
+    fn agent<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<AgentAddr, String>>;
+}
+
+pub use crate::exec_auth::is_hostport;
+
+/// The `/v1/exec` response body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecResponse {
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub duration_seconds: f64,
+    pub timed_out: bool,
+    pub truncated: bool,
+    /// Set when the command could not be started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Set when the step's `only_if_exists` path is missing on the node: the
+    /// command was not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+}
+
+impl StepOutcome {
+    pub fn skipped(why: impl Into<String>) -> StepOutcome {
+        StepOutcome {
+            status: StepStatus::Skipped,
+            exit_code: None,
+            output: why.into(),
+            duration: Duration::ZERO,
+            truncated: false,
+        }
+    }
+
+    /// The step's `only_if_exists` path is missing on the machine `where_`.
+    pub fn unavailable(path: &str, where_: &str) -> StepOutcome {
+        StepOutcome {
+            status: StepStatus::Unavailable,
+            exit_code: None,
+            output: format!("not run: {path} does not exist {where_}"),
+            duration: Duration::ZERO,
+            truncated: false,
+        }
+    }
+
+    pub fn error(why: impl Into<String>, duration: Duration) -> StepOutcome {
+        StepOutcome {
+            status: StepStatus::Error,
+            exit_code: None,
+            output: why.into(),
+            duration,
+            truncated: false,
+        }
+    }
+
+    fn from_command(out: CommandOutput) -> StepOutcome {
+        let status = if out.timed_out {
+            StepStatus::TimedOut
+        } else if out.exit_code == Some(0) {
+            StepStatus::Succeeded
+        } else {
+            StepStatus::Failed
+        };
+        let mut output = out.stdout;
+        if !out.stderr.is_empty() {
+            if !output.is_empty() && !output.ends_with('\n') {
+                output.push('\n');
+            }
+            output.push_str("--- stderr ---\n");
+            output.push_str(&out.stderr);
+        }
+        if out.timed_out {
+            let _ = write!(
+                output,
+                "\n[killed after {}]",
+                humantime::format_duration(out.duration)
+            );
+        }
+        StepOutcome {
+            status,
+            exit_code: out.exit_code,
+            output,
+            duration: out.duration,
+            truncated: out.truncated,
+        }
+    }
+}
+
+impl Executor {
+    pub fn new(
+        runner: Arc<dyn CommandRunner>,
+        node: NodeSteps,
+        prometheus_url: Option<String>,
+    ) -> Executor {
+        Executor {
+            runner,
+            node,
+            prometheus_url: prometheus_url.map(|u| u.trim_end_matches('/').to_string()),
+            output_cap: DEFAULT_OUTPUT_CAP,
+            http: http_client(),
+        }
+    }
+
+    async fn command(&self, step: &Step, argv: &[String]) -> StepOutcome {
+        let spec = CommandSpec {
+            argv: argv.to_vec(),
+            timeout: step.timeout,
+            output_cap: self.output_cap,
+        };
+        let start = Instant::now();
+        match self.runner.run(&spec).await {
+            Ok(out) => StepOutcome::from_command(out),
+            Err(e) => StepOutcome::error(e.to_string(), start.elapsed()),
+        }
+    }
+
+    async fn http_step(
+        &self,
+        step: &Step,
+        method: HttpMethod,
+        url: &str,
+        body: Option<&str>,
+    ) -> StepOutcome {
+        let start = Instant::now();
+        let m = match method {
+            HttpMethod::Get => reqwest::Method::GET,
+            HttpMethod::Post => reqwest::Method::POST,
+            HttpMethod::Put => reqwest::Method::PUT,
+        };
+        let mut req = self.http.request(m, url).timeout(step.timeout);
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_string());
+        }
+        match req.send().await {
+            Ok(resp) => {
+                let status = resp.status();
+                let text = read_text_capped(resp, self.output_cap).await;
+                StepOutcome {
+                    status: if status.is_success() {
+                        StepStatus::Succeeded
+                    } else {
+                        StepStatus::Failed
+                    },
+                    exit_code: None,
+                    output: format!("HTTP {}\n{}", status.as_u16(), text.0),
+                    duration: start.elapsed(),
+                    truncated: text.1,
+                }
+            }
+            Err(e) if e.is_timeout() => StepOutcome {
+                status: StepStatus::TimedOut,
+                exit_code: None,
+                output: format!(
+                    "no answer within {}",
+                    humantime::format_duration(step.timeout)
+                ),
+                duration: start.elapsed(),
+                truncated: false,
+            },
+            Err(e) => StepOutcome::error(
+                crate::telemetry::redact(&format!("request failed: {e}")),
+                start.elapsed(),
+            ),
+        }
+    }
+
+    async fn promql(&self, step: &Step, query: &str) -> StepOutcome {
+        let Some(base) = &self.prometheus_url else {
+            return StepOutcome::skipped(
+                "skipped: no Prometheus URL (set GPUOPS_PROMETHEUS_URL, or run it from the bot)",
+            );
+        };
+        let start = Instant::now();
+        let url = format!("{base}/api/v1/query");
+        let timeout_param = format!("{}s", step.timeout.as_secs().max(1));
+        let resp = self
+            .http
+            .get(&url)
+            .query(&[("query", query), ("timeout", timeout_param.as_str())])
+            .timeout(step.timeout)
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return StepOutcome {
+                    status: StepStatus::TimedOut,
+                    exit_code: None,
+                    output: format!(
+                        "Prometheus did not answer within {}",
+                        humantime::format_duration(step.timeout)
+                    ),
+                    duration: start.elapsed(),
+                    truncated: false,
+                }
+            }
+            Err(e) => {
+                return StepOutcome::error(
+                    crate::telemetry::redact(&format!("query failed: {e}")),
+                    start.elapsed(),
+                )
+            }
+        };
+        let status = resp.status();
+        let (text, _) = read_text_capped(resp, 4 * 1024 * 1024).await;
+        let (ok, output) = format_promql_response(&text);
+        let (output, truncated) = cap_text(output, self.output_cap);
+        StepOutcome {
+            status: if ok && status.is_success() {
+                StepStatus::Succeeded
+            } else {
+                StepStatus::Failed
+            },
+            exit_code: None,
+            output,
+            duration: start.elapsed(),
+            truncated,
+        }
+    }
+}
+
+impl StepExecutor for Executor {
+    fn execute<'a>(
+        &'a self,
+        plan: &'a RunPlan,
+        step: &'a PlannedStep,
+    ) -> BoxFuture<'a, StepOutcome> {
+        Box::pin(async move {
+            let here = step.step.target == Target::Bot || matches!(self.node, NodeSteps::Local);
+            if let (true, Some(path)) = (here, &step.step.flow.only_if_exists) {
+                if !crate::host::path_exists(std::path::Path::new(path)) {
+                    return StepOutcome::unavailable(path, "here");
+                }
+            }
+            match (&step.rendered, step.step.target) {
+                (Rendered::Command { argv }, Target::Bot) => self.command(&step.step, argv).await,
+                (Rendered::Command { argv }, Target::Node) => match &self.node {
+                    NodeSteps::Local => self.command(&step.step, argv).await,
+                    NodeSteps::Agent(agent) => agent.execute(plan, step).await,
+                    NodeSteps::Unavailable(why) => StepOutcome::error(why.clone(), Duration::ZERO),
+                },
+                (Rendered::Http { method, url, body }, _) => {
+                    self.http_step(&step.step, *method, url, body.as_deref())
+                        .await
+                }
+                (Rendered::Promql { query }, _) => self.promql(&step.step, query).await,
+            }
+        })
+    }
+}
+
+/// Runs nothing: every step comes back `Skipped` with what it would have
+/// done, and is recorded (for a dry run from chat, and for tests).
+#[derive(Debug, Default)]
+pub struct DryRunExecutor {
+    seen: std::sync::Mutex<Vec<(String, Rendered)>>,
+}
+
+impl DryRunExecutor {
+    pub fn new() -> DryRunExecutor {
+        DryRunExecutor::default()
+    }
+
+    /// (step name, rendered step) in the order asked.
+    pub fn seen(&self) -> Vec<(String, Rendered)> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl StepExecutor for DryRunExecutor {
+    fn execute<'a>(
+        &'a self,
+        _plan: &'a RunPlan,
+        step: &'a PlannedStep,
+    ) -> BoxFuture<'a, StepOutcome> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((step.step.name.clone(), step.rendered.clone()));
+        let text = format!("dry run: would run {}", step.rendered.display());
+        Box::pin(async move { StepOutcome::skipped(text) })
+    }
+}
+
+impl AgentClient {
+    pub fn new(directory: Arc<dyn AgentDirectory>, signer: Arc<ExecSigner>) -> AgentClient {
+        AgentClient {
+            directory,
+            signer,
+            http: http_client(),
+            basic_auth: None,
+        }
+    }
+
+    /// With the TLS trust, client certificate and basic auth of `[agents]`.
+    pub fn with_transport(
+        mut self,
+        t: &crate::config::bot::AgentTransport,
+    ) -> Result<AgentClient, String> {
+        self.http = agent_http_client(t)?;
+        self.basic_auth = t.basic_auth.clone();
+        Ok(self)
+    }
+
+    /// The directory this client asks (the chat side checks a run's node
+    /// against it before starting).
+    pub fn directory(&self) -> Arc<dyn AgentDirectory> {
+        self.directory.clone()
+    }
+
+    /// Sends one node step to the alert's agent, signed, with a deadline of
+    /// the step timeout plus [`AGENT_MARGIN`].
+    pub async fn execute(&self, plan: &RunPlan, step: &PlannedStep) -> StepOutcome {
+        let start = Instant::now();
+        let Some(instance) = plan.labels.get("instance") else {
+            return StepOutcome::error(
+                "the alert has no instance label to find its agent",
+                start.elapsed(),
+            );
+        };
+        let agent = match self.directory.agent(instance).await {
+            Ok(a) => a,
+            Err(e) => return StepOutcome::error(e, start.elapsed()),
+        };
+        if let Some(n) = plan.params.as_map().get("node") {
+            if *n != agent.node {
+                return StepOutcome::error(
+                    format!(
+                        "the run names node {n:?} but the agent at {instance} is node {:?}: not sent",
+                        agent.node
+                    ),
+                    start.elapsed(),
+                );
+            }
+        }
+        let Rendered::Command { argv } = &step.rendered else {
+            return StepOutcome::error("only command steps run on agents", start.elapsed());
+        };
+        let base = agent.url.trim_end_matches('/').to_string();
+        let req = ExecSigner::request(
+            &agent.node,
+            &plan.runbook.id,
+            &step.step.name,
+            plan.params.as_map().clone(),
+            argv,
+            step.approval.clone(),
+            signing::SystemClock.now_unix(),
+        );
+        let (body, headers) = self.signer.sign(&req);
+        let mut builder = self
+            .http
+            .post(format!("{base}/v1/exec"))
+            .timeout(step.step.timeout + AGENT_MARGIN)
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        for (k, v) in headers {
+            builder = builder.header(k, v);
+        }
+        if let Some((user, password)) = &self.basic_auth {
+            builder = builder.basic_auth(user, Some(password.expose()));
+        }
+        let resp = match builder.body(body).send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return StepOutcome {
+                    status: StepStatus::TimedOut,
+                    exit_code: None,
+                    output: format!("agent at {base} did not answer in time"),
+                    duration: start.elapsed(),
+                    truncated: false,
+                }
+            }
+            Err(e) => {
+                return StepOutcome::error(
+                    crate::telemetry::redact(&format!("cannot reach agent at {base}: {e}")),
+                    start.elapsed(),
+                )
+            }
+        };
+        let status = resp.status();
+        let (text, _) = read_text_capped(resp, 64 * 1024 * 1024).await;
+        if !status.is_success() {
+            let (text, _) = cap_text(text, 2048);
+            return StepOutcome::error(
+                format!(
+                    "agent at {base} refused: HTTP {}: {}",
+                    status.as_u16(),
+                    text.trim()
+                ),
+                start.elapsed(),
+            );
+        }
+        match serde_json::from_str::<ExecResponse>(&text) {
+            Ok(r) => {
+                if let Some(path) = r.unavailable {
+                    return StepOutcome::unavailable(&path, &format!("on node {}", agent.node));
+                }
+                if let Some(e) = r.error {
+                    return StepOutcome::error(
+                        e,
+                        Duration::from_secs_f64(r.duration_seconds.max(0.0)),
+                    );
+                }
+                StepOutcome::from_command(CommandOutput {
+                    exit_code: r.exit_code,
+                    stdout: r.stdout,
+                    stderr: r.stderr,
+                    duration: Duration::try_from_secs_f64(r.duration_seconds)
+                        .unwrap_or(start.elapsed()),
+                    timed_out: r.timed_out,
+                    truncated: r.truncated,
+                })
+            }
+            Err(e) => StepOutcome::error(
+                format!("agent at {base} sent an unreadable answer: {e}"),
+                start.elapsed(),
+            ),
+        }
+    }
+}
+
+impl ExecResponse {
+    pub fn from_output(out: &CommandOutput) -> ExecResponse {
+        ExecResponse {
+            exit_code: out.exit_code,
+            stdout: out.stdout.clone(),
+            stderr: out.stderr.clone(),
+            duration_seconds: out.duration.as_secs_f64(),
+            timed_out: out.timed_out,
+            truncated: out.truncated,
+            error: None,
+            unavailable: None,
+        }
+    }
+
+    pub fn from_error(e: &RunError) -> ExecResponse {
+        ExecResponse {
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            duration_seconds: 0.0,
+            timed_out: false,
+            truncated: false,
+            error: Some(e.to_string()),
+            unavailable: None,
+        }
+    }
+}
+
+/// Quotes an argument for human reading (POSIX single quotes when needed).
+pub fn quote_for_display(a: &str) -> String {
+    if !a.is_empty()
+        && a.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'_' | b'.' | b'/' | b'=' | b':' | b',' | b'@' | b'%' | b'+'
+                )
+        })
+    {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+async fn read_text_capped(mut resp: reqwest::Response, cap: usize) -> (String, bool) {
+    let mut kept = Vec::new();
+    let mut cut = false;
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let room = cap.saturating_sub(kept.len());
+        if chunk.len() > room {
+            cut = true;
+            kept.extend_from_slice(&chunk[..room]);
+            break;
+        }
+        kept.extend_from_slice(&chunk);
+    }
+    let mut s = String::from_utf8_lossy(&kept).into_owned();
+    if cut {
+        s.push_str(crate::runbook::exec::TRUNCATION_MARKER);
+    }
+    (s, cut)
+}
+
+fn cap_text(mut s: String, cap: usize) -> (String, bool) {
+    if s.len() <= cap {
+        return (s, false);
+    }
+    let mut end = cap;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(crate::runbook::exec::TRUNCATION_MARKER);
+    (s, true)
+}
+
+/// Formats a Prometheus `/api/v1/query` answer as text, one series a line.
+pub fn format_promql_response(text: &str) -> (bool, String) {
+    let v: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(_) => return (false, format!("not a Prometheus answer: {}", text.trim())),
+    };
+    if v["status"] != "success" {
+        return (
+            false,
+            format!(
+                "query failed: {} {}",
+                v["errorType"].as_str().unwrap_or(""),
+                v["error"].as_str().unwrap_or("")
+            ),
+        );
+    }
+    let data = &v["data"];
+    let mut out = String::new();
+    let series_name = |m: &serde_json::Value| -> String {
+        let Some(obj) = m.as_object() else {
+            return "{}".into();
+        };
+        let name = obj.get("__name__").and_then(|n| n.as_str()).unwrap_or("");
+        let labels: Vec<String> = obj
+            .iter()
+            .filter(|(k, _)| k.as_str() != "__name__")
+            .map(|(k, v)| format!("{k}={:?}", v.as_str().unwrap_or("")))
+            .collect();
+        format!("{name}{{{}}}", labels.join(", "))
+    };
+    match data["resultType"].as_str() {
+        Some("vector") => {
+            let r = data["result"].as_array().cloned().unwrap_or_default();
+            if r.is_empty() {
+                out.push_str("(no series)\n");
+            }
+            for s in r {
+                let _ = writeln!(
+                    out,
+                    "{} {}",
+                    series_name(&s["metric"]),
+                    s["value"][1].as_str().unwrap_or("?")
+                );
+            }
+        }
+        Some("matrix") => {
+            for s in data["result"].as_array().cloned().unwrap_or_default() {
+                let n = s["values"].as_array().map(|a| a.len()).unwrap_or(0);
+                let last = s["values"]
+                    .as_array()
+                    .and_then(|a| a.last())
+                    .and_then(|p| p[1].as_str())
+                    .unwrap_or("?");
+                let _ = writeln!(
+                    out,
+                    "{} last={last} ({n} samples)",
+                    series_name(&s["metric"])
+                );
+            }
+        }
+        Some("scalar") | Some("string") => {
+            let _ = writeln!(out, "{}", data["result"][1].as_str().unwrap_or("?"));
+        }
+        _ => out.push_str("(unrecognised result)\n"),
+    }
+    (true, out)
+}

@@ -1,0 +1,56 @@
+//! [`Secret`]: a value that never prints itself, and [`load_secret_file`]
+//! (`*_file` secrets, looked up in `$CREDENTIALS_DIRECTORY` first). A base
+//! leaf shared by `config` and `exec_auth`; it imports nothing of the crate.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Reads a secret file, trimming the trailing newline.
+pub fn load_secret_file(path: &Path) -> Result<Secret, String> {
+    let candidates: Vec<PathBuf> = if path.is_absolute() {
+        vec![path.to_path_buf()]
+    } else {
+        let mut c = Vec::new();
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            c.push(PathBuf::from(dir).join(path));
+        }
+        c.push(path.to_path_buf());
+        c
+    };
+    let mut last = String::new();
+    for p in &candidates {
+        match std::fs::read_to_string(p) {
+            Ok(s) if s.trim().is_empty() => return Err(format!("{} is empty", p.display())),
+            Ok(s) => return Ok(Secret::new(s.trim_end_matches(['\n', '\r']).to_string())),
+            Err(e) => last = format!("cannot read {}: {e}", p.display()),
+        }
+    }
+    Err(last)
+}
+
+/// A secret value: never printed by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself; call only where it is used (signing, auth headers).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
