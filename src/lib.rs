@@ -8,6 +8,7 @@ pub mod agent;
 pub mod alert;
 pub mod alertmanager;
 pub mod bot;
+pub mod bot_role;
 pub mod chat;
 pub mod cli;
 pub mod collector;

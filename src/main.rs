@@ -13,9 +13,9 @@ fn main() -> ExitCode {
         Command::Agent(args) => gpuops::agent::run(args),
         Command::Collect(args) => gpuops::agent::collect_once(args),
         Command::CheckConfig(args) => gpuops::agent::check_config(args),
-        Command::Bot(args) => gpuops::bot::run(args),
+        Command::Bot(args) => gpuops::bot_role::run(args),
         Command::Runbook(cmd) => gpuops::runbook::cli(cmd),
-        Command::Audit(args) => gpuops::bot::audit(args),
+        Command::Audit(args) => gpuops::bot_role::audit(args),
         Command::Keygen(args) => gpuops::exec_auth::keygen(args),
     };
     match result {

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gpuops::bot::{router, BotState};
+use gpuops::bot::BotState;
+use gpuops::bot_role::router;
 use gpuops::config::BotConfig;
 use gpuops::store::Store;
 use serde_json::{json, Value};

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use gpuops::bot::{router, BotState};
+use gpuops::bot::BotState;
+use gpuops::bot_role::router;
 use gpuops::config::BotConfig;
 use gpuops::store::Store;
 use http_body_util::BodyExt as _;

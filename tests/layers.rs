@@ -8,9 +8,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-/// Lowest first. A module is `src/X.rs` or `src/X/`, except `bot/`, whose
-/// files are layered apart: `bot::state` (the shared state, a leaf the
-/// handlers import) and `bot::run` (the role's wiring).
+/// Lowest first. A module is `src/X.rs` or `src/X/`: `bot` is the shared
+/// state (a leaf the handlers import), `bot_role` the role's wiring.
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "base",
@@ -31,9 +30,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("runbooks", &["runbook", "rbac"]),
     ("bot leaves", &["routing", "message"]),
     ("bot seams", &["store", "notify"]),
-    ("bot services", &["alertmanager", "inventory", "bot::state"]),
+    ("bot services", &["alertmanager", "inventory", "bot"]),
     ("bot handlers", &["alert", "outbox", "paging", "chat"]),
-    ("roles", &["agent", "bot::run", "bot"]),
+    ("roles", &["agent", "bot_role"]),
 ];
 
 /// Layers whose modules must not import each other either (the store and
@@ -65,11 +64,6 @@ fn module_of(src: &Path, file: &Path) -> Option<String> {
     let top = parts.next()?.trim_end_matches(".rs").to_string();
     match top.as_str() {
         "main" | "lib" => None,
-        "bot" => match parts.next().as_deref() {
-            Some("state.rs") => Some("bot::state".into()),
-            Some("run.rs") => Some("bot::run".into()),
-            _ => Some("bot".into()),
-        },
         _ => Some(top),
     }
 }
@@ -86,18 +80,10 @@ fn imports_of(text: &str) -> BTreeSet<String> {
         .collect::<Vec<_>>()
         .join("\n");
     let mut out = BTreeSet::new();
-    let path = regex::Regex::new(r"crate::(\w+)(?:::(\w+))?").unwrap();
+    let path = regex::Regex::new(r"crate::(\w+)").unwrap();
     for c in path.captures_iter(&code) {
         let top = &c[1];
-        if top == "bot" {
-            match c.get(2).map(|m| m.as_str()) {
-                Some("state") => out.insert("bot::state".to_string()),
-                Some("run") => out.insert("bot::run".to_string()),
-                _ => out.insert("bot".to_string()),
-            };
-        } else {
-            out.insert(top.to_string());
-        }
+        out.insert(top.to_string());
     }
     let group = regex::Regex::new(r"use crate::\{([^}]*)\}").unwrap();
     let first = regex::Regex::new(r"(?:^|,)\s*(\w+)").unwrap();
@@ -129,7 +115,7 @@ fn violations(src: &Path) -> Vec<String> {
         };
         let text = std::fs::read_to_string(file).unwrap();
         for import in imports_of(&text) {
-            if import == module || (module.starts_with("bot") && import == "bot") {
+            if import == module {
                 continue;
             }
             let Some(theirs) = layer_of(&import) else {
@@ -180,7 +166,7 @@ fn a_wrong_import_is_caught() {
     let bad = violations(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     let want = [
-        "bot/state.rs: bot::state (bot services) imports alert (bot handlers)",
+        "bot/state.rs: bot (bot services) imports alert (bot handlers)",
         "config.rs: config (base) imports store (bot seams)",
         "notify.rs: notify (bot seams) imports store (bot seams)",
     ];

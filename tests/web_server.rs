@@ -300,7 +300,7 @@ async fn made_up_http_methods_do_not_add_series() {
     let cfg = BotConfig::from_str(Path::new("t.toml"), &text).unwrap();
     let store = gpuops::store::Store::open(&cfg.store.path).unwrap();
     let (bot, _worker) = gpuops::bot::BotState::new(Arc::new(cfg), store).unwrap();
-    made_up_methods(gpuops::bot::router(bot.clone())).await;
+    made_up_methods(gpuops::bot_role::router(bot.clone())).await;
     let series = request_series(&bot.http);
     assert!(
         series.len() <= 3,

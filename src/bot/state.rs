@@ -1,6 +1,6 @@
 //! The bot's shared state: [`BotState`] (config, store, outbox, metrics) and
 //! [`BotMetrics`], the bot's own counters. A leaf that every handler imports;
-//! it must not import the handlers or the wiring (`bot::run`).
+//! it must not import the handlers or the wiring (`bot_role`).
 
 use std::sync::Arc;
 

@@ -405,7 +405,7 @@ pub fn runbook_suggester(cfg: &crate::config::BotConfig) -> Option<alert::Runboo
 }
 
 /// The chat routes, to merge into the bot's router
-/// (`bot::router_with(state, chat::routes(chat))`).
+/// (`bot_role::router_with(state, chat::routes(chat))`).
 pub fn routes(chat: Arc<ChatState>) -> Router {
     use axum::extract::DefaultBodyLimit;
     Router::new()

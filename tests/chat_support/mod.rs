@@ -205,7 +205,7 @@ impl Bot {
             }
         };
         let routes = chat::start(chat.clone(), rx).await;
-        let router = gpuops::bot::router_with(state.clone(), routes);
+        let router = gpuops::bot_role::router_with(state.clone(), routes);
         Bot {
             dir,
             state,
