@@ -31,7 +31,7 @@ use crate::signing::{Clock, SystemClock, WINDOW_SECS};
 
 /// Hex Ed25519 signature over [`DOMAIN`] followed by the raw body.
 pub const SIGNATURE_HEADER: &str = "x-gpuops-signature";
-/// Which key signed (a hint; every configured key is tried when absent).
+/// Which key signed (for logs; every configured key is tried).
 pub const KEY_ID_HEADER: &str = "x-gpuops-key-id";
 /// Prefixed to the body before signing, so a signature over an exec request
 /// can never be taken for a signature over anything else.
@@ -158,19 +158,18 @@ impl ExecSigner {
     /// Reads a private key file; relative names are looked up in
     /// `$CREDENTIALS_DIRECTORY` first. A file that others may read is refused.
     pub fn from_file(path: &Path) -> Result<ExecSigner, String> {
-        let secret = crate::secret::load_secret_file(path)?;
-        let resolved = resolve(path);
-        if let Ok(meta) = std::fs::metadata(&resolved) {
-            use std::os::unix::fs::PermissionsExt as _;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(format!(
-                    "{} is readable by others (mode {mode:04o}): chmod 600 it",
-                    resolved.display()
-                ));
-            }
+        let (read, pem) = crate::secret::read_credential(path)?;
+        let pem = crate::secret::Secret::new(pem);
+        let mode = std::fs::metadata(&read)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .unwrap_or(0);
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{} is readable by others (mode {mode:04o}): chmod 600 it",
+                read.display()
+            ));
         }
-        ExecSigner::from_pem(secret.expose()).map_err(|e| format!("{}: {e}", resolved.display()))
+        ExecSigner::from_pem(pem.expose()).map_err(|e| format!("{}: {e}", read.display()))
     }
 
     pub fn key_id(&self) -> &str {
@@ -233,18 +232,6 @@ impl ExecSigner {
     }
 }
 
-fn resolve(path: &Path) -> std::path::PathBuf {
-    if !path.is_absolute() {
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            let p = std::path::PathBuf::from(dir).join(path);
-            if p.exists() {
-                return p;
-            }
-        }
-    }
-    path.to_path_buf()
-}
-
 /// A public key an agent accepts.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ExecPublicKey {
@@ -274,10 +261,8 @@ impl ExecPublicKey {
     }
 
     pub fn from_file(path: &Path) -> Result<ExecPublicKey, String> {
-        let resolved = resolve(path);
-        let text = std::fs::read_to_string(&resolved)
-            .map_err(|e| format!("cannot read {}: {e}", resolved.display()))?;
-        ExecPublicKey::from_pem(&text).map_err(|e| format!("{}: {e}", resolved.display()))
+        let (read, text) = crate::secret::read_credential(path)?;
+        ExecPublicKey::from_pem(&text).map_err(|e| format!("{}: {e}", read.display()))
     }
 
     pub fn to_pem(&self) -> Result<String, String> {
@@ -372,12 +357,11 @@ impl<C: Clock> ExecVerifier<C> {
         let mut msg = Vec::with_capacity(DOMAIN.len() + body.len());
         msg.extend_from_slice(DOMAIN);
         msg.extend_from_slice(body);
-        let hint = headers.get(KEY_ID_HEADER).and_then(|v| v.to_str().ok());
+        // Every configured key is tried (there are one or two); the key id
+        // header only names the key in logs.
         let verified = self
             .keys
             .iter()
-            .filter(|k| hint.is_none_or(|h| h == k.id))
-            .chain(self.keys.iter())
             .any(|k| k.key.verify_strict(&msg, &signature).is_ok());
         if !verified {
             return Err(ExecAuthError::BadSignature);

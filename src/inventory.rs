@@ -339,35 +339,45 @@ fn host_of(instance: &str) -> &str {
     }
 }
 
-impl Executor {
-    /// The bot's executor from its configuration: node steps to the agents
-    /// of its inventory (`[agents]`), signed with `signing_key_file`; PromQL
-    /// to `[prometheus] url`; bot-side commands through the real process runner.
-    pub fn for_bot(cfg: &crate::config::BotConfig) -> Executor {
-        let node = match (
-            Inventory::from_config(cfg),
-            cfg.agents.as_ref().and_then(|a| a.signing_key.clone()),
-        ) {
-            (Some(inv), Some(key)) => {
-                match AgentClient::new(Arc::new(inv), key).with_transport(
-                    &cfg.agents.as_ref().map(|a| a.transport.clone()).unwrap_or_default(),
-                ) {
-                    Ok(c) => NodeSteps::Agent(c),
-                    Err(e) => NodeSteps::Unavailable(e),
-                }
-            }
-            (Some(_), None) => NodeSteps::Unavailable(
-                "node steps need [agents] signing_key_file (the private key from `gpuops keygen`)"
-                    .into(),
-            ),
-            (None, _) => NodeSteps::Unavailable(
+/// Where the bot's node steps go, from `[agents]`: the inventory (also
+/// returned, for the chat side's run checks) and a signing client, or why
+/// node steps cannot run.
+pub fn node_steps(cfg: &BotConfig) -> (Option<Arc<dyn AgentDirectory>>, NodeSteps) {
+    let Some(inventory) = Inventory::from_config(cfg).map(directory) else {
+        return (
+            None,
+            NodeSteps::Unavailable(
                 "node steps need an [agents] section (signing_key_file, and [[agents.nodes]] or prometheus_job) in the bot configuration"
                     .into(),
             ),
-        };
+        );
+    };
+    let agents = cfg.agents.as_ref();
+    let Some(key) = agents.and_then(|a| a.signing_key.clone()) else {
+        return (
+            Some(inventory),
+            NodeSteps::Unavailable(
+                "node steps need [agents] signing_key_file (the private key from `gpuops keygen`)"
+                    .into(),
+            ),
+        );
+    };
+    let transport = agents.map(|a| a.transport.clone()).unwrap_or_default();
+    let node = match AgentClient::new(inventory.clone(), key).with_transport(&transport) {
+        Ok(c) => NodeSteps::Agent(c),
+        Err(e) => NodeSteps::Unavailable(e),
+    };
+    (Some(inventory), node)
+}
+
+impl Executor {
+    /// The bot's executor from its configuration: node steps as
+    /// [`node_steps`] says; PromQL to `[prometheus] url`; bot-side commands
+    /// through the real process runner.
+    pub fn for_bot(cfg: &BotConfig) -> Executor {
         Executor::new(
             Arc::new(crate::runbook::exec::ProcessRunner),
-            node,
+            node_steps(cfg).1,
             cfg.prometheus.as_ref().map(|p| p.url.clone()),
         )
     }

@@ -5,8 +5,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// Reads a secret file, trimming the trailing newline.
-pub fn load_secret_file(path: &Path) -> Result<Secret, String> {
+/// Reads a `*_file` name: an absolute path as it is; a relative one in
+/// `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`) first, then
+/// relative to the current directory. Returns the path read and its text.
+pub fn read_credential(path: &Path) -> Result<(PathBuf, String), String> {
     let candidates: Vec<PathBuf> = if path.is_absolute() {
         vec![path.to_path_buf()]
     } else {
@@ -18,14 +20,22 @@ pub fn load_secret_file(path: &Path) -> Result<Secret, String> {
         c
     };
     let mut last = String::new();
-    for p in &candidates {
-        match std::fs::read_to_string(p) {
-            Ok(s) if s.trim().is_empty() => return Err(format!("{} is empty", p.display())),
-            Ok(s) => return Ok(Secret::new(s.trim_end_matches(['\n', '\r']).to_string())),
+    for p in candidates {
+        match std::fs::read_to_string(&p) {
+            Ok(s) => return Ok((p, s)),
             Err(e) => last = format!("cannot read {}: {e}", p.display()),
         }
     }
     Err(last)
+}
+
+/// Reads a secret file ([`read_credential`]), trimming the trailing newline.
+pub fn load_secret_file(path: &Path) -> Result<Secret, String> {
+    let (p, s) = read_credential(path)?;
+    if s.trim().is_empty() {
+        return Err(format!("{} is empty", p.display()));
+    }
+    Ok(Secret::new(s.trim_end_matches(['\n', '\r']).to_string()))
 }
 
 /// A secret value: never printed by `Debug` or `Display`.

@@ -11,7 +11,7 @@
 mod chat_support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chat_support::*;
@@ -52,29 +52,6 @@ steps:
     needs_approval: true
     run: ["echo", "drained {{node}}"]
 "#;
-
-/// A bot key pair in `dir`: (private key file, public key file, private PEM).
-fn exec_keys(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
-    use std::os::unix::fs::PermissionsExt as _;
-    let signer = gpuops::exec_auth::ExecSigner::generate();
-    let key = dir.join("exec.key");
-    let pem = signer.private_pem().unwrap().expose().to_string();
-    std::fs::write(&key, &pem).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let public = dir.join("exec.pub");
-    std::fs::write(&public, signer.public_key().to_pem().unwrap()).unwrap();
-    (key, public, pem)
-}
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn wait_listening(addr: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);

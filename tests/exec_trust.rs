@@ -19,7 +19,7 @@
 mod chat_support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,27 +56,6 @@ steps:
     run: ["echo", "rebooted {{node}}"]
 "#;
 
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The bot's key pair: (private key file, public key file).
-fn exec_keys(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
-        .args(["keygen", "--out"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    (dir.join("exec.key"), dir.join("exec.pub"))
-}
-
 fn start_agent(node: &str, runbooks: &Path, public_key: &Path, log: &Path) -> (Proc, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let log = std::fs::File::create(log).unwrap();
@@ -104,14 +83,6 @@ fn start_agent(node: &str, runbooks: &Path, public_key: &Path, log: &Path) -> (P
         std::thread::sleep(Duration::from_millis(50));
     }
     (p, addr)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One captured exec request: (signature, key id, body).
@@ -210,7 +181,7 @@ async fn fleet() -> Fleet {
     let rb = dir.path().join("runbooks");
     std::fs::create_dir_all(&rb).unwrap();
     std::fs::write(rb.join("trust-test.yaml"), RUNBOOK).unwrap();
-    let (key, public) = exec_keys(dir.path());
+    let (key, public, _) = exec_keys(dir.path());
     let (a, a_direct) = start_agent("node-a", &rb, &public, &dir.path().join("a.log"));
     let (b, b_addr) = start_agent("node-b", &rb, &public, &dir.path().join("b.log"));
     let (a_addr, a_captured) = recorder(Some(format!("http://{a_direct}"))).await;

@@ -41,8 +41,8 @@ use crate::rbac::{authorize, ChatAction};
 use crate::runbook::engine::{
     AgentDirectory, Executor, NodeSteps, PlannedStep, RunPlan, StepExecutor, StepOutcome,
 };
-use crate::runbook::exec::{BoxFuture, ProcessRunner};
-use crate::runbook::{Role, RunbookSet, Target};
+use crate::runbook::exec::ProcessRunner;
+use crate::runbook::{Role, RunbookSet};
 use crate::signing::{Clock, SystemClock, WINDOW_SECS};
 use crate::store::GroupRecord;
 
@@ -198,41 +198,17 @@ impl ChatState {
     /// here, node steps on the alert's agent), AlertManager from the config.
     pub fn new(bot: Arc<BotState>) -> Arc<ChatState> {
         let cfg = &bot.config;
-        let prometheus = cfg.prometheus.as_ref().map(|p| p.url.clone());
-        let inventory: Option<Arc<dyn AgentDirectory>> =
-            crate::inventory::Inventory::from_config(cfg).map(crate::inventory::directory);
-        let key = cfg.agents.as_ref().and_then(|a| a.signing_key.clone());
-        let executor: Arc<dyn StepExecutor> = match (&inventory, key) {
-            (Some(inv), Some(key)) => {
-                let transport = cfg
-                    .agents
-                    .as_ref()
-                    .map(|a| a.transport.clone())
-                    .unwrap_or_default();
-                let node = match crate::runbook::engine::AgentClient::new(inv.clone(), key)
-                    .with_transport(&transport)
-                {
-                    Ok(c) => NodeSteps::Agent(c),
-                    Err(e) => {
-                        tracing::error!(error = %e, "node steps cannot run from chat");
-                        NodeSteps::Unavailable(e)
-                    }
-                };
-                Arc::new(Executor::new(Arc::new(ProcessRunner), node, prometheus))
+        let (inventory, node) = crate::inventory::node_steps(cfg);
+        if let NodeSteps::Unavailable(why) = &node {
+            if cfg.agents.is_some() {
+                tracing::warn!(reason = %why, "node steps cannot run from chat");
             }
-            _ => {
-                if cfg.agents.is_some() {
-                    tracing::warn!(
-                        "[agents] has no signing_key_file: node steps cannot run from chat"
-                    );
-                }
-                Arc::new(NoAgents(Executor::new(
-                    Arc::new(ProcessRunner),
-                    NodeSteps::Local,
-                    prometheus,
-                )))
-            }
-        };
+        }
+        let executor: Arc<dyn StepExecutor> = Arc::new(Executor::new(
+            Arc::new(ProcessRunner),
+            node,
+            cfg.prometheus.as_ref().map(|p| p.url.clone()),
+        ));
         let chat = ChatState::with_executor(bot.clone(), Arc::new(SystemClock), executor);
         chat.with_agents(inventory)
     }
@@ -770,27 +746,6 @@ fn command_params(cmd: &Command) -> serde_json::Value {
             serde_json::json!({ "runbook": runbook, "steps": steps, "alert": alert, "params": params })
         }
         Command::Approve { run } | Command::Deny { run } => serde_json::json!({ "run": run }),
-    }
-}
-
-/// Node steps refused with a clear reason when `[agents]` is not set up.
-struct NoAgents(Executor);
-
-impl StepExecutor for NoAgents {
-    fn execute<'a>(
-        &'a self,
-        plan: &'a RunPlan,
-        step: &'a PlannedStep,
-    ) -> BoxFuture<'a, StepOutcome> {
-        Box::pin(async move {
-            if step.step.target == Target::Node {
-                return StepOutcome::error(
-                    "node steps need `[agents] url_template` and `secret` in the bot's configuration",
-                    Duration::ZERO,
-                );
-            }
-            self.0.execute(plan, step).await
-        })
     }
 }
 

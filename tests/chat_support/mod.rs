@@ -481,3 +481,26 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A bot key pair in `dir`: (private key file, public key file, private PEM).
+pub fn exec_keys(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let signer = gpuops::exec_auth::ExecSigner::generate();
+    let key = dir.join("exec.key");
+    let pem = signer.private_pem().unwrap().expose().to_string();
+    std::fs::write(&key, &pem).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let public = dir.join("exec.pub");
+    std::fs::write(&public, signer.public_key().to_pem().unwrap()).unwrap();
+    (key, public, pem)
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
