@@ -129,6 +129,7 @@ pub fn router_with(state: Arc<BotState>, extra: Router) -> Router {
             post(crate::paging::webhook::receive).layer(DefaultBodyLimit::max(1024 * 1024)),
         )
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/", get(index))
         .with_state(state)
@@ -161,8 +162,27 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Readiness: 200 when the store answers (so this replica can acknowledge
+/// webhooks), 503 otherwise; a load balancer sends traffic elsewhere.
+async fn readyz(State(state): State<Arc<BotState>>) -> Response {
+    let ping = tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await;
+    match ping {
+        Ok(Ok(())) => (axum::http::StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("storage unavailable: {e}\n"),
+        )
+            .into_response(),
+        Err(_) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "storage unavailable: no answer within 2s\n",
+        )
+            .into_response(),
+    }
+}
+
 async fn index() -> &'static str {
-    "gpuops bot\nPOST /alertmanager  AlertManager webhook (version 4)\n/metrics  Prometheus metrics\n/healthz  liveness\n"
+    "gpuops bot\nPOST /alertmanager  AlertManager webhook (version 4)\n/metrics  Prometheus metrics\n/healthz  liveness\n/readyz   readiness (the store answers)\n"
 }
 
 async fn metrics(State(state): State<Arc<BotState>>) -> Response {
@@ -224,10 +244,9 @@ pub fn run(args: BotArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs the bot until SIGINT/SIGTERM.
 pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
-    let (path, sync) = (cfg.store.path.clone(), cfg.store.sync);
-    let store = tokio::task::spawn_blocking(move || Store::open_with(&path, sync))
+    let store = Store::open_config(&cfg.store)
         .await
-        .context("store task failed")??;
+        .context("cannot open the store")?;
     let (state, worker) = BotState::new(cfg.clone(), store.clone())?;
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
@@ -242,7 +261,7 @@ pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
         .collect();
     tracing::info!(
         listen = %local,
-        store = %store.path().display(),
+        store = %store.describe(),
         config = %cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
         destinations = %destinations.join(","),
         webhook_auth = cfg.server.webhook_token.is_some(),
@@ -258,6 +277,10 @@ pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
             })
             .await
     });
+    if let Some(pg) = store.pg() {
+        let outbox = state.outbox.clone();
+        pg.spawn_listener(Arc::new(move || outbox.wake()), stop_rx.clone());
+    }
     spawn_pruner(state.clone(), stop_rx.clone());
     crate::paging::spawn(state.clone(), stop_rx.clone());
 
@@ -325,18 +348,27 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
         Some(path) => BotConfig::from_file(path)?,
         None => BotConfig::default(),
     };
-    let path = &cfg.store.path;
-    if !path.exists() {
-        anyhow::bail!(
-            "no bot store at {} (set [store] path in the config)",
-            path.display()
-        );
-    }
-    let store = Store::open(path)?;
+    let store = if cfg.store.url.is_some() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        rt.block_on(Store::open_config(&cfg.store))?
+    } else {
+        let path = &cfg.store.path;
+        if !path.exists() {
+            anyhow::bail!(
+                "no bot store at {} (set [store] path in the config)",
+                path.display()
+            );
+        }
+        Store::open(path)?
+    };
+    let path = store.describe();
     use std::io::Write as _;
     if let Some(run) = &args.run {
         let Some(text) = crate::chat::timeline::run_report(&store, run)? else {
-            anyhow::bail!("no run {run} in {}", path.display());
+            anyhow::bail!("no run {run} in {path}");
         };
         std::io::stdout()
             .lock()
@@ -346,7 +378,7 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(group) = args.group {
         let Some(text) = crate::chat::timeline::group_markdown(&store, group)? else {
-            anyhow::bail!("no alert group {group} in {}", path.display());
+            anyhow::bail!("no alert group {group} in {path}");
         };
         std::io::stdout()
             .lock()

@@ -34,6 +34,43 @@ pub enum Command {
     Audit(AuditArgs),
     /// Write a new Ed25519 key pair for signing agent exec requests.
     Keygen(KeygenArgs),
+    /// Manage the bot's store: apply schema migrations, copy SQLite to PostgreSQL.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `gpuops store ...`.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Apply the schema migrations the configured store lacks ([store] path or url).
+    Migrate(StoreMigrateArgs),
+    /// Copy every table of a SQLite store into an empty PostgreSQL database.
+    Copy(StoreCopyArgs),
+}
+
+/// `gpuops store migrate`.
+#[derive(Debug, Args)]
+pub struct StoreMigrateArgs {
+    /// Bot configuration file (its [store] section)
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// `gpuops store copy`.
+#[derive(Debug, Args)]
+pub struct StoreCopyArgs {
+    /// The SQLite store: sqlite:PATH (or a plain path)
+    #[arg(long, value_name = "sqlite:PATH")]
+    pub from: String,
+    /// The PostgreSQL database: postgres://USER@HOST/DB (default: [store] url of --config)
+    #[arg(long, value_name = "URL")]
+    pub to: Option<String>,
+    /// Bot configuration file whose [store] url, password_file and ca_file are used
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// File holding the PostgreSQL password (instead of putting it in the URL)
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
 }
 
 /// `gpuops keygen`.

@@ -30,5 +30,6 @@ pub mod runbook;
 pub mod secret;
 pub mod signing;
 pub mod store;
+pub mod store_cmd;
 pub mod telemetry;
 pub mod web;

@@ -106,13 +106,17 @@ impl Worker {
                     .await
                 {
                     Ok(rows) => {
+                        // Rows not started now go back (PostgreSQL claims).
+                        let mut unused = Vec::new();
                         for row in rows {
                             if inflight.len() >= concurrency {
-                                break;
+                                unused.push(row.id);
+                                continue;
                             }
                             let key = (row.group_id, row.destination.clone());
                             if inflight.contains(&key) {
                                 skipped = true;
+                                unused.push(row.id);
                                 continue;
                             }
                             let platform = Target::parse_key(&row.destination)
@@ -123,12 +127,18 @@ impl Worker {
                                 if *until > now {
                                     wait = wait.min(*until - now);
                                     skipped = true;
+                                    unused.push(row.id);
                                     continue;
                                 }
                             }
                             inflight.insert(key);
                             let w = this.clone();
                             tasks.spawn(async move { w.deliver(row).await });
+                        }
+                        if !unused.is_empty() {
+                            if let Err(e) = this.store.release(unused).await {
+                                tracing::warn!(error = %e, "cannot release outbox claims; they expire with their lease");
+                            }
                         }
                     }
                     Err(e) => {

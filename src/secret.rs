@@ -64,3 +64,53 @@ impl fmt::Display for Secret {
         f.write_str("<redacted>")
     }
 }
+
+/// A database URL fit for logs and errors: the password (the `user:PASSWORD@`
+/// part, or a `password=` query parameter) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest_start = scheme_end + 3;
+        let authority_end = out[rest_start..]
+            .find(['/', '?'])
+            .map_or(out.len(), |i| rest_start + i);
+        if let Some(at) = out[rest_start..authority_end].rfind('@') {
+            let userinfo = &out[rest_start..rest_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                let (from, to) = (rest_start + colon + 1, rest_start + at);
+                out.replace_range(from..to, "***");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (base, query) = out.split_at(q + 1);
+        let redacted: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{base}{}", redacted.join("&"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn database_urls_lose_their_password_only() {
+        assert_eq!(
+            redact_url("postgres://gpuops:s3cr%40t@db.example:5432/gpuops?sslmode=require"),
+            "postgres://gpuops:***@db.example:5432/gpuops?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/db?password=hunter2&sslmode=disable"),
+            "postgres://u@h/db?password=***&sslmode=disable"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert!(!redact_url("postgresql://a:b@c@d/e").contains(":b@"));
+    }
+}

@@ -1,38 +1,49 @@
-//! The bot's durable state in SQLite: raw webhooks, alert groups (with the
-//! state hashes that collapse AlertManager HA duplicates), posted messages
+//! The bot's durable state: raw webhooks, alert groups (with the state
+//! hashes that collapse AlertManager HA duplicates), posted messages
 //! (platform ids for edits and thread replies), the delivery outbox, dead
-//! letters, acknowledgements, the chat replay keys and the audit log.
+//! letters, acknowledgements, the chat replay keys, runbook runs, paging
+//! state and the audit log.
 //!
-//! Durability: WAL journal with `synchronous=FULL` by default, so a commit
-//! returns only after the WAL is fsynced; `POST /alertmanager` answers 200
-//! after that commit, hence an acknowledged webhook survives `kill -9` and
-//! power loss. [`Sync::Normal`] (`[store] sync = "normal"`) skips that fsync:
-//! still safe against a process crash or `kill -9` (the WAL is in the OS page
-//! cache), but the last commits can be lost if the machine itself dies; it
-//! trades that for commit latency on disks with slow syncs.
+//! [`Store`] is the seam: one handle, two backends behind it. SQLite
+//! (`sqlite.rs`, the default: `[store] path`) is one process's embedded
+//! database; PostgreSQL (`pg.rs`, `[store] url`) is shared by several bot
+//! replicas. Every method exists in both with the same signature (the
+//! `seam!` list in `seam.rs` dispatches them), so a new query is one method
+//! in each backend and one line in that list.
 //!
-//! Writes are group-committed by one writer thread: webhooks arriving while
-//! a commit is syncing share the next commit (one fsync for many). Reads use
-//! a second connection on the blocking pool. Async callers go through
-//! [`Store::read`] and [`Store::write`], both with a deadline. This module
-//! knows nothing about chat platforms or AlertManager's JSON.
+//! Durability (SQLite): WAL journal with `synchronous=FULL` by default, so a
+//! commit returns only after the WAL is fsynced; `POST /alertmanager`
+//! answers 200 after that commit, hence an acknowledged webhook survives
+//! `kill -9` and power loss. [`Sync::Normal`] (`[store] sync = "normal"`)
+//! skips that fsync: still safe against a process crash or `kill -9` (the
+//! WAL is in the OS page cache), but the last commits can be lost if the
+//! machine itself dies. Writes are group-committed by one writer thread.
+//! PostgreSQL: each call is one transaction, answered after its COMMIT.
 //!
-//! The files hold alert contents, chat user ids and the audit log: they are
-//! created (or tightened to) 0600 whatever the process umask.
+//! Every call from async code has a deadline ([`CALL_DEADLINE`]). This
+//! module knows nothing about chat platforms or AlertManager's JSON.
+//!
+//! SQLite files hold alert contents, chat user ids and the audit log: they
+//! are created (or tightened to) 0600 whatever the process umask.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::message::Ack;
 
 mod audit;
+pub mod copy;
+pub mod migrate;
 pub mod outbox;
 pub mod paging;
+pub mod pg;
 pub mod runs;
+mod seam;
+pub mod sqlite;
+
+pub use crate::secret::redact_url;
 
 /// Deadline of one store call from async code.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
@@ -59,34 +70,156 @@ pub enum Error {
     Task(String),
     #[error("store lock poisoned")]
     Poisoned,
+    #[error("postgresql: {0}")]
+    Postgres(String),
+    /// The database cannot be reached (connect, pool, TLS): retry later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("store schema: {0}")]
+    Schema(String),
+}
+
+impl Error {
+    /// The database could not be reached or did not answer in time: the
+    /// caller should answer 503 (AlertManager retries) rather than 500.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Unavailable(_) | Error::Deadline(_) => true,
+            Error::Postgres(m) => m.starts_with("connection") || m.contains("closed"),
+            _ => false,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Error {
+        if e.is_closed() {
+            return Error::Unavailable(format!("connection closed: {e}"));
+        }
+        // The server's message (no connection parameters, so no password).
+        match e.as_db_error() {
+            Some(db) => Error::Postgres(format!("{} ({})", db.message(), db.code().code())),
+            None => Error::Unavailable(e.to_string()),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// A handle to the database; cheap to clone.
-///
-/// Writes go to one writer thread that commits whatever queued up while the
-/// previous commit was syncing in a single transaction (group commit: one
-/// fsync for many webhooks), each job inside its own savepoint so one
-/// failing job does not undo the others. Reads use a separate connection
-/// (WAL readers do not block the writer).
+/// A handle to the database, SQLite or PostgreSQL; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    writer: std::sync::mpsc::Sender<Job>,
-    reader: Arc<Mutex<Connection>>,
-    path: PathBuf,
+    backend: Backend,
 }
 
-/// Called after the batch's COMMIT with its error, if any.
-type Done = Box<dyn FnOnce(Option<&str>) + Send>;
-/// Runs on the writer thread inside the batch transaction (or is told why not).
-type Job = Box<dyn FnOnce(std::result::Result<&Connection, &str>) -> Done + Send>;
+/// The two implementations of the seam. An enum rather than a trait
+/// object: both are known at compile time, calls need no boxed futures,
+/// and `seam!` checks that each backend has every method.
+#[derive(Clone)]
+enum Backend {
+    Sqlite(sqlite::Sqlite),
+    Postgres(pg::Pg),
+}
 
-/// A batch taking longer than this is logged.
-const SLOW_COMMIT: Duration = Duration::from_millis(100);
+impl Store {
+    /// Opens (creating if needed) the SQLite database at `path`, in WAL mode
+    /// with full fsync, applies the migrations and starts the writer thread.
+    /// The database and its `-wal` and `-shm` files are owner-only (0600).
+    /// Blocking.
+    pub fn open(path: &std::path::Path) -> Result<Store> {
+        Store::open_with(path, Sync::Full)
+    }
 
-/// Most jobs in one transaction.
-const MAX_BATCH: usize = 512;
+    /// [`Store::open`] with a chosen [`Sync`] mode.
+    pub fn open_with(path: &std::path::Path, sync: Sync) -> Result<Store> {
+        Ok(Store {
+            backend: Backend::Sqlite(sqlite::Sqlite::open_with(path, sync)?),
+        })
+    }
+
+    /// Opens the store `cfg` names: PostgreSQL when `url` is set (migrated
+    /// first unless `migrate_on_start` is off), else SQLite at `path`.
+    pub async fn open_config(cfg: &crate::config::bot::StoreConfig) -> Result<Store> {
+        match &cfg.url {
+            Some(_) => {
+                let pg = pg::Pg::connect(pg::Settings::from_config(cfg)?).await?;
+                if cfg.migrate_on_start {
+                    pg.migrate().await?;
+                } else {
+                    pg.check_schema().await?;
+                }
+                Ok(Store {
+                    backend: Backend::Postgres(pg),
+                })
+            }
+            None => {
+                let (path, sync, migrate) = (cfg.path.clone(), cfg.sync, cfg.migrate_on_start);
+                let s = tokio::task::spawn_blocking(move || {
+                    sqlite::Sqlite::open_checked(&path, sync, migrate)
+                })
+                .await
+                .map_err(|e| Error::Task(e.to_string()))??;
+                Ok(Store {
+                    backend: Backend::Sqlite(s),
+                })
+            }
+        }
+    }
+
+    /// A PostgreSQL store (already connected and migrated).
+    pub fn postgres(pg: pg::Pg) -> Store {
+        Store {
+            backend: Backend::Postgres(pg),
+        }
+    }
+
+    /// The SQLite backend, for tests and tools that need raw SQL on it.
+    pub fn sqlite(&self) -> Option<&sqlite::Sqlite> {
+        match &self.backend {
+            Backend::Sqlite(s) => Some(s),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// The PostgreSQL backend, when that is what this store is.
+    pub fn pg(&self) -> Option<&pg::Pg> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(p) => Some(p),
+        }
+    }
+
+    /// Where the data is, for logs and errors: the SQLite file, or the
+    /// PostgreSQL URL without its password.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite(s) => s.path().display().to_string(),
+            Backend::Postgres(p) => p.describe(),
+        }
+    }
+
+    /// Appends an audit record: who did what, with which parameters, to
+    /// what, and how it ended. Also logged.
+    pub async fn audit(
+        &self,
+        who: String,
+        action: String,
+        params_json: serde_json::Value,
+        target: Option<String>,
+        outcome: String,
+    ) -> Result<i64> {
+        tracing::info!(
+            who = %who,
+            action = %action,
+            params = %params_json,
+            target = target.as_deref().unwrap_or(""),
+            outcome = %outcome,
+            "audit"
+        );
+        self.audit_insert(who, action, params_json, target, outcome)
+            .await
+    }
+}
 
 /// What ingesting one webhook should record.
 #[derive(Debug, Clone)]
@@ -203,85 +336,6 @@ pub fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS webhooks (
-    id INTEGER PRIMARY KEY,
-    received_at REAL NOT NULL,
-    group_id INTEGER,
-    duplicate INTEGER NOT NULL DEFAULT 0,
-    payload TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS webhooks_received ON webhooks(received_at);
-CREATE TABLE IF NOT EXISTS alert_groups (
-    id INTEGER PRIMARY KEY,
-    group_key TEXT NOT NULL UNIQUE,
-    receiver TEXT NOT NULL,
-    status TEXT NOT NULL,
-    tier TEXT NOT NULL,
-    rev INTEGER NOT NULL,
-    state_hash TEXT NOT NULL,
-    recent_hashes TEXT NOT NULL,
-    state TEXT NOT NULL,
-    first_seen REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    group_id INTEGER NOT NULL,
-    destination TEXT NOT NULL,
-    channel TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    rev INTEGER NOT NULL,
-    posted_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (group_id, destination)
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY,
-    group_id INTEGER NOT NULL,
-    destination TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    rev INTEGER NOT NULL,
-    body TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS outbox_key ON outbox(group_id, destination, id);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_attempt_at);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY,
-    outbox_id INTEGER NOT NULL,
-    group_id INTEGER NOT NULL,
-    destination TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    body TEXT,
-    attempts INTEGER NOT NULL,
-    error TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS acks (
-    group_id INTEGER PRIMARY KEY,
-    who TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY,
-    at REAL NOT NULL,
-    who TEXT NOT NULL,
-    action TEXT NOT NULL,
-    params TEXT NOT NULL,
-    target TEXT,
-    outcome TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
-CREATE TABLE IF NOT EXISTS replay_keys (
-    key BLOB PRIMARY KEY,
-    seen_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS replay_keys_seen ON replay_keys(seen_at);
-"#;
-
 pub use crate::config::bot::StoreSync as Sync;
 
 /// Makes the database owner-only before SQLite opens it, whatever the
@@ -290,598 +344,6 @@ pub use crate::config::bot::StoreSync as Sync;
 /// existing database, `-wal` or `-shm` readable by others to 0600, with a
 /// warning (a reader that does not own them, e.g. `gpuops audit` as another
 /// user, only gets the warning).
-fn private_files(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    for suffix in ["", "-wal", "-shm"] {
-        let mut name = path.as_os_str().to_owned();
-        name.push(suffix);
-        let file = PathBuf::from(name);
-        let Ok(meta) = std::fs::metadata(&file) else {
-            continue;
-        };
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                file = %file.display(),
-                mode = %format!("{mode:o}"),
-                "store file was readable by others; setting it to 0600"
-            );
-            if let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
-            {
-                tracing::warn!(file = %file.display(), error = %e, "cannot set the store file to 0600");
-            }
-        }
-    }
-    Ok(())
-}
-
-impl Store {
-    /// Opens (creating if needed) the database at `path`, in WAL mode with
-    /// full fsync, applies the schema and starts the writer thread. The
-    /// database and its `-wal` and `-shm` files are owner-only (0600).
-    /// Blocking.
-    pub fn open(path: &Path) -> Result<Store> {
-        Store::open_with(path, Sync::Full)
-    }
-
-    /// [`Store::open`] with a chosen [`Sync`] mode.
-    pub fn open_with(path: &Path, sync: Sync) -> Result<Store> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            use std::os::unix::fs::DirBuilderExt as _;
-            let _ = std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir);
-        }
-        private_files(path).map_err(|source| Error::Mode {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let open = |path: &Path| -> Result<Connection> {
-            let wrap = |source| Error::Open {
-                path: path.to_path_buf(),
-                source,
-            };
-            let conn = Connection::open(path).map_err(wrap)?;
-            conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
-            let mode: String = conn
-                .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-                .map_err(wrap)?;
-            if !mode.eq_ignore_ascii_case("wal") {
-                tracing::warn!(mode = %mode, "sqlite did not switch to WAL; commits will be slower");
-            }
-            let pragma = match sync {
-                Sync::Full => "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;",
-                Sync::Normal => "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
-            };
-            conn.execute_batch(pragma).map_err(wrap)?;
-            Ok(conn)
-        };
-        let writer_conn = open(path)?;
-        writer_conn
-            .execute_batch(&format!("{SCHEMA}{}", paging::SCHEMA))
-            .map_err(|source| Error::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let reader = open(path)?;
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("gpuops-store".into())
-            .spawn(move || writer_loop(writer_conn, rx))
-            .map_err(|e| Error::Task(format!("cannot start the store writer: {e}")))?;
-        Ok(Store {
-            writer: tx,
-            reader: Arc::new(Mutex::new(reader)),
-            path: path.to_path_buf(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Runs a read-only `f` on the reader connection on this thread (blocking).
-    pub fn read_blocking<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let guard = self.reader.lock().map_err(|_| Error::Poisoned)?;
-        f(&guard)
-    }
-
-    /// Runs a read-only `f` on the blocking pool, within [`CALL_DEADLINE`].
-    pub async fn read<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
-    {
-        let store = self.clone();
-        let task = tokio::task::spawn_blocking(move || store.read_blocking(f));
-        match tokio::time::timeout(CALL_DEADLINE, task).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => Err(Error::Task(e.to_string())),
-            Err(_) => Err(Error::Deadline(CALL_DEADLINE)),
-        }
-    }
-
-    fn submit<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
-        reply: impl FnOnce(Result<T>) + Send + 'static,
-    ) -> Result<()> {
-        let job: Job = Box::new(move |conn| match conn {
-            Err(why) => {
-                let why = why.to_string();
-                Box::new(move |_| reply(Err(Error::Task(why))))
-            }
-            Ok(c) => {
-                let r = in_savepoint(c, f);
-                Box::new(move |commit_error: Option<&str>| {
-                    reply(match (r, commit_error) {
-                        (Ok(v), None) => Ok(v),
-                        (Ok(_), Some(e)) => Err(Error::Task(format!("commit failed: {e}"))),
-                        (Err(e), _) => Err(e),
-                    })
-                })
-            }
-        });
-        self.writer
-            .send(job)
-            .map_err(|_| Error::Task("the store writer has stopped".into()))
-    }
-
-    /// Runs `f` on the writer thread; returns after its batch is committed
-    /// (durable). `f` runs inside a savepoint of a larger transaction: it
-    /// must not BEGIN or COMMIT itself; an `Err` undoes only its own changes.
-    /// Other modules use this for their own tables (create them with
-    /// `CREATE TABLE IF NOT EXISTS` on first use).
-    pub async fn write<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
-    {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(f, move |r| {
-            let _ = tx.send(r);
-        })?;
-        match tokio::time::timeout(CALL_DEADLINE, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Error::Task("the store writer dropped a job".into())),
-            Err(_) => Err(Error::Deadline(CALL_DEADLINE)),
-        }
-    }
-
-    /// [`Store::write`] for blocking callers (CLI, tests).
-    pub fn write_blocking<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
-    {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.submit(f, move |r| {
-            let _ = tx.send(r);
-        })?;
-        match rx.recv_timeout(CALL_DEADLINE) {
-            Ok(r) => r,
-            Err(_) => Err(Error::Deadline(CALL_DEADLINE)),
-        }
-    }
-
-    /// Stores one webhook and its group's new state, and enqueues deliveries,
-    /// in one transaction. A state seen before for this group changes nothing
-    /// but the raw webhook log.
-    pub async fn ingest(&self, raw: String, update: GroupUpdate) -> Result<IngestResult> {
-        self.write(move |c| ingest_tx(c, &raw, &update, now()))
-            .await
-    }
-
-    /// Records an acknowledgement and refreshes the group's messages.
-    pub async fn acknowledge(&self, group_id: i64, who: String) -> Result<bool> {
-        self.write(move |c| {
-            let tx = c;
-            let exists: bool = tx
-                .query_row("SELECT 1 FROM alert_groups WHERE id=?1", [group_id], |_| {
-                    Ok(())
-                })
-                .optional()?
-                .is_some();
-            if !exists {
-                return Ok(false);
-            }
-            tx.execute(
-                "INSERT INTO acks(group_id, who, at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(group_id) DO UPDATE SET who=excluded.who, at=excluded.at",
-                params![group_id, who, now()],
-            )?;
-            refresh_tx(tx, group_id, now())?;
-            Ok(true)
-        })
-        .await
-    }
-
-    /// Re-renders every message of a group (after an ack or any change that
-    /// is not a webhook). Returns the outbox rows touched.
-    pub async fn refresh(&self, group_id: i64) -> Result<usize> {
-        self.write(move |c| {
-            let tx = c;
-            let n = refresh_tx(tx, group_id, now())?;
-            Ok(n)
-        })
-        .await
-    }
-
-    /// Enqueues a thread reply (a JSON-serialised `notify::Message`) under the
-    /// group's message at every destination it was (or will be) posted to.
-    pub async fn enqueue_reply(&self, group_id: i64, body: String) -> Result<usize> {
-        self.write(move |c| {
-            let tx = c;
-            let dests = group_destinations(tx, group_id)?;
-            let t = now();
-            for d in &dests {
-                tx.execute(
-                    "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
-                     VALUES (?1, ?2, 'reply', 0, ?3, ?4, ?4)",
-                    params![group_id, d, body, t],
-                )?;
-            }
-            Ok(dests.len())
-        })
-        .await
-    }
-
-    pub async fn group(&self, group_id: i64) -> Result<Option<GroupRecord>> {
-        self.read(move |c| group_by(c, "id", &group_id)).await
-    }
-
-    pub async fn group_by_key(&self, key: String) -> Result<Option<GroupRecord>> {
-        self.read(move |c| group_by(c, "group_key", &key)).await
-    }
-
-    /// Groups currently firing, newest first.
-    pub async fn firing_groups(&self, limit: usize) -> Result<Vec<GroupRecord>> {
-        self.read(move |c| {
-            let mut st = c.prepare(
-                "SELECT id FROM alert_groups WHERE status='firing' ORDER BY updated_at DESC LIMIT ?1",
-            )?;
-            let ids: Vec<i64> = st
-                .query_map([limit as i64], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut out = Vec::new();
-            for id in ids {
-                if let Some(g) = group_by(c, "id", &id)? {
-                    out.push(g);
-                }
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    pub async fn message(
-        &self,
-        group_id: i64,
-        destination: String,
-    ) -> Result<Option<MessageRecord>> {
-        self.read(move |c| message_tx(c, group_id, &destination))
-            .await
-    }
-
-    /// Every message posted for a group.
-    pub async fn messages(&self, group_id: i64) -> Result<Vec<MessageRecord>> {
-        self.read(move |c| {
-            let mut st = c.prepare(
-                "SELECT group_id, destination, channel, message_id, rev FROM messages WHERE group_id=?1 ORDER BY destination",
-            )?;
-            let rows = st
-                .query_map([group_id], message_row)?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(rows)
-        })
-        .await
-    }
-
-    /// Deletes raw webhooks older than `age`, and groups resolved for longer
-    /// than `age` (with their messages and acks) that have nothing pending.
-    /// Returns the rows deleted.
-    pub async fn prune(&self, age: Duration) -> Result<usize> {
-        let cutoff = now() - age.as_secs_f64();
-        self.write(move |c| {
-            let mut n = c.execute("DELETE FROM webhooks WHERE received_at < ?1", [cutoff])?;
-            let old = "SELECT id FROM alert_groups g WHERE status='resolved' AND updated_at < ?1
-                       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.group_id = g.id)";
-            n += c.execute(
-                &format!("DELETE FROM messages WHERE group_id IN ({old})"),
-                [cutoff],
-            )?;
-            n += c.execute(
-                &format!("DELETE FROM acks WHERE group_id IN ({old})"),
-                [cutoff],
-            )?;
-            n += c.execute(
-                &format!("DELETE FROM alert_groups WHERE id IN ({old})"),
-                [cutoff],
-            )?;
-            Ok(n)
-        })
-        .await
-    }
-}
-
-fn ingest_tx(c: &Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<IngestResult> {
-    let tx = c;
-    let existing: Option<(i64, i64, String, String)> = tx
-        .query_row(
-            "SELECT id, rev, status, recent_hashes FROM alert_groups WHERE group_key=?1",
-            [&u.group_key],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .optional()?;
-    let (group_id, rev, was_firing) = match existing {
-        Some((id, rev, status, recent)) => {
-            let mut hashes: Vec<String> = serde_json::from_str(&recent).unwrap_or_default();
-            if hashes.iter().any(|h| h == &u.state_hash) {
-                tx.execute(
-                    "INSERT INTO webhooks(received_at, group_id, duplicate, payload) VALUES (?1, ?2, 1, ?3)",
-                    params![t, id, raw],
-                )?;
-                let webhook_id = tx.last_insert_rowid();
-                return Ok(IngestResult {
-                    webhook_id,
-                    group_id: id,
-                    rev,
-                    duplicate: true,
-                    enqueued: 0,
-                });
-            }
-            hashes.push(u.state_hash.clone());
-            if hashes.len() > RECENT_HASHES {
-                let cut = hashes.len() - RECENT_HASHES;
-                hashes.drain(..cut);
-            }
-            let rev = rev + 1;
-            tx.execute(
-                "UPDATE alert_groups SET receiver=?2, status=?3, tier=?4, rev=?5, state_hash=?6,
-                   recent_hashes=?7, state=?8, updated_at=?9 WHERE id=?1",
-                params![
-                    id,
-                    u.receiver,
-                    u.status,
-                    u.tier,
-                    rev,
-                    u.state_hash,
-                    serde_json::to_string(&hashes).unwrap_or_default(),
-                    u.state,
-                    t
-                ],
-            )?;
-            (id, rev, status == "firing")
-        }
-        None => {
-            tx.execute(
-                "INSERT INTO alert_groups(group_key, receiver, status, tier, rev, state_hash, recent_hashes,
-                   state, first_seen, updated_at) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?8)",
-                params![
-                    u.group_key,
-                    u.receiver,
-                    u.status,
-                    u.tier,
-                    u.state_hash,
-                    serde_json::to_string(&[&u.state_hash]).unwrap_or_default(),
-                    u.state,
-                    t
-                ],
-            )?;
-            (tx.last_insert_rowid(), 1, false)
-        }
-    };
-    let mut dests = group_destinations(tx, group_id)?;
-    for d in &u.destinations {
-        if !dests.contains(d) {
-            dests.push(d.clone());
-        }
-    }
-    let mut enqueued = 0;
-    for d in &dests {
-        enqueued += upsert_alert_row(tx, group_id, d, rev, t)?;
-    }
-    if was_firing && u.status == "resolved" {
-        let body = serde_json::to_string(&crate::message::Message::Text(
-            crate::message::TextMessage {
-                text: u.resolved_reply.clone(),
-                code: None,
-                buttons: Vec::new(),
-            },
-        ))
-        .unwrap_or_default();
-        for d in &dests {
-            tx.execute(
-                "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
-                 VALUES (?1, ?2, 'reply', ?3, ?4, ?5, ?5)",
-                params![group_id, d, rev, body, t],
-            )?;
-            enqueued += 1;
-        }
-    }
-    tx.execute(
-        "INSERT INTO webhooks(received_at, group_id, duplicate, payload) VALUES (?1, ?2, 0, ?3)",
-        params![t, group_id, raw],
-    )?;
-    let webhook_id = tx.last_insert_rowid();
-    Ok(IngestResult {
-        webhook_id,
-        group_id,
-        rev,
-        duplicate: false,
-        enqueued,
-    })
-}
-
-/// Points the pending alert row of (group, destination) at `rev`, or adds one.
-fn upsert_alert_row(tx: &Connection, group_id: i64, dest: &str, rev: i64, t: f64) -> Result<usize> {
-    let n = tx.execute(
-        "UPDATE outbox SET rev=?3 WHERE group_id=?1 AND destination=?2 AND kind='alert'",
-        params![group_id, dest, rev],
-    )?;
-    if n == 0 {
-        tx.execute(
-            "INSERT INTO outbox(group_id, destination, kind, rev, created_at, next_attempt_at)
-             VALUES (?1, ?2, 'alert', ?3, ?4, ?4)",
-            params![group_id, dest, rev, t],
-        )?;
-    }
-    Ok(1)
-}
-
-fn refresh_tx(tx: &Connection, group_id: i64, t: f64) -> Result<usize> {
-    let rev: Option<i64> = tx
-        .query_row(
-            "SELECT rev FROM alert_groups WHERE id=?1",
-            [group_id],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let Some(rev) = rev else { return Ok(0) };
-    let rev = rev + 1;
-    tx.execute(
-        "UPDATE alert_groups SET rev=?2, updated_at=?3 WHERE id=?1",
-        params![group_id, rev, t],
-    )?;
-    let dests = group_destinations(tx, group_id)?;
-    for d in &dests {
-        upsert_alert_row(tx, group_id, d, rev, t)?;
-    }
-    Ok(dests.len())
-}
-
-/// Destinations a group was posted to or has pending alert rows for.
-fn group_destinations(c: &Connection, group_id: i64) -> Result<Vec<String>> {
-    let mut st = c.prepare_cached(
-        "SELECT destination FROM messages WHERE group_id=?1
-         UNION SELECT destination FROM outbox WHERE group_id=?1 AND kind='alert'
-         ORDER BY 1",
-    )?;
-    let rows = st
-        .query_map([group_id], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
-}
-
-fn group_by(
-    c: &Connection,
-    column: &str,
-    value: &dyn rusqlite::ToSql,
-) -> Result<Option<GroupRecord>> {
-    let sql = format!(
-        "SELECT g.id, g.group_key, g.status, g.tier, g.rev, g.state, g.updated_at, a.who, a.at
-         FROM alert_groups g LEFT JOIN acks a ON a.group_id = g.id WHERE g.{column} = ?1"
-    );
-    Ok(c.query_row(&sql, [value], |r| {
-        let who: Option<String> = r.get(7)?;
-        let at: Option<f64> = r.get(8)?;
-        Ok(GroupRecord {
-            id: r.get(0)?,
-            group_key: r.get(1)?,
-            status: r.get(2)?,
-            tier: r.get(3)?,
-            rev: r.get(4)?,
-            state: r.get(5)?,
-            updated_at: r.get(6)?,
-            ack: who.map(|by| Ack {
-                by,
-                at: at.unwrap_or(0.0),
-            }),
-        })
-    })
-    .optional()?)
-}
-
-fn message_tx(c: &Connection, group_id: i64, dest: &str) -> Result<Option<MessageRecord>> {
-    Ok(c.query_row(
-        "SELECT group_id, destination, channel, message_id, rev FROM messages WHERE group_id=?1 AND destination=?2",
-        params![group_id, dest],
-        message_row,
-    )
-    .optional()?)
-}
-
-fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRecord> {
-    Ok(MessageRecord {
-        group_id: r.get(0)?,
-        destination: r.get(1)?,
-        channel: r.get(2)?,
-        message_id: r.get(3)?,
-        rev: r.get(4)?,
-    })
-}
-
-/// Runs `f` inside a savepoint: its changes are kept only if it succeeds.
-fn in_savepoint<T>(c: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-    c.execute_batch("SAVEPOINT job")?;
-    match f(c) {
-        Ok(v) => {
-            c.execute_batch("RELEASE job")?;
-            Ok(v)
-        }
-        Err(e) => {
-            let _ = c.execute_batch("ROLLBACK TO job; RELEASE job");
-            Err(e)
-        }
-    }
-}
-
-/// The writer thread: takes every queued job, runs them in one
-/// transaction, commits once (one fsync), then answers them all.
-fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let why = format!("cannot begin a transaction: {e}");
-            for job in batch {
-                job(Err(&why))(Some(&why));
-            }
-            continue;
-        }
-        let jobs = batch.len();
-        let started = std::time::Instant::now();
-        let done: Vec<Done> = batch.into_iter().map(|job| job(Ok(&conn))).collect();
-        let ran = started.elapsed();
-        let commit_error = match conn.execute_batch("COMMIT") {
-            Ok(()) => None,
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                tracing::error!(error = %e, "store commit failed");
-                Some(e.to_string())
-            }
-        };
-        let total = started.elapsed();
-        if total > SLOW_COMMIT {
-            tracing::warn!(
-                jobs,
-                run_ms = ran.as_secs_f64() * 1000.0,
-                commit_ms = (total - ran).as_secs_f64() * 1000.0,
-                "slow store commit (disk sync or contention)"
-            );
-        }
-        for d in done {
-            d(commit_error.as_deref());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -897,6 +359,36 @@ mod tests {
             destinations: dests.iter().map(|s| s.to_string()).collect(),
             resolved_reply: "resolved".into(),
         }
+    }
+
+    /// Each case runs on SQLite (plain `cargo test`) and on PostgreSQL
+    /// (ignored there; `.ci/run` starts a server and includes them).
+    macro_rules! on_both {
+        ($($case:ident => $pg:ident;)*) => {$(
+            mod $case {
+                #[tokio::test]
+                async fn sqlite() {
+                    let (_d, s) = super::open();
+                    super::$case(s).await
+                }
+
+                #[tokio::test]
+                #[ignore = "needs PostgreSQL: run by .ci/run"]
+                async fn $pg() {
+                    super::$case(crate::store::pg::test_store().await.unwrap()).await
+                }
+            }
+        )*};
+    }
+
+    on_both! {
+        duplicates_change_nothing_and_updates_coalesce => postgres;
+        delivery_keeps_a_row_that_got_newer_state_meanwhile => postgres;
+        resolve_enqueues_an_edit_then_a_reply_in_order => postgres;
+        retries_wait_and_dead_letters_keep_the_error => postgres;
+        audit_round_trips_and_filters_by_time => postgres;
+        ack_is_stored_and_refreshes_messages => postgres;
+        prune_forgets_long_resolved_groups_only => postgres;
     }
 
     fn open() -> (tempfile::TempDir, Store) {
@@ -924,9 +416,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn duplicates_change_nothing_and_updates_coalesce() {
-        let (_d, s) = open();
+    async fn duplicates_change_nothing_and_updates_coalesce(s: Store) {
         let a = s
             .ingest(
                 "{}".into(),
@@ -959,9 +449,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn delivery_keeps_a_row_that_got_newer_state_meanwhile() {
-        let (_d, s) = open();
+    async fn delivery_keeps_a_row_that_got_newer_state_meanwhile(s: Store) {
         s.ingest("{}".into(), update("g", "firing", "h1", &["slack:C1"]))
             .await
             .unwrap();
@@ -988,9 +476,7 @@ mod tests {
         assert_eq!((m.message_id.as_str(), m.rev), ("111.1", 2));
     }
 
-    #[tokio::test]
-    async fn resolve_enqueues_an_edit_then_a_reply_in_order() {
-        let (_d, s) = open();
+    async fn resolve_enqueues_an_edit_then_a_reply_in_order(s: Store) {
         s.ingest("{}".into(), update("g", "firing", "h1", &["slack:C1"]))
             .await
             .unwrap();
@@ -1011,9 +497,7 @@ mod tests {
         assert_eq!(due[0].kind, KIND_REPLY);
     }
 
-    #[tokio::test]
-    async fn retries_wait_and_dead_letters_keep_the_error() {
-        let (_d, s) = open();
+    async fn retries_wait_and_dead_letters_keep_the_error(s: Store) {
         s.ingest("{}".into(), update("g", "firing", "h1", &["slack:C1"]))
             .await
             .unwrap();
@@ -1030,9 +514,7 @@ mod tests {
         assert_eq!(dl[0].error, "channel_not_found");
     }
 
-    #[tokio::test]
-    async fn audit_round_trips_and_filters_by_time() {
-        let (_d, s) = open();
+    async fn audit_round_trips_and_filters_by_time(s: Store) {
         s.audit(
             "slack:U1".into(),
             "silence".into(),
@@ -1048,9 +530,7 @@ mod tests {
         assert!(s.audit_since(now() + 10.0).await.unwrap().is_empty());
     }
 
-    #[tokio::test]
-    async fn ack_is_stored_and_refreshes_messages() {
-        let (_d, s) = open();
+    async fn ack_is_stored_and_refreshes_messages(s: Store) {
         let r = s
             .ingest("{}".into(), update("g", "firing", "h1", &["slack:C1"]))
             .await
@@ -1066,9 +546,7 @@ mod tests {
         assert_eq!(s.due(now() + 1.0, 10).await.unwrap().len(), 1);
     }
 
-    #[tokio::test]
-    async fn prune_forgets_long_resolved_groups_only() {
-        let (_d, s) = open();
+    async fn prune_forgets_long_resolved_groups_only(s: Store) {
         let a = s
             .ingest("{}".into(), update("old", "resolved", "h1", &[]))
             .await

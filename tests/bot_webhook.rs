@@ -216,11 +216,7 @@ async fn webhook_with_wrong_content_type_is_415() {
         assert!(text.contains("application/json"), "{ct:?}: {text}");
     }
     // Nothing was stored.
-    let stored: i64 = st
-        .store
-        .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM webhooks", [], |r| r.get(0))?))
-        .await
-        .unwrap();
+    let stored: i64 = st.store.count_rows("webhooks").await.unwrap();
     assert_eq!(stored, 0);
     assert!(st
         .store
@@ -261,11 +257,13 @@ fn store_files_are_created_0600() {
     let reopened = reopened.unwrap();
     // Write through both so that the WAL and shared-memory files exist.
     for s in [&store, &reopened] {
-        s.write_blocking(|c| {
-            c.execute_batch("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1);")?;
-            Ok(())
-        })
-        .unwrap();
+        s.sqlite()
+            .unwrap()
+            .write_blocking(|c| {
+                c.execute_batch("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1);")?;
+                Ok(())
+            })
+            .unwrap();
     }
     for db in [&fresh, &old_db] {
         for suffix in ["", "-wal", "-shm"] {

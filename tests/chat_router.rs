@@ -84,16 +84,7 @@ fn text(v: &serde_json::Value) -> String {
 }
 
 async fn run_count(b: &Bot) -> i64 {
-    b.state
-        .store
-        .read(|c| {
-            Ok(
-                c.query_row("SELECT COUNT(*) FROM chat_runs", [], |r| r.get(0))
-                    .unwrap_or(0),
-            )
-        })
-        .await
-        .unwrap()
+    b.state.store.run_ids().await.unwrap().len() as i64
 }
 
 #[tokio::test]
@@ -596,15 +587,7 @@ async fn a_waiting_approval_survives_a_restart() {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let run: String = a
-        .state
-        .store
-        .read(|c| {
-            Ok(c.query_row("SELECT id FROM chat_runs", [], |r| r.get(0))
-                .unwrap())
-        })
-        .await
-        .unwrap();
+    let run: String = a.state.store.run_ids().await.unwrap().remove(0);
     a.stop();
     let dir = a.dir;
     drop(a.router);

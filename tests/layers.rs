@@ -32,7 +32,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("bot seams", &["store", "notify"]),
     ("bot services", &["alertmanager", "inventory", "bot"]),
     ("bot handlers", &["alert", "outbox", "paging", "chat"]),
-    ("roles", &["agent", "bot_role"]),
+    ("roles", &["agent", "bot_role", "store_cmd"]),
 ];
 
 /// Layers whose modules must not import each other either (the store and

@@ -46,9 +46,7 @@ mod expiry;
 mod runs;
 mod thread;
 
-pub use crate::store::runs::{
-    run_with_steps, runs_of_group, steps_of, RunRecord, StepRecord, STORED_OUTPUT_BYTES,
-};
+pub use crate::store::runs::{RunRecord, StepRecord, STORED_OUTPUT_BYTES};
 pub use expiry::{expire_due, recover, spawn_expiry};
 use runs::*;
 pub use thread::post_thread;

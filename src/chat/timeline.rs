@@ -10,12 +10,12 @@
 
 use std::fmt::Write as _;
 
-use crate::chat::approvals::{self, StepRecord};
+use crate::chat::approvals::StepRecord;
 use crate::store::{self, AuditRecord, Store};
 
 /// `gpuops audit --run ID`: the run, then each step with its output.
 pub fn run_report(store: &Store, id: &str) -> store::Result<Option<String>> {
-    let Some((run, steps)) = store.read_blocking(|c| approvals::run_with_steps(c, id))? else {
+    let Some((run, steps)) = store.run_with_steps_blocking(id)? else {
         return Ok(None);
     };
     let mut out = String::new();
@@ -63,7 +63,7 @@ pub fn group_markdown(store: &Store, group: i64) -> store::Result<Option<String>
     let Some(history) = store.group_history_blocking(group)? else {
         return Ok(None);
     };
-    let runs = store.read_blocking(|c| approvals::runs_of_group(c, group))?;
+    let runs = store.runs_of_group_blocking(group)?;
     let audit = store.audit_since_blocking(history.first_seen - 1.0)?;
     let run_ids: Vec<&str> = runs.iter().map(|(r, _, _)| r.id.as_str()).collect();
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::config::agent::LogConfig;
 use crate::config::paging::{self, DigestConfig, EmailConfig, PagerDutyConfig};
 use crate::config::routing::{default_severity_map, Destination, Routing, Tier};
+pub use crate::config::store::{StoreConfig, StoreSync};
 use crate::config::{
     anchored_regex, positive_secs, read_file, read_log_section, read_secret, read_web_limits,
     ConfigErrors, Reader, Secret, Section, WebLimits,
@@ -77,17 +78,6 @@ impl ServerConfig {
             self.listen
         ))
     }
-}
-
-#[derive(Debug, Clone)]
-pub struct StoreConfig {
-    /// The SQLite database file.
-    pub path: PathBuf,
-    /// How long raw webhook payloads, and groups resolved since, are kept.
-    pub webhook_retention: Duration,
-    /// `full` (default): every commit is fsynced, survives power loss;
-    /// `normal`: survives process crashes only, faster on slow disks.
-    pub sync: StoreSync,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +216,12 @@ impl Default for BotConfig {
                 path: default_store_path(),
                 webhook_retention: Duration::from_secs(7 * 86_400),
                 sync: StoreSync::Full,
+                url: None,
+                password: None,
+                ca_file: None,
+                migrate_on_start: true,
+                pool_size: 16,
+                connect_timeout: Duration::from_secs(5),
             },
             log: LogConfig::default(),
             slack: None,
@@ -297,25 +293,7 @@ impl BotConfig {
         }
 
         if let Some(mut s) = r.table(&mut root, "store") {
-            if let Some(v) = r.get_with(&mut s, "path", |p: PathBuf| {
-                if p.as_os_str().is_empty() {
-                    Err("must not be empty".to_string())
-                } else {
-                    Ok(p)
-                }
-            }) {
-                c.store.path = v;
-            }
-            if let Some(v) = r.get_with(&mut s, "webhook_retention_secs", positive_secs) {
-                c.store.webhook_retention = v;
-            }
-            if let Some(v) = r.get_with(&mut s, "sync", |v: String| match v.as_str() {
-                "full" => Ok(StoreSync::Full),
-                "normal" => Ok(StoreSync::Normal),
-                _ => Err(format!("must be \"full\" or \"normal\", got {v:?}")),
-            }) {
-                c.store.sync = v;
-            }
+            crate::config::store::read_section(&mut r, &mut s, &mut c.store);
             r.finish(s);
         }
 
@@ -841,16 +819,6 @@ fn http_url(u: String) -> Result<String, String> {
         Ok(_) => Err("must be an http:// or https:// URL".to_string()),
         Err(e) => Err(format!("not a URL: {e}")),
     }
-}
-
-/// How hard a store commit waits for the disk (`[store] sync`; `store::Sync`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StoreSync {
-    /// fsync the WAL on every commit (survives power loss).
-    #[default]
-    Full,
-    /// fsync only at checkpoints (survives process crashes, not power loss).
-    Normal,
 }
 
 #[cfg(test)]

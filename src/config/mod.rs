@@ -10,6 +10,7 @@ pub mod agent;
 pub mod bot;
 pub mod paging;
 pub mod routing;
+pub mod store;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

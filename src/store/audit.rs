@@ -4,9 +4,10 @@
 
 use rusqlite::params;
 
-use crate::store::{group_by, now, AuditRecord, Error, GroupHistory, Result, Store};
+use crate::store::sqlite::{group_by, Sqlite};
+use crate::store::{now, AuditRecord, Error, GroupHistory, Result};
 
-impl Store {
+impl Sqlite {
     /// Appends an audit record (blocking; see [`Store::audit`] for async).
     pub fn audit_blocking(
         &self,
@@ -28,8 +29,6 @@ impl Store {
         })
     }
 
-    /// Appends an audit record: who did what, with which parameters, to
-    /// what, and how it ended. Also logged.
     /// Records the replay key of a verified chat request (a digest the
     /// caller computed); `false` when it is already recorded, i.e. the
     /// request is a replay. Keys seen more than `keep_secs` before `now` are
@@ -49,7 +48,8 @@ impl Store {
         .await
     }
 
-    pub async fn audit(
+    /// Appends an audit record (`Store::audit` logs it first).
+    pub async fn audit_insert(
         &self,
         who: String,
         action: String,
@@ -57,14 +57,6 @@ impl Store {
         target: Option<String>,
         outcome: String,
     ) -> Result<i64> {
-        tracing::info!(
-            who = %who,
-            action = %action,
-            params = %params_json,
-            target = target.as_deref().unwrap_or(""),
-            outcome = %outcome,
-            "audit"
-        );
         self.write(move |c| {
             c.execute(
                 "INSERT INTO audit(at, who, action, params, target, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -75,7 +67,6 @@ impl Store {
         .await
     }
 
-    /// Audit records at or after `since` (Unix seconds), oldest first.
     /// A group with its delivery history, for `gpuops audit --group`
     /// (blocking; the CLI).
     pub fn group_history_blocking(&self, group_id: i64) -> Result<Option<GroupHistory>> {
@@ -116,6 +107,7 @@ impl Store {
         })
     }
 
+    /// Audit records at or after `since` (Unix seconds), oldest first.
     pub fn audit_since_blocking(&self, since: f64) -> Result<Vec<AuditRecord>> {
         self.read_blocking(|c| {
             let mut st = c.prepare(
@@ -145,5 +137,20 @@ impl Store {
         tokio::task::spawn_blocking(move || s.audit_since_blocking(since))
             .await
             .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    /// Rows in one of the store's tables (tests, `gpuops store copy`).
+    pub async fn count_rows(&self, table: &'static str) -> Result<i64> {
+        let table = crate::store::copy::known_table(table)?;
+        self.read(move |c| {
+            Ok(c.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    /// Answers when the database does (`/readyz`).
+    pub async fn ping(&self) -> Result<()> {
+        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
     }
 }

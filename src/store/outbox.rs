@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use crate::message::Message;
 use rusqlite::params;
 
+use crate::store::sqlite::Sqlite;
 use crate::store::{self, now, DeadLetter, OutboxRow, Result, Store};
 
 /// The handle other modules use to enqueue work. Cheap to clone.
@@ -63,7 +64,7 @@ impl Outbox {
     }
 }
 
-impl Store {
+impl Sqlite {
     /// Rows due at `at`, oldest first, at most one per (group, destination)
     /// and only the first of each (so edits and replies keep their order).
     pub async fn due(&self, at: f64, limit: usize) -> Result<Vec<OutboxRow>> {
@@ -82,6 +83,11 @@ impl Store {
             Ok(rows)
         })
         .await
+    }
+
+    /// Rows are not claimed in SQLite (one process): nothing to hand back.
+    pub async fn release(&self, _ids: Vec<i64>) -> Result<()> {
+        Ok(())
     }
 
     /// When the earliest pending row becomes due (None: outbox empty).

@@ -8,27 +8,8 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::store::{group_destinations, now, refresh_tx, upsert_alert_row, Result, Store};
-
-pub const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS escalations (
-    group_id INTEGER NOT NULL,
-    dest INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    steps INTEGER NOT NULL,
-    due_at REAL,
-    state TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    PRIMARY KEY (group_id, dest)
-);
-CREATE INDEX IF NOT EXISTS escalations_due ON escalations(state, due_at);
-CREATE TABLE IF NOT EXISTS digest_slots (
-    slot REAL PRIMARY KEY,
-    claimed_at REAL NOT NULL,
-    late INTEGER NOT NULL,
-    groups INTEGER NOT NULL
-);
-"#;
+use crate::store::sqlite::{group_destinations, refresh_tx, upsert_alert_row, Sqlite};
+use crate::store::{now, Result};
 
 /// `escalations.dest` of a group that matched no escalating destination.
 pub const NO_ESCALATION: i64 = -1;
@@ -82,7 +63,7 @@ pub struct DigestDelivery {
     pub body: String,
 }
 
-impl Store {
+impl Sqlite {
     /// Firing, unacknowledged groups of these tiers that have no live
     /// escalation row.
     pub async fn escalation_candidates(

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::store::{self, Store};
+use crate::store;
+use crate::store::sqlite::Sqlite;
 
 /// A persisted run.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,10 +33,7 @@ pub struct RunRecord {
 }
 
 /// A run by id, and its stored steps (blocking; `gpuops audit --run`).
-pub fn run_with_steps(
-    c: &Connection,
-    id: &str,
-) -> store::Result<Option<(RunRecord, Vec<StepRecord>)>> {
+fn run_with_steps(c: &Connection, id: &str) -> store::Result<Option<(RunRecord, Vec<StepRecord>)>> {
     ensure_schema_read(c)?;
     let Some(run) = c
         .query_row(
@@ -52,7 +50,7 @@ pub fn run_with_steps(
 }
 
 /// The runs of an alert group, oldest first, each with its steps.
-pub fn runs_of_group(
+fn runs_of_group(
     c: &Connection,
     group: i64,
 ) -> store::Result<Vec<(RunRecord, f64, Vec<StepRecord>)>> {
@@ -72,41 +70,6 @@ pub fn runs_of_group(
     }
     Ok(out)
 }
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS chat_runs (
-    id TEXT PRIMARY KEY,
-    runbook TEXT NOT NULL,
-    only_steps TEXT,
-    given TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    group_id INTEGER,
-    requester TEXT NOT NULL,
-    requester_name TEXT NOT NULL,
-    requester_role TEXT NOT NULL,
-    status TEXT NOT NULL,
-    next_step INTEGER NOT NULL,
-    results TEXT NOT NULL,
-    expires_at REAL,
-    decided_by TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS chat_runs_status ON chat_runs(status, expires_at);
-CREATE TABLE IF NOT EXISTS chat_run_steps (
-    run_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    step TEXT NOT NULL,
-    status TEXT NOT NULL,
-    exit_code INTEGER,
-    duration_secs REAL NOT NULL,
-    output TEXT NOT NULL,
-    truncated INTEGER NOT NULL,
-    approved_by TEXT,
-    at REAL NOT NULL,
-    PRIMARY KEY (run_id, seq)
-);
-";
 
 /// Most bytes of one step's output kept with the run (`gpuops audit --run`).
 pub const STORED_OUTPUT_BYTES: usize = 64 * 1024;
@@ -129,7 +92,7 @@ pub struct StepRecord {
 }
 
 /// The stored steps of a run, in order.
-pub fn steps_of(c: &Connection, run: &str) -> store::Result<Vec<StepRecord>> {
+fn steps_of(c: &Connection, run: &str) -> store::Result<Vec<StepRecord>> {
     ensure_schema_read(c)?;
     let mut st = c.prepare(
         "SELECT seq, step, status, exit_code, duration_secs, output, truncated, approved_by, at
@@ -170,8 +133,9 @@ fn ensure_schema_read(c: &Connection) -> store::Result<()> {
 
 const COLUMNS: &str = "id, runbook, only_steps, given, labels, group_id, requester, requester_name, requester_role, status, next_step, results, expires_at, decided_by";
 
-fn ensure_schema(c: &Connection) -> store::Result<()> {
-    c.execute_batch(SCHEMA)?;
+/// The tables come with the migrations; kept as the one place a run
+/// query could check them.
+fn ensure_schema(_c: &Connection) -> store::Result<()> {
     Ok(())
 }
 
@@ -199,7 +163,35 @@ fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
     })
 }
 
-impl Store {
+impl Sqlite {
+    /// A run by id, and its stored steps (blocking; `gpuops audit --run`).
+    pub fn run_with_steps_blocking(
+        &self,
+        id: &str,
+    ) -> store::Result<Option<(RunRecord, Vec<StepRecord>)>> {
+        self.read_blocking(|c| run_with_steps(c, id))
+    }
+
+    /// The runs of an alert group, oldest first, each with its steps (blocking).
+    pub fn runs_of_group_blocking(
+        &self,
+        group: i64,
+    ) -> store::Result<Vec<(RunRecord, f64, Vec<StepRecord>)>> {
+        self.read_blocking(|c| runs_of_group(c, group))
+    }
+
+    /// Ids of every stored run (tests).
+    pub async fn run_ids(&self) -> store::Result<Vec<String>> {
+        self.read(|c| {
+            let mut st = c.prepare("SELECT id FROM chat_runs ORDER BY created_at, id")?;
+            let rows = st
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
     /// Creates the run tables if they are missing (blocking; at start).
     pub fn create_runs_table(&self) -> store::Result<()> {
         self.write_blocking(ensure_schema)

@@ -1,0 +1,189 @@
+//! PostgreSQL only: what several replicas on one database rely on. Ignored
+//! in plain `cargo test`; `.ci/run` starts a server and includes them.
+
+use crate::store::pg::{open_url, test_url};
+use crate::store::{now, GroupUpdate, Store};
+
+fn update(key: &str, hash: &str, dests: &[&str]) -> GroupUpdate {
+    GroupUpdate {
+        group_key: key.into(),
+        receiver: "r".into(),
+        status: "firing".into(),
+        tier: "P1".into(),
+        state_hash: hash.into(),
+        state: "{}".into(),
+        destinations: dests.iter().map(|s| s.to_string()).collect(),
+        resolved_reply: "resolved".into(),
+    }
+}
+
+async fn two_replicas() -> (Store, Store) {
+    let url = test_url().await.unwrap();
+    (open_url(&url).await.unwrap(), open_url(&url).await.unwrap())
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run by .ci/run"]
+async fn the_same_state_at_two_replicas_enqueues_once() {
+    let (a, b) = two_replicas().await;
+    for i in 0..20 {
+        let key = format!("g{i}");
+        let (ra, rb) = tokio::join!(
+            a.ingest("{}".into(), update(&key, "h1", &["slack:C1", "discord:2"])),
+            b.ingest("{}".into(), update(&key, "h1", &["slack:C1", "discord:2"])),
+        );
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(ra.group_id, rb.group_id);
+        assert!(ra.duplicate != rb.duplicate, "exactly one of them is new");
+    }
+    assert_eq!(
+        a.pending().await.unwrap(),
+        40,
+        "one row per group and destination"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run by .ci/run"]
+async fn replicas_claim_disjoint_rows_in_order_and_take_over_expired_leases() {
+    let (a, b) = two_replicas().await;
+    for i in 0..10 {
+        a.ingest("{}".into(), update(&format!("g{i}"), "h1", &["slack:C1"]))
+            .await
+            .unwrap();
+    }
+    let (ra, rb) = tokio::join!(a.due(now() + 1.0, 6), b.due(now() + 1.0, 6));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.len() + rb.len(), 10);
+    assert!(ra.iter().all(|x| rb.iter().all(|y| x.id != y.id)));
+    assert!(
+        a.due(now() + 1.0, 10).await.unwrap().is_empty(),
+        "all claimed"
+    );
+    // A resolve while the post is claimed: the edit's reply waits behind it.
+    let first = ra.first().or(rb.first()).unwrap().clone();
+    let mut u = update(&format!("g{}", first.group_id - 1), "h2", &["slack:C1"]);
+    u.status = "resolved".into();
+    let _ = a.ingest("{}".into(), u).await.unwrap();
+    // Leases far in the future have expired for a replica looking later.
+    let later = now() + crate::store::pg::LEASE.as_secs_f64() + 1.0;
+    let pg = b.pg().unwrap().clone();
+    let c = pg.client().await.unwrap();
+    c.execute(
+        "UPDATE outbox SET lease_until = $1 WHERE claimed_by IS NOT NULL",
+        &[&(now() - 1.0)],
+    )
+    .await
+    .unwrap();
+    let again = b.due(later, 100).await.unwrap();
+    assert_eq!(again.len(), 10, "expired leases are taken over");
+    assert!(
+        again.iter().all(|r| r.kind == "alert"),
+        "replies wait behind posts"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run by .ci/run"]
+async fn replay_keys_and_approvals_are_shared_by_replicas() {
+    let (a, b) = two_replicas().await;
+    let key = [7u8; 32];
+    assert!(a.first_use(key, 100, 600).await.unwrap());
+    assert!(
+        !b.first_use(key, 101, 600).await.unwrap(),
+        "replayed elsewhere"
+    );
+    let rec = crate::store::runs::RunRecord {
+        id: String::new(),
+        runbook: "rb".into(),
+        only_steps: None,
+        given: Default::default(),
+        labels: Default::default(),
+        group_id: None,
+        requester: "slack:U1".into(),
+        requester_name: "u".into(),
+        requester_role: "operator".into(),
+        status: "running".into(),
+        next_step: 0,
+        results: Vec::new(),
+        expires_at: None,
+        decided_by: None,
+    };
+    let id = a.insert_run(rec, now()).await.unwrap();
+    a.run_waits_for_approval(&id, 1, &[], now() + 60.0, now())
+        .await
+        .unwrap();
+    let (x, y) = tokio::join!(
+        a.decide_run(&id, "approved", "slack:U2", now()),
+        b.decide_run(&id, "expired", "expiry", now())
+    );
+    assert!(x.unwrap() != y.unwrap(), "one decision wins");
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run by .ci/run"]
+async fn escalation_steps_and_digest_slots_fire_once_across_replicas() {
+    let (a, b) = two_replicas().await;
+    let r = a
+        .ingest("{}".into(), update("g", "h1", &["slack:C1"]))
+        .await
+        .unwrap();
+    a.start_escalations(vec![(r.group_id, 0, 1, now() - 1.0)])
+        .await
+        .unwrap();
+    let plans = vec![crate::store::paging::EscalationPlan {
+        dest: 0,
+        targets: vec!["slack:ONCALL".into()],
+        steps: 1,
+        repeat_every_secs: None,
+    }];
+    let text: crate::store::seam::StepText = std::sync::Arc::new(|_, s, n| format!("{s}/{n}"));
+    let (x, y) = tokio::join!(
+        a.fire_due_escalations(now(), plans.clone(), text.clone()),
+        b.fire_due_escalations(now(), plans, text)
+    );
+    assert_eq!(x.unwrap().len() + y.unwrap().len(), 1, "one step fired");
+    let (x, y) = tokio::join!(
+        a.claim_digest_slot(1000.0, false, 0, Vec::new()),
+        b.claim_digest_slot(1000.0, false, 0, Vec::new())
+    );
+    assert!(x.unwrap() != y.unwrap(), "one replica claims the slot");
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run by .ci/run"]
+async fn migrations_are_recorded_and_idempotent() {
+    let url = test_url().await.unwrap();
+    let s = open_url(&url).await.unwrap();
+    let pg = s.pg().unwrap();
+    assert_eq!(pg.migrate().await.unwrap(), 0, "nothing left to apply");
+    pg.check_schema().await.unwrap();
+    assert_eq!(s.count_rows("outbox").await.unwrap(), 0);
+}
+
+#[test]
+fn remote_plain_text_is_refused_and_the_password_is_not_shown() {
+    let e = crate::store::pg::Settings::new(
+        "postgres://gpuops:hunter2@db.example/gpuops?sslmode=disable",
+        None,
+        None,
+        4,
+        std::time::Duration::from_secs(1),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("sslmode=disable"), "{e}");
+    assert!(!e.contains("hunter2"), "{e}");
+    let bad = crate::store::pg::Settings::new(
+        "postgres://gpuops:hunter2@db.example:notaport/gpuops",
+        None,
+        None,
+        4,
+        std::time::Duration::from_secs(1),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(!bad.contains("hunter2"), "{bad}");
+}
