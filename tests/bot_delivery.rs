@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use gpuops::bot::BotState;
 use gpuops::bot_role::router;
 use gpuops::config::BotConfig;
-use gpuops::store::Store;
 use serde_json::{json, Value};
 use support::{am_payload, bot_config, FakeApi, Recorded, Scripted};
 
@@ -33,7 +32,7 @@ impl Bot {
         let discord = FakeApi::discord().await;
         let text = bot_config(dir.path(), &slack, &discord, extra);
         let cfg = BotConfig::from_str(Path::new("test.toml"), &text).unwrap();
-        let store = Store::open(&cfg.store.path).unwrap();
+        let store = support::open_store(&cfg).await;
         let (state, worker) = BotState::new(Arc::new(cfg), store).unwrap();
         tokio::spawn(worker.run(std::future::pending()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -91,7 +90,6 @@ fn slack_text(r: &Recorded) -> String {
     r.raw.clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiers_route_to_their_channels_on_both_platforms() {
     let bot = Bot::start("").await;
     bot.post(&am_payload(
@@ -161,7 +159,6 @@ async fn tiers_route_to_their_channels_on_both_platforms() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_edit_in_place_and_resolve_edits_then_replies_in_thread() {
     let bot = Bot::start("").await;
     bot.post(&am_payload(
@@ -226,7 +223,6 @@ async fn changes_edit_in_place_and_resolve_edits_then_replies_in_thread() {
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ha_duplicates_change_nothing() {
     let bot = Bot::start("").await;
     let one = am_payload("GpuXid", "firing", &[("n1", "critical", "firing")]);
@@ -251,7 +247,6 @@ async fn ha_duplicates_change_nothing() {
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_group_is_truncated_not_rejected() {
     let bot = Bot::start("").await;
     let alerts: Vec<(String, &str, &str)> = (0..400)
@@ -287,7 +282,6 @@ async fn a_huge_group_is_truncated_not_rejected() {
     assert!(desc.ends_with("more"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_are_honoured_then_delivery_succeeds() {
     let bot = Bot::start("").await;
     bot.slack.script([
@@ -334,7 +328,6 @@ async fn rate_limits_are_honoured_then_delivery_succeeds() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_back_off_exponentially() {
     let bot = Bot::start("").await;
     bot.slack.script([
@@ -367,7 +360,6 @@ async fn server_errors_back_off_exponentially() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_errors_become_dead_letters() {
     let bot = Bot::start("").await;
     bot.slack.script([Scripted::new(
@@ -420,7 +412,6 @@ async fn permanent_errors_become_dead_letters() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_replies_and_acks_reach_the_alert_thread() {
     let bot = Bot::start("").await;
     let r = bot
@@ -453,7 +444,6 @@ async fn outbox_replies_and_acks_reach_the_alert_thread() {
         .any(|r| r.body["message_reference"]["message_id"] == "900000000000000001"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_message_is_posted_again_instead_of_lost() {
     let bot = Bot::start("").await;
     bot.post(&am_payload(
@@ -489,3 +479,15 @@ async fn a_deleted_message_is_posted_again_instead_of_lost() {
     );
     assert!(bot.state.store.dead_letters().await.unwrap().is_empty());
 }
+
+on_both!(
+    tiers_route_to_their_channels_on_both_platforms,
+    changes_edit_in_place_and_resolve_edits_then_replies_in_thread,
+    ha_duplicates_change_nothing,
+    a_huge_group_is_truncated_not_rejected,
+    rate_limits_are_honoured_then_delivery_succeeds,
+    server_errors_back_off_exponentially,
+    permanent_errors_become_dead_letters,
+    outbox_replies_and_acks_reach_the_alert_thread,
+    a_deleted_message_is_posted_again_instead_of_lost,
+);

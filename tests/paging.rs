@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use gpuops::bot::BotState;
 use gpuops::bot_role::router;
 use gpuops::config::BotConfig;
-use gpuops::store::Store;
 use paging_support::{header, FakePagerDuty, Smtp};
 use serde_json::json;
 use support::{am_payload, FakeApi};
@@ -33,7 +32,7 @@ struct Bot {
 impl Bot {
     async fn start(config: &str) -> Bot {
         let cfg = BotConfig::from_str(Path::new("test.toml"), config).unwrap();
-        let store = Store::open(&cfg.store.path).unwrap();
+        let store = support::open_store(&cfg).await;
         let (state, worker) = BotState::new(Arc::new(cfg), store).unwrap();
         let (stop, rx) = tokio::sync::watch::channel(false);
         let mut wrx = rx.clone();
@@ -129,7 +128,6 @@ fn p99(mut v: Vec<f64>) -> f64 {
     v[((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pagerduty_trigger_acknowledge_resolve_share_one_dedup_key() {
     let dir = tempfile::tempdir().unwrap();
     let slack = FakeApi::slack().await;
@@ -207,7 +205,6 @@ async fn pagerduty_trigger_acknowledge_resolve_share_one_dedup_key() {
     bot.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pagerduty_429_and_5xx_retry_and_400_is_a_dead_letter() {
     let dir = tempfile::tempdir().unwrap();
     let slack = FakeApi::slack().await;
@@ -261,7 +258,6 @@ async fn pagerduty_429_and_5xx_retry_and_400_is_a_dead_letter() {
 /// second target (a Slack channel and a second PagerDuty key), a restart
 /// between steps neither loses nor doubles one, an acknowledgement stops
 /// the rest.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn escalation_fires_on_time_survives_a_restart_and_stops_on_ack() {
     let dir = tempfile::tempdir().unwrap();
     let slack = FakeApi::slack().await;
@@ -364,7 +360,6 @@ max_repeats = 3"#,
     bot.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pagerduty_webhook_valid_wrong_and_rotated_signatures() {
     let dir = tempfile::tempdir().unwrap();
     let slack = FakeApi::slack().await;
@@ -556,7 +551,7 @@ digest = true"#,
     // Restart: slots already claimed are not sent again.
     bot.stop().await;
     let slots_before = {
-        let store = Store::open(&dir.path().join("bot.db")).unwrap();
+        let store = support::open_store_at(&dir.path().join("bot.db")).await;
         store.digest_slots().await.unwrap()
     };
     let mut seen = std::collections::HashSet::new();
@@ -849,7 +844,6 @@ notify = ["slack:C0LEADS", "pagerduty:missing.key"]
 
 /// A group that resolves and fires again escalates again; while it is
 /// resolved, a due step does not fire.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_firing_again_escalates_again_and_a_resolve_stops_a_due_step() {
     let dir = tempfile::tempdir().unwrap();
     let slack = FakeApi::slack().await;
@@ -910,3 +904,11 @@ notify = ["slack:CLEADS"]"#;
     assert_eq!(steps(&slack), 2);
     bot.stop().await;
 }
+
+on_both!(
+    pagerduty_trigger_acknowledge_resolve_share_one_dedup_key,
+    pagerduty_429_and_5xx_retry_and_400_is_a_dead_letter,
+    escalation_fires_on_time_survives_a_restart_and_stops_on_ack,
+    pagerduty_webhook_valid_wrong_and_rotated_signatures,
+    a_group_firing_again_escalates_again_and_a_resolve_stops_a_due_step,
+);

@@ -332,3 +332,71 @@ pub async fn wait_http_ok(url: &str, timeout: Duration) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+tokio::task_local! {
+    /// Set while a test runs on PostgreSQL (see [`on_both`]).
+    static ON_POSTGRES: ();
+}
+
+/// Runs `f` with [`open_store`] opening PostgreSQL stores.
+pub async fn on_postgres<F: std::future::Future>(f: F) -> F::Output {
+    ON_POSTGRES.scope((), f).await
+}
+
+/// The store a test bot uses: SQLite at `[store] path` normally; inside
+/// [`on_postgres`], a schema on the server `.ci/run` started, one per path
+/// (a restarted bot finds its data again; the test fails when
+/// `GPUOPS_TEST_POSTGRES_URL` is unset).
+pub async fn open_store(cfg: &gpuops::config::BotConfig) -> gpuops::store::Store {
+    open_store_at(&cfg.store.path).await
+}
+
+/// [`open_store`] by path.
+pub async fn open_store_at(path: &Path) -> gpuops::store::Store {
+    static SCHEMAS: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
+    if ON_POSTGRES.try_with(|_| ()).is_err() {
+        return gpuops::store::Store::open(path).unwrap();
+    }
+    let known = SCHEMAS
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(p, _)| p == path)
+        .map(|(_, u)| u.clone());
+    let url = match known {
+        Some(u) => u,
+        None => {
+            let u = gpuops::store::pg::test_url()
+                .await
+                .expect("a PostgreSQL test schema");
+            SCHEMAS
+                .lock()
+                .unwrap()
+                .push((path.to_path_buf(), u.clone()));
+            u
+        }
+    };
+    gpuops::store::pg::open_url(&url)
+        .await
+        .expect("a PostgreSQL test store")
+}
+
+/// Each listed `async fn` becomes a module with two tests: `sqlite`, and
+/// `postgres` (ignored in plain `cargo test`; `.ci/run` includes it).
+#[macro_export]
+macro_rules! on_both {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$case().await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "needs PostgreSQL: run by .ci/run"]
+            async fn postgres() {
+                super::support::on_postgres(super::$case()).await
+            }
+        }
+    )*};
+}
