@@ -144,6 +144,7 @@ async fn health_and_metrics() {
         }
     };
     assert_eq!(get("/healthz").await.0, StatusCode::OK);
+    assert_eq!(get("/readyz").await, (StatusCode::OK, "ready\n".into()));
     let (s, m) = get("/metrics").await;
     assert_eq!(s, StatusCode::OK);
     for name in [

@@ -535,6 +535,24 @@ async fn postgres_down_for_10s_loses_nothing_acknowledged_and_replicas_recover()
         .await
         .unwrap();
     assert_eq!(r.status(), 503, "not ready without its database");
+    // A signed chat command gets a clear answer, not a signature error.
+    let ts = gpuops::store::now() as i64;
+    let body = "command=%2Fgpuops&text=alerts&user_id=U1&user_name=u&channel_id=C1&team_id=T1";
+    let r = client
+        .post(format!("{}/slack/commands", bases[1]))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header(gpuops::signing::SLACK_TIMESTAMP, ts.to_string())
+        .header(
+            gpuops::signing::SLACK_SIGNATURE,
+            gpuops::signing::sign_slack(b"slack-signing-s3cret", ts, body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("storage unavailable"), "{text}");
     tokio::time::sleep(Duration::from_secs(8)).await;
     pg_ctl("start");
     let (acked, refused) = sender.await.unwrap();
@@ -551,4 +569,88 @@ async fn postgres_down_for_10s_loses_nothing_acknowledged_and_replicas_recover()
     assert!(refused > 0, "the outage was not noticed");
     assert_eq!(disorder, 0);
     assert_eq!(dupes, 0, "no replica died: nothing may be posted twice");
+}
+
+fn store_migrate(config: &Path) -> (bool, String) {
+    let out = Command::new(gpuops())
+        .args(["store", "migrate", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn store_migrate_applies_the_sqlite_schema_once_and_migrate_on_start_false_refuses_an_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bot.db");
+    let cfg = dir.path().join("bot.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[store]\npath = \"{}\"\nmigrate_on_start = false\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    // A bot told not to migrate refuses a store without the schema.
+    let out = Command::new(gpuops())
+        .args([
+            "bot",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--config",
+        ])
+        .arg(&cfg)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("gpuops store migrate"), "{err}");
+    let (ok, text) = store_migrate(&cfg);
+    assert!(ok && text.contains("1 migration(s) applied"), "{text}");
+    let (ok, text) = store_migrate(&cfg);
+    assert!(ok && text.contains("0 migration(s) applied"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: run by .ci/run"]
+async fn store_migrate_applies_the_postgres_schema_once() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = with_password(&gpuops::store::pg::test_url().await.unwrap());
+    let cfg = dir.path().join("bot.toml");
+    std::fs::write(
+        &cfg,
+        format!("[store]\nurl = \"{url}\"\nmigrate_on_start = false\n"),
+    )
+    .unwrap();
+    let (ok, text) = store_migrate(&cfg);
+    assert!(ok && text.contains("1 migration(s) applied"), "{text}");
+    assert!(
+        !text.contains("hunter2") && text.contains(":***@"),
+        "{text}"
+    );
+    let (ok, text) = store_migrate(&cfg);
+    assert!(ok && text.contains("0 migration(s) applied"), "{text}");
+    // Nothing listens there: the error names the database, not its password.
+    let closed = format!(
+        "postgres://u:pw-hunter2@127.0.0.1:{}/x?sslmode=disable",
+        free_port()
+    );
+    std::fs::write(&cfg, format!("[store]\nurl = \"{closed}\"\n")).unwrap();
+    let (ok, text) = store_migrate(&cfg);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("127.0.0.1") && !text.contains("hunter2"),
+        "{text}"
+    );
 }

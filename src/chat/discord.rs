@@ -83,9 +83,20 @@ pub async fn interactions(
         .get(DISCORD_TIMESTAMP)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !chat.first_use(Platform::Discord, ts, &body).await {
-        tracing::warn!(reason = "replayed", "discord interaction refused");
-        return unauthorized();
+    match chat.first_use(Platform::Discord, ts, &body).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(reason = "replayed", "discord interaction refused");
+            return unauthorized();
+        }
+        // An ephemeral message in reply to the interaction.
+        Err(why) => {
+            return Json(serde_json::json!({
+                "type": 4,
+                "data": { "content": why, "flags": 64 }
+            }))
+            .into_response()
+        }
     }
     let i: Interaction = match serde_json::from_slice(&body) {
         Ok(i) => i,

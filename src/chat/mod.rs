@@ -338,8 +338,14 @@ impl ChatState {
     /// The key is the request itself ([`request_key`]), not the signature
     /// header's text, so a re-encoded signature (hex case, spacing) of the
     /// same request is the same request. Keys are kept in the store (across
-    /// restarts) for twice the signing window; a store failure refuses.
-    pub async fn first_use(&self, platform: Platform, timestamp: &str, body: &[u8]) -> bool {
+    /// restarts) for twice the signing window; a store failure refuses,
+    /// with `Err` and [`STORAGE_UNAVAILABLE`] for the user.
+    pub async fn first_use(
+        &self,
+        platform: Platform,
+        timestamp: &str,
+        body: &[u8],
+    ) -> Result<bool, &'static str> {
         let key = request_key(platform, timestamp, body);
         match self
             .bot
@@ -347,14 +353,19 @@ impl ChatState {
             .first_use(key, self.now(), 2 * WINDOW_SECS)
             .await
         {
-            Ok(first) => first,
+            Ok(first) => Ok(first),
             Err(e) => {
                 tracing::error!(error = %e, "cannot record the request's replay key; refusing it");
-                false
+                Err(STORAGE_UNAVAILABLE)
             }
         }
     }
 }
+
+/// What a chat user is told when the bot cannot reach its store (the
+/// request was not acted on; nothing was recorded).
+pub const STORAGE_UNAVAILABLE: &str =
+    "storage unavailable: gpuops cannot reach its database right now, so nothing was done; try again in a minute";
 
 /// The runbook set the alert renderer suggests from (`[runbooks] dir`,
 /// loaded once at start; invalid files are logged and left out).

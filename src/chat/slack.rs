@@ -186,7 +186,8 @@ pub struct Action {
     pub value: Option<String>,
 }
 
-/// `None` when the request is signed, fresh and new; else the 401 to send.
+/// `None` when the request is signed, fresh and new; else the 401 to send
+/// (or the "storage unavailable" answer when the replay cache cannot be read).
 async fn verify(chat: &ChatState, headers: &HeaderMap, body: &[u8]) -> Option<Response> {
     let Some(secret) = chat
         .bot
@@ -206,11 +207,17 @@ async fn verify(chat: &ChatState, headers: &HeaderMap, body: &[u8]) -> Option<Re
         .get(SLACK_TIMESTAMP)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !chat.first_use(Platform::Slack, ts, body).await {
-        tracing::warn!(reason = "replayed", "slack request refused");
-        return Some(unauthorized());
+    match chat.first_use(Platform::Slack, ts, body).await {
+        Ok(true) => None,
+        Ok(false) => {
+            tracing::warn!(reason = "replayed", "slack request refused");
+            Some(unauthorized())
+        }
+        // Slack shows a 200's text to the user; a 5xx would say only "failed".
+        Err(why) => Some(
+            Json(serde_json::json!({ "response_type": "ephemeral", "text": why })).into_response(),
+        ),
     }
-    None
 }
 
 fn unauthorized() -> Response {
