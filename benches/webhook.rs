@@ -7,7 +7,10 @@
 //! of alert-to-chat-call latency (request sent → the fake Slack receives the
 //! post). Phase 2 (closed loop, `BENCH_CONCURRENCY` clients): the sustained
 //! maximum in alerts/s. Run: `cargo bench --bench webhook`
-//! (`BENCH_SYNC=normal` for `[store] sync = "normal"`).
+//! (`BENCH_SYNC=normal` for `[store] sync = "normal"`). On PostgreSQL:
+//! `BENCH_POSTGRES_URL=postgres://...` (a fresh schema is made there) and
+//! `BENCH_REPLICAS=3` for three bots on that database, webhooks spread
+//! over them round-robin.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -122,16 +125,52 @@ async fn run() {
                 std::env::var("BENCH_SYNC").unwrap_or_else(|_| "full".into())
             ),
         );
-    let cfg = BotConfig::from_str(Path::new("bench.toml"), &text).unwrap();
-    let store = Store::open_with(&cfg.store.path, cfg.store.sync).unwrap();
-    let (state, worker) = BotState::new(Arc::new(cfg), store).unwrap();
-    tokio::spawn(worker.run(std::future::pending()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/alertmanager", listener.local_addr().unwrap());
-    let app = router(state.clone());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let cfg = Arc::new(BotConfig::from_str(Path::new("bench.toml"), &text).unwrap());
+    let pg_url = match std::env::var("BENCH_POSTGRES_URL") {
+        Ok(admin) => Some(gpuops::store::pg::fresh_schema_url(&admin).await.unwrap()),
+        Err(_) => None,
+    };
+    let replicas = match &pg_url {
+        Some(_) => env_or("BENCH_REPLICAS", 1.0) as usize,
+        None => 1,
+    };
+    println!(
+        "store: {}, {replicas} replica(s)",
+        if pg_url.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        }
+    );
+    let mut urls = Vec::new();
+    let mut states = Vec::new();
+    let mut stops = Vec::new();
+    for _ in 0..replicas {
+        let store = match &pg_url {
+            Some(u) => gpuops::store::pg::open_url(u).await.unwrap(),
+            None => Store::open_with(&cfg.store.path, cfg.store.sync).unwrap(),
+        };
+        let (state, worker) = BotState::new(cfg.clone(), store.clone()).unwrap();
+        tokio::spawn(worker.run(std::future::pending()));
+        if let Some(pg) = store.pg() {
+            let outbox = state.outbox.clone();
+            let (stop, rx) = tokio::sync::watch::channel(false);
+            stops.push(stop);
+            pg.spawn_listener(Arc::new(move || outbox.wake()), rx);
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        urls.push(format!(
+            "http://{}/alertmanager",
+            listener.local_addr().unwrap()
+        ));
+        let app = router(state.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        states.push(state);
+    }
+    let state = states[0].clone();
+    let url = urls[0].clone();
     let client = reqwest::Client::new();
     // Warm up (connections, statement cache).
     for g in 0..5 {
@@ -151,7 +190,7 @@ async fn run() {
     for (g, body) in bodies.into_iter().enumerate() {
         tick.tick().await;
         sent_at.push(Instant::now());
-        let (client, url) = (client.clone(), url.clone());
+        let (client, url) = (client.clone(), urls[g % urls.len()].clone());
         tasks.spawn(async move { (g, post(&client, &url, body).await) });
     }
     let mut ack = Vec::with_capacity(webhooks);
@@ -196,7 +235,7 @@ async fn run() {
     let deadline = start + Duration::from_secs_f64(secs);
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..concurrency {
-        let (client, url, bodies) = (client.clone(), url.clone(), bodies.clone());
+        let (client, url, bodies) = (client.clone(), urls[c % urls.len()].clone(), bodies.clone());
         tasks.spawn(async move {
             let mut lat = Vec::new();
             let mut round = 1 + c * 1_000_000;
