@@ -315,6 +315,15 @@ pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), worker_task).await;
+    if let Some(pg) = store.pg() {
+        match pg.release_mine().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "handed back unfinished deliveries"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand back deliveries; their leases will expire")
+            }
+        }
+    }
     tracing::info!("bot stopped");
     Ok(())
 }

@@ -240,11 +240,12 @@ impl Pg {
 
     /// The schema version recorded in the database (0: none).
     async fn version(&self, c: &Object) -> Result<i64> {
-        c.batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
-                version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)",
-        )
-        .await?;
+        let exists = c
+            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .await?;
+        if !get::<bool>(&exists, 0)? {
+            return Ok(0);
+        }
         let row = c
             .query_one(
                 "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations",
@@ -262,11 +263,16 @@ impl Pg {
             let tx = c.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock(7262000001)", &[])
                 .await?;
-            tx.batch_execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (
-                    version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)",
-            )
-            .await?;
+            let exists = tx
+                .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+                .await?;
+            if !get::<bool>(&exists, 0)? {
+                tx.batch_execute(
+                    "CREATE TABLE schema_migrations (
+                        version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)",
+                )
+                .await?;
+            }
             let row = tx
                 .query_one(
                     "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations",
@@ -312,6 +318,16 @@ impl Pg {
             }
             Ok(())
         })
+        .await
+    }
+
+    /// Hands back every outbox row this replica still holds (at a graceful
+    /// stop), so other replicas need not wait for the leases to end.
+    pub async fn release_mine(&self) -> Result<u64> {
+        self.exec(
+            "UPDATE outbox SET claimed_by=NULL, lease_until=NULL WHERE claimed_by=$1",
+            &[&&*self.replica],
+        )
         .await
     }
 
