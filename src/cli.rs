@@ -62,7 +62,7 @@ pub struct StoreCopyArgs {
     /// The SQLite store: sqlite:PATH (or a plain path)
     #[arg(long, value_name = "sqlite:PATH")]
     pub from: String,
-    /// The PostgreSQL database: postgres://USER@HOST/DB (default: [store] url of --config)
+    /// The PostgreSQL database: postgres://USER@HOST/DB (default: [store] url of --config); give its password with --password-file, not in this URL
     #[arg(long, value_name = "URL")]
     pub to: Option<String>,
     /// Bot configuration file whose [store] url, password_file and ca_file are used

@@ -87,7 +87,6 @@ async fn run_count(b: &Bot) -> i64 {
     b.state.store.run_ids().await.unwrap().len() as i64
 }
 
-#[tokio::test]
 async fn slack_forged_stale_replayed_and_unsigned_requests_get_401_and_change_nothing() {
     let (b, runner) = bot().await;
     let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
@@ -171,7 +170,6 @@ async fn slack_forged_stale_replayed_and_unsigned_requests_get_401_and_change_no
     b.stop();
 }
 
-#[tokio::test]
 async fn slack_documented_example_passes_the_router_only_at_its_time() {
     let (b, _) = bot().await;
     // https://api.slack.com/authentication/verifying-requests-from-slack
@@ -195,7 +193,6 @@ async fn slack_documented_example_passes_the_router_only_at_its_time() {
     b.stop();
 }
 
-#[tokio::test]
 async fn discord_ed25519_ping_command_forged_stale_and_replayed() {
     let (b, _) = bot().await;
     let now = b.clock.now_unix();
@@ -257,7 +254,6 @@ async fn discord_ed25519_ping_command_forged_stale_and_replayed() {
     b.stop();
 }
 
-#[tokio::test]
 async fn role_matrix_through_the_router() {
     let (b, runner) = bot().await;
     let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
@@ -363,7 +359,6 @@ async fn role_matrix_through_the_router() {
     b.stop();
 }
 
-#[tokio::test]
 async fn parameter_injection_through_run_is_refused_and_runs_nothing() {
     let (b, runner) = bot().await;
     for (cmd, expect) in [
@@ -432,7 +427,6 @@ fn waiting_run_id(replies: &[String]) -> String {
     r[at..at + 7].to_string()
 }
 
-#[tokio::test]
 async fn approval_needs_a_second_admin_and_expires() {
     let (b, runner) = bot().await;
     let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
@@ -574,7 +568,6 @@ async fn approval_needs_a_second_admin_and_expires() {
     b.stop();
 }
 
-#[tokio::test]
 async fn a_waiting_approval_survives_a_restart() {
     let (a, runner_a) = bot().await;
     let (_, v) = a
@@ -626,7 +619,6 @@ fn discord_interaction(kind: u8, user: &str, token: &str, data: serde_json::Valu
     .to_string()
 }
 
-#[tokio::test]
 async fn discord_commands_defer_and_follow_up_and_buttons_answer_inline() {
     let capture = Capture::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -711,7 +703,6 @@ async fn discord_commands_defer_and_follow_up_and_buttons_answer_inline() {
     b.stop();
 }
 
-#[tokio::test]
 async fn a_long_run_without_an_alert_stays_within_slacks_response_url_budget() {
     let dir = tempfile::tempdir().unwrap();
     let rb = dir.path().join("runbooks");
@@ -748,7 +739,6 @@ async fn a_long_run_without_an_alert_stays_within_slacks_response_url_budget() {
     b.stop();
 }
 
-#[tokio::test]
 async fn shipped_gpu_reset_runbook_from_its_alert_investigates_then_waits_and_deny_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let runner = Arc::new(RecordingRunner::new());
@@ -870,7 +860,6 @@ fn hex_case_variants(sig: &str) -> Vec<String> {
     ]
 }
 
-#[tokio::test]
 async fn slack_signature_case_variant_is_a_replay() {
     let (b, runner) = bot().await;
     let now = b.clock.now_unix();
@@ -911,7 +900,6 @@ async fn slack_signature_case_variant_is_a_replay() {
     b.stop();
 }
 
-#[tokio::test]
 async fn discord_signature_case_variant_is_a_replay() {
     let am = Capture::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -965,7 +953,6 @@ async fn discord_signature_case_variant_is_a_replay() {
     b.stop();
 }
 
-#[tokio::test]
 async fn one_person_with_slack_and_discord_cannot_approve_own_request() {
     // alice is an operator on Slack and an admin on Discord.
     const ALICE_DISCORD: &str = "323456789012345678";
@@ -1045,7 +1032,6 @@ async fn one_person_with_slack_and_discord_cannot_approve_own_request() {
     b.stop();
 }
 
-#[tokio::test]
 async fn slack_request_replayed_after_a_restart_is_refused() {
     let (a, runner_a) = bot().await;
     let now = a.clock.now_unix();
@@ -1075,3 +1061,20 @@ async fn slack_request_replayed_after_a_restart_is_refused() {
     assert_eq!(run_count(&b).await, 1);
     b.stop();
 }
+
+chat_on_both!(
+    slack_forged_stale_replayed_and_unsigned_requests_get_401_and_change_nothing,
+    slack_documented_example_passes_the_router_only_at_its_time,
+    discord_ed25519_ping_command_forged_stale_and_replayed,
+    role_matrix_through_the_router,
+    parameter_injection_through_run_is_refused_and_runs_nothing,
+    approval_needs_a_second_admin_and_expires,
+    a_waiting_approval_survives_a_restart,
+    discord_commands_defer_and_follow_up_and_buttons_answer_inline,
+    a_long_run_without_an_alert_stays_within_slacks_response_url_budget,
+    shipped_gpu_reset_runbook_from_its_alert_investigates_then_waits_and_deny_goes_on,
+    slack_signature_case_variant_is_a_replay,
+    discord_signature_case_variant_is_a_replay,
+    one_person_with_slack_and_discord_cannot_approve_own_request,
+    slack_request_replayed_after_a_restart_is_refused,
+);

@@ -178,7 +178,7 @@ impl Bot {
             );
         }
         let cfg = Arc::new(BotConfig::from_str(&dir.path().join("bot.toml"), &text).unwrap());
-        let store = Store::open(&cfg.store.path).unwrap();
+        let store = open_store_at(&cfg.store.path).await;
         let slack = Arc::new(Recorder::default());
         let notifiers = Notifiers {
             slack: Some(slack.clone()),
@@ -503,4 +503,66 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+tokio::task_local! {
+    /// Set while a test runs on PostgreSQL (see [`chat_on_both`]).
+    static ON_POSTGRES: ();
+}
+
+/// Runs `f` with the test bots on PostgreSQL stores.
+pub async fn on_postgres<F: std::future::Future>(f: F) -> F::Output {
+    ON_POSTGRES.scope((), f).await
+}
+
+/// The store at `path`: SQLite normally; inside [`on_postgres`], a schema
+/// on the server `.ci/run` started, one per path (a restarted bot finds its
+/// data again; fails when `GPUOPS_TEST_POSTGRES_URL` is unset).
+pub async fn open_store_at(path: &Path) -> Store {
+    static SCHEMAS: Mutex<Vec<(std::path::PathBuf, String)>> = Mutex::new(Vec::new());
+    if ON_POSTGRES.try_with(|_| ()).is_err() {
+        return Store::open(path).unwrap();
+    }
+    let known = SCHEMAS
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(p, _)| p == path)
+        .map(|(_, u)| u.clone());
+    let url = match known {
+        Some(u) => u,
+        None => {
+            let u = gpuops::store::pg::test_url()
+                .await
+                .expect("a PostgreSQL test schema");
+            SCHEMAS
+                .lock()
+                .unwrap()
+                .push((path.to_path_buf(), u.clone()));
+            u
+        }
+    };
+    gpuops::store::pg::open_url(&url)
+        .await
+        .expect("a PostgreSQL test store")
+}
+
+/// Each listed `async fn` becomes a module with two tests: `sqlite`, and
+/// `postgres` (ignored in plain `cargo test`; `.ci/run` includes it).
+#[macro_export]
+macro_rules! chat_on_both {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$case().await
+            }
+
+            #[tokio::test]
+            #[ignore = "needs PostgreSQL: run by .ci/run"]
+            async fn postgres() {
+                super::chat_support::on_postgres(super::$case()).await
+            }
+        }
+    )*};
 }
