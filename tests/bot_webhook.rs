@@ -19,19 +19,21 @@ use http_body_util::BodyExt as _;
 use support::{am_payload, FakeApi};
 use tower::ServiceExt as _;
 
-fn state(extra: &str) -> (tempfile::TempDir, Arc<BotState>) {
-    let (d, s, _w) = state_and_worker(extra);
+async fn state(extra: &str) -> (tempfile::TempDir, Arc<BotState>) {
+    let (d, s, _w) = state_and_worker(extra).await;
     (d, s)
 }
 
-fn state_and_worker(extra: &str) -> (tempfile::TempDir, Arc<BotState>, gpuops::outbox::Worker) {
+async fn state_and_worker(
+    extra: &str,
+) -> (tempfile::TempDir, Arc<BotState>, gpuops::outbox::Worker) {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "[server]\nwebhook_token = \"tok-123\"\nmax_body_bytes = 4096\n[store]\npath = \"{}\"\n{extra}",
         dir.path().join("bot.db").display()
     );
     let cfg = BotConfig::from_str(Path::new("t.toml"), &text).unwrap();
-    let store = Store::open(&cfg.store.path).unwrap();
+    let store = support::open_store(&cfg).await;
     let (state, worker) = BotState::new(Arc::new(cfg), store).unwrap();
     (dir, state, worker)
 }
@@ -70,9 +72,8 @@ fn check(state: &Arc<BotState>, auth: Option<&str>, body: &str, status: u16, con
     assert!(text.contains(contains), "{text:?} lacks {contains:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_answers() {
-    let (_d, st) = state("");
+    let (_d, st) = state("").await;
     let good = am_payload("GpuXid", "firing", &[("n1", "critical", "firing")]);
     let ok = Some("Bearer tok-123");
     check(&st, ok, &good, 200, r#""duplicate":false"#);
@@ -121,9 +122,8 @@ async fn webhook_answers() {
     assert_eq!(st.store.pending().await.unwrap(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics() {
-    let (_d, st) = state("");
+    let (_d, st) = state("").await;
     check(
         &st,
         Some("Bearer tok-123"),
@@ -159,12 +159,11 @@ async fn health_and_metrics() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generic_webhook_gets_documented_json_and_no_secret_in_keys() {
     let sink = FakeApi::slack().await;
     let url = format!("http://{}/hook?token=hook-url-s3cret", sink.addr);
     let extra = format!("[[routing.destinations]]\ntiers = [\"P1\"]\nwebhook_url = \"{url}\"\n");
-    let (_d, st, worker) = state_and_worker(&extra);
+    let (_d, st, worker) = state_and_worker(&extra).await;
     tokio::spawn(worker.run(std::future::pending()));
     check(
         &st,
@@ -200,9 +199,8 @@ async fn generic_webhook_gets_documented_json_and_no_secret_in_keys() {
     assert!(!msgs[0].destination.contains("s3cret"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_with_wrong_content_type_is_415() {
-    let (_d, st) = state("");
+    let (_d, st) = state("").await;
     let good = am_payload("GpuXid", "firing", &[("n1", "critical", "firing")]);
     let ok = Some("Bearer tok-123");
     for ct in [
@@ -279,3 +277,10 @@ fn store_files_are_created_0600() {
         "a created directory"
     );
 }
+
+on_both!(
+    webhook_answers,
+    health_and_metrics,
+    generic_webhook_gets_documented_json_and_no_secret_in_keys,
+    webhook_with_wrong_content_type_is_415,
+);
