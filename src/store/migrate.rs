@@ -18,11 +18,18 @@ pub const SQLITE: &[Migration] = &[(
     include_str!("../../migrations/sqlite/0001_init.sql"),
 )];
 
-pub const POSTGRES: &[Migration] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)];
+pub const POSTGRES: &[Migration] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "run_owner",
+        include_str!("../../migrations/postgres/0002_run_owner.sql"),
+    ),
+];
 
 /// The newest version this build knows.
 pub fn latest(list: &[Migration]) -> i64 {

@@ -29,6 +29,11 @@ mod runs;
 /// past that another replica takes it over (the claimer died).
 pub const LEASE: Duration = Duration::from_secs(60);
 
+/// The first key of the session advisory lock a live replica holds (the
+/// second is `hashtext(replica)`): runs it owns are not "interrupted" by
+/// another replica's start.
+pub const OWNER_LOCK: i64 = 7262;
+
 /// Connection settings, checked: the URL (password applied), TLS, pool.
 #[derive(Clone)]
 pub struct Settings {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_postgres::AsyncMessage;
 
-use crate::store::pg::Pg;
+use crate::store::pg::{Pg, OWNER_LOCK};
 
 impl Pg {
     /// Calls `wake` on every notification until `stop` turns true;
@@ -20,6 +20,7 @@ impl Pg {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let settings = self.settings.clone();
+        let replica = self.replica.clone();
         tokio::spawn(async move {
             let mut pause = Duration::from_millis(200);
             loop {
@@ -40,7 +41,17 @@ impl Pg {
                                 }
                             }
                         });
-                        if client.batch_execute("LISTEN gpuops_outbox").await.is_ok() {
+                        // This connection lives as long as the replica: it
+                        // also holds the lock that says the replica is alive.
+                        let owner = client
+                            .execute(
+                                "SELECT pg_advisory_lock($1::int4, hashtext($2))",
+                                &[&(OWNER_LOCK as i32), &&*replica],
+                            )
+                            .await;
+                        if owner.is_ok()
+                            && client.batch_execute("LISTEN gpuops_outbox").await.is_ok()
+                        {
                             pause = Duration::from_millis(200);
                             // Rows added while we were not listening.
                             wake();

@@ -189,8 +189,8 @@ impl Pg {
                     .execute(
                         "INSERT INTO chat_runs(id, runbook, only_steps, given, labels, group_id, requester,
                            requester_name, requester_role, status, next_step, results, expires_at, decided_by,
-                           created_at, updated_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, '[]', NULL, NULL, $11, $11)
+                           created_at, updated_at, owner)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, '[]', NULL, NULL, $11, $11, $12)
                          ON CONFLICT (id) DO NOTHING",
                         &[
                             &id,
@@ -206,6 +206,7 @@ impl Pg {
                             &rec.requester_role,
                             &rec.status,
                             &now,
+                            &&*self.replica,
                         ],
                     )
                     .await?;
@@ -255,8 +256,10 @@ impl Pg {
     pub async fn decide_run(&self, id: &str, status: &str, who: &str, now: f64) -> Result<bool> {
         let n = self
             .exec(
-                "UPDATE chat_runs SET status=$2, decided_by=$3, updated_at=$4 WHERE id=$1 AND status='waiting'",
-                &[&id, &status, &who, &now],
+                "UPDATE chat_runs SET status=$2, decided_by=$3, updated_at=$4,
+                   owner = CASE WHEN $2 = 'running' THEN $5 ELSE owner END
+                 WHERE id=$1 AND status='waiting'",
+                &[&id, &status, &who, &now, &&*self.replica],
             )
             .await?;
         Ok(n == 1)
@@ -278,6 +281,8 @@ impl Pg {
         .map(|_| ())
     }
 
+    /// Runs still `running` whose replica is gone (it holds no owner
+    /// lock) become `interrupted`; a live replica's runs are left alone.
     pub async fn interrupt_running_runs(
         &self,
         now: f64,
@@ -286,8 +291,15 @@ impl Pg {
             let c = self.client().await?;
             let rows = c
                 .query(
-                    "UPDATE chat_runs SET status='interrupted', updated_at=$1 WHERE status='running'
-                     RETURNING id, runbook, group_id",
+                    &format!(
+                        "UPDATE chat_runs SET status='interrupted', updated_at=$1
+                         WHERE status='running'
+                           AND NOT EXISTS (SELECT 1 FROM pg_locks l
+                                           WHERE l.locktype='advisory' AND l.granted AND l.objsubid=2
+                                             AND l.classid={} AND l.objid=hashtext(owner)::oid)
+                         RETURNING id, runbook, group_id",
+                        super::OWNER_LOCK
+                    ),
                     &[&now],
                 )
                 .await?;

@@ -187,3 +187,68 @@ fn remote_plain_text_is_refused_and_the_password_is_not_shown() {
     .to_string();
     assert!(!bad.contains("hunter2"), "{bad}");
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run by .ci/run"]
+async fn a_starting_replica_interrupts_only_runs_of_replicas_that_are_gone() {
+    let (a, b) = two_replicas().await;
+    let rec = crate::store::runs::RunRecord {
+        id: String::new(),
+        runbook: "rb".into(),
+        only_steps: None,
+        given: Default::default(),
+        labels: Default::default(),
+        group_id: None,
+        requester: "slack:U1".into(),
+        requester_name: "u".into(),
+        requester_role: "operator".into(),
+        status: "running".into(),
+        next_step: 0,
+        results: Vec::new(),
+        expires_at: None,
+        decided_by: None,
+    };
+    let id = a.insert_run(rec, now()).await.unwrap();
+    // Replica a is alive: its listener connection holds the owner lock.
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    a.pg()
+        .unwrap()
+        .spawn_listener(std::sync::Arc::new(|| {}), rx);
+    let c = b.pg().unwrap().client().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let held: i64 = c
+            .query_one(
+                "SELECT COUNT(*)::BIGINT FROM pg_locks WHERE locktype='advisory' AND classid=7262 AND granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if held > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "owner lock never taken"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(b.interrupt_running_runs(now()).await.unwrap().is_empty());
+    assert_eq!(b.run(&id).await.unwrap().unwrap().status, "running");
+    // Replica a goes away: its runs are interrupted by the next start.
+    let _ = stop.send(true);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let cut = b.interrupt_running_runs(now()).await.unwrap();
+        if !cut.is_empty() {
+            assert_eq!(cut[0].0, id);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run never interrupted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
