@@ -634,7 +634,7 @@ async fn store_migrate_applies_the_postgres_schema_once() {
     )
     .unwrap();
     let (ok, text) = store_migrate(&cfg);
-    assert!(ok && text.contains("1 migration(s) applied"), "{text}");
+    assert!(ok && text.contains("2 migration(s) applied"), "{text}");
     assert!(
         !text.contains("hunter2") && text.contains(":***@"),
         "{text}"
