@@ -264,43 +264,109 @@ async fn store_copy_moves_a_sqlite_install_and_the_bot_delivers_its_pending_rows
     assert!(log.contains("postgres://postgres:***@"), "{log}");
 }
 
-/// Top-level posts per (alertname, destination), and order violations
-/// (an edit or thread reply of a group recorded before its first post).
-fn tally(
-    slack: &[Recorded],
-    discord: &[Recorded],
-) -> (BTreeMap<(String, &'static str), usize>, usize) {
+/// Top-level posts per (alertname, destination: `slack:CHANNEL` or
+/// `discord`), and order violations (an edit of a group recorded before its
+/// first post there).
+type Posts = BTreeMap<(String, String), usize>;
+
+fn tally(slack: &[Recorded], discord: &[Recorded]) -> (Posts, usize) {
     let mut posts = BTreeMap::new();
     let mut disorder = 0;
     let name = |r: &Recorded| {
         let raw = &r.raw;
         raw.find("HaG").map(|i| raw[i..i + 8].to_string())
     };
-    let mut first_post: HashMap<(String, &'static str), usize> = HashMap::new();
+    let mut first_post: HashMap<(String, String), usize> = HashMap::new();
     for (i, r) in slack.iter().enumerate() {
         let Some(g) = name(r) else { continue };
+        let dest = format!("slack:{}", r.body["channel"].as_str().unwrap_or(""));
         let top = r.path.ends_with("chat.postMessage") && r.body.get("thread_ts").is_none();
         if top {
-            *posts.entry((g.clone(), "slack")).or_insert(0) += 1;
-            first_post.entry((g, "slack")).or_insert(i);
-        } else if r.path.ends_with("chat.update") && !first_post.contains_key(&(g, "slack")) {
+            *posts.entry((g.clone(), dest.clone())).or_insert(0) += 1;
+            first_post.entry((g, dest)).or_insert(i);
+        } else if r.path.ends_with("chat.update") && !first_post.contains_key(&(g, dest)) {
             disorder += 1;
         }
     }
     for (i, r) in discord.iter().enumerate() {
         let Some(g) = name(r) else { continue };
+        let dest = "discord".to_string();
         if r.method == "POST" && r.body.get("message_reference").is_none() {
-            *posts.entry((g.clone(), "discord")).or_insert(0) += 1;
-            first_post.entry((g, "discord")).or_insert(i);
-        } else if r.method == "PATCH" && !first_post.contains_key(&(g, "discord")) {
+            *posts.entry((g.clone(), dest.clone())).or_insert(0) += 1;
+            first_post.entry((g, dest)).or_insert(i);
+        } else if r.method == "PATCH" && !first_post.contains_key(&(g, dest)) {
             disorder += 1;
         }
     }
     (posts, disorder)
 }
 
+/// Second and later top-level posts of a (group, destination) whose first
+/// post was sent before `kill` and the next after it: the posts a killed
+/// replica had made but not recorded. Returns (those, any others).
+fn duplicates_around(slack: &[Recorded], discord: &[Recorded], kill: Instant) -> (usize, usize) {
+    let mut times: BTreeMap<(String, String), Vec<Instant>> = BTreeMap::new();
+    let name = |r: &Recorded| r.raw.find("HaG").map(|i| r.raw[i..i + 8].to_string());
+    for r in slack {
+        if r.path.ends_with("chat.postMessage") && r.body.get("thread_ts").is_none() {
+            if let Some(g) = name(r) {
+                let dest = format!("slack:{}", r.body["channel"].as_str().unwrap_or(""));
+                times.entry((g, dest)).or_default().push(r.at);
+            }
+        }
+    }
+    for r in discord {
+        if r.method == "POST" && r.body.get("message_reference").is_none() {
+            if let Some(g) = name(r) {
+                times.entry((g, "discord".into())).or_default().push(r.at);
+            }
+        }
+    }
+    let (mut at_kill, mut other) = (0, 0);
+    for t in times.values().filter(|t| t.len() > 1) {
+        if t[0] < kill && t[1..].iter().all(|x| *x > kill) {
+            at_kill += t.len() - 1;
+        } else {
+            other += t.len() - 1;
+        }
+    }
+    (at_kill, other)
+}
+
+/// Escalation step replies per alert group id (in `#CLEADS`).
+fn escalation_steps(slack: &[Recorded]) -> BTreeMap<String, usize> {
+    let mut steps = BTreeMap::new();
+    for r in slack {
+        if r.body["channel"] != "CLEADS" || r.body.get("thread_ts").is_none() {
+            continue;
+        }
+        let text = r.body["text"].as_str().unwrap_or("");
+        if let Some(i) = text.find("alert group #") {
+            let id: String = text[i + 13..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect();
+            *steps.entry(id).or_insert(0) += 1;
+        }
+    }
+    steps
+}
+
 fn replica_config(dir: &Path, slack: &FakeApi, discord: &FakeApi, url: &str) -> PathBuf {
     pg_config(dir, slack, discord, url, "")
+}
+
+/// [`replica_config`] where P1 groups not acknowledged within 2 s escalate
+/// once to `#CLEADS` (a post there and a thread reply).
+fn escalating_config(dir: &Path, slack: &FakeApi, discord: &FakeApi, url: &str) -> PathBuf {
+    let path = replica_config(dir, slack, discord, url);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "discord_channel = \"1001\"\n",
+        "discord_channel = \"1001\"\n[routing.destinations.escalation]\nafter = \"2s\"\nnotify = [\"slack:CLEADS\"]\n",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 /// Sends `groups` firing webhooks, each to two replicas (as an AlertManager
@@ -340,8 +406,14 @@ async fn send_all(
     acked
 }
 
-/// Waits until every acknowledged group has a post at both destinations.
-async fn wait_delivered(slack: &FakeApi, discord: &FakeApi, acked: &[usize], timeout: Duration) {
+/// Waits until every acknowledged group has a post at each of `dests`.
+async fn wait_delivered(
+    slack: &FakeApi,
+    discord: &FakeApi,
+    acked: &[usize],
+    dests: &[&str],
+    timeout: Duration,
+) {
     let deadline = Instant::now() + timeout;
     loop {
         let (posts, _) = tally(&slack.requests(), &discord.requests());
@@ -350,7 +422,9 @@ async fn wait_delivered(slack: &FakeApi, discord: &FakeApi, acked: &[usize], tim
             .copied()
             .filter(|g| {
                 let n = format!("HaG{g:05}");
-                !posts.contains_key(&(n.clone(), "slack")) || !posts.contains_key(&(n, "discord"))
+                dests
+                    .iter()
+                    .any(|d| !posts.contains_key(&(n.clone(), d.to_string())))
             })
             .collect();
         if missing.is_empty() {
@@ -385,7 +459,7 @@ async fn three_replicas_deliver_each_alert_once_through_kill_9_and_a_graceful_st
     let discord = FakeApi::discord().await;
     let url = gpuops::store::pg::test_url().await.unwrap();
     gpuops::store::pg::open_url(&url).await.unwrap(); // migrated once
-    let cfg = replica_config(dir.path(), &slack, &discord, &url);
+    let cfg = escalating_config(dir.path(), &slack, &discord, &url);
     let mut procs: Vec<Proc> = (0..3)
         .map(|i| Proc::spawn(dir.path(), &cfg, &format!("replica{i}")))
         .collect();
@@ -400,6 +474,7 @@ async fn three_replicas_deliver_each_alert_once_through_kill_9_and_a_graceful_st
     // kill -9 replica 0 while it delivers. A duplicate can only be a post
     // it had sent but not yet recorded when it died (in flight: at most its
     // delivery concurrency, 8, per destination).
+    let kill_at = Instant::now();
     procs[0].kill9();
     let at_kill = (slack.requests().len(), discord.requests().len());
     acked.extend(send_all(&client, &bases, third..2 * third).await);
@@ -414,26 +489,40 @@ async fn three_replicas_deliver_each_alert_once_through_kill_9_and_a_graceful_st
     // replica of each pair acknowledges them).
     procs[1].terminate();
     acked.extend(send_all(&client, &bases, 2 * third..n).await);
-    wait_delivered(&slack, &discord, &acked, Duration::from_secs(120)).await;
+    let dests = ["slack:CP1", "discord", "slack:CLEADS"];
+    wait_delivered(&slack, &discord, &acked, &dests, Duration::from_secs(150)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while escalation_steps(&slack.requests()).len() < acked.len() {
+        assert!(Instant::now() < deadline, "escalation steps missing");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     slack
-        .expect_no_more(slack.requests().len(), Duration::from_secs(2))
+        .expect_no_more(slack.requests().len(), Duration::from_secs(3))
         .await;
     let (slack_r, discord_r) = (slack.requests(), discord.requests());
     let (posts, disorder) = tally(&slack_r, &discord_r);
-    let dupes: Vec<_> = posts.iter().filter(|(_, n)| **n > 1).collect();
-    let dupes_total: usize = dupes.iter().map(|(_, n)| *n - 1).sum();
+    let (dupes_total, dupes_other) = duplicates_around(&slack_r, &discord_r, kill_at);
+    let steps = escalation_steps(&slack_r);
+    let step_dupes: usize = steps.values().map(|n| n - 1).sum();
     println!(
-        "HA: {n} groups, {} webhooks, {} acknowledged groups, {} top-level posts, {dupes_total} in-flight duplicates at the kill -9 (requests then: slack {}, discord {}), {disorder} out of order, {:.1}s",
+        "HA: {n} groups, {} webhooks, {} acknowledged groups, {} top-level posts, {dupes_total} in-flight duplicates at the kill -9 (requests then: slack {}, discord {}), {disorder} out of order, {} escalation steps ({step_dupes} twice), {:.1}s",
         n * 2,
         acked.len(),
         posts.values().sum::<usize>(),
         at_kill.0,
         at_kill.1,
+        steps.len(),
         started.elapsed().as_secs_f64()
     );
-    assert_eq!(disorder, 0, "edits before posts");
+    assert_eq!(steps.len(), n, "every group escalated");
     assert!(
-        dupes_total <= 2 * 8,
+        step_dupes <= 8,
+        "escalation steps fired twice ({step_dupes}) beyond the deliveries in flight at the kill"
+    );
+    assert_eq!(disorder, 0, "edits before posts");
+    assert_eq!(dupes_other, 0, "posted twice outside the kill -9 window");
+    assert!(
+        dupes_total <= 3 * 8,
         "more duplicates ({dupes_total}) than the killed replica had deliveries in flight"
     );
     assert_eq!(
@@ -559,7 +648,14 @@ async fn postgres_down_for_10s_loses_nothing_acknowledged_and_replicas_recover()
     for p in &procs {
         wait_http_ok(&format!("{}/readyz", p.base), Duration::from_secs(30)).await;
     }
-    wait_delivered(&slack, &discord, &acked, Duration::from_secs(90)).await;
+    wait_delivered(
+        &slack,
+        &discord,
+        &acked,
+        &["slack:CP1", "discord"],
+        Duration::from_secs(90),
+    )
+    .await;
     let (posts, disorder) = tally(&slack.requests(), &discord.requests());
     let dupes: usize = posts.values().map(|n| n - 1).sum();
     println!(
