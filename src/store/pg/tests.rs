@@ -252,3 +252,54 @@ async fn a_starting_replica_interrupts_only_runs_of_replicas_that_are_gone() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run by .ci/run"]
+async fn tls_verifies_the_server_against_ca_file_and_refuses_an_unknown_one() {
+    let admin = std::env::var(crate::store::pg::TEST_URL_VAR).expect("GPUOPS_TEST_POSTGRES_URL");
+    let ca = std::env::var("GPUOPS_TEST_PG_CA").expect("GPUOPS_TEST_PG_CA (set by .ci/postgres)");
+    let url = admin.replace("sslmode=disable", "sslmode=require");
+    assert!(url.contains("sslmode=require"), "{url}");
+    let settings = |ca: Option<&std::path::Path>| {
+        crate::store::pg::Settings::new(&url, None, ca, 2, std::time::Duration::from_secs(5))
+            .unwrap()
+    };
+    let pg = crate::store::pg::Pg::connect(settings(Some(std::path::Path::new(&ca))))
+        .await
+        .unwrap();
+    let c = pg.client().await.unwrap();
+    let tls: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(tls, "the connection is encrypted");
+    // The same server with only the system roots: its certificate is unknown.
+    let e = crate::store::pg::Pg::connect(settings(None))
+        .await
+        .err()
+        .expect("an unverified server is refused")
+        .to_string();
+    assert!(e.contains("cannot connect"), "{e}");
+}
+
+#[test]
+fn a_ca_file_without_certificates_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("ca.pem");
+    std::fs::write(&f, "not a certificate\n").unwrap();
+    let e = crate::store::pg::Settings::new(
+        "postgres://u@127.0.0.1/db?sslmode=require",
+        None,
+        Some(&f),
+        2,
+        std::time::Duration::from_secs(1),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("ca_file") && e.contains("ca.pem"), "{e}");
+}
