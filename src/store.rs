@@ -79,18 +79,6 @@ pub enum Error {
     Schema(String),
 }
 
-impl Error {
-    /// The database could not be reached or did not answer in time: the
-    /// caller should answer 503 (AlertManager retries) rather than 500.
-    pub fn is_unavailable(&self) -> bool {
-        match self {
-            Error::Unavailable(_) | Error::Deadline(_) => true,
-            Error::Postgres(m) => m.starts_with("connection") || m.contains("closed"),
-            _ => false,
-        }
-    }
-}
-
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Error {
         if e.is_closed() {
