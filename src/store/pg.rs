@@ -92,6 +92,12 @@ impl Settings {
             SslMode::Prefer if !loopback => {
                 config.ssl_mode(SslMode::Require);
             }
+            // The default on loopback: plain text, as libpq's "prefer" ends
+            // up with a local server's self-signed (e.g. Debian's snakeoil)
+            // certificate, which rustls would refuse.
+            SslMode::Prefer => {
+                config.ssl_mode(SslMode::Disable);
+            }
             _ => {}
         }
         let tls = tls_connector(ca_file)?;

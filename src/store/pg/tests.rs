@@ -303,3 +303,28 @@ fn a_ca_file_without_certificates_is_an_error_naming_it() {
     .to_string();
     assert!(e.contains("ca_file") && e.contains("ca.pem"), "{e}");
 }
+
+#[test]
+fn sslmode_prefer_is_require_remotely_and_plain_on_loopback() {
+    use tokio_postgres::config::SslMode;
+    let mode = |url: &str| {
+        crate::store::pg::Settings::new(url, None, None, 2, std::time::Duration::from_secs(1))
+            .unwrap()
+            .config
+            .get_ssl_mode()
+    };
+    assert_eq!(mode("postgres://u@db.example/db"), SslMode::Require);
+    assert_eq!(
+        mode("postgres://u@db.example/db?sslmode=prefer"),
+        SslMode::Require
+    );
+    assert_eq!(mode("postgres://u@127.0.0.1/db"), SslMode::Disable);
+    assert_eq!(
+        mode("postgres://u@localhost/db?sslmode=require"),
+        SslMode::Require
+    );
+    assert_eq!(
+        mode("postgres://u@[::1]/db?sslmode=disable"),
+        SslMode::Disable
+    );
+}
