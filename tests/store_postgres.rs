@@ -752,3 +752,52 @@ async fn store_migrate_applies_the_postgres_schema_once() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: run by .ci/run"]
+async fn a_row_enqueued_by_one_replica_wakes_another_through_notify() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let discord = FakeApi::discord().await;
+    let url = gpuops::store::pg::test_url().await.unwrap();
+    let text = bot_config(dir.path(), &slack, &discord, "");
+    let cfg = Arc::new(gpuops::config::BotConfig::from_str(Path::new("t.toml"), &text).unwrap());
+    // Replica a only ingests (no worker); replica b only delivers.
+    let a = gpuops::store::pg::open_url(&url).await.unwrap();
+    let (state_a, _idle) = gpuops::bot::BotState::new(cfg.clone(), a).unwrap();
+    let b = gpuops::store::pg::open_url(&url).await.unwrap();
+    let (state_b, worker_b) = gpuops::bot::BotState::new(cfg, b.clone()).unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let outbox = state_b.outbox.clone();
+    b.pg()
+        .unwrap()
+        .spawn_listener(Arc::new(move || outbox.wake()), rx);
+    tokio::spawn(worker_b.run(std::future::pending()));
+    // Let b's worker find the outbox empty and go to sleep (a 5 s poll).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = Instant::now();
+    let resp = gpuops::bot_role::router(state_a.clone())
+        .oneshot(
+            Request::post("/alertmanager")
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Body::from(am_payload(
+                    "GpuNotify",
+                    "firing",
+                    &[("n1", "critical", "firing")],
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let posted = slack.wait_for(1, Duration::from_secs(10)).await;
+    let latency = posted[0].at.duration_since(sent);
+    println!("NOTIFY wake-up: posted by the other replica after {latency:?}");
+    assert!(
+        latency < Duration::from_secs(2),
+        "delivered after {latency:?}: by the 5 s poll, not by NOTIFY"
+    );
+    let _ = stop.send(true);
+}
