@@ -99,3 +99,31 @@ pub fn read_section<'i>(r: &mut Reader<'i>, s: &mut Section<'i>, cfg: &mut Store
         cfg.sync = v;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::BotConfig;
+
+    #[test]
+    fn url_or_path_not_both_and_a_bad_url_is_shown_without_its_password() {
+        let both = "[store]\npath = \"/tmp/x.db\"\nurl = \"postgres://u@db/x\"\n";
+        let e = BotConfig::from_str(Path::new("b.toml"), both)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not both"), "{e}");
+        let bad = "[store]\nurl = \"mysql://u:hunter2@db/x\"\n";
+        let e = BotConfig::from_str(Path::new("b.toml"), bad)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("postgres://") && !e.contains("hunter2"), "{e}");
+        let ok = "[store]\nurl = \"postgres://u:hunter2@db/x\"\nmigrate_on_start = false\npool_size = 4\nconnect_timeout_secs = 2\n";
+        let c = BotConfig::from_str(Path::new("b.toml"), ok).unwrap();
+        assert!(c.store.url.is_some() && !c.store.migrate_on_start);
+        assert_eq!(c.store.pool_size, 4);
+        assert!(!format!("{c:?}").contains("hunter2"), "the URL is a secret");
+    }
+}
