@@ -57,6 +57,16 @@ impl Notifier for ConsoleNotifier {
                         headline(m)
                     );
                 }
+                Message::Report(r) => {
+                    tracing::info!(
+                        target: "gpuops::alert",
+                        op,
+                        message_id = %message_id,
+                        report = %r.name,
+                        "{}",
+                        r.text
+                    );
+                }
                 Message::Text(t) => {
                     tracing::info!(
                         target: "gpuops::alert",

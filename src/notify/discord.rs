@@ -240,6 +240,11 @@ pub fn render(m: &Message) -> Rendered {
             }
         }
         Message::Alert(a) => render_alert(a),
+        // Placeholder until reports get their embed and attachments.
+        Message::Report(r) => render(&Message::Text(crate::message::TextMessage::new(
+            r.text.clone(),
+            None,
+        ))),
     }
 }
 

@@ -165,6 +165,15 @@ pub fn plan(out: &Outgoing<'_>) -> Option<(Mail, String)> {
             Some((render_text(t, fresh(), root), p.message_id.clone()))
         }
         (Message::Text(_), Op::Reply(_) | Op::Edit(_)) => None,
+        // Placeholder until reports get their HTML body and inline charts.
+        (Message::Report(r), Op::Post) => {
+            let id = fresh();
+            Some((
+                render_text(&TextMessage::new(r.text.clone(), None), id.clone(), None),
+                id,
+            ))
+        }
+        (Message::Report(_), _) => None,
         (Message::Text(t), Op::Post) => {
             let id = fresh();
             Some((render_text(t, id.clone(), None), id))

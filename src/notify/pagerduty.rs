@@ -147,7 +147,7 @@ impl PagerDutyNotifier {
         let m = match out.message {
             Message::Alert(m) => m,
             // Thread replies (runbook output, escalation notes) are chat's.
-            Message::Text(_) => {
+            Message::Text(_) | Message::Report(_) => {
                 let parent = match &out.op {
                     Op::Reply(p) | Op::Edit(p) => p.message_id.clone(),
                     Op::Post => "-".to_string(),

@@ -221,6 +221,8 @@ pub fn render(message: &Message) -> SlackMessageContent {
     match message {
         Message::Alert(m) => render_alert(m),
         Message::Text(t) => render_text(t),
+        // Placeholder until reports get their blocks and file uploads.
+        Message::Report(r) => render_text(&TextMessage::new(r.text.clone(), None)),
     }
 }
 

@@ -117,6 +117,7 @@ impl WebhookNotifier {
             let head = match out.message {
                 Message::Alert(m) => headline(m),
                 Message::Text(t) => truncate_chars(&t.text, 200),
+                Message::Report(r) => truncate_chars(&r.title, 200),
             };
             let body = serde_json::json!({
                 "version": "1",
