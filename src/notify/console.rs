@@ -63,6 +63,9 @@ impl Notifier for ConsoleNotifier {
                         op,
                         message_id = %message_id,
                         report = %r.name,
+                        title = %r.title,
+                        late = r.late,
+                        charts = r.charts.len(),
                         "{}",
                         r.text
                     );

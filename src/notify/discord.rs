@@ -9,7 +9,8 @@
 //! description ≤ 4096, ≤ 25 fields, field name ≤ 256 and value ≤ 1024, footer
 //! ≤ 2048, all embed text ≤ 6000, content ≤ 2000, button label ≤ 80,
 //! custom_id ≤ 100. The token is only in the Authorization header; errors
-//! are redacted.
+//! are redacted. Health reports (an embed with the charts attached,
+//! multipart) are `discord/report.rs`.
 
 use std::time::Duration;
 
@@ -35,6 +36,8 @@ pub const MAX_FOOTER: usize = 2048;
 pub const MAX_EMBED_TOTAL: usize = 6000;
 pub const MAX_BUTTON_LABEL: usize = 80;
 
+pub mod report;
+
 pub struct DiscordNotifier {
     http: Http,
     client: reqwest::Client,
@@ -59,6 +62,12 @@ impl DiscordNotifier {
         let built = req
             .build(&self.client, self.http.token(), self.http.proxy.as_deref())
             .map_err(|e| Error::permanent(format!("discord request: {e}")))?;
+        self.respond(built).await
+    }
+
+    /// Sends a built request; the body of a 2xx answer, or the error kind
+    /// (a 429's `retry_after` kept).
+    async fn respond(&self, built: reqwest::RequestBuilder) -> Result<String, Error> {
         let resp = built.send().await.map_err(|e| {
             Error::retryable(format!("discord request failed: {}", e.without_url()))
         })?;
@@ -108,6 +117,9 @@ impl Notifier for DiscordNotifier {
 
     fn send<'a>(&'a self, out: &'a Outgoing<'a>) -> BoxFuture<'a, Result<Delivery, Error>> {
         Box::pin(async move {
+            if let (Message::Report(r), Op::Post | Op::Reply(_)) = (out.message, &out.op) {
+                return report::send(self, out, r).await;
+            }
             let parse_id = |s: &str, what: &str| {
                 s.parse::<u64>()
                     .ok()
@@ -240,11 +252,15 @@ pub fn render(m: &Message) -> Rendered {
             }
         }
         Message::Alert(a) => render_alert(a),
-        // Placeholder until reports get their embed and attachments.
-        Message::Report(r) => render(&Message::Text(crate::message::TextMessage::new(
-            r.text.clone(),
-            None,
-        ))),
+        // An edit keeps the attachments; the first stays the image.
+        Message::Report(r) => Rendered {
+            content: String::new(),
+            embed: Some(report::embed(
+                r,
+                report::attachments(r).first().map(|(n, _)| n.as_str()),
+            )),
+            components: Vec::new(),
+        },
     }
 }
 

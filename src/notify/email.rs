@@ -15,7 +15,8 @@
 //! without a parent (the digest) is its own mail, its first line the subject.
 //!
 //! SMTP 4xx and network errors are retried by the outbox; 5xx are
-//! permanent. Credentials never appear in an error.
+//! permanent. Credentials never appear in an error. Health reports (text
+//! and HTML with inline charts) are `email/report.rs`.
 
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ use crate::notify::{
 /// Thread replies starting with this are mailed (escalation notes); other
 /// replies (runbook output) stay in chat.
 pub const MAILED_REPLY_PREFIX: &str = "⏫ Escalation";
+
+pub mod report;
 
 pub struct EmailNotifier {
     transport: AsyncSmtpTransport<Tokio1Executor>,
@@ -97,6 +100,9 @@ impl EmailNotifier {
             .channel
             .parse()
             .map_err(|e| Error::permanent(format!("{:?} is not an address: {e}", out.channel)))?;
+        if let Message::Report(r) = out.message {
+            return report::send(self, out, to, r).await;
+        }
         let Some((mail, state)) = plan(out) else {
             let id = match &out.op {
                 Op::Edit(p) | Op::Reply(p) => p.message_id.clone(),
@@ -165,14 +171,7 @@ pub fn plan(out: &Outgoing<'_>) -> Option<(Mail, String)> {
             Some((render_text(t, fresh(), root), p.message_id.clone()))
         }
         (Message::Text(_), Op::Reply(_) | Op::Edit(_)) => None,
-        // Placeholder until reports get their HTML body and inline charts.
-        (Message::Report(r), Op::Post) => {
-            let id = fresh();
-            Some((
-                render_text(&TextMessage::new(r.text.clone(), None), id.clone(), None),
-                id,
-            ))
-        }
+        // Reports are mailed by `report.rs` (with their charts).
         (Message::Report(_), _) => None,
         (Message::Text(t), Op::Post) => {
             let id = fresh();

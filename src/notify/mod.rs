@@ -5,7 +5,9 @@
 //! calls them is the top-level `outbox` module; notifiers never import it.
 //!
 //! Wire formats live only in `slack.rs`, `discord.rs`, `webhook.rs`,
-//! `pagerduty.rs`, `email.rs` and `console.rs`. Errors leaving a notifier are already redacted: no token,
+//! `pagerduty.rs`, `email.rs` and `console.rs` (and their `report.rs`
+//! children: health reports); `report_lines.rs` turns a report's Markdown
+//! lines into each platform's syntax within its limits. Errors leaving a notifier are already redacted: no token,
 //! signing secret or webhook URL may appear in them. Nothing here parses
 //! AlertManager payloads or touches the store.
 
@@ -13,6 +15,7 @@ pub mod console;
 pub mod discord;
 pub mod email;
 pub mod pagerduty;
+pub mod report_lines;
 pub mod slack;
 pub mod webhook;
 
