@@ -25,15 +25,27 @@ use crate::notify::{truncate_chars, Delivery, Error, Op, Outgoing, PlatformRef};
 
 /// Attachments per message (Discord's limit).
 pub const MAX_ATTACHMENTS: usize = 10;
+/// The charts' bytes per message: below the 10 MiB a bot may upload to a
+/// server without boosts, leaving room for the form and the JSON.
+pub const MAX_ATTACHMENT_BYTES: usize = 8 * 1024 * 1024;
 /// Room the summary always leaves for the sections (when there are any).
 const SECTIONS_RESERVE: usize = 1500;
 
-/// The charts a message carries: at most [`MAX_ATTACHMENTS`], with file
-/// names Discord's `attachment://` accepts.
+/// The charts a message carries: at most [`MAX_ATTACHMENTS`] and
+/// [`MAX_ATTACHMENT_BYTES`] (in order; a chart that does not fit is left
+/// out), with file names Discord's `attachment://` accepts.
 pub fn attachments(r: &ReportMessage) -> Vec<(String, &Chart)> {
     let mut seen = std::collections::HashSet::new();
+    let mut bytes = 0usize;
     r.charts
         .iter()
+        .filter(|c| {
+            let fits = bytes + c.png.len() <= MAX_ATTACHMENT_BYTES;
+            if fits {
+                bytes += c.png.len();
+            }
+            fits
+        })
         .take(MAX_ATTACHMENTS)
         .enumerate()
         .map(|(i, c)| {
@@ -70,7 +82,7 @@ fn file_name(name: &str) -> String {
 /// The report's embed; `image` is the first attachment's file name.
 pub fn embed(r: &ReportMessage, image: Option<&str>) -> CreateEmbed {
     let title = truncate_chars(&r.title, MAX_TITLE);
-    let dropped = r.charts.len().saturating_sub(MAX_ATTACHMENTS);
+    let dropped = r.charts.len().saturating_sub(attachments(r).len());
     let mut footer = format!("gpuops · {} report", r.name);
     if dropped > 0 {
         footer.push_str(&format!(" · {dropped} more charts not attached"));
@@ -304,6 +316,10 @@ mod tests {
             "{last}"
         );
         assert_eq!(files.len(), MAX_ATTACHMENTS);
+        assert!(e["footer"]["text"]
+            .as_str()
+            .unwrap()
+            .ends_with("2 more charts not attached"));
         assert_eq!(e["image"]["url"], "attachment://chart_0.png");
         let ids: Vec<i64> = v["attachments"]
             .as_array()
@@ -315,6 +331,15 @@ mod tests {
         assert_eq!(v["attachments"][3]["filename"], "chart_3.png");
         assert!(desc.contains("[XID 79](http://prom:9090/graph?g0.expr=increase%28x[24h]%29)"));
         assert_eq!(v["allowed_mentions"]["parse"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn charts_beyond_the_upload_limit_are_left_out() {
+        let mut r = report(1, 1, 3);
+        r.charts[0].png = vec![0; MAX_ATTACHMENT_BYTES - 6];
+        r.charts[1].png = vec![0; 10];
+        let names: Vec<String> = attachments(&r).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["chart_0.png", "chart_2.png"].map(String::from));
     }
 
     #[test]
