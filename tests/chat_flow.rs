@@ -13,9 +13,10 @@ mod chat_support;
 use std::sync::{Arc, Mutex};
 
 use chat_support::*;
+use futures_util::future::BoxFuture;
 use gpuops::notify::{Button, Message};
 use gpuops::runbook::engine::{Executor, NodeSteps};
-use gpuops::runbook::exec::{BoxFuture, CommandOutput, CommandRunner, CommandSpec, RunError};
+use gpuops::runbook::exec::{CommandOutput, CommandRunner, CommandSpec, RunError};
 use gpuops::signing::Clock as _;
 
 const RUNBOOK: &str = r#"

@@ -13,6 +13,7 @@
 
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serenity::all::{
     ButtonStyle, ChannelId, CreateActionRow, CreateAllowedMentions, CreateButton, CreateEmbed,
     CreateEmbedFooter, CreateMessage, EditMessage, MessageId, MessageReference,
@@ -22,7 +23,7 @@ use serenity::http::{Http, HttpBuilder, LightMethod, Request, Route};
 use crate::config::bot::DiscordConfig;
 use crate::notify::{
     alert_line_text, fit_lines, headline, status_text, tier_text, truncate_chars, AlertMessage,
-    BoxFuture, Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
+    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
 };
 
 pub const MAX_CONTENT: usize = 2000;
