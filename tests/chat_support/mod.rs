@@ -322,6 +322,7 @@ pub fn next_trigger_id() -> String {
 pub fn slack_button_body(user: &str, action_id: &str, value: &str, response_url: &str) -> String {
     let payload = serde_json::json!({
         "type": "block_actions",
+        "team": { "id": "T0001", "domain": "gpuops-test" },
         "user": { "id": user, "username": user.to_ascii_lowercase(), "team_id": "T0001" },
         "api_app_id": "A0001",
         "trigger_id": next_trigger_id(),
