@@ -25,7 +25,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serenity::all::{
-    CommandData, CommandDataOptionValue, Interaction, User as DiscordUser, UserId,
+    CommandData, CommandDataOptionValue, CommandOptionType, CommandType, CreateCommand,
+    CreateCommandOption, Interaction, User as DiscordUser, UserId,
 };
 
 use crate::chat::{
@@ -41,19 +42,21 @@ pub const DEFERRED_CHANNEL_MESSAGE: u8 = 5;
 /// Message flag: only the user who asked sees it.
 pub const EPHEMERAL: u64 = 64;
 
-/// The command registered with Discord (see README.md, "Set up Slack and Discord").
-pub fn command_definition() -> serde_json::Value {
-    serde_json::json!({
-        "name": "gpuops",
-        "type": 1,
-        "description": "GPU cluster operations: alerts, silences, runbooks",
-        "options": [{
-            "type": 3,
-            "name": "command",
-            "description": "e.g. help, status, alerts, ack 12, silence GpuXid 1h, run gpu-xid alert=12",
-            "required": false
-        }]
-    })
+/// The slash commands `gpuops discord register` registers: `/gpuops` with
+/// one optional string option, `command`, holding the same text as Slack's
+/// `/gpuops …` (read back by [`command_text`], parsed by the chat grammar).
+pub fn slash_commands() -> Vec<CreateCommand> {
+    vec![CreateCommand::new("gpuops")
+        .kind(CommandType::ChatInput)
+        .description("GPU cluster operations: alerts, silences, runbooks")
+        .add_option(
+            CreateCommandOption::new(
+                CommandOptionType::String,
+                "command",
+                "e.g. help, status, alerts, ack 12, silence GpuXid 1h, run gpu-xid alert=12",
+            )
+            .required(false),
+        )]
 }
 
 /// `POST /discord/interactions`.
