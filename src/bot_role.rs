@@ -1,5 +1,6 @@
 //! The bot role's wiring: configuration, store, notifiers, outbox worker,
-//! HTTP router, start-up self test, shutdown; and `gpuops audit`.
+//! HTTP router, start-up self test, shutdown; `gpuops audit` and
+//! `gpuops discord register`.
 //!
 //! The router builder ([`router_with`]) is public so the chat role can mount
 //! `/slack/*` and `/discord/*` beside `/alertmanager`. Nothing below imports
@@ -20,7 +21,7 @@ use tracing::Instrument as _;
 
 use crate::alert;
 use crate::bot::state::{BotMetrics, BotState};
-use crate::cli::{AuditArgs, BotArgs};
+use crate::cli::{AuditArgs, BotArgs, DiscordCommand, DiscordRegisterArgs};
 use crate::config::BotConfig;
 use crate::notify::console::ConsoleNotifier;
 use crate::notify::discord::DiscordNotifier;
@@ -384,6 +385,64 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
                 ""
             }
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `gpuops discord …`.
+pub fn discord(cmd: DiscordCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DiscordCommand::Register(args) => discord_register(args),
+    }
+}
+
+/// `gpuops discord register`: puts the chat's slash commands
+/// ([`crate::chat::discord::slash_commands`]) as the application's global
+/// commands and prints what Discord registered.
+fn discord_register(args: DiscordRegisterArgs) -> anyhow::Result<ExitCode> {
+    let cfg = BotConfig::from_file(&args.config)?;
+    let file = args.config.display();
+    let Some(discord) = &cfg.discord else {
+        anyhow::bail!("{file} has no [discord] section");
+    };
+    let Some(application_id) = discord.application_id else {
+        anyhow::bail!(
+            "[discord] application_id is not set in {file} (the Discord developer portal: \
+             General Information, Application ID)"
+        );
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let registered = rt.block_on(crate::notify::discord::set_global_commands(
+        discord,
+        application_id,
+        crate::chat::discord::slash_commands(),
+        cfg.delivery.timeout,
+    ))?;
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "registered {} global command(s) for Discord application {application_id}:",
+        registered.len()
+    )
+    .context("cannot write to stdout")?;
+    for c in &registered {
+        writeln!(out, "  /{} (id {}): {}", c.name, c.id, c.description)
+            .context("cannot write to stdout")?;
+        for o in &c.options {
+            writeln!(
+                out,
+                "    {}: {}, {}: {}",
+                o.name,
+                format!("{:?}", o.kind).to_lowercase(),
+                if o.required { "required" } else { "optional" },
+                o.description
+            )
+            .context("cannot write to stdout")?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

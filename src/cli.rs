@@ -34,6 +34,23 @@ pub enum Command {
     Audit(AuditArgs),
     /// Write a new Ed25519 key pair for signing agent exec requests.
     Keygen(KeygenArgs),
+    /// Set up the bot's Discord application.
+    #[command(subcommand)]
+    Discord(DiscordCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiscordCommand {
+    /// Register the /gpuops slash command globally for [discord] application_id
+    Register(DiscordRegisterArgs),
+}
+
+/// `gpuops discord register`.
+#[derive(Debug, Args)]
+pub struct DiscordRegisterArgs {
+    /// Bot configuration file (TOML) with [discord] bot_token and application_id
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
 }
 
 /// `gpuops keygen`.

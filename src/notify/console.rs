@@ -3,9 +3,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use futures_util::future::BoxFuture;
+
 use crate::notify::{
-    alert_line_text, headline, tier_text, BoxFuture, Delivery, Error, Message, Notifier, Op,
-    Outgoing, PlatformRef,
+    alert_line_text, headline, tier_text, Delivery, Error, Message, Notifier, Op, Outgoing,
+    PlatformRef,
 };
 
 #[derive(Default)]

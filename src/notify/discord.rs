@@ -14,16 +14,18 @@
 
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serenity::all::{
-    ButtonStyle, ChannelId, CreateActionRow, CreateAllowedMentions, CreateButton, CreateEmbed,
-    CreateEmbedFooter, CreateMessage, EditMessage, MessageId, MessageReference,
+    ApplicationId, ButtonStyle, ChannelId, Command, CreateActionRow, CreateAllowedMentions,
+    CreateButton, CreateCommand, CreateEmbed, CreateEmbedFooter, CreateMessage, EditMessage,
+    MessageId, MessageReference,
 };
-use serenity::http::{Http, HttpBuilder, LightMethod, Request, Route};
+use serenity::http::{Http, HttpBuilder, HttpError, LightMethod, Request, Route};
 
 use crate::config::bot::DiscordConfig;
 use crate::notify::{
     alert_line_text, fit_lines, headline, status_text, tier_text, truncate_chars, AlertMessage,
-    BoxFuture, Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
+    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
 };
 
 pub const MAX_CONTENT: usize = 2000;
@@ -45,17 +47,11 @@ pub struct DiscordNotifier {
 
 impl DiscordNotifier {
     pub fn new(cfg: &DiscordConfig, timeout: Duration) -> anyhow::Result<DiscordNotifier> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .user_agent(concat!("gpuops/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        let http = HttpBuilder::new(cfg.bot_token.expose())
-            .proxy(cfg.api_url.clone())
-            .ratelimiter_disabled(true)
-            .client(client.clone())
-            .build();
-        Ok(DiscordNotifier { http, client })
+        let (http, client) = http_client(cfg, timeout)?;
+        Ok(DiscordNotifier {
+            http: http.build(),
+            client,
+        })
     }
 
     async fn execute(&self, req: Request<'_>) -> Result<String, Error> {
@@ -108,6 +104,72 @@ impl DiscordNotifier {
         }
         Err(Error::from_status(status, None, &detail))
     }
+}
+
+/// serenity's `Http` for `cfg` (not yet built): the bot token, `api_url` as
+/// its proxy (Discord itself, or a local fake in tests), no rate limiter (it
+/// ignores the proxy), and our reqwest client with `timeout`.
+fn http_client(
+    cfg: &DiscordConfig,
+    timeout: Duration,
+) -> anyhow::Result<(HttpBuilder, reqwest::Client)> {
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .user_agent(concat!("gpuops/", env!("CARGO_PKG_VERSION")))
+        .build()?;
+    let http = HttpBuilder::new(cfg.bot_token.expose())
+        .proxy(cfg.api_url.clone())
+        .ratelimiter_disabled(true)
+        .client(client.clone());
+    Ok((http, client))
+}
+
+/// Replaces the application's global slash commands with `commands`
+/// (serenity's `Command::set_global_commands`:
+/// `PUT /api/v10/applications/{application_id}/commands`) and returns them
+/// as Discord registered them. An error names the HTTP status and Discord's
+/// message, never the token.
+pub async fn set_global_commands(
+    cfg: &DiscordConfig,
+    application_id: u64,
+    commands: Vec<CreateCommand>,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Command>> {
+    let application_id = ApplicationId::new(application_id);
+    let (http, _) = http_client(cfg, timeout)?;
+    let http = http.application_id(application_id).build();
+    let path = format!("PUT /api/v10/applications/{application_id}/commands");
+    Command::set_global_commands(&http, commands)
+        .await
+        .map_err(|e| match e {
+            serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) => {
+                let mut detail = format!(
+                    "{path}: HTTP {}: {} (Discord error {})",
+                    r.status_code.as_u16(),
+                    r.error.message,
+                    r.error.code
+                );
+                for err in &r.error.errors {
+                    detail.push_str(&format!("; {}: {}", err.path, err.message));
+                }
+                if r.status_code.as_u16() == 401 {
+                    detail.push_str("; is [discord] bot_token right?");
+                }
+                anyhow::anyhow!(crate::telemetry::redact(&detail))
+            }
+            serenity::Error::Http(HttpError::Request(e)) => {
+                let e = e.without_url();
+                let mut detail = format!("{path}: request failed: {e}");
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    detail.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                anyhow::anyhow!(crate::telemetry::redact(&detail))
+            }
+            other => anyhow::anyhow!(crate::telemetry::redact(&format!("{path}: {other}"))),
+        })
 }
 
 impl Notifier for DiscordNotifier {

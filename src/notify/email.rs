@@ -20,6 +20,7 @@
 
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport as _, Tokio1Executor};
@@ -27,8 +28,8 @@ use sha2::Digest as _;
 
 use crate::config::paging::EmailConfig;
 use crate::notify::{
-    alert_line_text, headline, status_text, tier_text, AlertMessage, BoxFuture, Delivery, Error,
-    GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef, TextMessage,
+    alert_line_text, headline, status_text, tier_text, AlertMessage, Delivery, Error, GroupStatus,
+    Message, Notifier, Op, Outgoing, PlatformRef, TextMessage,
 };
 
 /// Thread replies starting with this are mailed (escalation notes); other

@@ -19,9 +19,9 @@ pub mod report_lines;
 pub mod slack;
 pub mod webhook;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
+
+use futures_util::future::BoxFuture;
 
 use serde::{Deserialize, Serialize};
 
@@ -147,9 +147,6 @@ impl Error {
         }
     }
 }
-
-/// A boxed future (the trait is used as `dyn Notifier`).
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// One chat platform (or sink). Implementations hold their clients and
 /// secrets; they never log a secret and never put one in an [`Error`].

@@ -22,11 +22,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde_json::json;
 
 use crate::notify::{
-    alert_line_text, headline, truncate_chars, AlertMessage, BoxFuture, Delivery, Error,
-    GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
+    alert_line_text, headline, truncate_chars, AlertMessage, Delivery, Error, GroupStatus, Message,
+    Notifier, Op, Outgoing, PlatformRef,
 };
 use crate::routing::{Routing, Tier};
 

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use slack_morphism::errors::SlackClientError;
@@ -19,8 +20,7 @@ use slack_morphism::prelude::*;
 use crate::config::bot::SlackConfig;
 use crate::notify::{
     alert_line_text, fit_lines, headline, status_text, tier_text, truncate_chars, AlertMessage,
-    BoxFuture, Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
-    TextMessage,
+    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef, TextMessage,
 };
 use crate::routing::Tier;
 

@@ -28,10 +28,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+
 use crate::config::Secret;
 use crate::notify::{
-    headline, truncate_chars, BoxFuture, Delivery, Error, Message, Notifier, Op, Outgoing,
-    PlatformRef,
+    headline, truncate_chars, Delivery, Error, Message, Notifier, Op, Outgoing, PlatformRef,
 };
 use crate::routing::{webhook_id, Routing};
 

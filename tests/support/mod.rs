@@ -403,6 +403,30 @@ async fn handle(
         }
         Kind::Discord => {
             let parts: Vec<&str> = uri.path().split('/').collect();
+            // PUT /api/v10/applications/{a}/commands: the commands as
+            // Discord registers them (ids, application id, version added).
+            if method == Method::PUT
+                && parts.get(3) == Some(&"applications")
+                && parts.get(5) == Some(&"commands")
+            {
+                let app = parts.get(4).copied().unwrap_or("");
+                let registered: Vec<serde_json::Value> = json
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut c)| {
+                        let cid = 1_300_000_000_000_000_000u64 + 100 * id + i as u64;
+                        c["id"] = serde_json::json!(cid.to_string());
+                        c["application_id"] = serde_json::json!(app);
+                        c["version"] = serde_json::json!((cid + 1).to_string());
+                        c["default_member_permissions"] = serde_json::Value::Null;
+                        c
+                    })
+                    .collect();
+                return axum::Json(registered).into_response();
+            }
             // /api/v10/channels/{c}/messages[/{m}]
             let channel = parts.get(4).copied().unwrap_or("").to_string();
             let message_id = match parts.get(6) {
