@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Runbook(cmd) => gpuops::runbook::cli(cmd),
         Command::Audit(args) => gpuops::bot_role::audit(args),
         Command::Keygen(args) => gpuops::exec_auth::keygen(args),
+        Command::Report(cmd) => gpuops::bot_role::report(cmd),
     };
     match result {
         Ok(code) => code,
