@@ -7,6 +7,7 @@
 #![allow(clippy::disallowed_methods)] // runs the real binary
 
 mod report_support;
+mod support;
 
 use std::path::Path;
 use std::process::Command;
@@ -492,4 +493,68 @@ async fn only_if_findings_claims_a_quiet_slot_without_sending() {
         Some((AT as f64, Outcome::Empty))
     );
     assert_eq!(a.store.pending().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_send_delivers_through_the_outbox_and_fails_on_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = support::FakeApi::slack().await;
+    let discord = support::FakeApi::discord().await;
+    let down = format!("http://127.0.0.1:{}", report_support::free_port());
+    let extra = format!(
+        "[prometheus]\nurl = \"{down}\"\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\ntimezone = \"Europe/Berlin\"\nslack_channel = \"CREPORTS\"\ndiscord_channel = \"2002\"\n"
+    );
+    let path = dir.path().join("bot.toml");
+    std::fs::write(
+        &path,
+        support::bot_config(dir.path(), &slack, &discord, &extra),
+    )
+    .unwrap();
+    let send = |path: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_gpuops"))
+                .args(["report", "send", "--name", "daily", "--timeout", "20s"])
+                .args(["--at", "2025-11-28T09:00:00+01:00"])
+                .arg("--config")
+                .arg(path)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = send(path.clone()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("2 delivered, 0 dead-lettered, 0 still pending"),
+        "{stderr}"
+    );
+    assert!(
+        slack
+            .requests()
+            .iter()
+            .any(|r| r.raw.contains("CREPORTS") && r.raw.contains("Daily health report")),
+        "{:?}",
+        slack.requests()
+    );
+    assert!(
+        discord
+            .requests()
+            .iter()
+            .any(|r| r.path.contains("/channels/2002/")),
+        "{:?}",
+        discord.requests()
+    );
+
+    // Slack refuses the channel for good: a dead letter, and the command says so.
+    slack.script((0..5).map(|_| {
+        support::Scripted::new(
+            200,
+            serde_json::json!({"ok": false, "error": "channel_not_found"}),
+        )
+    }));
+    let out = send(path).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("1 delivered, 1 dead-lettered"), "{stderr}");
+    assert!(stderr.contains("dead letter: slack:CREPORTS"), "{stderr}");
 }

@@ -151,7 +151,14 @@ pub fn utilization_chart(
         return Err("the bundled font cannot be read".into());
     }
     let mut buf = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
-    let long = end - start > 2.0 * 86_400.0;
+    // The x axis counts hours (days for more than two days) from the
+    // period's start, so its labels fall on whole hours (days).
+    let unit = if end - start > 2.0 * 86_400.0 {
+        86_400.0
+    } else {
+        3600.0
+    };
+    let span = (end - start) / unit;
     {
         let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -160,13 +167,13 @@ pub fn utilization_chart(
             .margin(16)
             .x_label_area_size(56)
             .y_label_area_size(70)
-            .build_cartesian_2d(start..end, 0f64..100f64)
+            .build_cartesian_2d(0f64..span, 0f64..100f64)
             .map_err(|e| e.to_string())?;
         let fmt_x = |x: &f64| {
-            DateTime::from_timestamp(*x as i64, 0)
+            DateTime::from_timestamp((start + x * unit).round() as i64, 0)
                 .map(|t| {
                     let t = t.with_timezone(&tz);
-                    if long {
+                    if unit > 3600.0 {
                         t.format("%-d %b").to_string()
                     } else {
                         t.format("%H:%M").to_string()
@@ -176,7 +183,7 @@ pub fn utilization_chart(
         };
         chart
             .configure_mesh()
-            .x_labels(9)
+            .x_labels(13)
             .y_labels(6)
             .x_label_formatter(&fmt_x)
             .y_label_formatter(&|y: &f64| format!("{y:.0}"))
@@ -190,7 +197,7 @@ pub fn utilization_chart(
         let series: Vec<(f64, f64)> = points
             .iter()
             .filter(|(t, v)| t.is_finite() && v.is_finite())
-            .map(|(t, v)| (*t, v.clamp(0.0, 100.0)))
+            .map(|(t, v)| ((*t - start) / unit, v.clamp(0.0, 100.0)))
             .collect();
         chart
             .draw_series(LineSeries::new(
@@ -219,7 +226,8 @@ pub fn bar_chart(
         .iter()
         .map(|(_, v)| v.iter().sum::<f64>())
         .fold(0.0f64, f64::max)
-        .max(1.0);
+        .max(1.0)
+        .ceil();
     let mut buf = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
@@ -238,7 +246,7 @@ pub fn bar_chart(
             .margin(16)
             .x_label_area_size(56)
             .y_label_area_size(label_width)
-            .build_cartesian_2d(0f64..max * 1.1, (0..n).into_segmented())
+            .build_cartesian_2d(0f64..max * 1.1, (0..n - 1).into_segmented())
             .map_err(|e| e.to_string())?;
         let name_of = |v: &SegmentValue<i32>| match v {
             SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
@@ -259,6 +267,7 @@ pub fn bar_chart(
         chart
             .configure_mesh()
             .y_labels(n as usize)
+            .x_labels((max as usize + 1).min(11))
             .y_label_formatter(&name_of)
             .x_label_formatter(&|x: &f64| crate::report::render::fmt_num(*x))
             .x_desc(x_desc)
@@ -353,5 +362,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(decode(&png).0, WIDTH);
+        let one = bar_chart("one", "h", &bars[..1], &[("idle", BLUE)]).unwrap();
+        assert_eq!(decode(&one).0, WIDTH);
     }
 }
