@@ -448,11 +448,16 @@ pub fn report(cmd: crate::cli::ReportCommand) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
                 eprintln!(
-                    "report {:?}: {} delivered, {} dead-lettered, {} still pending",
+                    "report {:?}: {} delivered, {} dead-lettered, {} still pending{}",
                     report.name,
                     r.delivered,
                     r.dead.len(),
-                    r.pending
+                    r.pending,
+                    if r.handed_to_bot > 0 {
+                        format!(" ({} handed to the bot's outbox)", r.handed_to_bot)
+                    } else {
+                        String::new()
+                    }
                 );
                 for d in &r.dead {
                     eprintln!("gpuops: dead letter: {d}");

@@ -521,9 +521,26 @@ async fn report_send_delivers_through_the_outbox_and_fails_on_a_dead_letter() {
                 .unwrap()
         })
     };
+    // A row of the bot's own outbox (a running bot delivers it): not ours to send.
+    let bot_store = Store::open(&dir.path().join("bot.db")).unwrap();
+    bot_store
+        .enqueue_report(vec![gpuops::store::reports::ReportDelivery {
+            destination: "slack:COTHER".into(),
+            body: serde_json::to_string(&gpuops::message::Message::Text(
+                gpuops::message::TextMessage::new("the bot's", None),
+            ))
+            .unwrap(),
+        }])
+        .await
+        .unwrap();
     let out = send(path.clone()).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+    assert!(
+        !slack.requests().iter().any(|r| r.raw.contains("COTHER")),
+        "the bot's row was left to the bot"
+    );
+    assert_eq!(bot_store.pending().await.unwrap(), 1);
     assert!(
         stderr.contains("2 delivered, 0 dead-lettered, 0 still pending"),
         "{stderr}"
@@ -552,9 +569,32 @@ async fn report_send_delivers_through_the_outbox_and_fails_on_a_dead_letter() {
             serde_json::json!({"ok": false, "error": "channel_not_found"}),
         )
     }));
-    let out = send(path).await.unwrap();
+    let out = send(path.clone()).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("1 delivered, 1 dead-lettered"), "{stderr}");
     assert!(stderr.contains("dead letter: slack:CREPORTS"), "{stderr}");
+
+    // Slack down past the deadline: what is left goes to the bot's outbox.
+    slack.set_down(true);
+    let quick = std::fs::read_to_string(&path).unwrap();
+    let quick_path = dir.path().join("quick.toml");
+    std::fs::write(&quick_path, quick).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_gpuops"))
+            .args(["report", "send", "--name", "daily", "--timeout", "2s"])
+            .arg("--config")
+            .arg(quick_path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("1 still pending (1 handed to the bot's outbox)"),
+        "{stderr}"
+    );
+    assert_eq!(bot_store.pending().await.unwrap(), 2);
 }

@@ -1,7 +1,8 @@
 //! `gpuops report preview` (write `report.md`, `report.html` and one PNG
-//! per chart, post nothing) and `gpuops report send` (enqueue the report for
-//! its destinations through the outbox and deliver it now, with a
-//! deadline). The role wiring (`bot_role::report`) builds the notifiers.
+//! per chart, post nothing) and `gpuops report send` (deliver the report to
+//! its destinations now through an outbox of its own, with the bot's retry
+//! policy and a deadline; what is still pending then goes to the bot's
+//! outbox). The role wiring (`bot_role::report`) builds the notifiers.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::outbox::{Notifiers, Worker};
 use crate::report::schedule::deliveries;
 use crate::report::{build, Built, Inputs};
 use crate::store::outbox::Outbox;
+use crate::store::reports::ReportDelivery;
 use crate::store::Store;
 
 /// The report named `name`, or an error listing the names there are.
@@ -107,13 +109,18 @@ pub struct SendResult {
     pub delivered: usize,
     /// `destination: error` per dead letter.
     pub dead: Vec<String>,
-    /// Still in the outbox at the deadline.
+    /// Still pending at the deadline.
     pub pending: usize,
+    /// Of those, handed to the bot's outbox.
+    pub handed_to_bot: usize,
 }
 
-/// Enqueues `built` for the report's destinations and runs an outbox
-/// worker until those rows are delivered or dead-lettered, or `deadline`
-/// passes (rows left then stay in the outbox for the bot).
+/// Delivers `built` to the report's destinations through an outbox of its
+/// own (a private store in a temporary directory, so a bot running on the
+/// same database neither sees these rows nor has its own delivered twice),
+/// with the bot's retry policy, until each row is delivered or
+/// dead-lettered, or `deadline` passes; rows still pending then are handed
+/// to the bot's outbox (`store`), which delivers them when the bot runs.
 pub async fn send(
     cfg: Arc<BotConfig>,
     report: &ReportConfig,
@@ -124,6 +131,53 @@ pub async fn send(
 ) -> anyhow::Result<SendResult> {
     let message = Message::Report(Box::new(built.message));
     let rows = deliveries(report, &message);
+    let dir = std::env::temp_dir().join(format!(
+        "gpuops-report-send-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let db = dir.join("outbox.db");
+    let private = tokio::task::spawn_blocking(move || Store::open(&db))
+        .await
+        .context("store task failed")?
+        .context("cannot open a private outbox")?;
+    let result = deliver(cfg, private.clone(), rows, notifiers, deadline).await;
+    let handed = match &result {
+        Ok(r) if r.pending > 0 => {
+            let left: Vec<ReportDelivery> = private
+                .due(f64::MAX, 1000)
+                .await
+                .context("cannot read the private outbox")?
+                .into_iter()
+                .filter_map(|row| {
+                    Some(ReportDelivery {
+                        destination: row.destination,
+                        body: row.body?,
+                    })
+                })
+                .collect();
+            store
+                .enqueue_report(left)
+                .await
+                .context("cannot hand the pending deliveries to the bot's outbox")?
+                .len()
+        }
+        _ => 0,
+    };
+    drop(private);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut r = result?;
+    r.handed_to_bot = handed;
+    Ok(r)
+}
+
+async fn deliver(
+    cfg: Arc<BotConfig>,
+    store: Store,
+    rows: Vec<ReportDelivery>,
+    notifiers: Notifiers,
+    deadline: Duration,
+) -> anyhow::Result<SendResult> {
     let ids = store
         .enqueue_report(rows)
         .await
@@ -163,5 +217,6 @@ pub async fn send(
         delivered: ids.len() - pending - dead.len(),
         dead,
         pending,
+        handed_to_bot: 0,
     })
 }
