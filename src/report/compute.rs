@@ -198,6 +198,31 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
     (sections, figures)
 }
 
+/// Days until full from the seconds-to-full query's value (free bytes over
+/// the slope of used bytes); `None` when the filesystem is not growing
+/// (a zero or negative slope gives an infinite or negative value).
+pub fn days_to_full(seconds: f64) -> Option<f64> {
+    (seconds.is_finite() && seconds > 0.0).then(|| seconds / 86_400.0)
+}
+
+/// Idle GPU-hours per node (whole hours summed over the node's GPUs, most
+/// first, nodes without any left out) and the fleet's total.
+pub fn idle_hours(rows: &[(String, f64)]) -> (Vec<(String, u64)>, u64) {
+    let mut idle: Vec<(String, u64)> = rows
+        .iter()
+        .map(|(n, v)| (n.clone(), count(*v)))
+        .filter(|x| x.1 > 0)
+        .collect();
+    idle.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
+    let total = idle.iter().map(|x| x.1).sum();
+    (idle, total)
+}
+
+/// A label value inside a PromQL double-quoted string.
+pub fn promql_string(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
 fn node(s: &Sample) -> String {
     s.label("instance").to_string()
 }
@@ -338,8 +363,8 @@ fn gpu_health(a: &Answers, f: &mut Figures) -> Section {
             let expr = format!(
                 "{} and on (instance, gpu, xid) gpu_xid_errors_total{{instance=\"{}\",gpu=\"{}\",xid=\"{}\"}}",
                 q::XIDS.render(a.secs),
-                x.node,
-                x.gpu,
+                promql_string(&x.node),
+                promql_string(&x.gpu),
                 x.code
             );
             let (level, what) = match xid::lookup(x.code) {
@@ -520,9 +545,8 @@ fn utilization(a: &Answers, f: &mut Figures) -> Section {
         .map(|r| (node(r), r.value))
         .collect();
     if let Some(rows) = a.get(&q::IDLE_GPU_HOURS, &mut s) {
-        let mut idle: Vec<(String, u64)> = rows.iter().map(|r| (node(r), count(r.value))).collect();
-        idle.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
-        let total: u64 = idle.iter().map(|x| x.1).sum();
+        let rows: Vec<(String, f64)> = rows.iter().map(|r| (node(r), r.value)).collect();
+        let (idle, total) = idle_hours(&rows);
         f.idle_gpu_hours_total = Some(total);
         s.lines.push(
             Line::new()
@@ -544,7 +568,6 @@ fn utilization(a: &Answers, f: &mut Figures) -> Section {
             s.lines
                 .push(line.text(": free or reassign the allocation (runbook `gpu-underutilized`)"));
         }
-        idle.retain(|x| x.1 > 0);
         f.idle_gpu_hours = idle;
     }
     s
@@ -582,10 +605,7 @@ fn host(a: &Answers, f: &mut Figures) -> Section {
             .iter()
             .map(|r| {
                 let key = (node(r), r.label("mountpoint").to_string());
-                let days = to_full
-                    .get(&key)
-                    .filter(|v| v.is_finite() && **v > 0.0)
-                    .map(|v| v / 86_400.0);
+                let days = to_full.get(&key).and_then(|v| days_to_full(*v));
                 FsRow {
                     node: key.0,
                     mountpoint: key.1,
@@ -749,4 +769,36 @@ fn checks(
             .push(Line::new().text("No checks configured ([[reports.checks]])."));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_hours_days_to_full_and_label_strings() {
+        let rows = vec![
+            ("b".to_string(), 4.0),
+            ("a".to_string(), 29.000000001),
+            ("c".to_string(), 0.0),
+            ("d".to_string(), 4.0),
+        ];
+        let (idle, total) = idle_hours(&rows);
+        assert_eq!(
+            idle,
+            vec![
+                ("a".to_string(), 29),
+                ("b".to_string(), 4),
+                ("d".to_string(), 4)
+            ]
+        );
+        assert_eq!(total, 37);
+        assert_eq!(days_to_full(216_000.0), Some(2.5));
+        assert_eq!(days_to_full(f64::INFINITY), None);
+        assert_eq!(days_to_full(-5.0), None);
+        assert_eq!(days_to_full(f64::NAN), None);
+        assert_eq!(promql_string(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(chart_step(86_400), 360);
+        assert_eq!(chart_step(3600), 60);
+    }
 }
