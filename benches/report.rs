@@ -103,6 +103,25 @@ fn main() {
                 >> 10
         );
     }
+    if std::env::var_os("BENCH_QUERY_TIMES").is_some() {
+        // Each query alone, slowest first: where the time goes.
+        let prom_client =
+            gpuops::report::prom::Prometheus::new(&prom.url, std::time::Duration::from_secs(120))
+                .expect("client");
+        let mut each: Vec<(f64, &str)> = Vec::new();
+        for q in gpuops::report::queries::ALL {
+            let t = Instant::now();
+            let r = rt.block_on(prom_client.instant(&q.render(86_400), report_support::AT as f64));
+            each.push((t.elapsed().as_secs_f64(), q.id));
+            if let Err(e) = r {
+                eprintln!("{}: {e}", q.id);
+            }
+        }
+        each.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for (secs, id) in each {
+            eprintln!("  {secs:6.2} s  {id}");
+        }
+    }
     times.sort_by(f64::total_cmp);
     println!(
         "report (daily, {nodes} nodes, {} GPUs): median {:.2} s, max {:.2} s, peak RSS of this process {} MiB",

@@ -22,6 +22,8 @@ struct Answers {
     at: f64,
     secs: u64,
     results: HashMap<&'static str, Result<Vec<Sample>, String>>,
+    /// [`q::NODES_LAST_SEEN`] as run (for its link).
+    last_seen_expr: Option<String>,
 }
 
 impl Answers {
@@ -109,6 +111,7 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
         at,
         secs,
         results: HashMap::new(),
+        last_seen_expr: None,
     };
     let mut check_results: Vec<Result<Vec<Sample>, String>> = Vec::new();
     let mut series_result: Option<Result<Vec<(f64, f64)>, String>> = None;
@@ -144,6 +147,18 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
                 if let Ok((id, r)) = done {
                     answers.results.insert(id, r);
                 }
+            }
+            // When the nodes that stopped were last seen: only for those.
+            let stopped: Vec<String> = match answers.results.get(q::NODES_STOPPED.id) {
+                Some(Ok(rows)) => rows.iter().take(50).map(node).collect(),
+                _ => Vec::new(),
+            };
+            if !stopped.is_empty() {
+                let promql = last_seen_query(&stopped, secs);
+                answers
+                    .results
+                    .insert(q::NODES_LAST_SEEN.id, prom.instant(&promql, at).await);
+                answers.last_seen_expr = Some(promql);
             }
             if let Some(task) = range {
                 series_result = Some(match task.await {
@@ -196,6 +211,15 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
         sections.push(s);
     }
     (sections, figures)
+}
+
+/// [`q::NODES_LAST_SEEN`] for these nodes (an anchored regex of their
+/// names, each quoted).
+pub fn last_seen_query(nodes: &[String], secs: u64) -> String {
+    let alternatives: Vec<String> = nodes.iter().map(|n| regex::escape(n)).collect();
+    q::NODES_LAST_SEEN
+        .render(secs)
+        .replace("$NODES", &promql_string(&alternatives.join("|")))
 }
 
 /// Days until full from the seconds-to-full query's value (free bytes over
@@ -257,15 +281,41 @@ fn fleet(a: &Answers, inputs: &Inputs<'_>, f: &mut Figures) -> Section {
         );
     }
     if let Some(rows) = a.get(&q::NODES_STOPPED, &mut s) {
-        let mut rows: Vec<(String, f64)> = rows.iter().map(|r| (node(r), r.value)).collect();
+        let seen: HashMap<String, f64> = if rows.is_empty() {
+            HashMap::new()
+        } else {
+            a.get(&q::NODES_LAST_SEEN, &mut s)
+                .unwrap_or_default()
+                .iter()
+                .map(|r| (node(r), r.value))
+                .collect()
+        };
+        let mut rows: Vec<(String, f64)> = rows
+            .iter()
+            .map(|r| {
+                let n = node(r);
+                let last = seen.get(&n).copied().unwrap_or(f64::NAN);
+                (n, last)
+            })
+            .collect();
         rows.sort_by(|x, y| x.0.cmp(&y.0));
+        let link = a
+            .last_seen_expr
+            .as_deref()
+            .map(|e| a.link_expr(e))
+            .unwrap_or_else(|| a.link(&q::NODES_STOPPED));
         for (n, last) in &rows {
+            let when = if last.is_finite() {
+                fmt_local(tz, *last)
+            } else {
+                "in the period".to_string()
+            };
             s.findings.push(Finding {
                 level: Level::Critical,
                 line: Line::new()
                     .bold(n.clone())
                     .text(" stopped reporting (last seen ")
-                    .link(fmt_local(tz, *last), a.link(&q::NODES_STOPPED))
+                    .link(when, link.clone())
                     .text("): check the node and its agent (runbook `agent-down`)"),
             });
         }
@@ -799,6 +849,8 @@ mod tests {
         assert_eq!(days_to_full(f64::NAN), None);
         assert_eq!(promql_string(r#"a"b\c"#), r#"a\"b\\c"#);
         assert_eq!(chart_step(86_400), 360);
+        let q = last_seen_query(&["10.0.0.3:9949".to_string(), "b".to_string()], 86_400);
+        assert!(q.contains(r#"instance=~"10\\.0\\.0\\.3:9949|b""#), "{q}");
         assert_eq!(chart_step(3600), 60);
     }
 }

@@ -5,7 +5,10 @@
 //! Placeholders, replaced by [`Query::render`]: `$RANGE` is the report's
 //! period (`86400s`), `$RANGE_OPEN` the period less one second (so a
 //! subquery's hourly steps are the period's whole hours on Prometheus 2 and 3
-//! alike), `$SECS` the period in seconds. Nodes are told apart by the
+//! alike), `$SECS` the period in seconds; `$NODES` (only in
+//! [`NODES_LAST_SEEN`]) is filled in by the report with the nodes found by
+//! [`NODES_STOPPED`], so the expensive per-minute look-back runs for those
+//! alone. Nodes are told apart by the
 //! `instance` label (the agent's scrape target), GPUs by `gpu`.
 //!
 //! Counters are read as "last value in the period minus the value at its
@@ -55,8 +58,13 @@ query!(
 );
 query!(
     NODES_STOPPED,
-    "agents that reported in the period but not at its end (value: last sample, Unix time)",
-    r#"max by (instance) (max_over_time(timestamp(gpuops_build_info{role="agent"})[$RANGE:1m])) unless on (instance) gpuops_build_info{role="agent"}"#
+    "agents that reported in the period but not at its end",
+    r#"group by (instance) (max_over_time(gpuops_build_info{role="agent"}[$RANGE])) unless on (instance) gpuops_build_info{role="agent"}"#
+);
+query!(
+    NODES_LAST_SEEN,
+    "when the agents that stopped were last seen (Unix time; run only for those, `$NODES` is their regex)",
+    r#"max by (instance) (max_over_time(timestamp(gpuops_build_info{role="agent",instance=~"$NODES"})[$RANGE:1m]))"#
 );
 query!(
     GPUS_DROPPED,
@@ -185,6 +193,7 @@ pub const ALL: &[Query] = &[
     NODES_NOW,
     NODES_SEEN,
     NODES_STOPPED,
+    NODES_LAST_SEEN,
     GPUS_DROPPED,
     GPUS_MISSING,
     GPUS_DOWN,
@@ -222,7 +231,8 @@ mod tests {
         let t = THROTTLE_SECONDS.render(3600);
         assert!(t.contains("[3600s]") && t.ends_with("* 3600 > 0"), "{t}");
         for q in ALL {
-            assert!(!q.render(604_800).contains('$'), "{}", q.id);
+            let r = q.render(604_800).replace("$NODES", "a");
+            assert!(!r.contains('$'), "{}", q.id);
         }
     }
 }
