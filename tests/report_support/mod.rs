@@ -155,7 +155,8 @@ pub fn small_fleet() -> History {
 
 /// A large fleet: `nodes` × `gpus` GPUs, utilization and memory only (the
 /// heaviest series), one sample every `step` seconds for the day ending at
-/// [`AT`]; every 10th node's GPU 0 idle all day.
+/// [`AT`]; every 10th node's GPU 0 idle all day; every 100th node (from
+/// the 50th) stops reporting at noon.
 pub fn large_fleet(
     nodes: usize,
     gpus: usize,
@@ -172,9 +173,10 @@ pub fn large_fleet(
     for (k, name) in names.iter().enumerate() {
         for n in 0..nodes {
             let node = format!("10.1.{}.{}:9949", n / 250, n % 250);
+            let until = if n % 100 == 50 { start + DAY / 2 } else { AT };
             for g in 0..gpus {
                 let mut t = start;
-                while t <= AT {
+                while t <= until {
                     let v = match k {
                         0 if n % 10 == 0 && g == 0 => 1.0,
                         0 => ((t / step + (n * gpus + g) as i64) % 90 + 10) as f64,
@@ -192,8 +194,9 @@ pub fn large_fleet(
     }
     for n in 0..nodes {
         let node = format!("10.1.{}.{}:9949", n / 250, n % 250);
+        let until = if n % 100 == 50 { start + DAY / 2 } else { AT };
         let mut t = start;
-        while t <= AT {
+        while t <= until {
             writeln!(w, "gpuops_build_info{{instance=\"{node}\",job=\"gpuops-agent\",role=\"agent\"}} 1 {t}")?;
             t += step;
         }
