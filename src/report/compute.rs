@@ -9,15 +9,17 @@ use std::collections::{BTreeMap, HashMap};
 
 use tokio::task::JoinSet;
 
-use crate::config::reports::{CheckConfig, SectionKind, Unit};
+use crate::config::reports::SectionKind;
 use crate::gpu::xid;
 use crate::report::prom::{graph_link, Prometheus, Sample};
 use crate::report::queries::{self as q, Query};
-use crate::report::render::{fmt_bytes, fmt_duration, fmt_local, fmt_num};
-use crate::report::{incidents, Figures, Finding, FsRow, Inputs, Level, Line, Section, XidRow};
+use crate::report::render::{fmt_duration, fmt_local, fmt_num};
+use crate::report::{
+    checks, host, incidents, Figures, Finding, Inputs, Level, Line, Section, XidRow,
+};
 
 /// Shared by the section builders: the answers and how to link them.
-struct Answers {
+pub(super) struct Answers {
     base: String,
     at: f64,
     secs: u64,
@@ -27,16 +29,16 @@ struct Answers {
 }
 
 impl Answers {
-    fn link(&self, query: &Query) -> String {
+    pub(super) fn link(&self, query: &Query) -> String {
         graph_link(&self.base, &query.render(self.secs), self.at, self.secs)
     }
 
-    fn link_expr(&self, promql: &str) -> String {
+    pub(super) fn link_expr(&self, promql: &str) -> String {
         graph_link(&self.base, promql, self.at, self.secs)
     }
 
     /// The samples of `query`, or records its failure in `section`.
-    fn get(&self, query: &Query, section: &mut Section) -> Option<&[Sample]> {
+    pub(super) fn get(&self, query: &Query, section: &mut Section) -> Option<&[Sample]> {
         match self.results.get(query.id) {
             Some(Ok(s)) => Some(s),
             Some(Err(why)) => {
@@ -204,9 +206,9 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
                 }
                 s
             }
-            SectionKind::Host => host(&answers, &mut figures),
+            SectionKind::Host => host::section(&answers, &mut figures),
             SectionKind::Incidents => incidents::section(inputs, &mut figures).await,
-            SectionKind::Checks => checks(&answers, &cfg.checks, &check_results),
+            SectionKind::Checks => checks::section(&answers, &cfg.checks, &check_results),
         };
         sections.push(s);
     }
@@ -247,11 +249,11 @@ pub fn promql_string(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
-fn node(s: &Sample) -> String {
+pub(super) fn node(s: &Sample) -> String {
     s.label("instance").to_string()
 }
 
-fn count(v: f64) -> u64 {
+pub(super) fn count(v: f64) -> u64 {
     if v.is_finite() && v > 0.0 {
         v.round() as u64
     } else {
@@ -619,204 +621,6 @@ fn utilization(a: &Answers, f: &mut Figures) -> Section {
                 .push(line.text(": free or reassign the allocation (runbook `gpu-underutilized`)"));
         }
         f.idle_gpu_hours = idle;
-    }
-    s
-}
-
-fn host(a: &Answers, f: &mut Figures) -> Section {
-    let mut s = Section::new(SectionKind::Host);
-    if let Some(rows) = a.get(&q::OOM_KILLS, &mut s) {
-        let mut oom: Vec<(String, u64)> = rows.iter().map(|r| (node(r), count(r.value))).collect();
-        oom.retain(|x| x.1 > 0);
-        oom.sort();
-        for (n, c) in &oom {
-            s.findings.push(Finding {
-                level: Level::Warning,
-                line: Line::new()
-                    .bold(n.clone())
-                    .text(": ")
-                    .link(c.to_string(), a.link(&q::OOM_KILLS))
-                    .text(format!(
-                        " OOM kill{}: see the victims in the agent's `/v1/events` (runbook `oom-kill`)",
-                        if *c == 1 { "" } else { "s" }
-                    )),
-            });
-        }
-        f.oom_kills = oom;
-    }
-    let to_full: HashMap<(String, String), f64> = a
-        .get(&q::FILESYSTEMS_TIME_TO_FULL, &mut s)
-        .unwrap_or_default()
-        .iter()
-        .map(|r| ((node(r), r.label("mountpoint").to_string()), r.value))
-        .collect();
-    if let Some(rows) = a.get(&q::FILESYSTEMS_FULL, &mut s) {
-        let mut fs: Vec<FsRow> = rows
-            .iter()
-            .map(|r| {
-                let key = (node(r), r.label("mountpoint").to_string());
-                let days = to_full.get(&key).and_then(|v| days_to_full(*v));
-                FsRow {
-                    node: key.0,
-                    mountpoint: key.1,
-                    used_ratio: r.value,
-                    days_to_full: days,
-                }
-            })
-            .collect();
-        fs.sort_by(|x, y| (&x.node, &x.mountpoint).cmp(&(&y.node, &y.mountpoint)));
-        for r in &fs {
-            let mut line = Line::new()
-                .bold(r.node.clone())
-                .text(format!(" `{}`: ", r.mountpoint))
-                .link(
-                    format!("{} % used", fmt_num(r.used_ratio * 100.0)),
-                    a.link(&q::FILESYSTEMS_FULL),
-                );
-            let level = match r.days_to_full {
-                Some(d) => {
-                    line = line
-                        .text(", full in ")
-                        .link(
-                            format!("{} days", fmt_num(d)),
-                            a.link(&q::FILESYSTEMS_TIME_TO_FULL),
-                        )
-                        .text(" at this period's trend");
-                    if d < 7.0 {
-                        Level::Critical
-                    } else {
-                        Level::Warning
-                    }
-                }
-                None => {
-                    line = line.text(", not growing");
-                    Level::Warning
-                }
-            };
-            s.findings.push(Finding {
-                level,
-                line: line.text(": free space or grow it (runbook `storage`)"),
-            });
-        }
-        f.filesystems = fs;
-    }
-    for (query, what, runbook) in [
-        (&q::MOUNTS_READONLY, "turned read-only", "storage"),
-        (
-            &q::MOUNTS_STUCK,
-            "stuck (statfs hung)",
-            "storage-mount-stuck",
-        ),
-    ] {
-        for r in a.get(query, &mut s).unwrap_or_default() {
-            s.findings.push(Finding {
-                level: Level::Critical,
-                line: Line::new()
-                    .bold(node(r))
-                    .text(format!(" `{}` ", r.label("mountpoint")))
-                    .link(what, a.link(query))
-                    .text(format!(
-                        ": check the device and the kernel log (runbook `{runbook}`)"
-                    )),
-            });
-        }
-    }
-    for (query, what, runbook) in [
-        (&q::MEMORY_PRESSURE, "memory", "memory-pressure"),
-        (&q::IO_PRESSURE, "I/O", "storage"),
-    ] {
-        for r in a.get(query, &mut s).unwrap_or_default() {
-            let line = Line::new()
-                .bold(node(r))
-                .text(format!(": tasks stalled on {what} "))
-                .link(format!("{} %", fmt_num(r.value)), a.link(query))
-                .text(" of the time");
-            if r.value >= 10.0 {
-                s.findings.push(Finding {
-                    level: Level::Warning,
-                    line: line.text(format!(": find the workload (runbook `{runbook}`)")),
-                });
-            } else {
-                s.lines.push(line);
-            }
-        }
-    }
-    if s.findings.is_empty() && s.failures.is_empty() {
-        s.lines.push(
-            Line::new()
-                .text("No OOM kills, no filesystem above 80 %, no read-only or stuck mount."),
-        );
-    }
-    s
-}
-
-/// Formats a check's value in its unit.
-pub fn fmt_unit(v: f64, unit: Unit) -> String {
-    match unit {
-        Unit::Seconds => fmt_duration(v),
-        Unit::Bytes => fmt_bytes(v),
-        Unit::Percent => format!("{} %", fmt_num(v)),
-        Unit::Ratio => format!("{} %", fmt_num(v * 100.0)),
-        Unit::Count => fmt_num(v),
-    }
-}
-
-fn checks(
-    a: &Answers,
-    configs: &[CheckConfig],
-    results: &[Result<Vec<Sample>, String>],
-) -> Section {
-    let mut s = Section::new(SectionKind::Checks);
-    for (c, r) in configs.iter().zip(results) {
-        let link = a.link_expr(&c.query);
-        match r {
-            Err(why) => s.failures.push(format!("check {:?}: {why}", c.name)),
-            Ok(rows) if rows.is_empty() => s.findings.push(Finding {
-                level: Level::Warning,
-                line: Line::new()
-                    .bold(c.name.clone())
-                    .text(": ")
-                    .link("no data", link)
-                    .text(": the query returned no series"),
-            }),
-            Ok(rows) => {
-                for row in rows {
-                    let which: Vec<String> = row
-                        .labels
-                        .iter()
-                        .filter(|(k, _)| k.as_str() != "__name__")
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect();
-                    let mut line = Line::new().bold(c.name.clone());
-                    if !which.is_empty() {
-                        line = line.text(format!(" ({})", which.join(", ")));
-                    }
-                    line = line
-                        .text(": ")
-                        .link(fmt_unit(row.value, c.unit), link.clone());
-                    let warn = match (c.warn_above, c.warn_below) {
-                        (Some(hi), _) if row.value > hi || row.value.is_nan() => {
-                            Some(format!("above {}", fmt_unit(hi, c.unit)))
-                        }
-                        (_, Some(lo)) if row.value < lo || row.value.is_nan() => {
-                            Some(format!("below {}", fmt_unit(lo, c.unit)))
-                        }
-                        _ => None,
-                    };
-                    match warn {
-                        Some(w) => s.findings.push(Finding {
-                            level: Level::Warning,
-                            line: line.text(format!(": warn ({w})")),
-                        }),
-                        None => s.lines.push(line.text(": ok")),
-                    }
-                }
-            }
-        }
-    }
-    if configs.is_empty() {
-        s.lines
-            .push(Line::new().text("No checks configured ([[reports.checks]])."));
     }
     s
 }

@@ -1,7 +1,7 @@
 //! Scheduled health reports: the fleet's period in one message, with
 //! charts. A report is computed from Prometheus (`prom.rs`, every PromQL
 //! expression in `queries.rs`) and the bot's own store (`incidents.rs`),
-//! section by section (`compute.rs`); rendered as Markdown, plain text and
+//! section by section (`compute.rs`, `host.rs`, `checks.rs`); rendered as Markdown, plain text and
 //! HTML (`render.rs`) with PNG charts drawn in-process (`chart.rs`);
 //! and sent on a cron schedule through the outbox, each slot claimed once
 //! in the store (`schedule.rs`), or by hand (`cli.rs`).
@@ -11,8 +11,10 @@
 //! render `Message::Report`) and holds no SQL (`store/reports.rs`).
 
 pub mod chart;
+pub mod checks;
 pub mod cli;
 pub mod compute;
+pub mod host;
 pub mod incidents;
 pub mod prom;
 pub mod queries;
