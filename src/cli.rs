@@ -37,6 +37,9 @@ pub enum Command {
     /// Set up the bot's Discord application.
     #[command(subcommand)]
     Discord(DiscordCommand),
+    /// Scheduled health reports: preview one into files, or send one now.
+    #[command(subcommand)]
+    Report(ReportCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,6 +54,47 @@ pub struct DiscordRegisterArgs {
     /// Bot configuration file (TOML) with [discord] bot_token and application_id
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: PathBuf,
+}
+
+/// `gpuops report`.
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// Write DIR/report.md, DIR/report.html and one PNG per chart; post nothing
+    Preview(ReportPreviewArgs),
+    /// Post the report to its destinations now (through the outbox)
+    Send(ReportSendArgs),
+}
+
+/// Which report, for which period.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Bot configuration file (TOML) with the [[reports]] entry
+    #[arg(long, short = 'c', value_name = "FILE", env = "GPUOPS_BOT_CONFIG")]
+    pub config: PathBuf,
+    /// The report's name ([[reports]] name)
+    #[arg(long)]
+    pub name: String,
+    /// End of the period, RFC 3339 (e.g. 2026-11-28T08:00:00+01:00) [default: now]
+    #[arg(long, value_name = "RFC3339")]
+    pub at: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportPreviewArgs {
+    #[command(flatten)]
+    pub report: ReportArgs,
+    /// Directory to write the files into (created if missing)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportSendArgs {
+    #[command(flatten)]
+    pub report: ReportArgs,
+    /// Give up waiting for the deliveries after this long (they stay in the outbox for the bot)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+    pub timeout: std::time::Duration,
 }
 
 /// `gpuops keygen`.

@@ -32,6 +32,7 @@ use crate::message::Ack;
 mod audit;
 pub mod outbox;
 pub mod paging;
+pub mod reports;
 pub mod runs;
 
 /// Deadline of one store call from async code.
@@ -369,7 +370,7 @@ impl Store {
         };
         let writer_conn = open(path)?;
         writer_conn
-            .execute_batch(&format!("{SCHEMA}{}", paging::SCHEMA))
+            .execute_batch(&format!("{SCHEMA}{}{}", paging::SCHEMA, reports::SCHEMA))
             .map_err(|source| Error::Open {
                 path: path.to_path_buf(),
                 source,

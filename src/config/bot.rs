@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::config::agent::LogConfig;
 use crate::config::paging::{self, DigestConfig, EmailConfig, PagerDutyConfig};
+use crate::config::reports::{self, ReportConfig};
 use crate::config::routing::{default_severity_map, Destination, Routing, Tier};
 use crate::config::{
     anchored_regex, positive_secs, read_file, read_log_section, read_secret, read_web_limits,
@@ -46,6 +47,8 @@ pub struct BotConfig {
     pub pagerduty: PagerDutyConfig,
     pub email: Option<EmailConfig>,
     pub digest: Option<DigestConfig>,
+    /// `[[reports]]`: scheduled health reports.
+    pub reports: Vec<ReportConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -249,6 +252,7 @@ impl Default for BotConfig {
             pagerduty: PagerDutyConfig::default(),
             email: None,
             digest: None,
+            reports: Vec::new(),
         }
     }
 }
@@ -735,6 +739,17 @@ impl BotConfig {
             }
             r.finish(s);
         }
+
+        c.reports = reports::read_reports(
+            &mut r,
+            &mut root,
+            reports::Available {
+                slack: c.slack.is_some(),
+                discord: c.discord.is_some(),
+                email: c.email.is_some(),
+                prometheus: c.prometheus.is_some(),
+            },
+        );
 
         r.finish(root);
         r.into_result().map(|()| c)

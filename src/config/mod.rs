@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod bot;
 pub mod paging;
+pub mod reports;
 pub mod routing;
 
 use std::fmt;
