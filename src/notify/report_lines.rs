@@ -143,10 +143,32 @@ pub fn more(n: usize, what: &str) -> String {
     format!("… {n} more {what}")
 }
 
+/// Report Markdown to the bare text Slack shows: `**bold**` becomes Slack's
+/// `*bold*`, and backslash escapes (`node\_1`, which Discord honours and
+/// Slack would show) lose their backslash.
+fn slack_text(t: &str) -> String {
+    let t = t.replace("**", "*");
+    let mut out = String::with_capacity(t.len());
+    let mut chars = t.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(&n) = chars.peek() {
+                if "\\*_`[]<>~|#".contains(n) {
+                    out.push(n);
+                    chars.next();
+                    continue;
+                }
+            }
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Slack mrkdwn: text escaped (`&`, `<`, `>`), links as `<url|text>`; a URL
 /// that would break the syntax (`|`, `<`, `>`) shows as escaped text.
 pub fn slack_mrkdwn(line: &str) -> String {
-    let esc = crate::notify::slack::escape;
+    let esc = |t: &str| crate::notify::slack::escape(&slack_text(t));
     spans(line)
         .into_iter()
         .map(|s| match s {
@@ -182,6 +204,16 @@ pub fn discord_markdown(line: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_markdown_bold_and_escapes_become_slack_mrkdwn() {
+        let line = r"🔴 **XID 79** on [gpu\_node\-1 GPU 3](http://p/graph?g0.expr=x) node\_2 \*";
+        assert_eq!(
+            slack_mrkdwn(line),
+            "🔴 *XID 79* on <http://p/graph?g0.expr=x|gpu_node\\-1 GPU 3> node_2 *"
+        );
+        assert_eq!(discord_markdown(r"**a** b\_c"), r"**a** b\_c");
+    }
 
     #[test]
     fn links_are_parsed_with_balanced_parentheses() {
