@@ -1,5 +1,6 @@
 //! The bot role's wiring: configuration, store, notifiers, outbox worker,
-//! HTTP router, start-up self test, shutdown; and `gpuops audit`.
+//! HTTP router, start-up self test, shutdown; `gpuops audit` and
+//! `gpuops discord register`.
 //!
 //! The router builder ([`router_with`]) is public so the chat role can mount
 //! `/slack/*` and `/discord/*` beside `/alertmanager`. Nothing below imports
@@ -20,7 +21,7 @@ use tracing::Instrument as _;
 
 use crate::alert;
 use crate::bot::state::{BotMetrics, BotState};
-use crate::cli::{AuditArgs, BotArgs};
+use crate::cli::{AuditArgs, BotArgs, DiscordCommand, DiscordRegisterArgs};
 use crate::config::BotConfig;
 use crate::notify::console::ConsoleNotifier;
 use crate::notify::discord::DiscordNotifier;
@@ -283,6 +284,7 @@ pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
     }
     spawn_pruner(state.clone(), stop_rx.clone());
     crate::paging::spawn(state.clone(), stop_rx.clone());
+    crate::report::schedule::spawn(state.clone(), stop_rx.clone());
 
     if cfg.source.is_none() {
         tracing::info!(
@@ -427,4 +429,145 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `gpuops discord …`.
+pub fn discord(cmd: DiscordCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DiscordCommand::Register(args) => discord_register(args),
+    }
+}
+
+/// `gpuops discord register`: puts the chat's slash commands
+/// ([`crate::chat::discord::slash_commands`]) as the application's global
+/// commands and prints what Discord registered.
+fn discord_register(args: DiscordRegisterArgs) -> anyhow::Result<ExitCode> {
+    let cfg = BotConfig::from_file(&args.config)?;
+    let file = args.config.display();
+    let Some(discord) = &cfg.discord else {
+        anyhow::bail!("{file} has no [discord] section");
+    };
+    let Some(application_id) = discord.application_id else {
+        anyhow::bail!(
+            "[discord] application_id is not set in {file} (the Discord developer portal: \
+             General Information, Application ID)"
+        );
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let registered = rt.block_on(crate::notify::discord::set_global_commands(
+        discord,
+        application_id,
+        crate::chat::discord::slash_commands(),
+        cfg.delivery.timeout,
+    ))?;
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "registered {} global command(s) for Discord application {application_id}:",
+        registered.len()
+    )
+    .context("cannot write to stdout")?;
+    for c in &registered {
+        writeln!(out, "  /{} (id {}): {}", c.name, c.id, c.description)
+            .context("cannot write to stdout")?;
+        for o in &c.options {
+            writeln!(
+                out,
+                "    {}: {}, {}: {}",
+                o.name,
+                format!("{:?}", o.kind).to_lowercase(),
+                if o.required { "required" } else { "optional" },
+                o.description
+            )
+            .context("cannot write to stdout")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `gpuops report preview|send`.
+pub fn report(cmd: crate::cli::ReportCommand) -> anyhow::Result<ExitCode> {
+    use crate::cli::ReportCommand;
+    let args = match &cmd {
+        ReportCommand::Preview(a) => &a.report,
+        ReportCommand::Send(a) => &a.report,
+    };
+    let cfg = Arc::new(BotConfig::from_file(&args.config)?);
+    telemetry::init("gpuops-report", cfg.log.json, &cfg.log.level);
+    let report = crate::report::cli::find(&cfg, &args.name)?.clone();
+    let at = match &args.at {
+        Some(s) => crate::report::cli::parse_at(s).map_err(|e| anyhow::anyhow!("--at: {e}"))?,
+        None => chrono::Utc::now(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        match cmd {
+            ReportCommand::Preview(a) => {
+                let store = crate::report::cli::open_store_if_present(&cfg);
+                let built = crate::report::cli::compute(&cfg, &report, store.as_ref(), at).await?;
+                let files = crate::report::cli::write_preview(&built, &a.out)?;
+                for f in &files {
+                    println!("{}", f.display());
+                }
+                for f in &built.failures {
+                    eprintln!("gpuops: could not compute {f}");
+                }
+                eprintln!(
+                    "{}: {} findings, outcome {}",
+                    built.message.title,
+                    built.findings,
+                    built.outcome.as_str()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            ReportCommand::Send(a) => {
+                let (path, sync) = (cfg.store.path.clone(), cfg.store.sync);
+                let store = tokio::task::spawn_blocking(move || Store::open_with(&path, sync))
+                    .await
+                    .context("store task failed")??;
+                let built = crate::report::cli::compute(&cfg, &report, Some(&store), at).await?;
+                for f in &built.failures {
+                    eprintln!("gpuops: could not compute {f}");
+                }
+                let notifiers = build_notifiers(&cfg)?;
+                let r = crate::report::cli::send(
+                    cfg.clone(),
+                    &report,
+                    store,
+                    built,
+                    notifiers,
+                    a.timeout,
+                )
+                .await?;
+                eprintln!(
+                    "report {:?}: {} delivered, {} dead-lettered, {} still pending{}",
+                    report.name,
+                    r.delivered,
+                    r.dead.len(),
+                    r.pending,
+                    if r.handed_to_bot > 0 {
+                        format!(" ({} handed to the bot's outbox)", r.handed_to_bot)
+                    } else {
+                        String::new()
+                    }
+                );
+                for d in &r.dead {
+                    eprintln!("gpuops: dead letter: {d}");
+                }
+                if r.dead.is_empty() && r.pending == 0 {
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    })
 }

@@ -37,6 +37,12 @@ pub enum Command {
     /// Manage the bot's store: apply schema migrations, copy SQLite to PostgreSQL.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Set up the bot's Discord application.
+    #[command(subcommand)]
+    Discord(DiscordCommand),
+    /// Scheduled health reports: preview one into files, or send one now.
+    #[command(subcommand)]
+    Report(ReportCommand),
 }
 
 /// `gpuops store ...`.
@@ -71,6 +77,61 @@ pub struct StoreCopyArgs {
     /// File holding the PostgreSQL password (instead of putting it in the URL)
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiscordCommand {
+    /// Register the /gpuops slash command globally for [discord] application_id
+    Register(DiscordRegisterArgs),
+}
+
+/// `gpuops discord register`.
+#[derive(Debug, Args)]
+pub struct DiscordRegisterArgs {
+    /// Bot configuration file (TOML) with [discord] bot_token and application_id
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// `gpuops report`.
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// Write DIR/report.md, DIR/report.html and one PNG per chart; post nothing
+    Preview(ReportPreviewArgs),
+    /// Post the report to its destinations now (through the outbox)
+    Send(ReportSendArgs),
+}
+
+/// Which report, for which period.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Bot configuration file (TOML) with the [[reports]] entry
+    #[arg(long, short = 'c', value_name = "FILE", env = "GPUOPS_BOT_CONFIG")]
+    pub config: PathBuf,
+    /// The report's name ([[reports]] name)
+    #[arg(long)]
+    pub name: String,
+    /// End of the period, RFC 3339 (e.g. 2026-11-28T08:00:00+01:00) [default: now]
+    #[arg(long, value_name = "RFC3339")]
+    pub at: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportPreviewArgs {
+    #[command(flatten)]
+    pub report: ReportArgs,
+    /// Directory to write the files into (created if missing)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportSendArgs {
+    #[command(flatten)]
+    pub report: ReportArgs,
+    /// Give up waiting for the deliveries after this long (they stay in the outbox for the bot)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+    pub timeout: std::time::Duration,
 }
 
 /// `gpuops keygen`.

@@ -17,12 +17,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
 use crate::config::BotConfig;
 use crate::exec_auth::is_node_name;
 use crate::runbook::engine::{AgentAddr, AgentClient, AgentDirectory, Executor, NodeSteps};
-use crate::runbook::exec::BoxFuture;
 
 /// Deadline of one read of Prometheus's targets.
 pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -205,11 +205,12 @@ struct TargetsResponse {
 #[derive(Deserialize)]
 struct TargetsData {
     #[serde(default, rename = "activeTargets")]
-    active: Vec<Target>,
+    active: Vec<ActiveTarget>,
 }
 
+/// One of Prometheus's `activeTargets`.
 #[derive(Deserialize)]
-struct Target {
+struct ActiveTarget {
     #[serde(default)]
     labels: HashMap<String, String>,
     #[serde(default, rename = "scrapeUrl")]

@@ -25,6 +25,7 @@ pub mod notify;
 pub mod outbox;
 pub mod paging;
 pub mod rbac;
+pub mod report;
 pub mod routing;
 pub mod runbook;
 pub mod secret;

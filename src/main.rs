@@ -18,6 +18,8 @@ fn main() -> ExitCode {
         Command::Audit(args) => gpuops::bot_role::audit(args),
         Command::Keygen(args) => gpuops::exec_auth::keygen(args),
         Command::Store(cmd) => gpuops::store_cmd::run(cmd),
+        Command::Discord(cmd) => gpuops::bot_role::discord(cmd),
+        Command::Report(cmd) => gpuops::bot_role::report(cmd),
     };
     match result {
         Ok(code) => code,

@@ -22,6 +22,65 @@ pub const SLACK_ACTION_DENY: &str = "gpuops_deny";
 pub enum Message {
     Alert(Box<AlertMessage>),
     Text(TextMessage),
+    /// A scheduled health report (summary, sections, charts).
+    Report(Box<ReportMessage>),
+}
+
+/// A health report as the notifiers receive it (built by `report`).
+/// Lines are Markdown with `[text](url)` links (each notifier converts them
+/// to its platform's link syntax); `html` is a whole email body whose
+/// images are referenced as `cid:<Chart::file_name>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportMessage {
+    /// `daily`, from `[[reports]] name`.
+    pub name: String,
+    /// e.g. "Daily health report: 27 Nov 08:00 – 28 Nov 08:00 (Europe/Berlin)".
+    pub title: String,
+    /// The most important lines first (findings count, worst items).
+    pub summary: Vec<String>,
+    pub sections: Vec<ReportSection>,
+    /// The plain-text rendering (email text part, console, webhook).
+    pub text: String,
+    /// The HTML rendering (email).
+    pub html: String,
+    pub charts: Vec<Chart>,
+    /// The slot was sent after its time (the bot was down at the time).
+    #[serde(default)]
+    pub late: bool,
+}
+
+/// One section of a report: a heading and its lines (Markdown, as above).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportSection {
+    pub heading: String,
+    pub lines: Vec<String>,
+}
+
+/// A rendered chart (PNG bytes, base64 in the serialized form).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chart {
+    /// `fleet-gpu-utilization.png`.
+    pub file_name: String,
+    /// Human title, used as alt text and upload title.
+    pub title: String,
+    #[serde(with = "base64_bytes")]
+    pub png: Vec<u8>,
+}
+
+mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// A plain message with an optional code block (runbook step output) and

@@ -39,6 +39,7 @@ pub mod migrate;
 pub mod outbox;
 pub mod paging;
 pub mod pg;
+pub mod reports;
 pub mod runs;
 mod seam;
 pub mod sqlite;

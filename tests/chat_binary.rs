@@ -127,6 +127,8 @@ async fn signed_post(base: &str, path: &str, body: &str, secret: &str) -> (u16, 
 
 async fn command(base: &str, user: &str, text: &str) -> serde_json::Value {
     let body = form(&[
+        ("team_id", "T0001"),
+        ("channel_id", "C0ALERTS"),
         ("user_id", user),
         ("user_name", &user.to_ascii_lowercase()),
         ("command", "/gpuops"),
@@ -277,7 +279,10 @@ async fn slack_button_runs_a_runbook_on_the_agent_into_the_thread_with_the_real_
     // An operator presses it.
     let payload = serde_json::json!({
         "type": "block_actions",
-        "user": {"id": "U0OPER", "username": "oper"},
+        "team": {"id": "T0001", "domain": "gpuops-test"},
+        "user": {"id": "U0OPER", "username": "oper", "team_id": "T0001"},
+        "api_app_id": "A0001",
+        "container": {"type": "message", "message_ts": "1700000000.000001", "channel_id": "CP1"},
         "channel": {"id": "CP1"},
         "response_url": "http://127.0.0.1:9/unused",
         "trigger_id": "t-button",

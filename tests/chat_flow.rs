@@ -13,9 +13,10 @@ mod chat_support;
 use std::sync::{Arc, Mutex};
 
 use chat_support::*;
+use futures_util::future::BoxFuture;
 use gpuops::notify::{Button, Message};
 use gpuops::runbook::engine::{Executor, NodeSteps};
-use gpuops::runbook::exec::{BoxFuture, CommandOutput, CommandRunner, CommandSpec, RunError};
+use gpuops::runbook::exec::{CommandOutput, CommandRunner, CommandSpec, RunError};
 use gpuops::signing::Clock as _;
 
 const RUNBOOK: &str = r#"
@@ -507,13 +508,12 @@ async fn discord_approve_button_runs_the_same_checks() {
     wait_request(&b, "drain-slurm").await;
     let run = waiting_run(&b);
     let press = |user: &str, token: &str| {
-        serde_json::json!({
-            "type": 3, "id": "5", "application_id": "223456789012345678", "token": token,
-            "channel_id": "1111111111111111",
-            "member": { "user": { "id": user, "username": format!("u{user}") } },
-            "data": { "custom_id": format!("gpuops:approve:{run}"), "component_type": 2 },
-        })
-        .to_string()
+        discord_interaction(
+            3,
+            user,
+            token,
+            serde_json::json!({ "custom_id": format!("gpuops:approve:{run}"), "component_type": 2 }),
+        )
     };
     let now = b.clock.now_unix();
     // A Discord operator is no approver: refused inline, nothing runs.

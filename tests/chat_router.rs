@@ -196,18 +196,19 @@ async fn slack_documented_example_passes_the_router_only_at_its_time() {
 async fn discord_ed25519_ping_command_forged_stale_and_replayed() {
     let (b, _) = bot().await;
     let now = b.clock.now_unix();
-    let ping = r#"{"type":1,"id":"1","application_id":"223456789012345678","token":"tok"}"#;
+    let ping =
+        r#"{"type":1,"id":"1","application_id":"223456789012345678","token":"tok","version":1}"#;
     let (s, out) = b.send(discord_request(&b.discord_key, ping, now)).await;
     assert_eq!((s, out.as_str()), (200, r#"{"type":1}"#));
     let audit_before = b.audit().await.len();
 
     let other = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
-    let cmd = serde_json::json!({
-        "type": 2, "id": "2", "application_id": "223456789012345678", "token": "tok2",
-        "member": { "user": { "id": "323456789012345678", "username": "root" } },
-        "data": { "name": "gpuops", "options": [{ "name": "command", "type": 3, "value": "help" }] }
-    })
-    .to_string();
+    let cmd = discord_interaction(
+        2,
+        "323456789012345678",
+        "tok2",
+        serde_json::json!({ "name": "gpuops", "options": [{ "name": "command", "type": 3, "value": "help" }] }),
+    );
     let forged = discord_request(&other, &cmd, now);
     let stale = discord_request(&b.discord_key, &cmd, now - 400);
     let tampered = {
@@ -607,16 +608,6 @@ async fn a_waiting_approval_survives_a_restart() {
 
 async fn approvals_waiting(b: &Bot) -> i64 {
     approvals::waiting_count(&b.chat).await.unwrap_or(0)
-}
-
-fn discord_interaction(kind: u8, user: &str, token: &str, data: serde_json::Value) -> String {
-    serde_json::json!({
-        "type": kind, "id": "5", "application_id": "223456789012345678", "token": token,
-        "channel_id": "1111111111111111",
-        "member": { "user": { "id": user, "username": format!("u{user}") } },
-        "data": data,
-    })
-    .to_string()
 }
 
 async fn discord_commands_defer_and_follow_up_and_buttons_answer_inline() {

@@ -19,10 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chat_support::*;
+use futures_util::future::BoxFuture;
 use gpuops::exec_auth::{ExecSigner, ExecVerifier};
 use gpuops::notify::{Button, Message};
 use gpuops::runbook::agent_exec::{self, ExecState};
-use gpuops::runbook::exec::{BoxFuture, CommandOutput, CommandRunner, CommandSpec, RunError};
+use gpuops::runbook::exec::{CommandOutput, CommandRunner, CommandSpec, RunError};
 use gpuops::signing::Clock as _;
 
 const NODE: &str = "gpu-node-17";

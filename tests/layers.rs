@@ -31,7 +31,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("bot leaves", &["routing", "message"]),
     ("bot seams", &["store", "notify"]),
     ("bot services", &["alertmanager", "inventory", "bot"]),
-    ("bot handlers", &["alert", "outbox", "paging", "chat"]),
+    (
+        "bot handlers",
+        &["alert", "outbox", "paging", "chat", "report"],
+    ),
     ("roles", &["agent", "bot_role", "store_cmd"]),
 ];
 

@@ -119,9 +119,7 @@ fn library_only_families() -> String {
     CpuCollector::with_ring(ring)
         .collect(&ctx, &mut sink)
         .expect("cpu collect");
-    encoder
-        .encode_utf8(&sink.into_families(), &mut text)
-        .expect("encode");
+    text.push_str(&sink.into_text());
 
     let http = HttpMetrics::new();
     http.observe("/metrics", "GET", 200, 0.001, Some(0), Some(100));

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use gpuops::runbook::engine::{self, Rendered};
-use gpuops::runbook::{Action, Phase, RunbookSet, Target};
+use gpuops::runbook::{Action, Phase, RunbookSet, StepTarget};
 
 const IDS: &[&str] = &[
     "agent-down",
@@ -91,7 +91,7 @@ fn every_shipped_runbook_validates_and_plans() {
                         "{}: privileged step {} must need approval",
                         rb.id, s.step.name
                     );
-                    assert_eq!(s.step.target, Target::Node);
+                    assert_eq!(s.step.target, StepTarget::Node);
                 }
             }
         }
@@ -117,7 +117,7 @@ fn is_read_only_verification(s: &engine::PlannedStep) -> bool {
         "dcgmi" => argv.get(1).map(String::as_str) == Some("diag"),
         _ => false,
     };
-    s.step.name.starts_with("verify-") && s.step.target == Target::Node && read_only
+    s.step.name.starts_with("verify-") && s.step.target == StepTarget::Node && read_only
 }
 
 #[test]

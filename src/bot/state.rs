@@ -33,6 +33,11 @@ pub struct BotMetrics {
     pub escalations: prometheus::IntCounterVec,
     /// `gpuops_acknowledgements_total{source}`: `slack`, `discord`, `pagerduty`.
     pub acknowledgements: prometheus::IntCounterVec,
+    /// `gpuops_reports_total{name,outcome}`: scheduled report slots by
+    /// outcome (`sent`, `empty`, `partial`, `failed`).
+    pub reports: prometheus::IntCounterVec,
+    /// `gpuops_report_duration_seconds{name}`: computing and rendering one.
+    pub report_duration: prometheus::HistogramVec,
 }
 
 impl BotMetrics {
@@ -76,12 +81,31 @@ impl BotMetrics {
             &["source"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let reports = IntCounterVec::new(
+            Opts::new(
+                "gpuops_reports_total",
+                "Scheduled health report slots, by report name and outcome (sent, empty: nothing found with only_if_findings, partial: some sections could not be computed, failed: not enqueued).",
+            ),
+            &["name", "outcome"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let report_duration = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "gpuops_report_duration_seconds",
+                "Time to compute and render a scheduled health report (queries, store, charts), by report name.",
+            )
+            .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]),
+            &["name"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         for c in [
             Box::new(alerts_received.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(notifications.clone()),
             Box::new(outbox_pending.clone()),
             Box::new(escalations.clone()),
             Box::new(acknowledgements.clone()),
+            Box::new(reports.clone()),
+            Box::new(report_duration.clone()),
         ] {
             let _ = registry.register(c);
         }
@@ -92,6 +116,8 @@ impl BotMetrics {
             outbox_pending,
             escalations,
             acknowledgements,
+            reports,
+            report_duration,
         }
     }
 

@@ -40,7 +40,7 @@ use crate::exec_auth::SignedApproval;
 use crate::notify::{self, Button, Message, TextMessage};
 use crate::rbac::{authorize, authorize_approval, Actor, ChatAction};
 use crate::runbook::engine::{self, RunPlan, StepStatus};
-use crate::runbook::{Role, Target};
+use crate::runbook::{Role, StepTarget};
 use crate::store;
 mod expiry;
 mod runs;
@@ -178,7 +178,7 @@ pub async fn start_run(
     let node_steps = rb
         .steps
         .iter()
-        .any(|s| s.target == Target::Node && selected(&req.steps, &s.name));
+        .any(|s| s.target == StepTarget::Node && selected(&req.steps, &s.name));
     if let Some(dir) = &chat.agents {
         // The inventory, never the instance label, says which node this is;
         // an address the bot does not know gets no request at all.

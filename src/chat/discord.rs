@@ -11,6 +11,10 @@
 //! (type 5) and completed through the interaction webhook
 //! (`PATCH/POST <api_url>/api/v10/webhooks/<application_id>/<token>`).
 //! No other module speaks this format.
+//!
+//! Bodies are read into serenity's interaction models (`Interaction`,
+//! `CommandInteraction`, `ComponentInteraction`); only the verification is
+//! ours (a clock that tests set, replay keys kept in the store).
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -20,7 +24,10 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serenity::all::{
+    CommandData, CommandDataOptionValue, CommandOptionType, CommandType, CreateCommand,
+    CreateCommandOption, Interaction, User as DiscordUser, UserId,
+};
 
 use crate::chat::{
     handle_button, handle_command, respond, ButtonAction, ChatState, Outcome, Platform, Reply,
@@ -28,10 +35,6 @@ use crate::chat::{
 };
 use crate::signing::{self, DiscordKey, DISCORD_TIMESTAMP};
 
-/// Interaction types.
-pub const PING: u8 = 1;
-pub const APPLICATION_COMMAND: u8 = 2;
-pub const MESSAGE_COMPONENT: u8 = 3;
 /// Response types.
 pub const PONG: u8 = 1;
 pub const CHANNEL_MESSAGE: u8 = 4;
@@ -39,19 +42,21 @@ pub const DEFERRED_CHANNEL_MESSAGE: u8 = 5;
 /// Message flag: only the user who asked sees it.
 pub const EPHEMERAL: u64 = 64;
 
-/// The command registered with Discord (see README.md, "Set up Slack and Discord").
-pub fn command_definition() -> serde_json::Value {
-    serde_json::json!({
-        "name": "gpuops",
-        "type": 1,
-        "description": "GPU cluster operations: alerts, silences, runbooks",
-        "options": [{
-            "type": 3,
-            "name": "command",
-            "description": "e.g. help, status, alerts, ack 12, silence GpuXid 1h, run gpu-xid alert=12",
-            "required": false
-        }]
-    })
+/// The slash commands `gpuops discord register` registers: `/gpuops` with
+/// one optional string option, `command`, holding the same text as Slack's
+/// `/gpuops …` (read back by [`command_text`], parsed by the chat grammar).
+pub fn slash_commands() -> Vec<CreateCommand> {
+    vec![CreateCommand::new("gpuops")
+        .kind(CommandType::ChatInput)
+        .description("GPU cluster operations: alerts, silences, runbooks")
+        .add_option(
+            CreateCommandOption::new(
+                CommandOptionType::String,
+                "command",
+                "e.g. help, status, alerts, ack 12, silence GpuXid 1h, run gpu-xid alert=12",
+            )
+            .required(false),
+        )]
 }
 
 /// `POST /discord/interactions`.
@@ -102,35 +107,38 @@ pub async fn interactions(
         Ok(i) => i,
         Err(e) => return bad_request(&format!("not a Discord interaction: {e}")),
     };
-    if i.kind == PING {
-        return Json(serde_json::json!({ "type": PONG })).into_response();
-    }
-    let Some(u) = i
-        .member
-        .as_ref()
-        .and_then(|m| m.user.as_ref())
-        .or(i.user.as_ref())
-    else {
+    let (member, user, token, asked) = match &i {
+        Interaction::Ping(_) => {
+            return Json(serde_json::json!({ "type": PONG })).into_response();
+        }
+        Interaction::Command(c) => (
+            c.member.as_deref(),
+            &c.user,
+            &c.token,
+            Asked::Command(command_text(&c.data)),
+        ),
+        Interaction::Component(c) => (
+            c.member.as_ref(),
+            &c.user,
+            &c.token,
+            Asked::Button(&c.data.custom_id),
+        ),
+        other => {
+            let kind = u8::from(other.kind());
+            return bad_request(&format!("interaction type {kind} is not handled"));
+        }
+    };
+    let Some(u) = interaction_user(member.map(|m| &m.user), user) else {
         return bad_request("interaction names no user");
     };
-    if u.id.is_empty() || u.id.len() > 24 || !u.id.bytes().all(|b| b.is_ascii_digit()) {
-        return bad_request("user id is malformed");
-    }
     let user = User {
         platform: Platform::Discord,
-        id: u.id.clone(),
-        name: crate::notify::truncate_chars(u.username.as_deref().unwrap_or(""), 64),
+        id: u.id.to_string(),
+        name: crate::notify::truncate_chars(&u.name, 64),
     };
-    let application_id = if !i.application_id.is_empty() {
-        i.application_id.clone()
-    } else {
-        dc.application_id.map(|a| a.to_string()).unwrap_or_default()
-    };
-    let responder = if i.token.is_empty()
-        || application_id.is_empty()
-        || !application_id.bytes().all(|b| b.is_ascii_digit())
-        || !i
-            .token
+    let application_id = i.application_id().to_string();
+    let responder = if token.is_empty()
+        || !token
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     {
@@ -139,21 +147,16 @@ pub async fn interactions(
         Responder::Discord {
             api_url: dc.api_url.clone(),
             application_id,
-            token: i.token.clone(),
+            token: token.clone(),
             original_pending: Arc::new(AtomicBool::new(true)),
         }
     };
-    let data = i.data.unwrap_or_default();
-    let outcome = match i.kind {
-        APPLICATION_COMMAND => {
-            let text = command_text(&data);
-            handle_command(&chat, &user, &text, responder.clone()).await
-        }
-        MESSAGE_COMPONENT => match button_action(data.custom_id.as_deref().unwrap_or("")) {
+    let outcome = match asked {
+        Asked::Command(text) => handle_command(&chat, &user, &text, responder.clone()).await,
+        Asked::Button(custom_id) => match button_action(custom_id) {
             Some(a) => handle_button(&chat, &user, a, responder.clone()).await,
             None => Outcome::Now(Reply::private("unknown button")),
         },
-        other => return bad_request(&format!("interaction type {other} is not handled")),
     };
     match outcome {
         Outcome::Now(reply) => message(&reply),
@@ -199,60 +202,44 @@ pub fn button_action(custom_id: &str) -> Option<ButtonAction> {
     }
 }
 
-/// The text of `/gpuops command:<text>` (or of every string option).
-fn command_text(data: &Data) -> String {
+/// The text of `/gpuops command:<text>` (or of every option that has a
+/// value, joined by spaces; numbers and ids as Discord wrote them).
+fn command_text(data: &CommandData) -> String {
     data.options
         .iter()
-        .filter_map(|o| o.value.as_ref())
-        .map(|v| match v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
+        .filter_map(|o| match &o.value {
+            CommandDataOptionValue::String(s) => Some(s.clone()),
+            CommandDataOptionValue::Autocomplete { value, .. } => Some(value.clone()),
+            CommandDataOptionValue::Integer(n) => Some(n.to_string()),
+            CommandDataOptionValue::Number(n) => Some(serde_json::Value::from(*n).to_string()),
+            CommandDataOptionValue::Boolean(b) => Some(b.to_string()),
+            CommandDataOptionValue::Attachment(id) => Some(id.to_string()),
+            CommandDataOptionValue::Channel(id) => Some(id.to_string()),
+            CommandDataOptionValue::Mentionable(id) => Some(id.to_string()),
+            CommandDataOptionValue::Role(id) => Some(id.to_string()),
+            CommandDataOptionValue::User(id) => Some(id.to_string()),
+            _ => None,
         })
         .collect::<Vec<_>>()
         .join(" ")
 }
 
-#[derive(Debug, Deserialize)]
-struct Interaction {
-    #[serde(rename = "type")]
-    kind: u8,
-    #[serde(default)]
-    application_id: String,
-    #[serde(default)]
-    token: String,
-    #[serde(default)]
-    data: Option<Data>,
-    #[serde(default)]
-    member: Option<Member>,
-    #[serde(default)]
-    user: Option<DiscordUser>,
+/// What an interaction asks for.
+enum Asked<'a> {
+    /// `/gpuops <text>`.
+    Command(String),
+    /// A button's `custom_id`.
+    Button(&'a str),
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct Data {
-    #[serde(default)]
-    options: Vec<CommandOption>,
-    #[serde(default)]
-    custom_id: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct CommandOption {
-    #[serde(default)]
-    value: Option<serde_json::Value>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Member {
-    #[serde(default)]
-    user: Option<DiscordUser>,
-}
-
-#[derive(Debug, Deserialize)]
-struct DiscordUser {
-    id: String,
-    #[serde(default)]
-    username: Option<String>,
+/// Who pressed or typed: the guild member's user, else the DM's `user`.
+/// serenity fills an absent `user` with its default (id 1, no name), which
+/// no Discord account has, so that reads as no user at all.
+fn interaction_user<'a>(
+    member: Option<&'a DiscordUser>,
+    user: &'a DiscordUser,
+) -> Option<&'a DiscordUser> {
+    member.or(Some(user)).filter(|u| u.id != UserId::default())
 }
 
 fn message(reply: &Reply) -> Response {
@@ -321,12 +308,38 @@ mod tests {
     }
 
     #[test]
+    fn user_is_the_members_else_the_dms_else_none() {
+        let parse = |who: &str| -> Interaction {
+            serde_json::from_str(&format!(
+                r#"{{"type":2,"id":"5","application_id":"223456789012345678","token":"t","version":1,
+                "attachment_size_limit":10485760,"channel_id":"1111111111111111","context":1,
+                "entitlements":[],"locale":"en-US",{who}
+                "data":{{"id":"1300000000000000000","name":"gpuops","type":1}}}}"#
+            ))
+            .unwrap()
+        };
+        let who = |i: &Interaction| {
+            let c = i.as_command().unwrap();
+            interaction_user(c.member.as_deref().map(|m| &m.user), &c.user)
+                .map(|u| (u.id.to_string(), u.name.clone()))
+        };
+        let dm = parse(
+            r#""user":{"id":"423456789012345678","username":"oper","discriminator":"0","global_name":null,"avatar":null},"#,
+        );
+        assert_eq!(who(&dm), Some(("423456789012345678".into(), "oper".into())));
+        assert_eq!(who(&parse("")), None);
+    }
+
+    #[test]
     fn command_text_joins_option_values() {
-        let d: Data = serde_json::from_str(
-            r#"{"name":"gpuops","options":[{"name":"command","type":3,"value":"silence GpuXid 1h"}]}"#,
+        let d: CommandData = serde_json::from_str(
+            r#"{"id":"1300000000000000000","name":"gpuops","type":1,"options":[{"name":"command","type":3,"value":"silence GpuXid 1h"}]}"#,
         )
         .unwrap();
         assert_eq!(command_text(&d), "silence GpuXid 1h");
-        assert_eq!(command_text(&Data::default()), "");
+        let none: CommandData =
+            serde_json::from_str(r#"{"id":"1300000000000000000","name":"gpuops","type":1}"#)
+                .unwrap();
+        assert_eq!(command_text(&none), "");
     }
 }

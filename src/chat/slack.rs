@@ -9,6 +9,11 @@
 //! response (ephemeral or in-channel JSON); longer work answers later through
 //! the request's `response_url`. Button presses are answered 200 at once and
 //! followed up through `response_url`. No other module speaks this format.
+//!
+//! Bodies are read into slack-morphism's own event types
+//! (`SlackCommandEvent`, `SlackInteractionEvent`); only the verification is
+//! ours, because it is stricter than the crate's (a clock that tests set,
+//! replay keys kept in the store).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +23,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use slack_morphism::events::{
+    SlackCommandEvent, SlackInteractionActionInfo, SlackInteractionBlockActionsEvent,
+    SlackInteractionEvent,
+};
+use slack_morphism::SlackResponseUrl;
 
 use crate::chat::{
     handle_button, handle_command, respond, ButtonAction, ChatState, Outcome, Platform, Reply,
@@ -40,25 +49,25 @@ pub async fn commands(
         return refusal;
     }
     let form = parse_form(&body);
-    let user_id = form.get("user_id").cloned().unwrap_or_default();
-    if !is_slack_id(&user_id) {
+    let event = match command_event(&form) {
+        Ok(event) => event,
+        Err(e) => return bad_request(&format!("body is not a slash command: {e}")),
+    };
+    if !is_slack_id(&event.user_id.0) {
         return bad_request("user_id is missing or malformed");
     }
     let user = User {
         platform: Platform::Slack,
-        id: user_id,
+        id: event.user_id.0,
+        // `user_name` is not in `SlackCommandEvent` (Slack still sends it,
+        // marked deprecated), so it is read from the same decoded form.
         name: form
             .get("user_name")
             .map(|n| crate::notify::truncate_chars(n, 64))
             .unwrap_or_default(),
     };
-    let text = form.get("text").cloned().unwrap_or_default();
-    let responder = match form.get("response_url") {
-        Some(u) if u.starts_with("https://") || u.starts_with("http://") => Responder::Slack {
-            response_url: u.clone(),
-        },
-        _ => Responder::None,
-    };
+    let text = event.text.unwrap_or_default();
+    let responder = responder(Some(&event.response_url));
     match handle_command(&chat, &user, &text, responder).await {
         Outcome::Now(reply) => answer(&reply),
         Outcome::Later { ack, work } => {
@@ -81,36 +90,33 @@ pub async fn interactions(
     let Some(payload) = form.get("payload") else {
         return bad_request("form field payload is missing");
     };
-    let p: Interaction = match serde_json::from_str(payload) {
-        Ok(p) => p,
+    let p = match block_actions(payload) {
+        Ok(Some(p)) => p,
+        Ok(None) => return StatusCode::OK.into_response(),
         Err(e) => return bad_request(&format!("payload is not an interaction: {e}")),
     };
-    if p.kind != "block_actions" {
-        tracing::debug!(kind = %p.kind, "slack interaction ignored");
-        return StatusCode::OK.into_response();
-    }
-    if !is_slack_id(&p.user.id) {
+    let Some(slack_user) = p.user.as_ref().filter(|u| is_slack_id(&u.id.0)) else {
         return bad_request("user.id is missing or malformed");
-    }
+    };
     let user = User {
         platform: Platform::Slack,
-        id: p.user.id.clone(),
+        id: slack_user.id.0.clone(),
         name: crate::notify::truncate_chars(
-            p.user
+            slack_user
                 .username
                 .as_deref()
-                .or(p.user.name.as_deref())
+                .or(slack_user.name.as_deref())
                 .unwrap_or(""),
             64,
         ),
     };
-    let responder = match &p.response_url {
-        Some(u) if u.starts_with("https://") || u.starts_with("http://") => Responder::Slack {
-            response_url: u.clone(),
-        },
-        _ => Responder::None,
-    };
-    let Some(action) = p.actions.first().and_then(button_action) else {
+    let responder = responder(p.response_url.as_ref());
+    let Some(action) = p
+        .actions
+        .as_ref()
+        .and_then(|a| a.first())
+        .and_then(button_action)
+    else {
         tracing::debug!("slack interaction without a gpuops action ignored");
         return StatusCode::OK.into_response();
     };
@@ -130,9 +136,9 @@ pub async fn interactions(
 }
 
 /// Maps a Slack block action to a button (the ids are the bot's contract).
-pub fn button_action(a: &Action) -> Option<ButtonAction> {
+pub fn button_action(a: &SlackInteractionActionInfo) -> Option<ButtonAction> {
     let value = a.value.as_deref().unwrap_or("");
-    match a.action_id.as_str() {
+    match a.action_id.0.as_str() {
         SLACK_ACTION_ACK => value.parse().ok().map(|group| ButtonAction::Ack { group }),
         SLACK_ACTION_SILENCE_1H => value
             .parse()
@@ -158,32 +164,55 @@ pub fn button_action(a: &Action) -> Option<ButtonAction> {
     }
 }
 
-/// The parts of a `block_actions` payload we read.
-#[derive(Debug, Deserialize)]
-pub struct Interaction {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub user: SlackUser,
-    #[serde(default)]
-    pub response_url: Option<String>,
-    #[serde(default)]
-    pub actions: Vec<Action>,
+/// A slash command's decoded form as slack-morphism's event. Slack sends
+/// every field the event requires (team, channel, user, command,
+/// `response_url`, `trigger_id`); a form without one is not Slack's.
+fn command_event(form: &HashMap<String, String>) -> Result<SlackCommandEvent, serde_json::Error> {
+    let fields = form
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::from_value(serde_json::Value::Object(fields))
 }
 
-#[derive(Debug, Deserialize)]
-pub struct SlackUser {
-    pub id: String,
-    #[serde(default)]
-    pub username: Option<String>,
-    #[serde(default)]
-    pub name: Option<String>,
+/// The `block_actions` event in an interaction payload; `None` (answered 200,
+/// nothing done) for any other kind of interaction, as before: a kind that
+/// slack-morphism does not know, or whose shape it rejects, is looked up by
+/// its `type` alone.
+fn block_actions(
+    payload: &str,
+) -> Result<Option<SlackInteractionBlockActionsEvent>, serde_json::Error> {
+    match serde_json::from_str::<SlackInteractionEvent>(payload) {
+        Ok(SlackInteractionEvent::BlockActions(event)) => Ok(Some(event)),
+        Ok(_) => {
+            tracing::debug!("slack interaction ignored");
+            Ok(None)
+        }
+        Err(e) => {
+            #[derive(serde::Deserialize)]
+            struct Kind {
+                #[serde(rename = "type")]
+                kind: String,
+            }
+            match serde_json::from_str::<Kind>(payload) {
+                Ok(k) if k.kind != "block_actions" => {
+                    tracing::debug!(kind = %k.kind, "slack interaction ignored");
+                    Ok(None)
+                }
+                _ => Err(e),
+            }
+        }
+    }
 }
 
-#[derive(Debug, Deserialize)]
-pub struct Action {
-    pub action_id: String,
-    #[serde(default)]
-    pub value: Option<String>,
+/// Where later answers go: the request's `response_url` when it is HTTP(S).
+fn responder(url: Option<&SlackResponseUrl>) -> Responder {
+    match url {
+        Some(u) if matches!(u.0.scheme(), "https" | "http") => Responder::Slack {
+            response_url: u.0.to_string(),
+        },
+        _ => Responder::None,
+    }
 }
 
 /// `None` when the request is signed, fresh and new; else the 401 to send
@@ -302,10 +331,55 @@ mod tests {
     }
 
     #[test]
+    fn slack_documented_command_reads_into_slack_morphism_event() {
+        // https://api.slack.com/authentication/verifying-requests-from-slack
+        let form = parse_form(b"token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c");
+        let e = command_event(&form).unwrap();
+        assert_eq!(e.user_id.0, "U2CERLKJA");
+        assert_eq!(e.command.0, "/webhook-collect");
+        assert_eq!(e.text.as_deref(), Some(""));
+        assert!(matches!(
+            responder(Some(&e.response_url)),
+            Responder::Slack { response_url } if response_url == "https://hooks.slack.com/commands/T1DC2JH3J/397700885554/96rGlfmibIGlgcZRskXaIFfN"
+        ));
+        let mut no_trigger = form.clone();
+        no_trigger.remove("trigger_id");
+        assert!(command_event(&no_trigger).is_err());
+    }
+
+    #[test]
+    fn interactions_other_than_block_actions_are_ignored() {
+        // Kinds slack-morphism does not know, or whose shape it rejects, are
+        // ignored by their `type` as before; block actions must be Slack's.
+        assert!(
+            block_actions(r#"{"type":"interactive_message","user":{"id":"U1"}}"#)
+                .unwrap()
+                .is_none()
+        );
+        assert!(block_actions(r#"{"type":"view_closed"}"#)
+            .unwrap()
+            .is_none());
+        assert!(block_actions(r#"{"user":{"id":"U1"}}"#).is_err());
+        assert!(block_actions(r#"{"type":"block_actions","user":{"id":"U1"}}"#).is_err());
+        let full = r#"{"type":"block_actions","team":{"id":"T1"},"user":{"id":"U1","username":"u"},
+            "api_app_id":"A1","trigger_id":"1.2.3",
+            "container":{"type":"message","message_ts":"1.2","channel_id":"C1"},
+            "response_url":"https://hooks.slack.com/actions/T1/2/x",
+            "actions":[{"type":"button","action_id":"gpuops_ack","value":"7"}]}"#;
+        let p = block_actions(full).unwrap().unwrap();
+        assert_eq!(
+            p.actions
+                .as_deref()
+                .and_then(|a| a.first())
+                .and_then(button_action),
+            Some(ButtonAction::Ack { group: 7 })
+        );
+    }
+
+    #[test]
     fn button_values_follow_the_contract() {
-        let a = |id: &str, v: &str| Action {
-            action_id: id.into(),
-            value: Some(v.into()),
+        let a = |id: &str, v: &str| {
+            SlackInteractionActionInfo::new("button".into(), id.into()).with_value(v.into())
         };
         assert_eq!(
             button_action(&a("gpuops_run_runbook", "7|gpu-xid")),

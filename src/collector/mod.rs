@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::proto::{MetricFamily, MetricType};
 
 use crate::config::AgentConfig;
 use crate::deadline::{Outcome, SingleFlight};
@@ -240,13 +240,6 @@ impl Sink {
         }
         out
     }
-
-    /// The families as `prometheus` protos, sorted by name (for tests and for
-    /// code that inspects values; the scrape path uses [`Sink::into_text`]).
-    pub fn into_families(mut self) -> Vec<MetricFamily> {
-        self.families.sort_by(|a, b| a.name.cmp(&b.name));
-        self.families.iter().map(to_proto).collect()
-    }
 }
 
 /// Escapes per the text format: `\\` and newline always, `"` in label values.
@@ -263,79 +256,6 @@ fn escape_into(out: &mut String, s: &str, label_value: bool) {
             c => out.push(c),
         }
     }
-}
-
-/// Reads a family's text body back into a proto family.
-fn to_proto(f: &TextFamily) -> MetricFamily {
-    let mut fam = MetricFamily::default();
-    fam.set_name(f.name.clone());
-    fam.set_help(f.help.clone());
-    fam.set_field_type(f.kind);
-    for line in f.body.lines() {
-        let (labels, value) = parse_sample(&line[f.name.len()..]);
-        let mut m = Metric::default();
-        m.set_label(
-            labels
-                .into_iter()
-                .map(|(k, v)| {
-                    let mut l = LabelPair::default();
-                    l.set_name(k);
-                    l.set_value(v);
-                    l
-                })
-                .collect(),
-        );
-        if f.kind == MetricType::COUNTER {
-            let mut c = Counter::default();
-            c.set_value(value);
-            m.set_counter(c);
-        } else {
-            let mut g = Gauge::default();
-            g.set_value(value);
-            m.set_gauge(g);
-        }
-        fam.mut_metric().push(m);
-    }
-    fam
-}
-
-/// `{k="v",...} value` (what [`Sink::push`] wrote) into labels and value.
-fn parse_sample(rest: &str) -> (Vec<(String, String)>, f64) {
-    let mut labels = Vec::new();
-    let mut chars = rest.char_indices().peekable();
-    let mut value_at = 0;
-    if rest.starts_with('{') {
-        chars.next();
-        let mut key = String::new();
-        while let Some((_, c)) = chars.next() {
-            match c {
-                '}' => break,
-                ',' => {}
-                '=' => {
-                    chars.next(); // opening quote
-                    let mut v = String::new();
-                    while let Some((_, c)) = chars.next() {
-                        match c {
-                            '\\' => match chars.next() {
-                                Some((_, 'n')) => v.push('\n'),
-                                Some((_, other)) => v.push(other),
-                                None => {}
-                            },
-                            '"' => break,
-                            c => v.push(c),
-                        }
-                    }
-                    labels.push((std::mem::take(&mut key), v));
-                }
-                c => key.push(c),
-            }
-        }
-    }
-    if let Some((i, _)) = chars.peek() {
-        value_at = *i;
-    }
-    let value = rest[value_at..].trim().parse().unwrap_or(f64::NAN);
-    (labels, value)
 }
 
 /// One collector's part of a scrape.

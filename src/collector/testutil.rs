@@ -1,10 +1,14 @@
 //! Test helpers: run one collector on a fixture tree under
-//! `tests/fixtures/host/<scenario>` and render what it wrote. Test-only.
+//! `tests/fixtures/host/<scenario>` and render what it wrote, and read a
+//! [`Sink`]'s text back into `prometheus` protos to inspect values. Test-only:
+//! the scrape path writes text and never builds protos.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::collector::{kmsg, Collector, Context, KernelEvents, Sink};
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+
+use crate::collector::{kmsg, Collector, Context, KernelEvents, Sink, TextFamily};
 use crate::config::AgentConfig;
 
 /// `tests/fixtures/host/<scenario>`.
@@ -51,4 +55,86 @@ pub fn scrape(c: &dyn Collector, ctx: &Context) -> String {
         out.push_str(&format!("ERROR {e}\n"));
     }
     out
+}
+
+impl Sink {
+    /// The families as `prometheus` protos, sorted by name (the scrape path
+    /// uses [`Sink::into_text`]).
+    pub fn into_families(mut self) -> Vec<MetricFamily> {
+        self.families.sort_by(|a, b| a.name.cmp(&b.name));
+        self.families.iter().map(to_proto).collect()
+    }
+}
+
+/// Reads a family's text body back into a proto family.
+fn to_proto(f: &TextFamily) -> MetricFamily {
+    let mut fam = MetricFamily::default();
+    fam.set_name(f.name.clone());
+    fam.set_help(f.help.clone());
+    fam.set_field_type(f.kind);
+    for line in f.body.lines() {
+        let (labels, value) = parse_sample(&line[f.name.len()..]);
+        let mut m = Metric::default();
+        m.set_label(
+            labels
+                .into_iter()
+                .map(|(k, v)| {
+                    let mut l = LabelPair::default();
+                    l.set_name(k);
+                    l.set_value(v);
+                    l
+                })
+                .collect(),
+        );
+        if f.kind == MetricType::COUNTER {
+            let mut c = Counter::default();
+            c.set_value(value);
+            m.set_counter(c);
+        } else {
+            let mut g = Gauge::default();
+            g.set_value(value);
+            m.set_gauge(g);
+        }
+        fam.mut_metric().push(m);
+    }
+    fam
+}
+
+/// `{k="v",...} value` (what [`Sink::push`] wrote) into labels and value.
+fn parse_sample(rest: &str) -> (Vec<(String, String)>, f64) {
+    let mut labels = Vec::new();
+    let mut chars = rest.char_indices().peekable();
+    let mut value_at = 0;
+    if rest.starts_with('{') {
+        chars.next();
+        let mut key = String::new();
+        while let Some((_, c)) = chars.next() {
+            match c {
+                '}' => break,
+                ',' => {}
+                '=' => {
+                    chars.next(); // opening quote
+                    let mut v = String::new();
+                    while let Some((_, c)) = chars.next() {
+                        match c {
+                            '\\' => match chars.next() {
+                                Some((_, 'n')) => v.push('\n'),
+                                Some((_, other)) => v.push(other),
+                                None => {}
+                            },
+                            '"' => break,
+                            c => v.push(c),
+                        }
+                    }
+                    labels.push((std::mem::take(&mut key), v));
+                }
+                c => key.push(c),
+            }
+        }
+    }
+    if let Some((i, _)) = chars.peek() {
+        value_at = *i;
+    }
+    let value = rest[value_at..].trim().parse().unwrap_or(f64::NAN);
+    (labels, value)
 }

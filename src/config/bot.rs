@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::config::agent::LogConfig;
 use crate::config::paging::{self, DigestConfig, EmailConfig, PagerDutyConfig};
+use crate::config::reports::{self, ReportConfig};
 use crate::config::routing::{default_severity_map, Destination, Routing, Tier};
 pub use crate::config::store::{StoreConfig, StoreSync};
 use crate::config::{
@@ -47,6 +48,8 @@ pub struct BotConfig {
     pub pagerduty: PagerDutyConfig,
     pub email: Option<EmailConfig>,
     pub digest: Option<DigestConfig>,
+    /// `[[reports]]`: scheduled health reports.
+    pub reports: Vec<ReportConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +248,7 @@ impl Default for BotConfig {
             pagerduty: PagerDutyConfig::default(),
             email: None,
             digest: None,
+            reports: Vec::new(),
         }
     }
 }
@@ -713,6 +717,17 @@ impl BotConfig {
             }
             r.finish(s);
         }
+
+        c.reports = reports::read_reports(
+            &mut r,
+            &mut root,
+            reports::Available {
+                slack: c.slack.is_some(),
+                discord: c.discord.is_some(),
+                email: c.email.is_some(),
+                prometheus: c.prometheus.is_some(),
+            },
+        );
 
         r.finish(root);
         r.into_result().map(|()| c)

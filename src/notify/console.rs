@@ -3,9 +3,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use futures_util::future::BoxFuture;
+
 use crate::notify::{
-    alert_line_text, headline, tier_text, BoxFuture, Delivery, Error, Message, Notifier, Op,
-    Outgoing, PlatformRef,
+    alert_line_text, headline, tier_text, Delivery, Error, Message, Notifier, Op, Outgoing,
+    PlatformRef,
 };
 
 #[derive(Default)]
@@ -55,6 +57,19 @@ impl Notifier for ConsoleNotifier {
                         runbook = m.runbook_id.as_deref().or(m.runbook_url.as_deref()).unwrap_or(""),
                         "{}",
                         headline(m)
+                    );
+                }
+                Message::Report(r) => {
+                    tracing::info!(
+                        target: "gpuops::alert",
+                        op,
+                        message_id = %message_id,
+                        report = %r.name,
+                        title = %r.title,
+                        late = r.late,
+                        charts = r.charts.len(),
+                        "{}",
+                        r.text
                     );
                 }
                 Message::Text(t) => {

@@ -9,20 +9,23 @@
 //! description ≤ 4096, ≤ 25 fields, field name ≤ 256 and value ≤ 1024, footer
 //! ≤ 2048, all embed text ≤ 6000, content ≤ 2000, button label ≤ 80,
 //! custom_id ≤ 100. The token is only in the Authorization header; errors
-//! are redacted.
+//! are redacted. Health reports (an embed with the charts attached,
+//! multipart) are `discord/report.rs`.
 
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serenity::all::{
-    ButtonStyle, ChannelId, CreateActionRow, CreateAllowedMentions, CreateButton, CreateEmbed,
-    CreateEmbedFooter, CreateMessage, EditMessage, MessageId, MessageReference,
+    ApplicationId, ButtonStyle, ChannelId, Command, CreateActionRow, CreateAllowedMentions,
+    CreateButton, CreateCommand, CreateEmbed, CreateEmbedFooter, CreateMessage, EditMessage,
+    MessageId, MessageReference,
 };
-use serenity::http::{Http, HttpBuilder, LightMethod, Request, Route};
+use serenity::http::{Http, HttpBuilder, HttpError, LightMethod, Request, Route};
 
 use crate::config::bot::DiscordConfig;
 use crate::notify::{
     alert_line_text, fit_lines, headline, status_text, tier_text, truncate_chars, AlertMessage,
-    BoxFuture, Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
+    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
 };
 
 pub const MAX_CONTENT: usize = 2000;
@@ -35,6 +38,8 @@ pub const MAX_FOOTER: usize = 2048;
 pub const MAX_EMBED_TOTAL: usize = 6000;
 pub const MAX_BUTTON_LABEL: usize = 80;
 
+pub mod report;
+
 pub struct DiscordNotifier {
     http: Http,
     client: reqwest::Client,
@@ -42,23 +47,23 @@ pub struct DiscordNotifier {
 
 impl DiscordNotifier {
     pub fn new(cfg: &DiscordConfig, timeout: Duration) -> anyhow::Result<DiscordNotifier> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .user_agent(concat!("gpuops/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        let http = HttpBuilder::new(cfg.bot_token.expose())
-            .proxy(cfg.api_url.clone())
-            .ratelimiter_disabled(true)
-            .client(client.clone())
-            .build();
-        Ok(DiscordNotifier { http, client })
+        let (http, client) = http_client(cfg, timeout)?;
+        Ok(DiscordNotifier {
+            http: http.build(),
+            client,
+        })
     }
 
     async fn execute(&self, req: Request<'_>) -> Result<String, Error> {
         let built = req
             .build(&self.client, self.http.token(), self.http.proxy.as_deref())
             .map_err(|e| Error::permanent(format!("discord request: {e}")))?;
+        self.respond(built).await
+    }
+
+    /// Sends a built request; the body of a 2xx answer, or the error kind
+    /// (a 429's `retry_after` kept).
+    async fn respond(&self, built: reqwest::RequestBuilder) -> Result<String, Error> {
         let resp = built.send().await.map_err(|e| {
             Error::retryable(format!("discord request failed: {}", e.without_url()))
         })?;
@@ -101,6 +106,72 @@ impl DiscordNotifier {
     }
 }
 
+/// serenity's `Http` for `cfg` (not yet built): the bot token, `api_url` as
+/// its proxy (Discord itself, or a local fake in tests), no rate limiter (it
+/// ignores the proxy), and our reqwest client with `timeout`.
+fn http_client(
+    cfg: &DiscordConfig,
+    timeout: Duration,
+) -> anyhow::Result<(HttpBuilder, reqwest::Client)> {
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .user_agent(concat!("gpuops/", env!("CARGO_PKG_VERSION")))
+        .build()?;
+    let http = HttpBuilder::new(cfg.bot_token.expose())
+        .proxy(cfg.api_url.clone())
+        .ratelimiter_disabled(true)
+        .client(client.clone());
+    Ok((http, client))
+}
+
+/// Replaces the application's global slash commands with `commands`
+/// (serenity's `Command::set_global_commands`:
+/// `PUT /api/v10/applications/{application_id}/commands`) and returns them
+/// as Discord registered them. An error names the HTTP status and Discord's
+/// message, never the token.
+pub async fn set_global_commands(
+    cfg: &DiscordConfig,
+    application_id: u64,
+    commands: Vec<CreateCommand>,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Command>> {
+    let application_id = ApplicationId::new(application_id);
+    let (http, _) = http_client(cfg, timeout)?;
+    let http = http.application_id(application_id).build();
+    let path = format!("PUT /api/v10/applications/{application_id}/commands");
+    Command::set_global_commands(&http, commands)
+        .await
+        .map_err(|e| match e {
+            serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) => {
+                let mut detail = format!(
+                    "{path}: HTTP {}: {} (Discord error {})",
+                    r.status_code.as_u16(),
+                    r.error.message,
+                    r.error.code
+                );
+                for err in &r.error.errors {
+                    detail.push_str(&format!("; {}: {}", err.path, err.message));
+                }
+                if r.status_code.as_u16() == 401 {
+                    detail.push_str("; is [discord] bot_token right?");
+                }
+                anyhow::anyhow!(crate::telemetry::redact(&detail))
+            }
+            serenity::Error::Http(HttpError::Request(e)) => {
+                let e = e.without_url();
+                let mut detail = format!("{path}: request failed: {e}");
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    detail.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                anyhow::anyhow!(crate::telemetry::redact(&detail))
+            }
+            other => anyhow::anyhow!(crate::telemetry::redact(&format!("{path}: {other}"))),
+        })
+}
+
 impl Notifier for DiscordNotifier {
     fn platform(&self) -> &'static str {
         "discord"
@@ -108,6 +179,9 @@ impl Notifier for DiscordNotifier {
 
     fn send<'a>(&'a self, out: &'a Outgoing<'a>) -> BoxFuture<'a, Result<Delivery, Error>> {
         Box::pin(async move {
+            if let (Message::Report(r), Op::Post | Op::Reply(_)) = (out.message, &out.op) {
+                return report::send(self, out, r).await;
+            }
             let parse_id = |s: &str, what: &str| {
                 s.parse::<u64>()
                     .ok()
@@ -240,6 +314,15 @@ pub fn render(m: &Message) -> Rendered {
             }
         }
         Message::Alert(a) => render_alert(a),
+        // An edit keeps the attachments; the first stays the image.
+        Message::Report(r) => Rendered {
+            content: String::new(),
+            embed: Some(report::embed(
+                r,
+                report::attachments(r).first().map(|(n, _)| n.as_str()),
+            )),
+            components: Vec::new(),
+        },
     }
 }
 

@@ -15,10 +15,12 @@
 //! without a parent (the digest) is its own mail, its first line the subject.
 //!
 //! SMTP 4xx and network errors are retried by the outbox; 5xx are
-//! permanent. Credentials never appear in an error.
+//! permanent. Credentials never appear in an error. Health reports (text
+//! and HTML with inline charts) are `email/report.rs`.
 
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport as _, Tokio1Executor};
@@ -26,13 +28,15 @@ use sha2::Digest as _;
 
 use crate::config::paging::EmailConfig;
 use crate::notify::{
-    alert_line_text, headline, status_text, tier_text, AlertMessage, BoxFuture, Delivery, Error,
-    GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef, TextMessage,
+    alert_line_text, headline, status_text, tier_text, AlertMessage, Delivery, Error, GroupStatus,
+    Message, Notifier, Op, Outgoing, PlatformRef, TextMessage,
 };
 
 /// Thread replies starting with this are mailed (escalation notes); other
 /// replies (runbook output) stay in chat.
 pub const MAILED_REPLY_PREFIX: &str = "⏫ Escalation";
+
+pub mod report;
 
 pub struct EmailNotifier {
     transport: AsyncSmtpTransport<Tokio1Executor>,
@@ -97,6 +101,9 @@ impl EmailNotifier {
             .channel
             .parse()
             .map_err(|e| Error::permanent(format!("{:?} is not an address: {e}", out.channel)))?;
+        if let Message::Report(r) = out.message {
+            return report::send(self, out, to, r).await;
+        }
         let Some((mail, state)) = plan(out) else {
             let id = match &out.op {
                 Op::Edit(p) | Op::Reply(p) => p.message_id.clone(),
@@ -165,6 +172,8 @@ pub fn plan(out: &Outgoing<'_>) -> Option<(Mail, String)> {
             Some((render_text(t, fresh(), root), p.message_id.clone()))
         }
         (Message::Text(_), Op::Reply(_) | Op::Edit(_)) => None,
+        // Reports are mailed by `report.rs` (with their charts).
+        (Message::Report(_), _) => None,
         (Message::Text(t), Op::Post) => {
             let id = fresh();
             Some((render_text(t, id.clone(), None), id))

@@ -5,7 +5,9 @@
 //! calls them is the top-level `outbox` module; notifiers never import it.
 //!
 //! Wire formats live only in `slack.rs`, `discord.rs`, `webhook.rs`,
-//! `pagerduty.rs`, `email.rs` and `console.rs`. Errors leaving a notifier are already redacted: no token,
+//! `pagerduty.rs`, `email.rs` and `console.rs` (and their `report.rs`
+//! children: health reports); `report_lines.rs` turns a report's Markdown
+//! lines into each platform's syntax within its limits. Errors leaving a notifier are already redacted: no token,
 //! signing secret or webhook URL may appear in them. Nothing here parses
 //! AlertManager payloads or touches the store.
 
@@ -13,12 +15,13 @@ pub mod console;
 pub mod discord;
 pub mod email;
 pub mod pagerduty;
+pub mod report_lines;
 pub mod slack;
 pub mod webhook;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
+
+use futures_util::future::BoxFuture;
 
 use serde::{Deserialize, Serialize};
 
@@ -144,9 +147,6 @@ impl Error {
         }
     }
 }
-
-/// A boxed future (the trait is used as `dyn Notifier`).
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// One chat platform (or sink). Implementations hold their clients and
 /// secrets; they never log a secret and never put one in an [`Error`].

@@ -22,11 +22,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde_json::json;
 
 use crate::notify::{
-    alert_line_text, headline, truncate_chars, AlertMessage, BoxFuture, Delivery, Error,
-    GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
+    alert_line_text, headline, truncate_chars, AlertMessage, Delivery, Error, GroupStatus, Message,
+    Notifier, Op, Outgoing, PlatformRef,
 };
 use crate::routing::{Routing, Tier};
 
@@ -147,7 +148,7 @@ impl PagerDutyNotifier {
         let m = match out.message {
             Message::Alert(m) => m,
             // Thread replies (runbook output, escalation notes) are chat's.
-            Message::Text(_) => {
+            Message::Text(_) | Message::Report(_) => {
                 let parent = match &out.op {
                     Op::Reply(p) | Op::Edit(p) => p.message_id.clone(),
                     Op::Post => "-".to_string(),

@@ -6,10 +6,12 @@
 //! 13k characters of block text in total): ≤ 50 blocks, header ≤ 150, section
 //! text ≤ 3000, context ≤ 10 elements, button text ≤ 75, fallback text ≤
 //! 40000 (we keep 3000). The token never leaves this file except in the
-//! Authorization header; errors are redacted.
+//! Authorization header; errors are redacted. Health reports (Block Kit
+//! summary, charts through the three-step file upload) are `slack/report.rs`.
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use slack_morphism::errors::SlackClientError;
@@ -18,10 +20,11 @@ use slack_morphism::prelude::*;
 use crate::config::bot::SlackConfig;
 use crate::notify::{
     alert_line_text, fit_lines, headline, status_text, tier_text, truncate_chars, AlertMessage,
-    BoxFuture, Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
-    TextMessage,
+    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef, TextMessage,
 };
 use crate::routing::Tier;
+
+pub mod report;
 
 pub const MAX_BLOCKS: usize = 50;
 pub const MAX_SECTION_TEXT: usize = 3000;
@@ -38,6 +41,8 @@ pub struct SlackNotifier {
     client: Arc<SlackClient<Connector>>,
     token: SlackApiToken,
     secret: String,
+    /// Health reports whose delivery is under way (see `report.rs`).
+    reports: report::Reports,
 }
 
 impl SlackNotifier {
@@ -53,6 +58,7 @@ impl SlackNotifier {
             client: Arc::new(SlackClient::new(connector)),
             token: SlackApiToken::new(SlackApiTokenValue::new(cfg.bot_token.expose().to_string())),
             secret: cfg.bot_token.expose().to_string(),
+            reports: report::Reports::new(&cfg.api_url),
         })
     }
 }
@@ -73,6 +79,10 @@ impl Notifier for SlackNotifier {
 
 impl SlackNotifier {
     async fn call(&self, out: &Outgoing<'_>) -> Result<Delivery, Error> {
+        if let Message::Report(r) = out.message {
+            let session = self.client.open_session(&self.token);
+            return report::send(&session, &self.reports, out, r).await;
+        }
         {
             let content = render(out.message);
             let session = self.client.open_session(&self.token);
@@ -221,6 +231,7 @@ pub fn render(message: &Message) -> SlackMessageContent {
     match message {
         Message::Alert(m) => render_alert(m),
         Message::Text(t) => render_text(t),
+        Message::Report(r) => report::content(r),
     }
 }
 

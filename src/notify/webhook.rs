@@ -10,8 +10,14 @@
 //!   "parent_id": "wh-…",       // the alert message a reply belongs to (replies only)
 //!   "headline": "[P1] [FIRING 2] GpuXid",
 //!   "message": { "Alert": { …AlertMessage… } } | { "Text": { "text": "…", "code": null } }
+//!            | { "Report": { "name", "title", "summary": [], "sections": [{"heading", "lines"}],
+//!                          "text", "late", "charts": [{"file_name", "title", "bytes"}] } }
 //! }
 //! ```
+//!
+//! A report's lines are Markdown with `[text](url)` links; its charts are
+//! described (name, title, size), never sent as PNG bytes, and its HTML
+//! rendering (an email body) is left out.
 //!
 //! `message` is `notify::Message` as serde writes it (tier, title, summary,
 //! severity, severity_unknown, status, acknowledged, alerts[], links,
@@ -22,10 +28,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+
 use crate::config::Secret;
 use crate::notify::{
-    headline, truncate_chars, BoxFuture, Delivery, Error, Message, Notifier, Op, Outgoing,
-    PlatformRef,
+    headline, truncate_chars, Delivery, Error, Message, Notifier, Op, Outgoing, PlatformRef,
 };
 use crate::routing::{webhook_id, Routing};
 
@@ -117,6 +124,7 @@ impl WebhookNotifier {
             let head = match out.message {
                 Message::Alert(m) => headline(m),
                 Message::Text(t) => truncate_chars(&t.text, 200),
+                Message::Report(r) => truncate_chars(&r.title, 200),
             };
             let body = serde_json::json!({
                 "version": "1",
@@ -124,7 +132,7 @@ impl WebhookNotifier {
                 "id": id,
                 "parent_id": parent,
                 "headline": head,
-                "message": out.message,
+                "message": message_json(out.message),
             });
             let resp = self
                 .client
@@ -158,6 +166,29 @@ impl WebhookNotifier {
                 &format!("webhook: {}", truncate_chars(&text, 200)),
             ))
         }
+    }
+}
+
+/// `message` as the body carries it: a report without its PNG bytes and
+/// HTML, everything else as serde writes it.
+pub fn message_json(m: &Message) -> serde_json::Value {
+    match m {
+        Message::Report(r) => serde_json::json!({
+            "Report": {
+                "name": r.name,
+                "title": r.title,
+                "summary": r.summary,
+                "sections": r.sections,
+                "text": r.text,
+                "late": r.late,
+                "charts": r.charts.iter().map(|c| serde_json::json!({
+                    "file_name": c.file_name,
+                    "title": c.title,
+                    "bytes": c.png.len(),
+                })).collect::<Vec<_>>(),
+            }
+        }),
+        other => serde_json::to_value(other).unwrap_or(serde_json::Value::Null),
     }
 }
 

@@ -31,7 +31,7 @@ use crate::config::agent::ExecConfig;
 use crate::exec_auth::{argv_digest, ExecAuthError, ExecVerifier};
 use crate::runbook::engine::{self, ExecResponse, Rendered};
 use crate::runbook::exec::{CommandRunner, CommandSpec, ProcessRunner};
-use crate::runbook::{is_runbook_id, load_file, Kind, Target};
+use crate::runbook::{is_runbook_id, load_file, Kind, StepTarget};
 use crate::signing::{Clock, SystemClock};
 
 /// Largest request body read.
@@ -180,7 +180,7 @@ async fn handle<C: Clock + 'static>(
             format!("runbook {} has no step {}", req.runbook, req.step),
         );
     };
-    if step.kind() != Kind::Command || step.target != Target::Node {
+    if step.kind() != Kind::Command || step.target != StepTarget::Node {
         return refuse(
             StatusCode::BAD_REQUEST,
             format!(

@@ -96,8 +96,10 @@ pub enum Kind {
     Promql,
 }
 
+/// Where a step runs (its `target:` key); not to be confused with
+/// `routing::Target`, a place messages go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Target {
+pub enum StepTarget {
     /// Run by the agent on the alert's node (or locally by `gpuops runbook run`).
     Node,
     /// Run where the bot (or the CLI) runs.
@@ -118,7 +120,7 @@ pub struct Step {
     pub name: String,
     pub description: String,
     pub phase: Phase,
-    pub target: Target,
+    pub target: StepTarget,
     pub timeout: Duration,
     pub needs_approval: bool,
     /// Roles that may run (or, with `needs_approval`, request) this step.
@@ -311,11 +313,11 @@ impl Kind {
     }
 }
 
-impl Target {
+impl StepTarget {
     pub fn as_str(self) -> &'static str {
         match self {
-            Target::Node => "node",
-            Target::Bot => "bot",
+            StepTarget::Node => "node",
+            StepTarget::Bot => "bot",
         }
     }
 }
@@ -773,7 +775,7 @@ steps:
         let rb = parse(GOOD).unwrap();
         assert_eq!(rb.steps.len(), 2);
         assert_eq!(rb.steps[0].timeout, DEFAULT_STEP_TIMEOUT);
-        assert_eq!(rb.steps[1].target, Target::Bot);
+        assert_eq!(rb.steps[1].target, StepTarget::Bot);
         let labels: BTreeMap<String, String> = [
             ("alertname", "GpuXid"),
             ("gpu", "3"),

@@ -92,6 +92,10 @@ pub const TABLES: &[(&str, &[&str])] = &[
     ),
     ("digest_slots", &["slot", "claimed_at", "late", "groups"]),
     (
+        "report_slots",
+        &["name", "slot", "claimed_at", "late", "outcome"],
+    ),
+    (
         "chat_runs",
         &[
             "id",

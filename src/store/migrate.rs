@@ -12,11 +12,18 @@ use crate::store::{now, Error, Result};
 /// One migration: version, name, SQL.
 pub type Migration = (i64, &'static str, &'static str);
 
-pub const SQLITE: &[Migration] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
+pub const SQLITE: &[Migration] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "reports",
+        include_str!("../../migrations/sqlite/0002_reports.sql"),
+    ),
+];
 
 pub const POSTGRES: &[Migration] = &[
     (
@@ -28,6 +35,11 @@ pub const POSTGRES: &[Migration] = &[
         2,
         "run_owner",
         include_str!("../../migrations/postgres/0002_run_owner.sql"),
+    ),
+    (
+        3,
+        "reports",
+        include_str!("../../migrations/postgres/0003_reports.sql"),
     ),
 ];
 

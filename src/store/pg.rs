@@ -23,6 +23,7 @@ mod core;
 mod listen;
 mod outbox;
 mod paging;
+mod reports;
 mod runs;
 
 /// How long a claimed outbox row stays with the replica that claimed it;

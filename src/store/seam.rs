@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::store::paging::{
     DigestDelivery, DigestGroup, EscalationCandidate, EscalationPlan, FiredStep,
 };
+use crate::store::reports::{IncidentCounts, IncidentGroup, ReportDelivery};
 use crate::store::runs::{RunRecord, StepRecord};
 use crate::store::{
     AuditRecord, Backend, DeadLetter, GroupHistory, GroupRecord, GroupUpdate, IngestResult,
@@ -120,6 +121,21 @@ seam! {
         /// it (or a later one) was claimed already.
         fn claim_digest_slot(&self, slot: f64, late: bool, groups: usize, deliveries: Vec<DigestDelivery>) -> Result<bool>;
         fn digest_slots(&self) -> Result<Vec<(f64, bool, i64)>>;
+        /// The latest claimed slot of a report (or its baseline).
+        fn last_report_slot(&self, name: String) -> Result<Option<f64>>;
+        /// Records a report's first start (no-op once it has any slot).
+        fn report_baseline(&self, name: String, at: f64) -> Result<()>;
+        /// Claims a report slot and enqueues its deliveries; `false` when
+        /// it (or a later one) was claimed already.
+        fn claim_report_slot(&self, name: String, slot: f64, late: bool, outcome: String, deliveries: Vec<ReportDelivery>) -> Result<bool>;
+        /// Claimed slots of a report, baseline excluded: `(slot, late, outcome)`.
+        fn report_slots(&self, name: String) -> Result<Vec<(f64, bool, String)>>;
+        /// Enqueues a report sent by hand; the outbox ids.
+        fn enqueue_report(&self, deliveries: Vec<ReportDelivery>) -> Result<Vec<i64>>;
+        /// Of these outbox rows: how many are pending, and the dead letters' errors.
+        fn report_delivery_state(&self, ids: Vec<i64>) -> Result<(usize, Vec<String>)>;
+        fn incident_groups(&self, start: f64, end: f64) -> Result<Vec<IncidentGroup>>;
+        fn incident_counts(&self, start: f64, end: f64) -> Result<IncidentCounts>;
         fn run(&self, id: &str) -> Result<Option<RunRecord>>;
         fn run_ids(&self) -> Result<Vec<String>>;
         fn waiting_runs(&self) -> Result<i64>;

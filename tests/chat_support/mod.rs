@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::Request;
 use ed25519_dalek::Signer as _;
+use futures_util::future::BoxFuture;
 use gpuops::bot::BotState;
 use gpuops::chat::{self, ChatState};
 use gpuops::config::BotConfig;
 use gpuops::notify::console::ConsoleNotifier;
-use gpuops::notify::{BoxFuture, Delivery, Error, Message, Notifier, Op, Outgoing, PlatformRef};
+use gpuops::notify::{Delivery, Error, Message, Notifier, Op, Outgoing, PlatformRef};
 use gpuops::outbox::Notifiers;
 use gpuops::runbook::engine::StepExecutor;
 use gpuops::signing::{self, Clock, FixedClock};
@@ -321,6 +322,7 @@ pub fn next_trigger_id() -> String {
 pub fn slack_button_body(user: &str, action_id: &str, value: &str, response_url: &str) -> String {
     let payload = serde_json::json!({
         "type": "block_actions",
+        "team": { "id": "T0001", "domain": "gpuops-test" },
         "user": { "id": user, "username": user.to_ascii_lowercase(), "team_id": "T0001" },
         "api_app_id": "A0001",
         "trigger_id": next_trigger_id(),
@@ -378,6 +380,55 @@ pub fn discord_request(key: &ed25519_dalek::SigningKey, body: &str, ts: i64) -> 
         .header(signing::DISCORD_SIGNATURE, hex::encode(sig.to_bytes()))
         .body(Body::from(body.to_string()))
         .unwrap()
+}
+
+/// A guild interaction of `kind` (2: slash command, 3: button) from `user`
+/// as Discord sends it, with every field serenity's models require; `data`
+/// is the interaction's own (a command's `name` and `options`, a button's
+/// `custom_id` and `component_type`), completed with the registered
+/// command's id and type for a command, and the message the button is on
+/// for a button.
+pub fn discord_interaction(kind: u8, user: &str, token: &str, data: serde_json::Value) -> String {
+    const APP: &str = "223456789012345678";
+    const GUILD: &str = "2222222222222222";
+    const CHANNEL: &str = "1111111111111111";
+    let mut data = data;
+    if kind == 2 {
+        data["id"] = serde_json::json!("1300000000000000000");
+        data["type"] = serde_json::json!(1);
+    }
+    let mut v = serde_json::json!({
+        "type": kind, "id": "5", "application_id": APP, "token": token, "version": 1,
+        "app_permissions": "2248473465835073", "attachment_size_limit": 10485760,
+        "authorizing_integration_owners": { "0": GUILD },
+        "channel_id": CHANNEL, "context": 0, "entitlements": [],
+        "guild_id": GUILD, "guild_locale": "en-US", "locale": "en-US",
+        "member": {
+            "avatar": null, "communication_disabled_until": null, "deaf": false, "flags": 0,
+            "joined_at": "2026-01-01T00:00:00.000000+00:00", "mute": false, "nick": null,
+            "pending": false, "permissions": "2248473465835073", "premium_since": null,
+            "roles": [], "unusual_dm_activity_until": null,
+            "user": {
+                "avatar": null, "avatar_decoration_data": null, "discriminator": "0",
+                "global_name": null, "id": user, "public_flags": 0, "username": format!("u{user}"),
+            },
+        },
+        "data": data,
+    });
+    if kind == 3 {
+        v["message"] = serde_json::json!({
+            "id": "1310000000000000000", "channel_id": CHANNEL, "type": 0, "content": "",
+            "tts": false, "timestamp": "2026-01-01T00:00:00.000000+00:00",
+            "edited_timestamp": null, "mention_everyone": false, "mentions": [],
+            "mention_roles": [], "attachments": [], "embeds": [], "pinned": false, "flags": 0,
+            "components": [],
+            "author": {
+                "avatar": null, "bot": true, "discriminator": "0000", "global_name": null,
+                "id": APP, "public_flags": 0, "username": "gpuops",
+            },
+        });
+    }
+    v.to_string()
 }
 
 /// An AlertManager webhook for one firing alert.

@@ -1,7 +1,13 @@
 //! Test support: local fake Slack and Discord Web APIs (axum servers) that
 //! record every request and answer either like the platform would or with
 //! scripted responses (429 with Retry-After, 5xx, permanent errors), plus
-//! helpers to run the real `gpuops` binary. Reusable by any test:
+//! helpers to run the real `gpuops` binary. The fake Slack also speaks the
+//! three-step file upload (`files.getUploadURLExternal` answering with an
+//! `upload_url` on the fake itself, the upload `POST`, and
+//! `files.completeUploadExternal`) and refuses the retired `files.upload`;
+//! every request's raw bytes, query and content type are kept, and
+//! [`multipart_parts`] splits a `multipart/form-data` body (Discord's
+//! attachments). Reusable by any test:
 //! `mod support;` then `support::FakeApi::slack().await`.
 #![allow(dead_code)]
 
@@ -25,6 +31,123 @@ pub struct Recorded {
     pub authorization: String,
     pub body: serde_json::Value,
     pub raw: String,
+    /// The query string (without `?`).
+    pub query: String,
+    pub content_type: String,
+    /// The body as received.
+    pub bytes: Vec<u8>,
+}
+
+impl Recorded {
+    /// A query parameter (percent-decoded).
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        url_decode_pairs(&self.query)
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+}
+
+fn url_decode_pairs(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (pct_decode(k), pct_decode(v))
+        })
+        .collect()
+}
+
+fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let h = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(h, 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One part of a `multipart/form-data` body.
+#[derive(Debug, Clone)]
+pub struct FormPart {
+    pub name: String,
+    pub file_name: Option<String>,
+    pub content_type: Option<String>,
+    pub data: Vec<u8>,
+}
+
+/// The parts of a recorded `multipart/form-data` request (empty when it
+/// is not one).
+pub fn multipart_parts(r: &Recorded) -> Vec<FormPart> {
+    let Some(boundary) = r
+        .content_type
+        .split(';')
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("boundary="))
+        .map(|b| b.trim_matches('"').to_string())
+    else {
+        return Vec::new();
+    };
+    let delim = format!("--{boundary}").into_bytes();
+    let body = &r.bytes;
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + delim.len() <= body.len() {
+        if body[i..i + delim.len()] == delim[..] {
+            starts.push(i);
+            i += delim.len();
+        } else {
+            i += 1;
+        }
+    }
+    let mut parts = Vec::new();
+    for w in starts.windows(2) {
+        let mut chunk = &body[w[0] + delim.len()..w[1]];
+        chunk = chunk.strip_prefix(b"\r\n").unwrap_or(chunk);
+        chunk = chunk.strip_suffix(b"\r\n").unwrap_or(chunk);
+        let Some(split) = chunk.windows(4).position(|x| x == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&chunk[..split]).into_owned();
+        let data = chunk[split + 4..].to_vec();
+        let mut part = FormPart {
+            name: String::new(),
+            file_name: None,
+            content_type: None,
+            data,
+        };
+        for line in head.split("\r\n") {
+            let lower = line.to_ascii_lowercase();
+            if lower.starts_with("content-disposition:") {
+                for attr in line.split(';').map(str::trim) {
+                    if let Some(v) = attr.strip_prefix("name=") {
+                        part.name = v.trim_matches('"').to_string();
+                    } else if let Some(v) = attr.strip_prefix("filename=") {
+                        part.file_name = Some(v.trim_matches('"').to_string());
+                    }
+                }
+            } else if lower.starts_with("content-type:") {
+                part.content_type = Some(line["content-type:".len()..].trim().to_string());
+            }
+        }
+        parts.push(part);
+    }
+    parts
 }
 
 /// A canned answer for the next matching request.
@@ -60,6 +183,9 @@ struct Inner {
     kind: Kind,
     requests: Vec<Recorded>,
     script: VecDeque<Scripted>,
+    /// Answers for the next request whose path contains the pattern.
+    path_script: Vec<(String, Scripted)>,
+    addr: Option<SocketAddr>,
     /// Answer every request with 503 while set.
     down: bool,
     next_id: u64,
@@ -91,6 +217,8 @@ impl FakeApi {
             kind,
             requests: Vec::new(),
             script: VecDeque::new(),
+            path_script: Vec::new(),
+            addr: Some(addr),
             down: false,
             next_id: 1,
         }));
@@ -113,6 +241,24 @@ impl FakeApi {
     /// Queues answers for the next requests (first in, first out).
     pub fn script(&self, responses: impl IntoIterator<Item = Scripted>) {
         self.inner.lock().unwrap().script.extend(responses);
+    }
+
+    /// Queues an answer for the next request whose path contains
+    /// `pattern` (e.g. `/upload/`, `files.completeUploadExternal`).
+    pub fn script_path(&self, pattern: &str, response: Scripted) {
+        self.inner
+            .lock()
+            .unwrap()
+            .path_script
+            .push((pattern.to_string(), response));
+    }
+
+    /// The requests whose path ends with `suffix`.
+    pub fn calls(&self, suffix: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path.ends_with(suffix))
+            .collect()
     }
 
     pub fn set_down(&self, down: bool) {
@@ -158,6 +304,11 @@ async fn handle(
 ) -> Response {
     let raw = String::from_utf8_lossy(&body).into_owned();
     let json: serde_json::Value = serde_json::from_str(&raw).unwrap_or(serde_json::Value::Null);
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let mut g = inner.lock().unwrap();
     g.requests.push(Recorded {
         at: Instant::now(),
@@ -170,9 +321,29 @@ async fn handle(
             .to_string(),
         body: json.clone(),
         raw,
+        query: uri.query().unwrap_or("").to_string(),
+        content_type,
+        bytes: body.to_vec(),
     });
     if g.down {
         return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    let path = uri.path().to_string();
+    if let Some(i) = g
+        .path_script
+        .iter()
+        .position(|(p, _)| path.contains(p.as_str()))
+    {
+        let (_, s) = g.path_script.remove(i);
+        let mut resp =
+            (StatusCode::from_u16(s.status).unwrap(), axum::Json(s.body)).into_response();
+        for (k, v) in s.headers {
+            resp.headers_mut().insert(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        return resp;
     }
     if let Some(s) = g.script.pop_front() {
         let mut resp =
@@ -188,6 +359,35 @@ async fn handle(
     let id = g.next_id;
     g.next_id += 1;
     match g.kind {
+        Kind::Slack if path.ends_with("files.getUploadURLExternal") => {
+            let addr = g.addr.map(|a| a.to_string()).unwrap_or_default();
+            axum::Json(serde_json::json!({
+                "ok": true,
+                "upload_url": format!("http://{addr}/upload/F{id:05}"),
+                "file_id": format!("F{id:05}"),
+            }))
+            .into_response()
+        }
+        Kind::Slack if path.starts_with("/upload/") => (
+            [("content-type", "text/plain")],
+            format!("OK - {}", body.len()),
+        )
+            .into_response(),
+        Kind::Slack if path.ends_with("files.completeUploadExternal") => {
+            let files: Vec<serde_json::Value> = json["files"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|f| serde_json::json!({"id": f["id"], "title": f["title"]}))
+                .collect();
+            axum::Json(serde_json::json!({"ok": true, "files": files})).into_response()
+        }
+        // Retired by Slack; answered the way Slack answers new apps.
+        Kind::Slack if path.ends_with("files.upload") => axum::Json(serde_json::json!({
+            "ok": false, "error": "method_deprecated"
+        }))
+        .into_response(),
         Kind::Slack => {
             let channel = json["channel"].as_str().unwrap_or("").to_string();
             let ts = if uri.path().ends_with("chat.update") {
@@ -203,6 +403,30 @@ async fn handle(
         }
         Kind::Discord => {
             let parts: Vec<&str> = uri.path().split('/').collect();
+            // PUT /api/v10/applications/{a}/commands: the commands as
+            // Discord registers them (ids, application id, version added).
+            if method == Method::PUT
+                && parts.get(3) == Some(&"applications")
+                && parts.get(5) == Some(&"commands")
+            {
+                let app = parts.get(4).copied().unwrap_or("");
+                let registered: Vec<serde_json::Value> = json
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut c)| {
+                        let cid = 1_300_000_000_000_000_000u64 + 100 * id + i as u64;
+                        c["id"] = serde_json::json!(cid.to_string());
+                        c["application_id"] = serde_json::json!(app);
+                        c["version"] = serde_json::json!((cid + 1).to_string());
+                        c["default_member_permissions"] = serde_json::Value::Null;
+                        c
+                    })
+                    .collect();
+                return axum::Json(registered).into_response();
+            }
             // /api/v10/channels/{c}/messages[/{m}]
             let channel = parts.get(4).copied().unwrap_or("").to_string();
             let message_id = match parts.get(6) {

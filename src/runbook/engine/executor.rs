@@ -7,11 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::exec_auth::ExecSigner;
 use crate::runbook::engine::*;
-use crate::runbook::exec::{BoxFuture, CommandOutput, CommandRunner, CommandSpec, RunError};
+use crate::runbook::exec::{CommandOutput, CommandRunner, CommandSpec, RunError};
 use crate::runbook::*;
 
 /// What one step came to.
@@ -329,15 +330,17 @@ impl StepExecutor for Executor {
         step: &'a PlannedStep,
     ) -> BoxFuture<'a, StepOutcome> {
         Box::pin(async move {
-            let here = step.step.target == Target::Bot || matches!(self.node, NodeSteps::Local);
+            let here = step.step.target == StepTarget::Bot || matches!(self.node, NodeSteps::Local);
             if let (true, Some(path)) = (here, &step.step.flow.only_if_exists) {
                 if !crate::host::path_exists(std::path::Path::new(path)) {
                     return StepOutcome::unavailable(path, "here");
                 }
             }
             match (&step.rendered, step.step.target) {
-                (Rendered::Command { argv }, Target::Bot) => self.command(&step.step, argv).await,
-                (Rendered::Command { argv }, Target::Node) => match &self.node {
+                (Rendered::Command { argv }, StepTarget::Bot) => {
+                    self.command(&step.step, argv).await
+                }
+                (Rendered::Command { argv }, StepTarget::Node) => match &self.node {
                     NodeSteps::Local => self.command(&step.step, argv).await,
                     NodeSteps::Agent(agent) => agent.execute(plan, step).await,
                     NodeSteps::Unavailable(why) => StepOutcome::error(why.clone(), Duration::ZERO),

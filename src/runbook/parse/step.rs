@@ -94,10 +94,10 @@ impl Walker {
                     self.err(&loc, "target", "is required for commands (node or bot)");
                     None
                 }
-                _ => Some(Target::Bot),
+                _ => Some(StepTarget::Bot),
             },
-            Some((_, Some("node"))) => Some(Target::Node),
-            Some((_, Some("bot"))) => Some(Target::Bot),
+            Some((_, Some("node"))) => Some(StepTarget::Node),
+            Some((_, Some("bot"))) => Some(StepTarget::Bot),
             Some((v, _)) => {
                 self.err(
                     &loc,
@@ -107,7 +107,8 @@ impl Walker {
                 None
             }
         };
-        if target == Some(Target::Node) && matches!(kind, Some(Kind::Http) | Some(Kind::Promql)) {
+        if target == Some(StepTarget::Node) && matches!(kind, Some(Kind::Http) | Some(Kind::Promql))
+        {
             self.err(
                 &loc,
                 "target",

@@ -1,0 +1,139 @@
+//! The "Host" section: OOM kills per node, filesystems above 80 % with
+//! days until full at the period's trend, read-only and stuck mounts,
+//! memory and I/O pressure. Queries are `queries.rs`'; answers arrive
+//! through `compute.rs`.
+
+use std::collections::HashMap;
+
+use crate::config::reports::SectionKind;
+use crate::report::compute::{count, days_to_full, node, Answers};
+use crate::report::queries as q;
+use crate::report::render::fmt_num;
+use crate::report::{Figures, Finding, FsRow, Level, Line, Section};
+
+pub(super) fn section(a: &Answers, f: &mut Figures) -> Section {
+    let mut s = Section::new(SectionKind::Host);
+    if let Some(rows) = a.get(&q::OOM_KILLS, &mut s) {
+        let mut oom: Vec<(String, u64)> = rows.iter().map(|r| (node(r), count(r.value))).collect();
+        oom.retain(|x| x.1 > 0);
+        oom.sort();
+        for (n, c) in &oom {
+            s.findings.push(Finding {
+                level: Level::Warning,
+                line: Line::new()
+                    .bold(n.clone())
+                    .text(": ")
+                    .link(c.to_string(), a.link(&q::OOM_KILLS))
+                    .text(format!(
+                        " OOM kill{}: see the victims in the agent's `/v1/events` (runbook `oom-kill`)",
+                        if *c == 1 { "" } else { "s" }
+                    )),
+            });
+        }
+        f.oom_kills = oom;
+    }
+    let to_full: HashMap<(String, String), f64> = a
+        .get(&q::FILESYSTEMS_TIME_TO_FULL, &mut s)
+        .unwrap_or_default()
+        .iter()
+        .map(|r| ((node(r), r.label("mountpoint").to_string()), r.value))
+        .collect();
+    if let Some(rows) = a.get(&q::FILESYSTEMS_FULL, &mut s) {
+        let mut fs: Vec<FsRow> = rows
+            .iter()
+            .map(|r| {
+                let key = (node(r), r.label("mountpoint").to_string());
+                let days = to_full.get(&key).and_then(|v| days_to_full(*v));
+                FsRow {
+                    node: key.0,
+                    mountpoint: key.1,
+                    used_ratio: r.value,
+                    days_to_full: days,
+                }
+            })
+            .collect();
+        fs.sort_by(|x, y| (&x.node, &x.mountpoint).cmp(&(&y.node, &y.mountpoint)));
+        for r in &fs {
+            let mut line = Line::new()
+                .bold(r.node.clone())
+                .text(format!(" `{}`: ", r.mountpoint))
+                .link(
+                    format!("{} % used", fmt_num(r.used_ratio * 100.0)),
+                    a.link(&q::FILESYSTEMS_FULL),
+                );
+            let level = match r.days_to_full {
+                Some(d) => {
+                    line = line
+                        .text(", full in ")
+                        .link(
+                            format!("{} days", fmt_num(d)),
+                            a.link(&q::FILESYSTEMS_TIME_TO_FULL),
+                        )
+                        .text(" at this period's trend");
+                    if d < 7.0 {
+                        Level::Critical
+                    } else {
+                        Level::Warning
+                    }
+                }
+                None => {
+                    line = line.text(", not growing");
+                    Level::Warning
+                }
+            };
+            s.findings.push(Finding {
+                level,
+                line: line.text(": free space or grow it (runbook `storage`)"),
+            });
+        }
+        f.filesystems = fs;
+    }
+    for (query, what, runbook) in [
+        (&q::MOUNTS_READONLY, "turned read-only", "storage"),
+        (
+            &q::MOUNTS_STUCK,
+            "stuck (statfs hung)",
+            "storage-mount-stuck",
+        ),
+    ] {
+        for r in a.get(query, &mut s).unwrap_or_default() {
+            s.findings.push(Finding {
+                level: Level::Critical,
+                line: Line::new()
+                    .bold(node(r))
+                    .text(format!(" `{}` ", r.label("mountpoint")))
+                    .link(what, a.link(query))
+                    .text(format!(
+                        ": check the device and the kernel log (runbook `{runbook}`)"
+                    )),
+            });
+        }
+    }
+    for (query, what, runbook) in [
+        (&q::MEMORY_PRESSURE, "memory", "memory-pressure"),
+        (&q::IO_PRESSURE, "I/O", "storage"),
+    ] {
+        for r in a.get(query, &mut s).unwrap_or_default() {
+            let line = Line::new()
+                .bold(node(r))
+                .text(format!(": tasks stalled on {what} "))
+                .link(format!("{} %", fmt_num(r.value)), a.link(query))
+                .text(" of the time");
+            if r.value >= 10.0 {
+                s.findings.push(Finding {
+                    level: Level::Warning,
+                    line: line.text(format!(": find the workload (runbook `{runbook}`)")),
+                });
+            } else {
+                s.lines.push(line);
+            }
+        }
+    }
+    if s.findings.is_empty() && s.failures.is_empty() {
+        s.lines.push(
+            Line::new()
+                .text("No OOM kills, no filesystem above 80 %, no read-only or stuck mount."),
+        );
+    }
+    s
+}

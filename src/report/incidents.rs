@@ -1,0 +1,230 @@
+//! The "Incidents" section, from the bot's own store: alert groups that
+//! fired in the period by tier, the noisiest alert names, MTTA (first
+//! notification → acknowledgement) and MTTR (firing → resolved), groups
+//! still firing at the period's end, dead letters and runbook runs by how
+//! they ended. The SQL is `store/reports.rs`.
+
+use std::collections::BTreeMap;
+
+use crate::config::reports::SectionKind;
+use crate::report::render::fmt_duration;
+use crate::report::{Figures, Finding, Inputs, Level, Line, Section};
+use crate::store::reports::IncidentGroup;
+
+/// Mean time to acknowledge and to resolve, in seconds, over the groups
+/// acknowledged (resp. resolved) within `[start, end)`.
+pub fn mtta_mttr(groups: &[IncidentGroup], start: f64, end: f64) -> (Option<f64>, Option<f64>) {
+    let mean = |v: Vec<f64>| {
+        if v.is_empty() {
+            None
+        } else {
+            Some(v.iter().sum::<f64>() / v.len() as f64)
+        }
+    };
+    let tta: Vec<f64> = groups
+        .iter()
+        .filter_map(|g| {
+            let ack = g.acked_at.filter(|a| *a >= start && *a < end)?;
+            let first = g.first_notified?;
+            Some((ack - first).max(0.0))
+        })
+        .collect();
+    let ttr: Vec<f64> = groups
+        .iter()
+        .filter(|g| g.status == "resolved" && g.updated_at >= start && g.updated_at < end)
+        .map(|g| (g.updated_at - g.first_seen).max(0.0))
+        .collect();
+    (mean(tta), mean(ttr))
+}
+
+/// Alert names of a group's latest webhook.
+fn alert_names(state: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(state).unwrap_or_default();
+    let mut out: Vec<String> = v
+        .get("alerts")
+        .and_then(|a| a.as_array())
+        .map(|alerts| {
+            alerts
+                .iter()
+                .filter_map(|a| a.get("labels")?.get("alertname")?.as_str())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out.dedup();
+    out
+}
+
+pub async fn section(inputs: &Inputs<'_>, f: &mut Figures) -> Section {
+    let mut s = Section::new(SectionKind::Incidents);
+    let Some(store) = inputs.store else {
+        s.failures
+            .push("the bot's store: not available here (no [store] path file)".to_string());
+        return s;
+    };
+    let end = inputs.at.timestamp() as f64;
+    let start = end - inputs.config.period.as_secs_f64();
+    let groups = match store.incident_groups(start, end).await {
+        Ok(g) => g,
+        Err(e) => {
+            s.failures.push(format!("alert groups from the store: {e}"));
+            return s;
+        }
+    };
+    let fired: Vec<&IncidentGroup> = groups.iter().filter(|g| g.first_seen >= start).collect();
+    let mut by_tier: BTreeMap<String, u64> = BTreeMap::new();
+    for g in &fired {
+        *by_tier.entry(g.tier.clone()).or_default() += 1;
+    }
+    let tiers: Vec<String> = by_tier.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    s.lines.push(Line::new().text(format!(
+        "Alert groups that fired: {}{}",
+        fired.len(),
+        if tiers.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", tiers.join(", "))
+        }
+    )));
+    f.alerts_by_tier = by_tier;
+    let mut noisy: BTreeMap<String, (u64, i64)> = BTreeMap::new();
+    for g in &groups {
+        if g.webhooks == 0 && g.first_seen < start {
+            continue;
+        }
+        for name in alert_names(&g.state) {
+            let e = noisy.entry(name).or_default();
+            e.0 += 1;
+            e.1 += g.webhooks;
+        }
+    }
+    let mut noisy: Vec<(String, (u64, i64))> = noisy.into_iter().collect();
+    noisy.sort_by(|x, y| {
+        y.1 .1
+            .cmp(&x.1 .1)
+            .then(y.1 .0.cmp(&x.1 .0))
+            .then(x.0.cmp(&y.0))
+    });
+    if !noisy.is_empty() {
+        let top: Vec<String> = noisy
+            .iter()
+            .take(5)
+            .map(|(n, (groups, hooks))| format!("{n} ({hooks} notifications, {groups} groups)"))
+            .collect();
+        s.lines
+            .push(Line::new().text(format!("Noisiest alerts: {}", top.join("; "))));
+    }
+    let (mtta, mttr) = mtta_mttr(&groups, start, end);
+    f.mtta_secs = mtta;
+    f.mttr_secs = mttr;
+    let show = |v: Option<f64>| v.map(fmt_duration).unwrap_or_else(|| "-".to_string());
+    s.lines.push(Line::new().text(format!(
+        "MTTA (first notification → acknowledgement): {}; MTTR (firing → resolved): {}",
+        show(mtta),
+        show(mttr)
+    )));
+    let firing: Vec<&IncidentGroup> = groups.iter().filter(|g| g.status == "firing").collect();
+    f.still_firing = Some(firing.len() as u64);
+    for g in firing.iter().take(10) {
+        let names = alert_names(&g.state).join(", ");
+        s.findings.push(Finding {
+            level: if g.tier == "P1" || g.tier == "P2" {
+                Level::Critical
+            } else {
+                Level::Warning
+            },
+            line: Line::new()
+                .text("Still firing: ")
+                .bold(if names.is_empty() {
+                    "(unnamed)".to_string()
+                } else {
+                    names
+                })
+                .text(format!(
+                    " ({}, group {}, since {}{}): see `gpuops audit --group {} --markdown`",
+                    g.tier,
+                    g.id,
+                    crate::report::render::fmt_local(inputs.config.timezone, g.first_seen),
+                    if g.acked_at.is_some() {
+                        ", acknowledged"
+                    } else {
+                        ", not acknowledged"
+                    },
+                    g.id
+                )),
+        });
+    }
+    match store.incident_counts(start, end).await {
+        Ok(c) => {
+            f.dead_letters = Some(c.dead_letters as u64);
+            if c.dead_letters > 0 {
+                s.findings.push(Finding {
+                    level: Level::Warning,
+                    line: Line::new().text(format!(
+                        "{} deliveries became dead letters: check the bot's log and `gpuops_notifications_total{{outcome=\"dead_letter\"}}`",
+                        c.dead_letters
+                    )),
+                });
+            }
+            let runs: Vec<String> = c
+                .runs_by_status
+                .iter()
+                .map(|(st, n)| format!("{st} {n}"))
+                .collect();
+            s.lines.push(Line::new().text(if runs.is_empty() {
+                "Runbook runs: none".to_string()
+            } else {
+                format!("Runbook runs: {}", runs.join(", "))
+            }));
+        }
+        Err(e) => s
+            .failures
+            .push(format!("dead letters and runs from the store: {e}")),
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(
+        first_seen: f64,
+        notified: Option<f64>,
+        ack: Option<f64>,
+        resolved: Option<f64>,
+    ) -> IncidentGroup {
+        IncidentGroup {
+            id: 1,
+            tier: "P2".into(),
+            status: if resolved.is_some() {
+                "resolved"
+            } else {
+                "firing"
+            }
+            .into(),
+            first_seen,
+            updated_at: resolved.unwrap_or(first_seen),
+            state: r#"{"alerts":[{"labels":{"alertname":"GPUDown"}}]}"#.into(),
+            first_notified: notified,
+            acked_at: ack,
+            webhooks: 1,
+        }
+    }
+
+    #[test]
+    fn mtta_and_mttr_are_means_over_the_period() {
+        let groups = [
+            g(100.0, Some(110.0), Some(410.0), Some(1900.0)),
+            g(200.0, Some(200.0), Some(800.0), None),
+            // Acknowledged before the period: not counted.
+            g(0.0, Some(1.0), Some(50.0), Some(3700.0)),
+        ];
+        let (mtta, mttr) = mtta_mttr(&groups, 60.0, 4000.0);
+        assert_eq!(mtta, Some(450.0));
+        assert_eq!(mttr, Some((1800.0 + 3700.0) / 2.0));
+        assert_eq!(alert_names(&groups[0].state), vec!["GPUDown".to_string()]);
+        assert!(alert_names("not json").is_empty());
+    }
+}

@@ -1,0 +1,249 @@
+//! Scheduled health reports: the fleet's period in one message, with
+//! charts. A report is computed from Prometheus (`prom.rs`, every PromQL
+//! expression in `queries.rs`) and the bot's own store (`incidents.rs`),
+//! section by section (`compute.rs`, `host.rs`, `checks.rs`); rendered as Markdown, plain text and
+//! HTML (`render.rs`) with PNG charts drawn in-process (`chart.rs`);
+//! and sent on a cron schedule through the outbox, each slot claimed once
+//! in the store (`schedule.rs`), or by hand (`cli.rs`).
+//!
+//! A section whose queries fail says which and why, and the report still
+//! goes out. This module speaks no platform's wire format (the notifiers
+//! render `Message::Report`) and holds no SQL (`store/reports.rs`).
+
+pub mod chart;
+pub mod checks;
+pub mod cli;
+pub mod compute;
+pub mod host;
+pub mod incidents;
+pub mod prom;
+pub mod queries;
+pub mod render;
+pub mod schedule;
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::reports::{ReportConfig, SectionKind};
+use crate::message::ReportMessage;
+use crate::store::Store;
+
+/// A piece of a report line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Part {
+    Text(String),
+    Bold(String),
+    /// A number (or word) linked to the PromQL that produced it.
+    Link {
+        text: String,
+        url: String,
+    },
+}
+
+/// One line of a report, rendered to Markdown, text or HTML.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Line(pub Vec<Part>);
+
+impl Line {
+    pub fn new() -> Line {
+        Line(Vec::new())
+    }
+
+    pub fn text(mut self, s: impl Into<String>) -> Line {
+        self.0.push(Part::Text(s.into()));
+        self
+    }
+
+    pub fn bold(mut self, s: impl Into<String>) -> Line {
+        self.0.push(Part::Bold(s.into()));
+        self
+    }
+
+    pub fn link(mut self, text: impl Into<String>, url: impl Into<String>) -> Line {
+        self.0.push(Part::Link {
+            text: text.into(),
+            url: url.into(),
+        });
+        self
+    }
+}
+
+/// How bad a finding is (summary order: critical first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Critical,
+    Warning,
+}
+
+/// Something someone should act on: names the node, the GPU and the next
+/// action.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub level: Level,
+    pub line: Line,
+}
+
+/// One computed section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Section {
+    pub kind: SectionKind,
+    pub findings: Vec<Finding>,
+    /// Facts that are not findings (counts, averages, top lists).
+    pub lines: Vec<Line>,
+    /// Queries that could not be computed: `what: why`.
+    pub failures: Vec<String>,
+}
+
+impl Section {
+    pub fn new(kind: SectionKind) -> Section {
+        Section {
+            kind,
+            findings: Vec::new(),
+            lines: Vec::new(),
+            failures: Vec::new(),
+        }
+    }
+}
+
+/// An XID count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct XidRow {
+    pub node: String,
+    pub gpu: String,
+    pub code: u32,
+    pub count: u64,
+}
+
+/// A filesystem above 80 %.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FsRow {
+    pub node: String,
+    pub mountpoint: String,
+    pub used_ratio: f64,
+    /// At the period's trend; `None` when it is not growing.
+    pub days_to_full: Option<f64>,
+}
+
+/// The report's numbers, for tests and the summary (every field is what a
+/// line says; `None` when its query failed).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Figures {
+    pub nodes_now: Option<u64>,
+    pub nodes_seen: Option<u64>,
+    /// `(node, last seen Unix seconds)`.
+    pub nodes_stopped: Vec<(String, f64)>,
+    /// `(node, GPUs fewer than the period's most)`.
+    pub gpus_dropped: Vec<(String, u64)>,
+    /// `(node, gpu)` that stopped reporting or are down.
+    pub gpus_missing: Vec<(String, String)>,
+    pub xids: Vec<XidRow>,
+    pub xids_by_code: BTreeMap<u32, u64>,
+    /// `(node, gpu, count)`.
+    pub ecc_uncorrectable: Vec<(String, String, u64)>,
+    pub fleet_utilization: Option<f64>,
+    /// `(node, idle GPU-hours)`, most idle first.
+    pub idle_gpu_hours: Vec<(String, u64)>,
+    pub idle_gpu_hours_total: Option<u64>,
+    /// `(node, kills)`.
+    pub oom_kills: Vec<(String, u64)>,
+    pub filesystems: Vec<FsRow>,
+    /// Alert groups that fired in the period, by tier.
+    pub alerts_by_tier: BTreeMap<String, u64>,
+    /// Mean first notification → acknowledgement, seconds.
+    pub mtta_secs: Option<f64>,
+    /// Mean firing → resolved, seconds.
+    pub mttr_secs: Option<f64>,
+    pub still_firing: Option<u64>,
+    pub dead_letters: Option<u64>,
+    /// `(node, errors)` per kind: XIDs, uncorrectable ECC, NVLink + PCIe.
+    pub errors_per_node: Vec<(String, [u64; 3])>,
+    /// Fleet utilization over time: `(unix seconds, percent)`.
+    pub utilization_series: Vec<(f64, f64)>,
+}
+
+/// What a computed report came to (`gpuops_reports_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Sent,
+    /// `only_if_findings` and nothing found: nothing sent.
+    Empty,
+    /// Some sections could not be computed (the report says which).
+    Partial,
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Sent => "sent",
+            Outcome::Empty => "empty",
+            Outcome::Partial => "partial",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// What a report is computed from.
+pub struct Inputs<'a> {
+    pub config: &'a ReportConfig,
+    /// `[prometheus] url`.
+    pub prometheus_url: &'a str,
+    /// The bot's store (the Incidents section); `None`: that section says
+    /// there is no store.
+    pub store: Option<&'a Store>,
+    /// The period's end.
+    pub at: DateTime<Utc>,
+    /// Sent after its slot (the bot was down then).
+    pub late: bool,
+}
+
+/// A computed and rendered report.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub message: ReportMessage,
+    /// `report.md`.
+    pub markdown: String,
+    /// `report.html`: images by file name instead of `cid:`.
+    pub preview_html: String,
+    pub figures: Figures,
+    pub sections: Vec<Section>,
+    pub findings: usize,
+    /// `section: what: why` for every query that failed.
+    pub failures: Vec<String>,
+    pub outcome: Outcome,
+}
+
+/// Computes and renders a report. Never fails as a whole: what could not
+/// be computed is named in the report.
+pub async fn build(inputs: Inputs<'_>) -> Built {
+    let (sections, figures) = compute::compute(&inputs).await;
+    let charts = chart::render_all(inputs.config, inputs.at, &figures);
+    let findings: usize = sections.iter().map(|s| s.findings.len()).sum();
+    let failures: Vec<String> = sections
+        .iter()
+        .flat_map(|s| {
+            s.failures
+                .iter()
+                .map(move |f| format!("{}: {f}", s.kind.heading()))
+        })
+        .collect();
+    let outcome = if !failures.is_empty() {
+        Outcome::Partial
+    } else if inputs.config.only_if_findings && findings == 0 {
+        Outcome::Empty
+    } else {
+        Outcome::Sent
+    };
+    let rendered = render::render(&inputs, &sections, charts);
+    Built {
+        message: rendered.message,
+        markdown: rendered.markdown,
+        preview_html: rendered.preview_html,
+        figures,
+        sections,
+        findings,
+        failures,
+        outcome,
+    }
+}

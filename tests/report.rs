@@ -1,0 +1,606 @@
+//! Scheduled health reports end to end: a day of known history backfilled
+//! into a real Prometheus and a seeded store give exact numbers; the
+//! preview command writes Markdown, HTML and PNGs that decode; a report
+//! with Prometheus down still renders and names the failure; the schedule
+//! claims each slot once across processes and restarts, and sends a missed
+//! slot once, marked late.
+#![allow(clippy::disallowed_methods)] // runs the real binary
+
+mod report_support;
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use chrono::DateTime;
+use gpuops::config::BotConfig;
+use gpuops::notify::console::ConsoleNotifier;
+use gpuops::outbox::Notifiers;
+use gpuops::report::{build, Inputs, Outcome};
+use gpuops::store::Store;
+use report_support::{AT, DAY, HOUR, NODE_A, NODE_B, NODE_C};
+
+fn config(dir: &Path, prometheus: &str, extra: &str) -> Arc<BotConfig> {
+    let text = format!(
+        r#"
+[store]
+path = "{store}"
+[slack]
+bot_token = "xoxb-test"
+api_url = "http://127.0.0.1:1/api"
+[prometheus]
+url = "{prometheus}"
+[[reports]]
+name = "daily"
+schedule = "0 9 * * *"
+timezone = "Europe/Berlin"
+slack_channel = "C0REPORTS"
+{extra}
+[[reports.checks]]
+name = "GPU memory total"
+query = "sum(gpu_memory_total_bytes)"
+unit = "bytes"
+warn_below = 1e12
+"#,
+        store = dir.join("bot.db").display()
+    );
+    let path = dir.join("bot.toml");
+    std::fs::write(&path, &text).unwrap();
+    Arc::new(BotConfig::from_str(&path, &text).unwrap())
+}
+
+/// Three alert groups with known times: MTTA (300 s + 900 s) / 2 = 10m,
+/// MTTR (1 h + 3 h) / 2 = 2h; one P3 still firing.
+fn seed_store(store: &Store) {
+    let s = (AT - DAY) as f64;
+    let groups = [
+        (
+            1,
+            "P1",
+            "resolved",
+            "GPUFellOffBus",
+            s + 3600.0,
+            s + 7200.0,
+            Some(s + 3630.0),
+            Some(s + 3930.0),
+        ),
+        (
+            2,
+            "P2",
+            "resolved",
+            "GPUXIDMemory",
+            s + 36_000.0,
+            s + 46_800.0,
+            Some(s + 36_000.0),
+            Some(s + 36_900.0),
+        ),
+        (
+            3,
+            "P3",
+            "firing",
+            "StorageFillingUp",
+            s + 72_000.0,
+            s + 72_000.0,
+            Some(s + 72_010.0),
+            None,
+        ),
+    ];
+    store
+        .sqlite()
+        .expect("the report tests seed a SQLite store")
+        .write_blocking(move |c| {
+            for (id, tier, status, name, first, updated, notified, ack) in groups {
+                let state = format!(r#"{{"alerts":[{{"status":"{status}","labels":{{"alertname":"{name}"}}}}]}}"#);
+                c.execute(
+                    "INSERT INTO alert_groups(id, group_key, receiver, status, tier, rev, state_hash, recent_hashes, state, first_seen, updated_at)
+                     VALUES (?1, ?2, 'gpuops', ?3, ?4, 1, 'h', '[]', ?5, ?6, ?7)",
+                    rusqlite::params![id, format!("g{id}"), status, tier, state, first, updated],
+                )?;
+                if let Some(n) = notified {
+                    c.execute(
+                        "INSERT INTO messages(group_id, destination, channel, message_id, rev, posted_at, updated_at)
+                         VALUES (?1, 'slack:C1', 'C1', 'm', 1, ?2, ?2)",
+                        rusqlite::params![id, n],
+                    )?;
+                }
+                if let Some(a) = ack {
+                    c.execute(
+                        "INSERT INTO acks(group_id, who, at) VALUES (?1, 'slack:U1', ?2)",
+                        rusqlite::params![id, a],
+                    )?;
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn decode_png(bytes: &[u8]) -> (u32, u32) {
+    let dec = png::Decoder::new(std::io::Cursor::new(bytes));
+    let r = dec.read_info().expect("a PNG");
+    let info = r.info();
+    (info.width, info.height)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs prometheus and promtool: run by .ci/run"]
+async fn backfilled_report_numbers_match_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let prom = tokio::task::block_in_place(|| report_support::small_fleet_prometheus(dir.path()));
+    let cfg = config(dir.path(), &prom.url, "");
+    let store = Store::open(&cfg.store.path).unwrap();
+    seed_store(&store);
+    let report = &cfg.reports[0];
+    let at = DateTime::from_timestamp(AT, 0).unwrap();
+    let built = build(Inputs {
+        config: report,
+        prometheus_url: &prom.url,
+        store: Some(&store),
+        at,
+        late: false,
+    })
+    .await;
+    let f = &built.figures;
+    assert!(built.failures.is_empty(), "{:#?}", built.failures);
+    assert_eq!(built.outcome, Outcome::Sent);
+    assert_eq!((f.nodes_now, f.nodes_seen), (Some(2), Some(3)));
+    assert_eq!(
+        f.nodes_stopped,
+        vec![(NODE_C.to_string(), (AT - DAY + 16 * HOUR) as f64)]
+    );
+    assert_eq!(f.gpus_dropped, vec![(NODE_B.to_string(), 1)]);
+    assert_eq!(f.gpus_missing, vec![(NODE_B.to_string(), "1".to_string())]);
+    assert_eq!(
+        f.xids_by_code
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect::<Vec<_>>(),
+        vec![(48, 2), (79, 1)]
+    );
+    let xids: Vec<(&str, &str, u32, u64)> = f
+        .xids
+        .iter()
+        .map(|x| (x.node.as_str(), x.gpu.as_str(), x.code, x.count))
+        .collect();
+    assert_eq!(xids, vec![(NODE_A, "2", 48, 2), (NODE_B, "1", 79, 1)]);
+    assert_eq!(
+        f.idle_gpu_hours,
+        vec![(NODE_A.to_string(), 29), (NODE_B.to_string(), 4)]
+    );
+    assert_eq!(f.idle_gpu_hours_total, Some(33));
+    assert_eq!(f.oom_kills, vec![(NODE_A.to_string(), 3)]);
+    assert_eq!(f.filesystems.len(), 1, "{:?}", f.filesystems);
+    let fs = &f.filesystems[0];
+    assert_eq!(
+        (fs.node.as_str(), fs.mountpoint.as_str()),
+        (NODE_A, "/data")
+    );
+    assert!((fs.used_ratio - 0.82).abs() < 1e-9, "{}", fs.used_ratio);
+    let days = fs.days_to_full.expect("growing");
+    assert!((days - 2.5).abs() < 1e-6, "{days}");
+    assert_eq!(f.mtta_secs, Some(600.0));
+    assert_eq!(f.mttr_secs, Some(7200.0));
+    assert_eq!(f.still_firing, Some(1));
+    assert_eq!(
+        f.alerts_by_tier
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect::<Vec<_>>(),
+        vec![("P1", 1), ("P2", 1), ("P3", 1)]
+    );
+
+    let md = &built.markdown;
+    assert!(
+        md.starts_with("# Daily health report: 27 Nov 09:00 – 28 Nov 09:00 (Europe/Berlin)"),
+        "{md}"
+    );
+    for needle in [
+        "**10.0.0.3:9949** stopped reporting (last seen [28 Nov 01:00](",
+        "**10.0.0.2:9949** GPU 1: XID 79 ×[1](",
+        "**10.0.0.1:9949** GPU 2: XID 48 ×[2](",
+        "(runbook `gpu-fell-off-bus`)",
+        "full in [2.5 days](",
+        "Idle GPU-hours (whole hours under 5 % utilization): [33](",
+        "MTTA (first notification → acknowledgement): 10m; MTTR (firing → resolved): 2h",
+        "**GPU memory total**: [372.5 GiB](",
+        "/graph?g0.expr=",
+    ] {
+        assert!(md.contains(needle), "{needle:?} not in:\n{md}");
+    }
+    // Every number in a finding is a link: the summary's first finding is critical.
+    assert!(
+        built.message.summary[1].starts_with("🔴 "),
+        "{:?}",
+        built.message.summary
+    );
+    let files: Vec<&str> = built
+        .message
+        .charts
+        .iter()
+        .map(|c| c.file_name.as_str())
+        .collect();
+    assert_eq!(
+        files,
+        vec![
+            "fleet-gpu-utilization.png",
+            "idle-gpu-hours.png",
+            "gpu-errors-per-node.png"
+        ]
+    );
+    for c in &built.message.charts {
+        let (w, h) = decode_png(&c.png);
+        assert!(w >= 800 && h >= 400, "{}: {w}x{h}", c.file_name);
+        assert!(built
+            .message
+            .html
+            .contains(&format!("src=\"cid:{}\"", c.file_name)));
+    }
+    if let Ok(out) = std::env::var("GPUOPS_REPORT_EXAMPLE") {
+        let c = &built.message.charts[0];
+        std::fs::write(
+            Path::new(&out).join("report-example-utilization.png"),
+            &c.png,
+        )
+        .unwrap();
+        std::fs::write(
+            Path::new(&out).join("report-example-errors.png"),
+            &built.message.charts[2].png,
+        )
+        .unwrap();
+    }
+
+    // The command a user runs writes the same report into files.
+    let out = dir.path().join("preview");
+    let run = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args([
+            "report",
+            "preview",
+            "--name",
+            "daily",
+            "--at",
+            "2025-11-28T09:00:00+01:00",
+        ])
+        .arg("--config")
+        .arg(dir.path().join("bot.toml"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("XIDs by code: [48 ×2, 79 ×1]("), "{md}");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("<img src=\"idle-gpu-hours.png\""), "{html}");
+    assert!(!html.contains("cid:"));
+    for f in [
+        "fleet-gpu-utilization.png",
+        "idle-gpu-hours.png",
+        "gpu-errors-per-node.png",
+    ] {
+        let (w, _) = decode_png(&std::fs::read(out.join(f)).unwrap());
+        assert_eq!(w, gpuops::report::chart::WIDTH);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_with_prometheus_down_still_renders_naming_the_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!("http://127.0.0.1:{}", report_support::free_port());
+    let cfg = config(dir.path(), &down, "");
+    let store = Store::open(&cfg.store.path).unwrap();
+    seed_store(&store);
+    let built = build(Inputs {
+        config: &cfg.reports[0],
+        prometheus_url: &down,
+        store: Some(&store),
+        at: DateTime::from_timestamp(AT, 0).unwrap(),
+        late: false,
+    })
+    .await;
+    assert_eq!(built.outcome, Outcome::Partial);
+    assert!(built
+        .failures
+        .iter()
+        .any(|f| f.starts_with("GPU health: XID errors in the period, by node, GPU and code (XIDS): cannot connect to Prometheus at http://127.0.0.1:")),
+        "{:#?}", built.failures);
+    assert!(built
+        .failures
+        .iter()
+        .any(|f| f.starts_with("Checks: check \"GPU memory total\"")));
+    let md = &built.markdown;
+    assert!(
+        md.contains(
+            "⚠ Could not compute all of: Fleet, GPU health, Utilization and waste, Host, Checks"
+        ),
+        "{md}"
+    );
+    // The store's section is still there.
+    assert!(
+        md.contains("MTTA (first notification → acknowledgement): 10m"),
+        "{md}"
+    );
+    assert!(built.message.charts.is_empty());
+    assert!(built.message.text.contains("Could not compute"));
+}
+
+fn notifiers() -> Notifiers {
+    Notifiers {
+        slack: None,
+        discord: None,
+        webhook: None,
+        console: Arc::new(ConsoleNotifier::new()),
+        pagerduty: None,
+        email: None,
+    }
+}
+
+async fn a_slot_is_claimed_once_by_two_processes_and_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!("http://127.0.0.1:{}", report_support::free_port());
+    let cfg = config(dir.path(), &down, "");
+    let report = cfg.reports[0].clone();
+    // Two bots on one database file (two processes' worth of connections).
+    let (a, _wa) = gpuops::bot::state::BotState::with_notifiers(
+        cfg.clone(),
+        support::open_store_at(&cfg.store.path).await,
+        notifiers(),
+    );
+    let (b, _wb) = gpuops::bot::state::BotState::with_notifiers(
+        cfg.clone(),
+        support::open_store_at(&cfg.store.path).await,
+        notifiers(),
+    );
+    let t0 = (AT - 2 * HOUR) as f64;
+    // First start: a baseline, nothing owed.
+    assert_eq!(
+        gpuops::report::schedule::run_once(&a, &report, t0, t0).await,
+        None
+    );
+    // The 08:00 UTC slot (09:00 Berlin is 08:00 UTC in November) comes due: both race.
+    let now = (AT + 30) as f64;
+    let (ra, rb) = tokio::join!(
+        gpuops::report::schedule::run_once(&a, &report, t0, now),
+        gpuops::report::schedule::run_once(&b, &report, t0, now)
+    );
+    let claimed: Vec<_> = [ra, rb].into_iter().flatten().collect();
+    assert_eq!(claimed, vec![(AT as f64, Outcome::Partial)]);
+    assert_eq!(
+        a.store.pending().await.unwrap(),
+        1,
+        "one delivery: one slot, one destination"
+    );
+    // A restart: a third open of the file sends nothing more for that slot.
+    drop((a, b));
+    let (c, _wc) = gpuops::bot::state::BotState::with_notifiers(
+        cfg.clone(),
+        support::open_store_at(&cfg.store.path).await,
+        notifiers(),
+    );
+    assert_eq!(
+        gpuops::report::schedule::run_once(&c, &report, now + 5.0, now + 10.0).await,
+        None
+    );
+    let slots = c.store.report_slots("daily".into()).await.unwrap();
+    assert_eq!(slots, vec![(AT as f64, false, "partial".to_string())]);
+    assert_eq!(c.store.pending().await.unwrap(), 1);
+    let body: gpuops::message::Message = serde_json::from_str(
+        &c.store.due(f64::MAX, 10).await.unwrap()[0]
+            .body
+            .clone()
+            .unwrap(),
+    )
+    .unwrap();
+    let gpuops::message::Message::Report(r) = body else {
+        panic!("not a report")
+    };
+    assert!(
+        r.title
+            .starts_with("Daily health report: 27 Nov 09:00 – 28 Nov 09:00 (Europe/Berlin)"),
+        "{}",
+        r.title
+    );
+    let metrics = prometheus::TextEncoder::new()
+        .encode_to_string(&c.metrics.gather())
+        .unwrap();
+    assert!(
+        !metrics.contains("gpuops_reports_total{"),
+        "a fresh process counted nothing: {metrics}"
+    );
+}
+
+async fn a_slot_missed_while_down_is_sent_once_and_marked_late() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!("http://127.0.0.1:{}", report_support::free_port());
+    let cfg = config(dir.path(), &down, "");
+    let report = cfg.reports[0].clone();
+    let (a, _w) = gpuops::bot::state::BotState::with_notifiers(
+        cfg.clone(),
+        support::open_store_at(&cfg.store.path).await,
+        notifiers(),
+    );
+    let t0 = (AT - 3 * DAY) as f64;
+    assert_eq!(
+        gpuops::report::schedule::run_once(&a, &report, t0, t0).await,
+        None
+    );
+    // Down for three days; started again at AT + 1h: only AT's slot, late.
+    let started = (AT + HOUR) as f64;
+    assert_eq!(
+        gpuops::report::schedule::run_once(&a, &report, started, started).await,
+        Some((AT as f64, Outcome::Partial))
+    );
+    assert_eq!(
+        gpuops::report::schedule::run_once(&a, &report, started, started + 60.0).await,
+        None
+    );
+    let slots = a.store.report_slots("daily".into()).await.unwrap();
+    assert_eq!(slots, vec![(AT as f64, true, "partial".to_string())]);
+    let body = a.store.due(f64::MAX, 10).await.unwrap()[0]
+        .body
+        .clone()
+        .unwrap();
+    let gpuops::message::Message::Report(r) = serde_json::from_str(&body).unwrap() else {
+        panic!()
+    };
+    assert!(r.late && r.title.ends_with("[late]"), "{}", r.title);
+    assert!(
+        r.summary
+            .iter()
+            .any(|l| l.starts_with("Sent late: the bot was not running at 28 Nov 09:00")),
+        "{:?}",
+        r.summary
+    );
+    let metrics = prometheus::TextEncoder::new()
+        .encode_to_string(&a.metrics.gather())
+        .unwrap();
+    assert!(
+        metrics.contains(r#"gpuops_reports_total{name="daily",outcome="partial"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"gpuops_report_duration_seconds_count{name="daily"} 1"#),
+        "{metrics}"
+    );
+}
+
+async fn only_if_findings_claims_a_quiet_slot_without_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!("http://127.0.0.1:{}", report_support::free_port());
+    let cfg = config(
+        dir.path(),
+        &down,
+        "only_if_findings = true\nsections = [\"incidents\"]",
+    );
+    let report = cfg.reports[0].clone();
+    let (a, _w) = gpuops::bot::state::BotState::with_notifiers(
+        cfg.clone(),
+        support::open_store_at(&cfg.store.path).await,
+        notifiers(),
+    );
+    let t0 = (AT - 2 * HOUR) as f64;
+    assert_eq!(
+        gpuops::report::schedule::run_once(&a, &report, t0, t0).await,
+        None
+    );
+    assert_eq!(
+        gpuops::report::schedule::run_once(&a, &report, t0, AT as f64).await,
+        Some((AT as f64, Outcome::Empty))
+    );
+    assert_eq!(a.store.pending().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_send_delivers_through_the_outbox_and_fails_on_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = support::FakeApi::slack().await;
+    let discord = support::FakeApi::discord().await;
+    let down = format!("http://127.0.0.1:{}", report_support::free_port());
+    let extra = format!(
+        "[prometheus]\nurl = \"{down}\"\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\ntimezone = \"Europe/Berlin\"\nslack_channel = \"CREPORTS\"\ndiscord_channel = \"2002\"\n"
+    );
+    let path = dir.path().join("bot.toml");
+    std::fs::write(
+        &path,
+        support::bot_config(dir.path(), &slack, &discord, &extra),
+    )
+    .unwrap();
+    let send = |path: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_gpuops"))
+                .args(["report", "send", "--name", "daily", "--timeout", "20s"])
+                .args(["--at", "2025-11-28T09:00:00+01:00"])
+                .arg("--config")
+                .arg(path)
+                .output()
+                .unwrap()
+        })
+    };
+    // A row of the bot's own outbox (a running bot delivers it): not ours to send.
+    let bot_store = Store::open(&dir.path().join("bot.db")).unwrap();
+    bot_store
+        .enqueue_report(vec![gpuops::store::reports::ReportDelivery {
+            destination: "slack:COTHER".into(),
+            body: serde_json::to_string(&gpuops::message::Message::Text(
+                gpuops::message::TextMessage::new("the bot's", None),
+            ))
+            .unwrap(),
+        }])
+        .await
+        .unwrap();
+    let out = send(path.clone()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !slack.requests().iter().any(|r| r.raw.contains("COTHER")),
+        "the bot's row was left to the bot"
+    );
+    assert_eq!(bot_store.pending().await.unwrap(), 1);
+    assert!(
+        stderr.contains("2 delivered, 0 dead-lettered, 0 still pending"),
+        "{stderr}"
+    );
+    assert!(
+        slack
+            .requests()
+            .iter()
+            .any(|r| r.raw.contains("CREPORTS") && r.raw.contains("Daily health report")),
+        "{:?}",
+        slack.requests()
+    );
+    assert!(
+        discord
+            .requests()
+            .iter()
+            .any(|r| r.path.contains("/channels/2002/")),
+        "{:?}",
+        discord.requests()
+    );
+
+    // Slack refuses the channel for good: a dead letter, and the command says so.
+    slack.script((0..5).map(|_| {
+        support::Scripted::new(
+            200,
+            serde_json::json!({"ok": false, "error": "channel_not_found"}),
+        )
+    }));
+    let out = send(path.clone()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("1 delivered, 1 dead-lettered"), "{stderr}");
+    assert!(stderr.contains("dead letter: slack:CREPORTS"), "{stderr}");
+
+    // Slack down past the deadline: what is left goes to the bot's outbox.
+    slack.set_down(true);
+    let quick = std::fs::read_to_string(&path).unwrap();
+    let quick_path = dir.path().join("quick.toml");
+    std::fs::write(&quick_path, quick).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_gpuops"))
+            .args(["report", "send", "--name", "daily", "--timeout", "2s"])
+            .arg("--config")
+            .arg(quick_path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("1 still pending (1 handed to the bot's outbox)"),
+        "{stderr}"
+    );
+    assert_eq!(bot_store.pending().await.unwrap(), 2);
+}
+
+// The schedule's exactly-once claims, on SQLite and on PostgreSQL.
+on_both!(
+    a_slot_is_claimed_once_by_two_processes_and_across_a_restart,
+    a_slot_missed_while_down_is_sent_once_and_marked_late,
+    only_if_findings_claims_a_quiet_slot_without_sending,
+);
