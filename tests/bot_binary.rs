@@ -1,7 +1,8 @@
 //! The real `gpuops` binary in a temp dir: the no-config test alert, every
 //! config error at once, `kill -9` losing nothing, secrets never in logs or
 //! error messages, `gpuops audit`; a public listener without a webhook
-//! token is refused, and no bot command takes a secret on its command line.
+//! token is refused, and no bot command takes a secret on its command line;
+//! a scheduled report sends each slot once across a `kill -9`.
 #![allow(clippy::disallowed_methods)] // tests spawn the real binary and external tools
 
 mod support;
@@ -454,4 +455,79 @@ fn bot_commands_take_no_secret_on_the_command_line() {
         }
     }
     assert!(seen.iter().any(|s| s == "bot config"), "{seen:?}");
+}
+
+/// The health-report posts the fake Slack received in `channel`.
+fn report_posts(slack: &FakeApi, channel: &str) -> usize {
+    slack
+        .calls("chat.postMessage")
+        .iter()
+        .filter(|r| r.body["channel"] == channel)
+        .count()
+}
+
+async fn wait_report_posts(slack: &FakeApi, channel: &str, n: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while report_posts(slack, channel) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{n} report posts not seen within {timeout:?} (got {})",
+            report_posts(slack, channel)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_slots_fire_once_each_across_kill_9() {
+    let slack = FakeApi::slack().await;
+    let discord = FakeApi::discord().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bot.toml");
+    // A report every 3 s; Prometheus unreachable (the report still goes
+    // out, naming what it could not compute).
+    let extra = format!(
+        "[prometheus]\nurl = \"http://127.0.0.1:{}\"\n\n[[reports]]\nname = \"tick\"\nschedule = \"*/3 * * * * *\"\nperiod = \"1h\"\nslack_channel = \"CREP\"\n",
+        free_port()
+    );
+    std::fs::write(&cfg, bot_config(dir.path(), &slack, &discord, &extra)).unwrap();
+
+    let mut first = Proc::spawn(dir.path(), Some(&cfg), "first");
+    wait_http_ok(&format!("{}/healthz", first.base), Duration::from_secs(20)).await;
+    wait_report_posts(&slack, "CREP", 2, Duration::from_secs(30)).await;
+    first.kill9();
+    let at_kill = report_posts(&slack, "CREP");
+    // Down for longer than a slot: at least one slot is missed.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let second = Proc::spawn(dir.path(), Some(&cfg), "second");
+    wait_http_ok(&format!("{}/healthz", second.base), Duration::from_secs(20)).await;
+    wait_report_posts(&slack, "CREP", at_kill + 2, Duration::from_secs(30)).await;
+    drop(second);
+    let posts = report_posts(&slack, "CREP");
+
+    let store = gpuops::store::Store::open(&dir.path().join("bot.db")).unwrap();
+    let slots = store.report_slots("tick".into()).await.unwrap();
+    let late: Vec<_> = slots.iter().filter(|s| s.1).collect();
+    assert_eq!(
+        late.len(),
+        1,
+        "the missed slots are sent once, as one late report: {slots:?}"
+    );
+    let sent = slots.iter().filter(|s| s.2 != "empty").count();
+    // Rows claimed just before the second process stopped are still in
+    // its outbox, not lost.
+    let pending = store.pending().await.unwrap() as usize;
+    eprintln!(
+        "report slots: {} claimed ({} late), {posts} posts ({at_kill} before the kill), {pending} pending",
+        slots.len(),
+        late.len()
+    );
+    // Every claimed slot is posted once; only a post in flight at the
+    // `kill -9` may be sent again by the second process (the outbox's
+    // at-least-once window), never more than that one.
+    assert!(
+        posts + pending == sent || posts + pending == sent + 1,
+        "{posts} posts + {pending} pending for {sent} claimed slots: {slots:?}"
+    );
+    assert!(sent >= 4, "two slots before the kill, two after: {slots:?}");
 }
