@@ -6,6 +6,7 @@
 //! slot once, marked late.
 #![allow(clippy::disallowed_methods)] // runs the real binary
 
+mod paging_support;
 mod report_support;
 mod support;
 
@@ -596,6 +597,107 @@ async fn report_send_delivers_through_the_outbox_and_fails_on_a_dead_letter() {
         "{stderr}"
     );
     assert_eq!(bot_store.pending().await.unwrap(), 2);
+}
+
+/// The "done when", as a new user would try it: a backfilled
+/// Prometheus, `gpuops report send` to Slack (three-step upload into the
+/// summary's thread), Discord (one multipart message with the charts
+/// attached) and a real SMTP server (inline charts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs prometheus, promtool and python3-aiosmtpd: run by .ci/run"]
+async fn report_send_posts_summary_and_charts_to_slack_discord_and_smtp() {
+    let dir = tempfile::tempdir().unwrap();
+    let prom = tokio::task::block_in_place(|| report_support::small_fleet_prometheus(dir.path()));
+    let smtp = paging_support::Smtp::start(dir.path()).expect("python3-aiosmtpd is not installed");
+    let slack = support::FakeApi::slack().await;
+    let discord = support::FakeApi::discord().await;
+    let extra = format!(
+        "[prometheus]\nurl = \"{}\"\n[email]\nsmtp_url = \"smtp://127.0.0.1:{}\"\nfrom = \"gpuops <gpuops@example.com>\"\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\ntimezone = \"Europe/Berlin\"\nslack_channel = \"CREPORTS\"\ndiscord_channel = \"2002\"\nemail = [\"ops@example.com\"]\n",
+        prom.url, smtp.port
+    );
+    let path = dir.path().join("bot.toml");
+    std::fs::write(
+        &path,
+        support::bot_config(dir.path(), &slack, &discord, &extra),
+    )
+    .unwrap();
+    let at = DateTime::from_timestamp(AT, 0).unwrap().to_rfc3339();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_gpuops"))
+            .args([
+                "report",
+                "send",
+                "--name",
+                "daily",
+                "--timeout",
+                "30s",
+                "--at",
+                &at,
+            ])
+            .arg("--config")
+            .arg(path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("3 delivered, 0 dead-lettered, 0 still pending"),
+        "{stderr}"
+    );
+
+    // Slack: the summary, then per chart getUploadURLExternal → upload →
+    // completeUploadExternal into the summary's thread; never files.upload.
+    let posts = slack.calls("chat.postMessage");
+    assert_eq!(posts.len(), 1, "{posts:?}");
+    assert!(
+        posts[0].raw.contains("Daily health report"),
+        "{}",
+        posts[0].raw
+    );
+    let urls = slack.calls("files.getUploadURLExternal");
+    let completes = slack.calls("files.completeUploadExternal");
+    assert_eq!(urls.len(), 3, "three charts: {urls:?}");
+    assert_eq!(completes.len(), 3);
+    for c in &completes {
+        assert!(
+            c.raw.contains("CREPORTS") && c.raw.contains("thread_ts"),
+            "{}",
+            c.raw
+        );
+    }
+    assert!(slack.calls("files.upload").is_empty());
+
+    // Discord: one message with the embed and the three charts attached.
+    let msgs: Vec<_> = discord
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/channels/2002/messages"))
+        .collect();
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    let parts = support::multipart_parts(&msgs[0]);
+    assert_eq!(
+        parts
+            .iter()
+            .filter(|p| p.name.starts_with("files["))
+            .count(),
+        3,
+        "{:?}",
+        parts.iter().map(|p| &p.name).collect::<Vec<_>>()
+    );
+
+    // Email: a real SMTP server got the report with its charts inline.
+    let mails = smtp.wait_for(1, std::time::Duration::from_secs(10)).await;
+    assert!(mails[0].contains("Daily health report"), "{}", mails[0]);
+    assert_eq!(
+        mails[0].matches("Content-Type: image/png").count(),
+        3,
+        "{}",
+        &mails[0][..mails[0].len().min(2000)]
+    );
+    assert!(mails[0].contains("Content-ID: <fleet-gpu-utilization.png>"));
 }
 
 // The schedule's exactly-once claims, on SQLite and on PostgreSQL.
