@@ -98,6 +98,7 @@ fn main() {
             store: Some(&store),
             at,
             late: false,
+            agent_events: None,
         }));
         let secs = t.elapsed().as_secs_f64();
         times.push(secs);

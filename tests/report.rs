@@ -140,6 +140,7 @@ async fn backfilled_report_numbers_match_the_history() {
         store: Some(&store),
         at,
         late: false,
+        agent_events: None,
     })
     .await;
     let f = &built.figures;
@@ -301,6 +302,7 @@ async fn a_report_with_prometheus_down_still_renders_naming_the_failure() {
         store: Some(&store),
         at: DateTime::from_timestamp(AT, 0).unwrap(),
         late: false,
+        agent_events: None,
     })
     .await;
     assert_eq!(built.outcome, Outcome::Partial);

@@ -17,6 +17,7 @@ use crate::config::BotConfig;
 use crate::message::Message;
 use crate::outbox::{Notifiers, Worker};
 use crate::report::schedule::deliveries;
+use crate::report::victims::{AgentEvents, OomEvents};
 use crate::report::{build, Built, Inputs};
 use crate::store::outbox::Outbox;
 use crate::store::reports::ReportDelivery;
@@ -74,12 +75,14 @@ pub async fn compute(
         .prometheus
         .as_ref()
         .context("reports need [prometheus] url")?;
+    let agents = AgentEvents::from_config(cfg);
     Ok(build(Inputs {
         config: report,
         prometheus_url: &prometheus.url,
         store,
         at,
         late: false,
+        agent_events: agents.as_ref().map(|a| a as &dyn OomEvents),
     })
     .await)
 }

@@ -206,7 +206,7 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
                 }
                 s
             }
-            SectionKind::Host => host::section(&answers, &mut figures),
+            SectionKind::Host => host::section(&answers, inputs, &mut figures).await,
             SectionKind::Incidents => incidents::section(inputs, &mut figures).await,
             SectionKind::Checks => checks::section(&answers, &cfg.checks, &check_results),
         };

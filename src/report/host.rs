@@ -1,33 +1,58 @@
 //! The "Host" section: OOM kills per node, filesystems above 80 % with
 //! days until full at the period's trend, read-only and stuck mounts,
 //! memory and I/O pressure. Queries are `queries.rs`'; answers arrive
-//! through `compute.rs`.
+//! through `compute.rs`. With `[agents]`, each OOM line names the victims
+//! the node's agent still holds (`victims.rs`), or why they are unknown.
 
 use std::collections::HashMap;
 
 use crate::config::reports::SectionKind;
 use crate::report::compute::{count, days_to_full, node, Answers};
 use crate::report::queries as q;
-use crate::report::render::fmt_num;
-use crate::report::{Figures, Finding, FsRow, Level, Line, Section};
+use crate::report::render::{fmt_local, fmt_num};
+use crate::report::victims::{self, OomVictim};
+use crate::report::{Figures, Finding, FsRow, Inputs, Level, Line, Section};
 
-pub(super) fn section(a: &Answers, f: &mut Figures) -> Section {
+/// Victims named per node before "+N more".
+const VICTIMS_SHOWN: usize = 5;
+
+pub(super) async fn section(a: &Answers, inputs: &Inputs<'_>, f: &mut Figures) -> Section {
     let mut s = Section::new(SectionKind::Host);
     if let Some(rows) = a.get(&q::OOM_KILLS, &mut s) {
         let mut oom: Vec<(String, u64)> = rows.iter().map(|r| (node(r), count(r.value))).collect();
         oom.retain(|x| x.1 > 0);
         oom.sort();
+        if let Some(source) = inputs.agent_events {
+            let nodes: Vec<String> = oom.iter().map(|x| x.0.clone()).collect();
+            let to = inputs.at.timestamp() as f64;
+            let from = to - inputs.config.period.as_secs() as f64;
+            f.oom_victims = victims::fetch_all(source, &nodes, from, to).await;
+        }
         for (n, c) in &oom {
+            let line = Line::new()
+                .bold(n.clone())
+                .text(": ")
+                .link(c.to_string(), a.link(&q::OOM_KILLS))
+                .text(format!(" OOM kill{}", if *c == 1 { "" } else { "s" }));
+            let line = match f.oom_victims.get(n) {
+                None => line.text(": see the victims in the agent's `/v1/events`"),
+                Some(Ok(v)) if v.is_empty() => line
+                    .text("; victims unknown: the agent no longer holds this period's OOM events"),
+                Some(Ok(v)) => {
+                    let line = victims_line(line, v, inputs.config.timezone);
+                    match c.checked_sub(v.len() as u64) {
+                        Some(gone) if gone > 0 => line.text(format!(
+                            "; {gone} other{} no longer held by the agent",
+                            if gone == 1 { "" } else { "s" }
+                        )),
+                        _ => line,
+                    }
+                }
+                Some(Err(why)) => line.text("; victims unknown: ").value(why.clone()),
+            };
             s.findings.push(Finding {
                 level: Level::Warning,
-                line: Line::new()
-                    .bold(n.clone())
-                    .text(": ")
-                    .link(c.to_string(), a.link(&q::OOM_KILLS))
-                    .text(format!(
-                        " OOM kill{}: see the victims in the agent's `/v1/events` (runbook `oom-kill`)",
-                        if *c == 1 { "" } else { "s" }
-                    )),
+                line: line.text(" (runbook `oom-kill`)"),
             });
         }
         f.oom_kills = oom;
@@ -136,4 +161,28 @@ pub(super) fn section(a: &Answers, f: &mut Figures) -> Section {
         );
     }
     s
+}
+
+/// `; victims: trainer (pid 77, /system.slice/train.service, 28 Nov 07:14), … +N more`.
+fn victims_line(mut line: Line, v: &[OomVictim], tz: chrono_tz::Tz) -> Line {
+    line = line.text("; victims: ");
+    for (i, k) in v.iter().take(VICTIMS_SHOWN).enumerate() {
+        if i > 0 {
+            line = line.text(", ");
+        }
+        line = line
+            .value(k.process.clone().unwrap_or_else(|| "?".into()))
+            .text(" (");
+        if let Some(pid) = k.pid {
+            line = line.text(format!("pid {pid}, "));
+        }
+        if let Some(cg) = &k.cgroup {
+            line = line.value(cg.clone()).text(", ");
+        }
+        line = line.text(format!("{})", fmt_local(tz, k.timestamp)));
+    }
+    if v.len() > VICTIMS_SHOWN {
+        line = line.text(format!(" +{} more", v.len() - VICTIMS_SHOWN));
+    }
+    line
 }

@@ -1,7 +1,9 @@
 //! Scheduled health reports: the fleet's period in one message, with
 //! charts. A report is computed from Prometheus (`prom.rs`, every PromQL
 //! expression in `queries.rs`) and the bot's own store (`incidents.rs`),
-//! section by section (`compute.rs`, `host.rs`, `checks.rs`); rendered as Markdown, plain text and
+//! section by section (`compute.rs`, `host.rs`, `checks.rs`), with OOM
+//! victims from the agents' `/v1/events` when `[agents]` is configured
+//! (`victims.rs`); rendered as Markdown, plain text and
 //! HTML (`render.rs`) with PNG charts drawn in-process (`chart.rs`);
 //! and sent on a cron schedule through the outbox, each slot claimed once
 //! in the store (`schedule.rs`), or by hand (`cli.rs`).
@@ -20,6 +22,7 @@ pub mod prom;
 pub mod queries;
 pub mod render;
 pub mod schedule;
+pub mod victims;
 
 use std::collections::BTreeMap;
 
@@ -34,6 +37,9 @@ use crate::store::Store;
 pub enum Part {
     Text(String),
     Bold(String),
+    /// A value from outside (a process name, an agent's error): escaped
+    /// for Markdown and HTML, as is in plain text.
+    Value(String),
     /// A number (or word) linked to the PromQL that produced it.
     Link {
         text: String,
@@ -57,6 +63,11 @@ impl Line {
 
     pub fn bold(mut self, s: impl Into<String>) -> Line {
         self.0.push(Part::Bold(s.into()));
+        self
+    }
+
+    pub fn value(mut self, s: impl Into<String>) -> Line {
+        self.0.push(Part::Value(s.into()));
         self
     }
 
@@ -147,6 +158,9 @@ pub struct Figures {
     pub idle_gpu_hours_total: Option<u64>,
     /// `(node, kills)`.
     pub oom_kills: Vec<(String, u64)>,
+    /// Per node with OOM kills: the victims its agent still holds within
+    /// the period, or why they are unknown (empty without `[agents]`).
+    pub oom_victims: BTreeMap<String, Result<Vec<victims::OomVictim>, String>>,
     pub filesystems: Vec<FsRow>,
     /// Alert groups that fired in the period, by tier.
     pub alerts_by_tier: BTreeMap<String, u64>,
@@ -196,6 +210,10 @@ pub struct Inputs<'a> {
     pub at: DateTime<Utc>,
     /// Sent after its slot (the bot was down then).
     pub late: bool,
+    /// Where OOM victims come from (the agents of `[agents]`:
+    /// [`victims::AgentEvents`]); `None`: the Host lines point at the
+    /// agent's `/v1/events` instead.
+    pub agent_events: Option<&'a dyn victims::OomEvents>,
 }
 
 /// A computed and rendered report.

@@ -105,6 +105,7 @@ pub fn line_markdown(line: &Line) -> String {
         .iter()
         .map(|p| match p {
             Part::Text(t) => t.clone(),
+            Part::Value(v) => md_escape(v),
             Part::Bold(b) => format!("**{}**", md_escape(b)),
             Part::Link { text, url } => format!("[{}]({url})", md_escape(text)),
         })
@@ -117,6 +118,7 @@ pub fn line_text(line: &Line) -> String {
         .iter()
         .map(|p| match p {
             Part::Text(t) => t.replace('`', ""),
+            Part::Value(v) => v.clone(),
             Part::Bold(b) => b.clone(),
             Part::Link { text, .. } => text.clone(),
         })
@@ -139,6 +141,7 @@ pub fn line_html(line: &Line) -> String {
                 }
                 out
             }
+            Part::Value(v) => html_escape(v),
             Part::Bold(b) => format!("<strong>{}</strong>", html_escape(b)),
             Part::Link { text, url } => {
                 format!("<a href=\"{}\">{}</a>", html_escape(url), html_escape(text))

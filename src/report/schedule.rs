@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::bot::state::BotState;
 use crate::config::reports::ReportConfig;
 use crate::message::Message;
+use crate::report::victims::{AgentEvents, OomEvents};
 use crate::report::{build, Inputs, Outcome};
 use crate::store::reports::ReportDelivery;
 use crate::store::{self, Store};
@@ -100,12 +101,14 @@ pub async fn run_once(
     let at = DateTime::from_timestamp(slot as i64, 0)?;
     let t0 = Instant::now();
     tracing::info!(report = %name, slot = %at.to_rfc3339(), late, "computing report");
+    let agents = AgentEvents::from_config(&state.config);
     let built = build(Inputs {
         config: cfg,
         prometheus_url: &prometheus.url,
         store: Some(store),
         at,
         late,
+        agent_events: agents.as_ref().map(|a| a as &dyn OomEvents),
     })
     .await;
     let metrics = &state.metrics;
