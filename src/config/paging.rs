@@ -219,6 +219,41 @@ pub fn read_digest<'i>(r: &mut Reader<'i>, s: &mut Section<'i>) -> Option<Digest
     })
 }
 
+/// The latest time `schedule` fires in `tz` within `(after, now]` (Unix
+/// seconds), if any: the slot owed by a `[digest]` or a `[[reports]]`
+/// schedule. A very long outage owes one slot, not a search through months.
+pub fn latest_slot(
+    schedule: &cron::Schedule,
+    tz: chrono_tz::Tz,
+    after: f64,
+    now: f64,
+) -> Option<f64> {
+    use chrono::TimeZone as _;
+    let from = after.max(now - 35.0 * 86_400.0);
+    let start = chrono::Utc.timestamp_opt(from as i64, 0).single()?;
+    let mut slot = None;
+    for t in schedule.after(&start.with_timezone(&tz)) {
+        let ts = t.timestamp() as f64;
+        if ts > now {
+            break;
+        }
+        if ts > after {
+            slot = Some(ts);
+        }
+    }
+    slot
+}
+
+/// The first time `schedule` fires in `tz` after `now` (Unix seconds).
+pub fn next_slot(schedule: &cron::Schedule, tz: chrono_tz::Tz, now: f64) -> Option<f64> {
+    use chrono::TimeZone as _;
+    let start = chrono::Utc.timestamp_opt(now as i64, 0).single()?;
+    schedule
+        .after(&start.with_timezone(&tz))
+        .next()
+        .map(|t| t.timestamp() as f64)
+}
+
 /// Parses a cron expression: the `cron` crate's (6 or 7 fields, seconds
 /// first), or a 5-field crontab line (minute first; its numeric days of the
 /// week, 0 or 7 = Sunday, are translated to the crate's 1 = Sunday).

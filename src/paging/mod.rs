@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone as _, Utc};
+use chrono::DateTime;
 use tokio::sync::watch;
 
 use crate::alert::Webhook;
@@ -180,29 +180,12 @@ async fn escalation_loop(state: Arc<BotState>, mut stop: watch::Receiver<bool>) 
 
 /// The latest slot of `d` in `(after, now]`, if any.
 pub fn due_slot(d: &DigestConfig, after: f64, now: f64) -> Option<f64> {
-    // A very long outage owes one digest, not a search through months.
-    let from = after.max(now - 35.0 * 86_400.0);
-    let start = Utc.timestamp_opt(from as i64, 0).single()?;
-    let mut slot = None;
-    for t in d.schedule.after(&start.with_timezone(&d.timezone)) {
-        let ts = t.timestamp() as f64;
-        if ts > now {
-            break;
-        }
-        if ts > after {
-            slot = Some(ts);
-        }
-    }
-    slot
+    crate::config::paging::latest_slot(&d.schedule, d.timezone, after, now)
 }
 
 /// The next slot after `now`.
 pub fn next_slot(d: &DigestConfig, now: f64) -> Option<f64> {
-    let start = Utc.timestamp_opt(now as i64, 0).single()?;
-    d.schedule
-        .after(&start.with_timezone(&d.timezone))
-        .next()
-        .map(|t| t.timestamp() as f64)
+    crate::config::paging::next_slot(&d.schedule, d.timezone, now)
 }
 
 /// One pass of the digest: send the latest slot that is due and not yet
@@ -415,7 +398,7 @@ mod tests {
         // Daily at 09:00 Berlin (08:00 UTC in winter).
         let d = digest("0 0 9 * * *", "Europe/Berlin");
         let day = |d: u32, h: u32, m: u32| {
-            Utc.with_ymd_and_hms(2026, 11, d, h, m, 0)
+            chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 11, d, h, m, 0)
                 .unwrap()
                 .timestamp() as f64
         };

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, TimeZone as _, Utc};
+use chrono::DateTime;
 use tokio::sync::watch;
 
 use crate::bot::state::BotState;
@@ -27,31 +27,14 @@ pub fn spawn(state: Arc<BotState>, stop: watch::Receiver<bool>) {
     }
 }
 
-/// The latest slot of `cfg` in `(after, now]`, if any (an outage of more
-/// than 35 days owes one report, not a search through months).
+/// The latest slot of `cfg` in `(after, now]`, if any.
 pub fn due_slot(cfg: &ReportConfig, after: f64, now: f64) -> Option<f64> {
-    let from = after.max(now - 35.0 * 86_400.0);
-    let start = Utc.timestamp_opt(from as i64, 0).single()?;
-    let mut slot = None;
-    for t in cfg.schedule.after(&start.with_timezone(&cfg.timezone)) {
-        let ts = t.timestamp() as f64;
-        if ts > now {
-            break;
-        }
-        if ts > after {
-            slot = Some(ts);
-        }
-    }
-    slot
+    crate::config::paging::latest_slot(&cfg.schedule, cfg.timezone, after, now)
 }
 
 /// The next slot after `now`.
 pub fn next_slot(cfg: &ReportConfig, now: f64) -> Option<f64> {
-    let start = Utc.timestamp_opt(now as i64, 0).single()?;
-    cfg.schedule
-        .after(&start.with_timezone(&cfg.timezone))
-        .next()
-        .map(|t| t.timestamp() as f64)
+    crate::config::paging::next_slot(&cfg.schedule, cfg.timezone, now)
 }
 
 /// The serialized deliveries of a built report (none when it is empty).
