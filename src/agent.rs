@@ -123,9 +123,8 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
             crate::web::auth::require,
         ));
     }
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let listener =
+        crate::web::bind(cfg.listen).with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = listener.local_addr().unwrap_or(cfg.listen);
     tracing::info!(
         listen = %local,

@@ -249,8 +249,7 @@ pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
         .await
         .context("cannot open the store")?;
     let (state, worker) = BotState::new(cfg.clone(), store.clone())?;
-    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
-        .await
+    let listener = crate::web::bind(cfg.server.listen)
         .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
     let local = listener.local_addr().unwrap_or(cfg.server.listen);
     let destinations: Vec<String> = cfg

@@ -145,6 +145,26 @@ pub async fn serve(
     Ok(())
 }
 
+/// Pending connections the kernel queues before we accept them. tokio's
+/// `TcpListener::bind` asks for 1,024; a burst above that (a fleet's
+/// scrapes, AlertManager HA retries, a reconnect storm) has SYNs dropped
+/// and each client waits a second for its retransmit. The kernel caps it
+/// at `net.core.somaxconn` (4,096 on current kernels).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener for [`serve`] with [`LISTEN_BACKLOG`] (and
+/// `SO_REUSEADDR`, as `TcpListener::bind` sets it).
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -642,6 +662,35 @@ mod tests {
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
         }
+    }
+
+    /// Regression (web_load failed in CI): tokio's `TcpListener::bind`
+    /// queues 1,024 pending connections; a burst of 2,500 had SYNs dropped,
+    /// each costing its client a 1 s retransmit (2,500 sequential connects
+    /// took 10–11 s, past the 10 s header timeout). `bind` queues 4,096:
+    /// with nothing accepting, 1,500 connects all complete their handshake.
+    #[tokio::test]
+    async fn listener_queues_a_burst_beyond_tokios_default_backlog() {
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        assert!(
+            somaxconn >= 1500,
+            "net.core.somaxconn is {somaxconn}; this test needs >= 1500"
+        );
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut open = Vec::new();
+        for i in 0..1500 {
+            let c = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr))
+                .await
+                .unwrap_or_else(|_| panic!("connect {i} waited for a SYN retransmit"))
+                .unwrap();
+            open.push(c);
+        }
+        assert_eq!(open.len(), 1500);
+        drop(listener);
     }
 
     #[test]
