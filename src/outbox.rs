@@ -27,6 +27,11 @@ use crate::routing::Target;
 use crate::store::outbox::Outbox;
 use crate::store::{self, OutboxRow, Store, KIND_ALERT};
 
+/// How long a delivery the platform accepted keeps trying to be recorded
+/// while the store is unreachable (within a PostgreSQL claim's 60 s lease,
+/// so no other replica sends the row meanwhile).
+const RECORD_PATIENCE: Duration = Duration::from_secs(45);
+
 /// The notifiers by platform; a platform absent from the config is `None`.
 #[derive(Clone)]
 pub struct Notifiers {
@@ -295,17 +300,38 @@ impl Worker {
         match result {
             Ok(Delivery { message: r }) => {
                 self.count(platform, "sent");
-                let stored = if row.kind == KIND_ALERT {
-                    self.store
-                        .alert_delivered(row.clone(), rendered_rev, r.channel, r.message_id)
-                        .await
-                } else {
-                    self.store.delivered(row.id).await
-                };
-                if let Err(e) = stored {
-                    // The platform has it; the row will be sent again (an edit
-                    // for alert rows, so at worst a repeated reply).
-                    tracing::error!(error = %e, outbox_id = row.id, "delivered but cannot record it");
+                // The platform has it: keep trying to record that through a
+                // store outage (a PostgreSQL restart, a failover) rather than
+                // leave the row to be sent again when the store is back.
+                let until = Instant::now() + RECORD_PATIENCE;
+                let mut pause = Duration::from_millis(100);
+                loop {
+                    let stored = if row.kind == KIND_ALERT {
+                        self.store
+                            .alert_delivered(
+                                row.clone(),
+                                rendered_rev,
+                                r.channel.clone(),
+                                r.message_id.clone(),
+                            )
+                            .await
+                    } else {
+                        self.store.delivered(row.id).await
+                    };
+                    match stored {
+                        Ok(_) => break,
+                        Err(e) if Instant::now() + pause < until => {
+                            tracing::warn!(error = %e, outbox_id = row.id, "delivered but cannot record it yet; retrying");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(5));
+                        }
+                        Err(e) => {
+                            // The row will be sent again (an edit for alert
+                            // rows, so at worst a repeated reply).
+                            tracing::error!(error = %e, outbox_id = row.id, "delivered but cannot record it");
+                            break;
+                        }
+                    }
                 }
                 tracing::debug!(
                     platform,
