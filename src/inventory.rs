@@ -384,6 +384,91 @@ impl Executor {
     }
 }
 
+/// An agent's answer larger than this is refused (the agent holds 2048
+/// events).
+const MAX_EVENTS_BODY: usize = 4 * 1024 * 1024;
+
+/// `GET /v1/events` on the inventory's agents, through `[agents]`'s
+/// transport (the runbook engine's client: TLS trust, client certificate)
+/// and basic auth. Chat's node summary and the report's OOM victims both
+/// read events through it; callers bound it with their own deadline.
+pub struct EventsClient {
+    http: Result<reqwest::Client, String>,
+    basic_auth: Option<(String, crate::config::Secret)>,
+}
+
+impl EventsClient {
+    pub fn from_config(cfg: &BotConfig) -> EventsClient {
+        let transport = cfg
+            .agents
+            .as_ref()
+            .map(|a| a.transport.clone())
+            .unwrap_or_default();
+        EventsClient {
+            http: crate::runbook::engine::agent_http_client(&transport),
+            basic_auth: transport.basic_auth,
+        }
+    }
+
+    /// The agent's events since `since` (Unix seconds, or seconds back from
+    /// now below 1e9, as the agent reads it), or why not.
+    pub async fn events(
+        &self,
+        agent_url: &str,
+        since: f64,
+    ) -> Result<Vec<serde_json::Value>, String> {
+        let http = self
+            .http
+            .as_ref()
+            .map_err(|e| format!("agents' client: {e}"))?;
+        let base = agent_url.trim_end_matches('/');
+        let mut req = http.get(format!("{base}/v1/events?since={}", since.floor().max(0.0)));
+        if let Some((user, password)) = &self.basic_auth {
+            req = req.basic_auth(user, Some(password.expose()));
+        }
+        let resp = req.send().await.map_err(|e| {
+            let why = if e.is_connect() {
+                "connection refused or no route".to_string()
+            } else if e.is_timeout() {
+                "timed out".to_string()
+            } else {
+                crate::telemetry::redact(&e.to_string())
+            };
+            format!("agent unreachable ({why})")
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(format!("agent answered HTTP {}", status.as_u16()));
+        }
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_EVENTS_BODY as u64)
+        {
+            return Err("agent's answer is too large".into());
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|_| "agent's answer was cut off".to_string())?;
+        if body.len() > MAX_EVENTS_BODY {
+            return Err("agent's answer is too large".into());
+        }
+        events_of(&body)
+    }
+}
+
+/// The events of a `/v1/events` answer.
+pub fn events_of(body: &[u8]) -> Result<Vec<serde_json::Value>, String> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        #[serde(default)]
+        events: Vec<serde_json::Value>,
+    }
+    serde_json::from_slice::<Body>(body)
+        .map(|b| b.events)
+        .map_err(|_| "agent's answer is not a /v1/events list".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

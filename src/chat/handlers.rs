@@ -342,23 +342,15 @@ pub(super) async fn node_events(chat: &ChatState, instance: &str) -> Option<Stri
             ))
         }
     };
-    let url = format!("{}/v1/events?since=3600", agent.url.trim_end_matches('/'));
-    let got = tokio::time::timeout(INLINE_DEADLINE, async {
-        let mut req = chat.agents_http.get(&url);
-        if let Some((user, password)) = &chat.agents_auth {
-            req = req.basic_auth(user, Some(password.expose()));
-        }
-        let r = req.send().await.ok()?;
-        if !r.status().is_success() {
-            return None;
-        }
-        r.json::<serde_json::Value>().await.ok()
-    })
+    // The last hour (the agent reads a small `since` as seconds back).
+    let got = tokio::time::timeout(
+        INLINE_DEADLINE,
+        chat.agent_events.events(&agent.url, 3600.0),
+    )
     .await;
-    let Ok(Some(v)) = got else {
+    let Ok(Ok(events)) = got else {
         return Some(format!("agent at {instance}: not reachable"));
     };
-    let events = v["events"].as_array().cloned().unwrap_or_default();
     if events.is_empty() {
         return Some(format!(
             "agent at {instance}: no kernel events in the last hour"

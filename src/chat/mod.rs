@@ -187,10 +187,8 @@ pub struct ChatState {
     /// The bot's agent inventory: node steps only for alerts whose instance
     /// it knows, and the node's real name for `{{node}}`.
     pub agents: Option<Arc<dyn AgentDirectory>>,
-    /// For `/v1/events` on agents: `[agents]` TLS trust, client certificate
-    /// and basic auth.
-    agents_http: reqwest::Client,
-    agents_auth: Option<(String, crate::config::Secret)>,
+    /// For `/v1/events` on agents (`[agents]` transport).
+    agent_events: crate::inventory::EventsClient,
 }
 
 impl ChatState {
@@ -239,17 +237,7 @@ impl ChatState {
             .as_ref()
             .map(|a| alertmanager::Client::new(&a.url));
         let runbooks_dir = bot.config.runbooks.dir.clone();
-        let transport = bot
-            .config
-            .agents
-            .as_ref()
-            .map(|a| a.transport.clone())
-            .unwrap_or_default();
-        let agents_http =
-            crate::runbook::engine::agent_http_client(&transport).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "agents' HTTP client; using the defaults");
-                reqwest::Client::new()
-            });
+        let agent_events = crate::inventory::EventsClient::from_config(&bot.config);
         if let Err(e) = approvals::create_table(&bot.store) {
             tracing::error!(error = %e, "cannot create the chat_runs table; runs will fail");
         }
@@ -266,8 +254,7 @@ impl ChatState {
                 .unwrap_or_else(|_| reqwest::Client::new()),
             runbooks_dir,
             agents: None,
-            agents_http,
-            agents_auth: transport.basic_auth.clone(),
+            agent_events,
         })
     }
 

@@ -201,6 +201,28 @@ pub fn discord_markdown(line: &str) -> String {
         .collect()
 }
 
+/// A chart's file name as Slack, Discord (`attachment://`) and browsers
+/// take it: letters, digits and `.-_` (others become `_`), at most `max`
+/// characters; `chart.png` when nothing is left.
+pub fn safe_file_name(name: &str, max: usize) -> String {
+    let n: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(max)
+        .collect();
+    if n.is_empty() {
+        "chart.png".into()
+    } else {
+        n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,8 +13,8 @@ use std::time::Duration;
 use futures_util::future::{join_all, BoxFuture};
 use serde::Deserialize;
 
-use crate::config::{BotConfig, Secret};
-use crate::inventory::Inventory;
+use crate::config::BotConfig;
+use crate::inventory::{EventsClient, Inventory};
 
 /// Deadline of one node's answer (inventory look-up included).
 pub const FETCH_DEADLINE: Duration = Duration::from_secs(5);
@@ -22,8 +22,6 @@ pub const FETCH_DEADLINE: Duration = Duration::from_secs(5);
 pub const CONCURRENCY: usize = 16;
 /// Nodes asked per report (the rest say so): bounds the report's time.
 pub const MAX_NODES: usize = 64;
-/// An answer larger than this is refused (the agent holds 2048 events).
-const MAX_BODY: usize = 4 * 1024 * 1024;
 
 /// One process the OOM killer killed, as the agent recorded it.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,67 +103,25 @@ async fn fetch_within(
 /// The agents of `[agents]`, asked for `GET /v1/events`.
 pub struct AgentEvents {
     inventory: Inventory,
-    /// The runbook engine's agent client, or why it could not be built.
-    http: Result<reqwest::Client, String>,
-    basic_auth: Option<(String, Secret)>,
+    client: EventsClient,
 }
 
 impl AgentEvents {
     /// From the bot configuration; `None` without an `[agents]` section.
     pub fn from_config(cfg: &BotConfig) -> Option<AgentEvents> {
-        let inventory = Inventory::from_config(cfg)?;
-        let transport = cfg
-            .agents
-            .as_ref()
-            .map(|a| a.transport.clone())
-            .unwrap_or_default();
         Some(AgentEvents {
-            inventory,
-            http: crate::runbook::engine::agent_http_client(&transport),
-            basic_auth: transport.basic_auth,
+            inventory: Inventory::from_config(cfg)?,
+            client: EventsClient::from_config(cfg),
         })
     }
 
     async fn fetch(&self, instance: &str, since: f64) -> Result<Vec<OomVictim>, String> {
-        let http = self
-            .http
-            .as_ref()
-            .map_err(|e| format!("agents' client: {e}"))?;
         let agent = self
             .inventory
             .lookup(instance)
             .await
             .map_err(|_| "not in the agent inventory".to_string())?;
-        let base = agent.url.trim_end_matches('/');
-        let mut req = http.get(format!("{base}/v1/events?since={}", since.floor().max(0.0)));
-        if let Some((user, password)) = &self.basic_auth {
-            req = req.basic_auth(user, Some(password.expose()));
-        }
-        let resp = req.send().await.map_err(|e| {
-            let why = if e.is_connect() {
-                "connection refused or no route".to_string()
-            } else if e.is_timeout() {
-                "timed out".to_string()
-            } else {
-                crate::telemetry::redact(&e.to_string())
-            };
-            format!("agent unreachable ({why})")
-        })?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(format!("agent answered HTTP {}", status.as_u16()));
-        }
-        if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
-            return Err("agent's answer is too large".into());
-        }
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|_| "agent's answer was cut off".to_string())?;
-        if body.len() > MAX_BODY {
-            return Err("agent's answer is too large".into());
-        }
-        parse_events(&body)
+        Ok(oom_victims(self.client.events(&agent.url, since).await?))
     }
 }
 
@@ -180,12 +136,6 @@ impl OomEvents for AgentEvents {
 }
 
 #[derive(Deserialize)]
-struct EventsBody {
-    #[serde(default)]
-    events: Vec<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
 struct OomEvent {
     timestamp: f64,
     #[serde(default)]
@@ -196,12 +146,10 @@ struct OomEvent {
     cgroup: Option<String>,
 }
 
-/// The OOM kills in a `/v1/events` answer (other kinds and unreadable
-/// entries are skipped).
-pub fn parse_events(body: &[u8]) -> Result<Vec<OomVictim>, String> {
-    let b: EventsBody = serde_json::from_slice(body)
-        .map_err(|_| "agent's answer is not a /v1/events list".to_string())?;
-    Ok(b.events
+/// The OOM kills among a `/v1/events` answer's events (other kinds and
+/// unreadable entries are skipped).
+pub fn oom_victims(events: Vec<serde_json::Value>) -> Vec<OomVictim> {
+    events
         .into_iter()
         .filter(|e| e.get("type").and_then(|t| t.as_str()) == Some("oom_kill"))
         .filter_map(|e| serde_json::from_value::<OomEvent>(e).ok())
@@ -212,7 +160,7 @@ pub fn parse_events(body: &[u8]) -> Result<Vec<OomVictim>, String> {
             process: e.process.filter(|p| !p.is_empty()),
             cgroup: e.cgroup.filter(|c| !c.is_empty() && c != "/"),
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]
@@ -227,13 +175,13 @@ mod tests {
           {"timestamp":12,"counted":false,"type":"oom_kill","pid":null,"process":null,"cgroup":"/","message":"m"},
           {"timestamp":"bad","type":"oom_kill"}
         ]}"#;
-        let v = parse_events(body).unwrap();
+        let v = oom_victims(crate::inventory::events_of(body).unwrap());
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].pid, Some(77));
         assert_eq!(v[0].process.as_deref(), Some("trainer"));
         assert_eq!(v[0].cgroup.as_deref(), Some("/system.slice/train.service"));
         assert_eq!((v[1].pid, v[1].cgroup.as_deref()), (None, None));
-        assert!(parse_events(b"nope").is_err());
+        assert!(crate::inventory::events_of(b"nope").is_err());
     }
 
     struct Slow;

@@ -20,7 +20,7 @@ use crate::notify::discord::{
     DiscordNotifier, MAX_DESCRIPTION, MAX_EMBED_TOTAL, MAX_FIELDS, MAX_FIELD_NAME, MAX_FIELD_VALUE,
     MAX_FOOTER, MAX_TITLE,
 };
-use crate::notify::report_lines::{discord_markdown, fit_lines, more};
+use crate::notify::report_lines::{discord_markdown, fit_lines, more, safe_file_name};
 use crate::notify::{truncate_chars, Delivery, Error, Op, Outgoing, PlatformRef};
 
 /// Attachments per message (Discord's limit).
@@ -49,7 +49,7 @@ pub fn attachments(r: &ReportMessage) -> Vec<(String, &Chart)> {
         .take(MAX_ATTACHMENTS)
         .enumerate()
         .map(|(i, c)| {
-            let mut name = file_name(&c.file_name);
+            let mut name = safe_file_name(&c.file_name, 100);
             if !seen.insert(name.clone()) {
                 name = format!("{i}-{name}");
                 seen.insert(name.clone());
@@ -57,26 +57,6 @@ pub fn attachments(r: &ReportMessage) -> Vec<(String, &Chart)> {
             (name, c)
         })
         .collect()
-}
-
-/// Letters, digits, `.-_` (what `attachment://` references may use).
-fn file_name(name: &str) -> String {
-    let n: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(100)
-        .collect();
-    if n.is_empty() {
-        "chart.png".into()
-    } else {
-        n
-    }
 }
 
 /// The report's embed; `image` is the first attachment's file name.

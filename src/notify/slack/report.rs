@@ -31,7 +31,7 @@ use sha2::Digest as _;
 use slack_morphism::prelude::*;
 
 use crate::message::{Chart, ReportMessage};
-use crate::notify::report_lines::{fit_lines, more, plain, slack_mrkdwn};
+use crate::notify::report_lines::{fit_lines, more, plain, safe_file_name, slack_mrkdwn};
 use crate::notify::slack::{
     escape, map_error, Connector, MAX_BLOCKS, MAX_FALLBACK_TEXT, MAX_HEADER_TEXT, MAX_SECTION_TEXT,
     MAX_TOTAL_BLOCK_TEXT,
@@ -204,7 +204,7 @@ async fn upload_chart(
     thread_ts: &str,
     chart: &Chart,
 ) -> Result<(), Error> {
-    let name = file_name(&chart.file_name);
+    let name = safe_file_name(&chart.file_name, 120);
     let title = truncate_chars(&chart.title, 250);
     let req = SlackApiFilesGetUploadUrlExternalRequest::new(name.clone(), chart.png.len())
         .with_alt_txt(truncate_chars(&chart.title, 1000));
@@ -265,26 +265,6 @@ async fn step<T>(
         Err(_) => Err(Error::retryable(format!(
             "{what}: no answer within {STEP_TIMEOUT:?}"
         ))),
-    }
-}
-
-/// A file name Slack and browsers take: letters, digits, `.-_`.
-fn file_name(name: &str) -> String {
-    let n: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(120)
-        .collect();
-    if n.is_empty() {
-        "chart.png".into()
-    } else {
-        n
     }
 }
 
@@ -506,6 +486,9 @@ mod tests {
         assert!(!ok("https://evil.example/upload"));
         assert!(!ok("https://slack.com.evil.example/upload"));
         assert!(!ok("http://127.0.0.1:9001/upload/F1"));
-        assert_eq!(file_name("fleet gpu/util.png"), "fleet_gpu_util.png");
+        assert_eq!(
+            safe_file_name("fleet gpu/util.png", 120),
+            "fleet_gpu_util.png"
+        );
     }
 }
