@@ -22,7 +22,6 @@ use gpuops::notify::{Delivery, Error, Message, Notifier, Op, Outgoing, PlatformR
 use gpuops::outbox::Notifiers;
 use gpuops::runbook::engine::StepExecutor;
 use gpuops::signing::{self, Clock, FixedClock};
-use gpuops::store::Store;
 use tower::ServiceExt as _;
 
 pub const SLACK_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
@@ -556,47 +555,11 @@ impl Drop for Proc {
     }
 }
 
-tokio::task_local! {
-    /// Set while a test runs on PostgreSQL (see [`chat_on_both`]).
-    static ON_POSTGRES: ();
-}
-
-/// Runs `f` with the test bots on PostgreSQL stores.
-pub async fn on_postgres<F: std::future::Future>(f: F) -> F::Output {
-    ON_POSTGRES.scope((), f).await
-}
-
-/// The store at `path`: SQLite normally; inside [`on_postgres`], a schema
-/// on the server `.ci/run` started, one per path (a restarted bot finds its
-/// data again; fails when `GPUOPS_TEST_POSTGRES_URL` is unset).
-pub async fn open_store_at(path: &Path) -> Store {
-    static SCHEMAS: Mutex<Vec<(std::path::PathBuf, String)>> = Mutex::new(Vec::new());
-    if ON_POSTGRES.try_with(|_| ()).is_err() {
-        return Store::open(path).unwrap();
-    }
-    let known = SCHEMAS
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(p, _)| p == path)
-        .map(|(_, u)| u.clone());
-    let url = match known {
-        Some(u) => u,
-        None => {
-            let u = gpuops::store::pg::test_url()
-                .await
-                .expect("a PostgreSQL test schema");
-            SCHEMAS
-                .lock()
-                .unwrap()
-                .push((path.to_path_buf(), u.clone()));
-            u
-        }
-    };
-    gpuops::store::pg::open_url(&url)
-        .await
-        .expect("a PostgreSQL test store")
-}
+// The PostgreSQL switch is the shared test support's (`on_both!` there,
+// `chat_on_both!` here).
+#[path = "../support/mod.rs"]
+pub mod support;
+use support::open_store_at;
 
 /// Each listed `async fn` becomes a module with two tests: `sqlite`, and
 /// `postgres` (ignored in plain `cargo test`; `.ci/run` includes it).
@@ -612,7 +575,7 @@ macro_rules! chat_on_both {
             #[tokio::test]
             #[ignore = "needs PostgreSQL: run by .ci/run"]
             async fn postgres() {
-                super::chat_support::on_postgres(super::$case()).await
+                super::chat_support::support::on_postgres(super::$case()).await
             }
         }
     )*};
