@@ -163,6 +163,124 @@ impl AgentDirectory for Inventory {
     }
 }
 
+impl Inventory {
+    /// The names a person reads, as the inventory knows them now: every
+    /// `[[agents.nodes]]` entry and the last discovered targets (no
+    /// request is made; a discovery never read yet adds nothing).
+    pub async fn names(&self) -> NodeNames {
+        let mut by_instance: HashMap<String, String> = self
+            .statics
+            .values()
+            .map(|a| (a.instance.clone(), a.node.clone()))
+            .collect();
+        let node_label = match &self.discovery {
+            Some(d) => {
+                let cache = self.discovered.lock().await;
+                for (instance, a) in &cache.agents {
+                    by_instance
+                        .entry(instance.clone())
+                        .or_insert_with(|| a.node.clone());
+                }
+                d.node_label.clone()
+            }
+            None => "node".to_string(),
+        };
+        NodeNames {
+            by_instance,
+            node_label,
+        }
+    }
+}
+
+/// One name per node: the map between an alert's `instance` and the node's
+/// name that every human-facing text uses (chat, PagerDuty, email, digest,
+/// reports, `status`, the timeline). Built from the inventory
+/// ([`Inventory::names`]); an instance the inventory does not know gets the
+/// name the inventory would derive for it (the `node_label` label, then
+/// `nodename`, then the host part of a DNS name), else none, and the caller
+/// shows the instance itself. Never a fragment of an IP address.
+#[derive(Debug, Clone)]
+pub struct NodeNames {
+    by_instance: HashMap<String, String>,
+    node_label: String,
+}
+
+impl Default for NodeNames {
+    fn default() -> NodeNames {
+        NodeNames {
+            by_instance: HashMap::new(),
+            node_label: "node".to_string(),
+        }
+    }
+}
+
+impl NodeNames {
+    /// A fixed map of `(instance, node)` pairs (tests, callers without an
+    /// inventory).
+    pub fn fixed<I, A, B>(pairs: I) -> NodeNames
+    where
+        I: IntoIterator<Item = (A, B)>,
+        A: Into<String>,
+        B: Into<String>,
+    {
+        NodeNames {
+            by_instance: pairs
+                .into_iter()
+                .map(|(a, b)| (a.into(), b.into()))
+                .collect(),
+            node_label: "node".to_string(),
+        }
+    }
+
+    /// The node's name for an alert's `instance` and labels, or `None` when
+    /// nothing names it (the caller then shows the instance).
+    pub fn name_of(
+        &self,
+        instance: Option<&str>,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Option<String> {
+        if let Some(n) = instance.and_then(|i| self.by_instance.get(i)) {
+            return Some(n.clone());
+        }
+        for l in [self.node_label.as_str(), "node", "nodename"] {
+            if let Some(v) = labels.get(l).filter(|v| is_node_name(v)) {
+                return Some(v.clone());
+            }
+        }
+        let host = host_of(instance?);
+        if host.parse::<std::net::IpAddr>().is_ok() {
+            return None;
+        }
+        let short = host.split('.').next().unwrap_or("");
+        is_node_name(short).then(|| short.to_string())
+    }
+
+    /// The node's name for an instance alone (no labels).
+    pub fn name_of_instance(&self, instance: &str) -> Option<String> {
+        self.name_of(Some(instance), &std::collections::BTreeMap::new())
+    }
+
+    /// The instances the inventory maps to `node` (a name a person typed).
+    pub fn instances_of(&self, node: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .by_instance
+            .iter()
+            .filter(|(_, n)| n.as_str() == node)
+            .map(|(i, _)| i.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Every node name the inventory knows, sorted.
+    pub fn known_nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.by_instance.values().cloned().collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
 /// Wraps an inventory for the engine.
 pub fn directory(inv: Inventory) -> Arc<dyn AgentDirectory> {
     Arc::new(inv)
@@ -502,6 +620,46 @@ mod tests {
         assert_eq!(host_of("[::1]:9949"), "::1");
         assert_eq!(host_of("node-1"), "node-1");
         assert_eq!(host_of("::1"), "::1");
+    }
+
+    #[test]
+    fn node_names_from_inventory_then_labels_then_dns_never_ip() {
+        let names = NodeNames::fixed([("127.0.0.1:18949", "gpu-node-17")]);
+        let none = std::collections::BTreeMap::new();
+        assert_eq!(
+            names.name_of(Some("127.0.0.1:18949"), &none).as_deref(),
+            Some("gpu-node-17")
+        );
+        let labelled =
+            std::collections::BTreeMap::from([("nodename".to_string(), "gpu-node-3".to_string())]);
+        assert_eq!(
+            names.name_of(Some("10.0.0.3:9949"), &labelled).as_deref(),
+            Some("gpu-node-3")
+        );
+        assert_eq!(
+            names
+                .name_of_instance("gpu-node-4.example.com:9949")
+                .as_deref(),
+            Some("gpu-node-4")
+        );
+        assert_eq!(names.name_of_instance("10.0.0.9:9949"), None);
+        assert_eq!(names.name_of(None, &none), None);
+        assert_eq!(names.instances_of("gpu-node-17"), vec!["127.0.0.1:18949"]);
+        assert_eq!(names.known_nodes(), vec!["gpu-node-17"]);
+    }
+
+    #[tokio::test]
+    async fn names_come_from_static_nodes() {
+        let inv = Inventory::fixed(vec![AgentAddr {
+            instance: "127.0.0.1:9949".into(),
+            node: "node-a".into(),
+            url: "http://127.0.0.1:9949".into(),
+        }]);
+        let names = inv.names().await;
+        assert_eq!(
+            names.name_of_instance("127.0.0.1:9949").as_deref(),
+            Some("node-a")
+        );
     }
 
     #[tokio::test]
