@@ -139,6 +139,16 @@ pub struct AlertMessage {
     pub escalation: Option<EscalationStep>,
 }
 
+/// The PagerDuty incident a group pages into when it shares one with
+/// groups about the same GPU (`store::Correlation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incident {
+    /// The group whose dedup key the incident uses.
+    pub group_id: i64,
+    /// Another group of the incident still fires: do not resolve it yet.
+    pub others_firing: bool,
+}
+
 /// An escalation step reached: `step` of `of` (1-based).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EscalationStep {

@@ -25,7 +25,7 @@ use crate::config::BotConfig;
 use crate::notify::{Delivery, Error, Message, Notifier, Op, Outgoing, PlatformRef};
 use crate::routing::Target;
 use crate::store::outbox::Outbox;
-use crate::store::{self, OutboxRow, Store, KIND_ALERT};
+use crate::store::{self, OutboxRow, Store, KIND_ALERT, KIND_NOTICE};
 
 /// How long a delivery the platform accepted keeps trying to be recorded
 /// while the store is unreachable (within a PostgreSQL claim's 60 s lease,
@@ -203,6 +203,25 @@ impl Worker {
         }
     }
 
+    /// A group's card as it stands now (with its escalation step), and the
+    /// revision it shows; None when the group is gone.
+    async fn render(&self, group_id: i64) -> Result<Option<(Message, i64)>, store::Error> {
+        let Some(g) = self.store.group(group_id).await? else {
+            return Ok(None);
+        };
+        let links = Links {
+            alertmanager: self.config.alertmanager.as_ref().map(|a| a.url.clone()),
+            suggest_runbook: self.suggest_runbook.clone(),
+        };
+        let mut m = alert::render_group(&g, &self.config.routing, &links);
+        if let Message::Alert(a) = &mut m {
+            if let Ok(Some((step, of))) = self.store.escalation_step(g.id).await {
+                a.escalation = Some(crate::notify::EscalationStep { step, of });
+            }
+        }
+        Ok(Some((m, g.rev)))
+    }
+
     async fn deliver(self: Arc<Self>, row: OutboxRow) -> Done {
         let key = (row.group_id, row.destination.clone());
         let target = Target::parse_key(&row.destination);
@@ -240,21 +259,11 @@ impl Worker {
                 return done;
             }
         };
-        let (message, rendered_rev) = if row.kind == KIND_ALERT {
-            match self.store.group(row.group_id).await {
-                Ok(Some(g)) => {
-                    let links = Links {
-                        alertmanager: self.config.alertmanager.as_ref().map(|a| a.url.clone()),
-                        suggest_runbook: self.suggest_runbook.clone(),
-                    };
-                    let mut m = alert::render_group(&g, &self.config.routing, &links);
-                    if let Message::Alert(a) = &mut m {
-                        if let Ok(Some((step, of))) = self.store.escalation_step(g.id).await {
-                            a.escalation = Some(crate::notify::EscalationStep { step, of });
-                        }
-                    }
-                    (m, g.rev)
-                }
+        let rendered = if row.kind == KIND_ALERT || row.kind == KIND_NOTICE {
+            match self.render(row.group_id).await {
+                Ok(Some(r)) => Some(r),
+                // A notice whose group is gone is still a reply.
+                Ok(None) if row.kind == KIND_NOTICE => None,
                 Ok(None) => {
                     // The group is gone (should not happen): nothing to show.
                     let _ = self.store.delivered(row.id).await;
@@ -267,14 +276,35 @@ impl Worker {
                 }
             }
         } else {
-            match row.body.as_deref().map(serde_json::from_str::<Message>) {
-                Some(Ok(m)) => (m, row.rev),
+            None
+        };
+        let (message, rendered_rev, card) = match rendered {
+            Some((m, rev)) if row.kind == KIND_ALERT => (m, rev, None),
+            card => match row.body.as_deref().map(serde_json::from_str::<Message>) {
+                Some(Ok(m)) => (m, row.rev, card.map(|(c, _)| c)),
                 _ => {
                     self.fail_permanently(row, "unreadable reply body".into(), platform)
                         .await;
                     return done;
                 }
+            },
+        };
+        let renotify = match &card {
+            Some(Message::Alert(a)) => Some(a.as_ref()),
+            _ => None,
+        };
+        // Correlated P1/P2 groups share one PagerDuty incident.
+        let incident = if row.kind == KIND_ALERT && platform == "pagerduty" {
+            match self.store.incident(row.group_id).await {
+                Ok(i) => i,
+                Err(e) => {
+                    self.retry(&row, None, format!("store: {e}"), platform)
+                        .await;
+                    return done;
+                }
             }
+        } else {
+            None
         };
         let existing = parent.map(|m| PlatformRef {
             channel: m.channel,
@@ -291,6 +321,8 @@ impl Worker {
             channel: &channel,
             op: op.clone(),
             message: &message,
+            renotify,
+            incident,
         };
         let timeout = self.config.delivery.timeout;
         let result = match tokio::time::timeout(timeout, notifier.send(&out)).await {

@@ -27,6 +27,7 @@
 //! are created (or tightened to) 0600 whatever the process umask.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -225,7 +226,53 @@ pub struct GroupUpdate {
     pub destinations: Vec<String>,
     /// Thread reply to post when the group goes from firing to resolved.
     pub resolved_reply: String,
+    /// What changed since the group's previous state (alerts joined, some
+    /// resolved while others fire): asked in the ingest transaction, with
+    /// the state stored before this one, so two replicas never both
+    /// announce one change. `None`: say nothing.
+    pub change: Option<ChangeReply>,
+    /// P1/P2 groups: share a PagerDuty incident with groups about the same
+    /// subjects (see [`Correlation`]).
+    pub correlate: Option<Correlation>,
 }
+
+/// Compares a group's previous state (the stored `state` text) with the
+/// new one: the thread reply to post about the change, if any. The store
+/// does not read AlertManager's JSON; the ingest path that does gives it
+/// this function.
+#[derive(Clone)]
+pub struct ChangeReply(pub Arc<dyn Fn(&str) -> Option<Reply> + Send + std::marker::Sync>);
+
+impl std::fmt::Debug for ChangeReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChangeReply(..)")
+    }
+}
+
+/// A thread reply decided at ingest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// A JSON-serialised `message::Message`.
+    pub body: String,
+    /// Notify again ([`KIND_NOTICE`]): Slack `reply_broadcast`, PagerDuty
+    /// a `trigger` with the incident's dedup key; else a plain reply.
+    pub renotify: bool,
+}
+
+/// One fault, one page: the subjects of a P1/P2 group's firing alerts
+/// (`<instance>|<gpu>`) and how long a subject keeps pointing at the
+/// incident that first paged about it. A group whose first subject was
+/// seen within `window_secs` pages into that incident (its PagerDuty
+/// `dedup_key`); otherwise it opens its own. Decided once per group, in
+/// the ingest transaction (PostgreSQL: one upsert on the subject's row,
+/// so concurrent replicas agree).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Correlation {
+    pub subjects: Vec<String>,
+    pub window_secs: f64,
+}
+
+pub use crate::message::Incident;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngestResult {
@@ -264,6 +311,9 @@ pub struct MessageRecord {
 /// Kinds of outbox rows.
 pub const KIND_ALERT: &str = "alert";
 pub const KIND_REPLY: &str = "reply";
+/// A thread reply that notifies again (an alert joined an open group of a
+/// tier with `[routing] renotify_tiers`).
+pub const KIND_NOTICE: &str = "notice";
 
 /// One pending delivery.
 #[derive(Debug, Clone, PartialEq)]
@@ -272,7 +322,8 @@ pub struct OutboxRow {
     pub group_id: i64,
     pub destination: String,
     /// [`KIND_ALERT`]: post or edit the group's message with its latest
-    /// state; [`KIND_REPLY`]: a thread reply whose body is a JSON message.
+    /// state; [`KIND_REPLY`]: a thread reply whose body is a JSON message;
+    /// [`KIND_NOTICE`]: the same, notifying again.
     pub kind: String,
     pub rev: i64,
     pub body: Option<String>,
@@ -347,6 +398,8 @@ mod tests {
             state: "{}".into(),
             destinations: dests.iter().map(|s| s.to_string()).collect(),
             resolved_reply: "resolved".into(),
+            change: None,
+            correlate: None,
         }
     }
 

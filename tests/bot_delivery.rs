@@ -171,20 +171,22 @@ async fn changes_edit_in_place_and_resolve_edits_then_replies_in_thread() {
     let ts = s[0].raw.clone();
     assert!(ts.contains("FIRING 1"), "{ts}");
     bot.discord.wait_for(1, WAIT).await;
-    // A second alert joins: the same message is edited.
+    // A second alert joins: the same message is edited, and a thread
+    // reply says what joined.
     bot.post(&am_payload(
         "GpuXid",
         "firing",
         &[("n1", "critical", "firing"), ("n2", "critical", "firing")],
     ))
     .await;
-    let s = bot.slack.wait_for(2, WAIT).await;
+    let s = bot.slack.wait_for(3, WAIT).await;
     let up = slack_updates(&s);
     assert_eq!(up.len(), 1, "{s:#?}");
     assert_eq!(up[0].body["ts"], "1700000000.000001");
     assert_eq!(up[0].body["channel"], "CP1");
     assert!(up[0].raw.contains("FIRING 2"));
-    let d = bot.discord.wait_for(2, WAIT).await;
+    assert!(s[2].raw.contains("+1 firing"), "{}", s[2].raw);
+    let d = bot.discord.wait_for(3, WAIT).await;
     assert_eq!(d[1].method, "PATCH");
     let first_id = "900000000000000001";
     assert_eq!(
@@ -201,7 +203,7 @@ async fn changes_edit_in_place_and_resolve_edits_then_replies_in_thread() {
         ],
     ))
     .await;
-    let s = bot.slack.wait_for(4, WAIT).await;
+    let s = bot.slack.wait_for(5, WAIT).await;
     let up = slack_updates(&s);
     assert_eq!(up.len(), 2);
     assert!(up[1].raw.contains("RESOLVED"), "{}", up[1].raw);
@@ -210,20 +212,114 @@ async fn changes_edit_in_place_and_resolve_edits_then_replies_in_thread() {
         "resolved message keeps buttons"
     );
     let posts = slack_posts(&s);
-    assert_eq!(posts.len(), 2);
-    assert_eq!(posts[1].body["thread_ts"], "1700000000.000001");
-    assert!(posts[1].raw.contains("Resolved"));
-    let d = bot.discord.wait_for(4, WAIT).await;
-    assert_eq!(d[2].method, "PATCH");
-    assert_eq!(d[2].body["components"], json!([]));
-    assert_eq!(d[3].method, "POST");
-    assert_eq!(d[3].body["message_reference"]["message_id"], first_id);
+    assert_eq!(posts.len(), 3);
+    assert_eq!(posts[2].body["thread_ts"], "1700000000.000001");
+    assert!(posts[2].raw.contains("Resolved"));
+    let d = bot.discord.wait_for(5, WAIT).await;
+    assert_eq!(d[3].method, "PATCH");
+    assert_eq!(d[3].body["components"], json!([]));
+    assert_eq!(d[4].method, "POST");
+    assert_eq!(d[4].body["message_reference"]["message_id"], first_id);
     bot.slack
-        .expect_no_more(4, Duration::from_millis(300))
+        .expect_no_more(5, Duration::from_millis(300))
         .await;
 }
 
-async fn ha_duplicates_change_nothing() {
+/// XID 94 alerts on `gpu-node-17:9949`, one per `(gpu, status)`.
+fn xid_payload(severity: &str, status: &str, gpus: &[(&str, &str)]) -> String {
+    let alerts: Vec<(&str, &str, &str)> = gpus
+        .iter()
+        .map(|(_, st)| ("gpu-node-17:9949", severity, *st))
+        .collect();
+    let mut v: Value = serde_json::from_str(&am_payload("GPUXIDError", status, &alerts)).unwrap();
+    for (i, (gpu, _)) in gpus.iter().enumerate() {
+        let a = &mut v["alerts"][i];
+        a["labels"]["gpu"] = json!(gpu);
+        a["labels"]["xid"] = json!("94");
+        a["fingerprint"] = json!(format!("xid94-gpu{gpu}"));
+    }
+    v.to_string()
+}
+
+/// Issue 21 (3): XID 94 on GPUs 1 and 6 joined an open P3 group; the bot
+/// edited the message and told nobody.
+async fn alert_joining_open_group_posts_a_thread_reply() {
+    let bot = Bot::start("").await;
+    bot.post(&xid_payload("warning", "firing", &[("0", "firing")]))
+        .await;
+    bot.slack.wait_for(1, WAIT).await;
+    bot.discord.wait_for(1, WAIT).await;
+    bot.post(&xid_payload(
+        "warning",
+        "firing",
+        &[("0", "firing"), ("1", "firing"), ("6", "firing")],
+    ))
+    .await;
+    let s = bot.slack.wait_for(3, WAIT).await;
+    assert!(s[1].path.ends_with("chat.update"), "{s:#?}");
+    assert!(s[1].raw.contains("FIRING 3"), "{}", s[1].raw);
+    let reply = &s[2];
+    assert!(reply.path.ends_with("chat.postMessage"), "{s:#?}");
+    assert_eq!(reply.body["channel"], "CP3");
+    assert_eq!(reply.body["thread_ts"], "1700000000.000001");
+    let text = slack_text(reply);
+    assert!(text.contains("+2 firing: XID 94 on gpu-node-17"), "{text}");
+    assert!(text.contains("GPU 1, GPU 6"), "{text}");
+    assert!(!text.contains("GPU 0"), "{text}");
+    // P3: a thread reply only, not broadcast to the channel.
+    assert!(reply.body.get("reply_broadcast").is_none(), "{text}");
+    let d = bot.discord.wait_for(3, WAIT).await;
+    assert_eq!(
+        (d[1].method.as_str(), d[2].method.as_str()),
+        ("PATCH", "POST")
+    );
+    assert_eq!(
+        d[2].body["message_reference"]["message_id"],
+        "900000000000000001"
+    );
+    assert!(d[2].raw.contains("+2 firing"), "{}", d[2].raw);
+    bot.slack
+        .expect_no_more(3, Duration::from_millis(300))
+        .await;
+}
+
+/// Issue 21 (3): some alerts of a group resolve while others still fire.
+async fn partial_resolve_posts_a_thread_reply() {
+    let bot = Bot::start("").await;
+    bot.post(&xid_payload(
+        "warning",
+        "firing",
+        &[("0", "firing"), ("1", "firing"), ("6", "firing")],
+    ))
+    .await;
+    bot.slack.wait_for(1, WAIT).await;
+    bot.post(&xid_payload(
+        "warning",
+        "firing",
+        &[("0", "firing"), ("1", "resolved"), ("6", "resolved")],
+    ))
+    .await;
+    let s = bot.slack.wait_for(3, WAIT).await;
+    assert!(s[1].path.ends_with("chat.update"), "{s:#?}");
+    assert!(s[1].raw.contains("FIRING 1"), "{}", s[1].raw);
+    let reply = &s[2];
+    assert_eq!(reply.body["thread_ts"], "1700000000.000001");
+    let text = slack_text(reply);
+    assert!(
+        text.contains("−2 resolved: XID 94 on gpu-node-17"),
+        "{text}"
+    );
+    assert!(text.contains("GPU 1, GPU 6"), "{text}");
+    assert!(!text.contains("firing:"), "{text}");
+    assert!(reply.body.get("reply_broadcast").is_none(), "{text}");
+    bot.slack
+        .expect_no_more(3, Duration::from_millis(300))
+        .await;
+}
+
+/// HA: two AlertManagers deliver each state; the second copy (and a late,
+/// out-of-order one) posts nothing: one edit and one change reply.
+async fn ha_duplicate_state_posts_nothing() {
     let bot = Bot::start("").await;
     let one = am_payload("GpuXid", "firing", &[("n1", "critical", "firing")]);
     let two = am_payload(
@@ -238,12 +334,18 @@ async fn ha_duplicates_change_nothing() {
     // The second replica's copies, one of them late and out of order.
     assert_eq!(bot.post(&two).await["duplicate"], true);
     assert_eq!(bot.post(&one).await["duplicate"], true);
-    bot.slack.wait_for(2, WAIT).await;
+    let s = bot.slack.wait_for(3, WAIT).await;
+    assert_eq!(slack_updates(&s).len(), 1, "{s:#?}");
+    assert_eq!(
+        s.iter().filter(|r| r.raw.contains("+1 firing")).count(),
+        1,
+        "{s:#?}"
+    );
     bot.slack
-        .expect_no_more(2, Duration::from_millis(500))
+        .expect_no_more(3, Duration::from_millis(500))
         .await;
     bot.discord
-        .expect_no_more(2, Duration::from_millis(10))
+        .expect_no_more(3, Duration::from_millis(10))
         .await;
 }
 
@@ -483,7 +585,9 @@ async fn a_deleted_message_is_posted_again_instead_of_lost() {
 on_both!(
     tiers_route_to_their_channels_on_both_platforms,
     changes_edit_in_place_and_resolve_edits_then_replies_in_thread,
-    ha_duplicates_change_nothing,
+    ha_duplicate_state_posts_nothing,
+    alert_joining_open_group_posts_a_thread_reply,
+    partial_resolve_posts_a_thread_reply,
     a_huge_group_is_truncated_not_rejected,
     rate_limits_are_honoured_then_delivery_succeeds,
     server_errors_back_off_exponentially,

@@ -106,6 +106,8 @@ async fn post(n: &dyn Notifier, channel: &str, m: &Message) -> Result<String, Er
         channel,
         op: Op::Post,
         message: m,
+        renotify: None,
+        incident: None,
     };
     n.send(&out).await.map(|d| d.message.message_id)
 }

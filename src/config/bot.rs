@@ -385,6 +385,21 @@ impl BotConfig {
             }) {
                 c.routing.severity = map;
             }
+            if let Some(v) = r.get_with(&mut s, "renotify_tiers", |v: Vec<String>| {
+                v.into_iter().map(tier).collect::<Result<Vec<_>, _>>()
+            }) {
+                c.routing.renotify_tiers = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "correlation_window", |v: String| {
+                // "0" (or "0s") turns correlation off.
+                if v.trim().trim_end_matches('s') == "0" {
+                    Ok(std::time::Duration::ZERO)
+                } else {
+                    paging::duration(&v)
+                }
+            }) {
+                c.routing.correlation_window = v;
+            }
             let dests = r.tables(&mut s, "destinations");
             destinations_given = !dests.is_empty();
             let mut parsed = Vec::new();

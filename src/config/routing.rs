@@ -270,6 +270,27 @@ pub struct Routing {
     /// `pagerduty_id(key)` → routing key, for every key named by a
     /// destination or an escalation (`pagerduty:FILE`).
     pub pagerduty_keys: BTreeMap<String, Secret>,
+    /// `renotify_tiers`: tiers whose open groups notify again when an alert
+    /// joins them (Slack `reply_broadcast`, a Discord reply, a PagerDuty
+    /// `trigger` on the same incident); the other tiers get a plain thread
+    /// reply. Default [`DEFAULT_RENOTIFY_TIERS`].
+    pub renotify_tiers: Vec<Tier>,
+    /// `correlation_window`: P1/P2 groups about the same instance and GPU
+    /// within this long share one PagerDuty incident (`dedup_key`); zero
+    /// turns that off. Default [`DEFAULT_CORRELATION_WINDOW`].
+    pub correlation_window: std::time::Duration,
+}
+
+/// Tiers that notify again when an alert joins an open group, by default.
+pub const DEFAULT_RENOTIFY_TIERS: [Tier; 2] = [Tier::P1, Tier::P2];
+/// How long a GPU's first page collects the others about it, by default.
+pub const DEFAULT_CORRELATION_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl Routing {
+    /// Whether an alert joining an open group of `tier` notifies again.
+    pub fn renotifies(&self, tier: Tier) -> bool {
+        self.renotify_tiers.contains(&tier)
+    }
 }
 
 impl Default for Routing {
@@ -283,6 +304,8 @@ impl Default for Routing {
                 ..Destination::new(Tier::ALL.to_vec())
             }],
             pagerduty_keys: BTreeMap::new(),
+            renotify_tiers: DEFAULT_RENOTIFY_TIERS.to_vec(),
+            correlation_window: DEFAULT_CORRELATION_WINDOW,
         }
     }
 }

@@ -335,6 +335,8 @@ mod tests {
             channel: "ops@example.com",
             op: Op::Post,
             message: &m,
+            renotify: None,
+            incident: None,
         };
         let (mail, id) = plan(&post).unwrap();
         let root = thread_id(3, "ops@example.com");
@@ -350,6 +352,8 @@ mod tests {
             channel: "ops@example.com",
             op: Op::Edit(parent.clone()),
             message: &acked,
+            renotify: None,
+            incident: None,
         };
         assert!(plan(&edit).is_none(), "an ack is not mailed");
         let resolved = alert(GroupStatus::Resolved, true);
@@ -357,6 +361,8 @@ mod tests {
             channel: "ops@example.com",
             op: Op::Edit(parent.clone()),
             message: &resolved,
+            renotify: None,
+            incident: None,
         };
         let (mail, id) = plan(&edit).unwrap();
         assert_eq!(mail.in_reply_to.as_deref(), Some(root.as_str()));
@@ -367,6 +373,8 @@ mod tests {
             channel: "ops@example.com",
             op: Op::Reply(parent),
             message: &note,
+            renotify: None,
+            incident: None,
         };
         assert!(plan(&reply).is_none(), "runbook output stays in chat");
     }

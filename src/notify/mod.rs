@@ -26,9 +26,9 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub use crate::message::{
-    Ack, AlertLine, AlertMessage, Button, EscalationStep, GroupStatus, Message, TextMessage,
-    SLACK_ACTION_ACK, SLACK_ACTION_APPROVE, SLACK_ACTION_DENY, SLACK_ACTION_RUN_RUNBOOK,
-    SLACK_ACTION_SILENCE_1H,
+    Ack, AlertLine, AlertMessage, Button, EscalationStep, GroupStatus, Incident, Message,
+    TextMessage, SLACK_ACTION_ACK, SLACK_ACTION_APPROVE, SLACK_ACTION_DENY,
+    SLACK_ACTION_RUN_RUNBOOK, SLACK_ACTION_SILENCE_1H,
 };
 
 /// A message's address on a platform: where it was posted and its id
@@ -57,6 +57,12 @@ pub struct Outgoing<'a> {
     pub channel: &'a str,
     pub op: Op,
     pub message: &'a Message,
+    /// A thread reply that notifies again, with the group's current card:
+    /// Slack sets `reply_broadcast`, Discord posts a reply that pings
+    /// nobody, PagerDuty re-sends `trigger` on the incident's dedup key.
+    pub renotify: Option<&'a AlertMessage>,
+    /// The PagerDuty incident the group shares with others (None: its own).
+    pub incident: Option<Incident>,
 }
 
 /// A successful call: the message's address (for later edits and replies).

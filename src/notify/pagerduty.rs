@@ -147,12 +147,23 @@ impl PagerDutyNotifier {
         };
         let m = match out.message {
             Message::Alert(m) => m,
-            // Thread replies (runbook output, escalation notes) are chat's.
+            // Thread replies (runbook output, escalation notes) are chat's;
+            // one that notifies again (an alert joined the group) re-sends
+            // `trigger` on the open incident, so its details update without
+            // a new incident.
             Message::Text(_) | Message::Report(_) => {
                 let parent = match &out.op {
                     Op::Reply(p) | Op::Edit(p) => p.message_id.clone(),
                     Op::Post => "-".to_string(),
                 };
+                if let (Some(card), Some((dedup, last))) = (out.renotify, parent.split_once('|')) {
+                    if Action::parse(last) == Some(Action::Trigger)
+                        && Action::for_group(card) == Action::Trigger
+                    {
+                        self.post(&event(key.expose(), Action::Trigger, dedup, card))
+                            .await?;
+                    }
+                }
                 return Ok(delivered(out.channel, parent));
             }
         };
@@ -161,9 +172,19 @@ impl PagerDutyNotifier {
                 Some((d, a)) => (d.to_string(), Action::parse(a)),
                 None => (p.message_id.clone(), None),
             },
-            Op::Post => (dedup_key(m.group_id, out.channel), None),
+            // A group correlated with an earlier one about the same GPU
+            // pages into that group's incident.
+            Op::Post => (
+                dedup_key(out.incident.map_or(m.group_id, |i| i.group_id), out.channel),
+                None,
+            ),
         };
-        let want = Action::for_group(m);
+        let mut want = Action::for_group(m);
+        // The incident is shared and another of its groups still fires:
+        // this group's end does not end the incident.
+        if want == Action::Resolve && out.incident.is_some_and(|i| i.others_firing) {
+            want = last.unwrap_or(Action::Resolve);
+        }
         let mut sends: Vec<Action> = Vec::new();
         match (last, want) {
             (Some(l), w) if l == w => {}

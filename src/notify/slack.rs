@@ -96,6 +96,10 @@ impl SlackNotifier {
                     };
                     let mut req =
                         SlackApiChatPostMessageRequest::new(SlackChannelId::new(channel), content);
+                    // A reply that notifies again is also shown in the channel.
+                    if thread.is_some() && out.renotify.is_some() {
+                        req.reply_broadcast = Some(true);
+                    }
                     req.thread_ts = thread;
                     req.unfurl_links = Some(false);
                     let resp = session.chat_post_message(&req).await.map_err(map_error)?;

@@ -96,6 +96,14 @@ pub const TABLES: &[(&str, &[&str])] = &[
         &["name", "slot", "claimed_at", "late", "outcome"],
     ),
     (
+        "incident_subjects",
+        &["subject", "incident_group_id", "last_at"],
+    ),
+    (
+        "group_incidents",
+        &["group_id", "incident_group_id", "linked_at"],
+    ),
+    (
         "chat_runs",
         &[
             "id",

@@ -23,6 +23,11 @@ pub const SQLITE: &[Migration] = &[
         "reports",
         include_str!("../../migrations/sqlite/0002_reports.sql"),
     ),
+    (
+        3,
+        "incidents",
+        include_str!("../../migrations/sqlite/0003_incidents.sql"),
+    ),
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -40,6 +45,11 @@ pub const POSTGRES: &[Migration] = &[
         3,
         "reports",
         include_str!("../../migrations/postgres/0003_reports.sql"),
+    ),
+    (
+        4,
+        "incidents",
+        include_str!("../../migrations/postgres/0004_incidents.sql"),
     ),
 ];
 

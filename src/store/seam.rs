@@ -13,8 +13,8 @@ use crate::store::paging::{
 use crate::store::reports::{IncidentCounts, IncidentGroup, ReportDelivery};
 use crate::store::runs::{RunRecord, StepRecord};
 use crate::store::{
-    AuditRecord, Backend, DeadLetter, GroupHistory, GroupRecord, GroupUpdate, IngestResult,
-    MessageRecord, OutboxRow, Result, Store,
+    AuditRecord, Backend, DeadLetter, GroupHistory, GroupRecord, GroupUpdate, Incident,
+    IngestResult, MessageRecord, OutboxRow, Result, Store,
 };
 
 /// The text of an escalation step's thread reply: `(group, step, steps)`.
@@ -71,6 +71,9 @@ seam! {
         /// Deletes raw webhooks older than `age`, and groups resolved for
         /// longer than `age` that have nothing pending. Returns rows deleted.
         fn prune(&self, age: Duration) -> Result<usize>;
+        /// The PagerDuty incident a correlated P1/P2 group pages into, and
+        /// whether another group of it still fires (None: its own incident).
+        fn incident(&self, group_id: i64) -> Result<Option<Incident>>;
         /// Records a replay key; `false` when it was seen already (a replay).
         fn first_use(&self, key: [u8; 32], now: i64, keep_secs: i64) -> Result<bool>;
         /// Appends an audit record without logging it (see `Store::audit`).

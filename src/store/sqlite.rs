@@ -11,8 +11,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::message::Ack;
 use crate::store::{
-    now, Error, GroupRecord, GroupUpdate, IngestResult, MessageRecord, Result, Sync, CALL_DEADLINE,
-    RECENT_HASHES,
+    now, Correlation, Error, GroupRecord, GroupUpdate, Incident, IngestResult, MessageRecord,
+    Result, Sync, CALL_DEADLINE, KIND_NOTICE, KIND_REPLY, RECENT_HASHES,
 };
 /// A handle to the database; cheap to clone.
 ///
@@ -366,10 +366,43 @@ impl Sqlite {
                 [cutoff],
             )?;
             n += c.execute(
+                &format!("DELETE FROM group_incidents WHERE group_id IN ({old})"),
+                [cutoff],
+            )?;
+            n += c.execute(
                 &format!("DELETE FROM alert_groups WHERE id IN ({old})"),
                 [cutoff],
             )?;
+            n += c.execute("DELETE FROM incident_subjects WHERE last_at < ?1", [cutoff])?;
             Ok(n)
+        })
+        .await
+    }
+
+    /// The PagerDuty incident a correlated group pages into (None: its own).
+    pub async fn incident(&self, group_id: i64) -> Result<Option<Incident>> {
+        self.read(move |c| {
+            let linked: Option<i64> = c
+                .query_row(
+                    "SELECT incident_group_id FROM group_incidents WHERE group_id=?1",
+                    [group_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(incident) = linked else {
+                return Ok(None);
+            };
+            let others: i64 = c.query_row(
+                "SELECT COUNT(*) FROM alert_groups g WHERE g.status='firing' AND g.id <> ?1
+                   AND (g.id = ?2 OR g.id IN
+                     (SELECT group_id FROM group_incidents WHERE incident_group_id = ?2))",
+                params![group_id, incident],
+                |r| r.get(0),
+            )?;
+            Ok(Some(Incident {
+                group_id: incident,
+                others_firing: others > 0,
+            }))
         })
         .await
     }
@@ -377,15 +410,15 @@ impl Sqlite {
 
 fn ingest_tx(c: &Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<IngestResult> {
     let tx = c;
-    let existing: Option<(i64, i64, String, String)> = tx
+    let existing: Option<(i64, i64, String, String, String)> = tx
         .query_row(
-            "SELECT id, rev, status, recent_hashes FROM alert_groups WHERE group_key=?1",
+            "SELECT id, rev, status, recent_hashes, state FROM alert_groups WHERE group_key=?1",
             [&u.group_key],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )
         .optional()?;
-    let (group_id, rev, was_firing) = match existing {
-        Some((id, rev, status, recent)) => {
+    let (group_id, rev, was_firing, old_state) = match existing {
+        Some((id, rev, status, recent, old_state)) => {
             let mut hashes: Vec<String> = serde_json::from_str(&recent).unwrap_or_default();
             if hashes.iter().any(|h| h == &u.state_hash) {
                 tx.execute(
@@ -422,7 +455,7 @@ fn ingest_tx(c: &Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<Inges
                     t
                 ],
             )?;
-            (id, rev, status == "firing")
+            (id, rev, status == "firing", Some(old_state))
         }
         None => {
             tx.execute(
@@ -439,7 +472,7 @@ fn ingest_tx(c: &Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<Inges
                     t
                 ],
             )?;
-            (tx.last_insert_rowid(), 1, false)
+            (tx.last_insert_rowid(), 1, false, None)
         }
     };
     let mut dests = group_destinations(tx, group_id)?;
@@ -470,6 +503,28 @@ fn ingest_tx(c: &Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<Inges
             enqueued += 1;
         }
     }
+    let change = match (&u.change, &old_state) {
+        (Some(f), Some(old)) => (f.0)(old),
+        _ => None,
+    };
+    if let Some(reply) = change {
+        let kind = if reply.renotify {
+            KIND_NOTICE
+        } else {
+            KIND_REPLY
+        };
+        for d in &dests {
+            tx.execute(
+                "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                params![group_id, d, kind, rev, reply.body, t],
+            )?;
+            enqueued += 1;
+        }
+    }
+    if let Some(c) = &u.correlate {
+        correlate_tx(tx, group_id, c, t)?;
+    }
     tx.execute(
         "INSERT INTO webhooks(received_at, group_id, duplicate, payload) VALUES (?1, ?2, 0, ?3)",
         params![t, group_id, raw],
@@ -482,6 +537,44 @@ fn ingest_tx(c: &Connection, raw: &str, u: &GroupUpdate, t: f64) -> Result<Inges
         duplicate: false,
         enqueued,
     })
+}
+
+/// Links a P1/P2 group to the incident of its first subject (see
+/// [`Correlation`]) at its first ingest, and marks its subjects seen.
+fn correlate_tx(tx: &Connection, group_id: i64, c: &Correlation, t: f64) -> Result<()> {
+    let linked: Option<i64> = tx
+        .query_row(
+            "SELECT incident_group_id FROM group_incidents WHERE group_id=?1",
+            [group_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let mut incident = linked;
+    for s in &c.subjects {
+        // A subject seen within the window keeps its incident; else it
+        // points at this group's (or, once linked, its incident's).
+        let got: i64 = tx.query_row(
+            "INSERT INTO incident_subjects(subject, incident_group_id, last_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(subject) DO UPDATE SET
+               incident_group_id = CASE WHEN incident_subjects.last_at >= ?4
+                 THEN incident_subjects.incident_group_id ELSE excluded.incident_group_id END,
+               last_at = excluded.last_at
+             RETURNING incident_group_id",
+            params![s, linked.unwrap_or(group_id), t, t - c.window_secs],
+            |r| r.get(0),
+        )?;
+        incident.get_or_insert(got);
+    }
+    if linked.is_none() {
+        if let Some(i) = incident {
+            tx.execute(
+                "INSERT INTO group_incidents(group_id, incident_group_id, linked_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(group_id) DO NOTHING",
+                params![group_id, i, t],
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Points the pending alert row of (group, destination) at `rev`, or adds one.

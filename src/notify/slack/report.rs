@@ -453,6 +453,8 @@ mod tests {
             channel: "C1",
             op: Op::Post,
             message: &m,
+            renotify: None,
+            incident: None,
         };
         let key = Reports::key(&out, &r);
         assert!(reports.get(&key).is_none());
@@ -466,6 +468,8 @@ mod tests {
             channel: "C2",
             op: Op::Post,
             message: &m,
+            renotify: None,
+            incident: None,
         };
         assert!(reports.get(&Reports::key(&other, &r)).is_none());
         for i in 0..(MAX_REMEMBERED as u8 + 5) {

@@ -14,7 +14,8 @@ use tokio_postgres::Transaction;
 use crate::message::Ack;
 use crate::store::pg::{big, get, Pg};
 use crate::store::{
-    now, GroupRecord, GroupUpdate, IngestResult, MessageRecord, Result, RECENT_HASHES,
+    now, Correlation, GroupRecord, GroupUpdate, Incident, IngestResult, MessageRecord, Result,
+    KIND_NOTICE, KIND_REPLY, RECENT_HASHES,
 };
 
 impl Pg {
@@ -157,7 +158,7 @@ impl Pg {
                 .await?;
             let old = "SELECT id FROM alert_groups g WHERE status='resolved' AND updated_at < $1
                        AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.group_id = g.id)";
-            for table in ["messages", "acks"] {
+            for table in ["messages", "acks", "group_incidents"] {
                 n += tx
                     .execute(
                         &format!("DELETE FROM {table} WHERE group_id IN ({old})"),
@@ -171,8 +172,44 @@ impl Pg {
                     &[&cutoff],
                 )
                 .await?;
+            n += tx
+                .execute(
+                    "DELETE FROM incident_subjects WHERE last_at < $1",
+                    &[&cutoff],
+                )
+                .await?;
             tx.commit().await?;
             Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+        .await
+    }
+
+    pub async fn incident(&self, group_id: i64) -> Result<Option<Incident>> {
+        self.within(async {
+            let c = self.client().await?;
+            let Some(row) = c
+                .query_opt(
+                    "SELECT incident_group_id FROM group_incidents WHERE group_id=$1",
+                    &[&group_id],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            let incident: i64 = get(&row, 0)?;
+            let row = c
+                .query_one(
+                    "SELECT COUNT(*) FROM alert_groups g WHERE g.status='firing' AND g.id <> $1
+                       AND (g.id = $2 OR g.id IN
+                         (SELECT group_id FROM group_incidents WHERE incident_group_id = $2))",
+                    &[&group_id, &incident],
+                )
+                .await?;
+            let others: i64 = get(&row, 0)?;
+            Ok(Some(Incident {
+                group_id: incident,
+                others_firing: others > 0,
+            }))
         })
         .await
     }
@@ -194,12 +231,17 @@ async fn ingest_tx(
     .await?;
     let row = tx
         .query_one(
-            "SELECT id, rev, status, recent_hashes FROM alert_groups WHERE group_key=$1 FOR UPDATE",
+            "SELECT id, rev, status, recent_hashes, state FROM alert_groups WHERE group_key=$1 FOR UPDATE",
             &[&u.group_key],
         )
         .await?;
-    let (id, old_rev, status, recent): (i64, i64, String, String) =
-        (get(&row, 0)?, get(&row, 1)?, get(&row, 2)?, get(&row, 3)?);
+    let (id, old_rev, status, recent, old_state): (i64, i64, String, String, String) = (
+        get(&row, 0)?,
+        get(&row, 1)?,
+        get(&row, 2)?,
+        get(&row, 3)?,
+        get(&row, 4)?,
+    );
     let mut hashes: Vec<String> = serde_json::from_str(&recent).unwrap_or_default();
     if old_rev > 0 && hashes.iter().any(|h| h == &u.state_hash) {
         let r = tx
@@ -270,6 +312,29 @@ async fn ingest_tx(
             enqueued += 1;
         }
     }
+    let change = match &u.change {
+        Some(f) if old_rev > 0 => (f.0)(&old_state),
+        _ => None,
+    };
+    if let Some(reply) = change {
+        let kind = if reply.renotify {
+            KIND_NOTICE
+        } else {
+            KIND_REPLY
+        };
+        for d in &dests {
+            tx.execute(
+                "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $6)",
+                &[&id, d, &kind, &rev, &reply.body, &t],
+            )
+            .await?;
+            enqueued += 1;
+        }
+    }
+    if let Some(c) = &u.correlate {
+        correlate_tx(tx, id, c, t).await?;
+    }
     let r = tx
         .query_one(
             "INSERT INTO webhooks(received_at, group_id, duplicate, payload) VALUES ($1, $2, 0, $3)
@@ -284,6 +349,51 @@ async fn ingest_tx(
         duplicate: false,
         enqueued,
     })
+}
+
+/// Links a P1/P2 group to the incident of its first subject (see
+/// [`Correlation`]) at its first ingest, and marks its subjects seen. The
+/// upsert on a subject's row makes a concurrent ingest about the same
+/// subject wait for this transaction and then see its choice.
+async fn correlate_tx(tx: &Transaction<'_>, group_id: i64, c: &Correlation, t: f64) -> Result<()> {
+    let linked: Option<i64> = match tx
+        .query_opt(
+            "SELECT incident_group_id FROM group_incidents WHERE group_id=$1",
+            &[&group_id],
+        )
+        .await?
+    {
+        Some(r) => Some(get(&r, 0)?),
+        None => None,
+    };
+    let mut incident = linked;
+    let since = t - c.window_secs;
+    for s in &c.subjects {
+        let r = tx
+            .query_one(
+                "INSERT INTO incident_subjects(subject, incident_group_id, last_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (subject) DO UPDATE SET
+                   incident_group_id = CASE WHEN incident_subjects.last_at >= $4
+                     THEN incident_subjects.incident_group_id ELSE excluded.incident_group_id END,
+                   last_at = excluded.last_at
+                 RETURNING incident_group_id",
+                &[s, &linked.unwrap_or(group_id), &t, &since],
+            )
+            .await?;
+        let got: i64 = get(&r, 0)?;
+        incident.get_or_insert(got);
+    }
+    if linked.is_none() {
+        if let Some(i) = incident {
+            tx.execute(
+                "INSERT INTO group_incidents(group_id, incident_group_id, linked_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (group_id) DO NOTHING",
+                &[&group_id, &i, &t],
+            )
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Locks a group's row for the rest of the transaction; `false` if none.

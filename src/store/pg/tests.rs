@@ -14,6 +14,8 @@ fn update(key: &str, hash: &str, dests: &[&str]) -> GroupUpdate {
         state: "{}".into(),
         destinations: dests.iter().map(|s| s.to_string()).collect(),
         resolved_reply: "resolved".into(),
+        change: None,
+        correlate: None,
     }
 }
 

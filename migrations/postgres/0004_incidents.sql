@@ -1,0 +1,20 @@
+-- gpuops store schema, version 4 (PostgreSQL): one PagerDuty incident per
+-- fault. incident_subjects: a subject of P1/P2 alerts ("<instance>|<gpu>")
+-- and the group whose PagerDuty incident it pages into, with when it was
+-- last seen firing; a group about the same subject within the correlation
+-- window shares that incident. The choice is one
+-- `INSERT … ON CONFLICT (subject) DO UPDATE … RETURNING`, so two replicas
+-- ingesting two groups about one GPU at once agree (the second waits for
+-- the first's row). group_incidents: the incident (a group id) each
+-- correlated P1/P2 group pages into, decided once, at its first ingest.
+CREATE TABLE IF NOT EXISTS incident_subjects (
+    subject TEXT PRIMARY KEY,
+    incident_group_id BIGINT NOT NULL,
+    last_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS group_incidents (
+    group_id BIGINT PRIMARY KEY,
+    incident_group_id BIGINT NOT NULL,
+    linked_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS group_incidents_by_incident ON group_incidents(incident_group_id);
