@@ -205,6 +205,134 @@ async fn pagerduty_trigger_acknowledge_resolve_share_one_dedup_key() {
     bot.stop().await;
 }
 
+/// Issue 21 (3): an alert joining an open P1 group notifies again: a Slack
+/// thread reply broadcast to the channel, a Discord reply (a new message
+/// that pings nobody), and a PagerDuty `trigger` on the same dedup key (the
+/// incident's details update; no second incident).
+async fn p1_alert_joining_open_group_renotifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let discord = FakeApi::discord().await;
+    let pd = FakePagerDuty::start().await;
+    let extra = format!(
+        "[discord]\nbot_token = \"discord-token-s3cret\"\napplication_id = \"42\"\napi_url = \"{}\"\n",
+        discord.url()
+    );
+    let bot = Bot::start(&config(
+        dir.path(),
+        &slack,
+        &pd,
+        "discord_channel = \"1001\"",
+        &extra,
+    ))
+    .await;
+    bot.post(&am_payload(
+        "GPUDown",
+        "firing",
+        &[("gpu-node-17:9949", "critical", "firing")],
+    ))
+    .await;
+    pd.wait_for(1, WAIT).await;
+    slack.wait_for(1, WAIT).await;
+    discord.wait_for(1, WAIT).await;
+    bot.post(&am_payload(
+        "GPUDown",
+        "firing",
+        &[
+            ("gpu-node-17:9949", "critical", "firing"),
+            ("gpu-node-3:9949", "critical", "firing"),
+        ],
+    ))
+    .await;
+    let s = slack.wait_for(3, WAIT).await;
+    assert!(s[1].path.ends_with("chat.update"), "{s:#?}");
+    let reply = &s[2];
+    assert!(reply.path.ends_with("chat.postMessage"), "{s:#?}");
+    assert_eq!(reply.body["thread_ts"], "1700000000.000001");
+    assert_eq!(reply.body["reply_broadcast"], true, "{}", reply.raw);
+    assert!(
+        reply.raw.contains("+1 firing: GPUDown on gpu-node-3"),
+        "{}",
+        reply.raw
+    );
+    let d = discord.wait_for(3, WAIT).await;
+    assert_eq!(
+        (d[1].method.as_str(), d[2].method.as_str()),
+        ("PATCH", "POST")
+    );
+    assert_eq!(
+        d[2].body["message_reference"]["message_id"],
+        "900000000000000001"
+    );
+    assert_eq!(
+        d[2].body["allowed_mentions"]["parse"],
+        json!([]),
+        "{}",
+        d[2].raw
+    );
+    assert!(d[2].raw.contains("+1 firing"), "{}", d[2].raw);
+    let ev = pd.wait_for(2, WAIT).await;
+    assert_eq!((ev[0].action(), ev[1].action()), ("trigger", "trigger"));
+    assert_eq!(ev[1].dedup_key(), ev[0].dedup_key(), "one incident");
+    assert_eq!(
+        ev[1].body["payload"]["custom_details"]["firing"], 2,
+        "{}",
+        ev[1].body
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pd.events().len(), 2, "nothing doubled");
+    assert!(pd.invalid().is_empty(), "{:?}", pd.invalid());
+    bot.stop().await;
+}
+
+/// Issue 21 (5): losing GPU 5 paged twice (GPUFellOffBus and GPUDown were
+/// two incidents). Groups about the same node and GPU within the window
+/// page into one incident, which resolves when the last of them does.
+async fn gpu_fell_off_bus_and_gpu_down_page_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let pd = FakePagerDuty::start().await;
+    let bot = Bot::start(&config(dir.path(), &slack, &pd, "", "")).await;
+    let gpu = |name: &str, gpu: &str, status: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(&am_payload(
+            name,
+            status,
+            &[("gpu-node-17:9949", "critical", status)],
+        ))
+        .unwrap();
+        v["groupKey"] = json!(format!("{{}}:{{alertname=\"{name}\", gpu=\"{gpu}\"}}"));
+        v["alerts"][0]["labels"]["gpu"] = json!(gpu);
+        v["alerts"][0]["fingerprint"] = json!(format!("{name}-{gpu}"));
+        v.to_string()
+    };
+    let gpu5 = |name: &str, status: &str| gpu(name, "5", status);
+    bot.post(&gpu5("GPUFellOffBus", "firing")).await;
+    pd.wait_for(1, WAIT).await;
+    bot.post(&gpu5("GPUDown", "firing")).await;
+    // Another GPU of the same node is another fault: its own incident.
+    bot.post(&gpu("GPUDown", "0", "firing")).await;
+    let ev = pd.wait_for(3, WAIT).await;
+    let keys: std::collections::BTreeSet<&str> = ev.iter().map(|e| e.dedup_key()).collect();
+    assert_eq!(keys.len(), 2, "{ev:#?}");
+    assert!(ev.iter().all(|e| e.action() == "trigger"), "{ev:#?}");
+    assert_eq!(ev[0].dedup_key(), ev[1].dedup_key(), "GPU 5 paged twice");
+    assert!(ev[1].body["payload"]["summary"]
+        .as_str()
+        .unwrap()
+        .contains("GPUDown"));
+    let incident = ev[0].dedup_key().to_string();
+    // GPUFellOffBus resolves while GPUDown still fires: the incident stays.
+    bot.post(&gpu5("GPUFellOffBus", "resolved")).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(pd.events().len(), 3, "{:#?}", pd.events());
+    bot.post(&gpu5("GPUDown", "resolved")).await;
+    let ev = pd.wait_for(4, WAIT).await;
+    assert_eq!(ev[3].action(), "resolve");
+    assert_eq!(ev[3].dedup_key(), incident);
+    assert!(pd.invalid().is_empty(), "{:?}", pd.invalid());
+    bot.stop().await;
+}
+
 async fn pagerduty_429_and_5xx_retry_and_400_is_a_dead_letter() {
     let dir = tempfile::tempdir().unwrap();
     let slack = FakeApi::slack().await;
@@ -911,4 +1039,6 @@ on_both!(
     escalation_fires_on_time_survives_a_restart_and_stops_on_ack,
     pagerduty_webhook_valid_wrong_and_rotated_signatures,
     a_group_firing_again_escalates_again_and_a_resolve_stops_a_due_step,
+    p1_alert_joining_open_group_renotifies,
+    gpu_fell_off_bus_and_gpu_down_page_once,
 );
