@@ -330,6 +330,7 @@ async fn ha_duplicate_state_posts_nothing() {
     assert_eq!(bot.post(&one).await["duplicate"], false);
     assert_eq!(bot.post(&one).await["duplicate"], true);
     bot.slack.wait_for(1, WAIT).await;
+    bot.discord.wait_for(1, WAIT).await;
     assert_eq!(bot.post(&two).await["duplicate"], false);
     // The second replica's copies, one of them late and out of order.
     assert_eq!(bot.post(&two).await["duplicate"], true);
@@ -341,6 +342,7 @@ async fn ha_duplicate_state_posts_nothing() {
         1,
         "{s:#?}"
     );
+    bot.discord.wait_for(3, WAIT).await;
     bot.slack
         .expect_no_more(3, Duration::from_millis(500))
         .await;
