@@ -431,6 +431,98 @@ mod tests {
         audit_round_trips_and_filters_by_time => postgres;
         ack_is_stored_and_refreshes_messages => postgres;
         prune_forgets_long_resolved_groups_only => postgres;
+        groups_about_one_gpu_share_an_incident_within_the_window => postgres;
+        a_change_reply_is_enqueued_once_behind_the_edit => postgres;
+    }
+
+    fn about(key: &str, hash: &str, subject: &str, window_secs: f64) -> GroupUpdate {
+        let mut u = update(key, "firing", hash, &["pagerduty:abc"]);
+        u.correlate = Some(Correlation {
+            subjects: vec![subject.to_string()],
+            window_secs,
+        });
+        u
+    }
+
+    async fn groups_about_one_gpu_share_an_incident_within_the_window(s: Store) {
+        let bus = s
+            .ingest("{}".into(), about("bus", "h1", "n1|5", 600.0))
+            .await
+            .unwrap();
+        let down = s
+            .ingest("{}".into(), about("down", "h1", "n1|5", 600.0))
+            .await
+            .unwrap();
+        let other_gpu = s
+            .ingest("{}".into(), about("gpu0", "h1", "n1|0", 600.0))
+            .await
+            .unwrap();
+        let i = |g| {
+            let s = s.clone();
+            async move { s.incident(g).await.unwrap().unwrap() }
+        };
+        assert_eq!(i(down.group_id).await.group_id, bus.group_id);
+        assert_eq!(i(bus.group_id).await.group_id, bus.group_id);
+        assert!(i(bus.group_id).await.others_firing);
+        assert_eq!(i(other_gpu.group_id).await.group_id, other_gpu.group_id);
+        assert!(!i(other_gpu.group_id).await.others_firing);
+        // A later state of the second group keeps its incident.
+        s.ingest("{}".into(), about("down", "h2", "n1|5", 600.0))
+            .await
+            .unwrap();
+        assert_eq!(i(down.group_id).await.group_id, bus.group_id);
+        // The first resolves: the second is the incident's last.
+        let mut r = update("bus", "resolved", "h3", &["pagerduty:abc"]);
+        r.correlate = None;
+        s.ingest("{}".into(), r).await.unwrap();
+        assert!(!i(down.group_id).await.others_firing);
+        // Outside the window (the subject last seen long ago): its own.
+        let late = s
+            .ingest("{}".into(), about("late", "h1", "n1|5", -1.0))
+            .await
+            .unwrap();
+        assert_eq!(i(late.group_id).await.group_id, late.group_id);
+        // Without correlation a group has no incident row at all.
+        let plain = s
+            .ingest("{}".into(), update("plain", "firing", "h1", &["slack:C1"]))
+            .await
+            .unwrap();
+        assert_eq!(s.incident(plain.group_id).await.unwrap(), None);
+    }
+
+    async fn a_change_reply_is_enqueued_once_behind_the_edit(s: Store) {
+        let said = |old: &str| {
+            Some(Reply {
+                body: format!("{{\"was\":{old:?}}}"),
+                renotify: true,
+            })
+        };
+        let mut first = update("g", "firing", "h1", &["slack:C1"]);
+        first.state = "one".into();
+        first.change = Some(ChangeReply(Arc::new(said)));
+        s.ingest("{}".into(), first).await.unwrap();
+        let row = s.due(now() + 1.0, 10).await.unwrap().remove(0);
+        s.alert_delivered(row, 1, "C1".into(), "1.1".into())
+            .await
+            .unwrap();
+        let mut second = update("g", "firing", "h2", &["slack:C1"]);
+        second.state = "two".into();
+        second.change = Some(ChangeReply(Arc::new(said)));
+        s.ingest("{}".into(), second.clone()).await.unwrap();
+        // The same state again (another replica): nothing more.
+        s.ingest("{}".into(), second).await.unwrap();
+        let due = s.due(now() + 1.0, 10).await.unwrap();
+        assert_eq!(due.len(), 1, "the reply waits behind the edit");
+        assert_eq!(due[0].kind, KIND_ALERT);
+        s.alert_delivered(due[0].clone(), 2, "C1".into(), "1.1".into())
+            .await
+            .unwrap();
+        let due = s.due(now() + 1.0, 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].kind, KIND_NOTICE);
+        assert_eq!(due[0].body.as_deref(), Some(r#"{"was":"one"}"#));
+        s.delivered(due[0].id).await.unwrap();
+        assert_eq!(s.pending().await.unwrap(), 0);
     }
 
     fn open() -> (tempfile::TempDir, Store) {

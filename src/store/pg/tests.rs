@@ -45,6 +45,33 @@ async fn the_same_state_at_two_replicas_enqueues_once() {
     );
 }
 
+/// One fault, one page across replicas: two groups about the same GPU
+/// ingested at the same moment on two replicas share one incident.
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run by .ci/run"]
+async fn two_replicas_correlate_groups_about_one_gpu_into_one_incident() {
+    let (a, b) = two_replicas().await;
+    for i in 0..20 {
+        let with = |key: &str| {
+            let mut u = update(key, "h1", &["pagerduty:abc"]);
+            u.correlate = Some(crate::store::Correlation {
+                subjects: vec![format!("node-{i}:9949|5")],
+                window_secs: 600.0,
+            });
+            u
+        };
+        let (ra, rb) = tokio::join!(
+            a.ingest("{}".into(), with(&format!("bus{i}"))),
+            b.ingest("{}".into(), with(&format!("down{i}"))),
+        );
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        let ia = a.incident(ra.group_id).await.unwrap().unwrap();
+        let ib = b.incident(rb.group_id).await.unwrap().unwrap();
+        assert_eq!(ia.group_id, ib.group_id, "round {i}: two incidents");
+        assert!(ia.others_firing && ib.others_firing);
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs PostgreSQL: run by .ci/run"]
 async fn replicas_claim_disjoint_rows_in_order_and_take_over_expired_leases() {
