@@ -883,6 +883,107 @@ mod tests {
         }
     }
 
+    fn xid(gpu: &str, status: &str) -> serde_json::Value {
+        serde_json::json!({
+            "status": status,
+            "labels": {"alertname": "GPUXIDError", "severity": "warning",
+                       "instance": "gpu-node-17:9949", "gpu": gpu, "xid": "94"},
+            "fingerprint": format!("x{gpu}"),
+        })
+    }
+
+    fn group(alerts: Vec<serde_json::Value>) -> Webhook {
+        serde_json::from_value(serde_json::json!({
+            "groupKey": "g", "status": "firing", "alerts": alerts,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn change_text_names_what_joined_and_what_resolved() {
+        let one = group(vec![xid("0", "firing")]);
+        let three = group(vec![
+            xid("0", "firing"),
+            xid("1", "firing"),
+            xid("6", "firing"),
+        ]);
+        expect_test::expect![[r#"
+            Some(
+                (
+                    "🔥 +2 firing: XID 94 on gpu-node-17:9949 GPU 1, GPU 6",
+                    2,
+                ),
+            )
+        "#]]
+        .assert_debug_eq(&change_text(&one, &three));
+        let mixed = group(vec![
+            xid("0", "resolved"),
+            xid("1", "firing"),
+            xid("7", "firing"),
+        ]);
+        expect_test::expect![[r#"
+            Some(
+                (
+                    "🔥 +1 firing: XID 94 on gpu-node-17:9949 GPU 7\n✅ −2 resolved: XID 94 on gpu-node-17:9949 GPU 0, GPU 6",
+                    1,
+                ),
+            )
+        "#]]
+        .assert_debug_eq(&change_text(&three, &mixed));
+        assert_eq!(change_text(&three, &three), None, "same firing set");
+        // The change reply is only about firing groups, and says nothing
+        // when the firing set is the same.
+        let reply = change_reply(&three, true).unwrap();
+        let old = serde_json::to_string(&one).unwrap();
+        assert!((reply.0)(&old).unwrap().renotify);
+        assert!(
+            !(change_reply(&three, false).unwrap().0)(&old)
+                .unwrap()
+                .renotify
+        );
+        let same = serde_json::to_string(&three).unwrap();
+        assert_eq!((reply.0)(&same), None);
+        let mut resolved = three.clone();
+        resolved.status = "resolved".into();
+        assert!(change_reply(&resolved, true).is_none());
+    }
+
+    #[test]
+    fn many_alerts_are_cut_with_and_n_more() {
+        let lines: Vec<AlertLine> = (0..30)
+            .map(|i| {
+                alert_line_of(
+                    &serde_json::from_value(serde_json::json!({
+                        "status": "firing",
+                        "labels": {"alertname": "OOMKill", "instance": format!("n{i}")},
+                    }))
+                    .unwrap(),
+                )
+            })
+            .collect();
+        let s = describe_alert_lines(&lines);
+        assert!(s.starts_with("OOMKill on n0; OOMKill on n1;"), "{s}");
+        assert!(s.ends_with("; … and 10 more"), "{s}");
+    }
+
+    #[test]
+    fn only_firing_p1_p2_alerts_with_instance_and_gpu_are_correlated() {
+        let w = group(vec![
+            xid("6", "firing"),
+            xid("1", "firing"),
+            xid("2", "resolved"),
+        ]);
+        let window = std::time::Duration::from_secs(600);
+        let c = correlation(&w, Tier::P1, window).unwrap();
+        assert_eq!(
+            c.subjects,
+            ["gpu-node-17:9949|1", "gpu-node-17:9949|6"],
+            "sorted, firing only"
+        );
+        assert_eq!(correlation(&w, Tier::P3, window), None);
+        assert_eq!(correlation(&w, Tier::P2, std::time::Duration::ZERO), None);
+    }
+
     #[test]
     fn xid_alert_lines_carry_the_catalogue_entry() {
         let mut w = Webhook::parse(payload("firing", &[("n1", "firing")]).as_bytes()).unwrap();

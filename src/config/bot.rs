@@ -873,6 +873,31 @@ mod tests {
     }
 
     #[test]
+    fn renotify_tiers_and_correlation_window_default_and_parse() {
+        let c = BotConfig::from_str(Path::new("b.toml"), "").unwrap();
+        assert_eq!(c.routing.renotify_tiers, vec![Tier::P1, Tier::P2]);
+        assert_eq!(c.routing.correlation_window, Duration::from_secs(600));
+        let c = BotConfig::from_str(
+            Path::new("b.toml"),
+            "[routing]\nrenotify_tiers = [\"P1\", \"p3\"]\ncorrelation_window = \"0\"\n",
+        )
+        .unwrap();
+        assert!(c.routing.renotifies(Tier::P3) && !c.routing.renotifies(Tier::P2));
+        assert!(c.routing.correlation_window.is_zero());
+        let e = BotConfig::from_str(
+            Path::new("b.toml"),
+            "[routing]\nrenotify_tiers = [\"P9\"]\ncorrelation_window = \"soon\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("routing.renotify_tiers: \"P9\" is not a tier"),
+            "{e}"
+        );
+        assert!(e.contains("routing.correlation_window"), "{e}");
+    }
+
+    #[test]
     fn every_error_is_reported_at_once() {
         let text = r#"
 [server]
