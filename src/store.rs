@@ -241,7 +241,10 @@ pub struct GroupUpdate {
 /// does not read AlertManager's JSON; the ingest path that does gives it
 /// this function.
 #[derive(Clone)]
-pub struct ChangeReply(pub Arc<dyn Fn(&str) -> Option<Reply> + Send + std::marker::Sync>);
+pub struct ChangeReply(pub Arc<ChangeFn>);
+
+/// The function inside a [`ChangeReply`]: previous state → reply.
+pub type ChangeFn = dyn Fn(&str) -> Option<Reply> + Send + std::marker::Sync;
 
 impl std::fmt::Debug for ChangeReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
