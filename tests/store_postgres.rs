@@ -732,7 +732,7 @@ async fn store_migrate_applies_the_postgres_schema_once() {
     )
     .unwrap();
     let (ok, text) = store_migrate(&cfg);
-    assert!(ok && text.contains("3 migration(s) applied"), "{text}");
+    assert!(ok && text.contains("4 migration(s) applied"), "{text}");
     assert!(
         !text.contains("hunter2") && text.contains(":***@"),
         "{text}"
