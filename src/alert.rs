@@ -200,7 +200,8 @@ pub async fn ingest(
 
 /// The thread reply about what changed since the group's previous state:
 /// "+2 firing: XID 94 on n1 GPU 1, GPU 6" and "−1 resolved: …". An alert
-/// joining notifies again when `renotify` (the tier's `renotify_tiers`).
+/// joining an open (firing) group notifies again when `renotify` (the
+/// tier's `renotify_tiers`).
 /// Nothing for a resolved group (its resolved reply says it) or when the
 /// set of firing alerts is the same (a changed annotation, an ack).
 fn change_reply(hook: &Webhook, renotify: bool) -> Option<ChangeReply> {
@@ -214,9 +215,11 @@ fn change_reply(hook: &Webhook, renotify: bool) -> Option<ChangeReply> {
         let body =
             serde_json::to_string(&Message::Text(crate::notify::TextMessage::new(text, None)))
                 .ok()?;
+        // Joining an open group notifies again; a resolved group firing
+        // again is notified by its own card (PagerDuty: a new `trigger`).
         Some(Reply {
             body,
-            renotify: renotify && added > 0,
+            renotify: renotify && added > 0 && old.status == "firing",
         })
     })))
 }
@@ -943,6 +946,15 @@ mod tests {
         );
         let same = serde_json::to_string(&three).unwrap();
         assert_eq!((reply.0)(&same), None);
+        // A resolved group firing again: a plain reply (its card re-pages).
+        let mut was_resolved = one.clone();
+        was_resolved.status = "resolved".into();
+        was_resolved.alerts[0].status = "resolved".into();
+        let again = (reply.0)(&serde_json::to_string(&was_resolved).unwrap()).unwrap();
+        assert!(
+            !again.renotify && again.body.contains("+3 firing"),
+            "{again:?}"
+        );
         let mut resolved = three.clone();
         resolved.status = "resolved".into();
         assert!(change_reply(&resolved, true).is_none());

@@ -325,10 +325,30 @@ async fn gpu_fell_off_bus_and_gpu_down_page_once() {
     bot.post(&gpu5("GPUFellOffBus", "resolved")).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(pd.events().len(), 3, "{:#?}", pd.events());
-    bot.post(&gpu5("GPUDown", "resolved")).await;
+    // It fires again: a trigger on the open incident, no new one.
+    let again = |status: &str| {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&gpu5("GPUFellOffBus", status)).unwrap();
+        v["alerts"][0]["startsAt"] = json!("2026-01-01T01:00:00Z");
+        v.to_string()
+    };
+    bot.post(&again("firing")).await;
     let ev = pd.wait_for(4, WAIT).await;
-    assert_eq!(ev[3].action(), "resolve");
-    assert_eq!(ev[3].dedup_key(), incident);
+    assert_eq!(
+        (ev[3].action(), ev[3].dedup_key()),
+        ("trigger", incident.as_str())
+    );
+    // GPUDown resolves first, then GPUFellOffBus: the incident resolves
+    // once, with the last of them.
+    bot.post(&gpu5("GPUDown", "resolved")).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(pd.events().len(), 4, "{:#?}", pd.events());
+    bot.post(&again("resolved")).await;
+    let ev = pd.wait_for(5, WAIT).await;
+    assert_eq!(ev[4].action(), "resolve");
+    assert_eq!(ev[4].dedup_key(), incident);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pd.events().len(), 5, "{:#?}", pd.events());
     assert!(pd.invalid().is_empty(), "{:?}", pd.invalid());
     bot.stop().await;
 }

@@ -179,11 +179,15 @@ impl PagerDutyNotifier {
                 None,
             ),
         };
-        let mut want = Action::for_group(m);
+        let want = Action::for_group(m);
         // The incident is shared and another of its groups still fires:
-        // this group's end does not end the incident.
+        // this group's end does not end the incident. It is recorded as
+        // resolved, so the group firing again re-sends `trigger`.
         if want == Action::Resolve && out.incident.is_some_and(|i| i.others_firing) {
-            want = last.unwrap_or(Action::Resolve);
+            return Ok(delivered(
+                out.channel,
+                format!("{dedup}|{}", Action::Resolve.as_str()),
+            ));
         }
         let mut sends: Vec<Action> = Vec::new();
         match (last, want) {
