@@ -52,6 +52,7 @@ impl BotState {
     ) -> (Arc<BotState>, Worker) {
         let outbox = Outbox::new(store.clone());
         let metrics = Arc::new(BotMetrics::new());
+        let identity = Arc::new(crate::inventory::Identity::from_config(&config));
         let worker = Worker {
             store: store.clone(),
             outbox: outbox.clone(),
@@ -59,6 +60,7 @@ impl BotState {
             config: config.clone(),
             metrics: metrics.clone(),
             suggest_runbook: crate::chat::runbook_suggester(&config),
+            identity: Some(identity.clone()),
         };
         let state = Arc::new(BotState {
             config,
@@ -66,6 +68,7 @@ impl BotState {
             outbox,
             metrics,
             http: Arc::new(HttpMetrics::new()),
+            identity,
         });
         (state, worker)
     }

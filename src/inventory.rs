@@ -272,6 +272,12 @@ impl NodeNames {
         v
     }
 
+    /// The inventory's own name for an instance (no derivation from
+    /// labels or DNS).
+    pub fn inventory_name(&self, instance: &str) -> Option<String> {
+        self.by_instance.get(instance).cloned()
+    }
+
     /// Every node name the inventory knows, sorted.
     pub fn known_nodes(&self) -> Vec<String> {
         let mut v: Vec<String> = self.by_instance.values().cloned().collect();
@@ -585,6 +591,170 @@ pub fn events_of(body: &[u8]) -> Result<Vec<serde_json::Value>, String> {
     serde_json::from_slice::<Body>(body)
         .map(|b| b.events)
         .map_err(|_| "agent's answer is not a /v1/events list".to_string())
+}
+
+/// How long a node's OOM kills are remembered: an agent (reachable or not)
+/// is asked at most this often for alert messages.
+pub const VICTIMS_TTL: Duration = Duration::from_secs(60);
+/// Deadline of one message's look-ups of OOM victims (all nodes together):
+/// a delivery waits at most this long, once per [`VICTIMS_TTL`].
+pub const VICTIMS_DEADLINE: Duration = Duration::from_secs(2);
+/// Nodes asked for one message (the rest of a storm shows no victim).
+pub const VICTIMS_MAX_NODES: usize = 32;
+/// How far back a victim look-up reads the agent's events (seconds).
+const VICTIMS_WINDOW_SECS: f64 = 3600.0;
+
+/// One process the OOM killer killed, as an agent's `/v1/events` records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OomKill {
+    /// Unix seconds.
+    pub timestamp: f64,
+    pub pid: Option<u32>,
+    pub process: Option<String>,
+    /// The memory cgroup (a systemd unit or a container's scope).
+    pub cgroup: Option<String>,
+}
+
+/// The OOM kills among a `/v1/events` answer's events, oldest first (other
+/// kinds and unreadable entries are skipped).
+pub fn oom_kills(events: &[serde_json::Value]) -> Vec<OomKill> {
+    let mut v: Vec<OomKill> = events
+        .iter()
+        .filter(|e| e.get("type").and_then(|t| t.as_str()) == Some("oom_kill"))
+        .filter_map(|e| {
+            let timestamp = e.get("timestamp")?.as_f64().filter(|t| t.is_finite())?;
+            let text = |k: &str| {
+                e.get(k)
+                    .and_then(|v| v.as_str())
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+            };
+            Some(OomKill {
+                timestamp,
+                pid: e
+                    .get("pid")
+                    .and_then(|p| p.as_u64())
+                    .and_then(|p| u32::try_from(p).ok()),
+                process: text("process"),
+                cgroup: text("cgroup").filter(|c| c != "/"),
+            })
+        })
+        .collect();
+    v.sort_by(|a, b| a.timestamp.total_cmp(&b.timestamp));
+    v
+}
+
+type Kills = Result<Vec<OomKill>, String>;
+
+/// The bot's view of its nodes for human-facing text, shared by the outbox
+/// worker and the chat handlers: the names ([`Identity::names`]) and, for
+/// OOM alerts, the victims from the agents' `/v1/events`
+/// ([`Identity::oom_kills`]: a short deadline, answers and failures cached
+/// for [`VICTIMS_TTL`], so an unreachable agent never holds up delivery).
+pub struct Identity {
+    inventory: Option<Inventory>,
+    events: EventsClient,
+    cache: std::sync::Mutex<HashMap<String, (Instant, Kills)>>,
+}
+
+impl Identity {
+    /// From `[agents]` (no `[agents]`: names only from alert labels and DNS).
+    pub fn from_config(cfg: &BotConfig) -> Identity {
+        Identity::new(Inventory::from_config(cfg), EventsClient::from_config(cfg))
+    }
+
+    pub fn new(inventory: Option<Inventory>, events: EventsClient) -> Identity {
+        Identity {
+            inventory,
+            events,
+            cache: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The inventory's names now (see [`Inventory::names`]).
+    pub async fn names(&self) -> NodeNames {
+        match &self.inventory {
+            Some(inv) => inv.names().await,
+            None => NodeNames::default(),
+        }
+    }
+
+    /// The OOM kills each instance's agent holds (the last hour), or why
+    /// they are unknown; instances outside the inventory are left out. At
+    /// most [`VICTIMS_MAX_NODES`] agents are asked, all within
+    /// [`VICTIMS_DEADLINE`]; answers are cached for [`VICTIMS_TTL`].
+    pub async fn oom_kills(&self, instances: &[String]) -> HashMap<String, Kills> {
+        let Some(inv) = &self.inventory else {
+            return HashMap::new();
+        };
+        let mut out = HashMap::new();
+        let mut ask = Vec::new();
+        {
+            let cache = self
+                .cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for i in instances.iter().take(VICTIMS_MAX_NODES) {
+                match cache.get(i) {
+                    Some((at, got)) if at.elapsed() < VICTIMS_TTL => {
+                        out.insert(i.clone(), got.clone());
+                    }
+                    _ => ask.push(i.clone()),
+                }
+            }
+        }
+        if ask.is_empty() {
+            return out;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let since = now - VICTIMS_WINDOW_SECS;
+        let asks = ask.iter().map(|instance| async move {
+            // Only the inventory's own agents are asked: statics at once,
+            // discovered ones from the last list (no refresh for a miss).
+            let Some(url) = inv.known_url(instance).await else {
+                return (instance.clone(), None);
+            };
+            let got = tokio::time::timeout(VICTIMS_DEADLINE, self.events.events(&url, since))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "agent did not answer within {} s",
+                        VICTIMS_DEADLINE.as_secs_f64()
+                    ))
+                })
+                .map(|e| oom_kills(&e));
+            (instance.clone(), Some(got))
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.retain(|_, (at, _)| at.elapsed() < VICTIMS_TTL);
+        for (instance, got) in answers {
+            if let Some(got) = got {
+                cache.insert(instance.clone(), (Instant::now(), got.clone()));
+                out.insert(instance, got);
+            }
+        }
+        out
+    }
+}
+
+impl Inventory {
+    /// The agent URL of an instance the inventory already knows (static, or
+    /// in the last discovered list); no request is made.
+    async fn known_url(&self, instance: &str) -> Option<String> {
+        if let Some(a) = self.statics.get(instance) {
+            return Some(a.url.clone());
+        }
+        self.discovery.as_ref()?;
+        let cache = self.discovered.lock().await;
+        cache.agents.get(instance).map(|a| a.url.clone())
+    }
 }
 
 #[cfg(test)]

@@ -1069,3 +1069,59 @@ chat_on_both!(
     one_person_with_slack_and_discord_cannot_approve_own_request,
     slack_request_replayed_after_a_restart_is_refused,
 );
+
+const NODE17: &str =
+    "[agents]\n[[agents.nodes]]\ninstance = \"127.0.0.1:18949\"\nnode = \"gpu-node-17\"\n";
+
+async fn status_by_node_name_finds_the_instances_alerts() {
+    let b = Bot::start(NODE17, None).await;
+    for (name, gpu) in [("GPUFellOffBus", "5"), ("GPUXIDError", "1")] {
+        b.alert(webhook(name, "127.0.0.1:18949", &[("gpu", gpu)]))
+            .await;
+    }
+    b.alert(webhook("OOMKill", "10.0.0.9:9949", &[])).await;
+    let (_, v) = b.slack_command(STRANGER, "status gpu-node-17").await;
+    let t = text(&v);
+    assert!(!t.contains("no open alerts"), "{t}");
+    assert!(
+        t.contains("GPUFellOffBus") && t.contains("GPUXIDError"),
+        "{t}"
+    );
+    assert!(t.contains("gpu-node-17 (127.0.0.1:18949)"), "{t}");
+    assert!(!t.contains("OOMKill"), "another node's alert: {t}");
+    // The instance finds the same alerts, under the node's name.
+    let (_, v) = b.slack_command(STRANGER, "status 127.0.0.1:18949").await;
+    let by_instance = text(&v);
+    assert!(
+        by_instance.contains("GPUFellOffBus") && by_instance.contains("gpu-node-17"),
+        "{by_instance}"
+    );
+    b.stop();
+}
+
+async fn status_of_unknown_name_lists_known_nodes() {
+    let b = Bot::start(NODE17, None).await;
+    b.alert(webhook("OOMKill", "gpu-node-3.dc1:9949", &[]))
+        .await;
+    let (_, v) = b.slack_command(STRANGER, "status gpu-node-71").await;
+    let t = text(&v);
+    assert!(!t.contains("no open alerts"), "{t}");
+    assert!(
+        t.contains("no node called gpu-node-71; known nodes: gpu-node-17, gpu-node-3"),
+        "{t}"
+    );
+    // A known node with nothing open is an all-clear for that node only.
+    b.alert(webhook("OOMKill", "10.0.0.9:9949", &[])).await;
+    let (_, v) = b.slack_command(STRANGER, "status gpu-node-17").await;
+    let t = text(&v);
+    assert!(
+        t.contains("✅ no open alerts on gpu-node-17 (127.0.0.1:18949)"),
+        "{t}"
+    );
+    b.stop();
+}
+
+chat_on_both!(
+    status_by_node_name_finds_the_instances_alerts,
+    status_of_unknown_name_lists_known_nodes,
+);

@@ -19,8 +19,9 @@ use slack_morphism::prelude::*;
 
 use crate::config::bot::SlackConfig;
 use crate::notify::{
-    alert_line_text, fit_lines, headline, status_text, tier_text, truncate_chars, AlertMessage,
-    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef, TextMessage,
+    alert_line_text, fit_alert_lines, headline, status_text, tier_text, truncate_chars,
+    AlertMessage, Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
+    TextMessage,
 };
 use crate::routing::Tier;
 
@@ -316,11 +317,7 @@ fn render_alert(m: &AlertMessage) -> SlackMessageContent {
         .iter()
         .map(|a| escape(&alert_line_text(a)))
         .collect();
-    blocks.push(mrkdwn_section(fit_lines(
-        &lines,
-        MAX_SECTION_TEXT,
-        m.truncated_alerts,
-    )));
+    blocks.push(mrkdwn_section(fit_alert_lines(m, &lines, MAX_SECTION_TEXT)));
     if let Some(d) = &m.description {
         blocks.push(mrkdwn_section(escape(&truncate_chars(d, 1500))));
     }
@@ -391,6 +388,7 @@ mod tests {
                     labels: vec![("xid".into(), "79".into())],
                     summary: Some("GPU has fallen off the bus <&>".into()),
                     generator_url: None,
+                    ..Default::default()
                 })
                 .collect(),
             truncated_alerts: 3,
