@@ -515,6 +515,21 @@ fn named(text: Option<String>, instance: &Option<String>, node: &Option<String>)
     }
 }
 
+/// Rules written for alerts that always carry `gpu` render "on GPU  of"
+/// for a PCI bus with no GPU index (an empty `{{ $labels.gpu }}`): name the
+/// bus instead.
+fn no_empty_gpu(text: Option<String>, labels: &BTreeMap<String, String>) -> Option<String> {
+    let t = text?;
+    if labels.get("gpu").is_some_and(|g| !g.trim().is_empty()) || !t.contains("GPU  ") {
+        return Some(t);
+    }
+    let instead = match labels.get("pci_bus_id").filter(|b| !b.trim().is_empty()) {
+        Some(bus) => format!("PCI {} (no GPU index) ", bus.trim()),
+        None => "a GPU with no index ".to_string(),
+    };
+    Some(t.replace("GPU  ", &instead))
+}
+
 /// An alert's summary with its XID's catalogue entry appended (meaning,
 /// NVIDIA's resolution class, the action and our runbook), so the person
 /// paged at 3 AM reads what the code means without looking it up.
@@ -617,7 +632,11 @@ pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Me
                 victim,
                 labels,
                 summary: with_xid_note(
-                    named(a.annotations.get("summary").cloned(), &instance, &node),
+                    named(
+                        no_empty_gpu(a.annotations.get("summary").cloned(), &a.labels),
+                        &instance,
+                        &node,
+                    ),
                     &a.labels,
                 ),
                 generator_url: (!a.generator_url.is_empty()).then(|| a.generator_url.clone()),
@@ -634,20 +653,32 @@ pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Me
         _ => None,
     };
     let first = |key: &str| {
-        let text = hook.common_annotations.get(key).cloned().or_else(|| {
-            hook.alerts
-                .iter()
-                .find_map(|a| a.annotations.get(key).cloned())
-        });
+        let common = hook.common_annotations.get(key).cloned();
         match &one_node {
-            Some((instance, node)) => named(text, instance, node),
-            None => text,
+            Some((instance, node)) => named(
+                common.or_else(|| {
+                    hook.alerts
+                        .iter()
+                        .find_map(|a| a.annotations.get(key).cloned())
+                }),
+                instance,
+                node,
+            ),
+            // A roll-up: one alert's text would name one node of many.
+            None => common,
         }
     };
     let runbook_id =
         suggested_runbook(&hook).or_else(|| links.suggest_runbook.as_ref().and_then(|f| f(&hook)));
-    let runbook_url = first("runbook_url").or_else(|| {
-        first("runbook").filter(|r| r.starts_with("http://") || r.starts_with("https://"))
+    let any = |key: &str| {
+        hook.common_annotations.get(key).cloned().or_else(|| {
+            hook.alerts
+                .iter()
+                .find_map(|a| a.annotations.get(key).cloned())
+        })
+    };
+    let runbook_url = any("runbook_url").or_else(|| {
+        any("runbook").filter(|r| r.starts_with("http://") || r.starts_with("https://"))
     });
     let generator_url = hook
         .alerts
@@ -937,6 +968,11 @@ mod tests {
         w.alerts[0]
             .labels
             .insert("pci_bus_id".into(), "00000000:C1:00.0".into());
+        // The summary the shipped rule rendered before it knew buses with no index.
+        w.alerts[0].annotations.insert(
+            "summary".into(),
+            "XID 79 (fell off the bus) on GPU  of 127.0.0.1:18949".into(),
+        );
         let links = Links {
             names: NodeNames::fixed([("127.0.0.1:18949", "gpu-node-17")]),
             ..Links::default()
@@ -947,7 +983,7 @@ mod tests {
         let line = crate::notify::alert_line_text(&m.alerts[0]);
         assert!(
             line.starts_with(
-                "🔥 gpu-node-17 (127.0.0.1:18949) PCI 00000000:C1:00.0 (no GPU index) — "
+                "🔥 gpu-node-17 (127.0.0.1:18949) PCI 00000000:C1:00.0 (no GPU index) xid=79 — XID 79 (fell off the bus) on PCI 00000000:C1:00.0 (no GPU index) of gpu-node-17 · XID 79: "
             ),
             "{line}"
         );

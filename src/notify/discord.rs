@@ -507,7 +507,7 @@ mod tests {
         let desc = e["description"].as_str().unwrap();
         assert!(title.chars().count() <= MAX_TITLE);
         assert!(desc.chars().count() <= MAX_DESCRIPTION);
-        assert!(desc.ends_with("more"), "{desc}");
+        assert!(desc.ends_with("more nodes"), "{desc}");
         let fields = e["fields"].as_array().unwrap();
         assert!(fields.len() <= MAX_FIELDS);
         let mut total = title.chars().count()

@@ -448,7 +448,7 @@ mod tests {
             .unwrap();
         let text = alerts["text"]["text"].as_str().unwrap();
         assert!(
-            text.lines().last().unwrap().starts_with('+') && text.ends_with("more"),
+            text.lines().last().unwrap().starts_with("… and ") && text.ends_with("more nodes"),
             "{text}"
         );
         assert!(text.contains("&lt;&amp;&gt;"));
