@@ -378,9 +378,11 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
         Store::open(path)?
     };
     let path = store.describe();
+    // Nodes by the names `[[agents.nodes]]` gives them (no discovery here).
+    let names = crate::inventory::NodeNames::from_config(&cfg);
     use std::io::Write as _;
     if let Some(run) = &args.run {
-        let Some(text) = crate::chat::timeline::run_report(&store, run)? else {
+        let Some(text) = crate::chat::timeline::run_report_named(&store, run, &names)? else {
             anyhow::bail!("no run {run} in {path}");
         };
         std::io::stdout()
@@ -390,7 +392,7 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(group) = args.group {
-        let Some(text) = crate::chat::timeline::group_markdown(&store, group)? else {
+        let Some(text) = crate::chat::timeline::group_markdown_named(&store, group, &names)? else {
             anyhow::bail!("no alert group {group} in {path}");
         };
         std::io::stdout()

@@ -255,6 +255,20 @@ impl NodeNames {
         is_node_name(short).then(|| short.to_string())
     }
 
+    /// The names `[[agents.nodes]]` gives (no discovery: for the CLI).
+    pub fn from_config(cfg: &BotConfig) -> NodeNames {
+        let mut names = NodeNames::default();
+        if let Some(a) = &cfg.agents {
+            names.node_label = a.node_label.clone();
+            names.by_instance = a
+                .nodes
+                .iter()
+                .map(|n| (n.instance.clone(), n.node.clone()))
+                .collect();
+        }
+        names
+    }
+
     /// The node's name for an instance alone (no labels).
     pub fn name_of_instance(&self, instance: &str) -> Option<String> {
         self.name_of(Some(instance), &std::collections::BTreeMap::new())
