@@ -857,4 +857,50 @@ mod tests {
         let e = inv.lookup("127.0.0.1:4444").await.unwrap_err();
         assert!(e.contains("not a known agent"), "{e}");
     }
+
+    #[tokio::test]
+    async fn a_silent_agent_delays_an_alert_once_by_the_deadline_then_is_cached() {
+        // Accepts connections (the kernel's backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let inv = Inventory::fixed(vec![AgentAddr {
+            instance: addr.clone(),
+            node: "node-a".into(),
+            url: format!("http://{addr}"),
+        }]);
+        let id = Identity::new(Some(inv), EventsClient::from_config(&BotConfig::default()));
+        let asked = vec![addr.clone(), "10.9.9.9:9949".to_string()];
+        let t = Instant::now();
+        let got = id.oom_kills(&asked).await;
+        let first = t.elapsed();
+        assert!(
+            first < VICTIMS_DEADLINE + Duration::from_millis(500),
+            "{first:?}"
+        );
+        let why = got[&addr].clone().unwrap_err();
+        assert!(why.contains("did not answer within 2 s"), "{why}");
+        // Not in the inventory: never asked.
+        assert!(!got.contains_key("10.9.9.9:9949"));
+        let t = Instant::now();
+        let again = id.oom_kills(&asked).await;
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+        assert_eq!(again[&addr], got[&addr]);
+        drop(silent);
+    }
+
+    #[test]
+    fn oom_kills_of_events_oldest_first() {
+        let events: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[{"timestamp":20,"type":"oom_kill","pid":7,"process":"b","cgroup":"/"},
+                {"timestamp":10,"type":"oom_kill","pid":6,"process":"a","cgroup":"/slurm/job_1"},
+                {"timestamp":15,"type":"io_error","device":"nvme0n1"},
+                {"timestamp":"x","type":"oom_kill"}]"#,
+        )
+        .unwrap();
+        let k = oom_kills(&events);
+        assert_eq!(k.len(), 2);
+        assert_eq!(k[0].process.as_deref(), Some("a"));
+        assert_eq!(k[0].cgroup.as_deref(), Some("/slurm/job_1"));
+        assert_eq!(k[1].cgroup, None);
+    }
 }
