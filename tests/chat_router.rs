@@ -1121,6 +1121,34 @@ async fn status_of_unknown_name_lists_known_nodes() {
     b.stop();
 }
 
+/// A stored group the bot cannot read, then a store it cannot ask: never
+/// an all-clear (SQLite only: the test edits the database file).
+#[tokio::test]
+async fn status_when_store_unreachable_says_so() {
+    let b = Bot::start(NODE17, None).await;
+    b.alert(webhook("GPUFellOffBus", "127.0.0.1:18949", &[("gpu", "5")]))
+        .await;
+    let db = rusqlite::Connection::open(b.dir.path().join("bot.db")).unwrap();
+    db.execute("UPDATE alert_groups SET state = 'not json'", [])
+        .unwrap();
+    let (_, v) = b.slack_command(STRANGER, "status gpu-node-17").await;
+    let t = text(&v);
+    assert!(!t.contains('✅'), "{t}");
+    assert!(t.contains("1 open group(s) could not be read"), "{t}");
+    db.execute("ALTER TABLE alert_groups RENAME TO alert_groups_gone", [])
+        .unwrap();
+    for cmd in ["status", "status gpu-node-17", "alerts"] {
+        let (_, v) = b.slack_command(STRANGER, cmd).await;
+        let t = text(&v);
+        assert!(!t.contains('✅'), "{cmd}: {t}");
+        assert!(
+            t.contains("the alert store could not be asked") && t.contains("not an all-clear"),
+            "{cmd}: {t}"
+        );
+    }
+    b.stop();
+}
+
 chat_on_both!(
     status_by_node_name_finds_the_instances_alerts,
     status_of_unknown_name_lists_known_nodes,
