@@ -648,10 +648,15 @@ async fn oom_storm_on_8_nodes_is_one_message_naming_8_nodes_with_victims() {
         ));
     }
     let bot = Bot::start(&extra).await;
+    let posted = Instant::now();
     let id = bot.post(&storm("OOMKill", "warning", &instances)).await["group_id"]
         .as_i64()
         .unwrap();
     let s = bot.slack.wait_for(1, WAIT).await;
+    eprintln!(
+        "8-node OOM storm posted {:?} after the webhook (8 agents asked)",
+        s[0].at.duration_since(posted)
+    );
     bot.slack
         .expect_no_more(1, Duration::from_millis(500))
         .await;
@@ -670,6 +675,10 @@ async fn oom_storm_on_8_nodes_is_one_message_naming_8_nodes_with_victims() {
     let d = bot.discord.wait_for(1, WAIT).await;
     let desc = d[0].body["embeds"][0]["description"].as_str().unwrap();
     assert_eq!(desc.matches("OOM victim: python3").count(), 8, "{desc}");
+    eprintln!(
+        "8-node OOM storm, Slack lines:\n{}",
+        s[0].body["attachments"][0]["blocks"][2]["text"]["text"]
+    );
     let m = rendered(&bot, id).await;
     let (ev, mail) = pagerduty_and_email(&m);
     assert_eq!(ev["payload"]["source"], "8 nodes");
@@ -767,6 +776,22 @@ async fn storm_of_300_nodes_fits_every_platform() {
         mail.text
     );
     assert!(mail.html.contains("… and 200 more nodes"));
+    let slack_more: usize = lines
+        .rsplit("… and ")
+        .next()
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    eprintln!(
+        "300-node storm: Slack {} lines shown ({} chars, payload {} bytes), Discord {shown} lines ({} chars), PagerDuty event {} bytes, email text {} bytes; posted {:?} after the webhook",
+        300 - slack_more,
+        lines.chars().count(),
+        s[0].raw.len(),
+        desc.chars().count(),
+        ev.to_string().len(),
+        mail.text.len(),
+        s[0].at.duration_since(started),
+    );
 }
 
 on_both!(
