@@ -685,12 +685,24 @@ impl Identity {
         }
     }
 
-    /// The inventory's names now (see [`Inventory::names`]).
+    /// The inventory's names now (see [`Inventory::names`]); discovered
+    /// targets are re-read first when older than `refresh_secs`, within
+    /// [`VICTIMS_DEADLINE`] (a slow Prometheus delays one message once per
+    /// refresh period, and the last list stays).
     pub async fn names(&self) -> NodeNames {
-        match &self.inventory {
-            Some(inv) => inv.names().await,
-            None => NodeNames::default(),
+        let Some(inv) = &self.inventory else {
+            return NodeNames::default();
+        };
+        if let Some(d) = &inv.discovery {
+            let _ = tokio::time::timeout(VICTIMS_DEADLINE, async {
+                let mut cache = inv.discovered.lock().await;
+                if cache.at.is_none_or(|t| t.elapsed() >= d.refresh) {
+                    refresh(d, &mut cache).await;
+                }
+            })
+            .await;
         }
+        inv.names().await
     }
 
     /// The OOM kills each instance's agent holds (the last hour), or why
@@ -902,5 +914,29 @@ mod tests {
         assert_eq!(k[0].process.as_deref(), Some("a"));
         assert_eq!(k[0].cgroup.as_deref(), Some("/slurm/job_1"));
         assert_eq!(k[1].cgroup, None);
+    }
+
+    #[tokio::test]
+    async fn identity_names_read_the_discovered_targets() {
+        let app =
+            axum::Router::new().route("/api/v1/targets", axum::routing::get(|| async { TARGETS }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let cfg = BotConfig::from_str(
+            std::path::Path::new("b.toml"),
+            &format!(
+                "[prometheus]\nurl = \"http://{addr}\"\n[agents]\nprometheus_job = \"gpuops\"\n"
+            ),
+        )
+        .unwrap();
+        let names = Identity::from_config(&cfg).names().await;
+        assert_eq!(
+            names.name_of_instance("10.0.0.18:9949").as_deref(),
+            Some("gpu-node-18")
+        );
+        assert_eq!(names.instances_of("gpu-node-18"), vec!["10.0.0.18:9949"]);
     }
 }
