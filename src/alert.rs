@@ -510,7 +510,8 @@ pub fn suggested_runbook(hook: &Webhook) -> Option<String> {
 /// the instance beside it): "OOM killer fired on gpu-node-17".
 fn named(text: Option<String>, instance: &Option<String>, node: &Option<String>) -> Option<String> {
     match (text, instance, node) {
-        (Some(t), Some(i), Some(n)) if !i.is_empty() && i != n => Some(t.replace(i.as_str(), n)),
+        // Only a `host:port` instance: a bare word could be part of another.
+        (Some(t), Some(i), Some(n)) if i.contains(':') && i != n => Some(t.replace(i.as_str(), n)),
         (t, _, _) => t,
     }
 }
