@@ -355,6 +355,50 @@ fn spawn_pruner(state: Arc<BotState>, mut stop: tokio::sync::watch::Receiver<boo
     });
 }
 
+/// `gpuops status --config FILE [NODE]`: exit 0 with the open groups (or
+/// the node's), 1 when the store cannot be read, 2 for a node it cannot map.
+pub fn status(args: crate::cli::StatusArgs) -> anyhow::Result<ExitCode> {
+    let cfg = BotConfig::from_file(&args.config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let groups = rt.block_on(async {
+        let store = open_store_for_cli(&cfg).await?;
+        store
+            .firing_groups(500)
+            .await
+            .context("cannot read the open alert groups (this is not an all-clear)")
+    })?;
+    let names = crate::inventory::NodeNames::from_config(&cfg);
+    use std::io::Write as _;
+    match crate::chat::timeline::status_text(groups, &cfg.routing, &names, args.node.as_deref()) {
+        Ok(text) => {
+            writeln!(std::io::stdout().lock(), "{text}").context("cannot write to stdout")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(unknown) => {
+            eprintln!("gpuops: {unknown}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// The bot's store for a CLI command (SQLite must exist already).
+async fn open_store_for_cli(cfg: &BotConfig) -> anyhow::Result<Store> {
+    if cfg.store.url.is_some() {
+        return Ok(Store::open_config(&cfg.store).await?);
+    }
+    let path = &cfg.store.path;
+    if !path.exists() {
+        anyhow::bail!(
+            "no bot store at {} (set [store] path in the config)",
+            path.display()
+        );
+    }
+    Ok(Store::open(path)?)
+}
+
 /// `gpuops audit --config FILE [--since DURATION | --run ID | --group ID --markdown]`.
 pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
     let cfg = match &args.config {

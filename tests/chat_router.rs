@@ -1128,6 +1128,35 @@ async fn status_when_store_unreachable_says_so() {
     let b = Bot::start(NODE17, None).await;
     b.alert(webhook("GPUFellOffBus", "127.0.0.1:18949", &[("gpu", "5")]))
         .await;
+    // The CLI form reads the same store: by name, and an unknown name.
+    let toml = b.dir.path().join("bot.toml");
+    std::fs::write(&toml, config_text(b.dir.path(), NODE17)).unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpuops"))
+            .arg("status")
+            .arg("--config")
+            .arg(&toml)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = cli(&["gpu-node-17"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("GPUFellOffBus on gpu-node-17 (127.0.0.1:18949)"),
+        "{out}"
+    );
+    let (code, out) = cli(&["gpu-node-71"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("no node called gpu-node-71; known nodes: gpu-node-17"),
+        "{out}"
+    );
     let db = rusqlite::Connection::open(b.dir.path().join("bot.db")).unwrap();
     db.execute("UPDATE alert_groups SET state = 'not json'", [])
         .unwrap();
@@ -1137,6 +1166,9 @@ async fn status_when_store_unreachable_says_so() {
     assert!(t.contains("1 open group(s) could not be read"), "{t}");
     db.execute("ALTER TABLE alert_groups RENAME TO alert_groups_gone", [])
         .unwrap();
+    let (code, out) = cli(&[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not an all-clear"), "{out}");
     for cmd in ["status", "status gpu-node-17", "alerts"] {
         let (_, v) = b.slack_command(STRANGER, cmd).await;
         let t = text(&v);

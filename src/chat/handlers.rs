@@ -257,7 +257,7 @@ pub(super) async fn status_text(chat: &Arc<ChatState>, node: Option<&str>) -> St
         };
         // Only instances the inventory or stored alerts name are asked (no
         // probing of arbitrary hosts from chat).
-        let mut text = alerts_text_of(chat, groups, Some(&sel), &names);
+        let mut text = alerts_text_of(&chat.bot.config.routing, groups, Some(&sel), &names);
         for i in &sel.instances {
             if let Some(events) = node_events(chat, i).await {
                 text.push('\n');
@@ -308,7 +308,12 @@ pub(super) async fn status_text(chat: &Arc<ChatState>, node: Option<&str>) -> St
     }
     if !groups.is_empty() {
         s.push_str("\n\n");
-        s.push_str(&alerts_text_of(chat, groups, None, &names));
+        s.push_str(&alerts_text_of(
+            &chat.bot.config.routing,
+            groups,
+            None,
+            &names,
+        ));
     }
     s
 }
@@ -399,7 +404,7 @@ pub(super) fn select_node(
 
 /// "no node called X; known nodes: …" (the inventory's and those open
 /// alerts name), never an all-clear.
-fn unknown_node_text(names: &NodeNames, groups: &[GroupRecord], target: &str) -> String {
+pub(super) fn unknown_node_text(names: &NodeNames, groups: &[GroupRecord], target: &str) -> String {
     let mut known = names.known_nodes();
     for g in groups {
         if let Ok(h) = serde_json::from_str::<Webhook>(&g.state) {
@@ -490,7 +495,7 @@ pub(super) async fn alerts_text(chat: &Arc<ChatState>) -> String {
     match chat.bot.store.firing_groups(500).await {
         Ok(g) => {
             let names = chat.bot.identity.names().await;
-            alerts_text_of(chat, g, None, &names)
+            alerts_text_of(&chat.bot.config.routing, g, None, &names)
         }
         Err(e) => format!(
             "⚠ cannot tell: the alert store could not be asked ({e}); this is not an all-clear"
@@ -499,7 +504,7 @@ pub(super) async fn alerts_text(chat: &Arc<ChatState>) -> String {
 }
 
 pub(super) fn alerts_text_of(
-    chat: &Arc<ChatState>,
+    routing: &crate::routing::Routing,
     groups: Vec<GroupRecord>,
     node: Option<&NodeSelection>,
     names: &NodeNames,
@@ -517,7 +522,7 @@ pub(super) fn alerts_text_of(
             names: names.clone(),
             ..Links::default()
         };
-        let Message::Alert(m) = alert::render_group(&g, &chat.bot.config.routing, &links) else {
+        let Message::Alert(m) = alert::render_group(&g, routing, &links) else {
             unreadable += 1;
             continue;
         };

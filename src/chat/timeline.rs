@@ -20,6 +20,26 @@ use crate::store::{self, AuditRecord, Store};
 /// Nodes a timeline's header lists (the rest are counted).
 const MAX_NODES_LISTED: usize = 50;
 
+/// `gpuops status [NODE]`: what chat's `status` says from the store alone
+/// (no AlertManager, no agents): the open groups, or one node's by its name
+/// or instance; `Err` with "no node called X; known nodes: …" for a name it
+/// cannot map.
+pub fn status_text(
+    groups: Vec<store::GroupRecord>,
+    routing: &Routing,
+    names: &NodeNames,
+    node: Option<&str>,
+) -> Result<String, String> {
+    use crate::chat::handlers::{alerts_text_of, select_node, unknown_node_text};
+    match node {
+        Some(target) => match select_node(names, &groups, target) {
+            Some(sel) => Ok(alerts_text_of(routing, groups, Some(&sel), names)),
+            None => Err(unknown_node_text(names, &groups, target)),
+        },
+        None => Ok(alerts_text_of(routing, groups, None, names)),
+    }
+}
+
 /// `gpuops audit --run ID`: the run, then each step with its output (nodes
 /// named from alert labels and DNS only; see [`run_report_named`]).
 pub fn run_report(store: &Store, id: &str) -> store::Result<Option<String>> {
