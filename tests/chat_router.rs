@@ -1131,6 +1131,7 @@ async fn status_when_store_unreachable_says_so() {
     // The CLI form reads the same store: by name, and an unknown name.
     let toml = b.dir.path().join("bot.toml");
     std::fs::write(&toml, config_text(b.dir.path(), NODE17)).unwrap();
+    #[allow(clippy::disallowed_methods)] // the real binary, as an operator runs it
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpuops"))
             .arg("status")
