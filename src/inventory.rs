@@ -173,6 +173,7 @@ impl Inventory {
             .values()
             .map(|a| (a.instance.clone(), a.node.clone()))
             .collect();
+        let mut blind = None;
         let node_label = match &self.discovery {
             Some(d) => {
                 let cache = self.discovered.lock().await;
@@ -181,6 +182,17 @@ impl Inventory {
                         .entry(instance.clone())
                         .or_insert_with(|| a.node.clone());
                 }
+                blind = match (&cache.error, cache.at) {
+                    (Some(e), _) => Some(format!(
+                        "Prometheus could not be asked for job {:?}'s targets ({e})",
+                        d.job
+                    )),
+                    (None, None) => Some(format!(
+                        "Prometheus has not been asked for job {:?}'s targets yet",
+                        d.job
+                    )),
+                    (None, Some(_)) => None,
+                };
                 d.node_label.clone()
             }
             None => "node".to_string(),
@@ -188,6 +200,7 @@ impl Inventory {
         NodeNames {
             by_instance,
             node_label,
+            blind,
         }
     }
 }
@@ -203,6 +216,9 @@ impl Inventory {
 pub struct NodeNames {
     by_instance: HashMap<String, String>,
     node_label: String,
+    /// Why the discovered part of the map may be missing or old (the last
+    /// read of Prometheus's targets failed, or none was made).
+    blind: Option<String>,
 }
 
 impl Default for NodeNames {
@@ -210,6 +226,7 @@ impl Default for NodeNames {
         NodeNames {
             by_instance: HashMap::new(),
             node_label: "node".to_string(),
+            blind: None,
         }
     }
 }
@@ -229,7 +246,14 @@ impl NodeNames {
                 .map(|(a, b)| (a.into(), b.into()))
                 .collect(),
             node_label: "node".to_string(),
+            blind: None,
         }
+    }
+
+    /// Why discovered nodes may be missing from this map (Prometheus could
+    /// not be asked), for texts that would otherwise say a node is unknown.
+    pub fn blind(&self) -> Option<&str> {
+        self.blind.as_deref()
     }
 
     /// The node's name for an alert's `instance` and labels, or `None` when

@@ -1182,7 +1182,28 @@ async fn status_when_store_unreachable_says_so() {
     b.stop();
 }
 
+async fn status_with_prometheus_unreachable_says_the_node_list_may_be_incomplete() {
+    // Nothing listens on port 9: discovery from Prometheus fails.
+    let extra =
+        "[prometheus]\nurl = \"http://127.0.0.1:9\"\n[agents]\nprometheus_job = \"gpuops\"\n\
+                 [[agents.nodes]]\ninstance = \"127.0.0.1:18949\"\nnode = \"gpu-node-17\"\n";
+    let b = Bot::start(extra, None).await;
+    let (_, v) = b.slack_command(STRANGER, "status gpu-node-40").await;
+    let t = text(&v);
+    assert!(!t.contains('✅'), "{t}");
+    assert!(
+        t.contains("no node called gpu-node-40; known nodes: gpu-node-17"),
+        "{t}"
+    );
+    assert!(
+        t.contains("the list may be incomplete: Prometheus could not be asked"),
+        "{t}"
+    );
+    b.stop();
+}
+
 chat_on_both!(
+    status_with_prometheus_unreachable_says_the_node_list_may_be_incomplete,
     status_by_node_name_finds_the_instances_alerts,
     status_of_unknown_name_lists_known_nodes,
 );

@@ -433,10 +433,14 @@ pub(super) fn unknown_node_text(names: &NodeNames, groups: &[GroupRecord], targe
     } else {
         known.join(", ")
     };
-    format!(
+    let mut s = format!(
         "no node called {}; known nodes: {list}",
         notify::truncate_chars(target, 100)
-    )
+    );
+    if let Some(why) = names.blind() {
+        let _ = write!(s, "\n⚠ the list may be incomplete: {why}");
+    }
+    s
 }
 
 /// A line about the node's recent kernel events from its agent's
