@@ -7,7 +7,7 @@
 //! 415 and not read. The route answers 200 only after the payload is
 //! committed to the store. This module talks to no chat platform.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use crate::bot::state::BotState;
+use crate::inventory::{Identity, NodeNames, OomKill};
 use crate::notify::{AlertLine, AlertMessage, Button, GroupStatus, Message};
 use crate::routing::{Routing, Tier};
 use crate::store::{ChangeReply, Correlation, GroupRecord, GroupUpdate, IngestResult, Reply};
@@ -169,6 +170,7 @@ pub async fn ingest(
             "no destination is configured for this tier; the alert is stored but not posted"
         );
     }
+    let names = state.identity.names().await;
     let update = GroupUpdate {
         group_key: hook.group_key.clone(),
         receiver: hook.receiver.clone(),
@@ -177,8 +179,8 @@ pub async fn ingest(
         state_hash: hook.state_hash(),
         state: serde_json::to_string(hook).unwrap_or_default(),
         destinations: targets.iter().map(|t| t.key()).collect(),
-        resolved_reply: resolved_reply_text(hook),
-        change: change_reply(hook, routing.renotifies(class.tier)),
+        resolved_reply: resolved_reply_named(hook, &names),
+        change: change_reply(hook, routing.renotifies(class.tier), names),
         correlate: correlation(hook, class.tier, routing.correlation_window),
     };
     let result = state.store.ingest(raw, update).await?;
@@ -204,14 +206,14 @@ pub async fn ingest(
 /// tier's `renotify_tiers`).
 /// Nothing for a resolved group (its resolved reply says it) or when the
 /// set of firing alerts is the same (a changed annotation, an ack).
-fn change_reply(hook: &Webhook, renotify: bool) -> Option<ChangeReply> {
+fn change_reply(hook: &Webhook, renotify: bool, names: NodeNames) -> Option<ChangeReply> {
     if hook.status != "firing" {
         return None;
     }
     let new = hook.clone();
     Some(ChangeReply(Arc::new(move |old_state: &str| {
         let old: Webhook = serde_json::from_str(old_state).ok()?;
-        let (text, added) = change_text(&old, &new)?;
+        let (text, added) = change_text(&old, &new, &names)?;
         let body =
             serde_json::to_string(&Message::Text(crate::notify::TextMessage::new(text, None)))
                 .ok()?;
@@ -236,7 +238,7 @@ fn alert_id(a: &Alert) -> String {
 
 /// The change between two states of a group, in words, and how many
 /// alerts joined; `None` when the firing set is the same.
-fn change_text(old: &Webhook, new: &Webhook) -> Option<(String, usize)> {
+fn change_text(old: &Webhook, new: &Webhook, names: &NodeNames) -> Option<(String, usize)> {
     let firing_ids = |w: &Webhook| -> std::collections::BTreeSet<String> {
         w.alerts
             .iter()
@@ -249,13 +251,13 @@ fn change_text(old: &Webhook, new: &Webhook) -> Option<(String, usize)> {
         .alerts
         .iter()
         .filter(|a| a.status == "firing" && !was.contains(&alert_id(a)))
-        .map(alert_line_of)
+        .map(|a| alert_line_of(a, names))
         .collect();
     let resolved: Vec<AlertLine> = old
         .alerts
         .iter()
         .filter(|a| a.status == "firing" && !now.contains(&alert_id(a)))
-        .map(alert_line_of)
+        .map(|a| alert_line_of(a, names))
         .collect();
     let mut lines = Vec::new();
     if !added.is_empty() {
@@ -277,17 +279,15 @@ fn change_text(old: &Webhook, new: &Webhook) -> Option<(String, usize)> {
 
 /// The line of one alert for change replies (the labels that tell it apart
 /// included, `xid` among them).
-fn alert_line_of(a: &Alert) -> AlertLine {
+fn alert_line_of(a: &Alert, names: &NodeNames) -> AlertLine {
+    let instance = a.labels.get("instance").cloned();
     AlertLine {
         firing: a.status == "firing",
         name: a.labels.get("alertname").cloned().unwrap_or_default(),
-        instance: a.labels.get("instance").cloned(),
-        gpu: a
-            .labels
-            .get("gpu")
-            .or_else(|| a.labels.get("pci_bus_id"))
-            .or_else(|| a.labels.get("uuid"))
-            .cloned(),
+        node: names.name_of(instance.as_deref(), &a.labels),
+        device: device_text(&a.labels),
+        instance,
+        gpu: a.labels.get("gpu").cloned(),
         labels: a
             .labels
             .iter()
@@ -296,6 +296,8 @@ fn alert_line_of(a: &Alert) -> AlertLine {
             .collect(),
         summary: a.annotations.get("summary").cloned(),
         generator_url: None,
+        value: None,
+        victim: None,
     }
 }
 
@@ -304,8 +306,9 @@ fn alert_line_of(a: &Alert) -> AlertLine {
 pub struct AlertSubject {
     /// "XID 94" for an alert with an `xid` label, else the alert's name.
     pub what: String,
-    /// The node (today its `instance`).
+    /// The node's name (the inventory's), else its `instance`.
     pub place: Option<String>,
+    /// "GPU 1", or the device text ("PCI … (no GPU index)").
     pub gpu: Option<String>,
 }
 
@@ -325,8 +328,14 @@ pub fn describe_alert_line(line: &AlertLine) -> AlertSubject {
     };
     AlertSubject {
         what,
-        place: line.instance.clone().filter(|p| !p.is_empty()),
-        gpu: line.gpu.clone().filter(|g| !g.is_empty()),
+        place: line
+            .node_or_instance()
+            .filter(|p| !p.is_empty())
+            .map(str::to_string),
+        gpu: match line.gpu.as_deref().map(str::trim) {
+            Some(g) if !g.is_empty() => Some(format!("GPU {g}")),
+            _ => line.device.clone(),
+        },
     }
 }
 
@@ -365,7 +374,6 @@ pub fn describe_alert_lines(lines: &[AlertLine]) -> String {
                 s.push_str(&format!(" on {p}"));
             }
             if !gpus.is_empty() {
-                let gpus: Vec<String> = gpus.iter().map(|g| format!("GPU {g}")).collect();
                 s.push_str(&format!(" {}", gpus.join(", ")));
             }
             s
@@ -399,11 +407,12 @@ fn correlation(hook: &Webhook, tier: Tier, window: std::time::Duration) -> Optio
     })
 }
 
-fn resolved_reply_text(hook: &Webhook) -> String {
+/// The thread reply for a resolved group, naming its node(s) by `names`.
+pub fn resolved_reply_named(hook: &Webhook, names: &NodeNames) -> String {
     let n = hook.alerts.len();
     format!(
         "✅ Resolved: {} — all {n} alert{} of this group resolved.",
-        group_title(hook),
+        group_title(hook, names),
         if n == 1 { "" } else { "s" }
     )
 }
@@ -522,9 +531,47 @@ pub struct Links {
     pub alertmanager: Option<String>,
     /// Consulted when no annotation or label names a runbook id.
     pub suggest_runbook: Option<RunbookSuggester>,
+    /// The one instance → node-name map (the inventory's); resolved here,
+    /// once, and carried in each [`AlertLine`].
+    pub names: NodeNames,
+    /// OOM kills per instance from the agents' `/v1/events` (or why they
+    /// are unknown), for OOM alerts' victims; see [`identity_links`].
+    pub oom_kills: HashMap<String, Result<Vec<OomKill>, String>>,
 }
 
-fn group_title(hook: &Webhook) -> String {
+/// `links` with the node names and, for a group's firing OOM alerts on the
+/// inventory's nodes, the OOM victims filled in from `identity` (bounded by
+/// [`crate::inventory::VICTIMS_DEADLINE`], cached). The outbox worker and
+/// the chat handlers call this before [`render_group`].
+pub async fn identity_links(identity: &Identity, group: &GroupRecord, mut links: Links) -> Links {
+    links.names = identity.names().await;
+    if let Ok(hook) = serde_json::from_str::<Webhook>(&group.state) {
+        let mut oom: Vec<String> = hook
+            .alerts
+            .iter()
+            .filter(|a| a.status == "firing" && is_oom_alert(a))
+            .filter_map(|a| a.labels.get("instance").cloned())
+            .collect();
+        oom.sort();
+        oom.dedup();
+        if !oom.is_empty() {
+            links.oom_kills = identity.oom_kills(&oom).await;
+        }
+    }
+    links
+}
+
+/// An alert about the OOM killer (`OOMKill`, `OomKill`, `NodeOOMKills`…).
+fn is_oom_alert(a: &Alert) -> bool {
+    a.labels
+        .get("alertname")
+        .is_some_and(|n| n.to_ascii_lowercase().contains("oom"))
+}
+
+/// The group's title: the alert name, the node(s) it is on (by name, the
+/// instance beside a single node's name: `GpuXid on gpu-node-17
+/// (127.0.0.1:18949)`, `OOMKill on 8 nodes`), and other grouping labels.
+fn group_title(hook: &Webhook, names: &NodeNames) -> String {
     let shared = hook.shared_labels();
     let name = shared
         .get("alertname")
@@ -538,19 +585,108 @@ fn group_title(hook: &Webhook) -> String {
     let mut extra: Vec<String> = hook
         .group_labels
         .iter()
-        .filter(|(k, _)| k.as_str() != "alertname")
+        .filter(|(k, _)| !matches!(k.as_str(), "alertname" | "instance" | "node" | "nodename"))
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     extra.truncate(3);
+    let mut nodes: Vec<(Option<String>, Option<String>)> = hook
+        .alerts
+        .iter()
+        .map(|a| {
+            let instance = a.labels.get("instance").cloned();
+            (names.name_of(instance.as_deref(), &a.labels), instance)
+        })
+        .filter(|(n, i)| n.is_some() || i.is_some())
+        .collect();
+    nodes.sort();
+    nodes.dedup_by(|a, b| match (&a.0, &b.0) {
+        (Some(x), Some(y)) => x == y,
+        _ => a.1 == b.1,
+    });
+    let on = match nodes.as_slice() {
+        [] => String::new(),
+        [(Some(n), Some(i))] if n != i => format!(" on {n} ({i})"),
+        [(Some(n), _)] | [(None, Some(n))] => format!(" on {n}"),
+        [(None, None)] => String::new(),
+        many => format!(" on {} nodes", many.len()),
+    };
     if extra.is_empty() {
-        name
+        format!("{name}{on}")
     } else {
-        format!("{name} ({})", extra.join(", "))
+        format!("{name}{on} ({})", extra.join(", "))
     }
 }
 
+/// The device of an alert as a person reads it: the GPU index with its UUID
+/// (or serial) prefix, `PCI <bus id> (no GPU index)` for a bus with no GPU
+/// index, else the UUID.
+fn device_text(labels: &BTreeMap<String, String>) -> Option<String> {
+    let get = |k: &str| labels.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let id_prefix = get("uuid")
+        .map(|u| u.chars().take(12).collect::<String>())
+        .or_else(|| {
+            get("serial").map(|s| format!("serial {}", s.chars().take(8).collect::<String>()))
+        });
+    match (get("gpu"), get("pci_bus_id")) {
+        (Some(g), _) => Some(match id_prefix {
+            Some(p) => format!("GPU {g} ({p})"),
+            None => format!("GPU {g}"),
+        }),
+        (None, Some(bus)) => Some(format!("PCI {bus} (no GPU index)")),
+        (None, None) => id_prefix.map(|p| format!("GPU {p}")),
+    }
+}
+
+/// An OOM alert's victim line: the last kill the agent recorded since
+/// shortly before the alert started (`python3 (pid 4242, cgroup
+/// /slurm/job_17)`, `+2 more kills`), or why it is unknown.
+fn victim_text(kills: Option<&Result<Vec<OomKill>, String>>, starts_at: &str) -> Option<String> {
+    let kills = match kills? {
+        Ok(k) => k,
+        Err(why) => return Some(format!("unknown ({why})")),
+    };
+    // The rule looks back 5 minutes; allow for scrape and evaluation lag.
+    let since = chrono::DateTime::parse_from_rfc3339(starts_at)
+        .map(|t| t.timestamp() as f64 - 600.0)
+        .unwrap_or(0.0);
+    let recent: Vec<&OomKill> = kills.iter().filter(|k| k.timestamp >= since).collect();
+    let Some(last) = recent.last() else {
+        return Some("none recorded by the agent".into());
+    };
+    let mut s = last.process.clone().unwrap_or_else(|| "a process".into());
+    let mut detail = Vec::new();
+    if let Some(p) = last.pid {
+        detail.push(format!("pid {p}"));
+    }
+    if let Some(c) = &last.cgroup {
+        detail.push(format!("cgroup {c}"));
+    }
+    if !detail.is_empty() {
+        s.push_str(&format!(" ({})", detail.join(", ")));
+    }
+    if recent.len() > 1 {
+        s.push_str(&format!(
+            " +{} more kill{}",
+            recent.len() - 1,
+            if recent.len() == 2 { "" } else { "s" }
+        ));
+    }
+    Some(s)
+}
+
 /// Label names shown in their own place (not repeated in an alert's line).
-const SHOWN_ELSEWHERE: &[&str] = &["alertname", "severity", "instance", "gpu", "job"];
+const SHOWN_ELSEWHERE: &[&str] = &[
+    "alertname",
+    "severity",
+    "instance",
+    "gpu",
+    "job",
+    "uuid",
+    "pci_bus_id",
+    "serial",
+    "node",
+    "nodename",
+];
 
 /// A runbook id (not a URL) named by `runbook`/`runbook_id` annotation or label.
 pub fn suggested_runbook(hook: &Webhook) -> Option<String> {
@@ -576,7 +712,31 @@ pub fn suggested_runbook(hook: &Webhook) -> Option<String> {
         })
 }
 
-/// Builds the platform-neutral message for a stored group.
+/// `text` with the instance replaced by the node's name (the line shows
+/// the instance beside it): "OOM killer fired on gpu-node-17".
+fn named(text: Option<String>, instance: &Option<String>, node: &Option<String>) -> Option<String> {
+    match (text, instance, node) {
+        // Only a `host:port` instance: a bare word could be part of another.
+        (Some(t), Some(i), Some(n)) if i.contains(':') && i != n => Some(t.replace(i.as_str(), n)),
+        (t, _, _) => t,
+    }
+}
+
+/// Rules written for alerts that always carry `gpu` render "on GPU  of"
+/// for a PCI bus with no GPU index (an empty `{{ $labels.gpu }}`): name the
+/// bus instead.
+fn no_empty_gpu(text: Option<String>, labels: &BTreeMap<String, String>) -> Option<String> {
+    let t = text?;
+    if labels.get("gpu").is_some_and(|g| !g.trim().is_empty()) || !t.contains("GPU  ") {
+        return Some(t);
+    }
+    let instead = match labels.get("pci_bus_id").filter(|b| !b.trim().is_empty()) {
+        Some(bus) => format!("PCI {} (no GPU index) ", bus.trim()),
+        None => "a GPU with no index ".to_string(),
+    };
+    Some(t.replace("GPU  ", &instead))
+}
+
 /// An alert's summary with its XID's catalogue entry appended (meaning,
 /// NVIDIA's resolution class, the action and our runbook), so the person
 /// paged at 3 AM reads what the code means without looking it up.
@@ -598,6 +758,9 @@ fn with_xid_note(summary: Option<String>, labels: &BTreeMap<String, String>) -> 
     })
 }
 
+/// Builds the platform-neutral message for a stored group: names resolved
+/// once from `links.names` (node first, instance beside it), devices by
+/// GPU index and UUID prefix, OOM victims from `links.oom_kills`.
 pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Message {
     let hook: Webhook = match serde_json::from_str(&group.state) {
         Ok(h) => h,
@@ -646,7 +809,8 @@ pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Me
     alerts.sort_by(|a, b| {
         (a.status != "firing", &a.starts_at).cmp(&(b.status != "firing", &b.starts_at))
     });
-    let lines = alerts
+    let names = &links.names;
+    let lines: Vec<AlertLine> = alerts
         .iter()
         .map(|a| {
             let labels = a
@@ -655,33 +819,73 @@ pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Me
                 .filter(|(k, _)| !SHOWN_ELSEWHERE.contains(&k.as_str()) && !shared.contains_key(*k))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
+            let instance = a.labels.get("instance").cloned();
+            let node = names.name_of(instance.as_deref(), &a.labels);
+            let victim = if is_oom_alert(a) && a.status == "firing" {
+                victim_text(
+                    instance.as_ref().and_then(|i| links.oom_kills.get(i)),
+                    &a.starts_at,
+                )
+            } else {
+                None
+            };
             AlertLine {
                 firing: a.status == "firing",
                 name: a.labels.get("alertname").cloned().unwrap_or_default(),
-                instance: a.labels.get("instance").cloned(),
-                gpu: a
-                    .labels
-                    .get("gpu")
-                    .or_else(|| a.labels.get("pci_bus_id"))
-                    .or_else(|| a.labels.get("uuid"))
-                    .cloned(),
+                node: node.clone(),
+                gpu: a.labels.get("gpu").cloned(),
+                device: device_text(&a.labels),
+                value: a.annotations.get("value").cloned(),
+                victim,
                 labels,
-                summary: with_xid_note(a.annotations.get("summary").cloned(), &a.labels),
+                summary: with_xid_note(
+                    named(
+                        no_empty_gpu(a.annotations.get("summary").cloned(), &a.labels),
+                        &instance,
+                        &node,
+                    ),
+                    &a.labels,
+                ),
                 generator_url: (!a.generator_url.is_empty()).then(|| a.generator_url.clone()),
+                instance,
             }
         })
         .collect();
+    // The group's summary and description name the node when every alert
+    // is on one node (a storm's first alert's text names only its own).
+    let one_node = match lines.as_slice() {
+        [first, rest @ ..] if rest.iter().all(|l| l.instance == first.instance) => {
+            Some((first.instance.clone(), first.node.clone()))
+        }
+        _ => None,
+    };
     let first = |key: &str| {
+        let common = hook.common_annotations.get(key).cloned();
+        match &one_node {
+            Some((instance, node)) => named(
+                common.or_else(|| {
+                    hook.alerts
+                        .iter()
+                        .find_map(|a| a.annotations.get(key).cloned())
+                }),
+                instance,
+                node,
+            ),
+            // A roll-up: one alert's text would name one node of many.
+            None => common,
+        }
+    };
+    let runbook_id =
+        suggested_runbook(&hook).or_else(|| links.suggest_runbook.as_ref().and_then(|f| f(&hook)));
+    let any = |key: &str| {
         hook.common_annotations.get(key).cloned().or_else(|| {
             hook.alerts
                 .iter()
                 .find_map(|a| a.annotations.get(key).cloned())
         })
     };
-    let runbook_id =
-        suggested_runbook(&hook).or_else(|| links.suggest_runbook.as_ref().and_then(|f| f(&hook)));
-    let runbook_url = first("runbook_url").or_else(|| {
-        first("runbook").filter(|r| r.starts_with("http://") || r.starts_with("https://"))
+    let runbook_url = any("runbook_url").or_else(|| {
+        any("runbook").filter(|r| r.starts_with("http://") || r.starts_with("https://"))
     });
     let generator_url = hook
         .alerts
@@ -706,7 +910,7 @@ pub fn render_group(group: &GroupRecord, routing: &Routing, links: &Links) -> Me
     Message::Alert(Box::new(AlertMessage {
         group_id: group.id,
         tier: class.tier,
-        title: group_title(&hook),
+        title: group_title(&hook, names),
         summary: first("summary"),
         description: first("description"),
         severity,
@@ -913,12 +1117,12 @@ mod tests {
         expect_test::expect![[r#"
             Some(
                 (
-                    "🔥 +2 firing: XID 94 on gpu-node-17:9949 GPU 1, GPU 6",
+                    "🔥 +2 firing: XID 94 on gpu-node-17 GPU 1, GPU 6",
                     2,
                 ),
             )
         "#]]
-        .assert_debug_eq(&change_text(&one, &three));
+        .assert_debug_eq(&change_text(&one, &three, &NodeNames::default()));
         let mixed = group(vec![
             xid("0", "resolved"),
             xid("1", "firing"),
@@ -927,20 +1131,20 @@ mod tests {
         expect_test::expect![[r#"
             Some(
                 (
-                    "🔥 +1 firing: XID 94 on gpu-node-17:9949 GPU 7\n✅ −2 resolved: XID 94 on gpu-node-17:9949 GPU 0, GPU 6",
+                    "🔥 +1 firing: XID 94 on gpu-node-17 GPU 7\n✅ −2 resolved: XID 94 on gpu-node-17 GPU 0, GPU 6",
                     1,
                 ),
             )
         "#]]
-        .assert_debug_eq(&change_text(&three, &mixed));
-        assert_eq!(change_text(&three, &three), None, "same firing set");
+        .assert_debug_eq(&change_text(&three, &mixed, &NodeNames::default()));
+        assert_eq!(change_text(&three, &three, &NodeNames::default()), None, "same firing set");
         // The change reply is only about firing groups, and says nothing
         // when the firing set is the same.
-        let reply = change_reply(&three, true).unwrap();
+        let reply = change_reply(&three, true, NodeNames::default()).unwrap();
         let old = serde_json::to_string(&one).unwrap();
         assert!((reply.0)(&old).unwrap().renotify);
         assert!(
-            !(change_reply(&three, false).unwrap().0)(&old)
+            !(change_reply(&three, false, NodeNames::default()).unwrap().0)(&old)
                 .unwrap()
                 .renotify
         );
@@ -957,7 +1161,7 @@ mod tests {
         );
         let mut resolved = three.clone();
         resolved.status = "resolved".into();
-        assert!(change_reply(&resolved, true).is_none());
+        assert!(change_reply(&resolved, true, NodeNames::default()).is_none());
     }
 
     #[test]
@@ -970,6 +1174,7 @@ mod tests {
                         "labels": {"alertname": "OOMKill", "instance": format!("n{i}")},
                     }))
                     .unwrap(),
+                    &NodeNames::default(),
                 )
             })
             .collect();
@@ -1030,13 +1235,14 @@ mod tests {
         let links = Links {
             alertmanager: None,
             suggest_runbook: Some(suggest),
+            ..Links::default()
         };
         let Message::Alert(m) = render_group(&record(&w, None), &routing, &links) else {
             panic!("not an alert")
         };
         expect_test::expect![[r#"
             (
-                "[P1] [FIRING 1 (1 resolved)] GpuXid",
+                "[P1] [FIRING 1 (1 resolved)] GpuXid on 2 nodes",
                 "P1 (page, 5 min response) · severity critical",
                 [
                     Acknowledge,
@@ -1070,5 +1276,48 @@ mod tests {
         assert_eq!(m.tier, Tier::P3);
         assert_eq!(m.buttons, vec![Button::Silence1h]);
         assert!(crate::notify::status_text(&m).contains("acknowledged by U1"));
+    }
+
+    #[test]
+    fn xid_on_pci_bus_without_gpu_reads_cleanly() {
+        let mut w =
+            Webhook::parse(payload("firing", &[("127.0.0.1:18949", "firing")]).as_bytes()).unwrap();
+        w.alerts[0].labels.insert("xid".into(), "79".into());
+        w.alerts[0]
+            .labels
+            .insert("pci_bus_id".into(), "00000000:C1:00.0".into());
+        // The summary the shipped rule rendered before it knew buses with no index.
+        w.alerts[0].annotations.insert(
+            "summary".into(),
+            "XID 79 (fell off the bus) on GPU  of 127.0.0.1:18949".into(),
+        );
+        let links = Links {
+            names: NodeNames::fixed([("127.0.0.1:18949", "gpu-node-17")]),
+            ..Links::default()
+        };
+        let Message::Alert(m) = render_group(&record(&w, None), &Routing::default(), &links) else {
+            panic!("not an alert")
+        };
+        let line = crate::notify::alert_line_text(&m.alerts[0]);
+        assert!(
+            line.starts_with(
+                "🔥 gpu-node-17 (127.0.0.1:18949) PCI 00000000:C1:00.0 (no GPU index) xid=79 — XID 79 (fell off the bus) on PCI 00000000:C1:00.0 (no GPU index) of gpu-node-17 · XID 79: "
+            ),
+            "{line}"
+        );
+        assert!(!line.contains("gpu=00000000"), "{line}");
+        assert!(!line.contains("GPU  "), "{line}");
+        assert_eq!(m.alerts[0].gpu, None);
+        // With a GPU index: the index and the UUID's prefix.
+        w.alerts[0].labels.insert("gpu".into(), "3".into());
+        w.alerts[0].labels.insert(
+            "uuid".into(),
+            "GPU-8c3e2a5d-3b4f-4d7c-9e9a-2f3a4b5c6d72".into(),
+        );
+        let Message::Alert(m) = render_group(&record(&w, None), &Routing::default(), &links) else {
+            panic!("not an alert")
+        };
+        assert_eq!(m.alerts[0].device.as_deref(), Some("GPU 3 (GPU-8c3e2a5d)"));
+        assert_eq!(m.title, "GpuXid on gpu-node-17 (127.0.0.1:18949)");
     }
 }

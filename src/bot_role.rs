@@ -52,6 +52,7 @@ impl BotState {
     ) -> (Arc<BotState>, Worker) {
         let outbox = Outbox::new(store.clone());
         let metrics = Arc::new(BotMetrics::new());
+        let identity = Arc::new(crate::inventory::Identity::from_config(&config));
         let worker = Worker {
             store: store.clone(),
             outbox: outbox.clone(),
@@ -59,6 +60,7 @@ impl BotState {
             config: config.clone(),
             metrics: metrics.clone(),
             suggest_runbook: crate::chat::runbook_suggester(&config),
+            identity: Some(identity.clone()),
         };
         let state = Arc::new(BotState {
             config,
@@ -66,6 +68,7 @@ impl BotState {
             outbox,
             metrics,
             http: Arc::new(HttpMetrics::new()),
+            identity,
         });
         (state, worker)
     }
@@ -352,6 +355,50 @@ fn spawn_pruner(state: Arc<BotState>, mut stop: tokio::sync::watch::Receiver<boo
     });
 }
 
+/// `gpuops status --config FILE [NODE]`: exit 0 with the open groups (or
+/// the node's), 1 when the store cannot be read, 2 for a node it cannot map.
+pub fn status(args: crate::cli::StatusArgs) -> anyhow::Result<ExitCode> {
+    let cfg = BotConfig::from_file(&args.config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let groups = rt.block_on(async {
+        let store = open_store_for_cli(&cfg).await?;
+        store
+            .firing_groups(500)
+            .await
+            .context("cannot read the open alert groups (this is not an all-clear)")
+    })?;
+    let names = crate::inventory::NodeNames::from_config(&cfg);
+    use std::io::Write as _;
+    match crate::chat::timeline::status_text(groups, &cfg.routing, &names, args.node.as_deref()) {
+        Ok(text) => {
+            writeln!(std::io::stdout().lock(), "{text}").context("cannot write to stdout")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(unknown) => {
+            eprintln!("gpuops: {unknown}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// The bot's store for a CLI command (SQLite must exist already).
+async fn open_store_for_cli(cfg: &BotConfig) -> anyhow::Result<Store> {
+    if cfg.store.url.is_some() {
+        return Ok(Store::open_config(&cfg.store).await?);
+    }
+    let path = &cfg.store.path;
+    if !path.exists() {
+        anyhow::bail!(
+            "no bot store at {} (set [store] path in the config)",
+            path.display()
+        );
+    }
+    Ok(Store::open(path)?)
+}
+
 /// `gpuops audit --config FILE [--since DURATION | --run ID | --group ID --markdown]`.
 pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
     let cfg = match &args.config {
@@ -375,9 +422,11 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
         Store::open(path)?
     };
     let path = store.describe();
+    // Nodes by the names `[[agents.nodes]]` gives them (no discovery here).
+    let names = crate::inventory::NodeNames::from_config(&cfg);
     use std::io::Write as _;
     if let Some(run) = &args.run {
-        let Some(text) = crate::chat::timeline::run_report(&store, run)? else {
+        let Some(text) = crate::chat::timeline::run_report_named(&store, run, &names)? else {
             anyhow::bail!("no run {run} in {path}");
         };
         std::io::stdout()
@@ -387,7 +436,7 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(group) = args.group {
-        let Some(text) = crate::chat::timeline::group_markdown(&store, group)? else {
+        let Some(text) = crate::chat::timeline::group_markdown_named(&store, group, &names)? else {
             anyhow::bail!("no alert group {group} in {path}");
         };
         std::io::stdout()

@@ -32,6 +32,8 @@ pub enum Command {
     Runbook(RunbookCommand),
     /// Print the bot's audit records.
     Audit(AuditArgs),
+    /// The open alert groups in the bot's store, or one node's (by its name or instance).
+    Status(StatusArgs),
     /// Write a new Ed25519 key pair for signing agent exec requests.
     Keygen(KeygenArgs),
     /// Manage the bot's store: apply schema migrations, copy SQLite to PostgreSQL.
@@ -264,6 +266,16 @@ pub struct RunbookRunArgs {
     /// Run only this step (repeatable; like `run ID:step` in chat)
     #[arg(long, value_name = "NAME")]
     pub step: Vec<String>,
+}
+
+/// `gpuops status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Bot configuration file (its [store] and [[agents.nodes]])
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// A node's name (as [[agents.nodes]] names it) or an instance (host:port)
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Args)]

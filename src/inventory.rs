@@ -173,6 +173,7 @@ impl Inventory {
             .values()
             .map(|a| (a.instance.clone(), a.node.clone()))
             .collect();
+        let mut blind = None;
         let node_label = match &self.discovery {
             Some(d) => {
                 let cache = self.discovered.lock().await;
@@ -181,6 +182,17 @@ impl Inventory {
                         .entry(instance.clone())
                         .or_insert_with(|| a.node.clone());
                 }
+                blind = match (&cache.error, cache.at) {
+                    (Some(e), _) => Some(format!(
+                        "Prometheus could not be asked for job {:?}'s targets ({e})",
+                        d.job
+                    )),
+                    (None, None) => Some(format!(
+                        "Prometheus has not been asked for job {:?}'s targets yet",
+                        d.job
+                    )),
+                    (None, Some(_)) => None,
+                };
                 d.node_label.clone()
             }
             None => "node".to_string(),
@@ -188,6 +200,7 @@ impl Inventory {
         NodeNames {
             by_instance,
             node_label,
+            blind,
         }
     }
 }
@@ -203,6 +216,9 @@ impl Inventory {
 pub struct NodeNames {
     by_instance: HashMap<String, String>,
     node_label: String,
+    /// Why the discovered part of the map may be missing or old (the last
+    /// read of Prometheus's targets failed, or none was made).
+    blind: Option<String>,
 }
 
 impl Default for NodeNames {
@@ -210,6 +226,7 @@ impl Default for NodeNames {
         NodeNames {
             by_instance: HashMap::new(),
             node_label: "node".to_string(),
+            blind: None,
         }
     }
 }
@@ -229,7 +246,14 @@ impl NodeNames {
                 .map(|(a, b)| (a.into(), b.into()))
                 .collect(),
             node_label: "node".to_string(),
+            blind: None,
         }
+    }
+
+    /// Why discovered nodes may be missing from this map (Prometheus could
+    /// not be asked), for texts that would otherwise say a node is unknown.
+    pub fn blind(&self) -> Option<&str> {
+        self.blind.as_deref()
     }
 
     /// The node's name for an alert's `instance` and labels, or `None` when
@@ -255,6 +279,20 @@ impl NodeNames {
         is_node_name(short).then(|| short.to_string())
     }
 
+    /// The names `[[agents.nodes]]` gives (no discovery: for the CLI).
+    pub fn from_config(cfg: &BotConfig) -> NodeNames {
+        let mut names = NodeNames::default();
+        if let Some(a) = &cfg.agents {
+            names.node_label = a.node_label.clone();
+            names.by_instance = a
+                .nodes
+                .iter()
+                .map(|n| (n.instance.clone(), n.node.clone()))
+                .collect();
+        }
+        names
+    }
+
     /// The node's name for an instance alone (no labels).
     pub fn name_of_instance(&self, instance: &str) -> Option<String> {
         self.name_of(Some(instance), &std::collections::BTreeMap::new())
@@ -270,6 +308,12 @@ impl NodeNames {
             .collect();
         v.sort();
         v
+    }
+
+    /// The inventory's own name for an instance (no derivation from
+    /// labels or DNS).
+    pub fn inventory_name(&self, instance: &str) -> Option<String> {
+        self.by_instance.get(instance).cloned()
     }
 
     /// Every node name the inventory knows, sorted.
@@ -587,6 +631,182 @@ pub fn events_of(body: &[u8]) -> Result<Vec<serde_json::Value>, String> {
         .map_err(|_| "agent's answer is not a /v1/events list".to_string())
 }
 
+/// How long a node's OOM kills are remembered: an agent (reachable or not)
+/// is asked at most this often for alert messages.
+pub const VICTIMS_TTL: Duration = Duration::from_secs(60);
+/// Deadline of one message's look-ups of OOM victims (all nodes together):
+/// a delivery waits at most this long, once per [`VICTIMS_TTL`].
+pub const VICTIMS_DEADLINE: Duration = Duration::from_secs(2);
+/// Nodes asked for one message (the rest of a storm shows no victim).
+pub const VICTIMS_MAX_NODES: usize = 32;
+/// How far back a victim look-up reads the agent's events (seconds).
+const VICTIMS_WINDOW_SECS: f64 = 3600.0;
+
+/// One process the OOM killer killed, as an agent's `/v1/events` records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OomKill {
+    /// Unix seconds.
+    pub timestamp: f64,
+    pub pid: Option<u32>,
+    pub process: Option<String>,
+    /// The memory cgroup (a systemd unit or a container's scope).
+    pub cgroup: Option<String>,
+}
+
+/// The OOM kills among a `/v1/events` answer's events, oldest first (other
+/// kinds and unreadable entries are skipped).
+pub fn oom_kills(events: &[serde_json::Value]) -> Vec<OomKill> {
+    let mut v: Vec<OomKill> = events
+        .iter()
+        .filter(|e| e.get("type").and_then(|t| t.as_str()) == Some("oom_kill"))
+        .filter_map(|e| {
+            let timestamp = e.get("timestamp")?.as_f64().filter(|t| t.is_finite())?;
+            let text = |k: &str| {
+                e.get(k)
+                    .and_then(|v| v.as_str())
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+            };
+            Some(OomKill {
+                timestamp,
+                pid: e
+                    .get("pid")
+                    .and_then(|p| p.as_u64())
+                    .and_then(|p| u32::try_from(p).ok()),
+                process: text("process"),
+                cgroup: text("cgroup").filter(|c| c != "/"),
+            })
+        })
+        .collect();
+    v.sort_by(|a, b| a.timestamp.total_cmp(&b.timestamp));
+    v
+}
+
+type Kills = Result<Vec<OomKill>, String>;
+
+/// The bot's view of its nodes for human-facing text, shared by the outbox
+/// worker and the chat handlers: the names ([`Identity::names`]) and, for
+/// OOM alerts, the victims from the agents' `/v1/events`
+/// ([`Identity::oom_kills`]: a short deadline, answers and failures cached
+/// for [`VICTIMS_TTL`], so an unreachable agent never holds up delivery).
+pub struct Identity {
+    inventory: Option<Inventory>,
+    events: EventsClient,
+    cache: std::sync::Mutex<HashMap<String, (Instant, Kills)>>,
+}
+
+impl Identity {
+    /// From `[agents]` (no `[agents]`: names only from alert labels and DNS).
+    pub fn from_config(cfg: &BotConfig) -> Identity {
+        Identity::new(Inventory::from_config(cfg), EventsClient::from_config(cfg))
+    }
+
+    pub fn new(inventory: Option<Inventory>, events: EventsClient) -> Identity {
+        Identity {
+            inventory,
+            events,
+            cache: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The inventory's names now (see [`Inventory::names`]); discovered
+    /// targets are re-read first when older than `refresh_secs`, within
+    /// [`VICTIMS_DEADLINE`] (a slow Prometheus delays one message once per
+    /// refresh period, and the last list stays).
+    pub async fn names(&self) -> NodeNames {
+        let Some(inv) = &self.inventory else {
+            return NodeNames::default();
+        };
+        if let Some(d) = &inv.discovery {
+            let _ = tokio::time::timeout(VICTIMS_DEADLINE, async {
+                let mut cache = inv.discovered.lock().await;
+                if cache.at.is_none_or(|t| t.elapsed() >= d.refresh) {
+                    refresh(d, &mut cache).await;
+                }
+            })
+            .await;
+        }
+        inv.names().await
+    }
+
+    /// The OOM kills each instance's agent holds (the last hour), or why
+    /// they are unknown; instances outside the inventory are left out. At
+    /// most [`VICTIMS_MAX_NODES`] agents are asked, all within
+    /// [`VICTIMS_DEADLINE`]; answers are cached for [`VICTIMS_TTL`].
+    pub async fn oom_kills(&self, instances: &[String]) -> HashMap<String, Kills> {
+        let Some(inv) = &self.inventory else {
+            return HashMap::new();
+        };
+        let mut out = HashMap::new();
+        let mut ask = Vec::new();
+        {
+            let cache = self
+                .cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for i in instances.iter().take(VICTIMS_MAX_NODES) {
+                match cache.get(i) {
+                    Some((at, got)) if at.elapsed() < VICTIMS_TTL => {
+                        out.insert(i.clone(), got.clone());
+                    }
+                    _ => ask.push(i.clone()),
+                }
+            }
+        }
+        if ask.is_empty() {
+            return out;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let since = now - VICTIMS_WINDOW_SECS;
+        let asks = ask.iter().map(|instance| async move {
+            // Only the inventory's own agents are asked: statics at once,
+            // discovered ones from the last list (no refresh for a miss).
+            let Some(url) = inv.known_url(instance).await else {
+                return (instance.clone(), None);
+            };
+            let got = tokio::time::timeout(VICTIMS_DEADLINE, self.events.events(&url, since))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "agent did not answer within {} s",
+                        VICTIMS_DEADLINE.as_secs_f64()
+                    ))
+                })
+                .map(|e| oom_kills(&e));
+            (instance.clone(), Some(got))
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.retain(|_, (at, _)| at.elapsed() < VICTIMS_TTL);
+        for (instance, got) in answers {
+            if let Some(got) = got {
+                cache.insert(instance.clone(), (Instant::now(), got.clone()));
+                out.insert(instance, got);
+            }
+        }
+        out
+    }
+}
+
+impl Inventory {
+    /// The agent URL of an instance the inventory already knows (static, or
+    /// in the last discovered list); no request is made.
+    async fn known_url(&self, instance: &str) -> Option<String> {
+        if let Some(a) = self.statics.get(instance) {
+            return Some(a.url.clone());
+        }
+        self.discovery.as_ref()?;
+        let cache = self.discovered.lock().await;
+        cache.agents.get(instance).map(|a| a.url.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -672,5 +892,75 @@ mod tests {
         assert_eq!(inv.lookup("127.0.0.1:9949").await.unwrap().node, "node-a");
         let e = inv.lookup("127.0.0.1:4444").await.unwrap_err();
         assert!(e.contains("not a known agent"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_delays_an_alert_once_by_the_deadline_then_is_cached() {
+        // Accepts connections (the kernel's backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let inv = Inventory::fixed(vec![AgentAddr {
+            instance: addr.clone(),
+            node: "node-a".into(),
+            url: format!("http://{addr}"),
+        }]);
+        let id = Identity::new(Some(inv), EventsClient::from_config(&BotConfig::default()));
+        let asked = vec![addr.clone(), "10.9.9.9:9949".to_string()];
+        let t = Instant::now();
+        let got = id.oom_kills(&asked).await;
+        let first = t.elapsed();
+        assert!(
+            first < VICTIMS_DEADLINE + Duration::from_millis(500),
+            "{first:?}"
+        );
+        let why = got[&addr].clone().unwrap_err();
+        assert!(why.contains("did not answer within 2 s"), "{why}");
+        // Not in the inventory: never asked.
+        assert!(!got.contains_key("10.9.9.9:9949"));
+        let t = Instant::now();
+        let again = id.oom_kills(&asked).await;
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+        assert_eq!(again[&addr], got[&addr]);
+        drop(silent);
+    }
+
+    #[test]
+    fn oom_kills_of_events_oldest_first() {
+        let events: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[{"timestamp":20,"type":"oom_kill","pid":7,"process":"b","cgroup":"/"},
+                {"timestamp":10,"type":"oom_kill","pid":6,"process":"a","cgroup":"/slurm/job_1"},
+                {"timestamp":15,"type":"io_error","device":"nvme0n1"},
+                {"timestamp":"x","type":"oom_kill"}]"#,
+        )
+        .unwrap();
+        let k = oom_kills(&events);
+        assert_eq!(k.len(), 2);
+        assert_eq!(k[0].process.as_deref(), Some("a"));
+        assert_eq!(k[0].cgroup.as_deref(), Some("/slurm/job_1"));
+        assert_eq!(k[1].cgroup, None);
+    }
+
+    #[tokio::test]
+    async fn identity_names_read_the_discovered_targets() {
+        let app =
+            axum::Router::new().route("/api/v1/targets", axum::routing::get(|| async { TARGETS }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let cfg = BotConfig::from_str(
+            std::path::Path::new("b.toml"),
+            &format!(
+                "[prometheus]\nurl = \"http://{addr}\"\n[agents]\nprometheus_job = \"gpuops\"\n"
+            ),
+        )
+        .unwrap();
+        let names = Identity::from_config(&cfg).names().await;
+        assert_eq!(
+            names.name_of_instance("10.0.0.18:9949").as_deref(),
+            Some("gpu-node-18")
+        );
+        assert_eq!(names.instances_of("gpu-node-18"), vec!["10.0.0.18:9949"]);
     }
 }

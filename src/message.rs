@@ -169,16 +169,54 @@ pub struct Ack {
     pub at: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One alert of a group. Identity is resolved once, when the message is
+/// built (`alert::render_group`, from the inventory's `NodeNames`), and
+/// carried here as data: renderers show [`AlertLine::node`] first and the
+/// instance beside it, and [`AlertLine::device`] for the GPU.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AlertLine {
     pub firing: bool,
     pub name: String,
     pub instance: Option<String>,
+    /// The node's name (inventory, `node`/`nodename` label, DNS host part);
+    /// `None` when nothing names it (renderers show the instance).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The `gpu` label (the GPU's index) as sent.
     pub gpu: Option<String>,
+    /// The device as a person reads it: `GPU 3 (GPU-8c3e2a5d)`, or
+    /// `PCI 00000000:C1:00.0 (no GPU index)` for a bus with no GPU index.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// The alert's value (`value` annotation), where the rule gives one.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// What the OOM killer killed on this node (from the agent's
+    /// `/v1/events`), or why that is unknown.
+    #[serde(default)]
+    pub victim: Option<String>,
     /// Labels that tell this alert apart (not shared by the group).
     pub labels: Vec<(String, String)>,
     pub summary: Option<String>,
     pub generator_url: Option<String>,
+}
+
+impl AlertLine {
+    /// `gpu-node-17 (127.0.0.1:18949)`: the node's name with the instance
+    /// beside it; the instance alone when nothing names the node.
+    pub fn where_text(&self) -> Option<String> {
+        match (&self.node, &self.instance) {
+            (Some(n), Some(i)) if n != i => Some(format!("{n} ({i})")),
+            (Some(n), _) => Some(n.clone()),
+            (None, Some(i)) => Some(i.clone()),
+            (None, None) => None,
+        }
+    }
+
+    /// The node's name, else the instance (one word per node: roll-ups).
+    pub fn node_or_instance(&self) -> Option<&str> {
+        self.node.as_deref().or(self.instance.as_deref())
+    }
 }
 
 /// Buttons on an alert message. Their wire ids are a contract with the chat

@@ -73,6 +73,9 @@ pub struct Worker {
     /// Suggests a runbook for the "Run runbook" button when the alert does
     /// not name one (set by the chat role before [`Worker::run`]).
     pub suggest_runbook: Option<crate::alert::RunbookSuggester>,
+    /// Node names and OOM victims for alert messages (`None`: names from
+    /// alert labels and DNS only, no victims).
+    pub identity: Option<Arc<crate::inventory::Identity>>,
 }
 
 /// What one delivery attempt ended in (for the worker's bookkeeping).
@@ -209,10 +212,14 @@ impl Worker {
         let Some(g) = self.store.group(group_id).await? else {
             return Ok(None);
         };
-        let links = Links {
+        let mut links = Links {
             alertmanager: self.config.alertmanager.as_ref().map(|a| a.url.clone()),
             suggest_runbook: self.suggest_runbook.clone(),
+            ..Links::default()
         };
+        if let Some(identity) = &self.identity {
+            links = alert::identity_links(identity, &g, links).await;
+        }
         let mut m = alert::render_group(&g, &self.config.routing, &links);
         if let Message::Alert(a) = &mut m {
             if let Ok(Some((step, of))) = self.store.escalation_step(g.id).await {

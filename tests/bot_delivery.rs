@@ -379,11 +379,11 @@ async fn a_huge_group_is_truncated_not_rejected() {
         .find(|t| t.contains("node-001"))
         .unwrap();
     assert!(lines.chars().count() <= 3000);
-    assert!(lines.ends_with("more"), "{lines}");
+    assert!(lines.ends_with("more nodes"), "{lines}");
     let d = bot.discord.wait_for(1, WAIT).await;
     let desc = d[0].body["embeds"][0]["description"].as_str().unwrap();
     assert!(desc.chars().count() <= 4096);
-    assert!(desc.ends_with("more"));
+    assert!(desc.ends_with("more nodes"));
 }
 
 async fn rate_limits_are_honoured_then_delivery_succeeds() {
@@ -582,6 +582,322 @@ async fn a_deleted_message_is_posted_again_instead_of_lost() {
         ("PATCH", "POST")
     );
     assert!(bot.state.store.dead_letters().await.unwrap().is_empty());
+}
+
+/// The message the outbox renders for group `id`, with the bot's identity.
+async fn rendered(bot: &Bot, id: i64) -> gpuops::notify::AlertMessage {
+    let g = bot.state.store.group(id).await.unwrap().unwrap();
+    let links =
+        gpuops::alert::identity_links(&bot.state.identity, &g, gpuops::alert::Links::default())
+            .await;
+    match gpuops::alert::render_group(&g, &bot.state.config.routing, &links) {
+        gpuops::notify::Message::Alert(m) => *m,
+        other => panic!("not an alert: {other:?}"),
+    }
+}
+
+/// PagerDuty's trigger event and the email for a message.
+fn pagerduty_and_email(m: &gpuops::notify::AlertMessage) -> (Value, gpuops::notify::email::Mail) {
+    use gpuops::notify::{pagerduty, Message, Op, Outgoing};
+    let ev = pagerduty::event("R0UTING", pagerduty::Action::Trigger, "dedup", m);
+    let msg = Message::Alert(Box::new(m.clone()));
+    let out = Outgoing {
+        channel: "oncall@example.com",
+        op: Op::Post,
+        message: &msg,
+        renotify: None,
+        incident: None,
+    };
+    let (mail, _) = gpuops::notify::email::plan(&out).unwrap();
+    (ev, mail)
+}
+
+/// A webhook for `alertname` firing on each of `instances` (one group).
+fn storm(alertname: &str, severity: &str, instances: &[String]) -> String {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let alerts: Vec<Value> = instances
+        .iter()
+        .map(|i| {
+            json!({
+                "status": "firing",
+                "labels": {"alertname": alertname, "severity": severity, "instance": i,
+                           "job": "gpuops-agent", "component": "memory"},
+                "annotations": {"summary": format!("OOM killer fired on {i}"), "runbook": "oom-kill"},
+                "startsAt": now, "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://prometheus:9090/graph",
+                "fingerprint": format!("{alertname}-{i}")
+            })
+        })
+        .collect();
+    json!({
+        "version": "4", "groupKey": format!("{{}}:{{alertname=\"{alertname}\"}}"),
+        "status": "firing", "receiver": "gpuops",
+        "groupLabels": {"alertname": alertname},
+        "commonLabels": {"alertname": alertname, "severity": severity, "job": "gpuops-agent", "component": "memory"},
+        "commonAnnotations": {"runbook": "oom-kill"},
+        "externalURL": "http://alertmanager:9093", "alerts": alerts
+    })
+    .to_string()
+}
+
+/// Agents' `GET /<node>/v1/events`: one OOM kill per node, 30 s ago.
+async fn fake_agents() -> String {
+    async fn events(axum::extract::Path(node): axum::extract::Path<String>) -> axum::Json<Value> {
+        let n: u32 = node.trim_start_matches("gpu-node-").parse().unwrap_or(0);
+        let now = chrono::Utc::now().timestamp() as f64;
+        axum::Json(json!({"since": now - 3600.0, "events": [
+            {"timestamp": now - 400.0, "counted": true, "type": "io_error", "device": "nvme0n1", "message": "m"},
+            {"timestamp": now - 30.0, "counted": true, "type": "oom_kill", "pid": 4200 + n,
+             "process": "python3", "cgroup": format!("/slurm/uid_1000/job_{n}"), "message": "m"}
+        ]}))
+    }
+    let app = axum::Router::new().route("/{node}/v1/events", axum::routing::get(events));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    url
+}
+
+#[tokio::test]
+async fn alert_lines_name_the_node_not_the_instance() {
+    let bot = Bot::start(
+        "[agents]\n[[agents.nodes]]\ninstance = \"127.0.0.1:18949\"\nnode = \"gpu-node-17\"\n",
+    )
+    .await;
+    let hook = json!({
+        "version": "4", "groupKey": "{}:{alertname=\"GPUFellOffBus\", instance=\"127.0.0.1:18949\"}",
+        "status": "firing", "receiver": "gpuops",
+        "groupLabels": {"alertname": "GPUFellOffBus", "instance": "127.0.0.1:18949"},
+        "commonLabels": {"alertname": "GPUFellOffBus", "severity": "critical", "instance": "127.0.0.1:18949",
+                         "gpu": "5", "uuid": "GPU-bf6b5d8a-6e7c-4a0f-8bcd-5c6d7e8f9aa5", "pci_bus_id": "00000000:AB:00.0"},
+        "commonAnnotations": {"summary": "GPU 5 on 127.0.0.1:18949 fell off the bus"},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": [{
+            "status": "firing",
+            "labels": {"alertname": "GPUFellOffBus", "severity": "critical", "instance": "127.0.0.1:18949",
+                       "gpu": "5", "uuid": "GPU-bf6b5d8a-6e7c-4a0f-8bcd-5c6d7e8f9aa5", "pci_bus_id": "00000000:AB:00.0"},
+            "annotations": {"summary": "GPU 5 on 127.0.0.1:18949 fell off the bus"},
+            "startsAt": "2026-01-01T00:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prometheus:9090/graph", "fingerprint": "f1"
+        }]
+    });
+    let id = bot.post(&hook.to_string()).await["group_id"]
+        .as_i64()
+        .unwrap();
+    let s = bot.slack.wait_for(1, WAIT).await;
+    let header = s[0].body["attachments"][0]["blocks"][0]["text"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        header.contains("GPUFellOffBus on gpu-node-17 (127.0.0.1:18949)"),
+        "{header}"
+    );
+    assert!(!header.contains("instance="), "{header}");
+    let raw = slack_text(&s[0]);
+    assert!(
+        raw.contains("gpu-node-17 (127.0.0.1:18949) GPU 5 (GPU-bf6b5d8a)"),
+        "{raw}"
+    );
+    assert!(
+        raw.contains("GPU 5 on gpu-node-17 fell off the bus"),
+        "{raw}"
+    );
+    assert!(!raw.contains("gpu=5"), "{raw}");
+    let d = bot.discord.wait_for(1, WAIT).await;
+    let embed = &d[0].body["embeds"][0];
+    assert!(
+        embed["title"]
+            .as_str()
+            .unwrap()
+            .contains("GPUFellOffBus on gpu-node-17 (127.0.0.1:18949)"),
+        "{embed}"
+    );
+    assert!(
+        embed["description"]
+            .as_str()
+            .unwrap()
+            .contains("gpu-node-17 (127.0.0.1:18949) GPU 5 (GPU-bf6b5d8a)"),
+        "{embed}"
+    );
+    let m = rendered(&bot, id).await;
+    let (ev, mail) = pagerduty_and_email(&m);
+    let summary = ev["payload"]["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("on gpu-node-17 (127.0.0.1:18949)"),
+        "{summary}"
+    );
+    assert_eq!(ev["payload"]["source"], "gpu-node-17");
+    let first = &ev["payload"]["custom_details"]["alerts"][0];
+    assert_eq!(first["node"], "gpu-node-17", "{first}");
+    assert_eq!(first["gpu"], "GPU 5 (GPU-bf6b5d8a)", "{first}");
+    assert!(
+        mail.subject
+            .contains("GPUFellOffBus on gpu-node-17 (127.0.0.1:18949)"),
+        "{}",
+        mail.subject
+    );
+}
+
+#[tokio::test]
+async fn oom_storm_on_8_nodes_is_one_message_naming_8_nodes_with_victims() {
+    let agents = fake_agents().await;
+    let mut extra = "[agents]\n".to_string();
+    let instances: Vec<String> = (1..=8).map(|i| format!("10.0.0.{i}:9949")).collect();
+    for (i, instance) in instances.iter().enumerate() {
+        extra.push_str(&format!(
+            "[[agents.nodes]]\ninstance = \"{instance}\"\nnode = \"gpu-node-{}\"\nurl = \"{agents}/gpu-node-{}\"\n",
+            i + 1,
+            i + 1
+        ));
+    }
+    let bot = Bot::start(&extra).await;
+    let posted = Instant::now();
+    let id = bot.post(&storm("OOMKill", "warning", &instances)).await["group_id"]
+        .as_i64()
+        .unwrap();
+    let s = bot.slack.wait_for(1, WAIT).await;
+    eprintln!(
+        "8-node OOM storm posted {:?} after the webhook (8 agents asked)",
+        s[0].at.duration_since(posted)
+    );
+    bot.slack
+        .expect_no_more(1, Duration::from_millis(500))
+        .await;
+    assert_eq!(s[0].body["channel"], "CP3");
+    let raw = slack_text(&s[0]);
+    assert!(raw.contains("OOMKill on 8 nodes"), "{raw}");
+    for n in 1..=8 {
+        assert!(
+            raw.contains(&format!(
+                "gpu-node-{n} (10.0.0.{n}:9949) — OOM killer fired on gpu-node-{n} · OOM victim: python3 (pid {}, cgroup /slurm/uid_1000/job_{n})",
+                4200 + n
+            )),
+            "node {n}: {raw}"
+        );
+    }
+    let d = bot.discord.wait_for(1, WAIT).await;
+    let desc = d[0].body["embeds"][0]["description"].as_str().unwrap();
+    assert_eq!(desc.matches("OOM victim: python3").count(), 8, "{desc}");
+    eprintln!(
+        "8-node OOM storm, Slack lines:\n{}",
+        s[0].body["attachments"][0]["blocks"][2]["text"]["text"]
+    );
+    let m = rendered(&bot, id).await;
+    let (ev, mail) = pagerduty_and_email(&m);
+    assert_eq!(ev["payload"]["source"], "8 nodes");
+    assert_eq!(
+        ev["payload"]["custom_details"]["alerts"][7]["oom_victim"],
+        "python3 (pid 4208, cgroup /slurm/uid_1000/job_8)"
+    );
+    assert!(
+        mail.subject.contains("OOMKill on 8 nodes"),
+        "{}",
+        mail.subject
+    );
+    assert_eq!(mail.text.matches("OOM victim: python3").count(), 8);
+}
+
+#[tokio::test]
+async fn storm_of_300_nodes_fits_every_platform() {
+    let bot = Bot::start("").await;
+    let instances: Vec<String> = (0..300)
+        .map(|i| format!("node-{i:03}.cluster.example.com:9949"))
+        .collect();
+    let started = Instant::now();
+    let id = bot.post(&storm("OOMKill", "warning", &instances)).await["group_id"]
+        .as_i64()
+        .unwrap();
+    let s = bot.slack.wait_for(1, WAIT).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let blocks = s[0].body["attachments"][0]["blocks"].as_array().unwrap();
+    assert!(blocks.len() <= 50);
+    assert!(
+        blocks[0]["text"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("OOMKill on 300 nodes"),
+        "{}",
+        blocks[0]
+    );
+    let lines = blocks
+        .iter()
+        .filter_map(|b| b["text"]["text"].as_str())
+        .find(|t| t.contains("node-000 (node-000.cluster.example.com:9949)"))
+        .unwrap();
+    assert!(lines.chars().count() <= 3000);
+    let shown = lines.lines().filter(|l| l.starts_with("🔥 node-")).count();
+    assert!(shown >= 20, "{lines}");
+    assert!(
+        lines.ends_with(&format!("… and {} more nodes", 300 - shown)),
+        "{lines}"
+    );
+    assert!(s[0].raw.len() < 40_000, "{}", s[0].raw.len());
+    let d = bot.discord.wait_for(1, WAIT).await;
+    let embed = &d[0].body["embeds"][0];
+    let desc = embed["description"].as_str().unwrap();
+    assert!(desc.chars().count() <= 4096);
+    let shown = desc.lines().filter(|l| l.starts_with("🔥 node-")).count();
+    assert!(
+        desc.ends_with(&format!("… and {} more nodes", 300 - shown)),
+        "{desc}"
+    );
+    let total: usize = ["title", "description"]
+        .iter()
+        .map(|k| embed[*k].as_str().map_or(0, |s| s.chars().count()))
+        .sum::<usize>()
+        + embed["fields"].as_array().map_or(0, |f| {
+            f.iter()
+                .map(|f| {
+                    f["name"].as_str().unwrap_or("").len() + f["value"].as_str().unwrap_or("").len()
+                })
+                .sum()
+        })
+        + embed["footer"]["text"]
+            .as_str()
+            .map_or(0, |s| s.chars().count());
+    assert!(total <= 6000, "{total}");
+    let m = rendered(&bot, id).await;
+    let (ev, mail) = pagerduty_and_email(&m);
+    assert!(
+        ev.to_string().len() < 512 * 1024,
+        "{}",
+        ev.to_string().len()
+    );
+    let details = &ev["payload"]["custom_details"];
+    assert_eq!(details["alerts"].as_array().unwrap().len(), 100);
+    assert_eq!(details["more"], "… and 200 more nodes");
+    assert_eq!(ev["payload"]["source"], "300 nodes");
+    assert!(ev["payload"]["summary"].as_str().unwrap().chars().count() <= 1024);
+    assert!(
+        mail.subject.contains("OOMKill on 300 nodes"),
+        "{}",
+        mail.subject
+    );
+    assert!(
+        mail.text.contains("… and 200 more nodes\n"),
+        "{}",
+        mail.text
+    );
+    assert!(mail.html.contains("… and 200 more nodes"));
+    let slack_more: usize = lines
+        .rsplit("… and ")
+        .next()
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    eprintln!(
+        "300-node storm: Slack {} lines shown ({} chars, payload {} bytes), Discord {shown} lines ({} chars), PagerDuty event {} bytes, email text {} bytes; posted {:?} after the webhook",
+        300 - slack_more,
+        lines.chars().count(),
+        s[0].raw.len(),
+        desc.chars().count(),
+        ev.to_string().len(),
+        mail.text.len(),
+        s[0].at.duration_since(started),
+    );
 }
 
 on_both!(

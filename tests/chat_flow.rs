@@ -391,7 +391,7 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
     expect_test::expect![[r#"
         run RUN of runbook flow: finished
         requested by u0admin (slack:U0ADMIN) (admin), alert group #G
-        instance node1:9949
+        node node1 (node1:9949)
 
         == `look`: succeeded (exit 0)
         ran: echo looking at node1
@@ -431,6 +431,8 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
     expect_test::expect![[r##"
         # Incident timeline: alert group #G
 
+        - Alert: TestGpuDown on node1 (node1:9949)
+        - Nodes: node1 (node1:9949)
         - Group: `{}:{alertname="TestGpuDown", instance="node1:9949"}`
         - Tier: P1; status now: firing
         - Acknowledged by u0oper (slack:U0OPER) at TIME

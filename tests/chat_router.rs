@@ -1069,3 +1069,141 @@ chat_on_both!(
     one_person_with_slack_and_discord_cannot_approve_own_request,
     slack_request_replayed_after_a_restart_is_refused,
 );
+
+const NODE17: &str =
+    "[agents]\n[[agents.nodes]]\ninstance = \"127.0.0.1:18949\"\nnode = \"gpu-node-17\"\n";
+
+async fn status_by_node_name_finds_the_instances_alerts() {
+    let b = Bot::start(NODE17, None).await;
+    for (name, gpu) in [("GPUFellOffBus", "5"), ("GPUXIDError", "1")] {
+        b.alert(webhook(name, "127.0.0.1:18949", &[("gpu", gpu)]))
+            .await;
+    }
+    b.alert(webhook("OOMKill", "10.0.0.9:9949", &[])).await;
+    let (_, v) = b.slack_command(STRANGER, "status gpu-node-17").await;
+    let t = text(&v);
+    assert!(!t.contains("no open alerts"), "{t}");
+    assert!(
+        t.contains("GPUFellOffBus") && t.contains("GPUXIDError"),
+        "{t}"
+    );
+    assert!(t.contains("gpu-node-17 (127.0.0.1:18949)"), "{t}");
+    assert!(!t.contains("OOMKill"), "another node's alert: {t}");
+    // The instance finds the same alerts, under the node's name.
+    let (_, v) = b.slack_command(STRANGER, "status 127.0.0.1:18949").await;
+    let by_instance = text(&v);
+    assert!(
+        by_instance.contains("GPUFellOffBus") && by_instance.contains("gpu-node-17"),
+        "{by_instance}"
+    );
+    b.stop();
+}
+
+async fn status_of_unknown_name_lists_known_nodes() {
+    let b = Bot::start(NODE17, None).await;
+    b.alert(webhook("OOMKill", "gpu-node-3.dc1:9949", &[]))
+        .await;
+    let (_, v) = b.slack_command(STRANGER, "status gpu-node-71").await;
+    let t = text(&v);
+    assert!(!t.contains("no open alerts"), "{t}");
+    assert!(
+        t.contains("no node called gpu-node-71; known nodes: gpu-node-17, gpu-node-3"),
+        "{t}"
+    );
+    // A known node with nothing open is an all-clear for that node only.
+    b.alert(webhook("OOMKill", "10.0.0.9:9949", &[])).await;
+    let (_, v) = b.slack_command(STRANGER, "status gpu-node-17").await;
+    let t = text(&v);
+    assert!(
+        t.contains("✅ no open alerts on gpu-node-17 (127.0.0.1:18949)"),
+        "{t}"
+    );
+    b.stop();
+}
+
+/// A stored group the bot cannot read, then a store it cannot ask: never
+/// an all-clear (SQLite only: the test edits the database file).
+#[tokio::test]
+async fn status_when_store_unreachable_says_so() {
+    let b = Bot::start(NODE17, None).await;
+    b.alert(webhook("GPUFellOffBus", "127.0.0.1:18949", &[("gpu", "5")]))
+        .await;
+    // The CLI form reads the same store: by name, and an unknown name.
+    let toml = b.dir.path().join("bot.toml");
+    std::fs::write(&toml, config_text(b.dir.path(), NODE17)).unwrap();
+    #[allow(clippy::disallowed_methods)] // the real binary, as an operator runs it
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpuops"))
+            .arg("status")
+            .arg("--config")
+            .arg(&toml)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = cli(&["gpu-node-17"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("GPUFellOffBus on gpu-node-17 (127.0.0.1:18949)"),
+        "{out}"
+    );
+    let (code, out) = cli(&["gpu-node-71"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("no node called gpu-node-71; known nodes: gpu-node-17"),
+        "{out}"
+    );
+    let db = rusqlite::Connection::open(b.dir.path().join("bot.db")).unwrap();
+    db.execute("UPDATE alert_groups SET state = 'not json'", [])
+        .unwrap();
+    let (_, v) = b.slack_command(STRANGER, "status gpu-node-17").await;
+    let t = text(&v);
+    assert!(!t.contains('✅'), "{t}");
+    assert!(t.contains("1 open group(s) could not be read"), "{t}");
+    db.execute("ALTER TABLE alert_groups RENAME TO alert_groups_gone", [])
+        .unwrap();
+    let (code, out) = cli(&[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not an all-clear"), "{out}");
+    for cmd in ["status", "status gpu-node-17", "alerts"] {
+        let (_, v) = b.slack_command(STRANGER, cmd).await;
+        let t = text(&v);
+        assert!(!t.contains('✅'), "{cmd}: {t}");
+        assert!(
+            t.contains("the alert store could not be asked") && t.contains("not an all-clear"),
+            "{cmd}: {t}"
+        );
+    }
+    b.stop();
+}
+
+async fn status_with_prometheus_unreachable_says_the_node_list_may_be_incomplete() {
+    // Nothing listens on port 9: discovery from Prometheus fails.
+    let extra =
+        "[prometheus]\nurl = \"http://127.0.0.1:9\"\n[agents]\nprometheus_job = \"gpuops\"\n\
+                 [[agents.nodes]]\ninstance = \"127.0.0.1:18949\"\nnode = \"gpu-node-17\"\n";
+    let b = Bot::start(extra, None).await;
+    let (_, v) = b.slack_command(STRANGER, "status gpu-node-40").await;
+    let t = text(&v);
+    assert!(!t.contains('✅'), "{t}");
+    assert!(
+        t.contains("no node called gpu-node-40; known nodes: gpu-node-17"),
+        "{t}"
+    );
+    assert!(
+        t.contains("the list may be incomplete: Prometheus could not be asked"),
+        "{t}"
+    );
+    b.stop();
+}
+
+chat_on_both!(
+    status_with_prometheus_unreachable_says_the_node_list_may_be_incomplete,
+    status_by_node_name_finds_the_instances_alerts,
+    status_of_unknown_name_lists_known_nodes,
+);

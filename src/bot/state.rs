@@ -17,6 +17,9 @@ pub struct BotState {
     pub outbox: Outbox,
     pub metrics: Arc<BotMetrics>,
     pub http: Arc<HttpMetrics>,
+    /// Node names and OOM victims for human-facing text (shared with the
+    /// outbox worker: one cache).
+    pub identity: Arc<crate::inventory::Identity>,
 }
 
 /// The bot's own counters (besides the HTTP RED metrics).

@@ -69,7 +69,7 @@ pub enum ButtonAction {
 pub const USAGE: &str = "\
 *gpuops commands*
 `help` this text
-`status [node]` open alert groups by tier, or the alerts of one node
+`status [node]` open alert groups by tier, or the alerts of one node (its name or instance)
 `alerts` open alert groups with their ids
 `ack <group-id|alertname>` acknowledge (operators)
 `silence <alertname|matchers> <duration> [comment]` silence in AlertManager, e.g. `silence alertname=GpuXid,instance=~\"node1.*\" 2h reboot planned` (operators)

@@ -244,19 +244,25 @@ pub(super) async fn unsilence(
 pub(super) async fn status_text(chat: &Arc<ChatState>, node: Option<&str>) -> String {
     let groups = match chat.bot.store.firing_groups(500).await {
         Ok(g) => g,
-        Err(e) => return format!("cannot read alert groups: {e}"),
+        Err(e) => {
+            return format!(
+                "⚠ cannot tell: the alert store could not be asked ({e}); this is not an all-clear"
+            )
+        }
     };
-    if let Some(node) = node {
-        // Only instances named by stored alerts are asked (no probing of
-        // arbitrary hosts from chat).
-        let instance = node_instance(&groups, node);
-        let mut text = alerts_text_of(chat, groups, Some(node));
-        if let Some(events) = match instance {
-            Some(i) => node_events(chat, &i).await,
-            None => None,
-        } {
-            text.push('\n');
-            text.push_str(&events);
+    let names = chat.bot.identity.names().await;
+    if let Some(target) = node {
+        let Some(sel) = select_node(&names, &groups, target) else {
+            return unknown_node_text(&names, &groups, target);
+        };
+        // Only instances the inventory or stored alerts name are asked (no
+        // probing of arbitrary hosts from chat).
+        let mut text = alerts_text_of(&chat.bot.config.routing, groups, Some(&sel), &names);
+        for i in &sel.instances {
+            if let Some(events) = node_events(chat, i).await {
+                text.push('\n');
+                text.push_str(&events);
+            }
         }
         return text;
     }
@@ -302,28 +308,139 @@ pub(super) async fn status_text(chat: &Arc<ChatState>, node: Option<&str>) -> St
     }
     if !groups.is_empty() {
         s.push_str("\n\n");
-        s.push_str(&alerts_text_of(chat, groups, None));
+        s.push_str(&alerts_text_of(
+            &chat.bot.config.routing,
+            groups,
+            None,
+            &names,
+        ));
     }
     s
 }
 
-/// The `instance` label of an open alert on `node`.
-pub(super) fn node_instance(groups: &[GroupRecord], node: &str) -> Option<String> {
+/// The node a person named in `status`: its name and the instances that
+/// are it.
+pub(super) struct NodeSelection {
+    /// The node's name (or the instance, when nothing names it).
+    pub name: String,
+    pub instances: Vec<String>,
+}
+
+impl NodeSelection {
+    /// Whether an alert (its `instance` and labels) is on this node.
+    fn has(&self, names: &NodeNames, labels: &BTreeMap<String, String>) -> bool {
+        let instance = labels.get("instance");
+        instance.is_some_and(|i| self.instances.contains(i))
+            || names
+                .name_of(instance.map(String::as_str), labels)
+                .as_deref()
+                == Some(self.name.as_str())
+    }
+
+    /// `gpu-node-17 (127.0.0.1:18949)`.
+    fn text(&self) -> String {
+        match self.instances.as_slice() {
+            [i] if *i != self.name => format!("{} ({i})", self.name),
+            _ => self.name.clone(),
+        }
+    }
+}
+
+/// Maps what a person typed (a node name or an instance) to a node: the
+/// inventory's names first, then the names and instances of open alerts.
+pub(super) fn select_node(
+    names: &NodeNames,
+    groups: &[GroupRecord],
+    target: &str,
+) -> Option<NodeSelection> {
+    let inventory = names.instances_of(target);
+    if !inventory.is_empty() {
+        return Some(NodeSelection {
+            name: target.to_string(),
+            instances: inventory,
+        });
+    }
+    if let Some(name) = names.inventory_name(target) {
+        return Some(NodeSelection {
+            name,
+            instances: vec![target.to_string()],
+        });
+    }
+    let mut by_name: Option<String> = None;
+    let mut instances: Vec<String> = Vec::new();
     for g in groups {
-        if let Ok(h) = serde_json::from_str::<Webhook>(&g.state) {
-            for a in &h.alerts {
-                if let Some(i) = a.labels.get("instance") {
-                    if i == node
-                        || i.strip_prefix(node)
-                            .is_some_and(|r| r.starts_with([':', '.']))
-                    {
-                        return Some(i.clone());
+        let Ok(h) = serde_json::from_str::<Webhook>(&g.state) else {
+            continue;
+        };
+        for a in &h.alerts {
+            let instance = a.labels.get("instance");
+            let name = names.name_of(instance.map(String::as_str), &a.labels);
+            let by_instance = instance.is_some_and(|i| {
+                i == target
+                    || i.strip_prefix(target)
+                        .is_some_and(|r| r.starts_with([':', '.']))
+            });
+            if by_instance || name.as_deref() == Some(target) {
+                if let Some(i) = instance {
+                    if !instances.contains(i) {
+                        instances.push(i.clone());
                     }
+                }
+                if by_name.is_none() {
+                    by_name = name;
                 }
             }
         }
     }
-    None
+    if instances.is_empty() {
+        return None;
+    }
+    instances.sort();
+    Some(NodeSelection {
+        name: by_name.unwrap_or_else(|| target.to_string()),
+        instances,
+    })
+}
+
+/// "no node called X; known nodes: …" (the inventory's and those open
+/// alerts name), never an all-clear.
+pub(super) fn unknown_node_text(names: &NodeNames, groups: &[GroupRecord], target: &str) -> String {
+    let mut known = names.known_nodes();
+    for g in groups {
+        if let Ok(h) = serde_json::from_str::<Webhook>(&g.state) {
+            for a in &h.alerts {
+                let instance = a.labels.get("instance").map(String::as_str);
+                if let Some(n) = names
+                    .name_of(instance, &a.labels)
+                    .or(instance.map(str::to_string))
+                {
+                    known.push(n);
+                }
+            }
+        }
+    }
+    known.sort();
+    known.dedup();
+    let shown = 30;
+    let list = if known.is_empty() {
+        "none (no [[agents.nodes]], no discovered agent and no open alert names one)".to_string()
+    } else if known.len() > shown {
+        format!(
+            "{} … and {} more",
+            known[..shown].join(", "),
+            known.len() - shown
+        )
+    } else {
+        known.join(", ")
+    };
+    let mut s = format!(
+        "no node called {}; known nodes: {list}",
+        notify::truncate_chars(target, 100)
+    );
+    if let Some(why) = names.blind() {
+        let _ = write!(s, "\n⚠ the list may be incomplete: {why}");
+    }
+    s
 }
 
 /// A line about the node's recent kernel events from its agent's
@@ -378,36 +495,39 @@ pub(super) async fn node_events(chat: &ChatState, instance: &str) -> Option<Stri
     ))
 }
 
-pub(super) async fn alerts_text(chat: &Arc<ChatState>, node: Option<&str>) -> String {
+pub(super) async fn alerts_text(chat: &Arc<ChatState>) -> String {
     match chat.bot.store.firing_groups(500).await {
-        Ok(g) => alerts_text_of(chat, g, node),
-        Err(e) => format!("cannot read alert groups: {e}"),
+        Ok(g) => {
+            let names = chat.bot.identity.names().await;
+            alerts_text_of(&chat.bot.config.routing, g, None, &names)
+        }
+        Err(e) => format!(
+            "⚠ cannot tell: the alert store could not be asked ({e}); this is not an all-clear"
+        ),
     }
 }
 
 pub(super) fn alerts_text_of(
-    chat: &Arc<ChatState>,
+    routing: &crate::routing::Routing,
     groups: Vec<GroupRecord>,
-    node: Option<&str>,
+    node: Option<&NodeSelection>,
+    names: &NodeNames,
 ) -> String {
     let mut lines = Vec::new();
+    let mut unreadable = 0usize;
     for g in groups {
         let hook: Option<Webhook> = serde_json::from_str(&g.state).ok();
         if let (Some(node), Some(h)) = (node, &hook) {
-            let on_node = h.alerts.iter().any(|a| {
-                a.labels.get("instance").is_some_and(|i| {
-                    i == node
-                        || i.strip_prefix(node)
-                            .is_some_and(|r| r.starts_with(':') || r.starts_with('.'))
-                })
-            });
-            if !on_node {
+            if !h.alerts.iter().any(|a| node.has(names, &a.labels)) {
                 continue;
             }
         }
-        let Message::Alert(m) =
-            alert::render_group(&g, &chat.bot.config.routing, &Links::default())
-        else {
+        let links = Links {
+            names: names.clone(),
+            ..Links::default()
+        };
+        let Message::Alert(m) = alert::render_group(&g, routing, &links) else {
+            unreadable += 1;
             continue;
         };
         let mut line = format!(
@@ -422,9 +542,14 @@ pub(super) fn alerts_text_of(
         }
         lines.push(line);
     }
+    if unreadable > 0 {
+        lines.push(format!(
+            "⚠ {unreadable} open group(s) could not be read from the store"
+        ));
+    }
     if lines.is_empty() {
         return match node {
-            Some(n) => format!("✅ no open alerts on {n}"),
+            Some(n) => format!("✅ no open alerts on {}", n.text()),
             None => "✅ no open alert groups".into(),
         };
     }

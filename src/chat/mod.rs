@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::alert::{self, Links, Webhook};
 use crate::alertmanager::{self, Matcher};
 use crate::bot::state::BotState;
+use crate::inventory::NodeNames;
 use crate::notify::{self, Message};
 use crate::rbac::{authorize, ChatAction};
 use crate::runbook::engine::{
@@ -486,7 +487,7 @@ pub async fn handle_command(
             Outcome::Now(Reply::private(text))
         }
         Command::Alerts => {
-            let text = alerts_text(chat, None).await;
+            let text = alerts_text(chat).await;
             chat.audit(&who, "alerts", serde_json::json!({}), None, "ok")
                 .await;
             Outcome::Now(Reply::private(text))

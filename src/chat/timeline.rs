@@ -10,11 +10,49 @@
 
 use std::fmt::Write as _;
 
+use crate::alert::{self, Links};
 use crate::chat::approvals::StepRecord;
+use crate::inventory::NodeNames;
+use crate::notify::Message;
+use crate::routing::Routing;
 use crate::store::{self, AuditRecord, Store};
 
-/// `gpuops audit --run ID`: the run, then each step with its output.
+/// Nodes a timeline's header lists (the rest are counted).
+const MAX_NODES_LISTED: usize = 50;
+
+/// `gpuops status [NODE]`: what chat's `status` says from the store alone
+/// (no AlertManager, no agents): the open groups, or one node's by its name
+/// or instance; `Err` with "no node called X; known nodes: …" for a name it
+/// cannot map.
+pub fn status_text(
+    groups: Vec<store::GroupRecord>,
+    routing: &Routing,
+    names: &NodeNames,
+    node: Option<&str>,
+) -> Result<String, String> {
+    use crate::chat::handlers::{alerts_text_of, select_node, unknown_node_text};
+    match node {
+        Some(target) => match select_node(names, &groups, target) {
+            Some(sel) => Ok(alerts_text_of(routing, groups, Some(&sel), names)),
+            None => Err(unknown_node_text(names, &groups, target)),
+        },
+        None => Ok(alerts_text_of(routing, groups, None, names)),
+    }
+}
+
+/// `gpuops audit --run ID`: the run, then each step with its output (nodes
+/// named from alert labels and DNS only; see [`run_report_named`]).
 pub fn run_report(store: &Store, id: &str) -> store::Result<Option<String>> {
+    run_report_named(store, id, &NodeNames::default())
+}
+
+/// As [`run_report`], the run's node named by `names` (the inventory's),
+/// its instance beside it.
+pub fn run_report_named(
+    store: &Store,
+    id: &str,
+    names: &NodeNames,
+) -> store::Result<Option<String>> {
     let Some((run, steps)) = store.run_with_steps_blocking(id)? else {
         return Ok(None);
     };
@@ -34,10 +72,21 @@ pub fn run_report(store: &Store, id: &str) -> store::Result<Option<String>> {
             None => String::new(),
         }
     );
-    if let Some(node) = run.labels.get("node").or_else(|| run.given.get("node")) {
-        let _ = writeln!(out, "node {node}");
-    } else if let Some(instance) = run.labels.get("instance") {
-        let _ = writeln!(out, "instance {instance}");
+    let instance = run.labels.get("instance").map(String::as_str);
+    let node = names
+        .name_of(instance, &run.labels)
+        .or_else(|| run.given.get("node").cloned());
+    match (node, instance) {
+        (Some(n), Some(i)) if n != i => {
+            let _ = writeln!(out, "node {n} ({i})");
+        }
+        (Some(n), _) => {
+            let _ = writeln!(out, "node {n}");
+        }
+        (None, Some(i)) => {
+            let _ = writeln!(out, "instance {i}");
+        }
+        (None, None) => {}
     }
     for (k, v) in &run.given {
         let _ = writeln!(out, "  {k}={v}");
@@ -58,8 +107,19 @@ pub fn run_report(store: &Store, id: &str) -> store::Result<Option<String>> {
     Ok(Some(out))
 }
 
-/// `gpuops audit --group ID --markdown`: the group's incident timeline.
+/// `gpuops audit --group ID --markdown`: the group's incident timeline
+/// (nodes named from alert labels and DNS only; see [`group_markdown_named`]).
 pub fn group_markdown(store: &Store, group: i64) -> store::Result<Option<String>> {
+    group_markdown_named(store, group, &NodeNames::default())
+}
+
+/// As [`group_markdown`], the alert and its nodes named by `names` (the
+/// inventory's), each instance beside its node.
+pub fn group_markdown_named(
+    store: &Store,
+    group: i64,
+    names: &NodeNames,
+) -> store::Result<Option<String>> {
     let Some(history) = store.group_history_blocking(group)? else {
         return Ok(None);
     };
@@ -111,6 +171,25 @@ pub fn group_markdown(store: &Store, group: i64) -> store::Result<Option<String>
     let mut out = String::new();
     let _ = writeln!(out, "# Incident timeline: alert group #{}", g.id);
     let _ = writeln!(out);
+    let links = Links {
+        names: names.clone(),
+        ..Links::default()
+    };
+    if let Message::Alert(m) = alert::render_group(g, &Routing::default(), &links) {
+        let _ = writeln!(out, "- Alert: {}", m.title);
+        let mut nodes: Vec<String> = m.alerts.iter().filter_map(|a| a.where_text()).collect();
+        nodes.sort();
+        nodes.dedup();
+        if !nodes.is_empty() {
+            let more = nodes.len().saturating_sub(MAX_NODES_LISTED);
+            nodes.truncate(MAX_NODES_LISTED);
+            let mut list = nodes.join(", ");
+            if more > 0 {
+                let _ = write!(list, " … and {more} more nodes");
+            }
+            let _ = writeln!(out, "- Nodes: {list}");
+        }
+    }
     let _ = writeln!(out, "- Group: `{}`", g.group_key);
     let _ = writeln!(out, "- Tier: {}; status now: {}", g.tier, g.status);
     if let Some(a) = &g.ack {

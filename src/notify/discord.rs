@@ -24,8 +24,8 @@ use serenity::http::{Http, HttpBuilder, HttpError, LightMethod, Request, Route};
 
 use crate::config::bot::DiscordConfig;
 use crate::notify::{
-    alert_line_text, fit_lines, headline, status_text, tier_text, truncate_chars, AlertMessage,
-    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
+    alert_line_text, fit_alert_lines, headline, status_text, tier_text, truncate_chars,
+    AlertMessage, Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
 };
 
 pub const MAX_CONTENT: usize = 2000;
@@ -387,7 +387,7 @@ fn render_alert(m: &AlertMessage) -> Rendered {
     }
     let lines: Vec<String> = m.alerts.iter().map(alert_line_text).collect();
     let room = budget.saturating_sub(description.chars().count());
-    description.push_str(&fit_lines(&lines, room, m.truncated_alerts));
+    description.push_str(&fit_alert_lines(m, &lines, room));
     let colour = if m.status == GroupStatus::Resolved {
         0x2E_B6_7D
     } else {
@@ -479,6 +479,7 @@ mod tests {
                     labels: vec![],
                     summary: Some("summary ".repeat(10)),
                     generator_url: None,
+                    ..Default::default()
                 })
                 .collect(),
             truncated_alerts: 0,
@@ -506,7 +507,7 @@ mod tests {
         let desc = e["description"].as_str().unwrap();
         assert!(title.chars().count() <= MAX_TITLE);
         assert!(desc.chars().count() <= MAX_DESCRIPTION);
-        assert!(desc.ends_with("more"), "{desc}");
+        assert!(desc.ends_with("more nodes"), "{desc}");
         let fields = e["fields"].as_array().unwrap();
         assert!(fields.len() <= MAX_FIELDS);
         let mut total = title.chars().count()

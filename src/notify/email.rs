@@ -28,8 +28,8 @@ use sha2::Digest as _;
 
 use crate::config::paging::EmailConfig;
 use crate::notify::{
-    alert_line_text, headline, status_text, tier_text, AlertMessage, Delivery, Error, GroupStatus,
-    Message, Notifier, Op, Outgoing, PlatformRef, TextMessage,
+    alert_line_text, headline, more_text, rollup_unit, status_text, tier_text, AlertMessage,
+    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef, TextMessage,
 };
 
 /// Thread replies starting with this are mailed (escalation notes); other
@@ -201,7 +201,7 @@ fn render_alert(m: &AlertMessage, message_id: String, in_reply_to: Option<String
     }
     if lines.len() > 100 || m.truncated_alerts > 0 {
         let more = lines.len().saturating_sub(100) as u64 + m.truncated_alerts;
-        text.push_str(&format!("+{more} more\n"));
+        text.push_str(&format!("{}\n", more_text(more, rollup_unit(m))));
     }
     let links: Vec<(&str, &String)> = [
         ("Runbook", &m.runbook_url),
@@ -235,6 +235,10 @@ fn render_alert(m: &AlertMessage, message_id: String, in_reply_to: Option<String
         html.push_str(&format!("<li>{}</li>", esc(l)));
     }
     html.push_str("</ul>");
+    if lines.len() > 100 || m.truncated_alerts > 0 {
+        let more = lines.len().saturating_sub(100) as u64 + m.truncated_alerts;
+        html.push_str(&format!("<p>{}</p>", esc(&more_text(more, rollup_unit(m)))));
+    }
     for (n, u) in &links {
         html.push_str(&format!("<a href=\"{}\">{}</a> ", esc(u), esc(n)));
     }
@@ -311,6 +315,7 @@ mod tests {
                 labels: vec![],
                 summary: None,
                 generator_url: None,
+                ..Default::default()
             }],
             truncated_alerts: 0,
             runbook_url: None,

@@ -179,6 +179,42 @@ pub fn truncate_chars(s: &str, max: usize) -> String {
 /// lines; when some do not fit the last line says `+N more`. `extra_more`
 /// adds items that were never in `lines` (e.g. AlertManager's truncated ones).
 pub fn fit_lines(lines: &[String], max_chars: usize, extra_more: u64) -> String {
+    fit_lines_counting(lines, max_chars, extra_more, None)
+}
+
+/// An alert message's lines (rendered and escaped by the platform) fitted
+/// into `max_chars` as [`fit_lines`] does; a multi-node roll-up ends with
+/// "… and N more nodes".
+pub fn fit_alert_lines(m: &AlertMessage, lines: &[String], max_chars: usize) -> String {
+    fit_lines_counting(lines, max_chars, m.truncated_alerts, rollup_unit(m))
+}
+
+/// "nodes" when every line of `m` is another node (a storm rolled up).
+pub fn rollup_unit(m: &AlertMessage) -> Option<&'static str> {
+    let mut nodes: Vec<&str> = m
+        .alerts
+        .iter()
+        .filter_map(AlertLine::node_or_instance)
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    (nodes.len() > 1 && nodes.len() == m.alerts.len()).then_some("nodes")
+}
+
+/// The tail of a cut list: "+N more", or "… and N more nodes".
+pub fn more_text(n: u64, unit: Option<&str>) -> String {
+    match unit {
+        Some(u) => format!("… and {n} more {u}"),
+        None => format!("+{n} more"),
+    }
+}
+
+fn fit_lines_counting(
+    lines: &[String],
+    max_chars: usize,
+    extra_more: u64,
+    unit: Option<&str>,
+) -> String {
     let total = lines.len() as u64 + extra_more;
     let mut out = String::new();
     let mut used = 0usize;
@@ -190,7 +226,11 @@ pub fn fit_lines(lines: &[String], max_chars: usize, extra_more: u64) -> String 
         let reserve = if remaining_after > 0 { 24 } else { 0 };
         if used + need + reserve > max_chars {
             let more = total - i as u64;
-            let tail = format!("{}+{more} more", if out.is_empty() { "" } else { "\n" });
+            let tail = format!(
+                "{}{}",
+                if out.is_empty() { "" } else { "\n" },
+                more_text(more, unit)
+            );
             out.push_str(&tail);
             return out;
         }
@@ -202,8 +242,9 @@ pub fn fit_lines(lines: &[String], max_chars: usize, extra_more: u64) -> String 
     }
     if extra_more > 0 {
         let tail = format!(
-            "{}+{extra_more} more",
-            if out.is_empty() { "" } else { "\n" }
+            "{}{}",
+            if out.is_empty() { "" } else { "\n" },
+            more_text(extra_more, unit)
         );
         if used + tail.chars().count() <= max_chars {
             out.push_str(&tail);
@@ -221,22 +262,34 @@ pub fn alert_line_text(a: &AlertLine) -> String {
     } else {
         "✅".into()
     });
-    if let Some(i) = &a.instance {
-        parts.push(i.clone());
+    let place = a.where_text();
+    if let Some(w) = &place {
+        parts.push(w.clone());
     }
-    if let Some(g) = &a.gpu {
-        parts.push(format!("gpu={g}"));
+    let device = a
+        .device
+        .clone()
+        .or_else(|| a.gpu.as_ref().map(|g| format!("GPU {g}")));
+    if let Some(d) = &device {
+        parts.push(d.clone());
     }
     for (k, v) in a.labels.iter().take(6) {
         parts.push(format!("{k}={v}"));
     }
-    if a.instance.is_none() && a.gpu.is_none() && a.labels.is_empty() && !a.name.is_empty() {
+    if let Some(v) = &a.value {
+        parts.push(format!("value {v}"));
+    }
+    if place.is_none() && device.is_none() && a.labels.is_empty() && !a.name.is_empty() {
         parts.push(a.name.clone());
     }
     let mut s = parts.join(" ");
     if let Some(sum) = &a.summary {
         s.push_str(" — ");
         s.push_str(sum);
+    }
+    if let Some(v) = &a.victim {
+        s.push_str(" · OOM victim: ");
+        s.push_str(v);
     }
     s
 }

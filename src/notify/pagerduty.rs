@@ -26,13 +26,16 @@ use futures_util::future::BoxFuture;
 use serde_json::json;
 
 use crate::notify::{
-    alert_line_text, headline, truncate_chars, AlertMessage, Delivery, Error, GroupStatus, Message,
-    Notifier, Op, Outgoing, PlatformRef,
+    alert_line_text, headline, more_text, rollup_unit, truncate_chars, AlertLine, AlertMessage,
+    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
 };
 use crate::routing::{Routing, Tier};
 
 /// PagerDuty's limit on `payload.summary`.
 pub const SUMMARY_MAX: usize = 1024;
+/// Alerts (and nodes) listed in `custom_details`; the rest are counted, so
+/// a storm of thousands stays far inside the Events API's 512 KB.
+pub const MAX_DETAIL_ALERTS: usize = 100;
 /// PagerDuty's limit on `dedup_key`.
 pub const DEDUP_KEY_MAX: usize = 255;
 
@@ -284,13 +287,22 @@ pub fn event(
         return ev;
     }
     let label = |k: &str| m.common_labels.get(k).cloned();
-    let source = label("node")
-        .or_else(|| label("instance"))
-        .or_else(|| m.alerts.iter().find_map(|a| a.instance.clone()))
-        .unwrap_or_else(|| "gpuops".to_string());
+    // The node by name (resolved into the lines); a roll-up names its count.
+    let source = match rollup_unit(m) {
+        Some(unit) => format!("{} {unit}", m.alerts.len()),
+        None => m
+            .alerts
+            .iter()
+            .find_map(|a| a.node.clone())
+            .or_else(|| label("node"))
+            .or_else(|| label("instance"))
+            .or_else(|| m.alerts.iter().find_map(|a| a.instance.clone()))
+            .unwrap_or_else(|| "gpuops".to_string()),
+    };
     let alerts: Vec<serde_json::Value> = m
         .alerts
         .iter()
+        .take(MAX_DETAIL_ALERTS)
         .map(|a| {
             let mut labels: BTreeMap<String, String> = m.common_labels.clone();
             labels.extend(a.labels.iter().cloned());
@@ -300,11 +312,22 @@ pub fn event(
             if !a.name.is_empty() {
                 labels.insert("alertname".into(), a.name.clone());
             }
-            json!({
+            let mut alert = json!({
                 "status": if a.firing { "firing" } else { "resolved" },
                 "line": alert_line_text(a),
                 "labels": labels,
-            })
+            });
+            for (key, value) in [
+                ("node", &a.node),
+                ("instance", &a.instance),
+                ("gpu", &a.device),
+                ("oom_victim", &a.victim),
+            ] {
+                if let Some(v) = value {
+                    alert[key] = json!(v);
+                }
+            }
+            alert
         })
         .collect();
     let mut details = json!({
@@ -323,6 +346,20 @@ pub fn event(
     }
     if m.truncated_alerts > 0 {
         details["truncated_alerts"] = json!(m.truncated_alerts);
+    }
+    if m.alerts.len() > MAX_DETAIL_ALERTS || m.truncated_alerts > 0 {
+        let more = m.alerts.len().saturating_sub(MAX_DETAIL_ALERTS) as u64 + m.truncated_alerts;
+        details["more"] = json!(more_text(more, rollup_unit(m)));
+    }
+    let nodes: Vec<String> = {
+        let mut v: Vec<String> = m.alerts.iter().filter_map(AlertLine::where_text).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    if !nodes.is_empty() {
+        let shown: Vec<&String> = nodes.iter().take(MAX_DETAIL_ALERTS).collect();
+        details["nodes"] = json!(shown);
     }
     let mut payload = json!({
         "summary": truncate_chars(&headline(m), SUMMARY_MAX),
@@ -392,6 +429,7 @@ mod tests {
                 labels: vec![("xid".into(), "79".into())],
                 summary: None,
                 generator_url: None,
+                ..Default::default()
             }],
             truncated_alerts: 0,
             runbook_url: Some("https://wiki.example/xid".into()),

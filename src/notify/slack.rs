@@ -19,8 +19,9 @@ use slack_morphism::prelude::*;
 
 use crate::config::bot::SlackConfig;
 use crate::notify::{
-    alert_line_text, fit_lines, headline, status_text, tier_text, truncate_chars, AlertMessage,
-    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef, TextMessage,
+    alert_line_text, fit_alert_lines, headline, status_text, tier_text, truncate_chars,
+    AlertMessage, Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
+    TextMessage,
 };
 use crate::routing::Tier;
 
@@ -320,11 +321,7 @@ fn render_alert(m: &AlertMessage) -> SlackMessageContent {
         .iter()
         .map(|a| escape(&alert_line_text(a)))
         .collect();
-    blocks.push(mrkdwn_section(fit_lines(
-        &lines,
-        MAX_SECTION_TEXT,
-        m.truncated_alerts,
-    )));
+    blocks.push(mrkdwn_section(fit_alert_lines(m, &lines, MAX_SECTION_TEXT)));
     if let Some(d) = &m.description {
         blocks.push(mrkdwn_section(escape(&truncate_chars(d, 1500))));
     }
@@ -395,6 +392,7 @@ mod tests {
                     labels: vec![("xid".into(), "79".into())],
                     summary: Some("GPU has fallen off the bus <&>".into()),
                     generator_url: None,
+                    ..Default::default()
                 })
                 .collect(),
             truncated_alerts: 3,
@@ -454,7 +452,7 @@ mod tests {
             .unwrap();
         let text = alerts["text"]["text"].as_str().unwrap();
         assert!(
-            text.lines().last().unwrap().starts_with('+') && text.ends_with("more"),
+            text.lines().last().unwrap().starts_with("… and ") && text.ends_with("more nodes"),
             "{text}"
         );
         assert!(text.contains("&lt;&amp;&gt;"));

@@ -21,7 +21,9 @@
 //!
 //! `message` is `notify::Message` as serde writes it (tier, title, summary,
 //! severity, severity_unknown, status, acknowledged, alerts[], links,
-//! buttons). 2xx is success; 429 honours `Retry-After` (seconds); 408 and 5xx
+//! buttons); each of `alerts[]` carries `instance` and, resolved by the bot,
+//! `node` (the node's name), `device` (`GPU 3 (GPU-8c3e2a5d)`), `value` and
+//! `victim` (an OOM victim). 2xx is success; 429 honours `Retry-After` (seconds); 408 and 5xx
 //! are retried; other 4xx are dead-lettered. The URL is a secret: it is never
 //! logged and never put in an error (reqwest errors are stripped of it).
 

@@ -216,6 +216,7 @@ pub async fn digest_once(state: &BotState, d: &DigestConfig, started: f64) -> Op
             return None;
         }
     };
+    let names = state.identity.names().await;
     let mut deliveries = Vec::new();
     let mut mentioned = 0;
     for dest in state
@@ -237,7 +238,7 @@ pub async fn digest_once(state: &BotState, d: &DigestConfig, started: f64) -> Op
             continue;
         }
         mentioned += mine.len();
-        let text = digest_text(d, slot, last, late, &mine);
+        let text = digest_text(d, slot, last, late, &mine, &names);
         let body =
             serde_json::to_string(&Message::Text(TextMessage::new(text, None))).unwrap_or_default();
         for t in dest.targets() {
@@ -305,6 +306,7 @@ pub fn digest_text(
     since: f64,
     late: bool,
     groups: &[(&store::paging::DigestGroup, Webhook)],
+    names: &crate::inventory::NodeNames,
 ) -> String {
     // (section, alertname) -> nodes
     let mut sections: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
@@ -326,12 +328,17 @@ pub fn digest_text(
                 .get("alertname")
                 .cloned()
                 .unwrap_or_else(|| "(no alertname)".into());
-            let node = a
-                .labels
-                .get("node")
-                .or_else(|| a.labels.get("instance"))
-                .cloned()
-                .unwrap_or_else(|| "-".into());
+            // The node by name, its instance beside it.
+            let instance = a.labels.get("instance");
+            let node = match (
+                names.name_of(instance.map(String::as_str), &a.labels),
+                instance,
+            ) {
+                (Some(n), Some(i)) if n != *i => format!("{n} ({i})"),
+                (Some(n), _) => n,
+                (None, Some(i)) => i.clone(),
+                (None, None) => "-".into(),
+            };
             let s = if section == 0 && a.status != "firing" {
                 2
             } else {
@@ -410,5 +417,37 @@ mod tests {
         // Claimed: nothing more until Thursday.
         assert_eq!(due_slot(&d, day(25, 8, 0), day(25, 10, 0)), None);
         assert_eq!(next_slot(&d, day(25, 10, 0)), Some(day(26, 8, 0)));
+    }
+
+    #[test]
+    fn digest_lines_name_the_node_with_its_instance() {
+        let hook: Webhook = serde_json::from_value(serde_json::json!({
+            "groupKey": "{}:{alertname=\"GpuIdle\"}", "status": "firing",
+            "alerts": [
+                {"status": "firing", "labels": {"alertname": "GpuIdle", "instance": "127.0.0.1:18949"}},
+                {"status": "firing", "labels": {"alertname": "GpuIdle", "instance": "10.0.0.9:9949"}}
+            ]
+        }))
+        .unwrap();
+        let g = store::paging::DigestGroup {
+            group_id: 1,
+            status: "firing".into(),
+            state: String::new(),
+            first_seen: 10.0,
+            updated_at: 10.0,
+        };
+        let names = crate::inventory::NodeNames::fixed([("127.0.0.1:18949", "gpu-node-17")]);
+        let text = digest_text(
+            &digest("0 0 9 * * *", "UTC"),
+            100.0,
+            0.0,
+            false,
+            &[(&g, hook)],
+            &names,
+        );
+        assert!(
+            text.contains("- GpuIdle: gpu-node-17 (127.0.0.1:18949), 10.0.0.9:9949"),
+            "{text}"
+        );
     }
 }

@@ -193,6 +193,7 @@ async fn deliver(
         config: cfg,
         metrics: Arc::new(BotMetrics::new()),
         suggest_runbook: None,
+        identity: None,
     };
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
