@@ -35,6 +35,11 @@ use crate::routing::{Routing, Tier};
 pub const SUMMARY_MAX: usize = 1024;
 /// PagerDuty's limit on `dedup_key`.
 pub const DEDUP_KEY_MAX: usize = 255;
+/// PagerDuty refuses an event larger than 512 KiB (400 "larger than 512
+/// KiB"): the whole serialized event must stay under it.
+pub const EVENT_MAX_BYTES: usize = 512 * 1024;
+/// What [`event`] allows itself (a margin under [`EVENT_MAX_BYTES`]).
+pub const EVENT_BUDGET_BYTES: usize = EVENT_MAX_BYTES - 8 * 1024;
 
 pub struct PagerDutyNotifier {
     client: reqwest::Client,
@@ -258,22 +263,32 @@ pub fn event(
     if action != Action::Trigger {
         return ev;
     }
-    let label = |k: &str| m.common_labels.get(k).cloned();
+    use crate::escape::{line, pagerduty as plain};
+    let label = |k: &str| m.common_labels.get(k).map(|v| line(v));
     let source = label("node")
         .or_else(|| label("instance"))
-        .or_else(|| m.alerts.iter().find_map(|a| a.instance.clone()))
+        .or_else(|| {
+            m.alerts
+                .iter()
+                .find_map(|a| a.instance.as_deref().map(line))
+        })
         .unwrap_or_else(|| "gpuops".to_string());
+    let common: BTreeMap<String, String> = m
+        .common_labels
+        .iter()
+        .map(|(k, v)| (line(k), line(v)))
+        .collect();
     let alerts: Vec<serde_json::Value> = m
         .alerts
         .iter()
         .map(|a| {
-            let mut labels: BTreeMap<String, String> = m.common_labels.clone();
-            labels.extend(a.labels.iter().cloned());
+            let mut labels: BTreeMap<String, String> = common.clone();
+            labels.extend(a.labels.iter().map(|(k, v)| (line(k), line(v))));
             if let Some(i) = &a.instance {
-                labels.insert("instance".into(), i.clone());
+                labels.insert("instance".into(), line(i));
             }
             if !a.name.is_empty() {
-                labels.insert("alertname".into(), a.name.clone());
+                labels.insert("alertname".into(), line(&a.name));
             }
             json!({
                 "status": if a.firing { "firing" } else { "resolved" },
@@ -284,26 +299,26 @@ pub fn event(
         .collect();
     let mut details = json!({
         "tier": m.tier.as_str(),
-        "severity": m.severity,
+        "severity": line(&m.severity),
         "firing": match m.status { GroupStatus::Firing { firing, .. } => firing, GroupStatus::Resolved => 0 },
-        "alerts": alerts,
-        "common_labels": m.common_labels,
+        "alerts": [],
+        "common_labels": common,
         "group_id": m.group_id,
     });
     if let Some(s) = &m.summary {
-        details["summary"] = json!(s);
+        details["summary"] = json!(line(s));
     }
     if let Some(d) = &m.description {
-        details["description"] = json!(truncate_chars(d, 4000));
+        details["description"] = json!(plain(&truncate_chars(d, 4000)));
     }
     if m.truncated_alerts > 0 {
         details["truncated_alerts"] = json!(m.truncated_alerts);
     }
     let mut payload = json!({
-        "summary": truncate_chars(&headline(m), SUMMARY_MAX),
+        "summary": truncate_chars(&plain(&headline(m)), SUMMARY_MAX),
         "source": truncate_chars(&source, 255),
         "severity": severity(m.tier),
-        "custom_details": details,
+        "custom_details": {},
     });
     for (field, keys) in [
         ("component", &["component", "job", "gpu"][..]),
@@ -316,28 +331,104 @@ pub fn event(
     }
     if payload.get("class").is_none() {
         if let Some(a) = m.alerts.first().filter(|a| !a.name.is_empty()) {
-            payload["class"] = json!(a.name);
+            payload["class"] = json!(truncate_chars(&line(&a.name), 255));
         }
     }
     ev["payload"] = payload;
     ev["client"] = json!("gpuops");
+    // Links only to http(s) URLs: a `javascript:` runbook_url is left out
+    // (it is in the alert's labels and annotations as text).
     let mut links = Vec::new();
     for (href, text) in [
         (&m.runbook_url, "Runbook"),
         (&m.alertmanager_url, "AlertManager"),
         (&m.generator_url, "Prometheus graph"),
     ] {
-        if let Some(h) = href {
+        if let Some(h) = href.as_deref().and_then(crate::escape::safe_url) {
             links.push(json!({"href": h, "text": text}));
         }
     }
-    if let Some(am) = &m.alertmanager_url {
+    if let Some(am) = m
+        .alertmanager_url
+        .as_deref()
+        .and_then(crate::escape::safe_url)
+    {
         ev["client_url"] = json!(am);
     }
     if !links.is_empty() {
         ev["links"] = json!(links);
     }
+    fit_alerts(&mut ev, details, alerts);
     ev
+}
+
+/// Puts `details` with as many of `alerts` as fit into the event's
+/// `payload.custom_details`, so the whole event stays within
+/// [`EVENT_BUDGET_BYTES`] (measured on the serialized event, not guessed):
+/// the first N alerts, then `alerts_not_shown: "… and 1,950 more"`.
+fn fit_alerts(
+    ev: &mut serde_json::Value,
+    mut details: serde_json::Value,
+    alerts: Vec<serde_json::Value>,
+) {
+    let size = |v: &serde_json::Value| serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+    let total = alerts.len();
+    // The event without alerts, with the longest note it could carry.
+    details["alerts_not_shown"] = json!(more_note(total));
+    ev["payload"]["custom_details"] = details.clone();
+    let mut base = size(ev);
+    if base > EVENT_BUDGET_BYTES {
+        // Only oversized common parts can do this: drop them, say so.
+        for k in ["description", "common_labels", "summary"] {
+            if let Some(o) = details.as_object_mut() {
+                o.remove(k);
+            }
+        }
+        details["omitted"] =
+            json!("description, common labels and summary: too large for PagerDuty");
+        ev["payload"]["custom_details"] = details.clone();
+        base = size(ev);
+    }
+    let mut used = base;
+    let mut keep = 0usize;
+    for a in &alerts {
+        let n = size(a) + 1;
+        if used + n > EVENT_BUDGET_BYTES {
+            break;
+        }
+        used += n;
+        keep += 1;
+    }
+    let mut alerts = alerts;
+    loop {
+        alerts.truncate(keep);
+        let shown = alerts.len();
+        details["alerts"] = json!(alerts);
+        match details.as_object_mut() {
+            Some(o) if shown == total => {
+                o.remove("alerts_not_shown");
+            }
+            _ => details["alerts_not_shown"] = json!(more_note(total - shown)),
+        }
+        ev["payload"]["custom_details"] = details.clone();
+        if size(ev) <= EVENT_BUDGET_BYTES || keep == 0 {
+            return;
+        }
+        keep /= 2;
+    }
+}
+
+/// `… and 1,950 more`.
+fn more_note(n: usize) -> String {
+    let digits = n.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("… and {grouped} more")
 }
 
 #[cfg(test)]

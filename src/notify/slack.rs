@@ -170,19 +170,18 @@ fn map_error(e: SlackClientError) -> Error {
     }
 }
 
-/// Escapes text for Slack mrkdwn (`&`, `<`, `>`).
+/// Escapes text for Slack mrkdwn (`&`, `<`, `>`): [`crate::escape::slack`].
 pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    crate::escape::slack(s)
 }
 
+/// A link `<url|text>` when `url` is an `http(s)` URL that cannot break the
+/// syntax ([`crate::escape::safe_url`]); anything else (`javascript:`, a
+/// `|` or `>` in it) is shown as escaped text. `text` is ours.
 fn link(url: &str, text: &str) -> String {
-    // A URL with `|` or `>` would break the link syntax; show it escaped instead.
-    if url.contains('|') || url.contains('>') || url.contains(char::is_whitespace) {
-        escape(url)
-    } else {
-        format!("<{url}|{text}>")
+    match crate::escape::safe_url(url) {
+        Some(u) => format!("<{}|{text}>", u.replace('&', "&amp;")),
+        None => format!("{text}: {}", escape(&crate::escape::line(url))),
     }
 }
 
@@ -247,7 +246,7 @@ fn render_text(t: &TextMessage) -> SlackMessageContent {
         blocks.push(buttons_block(&t.buttons, 0));
     }
     SlackMessageContent::new()
-        .with_text(truncate_chars(&t.text, MAX_FALLBACK_TEXT))
+        .with_text(truncate_chars(&escape(&t.text), MAX_FALLBACK_TEXT))
         .with_blocks(blocks)
 }
 
@@ -295,17 +294,23 @@ fn render_alert(m: &AlertMessage) -> SlackMessageContent {
         tier_emoji(m),
         m.tier,
         status_text(m),
-        m.title
+        crate::escape::line(&m.title)
     );
     blocks.push(SlackBlock::Header(SlackHeaderBlock::new(
-        SlackBlockPlainTextOnly::from(truncate_chars(&header, MAX_HEADER_TEXT)),
+        SlackBlockPlainTextOnly::from(truncate_chars(&escape(&header), MAX_HEADER_TEXT)),
     )));
     if let Some(s) = &m.summary {
-        blocks.push(mrkdwn_section(format!("*{}*", escape(s))));
+        blocks.push(mrkdwn_section(format!(
+            "*{}*",
+            escape(&crate::escape::line(s))
+        )));
     }
     let mut ctx = vec![escape(&tier_text(m))];
     if let Some(a) = &m.acknowledged {
-        ctx.push(format!("👀 acknowledged by {}", escape(&a.by)));
+        ctx.push(format!(
+            "👀 acknowledged by {}",
+            escape(&crate::escape::line(&a.by))
+        ));
     }
     if m.is_test {
         ctx.push("This is a test alert from gpuops.".into());
@@ -329,7 +334,7 @@ fn render_alert(m: &AlertMessage) -> SlackMessageContent {
         links.push(link(u, "📖 Runbook"));
     }
     if let Some(id) = &m.runbook_id {
-        links.push(format!("runbook `{}`", escape(id)));
+        links.push(format!("runbook `{}`", escape(&crate::escape::line(id))));
     }
     if let Some(u) = &m.generator_url {
         links.push(link(u, "📈 Prometheus"));
@@ -348,7 +353,7 @@ fn render_alert(m: &AlertMessage) -> SlackMessageContent {
         .with_color(colour(m))
         .with_blocks(blocks);
     SlackMessageContent::new()
-        .with_text(truncate_chars(&headline(m), MAX_FALLBACK_TEXT))
+        .with_text(truncate_chars(&escape(&headline(m)), MAX_FALLBACK_TEXT))
         .with_attachments(vec![attachment])
 }
 

@@ -67,85 +67,86 @@ pub fn fmt_local(tz: chrono_tz::Tz, unix: f64) -> String {
         .unwrap_or_else(|| "?".to_string())
 }
 
-/// Escapes Markdown's special characters in a value from outside.
+/// Escapes Markdown's special characters in a value from outside (one
+/// line): [`crate::escape::markdown`].
 pub fn md_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(
-            c,
-            '\\' | '*' | '_' | '`' | '[' | ']' | '<' | '>' | '~' | '|' | '#'
-        ) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
+    crate::escape::markdown(s)
 }
 
-/// Escapes text for HTML content and attribute values.
+/// Escapes text for HTML content and attribute values:
+/// [`crate::escape::html`].
 pub fn html_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+    crate::escape::html(s)
 }
 
-/// A line as Markdown: our own text as written (it may hold `code`
-/// spans), bold and link texts escaped, URLs percent-encoded already.
+/// Our text's pieces: `(is_code, piece)`, split at backticks. A piece may
+/// still carry an outside value (a node or alert name formatted into the
+/// text), so every renderer escapes both kinds for its format.
+fn text_pieces(t: &str) -> impl Iterator<Item = (bool, &str)> {
+    t.split('`').enumerate().map(|(i, p)| (i % 2 == 1, p))
+}
+
+/// A line as Markdown: our text's `code` spans kept (their content on one
+/// line), everything else escaped, link texts escaped, link URLs only
+/// `http(s)` ones (already percent-encoded), else the text alone.
 pub fn line_markdown(line: &Line) -> String {
     line.0
         .iter()
         .map(|p| match p {
-            Part::Text(t) => t.clone(),
+            Part::Text(t) => text_pieces(t)
+                .map(|(code, piece)| {
+                    if code {
+                        format!("`{}`", crate::escape::line(piece))
+                    } else {
+                        md_escape(piece)
+                    }
+                })
+                .collect(),
             Part::Value(v) => md_escape(v),
             Part::Bold(b) => format!("**{}**", md_escape(b)),
-            Part::Link { text, url } => format!("[{}]({url})", md_escape(text)),
+            Part::Link { text, url } => match crate::escape::safe_url(url) {
+                Some(u) => format!("[{}]({u})", md_escape(text)),
+                None => md_escape(text),
+            },
         })
         .collect()
 }
 
-/// A line as plain text (no markup, no URLs).
+/// A line as plain text (no markup, no URLs), one line.
 pub fn line_text(line: &Line) -> String {
     line.0
         .iter()
         .map(|p| match p {
-            Part::Text(t) => t.replace('`', ""),
-            Part::Value(v) => v.clone(),
-            Part::Bold(b) => b.clone(),
-            Part::Link { text, .. } => text.clone(),
+            Part::Text(t) => crate::escape::line(&t.replace('`', "")),
+            Part::Value(v) => crate::escape::line(v),
+            Part::Bold(b) => crate::escape::line(b),
+            Part::Link { text, .. } => crate::escape::line(text),
         })
         .collect()
 }
 
-/// A line as HTML; our text's `code` spans become `<code>`.
+/// A line as HTML; our text's `code` spans become `<code>`; a link only
+/// to an `http(s)` URL.
 pub fn line_html(line: &Line) -> String {
+    let h = |s: &str| html_escape(&crate::escape::line(s));
     line.0
         .iter()
         .map(|p| match p {
-            Part::Text(t) => {
-                let mut out = String::new();
-                for (i, piece) in t.split('`').enumerate() {
-                    if i % 2 == 1 {
-                        out.push_str(&format!("<code>{}</code>", html_escape(piece)));
+            Part::Text(t) => text_pieces(t)
+                .map(|(code, piece)| {
+                    if code {
+                        format!("<code>{}</code>", h(piece))
                     } else {
-                        out.push_str(&html_escape(piece));
+                        h(piece)
                     }
-                }
-                out
-            }
-            Part::Value(v) => html_escape(v),
-            Part::Bold(b) => format!("<strong>{}</strong>", html_escape(b)),
-            Part::Link { text, url } => {
-                format!("<a href=\"{}\">{}</a>", html_escape(url), html_escape(text))
-            }
+                })
+                .collect(),
+            Part::Value(v) => h(v),
+            Part::Bold(b) => format!("<strong>{}</strong>", h(b)),
+            Part::Link { text, url } => match crate::escape::safe_url(url) {
+                Some(u) => format!("<a href=\"{}\">{}</a>", html_escape(u), h(text)),
+                None => h(text),
+            },
         })
         .collect()
 }
@@ -239,11 +240,7 @@ pub fn section_lines(s: &Section) -> Vec<Line> {
     }
     out.extend(s.lines.iter().cloned());
     for why in &s.failures {
-        out.push(
-            Line::new()
-                .text("⚠ Could not compute ")
-                .text(md_escape(why)),
-        );
+        out.push(Line::new().text("⚠ Could not compute ").value(why.clone()));
     }
     out
 }

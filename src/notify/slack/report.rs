@@ -31,7 +31,7 @@ use sha2::Digest as _;
 use slack_morphism::prelude::*;
 
 use crate::message::{Chart, ReportMessage};
-use crate::notify::report_lines::{fit_lines, more, plain, safe_file_name, slack_mrkdwn};
+use crate::notify::report_lines::{fit_lines, more, plain_text, safe_file_name, slack_mrkdwn};
 use crate::notify::slack::{
     escape, map_error, Connector, MAX_BLOCKS, MAX_FALLBACK_TEXT, MAX_HEADER_TEXT, MAX_SECTION_TEXT,
     MAX_TOTAL_BLOCK_TEXT,
@@ -330,7 +330,7 @@ pub fn content(r: &ReportMessage) -> SlackMessageContent {
     let mut fallback = r.title.clone();
     for l in &r.summary {
         fallback.push('\n');
-        fallback.push_str(&plain(l));
+        fallback.push_str(&plain_text(l));
     }
     SlackMessageContent::new()
         .with_text(truncate_chars(&escape(&fallback), MAX_FALLBACK_TEXT))
