@@ -303,7 +303,10 @@ pub fn render(m: &Message) -> Rendered {
             // block, where Discord renders no Markdown and no mention.
             let mut content = escape(&t.text);
             if let Some(code) = &t.code {
-                let code = crate::escape::pagerduty(code).replace("```", "ˋˋˋ");
+                let code = crate::escape::pagerduty(code)
+                    .replace("```", "ˋˋˋ")
+                    .replace("@everyone", "@\u{200B}everyone")
+                    .replace("@here", "@\u{200B}here");
                 let room = MAX_CONTENT.saturating_sub(content.chars().count() + 10);
                 content = format!(
                     "{content}\n```\n{}\n```",

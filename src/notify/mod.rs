@@ -369,3 +369,6 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod hostile_tests;

@@ -321,16 +321,18 @@ pub fn digest_text(
             2
         };
         for a in &hook.alerts {
+            // Labels are outside text: one line each (the notifiers
+            // escape the digest for their format).
             let name = a
                 .labels
                 .get("alertname")
-                .cloned()
+                .map(|n| crate::escape::line(n))
                 .unwrap_or_else(|| "(no alertname)".into());
             let node = a
                 .labels
                 .get("node")
                 .or_else(|| a.labels.get("instance"))
-                .cloned()
+                .map(|n| crate::escape::line(n))
                 .unwrap_or_else(|| "-".into());
             let s = if section == 0 && a.status != "firing" {
                 2
