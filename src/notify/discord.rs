@@ -569,6 +569,34 @@ mod tests {
         assert!(tier["value"].as_str().unwrap().contains("unknown severity"));
     }
 
+    /// Findings 1 and 2 (issue 20): mentions, masked links and a
+    /// `javascript:` runbook URL from labels, in a Discord message and edit.
+    #[test]
+    fn discord_alert_escapes_mentions_and_masked_links() {
+        let mut m = big_alert(1);
+        m.title = "[Reset your SSO password](https://evil.example/login) @everyone".into();
+        m.alerts[0].summary = Some("<@123> @here # heading".into());
+        m.runbook_url = Some("javascript:alert(document.cookie)".into());
+        m.acknowledged = Some(crate::notify::Ack {
+            by: "@everyone Mallory".into(),
+            at: 0.0,
+        });
+        for v in [
+            serde_json::to_value(create_message(&Message::Alert(Box::new(m.clone())))).unwrap(),
+            serde_json::to_value(edit_message(&Message::Alert(Box::new(m)))).unwrap(),
+        ] {
+            assert_eq!(v["allowed_mentions"]["parse"], serde_json::json!([]));
+            let s = v.to_string();
+            assert!(!s.contains("@everyone") && !s.contains("@here"), "{s}");
+            assert!(
+                !s.contains("](https://evil") && !s.contains("](javascript"),
+                "{s}"
+            );
+            assert!(!s.contains("<@123>"), "{s}");
+            assert!(!s.contains("[Runbook]"), "{s}");
+        }
+    }
+
     #[test]
     fn buttons_carry_the_contract_ids() {
         let v =

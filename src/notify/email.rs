@@ -333,6 +333,40 @@ mod tests {
         }))
     }
 
+    /// Finding 2 (issue 20): `runbook_url: javascript:…` reached the
+    /// email's `<a href>`; a label's CRLF reached the Subject.
+    #[test]
+    fn javascript_runbook_url_is_never_an_email_link() {
+        let Message::Alert(mut m) = alert(
+            GroupStatus::Firing {
+                firing: 1,
+                resolved: 0,
+            },
+            false,
+        ) else {
+            unreachable!()
+        };
+        m.runbook_url = Some("javascript:alert(document.cookie)".into());
+        m.alertmanager_url = Some("https://am.example/#/alerts".into());
+        m.title = "GpuHot\r\nBcc: victim@example.com <img src=x onerror=alert(1)>".into();
+        let msg = Message::Alert(m);
+        let post = Outgoing {
+            channel: "ops@example.com",
+            op: Op::Post,
+            message: &msg,
+        };
+        let (mail, _) = plan(&post).unwrap();
+        assert!(!mail.html.contains("href=\"javascript"), "{}", mail.html);
+        assert!(mail
+            .html
+            .contains("Runbook: javascript:alert(document.cookie)"));
+        assert!(mail
+            .html
+            .contains("<a href=\"https://am.example/#/alerts\">"));
+        assert!(!mail.html.contains("<img"), "{}", mail.html);
+        assert!(!mail.subject.contains(['\r', '\n']), "{:?}", mail.subject);
+    }
+
     #[test]
     fn a_group_is_one_thread_and_only_state_changes_are_mailed() {
         let firing = GroupStatus::Firing {

@@ -501,6 +501,100 @@ mod tests {
         assert!(ack.get("payload").is_none());
     }
 
+    /// Finding 3 (issue 20): a 2,000-alert P1 group became a 685 KB event
+    /// that PagerDuty refused (400, larger than 512 KiB): nobody was paged.
+    #[test]
+    fn a_2000_alert_p1_group_event_fits_512_kib() {
+        let mut m = message(
+            GroupStatus::Firing {
+                firing: 2000,
+                resolved: 0,
+            },
+            false,
+        );
+        m.alerts = (0..2000)
+            .map(|i| AlertLine {
+                firing: true,
+                name: "GpuXidError".into(),
+                instance: Some(format!("gpu-node-{i:04}.cluster.example:9949")),
+                gpu: Some((i % 8).to_string()),
+                labels: vec![
+                    ("xid".into(), "79".into()),
+                    (
+                        "uuid".into(),
+                        format!("GPU-{i:08x}-1111-2222-3333-444455556666"),
+                    ),
+                    (
+                        "pci_bus_id".into(),
+                        format!("00000000:{:02X}:00.0", i % 256),
+                    ),
+                    ("job".into(), "gpuops-agent".into()),
+                ],
+                summary: Some(format!(
+                    "GPU {} on gpu-node-{i:04} has fallen off the bus",
+                    i % 8
+                )),
+                generator_url: None,
+            })
+            .collect();
+        let ev = event(&"k".repeat(32), Action::Trigger, "gpuops/7/abc", &m);
+        let bytes = serde_json::to_vec(&ev).unwrap().len();
+        assert!(bytes <= EVENT_MAX_BYTES, "{bytes} bytes");
+        let details = &ev["payload"]["custom_details"];
+        let shown = details["alerts"].as_array().unwrap().len();
+        assert!(shown >= 100 && shown < 2000, "{shown}");
+        assert_eq!(
+            details["alerts_not_shown"],
+            format!("… and {} more", fmt_thousands(2000 - shown))
+        );
+        assert_eq!(details["firing"], 2000);
+        eprintln!("2,000-alert event: {bytes} bytes, {shown} alerts shown");
+        // A small group is sent whole, with no note.
+        m.alerts.truncate(3);
+        let ev = event(&"k".repeat(32), Action::Trigger, "gpuops/7/abc", &m);
+        assert_eq!(
+            ev["payload"]["custom_details"]["alerts"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+        assert!(ev["payload"]["custom_details"]
+            .get("alerts_not_shown")
+            .is_none());
+    }
+
+    fn fmt_thousands(n: usize) -> String {
+        more_note(n)
+            .trim_start_matches("… and ")
+            .trim_end_matches(" more")
+            .to_string()
+    }
+
+    /// Finding 2 (issue 20): `runbook_url: javascript:…` reached the
+    /// event's `links`; labels' control characters reached its text.
+    #[test]
+    fn javascript_runbook_url_is_never_a_pagerduty_link() {
+        let mut m = message(
+            GroupStatus::Firing {
+                firing: 1,
+                resolved: 0,
+            },
+            false,
+        );
+        m.runbook_url = Some("javascript:alert(document.cookie)".into());
+        m.alertmanager_url = Some("data:text/html,x".into());
+        m.title = "Gpu\r\nHot\u{1b}[31m".into();
+        let ev = event(&"k".repeat(32), Action::Trigger, "gpuops/7/abc", &m);
+        assert!(ev.get("links").is_none(), "{}", ev["links"]);
+        assert!(ev.get("client_url").is_none());
+        let summary = ev["payload"]["summary"].as_str().unwrap();
+        assert!(!summary.contains(['\r', '\n', '\u{1b}']), "{summary:?}");
+        assert_eq!(more_note(1950), "… and 1,950 more");
+        assert_eq!(more_note(12), "… and 12 more");
+        assert_eq!(more_note(1_234_567), "… and 1,234,567 more");
+    }
+
     #[test]
     fn the_incident_follows_the_group() {
         let firing = GroupStatus::Firing {

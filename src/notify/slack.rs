@@ -462,6 +462,71 @@ mod tests {
         assert!(v["text"].as_str().unwrap().chars().count() <= MAX_FALLBACK_TEXT);
     }
 
+    fn all_texts(v: &serde_json::Value) -> Vec<String> {
+        let mut out = Vec::new();
+        texts(v, &mut out);
+        out
+    }
+
+    /// Finding 1 (issue 20): the top-level `text` of `chat.postMessage`
+    /// carried an alert name's mentions unescaped.
+    #[test]
+    fn slack_fallback_text_escapes_mentions() {
+        let mut m = big_alert(1);
+        m.title = "Mention <!channel> <!here> <@U0ADMIN>".into();
+        let v = serde_json::to_value(render(&Message::Alert(Box::new(m)))).unwrap();
+        let text = v["text"].as_str().unwrap();
+        assert!(
+            text.contains("Mention &lt;!channel&gt; &lt;!here&gt; &lt;@U0ADMIN&gt;"),
+            "{text}"
+        );
+        for t in all_texts(&v) {
+            assert!(!t.contains("<!") && !t.contains("<@"), "{t}");
+        }
+        // A thread reply's fallback too.
+        let t = TextMessage::new("unknown command <!channel>", Some("<!here>".into()));
+        let v = serde_json::to_value(render(&Message::Text(t))).unwrap();
+        assert_eq!(v["text"], "unknown command &lt;!channel&gt;");
+        for t in all_texts(&v) {
+            assert!(!t.contains("<!"), "{t}");
+        }
+    }
+
+    /// Finding 1 (issue 20): a PagerDuty acknowledgement by
+    /// `<!channel> Mallory` landed in `chat.update` as a mention.
+    #[test]
+    fn pagerduty_ack_by_mention_is_escaped_in_chat_update() {
+        let mut m = big_alert(1);
+        m.acknowledged = Some(crate::notify::Ack {
+            by: "<!channel> Mallory".into(),
+            at: 0.0,
+        });
+        let v = serde_json::to_value(render(&Message::Alert(Box::new(m)))).unwrap();
+        let all = all_texts(&v);
+        assert!(
+            all.iter()
+                .any(|t| t.contains("acknowledged by &lt;!channel&gt; Mallory")),
+            "{all:?}"
+        );
+        for t in &all {
+            assert!(!t.contains("<!channel>"), "{t}");
+        }
+    }
+
+    /// Finding 2 (issue 20): `runbook_url: javascript:…` became a link.
+    #[test]
+    fn javascript_runbook_url_is_never_a_slack_link() {
+        let mut m = big_alert(1);
+        m.runbook_url = Some("javascript:alert(document.cookie)".into());
+        m.generator_url = Some("data:text/html,x".into());
+        let v = serde_json::to_value(render(&Message::Alert(Box::new(m)))).unwrap();
+        for t in all_texts(&v) {
+            assert!(!t.contains("<javascript") && !t.contains("<data"), "{t}");
+        }
+        assert!(v.to_string().contains("javascript:alert(document.cookie)"));
+        assert!(v.to_string().contains("<http://am:9093|"), "{v}");
+    }
+
     #[test]
     fn buttons_carry_the_contract_ids() {
         let content = render(&Message::Alert(Box::new(big_alert(1))));

@@ -361,6 +361,7 @@ pub fn render(inputs: &Inputs<'_>, sections: &[Section], charts: Vec<Chart>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::Section;
 
     #[test]
     fn numbers_durations_bytes() {
@@ -394,5 +395,78 @@ mod tests {
             "<strong>&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;</strong>a &amp; <code>b&lt;c&gt;</code>"
         );
         assert_eq!(line_text(&line), "node gpu_node*1 /data 3 [x]");
+    }
+
+    /// Finding 2 (issue 20): an alert name `[Reset your SSO
+    /// password](https://evil.example/login)` became a link in the report
+    /// (Slack `<url|text>`, a Discord masked link, Markdown, HTML).
+    #[test]
+    fn report_phishing_link_in_an_alert_name_is_text() {
+        use crate::notify::report_lines::{discord_markdown, slack_mrkdwn};
+        let name = "[Reset your SSO password](https://evil.example/login)";
+        for line in [
+            Line::new().text(format!(
+                "Noisiest alerts: {name} (3 notifications, 1 groups)"
+            )),
+            Line::new().text("Still firing: ").bold(name),
+            Line::new().value(name),
+        ] {
+            let md = line_markdown(&line);
+            assert!(!md.contains("[Reset your SSO password]("), "{md}");
+            let slack = slack_mrkdwn(&md);
+            assert!(!slack.contains("<https://evil"), "{slack}");
+            assert!(slack.contains("[Reset your SSO password](https://evil.example/login)"));
+            let discord = discord_markdown(&md);
+            assert!(discord.contains(r"\](https://evil"), "{discord}");
+            assert!(!discord.replace(r"\](", "").contains("]("), "{discord}");
+            let html = line_html(&line);
+            assert!(!html.contains("<a "), "{html}");
+        }
+        // gpuops's own links stay links.
+        let ours = Line::new().link("3", "https://prom.example/graph?g0.expr=up");
+        assert_eq!(
+            slack_mrkdwn(&line_markdown(&ours)),
+            "<https://prom.example/graph?g0.expr=up|3>"
+        );
+        let js = Line::new().link("3", "javascript:alert(1)");
+        assert_eq!(line_markdown(&js), "3");
+        assert_eq!(line_html(&js), "3");
+    }
+
+    /// Finding 2 (issue 20): `report.md` carried a raw `<img src=x
+    /// onerror=…>`, and CRLF in a label split its lines.
+    #[test]
+    fn report_markdown_has_no_tag_and_crlf_splits_no_line() {
+        let evil = "<img src=x onerror=alert(1)>\r\n## heading\r\n- item";
+        for line in [
+            Line::new().text(format!(
+                "Noisiest alerts: {evil} (1 notifications, 1 groups)"
+            )),
+            Line::new().bold(evil).text(" `").text(evil).text("`"),
+            Line::new().value(evil),
+        ] {
+            let md = line_markdown(&line);
+            assert!(!md.replace(r"\<", "").contains("<img"), "{md}");
+            assert!(!md.contains(['\r', '\n']), "{md:?}");
+            let html = line_html(&line);
+            assert!(!html.contains("<img"), "{html}");
+            assert!(!line_text(&line).contains(['\r', '\n']));
+        }
+    }
+
+    /// Issue 21, item 7: Markdown escapes (`NODES\_NOW`) showed in the HTML.
+    #[test]
+    fn report_html_shows_no_markdown_escapes() {
+        let mut s = Section::new(crate::config::reports::SectionKind::Fleet);
+        s.failures
+            .push("NODES_NOW: Prometheus unreachable (connection refused)".into());
+        let lines = section_lines(&s);
+        let html: String = lines.iter().map(line_html).collect();
+        assert!(html.contains("NODES_NOW"), "{html}");
+        assert!(!html.contains('\\'), "{html}");
+        let md: String = lines.iter().map(line_markdown).collect();
+        assert!(md.contains(r"NODES\_NOW"), "{md}");
+        let text: String = lines.iter().map(line_text).collect();
+        assert!(text.contains("NODES_NOW") && !text.contains('\\'), "{text}");
     }
 }

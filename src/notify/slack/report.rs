@@ -491,4 +491,26 @@ mod tests {
             "fleet_gpu_util.png"
         );
     }
+
+    /// Issue 21, item 7: the Slack fallback `text` carried `**bold**` and
+    /// Markdown escapes.
+    #[test]
+    fn report_slack_fallback_text_has_no_markdown_bold() {
+        let mut r = report(1, 1);
+        r.summary = vec![
+            r"**7 findings** (5 critical, 2 warnings)".into(),
+            r"🔴 **gpu\_node\-1** GPU 3: [XID 79](https://prom.example/graph?x) `<!channel>`"
+                .into(),
+        ];
+        let v = serde_json::to_value(content(&r)).unwrap();
+        let text = v["text"].as_str().unwrap();
+        assert!(!text.contains("**"), "{text}");
+        assert!(!text.contains('\\'), "{text}");
+        assert!(
+            text.contains("7 findings (5 critical, 2 warnings)"),
+            "{text}"
+        );
+        assert!(text.contains("gpu_node-1 GPU 3: XID 79"), "{text}");
+        assert!(!text.contains("<!channel>"), "{text}");
+    }
 }
