@@ -434,6 +434,88 @@ async fn pagerduty_webhook_valid_wrong_and_rotated_signatures() {
 
 /// P3 by email against a real SMTP server: one multipart mail per group,
 /// the resolve in the same thread.
+/// Finding 3 (issue 20): a 2,000-alert P1 group (a ~1 MB webhook) made a
+/// PagerDuty event over 512 KiB; PagerDuty answered 400 and nobody was
+/// paged. Against the strict stand-in (400 above 512 KiB) it pages now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2000_alert_p1_group_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let pd = FakePagerDuty::start().await;
+    let bot = Bot::start(&config(dir.path(), &slack, &pd, "", "")).await;
+    let alerts: Vec<serde_json::Value> = (0..2000)
+        .map(|i| {
+            json!({
+                "status": "firing",
+                "labels": {
+                    "alertname": "GpuFellOffBus", "severity": "critical",
+                    "instance": format!("gpu-node-{i:04}.cluster.example:9949"),
+                    "gpu": (i % 8).to_string(), "xid": "79", "job": "gpuops-agent",
+                    "uuid": format!("GPU-{i:08x}-1111-2222-3333-444455556666"),
+                    "pci_bus_id": format!("00000000:{:02X}:00.0", i % 256),
+                },
+                "annotations": {
+                    "summary": format!("GPU {} on gpu-node-{i:04} has fallen off the bus", i % 8),
+                    "description": "XID 79: the GPU has fallen off the bus. Drain the node and reboot it; reseat the GPU if it recurs.",
+                    "runbook_url": "https://wiki.example/runbooks/gpu-fell-off-bus",
+                },
+                "startsAt": "2026-01-01T00:00:00Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://prometheus:9090/graph?g0.expr=increase%28gpu_xid_errors_total%7Bxid%3D%2279%22%7D%5B5m%5D%29+%3E+0",
+                "fingerprint": format!("{i:016x}"),
+            })
+        })
+        .collect();
+    let hook = json!({
+        "version": "4",
+        "groupKey": "{}:{alertname=\"GpuFellOffBus\"}",
+        "truncatedAlerts": 0,
+        "status": "firing",
+        "receiver": "gpuops",
+        "groupLabels": {"alertname": "GpuFellOffBus"},
+        "commonLabels": {"alertname": "GpuFellOffBus", "severity": "critical", "xid": "79", "job": "gpuops-agent"},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": alerts,
+    })
+    .to_string();
+    bot.post(&hook).await;
+    let ev = pd.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(ev[0].action(), "trigger");
+    assert_eq!(ev[0].body["payload"]["severity"], "critical");
+    let event_bytes = serde_json::to_vec(&ev[0].body).unwrap().len();
+    let details = &ev[0].body["payload"]["custom_details"];
+    let shown = details["alerts"].as_array().unwrap().len();
+    eprintln!(
+        "2,000-alert P1 group: webhook {} bytes, PagerDuty event {} bytes (largest body {}), {shown} alerts shown, {}",
+        hook.len(),
+        event_bytes,
+        pd.largest_body(),
+        details["alerts_not_shown"]
+    );
+    assert!(hook.len() > 900_000, "the webhook is ~1 MB: {}", hook.len());
+    assert!(pd.largest_body() <= paging_support::MAX_EVENT_BYTES);
+    assert_eq!(
+        details["alerts_not_shown"],
+        format!("… and {} more", thousands(2000 - shown))
+    );
+    assert_eq!(details["firing"], 2000);
+    assert!(pd.invalid().is_empty(), "{:?}", pd.invalid());
+    bot.stop().await;
+}
+
+fn thousands(n: usize) -> String {
+    let d = n.to_string();
+    let mut out = String::new();
+    for (i, c) in d.chars().enumerate() {
+        if i > 0 && (d.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs python3-aiosmtpd; run by .ci/run"]
 async fn email_p3_is_one_thread_per_group_on_real_smtp() {
