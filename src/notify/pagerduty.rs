@@ -7,7 +7,10 @@
 //! The first post of a firing group sends `trigger` (with `payload`:
 //! `summary` ≤ 1,024 characters, `source`, `severity` from the tier,
 //! `component`/`group`/`class` from labels, `custom_details` with every
-//! alert's labels); later edits send `acknowledge` once the group is
+//! alert's labels, trimmed so the whole event stays under PagerDuty's 512
+//! KiB: the first N alerts, measured on the serialized event, then
+//! `alerts_not_shown: "… and 1,950 more"`; text through `crate::escape`,
+//! `links` only to `http(s)` URLs); later edits send `acknowledge` once the group is
 //! acknowledged and `resolve` once it resolves, and nothing when the
 //! incident's state did not change. The `dedup_key` is ours and
 //! deterministic per (group, destination) (`gpuops/<group>/<destination id>`),
