@@ -475,6 +475,19 @@ fn buttons_row(buttons: &[crate::notify::Button], group_id: i64) -> Vec<CreateAc
     }
 }
 
+/// A chat answer's content (our Markdown, which may echo what a user typed
+/// or a label): its formatting kept, but no masked link (`](` is broken by
+/// a zero-width space), no `@everyone` / `@here`, and no `<@…>`, `<@&…>`
+/// or `<#…>` mention syntax. Answers also carry `allowed_mentions` that
+/// allow nothing.
+pub fn reply_content(text: &str) -> String {
+    text.replace("](", "]\u{200B}(")
+        .replace("@everyone", "@\u{200B}everyone")
+        .replace("@here", "@\u{200B}here")
+        .replace("<@", "<\u{200B}@")
+        .replace("<#", "<\u{200B}#")
+}
+
 /// The interaction webhook of a deferred Discord answer (follow-ups are
 /// posted here; `/messages/@original` edits the deferred message).
 pub fn followup_url(api_url: &str, application_id: &str, token: &str) -> String {
@@ -487,7 +500,7 @@ pub fn followup_url(api_url: &str, application_id: &str, token: &str) -> String 
 /// if asked.
 pub fn followup_body(content: &str, ephemeral: bool) -> serde_json::Value {
     let mut body = serde_json::json!({
-        "content": content,
+        "content": reply_content(content),
         "allowed_mentions": { "parse": [] },
     });
     if ephemeral {
@@ -595,6 +608,18 @@ mod tests {
             assert!(!s.contains("<@123>"), "{s}");
             assert!(!s.contains("[Runbook]"), "{s}");
         }
+    }
+
+    /// Chat input echoed back (an unknown command) cannot link or mention.
+    #[test]
+    fn discord_chat_answers_echo_input_without_links_or_mentions() {
+        let echoed = r#"error: unknown command "[Reset your SSO password](https://evil.example/login) @everyone <@123> <#9>""#;
+        let v = followup_body(echoed, false);
+        let c = v["content"].as_str().unwrap();
+        assert!(!c.contains("](") && !c.contains("@everyone"), "{c}");
+        assert!(!c.contains("<@") && !c.contains("<#"), "{c}");
+        assert_eq!(v["allowed_mentions"]["parse"], serde_json::json!([]));
+        assert_eq!(reply_content("**bold** `code`"), "**bold** `code`");
     }
 
     #[test]

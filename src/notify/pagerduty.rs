@@ -545,7 +545,7 @@ mod tests {
         assert!(bytes <= EVENT_MAX_BYTES, "{bytes} bytes");
         let details = &ev["payload"]["custom_details"];
         let shown = details["alerts"].as_array().unwrap().len();
-        assert!(shown >= 100 && shown < 2000, "{shown}");
+        assert!((100..2000).contains(&shown), "{shown}");
         assert_eq!(
             details["alerts_not_shown"],
             format!("… and {} more", fmt_thousands(2000 - shown))
