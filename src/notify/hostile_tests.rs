@@ -274,10 +274,29 @@ mod tests {
             // Slack: chat.postMessage / chat.update content (blocks + text).
             let v = serde_json::to_value(slack::render(&msg)).unwrap();
             check_slack(&format!("slack {what}"), &v);
+            let blocks = &v["attachments"][0]["blocks"];
+            let total: usize = all_strings(blocks)
+                .iter()
+                .filter(|s| !s.starts_with("gpuops_") && !s.chars().all(|c| c.is_ascii_digit()))
+                .map(|s| s.chars().count())
+                .sum();
+            assert!(
+                total <= slack::MAX_TOTAL_BLOCK_TEXT,
+                "slack {what}: {total}"
+            );
             assert!(v["text"].as_str().unwrap().contains("&lt;!channel&gt;"));
             // Discord: the create and the edit.
             let c = serde_json::to_value(discord::create_message(&msg)).unwrap();
             check_discord(&format!("discord {what}"), &c);
+            let e0 = &c["embeds"][0];
+            let mut total = e0["title"].as_str().unwrap().chars().count()
+                + e0["description"].as_str().unwrap().chars().count()
+                + e0["footer"]["text"].as_str().unwrap().chars().count();
+            for f in e0["fields"].as_array().unwrap() {
+                total += f["name"].as_str().unwrap().chars().count()
+                    + f["value"].as_str().unwrap().chars().count();
+            }
+            assert!(total <= discord::MAX_EMBED_TOTAL, "discord {what}: {total}");
             let e = serde_json::to_value(discord::edit_message(&msg)).unwrap();
             check_discord(&format!("discord edit {what}"), &e);
             // Email.

@@ -327,7 +327,11 @@ fn render_alert(m: &AlertMessage) -> SlackMessageContent {
         m.truncated_alerts,
     )));
     if let Some(d) = &m.description {
-        blocks.push(mrkdwn_section(escape(&truncate_chars(d, 1500))));
+        // Cut again after escaping (`<` is four characters escaped).
+        blocks.push(mrkdwn_section(truncate_chars(
+            &escape(&truncate_chars(d, 1500)),
+            1500,
+        )));
     }
     let mut links = Vec::new();
     if let Some(u) = &m.runbook_url {
