@@ -201,7 +201,12 @@ fn render_alert(m: &AlertMessage, message_id: String, in_reply_to: Option<String
         text.push_str(&format!("\n{d}\n"));
     }
     text.push('\n');
-    let lines: Vec<String> = m.alerts.iter().map(alert_line_text).collect();
+    // At most 100 lines of at most 1,000 characters: a mail of bounded size.
+    let lines: Vec<String> = m
+        .alerts
+        .iter()
+        .map(|a| crate::notify::truncate_chars(&alert_line_text(a), 1000))
+        .collect();
     for l in lines.iter().take(100) {
         text.push_str(&format!("- {l}\n"));
     }

@@ -235,7 +235,12 @@ pub fn discord_markdown(line: &str) -> String {
             Span::Text(t) => no_everyone(t),
             Span::Link { text, url } => format!(
                 "[{}]({})",
-                no_everyone(&text.replace(['[', ']'], "")),
+                no_everyone(
+                    &text
+                        .replace(r"\[", "")
+                        .replace(r"\]", "")
+                        .replace(['[', ']'], "")
+                ),
                 url.replace('(', "%28").replace(')', "%29")
             ),
         })
