@@ -504,6 +504,75 @@ async fn a_2000_alert_p1_group_pages() {
     bot.stop().await;
 }
 
+/// Findings 1 and 2 (issue 20), through the real router, outbox and
+/// notifiers: an alert named with mentions and a masked link, with a
+/// `javascript:` runbook URL, reaches Slack (blocks and fallback `text`)
+/// and PagerDuty as data; a PagerDuty acknowledgement by `<!channel>
+/// Mallory` reaches `chat.update` escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_alert_reaches_slack_and_pagerduty_as_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let pd = FakePagerDuty::start().await;
+    let bot = Bot::start(&config(dir.path(), &slack, &pd, "", "")).await;
+    let name = "Mention <!channel> <!here> <@U0ADMIN> [Reset your SSO password](https://evil.example/login)";
+    let mut hook: serde_json::Value = serde_json::from_str(&am_payload(
+        name,
+        "firing",
+        &[("n1\r\n:9949", "critical", "firing")],
+    ))
+    .unwrap();
+    hook["alerts"][0]["annotations"]["runbook_url"] = json!("javascript:alert(document.cookie)");
+    bot.post(&hook.to_string()).await;
+    let ev = pd.wait_for(1, WAIT).await;
+    assert!(
+        !ev[0].body["links"].to_string().contains("javascript"),
+        "{}",
+        ev[0].body
+    );
+    let group_id: i64 = ev[0]
+        .dedup_key()
+        .split('/')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(bot
+        .state
+        .outbox
+        .acknowledge(group_id, "<!channel> Mallory")
+        .await
+        .unwrap());
+    pd.wait_for(2, WAIT).await;
+    let deadline = Instant::now() + WAIT;
+    let posts = loop {
+        let posts = slack_requests_to(&slack, "CPAGE");
+        if posts.iter().any(|p| p.contains("Mallory")) || Instant::now() > deadline {
+            break posts;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        posts
+            .iter()
+            .any(|p| p.contains("acknowledged by &lt;!channel&gt; Mallory")),
+        "{posts:#?}"
+    );
+    for p in &posts {
+        for bad in [
+            "<!channel>",
+            "<!here>",
+            "<@U0ADMIN>",
+            "<https://evil",
+            "<javascript",
+            "\\r",
+        ] {
+            assert!(!p.contains(bad), "{bad} reached Slack: {p}");
+        }
+    }
+    bot.stop().await;
+}
+
 fn thousands(n: usize) -> String {
     let d = n.to_string();
     let mut out = String::new();
