@@ -1137,7 +1137,11 @@ mod tests {
             )
         "#]]
         .assert_debug_eq(&change_text(&three, &mixed, &NodeNames::default()));
-        assert_eq!(change_text(&three, &three, &NodeNames::default()), None, "same firing set");
+        assert_eq!(
+            change_text(&three, &three, &NodeNames::default()),
+            None,
+            "same firing set"
+        );
         // The change reply is only about firing groups, and says nothing
         // when the firing set is the same.
         let reply = change_reply(&three, true, NodeNames::default()).unwrap();

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod collector;
 pub mod config;
 pub mod deadline;
+pub mod escape;
 pub mod events;
 pub mod exec_auth;
 pub mod exporter;

@@ -868,7 +868,7 @@ async fn storm_of_300_nodes_fits_every_platform() {
     );
     let details = &ev["payload"]["custom_details"];
     assert_eq!(details["alerts"].as_array().unwrap().len(), 100);
-    assert_eq!(details["more"], "… and 200 more nodes");
+    assert_eq!(details["alerts_not_shown"], "… and 200 more nodes");
     assert_eq!(ev["payload"]["source"], "300 nodes");
     assert!(ev["payload"]["summary"].as_str().unwrap().chars().count() <= 1024);
     assert!(

@@ -20,6 +20,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "telemetry",
             "signing",
             "deadline",
+            "escape",
             "host",
             "events",
             "exec_auth",

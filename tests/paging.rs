@@ -583,6 +583,158 @@ async fn pagerduty_webhook_valid_wrong_and_rotated_signatures() {
 
 /// P3 by email against a real SMTP server: one multipart mail per group,
 /// the resolve in the same thread.
+/// Finding 3 (issue 20): a 2,000-alert P1 group (a ~1 MB webhook) made a
+/// PagerDuty event over 512 KiB; PagerDuty answered 400 and nobody was
+/// paged. Against the strict stand-in (400 above 512 KiB) it pages now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2000_alert_p1_group_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let pd = FakePagerDuty::start().await;
+    let bot = Bot::start(&config(dir.path(), &slack, &pd, "", "")).await;
+    let alerts: Vec<serde_json::Value> = (0..2000)
+        .map(|i| {
+            json!({
+                "status": "firing",
+                "labels": {
+                    "alertname": "GpuFellOffBus", "severity": "critical",
+                    "instance": format!("gpu-node-{i:04}.cluster.example:9949"),
+                    "gpu": (i % 8).to_string(), "xid": "79", "job": "gpuops-agent",
+                    "uuid": format!("GPU-{i:08x}-1111-2222-3333-444455556666"),
+                    "pci_bus_id": format!("00000000:{:02X}:00.0", i % 256),
+                },
+                "annotations": {
+                    "summary": format!("GPU {} on gpu-node-{i:04} has fallen off the bus", i % 8),
+                    "description": "XID 79: the GPU has fallen off the bus. Drain the node and reboot it; reseat the GPU if it recurs.",
+                    "runbook_url": "https://wiki.example/runbooks/gpu-fell-off-bus",
+                },
+                "startsAt": "2026-01-01T00:00:00Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://prometheus:9090/graph?g0.expr=increase%28gpu_xid_errors_total%7Bxid%3D%2279%22%7D%5B5m%5D%29+%3E+0",
+                "fingerprint": format!("{i:016x}"),
+            })
+        })
+        .collect();
+    let hook = json!({
+        "version": "4",
+        "groupKey": "{}:{alertname=\"GpuFellOffBus\"}",
+        "truncatedAlerts": 0,
+        "status": "firing",
+        "receiver": "gpuops",
+        "groupLabels": {"alertname": "GpuFellOffBus"},
+        "commonLabels": {"alertname": "GpuFellOffBus", "severity": "critical", "xid": "79", "job": "gpuops-agent"},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": alerts,
+    })
+    .to_string();
+    bot.post(&hook).await;
+    let ev = pd.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(ev[0].action(), "trigger");
+    assert_eq!(ev[0].body["payload"]["severity"], "critical");
+    let event_bytes = serde_json::to_vec(&ev[0].body).unwrap().len();
+    let details = &ev[0].body["payload"]["custom_details"];
+    let shown = details["alerts"].as_array().unwrap().len();
+    eprintln!(
+        "2,000-alert P1 group: webhook {} bytes, PagerDuty event {} bytes (largest body {}), {shown} alerts shown, {}",
+        hook.len(),
+        event_bytes,
+        pd.largest_body(),
+        details["alerts_not_shown"]
+    );
+    assert!(hook.len() > 900_000, "the webhook is ~1 MB: {}", hook.len());
+    assert!(pd.largest_body() <= paging_support::MAX_EVENT_BYTES);
+    // One line per node: what is left out is counted in nodes.
+    assert_eq!(
+        details["alerts_not_shown"],
+        format!("… and {} more nodes", thousands(2000 - shown))
+    );
+    assert_eq!(details["firing"], 2000);
+    assert!(pd.invalid().is_empty(), "{:?}", pd.invalid());
+    bot.stop().await;
+}
+
+/// Findings 1 and 2 (issue 20), through the real router, outbox and
+/// notifiers: an alert named with mentions and a masked link, with a
+/// `javascript:` runbook URL, reaches Slack (blocks and fallback `text`)
+/// and PagerDuty as data; a PagerDuty acknowledgement by `<!channel>
+/// Mallory` reaches `chat.update` escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_alert_reaches_slack_and_pagerduty_as_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let pd = FakePagerDuty::start().await;
+    let bot = Bot::start(&config(dir.path(), &slack, &pd, "", "")).await;
+    let name = "Mention <!channel> <!here> <@U0ADMIN> [Reset your SSO password](https://evil.example/login)";
+    let mut hook: serde_json::Value = serde_json::from_str(&am_payload(
+        name,
+        "firing",
+        &[("n1\r\n:9949", "critical", "firing")],
+    ))
+    .unwrap();
+    hook["alerts"][0]["annotations"]["runbook_url"] = json!("javascript:alert(document.cookie)");
+    bot.post(&hook.to_string()).await;
+    let ev = pd.wait_for(1, WAIT).await;
+    assert!(
+        !ev[0].body["links"].to_string().contains("javascript"),
+        "{}",
+        ev[0].body
+    );
+    let group_id: i64 = ev[0]
+        .dedup_key()
+        .split('/')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(bot
+        .state
+        .outbox
+        .acknowledge(group_id, "<!channel> Mallory")
+        .await
+        .unwrap());
+    pd.wait_for(2, WAIT).await;
+    let deadline = Instant::now() + WAIT;
+    let posts = loop {
+        let posts = slack_requests_to(&slack, "CPAGE");
+        if posts.iter().any(|p| p.contains("Mallory")) || Instant::now() > deadline {
+            break posts;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        posts
+            .iter()
+            .any(|p| p.contains("acknowledged by &lt;!channel&gt; Mallory")),
+        "{posts:#?}"
+    );
+    for p in &posts {
+        for bad in [
+            "<!channel>",
+            "<!here>",
+            "<@U0ADMIN>",
+            "<https://evil",
+            "<javascript",
+            "\\r",
+        ] {
+            assert!(!p.contains(bad), "{bad} reached Slack: {p}");
+        }
+    }
+    bot.stop().await;
+}
+
+fn thousands(n: usize) -> String {
+    let d = n.to_string();
+    let mut out = String::new();
+    for (i, c) in d.chars().enumerate() {
+        if i > 0 && (d.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs python3-aiosmtpd; run by .ci/run"]
 async fn email_p3_is_one_thread_per_group_on_real_smtp() {

@@ -244,7 +244,7 @@ fn interaction_user<'a>(
 
 fn message(reply: &Reply) -> Response {
     let mut data = serde_json::json!({
-        "content": crate::notify::truncate_chars(&reply.text, Platform::Discord.text_limit()),
+        "content": crate::notify::discord::reply_content(&crate::notify::truncate_chars(&reply.text, Platform::Discord.text_limit())),
         "allowed_mentions": { "parse": [] },
     });
     if reply.visibility == Visibility::Ephemeral {

@@ -764,11 +764,10 @@ pub fn request_key(platform: Platform, timestamp: &str, body: &[u8]) -> [u8; 32]
 }
 
 /// Escapes what Slack's text format treats as markup (`<!channel>`,
-/// `<@U…>`, links): answers never ping or link on a user's behalf.
+/// `<@U…>`, links): answers never ping or link on a user's behalf
+/// ([`crate::escape::slack`]).
 pub fn slack_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    crate::escape::slack(s)
 }
 
 #[cfg(test)]

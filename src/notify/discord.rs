@@ -298,9 +298,15 @@ pub fn edit_message(m: &Message) -> EditMessage {
 pub fn render(m: &Message) -> Rendered {
     match m {
         Message::Text(t) => {
-            let mut content = t.text.clone();
+            // The whole text is escaped: it may carry outside values (a
+            // label, an echoed command); the step output is in a code
+            // block, where Discord renders no Markdown and no mention.
+            let mut content = escape(&t.text);
             if let Some(code) = &t.code {
-                let code = code.replace("```", "ˋˋˋ");
+                let code = crate::escape::pagerduty(code)
+                    .replace("```", "ˋˋˋ")
+                    .replace("@everyone", "@\u{200B}everyone")
+                    .replace("@here", "@\u{200B}here");
                 let room = MAX_CONTENT.saturating_sub(content.chars().count() + 10);
                 content = format!(
                     "{content}\n```\n{}\n```",
@@ -326,46 +332,77 @@ pub fn render(m: &Message) -> Rendered {
     }
 }
 
+/// Escapes outside text for Discord Markdown: [`crate::escape::discord`].
+pub fn escape(s: &str) -> String {
+    crate::escape::discord(s)
+}
+
+/// A masked link `[text](url)` when `url` is an `http(s)` URL
+/// ([`crate::escape::safe_url`], parentheses percent-encoded so Discord
+/// finds the link's end); anything else is shown as escaped text. `text`
+/// is ours.
+fn link(url: &str, text: &str) -> String {
+    match crate::escape::safe_url(url) {
+        Some(u) => format!("[{text}]({})", u.replace('(', "%28").replace(')', "%29")),
+        None => format!("{text}: {}", escape(&crate::escape::line(url))),
+    }
+}
+
+/// Cuts escaped text to `max` characters without leaving a lone `\` at the
+/// end (which would escape whatever follows).
+fn truncate_escaped(s: &str, max: usize) -> String {
+    let mut t = truncate_chars(s, max);
+    if t.ends_with('…') {
+        t.pop();
+        let trailing = t.chars().rev().take_while(|c| *c == '\\').count();
+        if trailing % 2 == 1 {
+            t.pop();
+        }
+        t.push('…');
+    }
+    t
+}
+
 fn render_alert(m: &AlertMessage) -> Rendered {
-    let title = truncate_chars(
+    let title = truncate_escaped(
         &format!(
             "{}{} · {}",
             if m.is_test { "[TEST] " } else { "" },
             m.tier,
-            m.title
+            escape(&crate::escape::line(&m.title))
         ),
         MAX_TITLE,
     );
     let mut fields: Vec<(String, String)> = vec![
-        ("Status".into(), status_text(m)),
-        ("Tier".into(), tier_text(m)),
+        ("Status".into(), escape(&status_text(m))),
+        ("Tier".into(), escape(&tier_text(m))),
     ];
     let mut links = Vec::new();
     if let Some(u) = &m.runbook_url {
-        links.push(format!("[Runbook]({u})"));
+        links.push(link(u, "Runbook"));
     }
     if let Some(id) = &m.runbook_id {
-        links.push(format!("runbook `{id}`"));
+        links.push(format!("runbook {}", escape(&crate::escape::line(id))));
     }
     if let Some(u) = &m.generator_url {
-        links.push(format!("[Prometheus]({u})"));
+        links.push(link(u, "Prometheus"));
     }
     if let Some(u) = &m.alertmanager_url {
-        links.push(format!("[AlertManager]({u})"));
+        links.push(link(u, "AlertManager"));
     }
     if !links.is_empty() {
         fields.push(("Links".into(), links.join(" · ")));
     }
     if let Some(d) = &m.description {
-        fields.push(("Description".into(), d.clone()));
+        fields.push(("Description".into(), escape(&truncate_chars(d, 1500))));
     }
     let fields: Vec<(String, String)> = fields
         .into_iter()
         .take(MAX_FIELDS)
         .map(|(n, v)| {
             (
-                truncate_chars(&n, MAX_FIELD_NAME),
-                truncate_chars(&v, MAX_FIELD_VALUE),
+                truncate_escaped(&n, MAX_FIELD_NAME),
+                truncate_escaped(&v, MAX_FIELD_VALUE),
             )
         })
         .collect();
@@ -383,9 +420,16 @@ fn render_alert(m: &AlertMessage) -> Rendered {
     let budget = MAX_DESCRIPTION.min(MAX_EMBED_TOTAL.saturating_sub(used + 16));
     let mut description = String::new();
     if let Some(s) = &m.summary {
-        description = format!("**{}**\n", truncate_chars(s, 500));
+        description = format!(
+            "**{}**\n",
+            truncate_escaped(&escape(&crate::escape::line(s)), 500)
+        );
     }
-    let lines: Vec<String> = m.alerts.iter().map(alert_line_text).collect();
+    let lines: Vec<String> = m
+        .alerts
+        .iter()
+        .map(|a| escape(&alert_line_text(a)))
+        .collect();
     let room = budget.saturating_sub(description.chars().count());
     description.push_str(&fit_alert_lines(m, &lines, room));
     let colour = if m.status == GroupStatus::Resolved {
@@ -401,7 +445,7 @@ fn render_alert(m: &AlertMessage) -> Rendered {
         .footer(CreateEmbedFooter::new(truncate_chars(&footer, MAX_FOOTER)));
     let components = buttons_row(&m.buttons, m.group_id);
     Rendered {
-        content: truncate_chars(&headline(m), MAX_CONTENT),
+        content: truncate_escaped(&escape(&headline(m)), MAX_CONTENT),
         embed: Some(embed),
         components,
     }
@@ -431,6 +475,19 @@ fn buttons_row(buttons: &[crate::notify::Button], group_id: i64) -> Vec<CreateAc
     }
 }
 
+/// A chat answer's content (our Markdown, which may echo what a user typed
+/// or a label): its formatting kept, but no masked link (`](` is broken by
+/// a zero-width space), no `@everyone` / `@here`, and no `<@…>`, `<@&…>`
+/// or `<#…>` mention syntax. Answers also carry `allowed_mentions` that
+/// allow nothing.
+pub fn reply_content(text: &str) -> String {
+    text.replace("](", "]\u{200B}(")
+        .replace("@everyone", "@\u{200B}everyone")
+        .replace("@here", "@\u{200B}here")
+        .replace("<@", "<\u{200B}@")
+        .replace("<#", "<\u{200B}#")
+}
+
 /// The interaction webhook of a deferred Discord answer (follow-ups are
 /// posted here; `/messages/@original` edits the deferred message).
 pub fn followup_url(api_url: &str, application_id: &str, token: &str) -> String {
@@ -438,10 +495,12 @@ pub fn followup_url(api_url: &str, application_id: &str, token: &str) -> String 
 }
 
 /// The body of a Discord follow-up (or of the edit of the deferred
-/// message): the content with no mentions, flagged ephemeral (64) if asked.
+/// message): the content with `allowed_mentions` that allow nothing (no
+/// user, role, `@everyone` or `@here` is pinged), flagged ephemeral (64)
+/// if asked.
 pub fn followup_body(content: &str, ephemeral: bool) -> serde_json::Value {
     let mut body = serde_json::json!({
-        "content": content,
+        "content": reply_content(content),
         "allowed_mentions": { "parse": [] },
     });
     if ephemeral {
@@ -522,6 +581,46 @@ mod tests {
         assert!(v["content"].as_str().unwrap().chars().count() <= MAX_CONTENT);
         let tier = fields.iter().find(|f| f["name"] == "Tier").unwrap();
         assert!(tier["value"].as_str().unwrap().contains("unknown severity"));
+    }
+
+    /// Findings 1 and 2 (issue 20): mentions, masked links and a
+    /// `javascript:` runbook URL from labels, in a Discord message and edit.
+    #[test]
+    fn discord_alert_escapes_mentions_and_masked_links() {
+        let mut m = big_alert(1);
+        m.title = "[Reset your SSO password](https://evil.example/login) @everyone".into();
+        m.alerts[0].summary = Some("<@123> @here # heading".into());
+        m.runbook_url = Some("javascript:alert(document.cookie)".into());
+        m.acknowledged = Some(crate::notify::Ack {
+            by: "@everyone Mallory".into(),
+            at: 0.0,
+        });
+        for v in [
+            serde_json::to_value(create_message(&Message::Alert(Box::new(m.clone())))).unwrap(),
+            serde_json::to_value(edit_message(&Message::Alert(Box::new(m)))).unwrap(),
+        ] {
+            assert_eq!(v["allowed_mentions"]["parse"], serde_json::json!([]));
+            let s = v.to_string();
+            assert!(!s.contains("@everyone") && !s.contains("@here"), "{s}");
+            assert!(
+                !s.contains("](https://evil") && !s.contains("](javascript"),
+                "{s}"
+            );
+            assert!(!s.contains("<@123>"), "{s}");
+            assert!(!s.contains("[Runbook]"), "{s}");
+        }
+    }
+
+    /// Chat input echoed back (an unknown command) cannot link or mention.
+    #[test]
+    fn discord_chat_answers_echo_input_without_links_or_mentions() {
+        let echoed = r#"error: unknown command "[Reset your SSO password](https://evil.example/login) @everyone <@123> <#9>""#;
+        let v = followup_body(echoed, false);
+        let c = v["content"].as_str().unwrap();
+        assert!(!c.contains("](") && !c.contains("@everyone"), "{c}");
+        assert!(!c.contains("<@") && !c.contains("<#"), "{c}");
+        assert_eq!(v["allowed_mentions"]["parse"], serde_json::json!([]));
+        assert_eq!(reply_content("**bold** `code`"), "**bold** `code`");
     }
 
     #[test]

@@ -182,20 +182,31 @@ pub fn plan(out: &Outgoing<'_>) -> Option<(Mail, String)> {
 }
 
 fn render_alert(m: &AlertMessage, message_id: String, in_reply_to: Option<String>) -> Mail {
-    let subject = if in_reply_to.is_some() {
+    let subject = crate::escape::email_header(&if in_reply_to.is_some() {
         format!("Re: {}", headline(m))
     } else {
         headline(m)
-    };
-    let mut text = format!("{}\n{}\n{}\n", m.title, status_text(m), tier_text(m));
-    if let Some(s) = &m.summary {
+    });
+    let title = crate::escape::line(&m.title);
+    let summary = m.summary.as_deref().map(crate::escape::line);
+    let description = m
+        .description
+        .as_deref()
+        .map(|d| crate::escape::pagerduty(&crate::notify::truncate_chars(d, 4000)));
+    let mut text = format!("{title}\n{}\n{}\n", status_text(m), tier_text(m));
+    if let Some(s) = &summary {
         text.push_str(&format!("\n{s}\n"));
     }
-    if let Some(d) = &m.description {
+    if let Some(d) = &description {
         text.push_str(&format!("\n{d}\n"));
     }
     text.push('\n');
-    let lines: Vec<String> = m.alerts.iter().map(alert_line_text).collect();
+    // At most 100 lines of at most 1,000 characters: a mail of bounded size.
+    let lines: Vec<String> = m
+        .alerts
+        .iter()
+        .map(|a| crate::notify::truncate_chars(&alert_line_text(a), 1000))
+        .collect();
     for l in lines.iter().take(100) {
         text.push_str(&format!("- {l}\n"));
     }
@@ -203,13 +214,13 @@ fn render_alert(m: &AlertMessage, message_id: String, in_reply_to: Option<String
         let more = lines.len().saturating_sub(100) as u64 + m.truncated_alerts;
         text.push_str(&format!("{}\n", more_text(more, rollup_unit(m))));
     }
-    let links: Vec<(&str, &String)> = [
+    let links: Vec<(&str, String)> = [
         ("Runbook", &m.runbook_url),
         ("AlertManager", &m.alertmanager_url),
         ("Prometheus", &m.generator_url),
     ]
     .into_iter()
-    .filter_map(|(n, u)| u.as_ref().map(|u| (n, u)))
+    .filter_map(|(n, u)| u.as_ref().map(|u| (n, crate::escape::line(u))))
     .collect();
     if !links.is_empty() {
         text.push('\n');
@@ -220,14 +231,14 @@ fn render_alert(m: &AlertMessage, message_id: String, in_reply_to: Option<String
     let colour = format!("#{:06x}", m.tier.colour());
     let mut html = format!(
         "<html><body><div style=\"border-left:6px solid {colour};padding-left:12px\"><h2>{}</h2><p><b>{}</b><br>{}</p>",
-        esc(&m.title),
+        esc(&title),
         esc(&status_text(m)),
         esc(&tier_text(m))
     );
-    if let Some(s) = &m.summary {
+    if let Some(s) = &summary {
         html.push_str(&format!("<p>{}</p>", esc(s)));
     }
-    if let Some(d) = &m.description {
+    if let Some(d) = &description {
         html.push_str(&format!("<p>{}</p>", esc(d)));
     }
     html.push_str("<ul>");
@@ -239,8 +250,13 @@ fn render_alert(m: &AlertMessage, message_id: String, in_reply_to: Option<String
         let more = lines.len().saturating_sub(100) as u64 + m.truncated_alerts;
         html.push_str(&format!("<p>{}</p>", esc(&more_text(more, rollup_unit(m)))));
     }
+    // Only an http(s) URL becomes a link; anything else (`javascript:`)
+    // is shown as text.
     for (n, u) in &links {
-        html.push_str(&format!("<a href=\"{}\">{}</a> ", esc(u), esc(n)));
+        match crate::escape::safe_url(u) {
+            Some(u) => html.push_str(&format!("<a href=\"{}\">{}</a> ", esc(u), esc(n))),
+            None => html.push_str(&format!("{}: {} ", esc(n), esc(u))),
+        }
     }
     html.push_str("</div></body></html>");
     Mail {
@@ -255,10 +271,10 @@ fn render_alert(m: &AlertMessage, message_id: String, in_reply_to: Option<String
 fn render_text(t: &TextMessage, message_id: String, in_reply_to: Option<String>) -> Mail {
     let mut lines = t.text.lines();
     let first = lines.next().unwrap_or("gpuops").trim().to_string();
-    let subject = match &in_reply_to {
+    let subject = crate::escape::email_header(&match &in_reply_to {
         Some(_) => format!("Re: {first}"),
         None => first.clone(),
-    };
+    });
     let mut text = t.text.clone();
     if let Some(c) = &t.code {
         text.push_str(&format!("\n\n{c}\n"));
@@ -272,7 +288,7 @@ fn render_text(t: &TextMessage, message_id: String, in_reply_to: Option<String>)
     }
     html.push_str("</body></html>");
     Mail {
-        subject: crate::notify::truncate_chars(&subject, 200),
+        subject,
         text,
         html,
         message_id,
@@ -280,11 +296,9 @@ fn render_text(t: &TextMessage, message_id: String, in_reply_to: Option<String>)
     }
 }
 
+/// HTML text and attribute values: [`crate::escape::html`].
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    crate::escape::html(s)
 }
 
 #[cfg(test)]
@@ -327,6 +341,42 @@ mod tests {
             common_labels: Default::default(),
             escalation: None,
         }))
+    }
+
+    /// Finding 2 (issue 20): `runbook_url: javascript:…` reached the
+    /// email's `<a href>`; a label's CRLF reached the Subject.
+    #[test]
+    fn javascript_runbook_url_is_never_an_email_link() {
+        let Message::Alert(mut m) = alert(
+            GroupStatus::Firing {
+                firing: 1,
+                resolved: 0,
+            },
+            false,
+        ) else {
+            unreachable!()
+        };
+        m.runbook_url = Some("javascript:alert(document.cookie)".into());
+        m.alertmanager_url = Some("https://am.example/#/alerts".into());
+        m.title = "GpuHot\r\nBcc: victim@example.com <img src=x onerror=alert(1)>".into();
+        let msg = Message::Alert(m);
+        let post = Outgoing {
+            channel: "ops@example.com",
+            op: Op::Post,
+            message: &msg,
+            renotify: None,
+            incident: None,
+        };
+        let (mail, _) = plan(&post).unwrap();
+        assert!(!mail.html.contains("href=\"javascript"), "{}", mail.html);
+        assert!(mail
+            .html
+            .contains("Runbook: javascript:alert(document.cookie)"));
+        assert!(mail
+            .html
+            .contains("<a href=\"https://am.example/#/alerts\">"));
+        assert!(!mail.html.contains("<img"), "{}", mail.html);
+        assert!(!mail.subject.contains(['\r', '\n']), "{:?}", mail.subject);
     }
 
     #[test]

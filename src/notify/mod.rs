@@ -253,9 +253,11 @@ fn fit_lines_counting(
     out
 }
 
-/// One alert's line as plain text with light markdown (`*bold*` is left to
-/// the caller), shared by the renderers.
+/// One alert's line as plain text, every outside value flattened to one
+/// line ([`crate::escape::line`]); each renderer escapes the result for
+/// its format.
 pub fn alert_line_text(a: &AlertLine) -> String {
+    use crate::escape::line;
     let mut parts: Vec<String> = Vec::new();
     parts.push(if a.firing {
         "🔥".into()
@@ -264,32 +266,32 @@ pub fn alert_line_text(a: &AlertLine) -> String {
     });
     let place = a.where_text();
     if let Some(w) = &place {
-        parts.push(w.clone());
+        parts.push(line(w));
     }
     let device = a
         .device
         .clone()
         .or_else(|| a.gpu.as_ref().map(|g| format!("GPU {g}")));
     if let Some(d) = &device {
-        parts.push(d.clone());
+        parts.push(line(d));
     }
     for (k, v) in a.labels.iter().take(6) {
-        parts.push(format!("{k}={v}"));
+        parts.push(format!("{}={}", line(k), line(v)));
     }
     if let Some(v) = &a.value {
-        parts.push(format!("value {v}"));
+        parts.push(format!("value {}", line(v)));
     }
     if place.is_none() && device.is_none() && a.labels.is_empty() && !a.name.is_empty() {
-        parts.push(a.name.clone());
+        parts.push(line(&a.name));
     }
     let mut s = parts.join(" ");
     if let Some(sum) = &a.summary {
         s.push_str(" — ");
-        s.push_str(sum);
+        s.push_str(&line(sum));
     }
     if let Some(v) = &a.victim {
         s.push_str(" · OOM victim: ");
-        s.push_str(v);
+        s.push_str(&line(v));
     }
     s
 }
@@ -307,7 +309,10 @@ pub fn status_text(m: &AlertMessage) -> String {
         GroupStatus::Resolved => "RESOLVED".to_string(),
     };
     if let Some(a) = &m.acknowledged {
-        s.push_str(&format!(" · acknowledged by {}", a.by));
+        s.push_str(&format!(
+            " · acknowledged by {}",
+            crate::escape::line(&a.by)
+        ));
         if let Some(t) = chrono::DateTime::from_timestamp(a.at as i64, 0) {
             s.push_str(&t.format(" at %H:%M UTC").to_string());
         }
@@ -325,22 +330,28 @@ pub fn tier_text(m: &AlertMessage) -> String {
             "{} ({}) · ⚠ unknown severity {:?}: routed to the default tier",
             m.tier,
             m.tier.meaning(),
-            m.severity
+            crate::escape::line(&m.severity)
         )
     } else {
         format!(
             "{} ({}) · severity {}",
             m.tier,
             m.tier.meaning(),
-            m.severity
+            crate::escape::line(&m.severity)
         )
     }
 }
 
-/// A one-line plain summary (notification text, logs, webhook).
+/// A one-line plain summary (notification text, logs, webhook): plain
+/// text, one line; each renderer escapes it for its format.
 pub fn headline(m: &AlertMessage) -> String {
     let test = if m.is_test { "[TEST] " } else { "" };
-    format!("{test}[{}] [{}] {}", m.tier, status_text(m), m.title)
+    format!(
+        "{test}[{}] [{}] {}",
+        m.tier,
+        status_text(m),
+        crate::escape::line(&m.title)
+    )
 }
 
 #[cfg(test)]
@@ -417,3 +428,6 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod hostile_tests;

@@ -7,7 +7,10 @@
 //! The first post of a firing group sends `trigger` (with `payload`:
 //! `summary` ≤ 1,024 characters, `source`, `severity` from the tier,
 //! `component`/`group`/`class` from labels, `custom_details` with every
-//! alert's labels); later edits send `acknowledge` once the group is
+//! alert's labels, trimmed so the whole event stays under PagerDuty's 512
+//! KiB: the first N alerts, measured on the serialized event, then
+//! `alerts_not_shown: "… and 1,950 more"`; text through `crate::escape`,
+//! `links` only to `http(s)` URLs); later edits send `acknowledge` once the group is
 //! acknowledged and `resolve` once it resolves, and nothing when the
 //! incident's state did not change. The `dedup_key` is ours and
 //! deterministic per (group, destination) (`gpuops/<group>/<destination id>`),
@@ -26,8 +29,8 @@ use futures_util::future::BoxFuture;
 use serde_json::json;
 
 use crate::notify::{
-    alert_line_text, headline, more_text, rollup_unit, truncate_chars, AlertLine, AlertMessage,
-    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
+    alert_line_text, headline, rollup_unit, truncate_chars, AlertLine, AlertMessage, Delivery,
+    Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
 };
 use crate::routing::{Routing, Tier};
 
@@ -38,6 +41,11 @@ pub const SUMMARY_MAX: usize = 1024;
 pub const MAX_DETAIL_ALERTS: usize = 100;
 /// PagerDuty's limit on `dedup_key`.
 pub const DEDUP_KEY_MAX: usize = 255;
+/// PagerDuty refuses an event larger than 512 KiB (400 "larger than 512
+/// KiB"): the whole serialized event must stay under it.
+pub const EVENT_MAX_BYTES: usize = 512 * 1024;
+/// What [`event`] allows itself (a margin under [`EVENT_MAX_BYTES`]).
+pub const EVENT_BUDGET_BYTES: usize = EVENT_MAX_BYTES - 8 * 1024;
 
 pub struct PagerDutyNotifier {
     client: reqwest::Client,
@@ -286,31 +294,41 @@ pub fn event(
     if action != Action::Trigger {
         return ev;
     }
-    let label = |k: &str| m.common_labels.get(k).cloned();
+    use crate::escape::{line, pagerduty as plain};
+    let label = |k: &str| m.common_labels.get(k).map(|v| line(v));
     // The node by name (resolved into the lines); a roll-up names its count.
     let source = match rollup_unit(m) {
         Some(unit) => format!("{} {unit}", m.alerts.len()),
         None => m
             .alerts
             .iter()
-            .find_map(|a| a.node.clone())
+            .find_map(|a| a.node.as_deref().map(line))
             .or_else(|| label("node"))
             .or_else(|| label("instance"))
-            .or_else(|| m.alerts.iter().find_map(|a| a.instance.clone()))
+            .or_else(|| {
+                m.alerts
+                    .iter()
+                    .find_map(|a| a.instance.as_deref().map(line))
+            })
             .unwrap_or_else(|| "gpuops".to_string()),
     };
+    let common: BTreeMap<String, String> = m
+        .common_labels
+        .iter()
+        .map(|(k, v)| (line(k), line(v)))
+        .collect();
     let alerts: Vec<serde_json::Value> = m
         .alerts
         .iter()
         .take(MAX_DETAIL_ALERTS)
         .map(|a| {
-            let mut labels: BTreeMap<String, String> = m.common_labels.clone();
-            labels.extend(a.labels.iter().cloned());
+            let mut labels: BTreeMap<String, String> = common.clone();
+            labels.extend(a.labels.iter().map(|(k, v)| (line(k), line(v))));
             if let Some(i) = &a.instance {
-                labels.insert("instance".into(), i.clone());
+                labels.insert("instance".into(), line(i));
             }
             if !a.name.is_empty() {
-                labels.insert("alertname".into(), a.name.clone());
+                labels.insert("alertname".into(), line(&a.name));
             }
             let mut alert = json!({
                 "status": if a.firing { "firing" } else { "resolved" },
@@ -324,7 +342,7 @@ pub fn event(
                 ("oom_victim", &a.victim),
             ] {
                 if let Some(v) = value {
-                    alert[key] = json!(v);
+                    alert[key] = json!(line(v));
                 }
             }
             alert
@@ -332,27 +350,28 @@ pub fn event(
         .collect();
     let mut details = json!({
         "tier": m.tier.as_str(),
-        "severity": m.severity,
+        "severity": line(&m.severity),
         "firing": match m.status { GroupStatus::Firing { firing, .. } => firing, GroupStatus::Resolved => 0 },
-        "alerts": alerts,
-        "common_labels": m.common_labels,
+        "alerts": [],
+        "common_labels": common,
         "group_id": m.group_id,
     });
     if let Some(s) = &m.summary {
-        details["summary"] = json!(s);
+        details["summary"] = json!(line(s));
     }
     if let Some(d) = &m.description {
-        details["description"] = json!(truncate_chars(d, 4000));
+        details["description"] = json!(plain(&truncate_chars(d, 4000)));
     }
     if m.truncated_alerts > 0 {
         details["truncated_alerts"] = json!(m.truncated_alerts);
     }
-    if m.alerts.len() > MAX_DETAIL_ALERTS || m.truncated_alerts > 0 {
-        let more = m.alerts.len().saturating_sub(MAX_DETAIL_ALERTS) as u64 + m.truncated_alerts;
-        details["more"] = json!(more_text(more, rollup_unit(m)));
-    }
     let nodes: Vec<String> = {
-        let mut v: Vec<String> = m.alerts.iter().filter_map(AlertLine::where_text).collect();
+        let mut v: Vec<String> = m
+            .alerts
+            .iter()
+            .filter_map(AlertLine::where_text)
+            .map(|w| line(&w))
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -362,10 +381,10 @@ pub fn event(
         details["nodes"] = json!(shown);
     }
     let mut payload = json!({
-        "summary": truncate_chars(&headline(m), SUMMARY_MAX),
+        "summary": truncate_chars(&plain(&headline(m)), SUMMARY_MAX),
         "source": truncate_chars(&source, 255),
         "severity": severity(m.tier),
-        "custom_details": details,
+        "custom_details": {},
     });
     for (field, keys) in [
         ("component", &["component", "job", "gpu"][..]),
@@ -378,28 +397,109 @@ pub fn event(
     }
     if payload.get("class").is_none() {
         if let Some(a) = m.alerts.first().filter(|a| !a.name.is_empty()) {
-            payload["class"] = json!(a.name);
+            payload["class"] = json!(truncate_chars(&line(&a.name), 255));
         }
     }
     ev["payload"] = payload;
     ev["client"] = json!("gpuops");
+    // Links only to http(s) URLs: a `javascript:` runbook_url is left out
+    // (it is in the alert's labels and annotations as text).
     let mut links = Vec::new();
     for (href, text) in [
         (&m.runbook_url, "Runbook"),
         (&m.alertmanager_url, "AlertManager"),
         (&m.generator_url, "Prometheus graph"),
     ] {
-        if let Some(h) = href {
+        if let Some(h) = href.as_deref().and_then(crate::escape::safe_url) {
             links.push(json!({"href": h, "text": text}));
         }
     }
-    if let Some(am) = &m.alertmanager_url {
+    if let Some(am) = m
+        .alertmanager_url
+        .as_deref()
+        .and_then(crate::escape::safe_url)
+    {
         ev["client_url"] = json!(am);
     }
     if !links.is_empty() {
         ev["links"] = json!(links);
     }
+    fit_alerts(&mut ev, details, alerts, m.alerts.len(), rollup_unit(m));
     ev
+}
+
+/// Puts `details` with as many of `alerts` as fit into the event's
+/// `payload.custom_details`, so the whole event stays within
+/// [`EVENT_BUDGET_BYTES`] (measured on the serialized event, not guessed):
+/// the first N alerts, then `alerts_not_shown: "… and 1,950 more"` (of
+/// `total`, the group's alerts; `unit`: "nodes" for a roll-up).
+fn fit_alerts(
+    ev: &mut serde_json::Value,
+    mut details: serde_json::Value,
+    alerts: Vec<serde_json::Value>,
+    total: usize,
+    unit: Option<&str>,
+) {
+    let size = |v: &serde_json::Value| serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+    // The event without alerts, with the longest note it could carry.
+    details["alerts_not_shown"] = json!(more_note(total, unit));
+    ev["payload"]["custom_details"] = details.clone();
+    let mut base = size(ev);
+    if base > EVENT_BUDGET_BYTES {
+        // Only oversized common parts can do this: drop them, say so.
+        for k in ["description", "common_labels", "summary"] {
+            if let Some(o) = details.as_object_mut() {
+                o.remove(k);
+            }
+        }
+        details["omitted"] =
+            json!("description, common labels and summary: too large for PagerDuty");
+        ev["payload"]["custom_details"] = details.clone();
+        base = size(ev);
+    }
+    let mut used = base;
+    let mut keep = 0usize;
+    for a in &alerts {
+        let n = size(a) + 1;
+        if used + n > EVENT_BUDGET_BYTES {
+            break;
+        }
+        used += n;
+        keep += 1;
+    }
+    let mut alerts = alerts;
+    loop {
+        alerts.truncate(keep);
+        let shown = alerts.len();
+        details["alerts"] = json!(alerts);
+        match details.as_object_mut() {
+            Some(o) if shown == total => {
+                o.remove("alerts_not_shown");
+            }
+            _ => details["alerts_not_shown"] = json!(more_note(total - shown, unit)),
+        }
+        ev["payload"]["custom_details"] = details.clone();
+        if size(ev) <= EVENT_BUDGET_BYTES || keep == 0 {
+            return;
+        }
+        keep /= 2;
+    }
+}
+
+/// `… and 1,950 more` (`… and 200 more nodes` with a unit).
+fn more_note(n: usize, unit: Option<&str>) -> String {
+    let digits = n.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    match unit {
+        Some(u) => format!("… and {grouped} more {u}"),
+        None => format!("… and {grouped} more"),
+    }
 }
 
 #[cfg(test)]
@@ -471,6 +571,102 @@ mod tests {
         assert_eq!(ev["links"][0]["href"], "https://wiki.example/xid");
         let ack = event("k", Action::Acknowledge, "d", &m);
         assert!(ack.get("payload").is_none());
+    }
+
+    /// Finding 3 (issue 20): a 2,000-alert P1 group became a 685 KB event
+    /// that PagerDuty refused (400, larger than 512 KiB): nobody was paged.
+    #[test]
+    fn a_2000_alert_p1_group_event_fits_512_kib() {
+        let mut m = message(
+            GroupStatus::Firing {
+                firing: 2000,
+                resolved: 0,
+            },
+            false,
+        );
+        m.alerts = (0..2000)
+            .map(|i| AlertLine {
+                firing: true,
+                name: "GpuXidError".into(),
+                instance: Some(format!("gpu-node-{i:04}.cluster.example:9949")),
+                gpu: Some((i % 8).to_string()),
+                labels: vec![
+                    ("xid".into(), "79".into()),
+                    (
+                        "uuid".into(),
+                        format!("GPU-{i:08x}-1111-2222-3333-444455556666"),
+                    ),
+                    (
+                        "pci_bus_id".into(),
+                        format!("00000000:{:02X}:00.0", i % 256),
+                    ),
+                    ("job".into(), "gpuops-agent".into()),
+                ],
+                summary: Some(format!(
+                    "GPU {} on gpu-node-{i:04} has fallen off the bus",
+                    i % 8
+                )),
+                generator_url: None,
+                ..AlertLine::default()
+            })
+            .collect();
+        let ev = event(&"k".repeat(32), Action::Trigger, "gpuops/7/abc", &m);
+        let bytes = serde_json::to_vec(&ev).unwrap().len();
+        assert!(bytes <= EVENT_MAX_BYTES, "{bytes} bytes");
+        let details = &ev["payload"]["custom_details"];
+        let shown = details["alerts"].as_array().unwrap().len();
+        assert!((100..2000).contains(&shown), "{shown}");
+        // A roll-up of 2,000 nodes counts what it leaves out in nodes.
+        assert_eq!(
+            details["alerts_not_shown"],
+            format!("… and {} more nodes", fmt_thousands(2000 - shown))
+        );
+        assert_eq!(details["firing"], 2000);
+        eprintln!("2,000-alert event: {bytes} bytes, {shown} alerts shown");
+        // A small group is sent whole, with no note.
+        m.alerts.truncate(3);
+        let ev = event(&"k".repeat(32), Action::Trigger, "gpuops/7/abc", &m);
+        assert_eq!(
+            ev["payload"]["custom_details"]["alerts"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+        assert!(ev["payload"]["custom_details"]
+            .get("alerts_not_shown")
+            .is_none());
+    }
+
+    fn fmt_thousands(n: usize) -> String {
+        more_note(n, None)
+            .trim_start_matches("… and ")
+            .trim_end_matches(" more")
+            .to_string()
+    }
+
+    /// Finding 2 (issue 20): `runbook_url: javascript:…` reached the
+    /// event's `links`; labels' control characters reached its text.
+    #[test]
+    fn javascript_runbook_url_is_never_a_pagerduty_link() {
+        let mut m = message(
+            GroupStatus::Firing {
+                firing: 1,
+                resolved: 0,
+            },
+            false,
+        );
+        m.runbook_url = Some("javascript:alert(document.cookie)".into());
+        m.alertmanager_url = Some("data:text/html,x".into());
+        m.title = "Gpu\r\nHot\u{1b}[31m".into();
+        let ev = event(&"k".repeat(32), Action::Trigger, "gpuops/7/abc", &m);
+        assert!(ev.get("links").is_none(), "{}", ev["links"]);
+        assert!(ev.get("client_url").is_none());
+        let summary = ev["payload"]["summary"].as_str().unwrap();
+        assert!(!summary.contains(['\r', '\n', '\u{1b}']), "{summary:?}");
+        assert_eq!(more_note(1950, None), "… and 1,950 more");
+        assert_eq!(more_note(12, None), "… and 12 more");
+        assert_eq!(more_note(1_234_567, None), "… and 1,234,567 more");
     }
 
     #[test]

@@ -15,24 +15,33 @@ pub enum Span<'a> {
     Link { text: &'a str, url: &'a str },
 }
 
-/// Splits `line` into text and `[text](url)` links. Only `http(s)://` and
-/// `mailto:` targets are links; anything else stays text. Parentheses in
-/// the URL are balanced (PromQL in a graph link: `rate(x[5m])`).
+/// Splits `line` into text and `[text](url)` links. The lines are the
+/// report's own Markdown, in which every outside value is escaped
+/// (`crate::escape::markdown`): a backslash-escaped `[`, `]` or `\\` is
+/// text, so only the links gpuops wrote are links. Only `http(s)://`
+/// (`crate::escape::safe_url`) and `mailto:` targets are links; anything
+/// else stays text. Parentheses in the URL are balanced (PromQL in a graph
+/// link: `rate(x[5m])`).
 pub fn spans(line: &str) -> Vec<Span<'_>> {
     let mut out = Vec::new();
     let mut text_start = 0usize;
     let mut pos = 0usize;
-    while let Some(open) = line[pos..].find('[').map(|i| pos + i) {
-        match parse_link(&line[open..]) {
-            Some((text, url, len)) => {
-                if open > text_start {
-                    out.push(Span::Text(&line[text_start..open]));
+    let bytes = line.as_bytes();
+    while pos < bytes.len() {
+        match bytes[pos] {
+            b'\\' => pos += 2,
+            b'[' => match parse_link(&line[pos..]) {
+                Some((text, url, len)) => {
+                    if pos > text_start {
+                        out.push(Span::Text(&line[text_start..pos]));
+                    }
+                    out.push(Span::Link { text, url });
+                    pos += len;
+                    text_start = pos;
                 }
-                out.push(Span::Link { text, url });
-                pos = open + len;
-                text_start = pos;
-            }
-            None => pos = open + 1,
+                None => pos += 1,
+            },
+            _ => pos += 1,
         }
     }
     if text_start < line.len() {
@@ -41,13 +50,24 @@ pub fn spans(line: &str) -> Vec<Span<'_>> {
     out
 }
 
-/// `[text](url)` at the start of `s`: `(text, url, bytes consumed)`.
+/// `[text](url)` at the start of `s`: `(text, url, bytes consumed)`. The
+/// text ends at the first `]` that is not escaped; it holds no unescaped
+/// `[` and no newline.
 fn parse_link(s: &str) -> Option<(&str, &str, usize)> {
-    let close = s.find("](")?;
-    let text = &s[1..close];
-    if text.contains('[') || text.contains('\n') {
+    let bytes = s.as_bytes();
+    let mut i = 1usize;
+    let close = loop {
+        match bytes.get(i)? {
+            b'\\' => i += 2,
+            b'[' | b'\n' => return None,
+            b']' => break i,
+            _ => i += 1,
+        }
+    };
+    if bytes.get(close + 1) != Some(&b'(') {
         return None;
     }
+    let text = s.get(1..close)?;
     let url_start = close + 2;
     let mut depth = 0usize;
     for (i, c) in s[url_start..].char_indices() {
@@ -55,9 +75,8 @@ fn parse_link(s: &str) -> Option<(&str, &str, usize)> {
             '(' => depth += 1,
             ')' if depth == 0 => {
                 let url = &s[url_start..url_start + i];
-                let ok = url.starts_with("http://")
-                    || url.starts_with("https://")
-                    || url.starts_with("mailto:");
+                let ok = crate::escape::safe_url(url) == Some(url)
+                    || (url.starts_with("mailto:") && !url.contains(['<', '>', '"', '\'']));
                 if !ok || url.contains(char::is_whitespace) {
                     return None;
                 }
@@ -80,6 +99,37 @@ pub fn plain(line: &str) -> String {
             Span::Link { text, .. } => text,
         })
         .collect()
+}
+
+/// The line as plain text (the Slack fallback `text`, logs): link texts
+/// without URLs, no `**` and no backslash escapes.
+pub fn plain_text(line: &str) -> String {
+    spans(line)
+        .into_iter()
+        .map(|s| match s {
+            Span::Text(t) => unescape(&t.replace("**", "")),
+            Span::Link { text, .. } => unescape(text),
+        })
+        .collect()
+}
+
+/// Drops Markdown's backslash before ASCII punctuation (`node\_1` → `node_1`).
+fn unescape(t: &str) -> String {
+    let mut out = String::with_capacity(t.len());
+    let mut chars = t.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(&n) = chars.peek() {
+                if n.is_ascii_punctuation() {
+                    out.push(n);
+                    chars.next();
+                    continue;
+                }
+            }
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Renders `line` with `render` and keeps it within `max` characters:
@@ -145,24 +195,9 @@ pub fn more(n: usize, what: &str) -> String {
 
 /// Report Markdown to the bare text Slack shows: `**bold**` becomes Slack's
 /// `*bold*`, and backslash escapes (`node\_1`, which Discord honours and
-/// Slack would show) lose their backslash.
+/// Slack would show) lose their backslash (an escaped `\*\*` stays text).
 fn slack_text(t: &str) -> String {
-    let t = t.replace("**", "*");
-    let mut out = String::with_capacity(t.len());
-    let mut chars = t.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            if let Some(&n) = chars.peek() {
-                if "\\*_`[]<>~|#".contains(n) {
-                    out.push(n);
-                    chars.next();
-                    continue;
-                }
-            }
-        }
-        out.push(c);
-    }
-    out
+    unescape(&t.replace("**", "*"))
 }
 
 /// Slack mrkdwn: text escaped (`&`, `<`, `>`), links as `<url|text>`; a URL
@@ -185,16 +220,27 @@ pub fn slack_mrkdwn(line: &str) -> String {
         .collect()
 }
 
-/// Discord Markdown: masked links kept, with `(`, `)` and spaces in the URL
-/// percent-encoded so Discord's parser finds the link's end.
+/// Discord Markdown: masked links kept (only gpuops's own, see [`spans`]),
+/// with `(`, `)` and spaces in the URL percent-encoded so Discord's parser
+/// finds the link's end; the text's escapes are Discord's too, and
+/// `@everyone` / `@here` are broken by a zero-width space.
 pub fn discord_markdown(line: &str) -> String {
+    let no_everyone = |t: &str| {
+        t.replace("@everyone", "@\u{200B}everyone")
+            .replace("@here", "@\u{200B}here")
+    };
     spans(line)
         .into_iter()
         .map(|s| match s {
-            Span::Text(t) => t.to_string(),
+            Span::Text(t) => no_everyone(t),
             Span::Link { text, url } => format!(
                 "[{}]({})",
-                text.replace(['[', ']'], ""),
+                no_everyone(
+                    &text
+                        .replace(r"\[", "")
+                        .replace(r"\]", "")
+                        .replace(['[', ']'], "")
+                ),
                 url.replace('(', "%28").replace(')', "%29")
             ),
         })
@@ -232,7 +278,7 @@ mod tests {
         let line = r"🔴 **XID 79** on [gpu\_node\-1 GPU 3](http://p/graph?g0.expr=x) node\_2 \*";
         assert_eq!(
             slack_mrkdwn(line),
-            "🔴 *XID 79* on <http://p/graph?g0.expr=x|gpu_node\\-1 GPU 3> node_2 *"
+            "🔴 *XID 79* on <http://p/graph?g0.expr=x|gpu_node-1 GPU 3> node_2 *"
         );
         assert_eq!(discord_markdown(r"**a** b\_c"), r"**a** b\_c");
     }
@@ -266,7 +312,8 @@ mod tests {
             slack_mrkdwn("a <b> & [n&1](https://x/?a=1&b=2)"),
             "a &lt;b&gt; &amp; <https://x/?a=1&amp;b=2|n&amp;1>"
         );
-        assert_eq!(slack_mrkdwn("[t](https://x/a|b)"), "t (https://x/a|b)");
+        // A URL that could break the syntax is no link: it stays text.
+        assert_eq!(slack_mrkdwn("[t](https://x/a|b)"), "[t](https://x/a|b)");
     }
 
     #[test]

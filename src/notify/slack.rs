@@ -175,19 +175,18 @@ fn map_error(e: SlackClientError) -> Error {
     }
 }
 
-/// Escapes text for Slack mrkdwn (`&`, `<`, `>`).
+/// Escapes text for Slack mrkdwn (`&`, `<`, `>`): [`crate::escape::slack`].
 pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    crate::escape::slack(s)
 }
 
+/// A link `<url|text>` when `url` is an `http(s)` URL that cannot break the
+/// syntax ([`crate::escape::safe_url`]); anything else (`javascript:`, a
+/// `|` or `>` in it) is shown as escaped text. `text` is ours.
 fn link(url: &str, text: &str) -> String {
-    // A URL with `|` or `>` would break the link syntax; show it escaped instead.
-    if url.contains('|') || url.contains('>') || url.contains(char::is_whitespace) {
-        escape(url)
-    } else {
-        format!("<{url}|{text}>")
+    match crate::escape::safe_url(url) {
+        Some(u) => format!("<{}|{text}>", u.replace('&', "&amp;")),
+        None => format!("{text}: {}", escape(&crate::escape::line(url))),
     }
 }
 
@@ -252,7 +251,7 @@ fn render_text(t: &TextMessage) -> SlackMessageContent {
         blocks.push(buttons_block(&t.buttons, 0));
     }
     SlackMessageContent::new()
-        .with_text(truncate_chars(&t.text, MAX_FALLBACK_TEXT))
+        .with_text(truncate_chars(&escape(&t.text), MAX_FALLBACK_TEXT))
         .with_blocks(blocks)
 }
 
@@ -300,17 +299,23 @@ fn render_alert(m: &AlertMessage) -> SlackMessageContent {
         tier_emoji(m),
         m.tier,
         status_text(m),
-        m.title
+        crate::escape::line(&m.title)
     );
     blocks.push(SlackBlock::Header(SlackHeaderBlock::new(
-        SlackBlockPlainTextOnly::from(truncate_chars(&header, MAX_HEADER_TEXT)),
+        SlackBlockPlainTextOnly::from(truncate_chars(&escape(&header), MAX_HEADER_TEXT)),
     )));
     if let Some(s) = &m.summary {
-        blocks.push(mrkdwn_section(format!("*{}*", escape(s))));
+        blocks.push(mrkdwn_section(format!(
+            "*{}*",
+            escape(&crate::escape::line(s))
+        )));
     }
     let mut ctx = vec![escape(&tier_text(m))];
     if let Some(a) = &m.acknowledged {
-        ctx.push(format!("👀 acknowledged by {}", escape(&a.by)));
+        ctx.push(format!(
+            "👀 acknowledged by {}",
+            escape(&crate::escape::line(&a.by))
+        ));
     }
     if m.is_test {
         ctx.push("This is a test alert from gpuops.".into());
@@ -323,14 +328,18 @@ fn render_alert(m: &AlertMessage) -> SlackMessageContent {
         .collect();
     blocks.push(mrkdwn_section(fit_alert_lines(m, &lines, MAX_SECTION_TEXT)));
     if let Some(d) = &m.description {
-        blocks.push(mrkdwn_section(escape(&truncate_chars(d, 1500))));
+        // Cut again after escaping (`<` is four characters escaped).
+        blocks.push(mrkdwn_section(truncate_chars(
+            &escape(&truncate_chars(d, 1500)),
+            1500,
+        )));
     }
     let mut links = Vec::new();
     if let Some(u) = &m.runbook_url {
         links.push(link(u, "📖 Runbook"));
     }
     if let Some(id) = &m.runbook_id {
-        links.push(format!("runbook `{}`", escape(id)));
+        links.push(format!("runbook `{}`", escape(&crate::escape::line(id))));
     }
     if let Some(u) = &m.generator_url {
         links.push(link(u, "📈 Prometheus"));
@@ -349,7 +358,7 @@ fn render_alert(m: &AlertMessage) -> SlackMessageContent {
         .with_color(colour(m))
         .with_blocks(blocks);
     SlackMessageContent::new()
-        .with_text(truncate_chars(&headline(m), MAX_FALLBACK_TEXT))
+        .with_text(truncate_chars(&escape(&headline(m)), MAX_FALLBACK_TEXT))
         .with_attachments(vec![attachment])
 }
 
@@ -457,6 +466,71 @@ mod tests {
         );
         assert!(text.contains("&lt;&amp;&gt;"));
         assert!(v["text"].as_str().unwrap().chars().count() <= MAX_FALLBACK_TEXT);
+    }
+
+    fn all_texts(v: &serde_json::Value) -> Vec<String> {
+        let mut out = Vec::new();
+        texts(v, &mut out);
+        out
+    }
+
+    /// Finding 1 (issue 20): the top-level `text` of `chat.postMessage`
+    /// carried an alert name's mentions unescaped.
+    #[test]
+    fn slack_fallback_text_escapes_mentions() {
+        let mut m = big_alert(1);
+        m.title = "Mention <!channel> <!here> <@U0ADMIN>".into();
+        let v = serde_json::to_value(render(&Message::Alert(Box::new(m)))).unwrap();
+        let text = v["text"].as_str().unwrap();
+        assert!(
+            text.contains("Mention &lt;!channel&gt; &lt;!here&gt; &lt;@U0ADMIN&gt;"),
+            "{text}"
+        );
+        for t in all_texts(&v) {
+            assert!(!t.contains("<!") && !t.contains("<@"), "{t}");
+        }
+        // A thread reply's fallback too.
+        let t = TextMessage::new("unknown command <!channel>", Some("<!here>".into()));
+        let v = serde_json::to_value(render(&Message::Text(t))).unwrap();
+        assert_eq!(v["text"], "unknown command &lt;!channel&gt;");
+        for t in all_texts(&v) {
+            assert!(!t.contains("<!"), "{t}");
+        }
+    }
+
+    /// Finding 1 (issue 20): a PagerDuty acknowledgement by
+    /// `<!channel> Mallory` landed in `chat.update` as a mention.
+    #[test]
+    fn pagerduty_ack_by_mention_is_escaped_in_chat_update() {
+        let mut m = big_alert(1);
+        m.acknowledged = Some(crate::notify::Ack {
+            by: "<!channel> Mallory".into(),
+            at: 0.0,
+        });
+        let v = serde_json::to_value(render(&Message::Alert(Box::new(m)))).unwrap();
+        let all = all_texts(&v);
+        assert!(
+            all.iter()
+                .any(|t| t.contains("acknowledged by &lt;!channel&gt; Mallory")),
+            "{all:?}"
+        );
+        for t in &all {
+            assert!(!t.contains("<!channel>"), "{t}");
+        }
+    }
+
+    /// Finding 2 (issue 20): `runbook_url: javascript:…` became a link.
+    #[test]
+    fn javascript_runbook_url_is_never_a_slack_link() {
+        let mut m = big_alert(1);
+        m.runbook_url = Some("javascript:alert(document.cookie)".into());
+        m.generator_url = Some("data:text/html,x".into());
+        let v = serde_json::to_value(render(&Message::Alert(Box::new(m)))).unwrap();
+        for t in all_texts(&v) {
+            assert!(!t.contains("<javascript") && !t.contains("<data"), "{t}");
+        }
+        assert!(v.to_string().contains("javascript:alert(document.cookie)"));
+        assert!(v.to_string().contains("<http://am:9093|"), "{v}");
     }
 
     #[test]

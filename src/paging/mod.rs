@@ -323,10 +323,12 @@ pub fn digest_text(
             2
         };
         for a in &hook.alerts {
+            // Labels are outside text: one line each (the notifiers
+            // escape the digest for their format).
             let name = a
                 .labels
                 .get("alertname")
-                .cloned()
+                .map(|n| crate::escape::line(n))
                 .unwrap_or_else(|| "(no alertname)".into());
             // The node by name, its instance beside it.
             let instance = a.labels.get("instance");
@@ -339,6 +341,7 @@ pub fn digest_text(
                 (None, Some(i)) => i.clone(),
                 (None, None) => "-".into(),
             };
+            let node = crate::escape::line(&node);
             let s = if section == 0 && a.status != "firing" {
                 2
             } else {

@@ -67,85 +67,86 @@ pub fn fmt_local(tz: chrono_tz::Tz, unix: f64) -> String {
         .unwrap_or_else(|| "?".to_string())
 }
 
-/// Escapes Markdown's special characters in a value from outside.
+/// Escapes Markdown's special characters in a value from outside (one
+/// line): [`crate::escape::markdown`].
 pub fn md_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(
-            c,
-            '\\' | '*' | '_' | '`' | '[' | ']' | '<' | '>' | '~' | '|' | '#'
-        ) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
+    crate::escape::markdown(s)
 }
 
-/// Escapes text for HTML content and attribute values.
+/// Escapes text for HTML content and attribute values:
+/// [`crate::escape::html`].
 pub fn html_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+    crate::escape::html(s)
 }
 
-/// A line as Markdown: our own text as written (it may hold `code`
-/// spans), bold and link texts escaped, URLs percent-encoded already.
+/// Our text's pieces: `(is_code, piece)`, split at backticks. A piece may
+/// still carry an outside value (a node or alert name formatted into the
+/// text), so every renderer escapes both kinds for its format.
+fn text_pieces(t: &str) -> impl Iterator<Item = (bool, &str)> {
+    t.split('`').enumerate().map(|(i, p)| (i % 2 == 1, p))
+}
+
+/// A line as Markdown: our text's `code` spans kept (their content on one
+/// line), everything else escaped, link texts escaped, link URLs only
+/// `http(s)` ones (already percent-encoded), else the text alone.
 pub fn line_markdown(line: &Line) -> String {
     line.0
         .iter()
         .map(|p| match p {
-            Part::Text(t) => t.clone(),
+            Part::Text(t) => text_pieces(t)
+                .map(|(code, piece)| {
+                    if code {
+                        format!("`{}`", crate::escape::line(piece))
+                    } else {
+                        md_escape(piece)
+                    }
+                })
+                .collect(),
             Part::Value(v) => md_escape(v),
             Part::Bold(b) => format!("**{}**", md_escape(b)),
-            Part::Link { text, url } => format!("[{}]({url})", md_escape(text)),
+            Part::Link { text, url } => match crate::escape::safe_url(url) {
+                Some(u) => format!("[{}]({u})", md_escape(text)),
+                None => md_escape(text),
+            },
         })
         .collect()
 }
 
-/// A line as plain text (no markup, no URLs).
+/// A line as plain text (no markup, no URLs), one line.
 pub fn line_text(line: &Line) -> String {
     line.0
         .iter()
         .map(|p| match p {
-            Part::Text(t) => t.replace('`', ""),
-            Part::Value(v) => v.clone(),
-            Part::Bold(b) => b.clone(),
-            Part::Link { text, .. } => text.clone(),
+            Part::Text(t) => crate::escape::line(&t.replace('`', "")),
+            Part::Value(v) => crate::escape::line(v),
+            Part::Bold(b) => crate::escape::line(b),
+            Part::Link { text, .. } => crate::escape::line(text),
         })
         .collect()
 }
 
-/// A line as HTML; our text's `code` spans become `<code>`.
+/// A line as HTML; our text's `code` spans become `<code>`; a link only
+/// to an `http(s)` URL.
 pub fn line_html(line: &Line) -> String {
+    let h = |s: &str| html_escape(&crate::escape::line(s));
     line.0
         .iter()
         .map(|p| match p {
-            Part::Text(t) => {
-                let mut out = String::new();
-                for (i, piece) in t.split('`').enumerate() {
-                    if i % 2 == 1 {
-                        out.push_str(&format!("<code>{}</code>", html_escape(piece)));
+            Part::Text(t) => text_pieces(t)
+                .map(|(code, piece)| {
+                    if code {
+                        format!("<code>{}</code>", h(piece))
                     } else {
-                        out.push_str(&html_escape(piece));
+                        h(piece)
                     }
-                }
-                out
-            }
-            Part::Value(v) => html_escape(v),
-            Part::Bold(b) => format!("<strong>{}</strong>", html_escape(b)),
-            Part::Link { text, url } => {
-                format!("<a href=\"{}\">{}</a>", html_escape(url), html_escape(text))
-            }
+                })
+                .collect(),
+            Part::Value(v) => h(v),
+            Part::Bold(b) => format!("<strong>{}</strong>", h(b)),
+            Part::Link { text, url } => match crate::escape::safe_url(url) {
+                Some(u) => format!("<a href=\"{}\">{}</a>", html_escape(u), h(text)),
+                None => h(text),
+            },
         })
         .collect()
 }
@@ -239,11 +240,7 @@ pub fn section_lines(s: &Section) -> Vec<Line> {
     }
     out.extend(s.lines.iter().cloned());
     for why in &s.failures {
-        out.push(
-            Line::new()
-                .text("⚠ Could not compute ")
-                .text(md_escape(why)),
-        );
+        out.push(Line::new().text("⚠ Could not compute ").value(why.clone()));
     }
     out
 }
@@ -364,6 +361,7 @@ pub fn render(inputs: &Inputs<'_>, sections: &[Section], charts: Vec<Chart>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::Section;
 
     #[test]
     fn numbers_durations_bytes() {
@@ -397,5 +395,78 @@ mod tests {
             "<strong>&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;</strong>a &amp; <code>b&lt;c&gt;</code>"
         );
         assert_eq!(line_text(&line), "node gpu_node*1 /data 3 [x]");
+    }
+
+    /// Finding 2 (issue 20): an alert name `[Reset your SSO
+    /// password](https://evil.example/login)` became a link in the report
+    /// (Slack `<url|text>`, a Discord masked link, Markdown, HTML).
+    #[test]
+    fn report_phishing_link_in_an_alert_name_is_text() {
+        use crate::notify::report_lines::{discord_markdown, slack_mrkdwn};
+        let name = "[Reset your SSO password](https://evil.example/login)";
+        for line in [
+            Line::new().text(format!(
+                "Noisiest alerts: {name} (3 notifications, 1 groups)"
+            )),
+            Line::new().text("Still firing: ").bold(name),
+            Line::new().value(name),
+        ] {
+            let md = line_markdown(&line);
+            assert!(!md.contains("[Reset your SSO password]("), "{md}");
+            let slack = slack_mrkdwn(&md);
+            assert!(!slack.contains("<https://evil"), "{slack}");
+            assert!(slack.contains("[Reset your SSO password](https://evil.example/login)"));
+            let discord = discord_markdown(&md);
+            assert!(discord.contains(r"\](https://evil"), "{discord}");
+            assert!(!discord.replace(r"\](", "").contains("]("), "{discord}");
+            let html = line_html(&line);
+            assert!(!html.contains("<a "), "{html}");
+        }
+        // gpuops's own links stay links.
+        let ours = Line::new().link("3", "https://prom.example/graph?g0.expr=up");
+        assert_eq!(
+            slack_mrkdwn(&line_markdown(&ours)),
+            "<https://prom.example/graph?g0.expr=up|3>"
+        );
+        let js = Line::new().link("3", "javascript:alert(1)");
+        assert_eq!(line_markdown(&js), "3");
+        assert_eq!(line_html(&js), "3");
+    }
+
+    /// Finding 2 (issue 20): `report.md` carried a raw `<img src=x
+    /// onerror=…>`, and CRLF in a label split its lines.
+    #[test]
+    fn report_markdown_has_no_tag_and_crlf_splits_no_line() {
+        let evil = "<img src=x onerror=alert(1)>\r\n## heading\r\n- item";
+        for line in [
+            Line::new().text(format!(
+                "Noisiest alerts: {evil} (1 notifications, 1 groups)"
+            )),
+            Line::new().bold(evil).text(" `").text(evil).text("`"),
+            Line::new().value(evil),
+        ] {
+            let md = line_markdown(&line);
+            assert!(!md.replace(r"\<", "").contains("<img"), "{md}");
+            assert!(!md.contains(['\r', '\n']), "{md:?}");
+            let html = line_html(&line);
+            assert!(!html.contains("<img"), "{html}");
+            assert!(!line_text(&line).contains(['\r', '\n']));
+        }
+    }
+
+    /// Issue 21, item 7: Markdown escapes (`NODES\_NOW`) showed in the HTML.
+    #[test]
+    fn report_html_shows_no_markdown_escapes() {
+        let mut s = Section::new(crate::config::reports::SectionKind::Fleet);
+        s.failures
+            .push("NODES_NOW: Prometheus unreachable (connection refused)".into());
+        let lines = section_lines(&s);
+        let html: String = lines.iter().map(line_html).collect();
+        assert!(html.contains("NODES_NOW"), "{html}");
+        assert!(!html.contains('\\'), "{html}");
+        let md: String = lines.iter().map(line_markdown).collect();
+        assert!(md.contains(r"NODES\_NOW"), "{md}");
+        let text: String = lines.iter().map(line_text).collect();
+        assert!(text.contains("NODES_NOW") && !text.contains('\\'), "{text}");
     }
 }

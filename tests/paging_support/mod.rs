@@ -1,8 +1,9 @@
 //! A fake PagerDuty Events API v2 that validates what it is sent the way
 //! PagerDuty documents it (routing key shape, `event_action` values,
 //! `dedup_key` length, a trigger's payload: summary 1..=1024 characters,
-//! source, severity from the closed set) and records every event; answers
-//! can be scripted (429, 5xx, 400). Also: an aiosmtpd SMTP server on
+//! source, severity from the closed set; and, strictly as PagerDuty does,
+//! a 400 for an event larger than 512 KiB) and records every event and
+//! the size of the largest body; answers can be scripted (429, 5xx, 400). Also: an aiosmtpd SMTP server on
 //! loopback that stores messages in a maildir.
 #![allow(dead_code)]
 
@@ -45,7 +46,12 @@ struct Inner {
     /// Schema violations seen (a test fails if any).
     invalid: Vec<String>,
     script: VecDeque<(u16, Value)>,
+    /// The largest request body seen, in bytes.
+    largest: usize,
 }
+
+/// PagerDuty refuses an event larger than this (400).
+pub const MAX_EVENT_BYTES: usize = 512 * 1024;
 
 #[derive(Clone)]
 pub struct FakePagerDuty {
@@ -131,6 +137,11 @@ impl FakePagerDuty {
         self.inner.lock().unwrap().invalid.clone()
     }
 
+    /// The largest request body seen (accepted or not), in bytes.
+    pub fn largest_body(&self) -> usize {
+        self.inner.lock().unwrap().largest
+    }
+
     /// Waits until `n` events were accepted.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Event> {
         let deadline = Instant::now() + timeout;
@@ -151,6 +162,20 @@ impl FakePagerDuty {
 }
 
 async fn enqueue(State(inner): State<Arc<Mutex<Inner>>>, body: Bytes) -> Response {
+    {
+        let mut g = inner.lock().unwrap();
+        g.largest = g.largest.max(body.len());
+        if body.len() > MAX_EVENT_BYTES {
+            g.attempts += 1;
+            let error = format!("Event object is larger than 512 KiB ({} bytes)", body.len());
+            g.invalid.push(error.clone());
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"status": "invalid event", "message": "Event object is invalid", "errors": [error]})),
+            )
+                .into_response();
+        }
+    }
     let v: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(_) => {

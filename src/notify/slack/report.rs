@@ -31,7 +31,7 @@ use sha2::Digest as _;
 use slack_morphism::prelude::*;
 
 use crate::message::{Chart, ReportMessage};
-use crate::notify::report_lines::{fit_lines, more, plain, safe_file_name, slack_mrkdwn};
+use crate::notify::report_lines::{fit_lines, more, plain_text, safe_file_name, slack_mrkdwn};
 use crate::notify::slack::{
     escape, map_error, Connector, MAX_BLOCKS, MAX_FALLBACK_TEXT, MAX_HEADER_TEXT, MAX_SECTION_TEXT,
     MAX_TOTAL_BLOCK_TEXT,
@@ -330,7 +330,7 @@ pub fn content(r: &ReportMessage) -> SlackMessageContent {
     let mut fallback = r.title.clone();
     for l in &r.summary {
         fallback.push('\n');
-        fallback.push_str(&plain(l));
+        fallback.push_str(&plain_text(l));
     }
     SlackMessageContent::new()
         .with_text(truncate_chars(&escape(&fallback), MAX_FALLBACK_TEXT))
@@ -494,5 +494,27 @@ mod tests {
             safe_file_name("fleet gpu/util.png", 120),
             "fleet_gpu_util.png"
         );
+    }
+
+    /// Issue 21, item 7: the Slack fallback `text` carried `**bold**` and
+    /// Markdown escapes.
+    #[test]
+    fn report_slack_fallback_text_has_no_markdown_bold() {
+        let mut r = report(1, 1);
+        r.summary = vec![
+            r"**7 findings** (5 critical, 2 warnings)".into(),
+            r"🔴 **gpu\_node\-1** GPU 3: [XID 79](https://prom.example/graph?x) `<!channel>`"
+                .into(),
+        ];
+        let v = serde_json::to_value(content(&r)).unwrap();
+        let text = v["text"].as_str().unwrap();
+        assert!(!text.contains("**"), "{text}");
+        assert!(!text.contains('\\'), "{text}");
+        assert!(
+            text.contains("7 findings (5 critical, 2 warnings)"),
+            "{text}"
+        );
+        assert!(text.contains("gpu_node-1 GPU 3: XID 79"), "{text}");
+        assert!(!text.contains("<!channel>"), "{text}");
     }
 }
