@@ -160,15 +160,7 @@ impl ExecSigner {
     pub fn from_file(path: &Path) -> Result<ExecSigner, String> {
         let (read, pem) = crate::secret::read_credential(path)?;
         let pem = crate::secret::Secret::new(pem);
-        let mode = std::fs::metadata(&read)
-            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
-            .unwrap_or(0);
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "{} is readable by others (mode {mode:04o}): chmod 600 it",
-                read.display()
-            ));
-        }
+        crate::secret::check_private_file(&read)?;
         ExecSigner::from_pem(pem.expose()).map_err(|e| format!("{}: {e}", read.display()))
     }
 

@@ -152,7 +152,15 @@ fn check_config_reports_every_error_at_once() {
     ] {
         assert!(err.contains(needle), "{needle:?} missing:\n{err}");
     }
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/bot.example.toml");
+    // The example installed as docs/ops.md says (0600: it holds secrets).
+    let example = dir.path().join("bot.example.toml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/bot.example.toml"),
+        &example,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&example, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = Command::new(gpuops())
         .args(["check-config", "--bot"])
         .arg(&example)

@@ -91,6 +91,12 @@ fn config(
     extra: &str,
 ) -> String {
     std::fs::write(dir.join("leads.key"), format!("{LEADS_KEY}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(
+        dir.join("leads.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     format!(
         r#"
 [server]
