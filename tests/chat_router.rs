@@ -830,6 +830,57 @@ async fn shipped_gpu_reset_runbook_from_its_alert_investigates_then_waits_and_de
     b.stop();
 }
 
+/// Finding 7: `/gpuops run agent-down:healthz instance=127.0.0.1:PORT` made
+/// the bot GET `/healthz` on a host outside its inventory and post the body
+/// to chat. The request is refused before it is made; the same step for an
+/// inventory node still goes out.
+async fn probe_to_host_outside_inventory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _, _) = exec_keys(dir.path());
+    let outside = Capture::start().await;
+    let outside_addr = outside.url.trim_start_matches("http://").to_string();
+    let inside = Capture::start().await;
+    let inside_addr = inside.url.trim_start_matches("http://").to_string();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks");
+    let extra = format!(
+        "[runbooks]\ndir = \"{}\"\n[agents]\nsigning_key_file = \"{}\"\n[[agents.nodes]]\ninstance = \"{inside_addr}\"\nnode = \"node1\"\n",
+        shipped.display(),
+        key.display()
+    );
+    let b = Bot::start_in(dir, &extra, None).await;
+    let replies = Capture::start().await;
+    let (_, v) = b
+        .slack_command_with_url(
+            OPERATOR,
+            &format!("run agent-down:healthz instance={outside_addr}"),
+            &format!("{}/out", replies.url),
+        )
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    let posted = replies.wait_for(10, "healthz").await;
+    assert!(
+        posted.contains("is not a node of the bot's agent inventory: not contacted"),
+        "{posted}"
+    );
+    assert!(
+        outside.requests.lock().unwrap().is_empty(),
+        "the bot contacted a host outside its inventory: {:?}",
+        outside.requests.lock().unwrap()
+    );
+    // The inventory node is probed as before.
+    let (_, v) = b
+        .slack_command_with_url(
+            OPERATOR,
+            &format!("run agent-down:healthz instance={inside_addr}"),
+            &format!("{}/in", replies.url),
+        )
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    inside.wait_for(10, "").await;
+    assert_eq!(inside.requests.lock().unwrap()[0].1, "/healthz");
+    b.stop();
+}
+
 /// Spellings of one hex signature that decode to the same bytes.
 fn hex_case_variants(sig: &str) -> Vec<String> {
     let (prefix, hex) = sig.split_at(sig.find('=').map_or(0, |i| i + 1));
@@ -1068,4 +1119,5 @@ chat_on_both!(
     discord_signature_case_variant_is_a_replay,
     one_person_with_slack_and_discord_cannot_approve_own_request,
     slack_request_replayed_after_a_restart_is_refused,
+    probe_to_host_outside_inventory_is_refused,
 );

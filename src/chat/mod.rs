@@ -202,11 +202,14 @@ impl ChatState {
                 tracing::warn!(reason = %why, "node steps cannot run from chat");
             }
         }
-        let executor: Arc<dyn StepExecutor> = Arc::new(Executor::new(
-            Arc::new(ProcessRunner),
-            node,
-            cfg.prometheus.as_ref().map(|p| p.url.clone()),
-        ));
+        let executor: Arc<dyn StepExecutor> = Arc::new(
+            Executor::new(
+                Arc::new(ProcessRunner),
+                node,
+                cfg.prometheus.as_ref().map(|p| p.url.clone()),
+            )
+            .with_directory(inventory.clone()),
+        );
         let chat = ChatState::with_executor(bot.clone(), Arc::new(SystemClock), executor);
         chat.with_agents(inventory)
     }
