@@ -881,6 +881,119 @@ async fn probe_to_host_outside_inventory_is_refused() {
     b.stop();
 }
 
+/// The Approve buttons of the approval requests posted so far, in order.
+fn approve_buttons(b: &Bot) -> Vec<String> {
+    b.slack
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c.message {
+            gpuops::notify::Message::Text(t) => t.buttons.into_iter().find_map(|x| match x {
+                gpuops::notify::Button::Approve(v) => Some(v),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Finding 6: on the shipped memory-pressure runbook, an old Approve button
+/// (its value was the run id only), pressed after its step (drop-caches)
+/// had been denied, approved the next gated step (drain-slurm). Now the
+/// button names run, step and request: the stale one changes nothing and
+/// says why; the current one still works.
+async fn stale_approve_button_after_deny_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let runner = Arc::new(RecordingRunner::new());
+    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks");
+    let extra = format!("[runbooks]\ndir = \"{}\"\n", shipped.display());
+    let b = Bot::start_in(dir, &extra, Some(exec)).await;
+    let g = b
+        .alert(webhook(
+            "MemoryPressure",
+            "node1:9949",
+            &[("node", "node1")],
+        ))
+        .await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run memory-pressure alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    b.wait_for(10, "the drop-caches approval request", |b| {
+        approve_buttons(b).len() == 1
+    })
+    .await;
+    let replies = b.slack.replies();
+    let run = waiting_run_id(&replies);
+    let old = approve_buttons(&b)[0].clone();
+    assert!(old.starts_with(&format!("{run}.")), "{old}");
+    let answers = Capture::start().await;
+    let press = |value: String, to: &str| {
+        let url = format!("{}/{to}", answers.url);
+        let body = slack_button_body(ADMIN, "gpuops_approve", &value, &url);
+        slack_request(
+            "/slack/interactions",
+            &body,
+            b.clock.now_unix(),
+            SLACK_SECRET,
+        )
+    };
+    let (_, v) = b.slack_command(ADMIN, &format!("deny {run}")).await;
+    assert!(text(&v).contains("denied step `drop-caches`"), "{v}");
+    b.wait_for(10, "the drain-slurm approval request", |b| {
+        approve_buttons(b).len() == 2
+    })
+    .await;
+    let current = approve_buttons(&b)[1].clone();
+    assert_ne!(old, current);
+
+    // The stale button: nothing changes, and the answer says why.
+    let (s, _) = b.send(press(old.clone(), "stale")).await;
+    assert_eq!(s, 200);
+    let body = answers.wait_for(10, "stale").await;
+    assert!(
+        body.contains("this approval was for step `drop-caches`")
+            && body.contains("which was denied at"),
+        "{body}"
+    );
+    let row = approvals::load(&b.chat, &run).await.unwrap().unwrap();
+    assert_eq!(row.status, "waiting", "the run still waits for drain-slurm");
+    let plan_index = |name: &str| {
+        gpuops::runbook::RunbookSet::load_dir(&shipped)
+            .0
+            .get("memory-pressure")
+            .and_then(|rb| rb.steps.iter().position(|s| s.name == name))
+            .unwrap()
+    };
+    assert_eq!(row.next_step, plan_index("drain-slurm"));
+    assert!(
+        !b.slack
+            .replies()
+            .iter()
+            .any(|r| r.contains("approved step")),
+        "{:#?}",
+        b.slack.replies()
+    );
+    // The same holds for a bare run id (a button from before this change).
+    let (_, _) = b.send(press(run.clone(), "bare")).await;
+    let body = answers.wait_for(10, "not the step it was for").await;
+    assert!(body.contains("stale"), "{body}");
+    assert_eq!(
+        approvals::load(&b.chat, &run)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "waiting"
+    );
+
+    // The current button approves drain-slurm.
+    let (s, _) = b.send(press(current, "current")).await;
+    assert_eq!(s, 200);
+    answers.wait_for(10, "approved step `drain-slurm`").await;
+    b.stop();
+}
+
 /// Spellings of one hex signature that decode to the same bytes.
 fn hex_case_variants(sig: &str) -> Vec<String> {
     let (prefix, hex) = sig.split_at(sig.find('=').map_or(0, |i| i + 1));
@@ -1120,4 +1233,5 @@ chat_on_both!(
     one_person_with_slack_and_discord_cannot_approve_own_request,
     slack_request_replayed_after_a_restart_is_refused,
     probe_to_host_outside_inventory_is_refused,
+    stale_approve_button_after_deny_changes_nothing,
 );

@@ -618,8 +618,10 @@ pub async fn handle_button(
             )
             .await
         }
-        ButtonAction::Approve { run } => approvals::approve(chat, user, &run, responder).await,
-        ButtonAction::Deny { run } => approvals::deny(chat, user, &run, responder).await,
+        ButtonAction::Approve { run } => {
+            approvals::approve_button(chat, user, &run, responder).await
+        }
+        ButtonAction::Deny { run } => approvals::deny_button(chat, user, &run, responder).await,
     }
 }
 
