@@ -182,6 +182,11 @@ async fn kill_9_loses_nothing() {
     discord.set_down(true);
     let cfg = dir.path().join("bot.toml");
     std::fs::write(&cfg, bot_config(dir.path(), &slack, &discord, "")).unwrap();
+    std::fs::set_permissions(
+        &cfg,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     let mut bot = Proc::spawn(dir.path(), Some(&cfg), "first");
     wait_http_ok(&format!("{}/healthz", bot.base), Duration::from_secs(20)).await;
     let r = post(
@@ -242,7 +247,12 @@ async fn secrets_never_reach_logs_or_errors() {
         .replace("level = \"info\"", "level = \"debug\"");
     let cfg = dir.path().join("bot.toml");
     std::fs::write(&cfg, text).unwrap();
-    // The platforms answer with errors, some echoing the credentials back.
+    std::fs::set_permissions(
+        &cfg,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
+               // The platforms answer with errors, some echoing the credentials back.
     slack.script([
         Scripted::new(
             500,
@@ -499,6 +509,11 @@ async fn report_slots_fire_once_each_across_kill_9() {
         free_port()
     );
     std::fs::write(&cfg, bot_config(dir.path(), &slack, &discord, &extra)).unwrap();
+    std::fs::set_permissions(
+        &cfg,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
 
     let mut first = Proc::spawn(dir.path(), Some(&cfg), "first");
     wait_http_ok(&format!("{}/healthz", first.base), Duration::from_secs(20)).await;

@@ -645,6 +645,11 @@ max_repeats = 4"#,
     );
     let cfg_path = dir.path().join("bot.toml");
     std::fs::write(&cfg_path, config(dir.path(), &slack, &pd, &esc, "")).unwrap();
+    std::fs::set_permissions(
+        &cfg_path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     let spawn = |name: &str| {
         let port = support::free_port();
         let child = std::process::Command::new(support::gpuops())
@@ -827,6 +832,11 @@ notify = ["slack:C0LEADS", "pagerduty:missing.key"]
 "#,
     )
     .unwrap();
+    std::fs::set_permissions(
+        &path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     let out = std::process::Command::new(support::gpuops())
         .args(["check-config", "--bot"])
         .arg(&path)
