@@ -994,6 +994,66 @@ async fn stale_approve_button_after_deny_changes_nothing() {
     b.stop();
 }
 
+/// Finding 12c: an operator could `silence alertname=~".+"` for up to 90
+/// days with no approval. A silence matching every alert, or longer than
+/// `[rbac] max_silence`, now needs an admin: the operator is refused (told
+/// who may create it) and AlertManager hears nothing; narrow and short ones
+/// go through, and an admin may create the broad one.
+async fn silence_matching_every_alert_or_too_long_needs_approval() {
+    let am = Capture::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("[alertmanager]\nurl = \"{}\"\n", am.url);
+    let b = Bot::start_in(dir, &extra, None).await;
+    let silences = || {
+        am.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.0 == "POST" && r.1 == "/api/v2/silences")
+            .count()
+    };
+    for cmd in [
+        "silence alertname=~\".+\" 1h",
+        "silence alertname=~\".*\", instance=~\".+\" 30m",
+        "silence TestGpuDown 90d",
+        "silence TestGpuDown 25h",
+    ] {
+        let (s, v) = b.slack_command(OPERATOR, cmd).await;
+        assert_eq!(s, 200);
+        let t = text(&v);
+        assert!(
+            t.contains("needs approval") && t.contains("admins: "),
+            "{cmd}: {t}"
+        );
+        assert!(
+            t.contains("matches every alert")
+                || t.contains("longer than [rbac] max_silence (1day)"),
+            "{cmd}: {t}"
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(silences(), 0, "AlertManager got a silence");
+    // Narrow and within the limit: as before.
+    b.slack_command(OPERATOR, "silence TestGpuDown 2h").await;
+    // An admin may create the broad one.
+    b.slack_command(ADMIN, "silence alertname=~\".+\" 1h").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while silences() < 2 {
+        assert!(std::time::Instant::now() < deadline, "silences not created");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let denied = b
+        .audit()
+        .await
+        .into_iter()
+        .filter(|r| {
+            r.action == "silence" && r.outcome.starts_with("denied: this silence needs approval")
+        })
+        .count();
+    assert_eq!(denied, 4);
+    b.stop();
+}
+
 /// Spellings of one hex signature that decode to the same bytes.
 fn hex_case_variants(sig: &str) -> Vec<String> {
     let (prefix, hex) = sig.split_at(sig.find('=').map_or(0, |i| i + 1));
@@ -1234,4 +1294,5 @@ chat_on_both!(
     slack_request_replayed_after_a_restart_is_refused,
     probe_to_host_outside_inventory_is_refused,
     stale_approve_button_after_deny_changes_nothing,
+    silence_matching_every_alert_or_too_long_needs_approval,
 );

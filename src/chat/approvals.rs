@@ -912,7 +912,7 @@ fn approval_group(step: &crate::runbook::Step) -> Option<String> {
 
 /// Who may approve a request of `requester`: the admins under `[rbac]`,
 /// by person, less the requester.
-fn admins_text(chat: &ChatState, requester: &str) -> String {
+pub(crate) fn admins_text(chat: &ChatState, requester: &str) -> String {
     let me = chat.person_of(requester);
     let mut names: Vec<String> = Vec::new();
     for a in &chat.bot.config.rbac.admins {

@@ -185,6 +185,10 @@ pub struct RbacConfig {
     /// person's name. An account belongs to at most one person; an account
     /// not listed is a person of its own. The two-person rule compares people.
     pub people: BTreeMap<String, String>,
+    /// `max_silence`: the longest silence an operator may create alone
+    /// (`None`: [`crate::rbac::DEFAULT_MAX_SILENCE`], 24 h); a longer one,
+    /// or one matching every alert, needs an admin.
+    pub max_silence: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -715,6 +719,16 @@ impl BotConfig {
             c.rbac.admins = r.get_with(&mut s, "admins", ids).unwrap_or_default();
             c.rbac.operators = r.get_with(&mut s, "operators", ids).unwrap_or_default();
             c.rbac.people = read_people(&mut r, &mut s);
+            c.rbac.max_silence =
+                r.get_with(
+                    &mut s,
+                    "max_silence",
+                    |v: String| match humantime::parse_duration(&v) {
+                        Ok(d) if d.as_secs() >= 60 => Ok(d),
+                        Ok(_) => Err(format!("must be at least 1m, got {v:?}")),
+                        Err(e) => Err(format!("{v:?} is not a duration like \"24h\": {e}")),
+                    },
+                );
             r.finish(s);
         }
 
