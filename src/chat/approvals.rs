@@ -843,6 +843,7 @@ pub async fn drive(
             }
             ps.approval = Some(SignedApproval {
                 run: id.clone(),
+                step: ps.step.name.clone(),
                 requested_by: row.requester.clone(),
                 approved_by: by,
                 approved_at: chat.now(),
