@@ -94,7 +94,7 @@ async fn copy(args: StoreCopyArgs) -> anyhow::Result<ExitCode> {
             if crate::secret::conninfo_has_password(v) {
                 anyhow::bail!(
                     "{flag} {} holds a password, which would show in `ps` and the shell history: \
-                     leave it out and give it with --password-file or [store] password_file",
+                     leave it out and give it with --password-file, [store] password_file or a PGPASSFILE",
                     crate::secret::redact_url(v)
                 );
             }
