@@ -98,6 +98,7 @@ fn bot_config(dir: &std::path::Path, listen: SocketAddr, slack: SocketAddr) -> s
     );
     let path = dir.join("bot.toml");
     std::fs::write(&path, text).expect("write bot.toml");
+    chmod(&path, 0o600); // inline secrets: refused in a file others can read
     path
 }
 
