@@ -120,7 +120,7 @@ pub async fn approve_button(
     responder: Responder,
 ) -> Outcome {
     match current_button(chat, user, "approve", value).await {
-        Ok(run) => approve(chat, user, &run, responder).await,
+        Ok((run, step)) => approve_step(chat, user, &run, responder, Some(step)).await,
         Err(why) => Outcome::Now(Reply::private(why)),
     }
 }
@@ -133,19 +133,19 @@ pub async fn deny_button(
     responder: Responder,
 ) -> Outcome {
     match current_button(chat, user, "deny", value).await {
-        Ok(run) => deny(chat, user, &run, responder).await,
+        Ok((run, step)) => deny_step(chat, user, &run, responder, Some(step)).await,
         Err(why) => Outcome::Now(Reply::private(why)),
     }
 }
 
-/// The run a button is for when its request is the one waiting now; else
+/// The run and step a button is for when its request is the one waiting now; else
 /// why the button is stale (audited as refused).
 async fn current_button(
     chat: &ChatState,
     user: &User,
     action: &str,
     value: &str,
-) -> Result<String, String> {
+) -> Result<(String, usize), String> {
     let mut parts = value.split('.');
     let run = parts.next().unwrap_or_default().to_string();
     let step: Option<usize> = parts.next().and_then(|s| s.parse().ok());
@@ -168,7 +168,7 @@ async fn current_button(
                     .expires_at
                     .is_some_and(|e| button_nonce(&run, step, e) == nonce);
             if current {
-                return Ok(run);
+                return Ok((run, step));
             }
             let name = plan_of(chat, &row)
                 .await
@@ -467,6 +467,17 @@ pub async fn approve(
     id: &str,
     responder: Responder,
 ) -> Outcome {
+    approve_step(chat, user, id, responder, None).await
+}
+
+/// [`approve`], of step `expect` only when given (a button's step).
+async fn approve_step(
+    chat: &Arc<ChatState>,
+    user: &User,
+    id: &str,
+    responder: Responder,
+    expect: Option<usize>,
+) -> Outcome {
     let who = user.key();
     let role = chat.role_of(user);
     let params = serde_json::json!({ "run": id });
@@ -481,7 +492,10 @@ pub async fn approve(
         .await;
         return Outcome::Now(Reply::private(format!("⛔ {denied}")));
     }
-    let row = match waiting_run(chat, id).await {
+    let row = match waiting_run(chat, id)
+        .await
+        .and_then(|r| still_waiting_on(r, expect))
+    {
         Ok(r) => r,
         Err(msg) => {
             chat.audit(
@@ -577,10 +591,24 @@ pub async fn approve(
 /// with the steps that do not depend on it. Admins, or the requester
 /// (withdrawing their own request), may deny.
 pub async fn deny(chat: &Arc<ChatState>, user: &User, id: &str, responder: Responder) -> Outcome {
+    deny_step(chat, user, id, responder, None).await
+}
+
+/// [`deny`], of step `expect` only when given (a button's step).
+async fn deny_step(
+    chat: &Arc<ChatState>,
+    user: &User,
+    id: &str,
+    responder: Responder,
+    expect: Option<usize>,
+) -> Outcome {
     let who = user.key();
     let role = chat.role_of(user);
     let params = serde_json::json!({ "run": id });
-    let row = match waiting_run(chat, id).await {
+    let row = match waiting_run(chat, id)
+        .await
+        .and_then(|r| still_waiting_on(r, expect))
+    {
         Ok(r) => r,
         Err(msg) => {
             chat.audit(
@@ -958,6 +986,18 @@ async fn plan_of(chat: &ChatState, row: &RunRecord) -> Result<RunPlan, String> {
         )
     })?;
     engine::plan(rb, &row.given, &row.labels).map_err(|e| e.to_string())
+}
+
+/// `row` when it still waits on step `expect` (if given): a button pressed
+/// just as its step was decided and the run moved on changes nothing.
+fn still_waiting_on(row: RunRecord, expect: Option<usize>) -> Result<RunRecord, String> {
+    match expect {
+        Some(step) if row.next_step != step => Err(format!(
+            "⛔ this button is stale, nothing changed: run `{}` moved on from the step it was for",
+            row.id
+        )),
+        _ => Ok(row),
+    }
 }
 
 async fn waiting_run(chat: &ChatState, id: &str) -> Result<RunRecord, String> {
