@@ -10,7 +10,7 @@ use anyhow::Context as _;
 
 use crate::cli::{AgentArgs, CheckConfigArgs, CollectArgs, HostArgs};
 use crate::collector::{self, kmsg, Context, KernelEvents, Runner};
-use crate::config::agent::GpuBackendChoice;
+use crate::config::agent::{ExecConfig, GpuBackendChoice};
 use crate::config::{AgentConfig, BotConfig};
 use crate::exporter::{self, AgentState};
 use crate::telemetry::{self, HttpMetrics};
@@ -97,7 +97,16 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
         http: Arc::new(HttpMetrics::new()),
     });
     let mut app = exporter::router(state.clone());
-    if let Some(exec) = crate::runbook::agent_exec::router(&cfg.exec, &cfg.node_name) {
+    let untrusted = exec_sources_others_can_change(&cfg.exec);
+    for problem in &untrusted {
+        tracing::warn!(problem = %problem, "exec endpoint stays off");
+    }
+    let exec = if untrusted.is_empty() {
+        crate::runbook::agent_exec::router(&cfg.exec, &cfg.node_name)
+    } else {
+        None
+    };
+    if let Some(exec) = exec {
         tracing::info!(
             runbooks = %cfg.exec.runbooks_dir.display(),
             node = %cfg.node_name,
@@ -163,6 +172,39 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What makes the exec endpoint untrustworthy: a bot public key file, or the
+/// runbook directory or one of its files, that any user may change (they
+/// could sign or write the steps the agent runs as its own user). Empty when
+/// exec is off anyway (no keys) or everything is safe.
+pub fn exec_sources_others_can_change(exec: &ExecConfig) -> Vec<String> {
+    use crate::secret::writable_by_others;
+    if exec.public_keys.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut check = |path: &std::path::Path, what: &str| {
+        if let Some(mode) = writable_by_others(path) {
+            out.push(format!(
+                "{what} {} is writable by any user (mode {mode:04o}): chmod o-w it",
+                path.display()
+            ));
+        }
+    };
+    for f in &exec.public_key_files {
+        check(f, "exec public key");
+        if let Some(dir) = f.parent().filter(|d| !d.as_os_str().is_empty()) {
+            check(dir, "the directory of exec public key");
+        }
+    }
+    check(&exec.runbooks_dir, "runbook directory");
+    if let Ok(entries) = std::fs::read_dir(&exec.runbooks_dir) {
+        for e in entries.flatten() {
+            check(&e.path(), "runbook");
+        }
+    }
+    out
+}
+
 /// Pings systemd's watchdog at half its interval while the runtime and the
 /// collector runner respond.
 fn spawn_watchdog(runner: Arc<Runner>) {
@@ -224,6 +266,14 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = &args.agent {
         let parsed = AgentConfig::from_file(p);
         let web = parsed.as_ref().ok().and_then(|c| c.web_config_file.clone());
+        if let Ok(c) = &parsed {
+            for problem in exec_sources_others_can_change(&c.exec) {
+                eprintln!(
+                    "{}: warning: the exec endpoint stays off: {problem}",
+                    p.display()
+                );
+            }
+        }
         report("agent", p, parsed.map(|_| ()));
         if let Some(w) = web {
             match crate::web::webconfig::WebConfigSource::open(&w) {
@@ -243,4 +293,46 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::exec_sources_others_can_change;
+    use crate::config::agent::ExecConfig;
+    use crate::exec_auth::ExecSigner;
+
+    #[test]
+    fn exec_stays_off_with_a_world_writable_key_or_runbook_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let public = dir.path().join("exec.pub");
+        let signer = ExecSigner::generate();
+        std::fs::write(&public, signer.public_key().to_pem().unwrap()).unwrap();
+        std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let runbooks = dir.path().join("runbooks");
+        std::fs::create_dir(&runbooks).unwrap();
+        std::fs::write(runbooks.join("r.yaml"), "id: r\n").unwrap();
+        std::fs::set_permissions(&runbooks, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let exec = ExecConfig {
+            public_keys: vec![signer.public_key()],
+            public_key_files: vec![public.clone()],
+            runbooks_dir: runbooks.clone(),
+            output_cap_bytes: 1024,
+        };
+        assert!(exec_sources_others_can_change(&exec).is_empty());
+        std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(&runbooks, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let problems = exec_sources_others_can_change(&exec);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("exec.pub") && problems[0].contains("0666"));
+        assert!(problems[1].contains("runbook directory") && problems[1].contains("0777"));
+        std::fs::set_permissions(&runbooks, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            runbooks.join("r.yaml"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        assert_eq!(exec_sources_others_can_change(&exec).len(), 2);
+    }
 }

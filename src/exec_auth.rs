@@ -71,10 +71,63 @@ pub struct SignedExec {
 pub struct SignedApproval {
     /// The chat run id (`r…`).
     pub run: String,
+    /// The step approved: the request's own step (an approval covering an
+    /// approval group is signed anew for each step it covers).
+    pub step: String,
     pub requested_by: String,
     pub approved_by: String,
     /// Unix seconds of the approval.
     pub approved_at: i64,
+}
+
+/// How long before the request an approval may have been given (a run's
+/// later steps of the same approval group ride on it).
+pub const APPROVAL_WINDOW_SECS: i64 = 3600;
+/// How far after the request's timestamp an approval may be dated (clocks).
+pub const APPROVAL_SKEW_SECS: i64 = 5;
+
+/// The approval a `needs_approval` step must carry, checked against the
+/// request it is inside: present, for this step, for a run id, approved by
+/// someone other than the requester, and given within
+/// [`APPROVAL_WINDOW_SECS`] before the request was signed. `Err` says why.
+pub fn verify_approval(req: &SignedExec) -> Result<(), String> {
+    let Some(a) = &req.approval else {
+        return Err(format!(
+            "runbook {} step {} needs approval and the request carries none",
+            req.runbook, req.step
+        ));
+    };
+    let run_ok = a.run.len() > 1
+        && a.run.len() <= 64
+        && a.run.starts_with('r')
+        && a.run.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !run_ok {
+        return Err(format!("the approval names no run ({:?})", a.run));
+    }
+    if a.step != req.step {
+        return Err(format!(
+            "the approval is for step {:?}, not step {}",
+            a.step, req.step
+        ));
+    }
+    if a.requested_by.trim().is_empty() || a.approved_by.trim().is_empty() {
+        return Err("the approval must name who asked and who approved".into());
+    }
+    if a.approved_by == a.requested_by {
+        return Err(format!(
+            "the approval is by the requester {} (two-person rule)",
+            a.approved_by
+        ));
+    }
+    if a.approved_at > req.timestamp + APPROVAL_SKEW_SECS
+        || a.approved_at < req.timestamp - APPROVAL_WINDOW_SECS
+    {
+        return Err(format!(
+            "the approval time {} is outside the window of the request ({}s before it)",
+            a.approved_at, APPROVAL_WINDOW_SECS
+        ));
+    }
+    Ok(())
 }
 
 /// Why a request was refused.
@@ -160,15 +213,7 @@ impl ExecSigner {
     pub fn from_file(path: &Path) -> Result<ExecSigner, String> {
         let (read, pem) = crate::secret::read_credential(path)?;
         let pem = crate::secret::Secret::new(pem);
-        let mode = std::fs::metadata(&read)
-            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
-            .unwrap_or(0);
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "{} is readable by others (mode {mode:04o}): chmod 600 it",
-                read.display()
-            ));
-        }
+        crate::secret::check_private_file(&read)?;
         ExecSigner::from_pem(pem.expose()).map_err(|e| format!("{}: {e}", read.display()))
     }
 
@@ -534,6 +579,53 @@ mod tests {
     use std::sync::Arc;
 
     const NOW: i64 = 1_800_000_000;
+
+    /// Finding 6 (agent side): the approval inside a signed request must be
+    /// for this very step, by someone other than the requester, and recent;
+    /// before, any approval (even the requester's own, for another step, a
+    /// day old) let a gated step run.
+    #[test]
+    fn signed_approval_must_be_for_this_step_by_another_person_and_recent() {
+        let approval = |step: &str, by: &str, at: i64| SignedApproval {
+            run: "r0a1b2c".into(),
+            step: step.into(),
+            requested_by: "slack:U1".into(),
+            approved_by: by.into(),
+            approved_at: at,
+        };
+        let req = |a: Option<SignedApproval>| {
+            ExecSigner::request("node-a", "rb", "drain", BTreeMap::new(), &[], a, NOW)
+        };
+        assert!(verify_approval(&req(Some(approval("drain", "slack:U2", NOW)))).is_ok());
+        assert!(verify_approval(&req(Some(approval("drain", "slack:U2", NOW - 600)))).is_ok());
+        for (a, why) in [
+            (None, "carries none"),
+            (
+                Some(approval("drop-caches", "slack:U2", NOW)),
+                "not step drain",
+            ),
+            (Some(approval("drain", "slack:U1", NOW)), "two-person"),
+            (Some(approval("drain", "", NOW)), "who approved"),
+            (
+                Some(approval("drain", "slack:U2", NOW - 86_400)),
+                "outside the window",
+            ),
+            (
+                Some(approval("drain", "slack:U2", NOW + 600)),
+                "outside the window",
+            ),
+            (
+                Some(SignedApproval {
+                    run: String::new(),
+                    ..approval("drain", "slack:U2", NOW)
+                }),
+                "names no run",
+            ),
+        ] {
+            let e = verify_approval(&req(a)).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+    }
 
     fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -538,11 +538,13 @@ impl Executor {
     /// [`node_steps`] says; PromQL to `[prometheus] url`; bot-side commands
     /// through the real process runner.
     pub fn for_bot(cfg: &BotConfig) -> Executor {
+        let (inventory, node) = node_steps(cfg);
         Executor::new(
             Arc::new(crate::runbook::exec::ProcessRunner),
-            node_steps(cfg).1,
+            node,
             cfg.prometheus.as_ref().map(|p| p.url.clone()),
         )
+        .with_directory(inventory)
     }
 }
 

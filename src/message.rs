@@ -225,16 +225,17 @@ impl AlertLine {
 /// `<group_id>|<runbook_id>`; Discord `custom_id`s `gpuops:ack:<group_id>`,
 /// `gpuops:silence:<group_id>:1h`, `gpuops:run:<group_id>:<runbook_id>`.
 /// On an approval request: [`SLACK_ACTION_APPROVE`] / [`SLACK_ACTION_DENY`]
-/// with `value` `<run_id>`; Discord `gpuops:approve:<run_id>`,
-/// `gpuops:deny:<run_id>`.
+/// with `value` `<run_id>.<step>.<nonce>` (the one request they were posted
+/// with; `chat::approvals::button_value`); Discord
+/// `gpuops:approve:<run_id>.<step>.<nonce>`, `gpuops:deny:…`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Button {
     Acknowledge,
     Silence1h,
     RunRunbook(String),
-    /// Approve the step run `.0` waits on.
+    /// Approve the request `.0` (`<run>.<step>.<nonce>`) names.
     Approve(String),
-    /// Deny the step run `.0` waits on.
+    /// Deny the request `.0` names.
     Deny(String),
 }
 

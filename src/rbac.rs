@@ -113,6 +113,46 @@ pub fn authorize_approval(approver: &Actor, requester: &Actor, step: &Step) -> R
     Ok(())
 }
 
+/// The longest silence `[rbac] max_silence` lets an operator create when it
+/// is not set.
+pub const DEFAULT_MAX_SILENCE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A silence beyond what an operator may set alone: one that matches every
+/// alert (`narrowed` is false: no equality matcher with a value, e.g. only
+/// `alertname=~".+"`) or that lasts longer than `[rbac] max_silence`. It
+/// needs approval, which the admin role is: an admin may create it; an
+/// operator is refused and told so (the caller names the admins).
+pub fn authorize_silence(
+    rbac: &RbacConfig,
+    role: Role,
+    narrowed: bool,
+    duration: std::time::Duration,
+) -> Result<(), Denied> {
+    authorize(role, ChatAction::Silence, None)?;
+    let max = rbac.max_silence.unwrap_or(DEFAULT_MAX_SILENCE);
+    let mut why = Vec::new();
+    if !narrowed {
+        why.push(
+            "it matches every alert (no equality matcher such as alertname=\"...\" narrows it)"
+                .to_string(),
+        );
+    }
+    if duration > max {
+        why.push(format!(
+            "it lasts {}, longer than [rbac] max_silence ({})",
+            humantime::format_duration(duration),
+            humantime::format_duration(max)
+        ));
+    }
+    if why.is_empty() || role == Role::Admin {
+        return Ok(());
+    }
+    Err(Denied(format!(
+        "this silence needs approval: {}",
+        why.join(" and ")
+    )))
+}
+
 fn action_name(a: ChatAction) -> &'static str {
     match a {
         ChatAction::Help => "help",
@@ -168,5 +208,20 @@ mod tests {
         assert_eq!(role_of(&rbac, &["U0OPER"]), Role::Operator);
         assert_eq!(role_of(&rbac, &["U0SOMEONE"]), Role::Viewer);
         assert_eq!(role_of(&rbac, &[""]), Role::Viewer);
+    }
+
+    #[test]
+    fn broad_or_long_silences_need_an_admin() {
+        let h = |n: u64| std::time::Duration::from_secs(n * 3600);
+        let mut rbac = RbacConfig::default();
+        assert!(authorize_silence(&rbac, Role::Operator, true, h(24)).is_ok());
+        let e = authorize_silence(&rbac, Role::Operator, true, h(25)).unwrap_err();
+        assert!(e.0.contains("longer than [rbac] max_silence (1day)"), "{e}");
+        let e = authorize_silence(&rbac, Role::Operator, false, h(1)).unwrap_err();
+        assert!(e.0.contains("matches every alert"), "{e}");
+        assert!(authorize_silence(&rbac, Role::Admin, false, h(48)).is_ok());
+        assert!(authorize_silence(&rbac, Role::Viewer, true, h(1)).is_err());
+        rbac.max_silence = Some(h(2));
+        assert!(authorize_silence(&rbac, Role::Operator, true, h(3)).is_err());
     }
 }

@@ -88,6 +88,18 @@ fn schema_version_sqlite(path: &std::path::Path) -> anyhow::Result<i64> {
 
 async fn copy(args: StoreCopyArgs) -> anyhow::Result<ExitCode> {
     let cfg = config(&args.config)?;
+    // A password on the command line is in `ps` and shell history.
+    for (flag, value) in [("--from", Some(&args.from)), ("--to", args.to.as_ref())] {
+        if let Some(v) = value {
+            if crate::secret::conninfo_has_password(v) {
+                anyhow::bail!(
+                    "{flag} {} holds a password, which would show in `ps` and the shell history: \
+                     leave it out and give it with --password-file, [store] password_file or a PGPASSFILE",
+                    crate::secret::redact_url(v)
+                );
+            }
+        }
+    }
     let from = PathBuf::from(args.from.strip_prefix("sqlite:").unwrap_or(&args.from));
     if !from.exists() {
         anyhow::bail!("--from: no SQLite store at {}", from.display());
@@ -103,9 +115,9 @@ async fn copy(args: StoreCopyArgs) -> anyhow::Result<ExitCode> {
         store_cfg.url = Some(crate::secret::Secret::new(url.clone()));
     }
     if let Some(file) = &args.password_file {
-        let (_, password) = crate::secret::read_credential(file)
+        let password = crate::secret::load_secret_file(file)
             .map_err(|e| anyhow::anyhow!("--password-file {}: {e}", file.display()))?;
-        store_cfg.password = Some(crate::secret::Secret::new(password));
+        store_cfg.password = Some(password);
     }
     if store_cfg.url.is_none() {
         anyhow::bail!(

@@ -242,6 +242,7 @@ async fn exec_mitigation_without_signed_approval_is_refused() {
     let mut req = exec_req(NODE, "drain", &[("node", NODE)], NOW);
     req.approval = Some(SignedApproval {
         run: "r0001".into(),
+        step: "drain".into(),
         requested_by: "slack:U1".into(),
         approved_by: "slack:U2".into(),
         approved_at: NOW,
@@ -258,6 +259,7 @@ async fn exec_node_parameter_naming_another_node_is_refused() {
     let mut req = exec_req(NODE, "drain", &[("node", "node-b")], NOW);
     req.approval = Some(SignedApproval {
         run: "r0001".into(),
+        step: "drain".into(),
         requested_by: "slack:U1".into(),
         approved_by: "slack:U2".into(),
         approved_at: NOW,

@@ -61,6 +61,11 @@ async fn a_real_alertmanager_alert_reaches_slack_and_its_resolve_edits_it() {
     let bot_port = free_port();
     let cfg = dir.path().join("bot.toml");
     std::fs::write(&cfg, bot_config(dir.path(), &slack, &discord, "")).unwrap();
+    std::fs::set_permissions(
+        &cfg,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     let bot_log = dir.path().join("bot.log");
     let _bot = Killed(
         Command::new(gpuops())

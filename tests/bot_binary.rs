@@ -152,7 +152,15 @@ fn check_config_reports_every_error_at_once() {
     ] {
         assert!(err.contains(needle), "{needle:?} missing:\n{err}");
     }
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/bot.example.toml");
+    // The example installed as docs/ops.md says (0600: it holds secrets).
+    let example = dir.path().join("bot.example.toml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/bot.example.toml"),
+        &example,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&example, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = Command::new(gpuops())
         .args(["check-config", "--bot"])
         .arg(&example)
@@ -174,6 +182,11 @@ async fn kill_9_loses_nothing() {
     discord.set_down(true);
     let cfg = dir.path().join("bot.toml");
     std::fs::write(&cfg, bot_config(dir.path(), &slack, &discord, "")).unwrap();
+    std::fs::set_permissions(
+        &cfg,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     let mut bot = Proc::spawn(dir.path(), Some(&cfg), "first");
     wait_http_ok(&format!("{}/healthz", bot.base), Duration::from_secs(20)).await;
     let r = post(
@@ -234,7 +247,12 @@ async fn secrets_never_reach_logs_or_errors() {
         .replace("level = \"info\"", "level = \"debug\"");
     let cfg = dir.path().join("bot.toml");
     std::fs::write(&cfg, text).unwrap();
-    // The platforms answer with errors, some echoing the credentials back.
+    std::fs::set_permissions(
+        &cfg,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
+               // The platforms answer with errors, some echoing the credentials back.
     slack.script([
         Scripted::new(
             500,
@@ -491,6 +509,11 @@ async fn report_slots_fire_once_each_across_kill_9() {
         free_port()
     );
     std::fs::write(&cfg, bot_config(dir.path(), &slack, &discord, &extra)).unwrap();
+    std::fs::set_permissions(
+        &cfg,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
 
     let mut first = Proc::spawn(dir.path(), Some(&cfg), "first");
     wait_http_ok(&format!("{}/healthz", first.base), Duration::from_secs(20)).await;

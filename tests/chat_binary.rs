@@ -219,6 +219,11 @@ async fn slack_button_runs_a_runbook_on_the_agent_into_the_thread_with_the_real_
     );
     let cfg = dir.path().join("bot.toml");
     std::fs::write(&cfg, bot_config(dir.path(), &slack, &discord, &extra)).unwrap();
+    std::fs::set_permissions(
+        &cfg,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     let bot_addr = format!("127.0.0.1:{}", free_port());
     let base = format!("http://{bot_addr}");
     let log = std::fs::File::create(dir.path().join("bot.log")).unwrap();

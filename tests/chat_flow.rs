@@ -127,6 +127,11 @@ async fn bot() -> (Bot, Arc<Scripted>, Capture) {
     let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
     let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
     std::fs::write(dir.path().join("bot.toml"), config_text(dir.path(), &extra)).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("bot.toml"),
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     (
         Bot::start_in(dir, &extra, Some(exec)).await,
         runner,
@@ -171,6 +176,23 @@ async fn wait_request(b: &Bot, step: &str) {
     .await;
 }
 
+/// The value of the latest approval request's Approve button
+/// (`<run>.<step>.<nonce>`: it approves that request only).
+fn approve_button(b: &Bot) -> String {
+    b.slack
+        .calls()
+        .into_iter()
+        .rev()
+        .find_map(|c| match c.message {
+            Message::Text(t) => t.buttons.into_iter().find_map(|x| match x {
+                Button::Approve(v) => Some(v),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
 async fn press(b: &Bot, capture: &Capture, user: &str, action: &str, run: &str) -> u16 {
     let body = slack_button_body(user, action, run, &format!("{}/respond", capture.url));
     let (s, _) = b
@@ -196,7 +218,7 @@ async fn drain_fails_so_reset_is_not_offered_and_escalation_runs() {
     wait_request(&b, "drain-slurm").await;
     let run = waiting_run(&b);
     assert_eq!(
-        press(&b, &capture, ADMIN, "gpuops_approve", &run).await,
+        press(&b, &capture, ADMIN, "gpuops_approve", &approve_button(&b)).await,
         200
     );
     // Only the independent drop-caches (`requires: []`) is offered next.
@@ -254,7 +276,10 @@ async fn deny_skips_the_step_and_the_run_goes_on_to_independent_steps() {
     wait_request(&b, "drain-slurm").await;
     let run = waiting_run(&b);
     // The Deny button, by an admin.
-    assert_eq!(press(&b, &capture, ADMIN, "gpuops_deny", &run).await, 200);
+    assert_eq!(
+        press(&b, &capture, ADMIN, "gpuops_deny", &approve_button(&b)).await,
+        200
+    );
     wait_reply(&b, "the denial", "denied step `drain-slurm`").await;
     // Independent drop-caches is offered next; nothing of the drain path.
     wait_request(&b, "drop-caches").await;
@@ -319,9 +344,11 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
             _ => None,
         })
         .unwrap();
+    let value = approve_button(&b);
+    assert!(value.starts_with(&format!("{run}.")), "{value}");
     assert_eq!(
         request.buttons,
-        [Button::Approve(run.clone()), Button::Deny(run.clone())]
+        [Button::Approve(value.clone()), Button::Deny(value)]
     );
     assert!(
         request.text.contains(&format!(
@@ -334,7 +361,7 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
 
     // The requester's own press is refused, as the typed command would be.
     assert_eq!(
-        press(&b, &capture, ADMIN, "gpuops_approve", &run).await,
+        press(&b, &capture, ADMIN, "gpuops_approve", &approve_button(&b)).await,
         200
     );
     capture
@@ -344,7 +371,7 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
 
     // Another admin's press runs it (cordon: Slurm is not installed here).
     assert_eq!(
-        press(&b, &capture, ADMIN2, "gpuops_approve", &run).await,
+        press(&b, &capture, ADMIN2, "gpuops_approve", &approve_button(&b)).await,
         200
     );
     wait_request(&b, "reset").await;
@@ -508,7 +535,7 @@ async fn discord_approve_button_runs_the_same_checks() {
         .await;
     assert!(text(&v).contains("started run"), "{v}");
     wait_request(&b, "drain-slurm").await;
-    let run = waiting_run(&b);
+    let run = approve_button(&b);
     let press = |user: &str, token: &str| {
         discord_interaction(
             3,

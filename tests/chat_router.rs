@@ -830,6 +830,230 @@ async fn shipped_gpu_reset_runbook_from_its_alert_investigates_then_waits_and_de
     b.stop();
 }
 
+/// Finding 7: `/gpuops run agent-down:healthz instance=127.0.0.1:PORT` made
+/// the bot GET `/healthz` on a host outside its inventory and post the body
+/// to chat. The request is refused before it is made; the same step for an
+/// inventory node still goes out.
+async fn probe_to_host_outside_inventory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _, _) = exec_keys(dir.path());
+    let outside = Capture::start().await;
+    let outside_addr = outside.url.trim_start_matches("http://").to_string();
+    let inside = Capture::start().await;
+    let inside_addr = inside.url.trim_start_matches("http://").to_string();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks");
+    let extra = format!(
+        "[runbooks]\ndir = \"{}\"\n[agents]\nsigning_key_file = \"{}\"\n[[agents.nodes]]\ninstance = \"{inside_addr}\"\nnode = \"node1\"\n",
+        shipped.display(),
+        key.display()
+    );
+    let b = Bot::start_in(dir, &extra, None).await;
+    let replies = Capture::start().await;
+    let (_, v) = b
+        .slack_command_with_url(
+            OPERATOR,
+            &format!("run agent-down:healthz instance={outside_addr}"),
+            &format!("{}/out", replies.url),
+        )
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    let posted = replies.wait_for(10, "healthz").await;
+    assert!(
+        posted.contains("is not a node of the bot's agent inventory: not contacted"),
+        "{posted}"
+    );
+    assert!(
+        outside.requests.lock().unwrap().is_empty(),
+        "the bot contacted a host outside its inventory: {:?}",
+        outside.requests.lock().unwrap()
+    );
+    // The inventory node is probed as before.
+    let (_, v) = b
+        .slack_command_with_url(
+            OPERATOR,
+            &format!("run agent-down:healthz instance={inside_addr}"),
+            &format!("{}/in", replies.url),
+        )
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    inside.wait_for(10, "").await;
+    assert_eq!(inside.requests.lock().unwrap()[0].1, "/healthz");
+    b.stop();
+}
+
+/// The Approve buttons of the approval requests posted so far, in order.
+fn approve_buttons(b: &Bot) -> Vec<String> {
+    b.slack
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c.message {
+            gpuops::notify::Message::Text(t) => t.buttons.into_iter().find_map(|x| match x {
+                gpuops::notify::Button::Approve(v) => Some(v),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Finding 6: on the shipped memory-pressure runbook, an old Approve button
+/// (its value was the run id only), pressed after its step (drop-caches)
+/// had been denied, approved the next gated step (drain-slurm). Now the
+/// button names run, step and request: the stale one changes nothing and
+/// says why; the current one still works.
+async fn stale_approve_button_after_deny_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let runner = Arc::new(RecordingRunner::new());
+    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks");
+    let extra = format!("[runbooks]\ndir = \"{}\"\n", shipped.display());
+    let b = Bot::start_in(dir, &extra, Some(exec)).await;
+    let g = b
+        .alert(webhook(
+            "MemoryPressure",
+            "node1:9949",
+            &[("node", "node1")],
+        ))
+        .await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run memory-pressure alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    b.wait_for(10, "the drop-caches approval request", |b| {
+        approve_buttons(b).len() == 1
+    })
+    .await;
+    let replies = b.slack.replies();
+    let run = waiting_run_id(&replies);
+    let old = approve_buttons(&b)[0].clone();
+    assert!(old.starts_with(&format!("{run}.")), "{old}");
+    let answers = Capture::start().await;
+    let press = |value: String, to: &str| {
+        let url = format!("{}/{to}", answers.url);
+        let body = slack_button_body(ADMIN, "gpuops_approve", &value, &url);
+        slack_request(
+            "/slack/interactions",
+            &body,
+            b.clock.now_unix(),
+            SLACK_SECRET,
+        )
+    };
+    let (_, v) = b.slack_command(ADMIN, &format!("deny {run}")).await;
+    assert!(text(&v).contains("denied step `drop-caches`"), "{v}");
+    b.wait_for(10, "the drain-slurm approval request", |b| {
+        approve_buttons(b).len() == 2
+    })
+    .await;
+    let current = approve_buttons(&b)[1].clone();
+    assert_ne!(old, current);
+
+    // The stale button: nothing changes, and the answer says why.
+    let (s, _) = b.send(press(old.clone(), "stale")).await;
+    assert_eq!(s, 200);
+    let body = answers.wait_for(10, "stale").await;
+    assert!(
+        body.contains("this approval was for step `drop-caches`")
+            && body.contains("which was denied at"),
+        "{body}"
+    );
+    let row = approvals::load(&b.chat, &run).await.unwrap().unwrap();
+    assert_eq!(row.status, "waiting", "the run still waits for drain-slurm");
+    let plan_index = |name: &str| {
+        gpuops::runbook::RunbookSet::load_dir(&shipped)
+            .0
+            .get("memory-pressure")
+            .and_then(|rb| rb.steps.iter().position(|s| s.name == name))
+            .unwrap()
+    };
+    assert_eq!(row.next_step, plan_index("drain-slurm"));
+    assert!(
+        !b.slack
+            .replies()
+            .iter()
+            .any(|r| r.contains("approved step")),
+        "{:#?}",
+        b.slack.replies()
+    );
+    // The same holds for a bare run id (a button from before this change).
+    let (_, _) = b.send(press(run.clone(), "bare")).await;
+    let body = answers.wait_for(10, "not the step it was for").await;
+    assert!(body.contains("stale"), "{body}");
+    assert_eq!(
+        approvals::load(&b.chat, &run)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "waiting"
+    );
+
+    // The current button approves drain-slurm.
+    let (s, _) = b.send(press(current, "current")).await;
+    assert_eq!(s, 200);
+    answers.wait_for(10, "approved step `drain-slurm`").await;
+    b.stop();
+}
+
+/// Finding 12c: an operator could `silence alertname=~".+"` for up to 90
+/// days with no approval. A silence matching every alert, or longer than
+/// `[rbac] max_silence`, now needs an admin: the operator is refused (told
+/// who may create it) and AlertManager hears nothing; narrow and short ones
+/// go through, and an admin may create the broad one.
+async fn silence_matching_every_alert_or_too_long_needs_approval() {
+    let am = Capture::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("[alertmanager]\nurl = \"{}\"\n", am.url);
+    let b = Bot::start_in(dir, &extra, None).await;
+    let silences = || {
+        am.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.0 == "POST" && r.1 == "/api/v2/silences")
+            .count()
+    };
+    for cmd in [
+        "silence alertname=~\".+\" 1h",
+        "silence alertname=~\".*\", instance=~\".+\" 30m",
+        "silence TestGpuDown 90d",
+        "silence TestGpuDown 25h",
+    ] {
+        let (s, v) = b.slack_command(OPERATOR, cmd).await;
+        assert_eq!(s, 200);
+        let t = text(&v);
+        assert!(
+            t.contains("needs approval") && t.contains("admins: "),
+            "{cmd}: {t}"
+        );
+        assert!(
+            t.contains("matches every alert")
+                || t.contains("longer than [rbac] max_silence (1day)"),
+            "{cmd}: {t}"
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(silences(), 0, "AlertManager got a silence");
+    // Narrow and within the limit: as before.
+    b.slack_command(OPERATOR, "silence TestGpuDown 2h").await;
+    // An admin may create the broad one.
+    b.slack_command(ADMIN, "silence alertname=~\".+\" 1h").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while silences() < 2 {
+        assert!(std::time::Instant::now() < deadline, "silences not created");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let denied = b
+        .audit()
+        .await
+        .into_iter()
+        .filter(|r| {
+            r.action == "silence" && r.outcome.starts_with("denied: this silence needs approval")
+        })
+        .count();
+    assert_eq!(denied, 4);
+    b.stop();
+}
+
 /// Spellings of one hex signature that decode to the same bytes.
 fn hex_case_variants(sig: &str) -> Vec<String> {
     let (prefix, hex) = sig.split_at(sig.find('=').map_or(0, |i| i + 1));
@@ -1068,6 +1292,9 @@ chat_on_both!(
     discord_signature_case_variant_is_a_replay,
     one_person_with_slack_and_discord_cannot_approve_own_request,
     slack_request_replayed_after_a_restart_is_refused,
+    probe_to_host_outside_inventory_is_refused,
+    stale_approve_button_after_deny_changes_nothing,
+    silence_matching_every_alert_or_too_long_needs_approval,
 );
 
 const NODE17: &str =

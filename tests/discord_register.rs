@@ -26,6 +26,11 @@ fn config(dir: &Path, discord: &FakeApi, application_id: Option<&str>) -> std::p
         ),
     )
     .unwrap();
+    std::fs::set_permissions(
+        &path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     path
 }
 

@@ -98,6 +98,7 @@ fn bot_config(dir: &std::path::Path, listen: SocketAddr, slack: SocketAddr) -> s
     );
     let path = dir.join("bot.toml");
     std::fs::write(&path, text).expect("write bot.toml");
+    chmod(&path, 0o600); // inline secrets: refused in a file others can read
     path
 }
 
@@ -322,4 +323,192 @@ fn packaged_bot_config_is_accepted() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs the real binary; (success, stdout + stderr).
+fn run_gpuops(args: &[&str], env: &[(&str, &std::path::Path)]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpuops"));
+    cmd.args(args).env_remove("CREDENTIALS_DIRECTORY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run gpuops");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Finding 4: a key=value connection string (`host=… password=…`), in
+/// `[store] url` or `store copy --to`, used to be printed whole by
+/// check-config and by the store-open error.
+#[test]
+fn keyvalue_conninfo_password_never_printed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = "kv-hunter2-s3cret";
+    let cfg = dir.path().join("bot.toml");
+    for url in [
+        format!("host=db.example user=gpuops password={secret} dbname=gpuops"),
+        format!("host=db.example user=gpuops password='{secret} with spaces' dbname=gpuops"),
+        format!("host=db.example PGPASSWORD={secret}"),
+    ] {
+        std::fs::write(&cfg, format!("[store]\nurl = {url:?}\n")).expect("write");
+        chmod(&cfg, 0o600);
+        let (ok, out) = run_gpuops(&["check-config", "--bot", &cfg.display().to_string()], &[]);
+        assert!(!ok, "a key=value url is not accepted: {out}");
+        assert!(out.contains("store.url"), "{out}");
+        assert!(
+            !out.contains(secret),
+            "check-config printed the password: {out}"
+        );
+        let db = dir.path().join("bot.db");
+        std::fs::write(&db, b"").expect("write");
+        let (ok, out) = run_gpuops(
+            &[
+                "store",
+                "copy",
+                "--from",
+                &db.display().to_string(),
+                "--to",
+                &url,
+            ],
+            &[],
+        );
+        assert!(!ok, "{out}");
+        assert!(
+            !out.contains(secret),
+            "store copy printed the password: {out}"
+        );
+        // The store-open error (tokio-postgres takes key=value strings).
+        let e = gpuops::store::pg::Settings::new(
+            &format!("{url} sslmode=disable"),
+            None,
+            None,
+            1,
+            Duration::from_secs(1),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("sslmode=disable"), "{e}");
+        assert!(
+            !e.contains(secret),
+            "the store-open error printed the password: {e}"
+        );
+    }
+}
+
+/// Finding 12a: `store copy --to postgres://gpuops:PASS@…` put the password
+/// in `ps`; it is refused before anything is opened, pointing at
+/// `--password-file`.
+#[test]
+fn store_copy_refuses_a_password_on_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("bot.db");
+    let from = db.display().to_string();
+    for (flag, value) in [
+        ("--to", "postgres://gpuops:cli-s3cret@127.0.0.1:1/gpuops"),
+        (
+            "--to",
+            "host=127.0.0.1 port=1 user=gpuops password=cli-s3cret",
+        ),
+        ("--from", "postgres://gpuops:cli-s3cret@127.0.0.1:1/gpuops"),
+    ] {
+        let args: Vec<&str> = if flag == "--to" {
+            vec!["store", "copy", "--from", &from, "--to", value]
+        } else {
+            vec![
+                "store",
+                "copy",
+                "--from",
+                value,
+                "--to",
+                "postgres://gpuops@127.0.0.1:1/x",
+            ]
+        };
+        let (ok, out) = run_gpuops(&args, &[]);
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains(flag) && out.contains("--password-file") && out.contains("`ps`"),
+            "{out}"
+        );
+        assert!(!out.contains("cli-s3cret"), "{out}");
+    }
+}
+
+/// Finding 11: secret files (Slack signing secret, PostgreSQL password)
+/// at 0644 and inline secrets in a bot.toml others can read were accepted
+/// silently; they are refused (file, key, mode and the fix named), while the
+/// same files at 0600, or in `$CREDENTIALS_DIRECTORY`, are fine.
+#[test]
+fn secret_files_and_inline_secrets_others_can_read_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    chmod(dir.path(), 0o755);
+    let signing = dir.path().join("slack.signing");
+    let pg = dir.path().join("pg.password");
+    std::fs::write(&signing, "signing-s3cret\n").expect("write");
+    std::fs::write(&pg, "pg-s3cret\n").expect("write");
+    chmod(&signing, 0o644);
+    chmod(&pg, 0o640);
+    let cfg = dir.path().join("bot.toml");
+    let text = format!(
+        "[store]\nurl = \"postgres://gpuops@db.example/gpuops\"\npassword_file = {:?}\n[slack]\nbot_token = \"xoxb-inline-s3cret\"\nsigning_secret_file = {:?}\n",
+        pg.display().to_string(),
+        signing.display().to_string()
+    );
+    std::fs::write(&cfg, &text).expect("write");
+    chmod(&cfg, 0o644);
+    let path = cfg.display().to_string();
+    let (ok, out) = run_gpuops(&["check-config", "--bot", &path], &[]);
+    assert!(!ok, "{out}");
+    for needle in [
+        "store.password_file: ",
+        "pg.password is readable by group or others (mode 0640): chmod 600",
+        "slack.signing_secret_file: ",
+        "slack.signing is readable by group or others (mode 0644)",
+        "slack.bot_token: a secret inline in",
+        "(mode 0644): chmod 600",
+        "bot_token_file",
+        "LoadCredential=",
+        "3 errors",
+    ] {
+        assert!(out.contains(needle), "{needle:?} missing:\n{out}");
+    }
+    assert!(!out.contains("s3cret"), "{out}");
+    // The bot itself refuses to start the same way.
+    let (ok, out) = run_gpuops(&["bot", "--config", &path], &[]);
+    assert!(!ok && out.contains("slack.signing_secret_file"), "{out}");
+
+    // 0600 files and config: accepted.
+    for f in [&signing, &pg, &cfg] {
+        chmod(f, 0o600);
+    }
+    let (ok, out) = run_gpuops(&["check-config", "--bot", &path], &[]);
+    assert!(ok, "{out}");
+
+    // systemd credentials are fine as systemd makes them.
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).expect("mkdir");
+    std::fs::write(creds.join("slack.signing"), "signing-s3cret\n").expect("write");
+    chmod(&creds.join("slack.signing"), 0o440);
+    std::fs::write(
+        &cfg,
+        "[slack]\nbot_token_file = \"slack.signing\"\nsigning_secret_file = \"slack.signing\"\n",
+    )
+    .expect("write");
+    chmod(&cfg, 0o644);
+    let (ok, out) = run_gpuops(
+        &["check-config", "--bot", &path],
+        &[("CREDENTIALS_DIRECTORY", &creds)],
+    );
+    assert!(ok, "{out}");
 }

@@ -118,6 +118,12 @@ fn bot_unit_uses_a_dynamic_user_and_credentials() {
         "LoadCredential=slack-signing-secret:gpuops.slack-signing-secret",
         "LoadCredential=discord-bot-token:gpuops.discord-bot-token",
         "LoadCredential=exec-key:gpuops.exec-key",
+        "LoadCredential=agents-password:gpuops.agents-password",
+        "LoadCredential=agents-client-key:gpuops.agents-client-key",
+        "LoadCredential=postgres-password:gpuops.postgres-password",
+        "LoadCredential=pagerduty-webhook-secret:gpuops.pagerduty-webhook-secret",
+        "LoadCredential=pagerduty-routing-key:gpuops.pagerduty-routing-key",
+        "LoadCredential=smtp-password:gpuops.smtp-password",
     ] {
         assert!(has_line(&unit, line), "bot unit lacks {line:?}");
     }
@@ -137,6 +143,12 @@ fn shipped_configs_name_the_credentials_the_units_load() {
         "slack-signing-secret",
         "discord-bot-token",
         "exec-key",
+        "agents-password",
+        "agents-client-key",
+        "postgres-password",
+        "pagerduty-webhook-secret",
+        "pagerduty-routing-key",
+        "smtp-password",
     ] {
         assert!(
             bot.contains(&format!("\"{id}\"")),

@@ -91,6 +91,12 @@ fn config(
     extra: &str,
 ) -> String {
     std::fs::write(dir.join("leads.key"), format!("{LEADS_KEY}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(
+        dir.join("leads.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     format!(
         r#"
 [server]
@@ -940,6 +946,11 @@ max_repeats = 4"#,
     );
     let cfg_path = dir.path().join("bot.toml");
     std::fs::write(&cfg_path, config(dir.path(), &slack, &pd, &esc, "")).unwrap();
+    std::fs::set_permissions(
+        &cfg_path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     let spawn = |name: &str| {
         let port = support::free_port();
         let child = std::process::Command::new(support::gpuops())
@@ -1122,6 +1133,11 @@ notify = ["slack:C0LEADS", "pagerduty:missing.key"]
 "#,
     )
     .unwrap();
+    std::fs::set_permissions(
+        &path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     let out = std::process::Command::new(support::gpuops())
         .args(["check-config", "--bot"])
         .arg(&path)

@@ -48,6 +48,11 @@ warn_below = 1e12
     );
     let path = dir.join("bot.toml");
     std::fs::write(&path, &text).unwrap();
+    std::fs::set_permissions(
+        &path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     Arc::new(BotConfig::from_str(&path, &text).unwrap())
 }
 
@@ -512,6 +517,11 @@ async fn report_send_delivers_through_the_outbox_and_fails_on_a_dead_letter() {
         support::bot_config(dir.path(), &slack, &discord, &extra),
     )
     .unwrap();
+    std::fs::set_permissions(
+        &path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     let send = |path: std::path::PathBuf| {
         tokio::task::spawn_blocking(move || {
             Command::new(env!("CARGO_BIN_EXE_gpuops"))
@@ -582,6 +592,11 @@ async fn report_send_delivers_through_the_outbox_and_fails_on_a_dead_letter() {
     let quick = std::fs::read_to_string(&path).unwrap();
     let quick_path = dir.path().join("quick.toml");
     std::fs::write(&quick_path, quick).unwrap();
+    std::fs::set_permissions(
+        &quick_path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_gpuops"))
             .args(["report", "send", "--name", "daily", "--timeout", "2s"])
@@ -623,6 +638,11 @@ async fn report_send_posts_summary_and_charts_to_slack_discord_and_smtp() {
         support::bot_config(dir.path(), &slack, &discord, &extra),
     )
     .unwrap();
+    std::fs::set_permissions(
+        &path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
     let at = DateTime::from_timestamp(AT, 0).unwrap().to_rfc3339();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_gpuops"))

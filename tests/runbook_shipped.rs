@@ -548,10 +548,17 @@ fn xid_code_for(expr: &str) -> String {
         .expect("a catalogued code for the rule")
 }
 
+/// The node the sudoers template is rendered for in these tests.
+const SUDOERS_NODE: &str = "gpu-node-07";
+
 /// The sudoers allowlist as (program path, anchored regex over the
 /// space-joined arguments), from its `Cmnd_Alias` lines.
 fn sudoers_rules() -> Vec<(String, regex::Regex, String)> {
-    let text = std::fs::read_to_string("packaging/privileged/sudoers").unwrap();
+    // The shipped file is a template; rendered for the sample node as the
+    // install step in its header does.
+    let text = std::fs::read_to_string("packaging/privileged/sudoers")
+        .unwrap()
+        .replace("@NODE_NAME@", SUDOERS_NODE);
     // Join continuation lines, drop comments.
     let mut joined = String::new();
     for line in text.lines() {
@@ -615,7 +622,8 @@ fn sudoers_rules() -> Vec<(String, regex::Regex, String)> {
 /// parameter's pattern allows where it is a closed set, else typical ones.
 fn sample_values(param: &str) -> Vec<&'static str> {
     match param {
-        "node" => vec!["gpu-node-07", "n1"],
+        // The one node the rendered allowlist names (SUDOERS_NODE).
+        "node" => vec![SUDOERS_NODE],
         "alertname" => vec!["GPUCriticalXID", "manual"],
         "mountpoint" => vec!["/scratch", "/"],
         "gpu" => vec!["0", "3", "12"],
@@ -661,6 +669,33 @@ fn allowing<'a>(
         .collect()
 }
 
+/// Finding 12b: the shipped rule let the agent's user drain any Slurm
+/// node; the rendered template allows its own node only, and the template
+/// left unrendered allows no node at all.
+#[test]
+fn sudoers_lets_the_agent_drain_only_its_own_node() {
+    let rules = sudoers_rules();
+    let reason = "reason=gpuops: GPUFellOffBus";
+    let own = format!("sudo -n scontrol update nodename={SUDOERS_NODE} state=drain {reason}");
+    assert!(!allowing(&rules, &own).is_empty(), "{own}");
+    for other in ["gpu-node-08", "n1", "gpu-node-070", "login01"] {
+        for line in [
+            format!("sudo -n scontrol update nodename={other} state=drain {reason}"),
+            format!("sudo -n scontrol update nodename={other} state=resume"),
+        ] {
+            assert!(
+                allowing(&rules, &line).is_empty(),
+                "sudoers allows `{line}`"
+            );
+        }
+    }
+    let template = std::fs::read_to_string("packaging/privileged/sudoers").unwrap();
+    assert!(
+        !template.contains("nodename\\=[") && template.contains("nodename\\=@NODE_NAME@ "),
+        "the shipped rule must name the node, not a pattern"
+    );
+}
+
 #[test]
 fn sudoers_allows_exactly_the_privileged_argv_the_runbooks_use() {
     let rules = sudoers_rules();
@@ -693,6 +728,8 @@ fn sudoers_allows_exactly_the_privileged_argv_the_runbooks_use() {
         "sudo -n systemctl stop gpuops-agent",
         "sudo -n systemctl restart ssh",
         "sudo -n scontrol update nodename=n1 state=down reason=x",
+        "sudo -n scontrol update nodename=gpu-node-08 state=resume",
+        "sudo -n scontrol update nodename=gpu-node-071 state=resume",
         "sudo -n fuser -k /dev/nvidia3",
     ] {
         assert!(allowing(&rules, line).is_empty(), "sudoers allows `{line}`");

@@ -96,7 +96,14 @@ fn pg_config(dir: &Path, slack: &FakeApi, discord: &FakeApi, url: &str, extra: &
     let text = text.replace(&sqlite, &format!("url = \"{url}\""));
     let path = dir.join("bot.toml");
     std::fs::write(&path, text).unwrap();
+    private(&path);
     path
+}
+
+/// Mode 0600: the file holds secrets (gpuops refuses them in a file others can read).
+fn private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 async fn post(client: &reqwest::Client, base: &str, body: &str) -> Option<serde_json::Value> {
@@ -194,10 +201,16 @@ async fn store_copy_moves_a_sqlite_install_and_the_bot_delivers_its_pending_rows
     };
     let url = gpuops::store::pg::test_url().await.unwrap();
     let secret_url = with_password(&url);
+    // The password from a file: one in --to would show in `ps` (refused).
+    let password_file = dir.path().join("pg.password");
+    std::fs::write(&password_file, "pw-hunter2-s3cret\n").unwrap();
+    private(&password_file);
     let out = Command::new(gpuops())
         .args(["store", "copy", "--from"])
         .arg(format!("sqlite:{}", db.display()))
-        .args(["--to", &secret_url])
+        .args(["--to", &url])
+        .arg("--password-file")
+        .arg(&password_file)
         .output()
         .unwrap();
     let (stdout, stderr) = (
@@ -215,7 +228,9 @@ async fn store_copy_moves_a_sqlite_install_and_the_bot_delivers_its_pending_rows
     let again = Command::new(gpuops())
         .args(["store", "copy", "--from"])
         .arg(format!("sqlite:{}", db.display()))
-        .args(["--to", &secret_url])
+        .args(["--to", &url])
+        .arg("--password-file")
+        .arg(&password_file)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&again.stderr);
@@ -731,6 +746,7 @@ async fn store_migrate_applies_the_postgres_schema_once() {
         format!("[store]\nurl = \"{url}\"\nmigrate_on_start = false\n"),
     )
     .unwrap();
+    private(&cfg);
     let (ok, text) = store_migrate(&cfg);
     assert!(ok && text.contains("4 migration(s) applied"), "{text}");
     assert!(

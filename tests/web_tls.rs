@@ -463,6 +463,9 @@ async fn bot_runs_a_node_step_on_an_agent_behind_mtls_and_basic_auth() {
     std::fs::write(dir.join("bot.crt"), bot_cert).unwrap();
     std::fs::write(dir.join("bot-client.key"), bot_key).unwrap();
     std::fs::write(dir.join("agents.pass"), "s3cret-bot-pass\n").unwrap();
+    for secret in ["bot-client.key", "agents.pass"] {
+        std::fs::set_permissions(dir.join(secret), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let web = dir.join("web.yml");
     std::fs::write(
         &web,

@@ -73,6 +73,161 @@ pub fn is_run_id(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// The value of the Approve / Deny buttons on one approval request:
+/// `<run>.<step index>.<nonce>` (at most 7 + 1 + 3 + 1 + 8 characters, so
+/// `gpuops:approve:<value>` stays far inside Discord's 100-character
+/// `custom_id`). The nonce is drawn from the request itself (run, step and
+/// when it expires), so a button from an earlier request, even for the same
+/// step, never matches the one waiting now.
+pub fn button_value(run: &str, step: usize, expires_at: f64) -> String {
+    format!("{run}.{step}.{}", button_nonce(run, step, expires_at))
+}
+
+fn button_nonce(run: &str, step: usize, expires_at: f64) -> String {
+    use sha2::Digest as _;
+    let millis = (expires_at * 1000.0).round() as i64;
+    let digest = sha2::Sha256::digest(format!("gpuops-approval-button\n{run}\n{step}\n{millis}"));
+    hex::encode(&digest[..4])
+}
+
+/// A button value: `<run>.<step>.<nonce>`, or a bare run id (buttons posted
+/// before buttons named their step; answered as stale).
+pub fn is_button_value(s: &str) -> bool {
+    if is_run_id(s) {
+        return true;
+    }
+    let mut parts = s.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(run), Some(step), Some(nonce), None) => {
+            is_run_id(run)
+                && (1..=3).contains(&step.len())
+                && step.bytes().all(|b| b.is_ascii_digit())
+                && nonce.len() == 8
+                && nonce
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }
+        _ => false,
+    }
+}
+
+/// An Approve button pressed: approves only the very request it was posted
+/// with; a stale one changes nothing and says why.
+pub async fn approve_button(
+    chat: &Arc<ChatState>,
+    user: &User,
+    value: &str,
+    responder: Responder,
+) -> Outcome {
+    match current_button(chat, user, "approve", value).await {
+        Ok((run, step)) => approve_step(chat, user, &run, responder, Some(step)).await,
+        Err(why) => Outcome::Now(Reply::private(why)),
+    }
+}
+
+/// A Deny button pressed (the same staleness rule as [`approve_button`]).
+pub async fn deny_button(
+    chat: &Arc<ChatState>,
+    user: &User,
+    value: &str,
+    responder: Responder,
+) -> Outcome {
+    match current_button(chat, user, "deny", value).await {
+        Ok((run, step)) => deny_step(chat, user, &run, responder, Some(step)).await,
+        Err(why) => Outcome::Now(Reply::private(why)),
+    }
+}
+
+/// The run and step a button is for when its request is the one waiting now; else
+/// why the button is stale (audited as refused).
+async fn current_button(
+    chat: &ChatState,
+    user: &User,
+    action: &str,
+    value: &str,
+) -> Result<(String, usize), String> {
+    let mut parts = value.split('.');
+    let run = parts.next().unwrap_or_default().to_string();
+    let step: Option<usize> = parts.next().and_then(|s| s.parse().ok());
+    let nonce = parts.next().unwrap_or_default();
+    let stale = |why: String| format!("⛔ this button is stale, nothing changed: {why}");
+    let why = match load(chat, &run).await {
+        Err(e) => return Err(format!("store error: {e}")),
+        Ok(None) => format!("no run {run}"),
+        Ok(Some(row)) => {
+            let Some(step) = step else {
+                let why = stale(format!(
+                    "it names run `{run}` but not the step it was for; use `/gpuops {action} {run}` after checking which step waits"
+                ));
+                audit_stale(chat, user, action, value, &run, &why).await;
+                return Err(why);
+            };
+            let current = row.status == "waiting"
+                && row.next_step == step
+                && row
+                    .expires_at
+                    .is_some_and(|e| button_nonce(&run, step, e) == nonce);
+            if current {
+                return Ok((run, step));
+            }
+            let name = plan_of(chat, &row)
+                .await
+                .ok()
+                .and_then(|p| p.steps.get(step).map(|s| s.step.name.clone()))
+                .unwrap_or_else(|| format!("#{}", step + 1));
+            let recorded = load_steps(chat, &run)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .rev()
+                .find(|s| s.step == name);
+            match recorded {
+                Some(r) => {
+                    let at = chrono::DateTime::from_timestamp(r.at as i64, 0)
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                        .unwrap_or_default();
+                    let by = r
+                        .approved_by
+                        .map(|b| format!(" (approved by {})", chat.person_of(&b)))
+                        .unwrap_or_default();
+                    format!(
+                        "this approval was for step `{name}` of run `{run}`, which was {} at {at}{by}",
+                        r.status
+                    )
+                }
+                None if row.status == "waiting" && row.next_step == step => format!(
+                    "it belongs to an earlier request for step `{name}` of run `{run}`; use the newest Approve / Deny"
+                ),
+                None => format!(
+                    "this approval was for step `{name}` of run `{run}`, which is not waiting for approval (run {})",
+                    row.status
+                ),
+            }
+        }
+    };
+    let why = stale(why);
+    audit_stale(chat, user, action, value, &run, &why).await;
+    Err(why)
+}
+
+async fn audit_stale(
+    chat: &ChatState,
+    user: &User,
+    action: &str,
+    value: &str,
+    run: &str,
+    why: &str,
+) {
+    chat.audit(
+        &user.key(),
+        action,
+        serde_json::json!({ "run": run, "button": value, "person": chat.person_of(&user.key()) }),
+        Some(run.to_string()),
+        &format!("refused: {why}"),
+    )
+    .await;
+}
+
 /// Creates the `chat_runs` table if it is missing (blocking; at start).
 pub fn create_table(store: &store::Store) -> store::Result<()> {
     store.create_runs_table()
@@ -312,6 +467,17 @@ pub async fn approve(
     id: &str,
     responder: Responder,
 ) -> Outcome {
+    approve_step(chat, user, id, responder, None).await
+}
+
+/// [`approve`], of step `expect` only when given (a button's step).
+async fn approve_step(
+    chat: &Arc<ChatState>,
+    user: &User,
+    id: &str,
+    responder: Responder,
+    expect: Option<usize>,
+) -> Outcome {
     let who = user.key();
     let role = chat.role_of(user);
     let params = serde_json::json!({ "run": id });
@@ -326,7 +492,10 @@ pub async fn approve(
         .await;
         return Outcome::Now(Reply::private(format!("⛔ {denied}")));
     }
-    let row = match waiting_run(chat, id).await {
+    let row = match waiting_run(chat, id)
+        .await
+        .and_then(|r| still_waiting_on(r, expect))
+    {
         Ok(r) => r,
         Err(msg) => {
             chat.audit(
@@ -422,10 +591,24 @@ pub async fn approve(
 /// with the steps that do not depend on it. Admins, or the requester
 /// (withdrawing their own request), may deny.
 pub async fn deny(chat: &Arc<ChatState>, user: &User, id: &str, responder: Responder) -> Outcome {
+    deny_step(chat, user, id, responder, None).await
+}
+
+/// [`deny`], of step `expect` only when given (a button's step).
+async fn deny_step(
+    chat: &Arc<ChatState>,
+    user: &User,
+    id: &str,
+    responder: Responder,
+    expect: Option<usize>,
+) -> Outcome {
     let who = user.key();
     let role = chat.role_of(user);
     let params = serde_json::json!({ "run": id });
-    let row = match waiting_run(chat, id).await {
+    let row = match waiting_run(chat, id)
+        .await
+        .and_then(|r| still_waiting_on(r, expect))
+    {
         Ok(r) => r,
         Err(msg) => {
             chat.audit(
@@ -668,7 +851,10 @@ pub async fn drive(
                         TextMessage {
                             text,
                             code: Some(ps.rendered.display()),
-                            buttons: vec![Button::Approve(id.clone()), Button::Deny(id.clone())],
+                            buttons: vec![
+                                Button::Approve(button_value(&id, i, expires)),
+                                Button::Deny(button_value(&id, i, expires)),
+                            ],
                         },
                     )
                     .await
@@ -685,6 +871,7 @@ pub async fn drive(
             }
             ps.approval = Some(SignedApproval {
                 run: id.clone(),
+                step: ps.step.name.clone(),
                 requested_by: row.requester.clone(),
                 approved_by: by,
                 approved_at: chat.now(),
@@ -754,7 +941,7 @@ fn approval_group(step: &crate::runbook::Step) -> Option<String> {
 
 /// Who may approve a request of `requester`: the admins under `[rbac]`,
 /// by person, less the requester.
-fn admins_text(chat: &ChatState, requester: &str) -> String {
+pub(crate) fn admins_text(chat: &ChatState, requester: &str) -> String {
     let me = chat.person_of(requester);
     let mut names: Vec<String> = Vec::new();
     for a in &chat.bot.config.rbac.admins {
@@ -799,6 +986,18 @@ async fn plan_of(chat: &ChatState, row: &RunRecord) -> Result<RunPlan, String> {
         )
     })?;
     engine::plan(rb, &row.given, &row.labels).map_err(|e| e.to_string())
+}
+
+/// `row` when it still waits on step `expect` (if given): a button pressed
+/// just as its step was decided and the run moved on changes nothing.
+fn still_waiting_on(row: RunRecord, expect: Option<usize>) -> Result<RunRecord, String> {
+    match expect {
+        Some(step) if row.next_step != step => Err(format!(
+            "⛔ this button is stale, nothing changed: run `{}` moved on from the step it was for",
+            row.id
+        )),
+        _ => Ok(row),
+    }
 }
 
 async fn waiting_run(chat: &ChatState, id: &str) -> Result<RunRecord, String> {
@@ -854,6 +1053,20 @@ fn summary_counts(results: &[(String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn button_values_name_run_step_and_request() {
+        let v = button_value("r0a1b2c", 3, 1_700_000_600.0);
+        assert!(is_button_value(&v), "{v}");
+        assert!(v.starts_with("r0a1b2c.3."), "{v}");
+        assert!(format!("gpuops:approve:{v}").len() <= 100);
+        assert_ne!(v, button_value("r0a1b2c", 3, 1_700_000_900.0));
+        assert_ne!(v, button_value("r0a1b2c", 4, 1_700_000_600.0));
+        assert!(is_button_value("r0a1b2c"));
+        assert!(!is_button_value("r0a1b2c.3"));
+        assert!(!is_button_value("r0a1b2c.3.XYZ"));
+        assert!(!is_button_value("r0a1b2c.3.0011aabb.x"));
+    }
 
     #[test]
     fn run_ids() {

@@ -192,10 +192,10 @@ pub fn button_action(custom_id: &str) -> Option<ButtonAction> {
                 runbook: rb.to_string(),
             })
         }
-        ["gpuops", "approve", r] if crate::chat::approvals::is_run_id(r) => {
+        ["gpuops", "approve", r] if crate::chat::approvals::is_button_value(r) => {
             Some(ButtonAction::Approve { run: r.to_string() })
         }
-        ["gpuops", "deny", r] if crate::chat::approvals::is_run_id(r) => {
+        ["gpuops", "deny", r] if crate::chat::approvals::is_button_value(r) => {
             Some(ButtonAction::Deny { run: r.to_string() })
         }
         _ => None,

@@ -57,10 +57,12 @@ pub enum ButtonAction {
         runbook: String,
     },
     /// Approve the step run `run` waits on (same checks as `/gpuops approve`).
+    /// `run` is the button's value, `<run>.<step>.<nonce>`
+    /// ([`approvals::button_value`]): only the request it was posted with.
     Approve {
         run: String,
     },
-    /// Deny it (same checks as `/gpuops deny`).
+    /// Deny it (same checks as `/gpuops deny`; same value).
     Deny {
         run: String,
     },

@@ -125,6 +125,29 @@ pub(super) async fn silence(
         "comment": comment,
         "group": group,
     });
+    let narrowed = matchers
+        .iter()
+        .any(|m| m.is_equal && !m.is_regex && !m.value.is_empty());
+    if let Err(denied) = crate::rbac::authorize_silence(
+        &chat.bot.config.rbac,
+        chat.role_of(user),
+        narrowed,
+        duration,
+    ) {
+        chat.audit(&who, "silence", params, None, &format!("denied: {denied}"))
+            .await;
+        return Outcome::Now(Reply::private(format!(
+            "⛔ {denied}. Ask an admin other than you to create it (admins: {}), or narrow it to one alert (alertname=\"...\") for at most {}.",
+            crate::chat::approvals::admins_text(chat, &who),
+            humantime::format_duration(
+                chat.bot
+                    .config
+                    .rbac
+                    .max_silence
+                    .unwrap_or(crate::rbac::DEFAULT_MAX_SILENCE)
+            )
+        )));
+    }
     let Some(am) = chat.alertmanager.clone() else {
         chat.audit(
             &who,

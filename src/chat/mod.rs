@@ -203,11 +203,14 @@ impl ChatState {
                 tracing::warn!(reason = %why, "node steps cannot run from chat");
             }
         }
-        let executor: Arc<dyn StepExecutor> = Arc::new(Executor::new(
-            Arc::new(ProcessRunner),
-            node,
-            cfg.prometheus.as_ref().map(|p| p.url.clone()),
-        ));
+        let executor: Arc<dyn StepExecutor> = Arc::new(
+            Executor::new(
+                Arc::new(ProcessRunner),
+                node,
+                cfg.prometheus.as_ref().map(|p| p.url.clone()),
+            )
+            .with_directory(inventory.clone()),
+        );
         let chat = ChatState::with_executor(bot.clone(), Arc::new(SystemClock), executor);
         chat.with_agents(inventory)
     }
@@ -616,8 +619,10 @@ pub async fn handle_button(
             )
             .await
         }
-        ButtonAction::Approve { run } => approvals::approve(chat, user, &run, responder).await,
-        ButtonAction::Deny { run } => approvals::deny(chat, user, &run, responder).await,
+        ButtonAction::Approve { run } => {
+            approvals::approve_button(chat, user, &run, responder).await
+        }
+        ButtonAction::Deny { run } => approvals::deny_button(chat, user, &run, responder).await,
     }
 }
 

@@ -153,13 +153,15 @@ pub fn button_action(a: &SlackInteractionActionInfo) -> Option<ButtonAction> {
             })
         }
         SLACK_ACTION_APPROVE => {
-            crate::chat::approvals::is_run_id(value).then(|| ButtonAction::Approve {
+            crate::chat::approvals::is_button_value(value).then(|| ButtonAction::Approve {
                 run: value.to_string(),
             })
         }
-        SLACK_ACTION_DENY => crate::chat::approvals::is_run_id(value).then(|| ButtonAction::Deny {
-            run: value.to_string(),
-        }),
+        SLACK_ACTION_DENY => {
+            crate::chat::approvals::is_button_value(value).then(|| ButtonAction::Deny {
+                run: value.to_string(),
+            })
+        }
         _ => None,
     }
 }

@@ -185,6 +185,10 @@ pub struct RbacConfig {
     /// person's name. An account belongs to at most one person; an account
     /// not listed is a person of its own. The two-person rule compares people.
     pub people: BTreeMap<String, String>,
+    /// `max_silence`: the longest silence an operator may create alone
+    /// (`None`: [`crate::rbac::DEFAULT_MAX_SILENCE`], 24 h); a longer one,
+    /// or one matching every alert, needs an admin.
+    pub max_silence: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -257,12 +261,19 @@ impl BotConfig {
     /// Reads and validates `path`, reporting every error in it at once.
     pub fn from_file(path: &Path) -> Result<BotConfig, ConfigErrors> {
         let text = read_file(path)?;
-        BotConfig::from_str(path, &text)
+        BotConfig::from_text(path, &text, true)
     }
 
     /// Validates `text`, which came from `path` (used in error messages).
     pub fn from_str(path: &Path, text: &str) -> Result<BotConfig, ConfigErrors> {
+        BotConfig::from_text(path, text, false)
+    }
+
+    /// `on_disk`: `text` is `path`'s, whose mode decides whether inline
+    /// secrets are allowed in it.
+    fn from_text(path: &Path, text: &str, on_disk: bool) -> Result<BotConfig, ConfigErrors> {
         let (mut r, mut root) = Reader::parse(path, text)?;
+        r.set_on_disk(on_disk);
         let mut c = BotConfig {
             source: Some(path.to_path_buf()),
             ..BotConfig::default()
@@ -723,6 +734,16 @@ impl BotConfig {
             c.rbac.admins = r.get_with(&mut s, "admins", ids).unwrap_or_default();
             c.rbac.operators = r.get_with(&mut s, "operators", ids).unwrap_or_default();
             c.rbac.people = read_people(&mut r, &mut s);
+            c.rbac.max_silence =
+                r.get_with(
+                    &mut s,
+                    "max_silence",
+                    |v: String| match humantime::parse_duration(&v) {
+                        Ok(d) if d.as_secs() >= 60 => Ok(d),
+                        Ok(_) => Err(format!("must be at least 1m, got {v:?}")),
+                        Err(e) => Err(format!("{v:?} is not a duration like \"24h\": {e}")),
+                    },
+                );
             r.finish(s);
         }
 
@@ -951,6 +972,8 @@ expiry_secs = 0
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("slack.token");
         std::fs::write(&p, "xoxb-very-secret\n").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         let text = format!(
             "[slack]\nbot_token_file = {:?}\nsigning_secret = \"sign-me\"\n[server]\nwebhook_token = \"hook-secret\"\n[[routing.destinations]]\nslack_channel = \"C1\"\nwebhook_url = \"https://hooks.example.com/T/abc?token=zzz\"\n",
             p.display().to_string()
@@ -1151,6 +1174,10 @@ nick = "x"
         std::fs::write(&good, "R0123456789abcdef0123456789abcde\n").unwrap();
         let bad = dir.path().join("bad.key");
         std::fs::write(&bad, "too-short\n").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        for f in [&good, &bad] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let text = format!(
             r#"
 [pagerduty]
@@ -1256,7 +1283,10 @@ digest = true
     #[test]
     fn shipped_example_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/bot.example.toml");
-        if let Err(e) = BotConfig::from_file(&path) {
+        // As text: the checked-out example is world-readable, and a live
+        // config holding inline secrets like its placeholders may not be.
+        let text = std::fs::read_to_string(&path).unwrap();
+        if let Err(e) = BotConfig::from_str(&path, &text) {
             panic!("{e}");
         }
     }

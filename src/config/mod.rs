@@ -123,6 +123,9 @@ pub struct Reader<'i> {
     file: PathBuf,
     src: &'i str,
     errors: Vec<ConfigError>,
+    /// The text is that of `file` on disk (`from_file`): inline secrets are
+    /// refused when others can read it ([`check_inline_secret`]).
+    on_disk: bool,
 }
 
 impl<'i> Reader<'i> {
@@ -133,6 +136,7 @@ impl<'i> Reader<'i> {
             file: file.to_path_buf(),
             src,
             errors: Vec::new(),
+            on_disk: false,
         };
         let (doc, errors) = DeTable::parse_recoverable(src);
         if !errors.is_empty() {
@@ -305,6 +309,11 @@ impl<'i> Reader<'i> {
         }
     }
 
+    /// Marks the text as read from `file` on disk (see [`check_inline_secret`]).
+    pub fn set_on_disk(&mut self, on_disk: bool) {
+        self.on_disk = on_disk;
+    }
+
     /// The file being read.
     pub fn file(&self) -> &Path {
         &self.file
@@ -335,7 +344,10 @@ pub fn read_secret<'i>(
             reader.error(section, key, "must not be empty");
             None
         }
-        (Some(s), None) => Some(Secret::new(s)),
+        (Some(s), None) => {
+            check_inline_secret(reader, section, key, file_key);
+            Some(Secret::new(s))
+        }
         (None, Some(path)) => match load_secret_file(&path) {
             Ok(s) => Some(s),
             Err(msg) => {
@@ -344,6 +356,30 @@ pub fn read_secret<'i>(
             }
         },
         (None, None) => None,
+    }
+}
+
+/// An inline secret (`key`) is refused in a file other users can read
+/// (read from disk: `from_file`, so `gpuops bot` and `check-config`): the
+/// error names the file, the key, its mode and both ways out.
+pub fn check_inline_secret<'i>(
+    reader: &mut Reader<'i>,
+    section: &Section<'i>,
+    key: &str,
+    file_key: &str,
+) {
+    if !reader.on_disk {
+        return;
+    }
+    if let Some(mode) = crate::secret::readable_by_others(reader.file()) {
+        let file = reader.file().display().to_string();
+        reader.error(
+            section,
+            key,
+            format!(
+                "a secret inline in {file}, which other users can read (mode {mode:04o}): chmod 600 {file}, or move the secret to a file of its own ({file_key}, loaded with systemd's LoadCredential=)"
+            ),
+        );
     }
 }
 

@@ -70,6 +70,12 @@ pub fn read_section<'i>(r: &mut Reader<'i>, s: &mut Section<'i>, cfg: &mut Store
     if let Some(v) = path {
         cfg.path = v;
     }
+    if url
+        .as_ref()
+        .is_some_and(|u| crate::secret::conninfo_has_password(u.expose()))
+    {
+        crate::config::check_inline_secret(r, s, "url", "password_file");
+    }
     cfg.url = url;
     cfg.password = read_secret(r, s, "password", "password_file");
     cfg.ca_file = r.get(s, "ca_file");

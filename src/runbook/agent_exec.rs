@@ -226,14 +226,10 @@ async fn handle<C: Clock + 'static>(
             ),
         );
     }
-    if step.needs_approval && req.approval.is_none() {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            format!(
-                "runbook {} step {} needs approval and the request carries none",
-                req.runbook, req.step
-            ),
-        );
+    if step.needs_approval {
+        if let Err(why) = crate::exec_auth::verify_approval(&req) {
+            return refuse(StatusCode::FORBIDDEN, why);
+        }
     }
     let approval_text = req
         .approval

@@ -74,6 +74,12 @@ impl Settings {
         })?;
         if let Some(p) = password {
             config.password(p.trim_end_matches(['\n', '\r']));
+        } else if config.get_password().is_none() {
+            // libpq's password file (PGPASSFILE, else ~/.pgpass), so that a
+            // password never has to be on a command line.
+            if let Some(p) = pgpass_password(&config)? {
+                config.password(p);
+            }
         }
         config.connect_timeout(connect_timeout);
         config.application_name("gpuops-bot");
@@ -109,6 +115,93 @@ impl Settings {
             pool_size,
             connect_timeout,
         })
+    }
+}
+
+/// The password for `config`'s first host, port, database and user from
+/// libpq's password file: `$PGPASSFILE`, else `~/.pgpass` (lines
+/// `host:port:database:user:password`, `*` matching anything, `\:` and `\\`
+/// escaped). Like libpq, a file group or others may read is refused.
+fn pgpass_password(config: &tokio_postgres::Config) -> Result<Option<String>> {
+    let path = match std::env::var_os("PGPASSFILE") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => match std::env::var_os("HOME") {
+            Some(h) => std::path::PathBuf::from(h).join(".pgpass"),
+            None => return Ok(None),
+        },
+    };
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    if let Err(why) = crate::secret::check_private_file(&path) {
+        // As libpq does: ignored, with a warning.
+        tracing::warn!(problem = %why, "password file ignored");
+        return Ok(None);
+    }
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        _ => "localhost".to_string(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let user = config.get_user().unwrap_or("").to_string();
+    let db = config.get_dbname().unwrap_or(&user).to_string();
+    Ok(pgpass_lookup(
+        &text,
+        [host.as_str(), port.as_str(), db.as_str(), user.as_str()],
+    ))
+}
+
+/// The password of the first line of a libpq password file matching
+/// `want` (host, port, database, user).
+fn pgpass_lookup(text: &str, want: [&str; 4]) -> Option<String> {
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::new();
+        let mut cur = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => cur.extend(chars.next()),
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                c => cur.push(c),
+            }
+        }
+        fields.push(cur);
+        if fields.len() == 5
+            && fields[..4]
+                .iter()
+                .zip(want)
+                .all(|(f, w)| f == "*" || f == w)
+        {
+            return Some(fields[4].clone());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod pgpass_tests {
+    #[test]
+    fn password_file_lines_match_with_wildcards_and_escapes() {
+        let text = "# comment\nother:5432:*:gpuops:nope\ndb.example:*:gpuops:gpuops:pa\\:ss\\\\w:rd\n*:*:*:*:fallback\n";
+        let want = ["db.example", "5432", "gpuops", "gpuops"];
+        assert_eq!(
+            super::pgpass_lookup(text, want).as_deref(),
+            Some("pa:ss\\w:rd")
+        );
+        let other = ["x", "5432", "gpuops", "u"];
+        assert_eq!(
+            super::pgpass_lookup(text, other).as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(super::pgpass_lookup("h:1:d:u:p\n", other), None);
     }
 }
 

@@ -54,6 +54,10 @@ pub struct Executor {
     pub prometheus_url: Option<String>,
     pub output_cap: usize,
     http: reqwest::Client,
+    /// The bot's agent inventory: on the bot (node steps not [`NodeSteps::Local`])
+    /// every request naming a node (HTTP steps, bot-side probes such as
+    /// `ping {{host}}`) must name one of its nodes; `None` there refuses them.
+    directory: Option<Arc<dyn AgentDirectory>>,
 }
 
 /// Signs and sends node steps to the agents a directory knows.
@@ -194,12 +198,98 @@ impl Executor {
         node: NodeSteps,
         prometheus_url: Option<String>,
     ) -> Executor {
+        let directory = match &node {
+            NodeSteps::Agent(agent) => Some(agent.directory()),
+            _ => None,
+        };
         Executor {
             runner,
             node,
             prometheus_url: prometheus_url.map(|u| u.trim_end_matches('/').to_string()),
             output_cap: DEFAULT_OUTPUT_CAP,
             http: http_client(),
+            directory,
+        }
+    }
+
+    /// With the inventory that requests to nodes are checked against (when
+    /// node steps cannot run, e.g. no signing key, the inventory may still be known).
+    pub fn with_directory(mut self, directory: Option<Arc<dyn AgentDirectory>>) -> Executor {
+        if directory.is_some() {
+            self.directory = directory;
+        }
+        self
+    }
+
+    /// On the bot, whether `step` may go out: an HTTP step's host must be an
+    /// inventory node (its `instance`, or the URL of its agent); a bot-side
+    /// command with the run's instance (or its host) as an argument needs
+    /// that instance in the inventory. `Err` says why not. Steps on the node
+    /// itself (`gpuops runbook run`) are not checked.
+    async fn node_request_allowed(&self, plan: &RunPlan, step: &PlannedStep) -> Result<(), String> {
+        if matches!(self.node, NodeSteps::Local) {
+            return Ok(());
+        }
+        let instance = plan
+            .params
+            .get("instance")
+            .map(str::to_string)
+            .or_else(|| plan.labels.get("instance").cloned());
+        match (&step.rendered, step.step.target) {
+            (Rendered::Http { url, .. }, _) => {
+                let parsed = reqwest::Url::parse(url).map_err(|e| format!("bad URL: {e}"))?;
+                let host = parsed.host_str().unwrap_or("");
+                let authority = match parsed.port_or_known_default() {
+                    Some(p) => format!("{host}:{p}"),
+                    None => host.to_string(),
+                };
+                let Some(dir) = &self.directory else {
+                    return Err(format!(
+                        "{authority} not contacted: the bot sends requests only to the nodes of its agent inventory ([agents]), and it has none"
+                    ));
+                };
+                if dir.agent(&authority).await.is_ok() {
+                    return Ok(());
+                }
+                if let Some(inst) = &instance {
+                    if let Ok(a) = dir.agent(inst).await {
+                        let agent_authority = reqwest::Url::parse(&a.url).ok().map(|u| {
+                            format!(
+                                "{}:{}",
+                                u.host_str().unwrap_or(""),
+                                u.port_or_known_default().unwrap_or(0)
+                            )
+                        });
+                        if agent_authority.as_deref() == Some(authority.as_str()) {
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(format!(
+                    "{authority} is not a node of the bot's agent inventory: not contacted"
+                ))
+            }
+            (Rendered::Command { argv }, StepTarget::Bot) => {
+                let Some(inst) = instance else {
+                    return Ok(());
+                };
+                let host = host_of_instance(&inst);
+                if !argv.iter().skip(1).any(|a| *a == inst || a == host) {
+                    return Ok(());
+                }
+                let known = match &self.directory {
+                    Some(dir) => dir.agent(&inst).await.is_ok(),
+                    None => false,
+                };
+                if known {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{inst} is not a node of the bot's agent inventory: not contacted"
+                    ))
+                }
+            }
+            _ => Ok(()),
         }
     }
 
@@ -336,6 +426,9 @@ impl StepExecutor for Executor {
                     return StepOutcome::unavailable(path, "here");
                 }
             }
+            if let Err(why) = self.node_request_allowed(plan, step).await {
+                return StepOutcome::error(why, Duration::ZERO);
+            }
             match (&step.rendered, step.step.target) {
                 (Rendered::Command { argv }, StepTarget::Bot) => {
                     self.command(&step.step, argv).await
@@ -352,6 +445,17 @@ impl StepExecutor for Executor {
                 (Rendered::Promql { query }, _) => self.promql(&step.step, query).await,
             }
         })
+    }
+}
+
+/// The host of `host:port`, `[v6]:port` or a bare host.
+fn host_of_instance(instance: &str) -> &str {
+    if let Some(rest) = instance.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match instance.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') => h,
+        _ => instance,
     }
 }
 
