@@ -76,6 +76,7 @@ pub async fn compute(
         .as_ref()
         .context("reports need [prometheus] url")?;
     let agents = AgentEvents::from_config(cfg);
+    let names = crate::report::node_names(cfg).await;
     Ok(build(Inputs {
         config: report,
         prometheus_url: &prometheus.url,
@@ -83,6 +84,7 @@ pub async fn compute(
         at,
         late: false,
         agent_events: agents.as_ref().map(|a| a as &dyn OomEvents),
+        names: &names,
     })
     .await)
 }

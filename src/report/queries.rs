@@ -72,6 +72,11 @@ query!(
     r#"max_over_time(gpu_devices[$RANGE]) - gpu_devices > 0"#
 );
 query!(
+    GPUS_MOST,
+    "the most GPUs a node had in the period, for nodes with fewer now",
+    r#"max_over_time(gpu_devices[$RANGE]) and on (instance) (max_over_time(gpu_devices[$RANGE]) - gpu_devices > 0)"#
+);
+query!(
     GPUS_MISSING,
     "GPUs that reported in the period but not at its end, on nodes still reporting",
     r#"(group by (instance, gpu) (max_over_time(gpu_utilization_percent[$RANGE])) unless on (instance, gpu) gpu_utilization_percent) and on (instance) gpuops_build_info{role="agent"}"#
@@ -91,7 +96,7 @@ query!(
 query!(
     XIDS,
     "XID errors in the period, by node, GPU and code",
-    r#"sum by (instance, gpu, xid) (clamp_min(last_over_time(gpu_xid_errors_total[$RANGE]) - (gpu_xid_errors_total offset $RANGE or last_over_time(gpu_xid_errors_total[$RANGE]) * 0), 0)) > 0"#
+    r#"sum by (instance, gpu, uuid, pci_bus_id, xid) (clamp_min(last_over_time(gpu_xid_errors_total[$RANGE]) - (gpu_xid_errors_total offset $RANGE or last_over_time(gpu_xid_errors_total[$RANGE]) * 0), 0)) > 0"#
 );
 query!(
     ECC_UNCORRECTED,
@@ -195,6 +200,7 @@ pub const ALL: &[Query] = &[
     NODES_STOPPED,
     NODES_LAST_SEEN,
     GPUS_DROPPED,
+    GPUS_MOST,
     GPUS_MISSING,
     GPUS_DOWN,
     COLLECTOR_FAILURES,

@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::message::{Chart, ReportMessage, ReportSection};
-use crate::report::{Finding, Inputs, Level, Line, Part, Section};
+use crate::report::{Computed, Figures, Finding, Inputs, Level, Line, Part, Section};
 
 /// Findings the summary lists before "and N more".
 const SUMMARY_FINDINGS: usize = 5;
@@ -150,11 +150,72 @@ pub fn line_html(line: &Line) -> String {
         .collect()
 }
 
-fn marker(level: Level) -> &'static str {
+/// A finding's severity: an emoji and its word (an emoji alone renders as
+/// an empty box where no emoji font is installed).
+pub fn marker(level: Level) -> &'static str {
     match level {
-        Level::Critical => "🔴 ",
-        Level::Warning => "🟠 ",
+        Level::Critical => "🔴 critical: ",
+        Level::Warning => "🟠 warning: ",
     }
+}
+
+/// The first summary line when a section could not be computed: the
+/// report says it is blind before anything else, never "no findings".
+/// `None` when every section was computed.
+pub fn incomplete_headline(sections: &[Section], figures: &Figures) -> Option<Line> {
+    let not: Vec<&str> = sections
+        .iter()
+        .filter(|s| s.computed() == Computed::Not)
+        .map(|s| s.kind.heading())
+        .collect();
+    let partly: Vec<&str> = sections
+        .iter()
+        .filter(|s| s.computed() == Computed::Partly)
+        .map(|s| s.kind.heading())
+        .collect();
+    if not.is_empty() && partly.is_empty() {
+        return None;
+    }
+    let total = sections.len();
+    let blind = not.len() == total;
+    let mut line = Line::new().bold(if blind {
+        "⚠ not computed"
+    } else {
+        "⚠ incomplete"
+    });
+    line = line.text(": ");
+    if let Some(why) = &figures.prometheus_down {
+        line = line.value(why.clone()).text(": ");
+    }
+    let mut what = Vec::new();
+    if blind {
+        what.push(format!(
+            "none of the {total} section{} could be computed ({}), so this report cannot tell whether anything needs attention",
+            if total == 1 { "" } else { "s" },
+            not.join(", ")
+        ));
+    } else {
+        if !not.is_empty() {
+            what.push(format!(
+                "{} of {total} section{} not computed ({})",
+                not.len(),
+                if total == 1 { "" } else { "s" },
+                not.join(", ")
+            ));
+        }
+        if !partly.is_empty() {
+            what.push(format!(
+                "{} of {total} section{} only partly computed ({})",
+                partly.len(),
+                if total == 1 { "" } else { "s" },
+                partly.join(", ")
+            ));
+        }
+    }
+    Some(line.text(format!(
+        "{}: see each section for which query failed and why",
+        what.join("; ")
+    )))
 }
 
 /// The title: `Daily health report: 27 Nov 08:00 – 28 Nov 08:00 (Europe/Berlin)`.
@@ -175,18 +236,30 @@ pub fn title(inputs: &Inputs<'_>) -> String {
     )
 }
 
-/// The summary lines, most important first.
-pub fn summary(inputs: &Inputs<'_>, sections: &[Section]) -> Vec<Line> {
+/// The summary lines, most important first: what could not be computed
+/// (before any count of findings), then the findings.
+pub fn summary(inputs: &Inputs<'_>, sections: &[Section], figures: &Figures) -> Vec<Line> {
     let mut all: Vec<&Finding> = sections.iter().flat_map(|s| s.findings.iter()).collect();
     all.sort_by_key(|f| f.level);
     let critical = all.iter().filter(|f| f.level == Level::Critical).count();
+    let warnings = all.len() - critical;
     let mut out = Vec::new();
+    let headline = incomplete_headline(sections, figures);
+    let incomplete = headline.is_some();
+    let blind = sections.iter().all(|s| s.computed() == Computed::Not);
+    out.extend(headline);
     if all.is_empty() {
-        out.push(
-            Line::new()
-                .bold("No findings")
-                .text(": nothing needs attention."),
-        );
+        if !incomplete {
+            out.push(
+                Line::new()
+                    .bold("No findings")
+                    .text(": nothing needs attention."),
+            );
+        } else if !blind {
+            out.push(Line::new().text(
+                "0 findings in what could be computed: that is not an all-clear for the rest.",
+            ));
+        }
     } else {
         out.push(
             Line::new()
@@ -196,8 +269,13 @@ pub fn summary(inputs: &Inputs<'_>, sections: &[Section]) -> Vec<Line> {
                     if all.len() == 1 { "" } else { "s" }
                 ))
                 .text(format!(
-                    " ({critical} critical, {} warnings)",
-                    all.len() - critical
+                    " ({critical} critical, {warnings} warning{}){}",
+                    if warnings == 1 { "" } else { "s" },
+                    if incomplete {
+                        " in what could be computed"
+                    } else {
+                        ""
+                    }
                 )),
         );
     }
@@ -208,17 +286,6 @@ pub fn summary(inputs: &Inputs<'_>, sections: &[Section]) -> Vec<Line> {
     }
     if all.len() > SUMMARY_FINDINGS {
         out.push(Line::new().text(format!("… and {} more below", all.len() - SUMMARY_FINDINGS)));
-    }
-    let failed: Vec<&str> = sections
-        .iter()
-        .filter(|s| !s.failures.is_empty())
-        .map(|s| s.kind.heading())
-        .collect();
-    if !failed.is_empty() {
-        out.push(Line::new().text(format!(
-            "⚠ Could not compute all of: {} (see the section for which query and why)",
-            failed.join(", ")
-        )));
     }
     if inputs.late {
         out.push(Line::new().text(format!(
@@ -255,9 +322,14 @@ pub struct Rendered {
     pub preview_html: String,
 }
 
-pub fn render(inputs: &Inputs<'_>, sections: &[Section], charts: Vec<Chart>) -> Rendered {
+pub fn render(
+    inputs: &Inputs<'_>,
+    sections: &[Section],
+    figures: &Figures,
+    charts: Vec<Chart>,
+) -> Rendered {
     let title = title(inputs);
-    let summary = summary(inputs, sections);
+    let summary = summary(inputs, sections, figures);
     let body: Vec<(&str, Vec<Line>)> = sections
         .iter()
         .map(|s| (s.kind.heading(), section_lines(s)))
