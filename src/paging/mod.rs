@@ -216,6 +216,16 @@ pub async fn digest_once(state: &BotState, d: &DigestConfig, started: f64) -> Op
             return None;
         }
     };
+    // A group whose state cannot be read is not "nothing happened": every
+    // digest destination is told it is missing (it cannot be routed).
+    let unreadable: Vec<i64> = groups
+        .iter()
+        .filter(|g| serde_json::from_str::<Webhook>(&g.state).is_err())
+        .map(|g| g.group_id)
+        .collect();
+    if !unreadable.is_empty() {
+        tracing::warn!(groups = ?unreadable, "digest groups with a state that cannot be read; the digest names them");
+    }
     let mut deliveries = Vec::new();
     let mut mentioned = 0;
     for dest in state
@@ -233,11 +243,11 @@ pub async fn digest_once(state: &BotState, d: &DigestConfig, started: f64) -> Op
                     .then_some((g, hook))
             })
             .collect();
-        if mine.is_empty() {
+        if mine.is_empty() && unreadable.is_empty() {
             continue;
         }
         mentioned += mine.len();
-        let text = digest_text(d, slot, last, late, &mine);
+        let text = digest_text(d, slot, last, late, &mine, &unreadable);
         let body =
             serde_json::to_string(&Message::Text(TextMessage::new(text, None))).unwrap_or_default();
         for t in dest.targets() {
@@ -298,13 +308,16 @@ fn fmt_local(d: &DigestConfig, t: f64) -> String {
 
 /// The digest of one destination: a subject line, then what is still
 /// firing, what fired and what resolved since the last slot, by alert name
-/// and node.
+/// and node. Groups it could not read (`unreadable`, their ids) are named
+/// first: the digest never reads as "nothing happened" when it could not
+/// see.
 pub fn digest_text(
     d: &DigestConfig,
     slot: f64,
     since: f64,
     late: bool,
     groups: &[(&store::paging::DigestGroup, Webhook)],
+    unreadable: &[i64],
 ) -> String {
     // (section, alertname) -> nodes
     let mut sections: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
@@ -344,10 +357,30 @@ pub fn digest_text(
         }
     }
     let mut out = format!(
-        "gpuops P4 digest {}: {firing} still firing ({new} new), {resolved} resolved{}",
+        "gpuops P4 digest {}: {}{firing} still firing ({new} new), {resolved} resolved{}",
         fmt_local(d, slot),
+        if unreadable.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "⚠ incomplete, {} group{} unreadable; ",
+                unreadable.len(),
+                if unreadable.len() == 1 { "" } else { "s" }
+            )
+        },
         if late { " [late]" } else { "" }
     );
+    if !unreadable.is_empty() {
+        let ids: Vec<String> = unreadable.iter().take(10).map(|i| i.to_string()).collect();
+        out.push_str(&format!(
+            "\n⚠ Could not read {} P4 group{} from the store (id {}{}): this digest may be missing what {} say; see `gpuops audit --group ID`.",
+            unreadable.len(),
+            if unreadable.len() == 1 { "" } else { "s" },
+            ids.join(", "),
+            if unreadable.len() > 10 { ", …" } else { "" },
+            if unreadable.len() == 1 { "it would" } else { "they would" },
+        ));
+    }
     if late {
         out.push_str(&format!(
             "\nSent late (at {}): the bot was not running at the scheduled time.",
@@ -410,5 +443,22 @@ mod tests {
         // Claimed: nothing more until Thursday.
         assert_eq!(due_slot(&d, day(25, 8, 0), day(25, 10, 0)), None);
         assert_eq!(next_slot(&d, day(25, 10, 0)), Some(day(26, 8, 0)));
+    }
+
+    #[test]
+    fn digest_with_unreadable_groups_never_says_nothing_happened() {
+        let d = digest("0 0 9 * * *", "UTC");
+        let text = digest_text(&d, 86_400.0, 0.0, false, &[], &[7, 9]);
+        let subject = text.lines().next().unwrap_or_default();
+        assert!(
+            subject.contains("⚠ incomplete, 2 groups unreadable; 0 still firing"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Could not read 2 P4 groups from the store (id 7, 9)"),
+            "{text}"
+        );
+        let clean = digest_text(&d, 86_400.0, 0.0, false, &[], &[]);
+        assert!(!clean.contains("⚠"), "{clean}");
     }
 }

@@ -11,10 +11,22 @@ use crate::report::render::fmt_duration;
 use crate::report::{Figures, Finding, Inputs, Level, Line, Section};
 use crate::store::reports::IncidentGroup;
 
+/// Mean time to acknowledge and to resolve, and how many groups each
+/// mean covers.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Means {
+    /// Seconds, over the groups acknowledged within the period.
+    pub mtta: Option<f64>,
+    pub acknowledged: u64,
+    /// Seconds, over the groups resolved within the period.
+    pub mttr: Option<f64>,
+    pub resolved: u64,
+}
+
 /// Mean time to acknowledge and to resolve, in seconds, over the groups
 /// acknowledged (resp. resolved) within `[start, end)`.
-pub fn mtta_mttr(groups: &[IncidentGroup], start: f64, end: f64) -> (Option<f64>, Option<f64>) {
-    let mean = |v: Vec<f64>| {
+pub fn mtta_mttr(groups: &[IncidentGroup], start: f64, end: f64) -> Means {
+    let mean = |v: &[f64]| {
         if v.is_empty() {
             None
         } else {
@@ -34,7 +46,34 @@ pub fn mtta_mttr(groups: &[IncidentGroup], start: f64, end: f64) -> (Option<f64>
         .filter(|g| g.status == "resolved" && g.updated_at >= start && g.updated_at < end)
         .map(|g| (g.updated_at - g.first_seen).max(0.0))
         .collect();
-    (mean(tta), mean(ttr))
+    Means {
+        mtta: mean(&tta),
+        acknowledged: tta.len() as u64,
+        mttr: mean(&ttr),
+        resolved: ttr.len() as u64,
+    }
+}
+
+/// `MTTA (…): 10m over 2 acknowledged groups of 3; MTTR (…): 2h over 2
+/// resolved groups of 3; 1 still open`: a mean says what it covers.
+pub fn means_line(m: &Means, groups: u64, open: u64) -> Line {
+    let of = |n: u64, what: &str| {
+        format!(
+            "{n} {what} group{} of {groups}",
+            if n == 1 { "" } else { "s" }
+        )
+    };
+    let mtta = match m.mtta {
+        Some(v) => format!("{} over {}", fmt_duration(v), of(m.acknowledged, "acknowledged")),
+        None => "- (no group acknowledged in the period)".to_string(),
+    };
+    let mttr = match m.mttr {
+        Some(v) => format!("{} over {}", fmt_duration(v), of(m.resolved, "resolved")),
+        None => "- (no group resolved in the period)".to_string(),
+    };
+    Line::new().text(format!(
+        "MTTA (first notification → acknowledgement): {mtta}; MTTR (firing → resolved): {mttr}; {open} still open"
+    ))
 }
 
 /// Alert names of a group's latest webhook.
@@ -115,17 +154,19 @@ pub async fn section(inputs: &Inputs<'_>, f: &mut Figures) -> Section {
         s.lines
             .push(Line::new().text(format!("Noisiest alerts: {}", top.join("; "))));
     }
-    let (mtta, mttr) = mtta_mttr(&groups, start, end);
-    f.mtta_secs = mtta;
-    f.mttr_secs = mttr;
-    let show = |v: Option<f64>| v.map(fmt_duration).unwrap_or_else(|| "-".to_string());
-    s.lines.push(Line::new().text(format!(
-        "MTTA (first notification → acknowledgement): {}; MTTR (firing → resolved): {}",
-        show(mtta),
-        show(mttr)
-    )));
+    let means = mtta_mttr(&groups, start, end);
+    f.mtta_secs = means.mtta;
+    f.mttr_secs = means.mttr;
+    f.mtta_groups = means.acknowledged;
+    f.mttr_groups = means.resolved;
+    f.groups_in_period = groups.len() as u64;
     let firing: Vec<&IncidentGroup> = groups.iter().filter(|g| g.status == "firing").collect();
     f.still_firing = Some(firing.len() as u64);
+    s.lines.push(means_line(
+        &means,
+        groups.len() as u64,
+        firing.len() as u64,
+    ));
     for g in firing.iter().take(10) {
         let names = alert_names(&g.state).join(", ");
         s.findings.push(Finding {
@@ -221,10 +262,28 @@ mod tests {
             // Acknowledged before the period: not counted.
             g(0.0, Some(1.0), Some(50.0), Some(3700.0)),
         ];
-        let (mtta, mttr) = mtta_mttr(&groups, 60.0, 4000.0);
-        assert_eq!(mtta, Some(450.0));
-        assert_eq!(mttr, Some((1800.0 + 3700.0) / 2.0));
+        let m = mtta_mttr(&groups, 60.0, 4000.0);
+        assert_eq!(m.mtta, Some(450.0));
+        assert_eq!(m.mttr, Some((1800.0 + 3700.0) / 2.0));
+        assert_eq!((m.acknowledged, m.resolved), (2, 2));
         assert_eq!(alert_names(&groups[0].state), vec!["GPUDown".to_string()]);
         assert!(alert_names("not json").is_empty());
+    }
+
+    #[test]
+    fn mtta_mttr_say_how_many_groups_they_cover() {
+        // 20 groups: one resolved after 16 s, 19 still open.
+        let mut groups = vec![g(100.0, Some(100.0), None, Some(116.0))];
+        groups.extend((0..19).map(|i| g(200.0 + f64::from(i), Some(201.0), None, None)));
+        let m = mtta_mttr(&groups, 0.0, 4000.0);
+        let text = crate::report::render::line_text(&means_line(&m, 20, 19));
+        assert_eq!(
+            text,
+            "MTTA (first notification → acknowledgement): - (no group acknowledged in the period); \
+             MTTR (firing → resolved): 16s over 1 resolved group of 20; 19 still open"
+        );
+        let m = mtta_mttr(&groups[..1], 0.0, 4000.0);
+        let text = crate::report::render::line_text(&means_line(&m, 1, 0));
+        assert!(text.contains("16s over 1 resolved group of 1; 0 still open"), "{text}");
     }
 }

@@ -470,4 +470,24 @@ mod tests {
         );
         assert_eq!(line_text(&line), "node gpu_node*1 /data 3 [x]");
     }
+
+    #[test]
+    fn severity_has_a_word_beside_the_emoji() {
+        use crate::config::reports::SectionKind;
+        let mut s = Section::new(SectionKind::Fleet);
+        for level in [Level::Critical, Level::Warning] {
+            s.findings.push(Finding {
+                level,
+                line: Line::new().bold("gpu-node-3").text(" lost a GPU"),
+            });
+        }
+        let lines: Vec<String> = section_lines(&s).iter().map(line_text).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "🔴 critical: gpu-node-3 lost a GPU".to_string(),
+                "🟠 warning: gpu-node-3 lost a GPU".to_string()
+            ]
+        );
+    }
 }
