@@ -350,8 +350,7 @@ fn every_rendering(built: &gpuops::report::Built) -> Vec<(&'static str, String)>
         ("preview html", built.preview_html.clone()),
         (
             "slack",
-            serde_json::to_string(&gpuops::notify::slack::report::content(&built.message))
-                .unwrap(),
+            serde_json::to_string(&gpuops::notify::slack::report::content(&built.message)).unwrap(),
         ),
         (
             "discord",
@@ -410,8 +409,7 @@ async fn report_with_prometheus_down_never_says_no_findings() {
         "{:#?}",
         built.message.summary
     );
-    assert!(built.message.summary[0]
-        .contains("none of the 6 sections could be computed"));
+    assert!(built.message.summary[0].contains("none of the 6 sections could be computed"));
     for (what, text) in every_rendering(&built) {
         assert!(
             !text.contains("No findings") && !text.contains("nothing needs attention"),
@@ -439,7 +437,10 @@ async fn report_with_prometheus_down_never_says_no_findings() {
         Some(gpuops::report::cli::EXIT_NOT_COMPUTED as i32),
         "{stderr}"
     );
-    assert!(stderr.contains("gpuops: ⚠ not computed: Prometheus unreachable"), "{stderr}");
+    assert!(
+        stderr.contains("gpuops: ⚠ not computed: Prometheus unreachable"),
+        "{stderr}"
+    );
     assert!(stderr.contains("outcome failed"), "{stderr}");
     let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
     assert!(!html.contains("No findings"), "{html}");
@@ -472,7 +473,11 @@ async fn lost_gpu_is_one_finding_with_its_evidence() {
         answer(
             &q::XIDS,
             vec![(
-                [gpu5.clone(), vec![("pci_bus_id", "00000000:C1:00.0"), ("xid", "79")]].concat(),
+                [
+                    gpu5.clone(),
+                    vec![("pci_bus_id", "00000000:C1:00.0"), ("xid", "79")],
+                ]
+                .concat(),
                 1.0,
             )],
         ),
@@ -481,13 +486,32 @@ async fn lost_gpu_is_one_finding_with_its_evidence() {
     let cfg = config(
         dir.path(),
         &prom,
-        &format!("sections = [\"fleet\", \"gpu_health\"]\n[agents]\n[[agents.nodes]]\ninstance = \"{B}\"\nnode = \"gpu-node-3\"\n"),
+        &format!("sections = [\"fleet\", \"gpu_health\", \"incidents\"]\n[agents]\n[[agents.nodes]]\ninstance = \"{B}\"\nnode = \"gpu-node-3\"\n"),
     );
+    // GPUFellOffBus and GPUDown for that GPU, still firing as two P1 groups.
+    let store = Store::open(&cfg.store.path).unwrap();
+    store
+        .sqlite()
+        .expect("a SQLite store")
+        .write_blocking(|c| {
+            for (id, name) in [(1, "GPUFellOffBus"), (2, "GPUDown")] {
+                let state = format!(
+                    r#"{{"alerts":[{{"status":"firing","labels":{{"alertname":"{name}","instance":"{B}","gpu":"5"}}}}]}}"#
+                );
+                c.execute(
+                    "INSERT INTO alert_groups(id, group_key, receiver, status, tier, rev, state_hash, recent_hashes, state, first_seen, updated_at)
+                     VALUES (?1, ?2, 'gpuops', 'firing', 'P1', 1, 'h', '[]', ?3, ?4, ?4)",
+                    rusqlite::params![id, format!("g{id}"), state, (AT - HOUR) as f64],
+                )?;
+            }
+            Ok(())
+        })
+        .unwrap();
     let names = gpuops::report::node_names(&cfg).await;
     let built = build(Inputs {
         config: &cfg.reports[0],
         prometheus_url: &prom,
-        store: None,
+        store: Some(&store),
         at: DateTime::from_timestamp(AT, 0).unwrap(),
         late: false,
         agent_events: None,
@@ -497,7 +521,10 @@ async fn lost_gpu_is_one_finding_with_its_evidence() {
     assert!(built.failures.is_empty(), "{:#?}", built.failures);
     assert_eq!(built.findings, 1, "{}", built.markdown);
     let summary = &built.message.summary;
-    assert_eq!(summary[0], "**1 finding** (1 critical, 0 warnings)", "{summary:#?}");
+    assert_eq!(
+        summary[0], "**1 finding** (1 critical, 0 warnings)",
+        "{summary:#?}"
+    );
     let line = &summary[1];
     for needle in [
         "🔴 critical: **gpu-node-3** (10.0.0.2:9949) GPU 5 (GPU-3f2a1b2c) fell off the bus: XID 79 ×[1](",
@@ -509,8 +536,29 @@ async fn lost_gpu_is_one_finding_with_its_evidence() {
         assert!(line.contains(needle), "{needle:?} not in {line}");
     }
     // The XID still counts in GPU health's totals, without a finding of its own.
-    assert!(built.markdown.contains("XIDs by code: [79 ×1]("), "{}", built.markdown);
+    assert!(
+        built.markdown.contains("XIDs by code: [79 ×1]("),
+        "{}",
+        built.markdown
+    );
     assert_eq!(built.figures.lost_gpus.len(), 1);
+    // Its alerts are listed as that GPU's, not as more findings.
+    for name in ["GPUFellOffBus", "GPUDown"] {
+        assert!(
+            built
+                .markdown
+                .contains(&format!("Still firing: **{name}** (P1, group ")),
+            "{}",
+            built.markdown
+        );
+    }
+    assert!(
+        built
+            .markdown
+            .contains("not acknowledged): see `gpuops audit --group 2 --markdown`: the lost GPU of **gpu-node-3** GPU 5 (Fleet)"),
+        "{}",
+        built.markdown
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,15 +569,26 @@ async fn report_lines_name_the_node_with_its_instance_beside_it() {
         &q::XIDS,
         vec![
             // In the inventory.
-            (vec![("instance", "10.0.0.1:9949"), ("gpu", "2"), ("xid", "48")], 2.0),
+            (
+                vec![("instance", "10.0.0.1:9949"), ("gpu", "2"), ("xid", "48")],
+                2.0,
+            ),
             // Not in it: the DNS host part.
             (
-                vec![("instance", "gpu-node-9.dc1.example:9949"), ("gpu", "0"), ("xid", "31")],
+                vec![
+                    ("instance", "gpu-node-9.dc1.example:9949"),
+                    ("gpu", "0"),
+                    ("xid", "31"),
+                ],
                 1.0,
             ),
             // An XID on a PCI bus where no GPU is known: no empty GPU.
             (
-                vec![("instance", "10.0.0.7:9949"), ("pci_bus_id", "00000000:C1:00.0"), ("xid", "31")],
+                vec![
+                    ("instance", "10.0.0.7:9949"),
+                    ("pci_bus_id", "00000000:C1:00.0"),
+                    ("xid", "31"),
+                ],
                 1.0,
             ),
         ],
@@ -562,7 +621,10 @@ async fn report_lines_name_the_node_with_its_instance_beside_it() {
     assert!(!md.contains("GPU -") && !md.contains("GPU :"), "{md}");
     // The chart's bars are labelled by the same names.
     assert_eq!(built.figures.node_name("10.0.0.1:9949"), "gpu-node-1");
-    assert_eq!(built.figures.node_name("gpu-node-9.dc1.example:9949"), "gpu-node-9");
+    assert_eq!(
+        built.figures.node_name("gpu-node-9.dc1.example:9949"),
+        "gpu-node-9"
+    );
     assert_eq!(built.figures.node_name("10.0.0.7:9949"), "10.0.0.7:9949");
 }
 

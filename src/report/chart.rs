@@ -8,8 +8,8 @@
 use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
-use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::config::reports::ReportConfig;
 use crate::message::Chart;
@@ -465,7 +465,10 @@ mod tests {
         // 29 of an axis to 29 × 1.1: the bar is most of the plot's width.
         let plot = WIDTH - 32 - x0;
         let ratio = f64::from(x1 - x0 + 1) / f64::from(plot);
-        assert!((0.85..0.95).contains(&ratio), "bar {x0}..{x1} of {plot} px: {ratio}");
+        assert!(
+            (0.85..0.95).contains(&ratio),
+            "bar {x0}..{x1} of {plot} px: {ratio}"
+        );
         // Its name is written beside it, at its middle.
         let mid = (y0 + y1) / 2;
         assert!(

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use crate::config::reports::SectionKind;
 use crate::report::render::fmt_duration;
-use crate::report::{Figures, Finding, Inputs, Level, Line, Section};
+use crate::report::{Figures, Finding, Inputs, Level, Line, LostGpu, Section};
 use crate::store::reports::IncidentGroup;
 
 /// Mean time to acknowledge and to resolve, and how many groups each
@@ -64,7 +64,11 @@ pub fn means_line(m: &Means, groups: u64, open: u64) -> Line {
         )
     };
     let mtta = match m.mtta {
-        Some(v) => format!("{} over {}", fmt_duration(v), of(m.acknowledged, "acknowledged")),
+        Some(v) => format!(
+            "{} over {}",
+            fmt_duration(v),
+            of(m.acknowledged, "acknowledged")
+        ),
         None => "- (no group acknowledged in the period)".to_string(),
     };
     let mttr = match m.mttr {
@@ -74,6 +78,34 @@ pub fn means_line(m: &Means, groups: u64, open: u64) -> Line {
     Line::new().text(format!(
         "MTTA (first notification → acknowledgement): {mtta}; MTTR (firing → resolved): {mttr}; {open} still open"
     ))
+}
+
+/// Alerts that say a GPU is lost (the shipped rules' names).
+const LOST_GPU_ALERTS: [&str; 4] = ["GPUFellOffBus", "GPUDown", "GPUMissing", "GPUXIDFellOffBus"];
+
+/// The lost GPU a group's alerts are all about, if they are: each alert a
+/// lost-GPU alert on the fault's instance (and GPU, when it names one).
+pub fn part_of_lost_gpu<'a>(state: &str, lost: &'a [LostGpu]) -> Option<&'a LostGpu> {
+    let v: serde_json::Value = serde_json::from_str(state).ok()?;
+    let alerts = v.get("alerts")?.as_array()?;
+    let mut found: Option<&LostGpu> = None;
+    for a in alerts {
+        let labels = a.get("labels")?;
+        let label = |k: &str| labels.get(k).and_then(|x| x.as_str());
+        if !LOST_GPU_ALERTS.contains(&label("alertname")?) {
+            return None;
+        }
+        let instance = label("instance")?;
+        let gpu = label("gpu").filter(|g| !g.is_empty());
+        let l = lost
+            .iter()
+            .find(|l| l.instance == instance && (gpu.is_none() || l.gpu.as_deref() == gpu))?;
+        match found {
+            Some(x) if x != l => return None,
+            _ => found = Some(l),
+        }
+    }
+    found
 }
 
 /// Alert names of a group's latest webhook.
@@ -162,39 +194,51 @@ pub async fn section(inputs: &Inputs<'_>, f: &mut Figures) -> Section {
     f.groups_in_period = groups.len() as u64;
     let firing: Vec<&IncidentGroup> = groups.iter().filter(|g| g.status == "firing").collect();
     f.still_firing = Some(firing.len() as u64);
-    s.lines.push(means_line(
-        &means,
-        groups.len() as u64,
-        firing.len() as u64,
-    ));
+    s.lines
+        .push(means_line(&means, groups.len() as u64, firing.len() as u64));
     for g in firing.iter().take(10) {
         let names = alert_names(&g.state).join(", ");
-        s.findings.push(Finding {
-            level: if g.tier == "P1" || g.tier == "P2" {
-                Level::Critical
+        // The alerts of a GPU the Fleet section lists as lost are that
+        // finding's, not another one.
+        let lost = part_of_lost_gpu(&g.state, &f.lost_gpus);
+        let line = Line::new()
+            .text("Still firing: ")
+            .bold(if names.is_empty() {
+                "(unnamed)".to_string()
             } else {
-                Level::Warning
-            },
-            line: Line::new()
-                .text("Still firing: ")
-                .bold(if names.is_empty() {
-                    "(unnamed)".to_string()
+                names
+            })
+            .text(format!(
+                " ({}, group {}, since {}{}): see `gpuops audit --group {} --markdown`",
+                g.tier,
+                g.id,
+                crate::report::render::fmt_local(inputs.config.timezone, g.first_seen),
+                if g.acked_at.is_some() {
+                    ", acknowledged"
                 } else {
-                    names
-                })
-                .text(format!(
-                    " ({}, group {}, since {}{}): see `gpuops audit --group {} --markdown`",
-                    g.tier,
-                    g.id,
-                    crate::report::render::fmt_local(inputs.config.timezone, g.first_seen),
-                    if g.acked_at.is_some() {
-                        ", acknowledged"
-                    } else {
-                        ", not acknowledged"
-                    },
-                    g.id
-                )),
-        });
+                    ", not acknowledged"
+                },
+                g.id
+            ));
+        match lost {
+            Some(l) => {
+                let mut line = line.text(": the lost GPU of ");
+                line.0
+                    .extend(Line::new().bold(f.node_name(&l.instance).to_string()).0);
+                if let Some(gpu) = &l.gpu {
+                    line = line.text(" GPU ").value(gpu.clone());
+                }
+                s.lines.push(line.text(" (Fleet)"));
+            }
+            None => s.findings.push(Finding {
+                level: if g.tier == "P1" || g.tier == "P2" {
+                    Level::Critical
+                } else {
+                    Level::Warning
+                },
+                line,
+            }),
+        }
     }
     match store.incident_counts(start, end).await {
         Ok(c) => {
@@ -284,6 +328,9 @@ mod tests {
         );
         let m = mtta_mttr(&groups[..1], 0.0, 4000.0);
         let text = crate::report::render::line_text(&means_line(&m, 1, 0));
-        assert!(text.contains("16s over 1 resolved group of 1; 0 still open"), "{text}");
+        assert!(
+            text.contains("16s over 1 resolved group of 1; 0 still open"),
+            "{text}"
+        );
     }
 }
