@@ -447,7 +447,7 @@ async fn report_with_prometheus_down_never_says_no_findings() {
 }
 
 /// `(labels, value)` rows of a fake Prometheus answer.
-type Rows = Vec<(Vec<(&'static str, &'static str)>, f64)>;
+type Rows = Vec<report_support::Series>;
 
 fn answer(q: &gpuops::report::queries::Query, rows: Rows) -> (String, Rows) {
     (q.render(DAY as u64), rows)

@@ -317,7 +317,7 @@ pub fn bar_chart(
                 .enumerate()
                 .filter_map(|(rank, (_, values))| {
                     let v = *values.get(k)?;
-                    if !(v > 0.0) || !v.is_finite() {
+                    if v.is_nan() || v <= 0.0 || v.is_infinite() {
                         return None;
                     }
                     let from: f64 = values.iter().take(k).filter(|x| x.is_finite()).sum();

@@ -297,11 +297,14 @@ pub fn small_fleet_prometheus(dir: &Path) -> Prometheus {
     backfill_and_start(&file, dir)
 }
 
+/// One series of a fake Prometheus's answer: its labels and value.
+pub type Series = (Vec<(&'static str, &'static str)>, f64);
+
 /// A fake Prometheus: answers each instant query whose expression is one of
 /// `answers` (exact PromQL, as `Query::render` writes it) with its series
 /// `(labels, value)`, every other query and every range query with no
 /// series. Returns its base URL.
-pub async fn fake_prometheus(answers: Vec<(String, Vec<(Vec<(&str, &str)>, f64)>)>) -> String {
+pub async fn fake_prometheus(answers: Vec<(String, Vec<Series>)>) -> String {
     use axum::extract::Query;
     use axum::response::IntoResponse;
     let answers: BTreeMap<String, serde_json::Value> = answers
