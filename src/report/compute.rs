@@ -70,7 +70,10 @@ impl Answers {
     /// The samples of `query`, or records its failure in `section`.
     pub(super) fn get(&self, query: &Query, section: &mut Section) -> Option<&[Sample]> {
         match self.results.get(query.id) {
-            Some(Ok(s)) => Some(s),
+            Some(Ok(s)) => {
+                section.answered += 1;
+                Some(s)
+            }
             Some(Err(why)) => {
                 section
                     .failures
@@ -253,7 +256,10 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
             SectionKind::Utilization => {
                 let mut s = utilization(&answers, &mut figures);
                 match series_result.take() {
-                    Some(Ok(points)) => figures.utilization_series = points,
+                    Some(Ok(points)) => {
+                        s.answered += 1;
+                        figures.utilization_series = points
+                    }
                     Some(Err(why)) => s.failures.push(format!(
                         "{} ({}): {why}",
                         q::FLEET_UTILIZATION_SERIES.what,

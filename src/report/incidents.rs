@@ -137,7 +137,10 @@ pub async fn section(inputs: &Inputs<'_>, f: &mut Figures) -> Section {
     let end = inputs.at.timestamp() as f64;
     let start = end - inputs.config.period.as_secs_f64();
     let groups = match store.incident_groups(start, end).await {
-        Ok(g) => g,
+        Ok(g) => {
+            s.answered += 1;
+            g
+        }
         Err(e) => {
             s.failures.push(format!("alert groups from the store: {e}"));
             return s;

@@ -105,6 +105,8 @@ pub struct Section {
     pub lines: Vec<Line>,
     /// Queries that could not be computed: `what: why`.
     pub failures: Vec<String>,
+    /// Queries (or store reads) that answered.
+    pub answered: usize,
 }
 
 impl Section {
@@ -114,6 +116,7 @@ impl Section {
             findings: Vec::new(),
             lines: Vec::new(),
             failures: Vec::new(),
+            answered: 0,
         }
     }
 
@@ -122,7 +125,7 @@ impl Section {
     pub fn computed(&self) -> Computed {
         if self.failures.is_empty() {
             Computed::Fully
-        } else if self.findings.is_empty() && self.lines.is_empty() {
+        } else if self.answered == 0 && self.findings.is_empty() && self.lines.is_empty() {
             Computed::Not
         } else {
             Computed::Partly

@@ -490,4 +490,26 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn a_section_with_one_failed_query_is_partly_computed_not_blind() {
+        use crate::config::reports::SectionKind;
+        let mut gpu = Section::new(SectionKind::GpuHealth);
+        gpu.answered = 6;
+        gpu.failures
+            .push("throttling (THROTTLE_SECONDS): timeout".into());
+        let mut host = Section::new(SectionKind::Host);
+        host.failures.push("OOM kills (OOM_KILLS): timeout".into());
+        let fleet = Section::new(SectionKind::Fleet);
+        assert_eq!(gpu.computed(), Computed::Partly);
+        assert_eq!(host.computed(), Computed::Not);
+        assert_eq!(fleet.computed(), Computed::Fully);
+        let figures = Figures::default();
+        let line = incomplete_headline(&[fleet.clone(), gpu, host], &figures).unwrap();
+        assert_eq!(
+            line_text(&line),
+            "⚠ incomplete: 1 of 3 sections not computed (Host); 1 of 3 sections only partly computed (GPU health): see each section for which query failed and why"
+        );
+        assert_eq!(incomplete_headline(&[fleet], &figures), None);
+    }
 }

@@ -111,6 +111,9 @@ pub async fn run_once(
     for f in &built.failures {
         tracing::warn!(report = %name, failure = %f, "report section could not be computed");
     }
+    if outcome == Outcome::Failed {
+        tracing::error!(report = %name, "no section of the report could be computed; it goes out saying so");
+    }
     match store
         .claim_report_slot(
             name.clone(),
