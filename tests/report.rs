@@ -545,9 +545,9 @@ async fn lost_gpu_is_one_finding_with_its_evidence() {
     // Its alerts are listed as that GPU's, not as more findings.
     for name in ["GPUFellOffBus", "GPUDown"] {
         assert!(
-            built
-                .markdown
-                .contains(&format!("Still firing: **{name}** (P1, group ")),
+            built.markdown.contains(&format!(
+                "Still firing: **{name}** on **gpu-node-3** GPU 5 (P1, group "
+            )),
             "{}",
             built.markdown
         );

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::reports::SectionKind;
+use crate::inventory::NodeNames;
 use crate::report::render::fmt_duration;
 use crate::report::{Figures, Finding, Inputs, Level, Line, LostGpu, Section};
 use crate::store::reports::IncidentGroup;
@@ -78,6 +79,39 @@ pub fn means_line(m: &Means, groups: u64, open: u64) -> Line {
     Line::new().text(format!(
         "MTTA (first notification → acknowledgement): {mtta}; MTTR (firing → resolved): {mttr}; {open} still open"
     ))
+}
+
+/// Nodes (and GPUs) a still-firing line names before "+N more".
+const PLACES_SHOWN: usize = 3;
+
+/// Where a group's alerts fire: `(node name, GPU index)`, each once, in
+/// order; the node named as [`NodeNames`] names it, else its instance.
+pub fn alert_places(state: &str, names: &NodeNames) -> Vec<(String, Option<String>)> {
+    let v: serde_json::Value = serde_json::from_str(state).unwrap_or_default();
+    let mut out: Vec<(String, Option<String>)> = Vec::new();
+    for a in v
+        .get("alerts")
+        .and_then(|a| a.as_array())
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let labels: BTreeMap<String, String> = a
+            .get("labels")
+            .and_then(|l| serde_json::from_value(l.clone()).ok())
+            .unwrap_or_default();
+        let Some(instance) = labels.get("instance").filter(|i| !i.is_empty()) else {
+            continue;
+        };
+        let node = names
+            .name_of(Some(instance), &labels)
+            .unwrap_or_else(|| instance.clone());
+        let gpu = labels.get("gpu").filter(|g| !g.trim().is_empty()).cloned();
+        let place = (node, gpu);
+        if !out.contains(&place) {
+            out.push(place);
+        }
+    }
+    out
 }
 
 /// Alerts that say a GPU is lost (the shipped rules' names).
@@ -204,25 +238,41 @@ pub async fn section(inputs: &Inputs<'_>, f: &mut Figures) -> Section {
         // The alerts of a GPU the Fleet section lists as lost are that
         // finding's, not another one.
         let lost = part_of_lost_gpu(&g.state, &f.lost_gpus);
-        let line = Line::new()
+        let mut line = Line::new()
             .text("Still firing: ")
             .bold(if names.is_empty() {
                 "(unnamed)".to_string()
             } else {
                 names
-            })
-            .text(format!(
-                " ({}, group {}, since {}{}): see `gpuops audit --group {} --markdown`",
-                g.tier,
-                g.id,
-                crate::report::render::fmt_local(inputs.config.timezone, g.first_seen),
-                if g.acked_at.is_some() {
-                    ", acknowledged"
-                } else {
-                    ", not acknowledged"
-                },
-                g.id
-            ));
+            });
+        let where_ = alert_places(&g.state, inputs.names);
+        if !where_.is_empty() {
+            line = line.text(" on ");
+            for (i, (node, gpu)) in where_.iter().take(PLACES_SHOWN).enumerate() {
+                if i > 0 {
+                    line = line.text(", ");
+                }
+                line = line.bold(node.clone());
+                if let Some(gpu) = gpu {
+                    line = line.text(" GPU ").value(gpu.clone());
+                }
+            }
+            if where_.len() > PLACES_SHOWN {
+                line = line.text(format!(" +{} more", where_.len() - PLACES_SHOWN));
+            }
+        }
+        let line = line.text(format!(
+            " ({}, group {}, since {}{}): see `gpuops audit --group {} --markdown`",
+            g.tier,
+            g.id,
+            crate::report::render::fmt_local(inputs.config.timezone, g.first_seen),
+            if g.acked_at.is_some() {
+                ", acknowledged"
+            } else {
+                ", not acknowledged"
+            },
+            g.id
+        ));
         match lost {
             Some(l) => {
                 let mut line = line.text(": the lost GPU of ");
