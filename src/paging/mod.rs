@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::alert::Webhook;
 use crate::bot::state::BotState;
 use crate::config::paging::DigestConfig;
+use crate::inventory::NodeNames;
 use crate::notify::email::MAILED_REPLY_PREFIX;
 use crate::notify::{Message, TextMessage};
 use crate::routing::{Routing, Tier};
@@ -226,6 +227,7 @@ pub async fn digest_once(state: &BotState, d: &DigestConfig, started: f64) -> Op
     if !unreadable.is_empty() {
         tracing::warn!(groups = ?unreadable, "digest groups with a state that cannot be read; the digest names them");
     }
+    let names = crate::report::node_names(&state.config).await;
     let mut deliveries = Vec::new();
     let mut mentioned = 0;
     for dest in state
@@ -247,7 +249,7 @@ pub async fn digest_once(state: &BotState, d: &DigestConfig, started: f64) -> Op
             continue;
         }
         mentioned += mine.len();
-        let text = digest_text(d, slot, last, late, &mine, &unreadable);
+        let text = digest_text(d, slot, last, late, &mine, &unreadable, &names);
         let body =
             serde_json::to_string(&Message::Text(TextMessage::new(text, None))).unwrap_or_default();
         for t in dest.targets() {
@@ -318,6 +320,7 @@ pub fn digest_text(
     late: bool,
     groups: &[(&store::paging::DigestGroup, Webhook)],
     unreadable: &[i64],
+    names: &NodeNames,
 ) -> String {
     // (section, alertname) -> nodes
     let mut sections: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
@@ -339,12 +342,17 @@ pub fn digest_text(
                 .get("alertname")
                 .cloned()
                 .unwrap_or_else(|| "(no alertname)".into());
-            let node = a
-                .labels
-                .get("node")
-                .or_else(|| a.labels.get("instance"))
-                .cloned()
-                .unwrap_or_else(|| "-".into());
+            // The node by the name a person knows (the instance beside it).
+            let instance = a.labels.get("instance").filter(|i| !i.is_empty());
+            let node = match (
+                names.name_of(instance.map(String::as_str), &a.labels),
+                instance,
+            ) {
+                (Some(n), Some(i)) if n != *i => format!("{n} ({i})"),
+                (Some(n), _) => n,
+                (None, Some(i)) => i.clone(),
+                (None, None) => "-".into(),
+            };
             let s = if section == 0 && a.status != "firing" {
                 2
             } else {
@@ -448,7 +456,8 @@ mod tests {
     #[test]
     fn digest_with_unreadable_groups_never_says_nothing_happened() {
         let d = digest("0 0 9 * * *", "UTC");
-        let text = digest_text(&d, 86_400.0, 0.0, false, &[], &[7, 9]);
+        let names = NodeNames::default();
+        let text = digest_text(&d, 86_400.0, 0.0, false, &[], &[7, 9], &names);
         let subject = text.lines().next().unwrap_or_default();
         assert!(
             subject.contains("⚠ incomplete, 2 groups unreadable; 0 still firing"),
@@ -458,7 +467,31 @@ mod tests {
             text.contains("Could not read 2 P4 groups from the store (id 7, 9)"),
             "{text}"
         );
-        let clean = digest_text(&d, 86_400.0, 0.0, false, &[], &[]);
+        let clean = digest_text(&d, 86_400.0, 0.0, false, &[], &[], &names);
         assert!(!clean.contains("⚠"), "{clean}");
+    }
+
+    #[test]
+    fn digest_lines_name_the_node_with_its_instance_beside_it() {
+        let d = digest("0 0 9 * * *", "UTC");
+        let hook: Webhook = serde_json::from_str(
+            r#"{"groupKey":"g","status":"firing","alerts":[
+                {"status":"firing","labels":{"alertname":"GPUIdle","instance":"127.0.0.1:18949"}},
+                {"status":"firing","labels":{"alertname":"GPUIdle","instance":"10.0.0.9:9949"}}]}"#,
+        )
+        .unwrap();
+        let group = store::paging::DigestGroup {
+            group_id: 1,
+            status: "firing".into(),
+            state: String::new(),
+            first_seen: 10.0,
+            updated_at: 10.0,
+        };
+        let names = NodeNames::fixed([("127.0.0.1:18949", "gpu-node-17")]);
+        let text = digest_text(&d, 86_400.0, 0.0, false, &[(&group, hook)], &[], &names);
+        assert!(
+            text.contains("- GPUIdle: gpu-node-17 (127.0.0.1:18949), 10.0.0.9:9949"),
+            "{text}"
+        );
     }
 }
