@@ -1,7 +1,8 @@
 //! Scheduled health reports: the fleet's period in one message, with
 //! charts. A report is computed from Prometheus (`prom.rs`, every PromQL
 //! expression in `queries.rs`) and the bot's own store (`incidents.rs`),
-//! section by section (`compute.rs`, `host.rs`, `checks.rs`), with OOM
+//! section by section (`compute.rs`, `host.rs`, `checks.rs`; a lost GPU's
+//! signals grouped into one finding in `lost.rs`), with OOM
 //! victims from the agents' `/v1/events` when `[agents]` is configured
 //! (`victims.rs`); rendered as Markdown, plain text and
 //! HTML (`render.rs`) with PNG charts drawn in-process (`chart.rs`);
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod compute;
 pub mod host;
 pub mod incidents;
+pub mod lost;
 pub mod prom;
 pub mod queries;
 pub mod render;
