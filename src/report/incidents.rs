@@ -218,7 +218,13 @@ pub async fn section(inputs: &Inputs<'_>, f: &mut Figures) -> Section {
         let top: Vec<String> = noisy
             .iter()
             .take(5)
-            .map(|(n, (groups, hooks))| format!("{n} ({hooks} notifications, {groups} groups)"))
+            .map(|(n, (groups, hooks))| {
+                format!(
+                    "{n} ({hooks} notification{}, {groups} group{})",
+                    if *hooks == 1 { "" } else { "s" },
+                    if *groups == 1 { "" } else { "s" }
+                )
+            })
             .collect();
         s.lines
             .push(Line::new().text(format!("Noisiest alerts: {}", top.join("; "))));
