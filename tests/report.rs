@@ -565,34 +565,47 @@ async fn lost_gpu_is_one_finding_with_its_evidence() {
 async fn report_lines_name_the_node_with_its_instance_beside_it() {
     use gpuops::report::queries as q;
     let dir = tempfile::tempdir().unwrap();
-    let prom = report_support::fake_prometheus(vec![answer(
-        &q::XIDS,
-        vec![
-            // In the inventory.
-            (
-                vec![("instance", "10.0.0.1:9949"), ("gpu", "2"), ("xid", "48")],
-                2.0,
-            ),
-            // Not in it: the DNS host part.
-            (
+    let prom = report_support::fake_prometheus(vec![
+        answer(
+            &q::ECC_UNCORRECTED,
+            vec![(
                 vec![
-                    ("instance", "gpu-node-9.dc1.example:9949"),
-                    ("gpu", "0"),
-                    ("xid", "31"),
+                    ("instance", "10.0.0.1:9949"),
+                    ("gpu", "1"),
+                    ("uuid", "GPU-aaaabbbb-cccc-dddd-eeee-ffff00001111"),
                 ],
-                1.0,
-            ),
-            // An XID on a PCI bus where no GPU is known: no empty GPU.
-            (
-                vec![
-                    ("instance", "10.0.0.7:9949"),
-                    ("pci_bus_id", "00000000:C1:00.0"),
-                    ("xid", "31"),
-                ],
-                1.0,
-            ),
-        ],
-    )])
+                3.0,
+            )],
+        ),
+        answer(
+            &q::XIDS,
+            vec![
+                // In the inventory.
+                (
+                    vec![("instance", "10.0.0.1:9949"), ("gpu", "2"), ("xid", "48")],
+                    2.0,
+                ),
+                // Not in it: the DNS host part.
+                (
+                    vec![
+                        ("instance", "gpu-node-9.dc1.example:9949"),
+                        ("gpu", "0"),
+                        ("xid", "31"),
+                    ],
+                    1.0,
+                ),
+                // An XID on a PCI bus where no GPU is known: no empty GPU.
+                (
+                    vec![
+                        ("instance", "10.0.0.7:9949"),
+                        ("pci_bus_id", "00000000:C1:00.0"),
+                        ("xid", "31"),
+                    ],
+                    1.0,
+                ),
+            ],
+        ),
+    ])
     .await;
     let cfg = config(
         dir.path(),
@@ -613,6 +626,8 @@ async fn report_lines_name_the_node_with_its_instance_beside_it() {
     let md = &built.markdown;
     for needle in [
         "**gpu-node-1** (10.0.0.1:9949) GPU 2: XID 48 ×[2](",
+        // The GPU's UUID prefix where a series carries it.
+        "**gpu-node-1** (10.0.0.1:9949) GPU 1 (GPU-aaaabbbb): [3](",
         "**gpu-node-9** (gpu-node-9.dc1.example:9949) GPU 0: XID 31 ×[1](",
         "**10.0.0.7:9949** the PCI device 00000000:C1:00.0 (no GPU known at that address): XID 31 ×[1](",
     ] {

@@ -28,6 +28,8 @@ pub(super) struct Answers {
     last_seen_expr: Option<String>,
     /// instance -> the node's name ([`crate::inventory::NodeNames`]).
     names: BTreeMap<String, String>,
+    /// `(instance, gpu)` -> the GPU's UUID, from any series that carried it.
+    uuids: BTreeMap<(String, String), String>,
 }
 
 impl Answers {
@@ -57,6 +59,16 @@ impl Answers {
         } else {
             line.text(" (").value(instance.to_string()).text(")")
         }
+    }
+
+    /// `line` + `GPU 3 (GPU-3f2a1b2c)`: the GPU by index, with its UUID
+    /// prefix where a series carried it.
+    pub(super) fn gpu_line(&self, line: Line, instance: &str, gpu: &str) -> Line {
+        let uuid = self
+            .uuids
+            .get(&(instance.to_string(), gpu.to_string()))
+            .map(String::as_str);
+        gpu_parts(line, Some(gpu), uuid, None)
     }
 
     /// The samples of `query` if it answered (nothing recorded otherwise).
@@ -149,6 +161,7 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
         results: HashMap::new(),
         last_seen_expr: None,
         names: BTreeMap::new(),
+        uuids: BTreeMap::new(),
     };
     let mut check_results: Vec<Result<Vec<Sample>, String>> = Vec::new();
     let mut series_result: Option<Result<Vec<(f64, f64)>, String>> = None;
@@ -240,6 +253,16 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
                         .name_of(Some(instance), &sample.labels)
                         .unwrap_or_else(|| instance.clone());
                     answers.names.insert(instance.clone(), name);
+                }
+                if let (Some(gpu), Some(uuid)) =
+                    (sample.labels.get("gpu"), sample.labels.get("uuid"))
+                {
+                    if !uuid.is_empty() {
+                        answers
+                            .uuids
+                            .entry((instance.clone(), gpu.clone()))
+                            .or_insert_with(|| uuid.clone());
+                    }
                 }
             }
         }
@@ -581,7 +604,7 @@ fn gpu_health(a: &Answers, f: &mut Figures) -> Section {
         errors.entry(n.clone()).or_default()[1] += c;
         s.findings.push(Finding {
             level: Level::Critical,
-            line: gpu_parts(a.node_line(n).text(" "), Some(g), None, None)
+            line: a.gpu_line(a.node_line(n).text(" "), n, g)
                 .text(": ")
                 .link(c.to_string(), a.link(&q::ECC_UNCORRECTED))
                 .text(" uncorrectable ECC errors: drain, reset the GPU and check row remapping (runbook `gpu-ecc-remap`)"),
@@ -591,7 +614,8 @@ fn gpu_health(a: &Answers, f: &mut Figures) -> Section {
     for (n, g, _) in per_gpu(a, &mut s, &q::REMAP_PENDING) {
         s.findings.push(Finding {
             level: Level::Critical,
-            line: gpu_parts(a.node_line(&n).text(" "), Some(&g), None, None)
+            line: a
+                .gpu_line(a.node_line(&n).text(" "), &n, &g)
                 .text(": ")
                 .link("row remap pending", a.link(&q::REMAP_PENDING))
                 .text(": reset the GPU to apply it (runbook `gpu-reset`)"),
@@ -600,7 +624,7 @@ fn gpu_health(a: &Answers, f: &mut Figures) -> Section {
     for (n, g, _) in per_gpu(a, &mut s, &q::REMAP_FAILED) {
         s.findings.push(Finding {
             level: Level::Critical,
-            line: gpu_parts(a.node_line(&n).text(" "), Some(&g), None, None)
+            line: a.gpu_line(a.node_line(&n).text(" "), &n, &g)
                 .text(": ")
                 .link("row remapping failed", a.link(&q::REMAP_FAILED))
                 .text(": no spare rows left, take it out of service for hardware inspection (runbook `gpu-ecc-remap`)"),
@@ -622,7 +646,8 @@ fn gpu_health(a: &Answers, f: &mut Figures) -> Section {
             errors.entry(n.clone()).or_default()[2] += c;
             s.findings.push(Finding {
                 level: Level::Warning,
-                line: gpu_parts(a.node_line(&n).text(" "), Some(&g), None, None)
+                line: a
+                    .gpu_line(a.node_line(&n).text(" "), &n, &g)
                     .text(": ")
                     .link(c.to_string(), a.link(query))
                     .text(format!(" {what}: {action}")),
