@@ -99,6 +99,7 @@ fn main() {
             at,
             late: false,
             agent_events: None,
+            names: &gpuops::inventory::NodeNames::default(),
         }));
         let secs = t.elapsed().as_secs_f64();
         times.push(secs);

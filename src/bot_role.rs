@@ -568,13 +568,18 @@ pub fn report(cmd: crate::cli::ReportCommand) -> anyhow::Result<ExitCode> {
                 for f in &built.failures {
                     eprintln!("gpuops: could not compute {f}");
                 }
+                if let Some(h) = crate::report::cli::incomplete_headline(&built) {
+                    eprintln!("gpuops: {h}");
+                }
                 eprintln!(
                     "{}: {} findings, outcome {}",
                     built.message.title,
                     built.findings,
                     built.outcome.as_str()
                 );
-                Ok(ExitCode::SUCCESS)
+                Ok(ExitCode::from(crate::report::cli::preview_exit_code(
+                    built.outcome,
+                )))
             }
             ReportCommand::Send(a) => {
                 let (path, sync) = (cfg.store.path.clone(), cfg.store.sync);
@@ -585,6 +590,10 @@ pub fn report(cmd: crate::cli::ReportCommand) -> anyhow::Result<ExitCode> {
                 for f in &built.failures {
                     eprintln!("gpuops: could not compute {f}");
                 }
+                if let Some(h) = crate::report::cli::incomplete_headline(&built) {
+                    eprintln!("gpuops: {h}");
+                }
+                let outcome = built.outcome;
                 let notifiers = build_notifiers(&cfg)?;
                 let r = crate::report::cli::send(
                     cfg.clone(),
@@ -610,11 +619,9 @@ pub fn report(cmd: crate::cli::ReportCommand) -> anyhow::Result<ExitCode> {
                 for d in &r.dead {
                     eprintln!("gpuops: dead letter: {d}");
                 }
-                if r.dead.is_empty() && r.pending == 0 {
-                    Ok(ExitCode::SUCCESS)
-                } else {
-                    Ok(ExitCode::FAILURE)
-                }
+                Ok(ExitCode::from(crate::report::cli::send_exit_code(
+                    outcome, &r,
+                )))
             }
         }
     })

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use chrono::DateTime;
 use gpuops::config::BotConfig;
+use gpuops::inventory::NodeNames;
 use gpuops::notify::console::ConsoleNotifier;
 use gpuops::outbox::Notifiers;
 use gpuops::report::{build, Inputs, Outcome};
@@ -146,6 +147,7 @@ async fn backfilled_report_numbers_match_the_history() {
         at,
         late: false,
         agent_events: None,
+        names: &NodeNames::default(),
     })
     .await;
     let f = &built.figures;
@@ -204,12 +206,13 @@ async fn backfilled_report_numbers_match_the_history() {
     );
     for needle in [
         "**10.0.0.3:9949** stopped reporting (last seen [28 Nov 01:00](",
-        "**10.0.0.2:9949** GPU 1: XID 79 ×[1](",
+        "**10.0.0.2:9949** GPU 1 fell off the bus: XID 79 ×[1](",
+        "GPUs [2 → 1](",
         "**10.0.0.1:9949** GPU 2: XID 48 ×[2](",
         "(runbook `gpu-fell-off-bus`)",
         "full in [2.5 days](",
         "Idle GPU-hours (whole hours under 5 % utilization): [33](",
-        "MTTA (first notification → acknowledgement): 10m; MTTR (firing → resolved): 2h",
+        "MTTA (first notification → acknowledgement): 10m over 2 acknowledged groups of 3; MTTR (firing → resolved): 2h over 2 resolved groups of 3; 1 still open",
         "**GPU memory total**: [372.5 GiB](",
         "/graph?g0.expr=",
     ] {
@@ -217,7 +220,7 @@ async fn backfilled_report_numbers_match_the_history() {
     }
     // Every number in a finding is a link: the summary's first finding is critical.
     assert!(
-        built.message.summary[1].starts_with("🔴 "),
+        built.message.summary[1].starts_with("🔴 critical: "),
         "{:?}",
         built.message.summary
     );
@@ -308,13 +311,14 @@ async fn a_report_with_prometheus_down_still_renders_naming_the_failure() {
         at: DateTime::from_timestamp(AT, 0).unwrap(),
         late: false,
         agent_events: None,
+        names: &NodeNames::default(),
     })
     .await;
     assert_eq!(built.outcome, Outcome::Partial);
     assert!(built
         .failures
         .iter()
-        .any(|f| f.starts_with("GPU health: XID errors in the period, by node, GPU and code (XIDS): cannot connect to Prometheus at http://127.0.0.1:")),
+        .any(|f| f.starts_with("GPU health: XID errors in the period, by node, GPU and code (XIDS): Prometheus unreachable at http://127.0.0.1:")),
         "{:#?}", built.failures);
     assert!(built
         .failures
@@ -323,7 +327,7 @@ async fn a_report_with_prometheus_down_still_renders_naming_the_failure() {
     let md = &built.markdown;
     assert!(
         md.contains(
-            "⚠ Could not compute all of: Fleet, GPU health, Utilization and waste, Host, Checks"
+            "5 of 6 sections not computed (Fleet, GPU health, Utilization and waste, Host, Checks)"
         ),
         "{md}"
     );
@@ -334,6 +338,314 @@ async fn a_report_with_prometheus_down_still_renders_naming_the_failure() {
     );
     assert!(built.message.charts.is_empty());
     assert!(built.message.text.contains("Could not compute"));
+    assert!(built.message.summary[0].contains("⚠ incomplete"));
+}
+
+/// Every rendering a person reads of a built report: Markdown, the
+/// summary lines, email text and HTML, the preview HTML, Slack's message
+/// (blocks and fallback text) and Discord's.
+fn every_rendering(built: &gpuops::report::Built) -> Vec<(&'static str, String)> {
+    let message = gpuops::message::Message::Report(Box::new(built.message.clone()));
+    let discord = gpuops::notify::discord::render(&message);
+    vec![
+        ("markdown", built.markdown.clone()),
+        ("summary", built.message.summary.join("\n")),
+        ("email text", built.message.text.clone()),
+        ("email html", built.message.html.clone()),
+        ("preview html", built.preview_html.clone()),
+        (
+            "slack",
+            serde_json::to_string(&gpuops::notify::slack::report::content(&built.message)).unwrap(),
+        ),
+        (
+            "discord",
+            format!(
+                "{} {}",
+                discord.content,
+                serde_json::to_string(&discord.embed).unwrap()
+            ),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_with_prometheus_down_never_says_no_findings() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!("http://127.0.0.1:{}", report_support::free_port());
+    let cfg = config(dir.path(), &down, "");
+    // The store answers (nothing happened in it); Prometheus does not.
+    let store = Store::open(&cfg.store.path).unwrap();
+    let names = NodeNames::default();
+    let inputs = |store| Inputs {
+        config: &cfg.reports[0],
+        prometheus_url: &down,
+        store,
+        at: DateTime::from_timestamp(AT, 0).unwrap(),
+        late: false,
+        agent_events: None,
+        names: &names,
+    };
+    let built = build(inputs(Some(&store))).await;
+    assert_eq!(built.outcome, Outcome::Partial);
+    let headline = &built.message.summary[0];
+    assert!(
+        headline.starts_with(&format!(
+            "**⚠ incomplete**: Prometheus unreachable at {down} (connection refused): 5 of 6 sections not computed (Fleet, GPU health, Utilization and waste, Host, Checks)"
+        )),
+        "{:#?}",
+        built.message.summary
+    );
+    for (what, text) in every_rendering(&built) {
+        assert!(
+            !text.contains("No findings") && !text.contains("nothing needs attention"),
+            "{what} reads as an all-clear:\n{text}"
+        );
+        assert!(
+            text.contains("incomplete") && text.contains("Prometheus unreachable"),
+            "{what} does not say it is incomplete:\n{text}"
+        );
+    }
+
+    // Nothing answers: the report is `failed` and says it cannot tell.
+    let built = build(inputs(None)).await;
+    assert_eq!(built.outcome, Outcome::Failed);
+    assert!(
+        built.message.summary[0].starts_with("**⚠ not computed**: Prometheus unreachable at"),
+        "{:#?}",
+        built.message.summary
+    );
+    assert!(built.message.summary[0].contains("none of the 6 sections could be computed"));
+    for (what, text) in every_rendering(&built) {
+        assert!(
+            !text.contains("No findings") && !text.contains("nothing needs attention"),
+            "{what} reads as an all-clear:\n{text}"
+        );
+    }
+
+    // `report preview` says so and exits 3 (not computed); no store file.
+    let cfg_path = dir.path().join("bot.toml");
+    drop(store);
+    std::fs::remove_file(&cfg.store.path).unwrap();
+    let out_dir = dir.path().join("preview");
+    let run = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args(["report", "preview", "--name", "daily"])
+        .args(["--at", "2025-11-28T09:00:00+01:00"])
+        .arg("--config")
+        .arg(&cfg_path)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(
+        run.status.code(),
+        Some(gpuops::report::cli::EXIT_NOT_COMPUTED as i32),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("gpuops: ⚠ not computed: Prometheus unreachable"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("outcome failed"), "{stderr}");
+    let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
+    assert!(!html.contains("No findings"), "{html}");
+}
+
+/// `(labels, value)` rows of a fake Prometheus answer.
+type Rows = Vec<report_support::Series>;
+
+fn answer(q: &gpuops::report::queries::Query, rows: Rows) -> (String, Rows) {
+    (q.render(DAY as u64), rows)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_gpu_is_one_finding_with_its_evidence() {
+    use gpuops::report::queries as q;
+    let dir = tempfile::tempdir().unwrap();
+    const B: &str = "10.0.0.2:9949";
+    let gpu5 = vec![
+        ("instance", B),
+        ("gpu", "5"),
+        ("uuid", "GPU-3f2a1b2c-8d9e-4f00-9a1b-2c3d4e5f6a7b"),
+    ];
+    let prom = report_support::fake_prometheus(vec![
+        answer(&q::NODES_NOW, vec![(vec![], 2.0)]),
+        answer(&q::NODES_SEEN, vec![(vec![], 2.0)]),
+        answer(&q::GPUS_DROPPED, vec![(vec![("instance", B)], 1.0)]),
+        answer(&q::GPUS_MOST, vec![(vec![("instance", B)], 8.0)]),
+        answer(&q::GPUS_MISSING, vec![(gpu5.clone(), 1.0)]),
+        answer(&q::GPUS_DOWN, vec![(gpu5.clone(), 0.0)]),
+        answer(
+            &q::XIDS,
+            vec![(
+                [
+                    gpu5.clone(),
+                    vec![("pci_bus_id", "00000000:C1:00.0"), ("xid", "79")],
+                ]
+                .concat(),
+                1.0,
+            )],
+        ),
+    ])
+    .await;
+    let cfg = config(
+        dir.path(),
+        &prom,
+        &format!("sections = [\"fleet\", \"gpu_health\", \"incidents\"]\n[agents]\n[[agents.nodes]]\ninstance = \"{B}\"\nnode = \"gpu-node-3\"\n"),
+    );
+    // GPUFellOffBus and GPUDown for that GPU, still firing as two P1 groups.
+    let store = Store::open(&cfg.store.path).unwrap();
+    store
+        .sqlite()
+        .expect("a SQLite store")
+        .write_blocking(|c| {
+            for (id, name) in [(1, "GPUFellOffBus"), (2, "GPUDown")] {
+                let state = format!(
+                    r#"{{"alerts":[{{"status":"firing","labels":{{"alertname":"{name}","instance":"{B}","gpu":"5"}}}}]}}"#
+                );
+                c.execute(
+                    "INSERT INTO alert_groups(id, group_key, receiver, status, tier, rev, state_hash, recent_hashes, state, first_seen, updated_at)
+                     VALUES (?1, ?2, 'gpuops', 'firing', 'P1', 1, 'h', '[]', ?3, ?4, ?4)",
+                    rusqlite::params![id, format!("g{id}"), state, (AT - HOUR) as f64],
+                )?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let names = gpuops::report::node_names(&cfg).await;
+    let built = build(Inputs {
+        config: &cfg.reports[0],
+        prometheus_url: &prom,
+        store: Some(&store),
+        at: DateTime::from_timestamp(AT, 0).unwrap(),
+        late: false,
+        agent_events: None,
+        names: &names,
+    })
+    .await;
+    assert!(built.failures.is_empty(), "{:#?}", built.failures);
+    assert_eq!(built.findings, 1, "{}", built.markdown);
+    let summary = &built.message.summary;
+    assert_eq!(
+        summary[0], "**1 finding** (1 critical, 0 warnings)",
+        "{summary:#?}"
+    );
+    let line = &summary[1];
+    for needle in [
+        "🔴 critical: **gpu-node-3** (10.0.0.2:9949) GPU 5 (GPU-3f2a1b2c) fell off the bus: XID 79 ×[1](",
+        "GPUs [8 → 7](",
+        "[stopped reporting](",
+        "`gpu_up` [0](",
+        "runbook `gpu-fell-off-bus`",
+    ] {
+        assert!(line.contains(needle), "{needle:?} not in {line}");
+    }
+    // The XID still counts in GPU health's totals, without a finding of its own.
+    assert!(
+        built.markdown.contains("XIDs by code: [79 ×1]("),
+        "{}",
+        built.markdown
+    );
+    assert_eq!(built.figures.lost_gpus.len(), 1);
+    // Its alerts are listed as that GPU's, not as more findings.
+    for name in ["GPUFellOffBus", "GPUDown"] {
+        assert!(
+            built.markdown.contains(&format!(
+                "Still firing: **{name}** on **gpu-node-3** GPU 5 (P1, group "
+            )),
+            "{}",
+            built.markdown
+        );
+    }
+    assert!(
+        built
+            .markdown
+            .contains("not acknowledged): see `gpuops audit --group 2 --markdown`: the lost GPU of **gpu-node-3** GPU 5 (Fleet)"),
+        "{}",
+        built.markdown
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_lines_name_the_node_with_its_instance_beside_it() {
+    use gpuops::report::queries as q;
+    let dir = tempfile::tempdir().unwrap();
+    let prom = report_support::fake_prometheus(vec![
+        answer(
+            &q::ECC_UNCORRECTED,
+            vec![(
+                vec![
+                    ("instance", "10.0.0.1:9949"),
+                    ("gpu", "1"),
+                    ("uuid", "GPU-aaaabbbb-cccc-dddd-eeee-ffff00001111"),
+                ],
+                3.0,
+            )],
+        ),
+        answer(
+            &q::XIDS,
+            vec![
+                // In the inventory.
+                (
+                    vec![("instance", "10.0.0.1:9949"), ("gpu", "2"), ("xid", "48")],
+                    2.0,
+                ),
+                // Not in it: the DNS host part.
+                (
+                    vec![
+                        ("instance", "gpu-node-9.dc1.example:9949"),
+                        ("gpu", "0"),
+                        ("xid", "31"),
+                    ],
+                    1.0,
+                ),
+                // An XID on a PCI bus where no GPU is known: no empty GPU.
+                (
+                    vec![
+                        ("instance", "10.0.0.7:9949"),
+                        ("pci_bus_id", "00000000:C1:00.0"),
+                        ("xid", "31"),
+                    ],
+                    1.0,
+                ),
+            ],
+        ),
+    ])
+    .await;
+    let cfg = config(
+        dir.path(),
+        &prom,
+        "sections = [\"gpu_health\"]\n[agents]\n[[agents.nodes]]\ninstance = \"10.0.0.1:9949\"\nnode = \"gpu-node-1\"\n",
+    );
+    let names = gpuops::report::node_names(&cfg).await;
+    let built = build(Inputs {
+        config: &cfg.reports[0],
+        prometheus_url: &prom,
+        store: None,
+        at: DateTime::from_timestamp(AT, 0).unwrap(),
+        late: false,
+        agent_events: None,
+        names: &names,
+    })
+    .await;
+    let md = &built.markdown;
+    for needle in [
+        "**gpu-node-1** (10.0.0.1:9949) GPU 2: XID 48 ×[2](",
+        // The GPU's UUID prefix where a series carries it.
+        "**gpu-node-1** (10.0.0.1:9949) GPU 1 (GPU-aaaabbbb): [3](",
+        "**gpu-node-9** (gpu-node-9.dc1.example:9949) GPU 0: XID 31 ×[1](",
+        "**10.0.0.7:9949** the PCI device 00000000:C1:00.0 (no GPU known at that address): XID 31 ×[1](",
+    ] {
+        assert!(md.contains(needle), "{needle:?} not in\n{md}");
+    }
+    assert!(!md.contains("GPU -") && !md.contains("GPU :"), "{md}");
+    // The chart's bars are labelled by the same names.
+    assert_eq!(built.figures.node_name("10.0.0.1:9949"), "gpu-node-1");
+    assert_eq!(
+        built.figures.node_name("gpu-node-9.dc1.example:9949"),
+        "gpu-node-9"
+    );
+    assert_eq!(built.figures.node_name("10.0.0.7:9949"), "10.0.0.7:9949");
 }
 
 fn notifiers() -> Notifiers {
@@ -547,7 +859,13 @@ async fn report_send_delivers_through_the_outbox_and_fails_on_a_dead_letter() {
         .unwrap();
     let out = send(path.clone()).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    // Delivered, but Prometheus is down: not an all-clear, and the exit
+    // status says so (3: not computed).
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("gpuops: ⚠ incomplete: Prometheus unreachable at http://127.0.0.1:"),
+        "{stderr}"
+    );
     assert!(
         !slack.requests().iter().any(|r| r.raw.contains("COTHER")),
         "the bot's row was left to the bot"
@@ -583,7 +901,8 @@ async fn report_send_delivers_through_the_outbox_and_fails_on_a_dead_letter() {
     }));
     let out = send(path.clone()).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    // 4: not delivered (before "not computed").
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("1 delivered, 1 dead-lettered"), "{stderr}");
     assert!(stderr.contains("dead letter: slack:CREPORTS"), "{stderr}");
 
@@ -608,7 +927,7 @@ async fn report_send_delivers_through_the_outbox_and_fails_on_a_dead_letter() {
     .await
     .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
         stderr.contains("1 still pending (1 handed to the bot's outbox)"),
         "{stderr}"

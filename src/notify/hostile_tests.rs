@@ -357,6 +357,7 @@ mod tests {
             0.0,
             false,
             &[(&group, hook)],
+            &[],
             &crate::inventory::NodeNames::default(),
         );
         check_plain("digest", &text);

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::alert::Webhook;
 use crate::bot::state::BotState;
 use crate::config::paging::DigestConfig;
+use crate::inventory::NodeNames;
 use crate::notify::email::MAILED_REPLY_PREFIX;
 use crate::notify::{Message, TextMessage};
 use crate::routing::{Routing, Tier};
@@ -216,6 +217,16 @@ pub async fn digest_once(state: &BotState, d: &DigestConfig, started: f64) -> Op
             return None;
         }
     };
+    // A group whose state cannot be read is not "nothing happened": every
+    // digest destination is told it is missing (it cannot be routed).
+    let unreadable: Vec<i64> = groups
+        .iter()
+        .filter(|g| serde_json::from_str::<Webhook>(&g.state).is_err())
+        .map(|g| g.group_id)
+        .collect();
+    if !unreadable.is_empty() {
+        tracing::warn!(groups = ?unreadable, "digest groups with a state that cannot be read; the digest names them");
+    }
     let names = state.identity.names().await;
     let mut deliveries = Vec::new();
     let mut mentioned = 0;
@@ -234,11 +245,11 @@ pub async fn digest_once(state: &BotState, d: &DigestConfig, started: f64) -> Op
                     .then_some((g, hook))
             })
             .collect();
-        if mine.is_empty() {
+        if mine.is_empty() && unreadable.is_empty() {
             continue;
         }
         mentioned += mine.len();
-        let text = digest_text(d, slot, last, late, &mine, &names);
+        let text = digest_text(d, slot, last, late, &mine, &unreadable, &names);
         let body =
             serde_json::to_string(&Message::Text(TextMessage::new(text, None))).unwrap_or_default();
         for t in dest.targets() {
@@ -299,14 +310,17 @@ fn fmt_local(d: &DigestConfig, t: f64) -> String {
 
 /// The digest of one destination: a subject line, then what is still
 /// firing, what fired and what resolved since the last slot, by alert name
-/// and node.
+/// and node. Groups it could not read (`unreadable`, their ids) are named
+/// first: the digest never reads as "nothing happened" when it could not
+/// see.
 pub fn digest_text(
     d: &DigestConfig,
     slot: f64,
     since: f64,
     late: bool,
     groups: &[(&store::paging::DigestGroup, Webhook)],
-    names: &crate::inventory::NodeNames,
+    unreadable: &[i64],
+    names: &NodeNames,
 ) -> String {
     // (section, alertname) -> nodes
     let mut sections: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
@@ -330,8 +344,8 @@ pub fn digest_text(
                 .get("alertname")
                 .map(|n| crate::escape::line(n))
                 .unwrap_or_else(|| "(no alertname)".into());
-            // The node by name, its instance beside it.
-            let instance = a.labels.get("instance");
+            // The node by the name a person knows (the instance beside it).
+            let instance = a.labels.get("instance").filter(|i| !i.is_empty());
             let node = match (
                 names.name_of(instance.map(String::as_str), &a.labels),
                 instance,
@@ -354,10 +368,30 @@ pub fn digest_text(
         }
     }
     let mut out = format!(
-        "gpuops P4 digest {}: {firing} still firing ({new} new), {resolved} resolved{}",
+        "gpuops P4 digest {}: {}{firing} still firing ({new} new), {resolved} resolved{}",
         fmt_local(d, slot),
+        if unreadable.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "⚠ incomplete, {} group{} unreadable; ",
+                unreadable.len(),
+                if unreadable.len() == 1 { "" } else { "s" }
+            )
+        },
         if late { " [late]" } else { "" }
     );
+    if !unreadable.is_empty() {
+        let ids: Vec<String> = unreadable.iter().take(10).map(|i| i.to_string()).collect();
+        out.push_str(&format!(
+            "\n⚠ Could not read {} P4 group{} from the store (id {}{}): this digest may be missing what {} say; see `gpuops audit --group ID`.",
+            unreadable.len(),
+            if unreadable.len() == 1 { "" } else { "s" },
+            ids.join(", "),
+            if unreadable.len() > 10 { ", …" } else { "" },
+            if unreadable.len() == 1 { "it would" } else { "they would" },
+        ));
+    }
     if late {
         out.push_str(&format!(
             "\nSent late (at {}): the bot was not running at the scheduled time.",
@@ -423,33 +457,43 @@ mod tests {
     }
 
     #[test]
-    fn digest_lines_name_the_node_with_its_instance() {
-        let hook: Webhook = serde_json::from_value(serde_json::json!({
-            "groupKey": "{}:{alertname=\"GpuIdle\"}", "status": "firing",
-            "alerts": [
-                {"status": "firing", "labels": {"alertname": "GpuIdle", "instance": "127.0.0.1:18949"}},
-                {"status": "firing", "labels": {"alertname": "GpuIdle", "instance": "10.0.0.9:9949"}}
-            ]
-        }))
+    fn digest_with_unreadable_groups_never_says_nothing_happened() {
+        let d = digest("0 0 9 * * *", "UTC");
+        let names = NodeNames::default();
+        let text = digest_text(&d, 86_400.0, 0.0, false, &[], &[7, 9], &names);
+        let subject = text.lines().next().unwrap_or_default();
+        assert!(
+            subject.contains("⚠ incomplete, 2 groups unreadable; 0 still firing"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Could not read 2 P4 groups from the store (id 7, 9)"),
+            "{text}"
+        );
+        let clean = digest_text(&d, 86_400.0, 0.0, false, &[], &[], &names);
+        assert!(!clean.contains("⚠"), "{clean}");
+    }
+
+    #[test]
+    fn digest_lines_name_the_node_with_its_instance_beside_it() {
+        let d = digest("0 0 9 * * *", "UTC");
+        let hook: Webhook = serde_json::from_str(
+            r#"{"groupKey":"g","status":"firing","alerts":[
+                {"status":"firing","labels":{"alertname":"GPUIdle","instance":"127.0.0.1:18949"}},
+                {"status":"firing","labels":{"alertname":"GPUIdle","instance":"10.0.0.9:9949"}}]}"#,
+        )
         .unwrap();
-        let g = store::paging::DigestGroup {
+        let group = store::paging::DigestGroup {
             group_id: 1,
             status: "firing".into(),
             state: String::new(),
             first_seen: 10.0,
             updated_at: 10.0,
         };
-        let names = crate::inventory::NodeNames::fixed([("127.0.0.1:18949", "gpu-node-17")]);
-        let text = digest_text(
-            &digest("0 0 9 * * *", "UTC"),
-            100.0,
-            0.0,
-            false,
-            &[(&g, hook)],
-            &names,
-        );
+        let names = NodeNames::fixed([("127.0.0.1:18949", "gpu-node-17")]);
+        let text = digest_text(&d, 86_400.0, 0.0, false, &[(&group, hook)], &[], &names);
         assert!(
-            text.contains("- GpuIdle: gpu-node-17 (127.0.0.1:18949), 10.0.0.9:9949"),
+            text.contains("- GPUIdle: gpu-node-17 (127.0.0.1:18949), 10.0.0.9:9949"),
             "{text}"
         );
     }

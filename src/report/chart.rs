@@ -8,8 +8,8 @@
 use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
-use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::config::reports::ReportConfig;
 use crate::message::Chart;
@@ -74,12 +74,12 @@ pub fn render_all(cfg: &ReportConfig, at: DateTime<Utc>, f: &Figures) -> Vec<Cha
     }
     if !f.idle_gpu_hours.is_empty() {
         let title = "Idle GPU-hours per node";
-        let bars: Vec<(String, Vec<f64>)> = f
+        let rows: Vec<(String, Vec<f64>)> = f
             .idle_gpu_hours
             .iter()
-            .take(TOP_NODES)
-            .map(|(n, h)| (n.clone(), vec![*h as f64]))
+            .map(|(n, h)| (f.node_name(n).to_string(), vec![*h as f64]))
             .collect();
+        let bars = top_with_others(&rows, TOP_NODES);
         push(
             "idle-gpu-hours.png",
             title,
@@ -105,11 +105,16 @@ pub fn render_all(cfg: &ReportConfig, at: DateTime<Utc>, f: &Figures) -> Vec<Cha
                 .then_with(|| x.0.cmp(&y.0))
         });
         let title = "GPU errors per node";
-        let bars: Vec<(String, Vec<f64>)> = errors
+        let rows: Vec<(String, Vec<f64>)> = errors
             .iter()
-            .take(TOP_NODES)
-            .map(|(n, e)| (n.clone(), e.iter().map(|v| *v as f64).collect()))
+            .map(|(n, e)| {
+                (
+                    f.node_name(n).to_string(),
+                    e.iter().map(|v| *v as f64).collect(),
+                )
+            })
             .collect();
+        let bars = top_with_others(&rows, TOP_NODES);
         push(
             "gpu-errors-per-node.png",
             title,
@@ -210,8 +215,50 @@ pub fn utilization_chart(
     encode_png(&buf, WIDTH, HEIGHT)
 }
 
+/// Longest label shown beside a bar, in characters.
+const LABEL_CHARS: usize = 28;
+
+/// The first `top` rows (already in order, the largest first) and, when
+/// there are more, one row for the rest: `"485 others (each ≤ 3)"`, drawn
+/// as long as the largest of them, so the top rows stay readable (a sum
+/// of hundreds of nodes would dwarf them).
+pub fn top_with_others(rows: &[(String, Vec<f64>)], top: usize) -> Vec<(String, Vec<f64>)> {
+    if rows.len() <= top {
+        return rows.to_vec();
+    }
+    let (shown, rest) = rows.split_at(top);
+    let total = |v: &[f64]| v.iter().filter(|x| x.is_finite()).sum::<f64>();
+    let largest = rest
+        .iter()
+        .max_by(|x, y| total(&x.1).total_cmp(&total(&y.1)))
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let mut out = shown.to_vec();
+    out.push((
+        format!(
+            "{} other{} (each ≤ {})",
+            rest.len(),
+            if rest.len() == 1 { "" } else { "s" },
+            crate::report::render::fmt_num(total(&largest))
+        ),
+        largest,
+    ));
+    out
+}
+
+/// A bar's label: at most [`LABEL_CHARS`] characters.
+fn bar_label(s: &str) -> String {
+    if s.chars().count() > LABEL_CHARS {
+        format!("{}…", s.chars().take(LABEL_CHARS - 1).collect::<String>())
+    } else {
+        s.to_string()
+    }
+}
+
 /// Horizontal bars per node (the first the longest, at the top), stacked
-/// when there are several `kinds`.
+/// when there are several `kinds`, each labelled with its name on the
+/// left. One bar fills its row as any bar of many does; pass at most
+/// [`TOP_NODES`] + 1 bars ([`top_with_others`]).
 pub fn bar_chart(
     caption: &str,
     x_desc: &str,
@@ -221,84 +268,64 @@ pub fn bar_chart(
     if !font_ready() {
         return Err("the bundled font cannot be read".into());
     }
-    let n = bars.len().max(1) as i32;
+    let n = bars.len().max(1);
     let max = bars
         .iter()
-        .map(|(_, v)| v.iter().sum::<f64>())
+        .map(|(_, v)| v.iter().filter(|x| x.is_finite()).sum::<f64>())
         .fold(0.0f64, f64::max)
         .max(1.0)
         .ceil();
+    let names: Vec<String> = bars.iter().map(|(n, _)| bar_label(n)).collect();
+    let label_width = names
+        .iter()
+        .map(|s| s.chars().count())
+        .max()
+        .unwrap_or(4)
+        .clamp(4, LABEL_CHARS) as u32
+        * 9
+        + 24;
     let mut buf = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let names: Vec<String> = bars.iter().map(|(n, _)| n.clone()).collect();
-        let label_width = names
-            .iter()
-            .map(|s| s.chars().count())
-            .max()
-            .unwrap_or(4)
-            .clamp(4, 28) as u32
-            * 9
-            + 16;
+        // Row `i` (0 at the bottom) spans [i, i + 1); the first bar is the
+        // top row.
         let mut chart = ChartBuilder::on(&root)
             .caption(caption, (FAMILY, 22))
             .margin(16)
             .x_label_area_size(56)
             .y_label_area_size(label_width)
-            .build_cartesian_2d(0f64..max * 1.1, (0..n - 1).into_segmented())
+            .build_cartesian_2d(0f64..max * 1.1, 0f64..n as f64)
             .map_err(|e| e.to_string())?;
-        let name_of = |v: &SegmentValue<i32>| match v {
-            SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
-                let idx = (n - 1 - *i) as usize;
-                names
-                    .get(idx)
-                    .map(|s| {
-                        if s.chars().count() > 28 {
-                            format!("{}…", s.chars().take(27).collect::<String>())
-                        } else {
-                            s.clone()
-                        }
-                    })
-                    .unwrap_or_default()
-            }
-            SegmentValue::Last => String::new(),
-        };
         chart
             .configure_mesh()
-            .y_labels(n as usize)
+            .y_labels(0)
             .x_labels((max as usize + 1).min(11))
-            .y_label_formatter(&name_of)
             .x_label_formatter(&|x: &f64| crate::report::render::fmt_num(*x))
             .x_desc(x_desc)
-            .y_desc("Node")
             .label_style((FAMILY, 15))
             .axis_desc_style((FAMILY, 16))
             .disable_y_mesh()
             .light_line_style(RGBColor(0xee, 0xee, 0xee))
             .draw()
             .map_err(|e| e.to_string())?;
+        let row_of = |rank: usize| (n - 1 - rank) as f64;
         for (k, (label, color)) in kinds.iter().enumerate() {
             let color = *color;
-            let rects: Vec<Rectangle<(f64, SegmentValue<i32>)>> = bars
+            let rects: Vec<Rectangle<(f64, f64)>> = bars
                 .iter()
                 .enumerate()
                 .filter_map(|(rank, (_, values))| {
                     let v = *values.get(k)?;
-                    if v <= 0.0 {
+                    if v.is_nan() || v <= 0.0 || v.is_infinite() {
                         return None;
                     }
-                    let from: f64 = values.iter().take(k).sum();
-                    let i = n - 1 - rank as i32;
-                    let mut r = Rectangle::new(
-                        [
-                            (from, SegmentValue::Exact(i)),
-                            (from + v, SegmentValue::Exact(i + 1)),
-                        ],
+                    let from: f64 = values.iter().take(k).filter(|x| x.is_finite()).sum();
+                    let i = row_of(rank);
+                    Some(Rectangle::new(
+                        [(from, i + 0.15), (from + v, i + 0.85)],
                         color.filled(),
-                    );
-                    r.set_margin(4, 4, 0, 0);
-                    Some(r)
+                    ))
                 })
                 .collect();
             let anno = chart.draw_series(rects).map_err(|e| e.to_string())?;
@@ -307,6 +334,15 @@ pub fn bar_chart(
                     Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled())
                 });
             }
+        }
+        // Each bar's name, right-aligned against the axis at its row's middle.
+        let style = TextStyle::from((FAMILY, 15).into_font())
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Right, VPos::Center));
+        for (rank, name) in names.iter().enumerate() {
+            let (x, y) = chart.backend_coord(&(0.0, row_of(rank) + 0.5));
+            root.draw(&Text::new(name.clone(), (x - 8, y), style.clone()))
+                .map_err(|e| e.to_string())?;
         }
         if kinds.len() > 1 {
             chart
@@ -364,5 +400,117 @@ mod tests {
         assert_eq!(decode(&png).0, WIDTH);
         let one = bar_chart("one", "h", &bars[..1], &[("idle", BLUE)]).unwrap();
         assert_eq!(decode(&one).0, WIDTH);
+    }
+
+    const BAR: RGBColor = RGBColor(0x4c, 0x78, 0xa8);
+
+    /// The pixels of `color`: `(x, y)`.
+    fn pixels_of(png: &[u8], color: RGBColor) -> (u32, Vec<(u32, u32)>) {
+        let (w, h, px) = decode(png);
+        assert_eq!((w, h), (WIDTH, HEIGHT));
+        let mut out = Vec::new();
+        for y in 0..h {
+            for x in 0..w {
+                let i = ((y * w + x) * 3) as usize;
+                if px[i..i + 3] == [color.0, color.1, color.2] {
+                    out.push((x, y));
+                }
+            }
+        }
+        (w, out)
+    }
+
+    /// Rows `(top, bottom)` where column `x` is `color`, top to bottom.
+    fn runs_in_column(png: &[u8], color: RGBColor, x: u32) -> Vec<(u32, u32)> {
+        let (_, pixels) = pixels_of(png, color);
+        let mut ys: Vec<u32> = pixels.iter().filter(|p| p.0 == x).map(|p| p.1).collect();
+        ys.sort();
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for y in ys {
+            match runs.last_mut() {
+                Some(r) if r.1 + 1 == y => r.1 = y,
+                _ => runs.push((y, y)),
+            }
+        }
+        runs
+    }
+
+    /// Whether text is drawn left of `x` between rows `top` and `bottom`.
+    fn dark_left_of(png: &[u8], x: u32, top: u32, bottom: u32) -> usize {
+        let (w, _, px) = decode(png);
+        let mut n = 0;
+        for y in top..=bottom {
+            for xx in x.saturating_sub(260)..x.saturating_sub(10) {
+                let i = ((y * w + xx) * 3) as usize;
+                if px[i] < 110 && px[i + 1] < 110 && px[i + 2] < 110 {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn bar_chart_with_one_node_has_a_full_labelled_bar() {
+        let bars = vec![("gpu-node-17".to_string(), vec![29.0])];
+        let png = bar_chart("Idle GPU-hours, test", "h", &bars, &[("idle", BAR)]).unwrap();
+        let (_, pixels) = pixels_of(&png, BAR);
+        assert!(!pixels.is_empty(), "no bar drawn");
+        let x0 = pixels.iter().map(|p| p.0).min().unwrap();
+        let x1 = pixels.iter().map(|p| p.0).max().unwrap();
+        let y0 = pixels.iter().map(|p| p.1).min().unwrap();
+        let y1 = pixels.iter().map(|p| p.1).max().unwrap();
+        // The one row takes the plot's height (about 390 px), the bar 70 % of it.
+        assert!(y1 - y0 > 200, "bar rows {y0}..{y1}: a thin strip");
+        // 29 of an axis to 29 × 1.1: the bar is most of the plot's width.
+        let plot = WIDTH - 32 - x0;
+        let ratio = f64::from(x1 - x0 + 1) / f64::from(plot);
+        assert!(
+            (0.85..0.95).contains(&ratio),
+            "bar {x0}..{x1} of {plot} px: {ratio}"
+        );
+        // Its name is written beside it, at its middle.
+        let mid = (y0 + y1) / 2;
+        assert!(
+            dark_left_of(&png, x0, mid - 10, mid + 10) > 30,
+            "no label left of the bar"
+        );
+    }
+
+    #[test]
+    fn bar_chart_with_500_nodes_shows_top_n_and_others() {
+        // Node i has 500 - i idle hours: the top 15 are 500 … 486.
+        let rows: Vec<(String, Vec<f64>)> = (0..500)
+            .map(|i| (format!("gpu-node-{i:03}"), vec![(500 - i) as f64]))
+            .collect();
+        let bars = top_with_others(&rows, TOP_NODES);
+        assert_eq!(bars.len(), TOP_NODES + 1);
+        assert_eq!(bars[0].0, "gpu-node-000");
+        assert_eq!(bars[TOP_NODES].0, "485 others (each ≤ 485)");
+        assert_eq!(bars[TOP_NODES].1, vec![485.0]);
+        let png = bar_chart("Idle GPU-hours, test", "h", &bars, &[("idle", BAR)]).unwrap();
+        let (_, pixels) = pixels_of(&png, BAR);
+        let x0 = pixels.iter().map(|p| p.0).min().unwrap();
+        // One bar per row, top to bottom, each a readable height.
+        let runs = runs_in_column(&png, BAR, x0 + 2);
+        assert_eq!(runs.len(), TOP_NODES + 1, "{runs:?}");
+        for (top, bottom) in &runs {
+            assert!(bottom - top >= 12, "bar {top}..{bottom} too thin: {runs:?}");
+            let mid = (top + bottom) / 2;
+            assert!(
+                dark_left_of(&png, x0, mid - 4, mid + 4) > 10,
+                "bar at {mid} has no label"
+            );
+        }
+        // Lengths follow the values: the first (500) longest, the others' (485) shortest.
+        let length = |(top, bottom): (u32, u32)| {
+            let mid = (top + bottom) / 2;
+            pixels.iter().filter(|p| p.1 == mid).count()
+        };
+        let lengths: Vec<usize> = runs.iter().map(|r| length(*r)).collect();
+        assert!(lengths.windows(2).all(|w| w[0] >= w[1]), "{lengths:?}");
+        let expect = 485.0 / 500.0;
+        let got = lengths[TOP_NODES] as f64 / lengths[0] as f64;
+        assert!((got - expect).abs() < 0.01, "{lengths:?}");
     }
 }

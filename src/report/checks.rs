@@ -26,6 +26,9 @@ pub(super) fn section(
     let mut s = Section::new(SectionKind::Checks);
     for (c, r) in configs.iter().zip(results) {
         let link = a.link_expr(&c.query);
+        if r.is_ok() {
+            s.answered += 1;
+        }
         match r {
             Err(why) => s.failures.push(format!("check {:?}: {why}", c.name)),
             Ok(rows) if rows.is_empty() => s.findings.push(Finding {

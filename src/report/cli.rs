@@ -18,7 +18,7 @@ use crate::message::Message;
 use crate::outbox::{Notifiers, Worker};
 use crate::report::schedule::deliveries;
 use crate::report::victims::{AgentEvents, OomEvents};
-use crate::report::{build, Built, Inputs};
+use crate::report::{build, Built, Inputs, Outcome};
 use crate::store::outbox::Outbox;
 use crate::store::reports::ReportDelivery;
 use crate::store::Store;
@@ -76,6 +76,7 @@ pub async fn compute(
         .as_ref()
         .context("reports need [prometheus] url")?;
     let agents = AgentEvents::from_config(cfg);
+    let names = crate::report::node_names(cfg).await;
     Ok(build(Inputs {
         config: report,
         prometheus_url: &prometheus.url,
@@ -83,6 +84,7 @@ pub async fn compute(
         at,
         late: false,
         agent_events: agents.as_ref().map(|a| a as &dyn OomEvents),
+        names: &names,
     })
     .await)
 }
@@ -104,6 +106,42 @@ pub fn write_preview(built: &Built, out: &Path) -> anyhow::Result<Vec<std::path:
         write(&c.file_name, &c.png)?;
     }
     Ok(files)
+}
+
+/// Exit status of `report preview` and `report send` when some section of
+/// the report could not be computed (Prometheus or the store unreachable,
+/// a query failing): the report still went out (or was written), and says
+/// so in its headline, but it is not an all-clear.
+pub const EXIT_NOT_COMPUTED: u8 = 3;
+/// Exit status of `report send` when a destination did not get the report
+/// (a dead letter, or still pending at `--timeout`); it takes precedence
+/// over [`EXIT_NOT_COMPUTED`].
+pub const EXIT_NOT_DELIVERED: u8 = 4;
+
+/// The exit status of `report preview`: 0, or [`EXIT_NOT_COMPUTED`].
+pub fn preview_exit_code(outcome: Outcome) -> u8 {
+    match outcome {
+        Outcome::Partial | Outcome::Failed => EXIT_NOT_COMPUTED,
+        Outcome::Sent | Outcome::Empty => 0,
+    }
+}
+
+/// The exit status of `report send`: 0 when every section was computed
+/// and every destination got it; else [`EXIT_NOT_DELIVERED`] or
+/// [`EXIT_NOT_COMPUTED`].
+pub fn send_exit_code(outcome: Outcome, r: &SendResult) -> u8 {
+    if !r.dead.is_empty() || r.pending > 0 {
+        EXIT_NOT_DELIVERED
+    } else {
+        preview_exit_code(outcome)
+    }
+}
+
+/// The report's headline when it could not see everything, for the
+/// command's stderr (the first summary line, as plain text).
+pub fn incomplete_headline(built: &Built) -> Option<String> {
+    crate::report::render::incomplete_headline(&built.sections, &built.figures)
+        .map(|l| crate::report::render::line_text(&l))
 }
 
 /// What `report send` ended in.

@@ -15,17 +15,21 @@ use crate::report::prom::{graph_link, Prometheus, Sample};
 use crate::report::queries::{self as q, Query};
 use crate::report::render::{fmt_duration, fmt_local, fmt_num};
 use crate::report::{
-    checks, host, incidents, Figures, Finding, Inputs, Level, Line, Section, XidRow,
+    checks, host, incidents, lost, Figures, Finding, Inputs, Level, Line, Section, XidRow,
 };
 
 /// Shared by the section builders: the answers and how to link them.
 pub(super) struct Answers {
     base: String,
     at: f64,
-    secs: u64,
+    pub(super) secs: u64,
     results: HashMap<&'static str, Result<Vec<Sample>, String>>,
     /// [`q::NODES_LAST_SEEN`] as run (for its link).
     last_seen_expr: Option<String>,
+    /// instance -> the node's name ([`crate::inventory::NodeNames`]).
+    names: BTreeMap<String, String>,
+    /// `(instance, gpu)` -> the GPU's UUID, from any series that carried it.
+    uuids: BTreeMap<(String, String), String>,
 }
 
 impl Answers {
@@ -37,10 +41,51 @@ impl Answers {
         graph_link(&self.base, promql, self.at, self.secs)
     }
 
+    /// The node's name for `instance`, else the instance.
+    pub(super) fn name<'a>(&'a self, instance: &'a str) -> &'a str {
+        self.names
+            .get(instance)
+            .map(String::as_str)
+            .unwrap_or(instance)
+    }
+
+    /// A line that starts with the node: its name in bold, the instance
+    /// beside it as a detail (when the name is not the instance).
+    pub(super) fn node_line(&self, instance: &str) -> Line {
+        let name = self.name(instance);
+        let line = Line::new().bold(name.to_string());
+        if name == instance {
+            line
+        } else {
+            line.text(" (").value(instance.to_string()).text(")")
+        }
+    }
+
+    /// `line` + `GPU 3 (GPU-3f2a1b2c)`: the GPU by index, with its UUID
+    /// prefix where a series carried it.
+    pub(super) fn gpu_line(&self, line: Line, instance: &str, gpu: &str) -> Line {
+        let uuid = self
+            .uuids
+            .get(&(instance.to_string(), gpu.to_string()))
+            .map(String::as_str);
+        gpu_parts(line, Some(gpu), uuid, None)
+    }
+
+    /// The samples of `query` if it answered (nothing recorded otherwise).
+    pub(super) fn answered(&self, query: &Query) -> Option<&[Sample]> {
+        match self.results.get(query.id) {
+            Some(Ok(s)) => Some(s),
+            _ => None,
+        }
+    }
+
     /// The samples of `query`, or records its failure in `section`.
     pub(super) fn get(&self, query: &Query, section: &mut Section) -> Option<&[Sample]> {
         match self.results.get(query.id) {
-            Some(Ok(s)) => Some(s),
+            Some(Ok(s)) => {
+                section.answered += 1;
+                Some(s)
+            }
             Some(Err(why)) => {
                 section
                     .failures
@@ -64,6 +109,7 @@ fn queries_of(kind: SectionKind) -> &'static [Query] {
             q::NODES_SEEN,
             q::NODES_STOPPED,
             q::GPUS_DROPPED,
+            q::GPUS_MOST,
             q::GPUS_MISSING,
             q::GPUS_DOWN,
             q::COLLECTOR_FAILURES,
@@ -114,6 +160,8 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
         secs,
         results: HashMap::new(),
         last_seen_expr: None,
+        names: BTreeMap::new(),
+        uuids: BTreeMap::new(),
     };
     let mut check_results: Vec<Result<Vec<Sample>, String>> = Vec::new();
     let mut series_result: Option<Result<Vec<(f64, f64)>, String>> = None;
@@ -188,6 +236,41 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
             series_result = Some(Err(e.clone()));
         }
     }
+    figures.prometheus_down = prometheus_down(
+        answers
+            .results
+            .values()
+            .chain(check_results.iter())
+            .map(|r| r.as_ref().err()),
+    );
+    // Every instance a query named, by the name a person reads.
+    for r in answers.results.values().flatten() {
+        for sample in r {
+            if let Some(instance) = sample.labels.get("instance") {
+                if !answers.names.contains_key(instance) {
+                    let name = inputs
+                        .names
+                        .name_of(Some(instance), &sample.labels)
+                        .unwrap_or_else(|| instance.clone());
+                    answers.names.insert(instance.clone(), name);
+                }
+                if let (Some(gpu), Some(uuid)) =
+                    (sample.labels.get("gpu"), sample.labels.get("uuid"))
+                {
+                    if !uuid.is_empty() {
+                        answers
+                            .uuids
+                            .entry((instance.clone(), gpu.clone()))
+                            .or_insert_with(|| uuid.clone());
+                    }
+                }
+            }
+        }
+    }
+    figures.node_names = answers.names.clone();
+    if cfg.sections.contains(&SectionKind::Fleet) {
+        figures.lost_gpus = lost::lost_gpus(&answers);
+    }
     let mut sections = Vec::new();
     for kind in &cfg.sections {
         let s = match kind {
@@ -196,7 +279,10 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
             SectionKind::Utilization => {
                 let mut s = utilization(&answers, &mut figures);
                 match series_result.take() {
-                    Some(Ok(points)) => figures.utilization_series = points,
+                    Some(Ok(points)) => {
+                        s.answered += 1;
+                        figures.utilization_series = points
+                    }
                     Some(Err(why)) => s.failures.push(format!(
                         "{} ({}): {why}",
                         q::FLEET_UTILIZATION_SERIES.what,
@@ -213,6 +299,62 @@ pub async fn compute(inputs: &Inputs<'_>) -> (Vec<Section>, Figures) {
         sections.push(s);
     }
     (sections, figures)
+}
+
+/// The one reason every Prometheus query failed for, if they all failed
+/// for one (Prometheus unreachable, a bad URL); `None` when any answered
+/// or none ran.
+pub fn prometheus_down<'a>(errors: impl Iterator<Item = Option<&'a String>>) -> Option<String> {
+    let mut why: Option<&String> = None;
+    for e in errors {
+        match (e, why) {
+            (None, _) => return None,
+            (Some(e), None) => why = Some(e),
+            (Some(e), Some(w)) if e != w => return None,
+            _ => {}
+        }
+    }
+    why.cloned()
+}
+
+/// `GPU 1 (GPU-3f2a1b2c)`, or the PCI address of an XID on a bus where no
+/// GPU is known; never an empty index.
+pub(super) fn gpu_words(line: Line, r: &Sample) -> Line {
+    gpu_parts(
+        line,
+        r.labels.get("gpu").map(String::as_str),
+        r.labels.get("uuid").map(String::as_str),
+        r.labels.get("pci_bus_id").map(String::as_str),
+    )
+}
+
+/// See [`gpu_words`].
+pub(super) fn gpu_parts(
+    line: Line,
+    gpu: Option<&str>,
+    uuid: Option<&str>,
+    bus: Option<&str>,
+) -> Line {
+    fn known(v: Option<&str>) -> Option<&str> {
+        v.map(str::trim).filter(|v| !v.is_empty() && *v != "-")
+    }
+    match (known(gpu), known(uuid), known(bus)) {
+        (Some(g), Some(u), _) => line
+            .text("GPU ")
+            .value(g.to_string())
+            .text(" (")
+            .value(u.chars().take(12).collect::<String>())
+            .text(")"),
+        (Some(g), None, _) => line.text("GPU ").value(g.to_string()),
+        (None, _, Some(b)) => line
+            .text("the PCI device ")
+            .value(b.to_string())
+            .text(" (no GPU known at that address)"),
+        (None, Some(u), None) => line
+            .text("GPU ")
+            .value(u.chars().take(12).collect::<String>()),
+        (None, None, None) => line.text("a GPU (no index reported)"),
+    }
 }
 
 /// [`q::NODES_LAST_SEEN`] for these nodes (an anchored regex of their
@@ -314,8 +456,8 @@ fn fleet(a: &Answers, inputs: &Inputs<'_>, f: &mut Figures) -> Section {
             };
             s.findings.push(Finding {
                 level: Level::Critical,
-                line: Line::new()
-                    .bold(n.clone())
+                line: a
+                    .node_line(n)
                     .text(" stopped reporting (last seen ")
                     .link(when, link.clone())
                     .text("): check the node and its agent (runbook `agent-down`)"),
@@ -326,56 +468,31 @@ fn fleet(a: &Answers, inputs: &Inputs<'_>, f: &mut Figures) -> Section {
     if let Some(rows) = a.get(&q::GPUS_DROPPED, &mut s) {
         let mut rows: Vec<(String, u64)> = rows.iter().map(|r| (node(r), count(r.value))).collect();
         rows.sort();
-        for (n, c) in &rows {
-            s.findings.push(Finding {
-                level: Level::Critical,
-                line: Line::new()
-                    .bold(n.clone())
-                    .text(": ")
-                    .link(c.to_string(), a.link(&q::GPUS_DROPPED))
-                    .text(format!(
-                        " GPU{} fewer than earlier in the period (fell off the bus?): runbook `gpu-fell-off-bus`",
-                        if *c == 1 { "" } else { "s" }
-                    )),
-            });
-        }
         f.gpus_dropped = rows;
     }
+    // Asked for its failure only: the numbers come with the lost GPUs.
+    let _ = a.get(&q::GPUS_MOST, &mut s);
     let mut missing: Vec<(String, String)> = Vec::new();
-    if let Some(rows) = a.get(&q::GPUS_MISSING, &mut s) {
-        for r in rows {
-            missing.push((node(r), r.label("gpu").to_string()));
-            s.findings.push(Finding {
-                level: Level::Critical,
-                line: Line::new()
-                    .bold(node(r))
-                    .text(format!(" GPU {} ", r.label("gpu")))
-                    .link("stopped reporting", a.link(&q::GPUS_MISSING))
-                    .text(": drain the node, reset or reseat the GPU (runbook `gpu-fell-off-bus`)"),
-            });
-        }
-    }
-    if let Some(rows) = a.get(&q::GPUS_DOWN, &mut s) {
-        for r in rows {
-            missing.push((node(r), r.label("gpu").to_string()));
-            s.findings.push(Finding {
-                level: Level::Critical,
-                line: Line::new()
-                    .bold(node(r))
-                    .text(format!(" GPU {} is ", r.label("gpu")))
-                    .link("down", a.link(&q::GPUS_DOWN))
-                    .text(" (the driver cannot read it): runbook `gpu-fell-off-bus`"),
-            });
+    for query in [&q::GPUS_MISSING, &q::GPUS_DOWN] {
+        if let Some(rows) = a.get(query, &mut s) {
+            missing.extend(rows.iter().map(|r| (node(r), r.label("gpu").to_string())));
         }
     }
     missing.sort();
+    missing.dedup();
     f.gpus_missing = missing;
+    for lost in &f.lost_gpus {
+        s.findings.push(Finding {
+            level: Level::Critical,
+            line: lost::lost_gpu_line(a, lost),
+        });
+    }
     if let Some(rows) = a.get(&q::COLLECTOR_FAILURES, &mut s) {
         for r in rows {
             s.findings.push(Finding {
                 level: Level::Warning,
-                line: Line::new()
-                    .bold(node(r))
+                line: a
+                    .node_line(r.label("instance"))
                     .text(format!(": collector `{}` failed in ", r.label("collector")))
                     .link(
                         format!("{} %", fmt_num((1.0 - r.value) * 100.0)),
@@ -396,28 +513,40 @@ fn gpu_health(a: &Answers, f: &mut Figures) -> Section {
     let mut s = Section::new(SectionKind::GpuHealth);
     let mut errors: BTreeMap<String, [u64; 3]> = BTreeMap::new();
     if let Some(rows) = a.get(&q::XIDS, &mut s) {
-        let mut xids: Vec<XidRow> = rows
+        let mut xids: Vec<(XidRow, &Sample)> = rows
             .iter()
             .filter_map(|r| {
-                Some(XidRow {
-                    node: node(r),
-                    gpu: r.label("gpu").to_string(),
-                    code: r.labels.get("xid")?.parse().ok()?,
-                    count: count(r.value),
-                })
+                Some((
+                    XidRow {
+                        node: node(r),
+                        gpu: r.label("gpu").to_string(),
+                        code: r.labels.get("xid")?.parse().ok()?,
+                        count: count(r.value),
+                    },
+                    r,
+                ))
             })
-            .filter(|x| x.count > 0)
+            .filter(|x| x.0.count > 0)
             .collect();
-        xids.sort_by(|x, y| (&x.node, &x.gpu, x.code).cmp(&(&y.node, &y.gpu, y.code)));
-        for x in &xids {
+        xids.sort_by(|(x, _), (y, _)| (&x.node, &x.gpu, x.code).cmp(&(&y.node, &y.gpu, y.code)));
+        for (x, r) in &xids {
             *f.xids_by_code.entry(x.code).or_default() += x.count;
             errors.entry(x.node.clone()).or_default()[0] += x.count;
+            // Counted above; its finding is the lost GPU's (Fleet).
+            if lost::is_lost_gpu_evidence(f, r) {
+                continue;
+            }
+            let selector: Vec<String> = ["instance", "gpu", "pci_bus_id", "xid"]
+                .iter()
+                .filter_map(|k| {
+                    let v = r.labels.get(*k)?;
+                    Some(format!("{k}=\"{}\"", promql_string(v)))
+                })
+                .collect();
             let expr = format!(
-                "{} and on (instance, gpu, xid) gpu_xid_errors_total{{instance=\"{}\",gpu=\"{}\",xid=\"{}\"}}",
+                "{} and on (instance, gpu, pci_bus_id, xid) gpu_xid_errors_total{{{}}}",
                 q::XIDS.render(a.secs),
-                promql_string(&x.node),
-                promql_string(&x.gpu),
-                x.code
+                selector.join(",")
             );
             let (level, what) = match xid::lookup(x.code) {
                 Some(info) => (
@@ -438,13 +567,13 @@ fn gpu_health(a: &Answers, f: &mut Figures) -> Section {
             };
             s.findings.push(Finding {
                 level,
-                line: Line::new()
-                    .bold(x.node.clone())
-                    .text(format!(" GPU {}: XID {} ×", x.gpu, x.code))
+                line: gpu_words(a.node_line(&x.node).text(" "), r)
+                    .text(format!(": XID {} ×", x.code))
                     .link(x.count.to_string(), a.link_expr(&expr))
                     .text(what),
             });
         }
+        let xids: Vec<XidRow> = xids.into_iter().map(|(x, _)| x).collect();
         if !f.xids_by_code.is_empty() {
             let by_code: Vec<String> = f
                 .xids_by_code
@@ -475,9 +604,8 @@ fn gpu_health(a: &Answers, f: &mut Figures) -> Section {
         errors.entry(n.clone()).or_default()[1] += c;
         s.findings.push(Finding {
             level: Level::Critical,
-            line: Line::new()
-                .bold(n.clone())
-                .text(format!(" GPU {g}: "))
+            line: a.gpu_line(a.node_line(n).text(" "), n, g)
+                .text(": ")
                 .link(c.to_string(), a.link(&q::ECC_UNCORRECTED))
                 .text(" uncorrectable ECC errors: drain, reset the GPU and check row remapping (runbook `gpu-ecc-remap`)"),
         });
@@ -486,9 +614,9 @@ fn gpu_health(a: &Answers, f: &mut Figures) -> Section {
     for (n, g, _) in per_gpu(a, &mut s, &q::REMAP_PENDING) {
         s.findings.push(Finding {
             level: Level::Critical,
-            line: Line::new()
-                .bold(n)
-                .text(format!(" GPU {g}: "))
+            line: a
+                .gpu_line(a.node_line(&n).text(" "), &n, &g)
+                .text(": ")
                 .link("row remap pending", a.link(&q::REMAP_PENDING))
                 .text(": reset the GPU to apply it (runbook `gpu-reset`)"),
         });
@@ -496,9 +624,8 @@ fn gpu_health(a: &Answers, f: &mut Figures) -> Section {
     for (n, g, _) in per_gpu(a, &mut s, &q::REMAP_FAILED) {
         s.findings.push(Finding {
             level: Level::Critical,
-            line: Line::new()
-                .bold(n)
-                .text(format!(" GPU {g}: "))
+            line: a.gpu_line(a.node_line(&n).text(" "), &n, &g)
+                .text(": ")
                 .link("row remapping failed", a.link(&q::REMAP_FAILED))
                 .text(": no spare rows left, take it out of service for hardware inspection (runbook `gpu-ecc-remap`)"),
         });
@@ -519,9 +646,9 @@ fn gpu_health(a: &Answers, f: &mut Figures) -> Section {
             errors.entry(n.clone()).or_default()[2] += c;
             s.findings.push(Finding {
                 level: Level::Warning,
-                line: Line::new()
-                    .bold(n)
-                    .text(format!(" GPU {g}: "))
+                line: a
+                    .gpu_line(a.node_line(&n).text(" "), &n, &g)
+                    .text(": ")
                     .link(c.to_string(), a.link(query))
                     .text(format!(" {what}: {action}")),
             });
@@ -533,13 +660,8 @@ fn gpu_health(a: &Answers, f: &mut Figures) -> Section {
         for r in rows.iter().take(10) {
             let thermal =
                 r.label("reason").contains("thermal") || r.label("reason").contains("brake");
-            let line = Line::new()
-                .bold(node(r))
-                .text(format!(
-                    " GPU {}: held down by `{}` for ",
-                    r.label("gpu"),
-                    r.label("reason")
-                ))
+            let line = gpu_words(a.node_line(r.label("instance")).text(" "), r)
+                .text(format!(": held down by `{}` for ", r.label("reason")))
                 .link(fmt_duration(r.value), a.link(&q::THROTTLE_SECONDS));
             if thermal && r.value > a.secs as f64 * 0.1 {
                 s.findings.push(Finding {
@@ -607,9 +729,9 @@ fn utilization(a: &Answers, f: &mut Figures) -> Section {
                 .text(" in total"),
         );
         for (n, h) in idle.iter().filter(|x| x.1 > 0).take(5) {
-            let mut line = Line::new()
-                .text("Idle: ")
-                .bold(n.clone())
+            let mut line = Line::new().text("Idle: ");
+            line.0.extend(a.node_line(n).0);
+            line = line
                 .text(" ")
                 .link(format!("{h} GPU-hours"), a.link(&q::IDLE_GPU_HOURS));
             if let Some(u) = node_util.get(n) {

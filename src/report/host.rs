@@ -29,8 +29,8 @@ pub(super) async fn section(a: &Answers, inputs: &Inputs<'_>, f: &mut Figures) -
             f.oom_victims = victims::fetch_all(source, &nodes, from, to).await;
         }
         for (n, c) in &oom {
-            let line = Line::new()
-                .bold(n.clone())
+            let line = a
+                .node_line(n)
                 .text(": ")
                 .link(c.to_string(), a.link(&q::OOM_KILLS))
                 .text(format!(" OOM kill{}", if *c == 1 { "" } else { "s" }));
@@ -79,8 +79,8 @@ pub(super) async fn section(a: &Answers, inputs: &Inputs<'_>, f: &mut Figures) -
             .collect();
         fs.sort_by(|x, y| (&x.node, &x.mountpoint).cmp(&(&y.node, &y.mountpoint)));
         for r in &fs {
-            let mut line = Line::new()
-                .bold(r.node.clone())
+            let mut line = a
+                .node_line(&r.node)
                 .text(format!(" `{}`: ", r.mountpoint))
                 .link(
                     format!("{} % used", fmt_num(r.used_ratio * 100.0)),
@@ -124,8 +124,8 @@ pub(super) async fn section(a: &Answers, inputs: &Inputs<'_>, f: &mut Figures) -
         for r in a.get(query, &mut s).unwrap_or_default() {
             s.findings.push(Finding {
                 level: Level::Critical,
-                line: Line::new()
-                    .bold(node(r))
+                line: a
+                    .node_line(r.label("instance"))
                     .text(format!(" `{}` ", r.label("mountpoint")))
                     .link(what, a.link(query))
                     .text(format!(
@@ -139,8 +139,8 @@ pub(super) async fn section(a: &Answers, inputs: &Inputs<'_>, f: &mut Figures) -
         (&q::IO_PRESSURE, "I/O", "storage"),
     ] {
         for r in a.get(query, &mut s).unwrap_or_default() {
-            let line = Line::new()
-                .bold(node(r))
+            let line = a
+                .node_line(r.label("instance"))
                 .text(format!(": tasks stalled on {what} "))
                 .link(format!("{} %", fmt_num(r.value)), a.link(query))
                 .text(" of the time");

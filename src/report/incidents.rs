@@ -7,14 +7,27 @@
 use std::collections::BTreeMap;
 
 use crate::config::reports::SectionKind;
+use crate::inventory::NodeNames;
 use crate::report::render::fmt_duration;
-use crate::report::{Figures, Finding, Inputs, Level, Line, Section};
+use crate::report::{Figures, Finding, Inputs, Level, Line, LostGpu, Section};
 use crate::store::reports::IncidentGroup;
+
+/// Mean time to acknowledge and to resolve, and how many groups each
+/// mean covers.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Means {
+    /// Seconds, over the groups acknowledged within the period.
+    pub mtta: Option<f64>,
+    pub acknowledged: u64,
+    /// Seconds, over the groups resolved within the period.
+    pub mttr: Option<f64>,
+    pub resolved: u64,
+}
 
 /// Mean time to acknowledge and to resolve, in seconds, over the groups
 /// acknowledged (resp. resolved) within `[start, end)`.
-pub fn mtta_mttr(groups: &[IncidentGroup], start: f64, end: f64) -> (Option<f64>, Option<f64>) {
-    let mean = |v: Vec<f64>| {
+pub fn mtta_mttr(groups: &[IncidentGroup], start: f64, end: f64) -> Means {
+    let mean = |v: &[f64]| {
         if v.is_empty() {
             None
         } else {
@@ -34,7 +47,99 @@ pub fn mtta_mttr(groups: &[IncidentGroup], start: f64, end: f64) -> (Option<f64>
         .filter(|g| g.status == "resolved" && g.updated_at >= start && g.updated_at < end)
         .map(|g| (g.updated_at - g.first_seen).max(0.0))
         .collect();
-    (mean(tta), mean(ttr))
+    Means {
+        mtta: mean(&tta),
+        acknowledged: tta.len() as u64,
+        mttr: mean(&ttr),
+        resolved: ttr.len() as u64,
+    }
+}
+
+/// `MTTA (…): 10m over 2 acknowledged groups of 3; MTTR (…): 2h over 2
+/// resolved groups of 3; 1 still open`: a mean says what it covers.
+pub fn means_line(m: &Means, groups: u64, open: u64) -> Line {
+    let of = |n: u64, what: &str| {
+        format!(
+            "{n} {what} group{} of {groups}",
+            if n == 1 { "" } else { "s" }
+        )
+    };
+    let mtta = match m.mtta {
+        Some(v) => format!(
+            "{} over {}",
+            fmt_duration(v),
+            of(m.acknowledged, "acknowledged")
+        ),
+        None => "- (no group acknowledged in the period)".to_string(),
+    };
+    let mttr = match m.mttr {
+        Some(v) => format!("{} over {}", fmt_duration(v), of(m.resolved, "resolved")),
+        None => "- (no group resolved in the period)".to_string(),
+    };
+    Line::new().text(format!(
+        "MTTA (first notification → acknowledgement): {mtta}; MTTR (firing → resolved): {mttr}; {open} still open"
+    ))
+}
+
+/// Nodes (and GPUs) a still-firing line names before "+N more".
+const PLACES_SHOWN: usize = 3;
+
+/// Where a group's alerts fire: `(node name, GPU index)`, each once, in
+/// order; the node named as [`NodeNames`] names it, else its instance.
+pub fn alert_places(state: &str, names: &NodeNames) -> Vec<(String, Option<String>)> {
+    let v: serde_json::Value = serde_json::from_str(state).unwrap_or_default();
+    let mut out: Vec<(String, Option<String>)> = Vec::new();
+    for a in v
+        .get("alerts")
+        .and_then(|a| a.as_array())
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let labels: BTreeMap<String, String> = a
+            .get("labels")
+            .and_then(|l| serde_json::from_value(l.clone()).ok())
+            .unwrap_or_default();
+        let Some(instance) = labels.get("instance").filter(|i| !i.is_empty()) else {
+            continue;
+        };
+        let node = names
+            .name_of(Some(instance), &labels)
+            .unwrap_or_else(|| instance.clone());
+        let gpu = labels.get("gpu").filter(|g| !g.trim().is_empty()).cloned();
+        let place = (node, gpu);
+        if !out.contains(&place) {
+            out.push(place);
+        }
+    }
+    out
+}
+
+/// Alerts that say a GPU is lost (the shipped rules' names).
+const LOST_GPU_ALERTS: [&str; 4] = ["GPUFellOffBus", "GPUDown", "GPUMissing", "GPUXIDFellOffBus"];
+
+/// The lost GPU a group's alerts are all about, if they are: each alert a
+/// lost-GPU alert on the fault's instance (and GPU, when it names one).
+pub fn part_of_lost_gpu<'a>(state: &str, lost: &'a [LostGpu]) -> Option<&'a LostGpu> {
+    let v: serde_json::Value = serde_json::from_str(state).ok()?;
+    let alerts = v.get("alerts")?.as_array()?;
+    let mut found: Option<&LostGpu> = None;
+    for a in alerts {
+        let labels = a.get("labels")?;
+        let label = |k: &str| labels.get(k).and_then(|x| x.as_str());
+        if !LOST_GPU_ALERTS.contains(&label("alertname")?) {
+            return None;
+        }
+        let instance = label("instance")?;
+        let gpu = label("gpu").filter(|g| !g.is_empty());
+        let l = lost
+            .iter()
+            .find(|l| l.instance == instance && (gpu.is_none() || l.gpu.as_deref() == gpu))?;
+        match found {
+            Some(x) if x != l => return None,
+            _ => found = Some(l),
+        }
+    }
+    found
 }
 
 /// Alert names of a group's latest webhook.
@@ -66,7 +171,10 @@ pub async fn section(inputs: &Inputs<'_>, f: &mut Figures) -> Section {
     let end = inputs.at.timestamp() as f64;
     let start = end - inputs.config.period.as_secs_f64();
     let groups = match store.incident_groups(start, end).await {
-        Ok(g) => g,
+        Ok(g) => {
+            s.answered += 1;
+            g
+        }
         Err(e) => {
             s.failures.push(format!("alert groups from the store: {e}"));
             return s;
@@ -110,50 +218,86 @@ pub async fn section(inputs: &Inputs<'_>, f: &mut Figures) -> Section {
         let top: Vec<String> = noisy
             .iter()
             .take(5)
-            .map(|(n, (groups, hooks))| format!("{n} ({hooks} notifications, {groups} groups)"))
+            .map(|(n, (groups, hooks))| {
+                format!(
+                    "{n} ({hooks} notification{}, {groups} group{})",
+                    if *hooks == 1 { "" } else { "s" },
+                    if *groups == 1 { "" } else { "s" }
+                )
+            })
             .collect();
         s.lines
             .push(Line::new().text(format!("Noisiest alerts: {}", top.join("; "))));
     }
-    let (mtta, mttr) = mtta_mttr(&groups, start, end);
-    f.mtta_secs = mtta;
-    f.mttr_secs = mttr;
-    let show = |v: Option<f64>| v.map(fmt_duration).unwrap_or_else(|| "-".to_string());
-    s.lines.push(Line::new().text(format!(
-        "MTTA (first notification → acknowledgement): {}; MTTR (firing → resolved): {}",
-        show(mtta),
-        show(mttr)
-    )));
+    let means = mtta_mttr(&groups, start, end);
+    f.mtta_secs = means.mtta;
+    f.mttr_secs = means.mttr;
+    f.mtta_groups = means.acknowledged;
+    f.mttr_groups = means.resolved;
+    f.groups_in_period = groups.len() as u64;
     let firing: Vec<&IncidentGroup> = groups.iter().filter(|g| g.status == "firing").collect();
     f.still_firing = Some(firing.len() as u64);
+    s.lines
+        .push(means_line(&means, groups.len() as u64, firing.len() as u64));
     for g in firing.iter().take(10) {
         let names = alert_names(&g.state).join(", ");
-        s.findings.push(Finding {
-            level: if g.tier == "P1" || g.tier == "P2" {
-                Level::Critical
+        // The alerts of a GPU the Fleet section lists as lost are that
+        // finding's, not another one.
+        let lost = part_of_lost_gpu(&g.state, &f.lost_gpus);
+        let mut line = Line::new()
+            .text("Still firing: ")
+            .bold(if names.is_empty() {
+                "(unnamed)".to_string()
             } else {
-                Level::Warning
+                names
+            });
+        let where_ = alert_places(&g.state, inputs.names);
+        if !where_.is_empty() {
+            line = line.text(" on ");
+            for (i, (node, gpu)) in where_.iter().take(PLACES_SHOWN).enumerate() {
+                if i > 0 {
+                    line = line.text(", ");
+                }
+                line = line.bold(node.clone());
+                if let Some(gpu) = gpu {
+                    line = line.text(" GPU ").value(gpu.clone());
+                }
+            }
+            if where_.len() > PLACES_SHOWN {
+                line = line.text(format!(" +{} more", where_.len() - PLACES_SHOWN));
+            }
+        }
+        let line = line.text(format!(
+            " ({}, group {}, since {}{}): see `gpuops audit --group {} --markdown`",
+            g.tier,
+            g.id,
+            crate::report::render::fmt_local(inputs.config.timezone, g.first_seen),
+            if g.acked_at.is_some() {
+                ", acknowledged"
+            } else {
+                ", not acknowledged"
             },
-            line: Line::new()
-                .text("Still firing: ")
-                .bold(if names.is_empty() {
-                    "(unnamed)".to_string()
+            g.id
+        ));
+        match lost {
+            Some(l) => {
+                let mut line = line.text(": the lost GPU of ");
+                line.0
+                    .extend(Line::new().bold(f.node_name(&l.instance).to_string()).0);
+                if let Some(gpu) = &l.gpu {
+                    line = line.text(" GPU ").value(gpu.clone());
+                }
+                s.lines.push(line.text(" (Fleet)"));
+            }
+            None => s.findings.push(Finding {
+                level: if g.tier == "P1" || g.tier == "P2" {
+                    Level::Critical
                 } else {
-                    names
-                })
-                .text(format!(
-                    " ({}, group {}, since {}{}): see `gpuops audit --group {} --markdown`",
-                    g.tier,
-                    g.id,
-                    crate::report::render::fmt_local(inputs.config.timezone, g.first_seen),
-                    if g.acked_at.is_some() {
-                        ", acknowledged"
-                    } else {
-                        ", not acknowledged"
-                    },
-                    g.id
-                )),
-        });
+                    Level::Warning
+                },
+                line,
+            }),
+        }
     }
     match store.incident_counts(start, end).await {
         Ok(c) => {
@@ -221,10 +365,31 @@ mod tests {
             // Acknowledged before the period: not counted.
             g(0.0, Some(1.0), Some(50.0), Some(3700.0)),
         ];
-        let (mtta, mttr) = mtta_mttr(&groups, 60.0, 4000.0);
-        assert_eq!(mtta, Some(450.0));
-        assert_eq!(mttr, Some((1800.0 + 3700.0) / 2.0));
+        let m = mtta_mttr(&groups, 60.0, 4000.0);
+        assert_eq!(m.mtta, Some(450.0));
+        assert_eq!(m.mttr, Some((1800.0 + 3700.0) / 2.0));
+        assert_eq!((m.acknowledged, m.resolved), (2, 2));
         assert_eq!(alert_names(&groups[0].state), vec!["GPUDown".to_string()]);
         assert!(alert_names("not json").is_empty());
+    }
+
+    #[test]
+    fn mtta_mttr_say_how_many_groups_they_cover() {
+        // 20 groups: one resolved after 16 s, 19 still open.
+        let mut groups = vec![g(100.0, Some(100.0), None, Some(116.0))];
+        groups.extend((0..19).map(|i| g(200.0 + f64::from(i), Some(201.0), None, None)));
+        let m = mtta_mttr(&groups, 0.0, 4000.0);
+        let text = crate::report::render::line_text(&means_line(&m, 20, 19));
+        assert_eq!(
+            text,
+            "MTTA (first notification → acknowledgement): - (no group acknowledged in the period); \
+             MTTR (firing → resolved): 16s over 1 resolved group of 20; 19 still open"
+        );
+        let m = mtta_mttr(&groups[..1], 0.0, 4000.0);
+        let text = crate::report::render::line_text(&means_line(&m, 1, 0));
+        assert!(
+            text.contains("16s over 1 resolved group of 1; 0 still open"),
+            "{text}"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! Scheduled health reports: the fleet's period in one message, with
 //! charts. A report is computed from Prometheus (`prom.rs`, every PromQL
 //! expression in `queries.rs`) and the bot's own store (`incidents.rs`),
-//! section by section (`compute.rs`, `host.rs`, `checks.rs`), with OOM
+//! section by section (`compute.rs`, `host.rs`, `checks.rs`; a lost GPU's
+//! signals grouped into one finding in `lost.rs`), with OOM
 //! victims from the agents' `/v1/events` when `[agents]` is configured
 //! (`victims.rs`); rendered as Markdown, plain text and
 //! HTML (`render.rs`) with PNG charts drawn in-process (`chart.rs`);
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod compute;
 pub mod host;
 pub mod incidents;
+pub mod lost;
 pub mod prom;
 pub mod queries;
 pub mod render;
@@ -29,6 +31,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 
 use crate::config::reports::{ReportConfig, SectionKind};
+use crate::inventory::NodeNames;
 use crate::message::ReportMessage;
 use crate::store::Store;
 
@@ -104,6 +107,8 @@ pub struct Section {
     pub lines: Vec<Line>,
     /// Queries that could not be computed: `what: why`.
     pub failures: Vec<String>,
+    /// Queries (or store reads) that answered.
+    pub answered: usize,
 }
 
 impl Section {
@@ -113,8 +118,29 @@ impl Section {
             findings: Vec::new(),
             lines: Vec::new(),
             failures: Vec::new(),
+            answered: 0,
         }
     }
+
+    /// Whether the section could see: every query answered, some did, or
+    /// none did (failures and nothing else to say).
+    pub fn computed(&self) -> Computed {
+        if self.failures.is_empty() {
+            Computed::Fully
+        } else if self.answered == 0 && self.findings.is_empty() && self.lines.is_empty() {
+            Computed::Not
+        } else {
+            Computed::Partly
+        }
+    }
+}
+
+/// How much of a section could be computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Computed {
+    Fully,
+    Partly,
+    Not,
 }
 
 /// An XID count.
@@ -174,6 +200,54 @@ pub struct Figures {
     pub errors_per_node: Vec<(String, [u64; 3])>,
     /// Fleet utilization over time: `(unix seconds, percent)`.
     pub utilization_series: Vec<(f64, f64)>,
+    /// The node's name for each instance the report saw
+    /// ([`NodeNames`]: the inventory's, else the one it derives, else the
+    /// instance itself). The fields above are keyed by instance.
+    pub node_names: BTreeMap<String, String>,
+    /// GPUs lost in the period (fell off the bus, down, stopped
+    /// reporting), one per fault with its evidence.
+    pub lost_gpus: Vec<LostGpu>,
+    /// Alert groups the MTTA mean covers (acknowledged in the period).
+    pub mtta_groups: u64,
+    /// Alert groups the MTTR mean covers (resolved in the period).
+    pub mttr_groups: u64,
+    /// Alert groups seen in the period (fired in it or still open in it).
+    pub groups_in_period: u64,
+    /// When every Prometheus query failed for one reason: that reason.
+    pub prometheus_down: Option<String>,
+}
+
+impl Figures {
+    /// What a person reads for `instance`: the node's name, else the
+    /// instance.
+    pub fn node_name<'a>(&'a self, instance: &'a str) -> &'a str {
+        self.node_names
+            .get(instance)
+            .map(String::as_str)
+            .unwrap_or(instance)
+    }
+}
+
+/// One lost GPU (or a node's GPU count dropping with no GPU to pin it
+/// on): one fault, one finding, whatever number of signals showed it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LostGpu {
+    pub instance: String,
+    /// The GPU's index; `None` when only the node's count showed it.
+    pub gpu: Option<String>,
+    /// The GPU's UUID where a series carried it.
+    pub uuid: Option<String>,
+    /// XID 79 (fell off the bus) in the period.
+    pub xid79: u64,
+    /// GPUs fewer on the node than the period's most (0: the count did
+    /// not drop).
+    pub fewer: u64,
+    /// `(most in the period, now)` of the node's `gpu_devices`.
+    pub devices: Option<(u64, u64)>,
+    /// Its series stopped (it reported in the period, not at its end).
+    pub stopped_reporting: bool,
+    /// `gpu_up` is 0 at the period's end.
+    pub down: bool,
 }
 
 /// What a computed report came to (`gpuops_reports_total{outcome}`).
@@ -184,6 +258,7 @@ pub enum Outcome {
     Empty,
     /// Some sections could not be computed (the report says which).
     Partial,
+    /// No section could be computed: the report says only that it is blind.
     Failed,
 }
 
@@ -214,6 +289,21 @@ pub struct Inputs<'a> {
     /// [`victims::AgentEvents`]); `None`: the Host lines point at the
     /// agent's `/v1/events` instead.
     pub agent_events: Option<&'a dyn victims::OomEvents>,
+    /// Node names ([`node_names`] for a bot configuration).
+    pub names: &'a NodeNames,
+}
+
+/// The node names the configuration's inventory knows (`[[agents.nodes]]`
+/// and, with `prometheus_job`, the targets read now); empty without
+/// `[agents]`, so names come from labels and DNS host parts alone.
+pub async fn node_names(cfg: &crate::config::BotConfig) -> NodeNames {
+    let Some(inventory) = crate::inventory::Inventory::from_config(cfg) else {
+        return NodeNames::default();
+    };
+    if let Err(e) = inventory.refresh_now().await {
+        tracing::warn!(error = %e, "cannot read the agent inventory; the report names nodes by labels and instances");
+    }
+    inventory.names().await
 }
 
 /// A computed and rendered report.
@@ -246,14 +336,20 @@ pub async fn build(inputs: Inputs<'_>) -> Built {
                 .map(move |f| format!("{}: {f}", s.kind.heading()))
         })
         .collect();
-    let outcome = if !failures.is_empty() {
+    let not_computed = sections
+        .iter()
+        .filter(|s| s.computed() == Computed::Not)
+        .count();
+    let outcome = if !sections.is_empty() && not_computed == sections.len() {
+        Outcome::Failed
+    } else if !failures.is_empty() {
         Outcome::Partial
     } else if inputs.config.only_if_findings && findings == 0 {
         Outcome::Empty
     } else {
         Outcome::Sent
     };
-    let rendered = render::render(&inputs, &sections, charts);
+    let rendered = render::render(&inputs, &sections, &figures, charts);
     Built {
         message: rendered.message,
         markdown: rendered.markdown,

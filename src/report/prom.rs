@@ -119,7 +119,11 @@ impl Prometheus {
                 ))
             }
             Ok(Err(e)) if e.is_connect() => {
-                return Err(format!("cannot connect to Prometheus at {}", self.base))
+                return Err(format!(
+                    "Prometheus unreachable at {} ({})",
+                    self.base,
+                    connect_cause(&e)
+                ))
             }
             Ok(Err(e)) => return Err(format!("request to {} failed: {e}", self.base)),
             Ok(Ok(r)) => r,
@@ -228,6 +232,25 @@ impl Prometheus {
             })
             .collect()
     }
+}
+
+/// Why a connection failed, in a few words ("connection refused"): the
+/// innermost I/O error's kind, else the innermost error's text.
+fn connect_cause(e: &reqwest::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    let mut text = e.to_string();
+    while let Some(next) = cause.source() {
+        if let Some(io) = next.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+                std::io::ErrorKind::TimedOut => "connection timed out".to_string(),
+                _ => io.to_string(),
+            };
+        }
+        text = next.to_string();
+        cause = next;
+    }
+    text
 }
 
 /// A Prometheus duration for a number of seconds (`1d`, `6h`, `90m`, `45s`).

@@ -72,9 +72,14 @@ query!(
     r#"max_over_time(gpu_devices[$RANGE]) - gpu_devices > 0"#
 );
 query!(
+    GPUS_MOST,
+    "the most GPUs a node had in the period, for nodes with fewer now",
+    r#"max_over_time(gpu_devices[$RANGE]) and on (instance) (max_over_time(gpu_devices[$RANGE]) - gpu_devices > 0)"#
+);
+query!(
     GPUS_MISSING,
     "GPUs that reported in the period but not at its end, on nodes still reporting",
-    r#"(group by (instance, gpu) (max_over_time(gpu_utilization_percent[$RANGE])) unless on (instance, gpu) gpu_utilization_percent) and on (instance) gpuops_build_info{role="agent"}"#
+    r#"(group by (instance, gpu, uuid) (max_over_time(gpu_utilization_percent[$RANGE])) unless on (instance, gpu) gpu_utilization_percent) and on (instance) gpuops_build_info{role="agent"}"#
 );
 query!(
     GPUS_DOWN,
@@ -91,37 +96,37 @@ query!(
 query!(
     XIDS,
     "XID errors in the period, by node, GPU and code",
-    r#"sum by (instance, gpu, xid) (clamp_min(last_over_time(gpu_xid_errors_total[$RANGE]) - (gpu_xid_errors_total offset $RANGE or last_over_time(gpu_xid_errors_total[$RANGE]) * 0), 0)) > 0"#
+    r#"sum by (instance, gpu, uuid, pci_bus_id, xid) (clamp_min(last_over_time(gpu_xid_errors_total[$RANGE]) - (gpu_xid_errors_total offset $RANGE or last_over_time(gpu_xid_errors_total[$RANGE]) * 0), 0)) > 0"#
 );
 query!(
     ECC_UNCORRECTED,
     "uncorrectable ECC errors in the period, by node and GPU",
-    r#"sum by (instance, gpu) (clamp_min(last_over_time(gpu_ecc_errors_total{type="uncorrected",scope="aggregate"}[$RANGE]) - (gpu_ecc_errors_total{type="uncorrected",scope="aggregate"} offset $RANGE or last_over_time(gpu_ecc_errors_total{type="uncorrected",scope="aggregate"}[$RANGE]) * 0), 0)) > 0"#
+    r#"sum by (instance, gpu, uuid) (clamp_min(last_over_time(gpu_ecc_errors_total{type="uncorrected",scope="aggregate"}[$RANGE]) - (gpu_ecc_errors_total{type="uncorrected",scope="aggregate"} offset $RANGE or last_over_time(gpu_ecc_errors_total{type="uncorrected",scope="aggregate"}[$RANGE]) * 0), 0)) > 0"#
 );
 query!(
     REMAP_PENDING,
     "GPUs with a row remap pending at the period's end (needs a GPU reset)",
-    r#"max by (instance, gpu) (last_over_time(gpu_remapped_rows{state="pending"}[$RANGE])) > 0"#
+    r#"max by (instance, gpu, uuid) (last_over_time(gpu_remapped_rows{state="pending"}[$RANGE])) > 0"#
 );
 query!(
     REMAP_FAILED,
     "GPUs whose row remapping failed (no spare rows)",
-    r#"max by (instance, gpu) (last_over_time(gpu_remapped_rows{state="failure"}[$RANGE])) > 0"#
+    r#"max by (instance, gpu, uuid) (last_over_time(gpu_remapped_rows{state="failure"}[$RANGE])) > 0"#
 );
 query!(
     NVLINK_ERRORS,
     "NVLink errors (CRC, replay, recovery) in the period, by node and GPU",
-    r#"sum by (instance, gpu) (clamp_min(last_over_time(gpu_nvlink_errors_total[$RANGE]) - (gpu_nvlink_errors_total offset $RANGE or last_over_time(gpu_nvlink_errors_total[$RANGE]) * 0), 0)) > 0"#
+    r#"sum by (instance, gpu, uuid) (clamp_min(last_over_time(gpu_nvlink_errors_total[$RANGE]) - (gpu_nvlink_errors_total offset $RANGE or last_over_time(gpu_nvlink_errors_total[$RANGE]) * 0), 0)) > 0"#
 );
 query!(
     PCIE_REPLAYS,
     "PCIe replays in the period, by node and GPU",
-    r#"sum by (instance, gpu) (clamp_min(last_over_time(gpu_pcie_replay_total[$RANGE]) - (gpu_pcie_replay_total offset $RANGE or last_over_time(gpu_pcie_replay_total[$RANGE]) * 0), 0)) > 0"#
+    r#"sum by (instance, gpu, uuid) (clamp_min(last_over_time(gpu_pcie_replay_total[$RANGE]) - (gpu_pcie_replay_total offset $RANGE or last_over_time(gpu_pcie_replay_total[$RANGE]) * 0), 0)) > 0"#
 );
 query!(
     THROTTLE_SECONDS,
     "seconds of the period a GPU was held down for thermal or power reasons",
-    r#"sum by (instance, gpu, reason) (avg_over_time(gpu_throttle_reason{reason=~"hw_thermal_slowdown|sw_thermal_slowdown|hw_power_brake_slowdown|hw_slowdown|sw_power_cap"}[$RANGE])) * $SECS > 0"#
+    r#"sum by (instance, gpu, uuid, reason) (avg_over_time(gpu_throttle_reason{reason=~"hw_thermal_slowdown|sw_thermal_slowdown|hw_power_brake_slowdown|hw_slowdown|sw_power_cap"}[$RANGE])) * $SECS > 0"#
 );
 
 // Utilization and waste.
@@ -195,6 +200,7 @@ pub const ALL: &[Query] = &[
     NODES_STOPPED,
     NODES_LAST_SEEN,
     GPUS_DROPPED,
+    GPUS_MOST,
     GPUS_MISSING,
     GPUS_DOWN,
     COLLECTOR_FAILURES,

@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::message::{Chart, ReportMessage, ReportSection};
-use crate::report::{Finding, Inputs, Level, Line, Part, Section};
+use crate::report::{Computed, Figures, Finding, Inputs, Level, Line, Part, Section};
 
 /// Findings the summary lists before "and N more".
 const SUMMARY_FINDINGS: usize = 5;
@@ -151,11 +151,72 @@ pub fn line_html(line: &Line) -> String {
         .collect()
 }
 
-fn marker(level: Level) -> &'static str {
+/// A finding's severity: an emoji and its word (an emoji alone renders as
+/// an empty box where no emoji font is installed).
+pub fn marker(level: Level) -> &'static str {
     match level {
-        Level::Critical => "🔴 ",
-        Level::Warning => "🟠 ",
+        Level::Critical => "🔴 critical: ",
+        Level::Warning => "🟠 warning: ",
     }
+}
+
+/// The first summary line when a section could not be computed: the
+/// report says it is blind before anything else, never "no findings".
+/// `None` when every section was computed.
+pub fn incomplete_headline(sections: &[Section], figures: &Figures) -> Option<Line> {
+    let not: Vec<&str> = sections
+        .iter()
+        .filter(|s| s.computed() == Computed::Not)
+        .map(|s| s.kind.heading())
+        .collect();
+    let partly: Vec<&str> = sections
+        .iter()
+        .filter(|s| s.computed() == Computed::Partly)
+        .map(|s| s.kind.heading())
+        .collect();
+    if not.is_empty() && partly.is_empty() {
+        return None;
+    }
+    let total = sections.len();
+    let blind = not.len() == total;
+    let mut line = Line::new().bold(if blind {
+        "⚠ not computed"
+    } else {
+        "⚠ incomplete"
+    });
+    line = line.text(": ");
+    if let Some(why) = &figures.prometheus_down {
+        line = line.value(why.clone()).text(": ");
+    }
+    let mut what = Vec::new();
+    if blind {
+        what.push(format!(
+            "none of the {total} section{} could be computed ({}), so this report cannot tell whether anything needs attention",
+            if total == 1 { "" } else { "s" },
+            not.join(", ")
+        ));
+    } else {
+        if !not.is_empty() {
+            what.push(format!(
+                "{} of {total} section{} not computed ({})",
+                not.len(),
+                if total == 1 { "" } else { "s" },
+                not.join(", ")
+            ));
+        }
+        if !partly.is_empty() {
+            what.push(format!(
+                "{} of {total} section{} only partly computed ({})",
+                partly.len(),
+                if total == 1 { "" } else { "s" },
+                partly.join(", ")
+            ));
+        }
+    }
+    Some(line.text(format!(
+        "{}: see each section for which query failed and why",
+        what.join("; ")
+    )))
 }
 
 /// The title: `Daily health report: 27 Nov 08:00 – 28 Nov 08:00 (Europe/Berlin)`.
@@ -176,18 +237,30 @@ pub fn title(inputs: &Inputs<'_>) -> String {
     )
 }
 
-/// The summary lines, most important first.
-pub fn summary(inputs: &Inputs<'_>, sections: &[Section]) -> Vec<Line> {
+/// The summary lines, most important first: what could not be computed
+/// (before any count of findings), then the findings.
+pub fn summary(inputs: &Inputs<'_>, sections: &[Section], figures: &Figures) -> Vec<Line> {
     let mut all: Vec<&Finding> = sections.iter().flat_map(|s| s.findings.iter()).collect();
     all.sort_by_key(|f| f.level);
     let critical = all.iter().filter(|f| f.level == Level::Critical).count();
+    let warnings = all.len() - critical;
     let mut out = Vec::new();
+    let headline = incomplete_headline(sections, figures);
+    let incomplete = headline.is_some();
+    let blind = sections.iter().all(|s| s.computed() == Computed::Not);
+    out.extend(headline);
     if all.is_empty() {
-        out.push(
-            Line::new()
-                .bold("No findings")
-                .text(": nothing needs attention."),
-        );
+        if !incomplete {
+            out.push(
+                Line::new()
+                    .bold("No findings")
+                    .text(": nothing needs attention."),
+            );
+        } else if !blind {
+            out.push(Line::new().text(
+                "0 findings in what could be computed: that is not an all-clear for the rest.",
+            ));
+        }
     } else {
         out.push(
             Line::new()
@@ -197,8 +270,13 @@ pub fn summary(inputs: &Inputs<'_>, sections: &[Section]) -> Vec<Line> {
                     if all.len() == 1 { "" } else { "s" }
                 ))
                 .text(format!(
-                    " ({critical} critical, {} warnings)",
-                    all.len() - critical
+                    " ({critical} critical, {warnings} warning{}){}",
+                    if warnings == 1 { "" } else { "s" },
+                    if incomplete {
+                        " in what could be computed"
+                    } else {
+                        ""
+                    }
                 )),
         );
     }
@@ -209,17 +287,6 @@ pub fn summary(inputs: &Inputs<'_>, sections: &[Section]) -> Vec<Line> {
     }
     if all.len() > SUMMARY_FINDINGS {
         out.push(Line::new().text(format!("… and {} more below", all.len() - SUMMARY_FINDINGS)));
-    }
-    let failed: Vec<&str> = sections
-        .iter()
-        .filter(|s| !s.failures.is_empty())
-        .map(|s| s.kind.heading())
-        .collect();
-    if !failed.is_empty() {
-        out.push(Line::new().text(format!(
-            "⚠ Could not compute all of: {} (see the section for which query and why)",
-            failed.join(", ")
-        )));
     }
     if inputs.late {
         out.push(Line::new().text(format!(
@@ -252,9 +319,14 @@ pub struct Rendered {
     pub preview_html: String,
 }
 
-pub fn render(inputs: &Inputs<'_>, sections: &[Section], charts: Vec<Chart>) -> Rendered {
+pub fn render(
+    inputs: &Inputs<'_>,
+    sections: &[Section],
+    figures: &Figures,
+    charts: Vec<Chart>,
+) -> Rendered {
     let title = title(inputs);
-    let summary = summary(inputs, sections);
+    let summary = summary(inputs, sections, figures);
     let body: Vec<(&str, Vec<Line>)> = sections
         .iter()
         .map(|s| (s.kind.heading(), section_lines(s)))
@@ -468,5 +540,47 @@ mod tests {
         assert!(md.contains(r"NODES\_NOW"), "{md}");
         let text: String = lines.iter().map(line_text).collect();
         assert!(text.contains("NODES_NOW") && !text.contains('\\'), "{text}");
+    }
+
+    #[test]
+    fn severity_has_a_word_beside_the_emoji() {
+        use crate::config::reports::SectionKind;
+        let mut s = Section::new(SectionKind::Fleet);
+        for level in [Level::Critical, Level::Warning] {
+            s.findings.push(Finding {
+                level,
+                line: Line::new().bold("gpu-node-3").text(" lost a GPU"),
+            });
+        }
+        let lines: Vec<String> = section_lines(&s).iter().map(line_text).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "🔴 critical: gpu-node-3 lost a GPU".to_string(),
+                "🟠 warning: gpu-node-3 lost a GPU".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_section_with_one_failed_query_is_partly_computed_not_blind() {
+        use crate::config::reports::SectionKind;
+        let mut gpu = Section::new(SectionKind::GpuHealth);
+        gpu.answered = 6;
+        gpu.failures
+            .push("throttling (THROTTLE_SECONDS): timeout".into());
+        let mut host = Section::new(SectionKind::Host);
+        host.failures.push("OOM kills (OOM_KILLS): timeout".into());
+        let fleet = Section::new(SectionKind::Fleet);
+        assert_eq!(gpu.computed(), Computed::Partly);
+        assert_eq!(host.computed(), Computed::Not);
+        assert_eq!(fleet.computed(), Computed::Fully);
+        let figures = Figures::default();
+        let line = incomplete_headline(&[fleet.clone(), gpu, host], &figures).unwrap();
+        assert_eq!(
+            line_text(&line),
+            "⚠ incomplete: 1 of 3 sections not computed (Host); 1 of 3 sections only partly computed (GPU health): see each section for which query failed and why"
+        );
+        assert_eq!(incomplete_headline(&[fleet], &figures), None);
     }
 }

@@ -85,6 +85,7 @@ pub async fn run_once(
     let t0 = Instant::now();
     tracing::info!(report = %name, slot = %at.to_rfc3339(), late, "computing report");
     let agents = AgentEvents::from_config(&state.config);
+    let names = crate::report::node_names(&state.config).await;
     let built = build(Inputs {
         config: cfg,
         prometheus_url: &prometheus.url,
@@ -92,6 +93,7 @@ pub async fn run_once(
         at,
         late,
         agent_events: agents.as_ref().map(|a| a as &dyn OomEvents),
+        names: &names,
     })
     .await;
     let metrics = &state.metrics;
@@ -108,6 +110,9 @@ pub async fn run_once(
     let outcome = built.outcome;
     for f in &built.failures {
         tracing::warn!(report = %name, failure = %f, "report section could not be computed");
+    }
+    if outcome == Outcome::Failed {
+        tracing::error!(report = %name, "no section of the report could be computed; it goes out saying so");
     }
     match store
         .claim_report_slot(

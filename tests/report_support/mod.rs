@@ -296,3 +296,66 @@ pub fn small_fleet_prometheus(dir: &Path) -> Prometheus {
     drop(f);
     backfill_and_start(&file, dir)
 }
+
+/// One series of a fake Prometheus's answer: its labels and value.
+pub type Series = (Vec<(&'static str, &'static str)>, f64);
+
+/// A fake Prometheus: answers each instant query whose expression is one of
+/// `answers` (exact PromQL, as `Query::render` writes it) with its series
+/// `(labels, value)`, every other query and every range query with no
+/// series. Returns its base URL.
+pub async fn fake_prometheus(answers: Vec<(String, Vec<Series>)>) -> String {
+    use axum::extract::Query;
+    use axum::response::IntoResponse;
+    let answers: BTreeMap<String, serde_json::Value> = answers
+        .into_iter()
+        .map(|(promql, rows)| {
+            let rows: Vec<serde_json::Value> = rows
+                .into_iter()
+                .map(|(labels, v)| {
+                    let metric: BTreeMap<&str, &str> = labels.into_iter().collect();
+                    serde_json::json!({"metric": metric, "value": [0, v.to_string()]})
+                })
+                .collect();
+            (promql, serde_json::Value::Array(rows))
+        })
+        .collect();
+    let answers = std::sync::Arc::new(answers);
+    let router = axum::Router::new()
+        .route(
+            "/api/v1/query",
+            axum::routing::get(move |q: Query<BTreeMap<String, String>>| {
+                let answers = answers.clone();
+                async move {
+                    let promql = q.0.get("query").cloned().unwrap_or_default();
+                    let result = answers
+                        .get(&promql)
+                        .cloned()
+                        .unwrap_or_else(|| serde_json::json!([]));
+                    axum::Json(serde_json::json!({
+                        "status": "success",
+                        "data": {"resultType": "vector", "result": result}
+                    }))
+                    .into_response()
+                }
+            }),
+        )
+        .route(
+            "/api/v1/query_range",
+            axum::routing::get(|| async {
+                axum::Json(serde_json::json!({
+                    "status": "success",
+                    "data": {"resultType": "matrix", "result": []}
+                }))
+                .into_response()
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let addr = listener.local_addr().expect("its address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    format!("http://{addr}")
+}
