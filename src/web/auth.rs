@@ -35,6 +35,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac as _};
 
 use crate::telemetry::{self, HttpMetrics};
+use crate::web::peer_key;
 use crate::web::webconfig::WebConfigSource;
 
 /// How long a successful check is remembered.
@@ -83,21 +84,6 @@ impl Drop for PeerTurn<'_> {
                 peers.remove(&self.peer);
             }
         }
-    }
-}
-
-/// The unit a peer is queued by: its IPv4 address, or its IPv6 /64 (one
-/// host usually holds a whole /64).
-fn peer_key(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V4(_) => addr,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
     }
 }
 
