@@ -912,6 +912,107 @@ mod tests {
         );
     }
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn admitted(a: Admission) -> (u64, bool) {
+        match a {
+            Admission::Admitted { id, evicted } => (id, evicted),
+            Admission::Refused => panic!("refused"),
+        }
+    }
+
+    #[test]
+    fn a_full_server_closes_the_oldest_idle_connection_of_the_busiest_peer() {
+        let mut r = Registry::new(8);
+        assert_eq!(r.per_peer_cap, 6);
+        let conns: Vec<Arc<Activity>> = (0..8).map(|_| Arc::new(Activity::new())).collect();
+        // Prometheus keeps one connection; a flood holds the rest.
+        let (prom, _) = admitted(r.admit(ip("10.0.0.1"), &conns[0]));
+        let mut flood = Vec::new();
+        for c in &conns[1..7] {
+            flood.push(admitted(r.admit(ip("10.0.0.66"), c)).0);
+        }
+        // The flood's oldest has a request in flight; one other peer.
+        let busy = Busy::start(conns[1].clone());
+        admitted(r.admit(ip("10.0.0.2"), &conns[7]));
+        assert_eq!(r.conns.len(), 8);
+        // Full: a new peer's connection evicts the flood's oldest idle one
+        // (not Prometheus's older one, not the busy one).
+        let new = Arc::new(Activity::new());
+        let (_, evicted) = admitted(r.admit(ip("10.0.0.3"), &new));
+        assert!(evicted);
+        assert!(conns[2].evicted.load(Ordering::Relaxed));
+        assert!(!conns[1].evicted.load(Ordering::Relaxed));
+        assert!(!conns[0].evicted.load(Ordering::Relaxed));
+        assert!(r.conns.contains_key(&prom));
+        assert!(!r.conns.contains_key(&flood[1]));
+        assert_eq!(r.conns.len(), 8);
+        drop(busy);
+    }
+
+    #[test]
+    fn one_peer_holds_at_most_its_share_and_busy_connections_are_kept() {
+        let mut r = Registry::new(16);
+        let cap = r.per_peer_cap;
+        assert_eq!(cap, 12);
+        let conns: Vec<Arc<Activity>> = (0..cap).map(|_| Arc::new(Activity::new())).collect();
+        for c in &conns {
+            let (_, evicted) = admitted(r.admit(ip("127.0.0.1"), c));
+            assert!(!evicted);
+        }
+        // At its share, the peer's next connection replaces its own oldest.
+        let next = Arc::new(Activity::new());
+        let (_, evicted) = admitted(r.admit(ip("127.0.0.1"), &next));
+        assert!(evicted && conns[0].evicted.load(Ordering::Relaxed));
+        assert_eq!(r.per_peer[&ip("127.0.0.1")], cap);
+        // Another peer still gets in without evicting anything.
+        let other = Arc::new(Activity::new());
+        assert!(!admitted(r.admit(ip("127.0.0.2"), &other)).1);
+        // An IPv6 /64 counts as one peer.
+        let a = Arc::new(Activity::new());
+        let b = Arc::new(Activity::new());
+        admitted(r.admit(ip("2001:db8::1"), &a));
+        admitted(r.admit(ip("2001:db8::ffff:2"), &b));
+        assert_eq!(r.per_peer[&ip("2001:db8::")], 2);
+        // Every connection of the peer busy: the new one is refused.
+        let busy: Vec<Busy> = conns[1..]
+            .iter()
+            .chain([&next])
+            .map(|c| Busy::start(c.clone()))
+            .collect();
+        assert!(matches!(
+            r.admit(ip("127.0.0.1"), &Arc::new(Activity::new())),
+            Admission::Refused
+        ));
+        drop(busy);
+        // Closed connections give their slots back.
+        let ids: Vec<u64> = r.conns.keys().copied().collect();
+        for id in ids {
+            r.remove(id);
+        }
+        assert!(r.conns.is_empty() && r.per_peer.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_evicted_connection_is_closed_by_its_watchdog() {
+        let l = limits();
+        let a = Arc::new(Activity::new());
+        let watchdog = {
+            let a = a.clone();
+            let l = l.clone();
+            tokio::spawn(async move { a.expired(&l).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        a.evict();
+        let kind = tokio::time::timeout(Duration::from_secs(1), watchdog)
+            .await
+            .expect("the watchdog did not wake")
+            .unwrap();
+        assert_eq!(kind, EVICTED);
+    }
+
     #[test]
     fn deadlines_follow_the_connection() {
         let l = limits();
