@@ -365,15 +365,7 @@ async fn pagerduty_webhook_valid_wrong_and_rotated_signatures() {
     let slack = FakeApi::slack().await;
     let pd = FakePagerDuty::start().await;
     let bot = Bot::start(&config(dir.path(), &slack, &pd, "", "")).await;
-    bot.post(&am_payload(
-        "GpuFellOffBus",
-        "firing",
-        &[("n1:9949", "critical", "firing")],
-    ))
-    .await;
-    let ev = pd.wait_for(1, WAIT).await;
-    let dedup = ev[0].dedup_key().to_string();
-    let group_id: i64 = dedup.split('/').nth(1).unwrap().parse().unwrap();
+    let (dedup, group_id) = bot.p1_incident(&pd).await;
     let body = json!({"event": {
         "id": "01DEN", "event_type": "incident.acknowledged", "resource_type": "incident",
         "occurred_at": now_rfc3339(0),
@@ -566,7 +558,12 @@ async fn pagerduty_webhook_replayed_is_ignored() {
     let (dedup, group_id) = bot.p1_incident(&pd).await;
     let body = pd_ack("01REPLAY", &dedup, &now_rfc3339(0), "Mallory Replay");
     let (status, text) = bot.pd_webhook(&body).await;
-    assert_eq!((status, text.as_str()), (200, "ok\n"));
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "ok\n"),
+        "{dedup} {:?}",
+        bot.state.store.messages(group_id).await
+    );
     assert_eq!(
         bot.acked_by(group_id).await.as_deref(),
         Some("Mallory Replay (PagerDuty)")
