@@ -480,15 +480,19 @@ impl Bot {
         let ev = pd.wait_for(1, WAIT).await;
         let dedup = ev[0].dedup_key().to_string();
         let group_id: i64 = dedup.split('/').nth(1).unwrap().parse().unwrap();
-        // The notifier records the key once PagerDuty accepted the event.
+        // The notifier records the key once PagerDuty accepted the event
+        // (Slack's message may be recorded first).
         let deadline = Instant::now() + WAIT;
-        while self
+        let recorded =
+            |m: &gpuops::store::MessageRecord| m.message_id.starts_with(&format!("{dedup}|"));
+        while !self
             .state
             .store
             .messages(group_id)
             .await
             .unwrap()
-            .is_empty()
+            .iter()
+            .any(recorded)
         {
             assert!(Instant::now() < deadline, "the trigger was never recorded");
             tokio::time::sleep(Duration::from_millis(20)).await;
