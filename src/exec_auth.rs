@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use axum::http::HeaderMap;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePublicKey};
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -38,8 +38,21 @@ pub const KEY_ID_HEADER: &str = "x-gpuops-key-id";
 pub const DOMAIN: &[u8] = b"gpuops-exec-v2\n";
 /// The body's format version.
 pub const VERSION: u8 = 2;
+/// The DER of an Ed25519 `PrivateKeyInfo` (RFC 5208, RFC 8410) up to the
+/// 32-byte seed: SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 },
+/// OCTET STRING { OCTET STRING (32 bytes) } }.
+const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
 /// Most nonces remembered; past this, requests are refused until old ones expire.
 pub const NONCE_CACHE_MAX: usize = 100_000;
+/// How far in the future (by the agent's clock) a request's timestamp may
+/// be: clock skew between the bot and the agent. The restart guard (a request
+/// signed before this agent started is refused) relies on it: a request
+/// accepted before a restart carries a timestamp at most this far past the
+/// moment it ran, so after a restart that took longer than this (systemd's
+/// `RestartSec=5s` for an automatic restart) it is signed before the start.
+pub const MAX_FUTURE_SKEW_SECS: i64 = 5;
 
 /// The signed content of one exec request (the whole JSON body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +158,8 @@ pub enum ExecAuthError {
     WrongNode { requested: String, this: String },
     #[error("timestamp outside the {WINDOW_SECS}s window")]
     Stale,
+    #[error("timestamp more than {MAX_FUTURE_SKEW_SECS}s in the future (check the clocks of the bot and this node)")]
+    FromTheFuture,
     #[error("nonce already used")]
     Replayed,
     #[error("signed before this agent started (its nonce cache cannot know it)")]
@@ -225,12 +240,26 @@ impl ExecSigner {
         ExecPublicKey::new(self.key.verifying_key())
     }
 
-    /// The private key as PKCS#8 PEM (for `gpuops keygen` only).
+    /// The private key as PKCS#8 PEM (for `gpuops keygen` only), exactly
+    /// as `openssl genpkey -algorithm ed25519` writes it: a version 1
+    /// `PrivateKeyInfo` holding only the 32-byte seed (RFC 8410). The
+    /// version 2 form with the public key inside, which the encoder of
+    /// `ed25519-dalek` writes, is refused by `openssl pkey` (issue 20,
+    /// finding 12); [`ExecSigner::from_pem`] still reads it.
     pub fn private_pem(&self) -> Result<crate::secret::Secret, String> {
-        self.key
-            .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
-            .map(|pem| crate::secret::Secret::new(pem.as_str()))
-            .map_err(|e| format!("cannot encode the private key: {e}"))
+        use base64::Engine as _;
+        let mut der = Vec::with_capacity(ED25519_PKCS8_V1_PREFIX.len() + 32);
+        der.extend_from_slice(&ED25519_PKCS8_V1_PREFIX);
+        der.extend_from_slice(&self.key.to_bytes());
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&der);
+        der.fill(0);
+        let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END PRIVATE KEY-----\n");
+        Ok(crate::secret::Secret::new(pem))
     }
 
     /// The body and headers of a signed request.
@@ -426,7 +455,10 @@ impl<C: Clock> ExecVerifier<C> {
             });
         }
         let now = self.clock.now_unix();
-        if (now - req.timestamp).abs() > WINDOW_SECS {
+        if req.timestamp > now + MAX_FUTURE_SKEW_SECS {
+            return Err(ExecAuthError::FromTheFuture);
+        }
+        if now - req.timestamp > WINDOW_SECS {
             return Err(ExecAuthError::Stale);
         }
         if req.timestamp < self.started {
@@ -703,7 +735,10 @@ mod tests {
         let (body, h) = s.sign(&req("n", NOW - WINDOW_SECS - 1));
         assert_eq!(v.verify(&headers(&h), &body), Err(ExecAuthError::Stale));
         let (body, h) = s.sign(&req("n", NOW + WINDOW_SECS + 1));
-        assert_eq!(v.verify(&headers(&h), &body), Err(ExecAuthError::Stale));
+        assert_eq!(
+            v.verify(&headers(&h), &body),
+            Err(ExecAuthError::FromTheFuture)
+        );
         assert_eq!(
             v.verify(&HeaderMap::new(), b"{}"),
             Err(ExecAuthError::Missing(SIGNATURE_HEADER))
@@ -741,6 +776,65 @@ mod tests {
         );
         let (body, h) = s.sign(&req("n", NOW + 30));
         assert!(restarted.verify(&headers(&h), &body).is_ok());
+    }
+
+    /// Finding 5 (issue 20): a request signed 120 s ahead was accepted, the
+    /// agent restarted, and the same bytes were accepted again (its
+    /// timestamp was after the new start time).
+    #[test]
+    fn exec_from_the_future_is_refused() {
+        let s = ExecSigner::generate();
+        let (v, _) = verifier(&s, "n");
+        let (body, h) = s.sign(&req("n", NOW + 120));
+        assert_eq!(
+            v.verify(&headers(&h), &body),
+            Err(ExecAuthError::FromTheFuture)
+        );
+        assert!(ExecAuthError::FromTheFuture.is_unauthenticated());
+        let (body, h) = s.sign(&req("n", NOW + MAX_FUTURE_SKEW_SECS + 1));
+        assert_eq!(
+            v.verify(&headers(&h), &body),
+            Err(ExecAuthError::FromTheFuture)
+        );
+        // Clock skew within the allowance is accepted.
+        let (body, h) = s.sign(&req("n", NOW + MAX_FUTURE_SKEW_SECS));
+        assert!(v.verify(&headers(&h), &body).is_ok());
+    }
+
+    #[test]
+    fn exec_from_the_future_is_refused_again_after_a_restart() {
+        let s = ExecSigner::generate();
+        let (before, _) = verifier(&s, "n");
+        // The most an agent accepts ahead of its clock ...
+        let (ahead_body, ahead) = s.sign(&req("n", NOW + MAX_FUTURE_SKEW_SECS));
+        assert!(before.verify(&headers(&ahead), &ahead_body).is_ok());
+        // ... and the finding's 120 s, refused before the restart.
+        let (far_body, far) = s.sign(&req("n", NOW + 120));
+        assert!(before.verify(&headers(&far), &far_body).is_err());
+        // An automatic restart takes at least RestartSec=5s (the skew).
+        let restarted = ExecVerifier::with_clock(
+            vec![s.public_key()],
+            "n",
+            Arc::new(FixedClock::new(NOW + MAX_FUTURE_SKEW_SECS + 1)),
+        );
+        assert_eq!(
+            restarted.verify(&headers(&ahead), &ahead_body),
+            Err(ExecAuthError::BeforeStart)
+        );
+        // The attack's bytes, replayed after a restart 30 s later.
+        let restarted = ExecVerifier::with_clock(
+            vec![s.public_key()],
+            "n",
+            Arc::new(FixedClock::new(NOW + 30)),
+        );
+        assert_eq!(
+            restarted.verify(&headers(&far), &far_body),
+            Err(ExecAuthError::FromTheFuture)
+        );
+        assert_eq!(
+            restarted.verify(&headers(&ahead), &ahead_body),
+            Err(ExecAuthError::BeforeStart)
+        );
     }
 
     #[test]
@@ -785,6 +879,100 @@ mod tests {
         assert!(ExecPublicKey::from_pem(pem.expose()).is_err());
         assert!(ExecSigner::from_pem(&pubpem).is_err());
         assert!(!format!("{s:?}").contains(pem.expose()));
+    }
+
+    /// Finding 12 (issue 20): `openssl pkey` could not read the `exec.key`
+    /// that `gpuops keygen` wrote. The key is now the 48-byte version 1
+    /// `PrivateKeyInfo` that `openssl genpkey -algorithm ed25519` writes.
+    #[test]
+    fn keygen_writes_the_private_key_openssl_writes() {
+        use base64::Engine as _;
+        let s = ExecSigner::generate();
+        let pem = s.private_pem().unwrap();
+        let lines: Vec<&str> = pem.expose().lines().collect();
+        assert_eq!(lines.first(), Some(&"-----BEGIN PRIVATE KEY-----"));
+        assert_eq!(lines.last(), Some(&"-----END PRIVATE KEY-----"));
+        assert!(pem.expose().ends_with("-----END PRIVATE KEY-----\n"));
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(lines[1..lines.len() - 1].concat())
+            .unwrap();
+        assert_eq!(der.len(), 48, "{}", hex::encode(&der));
+        assert_eq!(hex::encode(&der[..16]), "302e020100300506032b657004220420");
+        assert_eq!(&der[16..], s.key.to_bytes().as_slice());
+        let pubpem = s.public_key().to_pem().unwrap();
+        let lines: Vec<&str> = pubpem.lines().collect();
+        assert_eq!(lines.first(), Some(&"-----BEGIN PUBLIC KEY-----"));
+        assert_eq!(lines.last(), Some(&"-----END PUBLIC KEY-----"));
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(lines[1..lines.len() - 1].concat())
+            .unwrap();
+        // SubjectPublicKeyInfo { AlgorithmIdentifier { 1.3.101.112 }, BIT STRING }.
+        assert_eq!(hex::encode(&der[..12]), "302a300506032b6570032100");
+        assert_eq!(&der[12..], s.public_key().key.as_bytes().as_slice());
+    }
+
+    /// Keys written by earlier versions (PKCS#8 version 2, with the public
+    /// key inside) still load.
+    #[test]
+    fn keys_from_older_keygen_still_load() {
+        use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+        let s = ExecSigner::generate();
+        let old = s
+            .key
+            .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .unwrap();
+        assert_ne!(old.as_str(), s.private_pem().unwrap().expose());
+        assert_eq!(ExecSigner::from_pem(&old).unwrap().key_id(), s.key_id());
+    }
+
+    /// `openssl pkey` reads both files and derives the same public key.
+    #[test]
+    #[ignore = "needs openssl: run by .ci/run"]
+    #[allow(clippy::disallowed_methods)] // the test runs the real openssl
+    fn openssl_reads_the_keys_keygen_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ExecSigner::generate();
+        let key = dir.path().join("exec.key");
+        let public = dir.path().join("exec.pub");
+        std::fs::write(&key, s.private_pem().unwrap().expose()).unwrap();
+        std::fs::write(&public, s.public_key().to_pem().unwrap()).unwrap();
+        let run = |args: &[&std::ffi::OsStr]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run openssl: {e}"));
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let derived = run(&[
+            "pkey".as_ref(),
+            "-in".as_ref(),
+            key.as_os_str(),
+            "-pubout".as_ref(),
+        ]);
+        assert_eq!(derived, s.public_key().to_pem().unwrap());
+        let read = run(&[
+            "pkey".as_ref(),
+            "-pubin".as_ref(),
+            "-in".as_ref(),
+            public.as_os_str(),
+        ]);
+        assert_eq!(read, s.public_key().to_pem().unwrap());
+        // And a key openssl generates loads here.
+        let generated = dir.path().join("openssl.key");
+        run(&[
+            "genpkey".as_ref(),
+            "-algorithm".as_ref(),
+            "ed25519".as_ref(),
+            "-out".as_ref(),
+            generated.as_os_str(),
+        ]);
+        let text = std::fs::read_to_string(&generated).unwrap();
+        assert!(ExecSigner::from_pem(&text).is_ok());
     }
 
     #[test]

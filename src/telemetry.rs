@@ -295,6 +295,9 @@ pub struct HttpMetrics {
     /// `gpuops_http_connections_refused_total`: accepted and closed at once
     /// because `max_connections` were open.
     pub connections_refused: prometheus::IntCounter,
+    /// `gpuops_http_connections_evicted_total`: idle connections closed to
+    /// admit a new one (the server was full, or their peer at its share).
+    pub connections_evicted: prometheus::IntCounter,
     /// `gpuops_http_timeouts_total{timeout}`: `header`, `body` or `idle`.
     pub timeouts: prometheus::IntCounterVec,
     /// `gpuops_http_accept_errors_total` (e.g. out of file descriptors).
@@ -385,6 +388,11 @@ impl HttpMetrics {
             "Connections accepted and closed at once because max_connections were open.",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let connections_evicted = prometheus::IntCounter::new(
+            "gpuops_http_connections_evicted_total",
+            "Idle connections closed to admit a new one, because max_connections were open or their peer held its share.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let timeouts = IntCounterVec::new(
             Opts::new(
                 "gpuops_http_timeouts_total",
@@ -409,6 +417,7 @@ impl HttpMetrics {
             Box::new(response_size.clone()),
             Box::new(connections_open.clone()),
             Box::new(connections_refused.clone()),
+            Box::new(connections_evicted.clone()),
             Box::new(timeouts.clone()),
             Box::new(accept_errors.clone()),
         ] {
@@ -423,6 +432,7 @@ impl HttpMetrics {
             errors,
             connections_open,
             connections_refused,
+            connections_evicted,
             timeouts,
             accept_errors,
         }

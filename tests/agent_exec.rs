@@ -151,8 +151,14 @@ async fn signatures_unsigned_stale_replayed_mis_signed_get_401() {
         StatusCode::UNAUTHORIZED
     );
 
-    // Valid once; the very same request again is a replay, in any hex case.
-    let (body, headers) = bot_key().sign(&exec_req(NODE, "hello", &[], NOW + 200));
+    // Valid once (ahead of the agent's clock by the allowed skew); the very
+    // same request again is a replay, in any hex case.
+    let (body, headers) = bot_key().sign(&exec_req(
+        NODE,
+        "hello",
+        &[],
+        NOW + gpuops::exec_auth::MAX_FUTURE_SKEW_SECS,
+    ));
     let (status, json) = send(&app, raw(body.clone(), &headers)).await;
     assert_eq!(status, StatusCode::OK, "{json}");
     assert_eq!(json["stdout"], "hello\n");
@@ -167,6 +173,38 @@ async fn signatures_unsigned_stale_replayed_mis_signed_get_401() {
     ];
     assert_eq!(
         send(&app, raw(body, &upper)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+/// Finding 5 (issue 20): a request signed 120 s ahead was accepted, the
+/// agent restarted, and the same bytes were accepted again.
+#[tokio::test]
+async fn exec_from_the_future_is_refused() {
+    let dir = runbook_dir();
+    let app = router(dir.path(), Arc::new(FixedClock::new(NOW)));
+    let (body, headers) = bot_key().sign(&exec_req(NODE, "hello", &[], NOW + 120));
+    let (status, json) = send(&app, raw(body.clone(), &headers)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{json}");
+    // The agent restarts 30 s later: the same bytes are still refused.
+    let restarted = router(dir.path(), Arc::new(FixedClock::new(NOW + 30)));
+    assert_eq!(
+        send(&restarted, raw(body, &headers)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // One accepted at the edge of the skew is refused after a restart.
+    let (body, headers) = bot_key().sign(&exec_req(
+        NODE,
+        "hello",
+        &[],
+        NOW + gpuops::exec_auth::MAX_FUTURE_SKEW_SECS,
+    ));
+    assert_eq!(
+        send(&app, raw(body.clone(), &headers)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&restarted, raw(body, &headers)).await.0,
         StatusCode::UNAUTHORIZED
     );
 }

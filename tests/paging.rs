@@ -520,18 +520,10 @@ async fn pagerduty_webhook_valid_wrong_and_rotated_signatures() {
     let slack = FakeApi::slack().await;
     let pd = FakePagerDuty::start().await;
     let bot = Bot::start(&config(dir.path(), &slack, &pd, "", "")).await;
-    bot.post(&am_payload(
-        "GpuFellOffBus",
-        "firing",
-        &[("n1:9949", "critical", "firing")],
-    ))
-    .await;
-    let ev = pd.wait_for(1, WAIT).await;
-    let dedup = ev[0].dedup_key().to_string();
-    let group_id: i64 = dedup.split('/').nth(1).unwrap().parse().unwrap();
+    let (dedup, group_id) = bot.p1_incident(&pd).await;
     let body = json!({"event": {
         "id": "01DEN", "event_type": "incident.acknowledged", "resource_type": "incident",
-        "occurred_at": "2026-11-28T17:00:00Z",
+        "occurred_at": now_rfc3339(0),
         "agent": {"summary": "Carol Oncall", "type": "user_reference"},
         "data": {"id": "PINC1", "type": "incident", "status": "acknowledged", "incident_key": dedup}
     }})
@@ -583,6 +575,219 @@ async fn pagerduty_webhook_valid_wrong_and_rotated_signatures() {
     assert!(
         m.contains(r#"gpuops_acknowledgements_total{source="pagerduty"} 1"#),
         "{m}"
+    );
+    bot.stop().await;
+}
+
+/// An RFC 3339 time `offset_secs` from now.
+fn now_rfc3339(offset_secs: i64) -> String {
+    (chrono::Utc::now() + chrono::Duration::seconds(offset_secs))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// A signed-by-PagerDuty `incident.acknowledged` for `incident_key`.
+fn pd_ack(id: &str, incident_key: &str, occurred_at: &str, who: &str) -> String {
+    json!({"event": {
+        "id": id, "event_type": "incident.acknowledged", "resource_type": "incident",
+        "occurred_at": occurred_at,
+        "agent": {"summary": who, "type": "user_reference"},
+        "data": {"id": "PINC1", "type": "incident", "status": "acknowledged", "incident_key": incident_key}
+    }})
+    .to_string()
+}
+
+impl Bot {
+    /// POSTs a correctly signed PagerDuty webhook: (status, body).
+    async fn pd_webhook(&self, body: &str) -> (u16, String) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/pagerduty/webhook", self.base))
+            .header(
+                "x-pagerduty-signature",
+                gpuops::paging::webhook::sign(b"pd-webhook-s3cret", body.as_bytes()),
+            )
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    async fn acked_by(&self, group_id: i64) -> Option<String> {
+        self.state
+            .store
+            .group(group_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .ack
+            .map(|a| a.by)
+    }
+
+    /// Fires one P1 group; its PagerDuty dedup key and group id.
+    async fn p1_incident(&self, pd: &FakePagerDuty) -> (String, i64) {
+        self.post(&am_payload(
+            "GpuFellOffBus",
+            "firing",
+            &[("n1:9949", "critical", "firing")],
+        ))
+        .await;
+        let ev = pd.wait_for(1, WAIT).await;
+        let dedup = ev[0].dedup_key().to_string();
+        let group_id: i64 = dedup.split('/').nth(1).unwrap().parse().unwrap();
+        // The notifier records the key once PagerDuty accepted the event
+        // (Slack's message may be recorded first).
+        let deadline = Instant::now() + WAIT;
+        let recorded =
+            |m: &gpuops::store::MessageRecord| m.message_id.starts_with(&format!("{dedup}|"));
+        while !self
+            .state
+            .store
+            .messages(group_id)
+            .await
+            .unwrap()
+            .iter()
+            .any(recorded)
+        {
+            assert!(Instant::now() < deadline, "the trigger was never recorded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (dedup, group_id)
+    }
+}
+
+/// Finding 8 (issue 20): `incident_key: gpuops/1/ANYTHING` acknowledged
+/// group 1. Only the key gpuops sent for the group acknowledges it.
+async fn pagerduty_webhook_with_a_key_gpuops_did_not_send_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let pd = FakePagerDuty::start().await;
+    let bot = Bot::start(&config(dir.path(), &slack, &pd, "", "")).await;
+    let (dedup, group_id) = bot.p1_incident(&pd).await;
+    for (i, forged) in [
+        format!("gpuops/{group_id}/ANYTHING"),
+        format!("gpuops/{group_id}/{dedup}"),
+        format!("{dedup}/x"),
+        format!("gpuops/{group_id}/"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (status, text) = bot
+            .pd_webhook(&pd_ack(
+                &format!("FORGED{i}"),
+                forged,
+                &now_rfc3339(0),
+                "Mallory",
+            ))
+            .await;
+        assert_eq!(status, 200, "{forged}: {text}");
+        assert!(text.contains("ignored"), "{forged}: {text}");
+        assert_eq!(
+            bot.acked_by(group_id).await,
+            None,
+            "{forged} acknowledged the group"
+        );
+    }
+    let m = bot.metrics().await;
+    assert!(
+        m.contains(r#"gpuops_pagerduty_webhooks_ignored_total{reason="unknown_incident"} 4"#),
+        "{m}"
+    );
+    // The real key still acknowledges.
+    let (status, _) = bot
+        .pd_webhook(&pd_ack("REAL1", &dedup, &now_rfc3339(0), "Carol Oncall"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        bot.acked_by(group_id).await.as_deref(),
+        Some("Carol Oncall (PagerDuty)")
+    );
+    bot.stop().await;
+}
+
+/// Finding 8 (issue 20): a replayed webhook was answered 200 and acted on.
+/// The second delivery of an event id is ignored (the replay keys are in
+/// the store, so a restart or another replica does not forget them).
+async fn pagerduty_webhook_replayed_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let pd = FakePagerDuty::start().await;
+    let bot = Bot::start(&config(dir.path(), &slack, &pd, "", "")).await;
+    let (dedup, group_id) = bot.p1_incident(&pd).await;
+    let body = pd_ack("01REPLAY", &dedup, &now_rfc3339(0), "Mallory Replay");
+    let (status, text) = bot.pd_webhook(&body).await;
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "ok\n"),
+        "{dedup} {:?}",
+        bot.state.store.messages(group_id).await
+    );
+    assert_eq!(
+        bot.acked_by(group_id).await.as_deref(),
+        Some("Mallory Replay (PagerDuty)")
+    );
+    let (status, text) = bot.pd_webhook(&body).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("replayed"), "{text}");
+    // The same id with another body (re-signed by whoever holds the
+    // secret) is a replay too.
+    let other = pd_ack("01REPLAY", &dedup, &now_rfc3339(0), "Someone Else");
+    let (status, text) = bot.pd_webhook(&other).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("replayed"), "{text}");
+    let m = bot.metrics().await;
+    assert!(
+        m.contains(r#"gpuops_pagerduty_webhooks_ignored_total{reason="replayed"} 2"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"gpuops_acknowledgements_total{source="pagerduty"} 1"#),
+        "{m}"
+    );
+    bot.stop().await;
+}
+
+/// Finding 8 (issue 20): there was no freshness check. An event that
+/// occurred more than five minutes ago (or is dated far ahead, or not at
+/// all) is answered 200 and acts on nothing.
+async fn pagerduty_webhook_older_than_five_minutes_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let pd = FakePagerDuty::start().await;
+    let bot = Bot::start(&config(dir.path(), &slack, &pd, "", "")).await;
+    let (dedup, group_id) = bot.p1_incident(&pd).await;
+    for (i, at) in [
+        now_rfc3339(-301),
+        now_rfc3339(-86_400),
+        "2026-11-28T17:00:00Z".to_string(),
+        now_rfc3339(3600),
+        String::new(),
+        "not a time".to_string(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (status, text) = bot
+            .pd_webhook(&pd_ack(&format!("OLD{i}"), &dedup, at, "Mallory Old"))
+            .await;
+        assert_eq!(status, 200, "{at}: {text}");
+        assert!(text.contains("stale"), "{at}: {text}");
+        assert_eq!(bot.acked_by(group_id).await, None, "{at:?} acknowledged");
+    }
+    let m = bot.metrics().await;
+    assert!(
+        m.contains(r#"gpuops_pagerduty_webhooks_ignored_total{reason="stale"} 6"#),
+        "{m}"
+    );
+    // Four minutes old is still acted on.
+    let (status, _) = bot
+        .pd_webhook(&pd_ack("FRESH", &dedup, &now_rfc3339(-240), "Carol Oncall"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        bot.acked_by(group_id).await.as_deref(),
+        Some("Carol Oncall (PagerDuty)")
     );
     bot.stop().await;
 }
@@ -1227,6 +1432,9 @@ on_both!(
     pagerduty_429_and_5xx_retry_and_400_is_a_dead_letter,
     escalation_fires_on_time_survives_a_restart_and_stops_on_ack,
     pagerduty_webhook_valid_wrong_and_rotated_signatures,
+    pagerduty_webhook_with_a_key_gpuops_did_not_send_is_ignored,
+    pagerduty_webhook_replayed_is_ignored,
+    pagerduty_webhook_older_than_five_minutes_is_ignored,
     a_group_firing_again_escalates_again_and_a_resolve_stops_a_due_step,
     p1_alert_joining_open_group_renotifies,
     gpu_fell_off_bus_and_gpu_down_page_once,

@@ -3,6 +3,9 @@
 //! keep answering within 100 ms, and the server's open file descriptors stay
 //! bounded. The role starts with a soft open-file limit of 1,024 (systemd's
 //! default), as in the finding where 1,100 idle connections starved the agent.
+//! One client holding more idle connections than the server has slots
+//! (reopening each as it is cut) cannot keep a scrape out either: the server
+//! closes the oldest idle connection to admit a new one (issue 20, finding 9).
 #![allow(clippy::disallowed_methods)] // integration tests spawn the real binary
 
 use std::path::{Path, PathBuf};
@@ -260,6 +263,136 @@ async fn idle_connections_do_not_starve_metrics() {
     let (_bot_dir, b) = dir();
     let server = bot(&b);
     check_not_starved("bot", &server).await;
+}
+
+/// One client (127.0.0.1, like the probes) holds `hold` idle connections to
+/// `port`, reopening each one the server closes, while `/metrics` is probed
+/// 20 times on fresh connections; each probe must answer within 1 s.
+async fn probe_while_one_client_holds(what: &str, server: &Server, hold: usize) {
+    let port = server.port;
+    let pid = server.child.id();
+    wait_up(port).await;
+    let mut held = Vec::with_capacity(hold);
+    for _ in 0..hold {
+        match TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(s) => held.push(s),
+            Err(e) => panic!("{what}: connect failed: {e}"),
+        }
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reopened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let attacker = {
+        let (stop, reopened) = (stop.clone(), reopened.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for s in held.iter_mut() {
+                    // Closed by the server (0 bytes or an error): reopen.
+                    let closed = match s.try_read(&mut buf) {
+                        Ok(n) => n == 0,
+                        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                    };
+                    if closed {
+                        if let Ok(new) = TcpStream::connect(("127.0.0.1", port)).await {
+                            *s = new;
+                            reopened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            held.len()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fds = open_fds(pid);
+    let mut times = Vec::new();
+    let mut errors = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        match tokio::time::timeout(Duration::from_secs(1), get(port, "/metrics")).await {
+            Ok(Ok(t)) => times.push(t),
+            Ok(Err(e)) => errors.push(format!("{e} after {:?}", started.elapsed())),
+            Err(_) => errors.push("no answer within 1 s".to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let holding = attacker.await.unwrap();
+    let metrics = get_body(port, "/metrics").await;
+    let evicted = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("gpuops_http_connections_evicted_total ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(0.0);
+    times.sort();
+    eprintln!(
+        "{what}: one client holding {holding} idle connections (reopened {} as they were cut; server fds {fds}): \
+         {} of 20 /metrics probes answered, median {:?}, max {:?}; {evicted} connections evicted; errors {errors:?}",
+        reopened.load(std::sync::atomic::Ordering::Relaxed),
+        times.len(),
+        times.get(times.len() / 2).copied().unwrap_or_default(),
+        times.last().copied().unwrap_or_default(),
+    );
+    assert!(errors.is_empty(), "{what}: probes failed: {errors:?}");
+    assert!(
+        times.iter().all(|t| *t < Duration::from_secs(1)),
+        "{what}: {times:?}"
+    );
+    assert!(evicted > 0.0, "{what}: nothing was evicted");
+}
+
+/// Finding 9 (issue 20): one client holding 4,096 idle connections made
+/// the agent refuse 24 of 24 `/metrics` probes over 25 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_holding_4100_idle_connections_does_not_starve_metrics() {
+    let (_d, dir) = dir();
+    let server = agent(&dir);
+    probe_while_one_client_holds("agent, max_connections 4096", &server, 4100).await;
+}
+
+/// Finding 9 (issue 20): under a hard `ulimit -n 1024`, 1,100 idle
+/// connections did the same (the cap is the open-file limit minus 128).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_under_a_hard_1024_fd_limit_do_not_starve_metrics() {
+    let (_d, dir) = dir();
+    let host = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/host/full");
+    let toml = dir.join("agent.toml");
+    std::fs::write(&toml, "[collectors]\ngpu = false\n").unwrap();
+    std::fs::write(dir.join("kmsg"), "").unwrap();
+    let port = free_port();
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 1024 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_gpuops"))
+        .arg("agent")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--config")
+        .arg(&toml)
+        .arg("--procfs")
+        .arg(host.join("proc"))
+        .arg("--sysfs")
+        .arg(host.join("sys"))
+        .arg("--rootfs")
+        .arg(host.join("root"))
+        .arg("--kmsg")
+        .arg(dir.join("kmsg"))
+        .current_dir(&dir)
+        .env_remove("GPUOPS_AGENT_CONFIG")
+        .env("GPUOPS_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let server = Server { child, port };
+    wait_up(port).await;
+    assert_eq!(soft_nofile(server.child.id()), Some(1024));
+    probe_while_one_client_holds("agent, hard ulimit -n 1024", &server, 1100).await;
 }
 
 /// CPU seconds (user + system) the process has used.

@@ -175,36 +175,115 @@ async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     assert_eq!(metrics.timeouts.with_label_values(&["idle"]).get(), 1);
 }
 
+/// A connection from `from` (a loopback address) to `addr`.
+async fn connect_from(from: &str, addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// With nothing idle to close (every connection of the peer has a request
+/// in flight), a connection beyond the peer's share is closed at once;
+/// another peer still gets in.
 #[tokio::test]
 async fn connections_over_the_cap_are_closed_at_once() {
     let l = WebLimits {
         max_connections: 16,
         header_timeout: Duration::from_secs(30),
+        body_timeout: Duration::from_secs(30),
         ..limits()
     };
     let (addr, metrics, _stop) = start(l).await;
+    // One peer may hold 75 % of the 16 slots.
+    let share = 12;
     let mut held = Vec::new();
-    for _ in 0..16 {
-        held.push(TcpStream::connect(addr).await.unwrap());
+    for _ in 0..share {
+        let mut s = connect_from("127.0.0.1", addr).await;
+        // A request whose body never comes: in flight, not idle.
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nx")
+            .await
+            .unwrap();
+        held.push(s);
     }
     // Wait until the server has taken all of them.
     let until = Instant::now() + Duration::from_secs(5);
-    while metrics.connections_open.get() < 16 && Instant::now() < until {
+    while metrics.connections_open.get() < share && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(metrics.connections_open.get(), 16);
-    let mut extra = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(metrics.connections_open.get(), share);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut extra = connect_from("127.0.0.1", addr).await;
     let started = Instant::now();
     let (got, at) = read_to_close(&mut extra).await;
     assert_eq!(got, "");
     assert!(at - started < Duration::from_secs(1), "{:?}", at - started);
     assert_eq!(metrics.connections_refused.get(), 1);
+    assert_eq!(metrics.connections_evicted.get(), 0);
+    // Another peer gets one of the remaining slots.
+    let mut other = connect_from("127.0.0.2", addr).await;
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_to_close(&mut other)
+        .await
+        .0
+        .starts_with("HTTP/1.1 200"));
     drop(held);
     let until = Instant::now() + Duration::from_secs(5);
     while metrics.connections_open.get() > 0 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(get_ok(addr).await.starts_with("HTTP/1.1 200"));
+}
+
+/// Finding 9 (issue 20), in-process: a full server closes the oldest idle
+/// connection to admit a new one instead of refusing it.
+#[tokio::test]
+async fn a_full_server_closes_the_oldest_idle_connection_for_a_new_one() {
+    let l = WebLimits {
+        max_connections: 16,
+        header_timeout: Duration::from_secs(30),
+        ..limits()
+    };
+    let (addr, metrics, _stop) = start(l).await;
+    // Three peers hold three idle connections each, a fourth seven: the
+    // server is full.
+    let mut held = Vec::new();
+    for (peer, n) in [
+        ("127.0.0.4", 7),
+        ("127.0.0.1", 3),
+        ("127.0.0.2", 3),
+        ("127.0.0.3", 3),
+    ] {
+        for _ in 0..n {
+            held.push(connect_from(peer, addr).await);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    while metrics.connections_open.get() < 16 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metrics.connections_open.get(), 16);
+    let started = Instant::now();
+    let got = get_ok(addr).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(metrics.connections_refused.get(), 0);
+    assert_eq!(metrics.connections_evicted.get(), 1);
+    // The oldest one of the peer holding the most was closed; the others
+    // are still open.
+    let (rest, at) = read_to_close(&mut held[0]).await;
+    assert_eq!(rest, "");
+    assert!(at - started < Duration::from_secs(2), "not closed");
+    let mut buf = [0u8; 16];
+    for s in &held[1..] {
+        assert!(matches!(
+            s.try_read(&mut buf),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        ));
+    }
 }
 
 #[tokio::test]

@@ -41,6 +41,10 @@ pub struct BotMetrics {
     pub reports: prometheus::IntCounterVec,
     /// `gpuops_report_duration_seconds{name}`: computing and rendering one.
     pub report_duration: prometheus::HistogramVec,
+    /// `gpuops_pagerduty_webhooks_ignored_total{reason}`: signed PagerDuty
+    /// webhooks answered 200 but acted on nothing (`stale`, `no_event_id`,
+    /// `replayed`, `unknown_incident`).
+    pub pagerduty_webhooks_ignored: prometheus::IntCounterVec,
 }
 
 impl BotMetrics {
@@ -101,6 +105,17 @@ impl BotMetrics {
             &["name"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let pagerduty_webhooks_ignored = IntCounterVec::new(
+            Opts::new(
+                "gpuops_pagerduty_webhooks_ignored_total",
+                "Signed PagerDuty webhooks answered 200 but acted on nothing, by reason (stale: occurred_at too old or ahead, no_event_id, replayed: event id seen before, unknown_incident: an incident key gpuops did not send).",
+            ),
+            &["reason"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        for reason in ["stale", "no_event_id", "replayed", "unknown_incident"] {
+            pagerduty_webhooks_ignored.with_label_values(&[reason]);
+        }
         for c in [
             Box::new(alerts_received.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(notifications.clone()),
@@ -109,6 +124,7 @@ impl BotMetrics {
             Box::new(acknowledgements.clone()),
             Box::new(reports.clone()),
             Box::new(report_duration.clone()),
+            Box::new(pagerduty_webhooks_ignored.clone()),
         ] {
             let _ = registry.register(c);
         }
@@ -121,6 +137,7 @@ impl BotMetrics {
             acknowledgements,
             reports,
             report_duration,
+            pagerduty_webhooks_ignored,
         }
     }
 

@@ -5,10 +5,22 @@
 //! holds one or more comma-separated `v1=<hex HMAC-SHA256(secret, body)>`
 //! (several during a secret rotation); one must match, compared in constant
 //! time, or the answer is 401 and nothing changes. `incident.acknowledged`
-//! and `incident.resolved` for an incident we opened (its `incident_key` is
-//! our dedup key `gpuops/<group>/<destination>`) acknowledge the group in
-//! the store: chat shows who acknowledged in PagerDuty, and escalation
+//! and `incident.resolved` for an incident we opened acknowledge the group
+//! in the store: chat shows who acknowledged in PagerDuty, and escalation
 //! stops. Other events and other incidents get 200 and change nothing.
+//!
+//! A signed event is still only acted on when (issue 20, finding 8):
+//! - its `incident_key` is exactly a dedup key gpuops sent for that group
+//!   (`gpuops/<group>/<destination>`, as the store recorded it with the
+//!   group's PagerDuty message), not merely one that starts like one;
+//! - its `occurred_at` is at most [`MAX_AGE_SECS`] old (and at most
+//!   [`MAX_AHEAD_SECS`] ahead of our clock);
+//! - its `event.id` was not seen before (the store's replay keys, so a
+//!   replay after a restart or at another replica is caught too).
+//!
+//! An event failing one of these is answered 200 (PagerDuty must not retry
+//! it), logged and counted in `gpuops_pagerduty_webhooks_ignored_total`
+//! by reason.
 
 use std::sync::Arc;
 
@@ -20,6 +32,73 @@ use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
 use crate::bot::state::BotState;
+
+/// The oldest `occurred_at` acted on.
+pub const MAX_AGE_SECS: i64 = 300;
+/// How far ahead of our clock `occurred_at` may be (clock skew).
+pub const MAX_AHEAD_SECS: i64 = 60;
+/// How long a webhook's `event.id` is remembered: longer than an event
+/// stays fresh, so a replay is either stale or remembered.
+const REPLAY_KEEP_SECS: i64 = 2 * (MAX_AGE_SECS + MAX_AHEAD_SECS);
+
+/// Why a verified webhook changed nothing (the metric's `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ignored {
+    /// `occurred_at` missing, unreadable, too old or too far ahead.
+    Stale,
+    /// No `event.id`.
+    NoEventId,
+    /// The `event.id` was seen before.
+    Replayed,
+    /// The incident key is not one gpuops sent.
+    UnknownIncident,
+}
+
+impl Ignored {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ignored::Stale => "stale",
+            Ignored::NoEventId => "no_event_id",
+            Ignored::Replayed => "replayed",
+            Ignored::UnknownIncident => "unknown_incident",
+        }
+    }
+}
+
+/// Whether `occurred_at` (RFC 3339) is fresh at `now` (Unix seconds).
+pub fn is_fresh(occurred_at: &str, now: i64) -> bool {
+    match chrono::DateTime::parse_from_rfc3339(occurred_at.trim()) {
+        Ok(t) => {
+            let t = t.timestamp();
+            t >= now - MAX_AGE_SECS && t <= now + MAX_AHEAD_SECS
+        }
+        Err(_) => false,
+    }
+}
+
+/// The replay key of a webhook event id.
+fn replay_key(event_id: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = Sha256::new();
+    h.update(b"pagerduty-webhook\n");
+    h.update(event_id.as_bytes());
+    h.finalize().into()
+}
+
+fn ignore(state: &BotState, why: Ignored, kind: &str, event_id: &str) -> Response {
+    state
+        .metrics
+        .pagerduty_webhooks_ignored
+        .with_label_values(&[why.as_str()])
+        .inc();
+    let id: String = event_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        .take(64)
+        .collect();
+    tracing::warn!(reason = why.as_str(), event = kind, event_id = %id, "pagerduty webhook ignored");
+    (StatusCode::OK, format!("ignored: {}\n", why.as_str())).into_response()
+}
 
 /// Whether `header` carries a valid v1 signature of `body` under `secret`.
 pub fn verify(secret: &[u8], body: &[u8], header: &str) -> bool {
@@ -88,6 +167,14 @@ pub async fn receive(
         "incident.resolved" => true,
         _ => return (StatusCode::OK, "ignored\n").into_response(),
     };
+    let event_id = ev["id"].as_str().unwrap_or("");
+    let now = chrono::Utc::now().timestamp();
+    if !is_fresh(ev["occurred_at"].as_str().unwrap_or(""), now) {
+        return ignore(&state, Ignored::Stale, kind, event_id);
+    }
+    if event_id.is_empty() {
+        return ignore(&state, Ignored::NoEventId, kind, event_id);
+    }
     let key = ev["data"]["incident_key"]
         .as_str()
         .or_else(|| ev["data"]["dedup_key"].as_str())
@@ -95,6 +182,37 @@ pub async fn receive(
     let Some(group_id) = group_of(key) else {
         return (StatusCode::OK, "not a gpuops incident\n").into_response();
     };
+    // The whole key must be one we sent: the notifier stores it as the
+    // message id, `<dedup key>|<last action>`.
+    match state.store.messages(group_id).await {
+        Ok(messages) => {
+            let sent = messages
+                .iter()
+                .any(|m| m.message_id.split_once('|').map(|(d, _)| d) == Some(key));
+            if !sent {
+                return ignore(&state, Ignored::UnknownIncident, kind, event_id);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the messages of a PagerDuty webhook's group");
+            return (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response();
+        }
+    }
+    // Recorded before acting: a store failure below answers 503 and
+    // PagerDuty's retry is then ignored as a replay (escalation goes on,
+    // which errs on the side of paging).
+    match state
+        .store
+        .first_use(replay_key(event_id), now, REPLAY_KEEP_SECS)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => return ignore(&state, Ignored::Replayed, kind, event_id),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record a PagerDuty webhook's id");
+            return (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response();
+        }
+    }
     let agent: String = ev["agent"]["summary"]
         .as_str()
         .unwrap_or("someone")
@@ -164,5 +282,21 @@ mod tests {
         assert!(!verify(b"new-secret", body, ""));
         assert_eq!(group_of("gpuops/12/0a1b2c"), Some(12));
         assert_eq!(group_of("other/12/x"), None);
+    }
+
+    #[test]
+    fn freshness_of_occurred_at() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-03T08:00:00Z")
+            .unwrap()
+            .timestamp();
+        assert!(is_fresh("2026-12-03T08:00:00Z", now));
+        assert!(is_fresh("2026-12-03T07:55:00Z", now));
+        assert!(is_fresh("2026-12-03T08:00:59.123Z", now));
+        assert!(is_fresh("2026-12-03T09:00:30+01:00", now));
+        assert!(!is_fresh("2026-12-03T07:54:59Z", now));
+        assert!(!is_fresh("2026-12-03T08:01:01Z", now));
+        assert!(!is_fresh("", now));
+        assert!(!is_fresh("yesterday", now));
+        assert_ne!(replay_key("a"), replay_key("b"));
     }
 }

@@ -1,9 +1,19 @@
 //! The HTTP server both roles run instead of `axum::serve`: an accept loop
 //! that cannot be starved or made to spin, and per-connection limits.
 //!
-//! - A cap on connections open at once ([`WebLimits::max_connections`]);
-//!   beyond it a new connection is accepted and closed at once, counted in
-//!   `gpuops_http_connections_refused_total`.
+//! - A cap on connections open at once ([`WebLimits::max_connections`], or
+//!   the open-file limit minus [`FD_RESERVE`], whichever is lower). At the
+//!   cap, the oldest idle connection (no request in flight: never sent a
+//!   byte, or a kept-alive connection between requests; failing that, the
+//!   oldest one still sending its request head) is closed to admit the new
+//!   one, preferring the peer holding the most connections, and counted in
+//!   `gpuops_http_connections_evicted_total`. One peer (an IPv4 address or
+//!   an IPv6 /64) holds at most [`PEER_SHARE_PERCENT`] % of the slots: a new
+//!   connection beyond that closes that peer's own oldest idle one. So one
+//!   client holding thousands of idle connections cannot keep a scrape out
+//!   (issue 20, finding 9). Only when nothing can be closed (every
+//!   connection has a request in flight) is the new connection accepted and
+//!   closed at once, counted in `gpuops_http_connections_refused_total`.
 //! - A header timeout (from accept, or from the first byte after a keep-alive
 //!   wait, to the end of the request head; TLS handshake included), a body
 //!   timeout (a request body still trickling is cut off and answered 408),
@@ -24,10 +34,11 @@
 pub mod auth;
 pub mod webconfig;
 
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,7 +84,12 @@ pub async fn serve(
         limits,
         metrics,
     });
-    let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
+    // Evicted connections close a moment after the new one is admitted:
+    // the semaphore bounds those in flight too.
+    let permits = Arc::new(Semaphore::new(
+        shared.limits.max_connections + EVICTIONS_IN_FLIGHT,
+    ));
+    let registry = Arc::new(Mutex::new(Registry::new(shared.limits.max_connections)));
     let (close_tx, close_rx) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut accept_errors = 0u64;
@@ -107,14 +123,31 @@ pub async fn serve(
             accept_errors = 0;
             backoff = Duration::from_millis(5);
         }
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let activity = Arc::new(Activity::new());
+        let admitted = lock_registry(&registry).admit(peer.ip(), &activity);
+        let permit = match admitted {
+            Admission::Refused => None,
+            Admission::Admitted { id, evicted } => {
+                if evicted {
+                    shared.metrics.connections_evicted.inc();
+                }
+                match permits.clone().try_acquire_owned() {
+                    Ok(p) => Some((id, p)),
+                    Err(_) => {
+                        lock_registry(&registry).remove(id);
+                        None
+                    }
+                }
+            }
+        };
+        let Some((id, permit)) = permit else {
             shared.metrics.connections_refused.inc();
             if let Some(n) = refusal_log.due() {
                 tracing::warn!(
                     max_connections = shared.limits.max_connections,
                     refused = n,
                     peer = %peer,
-                    "connection limit reached: closing new connections at once (logged at most once a minute)"
+                    "connection limit reached and no idle connection to close: closing new connections at once (logged at most once a minute)"
                 );
             }
             drop(stream);
@@ -123,16 +156,19 @@ pub async fn serve(
         let shared = shared.clone();
         let tls = tls.as_ref().map(|source| source());
         let close = close_rx.clone();
+        let registry = registry.clone();
         tokio::spawn(async move {
             shared.metrics.connections_open.inc();
-            connection(stream, peer, &shared, tls, close).await;
+            connection(stream, peer, &shared, activity, tls, close).await;
+            lock_registry(&registry).remove(id);
             shared.metrics.connections_open.dec();
             drop(permit);
         });
     }
     drop(listener);
     let _ = close_tx.send(true);
-    let all = u32::try_from(shared.limits.max_connections).unwrap_or(u32::MAX);
+    let all =
+        u32::try_from(shared.limits.max_connections + EVICTIONS_IN_FLIGHT).unwrap_or(u32::MAX);
     if tokio::time::timeout(DRAIN, permits.acquire_many(all))
         .await
         .is_err()
@@ -222,8 +258,142 @@ pub fn raise_open_file_limit() -> Option<u64> {
 }
 
 /// File descriptors kept free for everything but connections (the store,
-/// /proc and /sys reads, NVML, the kernel log, logging).
-const FD_RESERVE: u64 = 128;
+/// /proc and /sys reads, NVML, the kernel log, logging, and connections
+/// accepted while an evicted one is still closing).
+pub const FD_RESERVE: u64 = 128;
+
+/// The share of the connection slots one peer may hold.
+pub const PEER_SHARE_PERCENT: usize = 75;
+
+/// Evicted connections that may still be closing while their replacements
+/// are open (beyond this, new connections are refused until they close).
+const EVICTIONS_IN_FLIGHT: usize = 64;
+
+/// The unit connections are counted by per peer: an IPv4 address, or an
+/// IPv6 /64 (one host usually holds a whole /64).
+pub fn peer_key(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// The connections open, in the order they were admitted, for choosing
+/// which to close when a new one needs a slot.
+struct Registry {
+    capacity: usize,
+    per_peer_cap: usize,
+    next_id: u64,
+    conns: BTreeMap<u64, (IpAddr, Arc<Activity>)>,
+    per_peer: HashMap<IpAddr, usize>,
+}
+
+enum Admission {
+    /// Registered as `id`; `evicted` when another connection was closed
+    /// for it.
+    Admitted { id: u64, evicted: bool },
+    /// Full, and nothing idle to close.
+    Refused,
+}
+
+fn lock_registry(r: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Registry {
+    fn new(capacity: usize) -> Registry {
+        Registry {
+            capacity,
+            per_peer_cap: (capacity * PEER_SHARE_PERCENT / 100).max(1),
+            next_id: 0,
+            conns: BTreeMap::new(),
+            per_peer: HashMap::new(),
+        }
+    }
+
+    /// Admits a connection from `addr`, closing an idle one if it must.
+    fn admit(&mut self, addr: IpAddr, activity: &Arc<Activity>) -> Admission {
+        let peer = peer_key(addr);
+        let mut evicted = false;
+        if self.per_peer.get(&peer).copied().unwrap_or(0) >= self.per_peer_cap {
+            // The peer holds its share: it gives up its own oldest idle one.
+            match self.oldest_idle(Some(peer)) {
+                Some(victim) => {
+                    self.evict(victim);
+                    evicted = true;
+                }
+                None => return Admission::Refused,
+            }
+        } else if self.conns.len() >= self.capacity {
+            // Full: the peer holding the most gives up its oldest idle one,
+            // else anyone's oldest idle one.
+            let busiest = self
+                .per_peer
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map(|(p, _)| *p);
+            match busiest
+                .and_then(|p| self.oldest_idle(Some(p)))
+                .or_else(|| self.oldest_idle(None))
+            {
+                Some(victim) => {
+                    self.evict(victim);
+                    evicted = true;
+                }
+                None => return Admission::Refused,
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.conns.insert(id, (peer, activity.clone()));
+        *self.per_peer.entry(peer).or_insert(0) += 1;
+        Admission::Admitted { id, evicted }
+    }
+
+    /// The oldest connection (of `peer`, or of anyone) with no request in
+    /// flight: a waiting one first, else one still sending its head.
+    fn oldest_idle(&self, peer: Option<IpAddr>) -> Option<u64> {
+        let mine = |p: &IpAddr| peer.is_none_or(|want| want == *p);
+        let mut sending_head = None;
+        for (id, (p, activity)) in &self.conns {
+            if !mine(p) {
+                continue;
+            }
+            match activity.lock().phase {
+                Phase::Waiting { .. } => return Some(*id),
+                Phase::Head { .. } if sending_head.is_none() => sending_head = Some(*id),
+                _ => {}
+            }
+        }
+        sending_head
+    }
+
+    /// Tells a connection to close and forgets it (its slot is free now).
+    fn evict(&mut self, id: u64) {
+        if let Some((_, activity)) = self.conns.get(&id) {
+            activity.evict();
+        }
+        self.remove(id);
+    }
+
+    /// Forgets a connection (closed, or evicted).
+    fn remove(&mut self, id: u64) {
+        if let Some((peer, _)) = self.conns.remove(&id) {
+            if let Some(n) = self.per_peer.get_mut(&peer) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_peer.remove(&peer);
+                }
+            }
+        }
+    }
+}
 
 /// `wanted`, lowered so that connections alone can never exhaust the
 /// process's open file limit (accept would fail with EMFILE instead of
@@ -297,11 +467,11 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     shared: &Shared,
+    activity: Arc<Activity>,
     tls: Option<Arc<rustls::ServerConfig>>,
     mut close: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let activity = Arc::new(Activity::new());
     let io = Tracked {
         inner: stream,
         activity: activity.clone(),
@@ -319,7 +489,7 @@ async fn connection(
                     }
                 },
                 kind = activity.expired(&shared.limits) => {
-                    shared.metrics.timeouts.with_label_values(&[kind]).inc();
+                    count_close(shared, kind);
                     return;
                 }
                 _ = close.changed() => return,
@@ -389,8 +559,8 @@ async fn drive<IO>(
                 return;
             }
             kind = activity.expired(&shared.limits) => {
-                shared.metrics.timeouts.with_label_values(&[kind]).inc();
-                tracing::debug!(peer = %peer, timeout = kind, "closing a slow connection");
+                count_close(shared, kind);
+                tracing::debug!(peer = %peer, reason = kind, "closing a slow or evicted connection");
                 return;
             }
             _ = close.changed(), if !closing => {
@@ -400,6 +570,17 @@ async fn drive<IO>(
         }
     }
 }
+
+/// Counts a connection the watchdog closed: a timeout by its name (an
+/// eviction was counted when it was decided).
+fn count_close(shared: &Shared, kind: &'static str) {
+    if kind != EVICTED {
+        shared.metrics.timeouts.with_label_values(&[kind]).inc();
+    }
+}
+
+/// What [`Activity::expired`] returns for an evicted connection.
+const EVICTED: &str = "evicted";
 
 fn body_timeout_response() -> Response<Body> {
     let mut resp = Response::new(Body::from("request body not received in time\n"));
@@ -437,6 +618,8 @@ struct ActivityState {
 /// Updated by the connection's I/O and its service, read by its watchdog.
 struct Activity {
     state: Mutex<ActivityState>,
+    /// Set when the connection was chosen to make room for a new one.
+    evicted: AtomicBool,
     /// Woken when a deadline may have moved earlier.
     changed: Notify,
 }
@@ -450,6 +633,7 @@ impl Activity {
                 last_io: now,
                 answered: 0,
             }),
+            evicted: AtomicBool::new(false),
             changed: Notify::new(),
         }
     }
@@ -469,6 +653,12 @@ impl Activity {
             drop(s);
             self.changed.notify_one();
         }
+    }
+
+    /// Closes the connection (its watchdog returns [`EVICTED`]).
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::Relaxed);
+        self.changed.notify_one();
     }
 
     fn on_write(&self) {
@@ -492,6 +682,9 @@ impl Activity {
     async fn expired(&self, limits: &WebLimits) -> &'static str {
         loop {
             let notified = self.changed.notified();
+            if self.evicted.load(Ordering::Relaxed) {
+                return EVICTED;
+            }
             match self.deadline(limits) {
                 None => notified.await,
                 Some((at, _)) => {
@@ -721,6 +914,107 @@ mod tests {
             bad.contains("a.toml:3: web.header_timeout_secs: must be a positive number of seconds"),
             "{bad}"
         );
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn admitted(a: Admission) -> (u64, bool) {
+        match a {
+            Admission::Admitted { id, evicted } => (id, evicted),
+            Admission::Refused => panic!("refused"),
+        }
+    }
+
+    #[test]
+    fn a_full_server_closes_the_oldest_idle_connection_of_the_busiest_peer() {
+        let mut r = Registry::new(8);
+        assert_eq!(r.per_peer_cap, 6);
+        let conns: Vec<Arc<Activity>> = (0..8).map(|_| Arc::new(Activity::new())).collect();
+        // Prometheus keeps one connection; a flood holds the rest.
+        let (prom, _) = admitted(r.admit(ip("10.0.0.1"), &conns[0]));
+        let mut flood = Vec::new();
+        for c in &conns[1..7] {
+            flood.push(admitted(r.admit(ip("10.0.0.66"), c)).0);
+        }
+        // The flood's oldest has a request in flight; one other peer.
+        let busy = Busy::start(conns[1].clone());
+        admitted(r.admit(ip("10.0.0.2"), &conns[7]));
+        assert_eq!(r.conns.len(), 8);
+        // Full: a new peer's connection evicts the flood's oldest idle one
+        // (not Prometheus's older one, not the busy one).
+        let new = Arc::new(Activity::new());
+        let (_, evicted) = admitted(r.admit(ip("10.0.0.3"), &new));
+        assert!(evicted);
+        assert!(conns[2].evicted.load(Ordering::Relaxed));
+        assert!(!conns[1].evicted.load(Ordering::Relaxed));
+        assert!(!conns[0].evicted.load(Ordering::Relaxed));
+        assert!(r.conns.contains_key(&prom));
+        assert!(!r.conns.contains_key(&flood[1]));
+        assert_eq!(r.conns.len(), 8);
+        drop(busy);
+    }
+
+    #[test]
+    fn one_peer_holds_at_most_its_share_and_busy_connections_are_kept() {
+        let mut r = Registry::new(16);
+        let cap = r.per_peer_cap;
+        assert_eq!(cap, 12);
+        let conns: Vec<Arc<Activity>> = (0..cap).map(|_| Arc::new(Activity::new())).collect();
+        for c in &conns {
+            let (_, evicted) = admitted(r.admit(ip("127.0.0.1"), c));
+            assert!(!evicted);
+        }
+        // At its share, the peer's next connection replaces its own oldest.
+        let next = Arc::new(Activity::new());
+        let (_, evicted) = admitted(r.admit(ip("127.0.0.1"), &next));
+        assert!(evicted && conns[0].evicted.load(Ordering::Relaxed));
+        assert_eq!(r.per_peer[&ip("127.0.0.1")], cap);
+        // Another peer still gets in without evicting anything.
+        let other = Arc::new(Activity::new());
+        assert!(!admitted(r.admit(ip("127.0.0.2"), &other)).1);
+        // An IPv6 /64 counts as one peer.
+        let a = Arc::new(Activity::new());
+        let b = Arc::new(Activity::new());
+        admitted(r.admit(ip("2001:db8::1"), &a));
+        admitted(r.admit(ip("2001:db8::ffff:2"), &b));
+        assert_eq!(r.per_peer[&ip("2001:db8::")], 2);
+        // Every connection of the peer busy: the new one is refused.
+        let busy: Vec<Busy> = conns[1..]
+            .iter()
+            .chain([&next])
+            .map(|c| Busy::start(c.clone()))
+            .collect();
+        assert!(matches!(
+            r.admit(ip("127.0.0.1"), &Arc::new(Activity::new())),
+            Admission::Refused
+        ));
+        drop(busy);
+        // Closed connections give their slots back.
+        let ids: Vec<u64> = r.conns.keys().copied().collect();
+        for id in ids {
+            r.remove(id);
+        }
+        assert!(r.conns.is_empty() && r.per_peer.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_evicted_connection_is_closed_by_its_watchdog() {
+        let l = limits();
+        let a = Arc::new(Activity::new());
+        let watchdog = {
+            let a = a.clone();
+            let l = l.clone();
+            tokio::spawn(async move { a.expired(&l).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        a.evict();
+        let kind = tokio::time::timeout(Duration::from_secs(1), watchdog)
+            .await
+            .expect("the watchdog did not wake")
+            .unwrap();
+        assert_eq!(kind, EVICTED);
     }
 
     #[test]
