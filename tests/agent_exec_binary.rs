@@ -227,9 +227,11 @@ fn exec_secret_on_the_command_line_is_refused() {
 #[tokio::test]
 async fn exec_route_is_absent_without_a_public_key() {
     let agent = Agent::start(None);
+    // No body: a 404 answered before an unread body arrives can make the
+    // server's close a reset under load (seen once in CI), and the route's
+    // absence is what is tested here.
     let resp = reqwest::Client::new()
         .post(format!("http://{}/v1/exec", agent.addr))
-        .body("{}")
         .send()
         .await
         .unwrap();

@@ -241,6 +241,12 @@ async fn start_with_shipped_alertmanager(dir: &Path, config: &str) -> Pair {
     let bot_port = free_port();
     let cfg = dir.join("bot.toml");
     std::fs::write(&cfg, config).unwrap();
+    // Inline secrets: a config others can read is refused.
+    std::fs::set_permissions(
+        &cfg,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
     let bot_log = dir.join("bot.log");
     let bot = Killed(
         Command::new(gpuops())

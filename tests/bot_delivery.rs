@@ -596,6 +596,20 @@ async fn rendered(bot: &Bot, id: i64) -> gpuops::notify::AlertMessage {
     }
 }
 
+/// Discord text as a reader sees it: outside text is Markdown-escaped
+/// (`\(`, `\:`, `\_`), and Discord shows each escaped character as itself.
+fn discord_shown(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// PagerDuty's trigger event and the email for a message.
 fn pagerduty_and_email(m: &gpuops::notify::AlertMessage) -> (Value, gpuops::notify::email::Mail) {
     use gpuops::notify::{pagerduty, Message, Op, Outgoing};
@@ -709,16 +723,12 @@ async fn alert_lines_name_the_node_not_the_instance() {
     let d = bot.discord.wait_for(1, WAIT).await;
     let embed = &d[0].body["embeds"][0];
     assert!(
-        embed["title"]
-            .as_str()
-            .unwrap()
+        discord_shown(embed["title"].as_str().unwrap())
             .contains("GPUFellOffBus on gpu-node-17 (127.0.0.1:18949)"),
         "{embed}"
     );
     assert!(
-        embed["description"]
-            .as_str()
-            .unwrap()
+        discord_shown(embed["description"].as_str().unwrap())
             .contains("gpu-node-17 (127.0.0.1:18949) GPU 5 (GPU-bf6b5d8a)"),
         "{embed}"
     );
@@ -779,7 +789,7 @@ async fn oom_storm_on_8_nodes_is_one_message_naming_8_nodes_with_victims() {
         );
     }
     let d = bot.discord.wait_for(1, WAIT).await;
-    let desc = d[0].body["embeds"][0]["description"].as_str().unwrap();
+    let desc = discord_shown(d[0].body["embeds"][0]["description"].as_str().unwrap());
     assert_eq!(desc.matches("OOM victim: python3").count(), 8, "{desc}");
     eprintln!(
         "8-node OOM storm, Slack lines:\n{}",
