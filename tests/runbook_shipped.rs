@@ -795,7 +795,7 @@ fn run_on_a_node_takes_node_from_the_host_name() {
             "-p",
             "gpu=1",
             "-p",
-            "instance=10.0.0.7:9949",
+            "instance=localhost:9949",
         ])
         .output()
         .unwrap();
