@@ -1061,7 +1061,10 @@ mod tests {
         )
         .unwrap();
         let w = job_warning(&down).await.unwrap();
-        assert!(w.starts_with("cannot check that Prometheus job \"gpuops-agent\""), "{w}");
+        assert!(
+            w.starts_with("cannot check that Prometheus job \"gpuops-agent\""),
+            "{w}"
+        );
         // No job configured: nothing to check.
         let none = BotConfig::from_str(std::path::Path::new("b.toml"), "").unwrap();
         assert_eq!(job_warning(&none).await, None);

@@ -146,7 +146,7 @@ steps:
     phase: mitigate
     kind: command
     target: bot
-    run: ["echo", "drain nodename={{node}}"]
+    run: ["echo", "drain nodename={{node}} via {{instance}}"]
 "#;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("drain-it.yaml"), NODE_RUNBOOK).unwrap();

@@ -969,7 +969,10 @@ mod tests {
         std::fs::write(&path, format!("[runbooks]\ndir = {:?}\n", missing)).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let e = BotConfig::from_file(&path).unwrap_err().to_string();
-        assert!(e.contains("runbooks.dir") && e.contains("is not a directory"), "{e}");
+        assert!(
+            e.contains("runbooks.dir") && e.contains("is not a directory"),
+            "{e}"
+        );
         std::fs::create_dir(&missing).unwrap();
         BotConfig::from_file(&path).unwrap();
     }
