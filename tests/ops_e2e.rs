@@ -307,14 +307,30 @@ async fn shipped_alertmanager_config_delivers_prometheus_alerts_with_the_bearer_
 }
 
 /// The bot configuration the package installs as /etc/gpuops/bot.toml is
-/// accepted as it is (secrets commented out, so no credential is needed).
+/// accepted as it is (secrets commented out, so no credential is needed),
+/// with the runbooks the package installs beside it (here: the repository's,
+/// in the place of /usr/share/gpuops/runbooks); without them it is refused.
 #[test]
 fn packaged_bot_config_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let packaged = std::fs::read_to_string(repo().join("packaging/bot.toml")).unwrap();
+    let installed = "dir = \"/usr/share/gpuops/runbooks\"";
+    assert!(packaged.contains(installed), "{packaged}");
+    let bot = dir.path().join("bot.toml");
+    std::fs::write(
+        &bot,
+        packaged.replacen(
+            installed,
+            &format!("dir = {:?}", repo().join("runbooks")),
+            1,
+        ),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
         .args(["check-config", "--agent"])
         .arg(repo().join("packaging/agent.toml"))
         .arg("--bot")
-        .arg(repo().join("packaging/bot.toml"))
+        .arg(&bot)
         .output()
         .expect("run check-config");
     assert!(
@@ -322,6 +338,24 @@ fn packaged_bot_config_is_accepted() {
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+    // Issue 22, observation 10: a missing runbooks directory was accepted.
+    let missing = dir.path().join("not-installed");
+    std::fs::write(
+        &bot,
+        packaged.replacen(installed, &format!("dir = {missing:?}"), 1),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args(["check-config", "--bot"])
+        .arg(&bot)
+        .output()
+        .expect("run check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("runbooks.dir") && stderr.contains("is not a directory"),
+        "{stderr}"
     );
 }
 

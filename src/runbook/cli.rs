@@ -182,14 +182,12 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
     // On a node, `node` is this host unless given (its pattern still applies).
     // An `instance` of another host is not in this command's inventory.
     let mut node_from_host = false;
+    let mut unknown_instance = None;
     if runbook.param(NODE_PARAM).is_some() && !given.contains_key(NODE_PARAM) {
         if let Some(instance) = given.get(INSTANCE_PARAM) {
             let full = sysinfo::System::host_name().unwrap_or_default();
             if !is_this_host(instance, &full) {
-                anyhow::bail!(
-                    "runbook {}: instance={instance} is not in the inventory of `gpuops runbook run`, which holds only the agent on this host (localhost:PORT or this host's name): run it on that node, or give -p node=NAME for the node {instance} is",
-                    runbook.id
-                );
+                unknown_instance = Some(instance.clone());
             }
         }
         if let Some(host) = local_node_name() {
@@ -205,6 +203,14 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
         };
         anyhow::anyhow!("runbook {}: refused: {e}{hint}", runbook.id)
     })?;
+    // Checked after the parameters (their refusals come first); the plan's
+    // `node` (this host) is never used then.
+    if let Some(instance) = unknown_instance {
+        anyhow::bail!(
+            "runbook {}: instance={instance} is not in the inventory of `gpuops runbook run`, which holds only the agent on this host (localhost:PORT or this host's name): run it on that node, or give -p node=NAME for the node {instance} is",
+            runbook.id
+        );
+    }
     if let Some(bad) = args.step.iter().find(|n| runbook.step(n).is_none()) {
         anyhow::bail!(
             "runbook {} has no step {bad:?}; its steps: {}",
