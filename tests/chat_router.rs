@@ -1358,6 +1358,8 @@ async fn status_when_store_unreachable_says_so() {
     // The CLI form reads the same store: by name, and an unknown name.
     let toml = b.dir.path().join("bot.toml");
     std::fs::write(&toml, config_text(b.dir.path(), NODE17)).unwrap();
+    // Inline secrets: 0600, or the configuration is refused.
+    std::fs::set_permissions(&toml, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     #[allow(clippy::disallowed_methods)] // the real binary, as an operator runs it
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpuops"))
