@@ -286,7 +286,20 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if let Some(p) = &args.bot {
-        report("bot", p, BotConfig::from_file(p).map(|_| ()));
+        let parsed = BotConfig::from_file(p);
+        if let Ok(c) = &parsed {
+            let mut warnings = c.warnings();
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                warnings.extend(rt.block_on(crate::inventory::job_warning(c)));
+            }
+            for w in warnings {
+                eprintln!("{}: warning: {w}", p.display());
+            }
+        }
+        report("bot", p, parsed.map(|_| ()));
     }
     Ok(if ok && web_ok {
         ExitCode::SUCCESS

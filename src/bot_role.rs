@@ -271,6 +271,18 @@ pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
         "listening for AlertManager webhooks at POST /alertmanager"
     );
 
+    for w in cfg.warnings() {
+        tracing::warn!(warning = %w, "configuration");
+    }
+    {
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            if let Some(w) = crate::inventory::job_warning(&cfg).await {
+                tracing::warn!(warning = %w, "configuration");
+            }
+        });
+    }
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut worker_stop = stop_rx.clone();
     let worker_task = tokio::spawn(async move {

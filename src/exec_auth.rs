@@ -546,6 +546,20 @@ pub fn keygen(args: crate::cli::KeygenArgs) -> anyhow::Result<std::process::Exit
             args.name
         );
     }
+    if let Some(tree) = git_work_tree_of(&args.out) {
+        anyhow::bail!(
+            "refusing to write a private key into the git work tree {} (nothing there keeps it out of a commit): give --out DIR outside it, e.g. --out /root/gpuops-keys",
+            tree.display()
+        );
+    }
+    if !args.out.exists() {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&args.out)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", args.out.display()))?;
+    }
     let signer = ExecSigner::generate();
     let private = signer.private_pem().map_err(anyhow::Error::msg)?;
     let public = signer.public_key().to_pem().map_err(anyhow::Error::msg)?;
@@ -588,6 +602,25 @@ pub fn keygen(args: crate::cli::KeygenArgs) -> anyhow::Result<std::process::Exit
         signer.key_id()
     );
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The git work tree `dir` is in (a `.git` in it or a directory above it),
+/// judged from the nearest existing ancestor of `dir`.
+fn git_work_tree_of(dir: &Path) -> Option<std::path::PathBuf> {
+    let mut existing = dir.to_path_buf();
+    if existing.as_os_str().is_empty() {
+        existing = std::path::PathBuf::from(".");
+    }
+    while !existing.exists() {
+        existing = match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+    }
+    let abs = std::fs::canonicalize(&existing).ok()?;
+    abs.ancestors()
+        .find(|a| a.join(".git").exists())
+        .map(Path::to_path_buf)
 }
 
 /// Whether `s` looks like `host:port` (or `[v6]:port`).

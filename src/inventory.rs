@@ -355,6 +355,68 @@ async fn refresh(d: &Discovery, cache: &mut Discovered) {
     }
 }
 
+/// Start-up check of `[agents] prometheus_job` (the bot's start and
+/// `gpuops check-config`): `None` when no job is configured or the job has
+/// targets in Prometheus, else a warning that names the jobs Prometheus
+/// does have (or why it could not be asked).
+pub async fn job_warning(cfg: &BotConfig) -> Option<String> {
+    let inv = Inventory::from_config(cfg)?;
+    let d = inv.discovery.as_ref()?;
+    let answer = async {
+        let resp = d
+            .http
+            .get(&d.targets_url)
+            .send()
+            .await
+            .map_err(|e| crate::telemetry::redact(&format!("GET /api/v1/targets: {e}")))?;
+        let status = resp.status();
+        let body = resp
+            .text()
+            .await
+            .map_err(|e| format!("GET /api/v1/targets: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("GET /api/v1/targets: HTTP {}", status.as_u16()));
+        }
+        jobs_of(&body)
+    }
+    .await;
+    match answer {
+        Err(e) => Some(format!(
+            "cannot check that Prometheus job {:?} ([agents] prometheus_job) has targets: {e}",
+            d.job
+        )),
+        Ok(jobs) if jobs.contains(&d.job) => None,
+        Ok(jobs) if jobs.is_empty() => Some(format!(
+            "Prometheus job {:?} ([agents] prometheus_job) has no targets, and Prometheus scrapes no job at all: node steps to its agents will be refused",
+            d.job
+        )),
+        Ok(jobs) => Some(format!(
+            "Prometheus job {:?} ([agents] prometheus_job) has no targets: node steps to its agents will be refused; the jobs Prometheus has: {}",
+            d.job,
+            jobs.into_iter().collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+/// The jobs of the active targets in a `/api/v1/targets` answer.
+fn jobs_of(body: &str) -> Result<std::collections::BTreeSet<String>, String> {
+    let r: TargetsResponse =
+        serde_json::from_str(body).map_err(|e| format!("unreadable targets answer: {e}"))?;
+    if r.status != "success" {
+        return Err(format!(
+            "Prometheus answered {}: {}",
+            r.status,
+            r.error.unwrap_or_default()
+        ));
+    }
+    Ok(r.data
+        .map(|d| d.active)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|t| t.labels.get("job").cloned())
+        .collect())
+}
+
 #[derive(Deserialize)]
 struct TargetsResponse {
     status: String,
@@ -964,5 +1026,47 @@ mod tests {
             Some("gpu-node-18")
         );
         assert_eq!(names.instances_of("gpu-node-18"), vec!["10.0.0.18:9949"]);
+    }
+
+    /// Issue 22, observation 8: `prometheus_job = "gpuops"` against the
+    /// shipped job `gpuops-agent` refused every run and nothing warned.
+    #[tokio::test]
+    async fn prometheus_job_without_targets_warns_naming_the_jobs_prometheus_has() {
+        let app =
+            axum::Router::new().route("/api/v1/targets", axum::routing::get(|| async { TARGETS }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let cfg = |job: &str| {
+            BotConfig::from_str(
+                std::path::Path::new("b.toml"),
+                &format!(
+                    "[prometheus]\nurl = \"http://{addr}\"\n[agents]\nprometheus_job = \"{job}\"\n"
+                ),
+            )
+            .unwrap()
+        };
+        assert_eq!(job_warning(&cfg("gpuops")).await, None);
+        let w = job_warning(&cfg("gpuops-agent")).await.unwrap();
+        assert!(
+            w.contains("Prometheus job \"gpuops-agent\" ([agents] prometheus_job) has no targets"),
+            "{w}"
+        );
+        assert!(w.ends_with("the jobs Prometheus has: gpuops, node"), "{w}");
+        let down = BotConfig::from_str(
+            std::path::Path::new("b.toml"),
+            "[prometheus]\nurl = \"http://127.0.0.1:9\"\n[agents]\nprometheus_job = \"gpuops-agent\"\n",
+        )
+        .unwrap();
+        let w = job_warning(&down).await.unwrap();
+        assert!(
+            w.starts_with("cannot check that Prometheus job \"gpuops-agent\""),
+            "{w}"
+        );
+        // No job configured: nothing to check.
+        let none = BotConfig::from_str(std::path::Path::new("b.toml"), "").unwrap();
+        assert_eq!(job_warning(&none).await, None);
     }
 }

@@ -153,10 +153,17 @@ fn check_config_reports_every_error_at_once() {
         assert!(err.contains(needle), "{needle:?} missing:\n{err}");
     }
     // The example installed as docs/ops.md says (0600: it holds secrets).
+    // Its [runbooks] dir is the installed one: here, the repository's.
     let example = dir.path().join("bot.example.toml");
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/bot.example.toml"),
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config/bot.example.toml")).unwrap();
+    std::fs::write(
         &example,
+        text.replacen(
+            "dir = \"/usr/share/gpuops/runbooks\"",
+            &format!("dir = {:?}", root.join("runbooks")),
+            1,
+        ),
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt as _;

@@ -1358,6 +1358,8 @@ async fn status_when_store_unreachable_says_so() {
     // The CLI form reads the same store: by name, and an unknown name.
     let toml = b.dir.path().join("bot.toml");
     std::fs::write(&toml, config_text(b.dir.path(), NODE17)).unwrap();
+    // Inline secrets: 0600, or the configuration is refused.
+    std::fs::set_permissions(&toml, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     #[allow(clippy::disallowed_methods)] // the real binary, as an operator runs it
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpuops"))
@@ -1434,3 +1436,171 @@ chat_on_both!(
     status_by_node_name_finds_the_instances_alerts,
     status_of_unknown_name_lists_known_nodes,
 );
+
+/// Issue 22, observations 7 and 8, and the packaging test of its quality
+/// bar: the packaged `bot.toml` with only the Slack token and signing
+/// secret filled in (plus the README's steps: a destination, an operator in
+/// `[rbac]`, the exec key) lets that operator press Run on a GPUFellOffBus
+/// alert and the node step goes to an agent the shipped Prometheus job
+/// (`gpuops-agent`) scrapes. Before: "⛔ ack needs the operator or admin
+/// role", "no runbook `gpu-fell-off-bus`", "not a known agent".
+#[tokio::test]
+async fn packaged_bot_toml_lets_an_rbac_operator_run_gpu_fell_off_bus_from_chat() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _, _) = exec_keys(dir.path());
+    let secret = |name: &str, value: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, value).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p.display().to_string()
+    };
+    let token = secret("slack-bot-token", "xoxb-test-token");
+    let signing = secret("slack-signing-secret", SLACK_SECRET);
+
+    // The agent, and Prometheus scraping it as the shipped job names it.
+    let agent = Capture::start().await;
+    let scrape = format!("{}/metrics", agent.url);
+    let jobs = prometheus_yml_jobs(repo);
+    let app = axum::Router::new().route(
+        "/api/v1/targets",
+        axum::routing::get(move || {
+            let scrape = scrape.clone();
+            let jobs = jobs.clone();
+            async move {
+                let targets: Vec<serde_json::Value> = jobs
+                    .iter()
+                    .map(|j| {
+                        serde_json::json!({
+                            "labels": {"instance": "gpu-node-1:9949", "job": j},
+                            "scrapeUrl": scrape, "health": "up"
+                        })
+                    })
+                    .collect();
+                axum::Json(serde_json::json!({
+                    "status": "success", "data": {"activeTargets": targets}
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let prometheus = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let packaged = std::fs::read_to_string(repo.join("packaging/bot.toml")).unwrap();
+    let replace = |text: String, from: &str, to: &str| {
+        assert!(text.contains(from), "packaging/bot.toml has no {from:?}");
+        text.replacen(from, to, 1)
+    };
+    let mut text = packaged;
+    // Where a test may write: the store, the runbooks the package installs
+    // from this repository, this Prometheus.
+    text = replace(
+        text,
+        "\"/var/lib/gpuops/gpuops.db\"",
+        &format!("{:?}", dir.path().join("gpuops.db")),
+    );
+    text = replace(
+        text,
+        "dir = \"/usr/share/gpuops/runbooks\"",
+        &format!("dir = {:?}", repo.join("runbooks")),
+    );
+    text = replace(
+        text,
+        "url = \"http://127.0.0.1:9090\"",
+        &format!("url = \"{prometheus}\""),
+    );
+    // The README's steps.
+    text = replace(
+        text,
+        "# [slack]\n# bot_token_file = \"slack-bot-token\"\n# signing_secret_file = \"slack-signing-secret\"",
+        &format!("[slack]\nbot_token_file = {token:?}\nsigning_secret_file = {signing:?}"),
+    );
+    text = replace(
+        text,
+        "# [[routing.destinations]]\n# tiers = [\"P1\", \"P2\"]\n# slack_channel = \"#gpu-oncall\"",
+        "[[routing.destinations]]\ntiers = [\"P1\", \"P2\"]\nslack_channel = \"C0ALERTS\"",
+    );
+    text = replace(
+        text,
+        "operators = []",
+        &format!("operators = [\"{OPERATOR}\"]"),
+    );
+    text = replace(
+        text,
+        "# signing_key_file = \"exec-key\"",
+        &format!("signing_key_file = {:?}", key.display().to_string()),
+    );
+    let path = dir.path().join("bot.toml");
+    std::fs::write(&path, &text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = gpuops::config::BotConfig::from_file(&path).unwrap();
+    assert!(cfg.warnings().is_empty(), "{:?}", cfg.warnings());
+    assert_eq!(gpuops::inventory::job_warning(&cfg).await, None);
+
+    let b = Bot::start_config(dir, cfg, None).await;
+    let g = b
+        .alert(webhook("GPUFellOffBus", "gpu-node-1:9949", &[]))
+        .await;
+    b.wait_for(10, "the alert message", |b| {
+        b.slack.calls().iter().any(|c| c.op == "post")
+    })
+    .await;
+    let button = gpuops::notify::Button::RunRunbook("gpu-fell-off-bus".into());
+    let posted = b
+        .slack
+        .calls()
+        .into_iter()
+        .find(|c| c.op == "post")
+        .unwrap();
+    let gpuops::notify::Message::Alert(m) = &posted.message else {
+        panic!("not an alert message: {posted:?}")
+    };
+    assert!(m.buttons.contains(&button), "{:?}", m.buttons);
+
+    let (action, value) = button.slack_action(g);
+    let replies = Capture::start().await;
+    let body = slack_button_body(OPERATOR, action, &value, &format!("{}/resp", replies.url));
+    let (s, _) = b
+        .send(slack_request(
+            "/slack/interactions",
+            &body,
+            b.clock.now_unix(),
+            SLACK_SECRET,
+        ))
+        .await;
+    assert_eq!(s, 200);
+    let started = replies.wait_for(10, "started run").await;
+    assert!(!started.contains('⛔'), "{started}");
+    // The first node step goes, signed, to the agent of the shipped job.
+    let exec = agent.wait_for(20, "kernel-log").await;
+    assert!(exec.contains("gpu-fell-off-bus"), "{exec}");
+    assert!(exec.contains("gpu-node-1"), "{exec}");
+    let reqs = agent.requests.lock().unwrap().clone();
+    assert!(
+        reqs.iter().any(|r| r.0 == "POST" && r.1 == "/v1/exec"),
+        "{reqs:?}"
+    );
+    let all = b.slack.replies().join("\n");
+    assert!(!all.contains("not a known agent"), "{all}");
+    b.stop();
+}
+
+/// The job names of the shipped `config/prometheus/prometheus.yml` that
+/// scrape the agents (port 9949).
+fn prometheus_yml_jobs(repo: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(repo.join("config/prometheus/prometheus.yml")).unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+    let jobs: Vec<String> = doc["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|j| serde_norway::to_string(j).unwrap().contains(":9949"))
+        .filter_map(|j| j["job_name"].as_str().map(str::to_string))
+        .collect();
+    assert!(!jobs.is_empty(), "no job of prometheus.yml scrapes :9949");
+    jobs
+}

@@ -360,3 +360,49 @@ fn xid_catalogue_names_only_contract_series() {
     assert!(named >= 5, "only {named} metric names in the catalogue");
     assert!(unknown.is_empty(), "{unknown:#?}");
 }
+
+/// Issue 22, observation 9: the README's `gpuops keygen --out /root/gpuops-keys`
+/// failed when the directory did not exist; it is created, 0700.
+#[test]
+fn keygen_out_creates_the_directory_0700() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("gpuops-keys");
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args(["keygen", "--out"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&out_dir), 0o700);
+    assert_eq!(mode(&out_dir.join("exec.key")), 0o600);
+    assert_eq!(mode(&out_dir.join("exec.pub")), 0o644);
+}
+
+/// Issue 22, observation 9: plain `gpuops keygen` wrote the private key into
+/// the current directory, a git work tree where nothing ignores it.
+#[test]
+fn keygen_refuses_to_write_the_private_key_into_a_git_work_tree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("checkout");
+    std::fs::create_dir_all(tree.join(".git")).unwrap();
+    std::fs::create_dir_all(tree.join("src")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .arg("keygen")
+        .current_dir(tree.join("src"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("git work tree"), "{stderr}");
+    assert!(!tree.join("src/exec.key").exists());
+    // Nor with --out into a directory of it that does not exist yet.
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args(["keygen", "--out"])
+        .arg(tree.join("keys"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(!tree.join("keys").exists());
+}

@@ -307,14 +307,30 @@ async fn shipped_alertmanager_config_delivers_prometheus_alerts_with_the_bearer_
 }
 
 /// The bot configuration the package installs as /etc/gpuops/bot.toml is
-/// accepted as it is (secrets commented out, so no credential is needed).
+/// accepted as it is (secrets commented out, so no credential is needed),
+/// with the runbooks the package installs beside it (here: the repository's,
+/// in the place of /usr/share/gpuops/runbooks); without them it is refused.
 #[test]
 fn packaged_bot_config_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let packaged = std::fs::read_to_string(repo().join("packaging/bot.toml")).unwrap();
+    let installed = "dir = \"/usr/share/gpuops/runbooks\"";
+    assert!(packaged.contains(installed), "{packaged}");
+    let bot = dir.path().join("bot.toml");
+    std::fs::write(
+        &bot,
+        packaged.replacen(
+            installed,
+            &format!("dir = {:?}", repo().join("runbooks")),
+            1,
+        ),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
         .args(["check-config", "--agent"])
         .arg(repo().join("packaging/agent.toml"))
         .arg("--bot")
-        .arg(repo().join("packaging/bot.toml"))
+        .arg(&bot)
         .output()
         .expect("run check-config");
     assert!(
@@ -322,6 +338,24 @@ fn packaged_bot_config_is_accepted() {
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+    // Issue 22, observation 10: a missing runbooks directory was accepted.
+    let missing = dir.path().join("not-installed");
+    std::fs::write(
+        &bot,
+        packaged.replacen(installed, &format!("dir = {missing:?}"), 1),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args(["check-config", "--bot"])
+        .arg(&bot)
+        .output()
+        .expect("run check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("runbooks.dir") && stderr.contains("is not a directory"),
+        "{stderr}"
     );
 }
 
@@ -511,4 +545,111 @@ fn secret_files_and_inline_secrets_others_can_read_are_refused() {
         &[("CREDENTIALS_DIRECTORY", &creds)],
     );
     assert!(ok, "{out}");
+}
+
+/// Issue 22, observations 7 and 8: chat configured with nobody in `[rbac]`
+/// answered everyone "⛔", and `prometheus_job = "gpuops"` (the shipped job
+/// is `gpuops-agent`) refused every run, with no warning at start. Now
+/// `check-config` and the bot's start say so, naming the jobs Prometheus has;
+/// and runbooks without any agent are an empty inventory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bot_start_and_check_config_warn_about_no_role_and_a_job_without_targets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Prometheus scraping the agents as the shipped job names them.
+    let app = axum::Router::new().route(
+        "/api/v1/targets",
+        axum::routing::get(|| async {
+            axum::Json(
+                serde_json::json!({"status": "success", "data": {"activeTargets": [
+                    {"labels": {"instance": "gpu-node-1:9949", "job": "gpuops-agent"},
+                     "scrapeUrl": "http://gpu-node-1:9949/metrics", "health": "up"},
+                    {"labels": {"instance": "127.0.0.1:9950", "job": "gpuops-bot"},
+                     "scrapeUrl": "http://127.0.0.1:9950/metrics", "health": "up"}
+                ]}}),
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let prometheus = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let bot_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let write = |name: &str, agents: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"{bot_addr}\"\n[store]\npath = {:?}\n\
+                 [slack]\nbot_token = \"xoxb-t\"\nsigning_secret = \"s\"\napi_url = \"http://127.0.0.1:9/api\"\n\
+                 [[routing.destinations]]\nslack_channel = \"C0\"\n\
+                 [runbooks]\ndir = {:?}\n[prometheus]\nurl = \"http://{prometheus}\"\n{agents}",
+                dir.path().join("gpuops.db"),
+                repo().join("runbooks"),
+            ),
+        )
+        .expect("write bot.toml");
+        chmod(&path, 0o600);
+        path
+    };
+    let old_job = write("old-job.toml", "[agents]\nprometheus_job = \"gpuops\"\n");
+    let (ok, out) = run_gpuops(
+        &["check-config", "--bot", old_job.to_str().expect("utf-8")],
+        &[],
+    );
+    assert!(ok, "warnings are not errors: {out}");
+    assert!(
+        out.contains("warning: chat is configured ([slack]) but nobody has a role"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: Prometheus job \"gpuops\" ([agents] prometheus_job) has no targets: node steps to its agents will be refused; the jobs Prometheus has: gpuops-agent, gpuops-bot"),
+        "{out}"
+    );
+    let no_agents = write("no-agents.toml", "");
+    let (ok, out) = run_gpuops(
+        &["check-config", "--bot", no_agents.to_str().expect("utf-8")],
+        &[],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: the agent inventory is empty"),
+        "{out}"
+    );
+    let shipped_job = write(
+        "shipped.toml",
+        "[agents]\nprometheus_job = \"gpuops-agent\"\n",
+    );
+    let (_, out) = run_gpuops(
+        &[
+            "check-config",
+            "--bot",
+            shipped_job.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert!(!out.contains("has no targets"), "{out}");
+
+    // The bot's start says the same in its log.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpuops"));
+    cmd.args(["bot", "--config"])
+        .arg(&old_job)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("STATE_DIRECTORY");
+    let mut bot = Proc::start("bot", &mut cmd, dir.path());
+    wait_for_port(&mut bot, bot_addr, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = dir.path().join("bot.log");
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("nobody has a role")
+            && text.contains("the jobs Prometheus has: gpuops-agent, gpuops-bot")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", bot.tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -251,3 +251,83 @@ fn built_deb_holds_binary_units_conffiles_and_ops_files() {
         assert!(info.contains(script), "no {script} in {info}");
     }
 }
+
+/// Issue 22, observations 7, 8 and 10: the packaged `bot.toml` had no
+/// `[rbac]` and no `[runbooks] dir`, named the Prometheus job `gpuops` (the
+/// shipped job is `gpuops-agent`), and the store was `gpuops.db` in the
+/// package but `bot.db` in the example and docs/ops.md.
+#[test]
+fn packaged_bot_toml_names_the_packaged_runbooks_the_shipped_job_and_one_store_file() {
+    let read = |p: &str| std::fs::read_to_string(repo().join(p)).expect(p);
+    let packaged: toml::Table = read("packaging/bot.toml").parse().expect("bot.toml");
+    let example: toml::Table = read("config/bot.example.toml")
+        .parse()
+        .expect("bot.example.toml");
+
+    // The runbooks the package installs.
+    let dir = packaged["runbooks"]["dir"]
+        .as_str()
+        .expect("[runbooks] dir");
+    assert_eq!(dir, "/usr/share/gpuops/runbooks");
+    assert!(
+        deb_assets()
+            .iter()
+            .any(|(src, dest)| src.starts_with("runbooks/")
+                && format!("/{dest}") == format!("{dir}/")),
+        "no deb asset installs runbooks/ into {dir}"
+    );
+    // [rbac], its placeholders explained.
+    let rbac = packaged["rbac"].as_table().expect("[rbac]");
+    assert!(rbac.contains_key("admins") && rbac.contains_key("operators"));
+    assert!(read("packaging/bot.toml").contains("Copy member ID"));
+
+    // One job name: the shipped Prometheus job.
+    let prom: serde_norway::Value =
+        serde_norway::from_str(&read("config/prometheus/prometheus.yml")).expect("prometheus.yml");
+    let jobs: Vec<&str> = prom["scrape_configs"]
+        .as_sequence()
+        .expect("scrape_configs")
+        .iter()
+        .filter_map(|j| j["job_name"].as_str())
+        .collect();
+    let job = packaged["agents"]["prometheus_job"]
+        .as_str()
+        .expect("[agents] prometheus_job");
+    assert_eq!(job, "gpuops-agent");
+    assert!(
+        jobs.contains(&job),
+        "{job} is not a job of prometheus.yml: {jobs:?}"
+    );
+    assert_eq!(example["agents"]["prometheus_job"].as_str(), Some(job));
+    let named = regex::Regex::new(r#"prometheus_job = "([^"]*)""#).unwrap();
+    for file in [
+        "README.md",
+        "docs/ops.md",
+        "config/bot.example.toml",
+        "packaging/bot.toml",
+    ] {
+        for c in named.captures_iter(&read(file)) {
+            assert_eq!(&c[1], job, "{file}: prometheus_job = {:?}", &c[1]);
+        }
+    }
+
+    // One store file name (`gpuops-bot.db` is the run-without-config default in the working directory).
+    let store = packaged["store"]["path"].as_str().expect("[store] path");
+    let name = store.rsplit('/').next().unwrap_or(store);
+    assert_eq!(example["store"]["path"].as_str(), Some(store));
+    let db = regex::Regex::new(r"[A-Za-z0-9_-]+\.db\b").unwrap();
+    for file in [
+        "README.md",
+        "docs/ops.md",
+        "config/bot.example.toml",
+        "packaging/bot.toml",
+    ] {
+        for m in db.find_iter(&read(file)) {
+            assert!(
+                m.as_str() == name || m.as_str() == "gpuops-bot.db",
+                "{file} names the store {}, the package {name}",
+                m.as_str()
+            );
+        }
+    }
+}

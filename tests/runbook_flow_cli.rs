@@ -130,3 +130,54 @@ fn step_runs_only_the_named_steps_and_their_unmet_dependencies_skip() {
         "{stderr}"
     );
 }
+
+/// Issue 22, observation 10: `instance=gpu-node-07:9949` with no `node` was
+/// run as this host (`nodename=vm`); it is an error naming the inventory.
+#[test]
+fn runbook_run_with_an_instance_the_inventory_does_not_know_is_an_error() {
+    const NODE_RUNBOOK: &str = r#"
+id: drain-it
+title: Drain it
+params:
+  node: { pattern: '[A-Za-z0-9-]{1,63}' }
+  instance: { pattern: '[A-Za-z0-9.:_-]{1,255}' }
+steps:
+  - name: drain
+    phase: mitigate
+    kind: command
+    target: bot
+    run: ["echo", "drain nodename={{node}} via {{instance}}"]
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("drain-it.yaml"), NODE_RUNBOOK).unwrap();
+    let run = |params: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gpuops"));
+        c.args(["runbook", "run", "drain-it", "--dry-run", "--dir"])
+            .arg(dir.path());
+        for p in params {
+            c.args(["-p", p]);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let host = gpuops::runbook::cli::local_node_name().expect("this host has a name");
+    let (ok, stdout, stderr) = run(&["instance=gpu-node-07:9949"]);
+    assert!(!ok, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("instance=gpu-node-07:9949 is not in the inventory"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains(&format!("nodename={host}")), "{stdout}");
+    // The node given: the operator said which node it is.
+    let (ok, stdout, stderr) = run(&["instance=gpu-node-07:9949", "node=gpu-node-07"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("nodename=gpu-node-07"), "{stdout}");
+    // This host's own agent: node is this host.
+    let (ok, stdout, stderr) = run(&["instance=localhost:9949"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains(&format!("nodename={host}")), "{stdout}");
+}

@@ -260,6 +260,7 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
         cmd.args(["runbook", "run", id, "--dir", "runbooks", "--dry-run"]);
         for (k, v) in [
             ("instance", "gpu-node-07:9949"),
+            ("node", "gpu-node-07"),
             ("gpu", "3"),
             ("xid", "48"),
             ("mountpoint", "/scratch"),
@@ -795,7 +796,7 @@ fn run_on_a_node_takes_node_from_the_host_name() {
             "-p",
             "gpu=1",
             "-p",
-            "instance=10.0.0.7:9949",
+            "instance=localhost:9949",
         ])
         .output()
         .unwrap();

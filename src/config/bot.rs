@@ -196,13 +196,14 @@ pub struct ApprovalsConfig {
     pub expiry: Duration,
 }
 
-/// `$STATE_DIRECTORY/bot.db` under systemd, else `./gpuops-bot.db`.
+/// `$STATE_DIRECTORY/gpuops.db` under systemd (the package's name), else
+/// `./gpuops-bot.db`.
 pub fn default_store_path() -> PathBuf {
     match std::env::var_os("STATE_DIRECTORY") {
         Some(dirs) if !dirs.is_empty() => {
             let s = dirs.to_string_lossy().to_string();
             let first = s.split(':').next().unwrap_or("").to_string();
-            PathBuf::from(first).join("bot.db")
+            PathBuf::from(first).join("gpuops.db")
         }
         _ => PathBuf::from("gpuops-bot.db"),
     }
@@ -258,6 +259,39 @@ impl Default for BotConfig {
 }
 
 impl BotConfig {
+    /// What a valid configuration still gets wrong for a first install
+    /// (logged at the bot's start, printed by `check-config`): chat without
+    /// anybody holding a role, runbooks without any agent to run node steps
+    /// on. Whether `[agents] prometheus_job` has targets needs Prometheus:
+    /// `inventory::job_warning`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let chat: Vec<&str> = [
+            self.slack.as_ref().map(|_| "[slack]"),
+            self.discord.as_ref().map(|_| "[discord]"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !chat.is_empty() && self.rbac.admins.is_empty() && self.rbac.operators.is_empty() {
+            out.push(format!(
+                "chat is configured ({}) but nobody has a role: [rbac] admins and operators are empty, so nobody can ack, silence, approve or run a runbook",
+                chat.join(", ")
+            ));
+        }
+        let inventory_empty = match &self.agents {
+            None => true,
+            Some(a) => a.nodes.is_empty() && a.prometheus_job.is_none(),
+        };
+        if self.runbooks.dir.is_some() && inventory_empty {
+            out.push(
+                "the agent inventory is empty ([agents] has no [[agents.nodes]] and no prometheus_job): every runbook step on a node will be refused"
+                    .to_string(),
+            );
+        }
+        out
+    }
+
     /// Reads and validates `path`, reporting every error in it at once.
     pub fn from_file(path: &Path) -> Result<BotConfig, ConfigErrors> {
         let text = read_file(path)?;
@@ -554,6 +588,12 @@ impl BotConfig {
             c.runbooks.dir = r.get_with(&mut s, "dir", |p: PathBuf| {
                 if p.as_os_str().is_empty() {
                     Err("must not be empty".to_string())
+                } else if on_disk && !p.is_dir() {
+                    // A configuration on disk is the one the bot runs with.
+                    Err(format!(
+                        "{} is not a directory: no runbook could be offered or run (the package installs them in /usr/share/gpuops/runbooks)",
+                        p.display()
+                    ))
                 } else {
                     Ok(p)
                 }
@@ -881,6 +921,60 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
         }
+    }
+
+    /// Issue 22, observation 7: chat configured, no `[rbac]`: everybody got
+    /// "⛔ ack needs the operator or admin role" and nothing said why.
+    #[test]
+    fn chat_without_anybody_holding_a_role_warns() {
+        let slack = "[slack]\nbot_token = \"xoxb-t\"\nsigning_secret = \"s\"\n";
+        let c = BotConfig::from_str(Path::new("b.toml"), slack).unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("chat is configured ([slack]) but nobody has a role"),
+            "{w:?}"
+        );
+        let with_role = format!("{slack}[rbac]\noperators = [\"U0OPER\"]\n");
+        let c = BotConfig::from_str(Path::new("b.toml"), &with_role).unwrap();
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        // No chat, no roles needed.
+        let c = BotConfig::from_str(Path::new("b.toml"), "").unwrap();
+        assert!(c.warnings().is_empty());
+    }
+
+    /// Issue 22, observation 8: runbooks with no agent to run node steps on.
+    #[test]
+    fn runbooks_with_an_empty_agent_inventory_warn() {
+        let c = BotConfig::from_str(Path::new("b.toml"), "[runbooks]\ndir = \"rb\"\n").unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("the agent inventory is empty"), "{w:?}");
+        let c = BotConfig::from_str(
+            Path::new("b.toml"),
+            "[runbooks]\ndir = \"rb\"\n[agents]\n[[agents.nodes]]\ninstance = \"10.0.0.1:9949\"\nnode = \"n1\"\n",
+        )
+        .unwrap();
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    }
+
+    /// Issue 22, observation 10: `check-config` accepted a runbooks
+    /// directory that does not exist.
+    #[test]
+    fn check_config_refuses_a_missing_runbooks_directory() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bot.toml");
+        let missing = dir.path().join("no-runbooks");
+        std::fs::write(&path, format!("[runbooks]\ndir = {:?}\n", missing)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = BotConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("runbooks.dir") && e.contains("is not a directory"),
+            "{e}"
+        );
+        std::fs::create_dir(&missing).unwrap();
+        BotConfig::from_file(&path).unwrap();
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! `--step NAME` runs only the named steps. The run ends with the node's
 //! state in plain words ([`engine::node_state`]). The exit status is
 //! non-zero when any step did not succeed. A runbook's `node` parameter,
-//! when not given, is this host's short name (`uname -n` up to the first dot).
+//! when not given, is this host's short name (`uname -n` up to the first dot);
+//! an `instance` parameter naming another host is then refused: the only
+//! agent this command knows is this host's.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, IsTerminal as _, Write};
@@ -132,6 +134,27 @@ pub fn short_host_name(full: &str) -> Option<String> {
     (!short.is_empty()).then(|| short.to_string())
 }
 
+/// The parameter that names the agent (`host:port`) a runbook acts through.
+pub const INSTANCE_PARAM: &str = "instance";
+
+/// Whether `instance` (`host:port`, or a bare host) is the agent on this
+/// host, whose full name is `full`: loopback, or this host's name (full or
+/// short).
+pub fn is_this_host(instance: &str, full: &str) -> bool {
+    let host = match instance.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => instance,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") || host == "::1" || host.starts_with("127.") {
+        return true;
+    }
+    let full = full.trim();
+    !full.is_empty()
+        && (host.eq_ignore_ascii_case(full)
+            || short_host_name(full).is_some_and(|s| host.eq_ignore_ascii_case(&s)))
+}
+
 /// Parses `k=v` arguments.
 pub fn parse_param_args(args: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
@@ -157,8 +180,16 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
     };
     let mut given = parse_param_args(&args.params)?;
     // On a node, `node` is this host unless given (its pattern still applies).
+    // An `instance` of another host is not in this command's inventory.
     let mut node_from_host = false;
+    let mut unknown_instance = None;
     if runbook.param(NODE_PARAM).is_some() && !given.contains_key(NODE_PARAM) {
+        if let Some(instance) = given.get(INSTANCE_PARAM) {
+            let full = sysinfo::System::host_name().unwrap_or_default();
+            if !is_this_host(instance, &full) {
+                unknown_instance = Some(instance.clone());
+            }
+        }
         if let Some(host) = local_node_name() {
             given.insert(NODE_PARAM.to_string(), host);
             node_from_host = true;
@@ -172,6 +203,14 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
         };
         anyhow::anyhow!("runbook {}: refused: {e}{hint}", runbook.id)
     })?;
+    // Checked after the parameters (their refusals come first); the plan's
+    // `node` (this host) is never used then.
+    if let Some(instance) = unknown_instance {
+        anyhow::bail!(
+            "runbook {}: instance={instance} is not in the inventory of `gpuops runbook run`, which holds only the agent on this host (localhost:PORT or this host's name): run it on that node, or give -p node=NAME for the node {instance} is",
+            runbook.id
+        );
+    }
     if let Some(bad) = args.step.iter().find(|n| runbook.step(n).is_none()) {
         anyhow::bail!(
             "runbook {} has no step {bad:?}; its steps: {}",
@@ -331,5 +370,23 @@ mod tests {
         check(" n1 ", Some("n1"));
         check("", None);
         check(".example", None);
+    }
+
+    #[test]
+    fn only_loopback_and_this_hosts_name_are_this_host() {
+        let full = "gpu-node-07.dc1.example";
+        for yes in [
+            "localhost:9949",
+            "127.0.0.1:9949",
+            "[::1]:9949",
+            "gpu-node-07:9949",
+            "gpu-node-07.dc1.example:9949",
+            "GPU-NODE-07",
+        ] {
+            assert!(is_this_host(yes, full), "{yes}");
+        }
+        for no in ["gpu-node-08:9949", "10.0.0.7:9949", "gpu-node-070:9949", ""] {
+            assert!(!is_this_host(no, full), "{no}");
+        }
     }
 }

@@ -177,7 +177,17 @@ impl Bot {
                 1,
             );
         }
-        let cfg = Arc::new(BotConfig::from_str(&dir.path().join("bot.toml"), &text).unwrap());
+        let cfg = BotConfig::from_str(&dir.path().join("bot.toml"), &text).unwrap();
+        Bot::start_config(dir, cfg, executor).await
+    }
+
+    /// A bot running `cfg` (a whole configuration, e.g. read from a file).
+    pub async fn start_config(
+        dir: tempfile::TempDir,
+        cfg: BotConfig,
+        executor: Option<Arc<dyn StepExecutor>>,
+    ) -> Bot {
+        let cfg = Arc::new(cfg);
         let store = open_store_at(&cfg.store.path).await;
         let slack = Arc::new(Recorder::default());
         let notifiers = Notifiers {
