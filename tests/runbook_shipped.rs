@@ -870,3 +870,40 @@ fn nvidia_smi_display_types_exist() {
     }
     assert!(checked >= 5, "only {checked} display types");
 }
+
+/// Issue 22, observation 3: `lsof -n -P +L1 /scratch` ORs its conditions and
+/// lists deleted files on every filesystem; with `-a` it lists only those on
+/// the mount point. The step's rendered argv, run for real against an empty
+/// directory while this process holds a deleted file elsewhere, must not
+/// name that file.
+#[test]
+#[ignore = "needs lsof: run by .ci/run"]
+fn storage_lsof_ands_its_conditions() {
+    let rb = shipped().get("storage").unwrap().clone();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let held = elsewhere.path().join("gpuops-held-deleted-file");
+    let _open = std::fs::File::create(&held).unwrap();
+    std::fs::remove_file(&held).unwrap();
+    let mount = tempfile::tempdir().unwrap();
+    let mut labels = sample_labels();
+    labels.insert("mountpoint".into(), mount.path().display().to_string());
+    let plan = engine::plan(&rb, &BTreeMap::new(), &labels).unwrap();
+    let step = plan
+        .steps
+        .iter()
+        .find(|s| matches!(&s.rendered, engine::Rendered::Command { argv } if argv.first().map(String::as_str) == Some("lsof")))
+        .expect("the storage runbook has an lsof step");
+    let engine::Rendered::Command { argv } = &step.rendered else {
+        unreachable!()
+    };
+    let out = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .output()
+        .expect("lsof runs (install lsof)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("gpuops-held-deleted-file"),
+        "{argv:?} listed a deleted file outside {}:\n{stdout}",
+        mount.path().display()
+    );
+}

@@ -361,3 +361,110 @@ fn node_comes_from_the_node_label_never_from_instance() {
         }
     }
 }
+
+/// Issue 22, observations 1 and 2: XID 79 got three different instructions
+/// (the alert "needs a reset or the node a reboot", the report "reset or
+/// reseat the GPU") and XID 94's runbook said "not a GPU fault … (no page)"
+/// without the row remap. For every catalogued code, the catalogue's action
+/// (which the chat note and the report's XID lines print), every alert rule
+/// that fires for it (summary and description) and every runbook its alert
+/// suggests (title, description, step descriptions, the echo texts it
+/// prints, rendered for that code) agree with the catalogue
+/// ([`xid::disagreement`]): 79 drains, reboots and power-cycles through the
+/// BMC and never instructs a reset; 94 restarts the application, never
+/// drains and names the row remap.
+#[test]
+fn xid_texts_agree_with_the_catalogue_everywhere() {
+    let set = shipped();
+    let text = std::fs::read_to_string("config/prometheus/rules/gpuops-alerts.yml").unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+    let xid_rules = xid_rules();
+    let mut bad = Vec::new();
+    let mut checked = 0;
+    for info in xid::catalogue() {
+        let code = info.code;
+        if let Some(why) = xid::disagreement(code, info.action) {
+            bad.push(format!("catalogue: {why}"));
+        }
+        for group in doc["groups"].as_sequence().unwrap() {
+            for rule in group["rules"].as_sequence().unwrap() {
+                let (Some(alert), Some(expr)) = (rule["alert"].as_str(), rule["expr"].as_str())
+                else {
+                    continue;
+                };
+                let fires = if expr.contains("gpu_xid_errors_total") {
+                    xid_rules
+                        .iter()
+                        .any(|r| r.alert == alert && r.fires_for(code))
+                } else {
+                    expr.contains("type=\"fell_off_bus\"") && code == 79
+                };
+                if !fires {
+                    continue;
+                }
+                let words = format!(
+                    "{}\n{}",
+                    rule["annotations"]["summary"].as_str().unwrap_or(""),
+                    rule["annotations"]["description"].as_str().unwrap_or("")
+                );
+                if let Some(why) = xid::disagreement(code, &words) {
+                    bad.push(format!("alert {alert}: {why}"));
+                }
+                checked += 1;
+            }
+        }
+        let rule = rule_for(&xid_rules, code);
+        let labels = labels(&rule.alert, code);
+        for rb in set.suggest(&labels) {
+            let plan = engine::plan(rb, &BTreeMap::new(), &labels)
+                .unwrap_or_else(|e| panic!("xid {code}: {e}"));
+            let mut words = vec![rb.title.clone(), rb.description.clone()];
+            for s in &plan.steps {
+                words.push(s.step.description.clone());
+                if let Rendered::Command { argv } = &s.rendered {
+                    if argv.first().map(String::as_str) == Some("echo") {
+                        words.push(argv[1..].join(" "));
+                    }
+                }
+            }
+            if let Some(why) = xid::disagreement(code, &words.join("\n")) {
+                bad.push(format!("runbook {}: {why}", rb.id));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 2 * xid::catalogue().len(), "only {checked} texts");
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// The check itself: it catches the texts issue 22 found.
+#[test]
+fn xid_disagreement_catches_the_old_texts() {
+    for (code, old) in [
+        (
+            79,
+            "Jobs on it have failed; the GPU needs a reset or the node a reboot.",
+        ),
+        (
+            79,
+            "drain the node, reset or reseat the GPU (runbook `gpu-fell-off-bus`)",
+        ),
+        (
+            94,
+            "XID 94 is not a GPU fault by itself: tell the job owner (no page).",
+        ),
+        (
+            94,
+            "Restart the application, drain the node and remap the row.",
+        ),
+    ] {
+        assert!(xid::disagreement(code, old).is_some(), "{code}: {old}");
+    }
+    assert_eq!(
+        xid::disagreement(
+            79,
+            "Drain the node and reboot it; power-cycle it through the BMC if the GPU is still missing; never a GPU reset (it cannot reach the GPU)."
+        ),
+        None
+    );
+}

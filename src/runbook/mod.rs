@@ -150,7 +150,10 @@ pub struct Flow {
     pub requires: Vec<String>,
     /// `when` or `requires` was given: only they decide. A mitigation
     /// without either is held back by any earlier mitigation of the run
-    /// that failed, timed out, was denied, expired or was skipped.
+    /// that failed, timed out, was denied, expired or was skipped; a
+    /// privileged step (`needs_approval`, any phase) without either by any
+    /// earlier privileged step or mitigation that failed, timed out, was
+    /// denied or expired.
     pub declared: bool,
     /// `alternative: drain`: this step is one member of the group `drain`;
     /// the first member (in file order) that is available runs, the others
