@@ -238,7 +238,7 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "runbooks: 13 runbooks ok, 148 steps\n"
+        "runbooks: 13 runbooks ok, 149 steps\n"
     );
 
     let out = Command::new(bin)

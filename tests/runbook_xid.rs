@@ -468,3 +468,99 @@ fn xid_disagreement_catches_the_old_texts() {
         None
     );
 }
+
+/// Row remaps done right (issue 22): a remap failure (`state="failure"`)
+/// keeps the GPU drained for hardware replacement. After the reset the
+/// gpu-ecc-remap loop checks the failure flag (`remap-not-failed`, a query
+/// that fails when it finds the flag set); when that check fails nothing
+/// returns the node to service, and the node's state says why.
+#[test]
+fn remap_failure_keeps_the_gpu_drained() {
+    use engine::{next_action, node_state, NextAction, StepStatus::*};
+    let set = shipped();
+    let plan = suggested_plan(&set, 64);
+    assert_eq!(plan.runbook.id, "gpu-ecc-remap");
+    let check = plan
+        .step("remap-not-failed")
+        .expect("a remap-not-failed step");
+    match (&check.step.action, &check.rendered) {
+        (gpuops::runbook::Action::Promql { fail_if_any, .. }, Rendered::Promql { query }) => {
+            assert!(*fail_if_any);
+            assert!(
+                query.contains("gpu_remapped_rows{")
+                    && query.contains("state=\"failure\"")
+                    && query.contains("gpu=\"3\""),
+                "{query}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let done: Vec<(String, engine::StepStatus)> = [
+        ("drain-slurm", Succeeded),
+        ("stop-nvml-monitors", Succeeded),
+        ("gpu-reset", Succeeded),
+        ("verify-gpu", Succeeded),
+        ("remap-not-failed", Failed),
+    ]
+    .into_iter()
+    .map(|(n, s)| (n.to_string(), s))
+    .collect();
+    for back in ["resume-slurm", "uncordon-kubernetes"] {
+        let s = plan.step(back).unwrap();
+        assert!(
+            matches!(next_action(&plan, s.index, &done), NextAction::Skip(_)),
+            "{back} must not run after a remap failure"
+        );
+    }
+    let state = node_state(&plan, &done).join("; ");
+    assert!(
+        state.contains("row remap failure")
+            && state.contains("stays drained for hardware replacement"),
+        "{state}"
+    );
+    // Without the failure the node goes back.
+    let mut ok = done.clone();
+    ok[4].1 = Succeeded;
+    let s = plan.step("resume-slurm").unwrap();
+    assert_eq!(next_action(&plan, s.index, &ok), NextAction::Run);
+}
+
+/// `fail_if_any`: the remap check fails when Prometheus finds the failure
+/// flag, and succeeds when it finds nothing (a local fake Prometheus).
+#[tokio::test]
+async fn remap_check_fails_when_prometheus_finds_the_failure_flag() {
+    use engine::{Executor, NodeSteps, StepExecutor as _, StepStatus};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let set = shipped();
+    let plan = suggested_plan(&set, 64);
+    let check = plan.step("remap-not-failed").unwrap();
+    for (result, want) in [
+        (
+            r#"[{"metric":{"gpu":"3","state":"failure"},"value":[1,"1"]}]"#,
+            StepStatus::Failed,
+        ),
+        ("[]", StepStatus::Succeeded),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body =
+            format!(r#"{{"status":"success","data":{{"resultType":"vector","result":{result}}}}}"#);
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+        let exec = Executor::new(
+            std::sync::Arc::new(gpuops::runbook::exec::ProcessRunner),
+            NodeSteps::Local,
+            Some(format!("http://{addr}")),
+        );
+        let out = exec.execute(&plan, check).await;
+        assert_eq!(out.status, want, "{}", out.output);
+    }
+}

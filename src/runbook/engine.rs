@@ -362,7 +362,7 @@ pub fn render(step: &Step, params: &Params) -> Result<Rendered, ParamErrors> {
                 .map(|b| b.render(params, Escape::Json))
                 .transpose()?,
         },
-        Action::Promql { query } => Rendered::Promql {
+        Action::Promql { query, .. } => Rendered::Promql {
             query: query.render(params, Escape::Promql)?,
         },
     })

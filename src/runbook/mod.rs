@@ -179,6 +179,10 @@ pub enum Action {
     },
     Promql {
         query: Template,
+        /// `fail_if_any: true`: the step fails when the query returns any
+        /// series (a check such as "no row remap failure on this GPU" that
+        /// the steps after it can `require`).
+        fail_if_any: bool,
     },
 }
 
@@ -367,7 +371,7 @@ impl Step {
         let action: Vec<&Template> = match &self.action {
             Action::Command { argv } => argv.iter().collect(),
             Action::Http { url, body, .. } => std::iter::once(url).chain(body.as_ref()).collect(),
-            Action::Promql { query } => vec![query],
+            Action::Promql { query, .. } => vec![query],
         };
         action
             .into_iter()
