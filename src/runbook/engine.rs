@@ -197,20 +197,20 @@ pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) 
             });
         }
     }
-    // After a denied or failed privileged step (or mitigation), a later
-    // privileged step asks nobody for approval unless it declares what it
-    // depends on (`requires`, checked below; `requires: []` for nothing).
+    // After a denied (or expired) privileged step or a failed mitigation, a
+    // later privileged step asks nobody for approval unless it declares what
+    // it depends on (`requires`, checked below; `requires: []` for nothing).
+    // A read-only check that exits non-zero (`fuser`: nobody holds the GPU)
+    // holds nothing back.
     if step.needs_approval && !step.flow.declared {
         let refused = done.iter().find(|(n, st)| {
-            matches!(
-                st,
-                StepStatus::Failed
-                    | StepStatus::TimedOut
-                    | StepStatus::Denied
-                    | StepStatus::Expired
-            ) && plan
-                .step(n)
-                .is_some_and(|p| p.step.needs_approval || p.step.phase == Phase::Mitigate)
+            plan.step(n).is_some_and(|p| match st {
+                StepStatus::Denied | StepStatus::Expired => {
+                    p.step.needs_approval || p.step.phase == Phase::Mitigate
+                }
+                StepStatus::Failed | StepStatus::TimedOut => p.step.phase == Phase::Mitigate,
+                _ => false,
+            })
         });
         if let Some((n, st)) = refused {
             return NextAction::Skip(format!("skipped: {n} {}", st.as_reason()));
@@ -511,6 +511,15 @@ steps:
                 "{st:?}"
             );
         }
+        // A privileged read-only check that exits non-zero (`fuser` finding
+        // nobody) holds nothing back; denying it does.
+        let done = vec![("holders".to_string(), Failed)];
+        assert_eq!(next_action(&plan, 5, &done), NextAction::Run);
+        let done = vec![("holders".to_string(), Denied)];
+        assert_eq!(
+            next_action(&plan, 5, &done),
+            NextAction::Skip("skipped: holders was denied".into())
+        );
         // A drain that succeeded (or was unavailable) holds nothing back.
         for st in [Succeeded, Unavailable] {
             let done = vec![("drain".to_string(), st)];

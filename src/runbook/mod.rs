@@ -152,8 +152,8 @@ pub struct Flow {
     /// without either is held back by any earlier mitigation of the run
     /// that failed, timed out, was denied, expired or was skipped; a
     /// privileged step (`needs_approval`, any phase) without either by any
-    /// earlier privileged step or mitigation that failed, timed out, was
-    /// denied or expired.
+    /// earlier privileged step that was denied or expired and any earlier
+    /// mitigation that failed or timed out.
     pub declared: bool,
     /// `alternative: drain`: this step is one member of the group `drain`;
     /// the first member (in file order) that is available runs, the others
