@@ -978,6 +978,18 @@ pub fn stored_tier(group: &GroupRecord) -> Option<Tier> {
 
 #[cfg(test)]
 mod tests {
+    /// Issue 22, observation 1: the chat alert's XID note says what the
+    /// catalogue says, for every catalogued code (79: never a reset).
+    #[test]
+    fn xid_note_agrees_with_the_catalogue() {
+        for info in crate::gpu::xid::catalogue() {
+            let labels = BTreeMap::from([("xid".to_string(), info.code.to_string())]);
+            let note = super::with_xid_note(Some("summary".into()), &labels).unwrap_or_default();
+            assert!(note.contains(info.action), "{note}");
+            assert_eq!(crate::gpu::xid::disagreement(info.code, &note), None);
+        }
+    }
+
     use super::*;
 
     fn payload(status: &str, alerts: &[(&str, &str)]) -> String {

@@ -85,6 +85,54 @@ steps:
     run: ["echo", "page the on-call about {{node}}"]
 "#;
 
+/// The shape of the shipped GPU runbooks: a drain, then a privileged
+/// investigation (`fuser` as root) that declares nothing, a reset that needs
+/// the drain, and a privileged escalation.
+const HOLDERS_RUNBOOK: &str = r#"
+id: holders-flow
+title: Holders after a drain
+params:
+  node:
+    pattern: '(?P<value>[A-Za-z0-9][A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9.-]+)?(?::[0-9]{1,5})?'
+    from_label: instance
+steps:
+  - name: look
+    phase: investigate
+    kind: command
+    target: node
+    run: ["echo", "looking at {{node}}"]
+  - name: drain
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    run: ["scontrol", "update", "nodename={{node}}", "state=drain"]
+  - name: holders
+    phase: investigate
+    kind: command
+    target: node
+    needs_approval: true
+    run: ["fuser", "-v", "/dev/nvidia0"]
+  - name: reset
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    requires: [drain]
+    run: ["nvidia-smi", "-r", "-i", "0"]
+  - name: bug-report
+    phase: escalate
+    kind: command
+    target: node
+    needs_approval: true
+    run: ["nvidia-bug-report.sh"]
+  - name: page
+    phase: escalate
+    kind: command
+    target: bot
+    run: ["echo", "page the on-call about {{node}}"]
+"#;
+
 /// Answers every command with its argv as output; programs listed in
 /// `failing` exit 1.
 #[derive(Default)]
@@ -123,6 +171,9 @@ async fn bot() -> (Bot, Arc<Scripted>, Capture) {
     let rb = dir.path().join("runbooks");
     std::fs::create_dir_all(&rb).unwrap();
     std::fs::write(rb.join("flow.yaml"), RUNBOOK).unwrap();
+    std::fs::write(rb.join("holders-flow.yaml"), HOLDERS_RUNBOOK).unwrap();
+    // The shipped XID runbook, as an operator runs it.
+    std::fs::copy("runbooks/gpu-xid.yaml", rb.join("gpu-xid.yaml")).unwrap();
     let runner = Arc::new(Scripted::default());
     let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
     let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
@@ -575,5 +626,89 @@ async fn discord_approve_button_runs_the_same_checks() {
     wait_reply(&b, "the approval note", "approved step `drain-slurm`").await;
     wait_request(&b, "reset").await;
     assert_eq!(runner.programs(), ["echo", "kubectl"]);
+    b.stop();
+}
+
+/// Issue 22, observation 5: after a denied drain the run still asked an
+/// admin to approve `holders` (`fuser` as root). Now nothing privileged is
+/// offered after the denial; the read-only escalation still runs.
+#[tokio::test]
+async fn after_a_denied_drain_no_privileged_step_is_offered() {
+    let (b, runner, capture) = bot().await;
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run holders-flow alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    wait_request(&b, "drain").await;
+    assert_eq!(
+        press(&b, &capture, ADMIN, "gpuops_deny", &approve_button(&b)).await,
+        200
+    );
+    wait_reply(&b, "the summary", "🏁").await;
+    let replies = b.slack.replies();
+    let all = replies.join("\n");
+    let offered: Vec<&String> = replies
+        .iter()
+        .filter(|r| r.contains("/gpuops approve r"))
+        .collect();
+    assert_eq!(offered.len(), 1, "the drain only: {all}");
+    assert!(all.contains("holders (node command, 30s, needs approval) `holders-flow` — skipped: drain was denied"), "{all}");
+    assert!(all.contains("bug-report"), "{all}");
+    assert!(!all.contains("approve bug-report"), "{all}");
+    assert_eq!(runner.programs(), ["echo", "echo"], "{all}");
+    b.stop();
+}
+
+/// Issue 22, observation 2: run on a group holding GPUs 1 and 6, the XID 94
+/// runbook acted on GPU 1 only and did not say so. Now the start says which
+/// GPU the run acts on and offers the other as a run of its own.
+#[tokio::test]
+async fn a_two_gpu_xid_94_group_says_which_gpu_it_acts_on_and_offers_the_other() {
+    let (b, runner, _capture) = bot().await;
+    let mut hook = webhook(
+        "GPUXIDError",
+        "node1:9949",
+        &[("xid", "94"), ("gpu", "1"), ("node", "node1")],
+    );
+    let mut second = hook["alerts"][0].clone();
+    second["labels"]["gpu"] = serde_json::json!("6");
+    second["fingerprint"] = serde_json::json!("fp-gpu6");
+    hook["alerts"].as_array_mut().unwrap().push(second);
+    hook["commonLabels"].as_object_mut().unwrap().remove("gpu");
+    let g = b.alert(hook).await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run gpu-xid alert={g}"))
+        .await;
+    let ack = text(&v);
+    assert!(ack.contains("started run"), "{v}");
+    assert!(
+        ack.contains(&format!(
+            "it acts on GPU 1 only: alert group #{g} also holds GPU 6 (`/gpuops run gpu-xid alert={g} gpu=6`)"
+        )),
+        "{ack}"
+    );
+    wait_reply(&b, "the thread's start line", "also holds GPU 6").await;
+    for _ in 0..200 {
+        if runner
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|a| a.contains(&"-i".to_string()))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let calls = runner.calls.lock().unwrap().clone();
+    assert!(calls.iter().any(|a| a[0] == "nvidia-smi"), "{calls:?}");
+    assert!(
+        calls
+            .iter()
+            .filter(|a| a[0] == "nvidia-smi")
+            .all(|a| a.ends_with(&["-i".to_string(), "1".to_string()])),
+        "{calls:?}"
+    );
     b.stop();
 }

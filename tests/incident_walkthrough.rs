@@ -302,7 +302,7 @@ async fn full_disk_failed_drain_is_said_plainly() {
         "{:?}",
         w.node_calls
     );
-    assert!(ran(&w, "lsof -n -P +L1 /scratch"), "{:?}", w.node_calls);
+    assert!(ran(&w, "lsof -n -P -a +L1 /scratch"), "{:?}", w.node_calls);
     let last = w.replies.last().unwrap();
     assert!(last.contains("gpu-node-17 is NOT drained"), "{last}");
 }

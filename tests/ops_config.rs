@@ -312,7 +312,7 @@ fn runbook_queries_read_only_contract_series() {
     let mut queries = 0;
     for rb in &set.runbooks {
         for s in &rb.steps {
-            let Action::Promql { query } = &s.action else {
+            let Action::Promql { query, .. } = &s.action else {
                 continue;
             };
             queries += 1;

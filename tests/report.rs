@@ -540,6 +540,9 @@ async fn lost_gpu_is_one_finding_with_its_evidence() {
     ] {
         assert!(line.contains(needle), "{needle:?} not in {line}");
     }
+    // Issue 22, observation 1: the lost GPU's action is the catalogue's XID 79
+    // one (drain, reboot, BMC power cycle), never "reset or reseat the GPU".
+    assert_eq!(gpuops::gpu::xid::disagreement(79, line), None, "{line}");
     // The XID still counts in GPU health's totals, without a finding of its own.
     assert!(
         built.markdown.contains("XIDs by code: [79 ×1]("),

@@ -361,3 +361,206 @@ fn node_comes_from_the_node_label_never_from_instance() {
         }
     }
 }
+
+/// Issue 22, observations 1 and 2: XID 79 got three different instructions
+/// (the alert "needs a reset or the node a reboot", the report "reset or
+/// reseat the GPU") and XID 94's runbook said "not a GPU fault … (no page)"
+/// without the row remap. For every catalogued code, the catalogue's action
+/// (which the chat note and the report's XID lines print), every alert rule
+/// that fires for it (summary and description) and every runbook its alert
+/// suggests (title, description, step descriptions, the echo texts it
+/// prints, rendered for that code) agree with the catalogue
+/// ([`xid::disagreement`]): 79 drains, reboots and power-cycles through the
+/// BMC and never instructs a reset; 94 restarts the application, never
+/// drains and names the row remap.
+#[test]
+fn xid_texts_agree_with_the_catalogue_everywhere() {
+    let set = shipped();
+    let text = std::fs::read_to_string("config/prometheus/rules/gpuops-alerts.yml").unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+    let xid_rules = xid_rules();
+    let mut bad = Vec::new();
+    let mut checked = 0;
+    for info in xid::catalogue() {
+        let code = info.code;
+        if let Some(why) = xid::disagreement(code, info.action) {
+            bad.push(format!("catalogue: {why}"));
+        }
+        for group in doc["groups"].as_sequence().unwrap() {
+            for rule in group["rules"].as_sequence().unwrap() {
+                let (Some(alert), Some(expr)) = (rule["alert"].as_str(), rule["expr"].as_str())
+                else {
+                    continue;
+                };
+                let fires = if expr.contains("gpu_xid_errors_total") {
+                    xid_rules
+                        .iter()
+                        .any(|r| r.alert == alert && r.fires_for(code))
+                } else {
+                    expr.contains("type=\"fell_off_bus\"") && code == 79
+                };
+                if !fires {
+                    continue;
+                }
+                let words = format!(
+                    "{}\n{}",
+                    rule["annotations"]["summary"].as_str().unwrap_or(""),
+                    rule["annotations"]["description"].as_str().unwrap_or("")
+                );
+                if let Some(why) = xid::disagreement(code, &words) {
+                    bad.push(format!("alert {alert}: {why}"));
+                }
+                checked += 1;
+            }
+        }
+        let rule = rule_for(&xid_rules, code);
+        let labels = labels(&rule.alert, code);
+        for rb in set.suggest(&labels) {
+            let plan = engine::plan(rb, &BTreeMap::new(), &labels)
+                .unwrap_or_else(|e| panic!("xid {code}: {e}"));
+            let mut words = vec![rb.title.clone(), rb.description.clone()];
+            for s in &plan.steps {
+                words.push(s.step.description.clone());
+                if let Rendered::Command { argv } = &s.rendered {
+                    if argv.first().map(String::as_str) == Some("echo") {
+                        words.push(argv[1..].join(" "));
+                    }
+                }
+            }
+            if let Some(why) = xid::disagreement(code, &words.join("\n")) {
+                bad.push(format!("runbook {}: {why}", rb.id));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 2 * xid::catalogue().len(), "only {checked} texts");
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// The check itself: it catches the texts issue 22 found.
+#[test]
+fn xid_disagreement_catches_the_old_texts() {
+    for (code, old) in [
+        (
+            79,
+            "Jobs on it have failed; the GPU needs a reset or the node a reboot.",
+        ),
+        (
+            79,
+            "drain the node, reset or reseat the GPU (runbook `gpu-fell-off-bus`)",
+        ),
+        (
+            94,
+            "XID 94 is not a GPU fault by itself: tell the job owner (no page).",
+        ),
+        (
+            94,
+            "Restart the application, drain the node and remap the row.",
+        ),
+    ] {
+        assert!(xid::disagreement(code, old).is_some(), "{code}: {old}");
+    }
+    assert_eq!(
+        xid::disagreement(
+            79,
+            "Drain the node and reboot it; power-cycle it through the BMC if the GPU is still missing; never a GPU reset (it cannot reach the GPU)."
+        ),
+        None
+    );
+}
+
+/// Row remaps done right (issue 22): a remap failure (`state="failure"`)
+/// keeps the GPU drained for hardware replacement. After the reset the
+/// gpu-ecc-remap loop checks the failure flag (`remap-not-failed`, a query
+/// that fails when it finds the flag set); when that check fails nothing
+/// returns the node to service, and the node's state says why.
+#[test]
+fn remap_failure_keeps_the_gpu_drained() {
+    use engine::{next_action, node_state, NextAction, StepStatus::*};
+    let set = shipped();
+    let plan = suggested_plan(&set, 64);
+    assert_eq!(plan.runbook.id, "gpu-ecc-remap");
+    let check = plan
+        .step("remap-not-failed")
+        .expect("a remap-not-failed step");
+    match (&check.step.action, &check.rendered) {
+        (gpuops::runbook::Action::Promql { fail_if_any, .. }, Rendered::Promql { query }) => {
+            assert!(*fail_if_any);
+            assert!(
+                query.contains("gpu_remapped_rows{")
+                    && query.contains("state=\"failure\"")
+                    && query.contains("gpu=\"3\""),
+                "{query}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let done: Vec<(String, engine::StepStatus)> = [
+        ("drain-slurm", Succeeded),
+        ("stop-nvml-monitors", Succeeded),
+        ("gpu-reset", Succeeded),
+        ("verify-gpu", Succeeded),
+        ("remap-not-failed", Failed),
+    ]
+    .into_iter()
+    .map(|(n, s)| (n.to_string(), s))
+    .collect();
+    for back in ["resume-slurm", "uncordon-kubernetes"] {
+        let s = plan.step(back).unwrap();
+        assert!(
+            matches!(next_action(&plan, s.index, &done), NextAction::Skip(_)),
+            "{back} must not run after a remap failure"
+        );
+    }
+    let state = node_state(&plan, &done).join("; ");
+    assert!(
+        state.contains("row remap failure")
+            && state.contains("stays drained for hardware replacement"),
+        "{state}"
+    );
+    // Without the failure the node goes back.
+    let mut ok = done.clone();
+    ok[4].1 = Succeeded;
+    let s = plan.step("resume-slurm").unwrap();
+    assert_eq!(next_action(&plan, s.index, &ok), NextAction::Run);
+}
+
+/// `fail_if_any`: the remap check fails when Prometheus finds the failure
+/// flag, and succeeds when it finds nothing (a local fake Prometheus).
+#[tokio::test]
+async fn remap_check_fails_when_prometheus_finds_the_failure_flag() {
+    use engine::{Executor, NodeSteps, StepExecutor as _, StepStatus};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let set = shipped();
+    let plan = suggested_plan(&set, 64);
+    let check = plan.step("remap-not-failed").unwrap();
+    for (result, want) in [
+        (
+            r#"[{"metric":{"gpu":"3","state":"failure"},"value":[1,"1"]}]"#,
+            StepStatus::Failed,
+        ),
+        ("[]", StepStatus::Succeeded),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body =
+            format!(r#"{{"status":"success","data":{{"resultType":"vector","result":{result}}}}}"#);
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+        let exec = Executor::new(
+            std::sync::Arc::new(gpuops::runbook::exec::ProcessRunner),
+            NodeSteps::Local,
+            Some(format!("http://{addr}")),
+        );
+        let out = exec.execute(&plan, check).await;
+        assert_eq!(out.status, want, "{}", out.output);
+    }
+}

@@ -421,8 +421,41 @@ pub async fn start_run(
         &format!("started: {id}"),
     )
     .await;
+    // A group holding several GPUs: the run acts on one (its `gpu`
+    // parameter); say which, and offer the others as runs of their own.
+    let gpu_note = match (
+        req.group,
+        rb.params
+            .iter()
+            .find(|p| p.from_label.as_deref() == Some("gpu")),
+    ) {
+        (Some(g), Some(param)) if !req.params.contains_key(&param.name) => {
+            let acting = plan.params.get(&param.name).unwrap_or("").to_string();
+            let others: Vec<String> =
+                group_gpus(chat, g, labels.get("instance").map(String::as_str))
+                    .await
+                    .into_iter()
+                    .filter(|x| *x != acting)
+                    .collect();
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; it acts on GPU {acting} only: alert group #{g} also holds GPU{} {} ({})",
+                    if others.len() == 1 { "" } else { "s" },
+                    others.join(", "),
+                    others
+                        .iter()
+                        .map(|x| format!("`/gpuops run {} alert={g} {}={x}`", rb.id, param.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        }
+        _ => String::new(),
+    };
     let where_ = match req.group {
-        Some(g) => format!("; output goes to the thread of alert group #{g}"),
+        Some(g) => format!("{gpu_note}; output goes to the thread of alert group #{g}"),
         None => String::new(),
     };
     let ack = Reply::public(format!(
@@ -437,7 +470,7 @@ pub async fn start_run(
             chat,
             g,
             format!(
-                "▶ {} started run `{id}` of runbook `{}` ({}) on node {} ({} step{})",
+                "▶ {} started run `{id}` of runbook `{}` ({}) on node {} ({} step{}){gpu_note}",
                 user.display(),
                 rb.id,
                 rb.title,

@@ -10,6 +10,10 @@ use crate::events::{EventKind, XidSource};
 pub use crate::events::{XidInfo, XidResolution, XidSeverity};
 use crate::gpu::normalize_pci_bus_id;
 
+/// XID 79, "GPU has fallen off the bus": a lost GPU's instruction is its
+/// entry's (the report's Fleet line uses it).
+pub const FELL_OFF_THE_BUS: u32 = 79;
+
 /// The catalogue entry for `code`, if we have one.
 pub fn lookup(code: u32) -> Option<&'static XidInfo> {
     CATALOGUE.iter().find(|x| x.code == code)
@@ -50,6 +54,65 @@ pub fn catalogue_markdown() -> String {
         ));
     }
     out
+}
+
+/// Where a text about `code` (an alert rule's description, a report line, a
+/// runbook's texts, a chat note) disagrees with the catalogue's action for
+/// it: a word the class's instruction needs that the text lacks, or an
+/// action the class rules out given as an instruction (in a clause without
+/// "never", "cannot", "not", "no", "without" or "failed"). XID 79 (RESTART_BM):
+/// drain, reboot, power-cycle through the BMC, never a GPU reset. XID 94:
+/// restart the application, no drain, a pending row remap applied by a reset
+/// once the GPU is idle. A GPU reset class:
+/// drain and reset. `None` when the text agrees (or the code is unknown).
+pub fn disagreement(code: u32, text: &str) -> Option<String> {
+    let info = lookup(code)?;
+    let (must, never): (&[&str], &[&[&str]]) = match (info.resolution, code) {
+        (RestartBm, _) => (
+            &["drain", "reboot", "bmc"],
+            &[&["reset", "resets", "resetting"]],
+        ),
+        (RestartApp, 94) => (
+            &["restart", "remap", "pending", "idle"],
+            &[&["drain", "drains", "draining"]],
+        ),
+        (ResetGpu, _) => (&["drain", "reset"], &[]),
+        _ => (&[], &[]),
+    };
+    let lower = text.to_lowercase();
+    let missing: Vec<&str> = must
+        .iter()
+        .copied()
+        .filter(|w| !lower.contains(w))
+        .collect();
+    if !missing.is_empty() {
+        return Some(format!(
+            "XID {code} ({}): the text does not say {} ({:?})",
+            info.nvidia_bucket,
+            missing.join(", "),
+            info.action
+        ));
+    }
+    const NEGATIONS: &[&str] = &["never", "cannot", "not", "no", "without", "failed", "can't"];
+    for clause in lower.split(['.', ';', ':', ',', '(', ')', '\n']) {
+        let words: Vec<&str> = clause
+            .split(|c: char| !c.is_alphanumeric() && c != '\'')
+            .filter(|w| !w.is_empty())
+            .collect();
+        let negated = words.iter().any(|w| NEGATIONS.contains(w));
+        for forms in never {
+            if !negated && words.iter().any(|w| forms.contains(w)) {
+                return Some(format!(
+                    "XID {code} ({}): {:?} instructs {} ({:?})",
+                    info.nvidia_bucket,
+                    clause.trim(),
+                    forms[0],
+                    info.action
+                ));
+            }
+        }
+    }
+    None
 }
 
 /// Recognises an NVIDIA XID kernel message:
@@ -328,7 +391,7 @@ static CATALOGUE: &[XidInfo] = &[
         "The GPU stopped answering on PCIe. Nothing can use it until the node is rebooted or power-cycled; a GPU reset cannot reach it and NVML calls on it fail or hang.",
         RestartBm,
         "RESTART_BM",
-        "Drain the node and reboot it; power-cycle it through the BMC if the GPU is still missing. Check PCIe seating, power and temperatures; a repeat means hardware replacement.",
+        "Drain the node and reboot it; power-cycle it through the BMC if the GPU is still missing; never a GPU reset (it cannot reach the GPU). Check PCIe seating, power and temperatures; a repeat means hardware replacement.",
         FELL_OFF_BUS,
         CATALOG,
     ),
@@ -348,7 +411,7 @@ static CATALOGUE: &[XidInfo] = &[
         "An uncorrectable memory error was contained: only the application using that memory was stopped; the others keep running.",
         RestartApp,
         "RESTART_APP",
-        "Restart the affected application; no drain. Reset the GPU when convenient so the row is remapped (gpu_remapped_rows{state=\"pending\"}).",
+        "Restart the affected application; no drain. A pending row remap (gpu_remapped_rows{state=\"pending\"} > 0) is applied by a GPU reset once the GPU is idle (approval-gated, runbook gpu-reset); a remap failure (state=\"failure\") keeps the GPU drained for hardware replacement (runbook gpu-ecc-remap).",
         GPU_XID,
         CATALOG_ECC,
     ),

@@ -210,5 +210,13 @@ pub(super) fn lost_gpu_line(a: &Answers, l: &LostGpu) -> Line {
     if l.down {
         line = sep(line).text("`gpu_up` ").link("0", a.link(&q::GPUS_DOWN));
     }
-    line.text(": drain the node, reset or reseat the GPU (runbook `gpu-fell-off-bus`)")
+    // The catalogue's XID 79 entry is the one instruction for a lost GPU.
+    let (action, runbook) = crate::gpu::xid::lookup(crate::gpu::xid::FELL_OFF_THE_BUS).map_or(
+        (
+            "Drain the node and reboot it; never a GPU reset.",
+            "gpu-fell-off-bus",
+        ),
+        |i| (i.action, i.runbook),
+    );
+    line.text(format!(": {action} (runbook `{runbook}`)"))
 }

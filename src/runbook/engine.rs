@@ -179,9 +179,6 @@ pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) 
         return NextAction::Skip("skipped: no such step".into());
     };
     let step = &ps.step;
-    if step.phase == Phase::Escalate {
-        return NextAction::Run;
-    }
     let status_of = |name: &str| done.iter().rev().find(|(n, _)| n == name).map(|(_, s)| *s);
     let group_of = |name: &str| {
         plan.step(name)
@@ -199,6 +196,28 @@ pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) 
                 ),
             });
         }
+    }
+    // After a denied (or expired) privileged step or a failed mitigation, a
+    // later privileged step asks nobody for approval unless it declares what
+    // it depends on (`requires`, checked below; `requires: []` for nothing).
+    // A read-only check that exits non-zero (`fuser`: nobody holds the GPU)
+    // holds nothing back.
+    if step.needs_approval && !step.flow.declared {
+        let refused = done.iter().find(|(n, st)| {
+            plan.step(n).is_some_and(|p| match st {
+                StepStatus::Denied | StepStatus::Expired => {
+                    p.step.needs_approval || p.step.phase == Phase::Mitigate
+                }
+                StepStatus::Failed | StepStatus::TimedOut => p.step.phase == Phase::Mitigate,
+                _ => false,
+            })
+        });
+        if let Some((n, st)) = refused {
+            return NextAction::Skip(format!("skipped: {n} {}", st.as_reason()));
+        }
+    }
+    if step.phase == Phase::Escalate {
+        return NextAction::Run;
     }
     if step.flow.previous_succeeded {
         match done.last() {
@@ -343,7 +362,7 @@ pub fn render(step: &Step, params: &Params) -> Result<Rendered, ParamErrors> {
                 .map(|b| b.render(params, Escape::Json))
                 .transpose()?,
         },
-        Action::Promql { query } => Rendered::Promql {
+        Action::Promql { query, .. } => Rendered::Promql {
             query: query.render(params, Escape::Promql)?,
         },
     })
@@ -450,6 +469,64 @@ steps:
 - {name: independent, phase: mitigate, kind: command, target: node, run: [echo], requires: []}
 - {name: page, phase: escalate, kind: command, target: bot, run: [echo]}
 "#;
+
+    const PRIVILEGED_FLOW: &str = r#"
+id: t
+title: T
+steps:
+- {name: drain, phase: mitigate, kind: command, target: node, run: [scontrol], needs_approval: true}
+- {name: holders, phase: investigate, kind: command, target: node, run: [fuser], needs_approval: true}
+- {name: own-check, phase: investigate, kind: command, target: node, run: [fuser], needs_approval: true, requires: []}
+- {name: after-drain, phase: mitigate, kind: command, target: node, run: [echo], needs_approval: true, requires: [drain]}
+- {name: look, phase: investigate, kind: command, target: node, run: [uptime]}
+- {name: bug-report, phase: escalate, kind: command, target: node, run: [nvidia-bug-report.sh], needs_approval: true}
+- {name: page, phase: escalate, kind: command, target: bot, run: [echo]}
+"#;
+
+    /// Issue 22, observation 5: after a denied drain the run still asked an
+    /// admin to approve `holders` (`fuser` as root).
+    #[test]
+    fn after_a_denied_drain_no_privileged_step_asks_for_approval() {
+        use StepStatus::*;
+        let rb =
+            crate::runbook::parse_runbook(std::path::Path::new("t.yaml"), PRIVILEGED_FLOW).unwrap();
+        let plan = plan(&rb, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        for st in [Denied, Failed, TimedOut, Expired] {
+            let done = vec![("drain".to_string(), st)];
+            let got: Vec<String> = plan.steps[1..]
+                .iter()
+                .map(|s| format!("{}: {:?}", s.step.name, next_action(&plan, s.index, &done)))
+                .collect();
+            let reason = st.as_reason();
+            assert_eq!(
+                got,
+                vec![
+                    format!("holders: Skip(\"skipped: drain {reason}\")"),
+                    "own-check: Run".to_string(),
+                    format!("after-drain: Skip(\"skipped: drain {reason}\")"),
+                    "look: Run".to_string(),
+                    format!("bug-report: Skip(\"skipped: drain {reason}\")"),
+                    "page: Run".to_string(),
+                ],
+                "{st:?}"
+            );
+        }
+        // A privileged read-only check that exits non-zero (`fuser` finding
+        // nobody) holds nothing back; denying it does.
+        let done = vec![("holders".to_string(), Failed)];
+        assert_eq!(next_action(&plan, 5, &done), NextAction::Run);
+        let done = vec![("holders".to_string(), Denied)];
+        assert_eq!(
+            next_action(&plan, 5, &done),
+            NextAction::Skip("skipped: holders was denied".into())
+        );
+        // A drain that succeeded (or was unavailable) holds nothing back.
+        for st in [Succeeded, Unavailable] {
+            let done = vec![("drain".to_string(), st)];
+            assert_eq!(next_action(&plan, 1, &done), NextAction::Run, "{st:?}");
+            assert_eq!(next_action(&plan, 5, &done), NextAction::Run, "{st:?}");
+        }
+    }
 
     fn flow_check(done: &[(&str, StepStatus)], expect: expect_test::Expect) {
         let rb = crate::runbook::parse_runbook(std::path::Path::new("t.yaml"), FLOW).unwrap();

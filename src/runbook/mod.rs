@@ -150,7 +150,10 @@ pub struct Flow {
     pub requires: Vec<String>,
     /// `when` or `requires` was given: only they decide. A mitigation
     /// without either is held back by any earlier mitigation of the run
-    /// that failed, timed out, was denied, expired or was skipped.
+    /// that failed, timed out, was denied, expired or was skipped; a
+    /// privileged step (`needs_approval`, any phase) without either by any
+    /// earlier privileged step that was denied or expired and any earlier
+    /// mitigation that failed or timed out.
     pub declared: bool,
     /// `alternative: drain`: this step is one member of the group `drain`;
     /// the first member (in file order) that is available runs, the others
@@ -176,6 +179,10 @@ pub enum Action {
     },
     Promql {
         query: Template,
+        /// `fail_if_any: true`: the step fails when the query returns any
+        /// series (a check such as "no row remap failure on this GPU" that
+        /// the steps after it can `require`).
+        fail_if_any: bool,
     },
 }
 
@@ -364,7 +371,7 @@ impl Step {
         let action: Vec<&Template> = match &self.action {
             Action::Command { argv } => argv.iter().collect(),
             Action::Http { url, body, .. } => std::iter::once(url).chain(body.as_ref()).collect(),
-            Action::Promql { query } => vec![query],
+            Action::Promql { query, .. } => vec![query],
         };
         action
             .into_iter()

@@ -190,6 +190,7 @@ const STEP_KEYS: &[&str] = &[
     "approval_group",
     "state_on_success",
     "state_on_failure",
+    "fail_if_any",
 ];
 
 fn value_kind(v: &Value) -> &'static str {

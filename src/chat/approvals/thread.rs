@@ -146,3 +146,29 @@ pub(super) async fn group_labels(
     }
     Ok(labels)
 }
+
+/// The GPU indexes (`gpu` label) of the group's firing alerts on `instance`,
+/// sorted and once each: a group can hold several GPUs of one node, and a
+/// runbook run acts on one of them.
+pub(super) async fn group_gpus(
+    chat: &ChatState,
+    group: i64,
+    instance: Option<&str>,
+) -> Vec<String> {
+    let Ok(Some(g)) = chat.bot.store.group(group).await else {
+        return Vec::new();
+    };
+    let Ok(hook) = serde_json::from_str::<Webhook>(&g.state) else {
+        return Vec::new();
+    };
+    let mut gpus: Vec<String> = hook
+        .alerts
+        .iter()
+        .filter(|a| a.status == "firing")
+        .filter(|a| instance.is_none() || a.labels.get("instance").map(String::as_str) == instance)
+        .filter_map(|a| a.labels.get("gpu").cloned())
+        .collect();
+    gpus.sort_by_key(|g| (g.parse::<u64>().unwrap_or(u64::MAX), g.clone()));
+    gpus.dedup();
+    gpus
+}

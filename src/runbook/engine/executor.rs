@@ -397,10 +397,24 @@ impl Executor {
         };
         let status = resp.status();
         let (text, _) = read_text_capped(resp, 4 * 1024 * 1024).await;
-        let (ok, output) = format_promql_response(&text);
+        let (ok, mut output) = format_promql_response(&text);
+        // `fail_if_any`: a series in the answer is the failure checked for.
+        let found = matches!(
+            step.action,
+            Action::Promql {
+                fail_if_any: true,
+                ..
+            }
+        ) && serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["data"]["result"].as_array().map(|a| !a.is_empty()))
+            .unwrap_or(false);
+        if found {
+            output.push_str("(fail_if_any: the query returned series)\n");
+        }
         let (output, truncated) = cap_text(output, self.output_cap);
         StepOutcome {
-            status: if ok && status.is_success() {
+            status: if ok && status.is_success() && !found {
                 StepStatus::Succeeded
             } else {
                 StepStatus::Failed

@@ -227,7 +227,11 @@ impl Walker {
         };
         let action = match kind {
             Some(Kind::Command) => {
-                forbid(self, &["method", "url", "body", "query"], "command");
+                forbid(
+                    self,
+                    &["method", "url", "body", "query", "fail_if_any"],
+                    "command",
+                );
                 match get("run") {
                     None => {
                         self.err(&loc, "run", "is required: an argv array");
@@ -303,7 +307,7 @@ impl Walker {
                 }
             }
             Some(Kind::Http) => {
-                forbid(self, &["run", "query"], "http");
+                forbid(self, &["run", "query", "fail_if_any"], "http");
                 let method = match get("method").map(|v| (v, v.as_str())) {
                     None => Some(HttpMethod::Get),
                     Some((_, Some(m))) if m.eq_ignore_ascii_case("get") => Some(HttpMethod::Get),
@@ -349,7 +353,22 @@ impl Walker {
                         self.err(&loc, "query", "is required");
                         None
                     }
-                    Some(v) => template(self, v, "query").map(|query| Action::Promql { query }),
+                    Some(v) => {
+                        let fail_if_any = match get("fail_if_any") {
+                            None => false,
+                            Some(Value::Bool(b)) => *b,
+                            Some(v) => {
+                                self.err(
+                                    &loc,
+                                    "fail_if_any",
+                                    format!("must be true or false, got {}", display_value(v)),
+                                );
+                                false
+                            }
+                        };
+                        template(self, v, "query")
+                            .map(|query| Action::Promql { query, fail_if_any })
+                    }
                 }
             }
             None => None,
