@@ -16,7 +16,7 @@ use crate::config::routing::{default_severity_map, Destination, Routing, Tier};
 pub use crate::config::store::{StoreConfig, StoreSync};
 use crate::config::{
     anchored_regex, positive_secs, read_file, read_log_section, read_secret, read_web_limits,
-    ConfigErrors, Reader, Secret, Section, WebLimits,
+    ConfigErrors, Reader, Secret, WebLimits,
 };
 
 /// Default bot port (next to the agent's 9949).
@@ -186,7 +186,7 @@ pub struct RbacConfig {
     /// not listed is a person of its own. The two-person rule compares people.
     pub people: BTreeMap<String, String>,
     /// `max_silence`: the longest silence an operator may create alone
-    /// (`None`: [`crate::rbac::DEFAULT_MAX_SILENCE`], 24 h); a longer one,
+    /// (`None`: `rbac::DEFAULT_MAX_SILENCE`, 24 h); a longer one,
     /// or one matching every alert, needs an admin.
     pub max_silence: Option<Duration>,
 }
@@ -773,7 +773,7 @@ impl BotConfig {
             };
             c.rbac.admins = r.get_with(&mut s, "admins", ids).unwrap_or_default();
             c.rbac.operators = r.get_with(&mut s, "operators", ids).unwrap_or_default();
-            c.rbac.people = read_people(&mut r, &mut s);
+            c.rbac.people = crate::config::people::read_people(&mut r, &mut s);
             c.rbac.max_silence =
                 r.get_with(
                     &mut s,
@@ -807,80 +807,6 @@ impl BotConfig {
 
         r.finish(root);
         r.into_result().map(|()| c)
-    }
-}
-
-/// `[[rbac.people]]`: `name` and the `accounts` that are that person; every
-/// account in at most one person, every name once.
-fn read_people<'i>(r: &mut Reader<'i>, s: &mut Section<'i>) -> BTreeMap<String, String> {
-    let mut people: BTreeMap<String, String> = BTreeMap::new();
-    let mut names: Vec<String> = Vec::new();
-    for mut p in r.tables(s, "people") {
-        let name = r.get_with(&mut p, "name", |n: String| {
-            if !n.is_empty()
-                && n.len() <= 64
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-            {
-                Ok(n)
-            } else {
-                Err(format!(
-                    "{n:?} is not a person's name (1 to 64 letters, digits, '.', '_' or '-')"
-                ))
-            }
-        });
-        let accounts = r.get_with(&mut p, "accounts", |v: Vec<String>| {
-            if v.is_empty() {
-                return Err("must list at least one account".to_string());
-            }
-            if let Some(bad) = v.iter().find(|a| !is_account_key(a)) {
-                return Err(format!(
-                    "{bad:?} is not an account: write slack:<user id> or discord:<user id>"
-                ));
-            }
-            Ok(v)
-        });
-        let keys = p.keys();
-        for key in ["name", "accounts"] {
-            if !keys.iter().any(|k| k == key) {
-                r.error(&p, "", format!("needs {key}"));
-            }
-        }
-        if let Some(n) = &name {
-            if names.contains(n) {
-                r.error(&p, "name", format!("person {n:?} is listed twice"));
-            }
-            names.push(n.clone());
-        }
-        if let (Some(name), Some(accounts)) = (name, accounts) {
-            for a in accounts {
-                match people.get(&a) {
-                    Some(other) => r.error(
-                        &p,
-                        "accounts",
-                        format!("{a:?} already belongs to {other:?}; an account belongs to at most one person"),
-                    ),
-                    None => {
-                        people.insert(a, name.clone());
-                    }
-                }
-            }
-        }
-        r.finish(p);
-    }
-    people
-}
-
-/// `slack:<id>` (letters and digits) or `discord:<snowflake>`.
-fn is_account_key(a: &str) -> bool {
-    match a.split_once(':') {
-        Some(("slack", id)) => {
-            !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_alphanumeric())
-        }
-        Some(("discord", id)) => {
-            !id.is_empty() && id.len() <= 24 && id.bytes().all(|b| b.is_ascii_digit())
-        }
-        _ => false,
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod bot;
 pub mod paging;
+mod people;
 pub mod reports;
 pub mod routing;
 pub mod store;

@@ -102,3 +102,76 @@ pub(super) async fn finish(
     let now = chat.now() as f64;
     chat.bot.store.finish_run(id, status, results, now).await
 }
+
+pub(super) async fn plan_of(chat: &ChatState, row: &RunRecord) -> Result<RunPlan, String> {
+    let set = chat.runbooks().await;
+    let rb = set.get(&row.runbook).ok_or_else(|| {
+        format!(
+            "runbook {} is no longer in the runbook directory",
+            row.runbook
+        )
+    })?;
+    engine::plan(rb, &row.given, &row.labels).map_err(|e| e.to_string())
+}
+
+/// `row` when it still waits on step `expect` (if given): a button pressed
+/// just as its step was decided and the run moved on changes nothing.
+pub(super) fn still_waiting_on(row: RunRecord, expect: Option<usize>) -> Result<RunRecord, String> {
+    match expect {
+        Some(step) if row.next_step != step => Err(format!(
+            "⛔ this button is stale, nothing changed: run `{}` moved on from the step it was for",
+            row.id
+        )),
+        _ => Ok(row),
+    }
+}
+
+pub(super) async fn waiting_run(chat: &ChatState, id: &str) -> Result<RunRecord, String> {
+    let row = match load(chat, id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err(format!("no run {id}")),
+        Err(e) => return Err(format!("store error: {e}")),
+    };
+    if row.status != "waiting" {
+        return Err(format!(
+            "run {id} is {}, not waiting for approval",
+            row.status
+        ));
+    }
+    if row.expires_at.is_some_and(|t| (chat.now() as f64) >= t) {
+        // The expiry task records and announces it (within a tick).
+        return Err(format!("the approval request of run {id} expired"));
+    }
+    Ok(row)
+}
+
+pub(super) fn selected(only: &Option<Vec<String>>, name: &str) -> bool {
+    only.as_ref().is_none_or(|o| o.iter().any(|s| s == name))
+}
+
+pub(super) fn parse_role(s: &str) -> Role {
+    match s {
+        "admin" => Role::Admin,
+        "operator" => Role::Operator,
+        _ => Role::Viewer,
+    }
+}
+
+pub(super) fn status_name(s: StepStatus) -> &'static str {
+    s.as_str()
+}
+
+pub(super) fn summary_counts(results: &[(String, String)]) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, s) in results {
+        *counts.entry(s.as_str()).or_default() += 1;
+    }
+    if counts.is_empty() {
+        return "no steps run".into();
+    }
+    counts
+        .iter()
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
