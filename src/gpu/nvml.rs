@@ -6,11 +6,15 @@
 //! within the per-device deadline is reported `lost` (and keeps its one stuck
 //! thread; no new thread is started for it until that call returns), while the
 //! other GPUs are still read. The critical-XID event thread records NVML XIDs
-//! in the shared [`KernelEvents`]. This module must not render metrics or read
-//! /proc and /sys.
+//! in the shared [`KernelEvents`]. [`GpuBackend::release`] lets go of NVML
+//! for a GPU reset: new calls fail at once, the XID thread stops, and once
+//! the calls in flight have let go (bounded wait) `nvmlShutdown` runs;
+//! [`GpuBackend::reinit`] initialises NVML again and restarts the XID thread.
+//! This module must not render metrics or read /proc and /sys.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use nvml_wrapper::bitmasks::device::ThrottleReasons;
@@ -37,7 +41,16 @@ use crate::gpu::{
 
 /// Reads GPUs through NVML.
 pub struct NvmlBackend {
-    nvml: Arc<Nvml>,
+    /// `None` while released for a GPU reset.
+    nvml: RwLock<Option<Arc<Nvml>>>,
+    /// Set while released on purpose; cleared by `reinit`. With the handle
+    /// gone and this clear (a re-init failed), `snapshot` tries again.
+    held_released: AtomicBool,
+    /// Bumped at each release: the XID thread of an older one stops.
+    generation: Arc<AtomicU64>,
+    /// Where the XID thread records events (set by `spawn_xid_watcher`), so
+    /// a re-init can start it again.
+    events: Mutex<Option<Arc<KernelEvents>>>,
     flight: SingleFlight<u32, DeviceReading>,
     /// Last good identity per index, to label a GPU that stopped answering.
     identities: Mutex<HashMap<u32, DeviceReading>>,
@@ -55,6 +68,55 @@ impl NvmlBackend {
     /// (library missing, driver not loaded, no GPU). May block: call it off
     /// the request path.
     pub fn init(device_deadline: Duration, process_metrics: bool) -> Result<NvmlBackend, String> {
+        let (nvml, driver_version, cuda_version) = open()?;
+        Ok(NvmlBackend {
+            nvml: RwLock::new(Some(Arc::new(nvml))),
+            held_released: AtomicBool::new(false),
+            generation: Arc::new(AtomicU64::new(0)),
+            events: Mutex::new(None),
+            flight: SingleFlight::new("gpuops-nvml"),
+            identities: Mutex::new(HashMap::new()),
+            statics: Arc::new(Mutex::new(HashMap::new())),
+            device_deadline,
+            process_metrics,
+            driver_version,
+            cuda_version,
+        })
+    }
+
+    /// The NVML handle, or an error while released.
+    fn handle(&self) -> Result<Arc<Nvml>, String> {
+        self.nvml
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| "nvml is released for a runbook step (GPU reset)".to_string())
+    }
+
+    /// Starts the thread that records NVML's critical-XID events.
+    pub fn spawn_xid_watcher(&self, events: Arc<KernelEvents>) {
+        *self.events.lock().unwrap_or_else(PoisonError::into_inner) = Some(events.clone());
+        let Ok(nvml) = self.handle() else {
+            return;
+        };
+        let generation = self.generation.clone();
+        let mine = generation.load(Ordering::SeqCst);
+        let spawned = std::thread::Builder::new()
+            .name("gpuops-nvml-xid".into())
+            .spawn(move || watch_xids(&nvml, &events, &generation, mine));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the nvml xid watcher");
+        }
+    }
+}
+
+/// How long a release waits for NVML calls in flight (per-GPU reads, a GPM
+/// window, the XID thread's event wait) to let go before giving up.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(8);
+
+/// Loads and initialises NVML: the handle, driver and CUDA versions.
+fn open() -> Result<(Nvml, Option<String>, Option<String>), String> {
+    {
         let nvml = Nvml::init().map_err(|e| match e {
             NvmlError::LibloadingError(e) => {
                 format!("cannot load libnvidia-ml.so.1 (is the NVIDIA driver installed?): {e}")
@@ -82,27 +144,7 @@ impl NvmlBackend {
             cuda_version = cuda_version.as_deref().unwrap_or("unknown"),
             "nvml loaded"
         );
-        Ok(NvmlBackend {
-            nvml: Arc::new(nvml),
-            flight: SingleFlight::new("gpuops-nvml"),
-            identities: Mutex::new(HashMap::new()),
-            statics: Arc::new(Mutex::new(HashMap::new())),
-            device_deadline,
-            process_metrics,
-            driver_version,
-            cuda_version,
-        })
-    }
-
-    /// Starts the thread that records NVML's critical-XID events.
-    pub fn spawn_xid_watcher(&self, events: Arc<KernelEvents>) {
-        let nvml = self.nvml.clone();
-        let spawned = std::thread::Builder::new()
-            .name("gpuops-nvml-xid".into())
-            .spawn(move || watch_xids(&nvml, &events));
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start the nvml xid watcher");
-        }
+        Ok((nvml, driver_version, cuda_version))
     }
 }
 
@@ -112,14 +154,23 @@ impl GpuBackend for NvmlBackend {
     }
 
     fn snapshot(&self) -> Result<Arc<Snapshot>, String> {
-        let count = self
-            .nvml
+        let handle = match self.handle() {
+            Ok(h) => h,
+            Err(e) if self.held_released.load(Ordering::SeqCst) => return Err(e),
+            // A re-init after a release failed: try again (within the
+            // collector's deadline).
+            Err(_) => {
+                self.reinit_nvml()?;
+                self.handle()?
+            }
+        };
+        let count = handle
             .device_count()
             .map_err(|e| format!("nvml: cannot count GPUs: {e}"))?;
         let until = Instant::now() + self.device_deadline;
         let pending: Vec<_> = (0..count)
             .map(|i| {
-                let nvml = self.nvml.clone();
+                let nvml = handle.clone();
                 let statics = self.statics.clone();
                 let processes = self.process_metrics;
                 let started = Instant::now();
@@ -151,6 +202,7 @@ impl GpuBackend for NvmlBackend {
             }
             devices.push(reading);
         }
+        drop(handle);
         Ok(Arc::new(Snapshot {
             driver_version: self.driver_version.clone(),
             cuda_version: self.cuda_version.clone(),
@@ -159,7 +211,8 @@ impl GpuBackend for NvmlBackend {
     }
 
     fn gpm_measure(&self, window: Duration) -> Result<Vec<GpmMeasurement>, String> {
-        let nvml = &*self.nvml;
+        let handle = self.handle()?;
+        let nvml = &*handle;
         let count = nvml
             .device_count()
             .map_err(|e| format!("nvml: cannot count GPUs: {e}"))?;
@@ -240,6 +293,88 @@ impl GpuBackend for NvmlBackend {
         }
         out.sort_by_key(|m| m.index);
         Ok(out)
+    }
+
+    fn release(&self) -> Result<(), String> {
+        self.release_nvml()
+    }
+
+    fn reinit(&self) -> Result<(), String> {
+        self.reinit_nvml()
+    }
+}
+
+impl NvmlBackend {
+    fn release_nvml(&self) -> Result<(), String> {
+        let taken = self
+            .nvml
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(mut nvml) = taken else {
+            return Ok(());
+        };
+        self.held_released.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let until = Instant::now() + RELEASE_WAIT;
+        loop {
+            match Arc::try_unwrap(nvml) {
+                Ok(owned) => {
+                    // Device handles are re-read after re-init.
+                    self.statics
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clear();
+                    tracing::info!("nvml released (nvmlShutdown) for a runbook step");
+                    return owned
+                        .shutdown()
+                        .map_err(|e| format!("nvmlShutdown failed: {e}"));
+                }
+                Err(shared) if Instant::now() < until => {
+                    nvml = shared;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(shared) => {
+                    let holders = Arc::strong_count(&shared) - 1;
+                    self.held_released.store(false, Ordering::SeqCst);
+                    let mut slot = self.nvml.write().unwrap_or_else(PoisonError::into_inner);
+                    // A re-init may have come first (this release outlived its deadline).
+                    if slot.is_none() {
+                        *slot = Some(shared);
+                        drop(slot);
+                        self.restart_xid_watcher();
+                    }
+                    return Err(format!(
+                        "nvml not released: {holders} call(s) still in flight after {}s (a GPU not answering?)",
+                        RELEASE_WAIT.as_secs()
+                    ));
+                }
+            }
+        }
+    }
+
+    fn reinit_nvml(&self) -> Result<(), String> {
+        self.held_released.store(false, Ordering::SeqCst);
+        let mut slot = self.nvml.write().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_some() {
+            return Ok(());
+        }
+        let (nvml, _, _) = open()?;
+        *slot = Some(Arc::new(nvml));
+        drop(slot);
+        self.restart_xid_watcher();
+        Ok(())
+    }
+
+    fn restart_xid_watcher(&self) {
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(events) = events {
+            self.spawn_xid_watcher(events);
+        }
     }
 }
 
@@ -737,7 +872,8 @@ fn read_mig(dev: &Device<'_>, r: &mut DeviceReading) {
 }
 
 /// Follows NVML's critical-XID events until NVML goes away.
-fn watch_xids(nvml: &Nvml, events: &KernelEvents) {
+/// Runs until NVML is released (`generation` moves on from `mine`).
+fn watch_xids(nvml: &Nvml, events: &KernelEvents, generation: &AtomicU64, mine: u64) {
     let mut set = match nvml.create_event_set() {
         Ok(s) => s,
         Err(e) => {
@@ -774,8 +910,9 @@ fn watch_xids(nvml: &Nvml, events: &KernelEvents) {
         return;
     }
     tracing::debug!(gpus = registered, "watching nvml xid events");
-    loop {
-        match set.wait(5000) {
+    // A short wait, so a release does not wait long for this thread.
+    while generation.load(Ordering::SeqCst) == mine {
+        match set.wait(1000) {
             Ok(data) => {
                 if !data.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
                     continue;
