@@ -180,11 +180,6 @@ impl FakeBackend {
         &self.path
     }
 
-    /// Whether it is released now.
-    pub fn is_released(&self) -> bool {
-        self.released.load(Ordering::SeqCst)
-    }
-
     /// How often it was released and re-initialised, and how many reads
     /// were attempted while it was released.
     pub fn release_counts(&self) -> (u32, u32, u32) {
@@ -250,6 +245,10 @@ impl GpuBackend for FakeBackend {
             self.releases.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
+    }
+
+    fn is_released(&self) -> bool {
+        self.released.load(Ordering::SeqCst)
     }
 
     fn reinit(&self) -> Result<(), String> {
@@ -326,8 +325,8 @@ mod tests {
 
     #[test]
     fn fake_release_fails_reads_until_reinit() {
-        let b = load(r#"{"devices": [{"index": 0, "uuid": "GPU-0", "pci_bus_id": "1:0"}]}"#)
-            .unwrap();
+        let b =
+            load(r#"{"devices": [{"index": 0, "uuid": "GPU-0", "pci_bus_id": "1:0"}]}"#).unwrap();
         assert!(b.snapshot().is_ok());
         b.release().unwrap();
         assert!(b.is_released());

@@ -49,6 +49,10 @@ pub trait GpuBackend: Send + Sync {
     fn reinit(&self) -> Result<(), String> {
         Ok(())
     }
+    /// Whether it is released now (no handle held).
+    fn is_released(&self) -> bool {
+        false
+    }
 }
 
 /// Shared by the GPU collector and the agent's `POST /v1/exec`: the backend
@@ -82,6 +86,11 @@ impl GpuGate {
         }
         g.backend = Some(backend);
         true
+    }
+
+    /// The collector's backend, once loaded.
+    pub fn backend(&self) -> Option<Arc<dyn GpuBackend>> {
+        self.lock().backend.clone()
     }
 
     /// The step the GPU is released for, while it is.

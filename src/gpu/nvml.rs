@@ -302,6 +302,13 @@ impl GpuBackend for NvmlBackend {
     fn reinit(&self) -> Result<(), String> {
         self.reinit_nvml()
     }
+
+    fn is_released(&self) -> bool {
+        self.nvml
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+    }
 }
 
 impl NvmlBackend {
