@@ -780,7 +780,7 @@ async fn releases_gpu_step_pauses_the_gpu_collector_and_values_come_back() {
     println!("scrape while released: {took:?}; slowest of 16 concurrent: {slowest:?}");
 
     // A second GPU-releasing step while this one runs is refused.
-    let (status, json) = send(&agent.app, signed("gpu-reset", &[], NOW - 1)).await;
+    let (status, json) = send(&agent.app, signed("gpu-reset", &[], NOW + 1)).await;
     assert_eq!(status, StatusCode::CONFLICT, "{json}");
     assert!(
         json["error"].as_str().unwrap().contains("already released"),
@@ -822,7 +822,7 @@ async fn releases_gpu_step_that_fails_or_times_out_still_reinitialises() {
     ];
     for (i, outcome) in outcomes.into_iter().enumerate() {
         let app = agent.app.clone();
-        let ts = NOW - i as i64;
+        let ts = NOW + i as i64;
         let step = tokio::spawn(async move { send(&app, signed("gpu-reset", &[], ts)).await });
         assert!(agent.seen.recv().await.unwrap(), "released for step {i}");
         assert_paused(&scrape(&agent.app).await.1);
@@ -838,7 +838,7 @@ async fn releases_gpu_step_that_fails_or_times_out_still_reinitialises() {
     // A request that goes away mid-step (the bot's connection dropped)
     // re-initialises too.
     let app = agent.app.clone();
-    let step = tokio::spawn(async move { send(&app, signed("gpu-reset", &[], NOW - 9)).await });
+    let step = tokio::spawn(async move { send(&app, signed("gpu-reset", &[], NOW + 3)).await });
     assert!(agent.seen.recv().await.unwrap());
     step.abort();
     let until = std::time::Instant::now() + Duration::from_secs(5);
