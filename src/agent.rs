@@ -90,6 +90,7 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
     kmsg::spawn_watcher(cfg.roots.clone(), events.clone());
     let ctx = Arc::new(Context::new(cfg.clone(), events.clone(), true));
     let collectors = collector::all(&ctx);
+    let gpu_gate = ctx.gpu_gate.clone();
     let runner = Arc::new(Runner::new(ctx, collectors));
     let state = Arc::new(AgentState {
         runner: runner.clone(),
@@ -102,7 +103,7 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
         tracing::warn!(problem = %problem, "exec endpoint stays off");
     }
     let exec = if untrusted.is_empty() {
-        crate::runbook::agent_exec::router(&cfg.exec, &cfg.node_name)
+        crate::runbook::agent_exec::router(&cfg.exec, &cfg.node_name, gpu_gate)
     } else {
         None
     };

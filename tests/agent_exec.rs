@@ -3,7 +3,11 @@
 //! digest and the approval a mitigation must carry, lookups (404/400), and
 //! the step timeout and output cap enforced on real processes. Then the bot
 //! side end to end: the engine's AgentClient signs a node step for the node
-//! its inventory names, a real agent router runs it.
+//! its inventory names, a real agent router runs it. And a `releases_gpu`
+//! step on an agent with the fake GPU backend: NVML released and the GPU
+//! collector paused while it runs (scrapes answer at once, no GPU series,
+//! `gpuops_gpu_released 1`), initialised again afterwards, whatever the
+//! step came to.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,15 +19,23 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 
-use gpuops::config::agent::ExecConfig;
+use gpuops::collector::{self, Context, KernelEvents, Runner};
+use gpuops::config::agent::{ExecConfig, GpuBackendChoice};
+use gpuops::config::AgentConfig;
 use gpuops::exec_auth::{ExecSigner, ExecVerifier, SignedApproval, SignedExec};
+use gpuops::exporter::{self, AgentState};
+use gpuops::gpu::GpuGate;
 use gpuops::inventory::Inventory;
 use gpuops::runbook::agent_exec::{self, ExecState};
 use gpuops::runbook::engine::{
     self, AgentAddr, AgentClient, Executor, NodeSteps, StepExecutor as _, StepStatus,
 };
-use gpuops::runbook::exec::{ProcessRunner, RecordingRunner, TRUNCATION_MARKER};
+use gpuops::runbook::exec::{
+    CommandOutput, CommandRunner, CommandSpec, ProcessRunner, RecordingRunner, RunError,
+    TRUNCATION_MARKER,
+};
 use gpuops::signing::{FixedClock, SystemClock};
+use gpuops::telemetry::HttpMetrics;
 
 const NOW: i64 = 1_800_000_000;
 const CAP: usize = 1024;
@@ -46,6 +58,7 @@ steps:
   - { name: drain, phase: mitigate, kind: command, target: node, timeout: 5s, needs_approval: true, run: [echo, "drained {{node}}"] }
   - { name: slurm-only, phase: investigate, kind: command, target: node, only_if_exists: /nonexistent/gpuops-test/scontrol, run: [echo, slurm] }
   - { name: root-only, phase: investigate, kind: command, target: node, only_if_exists: /, run: [echo, root] }
+  - { name: gpu-reset, phase: investigate, kind: command, target: node, timeout: 5s, releases_gpu: true, run: [nvidia-smi, -r] }
 "#;
 
 fn runbook_dir() -> tempfile::TempDir {
@@ -450,12 +463,12 @@ fn exec_is_off_without_a_public_key() {
         runbooks_dir: "/nonexistent".into(),
         output_cap_bytes: CAP,
     };
-    assert!(agent_exec::router(&cfg, NODE).is_none());
+    assert!(agent_exec::router(&cfg, NODE, Default::default()).is_none());
     let cfg = ExecConfig {
         public_keys: vec![bot_key().public_key()],
         ..cfg
     };
-    assert!(agent_exec::router(&cfg, NODE).is_some());
+    assert!(agent_exec::router(&cfg, NODE, Default::default()).is_some());
 }
 
 /// Serves `app` on a free local port; returns its address.
@@ -585,4 +598,256 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
     // No Prometheus URL: promql steps are skipped with a note.
     let out = bad.execute(&plan, step("q")).await;
     assert_eq!(out.status, StepStatus::Skipped);
+}
+
+/// A runner for `releases_gpu` tests: reports, when a step starts, whether
+/// the GPU backend is released at that moment, then waits for the test to
+/// say what the step came to.
+struct HeldRunner {
+    gate: Arc<GpuGate>,
+    seen: tokio::sync::mpsc::UnboundedSender<bool>,
+    replies:
+        tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Result<CommandOutput, RunError>>>,
+}
+
+impl CommandRunner for HeldRunner {
+    fn run<'a>(
+        &'a self,
+        _cmd: &'a CommandSpec,
+    ) -> futures_util::future::BoxFuture<'a, Result<CommandOutput, RunError>> {
+        Box::pin(async move {
+            let released = self.gate.backend().is_some_and(|b| b.is_released());
+            let _ = self.seen.send(released);
+            match self.replies.lock().await.recv().await {
+                Some(r) => r,
+                None => Err(RunError::EmptyArgv),
+            }
+        })
+    }
+}
+
+/// An agent with the fake GPU backend (8 H100s), its metrics and exec routes.
+struct GpuAgent {
+    app: axum::Router,
+    seen: tokio::sync::mpsc::UnboundedReceiver<bool>,
+    reply: tokio::sync::mpsc::UnboundedSender<Result<CommandOutput, RunError>>,
+    gate: Arc<GpuGate>,
+    _dir: tempfile::TempDir,
+}
+
+fn gpu_agent() -> GpuAgent {
+    let dir = runbook_dir();
+    let mut cfg = AgentConfig::default();
+    cfg.collectors.cpu = false;
+    cfg.collectors.memory = false;
+    cfg.collectors.oom = false;
+    cfg.collectors.storage = false;
+    cfg.roots.kmsg = dir.path().join("no-kmsg");
+    cfg.gpu.backend = GpuBackendChoice::Fake(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpu/h100x8.json"),
+    );
+    let events = Arc::new(KernelEvents::new());
+    let ctx = Arc::new(Context::new(Arc::new(cfg), events.clone(), false));
+    let gate = ctx.gpu_gate.clone();
+    let collectors = collector::all(&ctx);
+    let metrics = exporter::router(Arc::new(AgentState {
+        runner: Arc::new(Runner::new(ctx, collectors)),
+        events,
+        http: Arc::new(HttpMetrics::new()),
+    }));
+    let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
+    let (reply, replies) = tokio::sync::mpsc::unbounded_channel();
+    let runner = HeldRunner {
+        gate: gate.clone(),
+        seen: seen_tx,
+        replies: tokio::sync::Mutex::new(replies),
+    };
+    let exec = ExecState::new(
+        ExecVerifier::with_clock(
+            vec![bot_key().public_key()],
+            NODE,
+            Arc::new(FixedClock::new(NOW)),
+        ),
+        dir.path().to_path_buf(),
+        CAP,
+        Arc::new(runner),
+    )
+    .with_gpu_gate(gate.clone());
+    GpuAgent {
+        app: metrics.merge(agent_exec::router_with(Arc::new(exec))),
+        seen,
+        reply,
+        gate,
+        _dir: dir,
+    }
+}
+
+/// One scrape: how long it took and the text.
+async fn scrape(app: &axum::Router) -> (Duration, String) {
+    let started = std::time::Instant::now();
+    let req = Request::get("/metrics").body(Body::empty()).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), app.clone().oneshot(req))
+        .await
+        .expect("a scrape hung")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        started.elapsed(),
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+fn assert_gpu_values(text: &str) {
+    assert!(text.contains("\ngpuops_gpu_released 0\n"), "{text}");
+    assert!(
+        text.contains("gpuops_collector_success{collector=\"gpu\"} 1"),
+        "{text}"
+    );
+    assert_eq!(text.matches("\ngpu_up{").count(), 8, "{text}");
+    assert!(text.contains("\ngpu_utilization_percent{"), "{text}");
+}
+
+fn assert_paused(text: &str) {
+    assert!(text.contains("\ngpuops_gpu_released 1\n"), "{text}");
+    assert!(
+        text.contains("gpuops_collector_success{collector=\"gpu\"} 0"),
+        "{text}"
+    );
+    for series in [
+        "\ngpu_up{",
+        "\ngpu_utilization_percent{",
+        "\ngpu_temperature_celsius{",
+        "\ngpu_devices ",
+    ] {
+        assert!(!text.contains(series), "{series:?} while released:\n{text}");
+    }
+}
+
+fn ok_output() -> Result<CommandOutput, RunError> {
+    Ok(CommandOutput {
+        exit_code: Some(0),
+        ..CommandOutput::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_gpu_step_pauses_the_gpu_collector_and_values_come_back() {
+    let mut agent = gpu_agent();
+    let (_, before) = scrape(&agent.app).await;
+    assert_gpu_values(&before);
+    let backend = agent
+        .gate
+        .backend()
+        .expect("the collector attached its backend");
+    assert!(!backend.is_released());
+
+    let app = agent.app.clone();
+    let step = tokio::spawn(async move { send(&app, signed("gpu-reset", &[], NOW)).await });
+    let released_during_step = tokio::time::timeout(Duration::from_secs(10), agent.seen.recv())
+        .await
+        .expect("the step did not start")
+        .unwrap();
+    assert!(
+        released_during_step,
+        "NVML must be released before the step runs"
+    );
+    assert_eq!(
+        agent.gate.released_for().as_deref(),
+        Some("node-test:gpu-reset")
+    );
+
+    // Scrapes during the step: quick, paused, no GPU values; concurrent ones too.
+    let (took, during) = scrape(&agent.app).await;
+    assert_paused(&during);
+    assert!(took < Duration::from_secs(1), "scrape took {took:?}");
+    let scrapes: Vec<_> = (0..16)
+        .map(|_| {
+            let app = agent.app.clone();
+            tokio::spawn(async move { scrape(&app).await })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    for s in scrapes {
+        let (took, text) = s.await.unwrap();
+        assert_paused(&text);
+        slowest = slowest.max(took);
+    }
+    assert!(
+        slowest < Duration::from_secs(2),
+        "slowest concurrent scrape {slowest:?}"
+    );
+    println!("scrape while released: {took:?}; slowest of 16 concurrent: {slowest:?}");
+
+    // A second GPU-releasing step while this one runs is refused.
+    let (status, json) = send(&agent.app, signed("gpu-reset", &[], NOW + 1)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{json}");
+    assert!(
+        json["error"].as_str().unwrap().contains("already released"),
+        "{json}"
+    );
+
+    agent.reply.send(ok_output()).unwrap();
+    let (status, json) = step.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["exit_code"], 0, "{json}");
+    assert!(
+        !backend.is_released(),
+        "NVML initialised again after the step"
+    );
+    assert_eq!(agent.gate.released_for(), None);
+    let (_, after) = scrape(&agent.app).await;
+    assert_gpu_values(&after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_gpu_step_that_fails_or_times_out_still_reinitialises() {
+    let mut agent = gpu_agent();
+    let backend = agent.gate.backend().unwrap();
+    let outcomes = [
+        Ok(CommandOutput {
+            exit_code: None,
+            timed_out: true,
+            ..CommandOutput::default()
+        }),
+        Ok(CommandOutput {
+            exit_code: Some(1),
+            stderr: "Unable to reset this GPU because it's being used by some other process".into(),
+            ..CommandOutput::default()
+        }),
+        Err(RunError::Spawn {
+            program: "nvidia-smi".into(),
+            message: "No such file or directory".into(),
+        }),
+    ];
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let app = agent.app.clone();
+        let ts = NOW + i as i64;
+        let step = tokio::spawn(async move { send(&app, signed("gpu-reset", &[], ts)).await });
+        assert!(agent.seen.recv().await.unwrap(), "released for step {i}");
+        assert_paused(&scrape(&agent.app).await.1);
+        agent.reply.send(outcome).unwrap();
+        let (status, json) = step.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert!(
+            !backend.is_released(),
+            "step {i}: NVML not initialised again"
+        );
+        assert_gpu_values(&scrape(&agent.app).await.1);
+    }
+    // A request that goes away mid-step (the bot's connection dropped)
+    // re-initialises too.
+    let app = agent.app.clone();
+    let step = tokio::spawn(async move { send(&app, signed("gpu-reset", &[], NOW + 3)).await });
+    assert!(agent.seen.recv().await.unwrap());
+    step.abort();
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while backend.is_released() || agent.gate.released_for().is_some() {
+        assert!(
+            std::time::Instant::now() < until,
+            "not re-initialised after the request went away"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_gpu_values(&scrape(&agent.app).await.1);
 }

@@ -43,14 +43,15 @@ fn collect(fixture: &str, extra_config: &str) -> (String, String) {
     )
 }
 
-/// The stable part of an exposition: GPU families, DCGM families and the
-/// collectors' success (durations, process and build metrics vary).
+/// The stable part of an exposition: GPU families, DCGM families, whether
+/// NVML is released and the collectors' success (durations, process and build metrics vary).
 fn stable(text: &str) -> String {
     let keep = |name: &str| {
         name.starts_with("gpu_")
             || name.starts_with("DCGM_")
             || name.starts_with("gpuops_collector_success")
             || name.starts_with("gpuops_build_info")
+            || name.starts_with("gpuops_gpu_released")
     };
     text.lines()
         .filter(|l| {

@@ -7,7 +7,12 @@
 //! later scrapes (no thread pile-up) until the call returns. NVML is loaded
 //! lazily on the first collection (and retried every minute while it is
 //! missing); when it is missing one warning says why, the collector reports
-//! failure and no GPU series are exported. Process names, units and
+//! failure and no GPU series are exported. While the agent has released the
+//! backend for a runbook step (`releases_gpu: true`, see
+//! [`crate::gpu::GpuGate`]) the collector does not call it: a scrape answers
+//! at once with `gpuops_gpu_released 1`, the collector failed, no GPU series
+//! (the kernel log's XIDs still), and reads resume after the re-init.
+//! Process names, units and
 //! workloads come from `<procfs>/<pid>/{comm,cgroup,status,environ}` (and user names
 //! from `<rootfs>/etc/passwd`) through [`crate::host::HostRoots`]; GPM
 //! windows from the sampler in [`crate::collector::gpu_gpm`].
@@ -26,7 +31,7 @@ use crate::deadline::{Outcome, SingleFlight};
 use crate::events::{unix_now, EventKind, KernelEvent};
 use crate::gpu::fake::FakeBackend;
 use crate::gpu::nvml::NvmlBackend;
-use crate::gpu::{xid, DeviceReading, GpmMeasurement, GpuBackend, Snapshot};
+use crate::gpu::{xid, DeviceReading, GpmMeasurement, GpuBackend, GpuGate, Snapshot};
 
 pub use crate::collector::gpu_workload::unit_from_cgroup;
 
@@ -65,6 +70,7 @@ struct Inner {
     /// long-running job's /proc files are read once, not on every scrape.
     /// Pids no longer on any GPU are dropped at each collection.
     processes: Mutex<HashMap<u32, ProcessInfo>>,
+    gate: Arc<GpuGate>,
 }
 
 /// A GPU process's name, unit and workload, read once per pid.
@@ -108,7 +114,9 @@ impl GpuCollector {
                             fixture = %path.display(),
                             "gpu readings are FAKE, replayed from a fixture (gpu_backend=\"fake\"); do not use on a real node"
                         );
-                        BackendState::Ready(Arc::new(b))
+                        let b: Arc<dyn GpuBackend> = Arc::new(b);
+                        ctx.gpu_gate.attach(b.clone());
+                        BackendState::Ready(b)
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot load the fake gpu fixture, no gpu metrics");
@@ -137,6 +145,7 @@ impl GpuCollector {
                 last: Mutex::new(None),
                 books: Mutex::new(HashMap::new()),
                 processes: Mutex::new(HashMap::new()),
+                gate: ctx.gpu_gate.clone(),
             }),
         })
     }
@@ -153,6 +162,21 @@ impl Collector for GpuCollector {
     }
 
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
+        let released = self.inner.gate.released_for();
+        sink.gauge(
+            "gpuops_gpu_released",
+            "1 while the agent has released NVML for a runbook step (releases_gpu: true, e.g. a GPU reset): the gpu collector is paused, gpuops_collector_success{collector=\"gpu\"} is 0 and no GPU series are exported until NVML is initialised again; else 0.",
+            &[],
+            if released.is_some() { 1.0 } else { 0.0 },
+        );
+        if let Some(step) = released {
+            // The kernel log's XIDs are real while NVML is released.
+            let last = lock(&self.inner.last).clone().unwrap_or_default();
+            render_xids(&last, &ctx.events.xids(), sink);
+            return Err(Error::Unavailable(format!(
+                "gpu collector paused: nvml is released for runbook step {step}"
+            )));
+        }
         let inner = self.inner.clone();
         let events = ctx.events.clone();
         let background = ctx.background;
@@ -204,6 +228,9 @@ impl Inner {
     /// Runs on the flight thread: loads the backend if needed, then reads it.
     fn fetch(&self, events: &Arc<KernelEvents>, background: bool) -> Fetched {
         let started = Instant::now();
+        if let Some(step) = self.gate.released_for() {
+            return Err(format!("nvml is released for runbook step {step}"));
+        }
         let backend = self.backend(events, background)?;
         let Some((interval, window)) = self.gpm else {
             return backend.snapshot();
@@ -255,11 +282,17 @@ impl Inner {
                 // Per-GPU reads get most of the deadline; the rest is for the device count.
                 match NvmlBackend::init(self.deadline.mul_f64(0.8), self.process_metrics) {
                     Ok(b) => {
+                        let _ = self.kind.set("nvml");
+                        let b = Arc::new(b);
+                        if !self.gate.attach(b.clone()) {
+                            // Released meanwhile: drop it (nvmlShutdown), load it later.
+                            *last_try = None;
+                            return Err("nvml is released for a runbook step".into());
+                        }
                         if background {
                             b.spawn_xid_watcher(events.clone());
                         }
-                        let _ = self.kind.set("nvml");
-                        let b: Arc<dyn GpuBackend> = Arc::new(b);
+                        let b: Arc<dyn GpuBackend> = b;
                         *state = BackendState::Ready(b.clone());
                         Ok(b)
                     }

@@ -43,6 +43,9 @@ pub struct Context {
     pub background: bool,
     /// `nvml`, `fake` or `none`; set by the GPU collector when it starts.
     pub gpu_backend: std::sync::OnceLock<&'static str>,
+    /// Whether the GPU backend is released for a runbook step (the agent's
+    /// `POST /v1/exec` releases it; the GPU collector pauses meanwhile).
+    pub gpu_gate: Arc<crate::gpu::GpuGate>,
 }
 
 impl Context {
@@ -53,6 +56,7 @@ impl Context {
             events,
             background,
             gpu_backend: std::sync::OnceLock::new(),
+            gpu_gate: Arc::new(crate::gpu::GpuGate::default()),
         }
     }
 }

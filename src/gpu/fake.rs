@@ -7,11 +7,15 @@
 //! (`call_latency_us`, or [`FakeBackend::set_call_latency`]) to give
 //! benchmarks NVML's timing: then every GPU is read on its own thread with a
 //! per-GPU deadline and single flight, as the NVML backend does. GPM readings
-//! (`devices[].gpm`) are replayed by [`GpuBackend::gpm_measure`]. This module
-//! reads only the fixture file and never touches NVML.
+//! (`devices[].gpm`) are replayed by [`GpuBackend::gpm_measure`]. It models
+//! NVML's release and re-init ([`GpuBackend::release`], `reinit`): while
+//! released every read fails and is counted, so tests can see whether the
+//! collector left it alone. This module reads only the fixture file and
+//! never touches NVML.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,6 +63,12 @@ pub struct FakeBackend {
     call_latency: Duration,
     device_deadline: Duration,
     flight: SingleFlight<u32, DeviceReading>,
+    /// Released (as after `nvmlShutdown`) until re-initialised.
+    released: AtomicBool,
+    releases: AtomicU32,
+    reinits: AtomicU32,
+    /// Reads attempted while released (the collector should make none).
+    reads_while_released: AtomicU32,
 }
 
 impl FakeBackend {
@@ -115,6 +125,10 @@ impl FakeBackend {
             call_latency: Duration::from_micros(fixture.call_latency_us),
             device_deadline: Duration::from_secs(2),
             flight: SingleFlight::new("gpuops-fake-gpu"),
+            released: AtomicBool::new(false),
+            releases: AtomicU32::new(0),
+            reinits: AtomicU32::new(0),
+            reads_while_released: AtomicU32::new(0),
         })
     }
 
@@ -165,6 +179,25 @@ impl FakeBackend {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// How often it was released and re-initialised, and how many reads
+    /// were attempted while it was released.
+    pub fn release_counts(&self) -> (u32, u32, u32) {
+        (
+            self.releases.load(Ordering::SeqCst),
+            self.reinits.load(Ordering::SeqCst),
+            self.reads_while_released.load(Ordering::SeqCst),
+        )
+    }
+
+    /// An error (counted) when released: a read after `nvmlShutdown`.
+    fn check_not_released(&self) -> Result<(), String> {
+        if self.is_released() {
+            self.reads_while_released.fetch_add(1, Ordering::SeqCst);
+            return Err("the fake gpu is released (nvmlShutdown): no reads until re-init".into());
+        }
+        Ok(())
+    }
 }
 
 impl GpuBackend for FakeBackend {
@@ -173,6 +206,7 @@ impl GpuBackend for FakeBackend {
     }
 
     fn snapshot(&self) -> Result<Arc<Snapshot>, String> {
+        self.check_not_released()?;
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }
@@ -187,6 +221,7 @@ impl GpuBackend for FakeBackend {
     }
 
     fn gpm_measure(&self, window: Duration) -> Result<Vec<GpmMeasurement>, String> {
+        self.check_not_released()?;
         std::thread::sleep(window + self.call_latency * CALLS_PER_GPM_WINDOW);
         let secs = Some(window.as_secs_f64());
         Ok(self
@@ -203,6 +238,24 @@ impl GpuBackend for FakeBackend {
                 m
             })
             .collect())
+    }
+
+    fn release(&self) -> Result<(), String> {
+        if !self.released.swap(true, Ordering::SeqCst) {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn is_released(&self) -> bool {
+        self.released.load(Ordering::SeqCst)
+    }
+
+    fn reinit(&self) -> Result<(), String> {
+        if self.released.swap(false, Ordering::SeqCst) {
+            self.reinits.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
     }
 }
 
@@ -268,6 +321,22 @@ mod tests {
         let s = b.snapshot().unwrap();
         assert!(started.elapsed() < Duration::from_millis(200));
         assert!(s.devices.iter().all(|d| d.lost.is_some()), "{s:?}");
+    }
+
+    #[test]
+    fn fake_release_fails_reads_until_reinit() {
+        let b =
+            load(r#"{"devices": [{"index": 0, "uuid": "GPU-0", "pci_bus_id": "1:0"}]}"#).unwrap();
+        assert!(b.snapshot().is_ok());
+        b.release().unwrap();
+        assert!(b.is_released());
+        let e = b.snapshot().err().unwrap();
+        assert!(e.contains("released"), "{e}");
+        assert!(b.gpm_measure(Duration::ZERO).is_err());
+        b.reinit().unwrap();
+        assert!(!b.is_released());
+        assert_eq!(b.snapshot().unwrap().devices.len(), 1);
+        assert_eq!(b.release_counts(), (1, 1, 2));
     }
 
     #[test]

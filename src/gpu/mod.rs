@@ -13,7 +13,7 @@ pub mod fake;
 pub mod nvml;
 pub mod xid;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -34,6 +34,85 @@ pub trait GpuBackend: Send + Sync {
     fn gpm_measure(&self, window: Duration) -> Result<Vec<GpmMeasurement>, String> {
         let _ = window;
         Ok(Vec::new())
+    }
+    /// Lets go of the GPUs so the driver can reset one: closes every handle
+    /// and shuts the library down (NVML: `nvmlShutdown`). Until
+    /// [`GpuBackend::reinit`], `snapshot` and `gpm_measure` fail at once
+    /// without touching a GPU. Waits a bounded time for calls in flight to
+    /// let go; if they do not, nothing is released and the error says so.
+    /// May block: callers run it through a deadline. Default: nothing held.
+    fn release(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Initialises the library again after [`GpuBackend::release`] (a no-op
+    /// when it is not released). May block like `release`.
+    fn reinit(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Whether it is released now (no handle held).
+    fn is_released(&self) -> bool {
+        false
+    }
+}
+
+/// Shared by the GPU collector and the agent's `POST /v1/exec`: the backend
+/// the collector reads (once it has one) and whether it is released for a
+/// runbook step (`releases_gpu: true`). While released, the collector does
+/// not call the backend (a scrape answers at once with
+/// `gpuops_gpu_released 1` and no GPU series) and does not load one.
+#[derive(Default)]
+pub struct GpuGate {
+    inner: Mutex<GateInner>,
+}
+
+#[derive(Default)]
+struct GateInner {
+    /// The step the GPU is released for (`runbook:step`), while it is.
+    released_for: Option<String>,
+    backend: Option<Arc<dyn GpuBackend>>,
+}
+
+impl GpuGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The collector's backend, once loaded. `false` (and not attached) while
+    /// the GPU is released: the caller drops it.
+    pub fn attach(&self, backend: Arc<dyn GpuBackend>) -> bool {
+        let mut g = self.lock();
+        if g.released_for.is_some() {
+            return false;
+        }
+        g.backend = Some(backend);
+        true
+    }
+
+    /// The collector's backend, once loaded.
+    pub fn backend(&self) -> Option<Arc<dyn GpuBackend>> {
+        self.lock().backend.clone()
+    }
+
+    /// The step the GPU is released for, while it is.
+    pub fn released_for(&self) -> Option<String> {
+        self.lock().released_for.clone()
+    }
+
+    /// Marks the GPU released for `step` (the collector stops at once) and
+    /// returns the backend to release (`None`: none is loaded, nothing to
+    /// release). An error when it is already released for another step.
+    pub fn begin_release(&self, step: &str) -> Result<Option<Arc<dyn GpuBackend>>, String> {
+        let mut g = self.lock();
+        if let Some(other) = &g.released_for {
+            return Err(format!("the GPU is already released for {other}"));
+        }
+        g.released_for = Some(step.to_string());
+        Ok(g.backend.clone())
+    }
+
+    /// Ends the release: the collector reads the backend again.
+    pub fn end_release(&self) {
+        self.lock().released_for = None;
     }
 }
 

@@ -6,11 +6,15 @@
 //! within the per-device deadline is reported `lost` (and keeps its one stuck
 //! thread; no new thread is started for it until that call returns), while the
 //! other GPUs are still read. The critical-XID event thread records NVML XIDs
-//! in the shared [`KernelEvents`]. This module must not render metrics or read
-//! /proc and /sys.
+//! in the shared [`KernelEvents`]. [`GpuBackend::release`] lets go of NVML
+//! for a GPU reset: new calls fail at once, the XID thread stops, and once
+//! the calls in flight have let go (bounded wait) `nvmlShutdown` runs;
+//! [`GpuBackend::reinit`] initialises NVML again and restarts the XID thread.
+//! This module must not render metrics or read /proc and /sys.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use nvml_wrapper::bitmasks::device::ThrottleReasons;
@@ -35,9 +39,21 @@ use crate::gpu::{
     GpuBackend, MigReading, NvLinkReading, ProcessReading, Snapshot,
 };
 
+mod gpm;
+use gpm::*;
+
 /// Reads GPUs through NVML.
 pub struct NvmlBackend {
-    nvml: Arc<Nvml>,
+    /// `None` while released for a GPU reset.
+    nvml: RwLock<Option<Arc<Nvml>>>,
+    /// Set while released on purpose; cleared by `reinit`. With the handle
+    /// gone and this clear (a re-init failed), `snapshot` tries again.
+    held_released: AtomicBool,
+    /// Bumped at each release: the XID thread of an older one stops.
+    generation: Arc<AtomicU64>,
+    /// Where the XID thread records events (set by `spawn_xid_watcher`), so
+    /// a re-init can start it again.
+    events: Mutex<Option<Arc<KernelEvents>>>,
     flight: SingleFlight<u32, DeviceReading>,
     /// Last good identity per index, to label a GPU that stopped answering.
     identities: Mutex<HashMap<u32, DeviceReading>>,
@@ -55,6 +71,55 @@ impl NvmlBackend {
     /// (library missing, driver not loaded, no GPU). May block: call it off
     /// the request path.
     pub fn init(device_deadline: Duration, process_metrics: bool) -> Result<NvmlBackend, String> {
+        let (nvml, driver_version, cuda_version) = open()?;
+        Ok(NvmlBackend {
+            nvml: RwLock::new(Some(Arc::new(nvml))),
+            held_released: AtomicBool::new(false),
+            generation: Arc::new(AtomicU64::new(0)),
+            events: Mutex::new(None),
+            flight: SingleFlight::new("gpuops-nvml"),
+            identities: Mutex::new(HashMap::new()),
+            statics: Arc::new(Mutex::new(HashMap::new())),
+            device_deadline,
+            process_metrics,
+            driver_version,
+            cuda_version,
+        })
+    }
+
+    /// The NVML handle, or an error while released.
+    fn handle(&self) -> Result<Arc<Nvml>, String> {
+        self.nvml
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| "nvml is released for a runbook step (GPU reset)".to_string())
+    }
+
+    /// Starts the thread that records NVML's critical-XID events.
+    pub fn spawn_xid_watcher(&self, events: Arc<KernelEvents>) {
+        *self.events.lock().unwrap_or_else(PoisonError::into_inner) = Some(events.clone());
+        let Ok(nvml) = self.handle() else {
+            return;
+        };
+        let generation = self.generation.clone();
+        let mine = generation.load(Ordering::SeqCst);
+        let spawned = std::thread::Builder::new()
+            .name("gpuops-nvml-xid".into())
+            .spawn(move || watch_xids(&nvml, &events, &generation, mine));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the nvml xid watcher");
+        }
+    }
+}
+
+/// How long a release waits for NVML calls in flight (per-GPU reads, a GPM
+/// window, the XID thread's event wait) to let go before giving up.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(8);
+
+/// Loads and initialises NVML: the handle, driver and CUDA versions.
+fn open() -> Result<(Nvml, Option<String>, Option<String>), String> {
+    {
         let nvml = Nvml::init().map_err(|e| match e {
             NvmlError::LibloadingError(e) => {
                 format!("cannot load libnvidia-ml.so.1 (is the NVIDIA driver installed?): {e}")
@@ -82,27 +147,7 @@ impl NvmlBackend {
             cuda_version = cuda_version.as_deref().unwrap_or("unknown"),
             "nvml loaded"
         );
-        Ok(NvmlBackend {
-            nvml: Arc::new(nvml),
-            flight: SingleFlight::new("gpuops-nvml"),
-            identities: Mutex::new(HashMap::new()),
-            statics: Arc::new(Mutex::new(HashMap::new())),
-            device_deadline,
-            process_metrics,
-            driver_version,
-            cuda_version,
-        })
-    }
-
-    /// Starts the thread that records NVML's critical-XID events.
-    pub fn spawn_xid_watcher(&self, events: Arc<KernelEvents>) {
-        let nvml = self.nvml.clone();
-        let spawned = std::thread::Builder::new()
-            .name("gpuops-nvml-xid".into())
-            .spawn(move || watch_xids(&nvml, &events));
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start the nvml xid watcher");
-        }
+        Ok((nvml, driver_version, cuda_version))
     }
 }
 
@@ -112,14 +157,23 @@ impl GpuBackend for NvmlBackend {
     }
 
     fn snapshot(&self) -> Result<Arc<Snapshot>, String> {
-        let count = self
-            .nvml
+        let handle = match self.handle() {
+            Ok(h) => h,
+            Err(e) if self.held_released.load(Ordering::SeqCst) => return Err(e),
+            // A re-init after a release failed: try again (within the
+            // collector's deadline).
+            Err(_) => {
+                self.reinit_nvml()?;
+                self.handle()?
+            }
+        };
+        let count = handle
             .device_count()
             .map_err(|e| format!("nvml: cannot count GPUs: {e}"))?;
         let until = Instant::now() + self.device_deadline;
         let pending: Vec<_> = (0..count)
             .map(|i| {
-                let nvml = self.nvml.clone();
+                let nvml = handle.clone();
                 let statics = self.statics.clone();
                 let processes = self.process_metrics;
                 let started = Instant::now();
@@ -151,6 +205,7 @@ impl GpuBackend for NvmlBackend {
             }
             devices.push(reading);
         }
+        drop(handle);
         Ok(Arc::new(Snapshot {
             driver_version: self.driver_version.clone(),
             cuda_version: self.cuda_version.clone(),
@@ -159,7 +214,8 @@ impl GpuBackend for NvmlBackend {
     }
 
     fn gpm_measure(&self, window: Duration) -> Result<Vec<GpmMeasurement>, String> {
-        let nvml = &*self.nvml;
+        let handle = self.handle()?;
+        let nvml = &*handle;
         let count = nvml
             .device_count()
             .map_err(|e| format!("nvml: cannot count GPUs: {e}"))?;
@@ -241,121 +297,94 @@ impl GpuBackend for NvmlBackend {
         out.sort_by_key(|m| m.index);
         Ok(out)
     }
-}
 
-/// GPU instance ids tried for MIG GPM (NVML's are small: at most 7 instances,
-/// ids up to 14 on current GPUs).
-const MAX_GPU_INSTANCE_ID: u32 = 15;
+    fn release(&self) -> Result<(), String> {
+        self.release_nvml()
+    }
 
-/// First samples of one GPU's GPM window: the whole GPU and its MIG instances.
-struct GpmFirst<'n> {
-    index: u32,
-    dev: Device<'n>,
-    whole: Option<(GpmSample<'n>, Instant)>,
-    mig: Vec<(u32, GpmSample<'n>, Instant)>,
-}
+    fn reinit(&self) -> Result<(), String> {
+        self.reinit_nvml()
+    }
 
-/// Every GPM metric read per window, in the order [`gpm_reading`] expects.
-const GPM_METRICS: [GpmMetricId; 34] = [
-    GpmMetricId::GraphicsUtil,
-    GpmMetricId::SmUtil,
-    GpmMetricId::SmOccupancy,
-    GpmMetricId::AnyTensorUtil,
-    GpmMetricId::DfmaTensorUtil,
-    GpmMetricId::HmmaTensorUtil,
-    GpmMetricId::ImmaTensorUtil,
-    GpmMetricId::Fp64Util,
-    GpmMetricId::Fp32Util,
-    GpmMetricId::Fp16Util,
-    GpmMetricId::IntegerUtil,
-    GpmMetricId::DramBwUtil,
-    GpmMetricId::PcieTxPerSec,
-    GpmMetricId::PcieRxPerSec,
-    GpmMetricId::NvlinkTotalTxPerSec,
-    GpmMetricId::NvlinkTotalRxPerSec,
-    GpmMetricId::Nvdec0Util,
-    GpmMetricId::Nvdec1Util,
-    GpmMetricId::Nvdec2Util,
-    GpmMetricId::Nvdec3Util,
-    GpmMetricId::Nvdec4Util,
-    GpmMetricId::Nvdec5Util,
-    GpmMetricId::Nvdec6Util,
-    GpmMetricId::Nvdec7Util,
-    GpmMetricId::Nvjpg0Util,
-    GpmMetricId::Nvjpg1Util,
-    GpmMetricId::Nvjpg2Util,
-    GpmMetricId::Nvjpg3Util,
-    GpmMetricId::Nvjpg4Util,
-    GpmMetricId::Nvjpg5Util,
-    GpmMetricId::Nvjpg6Util,
-    GpmMetricId::Nvjpg7Util,
-    GpmMetricId::Nvofa0Util,
-    GpmMetricId::Nvofa1Util,
-];
-
-/// Bytes per unit of a GPM rate, from NVML's unit string (`MiB/sec` in
-/// NVML's headers for PCIe and NVLink; other spellings just in case).
-fn bytes_per_unit(unit: &str) -> f64 {
-    let u = unit.trim().to_ascii_lowercase();
-    if u.starts_with("mib") {
-        1024.0 * 1024.0
-    } else if u.starts_with("kib") {
-        1024.0
-    } else if u.starts_with("gib") {
-        1024.0 * 1024.0 * 1024.0
-    } else if u.starts_with("mb") {
-        1e6
-    } else if u.starts_with("kb") {
-        1e3
-    } else if u.starts_with("gb") {
-        1e9
-    } else if u.starts_with('b') {
-        1.0
-    } else {
-        1024.0 * 1024.0
+    fn is_released(&self) -> bool {
+        self.nvml
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
     }
 }
 
-/// Turns `nvmlGpmMetricsGet`'s answers (in [`GPM_METRICS`] order) into a
-/// reading; a metric NVML could not compute stays `None`.
-fn gpm_reading(results: &[Result<GpmMetricResult, NvmlError>], window_seconds: f64) -> GpmReading {
-    let pct = |i: usize| -> Option<f64> {
-        match results.get(i) {
-            Some(Ok(r)) if r.value.is_finite() && r.value >= 0.0 => Some(r.value),
-            _ => None,
-        }
-    };
-    let rate = |i: usize| -> Option<f64> {
-        match results.get(i) {
-            Some(Ok(r)) if r.value.is_finite() && r.value >= 0.0 => {
-                Some(r.value * bytes_per_unit(&r.metric_info.unit))
+impl NvmlBackend {
+    fn release_nvml(&self) -> Result<(), String> {
+        let taken = self
+            .nvml
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(mut nvml) = taken else {
+            return Ok(());
+        };
+        self.held_released.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let until = Instant::now() + RELEASE_WAIT;
+        loop {
+            match Arc::try_unwrap(nvml) {
+                Ok(owned) => {
+                    // Device handles are re-read after re-init.
+                    self.statics
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clear();
+                    tracing::info!("nvml released (nvmlShutdown) for a runbook step");
+                    return owned
+                        .shutdown()
+                        .map_err(|e| format!("nvmlShutdown failed: {e}"));
+                }
+                Err(shared) if Instant::now() < until => {
+                    nvml = shared;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(shared) => {
+                    let holders = Arc::strong_count(&shared) - 1;
+                    self.held_released.store(false, Ordering::SeqCst);
+                    let mut slot = self.nvml.write().unwrap_or_else(PoisonError::into_inner);
+                    // A re-init may have come first (this release outlived its deadline).
+                    if slot.is_none() {
+                        *slot = Some(shared);
+                        drop(slot);
+                        self.restart_xid_watcher();
+                    }
+                    return Err(format!(
+                        "nvml not released: {holders} call(s) still in flight after {}s (a GPU not answering?)",
+                        RELEASE_WAIT.as_secs()
+                    ));
+                }
             }
-            _ => None,
         }
-    };
-    // Engine instances: as many as answer, in order.
-    let engines = |from: usize, n: usize| -> Vec<f64> { (from..from + n).map_while(pct).collect() };
-    GpmReading {
-        window_seconds: Some(window_seconds),
-        graphics_engine_active_percent: pct(0),
-        sm_active_percent: pct(1),
-        sm_occupancy_percent: pct(2),
-        tensor_active_percent: pct(3),
-        tensor_dfma_active_percent: pct(4),
-        tensor_hmma_active_percent: pct(5),
-        tensor_imma_active_percent: pct(6),
-        fp64_active_percent: pct(7),
-        fp32_active_percent: pct(8),
-        fp16_active_percent: pct(9),
-        integer_active_percent: pct(10),
-        dram_active_percent: pct(11),
-        pcie_tx_bytes_per_second: rate(12),
-        pcie_rx_bytes_per_second: rate(13),
-        nvlink_tx_bytes_per_second: rate(14),
-        nvlink_rx_bytes_per_second: rate(15),
-        nvdec_active_percent: engines(16, 8),
-        nvjpg_active_percent: engines(24, 8),
-        nvofa_active_percent: engines(32, 2),
+    }
+
+    fn reinit_nvml(&self) -> Result<(), String> {
+        self.held_released.store(false, Ordering::SeqCst);
+        let mut slot = self.nvml.write().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_some() {
+            return Ok(());
+        }
+        let (nvml, _, _) = open()?;
+        *slot = Some(Arc::new(nvml));
+        drop(slot);
+        self.restart_xid_watcher();
+        Ok(())
+    }
+
+    fn restart_xid_watcher(&self) {
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(events) = events {
+            self.spawn_xid_watcher(events);
+        }
     }
 }
 
@@ -737,7 +766,8 @@ fn read_mig(dev: &Device<'_>, r: &mut DeviceReading) {
 }
 
 /// Follows NVML's critical-XID events until NVML goes away.
-fn watch_xids(nvml: &Nvml, events: &KernelEvents) {
+/// Runs until NVML is released (`generation` moves on from `mine`).
+fn watch_xids(nvml: &Nvml, events: &KernelEvents, generation: &AtomicU64, mine: u64) {
     let mut set = match nvml.create_event_set() {
         Ok(s) => s,
         Err(e) => {
@@ -774,8 +804,9 @@ fn watch_xids(nvml: &Nvml, events: &KernelEvents) {
         return;
     }
     tracing::debug!(gpus = registered, "watching nvml xid events");
-    loop {
-        match set.wait(5000) {
+    // A short wait, so a release does not wait long for this thread.
+    while generation.load(Ordering::SeqCst) == mine {
+        match set.wait(1000) {
             Ok(data) => {
                 if !data.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
                     continue;

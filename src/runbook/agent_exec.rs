@@ -12,13 +12,19 @@
 //! path is missing here is answered 200 with `unavailable` set and not run.
 //! The command runs through a
 //! [`CommandRunner`] with the step's timeout and the configured output cap.
+//! A `releases_gpu` step first releases the GPU backend (NVML closed and shut
+//! down, the GPU collector paused and exporting `gpuops_gpu_released 1`; a
+//! release that does not finish in time answers 503 and the step does not
+//! run; one already released answers 409), and NVML is initialised again
+//! after the step, whatever its outcome (also when the request is dropped).
+//! Release and re-init each run through a [`SingleFlight`] with a deadline.
 //! Every request is logged with its runbook, step, parameters, approval and
 //! outcome. No route is added unless a public key is configured (see
 //! [`router`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{to_bytes, Body};
 use axum::extract::State;
@@ -28,7 +34,9 @@ use axum::routing::post;
 use axum::{Json, Router};
 
 use crate::config::agent::ExecConfig;
+use crate::deadline::{Outcome, SingleFlight};
 use crate::exec_auth::{argv_digest, ExecAuthError, ExecVerifier};
+use crate::gpu::{GpuBackend, GpuGate};
 use crate::runbook::engine::{self, ExecResponse, Rendered};
 use crate::runbook::exec::{CommandRunner, CommandSpec, ProcessRunner};
 use crate::runbook::{is_runbook_id, load_file, Kind, StepTarget};
@@ -40,6 +48,132 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const MAX_CONCURRENT: usize = 4;
 /// Deadline for reading a runbook file.
 pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+/// Deadline for releasing the GPU backend before a `releases_gpu` step (the
+/// NVML backend waits up to [`crate::gpu::nvml::RELEASE_WAIT`] for calls in
+/// flight, then `nvmlShutdown`).
+pub const GPU_RELEASE_DEADLINE: Duration = Duration::from_secs(12);
+/// Deadline for initialising the GPU backend again after the step.
+pub const GPU_REINIT_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Releases the GPU backend around `releases_gpu` steps.
+pub struct GpuRelease {
+    gate: Arc<GpuGate>,
+    flight: SingleFlight<&'static str, Result<(), String>>,
+}
+
+impl GpuRelease {
+    pub fn new(gate: Arc<GpuGate>) -> GpuRelease {
+        GpuRelease {
+            gate,
+            flight: SingleFlight::new("gpuops-gpu-release"),
+        }
+    }
+
+    /// Pauses the collector and releases the backend for `step`. On an error
+    /// nothing stays released.
+    async fn release(self: &Arc<Self>, step: &str) -> Result<Released, (StatusCode, String)> {
+        let backend = self
+            .gate
+            .begin_release(step)
+            .map_err(|e| (StatusCode::CONFLICT, e))?;
+        let held = Released {
+            owner: self.clone(),
+            backend: backend.clone(),
+            restored: false,
+        };
+        let Some(b) = backend else {
+            return Ok(held);
+        };
+        let me = self.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            me.flight
+                .call("release", GPU_RELEASE_DEADLINE, move || b.release())
+        })
+        .await;
+        let why = match outcome {
+            Ok(Outcome::Done(Ok(()))) => return Ok(held),
+            Ok(Outcome::Done(Err(e))) => e,
+            Ok(Outcome::TimedOut) => format!(
+                "the GPU backend was not released within {}s",
+                GPU_RELEASE_DEADLINE.as_secs()
+            ),
+            Ok(Outcome::StillRunning { since }) => {
+                format!("an earlier release is still stuck ({}s)", since.as_secs())
+            }
+            Err(e) => format!("release task failed: {e}"),
+        };
+        // `held` drops here: the backend is initialised again (a no-op when
+        // it kept its handle) and the collector resumes.
+        drop(held);
+        Err((StatusCode::SERVICE_UNAVAILABLE, why))
+    }
+
+    /// Initialises the backend again and resumes the collector (blocking,
+    /// bounded by [`GPU_REINIT_DEADLINE`]).
+    fn restore(&self, backend: Option<Arc<dyn GpuBackend>>) -> Result<(), String> {
+        let result = match backend {
+            None => Ok(()),
+            Some(b) => match self
+                .flight
+                .call("reinit", GPU_REINIT_DEADLINE, move || b.reinit())
+            {
+                Outcome::Done(r) => r,
+                Outcome::TimedOut => Err(format!(
+                    "not initialised again within {}s",
+                    GPU_REINIT_DEADLINE.as_secs()
+                )),
+                Outcome::StillRunning { since } => Err(format!(
+                    "an earlier re-init is still stuck ({}s)",
+                    since.as_secs()
+                )),
+            },
+        };
+        // The collector resumes either way: a backend that failed to come
+        // back is reported as a failing gpu collector, not as paused.
+        self.gate.end_release();
+        match &result {
+            Ok(()) => tracing::info!("gpu backend initialised again, gpu collector resumed"),
+            Err(e) => tracing::error!(error = %e, "gpu backend could not be initialised again"),
+        }
+        result
+    }
+}
+
+/// The GPU released for one step: restored by [`Released::restore`], or when
+/// dropped (on a thread of its own) if the request goes away first.
+struct Released {
+    owner: Arc<GpuRelease>,
+    backend: Option<Arc<dyn GpuBackend>>,
+    restored: bool,
+}
+
+impl Released {
+    async fn restore(mut self) -> Result<(), String> {
+        self.restored = true;
+        let owner = self.owner.clone();
+        let backend = self.backend.take();
+        tokio::task::spawn_blocking(move || owner.restore(backend))
+            .await
+            .unwrap_or_else(|e| Err(format!("re-init task failed: {e}")))
+    }
+}
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        if self.restored {
+            return;
+        }
+        let owner = self.owner.clone();
+        let backend = self.backend.take();
+        let spawned = std::thread::Builder::new()
+            .name("gpuops-gpu-reinit".into())
+            .spawn(move || owner.restore(backend));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the gpu re-init thread");
+            self.owner.gate.end_release();
+        }
+    }
+}
 
 /// Everything `/v1/exec` needs.
 pub struct ExecState<C: Clock = SystemClock> {
@@ -48,6 +182,7 @@ pub struct ExecState<C: Clock = SystemClock> {
     pub output_cap: usize,
     pub runner: Arc<dyn CommandRunner>,
     slots: tokio::sync::Semaphore,
+    gpu: Arc<GpuRelease>,
 }
 
 impl<C: Clock> ExecState<C> {
@@ -63,13 +198,22 @@ impl<C: Clock> ExecState<C> {
             output_cap,
             runner,
             slots: tokio::sync::Semaphore::new(MAX_CONCURRENT),
+            gpu: Arc::new(GpuRelease::new(Arc::new(GpuGate::default()))),
         }
+    }
+
+    /// Releases the GPU collector's backend behind `gate` for `releases_gpu`
+    /// steps (the default gate has no backend: only the pause applies).
+    pub fn with_gpu_gate(mut self, gate: Arc<GpuGate>) -> ExecState<C> {
+        self.gpu = Arc::new(GpuRelease::new(gate));
+        self
     }
 }
 
 /// The `/v1/exec` router for the agent's config and node name, or `None`
 /// when no public key is configured (the route then does not exist: 404).
-pub fn router(cfg: &ExecConfig, node: &str) -> Option<Router> {
+/// `gpu_gate` is the GPU collector's (`Context::gpu_gate`).
+pub fn router(cfg: &ExecConfig, node: &str, gpu_gate: Arc<GpuGate>) -> Option<Router> {
     if cfg.public_keys.is_empty() {
         return None;
     }
@@ -78,7 +222,8 @@ pub fn router(cfg: &ExecConfig, node: &str) -> Option<Router> {
         cfg.runbooks_dir.clone(),
         cfg.output_cap_bytes,
         Arc::new(ProcessRunner),
-    );
+    )
+    .with_gpu_gate(gpu_gate);
     Some(router_with(Arc::new(state)))
 }
 
@@ -275,8 +420,28 @@ async fn handle<C: Clock + 'static>(
         timeout: step.timeout,
         output_cap: state.output_cap,
     };
-    let start = Instant::now();
     let params_text = format!("{:?}", params.as_map());
+    let released = if step.releases_gpu {
+        let what = format!("{}:{}", runbook.id, step.name);
+        match state.gpu.release(&what).await {
+            Ok(r) => {
+                tracing::info!(runbook = %runbook.id, step = %step.name, "gpu released for the step, gpu collector paused");
+                Some(r)
+            }
+            Err((status, why)) => {
+                return refuse(
+                    status,
+                    format!(
+                        "runbook {} step {}: cannot release the GPU: {why}",
+                        runbook.id, step.name
+                    ),
+                );
+            }
+        }
+    } else {
+        None
+    };
+    let start = Instant::now();
     tracing::info!(
         runbook = %runbook.id,
         step = %step.name,
@@ -286,7 +451,13 @@ async fn handle<C: Clock + 'static>(
         timeout_seconds = step.timeout.as_secs(),
         "exec step started"
     );
-    match state.runner.run(&spec).await {
+    let ran = state.runner.run(&spec).await;
+    if let Some(r) = released {
+        if let Err(e) = r.restore().await {
+            tracing::error!(runbook = %runbook.id, step = %step.name, error = %e, "gpu not initialised again after the step");
+        }
+    }
+    match ran {
         Ok(out) => {
             tracing::info!(
                 runbook = %runbook.id,

@@ -123,6 +123,10 @@ pub struct Step {
     pub target: StepTarget,
     pub timeout: Duration,
     pub needs_approval: bool,
+    /// `releases_gpu: true`: the node's agent releases NVML while the step
+    /// runs (closes its handles, `nvmlShutdown`, GPU collector paused) and
+    /// initialises it again afterwards, so the driver can reset a GPU.
+    pub releases_gpu: bool,
     /// Roles that may run (or, with `needs_approval`, request) this step.
     pub roles: Vec<Role>,
     pub action: Action,

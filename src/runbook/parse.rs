@@ -178,6 +178,7 @@ const STEP_KEYS: &[&str] = &[
     "target",
     "timeout",
     "needs_approval",
+    "releases_gpu",
     "roles",
     "method",
     "url",

@@ -163,6 +163,25 @@ impl Walker {
                 false
             }
         };
+        let releases_gpu = match get("releases_gpu") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                self.err(
+                    &loc,
+                    "releases_gpu",
+                    format!("must be true or false, got {}", display_value(v)),
+                );
+                false
+            }
+        };
+        if releases_gpu && (kind != Some(Kind::Command) || target != Some(StepTarget::Node)) {
+            self.err(
+                &loc,
+                "releases_gpu",
+                "only a command step with target: node can release the GPU (the node's agent lets go of NVML while it runs)",
+            );
+        }
         let roles = match get("roles") {
             None => vec![Role::Operator, Role::Admin],
             Some(Value::Sequence(seq)) if !seq.is_empty() => {
@@ -407,6 +426,7 @@ impl Walker {
             target: target?,
             timeout: timeout?,
             needs_approval,
+            releases_gpu,
             roles,
             action: action?,
             flow,
@@ -605,5 +625,52 @@ fn display_value(v: &Value) -> String {
     match v {
         Value::String(s) => format!("{s:?}"),
         other => scalar_string(other).unwrap_or_else(|| value_kind(other).to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::runbook::parse::parse_runbook;
+
+    const RUNBOOK: &str = r#"
+id: t
+title: T
+steps:
+  - name: reset
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    releases_gpu: true
+    run: [nvidia-smi, -r]
+  - name: plain
+    phase: investigate
+    kind: command
+    target: node
+    run: [nvidia-smi, -q]
+"#;
+
+    #[test]
+    fn releases_gpu_step_field_is_parsed_and_validated() {
+        let rb = parse_runbook(Path::new("t.yaml"), RUNBOOK).unwrap();
+        assert!(rb.steps[0].releases_gpu);
+        assert!(!rb.steps[1].releases_gpu);
+        let not_bool = RUNBOOK.replace("releases_gpu: true", "releases_gpu: yes please");
+        let e = parse_runbook(Path::new("t.yaml"), &not_bool)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("releases_gpu: must be true or false"), "{e}");
+        let on_bot = RUNBOOK.replacen("target: node", "target: bot", 1);
+        let e = parse_runbook(Path::new("t.yaml"), &on_bot)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("releases_gpu: only a command step with target: node"),
+            "{e}"
+        );
     }
 }
