@@ -573,6 +573,41 @@ mod tests {
         assert!(ack.get("payload").is_none());
     }
 
+    /// The listed alerts are capped at [`MAX_DETAIL_ALERTS`]; alerts with
+    /// large labels are then cut by measured size, so even 100 of them never
+    /// make PagerDuty refuse the event.
+    #[test]
+    fn alerts_with_large_labels_are_cut_by_measured_size() {
+        let mut m = message(
+            GroupStatus::Firing {
+                firing: 100,
+                resolved: 0,
+            },
+            false,
+        );
+        m.alerts = (0..100)
+            .map(|i| AlertLine {
+                firing: true,
+                name: "GpuXidError".into(),
+                instance: Some(format!("n{i}:9949")),
+                labels: (0..16)
+                    .map(|k| (format!("label_{k}"), "v".repeat(1000)))
+                    .collect(),
+                ..AlertLine::default()
+            })
+            .collect();
+        let ev = event(&"k".repeat(32), Action::Trigger, "gpuops/7/abc", &m);
+        let bytes = serde_json::to_vec(&ev).unwrap().len();
+        assert!(bytes <= EVENT_MAX_BYTES, "{bytes} bytes");
+        let details = &ev["payload"]["custom_details"];
+        let shown = details["alerts"].as_array().unwrap().len();
+        assert!((1..100).contains(&shown), "{shown}");
+        assert_eq!(
+            details["alerts_not_shown"],
+            format!("… and {} more nodes", 100 - shown)
+        );
+    }
+
     /// Finding 3 (issue 20): a 2,000-alert P1 group became a 685 KB event
     /// that PagerDuty refused (400, larger than 512 KiB): nobody was paged.
     #[test]
