@@ -176,7 +176,8 @@ pub async fn ingest(
             "no destination is configured for this tier; the alert is stored but not posted"
         );
     }
-    let names = state.identity.names().await;
+    // Names as last read: the webhook's answer never waits on Prometheus.
+    let names = state.identity.known_names().await;
     let update = GroupUpdate {
         group_key: hook.group_key.clone(),
         receiver: hook.receiver.clone(),

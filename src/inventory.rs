@@ -362,25 +362,7 @@ async fn refresh(d: &Discovery, cache: &mut Discovered) {
 pub async fn job_warning(cfg: &BotConfig) -> Option<String> {
     let inv = Inventory::from_config(cfg)?;
     let d = inv.discovery.as_ref()?;
-    let answer = async {
-        let resp = d
-            .http
-            .get(&d.targets_url)
-            .send()
-            .await
-            .map_err(|e| crate::telemetry::redact(&format!("GET /api/v1/targets: {e}")))?;
-        let status = resp.status();
-        let body = resp
-            .text()
-            .await
-            .map_err(|e| format!("GET /api/v1/targets: {e}"))?;
-        if !status.is_success() {
-            return Err(format!("GET /api/v1/targets: HTTP {}", status.as_u16()));
-        }
-        jobs_of(&body)
-    }
-    .await;
-    match answer {
+    match targets_body(d).await.and_then(|body| jobs_of(&body)) {
         Err(e) => Some(format!(
             "cannot check that Prometheus job {:?} ([agents] prometheus_job) has targets: {e}",
             d.job
@@ -400,6 +382,14 @@ pub async fn job_warning(cfg: &BotConfig) -> Option<String> {
 
 /// The jobs of the active targets in a `/api/v1/targets` answer.
 fn jobs_of(body: &str) -> Result<std::collections::BTreeSet<String>, String> {
+    Ok(active_targets(body)?
+        .into_iter()
+        .filter_map(|t| t.labels.get("job").cloned())
+        .collect())
+}
+
+/// The active targets of a `/api/v1/targets` answer, or why there are none.
+fn active_targets(body: &str) -> Result<Vec<ActiveTarget>, String> {
     let r: TargetsResponse =
         serde_json::from_str(body).map_err(|e| format!("unreadable targets answer: {e}"))?;
     if r.status != "success" {
@@ -409,12 +399,7 @@ fn jobs_of(body: &str) -> Result<std::collections::BTreeSet<String>, String> {
             r.error.unwrap_or_default()
         ));
     }
-    Ok(r.data
-        .map(|d| d.active)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|t| t.labels.get("job").cloned())
-        .collect())
+    Ok(r.data.map(|d| d.active).unwrap_or_default())
 }
 
 #[derive(Deserialize)]
@@ -444,6 +429,12 @@ struct ActiveTarget {
 type Parsed = (HashMap<String, AgentAddr>, HashMap<String, String>);
 
 async fn fetch(d: &Discovery) -> Result<Parsed, String> {
+    parse_targets(&targets_body(d).await?, &d.job, &d.node_label)
+}
+
+/// `GET /api/v1/targets?state=active` on `[prometheus] url`: the body, or
+/// why not (the error without credentials).
+async fn targets_body(d: &Discovery) -> Result<String, String> {
     let resp = d
         .http
         .get(&d.targets_url)
@@ -458,24 +449,15 @@ async fn fetch(d: &Discovery) -> Result<Parsed, String> {
     if !status.is_success() {
         return Err(format!("GET /api/v1/targets: HTTP {}", status.as_u16()));
     }
-    parse_targets(&body, &d.job, &d.node_label)
+    Ok(body)
 }
 
 /// The agents of `job` in a `/api/v1/targets` answer, and the targets
 /// without a usable node name.
 fn parse_targets(body: &str, job: &str, node_label: &str) -> Result<Parsed, String> {
-    let r: TargetsResponse =
-        serde_json::from_str(body).map_err(|e| format!("unreadable targets answer: {e}"))?;
-    if r.status != "success" {
-        return Err(format!(
-            "Prometheus answered {}: {}",
-            r.status,
-            r.error.unwrap_or_default()
-        ));
-    }
     let mut agents = HashMap::new();
     let mut unnamed = HashMap::new();
-    for t in r.data.map(|d| d.active).unwrap_or_default() {
+    for t in active_targets(body)? {
         if t.labels.get("job").map(String::as_str) != Some(job) {
             continue;
         }
@@ -791,6 +773,15 @@ impl Identity {
             .await;
         }
         inv.names().await
+    }
+
+    /// The names as last read, with no request to Prometheus (the webhook
+    /// path: AlertManager's answer never waits on discovery).
+    pub async fn known_names(&self) -> NodeNames {
+        match &self.inventory {
+            Some(inv) => inv.names().await,
+            None => NodeNames::default(),
+        }
     }
 
     /// The OOM kills each instance's agent holds (the last hour), or why

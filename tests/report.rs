@@ -512,7 +512,7 @@ async fn lost_gpu_is_one_finding_with_its_evidence() {
             Ok(())
         })
         .unwrap();
-    let names = gpuops::report::node_names(&cfg).await;
+    let names = gpuops::inventory::Identity::from_config(&cfg).names().await;
     let built = build(Inputs {
         config: &cfg.reports[0],
         prometheus_url: &prom,
@@ -620,7 +620,7 @@ async fn report_lines_name_the_node_with_its_instance_beside_it() {
         &prom,
         "sections = [\"gpu_health\"]\n[agents]\n[[agents.nodes]]\ninstance = \"10.0.0.1:9949\"\nnode = \"gpu-node-1\"\n",
     );
-    let names = gpuops::report::node_names(&cfg).await;
+    let names = gpuops::inventory::Identity::from_config(&cfg).names().await;
     let built = build(Inputs {
         config: &cfg.reports[0],
         prometheus_url: &prom,

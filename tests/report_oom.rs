@@ -215,7 +215,7 @@ async fn host_lines_name_oom_victims_from_the_agents_or_say_why_not() {
         at,
         late: false,
         agent_events: Some(&source as &dyn OomEvents),
-        names: &gpuops::report::node_names(&cfg).await,
+        names: &gpuops::inventory::Identity::from_config(&cfg).names().await,
     })
     .await;
     let md = &built.markdown;
@@ -303,7 +303,7 @@ async fn without_basic_auth_the_agent_refuses_and_the_line_says_so() {
         at,
         late: false,
         agent_events: Some(&source),
-        names: &gpuops::report::node_names(&cfg).await,
+        names: &gpuops::inventory::Identity::from_config(&cfg).names().await,
     })
     .await;
     let line = host_line(&built.markdown, &a.to_string());

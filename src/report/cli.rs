@@ -76,7 +76,7 @@ pub async fn compute(
         .as_ref()
         .context("reports need [prometheus] url")?;
     let agents = AgentEvents::from_config(cfg);
-    let names = crate::report::node_names(cfg).await;
+    let names = crate::inventory::Identity::from_config(cfg).names().await;
     Ok(build(Inputs {
         config: report,
         prometheus_url: &prometheus.url,

@@ -293,19 +293,6 @@ pub struct Inputs<'a> {
     pub names: &'a NodeNames,
 }
 
-/// The node names the configuration's inventory knows (`[[agents.nodes]]`
-/// and, with `prometheus_job`, the targets read now); empty without
-/// `[agents]`, so names come from labels and DNS host parts alone.
-pub async fn node_names(cfg: &crate::config::BotConfig) -> NodeNames {
-    let Some(inventory) = crate::inventory::Inventory::from_config(cfg) else {
-        return NodeNames::default();
-    };
-    if let Err(e) = inventory.refresh_now().await {
-        tracing::warn!(error = %e, "cannot read the agent inventory; the report names nodes by labels and instances");
-    }
-    inventory.names().await
-}
-
 /// A computed and rendered report.
 #[derive(Debug, Clone)]
 pub struct Built {

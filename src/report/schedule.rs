@@ -85,7 +85,7 @@ pub async fn run_once(
     let t0 = Instant::now();
     tracing::info!(report = %name, slot = %at.to_rfc3339(), late, "computing report");
     let agents = AgentEvents::from_config(&state.config);
-    let names = crate::report::node_names(&state.config).await;
+    let names = state.identity.names().await;
     let built = build(Inputs {
         config: cfg,
         prometheus_url: &prometheus.url,

@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::future::{join_all, BoxFuture};
-use serde::Deserialize;
 
 use crate::config::BotConfig;
 use crate::inventory::{EventsClient, Inventory};
@@ -23,16 +22,9 @@ pub const CONCURRENCY: usize = 16;
 /// Nodes asked per report (the rest say so): bounds the report's time.
 pub const MAX_NODES: usize = 64;
 
-/// One process the OOM killer killed, as the agent recorded it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OomVictim {
-    /// Unix seconds.
-    pub timestamp: f64,
-    pub pid: Option<u32>,
-    pub process: Option<String>,
-    /// The memory cgroup (a systemd unit or a container's scope).
-    pub cgroup: Option<String>,
-}
+/// One process the OOM killer killed, as the agent recorded it (the
+/// inventory's reading of `/v1/events`, shared with the alert lines).
+pub use crate::inventory::OomKill as OomVictim;
 
 /// Where a report finds OOM victims (the agents; tests inject their own).
 pub trait OomEvents: Send + Sync {
@@ -135,32 +127,10 @@ impl OomEvents for AgentEvents {
     }
 }
 
-#[derive(Deserialize)]
-struct OomEvent {
-    timestamp: f64,
-    #[serde(default)]
-    pid: Option<u32>,
-    #[serde(default)]
-    process: Option<String>,
-    #[serde(default)]
-    cgroup: Option<String>,
-}
-
-/// The OOM kills among a `/v1/events` answer's events (other kinds and
-/// unreadable entries are skipped).
+/// The OOM kills among a `/v1/events` answer's events, oldest first (other
+/// kinds and unreadable entries are skipped): [`crate::inventory::oom_kills`].
 pub fn oom_victims(events: Vec<serde_json::Value>) -> Vec<OomVictim> {
-    events
-        .into_iter()
-        .filter(|e| e.get("type").and_then(|t| t.as_str()) == Some("oom_kill"))
-        .filter_map(|e| serde_json::from_value::<OomEvent>(e).ok())
-        .filter(|e| e.timestamp.is_finite())
-        .map(|e| OomVictim {
-            timestamp: e.timestamp,
-            pid: e.pid,
-            process: e.process.filter(|p| !p.is_empty()),
-            cgroup: e.cgroup.filter(|c| !c.is_empty() && c != "/"),
-        })
-        .collect()
+    crate::inventory::oom_kills(&events)
 }
 
 #[cfg(test)]
