@@ -205,17 +205,23 @@ impl AlertLine {
     /// `gpu-node-17 (127.0.0.1:18949)`: the node's name with the instance
     /// beside it; the instance alone when nothing names the node.
     pub fn where_text(&self) -> Option<String> {
-        match (&self.node, &self.instance) {
-            (Some(n), Some(i)) if n != i => Some(format!("{n} ({i})")),
-            (Some(n), _) => Some(n.clone()),
-            (None, Some(i)) => Some(i.clone()),
-            (None, None) => None,
-        }
+        node_with_instance(self.node.as_deref(), self.instance.as_deref())
     }
 
     /// The node's name, else the instance (one word per node: roll-ups).
     pub fn node_or_instance(&self) -> Option<&str> {
         self.node.as_deref().or(self.instance.as_deref())
+    }
+}
+
+/// How a person reads a node: `gpu-node-17 (127.0.0.1:18949)`, the name
+/// alone when it is the instance, the instance alone when nothing names it.
+pub fn node_with_instance(node: Option<&str>, instance: Option<&str>) -> Option<String> {
+    match (node, instance) {
+        (Some(n), Some(i)) if n != i => Some(format!("{n} ({i})")),
+        (Some(n), _) => Some(n.to_string()),
+        (None, Some(i)) => Some(i.to_string()),
+        (None, None) => None,
     }
 }
 

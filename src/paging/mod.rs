@@ -346,15 +346,13 @@ pub fn digest_text(
                 .unwrap_or_else(|| "(no alertname)".into());
             // The node by the name a person knows (the instance beside it).
             let instance = a.labels.get("instance").filter(|i| !i.is_empty());
-            let node = match (
-                names.name_of(instance.map(String::as_str), &a.labels),
-                instance,
-            ) {
-                (Some(n), Some(i)) if n != *i => format!("{n} ({i})"),
-                (Some(n), _) => n,
-                (None, Some(i)) => i.clone(),
-                (None, None) => "-".into(),
-            };
+            let node = crate::message::node_with_instance(
+                names
+                    .name_of(instance.map(String::as_str), &a.labels)
+                    .as_deref(),
+                instance.map(String::as_str),
+            )
+            .unwrap_or_else(|| "-".into());
             let node = crate::escape::line(&node);
             let s = if section == 0 && a.status != "firing" {
                 2
