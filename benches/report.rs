@@ -16,7 +16,10 @@
 //! GPU-hours 0.9 s), peak RSS of this process 20 MiB.
 #![allow(clippy::disallowed_methods)] // starts promtool and prometheus
 
-#[path = "../tests/report_support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
+mod support;
+
+#[path = "../tests/it/report_support/mod.rs"]
 mod report_support;
 
 use std::time::Instant;

@@ -12,7 +12,7 @@
 //! `BENCH_REPLICAS=3` for three bots on that database, webhooks spread
 //! over them round-robin.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::path::Path;

@@ -278,7 +278,7 @@ pub fn unix_now() -> f64 {
 
 /// How urgently an XID needs a person. Follows the resolution class: a GPU
 /// or node that must be reset or rebooted is critical, an application that
-/// must restart is a warning, no action is info (`tests/runbook_xid.rs`).
+/// must restart is a warning, no action is info (`tests/it/runbook_xid.rs`).
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum XidSeverity {

@@ -30,7 +30,7 @@ pub fn catalogue() -> &'static [XidInfo] {
 }
 
 /// The catalogue as a Markdown table (pasted into docs/gpu.md between the
-/// `xid-catalogue` markers; `tests/gpu_docs.rs` checks they match).
+/// `xid-catalogue` markers; `tests/it/gpu_docs.rs` checks they match).
 pub fn catalogue_markdown() -> String {
     let mut out = String::from(
         "| XID | What | Severity | Class (NVIDIA bucket) | Meaning | Recommended action | Runbook | Source |\n|---|---|---|---|---|---|---|---|\n",

@@ -1,0 +1,714 @@
+//! Step flow of chat runs through the bot's router: a failed drain never
+//! leads to a reset (escalation still runs), a denied step is skipped and
+//! the run goes on to the steps that do not depend on it, Approve / Deny
+//! buttons run the same checks as the typed commands, one approval covers an
+//! approval group, the alert's thread is the incident timeline ending with
+//! the node's state, and the stored output comes back through
+//! `gpuops audit --run` and `gpuops audit --group --markdown`.
+
+#![allow(clippy::disallowed_methods)] // the real binary, as a user runs it
+
+use crate::chat_support;
+
+use std::sync::{Arc, Mutex};
+
+use chat_support::*;
+use futures_util::future::BoxFuture;
+use gpuops::notify::{Button, Message};
+use gpuops::runbook::engine::{Executor, NodeSteps};
+use gpuops::runbook::exec::{CommandOutput, CommandRunner, CommandSpec, RunError};
+use gpuops::signing::Clock as _;
+
+const RUNBOOK: &str = r#"
+id: flow
+title: Flow test
+params:
+  node:
+    pattern: '(?P<value>[A-Za-z0-9][A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9.-]+)?(?::[0-9]{1,5})?'
+    from_label: instance
+steps:
+  - name: look
+    phase: investigate
+    kind: command
+    target: node
+    run: ["echo", "looking at {{node}}"]
+  - name: drain-slurm
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    alternative: drain
+    only_if_exists: /nonexistent/gpuops-test/scontrol
+    run: ["scontrol", "update", "nodename={{node}}", "state=drain"]
+    state_on_success: "{{node}} is drained (Slurm)"
+    state_on_failure: "{{node}} is NOT drained: the Slurm drain failed"
+  - name: cordon
+    phase: mitigate
+    kind: command
+    target: bot
+    needs_approval: true
+    alternative: drain
+    only_if_exists: /
+    run: ["kubectl", "cordon", "{{node}}"]
+    state_on_success: "{{node}} is cordoned: no new pods land on it"
+    state_on_failure: "{{node}} is NOT cordoned: the cordon failed; it still takes new pods"
+  - name: reset
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    requires: [drain]
+    approval_group: reset-path
+    run: ["nvidia-smi", "-r", "-i", "0"]
+    state_on_success: "{{node}} has a freshly reset GPU 0"
+    state_on_failure: "{{node}}: the GPU reset failed"
+  - name: reset-check
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    when: previous_succeeded
+    approval_group: reset-path
+    run: ["nvidia-smi", "-q", "-i", "0"]
+  - name: drop-caches
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    requires: []
+    run: ["sysctl", "-w", "vm.drop_caches=3"]
+    state_on_success: "{{node}} had its page cache dropped"
+  - name: page
+    phase: escalate
+    kind: command
+    target: bot
+    run: ["echo", "page the on-call about {{node}}"]
+"#;
+
+/// The shape of the shipped GPU runbooks: a drain, then a privileged
+/// investigation (`fuser` as root) that declares nothing, a reset that needs
+/// the drain, and a privileged escalation.
+const HOLDERS_RUNBOOK: &str = r#"
+id: holders-flow
+title: Holders after a drain
+params:
+  node:
+    pattern: '(?P<value>[A-Za-z0-9][A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9.-]+)?(?::[0-9]{1,5})?'
+    from_label: instance
+steps:
+  - name: look
+    phase: investigate
+    kind: command
+    target: node
+    run: ["echo", "looking at {{node}}"]
+  - name: drain
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    run: ["scontrol", "update", "nodename={{node}}", "state=drain"]
+  - name: holders
+    phase: investigate
+    kind: command
+    target: node
+    needs_approval: true
+    run: ["fuser", "-v", "/dev/nvidia0"]
+  - name: reset
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    requires: [drain]
+    run: ["nvidia-smi", "-r", "-i", "0"]
+  - name: bug-report
+    phase: escalate
+    kind: command
+    target: node
+    needs_approval: true
+    run: ["nvidia-bug-report.sh"]
+  - name: page
+    phase: escalate
+    kind: command
+    target: bot
+    run: ["echo", "page the on-call about {{node}}"]
+"#;
+
+/// Answers every command with its argv as output; programs listed in
+/// `failing` exit 1.
+#[derive(Default)]
+struct Scripted {
+    calls: Mutex<Vec<Vec<String>>>,
+    failing: Mutex<Vec<String>>,
+}
+
+impl Scripted {
+    fn programs(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| a[0].clone())
+            .collect()
+    }
+}
+
+impl CommandRunner for Scripted {
+    fn run<'a>(&'a self, cmd: &'a CommandSpec) -> BoxFuture<'a, Result<CommandOutput, RunError>> {
+        self.calls.lock().unwrap().push(cmd.argv.clone());
+        let fail = self.failing.lock().unwrap().contains(&cmd.argv[0]);
+        let out = CommandOutput {
+            exit_code: Some(if fail { 1 } else { 0 }),
+            stdout: format!("ran: {}\n", cmd.argv.join(" ")),
+            ..CommandOutput::default()
+        };
+        Box::pin(async move { Ok(out) })
+    }
+}
+
+async fn bot() -> (Bot, Arc<Scripted>, Capture) {
+    let capture = Capture::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rb = dir.path().join("runbooks");
+    std::fs::create_dir_all(&rb).unwrap();
+    std::fs::write(rb.join("flow.yaml"), RUNBOOK).unwrap();
+    std::fs::write(rb.join("holders-flow.yaml"), HOLDERS_RUNBOOK).unwrap();
+    // The shipped XID runbook, as an operator runs it.
+    std::fs::copy("runbooks/gpu-xid.yaml", rb.join("gpu-xid.yaml")).unwrap();
+    let runner = Arc::new(Scripted::default());
+    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
+    std::fs::write(dir.path().join("bot.toml"), config_text(dir.path(), &extra)).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("bot.toml"),
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap(); // holds inline secrets
+    (
+        Bot::start_in(dir, &extra, Some(exec)).await,
+        runner,
+        capture,
+    )
+}
+
+fn text(v: &serde_json::Value) -> String {
+    v["text"].as_str().unwrap_or_default().to_string()
+}
+
+/// The id of the run whose approval request is the latest reply.
+fn waiting_run(b: &Bot) -> String {
+    let r = b
+        .slack
+        .replies()
+        .into_iter()
+        .rev()
+        .find(|r| r.contains("/gpuops approve r"))
+        .expect("an approval request");
+    let at = r.find("approve r").unwrap() + "approve ".len();
+    r[at..at + 7].to_string()
+}
+
+async fn wait_reply(b: &Bot, what: &str, needle: &str) {
+    let n = needle.to_string();
+    b.wait_for(10, what, move |b| {
+        b.slack.replies().iter().any(|r| r.contains(&n))
+    })
+    .await;
+}
+
+/// Waits until the latest thread reply is an approval request for `step`.
+async fn wait_request(b: &Bot, step: &str) {
+    let n = format!(" {step} (");
+    b.wait_for(10, &format!("approval request for {step}"), move |b| {
+        b.slack
+            .replies()
+            .last()
+            .is_some_and(|r| r.contains("/gpuops approve r") && r.contains(&n))
+    })
+    .await;
+}
+
+/// The value of the latest approval request's Approve button
+/// (`<run>.<step>.<nonce>`: it approves that request only).
+fn approve_button(b: &Bot) -> String {
+    b.slack
+        .calls()
+        .into_iter()
+        .rev()
+        .find_map(|c| match c.message {
+            Message::Text(t) => t.buttons.into_iter().find_map(|x| match x {
+                Button::Approve(v) => Some(v),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+async fn press(b: &Bot, capture: &Capture, user: &str, action: &str, run: &str) -> u16 {
+    let body = slack_button_body(user, action, run, &format!("{}/respond", capture.url));
+    let (s, _) = b
+        .send(slack_request(
+            "/slack/interactions",
+            &body,
+            b.clock.now_unix(),
+            SLACK_SECRET,
+        ))
+        .await;
+    s
+}
+
+#[tokio::test]
+async fn drain_fails_so_reset_is_not_offered_and_escalation_runs() {
+    let (b, runner, capture) = bot().await;
+    runner.failing.lock().unwrap().push("kubectl".into());
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run flow alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    wait_request(&b, "drain-slurm").await;
+    let run = waiting_run(&b);
+    assert_eq!(
+        press(&b, &capture, ADMIN, "gpuops_approve", &approve_button(&b)).await,
+        200
+    );
+    // Only the independent drop-caches (`requires: []`) is offered next.
+    wait_request(&b, "drop-caches").await;
+    let (_, v) = b.slack_command(ADMIN, &format!("deny {run}")).await;
+    assert!(text(&v).contains("denied step `drop-caches`"), "{v}");
+    wait_reply(&b, "the summary", "🏁").await;
+
+    // Slurm is not installed: its alternative (cordon, covered by the same
+    // approval) ran and failed; nothing that needs the drain was offered.
+    assert_eq!(runner.programs(), ["echo", "kubectl", "echo"]);
+    let replies = b.slack.replies();
+    let all = replies.join("\n");
+    assert!(
+        all.contains("drain-slurm") && all.contains("does not exist here"),
+        "{all}"
+    );
+    assert!(
+        all.contains(
+            "reset (node command, 30s, needs approval) `flow` — skipped: drain did not succeed (cordon failed)"
+        ),
+        "{all}"
+    );
+    assert!(
+        all.contains(
+            "reset-check (node command, 30s, needs approval) `flow` — skipped: reset was skipped"
+        ),
+        "{all}"
+    );
+    let offered: Vec<&String> = replies
+        .iter()
+        .filter(|r| r.contains("/gpuops approve r"))
+        .collect();
+    assert_eq!(offered.len(), 2, "the drain and drop-caches only: {all}");
+    assert!(offered.iter().all(|r| !r.contains(" reset")), "{all}");
+    assert!(all.contains("escalate page"), "{all}");
+    let summary = replies.iter().find(|r| r.contains("🏁")).unwrap();
+    assert!(
+        summary.contains(
+            "*Node state:* node1 is NOT cordoned: the cordon failed; it still takes new pods"
+        ),
+        "{summary}"
+    );
+    b.stop();
+}
+
+#[tokio::test]
+async fn deny_skips_the_step_and_the_run_goes_on_to_independent_steps() {
+    let (b, runner, capture) = bot().await;
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run flow alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    wait_request(&b, "drain-slurm").await;
+    let run = waiting_run(&b);
+    // The Deny button, by an admin.
+    assert_eq!(
+        press(&b, &capture, ADMIN, "gpuops_deny", &approve_button(&b)).await,
+        200
+    );
+    wait_reply(&b, "the denial", "denied step `drain-slurm`").await;
+    // Independent drop-caches is offered next; nothing of the drain path.
+    wait_request(&b, "drop-caches").await;
+    assert_eq!(waiting_run(&b), run, "the same run goes on");
+    assert_eq!(runner.programs(), ["echo"]);
+    let all = b.slack.replies().join("\n");
+    assert!(
+        all.contains("— skipped: drain was decided by drain-slurm, which was denied"),
+        "{all}"
+    );
+    assert!(
+        all.contains("— skipped: drain did not succeed (drain-slurm was denied)"),
+        "{all}"
+    );
+    let (_, v) = b.slack_command(ADMIN2, &format!("approve {run}")).await;
+    assert!(text(&v).contains("approved step `drop-caches`"), "{v}");
+    wait_reply(&b, "the summary", "🏁").await;
+    assert_eq!(runner.programs(), ["echo", "sysctl", "echo"]);
+    let all = b.slack.replies().join("\n");
+    assert!(
+        all.contains("*Node state:* node1 had its page cache dropped"),
+        "{all}"
+    );
+    b.stop();
+}
+
+#[tokio::test]
+async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group() {
+    let (b, runner, capture) = bot().await;
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    b.wait_for(10, "the alert message", |b| {
+        b.slack
+            .calls()
+            .iter()
+            .any(|c| matches!(c.message, Message::Alert(_)))
+    })
+    .await;
+    // Stored as posted before anything else happens (the timeline's order).
+    for _ in 0..200 {
+        if !b.state.store.messages(g).await.unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    // An acknowledgement goes into the thread too.
+    let (_, v) = b.slack_command(OPERATOR, &format!("ack {g}")).await;
+    assert!(text(&v).contains("acknowledged"), "{v}");
+    wait_reply(&b, "the ack in the thread", "acknowledged the alert").await;
+
+    let (_, v) = b.slack_command(ADMIN, &format!("run flow alert={g}")).await;
+    assert!(text(&v).contains("started run"), "{v}");
+    wait_request(&b, "drain-slurm").await;
+    let run = waiting_run(&b);
+    // The request carries Approve / Deny buttons and says who may approve.
+    let request = b
+        .slack
+        .calls()
+        .into_iter()
+        .rev()
+        .find_map(|c| match c.message {
+            Message::Text(t) if t.text.contains("/gpuops approve") => Some(t),
+            _ => None,
+        })
+        .unwrap();
+    let value = approve_button(&b);
+    assert!(value.starts_with(&format!("{run}.")), "{value}");
+    assert_eq!(
+        request.buttons,
+        [Button::Approve(value.clone()), Button::Deny(value)]
+    );
+    assert!(
+        request.text.contains(&format!(
+            "needs approval by an admin other than {} (admins: slack:{ADMIN2}",
+            "u0admin (slack:U0ADMIN)"
+        )),
+        "{}",
+        request.text
+    );
+
+    // The requester's own press is refused, as the typed command would be.
+    assert_eq!(
+        press(&b, &capture, ADMIN, "gpuops_approve", &approve_button(&b)).await,
+        200
+    );
+    capture
+        .wait_for(10, "someone other than the person who asked")
+        .await;
+    assert_eq!(runner.programs(), ["echo"], "nothing ran");
+
+    // Another admin's press runs it (cordon: Slurm is not installed here).
+    assert_eq!(
+        press(&b, &capture, ADMIN2, "gpuops_approve", &approve_button(&b)).await,
+        200
+    );
+    wait_request(&b, "reset").await;
+    let all = b.slack.replies().join("\n");
+    assert!(
+        all.contains("approving it also approves `reset-check` (group `reset-path`)"),
+        "{all}"
+    );
+    assert_eq!(runner.programs(), ["echo", "kubectl"]);
+    let (_, v) = b.slack_command(ADMIN2, &format!("approve {run}")).await;
+    assert!(text(&v).contains("approved step `reset`"), "{v}");
+    // reset-check rides on the reset-path approval; drop-caches asks anew.
+    wait_request(&b, "drop-caches").await;
+    assert_eq!(
+        runner.programs(),
+        ["echo", "kubectl", "nvidia-smi", "nvidia-smi"]
+    );
+    let (_, v) = b.slack_command(ADMIN2, &format!("approve {run}")).await;
+    assert!(text(&v).contains("approved step `drop-caches`"), "{v}");
+    wait_reply(&b, "the summary", "🏁").await;
+    let all = b.slack.replies().join("\n");
+    assert!(
+        all.contains("*Node state:* node1 is cordoned: no new pods land on it; node1 has a freshly reset GPU 0; reset-check succeeded on node1; node1 had its page cache dropped"),
+        "{all}"
+    );
+
+    // The stored output comes back through the real binary.
+    b.stop();
+    let dir = b.dir.path();
+    let bin = env!("CARGO_BIN_EXE_gpuops");
+    let out = std::process::Command::new(bin)
+        .args(["audit", "--config"])
+        .arg(dir.join("bot.toml"))
+        .args(["--run", &run])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).replace(&run, "RUN");
+    assert!(
+        out.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = mask(&report);
+    expect_test::expect![[r#"
+        run RUN of runbook flow: finished
+        requested by u0admin (slack:U0ADMIN) (admin), alert group #G
+        node node1 (node1:9949)
+
+        == `look`: succeeded (exit 0)
+        ran: echo looking at node1
+
+        == `drain-slurm`: unavailable, approved by slack:U0ADMIN2
+        not run: /nonexistent/gpuops-test/scontrol does not exist here
+
+        == `cordon`: succeeded (exit 0), approved by slack:U0ADMIN2
+        ran: kubectl cordon node1
+
+        == `reset`: succeeded (exit 0), approved by slack:U0ADMIN2
+        ran: nvidia-smi -r -i 0
+
+        == `reset-check`: succeeded (exit 0), approved by slack:U0ADMIN2
+        ran: nvidia-smi -q -i 0
+
+        == `drop-caches`: succeeded (exit 0), approved by slack:U0ADMIN2
+        ran: sysctl -w vm.drop_caches=3
+
+        == `page`: succeeded (exit 0)
+        ran: echo page the on-call about node1
+    "#]]
+    .assert_eq(&report.replace(&format!("#{g}"), "#G"));
+
+    let out = std::process::Command::new(bin)
+        .args(["audit", "--config"])
+        .arg(dir.join("bot.toml"))
+        .args(["--group", &g.to_string(), "--markdown"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = mask(&String::from_utf8_lossy(&out.stdout).replace(&run, "RUN"));
+    expect_test::expect![[r##"
+        # Incident timeline: alert group #G
+
+        - Alert: TestGpuDown on node1 (node1:9949)
+        - Nodes: node1 (node1:9949)
+        - Group: `{}:{alertname="TestGpuDown", instance="node1:9949"}`
+        - Tier: P1; status now: firing
+        - Acknowledged by u0oper (slack:U0OPER) at TIME
+        - Runbook runs: 1
+
+        ## Timeline (UTC)
+
+        - TIME alert received from AlertManager (firing)
+        - TIME alert message posted to slack:C0ALERTS
+        - TIME acknowledged by slack:U0OPER
+        - TIME slack:U0ADMIN started runbook `flow`: started: RUN
+        - TIME run `RUN` step `look`: succeeded (exit 0)
+
+          ```
+          ran: echo looking at node1
+          ```
+        - TIME run `RUN` asks approval for step `drain-slurm` (requested by slack:U0ADMIN)
+        - TIME slack:U0ADMIN tried to approve step `drain-slurm` of run `RUN`: denied: step drain-slurm needs approval by someone other than the person who asked for it
+        - TIME slack:U0ADMIN2 approved step `drain-slurm` of run `RUN`
+        - TIME run `RUN` step `drain-slurm`: unavailable, approved by slack:U0ADMIN2
+
+          ```
+          not run: /nonexistent/gpuops-test/scontrol does not exist here
+          ```
+        - TIME run `RUN` step `cordon`: succeeded (exit 0), approved by slack:U0ADMIN2
+
+          ```
+          ran: kubectl cordon node1
+          ```
+        - TIME run `RUN` asks approval for step `reset` (requested by slack:U0ADMIN)
+        - TIME slack:U0ADMIN2 approved step `reset` of run `RUN`
+        - TIME run `RUN` step `reset`: succeeded (exit 0), approved by slack:U0ADMIN2
+
+          ```
+          ran: nvidia-smi -r -i 0
+          ```
+        - TIME run `RUN` step `reset-check`: succeeded (exit 0), approved by slack:U0ADMIN2
+
+          ```
+          ran: nvidia-smi -q -i 0
+          ```
+        - TIME run `RUN` asks approval for step `drop-caches` (requested by slack:U0ADMIN)
+        - TIME slack:U0ADMIN2 approved step `drop-caches` of run `RUN`
+        - TIME run `RUN` step `drop-caches`: succeeded (exit 0), approved by slack:U0ADMIN2
+
+          ```
+          ran: sysctl -w vm.drop_caches=3
+          ```
+        - TIME run `RUN` step `page`: succeeded (exit 0)
+
+          ```
+          ran: echo page the on-call about node1
+          ```
+        - TIME run `RUN` finished: 6 succeeded, 1 unavailable; node state: node1 is cordoned: no new pods land on it; node1 has a freshly reset GPU 0; reset-check succeeded on node1; node1 had its page cache dropped
+    "##]]
+    .assert_eq(&md.replace(&format!("#{g}"), "#G"));
+}
+
+/// Times to `TIME`.
+fn mask(s: &str) -> String {
+    regex::Regex::new(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+        .unwrap()
+        .replace_all(s, "TIME")
+        .into_owned()
+}
+
+#[tokio::test]
+async fn discord_approve_button_runs_the_same_checks() {
+    let (b, runner, _capture) = bot().await;
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run flow alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    wait_request(&b, "drain-slurm").await;
+    let run = approve_button(&b);
+    let press = |user: &str, token: &str| {
+        discord_interaction(
+            3,
+            user,
+            token,
+            serde_json::json!({ "custom_id": format!("gpuops:approve:{run}"), "component_type": 2 }),
+        )
+    };
+    let now = b.clock.now_unix();
+    // A Discord operator is no approver: refused inline, nothing runs.
+    let (s, out) = b
+        .send(discord_request(
+            &b.discord_key,
+            &press("423456789012345678", "t1"),
+            now,
+        ))
+        .await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("needs the admin role"),
+        "{v}"
+    );
+    assert_eq!(runner.programs(), ["echo"]);
+    // A Discord admin's press approves: the drain group runs.
+    let (s, out) = b
+        .send(discord_request(
+            &b.discord_key,
+            &press("323456789012345678", "t2"),
+            now,
+        ))
+        .await;
+    assert_eq!((s, out.as_str()), (200, r#"{"type":5}"#));
+    wait_reply(&b, "the approval note", "approved step `drain-slurm`").await;
+    wait_request(&b, "reset").await;
+    assert_eq!(runner.programs(), ["echo", "kubectl"]);
+    b.stop();
+}
+
+/// Issue 22, observation 5: after a denied drain the run still asked an
+/// admin to approve `holders` (`fuser` as root). Now nothing privileged is
+/// offered after the denial; the read-only escalation still runs.
+#[tokio::test]
+async fn after_a_denied_drain_no_privileged_step_is_offered() {
+    let (b, runner, capture) = bot().await;
+    let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run holders-flow alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    wait_request(&b, "drain").await;
+    assert_eq!(
+        press(&b, &capture, ADMIN, "gpuops_deny", &approve_button(&b)).await,
+        200
+    );
+    wait_reply(&b, "the summary", "🏁").await;
+    let replies = b.slack.replies();
+    let all = replies.join("\n");
+    let offered: Vec<&String> = replies
+        .iter()
+        .filter(|r| r.contains("/gpuops approve r"))
+        .collect();
+    assert_eq!(offered.len(), 1, "the drain only: {all}");
+    assert!(all.contains("holders (node command, 30s, needs approval) `holders-flow` — skipped: drain was denied"), "{all}");
+    assert!(all.contains("bug-report"), "{all}");
+    assert!(!all.contains("approve bug-report"), "{all}");
+    assert_eq!(runner.programs(), ["echo", "echo"], "{all}");
+    b.stop();
+}
+
+/// Issue 22, observation 2: run on a group holding GPUs 1 and 6, the XID 94
+/// runbook acted on GPU 1 only and did not say so. Now the start says which
+/// GPU the run acts on and offers the other as a run of its own.
+#[tokio::test]
+async fn a_two_gpu_xid_94_group_says_which_gpu_it_acts_on_and_offers_the_other() {
+    let (b, runner, _capture) = bot().await;
+    let mut hook = webhook(
+        "GPUXIDError",
+        "node1:9949",
+        &[("xid", "94"), ("gpu", "1"), ("node", "node1")],
+    );
+    let mut second = hook["alerts"][0].clone();
+    second["labels"]["gpu"] = serde_json::json!("6");
+    second["fingerprint"] = serde_json::json!("fp-gpu6");
+    hook["alerts"].as_array_mut().unwrap().push(second);
+    hook["commonLabels"].as_object_mut().unwrap().remove("gpu");
+    let g = b.alert(hook).await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run gpu-xid alert={g}"))
+        .await;
+    let ack = text(&v);
+    assert!(ack.contains("started run"), "{v}");
+    assert!(
+        ack.contains(&format!(
+            "it acts on GPU 1 only: alert group #{g} also holds GPU 6 (`/gpuops run gpu-xid alert={g} gpu=6`)"
+        )),
+        "{ack}"
+    );
+    wait_reply(&b, "the thread's start line", "also holds GPU 6").await;
+    for _ in 0..200 {
+        if runner
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|a| a.contains(&"-i".to_string()))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let calls = runner.calls.lock().unwrap().clone();
+    assert!(calls.iter().any(|a| a[0] == "nvidia-smi"), "{calls:?}");
+    assert!(
+        calls
+            .iter()
+            .filter(|a| a[0] == "nvidia-smi")
+            .all(|a| a.ends_with(&["-i".to_string(), "1".to_string()])),
+        "{calls:?}"
+    );
+    b.stop();
+}
