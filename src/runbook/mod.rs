@@ -187,6 +187,11 @@ pub enum Action {
         /// series (a check such as "no row remap failure on this GPU" that
         /// the steps after it can `require`).
         fail_if_any: bool,
+        /// `fail_if_none: true`: the step fails when the query returns no
+        /// series, so it succeeds only when it finds something (a check such
+        /// as "a row remap is pending on this GPU" that gates a reset).
+        /// Never together with `fail_if_any` (the parser refuses both).
+        fail_if_none: bool,
     },
 }
 

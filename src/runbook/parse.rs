@@ -192,6 +192,7 @@ const STEP_KEYS: &[&str] = &[
     "state_on_success",
     "state_on_failure",
     "fail_if_any",
+    "fail_if_none",
 ];
 
 fn value_kind(v: &Value) -> &'static str {

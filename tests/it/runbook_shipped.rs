@@ -100,8 +100,13 @@ fn every_shipped_runbook_validates_and_plans() {
 
 /// A `verify-*` step in the mitigate phase (so that its failure stops the
 /// return to service) that only reads: unprivileged nvidia-smi without a
-/// reset, or DCGM diagnostics. Those need no approval.
+/// reset, or DCGM diagnostics. Those need no approval. Nor does a PromQL
+/// check in the mitigate phase (gpu-xid's `remap-failed`, whose failure
+/// keeps the GPU out of service): a query reads Prometheus, nothing more.
 fn is_read_only_verification(s: &engine::PlannedStep) -> bool {
+    if let Rendered::Promql { .. } = s.rendered {
+        return true;
+    }
     let Rendered::Command { argv } = &s.rendered else {
         return false;
     };
@@ -238,7 +243,7 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "runbooks: 13 runbooks ok, 149 steps\n"
+        "runbooks: 13 runbooks ok, 157 steps\n"
     );
 
     let out = Command::new(bin)
@@ -338,7 +343,7 @@ fn dry_run_shows_rendered_argv() {
         [14/21] mitigate verify-gpu (node command, 1m, needs approval)
             nvidia-smi -q -d ECC,ROW_REMAPPER -i 5
         [15/21] mitigate remap-not-failed (bot promql, 15s, needs approval)
-            promql: gpu_remapped_rows{instance="gpu-node-07.dc1:9949",gpu="5",state="failure"} > 0
+            promql: gpu_remapped_rows{instance="gpu-node-07.dc1:9949",gpu="5",state="failure"} > 0 or absent(gpu_up{instance="gpu-node-07.dc1:9949",gpu="5"})
         [16/21] mitigate start-nvml-monitors (node command, 1m, needs approval)
             sudo -n systemctl start 'nvidia-dcgm*' 'dcgm*'
         [17/21] mitigate verify-dcgm (node command, 15m, needs approval)

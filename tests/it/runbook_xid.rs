@@ -125,8 +125,87 @@ fn is_gpu_reset(argv: &[String]) -> bool {
     argv.iter().any(|a| a == "nvidia-smi") && argv.iter().any(|a| a == "-r" || a == "--gpu-reset")
 }
 
-fn has_mitigation(plan: &RunPlan) -> bool {
-    plan.steps.iter().any(|s| s.step.phase == Phase::Mitigate)
+/// The steps `name` requires, directly or through the steps it requires.
+fn required_closure(plan: &RunPlan, name: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut todo = vec![name.to_string()];
+    while let Some(n) = todo.pop() {
+        let Some(s) = plan.step(&n) else { continue };
+        for r in &s.step.flow.requires {
+            if !out.contains(r) {
+                out.push(r.clone());
+                todo.push(r.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The application and no-action XIDs' runbook (gpu-xid): no drain at all,
+/// and its only change is the approval-gated GPU reset that applies a
+/// pending row remap: every mitigation that acts on the node needs the
+/// `remap-pending` check (a query that succeeds only when it finds the
+/// pending remap), the reset also `gpu-idle` and `remap-failed`; the only
+/// mitigation outside that path is the read-only `remap-failed` query.
+fn assert_no_drain_and_a_reset_only_for_a_pending_remap(plan: &RunPlan) {
+    let id = &plan.runbook.id;
+    for (name, _, argv) in argvs(plan) {
+        if argv[0] == "echo" {
+            continue; // text, checked against the catalogue elsewhere
+        }
+        for word in ["scontrol", "kubectl", "drain", "cordon"] {
+            assert!(
+                !argv.iter().any(|a| a.contains(word)),
+                "{id}: step {name} drains: {argv:?}"
+            );
+        }
+    }
+    for s in plan
+        .steps
+        .iter()
+        .filter(|s| s.step.phase == Phase::Mitigate)
+    {
+        if let Rendered::Promql { .. } = s.rendered {
+            if s.step.name == "remap-failed" {
+                continue;
+            }
+        }
+        let needs = required_closure(plan, &s.step.name);
+        assert!(
+            needs.iter().any(|n| n == "remap-pending"),
+            "{id}: mitigation {} does not depend on remap-pending: {needs:?}",
+            s.step.name
+        );
+        assert!(s.step.needs_approval, "{id}: {}", s.step.name);
+    }
+    let reset = &plan.steps[pos(plan, "gpu-reset")];
+    let Rendered::Command { argv } = &reset.rendered else {
+        panic!("{id}: gpu-reset is not a command");
+    };
+    assert!(is_gpu_reset(argv), "{argv:?}");
+    assert!(reset.step.releases_gpu && reset.step.needs_approval);
+    let needs = required_closure(plan, "gpu-reset");
+    for gate in [
+        "remap-pending",
+        "remap-failed",
+        "gpu-idle",
+        "stop-nvml-monitors",
+    ] {
+        assert!(
+            needs.iter().any(|n| n == gate),
+            "{id}: gpu-reset: {needs:?}"
+        );
+    }
+    let pending = plan.step("remap-pending").expect("remap-pending");
+    assert_eq!(pending.step.phase, Phase::Investigate);
+    assert!(matches!(
+        pending.step.action,
+        gpuops::runbook::Action::Promql {
+            fail_if_none: true,
+            fail_if_any: false,
+            ..
+        }
+    ));
 }
 
 fn entry(code: u32) -> &'static XidInfo {
@@ -227,13 +306,8 @@ fn every_catalogued_xid_suggests_its_runbook_with_steps_that_fit_its_class() {
         assert_eq!(x.severity, x.resolution.severity(), "xid {}", x.code);
         match x.resolution {
             XidResolution::Ignore | XidResolution::RestartApp | XidResolution::ContactSupport => {
-                assert!(
-                    !has_mitigation(&plan),
-                    "xid {} ({}) offers a mitigation in {}",
-                    x.code,
-                    x.resolution.as_str(),
-                    plan.runbook.id
-                );
+                assert_eq!(plan.runbook.id, "gpu-xid", "xid {}", x.code);
+                assert_no_drain_and_a_reset_only_for_a_pending_remap(&plan);
             }
             XidResolution::ResetGpu | XidResolution::CheckNvlink => {
                 assert_closed_reset_loop(&plan);
@@ -273,15 +347,12 @@ fn xid_79_never_offers_a_gpu_reset_but_a_reboot() {
 }
 
 #[test]
-fn xid_63_and_92_offer_no_mitigation() {
+fn xid_63_and_92_offer_no_mitigation_but_the_pending_remap_reset() {
     let set = shipped();
     for code in [63, 92] {
         assert_eq!(entry(code).resolution, XidResolution::Ignore, "xid {code}");
         let plan = suggested_plan(&set, code);
-        assert!(!has_mitigation(&plan), "xid {code}: {}", plan.runbook.id);
-        for (name, _, argv) in argvs(&plan) {
-            assert!(!is_gpu_reset(argv), "xid {code}: {name}");
-        }
+        assert_no_drain_and_a_reset_only_for_a_pending_remap(&plan);
     }
 }
 
@@ -299,7 +370,37 @@ fn xid_94_restarts_the_application_without_a_drain() {
     let plan = suggested_plan(&shipped(), 94);
     assert_eq!(entry(94).resolution, XidResolution::RestartApp);
     assert_eq!(plan.runbook.id, "gpu-xid");
-    assert!(!has_mitigation(&plan));
+    assert_no_drain_and_a_reset_only_for_a_pending_remap(&plan);
+    // The reset path is gpu-reset's, in its order, one approval for it all.
+    let order = [
+        "remap-pending",
+        "remap-failed",
+        "gpu-idle",
+        "stop-nvml-monitors",
+        "gpu-reset",
+        "verify-gpu",
+        "remap-applied",
+        "start-nvml-monitors",
+    ];
+    for w in order.windows(2) {
+        assert!(pos(&plan, w[0]) < pos(&plan, w[1]), "{w:?}");
+    }
+    for name in &order[3..] {
+        let s = &plan.steps[pos(&plan, name)];
+        assert_eq!(
+            s.step.approval_group.as_deref(),
+            Some("reset-path"),
+            "{name}"
+        );
+    }
+    for name in ["stop-nvml-monitors", "gpu-reset"] {
+        let s = &plan.steps[pos(&plan, name)];
+        assert_eq!(s.step.roles, [gpuops::runbook::Role::Admin], "{name}");
+    }
+    assert_eq!(
+        plan.step("start-nvml-monitors").unwrap().step.flow.requires,
+        ["stop-nvml-monitors"]
+    );
 }
 
 #[test]
@@ -308,7 +409,7 @@ fn xid_13_takes_the_application_path() {
     for code in [13, 31, 43, 45] {
         let plan = suggested_plan(&set, code);
         assert_eq!(plan.runbook.id, "gpu-xid", "xid {code}");
-        assert!(!has_mitigation(&plan), "xid {code}");
+        assert_no_drain_and_a_reset_only_for_a_pending_remap(&plan);
         assert!(
             plan.steps.iter().any(|s| s.step.name == "gpu-processes"),
             "xid {code}: shows whose job it was"
@@ -563,4 +664,374 @@ async fn remap_check_fails_when_prometheus_finds_the_failure_flag() {
         let out = exec.execute(&plan, check).await;
         assert_eq!(out.status, want, "{}", out.output);
     }
+}
+
+/// What a walk through a plan came to ([`walk_with_prometheus`]).
+struct RemapWalk {
+    /// One line a step: its name and outcome (or why it was skipped), and
+    /// `asks approval` where a run stops for an approval (which the walk
+    /// then gives, as an admin would).
+    trace: Vec<String>,
+    /// The argv of every command run, joined by spaces.
+    commands: Vec<String>,
+    /// `engine::node_state`, the closing summary's node state.
+    state: Vec<String>,
+}
+
+/// The rendered query of the PromQL step `name`.
+fn query_of(plan: &RunPlan, name: &str) -> String {
+    match &plan
+        .step(name)
+        .unwrap_or_else(|| panic!("no step {name}"))
+        .rendered
+    {
+        Rendered::Promql { query } => query.clone(),
+        other => panic!("{name} is {other:?}"),
+    }
+}
+
+/// Walks the XID 94 plan (GPU 3) as a chat run does: in file order,
+/// [`engine::next_action`] decides each step; a `needs_approval` step not
+/// covered by an earlier approval of its `approval_group` stops for one
+/// (recorded, then given); commands go to a recording runner, PromQL steps
+/// to a fake Prometheus answering the named steps' queries with `answers`
+/// (every other query: no series). Escalations are left out (they always
+/// run and change nothing).
+async fn walk_with_prometheus(answers: &[(&str, Vec<crate::report_support::Series>)]) -> RemapWalk {
+    use engine::{next_action, node_state, Executor, NextAction, NodeSteps, StepExecutor as _};
+    let plan = suggested_plan(&shipped(), 94);
+    assert_eq!(plan.runbook.id, "gpu-xid");
+    let url = crate::report_support::fake_prometheus(
+        answers
+            .iter()
+            .map(|(step, series)| (query_of(&plan, step), series.clone()))
+            .collect(),
+    )
+    .await;
+    let runner = std::sync::Arc::new(gpuops::runbook::exec::RecordingRunner::new());
+    let exec = Executor::new(runner.clone(), NodeSteps::Local, Some(url));
+    let mut done: Vec<(String, engine::StepStatus)> = Vec::new();
+    let mut approved: Vec<String> = Vec::new();
+    let mut trace = Vec::new();
+    for s in plan
+        .steps
+        .iter()
+        .filter(|s| s.step.phase != Phase::Escalate)
+    {
+        let name = &s.step.name;
+        if let NextAction::Skip(why) = next_action(&plan, s.index, &done) {
+            trace.push(format!("{name}: {why}"));
+            done.push((name.clone(), engine::StepStatus::Skipped));
+            continue;
+        }
+        if s.step.needs_approval {
+            let group = s
+                .step
+                .approval_group
+                .clone()
+                .unwrap_or_else(|| name.clone());
+            if !approved.contains(&group) {
+                trace.push(format!("{name}: asks approval ({group})"));
+                approved.push(group);
+            }
+        }
+        let out = exec.execute(&plan, s).await;
+        trace.push(format!("{name}: {}", out.status.as_str()));
+        done.push((name.clone(), out.status));
+    }
+    RemapWalk {
+        trace,
+        commands: runner.calls().iter().map(|c| c.argv.join(" ")).collect(),
+        state: node_state(&plan, &done),
+    }
+}
+
+/// A pending row remap on GPU 3 (the `gpu_remapped_rows{state="pending"}`
+/// series at 1).
+fn pending() -> (&'static str, Vec<crate::report_support::Series>) {
+    (
+        "remap-pending",
+        vec![(vec![("gpu", "3"), ("state", "pending")], 1.0)],
+    )
+}
+
+/// Row remaps done right (issue 22, observation 2): XID 94 with a pending
+/// row remap on an idle GPU reaches the gpu-reset path, and the first step
+/// of it asks for one approval covering the reset (admin only, releasing
+/// NVML); after the reset the remap shows applied and the node's state says
+/// so. Nothing is drained.
+#[tokio::test]
+async fn pending_row_remap_offers_an_approval_gated_reset_for_an_idle_gpu() {
+    let w = walk_with_prometheus(&[
+        pending(),
+        (
+            "remap-applied",
+            vec![(vec![("gpu", "3"), ("state", "pending")], 0.0)],
+        ),
+    ])
+    .await;
+    expect_test::expect![[r#"
+        xid-meaning: succeeded
+        kernel-log: succeeded
+        gpu-errors: succeeded
+        gpu-processes: succeeded
+        xid-rate: succeeded
+        remap-state: succeeded
+        remap-pending: succeeded
+        remap-failed: succeeded
+        gpu-idle: succeeded
+        stop-nvml-monitors: asks approval (reset-path)
+        stop-nvml-monitors: succeeded
+        gpu-reset: succeeded
+        verify-gpu: succeeded
+        remap-applied: succeeded
+        start-nvml-monitors: succeeded"#]]
+    .assert_eq(&w.trace.join("\n"));
+    // The one approval covers the reset itself: admin only, NVML released.
+    let plan = suggested_plan(&shipped(), 94);
+    let reset = &plan.step("gpu-reset").unwrap().step;
+    assert!(reset.needs_approval && reset.releases_gpu);
+    assert_eq!(reset.approval_group.as_deref(), Some("reset-path"));
+    assert!(
+        w.commands
+            .contains(&"sudo -n nvidia-smi -r -i 3".to_string()),
+        "{:?}",
+        w.commands
+    );
+    assert!(
+        !w.commands
+            .iter()
+            .any(|c| c.contains("scontrol") || c.contains("kubectl")),
+        "{:?}",
+        w.commands
+    );
+    assert_eq!(
+        w.state,
+        [
+            "GPU 3 on gpu-node-07 has no row remap failure reported; gpu-node-07 keeps serving jobs",
+            "stop-nvml-monitors succeeded on gpu-node-07",
+            "GPU 3 on gpu-node-07 was reset to apply its pending row remap",
+            "verify-gpu succeeded on gpu-node-07",
+            "GPU 3 on gpu-node-07: its row remap is applied (none pending)",
+            "start-nvml-monitors succeeded on gpu-node-07",
+        ]
+    );
+}
+
+/// No pending row remap (the check finds no series): the reset path is
+/// skipped and nobody is asked to approve anything; the check's failure is
+/// not a failed mitigation in the node's state.
+#[tokio::test]
+async fn no_pending_remap_skips_the_reset_without_asking() {
+    let w = walk_with_prometheus(&[]).await;
+    let trace = w.trace.join("\n");
+    assert!(trace.contains("remap-pending: failed"), "{trace}");
+    assert!(!trace.contains("asks approval"), "{trace}");
+    for step in [
+        "stop-nvml-monitors",
+        "gpu-reset",
+        "verify-gpu",
+        "remap-applied",
+    ] {
+        assert!(trace.contains(&format!("{step}: skipped: ")), "{trace}");
+    }
+    assert!(
+        trace.contains("gpu-reset: skipped: remap-pending failed"),
+        "{trace}"
+    );
+    assert!(
+        !w.commands.iter().any(|c| c.starts_with("sudo")),
+        "{:?}",
+        w.commands
+    );
+    assert_eq!(
+        w.state,
+        ["GPU 3 on gpu-node-07 has no row remap failure reported; gpu-node-07 keeps serving jobs"]
+    );
+}
+
+/// A pending row remap on a GPU that ran work in the last 5 minutes: the
+/// `gpu-idle` check finds it busy, and the reset is neither offered nor run.
+#[tokio::test]
+async fn busy_gpu_with_pending_remap_is_not_reset() {
+    let w =
+        walk_with_prometheus(&[pending(), ("gpu-idle", vec![(vec![("gpu", "3")], 97.0)])]).await;
+    let trace = w.trace.join("\n");
+    assert!(trace.contains("remap-pending: succeeded"), "{trace}");
+    assert!(trace.contains("gpu-idle: failed"), "{trace}");
+    assert!(!trace.contains("asks approval"), "{trace}");
+    assert!(
+        trace.contains("stop-nvml-monitors: skipped: gpu-idle failed")
+            && trace.contains("gpu-reset: skipped: gpu-idle failed"),
+        "{trace}"
+    );
+    assert!(
+        !w.commands.iter().any(|c| c.contains("nvidia-smi -r")),
+        "{:?}",
+        w.commands
+    );
+}
+
+/// A row remap failure (`state="failure"`) on the GPU, pending remap or
+/// not: the GPU is not reset, and the node's state says it stays drained
+/// for hardware replacement (runbook gpu-ecc-remap).
+#[tokio::test]
+async fn remap_failure_keeps_the_node_drained() {
+    let w = walk_with_prometheus(&[
+        pending(),
+        (
+            "remap-failed",
+            vec![(vec![("gpu", "3"), ("state", "failure")], 1.0)],
+        ),
+    ])
+    .await;
+    let trace = w.trace.join("\n");
+    assert!(trace.contains("remap-failed: failed"), "{trace}");
+    assert!(!trace.contains("asks approval"), "{trace}");
+    assert!(
+        trace.contains("gpu-reset: skipped: remap-failed failed"),
+        "{trace}"
+    );
+    assert!(
+        !w.commands.iter().any(|c| c.starts_with("sudo")),
+        "{:?}",
+        w.commands
+    );
+    assert_eq!(
+        w.state,
+        ["GPU 3 on gpu-node-07 has a row remap failure (no spare rows): it stays drained for hardware replacement (RMA); runbook gpu-ecc-remap (alert GPURowRemapFailure) drains gpu-node-07, and this run does not reset the GPU"]
+    );
+}
+
+/// The row-remap checks' queries, as the runbooks render them for GPU 3,
+/// evaluated by Prometheus's own engine (`promtool test rules`, its
+/// `promql_expr_test`) over the series the agent exports: remap-pending
+/// finds the pending flag; gpu-idle finds a busy GPU and a GPU without
+/// series (not known to be idle), and nothing for an idle one; remap-failed
+/// finds the failure flag; remap-applied finds the pending flag at 0 only;
+/// gpu-ecc-remap's remap-not-failed finds the failure flag and a GPU whose
+/// series are gone (as right after the agent released NVML for the reset),
+/// so neither returns the node to service.
+#[test]
+#[ignore = "needs promtool: run by .ci/run"]
+fn row_remap_checks_select_what_they_say_in_promql() {
+    let set = shipped();
+    let xid = suggested_plan(&set, 94);
+    let ecc = suggested_plan(&set, 64);
+    let q = |plan: &RunPlan, step: &str| query_of(plan, step).replace('\'', "''");
+    let gpu = r#"instance="10.0.0.7:9949",gpu="3""#;
+    // (input series with their values, [(query, expected samples)]).
+    type Case<'a> = (
+        Vec<(String, &'a str)>,
+        Vec<(String, Vec<(String, &'a str)>)>,
+    );
+    let series =
+        |name: &str, extra: &str, values: &'static str| (format!("{name}{{{gpu}{extra}}}"), values);
+    let pending_flag = format!("gpu_remapped_rows{{{gpu},state=\"pending\"}}");
+    let failure_flag = format!("gpu_remapped_rows{{{gpu},state=\"failure\"}}");
+    let bare = format!("{{gpu=\"3\",instance=\"10.0.0.7:9949\"}}");
+    let cases: Vec<Case> = vec![
+        // Idle, a remap pending, no failure.
+        (
+            vec![
+                series("gpu_up", "", "1x20"),
+                series("gpu_utilization_percent", "", "0x20"),
+                series("gpu_remapped_rows", ",state=\"pending\"", "1x20"),
+                series("gpu_remapped_rows", ",state=\"failure\"", "0x20"),
+            ],
+            vec![
+                (q(&xid, "remap-pending"), vec![(pending_flag.clone(), "1")]),
+                (q(&xid, "remap-failed"), vec![]),
+                (q(&xid, "gpu-idle"), vec![]),
+                (q(&xid, "remap-applied"), vec![]),
+                (q(&ecc, "remap-not-failed"), vec![]),
+            ],
+        ),
+        // Busy four minutes ago, with one process; no remap pending
+        // (applied), a remap failure.
+        (
+            vec![
+                series("gpu_up", "", "1x20"),
+                series("gpu_utilization_percent", "", "0x5 90 0x14"),
+                series(
+                    "gpu_workload_processes",
+                    ",workload_type=\"slurm\",workload=\"42\"",
+                    "1x20",
+                ),
+                series("gpu_remapped_rows", ",state=\"pending\"", "0x20"),
+                series("gpu_remapped_rows", ",state=\"failure\"", "1x20"),
+            ],
+            vec![
+                (q(&xid, "remap-pending"), vec![]),
+                (q(&xid, "remap-failed"), vec![(failure_flag.clone(), "1")]),
+                (
+                    q(&xid, "gpu-idle"),
+                    vec![
+                        (format!("{{{gpu}}}"), "90"),
+                        (
+                            format!("{{{gpu},workload_type=\"slurm\",workload=\"42\"}}"),
+                            "1",
+                        ),
+                    ],
+                ),
+                (q(&xid, "remap-applied"), vec![(pending_flag.clone(), "0")]),
+                (
+                    q(&ecc, "remap-not-failed"),
+                    vec![(failure_flag.clone(), "1")],
+                ),
+            ],
+        ),
+        // No GPU series at all (lost, or NVML released by the agent).
+        (
+            vec![(
+                "up{instance=\"10.0.0.7:9949\",job=\"gpuops-agent\"}".to_string(),
+                "1x20",
+            )],
+            vec![
+                (q(&xid, "remap-pending"), vec![]),
+                (q(&xid, "gpu-idle"), vec![(bare.clone(), "1")]),
+                (q(&xid, "remap-applied"), vec![]),
+                (q(&ecc, "remap-not-failed"), vec![(bare.clone(), "1")]),
+            ],
+        ),
+    ];
+    let mut yaml = String::from("rule_files: []\nevaluation_interval: 1m\ntests:\n");
+    for (input, exprs) in &cases {
+        yaml.push_str("  - interval: 1m\n    input_series:\n");
+        for (s, v) in input {
+            yaml.push_str(&format!(
+                "      - series: '{}'\n        values: '{v}'\n",
+                s.replace('\'', "''")
+            ));
+        }
+        yaml.push_str("    promql_expr_test:\n");
+        for (expr, samples) in exprs {
+            yaml.push_str(&format!("      - expr: '{expr}'\n        eval_time: 10m\n"));
+            if samples.is_empty() {
+                yaml.push_str("        exp_samples: []\n");
+            } else {
+                yaml.push_str("        exp_samples:\n");
+                for (labels, value) in samples {
+                    yaml.push_str(&format!(
+                        "          - labels: '{}'\n            value: {value}\n",
+                        labels.replace('\'', "''")
+                    ));
+                }
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("remap.test.yml");
+    std::fs::write(&file, &yaml).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool is needed (Debian: apt install prometheus)");
+    assert!(
+        out.status.success(),
+        "{}{}\n{yaml}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

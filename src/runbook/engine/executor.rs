@@ -398,20 +398,31 @@ impl Executor {
         let status = resp.status();
         let (text, _) = read_text_capped(resp, 4 * 1024 * 1024).await;
         let (ok, mut output) = format_promql_response(&text);
-        // `fail_if_any`: a series in the answer is the failure checked for.
-        let found = matches!(
-            step.action,
+        // `fail_if_any`: a series in the answer is the failure checked for;
+        // `fail_if_none`: an answer without series is. Only a successful
+        // answer is read (an error fails the step anyway).
+        let (fail_if_any, fail_if_none) = match step.action {
             Action::Promql {
-                fail_if_any: true,
+                fail_if_any,
+                fail_if_none,
                 ..
-            }
-        ) && serde_json::from_str::<serde_json::Value>(&text)
+            } => (fail_if_any, fail_if_none),
+            _ => (false, false),
+        };
+        let series = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
-            .and_then(|v| v["data"]["result"].as_array().map(|a| !a.is_empty()))
-            .unwrap_or(false);
-        if found {
-            output.push_str("(fail_if_any: the query returned series)\n");
-        }
+            .and_then(|v| v["data"]["result"].as_array().map(|a| !a.is_empty()));
+        let found = match series {
+            Some(true) if fail_if_any => {
+                output.push_str("(fail_if_any: the query returned series)\n");
+                true
+            }
+            Some(false) if fail_if_none && ok && status.is_success() => {
+                output.push_str("(fail_if_none: the query returned no series)\n");
+                true
+            }
+            _ => false,
+        };
         let (output, truncated) = cap_text(output, self.output_cap);
         StepOutcome {
             status: if ok && status.is_success() && !found {

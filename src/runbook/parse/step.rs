@@ -248,7 +248,14 @@ impl Walker {
             Some(Kind::Command) => {
                 forbid(
                     self,
-                    &["method", "url", "body", "query", "fail_if_any"],
+                    &[
+                        "method",
+                        "url",
+                        "body",
+                        "query",
+                        "fail_if_any",
+                        "fail_if_none",
+                    ],
                     "command",
                 );
                 match get("run") {
@@ -326,7 +333,11 @@ impl Walker {
                 }
             }
             Some(Kind::Http) => {
-                forbid(self, &["run", "query", "fail_if_any"], "http");
+                forbid(
+                    self,
+                    &["run", "query", "fail_if_any", "fail_if_none"],
+                    "http",
+                );
                 let method = match get("method").map(|v| (v, v.as_str())) {
                     None => Some(HttpMethod::Get),
                     Some((_, Some(m))) if m.eq_ignore_ascii_case("get") => Some(HttpMethod::Get),
@@ -373,20 +384,32 @@ impl Walker {
                         None
                     }
                     Some(v) => {
-                        let fail_if_any = match get("fail_if_any") {
+                        let mut check = |key: &str| match get(key) {
                             None => false,
                             Some(Value::Bool(b)) => *b,
                             Some(v) => {
                                 self.err(
                                     &loc,
-                                    "fail_if_any",
+                                    key,
                                     format!("must be true or false, got {}", display_value(v)),
                                 );
                                 false
                             }
                         };
-                        template(self, v, "query")
-                            .map(|query| Action::Promql { query, fail_if_any })
+                        let fail_if_any = check("fail_if_any");
+                        let fail_if_none = check("fail_if_none");
+                        if fail_if_any && fail_if_none {
+                            self.err(
+                                &loc,
+                                "fail_if_none",
+                                "cannot be set together with fail_if_any: the step would fail whatever the query returns (keep one)",
+                            );
+                        }
+                        template(self, v, "query").map(|query| Action::Promql {
+                            query,
+                            fail_if_any,
+                            fail_if_none,
+                        })
                     }
                 }
             }
@@ -651,6 +674,73 @@ steps:
     target: node
     run: [nvidia-smi, -q]
 "#;
+
+    const CHECKS: &str = r#"
+id: t
+title: T
+steps:
+  - name: pending
+    phase: investigate
+    kind: promql
+    fail_if_none: true
+    query: 'gpu_remapped_rows{state="pending"} > 0'
+  - name: failed
+    phase: investigate
+    kind: promql
+    fail_if_any: true
+    query: 'gpu_remapped_rows{state="failure"} > 0'
+  - name: plain
+    phase: investigate
+    kind: promql
+    query: up
+"#;
+
+    /// `fail_if_none: true` (the counterpart of `fail_if_any`): a PromQL
+    /// check that succeeds only when the query finds something.
+    #[test]
+    fn fail_if_none_is_parsed_on_promql_steps() {
+        use crate::runbook::Action;
+        let rb = parse_runbook(Path::new("t.yaml"), CHECKS).unwrap();
+        let flags: Vec<(bool, bool)> = rb
+            .steps
+            .iter()
+            .map(|s| match s.action {
+                Action::Promql {
+                    fail_if_any,
+                    fail_if_none,
+                    ..
+                } => (fail_if_any, fail_if_none),
+                _ => panic!("{}: not promql", s.name),
+            })
+            .collect();
+        assert_eq!(flags, [(false, true), (true, false), (false, false)]);
+    }
+
+    /// Both keys on one step is an error naming file, line, step and key,
+    /// reported together with the file's other errors (a non-boolean
+    /// value, the key on a command step).
+    #[test]
+    fn fail_if_any_and_fail_if_none_together_is_an_error_naming_file_step_and_key() {
+        let text = CHECKS
+            .replacen(
+                "    fail_if_none: true\n",
+                "    fail_if_none: true\n    fail_if_any: true\n",
+                1,
+            )
+            .replacen("    fail_if_any: true\n    query: 'gpu_remapped_rows{state=\"failure\"}", "    fail_if_none: maybe\n    query: 'gpu_remapped_rows{state=\"failure\"}", 1)
+            + "  - name: cmd\n    phase: investigate\n    kind: command\n    target: node\n    fail_if_none: true\n    run: [uptime]\n";
+        let errs = parse_runbook(Path::new("t.yaml"), &text).unwrap_err();
+        let got: Vec<String> = errs.0.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            got,
+            [
+                "t.yaml:8: steps[0] pending: fail_if_none: cannot be set together with fail_if_any: the step would fail whatever the query returns (keep one)",
+                "t.yaml:14: steps[1] failed: fail_if_none: must be true or false, got \"maybe\"",
+                "t.yaml:24: steps[3] cmd: fail_if_none: not allowed in a command step",
+            ],
+            "{errs}"
+        );
+    }
 
     #[test]
     fn releases_gpu_step_field_is_parsed_and_validated() {
