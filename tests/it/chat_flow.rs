@@ -712,3 +712,129 @@ async fn a_two_gpu_xid_94_group_says_which_gpu_it_acts_on_and_offers_the_other()
     );
     b.stop();
 }
+
+/// [`bot`] with the runs' PromQL steps answered by `prometheus`.
+async fn bot_with_prometheus(prometheus: String) -> (Bot, Arc<Scripted>, Capture) {
+    let capture = Capture::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rb = dir.path().join("runbooks");
+    std::fs::create_dir_all(&rb).unwrap();
+    std::fs::copy("runbooks/gpu-xid.yaml", rb.join("gpu-xid.yaml")).unwrap();
+    let runner = Arc::new(Scripted::default());
+    let exec = Arc::new(Executor::new(
+        runner.clone(),
+        NodeSteps::Local,
+        Some(prometheus),
+    ));
+    let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
+    (
+        Bot::start_in(dir, &extra, Some(exec)).await,
+        runner,
+        capture,
+    )
+}
+
+/// Issue 22, observation 2 and its quality bar: a group holding XID 94
+/// alerts on GPUs 1 and 6, both with a pending row remap and idle. The run
+/// (the shipped gpu-xid, started by an admin) says it acts on GPU 1 only
+/// and offers GPU 6 as a run of its own; the one approval of the reset
+/// path resets GPU 1 (never GPU 6), and the closing node state names GPU 1.
+#[tokio::test]
+async fn two_gpu_xid94_group_acts_on_both_gpus_or_says_it_does_not() {
+    use std::collections::BTreeMap;
+    // The queries as the runbook renders them, for each GPU.
+    let rb = gpuops::runbook::load_file(std::path::Path::new("runbooks/gpu-xid.yaml")).unwrap();
+    let query = |gpu: &str, step: &str| {
+        let labels: BTreeMap<String, String> = [
+            ("instance", "node1:9949"),
+            ("node", "node1"),
+            ("xid", "94"),
+            ("gpu", gpu),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let plan = gpuops::runbook::engine::plan(&rb, &BTreeMap::new(), &labels).unwrap();
+        match &plan.step(step).unwrap().rendered {
+            gpuops::runbook::engine::Rendered::Promql { query } => query.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let mut answers = Vec::new();
+    for gpu in ["1", "6"] {
+        answers.push((
+            query(gpu, "remap-pending"),
+            vec![(vec![("gpu", gpu), ("state", "pending")], 1.0)],
+        ));
+        answers.push((
+            query(gpu, "remap-applied"),
+            vec![(vec![("gpu", gpu), ("state", "pending")], 0.0)],
+        ));
+    }
+    let prometheus = crate::report_support::fake_prometheus(answers).await;
+    let (b, runner, capture) = bot_with_prometheus(prometheus).await;
+    let mut hook = webhook(
+        "GPUXIDError",
+        "node1:9949",
+        &[("xid", "94"), ("gpu", "1"), ("node", "node1")],
+    );
+    let mut second = hook["alerts"][0].clone();
+    second["labels"]["gpu"] = serde_json::json!("6");
+    second["fingerprint"] = serde_json::json!("fp-gpu6");
+    hook["alerts"].as_array_mut().unwrap().push(second);
+    hook["commonLabels"].as_object_mut().unwrap().remove("gpu");
+    let g = b.alert(hook).await;
+    let (_, v) = b
+        .slack_command(ADMIN, &format!("run gpu-xid alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    let note = format!(
+        "it acts on GPU 1 only: alert group #{g} also holds GPU 6 (`/gpuops run gpu-xid alert={g} gpu=6`)"
+    );
+    assert!(text(&v).contains(&note), "{v}");
+    wait_reply(&b, "the thread's start line", &note).await;
+    // The reset path asks once, covering the reset itself.
+    wait_request(&b, "stop-nvml-monitors").await;
+    let request = b.slack.replies().last().cloned().unwrap_or_default();
+    assert!(
+        request.contains(
+            "also approves `gpu-reset`, `verify-gpu`, `remap-applied`, `start-nvml-monitors`"
+        ),
+        "{request}"
+    );
+    assert_eq!(
+        press(&b, &capture, ADMIN2, "gpuops_approve", &approve_button(&b)).await,
+        200
+    );
+    // Then the escalation's bug report asks; declined, the run ends.
+    wait_request(&b, "bug-report").await;
+    let run = waiting_run(&b);
+    let (_, v) = b.slack_command(ADMIN2, &format!("deny {run}")).await;
+    assert!(text(&v).contains("denied step `bug-report`"), "{v}");
+    wait_reply(&b, "the summary", "🏁").await;
+    let calls: Vec<String> = runner
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| a.join(" "))
+        .collect();
+    assert!(
+        calls.contains(&"sudo -n nvidia-smi -r -i 1".to_string()),
+        "{calls:?}"
+    );
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.contains("nvidia-smi") && c.ends_with("-i 6")),
+        "{calls:?}"
+    );
+    let replies = b.slack.replies();
+    let summary = replies.iter().find(|r| r.contains("🏁")).unwrap();
+    assert!(
+        summary.contains("GPU 1 on node1 was reset to apply its pending row remap")
+            && summary.contains("GPU 1 on node1: its row remap is applied"),
+        "{summary}"
+    );
+    b.stop();
+}

@@ -929,7 +929,7 @@ fn row_remap_checks_select_what_they_say_in_promql() {
         |name: &str, extra: &str, values: &'static str| (format!("{name}{{{gpu}{extra}}}"), values);
     let pending_flag = format!("gpu_remapped_rows{{{gpu},state=\"pending\"}}");
     let failure_flag = format!("gpu_remapped_rows{{{gpu},state=\"failure\"}}");
-    let bare = format!("{{gpu=\"3\",instance=\"10.0.0.7:9949\"}}");
+    let bare = format!("{{{gpu}}}");
     let cases: Vec<Case> = vec![
         // Idle, a remap pending, no failure.
         (
