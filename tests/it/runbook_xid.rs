@@ -612,6 +612,15 @@ fn remap_failure_keeps_the_gpu_drained() {
             matches!(next_action(&plan, s.index, &done), NextAction::Skip(_)),
             "{back} must not run after a remap failure"
         );
+        // Nor when the check could not tell (no Prometheus, no answer).
+        for unknown in [Skipped, Error, TimedOut] {
+            let mut d = done.clone();
+            d[4].1 = unknown;
+            assert!(
+                matches!(next_action(&plan, s.index, &d), NextAction::Skip(_)),
+                "{back} must not run after remap-not-failed {unknown:?}"
+            );
+        }
     }
     let state = node_state(&plan, &done).join("; ");
     assert!(
