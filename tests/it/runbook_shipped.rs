@@ -254,7 +254,7 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.lines().count(), IDS.len());
     assert!(
-        text.contains("gpu-xid              GPU XID error, no GPU action (application, informational)  [{alertname=~"),
+        text.contains("gpu-xid              GPU XID error, no GPU action (application, informational; a pending row remap: GPU reset when idle)  [{alertname=~"),
         "{text}"
     );
 
