@@ -411,7 +411,7 @@ static CATALOGUE: &[XidInfo] = &[
         "An uncorrectable memory error was contained: only the application using that memory was stopped; the others keep running.",
         RestartApp,
         "RESTART_APP",
-        "Restart the affected application; no drain. A pending row remap (gpu_remapped_rows{state=\"pending\"} > 0) is applied by a GPU reset once the GPU is idle (approval-gated, runbook gpu-reset); a remap failure (state=\"failure\") keeps the GPU drained for hardware replacement (runbook gpu-ecc-remap).",
+        "Restart the affected application; no drain. A pending row remap (gpu_remapped_rows{state=\"pending\"} > 0) is applied by a GPU reset once the GPU is idle (approval-gated: runbook gpu-xid offers the reset when the remap is pending and the GPU idle); a remap failure (state=\"failure\") keeps the GPU drained for hardware replacement (runbook gpu-ecc-remap).",
         GPU_XID,
         CATALOG_ECC,
     ),
