@@ -462,6 +462,8 @@ fn exec_is_off_without_a_public_key() {
         public_key_files: vec![],
         runbooks_dir: "/nonexistent".into(),
         output_cap_bytes: CAP,
+        path: vec![],
+        procfs: "/proc".into(),
     };
     assert!(agent_exec::router(&cfg, NODE, Default::default()).is_none());
     let cfg = ExecConfig {
