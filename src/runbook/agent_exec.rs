@@ -2,14 +2,19 @@
 //! the node's own runbook directory, on a request signed by the bot's
 //! Ed25519 key for this node, fresh and never seen (see `exec_auth`).
 //!
-//! Order of checks: signature header present (else 401 before the body is
-//! read), body read with a size limit (413), signature, window and nonce
-//! (401), the node it names (403), JSON shape (400), runbook file (404), step
-//! (404), step kind and target (400), parameters re-validated against this
-//! node's patterns (400), a `node` parameter naming another node (403), the
-//! argv rendered here against the signed digest (403), and the approval a
-//! `needs_approval` step must carry (403). A step whose `only_if_exists`
-//! path is missing here is answered 200 with `unavailable` set and not run.
+//! Order of checks (shared with `POST /v1/plan`, `agent_exec/plan.rs`):
+//! signature header present (else 401 before the body is read), body read
+//! with a size limit (413), signature, window and nonce (401), the node it
+//! names (403), what it is signed for (`purpose`: a plan-signed request is
+//! 403 here), JSON shape (400), runbook file (404), step (404), step kind
+//! and target (400), parameters re-validated against this node's patterns
+//! (400), a `node` parameter naming another node (403). Then: a step whose
+//! `only_if_exists` path is missing, or whose binary is not found on this
+//! node's search path ([`resolve_argv`]: `scontrol` → `/opt/slurm/bin/scontrol`,
+//! sudo's command too), is answered 200 with `unavailable` set and not run;
+//! the resolved argv against the signed digest (403 naming both: the bot
+//! signs the argv the plan answered), and the approval a `needs_approval`
+//! step must carry (403).
 //! The command runs through a
 //! [`CommandRunner`] with the step's timeout and the configured output cap.
 //! A `releases_gpu` step first releases the GPU backend (NVML closed and shut
@@ -272,7 +277,7 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
 /// that is not for this agent or is malformed.
 fn unauthorized(reason: &ExecAuthError) -> Response {
     match reason {
-        ExecAuthError::WrongNode { .. } => {
+        ExecAuthError::WrongNode { .. } | ExecAuthError::WrongPurpose { .. } => {
             return refuse(StatusCode::FORBIDDEN, reason.to_string());
         }
         ExecAuthError::BadBody(_) => return refuse(StatusCode::BAD_REQUEST, reason.to_string()),
