@@ -197,7 +197,10 @@ pub enum ExecAuthError {
     #[error("too many requests in the replay window")]
     CacheFull,
     #[error("the request is signed for {signed}, not for {endpoint}")]
-    WrongPurpose { signed: &'static str, endpoint: &'static str },
+    WrongPurpose {
+        signed: &'static str,
+        endpoint: &'static str,
+    },
 }
 
 impl ExecAuthError {

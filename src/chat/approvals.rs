@@ -712,7 +712,12 @@ pub async fn drive(
             let (code, planned, covers) =
                 approval_request_plans(&chat, &ctx, &ps, step_plan.as_ref(), group.as_deref())
                     .await;
-            if let Err(e) = chat.bot.store.set_run_planned(&id, &planned, chat.now() as f64).await {
+            if let Err(e) = chat
+                .bot
+                .store
+                .set_run_planned(&id, &planned, chat.now() as f64)
+                .await
+            {
                 tracing::error!(error = %e, run = %id, "cannot record the planned argv");
                 return;
             }

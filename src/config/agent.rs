@@ -450,10 +450,7 @@ impl AgentConfig {
             }
             if let Some(v) = r.get_with(&mut s, "path", |dirs: Vec<PathBuf>| {
                 match dirs.iter().find(|d| !d.is_absolute()) {
-                    Some(d) => Err(format!(
-                        "{} is not an absolute directory",
-                        d.display()
-                    )),
+                    Some(d) => Err(format!("{} is not an absolute directory", d.display())),
                     None => Ok(dirs),
                 }
             }) {

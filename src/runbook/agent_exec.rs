@@ -49,8 +49,8 @@ use crate::runbook::{is_runbook_id, load_file, Kind, Params, Runbook, Step, Step
 
 mod plan;
 
-pub use plan::{nvml_holders, NVML_HOLDERS};
 use crate::signing::{Clock, SystemClock};
+pub use plan::{nvml_holders, NVML_HOLDERS};
 
 /// Largest request body read.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;

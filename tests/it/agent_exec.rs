@@ -255,13 +255,15 @@ async fn exec_request_for_node_a_refused_on_node_b() {
     let dir = runbook_dir();
     let clock = Arc::new(FixedClock::new(NOW));
     let runner = Arc::new(RecordingRunner::new());
-    let b = agent_exec::router_with(Arc::new(ExecState::new(
-        ExecVerifier::with_clock(vec![bot_key().public_key()], "node-b", clock.clone()),
-        dir.path().to_path_buf(),
-        CAP,
-        runner.clone(),
-    )
-    .with_search_path(test_path())));
+    let b = agent_exec::router_with(Arc::new(
+        ExecState::new(
+            ExecVerifier::with_clock(vec![bot_key().public_key()], "node-b", clock.clone()),
+            dir.path().to_path_buf(),
+            CAP,
+            runner.clone(),
+        )
+        .with_search_path(test_path()),
+    ));
     let a = router_for(dir.path(), "node-a", clock);
     let (body, headers) = bot_key().sign(&exec_req("node-a", "hello", &[], NOW));
     let (status, json) = send(&b, raw(body.clone(), &headers)).await;
@@ -597,7 +599,10 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
     assert_eq!(bot_runner.calls().len(), 1);
     // Resolved on the bot's PATH: the argv it runs names the binary in full.
     let argv = &bot_runner.calls()[0].argv;
-    assert!(argv[0].starts_with('/') && argv[0].ends_with("/echo"), "{argv:?}");
+    assert!(
+        argv[0].starts_with('/') && argv[0].ends_with("/echo"),
+        "{argv:?}"
+    );
     assert_eq!(argv[1], "bot");
 
     let out = exec.execute(&plan, step("q")).await;
@@ -1004,7 +1009,12 @@ async fn exec_refuses_argv_that_differs_from_the_plan() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let planned_bin = fake_bin(a.path(), "gpuops-moving", "echo moved");
     let runner = Arc::new(RecordingRunner::new());
-    let app = plan_agent(dir.path(), &[a.path(), b.path()], dir.path(), runner.clone());
+    let app = plan_agent(
+        dir.path(),
+        &[a.path(), b.path()],
+        dir.path(),
+        runner.clone(),
+    );
     let (status, plan) = send(&app, plan_req("moved", NOW)).await;
     assert_eq!(status, StatusCode::OK, "{plan}");
     assert_eq!(plan["available"], true, "{plan}");
@@ -1013,7 +1023,15 @@ async fn exec_refuses_argv_that_differs_from_the_plan() {
     std::fs::remove_file(&planned_bin).unwrap();
     let now_bin = fake_bin(b.path(), "gpuops-moving", "echo moved");
     let planned: Vec<String> = serde_json::from_value(plan["argv"].clone()).unwrap();
-    let req = ExecSigner::request(NODE, "plan-test", "moved", BTreeMap::new(), &planned, None, NOW);
+    let req = ExecSigner::request(
+        NODE,
+        "plan-test",
+        "moved",
+        BTreeMap::new(),
+        &planned,
+        None,
+        NOW,
+    );
     let (status, json) = send(&app, signed_req(&req, bot_key())).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
     let error = json["error"].as_str().unwrap();
@@ -1063,7 +1081,14 @@ async fn sudo_refusal_is_reported_by_the_plan() {
     );
     assert_eq!(
         json["argv"],
-        serde_json::json!([sudo, "-n", scontrol, "update", "nodename=node-a", "state=drain"])
+        serde_json::json!([
+            sudo,
+            "-n",
+            scontrol,
+            "update",
+            "nodename=node-a",
+            "state=drain"
+        ])
     );
     // A sudo that allows it: available, and the plan ran only `sudo -n -l`.
     let runner = Arc::new(RecordingRunner::new());
@@ -1075,7 +1100,15 @@ async fn sudo_refusal_is_reported_by_the_plan() {
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(
         calls[0].argv,
-        [&sudo, "-n", "-l", &scontrol, "update", "nodename=node-a", "state=drain"]
+        [
+            &sudo,
+            "-n",
+            "-l",
+            &scontrol,
+            "update",
+            "nodename=node-a",
+            "state=drain"
+        ]
     );
 }
 

@@ -737,7 +737,10 @@ async fn a_two_gpu_xid_94_group_says_which_gpu_it_acts_on_and_offers_the_other()
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     let calls = runner.calls.lock().unwrap().clone();
-    assert!(calls.iter().any(|a| base(&a[0]) == "nvidia-smi"), "{calls:?}");
+    assert!(
+        calls.iter().any(|a| base(&a[0]) == "nvidia-smi"),
+        "{calls:?}"
+    );
     assert!(
         calls
             .iter()
@@ -935,7 +938,11 @@ async fn alternative_on_the_bot_is_not_run_under_another_members_approval() {
     // The cordon is asked for on its own; it did not ride on the drain's
     // approval, and nothing ran on the bot.
     wait_request(&p.b, "cordon-kubernetes").await;
-    assert!(p.bot_runner.calls().is_empty(), "{:?}", p.bot_runner.calls());
+    assert!(
+        p.bot_runner.calls().is_empty(),
+        "{:?}",
+        p.bot_runner.calls()
+    );
     let all = p.b.slack.replies().join("\n");
     assert!(
         all.contains("drain-slurm") && all.contains("scontrol not found on gpu-node-17's PATH"),
@@ -945,6 +952,10 @@ async fn alternative_on_the_bot_is_not_run_under_another_members_approval() {
     let (_, v) = p.b.slack_command(ADMIN2, &format!("deny {run}")).await;
     assert!(text(&v).contains("denied step `cordon-kubernetes`"), "{v}");
     wait_reply(&p.b, "the summary", "🏁").await;
-    assert!(p.bot_runner.calls().is_empty(), "{:?}", p.bot_runner.calls());
+    assert!(
+        p.bot_runner.calls().is_empty(),
+        "{:?}",
+        p.bot_runner.calls()
+    );
     p.b.stop();
 }

@@ -63,6 +63,11 @@ fn run(args: &[&str]) -> (bool, String, String) {
         .unwrap()
         .replace_all(&stdout, "T")
         .into_owned();
+    // The resolved program's directory (`/usr/bin` or `/bin`, by machine).
+    let masked = regex::Regex::new(r"\$ (/usr)?/bin/")
+        .unwrap()
+        .replace_all(&masked, "$$ BIN/")
+        .into_owned();
     (
         out.status.success(),
         masked,
@@ -78,21 +83,21 @@ fn failed_drain_skips_the_reset_and_escalation_still_runs() {
         runbook cli-flow: CLI flow
           node=n1
         [1/5] investigate look (bot command, 30s)
-            $ echo 'looking at n1'
+            $ BIN/echo 'looking at n1'
             | looking at n1
             -> ok (exit 0, T)
         [2/5] mitigate drain-slurm (node command, 30s)
             $ echo 'slurm drain'
-            | not run: /nonexistent/gpuops-test/scontrol does not exist here
-            -> unavailable (exit -, T)
+            not run: only_if_exists path /nonexistent/gpuops-test/scontrol missing on this host
+            -> unavailable
         [3/5] mitigate cordon (node command, 30s)
-            $ false
+            $ BIN/false
             -> failed (exit 1, T)
         [4/5] mitigate reset (node command, 30s, needs approval)
             $ echo reset
             skipped: drain did not succeed (cordon failed)
         [5/5] escalate page (bot command, 30s)
-            $ echo 'page about n1'
+            $ BIN/echo 'page about n1'
             | page about n1
             -> ok (exit 0, T)
         state: n1 is NOT cordoned: the cordon failed
@@ -112,7 +117,7 @@ fn step_runs_only_the_named_steps_and_their_unmet_dependencies_skip() {
             $ echo reset
             skipped: drain did not run in this run
         [5/5] escalate page (bot command, 30s)
-            $ echo 'page about n1'
+            $ BIN/echo 'page about n1'
             | page about n1
             -> ok (exit 0, T)
         state: n1 was not changed; it is still serving jobs

@@ -45,10 +45,7 @@ pub(super) async fn plan_step(
     let p = chat.executor.plan(ctx.plan, &ps).await;
     let name = ps.step.name.clone();
     if p.failed {
-        let out = StepOutcome::error(
-            format!("not planned: {}", p.reason_text()),
-            Duration::ZERO,
-        );
+        let out = StepOutcome::error(format!("not planned: {}", p.reason_text()), Duration::ZERO);
         let (head, body) = step_message(ctx.plan, &ps, &out, &ctx.row.id);
         ctx.sink.post(chat, head, Some(body)).await;
         chat.audit(

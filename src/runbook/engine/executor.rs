@@ -520,8 +520,7 @@ impl StepExecutor for Executor {
                     let where_ = self.here_name(&step.step);
                     let ps = step.clone();
                     // stat calls only, off the async threads, bounded.
-                    let task =
-                        tokio::task::spawn_blocking(move || plan_here(&ps, &path, where_));
+                    let task = tokio::task::spawn_blocking(move || plan_here(&ps, &path, where_));
                     match tokio::time::timeout(LOCAL_PLAN_DEADLINE, task).await {
                         Ok(Ok(p)) => p,
                         _ => StepPlan::unavailable(

@@ -228,7 +228,11 @@ mod tests {
         std::fs::write(dir.path().join("not-exec"), "x").unwrap();
         let path = SearchPath::new([dir.path().to_path_buf()]);
         assert_eq!(
-            resolve_argv(&v(&["sudo", "-n", "-u", "root", "scontrol", "update"]), &path).unwrap(),
+            resolve_argv(
+                &v(&["sudo", "-n", "-u", "root", "scontrol", "update"]),
+                &path
+            )
+            .unwrap(),
             v(&[&sudo, "-n", "-u", "root", &scontrol, "update"])
         );
         assert_eq!(
@@ -269,7 +273,12 @@ mod tests {
     #[test]
     fn sudo_list_asks_without_running() {
         assert_eq!(
-            sudo_list_argv(&v(&["/usr/bin/sudo", "-n", "/opt/slurm/bin/scontrol", "update"])),
+            sudo_list_argv(&v(&[
+                "/usr/bin/sudo",
+                "-n",
+                "/opt/slurm/bin/scontrol",
+                "update"
+            ])),
             Some(v(&[
                 "/usr/bin/sudo",
                 "-n",

@@ -207,9 +207,7 @@ impl AgentClient {
                 tracing::debug!(step = %step.step.name, available = p.available, duration_seconds = start.elapsed().as_secs_f64(), "step planned");
                 p
             }
-            Err(e) => StepPlan::failed(format!(
-                "agent at {base} sent an unreadable plan: {e}"
-            )),
+            Err(e) => StepPlan::failed(format!("agent at {base} sent an unreadable plan: {e}")),
         }
     }
 }
