@@ -588,7 +588,7 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
     let out = exec.execute(&plan, step("fails")).await;
     assert_eq!(out.status, StepStatus::Failed);
     assert!(
-        out.output.contains("--- stderr ---\nls: "),
+        out.output.contains("--- stderr ---\n") && out.output.contains("/ls: cannot access"),
         "{}",
         out.output
     );
@@ -623,7 +623,11 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
     );
     let out = bad.execute(&plan, step("hello")).await;
     assert_eq!(out.status, StepStatus::Error);
-    assert!(out.output.contains("refused: HTTP 401"), "{}", out.output);
+    assert!(
+        out.output.contains("refused the plan: HTTP 401"),
+        "{}",
+        out.output
+    );
 
     // An instance the inventory does not know: no request leaves the bot.
     let mut elsewhere = plan.clone();
