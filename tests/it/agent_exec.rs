@@ -81,11 +81,9 @@ fn fake_bins() -> &'static Path {
     DIR.get_or_init(|| {
         use std::os::unix::fs::PermissionsExt as _;
         let d = tempfile::tempdir().unwrap();
-        for name in ["nvidia-smi"] {
-            let p = d.path().join(name);
-            std::fs::write(&p, "#!/bin/sh\necho fake\n").unwrap();
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
+        let p = d.path().join("nvidia-smi");
+        std::fs::write(&p, "#!/bin/sh\necho fake\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         d
     })
     .path()
