@@ -713,6 +713,48 @@ mod tests {
 
     const NOW: i64 = 1_800_000_000;
 
+    /// A request without `purpose` (a bot before plans) is for `/v1/exec`;
+    /// one signed for planning is refused there, before its nonce is kept.
+    #[test]
+    fn purpose_defaults_to_exec_and_binds_the_endpoint() {
+        let key = ExecSigner::generate();
+        let v = ExecVerifier::with_clock(
+            vec![key.public_key()],
+            "node-a",
+            Arc::new(FixedClock::new(NOW)),
+        );
+        let req = ExecSigner::request("node-a", "rb", "s", BTreeMap::new(), &[], None, NOW);
+        let (body, headers) = key.sign(&req);
+        assert!(!String::from_utf8_lossy(&body).contains("purpose"));
+        let mut h = HeaderMap::new();
+        for (k, val) in headers {
+            h.insert(k, HeaderValue::from_str(&val).unwrap());
+        }
+        assert_eq!(
+            v.verify_for(&h, &body, Purpose::Plan),
+            Err(ExecAuthError::WrongPurpose {
+                signed: "exec",
+                endpoint: "plan"
+            })
+        );
+        assert_eq!(v.nonces_remembered(), 0);
+        assert_eq!(v.verify(&h, &body).unwrap().purpose, Purpose::Exec);
+        let plan = ExecSigner::plan_request("node-a", "rb", "s", BTreeMap::new(), NOW);
+        let (body, headers) = key.sign(&plan);
+        let mut h = HeaderMap::new();
+        for (k, val) in headers {
+            h.insert(k, HeaderValue::from_str(&val).unwrap());
+        }
+        assert!(matches!(
+            v.verify(&h, &body),
+            Err(ExecAuthError::WrongPurpose { .. })
+        ));
+        assert_eq!(
+            v.verify_for(&h, &body, Purpose::Plan).unwrap().purpose,
+            Purpose::Plan
+        );
+    }
+
     /// Finding 6 (agent side): the approval inside a signed request must be
     /// for this very step, by someone other than the requester, and recent;
     /// before, any approval (even the requester's own, for another step, a

@@ -581,4 +581,19 @@ mod tests {
             "{e:?}"
         );
     }
+
+    #[test]
+    fn exec_path_extends_the_search_path_with_absolute_directories() {
+        let c = AgentConfig::from_str(
+            Path::new("agent.toml"),
+            "[exec]\npath = [\"/opt/site/bin\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.exec.path, vec![PathBuf::from("/opt/site/bin")]);
+        let e = errors("[exec]\npath = [\"bin\"]\n");
+        assert!(
+            e[0].contains("exec.path") && e[0].contains("not an absolute"),
+            "{e:?}"
+        );
+    }
 }

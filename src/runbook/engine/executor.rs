@@ -138,8 +138,9 @@ pub struct ExecResponse {
     /// Set when the command could not be started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Set when the step's `only_if_exists` path is missing on the node: the
-    /// command was not run.
+    /// Set when the step was not run: its `only_if_exists` path (starting
+    /// with `/`) is missing on the node, or the reason its binary cannot
+    /// run there (`scontrol not found on gpu-node-17's PATH (…)`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unavailable: Option<String>,
 }
