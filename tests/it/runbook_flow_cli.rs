@@ -186,3 +186,53 @@ steps:
     assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains(&format!("nodename={host}")), "{stdout}");
 }
+
+/// Issue 22, observation 4, on the node: `gpuops runbook run` shows the
+/// resolved argv before it asks, and a step whose binary is missing is
+/// reported and marked unavailable without asking (the next alternative
+/// runs).
+#[test]
+fn runbook_run_shows_the_resolved_argv_and_skips_a_missing_binary_without_asking() {
+    const MISSING: &str = r#"
+id: cli-missing
+title: CLI missing binary
+steps:
+  - name: drain-slurm
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    alternative: drain
+    run: ["gpuops-no-such-scontrol", "update"]
+  - name: drain-other
+    phase: mitigate
+    kind: command
+    target: node
+    alternative: drain
+    run: ["true"]
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cli-missing.yaml"), MISSING).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args(["runbook", "run", "cli-missing", "--dir"])
+        .arg(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("    not run: gpuops-no-such-scontrol not found on this host's PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/slurm/bin)\n    -> unavailable"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("needs approval; not a terminal"),
+        "{stdout}"
+    );
+    assert!(
+        regex::Regex::new(r"\$ (/usr)?/bin/true\n")
+            .unwrap()
+            .is_match(&stdout),
+        "{stdout}"
+    );
+}
