@@ -7,7 +7,10 @@
 //! step on an agent with the fake GPU backend: NVML released and the GPU
 //! collector paused while it runs (scrapes answer at once, no GPU series,
 //! `gpuops_gpu_released 1`), initialised again afterwards, whatever the
-//! step came to.
+//! step came to. And `POST /v1/plan`: signed for planning only (each
+//! endpoint refuses the other's requests), the argv resolved on the node,
+//! sudo's refusal, the GPU's other NVML holders, and an exec refused when
+//! the binary moved since the plan.
 
 use std::collections::BTreeMap;
 use std::path::Path;

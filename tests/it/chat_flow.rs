@@ -4,7 +4,11 @@
 //! buttons run the same checks as the typed commands, one approval covers an
 //! approval group, the alert's thread is the incident timeline ending with
 //! the node's state, and the stored output comes back through
-//! `gpuops audit --run` and `gpuops audit --group --markdown`.
+//! `gpuops audit --run` and `gpuops audit --group --markdown`. Plans before
+//! approvals: a step is planned (by the node's real `/v1/plan` router for
+//! node steps) before anyone is asked; the request shows the planned argv,
+//! a step that cannot run is skipped with its reason, and an approval never
+//! covers another member of an alternative group.
 
 #![allow(clippy::disallowed_methods)] // the real binary, as a user runs it
 
@@ -461,6 +465,13 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
     assert!(
         all.contains("approving it also approves `reset-check` (group `reset-path`)"),
         "{all}"
+    );
+    // The group's request lists each step's planned argv, where it runs.
+    let request = b.slack.replies().pop().unwrap();
+    assert!(
+        request.contains("/nvidia-smi -r -i 0\n# runs on this host\n\n# and reset-check:\n")
+            && request.contains("/nvidia-smi -q -i 0\n# runs on this host"),
+        "{request}"
     );
     assert_eq!(runner.programs(), ["echo", "kubectl"]);
     let (_, v) = b.slack_command(ADMIN2, &format!("approve {run}")).await;

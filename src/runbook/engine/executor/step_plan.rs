@@ -211,3 +211,44 @@ impl AgentClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn approval_block_shows_the_planned_argv_where_it_runs_sudo_and_holders() {
+        let rb = crate::runbook::parse_runbook(
+            std::path::Path::new("t.yaml"),
+            "id: t\ntitle: T\nsteps:\n  - { name: reset, phase: investigate, kind: command, target: node, releases_gpu: true, run: [sudo, -n, nvidia-smi, -r] }\n",
+        )
+        .unwrap();
+        let step = &rb.steps[0];
+        let rendered = Rendered::Command {
+            argv: vec!["sudo".into(), "-n".into(), "nvidia-smi".into(), "-r".into()],
+        };
+        let mut p = StepPlan::assumed(&rendered);
+        p.argv = vec![
+            "/usr/bin/sudo".into(),
+            "-n".into(),
+            "/usr/bin/nvidia-smi".into(),
+            "-r".into(),
+        ];
+        p.node = Some("gpu-node-17".into());
+        p.sudo = Some("allowed".into());
+        p.holders = vec![
+            GpuHolder {
+                process: "nvidia-persistenced".into(),
+                pid: 812,
+            },
+            GpuHolder {
+                process: "nv-hostengine".into(),
+                pid: 990,
+            },
+        ];
+        assert_eq!(
+            p.approval_block(step, &rendered),
+            "/usr/bin/sudo -n /usr/bin/nvidia-smi -r\n# runs on node gpu-node-17\n# sudo -n -l: allowed\n# also holding the GPU: nvidia-persistenced (pid 812), nv-hostengine (pid 990)"
+        );
+    }
+}
