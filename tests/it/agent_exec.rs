@@ -1149,3 +1149,52 @@ async fn plan_lists_nvml_holders_for_a_releases_gpu_step() {
     );
     assert!(runner.calls().is_empty(), "ran {:?}", runner.calls());
 }
+
+/// An agent older than plans (no `/v1/plan`: 404): the step is an error
+/// naming the version mismatch, and no exec request is ever sent.
+#[tokio::test]
+async fn agent_without_plan_is_an_error_and_runs_nothing() {
+    let execs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = execs.clone();
+    let old_agent = serve(axum::Router::new().route(
+        "/v1/exec",
+        axum::routing::post(move || {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { "{}" }
+        }),
+    ))
+    .await;
+    let rb = gpuops::runbook::parse_runbook(Path::new("node-test.yaml"), RUNBOOK).unwrap();
+    let labels: BTreeMap<String, String> = [
+        ("instance".to_string(), old_agent.to_string()),
+        ("node".to_string(), NODE.to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let plan = engine::plan(&rb, &BTreeMap::new(), &labels).unwrap();
+    let inventory = Arc::new(Inventory::fixed(vec![AgentAddr {
+        instance: old_agent.to_string(),
+        node: NODE.into(),
+        url: format!("http://{old_agent}"),
+    }]));
+    let exec = Executor::new(
+        Arc::new(RecordingRunner::new()),
+        NodeSteps::Agent(AgentClient::new(
+            inventory,
+            Arc::new(ExecSigner::generate()),
+        )),
+        None,
+    );
+    let hello = plan.step("hello").unwrap();
+    let p = exec.plan(&plan, hello).await;
+    assert!(p.failed && !p.available, "{p:?}");
+    let out = exec.execute(&plan, hello).await;
+    assert_eq!(out.status, StepStatus::Error, "{out:?}");
+    assert!(
+        out.output
+            .contains("does not know POST /v1/plan (an older gpuops agent than this bot)"),
+        "{}",
+        out.output
+    );
+    assert_eq!(execs.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
