@@ -333,6 +333,8 @@ mod tests {
             public_key_files: vec![public.clone()],
             runbooks_dir: runbooks.clone(),
             output_cap_bytes: 1024,
+            path: Vec::new(),
+            procfs: "/proc".into(),
         };
         assert!(exec_sources_others_can_change(&exec).is_empty());
         std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o666)).unwrap();

@@ -76,6 +76,36 @@ pub struct SignedExec {
     /// Present for a step that needs approval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<SignedApproval>,
+    /// What the signature allows: running the step (`exec`, also when
+    /// absent, as bots before plans sign) or only planning it (`plan`).
+    /// `/v1/exec` refuses a plan-signed request and `/v1/plan` an
+    /// exec-signed one, so a captured plan request can never run anything.
+    #[serde(default, skip_serializing_if = "Purpose::is_exec")]
+    pub purpose: Purpose,
+}
+
+/// The one endpoint a signed request is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// `POST /v1/exec`: run the step.
+    #[default]
+    Exec,
+    /// `POST /v1/plan`: say what the step would run, run nothing.
+    Plan,
+}
+
+impl Purpose {
+    pub fn is_exec(&self) -> bool {
+        *self == Purpose::Exec
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Exec => "exec",
+            Purpose::Plan => "plan",
+        }
+    }
 }
 
 /// Who approved a `needs_approval` step, carried inside the signed content.
@@ -166,6 +196,11 @@ pub enum ExecAuthError {
     BeforeStart,
     #[error("too many requests in the replay window")]
     CacheFull,
+    #[error("the request is signed for {signed}, not for {endpoint}")]
+    WrongPurpose {
+        signed: &'static str,
+        endpoint: &'static str,
+    },
 }
 
 impl ExecAuthError {
@@ -174,7 +209,9 @@ impl ExecAuthError {
     pub fn is_unauthenticated(&self) -> bool {
         !matches!(
             self,
-            ExecAuthError::WrongNode { .. } | ExecAuthError::BadBody(_)
+            ExecAuthError::WrongNode { .. }
+                | ExecAuthError::BadBody(_)
+                | ExecAuthError::WrongPurpose { .. }
         )
     }
 }
@@ -302,7 +339,21 @@ impl ExecSigner {
             timestamp: now,
             nonce: hex::encode(rand::random::<[u8; 16]>()),
             approval,
+            purpose: Purpose::Exec,
         }
+    }
+
+    /// [`ExecSigner::request`] for `/v1/plan` (no approval: planning runs nothing).
+    pub fn plan_request(
+        node: &str,
+        runbook: &str,
+        step: &str,
+        params: BTreeMap<String, String>,
+        now: i64,
+    ) -> SignedExec {
+        let mut req = ExecSigner::request(node, runbook, step, params, &[], None, now);
+        req.purpose = Purpose::Plan;
+        req
     }
 }
 
@@ -422,6 +473,17 @@ impl<C: Clock> ExecVerifier<C> {
     /// Verifies a request on its raw bytes; on success its nonce is
     /// remembered for the window and the parsed content returned.
     pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<SignedExec, ExecAuthError> {
+        self.verify_for(headers, body, Purpose::Exec)
+    }
+
+    /// [`ExecVerifier::verify`] for the endpoint `endpoint`: a request signed
+    /// for the other one is refused before its nonce is remembered.
+    pub fn verify_for(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        endpoint: Purpose,
+    ) -> Result<SignedExec, ExecAuthError> {
         let sig = header(headers, SIGNATURE_HEADER)?;
         let raw = hex::decode(sig).map_err(|_| ExecAuthError::Malformed(SIGNATURE_HEADER))?;
         let raw: [u8; 64] = raw
@@ -452,6 +514,12 @@ impl<C: Clock> ExecVerifier<C> {
             return Err(ExecAuthError::WrongNode {
                 requested: req.node,
                 this: self.node.clone(),
+            });
+        }
+        if req.purpose != endpoint {
+            return Err(ExecAuthError::WrongPurpose {
+                signed: req.purpose.as_str(),
+                endpoint: endpoint.as_str(),
             });
         }
         let now = self.clock.now_unix();
@@ -644,6 +712,48 @@ mod tests {
     use std::sync::Arc;
 
     const NOW: i64 = 1_800_000_000;
+
+    /// A request without `purpose` (a bot before plans) is for `/v1/exec`;
+    /// one signed for planning is refused there, before its nonce is kept.
+    #[test]
+    fn purpose_defaults_to_exec_and_binds_the_endpoint() {
+        let key = ExecSigner::generate();
+        let v = ExecVerifier::with_clock(
+            vec![key.public_key()],
+            "node-a",
+            Arc::new(FixedClock::new(NOW)),
+        );
+        let req = ExecSigner::request("node-a", "rb", "s", BTreeMap::new(), &[], None, NOW);
+        let (body, headers) = key.sign(&req);
+        assert!(!String::from_utf8_lossy(&body).contains("purpose"));
+        let mut h = HeaderMap::new();
+        for (k, val) in headers {
+            h.insert(k, HeaderValue::from_str(&val).unwrap());
+        }
+        assert_eq!(
+            v.verify_for(&h, &body, Purpose::Plan),
+            Err(ExecAuthError::WrongPurpose {
+                signed: "exec",
+                endpoint: "plan"
+            })
+        );
+        assert_eq!(v.nonces_remembered(), 0);
+        assert_eq!(v.verify(&h, &body).unwrap().purpose, Purpose::Exec);
+        let plan = ExecSigner::plan_request("node-a", "rb", "s", BTreeMap::new(), NOW);
+        let (body, headers) = key.sign(&plan);
+        let mut h = HeaderMap::new();
+        for (k, val) in headers {
+            h.insert(k, HeaderValue::from_str(&val).unwrap());
+        }
+        assert!(matches!(
+            v.verify(&h, &body),
+            Err(ExecAuthError::WrongPurpose { .. })
+        ));
+        assert_eq!(
+            v.verify_for(&h, &body, Purpose::Plan).unwrap().purpose,
+            Purpose::Plan
+        );
+    }
 
     /// Finding 6 (agent side): the approval inside a signed request must be
     /// for this very step, by someone other than the requester, and recent;

@@ -8,9 +8,16 @@
 //! `waiting` until an admin other than the requester approves it (two-person
 //! rule; the typed command and the Approve button run the same checks).
 //! Denying it, or nobody approving within `[approvals] expiry_secs`, skips
-//! that step and the run goes on with what does not depend on it. One
-//! approval covers the later steps of the same `approval_group` (or
-//! `alternative` group) in the run.
+//! that step and the run goes on with what does not depend on it. Before
+//! an approval request, the step is planned (`StepExecutor::plan`: on the
+//! node by its agent's `/v1/plan`, bot-side steps here): the request shows
+//! the planned argv and where it runs, a step that cannot run is recorded
+//! `unavailable` with the reason and skipped before anyone is asked, and
+//! the argv signed when the approval arrives is the one shown (stored in
+//! `chat_runs.planned`). One approval covers the later steps of the same
+//! `approval_group` in the run, each planned and listed in the request,
+//! and only with the argv it showed; never the other members of an
+//! `alternative` group.
 //! The rule compares people, not accounts: `[[rbac.people]]` maps each
 //! person's Slack and Discord accounts to one name (an account not listed is
 //! a person of its own), and approval audit records name both people.
@@ -44,12 +51,14 @@ use crate::runbook::{Role, StepTarget};
 use crate::store;
 mod buttons;
 mod expiry;
+mod plan;
 mod runs;
 mod thread;
 
 pub use crate::store::runs::{RunRecord, StepRecord, STORED_OUTPUT_BYTES};
 pub use buttons::{approve_button, button_value, deny_button, is_button_value};
 pub use expiry::{expire_due, recover, spawn_expiry};
+use plan::*;
 use runs::*;
 pub use thread::post_thread;
 use thread::*;
@@ -255,6 +264,7 @@ pub async fn start_run(
         results: Vec::new(),
         expires_at: None,
         decided_by: None,
+        planned: Default::default(),
     };
     let id = match insert(chat, record).await {
         Ok(id) => id,
@@ -669,14 +679,48 @@ pub async fn drive(
             continue;
         }
         let group = approval_group(&ps.step);
-        let approver = if approved == Some(i) {
+        let mut approver = if approved == Some(i) {
             row.decided_by.clone()
         } else {
             group.as_ref().and_then(|g| approved_groups.get(g).cloned())
         };
+        // Plan before asking: what runs, where, and whether it can at all.
+        let ctx = StepContext {
+            row: &row,
+            plan: &plan,
+            sink: &sink,
+            step_params: &step_params,
+            target: &target,
+        };
+        let (mut ps, step_plan) = match plan_step(&chat, &ctx, ps, approved == Some(i)).await {
+            Ok(p) => p,
+            Err(status) => {
+                results.push((ps.step.name.clone(), status_name(status).to_string()));
+                let _ = progress(&chat, &id, i + 1, &results).await;
+                continue;
+            }
+        };
+        if approved != Some(i) && approver.is_some() && ps.planned_argv.is_some() {
+            // A group's approval covers only the argv its request showed.
+            if row.planned.get(&ps.step.name) != ps.planned_argv.as_ref() {
+                approver = None;
+            }
+        }
         if ps.step.needs_approval && approver.is_none() {
             let expiry = chat.bot.config.approvals.expiry;
             let expires = chat.now() as f64 + expiry.as_secs_f64();
+            let (code, planned, covers) =
+                approval_request_plans(&chat, &ctx, &ps, step_plan.as_ref(), group.as_deref())
+                    .await;
+            if let Err(e) = chat
+                .bot
+                .store
+                .set_run_planned(&id, &planned, chat.now() as f64)
+                .await
+            {
+                tracing::error!(error = %e, run = %id, "cannot record the planned argv");
+                return;
+            }
             if let Err(e) = wait_for_approval(&chat, &id, i, &results, expires).await {
                 tracing::error!(error = %e, run = %id, "cannot record the approval request");
                 return;
@@ -689,33 +733,6 @@ pub async fn drive(
                 "waiting",
             )
             .await;
-            let covers = match &group {
-                Some(g) => {
-                    let others: Vec<&str> = plan
-                        .steps
-                        .iter()
-                        .filter(|o| {
-                            o.index != i
-                                && selected(&row.only_steps, &o.step.name)
-                                && approval_group(&o.step).as_deref() == Some(g.as_str())
-                        })
-                        .map(|o| o.step.name.as_str())
-                        .collect();
-                    if others.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            "; approving it also approves {} (group `{g}`)",
-                            others
-                                .iter()
-                                .map(|n| format!("`{n}`"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    }
-                }
-                None => String::new(),
-            };
             let text = format!(
                 "⏸ {} needs approval by an admin other than {} (admins: {}){covers}: press Approve or Deny, or `/gpuops approve {id}` / `/gpuops deny {id}` (expires in {})",
                 ps.header(total),
@@ -730,7 +747,7 @@ pub async fn drive(
                         g,
                         TextMessage {
                             text,
-                            code: Some(ps.rendered.display()),
+                            code: Some(code),
                             buttons: vec![
                                 Button::Approve(button_value(&id, i, expires)),
                                 Button::Deny(button_value(&id, i, expires)),
@@ -739,11 +756,10 @@ pub async fn drive(
                     )
                     .await
                 }
-                None => sink.finish(&chat, text, Some(ps.rendered.display())).await,
+                None => sink.finish(&chat, text, Some(code)).await,
             }
             return;
         }
-        let mut ps = ps.clone();
         if ps.step.needs_approval {
             let by = approver.clone().unwrap_or_default();
             if let Some(g) = &group {
@@ -812,11 +828,11 @@ pub async fn drive(
 }
 
 /// The approval group a step shares its approval with: its
-/// `approval_group`, else its `alternative` group.
+/// `approval_group` only. Members of an `alternative` group run different
+/// commands (often on different machines): each is planned and approved on
+/// its own.
 fn approval_group(step: &crate::runbook::Step) -> Option<String> {
-    step.approval_group
-        .clone()
-        .or_else(|| step.flow.alternative.clone())
+    step.approval_group.clone()
 }
 
 /// Who may approve a request of `requester`: the admins under `[rbac]`,

@@ -137,6 +137,13 @@ pub struct ExecConfig {
     pub runbooks_dir: PathBuf,
     /// Cap on the stdout and stderr returned per step.
     pub output_cap_bytes: usize,
+    /// `[exec] path`: directories searched for a step's binaries named by
+    /// name after the default ones (`runbook::exec::resolve::DEFAULT_SEARCH_PATH`:
+    /// `/v1/plan` and `/v1/exec` resolve `scontrol` to `/opt/slurm/bin/scontrol`).
+    pub path: Vec<PathBuf>,
+    /// The procfs root (`[paths] procfs`) where a `releases_gpu` step's plan
+    /// lists the NVML holders.
+    pub procfs: PathBuf,
 }
 
 pub const DEFAULT_MOUNT_EXCLUDE: &str =
@@ -222,6 +229,8 @@ impl Default for AgentConfig {
                 public_key_files: Vec::new(),
                 runbooks_dir: PathBuf::from("/usr/share/gpuops/runbooks"),
                 output_cap_bytes: 64 * 1024,
+                path: Vec::new(),
+                procfs: PathBuf::from("/proc"),
             },
             web: WebLimits::default(),
             web_config_file: None,
@@ -439,8 +448,17 @@ impl AgentConfig {
             }) {
                 c.exec.output_cap_bytes = v;
             }
+            if let Some(v) = r.get_with(&mut s, "path", |dirs: Vec<PathBuf>| {
+                match dirs.iter().find(|d| !d.is_absolute()) {
+                    Some(d) => Err(format!("{} is not an absolute directory", d.display())),
+                    None => Ok(dirs),
+                }
+            }) {
+                c.exec.path = v;
+            }
             r.finish(s);
         }
+        c.exec.procfs = c.roots.procfs.clone();
 
         r.finish(root);
         r.into_result().map(|()| c)
@@ -560,6 +578,21 @@ mod tests {
                 && e[0]
                     .to_string()
                     .contains("gpu.gpm_window_secs: must not exceed gpm_interval_secs"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn exec_path_extends_the_search_path_with_absolute_directories() {
+        let c = AgentConfig::from_str(
+            Path::new("agent.toml"),
+            "[exec]\npath = [\"/opt/site/bin\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.exec.path, vec![PathBuf::from("/opt/site/bin")]);
+        let e = errors("[exec]\npath = [\"bin\"]\n");
+        assert!(
+            e[0].contains("exec.path") && e[0].contains("not an absolute"),
             "{e:?}"
         );
     }

@@ -2,14 +2,19 @@
 //! the node's own runbook directory, on a request signed by the bot's
 //! Ed25519 key for this node, fresh and never seen (see `exec_auth`).
 //!
-//! Order of checks: signature header present (else 401 before the body is
-//! read), body read with a size limit (413), signature, window and nonce
-//! (401), the node it names (403), JSON shape (400), runbook file (404), step
-//! (404), step kind and target (400), parameters re-validated against this
-//! node's patterns (400), a `node` parameter naming another node (403), the
-//! argv rendered here against the signed digest (403), and the approval a
-//! `needs_approval` step must carry (403). A step whose `only_if_exists`
-//! path is missing here is answered 200 with `unavailable` set and not run.
+//! Order of checks (shared with `POST /v1/plan`, `agent_exec/plan.rs`):
+//! signature header present (else 401 before the body is read), body read
+//! with a size limit (413), signature, window and nonce (401), the node it
+//! names (403), what it is signed for (`purpose`: a plan-signed request is
+//! 403 here), JSON shape (400), runbook file (404), step (404), step kind
+//! and target (400), parameters re-validated against this node's patterns
+//! (400), a `node` parameter naming another node (403). Then: a step whose
+//! `only_if_exists` path is missing, or whose binary is not found on this
+//! node's search path ([`resolve_argv`]: `scontrol` → `/opt/slurm/bin/scontrol`,
+//! sudo's command too), is answered 200 with `unavailable` set and not run;
+//! the resolved argv against the signed digest (403 naming both: the bot
+//! signs the argv the plan answered), and the approval a `needs_approval`
+//! step must carry (403).
 //! The command runs through a
 //! [`CommandRunner`] with the step's timeout and the configured output cap.
 //! A `releases_gpu` step first releases the GPU backend (NVML closed and shut
@@ -35,12 +40,17 @@ use axum::{Json, Router};
 
 use crate::config::agent::ExecConfig;
 use crate::deadline::{Outcome, SingleFlight};
-use crate::exec_auth::{argv_digest, ExecAuthError, ExecVerifier};
+use crate::exec_auth::{argv_digest, ExecAuthError, ExecVerifier, Purpose, SignedExec};
 use crate::gpu::{GpuBackend, GpuGate};
 use crate::runbook::engine::{self, ExecResponse, Rendered};
+use crate::runbook::exec::resolve::{resolve_argv, SearchPath};
 use crate::runbook::exec::{CommandRunner, CommandSpec, ProcessRunner};
-use crate::runbook::{is_runbook_id, load_file, Kind, StepTarget};
+use crate::runbook::{is_runbook_id, load_file, Kind, Params, Runbook, Step, StepTarget};
+
+mod plan;
+
 use crate::signing::{Clock, SystemClock};
+pub use plan::{nvml_holders, NVML_HOLDERS};
 
 /// Largest request body read.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -181,6 +191,10 @@ pub struct ExecState<C: Clock = SystemClock> {
     pub runbooks_dir: PathBuf,
     pub output_cap: usize,
     pub runner: Arc<dyn CommandRunner>,
+    /// Where a step's binaries named by name are found.
+    pub search_path: SearchPath,
+    /// The procfs root the plan reads NVML holders from.
+    pub procfs: PathBuf,
     slots: tokio::sync::Semaphore,
     gpu: Arc<GpuRelease>,
 }
@@ -197,9 +211,23 @@ impl<C: Clock> ExecState<C> {
             runbooks_dir,
             output_cap,
             runner,
+            search_path: SearchPath::default(),
+            procfs: PathBuf::from("/proc"),
             slots: tokio::sync::Semaphore::new(MAX_CONCURRENT),
             gpu: Arc::new(GpuRelease::new(Arc::new(GpuGate::default()))),
         }
+    }
+
+    /// With the directories binaries are looked up in.
+    pub fn with_search_path(mut self, path: SearchPath) -> ExecState<C> {
+        self.search_path = path;
+        self
+    }
+
+    /// With the procfs root NVML holders are listed from.
+    pub fn with_procfs(mut self, procfs: PathBuf) -> ExecState<C> {
+        self.procfs = procfs;
+        self
     }
 
     /// Releases the GPU collector's backend behind `gate` for `releases_gpu`
@@ -223,6 +251,8 @@ pub fn router(cfg: &ExecConfig, node: &str, gpu_gate: Arc<GpuGate>) -> Option<Ro
         cfg.output_cap_bytes,
         Arc::new(ProcessRunner),
     )
+    .with_search_path(SearchPath::default_and(&cfg.path))
+    .with_procfs(cfg.procfs.clone())
     .with_gpu_gate(gpu_gate);
     Some(router_with(Arc::new(state)))
 }
@@ -231,6 +261,7 @@ pub fn router(cfg: &ExecConfig, node: &str, gpu_gate: Arc<GpuGate>) -> Option<Ro
 pub fn router_with<C: Clock + 'static>(state: Arc<ExecState<C>>) -> Router {
     Router::new()
         .route("/v1/exec", post(handle::<C>))
+        .route("/v1/plan", post(plan::handle::<C>))
         .with_state(state)
 }
 
@@ -246,7 +277,7 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
 /// that is not for this agent or is malformed.
 fn unauthorized(reason: &ExecAuthError) -> Response {
     match reason {
-        ExecAuthError::WrongNode { .. } => {
+        ExecAuthError::WrongNode { .. } | ExecAuthError::WrongPurpose { .. } => {
             return refuse(StatusCode::FORBIDDEN, reason.to_string());
         }
         ExecAuthError::BadBody(_) => return refuse(StatusCode::BAD_REQUEST, reason.to_string()),
@@ -260,29 +291,44 @@ fn unauthorized(reason: &ExecAuthError) -> Response {
         .into_response()
 }
 
-async fn handle<C: Clock + 'static>(
-    State(state): State<Arc<ExecState<C>>>,
-    headers: HeaderMap,
+/// A signed request that passed every check up to its rendered argv.
+pub(crate) struct Checked {
+    pub req: SignedExec,
+    pub runbook: Runbook,
+    pub step: Step,
+    pub params: Params,
+    /// The argv rendered from this node's runbook file (names not resolved).
+    pub argv: Vec<String>,
+}
+
+/// The checks `/v1/exec` and `/v1/plan` share, in order: signature header,
+/// body size, signature, window, nonce and `purpose` (for `endpoint`), the
+/// node, runbook, step, kind and target, parameters, a `node` parameter,
+/// the rendered argv. `Err` is the refusal to send.
+pub(crate) async fn check_request<C: Clock + 'static>(
+    state: &ExecState<C>,
+    headers: &HeaderMap,
     body: Body,
-) -> Response {
-    if let Err(e) = state.verifier.precheck(&headers) {
-        return unauthorized(&e);
+    endpoint: Purpose,
+) -> Result<Checked, Response> {
+    if let Err(e) = state.verifier.precheck(headers) {
+        return Err(unauthorized(&e));
     }
     let bytes = match to_bytes(body, MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {
-            return refuse(
+            return Err(refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body larger than {MAX_BODY_BYTES} bytes"),
-            );
+            ));
         }
     };
-    let req = match state.verifier.verify(&headers, &bytes) {
+    let req = match state.verifier.verify_for(headers, &bytes, endpoint) {
         Ok(r) => r,
-        Err(e) => return unauthorized(&e),
+        Err(e) => return Err(unauthorized(&e)),
     };
     if !is_runbook_id(&req.runbook) {
-        return refuse(StatusCode::NOT_FOUND, "no such runbook");
+        return Err(refuse(StatusCode::NOT_FOUND, "no such runbook"));
     }
     // Read off the async threads, with a deadline (the directory could be on
     // a slow disk); the file is read at each request so edits apply at once.
@@ -297,36 +343,36 @@ async fn handle<C: Clock + 'static>(
     let loaded = match tokio::time::timeout(READ_DEADLINE, read).await {
         Ok(Ok(loaded)) => loaded,
         _ => {
-            return refuse(
+            return Err(refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "cannot read the runbook directory in time",
-            )
+            ))
         }
     };
     let runbook = match loaded {
         None => {
-            return refuse(
+            return Err(refuse(
                 StatusCode::NOT_FOUND,
                 format!("no runbook {} on this node", req.runbook),
-            )
+            ))
         }
         Some(Ok(rb)) => rb,
         Some(Err(e)) => {
             tracing::error!(runbook = %req.runbook, errors = %e, "runbook on this node is invalid");
-            return refuse(
+            return Err(refuse(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("runbook {} on this node is invalid", req.runbook),
-            );
+            ));
         }
     };
-    let Some(step) = runbook.step(&req.step) else {
-        return refuse(
+    let Some(step) = runbook.step(&req.step).cloned() else {
+        return Err(refuse(
             StatusCode::NOT_FOUND,
             format!("runbook {} has no step {}", req.runbook, req.step),
-        );
+        ));
     };
     if step.kind() != Kind::Command || step.target != StepTarget::Node {
-        return refuse(
+        return Err(refuse(
             StatusCode::BAD_REQUEST,
             format!(
                 "step {} is a {} step for the {}: the agent runs only node commands",
@@ -334,40 +380,116 @@ async fn handle<C: Clock + 'static>(
                 step.kind().as_str(),
                 step.target.as_str()
             ),
-        );
+        ));
     }
     let labels = Default::default();
     let params = match runbook.resolve_params(&req.params, &labels) {
         Ok(p) => p,
         Err(e) => {
-            return refuse(
+            return Err(refuse(
                 StatusCode::BAD_REQUEST,
                 format!("runbook {} step {}: {e}", req.runbook, req.step),
-            );
+            ));
         }
     };
     if let Some(n) = req.params.get("node") {
         if n != state.verifier.node() {
-            return refuse(
+            return Err(refuse(
                 StatusCode::FORBIDDEN,
                 format!(
                     "parameter node={n:?} names another node; this is {:?}",
                     state.verifier.node()
                 ),
-            );
+            ));
         }
     }
-    let argv = match engine::render(step, &params) {
+    let argv = match engine::render(&step, &params) {
         Ok(Rendered::Command { argv }) => argv,
-        Ok(_) => return refuse(StatusCode::BAD_REQUEST, "not a command step"),
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
+        Ok(_) => return Err(refuse(StatusCode::BAD_REQUEST, "not a command step")),
+        Err(e) => return Err(refuse(StatusCode::BAD_REQUEST, e.to_string())),
     };
-    if argv_digest(&argv) != req.argv_sha256.to_ascii_lowercase() {
+    Ok(Checked {
+        req,
+        runbook,
+        step,
+        params,
+        argv,
+    })
+}
+
+/// `argv` resolved on this node's search path (stat calls only, off the
+/// async threads, within [`READ_DEADLINE`]): `Ok(Err(reason))` when it
+/// cannot run here, `Err` when the lookup did not finish in time.
+pub(crate) async fn resolve_here<C: Clock>(
+    state: &ExecState<C>,
+    argv: &[String],
+) -> Result<Result<Vec<String>, String>, Response> {
+    let path = state.search_path.clone();
+    let node = state.verifier.node().to_string();
+    let argv = argv.to_vec();
+    let task = tokio::task::spawn_blocking(move || {
+        resolve_argv(&argv, &path).map_err(|e| e.reason_on(&node))
+    });
+    match tokio::time::timeout(READ_DEADLINE, task).await {
+        Ok(Ok(r)) => Ok(r),
+        _ => Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cannot look up the step's binaries in time",
+        )),
+    }
+}
+
+/// An answer saying the step was not run: `what` is its missing
+/// `only_if_exists` path or the reason its binary cannot run here.
+fn not_run(what: String) -> Response {
+    let mut resp = ExecResponse::from_output(&crate::runbook::exec::CommandOutput::default());
+    resp.unavailable = Some(what);
+    (StatusCode::OK, Json(resp)).into_response()
+}
+
+async fn handle<C: Clock + 'static>(
+    State(state): State<Arc<ExecState<C>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Checked {
+        req,
+        runbook,
+        step,
+        params,
+        argv,
+    } = match check_request(&state, &headers, body, Purpose::Exec).await {
+        Ok(c) => c,
+        Err(refused) => return refused,
+    };
+    let step = &step;
+    // `only_if_exists` is checked here, on the node, so the bot learns
+    // whether this member of an alternative group can run at all; then the
+    // binaries are resolved as `/v1/plan` resolved them.
+    if let Some(path) = &step.flow.only_if_exists {
+        if !crate::host::path_exists(std::path::Path::new(path)) {
+            tracing::info!(runbook = %runbook.id, step = %step.name, path = %path, "exec step not available on this node");
+            return not_run(path.clone());
+        }
+    }
+    let argv = match resolve_here(&state, &argv).await {
+        Ok(Ok(resolved)) => resolved,
+        Ok(Err(why)) => {
+            tracing::info!(runbook = %runbook.id, step = %step.name, reason = %why, "exec step not available on this node");
+            return not_run(why);
+        }
+        Err(refused) => return refused,
+    };
+    let digest = argv_digest(&argv);
+    if digest != req.argv_sha256.to_ascii_lowercase() {
         return refuse(
             StatusCode::FORBIDDEN,
             format!(
-                "runbook {} step {}: the signed command differs from this node's runbook file (the bot and this node run different runbook versions?)",
-                req.runbook, req.step
+                "runbook {} step {}: the signed command (sha256 {}) differs from what this node runs now: {} (sha256 {digest}); planned against another binary, or the bot and this node run different runbook versions?",
+                req.runbook,
+                req.step,
+                req.argv_sha256,
+                Rendered::Command { argv: argv.clone() }.display(),
             ),
         );
     }
@@ -386,29 +508,6 @@ async fn handle<C: Clock + 'static>(
             )
         })
         .unwrap_or_else(|| "none".into());
-    // `only_if_exists` is checked here, on the node, so the bot learns
-    // whether this member of an alternative group can run at all.
-    if let Some(path) = &step.flow.only_if_exists {
-        if !crate::host::path_exists(std::path::Path::new(path)) {
-            tracing::info!(
-                runbook = %runbook.id,
-                step = %step.name,
-                path = %path,
-                approval = %approval_text,
-                "exec step not available on this node"
-            );
-            let mut resp = ExecResponse::from_output(&crate::runbook::exec::CommandOutput {
-                exit_code: None,
-                stdout: String::new(),
-                stderr: String::new(),
-                duration: std::time::Duration::ZERO,
-                timed_out: false,
-                truncated: false,
-            });
-            resp.unavailable = Some(path.clone());
-            return (StatusCode::OK, Json(resp)).into_response();
-        }
-    }
     let Ok(_permit) = state.slots.try_acquire() else {
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,

@@ -10,6 +10,10 @@
 //! same rule as in chat (`when`, `requires`, alternatives; a failed or
 //! declined mitigation holds back the later ones that declare no
 //! dependencies; escalation always runs).
+//! Each step is planned before it is confirmed or run: its binaries are
+//! resolved by name (`runbook::exec::resolve`), the resolved argv is shown
+//! and is what runs, and a step whose binary is missing here is reported
+//! and marked unavailable without asking.
 //! `--step NAME` runs only the named steps. The run ends with the node's
 //! state in plain words ([`engine::node_state`]). The exit status is
 //! non-zero when any step did not succeed. A runbook's `node` parameter,
@@ -264,12 +268,44 @@ fn run(out: &mut impl Write, args: RunbookRunArgs) -> anyhow::Result<ExitCode> {
     {
         ran += 1;
         writeln!(out, "{}", s.header(total))?;
-        writeln!(out, "    $ {}", s.rendered.display())?;
         if let engine::NextAction::Skip(why) = engine::next_action(&plan, s.index, &done) {
+            writeln!(out, "    $ {}", s.rendered.display())?;
             writeln!(out, "    {why}")?;
             failures += 1;
             done.push((s.step.name.clone(), StepStatus::Skipped));
             continue;
+        }
+        // Planned first: the argv shown (and asked about) is the resolved
+        // one that runs; a binary that is missing here is never asked about.
+        let step_plan = rt.block_on(executor.plan(&plan, s));
+        if step_plan.failed || !step_plan.available {
+            writeln!(out, "    $ {}", s.rendered.display())?;
+            writeln!(out, "    not run: {}", step_plan.reason_text())?;
+            let status = if step_plan.failed {
+                failures += 1;
+                StepStatus::Error
+            } else {
+                StepStatus::Unavailable
+            };
+            writeln!(out, "    -> {}", status.as_str())?;
+            done.push((s.step.name.clone(), status));
+            continue;
+        }
+        let mut planned = s.clone();
+        if !step_plan.argv.is_empty() {
+            planned.planned_argv = Some(step_plan.argv.clone());
+        }
+        let s = &planned;
+        match &s.planned_argv {
+            Some(argv) => writeln!(
+                out,
+                "    $ {}",
+                engine::Rendered::Command { argv: argv.clone() }.display()
+            )?,
+            None => writeln!(out, "    $ {}", s.rendered.display())?,
+        }
+        if let Some(h) = step_plan.holders_text() {
+            writeln!(out, "    {h}")?;
         }
         if s.step.needs_approval && !args.yes {
             let approved = if interactive {

@@ -63,6 +63,10 @@ pub struct PlannedStep {
     /// Set by the caller once a `needs_approval` step is approved; a node
     /// step carries it to the agent inside the signed request.
     pub approval: Option<SignedApproval>,
+    /// The argv its plan resolved ([`StepExecutor::plan`]), shown to the
+    /// approver: when set, exactly this argv is signed and run (the agent
+    /// resolves again and must agree); when `None` the executor plans first.
+    pub planned_argv: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,6 +339,7 @@ pub fn plan(
             step: step.clone(),
             rendered: render(step, &params)?,
             approval: None,
+            planned_argv: None,
         });
     }
     Ok(RunPlan {

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+pub mod resolve;
+
 /// `PATH` given to every command.
 pub const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -23,7 +25,8 @@ pub const TRUNCATION_MARKER: &str = "\n[... output truncated by gpuops ...]\n";
 /// One command to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandSpec {
-    /// Program and arguments; `argv[0]` is looked up in [`SAFE_PATH`].
+    /// Program and arguments; `argv[0]` is looked up in [`SAFE_PATH`]
+    /// (runbook steps arrive resolved to absolute paths, [`resolve`]).
     pub argv: Vec<String>,
     pub timeout: Duration,
     /// Bytes kept from each of stdout and stderr.

@@ -120,6 +120,7 @@ pub const TABLES: &[(&str, &[&str])] = &[
             "results",
             "expires_at",
             "decided_by",
+            "planned",
             "created_at",
             "updated_at",
         ],

@@ -28,6 +28,11 @@ pub const SQLITE: &[Migration] = &[
         "incidents",
         include_str!("../../migrations/sqlite/0003_incidents.sql"),
     ),
+    (
+        4,
+        "planned_argv",
+        include_str!("../../migrations/sqlite/0004_planned_argv.sql"),
+    ),
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -50,6 +55,11 @@ pub const POSTGRES: &[Migration] = &[
         4,
         "incidents",
         include_str!("../../migrations/postgres/0004_incidents.sql"),
+    ),
+    (
+        5,
+        "planned_argv",
+        include_str!("../../migrations/postgres/0005_planned_argv.sql"),
     ),
 ];
 

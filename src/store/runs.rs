@@ -30,6 +30,9 @@ pub struct RunRecord {
     pub results: Vec<(String, String)>,
     pub expires_at: Option<f64>,
     pub decided_by: Option<String>,
+    /// Step name → the argv its plan resolved, as the approval request
+    /// showed it (`planned`, JSON): what an approval of that step covers.
+    pub planned: BTreeMap<String, Vec<String>>,
 }
 
 /// A run by id, and its stored steps (blocking; `gpuops audit --run`).
@@ -61,7 +64,7 @@ fn runs_of_group(
         "SELECT {COLUMNS}, created_at FROM chat_runs WHERE group_id=?1 ORDER BY created_at, id"
     ))?;
     let runs = st
-        .query_map([group], |r| Ok((run_row(r)?, r.get::<_, f64>(14)?)))?
+        .query_map([group], |r| Ok((run_row(r)?, r.get::<_, f64>(15)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut out = Vec::new();
     for (run, at) in runs {
@@ -131,7 +134,7 @@ fn ensure_schema_read(c: &Connection) -> store::Result<()> {
     Ok(())
 }
 
-const COLUMNS: &str = "id, runbook, only_steps, given, labels, group_id, requester, requester_name, requester_role, status, next_step, results, expires_at, decided_by";
+const COLUMNS: &str = "id, runbook, only_steps, given, labels, group_id, requester, requester_name, requester_role, status, next_step, results, expires_at, decided_by, planned";
 
 /// The tables come with the migrations; kept as the one place a run
 /// query could check them.
@@ -160,6 +163,10 @@ fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
         results: serde_json::from_str(&results).unwrap_or_default(),
         expires_at: r.get(12)?,
         decided_by: r.get(13)?,
+        planned: r
+            .get::<_, Option<String>>(14)?
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default(),
     })
 }
 
@@ -312,6 +319,26 @@ impl Sqlite {
                 "UPDATE chat_runs SET status='waiting', next_step=?2, results=?3, expires_at=?4, updated_at=?5
                  WHERE id=?1",
                 params![id, step as i64, results, expires_at, now],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stores the planned argv an approval request shows (merged into the
+    /// run's earlier plans).
+    pub async fn set_run_planned(
+        &self,
+        id: &str,
+        planned: &BTreeMap<String, Vec<String>>,
+        now: f64,
+    ) -> store::Result<()> {
+        let id = id.to_string();
+        let planned = serde_json::to_string(planned).unwrap_or_default();
+        self.write(move |c| {
+            c.execute(
+                "UPDATE chat_runs SET planned=?2, updated_at=?3 WHERE id=?1",
+                params![id, planned, now],
             )?;
             Ok(())
         })

@@ -147,6 +147,8 @@ seam! {
         fn insert_run(&self, rec: RunRecord, now: f64) -> Result<String>;
         fn run_progress(&self, id: &str, next: usize, results: &[(String, String)], now: f64) -> Result<()>;
         fn run_waits_for_approval(&self, id: &str, step: usize, results: &[(String, String)], expires_at: f64, now: f64) -> Result<()>;
+        /// Stores the argv each step's approval request showed (step → argv).
+        fn set_run_planned(&self, id: &str, planned: &std::collections::BTreeMap<String, Vec<String>>, now: f64) -> Result<()>;
         /// Moves a waiting run to `status` (once: false when someone else did).
         fn decide_run(&self, id: &str, status: &str, who: &str, now: f64) -> Result<bool>;
         fn finish_run(&self, id: &str, status: &str, results: &[(String, String)], now: f64) -> Result<()>;

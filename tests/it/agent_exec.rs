@@ -7,7 +7,10 @@
 //! step on an agent with the fake GPU backend: NVML released and the GPU
 //! collector paused while it runs (scrapes answer at once, no GPU series,
 //! `gpuops_gpu_released 1`), initialised again afterwards, whatever the
-//! step came to.
+//! step came to. And `POST /v1/plan`: signed for planning only (each
+//! endpoint refuses the other's requests), the argv resolved on the node,
+//! sudo's refusal, the GPU's other NVML holders, and an exec refused when
+//! the binary moved since the plan.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -30,6 +33,7 @@ use gpuops::runbook::agent_exec::{self, ExecState};
 use gpuops::runbook::engine::{
     self, AgentAddr, AgentClient, Executor, NodeSteps, StepExecutor as _, StepStatus,
 };
+use gpuops::runbook::exec::resolve::{resolve_argv, SearchPath};
 use gpuops::runbook::exec::{
     CommandOutput, CommandRunner, CommandSpec, ProcessRunner, RecordingRunner, RunError,
     TRUNCATION_MARKER,
@@ -73,13 +77,34 @@ fn bot_key() -> &'static ExecSigner {
     KEY.get_or_init(ExecSigner::generate)
 }
 
+/// A directory of fake binaries (`nvidia-smi`: this machine has no GPU),
+/// searched first.
+fn fake_bins() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("nvidia-smi");
+        std::fs::write(&p, "#!/bin/sh\necho fake\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d
+    })
+    .path()
+}
+
+/// The agents' search path in these tests.
+fn test_path() -> SearchPath {
+    SearchPath::first_then_default(&[fake_bins().to_path_buf()])
+}
+
 fn router_for(dir: &Path, node: &str, clock: Arc<FixedClock>) -> axum::Router {
     let state = ExecState::new(
         ExecVerifier::with_clock(vec![bot_key().public_key()], node, clock),
         dir.to_path_buf(),
         CAP,
         Arc::new(ProcessRunner),
-    );
+    )
+    .with_search_path(test_path());
     agent_exec::router_with(Arc::new(state))
 }
 
@@ -101,6 +126,8 @@ fn exec_req(node: &str, step: &str, params: &[(&str, &str)], ts: i64) -> SignedE
         },
         Err(_) => vec![],
     };
+    // The agent resolves names on its search path: the bot signs that argv.
+    let argv = resolve_argv(&argv, &test_path()).unwrap_or(argv);
     ExecSigner::request(node, "node-test", step, given, &argv, None, ts)
 }
 
@@ -229,12 +256,15 @@ async fn exec_request_for_node_a_refused_on_node_b() {
     let dir = runbook_dir();
     let clock = Arc::new(FixedClock::new(NOW));
     let runner = Arc::new(RecordingRunner::new());
-    let b = agent_exec::router_with(Arc::new(ExecState::new(
-        ExecVerifier::with_clock(vec![bot_key().public_key()], "node-b", clock.clone()),
-        dir.path().to_path_buf(),
-        CAP,
-        runner.clone(),
-    )));
+    let b = agent_exec::router_with(Arc::new(
+        ExecState::new(
+            ExecVerifier::with_clock(vec![bot_key().public_key()], "node-b", clock.clone()),
+            dir.path().to_path_buf(),
+            CAP,
+            runner.clone(),
+        )
+        .with_search_path(test_path()),
+    ));
     let a = router_for(dir.path(), "node-a", clock);
     let (body, headers) = bot_key().sign(&exec_req("node-a", "hello", &[], NOW));
     let (status, json) = send(&b, raw(body.clone(), &headers)).await;
@@ -273,7 +303,7 @@ async fn exec_argv_digest_mismatch_is_refused() {
         json["error"]
             .as_str()
             .unwrap()
-            .contains("differs from this node's runbook"),
+            .contains("differs from what this node runs now"),
         "{json}"
     );
 }
@@ -462,6 +492,8 @@ fn exec_is_off_without_a_public_key() {
         public_key_files: vec![],
         runbooks_dir: "/nonexistent".into(),
         output_cap_bytes: CAP,
+        path: vec![],
+        procfs: "/proc".into(),
     };
     assert!(agent_exec::router(&cfg, NODE, Default::default()).is_none());
     let cfg = ExecConfig {
@@ -489,7 +521,8 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
         dir.path().to_path_buf(),
         CAP,
         Arc::new(ProcessRunner),
-    );
+    )
+    .with_search_path(test_path());
     let agent = serve(agent_exec::router_with(Arc::new(state))).await;
 
     // A fake Prometheus answering /api/v1/query.
@@ -538,12 +571,13 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
     assert_eq!(out.exit_code, Some(0));
 
     // `only_if_exists` is checked by the agent, on the node: the bot's
-    // executor sends the step, the agent runs nothing and says so.
+    // executor asks for the step's plan, the agent says it cannot run, and
+    // no exec request is sent.
     let out = exec.execute(&plan, step("slurm-only")).await;
     assert_eq!(out.status, StepStatus::Unavailable, "{out:?}");
     assert_eq!(
         out.output,
-        "not run: /nonexistent/gpuops-test/scontrol does not exist on node node-a"
+        "not run: only_if_exists path /nonexistent/gpuops-test/scontrol missing on node-a"
     );
     let out = exec.execute(&plan, step("root-only")).await;
     assert_eq!(out.status, StepStatus::Succeeded, "{out:?}");
@@ -555,7 +589,7 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
     let out = exec.execute(&plan, step("fails")).await;
     assert_eq!(out.status, StepStatus::Failed);
     assert!(
-        out.output.contains("--- stderr ---\nls: "),
+        out.output.contains("--- stderr ---\n") && out.output.contains("/ls: cannot access"),
         "{}",
         out.output
     );
@@ -564,7 +598,13 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
     let out = exec.execute(&plan, step("on-bot")).await;
     assert_eq!(out.status, StepStatus::Succeeded);
     assert_eq!(bot_runner.calls().len(), 1);
-    assert_eq!(bot_runner.calls()[0].argv, ["echo", "bot"]);
+    // Resolved on the bot's PATH: the argv it runs names the binary in full.
+    let argv = &bot_runner.calls()[0].argv;
+    assert!(
+        argv[0].starts_with('/') && argv[0].ends_with("/echo"),
+        "{argv:?}"
+    );
+    assert_eq!(argv[1], "bot");
 
     let out = exec.execute(&plan, step("q")).await;
     assert_eq!(out.status, StepStatus::Succeeded, "{out:?}");
@@ -584,7 +624,11 @@ async fn bot_runs_node_steps_on_the_agent_end_to_end() {
     );
     let out = bad.execute(&plan, step("hello")).await;
     assert_eq!(out.status, StepStatus::Error);
-    assert!(out.output.contains("refused: HTTP 401"), "{}", out.output);
+    assert!(
+        out.output.contains("refused the plan: HTTP 401"),
+        "{}",
+        out.output
+    );
 
     // An instance the inventory does not know: no request leaves the bot.
     let mut elsewhere = plan.clone();
@@ -672,6 +716,7 @@ fn gpu_agent() -> GpuAgent {
         CAP,
         Arc::new(runner),
     )
+    .with_search_path(test_path())
     .with_gpu_gate(gate.clone());
     GpuAgent {
         app: metrics.merge(agent_exec::router_with(Arc::new(exec))),
@@ -850,4 +895,306 @@ async fn releases_gpu_step_that_fails_or_times_out_still_reinitialises() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_gpu_values(&scrape(&agent.app).await.1);
+}
+
+// Plans before approvals (issue 22): `POST /v1/plan` answers what a step
+// would run on this node, signed for planning only, read-only.
+
+const PLAN_RUNBOOK: &str = r#"
+id: plan-test
+title: Plan test
+params:
+  node: { pattern: '[A-Za-z0-9-]{1,63}', default: node-a }
+steps:
+  - { name: drain-slurm, phase: investigate, kind: command, target: node, run: [sudo, -n, scontrol, update, "nodename={{node}}", state=drain] }
+  - { name: reset, phase: investigate, kind: command, target: node, releases_gpu: true, run: [nvidia-smi, -r, -i, "0"] }
+  - { name: missing, phase: investigate, kind: command, target: node, run: [gpuops-no-such-binary, x] }
+  - { name: moved, phase: investigate, kind: command, target: node, run: [gpuops-moving, x] }
+"#;
+
+/// A fake executable `name` in `dir` running `body` (a shell script).
+fn fake_bin(dir: &Path, name: &str, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p.display().to_string()
+}
+
+/// An agent serving `plan-test` with `bins` searched first; `procfs` for holders.
+fn plan_agent(
+    runbooks: &Path,
+    bins: &[&Path],
+    procfs: &Path,
+    runner: Arc<dyn CommandRunner>,
+) -> axum::Router {
+    std::fs::write(runbooks.join("plan-test.yaml"), PLAN_RUNBOOK).unwrap();
+    let dirs: Vec<std::path::PathBuf> = bins.iter().map(|p| p.to_path_buf()).collect();
+    let state = ExecState::new(
+        ExecVerifier::with_clock(
+            vec![bot_key().public_key()],
+            NODE,
+            Arc::new(FixedClock::new(NOW)),
+        ),
+        runbooks.to_path_buf(),
+        CAP,
+        runner,
+    )
+    .with_search_path(SearchPath::first_then_default(&dirs))
+    .with_procfs(procfs.to_path_buf());
+    agent_exec::router_with(Arc::new(state))
+}
+
+fn plan_req(step: &str, ts: i64) -> Request<Body> {
+    let req = ExecSigner::plan_request(NODE, "plan-test", step, BTreeMap::new(), ts);
+    let (body, headers) = bot_key().sign(&req);
+    let mut b = Request::post("/v1/plan").header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(k, v);
+    }
+    b.body(Body::from(body)).unwrap()
+}
+
+#[tokio::test]
+async fn plan_signed_request_is_refused_by_exec() {
+    let dir = runbook_dir();
+    let bins = tempfile::tempdir().unwrap();
+    fake_bin(bins.path(), "gpuops-moving", "echo moved");
+    let runner = Arc::new(RecordingRunner::new());
+    let app = plan_agent(dir.path(), &[bins.path()], dir.path(), runner.clone());
+    // A captured plan request, replayed against /v1/exec with the argv the
+    // plan answered: the signature allows planning, never running.
+    let mut req = ExecSigner::plan_request(NODE, "plan-test", "moved", BTreeMap::new(), NOW);
+    req.argv_sha256 = gpuops::exec_auth::argv_digest(&[
+        bins.path().join("gpuops-moving").display().to_string(),
+        "x".into(),
+    ]);
+    let (status, json) = send(&app, signed_req(&req, bot_key())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
+    assert_eq!(
+        json["error"], "the request is signed for plan, not for exec",
+        "{json}"
+    );
+    assert!(runner.calls().is_empty(), "ran {:?}", runner.calls());
+}
+
+#[tokio::test]
+async fn exec_signed_request_is_refused_by_plan() {
+    let dir = runbook_dir();
+    let runner = Arc::new(RecordingRunner::new());
+    let app = plan_agent(dir.path(), &[], dir.path(), runner.clone());
+    let (body, headers) = bot_key().sign(&exec_req(NODE, "hello", &[], NOW));
+    let mut b = Request::post("/v1/plan").header("content-type", "application/json");
+    for (k, v) in &headers {
+        b = b.header(*k, v);
+    }
+    let (status, json) = send(&app, b.body(Body::from(body)).unwrap()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
+    assert_eq!(
+        json["error"], "the request is signed for exec, not for plan",
+        "{json}"
+    );
+    // A plan request for the same step is answered, and runs nothing.
+    let (status, json) = send(&app, plan_req("missing", NOW)).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["available"], false, "{json}");
+    let reason = json["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("gpuops-no-such-binary not found on node-a's PATH (")
+            && reason.contains(":/usr/bin:")
+            && reason.ends_with(":/opt/slurm/bin)"),
+        "{reason}"
+    );
+    assert!(runner.calls().is_empty(), "ran {:?}", runner.calls());
+}
+
+#[tokio::test]
+async fn exec_refuses_argv_that_differs_from_the_plan() {
+    let dir = runbook_dir();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let planned_bin = fake_bin(a.path(), "gpuops-moving", "echo moved");
+    let runner = Arc::new(RecordingRunner::new());
+    let app = plan_agent(
+        dir.path(),
+        &[a.path(), b.path()],
+        dir.path(),
+        runner.clone(),
+    );
+    let (status, plan) = send(&app, plan_req("moved", NOW)).await;
+    assert_eq!(status, StatusCode::OK, "{plan}");
+    assert_eq!(plan["available"], true, "{plan}");
+    assert_eq!(plan["argv"], serde_json::json!([planned_bin, "x"]));
+    // The binary moves after the plan: the planned argv no longer runs here.
+    std::fs::remove_file(&planned_bin).unwrap();
+    let now_bin = fake_bin(b.path(), "gpuops-moving", "echo moved");
+    let planned: Vec<String> = serde_json::from_value(plan["argv"].clone()).unwrap();
+    let req = ExecSigner::request(
+        NODE,
+        "plan-test",
+        "moved",
+        BTreeMap::new(),
+        &planned,
+        None,
+        NOW,
+    );
+    let (status, json) = send(&app, signed_req(&req, bot_key())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
+    let error = json["error"].as_str().unwrap();
+    assert!(
+        error.contains(&gpuops::exec_auth::argv_digest(&planned))
+            && error.contains(&format!("{now_bin} x")),
+        "{error}"
+    );
+    assert!(runner.calls().is_empty(), "ran {:?}", runner.calls());
+    // Signed with what the node resolves now, it runs that argv.
+    let req = ExecSigner::request(
+        NODE,
+        "plan-test",
+        "moved",
+        BTreeMap::new(),
+        &[now_bin.clone(), "x".into()],
+        None,
+        NOW,
+    );
+    let (status, json) = send(&app, signed_req(&req, bot_key())).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(runner.calls()[0].argv, [now_bin, "x".to_string()]);
+}
+
+#[tokio::test]
+async fn sudo_refusal_is_reported_by_the_plan() {
+    let dir = runbook_dir();
+    let bins = tempfile::tempdir().unwrap();
+    let sudo = fake_bin(
+        bins.path(),
+        "sudo",
+        r#"for a in "$@"; do if [ "$a" = -l ]; then echo "sudo: a password is required" >&2; exit 1; fi; done; exit 0"#,
+    );
+    let scontrol = fake_bin(bins.path(), "scontrol", "exit 0");
+    let app = plan_agent(
+        dir.path(),
+        &[bins.path()],
+        dir.path(),
+        Arc::new(ProcessRunner),
+    );
+    let (status, json) = send(&app, plan_req("drain-slurm", NOW)).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["available"], false, "{json}");
+    assert_eq!(
+        json["reason"], "sudo refuses: sudo: a password is required",
+        "{json}"
+    );
+    assert_eq!(
+        json["argv"],
+        serde_json::json!([
+            sudo,
+            "-n",
+            scontrol,
+            "update",
+            "nodename=node-a",
+            "state=drain"
+        ])
+    );
+    // A sudo that allows it: available, and the plan ran only `sudo -n -l`.
+    let runner = Arc::new(RecordingRunner::new());
+    let app = plan_agent(dir.path(), &[bins.path()], dir.path(), runner.clone());
+    let (_, json) = send(&app, plan_req("drain-slurm", NOW + 1)).await;
+    assert_eq!(json["available"], true, "{json}");
+    assert_eq!(json["sudo"], "allowed", "{json}");
+    let calls = runner.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(
+        calls[0].argv,
+        [
+            &sudo,
+            "-n",
+            "-l",
+            &scontrol,
+            "update",
+            "nodename=node-a",
+            "state=drain"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn plan_lists_nvml_holders_for_a_releases_gpu_step() {
+    let dir = runbook_dir();
+    let procfs = tempfile::tempdir().unwrap();
+    for (pid, comm) in [
+        ("812", "nvidia-persiste"), // comm holds 15 bytes of nvidia-persistenced
+        ("990", "nv-hostengine"),
+        ("1000", "bash"),
+        ("self", "gpuops"),
+    ] {
+        std::fs::create_dir_all(procfs.path().join(pid)).unwrap();
+        std::fs::write(procfs.path().join(pid).join("comm"), format!("{comm}\n")).unwrap();
+    }
+    let runner = Arc::new(RecordingRunner::new());
+    let app = plan_agent(dir.path(), &[fake_bins()], procfs.path(), runner.clone());
+    let (status, json) = send(&app, plan_req("reset", NOW)).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["available"], true, "{json}");
+    assert_eq!(
+        json["holders"],
+        serde_json::json!([
+            {"process": "nvidia-persistenced", "pid": 812},
+            {"process": "nv-hostengine", "pid": 990}
+        ])
+    );
+    let plan: engine::StepPlan = serde_json::from_value(json).unwrap();
+    assert_eq!(
+        plan.holders_text().unwrap(),
+        "also holding the GPU: nvidia-persistenced (pid 812), nv-hostengine (pid 990)"
+    );
+    assert!(runner.calls().is_empty(), "ran {:?}", runner.calls());
+}
+
+/// An agent older than plans (no `/v1/plan`: 404): the step is an error
+/// naming the version mismatch, and no exec request is ever sent.
+#[tokio::test]
+async fn agent_without_plan_is_an_error_and_runs_nothing() {
+    let execs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = execs.clone();
+    let old_agent = serve(axum::Router::new().route(
+        "/v1/exec",
+        axum::routing::post(move || {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { "{}" }
+        }),
+    ))
+    .await;
+    let rb = gpuops::runbook::parse_runbook(Path::new("node-test.yaml"), RUNBOOK).unwrap();
+    let labels: BTreeMap<String, String> = [
+        ("instance".to_string(), old_agent.to_string()),
+        ("node".to_string(), NODE.to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let plan = engine::plan(&rb, &BTreeMap::new(), &labels).unwrap();
+    let inventory = Arc::new(Inventory::fixed(vec![AgentAddr {
+        instance: old_agent.to_string(),
+        node: NODE.into(),
+        url: format!("http://{old_agent}"),
+    }]));
+    let exec = Executor::new(
+        Arc::new(RecordingRunner::new()),
+        NodeSteps::Agent(AgentClient::new(
+            inventory,
+            Arc::new(ExecSigner::generate()),
+        )),
+        None,
+    );
+    let hello = plan.step("hello").unwrap();
+    let p = exec.plan(&plan, hello).await;
+    assert!(p.failed && !p.available, "{p:?}");
+    let out = exec.execute(&plan, hello).await;
+    assert_eq!(out.status, StepStatus::Error, "{out:?}");
+    assert!(
+        out.output
+            .contains("does not know POST /v1/plan (an older gpuops agent than this bot)"),
+        "{}",
+        out.output
+    );
+    assert_eq!(execs.load(std::sync::atomic::Ordering::SeqCst), 0);
 }

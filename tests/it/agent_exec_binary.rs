@@ -133,6 +133,13 @@ async fn signed_exec_runs_a_shipped_step_and_forgeries_get_401() {
     let engine::Rendered::Command { argv } = &step.rendered else {
         panic!("mount-table is a command step")
     };
+    // The agent runs (and checks the digest of) the argv resolved on its
+    // search path, as its plan answers it.
+    let argv = &gpuops::runbook::exec::resolve::resolve_argv(
+        argv,
+        &gpuops::runbook::exec::resolve::SearchPath::default(),
+    )
+    .unwrap();
     let now = gpuops::signing::SystemClock.now_unix();
     let req = |node: &str| {
         ExecSigner::request(

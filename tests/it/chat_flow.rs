@@ -4,7 +4,11 @@
 //! buttons run the same checks as the typed commands, one approval covers an
 //! approval group, the alert's thread is the incident timeline ending with
 //! the node's state, and the stored output comes back through
-//! `gpuops audit --run` and `gpuops audit --group --markdown`.
+//! `gpuops audit --run` and `gpuops audit --group --markdown`. Plans before
+//! approvals: a step is planned (by the node's real `/v1/plan` router for
+//! node steps) before anyone is asked; the request shows the planned argv,
+//! a step that cannot run is skipped with its reason, and an approval never
+//! covers another member of an alternative group.
 
 #![allow(clippy::disallowed_methods)] // the real binary, as a user runs it
 
@@ -16,6 +20,7 @@ use chat_support::*;
 use futures_util::future::BoxFuture;
 use gpuops::notify::{Button, Message};
 use gpuops::runbook::engine::{Executor, NodeSteps};
+use gpuops::runbook::exec::resolve::SearchPath;
 use gpuops::runbook::exec::{CommandOutput, CommandRunner, CommandSpec, RunError};
 use gpuops::signing::Clock as _;
 
@@ -142,20 +147,35 @@ struct Scripted {
 }
 
 impl Scripted {
+    /// The programs run, by name (the argv names them by absolute path).
     fn programs(&self) -> Vec<String> {
         self.calls
             .lock()
             .unwrap()
             .iter()
-            .map(|a| a[0].clone())
+            .map(|a| base(&a[0]))
             .collect()
     }
 }
 
 impl CommandRunner for Scripted {
     fn run<'a>(&'a self, cmd: &'a CommandSpec) -> BoxFuture<'a, Result<CommandOutput, RunError>> {
+        // Recorded (and echoed) with the resolved binaries named by name
+        // again: these tests are about the flow; the resolution itself is
+        // checked by the plan tests below and in agent_exec.
+        let mut cmd = cmd.clone();
+        if let Some(first) = cmd.argv.first().cloned() {
+            cmd.argv[0] = base(&first);
+            if let Some(i) = gpuops::runbook::exec::resolve::is_sudo(&first)
+                .then(|| gpuops::runbook::exec::resolve::sudo_command_index(&cmd.argv))
+                .flatten()
+            {
+                cmd.argv[i] = base(&cmd.argv[i]);
+            }
+        }
+        let cmd = &cmd;
         self.calls.lock().unwrap().push(cmd.argv.clone());
-        let fail = self.failing.lock().unwrap().contains(&cmd.argv[0]);
+        let fail = self.failing.lock().unwrap().contains(&base(&cmd.argv[0]));
         let out = CommandOutput {
             exit_code: Some(if fail { 1 } else { 0 }),
             stdout: format!("ran: {}\n", cmd.argv.join(" ")),
@@ -163,6 +183,24 @@ impl CommandRunner for Scripted {
         };
         Box::pin(async move { Ok(out) })
     }
+}
+
+fn base(program: &str) -> String {
+    program.rsplit('/').next().unwrap_or(program).to_string()
+}
+
+/// Fake executables `names` in a new directory (the steps' binaries: this
+/// machine has no Slurm, Kubernetes or GPU).
+
+/// The flow tests' executor: steps run here through `runner`, with fake
+/// Slurm, Kubernetes, NVIDIA and sudo binaries first on the search path
+/// (this machine has none of them), PromQL steps asked of `prometheus`.
+fn local_executor(runner: &Arc<Scripted>, prometheus: Option<String>) -> Arc<Executor> {
+    let bins = crate::support::fake_node_bins();
+    Arc::new(
+        Executor::new(runner.clone(), NodeSteps::Local, prometheus)
+            .with_search_path(SearchPath::first_then_default(&[bins.to_path_buf()])),
+    )
 }
 
 async fn bot() -> (Bot, Arc<Scripted>, Capture) {
@@ -175,7 +213,7 @@ async fn bot() -> (Bot, Arc<Scripted>, Capture) {
     // The shipped XID runbook, as an operator runs it.
     std::fs::copy("runbooks/gpu-xid.yaml", rb.join("gpu-xid.yaml")).unwrap();
     let runner = Arc::new(Scripted::default());
-    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let exec = local_executor(&runner, None);
     let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
     std::fs::write(dir.path().join("bot.toml"), config_text(dir.path(), &extra)).unwrap();
     std::fs::set_permissions(
@@ -266,7 +304,7 @@ async fn drain_fails_so_reset_is_not_offered_and_escalation_runs() {
         .slack_command(OPERATOR, &format!("run flow alert={g}"))
         .await;
     assert!(text(&v).contains("started run"), "{v}");
-    wait_request(&b, "drain-slurm").await;
+    wait_request(&b, "cordon").await;
     let run = waiting_run(&b);
     assert_eq!(
         press(&b, &capture, ADMIN, "gpuops_approve", &approve_button(&b)).await,
@@ -278,13 +316,14 @@ async fn drain_fails_so_reset_is_not_offered_and_escalation_runs() {
     assert!(text(&v).contains("denied step `drop-caches`"), "{v}");
     wait_reply(&b, "the summary", "🏁").await;
 
-    // Slurm is not installed: its alternative (cordon, covered by the same
-    // approval) ran and failed; nothing that needs the drain was offered.
+    // Slurm is not installed: its plan said so before anyone was asked; its
+    // alternative (cordon, approved on its own) ran and failed; nothing that
+    // needs the drain was offered.
     assert_eq!(runner.programs(), ["echo", "kubectl", "echo"]);
     let replies = b.slack.replies();
     let all = replies.join("\n");
     assert!(
-        all.contains("drain-slurm") && all.contains("does not exist here"),
+        all.contains("⏭ step `drain-slurm` skipped before approval: only_if_exists path /nonexistent/gpuops-test/scontrol missing on this host"),
         "{all}"
     );
     assert!(
@@ -324,25 +363,21 @@ async fn deny_skips_the_step_and_the_run_goes_on_to_independent_steps() {
         .slack_command(OPERATOR, &format!("run flow alert={g}"))
         .await;
     assert!(text(&v).contains("started run"), "{v}");
-    wait_request(&b, "drain-slurm").await;
+    wait_request(&b, "cordon").await;
     let run = waiting_run(&b);
     // The Deny button, by an admin.
     assert_eq!(
         press(&b, &capture, ADMIN, "gpuops_deny", &approve_button(&b)).await,
         200
     );
-    wait_reply(&b, "the denial", "denied step `drain-slurm`").await;
+    wait_reply(&b, "the denial", "denied step `cordon`").await;
     // Independent drop-caches is offered next; nothing of the drain path.
     wait_request(&b, "drop-caches").await;
     assert_eq!(waiting_run(&b), run, "the same run goes on");
     assert_eq!(runner.programs(), ["echo"]);
     let all = b.slack.replies().join("\n");
     assert!(
-        all.contains("— skipped: drain was decided by drain-slurm, which was denied"),
-        "{all}"
-    );
-    assert!(
-        all.contains("— skipped: drain did not succeed (drain-slurm was denied)"),
+        all.contains("— skipped: drain did not succeed (cordon was denied)"),
         "{all}"
     );
     let (_, v) = b.slack_command(ADMIN2, &format!("approve {run}")).await;
@@ -382,7 +417,7 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
 
     let (_, v) = b.slack_command(ADMIN, &format!("run flow alert={g}")).await;
     assert!(text(&v).contains("started run"), "{v}");
-    wait_request(&b, "drain-slurm").await;
+    wait_request(&b, "cordon").await;
     let run = waiting_run(&b);
     // The request carries Approve / Deny buttons and says who may approve.
     let request = b
@@ -420,7 +455,8 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
         .await;
     assert_eq!(runner.programs(), ["echo"], "nothing ran");
 
-    // Another admin's press runs it (cordon: Slurm is not installed here).
+    // Another admin's press runs it (Slurm is not installed here: the
+    // request was for cordon, the drain's available member).
     assert_eq!(
         press(&b, &capture, ADMIN2, "gpuops_approve", &approve_button(&b)).await,
         200
@@ -430,6 +466,13 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
     assert!(
         all.contains("approving it also approves `reset-check` (group `reset-path`)"),
         "{all}"
+    );
+    // The group's request lists each step's planned argv, where it runs.
+    let request = b.slack.replies().pop().unwrap();
+    assert!(
+        request.contains("/nvidia-smi -r -i 0\n# runs on this host\n\n# and reset-check:\n")
+            && request.contains("/nvidia-smi -q -i 0\n# runs on this host"),
+        "{request}"
     );
     assert_eq!(runner.programs(), ["echo", "kubectl"]);
     let (_, v) = b.slack_command(ADMIN2, &format!("approve {run}")).await;
@@ -474,8 +517,8 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
         == `look`: succeeded (exit 0)
         ran: echo looking at node1
 
-        == `drain-slurm`: unavailable, approved by slack:U0ADMIN2
-        not run: /nonexistent/gpuops-test/scontrol does not exist here
+        == `drain-slurm`: unavailable
+        not run: only_if_exists path /nonexistent/gpuops-test/scontrol missing on this host
 
         == `cordon`: succeeded (exit 0), approved by slack:U0ADMIN2
         ran: kubectl cordon node1
@@ -527,14 +570,14 @@ async fn approve_button_runs_the_step_refuses_the_requester_and_covers_its_group
           ```
           ran: echo looking at node1
           ```
-        - TIME run `RUN` asks approval for step `drain-slurm` (requested by slack:U0ADMIN)
-        - TIME slack:U0ADMIN tried to approve step `drain-slurm` of run `RUN`: denied: step drain-slurm needs approval by someone other than the person who asked for it
-        - TIME slack:U0ADMIN2 approved step `drain-slurm` of run `RUN`
-        - TIME run `RUN` step `drain-slurm`: unavailable, approved by slack:U0ADMIN2
+        - TIME run `RUN` step `drain-slurm`: unavailable
 
           ```
-          not run: /nonexistent/gpuops-test/scontrol does not exist here
+          not run: only_if_exists path /nonexistent/gpuops-test/scontrol missing on this host
           ```
+        - TIME run `RUN` asks approval for step `cordon` (requested by slack:U0ADMIN)
+        - TIME slack:U0ADMIN tried to approve step `cordon` of run `RUN`: denied: step cordon needs approval by someone other than the person who asked for it
+        - TIME slack:U0ADMIN2 approved step `cordon` of run `RUN`
         - TIME run `RUN` step `cordon`: succeeded (exit 0), approved by slack:U0ADMIN2
 
           ```
@@ -585,7 +628,7 @@ async fn discord_approve_button_runs_the_same_checks() {
         .slack_command(OPERATOR, &format!("run flow alert={g}"))
         .await;
     assert!(text(&v).contains("started run"), "{v}");
-    wait_request(&b, "drain-slurm").await;
+    wait_request(&b, "cordon").await;
     let run = approve_button(&b);
     let press = |user: &str, token: &str| {
         discord_interaction(
@@ -614,7 +657,7 @@ async fn discord_approve_button_runs_the_same_checks() {
         "{v}"
     );
     assert_eq!(runner.programs(), ["echo"]);
-    // A Discord admin's press approves: the drain group runs.
+    // A Discord admin's press approves: the cordon runs.
     let (s, out) = b
         .send(discord_request(
             &b.discord_key,
@@ -623,7 +666,7 @@ async fn discord_approve_button_runs_the_same_checks() {
         ))
         .await;
     assert_eq!((s, out.as_str()), (200, r#"{"type":5}"#));
-    wait_reply(&b, "the approval note", "approved step `drain-slurm`").await;
+    wait_reply(&b, "the approval note", "approved step `cordon`").await;
     wait_request(&b, "reset").await;
     assert_eq!(runner.programs(), ["echo", "kubectl"]);
     b.stop();
@@ -702,11 +745,14 @@ async fn a_two_gpu_xid_94_group_says_which_gpu_it_acts_on_and_offers_the_other()
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     let calls = runner.calls.lock().unwrap().clone();
-    assert!(calls.iter().any(|a| a[0] == "nvidia-smi"), "{calls:?}");
+    assert!(
+        calls.iter().any(|a| base(&a[0]) == "nvidia-smi"),
+        "{calls:?}"
+    );
     assert!(
         calls
             .iter()
-            .filter(|a| a[0] == "nvidia-smi")
+            .filter(|a| base(&a[0]) == "nvidia-smi")
             .all(|a| a.ends_with(&["-i".to_string(), "1".to_string()])),
         "{calls:?}"
     );
@@ -721,11 +767,7 @@ async fn bot_with_prometheus(prometheus: String) -> (Bot, Arc<Scripted>, Capture
     std::fs::create_dir_all(&rb).unwrap();
     std::fs::copy("runbooks/gpu-xid.yaml", rb.join("gpu-xid.yaml")).unwrap();
     let runner = Arc::new(Scripted::default());
-    let exec = Arc::new(Executor::new(
-        runner.clone(),
-        NodeSteps::Local,
-        Some(prometheus),
-    ));
+    let exec = local_executor(&runner, Some(prometheus));
     let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
     (
         Bot::start_in(dir, &extra, Some(exec)).await,
@@ -837,4 +879,216 @@ async fn two_gpu_xid94_group_acts_on_both_gpus_or_says_it_does_not() {
         "{summary}"
     );
     b.stop();
+}
+
+// Plans before approvals (issue 22, observation 4): the approver saw
+// `sudo -n scontrol …`, the agent then found no `/usr/bin/scontrol`, and
+// the bot ran the `kubectl cordon` alternative under that approval.
+
+const NODE17: &str = "gpu-node-17";
+
+const PLAN_FLOW: &str = r#"
+id: plan-flow
+title: Plan flow
+params:
+  node: { pattern: '[A-Za-z0-9-]{1,63}', from_label: node }
+steps:
+  - name: drain-slurm
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    alternative: drain
+    run: ["sudo", "-n", "scontrol", "update", "nodename={{node}}", "state=drain"]
+  - name: cordon-kubernetes
+    phase: mitigate
+    kind: command
+    target: bot
+    needs_approval: true
+    alternative: drain
+    run: ["kubectl", "cordon", "{{node}}"]
+"#;
+
+/// A bot whose node steps go to a real agent router (`/v1/plan` and
+/// `/v1/exec`) for gpu-node-17 with `agent_bins` as its PATH; bot-side
+/// steps find `bot_bins`. Both runners record and run nothing.
+struct PlanBot {
+    b: Bot,
+    agent_runner: Arc<gpuops::runbook::exec::RecordingRunner>,
+    bot_runner: Arc<gpuops::runbook::exec::RecordingRunner>,
+    agent_bins: tempfile::TempDir,
+    bot_bins: tempfile::TempDir,
+    group: i64,
+}
+
+async fn plan_bot(agent_has: &[&str], bot_has: &[&str]) -> PlanBot {
+    use gpuops::exec_auth::{ExecSigner, ExecVerifier};
+    use gpuops::runbook::agent_exec::{self, ExecState};
+    use gpuops::runbook::engine::{AgentAddr, AgentClient};
+    let dir = tempfile::tempdir().unwrap();
+    let rb = dir.path().join("runbooks");
+    std::fs::create_dir_all(&rb).unwrap();
+    std::fs::write(rb.join("plan-flow.yaml"), PLAN_FLOW).unwrap();
+    let (agent_bins, bot_bins) = (
+        crate::support::fake_bins(agent_has),
+        crate::support::fake_bins(bot_has),
+    );
+    let signer = Arc::new(ExecSigner::generate());
+    let agent_runner = Arc::new(gpuops::runbook::exec::RecordingRunner::new());
+    let state = ExecState::new(
+        ExecVerifier::new(vec![signer.public_key()], NODE17),
+        rb.clone(),
+        64 * 1024,
+        agent_runner.clone(),
+    )
+    .with_search_path(SearchPath::new([agent_bins.path().to_path_buf()]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, agent_exec::router_with(Arc::new(state))).await;
+    });
+    let inventory = Arc::new(gpuops::inventory::Inventory::fixed(vec![AgentAddr {
+        instance: agent.clone(),
+        node: NODE17.into(),
+        url: format!("http://{agent}"),
+    }]));
+    let bot_runner = Arc::new(gpuops::runbook::exec::RecordingRunner::new());
+    let exec = Executor::new(
+        bot_runner.clone(),
+        NodeSteps::Agent(AgentClient::new(inventory, signer)),
+        None,
+    )
+    .with_search_path(SearchPath::new([bot_bins.path().to_path_buf()]));
+    let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
+    let b = Bot::start_in(dir, &extra, Some(Arc::new(exec))).await;
+    let group = b
+        .alert(webhook("TestGpuDown", &agent, &[("node", NODE17)]))
+        .await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run plan-flow alert={group}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    PlanBot {
+        b,
+        agent_runner,
+        bot_runner,
+        agent_bins,
+        bot_bins,
+        group,
+    }
+}
+
+/// The approval requests posted so far (text and code block).
+fn approval_requests(b: &Bot) -> Vec<String> {
+    b.slack
+        .replies()
+        .into_iter()
+        .filter(|r| r.contains("/gpuops approve r"))
+        .collect()
+}
+
+#[tokio::test]
+async fn approval_text_shows_the_planned_argv() {
+    let p = plan_bot(&["sudo", "scontrol"], &["kubectl"]).await;
+    wait_request(&p.b, "drain-slurm").await;
+    let request = approval_requests(&p.b).pop().unwrap();
+    let bins = p.agent_bins.path().display().to_string();
+    // What the agent resolved on gpu-node-17 (not the runbook's `scontrol`),
+    // where it runs, and that sudo allows it.
+    assert!(
+        request.contains(&format!(
+            "{bins}/sudo -n {bins}/scontrol update nodename=gpu-node-17 state=drain\n# runs on node gpu-node-17\n# sudo -n -l: allowed"
+        )),
+        "{request}"
+    );
+    // The plan ran only sudo's check; approving signs and runs that argv.
+    let run = waiting_run(&p.b);
+    let (_, v) = p.b.slack_command(ADMIN2, &format!("approve {run}")).await;
+    assert!(text(&v).contains("approved step `drain-slurm`"), "{v}");
+    wait_reply(&p.b, "the summary", "🏁").await;
+    let calls: Vec<Vec<String>> = p.agent_runner.calls().into_iter().map(|c| c.argv).collect();
+    let planned: Vec<String> = [
+        format!("{bins}/sudo"),
+        "-n".into(),
+        format!("{bins}/scontrol"),
+        "update".into(),
+        "nodename=gpu-node-17".into(),
+        "state=drain".into(),
+    ]
+    .into();
+    assert_eq!(calls.last(), Some(&planned), "{calls:?}");
+    assert!(p.bot_runner.calls().is_empty(), "the cordon never ran");
+    let _ = p.bot_bins;
+    p.b.stop();
+}
+
+#[tokio::test]
+async fn step_whose_binary_is_missing_is_skipped_before_any_approval_request() {
+    // The node has sudo but no Slurm; the bot has kubectl.
+    let p = plan_bot(&["sudo"], &["kubectl"]).await;
+    wait_request(&p.b, "cordon-kubernetes").await;
+    let all = p.b.slack.replies().join("\n");
+    assert!(
+        all.contains(&format!(
+            "⏭ step `drain-slurm` skipped before approval: scontrol not found on gpu-node-17's PATH ({})",
+            p.agent_bins.path().display()
+        )),
+        "{all}"
+    );
+    // No Approve button was ever posted for the drain; the next
+    // alternative was planned (on the bot) and is the one asked for.
+    let requests = approval_requests(&p.b);
+    assert_eq!(requests.len(), 1, "{all}");
+    assert!(!requests[0].contains("drain-slurm"), "{all}");
+    assert!(
+        requests[0].contains(&format!(
+            "{}/kubectl cordon gpu-node-17\n# runs on the bot",
+            p.bot_bins.path().display()
+        )),
+        "{all}"
+    );
+    assert!(p.agent_runner.calls().is_empty(), "the node ran nothing");
+    // Stored with the run: unavailable, with the reason.
+    let run = waiting_run(&p.b);
+    let steps = p.b.state.store.run_steps(&run).await.unwrap();
+    assert_eq!(steps[0].step, "drain-slurm");
+    assert_eq!(steps[0].status, "unavailable");
+    assert!(steps[0].output.contains("scontrol not found"), "{steps:?}");
+    let _ = p.group;
+    p.b.stop();
+}
+
+#[tokio::test]
+async fn alternative_on_the_bot_is_not_run_under_another_members_approval() {
+    let p = plan_bot(&["sudo", "scontrol"], &["kubectl"]).await;
+    wait_request(&p.b, "drain-slurm").await;
+    let run = waiting_run(&p.b);
+    // Slurm goes away between the plan and the approval: the agent finds
+    // the drain cannot run.
+    std::fs::remove_file(p.agent_bins.path().join("scontrol")).unwrap();
+    let (_, v) = p.b.slack_command(ADMIN2, &format!("approve {run}")).await;
+    assert!(text(&v).contains("approved step `drain-slurm`"), "{v}");
+    // The cordon is asked for on its own; it did not ride on the drain's
+    // approval, and nothing ran on the bot.
+    wait_request(&p.b, "cordon-kubernetes").await;
+    assert!(
+        p.bot_runner.calls().is_empty(),
+        "{:?}",
+        p.bot_runner.calls()
+    );
+    let all = p.b.slack.replies().join("\n");
+    assert!(
+        all.contains("drain-slurm") && all.contains("scontrol not found on gpu-node-17's PATH"),
+        "{all}"
+    );
+    assert_eq!(approval_requests(&p.b).len(), 2, "{all}");
+    let (_, v) = p.b.slack_command(ADMIN2, &format!("deny {run}")).await;
+    assert!(text(&v).contains("denied step `cordon-kubernetes`"), "{v}");
+    wait_reply(&p.b, "the summary", "🏁").await;
+    assert!(
+        p.bot_runner.calls().is_empty(),
+        "{:?}",
+        p.bot_runner.calls()
+    );
+    p.b.stop();
 }

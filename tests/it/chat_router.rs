@@ -12,7 +12,7 @@ use axum::http::Request;
 use chat_support::*;
 use gpuops::chat::approvals;
 use gpuops::runbook::engine::{Executor, NodeSteps};
-use gpuops::runbook::exec::RecordingRunner;
+use gpuops::runbook::exec::{CommandOutput, CommandRunner, CommandSpec, RecordingRunner, RunError};
 use gpuops::signing::Clock as _;
 
 const RUNBOOK: &str = r#"
@@ -64,6 +64,60 @@ steps:
     run: ["echo", "page the on-call"]
 "#;
 
+/// Runs through `inner` with the resolved binaries named by name again
+/// (`/usr/bin/echo` is recorded as `echo`): these tests are about the flow,
+/// `chat_flow` and `agent_exec` about the resolution.
+struct ByName(Arc<RecordingRunner>);
+
+impl CommandRunner for ByName {
+    fn run<'a>(
+        &'a self,
+        cmd: &'a CommandSpec,
+    ) -> futures_util::future::BoxFuture<'a, Result<CommandOutput, RunError>> {
+        let base = |a: &str| a.rsplit('/').next().unwrap_or(a).to_string();
+        let mut cmd = cmd.clone();
+        if let Some(first) = cmd.argv.first().cloned() {
+            cmd.argv[0] = base(&first);
+            if let Some(i) = gpuops::runbook::exec::resolve::is_sudo(&first)
+                .then(|| gpuops::runbook::exec::resolve::sudo_command_index(&cmd.argv))
+                .flatten()
+            {
+                cmd.argv[i] = base(&cmd.argv[i]);
+            }
+        }
+        Box::pin(async move { self.0.run(&cmd).await })
+    }
+}
+
+/// The local executor of these tests: fake Slurm, Kubernetes and NVIDIA
+/// binaries searched first (this machine has none), commands recorded.
+fn local_exec(runner: &Arc<RecordingRunner>) -> Executor {
+    use std::os::unix::fs::PermissionsExt as _;
+    static BINS: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let bins = BINS.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        for n in [
+            "nvidia-smi",
+            "kubectl",
+            "scontrol",
+            "sudo",
+            "fuser",
+            "dcgmi",
+            "nvidia-bug-report.sh",
+        ] {
+            let p = d.path().join(n);
+            std::fs::write(&p, "#!/bin/sh\nexit 0\n").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        d
+    });
+    Executor::new(Arc::new(ByName(runner.clone())), NodeSteps::Local, None).with_search_path(
+        gpuops::runbook::exec::resolve::SearchPath::first_then_default(&[bins
+            .path()
+            .to_path_buf()]),
+    )
+}
+
 async fn bot() -> (Bot, Arc<RecordingRunner>) {
     let dir = tempfile::tempdir().unwrap();
     bot_in(dir).await
@@ -74,7 +128,7 @@ async fn bot_in(dir: tempfile::TempDir) -> (Bot, Arc<RecordingRunner>) {
     std::fs::create_dir_all(&rb).unwrap();
     std::fs::write(rb.join("test-gpu.yaml"), RUNBOOK).unwrap();
     let runner = Arc::new(RecordingRunner::new());
-    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let exec = Arc::new(local_exec(&runner));
     let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
     (Bot::start_in(dir, &extra, Some(exec)).await, runner)
 }
@@ -617,7 +671,7 @@ async fn discord_commands_defer_and_follow_up_and_buttons_answer_inline() {
     std::fs::create_dir_all(&rb).unwrap();
     std::fs::write(rb.join("test-gpu.yaml"), RUNBOOK).unwrap();
     let runner = Arc::new(RecordingRunner::new());
-    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let exec = Arc::new(local_exec(&runner));
     let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
     let b = Bot::start_full(dir, &extra, Some(exec), Some(&capture.url)).await;
     let g = b.alert(webhook("TestGpuDown", "node1:9949", &[])).await;
@@ -733,7 +787,7 @@ async fn a_long_run_without_an_alert_stays_within_slacks_response_url_budget() {
 async fn shipped_gpu_reset_runbook_from_its_alert_investigates_then_waits_and_deny_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let runner = Arc::new(RecordingRunner::new());
-    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let exec = Arc::new(local_exec(&runner));
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks");
     let extra = format!("[runbooks]\ndir = \"{}\"\n", shipped.display());
     let b = Bot::start_in(dir, &extra, Some(exec)).await;
@@ -914,7 +968,7 @@ fn approve_buttons(b: &Bot) -> Vec<String> {
 async fn stale_approve_button_after_deny_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let runner = Arc::new(RecordingRunner::new());
-    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let exec = Arc::new(local_exec(&runner));
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks");
     let extra = format!("[runbooks]\ndir = \"{}\"\n", shipped.display());
     let b = Bot::start_in(dir, &extra, Some(exec)).await;
@@ -1186,7 +1240,7 @@ async fn one_person_with_slack_and_discord_cannot_approve_own_request() {
     std::fs::create_dir_all(&rb).unwrap();
     std::fs::write(rb.join("test-gpu.yaml"), RUNBOOK).unwrap();
     let runner = Arc::new(RecordingRunner::new());
-    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let exec = Arc::new(local_exec(&runner));
     let extra = format!(
         "[runbooks]\ndir = \"{}\"\n[[rbac.people]]\nname = \"alice\"\naccounts = [\"slack:{OPERATOR}\", \"discord:{ALICE_DISCORD}\"]\n",
         rb.display()
@@ -1585,15 +1639,18 @@ async fn packaged_bot_toml_lets_an_rbac_operator_run_gpu_fell_off_bus_from_chat(
     assert_eq!(s, 200);
     let started = replies.wait_for(10, "started run").await;
     assert!(!started.contains('⛔'), "{started}");
-    // The first node step goes, signed, to the agent of the shipped job.
+    // The first node step goes, signed, to the agent of the shipped job
+    // (first for its plan: this stand-in agent answers no plan, so the step
+    // is never run unplanned).
     let exec = agent.wait_for(20, "kernel-log").await;
     assert!(exec.contains("gpu-fell-off-bus"), "{exec}");
     assert!(exec.contains("gpu-node-1"), "{exec}");
     let reqs = agent.requests.lock().unwrap().clone();
     assert!(
-        reqs.iter().any(|r| r.0 == "POST" && r.1 == "/v1/exec"),
+        reqs.iter().any(|r| r.0 == "POST" && r.1 == "/v1/plan"),
         "{reqs:?}"
     );
+    assert!(!reqs.iter().any(|r| r.1 == "/v1/exec"), "{reqs:?}");
     let all = b.slack.replies().join("\n");
     assert!(!all.contains("not a known agent"), "{all}");
     b.stop();

@@ -295,8 +295,19 @@ async fn requests_captured_from_a_real_run_replay_nowhere() {
     })
     .await;
 
-    let captured = f.a_captured.lock().unwrap().clone();
+    let all = f.a_captured.lock().unwrap().clone();
+    // Each step was planned first (signed for planning only).
+    let (plans, captured): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|c| String::from_utf8_lossy(&c.2).contains("\"purpose\":\"plan\""));
+    assert_eq!(plans.len(), 2, "a plan per step");
     assert_eq!(captured.len(), 2, "investigate + approved mitigation");
+    for (sig, kid, body) in plans {
+        // A captured plan request never runs anything.
+        let (s, t) = post_exec(&f.a_direct, &sig, &kid, body).await;
+        assert_eq!(s, 403, "plan replayed to exec: {t}");
+        assert!(t.contains("signed for plan"), "{t}");
+    }
     let approved: serde_json::Value = serde_json::from_slice(&captured[1].2).unwrap();
     assert_eq!(approved["node"], "node-a");
     assert_eq!(approved["approval"]["run"], run.as_str());

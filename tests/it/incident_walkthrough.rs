@@ -36,9 +36,19 @@ struct NodeRunner {
 
 impl CommandRunner for NodeRunner {
     fn run<'a>(&'a self, cmd: &'a CommandSpec) -> BoxFuture<'a, Result<CommandOutput, RunError>> {
+        let is = |a: &str, name: &str| a == name || a.ends_with(&format!("/{name}"));
+        if is(&cmd.argv[0], "sudo") && cmd.argv.iter().any(|a| a == "-l") {
+            // The plan's `sudo -n -l` check: allowed, and not a step.
+            return Box::pin(async move {
+                Ok(CommandOutput {
+                    exit_code: Some(0),
+                    ..CommandOutput::default()
+                })
+            });
+        }
         self.calls.lock().unwrap().push(cmd.argv.clone());
-        let drain =
-            cmd.argv.iter().any(|a| a == "scontrol") && cmd.argv.iter().any(|a| a == "state=drain");
+        let drain = cmd.argv.iter().any(|a| is(a, "scontrol"))
+            && cmd.argv.iter().any(|a| a == "state=drain");
         let out = if drain {
             CommandOutput {
                 exit_code: Some(1),
@@ -65,9 +75,22 @@ struct Walk {
 
 /// The shipped runbooks, with the Slurm drain available here.
 fn runbooks(dir: &Path) -> std::path::PathBuf {
-    let scontrol = dir.join("bin/scontrol");
-    std::fs::create_dir_all(scontrol.parent().unwrap()).unwrap();
-    std::fs::write(&scontrol, "").unwrap();
+    // The node's binaries (found by name on the agent's search path).
+    use std::os::unix::fs::PermissionsExt as _;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for name in [
+        "scontrol",
+        "sudo",
+        "nvidia-smi",
+        "dcgmi",
+        "fuser",
+        "nvidia-bug-report.sh",
+    ] {
+        std::fs::write(bin.join(name), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(bin.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let scontrol = bin.join("scontrol");
     let out = dir.join("runbooks");
     std::fs::create_dir_all(&out).unwrap();
     for e in std::fs::read_dir("runbooks").unwrap() {
@@ -98,6 +121,9 @@ async fn walk(alertname: &str, labels: &[(&str, &str)]) -> Walk {
         rb.clone(),
         64 * 1024,
         runner.clone(),
+    )
+    .with_search_path(
+        gpuops::runbook::exec::resolve::SearchPath::first_then_default(&[dir.path().join("bin")]),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent = listener.local_addr().unwrap().to_string();

@@ -63,6 +63,11 @@ fn run(args: &[&str]) -> (bool, String, String) {
         .unwrap()
         .replace_all(&stdout, "T")
         .into_owned();
+    // The resolved program's directory (`/usr/bin` or `/bin`, by machine).
+    let masked = regex::Regex::new(r"\$ (/usr)?/bin/")
+        .unwrap()
+        .replace_all(&masked, "$$ BIN/")
+        .into_owned();
     (
         out.status.success(),
         masked,
@@ -78,21 +83,21 @@ fn failed_drain_skips_the_reset_and_escalation_still_runs() {
         runbook cli-flow: CLI flow
           node=n1
         [1/5] investigate look (bot command, 30s)
-            $ echo 'looking at n1'
+            $ BIN/echo 'looking at n1'
             | looking at n1
             -> ok (exit 0, T)
         [2/5] mitigate drain-slurm (node command, 30s)
             $ echo 'slurm drain'
-            | not run: /nonexistent/gpuops-test/scontrol does not exist here
-            -> unavailable (exit -, T)
+            not run: only_if_exists path /nonexistent/gpuops-test/scontrol missing on this host
+            -> unavailable
         [3/5] mitigate cordon (node command, 30s)
-            $ false
+            $ BIN/false
             -> failed (exit 1, T)
         [4/5] mitigate reset (node command, 30s, needs approval)
             $ echo reset
             skipped: drain did not succeed (cordon failed)
         [5/5] escalate page (bot command, 30s)
-            $ echo 'page about n1'
+            $ BIN/echo 'page about n1'
             | page about n1
             -> ok (exit 0, T)
         state: n1 is NOT cordoned: the cordon failed
@@ -112,7 +117,7 @@ fn step_runs_only_the_named_steps_and_their_unmet_dependencies_skip() {
             $ echo reset
             skipped: drain did not run in this run
         [5/5] escalate page (bot command, 30s)
-            $ echo 'page about n1'
+            $ BIN/echo 'page about n1'
             | page about n1
             -> ok (exit 0, T)
         state: n1 was not changed; it is still serving jobs
@@ -180,4 +185,54 @@ steps:
     let (ok, stdout, stderr) = run(&["instance=localhost:9949"]);
     assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains(&format!("nodename={host}")), "{stdout}");
+}
+
+/// Issue 22, observation 4, on the node: `gpuops runbook run` shows the
+/// resolved argv before it asks, and a step whose binary is missing is
+/// reported and marked unavailable without asking (the next alternative
+/// runs).
+#[test]
+fn runbook_run_shows_the_resolved_argv_and_skips_a_missing_binary_without_asking() {
+    const MISSING: &str = r#"
+id: cli-missing
+title: CLI missing binary
+steps:
+  - name: drain-slurm
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    alternative: drain
+    run: ["gpuops-no-such-scontrol", "update"]
+  - name: drain-other
+    phase: mitigate
+    kind: command
+    target: node
+    alternative: drain
+    run: ["true"]
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cli-missing.yaml"), MISSING).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuops"))
+        .args(["runbook", "run", "cli-missing", "--dir"])
+        .arg(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("    not run: gpuops-no-such-scontrol not found on this host's PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/slurm/bin)\n    -> unavailable"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("needs approval; not a terminal"),
+        "{stdout}"
+    );
+    assert!(
+        regex::Regex::new(r"\$ (/usr)?/bin/true\n")
+            .unwrap()
+            .is_match(&stdout),
+        "{stdout}"
+    );
 }

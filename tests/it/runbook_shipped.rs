@@ -915,3 +915,43 @@ fn storage_lsof_ands_its_conditions() {
         mount.path().display()
     );
 }
+
+/// Issue 22, observation 4: `only_if_exists: /usr/bin/scontrol` said "no
+/// Slurm" on a node whose scontrol is `/opt/slurm/bin/scontrol`. Runbooks
+/// name binaries by name (the plan resolves them on the node's PATH); no
+/// shipped runbook names one by absolute path in `run:` (its program, or
+/// the command after sudo) or in `only_if_exists`.
+#[test]
+fn no_shipped_runbook_names_a_binary_by_absolute_path() {
+    use gpuops::runbook::exec::resolve::{is_sudo, sudo_command_index};
+    use gpuops::runbook::Action;
+    let set = shipped();
+    let mut bad = Vec::new();
+    for rb in &set.runbooks {
+        for s in &rb.steps {
+            if let Action::Command { argv } = &s.action {
+                let argv: Vec<String> = argv.iter().map(|t| t.source()).collect();
+                let mut programs = vec![argv[0].clone()];
+                if is_sudo(&argv[0]) {
+                    if let Some(i) = sudo_command_index(&argv) {
+                        programs.push(argv[i].clone());
+                    }
+                }
+                for p in programs.iter().filter(|p| p.contains('/')) {
+                    bad.push(format!("{} {}: run: {p}", rb.id, s.name));
+                }
+            }
+            if let Some(p) = &s.flow.only_if_exists {
+                let dirs = gpuops::runbook::exec::resolve::DEFAULT_SEARCH_PATH;
+                if dirs.split(':').any(|d| p.starts_with(&format!("{d}/"))) {
+                    bad.push(format!("{} {}: only_if_exists: {p}", rb.id, s.name));
+                }
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "binaries named by path:\n{}",
+        bad.join("\n")
+    );
+}

@@ -669,6 +669,11 @@ async fn remap_check_fails_when_prometheus_finds_the_failure_flag() {
             std::sync::Arc::new(gpuops::runbook::exec::ProcessRunner),
             NodeSteps::Local,
             Some(format!("http://{addr}")),
+        )
+        .with_search_path(
+            gpuops::runbook::exec::resolve::SearchPath::first_then_default(&[
+                crate::support::fake_node_bins().to_path_buf(),
+            ]),
         );
         let out = exec.execute(&plan, check).await;
         assert_eq!(out.status, want, "{}", out.output);
@@ -718,7 +723,11 @@ async fn walk_with_prometheus(answers: &[(&str, Vec<crate::report_support::Serie
     )
     .await;
     let runner = std::sync::Arc::new(gpuops::runbook::exec::RecordingRunner::new());
-    let exec = Executor::new(runner.clone(), NodeSteps::Local, Some(url));
+    let exec = Executor::new(runner.clone(), NodeSteps::Local, Some(url)).with_search_path(
+        gpuops::runbook::exec::resolve::SearchPath::first_then_default(&[
+            crate::support::fake_node_bins().to_path_buf(),
+        ]),
+    );
     let mut done: Vec<(String, engine::StepStatus)> = Vec::new();
     let mut approved: Vec<String> = Vec::new();
     let mut trace = Vec::new();
@@ -750,7 +759,32 @@ async fn walk_with_prometheus(answers: &[(&str, Vec<crate::report_support::Serie
     }
     RemapWalk {
         trace,
-        commands: runner.calls().iter().map(|c| c.argv.join(" ")).collect(),
+        commands: runner
+            .calls()
+            .iter()
+            .map(|c| {
+                // Programs by name, as the runbook writes them (they were
+                // resolved on the search path).
+                let bins = crate::support::fake_node_bins();
+                c.argv
+                    .iter()
+                    .map(|a| {
+                        let p = std::path::Path::new(a);
+                        let in_bin_dir = p.parent().is_some_and(|d| {
+                            d == bins
+                                || ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+                                    .iter()
+                                    .any(|b| d == std::path::Path::new(b))
+                        });
+                        match p.file_name() {
+                            Some(n) if in_bin_dir => n.to_string_lossy().into_owned(),
+                            _ => a.clone(),
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect(),
         state: node_state(&plan, &done),
     }
 }

@@ -12,8 +12,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::exec_auth::ExecSigner;
 use crate::runbook::engine::*;
+use crate::runbook::exec::resolve::{resolve_argv, SearchPath};
 use crate::runbook::exec::{CommandOutput, CommandRunner, CommandSpec, RunError};
 use crate::runbook::*;
+
+mod step_plan;
+mod text;
+
+pub use step_plan::*;
+pub use text::format_promql_response;
+use text::{cap_text, read_text_capped};
 
 /// What one step came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,13 +35,19 @@ pub struct StepOutcome {
     pub truncated: bool,
 }
 
-/// Runs one planned step.
+/// Plans and runs one planned step.
 pub trait StepExecutor: Send + Sync {
     fn execute<'a>(
         &'a self,
         plan: &'a RunPlan,
         step: &'a PlannedStep,
     ) -> BoxFuture<'a, StepOutcome>;
+
+    /// What `step` would run and whether it can, run nothing ([`StepPlan`]).
+    /// The default (test executors) is the rendered argv, available.
+    fn plan<'a>(&'a self, _plan: &'a RunPlan, step: &'a PlannedStep) -> BoxFuture<'a, StepPlan> {
+        Box::pin(async move { StepPlan::assumed(&step.rendered) })
+    }
 }
 
 /// Where `target: node` command steps go.
@@ -58,6 +72,9 @@ pub struct Executor {
     /// every request naming a node (HTTP steps, bot-side probes such as
     /// `ping {{host}}`) must name one of its nodes; `None` there refuses them.
     directory: Option<Arc<dyn AgentDirectory>>,
+    /// Where bot-side (and, for `gpuops runbook run`, local) commands'
+    /// binaries are found.
+    pub search_path: SearchPath,
 }
 
 /// Signs and sends node steps to the agents a directory knows.
@@ -121,8 +138,9 @@ pub struct ExecResponse {
     /// Set when the command could not be started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Set when the step's `only_if_exists` path is missing on the node: the
-    /// command was not run.
+    /// Set when the step was not run: its `only_if_exists` path (starting
+    /// with `/`) is missing on the node, or the reason its binary cannot
+    /// run there (`scontrol not found on gpu-node-17's PATH (…)`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unavailable: Option<String>,
 }
@@ -133,6 +151,17 @@ impl StepOutcome {
             status: StepStatus::Skipped,
             exit_code: None,
             output: why.into(),
+            duration: Duration::ZERO,
+            truncated: false,
+        }
+    }
+
+    /// Not run: the plan says it cannot run (`reason`).
+    pub fn unavailable_because(reason: &str) -> StepOutcome {
+        StepOutcome {
+            status: StepStatus::Unavailable,
+            exit_code: None,
+            output: format!("not run: {reason}"),
             duration: Duration::ZERO,
             truncated: false,
         }
@@ -209,6 +238,21 @@ impl Executor {
             output_cap: DEFAULT_OUTPUT_CAP,
             http: http_client(),
             directory,
+            search_path: SearchPath::default(),
+        }
+    }
+
+    /// With the directories binaries are resolved on (`[exec] path`).
+    pub fn with_search_path(mut self, path: SearchPath) -> Executor {
+        self.search_path = path;
+        self
+    }
+
+    /// The name reasons give the machine a local step runs on.
+    fn here_name(&self, step: &Step) -> &'static str {
+        match (step.target, &self.node) {
+            (StepTarget::Node, NodeSteps::Local) => "this host",
+            _ => "the bot",
         }
     }
 
@@ -455,14 +499,14 @@ impl StepExecutor for Executor {
                 return StepOutcome::error(why, Duration::ZERO);
             }
             match (&step.rendered, step.step.target) {
-                (Rendered::Command { argv }, StepTarget::Bot) => {
-                    self.command(&step.step, argv).await
-                }
                 (Rendered::Command { argv }, StepTarget::Node) => match &self.node {
-                    NodeSteps::Local => self.command(&step.step, argv).await,
+                    NodeSteps::Local => self.command_here(step, argv).await,
                     NodeSteps::Agent(agent) => agent.execute(plan, step).await,
                     NodeSteps::Unavailable(why) => StepOutcome::error(why.clone(), Duration::ZERO),
                 },
+                (Rendered::Command { argv }, StepTarget::Bot) => {
+                    self.command_here(step, argv).await
+                }
                 (Rendered::Http { method, url, body }, _) => {
                     self.http_step(&step.step, *method, url, body.as_deref())
                         .await
@@ -470,6 +514,57 @@ impl StepExecutor for Executor {
                 (Rendered::Promql { query }, _) => self.promql(&step.step, query).await,
             }
         })
+    }
+
+    fn plan<'a>(&'a self, plan: &'a RunPlan, step: &'a PlannedStep) -> BoxFuture<'a, StepPlan> {
+        Box::pin(async move {
+            let Rendered::Command { argv } = &step.rendered else {
+                return StepPlan::assumed(&step.rendered);
+            };
+            if let Err(why) = self.node_request_allowed(plan, step).await {
+                return StepPlan::failed(why);
+            }
+            match (step.step.target, &self.node) {
+                (StepTarget::Node, NodeSteps::Agent(agent)) => agent.plan(plan, step).await,
+                (StepTarget::Node, NodeSteps::Unavailable(why)) => StepPlan::failed(why.clone()),
+                _ => {
+                    let path = self.search_path.clone();
+                    let where_ = self.here_name(&step.step);
+                    let ps = step.clone();
+                    // stat calls only, off the async threads, bounded.
+                    let task = tokio::task::spawn_blocking(move || plan_here(&ps, &path, where_));
+                    match tokio::time::timeout(LOCAL_PLAN_DEADLINE, task).await {
+                        Ok(Ok(p)) => p,
+                        _ => StepPlan::unavailable(
+                            argv,
+                            format!("its binaries could not be looked up on {where_} in time"),
+                        ),
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Deadline for resolving a local step's binaries.
+pub const LOCAL_PLAN_DEADLINE: Duration = Duration::from_secs(2);
+
+impl Executor {
+    /// Runs a bot-side (or, for `gpuops runbook run`, local) command: the
+    /// planned argv, or the rendered one resolved now.
+    async fn command_here(&self, step: &PlannedStep, argv: &[String]) -> StepOutcome {
+        let resolved = match &step.planned_argv {
+            Some(a) => a.clone(),
+            None => match resolve_argv(argv, &self.search_path) {
+                Ok(a) => a,
+                Err(e) => {
+                    return StepOutcome::unavailable_because(
+                        &e.reason_on(self.here_name(&step.step)),
+                    )
+                }
+            },
+        };
+        self.command(&step.step, &resolved).await
     }
 }
 
@@ -546,49 +641,36 @@ impl AgentClient {
         self.directory.clone()
     }
 
-    /// Sends one node step to the alert's agent, signed, with a deadline of
-    /// the step timeout plus [`AGENT_MARGIN`].
-    pub async fn execute(&self, plan: &RunPlan, step: &PlannedStep) -> StepOutcome {
-        let start = Instant::now();
+    /// The agent of the run's `instance`, checked against the run's `node`.
+    async fn target(&self, plan: &RunPlan) -> Result<AgentAddr, String> {
         let Some(instance) = plan.labels.get("instance") else {
-            return StepOutcome::error(
-                "the alert has no instance label to find its agent",
-                start.elapsed(),
-            );
+            return Err("the alert has no instance label to find its agent".into());
         };
-        let agent = match self.directory.agent(instance).await {
-            Ok(a) => a,
-            Err(e) => return StepOutcome::error(e, start.elapsed()),
-        };
+        let agent = self.directory.agent(instance).await?;
         if let Some(n) = plan.params.as_map().get("node") {
             if *n != agent.node {
-                return StepOutcome::error(
-                    format!(
-                        "the run names node {n:?} but the agent at {instance} is node {:?}: not sent",
-                        agent.node
-                    ),
-                    start.elapsed(),
-                );
+                return Err(format!(
+                    "the run names node {n:?} but the agent at {instance} is node {:?}: not sent",
+                    agent.node
+                ));
             }
         }
-        let Rendered::Command { argv } = &step.rendered else {
-            return StepOutcome::error("only command steps run on agents", start.elapsed());
-        };
-        let base = agent.url.trim_end_matches('/').to_string();
-        let req = ExecSigner::request(
-            &agent.node,
-            &plan.runbook.id,
-            &step.step.name,
-            plan.params.as_map().clone(),
-            argv,
-            step.approval.clone(),
-            signing::SystemClock.now_unix(),
-        );
-        let (body, headers) = self.signer.sign(&req);
+        Ok(agent)
+    }
+
+    /// Signs `req` and posts it to `base` + `path`; `Err` words a transport failure.
+    async fn send(
+        &self,
+        base: &str,
+        path: &str,
+        req: &crate::exec_auth::SignedExec,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, String> {
+        let (body, headers) = self.signer.sign(req);
         let mut builder = self
             .http
-            .post(format!("{base}/v1/exec"))
-            .timeout(step.step.timeout + AGENT_MARGIN)
+            .post(format!("{base}{path}"))
+            .timeout(timeout)
             .header(reqwest::header::CONTENT_TYPE, "application/json");
         for (k, v) in headers {
             builder = builder.header(k, v);
@@ -596,23 +678,66 @@ impl AgentClient {
         if let Some((user, password)) = &self.basic_auth {
             builder = builder.basic_auth(user, Some(password.expose()));
         }
-        let resp = match builder.body(body).send().await {
+        builder.body(body).send().await.map_err(|e| {
+            if e.is_timeout() {
+                format!("agent at {base} did not answer in time")
+            } else {
+                crate::telemetry::redact(&format!("cannot reach agent at {base}: {e}"))
+            }
+        })
+    }
+
+    /// Sends one node step to the alert's agent, signed, with a deadline of
+    /// the step timeout plus [`AGENT_MARGIN`]. The argv signed is the
+    /// step's planned one; a step not planned yet is planned first (one
+    /// more round trip), and one its plan says cannot run is not sent.
+    pub async fn execute(&self, plan: &RunPlan, step: &PlannedStep) -> StepOutcome {
+        let start = Instant::now();
+        let agent = match self.target(plan).await {
+            Ok(a) => a,
+            Err(e) => return StepOutcome::error(e, start.elapsed()),
+        };
+        if !matches!(step.rendered, Rendered::Command { .. }) {
+            return StepOutcome::error("only command steps run on agents", start.elapsed());
+        }
+        let argv = match &step.planned_argv {
+            Some(a) => a.clone(),
+            None => {
+                let p = self.plan(plan, step).await;
+                if p.failed {
+                    return StepOutcome::error(p.reason_text(), start.elapsed());
+                }
+                if !p.available {
+                    return StepOutcome::unavailable_because(p.reason_text());
+                }
+                p.argv
+            }
+        };
+        let base = agent.url.trim_end_matches('/').to_string();
+        let req = ExecSigner::request(
+            &agent.node,
+            &plan.runbook.id,
+            &step.step.name,
+            plan.params.as_map().clone(),
+            &argv,
+            step.approval.clone(),
+            signing::SystemClock.now_unix(),
+        );
+        let resp = match self
+            .send(&base, "/v1/exec", &req, step.step.timeout + AGENT_MARGIN)
+            .await
+        {
             Ok(r) => r,
-            Err(e) if e.is_timeout() => {
+            Err(e) if e.ends_with("did not answer in time") => {
                 return StepOutcome {
                     status: StepStatus::TimedOut,
                     exit_code: None,
-                    output: format!("agent at {base} did not answer in time"),
+                    output: e,
                     duration: start.elapsed(),
                     truncated: false,
                 }
             }
-            Err(e) => {
-                return StepOutcome::error(
-                    crate::telemetry::redact(&format!("cannot reach agent at {base}: {e}")),
-                    start.elapsed(),
-                )
-            }
+            Err(e) => return StepOutcome::error(e, start.elapsed()),
         };
         let status = resp.status();
         let (text, _) = read_text_capped(resp, 64 * 1024 * 1024).await;
@@ -620,17 +745,23 @@ impl AgentClient {
             let (text, _) = cap_text(text, 2048);
             return StepOutcome::error(
                 format!(
-                    "agent at {base} refused: HTTP {}: {}",
+                    "agent at {base} refused: HTTP {}: {} (the bot signed: {})",
                     status.as_u16(),
-                    text.trim()
+                    text.trim(),
+                    Rendered::Command { argv }.display()
                 ),
                 start.elapsed(),
             );
         }
         match serde_json::from_str::<ExecResponse>(&text) {
             Ok(r) => {
-                if let Some(path) = r.unavailable {
-                    return StepOutcome::unavailable(&path, &format!("on node {}", agent.node));
+                if let Some(what) = r.unavailable {
+                    // A path (its `only_if_exists`), or the node's reason.
+                    return if what.starts_with('/') {
+                        StepOutcome::unavailable(&what, &format!("on node {}", agent.node))
+                    } else {
+                        StepOutcome::unavailable_because(&what)
+                    };
                 }
                 if let Some(e) = r.error {
                     return StepOutcome::error(
@@ -707,104 +838,4 @@ fn http_client() -> reqwest::Client {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap_or_else(|_| reqwest::Client::new())
-}
-
-async fn read_text_capped(mut resp: reqwest::Response, cap: usize) -> (String, bool) {
-    let mut kept = Vec::new();
-    let mut cut = false;
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        let room = cap.saturating_sub(kept.len());
-        if chunk.len() > room {
-            cut = true;
-            kept.extend_from_slice(&chunk[..room]);
-            break;
-        }
-        kept.extend_from_slice(&chunk);
-    }
-    let mut s = String::from_utf8_lossy(&kept).into_owned();
-    if cut {
-        s.push_str(crate::runbook::exec::TRUNCATION_MARKER);
-    }
-    (s, cut)
-}
-
-fn cap_text(mut s: String, cap: usize) -> (String, bool) {
-    if s.len() <= cap {
-        return (s, false);
-    }
-    let mut end = cap;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.truncate(end);
-    s.push_str(crate::runbook::exec::TRUNCATION_MARKER);
-    (s, true)
-}
-
-/// Formats a Prometheus `/api/v1/query` answer as text, one series a line.
-pub fn format_promql_response(text: &str) -> (bool, String) {
-    let v: serde_json::Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(_) => return (false, format!("not a Prometheus answer: {}", text.trim())),
-    };
-    if v["status"] != "success" {
-        return (
-            false,
-            format!(
-                "query failed: {} {}",
-                v["errorType"].as_str().unwrap_or(""),
-                v["error"].as_str().unwrap_or("")
-            ),
-        );
-    }
-    let data = &v["data"];
-    let mut out = String::new();
-    let series_name = |m: &serde_json::Value| -> String {
-        let Some(obj) = m.as_object() else {
-            return "{}".into();
-        };
-        let name = obj.get("__name__").and_then(|n| n.as_str()).unwrap_or("");
-        let labels: Vec<String> = obj
-            .iter()
-            .filter(|(k, _)| k.as_str() != "__name__")
-            .map(|(k, v)| format!("{k}={:?}", v.as_str().unwrap_or("")))
-            .collect();
-        format!("{name}{{{}}}", labels.join(", "))
-    };
-    match data["resultType"].as_str() {
-        Some("vector") => {
-            let r = data["result"].as_array().cloned().unwrap_or_default();
-            if r.is_empty() {
-                out.push_str("(no series)\n");
-            }
-            for s in r {
-                let _ = writeln!(
-                    out,
-                    "{} {}",
-                    series_name(&s["metric"]),
-                    s["value"][1].as_str().unwrap_or("?")
-                );
-            }
-        }
-        Some("matrix") => {
-            for s in data["result"].as_array().cloned().unwrap_or_default() {
-                let n = s["values"].as_array().map(|a| a.len()).unwrap_or(0);
-                let last = s["values"]
-                    .as_array()
-                    .and_then(|a| a.last())
-                    .and_then(|p| p[1].as_str())
-                    .unwrap_or("?");
-                let _ = writeln!(
-                    out,
-                    "{} last={last} ({n} samples)",
-                    series_name(&s["metric"])
-                );
-            }
-        }
-        Some("scalar") | Some("string") => {
-            let _ = writeln!(out, "{}", data["result"][1].as_str().unwrap_or("?"));
-        }
-        _ => out.push_str("(unrecognised result)\n"),
-    }
-    (true, out)
 }

@@ -6,7 +6,7 @@ use crate::store::pg::{big, get, Pg};
 use crate::store::runs::{RunRecord, StepRecord};
 use crate::store::{Error, Result};
 
-const COLUMNS: &str = "id, runbook, only_steps, given, labels, group_id, requester, requester_name, requester_role, status, next_step, results, expires_at, decided_by";
+const COLUMNS: &str = "id, runbook, only_steps, given, labels, group_id, requester, requester_name, requester_role, status, next_step, results, expires_at, decided_by, planned";
 
 fn run_row(r: &tokio_postgres::Row) -> Result<RunRecord> {
     let only: Option<String> = get(r, 2)?;
@@ -29,6 +29,9 @@ fn run_row(r: &tokio_postgres::Row) -> Result<RunRecord> {
         results: serde_json::from_str(&results).unwrap_or_default(),
         expires_at: get(r, 12)?,
         decided_by: get(r, 13)?,
+        planned: get::<Option<String>>(r, 14)?
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default(),
     })
 }
 
@@ -95,7 +98,7 @@ impl Pg {
                 let mut out = Vec::new();
                 for r in &rows {
                     let run = run_row(r)?;
-                    let at: f64 = get(r, 14)?;
+                    let at: f64 = get(r, 15)?;
                     let steps = steps_of(&c, &run.id).await?;
                     out.push((run, at, steps));
                 }
@@ -248,6 +251,21 @@ impl Pg {
             "UPDATE chat_runs SET status='waiting', next_step=$2, results=$3, expires_at=$4, updated_at=$5
              WHERE id=$1",
             &[&id, &big(step), &results, &expires_at, &now],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn set_run_planned(
+        &self,
+        id: &str,
+        planned: &std::collections::BTreeMap<String, Vec<String>>,
+        now: f64,
+    ) -> Result<()> {
+        let planned = serde_json::to_string(planned).unwrap_or_default();
+        self.exec(
+            "UPDATE chat_runs SET planned=$2, updated_at=$3 WHERE id=$1",
+            &[&id, &planned, &now],
         )
         .await
         .map(|_| ())

@@ -137,6 +137,7 @@ async fn replay_keys_and_approvals_are_shared_by_replicas() {
         results: Vec::new(),
         expires_at: None,
         decided_by: None,
+        planned: Default::default(),
     };
     let id = a.insert_run(rec, now()).await.unwrap();
     a.run_waits_for_approval(&id, 1, &[], now() + 60.0, now())
@@ -236,6 +237,7 @@ async fn a_starting_replica_interrupts_only_runs_of_replicas_that_are_gone() {
         results: Vec::new(),
         expires_at: None,
         decided_by: None,
+        planned: Default::default(),
     };
     let id = a.insert_run(rec, now()).await.unwrap();
     // Replica a is alive: its listener connection holds the owner lock.

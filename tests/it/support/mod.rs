@@ -539,6 +539,41 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A directory of executable stand-ins (each `exit 0`) named `names`.
+pub fn fake_bins(names: &[&str]) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = tempfile::tempdir().unwrap();
+    for n in names {
+        let p = d.path().join(n);
+        std::fs::write(&p, "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    d
+}
+
+/// One shared directory of stand-ins for the binaries the shipped runbooks
+/// name (this machine has no Slurm, Kubernetes, NVIDIA driver or sudo), to
+/// put first on a runbook executor's search path: steps are then planned
+/// as they would be on a GPU node (the commands themselves go to a test runner).
+pub fn fake_node_bins() -> &'static Path {
+    static BINS: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    BINS.get_or_init(|| {
+        fake_bins(&[
+            "kubectl",
+            "nvidia-smi",
+            "sysctl",
+            "fuser",
+            "nvidia-bug-report.sh",
+            "scontrol",
+            "sudo",
+            "dcgmi",
+            "lspci",
+            "journalctl",
+        ])
+    })
+    .path()
+}
+
 /// A child process killed (and reaped) when dropped.
 pub struct Proc(pub std::process::Child);
 
