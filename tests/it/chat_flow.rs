@@ -189,9 +189,6 @@ fn base(program: &str) -> String {
     program.rsplit('/').next().unwrap_or(program).to_string()
 }
 
-/// Fake executables `names` in a new directory (the steps' binaries: this
-/// machine has no Slurm, Kubernetes or GPU).
-
 /// The flow tests' executor: steps run here through `runner`, with fake
 /// Slurm, Kubernetes, NVIDIA and sudo binaries first on the search path
 /// (this machine has none of them), PromQL steps asked of `prometheus`.
