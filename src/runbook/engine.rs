@@ -260,6 +260,26 @@ pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) 
             }
         }
     }
+    for r in &step.flow.requires_if_available {
+        let outcomes: Vec<StepStatus> = if plan.step(r).is_some() {
+            status_of(r).into_iter().collect()
+        } else {
+            done.iter()
+                .filter(|(n, _)| group_of(n).as_deref() == Some(r.as_str()))
+                .map(|(_, st)| *st)
+                .collect()
+        };
+        let passed = outcomes.iter().any(|st| *st == StepStatus::Succeeded)
+            || (!outcomes.is_empty() && outcomes.iter().all(|st| *st == StepStatus::Unavailable));
+        if !passed {
+            return NextAction::Skip(
+                match outcomes.iter().find(|st| **st != StepStatus::Unavailable) {
+                    Some(st) => format!("skipped: {r} {}", st.as_reason()),
+                    None => format!("skipped: {r} did not run in this run"),
+                },
+            );
+        }
+    }
     if step.phase == Phase::Mitigate && !step.flow.declared {
         let failed = done.iter().find(|(n, st)| {
             matches!(
@@ -531,6 +551,49 @@ steps:
             assert_eq!(next_action(&plan, 1, &done), NextAction::Run, "{st:?}");
             assert_eq!(next_action(&plan, 5, &done), NextAction::Run, "{st:?}");
         }
+    }
+
+    /// A failed DCGM diagnostic let the return to service go ahead (its
+    /// failure text said the node stays drained): `verify-dcgm?` holds the
+    /// resume back unless the diagnostic passed or dcgmi is not installed.
+    #[test]
+    fn failed_dcgm_diagnostic_holds_back_the_return_to_service() {
+        use StepStatus::*;
+        const RB: &str = r#"
+id: t
+title: T
+steps:
+- {name: verify-gpu, phase: mitigate, kind: command, target: node, run: [nvidia-smi], requires: []}
+- {name: verify-dcgm, phase: mitigate, kind: command, target: node, run: [dcgmi], requires: [verify-gpu]}
+- {name: resume, phase: mitigate, kind: command, target: node, run: [scontrol], requires: [verify-gpu, verify-dcgm?]}
+"#;
+        let rb = crate::runbook::parse_runbook(std::path::Path::new("t.yaml"), RB).unwrap();
+        assert_eq!(rb.steps[2].flow.requires_if_available, vec!["verify-dcgm"]);
+        let plan = plan(&rb, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        let resume = |dcgm: Option<StepStatus>| {
+            let mut done = vec![("verify-gpu".to_string(), Succeeded)];
+            done.extend(dcgm.map(|st| ("verify-dcgm".to_string(), st)));
+            next_action(&plan, 2, &done)
+        };
+        assert_eq!(resume(Some(Succeeded)), NextAction::Run);
+        assert_eq!(resume(Some(Unavailable)), NextAction::Run);
+        for st in [Failed, TimedOut, Error, Skipped, Denied, Expired] {
+            assert_eq!(
+                resume(Some(st)),
+                NextAction::Skip(format!("skipped: verify-dcgm {}", st.as_reason())),
+                "{st:?}"
+            );
+        }
+        assert_eq!(
+            resume(None),
+            NextAction::Skip("skipped: verify-dcgm did not run in this run".into())
+        );
+        // A `?` name is checked like any other: it must exist and come first.
+        let bad = RB.replace("verify-dcgm?]", "verify-dcmg?]");
+        let err = crate::runbook::parse_runbook(std::path::Path::new("t.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown step \"verify-dcmg\""), "{err}");
     }
 
     fn flow_check(done: &[(&str, StepStatus)], expect: expect_test::Expect) {

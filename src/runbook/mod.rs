@@ -152,6 +152,11 @@ pub struct Flow {
     /// succeeded in this run. `requires: []` declares that the step depends
     /// on no earlier step.
     pub requires: Vec<String>,
+    /// `requires: [verify-dcgm?]`: the named earlier step (or group)
+    /// succeeded or was not available where it would run (its binary is not
+    /// installed): a check that may be missing holds the step back only
+    /// when it ran and did not pass (failed, timed out, denied, skipped…).
+    pub requires_if_available: Vec<String>,
     /// `when` or `requires` was given: only they decide. A mitigation
     /// without either is held back by any earlier mitigation of the run
     /// that failed, timed out, was denied, expired or was skipped; a

@@ -955,3 +955,36 @@ fn no_shipped_runbook_names_a_binary_by_absolute_path() {
         bad.join("\n")
     );
 }
+
+/// A failed DCGM diagnostic let the node go back into service while its
+/// failure line said it stays drained: every step that returns a node to
+/// service in a runbook with a DCGM diagnostic requires it (`verify-dcgm?`:
+/// passed, or dcgmi is not installed on the node).
+#[test]
+fn dcgm_diagnostic_failure_keeps_the_node_out_of_service() {
+    let set = shipped();
+    let mut checked = 0;
+    for rb in &set.runbooks {
+        if rb.step("verify-dcgm").is_none() {
+            continue;
+        }
+        for s in rb
+            .steps
+            .iter()
+            .filter(|s| s.name.starts_with("resume") || s.name.starts_with("uncordon"))
+        {
+            assert!(
+                s.flow.requires.iter().any(|r| r == "verify-dcgm")
+                    || s.flow
+                        .requires_if_available
+                        .iter()
+                        .any(|r| r == "verify-dcgm"),
+                "{}: {} returns the node to service without the DCGM diagnostic",
+                rb.id,
+                s.name
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "only {checked} return-to-service steps found");
+}

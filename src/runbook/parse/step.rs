@@ -492,10 +492,16 @@ impl Walker {
                 for n in seq {
                     match n.as_str() {
                         Some(n) if is_step_name(n) => flow.requires.push(n.to_string()),
+                        Some(n) if n.strip_suffix('?').is_some_and(is_step_name) => flow
+                            .requires_if_available
+                            .push(n.trim_end_matches('?').to_string()),
                         _ => self.err(
                             loc,
                             "requires",
-                            format!("{} is not a step name", display_value(n)),
+                            format!(
+                                "{} is not a step name (or a step name and `?`: succeeded or not available there)",
+                                display_value(n)
+                            ),
                         ),
                     }
                 }
@@ -601,7 +607,7 @@ impl Walker {
                     "previous_succeeded on the first step: there is no step before it",
                 );
             }
-            for r in &s.flow.requires {
+            for r in s.flow.requires.iter().chain(&s.flow.requires_if_available) {
                 let at: Vec<usize> = match raw_pos(r) {
                     Some(j) => vec![j],
                     None => groups
