@@ -269,7 +269,7 @@ pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) 
                 .map(|(_, st)| *st)
                 .collect()
         };
-        let passed = outcomes.iter().any(|st| *st == StepStatus::Succeeded)
+        let passed = outcomes.contains(&StepStatus::Succeeded)
             || (!outcomes.is_empty() && outcomes.iter().all(|st| *st == StepStatus::Unavailable));
         if !passed {
             return NextAction::Skip(
