@@ -337,7 +337,7 @@ fn dry_run_shows_rendered_argv() {
         [11/21] investigate holders (node command, 30s, needs approval)
             sudo -n fuser -v /dev/nvidia5 /dev/nvidiactl
         [12/21] mitigate stop-nvml-monitors (node command, 1m, needs approval)
-            sudo -n systemctl stop 'nvidia-dcgm*' 'dcgm*'
+            sudo -n systemctl stop nvidia-persistenced 'nvidia-dcgm*' 'dcgm*'
         [13/21] mitigate gpu-reset (node command, 2m, needs approval)
             sudo -n nvidia-smi -r -i 5
         [14/21] mitigate verify-gpu (node command, 1m, needs approval)
@@ -345,7 +345,7 @@ fn dry_run_shows_rendered_argv() {
         [15/21] mitigate remap-not-failed (bot promql, 15s, needs approval)
             promql: gpu_remapped_rows{instance="gpu-node-07.dc1:9949",gpu="5",state="failure"} > 0 or absent(gpu_up{instance="gpu-node-07.dc1:9949",gpu="5"})
         [16/21] mitigate start-nvml-monitors (node command, 1m, needs approval)
-            sudo -n systemctl start 'nvidia-dcgm*' 'dcgm*'
+            sudo -n systemctl start nvidia-persistenced 'nvidia-dcgm*' 'dcgm*'
         [17/21] mitigate verify-dcgm (node command, 15m, needs approval)
             dcgmi diag -r 2
         [18/21] mitigate resume-slurm (node command, 30s, needs approval)
