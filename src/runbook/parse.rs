@@ -192,6 +192,8 @@ const STEP_KEYS: &[&str] = &[
     "state_on_success",
     "state_on_failure",
     "fail_if_any",
+    "node_state",
+    "node_state_on_failure",
 ];
 
 fn value_kind(v: &Value) -> &'static str {

@@ -28,6 +28,11 @@ pub const SQLITE: &[Migration] = &[
         "incidents",
         include_str!("../../migrations/sqlite/0003_incidents.sql"),
     ),
+    (
+        4,
+        "node_states",
+        include_str!("../../migrations/sqlite/0004_node_states.sql"),
+    ),
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -50,6 +55,11 @@ pub const POSTGRES: &[Migration] = &[
         4,
         "incidents",
         include_str!("../../migrations/postgres/0004_incidents.sql"),
+    ),
+    (
+        5,
+        "node_states",
+        include_str!("../../migrations/postgres/0005_node_states.sql"),
     ),
 ];
 

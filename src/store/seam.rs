@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::lifecycle::{Applied, NodeRecord, Transition, TransitionRecord};
 use crate::store::paging::{
     DigestDelivery, DigestGroup, EscalationCandidate, EscalationPlan, FiredStep,
 };
@@ -154,8 +155,17 @@ seam! {
         fn interrupt_running_runs(&self, now: f64) -> Result<Vec<(String, String, Option<i64>)>>;
         /// Waiting runs whose approval deadline passed.
         fn expired_runs(&self, now: f64) -> Result<Vec<RunRecord>>;
+        /// Applies a node's state transition if the stored state allows it,
+        /// decided in the database (PostgreSQL: the node's row locked).
+        fn node_transition(&self, t: Transition) -> Result<Applied>;
+        /// Every node whose state gpuops tracks, by name.
+        fn node_states(&self) -> Result<Vec<NodeRecord>>;
+        /// Node state transitions at or after `since`, oldest first.
+        fn node_transitions(&self, since: f64) -> Result<Vec<TransitionRecord>>;
     }
     blocking {
+        /// [`Store::node_states`] for the CLI (`gpuops nodes`).
+        fn node_states_blocking(&self) -> Result<Vec<NodeRecord>>;
         /// Appends an audit record (blocking; CLI and tests).
         fn audit_blocking(&self, who: &str, action: &str, params_json: &serde_json::Value, target: Option<&str>, outcome: &str) -> Result<i64>;
         /// A group with its delivery history (`gpuops audit --group`).
