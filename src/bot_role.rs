@@ -193,6 +193,7 @@ async fn metrics(State(state): State<Arc<BotState>>) -> Response {
     if let Ok(n) = state.store.pending().await {
         state.metrics.outbox_pending.set(n);
     }
+    crate::lifecycle::export(&state.store, &state.metrics).await;
     let mut families = telemetry::process_families();
     families.extend(state.http.gather());
     families.extend(state.metrics.gather());
