@@ -397,6 +397,26 @@ pub fn status(args: crate::cli::StatusArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `gpuops nodes`: the nodes out of service (read-only, like `status`).
+pub fn nodes(args: crate::cli::NodesArgs) -> anyhow::Result<ExitCode> {
+    let cfg = BotConfig::from_file(&args.config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let rows = rt.block_on(async {
+        let store = open_store_for_cli(&cfg).await?;
+        store
+            .node_states()
+            .await
+            .context("cannot read the node states (this is not an all-clear)")
+    })?;
+    let text = crate::lifecycle::nodes_text(&rows, crate::store::now());
+    use std::io::Write as _;
+    writeln!(std::io::stdout().lock(), "{text}").context("cannot write to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The bot's store for a CLI command (SQLite must exist already).
 async fn open_store_for_cli(cfg: &BotConfig) -> anyhow::Result<Store> {
     if cfg.store.url.is_some() {

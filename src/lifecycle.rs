@@ -137,6 +137,26 @@ pub async fn set_by_person(
         .await
 }
 
+/// The incident timeline's line for a change (None: nothing changed):
+/// the node's new state, and on a return the stretch's GPU-hours.
+pub fn change_line(a: &Applied) -> Option<String> {
+    let row = a.row.as_ref().filter(|_| a.changed)?;
+    let node = crate::escape::line(&row.node);
+    Some(match a.lost_gpu_seconds {
+        Some(lost) => format!(
+            "📍 {node} is back in service (was {}): {:.1} GPU-hours lost while out",
+            a.from.words(),
+            lost / 3600.0
+        ),
+        None => format!(
+            "📍 {node} is now {} (was {}): {}",
+            row.state.words(),
+            a.from.words(),
+            crate::escape::line(&row.reason)
+        ),
+    })
+}
+
 /// GPU-hours a node has been out of service in its current stretch.
 pub fn gpu_hours_lost(row: &NodeRecord, now: f64) -> f64 {
     row.out_since
@@ -196,12 +216,12 @@ pub fn nodes_text(rows: &[NodeRecord], now: f64) -> String {
     s
 }
 
+/// Nodes per state, and `(node, state, seconds out)` per node out of service.
+pub type Gauges = (Vec<(NodeState, i64)>, Vec<(String, NodeState, f64)>);
+
 /// The bot's gauges: nodes per state (every state, zero included), and
 /// each node out of service with the seconds of its current stretch.
-pub fn gauges(
-    rows: &[NodeRecord],
-    now: f64,
-) -> (Vec<(NodeState, i64)>, Vec<(String, NodeState, f64)>) {
+pub fn gauges(rows: &[NodeRecord], now: f64) -> Gauges {
     let mut per: BTreeMap<NodeState, i64> = NodeState::ALL.iter().map(|s| (*s, 0)).collect();
     let mut out = Vec::new();
     for r in rows {

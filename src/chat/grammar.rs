@@ -351,3 +351,56 @@ pub(super) fn is_step_argument(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
+
+#[cfg(test)]
+mod tests {
+    use expect_test::{expect, Expect};
+
+    use crate::chat::parse_command;
+
+    fn check(input: &str, expect: Expect) {
+        let got = match parse_command(input) {
+            Ok(c) => format!("{c:?}"),
+            Err(e) => format!("error: {}", e.lines().next().unwrap_or("")),
+        };
+        expect.assert_eq(&got);
+    }
+
+    #[test]
+    fn node_commands_parse() {
+        check("nodes", expect!["Nodes"]);
+        check("nodes all", expect!["error: usage: `nodes`"]);
+        check(
+            r#"node gpu-node-17 awaiting-repair "RMA 12345""#,
+            expect![[
+                r#"Node { node: "gpu-node-17", state: AwaitingRepair, reason: Some("RMA 12345") }"#
+            ]],
+        );
+        check(
+            "node gpu-node-17 return",
+            expect![[r#"Node { node: "gpu-node-17", state: InService, reason: None }"#]],
+        );
+        check(
+            "node gpu-node-17 quarantined drained by hand",
+            expect![[
+                r#"Node { node: "gpu-node-17", state: Quarantined, reason: Some("drained by hand") }"#
+            ]],
+        );
+        check(
+            "node gpu-node-17 broken",
+            expect![[
+                r#"error: usage: `node <node> awaiting-repair|quarantined|verifying|return ["reason"]`"#
+            ]],
+        );
+        check(
+            "node ../etc return",
+            expect![[r#"error: node: "../etc" is not a node name"#]],
+        );
+        check(
+            "node gpu-node-17",
+            expect![[
+                r#"error: usage: `node <node> awaiting-repair|quarantined|verifying|return ["reason"]`"#
+            ]],
+        );
+    }
+}

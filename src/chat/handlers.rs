@@ -627,7 +627,13 @@ pub(super) async fn node_after_step(
         at: chat.now() as f64,
     };
     let cfg = &chat.bot.config.lifecycle;
-    lifecycle::on_step(&chat.bot.store, cfg, plan, ps, out, ctx).await;
+    let applied = lifecycle::on_step(&chat.bot.store, cfg, plan, ps, out, ctx).await;
+    if let (Some(g), Some(line)) = (
+        row.group_id,
+        applied.as_ref().and_then(lifecycle::change_line),
+    ) {
+        approvals::post_thread(chat, g, line, None).await;
+    }
 }
 
 /// `/gpuops nodes`: the nodes not in service, most GPU-hours lost first.

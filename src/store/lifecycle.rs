@@ -258,11 +258,6 @@ impl Sqlite {
         self.read(all_nodes).await
     }
 
-    /// [`Sqlite::node_states`] for the CLI.
-    pub fn node_states_blocking(&self) -> Result<Vec<NodeRecord>> {
-        self.read_blocking(all_nodes)
-    }
-
     /// Transitions at or after `since`, oldest first.
     pub async fn node_transitions(&self, since: f64) -> Result<Vec<TransitionRecord>> {
         self.read(move |c| {

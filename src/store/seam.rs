@@ -164,8 +164,6 @@ seam! {
         fn node_transitions(&self, since: f64) -> Result<Vec<TransitionRecord>>;
     }
     blocking {
-        /// [`Store::node_states`] for the CLI (`gpuops nodes`).
-        fn node_states_blocking(&self) -> Result<Vec<NodeRecord>>;
         /// Appends an audit record (blocking; CLI and tests).
         fn audit_blocking(&self, who: &str, action: &str, params_json: &serde_json::Value, target: Option<&str>, outcome: &str) -> Result<i64>;
         /// A group with its delivery history (`gpuops audit --group`).

@@ -137,10 +137,6 @@ impl Pg {
         .await
     }
 
-    pub fn node_states_blocking(&self) -> Result<Vec<NodeRecord>> {
-        self.blocking(|pg| async move { pg.node_states().await })
-    }
-
     pub async fn node_transitions(&self, since: f64) -> Result<Vec<TransitionRecord>> {
         self.within(async {
             let c = self.client().await?;

@@ -1,0 +1,517 @@
+//! Nodes out of service, through the bot's router: a runbook's drain puts
+//! its node in `quarantined`, the reboot in `verifying`, the resume back in
+//! service with the GPU-hours the stretch cost; `/gpuops nodes` lists the
+//! nodes out, most GPU-hours lost first; `/gpuops node … awaiting-repair`
+//! and `… return` need an operator; the bot's `/metrics` exports them.
+//! Each case runs on SQLite and on PostgreSQL (`chat_on_both!`).
+
+use crate::chat_support;
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::Request;
+use chat_support::*;
+use futures_util::future::BoxFuture;
+use gpuops::lifecycle::{NodeState, Transition};
+use gpuops::runbook::engine::{Executor, NodeSteps};
+use gpuops::runbook::exec::{CommandOutput, CommandRunner, CommandSpec, RunError};
+use gpuops::signing::Clock as _;
+
+/// The shape of the shipped XID 79 runbook: drain, reboot, verify, resume.
+const RUNBOOK: &str = r#"
+id: life
+title: Lifecycle test
+params:
+  node:
+    pattern: '(?P<value>[A-Za-z0-9][A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9.-]+)?(?::[0-9]{1,5})?'
+    from_label: instance
+steps:
+  - name: drain-slurm
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    run: ["scontrol", "update", "nodename={{node}}", "state=drain"]
+    node_state: quarantined
+  - name: reboot
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    requires: [drain-slurm]
+    approval_group: reboot-path
+    run: ["systemctl", "reboot"]
+    node_state: verifying
+  - name: verify-dcgm
+    phase: mitigate
+    kind: command
+    target: node
+    requires: [reboot]
+    needs_approval: true
+    approval_group: reboot-path
+    run: ["dcgmi", "diag", "-r", "2"]
+    node_state_on_failure: awaiting_repair
+  - name: resume-slurm
+    phase: mitigate
+    kind: command
+    target: node
+    needs_approval: true
+    requires: [verify-dcgm]
+    run: ["scontrol", "update", "nodename={{node}}", "state=resume"]
+    node_state: in_service
+"#;
+
+/// Answers every command with exit 0 (programs in `failing`: exit 1).
+#[derive(Default)]
+struct Scripted {
+    calls: Mutex<Vec<Vec<String>>>,
+    failing: Mutex<Vec<String>>,
+}
+
+impl CommandRunner for Scripted {
+    fn run<'a>(&'a self, cmd: &'a CommandSpec) -> BoxFuture<'a, Result<CommandOutput, RunError>> {
+        self.calls.lock().unwrap().push(cmd.argv.clone());
+        let fail = self.failing.lock().unwrap().contains(&cmd.argv[0]);
+        let out = CommandOutput {
+            exit_code: Some(i32::from(fail)),
+            stdout: format!("ran: {}\n", cmd.argv.join(" ")),
+            ..CommandOutput::default()
+        };
+        Box::pin(async move { Ok(out) })
+    }
+}
+
+async fn bot() -> (Bot, Arc<Scripted>) {
+    let dir = tempfile::tempdir().unwrap();
+    let rb = dir.path().join("runbooks");
+    std::fs::create_dir_all(&rb).unwrap();
+    std::fs::write(rb.join("life.yaml"), RUNBOOK).unwrap();
+    let runner = Arc::new(Scripted::default());
+    let exec = Arc::new(Executor::new(runner.clone(), NodeSteps::Local, None));
+    let extra = format!(
+        "[runbooks]\ndir = \"{}\"\n\n[lifecycle]\ngpus_per_node = 8\n",
+        rb.display()
+    );
+    (Bot::start_in(dir, &extra, Some(exec)).await, runner)
+}
+
+fn text(v: &serde_json::Value) -> String {
+    v["text"].as_str().unwrap_or_default().to_string()
+}
+
+/// The XID 79 alert on gpu-node-17, GPU 3; its group id.
+async fn xid_alert(b: &Bot) -> i64 {
+    b.alert(webhook(
+        "GPUXIDFellOffBus",
+        "gpu-node-17:9949",
+        &[("xid", "79"), ("gpu", "3")],
+    ))
+    .await
+}
+
+async fn node(b: &Bot, name: &str) -> Option<gpuops::lifecycle::NodeRecord> {
+    b.state
+        .store
+        .node_states()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.node == name)
+}
+
+/// Waits until gpu-node-17 is in `state`.
+async fn wait_state(b: &Bot, state: NodeState) -> gpuops::lifecycle::NodeRecord {
+    for _ in 0..400 {
+        if let Some(r) = node(b, "gpu-node-17").await {
+            if r.state == state {
+                return r;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!(
+        "gpu-node-17 never became {state:?}: {:?}; replies: {:#?}",
+        node(b, "gpu-node-17").await,
+        b.slack.replies()
+    );
+}
+
+/// The run waiting for approval (the only run of these tests).
+async fn run_id(b: &Bot) -> String {
+    b.state.store.run_ids().await.unwrap().remove(0)
+}
+
+/// Waits until the run waits for approval of `step`.
+async fn wait_request(b: &Bot, step: &str) {
+    let n = format!(" {step} (");
+    b.wait_for(10, &format!("approval request for {step}"), move |b| {
+        b.slack
+            .replies()
+            .last()
+            .is_some_and(|r| r.contains("/gpuops approve r") && r.contains(&n))
+    })
+    .await;
+}
+
+async fn approve(b: &Bot, step: &str) {
+    wait_request(b, step).await;
+    let run = run_id(b).await;
+    let (_, v) = b.slack_command(ADMIN, &format!("approve {run}")).await;
+    assert!(text(&v).contains(&format!("approved step `{step}`")), "{v}");
+}
+
+async fn drain_success_quarantines_the_node() {
+    let (b, runner) = bot().await;
+    let g = xid_alert(&b).await;
+    assert!(node(&b, "gpu-node-17").await.is_none());
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run life:drain-slurm alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    approve(&b, "drain-slurm").await;
+    let r = wait_state(&b, NodeState::Quarantined).await;
+    let run = run_id(&b).await;
+    assert_eq!(r.since, b.clock.now_unix() as f64);
+    assert_eq!(r.out_since, Some(r.since));
+    assert_eq!(r.gpus, 8);
+    assert_eq!(r.step.as_deref(), Some("drain-slurm"));
+    assert_eq!(r.run.as_deref(), Some(run.as_str()));
+    assert_eq!(r.by.as_deref(), Some("slack:U0ADMIN"), "the approver acted");
+    assert_eq!(r.alert.as_deref(), Some("GPUXIDFellOffBus"));
+    assert_eq!(r.xid.as_deref(), Some("79"));
+    assert_eq!(r.group_id, Some(g));
+    assert!(
+        r.reason
+            .contains("drain-slurm succeeded (life): GPUXIDFellOffBus XID 79 on GPU 3"),
+        "{}",
+        r.reason
+    );
+    assert_eq!(
+        runner.calls.lock().unwrap()[0],
+        ["scontrol", "update", "nodename=gpu-node-17", "state=drain"]
+    );
+    b.stop();
+}
+
+async fn resume_success_returns_the_node_to_service_with_gpu_hours_lost() {
+    let (b, _runner) = bot().await;
+    let g = xid_alert(&b).await;
+    let start = b.clock.now_unix();
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run life alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    approve(&b, "drain-slurm").await;
+    wait_state(&b, NodeState::Quarantined).await;
+    // The reboot is approved 9 minutes later (within the approval's 10),
+    // the resume 9 minutes after that.
+    wait_request(&b, "reboot").await;
+    b.clock.set(start + 540);
+    approve(&b, "reboot").await;
+    let v = wait_state(&b, NodeState::Verifying).await;
+    assert_eq!(
+        (v.since, v.out_since),
+        ((start + 540) as f64, Some(start as f64))
+    );
+    wait_request(&b, "resume-slurm").await;
+    b.clock.set(start + 1080);
+    approve(&b, "resume-slurm").await;
+    let back = wait_state(&b, NodeState::InService).await;
+    assert_eq!(back.out_since, None);
+    let hist = b.state.store.node_transitions(0.0).await.unwrap();
+    let path: Vec<(NodeState, NodeState)> = hist.iter().map(|t| (t.from, t.to)).collect();
+    assert_eq!(
+        path,
+        [
+            (NodeState::InService, NodeState::Quarantined),
+            (NodeState::Quarantined, NodeState::Verifying),
+            (NodeState::Verifying, NodeState::InService),
+        ]
+    );
+    // 18 minutes × 8 GPUs, said in the incident's thread too.
+    assert_eq!(hist[2].lost_gpu_seconds, Some(1080.0 * 8.0));
+    b.wait_for(10, "the return in the thread", |b| {
+        b.slack.replies().iter().any(|r| {
+            r.contains(
+                "📍 gpu-node-17 is back in service (was verifying): 2.4 GPU-hours lost while out",
+            )
+        })
+    })
+    .await;
+    let all = b.slack.replies().join("\n");
+    assert!(
+        all.contains("📍 gpu-node-17 is now quarantined (was in service): drain-slurm succeeded"),
+        "{all}"
+    );
+    assert!(
+        all.contains("📍 gpu-node-17 is now verifying (was quarantined)"),
+        "{all}"
+    );
+    let (_, v) = b.slack_command(STRANGER, "nodes").await;
+    assert!(text(&v).contains("every tracked node is in service"), "{v}");
+    b.stop();
+}
+
+async fn verify_failure_leaves_the_node_awaiting_repair() {
+    let (b, runner) = bot().await;
+    runner.failing.lock().unwrap().push("dcgmi".into());
+    let g = xid_alert(&b).await;
+    b.slack_command(OPERATOR, &format!("run life alert={g}"))
+        .await;
+    approve(&b, "drain-slurm").await;
+    approve(&b, "reboot").await;
+    let r = wait_state(&b, NodeState::AwaitingRepair).await;
+    assert!(r.reason.contains("verify-dcgm failed"), "{}", r.reason);
+    b.stop();
+}
+
+/// Puts `name` out of service `hours` ago with `gpus` GPUs.
+async fn out(b: &Bot, name: &str, state: NodeState, hours: i64, gpus: i64, reason: &str) {
+    let a = b
+        .state
+        .store
+        .node_transition(Transition {
+            node: name.into(),
+            to: Some(state),
+            at: (b.clock.now_unix() - hours * 3600) as f64,
+            reason: reason.into(),
+            step: Some("drain-slurm".into()),
+            run: Some("r0a1b2c".into()),
+            by: Some("alice".into()),
+            gpus,
+            ..Transition::default()
+        })
+        .await
+        .unwrap();
+    assert!(a.changed);
+}
+
+async fn nodes_command_lists_out_of_service_nodes_sorted_by_gpu_hours_lost() {
+    let (b, _) = bot().await;
+    out(&b, "gpu-node-1", NodeState::Quarantined, 2, 4, "XID 79").await; // 8 GPU-h
+    out(
+        &b,
+        "gpu-node-2",
+        NodeState::AwaitingRepair,
+        3,
+        8,
+        "RMA <!channel>",
+    )
+    .await; // 24
+    out(&b, "gpu-node-3", NodeState::Verifying, 2, 8, "reboot").await; // 16
+    let (s, v) = b.slack_command(STRANGER, "nodes").await;
+    assert_eq!(s, 200);
+    let t = text(&v);
+    let lines: Vec<&str> = t.lines().collect();
+    assert_eq!(lines.len(), 4, "{t}");
+    assert!(
+        lines[0].starts_with("3 nodes out of service (20 GPUs, 48.0 GPU-hours lost so far)"),
+        "{t}"
+    );
+    for (line, name) in lines[1..]
+        .iter()
+        .zip(["gpu-node-2", "gpu-node-3", "gpu-node-1"])
+    {
+        assert!(line.contains(name), "{t}");
+    }
+    assert!(lines[1].contains("awaiting repair since"), "{t}");
+    assert!(
+        lines[1].contains("last: drain-slurm by alice (run r0a1b2c)"),
+        "{t}"
+    );
+    assert!(lines[1].ends_with("24.0 GPU-hours lost"), "{t}");
+    // Outside text is escaped for Slack: no mention reaches the channel.
+    assert!(lines[1].contains("RMA &lt;!channel&gt;"), "{t}");
+    b.stop();
+}
+
+async fn node_command_needs_operator_role() {
+    let (b, _) = bot().await;
+    out(&b, "gpu-node-17", NodeState::Quarantined, 5, 8, "XID 79").await;
+    let (_, v) = b
+        .slack_command(STRANGER, "node gpu-node-17 awaiting-repair \"RMA 12345\"")
+        .await;
+    assert!(
+        text(&v).contains("setting a node's state needs the operator or admin role"),
+        "{v}"
+    );
+    assert_eq!(
+        node(&b, "gpu-node-17").await.unwrap().state,
+        NodeState::Quarantined
+    );
+    let (_, v) = b
+        .slack_command(OPERATOR, "node gpu-node-17 awaiting-repair \"RMA 12345\"")
+        .await;
+    assert!(text(&v).contains("set gpu-node-17 awaiting repair"), "{v}");
+    let r = node(&b, "gpu-node-17").await.unwrap();
+    assert_eq!(r.state, NodeState::AwaitingRepair);
+    assert_eq!(r.reason, "RMA 12345");
+    assert_eq!(r.by.as_deref(), Some("slack:U0OPER"));
+    assert_eq!(r.out_since, Some((b.clock.now_unix() - 5 * 3600) as f64));
+    let (_, v) = b.slack_command(OPERATOR, "node gpu-node-17 return").await;
+    assert!(
+        text(&v).contains("after 40.0 GPU-hours out of service"),
+        "{v}"
+    );
+    let (_, v) = b.slack_command(OPERATOR, "node gpu-node-17 return").await;
+    assert!(text(&v).contains("already in service"), "{v}");
+    let (_, v) = b.slack_command(OPERATOR, "node gpu-node-9 return").await;
+    assert!(text(&v).contains("not out of service"), "{v}");
+    let audit: Vec<(String, String)> = b
+        .audit()
+        .await
+        .into_iter()
+        .filter(|a| a.action == "node")
+        .map(|a| (a.who, a.outcome))
+        .collect();
+    assert_eq!(
+        audit,
+        [
+            (
+                "slack:U0STRANGER".to_string(),
+                "denied: setting a node's state needs the operator or admin role".to_string()
+            ),
+            ("slack:U0OPER".into(), "ok".into()),
+            ("slack:U0OPER".into(), "ok".into()),
+            ("slack:U0OPER".into(), "unchanged".into()),
+            ("slack:U0OPER".into(), "refused: not tracked".into()),
+        ]
+    );
+    b.stop();
+}
+
+async fn metrics_export_nodes_per_state_and_each_node_out_of_service() {
+    let (b, _) = bot().await;
+    out(&b, "gpu-node-17", NodeState::Quarantined, 2, 8, "XID 79").await;
+    out(&b, "gpu-node-18", NodeState::AwaitingRepair, 1, 8, "RMA").await;
+    let (s, m) = b
+        .send(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(s, 200);
+    for line in [
+        "gpuops_nodes{state=\"quarantined\"} 1",
+        "gpuops_nodes{state=\"awaiting_repair\"} 1",
+        "gpuops_nodes{state=\"verifying\"} 0",
+        "gpuops_nodes{state=\"in_service\"} 0",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+    }
+    let secs = |node: &str, state: &str| -> f64 {
+        let p = format!("gpuops_node_out_of_service_seconds{{node=\"{node}\",state=\"{state}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&p))
+            .unwrap_or_else(|| panic!("{p} in\n{m}"))
+            .parse()
+            .unwrap()
+    };
+    // The gauge uses the wall clock; the test clock is the wall clock at start.
+    assert!((secs("gpu-node-17", "quarantined") - 7200.0).abs() < 120.0);
+    assert!((secs("gpu-node-18", "awaiting_repair") - 3600.0).abs() < 120.0);
+    // A returned node's series goes away.
+    b.slack_command(OPERATOR, "node gpu-node-18 return").await;
+    let (_, m) = b
+        .send(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await;
+    assert!(!m.contains("node=\"gpu-node-18\""), "{m}");
+    assert!(
+        m.lines()
+            .any(|l| l == "gpuops_nodes{state=\"in_service\"} 1"),
+        "{m}"
+    );
+    b.stop();
+}
+
+chat_on_both!(
+    drain_success_quarantines_the_node,
+    resume_success_returns_the_node_to_service_with_gpu_hours_lost,
+    verify_failure_leaves_the_node_awaiting_repair,
+    nodes_command_lists_out_of_service_nodes_sorted_by_gpu_hours_lost,
+    node_command_needs_operator_role,
+    metrics_export_nodes_per_state_and_each_node_out_of_service,
+);
+
+/// `gpuops nodes` reads the same store (SQLite only: the CLI opens the file).
+#[tokio::test]
+async fn cli_nodes_lists_the_nodes_out_of_service() {
+    let (b, _) = bot().await;
+    out(&b, "gpu-node-1", NodeState::Quarantined, 2, 4, "XID 79").await;
+    out(
+        &b,
+        "gpu-node-2",
+        NodeState::AwaitingRepair,
+        3,
+        8,
+        "RMA 12345",
+    )
+    .await;
+    let toml = b.dir.path().join("bot.toml");
+    std::fs::write(&toml, config_text(b.dir.path(), "")).unwrap();
+    // Inline secrets: 0600, or the configuration is refused.
+    std::fs::set_permissions(&toml, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let o = std::process::Command::new(crate::support::gpuops())
+        .args(["nodes", "--config"])
+        .arg(&toml)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines[0].starts_with("2 nodes out of service (12 GPUs, 32.0 GPU-hours"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].contains("gpu-node-2 · 8 GPUs · awaiting repair since"),
+        "{stdout}"
+    );
+    assert!(lines[1].contains("RMA 12345"), "{stdout}");
+    assert!(
+        lines[2].contains("gpu-node-1 · 4 GPUs · quarantined since"),
+        "{stdout}"
+    );
+    b.stop();
+}
+
+/// `[lifecycle]`: defaults, values, and every bad value reported at once.
+#[test]
+fn lifecycle_config_is_read_and_validated() {
+    use gpuops::config::BotConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bot.toml");
+    let d = BotConfig::from_str(&path, "").unwrap().lifecycle;
+    assert_eq!(d.gpus_per_node, 8);
+    assert_eq!(d.remind_after, std::time::Duration::from_secs(12 * 3600));
+    assert_eq!(d.repeat_window, std::time::Duration::from_secs(7 * 86_400));
+    assert_eq!(d.availability_objective, 0.98);
+    let c = BotConfig::from_str(
+        &path,
+        "[lifecycle]\ngpus_per_node = 4\nremind_after = \"6h\"\nrepeat_window = \"14d\"\navailability_objective = 0.995\n",
+    )
+    .unwrap()
+    .lifecycle;
+    assert_eq!(c.gpus_per_node, 4);
+    assert_eq!(c.remind_after, std::time::Duration::from_secs(6 * 3600));
+    assert_eq!(c.repeat_window, std::time::Duration::from_secs(14 * 86_400));
+    assert_eq!(c.availability_objective, 0.995);
+    let e = BotConfig::from_str(
+        &path,
+        "[lifecycle]\ngpus_per_node = 0\nremind_after = \"soon\"\navailability_objective = 98\nremind = 1\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for want in [
+        "gpus_per_node: must be between 1 and 1024",
+        "remind_after: \"soon\" is not a duration",
+        "availability_objective: must be a fraction between 0 and 1",
+        "remind",
+    ] {
+        assert!(e.contains(want), "{want} in {e}");
+    }
+}
