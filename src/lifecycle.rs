@@ -101,6 +101,7 @@ pub async fn on_step(
         by: Some(ctx.by.to_string()),
         gpus: i64::from(cfg.gpus_per_node),
         group_id: ctx.group,
+        repeat_window_secs: cfg.repeat_window.as_secs_f64(),
     };
     match store.node_transition(t).await {
         Ok(a) => Some(a),
@@ -132,6 +133,7 @@ pub async fn set_by_person(
             step: Some("chat".into()),
             by: Some(by.to_string()),
             gpus: i64::from(cfg.gpus_per_node),
+            repeat_window_secs: cfg.repeat_window.as_secs_f64(),
             ..Transition::default()
         })
         .await
@@ -149,12 +151,97 @@ pub fn change_line(a: &Applied) -> Option<String> {
             lost / 3600.0
         ),
         None => format!(
-            "📍 {node} is now {} (was {}): {}",
+            "📍 {node} is now {} (was {}): {}{}",
             row.state.words(),
             a.from.words(),
-            crate::escape::line(&row.reason)
+            crate::escape::line(&row.reason),
+            if row.repeat {
+                " 🔁 It failed again with the same fault soon after its return: replace the hardware rather than return it (`/gpuops node … awaiting-repair \"RMA …\"`)."
+            } else {
+                ""
+            }
         ),
     })
+}
+
+/// A reminder is repeated at most this often.
+pub const REMIND_EVERY: Duration = Duration::from_secs(86_400);
+
+/// How often the reminder task looks for nodes left out.
+pub const REMIND_POLL: Duration = Duration::from_secs(60);
+
+/// The reminder for a node left out of service.
+pub fn reminder_text(r: &NodeRecord, now: f64) -> String {
+    let node = crate::escape::line(&r.node);
+    format!(
+        "⏰ {node} has been {} for {} with nothing done since ({}; last: {} by {}); {:.1} GPU-hours lost so far.{} Return it (`/gpuops node {node} return`) or mark it awaiting repair (`/gpuops node {node} awaiting-repair \"RMA …\"`).",
+        r.state.words(),
+        ago(now - r.since),
+        crate::escape::line(&r.reason),
+        r.step.as_deref().map(crate::escape::line).unwrap_or_else(|| "?".into()),
+        r.by.as_deref().map(crate::escape::line).unwrap_or_else(|| "?".into()),
+        gpu_hours_lost(r, now),
+        if r.repeat { " 🔁 A repeat of the same fault: replace the hardware." } else { "" },
+    )
+}
+
+/// Claims and enqueues every reminder due at `now`: a node quarantined or
+/// verifying for `remind_after` with no change since, at most once per
+/// [`REMIND_EVERY`], in its incident thread. The claim is the store's (one
+/// conditional UPDATE in the transaction that enqueues), so a restart or a
+/// second replica never sends one twice. Returns how many were claimed.
+pub async fn remind_due(
+    store: &Store,
+    cfg: &LifecycleConfig,
+    now: f64,
+) -> crate::store::Result<usize> {
+    let min_age = cfg.remind_after.as_secs_f64();
+    let gap = REMIND_EVERY.as_secs_f64();
+    let mut sent = 0;
+    for r in store.node_states().await? {
+        let due = matches!(r.state, NodeState::Quarantined | NodeState::Verifying)
+            && now - r.since >= min_age
+            && r.reminded_at.is_none_or(|t| now - t >= gap);
+        if !due {
+            continue;
+        }
+        let msg = crate::message::Message::Text(crate::message::TextMessage::new(
+            reminder_text(&r, now),
+            None,
+        ));
+        let body = serde_json::to_string(&msg).unwrap_or_default();
+        if store
+            .claim_node_reminder(r.node.clone(), r.since, now, min_age, gap, body)
+            .await?
+        {
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
+/// The bot's reminder task: [`remind_due`] every [`REMIND_POLL`] until `stop`.
+pub fn spawn_reminders(
+    state: std::sync::Arc<crate::bot::state::BotState>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REMIND_POLL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match remind_due(&state.store, &state.config.lifecycle, crate::store::now()).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(reminders = n, "reminded of nodes left out of service");
+                    state.outbox.wake();
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot look for nodes left out of service"),
+            }
+        }
+    });
 }
 
 /// GPU-hours a node has been out of service in its current stretch.
@@ -198,8 +285,9 @@ pub fn nodes_text(rows: &[NodeRecord], now: f64) -> String {
         let esc = |v: &Option<String>| v.as_deref().map(crate::escape::line);
         let _ = write!(
             s,
-            "\n• {} · {} GPUs · {} since {} ({}) · {} · last: {} by {}{} · {:.1} GPU-hours lost",
+            "\n• {}{} · {} GPUs · {} since {} ({}) · {} · last: {} by {}{} · {:.1} GPU-hours lost",
             crate::escape::line(&r.node),
+            if r.repeat { " 🔁 repeat" } else { "" },
             r.gpus,
             r.state.words(),
             utc(r.since),
@@ -295,6 +383,8 @@ mod tests {
             gpus,
             group_id: None,
             updated_at: out_since,
+            repeat: false,
+            reminded_at: None,
         }
     }
 

@@ -4,6 +4,10 @@
 -- since when, when its current stretch out of service began (NULL in
 -- service), why (reason, alert, xid, step), the run, the person who acted,
 -- its GPUs, and the alert group whose thread is its incident timeline.
+-- is_repeat: it left service again with the same fault (alert or XID)
+-- within [lifecycle] repeat_window of its return. reminded_at: the last
+-- reminder that it is still out, claimed by a conditional UPDATE in the
+-- transaction that enqueues it (once per day across restarts and replicas).
 -- node_transitions: every change, for GPU-hours lost (a return records the
 -- stretch's GPU-seconds).
 CREATE TABLE IF NOT EXISTS node_states (
@@ -19,7 +23,9 @@ CREATE TABLE IF NOT EXISTS node_states (
     by_person TEXT,
     gpus INTEGER NOT NULL,
     group_id INTEGER,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    is_repeat INTEGER NOT NULL DEFAULT 0,
+    reminded_at REAL
 );
 CREATE TABLE IF NOT EXISTS node_transitions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -119,6 +119,8 @@ pub const TABLES: &[(&str, &[&str])] = &[
             "gpus",
             "group_id",
             "updated_at",
+            "is_repeat",
+            "reminded_at",
         ],
     ),
     (

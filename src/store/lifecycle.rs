@@ -34,6 +34,11 @@ pub struct NodeRecord {
     /// The alert group whose thread is the node's incident timeline.
     pub group_id: Option<i64>,
     pub updated_at: f64,
+    /// It left service again with the same fault (alert or XID) within
+    /// the repeat window of its last return.
+    pub repeat: bool,
+    /// The last reminder that it is still out.
+    pub reminded_at: Option<f64>,
 }
 
 /// A change asked of a node's state.
@@ -53,6 +58,9 @@ pub struct Transition {
     /// The node's GPUs (0: keep what the row says).
     pub gpus: i64,
     pub group_id: Option<i64>,
+    /// Leaving service within this many seconds of the last return, with
+    /// the same alert or XID, is a repeat (0: never).
+    pub repeat_window_secs: f64,
 }
 
 /// What a transition did.
@@ -83,14 +91,39 @@ pub struct TransitionRecord {
     pub lost_gpu_seconds: Option<f64>,
 }
 
+/// The fault of a node's last return within the repeat window: its
+/// `(alert, xid)`.
+pub type LastReturn = Option<(Option<String>, Option<String>)>;
+
+/// Whether a transition leaves service (then the backends look up the
+/// node's last return within the window, for [`decide`]).
+pub fn leaves_service(cur: Option<&NodeRecord>, t: &Transition) -> bool {
+    let from = cur.map(|r| r.state).unwrap_or(NodeState::InService);
+    from == NodeState::InService && t.to.is_some_and(|s| s != NodeState::InService)
+}
+
 /// The transition rule, one place for both backends: the new row (None:
 /// nothing changes) and, for a return to service, the GPU-seconds lost.
-pub fn decide(cur: Option<&NodeRecord>, t: &Transition) -> Option<(NodeRecord, Option<f64>)> {
+/// `last_return`: the fault of the node's last return within the repeat
+/// window, when it leaves service now.
+pub fn decide(
+    cur: Option<&NodeRecord>,
+    t: &Transition,
+    last_return: LastReturn,
+) -> Option<(NodeRecord, Option<f64>)> {
     let to = t.to?;
     let from = cur.map(|r| r.state).unwrap_or(NodeState::InService);
     if from == to || (!t.from.is_empty() && !t.from.contains(&from)) {
         return None;
     }
+    let same = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
+    let repeat = match (to, from) {
+        (NodeState::InService, _) => false,
+        (_, NodeState::InService) => {
+            last_return.is_some_and(|(alert, xid)| same(&alert, &t.alert) || same(&xid, &t.xid))
+        }
+        _ => cur.is_some_and(|r| r.repeat),
+    };
     let gpus = if t.gpus > 0 {
         t.gpus
     } else {
@@ -124,6 +157,8 @@ pub fn decide(cur: Option<&NodeRecord>, t: &Transition) -> Option<(NodeRecord, O
         gpus,
         group_id: t.group_id.or_else(|| cur.and_then(|r| r.group_id)),
         updated_at: t.at,
+        repeat,
+        reminded_at: None,
     };
     Some((row, lost))
 }
@@ -133,7 +168,15 @@ pub(crate) fn state_of(s: &str) -> Result<NodeState> {
 }
 
 pub(crate) const NODE_COLUMNS: &str =
-    "node, state, since, out_since, reason, alert, xid, step, run, by_person, gpus, group_id, updated_at";
+    "node, state, since, out_since, reason, alert, xid, step, run, by_person, gpus, group_id, updated_at, is_repeat, reminded_at";
+
+/// The node's last return within the window (SQL for both backends, with
+/// `?1`/`?2` or `$1`/`$2` for node and the window's start).
+pub(crate) const LAST_RETURN: &str = "SELECT alert, xid FROM node_transitions
+     WHERE node=?1 AND to_state='in_service' AND at >= ?2 ORDER BY id DESC LIMIT 1";
+
+/// States a reminder is for: out of service with nothing in the way but people.
+pub(crate) const REMINDED_STATES: &str = "('quarantined', 'verifying')";
 
 fn node_row(r: &rusqlite::Row) -> rusqlite::Result<(String, NodeRecord)> {
     let state: String = r.get(1)?;
@@ -153,6 +196,8 @@ fn node_row(r: &rusqlite::Row) -> rusqlite::Result<(String, NodeRecord)> {
             gpus: r.get(10)?,
             group_id: r.get(11)?,
             updated_at: r.get(12)?,
+            repeat: r.get::<_, i64>(13)? != 0,
+            reminded_at: r.get(14)?,
         },
     ))
 }
@@ -176,7 +221,17 @@ fn node_tx(c: &Connection, t: &Transition) -> Result<Applied> {
         .as_ref()
         .map(|r| r.state)
         .unwrap_or(NodeState::InService);
-    let Some((row, lost)) = decide(cur.as_ref(), t) else {
+    let last_return = if leaves_service(cur.as_ref(), t) && t.repeat_window_secs > 0.0 {
+        c.query_row(
+            LAST_RETURN,
+            params![t.node, t.at - t.repeat_window_secs],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+    } else {
+        None
+    };
+    let Some((row, lost)) = decide(cur.as_ref(), t, last_return) else {
         return Ok(Applied {
             changed: false,
             from,
@@ -186,11 +241,12 @@ fn node_tx(c: &Connection, t: &Transition) -> Result<Applied> {
     };
     c.execute(
         &format!(
-            "INSERT INTO node_states({NODE_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)
+            "INSERT INTO node_states({NODE_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,NULL)
              ON CONFLICT(node) DO UPDATE SET state=excluded.state, since=excluded.since,
              out_since=excluded.out_since, reason=excluded.reason, alert=excluded.alert,
              xid=excluded.xid, step=excluded.step, run=excluded.run, by_person=excluded.by_person,
-             gpus=excluded.gpus, group_id=excluded.group_id, updated_at=excluded.updated_at"
+             gpus=excluded.gpus, group_id=excluded.group_id, updated_at=excluded.updated_at,
+             is_repeat=excluded.is_repeat, reminded_at=NULL"
         ),
         params![
             row.node,
@@ -205,7 +261,8 @@ fn node_tx(c: &Connection, t: &Transition) -> Result<Applied> {
             row.by,
             row.gpus,
             row.group_id,
-            row.updated_at
+            row.updated_at,
+            i64::from(row.repeat)
         ],
     )?;
     c.execute(
@@ -256,6 +313,49 @@ impl Sqlite {
     /// Every tracked node, by name.
     pub async fn node_states(&self) -> Result<Vec<NodeRecord>> {
         self.read(all_nodes).await
+    }
+
+    /// Claims a reminder that `node` is still out (in the state it entered
+    /// at `since`, for at least `min_age` seconds, not reminded within
+    /// `gap` seconds) and enqueues `body` in its incident thread, in one
+    /// job. `false`: not due, or claimed already.
+    pub async fn claim_node_reminder(
+        &self,
+        node: String,
+        since: f64,
+        now: f64,
+        min_age: f64,
+        gap: f64,
+        body: String,
+    ) -> Result<bool> {
+        self.write(move |c| {
+            let claimed = c
+                .query_row(
+                    &format!(
+                        "UPDATE node_states SET reminded_at=?3
+                         WHERE node=?1 AND since=?2 AND state IN {REMINDED_STATES}
+                           AND since <= ?4 AND (reminded_at IS NULL OR reminded_at <= ?5)
+                         RETURNING group_id"
+                    ),
+                    params![node, since, now, now - min_age, now - gap],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
+                .optional()?;
+            let Some(group) = claimed else {
+                return Ok(false);
+            };
+            if let Some(g) = group {
+                for d in crate::store::sqlite::group_destinations(c, g)? {
+                    c.execute(
+                        "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+                         VALUES (?1, ?2, 'reply', 0, ?3, ?4, ?4)",
+                        params![g, d, body, crate::store::now()],
+                    )?;
+                }
+            }
+            Ok(true)
+        })
+        .await
     }
 
     /// Transitions at or after `since`, oldest first.
@@ -313,17 +413,17 @@ mod tests {
 
     #[test]
     fn a_stretch_out_of_service_keeps_its_start_and_is_charged_on_return() {
-        let (q, _) = decide(None, &t(NodeState::Quarantined, 100.0)).unwrap();
+        let (q, _) = decide(None, &t(NodeState::Quarantined, 100.0), None).unwrap();
         assert_eq!(q.out_since, Some(100.0));
-        let (v, _) = decide(Some(&q), &t(NodeState::Verifying, 500.0)).unwrap();
+        let (v, _) = decide(Some(&q), &t(NodeState::Verifying, 500.0), None).unwrap();
         assert_eq!((v.since, v.out_since), (500.0, Some(100.0)));
-        let (back, lost) = decide(Some(&v), &t(NodeState::InService, 3700.0)).unwrap();
+        let (back, lost) = decide(Some(&v), &t(NodeState::InService, 3700.0), None).unwrap();
         assert_eq!((back.out_since, lost), (None, Some(3600.0 * 8.0)));
-        assert!(decide(Some(&v), &t(NodeState::Verifying, 4000.0)).is_none());
+        assert!(decide(Some(&v), &t(NodeState::Verifying, 4000.0), None).is_none());
         let mut only = t(NodeState::InService, 10.0);
         only.from = vec![NodeState::Verifying];
-        assert!(decide(Some(&q), &only).is_none());
-        assert!(decide(None, &t(NodeState::InService, 1.0)).is_none());
+        assert!(decide(Some(&q), &only, None).is_none());
+        assert!(decide(None, &t(NodeState::InService, 1.0), None).is_none());
     }
 
     /// Each case on SQLite and (ignored without a server) on PostgreSQL.
@@ -348,6 +448,122 @@ mod tests {
 
     on_both! {
         transitions_are_decided_against_the_stored_state;
+        a_reminder_is_claimed_once_a_day_and_reset_by_a_change;
+        leaving_again_with_the_same_fault_within_the_window_is_a_repeat;
+    }
+
+    const H: f64 = 3600.0;
+
+    async fn a_reminder_is_claimed_once_a_day_and_reset_by_a_change(s: crate::store::Store) {
+        s.node_transition(t(NodeState::Quarantined, 0.0))
+            .await
+            .unwrap();
+        let claim = |at: f64| {
+            let s = s.clone();
+            async move {
+                s.claim_node_reminder(
+                    "gpu-node-17".into(),
+                    0.0,
+                    at,
+                    12.0 * H,
+                    24.0 * H,
+                    "{}".into(),
+                )
+                .await
+                .unwrap()
+            }
+        };
+        assert!(!claim(11.0 * H).await, "not due before remind_after");
+        assert!(claim(12.0 * H).await);
+        assert!(!claim(12.0 * H).await, "claimed already");
+        assert!(!claim(35.0 * H).await, "at most daily");
+        assert!(claim(36.0 * H).await);
+        // A reminder for a state the node has left is not claimed.
+        s.node_transition(t(NodeState::Verifying, 40.0 * H))
+            .await
+            .unwrap();
+        assert!(!claim(80.0 * H).await);
+        let fresh = |at: f64| {
+            let s = s.clone();
+            async move {
+                s.claim_node_reminder(
+                    "gpu-node-17".into(),
+                    40.0 * H,
+                    at,
+                    12.0 * H,
+                    24.0 * H,
+                    "{}".into(),
+                )
+                .await
+                .unwrap()
+            }
+        };
+        assert!(fresh(52.0 * H).await, "a new state starts its own count");
+        // Awaiting repair is known: no reminder.
+        s.node_transition(t(NodeState::AwaitingRepair, 60.0 * H))
+            .await
+            .unwrap();
+        assert!(!s
+            .claim_node_reminder(
+                "gpu-node-17".into(),
+                60.0 * H,
+                100.0 * H,
+                12.0 * H,
+                24.0 * H,
+                "{}".into()
+            )
+            .await
+            .unwrap());
+    }
+
+    async fn leaving_again_with_the_same_fault_within_the_window_is_a_repeat(
+        s: crate::store::Store,
+    ) {
+        let xid = |to: NodeState, at: f64, x: &str| {
+            let mut tr = t(to, at);
+            tr.xid = Some(x.into());
+            tr.repeat_window_secs = 7.0 * 24.0 * H;
+            tr
+        };
+        let first = s
+            .node_transition(xid(NodeState::Quarantined, 0.0, "79"))
+            .await
+            .unwrap();
+        assert!(!first.row.unwrap().repeat);
+        s.node_transition(xid(NodeState::InService, 10.0 * H, "79"))
+            .await
+            .unwrap();
+        // Another fault: not a repeat.
+        let other = s
+            .node_transition(xid(NodeState::Quarantined, 20.0 * H, "48"))
+            .await
+            .unwrap();
+        assert!(!other.row.unwrap().repeat);
+        s.node_transition(xid(NodeState::InService, 30.0 * H, "48"))
+            .await
+            .unwrap();
+        let again = s
+            .node_transition(xid(NodeState::Quarantined, 40.0 * H, "48"))
+            .await
+            .unwrap();
+        assert!(
+            again.row.unwrap().repeat,
+            "XID 48 again a day after its return"
+        );
+        // It stays a repeat through the stretch, and is listed as one.
+        s.node_transition(xid(NodeState::AwaitingRepair, 41.0 * H, "48"))
+            .await
+            .unwrap();
+        assert!(s.node_states().await.unwrap()[0].repeat);
+        s.node_transition(xid(NodeState::InService, 50.0 * H, "48"))
+            .await
+            .unwrap();
+        // Past the window: a fault of its own.
+        let late = s
+            .node_transition(xid(NodeState::Quarantined, 50.0 * H + 8.0 * 24.0 * H, "48"))
+            .await
+            .unwrap();
+        assert!(!late.row.unwrap().repeat);
     }
 
     async fn transitions_are_decided_against_the_stored_state(s: crate::store::Store) {
@@ -384,6 +600,29 @@ mod tests {
         assert_eq!(hist.len(), 2);
         assert_eq!(hist[1].lost_gpu_seconds, Some(57_600.0));
         assert_eq!(hist[1].out_since, Some(100.0));
+    }
+
+    /// Two replicas claim the same reminder at once, many times: one wins.
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL: run by .ci/run"]
+    async fn concurrent_reminder_claims_send_one() {
+        let url = crate::store::pg::test_url().await.unwrap();
+        let a = crate::store::pg::open_url(&url).await.unwrap();
+        let b = crate::store::pg::open_url(&url).await.unwrap();
+        for i in 0..20 {
+            let mut q = t(NodeState::Quarantined, 0.0);
+            q.node = format!("gpu-node-{i}");
+            a.node_transition(q.clone()).await.unwrap();
+            let claim = |s: crate::store::Store, node: String| async move {
+                s.claim_node_reminder(node, 0.0, 13.0 * H, 12.0 * H, 24.0 * H, "{}".into())
+                    .await
+            };
+            let (ra, rb) = tokio::join!(
+                claim(a.clone(), q.node.clone()),
+                claim(b.clone(), q.node.clone())
+            );
+            assert!(ra.unwrap() != rb.unwrap(), "exactly one claims it");
+        }
     }
 
     /// Two replicas apply the same step outcome at once, many times: each

@@ -422,7 +422,62 @@ async fn metrics_export_nodes_per_state_and_each_node_out_of_service() {
     b.stop();
 }
 
+async fn a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread() {
+    let (b, _) = bot().await;
+    let g = xid_alert(&b).await;
+    let t0 = b.clock.now_unix() as f64;
+    b.state
+        .store
+        .node_transition(Transition {
+            node: "gpu-node-17".into(),
+            to: Some(NodeState::Quarantined),
+            at: t0,
+            reason: "drain-slurm succeeded (gpu-fell-off-bus): GPUXIDFellOffBus XID 79".into(),
+            step: Some("drain-slurm".into()),
+            by: Some("alice".into()),
+            gpus: 8,
+            group_id: Some(g),
+            ..Transition::default()
+        })
+        .await
+        .unwrap();
+    let cfg = b.state.config.lifecycle.clone();
+    let remind = |h: f64| {
+        let store = b.state.store.clone();
+        let cfg = cfg.clone();
+        async move {
+            gpuops::lifecycle::remind_due(&store, &cfg, t0 + h * 3600.0)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(remind(11.0).await, 0, "remind_after is 12h");
+    assert_eq!(remind(13.0).await, 1);
+    // A second replica, or this one after a restart, the same hour: none.
+    assert_eq!(remind(13.5).await, 0);
+    assert_eq!(remind(36.0).await, 0, "at most daily");
+    assert_eq!(remind(37.0).await, 1);
+    b.state.outbox.wake();
+    b.wait_for(10, "two reminders in the thread", |b| {
+        b.slack
+            .replies()
+            .iter()
+            .filter(|r| r.contains("⏰ gpu-node-17 has been quarantined for"))
+            .count()
+            == 2
+    })
+    .await;
+    let all = b.slack.replies().join("\n");
+    assert!(
+        all.contains("⏰ gpu-node-17 has been quarantined for 13h 0m with nothing done since (drain-slurm succeeded (gpu-fell-off-bus): GPUXIDFellOffBus XID 79; last: drain-slurm by alice); 104.0 GPU-hours lost so far."),
+        "{all}"
+    );
+    assert!(all.contains("for 1d 13h"), "{all}");
+    b.stop();
+}
+
 chat_on_both!(
+    a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread,
     drain_success_quarantines_the_node,
     resume_success_returns_the_node_to_service_with_gpu_hours_lost,
     verify_failure_leaves_the_node_awaiting_repair,

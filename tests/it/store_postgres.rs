@@ -729,7 +729,7 @@ fn store_migrate_applies_the_sqlite_schema_once_and_migrate_on_start_false_refus
     assert!(!out.status.success());
     assert!(err.contains("gpuops store migrate"), "{err}");
     let (ok, text) = store_migrate(&cfg);
-    assert!(ok && text.contains("3 migration(s) applied"), "{text}");
+    assert!(ok && text.contains("4 migration(s) applied"), "{text}");
     let (ok, text) = store_migrate(&cfg);
     assert!(ok && text.contains("0 migration(s) applied"), "{text}");
 }
@@ -748,7 +748,7 @@ async fn store_migrate_applies_the_postgres_schema_once() {
     .unwrap();
     private(&cfg);
     let (ok, text) = store_migrate(&cfg);
-    assert!(ok && text.contains("4 migration(s) applied"), "{text}");
+    assert!(ok && text.contains("5 migration(s) applied"), "{text}");
     assert!(
         !text.contains("hunter2") && text.contains(":***@"),
         "{text}"

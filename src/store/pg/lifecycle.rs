@@ -8,8 +8,10 @@
 use tokio_postgres::Row;
 
 use crate::store::lifecycle::{
-    decide, state_of, Applied, NodeRecord, NodeState, Transition, TransitionRecord, NODE_COLUMNS,
+    decide, leaves_service, state_of, Applied, NodeRecord, NodeState, Transition, TransitionRecord,
+    LAST_RETURN, NODE_COLUMNS, REMINDED_STATES,
 };
+use crate::store::pg::core::{group_destinations, lock_group};
 use crate::store::pg::{get, Pg};
 use crate::store::Result;
 
@@ -28,6 +30,8 @@ fn node_row(r: &Row) -> Result<NodeRecord> {
         gpus: get(r, 10)?,
         group_id: get(r, 11)?,
         updated_at: get(r, 12)?,
+        repeat: get::<i64>(r, 13)? != 0,
+        reminded_at: get(r, 14)?,
     })
 }
 
@@ -57,7 +61,19 @@ impl Pg {
                 .as_ref()
                 .map(|r| r.state)
                 .unwrap_or(NodeState::InService);
-            let Some((row, lost)) = decide(cur.as_ref(), &t) else {
+            let last_return = if leaves_service(cur.as_ref(), &t) && t.repeat_window_secs > 0.0 {
+                let sql = LAST_RETURN.replace("?1", "$1").replace("?2", "$2");
+                match tx
+                    .query_opt(&sql, &[&t.node, &(t.at - t.repeat_window_secs)])
+                    .await?
+                {
+                    Some(r) => Some((get(&r, 0)?, get(&r, 1)?)),
+                    None => None,
+                }
+            } else {
+                None
+            };
+            let Some((row, lost)) = decide(cur.as_ref(), &t, last_return) else {
                 tx.commit().await?;
                 return Ok(Applied {
                     changed: false,
@@ -68,8 +84,8 @@ impl Pg {
             };
             tx.execute(
                 "UPDATE node_states SET state=$2, since=$3, out_since=$4, reason=$5, alert=$6,
-                 xid=$7, step=$8, run=$9, by_person=$10, gpus=$11, group_id=$12, updated_at=$13
-                 WHERE node=$1",
+                 xid=$7, step=$8, run=$9, by_person=$10, gpus=$11, group_id=$12, updated_at=$13,
+                 is_repeat=$14, reminded_at=NULL WHERE node=$1",
                 &[
                     &row.node,
                     &row.state.as_str(),
@@ -84,6 +100,7 @@ impl Pg {
                     &row.gpus,
                     &row.group_id,
                     &row.updated_at,
+                    &i64::from(row.repeat),
                 ],
             )
             .await?;
@@ -133,6 +150,53 @@ impl Pg {
                 )
                 .await?;
             rows.iter().map(node_row).collect()
+        })
+        .await
+    }
+
+    pub async fn claim_node_reminder(
+        &self,
+        node: String,
+        since: f64,
+        now: f64,
+        min_age: f64,
+        gap: f64,
+        body: String,
+    ) -> Result<bool> {
+        self.within(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            // One statement: a second replica's UPDATE waits for the row,
+            // then sees reminded_at and matches nothing.
+            let claimed = tx
+                .query_opt(
+                    &format!(
+                        "UPDATE node_states SET reminded_at=$3
+                         WHERE node=$1 AND since=$2 AND state IN {REMINDED_STATES}
+                           AND since <= $4 AND (reminded_at IS NULL OR reminded_at <= $5)
+                         RETURNING group_id"
+                    ),
+                    &[&node, &since, &now, &(now - min_age), &(now - gap)],
+                )
+                .await?;
+            let Some(row) = claimed else {
+                tx.commit().await?;
+                return Ok(false);
+            };
+            if let Some(g) = get::<Option<i64>>(&row, 0)? {
+                lock_group(&tx, g).await?;
+                let t = crate::store::now();
+                for d in group_destinations(&tx, g).await? {
+                    tx.execute(
+                        "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+                         VALUES ($1, $2, 'reply', 0, $3, $4, $4)",
+                        &[&g, &d, &body, &t],
+                    )
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(true)
         })
         .await
     }
