@@ -477,6 +477,7 @@ async fn a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread() {
 }
 
 chat_on_both!(
+    report_lists_nodes_out_of_service_oldest_first_with_gpu_hours,
     a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread,
     drain_success_quarantines_the_node,
     resume_success_returns_the_node_to_service_with_gpu_hours_lost,
@@ -569,4 +570,90 @@ fn lifecycle_config_is_read_and_validated() {
     ] {
         assert!(e.contains(want), "{want} in {e}");
     }
+}
+
+/// The Incidents section of a report lists the nodes out at the period's
+/// end, oldest first, with the GPU-hours lost in the period and over the
+/// stretches (a node returned within the period counted too).
+async fn report_lists_nodes_out_of_service_oldest_first_with_gpu_hours() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let text = format!(
+        "[store]\npath = \"{}\"\n[slack]\nbot_token = \"xoxb-test\"\napi_url = \"http://127.0.0.1:1/api\"\n[prometheus]\nurl = \"{down}\"\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\ntimezone = \"UTC\"\nslack_channel = \"C0REPORTS\"\nsections = [\"incidents\"]\n",
+        dir.path().join("bot.db").display()
+    );
+    let cfg = gpuops::config::BotConfig::from_str(&dir.path().join("bot.toml"), &text).unwrap();
+    assert_eq!(cfg.reports[0].period.as_secs(), 86_400);
+    let store = crate::support::open_store_at(&cfg.store.path).await;
+    let at = gpuops::store::now().floor();
+    let h = 3600.0;
+    let go = |node: &str, to: NodeState, t: f64, gpus: i64, reason: &str| Transition {
+        node: node.into(),
+        to: Some(to),
+        at: t,
+        reason: reason.into(),
+        by: Some("alice".into()),
+        gpus,
+        ..Transition::default()
+    };
+    for t in [
+        go(
+            "gpu-node-1",
+            NodeState::Quarantined,
+            at - 30.0 * h,
+            8,
+            "XID 79",
+        ),
+        go(
+            "gpu-node-2",
+            NodeState::AwaitingRepair,
+            at - 5.0 * h,
+            4,
+            "RMA 12345",
+        ),
+        go(
+            "gpu-node-3",
+            NodeState::Quarantined,
+            at - 30.0 * h,
+            8,
+            "XID 48",
+        ),
+        go(
+            "gpu-node-3",
+            NodeState::InService,
+            at - 6.0 * h,
+            8,
+            "resumed",
+        ),
+    ] {
+        assert!(store.node_transition(t).await.unwrap().changed);
+    }
+    let names = gpuops::inventory::Identity::from_config(&cfg).names().await;
+    let built = gpuops::report::build(gpuops::report::Inputs {
+        config: &cfg.reports[0],
+        prometheus_url: &down,
+        store: Some(&store),
+        at: chrono::DateTime::from_timestamp(at as i64, 0).unwrap(),
+        late: false,
+        agent_events: None,
+        names: &names,
+    })
+    .await;
+    let md = &built.markdown;
+    // In the period: 24 h × 8 + 5 h × 4 + 18 h × 8; over the stretches: 30 h × 8 + 20 + 24 h × 8.
+    assert!(
+        md.contains("Out of service: 2 nodes (12 GPUs) at the period's end, 1 returned within it; 356.0 GPU-hours lost in the period, 452.0 over these stretches"),
+        "{md}"
+    );
+    let one = md
+        .find("Out of service: **gpu-node-1** quarantined since")
+        .expect(md);
+    let two = md
+        .find("Out of service: **gpu-node-2** awaiting repair since")
+        .expect(md);
+    assert!(one < two, "oldest first: {md}");
+    assert!(
+        md.contains("(8 GPUs, 240.0 GPU-hours lost so far): XID 79, last by alice"),
+        "{md}"
+    );
 }
