@@ -2,8 +2,11 @@
 //! its node in `quarantined`, the reboot in `verifying`, the resume back in
 //! service with the GPU-hours the stretch cost; `/gpuops nodes` lists the
 //! nodes out, most GPU-hours lost first; `/gpuops node … awaiting-repair`
-//! and `… return` need an operator; the bot's `/metrics` exports them.
-//! Each case runs on SQLite and on PostgreSQL (`chat_on_both!`).
+//! and `… return` need an operator; the bot's `/metrics` exports them; a
+//! node left quarantined gets one reminder a day in its thread; the report
+//! lists the nodes out; the shipped XID 79 runbook's success path takes
+//! its node out and back (a scripted node standing in for the agent). Each
+//! case runs on SQLite and on PostgreSQL (`chat_on_both!`).
 
 use crate::chat_support;
 
@@ -155,9 +158,13 @@ async fn wait_request(b: &Bot, step: &str) {
 }
 
 async fn approve(b: &Bot, step: &str) {
+    approve_as(b, ADMIN, step).await
+}
+
+async fn approve_as(b: &Bot, approver: &str, step: &str) {
     wait_request(b, step).await;
     let run = run_id(b).await;
-    let (_, v) = b.slack_command(ADMIN, &format!("approve {run}")).await;
+    let (_, v) = b.slack_command(approver, &format!("approve {run}")).await;
     assert!(text(&v).contains(&format!("approved step `{step}`")), "{v}");
 }
 
@@ -476,7 +483,139 @@ async fn a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread() {
     b.stop();
 }
 
+/// A scripted node on which every step succeeds: records each step it
+/// receives as (step, the command as rendered) and answers exit 0. It
+/// stands in for the agent (and for `scontrol`, `kubectl`, `nvidia-smi`).
+#[derive(Default)]
+struct ScriptedNode {
+    received: Mutex<Vec<(String, String)>>,
+}
+
+impl gpuops::runbook::engine::StepExecutor for ScriptedNode {
+    fn execute<'a>(
+        &'a self,
+        _plan: &'a gpuops::runbook::engine::RunPlan,
+        step: &'a gpuops::runbook::engine::PlannedStep,
+    ) -> BoxFuture<'a, gpuops::runbook::engine::StepOutcome> {
+        self.received
+            .lock()
+            .unwrap()
+            .push((step.step.name.clone(), step.rendered.display()));
+        Box::pin(async move {
+            gpuops::runbook::engine::StepOutcome {
+                status: gpuops::runbook::engine::StepStatus::Succeeded,
+                exit_code: Some(0),
+                output: "ok\n".into(),
+                duration: std::time::Duration::from_millis(1),
+                truncated: false,
+            }
+        })
+    }
+}
+
+/// The shipped XID 79 runbook's success path from its alert: drain →
+/// quarantined, reboot → verifying, verify, resume → in service; each
+/// mitigation the node receives is the command its approver saw.
+async fn shipped_fell_off_bus_success_path_takes_the_node_out_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let rb = dir.path().join("runbooks");
+    std::fs::create_dir_all(&rb).unwrap();
+    std::fs::copy(
+        "runbooks/gpu-fell-off-bus.yaml",
+        rb.join("gpu-fell-off-bus.yaml"),
+    )
+    .unwrap();
+    let node = Arc::new(ScriptedNode::default());
+    let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
+    let b = Bot::start_in(dir, &extra, Some(node.clone())).await;
+    let g = b
+        .alert(webhook(
+            "GPUXIDFellOffBus",
+            "gpu-node-17:9949",
+            &[("xid", "79"), ("gpu", "3"), ("node", "gpu-node-17")],
+        ))
+        .await;
+    let (_, v) = b
+        // The reboot may be run by an admin only; another admin approves.
+        .slack_command(ADMIN, &format!("run gpu-fell-off-bus alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    approve_as(&b, ADMIN2, "drain-slurm").await;
+    wait_state(&b, NodeState::Quarantined).await;
+    approve_as(&b, ADMIN2, "reboot").await;
+    wait_state(&b, NodeState::Verifying).await;
+    approve_as(&b, ADMIN2, "resume-slurm").await;
+    wait_state(&b, NodeState::InService).await;
+    b.wait_for(10, "the summary", |b| {
+        b.slack.replies().iter().any(|r| r.contains("🏁"))
+    })
+    .await;
+    // What each approver saw, in order, is what the node received.
+    let seen: Vec<String> = b
+        .slack
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c.message {
+            gpuops::notify::Message::Text(t) if t.text.contains("/gpuops approve r") => t.code,
+            _ => None,
+        })
+        .collect();
+    let received = node.received.lock().unwrap().clone();
+    let mitigations: Vec<(String, String)> = received
+        .iter()
+        .filter(|(s, _)| ["drain-slurm", "reboot", "resume-slurm"].contains(&s.as_str()))
+        .cloned()
+        .collect();
+    assert_eq!(
+        mitigations
+            .iter()
+            .map(|(_, c)| c.clone())
+            .collect::<Vec<_>>(),
+        seen,
+        "{received:#?}"
+    );
+    assert!(
+        seen[0].contains("scontrol update nodename=gpu-node-17 state=drain"),
+        "{seen:?}"
+    );
+    let steps: Vec<&str> = received.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        steps,
+        [
+            "kernel-log",
+            "gpus-visible",
+            "pci-devices",
+            "gpu-up",
+            "drain-slurm",
+            "reboot",
+            "verify-gpus",
+            "verify-dcgm",
+            "resume-slurm",
+            "escalate"
+        ]
+    );
+    let path: Vec<(NodeState, NodeState)> = b
+        .state
+        .store
+        .node_transitions(0.0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| (t.from, t.to))
+        .collect();
+    assert_eq!(
+        path,
+        [
+            (NodeState::InService, NodeState::Quarantined),
+            (NodeState::Quarantined, NodeState::Verifying),
+            (NodeState::Verifying, NodeState::InService),
+        ]
+    );
+    b.stop();
+}
+
 chat_on_both!(
+    shipped_fell_off_bus_success_path_takes_the_node_out_and_back,
     report_lists_nodes_out_of_service_oldest_first_with_gpu_hours,
     a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread,
     drain_success_quarantines_the_node,
