@@ -614,7 +614,122 @@ async fn shipped_fell_off_bus_success_path_takes_the_node_out_and_back() {
     b.stop();
 }
 
+/// Runs shipped runbook `id` on group `g` as an admin and approves every
+/// request as a second admin until the run finishes; the run's results.
+async fn walk(b: &Bot, g: i64, id: &str) -> Vec<(String, String)> {
+    let before = b.state.store.run_ids().await.unwrap();
+    let (_, v) = b.slack_command(ADMIN, &format!("run {id} alert={g}")).await;
+    assert!(text(&v).contains("started run"), "{id}: {v}");
+    let mut run = None;
+    let mut approved: Option<usize> = None;
+    for _ in 0..800 {
+        if run.is_none() {
+            run = b
+                .state
+                .store
+                .run_ids()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|r| !before.contains(r));
+        }
+        if let Some(r) = &run {
+            let rec = b.state.store.run(r).await.unwrap().unwrap();
+            match rec.status.as_str() {
+                "finished" => return rec.results,
+                "waiting" if approved != Some(rec.next_step) => {
+                    let (_, v) = b.slack_command(ADMIN2, &format!("approve {r}")).await;
+                    assert!(text(&v).contains("approved step"), "{id}: {v}");
+                    approved = Some(rec.next_step);
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("{id}: the run did not finish: {:#?}", b.slack.replies());
+}
+
+/// Every shipped GPU mitigation runbook's success path against a scripted
+/// node: the node leaves service at the drain and is back in service at
+/// the end, and every command an approver saw is one the node received.
+async fn shipped_gpu_runbooks_success_paths_return_their_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let rb = dir.path().join("runbooks");
+    std::fs::create_dir_all(&rb).unwrap();
+    let cases = [
+        ("gpu-reset", "GPUCriticalXID", "62", "gpu-node-1"),
+        ("gpu-ecc-remap", "GPURowRemapPending", "", "gpu-node-2"),
+        ("gpu-nvlink", "GPUNVLinkErrors", "", "gpu-node-3"),
+        ("gpu-fell-off-bus", "GPUFellOffBus", "79", "gpu-node-4"),
+    ];
+    for (id, ..) in cases {
+        std::fs::copy(format!("runbooks/{id}.yaml"), rb.join(format!("{id}.yaml"))).unwrap();
+    }
+    let node = Arc::new(ScriptedNode::default());
+    let extra = format!("[runbooks]\ndir = \"{}\"\n", rb.display());
+    let b = Bot::start_in(dir, &extra, Some(node.clone())).await;
+    for (id, alert, xid, name) in cases {
+        let mut labels = vec![("gpu", "3"), ("node", name)];
+        if !xid.is_empty() {
+            labels.push(("xid", xid));
+        }
+        let g = b
+            .alert(webhook(alert, &format!("{name}:9949"), &labels))
+            .await;
+        let results = walk(&b, g, id).await;
+        let states: Vec<NodeState> = b
+            .state
+            .store
+            .node_transitions(0.0)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.node == name)
+            .map(|t| t.to)
+            .collect();
+        assert_eq!(
+            states.first(),
+            Some(&NodeState::Quarantined),
+            "{id}: {results:?}"
+        );
+        assert_eq!(
+            states.last(),
+            Some(&NodeState::InService),
+            "{id}: {results:?}"
+        );
+        assert!(
+            !results
+                .iter()
+                .any(|(_, st)| st == "failed" || st == "error"),
+            "{id}: {results:?}"
+        );
+    }
+    let received: Vec<String> = node
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, c)| c.clone())
+        .collect();
+    let seen: Vec<String> = b
+        .slack
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c.message {
+            gpuops::notify::Message::Text(t) if t.text.contains("/gpuops approve r") => t.code,
+            _ => None,
+        })
+        .collect();
+    assert!(seen.len() >= 12, "{seen:#?}");
+    for cmd in &seen {
+        assert!(received.contains(cmd), "approved but not received: {cmd}");
+    }
+    b.stop();
+}
+
 chat_on_both!(
+    shipped_gpu_runbooks_success_paths_return_their_node,
     shipped_fell_off_bus_success_path_takes_the_node_out_and_back,
     report_lists_nodes_out_of_service_oldest_first_with_gpu_hours,
     a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread,
