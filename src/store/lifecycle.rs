@@ -148,7 +148,13 @@ pub fn decide(
         state: to,
         since: t.at,
         out_since,
-        reason: t.reason.clone(),
+        // Never empty: PostgreSQL's placeholder row (nothing tracked yet)
+        // is the one with an empty reason.
+        reason: if t.reason.trim().is_empty() {
+            format!("set {}", to.words())
+        } else {
+            t.reason.clone()
+        },
         alert: keep(&t.alert, cur.map(|r| &r.alert)),
         xid: keep(&t.xid, cur.map(|r| &r.xid)),
         step: t.step.clone(),
