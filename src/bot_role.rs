@@ -193,6 +193,7 @@ async fn metrics(State(state): State<Arc<BotState>>) -> Response {
     if let Ok(n) = state.store.pending().await {
         state.metrics.outbox_pending.set(n);
     }
+    crate::lifecycle::export(&state.store, &state.metrics).await;
     let mut families = telemetry::process_families();
     families.extend(state.http.gather());
     families.extend(state.metrics.gather());
@@ -299,6 +300,7 @@ pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
     spawn_pruner(state.clone(), stop_rx.clone());
     crate::paging::spawn(state.clone(), stop_rx.clone());
     crate::report::schedule::spawn(state.clone(), stop_rx.clone());
+    crate::lifecycle::spawn_reminders(state.clone(), stop_rx.clone());
 
     if cfg.source.is_none() {
         tracing::info!(
@@ -394,6 +396,26 @@ pub fn status(args: crate::cli::StatusArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+/// `gpuops nodes`: the nodes out of service (read-only, like `status`).
+pub fn nodes(args: crate::cli::NodesArgs) -> anyhow::Result<ExitCode> {
+    let cfg = BotConfig::from_file(&args.config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let rows = rt.block_on(async {
+        let store = open_store_for_cli(&cfg).await?;
+        store
+            .node_states()
+            .await
+            .context("cannot read the node states (this is not an all-clear)")
+    })?;
+    let text = crate::lifecycle::nodes_text(&rows, crate::store::now());
+    use std::io::Write as _;
+    writeln!(std::io::stdout().lock(), "{text}").context("cannot write to stdout")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The bot's store for a CLI command (SQLite must exist already).

@@ -34,6 +34,8 @@ pub enum Command {
     Audit(AuditArgs),
     /// The open alert groups in the bot's store, or one node's (by its name or instance).
     Status(StatusArgs),
+    /// The nodes out of service in the bot's store, most GPU-hours lost first.
+    Nodes(NodesArgs),
     /// Write a new Ed25519 key pair for signing agent exec requests.
     Keygen(KeygenArgs),
     /// Manage the bot's store: apply schema migrations, copy SQLite to PostgreSQL.
@@ -276,6 +278,14 @@ pub struct StatusArgs {
     pub config: PathBuf,
     /// A node's name (as [[agents.nodes]] names it) or an instance (host:port)
     pub node: Option<String>,
+}
+
+/// `gpuops nodes`.
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    /// Bot configuration file (its [store])
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, Args)]

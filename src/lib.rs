@@ -21,6 +21,7 @@ pub mod exporter;
 pub mod gpu;
 pub mod host;
 pub mod inventory;
+pub mod lifecycle;
 pub mod message;
 pub mod notify;
 pub mod outbox;

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Runbook(cmd) => gpuops::runbook::cli(cmd),
         Command::Audit(args) => gpuops::bot_role::audit(args),
         Command::Status(args) => gpuops::bot_role::status(args),
+        Command::Nodes(args) => gpuops::bot_role::nodes(args),
         Command::Keygen(args) => gpuops::exec_auth::keygen(args),
         Command::Store(cmd) => gpuops::store_cmd::run(cmd),
         Command::Discord(cmd) => gpuops::bot_role::discord(cmd),

@@ -21,6 +21,8 @@ pub enum ChatAction {
     RunStep,
     Approve,
     Deny,
+    /// Set a node's tracked state (`/gpuops node …`).
+    NodeState,
 }
 
 /// A refusal, with a message fit to show the user.
@@ -48,7 +50,7 @@ pub fn authorize(role: Role, action: ChatAction, step: Option<&Step>) -> Result<
     use ChatAction::*;
     match action {
         Help | Status | Alerts | Runbooks => Ok(()),
-        Ack | Silence | Unsilence => {
+        Ack | Silence | Unsilence | NodeState => {
             if role >= Role::Operator {
                 Ok(())
             } else {
@@ -165,6 +167,7 @@ fn action_name(a: ChatAction) -> &'static str {
         ChatAction::RunStep => "run",
         ChatAction::Approve => "approve",
         ChatAction::Deny => "deny",
+        ChatAction::NodeState => "setting a node's state",
     }
 }
 

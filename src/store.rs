@@ -36,6 +36,7 @@ use crate::message::Ack;
 
 mod audit;
 pub mod copy;
+pub mod lifecycle;
 pub mod migrate;
 pub mod outbox;
 pub mod paging;

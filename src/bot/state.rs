@@ -45,6 +45,12 @@ pub struct BotMetrics {
     /// webhooks answered 200 but acted on nothing (`stale`, `no_event_id`,
     /// `replayed`, `unknown_incident`).
     pub pagerduty_webhooks_ignored: prometheus::IntCounterVec,
+    /// `gpuops_nodes{state}`: tracked nodes per state (`src/lifecycle.rs`),
+    /// set from the store at each scrape.
+    pub nodes: prometheus::IntGaugeVec,
+    /// `gpuops_node_out_of_service_seconds{node,state}`: each node out of
+    /// service, seconds since its stretch began.
+    pub node_out_of_service: prometheus::GaugeVec,
 }
 
 impl BotMetrics {
@@ -116,6 +122,22 @@ impl BotMetrics {
         for reason in ["stale", "no_event_id", "replayed", "unknown_incident"] {
             pagerduty_webhooks_ignored.with_label_values(&[reason]);
         }
+        let nodes = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "gpuops_nodes",
+                "Nodes whose state gpuops tracks, by state (in_service, quarantined, awaiting_repair, verifying), from the bot's store.",
+            ),
+            &["state"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let node_out_of_service = prometheus::GaugeVec::new(
+            Opts::new(
+                "gpuops_node_out_of_service_seconds",
+                "Seconds since each node not in service left service, with its current state, from the bot's store.",
+            ),
+            &["node", "state"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         for c in [
             Box::new(alerts_received.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(notifications.clone()),
@@ -125,6 +147,8 @@ impl BotMetrics {
             Box::new(reports.clone()),
             Box::new(report_duration.clone()),
             Box::new(pagerduty_webhooks_ignored.clone()),
+            Box::new(nodes.clone()),
+            Box::new(node_out_of_service.clone()),
         ] {
             let _ = registry.register(c);
         }
@@ -138,6 +162,22 @@ impl BotMetrics {
             reports,
             report_duration,
             pagerduty_webhooks_ignored,
+            nodes,
+            node_out_of_service,
+        }
+    }
+
+    /// Sets the node gauges from the store's rows: per state, and per node
+    /// out of service (series of returned nodes go away).
+    pub fn set_nodes(&self, per_state: &[(&str, i64)], out: &[(&str, &str, f64)]) {
+        for (state, n) in per_state {
+            self.nodes.with_label_values(&[state]).set(*n);
+        }
+        self.node_out_of_service.reset();
+        for (node, state, secs) in out {
+            self.node_out_of_service
+                .with_label_values(&[node, state])
+                .set(*secs);
         }
     }
 

@@ -796,6 +796,7 @@ pub async fn drive(
             None
         };
         record_step(&chat, &id, &ps.step.name, &out, by).await;
+        crate::chat::handlers::node_after_step(&chat, &row, &plan, ps, &out, by).await;
         if let Err(e) = progress(&chat, &id, i + 1, &results).await {
             tracing::error!(error = %e, run = %id, "cannot record run progress");
         }

@@ -41,6 +41,14 @@ pub enum Command {
     Deny {
         run: String,
     },
+    /// `nodes`: the nodes not in service.
+    Nodes,
+    /// `node <name> awaiting-repair|return ["reason"]`.
+    Node {
+        node: String,
+        state: crate::lifecycle::NodeState,
+        reason: Option<String>,
+    },
 }
 
 /// A button press on an alert message, or on an approval request.
@@ -78,6 +86,8 @@ pub const USAGE: &str = "\
 `unsilence <silence-id>` expire a silence (operators)
 `runbooks [alertname]` list runbooks, or those answering an alert
 `run <runbook>[:step,step] [alert=<group-id>] [param=value ...]` run a runbook (operators; mitigations wait for a second person's approval)
+`nodes` the nodes out of service: state, since, why, who acted last, GPU-hours lost
+`node <node> awaiting-repair|quarantined|verifying|return [\"reason\"]` set a node's state, e.g. `node gpu-node-17 awaiting-repair \"RMA 12345\"` (operators)
 `approve <run-id>` / `deny <run-id>` decide a step that waits for approval (admins; not your own request; or press Approve / Deny on the request)";
 
 /// Parses the text after `/gpuops`. Errors are the message to show,
@@ -201,6 +211,38 @@ pub fn parse_command(text: &str) -> Result<Command, String> {
             [r] if approvals::is_run_id(r) => Ok(Command::Deny { run: r.clone() }),
             _ => usage("deny <run-id>"),
         },
+        "nodes" if rest.is_empty() => Ok(Command::Nodes),
+        "nodes" => usage("nodes"),
+        "node" => {
+            let line = "node <node> awaiting-repair|quarantined|verifying|return [\"reason\"]";
+            let [node, state, more @ ..] = rest else {
+                return usage(line);
+            };
+            use crate::lifecycle::NodeState;
+            let state = match state.to_ascii_lowercase().as_str() {
+                "return" | "returned" => NodeState::InService,
+                other => match NodeState::parse(other) {
+                    Some(s) => s,
+                    None => return usage(line),
+                },
+            };
+            if !crate::exec_auth::is_node_name(node) {
+                return Err(format!(
+                    "node: {:?} is not a node name",
+                    notify::truncate_chars(node, 64)
+                ));
+            }
+            let reason = more.join(" ");
+            let reason = reason.trim().trim_matches('"').trim();
+            if reason.chars().count() > 300 {
+                return Err("node: the reason must be at most 300 characters".into());
+            }
+            Ok(Command::Node {
+                node: node.clone(),
+                state,
+                reason: (!reason.is_empty()).then(|| reason.to_string()),
+            })
+        }
         other => Err(format!(
             "unknown command {:?}\n\n{USAGE}",
             notify::truncate_chars(other, 40)
@@ -222,6 +264,8 @@ impl Command {
             Command::Run { .. } => "run",
             Command::Approve { .. } => "approve",
             Command::Deny { .. } => "deny",
+            Command::Nodes => "nodes",
+            Command::Node { .. } => "node",
         }
     }
 }
@@ -306,4 +350,57 @@ pub(super) fn is_step_argument(s: &str) -> bool {
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use expect_test::{expect, Expect};
+
+    use crate::chat::parse_command;
+
+    fn check(input: &str, expect: Expect) {
+        let got = match parse_command(input) {
+            Ok(c) => format!("{c:?}"),
+            Err(e) => format!("error: {}", e.lines().next().unwrap_or("")),
+        };
+        expect.assert_eq(&got);
+    }
+
+    #[test]
+    fn node_commands_parse() {
+        check("nodes", expect!["Nodes"]);
+        check("nodes all", expect!["error: usage: `nodes`"]);
+        check(
+            r#"node gpu-node-17 awaiting-repair "RMA 12345""#,
+            expect![[
+                r#"Node { node: "gpu-node-17", state: AwaitingRepair, reason: Some("RMA 12345") }"#
+            ]],
+        );
+        check(
+            "node gpu-node-17 return",
+            expect![[r#"Node { node: "gpu-node-17", state: InService, reason: None }"#]],
+        );
+        check(
+            "node gpu-node-17 quarantined drained by hand",
+            expect![[
+                r#"Node { node: "gpu-node-17", state: Quarantined, reason: Some("drained by hand") }"#
+            ]],
+        );
+        check(
+            "node gpu-node-17 broken",
+            expect![[
+                r#"error: usage: `node <node> awaiting-repair|quarantined|verifying|return ["reason"]`"#
+            ]],
+        );
+        check(
+            "node ../etc return",
+            expect![[r#"error: node: "../etc" is not a node name"#]],
+        );
+        check(
+            "node gpu-node-17",
+            expect![[
+                r#"error: usage: `node <node> awaiting-repair|quarantined|verifying|return ["reason"]`"#
+            ]],
+        );
+    }
 }

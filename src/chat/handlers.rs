@@ -3,6 +3,7 @@
 //! and audit are in `chat/mod.rs`; runs and approvals in `approvals.rs`.
 
 use crate::chat::*;
+use crate::lifecycle::{self, Applied};
 
 pub(super) async fn ack(chat: &Arc<ChatState>, user: &User, target: &str) -> Outcome {
     let who = user.key();
@@ -605,4 +606,109 @@ pub(super) fn runbooks_text(set: &RunbookSet, alertname: Option<&str>, configure
         })
         .collect();
     notify::fit_lines(&lines, 2800, 0)
+}
+
+/// The node state a run's step leaves (`lifecycle::on_step`), recorded
+/// with the run, the alert's thread and the person who acted (the approver
+/// of an approved step, else the requester).
+pub(super) async fn node_after_step(
+    chat: &ChatState,
+    row: &crate::store::runs::RunRecord,
+    plan: &RunPlan,
+    ps: &PlannedStep,
+    out: &StepOutcome,
+    approver: Option<&str>,
+) {
+    let who = chat.person_of(approver.unwrap_or(&row.requester));
+    let ctx = lifecycle::StepContext {
+        run: &row.id,
+        group: row.group_id,
+        by: &who,
+        at: chat.now() as f64,
+    };
+    let cfg = &chat.bot.config.lifecycle;
+    let applied = lifecycle::on_step(&chat.bot.store, cfg, plan, ps, out, ctx).await;
+    if let (Some(g), Some(line)) = (
+        row.group_id,
+        applied.as_ref().and_then(lifecycle::change_line),
+    ) {
+        approvals::post_thread(chat, g, line, None).await;
+    }
+}
+
+/// `/gpuops nodes`: the nodes not in service, most GPU-hours lost first.
+pub(super) async fn nodes_command(chat: &Arc<ChatState>, user: &User) -> Outcome {
+    let text = match chat.bot.store.node_states().await {
+        Ok(rows) => lifecycle::nodes_text(&rows, chat.now() as f64),
+        Err(e) => {
+            format!("⚠ cannot tell: the store could not be asked ({e}); this is not an all-clear")
+        }
+    };
+    chat.audit(&user.key(), "nodes", serde_json::json!({}), None, "ok")
+        .await;
+    Outcome::Now(Reply::private(text))
+}
+
+/// `/gpuops node <node> awaiting-repair|return ["reason"]` (operators):
+/// sets the node's state in the store, says so in its incident thread.
+pub(super) async fn node_command(
+    chat: &Arc<ChatState>,
+    user: &User,
+    node: &str,
+    state: lifecycle::NodeState,
+    reason: Option<String>,
+) -> Outcome {
+    let who = user.key();
+    let person = chat.person_of(&who);
+    let params = serde_json::json!({ "node": node, "state": state.as_str(), "reason": reason });
+    let reason = match (state, reason) {
+        (_, Some(r)) => r,
+        (lifecycle::NodeState::InService, None) => format!("returned to service by {person}"),
+        (s, None) => format!("set {} by {person}", s.words()),
+    };
+    let cfg = &chat.bot.config.lifecycle;
+    let at = chat.now() as f64;
+    let applied =
+        lifecycle::set_by_person(&chat.bot.store, cfg, node, state, &reason, &person, at).await;
+    let (text, outcome) = match &applied {
+        Err(e) => (
+            format!("⚠ {node}: cannot record its state ({e})"),
+            format!("error: {e}"),
+        ),
+        Ok(a) if !a.changed && a.row.is_none() => (
+            format!("{node} is not out of service (gpuops has no record of it leaving)"),
+            "refused: not tracked".into(),
+        ),
+        Ok(a) if !a.changed => (
+            format!("{node} is already {}", a.from.words()),
+            "unchanged".into(),
+        ),
+        Ok(a) => {
+            let lost = a
+                .lost_gpu_seconds
+                .map(|s| format!(" after {:.1} GPU-hours out of service", s / 3600.0))
+                .unwrap_or_default();
+            (
+                format!(
+                    "🔧 {person} set {node} {} (was {}): {reason}{lost}",
+                    state.words(),
+                    a.from.words()
+                ),
+                "ok".into(),
+            )
+        }
+    };
+    chat.audit(&who, "node", params, Some(node.to_string()), &outcome)
+        .await;
+    if let Ok(Applied {
+        changed: true,
+        row: Some(row),
+        ..
+    }) = &applied
+    {
+        if let Some(g) = row.group_id {
+            approvals::post_thread(chat, g, text.clone(), None).await;
+        }
+    }
+    Outcome::Now(Reply::public(text))
 }

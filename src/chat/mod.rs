@@ -454,6 +454,8 @@ pub async fn handle_command(
         Command::Silence { .. } => ChatAction::Silence,
         Command::Unsilence { .. } => ChatAction::Unsilence,
         Command::Runbooks { .. } => ChatAction::Runbooks,
+        Command::Nodes => ChatAction::Status,
+        Command::Node { .. } => ChatAction::NodeState,
         // Checked per step (and per approver) further on.
         Command::Run { .. } | Command::Approve { .. } | Command::Deny { .. } => ChatAction::Help,
     };
@@ -540,6 +542,12 @@ pub async fn handle_command(
         }
         Command::Approve { run } => approvals::approve(chat, user, &run, responder).await,
         Command::Deny { run } => approvals::deny(chat, user, &run, responder).await,
+        Command::Nodes => nodes_command(chat, user).await,
+        Command::Node {
+            node,
+            state,
+            reason,
+        } => node_command(chat, user, &node, state, reason).await,
     }
 }
 
@@ -750,6 +758,12 @@ fn command_params(cmd: &Command) -> serde_json::Value {
             serde_json::json!({ "runbook": runbook, "steps": steps, "alert": alert, "params": params })
         }
         Command::Approve { run } | Command::Deny { run } => serde_json::json!({ "run": run }),
+        Command::Nodes => serde_json::json!({}),
+        Command::Node {
+            node,
+            state,
+            reason,
+        } => serde_json::json!({ "node": node, "state": state.as_str(), "reason": reason }),
     }
 }
 

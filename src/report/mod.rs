@@ -20,6 +20,7 @@ pub mod compute;
 pub mod host;
 pub mod incidents;
 pub mod lost;
+pub mod out_of_service;
 pub mod prom;
 pub mod queries;
 pub mod render;

@@ -139,6 +139,58 @@ pub struct Step {
     pub state_on_success: Option<Template>,
     /// `state_on_failure`: the node's state when this mitigation ran and failed.
     pub state_on_failure: Option<Template>,
+    /// `node_state` / `node_state_on_failure`: the node's tracked state
+    /// (`lifecycle`) once this mitigation succeeded / failed.
+    pub node_state: Option<NodeState>,
+    pub node_state_on_failure: Option<NodeState>,
+}
+
+/// Where a node stands between a fault and its return (`src/lifecycle.rs`
+/// tracks it in the store; a runbook step's `node_state` sets it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NodeState {
+    InService,
+    /// Drained or cordoned: no new work lands on it.
+    Quarantined,
+    /// Hardware must be replaced (a remap failure, a repeated XID 79, an RMA).
+    AwaitingRepair,
+    /// Repaired or rebooted, being checked before it returns.
+    Verifying,
+}
+
+impl NodeState {
+    pub const ALL: [NodeState; 4] = [
+        NodeState::InService,
+        NodeState::Quarantined,
+        NodeState::AwaitingRepair,
+        NodeState::Verifying,
+    ];
+
+    /// The stored and exported name (`in_service`, `awaiting_repair`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::InService => "in_service",
+            NodeState::Quarantined => "quarantined",
+            NodeState::AwaitingRepair => "awaiting_repair",
+            NodeState::Verifying => "verifying",
+        }
+    }
+
+    /// In words, for people.
+    pub fn words(self) -> &'static str {
+        match self {
+            NodeState::InService => "in service",
+            NodeState::Quarantined => "quarantined",
+            NodeState::AwaitingRepair => "awaiting repair",
+            NodeState::Verifying => "verifying",
+        }
+    }
+
+    /// `in_service`, `in-service` or `in service` (any case).
+    pub fn parse(s: &str) -> Option<NodeState> {
+        let k = s.trim().to_ascii_lowercase().replace(['-', ' '], "_");
+        NodeState::ALL.into_iter().find(|n| n.as_str() == k)
+    }
 }
 
 /// When a step may run, decided by [`engine::next_action`] from the

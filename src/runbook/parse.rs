@@ -193,6 +193,8 @@ const STEP_KEYS: &[&str] = &[
     "state_on_failure",
     "fail_if_any",
     "fail_if_none",
+    "node_state",
+    "node_state_on_failure",
 ];
 
 fn value_kind(v: &Value) -> &'static str {

@@ -104,6 +104,46 @@ pub const TABLES: &[(&str, &[&str])] = &[
         &["group_id", "incident_group_id", "linked_at"],
     ),
     (
+        "node_states",
+        &[
+            "node",
+            "state",
+            "since",
+            "out_since",
+            "reason",
+            "alert",
+            "xid",
+            "step",
+            "run",
+            "by_person",
+            "gpus",
+            "group_id",
+            "updated_at",
+            "is_repeat",
+            "reminded_at",
+        ],
+    ),
+    (
+        "node_transitions",
+        &[
+            "id",
+            "node",
+            "from_state",
+            "to_state",
+            "at",
+            "reason",
+            "alert",
+            "xid",
+            "step",
+            "run",
+            "by_person",
+            "gpus",
+            "group_id",
+            "out_since",
+            "lost_gpu_seconds",
+        ],
+    ),
+    (
         "chat_runs",
         &[
             "id",
@@ -149,6 +189,7 @@ const IDENTITIES: &[&str] = &[
     "outbox",
     "dead_letters",
     "audit",
+    "node_transitions",
 ];
 
 /// `table` if it is one of the store's tables (names are never taken from

@@ -33,6 +33,11 @@ pub const SQLITE: &[Migration] = &[
         "planned_argv",
         include_str!("../../migrations/sqlite/0004_planned_argv.sql"),
     ),
+    (
+        5,
+        "node_states",
+        include_str!("../../migrations/sqlite/0005_node_states.sql"),
+    ),
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -60,6 +65,11 @@ pub const POSTGRES: &[Migration] = &[
         5,
         "planned_argv",
         include_str!("../../migrations/postgres/0005_planned_argv.sql"),
+    ),
+    (
+        6,
+        "node_states",
+        include_str!("../../migrations/postgres/0006_node_states.sql"),
     ),
 ];
 

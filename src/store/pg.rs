@@ -20,6 +20,7 @@ use crate::store::{now, Error, Result, CALL_DEADLINE};
 
 mod audit;
 mod core;
+mod lifecycle;
 mod listen;
 mod outbox;
 mod paging;

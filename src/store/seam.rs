@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::lifecycle::{Applied, NodeRecord, Transition, TransitionRecord};
 use crate::store::paging::{
     DigestDelivery, DigestGroup, EscalationCandidate, EscalationPlan, FiredStep,
 };
@@ -156,6 +157,18 @@ seam! {
         fn interrupt_running_runs(&self, now: f64) -> Result<Vec<(String, String, Option<i64>)>>;
         /// Waiting runs whose approval deadline passed.
         fn expired_runs(&self, now: f64) -> Result<Vec<RunRecord>>;
+        /// Applies a node's state transition if the stored state allows it,
+        /// decided in the database (PostgreSQL: the node's row locked).
+        fn node_transition(&self, t: Transition) -> Result<Applied>;
+        /// Every node whose state gpuops tracks, by name.
+        fn node_states(&self) -> Result<Vec<NodeRecord>>;
+        /// Claims a reminder that a node is still out (entered its state at
+        /// `since`, at least `min_age` s ago, not reminded within `gap` s)
+        /// and enqueues `body` in its incident thread, in one transaction;
+        /// `false` when not due or claimed already (another replica).
+        fn claim_node_reminder(&self, node: String, since: f64, now: f64, min_age: f64, gap: f64, body: String) -> Result<bool>;
+        /// Node state transitions at or after `since`, oldest first.
+        fn node_transitions(&self, since: f64) -> Result<Vec<TransitionRecord>>;
     }
     blocking {
         /// Appends an audit record (blocking; CLI and tests).

@@ -31,7 +31,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("runbooks", &["runbook", "rbac"]),
     ("bot leaves", &["routing", "message"]),
     ("bot seams", &["store", "notify"]),
-    ("bot services", &["alertmanager", "inventory", "bot"]),
+    (
+        "bot services",
+        &["alertmanager", "inventory", "lifecycle", "bot"],
+    ),
     (
         "bot handlers",
         &["alert", "outbox", "paging", "chat", "report"],

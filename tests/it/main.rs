@@ -35,6 +35,7 @@ mod gpu_xid;
 mod incident_walkthrough;
 mod inventory_prometheus;
 mod layers;
+mod lifecycle;
 mod metric_reference;
 mod ops_config;
 mod ops_dashboard;

@@ -23,6 +23,7 @@ const IDS: &[&str] = &[
     "gpu-underutilized",
     "gpu-xid",
     "memory-pressure",
+    "node-out-of-service",
     "oom-kill",
     "storage",
     "storage-mount-stuck",
@@ -243,7 +244,7 @@ fn cli_checks_lists_and_dry_runs_every_shipped_runbook() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "runbooks: 13 runbooks ok, 157 steps\n"
+        "runbooks: 14 runbooks ok, 161 steps\n"
     );
 
     let out = Command::new(bin)

@@ -425,8 +425,25 @@ impl Walker {
             get("state_on_success").and_then(|v| template(self, v, "state_on_success"));
         let state_on_failure =
             get("state_on_failure").and_then(|v| template(self, v, "state_on_failure"));
+        let mut node_state = |k: &str| {
+            let v = get(k)?;
+            let s = v.as_str().and_then(NodeState::parse);
+            if s.is_none() {
+                self.err(&loc, k, format!("{} is not a node state (expected quarantined, verifying, in_service or awaiting_repair)", display_value(v)));
+            }
+            s
+        };
+        let (node_state, node_state_on_failure) = (
+            node_state("node_state"),
+            node_state("node_state_on_failure"),
+        );
         if phase != Some(Phase::Mitigate) {
-            for k in ["state_on_success", "state_on_failure"] {
+            for k in [
+                "state_on_success",
+                "state_on_failure",
+                "node_state",
+                "node_state_on_failure",
+            ] {
                 if get(k).is_some() {
                     self.err(&loc, k, "only mitigations change the node's state");
                 }
@@ -456,6 +473,8 @@ impl Walker {
             approval_group,
             state_on_success,
             state_on_failure,
+            node_state,
+            node_state_on_failure,
         })
     }
 }
@@ -766,6 +785,43 @@ steps:
             .to_string();
         assert!(
             e.contains("releases_gpu: only a command step with target: node"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn node_state_step_field_is_parsed_and_validated() {
+        use crate::runbook::NodeState;
+        let with = RUNBOOK.replace(
+            "releases_gpu: true",
+            "releases_gpu: true\n    node_state: verifying\n    node_state_on_failure: awaiting-repair",
+        );
+        let rb = parse_runbook(Path::new("t.yaml"), &with).unwrap();
+        assert_eq!(rb.steps[0].node_state, Some(NodeState::Verifying));
+        assert_eq!(
+            rb.steps[0].node_state_on_failure,
+            Some(NodeState::AwaitingRepair)
+        );
+        assert_eq!(rb.steps[1].node_state, None);
+        let bad = with.replace("node_state: verifying", "node_state: broken");
+        let e = parse_runbook(Path::new("t.yaml"), &bad)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("node_state: \"broken\" is not a node state"),
+            "{e}"
+        );
+        let investigate = RUNBOOK.replace(
+            "[nvidia-smi, -q]",
+            "[nvidia-smi, -q]\n    node_state: quarantined",
+        );
+        let e = parse_runbook(Path::new("t.yaml"), &investigate)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("node_state: only mitigations change the node's state"),
             "{e}"
         );
     }
