@@ -1,5 +1,6 @@
 //! The command line: clap definitions only. Dispatch lives in `main.rs`,
-//! behaviour in the role modules.
+//! behaviour in the role modules. A build without the `bot` feature (the
+//! node build) has no bot subcommands: clap neither offers nor accepts them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,34 +21,44 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent: serve /metrics, /healthz, /readyz, /v1/events and (when enabled) /v1/exec.
+    #[cfg(feature = "agent")]
     Agent(AgentArgs),
     /// Print one full exposition to stdout and exit (0 even if some collectors fail).
+    #[cfg(feature = "agent")]
     Collect(CollectArgs),
     /// Validate a configuration file, reporting every error at once.
     CheckConfig(CheckConfigArgs),
     /// Run the chat-ops bot: AlertManager webhooks in, Slack and Discord out.
+    #[cfg(feature = "bot")]
     Bot(BotArgs),
     /// Validate, list, or run codified runbooks.
     #[command(subcommand)]
     Runbook(RunbookCommand),
     /// Print the bot's audit records.
+    #[cfg(feature = "bot")]
     Audit(AuditArgs),
     /// The open alert groups in the bot's store, or one node's (by its name or instance).
+    #[cfg(feature = "bot")]
     Status(StatusArgs),
     /// Write a new Ed25519 key pair for signing agent exec requests.
+    #[cfg(feature = "bot")]
     Keygen(KeygenArgs),
     /// Manage the bot's store: apply schema migrations, copy SQLite to PostgreSQL.
+    #[cfg(feature = "bot")]
     #[command(subcommand)]
     Store(StoreCommand),
     /// Set up the bot's Discord application.
+    #[cfg(feature = "bot")]
     #[command(subcommand)]
     Discord(DiscordCommand),
     /// Scheduled health reports: preview one into files, or send one now.
+    #[cfg(feature = "bot")]
     #[command(subcommand)]
     Report(ReportCommand),
 }
 
 /// `gpuops store ...`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
     /// Apply the schema migrations the configured store lacks ([store] path or url).
@@ -57,6 +68,7 @@ pub enum StoreCommand {
 }
 
 /// `gpuops store migrate`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct StoreMigrateArgs {
     /// Bot configuration file (its [store] section)
@@ -65,6 +77,7 @@ pub struct StoreMigrateArgs {
 }
 
 /// `gpuops store copy`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct StoreCopyArgs {
     /// The SQLite store: sqlite:PATH (or a plain path)
@@ -81,6 +94,7 @@ pub struct StoreCopyArgs {
     pub password_file: Option<PathBuf>,
 }
 
+#[cfg(feature = "bot")]
 #[derive(Debug, Subcommand)]
 pub enum DiscordCommand {
     /// Register the /gpuops slash command globally for [discord] application_id
@@ -88,6 +102,7 @@ pub enum DiscordCommand {
 }
 
 /// `gpuops discord register`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct DiscordRegisterArgs {
     /// Bot configuration file (TOML) with [discord] bot_token and application_id
@@ -96,6 +111,7 @@ pub struct DiscordRegisterArgs {
 }
 
 /// `gpuops report`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Subcommand)]
 pub enum ReportCommand {
     /// Write DIR/report.md, DIR/report.html and one PNG per chart; post nothing
@@ -105,6 +121,7 @@ pub enum ReportCommand {
 }
 
 /// Which report, for which period.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// Bot configuration file (TOML) with the [[reports]] entry
@@ -118,6 +135,7 @@ pub struct ReportArgs {
     pub at: Option<String>,
 }
 
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct ReportPreviewArgs {
     #[command(flatten)]
@@ -127,6 +145,7 @@ pub struct ReportPreviewArgs {
     pub out: PathBuf,
 }
 
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct ReportSendArgs {
     #[command(flatten)]
@@ -137,6 +156,7 @@ pub struct ReportSendArgs {
 }
 
 /// `gpuops keygen`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct KeygenArgs {
     /// Directory to write NAME.key (private, 0600, for the bot) and NAME.pub (for the agents)
@@ -213,10 +233,12 @@ pub struct CheckConfigArgs {
     #[arg(long, value_name = "FILE")]
     pub agent: Option<PathBuf>,
     /// A bot configuration file
+    #[cfg(feature = "bot")]
     #[arg(long, value_name = "FILE")]
     pub bot: Option<PathBuf>,
 }
 
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct BotArgs {
     /// Bot configuration file (TOML); without one the bot logs alerts to the console
@@ -269,6 +291,7 @@ pub struct RunbookRunArgs {
 }
 
 /// `gpuops status`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Bot configuration file (its [store] and [[agents.nodes]])
@@ -278,6 +301,7 @@ pub struct StatusArgs {
     pub node: Option<String>,
 }
 
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct AuditArgs {
     /// Bot configuration file (for the store path)

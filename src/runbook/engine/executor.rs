@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "bot")]
 use crate::exec_auth::ExecSigner;
 use crate::runbook::engine::*;
 use crate::runbook::exec::{CommandOutput, CommandRunner, CommandSpec, RunError};
@@ -41,6 +42,7 @@ pub enum NodeSteps {
     /// Run here through the command runner (`gpuops runbook run` on the node).
     Local,
     /// Send to the node's agent (the bot).
+    #[cfg(feature = "bot")]
     Agent(AgentClient),
     /// Node steps cannot run here; the string says why (shown as the outcome).
     Unavailable(String),
@@ -61,6 +63,7 @@ pub struct Executor {
 }
 
 /// Signs and sends node steps to the agents a directory knows.
+#[cfg(feature = "bot")]
 pub struct AgentClient {
     directory: Arc<dyn AgentDirectory>,
     signer: Arc<ExecSigner>,
@@ -70,6 +73,7 @@ pub struct AgentClient {
 
 /// The HTTP client for requests to agents: their CA, the bot's client
 /// certificate, no redirects.
+#[cfg(feature = "bot")]
 pub fn agent_http_client(
     t: &crate::config::bot::AgentTransport,
 ) -> Result<reqwest::Client, String> {
@@ -199,6 +203,7 @@ impl Executor {
         prometheus_url: Option<String>,
     ) -> Executor {
         let directory = match &node {
+            #[cfg(feature = "bot")]
             NodeSteps::Agent(agent) => Some(agent.directory()),
             _ => None,
         };
@@ -449,6 +454,7 @@ impl StepExecutor for Executor {
                 }
                 (Rendered::Command { argv }, StepTarget::Node) => match &self.node {
                     NodeSteps::Local => self.command(&step.step, argv).await,
+                    #[cfg(feature = "bot")]
                     NodeSteps::Agent(agent) => agent.execute(plan, step).await,
                     NodeSteps::Unavailable(why) => StepOutcome::error(why.clone(), Duration::ZERO),
                 },
@@ -509,6 +515,7 @@ impl StepExecutor for DryRunExecutor {
     }
 }
 
+#[cfg(feature = "bot")]
 impl AgentClient {
     pub fn new(directory: Arc<dyn AgentDirectory>, signer: Arc<ExecSigner>) -> AgentClient {
         AgentClient {
