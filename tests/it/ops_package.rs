@@ -398,8 +398,11 @@ fn deb_field(deb: &std::path::Path, field: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The node binary's size budget (issue 23: ≤ 8 MB).
+const NODE_BINARY_MAX_BYTES: u64 = 8_000_000;
+
 /// The node package as built: the agent build's binary (no bot
-/// subcommand, `gpuops bot` refused), the agent's unit and files, no bot
+/// subcommand, `gpuops bot` refused, within its size budget), the agent's unit and files, no bot
 /// unit, configuration or Prometheus/Grafana files, conflicting with the
 /// full package.
 #[test]
@@ -469,6 +472,13 @@ fn built_agent_deb_holds_the_agent_build_and_nothing_of_the_bot() {
         .expect("dpkg-deb -x");
     assert!(x.success());
     let bin = dir.path().join("usr/bin/gpuops");
+    // Issue 23's budget for the binary on every node (11.1 MB with the
+    // release profile, 7.6 MB with release-agent's size settings).
+    let size = std::fs::metadata(&bin).expect("usr/bin/gpuops").len();
+    assert!(
+        size <= NODE_BINARY_MAX_BYTES,
+        "the node binary is {size} bytes, over {NODE_BINARY_MAX_BYTES}"
+    );
     let help = Command::new(&bin)
         .arg("--help")
         .output()
