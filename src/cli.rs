@@ -8,10 +8,18 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "gpuops",
-    version,
-    about = "GPU cluster operations: a node agent exporting USE metrics for Prometheus, and a chat-ops bot for AlertManager"
+#[command(name = "gpuops", version)]
+#[cfg_attr(
+    feature = "bot",
+    command(
+        about = "GPU cluster operations: a node agent exporting USE metrics for Prometheus, and a chat-ops bot for AlertManager"
+    )
+)]
+#[cfg_attr(
+    not(feature = "bot"),
+    command(
+        about = "GPU cluster operations: the node agent exporting USE metrics for Prometheus (the node build, without the bot)"
+    )
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -485,6 +485,10 @@ fn built_agent_deb_holds_the_agent_build_and_nothing_of_the_bot() {
         .expect("gpuops --help");
     assert!(help.status.success());
     let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("without the bot") && !help.contains("chat-ops bot"),
+        "the node build's --help describes the full build:\n{help}"
+    );
     let subcommands: Vec<&str> = help
         .lines()
         .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
