@@ -11,7 +11,9 @@ use anyhow::Context as _;
 use crate::cli::{AgentArgs, CheckConfigArgs, CollectArgs, HostArgs};
 use crate::collector::{self, kmsg, Context, KernelEvents, Runner};
 use crate::config::agent::{ExecConfig, GpuBackendChoice};
-use crate::config::{AgentConfig, BotConfig};
+use crate::config::AgentConfig;
+#[cfg(feature = "bot")]
+use crate::config::BotConfig;
 use crate::exporter::{self, AgentState};
 use crate::telemetry::{self, HttpMetrics};
 
@@ -286,6 +288,7 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    #[cfg(feature = "bot")]
     if let Some(p) = &args.bot {
         let parsed = BotConfig::from_file(p);
         if let Ok(c) = &parsed {

@@ -1,5 +1,6 @@
 //! The command line: clap definitions only. Dispatch lives in `main.rs`,
-//! behaviour in the role modules.
+//! behaviour in the role modules. A build without the `bot` feature (the
+//! node build) has no bot subcommands: clap neither offers nor accepts them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,10 +8,18 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "gpuops",
-    version,
-    about = "GPU cluster operations: a node agent exporting USE metrics for Prometheus, and a chat-ops bot for AlertManager"
+#[command(name = "gpuops", version)]
+#[cfg_attr(
+    feature = "bot",
+    command(
+        about = "GPU cluster operations: a node agent exporting USE metrics for Prometheus, and a chat-ops bot for AlertManager"
+    )
+)]
+#[cfg_attr(
+    not(feature = "bot"),
+    command(
+        about = "GPU cluster operations: the node agent exporting USE metrics for Prometheus (the node build, without the bot)"
+    )
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -20,36 +29,47 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent: serve /metrics, /healthz, /readyz, /v1/events and (when enabled) /v1/exec.
+    #[cfg(feature = "agent")]
     Agent(AgentArgs),
     /// Print one full exposition to stdout and exit (0 even if some collectors fail).
+    #[cfg(feature = "agent")]
     Collect(CollectArgs),
     /// Validate a configuration file, reporting every error at once.
     CheckConfig(CheckConfigArgs),
     /// Run the chat-ops bot: AlertManager webhooks in, Slack and Discord out.
+    #[cfg(feature = "bot")]
     Bot(BotArgs),
     /// Validate, list, or run codified runbooks.
     #[command(subcommand)]
     Runbook(RunbookCommand),
     /// Print the bot's audit records.
+    #[cfg(feature = "bot")]
     Audit(AuditArgs),
     /// The open alert groups in the bot's store, or one node's (by its name or instance).
+    #[cfg(feature = "bot")]
     Status(StatusArgs),
     /// The nodes out of service in the bot's store, most GPU-hours lost first.
+    #[cfg(feature = "bot")]
     Nodes(NodesArgs),
     /// Write a new Ed25519 key pair for signing agent exec requests.
+    #[cfg(feature = "bot")]
     Keygen(KeygenArgs),
     /// Manage the bot's store: apply schema migrations, copy SQLite to PostgreSQL.
+    #[cfg(feature = "bot")]
     #[command(subcommand)]
     Store(StoreCommand),
     /// Set up the bot's Discord application.
+    #[cfg(feature = "bot")]
     #[command(subcommand)]
     Discord(DiscordCommand),
     /// Scheduled health reports: preview one into files, or send one now.
+    #[cfg(feature = "bot")]
     #[command(subcommand)]
     Report(ReportCommand),
 }
 
 /// `gpuops store ...`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
     /// Apply the schema migrations the configured store lacks ([store] path or url).
@@ -59,6 +79,7 @@ pub enum StoreCommand {
 }
 
 /// `gpuops store migrate`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct StoreMigrateArgs {
     /// Bot configuration file (its [store] section)
@@ -67,6 +88,7 @@ pub struct StoreMigrateArgs {
 }
 
 /// `gpuops store copy`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct StoreCopyArgs {
     /// The SQLite store: sqlite:PATH (or a plain path)
@@ -83,6 +105,7 @@ pub struct StoreCopyArgs {
     pub password_file: Option<PathBuf>,
 }
 
+#[cfg(feature = "bot")]
 #[derive(Debug, Subcommand)]
 pub enum DiscordCommand {
     /// Register the /gpuops slash command globally for [discord] application_id
@@ -90,6 +113,7 @@ pub enum DiscordCommand {
 }
 
 /// `gpuops discord register`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct DiscordRegisterArgs {
     /// Bot configuration file (TOML) with [discord] bot_token and application_id
@@ -98,6 +122,7 @@ pub struct DiscordRegisterArgs {
 }
 
 /// `gpuops report`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Subcommand)]
 pub enum ReportCommand {
     /// Write DIR/report.md, DIR/report.html and one PNG per chart; post nothing
@@ -107,6 +132,7 @@ pub enum ReportCommand {
 }
 
 /// Which report, for which period.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// Bot configuration file (TOML) with the [[reports]] entry
@@ -120,6 +146,7 @@ pub struct ReportArgs {
     pub at: Option<String>,
 }
 
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct ReportPreviewArgs {
     #[command(flatten)]
@@ -129,6 +156,7 @@ pub struct ReportPreviewArgs {
     pub out: PathBuf,
 }
 
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct ReportSendArgs {
     #[command(flatten)]
@@ -139,6 +167,7 @@ pub struct ReportSendArgs {
 }
 
 /// `gpuops keygen`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct KeygenArgs {
     /// Directory to write NAME.key (private, 0600, for the bot) and NAME.pub (for the agents)
@@ -215,10 +244,12 @@ pub struct CheckConfigArgs {
     #[arg(long, value_name = "FILE")]
     pub agent: Option<PathBuf>,
     /// A bot configuration file
+    #[cfg(feature = "bot")]
     #[arg(long, value_name = "FILE")]
     pub bot: Option<PathBuf>,
 }
 
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct BotArgs {
     /// Bot configuration file (TOML); without one the bot logs alerts to the console
@@ -271,6 +302,7 @@ pub struct RunbookRunArgs {
 }
 
 /// `gpuops status`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Bot configuration file (its [store] and [[agents.nodes]])
@@ -281,6 +313,7 @@ pub struct StatusArgs {
 }
 
 /// `gpuops nodes`.
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct NodesArgs {
     /// Bot configuration file (its [store])
@@ -288,6 +321,7 @@ pub struct NodesArgs {
     pub config: PathBuf,
 }
 
+#[cfg(feature = "bot")]
 #[derive(Debug, Args)]
 pub struct AuditArgs {
     /// Bot configuration file (for the store path)

@@ -600,6 +600,7 @@ pub fn is_node_name(s: &str) -> bool {
 }
 
 /// `gpuops keygen`: writes `NAME.key` (0600, created new) and `NAME.pub`.
+#[cfg(feature = "bot")]
 pub fn keygen(args: crate::cli::KeygenArgs) -> anyhow::Result<std::process::ExitCode> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -674,6 +675,7 @@ pub fn keygen(args: crate::cli::KeygenArgs) -> anyhow::Result<std::process::Exit
 
 /// The git work tree `dir` is in (a `.git` in it or a directory above it),
 /// judged from the nearest existing ancestor of `dir`.
+#[cfg(feature = "bot")]
 fn git_work_tree_of(dir: &Path) -> Option<std::path::PathBuf> {
     let mut existing = dir.to_path_buf();
     if existing.as_os_str().is_empty() {

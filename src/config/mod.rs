@@ -7,11 +7,17 @@
 //! the file it is given and the `*_file` secrets it names.
 
 pub mod agent;
+#[cfg(feature = "bot")]
 pub mod bot;
+#[cfg(feature = "bot")]
 pub mod paging;
+#[cfg(feature = "bot")]
 mod people;
+#[cfg(feature = "bot")]
 pub mod reports;
+#[cfg(feature = "bot")]
 pub mod routing;
+#[cfg(feature = "bot")]
 pub mod store;
 
 use std::fmt;
@@ -23,6 +29,7 @@ use toml::Spanned;
 
 pub use crate::secret::{load_secret_file, Secret};
 pub use agent::AgentConfig;
+#[cfg(feature = "bot")]
 pub use bot::BotConfig;
 
 /// One problem in a configuration file.

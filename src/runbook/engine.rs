@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::exec_auth::SignedApproval;
 use crate::runbook::{Action, Escape, HttpMethod, ParamErrors, Params, Phase, Runbook, Step};
+#[cfg(feature = "bot")]
 use crate::signing::{self, Clock as _};
 
 mod executor;

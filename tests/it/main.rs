@@ -12,6 +12,7 @@ mod ops_support;
 mod paging_support;
 mod report_support;
 
+mod agent_build;
 mod agent_exec;
 mod agent_exec_binary;
 mod agent_golden;

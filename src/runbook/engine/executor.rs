@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "bot")]
 use crate::exec_auth::ExecSigner;
 use crate::runbook::engine::*;
 use crate::runbook::exec::resolve::{resolve_argv, SearchPath};
@@ -55,6 +56,7 @@ pub enum NodeSteps {
     /// Run here through the command runner (`gpuops runbook run` on the node).
     Local,
     /// Send to the node's agent (the bot).
+    #[cfg(feature = "bot")]
     Agent(AgentClient),
     /// Node steps cannot run here; the string says why (shown as the outcome).
     Unavailable(String),
@@ -78,6 +80,7 @@ pub struct Executor {
 }
 
 /// Signs and sends node steps to the agents a directory knows.
+#[cfg(feature = "bot")]
 pub struct AgentClient {
     directory: Arc<dyn AgentDirectory>,
     signer: Arc<ExecSigner>,
@@ -87,6 +90,7 @@ pub struct AgentClient {
 
 /// The HTTP client for requests to agents: their CA, the bot's client
 /// certificate, no redirects.
+#[cfg(feature = "bot")]
 pub fn agent_http_client(
     t: &crate::config::bot::AgentTransport,
 ) -> Result<reqwest::Client, String> {
@@ -228,6 +232,7 @@ impl Executor {
         prometheus_url: Option<String>,
     ) -> Executor {
         let directory = match &node {
+            #[cfg(feature = "bot")]
             NodeSteps::Agent(agent) => Some(agent.directory()),
             _ => None,
         };
@@ -501,6 +506,7 @@ impl StepExecutor for Executor {
             match (&step.rendered, step.step.target) {
                 (Rendered::Command { argv }, StepTarget::Node) => match &self.node {
                     NodeSteps::Local => self.command_here(step, argv).await,
+                    #[cfg(feature = "bot")]
                     NodeSteps::Agent(agent) => agent.execute(plan, step).await,
                     NodeSteps::Unavailable(why) => StepOutcome::error(why.clone(), Duration::ZERO),
                 },
@@ -525,6 +531,7 @@ impl StepExecutor for Executor {
                 return StepPlan::failed(why);
             }
             match (step.step.target, &self.node) {
+                #[cfg(feature = "bot")]
                 (StepTarget::Node, NodeSteps::Agent(agent)) => agent.plan(plan, step).await,
                 (StepTarget::Node, NodeSteps::Unavailable(why)) => StepPlan::failed(why.clone()),
                 _ => {
@@ -615,6 +622,7 @@ impl StepExecutor for DryRunExecutor {
     }
 }
 
+#[cfg(feature = "bot")]
 impl AgentClient {
     pub fn new(directory: Arc<dyn AgentDirectory>, signer: Arc<ExecSigner>) -> AgentClient {
         AgentClient {

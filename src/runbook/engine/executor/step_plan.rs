@@ -6,11 +6,15 @@
 //! bot-side and local steps here, with the same resolution
 //! ([`crate::runbook::exec::resolve`]). PromQL and HTTP steps need none.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(feature = "bot")]
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "bot")]
 use crate::exec_auth::ExecSigner;
+#[cfg(feature = "bot")]
 use crate::runbook::engine::executor::{cap_text, read_text_capped};
 use crate::runbook::engine::*;
 use crate::runbook::exec::resolve::{resolve_argv, SearchPath};
@@ -164,6 +168,7 @@ pub fn plan_here(step: &PlannedStep, path: &SearchPath, where_: &str) -> StepPla
     }
 }
 
+#[cfg(feature = "bot")]
 impl AgentClient {
     /// Asks the node's agent for a node step's plan (`POST /v1/plan`,
     /// signed for planning only). An agent without `/v1/plan` (404) is an
