@@ -529,3 +529,22 @@ fn bot_deployment_is_one_replica_on_its_volume() {
         "the store's PVC is mounted"
     );
 }
+
+#[test]
+fn kmsg_component_mounts_the_kernel_log_where_the_agent_reads_it() {
+    let patch = documents(&k8s_dir().join("components/kmsg/agent-kmsg.yaml")).remove(0);
+    assert_eq!(s(&patch, "kind"), "DaemonSet");
+    assert_eq!(
+        s(&patch["metadata"], "name"),
+        s(&manifest("agent-daemonset.yaml")["metadata"], "name")
+    );
+    let pod = &patch["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(s(c, "name"), "agent");
+    let toml_text = configmap_file("agent-configmap.yaml", "agent.toml");
+    let cfg = AgentConfig::from_str(Path::new("agent.toml"), &toml_text)
+        .unwrap_or_else(|e| panic!("agent.toml: {e}"));
+    let (at, ro) = host_mount(pod, c, "/dev/kmsg").expect("the component mounts /dev/kmsg");
+    assert_eq!(Path::new(&at), cfg.roots.kmsg.as_path());
+    assert!(ro, "/dev/kmsg mounted read-only");
+}
