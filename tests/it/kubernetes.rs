@@ -548,3 +548,79 @@ fn kmsg_component_mounts_the_kernel_log_where_the_agent_reads_it() {
     assert_eq!(Path::new(&at), cfg.roots.kmsg.as_path());
     assert!(ro, "/dev/kmsg mounted read-only");
 }
+
+/// `kubectl kustomize` (kustomize built into kubectl; no cluster needed) on
+/// `dir`: the rendered objects.
+fn kustomize(dir: &Path) -> Vec<Value> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("needs kubectl on PATH (kubectl kustomize)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).expect("rendered YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs kubectl: run by .ci/run"]
+fn kustomize_renders_the_manifests_and_the_kmsg_component() {
+    let objects = kustomize(&k8s_dir());
+    let resources = strings(&manifest("kustomization.yaml")["resources"]);
+    assert_eq!(objects.len(), resources.len(), "one object per resource");
+    for o in &objects {
+        if s(o, "kind") != "Namespace" {
+            assert_eq!(s(&o["metadata"], "namespace"), "gpuops", "{o:?}");
+        }
+        if let Some(containers) = o["spec"]["template"]["spec"]["containers"].as_sequence() {
+            for c in containers {
+                assert!(
+                    !s(c, "image").starts_with("ghcr.io/gpuops/"),
+                    "images: not applied to {}",
+                    s(&o["metadata"], "name")
+                );
+            }
+        }
+    }
+
+    // The component, turned on as the kustomization's comment says.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("kubernetes");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(k8s_dir())
+        .arg(&copy)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    let k = copy.join("kustomization.yaml");
+    let text = std::fs::read_to_string(&k).unwrap();
+    let on = text
+        .replace("# components:\n", "components:\n")
+        .replace("#   - components/kmsg\n", "  - components/kmsg\n");
+    assert_ne!(
+        on, text,
+        "the kustomization's comment names components/kmsg"
+    );
+    std::fs::write(&k, on).unwrap();
+    let ds = kustomize(&copy)
+        .into_iter()
+        .find(|o| s(o, "kind") == "DaemonSet")
+        .expect("DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let (at, _) = host_mount(pod, c, "/dev/kmsg").expect("/dev/kmsg mounted");
+    assert_eq!(at, "/dev/kmsg");
+    assert!(
+        host_mount(pod, c, "/proc").is_some(),
+        "the patch merges into the DaemonSet"
+    );
+}
