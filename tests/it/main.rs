@@ -35,6 +35,7 @@ mod gpu_golden;
 mod gpu_xid;
 mod incident_walkthrough;
 mod inventory_prometheus;
+mod kubernetes;
 mod layers;
 mod lifecycle;
 mod metric_reference;
