@@ -74,10 +74,23 @@ impl Collector for StorageCollector {
         NAME
     }
 
+    /// Runs on the scrape's thread: its only blocking call, `statvfs`, runs
+    /// on a thread of its own with `statvfs_deadline` (shorter than the
+    /// collector deadline); the rest reads /proc text.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
         let roots = &ctx.roots;
         if let Some(selected) = self.selected_mounts(sink, roots, &ctx.config.storage) {
-            self.export_mounts(sink, roots, &selected, &ctx.config.storage);
+            // Never past the collector deadline, whatever statvfs_deadline says.
+            let deadline = ctx
+                .config
+                .storage
+                .statvfs_deadline
+                .min(ctx.config.collectors.deadline);
+            self.export_mounts(sink, roots, &selected, deadline);
         }
         let devices = export_diskstats(sink, roots);
         export_psi(
@@ -218,9 +231,8 @@ impl StorageCollector {
         sink: &mut Sink,
         roots: &HostRoots,
         mounts: &[Mount],
-        cfg: &StorageConfig,
+        deadline: std::time::Duration,
     ) {
-        let deadline = cfg.statvfs_deadline;
         let started = Instant::now();
         let pending: Vec<_> = mounts
             .iter()
