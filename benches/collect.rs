@@ -123,6 +123,19 @@ fn bench_each(c: &mut Criterion) {
     c.bench_function("process_families", |b| {
         b.iter(gpuops::telemetry::process_families)
     });
+    // The RED metrics of a server that has answered a few routes, gathered
+    // and encoded as each scrape does.
+    let http = HttpMetrics::new();
+    for (endpoint, status) in [("/metrics", 200), ("/healthz", 200), ("/v1/events", 400)] {
+        http.observe(endpoint, "GET", status, 0.001, Some(0), Some(1000));
+    }
+    c.bench_function("http_metrics_gather_encode", |b| {
+        b.iter(|| {
+            let mut out = String::new();
+            let _ = prometheus::TextEncoder::new().encode_utf8(&http.gather(), &mut out);
+            out
+        })
+    });
 }
 
 criterion_group!(benches, bench, bench_router, bench_each);

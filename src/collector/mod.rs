@@ -549,6 +549,55 @@ mod tests {
         }
     }
 
+    /// Records the thread it ran on.
+    struct WhereRun(std::sync::Mutex<Vec<std::thread::ThreadId>>);
+
+    impl Collector for WhereRun {
+        fn name(&self) -> &'static str {
+            "where"
+        }
+
+        fn collect(&self, _ctx: &Context, _sink: &mut Sink) -> Result<(), Error> {
+            self.0.lock().unwrap().push(std::thread::current().id());
+            Ok(())
+        }
+
+        fn may_block(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn procfs_collectors_run_on_the_scrape_thread_without_a_hand_off() {
+        let ctx = Arc::new(Context::new(
+            Arc::new(AgentConfig::default()),
+            Arc::new(KernelEvents::new()),
+            false,
+        ));
+        let probe = Arc::new(WhereRun(std::sync::Mutex::new(Vec::new())));
+        let runner = Runner::new(ctx.clone(), vec![probe.clone()]);
+        for _ in 0..3 {
+            assert!(runner.collect()[0].success);
+        }
+        let me = std::thread::current().id();
+        assert_eq!(*probe.0.lock().unwrap(), vec![me; 3]);
+        // Every host collector reads /proc and /sys (storage bounds its own
+        // statvfs calls): none needs a thread of its own.
+        let mut cfg = AgentConfig::default();
+        cfg.collectors.gpu = false;
+        let ctx = Arc::new(Context::new(
+            Arc::new(cfg),
+            Arc::new(KernelEvents::new()),
+            false,
+        ));
+        let blocking: Vec<_> = all(&ctx)
+            .iter()
+            .filter(|c| c.may_block())
+            .map(|c| c.name())
+            .collect();
+        assert!(blocking.is_empty(), "{blocking:?}");
+    }
+
     #[test]
     fn text_is_escaped_like_the_exposition_format_and_reads_back() {
         let mut s = Sink::new();
