@@ -120,8 +120,12 @@ fn bench_each(c: &mut Criterion) {
             })
         });
     }
-    c.bench_function("process_families", |b| {
-        b.iter(gpuops::telemetry::process_families)
+    c.bench_function("process_text", |b| {
+        b.iter(|| {
+            let mut out = String::new();
+            gpuops::telemetry::process_text(&mut out);
+            out
+        })
     });
     // The RED metrics of a server that has answered a few routes, gathered
     // and encoded as each scrape does.

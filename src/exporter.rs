@@ -48,11 +48,10 @@ pub fn render_with_self_metrics(
         .get()
         .copied()
         .unwrap_or("none");
-    let mut own = telemetry::process_families();
-    if let Some(h) = http {
-        own.extend(h.gather());
-    }
-    collector::render(collected, &telemetry::build_info("agent", backend), &own)
+    let mut own = telemetry::build_info("agent", backend);
+    telemetry::process_text(&mut own);
+    let http = http.map(|h| h.gather()).unwrap_or_default();
+    collector::render(collected, &own, &http)
 }
 
 /// The agent's router (without `/v1/exec`).
