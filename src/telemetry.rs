@@ -274,7 +274,8 @@ pub fn build_info(role: &str, gpu_backend: &str) -> String {
 /// Process metrics (`process_resident_memory_bytes`, CPU seconds, fds...)
 /// in text format, with the names and help of the `prometheus` crate's
 /// process collector (and the Go client's), written straight from one read
-/// of `/proc/self/stat`, the `/proc/self/fd` count and `getrlimit`: the
+/// of `/proc/self/stat`, the `/proc/self/fd` count and `getrlimit` (read
+/// through [`crate::host`]; `btime` of `/proc/stat` once): the
 /// crate's collector also reads `/proc/self/limits` and builds protobuf
 /// families for the text encoder to walk, about 50 µs a scrape. A value that
 /// cannot be read is left out.
@@ -284,7 +285,10 @@ pub fn process_text(out: &mut String) {
         .read_text(std::path::Path::new("/proc/self/stat"))
         .ok()
         .and_then(|t| SelfStat::parse(&t));
-    let open_fds = std::fs::read_dir("/proc/self/fd").ok().map(Iterator::count);
+    let open_fds = roots
+        .list_dir(std::path::Path::new("/proc/self/fd"))
+        .ok()
+        .map(|fds| fds.len());
     let max_fds = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
     let tick = procfs::ticks_per_second().max(1) as f64;
     let mut family = |name: &str, help: &str, kind: &str, v: Option<f64>| {
@@ -332,7 +336,12 @@ pub fn process_text(out: &mut String) {
         "gauge",
         stat.as_ref().and_then(|s| {
             static BOOT: OnceLock<Option<u64>> = OnceLock::new();
-            let boot = (*BOOT.get_or_init(|| procfs::boot_time_secs().ok()))?;
+            let boot = (*BOOT.get_or_init(|| {
+                let stat = roots.read_text(std::path::Path::new("/proc/stat")).ok()?;
+                stat.lines()
+                    .find_map(|l| l.strip_prefix("btime "))
+                    .and_then(|v| v.trim().parse().ok())
+            }))?;
             Some(boot as f64 + s.start_ticks as f64 / tick)
         }),
     );
