@@ -306,6 +306,14 @@ impl Runner {
         &self.ctx
     }
 
+    /// Whether a collector may block (and so runs on a thread of its own
+    /// with a deadline): then a scrape belongs on the blocking pool. Without
+    /// one (no GPU collector), a scrape's longest wait is a stuck mount's
+    /// first statvfs, at most `storage.statvfs_deadline`.
+    pub fn may_block(&self) -> bool {
+        self.collectors.iter().any(|c| c.may_block())
+    }
+
     /// True once a full collection has completed.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
