@@ -425,6 +425,31 @@ mod tests {
     }
 
     #[test]
+    fn fake_serves_slow_values_only_from_slow_snapshot() {
+        let b = load(
+            r#"{"devices": [{"index": 0, "uuid": "GPU-0", "pci_bus_id": "1:0",
+                "energy_joules": 5.5, "power_limit_watts": 700,
+                "ecc": {"uncorrected_volatile": 2}, "remapped_rows": {"failure": 0}}]}"#,
+        )
+        .unwrap();
+        let fast = b.snapshot().unwrap();
+        let d = &fast.devices[0];
+        assert_eq!((d.energy_joules, d.power_limit_watts), (None, None));
+        assert_eq!(d.ecc.uncorrected_volatile, None);
+        let slow = b.slow_snapshot().unwrap();
+        assert_eq!((slow[0].index, slow[0].uuid.as_str()), (0, "GPU-0"));
+        let v = &slow[0].values;
+        assert_eq!(
+            (v.energy_joules, v.power_limit_watts),
+            (Some(5.5), Some(700.0))
+        );
+        assert_eq!(v.ecc.uncorrected_volatile, Some(2));
+        assert_eq!(v.remapped_rows.failure, Some(0));
+        let kinds: Vec<_> = b.calls().iter().map(|c| c.kind).collect();
+        assert_eq!(kinds, ["snapshot", "slow_snapshot"]);
+    }
+
+    #[test]
     fn fake_release_fails_reads_until_reinit() {
         let b =
             load(r#"{"devices": [{"index": 0, "uuid": "GPU-0", "pci_bus_id": "1:0"}]}"#).unwrap();
