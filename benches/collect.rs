@@ -1,15 +1,23 @@
 //! Criterion benches of one scrape: every host collector run through the
 //! runner (threads, deadlines) and rendered as Prometheus text, on the fixture
-//! tree and on this machine's own /proc and /sys.
-//! Run with `cargo bench --bench collect`.
+//! tree and on this machine's own /proc and /sys; and one whole `/metrics`
+//! request through the agent's router (HTTP metrics middleware, compression
+//! layer, handler, self-metrics), as a kept-alive Prometheus scrape is
+//! served, without the TCP round trip (`scripts/compare-node-exporter` has
+//! that). Run with `cargo bench --bench collect`.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use axum::body::Body;
+use axum::http::Request;
 use criterion::{criterion_group, criterion_main, Criterion};
 use gpuops::collector::{self, kmsg, Context, KernelEvents, Runner, Sink};
 use gpuops::config::AgentConfig;
-use gpuops::exporter;
+use gpuops::exporter::{self, AgentState};
+use gpuops::telemetry::HttpMetrics;
+use http_body_util::BodyExt as _;
+use tower::ServiceExt as _;
 
 fn runner(cfg: AgentConfig) -> Runner {
     let cfg = Arc::new(cfg);
@@ -54,6 +62,48 @@ fn bench(c: &mut Criterion) {
     });
 }
 
+/// One `/metrics` request through the agent's router on this machine, on a
+/// runtime like the agent's (two workers), with and without gzip.
+fn bench_router(c: &mut Criterion) {
+    let mut cfg = AgentConfig::default();
+    cfg.collectors.gpu = false;
+    cfg.roots.kmsg = "/nonexistent".into();
+    let runner = Arc::new(runner(cfg));
+    let state = Arc::new(AgentState {
+        runner,
+        events: Arc::new(KernelEvents::new()),
+        http: Arc::new(HttpMetrics::new()),
+    });
+    let app = exporter::router(state);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    for (name, gzip) in [
+        ("scrape_router_this_host", false),
+        ("scrape_router_this_host_gzip", true),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let mut req = Request::get("/metrics");
+                    if gzip {
+                        req = req.header("accept-encoding", "gzip");
+                    }
+                    let resp = app
+                        .clone()
+                        .oneshot(req.body(Body::empty()).unwrap_or_default())
+                        .await
+                        .unwrap_or_default();
+                    let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+                    body.map(|b| b.len()).unwrap_or(0)
+                })
+            })
+        });
+    }
+}
+
 /// Each collector alone, called directly (no runner thread), on this machine.
 fn bench_each(c: &mut Criterion) {
     let mut cfg = AgentConfig::default();
@@ -70,10 +120,27 @@ fn bench_each(c: &mut Criterion) {
             })
         });
     }
-    c.bench_function("process_families", |b| {
-        b.iter(gpuops::telemetry::process_families)
+    c.bench_function("process_text", |b| {
+        b.iter(|| {
+            let mut out = String::new();
+            gpuops::telemetry::process_text(&mut out);
+            out
+        })
+    });
+    // The RED metrics of a server that has answered a few routes, gathered
+    // and encoded as each scrape does.
+    let http = HttpMetrics::new();
+    for (endpoint, status) in [("/metrics", 200), ("/healthz", 200), ("/v1/events", 400)] {
+        http.observe(endpoint, "GET", status, 0.001, Some(0), Some(1000));
+    }
+    c.bench_function("http_metrics_gather_encode", |b| {
+        b.iter(|| {
+            let mut out = String::new();
+            let _ = prometheus::TextEncoder::new().encode_utf8(&http.gather(), &mut out);
+            out
+        })
     });
 }
 
-criterion_group!(benches, bench, bench_each);
+criterion_group!(benches, bench, bench_router, bench_each);
 criterion_main!(benches);

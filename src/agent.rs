@@ -69,9 +69,15 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     }
     telemetry::init("gpuops-agent", cfg.log.json, &cfg.log.level);
     crate::web::raise_open_file_limit();
+    // Few threads: each one that allocates gets a malloc arena of its own
+    // (anonymous memory that stays). Scrapes run on the blocking pool (a few
+    // hundred microseconds each); a blocking thread waits long enough for
+    // the next scrape, so a scrape reuses a warm thread instead of starting
+    // one (and its arena) each time.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .max_blocking_threads(32)
+        .max_blocking_threads(8)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .thread_name("gpuops-agent")
         .enable_all()
         .build()
@@ -79,6 +85,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(serve(Arc::new(cfg)))?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long an idle blocking-pool thread waits for work: longer than the
+/// common scrape intervals (15 s to 60 s).
+const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(120);
 
 async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
     let web_config = match &cfg.web_config_file {

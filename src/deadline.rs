@@ -166,8 +166,11 @@ where
             self.workers.run(Box::new(move || {
                 // Catch a panic so the slot is always freed.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-                *lock(&cell.value) = Some(result.ok());
+                // Free the slot before the value is seen: a caller that sees
+                // the value and calls again must start a new call, never
+                // join this finished one (and be handed its old result).
                 lock(&slots).remove(&key);
+                *lock(&cell.value) = Some(result.ok());
                 cell.ready.notify_all();
             }))
         };
@@ -306,6 +309,18 @@ mod tests {
             while lock(&sf.workers.idle).is_empty() && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(1));
             }
+        }
+    }
+
+    #[test]
+    fn a_call_after_the_last_one_returned_runs_anew() {
+        let sf: SingleFlight<&str, u32> = SingleFlight::new("t");
+        for i in 0..10_000 {
+            assert_eq!(
+                sf.call("scrape", Duration::from_secs(5), move || i),
+                Outcome::Done(i),
+                "call {i} was handed an earlier call's result"
+            );
         }
     }
 

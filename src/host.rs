@@ -91,13 +91,17 @@ impl HostRoots {
 
     /// Reads a whole file under /proc or /sys (or anything built by the helpers above).
     pub fn read_text(&self, path: &Path) -> Result<String, ReadError> {
-        std::fs::read_to_string(path).map_err(|e| ReadError::from_io(path, e))
+        read_whole(path)
+            .and_then(|b| {
+                String::from_utf8(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+            })
+            .map_err(|e| ReadError::from_io(path, e))
     }
 
     /// `<procfs>/<rel>` as text, invalid UTF-8 replaced (e.g. `environ`).
     pub fn read_proc_lossy(&self, rel: &str) -> Result<String, ReadError> {
         let path = self.proc_path(rel);
-        std::fs::read(&path)
+        read_whole(&path)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .map_err(|e| ReadError::from_io(&path, e))
     }
@@ -233,6 +237,21 @@ impl HostRoots {
     }
 }
 
+/// The first read's buffer: procfs and sysfs files say their size is 0, so
+/// `std::fs::read` starts with a 32-byte read and doubles (ten read calls for
+/// /proc/vmstat, each a system call); from 8 KiB most are read in one call
+/// and the call that sees their end.
+const FIRST_READ: usize = 8 * 1024;
+
+/// A whole file's bytes, in as few read calls as its size allows.
+fn read_whole(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = Vec::with_capacity(FIRST_READ);
+    f.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
 /// Whether an absolute path exists on this machine (a runbook step's
 /// `only_if_exists`, e.g. `/usr/bin/scontrol`); follows symbolic links.
 pub fn path_exists(path: &Path) -> bool {
@@ -362,6 +381,37 @@ pub const DEFAULT_CALL_DEADLINE: Duration = Duration::from_secs(2);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This thread's read calls so far (`syscr` of /proc/thread-self/io).
+    fn thread_read_calls(roots: &HostRoots) -> u64 {
+        let io = roots.read_text(Path::new("/proc/thread-self/io")).unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("syscr: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn procfs_files_are_read_in_two_calls_not_ten() {
+        let roots = HostRoots::default();
+        let before = thread_read_calls(&roots);
+        let vmstat = roots.read_proc("vmstat").unwrap();
+        let after = thread_read_calls(&roots);
+        assert!(
+            vmstat.len() > 1024 && vmstat.len() < FIRST_READ,
+            "{}",
+            vmstat.len()
+        );
+        // The kernel hands out a page a call: two with text, one at the end,
+        // and the io file's own end (2 more, at most, for slack).
+        let ours = after - before;
+        assert!(ours <= 6, "{ours} read calls for {} bytes", vmstat.len());
+        // std::fs::read_to_string starts at 32 bytes and doubles.
+        let before = thread_read_calls(&roots);
+        let _ = std::fs::read_to_string("/proc/vmstat").unwrap();
+        let doubling = thread_read_calls(&roots) - before;
+        assert!(doubling >= ours + 4, "std {doubling} vs ours {ours}");
+    }
 
     #[test]
     fn parses_decimal_and_hex() {

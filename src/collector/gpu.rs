@@ -16,6 +16,12 @@
 //! workloads come from `<procfs>/<pid>/{comm,cgroup,status,environ}` (and user names
 //! from `<rootfs>/etc/passwd`) through [`crate::host::HostRoots`]; GPM
 //! windows from the sampler in [`crate::collector::gpu_gpm`].
+//! The slow values (energy counter, power limit, ECC totals, retired pages,
+//! remapped rows: [`crate::gpu::SlowValues`]) are not read on the scrape
+//! path: a background thread (`gpu/slow.rs`) reads them every
+//! `[gpu] slow_interval_secs`, and a scrape serves the last reading with
+//! `gpuops_gpu_slow_read_age_seconds`. Only the first collection (and the
+//! first after a release) reads them inline.
 //! This module must not call NVML itself (only `crate::gpu::nvml` does).
 
 use std::collections::{BTreeMap, HashMap};
@@ -31,13 +37,17 @@ use crate::deadline::{Outcome, SingleFlight};
 use crate::events::{unix_now, EventKind, KernelEvent};
 use crate::gpu::fake::FakeBackend;
 use crate::gpu::nvml::NvmlBackend;
-use crate::gpu::{xid, DeviceReading, GpmMeasurement, GpuBackend, GpuGate, Snapshot};
+use crate::gpu::{xid, DeviceReading, GpmMeasurement, GpuBackend, GpuGate, SlowReading, Snapshot};
 
 pub use crate::collector::gpu_workload::unit_from_cgroup;
 
 mod render;
+mod slow;
 
-use render::{dcgm_labels, render_dcgm, render_device, render_mig_gpm, render_xids, with};
+use render::{
+    dcgm_labels, render_dcgm, render_device, render_mig_gpm, render_slow_age, render_xids, with,
+};
+use slow::SlowLatest;
 
 /// How often a missing NVML is looked for again.
 const NVML_RETRY: Duration = Duration::from_secs(60);
@@ -58,6 +68,10 @@ struct Inner {
     gpm: Option<(Duration, Duration)>,
     gpm_latest: Arc<GpmLatest>,
     gpm_sampler_started: AtomicBool,
+    /// How often the slow values are read in the background.
+    slow_interval: Duration,
+    slow_latest: Arc<SlowLatest>,
+    slow_reader_started: AtomicBool,
     backend: Mutex<BackendState>,
     /// `nvml`, `fake` or `none`, once known.
     kind: OnceLock<&'static str>,
@@ -129,7 +143,26 @@ impl GpuCollector {
                 error: None,
             },
         };
-        Some(GpuCollector {
+        Some(GpuCollector::build(ctx, kind, state))
+    }
+
+    /// A collector reading `backend` (tests and benchmarks that hold on to
+    /// their fake backend), configured by `ctx.config.gpu` otherwise.
+    pub fn with_backend(ctx: &Arc<Context>, backend: Arc<dyn GpuBackend>) -> GpuCollector {
+        let kind = OnceLock::new();
+        let _ = kind.set(backend.kind());
+        let _ = ctx.gpu_backend.set(backend.kind());
+        ctx.gpu_gate.attach(backend.clone());
+        GpuCollector::build(ctx, kind, BackendState::Ready(backend))
+    }
+
+    fn build(
+        ctx: &Arc<Context>,
+        kind: OnceLock<&'static str>,
+        state: BackendState,
+    ) -> GpuCollector {
+        let cfg = &ctx.config.gpu;
+        GpuCollector {
             inner: Arc::new(Inner {
                 choice: cfg.backend.clone(),
                 deadline: cfg.deadline,
@@ -139,6 +172,9 @@ impl GpuCollector {
                 gpm: cfg.gpm.then_some((cfg.gpm_interval, cfg.gpm_window)),
                 gpm_latest: Arc::new(GpmLatest::default()),
                 gpm_sampler_started: AtomicBool::new(false),
+                slow_interval: cfg.slow_interval,
+                slow_latest: Arc::new(SlowLatest::default()),
+                slow_reader_started: AtomicBool::new(false),
                 backend: Mutex::new(state),
                 kind,
                 flight: SingleFlight::new("gpuops-gpu"),
@@ -147,7 +183,7 @@ impl GpuCollector {
                 processes: Mutex::new(HashMap::new()),
                 gate: ctx.gpu_gate.clone(),
             }),
-        })
+        }
     }
 
     /// Words for `gpuops_build_info{gpu_backend}`: `nvml`, `fake`, `none`.
@@ -200,7 +236,11 @@ impl Collector for GpuCollector {
                     };
                     self.inner.gpm_latest.get(max_age)
                 });
-                self.render(ctx, &snap, &xids, gpm, sink);
+                let slow = self.inner.slow_latest.get(
+                    self.inner.gate.epoch(),
+                    slow::max_age(self.inner.slow_interval),
+                );
+                self.render(ctx, &snap, &xids, gpm, slow, sink);
                 return Ok(());
             }
             Outcome::Done(Err(e)) => Error::Unavailable(e),
@@ -227,11 +267,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Inner {
     /// Runs on the flight thread: loads the backend if needed, then reads it.
     fn fetch(&self, events: &Arc<KernelEvents>, background: bool) -> Fetched {
-        let started = Instant::now();
         if let Some(step) = self.gate.released_for() {
             return Err(format!("nvml is released for runbook step {step}"));
         }
         let backend = self.backend(events, background)?;
+        let snap = self.fast(&backend, background)?;
+        self.slow(&backend, background);
+        Ok(snap)
+    }
+
+    /// The fast values (and GPM, started or measured).
+    fn fast(&self, backend: &Arc<dyn GpuBackend>, background: bool) -> Fetched {
+        let started = Instant::now();
         let Some((interval, window)) = self.gpm else {
             return backend.snapshot();
         };
@@ -260,6 +307,24 @@ impl Inner {
             }
         }
         Ok(snap)
+    }
+
+    /// The slow values: read here only when none were read in this gate
+    /// epoch yet (the first collection, the first after a release), then by
+    /// the background thread (started here, once) on their own cadence.
+    fn slow(&self, backend: &Arc<dyn GpuBackend>, background: bool) {
+        let epoch = self.gate.epoch();
+        if self.slow_latest.last().is_none_or(|(e, _)| e != epoch) {
+            slow::read_now(&**backend, &self.slow_latest, &self.gate);
+        }
+        if background && !self.slow_reader_started.swap(true, Ordering::SeqCst) {
+            slow::spawn_reader(
+                backend.clone(),
+                self.slow_latest.clone(),
+                self.gate.clone(),
+                self.slow_interval,
+            );
+        }
     }
 
     fn backend(
@@ -346,6 +411,7 @@ impl GpuCollector {
         snap: &Snapshot,
         xids: &BTreeMap<(String, u32), u64>,
         gpm: Option<(Arc<Vec<GpmMeasurement>>, bool)>,
+        slow: Option<(Instant, Arc<Vec<SlowReading>>)>,
         sink: &mut Sink,
     ) {
         sink.gauge(
@@ -357,7 +423,14 @@ impl GpuCollector {
         let mut books = lock(&self.inner.books);
         let mut known = std::mem::take(&mut *lock(&self.inner.processes));
         let mut seen = HashMap::new();
+        let slow_age = slow.as_ref().map(|(at, _)| at.elapsed().as_secs_f64());
         for d in &snap.devices {
+            // The GPU's slow reading, when it is this GPU's and answered.
+            let slow_reading = slow.as_ref().and_then(|(_, all)| {
+                all.iter()
+                    .find(|s| s.index == d.index && s.uuid == d.uuid && s.lost.is_none())
+            });
+            let slow_values = slow_reading.map(|s| s.values.clone()).unwrap_or_default();
             let idx = d.index.to_string();
             let base: [(&str, &str); 4] = [
                 ("gpu", &idx),
@@ -399,14 +472,17 @@ impl GpuCollector {
                 absorb(
                     &mut book.ecc_uncorrected,
                     &mut book.ecc_last,
-                    d.ecc.uncorrected_volatile,
+                    slow_values.ecc.uncorrected_volatile,
                 );
                 absorb(
                     &mut book.remap_failure,
                     &mut book.remap_last,
-                    d.remapped_rows.failure,
+                    slow_values.remapped_rows.failure,
                 );
-                render_device(snap, d, &base, sink);
+                render_device(snap, d, &slow_values, &base, sink);
+                if let (Some(r), Some(age)) = (slow_reading, slow_age) {
+                    render_slow_age(&base, age, r.read_seconds, sink);
+                }
                 let measured = gpm
                     .as_ref()
                     .and_then(|(m, fresh)| Some((m.iter().find(|m| m.index == d.index)?, *fresh)));
@@ -446,7 +522,7 @@ impl GpuCollector {
                     self.render_processes(ctx, d, &base, &mut known, &mut seen, sink);
                 }
                 if self.inner.dcgm_compat {
-                    render_dcgm(ctx, d, xids, sink);
+                    render_dcgm(ctx, d, &slow_values, xids, sink);
                     if let Some((_, r)) = reading {
                         gpu_gpm::render_dcgm(&dcgm_labels(d).as_pairs(), r, sink);
                     }

@@ -2,9 +2,13 @@
 //!
 //! A collector is synchronous code that reads the host (through
 //! [`crate::host`]) or a GPU backend and writes samples into a [`Sink`]. The
-//! runner runs every collector on its own thread with a deadline and single
-//! flight (see [`crate::deadline`]): a hung collector is reported as failed and
-//! never blocks the scrape or the other collectors. It emits
+//! runner runs a collector that may block (the GPU's) on its own thread with a
+//! deadline and single flight (see [`crate::deadline`]): a hung collector is
+//! reported as failed and never blocks the scrape or the other collectors.
+//! Collectors that read in-kernel /proc and /sys text in microseconds (and
+//! bound their own blocking calls, as storage's statvfs) run on the scrape's
+//! thread, one after the other: a thread hand-off each would cost more than
+//! their reads. It emits
 //! `gpuops_collector_success{collector}` and
 //! `gpuops_collector_duration_seconds{collector}` for each one.
 //! Collectors must not start HTTP servers, spawn processes or panic on input.
@@ -78,11 +82,11 @@ pub trait Collector: Send + Sync {
     fn name(&self) -> &'static str;
     /// Reads the source and writes samples. Samples written before an error are kept.
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error>;
-    /// Whether a run can block indefinitely (network filesystems, drivers).
-    /// Collectors that only read in-kernel /proc and /sys text say `false`:
-    /// they share one thread per scrape, run one after the other, which costs
-    /// fewer thread switches than a thread each. A hang among them (not
-    /// expected: those reads never wait on a device) fails that group only.
+    /// Whether a run can block indefinitely (drivers). Collectors that only
+    /// read in-kernel /proc and /sys text, or that bound every blocking call
+    /// themselves (storage runs each statvfs with its own deadline), say
+    /// `false`: they run on the scrape's thread, one after the other, with
+    /// no thread hand-off (those reads never wait on a device).
     fn may_block(&self) -> bool {
         true
     }
@@ -280,7 +284,7 @@ pub struct Collected {
 pub struct Runner {
     ctx: Arc<Context>,
     collectors: Vec<Arc<dyn Collector>>,
-    flight: SingleFlight<&'static str, Vec<Collected>>,
+    flight: SingleFlight<&'static str, Collected>,
     ready: AtomicBool,
     /// Last known success per collector, so failures are logged when they
     /// start and stop, not on every scrape.
@@ -302,61 +306,74 @@ impl Runner {
         &self.ctx
     }
 
+    /// Whether a collector may block (and so runs on a thread of its own
+    /// with a deadline): then a scrape belongs on the blocking pool. Without
+    /// one (no GPU collector), a scrape's longest wait is a stuck mount's
+    /// first statvfs, at most `storage.statvfs_deadline`.
+    pub fn may_block(&self) -> bool {
+        self.collectors.iter().any(|c| c.may_block())
+    }
+
     /// True once a full collection has completed.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Runs every collector (joining runs already in flight), waiting at most
-    /// the configured deadline. Blocks the calling thread: call it from
-    /// `spawn_blocking` in async code.
+    /// Runs every collector, waiting at most the configured deadline for
+    /// those that may block (each on its own thread, joining a run already
+    /// in flight); the others run here, on the calling thread, meanwhile.
+    /// Blocks the calling thread: call it from `spawn_blocking` in async code.
     pub fn collect(&self) -> Vec<Collected> {
         let deadline = self.ctx.config.collectors.deadline;
         let started = Instant::now();
         let until = started + deadline;
-        // One flight for the collectors that cannot block, one per other collector.
-        let (shared, own): (Vec<_>, Vec<_>) = self.collectors.iter().partition(|c| !c.may_block());
-        let mut groups: Vec<(&'static str, Vec<Arc<dyn Collector>>)> = Vec::new();
-        if !shared.is_empty() {
-            groups.push(("procfs", shared.into_iter().cloned().collect()));
-        }
-        groups.extend(own.into_iter().map(|c| (c.name(), vec![c.clone()])));
-        let pending: Vec<_> = groups
-            .into_iter()
-            .map(|(key, members)| {
-                let names: Vec<&'static str> = members.iter().map(|c| c.name()).collect();
+        // Those that may block first, so they run while the others run here.
+        let pending: Vec<_> = self
+            .collectors
+            .iter()
+            .filter(|c| c.may_block())
+            .map(|c| {
                 let ctx = self.ctx.clone();
-                let job = move || members.iter().map(|c| run_one(&**c, &ctx)).collect();
-                (names, self.flight.start(key, deadline, job))
+                let col = c.clone();
+                let job = move || run_one(&*col, &ctx);
+                (c.name(), self.flight.start(c.name(), deadline, job))
             })
             .collect();
-        let mut by_name: HashMap<&'static str, Collected> = HashMap::new();
-        for (names, p) in pending {
-            match p.wait_until(until) {
-                Outcome::Done(done) => by_name.extend(done.into_iter().map(|c| (c.name, c))),
-                Outcome::TimedOut => by_name.extend(names.into_iter().map(|n| {
-                    let f = failed(
-                        n,
-                        started.elapsed(),
-                        format!("missed its deadline of {deadline:?}"),
-                    );
-                    (n, f)
-                })),
-                Outcome::StillRunning { since } => by_name.extend(names.into_iter().map(|n| {
-                    let f = failed(
-                        n,
-                        Duration::ZERO,
-                        format!("still stuck in a run started {since:?} ago"),
-                    );
-                    (n, f)
-                })),
-            }
-        }
-        // Registry order, whatever the grouping.
+        let mut inline: Vec<Collected> = self
+            .collectors
+            .iter()
+            .filter(|c| !c.may_block())
+            .map(|c| run_one(&**c, &self.ctx))
+            .collect();
+        let mut waited: Vec<Collected> = pending
+            .into_iter()
+            .map(|(name, p)| match p.wait_until(until) {
+                Outcome::Done(done) => done,
+                Outcome::TimedOut => failed(
+                    name,
+                    started.elapsed(),
+                    format!("missed its deadline of {deadline:?}"),
+                ),
+                Outcome::StillRunning { since } => failed(
+                    name,
+                    Duration::ZERO,
+                    format!("still stuck in a run started {since:?} ago"),
+                ),
+            })
+            .collect();
+        // Registry order, whatever ran where.
         let out: Vec<Collected> = self
             .collectors
             .iter()
-            .filter_map(|c| by_name.remove(c.name()))
+            .filter_map(|c| {
+                let list = if c.may_block() {
+                    &mut waited
+                } else {
+                    &mut inline
+                };
+                let i = list.iter().position(|x| x.name == c.name())?;
+                Some(list.swap_remove(i))
+            })
             .collect();
         self.log_transitions(&out);
         self.ready.store(true, Ordering::Relaxed);
@@ -538,6 +555,55 @@ mod tests {
                 "round {round}"
             );
         }
+    }
+
+    /// Records the thread it ran on.
+    struct WhereRun(std::sync::Mutex<Vec<std::thread::ThreadId>>);
+
+    impl Collector for WhereRun {
+        fn name(&self) -> &'static str {
+            "where"
+        }
+
+        fn collect(&self, _ctx: &Context, _sink: &mut Sink) -> Result<(), Error> {
+            self.0.lock().unwrap().push(std::thread::current().id());
+            Ok(())
+        }
+
+        fn may_block(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn procfs_collectors_run_on_the_scrape_thread_without_a_hand_off() {
+        let ctx = Arc::new(Context::new(
+            Arc::new(AgentConfig::default()),
+            Arc::new(KernelEvents::new()),
+            false,
+        ));
+        let probe = Arc::new(WhereRun(std::sync::Mutex::new(Vec::new())));
+        let runner = Runner::new(ctx.clone(), vec![probe.clone()]);
+        for _ in 0..3 {
+            assert!(runner.collect()[0].success);
+        }
+        let me = std::thread::current().id();
+        assert_eq!(*probe.0.lock().unwrap(), vec![me; 3]);
+        // Every host collector reads /proc and /sys (storage bounds its own
+        // statvfs calls): none needs a thread of its own.
+        let mut cfg = AgentConfig::default();
+        cfg.collectors.gpu = false;
+        let ctx = Arc::new(Context::new(
+            Arc::new(cfg),
+            Arc::new(KernelEvents::new()),
+            false,
+        ));
+        let blocking: Vec<_> = all(&ctx)
+            .iter()
+            .filter(|c| c.may_block())
+            .map(|c| c.name())
+            .collect();
+        assert!(blocking.is_empty(), "{blocking:?}");
     }
 
     #[test]

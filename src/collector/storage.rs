@@ -13,14 +13,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use regex::Regex;
 
 use crate::collector::cpu::export_psi;
 use crate::collector::{Collector, Context, Error, Sink};
 use crate::config::agent::StorageConfig;
-use crate::deadline::{Outcome, SingleFlight};
+use crate::deadline::{Outcome, Pending, SingleFlight};
 use crate::events::EventKind;
 use crate::host::{parse_proc_text, unescape_mount_path, FsStats, HostRoots, ReadError};
 
@@ -74,11 +74,30 @@ impl Collector for StorageCollector {
         NAME
     }
 
+    /// Runs on the scrape's thread: its only blocking call, `statvfs`, runs
+    /// on a thread of its own with `statvfs_deadline` (shorter than the
+    /// collector deadline); the rest reads /proc text.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
         let roots = &ctx.roots;
-        if let Some(selected) = self.selected_mounts(sink, roots, &ctx.config.storage) {
-            self.export_mounts(sink, roots, &selected, &ctx.config.storage);
-        }
+        // Never past the collector deadline, whatever statvfs_deadline says.
+        let deadline = ctx
+            .config
+            .storage
+            .statvfs_deadline
+            .min(ctx.config.collectors.deadline);
+        let started = Instant::now();
+        // The statvfs calls first: they run while the /proc files below are
+        // read, so their results are usually there when looked for.
+        let statvfs = self
+            .selected_mounts(sink, roots, &ctx.config.storage)
+            .map(|mounts| {
+                let pending = self.start_statvfs(roots, &mounts, deadline);
+                (mounts, pending)
+            });
         let devices = export_diskstats(sink, roots);
         export_psi(
             sink,
@@ -90,6 +109,9 @@ impl Collector for StorageCollector {
         );
         export_scsi_errors(sink, roots);
         export_kmsg_errors(sink, ctx, &devices);
+        if let Some((mounts, pending)) = statvfs {
+            export_mounts(sink, &mounts, pending, started + deadline, deadline);
+        }
         Ok(())
     }
 }
@@ -213,16 +235,14 @@ impl StorageCollector {
         Some(mounts)
     }
 
-    fn export_mounts(
+    /// Starts one bounded statvfs per mount (joining one still in flight).
+    fn start_statvfs(
         &self,
-        sink: &mut Sink,
         roots: &HostRoots,
         mounts: &[Mount],
-        cfg: &StorageConfig,
-    ) {
-        let deadline = cfg.statvfs_deadline;
-        let started = Instant::now();
-        let pending: Vec<_> = mounts
+        deadline: Duration,
+    ) -> Vec<Pending<Statvfs>> {
+        mounts
             .iter()
             .map(|m| {
                 let f = self.statvfs.clone();
@@ -236,40 +256,49 @@ impl StorageCollector {
                     }
                 })
             })
-            .collect();
-        let until = started + deadline;
-        for (m, p) in mounts.iter().zip(pending) {
-            let labels = [
-                ("mountpoint", m.mount_point.as_str()),
-                ("device", m.device.as_str()),
-                ("fstype", m.fs_type.as_str()),
-            ];
-            sink.gauge(
-                "storage_readonly",
-                "Whether the filesystem is mounted read-only (/proc/1/mountinfo mount options).",
-                &labels,
-                if m.readonly { 1.0 } else { 0.0 },
-            );
-            let outcome = p.wait_until(until);
-            let stuck = !matches!(outcome, Outcome::Done(_));
-            sink.gauge(
-                "storage_mount_stuck",
-                "Whether statvfs on the mount point missed its deadline (storage.statvfs_deadline_secs); a stuck mount has no size series.",
-                &labels,
-                if stuck { 1.0 } else { 0.0 },
-            );
-            match outcome {
-                Outcome::Done(Statvfs::Stats(s)) => export_fs_stats(sink, &labels, &s),
-                Outcome::Done(Statvfs::Skipped(e)) => {
-                    tracing::debug!(collector = NAME, mountpoint = %m.mount_point, error = %e, "statvfs not possible, size left out");
-                }
-                Outcome::Done(Statvfs::Failed(e)) => sink.fail(NAME, e),
-                Outcome::TimedOut => {
-                    tracing::warn!(collector = NAME, mountpoint = %m.mount_point, deadline = ?deadline, "statvfs missed its deadline, mount reported stuck");
-                }
-                Outcome::StillRunning { since } => {
-                    tracing::warn!(collector = NAME, mountpoint = %m.mount_point, stuck_for = ?since, "statvfs still stuck from an earlier scrape");
-                }
+            .collect()
+    }
+}
+
+/// Each mount's series, its statvfs waited for until `until` at most.
+fn export_mounts(
+    sink: &mut Sink,
+    mounts: &[Mount],
+    pending: Vec<Pending<Statvfs>>,
+    until: Instant,
+    deadline: Duration,
+) {
+    for (m, p) in mounts.iter().zip(pending) {
+        let labels = [
+            ("mountpoint", m.mount_point.as_str()),
+            ("device", m.device.as_str()),
+            ("fstype", m.fs_type.as_str()),
+        ];
+        sink.gauge(
+            "storage_readonly",
+            "Whether the filesystem is mounted read-only (/proc/1/mountinfo mount options).",
+            &labels,
+            if m.readonly { 1.0 } else { 0.0 },
+        );
+        let outcome = p.wait_until(until);
+        let stuck = !matches!(outcome, Outcome::Done(_));
+        sink.gauge(
+            "storage_mount_stuck",
+            "Whether statvfs on the mount point missed its deadline (storage.statvfs_deadline_secs); a stuck mount has no size series.",
+            &labels,
+            if stuck { 1.0 } else { 0.0 },
+        );
+        match outcome {
+            Outcome::Done(Statvfs::Stats(s)) => export_fs_stats(sink, &labels, &s),
+            Outcome::Done(Statvfs::Skipped(e)) => {
+                tracing::debug!(collector = NAME, mountpoint = %m.mount_point, error = %e, "statvfs not possible, size left out");
+            }
+            Outcome::Done(Statvfs::Failed(e)) => sink.fail(NAME, e),
+            Outcome::TimedOut => {
+                tracing::warn!(collector = NAME, mountpoint = %m.mount_point, deadline = ?deadline, "statvfs missed its deadline, mount reported stuck");
+            }
+            Outcome::StillRunning { since } => {
+                tracing::warn!(collector = NAME, mountpoint = %m.mount_point, stuck_for = ?since, "statvfs still stuck from an earlier scrape");
             }
         }
     }

@@ -122,6 +122,9 @@ pub struct GpuConfig {
     pub gpm_interval: Duration,
     /// How long one GPM window is (the two samples are this far apart).
     pub gpm_window: Duration,
+    /// How often the slow values (energy counter, power limit, ECC totals,
+    /// retired pages, remapped rows) are read in the background.
+    pub slow_interval: Duration,
     /// Fake backend only: simulated latency of every NVML call.
     pub fake_call_latency: Duration,
 }
@@ -221,6 +224,7 @@ impl Default for AgentConfig {
                 gpm: true,
                 gpm_interval: Duration::from_secs(15),
                 gpm_window: Duration::from_secs(1),
+                slow_interval: Duration::from_secs(30),
                 fake_call_latency: Duration::ZERO,
             },
             node_name: crate::exec_auth::local_node_name(),
@@ -398,6 +402,9 @@ impl AgentConfig {
                         c.gpu.gpm_interval.as_secs_f64()
                     ),
                 );
+            }
+            if let Some(v) = r.get_with(&mut s, "slow_interval_secs", positive_secs) {
+                c.gpu.slow_interval = v;
             }
             if let Some(v) = r.get(&mut s, "fake_call_latency_us") {
                 let v: u64 = v;

@@ -10,19 +10,26 @@
 //! (`devices[].gpm`) are replayed by [`GpuBackend::gpm_measure`]. It models
 //! NVML's release and re-init ([`GpuBackend::release`], `reinit`): while
 //! released every read fails and is counted, so tests can see whether the
-//! collector left it alone. This module reads only the fixture file and
-//! never touches NVML.
+//! collector left it alone. Like the NVML backend it splits each GPU's values:
+//! `snapshot` gives the fast ones, [`GpuBackend::slow_snapshot`] the slow ones
+//! ([`crate::gpu::SlowValues`], taken out of the fixture's devices), each slow
+//! call with its own injected latency (`slow_call_latency_us`); every call is
+//! logged ([`FakeBackend::calls`]) with the thread it ran on, so tests can
+//! see which calls a scrape waits for. This module reads only the fixture
+//! file and never touches NVML.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
 use crate::deadline::{Outcome, SingleFlight};
-use crate::gpu::{normalize_pci_bus_id, DeviceReading, GpmMeasurement, GpuBackend, Snapshot};
+use crate::gpu::{
+    normalize_pci_bus_id, DeviceReading, GpmMeasurement, GpuBackend, SlowReading, Snapshot,
+};
 
 /// About how many NVML calls the NVML backend makes to read one GPU (identity,
 /// utilization, memory, temperature, power, energy, clocks, throttle reasons,
@@ -31,6 +38,18 @@ use crate::gpu::{normalize_pci_bus_id, DeviceReading, GpmMeasurement, GpuBackend
 pub const CALLS_PER_DEVICE: u32 = 30;
 /// NVML calls of one GPM window per GPU: two samples and one metrics get.
 pub const CALLS_PER_GPM_WINDOW: u32 = 3;
+/// NVML calls of one GPU's slow read: the field-value batch (energy, ECC
+/// totals, remapped rows, retired pages) and the enforced power limit.
+pub const SLOW_CALLS_PER_DEVICE: u32 = 2;
+
+/// One backend call the fake served: which, and on which thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeCall {
+    /// `snapshot` (the fast values) or `slow_snapshot`.
+    pub kind: &'static str,
+    /// The name of the thread that made the call.
+    pub thread: String,
+}
 
 /// A fixture file's top level.
 #[derive(Debug, Deserialize)]
@@ -46,6 +65,10 @@ struct Fixture {
     /// Simulated latency of every NVML call, in microseconds (0: none).
     #[serde(default)]
     call_latency_us: u64,
+    /// Simulated latency of every slow NVML call (the energy counter, ECC
+    /// totals...), in microseconds (0: none); the GPUs are read in parallel.
+    #[serde(default)]
+    slow_call_latency_us: u64,
     #[serde(default)]
     driver_version: Option<String>,
     #[serde(default)]
@@ -59,8 +82,14 @@ pub struct FakeBackend {
     snapshot: Arc<Snapshot>,
     /// What a GPM window reads, per GPU (taken out of the fixture's devices).
     gpm: Vec<GpmMeasurement>,
+    /// What a slow read returns, per GPU (taken out of the fixture's devices).
+    slow: Vec<SlowReading>,
     delay: Duration,
     call_latency: Duration,
+    slow_call_latency: Duration,
+    slow_flight: SingleFlight<u32, SlowReading>,
+    /// Every `snapshot` and `slow_snapshot` call, in order.
+    calls: Mutex<Vec<FakeCall>>,
     device_deadline: Duration,
     flight: SingleFlight<u32, DeviceReading>,
     /// Released (as after `nvmlShutdown`) until re-initialised.
@@ -87,8 +116,17 @@ impl FakeBackend {
         let mut devices = fixture.devices;
         let mut seen = BTreeSet::new();
         let mut gpm = Vec::new();
+        let mut slow = Vec::new();
         for (i, d) in devices.iter_mut().enumerate() {
+            let values = d.take_slow();
             if d.lost.is_none() {
+                slow.push(SlowReading {
+                    index: d.index,
+                    uuid: d.uuid.clone(),
+                    lost: None,
+                    values,
+                    read_seconds: None,
+                });
                 gpm.push(GpmMeasurement {
                     index: d.index,
                     supported: d.gpm.is_some(),
@@ -121,8 +159,12 @@ impl FakeBackend {
                 devices,
             }),
             gpm,
+            slow,
             delay: Duration::from_millis(fixture.delay_ms),
             call_latency: Duration::from_micros(fixture.call_latency_us),
+            slow_call_latency: Duration::from_micros(fixture.slow_call_latency_us),
+            slow_flight: SingleFlight::new("gpuops-fake-gpu-slow"),
+            calls: Mutex::new(Vec::new()),
             device_deadline: Duration::from_secs(2),
             flight: SingleFlight::new("gpuops-fake-gpu"),
             released: AtomicBool::new(false),
@@ -180,6 +222,23 @@ impl FakeBackend {
         &self.path
     }
 
+    /// Every `snapshot` and `slow_snapshot` call so far, in order, with the
+    /// thread that made it.
+    pub fn calls(&self) -> Vec<FakeCall> {
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn log_call(&self, kind: &'static str) {
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(FakeCall { kind, thread });
+    }
+
     /// How often it was released and re-initialised, and how many reads
     /// were attempted while it was released.
     pub fn release_counts(&self) -> (u32, u32, u32) {
@@ -206,6 +265,7 @@ impl GpuBackend for FakeBackend {
     }
 
     fn snapshot(&self) -> Result<Arc<Snapshot>, String> {
+        self.log_call("snapshot");
         self.check_not_released()?;
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
@@ -218,6 +278,47 @@ impl GpuBackend for FakeBackend {
             cuda_version: self.snapshot.cuda_version.clone(),
             devices: self.read_in_parallel(),
         }))
+    }
+
+    fn slow_snapshot(&self) -> Result<Vec<SlowReading>, String> {
+        self.log_call("slow_snapshot");
+        self.check_not_released()?;
+        if self.slow_call_latency.is_zero() {
+            return Ok(self.slow.clone());
+        }
+        // Every GPU in parallel, each within the device deadline, as the
+        // NVML backend reads them.
+        let until = Instant::now() + self.device_deadline;
+        let per_device = self.slow_call_latency * SLOW_CALLS_PER_DEVICE;
+        let pending: Vec<_> = self
+            .slow
+            .iter()
+            .map(|s| {
+                let reading = s.clone();
+                let started = Instant::now();
+                let p = self
+                    .slow_flight
+                    .start(s.index, self.device_deadline, move || {
+                        std::thread::sleep(per_device);
+                        let mut r = reading;
+                        r.read_seconds = Some(started.elapsed().as_secs_f64());
+                        r
+                    });
+                (s, p)
+            })
+            .collect();
+        Ok(pending
+            .into_iter()
+            .map(|(s, p)| match p.wait_until(until) {
+                Outcome::Done(r) => r,
+                Outcome::TimedOut | Outcome::StillRunning { .. } => SlowReading {
+                    index: s.index,
+                    uuid: s.uuid.clone(),
+                    lost: Some("the fake gpu did not answer within the deadline".into()),
+                    ..SlowReading::default()
+                },
+            })
+            .collect())
     }
 
     fn gpm_measure(&self, window: Duration) -> Result<Vec<GpmMeasurement>, String> {
@@ -321,6 +422,31 @@ mod tests {
         let s = b.snapshot().unwrap();
         assert!(started.elapsed() < Duration::from_millis(200));
         assert!(s.devices.iter().all(|d| d.lost.is_some()), "{s:?}");
+    }
+
+    #[test]
+    fn fake_serves_slow_values_only_from_slow_snapshot() {
+        let b = load(
+            r#"{"devices": [{"index": 0, "uuid": "GPU-0", "pci_bus_id": "1:0",
+                "energy_joules": 5.5, "power_limit_watts": 700,
+                "ecc": {"uncorrected_volatile": 2}, "remapped_rows": {"failure": 0}}]}"#,
+        )
+        .unwrap();
+        let fast = b.snapshot().unwrap();
+        let d = &fast.devices[0];
+        assert_eq!((d.energy_joules, d.power_limit_watts), (None, None));
+        assert_eq!(d.ecc.uncorrected_volatile, None);
+        let slow = b.slow_snapshot().unwrap();
+        assert_eq!((slow[0].index, slow[0].uuid.as_str()), (0, "GPU-0"));
+        let v = &slow[0].values;
+        assert_eq!(
+            (v.energy_joules, v.power_limit_watts),
+            (Some(5.5), Some(700.0))
+        );
+        assert_eq!(v.ecc.uncorrected_volatile, Some(2));
+        assert_eq!(v.remapped_rows.failure, Some(0));
+        let kinds: Vec<_> = b.calls().iter().map(|c| c.kind).collect();
+        assert_eq!(kinds, ["snapshot", "slow_snapshot"]);
     }
 
     #[test]

@@ -23,9 +23,22 @@ use serde::Deserialize;
 pub trait GpuBackend: Send + Sync {
     /// `nvml` or `fake`; feeds `gpuops_build_info{gpu_backend}`.
     fn kind(&self) -> &'static str;
-    /// Reads every GPU once. An error means no GPU could be read at all; a
-    /// single GPU that stops answering is a reading with `lost` set.
+    /// Reads every GPU once: the fast values only (what changes from one
+    /// scrape to the next). The slow values ([`SlowValues`]) are left `None`:
+    /// they come from [`GpuBackend::slow_snapshot`]. An error means no GPU
+    /// could be read at all; a single GPU that stops answering is a reading
+    /// with `lost` set.
     fn snapshot(&self) -> Result<Arc<Snapshot>, String>;
+    /// Reads every GPU's slow, slowly changing values ([`SlowValues`]: the
+    /// energy counter, about 3 ms per call on an H200; the power limit; ECC
+    /// totals, retired pages and remapped rows). The collector calls it in
+    /// the background every `[gpu] slow_interval_secs` and serves the last
+    /// reading with its age, so a scrape never waits for these calls. Like
+    /// `snapshot`, it may block: every GPU is read within a deadline, and a
+    /// GPU that misses it is a reading with `lost` set. Default: none.
+    fn slow_snapshot(&self) -> Result<Vec<SlowReading>, String> {
+        Ok(Vec::new())
+    }
     /// Measures GPM (GPU Performance Monitoring, Hopper and newer) on every
     /// GPU: a first sample, `window` later a second, and the metrics between
     /// them. Blocks for about `window`; like `snapshot`, it may hang on a sick
@@ -70,6 +83,9 @@ struct GateInner {
     /// The step the GPU is released for (`runbook:step`), while it is.
     released_for: Option<String>,
     backend: Option<Arc<dyn GpuBackend>>,
+    /// Bumped at every release: a reading taken before it (the slow values)
+    /// is not served after it (a GPU reset changes those counters).
+    epoch: u64,
 }
 
 impl GpuGate {
@@ -107,7 +123,15 @@ impl GpuGate {
             return Err(format!("the GPU is already released for {other}"));
         }
         g.released_for = Some(step.to_string());
+        g.epoch += 1;
         Ok(g.backend.clone())
+    }
+
+    /// Which release period this is: it changes at every release, so a
+    /// reading taken under an older epoch is not served (see
+    /// [`GpuGate::begin_release`]).
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
     }
 
     /// Ends the release: the collector reads the backend again.
@@ -216,8 +240,9 @@ pub struct DeviceReading {
     pub temperature_celsius: Option<f64>,
     pub memory_temperature_celsius: Option<f64>,
     pub power_watts: Option<f64>,
+    /// Slow value (fixtures only: backends return it in [`SlowValues`]).
     pub power_limit_watts: Option<f64>,
-    /// Energy used since the driver was loaded.
+    /// Energy used since the driver was loaded. Slow value (fixtures only).
     pub energy_joules: Option<f64>,
     pub sm_clock_mhz: Option<f64>,
     pub memory_clock_mhz: Option<f64>,
@@ -228,6 +253,7 @@ pub struct DeviceReading {
     pub pcie_replay_total: Option<u64>,
     pub pcie_link_generation: Option<u32>,
     pub pcie_link_width: Option<u32>,
+    /// Slow values (fixtures only: backends return them in [`SlowValues`]).
     pub ecc: EccCounts,
     pub retired_pages: RetiredPages,
     pub remapped_rows: RemappedRows,
@@ -240,6 +266,52 @@ pub struct DeviceReading {
     pub gpm: Option<GpmReading>,
     /// How long the backend took to read this GPU (NVML only; not in fixtures).
     #[serde(skip)]
+    pub read_seconds: Option<f64>,
+}
+
+impl DeviceReading {
+    /// Moves the slow values out of a fixture's reading (they are served by
+    /// [`GpuBackend::slow_snapshot`], not by `snapshot`).
+    pub fn take_slow(&mut self) -> SlowValues {
+        SlowValues {
+            power_limit_watts: self.power_limit_watts.take(),
+            energy_joules: self.energy_joules.take(),
+            ecc: std::mem::take(&mut self.ecc),
+            retired_pages: std::mem::take(&mut self.retired_pages),
+            remapped_rows: std::mem::take(&mut self.remapped_rows),
+        }
+    }
+}
+
+/// The slow, slowly changing values of one GPU: NVML calls that cost
+/// milliseconds each (the energy counter about 3 ms on an H200) for values
+/// that change rarely or only count up. Read in the background on their own
+/// cadence and served from the last reading, with its age.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlowValues {
+    /// `nvmlDeviceGetEnforcedPowerLimit`.
+    pub power_limit_watts: Option<f64>,
+    /// Energy used since the driver was loaded (field
+    /// `NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION`, else
+    /// `nvmlDeviceGetTotalEnergyConsumption`).
+    pub energy_joules: Option<f64>,
+    pub ecc: EccCounts,
+    pub retired_pages: RetiredPages,
+    pub remapped_rows: RemappedRows,
+}
+
+/// One GPU's slow values, as one [`GpuBackend::slow_snapshot`] read them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlowReading {
+    /// NVML's index.
+    pub index: u32,
+    /// The GPU's uuid, so values are never served for another GPU at this
+    /// index; empty when it could not be read.
+    pub uuid: String,
+    /// Set when the GPU did not answer (then `values` is empty).
+    pub lost: Option<String>,
+    pub values: SlowValues,
+    /// How long the backend took to read them.
     pub read_seconds: Option<f64>,
 }
 

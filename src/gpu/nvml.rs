@@ -5,7 +5,10 @@
 //! through a [`SingleFlight`] keyed by its index: a GPU that does not answer
 //! within the per-device deadline is reported `lost` (and keeps its one stuck
 //! thread; no new thread is started for it until that call returns), while the
-//! other GPUs are still read. The critical-XID event thread records NVML XIDs
+//! other GPUs are still read. The slow values ([`GpuBackend::slow_snapshot`]:
+//! energy, ECC totals, remapped rows, power limit) are read apart, by the
+//! collector's background thread, through a single flight of their own. The
+//! per-GPU reads are in `nvml/device.rs`. The critical-XID event thread records NVML XIDs
 //! in the shared [`KernelEvents`]. [`GpuBackend::release`] lets go of NVML
 //! for a GPU reset: new calls fail at once, the XID thread stops, and once
 //! the calls in flight have let go (bounded wait) `nvmlShutdown` runs;
@@ -36,10 +39,12 @@ use crate::deadline::{Outcome, SingleFlight};
 use crate::events::{unix_now, KernelEvent, KernelEvents, XidSource};
 use crate::gpu::{
     normalize_pci_bus_id, ClockEventReason, ClockEvents, DeviceReading, GpmMeasurement, GpmReading,
-    GpuBackend, MigReading, NvLinkReading, ProcessReading, Snapshot,
+    GpuBackend, MigReading, NvLinkReading, ProcessReading, SlowReading, SlowValues, Snapshot,
 };
 
+mod device;
 mod gpm;
+use device::*;
 use gpm::*;
 
 /// Reads GPUs through NVML.
@@ -55,6 +60,9 @@ pub struct NvmlBackend {
     /// a re-init can start it again.
     events: Mutex<Option<Arc<KernelEvents>>>,
     flight: SingleFlight<u32, DeviceReading>,
+    /// The slow reads (`slow_snapshot`), one per GPU at most, apart from the
+    /// fast ones: a slow call stuck on a GPU does not hold its scrape reads.
+    slow_flight: SingleFlight<u32, SlowReading>,
     /// Last good identity per index, to label a GPU that stopped answering.
     identities: Mutex<HashMap<u32, DeviceReading>>,
     /// What never changes while a GPU keeps its uuid (name, bus id, VBIOS,
@@ -78,6 +86,7 @@ impl NvmlBackend {
             generation: Arc::new(AtomicU64::new(0)),
             events: Mutex::new(None),
             flight: SingleFlight::new("gpuops-nvml"),
+            slow_flight: SingleFlight::new("gpuops-nvml-slow"),
             identities: Mutex::new(HashMap::new()),
             statics: Arc::new(Mutex::new(HashMap::new())),
             device_deadline,
@@ -211,6 +220,47 @@ impl GpuBackend for NvmlBackend {
             cuda_version: self.cuda_version.clone(),
             devices,
         }))
+    }
+
+    fn slow_snapshot(&self) -> Result<Vec<SlowReading>, String> {
+        // Never re-initialises (only `snapshot` does, within a scrape).
+        let handle = self.handle()?;
+        let count = handle
+            .device_count()
+            .map_err(|e| format!("nvml: cannot count GPUs: {e}"))?;
+        let until = Instant::now() + self.device_deadline;
+        let pending: Vec<_> = (0..count)
+            .map(|i| {
+                let nvml = handle.clone();
+                let started = Instant::now();
+                let p = self.slow_flight.start(i, self.device_deadline, move || {
+                    let mut r = read_slow(&nvml, i);
+                    r.read_seconds = Some(started.elapsed().as_secs_f64());
+                    r
+                });
+                (i, p)
+            })
+            .collect();
+        drop(handle);
+        Ok(pending
+            .into_iter()
+            .map(|(i, p)| match p.wait_until(until) {
+                Outcome::Done(r) => r,
+                Outcome::TimedOut => SlowReading {
+                    index: i,
+                    lost: Some("nvml did not answer within the deadline".into()),
+                    ..SlowReading::default()
+                },
+                Outcome::StillRunning { since } => SlowReading {
+                    index: i,
+                    lost: Some(format!(
+                        "an nvml call has been stuck for {}s",
+                        since.as_secs()
+                    )),
+                    ..SlowReading::default()
+                },
+            })
+            .collect())
     }
 
     fn gpm_measure(&self, window: Duration) -> Result<Vec<GpmMeasurement>, String> {
@@ -406,363 +456,6 @@ fn lost(ids: &HashMap<u32, DeviceReading>, index: u32, why: &str) -> DeviceReadi
     });
     r.lost = Some(why.to_string());
     r
-}
-
-/// Whether an error means the GPU itself is gone rather than one unsupported call.
-fn is_lost(e: &NvmlError) -> bool {
-    matches!(
-        e,
-        NvmlError::GpuLost | NvmlError::ResetRequired | NvmlError::Timeout
-    )
-}
-
-/// Values of a GPU that do not change while it keeps its uuid.
-#[derive(Clone)]
-struct StaticInfo {
-    uuid: String,
-    name: String,
-    pci_bus_id: String,
-    minor_number: Option<u32>,
-    vbios_version: Option<String>,
-    supported_throttle: Option<ThrottleReasons>,
-    fans: Option<u32>,
-}
-
-/// Reads one GPU. Unsupported values stay `None`; a lost GPU returns early.
-fn read_device(
-    nvml: &Nvml,
-    index: u32,
-    processes: bool,
-    statics: &Mutex<HashMap<u32, StaticInfo>>,
-) -> DeviceReading {
-    let mut r = DeviceReading {
-        index,
-        ..DeviceReading::default()
-    };
-    let dev = match nvml.device_by_index(index) {
-        Ok(d) => d,
-        Err(e) => {
-            r.lost = Some(format!("nvml cannot open the gpu: {e}"));
-            return r;
-        }
-    };
-    // Identity first: an Unknown error here also means the GPU is gone.
-    match dev.uuid() {
-        Ok(u) => r.uuid = u,
-        Err(e) => {
-            r.lost = Some(format!("nvml cannot read the gpu's uuid: {e}"));
-            return r;
-        }
-    }
-    let cached = statics
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(&index)
-        .filter(|s| s.uuid == r.uuid)
-        .cloned();
-    let fresh = cached.is_none();
-    let info = cached.unwrap_or_else(|| StaticInfo {
-        uuid: r.uuid.clone(),
-        name: dev.name().unwrap_or_default(),
-        pci_bus_id: dev
-            .pci_info()
-            .ok()
-            .and_then(|p| normalize_pci_bus_id(&p.bus_id))
-            .unwrap_or_default(),
-        minor_number: dev.minor_number().ok(),
-        vbios_version: dev.vbios_version().ok(),
-        supported_throttle: dev.supported_throttle_reasons().ok(),
-        fans: dev.num_fans().ok(),
-    });
-    r.name = info.name.clone();
-    r.pci_bus_id = info.pci_bus_id.clone();
-    r.minor_number = info.minor_number;
-    r.vbios_version = info.vbios_version.clone();
-    let mut gone: Option<String> = None;
-    macro_rules! get {
-        ($e:expr) => {
-            match $e {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    if gone.is_none() && is_lost(&e) {
-                        gone = Some(format!("gpu stopped answering nvml: {e}"));
-                    }
-                    None
-                }
-            }
-        };
-    }
-    if let Some(u) = get!(dev.utilization_rates()) {
-        r.utilization_percent = Some(f64::from(u.gpu));
-        r.memory_utilization_percent = Some(f64::from(u.memory));
-    }
-    if gone.is_some() {
-        r.lost = gone;
-        return r;
-    }
-    if fresh && !info.name.is_empty() && !info.pci_bus_id.is_empty() {
-        statics
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(index, info.clone());
-    }
-    // One batched field-value call: energy, PCIe replays, ECC totals, memory
-    // temperature, row remapping, retired pages. What it cannot give is read
-    // with its own call below.
-    read_fields(&dev, &mut r);
-    if let Some(m) = get!(dev.memory_info()) {
-        r.memory_used_bytes = Some(m.used);
-        r.memory_total_bytes = Some(m.total);
-    }
-    r.temperature_celsius = get!(dev.temperature(TemperatureSensor::Gpu)).map(f64::from);
-    r.power_watts = get!(dev.power_usage()).map(|mw| f64::from(mw) / 1000.0);
-    r.power_limit_watts = get!(dev.enforced_power_limit()).map(|mw| f64::from(mw) / 1000.0);
-    if r.energy_joules.is_none() {
-        r.energy_joules = get!(dev.total_energy_consumption()).map(|mj| mj as f64 / 1000.0);
-    }
-    r.sm_clock_mhz = get!(dev.clock_info(Clock::SM)).map(f64::from);
-    r.memory_clock_mhz = get!(dev.clock_info(Clock::Memory)).map(f64::from);
-    if let (Some(supported), Some(active)) = (
-        info.supported_throttle,
-        get!(dev.current_throttle_reasons()),
-    ) {
-        r.clock_events = Some(ClockEvents {
-            supported: reasons(supported),
-            active: reasons(active),
-        });
-    }
-    if let Some(n) = info.fans {
-        r.fan_speed_percent = (0..n)
-            .filter_map(|f| dev.fan_speed(f).ok().map(f64::from))
-            .collect();
-    }
-    r.pcie_link_generation = get!(dev.current_pcie_link_gen());
-    r.pcie_link_width = get!(dev.current_pcie_link_width());
-    if r.pcie_replay_total.is_none() {
-        r.pcie_replay_total = get!(dev.pcie_replay_counter()).map(u64::from);
-    }
-    for (slot, kind, counter) in [
-        (
-            &mut r.ecc.corrected_volatile,
-            MemoryError::Corrected,
-            EccCounter::Volatile,
-        ),
-        (
-            &mut r.ecc.uncorrected_volatile,
-            MemoryError::Uncorrected,
-            EccCounter::Volatile,
-        ),
-        (
-            &mut r.ecc.corrected_aggregate,
-            MemoryError::Corrected,
-            EccCounter::Aggregate,
-        ),
-        (
-            &mut r.ecc.uncorrected_aggregate,
-            MemoryError::Uncorrected,
-            EccCounter::Aggregate,
-        ),
-    ] {
-        if slot.is_none() {
-            *slot = get!(dev.total_ecc_errors(kind, counter));
-        }
-    }
-    read_nvlinks(&dev, &mut r);
-    read_mig(&dev, &mut r);
-    if processes {
-        let mut procs: Vec<ProcessInfo> = Vec::new();
-        if let Some(p) = get!(dev.running_compute_processes()) {
-            procs.extend(p);
-        }
-        if let Some(p) = get!(dev.running_graphics_processes()) {
-            for g in p {
-                if !procs.iter().any(|c| c.pid == g.pid) {
-                    procs.push(g);
-                }
-            }
-        }
-        // The latest of the driver's buffered per-process samples, per pid.
-        let mut sm: HashMap<u32, (u64, u32)> = HashMap::new();
-        if !procs.is_empty() {
-            for s in dev.process_utilization_stats(None).unwrap_or_default() {
-                let e = sm.entry(s.pid).or_insert((s.timestamp, s.sm_util));
-                if s.timestamp >= e.0 {
-                    *e = (s.timestamp, s.sm_util);
-                }
-            }
-        }
-        r.processes = procs
-            .into_iter()
-            .map(|p| ProcessReading {
-                pid: p.pid,
-                memory_used_bytes: match p.used_gpu_memory {
-                    UsedGpuMemory::Used(b) => Some(b),
-                    UsedGpuMemory::Unavailable => None,
-                },
-                sm_utilization_percent: sm.get(&p.pid).map(|(_, u)| f64::from(*u)),
-            })
-            .collect();
-    }
-    r.lost = gone;
-    r
-}
-
-/// Maps NVML's throttle-reason bits to our reasons.
-fn reasons(bits: ThrottleReasons) -> Vec<ClockEventReason> {
-    let table = [
-        (ThrottleReasons::GPU_IDLE, ClockEventReason::GpuIdle),
-        (
-            ThrottleReasons::APPLICATIONS_CLOCKS_SETTING,
-            ClockEventReason::ApplicationsClocksSetting,
-        ),
-        (ThrottleReasons::SW_POWER_CAP, ClockEventReason::SwPowerCap),
-        (ThrottleReasons::HW_SLOWDOWN, ClockEventReason::HwSlowdown),
-        (ThrottleReasons::SYNC_BOOST, ClockEventReason::SyncBoost),
-        (
-            ThrottleReasons::SW_THERMAL_SLOWDOWN,
-            ClockEventReason::SwThermalSlowdown,
-        ),
-        (
-            ThrottleReasons::HW_THERMAL_SLOWDOWN,
-            ClockEventReason::HwThermalSlowdown,
-        ),
-        (
-            ThrottleReasons::HW_POWER_BRAKE_SLOWDOWN,
-            ClockEventReason::HwPowerBrakeSlowdown,
-        ),
-        (
-            ThrottleReasons::DISPLAY_CLOCK_SETTING,
-            ClockEventReason::DisplayClockSetting,
-        ),
-    ];
-    table
-        .iter()
-        .filter(|(bit, _)| bits.contains(*bit))
-        .map(|(_, r)| *r)
-        .collect()
-}
-
-fn sample_u64(v: &SampleValue) -> Option<u64> {
-    match *v {
-        SampleValue::U32(x) => Some(u64::from(x)),
-        SampleValue::U64(x) => Some(x),
-        SampleValue::I64(x) => u64::try_from(x).ok(),
-        SampleValue::F64(x) if x >= 0.0 && x.is_finite() => Some(x as u64),
-        SampleValue::F64(_) => None,
-    }
-}
-
-/// Values read as NVML field values in one call: those only available so
-/// (memory temperature, row remapping, retired pages) and some that have
-/// their own call but cost a driver round trip each (energy, about 3 ms on
-/// an H200; PCIe replays; the four ECC totals).
-fn read_fields(dev: &Device<'_>, r: &mut DeviceReading) {
-    let ids = [
-        field_id::NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
-        field_id::NVML_FI_DEV_PCIE_REPLAY_COUNTER,
-        field_id::NVML_FI_DEV_ECC_SBE_VOL_TOTAL,
-        field_id::NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
-        field_id::NVML_FI_DEV_ECC_SBE_AGG_TOTAL,
-        field_id::NVML_FI_DEV_ECC_DBE_AGG_TOTAL,
-        field_id::NVML_FI_DEV_MEMORY_TEMP,
-        field_id::NVML_FI_DEV_REMAPPED_COR,
-        field_id::NVML_FI_DEV_REMAPPED_UNC,
-        field_id::NVML_FI_DEV_REMAPPED_PENDING,
-        field_id::NVML_FI_DEV_REMAPPED_FAILURE,
-        field_id::NVML_FI_DEV_RETIRED_SBE,
-        field_id::NVML_FI_DEV_RETIRED_DBE,
-    ];
-    let request: Vec<FieldId> = ids.iter().map(|i| FieldId(*i)).collect();
-    let Ok(samples) = dev.field_values_for(&request) else {
-        return;
-    };
-    for (id, sample) in ids.iter().zip(samples) {
-        let Some(v) = sample
-            .ok()
-            .and_then(|s| s.value.ok())
-            .and_then(|v| sample_u64(&v))
-        else {
-            continue;
-        };
-        match *id {
-            field_id::NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION => {
-                r.energy_joules = Some(v as f64 / 1000.0)
-            }
-            field_id::NVML_FI_DEV_PCIE_REPLAY_COUNTER => r.pcie_replay_total = Some(v),
-            field_id::NVML_FI_DEV_ECC_SBE_VOL_TOTAL => r.ecc.corrected_volatile = Some(v),
-            field_id::NVML_FI_DEV_ECC_DBE_VOL_TOTAL => r.ecc.uncorrected_volatile = Some(v),
-            field_id::NVML_FI_DEV_ECC_SBE_AGG_TOTAL => r.ecc.corrected_aggregate = Some(v),
-            field_id::NVML_FI_DEV_ECC_DBE_AGG_TOTAL => r.ecc.uncorrected_aggregate = Some(v),
-            field_id::NVML_FI_DEV_MEMORY_TEMP if v > 0 => {
-                r.memory_temperature_celsius = Some(v as f64)
-            }
-            field_id::NVML_FI_DEV_REMAPPED_COR => r.remapped_rows.correctable = Some(v),
-            field_id::NVML_FI_DEV_REMAPPED_UNC => r.remapped_rows.uncorrectable = Some(v),
-            field_id::NVML_FI_DEV_REMAPPED_PENDING => r.remapped_rows.pending = Some(v),
-            field_id::NVML_FI_DEV_REMAPPED_FAILURE => r.remapped_rows.failure = Some(v),
-            field_id::NVML_FI_DEV_RETIRED_SBE => r.retired_pages.single_bit_ecc = Some(v),
-            field_id::NVML_FI_DEV_RETIRED_DBE => r.retired_pages.double_bit_ecc = Some(v),
-            _ => {}
-        }
-    }
-}
-
-/// Error counters of every active NVLink link.
-fn read_nvlinks(dev: &Device<'_>, r: &mut DeviceReading) {
-    let links = dev
-        .field_values_for(&[FieldId(field_id::NVML_FI_DEV_NVLINK_LINK_COUNT)])
-        .ok()
-        .and_then(|mut v| v.pop())
-        .and_then(|s| s.ok())
-        .and_then(|s| s.value.ok())
-        .and_then(|v| sample_u64(&v))
-        .unwrap_or(0)
-        .min(64) as u32;
-    for link in 0..links {
-        let l = dev.link_wrapper_for(link);
-        if !matches!(l.is_active(), Ok(true)) {
-            continue;
-        }
-        r.nvlinks.push(NvLinkReading {
-            link,
-            replay: l.error_counter(ErrorCounter::DlReplay).ok(),
-            recovery: l.error_counter(ErrorCounter::DlRecovery).ok(),
-            crc_flit: l.error_counter(ErrorCounter::DlCrcFlit).ok(),
-            crc_data: l.error_counter(ErrorCounter::DlCrcData).ok(),
-        });
-    }
-}
-
-/// MIG instances of a GPU in MIG mode. nvml-wrapper has no safe call for a MIG
-/// device's GPU/compute instance ids, so they stay `None` (their labels are
-/// left out) and the profile comes from the MIG device's name.
-fn read_mig(dev: &Device<'_>, r: &mut DeviceReading) {
-    if !matches!(dev.mig_mode(), Ok(m) if m.current == 1) {
-        return;
-    }
-    let Ok(count) = dev.mig_device_count() else {
-        return;
-    };
-    for k in 0..count {
-        let Ok(m) = dev.mig_device_by_index(k) else {
-            continue;
-        };
-        let name = m.name().unwrap_or_default();
-        let profile = name
-            .rsplit_once(" MIG ")
-            .map(|(_, p)| p.to_string())
-            .unwrap_or_default();
-        let mem = m.memory_info().ok();
-        r.mig.push(MigReading {
-            gpu_instance_id: None,
-            compute_instance_id: None,
-            profile,
-            uuid: m.uuid().unwrap_or_default(),
-            memory_used_bytes: mem.as_ref().map(|x| x.used),
-            memory_total_bytes: mem.as_ref().map(|x| x.total),
-            gpm: None,
-        });
-    }
 }
 
 /// Follows NVML's critical-XID events until NVML goes away.

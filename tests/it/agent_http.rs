@@ -88,6 +88,51 @@ async fn get(state: &Arc<AgentState>, uri: &str) -> (StatusCode, String, String)
     (status, ctype, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// A host collector that records the thread each run happened on.
+struct WhereRun(std::sync::Mutex<Vec<std::thread::ThreadId>>);
+
+impl collector::Collector for WhereRun {
+    fn name(&self) -> &'static str {
+        "where"
+    }
+
+    fn collect(&self, _ctx: &Context, _sink: &mut collector::Sink) -> Result<(), collector::Error> {
+        self.0.lock().unwrap().push(std::thread::current().id());
+        Ok(())
+    }
+
+    fn may_block(&self) -> bool {
+        false
+    }
+}
+
+/// Host collectors are served on the request's own thread: no hand-off to
+/// the blocking pool and back (most of a scrape's time on a busy node).
+#[tokio::test]
+async fn host_scrape_runs_on_the_request_thread_without_a_hand_off() {
+    let ctx = Arc::new(Context::new(
+        Arc::new(AgentConfig::default()),
+        Arc::new(KernelEvents::new()),
+        false,
+    ));
+    let probe = Arc::new(WhereRun(std::sync::Mutex::new(Vec::new())));
+    let s = Arc::new(AgentState {
+        runner: Arc::new(Runner::new(ctx, vec![probe.clone()])),
+        events: Arc::new(KernelEvents::new()),
+        http: Arc::new(HttpMetrics::new()),
+    });
+    for _ in 0..3 {
+        let (status, _, body) = get(&s, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.contains("gpuops_collector_success{collector=\"where\"} 1"),
+            "{body}"
+        );
+    }
+    let me = std::thread::current().id();
+    assert_eq!(*probe.0.lock().unwrap(), vec![me; 3]);
+}
+
 #[tokio::test]
 async fn readyz_turns_ready_after_the_first_collection() {
     let dir = tempfile::tempdir().unwrap();

@@ -32,6 +32,7 @@ mod gpu_agent;
 mod gpu_check;
 mod gpu_docs;
 mod gpu_golden;
+mod gpu_slow;
 mod gpu_xid;
 mod incident_walkthrough;
 mod inventory_prometheus;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::collector::gpu::*;
 use crate::collector::Sink;
-use crate::gpu::{DeviceReading, GpmMeasurement, Snapshot};
+use crate::gpu::{DeviceReading, GpmMeasurement, SlowValues, Snapshot};
 
 /// `base` plus `extra` labels, on the stack (a scrape builds hundreds of label
 /// sets; at most 8 labels, more are dropped).
@@ -34,9 +34,12 @@ pub(super) fn with<'a>(base: &[(&'a str, &'a str)], extra: &[(&'a str, &'a str)]
     l
 }
 
+/// One GPU's series: the fast values of `d`, the slow ones of `slow` (the
+/// background reading; absent: their series are left out).
 pub(super) fn render_device(
     snap: &Snapshot,
     d: &DeviceReading,
+    slow: &SlowValues,
     base: &[(&str, &str)],
     sink: &mut Sink,
 ) {
@@ -115,9 +118,9 @@ pub(super) fn render_device(
         sink,
         "gpu_power_limit_watts",
         "Enforced power limit (NVML nvmlDeviceGetEnforcedPowerLimit).",
-        d.power_limit_watts,
+        slow.power_limit_watts,
     );
-    if let Some(j) = d.energy_joules {
+    if let Some(j) = slow.energy_joules {
         sink.counter(
             "gpu_energy_joules_total",
             "Energy used since the driver was loaded (NVML nvmlDeviceGetTotalEnergyConsumption).",
@@ -180,10 +183,10 @@ pub(super) fn render_device(
         d.pcie_link_width.map(f64::from),
     );
     for (kind, scope, v) in [
-        ("corrected", "volatile", d.ecc.corrected_volatile),
-        ("uncorrected", "volatile", d.ecc.uncorrected_volatile),
-        ("corrected", "aggregate", d.ecc.corrected_aggregate),
-        ("uncorrected", "aggregate", d.ecc.uncorrected_aggregate),
+        ("corrected", "volatile", slow.ecc.corrected_volatile),
+        ("uncorrected", "volatile", slow.ecc.uncorrected_volatile),
+        ("corrected", "aggregate", slow.ecc.corrected_aggregate),
+        ("uncorrected", "aggregate", slow.ecc.uncorrected_aggregate),
     ] {
         if let Some(v) = v {
             sink.counter(
@@ -195,8 +198,8 @@ pub(super) fn render_device(
         }
     }
     for (cause, v) in [
-        ("single_bit_ecc", d.retired_pages.single_bit_ecc),
-        ("double_bit_ecc", d.retired_pages.double_bit_ecc),
+        ("single_bit_ecc", slow.retired_pages.single_bit_ecc),
+        ("double_bit_ecc", slow.retired_pages.double_bit_ecc),
     ] {
         if let Some(v) = v {
             sink.gauge(
@@ -208,10 +211,10 @@ pub(super) fn render_device(
         }
     }
     for (state, v) in [
-        ("correctable", d.remapped_rows.correctable),
-        ("uncorrectable", d.remapped_rows.uncorrectable),
-        ("pending", d.remapped_rows.pending),
-        ("failure", d.remapped_rows.failure),
+        ("correctable", slow.remapped_rows.correctable),
+        ("uncorrectable", slow.remapped_rows.uncorrectable),
+        ("pending", slow.remapped_rows.pending),
+        ("failure", slow.remapped_rows.failure),
     ] {
         if let Some(v) = v {
             sink.gauge(
@@ -271,7 +274,31 @@ pub(super) fn render_device(
     if let Some(s) = d.read_seconds {
         sink.gauge(
             "gpuops_gpu_read_duration_seconds",
-            "How long the backend took to read this GPU in the last collection.",
+            "How long the backend took to read this GPU's fast values in the last collection (the scrape path; the slow values are read apart, see gpuops_gpu_slow_read_duration_seconds).",
+            base,
+            s,
+        );
+    }
+}
+
+/// How old the slow values served for a GPU are, and how long reading them
+/// took.
+pub(super) fn render_slow_age(
+    base: &[(&str, &str)],
+    age_seconds: f64,
+    read_seconds: Option<f64>,
+    sink: &mut Sink,
+) {
+    sink.gauge(
+        "gpuops_gpu_slow_read_age_seconds",
+        "Age of the slow GPU values served (gpu_energy_joules_total, gpu_power_limit_watts, gpu_ecc_errors_total, gpu_retired_pages, gpu_remapped_rows and their DCGM names): they are read in the background every [gpu] slow_interval_secs, not on every scrape.",
+        base,
+        age_seconds,
+    );
+    if let Some(s) = read_seconds {
+        sink.gauge(
+            "gpuops_gpu_slow_read_duration_seconds",
+            "How long the backend took to read the GPU's slow values in the background (not part of any scrape).",
             base,
             s,
         );
@@ -368,6 +395,7 @@ pub(super) fn dcgm_labels(d: &DeviceReading) -> DcgmLabels<'_> {
 pub(super) fn render_dcgm(
     ctx: &Context,
     d: &DeviceReading,
+    slow: &SlowValues,
     xids: &BTreeMap<(String, u32), u64>,
     sink: &mut Sink,
 ) {
@@ -441,12 +469,12 @@ pub(super) fn render_dcgm(
         (
             "DCGM_FI_DEV_POWER_MGMT_LIMIT",
             "Power management limit (in W).",
-            d.power_limit_watts,
+            slow.power_limit_watts,
         ),
         (
             "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
             "Total energy consumption since boot (in mJ).",
-            d.energy_joules.map(|j| j * 1000.0),
+            slow.energy_joules.map(|j| j * 1000.0),
         ),
         (
             "DCGM_FI_DEV_SM_CLOCK",
@@ -476,37 +504,37 @@ pub(super) fn render_dcgm(
         (
             "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
             "Total number of single-bit volatile ECC errors.",
-            d.ecc.corrected_volatile.map(|v| v as f64),
+            slow.ecc.corrected_volatile.map(|v| v as f64),
         ),
         (
             "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
             "Total number of double-bit volatile ECC errors.",
-            d.ecc.uncorrected_volatile.map(|v| v as f64),
+            slow.ecc.uncorrected_volatile.map(|v| v as f64),
         ),
         (
             "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL",
             "Total number of single-bit persistent ECC errors.",
-            d.ecc.corrected_aggregate.map(|v| v as f64),
+            slow.ecc.corrected_aggregate.map(|v| v as f64),
         ),
         (
             "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL",
             "Total number of double-bit persistent ECC errors.",
-            d.ecc.uncorrected_aggregate.map(|v| v as f64),
+            slow.ecc.uncorrected_aggregate.map(|v| v as f64),
         ),
         (
             "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
             "Number of remapped rows for correctable errors.",
-            d.remapped_rows.correctable.map(|v| v as f64),
+            slow.remapped_rows.correctable.map(|v| v as f64),
         ),
         (
             "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
             "Number of remapped rows for uncorrectable errors.",
-            d.remapped_rows.uncorrectable.map(|v| v as f64),
+            slow.remapped_rows.uncorrectable.map(|v| v as f64),
         ),
         (
             "DCGM_FI_DEV_ROW_REMAP_FAILURE",
             "Whether remapping of rows has failed.",
-            d.remapped_rows.failure.map(|v| v as f64),
+            slow.remapped_rows.failure.map(|v| v as f64),
         ),
     ];
     for (name, help, v) in fields {
