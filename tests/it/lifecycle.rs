@@ -757,6 +757,8 @@ chat_on_both!(
     shipped_gpu_runbooks_success_paths_return_their_node,
     shipped_fell_off_bus_success_path_takes_the_node_out_and_back,
     report_lists_nodes_out_of_service_oldest_first_with_gpu_hours,
+    report_says_availability_against_the_objective_with_budget_used,
+    report_without_gpus_owned_says_availability_is_unknown,
     a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread,
     drain_success_quarantines_the_node,
     resume_success_returns_the_node_to_service_with_gpu_hours_lost,
@@ -916,6 +918,7 @@ async fn report_lists_nodes_out_of_service_oldest_first_with_gpu_hours() {
         late: false,
         agent_events: None,
         names: &names,
+        lifecycle: &Default::default(),
     })
     .await;
     let md = &built.markdown;
@@ -935,4 +938,95 @@ async fn report_lists_nodes_out_of_service_oldest_first_with_gpu_hours() {
         md.contains("(8 GPUs, 240.0 GPU-hours lost so far): XID 79, last by alice"),
         "{md}"
     );
+}
+
+/// The report's availability: GPU-hours in service over GPU-hours owned
+/// (the inventory's nodes × `gpus_per_node`, a tracked node's own GPUs)
+/// against `[lifecycle] availability_objective`, with the error budget used.
+async fn report_says_availability_against_the_objective_with_budget_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let mut text = format!(
+        "[store]\npath = \"{}\"\n[slack]\nbot_token = \"xoxb-test\"\napi_url = \"http://127.0.0.1:1/api\"\n[prometheus]\nurl = \"{down}\"\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\ntimezone = \"UTC\"\nslack_channel = \"C0REPORTS\"\nsections = [\"incidents\"]\n[lifecycle]\ngpus_per_node = 8\navailability_objective = 0.98\n[agents]\n",
+        dir.path().join("bot.db").display()
+    );
+    // 25 nodes of 8 GPUs: 200 GPUs, 4800 GPU-hours a day; the 2 % budget
+    // is 96 GPU-hours.
+    for i in 1..=25 {
+        text.push_str(&format!(
+            "[[agents.nodes]]\ninstance = \"10.0.0.{i}:9400\"\nnode = \"gpu-node-{i}\"\n"
+        ));
+    }
+    let cfg = gpuops::config::BotConfig::from_str(&dir.path().join("bot.toml"), &text).unwrap();
+    let store = crate::support::open_store_at(&cfg.store.path).await;
+    let at = gpuops::store::now().floor();
+    let h = 3600.0;
+    let go = |node: &str, to: NodeState, t: f64| Transition {
+        node: node.into(),
+        to: Some(to),
+        at: t,
+        reason: "XID 79".into(),
+        by: Some("alice".into()),
+        gpus: 8,
+        ..Transition::default()
+    };
+    // gpu-node-1 out for the last 3 h (24 GPU-hours); gpu-node-2 out from
+    // 30 h ago until 27 h ago: before the period, nothing in it.
+    for t in [
+        go("gpu-node-1", NodeState::Quarantined, at - 3.0 * h),
+        go("gpu-node-2", NodeState::Quarantined, at - 30.0 * h),
+        go("gpu-node-2", NodeState::InService, at - 27.0 * h),
+    ] {
+        assert!(store.node_transition(t).await.unwrap().changed);
+    }
+    let names = gpuops::inventory::Identity::from_config(&cfg).names().await;
+    let built = gpuops::report::build(gpuops::report::Inputs {
+        config: &cfg.reports[0],
+        prometheus_url: &down,
+        store: Some(&store),
+        at: chrono::DateTime::from_timestamp(at as i64, 0).unwrap(),
+        late: false,
+        agent_events: None,
+        names: &names,
+        lifecycle: &cfg.lifecycle,
+    })
+    .await;
+    let md = &built.markdown;
+    // 24 of 4800 GPU-hours lost: 99.5 %; 24 of the 96 budgeted: 25 %.
+    assert!(
+        md.contains("Availability: 99.5 % (objective 98 %): 25 % of the period's error budget used (24.0 of 4800 GPU-hours lost, 200 GPUs owned)"),
+        "{md}"
+    );
+    let a = built.figures.availability.expect("availability computed");
+    assert_eq!(a.owned_gpus, 200);
+    assert!((a.ratio - 0.995).abs() < 1e-9, "{a:?}");
+    assert!((a.budget_used - 0.25).abs() < 1e-9, "{a:?}");
+}
+
+/// No inventory and no tracked node: availability is unknown, never 100 %.
+async fn report_without_gpus_owned_says_availability_is_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let text = format!(
+        "[store]\npath = \"{}\"\n[slack]\nbot_token = \"xoxb-test\"\napi_url = \"http://127.0.0.1:1/api\"\n[prometheus]\nurl = \"{down}\"\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\ntimezone = \"UTC\"\nslack_channel = \"C0REPORTS\"\nsections = [\"incidents\"]\n",
+        dir.path().join("bot.db").display()
+    );
+    let cfg = gpuops::config::BotConfig::from_str(&dir.path().join("bot.toml"), &text).unwrap();
+    let store = crate::support::open_store_at(&cfg.store.path).await;
+    let names = gpuops::inventory::Identity::from_config(&cfg).names().await;
+    let built = gpuops::report::build(gpuops::report::Inputs {
+        config: &cfg.reports[0],
+        prometheus_url: &down,
+        store: Some(&store),
+        at: chrono::DateTime::from_timestamp(gpuops::store::now() as i64, 0).unwrap(),
+        late: false,
+        agent_events: None,
+        names: &names,
+        lifecycle: &cfg.lifecycle,
+    })
+    .await;
+    let md = &built.markdown;
+    assert!(md.contains("Availability: unknown (no GPUs owned"), "{md}");
+    assert!(!md.contains("100 %"), "{md}");
+    assert_eq!(built.figures.availability, None);
 }
