@@ -91,6 +91,11 @@ impl CommandRunner for Scripted {
 }
 
 async fn bot() -> (Bot, Arc<Scripted>) {
+    bot_with("").await
+}
+
+/// [`bot`] with more configuration appended.
+async fn bot_with(more: &str) -> (Bot, Arc<Scripted>) {
     let dir = tempfile::tempdir().unwrap();
     let rb = dir.path().join("runbooks");
     std::fs::create_dir_all(&rb).unwrap();
@@ -104,7 +109,7 @@ async fn bot() -> (Bot, Arc<Scripted>) {
         ),
     );
     let extra = format!(
-        "[runbooks]\ndir = \"{}\"\n\n[lifecycle]\ngpus_per_node = 8\n",
+        "[runbooks]\ndir = \"{}\"\n\n[lifecycle]\ngpus_per_node = 8\n{more}",
         rb.display()
     );
     (Bot::start_in(dir, &extra, Some(exec)).await, runner)
@@ -466,7 +471,7 @@ async fn a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread() {
         let store = b.state.store.clone();
         let cfg = cfg.clone();
         async move {
-            gpuops::lifecycle::remind_due(&store, &cfg, t0 + h * 3600.0)
+            gpuops::lifecycle::remind_due(&store, &cfg, &[], t0 + h * 3600.0)
                 .await
                 .unwrap()
         }
@@ -493,6 +498,150 @@ async fn a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread() {
         "{all}"
     );
     assert!(all.contains("for 1d 13h"), "{all}");
+    b.stop();
+}
+
+/// The reminder also goes to the report channel (a post of its own),
+/// claimed with the thread's (one claim: at most one a day, whatever the
+/// number of passes), naming the last person who acted.
+async fn a_node_left_quarantined_is_reminded_once_a_day_in_the_report_channel_too() {
+    let (b, _) = bot_with(
+        "[prometheus]\nurl = \"http://127.0.0.1:9\"\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\nslack_channel = \"C0REPORTS\"\n",
+    )
+    .await;
+    let channels = gpuops::lifecycle::report_channels(&b.state.config);
+    assert_eq!(channels, vec!["slack:C0REPORTS".to_string()]);
+    let g = xid_alert(&b).await;
+    let t0 = b.clock.now_unix() as f64;
+    b.state
+        .store
+        .node_transition(Transition {
+            node: "gpu-node-17".into(),
+            to: Some(NodeState::Quarantined),
+            at: t0,
+            reason: "drain-slurm succeeded (gpu-fell-off-bus): GPUXIDFellOffBus XID 79".into(),
+            step: Some("drain-slurm".into()),
+            by: Some("alice".into()),
+            gpus: 8,
+            group_id: Some(g),
+            ..Transition::default()
+        })
+        .await
+        .unwrap();
+    let cfg = b.state.config.lifecycle.clone();
+    let remind = |h: f64| {
+        let (store, cfg, channels) = (b.state.store.clone(), cfg.clone(), channels.clone());
+        async move {
+            gpuops::lifecycle::remind_due(&store, &cfg, &channels, t0 + h * 3600.0)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(remind(13.0).await, 1);
+    assert_eq!(remind(13.5).await, 0, "claimed once");
+    assert_eq!(remind(36.0).await, 0, "at most daily");
+    assert_eq!(remind(37.0).await, 1);
+    b.state.outbox.wake();
+    let in_channel = |b: &Bot| -> Vec<String> {
+        b.slack
+            .calls()
+            .into_iter()
+            .filter(|c| c.channel == "C0REPORTS")
+            .filter_map(|c| match c.message {
+                gpuops::notify::Message::Text(t) => Some(t.text),
+                _ => None,
+            })
+            .collect()
+    };
+    b.wait_for(10, "two reminders in the report channel", move |b| {
+        in_channel(b).len() == 2
+    })
+    .await;
+    let posts = in_channel(&b);
+    assert!(
+        posts[0].starts_with("⏰ gpu-node-17 has been quarantined for 13h 0m"),
+        "{posts:?}"
+    );
+    assert!(posts[0].contains("last: drain-slurm by alice"), "{posts:?}");
+    assert!(posts[1].contains("for 1d 13h"), "{posts:?}");
+    // And the thread got the same two, not more.
+    let thread = b
+        .slack
+        .replies()
+        .iter()
+        .filter(|r| r.contains("⏰ gpu-node-17"))
+        .count();
+    assert_eq!(thread, 2);
+    b.stop();
+}
+
+/// A node that returned to service and fails again with the same XID
+/// within `repeat_window`: the run's start message and its thread line say
+/// to replace the hardware rather than reset or reboot it again.
+async fn a_run_on_a_node_failing_again_with_the_same_fault_advises_replacing_the_hardware() {
+    let (b, _) = bot().await;
+    let now = b.clock.now_unix() as f64;
+    let day = 86_400.0;
+    let go = |to: NodeState, at: f64| Transition {
+        node: "gpu-node-17".into(),
+        to: Some(to),
+        at,
+        reason: "earlier".into(),
+        alert: Some("GPUXIDFellOffBus".into()),
+        xid: Some("79".into()),
+        by: Some("alice".into()),
+        gpus: 8,
+        repeat_window_secs: 7.0 * day,
+        ..Transition::default()
+    };
+    for t in [
+        go(NodeState::Quarantined, now - 3.0 * day),
+        go(NodeState::InService, now - 2.0 * day),
+    ] {
+        assert!(b.state.store.node_transition(t).await.unwrap().changed);
+    }
+    let g = xid_alert(&b).await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run life alert={g}"))
+        .await;
+    let date = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs((now - 2.0 * day) as u64),
+    )
+    .to_string();
+    let advice = format!(
+        "🔁 gpu-node-17 is a repeat of XID 79 within 7 days of its return on {}: replace the hardware (RMA) rather than reset/reboot again",
+        &date[..10]
+    );
+    assert!(text(&v).contains("started run"), "{v}");
+    assert!(text(&v).contains(&advice), "{v}");
+    b.wait_for(10, "the run's thread line", |b| {
+        b.slack
+            .replies()
+            .iter()
+            .any(|r| r.starts_with("▶ ") && r.contains("started run"))
+    })
+    .await;
+    let start = b
+        .slack
+        .replies()
+        .into_iter()
+        .find(|r| r.starts_with("▶ ") && r.contains("started run"))
+        .unwrap();
+    assert!(start.contains(&advice), "{start}");
+
+    // Another fault on another node: no advice.
+    let g2 = b
+        .alert(webhook(
+            "GPUXIDFellOffBus",
+            "gpu-node-18:9949",
+            &[("xid", "79"), ("gpu", "1")],
+        ))
+        .await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run life alert={g2}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    assert!(!text(&v).contains("repeat"), "{v}");
     b.stop();
 }
 
@@ -760,6 +909,8 @@ chat_on_both!(
     report_says_availability_against_the_objective_with_budget_used,
     report_without_gpus_owned_says_availability_is_unknown,
     a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread,
+    a_node_left_quarantined_is_reminded_once_a_day_in_the_report_channel_too,
+    a_run_on_a_node_failing_again_with_the_same_fault_advises_replacing_the_hardware,
     drain_success_quarantines_the_node,
     resume_success_returns_the_node_to_service_with_gpu_hours_lost,
     verify_failure_leaves_the_node_awaiting_repair,
