@@ -1181,3 +1181,130 @@ async fn report_without_gpus_owned_says_availability_is_unknown() {
     assert!(!md.contains("100 %"), "{md}");
     assert_eq!(built.figures.availability, None);
 }
+
+/// Starts the real agent with `[node_state] slurm = true` and a stand-in
+/// `scontrol` (the shell `script`) first on `[exec] path`; returns the
+/// agent, its address, and the file where `scontrol` records its argv.
+#[allow(clippy::disallowed_methods)] // the real binary, as a node runs it
+fn agent_with_scontrol(dir: &std::path::Path, script: &str) -> (crate::support::Proc, String) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let scontrol = bin.join("scontrol");
+    std::fs::write(&scontrol, script).unwrap();
+    std::fs::set_permissions(&scontrol, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let toml = dir.join("agent.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[collectors]\ngpu = false\n[node_state]\nslurm = true\n[exec]\npath = [\"{}\"]\n",
+            bin.display()
+        ),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", crate::support::free_port());
+    let child = std::process::Command::new(crate::support::gpuops())
+        .current_dir(dir)
+        .env_remove("GPUOPS_AGENT_CONFIG")
+        .args([
+            "agent",
+            "--listen",
+            &addr,
+            "--node-name",
+            "gpu-node-17",
+            "--config",
+        ])
+        .arg(&toml)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent = crate::support::Proc(child);
+    crate::support::wait_listening(&addr, "agent");
+    (agent, addr)
+}
+
+/// Scrapes `addr` until a line starts with `want` (10 s); the exposition.
+async fn scrape_until(addr: &str, want: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let body = match reqwest::get(format!("http://{addr}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if body.lines().any(|l| l.starts_with(want)) {
+            return body;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {want} in\n{body}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The agent runs `scontrol show node <its node> --oneliner` (found on
+/// `[exec] path`) and exports the node's Slurm state: drained here.
+#[tokio::test]
+async fn agent_exports_the_slurm_drain_state_from_scontrol() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let script = format!(
+        "#!/bin/sh\necho \"$@\" >> {}\necho 'NodeName=gpu-node-17 Arch=x86_64 CPUAlloc=0 State=IDLE+DRAIN ThreadsPerCore=2 Partitions=gpu Reason=XID 79 on GPU 3 [root@2026-12-03T10:00:00]'\n",
+        calls.display()
+    );
+    let (_agent, addr) = agent_with_scontrol(dir.path(), &script);
+    let m = scrape_until(&addr, "gpuops_node_scheduler_state{").await;
+    let value = |state: &str| {
+        let p = format!("gpuops_node_scheduler_state{{scheduler=\"slurm\",state=\"{state}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&p))
+            .unwrap_or_else(|| panic!("{p} in\n{m}"))
+            .to_string()
+    };
+    for (state, v) in [
+        ("drain", "1"),
+        ("drained", "1"),
+        ("idle", "1"),
+        ("draining", "0"),
+        ("down", "0"),
+        ("allocated", "0"),
+        ("mixed", "0"),
+    ] {
+        assert_eq!(value(state), v, "{state}");
+    }
+    assert!(
+        m.contains("gpuops_collector_success{collector=\"node_state\"} 1"),
+        "{m}"
+    );
+    let argv = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(
+        argv.lines().next(),
+        Some("show node gpu-node-17 --oneliner")
+    );
+}
+
+/// A `scontrol` that fails: the collector says so and exports no state
+/// (never a guess).
+#[tokio::test]
+async fn agent_with_failing_scontrol_exports_no_slurm_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let (_agent, addr) = agent_with_scontrol(
+        dir.path(),
+        &format!(
+            "#!/bin/sh\necho \"$@\" >> {}\necho 'slurm_load_node error: Unable to contact slurm controller' >&2\nexit 1\n",
+            calls.display()
+        ),
+    );
+    // After scontrol ran (and failed), not before the first reading.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !calls.exists() {
+        assert!(std::time::Instant::now() < deadline, "scontrol never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let m = scrape_until(&addr, "gpuops_collector_success{collector=\"node_state\"}").await;
+    assert!(
+        m.contains("gpuops_collector_success{collector=\"node_state\"} 0"),
+        "{m}"
+    );
+    assert!(!m.contains("gpuops_node_scheduler_state{"), "{m}");
+}
