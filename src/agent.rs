@@ -209,8 +209,6 @@ pub fn exec_sources_others_can_change(exec: &ExecConfig) -> Vec<String> {
     out
 }
 
-/// Pings systemd's watchdog at half its interval while the runtime and the
-/// collector runner respond.
 /// `[node_state] slurm`: runs `scontrol show node <node> --oneliner`
 /// (resolved like a runbook step's binary: the default search path, then
 /// `[exec] path`) through the runbook executor's runner, with a deadline,
@@ -226,12 +224,29 @@ fn spawn_slurm_sampler(cfg: &AgentConfig, latest: Arc<collector::node_state::Lat
         "--oneliner".into(),
     ];
     let path = resolve::SearchPath::default_and(&cfg.exec.path);
+    let untrusted = |bin: &str| -> Option<String> {
+        let bin = std::path::Path::new(bin);
+        std::iter::once(bin)
+            .chain(bin.parent())
+            .find(|p| crate::secret::writable_by_others(p).is_some())
+            .map(|p| p.display().to_string())
+    };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(collector::node_state::SAMPLE_EVERY);
         loop {
             tick.tick().await;
             let reading = match resolve::resolve_argv(&argv, &path) {
                 Err(e) => Err(e.to_string()),
+                // The agent runs it: never a binary any user could replace.
+                Ok(resolved) if resolved.first().and_then(|b| untrusted(b)).is_some() => {
+                    Err(format!(
+                        "{} is writable by any user: not run",
+                        resolved
+                            .first()
+                            .and_then(|b| untrusted(b))
+                            .unwrap_or_default()
+                    ))
+                }
                 Ok(resolved) => {
                     let spec = CommandSpec {
                         argv: resolved,
@@ -261,6 +276,8 @@ fn spawn_slurm_sampler(cfg: &AgentConfig, latest: Arc<collector::node_state::Lat
     });
 }
 
+/// Pings systemd's watchdog at half its interval while the runtime and the
+/// collector runner respond.
 fn spawn_watchdog(runner: Arc<Runner>) {
     let mut usec = 0u64;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {

@@ -1182,11 +1182,10 @@ async fn report_without_gpus_owned_says_availability_is_unknown() {
     assert_eq!(built.figures.availability, None);
 }
 
-/// Starts the real agent with `[node_state] slurm = true` and a stand-in
-/// `scontrol` (the shell `script`) first on `[exec] path`; returns the
-/// agent, its address, and the file where `scontrol` records its argv.
-#[allow(clippy::disallowed_methods)] // the real binary, as a node runs it
-fn agent_with_scontrol(dir: &std::path::Path, script: &str) -> (crate::support::Proc, String) {
+/// Writes a stand-in `scontrol` (the shell `script`) into `dir/bin` and an
+/// agent configuration with `[node_state] slurm = true` and that directory
+/// on `[exec] path`; returns the configuration's path.
+fn scontrol_config(dir: &std::path::Path, script: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt as _;
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
@@ -1202,6 +1201,12 @@ fn agent_with_scontrol(dir: &std::path::Path, script: &str) -> (crate::support::
         ),
     )
     .unwrap();
+    toml
+}
+
+/// Starts the real agent (node `gpu-node-17`) with the configuration `toml`.
+#[allow(clippy::disallowed_methods)] // the real binary, as a node runs it
+fn start_agent(dir: &std::path::Path, toml: &std::path::Path) -> (crate::support::Proc, String) {
     let addr = format!("127.0.0.1:{}", crate::support::free_port());
     let child = std::process::Command::new(crate::support::gpuops())
         .current_dir(dir)
@@ -1214,7 +1219,7 @@ fn agent_with_scontrol(dir: &std::path::Path, script: &str) -> (crate::support::
             "gpu-node-17",
             "--config",
         ])
-        .arg(&toml)
+        .arg(toml)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1222,6 +1227,12 @@ fn agent_with_scontrol(dir: &std::path::Path, script: &str) -> (crate::support::
     let agent = crate::support::Proc(child);
     crate::support::wait_listening(&addr, "agent");
     (agent, addr)
+}
+
+/// The real agent with a stand-in `scontrol` first on `[exec] path`.
+fn agent_with_scontrol(dir: &std::path::Path, script: &str) -> (crate::support::Proc, String) {
+    let toml = scontrol_config(dir, script);
+    start_agent(dir, &toml)
 }
 
 /// Scrapes `addr` until a line starts with `want` (10 s); the exposition.
@@ -1302,6 +1313,39 @@ async fn agent_with_failing_scontrol_exports_no_slurm_state() {
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let m = scrape_until(&addr, "gpuops_collector_success{collector=\"node_state\"}").await;
+    assert!(
+        m.contains("gpuops_collector_success{collector=\"node_state\"} 0"),
+        "{m}"
+    );
+    assert!(!m.contains("gpuops_node_scheduler_state{"), "{m}");
+}
+
+/// A `scontrol` in a directory any user can write is never run by the
+/// agent (someone could replace it): no state, the collector failing.
+#[tokio::test]
+async fn agent_never_runs_a_scontrol_any_user_could_replace() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let toml = scontrol_config(
+        dir.path(),
+        &format!(
+            "#!/bin/sh\necho \"$@\" >> {}\necho 'NodeName=gpu-node-17 State=IDLE'\n",
+            calls.display()
+        ),
+    );
+    std::fs::set_permissions(
+        dir.path().join("bin"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    let (_agent, addr) = start_agent(dir.path(), &toml);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let m = scrape_until(&addr, "gpuops_collector_success{collector=\"node_state\"}").await;
+    assert!(
+        !calls.exists(),
+        "scontrol ran from a directory anyone can write"
+    );
     assert!(
         m.contains("gpuops_collector_success{collector=\"node_state\"} 0"),
         "{m}"
