@@ -103,6 +103,7 @@ fn main() {
             late: false,
             agent_events: None,
             names: &gpuops::inventory::NodeNames::default(),
+            lifecycle: &Default::default(),
         }));
         let secs = t.elapsed().as_secs_f64();
         times.push(secs);

@@ -102,6 +102,9 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
     kmsg::spawn_watcher(cfg.roots.clone(), events.clone());
     let ctx = Arc::new(Context::new(cfg.clone(), events.clone(), true));
     let collectors = collector::all(&ctx);
+    if cfg.node_state.slurm {
+        spawn_slurm_sampler(&cfg, ctx.scheduler.clone());
+    }
     let gpu_gate = ctx.gpu_gate.clone();
     let runner = Arc::new(Runner::new(ctx, collectors));
     let state = Arc::new(AgentState {
@@ -216,6 +219,73 @@ pub fn exec_sources_others_can_change(exec: &ExecConfig) -> Vec<String> {
         }
     }
     out
+}
+
+/// `[node_state] slurm`: runs `scontrol show node <node> --oneliner`
+/// (resolved like a runbook step's binary: the default search path, then
+/// `[exec] path`) through the runbook executor's runner, with a deadline,
+/// every [`collector::node_state::SAMPLE_EVERY`], off the scrape path; the
+/// `node_state` collector exports the latest reading.
+fn spawn_slurm_sampler(cfg: &AgentConfig, latest: Arc<collector::node_state::Latest>) {
+    use crate::runbook::exec::{resolve, CommandRunner as _, CommandSpec, ProcessRunner};
+    let argv = vec![
+        "scontrol".to_string(),
+        "show".into(),
+        "node".into(),
+        cfg.node_name.clone(),
+        "--oneliner".into(),
+    ];
+    let path = resolve::SearchPath::default_and(&cfg.exec.path);
+    let untrusted = |bin: &str| -> Option<String> {
+        let bin = std::path::Path::new(bin);
+        std::iter::once(bin)
+            .chain(bin.parent())
+            .find(|p| crate::secret::writable_by_others(p).is_some())
+            .map(|p| p.display().to_string())
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(collector::node_state::SAMPLE_EVERY);
+        loop {
+            tick.tick().await;
+            let reading = match resolve::resolve_argv(&argv, &path) {
+                Err(e) => Err(e.to_string()),
+                // The agent runs it: never a binary any user could replace.
+                Ok(resolved) if resolved.first().and_then(|b| untrusted(b)).is_some() => {
+                    Err(format!(
+                        "{} is writable by any user: not run",
+                        resolved
+                            .first()
+                            .and_then(|b| untrusted(b))
+                            .unwrap_or_default()
+                    ))
+                }
+                Ok(resolved) => {
+                    let spec = CommandSpec {
+                        argv: resolved,
+                        timeout: collector::node_state::SAMPLE_TIMEOUT,
+                        output_cap: 64 * 1024,
+                    };
+                    match ProcessRunner.run(&spec).await {
+                        Err(e) => Err(e.to_string()),
+                        Ok(out) if out.timed_out => Err(format!(
+                            "scontrol timed out after {}s",
+                            collector::node_state::SAMPLE_TIMEOUT.as_secs()
+                        )),
+                        Ok(out) if out.exit_code != Some(0) => Err(format!(
+                            "scontrol exited with {:?}: {}",
+                            out.exit_code,
+                            out.stderr.trim().chars().take(200).collect::<String>()
+                        )),
+                        Ok(out) => collector::node_state::parse_scontrol(&out.stdout),
+                    }
+                }
+            };
+            if let Err(e) = &reading {
+                tracing::warn!(error = %e, "cannot read this node's Slurm state");
+            }
+            latest.set(reading);
+        }
+    });
 }
 
 /// Pings systemd's watchdog at half its interval while the runtime and the

@@ -185,14 +185,37 @@ pub fn reminder_text(r: &NodeRecord, now: f64) -> String {
     )
 }
 
+/// Where reminders go besides the incident thread: the Slack and Discord
+/// channels of every `[[reports]]` entry (destination keys, once each).
+pub fn report_channels(cfg: &crate::config::bot::BotConfig) -> Vec<String> {
+    let mut out: Vec<String> = cfg
+        .reports
+        .iter()
+        .flat_map(|r| r.targets())
+        .filter(|t| {
+            matches!(
+                t,
+                crate::config::routing::Target::Slack(_)
+                    | crate::config::routing::Target::Discord(_)
+            )
+        })
+        .map(|t| t.key())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Claims and enqueues every reminder due at `now`: a node quarantined or
 /// verifying for `remind_after` with no change since, at most once per
-/// [`REMIND_EVERY`], in its incident thread. The claim is the store's (one
+/// [`REMIND_EVERY`], in its incident thread and to each of `channels` (the
+/// report channels, [`report_channels`]). The claim is the store's (one
 /// conditional UPDATE in the transaction that enqueues), so a restart or a
 /// second replica never sends one twice. Returns how many were claimed.
 pub async fn remind_due(
     store: &Store,
     cfg: &LifecycleConfig,
+    channels: &[String],
     now: f64,
 ) -> crate::store::Result<usize> {
     let min_age = cfg.remind_after.as_secs_f64();
@@ -211,7 +234,15 @@ pub async fn remind_due(
         ));
         let body = serde_json::to_string(&msg).unwrap_or_default();
         if store
-            .claim_node_reminder(r.node.clone(), r.since, now, min_age, gap, body)
+            .claim_node_reminder(
+                r.node.clone(),
+                r.since,
+                now,
+                min_age,
+                gap,
+                body,
+                channels.to_vec(),
+            )
             .await?
         {
             sent += 1;
@@ -225,6 +256,7 @@ pub fn spawn_reminders(
     state: std::sync::Arc<crate::bot::state::BotState>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let channels = report_channels(&state.config);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(REMIND_POLL);
         loop {
@@ -232,7 +264,14 @@ pub fn spawn_reminders(
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            match remind_due(&state.store, &state.config.lifecycle, crate::store::now()).await {
+            match remind_due(
+                &state.store,
+                &state.config.lifecycle,
+                &channels,
+                crate::store::now(),
+            )
+            .await
+            {
                 Ok(0) => {}
                 Ok(n) => {
                     tracing::info!(reminders = n, "reminded of nodes left out of service");
@@ -242,6 +281,73 @@ pub fn spawn_reminders(
             }
         }
     });
+}
+
+/// The advice for a run on a node that fails again with the same fault
+/// (the alert's name or XID) within `repeat_window` of its last return, or
+/// that is out of service flagged as a repeat: replace the hardware rather
+/// than reset or reboot it again. `None`: not a repeat (or the store cannot
+/// say; logged).
+pub async fn repeat_advice(
+    store: &Store,
+    cfg: &LifecycleConfig,
+    plan: &RunPlan,
+    now: f64,
+) -> Option<String> {
+    let node = node_of(plan)?;
+    let window = cfg.repeat_window.as_secs_f64();
+    if window <= 0.0 {
+        return None;
+    }
+    let label = |k: &str| plan.labels.get(k).filter(|v| !v.is_empty()).cloned();
+    let (alert, xid) = (label("alertname"), label("xid"));
+    let same = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
+    let last = match store.node_last_return(node.clone(), now - window).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, node = %node, "cannot read the node's last return");
+            return None;
+        }
+    };
+    let (last, fault_xid, fault_alert) = match last {
+        Some(l) if same(&l.xid, &xid) || same(&l.alert, &alert) => {
+            let x = l.xid.clone().filter(|_| same(&l.xid, &xid));
+            let a = l.alert.clone();
+            (l, x, a)
+        }
+        _ => {
+            // Out of service and flagged a repeat when it left.
+            let rows = store.node_states().await.ok()?;
+            let row = rows
+                .into_iter()
+                .find(|r| r.node == node && r.repeat && r.state != NodeState::InService)?;
+            let l = store.node_last_return(node.clone(), 0.0).await.ok()??;
+            (l, row.xid, row.alert)
+        }
+    };
+    let fault = match (fault_xid, fault_alert) {
+        (Some(x), _) => format!("XID {}", crate::escape::line(&x)),
+        (None, Some(a)) => crate::escape::line(&a),
+        (None, None) => "the same fault".into(),
+    };
+    Some(format!(
+        "🔁 {} is a repeat of {fault} within {} of its return on {}: replace the hardware (RMA) rather than reset/reboot again (`/gpuops node {} awaiting-repair \"RMA …\"`)",
+        crate::escape::line(&node),
+        window_words(cfg.repeat_window),
+        utc(last.at).get(..10).unwrap_or_default(),
+        crate::escape::line(&node),
+    ))
+}
+
+/// A window in words: "7 days", "12 h".
+fn window_words(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s % 86_400, s / 86_400, s / 3600) {
+        (0, 1, _) => "1 day".into(),
+        (0, n, _) => format!("{n} days"),
+        (_, _, h) if s % 3600 == 0 => format!("{h} h"),
+        _ => ago(s as f64),
+    }
 }
 
 /// GPU-hours a node has been out of service in its current stretch.

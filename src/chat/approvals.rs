@@ -311,9 +311,19 @@ pub async fn start_run(
         }
         _ => String::new(),
     };
+    // A repeat of the same fault soon after a return: replace the hardware.
+    let repeat = crate::lifecycle::repeat_advice(
+        &chat.bot.store,
+        &chat.bot.config.lifecycle,
+        &plan,
+        chat.now() as f64,
+    )
+    .await
+    .map(|a| format!("\n{a}"))
+    .unwrap_or_default();
     let where_ = match req.group {
-        Some(g) => format!("{gpu_note}; output goes to the thread of alert group #{g}"),
-        None => String::new(),
+        Some(g) => format!("{gpu_note}; output goes to the thread of alert group #{g}{repeat}"),
+        None => repeat.clone(),
     };
     let ack = Reply::public(format!(
         "▶ {} started run `{id}` of runbook `{}` ({} step{}){where_}",
@@ -338,7 +348,7 @@ pub async fn start_run(
                     .unwrap_or("(none)"),
                 selected.len(),
                 if selected.len() == 1 { "" } else { "s" }
-            ),
+            ) + &repeat,
             None,
         )
         .await;

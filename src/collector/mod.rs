@@ -19,6 +19,7 @@ pub mod gpu_gpm;
 pub mod gpu_workload;
 pub mod kmsg;
 pub mod memory;
+pub mod node_state;
 pub mod oom;
 pub mod storage;
 #[cfg(test)]
@@ -50,6 +51,9 @@ pub struct Context {
     /// Whether the GPU backend is released for a runbook step (the agent's
     /// `POST /v1/exec` releases it; the GPU collector pauses meanwhile).
     pub gpu_gate: Arc<crate::gpu::GpuGate>,
+    /// The scheduler's latest view of this node (`node_state.rs`), written
+    /// by the agent's sampler.
+    pub scheduler: Arc<node_state::Latest>,
 }
 
 impl Context {
@@ -61,6 +65,7 @@ impl Context {
             background,
             gpu_backend: std::sync::OnceLock::new(),
             gpu_gate: Arc::new(crate::gpu::GpuGate::default()),
+            scheduler: Arc::new(node_state::Latest::default()),
         }
     }
 }
@@ -112,6 +117,9 @@ pub fn all(ctx: &Arc<Context>) -> Vec<Arc<dyn Collector>> {
         if let Some(g) = gpu::GpuCollector::new(ctx) {
             out.push(Arc::new(g));
         }
+    }
+    if ctx.config.node_state.slurm {
+        out.push(Arc::new(node_state::NodeStateCollector::new(ctx)));
     }
     out.push(Arc::new(kmsg::KmsgCollector));
     out

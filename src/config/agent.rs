@@ -49,6 +49,19 @@ pub struct AgentConfig {
     pub web: WebLimits,
     /// TLS and basic auth in exporter-toolkit's format (`--web.config.file`).
     pub web_config_file: Option<PathBuf>,
+    /// `[node_state]`: whether the scheduler has this node out.
+    pub node_state: NodeStateConfig,
+}
+
+/// `[node_state]`: which scheduler's view of this node the agent exports
+/// (`src/collector/node_state.rs`); each off by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStateConfig {
+    /// `slurm` (false): run `scontrol show node <node_name> --oneliner`
+    /// every 60 s (found on the default search path and `[exec] path`).
+    pub slurm: bool,
+    /// `kubernetes` (false): reserved; `true` is refused (not read yet).
+    pub kubernetes: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,6 +251,7 @@ impl Default for AgentConfig {
             },
             web: WebLimits::default(),
             web_config_file: None,
+            node_state: NodeStateConfig::default(),
         }
     }
 }
@@ -303,6 +317,22 @@ impl AgentConfig {
             }
             if let Some(v) = r.get_with(&mut s, "deadline_secs", positive_secs) {
                 cs.deadline = v;
+            }
+            r.finish(s);
+        }
+
+        if let Some(mut s) = r.table(&mut root, "node_state") {
+            if let Some(v) = r.get(&mut s, "slurm") {
+                c.node_state.slurm = v;
+            }
+            if let Some(v) = r.get::<bool>(&mut s, "kubernetes") {
+                if v {
+                    r.error(
+                        &s,
+                        "kubernetes",
+                        "the Kubernetes node state is not read yet: leave it false (Slurm only)",
+                    );
+                }
             }
             r.finish(s);
         }
@@ -549,6 +579,23 @@ mod tests {
             e[2].contains("exec.public_key_files") && e[2].contains("/nonexistent.pub"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn node_state_is_off_by_default_and_kubernetes_is_refused() {
+        let c = AgentConfig::from_str(Path::new("a.toml"), "").unwrap();
+        assert_eq!(c.node_state, NodeStateConfig::default());
+        assert!(!c.node_state.slurm);
+        let c = AgentConfig::from_str(Path::new("a.toml"), "[node_state]\nslurm = true\n").unwrap();
+        assert!(c.node_state.slurm);
+        let e = errors("[node_state]\nkubernetes = true\nsulrm = true\n");
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e.iter()
+                .any(|x| x.contains("node_state.kubernetes") && x.contains("not read yet")),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|x| x.contains("sulrm")), "{e:?}");
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub async fn compute(
         late: false,
         agent_events: agents.as_ref().map(|a| a as &dyn OomEvents),
         names: &names,
+        lifecycle: &cfg.lifecycle,
     })
     .await)
 }

@@ -326,7 +326,7 @@ pub async fn section(inputs: &Inputs<'_>, f: &mut Figures) -> Section {
             .failures
             .push(format!("dead letters and runs from the store: {e}")),
     }
-    crate::report::out_of_service::extend(&mut s, store, inputs, start, end).await;
+    crate::report::out_of_service::extend(&mut s, f, store, inputs, start, end).await;
     s
 }
 

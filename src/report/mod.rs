@@ -31,6 +31,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
+use crate::config::bot::LifecycleConfig;
 use crate::config::reports::{ReportConfig, SectionKind};
 use crate::inventory::NodeNames;
 use crate::message::ReportMessage;
@@ -216,6 +217,8 @@ pub struct Figures {
     pub groups_in_period: u64,
     /// When every Prometheus query failed for one reason: that reason.
     pub prometheus_down: Option<String>,
+    /// The fleet's availability in the period (`None`: unknown).
+    pub availability: Option<out_of_service::Availability>,
 }
 
 impl Figures {
@@ -292,6 +295,8 @@ pub struct Inputs<'a> {
     pub agent_events: Option<&'a dyn victims::OomEvents>,
     /// Node names ([`node_names`] for a bot configuration).
     pub names: &'a NodeNames,
+    /// `[lifecycle]`: GPUs per node and the availability objective.
+    pub lifecycle: &'a LifecycleConfig,
 }
 
 /// A computed and rendered report.

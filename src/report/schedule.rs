@@ -94,6 +94,7 @@ pub async fn run_once(
         late,
         agent_events: agents.as_ref().map(|a| a as &dyn OomEvents),
         names: &names,
+        lifecycle: &state.config.lifecycle,
     })
     .await;
     let metrics = &state.metrics;

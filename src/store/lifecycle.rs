@@ -181,6 +181,18 @@ pub(crate) const NODE_COLUMNS: &str =
 pub(crate) const LAST_RETURN: &str = "SELECT alert, xid FROM node_transitions
      WHERE node=?1 AND to_state='in_service' AND at >= ?2 ORDER BY id DESC LIMIT 1";
 
+/// [`LAST_RETURN`] with its time.
+pub(crate) const LAST_RETURN_AT: &str = "SELECT at, alert, xid FROM node_transitions
+     WHERE node=?1 AND to_state='in_service' AND at >= ?2 ORDER BY id DESC LIMIT 1";
+
+/// A node's last return to service and the fault of the stretch it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastReturnAt {
+    pub at: f64,
+    pub alert: Option<String>,
+    pub xid: Option<String>,
+}
+
 /// States a reminder is for: out of service with nothing in the way but people.
 pub(crate) const REMINDED_STATES: &str = "('quarantined', 'verifying')";
 
@@ -323,8 +335,10 @@ impl Sqlite {
 
     /// Claims a reminder that `node` is still out (in the state it entered
     /// at `since`, for at least `min_age` seconds, not reminded within
-    /// `gap` seconds) and enqueues `body` in its incident thread, in one
+    /// `gap` seconds) and enqueues `body` in its incident thread and to
+    /// each of `channels` (destination keys: the report channels), in one
     /// job. `false`: not due, or claimed already.
+    #[allow(clippy::too_many_arguments)]
     pub async fn claim_node_reminder(
         &self,
         node: String,
@@ -333,6 +347,7 @@ impl Sqlite {
         min_age: f64,
         gap: f64,
         body: String,
+        channels: Vec<String>,
     ) -> Result<bool> {
         self.write(move |c| {
             let claimed = c
@@ -359,7 +374,31 @@ impl Sqlite {
                     )?;
                 }
             }
+            // The report channels: a post of its own (no thread).
+            for d in &channels {
+                c.execute(
+                    "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+                     VALUES (0, ?1, 'reply', 0, ?2, ?3, ?3)",
+                    params![d, body, crate::store::now()],
+                )?;
+            }
             Ok(true)
+        })
+        .await
+    }
+
+    /// The node's last return to service at or after `since`: when, and
+    /// the fault (alert, XID) of the stretch it ended.
+    pub async fn node_last_return(&self, node: String, since: f64) -> Result<Option<LastReturnAt>> {
+        self.read(move |c| {
+            Ok(c.query_row(LAST_RETURN_AT, params![node, since], |r| {
+                Ok(LastReturnAt {
+                    at: r.get(0)?,
+                    alert: r.get(1)?,
+                    xid: r.get(2)?,
+                })
+            })
+            .optional()?)
         })
         .await
     }
@@ -474,6 +513,7 @@ mod tests {
                     12.0 * H,
                     24.0 * H,
                     "{}".into(),
+                    Vec::new(),
                 )
                 .await
                 .unwrap()
@@ -499,6 +539,7 @@ mod tests {
                     12.0 * H,
                     24.0 * H,
                     "{}".into(),
+                    Vec::new(),
                 )
                 .await
                 .unwrap()
@@ -516,7 +557,8 @@ mod tests {
                 100.0 * H,
                 12.0 * H,
                 24.0 * H,
-                "{}".into()
+                "{}".into(),
+                Vec::new()
             )
             .await
             .unwrap());
@@ -620,8 +662,16 @@ mod tests {
             q.node = format!("gpu-node-{i}");
             a.node_transition(q.clone()).await.unwrap();
             let claim = |s: crate::store::Store, node: String| async move {
-                s.claim_node_reminder(node, 0.0, 13.0 * H, 12.0 * H, 24.0 * H, "{}".into())
-                    .await
+                s.claim_node_reminder(
+                    node,
+                    0.0,
+                    13.0 * H,
+                    12.0 * H,
+                    24.0 * H,
+                    "{}".into(),
+                    Vec::new(),
+                )
+                .await
             };
             let (ra, rb) = tokio::join!(
                 claim(a.clone(), q.node.clone()),

@@ -164,9 +164,14 @@ seam! {
         fn node_states(&self) -> Result<Vec<NodeRecord>>;
         /// Claims a reminder that a node is still out (entered its state at
         /// `since`, at least `min_age` s ago, not reminded within `gap` s)
-        /// and enqueues `body` in its incident thread, in one transaction;
-        /// `false` when not due or claimed already (another replica).
-        fn claim_node_reminder(&self, node: String, since: f64, now: f64, min_age: f64, gap: f64, body: String) -> Result<bool>;
+        /// and enqueues `body` in its incident thread and to `channels`
+        /// (the report channels), in one transaction; `false` when not due
+        /// or claimed already (another replica).
+        #[allow(clippy::too_many_arguments)]
+        fn claim_node_reminder(&self, node: String, since: f64, now: f64, min_age: f64, gap: f64, body: String, channels: Vec<String>) -> Result<bool>;
+        /// The node's last return to service at or after `since`, with the
+        /// fault of the stretch it ended.
+        fn node_last_return(&self, node: String, since: f64) -> Result<Option<crate::store::lifecycle::LastReturnAt>>;
         /// Node state transitions at or after `since`, oldest first.
         fn node_transitions(&self, since: f64) -> Result<Vec<TransitionRecord>>;
     }

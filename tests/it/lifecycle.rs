@@ -91,6 +91,11 @@ impl CommandRunner for Scripted {
 }
 
 async fn bot() -> (Bot, Arc<Scripted>) {
+    bot_with("").await
+}
+
+/// [`bot`] with more configuration appended.
+async fn bot_with(more: &str) -> (Bot, Arc<Scripted>) {
     let dir = tempfile::tempdir().unwrap();
     let rb = dir.path().join("runbooks");
     std::fs::create_dir_all(&rb).unwrap();
@@ -104,7 +109,7 @@ async fn bot() -> (Bot, Arc<Scripted>) {
         ),
     );
     let extra = format!(
-        "[runbooks]\ndir = \"{}\"\n\n[lifecycle]\ngpus_per_node = 8\n",
+        "[runbooks]\ndir = \"{}\"\n\n[lifecycle]\ngpus_per_node = 8\n{more}",
         rb.display()
     );
     (Bot::start_in(dir, &extra, Some(exec)).await, runner)
@@ -466,7 +471,7 @@ async fn a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread() {
         let store = b.state.store.clone();
         let cfg = cfg.clone();
         async move {
-            gpuops::lifecycle::remind_due(&store, &cfg, t0 + h * 3600.0)
+            gpuops::lifecycle::remind_due(&store, &cfg, &[], t0 + h * 3600.0)
                 .await
                 .unwrap()
         }
@@ -493,6 +498,150 @@ async fn a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread() {
         "{all}"
     );
     assert!(all.contains("for 1d 13h"), "{all}");
+    b.stop();
+}
+
+/// The reminder also goes to the report channel (a post of its own),
+/// claimed with the thread's (one claim: at most one a day, whatever the
+/// number of passes), naming the last person who acted.
+async fn a_node_left_quarantined_is_reminded_once_a_day_in_the_report_channel_too() {
+    let (b, _) = bot_with(
+        "[prometheus]\nurl = \"http://127.0.0.1:9\"\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\nslack_channel = \"C0REPORTS\"\n",
+    )
+    .await;
+    let channels = gpuops::lifecycle::report_channels(&b.state.config);
+    assert_eq!(channels, vec!["slack:C0REPORTS".to_string()]);
+    let g = xid_alert(&b).await;
+    let t0 = b.clock.now_unix() as f64;
+    b.state
+        .store
+        .node_transition(Transition {
+            node: "gpu-node-17".into(),
+            to: Some(NodeState::Quarantined),
+            at: t0,
+            reason: "drain-slurm succeeded (gpu-fell-off-bus): GPUXIDFellOffBus XID 79".into(),
+            step: Some("drain-slurm".into()),
+            by: Some("alice".into()),
+            gpus: 8,
+            group_id: Some(g),
+            ..Transition::default()
+        })
+        .await
+        .unwrap();
+    let cfg = b.state.config.lifecycle.clone();
+    let remind = |h: f64| {
+        let (store, cfg, channels) = (b.state.store.clone(), cfg.clone(), channels.clone());
+        async move {
+            gpuops::lifecycle::remind_due(&store, &cfg, &channels, t0 + h * 3600.0)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(remind(13.0).await, 1);
+    assert_eq!(remind(13.5).await, 0, "claimed once");
+    assert_eq!(remind(36.0).await, 0, "at most daily");
+    assert_eq!(remind(37.0).await, 1);
+    b.state.outbox.wake();
+    let in_channel = |b: &Bot| -> Vec<String> {
+        b.slack
+            .calls()
+            .into_iter()
+            .filter(|c| c.channel == "C0REPORTS")
+            .filter_map(|c| match c.message {
+                gpuops::notify::Message::Text(t) => Some(t.text),
+                _ => None,
+            })
+            .collect()
+    };
+    b.wait_for(10, "two reminders in the report channel", move |b| {
+        in_channel(b).len() == 2
+    })
+    .await;
+    let posts = in_channel(&b);
+    assert!(
+        posts[0].starts_with("⏰ gpu-node-17 has been quarantined for 13h 0m"),
+        "{posts:?}"
+    );
+    assert!(posts[0].contains("last: drain-slurm by alice"), "{posts:?}");
+    assert!(posts[1].contains("for 1d 13h"), "{posts:?}");
+    // And the thread got the same two, not more.
+    let thread = b
+        .slack
+        .replies()
+        .iter()
+        .filter(|r| r.contains("⏰ gpu-node-17"))
+        .count();
+    assert_eq!(thread, 2);
+    b.stop();
+}
+
+/// A node that returned to service and fails again with the same XID
+/// within `repeat_window`: the run's start message and its thread line say
+/// to replace the hardware rather than reset or reboot it again.
+async fn a_run_on_a_node_failing_again_with_the_same_fault_advises_replacing_the_hardware() {
+    let (b, _) = bot().await;
+    let now = b.clock.now_unix() as f64;
+    let day = 86_400.0;
+    let go = |to: NodeState, at: f64| Transition {
+        node: "gpu-node-17".into(),
+        to: Some(to),
+        at,
+        reason: "earlier".into(),
+        alert: Some("GPUXIDFellOffBus".into()),
+        xid: Some("79".into()),
+        by: Some("alice".into()),
+        gpus: 8,
+        repeat_window_secs: 7.0 * day,
+        ..Transition::default()
+    };
+    for t in [
+        go(NodeState::Quarantined, now - 3.0 * day),
+        go(NodeState::InService, now - 2.0 * day),
+    ] {
+        assert!(b.state.store.node_transition(t).await.unwrap().changed);
+    }
+    let g = xid_alert(&b).await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run life alert={g}"))
+        .await;
+    let date = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs((now - 2.0 * day) as u64),
+    )
+    .to_string();
+    let advice = format!(
+        "🔁 gpu-node-17 is a repeat of XID 79 within 7 days of its return on {}: replace the hardware (RMA) rather than reset/reboot again",
+        &date[..10]
+    );
+    assert!(text(&v).contains("started run"), "{v}");
+    assert!(text(&v).contains(&advice), "{v}");
+    b.wait_for(10, "the run's thread line", |b| {
+        b.slack
+            .replies()
+            .iter()
+            .any(|r| r.starts_with("▶ ") && r.contains("started run"))
+    })
+    .await;
+    let start = b
+        .slack
+        .replies()
+        .into_iter()
+        .find(|r| r.starts_with("▶ ") && r.contains("started run"))
+        .unwrap();
+    assert!(start.contains(&advice), "{start}");
+
+    // Another fault on another node: no advice.
+    let g2 = b
+        .alert(webhook(
+            "GPUXIDFellOffBus",
+            "gpu-node-18:9949",
+            &[("xid", "79"), ("gpu", "1")],
+        ))
+        .await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run life alert={g2}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    assert!(!text(&v).contains("repeat"), "{v}");
     b.stop();
 }
 
@@ -757,7 +906,11 @@ chat_on_both!(
     shipped_gpu_runbooks_success_paths_return_their_node,
     shipped_fell_off_bus_success_path_takes_the_node_out_and_back,
     report_lists_nodes_out_of_service_oldest_first_with_gpu_hours,
+    report_says_availability_against_the_objective_with_budget_used,
+    report_without_gpus_owned_says_availability_is_unknown,
     a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread,
+    a_node_left_quarantined_is_reminded_once_a_day_in_the_report_channel_too,
+    a_run_on_a_node_failing_again_with_the_same_fault_advises_replacing_the_hardware,
     drain_success_quarantines_the_node,
     resume_success_returns_the_node_to_service_with_gpu_hours_lost,
     verify_failure_leaves_the_node_awaiting_repair,
@@ -916,6 +1069,7 @@ async fn report_lists_nodes_out_of_service_oldest_first_with_gpu_hours() {
         late: false,
         agent_events: None,
         names: &names,
+        lifecycle: &Default::default(),
     })
     .await;
     let md = &built.markdown;
@@ -935,4 +1089,266 @@ async fn report_lists_nodes_out_of_service_oldest_first_with_gpu_hours() {
         md.contains("(8 GPUs, 240.0 GPU-hours lost so far): XID 79, last by alice"),
         "{md}"
     );
+}
+
+/// The report's availability: GPU-hours in service over GPU-hours owned
+/// (the inventory's nodes × `gpus_per_node`, a tracked node's own GPUs)
+/// against `[lifecycle] availability_objective`, with the error budget used.
+async fn report_says_availability_against_the_objective_with_budget_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let mut text = format!(
+        "[store]\npath = \"{}\"\n[slack]\nbot_token = \"xoxb-test\"\napi_url = \"http://127.0.0.1:1/api\"\n[prometheus]\nurl = \"{down}\"\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\ntimezone = \"UTC\"\nslack_channel = \"C0REPORTS\"\nsections = [\"incidents\"]\n[lifecycle]\ngpus_per_node = 8\navailability_objective = 0.98\n[agents]\n",
+        dir.path().join("bot.db").display()
+    );
+    // 25 nodes of 8 GPUs: 200 GPUs, 4800 GPU-hours a day; the 2 % budget
+    // is 96 GPU-hours.
+    for i in 1..=25 {
+        text.push_str(&format!(
+            "[[agents.nodes]]\ninstance = \"10.0.0.{i}:9400\"\nnode = \"gpu-node-{i}\"\n"
+        ));
+    }
+    let cfg = gpuops::config::BotConfig::from_str(&dir.path().join("bot.toml"), &text).unwrap();
+    let store = crate::support::open_store_at(&cfg.store.path).await;
+    let at = gpuops::store::now().floor();
+    let h = 3600.0;
+    let go = |node: &str, to: NodeState, t: f64| Transition {
+        node: node.into(),
+        to: Some(to),
+        at: t,
+        reason: "XID 79".into(),
+        by: Some("alice".into()),
+        gpus: 8,
+        ..Transition::default()
+    };
+    // gpu-node-1 out for the last 3 h (24 GPU-hours); gpu-node-2 out from
+    // 30 h ago until 27 h ago: before the period, nothing in it.
+    for t in [
+        go("gpu-node-1", NodeState::Quarantined, at - 3.0 * h),
+        go("gpu-node-2", NodeState::Quarantined, at - 30.0 * h),
+        go("gpu-node-2", NodeState::InService, at - 27.0 * h),
+    ] {
+        assert!(store.node_transition(t).await.unwrap().changed);
+    }
+    let names = gpuops::inventory::Identity::from_config(&cfg).names().await;
+    let built = gpuops::report::build(gpuops::report::Inputs {
+        config: &cfg.reports[0],
+        prometheus_url: &down,
+        store: Some(&store),
+        at: chrono::DateTime::from_timestamp(at as i64, 0).unwrap(),
+        late: false,
+        agent_events: None,
+        names: &names,
+        lifecycle: &cfg.lifecycle,
+    })
+    .await;
+    let md = &built.markdown;
+    // 24 of 4800 GPU-hours lost: 99.5 %; 24 of the 96 budgeted: 25 %.
+    assert!(
+        md.contains("Availability: 99.5 % (objective 98 %): 25 % of the period's error budget used (24.0 of 4800 GPU-hours lost, 200 GPUs owned)"),
+        "{md}"
+    );
+    let a = built.figures.availability.expect("availability computed");
+    assert_eq!(a.owned_gpus, 200);
+    assert!((a.ratio - 0.995).abs() < 1e-9, "{a:?}");
+    assert!((a.budget_used - 0.25).abs() < 1e-9, "{a:?}");
+}
+
+/// No inventory and no tracked node: availability is unknown, never 100 %.
+async fn report_without_gpus_owned_says_availability_is_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let text = format!(
+        "[store]\npath = \"{}\"\n[slack]\nbot_token = \"xoxb-test\"\napi_url = \"http://127.0.0.1:1/api\"\n[prometheus]\nurl = \"{down}\"\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\ntimezone = \"UTC\"\nslack_channel = \"C0REPORTS\"\nsections = [\"incidents\"]\n",
+        dir.path().join("bot.db").display()
+    );
+    let cfg = gpuops::config::BotConfig::from_str(&dir.path().join("bot.toml"), &text).unwrap();
+    let store = crate::support::open_store_at(&cfg.store.path).await;
+    let names = gpuops::inventory::Identity::from_config(&cfg).names().await;
+    let built = gpuops::report::build(gpuops::report::Inputs {
+        config: &cfg.reports[0],
+        prometheus_url: &down,
+        store: Some(&store),
+        at: chrono::DateTime::from_timestamp(gpuops::store::now() as i64, 0).unwrap(),
+        late: false,
+        agent_events: None,
+        names: &names,
+        lifecycle: &cfg.lifecycle,
+    })
+    .await;
+    let md = &built.markdown;
+    assert!(md.contains("Availability: unknown (no GPUs owned"), "{md}");
+    assert!(!md.contains("100 %"), "{md}");
+    assert_eq!(built.figures.availability, None);
+}
+
+/// Writes a stand-in `scontrol` (the shell `script`) into `dir/bin` and an
+/// agent configuration with `[node_state] slurm = true` and that directory
+/// on `[exec] path`; returns the configuration's path.
+fn scontrol_config(dir: &std::path::Path, script: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let scontrol = bin.join("scontrol");
+    std::fs::write(&scontrol, script).unwrap();
+    std::fs::set_permissions(&scontrol, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let toml = dir.join("agent.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[collectors]\ngpu = false\n[node_state]\nslurm = true\n[exec]\npath = [\"{}\"]\n",
+            bin.display()
+        ),
+    )
+    .unwrap();
+    toml
+}
+
+/// Starts the real agent (node `gpu-node-17`) with the configuration `toml`.
+#[allow(clippy::disallowed_methods)] // the real binary, as a node runs it
+fn start_agent(dir: &std::path::Path, toml: &std::path::Path) -> (crate::support::Proc, String) {
+    let addr = format!("127.0.0.1:{}", crate::support::free_port());
+    let child = std::process::Command::new(crate::support::gpuops())
+        .current_dir(dir)
+        .env_remove("GPUOPS_AGENT_CONFIG")
+        .args([
+            "agent",
+            "--listen",
+            &addr,
+            "--node-name",
+            "gpu-node-17",
+            "--config",
+        ])
+        .arg(toml)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent = crate::support::Proc(child);
+    crate::support::wait_listening(&addr, "agent");
+    (agent, addr)
+}
+
+/// The real agent with a stand-in `scontrol` first on `[exec] path`.
+fn agent_with_scontrol(dir: &std::path::Path, script: &str) -> (crate::support::Proc, String) {
+    let toml = scontrol_config(dir, script);
+    start_agent(dir, &toml)
+}
+
+/// Scrapes `addr` until a line starts with `want` (10 s); the exposition.
+async fn scrape_until(addr: &str, want: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let body = match reqwest::get(format!("http://{addr}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if body.lines().any(|l| l.starts_with(want)) {
+            return body;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {want} in\n{body}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The agent runs `scontrol show node <its node> --oneliner` (found on
+/// `[exec] path`) and exports the node's Slurm state: drained here.
+#[tokio::test]
+async fn agent_exports_the_slurm_drain_state_from_scontrol() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let script = format!(
+        "#!/bin/sh\necho \"$@\" >> {}\necho 'NodeName=gpu-node-17 Arch=x86_64 CPUAlloc=0 State=IDLE+DRAIN ThreadsPerCore=2 Partitions=gpu Reason=XID 79 on GPU 3 [root@2026-12-03T10:00:00]'\n",
+        calls.display()
+    );
+    let (_agent, addr) = agent_with_scontrol(dir.path(), &script);
+    let m = scrape_until(&addr, "gpuops_node_scheduler_state{").await;
+    let value = |state: &str| {
+        let p = format!("gpuops_node_scheduler_state{{scheduler=\"slurm\",state=\"{state}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&p))
+            .unwrap_or_else(|| panic!("{p} in\n{m}"))
+            .to_string()
+    };
+    for (state, v) in [
+        ("drain", "1"),
+        ("drained", "1"),
+        ("idle", "1"),
+        ("draining", "0"),
+        ("down", "0"),
+        ("allocated", "0"),
+        ("mixed", "0"),
+    ] {
+        assert_eq!(value(state), v, "{state}");
+    }
+    assert!(
+        m.contains("gpuops_collector_success{collector=\"node_state\"} 1"),
+        "{m}"
+    );
+    let argv = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(
+        argv.lines().next(),
+        Some("show node gpu-node-17 --oneliner")
+    );
+}
+
+/// A `scontrol` that fails: the collector says so and exports no state
+/// (never a guess).
+#[tokio::test]
+async fn agent_with_failing_scontrol_exports_no_slurm_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let (_agent, addr) = agent_with_scontrol(
+        dir.path(),
+        &format!(
+            "#!/bin/sh\necho \"$@\" >> {}\necho 'slurm_load_node error: Unable to contact slurm controller' >&2\nexit 1\n",
+            calls.display()
+        ),
+    );
+    // After scontrol ran (and failed), not before the first reading.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !calls.exists() {
+        assert!(std::time::Instant::now() < deadline, "scontrol never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let m = scrape_until(&addr, "gpuops_collector_success{collector=\"node_state\"}").await;
+    assert!(
+        m.contains("gpuops_collector_success{collector=\"node_state\"} 0"),
+        "{m}"
+    );
+    assert!(!m.contains("gpuops_node_scheduler_state{"), "{m}");
+}
+
+/// A `scontrol` in a directory any user can write is never run by the
+/// agent (someone could replace it): no state, the collector failing.
+#[tokio::test]
+async fn agent_never_runs_a_scontrol_any_user_could_replace() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let toml = scontrol_config(
+        dir.path(),
+        &format!(
+            "#!/bin/sh\necho \"$@\" >> {}\necho 'NodeName=gpu-node-17 State=IDLE'\n",
+            calls.display()
+        ),
+    );
+    std::fs::set_permissions(
+        dir.path().join("bin"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    let (_agent, addr) = start_agent(dir.path(), &toml);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let m = scrape_until(&addr, "gpuops_collector_success{collector=\"node_state\"}").await;
+    assert!(
+        !calls.exists(),
+        "scontrol ran from a directory anyone can write"
+    );
+    assert!(
+        m.contains("gpuops_collector_success{collector=\"node_state\"} 0"),
+        "{m}"
+    );
+    assert!(!m.contains("gpuops_node_scheduler_state{"), "{m}");
 }

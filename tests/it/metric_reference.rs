@@ -121,6 +121,18 @@ fn library_only_families() -> String {
         .expect("cpu collect");
     text.push_str(&sink.into_text());
 
+    // The scheduler's view of the node (`[node_state] slurm`, off by default).
+    let ctx = Arc::new(ctx);
+    ctx.scheduler
+        .set(gpuops::collector::node_state::parse_scontrol(
+            "NodeName=n1 State=IDLE+DRAIN",
+        ));
+    let mut sink = Sink::new();
+    gpuops::collector::node_state::NodeStateCollector::new(&ctx)
+        .collect(&ctx, &mut sink)
+        .expect("node_state collect");
+    text.push_str(&sink.into_text());
+
     let http = HttpMetrics::new();
     http.observe("/metrics", "GET", 200, 0.001, Some(0), Some(100));
     encoder

@@ -148,6 +148,7 @@ async fn backfilled_report_numbers_match_the_history() {
         late: false,
         agent_events: None,
         names: &NodeNames::default(),
+        lifecycle: &Default::default(),
     })
     .await;
     let f = &built.figures;
@@ -312,6 +313,7 @@ async fn a_report_with_prometheus_down_still_renders_naming_the_failure() {
         late: false,
         agent_events: None,
         names: &NodeNames::default(),
+        lifecycle: &Default::default(),
     })
     .await;
     assert_eq!(built.outcome, Outcome::Partial);
@@ -384,6 +386,7 @@ async fn report_with_prometheus_down_never_says_no_findings() {
         late: false,
         agent_events: None,
         names: &names,
+        lifecycle: &cfg.lifecycle,
     };
     let built = build(inputs(Some(&store))).await;
     assert_eq!(built.outcome, Outcome::Partial);
@@ -521,6 +524,7 @@ async fn lost_gpu_is_one_finding_with_its_evidence() {
         late: false,
         agent_events: None,
         names: &names,
+        lifecycle: &Default::default(),
     })
     .await;
     assert!(built.failures.is_empty(), "{:#?}", built.failures);
@@ -629,6 +633,7 @@ async fn report_lines_name_the_node_with_its_instance_beside_it() {
         late: false,
         agent_events: None,
         names: &names,
+        lifecycle: &Default::default(),
     })
     .await;
     let md = &built.markdown;

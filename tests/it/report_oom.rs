@@ -216,6 +216,7 @@ async fn host_lines_name_oom_victims_from_the_agents_or_say_why_not() {
         late: false,
         agent_events: Some(&source as &dyn OomEvents),
         names: &gpuops::inventory::Identity::from_config(&cfg).names().await,
+        lifecycle: &Default::default(),
     })
     .await;
     let md = &built.markdown;
@@ -304,6 +305,7 @@ async fn without_basic_auth_the_agent_refuses_and_the_line_says_so() {
         late: false,
         agent_events: Some(&source),
         names: &gpuops::inventory::Identity::from_config(&cfg).names().await,
+        lifecycle: &Default::default(),
     })
     .await;
     let line = host_line(&built.markdown, &a.to_string());

@@ -8,8 +8,8 @@
 use tokio_postgres::Row;
 
 use crate::store::lifecycle::{
-    decide, leaves_service, state_of, Applied, NodeRecord, NodeState, Transition, TransitionRecord,
-    LAST_RETURN, NODE_COLUMNS, REMINDED_STATES,
+    decide, leaves_service, state_of, Applied, LastReturnAt, NodeRecord, NodeState, Transition,
+    TransitionRecord, LAST_RETURN, LAST_RETURN_AT, NODE_COLUMNS, REMINDED_STATES,
 };
 use crate::store::pg::core::{group_destinations, lock_group};
 use crate::store::pg::{get, Pg};
@@ -154,6 +154,7 @@ impl Pg {
         .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub async fn claim_node_reminder(
         &self,
         node: String,
@@ -162,6 +163,7 @@ impl Pg {
         min_age: f64,
         gap: f64,
         body: String,
+        channels: Vec<String>,
     ) -> Result<bool> {
         self.within(async {
             let mut c = self.client().await?;
@@ -195,8 +197,34 @@ impl Pg {
                     .await?;
                 }
             }
+            // The report channels: a post of its own (no thread).
+            let t = crate::store::now();
+            for d in &channels {
+                tx.execute(
+                    "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+                     VALUES (0, $1, 'reply', 0, $2, $3, $3)",
+                    &[d, &body, &t],
+                )
+                .await?;
+            }
             tx.commit().await?;
             Ok(true)
+        })
+        .await
+    }
+
+    pub async fn node_last_return(&self, node: String, since: f64) -> Result<Option<LastReturnAt>> {
+        self.within(async {
+            let c = self.client().await?;
+            let sql = LAST_RETURN_AT.replace("?1", "$1").replace("?2", "$2");
+            match c.query_opt(&sql, &[&node, &since]).await? {
+                Some(r) => Ok(Some(LastReturnAt {
+                    at: get(&r, 0)?,
+                    alert: get(&r, 1)?,
+                    xid: get(&r, 2)?,
+                })),
+                None => Ok(None),
+            }
         })
         .await
     }
