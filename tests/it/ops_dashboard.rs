@@ -164,6 +164,7 @@ async fn prometheus_loads_every_shipped_rule_with_health_ok() {
         "gpuops-host",
         "gpuops-storage",
         "gpuops-agent",
+        "gpuops-lifecycle",
         "gpuops-recording",
     ]
     .into();
