@@ -236,29 +236,41 @@ fn spawn_slurm_sampler(cfg: &AgentConfig, latest: Arc<collector::node_state::Lat
         "--oneliner".into(),
     ];
     let path = resolve::SearchPath::default_and(&cfg.exec.path);
-    let untrusted = |bin: &str| -> Option<String> {
-        let bin = std::path::Path::new(bin);
-        std::iter::once(bin)
+    // The binary found on the search path, unless any user could replace it
+    // (the agent runs it); stat calls, so off the async threads and bounded.
+    let find = move |argv: Vec<String>, path: resolve::SearchPath| -> Result<Vec<String>, String> {
+        let resolved = resolve::resolve_argv(&argv, &path).map_err(|e| e.to_string())?;
+        let bin = std::path::Path::new(resolved.first().map(String::as_str).unwrap_or_default());
+        match std::iter::once(bin)
             .chain(bin.parent())
             .find(|p| crate::secret::writable_by_others(p).is_some())
-            .map(|p| p.display().to_string())
+        {
+            Some(p) => Err(format!("{} is writable by any user: not run", p.display())),
+            None => Ok(resolved),
+        }
     };
+    // One lookup at a time: one stuck on a dead mount is not started again.
+    let flight = Arc::new(crate::deadline::SingleFlight::new("gpuops-slurm-lookup"));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(collector::node_state::SAMPLE_EVERY);
         loop {
             tick.tick().await;
-            let reading = match resolve::resolve_argv(&argv, &path) {
-                Err(e) => Err(e.to_string()),
-                // The agent runs it: never a binary any user could replace.
-                Ok(resolved) if resolved.first().and_then(|b| untrusted(b)).is_some() => {
-                    Err(format!(
-                        "{} is writable by any user: not run",
-                        resolved
-                            .first()
-                            .and_then(|b| untrusted(b))
-                            .unwrap_or_default()
-                    ))
-                }
+            let (a, p, f) = (argv.clone(), path.clone(), flight.clone());
+            let looked_up = tokio::task::spawn_blocking(move || {
+                f.call(
+                    "scontrol",
+                    collector::node_state::SAMPLE_TIMEOUT,
+                    move || find(a, p),
+                )
+            })
+            .await;
+            let found = match looked_up {
+                Ok(crate::deadline::Outcome::Done(r)) => r,
+                Ok(_) => Err("scontrol could not be looked up in time".into()),
+                Err(e) => Err(format!("lookup task failed: {e}")),
+            };
+            let reading = match found {
+                Err(e) => Err(e),
                 Ok(resolved) => {
                     let spec = CommandSpec {
                         argv: resolved,

@@ -233,53 +233,43 @@ pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) 
             Some(_) => {}
         }
     }
-    for r in &step.flow.requires {
-        if plan.step(r).is_some() {
-            match status_of(r) {
-                Some(StepStatus::Succeeded) => {}
-                Some(st) => return NextAction::Skip(format!("skipped: {r} {}", st.as_reason())),
-                None => return NextAction::Skip(format!("skipped: {r} did not run in this run")),
-            }
-        } else {
-            let members: Vec<&(String, StepStatus)> = done
-                .iter()
-                .filter(|(n, _)| group_of(n).as_deref() == Some(r.as_str()))
-                .collect();
-            if !members.iter().any(|(_, st)| *st == StepStatus::Succeeded) {
-                return NextAction::Skip(
-                    match members
-                        .iter()
-                        .find(|(_, st)| *st != StepStatus::Unavailable)
-                        .or(members.last())
-                    {
-                        Some((n, st)) => {
-                            format!("skipped: {r} did not succeed ({n} {})", st.as_reason())
-                        }
-                        None => format!("skipped: {r} did not run in this run"),
-                    },
-                );
-            }
-        }
-    }
-    for r in &step.flow.requires_if_available {
-        let outcomes: Vec<StepStatus> = if plan.step(r).is_some() {
-            status_of(r).into_iter().collect()
-        } else {
+    // `requires: [a]`: `a` (or a member of group `a`) succeeded; `a?`: or
+    // `a` was not available where it would run.
+    let required = step.flow.requires.iter().map(|r| (r, false));
+    let if_available = step.flow.requires_if_available.iter().map(|r| (r, true));
+    for (r, or_unavailable) in required.chain(if_available) {
+        let is_group = plan.step(r).is_none();
+        let outcomes: Vec<(&str, StepStatus)> = if is_group {
             done.iter()
                 .filter(|(n, _)| group_of(n).as_deref() == Some(r.as_str()))
-                .map(|(_, st)| *st)
+                .map(|(n, st)| (n.as_str(), *st))
+                .collect()
+        } else {
+            status_of(r)
+                .map(|st| (r.as_str(), st))
+                .into_iter()
                 .collect()
         };
-        let passed = outcomes.contains(&StepStatus::Succeeded)
-            || (!outcomes.is_empty() && outcomes.iter().all(|st| *st == StepStatus::Unavailable));
-        if !passed {
-            return NextAction::Skip(
-                match outcomes.iter().find(|st| **st != StepStatus::Unavailable) {
-                    Some(st) => format!("skipped: {r} {}", st.as_reason()),
-                    None => format!("skipped: {r} did not run in this run"),
-                },
-            );
+        let met = outcomes.iter().any(|(_, st)| *st == StepStatus::Succeeded)
+            || (or_unavailable
+                && !outcomes.is_empty()
+                && outcomes
+                    .iter()
+                    .all(|(_, st)| *st == StepStatus::Unavailable));
+        if met {
+            continue;
         }
+        let culprit = outcomes
+            .iter()
+            .find(|(_, st)| *st != StepStatus::Unavailable)
+            .or(outcomes.last());
+        return NextAction::Skip(match culprit {
+            None => format!("skipped: {r} did not run in this run"),
+            Some((n, st)) if is_group && !or_unavailable => {
+                format!("skipped: {r} did not succeed ({n} {})", st.as_reason())
+            }
+            Some((_, st)) => format!("skipped: {r} {}", st.as_reason()),
+        });
     }
     if step.phase == Phase::Mitigate && !step.flow.declared {
         let failed = done.iter().find(|(n, st)| {

@@ -81,15 +81,8 @@ fn bot_key() -> &'static ExecSigner {
 /// searched first.
 fn fake_bins() -> &'static Path {
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        use std::os::unix::fs::PermissionsExt as _;
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("nvidia-smi");
-        std::fs::write(&p, "#!/bin/sh\necho fake\n").unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        d
-    })
-    .path()
+    DIR.get_or_init(|| crate::support::fake_bins(&["nvidia-smi"]))
+        .path()
 }
 
 /// The agents' search path in these tests.
@@ -914,10 +907,8 @@ steps:
 
 /// A fake executable `name` in `dir` running `body` (a shell script).
 fn fake_bin(dir: &Path, name: &str, body: &str) -> String {
-    use std::os::unix::fs::PermissionsExt as _;
     let p = dir.join(name);
-    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    crate::support::executable(&p, &format!("#!/bin/sh\n{body}\n"));
     p.display().to_string()
 }
 

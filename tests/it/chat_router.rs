@@ -92,29 +92,10 @@ impl CommandRunner for ByName {
 /// The local executor of these tests: fake Slurm, Kubernetes and NVIDIA
 /// binaries searched first (this machine has none), commands recorded.
 fn local_exec(runner: &Arc<RecordingRunner>) -> Executor {
-    use std::os::unix::fs::PermissionsExt as _;
-    static BINS: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    let bins = BINS.get_or_init(|| {
-        let d = tempfile::tempdir().unwrap();
-        for n in [
-            "nvidia-smi",
-            "kubectl",
-            "scontrol",
-            "sudo",
-            "fuser",
-            "dcgmi",
-            "nvidia-bug-report.sh",
-        ] {
-            let p = d.path().join(n);
-            std::fs::write(&p, "#!/bin/sh\nexit 0\n").unwrap();
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        d
-    });
     Executor::new(Arc::new(ByName(runner.clone())), NodeSteps::Local, None).with_search_path(
-        gpuops::runbook::exec::resolve::SearchPath::first_then_default(&[bins
-            .path()
-            .to_path_buf()]),
+        gpuops::runbook::exec::resolve::SearchPath::first_then_default(&[
+            crate::support::fake_node_bins().to_path_buf(),
+        ]),
     )
 }
 

@@ -76,7 +76,6 @@ struct Walk {
 /// The shipped runbooks, with the Slurm drain available here.
 fn runbooks(dir: &Path) -> std::path::PathBuf {
     // The node's binaries (found by name on the agent's search path).
-    use std::os::unix::fs::PermissionsExt as _;
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     for name in [
@@ -87,8 +86,7 @@ fn runbooks(dir: &Path) -> std::path::PathBuf {
         "fuser",
         "nvidia-bug-report.sh",
     ] {
-        std::fs::write(bin.join(name), "#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(bin.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
+        crate::support::executable(&bin.join(name), "#!/bin/sh\n");
     }
     let scontrol = bin.join("scontrol");
     let out = dir.join("runbooks");

@@ -1186,12 +1186,10 @@ async fn report_without_gpus_owned_says_availability_is_unknown() {
 /// agent configuration with `[node_state] slurm = true` and that directory
 /// on `[exec] path`; returns the configuration's path.
 fn scontrol_config(dir: &std::path::Path, script: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt as _;
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let scontrol = bin.join("scontrol");
-    std::fs::write(&scontrol, script).unwrap();
-    std::fs::set_permissions(&scontrol, std::fs::Permissions::from_mode(0o755)).unwrap();
+    crate::support::executable(&scontrol, script);
     let toml = dir.join("agent.toml");
     std::fs::write(
         &toml,

@@ -24,6 +24,18 @@ pub(super) struct StaticInfo {
     fans: Option<u32>,
 }
 
+/// Opens GPU `index` and reads its UUID, identity first: an error here
+/// (an Unknown one included) means the GPU is gone; `Err` says why.
+fn open_device(nvml: &Nvml, index: u32) -> Result<(Device<'_>, String), String> {
+    let dev = nvml
+        .device_by_index(index)
+        .map_err(|e| format!("nvml cannot open the gpu: {e}"))?;
+    let uuid = dev
+        .uuid()
+        .map_err(|e| format!("nvml cannot read the gpu's uuid: {e}"))?;
+    Ok((dev, uuid))
+}
+
 /// Reads one GPU. Unsupported values stay `None`; a lost GPU returns early.
 pub(super) fn read_device(
     nvml: &Nvml,
@@ -35,21 +47,16 @@ pub(super) fn read_device(
         index,
         ..DeviceReading::default()
     };
-    let dev = match nvml.device_by_index(index) {
-        Ok(d) => d,
-        Err(e) => {
-            r.lost = Some(format!("nvml cannot open the gpu: {e}"));
+    let dev = match open_device(nvml, index) {
+        Ok((d, uuid)) => {
+            r.uuid = uuid;
+            d
+        }
+        Err(lost) => {
+            r.lost = Some(lost);
             return r;
         }
     };
-    // Identity first: an Unknown error here also means the GPU is gone.
-    match dev.uuid() {
-        Ok(u) => r.uuid = u,
-        Err(e) => {
-            r.lost = Some(format!("nvml cannot read the gpu's uuid: {e}"));
-            return r;
-        }
-    }
     let cached = statics
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -261,20 +268,16 @@ pub(super) fn read_slow(nvml: &Nvml, index: u32) -> SlowReading {
         index,
         ..SlowReading::default()
     };
-    let dev = match nvml.device_by_index(index) {
-        Ok(d) => d,
-        Err(e) => {
-            s.lost = Some(format!("nvml cannot open the gpu: {e}"));
+    let dev = match open_device(nvml, index) {
+        Ok((d, uuid)) => {
+            s.uuid = uuid;
+            d
+        }
+        Err(lost) => {
+            s.lost = Some(lost);
             return s;
         }
     };
-    match dev.uuid() {
-        Ok(u) => s.uuid = u,
-        Err(e) => {
-            s.lost = Some(format!("nvml cannot read the gpu's uuid: {e}"));
-            return s;
-        }
-    }
     let mut gone: Option<String> = None;
     macro_rules! get {
         ($e:expr) => {

@@ -539,14 +539,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Writes `content` (a script) to `path`, executable (0755).
+pub fn executable(path: &Path, content: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, content).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 /// A directory of executable stand-ins (each `exit 0`) named `names`.
 pub fn fake_bins(names: &[&str]) -> tempfile::TempDir {
-    use std::os::unix::fs::PermissionsExt as _;
     let d = tempfile::tempdir().unwrap();
     for n in names {
-        let p = d.path().join(n);
-        std::fs::write(&p, "#!/bin/sh\nexit 0\n").unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        executable(&d.path().join(n), "#!/bin/sh\nexit 0\n");
     }
     d
 }
