@@ -396,6 +396,17 @@ async fn xid_79_loop_on_the_real_agent_takes_the_node_out_and_back() {
         b.slack.replies().iter().any(|r| r.contains("🏁"))
     })
     .await;
+    let summary = b
+        .slack
+        .replies()
+        .into_iter()
+        .find(|r| r.contains("🏁"))
+        .unwrap();
+    // The timeline ends with the node's state in plain words.
+    assert!(
+        summary.contains("*Node state:* gpu-node-17 is back in service: Slurm resumed it"),
+        "{summary}"
+    );
 
     // What the node ran.
     let sudo = node.via_sudo();
@@ -774,8 +785,16 @@ async fn reminders_survive_kill_9_of_the_bot(pg_url: Option<String>) {
         reminders(&slack, "gpu-node-17") >= 1 && reminders(&discord, "gpu-node-17") >= 1
     })
     .await;
-    // Delivered and recorded, then killed (SIGKILL, no graceful stop).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Delivered and recorded (nothing left in the outbox: a delivery in
+    // flight may go twice, a reminder claimed must not), then killed
+    // (SIGKILL, no graceful stop).
+    for _ in 0..200 {
+        if store.pending().await.unwrap() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.pending().await.unwrap(), 0, "the outbox drained");
     bot.0.kill().unwrap();
     let status = bot.0.wait().unwrap();
     assert_eq!(
@@ -846,6 +865,20 @@ async fn reminders_survive_kill_9_of_the_bot(pg_url: Option<String>) {
         t.contains("replace the hardware (RMA) rather than reset/reboot again"),
         "{t}"
     );
+    // And in the new alert's thread.
+    eventually(
+        20,
+        "the run's start line with the advice in the thread",
+        || {
+            slack.requests().iter().any(|r| {
+                r.body["thread_ts"].is_string()
+                    && r.body["text"].as_str().is_some_and(|t| {
+                        t.starts_with("▶ ") && t.contains("🔁 gpu-node-17 is a repeat of XID 79")
+                    })
+            })
+        },
+    )
+    .await;
     drop(bot);
 }
 
