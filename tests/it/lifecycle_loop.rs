@@ -119,10 +119,16 @@ fn display(argv: &[String]) -> String {
 
 /// Starts the real agent for node `name`: fake GPUs, `runbooks`, the bot's
 /// public key, the stand-ins on `[exec] path`.
-fn start_node(dir: &Path, name: &str, runbooks: &Path, public_key: &Path) -> Node {
+fn start_node(
+    dir: &Path,
+    name: &str,
+    runbooks: &Path,
+    public_key: &Path,
+    failing: &[&str],
+) -> Node {
     let bin = dir.join(format!("{name}-bin"));
     let calls = dir.join(format!("{name}-calls"));
-    support::recording_bins(&bin, &calls, STAND_INS, OUTPUTS);
+    support::recording_bins(&bin, &calls, STAND_INS, OUTPUTS, failing);
     let toml = dir.join(format!("{name}-agent.toml"));
     std::fs::write(
         &toml,
@@ -179,12 +185,17 @@ fn runbooks(dir: &Path) -> PathBuf {
 /// The bot (in-process, its router) with one real agent per name in its
 /// inventory, a fake Prometheus and a daily report.
 async fn fleet(names: &[&str]) -> (Bot, Vec<Node>, String) {
+    fleet_failing(names, &[]).await
+}
+
+/// [`fleet`] with the stand-ins named in `failing` exiting 1.
+async fn fleet_failing(names: &[&str], failing: &[&str]) -> (Bot, Vec<Node>, String) {
     let dir = tempfile::tempdir().unwrap();
     let rb = runbooks(dir.path());
     let (key, public, _) = exec_keys(dir.path());
     let nodes: Vec<Node> = names
         .iter()
-        .map(|n| start_node(dir.path(), n, &rb, &public))
+        .map(|n| start_node(dir.path(), n, &rb, &public, failing))
         .collect();
     let prometheus = crate::report_support::fake_prometheus(Vec::new()).await;
     let mut extra = format!(
@@ -480,7 +491,74 @@ async fn xid_79_loop_on_the_real_agent_takes_the_node_out_and_back() {
     b.stop();
 }
 
-chat_on_both!(xid_79_loop_on_the_real_agent_takes_the_node_out_and_back);
+/// The same loop where `dcgmi diag` fails after the reboot: the node is
+/// left awaiting repair, its resume is never asked for nor run (the node
+/// received the drain and the reboot only), and the summary and `/gpuops
+/// nodes` say why.
+async fn xid_79_loop_with_failing_dcgm_leaves_the_node_awaiting_repair() {
+    let (b, nodes, _) = fleet_failing(&["gpu-node-17"], &["dcgmi"]).await;
+    let node = &nodes[0];
+    let t0 = b.clock.now_unix() - 600;
+    b.clock.set(t0);
+    let g = xid_79(&b, node, "3").await;
+    let (_, v) = b
+        .slack_command(ADMIN, &format!("run {RUNBOOK} alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    approve(&b, ADMIN2, "gpu-node-17", "drain-slurm").await;
+    wait_state(&b, "gpu-node-17", NodeState::Quarantined).await;
+    b.clock.set(t0 + 300);
+    approve(&b, ADMIN2, "gpu-node-17", "reboot").await;
+    let r = wait_state(&b, "gpu-node-17", NodeState::AwaitingRepair).await;
+    assert!(
+        r.reason
+            .starts_with("verify-dcgm failed (gpu-fell-off-bus): GPUXIDFellOffBus XID 79"),
+        "{}",
+        r.reason
+    );
+    assert_eq!(r.out_since, Some(t0 as f64));
+    b.wait_for(20, "the run's summary", |b| {
+        b.slack.replies().iter().any(|r| r.contains("🏁"))
+    })
+    .await;
+    let summary = b
+        .slack
+        .replies()
+        .into_iter()
+        .find(|r| r.contains("🏁"))
+        .unwrap();
+    assert!(
+        summary.contains("DCGM diagnostics fail on gpu-node-17 after the reboot; it stays drained"),
+        "{summary}"
+    );
+    assert!(summary.contains("skipped     resume-slurm"), "{summary}");
+    assert_eq!(
+        node.via_sudo()
+            .iter()
+            .map(|argv| argv.join(" "))
+            .collect::<Vec<_>>(),
+        [
+            "scontrol update nodename=gpu-node-17 state=drain reason=gpuops: GPUXIDFellOffBus",
+            "systemctl reboot",
+        ],
+        "{:#?}",
+        node.calls()
+    );
+    assert_eq!(requests(&b).len(), 2, "no request to resume it");
+    let (_, v) = b.slack_command(STRANGER, "nodes").await;
+    let t = text(&v);
+    assert!(
+        t.contains("• gpu-node-17 · 8 GPUs · awaiting repair since "),
+        "{t}"
+    );
+    assert!(t.contains("last: verify-dcgm by slack:U0ADMIN2"), "{t}");
+    b.stop();
+}
+
+chat_on_both!(
+    xid_79_loop_on_the_real_agent_takes_the_node_out_and_back,
+    xid_79_loop_with_failing_dcgm_leaves_the_node_awaiting_repair,
+);
 
 /// The night an on-call lead finds in the morning: XID 79 on gpu-node-17
 /// (drained by one admin's approval), 45 minutes later on gpu-node-18
@@ -863,6 +941,17 @@ async fn reminders_survive_kill_9_of_the_bot(pg_url: Option<String>) {
     );
     assert!(
         t.contains("replace the hardware (RMA) rather than reset/reboot again"),
+        "{t}"
+    );
+    // Drained again for it: `/gpuops nodes` flags the repeat.
+    let again = store
+        .node_transition(quarantined("gpu-node-17", gpuops::store::now(), 0.0, g2))
+        .await
+        .unwrap();
+    assert!(again.changed && again.row.is_some_and(|r| r.repeat));
+    let t = slash(&base, OPERATOR, "nodes").await;
+    assert!(
+        t.contains("• gpu-node-17 🔁 repeat · 8 GPUs · quarantined since"),
         "{t}"
     );
     // And in the new alert's thread.

@@ -706,13 +706,20 @@ impl StandInCall {
 /// Writes recording stand-ins into `dir` (created): each of `names` appends
 /// its argv to `log`, one line per call (fields separated by `\x1f`: who
 /// ran it, then `argv[0]`, then each argument), prints the text given for
-/// it in `stdout` (if any) and exits 0. A `sudo` among `names` records its
+/// it in `stdout` (if any) and exits 0 (1 for those in `failing`). A
+/// `sudo` among `names` records its
 /// call, answers `sudo -n -l <command>` with the command (allowed) and
 /// otherwise runs the stand-in of the same file name in `dir` (never the
 /// command's own path: a real `systemctl` found first on a search path is
 /// never run), or exits 127 when there is none. Read the log with
 /// [`stand_in_calls`].
-pub fn recording_bins(dir: &Path, log: &Path, names: &[&str], stdout: &[(&str, &str)]) {
+pub fn recording_bins(
+    dir: &Path,
+    log: &Path,
+    names: &[&str],
+    stdout: &[(&str, &str)],
+    failing: &[&str],
+) {
     std::fs::create_dir_all(dir).unwrap();
     let record = format!(
         "{{ printf '%s' \"$STANDIN_VIA\"; for a in \"$0\" \"$@\"; do printf '\\037%s' \"$a\"; done; printf '\\n'; }} >> '{}'\n",
@@ -744,7 +751,11 @@ STANDIN_VIA=sudo exec '{dir}'/"$cmd" "$@"
             if let Some((_, out)) = stdout.iter().find(|(n, _)| n == name) {
                 script.push_str(&format!("cat <<'STANDIN_EOF'\n{out}\nSTANDIN_EOF\n"));
             }
-            script.push_str("exit 0\n");
+            script.push_str(if failing.contains(name) {
+                "exit 1\n"
+            } else {
+                "exit 0\n"
+            });
         }
         executable(&dir.join(name), &script);
     }
