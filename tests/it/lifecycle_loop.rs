@@ -126,6 +126,16 @@ fn start_node(
     public_key: &Path,
     failing: &[&str],
 ) -> Node {
+    // The agent searches the default directories before `[exec] path`: a
+    // real sudo there would run the real `systemctl reboot` and `scontrol`,
+    // a real nvidia-smi or dcgmi would answer instead of the stand-ins.
+    for real in ["sudo", "scontrol", "nvidia-smi", "dcgmi"] {
+        let found = gpuops::runbook::exec::resolve::SearchPath::default().find(real);
+        assert!(
+            found.is_none(),
+            "this test runs the real agent with stand-ins after the default search path; {found:?} would run instead of its stand-in (run it on a machine without one)"
+        );
+    }
     let bin = dir.join(format!("{name}-bin"));
     let calls = dir.join(format!("{name}-calls"));
     support::recording_bins(&bin, &calls, STAND_INS, OUTPUTS, failing);
