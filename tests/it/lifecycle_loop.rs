@@ -13,6 +13,11 @@
 //!   (`nvidia-smi -L`, `dcgmi diag`) → resume → in service; every command
 //!   the node ran is the argv its approver saw; the thread, `/gpuops
 //!   nodes` and the report show the stretch and its GPU-hours.
+//! - `xid_79_loop_with_failing_dcgm_leaves_the_node_awaiting_repair`: the
+//!   same loop with `dcgmi diag` failing: awaiting repair, never resumed.
+//! - `shipped_gpu_runbooks_walk_the_real_agent_out_and_back`: every
+//!   shipped GPU mitigation runbook's success path with the real agent:
+//!   out at the drain, back at the end, every approved command run.
 //! - `night_with_two_gpu_faults_then_morning_report`: two nodes drained in
 //!   one night by two people; in the morning `/gpuops nodes` and the report
 //!   say which, why, since when, who acted last and the GPU-hours; their
@@ -69,6 +74,8 @@ const STAND_INS: &[&str] = &[
     "lspci",
     "journalctl",
     "kubectl",
+    "fuser",
+    "nvidia-bug-report.sh",
 ];
 
 /// One real agent on loopback and its stand-ins.
@@ -184,13 +191,19 @@ fn start_node(
 fn runbooks(dir: &Path) -> PathBuf {
     let rb = dir.join("runbooks");
     std::fs::create_dir_all(&rb).unwrap();
-    std::fs::copy(
-        format!("runbooks/{RUNBOOK}.yaml"),
-        rb.join(format!("{RUNBOOK}.yaml")),
-    )
-    .unwrap();
+    for id in SHIPPED_GPU {
+        std::fs::copy(format!("runbooks/{id}.yaml"), rb.join(format!("{id}.yaml"))).unwrap();
+    }
     rb
 }
+
+/// The shipped GPU mitigation runbooks (each drains its node and returns it).
+const SHIPPED_GPU: [&str; 4] = [
+    "gpu-fell-off-bus",
+    "gpu-reset",
+    "gpu-ecc-remap",
+    "gpu-nvlink",
+];
 
 /// The bot (in-process, its router) with one real agent per name in its
 /// inventory, a fake Prometheus and a daily report.
@@ -994,3 +1007,113 @@ async fn reminders_survive_kill_9_of_the_bot_on_postgres() {
         .expect("a PostgreSQL test schema");
     reminders_survive_kill_9_of_the_bot(Some(url)).await
 }
+
+/// Runs shipped runbook `id` on group `g` as an admin and approves every
+/// request as a second admin until the run finishes; its results.
+async fn walk(b: &Bot, g: i64, id: &str) -> Vec<(String, String)> {
+    let before = b.state.store.run_ids().await.unwrap();
+    let (_, v) = b.slack_command(ADMIN, &format!("run {id} alert={g}")).await;
+    assert!(text(&v).contains("started run"), "{id}: {v}");
+    let mut run = None;
+    let mut approved: Option<usize> = None;
+    for _ in 0..1600 {
+        if run.is_none() {
+            run = b
+                .state
+                .store
+                .run_ids()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|r| !before.contains(r));
+        }
+        if let Some(r) = &run {
+            let rec = b.state.store.run(r).await.unwrap().unwrap();
+            match rec.status.as_str() {
+                "finished" => return rec.results,
+                "waiting" if approved != Some(rec.next_step) => {
+                    let (_, v) = b.slack_command(ADMIN2, &format!("approve {r}")).await;
+                    assert!(text(&v).contains("approved step"), "{id}: {v}");
+                    approved = Some(rec.next_step);
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{id}: the run did not finish: {:#?}", b.slack.replies());
+}
+
+/// The success path of every shipped GPU mitigation runbook, walked with
+/// the real agent (one node each): the node leaves service at its drain
+/// and is back at the end, no mitigation failed, and every command an
+/// approver saw (each request's own and its group's) is one the node ran.
+async fn shipped_gpu_runbooks_walk_the_real_agent_out_and_back() {
+    let cases = [
+        ("gpu-fell-off-bus", "GPUFellOffBus", "79", "gpu-node-1"),
+        ("gpu-reset", "GPUCriticalXID", "62", "gpu-node-2"),
+        ("gpu-ecc-remap", "GPURowRemapPending", "", "gpu-node-3"),
+        ("gpu-nvlink", "GPUNVLinkErrors", "", "gpu-node-4"),
+    ];
+    let names: Vec<&str> = cases.iter().map(|c| c.3).collect();
+    let (b, nodes, _) = fleet(&names).await;
+    for ((id, alert, xid, name), node) in cases.into_iter().zip(&nodes) {
+        let mut labels = vec![("gpu", "3")];
+        if !xid.is_empty() {
+            labels.push(("xid", xid));
+        }
+        let g = b.alert(webhook(alert, &node.addr, &labels)).await;
+        let results = walk(&b, g, id).await;
+        let states: Vec<NodeState> = b
+            .state
+            .store
+            .node_transitions(0.0)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.node == name)
+            .map(|t| t.to)
+            .collect();
+        assert_eq!(
+            states.first(),
+            Some(&NodeState::Quarantined),
+            "{id}: {results:?}"
+        );
+        assert_eq!(
+            states.last(),
+            Some(&NodeState::InService),
+            "{id}: {results:?}"
+        );
+        // Only investigations run by this machine's own journalctl and
+        // systemctl (found before the stand-ins) may fail here.
+        let failed: Vec<&str> = results
+            .iter()
+            .filter(|(_, st)| st == "failed" || st == "error")
+            .map(|(s, _)| s.as_str())
+            .filter(|s| !["kernel-log", "fabric-manager"].contains(s))
+            .collect();
+        assert!(failed.is_empty(), "{id}: {results:?}");
+    }
+    let seen: Vec<String> = requests(&b)
+        .into_iter()
+        .flat_map(|(_, code)| {
+            // Node commands; a group's PromQL check runs on the bot.
+            code.lines()
+                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                .filter(|l| !l.starts_with("promql: "))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(seen.len() >= 12, "{seen:#?}");
+    let executed: Vec<String> = nodes.iter().flat_map(Node::executed).collect();
+    for cmd in &seen {
+        assert!(
+            executed.contains(cmd),
+            "approved but not run: {cmd}\n{executed:#?}"
+        );
+    }
+    b.stop();
+}
+
+chat_on_both!(shipped_gpu_runbooks_walk_the_real_agent_out_and_back);
