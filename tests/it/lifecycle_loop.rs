@@ -4,7 +4,12 @@
 //! `systemctl`, `nvidia-smi`, `dcgmi`, … on its `[exec] path`
 //! (`support::recording_bins`: each call's argv, one line each), the bot
 //! through its router with that agent in its inventory, and a fake
-//! Prometheus for the runbook's PromQL step.
+//! Prometheus for the runbook's PromQL step. The agent searches the
+//! default directories before `[exec] path`: this machine's own
+//! `journalctl` answers the kernel-log step, and a `sudo … systemctl`
+//! names `/usr/bin/systemctl` where there is one (the stand-in `sudo`
+//! runs the stand-in of that name, never the real one); a machine with a
+//! real `sudo`, `scontrol`, `nvidia-smi` or `dcgmi` there fails the test.
 //!
 //! - `xid_79_loop_on_the_real_agent_takes_the_node_out_and_back`: XID 79 →
 //!   the shipped `gpu-fell-off-bus` run → drain planned by the agent
