@@ -321,6 +321,19 @@ async fn approve(b: &Bot, approver: &str, node: &str, step: &str) -> String {
     run
 }
 
+/// The bot's `/metrics`.
+async fn metrics(b: &Bot) -> String {
+    let (s, m) = b
+        .send(
+            axum::http::Request::get("/metrics")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, 200);
+    m
+}
+
 /// The report at `at` (the bot's config and store).
 async fn report(b: &Bot, prometheus: &str, at: i64) -> String {
     let cfg = &b.state.config;
@@ -387,6 +400,19 @@ async fn xid_79_loop_on_the_real_agent_takes_the_node_out_and_back() {
         node.calls()
     );
 
+    // The bot's metrics: one node quarantined, its stretch's seconds.
+    let m = metrics(&b).await;
+    assert!(
+        m.lines()
+            .any(|l| l == "gpuops_nodes{state=\"quarantined\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.lines().any(|l| l.starts_with(
+            "gpuops_node_out_of_service_seconds{node=\"gpu-node-17\",state=\"quarantined\"} "
+        )),
+        "{m}"
+    );
     // Out: `/gpuops nodes` and the report say so, 9 minutes in.
     b.clock.set(t0 + 540);
     let (_, v) = b.slack_command(STRANGER, "nodes").await;
@@ -504,6 +530,13 @@ async fn xid_79_loop_on_the_real_agent_takes_the_node_out_and_back() {
     }
     let (_, v) = b.slack_command(STRANGER, "nodes").await;
     assert!(text(&v).contains("every tracked node is in service"), "{v}");
+    let m = metrics(&b).await;
+    assert!(
+        m.lines()
+            .any(|l| l == "gpuops_nodes{state=\"in_service\"} 1"),
+        "{m}"
+    );
+    assert!(!m.contains("node=\"gpu-node-17\""), "{m}");
     // A minute after the return (a period is [start, end)).
     let md = report(&b, &prometheus, t0 + 1140).await;
     assert!(
@@ -800,6 +833,18 @@ fn reminders(api: &support::FakeApi, node: &str) -> usize {
         .count()
 }
 
+/// The reminders about `node` posted to Slack channel `channel` (not in a
+/// thread).
+fn channel_reminders(slack: &support::FakeApi, node: &str, channel: &str) -> usize {
+    let needle = format!("⏰ {node} has been quarantined for");
+    slack
+        .requests()
+        .iter()
+        .filter(|r| r.raw.contains(&needle))
+        .filter(|r| r.body["channel"] == channel && r.body["thread_ts"].is_null())
+        .count()
+}
+
 /// Waits (up to `secs`) until `f` holds.
 async fn eventually(secs: u64, what: &str, f: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
@@ -844,7 +889,7 @@ async fn reminders_survive_kill_9_of_the_bot(pg_url: Option<String>) {
     let slack = support::FakeApi::slack().await;
     let discord = support::FakeApi::discord().await;
     let extra = format!(
-        "[runbooks]\ndir = \"{}\"\n[lifecycle]\ngpus_per_node = 8\nremind_after = \"2s\"\n[rbac]\nadmins = [\"{ADMIN}\", \"{ADMIN2}\"]\noperators = [\"{OPERATOR}\"]\n[[agents.nodes]]\ninstance = \"gpu-node-17:9400\"\nnode = \"gpu-node-17\"\n[[agents.nodes]]\ninstance = \"gpu-node-18:9400\"\nnode = \"gpu-node-18\"\n",
+        "[runbooks]\ndir = \"{}\"\n[lifecycle]\ngpus_per_node = 8\nremind_after = \"2s\"\n[prometheus]\nurl = \"http://127.0.0.1:9\"\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\nslack_channel = \"C0REPORTS\"\n[rbac]\nadmins = [\"{ADMIN}\", \"{ADMIN2}\"]\noperators = [\"{OPERATOR}\"]\n[[agents.nodes]]\ninstance = \"gpu-node-17:9400\"\nnode = \"gpu-node-17\"\n[[agents.nodes]]\ninstance = \"gpu-node-18:9400\"\nnode = \"gpu-node-18\"\n",
         rb.display()
     );
     let db = dir.path().join("bot.db");
@@ -887,9 +932,11 @@ async fn reminders_survive_kill_9_of_the_bot(pg_url: Option<String>) {
             .unwrap()
             .changed
     );
-    eventually(20, "the reminder on Slack and Discord", || {
-        reminders(&slack, "gpu-node-17") >= 1 && reminders(&discord, "gpu-node-17") >= 1
-    })
+    eventually(
+        20,
+        "the reminder on Slack (thread, channel) and Discord",
+        || reminders(&slack, "gpu-node-17") >= 2 && reminders(&discord, "gpu-node-17") >= 1,
+    )
     .await;
     // Delivered and recorded (nothing left in the outbox: a delivery in
     // flight may go twice, a reminder claimed must not), then killed
@@ -921,27 +968,32 @@ async fn reminders_survive_kill_9_of_the_bot(pg_url: Option<String>) {
     // gpu-node-18 is due 2 s after the restart: its reminder shows the loop
     // running on the restarted bot; three more passes after it.
     eventually(20, "gpu-node-18's reminder after the restart", || {
-        reminders(&slack, "gpu-node-18") >= 1
+        reminders(&slack, "gpu-node-18") >= 2 && reminders(&discord, "gpu-node-18") >= 1
     })
     .await;
     assert!(gpuops::store::now() - restarted >= 2.0);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let counts = (
-        reminders(&slack, "gpu-node-17"),
-        reminders(&discord, "gpu-node-17"),
-        reminders(&slack, "gpu-node-18"),
-        reminders(&discord, "gpu-node-18"),
-    );
-    assert_eq!(
-        counts,
-        (1, 1, 1, 1),
-        "reminders (slack, discord) for gpu-node-17 then gpu-node-18; log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    // Once each in the thread on Slack and on Discord, and once in the
+    // report channel.
+    let counts = |node: &str| {
+        (
+            reminders(&slack, node) - channel_reminders(&slack, node, "C0REPORTS"),
+            reminders(&discord, node),
+            channel_reminders(&slack, node, "C0REPORTS"),
+        )
+    };
+    for node in ["gpu-node-17", "gpu-node-18"] {
+        assert_eq!(
+            counts(node),
+            (1, 1, 1),
+            "{node}'s reminders (slack thread, discord thread, report channel); log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
     let reminder = slack
         .requests()
         .into_iter()
-        .find(|r| r.raw.contains("⏰ gpu-node-17"))
+        .find(|r| r.raw.contains("⏰ gpu-node-17") && r.body["channel"] == "CP1")
         .unwrap();
     let reminder_text = reminder.body["text"].as_str().unwrap_or_default();
     assert!(
