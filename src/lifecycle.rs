@@ -167,8 +167,15 @@ pub fn change_line(a: &Applied) -> Option<String> {
 /// A reminder is repeated at most this often.
 pub const REMIND_EVERY: Duration = Duration::from_secs(86_400);
 
-/// How often the reminder task looks for nodes left out.
+/// How often the reminder task looks for nodes left out, at most.
 pub const REMIND_POLL: Duration = Duration::from_secs(60);
+
+/// How often the reminder task looks: every [`REMIND_POLL`], or every half
+/// `remind_after` when that is shorter (at least every second), so a
+/// reminder is never later than half its own delay.
+pub fn remind_poll(remind_after: Duration) -> Duration {
+    (remind_after / 2).clamp(Duration::from_secs(1), REMIND_POLL)
+}
 
 /// The reminder for a node left out of service.
 pub fn reminder_text(r: &NodeRecord, now: f64) -> String {
@@ -251,14 +258,14 @@ pub async fn remind_due(
     Ok(sent)
 }
 
-/// The bot's reminder task: [`remind_due`] every [`REMIND_POLL`] until `stop`.
+/// The bot's reminder task: [`remind_due`] every [`remind_poll`] until `stop`.
 pub fn spawn_reminders(
     state: std::sync::Arc<crate::bot::state::BotState>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let channels = report_channels(&state.config);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(REMIND_POLL);
+        let mut tick = tokio::time::interval(remind_poll(state.config.lifecycle.remind_after));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}

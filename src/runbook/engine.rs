@@ -293,8 +293,11 @@ pub fn next_action(plan: &RunPlan, index: usize, done: &[(String, StepStatus)]) 
 
 /// The node's state in plain words after a run, from its mitigations'
 /// outcomes: each mitigation that ran says its `state_on_success` or
-/// `state_on_failure` (or, without them, that it succeeded or failed); when
-/// no mitigation ran: "NODE was not changed; it is still serving jobs".
+/// `state_on_failure` (or, without them, that it succeeded or failed),
+/// from the last one that returned the node to service (`node_state:
+/// in_service`) on: what was done before it is the thread's, no longer the
+/// node's state; when no mitigation ran: "NODE was not changed; it is
+/// still serving jobs".
 pub fn node_state(plan: &RunPlan, done: &[(String, StepStatus)]) -> Vec<String> {
     let node = plan
         .params
@@ -327,6 +330,11 @@ pub fn node_state(plan: &RunPlan, done: &[(String, StepStatus)]) -> Vec<String> 
             .as_ref()
             .and_then(|t| t.render(&plan.params, Escape::None).ok())
             .unwrap_or(fallback);
+        if *st == StepStatus::Succeeded
+            && ps.step.node_state == Some(crate::runbook::NodeState::InService)
+        {
+            lines.clear();
+        }
         lines.push(text);
     }
     if lines.is_empty() {
@@ -672,6 +680,53 @@ steps:
                 page: Run
                 state: n1 was not changed; it is still serving jobs"#]],
         );
+    }
+
+    /// Issue 24's full loop: after drain, reboot, verify and resume, the
+    /// run's summary said "Node state: n1 is drained: no new jobs land on
+    /// it; …; n1 is back in service", the first clause false by then.
+    #[test]
+    fn node_state_after_a_return_to_service_says_only_that_it_is_back() {
+        use StepStatus::*;
+        const RB: &str = r#"
+id: t
+title: T
+params:
+  node: { pattern: '[a-z0-9]+', default: n1 }
+steps:
+- {name: drain, phase: mitigate, kind: command, target: node, run: [scontrol], needs_approval: true, node_state: quarantined, state_on_success: "{{node}} is drained: no new jobs land on it"}
+- {name: reboot, phase: mitigate, kind: command, target: node, run: [systemctl], requires: [drain], needs_approval: true, node_state: verifying, state_on_success: "{{node}} was drained and is rebooting"}
+- {name: verify, phase: mitigate, kind: command, target: node, run: [nvidia-smi], requires: [reboot]}
+- {name: resume, phase: mitigate, kind: command, target: node, run: [scontrol], requires: [verify], needs_approval: true, node_state: in_service, state_on_success: "{{node}} is back in service"}
+- {name: page, phase: escalate, kind: command, target: bot, run: [echo]}
+"#;
+        let rb = crate::runbook::parse_runbook(std::path::Path::new("t.yaml"), RB).unwrap();
+        let plan = plan(&rb, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        let state = |done: &[(&str, StepStatus)]| {
+            let done: Vec<(String, StepStatus)> =
+                done.iter().map(|(n, s)| (n.to_string(), *s)).collect();
+            node_state(&plan, &done)
+        };
+        let out = [
+            ("drain", Succeeded),
+            ("reboot", Succeeded),
+            ("verify", Succeeded),
+        ];
+        assert_eq!(
+            state(&out),
+            [
+                "n1 is drained: no new jobs land on it",
+                "n1 was drained and is rebooting",
+                "verify succeeded on n1"
+            ]
+        );
+        let mut back = out.to_vec();
+        back.extend([("resume", Succeeded), ("page", Succeeded)]);
+        assert_eq!(state(&back), ["n1 is back in service"]);
+        // A resume that failed leaves the whole story.
+        let mut failed = out.to_vec();
+        failed.push(("resume", Failed));
+        assert_eq!(state(&failed).len(), 4);
     }
 
     #[test]

@@ -39,6 +39,7 @@ mod inventory_prometheus;
 mod kubernetes;
 mod layers;
 mod lifecycle;
+mod lifecycle_loop;
 mod metric_reference;
 mod ops_config;
 mod ops_dashboard;

@@ -683,3 +683,97 @@ macro_rules! on_both {
         }
     )*};
 }
+
+/// One call a recording stand-in (see [`recording_bins`]) received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandInCall {
+    /// `sudo` when the stand-in `sudo` ran it, else empty.
+    pub via: String,
+    /// Its argv as received, `argv[0]` the path it was run by.
+    pub argv: Vec<String>,
+}
+
+impl StandInCall {
+    /// The program's file name (`scontrol`).
+    pub fn program(&self) -> &str {
+        self.argv
+            .first()
+            .map(|a| a.rsplit('/').next().unwrap_or(a))
+            .unwrap_or("")
+    }
+}
+
+/// Writes recording stand-ins into `dir` (created): each of `names` appends
+/// its argv to `log`, one line per call (fields separated by `\x1f`: who
+/// ran it, then `argv[0]`, then each argument), prints the text given for
+/// it in `stdout` (if any) and exits 0 (1 for those in `failing`). A
+/// `sudo` among `names` records its
+/// call, answers `sudo -n -l <command>` with the command (allowed) and
+/// otherwise runs the stand-in of the same file name in `dir` (never the
+/// command's own path: a real `systemctl` found first on a search path is
+/// never run), or exits 127 when there is none. Read the log with
+/// [`stand_in_calls`].
+pub fn recording_bins(
+    dir: &Path,
+    log: &Path,
+    names: &[&str],
+    stdout: &[(&str, &str)],
+    failing: &[&str],
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let record = format!(
+        "{{ printf '%s' \"$STANDIN_VIA\"; for a in \"$0\" \"$@\"; do printf '\\037%s' \"$a\"; done; printf '\\n'; }} >> '{}'\n",
+        log.display()
+    );
+    for name in names {
+        let mut script = format!("#!/bin/sh\n{record}");
+        if *name == "sudo" {
+            script.push_str(&format!(
+                r#"list=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -l) list=1; shift ;;
+    -u|-g|-C|-D|-h|-p|-r|-t|-T|-U|-R) shift 2 ;;
+    --) shift; break ;;
+    -*) shift ;;
+    *) break ;;
+  esac
+done
+[ $# -gt 0 ] || exit 1
+if [ -n "$list" ]; then echo "$1"; exit 0; fi
+cmd=$(basename "$1"); shift
+[ -x '{dir}'/"$cmd" ] || {{ echo "sudo stand-in: no stand-in for $cmd" >&2; exit 127; }}
+STANDIN_VIA=sudo exec '{dir}'/"$cmd" "$@"
+"#,
+                dir = dir.display()
+            ));
+        } else {
+            if let Some((_, out)) = stdout.iter().find(|(n, _)| n == name) {
+                script.push_str(&format!("cat <<'STANDIN_EOF'\n{out}\nSTANDIN_EOF\n"));
+            }
+            script.push_str(if failing.contains(name) {
+                "exit 1\n"
+            } else {
+                "exit 0\n"
+            });
+        }
+        executable(&dir.join(name), &script);
+    }
+}
+
+/// The calls recorded in `log` by [`recording_bins`]' stand-ins, in order
+/// (none when nothing ran yet).
+pub fn stand_in_calls(log: &Path) -> Vec<StandInCall> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut fields = l.split('\x1f').map(str::to_string);
+            let via = fields.next().unwrap_or_default();
+            StandInCall {
+                via,
+                argv: fields.collect(),
+            }
+        })
+        .collect()
+}
