@@ -61,6 +61,11 @@ pub struct Transition {
     /// Leaving service within this many seconds of the last return, with
     /// the same alert or XID, is a repeat (0: never).
     pub repeat_window_secs: f64,
+    /// Apply only if the node's row is the one the caller read: its
+    /// `updated_at` equals this (0.0: a node with no row). None: no such
+    /// condition. A change decided from an outside view (the scheduler's,
+    /// `src/found.rs`) is never applied over a change made meanwhile.
+    pub expect_updated_at: Option<f64>,
 }
 
 /// What a transition did.
@@ -114,6 +119,11 @@ pub fn decide(
     let to = t.to?;
     let from = cur.map(|r| r.state).unwrap_or(NodeState::InService);
     if from == to || (!t.from.is_empty() && !t.from.contains(&from)) {
+        return None;
+    }
+    if t.expect_updated_at
+        .is_some_and(|e| cur.map(|r| r.updated_at).unwrap_or(0.0) != e)
+    {
         return None;
     }
     let same = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
@@ -196,6 +206,28 @@ pub struct LastReturnAt {
 /// States a reminder is for: out of service with nothing in the way but people.
 pub(crate) const REMINDED_STATES: &str = "('quarantined', 'verifying')";
 
+/// States a notice is for (the scheduler shows the node back while gpuops
+/// tracks it out): every state out of service.
+pub(crate) const NOTICE_STATES: &str = "('quarantined', 'verifying', 'awaiting_repair')";
+
+/// The runs in progress (running or waiting for an approval).
+pub(crate) const ACTIVE_RUNS: &str =
+    "SELECT given, labels FROM chat_runs WHERE status IN ('running', 'waiting')";
+
+/// The given parameters and alert labels of a run in progress.
+pub type ActiveRun = (
+    std::collections::BTreeMap<String, String>,
+    std::collections::BTreeMap<String, String>,
+);
+
+/// Parses [`ACTIVE_RUNS`]' JSON columns (a bad one reads as empty).
+pub(crate) fn active_run(given: &str, labels: &str) -> ActiveRun {
+    (
+        serde_json::from_str(given).unwrap_or_default(),
+        serde_json::from_str(labels).unwrap_or_default(),
+    )
+}
+
 fn node_row(r: &rusqlite::Row) -> rusqlite::Result<(String, NodeRecord)> {
     let state: String = r.get(1)?;
     Ok((
@@ -223,6 +255,19 @@ fn node_row(r: &rusqlite::Row) -> rusqlite::Result<(String, NodeRecord)> {
 fn with_state((s, mut row): (String, NodeRecord)) -> Result<NodeRecord> {
     row.state = state_of(&s)?;
     Ok(row)
+}
+
+/// Enqueues `body` (a serialized message) to each destination key of
+/// `channels` as a post of its own (no thread).
+fn enqueue_posts(c: &Connection, body: &str, channels: &[String]) -> Result<()> {
+    for d in channels {
+        c.execute(
+            "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+             VALUES (0, ?1, 'reply', 0, ?2, ?3, ?3)",
+            params![d, body, crate::store::now()],
+        )?;
+    }
+    Ok(())
 }
 
 fn node_tx(c: &Connection, t: &Transition) -> Result<Applied> {
@@ -312,6 +357,47 @@ fn node_tx(c: &Connection, t: &Transition) -> Result<Applied> {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
+fn claim_tx(
+    c: &Connection,
+    states: &str,
+    node: &str,
+    since: f64,
+    now: f64,
+    min_age: f64,
+    gap: f64,
+    body: &str,
+    channels: &[String],
+) -> Result<bool> {
+    let claimed = c
+        .query_row(
+            &format!(
+                "UPDATE node_states SET reminded_at=?3
+                 WHERE node=?1 AND since=?2 AND state IN {states}
+                   AND since <= ?4 AND (reminded_at IS NULL OR reminded_at <= ?5)
+                 RETURNING group_id"
+            ),
+            params![node, since, now, now - min_age, now - gap],
+            |r| r.get::<_, Option<i64>>(0),
+        )
+        .optional()?;
+    let Some(group) = claimed else {
+        return Ok(false);
+    };
+    if let Some(g) = group {
+        for d in crate::store::sqlite::group_destinations(c, g)? {
+            c.execute(
+                "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+                 VALUES (?1, ?2, 'reply', 0, ?3, ?4, ?4)",
+                params![g, d, body, crate::store::now()],
+            )?;
+        }
+    }
+    // The report channels: a post of its own (no thread).
+    enqueue_posts(c, body, channels)?;
+    Ok(true)
+}
+
 fn all_nodes(c: &Connection) -> Result<Vec<NodeRecord>> {
     let mut st = c.prepare(&format!(
         "SELECT {NODE_COLUMNS} FROM node_states ORDER BY node"
@@ -328,9 +414,71 @@ impl Sqlite {
         self.write(move |c| node_tx(c, &t)).await
     }
 
+    /// Applies a transition as [`Sqlite::node_transition`] and, when it
+    /// changed the node, enqueues `body` to each of `channels` in the same
+    /// job: said once, whichever replica decides it.
+    pub async fn node_transition_announced(
+        &self,
+        t: Transition,
+        body: String,
+        channels: Vec<String>,
+    ) -> Result<Applied> {
+        self.write(move |c| {
+            let a = node_tx(c, &t)?;
+            if a.changed {
+                enqueue_posts(c, &body, &channels)?;
+            }
+            Ok(a)
+        })
+        .await
+    }
+
     /// Every tracked node, by name.
     pub async fn node_states(&self) -> Result<Vec<NodeRecord>> {
         self.read(all_nodes).await
+    }
+
+    /// The given parameters and alert labels of every run in progress.
+    pub async fn active_runs(&self) -> Result<Vec<ActiveRun>> {
+        self.read(|c| {
+            let mut st = c.prepare(ACTIVE_RUNS)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows.iter().map(|(g, l)| active_run(g, l)).collect())
+        })
+        .await
+    }
+
+    /// Claims a notice that `node` (in any state out of service, entered
+    /// at `since` at least `min_age` ago) is seen back by its scheduler,
+    /// sharing the daily gap with reminders ([`Sqlite::claim_node_reminder`]),
+    /// and enqueues `body` in its thread and to `channels`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim_node_notice(
+        &self,
+        node: String,
+        since: f64,
+        now: f64,
+        min_age: f64,
+        gap: f64,
+        body: String,
+        channels: Vec<String>,
+    ) -> Result<bool> {
+        self.write(move |c| {
+            claim_tx(
+                c,
+                NOTICE_STATES,
+                &node,
+                since,
+                now,
+                min_age,
+                gap,
+                &body,
+                &channels,
+            )
+        })
+        .await
     }
 
     /// Claims a reminder that `node` is still out (in the state it entered
@@ -350,39 +498,17 @@ impl Sqlite {
         channels: Vec<String>,
     ) -> Result<bool> {
         self.write(move |c| {
-            let claimed = c
-                .query_row(
-                    &format!(
-                        "UPDATE node_states SET reminded_at=?3
-                         WHERE node=?1 AND since=?2 AND state IN {REMINDED_STATES}
-                           AND since <= ?4 AND (reminded_at IS NULL OR reminded_at <= ?5)
-                         RETURNING group_id"
-                    ),
-                    params![node, since, now, now - min_age, now - gap],
-                    |r| r.get::<_, Option<i64>>(0),
-                )
-                .optional()?;
-            let Some(group) = claimed else {
-                return Ok(false);
-            };
-            if let Some(g) = group {
-                for d in crate::store::sqlite::group_destinations(c, g)? {
-                    c.execute(
-                        "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
-                         VALUES (?1, ?2, 'reply', 0, ?3, ?4, ?4)",
-                        params![g, d, body, crate::store::now()],
-                    )?;
-                }
-            }
-            // The report channels: a post of its own (no thread).
-            for d in &channels {
-                c.execute(
-                    "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
-                     VALUES (0, ?1, 'reply', 0, ?2, ?3, ?3)",
-                    params![d, body, crate::store::now()],
-                )?;
-            }
-            Ok(true)
+            claim_tx(
+                c,
+                REMINDED_STATES,
+                &node,
+                since,
+                now,
+                min_age,
+                gap,
+                &body,
+                &channels,
+            )
         })
         .await
     }

@@ -1,0 +1,469 @@
+//! Nodes found out of service by their scheduler (`src/found.rs`), through
+//! the bot (store, outbox, router) with a fake Prometheus: a node Slurm has
+//! drained (the agents' series) or Kubernetes has cordoned
+//! (kube-state-metrics) becomes quarantined and is said once in the report
+//! channel; it returns when the scheduler shows it back, only if gpuops
+//! quarantined it for that alone; a node gpuops took out itself is never
+//! returned on the scheduler's word (its reminder says what Slurm shows);
+//! a Prometheus error, a run in progress or a recent change leave the
+//! node alone. Each case on SQLite and PostgreSQL (`chat_on_both!`).
+
+use crate::chat_support;
+
+use axum::body::Body;
+use axum::http::Request;
+use chat_support::*;
+use gpuops::found::{found_pass, Pass, KUBE_CORDONS, SLURM_REASONS, SLURM_STATES};
+use gpuops::lifecycle::{NodeRecord, NodeState, Transition};
+use gpuops::report::prom::Prometheus;
+use gpuops::signing::Clock as _;
+
+use crate::report_support::{fake_prometheus, Series};
+
+const REPORTS: &str = "[lifecycle]\ngpus_per_node = 8\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\nslack_channel = \"C0REPORTS\"\n";
+
+/// A bot whose `[prometheus] url` is `prom` and whose report channel is
+/// `C0REPORTS` (`more` appended).
+async fn bot(prom: &str, more: &str) -> Bot {
+    Bot::start(
+        &format!("[prometheus]\nurl = \"{prom}\"\n{REPORTS}{more}"),
+        None,
+    )
+    .await
+}
+
+fn client(url: &str) -> Prometheus {
+    Prometheus::new(url, std::time::Duration::from_secs(5)).unwrap()
+}
+
+/// Slurm's series for gpu-node-17's agent: `on` the states at 1.
+fn slurm(on: &[&'static str], reason: Option<&'static str>) -> Vec<(String, Vec<Series>)> {
+    let states = [
+        "drain",
+        "drained",
+        "draining",
+        "down",
+        "idle",
+        "allocated",
+        "mixed",
+    ]
+    .into_iter()
+    .map(|s| {
+        (
+            vec![
+                ("__name__", "gpuops_node_scheduler_state"),
+                ("instance", "gpu-node-17:9949"),
+                ("job", "gpuops"),
+                ("scheduler", "slurm"),
+                ("state", s),
+            ],
+            if on.contains(&s) { 1.0 } else { 0.0 },
+        )
+    })
+    .collect();
+    let reasons = reason
+        .map(|r| {
+            vec![(
+                vec![
+                    ("__name__", "gpuops_node_scheduler_info"),
+                    ("instance", "gpu-node-17:9949"),
+                    ("job", "gpuops"),
+                    ("scheduler", "slurm"),
+                    ("reason", r),
+                    ("since", "2026-12-03T10:00:00"),
+                ],
+                1.0,
+            )]
+        })
+        .unwrap_or_default();
+    vec![
+        (SLURM_STATES.to_string(), states),
+        (SLURM_REASONS.to_string(), reasons),
+    ]
+}
+
+async fn node(b: &Bot, name: &str) -> Option<NodeRecord> {
+    b.state
+        .store
+        .node_states()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.node == name)
+}
+
+async fn pass(b: &Bot, prom: &str, at: f64) -> Pass {
+    found_pass(&b.state, &client(prom), at).await.unwrap()
+}
+
+/// The texts posted to the report channel so far.
+fn in_channel(b: &Bot) -> Vec<String> {
+    b.slack
+        .calls()
+        .into_iter()
+        .filter(|c| c.channel == "C0REPORTS")
+        .filter_map(|c| match c.message {
+            gpuops::notify::Message::Text(t) => Some(t.text),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn wait_channel(b: &Bot, n: usize) -> Vec<String> {
+    b.state.outbox.wake();
+    b.wait_for(10, &format!("{n} posts in the report channel"), move |b| {
+        in_channel(b).len() >= n
+    })
+    .await;
+    in_channel(b)
+}
+
+fn text(v: &serde_json::Value) -> String {
+    v["text"].as_str().unwrap_or_default().to_string()
+}
+
+/// Puts `name` in `state` `hours` ago, set by a runbook step or a person.
+async fn set(b: &Bot, name: &str, state: NodeState, at: f64, step: &str) {
+    let a = b
+        .state
+        .store
+        .node_transition(Transition {
+            node: name.into(),
+            to: Some(state),
+            at,
+            reason: format!("{step} by hand"),
+            step: Some(step.into()),
+            by: Some("alice".into()),
+            gpus: 8,
+            ..Transition::default()
+        })
+        .await
+        .unwrap();
+    assert!(a.changed);
+}
+
+const HOLD: f64 = 1800.0;
+
+async fn slurm_drained_node_is_quarantined_and_said_once_in_the_report_channel() {
+    let prom = fake_prometheus(slurm(
+        &["drain", "drained", "idle"],
+        Some("XID 79 <!channel> @everyone"),
+    ))
+    .await;
+    let b = bot(&prom, "").await;
+    let now = b.clock.now_unix() as f64;
+    let p = pass(&b, &prom, now).await;
+    assert_eq!(p.quarantined, ["gpu-node-17"], "{p:?}");
+    let r = node(&b, "gpu-node-17").await.unwrap();
+    assert_eq!(r.state, NodeState::Quarantined);
+    assert_eq!(r.by.as_deref(), Some("slurm"));
+    assert_eq!(r.step.as_deref(), Some("found-slurm"));
+    assert_eq!(r.run, None);
+    assert_eq!(r.gpus, 8);
+    assert_eq!(
+        r.reason,
+        "found drained in Slurm: XID 79 <!channel> @everyone"
+    );
+    // Again (the next pass, or another replica): nothing more.
+    let again = pass(&b, &prom, now + 2.0 * HOLD).await;
+    assert!(again.quarantined.is_empty(), "{again:?}");
+    let posts = wait_channel(&b, 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(in_channel(&b).len(), 1, "said once: {posts:?}");
+    assert_eq!(
+        posts[0],
+        "🔎 gpu-node-17 found drained in Slurm (XID 79 <!channel> @everyone): now quarantined (was in service); gpuops returns it to service when Slurm shows it back. `/gpuops nodes` lists the nodes out."
+    );
+    // The reason is data on every platform.
+    let msg =
+        gpuops::message::Message::Text(gpuops::message::TextMessage::new(posts[0].clone(), None));
+    let slack = serde_json::to_string(&gpuops::notify::slack::render(&msg)).unwrap();
+    assert!(slack.contains("XID 79 &lt;!channel&gt;"), "{slack}");
+    assert!(!slack.contains("<!channel>"), "{slack}");
+    let discord = gpuops::notify::discord::render(&msg).content;
+    assert!(!discord.contains("@everyone"), "{discord}");
+    // `/gpuops nodes` lists it, found drained.
+    let (_, v) = b.slack_command(STRANGER, "nodes").await;
+    assert!(
+        text(&v).contains("gpu-node-17 · 8 GPUs · quarantined since"),
+        "{v}"
+    );
+    assert!(
+        text(&v).contains("found drained in Slurm: XID 79 &lt;!channel&gt;"),
+        "{v}"
+    );
+    assert!(text(&v).contains("last: found-slurm by slurm"), "{v}");
+    b.stop();
+}
+
+async fn slurm_resumed_by_hand_returns_a_node_found_drained() {
+    let drained = fake_prometheus(slurm(&["drain", "drained", "idle"], Some("bad DIMM"))).await;
+    let idle = fake_prometheus(slurm(&["idle"], None)).await;
+    let b = bot(&drained, "").await;
+    let now = b.clock.now_unix() as f64;
+    assert_eq!(pass(&b, &drained, now).await.quarantined, ["gpu-node-17"]);
+    // Seen idle within the hold: left alone.
+    let early = pass(&b, &idle, now + 60.0).await;
+    assert!(early.returned.is_empty(), "{early:?}");
+    // Two hours later Slurm shows it idle: back in service, said once.
+    let later = now + 7200.0;
+    let p = pass(&b, &idle, later).await;
+    assert_eq!(p.returned, ["gpu-node-17"], "{p:?}");
+    let r = node(&b, "gpu-node-17").await.unwrap();
+    assert_eq!(r.state, NodeState::InService);
+    assert_eq!(r.reason, "resumed in Slurm by hand (Slurm shows it idle)");
+    let hist = b.state.store.node_transitions(0.0).await.unwrap();
+    assert_eq!(hist.len(), 2);
+    assert_eq!(hist[1].lost_gpu_seconds, Some(7200.0 * 8.0));
+    let posts = wait_channel(&b, 2).await;
+    assert_eq!(
+        posts[1],
+        "📍 gpu-node-17 is back in service (was quarantined, found drained in Slurm: bad DIMM): resumed in Slurm by hand (Slurm shows it idle); 16.0 GPU-hours lost while out"
+    );
+    let (_, v) = b.slack_command(STRANGER, "nodes").await;
+    assert!(text(&v).contains("every tracked node is in service"), "{v}");
+    b.stop();
+}
+
+async fn slurm_idle_never_returns_a_node_gpuops_took_out_itself_but_its_reminder_says_so() {
+    let idle = fake_prometheus(slurm(&["idle"], None)).await;
+    let b = bot(&idle, "").await;
+    let now = b.clock.now_unix() as f64;
+    set(
+        &b,
+        "gpu-node-17",
+        NodeState::AwaitingRepair,
+        now - 3600.0,
+        "chat",
+    )
+    .await;
+    let p = pass(&b, &idle, now).await;
+    assert!(p.returned.is_empty() && p.quarantined.is_empty(), "{p:?}");
+    assert_eq!(
+        node(&b, "gpu-node-17").await.unwrap().state,
+        NodeState::AwaitingRepair
+    );
+    assert_eq!(
+        p.notes.get("gpu-node-17").map(String::as_str),
+        Some("Slurm shows it idle")
+    );
+    // The reminder (after remind_after, at most daily) says it.
+    let cfg = b.state.config.lifecycle.clone();
+    let channels = gpuops::lifecycle::report_channels(&b.state.config);
+    let remind = |at: f64| {
+        let (store, cfg, channels, notes) = (
+            b.state.store.clone(),
+            cfg.clone(),
+            channels.clone(),
+            p.notes.clone(),
+        );
+        async move {
+            gpuops::lifecycle::remind_due_noted(&store, &cfg, &channels, at, &notes)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(remind(now).await, 0, "remind_after is 12 h");
+    assert_eq!(remind(now + 12.0 * 3600.0).await, 1);
+    assert_eq!(remind(now + 13.0 * 3600.0).await, 0, "at most daily");
+    let posts = wait_channel(&b, 1).await;
+    assert!(
+        posts[0].starts_with("⏰ gpu-node-17 has been awaiting repair for 13h 0m (chat by hand; last: chat by alice); 104.0 GPU-hours lost so far."),
+        "{posts:?}"
+    );
+    assert!(
+        posts[0].ends_with(" Slurm shows it idle, gpuops still tracks it awaiting repair: `/gpuops node gpu-node-17 return` if repaired."),
+        "{posts:?}"
+    );
+    // Without the note, a node awaiting repair gets no reminder.
+    let none = gpuops::lifecycle::remind_due(&b.state.store, &cfg, &channels, now + 48.0 * 3600.0)
+        .await
+        .unwrap();
+    assert_eq!(none, 0);
+    b.stop();
+}
+
+async fn a_node_gpuops_drained_itself_is_not_returned_by_slurms_view() {
+    let idle = fake_prometheus(slurm(&["idle"], None)).await;
+    let b = bot(&idle, "").await;
+    let now = b.clock.now_unix() as f64;
+    set(
+        &b,
+        "gpu-node-17",
+        NodeState::Quarantined,
+        now - 7200.0,
+        "drain-slurm",
+    )
+    .await;
+    let p = pass(&b, &idle, now).await;
+    assert!(p.returned.is_empty(), "{p:?}");
+    assert_eq!(
+        node(&b, "gpu-node-17").await.unwrap().state,
+        NodeState::Quarantined
+    );
+    assert!(p.notes.contains_key("gpu-node-17"), "{p:?}");
+    b.stop();
+}
+
+async fn prometheus_error_changes_nothing_and_is_counted() {
+    let drained = fake_prometheus(slurm(&["drain", "drained", "idle"], None)).await;
+    let down = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let b = bot(&drained, "").await;
+    let now = b.clock.now_unix() as f64;
+    assert_eq!(pass(&b, &drained, now).await.quarantined, ["gpu-node-17"]);
+    // No answer is never "not drained": the node stays out.
+    let p = pass(&b, &down, now + 7200.0).await;
+    assert_eq!(p.errors.len(), 2, "{p:?}");
+    assert!(p.returned.is_empty(), "{p:?}");
+    assert_eq!(
+        node(&b, "gpu-node-17").await.unwrap().state,
+        NodeState::Quarantined
+    );
+    let (_, m) = b
+        .send(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await;
+    for line in [
+        "gpuops_node_found_checks_total{outcome=\"error\",scheduler=\"slurm\"} 1",
+        "gpuops_node_found_checks_total{outcome=\"ok\",scheduler=\"slurm\"} 1",
+        "gpuops_node_found_checks_total{outcome=\"error\",scheduler=\"kubernetes\"} 1",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+    }
+    b.stop();
+}
+
+async fn a_node_with_a_run_in_progress_or_set_by_a_person_recently_is_left_alone() {
+    let drained = fake_prometheus(slurm(&["drain", "drained", "idle"], None)).await;
+    let b = bot(&drained, "").await;
+    let now = b.clock.now_unix() as f64;
+    // A person returned it ten minutes ago (Slurm not resumed yet).
+    set(
+        &b,
+        "gpu-node-17",
+        NodeState::Quarantined,
+        now - 7200.0,
+        "drain-slurm",
+    )
+    .await;
+    set(&b, "gpu-node-17", NodeState::InService, now - 600.0, "chat").await;
+    let p = pass(&b, &drained, now).await;
+    assert!(p.quarantined.is_empty(), "{p:?}");
+    assert_eq!(
+        node(&b, "gpu-node-17").await.unwrap().state,
+        NodeState::InService
+    );
+    // A run waits for approval on it: still left alone after the hold.
+    let labels: std::collections::BTreeMap<String, String> = [
+        ("alertname", "GPUXIDFellOffBus"),
+        ("instance", "gpu-node-17:9949"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    b.state
+        .store
+        .insert_run(
+            gpuops::store::runs::RunRecord {
+                id: String::new(),
+                runbook: "gpu-fell-off-bus".into(),
+                only_steps: None,
+                given: Default::default(),
+                labels,
+                group_id: None,
+                requester: "slack:U0OPER".into(),
+                requester_name: "oper".into(),
+                requester_role: "operator".into(),
+                status: "waiting".into(),
+                next_step: 0,
+                results: Vec::new(),
+                expires_at: Some(now + 600.0),
+                decided_by: None,
+                planned: Default::default(),
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let p = pass(&b, &drained, now + 2.0 * HOLD).await;
+    assert!(p.quarantined.is_empty(), "{p:?}");
+    assert_eq!(
+        node(&b, "gpu-node-17").await.unwrap().state,
+        NodeState::InService
+    );
+    b.stop();
+}
+
+/// kube-state-metrics' cordons: its `node` label is the Kubernetes node
+/// name (here the FQDN), mapped to the inventory's name; a cordoned node
+/// the inventory does not know (a CPU node) is left out.
+fn kube(value: f64) -> Vec<(String, Vec<Series>)> {
+    vec![(
+        KUBE_CORDONS.to_string(),
+        vec![
+            (
+                vec![
+                    ("__name__", "kube_node_spec_unschedulable"),
+                    ("instance", "kube-state-metrics:8080"),
+                    ("node", "gpu-node-17.cluster.local"),
+                ],
+                value,
+            ),
+            (
+                vec![
+                    ("__name__", "kube_node_spec_unschedulable"),
+                    ("instance", "kube-state-metrics:8080"),
+                    ("node", "cpu-node-1"),
+                ],
+                1.0,
+            ),
+        ],
+    )]
+}
+
+async fn kubernetes_cordoned_node_is_quarantined_and_uncordoning_returns_it() {
+    let cordoned = fake_prometheus(kube(1.0)).await;
+    let open = fake_prometheus(kube(0.0)).await;
+    let inventory =
+        "[agents]\n[[agents.nodes]]\ninstance = \"10.0.0.17:9949\"\nnode = \"gpu-node-17\"\n";
+    let b = bot(&cordoned, inventory).await;
+    let now = b.clock.now_unix() as f64;
+    let p = pass(&b, &cordoned, now).await;
+    assert_eq!(p.quarantined, ["gpu-node-17"], "{p:?}");
+    assert!(node(&b, "cpu-node-1").await.is_none());
+    let r = node(&b, "gpu-node-17").await.unwrap();
+    assert_eq!(r.reason, "found cordoned in Kubernetes");
+    assert_eq!(r.by.as_deref(), Some("kubernetes"));
+    let p = pass(&b, &open, now + 3600.0).await;
+    assert_eq!(p.returned, ["gpu-node-17"], "{p:?}");
+    let posts = wait_channel(&b, 2).await;
+    assert!(
+        posts[0].starts_with("🔎 gpu-node-17 found cordoned in Kubernetes: now quarantined"),
+        "{posts:?}"
+    );
+    assert!(
+        posts[1].contains("uncordoned in Kubernetes by hand (Kubernetes shows it schedulable); 8.0 GPU-hours lost while out"),
+        "{posts:?}"
+    );
+    b.stop();
+}
+
+/// No series (no kube-state-metrics, no agent reading Slurm): nothing.
+async fn no_series_changes_nothing() {
+    let empty = fake_prometheus(Vec::new()).await;
+    let b = bot(&empty, "").await;
+    let p = pass(&b, &empty, b.clock.now_unix() as f64).await;
+    assert_eq!(p, Pass::default());
+    assert!(b.state.store.node_states().await.unwrap().is_empty());
+    b.stop();
+}
+
+chat_on_both!(
+    slurm_drained_node_is_quarantined_and_said_once_in_the_report_channel,
+    slurm_resumed_by_hand_returns_a_node_found_drained,
+    slurm_idle_never_returns_a_node_gpuops_took_out_itself_but_its_reminder_says_so,
+    a_node_gpuops_drained_itself_is_not_returned_by_slurms_view,
+    prometheus_error_changes_nothing_and_is_counted,
+    a_node_with_a_run_in_progress_or_set_by_a_person_recently_is_left_alone,
+    kubernetes_cordoned_node_is_quarantined_and_uncordoning_returns_it,
+    no_series_changes_nothing,
+);
