@@ -214,6 +214,35 @@ impl AlertLine {
     }
 }
 
+impl AlertMessage {
+    /// The pod an alert is about, as a person reads it: `pod
+    /// training/llama-ft-7b-0 (container trainer)`, from its `namespace`,
+    /// `pod` and `container` labels (the line's own, else the group's
+    /// shared ones); `None` without both a namespace and a pod. Each value
+    /// is outside text, flattened to one line ([`crate::escape::line`]);
+    /// the renderers escape the whole line for their format.
+    pub fn pod_of(&self, a: &AlertLine) -> Option<String> {
+        let get = |k: &str| {
+            a.labels
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+                .or_else(|| self.common_labels.get(k).map(String::as_str))
+                .filter(|v| !v.trim().is_empty())
+                .map(crate::escape::line)
+        };
+        let (ns, pod) = (get("namespace")?, get("pod")?);
+        Some(match get("container") {
+            Some(c) => format!("pod {ns}/{pod} (container {c})"),
+            None => format!("pod {ns}/{pod}"),
+        })
+    }
+}
+
+/// Labels an alert line shows as its pod ([`AlertMessage::pod_of`]), not
+/// as `key=value`.
+pub const POD_LABELS: [&str; 3] = ["namespace", "pod", "container"];
+
 /// How a person reads a node: `gpu-node-17 (127.0.0.1:18949)`, the name
 /// alone when it is the instance, the instance alone when nothing names it.
 pub fn node_with_instance(node: Option<&str>, instance: Option<&str>) -> Option<String> {

@@ -467,3 +467,173 @@ chat_on_both!(
     kubernetes_cordoned_node_is_quarantined_and_uncordoning_returns_it,
     no_series_changes_nothing,
 );
+
+// The bot names pods: an alert's `namespace`, `pod` and `container` labels
+// are named as "pod <namespace>/<pod>" in its line on every platform, and
+// the report's utilization section names the pod and namespace instead of
+// a uid where the agent's `gpu_workload_*` series carry them.
+
+/// The card the bot posted for its only alert group.
+fn card(b: &Bot) -> gpuops::message::Message {
+    b.slack
+        .calls()
+        .into_iter()
+        .find_map(|c| match c.message {
+            m @ gpuops::message::Message::Alert(_) => Some(m),
+            _ => None,
+        })
+        .expect("an alert card")
+}
+
+#[tokio::test]
+async fn alert_line_names_the_pod_on_every_platform() {
+    let b = Bot::start("", None).await;
+    b.alert(webhook(
+        "GPUMemoryNearlyFull",
+        "gpu-node-17:9949",
+        &[
+            ("gpu", "3"),
+            ("namespace", "training"),
+            ("pod", "llama-ft-7b-0"),
+            ("container", "trainer <!channel> @everyone"),
+        ],
+    ))
+    .await;
+    b.state.outbox.wake();
+    b.wait_for(10, "the alert card", |b| {
+        b.slack
+            .calls()
+            .iter()
+            .any(|c| matches!(c.message, gpuops::message::Message::Alert(_)))
+    })
+    .await;
+    let msg = card(&b);
+    let gpuops::message::Message::Alert(m) = &msg else {
+        unreachable!()
+    };
+    let line = gpuops::notify::alert_line_in(m, &m.alerts[0]);
+    assert_eq!(
+        line,
+        "🔥 gpu-node-17 (gpu-node-17:9949) GPU 3 pod training/llama-ft-7b-0 (container trainer <!channel> @everyone) — GPUMemoryNearlyFull on gpu-node-17"
+    );
+    let slack = serde_json::to_string(&gpuops::notify::slack::render(&msg)).unwrap();
+    assert!(
+        slack.contains("pod training/llama-ft-7b-0 (container trainer &lt;!channel&gt; @everyone)"),
+        "{slack}"
+    );
+    assert!(!slack.contains("<!channel>"), "{slack}");
+    let discord = gpuops::notify::discord::render(&msg);
+    let discord = format!(
+        "{} {}",
+        discord.content,
+        serde_json::to_string(&discord.embed).unwrap()
+    );
+    assert!(discord.contains("pod training/llama-ft-7b-0"), "{discord}");
+    assert!(!discord.contains(" @everyone"), "{discord}");
+    let (mail, _) = gpuops::notify::email::plan(&gpuops::notify::Outgoing {
+        channel: "oncall@example.com",
+        op: gpuops::notify::Op::Post,
+        message: &msg,
+        renotify: None,
+        incident: None,
+    })
+    .expect("a mail");
+    assert!(
+        mail.text
+            .contains("pod training/llama-ft-7b-0 (container trainer <!channel> @everyone)"),
+        "{}",
+        mail.text
+    );
+    assert!(
+        mail.html
+            .contains("pod training/llama-ft-7b-0 (container trainer &lt;!channel&gt; @everyone)"),
+        "{}",
+        mail.html
+    );
+    let ev = gpuops::notify::pagerduty::event(
+        "key",
+        gpuops::notify::pagerduty::Action::Trigger,
+        "dedup",
+        m,
+    );
+    let summary = ev["payload"]["summary"].as_str().unwrap();
+    assert!(
+        summary.ends_with(" · pod training/llama-ft-7b-0 (container trainer <!channel> @everyone)"),
+        "{summary}"
+    );
+    assert_eq!(
+        ev["payload"]["custom_details"]["alerts"][0]["pod"],
+        "pod training/llama-ft-7b-0 (container trainer <!channel> @everyone)"
+    );
+    b.stop();
+}
+
+#[tokio::test]
+async fn report_utilization_names_workloads_by_pod_not_uid() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = gpuops::report::queries::WORKLOADS_TOP.render(86_400);
+    let prom = fake_prometheus(vec![(
+        q,
+        vec![
+            (
+                vec![
+                    ("instance", "10.0.0.1:9949"),
+                    ("workload_type", "kubernetes"),
+                    ("workload", "3f2a1b2c-0000-4000-8000-000000000001"),
+                    ("namespace", "training"),
+                    ("pod", "llama-ft-7b-0"),
+                ],
+                70.0 * 1024.0 * 1024.0 * 1024.0,
+            ),
+            (
+                vec![
+                    ("instance", "10.0.0.1:9949"),
+                    ("workload_type", "kubernetes"),
+                    ("workload", "9d8c7b6a-0000-4000-8000-000000000002"),
+                ],
+                2.0 * 1024.0 * 1024.0 * 1024.0,
+            ),
+            (
+                vec![
+                    ("instance", "10.0.0.1:9949"),
+                    ("workload_type", "slurm"),
+                    ("workload", "4242"),
+                ],
+                10.0 * 1024.0 * 1024.0 * 1024.0,
+            ),
+        ],
+    )])
+    .await;
+    let text = format!(
+        "[store]\npath = \"{}\"\n[slack]\nbot_token = \"xoxb-test\"\napi_url = \"http://127.0.0.1:1/api\"\n[prometheus]\nurl = \"{prom}\"\n[[reports]]\nname = \"daily\"\nschedule = \"0 9 * * *\"\ntimezone = \"UTC\"\nslack_channel = \"C0REPORTS\"\nsections = [\"utilization\"]\n",
+        dir.path().join("bot.db").display()
+    );
+    let cfg = gpuops::config::BotConfig::from_str(&dir.path().join("bot.toml"), &text).unwrap();
+    let names = gpuops::inventory::NodeNames::fixed([("10.0.0.1:9949", "gpu-node-1")]);
+    let built = gpuops::report::build(gpuops::report::Inputs {
+        config: &cfg.reports[0],
+        prometheus_url: &prom,
+        store: None,
+        at: chrono::DateTime::from_timestamp(1_764_316_800, 0).unwrap(),
+        late: false,
+        agent_events: None,
+        names: &names,
+        lifecycle: &cfg.lifecycle,
+    })
+    .await;
+    let md = &built.markdown;
+    let first = md
+        .find("GPU memory held: pod training/llama-ft-7b-0 on **gpu-node-1** (10.0.0.1:9949): [70 GiB](")
+        .unwrap_or_else(|| panic!("{md}"));
+    let slurm = md
+        .find("GPU memory held: Slurm job 4242 on **gpu-node-1**")
+        .unwrap_or_else(|| panic!("{md}"));
+    let uid = md
+        .find("GPU memory held: Kubernetes pod uid 9d8c7b6a-0000-4000-8000-000000000002 on")
+        .unwrap_or_else(|| panic!("{md}"));
+    assert!(first < slurm && slurm < uid, "most memory first: {md}");
+    assert!(
+        !md.contains("3f2a1b2c"),
+        "a named pod is not shown by uid: {md}"
+    );
+}

@@ -1350,3 +1350,19 @@ async fn agent_never_runs_a_scontrol_any_user_could_replace() {
     );
     assert!(!m.contains("gpuops_node_scheduler_state{"), "{m}");
 }
+
+/// Slurm's drain reason is exported as a label of
+/// `gpuops_node_scheduler_info` (outside text: escaped by the exposition
+/// encoder, without Slurm's `[user@time]`, whose time is `since`).
+#[tokio::test]
+async fn agent_exports_the_slurm_drain_reason_as_an_escaped_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "#!/bin/sh\nprintf '%s\\n' 'NodeName=gpu-node-17 State=IDLE+DRAIN Partitions=gpu Reason=XID 79 \"on\" GPU\\3 [root@2026-12-03T10:00:00]'\n";
+    let (_agent, addr) = agent_with_scontrol(dir.path(), script);
+    let m = scrape_until(&addr, "gpuops_node_scheduler_info{").await;
+    assert!(
+        m.lines().any(|l| l
+            == r#"gpuops_node_scheduler_info{scheduler="slurm",reason="XID 79 \"on\" GPU\\3",since="2026-12-03T10:00:00"} 1"#),
+        "{m}"
+    );
+}
