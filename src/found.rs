@@ -121,6 +121,9 @@ pub struct Pass {
     pub errors: Vec<(Scheduler, String)>,
 }
 
+/// One agent's states at 1, and its drain reason.
+type AgentReading = (BTreeSet<&'static str>, Option<String>);
+
 const SLURM_OUT: [&str; 4] = ["drain", "drained", "draining", "down"];
 const SLURM_BACK: [&str; 3] = ["idle", "allocated", "mixed"];
 
@@ -131,8 +134,7 @@ pub async fn read_slurm(prom: &Prometheus, names: &NodeNames, at: f64) -> Result
     let states = prom.instant(SLURM_STATES, at).await?;
     let reasons = prom.instant(SLURM_REASONS, at).await?;
     let key = |s: &Sample| (s.label("instance").to_string(), s.label("job").to_string());
-    let mut on: BTreeMap<(String, String), (BTreeSet<&'static str>, Option<String>)> =
-        BTreeMap::new();
+    let mut on: BTreeMap<(String, String), AgentReading> = BTreeMap::new();
     for s in &states {
         let e = on.entry(key(s)).or_default();
         let state = s.label("state");

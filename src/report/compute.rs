@@ -765,14 +765,14 @@ fn utilization(a: &Answers, f: &mut Figures) -> Section {
 }
 
 /// A workload as a person reads it: `pod <namespace>/<pod>` where the
-/// agent names the pod (`gpu_workload_*`'s `namespace` and `pod` labels),
+/// agent names the pod (`gpu_workload_*`'s `namespace` and `pod` labels,
+/// `exported_*` behind prometheus-operator: `message::pod_labels`),
 /// else by its kind and id (`Slurm job 4242`, `Kubernetes pod uid 3f2a…`).
 /// Outside text: a value the renderers escape.
 pub fn workload_name(r: &Sample) -> String {
-    let get = |k: &str| r.labels.get(k).filter(|v| !v.trim().is_empty());
-    match (get("namespace"), get("pod")) {
-        (Some(ns), Some(pod)) => format!("pod {ns}/{pod}"),
-        _ => {
+    match crate::message::pod_labels(|k| r.labels.get(k).map(String::as_str)) {
+        Some((ns, pod, _)) => format!("pod {ns}/{pod}"),
+        None => {
             let id = r.label("workload");
             match r.label("workload_type") {
                 "kubernetes" => format!("Kubernetes pod uid {id}"),

@@ -158,7 +158,7 @@ query!(
 query!(
     WORKLOADS_TOP,
     "workloads holding the most GPU memory, averaged over the period (bytes), top 5; Kubernetes pods by namespace and pod where the agent names them",
-    r#"topk(5, sum by (instance, workload_type, workload, namespace, pod) (avg_over_time(gpu_workload_memory_used_bytes[$RANGE])) > 0)"#
+    r#"topk(5, sum by (instance, workload_type, workload, namespace, pod, exported_namespace, exported_pod, endpoint) (avg_over_time(gpu_workload_memory_used_bytes[$RANGE])) > 0)"#
 );
 
 // Host.

@@ -601,6 +601,32 @@ async fn report_utilization_names_workloads_by_pod_not_uid() {
                 ],
                 10.0 * 1024.0 * 1024.0 * 1024.0,
             ),
+            // Behind prometheus-operator: `namespace`/`pod` name the
+            // agent's own pod; the workload's are `exported_*`.
+            (
+                vec![
+                    ("instance", "10.0.0.1:9949"),
+                    ("workload_type", "kubernetes"),
+                    ("workload", "uid-3"),
+                    ("endpoint", "metrics"),
+                    ("namespace", "gpuops"),
+                    ("pod", "gpuops-agent-x7k2p"),
+                    ("exported_namespace", "inference"),
+                    ("exported_pod", "vllm-0"),
+                ],
+                5.0 * 1024.0 * 1024.0 * 1024.0,
+            ),
+            (
+                vec![
+                    ("instance", "10.0.0.1:9949"),
+                    ("workload_type", "kubernetes"),
+                    ("workload", "uid-4"),
+                    ("endpoint", "metrics"),
+                    ("namespace", "gpuops"),
+                    ("pod", "gpuops-agent-x7k2p"),
+                ],
+                3.0 * 1024.0 * 1024.0 * 1024.0,
+            ),
         ],
     )])
     .await;
@@ -636,4 +662,47 @@ async fn report_utilization_names_workloads_by_pod_not_uid() {
         !md.contains("3f2a1b2c"),
         "a named pod is not shown by uid: {md}"
     );
+}
+
+/// Behind prometheus-operator the agent's `namespace`/`pod` labels arrive
+/// as `exported_*` and the plain ones name the agent's own pod: the line
+/// names the workload's pod, never the agent's.
+#[tokio::test]
+async fn alert_line_names_the_workload_pod_not_the_agents_own_behind_prometheus_operator() {
+    let b = Bot::start("", None).await;
+    b.alert(webhook(
+        "GPUMemoryNearlyFull",
+        "10.0.0.17:9949",
+        &[
+            ("gpu", "3"),
+            ("node", "gpu-node-17"),
+            ("endpoint", "metrics"),
+            ("namespace", "gpuops"),
+            ("pod", "gpuops-agent-x7k2p"),
+            ("exported_namespace", "training"),
+            ("exported_pod", "llama-ft-7b-0"),
+        ],
+    ))
+    .await;
+    b.state.outbox.wake();
+    b.wait_for(10, "the alert card", |b| {
+        b.slack
+            .calls()
+            .iter()
+            .any(|c| matches!(c.message, gpuops::message::Message::Alert(_)))
+    })
+    .await;
+    let msg = card(&b);
+    let gpuops::message::Message::Alert(m) = &msg else {
+        unreachable!()
+    };
+    let line = gpuops::notify::alert_line_in(m, &m.alerts[0]);
+    assert!(line.contains(" pod training/llama-ft-7b-0"), "{line}");
+    assert!(!line.contains("gpuops-agent"), "{line}");
+    // The agent's own pod alone is no workload's.
+    let mut plain = m.clone();
+    plain.common_labels.remove("exported_namespace");
+    plain.common_labels.remove("exported_pod");
+    assert_eq!(plain.pod_of(&plain.alerts[0]), None);
+    b.stop();
 }
