@@ -1366,3 +1366,38 @@ async fn agent_exports_the_slurm_drain_reason_as_an_escaped_label() {
         "{m}"
     );
 }
+
+/// `[lifecycle] found`, `found_interval`, `found_hold`: defaults, values,
+/// and bad values reported.
+#[test]
+fn lifecycle_found_keys_are_read_and_validated() {
+    use gpuops::config::BotConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bot.toml");
+    let d = BotConfig::from_str(&path, "").unwrap().lifecycle;
+    assert!(d.found);
+    assert_eq!(d.found_interval, std::time::Duration::from_secs(300));
+    assert_eq!(d.found_hold, std::time::Duration::from_secs(1800));
+    let c = BotConfig::from_str(
+        &path,
+        "[lifecycle]\nfound = false\nfound_interval = \"2m\"\nfound_hold = \"1h\"\n",
+    )
+    .unwrap()
+    .lifecycle;
+    assert!(!c.found);
+    assert_eq!(c.found_interval, std::time::Duration::from_secs(120));
+    assert_eq!(c.found_hold, std::time::Duration::from_secs(3600));
+    let e = BotConfig::from_str(
+        &path,
+        "[lifecycle]\nfound = \"yes\"\nfound_interval = \"soon\"\nfound_hold = \"0s\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for want in [
+        "found:",
+        "found_interval: \"soon\" is not a duration",
+        "found_hold: \"0s\" must be above zero",
+    ] {
+        assert!(e.contains(want), "{want} in {e}");
+    }
+}
