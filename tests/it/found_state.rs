@@ -706,3 +706,126 @@ async fn alert_line_names_the_workload_pod_not_the_agents_own_behind_prometheus_
     assert_eq!(plain.pod_of(&plain.alerts[0]), None);
     b.stop();
 }
+
+/// The Slurm and Kubernetes queries against a real Prometheus (a
+/// backfilled TSDB): only fresh series count (a series that stopped 10
+/// minutes ago is not a reading), and only from agents whose last
+/// `scontrol` reading succeeded (`gpuops_collector_success` 1).
+#[tokio::test]
+#[ignore = "needs prometheus: run by .ci/run"]
+async fn found_reads_only_fresh_series_from_agents_whose_reading_succeeded() {
+    use crate::report_support::{backfill_and_start, History, AT};
+    use gpuops::found::{read_kubernetes, read_slurm, Seen};
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = History::default();
+    // (instance, states at 1, collector success, last sample's age in s)
+    let agents: [(&str, &[&str], f64, i64); 4] = [
+        ("10.0.0.1:9949", &["drain", "drained", "idle"], 1.0, 0),
+        ("10.0.0.2:9949", &["drain", "drained", "idle"], 0.0, 0),
+        ("10.0.0.3:9949", &["drain", "drained", "idle"], 1.0, 600),
+        ("10.0.0.4:9949", &["idle"], 1.0, 0),
+    ];
+    for (instance, on, ok, age) in agents {
+        let mut t = AT - 3600;
+        while t <= AT - age {
+            for s in [
+                "drain",
+                "drained",
+                "draining",
+                "down",
+                "idle",
+                "allocated",
+                "mixed",
+            ] {
+                h.push(
+                    "gpuops_node_scheduler_state",
+                    &[
+                        ("instance", instance),
+                        ("job", "gpuops"),
+                        ("scheduler", "slurm"),
+                        ("state", s),
+                    ],
+                    t,
+                    if on.contains(&s) { 1.0 } else { 0.0 },
+                );
+            }
+            if on.contains(&"drain") {
+                h.push(
+                    "gpuops_node_scheduler_info",
+                    &[
+                        ("instance", instance),
+                        ("job", "gpuops"),
+                        ("reason", "XID 79"),
+                        ("scheduler", "slurm"),
+                        ("since", "2026-12-03T10:00:00"),
+                    ],
+                    t,
+                    1.0,
+                );
+            }
+            t += 60;
+        }
+        let mut t = AT - 3600;
+        while t <= AT {
+            h.push(
+                "gpuops_collector_success",
+                &[
+                    ("collector", "node_state"),
+                    ("instance", instance),
+                    ("job", "gpuops"),
+                ],
+                t,
+                ok,
+            );
+            t += 60;
+        }
+    }
+    let mut t = AT - 3600;
+    while t <= AT {
+        h.push(
+            "kube_node_spec_unschedulable",
+            &[
+                ("instance", "ksm:8080"),
+                ("job", "kube-state-metrics"),
+                ("node", "gpu-node-5.cluster.local"),
+            ],
+            t,
+            1.0,
+        );
+        t += 60;
+    }
+    let file = dir.path().join("history.om");
+    let mut f = std::fs::File::create(&file).unwrap();
+    h.write_openmetrics(&mut f).unwrap();
+    drop(f);
+    let p = backfill_and_start(&file, dir.path());
+    let prom = client(&p.url);
+    let names = gpuops::inventory::NodeNames::fixed(
+        (1..=4).map(|i| (format!("10.0.0.{i}:9949"), format!("gpu-node-{i}"))),
+    );
+    let view = read_slurm(&prom, &names, (AT + 30) as f64).await.unwrap();
+    assert_eq!(
+        view.into_iter().collect::<Vec<_>>(),
+        vec![
+            (
+                "gpu-node-1".to_string(),
+                Seen::Out {
+                    what: "drained",
+                    reason: Some("XID 79".into())
+                }
+            ),
+            ("gpu-node-4".to_string(), Seen::Back { what: "idle" }),
+        ]
+    );
+    let known = ["gpu-node-5".to_string()].into_iter().collect();
+    let kube = read_kubernetes(&prom, &known, (AT + 30) as f64)
+        .await
+        .unwrap();
+    assert_eq!(
+        kube.get("gpu-node-5"),
+        Some(&Seen::Out {
+            what: "cordoned",
+            reason: None
+        })
+    );
+}
