@@ -291,6 +291,46 @@ async fn verify_failure_leaves_the_node_awaiting_repair() {
     b.stop();
 }
 
+/// A run on an alert about a pod says which pod in its thread's start
+/// line (the run's context), the pod's names as data.
+async fn run_context_names_the_pod() {
+    let (b, _) = bot().await;
+    let g = b
+        .alert(webhook(
+            "GPUXIDFellOffBus",
+            "gpu-node-17:9949",
+            &[
+                ("xid", "79"),
+                ("gpu", "3"),
+                ("namespace", "training"),
+                ("pod", "llama-ft-7b-0\n<!channel>"),
+            ],
+        ))
+        .await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run life:drain-slurm alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    b.wait_for(10, "the run's thread line", |b| {
+        b.slack
+            .replies()
+            .iter()
+            .any(|r| r.starts_with("▶ ") && r.contains("started run"))
+    })
+    .await;
+    let start = b
+        .slack
+        .replies()
+        .into_iter()
+        .find(|r| r.starts_with("▶ ") && r.contains("started run"))
+        .unwrap();
+    assert!(
+        start.contains("on node gpu-node-17, pod training/llama-ft-7b-0 <!channel> (1 step)"),
+        "{start}"
+    );
+    b.stop();
+}
+
 /// Puts `name` out of service `hours` ago with `gpus` GPUs.
 async fn out(b: &Bot, name: &str, state: NodeState, hours: i64, gpus: i64, reason: &str) {
     let a = b
@@ -917,6 +957,7 @@ chat_on_both!(
     nodes_command_lists_out_of_service_nodes_sorted_by_gpu_hours_lost,
     node_command_needs_operator_role,
     metrics_export_nodes_per_state_and_each_node_out_of_service,
+    run_context_names_the_pod,
 );
 
 /// `gpuops nodes` reads the same store (SQLite only: the CLI opens the file).
