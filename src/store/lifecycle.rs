@@ -619,11 +619,51 @@ mod tests {
 
     on_both! {
         transitions_are_decided_against_the_stored_state;
+        a_change_from_an_outside_view_is_said_once_and_never_over_a_change_made_meanwhile;
         a_reminder_is_claimed_once_a_day_and_reset_by_a_change;
         leaving_again_with_the_same_fault_within_the_window_is_a_repeat;
     }
 
     const H: f64 = 3600.0;
+
+    /// A found-drained quarantine (`src/found.rs`): applied only over the
+    /// row it was decided from, its line enqueued with it, once.
+    async fn a_change_from_an_outside_view_is_said_once_and_never_over_a_change_made_meanwhile(
+        s: crate::store::Store,
+    ) {
+        let found = |at: f64, read: f64| {
+            let mut q = t(NodeState::Quarantined, at);
+            q.from = vec![NodeState::InService];
+            q.expect_updated_at = Some(read);
+            q
+        };
+        let say = |q: Transition| {
+            let s = s.clone();
+            async move {
+                s.node_transition_announced(q, "{}".into(), vec!["slack:C0REPORTS".into()])
+                    .await
+                    .unwrap()
+            }
+        };
+        // Untracked when read (0.0): applied, and said.
+        assert!(say(found(100.0, 0.0)).await.changed);
+        assert_eq!(s.pending().await.unwrap(), 1);
+        // The same change again (another replica): nothing, nothing said.
+        assert!(!say(found(101.0, 0.0)).await.changed);
+        assert_eq!(s.pending().await.unwrap(), 1);
+        // A person returns it after the pass read the row: the pass's
+        // change, decided from the old row, is not applied over it.
+        s.node_transition(t(NodeState::InService, 200.0))
+            .await
+            .unwrap();
+        let stale = say(found(300.0, 100.0)).await;
+        assert!(!stale.changed);
+        assert_eq!(stale.row.unwrap().state, NodeState::InService);
+        assert_eq!(s.pending().await.unwrap(), 1);
+        // Decided from the row as it is now: applied.
+        assert!(say(found(400.0, 200.0)).await.changed);
+        assert_eq!(s.pending().await.unwrap(), 2);
+    }
 
     async fn a_reminder_is_claimed_once_a_day_and_reset_by_a_change(s: crate::store::Store) {
         s.node_transition(t(NodeState::Quarantined, 0.0))
@@ -805,6 +845,30 @@ mod tests {
             );
             assert!(ra.unwrap() != rb.unwrap(), "exactly one claims it");
         }
+    }
+
+    /// Two replicas find the same node drained at once, many times: each
+    /// node is quarantined once and said once.
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL: run by .ci/run"]
+    async fn concurrent_found_changes_apply_and_are_said_once() {
+        let url = crate::store::pg::test_url().await.unwrap();
+        let a = crate::store::pg::open_url(&url).await.unwrap();
+        let b = crate::store::pg::open_url(&url).await.unwrap();
+        for i in 0..20 {
+            let mut q = t(NodeState::Quarantined, 100.0);
+            q.node = format!("gpu-node-{i}");
+            q.from = vec![NodeState::InService];
+            q.expect_updated_at = Some(0.0);
+            let go = |s: crate::store::Store, q: Transition| async move {
+                s.node_transition_announced(q, "{}".into(), vec!["slack:C0REPORTS".into()])
+                    .await
+                    .unwrap()
+            };
+            let (ra, rb) = tokio::join!(go(a.clone(), q.clone()), go(b.clone(), q));
+            assert!(ra.changed != rb.changed, "exactly one applies it");
+        }
+        assert_eq!(a.pending().await.unwrap(), 20);
     }
 
     /// Two replicas apply the same step outcome at once, many times: each
