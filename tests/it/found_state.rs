@@ -829,3 +829,69 @@ async fn found_reads_only_fresh_series_from_agents_whose_reading_succeeded() {
         })
     );
 }
+
+/// The real bot binary finds a node Slurm has drained on its own (its
+/// lifecycle task's first pass runs at start) and says it once in the
+/// report channel through Slack's API.
+#[tokio::test]
+async fn the_bot_finds_a_drained_node_on_its_own_and_says_it_in_the_report_channel() {
+    use crate::support::{bot_config, free_port, gpuops, wait_http_ok, FakeApi};
+    let dir = tempfile::tempdir().unwrap();
+    let slack = FakeApi::slack().await;
+    let discord = FakeApi::discord().await;
+    let prom = fake_prometheus(slurm(&["drain", "drained", "idle"], Some("XID 79"))).await;
+    let extra = format!("[prometheus]\nurl = \"{prom}\"\n{REPORTS}");
+    let cfg = dir.path().join("bot.toml");
+    std::fs::write(&cfg, bot_config(dir.path(), &slack, &discord, &extra)).unwrap();
+    std::fs::set_permissions(
+        &cfg,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
+    let port = free_port();
+    let _bot = crate::support::Proc(
+        std::process::Command::new(gpuops())
+            .arg("bot")
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--config"])
+            .arg(&cfg)
+            .current_dir(dir.path())
+            .env_remove("GPUOPS_BOT_CONFIG")
+            .env_remove("STATE_DIRECTORY")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_http_ok(
+        &format!("http://127.0.0.1:{port}/healthz"),
+        std::time::Duration::from_secs(20),
+    )
+    .await;
+    let posts = slack.wait_for(1, std::time::Duration::from_secs(20)).await;
+    let post = posts
+        .iter()
+        .find(|r| r.path.ends_with("chat.postMessage"))
+        .unwrap_or_else(|| panic!("{posts:#?}"));
+    assert_eq!(post.body["channel"], "C0REPORTS", "{:#?}", post.body);
+    assert!(
+        post.raw
+            .contains("gpu-node-17 found drained in Slurm (XID 79): now quarantined"),
+        "{}",
+        post.raw
+    );
+    // Its /metrics count the read, and the node is out.
+    let m = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("gpuops_node_found_checks_total{outcome=\"ok\",scheduler=\"slurm\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("gpuops_nodes{state=\"quarantined\"} 1"), "{m}");
+    slack
+        .expect_no_more(1, std::time::Duration::from_millis(500))
+        .await;
+}
