@@ -443,7 +443,8 @@ async fn release(
     Ok(a.changed)
 }
 
-/// The bot's lifecycle task: every `lifecycle::REMIND_POLL`, a found pass
+/// The bot's lifecycle task: every `lifecycle::REMIND_POLL` (or half
+/// `remind_after` when shorter, at least every second), a found pass
 /// when `[lifecycle] found_interval` has passed (with `[prometheus] url`
 /// and `found` on), then the reminders with what the schedulers show
 /// (`lifecycle::remind_due_noted`). Notes older than two intervals are
@@ -464,7 +465,11 @@ pub fn spawn(state: Arc<BotState>, mut stop: tokio::sync::watch::Receiver<bool>)
             }
         });
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(crate::lifecycle::REMIND_POLL);
+        // As `lifecycle::spawn_reminders`: every REMIND_POLL, or every half
+        // `remind_after` when that is shorter (at least every second).
+        let poll =
+            (cfg.remind_after / 2).clamp(Duration::from_secs(1), crate::lifecycle::REMIND_POLL);
+        let mut tick = tokio::time::interval(poll);
         let mut last: Option<Instant> = None;
         let mut notes: (Option<Instant>, BTreeMap<String, String>) = (None, BTreeMap::new());
         loop {
