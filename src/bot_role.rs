@@ -300,7 +300,8 @@ pub async fn serve(cfg: Arc<BotConfig>) -> anyhow::Result<()> {
     spawn_pruner(state.clone(), stop_rx.clone());
     crate::paging::spawn(state.clone(), stop_rx.clone());
     crate::report::schedule::spawn(state.clone(), stop_rx.clone());
-    crate::lifecycle::spawn_reminders(state.clone(), stop_rx.clone());
+    // Reminders, and the nodes found out by their scheduler.
+    crate::found::spawn(state.clone(), stop_rx.clone());
 
     if cfg.source.is_none() {
         tracing::info!(

@@ -28,6 +28,8 @@ pub mod escape;
 pub mod events;
 pub mod exec_auth;
 pub mod exporter;
+#[cfg(feature = "bot")]
+pub mod found;
 pub mod gpu;
 pub mod host;
 #[cfg(feature = "bot")]

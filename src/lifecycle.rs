@@ -102,6 +102,7 @@ pub async fn on_step(
         gpus: i64::from(cfg.gpus_per_node),
         group_id: ctx.group,
         repeat_window_secs: cfg.repeat_window.as_secs_f64(),
+        expect_updated_at: None,
     };
     match store.node_transition(t).await {
         Ok(a) => Some(a),
@@ -192,6 +193,35 @@ pub fn reminder_text(r: &NodeRecord, now: f64) -> String {
     )
 }
 
+/// The reminder for a node out of service that its scheduler shows back
+/// (`note`: "Slurm shows it idle", from `src/found.rs`, gpuops' own words):
+/// gpuops does not return a node it took out itself, or that awaits a
+/// repair, on the scheduler's word; a person says whether it is repaired.
+pub fn reminder_text_noted(r: &NodeRecord, now: f64, note: &str) -> String {
+    let node = crate::escape::line(&r.node);
+    let hint = format!(
+        " {note}, gpuops still tracks it {}: `/gpuops node {node} return` if {}.",
+        r.state.words(),
+        if r.state == NodeState::AwaitingRepair {
+            "repaired"
+        } else {
+            "it is back"
+        }
+    );
+    if r.state == NodeState::AwaitingRepair {
+        format!(
+            "⏰ {node} has been awaiting repair for {} ({}; last: {} by {}); {:.1} GPU-hours lost so far.{hint}",
+            ago(now - r.since),
+            crate::escape::line(&r.reason),
+            r.step.as_deref().map(crate::escape::line).unwrap_or_else(|| "?".into()),
+            r.by.as_deref().map(crate::escape::line).unwrap_or_else(|| "?".into()),
+            gpu_hours_lost(r, now),
+        )
+    } else {
+        format!("{}{hint}", reminder_text(r, now))
+    }
+}
+
 /// Where reminders go besides the incident thread: the Slack and Discord
 /// channels of every `[[reports]]` entry (destination keys, once each).
 pub fn report_channels(cfg: &crate::config::bot::BotConfig) -> Vec<String> {
@@ -225,33 +255,49 @@ pub async fn remind_due(
     channels: &[String],
     now: f64,
 ) -> crate::store::Result<usize> {
+    remind_due_noted(store, cfg, channels, now, &BTreeMap::new()).await
+}
+
+/// [`remind_due`] with what the nodes' schedulers show (`notes`: node →
+/// "Slurm shows it idle", for nodes out of service that a scheduler shows
+/// back; `src/found.rs`): such a node's reminder says so, and a node
+/// awaiting repair gets one too (after `remind_after`, at most daily).
+pub async fn remind_due_noted(
+    store: &Store,
+    cfg: &LifecycleConfig,
+    channels: &[String],
+    now: f64,
+    notes: &BTreeMap<String, String>,
+) -> crate::store::Result<usize> {
     let min_age = cfg.remind_after.as_secs_f64();
     let gap = REMIND_EVERY.as_secs_f64();
     let mut sent = 0;
     for r in store.node_states().await? {
-        let due = matches!(r.state, NodeState::Quarantined | NodeState::Verifying)
+        let note = notes.get(&r.node);
+        let due = (matches!(r.state, NodeState::Quarantined | NodeState::Verifying)
+            || (note.is_some() && r.state == NodeState::AwaitingRepair))
             && now - r.since >= min_age
             && r.reminded_at.is_none_or(|t| now - t >= gap);
         if !due {
             continue;
         }
-        let msg = crate::message::Message::Text(crate::message::TextMessage::new(
-            reminder_text(&r, now),
-            None,
-        ));
+        let text = match note {
+            Some(n) => reminder_text_noted(&r, now, n),
+            None => reminder_text(&r, now),
+        };
+        let msg = crate::message::Message::Text(crate::message::TextMessage::new(text, None));
         let body = serde_json::to_string(&msg).unwrap_or_default();
-        if store
-            .claim_node_reminder(
-                r.node.clone(),
-                r.since,
-                now,
-                min_age,
-                gap,
-                body,
-                channels.to_vec(),
-            )
-            .await?
-        {
+        let (node, ch) = (r.node.clone(), channels.to_vec());
+        let claimed = if r.state == NodeState::AwaitingRepair {
+            store
+                .claim_node_notice(node, r.since, now, min_age, gap, body, ch)
+                .await?
+        } else {
+            store
+                .claim_node_reminder(node, r.since, now, min_age, gap, body, ch)
+                .await?
+        };
+        if claimed {
             sent += 1;
         }
     }

@@ -214,6 +214,61 @@ impl AlertLine {
     }
 }
 
+impl AlertMessage {
+    /// The pod an alert is about, as a person reads it: `pod
+    /// training/llama-ft-7b-0 (container trainer)`, from its `namespace`,
+    /// `pod` and `container` labels (the line's own, else the group's
+    /// shared ones); `None` without both a namespace and a pod. Each value
+    /// is outside text, flattened to one line ([`crate::escape::line`]);
+    /// the renderers escape the whole line for their format.
+    pub fn pod_of(&self, a: &AlertLine) -> Option<String> {
+        let get = |k: &str| {
+            a.labels
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+                .or_else(|| self.common_labels.get(k).map(String::as_str))
+        };
+        let (ns, pod, container) = pod_labels(get)?;
+        let (ns, pod) = (crate::escape::line(ns), crate::escape::line(pod));
+        Some(match container {
+            Some(c) => format!("pod {ns}/{pod} (container {})", crate::escape::line(c)),
+            None => format!("pod {ns}/{pod}"),
+        })
+    }
+}
+
+/// The workload pod a series or alert names, `(namespace, pod, container)`:
+/// `exported_namespace`/`exported_pod`/`exported_container` where
+/// Prometheus renamed the agent's labels (prometheus-operator's target
+/// labels `namespace`, `pod`, `container` win: docs/kubernetes.md), else
+/// `namespace`/`pod`/`container` unless the series came through
+/// prometheus-operator (an `endpoint` label: then those name the agent's
+/// own pod, not a workload). `None` without both a namespace and a pod.
+pub fn pod_labels<'a>(
+    get: impl Fn(&str) -> Option<&'a str>,
+) -> Option<(&'a str, &'a str, Option<&'a str>)> {
+    let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+    if let (Some(ns), Some(pod)) = (get("exported_namespace"), get("exported_pod")) {
+        return Some((ns, pod, get("exported_container")));
+    }
+    if get("endpoint").is_some() {
+        return None;
+    }
+    Some((get("namespace")?, get("pod")?, get("container")))
+}
+
+/// Labels an alert line shows as its pod ([`AlertMessage::pod_of`]), not
+/// as `key=value`.
+pub const POD_LABELS: [&str; 6] = [
+    "namespace",
+    "pod",
+    "container",
+    "exported_namespace",
+    "exported_pod",
+    "exported_container",
+];
+
 /// How a person reads a node: `gpu-node-17 (127.0.0.1:18949)`, the name
 /// alone when it is the instance, the instance alone when nothing names it.
 pub fn node_with_instance(node: Option<&str>, instance: Option<&str>) -> Option<String> {

@@ -51,6 +51,10 @@ pub struct BotMetrics {
     /// `gpuops_node_out_of_service_seconds{node,state}`: each node out of
     /// service, seconds since its stretch began.
     pub node_out_of_service: prometheus::GaugeVec,
+    /// `gpuops_node_found_checks_total{scheduler,outcome}`: reads of the
+    /// schedulers' view of the nodes from Prometheus (`src/found.rs`), by
+    /// scheduler (`slurm`, `kubernetes`) and outcome (`ok`, `error`).
+    pub found_checks: prometheus::IntCounterVec,
 }
 
 impl BotMetrics {
@@ -138,6 +142,19 @@ impl BotMetrics {
             &["node", "state"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let found_checks = IntCounterVec::new(
+            Opts::new(
+                "gpuops_node_found_checks_total",
+                "Reads from Prometheus of which nodes Slurm has drained or down and Kubernetes has cordoned, by scheduler (slurm, kubernetes) and outcome (ok, error: nothing was changed).",
+            ),
+            &["scheduler", "outcome"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        for s in ["slurm", "kubernetes"] {
+            for o in ["ok", "error"] {
+                found_checks.with_label_values(&[s, o]);
+            }
+        }
         for c in [
             Box::new(alerts_received.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(notifications.clone()),
@@ -149,6 +166,7 @@ impl BotMetrics {
             Box::new(pagerduty_webhooks_ignored.clone()),
             Box::new(nodes.clone()),
             Box::new(node_out_of_service.clone()),
+            Box::new(found_checks.clone()),
         ] {
             let _ = registry.register(c);
         }
@@ -164,6 +182,7 @@ impl BotMetrics {
             pagerduty_webhooks_ignored,
             nodes,
             node_out_of_service,
+            found_checks,
         }
     }
 

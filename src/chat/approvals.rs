@@ -337,7 +337,7 @@ pub async fn start_run(
             chat,
             g,
             format!(
-                "▶ {} started run `{id}` of runbook `{}` ({}) on node {} ({} step{}){gpu_note}",
+                "▶ {} started run `{id}` of runbook `{}` ({}) on node {}{} ({} step{}){gpu_note}",
                 user.display(),
                 rb.id,
                 rb.title,
@@ -346,6 +346,14 @@ pub async fn start_run(
                     .or_else(|| labels.get("node").map(String::as_str))
                     .or_else(|| labels.get("instance").map(String::as_str))
                     .unwrap_or("(none)"),
+                // The pod the alert is about (outside text, one line).
+                crate::message::pod_labels(|k| labels.get(k).map(String::as_str))
+                    .map(|(ns, pod, _)| format!(
+                        ", pod {}/{}",
+                        crate::escape::line(ns),
+                        crate::escape::line(pod)
+                    ))
+                    .unwrap_or_default(),
                 selected.len(),
                 if selected.len() == 1 { "" } else { "s" }
             ) + &repeat,

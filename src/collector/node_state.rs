@@ -10,8 +10,12 @@
 //! deadline) and stores each reading in [`Latest`]; a scrape reads only
 //! that. No reading yet, a failed one, or one older than [`STALE_AFTER`]
 //! fails the collector (`gpuops_collector_success{collector="node_state"}`
-//! 0) and exports no state: never a guess. Kubernetes (the node's
-//! `spec.unschedulable`) is not read yet.
+//! 0) and exports no state: never a guess. Slurm's drain reason is
+//! exported as `gpuops_node_scheduler_info{scheduler="slurm",reason,since}`
+//! 1 (outside text: a label value only, escaped by the exposition encoder,
+//! cut to [`MAX_REASON_CHARS`]); the bot reads both (`src/found.rs`).
+//! Kubernetes' cordon state is not read here (the agent holds no cluster
+//! credentials): the bot reads kube-state-metrics from Prometheus.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -38,6 +42,9 @@ pub const STATES: [&str; 7] = [
     "mixed",
 ];
 
+/// The longest drain reason exported (a label value: cut with `…`).
+pub const MAX_REASON_CHARS: usize = 200;
+
 /// Slurm's state of this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlurmNode {
@@ -47,6 +54,40 @@ pub struct SlurmNode {
     pub states: Vec<&'static str>,
     /// `Reason=` (why it was drained or set down), if any.
     pub reason: Option<String>,
+}
+
+impl SlurmNode {
+    /// The drain reason as exported: `Reason=` without Slurm's trailing
+    /// `[user@time]`, every control character a space, at most
+    /// [`MAX_REASON_CHARS`]; and the time from that suffix (as Slurm
+    /// prints it, the controller's local time), or empty.
+    pub fn reason_and_since(&self) -> Option<(String, String)> {
+        let raw = self.reason.as_deref()?;
+        let (text, since) = match raw
+            .trim_end()
+            .strip_suffix(']')
+            .and_then(|r| r.rsplit_once('['))
+        {
+            Some((text, who_when)) => match who_when.rsplit_once('@') {
+                Some((_, when)) if when.len() <= 40 => (text.trim_end(), when.to_string()),
+                _ => (raw, String::new()),
+            },
+            None => (raw, String::new()),
+        };
+        let mut out: String = text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        if out.chars().count() > MAX_REASON_CHARS {
+            out = out.chars().take(MAX_REASON_CHARS - 1).collect();
+            out.push('…');
+        }
+        let since = since
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | ':' | 'T' | '.' | '+'))
+            .collect();
+        Some((out, since))
+    }
 }
 
 /// Parses one node of `scontrol show node <node> --oneliner`.
@@ -163,6 +204,14 @@ impl Collector for NodeStateCollector {
                 if node.states.contains(&s) { 1.0 } else { 0.0 },
             );
         }
+        if let Some((reason, since)) = node.reason_and_since() {
+            sink.gauge(
+                "gpuops_node_scheduler_info",
+                "Why the scheduler has this node out (1 while a reason is set): Slurm's Reason= of `scontrol show node <node> --oneliner` without its [user@time] suffix (reason, at most 200 characters) and that suffix's time (since, the controller's local time as printed).",
+                &[("scheduler", "slurm"), ("reason", &reason), ("since", &since)],
+                1.0,
+            );
+        }
         Ok(())
     }
 
@@ -209,6 +258,25 @@ mod tests {
             None,
         );
         assert!(parse_scontrol("Node gpu-node-99 not found").is_err());
+    }
+
+    #[test]
+    fn slurm_drain_reason_is_split_from_its_user_and_time_and_bounded() {
+        let n = parse_scontrol(
+            "NodeName=gpu-node-17 State=IDLE+DRAIN Reason=XID 79 on GPU 3 [root@2026-12-03T10:00:00]",
+        )
+        .unwrap();
+        assert_eq!(
+            n.reason_and_since(),
+            Some(("XID 79 on GPU 3".into(), "2026-12-03T10:00:00".into()))
+        );
+        let long = format!("NodeName=n State=DRAIN Reason={}\u{7}\"x", "a".repeat(500));
+        let (r, since) = parse_scontrol(&long).unwrap().reason_and_since().unwrap();
+        assert_eq!(r.chars().count(), MAX_REASON_CHARS);
+        assert!(r.ends_with('…'), "{r}");
+        assert_eq!(since, "");
+        let n = parse_scontrol("NodeName=n State=IDLE Reason=(null)").unwrap();
+        assert_eq!(n.reason_and_since(), None);
         assert!(parse_scontrol("NodeName=gpu-node-17 Arch=x86_64").is_err());
     }
 }

@@ -67,6 +67,15 @@ pub struct LifecycleConfig {
     pub repeat_window: Duration,
     /// `availability_objective` (0.98): GPU-hours in service over owned.
     pub availability_objective: f64,
+    /// `found` (true): read from Prometheus which nodes Slurm has drained
+    /// or down and Kubernetes has cordoned, and track them (`src/found.rs`;
+    /// needs `[prometheus] url`).
+    pub found: bool,
+    /// `found_interval` ("5m"): how often the schedulers' view is read.
+    pub found_interval: Duration,
+    /// `found_hold` ("30m"): a node whose state changed this recently (a
+    /// person, a runbook) is left alone by the schedulers' view.
+    pub found_hold: Duration,
 }
 
 impl Default for LifecycleConfig {
@@ -76,6 +85,9 @@ impl Default for LifecycleConfig {
             remind_after: Duration::from_secs(12 * 3600),
             repeat_window: Duration::from_secs(7 * 86_400),
             availability_objective: 0.98,
+            found: true,
+            found_interval: Duration::from_secs(300),
+            found_hold: Duration::from_secs(1800),
         }
     }
 }
@@ -836,6 +848,15 @@ impl BotConfig {
             }
             if let Some(v) = r.get_with(&mut s, "repeat_window", days) {
                 c.lifecycle.repeat_window = v;
+            }
+            if let Some(v) = r.get::<bool>(&mut s, "found") {
+                c.lifecycle.found = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "found_interval", days) {
+                c.lifecycle.found_interval = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "found_hold", days) {
+                c.lifecycle.found_hold = v;
             }
             if let Some(v) = r.get_with(&mut s, "availability_objective", |x: f64| {
                 if x > 0.0 && x < 1.0 {

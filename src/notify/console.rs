@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures_util::future::BoxFuture;
 
 use crate::notify::{
-    alert_line_text, headline, tier_text, Delivery, Error, Message, Notifier, Op, Outgoing,
+    alert_line_in, headline, tier_text, Delivery, Error, Message, Notifier, Op, Outgoing,
     PlatformRef,
 };
 
@@ -42,8 +42,12 @@ impl Notifier for ConsoleNotifier {
             };
             match out.message {
                 Message::Alert(m) => {
-                    let alerts: Vec<String> =
-                        m.alerts.iter().take(20).map(alert_line_text).collect();
+                    let alerts: Vec<String> = m
+                        .alerts
+                        .iter()
+                        .take(20)
+                        .map(|a| alert_line_in(m, a))
+                        .collect();
                     tracing::info!(
                         target: "gpuops::alert",
                         op,

@@ -24,8 +24,8 @@ use serenity::http::{Http, HttpBuilder, HttpError, LightMethod, Request, Route};
 
 use crate::config::bot::DiscordConfig;
 use crate::notify::{
-    alert_line_text, fit_alert_lines, headline, status_text, tier_text, truncate_chars,
-    AlertMessage, Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
+    alert_line_in, fit_alert_lines, headline, status_text, tier_text, truncate_chars, AlertMessage,
+    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
 };
 
 pub const MAX_CONTENT: usize = 2000;
@@ -428,7 +428,7 @@ fn render_alert(m: &AlertMessage) -> Rendered {
     let lines: Vec<String> = m
         .alerts
         .iter()
-        .map(|a| escape(&alert_line_text(a)))
+        .map(|a| escape(&alert_line_in(m, a)))
         .collect();
     let room = budget.saturating_sub(description.chars().count());
     description.push_str(&fit_alert_lines(m, &lines, room));

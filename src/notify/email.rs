@@ -28,7 +28,7 @@ use sha2::Digest as _;
 
 use crate::config::paging::EmailConfig;
 use crate::notify::{
-    alert_line_text, headline, more_text, rollup_unit, status_text, tier_text, AlertMessage,
+    alert_line_in, headline, more_text, rollup_unit, status_text, tier_text, AlertMessage,
     Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef, TextMessage,
 };
 
@@ -205,7 +205,7 @@ fn render_alert(m: &AlertMessage, message_id: String, in_reply_to: Option<String
     let lines: Vec<String> = m
         .alerts
         .iter()
-        .map(|a| crate::notify::truncate_chars(&alert_line_text(a), 1000))
+        .map(|a| crate::notify::truncate_chars(&alert_line_in(m, a), 1000))
         .collect();
     for l in lines.iter().take(100) {
         text.push_str(&format!("- {l}\n"));

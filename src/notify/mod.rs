@@ -257,6 +257,17 @@ fn fit_lines_counting(
 /// line ([`crate::escape::line`]); each renderer escapes the result for
 /// its format.
 pub fn alert_line_text(a: &AlertLine) -> String {
+    line_text(a, None)
+}
+
+/// [`alert_line_text`] within its message: the pod the alert is about
+/// (`pod <namespace>/<pod>`, [`AlertMessage::pod_of`]) after the node and
+/// device, its labels not repeated as `key=value`.
+pub fn alert_line_in(m: &AlertMessage, a: &AlertLine) -> String {
+    line_text(a, m.pod_of(a))
+}
+
+fn line_text(a: &AlertLine, pod: Option<String>) -> String {
     use crate::escape::line;
     let mut parts: Vec<String> = Vec::new();
     parts.push(if a.firing {
@@ -275,13 +286,27 @@ pub fn alert_line_text(a: &AlertLine) -> String {
     if let Some(d) = &device {
         parts.push(line(d));
     }
-    for (k, v) in a.labels.iter().take(6) {
+    let pod_shown = pod.is_some();
+    if let Some(p) = pod {
+        parts.push(p);
+    }
+    for (k, v) in a
+        .labels
+        .iter()
+        .filter(|(k, _)| !(pod_shown && crate::message::POD_LABELS.contains(&k.as_str())))
+        .take(6)
+    {
         parts.push(format!("{}={}", line(k), line(v)));
     }
     if let Some(v) = &a.value {
         parts.push(format!("value {}", line(v)));
     }
-    if place.is_none() && device.is_none() && a.labels.is_empty() && !a.name.is_empty() {
+    if place.is_none()
+        && device.is_none()
+        && !pod_shown
+        && a.labels.is_empty()
+        && !a.name.is_empty()
+    {
         parts.push(line(&a.name));
     }
     let mut s = parts.join(" ");

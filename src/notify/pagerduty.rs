@@ -29,8 +29,8 @@ use futures_util::future::BoxFuture;
 use serde_json::json;
 
 use crate::notify::{
-    alert_line_text, headline, rollup_unit, truncate_chars, AlertLine, AlertMessage, Delivery,
-    Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
+    alert_line_in, headline, rollup_unit, truncate_chars, AlertLine, AlertMessage, Delivery, Error,
+    GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
 };
 use crate::routing::{Routing, Tier};
 
@@ -96,6 +96,17 @@ pub fn dedup_key(group_id: i64, destination_id: &str) -> String {
         &format!("gpuops/{group_id}/{destination_id}"),
         DEDUP_KEY_MAX,
     )
+}
+
+/// The event's summary: the headline, and the pod when every alert of the
+/// group is about the same one (`… · pod training/llama-ft-7b-0`).
+fn summary_line(m: &AlertMessage) -> String {
+    let pods: std::collections::BTreeSet<Option<String>> =
+        m.alerts.iter().map(|a| m.pod_of(a)).collect();
+    match pods.into_iter().collect::<Vec<_>>().as_slice() {
+        [Some(p)] => format!("{} · {p}", headline(m)),
+        _ => headline(m),
+    }
 }
 
 /// Events API severity of a tier.
@@ -332,7 +343,7 @@ pub fn event(
             }
             let mut alert = json!({
                 "status": if a.firing { "firing" } else { "resolved" },
-                "line": alert_line_text(a),
+                "line": alert_line_in(m, a),
                 "labels": labels,
             });
             for (key, value) in [
@@ -344,6 +355,9 @@ pub fn event(
                 if let Some(v) = value {
                     alert[key] = json!(line(v));
                 }
+            }
+            if let Some(p) = m.pod_of(a) {
+                alert["pod"] = json!(p);
             }
             alert
         })
@@ -381,7 +395,7 @@ pub fn event(
         details["nodes"] = json!(shown);
     }
     let mut payload = json!({
-        "summary": truncate_chars(&plain(&headline(m)), SUMMARY_MAX),
+        "summary": truncate_chars(&plain(&summary_line(m)), SUMMARY_MAX),
         "source": truncate_chars(&source, 255),
         "severity": severity(m.tier),
         "custom_details": {},

@@ -19,9 +19,8 @@ use slack_morphism::prelude::*;
 
 use crate::config::bot::SlackConfig;
 use crate::notify::{
-    alert_line_text, fit_alert_lines, headline, status_text, tier_text, truncate_chars,
-    AlertMessage, Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef,
-    TextMessage,
+    alert_line_in, fit_alert_lines, headline, status_text, tier_text, truncate_chars, AlertMessage,
+    Delivery, Error, GroupStatus, Message, Notifier, Op, Outgoing, PlatformRef, TextMessage,
 };
 use crate::routing::Tier;
 
@@ -324,7 +323,7 @@ fn render_alert(m: &AlertMessage) -> SlackMessageContent {
     let lines: Vec<String> = m
         .alerts
         .iter()
-        .map(|a| escape(&alert_line_text(a)))
+        .map(|a| escape(&alert_line_in(m, a)))
         .collect();
     blocks.push(mrkdwn_section(fit_alert_lines(m, &lines, MAX_SECTION_TEXT)));
     if let Some(d) = &m.description {

@@ -13,7 +13,7 @@ use crate::config::reports::SectionKind;
 use crate::gpu::xid;
 use crate::report::prom::{graph_link, Prometheus, Sample};
 use crate::report::queries::{self as q, Query};
-use crate::report::render::{fmt_duration, fmt_local, fmt_num};
+use crate::report::render::{fmt_bytes, fmt_duration, fmt_local, fmt_num};
 use crate::report::{
     checks, host, incidents, lost, Figures, Finding, Inputs, Level, Line, Section, XidRow,
 };
@@ -128,6 +128,7 @@ fn queries_of(kind: SectionKind) -> &'static [Query] {
             q::NODE_UTILIZATION,
             q::IDLE_GPU_HOURS,
             q::GPU_MEMORY_USED,
+            q::WORKLOADS_TOP,
         ],
         SectionKind::Host => &[
             q::OOM_KILLS,
@@ -744,7 +745,43 @@ fn utilization(a: &Answers, f: &mut Figures) -> Section {
         }
         f.idle_gpu_hours = idle;
     }
+    if let Some(rows) = a.get(&q::WORKLOADS_TOP, &mut s) {
+        let mut rows: Vec<&Sample> = rows.iter().filter(|r| r.value.is_finite()).collect();
+        rows.sort_by(|x, y| y.value.total_cmp(&x.value));
+        for r in rows {
+            let mut line = Line::new()
+                .text("GPU memory held: ")
+                .value(workload_name(r))
+                .text(" on ");
+            line.0.extend(a.node_line(&node(r)).0);
+            s.lines.push(
+                line.text(": ")
+                    .link(fmt_bytes(r.value), a.link(&q::WORKLOADS_TOP))
+                    .text(" on average"),
+            );
+        }
+    }
     s
+}
+
+/// A workload as a person reads it: `pod <namespace>/<pod>` where the
+/// agent names the pod (`gpu_workload_*`'s `namespace` and `pod` labels,
+/// `exported_*` behind prometheus-operator: `message::pod_labels`),
+/// else by its kind and id (`Slurm job 4242`, `Kubernetes pod uid 3f2a…`).
+/// Outside text: a value the renderers escape.
+pub fn workload_name(r: &Sample) -> String {
+    match crate::message::pod_labels(|k| r.labels.get(k).map(String::as_str)) {
+        Some((ns, pod, _)) => format!("pod {ns}/{pod}"),
+        None => {
+            let id = r.label("workload");
+            match r.label("workload_type") {
+                "kubernetes" => format!("Kubernetes pod uid {id}"),
+                "slurm" => format!("Slurm job {id}"),
+                "-" => format!("workload {id}"),
+                t => format!("{t} {id}"),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -155,6 +155,11 @@ query!(
     "GPU memory used, averaged over the period (fraction of the fleet's GPU memory)",
     r#"sum(avg_over_time(gpu_memory_used_bytes[$RANGE])) / sum(avg_over_time(gpu_memory_total_bytes[$RANGE]))"#
 );
+query!(
+    WORKLOADS_TOP,
+    "workloads holding the most GPU memory, averaged over the period (bytes), top 5; Kubernetes pods by namespace and pod where the agent names them",
+    r#"topk(5, sum by (instance, workload_type, workload, namespace, pod, exported_namespace, exported_pod, endpoint) (avg_over_time(gpu_workload_memory_used_bytes[$RANGE])) > 0)"#
+);
 
 // Host.
 query!(
@@ -216,6 +221,7 @@ pub const ALL: &[Query] = &[
     NODE_UTILIZATION,
     IDLE_GPU_HOURS,
     GPU_MEMORY_USED,
+    WORKLOADS_TOP,
     OOM_KILLS,
     FILESYSTEMS_FULL,
     FILESYSTEMS_TIME_TO_FULL,

@@ -61,6 +61,11 @@ pub struct Transition {
     /// Leaving service within this many seconds of the last return, with
     /// the same alert or XID, is a repeat (0: never).
     pub repeat_window_secs: f64,
+    /// Apply only if the node's row is the one the caller read: its
+    /// `updated_at` equals this (0.0: a node with no row). None: no such
+    /// condition. A change decided from an outside view (the scheduler's,
+    /// `src/found.rs`) is never applied over a change made meanwhile.
+    pub expect_updated_at: Option<f64>,
 }
 
 /// What a transition did.
@@ -114,6 +119,11 @@ pub fn decide(
     let to = t.to?;
     let from = cur.map(|r| r.state).unwrap_or(NodeState::InService);
     if from == to || (!t.from.is_empty() && !t.from.contains(&from)) {
+        return None;
+    }
+    if t.expect_updated_at
+        .is_some_and(|e| cur.map(|r| r.updated_at).unwrap_or(0.0) != e)
+    {
         return None;
     }
     let same = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
@@ -196,6 +206,28 @@ pub struct LastReturnAt {
 /// States a reminder is for: out of service with nothing in the way but people.
 pub(crate) const REMINDED_STATES: &str = "('quarantined', 'verifying')";
 
+/// States a notice is for (the scheduler shows the node back while gpuops
+/// tracks it out): every state out of service.
+pub(crate) const NOTICE_STATES: &str = "('quarantined', 'verifying', 'awaiting_repair')";
+
+/// The runs in progress (running or waiting for an approval).
+pub(crate) const ACTIVE_RUNS: &str =
+    "SELECT given, labels FROM chat_runs WHERE status IN ('running', 'waiting')";
+
+/// The given parameters and alert labels of a run in progress.
+pub type ActiveRun = (
+    std::collections::BTreeMap<String, String>,
+    std::collections::BTreeMap<String, String>,
+);
+
+/// Parses [`ACTIVE_RUNS`]' JSON columns (a bad one reads as empty).
+pub(crate) fn active_run(given: &str, labels: &str) -> ActiveRun {
+    (
+        serde_json::from_str(given).unwrap_or_default(),
+        serde_json::from_str(labels).unwrap_or_default(),
+    )
+}
+
 fn node_row(r: &rusqlite::Row) -> rusqlite::Result<(String, NodeRecord)> {
     let state: String = r.get(1)?;
     Ok((
@@ -223,6 +255,19 @@ fn node_row(r: &rusqlite::Row) -> rusqlite::Result<(String, NodeRecord)> {
 fn with_state((s, mut row): (String, NodeRecord)) -> Result<NodeRecord> {
     row.state = state_of(&s)?;
     Ok(row)
+}
+
+/// Enqueues `body` (a serialized message) to each destination key of
+/// `channels` as a post of its own (no thread).
+fn enqueue_posts(c: &Connection, body: &str, channels: &[String]) -> Result<()> {
+    for d in channels {
+        c.execute(
+            "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+             VALUES (0, ?1, 'reply', 0, ?2, ?3, ?3)",
+            params![d, body, crate::store::now()],
+        )?;
+    }
+    Ok(())
 }
 
 fn node_tx(c: &Connection, t: &Transition) -> Result<Applied> {
@@ -312,6 +357,47 @@ fn node_tx(c: &Connection, t: &Transition) -> Result<Applied> {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
+fn claim_tx(
+    c: &Connection,
+    states: &str,
+    node: &str,
+    since: f64,
+    now: f64,
+    min_age: f64,
+    gap: f64,
+    body: &str,
+    channels: &[String],
+) -> Result<bool> {
+    let claimed = c
+        .query_row(
+            &format!(
+                "UPDATE node_states SET reminded_at=?3
+                 WHERE node=?1 AND since=?2 AND state IN {states}
+                   AND since <= ?4 AND (reminded_at IS NULL OR reminded_at <= ?5)
+                 RETURNING group_id"
+            ),
+            params![node, since, now, now - min_age, now - gap],
+            |r| r.get::<_, Option<i64>>(0),
+        )
+        .optional()?;
+    let Some(group) = claimed else {
+        return Ok(false);
+    };
+    if let Some(g) = group {
+        for d in crate::store::sqlite::group_destinations(c, g)? {
+            c.execute(
+                "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+                 VALUES (?1, ?2, 'reply', 0, ?3, ?4, ?4)",
+                params![g, d, body, crate::store::now()],
+            )?;
+        }
+    }
+    // The report channels: a post of its own (no thread).
+    enqueue_posts(c, body, channels)?;
+    Ok(true)
+}
+
 fn all_nodes(c: &Connection) -> Result<Vec<NodeRecord>> {
     let mut st = c.prepare(&format!(
         "SELECT {NODE_COLUMNS} FROM node_states ORDER BY node"
@@ -328,9 +414,71 @@ impl Sqlite {
         self.write(move |c| node_tx(c, &t)).await
     }
 
+    /// Applies a transition as [`Sqlite::node_transition`] and, when it
+    /// changed the node, enqueues `body` to each of `channels` in the same
+    /// job: said once, whichever replica decides it.
+    pub async fn node_transition_announced(
+        &self,
+        t: Transition,
+        body: String,
+        channels: Vec<String>,
+    ) -> Result<Applied> {
+        self.write(move |c| {
+            let a = node_tx(c, &t)?;
+            if a.changed {
+                enqueue_posts(c, &body, &channels)?;
+            }
+            Ok(a)
+        })
+        .await
+    }
+
     /// Every tracked node, by name.
     pub async fn node_states(&self) -> Result<Vec<NodeRecord>> {
         self.read(all_nodes).await
+    }
+
+    /// The given parameters and alert labels of every run in progress.
+    pub async fn active_runs(&self) -> Result<Vec<ActiveRun>> {
+        self.read(|c| {
+            let mut st = c.prepare(ACTIVE_RUNS)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows.iter().map(|(g, l)| active_run(g, l)).collect())
+        })
+        .await
+    }
+
+    /// Claims a notice that `node` (in any state out of service, entered
+    /// at `since` at least `min_age` ago) is seen back by its scheduler,
+    /// sharing the daily gap with reminders ([`Sqlite::claim_node_reminder`]),
+    /// and enqueues `body` in its thread and to `channels`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim_node_notice(
+        &self,
+        node: String,
+        since: f64,
+        now: f64,
+        min_age: f64,
+        gap: f64,
+        body: String,
+        channels: Vec<String>,
+    ) -> Result<bool> {
+        self.write(move |c| {
+            claim_tx(
+                c,
+                NOTICE_STATES,
+                &node,
+                since,
+                now,
+                min_age,
+                gap,
+                &body,
+                &channels,
+            )
+        })
+        .await
     }
 
     /// Claims a reminder that `node` is still out (in the state it entered
@@ -350,39 +498,17 @@ impl Sqlite {
         channels: Vec<String>,
     ) -> Result<bool> {
         self.write(move |c| {
-            let claimed = c
-                .query_row(
-                    &format!(
-                        "UPDATE node_states SET reminded_at=?3
-                         WHERE node=?1 AND since=?2 AND state IN {REMINDED_STATES}
-                           AND since <= ?4 AND (reminded_at IS NULL OR reminded_at <= ?5)
-                         RETURNING group_id"
-                    ),
-                    params![node, since, now, now - min_age, now - gap],
-                    |r| r.get::<_, Option<i64>>(0),
-                )
-                .optional()?;
-            let Some(group) = claimed else {
-                return Ok(false);
-            };
-            if let Some(g) = group {
-                for d in crate::store::sqlite::group_destinations(c, g)? {
-                    c.execute(
-                        "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
-                         VALUES (?1, ?2, 'reply', 0, ?3, ?4, ?4)",
-                        params![g, d, body, crate::store::now()],
-                    )?;
-                }
-            }
-            // The report channels: a post of its own (no thread).
-            for d in &channels {
-                c.execute(
-                    "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
-                     VALUES (0, ?1, 'reply', 0, ?2, ?3, ?3)",
-                    params![d, body, crate::store::now()],
-                )?;
-            }
-            Ok(true)
+            claim_tx(
+                c,
+                REMINDED_STATES,
+                &node,
+                since,
+                now,
+                min_age,
+                gap,
+                &body,
+                &channels,
+            )
         })
         .await
     }
@@ -493,11 +619,51 @@ mod tests {
 
     on_both! {
         transitions_are_decided_against_the_stored_state;
+        a_change_from_an_outside_view_is_said_once_and_never_over_a_change_made_meanwhile;
         a_reminder_is_claimed_once_a_day_and_reset_by_a_change;
         leaving_again_with_the_same_fault_within_the_window_is_a_repeat;
     }
 
     const H: f64 = 3600.0;
+
+    /// A found-drained quarantine (`src/found.rs`): applied only over the
+    /// row it was decided from, its line enqueued with it, once.
+    async fn a_change_from_an_outside_view_is_said_once_and_never_over_a_change_made_meanwhile(
+        s: crate::store::Store,
+    ) {
+        let found = |at: f64, read: f64| {
+            let mut q = t(NodeState::Quarantined, at);
+            q.from = vec![NodeState::InService];
+            q.expect_updated_at = Some(read);
+            q
+        };
+        let say = |q: Transition| {
+            let s = s.clone();
+            async move {
+                s.node_transition_announced(q, "{}".into(), vec!["slack:C0REPORTS".into()])
+                    .await
+                    .unwrap()
+            }
+        };
+        // Untracked when read (0.0): applied, and said.
+        assert!(say(found(100.0, 0.0)).await.changed);
+        assert_eq!(s.pending().await.unwrap(), 1);
+        // The same change again (another replica): nothing, nothing said.
+        assert!(!say(found(101.0, 0.0)).await.changed);
+        assert_eq!(s.pending().await.unwrap(), 1);
+        // A person returns it after the pass read the row: the pass's
+        // change, decided from the old row, is not applied over it.
+        s.node_transition(t(NodeState::InService, 200.0))
+            .await
+            .unwrap();
+        let stale = say(found(300.0, 100.0)).await;
+        assert!(!stale.changed);
+        assert_eq!(stale.row.unwrap().state, NodeState::InService);
+        assert_eq!(s.pending().await.unwrap(), 1);
+        // Decided from the row as it is now: applied.
+        assert!(say(found(400.0, 200.0)).await.changed);
+        assert_eq!(s.pending().await.unwrap(), 2);
+    }
 
     async fn a_reminder_is_claimed_once_a_day_and_reset_by_a_change(s: crate::store::Store) {
         s.node_transition(t(NodeState::Quarantined, 0.0))
@@ -679,6 +845,30 @@ mod tests {
             );
             assert!(ra.unwrap() != rb.unwrap(), "exactly one claims it");
         }
+    }
+
+    /// Two replicas find the same node drained at once, many times: each
+    /// node is quarantined once and said once.
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL: run by .ci/run"]
+    async fn concurrent_found_changes_apply_and_are_said_once() {
+        let url = crate::store::pg::test_url().await.unwrap();
+        let a = crate::store::pg::open_url(&url).await.unwrap();
+        let b = crate::store::pg::open_url(&url).await.unwrap();
+        for i in 0..20 {
+            let mut q = t(NodeState::Quarantined, 100.0);
+            q.node = format!("gpu-node-{i}");
+            q.from = vec![NodeState::InService];
+            q.expect_updated_at = Some(0.0);
+            let go = |s: crate::store::Store, q: Transition| async move {
+                s.node_transition_announced(q, "{}".into(), vec!["slack:C0REPORTS".into()])
+                    .await
+                    .unwrap()
+            };
+            let (ra, rb) = tokio::join!(go(a.clone(), q.clone()), go(b.clone(), q));
+            assert!(ra.changed != rb.changed, "exactly one applies it");
+        }
+        assert_eq!(a.pending().await.unwrap(), 20);
     }
 
     /// Two replicas apply the same step outcome at once, many times: each

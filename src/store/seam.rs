@@ -174,6 +174,15 @@ seam! {
         fn node_last_return(&self, node: String, since: f64) -> Result<Option<crate::store::lifecycle::LastReturnAt>>;
         /// Node state transitions at or after `since`, oldest first.
         fn node_transitions(&self, since: f64) -> Result<Vec<TransitionRecord>>;
+        /// A transition that, when it changes the node, enqueues `body` to
+        /// `channels` in the same transaction (`src/found.rs`).
+        fn node_transition_announced(&self, t: Transition, body: String, channels: Vec<String>) -> Result<Applied>;
+        /// As `claim_node_reminder`, for any state out of service: the
+        /// scheduler shows the node back while gpuops tracks it out.
+        #[allow(clippy::too_many_arguments)]
+        fn claim_node_notice(&self, node: String, since: f64, now: f64, min_age: f64, gap: f64, body: String, channels: Vec<String>) -> Result<bool>;
+        /// The given parameters and alert labels of every run in progress.
+        fn active_runs(&self) -> Result<Vec<crate::store::lifecycle::ActiveRun>>;
     }
     blocking {
         /// Appends an audit record (blocking; CLI and tests).

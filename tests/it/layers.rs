@@ -37,7 +37,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "bot handlers",
-        &["alert", "outbox", "paging", "chat", "report"],
+        &["alert", "outbox", "paging", "chat", "report", "found"],
     ),
     ("roles", &["agent", "bot_role", "store_cmd"]),
 ];

@@ -291,6 +291,46 @@ async fn verify_failure_leaves_the_node_awaiting_repair() {
     b.stop();
 }
 
+/// A run on an alert about a pod says which pod in its thread's start
+/// line (the run's context), the pod's names as data.
+async fn run_context_names_the_pod() {
+    let (b, _) = bot().await;
+    let g = b
+        .alert(webhook(
+            "GPUXIDFellOffBus",
+            "gpu-node-17:9949",
+            &[
+                ("xid", "79"),
+                ("gpu", "3"),
+                ("namespace", "training"),
+                ("pod", "llama-ft-7b-0\n<!channel>"),
+            ],
+        ))
+        .await;
+    let (_, v) = b
+        .slack_command(OPERATOR, &format!("run life:drain-slurm alert={g}"))
+        .await;
+    assert!(text(&v).contains("started run"), "{v}");
+    b.wait_for(10, "the run's thread line", |b| {
+        b.slack
+            .replies()
+            .iter()
+            .any(|r| r.starts_with("▶ ") && r.contains("started run"))
+    })
+    .await;
+    let start = b
+        .slack
+        .replies()
+        .into_iter()
+        .find(|r| r.starts_with("▶ ") && r.contains("started run"))
+        .unwrap();
+    assert!(
+        start.contains("on node gpu-node-17, pod training/llama-ft-7b-0 <!channel> (1 step)"),
+        "{start}"
+    );
+    b.stop();
+}
+
 /// Puts `name` out of service `hours` ago with `gpus` GPUs.
 async fn out(b: &Bot, name: &str, state: NodeState, hours: i64, gpus: i64, reason: &str) {
     let a = b
@@ -917,6 +957,7 @@ chat_on_both!(
     nodes_command_lists_out_of_service_nodes_sorted_by_gpu_hours_lost,
     node_command_needs_operator_role,
     metrics_export_nodes_per_state_and_each_node_out_of_service,
+    run_context_names_the_pod,
 );
 
 /// `gpuops nodes` reads the same store (SQLite only: the CLI opens the file).
@@ -1349,4 +1390,55 @@ async fn agent_never_runs_a_scontrol_any_user_could_replace() {
         "{m}"
     );
     assert!(!m.contains("gpuops_node_scheduler_state{"), "{m}");
+}
+
+/// Slurm's drain reason is exported as a label of
+/// `gpuops_node_scheduler_info` (outside text: escaped by the exposition
+/// encoder, without Slurm's `[user@time]`, whose time is `since`).
+#[tokio::test]
+async fn agent_exports_the_slurm_drain_reason_as_an_escaped_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "#!/bin/sh\nprintf '%s\\n' 'NodeName=gpu-node-17 State=IDLE+DRAIN Partitions=gpu Reason=XID 79 \"on\" GPU\\3 [root@2026-12-03T10:00:00]'\n";
+    let (_agent, addr) = agent_with_scontrol(dir.path(), script);
+    let m = scrape_until(&addr, "gpuops_node_scheduler_info{").await;
+    assert!(
+        m.lines().any(|l| l
+            == r#"gpuops_node_scheduler_info{scheduler="slurm",reason="XID 79 \"on\" GPU\\3",since="2026-12-03T10:00:00"} 1"#),
+        "{m}"
+    );
+}
+
+/// `[lifecycle] found`, `found_interval`, `found_hold`: defaults, values,
+/// and bad values reported.
+#[test]
+fn lifecycle_found_keys_are_read_and_validated() {
+    use gpuops::config::BotConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bot.toml");
+    let d = BotConfig::from_str(&path, "").unwrap().lifecycle;
+    assert!(d.found);
+    assert_eq!(d.found_interval, std::time::Duration::from_secs(300));
+    assert_eq!(d.found_hold, std::time::Duration::from_secs(1800));
+    let c = BotConfig::from_str(
+        &path,
+        "[lifecycle]\nfound = false\nfound_interval = \"2m\"\nfound_hold = \"1h\"\n",
+    )
+    .unwrap()
+    .lifecycle;
+    assert!(!c.found);
+    assert_eq!(c.found_interval, std::time::Duration::from_secs(120));
+    assert_eq!(c.found_hold, std::time::Duration::from_secs(3600));
+    let e = BotConfig::from_str(
+        &path,
+        "[lifecycle]\nfound = \"yes\"\nfound_interval = \"soon\"\nfound_hold = \"0s\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for want in [
+        "found:",
+        "found_interval: \"soon\" is not a duration",
+        "found_hold: \"0s\" must be above zero",
+    ] {
+        assert!(e.contains(want), "{want} in {e}");
+    }
 }

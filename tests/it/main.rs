@@ -28,6 +28,7 @@ mod chat_flow;
 mod chat_router;
 mod discord_register;
 mod exec_trust;
+mod found_state;
 mod gpu_agent;
 mod gpu_check;
 mod gpu_docs;

@@ -125,7 +125,7 @@ fn library_only_families() -> String {
     let ctx = Arc::new(ctx);
     ctx.scheduler
         .set(gpuops::collector::node_state::parse_scontrol(
-            "NodeName=n1 State=IDLE+DRAIN",
+            "NodeName=n1 State=IDLE+DRAIN Reason=maintenance [root@2026-12-03T10:00:00]",
         ));
     let mut sink = Sink::new();
     gpuops::collector::node_state::NodeStateCollector::new(&ctx)

@@ -8,8 +8,9 @@
 use tokio_postgres::Row;
 
 use crate::store::lifecycle::{
-    decide, leaves_service, state_of, Applied, LastReturnAt, NodeRecord, NodeState, Transition,
-    TransitionRecord, LAST_RETURN, LAST_RETURN_AT, NODE_COLUMNS, REMINDED_STATES,
+    active_run, decide, leaves_service, state_of, ActiveRun, Applied, LastReturnAt, NodeRecord,
+    NodeState, Transition, TransitionRecord, ACTIVE_RUNS, LAST_RETURN, LAST_RETURN_AT,
+    NODE_COLUMNS, NOTICE_STATES, REMINDED_STATES,
 };
 use crate::store::pg::core::{group_destinations, lock_group};
 use crate::store::pg::{get, Pg};
@@ -35,106 +36,183 @@ fn node_row(r: &Row) -> Result<NodeRecord> {
     })
 }
 
+/// Enqueues `body` to each of `channels` as a post of its own (no thread).
+async fn enqueue_posts(
+    tx: &tokio_postgres::Transaction<'_>,
+    body: &str,
+    channels: &[String],
+) -> Result<()> {
+    let t = crate::store::now();
+    for d in channels {
+        tx.execute(
+            "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
+             VALUES (0, $1, 'reply', 0, $2, $3, $3)",
+            &[d, &body, &t],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// A transition in `tx` (not committed).
+async fn node_tx(tx: &tokio_postgres::Transaction<'_>, t: &Transition) -> Result<Applied> {
+    // A placeholder in service, so there is a row to lock.
+    tx.execute(
+        "INSERT INTO node_states(node, state, since, reason, gpus, updated_at)
+         VALUES ($1, $2, $3, '', 0, $3) ON CONFLICT (node) DO NOTHING",
+        &[&t.node, &NodeState::InService.as_str(), &t.at],
+    )
+    .await?;
+    let cur = tx
+        .query_opt(
+            &format!("SELECT {NODE_COLUMNS} FROM node_states WHERE node=$1 FOR UPDATE"),
+            &[&t.node],
+        )
+        .await?
+        .map(|r| node_row(&r))
+        .transpose()?
+        // A placeholder is no history.
+        .filter(|r| !r.reason.is_empty());
+    let from = cur
+        .as_ref()
+        .map(|r| r.state)
+        .unwrap_or(NodeState::InService);
+    let last_return = if leaves_service(cur.as_ref(), t) && t.repeat_window_secs > 0.0 {
+        let sql = LAST_RETURN.replace("?1", "$1").replace("?2", "$2");
+        match tx
+            .query_opt(&sql, &[&t.node, &(t.at - t.repeat_window_secs)])
+            .await?
+        {
+            Some(r) => Some((get(&r, 0)?, get(&r, 1)?)),
+            None => None,
+        }
+    } else {
+        None
+    };
+    let Some((row, lost)) = decide(cur.as_ref(), t, last_return) else {
+        return Ok(Applied {
+            changed: false,
+            from,
+            row: cur,
+            lost_gpu_seconds: None,
+        });
+    };
+    tx.execute(
+        "UPDATE node_states SET state=$2, since=$3, out_since=$4, reason=$5, alert=$6,
+         xid=$7, step=$8, run=$9, by_person=$10, gpus=$11, group_id=$12, updated_at=$13,
+         is_repeat=$14, reminded_at=NULL WHERE node=$1",
+        &[
+            &row.node,
+            &row.state.as_str(),
+            &row.since,
+            &row.out_since,
+            &row.reason,
+            &row.alert,
+            &row.xid,
+            &row.step,
+            &row.run,
+            &row.by,
+            &row.gpus,
+            &row.group_id,
+            &row.updated_at,
+            &i64::from(row.repeat),
+        ],
+    )
+    .await?;
+    let prev_out = cur.as_ref().and_then(|r| r.out_since);
+    tx.execute(
+        "INSERT INTO node_transitions(node, from_state, to_state, at, reason, alert, xid,
+         step, run, by_person, gpus, group_id, out_since, lost_gpu_seconds)
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
+        &[
+            &row.node,
+            &from.as_str(),
+            &row.state.as_str(),
+            &row.since,
+            &row.reason,
+            &row.alert,
+            &row.xid,
+            &row.step,
+            &row.run,
+            &row.by,
+            &row.gpus,
+            &row.group_id,
+            &prev_out,
+            &lost,
+        ],
+    )
+    .await?;
+    Ok(Applied {
+        changed: true,
+        from,
+        row: Some(row),
+        lost_gpu_seconds: lost,
+    })
+}
+
 impl Pg {
     pub async fn node_transition(&self, t: Transition) -> Result<Applied> {
         self.within(async {
             let mut c = self.client().await?;
             let tx = c.transaction().await?;
-            // A placeholder in service, so there is a row to lock.
-            tx.execute(
-                "INSERT INTO node_states(node, state, since, reason, gpus, updated_at)
-                 VALUES ($1, $2, $3, '', 0, $3) ON CONFLICT (node) DO NOTHING",
-                &[&t.node, &NodeState::InService.as_str(), &t.at],
-            )
-            .await?;
-            let cur = tx
-                .query_opt(
-                    &format!("SELECT {NODE_COLUMNS} FROM node_states WHERE node=$1 FOR UPDATE"),
-                    &[&t.node],
-                )
-                .await?
-                .map(|r| node_row(&r))
-                .transpose()?
-                // A placeholder is no history.
-                .filter(|r| !r.reason.is_empty());
-            let from = cur
-                .as_ref()
-                .map(|r| r.state)
-                .unwrap_or(NodeState::InService);
-            let last_return = if leaves_service(cur.as_ref(), &t) && t.repeat_window_secs > 0.0 {
-                let sql = LAST_RETURN.replace("?1", "$1").replace("?2", "$2");
-                match tx
-                    .query_opt(&sql, &[&t.node, &(t.at - t.repeat_window_secs)])
-                    .await?
-                {
-                    Some(r) => Some((get(&r, 0)?, get(&r, 1)?)),
-                    None => None,
-                }
-            } else {
-                None
-            };
-            let Some((row, lost)) = decide(cur.as_ref(), &t, last_return) else {
-                tx.commit().await?;
-                return Ok(Applied {
-                    changed: false,
-                    from,
-                    row: cur,
-                    lost_gpu_seconds: None,
-                });
-            };
-            tx.execute(
-                "UPDATE node_states SET state=$2, since=$3, out_since=$4, reason=$5, alert=$6,
-                 xid=$7, step=$8, run=$9, by_person=$10, gpus=$11, group_id=$12, updated_at=$13,
-                 is_repeat=$14, reminded_at=NULL WHERE node=$1",
-                &[
-                    &row.node,
-                    &row.state.as_str(),
-                    &row.since,
-                    &row.out_since,
-                    &row.reason,
-                    &row.alert,
-                    &row.xid,
-                    &row.step,
-                    &row.run,
-                    &row.by,
-                    &row.gpus,
-                    &row.group_id,
-                    &row.updated_at,
-                    &i64::from(row.repeat),
-                ],
-            )
-            .await?;
-            let prev_out = cur.as_ref().and_then(|r| r.out_since);
-            tx.execute(
-                "INSERT INTO node_transitions(node, from_state, to_state, at, reason, alert, xid,
-                 step, run, by_person, gpus, group_id, out_since, lost_gpu_seconds)
-                 VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
-                &[
-                    &row.node,
-                    &from.as_str(),
-                    &row.state.as_str(),
-                    &row.since,
-                    &row.reason,
-                    &row.alert,
-                    &row.xid,
-                    &row.step,
-                    &row.run,
-                    &row.by,
-                    &row.gpus,
-                    &row.group_id,
-                    &prev_out,
-                    &lost,
-                ],
-            )
-            .await?;
+            let a = node_tx(&tx, &t).await?;
             tx.commit().await?;
-            Ok(Applied {
-                changed: true,
-                from,
-                row: Some(row),
-                lost_gpu_seconds: lost,
-            })
+            Ok(a)
         })
+        .await
+    }
+
+    pub async fn node_transition_announced(
+        &self,
+        t: Transition,
+        body: String,
+        channels: Vec<String>,
+    ) -> Result<Applied> {
+        self.within(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            let a = node_tx(&tx, &t).await?;
+            if a.changed {
+                enqueue_posts(&tx, &body, &channels).await?;
+            }
+            tx.commit().await?;
+            Ok(a)
+        })
+        .await
+    }
+
+    pub async fn active_runs(&self) -> Result<Vec<ActiveRun>> {
+        self.within(async {
+            let c = self.client().await?;
+            let rows = c.query(ACTIVE_RUNS, &[]).await?;
+            rows.iter()
+                .map(|r| Ok(active_run(&get::<String>(r, 0)?, &get::<String>(r, 1)?)))
+                .collect()
+        })
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim_node_notice(
+        &self,
+        node: String,
+        since: f64,
+        now: f64,
+        min_age: f64,
+        gap: f64,
+        body: String,
+        channels: Vec<String>,
+    ) -> Result<bool> {
+        self.claim(
+            NOTICE_STATES,
+            node,
+            since,
+            now,
+            min_age,
+            gap,
+            body,
+            channels,
+        )
         .await
     }
 
@@ -165,6 +243,31 @@ impl Pg {
         body: String,
         channels: Vec<String>,
     ) -> Result<bool> {
+        self.claim(
+            REMINDED_STATES,
+            node,
+            since,
+            now,
+            min_age,
+            gap,
+            body,
+            channels,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn claim(
+        &self,
+        states: &str,
+        node: String,
+        since: f64,
+        now: f64,
+        min_age: f64,
+        gap: f64,
+        body: String,
+        channels: Vec<String>,
+    ) -> Result<bool> {
         self.within(async {
             let mut c = self.client().await?;
             let tx = c.transaction().await?;
@@ -174,7 +277,7 @@ impl Pg {
                 .query_opt(
                     &format!(
                         "UPDATE node_states SET reminded_at=$3
-                         WHERE node=$1 AND since=$2 AND state IN {REMINDED_STATES}
+                         WHERE node=$1 AND since=$2 AND state IN {states}
                            AND since <= $4 AND (reminded_at IS NULL OR reminded_at <= $5)
                          RETURNING group_id"
                     ),
@@ -198,15 +301,7 @@ impl Pg {
                 }
             }
             // The report channels: a post of its own (no thread).
-            let t = crate::store::now();
-            for d in &channels {
-                tx.execute(
-                    "INSERT INTO outbox(group_id, destination, kind, rev, body, created_at, next_attempt_at)
-                     VALUES (0, $1, 'reply', 0, $2, $3, $3)",
-                    &[d, &body, &t],
-                )
-                .await?;
-            }
+            enqueue_posts(&tx, &body, &channels).await?;
             tx.commit().await?;
             Ok(true)
         })
