@@ -465,11 +465,7 @@ pub fn spawn(state: Arc<BotState>, mut stop: tokio::sync::watch::Receiver<bool>)
             }
         });
     tokio::spawn(async move {
-        // As `lifecycle::spawn_reminders`: every REMIND_POLL, or every half
-        // `remind_after` when that is shorter (at least every second).
-        let poll =
-            (cfg.remind_after / 2).clamp(Duration::from_secs(1), crate::lifecycle::REMIND_POLL);
-        let mut tick = tokio::time::interval(poll);
+        let mut tick = tokio::time::interval(crate::lifecycle::remind_poll(cfg.remind_after));
         let mut last: Option<Instant> = None;
         let mut notes: (Option<Instant>, BTreeMap<String, String>) = (None, BTreeMap::new());
         loop {

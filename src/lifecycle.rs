@@ -304,38 +304,6 @@ pub async fn remind_due_noted(
     Ok(sent)
 }
 
-/// The bot's reminder task: [`remind_due`] every [`remind_poll`] until `stop`.
-pub fn spawn_reminders(
-    state: std::sync::Arc<crate::bot::state::BotState>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let channels = report_channels(&state.config);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(remind_poll(state.config.lifecycle.remind_after));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            match remind_due(
-                &state.store,
-                &state.config.lifecycle,
-                &channels,
-                crate::store::now(),
-            )
-            .await
-            {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(reminders = n, "reminded of nodes left out of service");
-                    state.outbox.wake();
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot look for nodes left out of service"),
-            }
-        }
-    });
-}
-
 /// The advice for a run on a node that fails again with the same fault
 /// (the alert's name or XID) within `repeat_window` of its last return, or
 /// that is out of service flagged as a repeat: replace the hardware rather
