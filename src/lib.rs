@@ -30,6 +30,7 @@ pub mod exec_auth;
 pub mod exporter;
 pub mod gpu;
 pub mod host;
+pub mod kubelet;
 #[cfg(feature = "bot")]
 pub mod inventory;
 #[cfg(feature = "bot")]

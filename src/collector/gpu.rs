@@ -555,6 +555,9 @@ impl GpuCollector {
         }
         drop(books);
         *lock(&self.inner.processes) = seen;
+        if let Some(pods) = ctx.pod_resources.current() {
+            gpu_workload::render_pod_info(snap, &pods, sink);
+        }
         render_xids(snap, xids, sink);
     }
 }
@@ -585,8 +588,12 @@ impl GpuCollector {
             let w = seen.get(&p.pid).map_or(&unknown, |i| &i.workload);
             (w, p.memory_used_bytes, p.sm_utilization_percent)
         }));
+        let pods = ctx.pod_resources.current();
+        let named = pods
+            .as_deref()
+            .and_then(|p| gpu_workload::pod_on_gpu(p, d, sums.keys().copied()));
         for (w, u) in &sums {
-            let labels = with(
+            let plain = with(
                 base,
                 &[
                     ("workload_type", w.kind),
@@ -595,6 +602,11 @@ impl GpuCollector {
                     ("container", &w.container),
                 ],
             );
+            let named_labels = named
+                .as_ref()
+                .filter(|n| w.kind == "kubernetes" && n.uid == w.id)
+                .map(|n| gpu_workload::with_pod_name(&plain, n));
+            let labels: &[(&str, &str)] = named_labels.as_deref().unwrap_or(&plain);
             sink.gauge(
                 "gpu_workload_processes",
                 "Processes of a workload on the GPU (NVML nvmlDeviceGetComputeRunningProcesses + graphics processes); workload from /proc/<pid>/cgroup: workload_type slurm (workload = job id, user from the cgroup path or /proc/<pid>/status and <rootfs>/etc/passwd), kubernetes (workload = pod uid, container), container (workload = runtime:id), systemd (workload = unit) or unknown.",
