@@ -30,9 +30,9 @@ pub mod exec_auth;
 pub mod exporter;
 pub mod gpu;
 pub mod host;
-pub mod kubelet;
 #[cfg(feature = "bot")]
 pub mod inventory;
+pub mod kubelet;
 #[cfg(feature = "bot")]
 pub mod lifecycle;
 #[cfg(feature = "bot")]

@@ -318,14 +318,20 @@ pub fn render_pod_info(snap: &Snapshot, pods: &PodMap, sink: &mut Sink) {
     for a in &pods.allocations {
         let found = match &a.device {
             Device::Uuid(u) => by_uuid.get(u.as_str()).copied(),
-            Device::Index(i) => snap.devices.iter().find(|d| d.index == *i).map(|d| (d, None)),
+            Device::Index(i) => snap
+                .devices
+                .iter()
+                .find(|d| d.index == *i)
+                .map(|d| (d, None)),
         };
         let Some((d, mig)) = found else {
             continue;
         };
         let idx = d.index.to_string();
         let gi = mig.and_then(|m| m.gpu_instance_id).map(|v| v.to_string());
-        let ci = mig.and_then(|m| m.compute_instance_id).map(|v| v.to_string());
+        let ci = mig
+            .and_then(|m| m.compute_instance_id)
+            .map(|v| v.to_string());
         let mut labels: Vec<(&str, &str)> = vec![
             ("gpu", &idx),
             ("uuid", &d.uuid),
@@ -628,7 +634,10 @@ mod tests {
         let other = w("kubernetes", "uid-2", "", "");
         let unit = w("systemd", "x.service", "", "");
         let one = PodMap {
-            allocations: vec![alloc("llama-0", "trainer", "GPU-2"), alloc("b", "c", "GPU-9")],
+            allocations: vec![
+                alloc("llama-0", "trainer", "GPU-2"),
+                alloc("b", "c", "GPU-9"),
+            ],
         };
         let named = pod_on_gpu(&one, &d, [&k, &unit]).unwrap();
         assert_eq!(
@@ -640,7 +649,13 @@ mod tests {
                 container: Some("trainer")
             }
         );
-        let labels = with_pod_name(&[("workload", "uid-1"), ("container", "containerd:aabbccddeeff")], &named);
+        let labels = with_pod_name(
+            &[
+                ("workload", "uid-1"),
+                ("container", "containerd:aabbccddeeff"),
+            ],
+            &named,
+        );
         assert_eq!(
             labels,
             vec![

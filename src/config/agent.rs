@@ -582,8 +582,7 @@ fn is_resource_name(n: &str) -> bool {
     let ok = |p: &str| {
         !p.is_empty()
             && p.len() <= 253
-            && p
-                .chars()
+            && p.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     matches!(n.split_once('/'), Some((d, name)) if ok(d) && ok(name))
@@ -610,10 +609,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.kubernetes.enabled, KubernetesEnabled::On);
-        assert_eq!(c.kubernetes.pod_resources_socket, PathBuf::from("/run/k.sock"));
+        assert_eq!(
+            c.kubernetes.pod_resources_socket,
+            PathBuf::from("/run/k.sock")
+        );
         assert_eq!(c.kubernetes.resource_names, vec!["nvidia.com/gpu.shared"]);
         assert_eq!(c.kubernetes.refresh_interval, Duration::from_secs(30));
-        let c = AgentConfig::from_str(Path::new("a.toml"), "[kubernetes]\nenabled = false\n").unwrap();
+        let c =
+            AgentConfig::from_str(Path::new("a.toml"), "[kubernetes]\nenabled = false\n").unwrap();
         assert_eq!(c.kubernetes.enabled, KubernetesEnabled::Off);
         let e = errors("[kubernetes]\nenabled = \"yes\"\nresource_names = [\"gpu\"]\nrefresh_interval_secs = 0\nsocket = \"x\"\n");
         assert_eq!(e.len(), 4, "{e:?}");

@@ -72,7 +72,11 @@ async fn call(
         .map_err(|e| format!("request to {} failed: {e}", socket.display()))?;
     let (parts, mut body) = resp.into_parts();
     if parts.status != hyper::StatusCode::OK {
-        return Err(format!("http status {} from {}", parts.status, socket.display()));
+        return Err(format!(
+            "http status {} from {}",
+            parts.status,
+            socket.display()
+        ));
     }
     // Trailers-only: an error answer carries its status in the headers.
     if let Some(status) = grpc_status(&parts.headers) {
@@ -116,7 +120,11 @@ pub const PREFIX: usize = 5;
 pub fn encode_frame(message: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(PREFIX + message.len());
     out.push(0);
-    out.extend_from_slice(&u32::try_from(message.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(
+        &u32::try_from(message.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
     out.extend_from_slice(message);
     out
 }
@@ -182,7 +190,10 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<Result<(), String>> {
         .unwrap_or_default();
     let name = match code {
         Some(c) => format!("{} ({c})", status_name(c)),
-        None => format!("unreadable status {:?}", String::from_utf8_lossy(raw.as_bytes())),
+        None => format!(
+            "unreadable status {:?}",
+            String::from_utf8_lossy(raw.as_bytes())
+        ),
     };
     Some(Err(if message.is_empty() {
         format!("gRPC error {name}")
@@ -214,7 +225,11 @@ fn percent_decode(raw: &[u8]) -> String {
     let mut i = 0;
     while i < raw.len() {
         let hex = |b: u8| (b as char).to_digit(16);
-        match (raw[i], raw.get(i + 1).copied().and_then(hex), raw.get(i + 2).copied().and_then(hex)) {
+        match (
+            raw[i],
+            raw.get(i + 1).copied().and_then(hex),
+            raw.get(i + 2).copied().and_then(hex),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 out.push((h * 16 + l) as u8);
                 i += 3;
@@ -293,9 +308,15 @@ mod tests {
         h.insert("grpc-status", "0".parse().unwrap());
         assert_eq!(grpc_status(&h), Some(Ok(())));
         h.insert("grpc-status", "14".parse().unwrap());
-        h.insert("grpc-message", "kubelet%20is%20restarting%0Anow".parse().unwrap());
+        h.insert(
+            "grpc-message",
+            "kubelet%20is%20restarting%0Anow".parse().unwrap(),
+        );
         let e = grpc_status(&h).unwrap().unwrap_err();
-        assert!(e.starts_with("gRPC error UNAVAILABLE (14): kubelet is restarting"), "{e}");
+        assert!(
+            e.starts_with("gRPC error UNAVAILABLE (14): kubelet is restarting"),
+            "{e}"
+        );
         assert!(!e.contains('\n'), "{e:?}");
         h.insert("grpc-status", "x".parse().unwrap());
         assert!(grpc_status(&h).unwrap().unwrap_err().contains("unreadable"));

@@ -85,7 +85,10 @@ pub fn parse_device_id(id: &str) -> (Device, Option<String>) {
         }
         _ => (id, None),
     };
-    let device = match base.strip_prefix("nvidia").and_then(|n| n.parse::<u32>().ok()) {
+    let device = match base
+        .strip_prefix("nvidia")
+        .and_then(|n| n.parse::<u32>().ok())
+    {
         Some(i) => Device::Index(i),
         None => Device::Uuid(base.to_string()),
     };
@@ -131,11 +134,20 @@ pub fn decode_list(message: &[u8], extra: &[String]) -> Result<PodMap, String> {
 
 /// One `List` call: the GPU allocations, or why not.
 pub async fn list(cfg: &KubernetesConfig) -> Result<PodMap, String> {
-    list_at(&cfg.pod_resources_socket, &cfg.resource_names, CALL_DEADLINE).await
+    list_at(
+        &cfg.pod_resources_socket,
+        &cfg.resource_names,
+        CALL_DEADLINE,
+    )
+    .await
 }
 
 /// [`list`] on `socket` with `deadline` (tests use a short one).
-pub async fn list_at(socket: &Path, extra: &[String], deadline: Duration) -> Result<PodMap, String> {
+pub async fn list_at(
+    socket: &Path,
+    extra: &[String],
+    deadline: Duration,
+) -> Result<PodMap, String> {
     use prost::Message as _;
     let request = proto::ListPodResourcesRequest {}.encode_to_vec();
     let message =
@@ -204,7 +216,10 @@ impl Latest {
         match result {
             Ok(map) => {
                 if s.error.take().is_some() {
-                    tracing::info!(allocations = map.allocations.len(), "kubelet pod-resources answers again");
+                    tracing::info!(
+                        allocations = map.allocations.len(),
+                        "kubelet pod-resources answers again"
+                    );
                 }
                 s.good = Some((Instant::now(), Arc::new(map)));
             }
@@ -325,7 +340,10 @@ mod tests {
     #[test]
     fn a_stale_mapping_is_dropped_after_keep_for() {
         let latest = Latest::new(true, Duration::from_millis(10));
-        assert_eq!(latest.status().error.as_deref(), Some("no answer from the kubelet yet"));
+        assert_eq!(
+            latest.status().error.as_deref(),
+            Some("no answer from the kubelet yet")
+        );
         latest.store(Ok(PodMap {
             allocations: vec![Allocation {
                 namespace: "n".into(),
@@ -345,6 +363,8 @@ mod tests {
         assert!(latest.current().is_none(), "dropped after keep_for");
         assert_eq!(latest.status().allocations, 0);
         assert!(latest.status().age.unwrap() >= Duration::from_millis(60));
-        assert!(Latest::new(false, Duration::from_secs(1)).current().is_none());
+        assert!(Latest::new(false, Duration::from_secs(1))
+            .current()
+            .is_none());
     }
 }

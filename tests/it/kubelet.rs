@@ -107,7 +107,10 @@ impl Agent {
         s.read_to_string(&mut raw).unwrap();
         let took = started.elapsed();
         let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{head}"
+        );
         (body.to_string(), took)
     }
 
@@ -132,7 +135,9 @@ fn value<'a>(m: &'a str, series: &str) -> Option<&'a str> {
 }
 
 fn pod_info(m: &str) -> Vec<&str> {
-    m.lines().filter(|l| l.starts_with("gpu_pod_info{")).collect()
+    m.lines()
+        .filter(|l| l.starts_with("gpu_pod_info{"))
+        .collect()
 }
 
 const H100: &str = "name=\"NVIDIA H100 80GB HBM3\"";
@@ -160,12 +165,30 @@ fn expected_pod_info() -> Vec<String> {
 
 /// Every GPU series is there whatever the kubelet does.
 fn assert_gpu_series(m: &str) {
-    assert_eq!(value(m, "gpuops_collector_success{collector=\"gpu\"}"), Some("1"), "{m}");
+    assert_eq!(
+        value(m, "gpuops_collector_success{collector=\"gpu\"}"),
+        Some("1"),
+        "{m}"
+    );
     assert_eq!(value(m, "gpu_devices"), Some("8"), "{m}");
-    assert_eq!(m.lines().filter(|l| l.starts_with("gpu_up{")).count(), 8, "{m}");
-    assert!(m.lines().any(|l| l.starts_with("gpu_memory_used_bytes{")), "{m}");
-    assert!(m.lines().any(|l| l.starts_with("gpu_workload_processes{")), "{m}");
-    assert_eq!(value(m, "gpuops_collector_success{collector=\"kmsg\"}"), Some("1"), "{m}");
+    assert_eq!(
+        m.lines().filter(|l| l.starts_with("gpu_up{")).count(),
+        8,
+        "{m}"
+    );
+    assert!(
+        m.lines().any(|l| l.starts_with("gpu_memory_used_bytes{")),
+        "{m}"
+    );
+    assert!(
+        m.lines().any(|l| l.starts_with("gpu_workload_processes{")),
+        "{m}"
+    );
+    assert_eq!(
+        value(m, "gpuops_collector_success{collector=\"kmsg\"}"),
+        Some("1"),
+        "{m}"
+    );
 }
 
 const SUCCESS: &str = "gpuops_collector_success{collector=\"pod_resources\"}";
@@ -178,8 +201,31 @@ fn named_workload_line(gpu: &str) -> String {
     format!("gpu_workload_processes{{gpu=\"{gpu}\",")
 }
 
+/// `promtool check metrics` on an exposition: its output (empty when clean).
+fn promtool(text: &str) -> String {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool not found");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 #[test]
-#[ignore = "needs python3-grpcio: run by .ci/run"]
+#[ignore = "needs python3-grpcio and promtool: run by .ci/run"]
 fn pod_info_for_gpu_uuids_replicas_mig_and_index() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("kubelet.sock");
@@ -187,10 +233,14 @@ fn pod_info_for_gpu_uuids_replicas_mig_and_index() {
     let agent = Agent::start(dir.path(), &format!("pod_resources_socket = {sock:?}"));
     let m = agent.scrape_until("pod names", |m| value(m, SUCCESS) == Some("1"));
     assert_eq!(pod_info(&m), expected_pod_info(), "{m}");
-    assert!(!m.contains("example.com/nic") && !m.contains("coredns"), "{m}");
+    assert!(
+        !m.contains("example.com/nic") && !m.contains("coredns"),
+        "{m}"
+    );
     assert_eq!(value(&m, "gpuops_pod_resources_allocations"), Some("7"));
     assert!(value(&m, "gpuops_pod_resources_age_seconds").is_some());
     assert_gpu_series(&m);
+    assert_eq!(promtool(&m).trim(), "", "promtool check metrics");
     // GPU 1 is held by one pod, and one pod's process runs on it: named.
     let gpu1 = m
         .lines()
@@ -242,7 +292,10 @@ fn kubelet_fails(scenario: &str, reason: &str) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("kubelet.sock");
     let _kubelet = fake_kubelet(&sock, scenario);
-    let agent = Agent::start(dir.path(), &format!("pod_resources_socket = {sock:?}\nrefresh_interval_secs = 1"));
+    let agent = Agent::start(
+        dir.path(),
+        &format!("pod_resources_socket = {sock:?}\nrefresh_interval_secs = 1"),
+    );
     let until = Instant::now() + Duration::from_secs(20);
     let mut scrapes = 0;
     loop {
@@ -260,7 +313,11 @@ fn kubelet_fails(scenario: &str, reason: &str) {
             assert_gpu_series(&m);
             break;
         }
-        assert!(Instant::now() < until, "{scenario}: no {reason:?} in\n{}", agent.log());
+        assert!(
+            Instant::now() < until,
+            "{scenario}: no {reason:?} in\n{}",
+            agent.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -268,7 +325,10 @@ fn kubelet_fails(scenario: &str, reason: &str) {
 #[test]
 #[ignore = "needs python3-grpcio: run by .ci/run"]
 fn kubelet_trailers_only_error_keeps_every_other_series() {
-    kubelet_fails("unavailable", "gRPC error UNAVAILABLE (14): kubelet is restarting");
+    kubelet_fails(
+        "unavailable",
+        "gRPC error UNAVAILABLE (14): kubelet is restarting",
+    );
 }
 
 #[test]
@@ -302,9 +362,16 @@ fn kubelet_stopping_keeps_pod_names_for_six_intervals_then_drops_them() {
     }
     // Six intervals (3 s) after the last answer: dropped, the uid stays.
     let m = agent.scrape_until("the mapping dropped", |m| pod_info(m).is_empty());
-    assert!(stopped.elapsed() >= Duration::from_millis(2000), "{:?}", stopped.elapsed());
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(2000),
+        "{:?}",
+        stopped.elapsed()
+    );
     assert_eq!(value(&m, "gpuops_pod_resources_allocations"), Some("0"));
-    let age: f64 = value(&m, "gpuops_pod_resources_age_seconds").unwrap().parse().unwrap();
+    let age: f64 = value(&m, "gpuops_pod_resources_age_seconds")
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(age >= 2.5, "{age}");
     assert!(!m.contains("namespace=\"training\""), "{m}");
     assert_gpu_series(&m);
@@ -314,8 +381,13 @@ fn kubelet_stopping_keeps_pod_names_for_six_intervals_then_drops_them() {
 fn kubernetes_enabled_without_socket_is_a_collector_failure() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("missing.sock");
-    let agent = Agent::start(dir.path(), &format!("enabled = true\npod_resources_socket = {sock:?}"));
-    let m = agent.scrape_until("the failure", |m| agent.log().contains("cannot connect") && m.contains(SUCCESS));
+    let agent = Agent::start(
+        dir.path(),
+        &format!("enabled = true\npod_resources_socket = {sock:?}"),
+    );
+    let m = agent.scrape_until("the failure", |m| {
+        agent.log().contains("cannot connect") && m.contains(SUCCESS)
+    });
     assert_eq!(value(&m, SUCCESS), Some("0"), "{m}");
     assert!(pod_info(&m).is_empty());
     assert_gpu_series(&m);

@@ -338,7 +338,12 @@ fn service_monitor_sets_node_from_the_pods_node_name() {
     let dropped = relabelings
         .iter()
         .find(|r| s(r, "action") == "labeldrop")
-        .map(|r| s(r, "regex").split('|').map(str::to_string).collect::<BTreeSet<_>>())
+        .map(|r| {
+            s(r, "regex")
+                .split('|')
+                .map(str::to_string)
+                .collect::<BTreeSet<_>>()
+        })
         .unwrap_or_default();
     for l in ["namespace", "pod", "container"] {
         assert!(dropped.contains(l), "the target's {l} label is not dropped");

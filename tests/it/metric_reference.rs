@@ -185,9 +185,21 @@ fn pod_resources_families() -> String {
     };
     ctx.pod_resources.store(Ok(PodMap {
         allocations: vec![
-            alloc("a", "nvidia.com/gpu", "GPU-7b2d1f4c-2a3e-4c6b-8d8f-1e2f3a4b5c61"),
-            alloc("b", "nvidia.com/gpu", "GPU-9d4f3b6e-4c5a-4e8d-8fab-3a4b5c6d7e83::0"),
-            alloc("c", "nvidia.com/mig-1g.10gb", "MIG-3c4d5e6f-7a8b-5c9d-0e1f-2a3b4c5d6e7f"),
+            alloc(
+                "a",
+                "nvidia.com/gpu",
+                "GPU-7b2d1f4c-2a3e-4c6b-8d8f-1e2f3a4b5c61",
+            ),
+            alloc(
+                "b",
+                "nvidia.com/gpu",
+                "GPU-9d4f3b6e-4c5a-4e8d-8fab-3a4b5c6d7e83::0",
+            ),
+            alloc(
+                "c",
+                "nvidia.com/mig-1g.10gb",
+                "MIG-3c4d5e6f-7a8b-5c9d-0e1f-2a3b4c5d6e7f",
+            ),
         ],
     }));
     let backend = gpuops::gpu::fake::FakeBackend::load(&fixtures.join("kubelet/gpus8.json"))
