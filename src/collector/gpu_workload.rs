@@ -327,41 +327,57 @@ pub fn render_pod_info(snap: &Snapshot, pods: &PodMap, sink: &mut Sink) {
         let Some((d, mig)) = found else {
             continue;
         };
-        let idx = d.index.to_string();
-        let gi = mig.and_then(|m| m.gpu_instance_id).map(|v| v.to_string());
-        let ci = mig
-            .and_then(|m| m.compute_instance_id)
-            .map(|v| v.to_string());
-        let mut labels: Vec<(&str, &str)> = vec![
-            ("gpu", &idx),
+        let idx = small_number(d.index);
+        let gi = mig.and_then(|m| m.gpu_instance_id).map(small_number);
+        let ci = mig.and_then(|m| m.compute_instance_id).map(small_number);
+        let mig_labels = [
+            gi.as_deref().map(|v| ("gpu_instance_id", v)),
+            ci.as_deref().map(|v| ("compute_instance_id", v)),
+            mig.map(|m| ("mig_profile", m.profile.as_str())),
+        ];
+        let pod_labels = [
+            Some(("namespace", a.namespace.as_str())),
+            Some(("pod", &a.pod)),
+            Some(("container", &a.container)),
+            Some(("resource", &a.resource)),
+            a.replica.as_deref().map(|r| ("replica", r)),
+        ];
+        // On the stack: at most 12 labels.
+        let mut labels = [("", ""); 12];
+        let mut n = 0;
+        let base = [
+            ("gpu", &*idx),
             ("uuid", &d.uuid),
             ("name", &d.name),
             ("pci_bus_id", &d.pci_bus_id),
         ];
-        if let Some(gi) = &gi {
-            labels.push(("gpu_instance_id", gi));
+        for l in base
+            .into_iter()
+            .chain(mig_labels.into_iter().flatten())
+            .chain(pod_labels.into_iter().flatten())
+        {
+            labels[n] = l;
+            n += 1;
         }
-        if let Some(ci) = &ci {
-            labels.push(("compute_instance_id", ci));
-        }
-        if let Some(m) = mig {
-            labels.push(("mig_profile", &m.profile));
-        }
-        labels.extend([
-            ("namespace", a.namespace.as_str()),
-            ("pod", &a.pod),
-            ("container", &a.container),
-            ("resource", &a.resource),
-        ]);
-        if let Some(r) = &a.replica {
-            labels.push(("replica", r));
-        }
+        let labels = &labels[..n];
         sink.gauge(
             "gpu_pod_info",
             "A device allocated to a Kubernetes container, 1 (kubelet pod-resources API v1 List on [kubernetes] pod_resources_socket, read in the background): uuid and gpu are the physical GPU's; replica is N of a shared GPU's <uuid>::N (time-slicing, MPS); MIG devices carry gpu_instance_id, compute_instance_id and mig_profile. Join on uuid (or gpu) to name the pods on a GPU.",
-            &labels,
+            labels,
             1.0,
         );
+    }
+}
+
+/// A GPU index or MIG instance id as text, without allocating for the
+/// usual small ones.
+fn small_number(n: u32) -> std::borrow::Cow<'static, str> {
+    const SMALL: [&str; 16] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+    ];
+    match SMALL.get(n as usize) {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(n.to_string()),
     }
 }
 
