@@ -610,14 +610,14 @@ impl GpuCollector {
             sink.gauge(
                 "gpu_workload_processes",
                 "Processes of a workload on the GPU (NVML nvmlDeviceGetComputeRunningProcesses + graphics processes); workload from /proc/<pid>/cgroup: workload_type slurm (workload = job id, user from the cgroup path or /proc/<pid>/status and <rootfs>/etc/passwd), kubernetes (workload = pod uid, container), container (workload = runtime:id), systemd (workload = unit) or unknown.",
-                &labels,
+                labels,
                 u.processes as f64,
             );
             if let Some(v) = u.memory_used_bytes {
                 sink.gauge(
                     "gpu_workload_memory_used_bytes",
                     "Device memory used by a workload's processes on the GPU (NVML nvmlDeviceGetComputeRunningProcesses); labels as gpu_workload_processes.",
-                    &labels,
+                    labels,
                     v as f64,
                 );
             }
@@ -625,7 +625,7 @@ impl GpuCollector {
                 sink.gauge(
                     "gpu_workload_sm_utilization_percent",
                     "SM utilization of a workload's processes on the GPU over the driver's last sample period, summed and capped at 100 (NVML nvmlDeviceGetProcessUtilization); labels as gpu_workload_processes.",
-                    &labels,
+                    labels,
                     v,
                 );
             }
