@@ -339,6 +339,12 @@ fn kubelet_hang_never_delays_the_scrape() {
 
 #[test]
 #[ignore = "needs python3-grpcio: run by .ci/run"]
+fn kubelet_answer_over_16_mib_is_refused() {
+    kubelet_fails("huge", "over the 16 MiB limit, refused");
+}
+
+#[test]
+#[ignore = "needs python3-grpcio: run by .ci/run"]
 fn kubelet_closed_socket_is_a_collector_failure() {
     kubelet_fails("closed", "http/2 handshake");
 }
