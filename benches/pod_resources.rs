@@ -9,6 +9,13 @@
 //!
 //! Run with the node build's profile (what ships):
 //! `cargo bench --profile release-agent --no-default-features --features agent --bench pod_resources`.
+//!
+//! Measured on the shared 2-core machine (release-agent profile), criterion
+//! medians, two runs: no mapping 350.6 µs / 516.7 µs, 110 pods mapped
+//! 402.0 µs / 592.6 µs (+51 µs / +76 µs, about 15 %: the 56 `gpu_pod_info`
+//! series, 178,461 → 196,097 bytes of exposition, +10 %; the join itself is
+//! one hash map of 64 UUIDs per scrape). The background decode of the
+//! node's 9,638-byte `List` answer: 102 µs / 62 µs.
 
 use std::path::Path;
 use std::sync::Arc;
