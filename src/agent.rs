@@ -105,6 +105,9 @@ async fn serve(cfg: Arc<AgentConfig>) -> anyhow::Result<()> {
     if cfg.node_state.slurm {
         spawn_slurm_sampler(&cfg, ctx.scheduler.clone());
     }
+    if ctx.pod_resources.is_on() {
+        crate::kubelet::spawn_refresher(cfg.kubernetes.clone(), ctx.pod_resources.clone());
+    }
     let gpu_gate = ctx.gpu_gate.clone();
     let runner = Arc::new(Runner::new(ctx, collectors));
     let state = Arc::new(AgentState {
@@ -325,7 +328,16 @@ pub fn collect_once(args: CollectArgs) -> anyhow::Result<ExitCode> {
     telemetry::init("gpuops-agent", cfg.log.json, "warn");
     let events = Arc::new(KernelEvents::new());
     kmsg::read_once(&cfg.roots, &events);
-    let ctx = Arc::new(Context::new(cfg, events, false));
+    let ctx = Arc::new(Context::new(cfg.clone(), events, false));
+    if ctx.pod_resources.is_on() {
+        // One List (with its deadline) before the one collection.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        ctx.pod_resources
+            .store(rt.block_on(crate::kubelet::list(&cfg.kubernetes)));
+    }
     let collectors = collector::all(&ctx);
     let runner = Runner::new(ctx, collectors);
     let collected = runner.collect();

@@ -34,6 +34,7 @@ pub mod gpu;
 pub mod host;
 #[cfg(feature = "bot")]
 pub mod inventory;
+pub mod kubelet;
 #[cfg(feature = "bot")]
 pub mod lifecycle;
 #[cfg(feature = "bot")]

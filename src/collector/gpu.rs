@@ -555,6 +555,9 @@ impl GpuCollector {
         }
         drop(books);
         *lock(&self.inner.processes) = seen;
+        if let Some(pods) = ctx.pod_resources.current() {
+            gpu_workload::render_pod_info(snap, &pods, sink);
+        }
         render_xids(snap, xids, sink);
     }
 }
@@ -585,8 +588,12 @@ impl GpuCollector {
             let w = seen.get(&p.pid).map_or(&unknown, |i| &i.workload);
             (w, p.memory_used_bytes, p.sm_utilization_percent)
         }));
+        let pods = ctx.pod_resources.current();
+        let named = pods
+            .as_deref()
+            .and_then(|p| gpu_workload::pod_on_gpu(p, d, sums.keys().copied()));
         for (w, u) in &sums {
-            let labels = with(
+            let plain = with(
                 base,
                 &[
                     ("workload_type", w.kind),
@@ -595,17 +602,22 @@ impl GpuCollector {
                     ("container", &w.container),
                 ],
             );
+            let named_labels = named
+                .as_ref()
+                .filter(|n| w.kind == "kubernetes" && n.uid == w.id)
+                .map(|n| gpu_workload::with_pod_name(&plain, n));
+            let labels: &[(&str, &str)] = named_labels.as_deref().unwrap_or(&plain);
             sink.gauge(
                 "gpu_workload_processes",
                 "Processes of a workload on the GPU (NVML nvmlDeviceGetComputeRunningProcesses + graphics processes); workload from /proc/<pid>/cgroup: workload_type slurm (workload = job id, user from the cgroup path or /proc/<pid>/status and <rootfs>/etc/passwd), kubernetes (workload = pod uid, container), container (workload = runtime:id), systemd (workload = unit) or unknown.",
-                &labels,
+                labels,
                 u.processes as f64,
             );
             if let Some(v) = u.memory_used_bytes {
                 sink.gauge(
                     "gpu_workload_memory_used_bytes",
                     "Device memory used by a workload's processes on the GPU (NVML nvmlDeviceGetComputeRunningProcesses); labels as gpu_workload_processes.",
-                    &labels,
+                    labels,
                     v as f64,
                 );
             }
@@ -613,7 +625,7 @@ impl GpuCollector {
                 sink.gauge(
                     "gpu_workload_sm_utilization_percent",
                     "SM utilization of a workload's processes on the GPU over the driver's last sample period, summed and capped at 100 (NVML nvmlDeviceGetProcessUtilization); labels as gpu_workload_processes.",
-                    &labels,
+                    labels,
                     v,
                 );
             }

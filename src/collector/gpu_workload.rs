@@ -3,10 +3,20 @@
 //! text, and the per-GPU sums the GPU collector exports
 //! (`gpu_workload_*`, `gpu_allocated_idle`).
 //!
+//! With the kubelet's pod-resources mapping ([`crate::kubelet::PodMap`]):
+//! `gpu_pod_info` (one series per allocated device) and the pod's namespace,
+//! name and container on a GPU's `gpu_workload_*` series when the
+//! attribution is unambiguous ([`pod_on_gpu`]).
+//!
 //! Pure functions over text already read by the collector through
-//! [`crate::host::HostRoots`]; this module must not read files or call NVML.
+//! [`crate::host::HostRoots`] and over the GPU snapshot; this module must
+//! not read files, call NVML or call the kubelet.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use crate::collector::Sink;
+use crate::gpu::{DeviceReading, MigReading, Snapshot};
+use crate::kubelet::{Allocation, Device, PodMap};
 
 /// The workload a process belongs to, as exported in labels.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -287,6 +297,162 @@ pub fn allocated_idle(
     Some(allocated && activity < IDLE_SM_PERCENT)
 }
 
+/// `gpu_pod_info{gpu,uuid,name,pci_bus_id,namespace,pod,container,resource}`
+/// 1 per allocated device, with `replica` for a shared GPU's `<uuid>::N` and
+/// the MIG instance's labels (`gpu_instance_id`, `compute_instance_id`,
+/// `mig_profile`) for a MIG device; `uuid` is always the physical GPU's. An
+/// allocation of a device this node's backend does not list is left out.
+pub fn render_pod_info(snap: &Snapshot, pods: &PodMap, sink: &mut Sink) {
+    if pods.allocations.is_empty() {
+        return;
+    }
+    let mut by_uuid: HashMap<&str, (&DeviceReading, Option<&MigReading>)> = HashMap::new();
+    for d in &snap.devices {
+        if !d.uuid.is_empty() {
+            by_uuid.insert(&d.uuid, (d, None));
+        }
+        for m in d.mig.iter().filter(|m| !m.uuid.is_empty()) {
+            by_uuid.insert(&m.uuid, (d, Some(m)));
+        }
+    }
+    for a in &pods.allocations {
+        let found = match &a.device {
+            Device::Uuid(u) => by_uuid.get(u.as_str()).copied(),
+            Device::Index(i) => snap
+                .devices
+                .iter()
+                .find(|d| d.index == *i)
+                .map(|d| (d, None)),
+        };
+        let Some((d, mig)) = found else {
+            continue;
+        };
+        let idx = small_number(d.index);
+        let gi = mig.and_then(|m| m.gpu_instance_id).map(small_number);
+        let ci = mig.and_then(|m| m.compute_instance_id).map(small_number);
+        let mig_labels = [
+            gi.as_deref().map(|v| ("gpu_instance_id", v)),
+            ci.as_deref().map(|v| ("compute_instance_id", v)),
+            mig.map(|m| ("mig_profile", m.profile.as_str())),
+        ];
+        let pod_labels = [
+            Some(("namespace", a.namespace.as_str())),
+            Some(("pod", &a.pod)),
+            Some(("container", &a.container)),
+            Some(("resource", &a.resource)),
+            a.replica.as_deref().map(|r| ("replica", r)),
+        ];
+        // On the stack: at most 12 labels.
+        let mut labels = [("", ""); 12];
+        let mut n = 0;
+        let base = [
+            ("gpu", &*idx),
+            ("uuid", &d.uuid),
+            ("name", &d.name),
+            ("pci_bus_id", &d.pci_bus_id),
+        ];
+        for l in base
+            .into_iter()
+            .chain(mig_labels.into_iter().flatten())
+            .chain(pod_labels.into_iter().flatten())
+        {
+            labels[n] = l;
+            n += 1;
+        }
+        let labels = &labels[..n];
+        sink.gauge(
+            "gpu_pod_info",
+            "A device allocated to a Kubernetes container, 1 (kubelet pod-resources API v1 List on [kubernetes] pod_resources_socket, read in the background): uuid and gpu are the physical GPU's; replica is N of a shared GPU's <uuid>::N (time-slicing, MPS); MIG devices carry gpu_instance_id, compute_instance_id and mig_profile. Join on uuid (or gpu) to name the pods on a GPU.",
+            labels,
+            1.0,
+        );
+    }
+}
+
+/// A GPU index or MIG instance id as text, without allocating for the
+/// usual small ones.
+fn small_number(n: u32) -> std::borrow::Cow<'static, str> {
+    const SMALL: [&str; 16] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+    ];
+    match SMALL.get(n as usize) {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(n.to_string()),
+    }
+}
+
+/// The pod named on one GPU's `gpu_workload_*` series.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodName<'a> {
+    /// The pod uid (from the cgroup) the name is given to.
+    pub uid: &'a str,
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    /// The container's name when the pod has one container on the GPU.
+    pub container: Option<&'a str>,
+}
+
+/// The pod to name on GPU `d`'s workload series: the pod-resources API
+/// names pods by namespace and name, the cgroup by uid, so a uid is named
+/// only when it cannot be wrong: exactly one Kubernetes pod uid among the
+/// GPU's processes and exactly one pod allocated the GPU (its whole GPU, a
+/// MIG instance of it or replicas of it). Shared by several pods, or a pod
+/// on it that holds no allocation: `None`, the uid stays.
+pub fn pod_on_gpu<'a>(
+    pods: &'a PodMap,
+    d: &DeviceReading,
+    workloads: impl IntoIterator<Item = &'a Workload>,
+) -> Option<PodName<'a>> {
+    let mut uid = None;
+    for w in workloads.into_iter().filter(|w| w.kind == "kubernetes") {
+        match uid {
+            None => uid = Some(w.id.as_str()),
+            Some(u) if u == w.id => {}
+            Some(_) => return None,
+        }
+    }
+    let uid = uid?;
+    let on_gpu = |a: &&Allocation| match &a.device {
+        Device::Uuid(u) => *u == d.uuid || d.mig.iter().any(|m| m.uuid == *u),
+        Device::Index(i) => *i == d.index,
+    };
+    let mut held = pods.allocations.iter().filter(on_gpu);
+    let first = held.next()?;
+    let mut container = Some(first.container.as_str());
+    for a in held {
+        if a.namespace != first.namespace || a.pod != first.pod {
+            return None;
+        }
+        if container != Some(a.container.as_str()) {
+            container = None;
+        }
+    }
+    Some(PodName {
+        uid,
+        namespace: &first.namespace,
+        pod: &first.pod,
+        container,
+    })
+}
+
+/// A workload's labels with the pod named: `namespace` and `pod` added,
+/// `container` the container's name when known (else the runtime id).
+pub fn with_pod_name<'a>(
+    labels: &[(&'a str, &'a str)],
+    named: &PodName<'a>,
+) -> Vec<(&'a str, &'a str)> {
+    let mut out: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|&(k, v)| match (k, named.container) {
+            ("container", Some(c)) => (k, c),
+            _ => (k, v),
+        })
+        .collect();
+    out.push(("namespace", named.namespace));
+    out.push(("pod", named.pod));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,5 +621,81 @@ mod tests {
         assert_eq!(allocated_idle(Some(2 << 30), true, Some(50.0)), Some(false));
         assert_eq!(allocated_idle(Some(2 << 30), true, None), None);
         assert_eq!(allocated_idle(None, true, Some(0.0)), Some(true));
+    }
+
+    fn alloc(pod: &str, container: &str, device: &str) -> Allocation {
+        let (device, replica) = crate::kubelet::parse_device_id(device);
+        Allocation {
+            namespace: "training".into(),
+            pod: pod.into(),
+            container: container.into(),
+            resource: "nvidia.com/gpu".into(),
+            device,
+            replica,
+        }
+    }
+
+    #[test]
+    fn workload_named_only_when_one_pod_holds_the_gpu() {
+        let d = DeviceReading {
+            index: 2,
+            uuid: "GPU-2".into(),
+            mig: vec![MigReading {
+                uuid: "MIG-2a".into(),
+                ..MigReading::default()
+            }],
+            ..DeviceReading::default()
+        };
+        let k = w("kubernetes", "uid-1", "", "containerd:aabbccddeeff");
+        let other = w("kubernetes", "uid-2", "", "");
+        let unit = w("systemd", "x.service", "", "");
+        let one = PodMap {
+            allocations: vec![
+                alloc("llama-0", "trainer", "GPU-2"),
+                alloc("b", "c", "GPU-9"),
+            ],
+        };
+        let named = pod_on_gpu(&one, &d, [&k, &unit]).unwrap();
+        assert_eq!(
+            named,
+            PodName {
+                uid: "uid-1",
+                namespace: "training",
+                pod: "llama-0",
+                container: Some("trainer")
+            }
+        );
+        let labels = with_pod_name(
+            &[
+                ("workload", "uid-1"),
+                ("container", "containerd:aabbccddeeff"),
+            ],
+            &named,
+        );
+        assert_eq!(
+            labels,
+            vec![
+                ("workload", "uid-1"),
+                ("container", "trainer"),
+                ("namespace", "training"),
+                ("pod", "llama-0")
+            ]
+        );
+        // Two pod uids on the GPU: which is which cannot be told.
+        assert_eq!(pod_on_gpu(&one, &d, [&k, &other]), None);
+        // Two pods share it (replicas): the uid stays.
+        let shared = PodMap {
+            allocations: vec![alloc("a", "c", "GPU-2::0"), alloc("b", "c", "GPU-2::1")],
+        };
+        assert_eq!(pod_on_gpu(&shared, &d, [&k]), None);
+        // One pod, by MIG instance and by index, two containers: no container name.
+        let mig = PodMap {
+            allocations: vec![alloc("a", "c1", "MIG-2a"), alloc("a", "c2", "nvidia2")],
+        };
+        let named = pod_on_gpu(&mig, &d, [&k]).unwrap();
+        assert_eq!((named.pod, named.container), ("a", None));
+        // Nothing allocated on it, or no Kubernetes process.
+        assert_eq!(pod_on_gpu(&PodMap::default(), &d, [&k]), None);
+        assert_eq!(pod_on_gpu(&one, &d, [&unit]), None);
     }
 }

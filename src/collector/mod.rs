@@ -21,6 +21,7 @@ pub mod kmsg;
 pub mod memory;
 pub mod node_state;
 pub mod oom;
+pub mod pod_resources;
 pub mod storage;
 #[cfg(test)]
 mod testutil;
@@ -54,10 +55,17 @@ pub struct Context {
     /// The scheduler's latest view of this node (`node_state.rs`), written
     /// by the agent's sampler.
     pub scheduler: Arc<node_state::Latest>,
+    /// Which pod holds which GPU (`[kubernetes]`), written by the agent's
+    /// background reader (`crate::kubelet::spawn_refresher`).
+    pub pod_resources: Arc<crate::kubelet::Latest>,
 }
 
 impl Context {
     pub fn new(config: Arc<AgentConfig>, events: Arc<KernelEvents>, background: bool) -> Context {
+        let pod_resources = Arc::new(crate::kubelet::Latest::new(
+            crate::kubelet::active(&config.kubernetes),
+            config.kubernetes.refresh_interval,
+        ));
         Context {
             roots: config.roots.clone(),
             config,
@@ -66,6 +74,7 @@ impl Context {
             gpu_backend: std::sync::OnceLock::new(),
             gpu_gate: Arc::new(crate::gpu::GpuGate::default()),
             scheduler: Arc::new(node_state::Latest::default()),
+            pod_resources,
         }
     }
 }
@@ -120,6 +129,9 @@ pub fn all(ctx: &Arc<Context>) -> Vec<Arc<dyn Collector>> {
     }
     if ctx.config.node_state.slurm {
         out.push(Arc::new(node_state::NodeStateCollector::new(ctx)));
+    }
+    if ctx.pod_resources.is_on() {
+        out.push(Arc::new(pod_resources::PodResourcesCollector));
     }
     out.push(Arc::new(kmsg::KmsgCollector));
     out

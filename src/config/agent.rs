@@ -51,6 +51,45 @@ pub struct AgentConfig {
     pub web_config_file: Option<PathBuf>,
     /// `[node_state]`: whether the scheduler has this node out.
     pub node_state: NodeStateConfig,
+    /// `[kubernetes]`: pod names from the kubelet's pod-resources socket.
+    pub kubernetes: KubernetesConfig,
+}
+
+/// `[kubernetes]`: which pod holds which GPU, read from the kubelet's
+/// pod-resources API (`src/kubelet/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesConfig {
+    /// `enabled` (`"auto"`): `auto` reads the socket when it exists at start.
+    pub enabled: KubernetesEnabled,
+    /// `pod_resources_socket` (`/var/lib/kubelet/pod-resources/kubelet.sock`).
+    pub pod_resources_socket: PathBuf,
+    /// `resource_names` (`[]`): resources mapped besides `nvidia.com/gpu`
+    /// and `nvidia.com/mig-*` (e.g. `nvidia.com/gpu.shared`).
+    pub resource_names: Vec<String>,
+    /// `refresh_interval_secs` (10): how often `List` is called in the background.
+    pub refresh_interval: Duration,
+}
+
+/// `[kubernetes] enabled`: `"auto"`, `true` or `false`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubernetesEnabled {
+    Auto,
+    On,
+    Off,
+}
+
+/// The kubelet's pod-resources socket.
+pub const DEFAULT_POD_RESOURCES_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            enabled: KubernetesEnabled::Auto,
+            pod_resources_socket: PathBuf::from(DEFAULT_POD_RESOURCES_SOCKET),
+            resource_names: Vec::new(),
+            refresh_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `[node_state]`: which scheduler's view of this node the agent exports
@@ -252,6 +291,7 @@ impl Default for AgentConfig {
             web: WebLimits::default(),
             web_config_file: None,
             node_state: NodeStateConfig::default(),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 }
@@ -333,6 +373,33 @@ impl AgentConfig {
                         "the Kubernetes node state is not read yet: leave it false (Slurm only)",
                     );
                 }
+            }
+            r.finish(s);
+        }
+
+        if let Some(mut s) = r.table(&mut root, "kubernetes") {
+            let k = &mut c.kubernetes;
+            if let Some(v) = r.get_with(&mut s, "enabled", |v: toml::Value| match v {
+                toml::Value::Boolean(true) => Ok(KubernetesEnabled::On),
+                toml::Value::Boolean(false) => Ok(KubernetesEnabled::Off),
+                toml::Value::String(s) if s == "auto" => Ok(KubernetesEnabled::Auto),
+                other => Err(format!("must be \"auto\", true or false, got {other}")),
+            }) {
+                k.enabled = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "pod_resources_socket", non_empty_path) {
+                k.pod_resources_socket = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "resource_names", |v: Vec<String>| {
+                match v.iter().find(|n| !is_resource_name(n)) {
+                    Some(bad) => Err(format!("{bad:?} is not a resource name (domain/name)")),
+                    None => Ok(v),
+                }
+            }) {
+                k.resource_names = v;
+            }
+            if let Some(v) = r.get_with(&mut s, "refresh_interval_secs", positive_secs) {
+                k.refresh_interval = v;
             }
             r.finish(s);
         }
@@ -510,6 +577,17 @@ fn non_empty_path(p: PathBuf) -> Result<PathBuf, String> {
     }
 }
 
+/// An extended resource name: `domain/name`, letters, digits, `-`, `_`, `.`.
+fn is_resource_name(n: &str) -> bool {
+    let ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    matches!(n.split_once('/'), Some((d, name)) if ok(d) && ok(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,6 +597,29 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn kubernetes_section_enabled_auto_true_false_and_bad_values() {
+        let c = AgentConfig::from_str(Path::new("a.toml"), "").unwrap();
+        assert_eq!(c.kubernetes, KubernetesConfig::default());
+        let c = AgentConfig::from_str(
+            Path::new("a.toml"),
+            "[kubernetes]\nenabled = true\npod_resources_socket = \"/run/k.sock\"\nresource_names = [\"nvidia.com/gpu.shared\"]\nrefresh_interval_secs = 30\n",
+        )
+        .unwrap();
+        assert_eq!(c.kubernetes.enabled, KubernetesEnabled::On);
+        assert_eq!(
+            c.kubernetes.pod_resources_socket,
+            PathBuf::from("/run/k.sock")
+        );
+        assert_eq!(c.kubernetes.resource_names, vec!["nvidia.com/gpu.shared"]);
+        assert_eq!(c.kubernetes.refresh_interval, Duration::from_secs(30));
+        let c =
+            AgentConfig::from_str(Path::new("a.toml"), "[kubernetes]\nenabled = false\n").unwrap();
+        assert_eq!(c.kubernetes.enabled, KubernetesEnabled::Off);
+        let e = errors("[kubernetes]\nenabled = \"yes\"\nresource_names = [\"gpu\"]\nrefresh_interval_secs = 0\nsocket = \"x\"\n");
+        assert_eq!(e.len(), 4, "{e:?}");
     }
 
     #[test]

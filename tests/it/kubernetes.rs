@@ -223,7 +223,10 @@ fn agent_daemonset_has_no_token_drops_all_capabilities_and_mounts_host_roots_rea
         "tolerates the nvidia.com/gpu taint"
     );
     assert_eq!(s(&pod, "runtimeClassName"), "nvidia");
-    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    // uid 0 for the kubelet's pod-resources socket (srwxr-xr-x root), with
+    // every capability dropped below: root by uid, not by capability.
+    assert_eq!(pod["securityContext"]["runAsUser"].as_u64(), Some(0));
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(false));
 
     let sc = &c["securityContext"];
     assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
@@ -331,7 +334,23 @@ fn service_monitor_sets_node_from_the_pods_node_name() {
     assert_eq!(endpoints.len(), 1);
     let ep = &endpoints[0];
     assert_eq!(s(ep, "port"), s(port, "name"));
-    assert_eq!(ep["honorLabels"].as_bool(), Some(false));
+    // The workloads' namespace/pod/container labels are the agent's series'
+    // (gpu_pod_info, gpu_workload_*): the target's are renamed or dropped.
+    assert_eq!(ep["honorLabels"].as_bool(), Some(true));
+    let relabelings = ep["relabelings"].as_sequence().expect("relabelings");
+    let dropped = relabelings
+        .iter()
+        .find(|r| s(r, "action") == "labeldrop")
+        .map(|r| {
+            s(r, "regex")
+                .split('|')
+                .map(str::to_string)
+                .collect::<BTreeSet<_>>()
+        })
+        .unwrap_or_default();
+    for l in ["namespace", "pod", "container"] {
+        assert!(dropped.contains(l), "the target's {l} label is not dropped");
+    }
     let sets_node = ep["relabelings"]
         .as_sequence()
         .expect("relabelings")

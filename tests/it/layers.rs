@@ -27,7 +27,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "web",
         ],
     ),
-    ("agent side", &["gpu", "collector", "exporter"]),
+    ("agent side", &["gpu", "kubelet", "collector", "exporter"]),
     ("runbooks", &["runbook", "rbac"]),
     ("bot leaves", &["routing", "message"]),
     ("bot seams", &["store", "notify"]),

@@ -37,6 +37,7 @@ mod gpu_slow;
 mod gpu_xid;
 mod incident_walkthrough;
 mod inventory_prometheus;
+mod kubelet;
 mod kubernetes;
 mod layers;
 mod lifecycle;

@@ -133,6 +133,8 @@ fn library_only_families() -> String {
         .expect("node_state collect");
     text.push_str(&sink.into_text());
 
+    text.push_str(&pod_resources_families());
+
     let http = HttpMetrics::new();
     http.observe("/metrics", "GET", 200, 0.001, Some(0), Some(100));
     encoder
@@ -152,6 +154,63 @@ fn library_only_families() -> String {
         .collect();
     encoder.encode_utf8(&nodes, &mut text).expect("encode");
     text
+}
+
+/// `[kubernetes]` on: the GPU collector on the 8-GPU fixture with a
+/// pod-resources mapping (`gpu_pod_info`, pod names on `gpu_workload_*`),
+/// and the `pod_resources` collector.
+fn pod_resources_families() -> String {
+    use gpuops::kubelet::{parse_device_id, Allocation, PodMap};
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut cfg = AgentConfig::default();
+    cfg.roots.procfs = fixtures.join("gpu/proc");
+    cfg.roots.rootfs = fixtures.join("gpu/root");
+    cfg.gpu.gpm = false;
+    cfg.kubernetes.enabled = gpuops::config::agent::KubernetesEnabled::On;
+    let ctx = Arc::new(Context::new(
+        Arc::new(cfg),
+        Arc::new(KernelEvents::new()),
+        false,
+    ));
+    let alloc = |pod: &str, resource: &str, id: &str| {
+        let (device, replica) = parse_device_id(id);
+        Allocation {
+            namespace: "training".into(),
+            pod: pod.into(),
+            container: "trainer".into(),
+            resource: resource.into(),
+            device,
+            replica,
+        }
+    };
+    ctx.pod_resources.store(Ok(PodMap {
+        allocations: vec![
+            alloc(
+                "a",
+                "nvidia.com/gpu",
+                "GPU-7b2d1f4c-2a3e-4c6b-8d8f-1e2f3a4b5c61",
+            ),
+            alloc(
+                "b",
+                "nvidia.com/gpu",
+                "GPU-9d4f3b6e-4c5a-4e8d-8fab-3a4b5c6d7e83::0",
+            ),
+            alloc(
+                "c",
+                "nvidia.com/mig-1g.10gb",
+                "MIG-3c4d5e6f-7a8b-5c9d-0e1f-2a3b4c5d6e7f",
+            ),
+        ],
+    }));
+    let backend = gpuops::gpu::fake::FakeBackend::load(&fixtures.join("kubelet/gpus8.json"))
+        .expect("the 8-GPU fixture");
+    let gpu = gpuops::collector::gpu::GpuCollector::with_backend(&ctx, Arc::new(backend));
+    let mut sink = Sink::new();
+    gpu.collect(&ctx, &mut sink).expect("gpu collect");
+    gpuops::collector::pod_resources::PodResourcesCollector
+        .collect(&ctx, &mut sink)
+        .expect("pod_resources collect");
+    sink.into_text()
 }
 
 const SECTIONS: &[(&str, &str)] = &[
