@@ -226,7 +226,10 @@ fn agent_daemonset_has_no_token_drops_all_capabilities_and_mounts_host_roots_rea
     // uid 0 for the kubelet's pod-resources socket (srwxr-xr-x root), with
     // every capability dropped below: root by uid, not by capability.
     assert_eq!(pod["securityContext"]["runAsUser"].as_u64(), Some(0));
-    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(false));
+    assert_eq!(
+        pod["securityContext"]["runAsNonRoot"].as_bool(),
+        Some(false)
+    );
 
     let sc = &c["securityContext"];
     assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
@@ -642,4 +645,74 @@ fn kustomize_renders_the_manifests_and_the_kmsg_component() {
         host_mount(pod, c, "/proc").is_some(),
         "the patch merges into the DaemonSet"
     );
+}
+
+/// The kinds `kubernetes-validate` has schemas for: the built-in ones. The
+/// prometheus-operator kinds (ServiceMonitor, PrometheusRule) and the
+/// Kustomization are checked by the tests above and by `kubectl kustomize`.
+fn built_in_manifests() -> Vec<PathBuf> {
+    yaml_files(&k8s_dir())
+        .into_iter()
+        .filter(|p| !p.components().any(|c| c.as_os_str() == "components"))
+        .filter(|p| {
+            documents(p).iter().all(|d| {
+                let api = s(d, "apiVersion");
+                !api.starts_with("monitoring.coreos.com/") && !api.starts_with("kustomize.")
+            })
+        })
+        .collect()
+}
+
+/// `kubernetes-validate --strict -k <version> <files>`: (success, output).
+fn kubernetes_validate(version: &str, files: &[PathBuf]) -> (bool, String) {
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "-k", version])
+        .args(files)
+        .output()
+        .expect("kubernetes-validate (pip install kubernetes-validate; .ci/run does)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Issue 25: the manifests validate offline against the Kubernetes schemas,
+/// strictly (no unknown field), for 1.28 (the first release with the
+/// pod-resources `List` GA) and the validator's newest.
+#[test]
+#[ignore = "needs kubernetes-validate (pip): run by .ci/run"]
+fn manifests_validate_strictly_against_the_kubernetes_schemas() {
+    let files = built_in_manifests();
+    assert!(
+        files.len() >= 9,
+        "the built-in objects: {files:?} (namespace, agent ×3, bot ×5)"
+    );
+    for version in ["1.28.0", "1.33.0"] {
+        let (ok, out) = kubernetes_validate(version, &files);
+        assert!(ok, "kubernetes {version}:\n{out}");
+        for f in &files {
+            let name = f.display().to_string();
+            assert!(
+                out.lines()
+                    .any(|l| l.contains(&name) && l.contains("passed")),
+                "kubernetes {version}: no pass for {name}:\n{out}"
+            );
+        }
+    }
+
+    // The validator is strict: a field the schema lacks fails it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("agent-daemonset.yaml");
+    let text = std::fs::read_to_string(k8s_dir().join("agent-daemonset.yaml")).expect("daemonset");
+    let text = text.replacen(
+        "      hostPID: true\n",
+        "      hostPID: true\n      hostPIDs: true\n",
+        1,
+    );
+    assert!(text.contains("hostPIDs"), "the DaemonSet sets hostPID");
+    std::fs::write(&bad, text).expect("write");
+    let (ok, out) = kubernetes_validate("1.28.0", &[bad]);
+    assert!(!ok, "an unknown field passed strict validation:\n{out}");
 }
