@@ -143,6 +143,11 @@ pub struct Step {
     /// (`lifecycle`) once this mitigation succeeded / failed.
     pub node_state: Option<NodeState>,
     pub node_state_on_failure: Option<NodeState>,
+    /// `nothing_found_exit: N` (investigate command steps):
+    /// the exit status with which the command says it found nothing
+    /// (`journalctl --grep`, `lsof`, `fuser`, `grep`: 1). That is an answer,
+    /// not a failure: the step succeeds and its output says "nothing found".
+    pub nothing_found_exit: Option<i32>,
 }
 
 /// Where a node stands between a fault and its return (`src/lifecycle.rs`

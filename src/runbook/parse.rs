@@ -195,6 +195,7 @@ const STEP_KEYS: &[&str] = &[
     "fail_if_none",
     "node_state",
     "node_state_on_failure",
+    "nothing_found_exit",
 ];
 
 fn value_kind(v: &Value) -> &'static str {

@@ -192,15 +192,29 @@ impl StepOutcome {
         }
     }
 
-    fn from_command(out: CommandOutput) -> StepOutcome {
+    /// The outcome of a command that ran; `nothing_found` is the step's
+    /// `nothing_found_exit`: that status succeeds, saying it found nothing.
+    fn from_command(out: CommandOutput, nothing_found: Option<i32>) -> StepOutcome {
+        let found_nothing =
+            !out.timed_out && out.exit_code.is_some() && out.exit_code == nothing_found;
         let status = if out.timed_out {
             StepStatus::TimedOut
-        } else if out.exit_code == Some(0) {
+        } else if out.exit_code == Some(0) || found_nothing {
             StepStatus::Succeeded
         } else {
             StepStatus::Failed
         };
         let mut output = out.stdout;
+        if found_nothing {
+            if !output.is_empty() && !output.ends_with('\n') {
+                output.push('\n');
+            }
+            let _ = writeln!(
+                output,
+                "(nothing found: exit {})",
+                out.exit_code.unwrap_or_default()
+            );
+        }
         if !out.stderr.is_empty() {
             if !output.is_empty() && !output.ends_with('\n') {
                 output.push('\n');
@@ -350,7 +364,7 @@ impl Executor {
         };
         let start = Instant::now();
         match self.runner.run(&spec).await {
-            Ok(out) => StepOutcome::from_command(out),
+            Ok(out) => StepOutcome::from_command(out, step.nothing_found_exit),
             Err(e) => StepOutcome::error(e.to_string(), start.elapsed()),
         }
     }
@@ -777,15 +791,18 @@ impl AgentClient {
                         Duration::from_secs_f64(r.duration_seconds.max(0.0)),
                     );
                 }
-                StepOutcome::from_command(CommandOutput {
-                    exit_code: r.exit_code,
-                    stdout: r.stdout,
-                    stderr: r.stderr,
-                    duration: Duration::try_from_secs_f64(r.duration_seconds)
-                        .unwrap_or(start.elapsed()),
-                    timed_out: r.timed_out,
-                    truncated: r.truncated,
-                })
+                StepOutcome::from_command(
+                    CommandOutput {
+                        exit_code: r.exit_code,
+                        stdout: r.stdout,
+                        stderr: r.stderr,
+                        duration: Duration::try_from_secs_f64(r.duration_seconds)
+                            .unwrap_or(start.elapsed()),
+                        timed_out: r.timed_out,
+                        truncated: r.truncated,
+                    },
+                    step.step.nothing_found_exit,
+                )
             }
             Err(e) => StepOutcome::error(
                 format!("agent at {base} sent an unreadable answer: {e}"),
@@ -846,4 +863,47 @@ fn http_client() -> reqwest::Client {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exited(code: i32, stdout: &str) -> CommandOutput {
+        CommandOutput {
+            exit_code: Some(code),
+            stdout: stdout.into(),
+            stderr: String::new(),
+            duration: Duration::from_millis(5),
+            timed_out: false,
+            truncated: false,
+        }
+    }
+
+    /// A healthy node's kernel log has no XID: `journalctl --grep` exits 1
+    /// with "-- No entries --" (this machine's journalctl too). With `nothing_found_exit: 1` that is a
+    /// succeeded investigation that says it found nothing, not a failure.
+    #[test]
+    fn investigation_that_finds_nothing_is_not_a_failure() {
+        let o = StepOutcome::from_command(exited(1, "-- No entries --\n"), Some(1));
+        assert_eq!(o.status, StepStatus::Succeeded);
+        assert_eq!(o.output, "-- No entries --\n(nothing found: exit 1)\n");
+        assert_eq!(o.exit_code, Some(1));
+        // Another status is still a failure, and without the key 1 is too.
+        assert_eq!(
+            StepOutcome::from_command(exited(2, ""), Some(1)).status,
+            StepStatus::Failed
+        );
+        assert_eq!(
+            StepOutcome::from_command(exited(1, ""), None).status,
+            StepStatus::Failed
+        );
+        // A command killed at its deadline never "found nothing".
+        let mut late = exited(1, "");
+        late.timed_out = true;
+        assert_eq!(
+            StepOutcome::from_command(late, Some(1)).status,
+            StepStatus::TimedOut
+        );
+    }
 }

@@ -449,6 +449,38 @@ impl Walker {
                 }
             }
         }
+        let nothing_found_exit = match get("nothing_found_exit") {
+            None => None,
+            Some(v) => match v.as_i64() {
+                Some(n @ 1..=255) => {
+                    if kind != Some(Kind::Command) {
+                        self.err(
+                            &loc,
+                            "nothing_found_exit",
+                            "only command steps have an exit status",
+                        );
+                    } else if phase != Some(Phase::Investigate) {
+                        self.err(
+                            &loc,
+                            "nothing_found_exit",
+                            "only investigate steps look for something: a mitigation that exits non-zero failed",
+                        );
+                    }
+                    Some(n as i32)
+                }
+                _ => {
+                    self.err(
+                        &loc,
+                        "nothing_found_exit",
+                        format!(
+                            "must be an exit status from 1 to 255, got {}",
+                            display_value(v)
+                        ),
+                    );
+                    None
+                }
+            },
+        };
         if approval_group.is_some() && !needs_approval {
             self.err(
                 &loc,
@@ -475,6 +507,7 @@ impl Walker {
             state_on_failure,
             node_state,
             node_state_on_failure,
+            nothing_found_exit,
         })
     }
 }
@@ -823,6 +856,32 @@ steps:
         assert!(
             e.contains("node_state: only mitigations change the node's state"),
             "{e}"
+        );
+    }
+
+    /// `nothing_found_exit: 1` on an investigate command step is read; on a
+    /// mitigation, on a PromQL step or out of range it is an error naming
+    /// file, line, step and key.
+    #[test]
+    fn nothing_found_exit_is_for_investigate_commands_only() {
+        let head = "id: t\ntitle: t\nsteps:\n";
+        let ok = format!("{head}  - name: log\n    phase: investigate\n    kind: command\n    target: node\n    nothing_found_exit: 1\n    run: [journalctl, -k, --grep, Xid]\n");
+        let rb = parse_runbook(Path::new("t.yaml"), &ok).unwrap();
+        assert_eq!(rb.steps[0].nothing_found_exit, Some(1));
+
+        let bad = format!(
+            "{head}  - name: drain\n    phase: mitigate\n    kind: command\n    target: node\n    needs_approval: true\n    nothing_found_exit: 1\n    run: [scontrol, update]\n  - name: q\n    phase: investigate\n    kind: promql\n    nothing_found_exit: 1\n    query: up\n  - name: big\n    phase: investigate\n    kind: command\n    target: node\n    nothing_found_exit: 256\n    run: [lsof]\n"
+        );
+        let errs = parse_runbook(Path::new("t.yaml"), &bad).unwrap_err();
+        let got: Vec<String> = errs.0.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            got,
+            [
+                "t.yaml:9: steps[0] drain: nothing_found_exit: only investigate steps look for something: a mitigation that exits non-zero failed",
+                "t.yaml:14: steps[1] q: nothing_found_exit: only command steps have an exit status",
+                "t.yaml:20: steps[2] big: nothing_found_exit: must be an exit status from 1 to 255, got 256",
+            ],
+            "{errs}"
         );
     }
 }
