@@ -10,6 +10,8 @@ pub mod agent;
 #[cfg(feature = "bot")]
 pub mod bot;
 #[cfg(feature = "bot")]
+pub mod lifecycle;
+#[cfg(feature = "bot")]
 pub mod paging;
 #[cfg(feature = "bot")]
 mod people;
