@@ -148,9 +148,7 @@ impl HostRoots {
     }
 
     /// The `key value` lines of a procfs file (`/proc/vmstat`) whose key
-    /// `want` accepts, in file order. Cheaper than `procfs::VmStat`, which
-    /// builds a map of all ~190 keys (about 80 µs a read) when we need a few.
-    /// A wanted key whose value is not an unsigned integer is a parse error.
+    /// `want` accepts, in file order: [`parse_keyed`] of its text.
     pub fn read_proc_keyed(
         &self,
         rel: &str,
@@ -158,25 +156,7 @@ impl HostRoots {
     ) -> Result<Vec<(String, u64)>, ReadError> {
         let path = self.proc_path(rel);
         let text = self.read_text(&path)?;
-        let mut out = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let mut f = line.split_whitespace();
-            let Some(key) = f.next().filter(|k| want(k)) else {
-                continue;
-            };
-            let value = f.next().unwrap_or("");
-            let v = value.parse::<u64>().map_err(|_| {
-                ReadError::parse(
-                    &path,
-                    format!(
-                        "line {}: {key}: expected an unsigned integer, found {value:?}",
-                        n + 1
-                    ),
-                )
-            })?;
-            out.push((key.to_string(), v));
-        }
-        Ok(out)
+        parse_keyed(&path, &text, want)
     }
 
     /// Whether `path` exists (without following it into a read).
@@ -250,6 +230,36 @@ fn read_whole(path: &Path) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(FIRST_READ);
     f.read_to_end(&mut buf)?;
     Ok(buf)
+}
+
+/// The `key value` lines of `text` (read from `path`, e.g. `/proc/vmstat`)
+/// whose key `want` accepts, in file order. Cheaper than `procfs::VmStat`,
+/// which builds a map of all ~190 keys (about 80 µs a read) when we need a
+/// few. A wanted key whose value is not an unsigned integer is a parse error.
+pub fn parse_keyed(
+    path: &Path,
+    text: &str,
+    want: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, u64)>, ReadError> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let mut f = line.split_whitespace();
+        let Some(key) = f.next().filter(|k| want(k)) else {
+            continue;
+        };
+        let value = f.next().unwrap_or("");
+        let v = value.parse::<u64>().map_err(|_| {
+            ReadError::parse(
+                path,
+                format!(
+                    "line {}: {key}: expected an unsigned integer, found {value:?}",
+                    n + 1
+                ),
+            )
+        })?;
+        out.push((key.to_string(), v));
+    }
+    Ok(out)
 }
 
 /// Whether an absolute path exists on this machine (a runbook step's

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::collector::cpu::export_psi;
 use crate::collector::{Collector, Context, Error, Sink};
-use crate::host::HostRoots;
+use crate::host::{parse_keyed, HostRoots};
 
 const NAME: &str = "memory";
 
@@ -36,8 +36,11 @@ impl Collector for MemoryCollector {
         if let Some(m) = sink.read(NAME, roots.parse_proc::<procfs::Meminfo>("meminfo")) {
             export_meminfo(sink, &m);
         }
-        let stalls = roots.read_proc_keyed("vmstat", |k| {
-            k == "allocstall" || k.starts_with("allocstall_")
+        // Shared with the oom collector: one read of /proc/vmstat a scrape.
+        let stalls = sink.shared_proc_text(roots, "vmstat").and_then(|text| {
+            parse_keyed(&roots.proc_path("vmstat"), &text, |k| {
+                k == "allocstall" || k.starts_with("allocstall_")
+            })
         });
         if let Some(stalls) = sink.read(NAME, stalls) {
             export_allocation_stalls(sink, &stalls);

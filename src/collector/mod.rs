@@ -28,7 +28,7 @@ mod testutil;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use prometheus::proto::{MetricFamily, MetricType};
@@ -136,6 +136,44 @@ pub struct Sink {
     /// The family of the previous sample: consecutive samples usually share it.
     last: Option<usize>,
     failures: Vec<String>,
+    /// Files read once per scrape, shared by the collectors of one scrape.
+    shared: Arc<SharedReads>,
+}
+
+/// procfs files that several collectors read (`/proc/vmstat`: the memory
+/// collector's allocation stalls, the oom collector's kills), read once per
+/// scrape: the [`Runner`] hands one to every collector of a scrape, a
+/// [`Sink::new`] has its own. One read also gives both collectors the same
+/// snapshot.
+#[derive(Default)]
+pub struct SharedReads {
+    files: Mutex<Vec<(&'static str, Result<Arc<str>, ReadError>)>>,
+}
+
+impl SharedReads {
+    /// `<procfs>/<rel>`, read by the first caller of this scrape.
+    fn proc_text(&self, roots: &HostRoots, rel: &'static str) -> Result<Arc<str>, ReadError> {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, r)) = files.iter().find(|(name, _)| *name == rel) {
+            return r.as_ref().map(Arc::clone).map_err(copy_read_error);
+        }
+        let r = roots.read_proc(rel).map(Arc::from);
+        let out = r.as_ref().map(Arc::clone).map_err(copy_read_error);
+        files.push((rel, r));
+        out
+    }
+}
+
+/// The same error again, for the second reader of a shared file.
+fn copy_read_error(e: &ReadError) -> ReadError {
+    match e {
+        ReadError::Missing(path) => ReadError::Missing(path.clone()),
+        ReadError::Io { path, source } => ReadError::Io {
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        ReadError::Parse { path, message } => ReadError::parse(path.clone(), message.clone()),
+    }
 }
 
 /// One metric family in text format: `# HELP`/`# TYPE` come at render time.
@@ -150,6 +188,24 @@ struct TextFamily {
 impl Sink {
     pub fn new() -> Sink {
         Sink::default()
+    }
+
+    /// A sink whose shared reads are those of one scrape.
+    fn for_scrape(shared: Arc<SharedReads>) -> Sink {
+        Sink {
+            shared,
+            ..Sink::default()
+        }
+    }
+
+    /// `<procfs>/<rel>` as text, read once per scrape however many
+    /// collectors ask (see [`SharedReads`]).
+    pub fn shared_proc_text(
+        &self,
+        roots: &HostRoots,
+        rel: &'static str,
+    ) -> Result<Arc<str>, ReadError> {
+        self.shared.proc_text(roots, rel)
     }
 
     fn push(
@@ -335,6 +391,7 @@ impl Runner {
         let deadline = self.ctx.config.collectors.deadline;
         let started = Instant::now();
         let until = started + deadline;
+        let shared = Arc::new(SharedReads::default());
         // Those that may block first, so they run while the others run here.
         let pending: Vec<_> = self
             .collectors
@@ -343,7 +400,8 @@ impl Runner {
             .map(|c| {
                 let ctx = self.ctx.clone();
                 let col = c.clone();
-                let job = move || run_one(&*col, &ctx);
+                let shared = shared.clone();
+                let job = move || run_one(&*col, &ctx, shared);
                 (c.name(), self.flight.start(c.name(), deadline, job))
             })
             .collect();
@@ -351,7 +409,7 @@ impl Runner {
             .collectors
             .iter()
             .filter(|c| !c.may_block())
-            .map(|c| run_one(&**c, &self.ctx))
+            .map(|c| run_one(&**c, &self.ctx, shared.clone()))
             .collect();
         let mut waited: Vec<Collected> = pending
             .into_iter()
@@ -425,9 +483,9 @@ fn failed(name: &'static str, duration: Duration, error: String) -> Collected {
     }
 }
 
-fn run_one(c: &dyn Collector, ctx: &Context) -> Collected {
+fn run_one(c: &dyn Collector, ctx: &Context, shared: Arc<SharedReads>) -> Collected {
     let started = Instant::now();
-    let mut sink = Sink::new();
+    let mut sink = Sink::for_scrape(shared);
     let result = c.collect(ctx, &mut sink);
     let mut errors = sink.failures().to_vec();
     if let Err(e) = &result {
@@ -612,6 +670,64 @@ mod tests {
             .map(|c| c.name())
             .collect();
         assert!(blocking.is_empty(), "{blocking:?}");
+    }
+
+    /// Rewrites a file when it runs (between two collectors of a scrape).
+    struct Rewrite(std::path::PathBuf, &'static str);
+
+    impl Collector for Rewrite {
+        fn name(&self) -> &'static str {
+            "rewrite"
+        }
+
+        fn collect(&self, _ctx: &Context, _sink: &mut Sink) -> Result<(), Error> {
+            std::fs::write(&self.0, self.1).unwrap();
+            Ok(())
+        }
+
+        fn may_block(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn vmstat_is_read_once_per_scrape_and_shared_by_memory_and_oom() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmstat = dir.path().join("vmstat");
+        std::fs::write(&vmstat, "allocstall_normal 7\noom_kill 1\n").unwrap();
+        let mut cfg = AgentConfig::default();
+        cfg.roots.procfs = dir.path().to_path_buf();
+        cfg.roots.sysfs = dir.path().join("sys");
+        let ctx = Arc::new(Context::new(
+            Arc::new(cfg),
+            Arc::new(KernelEvents::new()),
+            false,
+        ));
+        let runner = Runner::new(
+            ctx.clone(),
+            vec![
+                Arc::new(memory::MemoryCollector::new(&ctx)),
+                // Changes the file after the memory collector read it: the
+                // oom collector of the same scrape still sees that one read.
+                Arc::new(Rewrite(vmstat, "allocstall_normal 8\noom_kill 2\n")),
+                Arc::new(oom::OomCollector::new(&ctx)),
+            ],
+        );
+        let samples = |out: &[Collected]| -> Vec<String> {
+            out.iter()
+                .flat_map(|c| c.text.lines().map(str::to_string).collect::<Vec<_>>())
+                .filter(|l| !l.starts_with('#'))
+                .collect()
+        };
+        assert_eq!(
+            samples(&runner.collect()),
+            ["memory_pressure_events_total 7", "oom_kills_total 1"]
+        );
+        // The next scrape reads it again.
+        assert_eq!(
+            samples(&runner.collect()),
+            ["memory_pressure_events_total 8", "oom_kills_total 2"]
+        );
     }
 
     #[test]

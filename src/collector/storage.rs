@@ -4,11 +4,14 @@
 //! (SCSI `ioerr_cnt`, kernel-log "I/O error, dev X" lines); plus the parser of
 //! those kernel-log lines for the kernel-log watcher.
 //!
-//! `statvfs` can block forever on a dead network mount, so each runs through
-//! a [`SingleFlight`] keyed by mount point with `storage.statvfs_deadline`: a
-//! stuck mount is reported as `storage_mount_stuck 1` (its size series left
-//! out), holds at most one thread however many scrapes come, and never delays
-//! the scrape past the deadline. Reads only through [`crate::host`].
+//! `statvfs` can block forever on a dead network mount, so the calls run
+//! through a [`SingleFlight`] keyed by mount point with
+//! `storage.statvfs_deadline`: all mounts of a scrape as one batch, one thread
+//! hand-off and one deadline ([`SingleFlight::start_batch`]). A stuck mount is
+//! reported as `storage_mount_stuck 1` (its size series left out), holds at
+//! most one thread however many scrapes come, never delays the scrape past
+//! the deadline, and never keeps the mounts after it in the batch from being
+//! read. Reads only through [`crate::host`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -20,7 +23,7 @@ use regex::Regex;
 use crate::collector::cpu::export_psi;
 use crate::collector::{Collector, Context, Error, Sink};
 use crate::config::agent::StorageConfig;
-use crate::deadline::{Outcome, Pending, SingleFlight};
+use crate::deadline::{Batch, Outcome, SingleFlight};
 use crate::events::EventKind;
 use crate::host::{parse_proc_text, unescape_mount_path, FsStats, HostRoots, ReadError};
 
@@ -95,8 +98,8 @@ impl Collector for StorageCollector {
         let statvfs = self
             .selected_mounts(sink, roots, &ctx.config.storage)
             .map(|mounts| {
-                let pending = self.start_statvfs(roots, &mounts, deadline);
-                (mounts, pending)
+                let batch = self.start_statvfs(roots, &mounts, deadline);
+                (mounts, batch)
             });
         let devices = export_diskstats(sink, roots);
         export_psi(
@@ -109,8 +112,9 @@ impl Collector for StorageCollector {
         );
         export_scsi_errors(sink, roots);
         export_kmsg_errors(sink, ctx, &devices);
-        if let Some((mounts, pending)) = statvfs {
-            export_mounts(sink, &mounts, pending, started + deadline, deadline);
+        if let Some((mounts, batch)) = statvfs {
+            let outcomes = batch.wait_until(started + deadline);
+            export_mounts(sink, &mounts, outcomes, deadline);
         }
         Ok(())
     }
@@ -235,40 +239,40 @@ impl StorageCollector {
         Some(mounts)
     }
 
-    /// Starts one bounded statvfs per mount (joining one still in flight).
+    /// Starts the bounded statvfs of every mount as one batch (joining those
+    /// still in flight).
     fn start_statvfs(
         &self,
         roots: &HostRoots,
         mounts: &[Mount],
         deadline: Duration,
-    ) -> Vec<Pending<Statvfs>> {
-        mounts
+    ) -> Batch<Statvfs> {
+        let calls = mounts
             .iter()
             .map(|m| {
                 let f = self.statvfs.clone();
                 let r = roots.clone();
                 let point = m.mount_point.clone();
-                self.flight.start(m.mount_point.clone(), deadline, move || {
-                    match f(&r, &point) {
-                        Ok(s) => Statvfs::Stats(s),
-                        Err(e) if skippable(&e) => Statvfs::Skipped(e.to_string()),
-                        Err(e) => Statvfs::Failed(e.to_string()),
-                    }
-                })
+                let call = move || match f(&r, &point) {
+                    Ok(s) => Statvfs::Stats(s),
+                    Err(e) if skippable(&e) => Statvfs::Skipped(e.to_string()),
+                    Err(e) => Statvfs::Failed(e.to_string()),
+                };
+                (m.mount_point.clone(), call)
             })
-            .collect()
+            .collect();
+        self.flight.start_batch(calls, deadline)
     }
 }
 
-/// Each mount's series, its statvfs waited for until `until` at most.
+/// Each mount's series, from its statvfs outcome (in mount order).
 fn export_mounts(
     sink: &mut Sink,
     mounts: &[Mount],
-    pending: Vec<Pending<Statvfs>>,
-    until: Instant,
+    outcomes: Vec<Outcome<Statvfs>>,
     deadline: Duration,
 ) {
-    for (m, p) in mounts.iter().zip(pending) {
+    for (m, outcome) in mounts.iter().zip(outcomes) {
         let labels = [
             ("mountpoint", m.mount_point.as_str()),
             ("device", m.device.as_str()),
@@ -280,7 +284,6 @@ fn export_mounts(
             &labels,
             if m.readonly { 1.0 } else { 0.0 },
         );
-        let outcome = p.wait_until(until);
         let stuck = !matches!(outcome, Outcome::Done(_));
         sink.gauge(
             "storage_mount_stuck",
@@ -494,20 +497,35 @@ mod tests {
     struct FakeStatvfs {
         release: Arc<AtomicBool>,
         nfs_calls: Arc<AtomicUsize>,
+        /// The mount point that hangs until `release` (`/mnt/nfs` by default).
+        hung: &'static str,
+        /// The mount point and thread of every call.
+        calls: Arc<Mutex<Vec<(String, std::thread::ThreadId)>>>,
     }
 
     impl FakeStatvfs {
         fn new() -> FakeStatvfs {
+            FakeStatvfs::hanging("/mnt/nfs")
+        }
+
+        fn hanging(hung: &'static str) -> FakeStatvfs {
             FakeStatvfs {
                 release: Arc::new(AtomicBool::new(false)),
                 nfs_calls: Arc::new(AtomicUsize::new(0)),
+                hung,
+                calls: Arc::new(Mutex::new(Vec::new())),
             }
         }
 
         fn func(&self) -> StatvfsFn {
             let release = self.release.clone();
             let calls = self.nfs_calls.clone();
+            let hung = self.hung;
+            let log = self.calls.clone();
             Arc::new(move |_roots: &HostRoots, point: &str| {
+                log.lock()
+                    .unwrap()
+                    .push((point.to_string(), std::thread::current().id()));
                 let gib = 1u64 << 30;
                 let stats = |total: u64, free: u64, avail: u64| FsStats {
                     total_bytes: total * gib,
@@ -517,6 +535,12 @@ mod tests {
                     files_free: free * 1000,
                     readonly: false,
                 };
+                if point == hung {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    while !release.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
                 match point {
                     "/" => Ok(stats(100, 40, 35)),
                     "/boot/efi" => Ok(stats(1, 1, 1)),
@@ -526,13 +550,7 @@ mod tests {
                         path: "/mnt/my archive".into(),
                         source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
                     }),
-                    "/mnt/nfs" => {
-                        calls.fetch_add(1, Ordering::SeqCst);
-                        while !release.load(Ordering::SeqCst) {
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Ok(stats(10, 5, 5))
-                    }
+                    "/mnt/nfs" => Ok(stats(10, 5, 5)),
                     other => Err(ReadError::Missing(other.into())),
                 }
             })
@@ -698,6 +716,50 @@ mod tests {
         let out = scrape(&c, &ctx);
         assert!(out.contains(r#"storage_mount_stuck{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 0"#), "{out}");
         assert!(out.contains(r#"storage_total_bytes{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 10737418240"#), "{out}");
+    }
+
+    #[test]
+    fn statvfs_of_every_mount_is_one_hand_off_per_scrape() {
+        let fake = FakeStatvfs::hanging("none");
+        let ctx = context("full", |_| {});
+        let c = StorageCollector::with_statvfs(fake.func());
+        let out = scrape(&c, &ctx);
+        assert!(!out.contains("storage_mount_stuck{mountpoint=\"/mnt/nfs\",device=\"fileserver:/export\",fstype=\"nfs4\"} 1"), "{out}");
+        let calls = fake.calls.lock().unwrap().clone();
+        let points: Vec<&str> = calls.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            points,
+            ["/", "/boot/efi", "/data", "/home", "/mnt/my archive", "/mnt/nfs"]
+        );
+        let threads: std::collections::HashSet<_> = calls.iter().map(|(_, t)| *t).collect();
+        assert_eq!(threads.len(), 1, "one thread for the batch: {calls:?}");
+        assert!(!threads.contains(&std::thread::current().id()));
+    }
+
+    #[test]
+    fn a_hung_mount_keeps_no_other_mount_of_its_batch_from_being_read() {
+        // /data is third of six: the mounts after it are read all the same.
+        let fake = FakeStatvfs::hanging("/data");
+        let ctx = context("full", |c| {
+            c.storage.statvfs_deadline = Duration::from_millis(400);
+        });
+        let c = StorageCollector::with_statvfs(fake.func());
+        for _ in 0..2 {
+            let out = scrape(&c, &ctx);
+            assert!(
+                out.contains(r#"storage_mount_stuck{mountpoint="/data",device="/dev/md0",fstype="xfs"} 1"#),
+                "{out}"
+            );
+            assert!(!out.contains(r#"storage_total_bytes{mountpoint="/data""#), "{out}");
+            for after in [
+                r#"storage_total_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 107374182400"#,
+                r#"storage_total_bytes{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 10737418240"#,
+                r#"storage_mount_stuck{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 0"#,
+            ] {
+                assert!(out.contains(after), "{after} missing from {out}");
+            }
+        }
+        assert_eq!(fake.nfs_calls.load(Ordering::SeqCst), 1, "one call, not one per scrape");
     }
 
     #[test]
