@@ -223,12 +223,27 @@ impl HostRoots {
 /// and the call that sees their end.
 const FIRST_READ: usize = 8 * 1024;
 
-/// A whole file's bytes, in as few read calls as its size allows.
+/// A whole file's bytes, in as few read calls as its size allows: open,
+/// reads, close. Not `read_to_end`, which first asks the file its size and
+/// position (`statx` and `lseek`, two more system calls a file, for a size
+/// that procfs and sysfs give as 0).
 fn read_whole(path: &Path) -> io::Result<Vec<u8>> {
     use std::io::Read as _;
     let mut f = std::fs::File::open(path)?;
-    let mut buf = Vec::with_capacity(FIRST_READ);
-    f.read_to_end(&mut buf)?;
+    let mut buf = vec![0u8; FIRST_READ];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(2 * len, 0);
+        }
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
     Ok(buf)
 }
 

@@ -28,6 +28,8 @@ pub struct CpuCollector {
     /// Which thermal_throttle files to read (one CPU per core and per
     /// package), found from the CPU topology and refreshed every [`PLAN_TTL`].
     thermal: Mutex<Option<(Instant, Arc<ThermalPlan>)>>,
+    /// The cgroups whose CPU throttling is exported, refreshed every [`CGROUPS_TTL`].
+    cgroups: Mutex<Option<(Instant, Arc<CgroupPlan>)>>,
     /// The last reading of the MCE row, reused for [`MCE_TTL`]: /proc/interrupts
     /// has a line per IRQ and a column per CPU, so it is large on big machines.
     mce: Mutex<Option<(Instant, MceReading)>>,
@@ -77,6 +79,7 @@ impl CpuCollector {
         CpuCollector {
             ring,
             thermal: Mutex::new(None),
+            cgroups: Mutex::new(None),
             mce: Mutex::new(None),
         }
     }
@@ -136,7 +139,9 @@ impl Collector for CpuCollector {
             "cpu_pressure_stall_seconds_total",
             "Time some (or all) runnable tasks waited for a CPU (/proc/pressure/cpu total).",
         );
-        export_cgroup_throttling(sink, roots, &ctx.config.cpu.throttle_cgroups);
+        if let Some(plan) = self.cgroup_plan(sink, roots, &ctx.config.cpu.throttle_cgroups) {
+            export_cgroup_throttling(sink, roots, &plan);
+        }
         let plan = self.thermal_plan(roots);
         export_thermal_throttling(sink, roots, &plan);
         self.export_machine_checks(sink, roots);
@@ -295,10 +300,25 @@ fn export_stat(sink: &mut Sink, stat: &procfs::KernelStats) {
     );
 }
 
-/// `cpu_throttle_seconds_total{cgroup}` from cgroup v2 `cpu.stat`
-/// `throttled_usec` of every first-level cgroup plus the configured ones
-/// (cgroup v1: `cpu/<cgroup>/cpu.stat` `throttled_time`, in nanoseconds).
-fn export_cgroup_throttling(sink: &mut Sink, roots: &HostRoots, extra: &[String]) {
+/// The cpu.stat files behind `cpu_throttle_seconds_total`: which hierarchy,
+/// and its first-level cgroups plus the configured ones (listed again every
+/// [`CGROUPS_TTL`]: the first level of the hierarchy rarely changes).
+#[derive(Debug)]
+struct CgroupPlan {
+    key: &'static str,
+    scale: f64,
+    help: &'static str,
+    /// `(cgroup label, cpu.stat path)`, by cgroup.
+    files: Vec<(String, PathBuf)>,
+}
+
+/// How long the list of first-level cgroups is trusted.
+const CGROUPS_TTL: Duration = Duration::from_secs(60);
+
+/// Finds the cgroup hierarchy with the cpu controller (v2, else v1) and its
+/// first-level cgroups plus `extra`; `None` when there is none (or it could
+/// not be listed: a failure, recorded in `sink`).
+fn cgroup_plan(sink: &mut Sink, roots: &HostRoots, extra: &[String]) -> Option<CgroupPlan> {
     let base = roots.sys_path("fs/cgroup");
     let (dir, key, scale, help) = if roots.exists(&base.join("cgroup.controllers")) {
         (
@@ -319,11 +339,9 @@ fn export_cgroup_throttling(sink: &mut Sink, roots: &HostRoots, extra: &[String]
             collector = NAME,
             "no cgroup cpu controller found, throttling left out"
         );
-        return;
+        return None;
     };
-    let Some(first_level) = sink.read(NAME, roots.list_subdirs(&dir)) else {
-        return;
-    };
+    let first_level = sink.read(NAME, roots.list_subdirs(&dir))?;
     let mut cgroups: BTreeSet<String> = first_level.into_iter().collect();
     cgroups.extend(
         extra
@@ -331,19 +349,36 @@ fn export_cgroup_throttling(sink: &mut Sink, roots: &HostRoots, extra: &[String]
             .map(|c| c.trim_matches('/').to_string())
             .filter(|c| !c.is_empty()),
     );
-    for cg in cgroups {
-        let path = dir.join(&cg).join("cpu.stat");
-        let Some(text) = sink.read(NAME, roots.read_text(&path)) else {
+    let files = cgroups
+        .into_iter()
+        .map(|cg| {
+            let path = dir.join(&cg).join("cpu.stat");
+            (format!("/{cg}"), path)
+        })
+        .collect();
+    Some(CgroupPlan {
+        key,
+        scale,
+        help,
+        files,
+    })
+}
+
+/// `cpu_throttle_seconds_total{cgroup}` from cgroup v2 `cpu.stat`
+/// `throttled_usec` of every cgroup of `plan` (cgroup v1: `cpu/<cgroup>/cpu.stat`
+/// `throttled_time`, in nanoseconds).
+fn export_cgroup_throttling(sink: &mut Sink, roots: &HostRoots, plan: &CgroupPlan) {
+    for (label, path) in &plan.files {
+        let Some(text) = sink.read(NAME, roots.read_text(path)) else {
             continue;
         };
-        match keyed_u64(&text, key) {
+        match keyed_u64(&text, plan.key) {
             Ok(Some(v)) => {
-                let label = format!("/{cg}");
                 sink.counter(
                     "cpu_throttle_seconds_total",
-                    help,
-                    &[("cgroup", &label)],
-                    v as f64 * scale,
+                    plan.help,
+                    &[("cgroup", label)],
+                    v as f64 * plan.scale,
                 );
             }
             // The cpu controller is not enabled for this cgroup.
@@ -397,6 +432,25 @@ fn export_thermal_throttling(sink: &mut Sink, roots: &HostRoots, plan: &ThermalP
 }
 
 impl CpuCollector {
+    /// The cgroups to read, listed again every [`CGROUPS_TTL`] (a listing
+    /// that failed is tried again at the next scrape).
+    fn cgroup_plan(
+        &self,
+        sink: &mut Sink,
+        roots: &HostRoots,
+        extra: &[String],
+    ) -> Option<Arc<CgroupPlan>> {
+        let mut cached = self.cgroups.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, plan)) = cached.as_ref() {
+            if at.elapsed() < CGROUPS_TTL {
+                return Some(plan.clone());
+            }
+        }
+        let plan = Arc::new(cgroup_plan(sink, roots, extra)?);
+        *cached = Some((Instant::now(), plan.clone()));
+        Some(plan)
+    }
+
     fn thermal_plan(&self, roots: &HostRoots) -> Arc<ThermalPlan> {
         let mut cached = self.thermal.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((at, plan)) = cached.as_ref() {
@@ -708,12 +762,55 @@ mod tests {
             ..HostRoots::default()
         };
         let mut sink = Sink::new();
-        export_cgroup_throttling(&mut sink, &roots, &[]);
+        let plan = cgroup_plan(&mut sink, &roots, &[]).unwrap();
+        export_cgroup_throttling(&mut sink, &roots, &plan);
         let fams = sink.into_families();
         assert_eq!(fams.len(), 1);
         let m = &fams[0].get_metric()[0];
         assert_eq!(m.get_label()[0].value(), "/kubepods");
         assert_eq!(m.get_counter().get_value(), 1.5);
+    }
+
+    #[test]
+    fn first_level_cgroups_are_listed_once_a_while_and_read_every_scrape() {
+        let dir = tempfile::tempdir().unwrap();
+        let cgroup = dir.path().join("fs/cgroup");
+        std::fs::create_dir_all(cgroup.join("a.slice")).unwrap();
+        std::fs::write(cgroup.join("cgroup.controllers"), "cpu memory\n").unwrap();
+        let stat = |usec: u64| format!("usage_usec 1\nthrottled_usec {usec}\n");
+        std::fs::write(cgroup.join("a.slice/cpu.stat"), stat(1_000_000)).unwrap();
+        let roots = HostRoots {
+            sysfs: dir.path().to_path_buf(),
+            ..HostRoots::default()
+        };
+        let c = CpuCollector::with(None);
+        let read = |c: &CpuCollector| {
+            let mut sink = Sink::new();
+            let plan = c.cgroup_plan(&mut sink, &roots, &[]).unwrap();
+            export_cgroup_throttling(&mut sink, &roots, &plan);
+            sink.into_families()[0]
+                .get_metric()
+                .iter()
+                .map(|m| {
+                    let v = m.get_counter().get_value();
+                    (m.get_label()[0].value().to_string(), v)
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(read(&c), [("/a.slice".to_string(), 1.0)]);
+        std::fs::create_dir_all(cgroup.join("b.slice")).unwrap();
+        std::fs::write(cgroup.join("b.slice/cpu.stat"), stat(3_000_000)).unwrap();
+        std::fs::write(cgroup.join("a.slice/cpu.stat"), stat(2_000_000)).unwrap();
+        assert_eq!(
+            read(&c),
+            [("/a.slice".to_string(), 2.0)],
+            "values every scrape, the list again after CGROUPS_TTL"
+        );
+        *c.cgroups.lock().unwrap() = None;
+        assert_eq!(
+            read(&c),
+            [("/a.slice".to_string(), 2.0), ("/b.slice".to_string(), 3.0)]
+        );
     }
 
     #[test]

@@ -249,7 +249,7 @@ impl Sink {
             body.push('}');
         }
         body.push(' ');
-        let _ = write!(body, "{value}");
+        push_value(body, value);
         body.push('\n');
     }
 
@@ -311,6 +311,19 @@ impl Sink {
             out.push_str(&f.body);
         }
         out
+    }
+}
+
+/// Writes a sample value as `{value}` does: an integral value (most counters
+/// and byte counts) through the integer formatter, which is cheaper than the
+/// float one and prints the same digits below 2^53.
+fn push_value(out: &mut String, value: f64) {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    if value.fract() == 0.0 && value.abs() < EXACT && !(value == 0.0 && value.is_sign_negative())
+    {
+        let _ = write!(out, "{}", value as i64);
+    } else {
+        let _ = write!(out, "{value}");
     }
 }
 
@@ -728,6 +741,32 @@ mod tests {
             samples(&runner.collect()),
             ["memory_pressure_events_total 8", "oom_kills_total 2"]
         );
+    }
+
+    #[test]
+    fn values_print_as_the_float_formatter_prints_them() {
+        for v in [
+            0.0,
+            -0.0,
+            1.0,
+            -3.0,
+            41943040000.0,
+            1.5,
+            0.1,
+            1e15,
+            9_007_199_254_740_991.0,
+            9_007_199_254_740_992.0,
+            1e21,
+            -1e300,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::MIN_POSITIVE,
+        ] {
+            let mut out = String::new();
+            push_value(&mut out, v);
+            assert_eq!(out, format!("{v}"), "{v:?}");
+        }
     }
 
     #[test]

@@ -35,10 +35,19 @@ pub type StatvfsFn = Arc<dyn Fn(&HostRoots, &str) -> Result<FsStats, ReadError> 
 pub struct StorageCollector {
     statvfs: StatvfsFn,
     flight: SingleFlight<String, Statvfs>,
-    /// The last mountinfo text and the mounts selected from it: mounts rarely
-    /// change, so most scrapes skip parsing and selecting again.
-    mounts: Mutex<Option<(String, Arc<Vec<Mount>>)>>,
+    /// When mountinfo was last read, its text and the mounts selected from
+    /// it: mounts rarely change, so mountinfo (the largest file a scrape
+    /// reads on a node with many mounts) is read again every [`MOUNTS_TTL`],
+    /// and parsed again only when its text changed.
+    mounts: Mutex<Option<(Instant, String, Arc<Vec<Mount>>)>>,
+    /// The block devices that may have SCSI error counters, listed again
+    /// every [`MOUNTS_TTL`].
+    scsi_disks: Mutex<Option<(Instant, Arc<Vec<String>>)>>,
 }
+
+/// How long the mount table and the list of block devices are trusted. A
+/// mount that turns read-only is seen at once all the same: statvfs says so.
+pub const MOUNTS_TTL: Duration = Duration::from_secs(30);
 
 /// What one bounded statvfs came to (cloneable, unlike [`ReadError`]).
 #[derive(Debug, Clone)]
@@ -63,6 +72,7 @@ impl StorageCollector {
             statvfs,
             flight: SingleFlight::new("gpuops-statvfs"),
             mounts: Mutex::new(None),
+            scsi_disks: Mutex::new(None),
         }
     }
 
@@ -110,7 +120,9 @@ impl Collector for StorageCollector {
             "storage_io_pressure_stall_seconds_total",
             "Time some (or all) non-idle tasks stalled waiting for I/O (/proc/pressure/io total).",
         );
-        export_scsi_errors(sink, roots);
+        if let Some(disks) = self.scsi_disks(sink, roots) {
+            export_scsi_errors(sink, roots, &disks);
+        }
         export_kmsg_errors(sink, ctx, &devices);
         if let Some((mounts, batch)) = statvfs {
             let outcomes = batch.wait_until(started + deadline);
@@ -217,17 +229,24 @@ fn parse_mounts(path: &Path, text: &str) -> Result<Vec<Mount>, ReadError> {
 }
 
 impl StorageCollector {
-    /// The mounts to export, parsed and selected again only when mountinfo changed.
+    /// The mounts to export: mountinfo read again every [`MOUNTS_TTL`],
+    /// parsed and selected again only when it changed.
     fn selected_mounts(
         &self,
         sink: &mut Sink,
         roots: &HostRoots,
         cfg: &StorageConfig,
     ) -> Option<Arc<Vec<Mount>>> {
-        let (path, text) = read_mountinfo(sink, roots)?;
         let mut cache = self.mounts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((old, mounts)) = cache.as_ref() {
+        if let Some((at, _, mounts)) = cache.as_ref() {
+            if at.elapsed() < MOUNTS_TTL {
+                return Some(mounts.clone());
+            }
+        }
+        let (path, text) = read_mountinfo(sink, roots)?;
+        if let Some((at, old, mounts)) = cache.as_mut() {
             if *old == text {
+                *at = Instant::now();
                 return Some(mounts.clone());
             }
         }
@@ -235,8 +254,31 @@ impl StorageCollector {
             sink.read(NAME, parse_mounts(&path, &text))?,
             cfg,
         ));
-        *cache = Some((text, mounts.clone()));
+        *cache = Some((Instant::now(), text, mounts.clone()));
         Some(mounts)
+    }
+
+    /// The block devices that may have SCSI error counters, listed again
+    /// every [`MOUNTS_TTL`] (a listing that failed is tried again next time).
+    fn scsi_disks(&self, sink: &mut Sink, roots: &HostRoots) -> Option<Arc<Vec<String>>> {
+        let mut cache = self
+            .scsi_disks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, disks)) = cache.as_ref() {
+            if at.elapsed() < MOUNTS_TTL {
+                return Some(disks.clone());
+            }
+        }
+        let names = sink.read(NAME, roots.list_dir(&roots.sys_path("block")))?;
+        let disks: Arc<Vec<String>> = Arc::new(
+            names
+                .into_iter()
+                .filter(|n| may_have_scsi_counters(n))
+                .collect(),
+        );
+        *cache = Some((Instant::now(), disks.clone()));
+        Some(disks)
     }
 
     /// Starts the bounded statvfs of every mount as one batch (joining those
@@ -278,11 +320,14 @@ fn export_mounts(
             ("device", m.device.as_str()),
             ("fstype", m.fs_type.as_str()),
         ];
+        // mountinfo may be MOUNTS_TTL old; statvfs sees a remount (or an
+        // error's read-only turn) at once.
+        let readonly = m.readonly || matches!(&outcome, Outcome::Done(Statvfs::Stats(s)) if s.readonly);
         sink.gauge(
             "storage_readonly",
-            "Whether the filesystem is mounted read-only (/proc/1/mountinfo mount options).",
+            "Whether the filesystem is mounted read-only (/proc/1/mountinfo mount options, or statvfs ST_RDONLY).",
             &labels,
-            if m.readonly { 1.0 } else { 0.0 },
+            if readonly { 1.0 } else { 0.0 },
         );
         let stuck = !matches!(outcome, Outcome::Done(_));
         sink.gauge(
@@ -415,21 +460,19 @@ fn export_diskstats(sink: &mut Sink, roots: &HostRoots) -> BTreeSet<String> {
     devices
 }
 
-/// `storage_errors_total{source="scsi"}` from `<sysfs>/block/*/device/ioerr_cnt` (hexadecimal).
-fn export_scsi_errors(sink: &mut Sink, roots: &HostRoots) {
+/// `storage_errors_total{source="scsi"}` from `<sysfs>/block/*/device/ioerr_cnt`
+/// (hexadecimal) of `disks`.
+fn export_scsi_errors(sink: &mut Sink, roots: &HostRoots, disks: &[String]) {
     let dir = roots.sys_path("block");
-    let Some(names) = sink.read(NAME, roots.list_dir(&dir)) else {
-        return;
-    };
     // Only SCSI disks (sd*, sr*, st*) have ioerr_cnt; asking each loop, RAM,
     // device-mapper or NVMe device costs a sysfs lookup (~6 us) for nothing.
-    for name in names.into_iter().filter(|n| may_have_scsi_counters(n)) {
-        let path = dir.join(&name).join("device/ioerr_cnt");
+    for name in disks {
+        let path = dir.join(name).join("device/ioerr_cnt");
         if let Some(v) = sink.read(NAME, roots.read_u64(&path)) {
             sink.counter(
                 "storage_errors_total",
                 STORAGE_ERRORS_HELP,
-                &[("device", &name), ("source", "scsi")],
+                &[("device", name), ("source", "scsi")],
                 v as f64,
             );
         }
@@ -763,6 +806,31 @@ mod tests {
     }
 
     #[test]
+    fn a_mount_that_turns_read_only_is_seen_before_mountinfo_is_read_again() {
+        let ctx = context("full", |_| {});
+        let turned = Arc::new(AtomicBool::new(false));
+        let t = turned.clone();
+        let c = StorageCollector::with_statvfs(Arc::new(move |_roots: &HostRoots, point: &str| {
+            Ok(FsStats {
+                total_bytes: 100,
+                free_bytes: 50,
+                available_bytes: 50,
+                files: 10,
+                files_free: 5,
+                // The kernel turned /data read-only after an I/O error.
+                readonly: point == "/data" && t.load(Ordering::SeqCst),
+            })
+        }));
+        let data = r#"storage_readonly{mountpoint="/data",device="/dev/md0",fstype="xfs"}"#;
+        assert!(scrape(&c, &ctx).contains(&format!("{data} 0")));
+        turned.store(true, Ordering::SeqCst);
+        let out = scrape(&c, &ctx);
+        assert!(out.contains(&format!("{data} 1")), "{out}");
+        // mountinfo's own "ro" still counts.
+        assert!(out.contains(r#"storage_readonly{mountpoint="/mnt/my archive",device="/dev/mapper/archive",fstype="ext4"} 1"#), "{out}");
+    }
+
+    #[test]
     fn real_statvfs_reads_the_fixture_root() {
         let ctx = context("full", |_| {});
         let c = StorageCollector::new(&ctx);
@@ -803,7 +871,7 @@ mod tests {
     }
 
     #[test]
-    fn mounts_are_parsed_again_only_when_mountinfo_changes() {
+    fn mountinfo_is_read_once_a_while_and_parsed_again_only_when_it_changed() {
         let dir = tempfile::tempdir().unwrap();
         let proc_dir = dir.path().join("proc/1");
         std::fs::create_dir_all(&proc_dir).unwrap();
@@ -829,7 +897,19 @@ mod tests {
             line(1, "/") + &line(2, "/scratch"),
         )
         .unwrap();
+        assert_eq!(points(&c), ["/"], "read again after MOUNTS_TTL");
+        let expire = |c: &StorageCollector| {
+            let mut cache = c.mounts.lock().unwrap();
+            cache.as_mut().unwrap().0 = Instant::now().checked_sub(MOUNTS_TTL).unwrap();
+        };
+        expire(&c);
         assert_eq!(points(&c), ["/", "/scratch"]);
+        // Unchanged text: the selected mounts are kept, not parsed again.
+        let before = c.mounts.lock().unwrap().as_ref().unwrap().2.clone();
+        expire(&c);
+        assert_eq!(points(&c), ["/", "/scratch"]);
+        let after = c.mounts.lock().unwrap().as_ref().unwrap().2.clone();
+        assert!(Arc::ptr_eq(&before, &after));
     }
 
     #[test]
