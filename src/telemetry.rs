@@ -282,7 +282,7 @@ pub fn build_info(role: &str, gpu_backend: &str) -> String {
 pub fn process_text(out: &mut String) {
     let roots = crate::host::HostRoots::default();
     let stat = roots
-        .read_text(std::path::Path::new("/proc/self/stat"))
+        .read_kept(std::path::Path::new("/proc/self/stat"))
         .ok()
         .and_then(|t| SelfStat::parse(&t));
     let open_fds = roots

@@ -120,7 +120,7 @@ impl Collector for CpuCollector {
         if let Some(stat) = stat {
             export_stat(sink, &stat);
         }
-        if let Some(load) = sink.read(NAME, roots.parse_proc::<procfs::LoadAverage>("loadavg")) {
+        if let Some(load) = sink.read(NAME, roots.parse_proc_kept::<procfs::LoadAverage>("loadavg")) {
             for (window, v) in [("1m", load.one), ("5m", load.five), ("15m", load.fifteen)] {
                 sink.gauge(
                     "cpu_load_average",
@@ -241,7 +241,7 @@ pub(crate) fn export_psi(
     help: &str,
 ) {
     let path = roots.proc_path(rel);
-    let Some(text) = sink.read(collector, roots.read_text(&path)) else {
+    let Some(text) = sink.read(collector, roots.read_kept(&path)) else {
         return;
     };
     match parse_psi(&text) {

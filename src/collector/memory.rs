@@ -33,7 +33,7 @@ impl Collector for MemoryCollector {
 
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
         let roots = &ctx.roots;
-        if let Some(m) = sink.read(NAME, roots.parse_proc::<procfs::Meminfo>("meminfo")) {
+        if let Some(m) = sink.read(NAME, roots.parse_proc_kept::<procfs::Meminfo>("meminfo")) {
             export_meminfo(sink, &m);
         }
         // Shared with the oom collector: one read of /proc/vmstat a scrape.

@@ -157,7 +157,7 @@ impl SharedReads {
         if let Some((_, r)) = files.iter().find(|(name, _)| *name == rel) {
             return r.as_ref().map(Arc::clone).map_err(copy_read_error);
         }
-        let r = roots.read_proc(rel).map(Arc::from);
+        let r = roots.read_proc_kept(rel).map(Arc::from);
         let out = r.as_ref().map(Arc::clone).map_err(copy_read_error);
         files.push((rel, r));
         out

@@ -407,7 +407,7 @@ pub fn is_exported_block_device(name: &str) -> bool {
 /// Per device counters from /proc/diskstats; returns the devices exported.
 fn export_diskstats(sink: &mut Sink, roots: &HostRoots) -> BTreeSet<String> {
     let mut devices = BTreeSet::new();
-    let Some(stats) = sink.read(NAME, roots.parse_proc::<procfs::DiskStats>("diskstats")) else {
+    let Some(stats) = sink.read(NAME, roots.parse_proc_kept::<procfs::DiskStats>("diskstats")) else {
         return devices;
     };
     const SECTOR: f64 = 512.0;
