@@ -221,6 +221,18 @@ impl HostRoots {
         Ok(names)
     }
 
+    /// This process's open file descriptors: the size of `/proc/self/fd`,
+    /// which procfs reports as their count since Linux 6.2 (one `statx`),
+    /// else the entries listed (an open, a directory read and a close; the
+    /// listing's own descriptor counted).
+    pub fn open_fd_count(&self) -> Result<usize, ReadError> {
+        let path = Path::new("/proc/self/fd");
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() > 0 => Ok(usize::try_from(m.len()).unwrap_or(usize::MAX)),
+            _ => self.list_dir(path).map(|fds| fds.len()),
+        }
+    }
+
     /// The resolved target of a symbolic link (for example `/proc/<pid>/exe`).
     pub fn read_link(&self, path: &Path) -> Result<PathBuf, ReadError> {
         std::fs::read_link(path).map_err(|e| ReadError::from_io(path, e))
@@ -553,6 +565,21 @@ mod tests {
         std::fs::rename(dir.path().join("new"), &file).unwrap();
         assert_eq!(roots.read_kept(&file).unwrap(), "two\n");
         assert!(roots.read_kept(&dir.path().join("gone")).unwrap_err().is_missing());
+    }
+
+    #[test]
+    fn open_descriptors_are_counted() {
+        let roots = HostRoots::default();
+        let before = roots.open_fd_count().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<_> = (0..64)
+            .map(|i| std::fs::File::create(dir.path().join(i.to_string())).unwrap())
+            .collect();
+        let during = roots.open_fd_count().unwrap();
+        drop(files);
+        // Other tests of this process open and close files meanwhile.
+        assert!(during >= before + 56, "{before} then {during}");
+        assert!(during <= before + 72, "{before} then {during}");
     }
 
     #[test]

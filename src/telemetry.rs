@@ -274,7 +274,8 @@ pub fn build_info(role: &str, gpu_backend: &str) -> String {
 /// Process metrics (`process_resident_memory_bytes`, CPU seconds, fds...)
 /// in text format, with the names and help of the `prometheus` crate's
 /// process collector (and the Go client's), written straight from one read
-/// of `/proc/self/stat`, the `/proc/self/fd` count and `getrlimit` (read
+/// of `/proc/self/stat` (kept open), the `/proc/self/fd` count (its size,
+/// without listing it, on Linux 6.2 and later) and `getrlimit` (read
 /// through [`crate::host`]; `btime` of `/proc/stat` once): the
 /// crate's collector also reads `/proc/self/limits` and builds protobuf
 /// families for the text encoder to walk, about 50 µs a scrape. A value that
@@ -285,10 +286,7 @@ pub fn process_text(out: &mut String) {
         .read_kept(std::path::Path::new("/proc/self/stat"))
         .ok()
         .and_then(|t| SelfStat::parse(&t));
-    let open_fds = roots
-        .list_dir(std::path::Path::new("/proc/self/fd"))
-        .ok()
-        .map(|fds| fds.len());
+    let open_fds = roots.open_fd_count().ok();
     let max_fds = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
     let tick = procfs::ticks_per_second().max(1) as f64;
     let mut family = |name: &str, help: &str, kind: &str, v: Option<f64>| {

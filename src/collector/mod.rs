@@ -519,8 +519,22 @@ fn run_one(c: &dyn Collector, ctx: &Context, shared: Arc<SharedReads>) -> Collec
 /// Renders one scrape: each collector's families, their success and duration,
 /// `own_text` (already in text format, e.g. build info), then `self_families`.
 pub fn render(collected: &[Collected], own_text: &str, self_families: &[MetricFamily]) -> String {
-    let encoder = prometheus::TextEncoder::new();
-    let mut out = String::with_capacity(64 * 1024);
+    // Room for all of it at once: the collectors' text, their two series,
+    // and about 80 bytes a self-metrics sample.
+    let samples: usize = self_families
+        .iter()
+        .map(|f| {
+            f.get_metric()
+                .iter()
+                .map(|m| 3 + m.get_histogram().get_bucket().len())
+                .sum::<usize>()
+        })
+        .sum();
+    let capacity = collected.iter().map(|c| c.text.len() + 160).sum::<usize>()
+        + own_text.len()
+        + 512
+        + 80 * samples;
+    let mut out = String::with_capacity(capacity);
     for c in collected {
         out.push_str(&c.text);
     }
@@ -541,10 +555,98 @@ pub fn render(collected: &[Collected], own_text: &str, self_families: &[MetricFa
     }
     out.push_str(&sink.into_text());
     out.push_str(own_text);
-    if let Err(e) = encoder.encode_utf8(self_families, &mut out) {
-        tracing::warn!(error = %e, "cannot encode self-metrics");
-    }
+    encode_families(self_families, &mut out);
     out
+}
+
+/// Writes `families` in the text format exactly as `prometheus::TextEncoder`
+/// does, without its allocation per sample (a `String` for every value and
+/// escaped label): the HTTP RED metrics are a few hundred samples a scrape.
+/// Counters, gauges and histograms (all the self-metrics are); any other
+/// family goes through the crate's encoder.
+pub fn encode_families(families: &[MetricFamily], out: &mut String) {
+    for f in families {
+        let kind = match f.get_field_type() {
+            MetricType::COUNTER => "counter",
+            MetricType::GAUGE => "gauge",
+            MetricType::HISTOGRAM => "histogram",
+            _ => {
+                let encoder = prometheus::TextEncoder::new();
+                if let Err(e) = encoder.encode_utf8(std::slice::from_ref(f), out) {
+                    tracing::warn!(error = %e, "cannot encode self-metrics");
+                }
+                continue;
+            }
+        };
+        let name = f.name();
+        if !f.help().is_empty() {
+            out.push_str("# HELP ");
+            out.push_str(name);
+            out.push(' ');
+            escape_into(out, f.help(), false);
+            out.push('\n');
+        }
+        out.push_str("# TYPE ");
+        out.push_str(name);
+        out.push(' ');
+        out.push_str(kind);
+        out.push('\n');
+        for m in f.get_metric() {
+            // `le`: a bucket's upper bound, or `None` inside for the `+Inf`
+            // bucket added when the buckets have none.
+            let sample = |out: &mut String, suffix: &str, le: Option<Option<f64>>, value: f64| {
+                out.push_str(name);
+                out.push_str(suffix);
+                let labels = m.get_label();
+                if !labels.is_empty() || le.is_some() {
+                    let mut sep = '{';
+                    for l in labels {
+                        out.push(sep);
+                        out.push_str(l.name());
+                        out.push_str("=\"");
+                        escape_into(out, l.value(), true);
+                        out.push('"');
+                        sep = ',';
+                    }
+                    if let Some(le) = le {
+                        out.push(sep);
+                        out.push_str("le=\"");
+                        match le {
+                            Some(upper) => push_value(out, upper),
+                            None => out.push_str("+Inf"),
+                        }
+                        out.push('"');
+                    }
+                    out.push('}');
+                }
+                out.push(' ');
+                push_value(out, value);
+                if m.timestamp_ms() != 0 {
+                    let _ = write!(out, " {}", m.timestamp_ms());
+                }
+                out.push('\n');
+            };
+            match f.get_field_type() {
+                MetricType::COUNTER => sample(out, "", None, m.get_counter().get_value()),
+                MetricType::GAUGE => sample(out, "", None, m.get_gauge().get_value()),
+                _ => {
+                    let h = m.get_histogram();
+                    let mut inf_seen = false;
+                    for b in h.get_bucket() {
+                        let upper = b.upper_bound();
+                        inf_seen |= upper == f64::INFINITY;
+                        let count = b.cumulative_count() as f64;
+                        sample(out, "_bucket", Some(Some(upper)), count);
+                    }
+                    if !inf_seen {
+                        sample(out, "_bucket", Some(None), h.get_sample_count() as f64);
+                    }
+                    sample(out, "_sum", None, h.get_sample_sum());
+                    sample(out, "_count", None, h.get_sample_count() as f64);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -767,6 +869,35 @@ mod tests {
             push_value(&mut out, v);
             assert_eq!(out, format!("{v}"), "{v:?}");
         }
+    }
+
+    #[test]
+    fn self_metrics_are_written_as_the_text_encoder_writes_them() {
+        let http = crate::telemetry::HttpMetrics::new();
+        for (endpoint, status, seconds) in [
+            ("/metrics", 200, 0.0004),
+            ("/metrics", 200, 0.02),
+            ("/v1/events", 400, 3.5),
+            ("un\"matched\\\n", 404, 20.0),
+        ] {
+            http.observe(endpoint, "GET", status, seconds, Some(0), Some(1500));
+        }
+        http.connections_open.set(-2);
+        let mut families = http.gather();
+        let mut summary = prometheus::proto::MetricFamily::default();
+        summary.set_name("x_seconds".into());
+        summary.set_help("".into());
+        summary.set_field_type(MetricType::SUMMARY);
+        summary.mut_metric().push(prometheus::proto::Metric::default());
+        families.push(summary);
+        let mut ours = String::new();
+        encode_families(&families, &mut ours);
+        let mut theirs = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&families, &mut theirs)
+            .unwrap();
+        assert_eq!(ours, theirs);
+        assert!(ours.contains(r#"le="+Inf"} 2"#), "{ours}");
     }
 
     #[test]
