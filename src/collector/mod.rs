@@ -95,6 +95,12 @@ pub trait Collector: Send + Sync {
     fn may_block(&self) -> bool {
         true
     }
+    /// Begins, off the calling thread, what `collect` will wait for (the
+    /// storage collector's statvfs batch), so that it runs while the
+    /// collectors before this one run. The runner calls it at the start of
+    /// a scrape for collectors that run on the scrape's thread; `collect`
+    /// must work without it.
+    fn prepare(&self, _ctx: &Context) {}
 }
 
 /// The registry: every collector enabled in `ctx.config`, in exposition order.
@@ -418,6 +424,9 @@ impl Runner {
                 (c.name(), self.flight.start(c.name(), deadline, job))
             })
             .collect();
+        for c in self.collectors.iter().filter(|c| !c.may_block()) {
+            c.prepare(&self.ctx);
+        }
         let mut inline: Vec<Collected> = self
             .collectors
             .iter()

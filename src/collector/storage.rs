@@ -43,6 +43,11 @@ pub struct StorageCollector {
     /// The block devices that may have SCSI error counters, listed again
     /// every [`MOUNTS_TTL`].
     scsi_disks: Mutex<Option<(Instant, Arc<Vec<String>>)>>,
+    /// The statvfs batch `prepare` began for the next `collect` (a scrape
+    /// running at the same time may take it: its calls are the same; a
+    /// batch is never dropped unwaited, which would leave the calls queued
+    /// behind a stuck one in flight).
+    begun: Mutex<Option<Begun>>,
 }
 
 /// How long the mount table and the list of block devices are trusted. A
@@ -73,6 +78,7 @@ impl StorageCollector {
             flight: SingleFlight::new("gpuops-statvfs"),
             mounts: Mutex::new(None),
             scsi_disks: Mutex::new(None),
+            begun: Mutex::new(None),
         }
     }
 
@@ -94,23 +100,48 @@ impl Collector for StorageCollector {
         false
     }
 
+    /// Starts the scrape's statvfs batch, so that it runs while the
+    /// collectors before this one run.
+    fn prepare(&self, ctx: &Context) {
+        let mut begun = self.begun.lock().unwrap_or_else(PoisonError::into_inner);
+        if begun.is_some() {
+            // Another scrape's, not taken yet: this scrape's collect takes it
+            // or begins its own. Every batch begun is waited for.
+            return;
+        }
+        // Read failures are recorded when `collect` asks again.
+        let mut scratch = Sink::new();
+        let Some(mounts) = self.selected_mounts(&mut scratch, &ctx.roots, &ctx.config.storage)
+        else {
+            return;
+        };
+        let started = Instant::now();
+        let batch = self.start_statvfs(&ctx.roots, &mounts, statvfs_deadline(ctx));
+        *begun = Some((started, mounts, batch));
+    }
+
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
         let roots = &ctx.roots;
-        // Never past the collector deadline, whatever statvfs_deadline says.
-        let deadline = ctx
-            .config
-            .storage
-            .statvfs_deadline
-            .min(ctx.config.collectors.deadline);
-        let started = Instant::now();
-        // The statvfs calls first: they run while the /proc files below are
-        // read, so their results are usually there when looked for.
-        let statvfs = self
-            .selected_mounts(sink, roots, &ctx.config.storage)
-            .map(|mounts| {
-                let batch = self.start_statvfs(roots, &mounts, deadline);
-                (mounts, batch)
-            });
+        let deadline = statvfs_deadline(ctx);
+        // The statvfs calls first (begun by `prepare` when the runner ran
+        // the collectors before this one meanwhile): they run while the /proc
+        // files below are read, so their results are usually there when
+        // looked for.
+        let begun = self
+            .begun
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let statvfs = match begun {
+            Some(b) => Some(b),
+            None => self
+                .selected_mounts(sink, roots, &ctx.config.storage)
+                .map(|mounts| {
+                    let started = Instant::now();
+                    let batch = self.start_statvfs(roots, &mounts, deadline);
+                    (started, mounts, batch)
+                }),
+        };
         let devices = export_diskstats(sink, roots);
         export_psi(
             sink,
@@ -124,13 +155,24 @@ impl Collector for StorageCollector {
             export_scsi_errors(sink, roots, &disks);
         }
         export_kmsg_errors(sink, ctx, &devices);
-        if let Some((mounts, batch)) = statvfs {
+        if let Some((started, mounts, batch)) = statvfs {
             let outcomes = batch.wait_until(started + deadline);
             export_mounts(sink, &mounts, outcomes, deadline);
         }
         Ok(())
     }
 }
+
+/// `storage.statvfs_deadline`, never past the collector deadline.
+fn statvfs_deadline(ctx: &Context) -> Duration {
+    ctx.config
+        .storage
+        .statvfs_deadline
+        .min(ctx.config.collectors.deadline)
+}
+
+/// A statvfs batch begun by [`Collector::prepare`]: when, for which mounts.
+type Begun = (Instant, Arc<Vec<Mount>>, Batch<Statvfs>);
 
 /// One mount from mountinfo, with the escapes in its path undone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -828,6 +870,26 @@ mod tests {
         assert!(out.contains(&format!("{data} 1")), "{out}");
         // mountinfo's own "ro" still counts.
         assert!(out.contains(r#"storage_readonly{mountpoint="/mnt/my archive",device="/dev/mapper/archive",fstype="ext4"} 1"#), "{out}");
+    }
+
+    #[test]
+    fn the_runner_begins_statvfs_before_the_collectors_ahead_of_storage_run() {
+        let fake = FakeStatvfs::hanging("none");
+        let ctx = context("full", |_| {});
+        let c = StorageCollector::with_statvfs(fake.func());
+        c.prepare(&ctx);
+        // A second prepare (another scrape) leaves the first batch to be taken.
+        c.prepare(&ctx);
+        let until = Instant::now() + Duration::from_secs(2);
+        while fake.calls.lock().unwrap().len() < 6 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(fake.calls.lock().unwrap().len(), 6, "begun before collect");
+        let out = scrape(&c, &ctx);
+        assert!(out.contains(r#"storage_total_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 4294967296000"#), "{out}");
+        assert_eq!(fake.calls.lock().unwrap().len(), 6, "collect took the batch begun");
+        scrape(&c, &ctx);
+        assert_eq!(fake.calls.lock().unwrap().len(), 12, "without prepare, collect begins its own");
     }
 
     #[test]
