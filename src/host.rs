@@ -564,7 +564,10 @@ mod tests {
         std::fs::write(dir.path().join("new"), "two\n").unwrap();
         std::fs::rename(dir.path().join("new"), &file).unwrap();
         assert_eq!(roots.read_kept(&file).unwrap(), "two\n");
-        assert!(roots.read_kept(&dir.path().join("gone")).unwrap_err().is_missing());
+        assert!(roots
+            .read_kept(&dir.path().join("gone"))
+            .unwrap_err()
+            .is_missing());
     }
 
     #[test]

@@ -120,7 +120,10 @@ impl Collector for CpuCollector {
         if let Some(stat) = stat {
             export_stat(sink, &stat);
         }
-        if let Some(load) = sink.read(NAME, roots.parse_proc_kept::<procfs::LoadAverage>("loadavg")) {
+        if let Some(load) = sink.read(
+            NAME,
+            roots.parse_proc_kept::<procfs::LoadAverage>("loadavg"),
+        ) {
             for (window, v) in [("1m", load.one), ("5m", load.five), ("15m", load.fifteen)] {
                 sink.gauge(
                     "cpu_load_average",

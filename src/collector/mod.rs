@@ -325,8 +325,7 @@ impl Sink {
 /// float one and prints the same digits below 2^53.
 fn push_value(out: &mut String, value: f64) {
     const EXACT: f64 = 9_007_199_254_740_992.0;
-    if value.fract() == 0.0 && value.abs() < EXACT && !(value == 0.0 && value.is_sign_negative())
-    {
+    if value.fract() == 0.0 && value.abs() < EXACT && !(value == 0.0 && value.is_sign_negative()) {
         let _ = write!(out, "{}", value as i64);
     } else {
         let _ = write!(out, "{value}");
@@ -897,7 +896,9 @@ mod tests {
         summary.set_name("x_seconds".into());
         summary.set_help("".into());
         summary.set_field_type(MetricType::SUMMARY);
-        summary.mut_metric().push(prometheus::proto::Metric::default());
+        summary
+            .mut_metric()
+            .push(prometheus::proto::Metric::default());
         families.push(summary);
         let mut ours = String::new();
         encode_families(&families, &mut ours);

@@ -38,7 +38,9 @@ impl Collector for OomCollector {
         // Shared with the memory collector: one read of /proc/vmstat a scrape.
         let kills = sink
             .shared_proc_text(&ctx.roots, "vmstat")
-            .and_then(|text| parse_keyed(&ctx.roots.proc_path("vmstat"), &text, |k| k == "oom_kill"));
+            .and_then(|text| {
+                parse_keyed(&ctx.roots.proc_path("vmstat"), &text, |k| k == "oom_kill")
+            });
         match sink.read(NAME, kills).as_deref() {
             Some([(_, n), ..]) => sink.counter(
                 "oom_kills_total",

@@ -364,7 +364,8 @@ fn export_mounts(
         ];
         // mountinfo may be MOUNTS_TTL old; statvfs sees a remount (or an
         // error's read-only turn) at once.
-        let readonly = m.readonly || matches!(&outcome, Outcome::Done(Statvfs::Stats(s)) if s.readonly);
+        let readonly =
+            m.readonly || matches!(&outcome, Outcome::Done(Statvfs::Stats(s)) if s.readonly);
         sink.gauge(
             "storage_readonly",
             "Whether the filesystem is mounted read-only (/proc/1/mountinfo mount options, or statvfs ST_RDONLY).",
@@ -449,7 +450,10 @@ pub fn is_exported_block_device(name: &str) -> bool {
 /// Per device counters from /proc/diskstats; returns the devices exported.
 fn export_diskstats(sink: &mut Sink, roots: &HostRoots) -> BTreeSet<String> {
     let mut devices = BTreeSet::new();
-    let Some(stats) = sink.read(NAME, roots.parse_proc_kept::<procfs::DiskStats>("diskstats")) else {
+    let Some(stats) = sink.read(
+        NAME,
+        roots.parse_proc_kept::<procfs::DiskStats>("diskstats"),
+    ) else {
         return devices;
     };
     const SECTOR: f64 = 512.0;
@@ -814,7 +818,14 @@ mod tests {
         let points: Vec<&str> = calls.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
             points,
-            ["/", "/boot/efi", "/data", "/home", "/mnt/my archive", "/mnt/nfs"]
+            [
+                "/",
+                "/boot/efi",
+                "/data",
+                "/home",
+                "/mnt/my archive",
+                "/mnt/nfs"
+            ]
         );
         let threads: std::collections::HashSet<_> = calls.iter().map(|(_, t)| *t).collect();
         assert_eq!(threads.len(), 1, "one thread for the batch: {calls:?}");
@@ -832,10 +843,15 @@ mod tests {
         for _ in 0..2 {
             let out = scrape(&c, &ctx);
             assert!(
-                out.contains(r#"storage_mount_stuck{mountpoint="/data",device="/dev/md0",fstype="xfs"} 1"#),
+                out.contains(
+                    r#"storage_mount_stuck{mountpoint="/data",device="/dev/md0",fstype="xfs"} 1"#
+                ),
                 "{out}"
             );
-            assert!(!out.contains(r#"storage_total_bytes{mountpoint="/data""#), "{out}");
+            assert!(
+                !out.contains(r#"storage_total_bytes{mountpoint="/data""#),
+                "{out}"
+            );
             for after in [
                 r#"storage_total_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 107374182400"#,
                 r#"storage_total_bytes{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 10737418240"#,
@@ -844,7 +860,11 @@ mod tests {
                 assert!(out.contains(after), "{after} missing from {out}");
             }
         }
-        assert_eq!(fake.nfs_calls.load(Ordering::SeqCst), 1, "one call, not one per scrape");
+        assert_eq!(
+            fake.nfs_calls.load(Ordering::SeqCst),
+            1,
+            "one call, not one per scrape"
+        );
     }
 
     #[test]
@@ -887,9 +907,17 @@ mod tests {
         assert_eq!(fake.calls.lock().unwrap().len(), 6, "begun before collect");
         let out = scrape(&c, &ctx);
         assert!(out.contains(r#"storage_total_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 4294967296000"#), "{out}");
-        assert_eq!(fake.calls.lock().unwrap().len(), 6, "collect took the batch begun");
+        assert_eq!(
+            fake.calls.lock().unwrap().len(),
+            6,
+            "collect took the batch begun"
+        );
         scrape(&c, &ctx);
-        assert_eq!(fake.calls.lock().unwrap().len(), 12, "without prepare, collect begins its own");
+        assert_eq!(
+            fake.calls.lock().unwrap().len(),
+            12,
+            "without prepare, collect begins its own"
+        );
     }
 
     #[test]
