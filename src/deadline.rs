@@ -506,7 +506,8 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let rx = Arc::new(Mutex::new(rx));
         let batch = |sf: &SingleFlight<&'static str, u32>| {
-            let calls: Vec<(&str, Box<dyn FnOnce() -> u32 + Send>)> = vec![
+            type Call = Box<dyn FnOnce() -> u32 + Send>;
+            let calls: Vec<(&str, Call)> = vec![
                 ("a", Box::new(|| 1)),
                 ("nfs", {
                     let rx = rx.clone();

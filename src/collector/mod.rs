@@ -153,8 +153,11 @@ pub struct Sink {
 /// snapshot.
 #[derive(Default)]
 pub struct SharedReads {
-    files: Mutex<Vec<(&'static str, Result<Arc<str>, ReadError>)>>,
+    files: Mutex<Vec<SharedFile>>,
 }
+
+/// A file of [`SharedReads`]: its path under procfs, and what reading it gave.
+type SharedFile = (&'static str, Result<Arc<str>, ReadError>);
 
 impl SharedReads {
     /// `<procfs>/<rel>`, read by the first caller of this scrape.

@@ -39,7 +39,7 @@ pub struct StorageCollector {
     /// it: mounts rarely change, so mountinfo (the largest file a scrape
     /// reads on a node with many mounts) is read again every [`MOUNTS_TTL`],
     /// and parsed again only when its text changed.
-    mounts: Mutex<Option<(Instant, String, Arc<Vec<Mount>>)>>,
+    mounts: Mutex<Option<MountTable>>,
     /// The block devices that may have SCSI error counters, listed again
     /// every [`MOUNTS_TTL`].
     scsi_disks: Mutex<Option<(Instant, Arc<Vec<String>>)>>,
@@ -170,6 +170,9 @@ fn statvfs_deadline(ctx: &Context) -> Duration {
         .statvfs_deadline
         .min(ctx.config.collectors.deadline)
 }
+
+/// When mountinfo was read, its text, and the mounts selected from it.
+type MountTable = (Instant, String, Arc<Vec<Mount>>);
 
 /// A statvfs batch begun by [`Collector::prepare`]: when, for which mounts.
 type Begun = (Instant, Arc<Vec<Mount>>, Batch<Statvfs>);
@@ -450,15 +453,16 @@ pub fn is_exported_block_device(name: &str) -> bool {
 /// Per device counters from /proc/diskstats; returns the devices exported.
 fn export_diskstats(sink: &mut Sink, roots: &HostRoots) -> BTreeSet<String> {
     let mut devices = BTreeSet::new();
-    let Some(stats) = sink.read(
-        NAME,
-        roots.parse_proc_kept::<procfs::DiskStats>("diskstats"),
-    ) else {
+    let path = roots.proc_path("diskstats");
+    let Some(text) = sink.read(NAME, roots.read_kept(&path)) else {
+        return devices;
+    };
+    let Some(stats) = sink.read(NAME, parse_diskstats(&path, &text)) else {
         return devices;
     };
     const SECTOR: f64 = 512.0;
-    for d in stats.0.iter().filter(|d| is_exported_block_device(&d.name)) {
-        let l = [("device", d.name.as_str())];
+    for d in stats.iter().filter(|d| is_exported_block_device(d.name)) {
+        let l = [("device", d.name)];
         sink.counter(
             "storage_reads_total",
             "Reads completed (/proc/diskstats field 4).",
@@ -501,9 +505,66 @@ fn export_diskstats(sink: &mut Sink, roots: &HostRoots) -> BTreeSet<String> {
             &l,
             d.in_progress as f64,
         );
-        devices.insert(d.name.clone());
+        devices.insert(d.name.to_string());
     }
     devices
+}
+
+/// The fields of a /proc/diskstats line the collector exports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DiskStat<'a> {
+    name: &'a str,
+    reads: u64,
+    sectors_read: u64,
+    writes: u64,
+    sectors_written: u64,
+    in_progress: u64,
+    time_in_progress: u64,
+    weighted_time_in_progress: u64,
+}
+
+/// Every line of /proc/diskstats: major, minor, name and at least eleven
+/// counters, each an unsigned integer (as `procfs::DiskStats` wants them,
+/// without its `String` per device and map of every field).
+fn parse_diskstats<'a>(path: &Path, text: &'a str) -> Result<Vec<DiskStat<'a>>, ReadError> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.is_empty() {
+            continue;
+        }
+        if f.len() < 14 {
+            return Err(ReadError::parse(
+                path,
+                format!("line {}: {} fields, expected at least 14", n + 1, f.len()),
+            ));
+        }
+        let mut v = [0u64; 14];
+        for (i, slot) in v.iter_mut().enumerate().filter(|(i, _)| *i != 2) {
+            *slot = f[i].parse().map_err(|_| {
+                ReadError::parse(
+                    path,
+                    format!(
+                        "line {}: field {}: expected an unsigned integer, found {:?}",
+                        n + 1,
+                        i + 1,
+                        f[i]
+                    ),
+                )
+            })?;
+        }
+        out.push(DiskStat {
+            name: f[2],
+            reads: v[3],
+            sectors_read: v[5],
+            writes: v[7],
+            sectors_written: v[9],
+            in_progress: v[11],
+            time_in_progress: v[12],
+            weighted_time_in_progress: v[13],
+        });
+    }
+    Ok(out)
 }
 
 /// `storage_errors_total{source="scsi"}` from `<sysfs>/block/*/device/ioerr_cnt`
@@ -748,7 +809,7 @@ mod tests {
             "malformed",
             expect![[r#"
             FAILED F/malformed/proc/1/mountinfo: unexpected contents: a field is missing
-            FAILED F/malformed/proc/diskstats: unexpected contents: Failed to parse expect!(s.next()) ("five") as a u64: invalid digit found in string
+            FAILED F/malformed/proc/diskstats: line 1: 6 fields, expected at least 14
             FAILED F/malformed/proc/pressure/io: no "some" line
             FAILED F/malformed/sys/block/sda/device/ioerr_cnt: expected an unsigned integer, found "0xzz"
         "#]],
@@ -837,7 +898,14 @@ mod tests {
         let points: Vec<&str> = calls.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
             points,
-            ["/", "/boot/efi", "/data", "/home", "/mnt/my archive", "/mnt/nfs"]
+            [
+                "/",
+                "/boot/efi",
+                "/data",
+                "/home",
+                "/mnt/my archive",
+                "/mnt/nfs"
+            ]
         );
         let threads: std::collections::HashSet<_> = calls.iter().map(|(_, t)| *t).collect();
         assert_eq!(threads.len(), 1, "one thread for the batch: {calls:?}");
@@ -1021,6 +1089,41 @@ mod tests {
         for d in ["loop0", "nvme0n1", "vda", "dm-0", "md127", "zram0", "sda1"] {
             assert!(!may_have_scsi_counters(d), "{d}");
         }
+    }
+
+    #[test]
+    fn diskstats_are_read_as_the_procfs_crate_reads_them() {
+        for f in [
+            crate::collector::testutil::fixture("full/proc/diskstats"),
+            PathBuf::from("/proc/diskstats"),
+        ] {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let ours = parse_diskstats(&f, &text).unwrap();
+            let theirs: procfs::DiskStats = crate::host::parse_proc_text(&f, &text).unwrap();
+            let theirs: Vec<DiskStat> = theirs
+                .0
+                .iter()
+                .map(|d| DiskStat {
+                    name: d.name.as_str(),
+                    reads: d.reads,
+                    sectors_read: d.sectors_read,
+                    writes: d.writes,
+                    sectors_written: d.sectors_written,
+                    in_progress: d.in_progress,
+                    time_in_progress: d.time_in_progress,
+                    weighted_time_in_progress: d.weighted_time_in_progress,
+                })
+                .collect();
+            assert_eq!(ours, theirs, "{}", f.display());
+        }
+        let f = Path::new("/x/diskstats");
+        let line = "8 0 sda 1 2 3 4 5 6 7 8 9 10 11";
+        assert_eq!(
+            parse_diskstats(f, line).unwrap()[0].weighted_time_in_progress,
+            11
+        );
+        assert!(parse_diskstats(f, "8 0 sda 1 2 3 4 5 6 7 8 9 10 x").is_err());
+        assert!(parse_diskstats(f, "8 0 sda 1 2 3").is_err());
     }
 
     #[test]
