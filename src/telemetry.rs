@@ -565,13 +565,22 @@ impl HttpMetrics {
         request_bytes: Option<u64>,
         response_bytes: Option<u64>,
     ) {
-        let code = status.to_string();
+        // The standard codes' text without an allocation.
+        let known = axum::http::StatusCode::from_u16(status).ok();
+        let owned;
+        let code = match &known {
+            Some(s) => s.as_str(),
+            None => {
+                owned = status.to_string();
+                owned.as_str()
+            }
+        };
         self.requests
-            .with_label_values(&[endpoint, method, &code])
+            .with_label_values(&[endpoint, method, code])
             .inc();
         if status >= 400 {
             self.errors
-                .with_label_values(&[endpoint, method, &code])
+                .with_label_values(&[endpoint, method, code])
                 .inc();
         }
         self.duration
@@ -605,7 +614,11 @@ pub async fn track_http(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use http_body::Body as _;
-    let endpoint = endpoint_label(&req);
+    // The matched route (an `Arc<str>` inside: no copy), else `unmatched`.
+    let matched = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .cloned();
     let method = method_label(req.method());
     let request_bytes = req
         .headers()
@@ -614,8 +627,9 @@ pub async fn track_http(
     let started = std::time::Instant::now();
     let resp = next.run(req).await;
     let response_bytes = resp.body().size_hint().exact();
+    let endpoint = matched.as_ref().map_or("unmatched", |p| p.as_str());
     metrics.observe(
-        &endpoint,
+        endpoint,
         method,
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),

@@ -167,8 +167,8 @@ pub struct Sample {
 }
 
 impl Sample {
-    fn of(stat: &procfs::KernelStats) -> Sample {
-        let t = &stat.total;
+    fn of(stat: &ProcStat) -> Sample {
+        let t = stat;
         let idle = t.idle + t.iowait.unwrap_or(0);
         let total = t.user
             + t.nice
@@ -258,8 +258,81 @@ pub(crate) fn export_psi(
     }
 }
 
-fn read_stat(roots: &HostRoots) -> Result<procfs::KernelStats, ReadError> {
-    roots.parse_proc_si("stat", &PROC_SYSTEM_INFO)
+fn read_stat(roots: &HostRoots) -> Result<ProcStat, ReadError> {
+    let path = roots.proc_path("stat");
+    let text = roots.read_kept(&path)?;
+    parse_stat(&path, &text)
+}
+
+/// The node-wide `cpu ` line of /proc/stat, in clock ticks (the fields
+/// after `idle` are absent on old kernels), and the number of `cpuN` lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    user: u64,
+    nice: u64,
+    system: u64,
+    idle: u64,
+    iowait: Option<u64>,
+    irq: Option<u64>,
+    softirq: Option<u64>,
+    steal: Option<u64>,
+    cpus: usize,
+}
+
+/// Reads the lines the collector needs, instead of `procfs::KernelStats`'s
+/// per-CPU table and every other line.
+fn parse_stat(path: &Path, text: &str) -> Result<ProcStat, ReadError> {
+    let mut total = None;
+    let mut cpus = 0;
+    for (n, line) in text.lines().enumerate() {
+        let Some(rest) = line.strip_prefix("cpu") else {
+            continue;
+        };
+        if rest.starts_with(|c: char| c.is_ascii_digit()) {
+            cpus += 1;
+            continue;
+        }
+        if !rest.starts_with(' ') {
+            continue;
+        }
+        let mut values = Vec::with_capacity(10);
+        for v in rest.split_whitespace() {
+            values.push(v.parse::<u64>().map_err(|_| {
+                ReadError::parse(
+                    path,
+                    format!(
+                        "line {}: cpu: expected an unsigned integer, found {v:?}",
+                        n + 1
+                    ),
+                )
+            })?);
+        }
+        if values.len() < 4 {
+            return Err(ReadError::parse(
+                path,
+                format!(
+                    "line {}: cpu: {} fields, expected at least 4",
+                    n + 1,
+                    values.len()
+                ),
+            ));
+        }
+        let at = |i: usize| values.get(i).copied();
+        total = Some(ProcStat {
+            user: values[0],
+            nice: values[1],
+            system: values[2],
+            idle: values[3],
+            iowait: at(4),
+            irq: at(5),
+            softirq: at(6),
+            steal: at(7),
+            cpus: 0,
+        });
+    }
+    let mut stat = total.ok_or_else(|| ReadError::parse(path, "no cpu line"))?;
+    stat.cpus = cpus;
+    Ok(stat)
 }
 
 fn export_utilization(sink: &mut Sink, percent: f64) {
@@ -271,8 +344,8 @@ fn export_utilization(sink: &mut Sink, percent: f64) {
     );
 }
 
-fn export_stat(sink: &mut Sink, stat: &procfs::KernelStats) {
-    let t = &stat.total;
+fn export_stat(sink: &mut Sink, stat: &ProcStat) {
+    let t = stat;
     let hz = PROC_SYSTEM_INFO.ticks_per_second as f64;
     let modes = [
         ("user", Some(t.user)),
@@ -299,7 +372,7 @@ fn export_stat(sink: &mut Sink, stat: &procfs::KernelStats) {
         "cpu_cores",
         "Online logical CPUs (cpuN lines of /proc/stat).",
         &[],
-        stat.cpu_time.len() as f64,
+        stat.cpus as f64,
     );
 }
 
@@ -693,7 +766,7 @@ mod tests {
             "malformed",
             None,
             expect![[r#"
-                FAILED F/malformed/proc/stat: unexpected contents: Failed to parse expect!(s.next()) ("abc") as a u64: invalid digit found in string
+                FAILED F/malformed/proc/stat: line 1: cpu: expected an unsigned integer, found "abc"
                 FAILED F/malformed/proc/loadavg: unexpected contents: invalid float literal
                 FAILED F/malformed/proc/pressure/cpu: unexpected line "garbage in here"
                 FAILED F/malformed/sys/fs/cgroup/system.slice/cpu.stat: throttled_usec: expected an unsigned integer, found "-5"
@@ -846,6 +919,44 @@ mod tests {
         assert_eq!(parse_mce_row(text), Ok(Some(7)));
         assert_eq!(parse_mce_row("  0: 1 2 timer\n"), Ok(None));
         assert!(parse_mce_row(" MCE: x y\n").is_err());
+    }
+
+    #[test]
+    fn proc_stat_is_read_as_the_procfs_crate_reads_it() {
+        for f in [
+            crate::collector::testutil::fixture("full/proc/stat"),
+            PathBuf::from("/proc/stat"),
+        ] {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let ours = parse_stat(&f, &text).unwrap();
+            use procfs::FromReadSI as _;
+            let theirs =
+                procfs::KernelStats::from_read(text.as_bytes(), &PROC_SYSTEM_INFO).unwrap();
+            let t = &theirs.total;
+            assert_eq!(
+                ours,
+                ProcStat {
+                    user: t.user,
+                    nice: t.nice,
+                    system: t.system,
+                    idle: t.idle,
+                    iowait: t.iowait,
+                    irq: t.irq,
+                    softirq: t.softirq,
+                    steal: t.steal,
+                    cpus: theirs.cpu_time.len(),
+                },
+                "{}",
+                f.display()
+            );
+        }
+        let f = Path::new("/x/stat");
+        assert!(parse_stat(f, "cpu0 1 2 3 4\n").is_err(), "no cpu line");
+        assert!(parse_stat(f, "cpu  1 2 3\n").is_err());
+        assert_eq!(
+            parse_stat(f, "cpu  1 2 3 4\ncpu0 1 2 3 4\n").unwrap().cpus,
+            1
+        );
     }
 
     #[test]
