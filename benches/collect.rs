@@ -128,12 +128,20 @@ fn bench_each(c: &mut Criterion) {
         })
     });
     // The RED metrics of a server that has answered a few routes, gathered
-    // and encoded as each scrape does.
+    // and written as each scrape does (`collector::encode_families`), and
+    // through the prometheus crate's text encoder, as scrapes did before.
     let http = HttpMetrics::new();
     for (endpoint, status) in [("/metrics", 200), ("/healthz", 200), ("/v1/events", 400)] {
         http.observe(endpoint, "GET", status, 0.001, Some(0), Some(1000));
     }
     c.bench_function("http_metrics_gather_encode", |b| {
+        b.iter(|| {
+            let mut out = String::new();
+            collector::encode_families(&http.gather(), &mut out);
+            out
+        })
+    });
+    c.bench_function("http_metrics_gather_text_encoder", |b| {
         b.iter(|| {
             let mut out = String::new();
             let _ = prometheus::TextEncoder::new().encode_utf8(&http.gather(), &mut out);

@@ -7,9 +7,14 @@
 //! stacking a new thread per scrape. Callers arriving while a call is in flight
 //! (several Prometheus servers scraping at once) share its result. Threads of
 //! finished calls wait a while for the next call instead of exiting.
+//! [`SingleFlight::start_batch`] hands several calls to one thread at once
+//! (one hand-off a scrape instead of one a call, for statvfs of every mount),
+//! with one deadline for the batch: a call that stalls the batch has the
+//! calls queued behind it taken up by another thread, so it holds only its
+//! own thread and is the only one reported late.
 //! This module must not know about metrics or HTTP.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -207,9 +212,163 @@ where
     pub fn in_flight(&self) -> usize {
         lock(&self.slots).len()
     }
+
+    /// Starts `calls` as one batch: each joins a call with its key already in
+    /// flight (or is told `StillRunning`, as [`SingleFlight::start`]); the
+    /// others are queued and handed to one thread, which runs them one after
+    /// another. Wait with [`Batch::wait_until`], which adds a thread when a
+    /// call stalls the queue (every `deadline / 16`).
+    pub fn start_batch<F>(&self, calls: Vec<(K, F)>, deadline: Duration) -> Batch<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let queue: Arc<Mutex<VecDeque<Queued>>> = Arc::new(Mutex::new(VecDeque::new()));
+        let mut pending = Vec::with_capacity(calls.len());
+        {
+            let mut slots = lock(&self.slots);
+            let mut queued = lock(&queue);
+            for (key, f) in calls {
+                if let Some(slot) = slots.get(&key) {
+                    let joined = slot.started.elapsed() < deadline;
+                    pending.push(Pending {
+                        started: slot.started,
+                        cell: joined.then(|| slot.cell.clone()),
+                    });
+                    continue;
+                }
+                let cell = Arc::new(Cell {
+                    value: Mutex::new(None),
+                    ready: Condvar::new(),
+                });
+                let started = Instant::now();
+                let run = {
+                    let (cell, slots, key) = (cell.clone(), self.slots.clone(), key.clone());
+                    Box::new(move || {
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+                        // As in `start`: the slot is freed before the value is seen.
+                        lock(&slots).remove(&key);
+                        *lock(&cell.value) = Some(result.ok());
+                        cell.ready.notify_all();
+                    }) as Job
+                };
+                let cancel = {
+                    let (cell, slots, key) = (cell.clone(), self.slots.clone(), key.clone());
+                    Box::new(move || {
+                        lock(&slots).remove(&key);
+                        *lock(&cell.value) = Some(None);
+                        cell.ready.notify_all();
+                    }) as Job
+                };
+                queued.push_back(Queued { run, cancel });
+                slots.insert(
+                    key,
+                    Slot {
+                        started,
+                        cell: cell.clone(),
+                    },
+                );
+                pending.push(Pending {
+                    started,
+                    cell: Some(cell),
+                });
+            }
+        }
+        let batch = Batch {
+            pending,
+            queue,
+            workers: self.workers.clone(),
+            stall: (deadline / 16).max(Duration::from_millis(1)),
+        };
+        if !lock(&batch.queue).is_empty() && batch.add_runner().is_err() {
+            // No thread: report the queued calls as timed out rather than run them here.
+            batch.cancel_queued();
+        }
+        batch
+    }
+}
+
+/// A queued call of a [`Batch`]: `run` makes the call and publishes its
+/// result, `cancel` frees its slot unrun (its waiters see `TimedOut`).
+struct Queued {
+    run: Job,
+    cancel: Job,
+}
+
+/// Calls started together by [`SingleFlight::start_batch`].
+pub struct Batch<T> {
+    pending: Vec<Pending<T>>,
+    queue: Arc<Mutex<VecDeque<Queued>>>,
+    workers: Arc<Workers>,
+    /// How long the waiter lets one call hold up the queue before it adds a thread.
+    stall: Duration,
+}
+
+impl<T: Clone> Batch<T> {
+    /// Waits until every call has returned or `until` passes: the outcomes,
+    /// in the order of the calls. While a call holds up the queue, another
+    /// thread takes up the calls behind it; calls still queued at `until` are
+    /// not made (their slots are freed, they report `TimedOut`).
+    pub fn wait_until(self, until: Instant) -> Vec<Outcome<T>> {
+        for p in &self.pending {
+            loop {
+                let now = Instant::now();
+                if now >= until || p.returned_by((now + self.stall).min(until)) {
+                    break;
+                }
+                if !lock(&self.queue).is_empty() && self.add_runner().is_err() {
+                    break;
+                }
+            }
+        }
+        self.cancel_queued();
+        self.pending
+            .into_iter()
+            .map(|p| p.wait_until(until))
+            .collect()
+    }
+
+    /// One more thread taking calls off the queue until it is empty.
+    fn add_runner(&self) -> std::io::Result<()> {
+        let queue = self.queue.clone();
+        self.workers.run(Box::new(move || loop {
+            let next = lock(&queue).pop_front();
+            let Some(q) = next else { return };
+            (q.run)();
+        }))
+    }
+
+    fn cancel_queued(&self) {
+        let left: Vec<Queued> = lock(&self.queue).drain(..).collect();
+        for q in left {
+            (q.cancel)();
+        }
+    }
 }
 
 impl<T: Clone> Pending<T> {
+    /// Whether the call has returned (or panicked, or was never joined),
+    /// waiting for it until `until` at most.
+    fn returned_by(&self, until: Instant) -> bool {
+        let Some(cell) = &self.cell else {
+            return true;
+        };
+        let mut value = lock(&cell.value);
+        loop {
+            if value.is_some() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            let (guard, _) = cell
+                .ready
+                .wait_timeout(value, until - now)
+                .unwrap_or_else(PoisonError::into_inner);
+            value = guard;
+        }
+    }
+
     /// Waits until the call returns or `until` passes.
     pub fn wait_until(self, until: Instant) -> Outcome<T> {
         let Some(cell) = self.cell else {
@@ -322,6 +481,72 @@ mod tests {
                 "call {i} was handed an earlier call's result"
             );
         }
+    }
+
+    #[test]
+    fn a_batch_is_one_hand_off_to_one_thread() {
+        let sf: SingleFlight<u32, std::thread::ThreadId> = SingleFlight::new("t");
+        let calls: Vec<(u32, _)> = (0..6)
+            .map(|k| (k, || std::thread::current().id()))
+            .collect();
+        let out = sf
+            .start_batch(calls, Duration::from_secs(5))
+            .wait_until(Instant::now() + Duration::from_secs(5));
+        let Outcome::Done(first) = out[0].clone() else {
+            panic!("{out:?}")
+        };
+        assert_ne!(first, std::thread::current().id());
+        assert_eq!(out, vec![Outcome::Done(first); 6]);
+    }
+
+    #[test]
+    fn a_stuck_call_in_a_batch_holds_up_only_itself() {
+        let sf: SingleFlight<&str, u32> = SingleFlight::new("t");
+        let deadline = Duration::from_millis(400);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = Arc::new(Mutex::new(rx));
+        let batch = |sf: &SingleFlight<&'static str, u32>| {
+            type Call = Box<dyn FnOnce() -> u32 + Send>;
+            let calls: Vec<(&str, Call)> = vec![
+                ("a", Box::new(|| 1)),
+                ("nfs", {
+                    let rx = rx.clone();
+                    Box::new(move || {
+                        let _ = lock(&rx).recv();
+                        2
+                    })
+                }),
+                ("b", Box::new(|| 3)),
+                ("c", Box::new(|| 4)),
+            ];
+            sf.start_batch(calls, deadline)
+                .wait_until(Instant::now() + deadline)
+        };
+        let out = batch(&sf);
+        assert_eq!(
+            out,
+            vec![
+                Outcome::Done(1),
+                Outcome::TimedOut,
+                Outcome::Done(3),
+                Outcome::Done(4)
+            ]
+        );
+        // Stuck past its deadline: not started again, the others run anew.
+        let out = batch(&sf);
+        assert!(matches!(out[1], Outcome::StillRunning { .. }), "{out:?}");
+        assert_eq!(
+            (&out[0], &out[2], &out[3]),
+            (&Outcome::Done(1), &Outcome::Done(3), &Outcome::Done(4))
+        );
+        assert_eq!(sf.in_flight(), 1, "only the stuck call holds a slot");
+        // The server is back: every call returns at once from now on.
+        drop(tx);
+        let until = Instant::now() + Duration::from_secs(2);
+        while sf.in_flight() > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(batch(&sf)[1], Outcome::Done(2));
     }
 
     #[test]

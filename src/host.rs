@@ -7,8 +7,10 @@
 //! [`ReadError`] that tells a missing file (debug log, series left out) from a
 //! file that could not be parsed (warning, collector failure).
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 /// Where the host's pseudo filesystems are mounted. Defaults are the real ones.
@@ -111,6 +113,34 @@ impl HostRoots {
         self.read_text(&self.proc_path(rel))
     }
 
+    /// [`HostRoots::read_text`] for a node-wide procfs file read every
+    /// scrape (`/proc/stat`, `/proc/meminfo`, a PSI file...): a file on
+    /// procfs is kept open and read again from its start, which makes the
+    /// kernel write it afresh, without the path lookup and the open and
+    /// close of each read. Other files (fixture trees) are read as
+    /// `read_text` reads them. Only for a fixed set of paths, never per
+    /// process: each one kept holds a descriptor for the life of the process
+    /// (at most [`KEPT_MAX`]).
+    pub fn read_kept(&self, path: &Path) -> Result<String, ReadError> {
+        read_kept_bytes(path)
+            .and_then(|b| {
+                String::from_utf8(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+            })
+            .map_err(|e| ReadError::from_io(path, e))
+    }
+
+    /// `read_kept(<procfs>/<rel>)`.
+    pub fn read_proc_kept(&self, rel: &str) -> Result<String, ReadError> {
+        self.read_kept(&self.proc_path(rel))
+    }
+
+    /// [`HostRoots::parse_proc`] of a file read with [`HostRoots::read_kept`].
+    pub fn parse_proc_kept<T: procfs::FromRead>(&self, rel: &str) -> Result<T, ReadError> {
+        let path = self.proc_path(rel);
+        let text = self.read_kept(&path)?;
+        parse_proc_text(&path, &text)
+    }
+
     /// `read_text(<sysfs>/<rel>)`.
     pub fn read_sys(&self, rel: &str) -> Result<String, ReadError> {
         self.read_text(&self.sys_path(rel))
@@ -142,15 +172,13 @@ impl HostRoots {
         info: &procfs::SystemInfo,
     ) -> Result<T, ReadError> {
         let path = self.proc_path(rel);
-        let text = self.read_text(&path)?;
+        let text = self.read_kept(&path)?;
         T::from_read(text.as_bytes(), info)
             .map_err(|e| ReadError::parse(&path, proc_error_message(e)))
     }
 
     /// The `key value` lines of a procfs file (`/proc/vmstat`) whose key
-    /// `want` accepts, in file order. Cheaper than `procfs::VmStat`, which
-    /// builds a map of all ~190 keys (about 80 µs a read) when we need a few.
-    /// A wanted key whose value is not an unsigned integer is a parse error.
+    /// `want` accepts, in file order: [`parse_keyed`] of its text.
     pub fn read_proc_keyed(
         &self,
         rel: &str,
@@ -158,25 +186,7 @@ impl HostRoots {
     ) -> Result<Vec<(String, u64)>, ReadError> {
         let path = self.proc_path(rel);
         let text = self.read_text(&path)?;
-        let mut out = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let mut f = line.split_whitespace();
-            let Some(key) = f.next().filter(|k| want(k)) else {
-                continue;
-            };
-            let value = f.next().unwrap_or("");
-            let v = value.parse::<u64>().map_err(|_| {
-                ReadError::parse(
-                    &path,
-                    format!(
-                        "line {}: {key}: expected an unsigned integer, found {value:?}",
-                        n + 1
-                    ),
-                )
-            })?;
-            out.push((key.to_string(), v));
-        }
-        Ok(out)
+        parse_keyed(&path, &text, want)
     }
 
     /// Whether `path` exists (without following it into a read).
@@ -211,6 +221,18 @@ impl HostRoots {
         Ok(names)
     }
 
+    /// This process's open file descriptors: the size of `/proc/self/fd`,
+    /// which procfs reports as their count since Linux 6.2 (one `statx`),
+    /// else the entries listed (an open, a directory read and a close; the
+    /// listing's own descriptor counted).
+    pub fn open_fd_count(&self) -> Result<usize, ReadError> {
+        let path = Path::new("/proc/self/fd");
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() > 0 => Ok(usize::try_from(m.len()).unwrap_or(usize::MAX)),
+            _ => self.list_dir(path).map(|fds| fds.len()),
+        }
+    }
+
     /// The resolved target of a symbolic link (for example `/proc/<pid>/exe`).
     pub fn read_link(&self, path: &Path) -> Result<PathBuf, ReadError> {
         std::fs::read_link(path).map_err(|e| ReadError::from_io(path, e))
@@ -243,13 +265,134 @@ impl HostRoots {
 /// and the call that sees their end.
 const FIRST_READ: usize = 8 * 1024;
 
-/// A whole file's bytes, in as few read calls as its size allows.
+/// A whole file's bytes, in as few read calls as its size allows: open,
+/// reads, close. Not `read_to_end`, which first asks the file its size and
+/// position (`statx` and `lseek`, two more system calls a file, for a size
+/// that procfs and sysfs give as 0).
 fn read_whole(path: &Path) -> io::Result<Vec<u8>> {
     use std::io::Read as _;
     let mut f = std::fs::File::open(path)?;
-    let mut buf = Vec::with_capacity(FIRST_READ);
-    f.read_to_end(&mut buf)?;
+    let mut buf = vec![0u8; FIRST_READ];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(2 * len, 0);
+        }
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
     Ok(buf)
+}
+
+/// The most files [`HostRoots::read_kept`] keeps open.
+pub const KEPT_MAX: usize = 128;
+
+/// Files kept open by [`HostRoots::read_kept`], by path; `None`: not a
+/// kernel file, read afresh each time.
+type KeptFiles = HashMap<PathBuf, Option<Arc<Mutex<std::fs::File>>>>;
+
+fn kept_files() -> &'static Mutex<KeptFiles> {
+    static KEPT: OnceLock<Mutex<KeptFiles>> = OnceLock::new();
+    KEPT.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Whether `f` is on procfs, whose files are written afresh by each read
+/// from their start. (Not sysfs or cgroupfs: a descriptor kept on the file
+/// of a removed device or cgroup would keep its kernel object alive.)
+// `f_type`'s integer type differs between platforms.
+#[allow(clippy::unnecessary_cast)]
+fn on_procfs(f: &std::fs::File) -> bool {
+    rustix::fs::fstatfs(f).is_ok_and(|s| s.f_type as i64 == rustix::fs::PROC_SUPER_MAGIC as i64)
+}
+
+fn read_kept_bytes(path: &Path) -> io::Result<Vec<u8>> {
+    let kept = {
+        let files = kept_files().lock().unwrap_or_else(PoisonError::into_inner);
+        files.get(path).cloned()
+    };
+    match kept {
+        Some(Some(file)) => {
+            let file = file.lock().unwrap_or_else(PoisonError::into_inner);
+            match read_from_start(&file) {
+                Ok(b) => Ok(b),
+                Err(_) => {
+                    // Gone (a device unplugged) or broken: forget it, read afresh.
+                    drop(file);
+                    kept_files()
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(path);
+                    read_whole(path)
+                }
+            }
+        }
+        Some(None) => read_whole(path),
+        None => {
+            let file = std::fs::File::open(path)?;
+            let bytes = read_from_start(&file)?;
+            let keep = on_procfs(&file).then(|| Arc::new(Mutex::new(file)));
+            let mut files = kept_files().lock().unwrap_or_else(PoisonError::into_inner);
+            if files.len() < KEPT_MAX {
+                files.insert(path.to_path_buf(), keep);
+            }
+            Ok(bytes)
+        }
+    }
+}
+
+/// The whole file from offset 0 (`pread`: the descriptor's offset is not used).
+fn read_from_start(f: &std::fs::File) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt as _;
+    let mut buf = vec![0u8; FIRST_READ];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(2 * len, 0);
+        }
+        match f.read_at(&mut buf[len..], len as u64) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// The `key value` lines of `text` (read from `path`, e.g. `/proc/vmstat`)
+/// whose key `want` accepts, in file order. Cheaper than `procfs::VmStat`,
+/// which builds a map of all ~190 keys (about 80 µs a read) when we need a
+/// few. A wanted key whose value is not an unsigned integer is a parse error.
+pub fn parse_keyed(
+    path: &Path,
+    text: &str,
+    want: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, u64)>, ReadError> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let mut f = line.split_whitespace();
+        let Some(key) = f.next().filter(|k| want(k)) else {
+            continue;
+        };
+        let value = f.next().unwrap_or("");
+        let v = value.parse::<u64>().map_err(|_| {
+            ReadError::parse(
+                path,
+                format!(
+                    "line {}: {key}: expected an unsigned integer, found {value:?}",
+                    n + 1
+                ),
+            )
+        })?;
+        out.push((key.to_string(), v));
+    }
+    Ok(out)
 }
 
 /// Whether an absolute path exists on this machine (a runbook step's
@@ -389,6 +532,57 @@ mod tests {
             .find_map(|l| l.strip_prefix("syscr: "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap()
+    }
+
+    #[test]
+    fn procfs_files_read_every_scrape_are_kept_open_and_read_afresh() {
+        let roots = HostRoots::default();
+        let rchar = |text: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix("rchar: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap()
+        };
+        // This thread's own file: only this test reads it through read_kept.
+        let path = PathBuf::from("/proc/thread-self/io");
+        let first = rchar(&roots.read_kept(&path).unwrap());
+        let second = rchar(&roots.read_kept(&path).unwrap());
+        assert!(second > first, "{first} then {second}: not read afresh");
+        let own = std::fs::read_link("/proc/thread-self").unwrap();
+        let fds = roots.list_dir(Path::new("/proc/self/fd")).unwrap();
+        let kept = fds
+            .iter()
+            .filter_map(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok())
+            .filter(|target| *target == Path::new("/proc").join(&own).join("io"))
+            .count();
+        assert_eq!(kept, 1, "one descriptor kept for {}", path.display());
+        // A file that is not on procfs (a fixture) is read as read_text reads it.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stat");
+        std::fs::write(&file, "one\n").unwrap();
+        assert_eq!(roots.read_kept(&file).unwrap(), "one\n");
+        std::fs::write(dir.path().join("new"), "two\n").unwrap();
+        std::fs::rename(dir.path().join("new"), &file).unwrap();
+        assert_eq!(roots.read_kept(&file).unwrap(), "two\n");
+        assert!(roots
+            .read_kept(&dir.path().join("gone"))
+            .unwrap_err()
+            .is_missing());
+    }
+
+    #[test]
+    fn open_descriptors_are_counted() {
+        let roots = HostRoots::default();
+        let before = roots.open_fd_count().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<_> = (0..64)
+            .map(|i| std::fs::File::create(dir.path().join(i.to_string())).unwrap())
+            .collect();
+        let during = roots.open_fd_count().unwrap();
+        drop(files);
+        // Other tests of this process open and close files meanwhile.
+        assert!(during >= before + 56, "{before} then {during}");
+        assert!(during <= before + 72, "{before} then {during}");
     }
 
     #[test]

@@ -274,7 +274,8 @@ pub fn build_info(role: &str, gpu_backend: &str) -> String {
 /// Process metrics (`process_resident_memory_bytes`, CPU seconds, fds...)
 /// in text format, with the names and help of the `prometheus` crate's
 /// process collector (and the Go client's), written straight from one read
-/// of `/proc/self/stat`, the `/proc/self/fd` count and `getrlimit` (read
+/// of `/proc/self/stat` (kept open), the `/proc/self/fd` count (its size,
+/// without listing it, on Linux 6.2 and later) and `getrlimit` (read
 /// through [`crate::host`]; `btime` of `/proc/stat` once): the
 /// crate's collector also reads `/proc/self/limits` and builds protobuf
 /// families for the text encoder to walk, about 50 µs a scrape. A value that
@@ -282,13 +283,10 @@ pub fn build_info(role: &str, gpu_backend: &str) -> String {
 pub fn process_text(out: &mut String) {
     let roots = crate::host::HostRoots::default();
     let stat = roots
-        .read_text(std::path::Path::new("/proc/self/stat"))
+        .read_kept(std::path::Path::new("/proc/self/stat"))
         .ok()
         .and_then(|t| SelfStat::parse(&t));
-    let open_fds = roots
-        .list_dir(std::path::Path::new("/proc/self/fd"))
-        .ok()
-        .map(|fds| fds.len());
+    let open_fds = roots.open_fd_count().ok();
     let max_fds = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
     let tick = procfs::ticks_per_second().max(1) as f64;
     let mut family = |name: &str, help: &str, kind: &str, v: Option<f64>| {
@@ -567,13 +565,22 @@ impl HttpMetrics {
         request_bytes: Option<u64>,
         response_bytes: Option<u64>,
     ) {
-        let code = status.to_string();
+        // The standard codes' text without an allocation.
+        let known = axum::http::StatusCode::from_u16(status).ok();
+        let owned;
+        let code = match &known {
+            Some(s) => s.as_str(),
+            None => {
+                owned = status.to_string();
+                owned.as_str()
+            }
+        };
         self.requests
-            .with_label_values(&[endpoint, method, &code])
+            .with_label_values(&[endpoint, method, code])
             .inc();
         if status >= 400 {
             self.errors
-                .with_label_values(&[endpoint, method, &code])
+                .with_label_values(&[endpoint, method, code])
                 .inc();
         }
         self.duration
@@ -607,7 +614,11 @@ pub async fn track_http(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use http_body::Body as _;
-    let endpoint = endpoint_label(&req);
+    // The matched route (an `Arc<str>` inside: no copy), else `unmatched`.
+    let matched = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .cloned();
     let method = method_label(req.method());
     let request_bytes = req
         .headers()
@@ -616,8 +627,9 @@ pub async fn track_http(
     let started = std::time::Instant::now();
     let resp = next.run(req).await;
     let response_bytes = resp.body().size_hint().exact();
+    let endpoint = matched.as_ref().map_or("unmatched", |p| p.as_str());
     metrics.observe(
-        &endpoint,
+        endpoint,
         method,
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),

@@ -28,6 +28,8 @@ pub struct CpuCollector {
     /// Which thermal_throttle files to read (one CPU per core and per
     /// package), found from the CPU topology and refreshed every [`PLAN_TTL`].
     thermal: Mutex<Option<(Instant, Arc<ThermalPlan>)>>,
+    /// The cgroups whose CPU throttling is exported, refreshed every [`CGROUPS_TTL`].
+    cgroups: Mutex<Option<(Instant, Arc<CgroupPlan>)>>,
     /// The last reading of the MCE row, reused for [`MCE_TTL`]: /proc/interrupts
     /// has a line per IRQ and a column per CPU, so it is large on big machines.
     mce: Mutex<Option<(Instant, MceReading)>>,
@@ -77,6 +79,7 @@ impl CpuCollector {
         CpuCollector {
             ring,
             thermal: Mutex::new(None),
+            cgroups: Mutex::new(None),
             mce: Mutex::new(None),
         }
     }
@@ -117,7 +120,10 @@ impl Collector for CpuCollector {
         if let Some(stat) = stat {
             export_stat(sink, &stat);
         }
-        if let Some(load) = sink.read(NAME, roots.parse_proc::<procfs::LoadAverage>("loadavg")) {
+        if let Some(load) = sink.read(
+            NAME,
+            roots.parse_proc_kept::<procfs::LoadAverage>("loadavg"),
+        ) {
             for (window, v) in [("1m", load.one), ("5m", load.five), ("15m", load.fifteen)] {
                 sink.gauge(
                     "cpu_load_average",
@@ -136,7 +142,9 @@ impl Collector for CpuCollector {
             "cpu_pressure_stall_seconds_total",
             "Time some (or all) runnable tasks waited for a CPU (/proc/pressure/cpu total).",
         );
-        export_cgroup_throttling(sink, roots, &ctx.config.cpu.throttle_cgroups);
+        if let Some(plan) = self.cgroup_plan(sink, roots, &ctx.config.cpu.throttle_cgroups) {
+            export_cgroup_throttling(sink, roots, &plan);
+        }
         let plan = self.thermal_plan(roots);
         export_thermal_throttling(sink, roots, &plan);
         self.export_machine_checks(sink, roots);
@@ -159,8 +167,8 @@ pub struct Sample {
 }
 
 impl Sample {
-    fn of(stat: &procfs::KernelStats) -> Sample {
-        let t = &stat.total;
+    fn of(stat: &ProcStat) -> Sample {
+        let t = stat;
         let idle = t.idle + t.iowait.unwrap_or(0);
         let total = t.user
             + t.nice
@@ -236,7 +244,7 @@ pub(crate) fn export_psi(
     help: &str,
 ) {
     let path = roots.proc_path(rel);
-    let Some(text) = sink.read(collector, roots.read_text(&path)) else {
+    let Some(text) = sink.read(collector, roots.read_kept(&path)) else {
         return;
     };
     match parse_psi(&text) {
@@ -250,8 +258,81 @@ pub(crate) fn export_psi(
     }
 }
 
-fn read_stat(roots: &HostRoots) -> Result<procfs::KernelStats, ReadError> {
-    roots.parse_proc_si("stat", &PROC_SYSTEM_INFO)
+fn read_stat(roots: &HostRoots) -> Result<ProcStat, ReadError> {
+    let path = roots.proc_path("stat");
+    let text = roots.read_kept(&path)?;
+    parse_stat(&path, &text)
+}
+
+/// The node-wide `cpu ` line of /proc/stat, in clock ticks (the fields
+/// after `idle` are absent on old kernels), and the number of `cpuN` lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    user: u64,
+    nice: u64,
+    system: u64,
+    idle: u64,
+    iowait: Option<u64>,
+    irq: Option<u64>,
+    softirq: Option<u64>,
+    steal: Option<u64>,
+    cpus: usize,
+}
+
+/// Reads the lines the collector needs, instead of `procfs::KernelStats`'s
+/// per-CPU table and every other line.
+fn parse_stat(path: &Path, text: &str) -> Result<ProcStat, ReadError> {
+    let mut total = None;
+    let mut cpus = 0;
+    for (n, line) in text.lines().enumerate() {
+        let Some(rest) = line.strip_prefix("cpu") else {
+            continue;
+        };
+        if rest.starts_with(|c: char| c.is_ascii_digit()) {
+            cpus += 1;
+            continue;
+        }
+        if !rest.starts_with(' ') {
+            continue;
+        }
+        let mut values = Vec::with_capacity(10);
+        for v in rest.split_whitespace() {
+            values.push(v.parse::<u64>().map_err(|_| {
+                ReadError::parse(
+                    path,
+                    format!(
+                        "line {}: cpu: expected an unsigned integer, found {v:?}",
+                        n + 1
+                    ),
+                )
+            })?);
+        }
+        if values.len() < 4 {
+            return Err(ReadError::parse(
+                path,
+                format!(
+                    "line {}: cpu: {} fields, expected at least 4",
+                    n + 1,
+                    values.len()
+                ),
+            ));
+        }
+        let at = |i: usize| values.get(i).copied();
+        total = Some(ProcStat {
+            user: values[0],
+            nice: values[1],
+            system: values[2],
+            idle: values[3],
+            iowait: at(4),
+            irq: at(5),
+            softirq: at(6),
+            steal: at(7),
+            cpus: 0,
+        });
+    }
+    let mut stat = total.ok_or_else(|| ReadError::parse(path, "no cpu line"))?;
+    stat.cpus = cpus;
+    Ok(stat)
 }
 
 fn export_utilization(sink: &mut Sink, percent: f64) {
@@ -263,8 +344,8 @@ fn export_utilization(sink: &mut Sink, percent: f64) {
     );
 }
 
-fn export_stat(sink: &mut Sink, stat: &procfs::KernelStats) {
-    let t = &stat.total;
+fn export_stat(sink: &mut Sink, stat: &ProcStat) {
+    let t = stat;
     let hz = PROC_SYSTEM_INFO.ticks_per_second as f64;
     let modes = [
         ("user", Some(t.user)),
@@ -291,14 +372,29 @@ fn export_stat(sink: &mut Sink, stat: &procfs::KernelStats) {
         "cpu_cores",
         "Online logical CPUs (cpuN lines of /proc/stat).",
         &[],
-        stat.cpu_time.len() as f64,
+        stat.cpus as f64,
     );
 }
 
-/// `cpu_throttle_seconds_total{cgroup}` from cgroup v2 `cpu.stat`
-/// `throttled_usec` of every first-level cgroup plus the configured ones
-/// (cgroup v1: `cpu/<cgroup>/cpu.stat` `throttled_time`, in nanoseconds).
-fn export_cgroup_throttling(sink: &mut Sink, roots: &HostRoots, extra: &[String]) {
+/// The cpu.stat files behind `cpu_throttle_seconds_total`: which hierarchy,
+/// and its first-level cgroups plus the configured ones (listed again every
+/// [`CGROUPS_TTL`]: the first level of the hierarchy rarely changes).
+#[derive(Debug)]
+struct CgroupPlan {
+    key: &'static str,
+    scale: f64,
+    help: &'static str,
+    /// `(cgroup label, cpu.stat path)`, by cgroup.
+    files: Vec<(String, PathBuf)>,
+}
+
+/// How long the list of first-level cgroups is trusted.
+const CGROUPS_TTL: Duration = Duration::from_secs(60);
+
+/// Finds the cgroup hierarchy with the cpu controller (v2, else v1) and its
+/// first-level cgroups plus `extra`; `None` when there is none (or it could
+/// not be listed: a failure, recorded in `sink`).
+fn cgroup_plan(sink: &mut Sink, roots: &HostRoots, extra: &[String]) -> Option<CgroupPlan> {
     let base = roots.sys_path("fs/cgroup");
     let (dir, key, scale, help) = if roots.exists(&base.join("cgroup.controllers")) {
         (
@@ -319,11 +415,9 @@ fn export_cgroup_throttling(sink: &mut Sink, roots: &HostRoots, extra: &[String]
             collector = NAME,
             "no cgroup cpu controller found, throttling left out"
         );
-        return;
+        return None;
     };
-    let Some(first_level) = sink.read(NAME, roots.list_subdirs(&dir)) else {
-        return;
-    };
+    let first_level = sink.read(NAME, roots.list_subdirs(&dir))?;
     let mut cgroups: BTreeSet<String> = first_level.into_iter().collect();
     cgroups.extend(
         extra
@@ -331,19 +425,36 @@ fn export_cgroup_throttling(sink: &mut Sink, roots: &HostRoots, extra: &[String]
             .map(|c| c.trim_matches('/').to_string())
             .filter(|c| !c.is_empty()),
     );
-    for cg in cgroups {
-        let path = dir.join(&cg).join("cpu.stat");
-        let Some(text) = sink.read(NAME, roots.read_text(&path)) else {
+    let files = cgroups
+        .into_iter()
+        .map(|cg| {
+            let path = dir.join(&cg).join("cpu.stat");
+            (format!("/{cg}"), path)
+        })
+        .collect();
+    Some(CgroupPlan {
+        key,
+        scale,
+        help,
+        files,
+    })
+}
+
+/// `cpu_throttle_seconds_total{cgroup}` from cgroup v2 `cpu.stat`
+/// `throttled_usec` of every cgroup of `plan` (cgroup v1: `cpu/<cgroup>/cpu.stat`
+/// `throttled_time`, in nanoseconds).
+fn export_cgroup_throttling(sink: &mut Sink, roots: &HostRoots, plan: &CgroupPlan) {
+    for (label, path) in &plan.files {
+        let Some(text) = sink.read(NAME, roots.read_text(path)) else {
             continue;
         };
-        match keyed_u64(&text, key) {
+        match keyed_u64(&text, plan.key) {
             Ok(Some(v)) => {
-                let label = format!("/{cg}");
                 sink.counter(
                     "cpu_throttle_seconds_total",
-                    help,
-                    &[("cgroup", &label)],
-                    v as f64 * scale,
+                    plan.help,
+                    &[("cgroup", label)],
+                    v as f64 * plan.scale,
                 );
             }
             // The cpu controller is not enabled for this cgroup.
@@ -397,6 +508,25 @@ fn export_thermal_throttling(sink: &mut Sink, roots: &HostRoots, plan: &ThermalP
 }
 
 impl CpuCollector {
+    /// The cgroups to read, listed again every [`CGROUPS_TTL`] (a listing
+    /// that failed is tried again at the next scrape).
+    fn cgroup_plan(
+        &self,
+        sink: &mut Sink,
+        roots: &HostRoots,
+        extra: &[String],
+    ) -> Option<Arc<CgroupPlan>> {
+        let mut cached = self.cgroups.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, plan)) = cached.as_ref() {
+            if at.elapsed() < CGROUPS_TTL {
+                return Some(plan.clone());
+            }
+        }
+        let plan = Arc::new(cgroup_plan(sink, roots, extra)?);
+        *cached = Some((Instant::now(), plan.clone()));
+        Some(plan)
+    }
+
     fn thermal_plan(&self, roots: &HostRoots) -> Arc<ThermalPlan> {
         let mut cached = self.thermal.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((at, plan)) = cached.as_ref() {
@@ -636,7 +766,7 @@ mod tests {
             "malformed",
             None,
             expect![[r#"
-                FAILED F/malformed/proc/stat: unexpected contents: Failed to parse expect!(s.next()) ("abc") as a u64: invalid digit found in string
+                FAILED F/malformed/proc/stat: line 1: cpu: expected an unsigned integer, found "abc"
                 FAILED F/malformed/proc/loadavg: unexpected contents: invalid float literal
                 FAILED F/malformed/proc/pressure/cpu: unexpected line "garbage in here"
                 FAILED F/malformed/sys/fs/cgroup/system.slice/cpu.stat: throttled_usec: expected an unsigned integer, found "-5"
@@ -708,12 +838,55 @@ mod tests {
             ..HostRoots::default()
         };
         let mut sink = Sink::new();
-        export_cgroup_throttling(&mut sink, &roots, &[]);
+        let plan = cgroup_plan(&mut sink, &roots, &[]).unwrap();
+        export_cgroup_throttling(&mut sink, &roots, &plan);
         let fams = sink.into_families();
         assert_eq!(fams.len(), 1);
         let m = &fams[0].get_metric()[0];
         assert_eq!(m.get_label()[0].value(), "/kubepods");
         assert_eq!(m.get_counter().get_value(), 1.5);
+    }
+
+    #[test]
+    fn first_level_cgroups_are_listed_once_a_while_and_read_every_scrape() {
+        let dir = tempfile::tempdir().unwrap();
+        let cgroup = dir.path().join("fs/cgroup");
+        std::fs::create_dir_all(cgroup.join("a.slice")).unwrap();
+        std::fs::write(cgroup.join("cgroup.controllers"), "cpu memory\n").unwrap();
+        let stat = |usec: u64| format!("usage_usec 1\nthrottled_usec {usec}\n");
+        std::fs::write(cgroup.join("a.slice/cpu.stat"), stat(1_000_000)).unwrap();
+        let roots = HostRoots {
+            sysfs: dir.path().to_path_buf(),
+            ..HostRoots::default()
+        };
+        let c = CpuCollector::with(None);
+        let read = |c: &CpuCollector| {
+            let mut sink = Sink::new();
+            let plan = c.cgroup_plan(&mut sink, &roots, &[]).unwrap();
+            export_cgroup_throttling(&mut sink, &roots, &plan);
+            sink.into_families()[0]
+                .get_metric()
+                .iter()
+                .map(|m| {
+                    let v = m.get_counter().get_value();
+                    (m.get_label()[0].value().to_string(), v)
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(read(&c), [("/a.slice".to_string(), 1.0)]);
+        std::fs::create_dir_all(cgroup.join("b.slice")).unwrap();
+        std::fs::write(cgroup.join("b.slice/cpu.stat"), stat(3_000_000)).unwrap();
+        std::fs::write(cgroup.join("a.slice/cpu.stat"), stat(2_000_000)).unwrap();
+        assert_eq!(
+            read(&c),
+            [("/a.slice".to_string(), 2.0)],
+            "values every scrape, the list again after CGROUPS_TTL"
+        );
+        *c.cgroups.lock().unwrap() = None;
+        assert_eq!(
+            read(&c),
+            [("/a.slice".to_string(), 2.0), ("/b.slice".to_string(), 3.0)]
+        );
     }
 
     #[test]
@@ -746,6 +919,44 @@ mod tests {
         assert_eq!(parse_mce_row(text), Ok(Some(7)));
         assert_eq!(parse_mce_row("  0: 1 2 timer\n"), Ok(None));
         assert!(parse_mce_row(" MCE: x y\n").is_err());
+    }
+
+    #[test]
+    fn proc_stat_is_read_as_the_procfs_crate_reads_it() {
+        for f in [
+            crate::collector::testutil::fixture("full/proc/stat"),
+            PathBuf::from("/proc/stat"),
+        ] {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let ours = parse_stat(&f, &text).unwrap();
+            use procfs::FromReadSI as _;
+            let theirs =
+                procfs::KernelStats::from_read(text.as_bytes(), &PROC_SYSTEM_INFO).unwrap();
+            let t = &theirs.total;
+            assert_eq!(
+                ours,
+                ProcStat {
+                    user: t.user,
+                    nice: t.nice,
+                    system: t.system,
+                    idle: t.idle,
+                    iowait: t.iowait,
+                    irq: t.irq,
+                    softirq: t.softirq,
+                    steal: t.steal,
+                    cpus: theirs.cpu_time.len(),
+                },
+                "{}",
+                f.display()
+            );
+        }
+        let f = Path::new("/x/stat");
+        assert!(parse_stat(f, "cpu0 1 2 3 4\n").is_err(), "no cpu line");
+        assert!(parse_stat(f, "cpu  1 2 3\n").is_err());
+        assert_eq!(
+            parse_stat(f, "cpu  1 2 3 4\ncpu0 1 2 3 4\n").unwrap().cpus,
+            1
+        );
     }
 
     #[test]

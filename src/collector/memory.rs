@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use crate::collector::cpu::export_psi;
 use crate::collector::{Collector, Context, Error, Sink};
-use crate::host::HostRoots;
+use std::path::Path;
+
+use crate::host::{parse_keyed, HostRoots, ReadError};
 
 const NAME: &str = "memory";
 
@@ -33,11 +35,18 @@ impl Collector for MemoryCollector {
 
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
         let roots = &ctx.roots;
-        if let Some(m) = sink.read(NAME, roots.parse_proc::<procfs::Meminfo>("meminfo")) {
+        let path = roots.proc_path("meminfo");
+        let meminfo = roots
+            .read_kept(&path)
+            .and_then(|text| parse_meminfo(&path, &text));
+        if let Some(m) = sink.read(NAME, meminfo) {
             export_meminfo(sink, &m);
         }
-        let stalls = roots.read_proc_keyed("vmstat", |k| {
-            k == "allocstall" || k.starts_with("allocstall_")
+        // Shared with the oom collector: one read of /proc/vmstat a scrape.
+        let stalls = sink.shared_proc_text(roots, "vmstat").and_then(|text| {
+            parse_keyed(&roots.proc_path("vmstat"), &text, |k| {
+                k == "allocstall" || k.starts_with("allocstall_")
+            })
         });
         if let Some(stalls) = sink.read(NAME, stalls) {
             export_allocation_stalls(sink, &stalls);
@@ -55,7 +64,63 @@ impl Collector for MemoryCollector {
     }
 }
 
-fn export_meminfo(sink: &mut Sink, m: &procfs::Meminfo) {
+/// The fields of /proc/meminfo the collector exports, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Meminfo {
+    mem_total: u64,
+    /// Absent before Linux 3.14.
+    mem_available: Option<u64>,
+    swap_total: u64,
+    swap_free: u64,
+}
+
+/// Reads the four fields the collector needs, instead of `procfs::Meminfo`'s
+/// map of all fifty. A field that is there must be a number (of kB); all but
+/// `MemAvailable` must be there.
+fn parse_meminfo(path: &Path, text: &str) -> Result<Meminfo, ReadError> {
+    let (mut total, mut available, mut swap_total, mut swap_free) = (None, None, None, None);
+    for (n, line) in text.lines().enumerate() {
+        let Some((key, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let slot = match key {
+            "MemTotal" => &mut total,
+            "MemAvailable" => &mut available,
+            "SwapTotal" => &mut swap_total,
+            "SwapFree" => &mut swap_free,
+            _ => continue,
+        };
+        let mut f = rest.split_whitespace();
+        let value = f.next().and_then(|v| v.parse::<u64>().ok());
+        let scale = match f.next() {
+            Some("kB") => Some(1024),
+            None => Some(1),
+            Some(_) => None,
+        };
+        let (Some(value), Some(scale)) = (value, scale) else {
+            return Err(ReadError::parse(
+                path,
+                format!(
+                    "line {}: {key}: expected a number of kB, found {:?}",
+                    n + 1,
+                    rest.trim()
+                ),
+            ));
+        };
+        *slot = Some(value.saturating_mul(scale));
+    }
+    let need = |v: Option<u64>, key: &str| {
+        v.ok_or_else(|| ReadError::parse(path, format!("no {key} line")))
+    };
+    Ok(Meminfo {
+        mem_total: need(total, "MemTotal")?,
+        mem_available: available,
+        swap_total: need(swap_total, "SwapTotal")?,
+        swap_free: need(swap_free, "SwapFree")?,
+    })
+}
+
+fn export_meminfo(sink: &mut Sink, m: &Meminfo) {
     sink.gauge(
         "memory_total_bytes",
         "Usable RAM (/proc/meminfo MemTotal).",
@@ -176,13 +241,39 @@ mod tests {
         check(
             "malformed",
             expect![[r#"
-                FAILED F/malformed/proc/meminfo: unexpected contents: Failed to parse value ("lots") as a u64: invalid digit found in string
+                FAILED F/malformed/proc/meminfo: line 1: MemTotal: expected a number of kB, found "lots kB"
                 FAILED F/malformed/proc/vmstat: line 2: allocstall_normal: expected an unsigned integer, found "many"
                 FAILED F/malformed/proc/pressure/memory: bad total "notanumber"
                 FAILED F/malformed/sys/devices/system/edac/mc/mc0/ce_count: expected an unsigned integer, found "x"
                 FAILED F/malformed/sys/devices/system/edac/mc/mc0/ue_count: expected an unsigned integer, found "-1"
             "#]],
         );
+    }
+
+    #[test]
+    fn meminfo_is_read_as_the_procfs_crate_reads_it() {
+        for f in [
+            crate::collector::testutil::fixture("full/proc/meminfo"),
+            std::path::PathBuf::from("/proc/meminfo"),
+        ] {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let ours = parse_meminfo(&f, &text).unwrap();
+            let theirs: procfs::Meminfo = crate::host::parse_proc_text(&f, &text).unwrap();
+            assert_eq!(
+                ours,
+                Meminfo {
+                    mem_total: theirs.mem_total,
+                    mem_available: theirs.mem_available,
+                    swap_total: theirs.swap_total,
+                    swap_free: theirs.swap_free,
+                },
+                "{}",
+                f.display()
+            );
+        }
+        let f = Path::new("/x/meminfo");
+        assert!(parse_meminfo(f, "MemTotal: 1 kB\nSwapTotal: 0 kB\n").is_err());
+        assert!(parse_meminfo(f, "MemTotal: 1 MB\nSwapTotal: 0 kB\nSwapFree: 0 kB\n").is_err());
     }
 
     #[test]
@@ -200,7 +291,8 @@ mod tests {
             procfs: dir.path().to_path_buf(),
             ..HostRoots::default()
         };
-        let m: procfs::Meminfo = roots.parse_proc("meminfo").unwrap();
+        let path = roots.proc_path("meminfo");
+        let m = parse_meminfo(&path, &roots.read_text(&path).unwrap()).unwrap();
         let mut sink = Sink::new();
         export_meminfo(&mut sink, &m);
         let names: Vec<_> = sink

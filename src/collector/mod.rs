@@ -29,7 +29,7 @@ mod testutil;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use prometheus::proto::{MetricFamily, MetricType};
@@ -104,6 +104,12 @@ pub trait Collector: Send + Sync {
     fn may_block(&self) -> bool {
         true
     }
+    /// Begins, off the calling thread, what `collect` will wait for (the
+    /// storage collector's statvfs batch), so that it runs while the
+    /// collectors before this one run. The runner calls it at the start of
+    /// a scrape for collectors that run on the scrape's thread; `collect`
+    /// must work without it.
+    fn prepare(&self, _ctx: &Context) {}
 }
 
 /// The registry: every collector enabled in `ctx.config`, in exposition order.
@@ -148,6 +154,47 @@ pub struct Sink {
     /// The family of the previous sample: consecutive samples usually share it.
     last: Option<usize>,
     failures: Vec<String>,
+    /// Files read once per scrape, shared by the collectors of one scrape.
+    shared: Arc<SharedReads>,
+}
+
+/// procfs files that several collectors read (`/proc/vmstat`: the memory
+/// collector's allocation stalls, the oom collector's kills), read once per
+/// scrape: the [`Runner`] hands one to every collector of a scrape, a
+/// [`Sink::new`] has its own. One read also gives both collectors the same
+/// snapshot.
+#[derive(Default)]
+pub struct SharedReads {
+    files: Mutex<Vec<SharedFile>>,
+}
+
+/// A file of [`SharedReads`]: its path under procfs, and what reading it gave.
+type SharedFile = (&'static str, Result<Arc<str>, ReadError>);
+
+impl SharedReads {
+    /// `<procfs>/<rel>`, read by the first caller of this scrape.
+    fn proc_text(&self, roots: &HostRoots, rel: &'static str) -> Result<Arc<str>, ReadError> {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, r)) = files.iter().find(|(name, _)| *name == rel) {
+            return r.as_ref().map(Arc::clone).map_err(copy_read_error);
+        }
+        let r = roots.read_proc_kept(rel).map(Arc::from);
+        let out = r.as_ref().map(Arc::clone).map_err(copy_read_error);
+        files.push((rel, r));
+        out
+    }
+}
+
+/// The same error again, for the second reader of a shared file.
+fn copy_read_error(e: &ReadError) -> ReadError {
+    match e {
+        ReadError::Missing(path) => ReadError::Missing(path.clone()),
+        ReadError::Io { path, source } => ReadError::Io {
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        ReadError::Parse { path, message } => ReadError::parse(path.clone(), message.clone()),
+    }
 }
 
 /// One metric family in text format: `# HELP`/`# TYPE` come at render time.
@@ -162,6 +209,24 @@ struct TextFamily {
 impl Sink {
     pub fn new() -> Sink {
         Sink::default()
+    }
+
+    /// A sink whose shared reads are those of one scrape.
+    fn for_scrape(shared: Arc<SharedReads>) -> Sink {
+        Sink {
+            shared,
+            ..Sink::default()
+        }
+    }
+
+    /// `<procfs>/<rel>` as text, read once per scrape however many
+    /// collectors ask (see [`SharedReads`]).
+    pub fn shared_proc_text(
+        &self,
+        roots: &HostRoots,
+        rel: &'static str,
+    ) -> Result<Arc<str>, ReadError> {
+        self.shared.proc_text(roots, rel)
     }
 
     fn push(
@@ -205,7 +270,7 @@ impl Sink {
             body.push('}');
         }
         body.push(' ');
-        let _ = write!(body, "{value}");
+        push_value(body, value);
         body.push('\n');
     }
 
@@ -267,6 +332,18 @@ impl Sink {
             out.push_str(&f.body);
         }
         out
+    }
+}
+
+/// Writes a sample value as `{value}` does: an integral value (most counters
+/// and byte counts) through the integer formatter, which is cheaper than the
+/// float one and prints the same digits below 2^53.
+fn push_value(out: &mut String, value: f64) {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    if value.fract() == 0.0 && value.abs() < EXACT && !(value == 0.0 && value.is_sign_negative()) {
+        let _ = write!(out, "{}", value as i64);
+    } else {
+        let _ = write!(out, "{value}");
     }
 }
 
@@ -347,6 +424,7 @@ impl Runner {
         let deadline = self.ctx.config.collectors.deadline;
         let started = Instant::now();
         let until = started + deadline;
+        let shared = Arc::new(SharedReads::default());
         // Those that may block first, so they run while the others run here.
         let pending: Vec<_> = self
             .collectors
@@ -355,15 +433,19 @@ impl Runner {
             .map(|c| {
                 let ctx = self.ctx.clone();
                 let col = c.clone();
-                let job = move || run_one(&*col, &ctx);
+                let shared = shared.clone();
+                let job = move || run_one(&*col, &ctx, shared);
                 (c.name(), self.flight.start(c.name(), deadline, job))
             })
             .collect();
+        for c in self.collectors.iter().filter(|c| !c.may_block()) {
+            c.prepare(&self.ctx);
+        }
         let mut inline: Vec<Collected> = self
             .collectors
             .iter()
             .filter(|c| !c.may_block())
-            .map(|c| run_one(&**c, &self.ctx))
+            .map(|c| run_one(&**c, &self.ctx, shared.clone()))
             .collect();
         let mut waited: Vec<Collected> = pending
             .into_iter()
@@ -437,9 +519,9 @@ fn failed(name: &'static str, duration: Duration, error: String) -> Collected {
     }
 }
 
-fn run_one(c: &dyn Collector, ctx: &Context) -> Collected {
+fn run_one(c: &dyn Collector, ctx: &Context, shared: Arc<SharedReads>) -> Collected {
     let started = Instant::now();
-    let mut sink = Sink::new();
+    let mut sink = Sink::for_scrape(shared);
     let result = c.collect(ctx, &mut sink);
     let mut errors = sink.failures().to_vec();
     if let Err(e) = &result {
@@ -460,8 +542,22 @@ fn run_one(c: &dyn Collector, ctx: &Context) -> Collected {
 /// Renders one scrape: each collector's families, their success and duration,
 /// `own_text` (already in text format, e.g. build info), then `self_families`.
 pub fn render(collected: &[Collected], own_text: &str, self_families: &[MetricFamily]) -> String {
-    let encoder = prometheus::TextEncoder::new();
-    let mut out = String::with_capacity(64 * 1024);
+    // Room for all of it at once: the collectors' text, their two series,
+    // and about 80 bytes a self-metrics sample.
+    let samples: usize = self_families
+        .iter()
+        .map(|f| {
+            f.get_metric()
+                .iter()
+                .map(|m| 3 + m.get_histogram().get_bucket().len())
+                .sum::<usize>()
+        })
+        .sum();
+    let capacity = collected.iter().map(|c| c.text.len() + 160).sum::<usize>()
+        + own_text.len()
+        + 512
+        + 80 * samples;
+    let mut out = String::with_capacity(capacity);
     for c in collected {
         out.push_str(&c.text);
     }
@@ -482,10 +578,98 @@ pub fn render(collected: &[Collected], own_text: &str, self_families: &[MetricFa
     }
     out.push_str(&sink.into_text());
     out.push_str(own_text);
-    if let Err(e) = encoder.encode_utf8(self_families, &mut out) {
-        tracing::warn!(error = %e, "cannot encode self-metrics");
-    }
+    encode_families(self_families, &mut out);
     out
+}
+
+/// Writes `families` in the text format exactly as `prometheus::TextEncoder`
+/// does, without its allocation per sample (a `String` for every value and
+/// escaped label): the HTTP RED metrics are a few hundred samples a scrape.
+/// Counters, gauges and histograms (all the self-metrics are); any other
+/// family goes through the crate's encoder.
+pub fn encode_families(families: &[MetricFamily], out: &mut String) {
+    for f in families {
+        let kind = match f.get_field_type() {
+            MetricType::COUNTER => "counter",
+            MetricType::GAUGE => "gauge",
+            MetricType::HISTOGRAM => "histogram",
+            _ => {
+                let encoder = prometheus::TextEncoder::new();
+                if let Err(e) = encoder.encode_utf8(std::slice::from_ref(f), out) {
+                    tracing::warn!(error = %e, "cannot encode self-metrics");
+                }
+                continue;
+            }
+        };
+        let name = f.name();
+        if !f.help().is_empty() {
+            out.push_str("# HELP ");
+            out.push_str(name);
+            out.push(' ');
+            escape_into(out, f.help(), false);
+            out.push('\n');
+        }
+        out.push_str("# TYPE ");
+        out.push_str(name);
+        out.push(' ');
+        out.push_str(kind);
+        out.push('\n');
+        for m in f.get_metric() {
+            // `le`: a bucket's upper bound, or `None` inside for the `+Inf`
+            // bucket added when the buckets have none.
+            let sample = |out: &mut String, suffix: &str, le: Option<Option<f64>>, value: f64| {
+                out.push_str(name);
+                out.push_str(suffix);
+                let labels = m.get_label();
+                if !labels.is_empty() || le.is_some() {
+                    let mut sep = '{';
+                    for l in labels {
+                        out.push(sep);
+                        out.push_str(l.name());
+                        out.push_str("=\"");
+                        escape_into(out, l.value(), true);
+                        out.push('"');
+                        sep = ',';
+                    }
+                    if let Some(le) = le {
+                        out.push(sep);
+                        out.push_str("le=\"");
+                        match le {
+                            Some(upper) => push_value(out, upper),
+                            None => out.push_str("+Inf"),
+                        }
+                        out.push('"');
+                    }
+                    out.push('}');
+                }
+                out.push(' ');
+                push_value(out, value);
+                if m.timestamp_ms() != 0 {
+                    let _ = write!(out, " {}", m.timestamp_ms());
+                }
+                out.push('\n');
+            };
+            match f.get_field_type() {
+                MetricType::COUNTER => sample(out, "", None, m.get_counter().get_value()),
+                MetricType::GAUGE => sample(out, "", None, m.get_gauge().get_value()),
+                _ => {
+                    let h = m.get_histogram();
+                    let mut inf_seen = false;
+                    for b in h.get_bucket() {
+                        let upper = b.upper_bound();
+                        inf_seen |= upper == f64::INFINITY;
+                        let count = b.cumulative_count() as f64;
+                        sample(out, "_bucket", Some(Some(upper)), count);
+                    }
+                    if !inf_seen {
+                        sample(out, "_bucket", Some(None), h.get_sample_count() as f64);
+                    }
+                    sample(out, "_sum", None, h.get_sample_sum());
+                    sample(out, "_count", None, h.get_sample_count() as f64);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -624,6 +808,121 @@ mod tests {
             .map(|c| c.name())
             .collect();
         assert!(blocking.is_empty(), "{blocking:?}");
+    }
+
+    /// Rewrites a file when it runs (between two collectors of a scrape).
+    struct Rewrite(std::path::PathBuf, &'static str);
+
+    impl Collector for Rewrite {
+        fn name(&self) -> &'static str {
+            "rewrite"
+        }
+
+        fn collect(&self, _ctx: &Context, _sink: &mut Sink) -> Result<(), Error> {
+            std::fs::write(&self.0, self.1).unwrap();
+            Ok(())
+        }
+
+        fn may_block(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn vmstat_is_read_once_per_scrape_and_shared_by_memory_and_oom() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmstat = dir.path().join("vmstat");
+        std::fs::write(&vmstat, "allocstall_normal 7\noom_kill 1\n").unwrap();
+        let mut cfg = AgentConfig::default();
+        cfg.roots.procfs = dir.path().to_path_buf();
+        cfg.roots.sysfs = dir.path().join("sys");
+        let ctx = Arc::new(Context::new(
+            Arc::new(cfg),
+            Arc::new(KernelEvents::new()),
+            false,
+        ));
+        let runner = Runner::new(
+            ctx.clone(),
+            vec![
+                Arc::new(memory::MemoryCollector::new(&ctx)),
+                // Changes the file after the memory collector read it: the
+                // oom collector of the same scrape still sees that one read.
+                Arc::new(Rewrite(vmstat, "allocstall_normal 8\noom_kill 2\n")),
+                Arc::new(oom::OomCollector::new(&ctx)),
+            ],
+        );
+        let samples = |out: &[Collected]| -> Vec<String> {
+            out.iter()
+                .flat_map(|c| c.text.lines().map(str::to_string).collect::<Vec<_>>())
+                .filter(|l| !l.starts_with('#'))
+                .collect()
+        };
+        assert_eq!(
+            samples(&runner.collect()),
+            ["memory_pressure_events_total 7", "oom_kills_total 1"]
+        );
+        // The next scrape reads it again.
+        assert_eq!(
+            samples(&runner.collect()),
+            ["memory_pressure_events_total 8", "oom_kills_total 2"]
+        );
+    }
+
+    #[test]
+    fn values_print_as_the_float_formatter_prints_them() {
+        for v in [
+            0.0,
+            -0.0,
+            1.0,
+            -3.0,
+            41943040000.0,
+            1.5,
+            0.1,
+            1e15,
+            9_007_199_254_740_991.0,
+            9_007_199_254_740_992.0,
+            1e21,
+            -1e300,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::MIN_POSITIVE,
+        ] {
+            let mut out = String::new();
+            push_value(&mut out, v);
+            assert_eq!(out, format!("{v}"), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn self_metrics_are_written_as_the_text_encoder_writes_them() {
+        let http = crate::telemetry::HttpMetrics::new();
+        for (endpoint, status, seconds) in [
+            ("/metrics", 200, 0.0004),
+            ("/metrics", 200, 0.02),
+            ("/v1/events", 400, 3.5),
+            ("un\"matched\\\n", 404, 20.0),
+        ] {
+            http.observe(endpoint, "GET", status, seconds, Some(0), Some(1500));
+        }
+        http.connections_open.set(-2);
+        let mut families = http.gather();
+        let mut summary = prometheus::proto::MetricFamily::default();
+        summary.set_name("x_seconds".into());
+        summary.set_help("".into());
+        summary.set_field_type(MetricType::SUMMARY);
+        summary
+            .mut_metric()
+            .push(prometheus::proto::Metric::default());
+        families.push(summary);
+        let mut ours = String::new();
+        encode_families(&families, &mut ours);
+        let mut theirs = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&families, &mut theirs)
+            .unwrap();
+        assert_eq!(ours, theirs);
+        assert!(ours.contains(r#"le="+Inf"} 2"#), "{ours}");
     }
 
     #[test]

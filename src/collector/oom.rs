@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::collector::{Collector, Context, Error, Sink};
 use crate::events::EventKind;
+use crate::host::parse_keyed;
 
 const NAME: &str = "oom";
 
@@ -34,7 +35,12 @@ impl Collector for OomCollector {
     }
 
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
-        let kills = ctx.roots.read_proc_keyed("vmstat", |k| k == "oom_kill");
+        // Shared with the memory collector: one read of /proc/vmstat a scrape.
+        let kills = sink
+            .shared_proc_text(&ctx.roots, "vmstat")
+            .and_then(|text| {
+                parse_keyed(&ctx.roots.proc_path("vmstat"), &text, |k| k == "oom_kill")
+            });
         match sink.read(NAME, kills).as_deref() {
             Some([(_, n), ..]) => sink.counter(
                 "oom_kills_total",

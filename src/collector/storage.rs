@@ -4,11 +4,14 @@
 //! (SCSI `ioerr_cnt`, kernel-log "I/O error, dev X" lines); plus the parser of
 //! those kernel-log lines for the kernel-log watcher.
 //!
-//! `statvfs` can block forever on a dead network mount, so each runs through
-//! a [`SingleFlight`] keyed by mount point with `storage.statvfs_deadline`: a
-//! stuck mount is reported as `storage_mount_stuck 1` (its size series left
-//! out), holds at most one thread however many scrapes come, and never delays
-//! the scrape past the deadline. Reads only through [`crate::host`].
+//! `statvfs` can block forever on a dead network mount, so the calls run
+//! through a [`SingleFlight`] keyed by mount point with
+//! `storage.statvfs_deadline`: all mounts of a scrape as one batch, one thread
+//! hand-off and one deadline ([`SingleFlight::start_batch`]). A stuck mount is
+//! reported as `storage_mount_stuck 1` (its size series left out), holds at
+//! most one thread however many scrapes come, never delays the scrape past
+//! the deadline, and never keeps the mounts after it in the batch from being
+//! read. Reads only through [`crate::host`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -20,7 +23,7 @@ use regex::Regex;
 use crate::collector::cpu::export_psi;
 use crate::collector::{Collector, Context, Error, Sink};
 use crate::config::agent::StorageConfig;
-use crate::deadline::{Outcome, Pending, SingleFlight};
+use crate::deadline::{Batch, Outcome, SingleFlight};
 use crate::events::EventKind;
 use crate::host::{parse_proc_text, unescape_mount_path, FsStats, HostRoots, ReadError};
 
@@ -32,10 +35,24 @@ pub type StatvfsFn = Arc<dyn Fn(&HostRoots, &str) -> Result<FsStats, ReadError> 
 pub struct StorageCollector {
     statvfs: StatvfsFn,
     flight: SingleFlight<String, Statvfs>,
-    /// The last mountinfo text and the mounts selected from it: mounts rarely
-    /// change, so most scrapes skip parsing and selecting again.
-    mounts: Mutex<Option<(String, Arc<Vec<Mount>>)>>,
+    /// When mountinfo was last read, its text and the mounts selected from
+    /// it: mounts rarely change, so mountinfo (the largest file a scrape
+    /// reads on a node with many mounts) is read again every [`MOUNTS_TTL`],
+    /// and parsed again only when its text changed.
+    mounts: Mutex<Option<MountTable>>,
+    /// The block devices that may have SCSI error counters, listed again
+    /// every [`MOUNTS_TTL`].
+    scsi_disks: Mutex<Option<(Instant, Arc<Vec<String>>)>>,
+    /// The statvfs batch `prepare` began for the next `collect` (a scrape
+    /// running at the same time may take it: its calls are the same; a
+    /// batch is never dropped unwaited, which would leave the calls queued
+    /// behind a stuck one in flight).
+    begun: Mutex<Option<Begun>>,
 }
+
+/// How long the mount table and the list of block devices are trusted. A
+/// mount that turns read-only is seen at once all the same: statvfs says so.
+pub const MOUNTS_TTL: Duration = Duration::from_secs(30);
 
 /// What one bounded statvfs came to (cloneable, unlike [`ReadError`]).
 #[derive(Debug, Clone)]
@@ -60,6 +77,8 @@ impl StorageCollector {
             statvfs,
             flight: SingleFlight::new("gpuops-statvfs"),
             mounts: Mutex::new(None),
+            scsi_disks: Mutex::new(None),
+            begun: Mutex::new(None),
         }
     }
 
@@ -81,23 +100,48 @@ impl Collector for StorageCollector {
         false
     }
 
+    /// Starts the scrape's statvfs batch, so that it runs while the
+    /// collectors before this one run.
+    fn prepare(&self, ctx: &Context) {
+        let mut begun = self.begun.lock().unwrap_or_else(PoisonError::into_inner);
+        if begun.is_some() {
+            // Another scrape's, not taken yet: this scrape's collect takes it
+            // or begins its own. Every batch begun is waited for.
+            return;
+        }
+        // Read failures are recorded when `collect` asks again.
+        let mut scratch = Sink::new();
+        let Some(mounts) = self.selected_mounts(&mut scratch, &ctx.roots, &ctx.config.storage)
+        else {
+            return;
+        };
+        let started = Instant::now();
+        let batch = self.start_statvfs(&ctx.roots, &mounts, statvfs_deadline(ctx));
+        *begun = Some((started, mounts, batch));
+    }
+
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
         let roots = &ctx.roots;
-        // Never past the collector deadline, whatever statvfs_deadline says.
-        let deadline = ctx
-            .config
-            .storage
-            .statvfs_deadline
-            .min(ctx.config.collectors.deadline);
-        let started = Instant::now();
-        // The statvfs calls first: they run while the /proc files below are
-        // read, so their results are usually there when looked for.
-        let statvfs = self
-            .selected_mounts(sink, roots, &ctx.config.storage)
-            .map(|mounts| {
-                let pending = self.start_statvfs(roots, &mounts, deadline);
-                (mounts, pending)
-            });
+        let deadline = statvfs_deadline(ctx);
+        // The statvfs calls first (begun by `prepare` when the runner ran
+        // the collectors before this one meanwhile): they run while the /proc
+        // files below are read, so their results are usually there when
+        // looked for.
+        let begun = self
+            .begun
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let statvfs = match begun {
+            Some(b) => Some(b),
+            None => self
+                .selected_mounts(sink, roots, &ctx.config.storage)
+                .map(|mounts| {
+                    let started = Instant::now();
+                    let batch = self.start_statvfs(roots, &mounts, deadline);
+                    (started, mounts, batch)
+                }),
+        };
         let devices = export_diskstats(sink, roots);
         export_psi(
             sink,
@@ -107,14 +151,31 @@ impl Collector for StorageCollector {
             "storage_io_pressure_stall_seconds_total",
             "Time some (or all) non-idle tasks stalled waiting for I/O (/proc/pressure/io total).",
         );
-        export_scsi_errors(sink, roots);
+        if let Some(disks) = self.scsi_disks(sink, roots) {
+            export_scsi_errors(sink, roots, &disks);
+        }
         export_kmsg_errors(sink, ctx, &devices);
-        if let Some((mounts, pending)) = statvfs {
-            export_mounts(sink, &mounts, pending, started + deadline, deadline);
+        if let Some((started, mounts, batch)) = statvfs {
+            let outcomes = batch.wait_until(started + deadline);
+            export_mounts(sink, &mounts, outcomes, deadline);
         }
         Ok(())
     }
 }
+
+/// `storage.statvfs_deadline`, never past the collector deadline.
+fn statvfs_deadline(ctx: &Context) -> Duration {
+    ctx.config
+        .storage
+        .statvfs_deadline
+        .min(ctx.config.collectors.deadline)
+}
+
+/// When mountinfo was read, its text, and the mounts selected from it.
+type MountTable = (Instant, String, Arc<Vec<Mount>>);
+
+/// A statvfs batch begun by [`Collector::prepare`]: when, for which mounts.
+type Begun = (Instant, Arc<Vec<Mount>>, Batch<Statvfs>);
 
 /// One mount from mountinfo, with the escapes in its path undone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,17 +274,24 @@ fn parse_mounts(path: &Path, text: &str) -> Result<Vec<Mount>, ReadError> {
 }
 
 impl StorageCollector {
-    /// The mounts to export, parsed and selected again only when mountinfo changed.
+    /// The mounts to export: mountinfo read again every [`MOUNTS_TTL`],
+    /// parsed and selected again only when it changed.
     fn selected_mounts(
         &self,
         sink: &mut Sink,
         roots: &HostRoots,
         cfg: &StorageConfig,
     ) -> Option<Arc<Vec<Mount>>> {
-        let (path, text) = read_mountinfo(sink, roots)?;
         let mut cache = self.mounts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((old, mounts)) = cache.as_ref() {
+        if let Some((at, _, mounts)) = cache.as_ref() {
+            if at.elapsed() < MOUNTS_TTL {
+                return Some(mounts.clone());
+            }
+        }
+        let (path, text) = read_mountinfo(sink, roots)?;
+        if let Some((at, old, mounts)) = cache.as_mut() {
             if *old == text {
+                *at = Instant::now();
                 return Some(mounts.clone());
             }
         }
@@ -231,56 +299,82 @@ impl StorageCollector {
             sink.read(NAME, parse_mounts(&path, &text))?,
             cfg,
         ));
-        *cache = Some((text, mounts.clone()));
+        *cache = Some((Instant::now(), text, mounts.clone()));
         Some(mounts)
     }
 
-    /// Starts one bounded statvfs per mount (joining one still in flight).
+    /// The block devices that may have SCSI error counters, listed again
+    /// every [`MOUNTS_TTL`] (a listing that failed is tried again next time).
+    fn scsi_disks(&self, sink: &mut Sink, roots: &HostRoots) -> Option<Arc<Vec<String>>> {
+        let mut cache = self
+            .scsi_disks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, disks)) = cache.as_ref() {
+            if at.elapsed() < MOUNTS_TTL {
+                return Some(disks.clone());
+            }
+        }
+        let names = sink.read(NAME, roots.list_dir(&roots.sys_path("block")))?;
+        let disks: Arc<Vec<String>> = Arc::new(
+            names
+                .into_iter()
+                .filter(|n| may_have_scsi_counters(n))
+                .collect(),
+        );
+        *cache = Some((Instant::now(), disks.clone()));
+        Some(disks)
+    }
+
+    /// Starts the bounded statvfs of every mount as one batch (joining those
+    /// still in flight).
     fn start_statvfs(
         &self,
         roots: &HostRoots,
         mounts: &[Mount],
         deadline: Duration,
-    ) -> Vec<Pending<Statvfs>> {
-        mounts
+    ) -> Batch<Statvfs> {
+        let calls = mounts
             .iter()
             .map(|m| {
                 let f = self.statvfs.clone();
                 let r = roots.clone();
                 let point = m.mount_point.clone();
-                self.flight.start(m.mount_point.clone(), deadline, move || {
-                    match f(&r, &point) {
-                        Ok(s) => Statvfs::Stats(s),
-                        Err(e) if skippable(&e) => Statvfs::Skipped(e.to_string()),
-                        Err(e) => Statvfs::Failed(e.to_string()),
-                    }
-                })
+                let call = move || match f(&r, &point) {
+                    Ok(s) => Statvfs::Stats(s),
+                    Err(e) if skippable(&e) => Statvfs::Skipped(e.to_string()),
+                    Err(e) => Statvfs::Failed(e.to_string()),
+                };
+                (m.mount_point.clone(), call)
             })
-            .collect()
+            .collect();
+        self.flight.start_batch(calls, deadline)
     }
 }
 
-/// Each mount's series, its statvfs waited for until `until` at most.
+/// Each mount's series, from its statvfs outcome (in mount order).
 fn export_mounts(
     sink: &mut Sink,
     mounts: &[Mount],
-    pending: Vec<Pending<Statvfs>>,
-    until: Instant,
+    outcomes: Vec<Outcome<Statvfs>>,
     deadline: Duration,
 ) {
-    for (m, p) in mounts.iter().zip(pending) {
+    for (m, outcome) in mounts.iter().zip(outcomes) {
         let labels = [
             ("mountpoint", m.mount_point.as_str()),
             ("device", m.device.as_str()),
             ("fstype", m.fs_type.as_str()),
         ];
+        // mountinfo may be MOUNTS_TTL old; statvfs sees a remount (or an
+        // error's read-only turn) at once.
+        let readonly =
+            m.readonly || matches!(&outcome, Outcome::Done(Statvfs::Stats(s)) if s.readonly);
         sink.gauge(
             "storage_readonly",
-            "Whether the filesystem is mounted read-only (/proc/1/mountinfo mount options).",
+            "Whether the filesystem is mounted read-only (/proc/1/mountinfo mount options, or statvfs ST_RDONLY).",
             &labels,
-            if m.readonly { 1.0 } else { 0.0 },
+            if readonly { 1.0 } else { 0.0 },
         );
-        let outcome = p.wait_until(until);
         let stuck = !matches!(outcome, Outcome::Done(_));
         sink.gauge(
             "storage_mount_stuck",
@@ -359,12 +453,16 @@ pub fn is_exported_block_device(name: &str) -> bool {
 /// Per device counters from /proc/diskstats; returns the devices exported.
 fn export_diskstats(sink: &mut Sink, roots: &HostRoots) -> BTreeSet<String> {
     let mut devices = BTreeSet::new();
-    let Some(stats) = sink.read(NAME, roots.parse_proc::<procfs::DiskStats>("diskstats")) else {
+    let path = roots.proc_path("diskstats");
+    let Some(text) = sink.read(NAME, roots.read_kept(&path)) else {
+        return devices;
+    };
+    let Some(stats) = sink.read(NAME, parse_diskstats(&path, &text)) else {
         return devices;
     };
     const SECTOR: f64 = 512.0;
-    for d in stats.0.iter().filter(|d| is_exported_block_device(&d.name)) {
-        let l = [("device", d.name.as_str())];
+    for d in stats.iter().filter(|d| is_exported_block_device(d.name)) {
+        let l = [("device", d.name)];
         sink.counter(
             "storage_reads_total",
             "Reads completed (/proc/diskstats field 4).",
@@ -407,26 +505,81 @@ fn export_diskstats(sink: &mut Sink, roots: &HostRoots) -> BTreeSet<String> {
             &l,
             d.in_progress as f64,
         );
-        devices.insert(d.name.clone());
+        devices.insert(d.name.to_string());
     }
     devices
 }
 
-/// `storage_errors_total{source="scsi"}` from `<sysfs>/block/*/device/ioerr_cnt` (hexadecimal).
-fn export_scsi_errors(sink: &mut Sink, roots: &HostRoots) {
+/// The fields of a /proc/diskstats line the collector exports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DiskStat<'a> {
+    name: &'a str,
+    reads: u64,
+    sectors_read: u64,
+    writes: u64,
+    sectors_written: u64,
+    in_progress: u64,
+    time_in_progress: u64,
+    weighted_time_in_progress: u64,
+}
+
+/// Every line of /proc/diskstats: major, minor, name and at least eleven
+/// counters, each an unsigned integer (as `procfs::DiskStats` wants them,
+/// without its `String` per device and map of every field).
+fn parse_diskstats<'a>(path: &Path, text: &'a str) -> Result<Vec<DiskStat<'a>>, ReadError> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.is_empty() {
+            continue;
+        }
+        if f.len() < 14 {
+            return Err(ReadError::parse(
+                path,
+                format!("line {}: {} fields, expected at least 14", n + 1, f.len()),
+            ));
+        }
+        let mut v = [0u64; 14];
+        for (i, slot) in v.iter_mut().enumerate().filter(|(i, _)| *i != 2) {
+            *slot = f[i].parse().map_err(|_| {
+                ReadError::parse(
+                    path,
+                    format!(
+                        "line {}: field {}: expected an unsigned integer, found {:?}",
+                        n + 1,
+                        i + 1,
+                        f[i]
+                    ),
+                )
+            })?;
+        }
+        out.push(DiskStat {
+            name: f[2],
+            reads: v[3],
+            sectors_read: v[5],
+            writes: v[7],
+            sectors_written: v[9],
+            in_progress: v[11],
+            time_in_progress: v[12],
+            weighted_time_in_progress: v[13],
+        });
+    }
+    Ok(out)
+}
+
+/// `storage_errors_total{source="scsi"}` from `<sysfs>/block/*/device/ioerr_cnt`
+/// (hexadecimal) of `disks`.
+fn export_scsi_errors(sink: &mut Sink, roots: &HostRoots, disks: &[String]) {
     let dir = roots.sys_path("block");
-    let Some(names) = sink.read(NAME, roots.list_dir(&dir)) else {
-        return;
-    };
     // Only SCSI disks (sd*, sr*, st*) have ioerr_cnt; asking each loop, RAM,
     // device-mapper or NVMe device costs a sysfs lookup (~6 us) for nothing.
-    for name in names.into_iter().filter(|n| may_have_scsi_counters(n)) {
-        let path = dir.join(&name).join("device/ioerr_cnt");
+    for name in disks {
+        let path = dir.join(name).join("device/ioerr_cnt");
         if let Some(v) = sink.read(NAME, roots.read_u64(&path)) {
             sink.counter(
                 "storage_errors_total",
                 STORAGE_ERRORS_HELP,
-                &[("device", &name), ("source", "scsi")],
+                &[("device", name), ("source", "scsi")],
                 v as f64,
             );
         }
@@ -494,20 +647,35 @@ mod tests {
     struct FakeStatvfs {
         release: Arc<AtomicBool>,
         nfs_calls: Arc<AtomicUsize>,
+        /// The mount point that hangs until `release` (`/mnt/nfs` by default).
+        hung: &'static str,
+        /// The mount point and thread of every call.
+        calls: Arc<Mutex<Vec<(String, std::thread::ThreadId)>>>,
     }
 
     impl FakeStatvfs {
         fn new() -> FakeStatvfs {
+            FakeStatvfs::hanging("/mnt/nfs")
+        }
+
+        fn hanging(hung: &'static str) -> FakeStatvfs {
             FakeStatvfs {
                 release: Arc::new(AtomicBool::new(false)),
                 nfs_calls: Arc::new(AtomicUsize::new(0)),
+                hung,
+                calls: Arc::new(Mutex::new(Vec::new())),
             }
         }
 
         fn func(&self) -> StatvfsFn {
             let release = self.release.clone();
             let calls = self.nfs_calls.clone();
+            let hung = self.hung;
+            let log = self.calls.clone();
             Arc::new(move |_roots: &HostRoots, point: &str| {
+                log.lock()
+                    .unwrap()
+                    .push((point.to_string(), std::thread::current().id()));
                 let gib = 1u64 << 30;
                 let stats = |total: u64, free: u64, avail: u64| FsStats {
                     total_bytes: total * gib,
@@ -517,6 +685,12 @@ mod tests {
                     files_free: free * 1000,
                     readonly: false,
                 };
+                if point == hung {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    while !release.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
                 match point {
                     "/" => Ok(stats(100, 40, 35)),
                     "/boot/efi" => Ok(stats(1, 1, 1)),
@@ -526,13 +700,7 @@ mod tests {
                         path: "/mnt/my archive".into(),
                         source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
                     }),
-                    "/mnt/nfs" => {
-                        calls.fetch_add(1, Ordering::SeqCst);
-                        while !release.load(Ordering::SeqCst) {
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Ok(stats(10, 5, 5))
-                    }
+                    "/mnt/nfs" => Ok(stats(10, 5, 5)),
                     other => Err(ReadError::Missing(other.into())),
                 }
             })
@@ -641,7 +809,7 @@ mod tests {
             "malformed",
             expect![[r#"
             FAILED F/malformed/proc/1/mountinfo: unexpected contents: a field is missing
-            FAILED F/malformed/proc/diskstats: unexpected contents: Failed to parse expect!(s.next()) ("five") as a u64: invalid digit found in string
+            FAILED F/malformed/proc/diskstats: line 1: 6 fields, expected at least 14
             FAILED F/malformed/proc/pressure/io: no "some" line
             FAILED F/malformed/sys/block/sda/device/ioerr_cnt: expected an unsigned integer, found "0xzz"
         "#]],
@@ -701,6 +869,138 @@ mod tests {
     }
 
     #[test]
+    fn statvfs_of_every_mount_is_one_hand_off_per_scrape() {
+        let ctx = context("full", |_| {});
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = calls.clone();
+        let c = StorageCollector::with_statvfs(Arc::new(move |_roots: &HostRoots, point: &str| {
+            log.lock()
+                .unwrap()
+                .push((point.to_string(), std::thread::current().id()));
+            // Slow enough that calls handed off one by one would each need a thread.
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(FsStats {
+                total_bytes: 100,
+                free_bytes: 50,
+                available_bytes: 50,
+                files: 10,
+                files_free: 5,
+                readonly: false,
+            })
+        }));
+        let out = scrape(&c, &ctx);
+        assert!(
+            !out.lines()
+                .any(|l| l.starts_with("storage_mount_stuck") && l.ends_with(" 1")),
+            "{out}"
+        );
+        let calls = calls.lock().unwrap().clone();
+        let points: Vec<&str> = calls.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            points,
+            [
+                "/",
+                "/boot/efi",
+                "/data",
+                "/home",
+                "/mnt/my archive",
+                "/mnt/nfs"
+            ]
+        );
+        let threads: std::collections::HashSet<_> = calls.iter().map(|(_, t)| *t).collect();
+        assert_eq!(threads.len(), 1, "one thread for the batch: {calls:?}");
+        assert!(!threads.contains(&std::thread::current().id()));
+    }
+
+    #[test]
+    fn a_hung_mount_keeps_no_other_mount_of_its_batch_from_being_read() {
+        // /data is third of six: the mounts after it are read all the same.
+        let fake = FakeStatvfs::hanging("/data");
+        let ctx = context("full", |c| {
+            c.storage.statvfs_deadline = Duration::from_millis(400);
+        });
+        let c = StorageCollector::with_statvfs(fake.func());
+        for _ in 0..2 {
+            let out = scrape(&c, &ctx);
+            assert!(
+                out.contains(
+                    r#"storage_mount_stuck{mountpoint="/data",device="/dev/md0",fstype="xfs"} 1"#
+                ),
+                "{out}"
+            );
+            assert!(
+                !out.contains(r#"storage_total_bytes{mountpoint="/data""#),
+                "{out}"
+            );
+            for after in [
+                r#"storage_total_bytes{mountpoint="/home",device="/dev/nvme0n1p2",fstype="ext4"} 107374182400"#,
+                r#"storage_total_bytes{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 10737418240"#,
+                r#"storage_mount_stuck{mountpoint="/mnt/nfs",device="fileserver:/export",fstype="nfs4"} 0"#,
+            ] {
+                assert!(out.contains(after), "{after} missing from {out}");
+            }
+        }
+        assert_eq!(
+            fake.nfs_calls.load(Ordering::SeqCst),
+            1,
+            "one call, not one per scrape"
+        );
+    }
+
+    #[test]
+    fn a_mount_that_turns_read_only_is_seen_before_mountinfo_is_read_again() {
+        let ctx = context("full", |_| {});
+        let turned = Arc::new(AtomicBool::new(false));
+        let t = turned.clone();
+        let c = StorageCollector::with_statvfs(Arc::new(move |_roots: &HostRoots, point: &str| {
+            Ok(FsStats {
+                total_bytes: 100,
+                free_bytes: 50,
+                available_bytes: 50,
+                files: 10,
+                files_free: 5,
+                // The kernel turned /data read-only after an I/O error.
+                readonly: point == "/data" && t.load(Ordering::SeqCst),
+            })
+        }));
+        let data = r#"storage_readonly{mountpoint="/data",device="/dev/md0",fstype="xfs"}"#;
+        assert!(scrape(&c, &ctx).contains(&format!("{data} 0")));
+        turned.store(true, Ordering::SeqCst);
+        let out = scrape(&c, &ctx);
+        assert!(out.contains(&format!("{data} 1")), "{out}");
+        // mountinfo's own "ro" still counts.
+        assert!(out.contains(r#"storage_readonly{mountpoint="/mnt/my archive",device="/dev/mapper/archive",fstype="ext4"} 1"#), "{out}");
+    }
+
+    #[test]
+    fn the_runner_begins_statvfs_before_the_collectors_ahead_of_storage_run() {
+        let fake = FakeStatvfs::hanging("none");
+        let ctx = context("full", |_| {});
+        let c = StorageCollector::with_statvfs(fake.func());
+        c.prepare(&ctx);
+        // A second prepare (another scrape) leaves the first batch to be taken.
+        c.prepare(&ctx);
+        let until = Instant::now() + Duration::from_secs(2);
+        while fake.calls.lock().unwrap().len() < 6 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(fake.calls.lock().unwrap().len(), 6, "begun before collect");
+        let out = scrape(&c, &ctx);
+        assert!(out.contains(r#"storage_total_bytes{mountpoint="/data",device="/dev/md0",fstype="xfs"} 4294967296000"#), "{out}");
+        assert_eq!(
+            fake.calls.lock().unwrap().len(),
+            6,
+            "collect took the batch begun"
+        );
+        scrape(&c, &ctx);
+        assert_eq!(
+            fake.calls.lock().unwrap().len(),
+            12,
+            "without prepare, collect begins its own"
+        );
+    }
+
+    #[test]
     fn real_statvfs_reads_the_fixture_root() {
         let ctx = context("full", |_| {});
         let c = StorageCollector::new(&ctx);
@@ -741,7 +1041,7 @@ mod tests {
     }
 
     #[test]
-    fn mounts_are_parsed_again_only_when_mountinfo_changes() {
+    fn mountinfo_is_read_once_a_while_and_parsed_again_only_when_it_changed() {
         let dir = tempfile::tempdir().unwrap();
         let proc_dir = dir.path().join("proc/1");
         std::fs::create_dir_all(&proc_dir).unwrap();
@@ -767,7 +1067,19 @@ mod tests {
             line(1, "/") + &line(2, "/scratch"),
         )
         .unwrap();
+        assert_eq!(points(&c), ["/"], "read again after MOUNTS_TTL");
+        let expire = |c: &StorageCollector| {
+            let mut cache = c.mounts.lock().unwrap();
+            cache.as_mut().unwrap().0 = Instant::now().checked_sub(MOUNTS_TTL).unwrap();
+        };
+        expire(&c);
         assert_eq!(points(&c), ["/", "/scratch"]);
+        // Unchanged text: the selected mounts are kept, not parsed again.
+        let before = c.mounts.lock().unwrap().as_ref().unwrap().2.clone();
+        expire(&c);
+        assert_eq!(points(&c), ["/", "/scratch"]);
+        let after = c.mounts.lock().unwrap().as_ref().unwrap().2.clone();
+        assert!(Arc::ptr_eq(&before, &after));
     }
 
     #[test]
@@ -777,6 +1089,41 @@ mod tests {
         for d in ["loop0", "nvme0n1", "vda", "dm-0", "md127", "zram0", "sda1"] {
             assert!(!may_have_scsi_counters(d), "{d}");
         }
+    }
+
+    #[test]
+    fn diskstats_are_read_as_the_procfs_crate_reads_them() {
+        for f in [
+            crate::collector::testutil::fixture("full/proc/diskstats"),
+            PathBuf::from("/proc/diskstats"),
+        ] {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let ours = parse_diskstats(&f, &text).unwrap();
+            let theirs: procfs::DiskStats = crate::host::parse_proc_text(&f, &text).unwrap();
+            let theirs: Vec<DiskStat> = theirs
+                .0
+                .iter()
+                .map(|d| DiskStat {
+                    name: d.name.as_str(),
+                    reads: d.reads,
+                    sectors_read: d.sectors_read,
+                    writes: d.writes,
+                    sectors_written: d.sectors_written,
+                    in_progress: d.in_progress,
+                    time_in_progress: d.time_in_progress,
+                    weighted_time_in_progress: d.weighted_time_in_progress,
+                })
+                .collect();
+            assert_eq!(ours, theirs, "{}", f.display());
+        }
+        let f = Path::new("/x/diskstats");
+        let line = "8 0 sda 1 2 3 4 5 6 7 8 9 10 11";
+        assert_eq!(
+            parse_diskstats(f, line).unwrap()[0].weighted_time_in_progress,
+            11
+        );
+        assert!(parse_diskstats(f, "8 0 sda 1 2 3 4 5 6 7 8 9 10 x").is_err());
+        assert!(parse_diskstats(f, "8 0 sda 1 2 3").is_err());
     }
 
     #[test]
