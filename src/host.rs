@@ -75,6 +75,42 @@ impl ReadError {
     }
 }
 
+/// Tells whether a mount table changed since it was last asked, without
+/// reading it: the kernel flags an open `/proc/<pid>/mountinfo` (`POLLPRI`)
+/// when a mount is added, removed or changed in that namespace, and poll
+/// clears the flag as it reports it (util-linux's `findmnt --poll` watches
+/// the same way). A file that is not procfs's (a fixture tree) never flags:
+/// callers re-read on a timer too.
+pub struct MountWatch {
+    file: std::fs::File,
+}
+
+impl MountWatch {
+    /// Opens `path` (a `mountinfo` file) to watch it.
+    pub fn open(path: &Path) -> Result<MountWatch, ReadError> {
+        std::fs::File::open(path)
+            .map(|file| MountWatch { file })
+            .map_err(|e| ReadError::from_io(path, e))
+    }
+
+    /// Whether the mount table changed since the last call (or since the
+    /// watch was opened); never blocks. An error counts as a change.
+    pub fn changed(&self) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let mut fds = [PollFd::new(&self.file, PollFlags::PRI)];
+        match poll(
+            &mut fds,
+            Some(&rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            }),
+        ) {
+            Ok(_) => fds[0].revents().intersects(PollFlags::PRI | PollFlags::ERR),
+            Err(_) => true,
+        }
+    }
+}
+
 impl HostRoots {
     /// `<procfs>/<rel>`.
     pub fn proc_path(&self, rel: impl AsRef<Path>) -> PathBuf {

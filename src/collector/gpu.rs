@@ -85,6 +85,8 @@ struct Inner {
     /// Pids no longer on any GPU are dropped at each collection.
     processes: Mutex<HashMap<u32, ProcessInfo>>,
     gate: Arc<GpuGate>,
+    /// `gpu_pod_info` as rendered for the kubelet's current mapping.
+    pod_info: gpu_workload::PodInfoCache,
 }
 
 /// A GPU process's name, unit and workload, read once per pid.
@@ -182,6 +184,7 @@ impl GpuCollector {
                 books: Mutex::new(HashMap::new()),
                 processes: Mutex::new(HashMap::new()),
                 gate: ctx.gpu_gate.clone(),
+                pod_info: gpu_workload::PodInfoCache::default(),
             }),
         }
     }
@@ -556,7 +559,7 @@ impl GpuCollector {
         drop(books);
         *lock(&self.inner.processes) = seen;
         if let Some(pods) = ctx.pod_resources.current() {
-            gpu_workload::render_pod_info(snap, &pods, sink);
+            self.inner.pod_info.render(snap, &pods, sink);
         }
         render_xids(snap, xids, sink);
     }

@@ -13,6 +13,7 @@
 //! not read files, call NVML or call the kubelet.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::collector::Sink;
 use crate::gpu::{DeviceReading, MigReading, Snapshot};
@@ -297,6 +298,68 @@ pub fn allocated_idle(
     Some(allocated && activity < IDLE_SM_PERCENT)
 }
 
+const POD_INFO: &str = "gpu_pod_info";
+const POD_INFO_HELP: &str = "A device allocated to a Kubernetes container, 1 (kubelet pod-resources API v1 List on [kubernetes] pod_resources_socket, read in the background): uuid and gpu are the physical GPU's; replica is N of a shared GPU's <uuid>::N (time-slicing, MPS); MIG devices carry gpu_instance_id, compute_instance_id and mig_profile. Join on uuid (or gpu) to name the pods on a GPU.";
+
+/// [`render_pod_info`] once per change of the kubelet's mapping or of the
+/// GPUs it names, not once per scrape: the mapping changes only in the
+/// background (every `[kubernetes] refresh_interval_secs`), so a scrape
+/// appends the text rendered for it (110 pods on 8 GPUs with 56 MIG
+/// instances: 56 series, about 17 KB).
+#[derive(Default)]
+pub struct PodInfoCache(Mutex<Option<PodInfoText>>);
+
+struct PodInfoText {
+    pods: Arc<PodMap>,
+    devices: u64,
+    body: String,
+}
+
+impl PodInfoCache {
+    pub fn render(&self, snap: &Snapshot, pods: &Arc<PodMap>, sink: &mut Sink) {
+        if pods.allocations.is_empty() {
+            return;
+        }
+        let devices = device_key(snap);
+        let mut cached = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = cached.as_ref().is_some_and(|c| {
+            c.devices == devices && (Arc::ptr_eq(&c.pods, pods) || *c.pods == **pods)
+        });
+        if !fresh {
+            let mut own = Sink::new();
+            render_pod_info(snap, pods, &mut own);
+            *cached = Some(PodInfoText {
+                pods: pods.clone(),
+                devices,
+                body: own.body(POD_INFO).to_string(),
+            });
+        }
+        if let Some(c) = cached.as_ref().filter(|c| !c.body.is_empty()) {
+            sink.gauge_rendered(POD_INFO, POD_INFO_HELP, &c.body);
+        }
+    }
+}
+
+/// What [`render_pod_info`] reads of the GPUs, hashed: their indexes, names,
+/// UUIDs and PCI addresses, and their MIG instances.
+fn device_key(snap: &Snapshot) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for d in &snap.devices {
+        (d.index, &d.uuid, &d.name, &d.pci_bus_id).hash(&mut h);
+        for m in &d.mig {
+            (
+                &m.uuid,
+                m.gpu_instance_id,
+                m.compute_instance_id,
+                &m.profile,
+            )
+                .hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
 /// `gpu_pod_info{gpu,uuid,name,pci_bus_id,namespace,pod,container,resource}`
 /// 1 per allocated device, with `replica` for a shared GPU's `<uuid>::N` and
 /// the MIG instance's labels (`gpu_instance_id`, `compute_instance_id`,
@@ -360,12 +423,7 @@ pub fn render_pod_info(snap: &Snapshot, pods: &PodMap, sink: &mut Sink) {
             n += 1;
         }
         let labels = &labels[..n];
-        sink.gauge(
-            "gpu_pod_info",
-            "A device allocated to a Kubernetes container, 1 (kubelet pod-resources API v1 List on [kubernetes] pod_resources_socket, read in the background): uuid and gpu are the physical GPU's; replica is N of a shared GPU's <uuid>::N (time-slicing, MPS); MIG devices carry gpu_instance_id, compute_instance_id and mig_profile. Join on uuid (or gpu) to name the pods on a GPU.",
-            labels,
-            1.0,
-        );
+        sink.gauge(POD_INFO, POD_INFO_HELP, labels, 1.0);
     }
 }
 
@@ -697,5 +755,55 @@ mod tests {
         // Nothing allocated on it, or no Kubernetes process.
         assert_eq!(pod_on_gpu(&PodMap::default(), &d, [&k]), None);
         assert_eq!(pod_on_gpu(&one, &d, [&unit]), None);
+    }
+
+    /// The cached `gpu_pod_info` text is what rendering it gives, and is
+    /// rendered again when the mapping or the GPUs change.
+    #[test]
+    fn pod_info_is_rendered_once_per_mapping_and_again_when_it_changes() {
+        let snap = |name: &str| Snapshot {
+            devices: vec![DeviceReading {
+                index: 2,
+                uuid: "GPU-2".into(),
+                name: name.into(),
+                ..DeviceReading::default()
+            }],
+            ..Snapshot::default()
+        };
+        let direct = |snap: &Snapshot, pods: &PodMap| {
+            let mut s = Sink::new();
+            render_pod_info(snap, pods, &mut s);
+            s.into_text()
+        };
+        let cached = |cache: &PodInfoCache, snap: &Snapshot, pods: &Arc<PodMap>| {
+            let mut s = Sink::new();
+            cache.render(snap, pods, &mut s);
+            s.into_text()
+        };
+        let cache = PodInfoCache::default();
+        let h100 = snap("H100");
+        let one = Arc::new(PodMap {
+            allocations: vec![alloc("llama-0", "trainer", "GPU-2")],
+        });
+        let first = cached(&cache, &h100, &one);
+        assert!(first.contains("pod=\"llama-0\""), "{first}");
+        assert_eq!(first, direct(&h100, &one));
+        // The same mapping (another Arc, equal content): the same text.
+        let again = Arc::new((*one).clone());
+        assert_eq!(cached(&cache, &h100, &again), first);
+        // Another mapping, other GPUs: rendered again.
+        let two = Arc::new(PodMap {
+            allocations: vec![alloc("other-1", "c", "GPU-2")],
+        });
+        assert_eq!(cached(&cache, &h100, &two), direct(&h100, &two));
+        let h200 = snap("H200");
+        let text = cached(&cache, &h200, &two);
+        assert!(text.contains("name=\"H200\""), "{text}");
+        assert_eq!(text, direct(&h200, &two));
+        // A mapping that names no GPU of this node: no family at all.
+        let elsewhere = Arc::new(PodMap {
+            allocations: vec![alloc("x", "c", "GPU-9")],
+        });
+        assert_eq!(cached(&cache, &h200, &elsewhere), "");
     }
 }

@@ -229,14 +229,8 @@ impl Sink {
         self.shared.proc_text(roots, rel)
     }
 
-    fn push(
-        &mut self,
-        name: &str,
-        help: &str,
-        kind: MetricType,
-        labels: &[(&str, &str)],
-        value: f64,
-    ) {
+    /// The index of family `name`, added when new.
+    fn family(&mut self, name: &str, help: &str, kind: MetricType) -> usize {
         let i = match self.last {
             Some(i) if self.families[i].name == name => i,
             _ => match self.index.get(name) {
@@ -254,6 +248,34 @@ impl Sink {
             },
         };
         self.last = Some(i);
+        i
+    }
+
+    /// Appends samples of gauge family `name` rendered earlier by a sink
+    /// ([`Sink::body`] of the same family): a collector whose series change
+    /// only in the background (the kubelet's pod mapping) renders them once
+    /// per change, not once per scrape.
+    pub fn gauge_rendered(&mut self, name: &str, help: &str, body: &str) {
+        let i = self.family(name, help, MetricType::GAUGE);
+        self.families[i].body.push_str(body);
+    }
+
+    /// The sample lines written so far for family `name` (empty if none).
+    pub fn body(&self, name: &str) -> &str {
+        self.index
+            .get(name)
+            .map_or("", |i| self.families[*i].body.as_str())
+    }
+
+    fn push(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        labels: &[(&str, &str)],
+        value: f64,
+    ) {
+        let i = self.family(name, help, kind);
         let body = &mut self.families[i].body;
         body.push_str(name);
         if !labels.is_empty() {

@@ -25,7 +25,9 @@ use crate::collector::{Collector, Context, Error, Sink};
 use crate::config::agent::StorageConfig;
 use crate::deadline::{Batch, Outcome, SingleFlight};
 use crate::events::EventKind;
-use crate::host::{parse_proc_text, unescape_mount_path, FsStats, HostRoots, ReadError};
+use crate::host::{
+    parse_proc_text, unescape_mount_path, FsStats, HostRoots, MountWatch, ReadError,
+};
 
 const NAME: &str = "storage";
 
@@ -37,8 +39,9 @@ pub struct StorageCollector {
     flight: SingleFlight<String, Statvfs>,
     /// When mountinfo was last read, its text and the mounts selected from
     /// it: mounts rarely change, so mountinfo (the largest file a scrape
-    /// reads on a node with many mounts) is read again every [`MOUNTS_TTL`],
-    /// and parsed again only when its text changed.
+    /// reads on a node with many mounts) is read again only when the kernel
+    /// says the mount table changed ([`MountWatch`]) or every
+    /// [`MOUNTS_TTL`], and parsed again only when its text changed.
     mounts: Mutex<Option<MountTable>>,
     /// The block devices that may have SCSI error counters, listed again
     /// every [`MOUNTS_TTL`].
@@ -51,7 +54,9 @@ pub struct StorageCollector {
 }
 
 /// How long the mount table and the list of block devices are trusted. A
-/// mount that turns read-only is seen at once all the same: statvfs says so.
+/// mount added or removed on procfs is seen at the next scrape all the same
+/// (the kernel flags the watched mountinfo), and a mount that turns
+/// read-only too (statvfs says so).
 pub const MOUNTS_TTL: Duration = Duration::from_secs(30);
 
 /// What one bounded statvfs came to (cloneable, unlike [`ReadError`]).
@@ -171,8 +176,9 @@ fn statvfs_deadline(ctx: &Context) -> Duration {
         .min(ctx.config.collectors.deadline)
 }
 
-/// When mountinfo was read, its text, and the mounts selected from it.
-type MountTable = (Instant, String, Arc<Vec<Mount>>);
+/// When mountinfo was read, its text, the mounts selected from it, and the
+/// watch that says when the kernel's mount table changed since.
+type MountTable = (Instant, String, Arc<Vec<Mount>>, Option<MountWatch>);
 
 /// A statvfs batch begun by [`Collector::prepare`]: when, for which mounts.
 type Begun = (Instant, Arc<Vec<Mount>>, Batch<Statvfs>);
@@ -283,23 +289,34 @@ impl StorageCollector {
         cfg: &StorageConfig,
     ) -> Option<Arc<Vec<Mount>>> {
         let mut cache = self.mounts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((at, _, mounts)) = cache.as_ref() {
-            if at.elapsed() < MOUNTS_TTL {
+        if let Some((at, _, mounts, watch)) = cache.as_ref() {
+            // A mount added or removed is seen at the next scrape: the
+            // kernel flags the watched mountinfo; the timer is for trees
+            // that are not procfs.
+            let changed = watch.as_ref().is_some_and(MountWatch::changed);
+            if !changed && at.elapsed() < MOUNTS_TTL {
                 return Some(mounts.clone());
             }
         }
+        // The watch of the file read (the host's mountinfo, else our own),
+        // opened once; a change it reports makes the next scrape read again.
+        let watch = |path: &Path| MountWatch::open(path).ok();
         let (path, text) = read_mountinfo(sink, roots)?;
-        if let Some((at, old, mounts)) = cache.as_mut() {
+        if let Some((at, old, mounts, w)) = cache.as_mut() {
             if *old == text {
                 *at = Instant::now();
+                if w.is_none() {
+                    *w = watch(&path);
+                }
                 return Some(mounts.clone());
             }
         }
+        let w = cache.take().and_then(|(.., w)| w).or_else(|| watch(&path));
         let mounts = Arc::new(select_mounts(
             sink.read(NAME, parse_mounts(&path, &text))?,
             cfg,
         ));
-        *cache = Some((Instant::now(), text, mounts.clone()));
+        *cache = Some((Instant::now(), text, mounts.clone(), w));
         Some(mounts)
     }
 

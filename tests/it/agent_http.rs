@@ -321,3 +321,61 @@ fn agent_binary_serves_and_follows_the_kernel_log() {
     assert_eq!(status, 200);
     assert_eq!(body.matches("\"io_error\"").count(), 2, "{body}");
 }
+
+/// `mount` / `umount` of a small tmpfs at `dir` (needs root).
+fn mount_tmpfs(dir: &Path, mount: bool) {
+    let st = if mount {
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "gpuops-test"])
+            .arg(dir)
+            .status()
+    } else {
+        std::process::Command::new("umount").arg(dir).status()
+    };
+    assert!(
+        st.is_ok_and(|s| s.success()),
+        "{} {}: needs root",
+        if mount { "mount" } else { "umount" },
+        dir.display()
+    );
+}
+
+/// The storage collector reads mountinfo again only when the kernel flags
+/// it (or every 30 s): a mount added or removed on the real host must still
+/// show at the very next scrape, never a removed mount's mount point with
+/// its parent filesystem's figures.
+#[tokio::test]
+#[ignore = "needs root to mount a tmpfs: run by .ci/run"]
+async fn a_mount_added_or_removed_shows_at_the_next_scrape() {
+    let dir = tempfile::tempdir().unwrap();
+    let point = dir.path().join("mnt");
+    std::fs::create_dir(&point).unwrap();
+    let mut cfg = AgentConfig::default();
+    cfg.collectors.gpu = false;
+    cfg.storage.mount_include = Some(
+        regex::Regex::new(&format!(
+            "^{}$",
+            regex::escape(&point.display().to_string())
+        ))
+        .unwrap(),
+    );
+    cfg.storage.fs_type_exclude = Vec::new();
+    let s = state(cfg);
+    let series = format!("mountpoint=\"{}\"", point.display());
+    let (_, _, body) = get(&s, "/metrics").await;
+    assert!(!body.contains(&series), "not mounted yet:\n{body}");
+
+    mount_tmpfs(&point, true);
+    let (_, _, body) = get(&s, "/metrics").await;
+    let mounted = body.contains(&series) && body.contains("gpuops-test");
+    mount_tmpfs(&point, false);
+    assert!(
+        mounted,
+        "the new mount is missing from the next scrape:\n{body}"
+    );
+    let (_, _, body) = get(&s, "/metrics").await;
+    assert!(
+        !body.contains(&series),
+        "the removed mount is still exported:\n{body}"
+    );
+}
