@@ -200,6 +200,14 @@ impl Collector for GpuCollector {
         "gpu"
     }
 
+    /// Not while the backend is known absent (no NVML, tried less than
+    /// `NVML_RETRY` ago; a fake fixture that cannot be read): the
+    /// collection then only says so, at once, so a node without GPUs pays
+    /// no thread hand-off for it on every scrape.
+    fn may_block(&self) -> bool {
+        self.inner.absent().is_none()
+    }
+
     fn collect(&self, ctx: &Context, sink: &mut Sink) -> Result<(), Error> {
         let released = self.inner.gate.released_for();
         sink.gauge(
@@ -216,12 +224,17 @@ impl Collector for GpuCollector {
                 "gpu collector paused: nvml is released for runbook step {step}"
             )));
         }
-        let inner = self.inner.clone();
-        let events = ctx.events.clone();
-        let background = ctx.background;
-        let outcome = self.inner.flight.call((), self.inner.deadline, move || {
-            inner.fetch(&events, background)
-        });
+        let outcome = match self.inner.absent() {
+            Some(e) => Outcome::Done(Err(e)),
+            None => {
+                let inner = self.inner.clone();
+                let events = ctx.events.clone();
+                let background = ctx.background;
+                self.inner.flight.call((), self.inner.deadline, move || {
+                    inner.fetch(&events, background)
+                })
+            }
+        };
         if let Some(k) = self.inner.kind.get() {
             let _ = ctx.gpu_backend.set(k);
         }
@@ -268,6 +281,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
+    /// Why the backend is known absent right now, without waiting: a fake
+    /// fixture that cannot be read, or NVML that failed to load less than
+    /// `NVML_RETRY` ago. `None` when it is ready, not tried yet, due for
+    /// another try, or being loaded (the lock is held).
+    fn absent(&self) -> Option<String> {
+        let state = self.backend.try_lock().ok()?;
+        match &*state {
+            BackendState::Broken(e) => Some(e.clone()),
+            BackendState::Pending {
+                last_try: Some(t),
+                error: Some(e),
+            } if t.elapsed() < NVML_RETRY => Some(e.clone()),
+            _ => None,
+        }
+    }
+
     /// Runs on the flight thread: loads the backend if needed, then reads it.
     fn fetch(&self, events: &Arc<KernelEvents>, background: bool) -> Fetched {
         if let Some(step) = self.gate.released_for() {
@@ -732,5 +761,24 @@ mod tests {
         assert_eq!(total, 5);
         absorb(&mut total, &mut last, Some(1));
         assert_eq!(total, 6, "a reset counts the new value");
+    }
+
+    /// A backend known absent (here a fake fixture that cannot be read; on
+    /// a node without NVML, NVML that failed to load) makes the collector
+    /// say so at once, on the scrape's own thread: no hand-off per scrape.
+    #[test]
+    fn absent_backend_fails_at_once_without_blocking() {
+        let mut cfg = crate::config::AgentConfig::default();
+        cfg.gpu.backend = GpuBackendChoice::Fake("/nonexistent/gpuops-fixture.json".into());
+        let ctx = Arc::new(Context::new(
+            Arc::new(cfg),
+            Arc::new(crate::collector::KernelEvents::new()),
+            false,
+        ));
+        let gpu = GpuCollector::new(&ctx).expect("a gpu collector");
+        assert!(!gpu.may_block());
+        let mut sink = Sink::new();
+        let err = gpu.collect(&ctx, &mut sink).unwrap_err().to_string();
+        assert!(err.contains("gpuops-fixture.json"), "{err}");
     }
 }

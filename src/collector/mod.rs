@@ -447,11 +447,18 @@ impl Runner {
         let started = Instant::now();
         let until = started + deadline;
         let shared = Arc::new(SharedReads::default());
+        // Asked once: a collector's answer may change (the gpu collector's,
+        // once NVML is known absent or due for another try).
+        let blocks: Vec<bool> = self.collectors.iter().map(|c| c.may_block()).collect();
+        let blocking = |want: bool| {
+            self.collectors
+                .iter()
+                .zip(&blocks)
+                .filter(move |(_, b)| **b == want)
+                .map(|(c, _)| c)
+        };
         // Those that may block first, so they run while the others run here.
-        let pending: Vec<_> = self
-            .collectors
-            .iter()
-            .filter(|c| c.may_block())
+        let pending: Vec<_> = blocking(true)
             .map(|c| {
                 let ctx = self.ctx.clone();
                 let col = c.clone();
@@ -460,13 +467,10 @@ impl Runner {
                 (c.name(), self.flight.start(c.name(), deadline, job))
             })
             .collect();
-        for c in self.collectors.iter().filter(|c| !c.may_block()) {
+        for c in blocking(false) {
             c.prepare(&self.ctx);
         }
-        let mut inline: Vec<Collected> = self
-            .collectors
-            .iter()
-            .filter(|c| !c.may_block())
+        let mut inline: Vec<Collected> = blocking(false)
             .map(|c| run_one(&**c, &self.ctx, shared.clone()))
             .collect();
         let mut waited: Vec<Collected> = pending
@@ -489,12 +493,9 @@ impl Runner {
         let out: Vec<Collected> = self
             .collectors
             .iter()
-            .filter_map(|c| {
-                let list = if c.may_block() {
-                    &mut waited
-                } else {
-                    &mut inline
-                };
+            .zip(&blocks)
+            .filter_map(|(c, b)| {
+                let list = if *b { &mut waited } else { &mut inline };
                 let i = list.iter().position(|x| x.name == c.name())?;
                 Some(list.swap_remove(i))
             })
