@@ -821,14 +821,15 @@ async fn shipped_fell_off_bus_success_path_takes_the_node_out_and_back() {
 }
 
 /// Runs shipped runbook `id` on group `g` as an admin and approves every
-/// request as a second admin until the run finishes; the run's results.
-async fn walk(b: &Bot, g: i64, id: &str) -> Vec<(String, String)> {
+/// request as a second admin until the run finishes; the run's results
+/// (also the walks with the real agent in `lifecycle_loop`).
+pub(crate) async fn walk(b: &Bot, g: i64, id: &str) -> Vec<(String, String)> {
     let before = b.state.store.run_ids().await.unwrap();
     let (_, v) = b.slack_command(ADMIN, &format!("run {id} alert={g}")).await;
     assert!(text(&v).contains("started run"), "{id}: {v}");
     let mut run = None;
     let mut approved: Option<usize> = None;
-    for _ in 0..800 {
+    for _ in 0..1600 {
         if run.is_none() {
             run = b
                 .state

@@ -40,6 +40,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use crate::chat_support;
+use crate::lifecycle::walk;
 use crate::support::{self, StandInCall};
 
 use std::path::{Path, PathBuf};
@@ -1075,42 +1076,6 @@ async fn reminders_survive_kill_9_of_the_bot_on_postgres() {
         .await
         .expect("a PostgreSQL test schema");
     reminders_survive_kill_9_of_the_bot(Some(url)).await
-}
-
-/// Runs shipped runbook `id` on group `g` as an admin and approves every
-/// request as a second admin until the run finishes; its results.
-async fn walk(b: &Bot, g: i64, id: &str) -> Vec<(String, String)> {
-    let before = b.state.store.run_ids().await.unwrap();
-    let (_, v) = b.slack_command(ADMIN, &format!("run {id} alert={g}")).await;
-    assert!(text(&v).contains("started run"), "{id}: {v}");
-    let mut run = None;
-    let mut approved: Option<usize> = None;
-    for _ in 0..1600 {
-        if run.is_none() {
-            run = b
-                .state
-                .store
-                .run_ids()
-                .await
-                .unwrap()
-                .into_iter()
-                .find(|r| !before.contains(r));
-        }
-        if let Some(r) = &run {
-            let rec = b.state.store.run(r).await.unwrap().unwrap();
-            match rec.status.as_str() {
-                "finished" => return rec.results,
-                "waiting" if approved != Some(rec.next_step) => {
-                    let (_, v) = b.slack_command(ADMIN2, &format!("approve {r}")).await;
-                    assert!(text(&v).contains("approved step"), "{id}: {v}");
-                    approved = Some(rec.next_step);
-                }
-                _ => {}
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{id}: the run did not finish: {:#?}", b.slack.replies());
 }
 
 /// The success path of every shipped GPU mitigation runbook, walked with
