@@ -10,12 +10,16 @@
 //! Run with the node build's profile (what ships):
 //! `cargo bench --profile release-agent --no-default-features --features agent --bench pod_resources`.
 //!
-//! Measured on the shared 2-core machine (release-agent profile), criterion
-//! medians, two runs: no mapping 350.6 µs / 516.7 µs, 110 pods mapped
-//! 402.0 µs / 592.6 µs (+51 µs / +76 µs, about 15 %: the 56 `gpu_pod_info`
-//! series, 178,461 → 196,097 bytes of exposition, +10 %; the join itself is
-//! one hash map of 64 UUIDs per scrape). The background decode of the
-//! node's 9,638-byte `List` answer: 102 µs / 62 µs.
+//! Measured on the shared 2-core machine, criterion medians. With
+//! `gpu_pod_info` rendered on every scrape (release-agent profile, two
+//! runs): no mapping 350.6 µs / 516.7 µs, 110 pods mapped 402.0 µs /
+//! 592.6 µs (+51 µs / +76 µs, about 15 %: the 56 series, 178,461 → 196,097
+//! bytes of exposition). Rendered once per mapping or GPU change and
+//! appended on each scrape (`gpu_workload::PodInfoCache`; release profile,
+//! quiet machine): no mapping 214.9 µs [211.8, 218.1], mapped 218.3 µs
+//! [214.4, 222.4] (+3.4 µs, +1.6 %, the intervals overlap). The background
+//! decode of the node's 9,638-byte `List` answer: 49.8 µs (102 µs / 62 µs
+//! on the busy machine).
 
 use std::path::Path;
 use std::sync::Arc;
