@@ -193,10 +193,14 @@ impl StepOutcome {
     }
 
     /// The outcome of a command that ran; `nothing_found` is the step's
-    /// `nothing_found_exit`: that status succeeds, saying it found nothing.
+    /// `nothing_found_exit`: that status succeeds, saying it found nothing,
+    /// unless the command also wrote to stderr (journalctl with no journal,
+    /// lsof on a path it cannot stat exit 1 too: they could not look).
     fn from_command(out: CommandOutput, nothing_found: Option<i32>) -> StepOutcome {
-        let found_nothing =
-            !out.timed_out && out.exit_code.is_some() && out.exit_code == nothing_found;
+        let found_nothing = !out.timed_out
+            && out.exit_code.is_some()
+            && out.exit_code == nothing_found
+            && out.stderr.trim().is_empty();
         let status = if out.timed_out {
             StepStatus::TimedOut
         } else if out.exit_code == Some(0) || found_nothing {
@@ -898,6 +902,13 @@ mod tests {
             StepOutcome::from_command(exited(1, ""), None).status,
             StepStatus::Failed
         );
+        // journalctl with no journal at all exits 1 too: it could not
+        // look, and says so on stderr. That is not "nothing found".
+        let mut blind = exited(1, "-- No entries --\n");
+        blind.stderr = "No journal files were found.\n".into();
+        let o = StepOutcome::from_command(blind, Some(1));
+        assert_eq!(o.status, StepStatus::Failed);
+        assert!(!o.output.contains("nothing found"), "{}", o.output);
         // A command killed at its deadline never "found nothing".
         let mut late = exited(1, "");
         late.timed_out = true;
