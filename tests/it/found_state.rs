@@ -473,8 +473,16 @@ chat_on_both!(
 // the report's utilization section names the pod and namespace instead of
 // a uid where the agent's `gpu_workload_*` series carry them.
 
-/// The card the bot posted for its only alert group.
-fn card(b: &Bot) -> gpuops::message::Message {
+/// The card the bot posted for its only alert group, once it is sent.
+async fn card(b: &Bot) -> gpuops::message::Message {
+    b.state.outbox.wake();
+    b.wait_for(10, "the alert card", |b| {
+        b.slack
+            .calls()
+            .iter()
+            .any(|c| matches!(c.message, gpuops::message::Message::Alert(_)))
+    })
+    .await;
     b.slack
         .calls()
         .into_iter()
@@ -499,15 +507,7 @@ async fn alert_line_names_the_pod_on_every_platform() {
         ],
     ))
     .await;
-    b.state.outbox.wake();
-    b.wait_for(10, "the alert card", |b| {
-        b.slack
-            .calls()
-            .iter()
-            .any(|c| matches!(c.message, gpuops::message::Message::Alert(_)))
-    })
-    .await;
-    let msg = card(&b);
+    let msg = card(&b).await;
     let gpuops::message::Message::Alert(m) = &msg else {
         unreachable!()
     };
@@ -684,15 +684,7 @@ async fn alert_line_names_the_workload_pod_not_the_agents_own_behind_prometheus_
         ],
     ))
     .await;
-    b.state.outbox.wake();
-    b.wait_for(10, "the alert card", |b| {
-        b.slack
-            .calls()
-            .iter()
-            .any(|c| matches!(c.message, gpuops::message::Message::Alert(_)))
-    })
-    .await;
-    let msg = card(&b);
+    let msg = card(&b).await;
     let gpuops::message::Message::Alert(m) = &msg else {
         unreachable!()
     };

@@ -487,9 +487,10 @@ async fn metrics_export_nodes_per_state_and_each_node_out_of_service() {
     b.stop();
 }
 
-async fn a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread() {
-    let (b, _) = bot().await;
-    let g = xid_alert(&b).await;
+/// An XID 79 alert on gpu-node-17, drained by alice now (its incident
+/// thread's group); the time it was drained.
+async fn drained_by_alice(b: &Bot) -> f64 {
+    let g = xid_alert(b).await;
     let t0 = b.clock.now_unix() as f64;
     b.state
         .store
@@ -506,6 +507,12 @@ async fn a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread() {
         })
         .await
         .unwrap();
+    t0
+}
+
+async fn a_node_left_quarantined_gets_one_reminder_a_day_in_its_thread() {
+    let (b, _) = bot().await;
+    let t0 = drained_by_alice(&b).await;
     let cfg = b.state.config.lifecycle.clone();
     let remind = |h: f64| {
         let store = b.state.store.clone();
@@ -551,23 +558,7 @@ async fn a_node_left_quarantined_is_reminded_once_a_day_in_the_report_channel_to
     .await;
     let channels = gpuops::lifecycle::report_channels(&b.state.config);
     assert_eq!(channels, vec!["slack:C0REPORTS".to_string()]);
-    let g = xid_alert(&b).await;
-    let t0 = b.clock.now_unix() as f64;
-    b.state
-        .store
-        .node_transition(Transition {
-            node: "gpu-node-17".into(),
-            to: Some(NodeState::Quarantined),
-            at: t0,
-            reason: "drain-slurm succeeded (gpu-fell-off-bus): GPUXIDFellOffBus XID 79".into(),
-            step: Some("drain-slurm".into()),
-            by: Some("alice".into()),
-            gpus: 8,
-            group_id: Some(g),
-            ..Transition::default()
-        })
-        .await
-        .unwrap();
+    let t0 = drained_by_alice(&b).await;
     let cfg = b.state.config.lifecycle.clone();
     let remind = |h: f64| {
         let (store, cfg, channels) = (b.state.store.clone(), cfg.clone(), channels.clone());
@@ -820,6 +811,19 @@ async fn shipped_fell_off_bus_success_path_takes_the_node_out_and_back() {
     b.stop();
 }
 
+/// The node states `node` went through, oldest first.
+pub(crate) async fn states_of(b: &Bot, node: &str) -> Vec<NodeState> {
+    b.state
+        .store
+        .node_transitions(0.0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.node == node)
+        .map(|t| t.to)
+        .collect()
+}
+
 /// Runs shipped runbook `id` on group `g` as an admin and approves every
 /// request as a second admin until the run finishes; the run's results
 /// (also the walks with the real agent in `lifecycle_loop`).
@@ -885,16 +889,7 @@ async fn shipped_gpu_runbooks_success_paths_return_their_node() {
             .alert(webhook(alert, &format!("{name}:9949"), &labels))
             .await;
         let results = walk(&b, g, id).await;
-        let states: Vec<NodeState> = b
-            .state
-            .store
-            .node_transitions(0.0)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|t| t.node == name)
-            .map(|t| t.to)
-            .collect();
+        let states = states_of(&b, name).await;
         assert_eq!(
             states.first(),
             Some(&NodeState::Quarantined),

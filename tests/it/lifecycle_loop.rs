@@ -40,7 +40,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use crate::chat_support;
-use crate::lifecycle::walk;
+use crate::lifecycle::{states_of, walk};
 use crate::support::{self, StandInCall};
 
 use std::path::{Path, PathBuf};
@@ -470,16 +470,7 @@ async fn xid_79_loop_on_the_real_agent_takes_the_node_out_and_back() {
     approve(&b, ADMIN2, "gpu-node-17", "resume-slurm").await;
     let back = wait_state(&b, "gpu-node-17", NodeState::InService).await;
     assert_eq!(back.out_since, None);
-    b.wait_for(20, "the run's summary", |b| {
-        b.slack.replies().iter().any(|r| r.contains("🏁"))
-    })
-    .await;
-    let summary = b
-        .slack
-        .replies()
-        .into_iter()
-        .find(|r| r.contains("🏁"))
-        .unwrap();
+    let summary = run_summary(&b).await;
     // The timeline ends with the node's state in plain words.
     assert!(
         summary.contains("*Node state:* gpu-node-17 is back in service: Slurm resumed it"),
@@ -591,16 +582,7 @@ async fn xid_79_loop_with_failing_dcgm_leaves_the_node_awaiting_repair() {
         r.reason
     );
     assert_eq!(r.out_since, Some(t0 as f64));
-    b.wait_for(20, "the run's summary", |b| {
-        b.slack.replies().iter().any(|r| r.contains("🏁"))
-    })
-    .await;
-    let summary = b
-        .slack
-        .replies()
-        .into_iter()
-        .find(|r| r.contains("🏁"))
-        .unwrap();
+    let summary = run_summary(&b).await;
     assert!(
         summary.contains("DCGM diagnostics fail on gpu-node-17 after the reboot; it stays drained"),
         "{summary}"
@@ -1078,6 +1060,53 @@ async fn reminders_survive_kill_9_of_the_bot_on_postgres() {
     reminders_survive_kill_9_of_the_bot(Some(url)).await
 }
 
+/// The run's closing summary (its 🏁 reply), once posted.
+async fn run_summary(b: &Bot) -> String {
+    b.wait_for(20, "the run's summary", |b| {
+        b.slack.replies().iter().any(|r| r.contains("🏁"))
+    })
+    .await;
+    b.slack
+        .replies()
+        .into_iter()
+        .find(|r| r.contains("🏁"))
+        .unwrap()
+}
+
+/// The steps of `results` that failed or erred, but for those `allowed`.
+fn failed_steps<'a>(results: &'a [(String, String)], allowed: &[&str]) -> Vec<&'a str> {
+    results
+        .iter()
+        .filter(|(_, st)| st == "failed" || st == "error")
+        .map(|(s, _)| s.as_str())
+        .filter(|s| !allowed.contains(s))
+        .collect()
+}
+
+/// Every node command an approver saw (each request's own and its
+/// group's; a group's PromQL check runs on the bot), at least `at_least`
+/// of them, is one a node ran.
+fn every_approved_command_ran(b: &Bot, nodes: &[Node], at_least: usize) {
+    let seen: Vec<String> = requests(b)
+        .into_iter()
+        .flat_map(|(_, code)| {
+            code.lines()
+                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                .filter(|l| !l.starts_with("promql: "))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(seen.len() >= at_least, "{seen:#?}");
+    let executed: Vec<String> = nodes.iter().flat_map(Node::executed).collect();
+    for cmd in &seen {
+        assert!(
+            executed.contains(cmd),
+            "approved but not run: {cmd}\n{executed:#?}"
+        );
+    }
+}
+
 /// The success path of every shipped GPU mitigation runbook, walked with
 /// the real agent (one node each): the node leaves service at its drain
 /// and is back at the end, no mitigation failed, and every command an
@@ -1098,16 +1127,7 @@ async fn shipped_gpu_runbooks_walk_the_real_agent_out_and_back() {
         }
         let g = b.alert(webhook(alert, &node.addr, &labels)).await;
         let results = walk(&b, g, id).await;
-        let states: Vec<NodeState> = b
-            .state
-            .store
-            .node_transitions(0.0)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|t| t.node == name)
-            .map(|t| t.to)
-            .collect();
+        let states = states_of(&b, name).await;
         assert_eq!(
             states.first(),
             Some(&NodeState::Quarantined),
@@ -1121,33 +1141,10 @@ async fn shipped_gpu_runbooks_walk_the_real_agent_out_and_back() {
         // Only investigations answered by this machine's own journalctl
         // (no journal here) and systemctl (no Fabric Manager unit), found
         // before the stand-ins, may fail.
-        let failed: Vec<&str> = results
-            .iter()
-            .filter(|(_, st)| st == "failed" || st == "error")
-            .map(|(s, _)| s.as_str())
-            .filter(|s| !["kernel-log", "fabric-manager"].contains(s))
-            .collect();
+        let failed = failed_steps(&results, &["kernel-log", "fabric-manager"]);
         assert!(failed.is_empty(), "{id}: {results:?}");
     }
-    let seen: Vec<String> = requests(&b)
-        .into_iter()
-        .flat_map(|(_, code)| {
-            // Node commands; a group's PromQL check runs on the bot.
-            code.lines()
-                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-                .filter(|l| !l.starts_with("promql: "))
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    assert!(seen.len() >= 12, "{seen:#?}");
-    let executed: Vec<String> = nodes.iter().flat_map(Node::executed).collect();
-    for cmd in &seen {
-        assert!(
-            executed.contains(cmd),
-            "approved but not run: {cmd}\n{executed:#?}"
-        );
-    }
+    every_approved_command_ran(&b, &nodes, 12);
     b.stop();
 }
 
@@ -1203,47 +1200,16 @@ async fn shipped_host_runbooks_walk_the_real_agent_to_quarantine() {
         // finding nothing is a succeeded step (`nothing_found_exit`);
         // journalctl here has no journal at all ("No journal files were
         // found."): it could not look, so its steps fail, truthfully.
-        let failed: Vec<&str> = results
-            .iter()
-            .filter(|(_, st)| st == "failed" || st == "error")
-            .map(|(s, _)| s.as_str())
-            .filter(|s| !["kernel-log", "thermal-log", "oom-log"].contains(s))
-            .collect();
+        let failed = failed_steps(&results, &["kernel-log", "thermal-log", "oom-log"]);
         assert!(failed.is_empty(), "{id}: {results:?}");
         assert!(
             results.iter().any(|(_, st)| st == "succeeded"),
             "{id}: nothing ran: {results:?}"
         );
-        let states: Vec<NodeState> = b
-            .state
-            .store
-            .node_transitions(0.0)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|t| t.node == *name)
-            .map(|t| t.to)
-            .collect();
+        let states = states_of(&b, name).await;
         assert_eq!(states, [NodeState::Quarantined], "{id}: {results:?}");
     }
-    let seen: Vec<String> = requests(&b)
-        .into_iter()
-        .flat_map(|(_, code)| {
-            code.lines()
-                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-                .filter(|l| !l.starts_with("promql: "))
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    assert!(seen.len() >= cases.len(), "{seen:#?}");
-    let executed: Vec<String> = nodes.iter().flat_map(Node::executed).collect();
-    for cmd in &seen {
-        assert!(
-            executed.contains(cmd),
-            "approved but not run: {cmd}\n{executed:#?}"
-        );
-    }
+    every_approved_command_ran(&b, &nodes, cases.len());
     b.stop();
 }
 
