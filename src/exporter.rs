@@ -3,10 +3,10 @@
 //!
 //! Handlers never read the host themselves: `/metrics` runs the collector
 //! [`Runner`], whose deadlines bound the scrape: on the blocking pool when a
-//! collector may block (NVML), else on the async worker itself (host
-//! collectors only: /proc and /sys reads, and statvfs calls bounded by
-//! `storage.statvfs_deadline`, so a mount that hangs holds one worker at most
-//! that long, once; later scrapes see it stuck at once).
+//! collector may block (NVML) or wait seconds (statvfs of a network or FUSE
+//! mount), else on the agent's one async thread itself (host collectors on
+//! local filesystems: /proc and /sys reads, and statvfs calls still bounded
+//! by `storage.statvfs_deadline`).
 //! Responses are gzip-compressed when the client asks (`Accept-Encoding:
 //! gzip`, as Prometheus always does), at gzip's fastest level: the 8-GPU
 //! training exposition goes from 210 KB to 14 KB for about 0.3 ms of CPU
@@ -81,9 +81,9 @@ pub fn router(state: Arc<AgentState>) -> Router {
 
 async fn metrics(State(state): State<Arc<AgentState>>) -> Response {
     // Host collectors read /proc and /sys text in a few hundred microseconds
-    // all told: served on this worker, without the two thread hand-offs of
+    // all told: served on this thread, without the two thread hand-offs of
     // the blocking pool (most of a scrape's time). With a collector that may
-    // block (NVML), the scrape runs on the blocking pool.
+    // block (NVML) or wait on a server, the scrape runs on the blocking pool.
     let scraped = if state.runner.may_block() {
         let s = state.clone();
         tokio::task::spawn_blocking(move || s.scrape_blocking()).await

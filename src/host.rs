@@ -412,7 +412,7 @@ pub fn parse_keyed(
 ) -> Result<Vec<(String, u64)>, ReadError> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let mut f = line.split_whitespace();
+        let mut f = line.split_ascii_whitespace();
         let Some(key) = f.next().filter(|k| want(k)) else {
             continue;
         };
@@ -492,7 +492,7 @@ pub fn parse_psi(text: &str) -> Result<PsiTotals, String> {
     let mut some = None;
     let mut full = None;
     for line in text.lines() {
-        let mut fields = line.split_whitespace();
+        let mut fields = line.split_ascii_whitespace();
         let kind = fields.next();
         let total = fields
             .find_map(|f| f.strip_prefix("total="))

@@ -376,7 +376,7 @@ impl SelfStat {
     /// and parentheses: it ends at the last `)`).
     fn parse(text: &str) -> Option<SelfStat> {
         let (_, rest) = text.rsplit_once(')')?;
-        let f: Vec<&str> = rest.split_whitespace().collect();
+        let f: Vec<&str> = rest.split_ascii_whitespace().collect();
         // Fields after the command: state is 0, utime 11, stime 12,
         // num_threads 17, starttime 19, vsize 20, rss 21.
         let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());

@@ -296,7 +296,7 @@ fn parse_stat(path: &Path, text: &str) -> Result<ProcStat, ReadError> {
             continue;
         }
         let mut values = Vec::with_capacity(10);
-        for v in rest.split_whitespace() {
+        for v in rest.split_ascii_whitespace() {
             values.push(v.parse::<u64>().map_err(|_| {
                 ReadError::parse(
                     path,
@@ -467,7 +467,7 @@ fn export_cgroup_throttling(sink: &mut Sink, roots: &HostRoots, plan: &CgroupPla
 /// The value of `key` in a `key value` per line file.
 fn keyed_u64(text: &str, key: &str) -> Result<Option<u64>, String> {
     for line in text.lines() {
-        let mut f = line.split_whitespace();
+        let mut f = line.split_ascii_whitespace();
         if f.next() == Some(key) {
             let v = f.next().unwrap_or("");
             return v
@@ -635,7 +635,7 @@ pub fn parse_mce_row(text: &str) -> Result<Option<u64>, String> {
     };
     let mut sum = 0u64;
     let mut n = 0;
-    for field in row.split_whitespace() {
+    for field in row.split_ascii_whitespace() {
         match field.parse::<u64>() {
             Ok(v) => {
                 sum = sum.saturating_add(v);

@@ -90,7 +90,7 @@ fn parse_meminfo(path: &Path, text: &str) -> Result<Meminfo, ReadError> {
             "SwapFree" => &mut swap_free,
             _ => continue,
         };
-        let mut f = rest.split_whitespace();
+        let mut f = rest.split_ascii_whitespace();
         let value = f.next().and_then(|v| v.parse::<u64>().ok());
         let scale = match f.next() {
             Some("kB") => Some(1024),

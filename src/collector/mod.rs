@@ -110,6 +110,15 @@ pub trait Collector: Send + Sync {
     /// a scrape for collectors that run on the scrape's thread; `collect`
     /// must work without it.
     fn prepare(&self, _ctx: &Context) {}
+    /// Whether `collect`, although bounded, may wait seconds on a call it
+    /// handed to a thread of its own: then a scrape runs on the blocking
+    /// pool, not on the agent's one async thread (which also serves
+    /// `/healthz` and `/v1/exec`). The storage collector says so while a
+    /// mount's statvfs goes over the network or through a daemon (NFS,
+    /// Lustre, FUSE...) or before it has read the mount table.
+    fn may_wait(&self) -> bool {
+        false
+    }
 }
 
 /// The registry: every collector enabled in `ctx.config`, in exposition order.
@@ -371,7 +380,13 @@ fn push_value(out: &mut String, value: f64) {
 
 /// Escapes per the text format: `\\` and newline always, `"` in label values.
 fn escape_into(out: &mut String, s: &str, label_value: bool) {
-    if !s.contains(['\\', '\n', '"']) {
+    // A byte scan without an early exit: the compiler vectorizes it, where
+    // `contains` with a char set walks char by char (help texts and label
+    // values almost never need escaping).
+    let special = s
+        .bytes()
+        .fold(false, |any, b| any | matches!(b, b'\\' | b'\n' | b'"'));
+    if !special {
         out.push_str(s);
         return;
     }
@@ -425,12 +440,15 @@ impl Runner {
         &self.ctx
     }
 
-    /// Whether a collector may block (and so runs on a thread of its own
-    /// with a deadline): then a scrape belongs on the blocking pool. Without
-    /// one (no GPU collector), a scrape's longest wait is a stuck mount's
-    /// first statvfs, at most `storage.statvfs_deadline`.
+    /// Whether a scrape belongs on the blocking pool: a collector may block
+    /// (and so runs on a thread of its own with a deadline) or may wait
+    /// seconds for one ([`Collector::may_wait`]). Otherwise (host collectors
+    /// on local filesystems) a scrape is a few hundred microseconds of /proc
+    /// and /sys text, served on the async thread without a hand-off.
     pub fn may_block(&self) -> bool {
-        self.collectors.iter().any(|c| c.may_block())
+        self.collectors
+            .iter()
+            .any(|c| c.may_block() || c.may_wait())
     }
 
     /// True once a full collection has completed.
@@ -831,6 +849,26 @@ mod tests {
             .map(|c| c.name())
             .collect();
         assert!(blocking.is_empty(), "{blocking:?}");
+        assert!(!runner.may_block(), "the scrape stays on the async thread");
+        // A collector that may wait seconds on its own thread (storage with
+        // an NFS mount) puts the scrape on the blocking pool all the same.
+        struct Waits;
+        impl Collector for Waits {
+            fn name(&self) -> &'static str {
+                "waits"
+            }
+            fn collect(&self, _ctx: &Context, _sink: &mut Sink) -> Result<(), Error> {
+                Ok(())
+            }
+            fn may_block(&self) -> bool {
+                false
+            }
+            fn may_wait(&self) -> bool {
+                true
+            }
+        }
+        let runner = Runner::new(ctx, vec![probe, Arc::new(Waits)]);
+        assert!(runner.may_block());
     }
 
     /// Rewrites a file when it runs (between two collectors of a scrape).

@@ -105,6 +105,15 @@ impl Collector for StorageCollector {
         false
     }
 
+    /// Until the mount table is read, and while it has a mount whose
+    /// statvfs may wait on a server or a daemon ([`statvfs_is_local`]).
+    fn may_wait(&self) -> bool {
+        let cache = self.mounts.lock().unwrap_or_else(PoisonError::into_inner);
+        cache
+            .as_ref()
+            .is_none_or(|(_, _, mounts, _)| mounts.iter().any(|m| !statvfs_is_local(&m.fs_type)))
+    }
+
     /// Starts the scrape's statvfs batch, so that it runs while the
     /// collectors before this one run.
     fn prepare(&self, ctx: &Context) {
@@ -166,6 +175,19 @@ impl Collector for StorageCollector {
         }
         Ok(())
     }
+}
+
+/// Filesystems whose statvfs the kernel answers from its own counters, on a
+/// local device or in memory: it still runs with its deadline, but a scrape
+/// with only these need not leave the async thread ([`Collector::may_wait`]).
+/// Any other type (NFS, CIFS, Lustre, GPFS, BeeGFS, Ceph, FUSE, ZFS, overlay...)
+/// may wait on a server, a daemon or a pool.
+const LOCAL_STATVFS: &[&str] = &[
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "vfat", "msdos", "exfat", "tmpfs", "ramfs",
+];
+
+fn statvfs_is_local(fs_type: &str) -> bool {
+    LOCAL_STATVFS.contains(&fs_type)
 }
 
 /// `storage.statvfs_deadline`, never past the collector deadline.
@@ -546,7 +568,7 @@ struct DiskStat<'a> {
 fn parse_diskstats<'a>(path: &Path, text: &'a str) -> Result<Vec<DiskStat<'a>>, ReadError> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let f: Vec<&str> = line.split_whitespace().collect();
+        let f: Vec<&str> = line.split_ascii_whitespace().collect();
         if f.is_empty() {
             continue;
         }
@@ -1097,6 +1119,38 @@ mod tests {
         assert_eq!(points(&c), ["/", "/scratch"]);
         let after = c.mounts.lock().unwrap().as_ref().unwrap().2.clone();
         assert!(Arc::ptr_eq(&before, &after));
+    }
+
+    #[test]
+    fn a_scrape_leaves_the_async_thread_while_a_mount_may_wait_on_a_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc_dir = dir.path().join("proc/1");
+        std::fs::create_dir_all(&proc_dir).unwrap();
+        let roots = HostRoots {
+            procfs: dir.path().join("proc"),
+            ..HostRoots::default()
+        };
+        let cfg = crate::config::AgentConfig::default().storage;
+        let c = StorageCollector::with_statvfs(FakeStatvfs::new().func());
+        assert!(c.may_wait(), "before the mount table is read");
+        let local = "1 0 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n\
+                     2 1 0:30 / /tmp rw - tmpfs tmpfs rw\n\
+                     3 1 8:2 / /data rw - xfs /dev/sdb1 rw\n";
+        let reread = |text: String| {
+            std::fs::write(proc_dir.join("mountinfo"), text).unwrap();
+            *c.mounts.lock().unwrap() = None;
+            c.selected_mounts(&mut Sink::new(), &roots, &cfg).unwrap();
+        };
+        reread(local.to_string());
+        assert!(!c.may_wait(), "ext4, tmpfs and xfs only");
+        for remote in [
+            "4 1 0:52 / /mnt/nfs rw - nfs4 server:/export rw",
+            "4 1 0:53 / /lustre rw - lustre 10.0.0.1@o2ib:/fs rw",
+            "4 1 0:54 / /mnt/bucket rw - fuse.s3fs s3fs rw",
+        ] {
+            reread(format!("{local}{remote}\n"));
+            assert!(c.may_wait(), "{remote}");
+        }
     }
 
     #[test]
