@@ -69,17 +69,18 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     }
     telemetry::init("gpuops-agent", cfg.log.json, &cfg.log.level);
     crate::web::raise_open_file_limit();
-    // One async thread: a request (scrape, health check, exec) is served
-    // where its bytes arrive, without waking a second worker (measured: one
-    // context switch a request instead of two to six, about 10 µs of CPU
-    // less a request; see ARCHITECTURE.md, "Scrape path"). Nothing on it
-    // waits long: NVML, and statvfs that may wait on a server, put the
-    // scrape on the blocking pool (`Runner::may_block`), and bcrypt and
-    // exec's own file work run there too. Few threads, too: each one that
+    // One worker: a request (scrape, health check, exec) on an open
+    // connection is served where its bytes arrive, without waking a second
+    // worker (measured: one context switch a scrape instead of three to
+    // six); the accept loop runs on this thread (`block_on`), beside it.
+    // Nothing on the worker waits long: NVML, and statvfs that may wait on
+    // a server, put the scrape on the blocking pool (`Runner::may_block`),
+    // and bcrypt and exec's own file work run there too. Few threads, too: each one that
     // allocates gets a malloc arena of its own (anonymous memory that
     // stays); a blocking thread waits long enough for the next scrape, so a
     // scrape reuses a warm thread instead of starting one each time.
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .max_blocking_threads(8)
         .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .thread_name("gpuops-agent")

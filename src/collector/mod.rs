@@ -112,7 +112,7 @@ pub trait Collector: Send + Sync {
     fn prepare(&self, _ctx: &Context) {}
     /// Whether `collect`, although bounded, may wait seconds on a call it
     /// handed to a thread of its own: then a scrape runs on the blocking
-    /// pool, not on the agent's one async thread (which also serves
+    /// pool, not on the agent's one async worker (which also serves
     /// `/healthz` and `/v1/exec`). The storage collector says so while a
     /// mount's statvfs goes over the network or through a daemon (NFS,
     /// Lustre, FUSE...) or before it has read the mount table.
@@ -444,7 +444,7 @@ impl Runner {
     /// (and so runs on a thread of its own with a deadline) or may wait
     /// seconds for one ([`Collector::may_wait`]). Otherwise (host collectors
     /// on local filesystems) a scrape is a few hundred microseconds of /proc
-    /// and /sys text, served on the async thread without a hand-off.
+    /// and /sys text, served on the async worker without a hand-off.
     pub fn may_block(&self) -> bool {
         self.collectors
             .iter()
@@ -849,7 +849,7 @@ mod tests {
             .map(|c| c.name())
             .collect();
         assert!(blocking.is_empty(), "{blocking:?}");
-        assert!(!runner.may_block(), "the scrape stays on the async thread");
+        assert!(!runner.may_block(), "the scrape stays on the async worker");
         // A collector that may wait seconds on its own thread (storage with
         // an NFS mount) puts the scrape on the blocking pool all the same.
         struct Waits;

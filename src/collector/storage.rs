@@ -179,7 +179,7 @@ impl Collector for StorageCollector {
 
 /// Filesystems whose statvfs the kernel answers from its own counters, on a
 /// local device or in memory: it still runs with its deadline, but a scrape
-/// with only these need not leave the async thread ([`Collector::may_wait`]).
+/// with only these need not leave the async worker ([`Collector::may_wait`]).
 /// Any other type (NFS, CIFS, Lustre, GPFS, BeeGFS, Ceph, FUSE, ZFS, overlay...)
 /// may wait on a server, a daemon or a pool.
 const LOCAL_STATVFS: &[&str] = &[
@@ -1122,7 +1122,7 @@ mod tests {
     }
 
     #[test]
-    fn a_scrape_leaves_the_async_thread_while_a_mount_may_wait_on_a_server() {
+    fn a_scrape_leaves_the_async_worker_while_a_mount_may_wait_on_a_server() {
         let dir = tempfile::tempdir().unwrap();
         let proc_dir = dir.path().join("proc/1");
         std::fs::create_dir_all(&proc_dir).unwrap();
