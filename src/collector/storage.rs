@@ -105,13 +105,21 @@ impl Collector for StorageCollector {
         false
     }
 
-    /// Until the mount table is read, and while it has a mount whose
-    /// statvfs may wait on a server or a daemon ([`statvfs_is_local`]).
+    /// Until the mount table is read, while it has a mount whose statvfs
+    /// may wait on a server or a daemon ([`statvfs_is_local`]), and when the
+    /// kernel says the table changed (the new mount may be NFS).
     fn may_wait(&self) -> bool {
-        let cache = self.mounts.lock().unwrap_or_else(PoisonError::into_inner);
-        cache
-            .as_ref()
-            .is_none_or(|(_, _, mounts, _)| mounts.iter().any(|m| !statvfs_is_local(&m.fs_type)))
+        let mut cache = self.mounts.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some((_, _, mounts, watch)) = cache.as_ref() else {
+            return true;
+        };
+        if watch.as_ref().is_some_and(MountWatch::changed) {
+            // Polling spent the kernel's flag: drop the table, so that this
+            // scrape reads mountinfo again (and opens a new watch).
+            *cache = None;
+            return true;
+        }
+        mounts.iter().any(|m| !statvfs_is_local(&m.fs_type))
     }
 
     /// Starts the scrape's statvfs batch, so that it runs while the
