@@ -609,16 +609,24 @@ mod tests {
     #[test]
     fn open_descriptors_are_counted() {
         let roots = HostRoots::default();
-        let before = roots.open_fd_count().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let files: Vec<_> = (0..64)
-            .map(|i| std::fs::File::create(dir.path().join(i.to_string())).unwrap())
-            .collect();
-        let during = roots.open_fd_count().unwrap();
-        drop(files);
-        // Other tests of this process open and close files meanwhile.
-        assert!(during >= before + 56, "{before} then {during}");
-        assert!(during <= before + 72, "{before} then {during}");
+        // Other tests of this process open and close files meanwhile (CI saw
+        // 6 then 79 once): a count within 8 of 64 more must come in one of a
+        // few tries; a wrong count never does.
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let before = roots.open_fd_count().unwrap();
+            let files: Vec<_> = (0..64)
+                .map(|i| std::fs::File::create(dir.path().join(i.to_string())).unwrap())
+                .collect();
+            let during = roots.open_fd_count().unwrap();
+            drop(files);
+            if (before + 56..=before + 72).contains(&during) {
+                return;
+            }
+            seen.push((before, during));
+        }
+        panic!("64 files opened, counts before and during: {seen:?}");
     }
 
     #[test]
