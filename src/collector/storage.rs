@@ -110,16 +110,10 @@ impl Collector for StorageCollector {
     /// kernel says the table changed (the new mount may be NFS).
     fn may_wait(&self) -> bool {
         let mut cache = self.mounts.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some((_, _, mounts, watch)) = cache.as_ref() else {
+        let Some(table) = cache.as_mut() else {
             return true;
         };
-        if watch.as_ref().is_some_and(MountWatch::changed) {
-            // Polling spent the kernel's flag: drop the table, so that this
-            // scrape reads mountinfo again (and opens a new watch).
-            *cache = None;
-            return true;
-        }
-        mounts.iter().any(|m| !statvfs_is_local(&m.fs_type))
+        table.kernel_changed() || table.mounts.iter().any(|m| !statvfs_is_local(&m.fs_type))
     }
 
     /// Starts the scrape's statvfs batch, so that it runs while the
@@ -206,9 +200,30 @@ fn statvfs_deadline(ctx: &Context) -> Duration {
         .min(ctx.config.collectors.deadline)
 }
 
-/// When mountinfo was read, its text, the mounts selected from it, and the
-/// watch that says when the kernel's mount table changed since.
-type MountTable = (Instant, String, Arc<Vec<Mount>>, Option<MountWatch>);
+/// The mount table as last read: when, its text, the mounts selected from
+/// it, and the watch that says when the kernel's table changed since.
+struct MountTable {
+    read_at: Instant,
+    text: String,
+    mounts: Arc<Vec<Mount>>,
+    watch: Option<MountWatch>,
+    /// The watch reported a change since `read_at`. Polling spends the
+    /// kernel's flag, so it is kept here until mountinfo is read again:
+    /// whoever polls first ([`Collector::may_wait`] or the scrape), the
+    /// scrape reads the new table.
+    changed: bool,
+}
+
+impl MountTable {
+    /// Whether a mount was added, removed or changed since the table was
+    /// read (the kernel's flag, polled until it is seen once).
+    fn kernel_changed(&mut self) -> bool {
+        if !self.changed {
+            self.changed = self.watch.as_ref().is_some_and(MountWatch::changed);
+        }
+        self.changed
+    }
+}
 
 /// A statvfs batch begun by [`Collector::prepare`]: when, for which mounts.
 type Begun = (Instant, Arc<Vec<Mount>>, Batch<Statvfs>);
@@ -319,34 +334,40 @@ impl StorageCollector {
         cfg: &StorageConfig,
     ) -> Option<Arc<Vec<Mount>>> {
         let mut cache = self.mounts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((at, _, mounts, watch)) = cache.as_ref() {
+        if let Some(table) = cache.as_mut() {
             // A mount added or removed is seen at the next scrape: the
             // kernel flags the watched mountinfo; the timer is for trees
             // that are not procfs.
-            let changed = watch.as_ref().is_some_and(MountWatch::changed);
-            if !changed && at.elapsed() < MOUNTS_TTL {
-                return Some(mounts.clone());
+            if !table.kernel_changed() && table.read_at.elapsed() < MOUNTS_TTL {
+                return Some(table.mounts.clone());
             }
         }
         // The watch of the file read (the host's mountinfo, else our own),
         // opened once; a change it reports makes the next scrape read again.
         let watch = |path: &Path| MountWatch::open(path).ok();
         let (path, text) = read_mountinfo(sink, roots)?;
-        if let Some((at, old, mounts, w)) = cache.as_mut() {
-            if *old == text {
-                *at = Instant::now();
-                if w.is_none() {
-                    *w = watch(&path);
+        if let Some(table) = cache.as_mut() {
+            if table.text == text {
+                table.read_at = Instant::now();
+                table.changed = false;
+                if table.watch.is_none() {
+                    table.watch = watch(&path);
                 }
-                return Some(mounts.clone());
+                return Some(table.mounts.clone());
             }
         }
-        let w = cache.take().and_then(|(.., w)| w).or_else(|| watch(&path));
+        let watch = cache.take().and_then(|t| t.watch).or_else(|| watch(&path));
         let mounts = Arc::new(select_mounts(
             sink.read(NAME, parse_mounts(&path, &text))?,
             cfg,
         ));
-        *cache = Some((Instant::now(), text, mounts.clone(), w));
+        *cache = Some(MountTable {
+            read_at: Instant::now(),
+            text,
+            mounts: mounts.clone(),
+            watch,
+            changed: false,
+        });
         Some(mounts)
     }
 
@@ -1117,15 +1138,15 @@ mod tests {
         assert_eq!(points(&c), ["/"], "read again after MOUNTS_TTL");
         let expire = |c: &StorageCollector| {
             let mut cache = c.mounts.lock().unwrap();
-            cache.as_mut().unwrap().0 = Instant::now().checked_sub(MOUNTS_TTL).unwrap();
+            cache.as_mut().unwrap().read_at = Instant::now().checked_sub(MOUNTS_TTL).unwrap();
         };
         expire(&c);
         assert_eq!(points(&c), ["/", "/scratch"]);
         // Unchanged text: the selected mounts are kept, not parsed again.
-        let before = c.mounts.lock().unwrap().as_ref().unwrap().2.clone();
+        let before = c.mounts.lock().unwrap().as_ref().unwrap().mounts.clone();
         expire(&c);
         assert_eq!(points(&c), ["/", "/scratch"]);
-        let after = c.mounts.lock().unwrap().as_ref().unwrap().2.clone();
+        let after = c.mounts.lock().unwrap().as_ref().unwrap().mounts.clone();
         assert!(Arc::ptr_eq(&before, &after));
     }
 
