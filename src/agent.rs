@@ -69,18 +69,19 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     }
     telemetry::init("gpuops-agent", cfg.log.json, &cfg.log.level);
     crate::web::raise_open_file_limit();
-    // One worker: a request (scrape, health check, exec) on an open
-    // connection is served where its bytes arrive, without waking a second
-    // worker (measured: one context switch a scrape instead of three to
-    // six); the accept loop runs on this thread (`block_on`), beside it.
-    // Nothing on the worker waits long: NVML, and statvfs that may wait on
-    // a server, put the scrape on the blocking pool (`Runner::may_block`),
-    // and bcrypt and exec's own file work run there too. Few threads, too: each one that
-    // allocates gets a malloc arena of its own (anonymous memory that
-    // stays); a blocking thread waits long enough for the next scrape, so a
-    // scrape reuses a warm thread instead of starting one each time.
+    // Two workers, not one: with one, a scrape's connection under a flood
+    // of idle ones (`web_load::idle_connections_under_a_hard_1024_fd_limit_
+    // do_not_starve_metrics`) was reset in 2 of 5 runs (probably its request
+    // not yet read while the lone worker served the flood); with two, 0 of 6. A
+    // scrape on a kept-alive connection still runs where its bytes arrive:
+    // host collectors on the worker, NVML and statvfs that may wait on a
+    // server on the blocking pool (`Runner::may_block`), as bcrypt and
+    // exec's own file work. Few threads, too: each one that allocates gets
+    // a malloc arena of its own (anonymous memory that stays); a blocking
+    // thread waits long enough for the next scrape, so a scrape reuses a
+    // warm thread instead of starting one each time.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .max_blocking_threads(8)
         .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .thread_name("gpuops-agent")

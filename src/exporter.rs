@@ -4,7 +4,7 @@
 //! Handlers never read the host themselves: `/metrics` runs the collector
 //! [`Runner`], whose deadlines bound the scrape: on the blocking pool when a
 //! collector may block (NVML) or wait seconds (statvfs of a network or FUSE
-//! mount), else on the agent's one async worker itself (host collectors on
+//! mount), else on the async worker itself (host collectors on
 //! local filesystems: /proc and /sys reads, and statvfs calls still bounded
 //! by `storage.statvfs_deadline`).
 //! Responses are gzip-compressed when the client asks (`Accept-Encoding:

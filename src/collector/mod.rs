@@ -112,7 +112,7 @@ pub trait Collector: Send + Sync {
     fn prepare(&self, _ctx: &Context) {}
     /// Whether `collect`, although bounded, may wait seconds on a call it
     /// handed to a thread of its own: then a scrape runs on the blocking
-    /// pool, not on the agent's one async worker (which also serves
+    /// pool, not on one of the agent's two async workers (which also serve
     /// `/healthz` and `/v1/exec`). The storage collector says so while a
     /// mount's statvfs goes over the network or through a daemon (NFS,
     /// Lustre, FUSE...) or before it has read the mount table.
