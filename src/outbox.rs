@@ -195,11 +195,12 @@ impl Worker {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        // A delivery in flight may take its whole `delivery.timeout` to be
+        // answered, then a store write: given up sooner, a post the platform
+        // already took would be sent again by the next replica or start.
         let drain = async { while tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(5), drain)
-            .await
-            .is_err()
-        {
+        let bound = this.config.delivery.timeout + Duration::from_secs(5);
+        if tokio::time::timeout(bound, drain).await.is_err() {
             tracing::warn!(
                 "deliveries still in flight at shutdown; they will resume on the next start"
             );

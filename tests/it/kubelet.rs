@@ -346,7 +346,9 @@ fn kubelet_answer_over_16_mib_is_refused() {
 #[test]
 #[ignore = "needs python3-grpcio: run by .ci/run"]
 fn kubelet_closed_socket_is_a_collector_failure() {
-    kubelet_fails("closed", "http/2 handshake");
+    // hyper reports the closed connection at the handshake or at the
+    // request, as the close races its preface: both name the socket.
+    kubelet_fails("closed", "kubelet.sock failed: ");
 }
 
 #[test]
