@@ -11,9 +11,12 @@
 //!   an IPv6 /64) holds at most [`PEER_SHARE_PERCENT`] % of the slots: a new
 //!   connection beyond that closes that peer's own oldest idle one. So one
 //!   client holding thousands of idle connections cannot keep a scrape out
-//!   (issue 20, finding 9). Only when nothing can be closed (every
-//!   connection has a request in flight) is the new connection accepted and
-//!   closed at once, counted in `gpuops_http_connections_refused_total`.
+//!   (issue 20, finding 9). While more than [`EVICTIONS_IN_FLIGHT`] evicted
+//!   connections are still closing, the accept loop waits for one (new
+//!   connections queue in the kernel's backlog) instead of refusing.
+//!   Only when nothing can be closed (every connection has a request in
+//!   flight) is the new connection accepted and closed at once, counted in
+//!   `gpuops_http_connections_refused_total`.
 //! - A header timeout (from accept, or from the first byte after a keep-alive
 //!   wait, to the end of the request head; TLS handshake included), a body
 //!   timeout (a request body still trickling is cut off and answered 408),
@@ -133,9 +136,22 @@ pub async fn serve(
                 }
                 match permits.clone().try_acquire_owned() {
                     Ok(p) => Some((id, p)),
+                    // Every spare slot is held by an evicted connection
+                    // still closing (a client reopening each one it loses
+                    // evicts faster than those tasks run): wait for one
+                    // rather than refuse a scrape, with new connections
+                    // queued in the kernel's backlog meanwhile.
                     Err(_) => {
-                        lock_registry(&registry).remove(id);
-                        None
+                        let wait =
+                            tokio::time::timeout(EVICTION_WAIT, permits.clone().acquire_owned());
+                        let permit = tokio::select! {
+                            () = &mut shutdown => break,
+                            p = wait => p.ok().and_then(Result::ok),
+                        };
+                        if permit.is_none() {
+                            lock_registry(&registry).remove(id);
+                        }
+                        permit.map(|p| (id, p))
                     }
                 }
             }
@@ -266,8 +282,13 @@ pub const FD_RESERVE: u64 = 128;
 pub const PEER_SHARE_PERCENT: usize = 75;
 
 /// Evicted connections that may still be closing while their replacements
-/// are open (beyond this, new connections are refused until they close).
+/// are open (beyond this, a new connection waits for one to close).
 const EVICTIONS_IN_FLIGHT: usize = 64;
+
+/// How long a new connection waits for an evicted one to finish closing
+/// before it is refused. An evicted connection's task returns as soon as
+/// it runs; this bound only matters if the runtime is stalled.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
 /// The unit connections are counted by per peer: an IPv4 address, or an
 /// IPv6 /64 (one host usually holds a whole /64).

@@ -313,19 +313,26 @@ async fn probe_while_one_client_holds(what: &str, server: &Server, hold: usize) 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let holding = attacker.await.unwrap();
     let metrics = get_body(port, "/metrics").await;
-    let evicted = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("gpuops_http_connections_evicted_total ")?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .unwrap_or(0.0);
+    let counter = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    let evicted = counter("gpuops_http_connections_evicted_total");
+    let refused = counter("gpuops_http_connections_refused_total");
+    let accept_errors = counter("gpuops_http_accept_errors_total");
     times.sort();
     eprintln!(
         "{what}: one client holding {holding} idle connections (reopened {} as they were cut; server fds {fds}): \
-         {} of 20 /metrics probes answered, median {:?}, max {:?}; {evicted} connections evicted; errors {errors:?}",
+         {} of 20 /metrics probes answered, median {:?}, max {:?}; {evicted} connections evicted, \
+         {refused} refused, {accept_errors} accept errors; errors {errors:?}",
         reopened.load(std::sync::atomic::Ordering::Relaxed),
         times.len(),
         times.get(times.len() / 2).copied().unwrap_or_default(),
@@ -337,6 +344,14 @@ async fn probe_while_one_client_holds(what: &str, server: &Server, hold: usize) 
         "{what}: {times:?}"
     );
     assert!(evicted > 0.0, "{what}: nothing was evicted");
+    // Every connection here was idle, so each new one had one to evict:
+    // a refusal is a scrape that could have been refused (CI of
+    // 2026-12-03: 235-777 refusals a run, one of them a probe, while
+    // evicted connections were still closing).
+    assert_eq!(
+        refused, 0.0,
+        "{what}: connections refused with idle ones to evict"
+    );
 }
 
 /// Finding 9 (issue 20): one client holding 4,096 idle connections made
