@@ -1,10 +1,19 @@
 //! The cpu collector: utilization, per-mode time, cgroup and thermal
 //! throttling, machine checks, pressure stall and load.
 //!
-//! `cpu_utilization_percent` comes from a background sampler of
-//! `<procfs>/stat` (one thread per agent, not per scrape) that keeps a ring of
-//! samples covering `cpu.utilization_window`; every scrape reads the same
-//! window, so several Prometheus servers scraping at once see the same number.
+//! `cpu_utilization_percent` is the busy share between a reading of
+//! `<procfs>/stat` about `cpu.utilization_window` old and the scrape's own
+//! reading. A ring keeps the readings: every scrape's, and a background
+//! sampler's (one thread per agent) where no scrape left one. The sampler
+//! learns the scrape interval from the last scrapes and reads only when the
+//! next expected scrape would otherwise lack a reading a window before it:
+//! once per scrape when scrapes are further apart than the window, never
+//! when they come every `window / n`. Before the scrapes are regular (at
+//! start), and once they stop, it reads every `cpu.sample_interval`. So an
+//! idle agent does not wake every second for a value nobody reads (about
+//! 130 µs of CPU a wake-up on a 2-core VM). A reading within half a sample
+//! interval of `window` old closes the window, so the window is
+//! `utilization_window` ± half a `sample_interval` when scrapes are regular.
 //! `gpuops collect --once` has no sampler and takes two samples 250 ms apart.
 //! Everything else is read at scrape time. This collector reads only through
 //! [`crate::host`] and never exports a value it could not read.
@@ -61,12 +70,11 @@ impl CpuCollector {
         if !ctx.background {
             return CpuCollector::with(None);
         }
-        let ring = Arc::new(Ring::new(ctx.config.cpu.utilization_window));
-        spawn_sampler(
-            ctx.roots.clone(),
-            Arc::downgrade(&ring),
+        let ring = Arc::new(Ring::with_interval(
+            ctx.config.cpu.utilization_window,
             ctx.config.cpu.sample_interval,
-        );
+        ));
+        spawn_sampler(ctx.roots.clone(), Arc::downgrade(&ring));
         CpuCollector::with(Some(ring))
     }
 
@@ -99,10 +107,14 @@ impl Collector for CpuCollector {
         let roots = &ctx.roots;
         let stat = match &self.ring {
             Some(ring) => {
+                let stat = sink.read(NAME, read_stat(roots));
+                if let Some(stat) = &stat {
+                    ring.push_scrape(Sample::of(stat));
+                }
                 if let Some(u) = ring.utilization_percent() {
                     export_utilization(sink, u);
                 }
-                sink.read(NAME, read_stat(roots))
+                stat
             }
             None => {
                 // A missing or broken file stays so: no point waiting for a second look.
@@ -152,11 +164,34 @@ impl Collector for CpuCollector {
     }
 }
 
-/// Samples of node-wide busy and total CPU time, covering a window.
+/// Samples of node-wide busy and total CPU time, covering a window, and the
+/// times of the last scrapes (to plan the background samples).
 pub struct Ring {
     window: Duration,
-    samples: Mutex<VecDeque<Sample>>,
+    /// The background sampler's interval when it samples regularly; half of
+    /// it is how far from `window` a reading's age may be and still close
+    /// the window (a scrape `window` after another may come a few
+    /// milliseconds early).
+    interval: Duration,
+    state: Mutex<RingState>,
 }
+
+#[derive(Default)]
+struct RingState {
+    samples: VecDeque<Sample>,
+    scrapes: VecDeque<Instant>,
+}
+
+/// Scrapes remembered for learning the scrape interval (three gaps: an HA
+/// pair of Prometheus servers shows as two alternating gaps).
+const SCRAPES_KEPT: usize = 4;
+
+/// The longest the sampler sleeps between two looks at its plan, so that a
+/// change of scrape interval is noticed within a minute.
+const SAMPLER_MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// How many expected scrapes ahead the sampler plans.
+const PLAN_AHEAD: u32 = 64;
 
 /// One reading of the `cpu ` line of `/proc/stat`, in clock ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,41 +222,157 @@ impl Sample {
 }
 
 impl Ring {
+    /// A ring for `window`, planning as if sampled every second.
     pub fn new(window: Duration) -> Ring {
+        Ring::with_interval(window, Duration::from_secs(1))
+    }
+
+    /// A ring for `window` whose sampler reads every `interval` when it
+    /// samples regularly.
+    pub fn with_interval(window: Duration, interval: Duration) -> Ring {
         Ring {
             window,
-            samples: Mutex::new(VecDeque::new()),
+            interval,
+            state: Mutex::new(RingState::default()),
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, RingState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Adds a sample and drops those no longer needed to cover the window:
-    /// the oldest kept one is the newest that is at least `window` old.
+    /// the oldest kept one is the newest that is old enough (`window` less
+    /// half an interval). A reading older than the newest held (two scrapes
+    /// at once) is dropped.
     pub fn push(&self, s: Sample) {
-        let mut q = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
-        q.push_back(s);
-        while q.len() >= 2 && s.at.saturating_duration_since(q[1].at) >= self.window {
-            q.pop_front();
+        push_sample(&mut self.lock(), s, self.interval / 2, self.old_enough());
+    }
+
+    /// A scrape's own reading: kept as a sample, its time for planning.
+    pub fn push_scrape(&self, s: Sample) {
+        let mut st = self.lock();
+        push_sample(&mut st, s, self.interval / 2, self.old_enough());
+        st.scrapes.push_back(s.at);
+        while st.scrapes.len() > SCRAPES_KEPT {
+            st.scrapes.pop_front();
         }
+    }
+
+    fn old_enough(&self) -> Duration {
+        self.window.saturating_sub(self.interval / 2)
     }
 
     /// Busy share (0-100) between the oldest and newest sample; `None` with
     /// fewer than two samples or no time elapsed between them.
     pub fn utilization_percent(&self) -> Option<f64> {
-        let q = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
-        utilization_between(q.front()?, q.back()?)
+        let st = self.lock();
+        utilization_between(st.samples.front()?, st.samples.back()?)
+    }
+
+    /// When the background sampler should next read `/proc/stat` (at once
+    /// when this is not after `now`).
+    pub fn next_sample_at(&self, now: Instant) -> Instant {
+        let st = self.lock();
+        let samples: Vec<Instant> = st.samples.iter().map(|s| s.at).collect();
+        plan_next_sample(
+            &st.scrapes.iter().copied().collect::<Vec<_>>(),
+            &samples,
+            now,
+            self.window,
+            self.interval,
+        )
     }
 
     /// Number of samples held.
     pub fn len(&self) -> usize {
-        self.samples
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.lock().samples.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn push_sample(st: &mut RingState, s: Sample, thin: Duration, old_enough: Duration) {
+    match st.samples.back() {
+        Some(b) if s.at < b.at => return,
+        // Scrapes in quick succession: the newest reading replaces one
+        // taken less than half an interval before it (the one before that
+        // stays), so the ring holds about 2 * window / interval readings
+        // however often a client scrapes.
+        Some(b) if st.samples.len() >= 2 && s.at.saturating_duration_since(b.at) < thin => {
+            st.samples.pop_back();
+        }
+        _ => {}
+    }
+    st.samples.push_back(s);
+    while st.samples.len() >= 2 && s.at.saturating_duration_since(st.samples[1].at) >= old_enough {
+        st.samples.pop_front();
+    }
+}
+
+/// `|a - b|` for instants.
+fn apart(a: Instant, b: Instant) -> Duration {
+    a.saturating_duration_since(b)
+        .max(b.saturating_duration_since(a))
+}
+
+/// When the sampler should next read, given the last `scrapes` (each left a
+/// sample), the times of the `samples` held, `now`, the window and the
+/// regular interval.
+///
+/// Until two scrapes have been seen, and once the next one is later than
+/// the longest recent gap plus an interval (scrapes stopped), it samples
+/// every `interval`. Otherwise it expects scrapes every `g` (the shortest
+/// recent gap) after the last one, and for the first expected scrape that
+/// would find no reading (held, or left by an earlier expected scrape)
+/// within half an interval of `window` before it, it reads exactly
+/// `window` before that scrape.
+pub fn plan_next_sample(
+    scrapes: &[Instant],
+    samples: &[Instant],
+    now: Instant,
+    window: Duration,
+    interval: Duration,
+) -> Instant {
+    let regular = samples.iter().max().map_or(now, |t| *t + interval);
+    let (Some(&last), true) = (scrapes.last(), scrapes.len() >= 2) else {
+        return regular;
+    };
+    let gaps = scrapes
+        .windows(2)
+        .map(|w| w[1].saturating_duration_since(w[0]));
+    let (Some(g), Some(longest)) = (gaps.clone().min(), gaps.max()) else {
+        return regular;
+    };
+    let overdue = last + longest + interval;
+    if now >= overdue || g.is_zero() {
+        return regular;
+    }
+    let slack = interval / 2;
+    let latest = now + SAMPLER_MAX_SLEEP;
+    for k in 1..=PLAN_AHEAD {
+        let Some(target) = g
+            .checked_mul(k)
+            .and_then(|d| last.checked_add(d))
+            .and_then(|n| n.checked_sub(window))
+        else {
+            continue;
+        };
+        if target + slack < now {
+            continue; // too late to place a reading for that scrape
+        }
+        if target > latest {
+            break;
+        }
+        let held = samples.iter().any(|t| apart(*t, target) <= slack);
+        let expected = (1..k).any(|j| apart(last + g * j, target) <= slack);
+        if !held && !expected {
+            return target.max(now);
+        }
+    }
+    latest
 }
 
 /// `100 * Δbusy / Δtotal`, clamped to 0-100; `None` when Δtotal is not positive.
@@ -651,19 +802,30 @@ pub fn parse_mce_row(text: &str) -> Result<Option<u64>, String> {
     Ok(Some(sum))
 }
 
-fn spawn_sampler(roots: HostRoots, ring: Weak<Ring>, interval: Duration) {
+/// The background sampler: reads `/proc/stat` when the ring's plan says
+/// so ([`plan_next_sample`]); stops when the collector (its ring) is gone.
+fn spawn_sampler(roots: HostRoots, ring: Weak<Ring>) {
     let spawned = std::thread::Builder::new()
         .name("gpuops-cpu-sampler".into())
         .spawn(move || loop {
             let Some(r) = ring.upgrade() else {
                 return;
             };
-            match read_stat(&roots) {
-                Ok(stat) => r.push(Sample::of(&stat)),
-                Err(e) => tracing::debug!(collector = NAME, error = %e, "cpu sample failed"),
+            let now = Instant::now();
+            let mut due = r.next_sample_at(now);
+            if due <= now {
+                match read_stat(&roots) {
+                    Ok(stat) => r.push(Sample::of(&stat)),
+                    Err(e) => tracing::debug!(collector = NAME, error = %e, "cpu sample failed"),
+                }
+                // Never two reads in a row, whatever the plan says (a
+                // failed read leaves it unchanged).
+                due = r.next_sample_at(Instant::now()).max(now + r.interval / 2);
             }
+            let interval = r.interval;
             drop(r);
-            std::thread::sleep(interval);
+            let sleep = due.saturating_duration_since(Instant::now());
+            std::thread::sleep(sleep.clamp(interval / 8, SAMPLER_MAX_SLEEP));
         });
     if let Err(e) = spawned {
         tracing::warn!(collector = NAME, error = %e, "cannot start the cpu sampler, cpu_utilization_percent left out");
@@ -802,6 +964,170 @@ mod tests {
         assert_eq!(ring.utilization_percent(), Some(5.0));
         // Reading does not change it: every scraper sees the same value.
         assert_eq!(ring.utilization_percent(), Some(5.0));
+    }
+
+    #[test]
+    fn scrapes_in_a_tight_loop_do_not_grow_the_ring() {
+        let t0 = Instant::now();
+        let ring = Ring::new(Duration::from_secs(10));
+        // 20 s of scrapes every millisecond.
+        for i in 0..20_000u64 {
+            ring.push_scrape(sample(t0 + Duration::from_millis(i), i, 2 * i + 2));
+        }
+        assert!(ring.len() <= 25, "{} readings held", ring.len());
+        assert_eq!(ring.utilization_percent(), Some(50.0));
+    }
+
+    #[test]
+    fn a_scrape_reading_ends_the_window() {
+        let t0 = Instant::now();
+        let ring = Ring::new(Duration::from_secs(10));
+        ring.push(sample(t0, 100, 1000));
+        ring.push_scrape(sample(t0 + Duration::from_secs(10), 600, 2000));
+        assert_eq!(ring.utilization_percent(), Some(50.0));
+        // A reading older than the newest (two scrapes at once) is dropped.
+        ring.push_scrape(sample(t0 + Duration::from_secs(9), 0, 1500));
+        assert_eq!(ring.utilization_percent(), Some(50.0));
+        assert_eq!(ring.len(), 2);
+    }
+
+    /// Runs the sampler's loop (as `spawn_sampler` does) and a scraper
+    /// against one ring on a simulated clock for `secs` seconds. Returns the
+    /// sampler's read times and, per scrape, its time and window length.
+    fn simulate(scrapes: &[f64], secs: f64) -> (Vec<f64>, Vec<(f64, f64)>) {
+        let (window, interval) = (Duration::from_secs(10), Duration::from_secs(1));
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        let secs_of = |i: Instant| i.duration_since(t0).as_secs_f64();
+        let ring = Ring::with_interval(window, interval);
+        let (mut reads, mut windows) = (Vec::new(), Vec::new());
+        let mut wake = 0.0;
+        let mut next_scrape = scrapes.iter().copied().peekable();
+        // Monotonic ticks so that `busy`/`total` grow with time.
+        let tick = |s: f64| (s * 100.0) as u64 + 1;
+        while wake < secs {
+            while let Some(sc) = next_scrape.next_if(|sc| *sc <= wake) {
+                ring.push_scrape(sample(at(sc), tick(sc) / 2, tick(sc)));
+                let front = ring.lock().samples.front().map(|s| s.at).unwrap();
+                windows.push((sc, sc - secs_of(front)));
+            }
+            let now = at(wake);
+            let mut due = ring.next_sample_at(now);
+            if due <= now {
+                ring.push(sample(now, tick(wake) / 2, tick(wake)));
+                reads.push(wake);
+                due = ring.next_sample_at(now).max(now + interval / 2);
+            }
+            let sleep = due
+                .saturating_duration_since(now)
+                .clamp(interval / 8, SAMPLER_MAX_SLEEP);
+            // Wake at the earlier of the sampler's time and the next scrape
+            // (the scrape happens then; the sampler only looks at its time).
+            let sampler_wake = wake + sleep.as_secs_f64();
+            match next_scrape.peek() {
+                Some(sc) if *sc < sampler_wake => {
+                    let sc = *sc;
+                    next_scrape.next();
+                    ring.push_scrape(sample(at(sc), tick(sc) / 2, tick(sc)));
+                    let front = ring.lock().samples.front().map(|s| s.at).unwrap();
+                    windows.push((sc, sc - secs_of(front)));
+                    wake = sampler_wake;
+                }
+                _ => wake = sampler_wake,
+            }
+        }
+        (reads, windows)
+    }
+
+    fn every(start: f64, step: f64, until: f64) -> Vec<f64> {
+        let mut v = Vec::new();
+        let mut t = start;
+        while t < until {
+            v.push(t);
+            t += step;
+        }
+        v
+    }
+
+    fn merged(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
+        a.extend(b);
+        a.sort_by(f64::total_cmp);
+        a
+    }
+
+    /// The windows of the scrapes after `from`, and the sampler's reads then.
+    fn after(from: f64, (reads, windows): &(Vec<f64>, Vec<(f64, f64)>)) -> (usize, Vec<f64>) {
+        (
+            reads.iter().filter(|r| **r >= from).count(),
+            windows
+                .iter()
+                .filter(|(at, _)| *at >= from)
+                .map(|(_, w)| (w * 1000.0).round() / 1000.0)
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn sampler_reads_once_a_scrape_when_scrapes_are_further_apart_than_the_window() {
+        for step in [15.0, 30.0, 60.0] {
+            let run = simulate(&every(0.3, step, 1200.0), 1200.0);
+            let (reads, windows) = after(4.0 * step, &run);
+            let scrapes = windows.len();
+            assert!(
+                reads <= scrapes + 1,
+                "every {step} s: {reads} reads for {scrapes} scrapes: {:?}",
+                run.0
+            );
+            assert!(
+                windows.iter().all(|w| (9.5..=10.5).contains(w)),
+                "every {step} s: windows {windows:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sampler_does_not_read_while_scrapes_cover_the_window() {
+        for step in [0.5, 1.0, 2.0, 5.0, 10.0] {
+            let run = simulate(&every(0.3, step, 600.0), 600.0);
+            let (reads, windows) = after(60.0, &run);
+            // One look a minute at most, and no read while scrapes come.
+            assert_eq!(reads, 0, "every {step} s: reads {:?}", run.0);
+            assert!(
+                windows.iter().all(|w| (9.5..=10.5).contains(w)),
+                "every {step} s: windows {windows:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_ha_pair_of_prometheus_servers_costs_about_one_read_a_scrape() {
+        // Two servers scraping every 15 s, 7 s apart.
+        let scrapes = merged(every(0.3, 15.0, 1200.0), every(7.3, 15.0, 1200.0));
+        let run = simulate(&scrapes, 1200.0);
+        let (reads, windows) = after(60.0, &run);
+        assert!(
+            reads <= windows.len(),
+            "{reads} reads for {} scrapes",
+            windows.len()
+        );
+        assert!(
+            windows.iter().all(|w| (9.0..=12.0).contains(w)),
+            "windows {windows:?}"
+        );
+    }
+
+    #[test]
+    fn sampler_reads_every_interval_before_scrapes_and_after_they_stop() {
+        // No scrapes: a read a second, as before.
+        let (reads, _) = simulate(&[], 30.0);
+        assert!((29..=31).contains(&reads.len()), "{reads:?}");
+        // Scrapes every 15 s until 300 s, then none: regular again from
+        // 300 + 15 + 1 s, so the next scrape finds its window whenever it comes.
+        let run = simulate(&every(0.3, 15.0, 300.0), 400.0);
+        let late: Vec<_> = run.0.iter().filter(|r| **r > 320.0).collect();
+        assert!((78..=81).contains(&late.len()), "{late:?}");
+        let first = run.0.iter().find(|r| **r > 286.0).copied();
+        assert!(first.is_some_and(|f| f <= 317.0), "{:?}", run.0);
     }
 
     #[test]

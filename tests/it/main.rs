@@ -18,6 +18,7 @@ mod agent_exec_binary;
 mod agent_golden;
 mod agent_gzip;
 mod agent_http;
+mod agent_idle;
 mod bot_alertmanager;
 mod bot_binary;
 mod bot_delivery;
