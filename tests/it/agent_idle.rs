@@ -162,10 +162,11 @@ fn cpu_sampler_reads_about_once_a_scrape() {
         scrape();
     }
     let reads = wakes(pid, "gpuops-cpu-sampler") - before;
-    // One read a scrape, and at most one look at its plan besides (a
-    // regular sampler: 37 in these 7.5 s).
+    // One read a scrape and one look at its plan besides, with room for a
+    // scrape made late by a loaded machine (the sampler reads every 0.2 s
+    // while one is overdue); a regular sampler: 37 in these 7.5 s.
     assert!(
-        reads <= 2 * scrapes + 1,
+        reads <= 3 * scrapes,
         "the cpu sampler woke {reads} times over {scrapes} scrapes 1.5 s apart"
     );
 }
