@@ -811,25 +811,35 @@ fn spawn_sampler(roots: HostRoots, ring: Weak<Ring>) {
             let Some(r) = ring.upgrade() else {
                 return;
             };
-            let now = Instant::now();
-            let mut due = r.next_sample_at(now);
-            if due <= now {
-                match read_stat(&roots) {
-                    Ok(stat) => r.push(Sample::of(&stat)),
-                    Err(e) => tracing::debug!(collector = NAME, error = %e, "cpu sample failed"),
+            let sleep = sampler_turn(&r, Instant::now(), || match read_stat(&roots) {
+                Ok(stat) => Some(Sample::of(&stat)),
+                Err(e) => {
+                    tracing::debug!(collector = NAME, error = %e, "cpu sample failed");
+                    None
                 }
-                // Never two reads in a row, whatever the plan says (a
-                // failed read leaves it unchanged).
-                due = r.next_sample_at(Instant::now()).max(now + r.interval / 2);
-            }
-            let interval = r.interval;
+            });
             drop(r);
-            let sleep = due.saturating_duration_since(Instant::now());
-            std::thread::sleep(sleep.clamp(interval / 8, SAMPLER_MAX_SLEEP));
+            std::thread::sleep(sleep);
         });
     if let Err(e) = spawned {
         tracing::warn!(collector = NAME, error = %e, "cannot start the cpu sampler, cpu_utilization_percent left out");
     }
+}
+
+/// One turn of the sampler at `now`: reads (with `read`) if the plan says
+/// so, and returns how long to sleep before the next turn.
+fn sampler_turn(ring: &Ring, now: Instant, read: impl FnOnce() -> Option<Sample>) -> Duration {
+    let mut due = ring.next_sample_at(now);
+    if due <= now {
+        if let Some(sample) = read() {
+            ring.push(sample);
+        }
+        // Never two reads in a row, whatever the plan says (a failed read
+        // leaves it unchanged).
+        due = ring.next_sample_at(now).max(now + ring.interval / 2);
+    }
+    due.saturating_duration_since(now)
+        .clamp(ring.interval / 8, SAMPLER_MAX_SLEEP)
 }
 
 #[cfg(test)]
@@ -1000,41 +1010,28 @@ mod tests {
         let at = |s: f64| t0 + Duration::from_secs_f64(s);
         let secs_of = |i: Instant| i.duration_since(t0).as_secs_f64();
         let ring = Ring::with_interval(window, interval);
-        let (mut reads, mut windows) = (Vec::new(), Vec::new());
-        let mut wake = 0.0;
-        let mut next_scrape = scrapes.iter().copied().peekable();
         // Monotonic ticks so that `busy`/`total` grow with time.
         let tick = |s: f64| (s * 100.0) as u64 + 1;
+        let (mut reads, mut windows) = (Vec::new(), Vec::new());
+        let mut scrape = |sc: f64| {
+            ring.push_scrape(sample(at(sc), tick(sc) / 2, tick(sc)));
+            let front = ring.lock().samples.front().map(|s| s.at).unwrap();
+            windows.push((sc, sc - secs_of(front)));
+        };
+        let mut wake = 0.0;
+        let mut next_scrape = scrapes.iter().copied().peekable();
         while wake < secs {
-            while let Some(sc) = next_scrape.next_if(|sc| *sc <= wake) {
-                ring.push_scrape(sample(at(sc), tick(sc) / 2, tick(sc)));
-                let front = ring.lock().samples.front().map(|s| s.at).unwrap();
-                windows.push((sc, sc - secs_of(front)));
-            }
-            let now = at(wake);
-            let mut due = ring.next_sample_at(now);
-            if due <= now {
-                ring.push(sample(now, tick(wake) / 2, tick(wake)));
+            let sleep = sampler_turn(&ring, at(wake), || {
                 reads.push(wake);
-                due = ring.next_sample_at(now).max(now + interval / 2);
+                Some(sample(at(wake), tick(wake) / 2, tick(wake)))
+            });
+            // The scrapes before the sampler's next turn happen meanwhile
+            // (the sampler only sees their readings at that turn).
+            let next_turn = wake + sleep.as_secs_f64();
+            while let Some(sc) = next_scrape.next_if(|sc| *sc <= next_turn) {
+                scrape(sc);
             }
-            let sleep = due
-                .saturating_duration_since(now)
-                .clamp(interval / 8, SAMPLER_MAX_SLEEP);
-            // Wake at the earlier of the sampler's time and the next scrape
-            // (the scrape happens then; the sampler only looks at its time).
-            let sampler_wake = wake + sleep.as_secs_f64();
-            match next_scrape.peek() {
-                Some(sc) if *sc < sampler_wake => {
-                    let sc = *sc;
-                    next_scrape.next();
-                    ring.push_scrape(sample(at(sc), tick(sc) / 2, tick(sc)));
-                    let front = ring.lock().samples.front().map(|s| s.at).unwrap();
-                    windows.push((sc, sc - secs_of(front)));
-                    wake = sampler_wake;
-                }
-                _ => wake = sampler_wake,
-            }
+            wake = next_turn;
         }
         (reads, windows)
     }

@@ -3,8 +3,7 @@
 //! following a kernel-log file that the test appends to.
 #![allow(clippy::disallowed_methods)] // integration tests spawn the real binary and external tools
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,6 +16,8 @@ use gpuops::exporter::{self, AgentState};
 use gpuops::telemetry::HttpMetrics;
 use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
+
+use crate::support::http_get;
 
 fn fixture(scenario: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -212,27 +213,6 @@ async fn events_since_filters_by_age_and_rejects_bad_input() {
 }
 
 /// Minimal HTTP/1.1 GET over loopback (the test must not depend on a client crate).
-fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Ok((status, body))
-}
-
 struct Agent(std::process::Child);
 
 impl Drop for Agent {

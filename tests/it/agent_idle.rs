@@ -6,12 +6,12 @@
 //! Counted here as each thread's voluntary context switches
 //! (`/proc/<pid>/task/<tid>/status`): one per sleep.
 
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{free_port, gpuops, wait_listening, Proc};
+use crate::support::{free_port, gpuops, http_get, wait_listening, Proc};
 
 /// The agent on this host's real /proc and /sys (so CPU time moves), with
 /// `kmsg` as its kernel log and `toml` as its configuration.
@@ -35,19 +35,6 @@ fn agent(dir: &Path, kmsg: &Path, toml: &str) -> (Proc, u16) {
     let p = Proc(child);
     wait_listening(&format!("127.0.0.1:{port}"), "agent");
     (p, port)
-}
-
-fn get(port: u16, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 /// Voluntary context switches of the process's thread named `name` (its
@@ -111,7 +98,7 @@ fn kernel_log_watcher_sleeps_until_a_record_comes() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let events = get(port, "/v1/events");
+        let (_, events) = http_get(port, "/v1/events").unwrap();
         if events.contains("idle-test") {
             break;
         }
@@ -141,7 +128,7 @@ fn cpu_sampler_reads_about_once_a_scrape() {
     );
     let pid = agent.0.id();
     let scrape = || {
-        let body = get(port, "/metrics");
+        let (_, body) = http_get(port, "/metrics").unwrap();
         assert!(
             body.lines()
                 .any(|l| l.starts_with("cpu_utilization_percent ")),
